@@ -1,0 +1,74 @@
+"""What a stack must provide to be driven by the framework-free training loop.
+
+``original/`` (Theano + Lasagne) and ``modern/`` (PyTorch) each implement :class:`Backend`;
+:mod:`crmn.train` runs the paper's protocol (search run, plateau schedule, final run, logs,
+checkpoints, resume) over either of them, and :func:`make_backend` is the one place that
+maps ``--backend`` to an implementation. A stack only builds the network and runs the step.
+
+State travels between stacks as a ``dict`` of numpy arrays under canonical names
+(:mod:`crmn.naming`): every entry of ``param_specs(model)`` plus ``velocity.<name>`` for each
+trainable parameter (Lasagne's momentum form, ``v <- mu v - lr g``; ``p <- p + v``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Protocol, Tuple
+
+import numpy as np
+
+from crmn.config import ModelConfig, TrainConfig
+from crmn.errors import ConfigError
+
+BACKENDS = ("theano", "torch")
+
+
+@dataclass
+class EpochStats:
+    """What one training epoch reports (means over the epoch's batches)."""
+
+    loss: float  # mean cross-entropy of the batches (without the weight-decay term)
+    acc: float  # fraction of correctly classified training images, in [0, 1]
+    images: int  # images seen
+    seconds: float  # wall-clock seconds of the epoch's steps
+
+
+class Backend(Protocol):
+    name: str  # "theano" | "torch"
+    device: str  # where it actually runs, in words, e.g. "cpu" or "cuda:0 (NVIDIA H100)"
+
+    def param_count(self) -> int:
+        """Trainable parameters, counted from the framework's own parameter objects."""
+
+    def train_epoch(self, sampler, epoch: int, lr: float,
+                    progress: Optional[Callable[[int, int, float], None]] = None) -> EpochStats:
+        """One epoch of SGD over ``sampler.epoch(epoch)`` at learning rate ``lr``.
+
+        ``progress(done_batches, total_batches, running_loss)`` is called now and then.
+        Raises :class:`crmn.errors.DivergedError` when the loss is not finite.
+        """
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> Tuple[float, float]:
+        """(mean cross-entropy, accuracy in [0, 1]) in inference mode (running BN stats)."""
+
+    def get_state(self) -> Dict[str, np.ndarray]:
+        """All arrays under canonical names and layouts (params, BN stats, velocities)."""
+
+    def set_state(self, state: Dict[str, np.ndarray]) -> None:
+        """Inverse of :meth:`get_state`; a missing or mis-shaped array is a CheckpointError."""
+
+    def reset_velocity(self) -> None:
+        """Zero the momentum velocities (done when the schedule reloads the best model)."""
+
+
+def make_backend(name: str, model: ModelConfig, train: TrainConfig, device: str = "cpu",
+                 dtype: str = "float32") -> Backend:
+    """Build the network of ``model`` in stack ``name``, initialised from ``train.seed``."""
+    if name == "theano":
+        from original.backend import TheanoBackend
+
+        return TheanoBackend(model, train, device=device, dtype=dtype)
+    if name == "torch":
+        from modern.backend import TorchBackend
+
+        return TorchBackend(model, train, device=device, dtype=dtype)
+    raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

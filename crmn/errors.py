@@ -1,0 +1,25 @@
+"""The archive's one exception family: each message is one line naming the cause and the file.
+
+The CLI catches :class:`CRMNError`, prints ``error: <message>`` and exits non-zero; anything
+else is a bug and keeps its traceback.
+"""
+
+
+class CRMNError(Exception):
+    """A user-facing failure: bad input, a fault on disk, a diverged run."""
+
+
+class DataError(CRMNError):
+    """A dataset archive or file is missing, corrupt, or fails its checksum."""
+
+
+class CheckpointError(CRMNError):
+    """A checkpoint is unreadable, incomplete, or from another configuration."""
+
+
+class ConfigError(CRMNError):
+    """An unknown row, option or incompatible combination of settings."""
+
+
+class DivergedError(CRMNError):
+    """The training loss became NaN or infinite."""

@@ -1,0 +1,121 @@
+"""The canonical parameter names and shapes that both stacks and the checkpoint file share.
+
+Every array of a network (trainable parameters and batch-norm running statistics) has one
+canonical name and one canonical layout, listed by :func:`param_specs`. The HDF5 checkpoint
+stores arrays under these names in these layouts; ``crmn.convert`` maps each stack's native
+arrays to and from them.
+
+Canonical layouts ("math layout", independent of either framework):
+
+* convolution ``W``: ``(out, in, 3, 3)`` applied as cross-correlation (no flip);
+* dense ``W``: ``(in, out)``, ``y = x W + b``;
+* LSTM (eqs. 2-7): per gate g in i, f, c, o: ``W_xg (I, H)``, ``W_hg (H, H)``, ``b_g (H,)``;
+  peepholes ``w_ci, w_cf, w_co (H,)``; learned initial states ``h0, c0 (H,)``;
+* batch norm: ``gamma, beta`` (trainable), ``mean, inv_std`` (running statistics, Lasagne's
+  convention: ``inv_std = 1/sqrt(var + eps)`` averaged with rate :data:`BN_ALPHA`).
+
+Names: ``conv0`` / ``bn0`` for the stem; ``s{stage}b{block}.conv{1,2}`` / ``.bn{1,2}`` for the
+basic blocks (stage 1-3, block 0..n-1); ``lstm.*``; ``fc.W``, ``fc.b``. The softmax input
+is ``concat(global_avg_pool (64k), h_last (H))`` in that order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+from crmn.config import ModelConfig
+
+#: Batch-norm epsilon added to the batch variance (Lasagne's BatchNormLayer default).
+BN_EPS = 1e-4
+#: Batch-norm running-average rate: ``running = (1 - alpha) running + alpha batch``.
+BN_ALPHA = 0.1
+
+LSTM_GATES = ("i", "f", "c", "o")  # input gate, forget gate, cell input, output gate
+PEEPHOLES = ("i", "f", "o")  # eqs. 2-4
+
+#: roles whose arrays get weight decay (Lasagne's ``regularizable`` tag, SPEC §4)
+DECAYED_ROLES = frozenset({"conv", "lstm_Wx", "lstm_Wh", "dense_W"})
+#: roles that are state, not trainable parameters
+STATE_ROLES = frozenset({"bn_mean", "bn_inv_std"})
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str  # canonical name, e.g. "s2b0.conv1.W"
+    shape: Tuple[int, ...]  # canonical layout
+    role: str  # conv | bn_gamma | bn_beta | bn_mean | bn_inv_std | lstm_Wx | lstm_Wh |
+    #            lstm_b | lstm_peephole | lstm_init | dense_W | dense_b
+
+    @property
+    def trainable(self) -> bool:
+        return self.role not in STATE_ROLES
+
+    @property
+    def decayed(self) -> bool:
+        return self.role in DECAYED_ROLES
+
+    @property
+    def size(self) -> int:
+        out = 1
+        for s in self.shape:
+            out *= s
+        return out
+
+
+def _bn(prefix: str, c: int) -> List[ParamSpec]:
+    return [
+        ParamSpec(f"{prefix}.gamma", (c,), "bn_gamma"),
+        ParamSpec(f"{prefix}.beta", (c,), "bn_beta"),
+        ParamSpec(f"{prefix}.mean", (c,), "bn_mean"),
+        ParamSpec(f"{prefix}.inv_std", (c,), "bn_inv_std"),
+    ]
+
+
+def block_names(cfg: ModelConfig) -> List[str]:
+    """Basic-block prefixes in network order: s1b0 ... s3b{n-1}; also the LSTM's tap order."""
+    return [f"s{s}b{b}" for s in (1, 2, 3) for b in range(cfg.n)]
+
+
+def param_specs(cfg: ModelConfig) -> List[ParamSpec]:
+    """Every array of the network in canonical order (network order, then LSTM, then fc)."""
+    w1, w2, w3 = cfg.widths
+    specs = [ParamSpec("conv0.W", (w1, 3, 3, 3), "conv")] + _bn("bn0", w1)
+    c_in = w1
+    for stage, c_out in zip((1, 2, 3), (w1, w2, w3)):
+        for b in range(cfg.n):
+            p = f"s{stage}b{b}"
+            specs.append(ParamSpec(f"{p}.conv1.W", (c_out, c_in, 3, 3), "conv"))
+            specs += _bn(f"{p}.bn1", c_out)
+            specs.append(ParamSpec(f"{p}.conv2.W", (c_out, c_out, 3, 3), "conv"))
+            specs += _bn(f"{p}.bn2", c_out)
+            c_in = c_out
+    fc_in = w3
+    if cfg.memory:
+        i, h = cfg.lstm_input, cfg.lstm_units
+        for g in LSTM_GATES:
+            specs.append(ParamSpec(f"lstm.W_x{g}", (i, h), "lstm_Wx"))
+            specs.append(ParamSpec(f"lstm.W_h{g}", (h, h), "lstm_Wh"))
+            specs.append(ParamSpec(f"lstm.b_{g}", (h,), "lstm_b"))
+        if cfg.peepholes:
+            for g in PEEPHOLES:
+                specs.append(ParamSpec(f"lstm.w_c{g}", (h,), "lstm_peephole"))
+        specs.append(ParamSpec("lstm.h0", (h,), "lstm_init"))
+        specs.append(ParamSpec("lstm.c0", (h,), "lstm_init"))
+        fc_in += h
+    specs.append(ParamSpec("fc.W", (fc_in, cfg.classes), "dense_W"))
+    specs.append(ParamSpec("fc.b", (cfg.classes,), "dense_b"))
+    return specs
+
+
+def spec_dict(cfg: ModelConfig) -> Dict[str, ParamSpec]:
+    return {s.name: s for s in param_specs(cfg)}
+
+
+def count_trainable(cfg: ModelConfig) -> int:
+    """Trainable parameters (SPEC §4: conv W, BN γ β, LSTM, dense); running stats excluded."""
+    return sum(s.size for s in param_specs(cfg) if s.trainable)
+
+
+def velocity_name(name: str) -> str:
+    """Canonical name of the momentum velocity of a trainable parameter."""
+    return f"velocity.{name}"
