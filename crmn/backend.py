@@ -39,6 +39,19 @@ class Backend(Protocol):
     def param_count(self) -> int:
         """Trainable parameters, counted from the framework's own parameter objects."""
 
+    def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
+        """Logits ``(B, classes)`` for images ``x`` ``(B, 3, 32, 32)``; changes no state.
+
+        ``training=True`` normalises with the batch's statistics (and does not touch the
+        running averages), ``False`` with the running averages.
+        """
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> Tuple[float, float]:
+        """One SGD step (momentum, weight decay, BN running averages) on one batch.
+
+        Returns the batch's (mean cross-entropy, accuracy) computed before the update.
+        """
+
     def train_epoch(self, sampler, epoch: int, lr: float,
                     progress: Optional[Callable[[int, int, float], None]] = None) -> EpochStats:
         """One epoch of SGD over ``sampler.epoch(epoch)`` at learning rate ``lr``.
