@@ -100,3 +100,95 @@ def canonical_to_lasagne(cfg: ModelConfig, canonical: Arrays, with_velocity: boo
     """Canonical arrays -> Lasagne-named arrays, shapes asserted against the config."""
     return _map(cfg, canonical, to_canonical=False, with_velocity=with_velocity,
                 entry=_lasagne_entry, where=where)
+
+
+# ----------------------------------------------------------------------------- PyTorch
+#
+# PyTorch (``modern/``), native names are ``CIFARNet.state_dict()`` keys plus velocities:
+#
+# * ``conv0.weight`` / ``blocks.{j}.conv{1,2}.weight``: cross-correlation ``(out, in, 3, 3)``,
+#   the canonical layout; block ``s{s}b{b}`` is ``blocks.{(s - 1) n + b}`` (network order);
+# * batch norm ``{bn}.weight`` (γ), ``{bn}.bias`` (β), buffers ``{bn}.mean``, ``{bn}.inv_std``
+#   (Lasagne's convention, so no variance <-> inv_std conversion is needed);
+# * ``fc.weight`` is ``(out, in)``: the transpose of the canonical ``(in, out)``;
+# * the LSTM keeps its gates packed, chunks in order i, f, c, o: ``lstm.W_x (I, 4H)``,
+#   ``lstm.W_h (H, 4H)``, ``lstm.b (4H,)``; peepholes ``lstm.w_c{i,f,o}`` and ``lstm.h0``,
+#   ``lstm.c0`` are ``(H,)`` like the canonical arrays.
+
+_TORCH_GATES = ("i", "f", "c", "o")  # chunk order of the packed LSTM arrays (modern.model)
+_TORCH_PACKED = {"lstm_Wx": "lstm.W_x", "lstm_Wh": "lstm.W_h", "lstm_b": "lstm.b"}
+
+
+def _torch_entry(cfg: ModelConfig, spec: ParamSpec):
+    """(native name, gate chunk index or None, canonical -> native, native -> canonical)."""
+    name, role = spec.name, spec.role
+    same = lambda a: a  # noqa: E731
+    if role in _TORCH_PACKED:
+        return _TORCH_PACKED[role], _TORCH_GATES.index(name[-1]), same, same
+    if name.startswith("lstm."):  # peepholes, h0, c0: same names and shapes
+        return name, None, same, same
+    if name == "fc.W":
+        transpose = lambda a: np.ascontiguousarray(a.T)  # noqa: E731 (self-inverse)
+        return "fc.weight", None, transpose, transpose
+    if name == "fc.b":
+        return "fc.bias", None, same, same
+    module, leaf = name.rsplit(".", 1)  # "s2b1.bn1", "gamma"
+    if module[0] == "s":  # s{stage}b{block}.{conv,bn}{1,2}
+        stage_block, layer = module.split(".")
+        stage, block = stage_block[1:].split("b")
+        module = f"blocks.{(int(stage) - 1) * cfg.n + int(block)}.{layer}"
+    leaf = {"W": "weight", "gamma": "weight", "beta": "bias"}.get(leaf, leaf)
+    return f"{module}.{leaf}", None, same, same
+
+
+def _torch_pairs(cfg: ModelConfig, with_velocity: bool):
+    """Yield (spec, canonical name, native name, chunk, to_native, from_native)."""
+    for spec in param_specs(cfg):
+        native, chunk, to_native, from_native = _torch_entry(cfg, spec)
+        yield spec, spec.name, native, chunk, to_native, from_native
+        if with_velocity and spec.trainable:
+            yield (spec, velocity_name(spec.name), velocity_name(native), chunk, to_native,
+                   from_native)
+
+
+def torch_to_canonical(cfg: ModelConfig, native: Arrays, with_velocity: bool = True,
+                       where: str = "modern/ state") -> Arrays:
+    """PyTorch-named arrays (state_dict, ``velocity.*``) -> canonical arrays.
+
+    Packed LSTM arrays ``(I, 4H)``, ``(H, 4H)``, ``(4H,)`` are cut into the per-gate
+    ``(I, H)``, ``(H, H)``, ``(H,)`` arrays of eqs. 2-7; every result's shape is asserted.
+    """
+    out: Arrays = {}
+    h = cfg.lstm_units
+    for spec, canon, nat, chunk, _, from_native in _torch_pairs(cfg, with_velocity):
+        if nat not in native:
+            raise CheckpointError(f"{where}: array {nat} is missing")
+        a = np.asarray(native[nat])
+        if chunk is not None:
+            if a.shape[-1] != 4 * h:
+                raise CheckpointError(
+                    f"{where}: array {nat} has shape {tuple(a.shape)}, expected last axis {4 * h}")
+            a = np.ascontiguousarray(a[..., chunk * h:(chunk + 1) * h])
+        b = from_native(a)
+        _check(b, spec.shape, canon, where)
+        out[canon] = b
+    return out
+
+
+def canonical_to_torch(cfg: ModelConfig, canonical: Arrays, with_velocity: bool = True,
+                       where: str = "checkpoint") -> Arrays:
+    """Canonical arrays -> PyTorch-named arrays; per-gate LSTM arrays are packed i, f, c, o."""
+    out: Arrays = {}
+    packed: Dict[str, list] = {}
+    for spec, canon, nat, chunk, to_native, _ in _torch_pairs(cfg, with_velocity):
+        if canon not in canonical:
+            raise CheckpointError(f"{where}: array {canon} is missing")
+        a = np.asarray(canonical[canon])
+        _check(a, spec.shape, canon, where)
+        if chunk is None:
+            out[nat] = to_native(a)
+        else:
+            packed.setdefault(nat, [None] * len(_TORCH_GATES))[chunk] = a
+    for nat, parts in packed.items():
+        out[nat] = np.concatenate(parts, axis=-1)
+    return out

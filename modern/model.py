@@ -1,0 +1,311 @@
+"""The CRMN network and its plain-ResNet baseline in PyTorch (SPEC §4), equal to ``original/``.
+
+One builder per paper architecture: :func:`build_resnet`, :func:`build_crmn`, and
+:func:`build` for a :class:`crmn.config.ModelConfig`. Parameter counts (trainable arrays, as
+Table 1 counts them; ``python -m modern.model`` prints them beside the paper's)::
+
+    ResNet-32x1 0.47 M   ResNet-134x1 2.12 M   ResNet-62x4 15.16 M
+    CRMN-32x1   2.16 M   CRMN-32x4   14.01 M
+
+What makes this port equal to the Lasagne reference, point by point:
+
+* convolutions are cross-correlations with no bias, padding 1, He-normal (gain √2) init;
+* batch norm follows Lasagne's ``BatchNormLayer``: ε = :data:`crmn.naming.BN_EPS`, batch
+  ``inv_std = 1/sqrt(biased var + ε)``, running ``mean`` and ``inv_std`` (not the variance)
+  averaged with rate :data:`crmn.naming.BN_ALPHA`; only a train step updates them;
+* option-A shortcuts: stride-2 subsampling and zero channels on both sides (the Lasagne
+  recipe's ``PadLayer(..., [out // 4, 0, 0])``: the identity sits in the middle channels);
+* the LSTM is the peephole LSTM of eqs. 2-7 written out (``torch.nn.LSTM`` has none), with its
+  input projection for all 3n steps done as one matrix product, as Lasagne's
+  ``precompute_input`` does; gate order in the packed matrices is i, f, c, o.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crmn.config import ModelConfig
+from crmn.naming import BN_ALPHA, BN_EPS, count_trainable
+
+#: chunk order of the packed LSTM matrices ``W_x (I, 4H)``, ``W_h (H, 4H)``, ``b (4H,)``
+GATE_ORDER = ("i", "f", "c", "o")
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def he_normal_(w: torch.Tensor, fan_in: int, gain: float, gen: torch.Generator) -> None:
+    """He et al. (2015) normal init, std = gain / sqrt(fan_in) (Lasagne's ``HeNormal``)."""
+    with torch.no_grad():
+        w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float64) * (gain / math.sqrt(fan_in)))
+
+
+def glorot_uniform_(w: torch.Tensor, fan_in: int, fan_out: int, gen: torch.Generator) -> None:
+    """Glorot & Bengio (2010) uniform init, bound sqrt(6 / (fan_in + fan_out))."""
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    with torch.no_grad():
+        u = torch.rand(w.shape, generator=gen, dtype=torch.float64)
+        w.copy_((2 * u - 1) * bound)
+
+
+def orthogonal_(w: torch.Tensor, gen: torch.Generator) -> None:
+    """Saxe et al. (2014) orthogonal init of a 2-D matrix (the paper's [20], section 4).
+
+    Orthonormal columns when rows >= columns, orthonormal rows otherwise; gain 1.
+    """
+    rows, cols = w.shape
+    a = torch.randn(max(rows, cols), min(rows, cols), generator=gen, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)  # q: (max, min) with orthonormal columns
+    q = q * torch.sign(torch.diagonal(r))  # makes the draw uniform over orthogonal matrices
+    with torch.no_grad():
+        w.copy_(q if rows >= cols else q.T)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class BatchNorm(nn.Module):
+    """Batch normalisation in Lasagne's convention (Ioffe & Szegedy 2015; SPEC §4).
+
+    ``weight`` is γ, ``bias`` is β (trainable); buffers ``mean`` and ``inv_std`` are the
+    running averages ``r <- (1 - α) r + α batch`` of the batch mean and of the batch
+    ``1/sqrt(var + ε)``, var biased, α = BN_ALPHA, ε = BN_EPS.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("inv_std", torch.ones(channels))
+
+    def forward(self, x: torch.Tensor, training: bool, update_stats: bool = False) -> torch.Tensor:
+        """Normalise ``x`` (B, C, H, W) per channel; batch statistics when ``training``."""
+        if training:
+            # one fused kernel that also returns the batch mean and 1/sqrt(var + eps);
+            # momentum 0 and no running buffers: we average them ourselves, Lasagne's way
+            out, bmean, binv = torch.native_batch_norm(
+                x, self.weight, self.bias, None, None, True, 0.0, BN_EPS)
+            if update_stats:
+                with torch.no_grad():
+                    self.mean.lerp_(bmean.to(self.mean.dtype), BN_ALPHA)
+                    self.inv_std.lerp_(binv.to(self.inv_std.dtype), BN_ALPHA)
+            return out
+        scale = self.weight * self.inv_std  # γ / σ
+        shift = self.bias - self.mean * scale  # β - μ γ / σ
+        return x * scale.to(x.dtype)[:, None, None] + shift.to(x.dtype)[:, None, None]
+
+
+def shortcut_a(x: torch.Tensor, out_channels: int, stride: int) -> torch.Tensor:
+    """Option-A shortcut (He et al. 2015): subsample by ``stride``, zero-pad channels.
+
+    (B, C, H, W) -> (B, out_channels, H/stride, W/stride); the new channels are split
+    evenly before and after the identity's (Lasagne recipe / akamaster convention).
+    """
+    if stride > 1:
+        x = x[:, :, ::stride, ::stride]
+    extra = out_channels - x.shape[1]
+    if extra:
+        x = F.pad(x, (0, 0, 0, 0, extra // 2, extra - extra // 2))
+    return x
+
+
+class BasicBlock(nn.Module):
+    """Post-activation basic block: conv3×3 → BN → ReLU → conv3×3 → BN, + shortcut, ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.c_out, self.stride = c_out, stride
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = BatchNorm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.bn2 = BatchNorm(c_out)
+
+    def forward(self, x: torch.Tensor, training: bool, update_stats: bool) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x), training, update_stats))
+        y = self.bn2(self.conv2(y), training, update_stats)
+        return F.relu(y + shortcut_a(x, self.c_out, self.stride))
+
+
+class PeepholeLSTM(nn.Module):
+    """The LSTM of eqs. 2-7 (section 3.2) with peepholes and learned initial states.
+
+    Packed arrays, gate chunks in :data:`GATE_ORDER`: ``W_x`` (I, 4H), ``W_h`` (H, 4H),
+    ``b`` (4H,); peepholes ``w_ci, w_cf, w_co`` (H,); ``h0, c0`` (H,).
+    """
+
+    def __init__(self, inputs: int, units: int, outgate: str, peepholes: bool):
+        super().__init__()
+        if outgate not in ("logistic", "tanh"):
+            raise ValueError(f"outgate must be 'logistic' or 'tanh', got {outgate!r}")
+        self.inputs, self.units, self.outgate, self.peepholes = inputs, units, outgate, peepholes
+        self.W_x = nn.Parameter(torch.empty(inputs, 4 * units))
+        self.W_h = nn.Parameter(torch.empty(units, 4 * units))
+        self.b = nn.Parameter(torch.zeros(4 * units))
+        if peepholes:
+            self.w_ci = nn.Parameter(torch.zeros(units))
+            self.w_cf = nn.Parameter(torch.zeros(units))
+            self.w_co = nn.Parameter(torch.zeros(units))
+        self.h0 = nn.Parameter(torch.zeros(units))
+        self.c0 = nn.Parameter(torch.zeros(units))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states for every step.
+
+        Parameters
+        ----------
+        x : Tensor, shape (B, T, I)
+
+        Returns
+        -------
+        Tensor, shape (B, T, H)
+        """
+        B, T, I = x.shape
+        H = self.units
+        # one (B·T, I) @ (I, 4H) product for all steps (Lasagne's precompute_input)
+        xw = (x.reshape(B * T, I) @ self.W_x + self.b).reshape(B, T, 4 * H)
+        h = self.h0.expand(B, H)
+        c = self.c0.expand(B, H)
+        sig_o = torch.sigmoid if self.outgate == "logistic" else torch.tanh
+        hs: List[torch.Tensor] = []
+        for t in range(T):
+            z = xw[:, t] + h @ self.W_h  # (B, 4H)
+            zi, zf, zc, zo = z.split(H, dim=1)
+            if self.peepholes:
+                zi = zi + self.w_ci * c
+                zf = zf + self.w_cf * c
+            i = torch.sigmoid(zi)  # (2)
+            f = torch.sigmoid(zf)  # (3)
+            c = f * c + i * torch.tanh(zc)  # (5), (6)
+            if self.peepholes:
+                zo = zo + self.w_co * c  # (4): the output gate peeks at the new cell
+            h = sig_o(zo) * torch.tanh(c)  # (7)
+            hs.append(h)
+        return torch.stack(hs, dim=1)
+
+
+# ----------------------------------------------------------------------------- network
+
+
+class CIFARNet(nn.Module):
+    """6n+2-layer CIFAR ResNet (He et al. 2015), with the CRMN memory when ``cfg.memory``.
+
+    Input (B, 3, 32, 32); output logits (B, classes). Module names: ``conv0``, ``bn0``,
+    ``blocks.{j}`` (j = 0..3n-1, network order), ``lstm``, ``fc``.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        w1, w2, w3 = cfg.widths
+        self.conv0 = nn.Conv2d(3, w1, 3, padding=1, bias=False)
+        self.bn0 = BatchNorm(w1)
+        blocks, c_in = [], w1
+        for stage, c_out in enumerate((w1, w2, w3)):
+            for b in range(cfg.n):
+                stride = 2 if (stage > 0 and b == 0) else 1
+                blocks.append(BasicBlock(c_in, c_out, stride))
+                c_in = c_out
+        self.blocks = nn.ModuleList(blocks)
+        fc_in = w3
+        if cfg.memory:
+            self.lstm = PeepholeLSTM(cfg.lstm_input, cfg.lstm_units, cfg.outgate, cfg.peepholes)
+            fc_in += cfg.lstm_units
+        self.fc = nn.Linear(fc_in, cfg.classes)
+
+    def reset_parameters(self, seed: int) -> None:
+        """Initialise every array from ``seed`` (SPEC §4), device- and dtype-independently."""
+        gen = torch.Generator().manual_seed(int(seed))
+        cfg = self.cfg
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                he_normal_(m.weight, m.in_channels * 9, math.sqrt(2.0), gen)
+            elif isinstance(m, BatchNorm):
+                with torch.no_grad():
+                    m.weight.fill_(1.0), m.bias.zero_(), m.mean.zero_(), m.inv_std.fill_(1.0)
+        if cfg.memory:
+            lstm, H = self.lstm, cfg.lstm_units
+            with torch.no_grad():
+                for g in range(4):  # one orthogonal matrix per gate, as Lasagne's Gate does
+                    w = torch.empty(cfg.lstm_input, H, dtype=torch.float64)
+                    orthogonal_(w, gen)
+                    lstm.W_x[:, g * H:(g + 1) * H] = w
+                    w = torch.empty(H, H, dtype=torch.float64)
+                    orthogonal_(w, gen)
+                    lstm.W_h[:, g * H:(g + 1) * H] = w
+                lstm.b.fill_(cfg.gate_bias)
+                lstm.b[H:2 * H] = cfg.forget_bias
+                if cfg.peepholes:  # Lasagne's Gate default W_cell = Normal(std 0.1)
+                    for p in (lstm.w_ci, lstm.w_cf, lstm.w_co):
+                        p.copy_(torch.randn(H, generator=gen, dtype=torch.float64) * 0.1)
+                lstm.h0.zero_(), lstm.c0.zero_()
+        fc_in, out = self.fc.in_features, self.fc.out_features
+        if cfg.dense_init == "he":
+            he_normal_(self.fc.weight, fc_in, 1.0, gen)
+        else:
+            glorot_uniform_(self.fc.weight, fc_in, out, gen)
+        with torch.no_grad():
+            self.fc.bias.zero_()
+
+    def tap(self, x: torch.Tensor) -> torch.Tensor:
+        """One block output (B, C, S, S) -> LSTM input (B, I): 2×2 mean pool, flatten C×H×W,
+        zero-pad at the end to ``cfg.lstm_input`` (SPEC §4)."""
+        p = F.avg_pool2d(x, 2).flatten(1)
+        return F.pad(p, (0, self.cfg.lstm_input - p.shape[1]))
+
+    def forward(self, x: torch.Tensor, training: bool = True,
+                update_stats: bool = False) -> torch.Tensor:
+        """Logits (B, classes) for images x (B, 3, 32, 32).
+
+        ``training``: batch-statistics batch norm; ``update_stats`` (with ``training``):
+        also move the running averages, which only a train step asks for.
+        """
+        if update_stats and not training:
+            raise ValueError("update_stats needs training=True")
+        h = F.relu(self.bn0(self.conv0(x), training, update_stats))
+        taps = []
+        for block in self.blocks:
+            h = block(h, training, update_stats)
+            if self.cfg.memory:
+                taps.append(self.tap(h))
+        feat = h.mean(dim=(2, 3))  # global average pool, (B, 64k)
+        if self.cfg.memory:
+            seq = torch.stack(taps, dim=1)  # (B, 3n, I), shallow to deep
+            h_last = self.lstm(seq.to(self.lstm.W_x.dtype))[:, -1]  # (B, H)
+            feat = torch.cat([feat, h_last.to(feat.dtype)], dim=1)
+        return self.fc(feat)
+
+    def param_count(self) -> int:
+        """Trainable parameters, counted from the modules' own tensors."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> CIFARNet:
+    """The network of ``cfg``, initialised from ``seed`` (float32, CPU)."""
+    net = CIFARNet(cfg)
+    net.reset_parameters(seed)
+    return net
+
+
+def build_resnet(n: int, k: float, classes: int, seed: int = 0, **opts) -> CIFARNet:
+    """A 6n+2-layer, width-k CIFAR ResNet (Table 1 blocks 1-2)."""
+    return build(ModelConfig(n=n, k=k, classes=classes, memory=False, **opts), seed)
+
+
+def build_crmn(n: int, k: float, classes: int, seed: int = 0, **opts) -> CIFARNet:
+    """A CRMN: the 6n+2-layer, width-k ResNet plus the LSTM over its 3n block outputs."""
+    return build(ModelConfig(n=n, k=k, classes=classes, memory=True, **opts), seed)
+
+
+if __name__ == "__main__":  # pragma: no cover - a printout for checking Table 1 by eye
+    from crmn import paper
+
+    for row in paper.TABLE1:
+        cfg = ModelConfig.for_row(row)
+        net = CIFARNet(cfg)
+        print(f"{row.label:14s} ours {net.param_count() / 1e6:6.2f} M  "
+              f"paper {row.paper_params_m:6.2f} M  (naming {count_trainable(cfg) / 1e6:.2f} M)")
