@@ -1,0 +1,303 @@
+"""The learning-rate schedules of the training protocol (paper section 4, SPEC §5).
+
+Two pure state machines with one interface, fed the validation (or test) metrics after each
+epoch and answering what the driver does next:
+
+* :class:`PlateauSchedule` — the search run. "The model is trained until neither the
+  validation error nor the validation accuracy improves for β epochs, at which point the
+  previous best model is loaded and the system trained with a lower learning rate. This is
+  repeated until the learning rate falls below a set threshold" (section 4). It records the
+  schedule it finds, which the final run replays.
+* :class:`FixedSchedule` — a given number of epochs per learning rate (the final run, and
+  ``--schedule 80,40,40``); it never reloads.
+
+Readings we chose where the paper is silent (REPRODUCING.md repeats them):
+
+* "validation error" is the validation **cross-entropy** (the quantity the network
+  minimises); "validation accuracy" is the fraction classified correctly. Reading the error as
+  ``1 - accuracy`` would make the two criteria one.
+* Improvement is **strict** and measured against the best value seen so far in the whole
+  search (a tie does not count). The records carry over a stage change: the reloaded model
+  holds them, and the new learning rate must beat them.
+* The **best model** (``best.h5``, what a plateau reloads) is the epoch with the highest
+  validation accuracy; among equal accuracies the lower validation loss wins. Accuracy first,
+  because the paper reports accuracy and selects models "on the validation set".
+* The **schedule found** gives, per stage, the epochs of that stage up to and including the
+  last epoch of the stage that set a new best model, 0 if none did. That is exactly the
+  training the reloaded model received, so the final run replays the path that produced the
+  best model: a stage that never beat its start contributes nothing.
+* ``max_epochs`` (``--epochs-cap``) ends a stage after that many epochs as if it had
+  plateaued (the best model is reloaded and the next rate starts).
+
+Usage (the driver, :mod:`crmn.train`)::
+
+    sched = PlateauSchedule((0.1, 0.01, 0.001), patience=10)
+    while not sched.done:
+        lr = sched.lr
+        ... train one epoch at lr, evaluate ...
+        decision = sched.step(val_loss, val_acc)
+        if sched.improved: save best.h5
+        if decision == Decision.RELOAD: load best.h5, zero the velocities
+    sched.found  # e.g. [83, 21, 12]
+"""
+from __future__ import annotations
+
+import enum
+import math
+from typing import Dict, List, Optional, Sequence
+
+STATE_VERSION = 1
+
+
+class Decision(str, enum.Enum):
+    """What the driver does after an epoch; a ``str`` so that it serialises as its value."""
+
+    CONTINUE = "continue"  # keep training at the current learning rate
+    RELOAD = "reload"  # stage plateaued: reload the best model, go on with the next rate
+    STOP = "stop"  # last stage finished: the phase is over
+
+
+def _check_stages(lr_stages: Sequence[float]) -> List[float]:
+    stages = [float(lr) for lr in lr_stages]
+    if not stages:
+        raise ValueError("lr_stages must name at least one learning rate")
+    if any(not (lr > 0 and math.isfinite(lr)) for lr in stages):
+        raise ValueError(f"learning rates must be positive and finite, got {stages}")
+    return stages
+
+
+def _check_metric(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+class PlateauSchedule:
+    """Plateau search over ``lr_stages`` with patience β (section 4, SPEC §5.1).
+
+    Parameters
+    ----------
+    lr_stages : sequence of float
+        Learning rates in order, e.g. ``(0.1, 0.01, 0.001)`` (Table 1).
+    patience : int
+        β: a stage ends when neither the validation loss nor the validation accuracy has
+        strictly improved on its best value for this many consecutive epochs.
+    max_epochs : int or None
+        ``--epochs-cap``: a stage also ends after this many epochs, as if it plateaued.
+    """
+
+    kind = "plateau"
+
+    def __init__(self, lr_stages: Sequence[float], patience: int,
+                 max_epochs: Optional[int] = None):
+        self.lr_stages = _check_stages(lr_stages)
+        if int(patience) < 1:
+            raise ValueError(f"patience must be >= 1 epoch, got {patience}")
+        if max_epochs is not None and int(max_epochs) < 1:
+            raise ValueError(f"max_epochs must be >= 1 or None, got {max_epochs}")
+        self.patience = int(patience)
+        self.max_epochs = None if max_epochs is None else int(max_epochs)
+        self.stage = 0  # 0-based index of the stage the next epoch trains in
+        self.epoch = 0  # epochs finished in this phase
+        self.stage_epoch = 0  # epochs finished in the current stage
+        self.stale = 0  # consecutive epochs without improvement of loss or accuracy
+        self.best_loss = math.inf  # lowest validation loss so far (plateau record)
+        self.best_acc = -math.inf  # highest validation accuracy so far (plateau record)
+        self.best: Optional[Dict] = None  # the best model: epoch, stage, stage_epoch, loss, acc
+        self.found: List[int] = [0] * len(self.lr_stages)  # schedule found so far
+        self.improved = False  # the last step produced a new best model
+        self.done = False
+
+    @property
+    def lr(self) -> float:
+        """Learning rate of the next epoch."""
+        return self.lr_stages[min(self.stage, len(self.lr_stages) - 1)]
+
+    @property
+    def total_epochs(self) -> Optional[int]:
+        """Epochs of the whole phase if known in advance (never, for a search)."""
+        return None
+
+    def step(self, val_loss: float, val_acc: float) -> Decision:
+        """Record one finished epoch's validation metrics and decide what comes next.
+
+        Parameters
+        ----------
+        val_loss : float
+            Mean validation cross-entropy of the epoch's model (the paper's "error").
+        val_acc : float
+            Validation accuracy in [0, 1].
+
+        Returns
+        -------
+        Decision
+            ``CONTINUE``, ``RELOAD`` (this stage plateaued, go on at the next rate from the
+            best model) or ``STOP`` (the last stage plateaued). After the call
+            :attr:`improved` says whether this epoch is the new best model.
+        """
+        if self.done:
+            raise RuntimeError("step() called on a finished schedule")
+        loss = _check_metric("val_loss", val_loss)
+        acc = _check_metric("val_acc", val_acc)
+        self.epoch += 1
+        self.stage_epoch += 1
+        # plateau criterion: either metric strictly beating its own record resets the count
+        if loss < self.best_loss or acc > self.best_acc:
+            self.stale = 0
+        else:
+            self.stale += 1
+        self.best_loss = min(self.best_loss, loss)
+        self.best_acc = max(self.best_acc, acc)
+        # best model: accuracy first, then loss
+        b = self.best
+        self.improved = b is None or acc > b["acc"] or (acc == b["acc"] and loss < b["loss"])
+        if self.improved:
+            self.best = {"epoch": self.epoch, "stage": self.stage,
+                         "stage_epoch": self.stage_epoch, "loss": loss, "acc": acc}
+            self.found[self.stage] = self.stage_epoch
+        capped = self.max_epochs is not None and self.stage_epoch >= self.max_epochs
+        if self.stale < self.patience and not capped:
+            return Decision.CONTINUE
+        return self._next_stage()
+
+    def _next_stage(self) -> Decision:
+        if self.stage + 1 >= len(self.lr_stages):
+            self.done = True
+            return Decision.STOP
+        self.stage += 1
+        self.stage_epoch = 0
+        self.stale = 0
+        return Decision.RELOAD
+
+    def state_dict(self) -> Dict:
+        """Everything needed to continue, as JSON-serialisable values."""
+        return {
+            "kind": self.kind, "version": STATE_VERSION, "lr_stages": list(self.lr_stages),
+            "patience": self.patience, "max_epochs": self.max_epochs, "stage": self.stage,
+            "epoch": self.epoch, "stage_epoch": self.stage_epoch, "stale": self.stale,
+            # JSON has no infinity: the records are None before the first epoch
+            "best_loss": None if math.isinf(self.best_loss) else self.best_loss,
+            "best_acc": None if math.isinf(self.best_acc) else self.best_acc,
+            "best": None if self.best is None else dict(self.best),
+            "found": list(self.found), "improved": self.improved, "done": self.done,
+        }
+
+    @classmethod
+    def from_state(cls, d: Dict) -> "PlateauSchedule":
+        """Inverse of :meth:`state_dict`."""
+        _check_kind(d, cls.kind)
+        s = cls(d["lr_stages"], d["patience"], d["max_epochs"])
+        s.stage, s.epoch, s.stage_epoch, s.stale = d["stage"], d["epoch"], d["stage_epoch"], d["stale"]
+        s.best_loss = math.inf if d["best_loss"] is None else float(d["best_loss"])
+        s.best_acc = -math.inf if d["best_acc"] is None else float(d["best_acc"])
+        s.best = None if d["best"] is None else dict(d["best"])
+        s.found = [int(e) for e in d["found"]]
+        s.improved, s.done = bool(d["improved"]), bool(d["done"])
+        return s
+
+
+class FixedSchedule:
+    """``epochs_per_stage[s]`` epochs at ``lr_stages[s]``, in order; never reloads.
+
+    The final run replays :attr:`PlateauSchedule.found` with it, and ``--schedule 80,40,40``
+    uses it instead of a search. Stages of 0 epochs are skipped. It still tracks the best
+    epoch of the metrics it is fed (the final run feeds test metrics; they are reported, not
+    used to select anything).
+
+    Parameters
+    ----------
+    lr_stages : sequence of float
+        Learning rates in order.
+    epochs_per_stage : sequence of int
+        Epochs at each rate, same length as ``lr_stages``.
+    """
+
+    kind = "fixed"
+
+    def __init__(self, lr_stages: Sequence[float], epochs_per_stage: Sequence[int]):
+        self.lr_stages = _check_stages(lr_stages)
+        self.epochs_per_stage = [int(e) for e in epochs_per_stage]
+        if len(self.epochs_per_stage) != len(self.lr_stages):
+            raise ValueError(f"epochs_per_stage {self.epochs_per_stage} and lr_stages "
+                             f"{self.lr_stages} differ in length")
+        if any(e < 0 for e in self.epochs_per_stage):
+            raise ValueError(f"epochs per stage must be >= 0, got {self.epochs_per_stage}")
+        self.epoch = 0
+        self.best: Optional[Dict] = None
+        self.improved = False
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(self.epochs_per_stage)
+
+    @property
+    def found(self) -> List[int]:
+        """The schedule itself (the interface of :class:`PlateauSchedule`)."""
+        return list(self.epochs_per_stage)
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.total_epochs
+
+    @property
+    def stage(self) -> int:
+        """0-based stage of the next epoch (the last stage once done)."""
+        end = 0
+        for s, e in enumerate(self.epochs_per_stage):
+            end += e
+            if self.epoch < end:
+                return s
+        return len(self.lr_stages) - 1
+
+    @property
+    def stage_epoch(self) -> int:
+        """Epochs finished in the current stage."""
+        return self.epoch - sum(self.epochs_per_stage[:self.stage])
+
+    @property
+    def lr(self) -> float:
+        return self.lr_stages[self.stage]
+
+    def step(self, loss: float, acc: float) -> Decision:
+        """Record one finished epoch; ``STOP`` after the last epoch, else ``CONTINUE``."""
+        if self.done:
+            raise RuntimeError("step() called on a finished schedule")
+        loss, acc = _check_metric("loss", loss), _check_metric("acc", acc)
+        stage, stage_epoch = self.stage, self.stage_epoch + 1
+        self.epoch += 1
+        b = self.best
+        self.improved = b is None or acc > b["acc"] or (acc == b["acc"] and loss < b["loss"])
+        if self.improved:
+            self.best = {"epoch": self.epoch, "stage": stage, "stage_epoch": stage_epoch,
+                         "loss": loss, "acc": acc}
+        return Decision.STOP if self.done else Decision.CONTINUE
+
+    def state_dict(self) -> Dict:
+        return {"kind": self.kind, "version": STATE_VERSION, "lr_stages": list(self.lr_stages),
+                "epochs_per_stage": list(self.epochs_per_stage), "epoch": self.epoch,
+                "best": None if self.best is None else dict(self.best),
+                "improved": self.improved}
+
+    @classmethod
+    def from_state(cls, d: Dict) -> "FixedSchedule":
+        _check_kind(d, cls.kind)
+        s = cls(d["lr_stages"], d["epochs_per_stage"])
+        s.epoch = int(d["epoch"])
+        s.best = None if d["best"] is None else dict(d["best"])
+        s.improved = bool(d["improved"])
+        return s
+
+
+def _check_kind(d: Dict, kind: str) -> None:
+    if d.get("kind") != kind or d.get("version") != STATE_VERSION:
+        raise ValueError(f"not a {kind} schedule state of version {STATE_VERSION}: "
+                         f"kind={d.get('kind')!r} version={d.get('version')!r}")
+
+
+def schedule_from_state(d: Dict):
+    """Rebuild whichever schedule ``d`` (from ``state_dict()``) describes."""
+    for cls in (PlateauSchedule, FixedSchedule):
+        if d.get("kind") == cls.kind:
+            return cls.from_state(d)
+    raise ValueError(f"unknown schedule kind {d.get('kind')!r}")
