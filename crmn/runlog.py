@@ -1,0 +1,179 @@
+"""Reading and writing a run directory (SPEC §7; the format is in crmn/LOGS.md).
+
+Files written here survive a killed process and a full disk without losing what was already
+there:
+
+* ``log.jsonl`` is append-only, one JSON object per finished epoch, flushed and fsynced after
+  each line; :func:`read_log` tolerates a truncated last line (a run killed mid-write) and
+  nothing else.
+* ``config.json`` and ``summary.json`` are replaced atomically (:func:`write_json`: temporary
+  file in the same folder, fsync, ``os.replace``), so a reader sees the old or the new file,
+  never half of one.
+
+:func:`load_run` is what ``compare`` / the report use: it reads only these files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+from crmn.errors import CRMNError
+
+CONFIG = "config.json"
+LOG = "log.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINT = "checkpoint.h5"
+BEST = "best.h5"
+
+#: fields every log line carries (crmn/LOGS.md)
+LOG_FIELDS = ("phase", "epoch", "stage", "lr", "train_loss", "train_acc", "eval_split",
+              "eval_loss", "eval_acc", "seconds", "images_per_s", "decision", "time")
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories; the rename itself is atomic
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically; on failure the old file stays and the
+    temporary file is removed. Raises :class:`CRMNError` naming the file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise CRMNError(f"{path}: could not write ({e.strerror or e})") from e
+    fsync_dir(path.parent)
+
+
+def _remove_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_json(path, obj) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (config.json, summary.json)."""
+    data = (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
+    write_bytes_atomic(path, data)
+
+
+def read_json(path) -> dict:
+    """Load a JSON file; a missing or malformed file is a :class:`CRMNError` naming it."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode())
+    except FileNotFoundError as e:
+        raise CRMNError(f"{path}: missing") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CRMNError(f"{path}: not valid JSON ({e})") from e
+
+
+def append_entry(path, entry: Dict) -> None:
+    """Append one epoch's line to ``log.jsonl`` and make it durable before returning.
+
+    ``entry`` must hold every field of :data:`LOG_FIELDS`; NaN is refused (JSON has none).
+    """
+    missing = [k for k in LOG_FIELDS if k not in entry]
+    if missing:
+        raise ValueError(f"log entry lacks {missing}")
+    line = json.dumps(entry, allow_nan=False) + "\n"
+    path = Path(path)
+    try:
+        with open(path, "ab") as f:
+            f.write(line.encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise CRMNError(f"{path}: could not append the epoch's log line "
+                        f"({e.strerror or e})") from e
+
+
+def read_log(path) -> List[Dict]:
+    """Every epoch line of ``log.jsonl`` in order; ``[]`` if the file does not exist.
+
+    A last line that is incomplete (no newline, or not valid JSON) is what a run killed
+    mid-write leaves; it is dropped. A malformed line anywhere else is corruption and raises
+    :class:`CRMNError` naming the file and the line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    *complete, fragment = text.split("\n")  # fragment: text after the last newline
+    entries = []
+    for i, line in enumerate(complete):
+        if not line.strip():
+            continue
+        try:
+            entries.append(json.loads(line))
+        except ValueError as e:
+            if i == len(complete) - 1 and not fragment.strip():
+                break  # a cut-off last line that happens to end in a newline byte
+            raise CRMNError(f"{path}: line {i + 1} is not valid JSON ({e})") from e
+    # the fragment (no newline) is a killed write; even when it parses it may be cut inside
+    # a number, so it is never trusted
+    return entries
+
+
+def rewrite_log(path, entries: Iterable[Dict]) -> None:
+    """Replace ``log.jsonl`` by ``entries`` atomically (resume drops epochs it will redo)."""
+    data = "".join(json.dumps(e, allow_nan=False) + "\n" for e in entries).encode()
+    write_bytes_atomic(path, data)
+
+
+@dataclass
+class Run:
+    """A run directory as the report sees it."""
+
+    path: Path
+    config: Dict  # config.json
+    log: List[Dict] = field(default_factory=list)  # log.jsonl lines
+    summary: Optional[Dict] = None  # summary.json, None while unfinished
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None and self.summary.get("status") == "done"
+
+    def phase(self, name: str) -> List[Dict]:
+        """The log lines of one phase, "search" or "final"."""
+        return [e for e in self.log if e.get("phase") == name]
+
+
+def load_run(run_dir) -> Run:
+    """Read ``config.json``, ``log.jsonl`` and, if present, ``summary.json`` of a run."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CRMNError(f"{run_dir}: no such run directory")
+    summary_path = run_dir / SUMMARY
+    summary = read_json(summary_path) if summary_path.exists() else None
+    return Run(path=run_dir, config=read_json(run_dir / CONFIG),
+               log=read_log(run_dir / LOG), summary=summary)
+
+
+def find_runs(root) -> List[Path]:
+    """Every run directory (one holding config.json) under ``root``, sorted."""
+    root = Path(root)
+    return sorted(p.parent for p in root.rglob(CONFIG))

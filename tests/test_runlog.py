@@ -1,0 +1,109 @@
+"""Run-directory files (crmn/runlog.py, crmn/LOGS.md): log.jsonl, atomic JSON, load_run."""
+import errno
+import json
+import os
+
+import pytest
+
+from crmn import runlog
+from crmn.errors import CRMNError
+
+
+def entry(epoch, phase="search", **kw):
+    e = {"phase": phase, "epoch": epoch, "stage": 0, "lr": 0.1, "train_loss": 2.0 - epoch / 10,
+         "train_acc": 0.1 * epoch, "eval_split": "val", "eval_loss": 2.1, "eval_acc": 0.3,
+         "seconds": 1.5, "images_per_s": 1000.0, "decision": "continue", "time": 1.7e9}
+    e.update(kw)
+    return e
+
+
+def test_append_and_read_back(tmp_path):
+    path = tmp_path / "log.jsonl"
+    assert runlog.read_log(path) == []
+    for k in range(1, 4):
+        runlog.append_entry(path, entry(k))
+    got = runlog.read_log(path)
+    assert [e["epoch"] for e in got] == [1, 2, 3]
+    assert got[1] == entry(2)
+    assert path.read_text().count("\n") == 3
+
+
+def test_append_refuses_incomplete_or_nan_entries(tmp_path):
+    path = tmp_path / "log.jsonl"
+    bad = entry(1)
+    del bad["eval_acc"]
+    with pytest.raises(ValueError, match="eval_acc"):
+        runlog.append_entry(path, bad)
+    with pytest.raises(ValueError):
+        runlog.append_entry(path, entry(1, train_loss=float("nan")))
+    assert runlog.read_log(path) == []
+
+
+@pytest.mark.parametrize("cut", [1, 10, -2, -1])
+def test_reader_drops_a_truncated_last_line(tmp_path, cut):
+    path = tmp_path / "log.jsonl"
+    for k in range(1, 4):
+        runlog.append_entry(path, entry(k))
+    data = path.read_bytes()
+    last_start = data.rstrip(b"\n").rfind(b"\n") + 1
+    # cut the third line at several places, including just before its newline (valid JSON
+    # without the newline is still treated as cut: it may end inside a number)
+    path.write_bytes(data[:last_start + cut] if cut > 0 else data[:len(data) + cut])
+    assert [e["epoch"] for e in runlog.read_log(path)] == [1, 2]
+
+
+def test_reader_refuses_corruption_in_the_middle(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text(json.dumps(entry(1)) + "\n{broken\n" + json.dumps(entry(3)) + "\n")
+    with pytest.raises(CRMNError, match=r"log\.jsonl: line 2"):
+        runlog.read_log(path)
+
+
+def test_rewrite_log_keeps_only_given_entries(tmp_path):
+    path = tmp_path / "log.jsonl"
+    for k in range(1, 5):
+        runlog.append_entry(path, entry(k))
+    runlog.rewrite_log(path, runlog.read_log(path)[:2])
+    runlog.append_entry(path, entry(3, decision="stop"))
+    assert [(e["epoch"], e["decision"]) for e in runlog.read_log(path)] == [
+        (1, "continue"), (2, "continue"), (3, "stop")]
+
+
+def test_write_json_is_atomic_under_a_full_disk(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    runlog.write_json(path, {"status": "done", "test_acc": 0.5})
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(CRMNError, match=r"summary\.json: could not write \(No space left"):
+        runlog.write_json(path, {"status": "done", "test_acc": 0.9})
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert runlog.read_json(path) == {"status": "done", "test_acc": 0.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no temp left
+
+
+def test_read_json_errors_name_the_file(tmp_path):
+    with pytest.raises(CRMNError, match=r"config\.json: missing"):
+        runlog.read_json(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CRMNError, match=r"config\.json: not valid JSON"):
+        runlog.read_json(tmp_path / "config.json")
+
+
+def test_load_run_and_find_runs(tmp_path):
+    d = tmp_path / "exp" / "t1-resnet32x1" / "seed0"
+    d.mkdir(parents=True)
+    runlog.write_json(d / "config.json", {"row": "t1-resnet32x1", "seed": 0})
+    runlog.append_entry(d / "log.jsonl", entry(1))
+    runlog.append_entry(d / "log.jsonl", entry(1, phase="final", eval_split="test"))
+    run = runlog.load_run(d)
+    assert run.config["row"] == "t1-resnet32x1" and not run.finished
+    assert len(run.phase("search")) == 1 and run.phase("final")[0]["eval_split"] == "test"
+    runlog.write_json(d / "summary.json", {"status": "done"})
+    assert runlog.load_run(d).finished
+    assert runlog.find_runs(tmp_path) == [d]
+    with pytest.raises(CRMNError, match="no such run directory"):
+        runlog.load_run(tmp_path / "nope")
