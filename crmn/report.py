@@ -1,0 +1,432 @@
+"""Published versus reproduced numbers, rendered from run directories only (SPEC §7).
+
+:func:`compare` reads the ``config.json``, ``log.jsonl`` and ``summary.json`` of every run
+below a folder (format: ``crmn/LOGS.md``), prints the comparison and writes ``REPORT.md``
+plus PNG learning curves into that folder. Paper numbers come from :mod:`crmn.paper` only.
+
+Per row the report shows parameters (ours / paper), seconds per epoch (ours with the device
+/ the authors' GPU), test accuracy (ours: mean ± sample standard deviation over seeds, n /
+paper / Δ = ours − paper) and the run's status. A row of the experiment without any run is
+listed as *missing*; a run without ``summary.json`` is listed as *running* (or killed) with
+its last logged epoch; nothing is dropped silently.
+
+Tables 2-3 and SVHN also list the paper's comparison methods (:data:`crmn.paper.METHODS`),
+and Table 2's five-repetition figure for ``t2-crmn32x4`` (section 4.2: 77.65 ± 0.385, best
+model on validation 78.27) is recomputed from the seeds present.
+
+Plots follow the paper's Figure 3 (section 4.1): left, training loss per epoch of the final
+run; right, test error (%) per epoch of the final run. ``figure3.png`` overlays the last row
+of each block of Table 1 (or every row present when none of those is); ``curves_<row>.png``
+shows each row present with all its seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, TextIO
+
+from crmn import paper
+from crmn.errors import CRMNError, DataError
+
+#: Last row of each block of four in Table 1: the models of the paper's Figure 3.
+FIGURE3_ROWS = tuple(r.id for r in paper.TABLE1[3::4])
+
+
+# ---------------------------------------------------------------------------------------
+# reading run directories
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"unreadable JSON ({exc.msg}, line {exc.lineno}) in {path}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def read_log(path: Path) -> List[dict]:
+    """The epoch records of a ``log.jsonl``; [] if the file does not exist.
+
+    A run killed while writing leaves at most a partial *last* line, which is ignored; a
+    malformed line anywhere else is a :class:`DataError`.
+    """
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # torn final write of a killed run
+            raise DataError(f"malformed line {i + 1} in {path}") from None
+    return records
+
+
+@dataclass
+class SeedRun:
+    """One run directory ``<row>/seed<k>/``."""
+
+    path: Path
+    seed: int
+    config: dict
+    log: List[dict]
+    summary: Optional[dict]
+
+    @property
+    def done(self) -> bool:
+        return self.summary is not None and self.summary.get("status", "done") == "done"
+
+    @property
+    def device(self) -> str:
+        s = self.summary or {}
+        return str(s.get("device") or self.config.get("device") or "?")
+
+    def phase_log(self, phase: str) -> List[dict]:
+        return [r for r in self.log if r.get("phase") == phase]
+
+    def best_val_acc(self) -> Optional[float]:
+        """Highest validation accuracy of the search run (fraction), None without one."""
+        vals = [r["eval_acc"] for r in self.log if r.get("eval_split") == "val"]
+        return max(vals) if vals else None
+
+    def sec_per_epoch(self) -> Optional[float]:
+        if self.done and self.summary.get("sec_per_epoch") is not None:
+            return float(self.summary["sec_per_epoch"])
+        secs = [r["seconds"] for r in self.log if "seconds" in r]
+        return sum(secs) / len(secs) if secs else None
+
+
+def load_seed_run(path: Path) -> SeedRun:
+    """Read one seed directory; a missing ``config.json`` is tolerated (run not started)."""
+    cfg = path / "config.json"
+    summ = path / "summary.json"
+    name = path.name
+    seed = int(name[4:]) if name[4:].isdigit() else 0
+    return SeedRun(path=path, seed=seed,
+                   config=_read_json(cfg) if cfg.exists() else {},
+                   log=read_log(path / "log.jsonl"),
+                   summary=_read_json(summ) if summ.exists() else None)
+
+
+@dataclass
+class RowRuns:
+    """Every seed of one row of one experiment (possibly none: a missing row)."""
+
+    experiment: str
+    row_id: str
+    runs: List[SeedRun] = field(default_factory=list)
+
+    @property
+    def row(self) -> Optional[paper.Row]:
+        try:
+            return paper.row(self.row_id)
+        except KeyError:
+            return None
+
+    @property
+    def finished(self) -> List[SeedRun]:
+        return [r for r in self.runs if r.done]
+
+    def test_accs(self) -> List[float]:
+        """Test accuracies in % of the finished seeds."""
+        return [100.0 * float(r.summary["test_acc"]) for r in self.finished]
+
+    def status(self) -> str:
+        if not self.runs:
+            return "missing"
+        done = len(self.finished)
+        parts = [f"done {done}/{len(self.runs)}"] if done else []
+        for r in self.runs:
+            if not r.done:
+                last = r.log[-1] if r.log else None
+                where = (f"{last.get('phase')} epoch {last.get('epoch')}" if last
+                         else "no epoch yet")
+                parts.append(f"seed{r.seed} running or stopped ({where})")
+        return "; ".join(parts)
+
+
+def _is_run_dir(p: Path) -> bool:
+    return p.is_dir() and p.name.startswith("seed") and any(
+        (p / f).exists() for f in ("config.json", "log.jsonl", "summary.json"))
+
+
+def collect(directory: Path) -> Dict[str, List[RowRuns]]:
+    """Runs below ``directory``, grouped by experiment then row, paper rows first.
+
+    ``directory`` is an experiment folder (``runs/table1``) or a folder of them (``runs``).
+    Rows of a known experiment (:data:`crmn.paper.EXPERIMENTS`) without runs appear with no
+    seeds, i.e. as missing.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"no run directory at {directory}")
+    seed_dirs = sorted(p for pat in ("*/seed*", "*/*/seed*") for p in directory.glob(pat)
+                       if _is_run_dir(p))
+    grouped: Dict[str, Dict[str, RowRuns]] = {}
+    for sd in seed_dirs:
+        run = load_seed_run(sd)
+        row_dir = sd.parent
+        exp = run.config.get("experiment") or (
+            directory.name if row_dir.parent == directory else row_dir.parent.name)
+        rows = grouped.setdefault(exp, {})
+        rows.setdefault(row_dir.name, RowRuns(exp, row_dir.name)).runs.append(run)
+    if directory.name in paper.EXPERIMENTS:
+        grouped.setdefault(directory.name, {})
+    out: Dict[str, List[RowRuns]] = {}
+    for exp, rows in grouped.items():
+        ordered = []
+        for r in paper.EXPERIMENTS.get(exp, ()):
+            ordered.append(rows.pop(r.id, RowRuns(exp, r.id)))
+        ordered += [rows[k] for k in sorted(rows)]
+        for rr in ordered:
+            rr.runs.sort(key=lambda s: s.seed)
+        out[exp] = ordered
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# numbers
+
+
+def mean_std(values: Sequence[float]):
+    """(mean, sample standard deviation (ddof 1; None for n < 2), n); (None, None, 0) if empty."""
+    n = len(values)
+    if n == 0:
+        return None, None, 0
+    m = sum(values) / n
+    if n < 2:
+        return m, None, n
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)), n
+
+
+def _fmt(v, spec=".2f", blank=""):
+    return blank if v is None else format(v, spec)
+
+
+def row_line(rr: RowRuns) -> Dict[str, str]:
+    """One comparison-table row as strings (blank where there is nothing to show)."""
+    row = rr.row
+    params = next((r.summary.get("params") for r in rr.finished
+                   if r.summary.get("params") is not None), None)
+    secs = [s for s in (r.sec_per_epoch() for r in rr.runs) if s is not None]
+    devices = sorted({r.device for r in rr.runs})
+    m, sd, n = mean_std(rr.test_accs())
+    acc = ""
+    if n:
+        acc = f"{m:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") + f" (n={n})"
+    paper_acc = row.paper_accuracy if row else None
+    if row is not None and row.paper_accuracy_mean is not None:
+        paper_acc_s = (f"{row.paper_accuracy_mean:.2f} ± {row.paper_accuracy_std:g} "
+                       f"(best {row.paper_accuracy:.2f})")
+        ref = row.paper_accuracy_mean
+    else:
+        paper_acc_s = _fmt(paper_acc)
+        ref = paper_acc
+    return {
+        "row": rr.row_id,
+        "model": row.label if row else "",
+        "params": _fmt(params / 1e6 if params is not None else None, ".2f"),
+        "paper_params": _fmt(row.paper_params_m if row else None),
+        "sec": (f"{sum(secs) / len(secs):.1f} ({', '.join(devices)})" if secs else ""),
+        "paper_sec": _fmt(row.paper_sec_per_epoch if row else None, "g"),
+        "acc": acc,
+        "paper_acc": paper_acc_s,
+        "delta": f"{m - ref:+.2f}" if n and ref is not None else "",
+        "status": rr.status(),
+    }
+
+
+def five_repetitions(rr: RowRuns) -> Optional[Dict]:
+    """Section 4.2's repeated-run figure: mean ± std of test accuracy and best-on-validation.
+
+    The best-on-validation model is the finished seed with the highest search-run
+    validation accuracy; its test accuracy is what Table 2 reports (78.27 in the paper).
+    """
+    fin = rr.finished
+    if not fin:
+        return None
+    m, sd, n = mean_std(rr.test_accs())
+    with_val = [r for r in fin if r.best_val_acc() is not None]
+    best = max(with_val, key=lambda r: r.best_val_acc()) if with_val else None
+    return {"mean": m, "std": sd, "n": n,
+            "best_seed": best.seed if best else None,
+            "best_test": 100.0 * float(best.summary["test_acc"]) if best else None}
+
+
+COLUMNS = (("row", "row"), ("model", "model"), ("params", "params M ours"),
+           ("paper_params", "params M paper"), ("sec", "s/epoch ours (device)"),
+           ("paper_sec", "s/epoch paper"), ("acc", "test acc % ours"),
+           ("paper_acc", "test acc % paper"), ("delta", "Δ"), ("status", "status"))
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+            *(line(r) for r in rows)]
+
+
+def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
+    """The whole report as Markdown."""
+    out = ["# CRMN reproduction: published vs reproduced", "",
+           "Paper numbers: `crmn/paper.py` (Moniz & Pal 2016, Tables 1-3, section 4.2). "
+           "Ours: mean ± sample std over seeds (n). Paper seconds per epoch are the "
+           "authors' GPU; ours are training seconds of a final-run epoch on the device "
+           "shown.", ""]
+    for exp, rows in groups.items():
+        out += [f"## {exp}", ""]
+        lines = [row_line(rr) for rr in rows]
+        out += _md_table([c[1] for c in COLUMNS], [[ln[c[0]] for c in COLUMNS] for ln in lines])
+        out.append("")
+        if exp in paper.METHODS:
+            out += [f"### {exp}: against the methods the paper compares with", ""]
+            table = [[m.name, f"{m.accuracy:.2f}", ""] for m in paper.METHODS[exp]]
+            for rr, ln in zip(rows, lines):
+                if rr.row is not None:
+                    table.append([f"{rr.row.label} ({rr.row.id})", ln["paper_acc"],
+                                  ln["acc"] or rr.status()])
+            out += _md_table(["method", "paper acc %", "ours acc %"], table)
+            out.append("")
+        for rr in rows:
+            row = rr.row
+            if row is None or row.paper_accuracy_mean is None:
+                continue
+            rep = five_repetitions(rr)
+            out += [f"### {row.id}: {row.seeds} repetitions (section 4.2)", ""]
+            if rep is None:
+                out += [f"No finished seed yet ({rr.status()}).", ""]
+                continue
+            sd = f" ± {rep['std']:.3f}" if rep["std"] is not None else ""
+            best = (f"{rep['best_test']:.2f} (seed {rep['best_seed']})"
+                    if rep["best_test"] is not None else "n/a (no search run logged)")
+            out += _md_table(["", "mean ± std %", "best on validation: test %", "n"], [
+                ["paper", f"{row.paper_accuracy_mean:.2f} ± {row.paper_accuracy_std:g}",
+                 f"{row.paper_accuracy:.2f}", str(row.seeds)],
+                ["ours", f"{rep['mean']:.2f}{sd}", best, str(rep["n"])]])
+            out.append("")
+    if plots:
+        out += ["## Learning curves (in the spirit of the paper's Figure 3)", ""]
+        out += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+        out.append("")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------
+# plots
+
+
+def _curves(run: SeedRun):
+    """(epochs, train loss, test-error epochs, test error %, phase) of a run for plotting.
+
+    The final run is what Figure 3 shows; a run that has not reached it yet shows its
+    search run (validation error) instead, labelled as such.
+    """
+    phase = "final" if run.phase_log("final") else "search"
+    recs = run.phase_log(phase)
+    ep = list(range(1, len(recs) + 1))  # epochs count on across lr stages
+    loss = [r.get("train_loss") for r in recs]
+    err = [100.0 * (1.0 - r["eval_acc"]) for r in recs if r.get("eval_acc") is not None]
+    ep_err = [e for e, r in zip(ep, recs) if r.get("eval_acc") is not None]
+    return ep, loss, ep_err, err, phase
+
+
+def _plot(series, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, run in series:
+        ep, loss, ep_err, err, phase = _curves(run)
+        tag = label if phase == "final" else f"{label} (search run, val)"
+        ax_l.plot(ep, loss, label=tag, lw=1.4)
+        ax_r.plot(ep_err, err, label=tag, lw=1.4)
+    ax_l.set(xlabel="epoch of the final run", ylabel="training loss (cross-entropy)",
+             title="Training set learning curves")
+    ax_r.set(xlabel="epoch of the final run", ylabel="test error (%)",
+             title="Test set error during final optimisation")
+    for ax in (ax_l, ax_r):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(groups: Dict[str, List[RowRuns]], directory: Path) -> List[Path]:
+    """PNG learning curves into ``directory``; returns the paths written."""
+    written = []
+    present = [rr for rows in groups.values() for rr in rows if any(r.log for r in rr.runs)]
+    if not present:
+        return written
+    fig3 = [rr for rr in present if rr.row_id in FIGURE3_ROWS] or present
+    name = lambda rr: rr.row.label if rr.row else rr.row_id
+    path = directory / "figure3.png"
+    _plot([(name(rr), next(r for r in rr.runs if r.log)) for rr in fig3],
+          "Last row of each block of Table 1" if fig3 is not present else "Rows present",
+          path)
+    written.append(path)
+    for rr in present:
+        path = directory / f"curves_{rr.row_id}.png"
+        _plot([(f"{name(rr)} seed {r.seed}", r) for r in rr.runs if r.log],
+              f"{name(rr)} ({rr.experiment})", path)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------
+# entry points
+
+
+def compare(directory: Path, *, plots: bool = True, out: Optional[TextIO] = None) -> Path:
+    """Print the comparison for the runs below ``directory``; write REPORT.md (and PNGs).
+
+    Returns the path of ``REPORT.md``. Raises :class:`DataError` for a missing folder or an
+    unreadable run file (one line naming the file).
+    """
+    directory = Path(directory)
+    groups = collect(directory)
+    pngs = write_plots(groups, directory) if plots else []
+    text = render(groups, pngs)
+    report = directory / "REPORT.md"
+    try:
+        report.write_text(text + "\n")
+    except OSError as exc:
+        raise DataError(f"cannot write {report}: {exc.strerror}") from None
+    stream = out or sys.stdout
+    stream.write(text + "\n")
+    stream.write(f"wrote {report}" + (f" and {len(pngs)} plot(s)" if pngs else "") + "\n")
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m crmn.report", description=compare.__doc__)
+    p.add_argument("dir")
+    p.add_argument("--no-plots", dest="plots", action="store_false")
+    args = p.parse_args(argv)
+    try:
+        compare(Path(args.dir), plots=args.plots)
+    except CRMNError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
