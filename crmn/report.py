@@ -22,14 +22,13 @@ shows each row present with all its seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TextIO
 
-from crmn import paper
+from crmn import paper, runlog
 from crmn.errors import CRMNError, DataError
 
 #: Last row of each block of four in Table 1: the models of the paper's Figure 3.
@@ -40,62 +39,32 @@ FIGURE3_ROWS = tuple(r.id for r in paper.TABLE1[3::4])
 # reading run directories
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"unreadable JSON ({exc.msg}, line {exc.lineno}) in {path}") from None
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror}") from None
-
-
-def read_log(path: Path) -> List[dict]:
-    """The epoch records of a ``log.jsonl``; [] if the file does not exist.
-
-    A run killed while writing leaves at most a partial *last* line, which is ignored; a
-    malformed line anywhere else is a :class:`DataError`.
-    """
-    if not path.exists():
-        return []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror}") from None
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break  # torn final write of a killed run
-            raise DataError(f"malformed line {i + 1} in {path}") from None
-    return records
-
-
 @dataclass
 class SeedRun:
-    """One run directory ``<row>/seed<k>/``."""
+    """One run directory ``<row>/seed<k>/`` as :func:`crmn.runlog.load_run` reads it."""
 
-    path: Path
+    run: runlog.Run
     seed: int
-    config: dict
-    log: List[dict]
-    summary: Optional[dict]
+
+    @property
+    def log(self) -> List[dict]:
+        return self.run.log
+
+    @property
+    def summary(self) -> Optional[dict]:
+        return self.run.summary
 
     @property
     def done(self) -> bool:
-        return self.summary is not None and self.summary.get("status", "done") == "done"
+        return self.run.finished
 
     @property
     def device(self) -> str:
         s = self.summary or {}
-        return str(s.get("device") or self.config.get("device") or "?")
+        return str(s.get("device") or self.run.config.get("device") or "?")
 
     def phase_log(self, phase: str) -> List[dict]:
-        return [r for r in self.log if r.get("phase") == phase]
+        return self.run.phase(phase)
 
     def best_val_acc(self) -> Optional[float]:
         """Highest validation accuracy of the search run (fraction), None without one."""
@@ -103,6 +72,7 @@ class SeedRun:
         return max(vals) if vals else None
 
     def sec_per_epoch(self) -> Optional[float]:
+        """Summary's mean final-run epoch time; while running, the mean of logged epochs."""
         if self.done and self.summary.get("sec_per_epoch") is not None:
             return float(self.summary["sec_per_epoch"])
         secs = [r["seconds"] for r in self.log if "seconds" in r]
@@ -110,15 +80,9 @@ class SeedRun:
 
 
 def load_seed_run(path: Path) -> SeedRun:
-    """Read one seed directory; a missing ``config.json`` is tolerated (run not started)."""
-    cfg = path / "config.json"
-    summ = path / "summary.json"
-    name = path.name
-    seed = int(name[4:]) if name[4:].isdigit() else 0
-    return SeedRun(path=path, seed=seed,
-                   config=_read_json(cfg) if cfg.exists() else {},
-                   log=read_log(path / "log.jsonl"),
-                   summary=_read_json(summ) if summ.exists() else None)
+    """Read one ``seed<k>`` directory (only config.json, log.jsonl, summary.json)."""
+    digits = path.name[4:]
+    return SeedRun(run=runlog.load_run(path), seed=int(digits) if digits.isdigit() else 0)
 
 
 @dataclass
@@ -158,11 +122,6 @@ class RowRuns:
         return "; ".join(parts)
 
 
-def _is_run_dir(p: Path) -> bool:
-    return p.is_dir() and p.name.startswith("seed") and any(
-        (p / f).exists() for f in ("config.json", "log.jsonl", "summary.json"))
-
-
 def collect(directory: Path) -> Dict[str, List[RowRuns]]:
     """Runs below ``directory``, grouped by experiment then row, paper rows first.
 
@@ -173,8 +132,8 @@ def collect(directory: Path) -> Dict[str, List[RowRuns]]:
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"no run directory at {directory}")
-    seed_dirs = sorted(p for pat in ("*/seed*", "*/*/seed*") for p in directory.glob(pat)
-                       if _is_run_dir(p))
+    seed_dirs = [p for p in runlog.find_runs(directory)
+                 if p.name.startswith("seed") and p.parent != directory]
     grouped: Dict[str, Dict[str, RowRuns]] = {}
     for sd in seed_dirs:
         run = load_seed_run(sd)

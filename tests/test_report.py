@@ -5,7 +5,7 @@ import math
 import pytest
 
 from crmn import paper, report
-from crmn.errors import DataError
+from crmn.errors import CRMNError
 
 
 def write_run(seed_dir, *, row, experiment, seed, test_acc=None, final_epochs=3,
@@ -125,15 +125,15 @@ def test_root_with_several_experiments(tmp_path):
 
 
 def test_bad_input_names_the_file(tmp_path):
-    with pytest.raises(DataError, match="no run directory"):
+    with pytest.raises(CRMNError, match="no run directory"):
         report.collect(tmp_path / "nope")
     d = tmp_path / "table1" / "t1-crmn32x1" / "seed0"
     write_run(d, row="t1-crmn32x1", experiment="table1", seed=0, test_acc=0.5)
     (d / "summary.json").write_text("{not json")
-    with pytest.raises(DataError, match="summary.json"):
+    with pytest.raises(CRMNError, match="summary.json"):
         report.collect(tmp_path / "table1")
     (d / "summary.json").unlink()
     log = d / "log.jsonl"
     log.write_text("garbage\n" + log.read_text())
-    with pytest.raises(DataError, match=r"line 1 in .*log.jsonl"):
+    with pytest.raises(CRMNError, match=r"log.jsonl: line 1 "):
         report.collect(tmp_path / "table1")
