@@ -138,7 +138,7 @@ def collect(directory: Path) -> Dict[str, List[RowRuns]]:
     for sd in seed_dirs:
         run = load_seed_run(sd)
         row_dir = sd.parent
-        exp = run.config.get("experiment") or (
+        exp = run.run.config.get("experiment") or (
             directory.name if row_dir.parent == directory else row_dir.parent.name)
         rows = grouped.setdefault(exp, {})
         rows.setdefault(row_dir.name, RowRuns(exp, row_dir.name)).runs.append(run)
