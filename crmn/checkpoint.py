@@ -1,0 +1,212 @@
+"""The one HDF5 checkpoint format that both stacks read and write (SPEC §6, §7).
+
+Layout of a file (``checkpoint.h5`` = latest state, ``best.h5`` = best search model):
+
+* one dataset per array at the root, under its canonical name (:mod:`crmn.naming`), in the
+  canonical layout: every parameter and batch-norm running statistic, plus
+  ``velocity.<name>`` (the momentum buffer) for every trainable parameter; stored with a
+  Fletcher-32 checksum so that flipped bytes are detected on reading, not trained on;
+* a root attribute ``meta``: one JSON object with ``format_version``, ``model``
+  (``ModelConfig.to_dict()``), ``train`` (``TrainConfig.to_dict()``), ``backend``, ``dtype``,
+  ``dataset``, ``phase`` ("search" | "final"), ``epoch`` (finished epochs of the phase),
+  ``schedule`` (the schedule's ``state_dict()``), ``sampler_seed`` (batches and crops are a
+  function of this seed and the epoch, so it is the whole RNG state) and ``best`` (metrics of
+  the best model); the driver may add more keys;
+* a root attribute ``format_version`` (also in ``meta``), checked on loading.
+
+:func:`save` is atomic: it writes a temporary file in the same folder, flushes and fsyncs it,
+and renames it over the target, so the previous checkpoint survives a crash, a kill or a full
+disk at any moment of the write.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import h5py
+import numpy as np
+
+from crmn.config import ModelConfig, TrainConfig
+from crmn.errors import CheckpointError
+from crmn.runlog import fsync_dir
+
+FORMAT_VERSION = 1
+
+Arrays = Dict[str, np.ndarray]
+
+
+def save(path, arrays: Arrays, meta: Dict) -> None:
+    """Write ``arrays`` and ``meta`` to ``path`` atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        Target file; its folder must exist.
+    arrays : dict of str to ndarray
+        Canonical name -> array (any shape and float/int dtype; stored as given).
+    meta : dict
+        JSON-serialisable metadata (see the module docstring); ``format_version`` is added.
+
+    Raises
+    ------
+    CheckpointError
+        The write failed (disk full, I/O error, bad name); ``path`` is left as it was.
+    """
+    path = Path(path)
+    bad = [n for n in arrays if "/" in n or not n]
+    if bad:
+        raise CheckpointError(f"{path}: array names may not be empty or contain '/': {bad}")
+    text = json.dumps(dict(meta, format_version=FORMAT_VERSION), allow_nan=False)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        _write_h5(tmp, arrays, text)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data must be on disk before the rename makes it current
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        tmp = None
+    except (OSError, RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: could not write checkpoint ({_reason(e)})") from e
+    finally:
+        if tmp is not None:
+            _remove_quietly(tmp)
+    fsync_dir(path.parent)
+
+
+def _write_h5(filename: str, arrays: Arrays, meta_text: str) -> None:
+    with h5py.File(filename, "w") as f:
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["meta"] = meta_text
+        for name in sorted(arrays):
+            a = np.asarray(arrays[name])  # not ascontiguousarray: it turns 0-d into 1-d
+            # Fletcher-32 needs chunked storage, which h5py cannot give scalars or empties
+            checksum = a.ndim > 0 and a.size > 0
+            f.create_dataset(name, data=a, fletcher32=checksum)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _remove_quietly(filename) -> None:
+    try:
+        os.unlink(filename)
+    except OSError:
+        pass
+
+
+def load(path) -> Tuple[Arrays, Dict]:
+    """Read a checkpoint written by :func:`save`.
+
+    Returns
+    -------
+    arrays : dict of str to ndarray
+        Every dataset of the file, by name.
+    meta : dict
+        The decoded ``meta`` attribute.
+
+    Raises
+    ------
+    CheckpointError
+        Missing, truncated or corrupt file (checksum mismatch), or another format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with h5py.File(path, "r") as f:
+            meta = _meta(f, path)
+            arrays = {}
+            for name, item in f.items():
+                if not isinstance(item, h5py.Dataset):
+                    raise CheckpointError(f"{path}: unexpected group {name!r}; not a checkpoint")
+                arrays[name] = item[()]
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_reason(e)})") from e
+    return arrays, meta
+
+
+def read_meta(path) -> Dict:
+    """Only the metadata of a checkpoint (cheap: no array is read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with h5py.File(path, "r") as f:
+            return _meta(f, path)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_reason(e)})") from e
+
+
+def _meta(f: "h5py.File", path: Path) -> Dict:
+    if "meta" not in f.attrs:
+        raise CheckpointError(f"{path}: no 'meta' attribute; not a CRMN checkpoint")
+    version = int(f.attrs.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads "
+                              f"version {FORMAT_VERSION}")
+    text = f.attrs["meta"]
+    if isinstance(text, bytes):
+        text = text.decode()
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: 'meta' attribute is not valid JSON ({e})") from e
+
+
+def _plain(value):
+    """JSON-normalised value (tuples become lists) for comparing configs."""
+    return json.loads(json.dumps(value))
+
+
+def _show(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return json.dumps(value) if isinstance(value, (list, dict, str)) else str(value)
+
+
+def check_compatible(meta: Dict, model: ModelConfig, train: Optional[TrainConfig] = None, *,
+                     backend: Optional[str] = None, dtype: Optional[str] = None,
+                     dataset: Optional[str] = None, path="checkpoint.h5") -> None:
+    """Refuse a checkpoint written under another configuration.
+
+    Every field of ``model`` (and of ``train``, and ``backend`` / ``dtype`` / ``dataset``
+    when given) must equal the checkpoint's; the first difference is reported, e.g.
+    ``checkpoint.h5: model.k is 2 here, 4 in the checkpoint``. Resuming requires all of
+    them: a different learning-rate list, seed or cap would not continue the same run.
+
+    Raises
+    ------
+    CheckpointError
+        The checkpoint lacks a configuration or differs in a field.
+    """
+    sections = [("model", model.to_dict(), meta.get("model"))]
+    if train is not None:
+        sections.append(("train", train.to_dict(), meta.get("train")))
+    for label, here, there in sections:
+        if not isinstance(there, dict):
+            raise CheckpointError(f"{path}: the checkpoint records no {label} configuration")
+        here, there = _plain(here), _plain(there)
+        for key in sorted(set(here) | set(there)):
+            if key not in there:
+                raise CheckpointError(f"{path}: {label}.{key} is {_show(here[key])} here, "
+                                      f"absent in the checkpoint")
+            if key not in here:
+                raise CheckpointError(f"{path}: {label}.{key} is unknown here, "
+                                      f"{_show(there[key])} in the checkpoint")
+            if here[key] != there[key]:
+                raise CheckpointError(f"{path}: {label}.{key} is {_show(here[key])} here, "
+                                      f"{_show(there[key])} in the checkpoint")
+    for key, here in (("backend", backend), ("dtype", dtype), ("dataset", dataset)):
+        if here is not None and meta.get(key) != here:
+            raise CheckpointError(f"{path}: {key} is {here} here, "
+                                  f"{meta.get(key)} in the checkpoint")

@@ -1,0 +1,166 @@
+"""The HDF5 checkpoint format (crmn/checkpoint.py): round trip, atomicity, refusals."""
+import errno
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from crmn import checkpoint
+from crmn.config import ModelConfig, TrainConfig
+from crmn.errors import CheckpointError
+from crmn.naming import param_specs, velocity_name
+
+
+def canonical_arrays(model, seed=0, dtype=np.float32):
+    """Random arrays under every canonical name of ``model``, velocities included."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for spec in param_specs(model):
+        arrays[spec.name] = rng.standard_normal(spec.shape).astype(dtype)
+        if spec.trainable:
+            arrays[velocity_name(spec.name)] = rng.standard_normal(spec.shape).astype(dtype)
+    return arrays
+
+
+MODEL = ModelConfig(n=1, k=0.25, classes=10, memory=True, lstm_units=5)
+TRAIN = TrainConfig(batch_size=8, patience=2)
+
+
+def meta(model=MODEL, train=TRAIN, **kw):
+    m = {"model": model.to_dict(), "train": train.to_dict(), "backend": "torch",
+         "dtype": "float32", "dataset": "cifar10", "phase": "search", "epoch": 3,
+         "schedule": {"kind": "plateau", "stage": 1}, "sampler_seed": 1234,
+         "best": {"acc": 0.5, "loss": 1.25}}
+    m.update(kw)
+    return m
+
+
+def test_round_trip_keeps_every_array_bit_for_bit(tmp_path):
+    arrays = canonical_arrays(MODEL)
+    arrays["counter"] = np.array(7, dtype=np.int64)  # a scalar: stored without checksum
+    path = tmp_path / "checkpoint.h5"
+    checkpoint.save(path, arrays, meta())
+    got, m = checkpoint.load(path)
+    assert sorted(got) == sorted(arrays)
+    for name, a in arrays.items():
+        assert got[name].dtype == a.dtype and got[name].shape == a.shape, name
+        np.testing.assert_array_equal(got[name], a, err_msg=name)
+    assert m == json.loads(json.dumps(dict(meta(), format_version=checkpoint.FORMAT_VERSION)))
+    assert checkpoint.read_meta(path) == m
+    assert "velocity.lstm.W_xi" in got and "velocity.bn0.mean" not in got
+
+
+def test_float64_arrays_stay_float64(tmp_path):
+    arrays = canonical_arrays(MODEL, dtype=np.float64)
+    checkpoint.save(tmp_path / "c.h5", arrays, meta(dtype="float64"))
+    got, _ = checkpoint.load(tmp_path / "c.h5")
+    assert got["fc.W"].dtype == np.float64
+
+
+def _failing_save_keeps_previous(tmp_path, monkeypatch, target, make_error):
+    path = tmp_path / "checkpoint.h5"
+    old = canonical_arrays(MODEL, seed=1)
+    checkpoint.save(path, old, meta(epoch=1))
+    calls = {"n": 0}
+    real = getattr(*target)
+
+    def fail_midway(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # part of the new file is already written
+            raise make_error()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(*target, fail_midway)
+    with pytest.raises(CheckpointError, match=r"checkpoint\.h5: could not write checkpoint"):
+        checkpoint.save(path, canonical_arrays(MODEL, seed=2), meta(epoch=2))
+    monkeypatch.undo()
+    got, m = checkpoint.load(path)
+    assert m["epoch"] == 1
+    for name, a in old.items():
+        np.testing.assert_array_equal(got[name], a)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.h5"]  # temp removed
+
+
+def test_full_disk_during_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    _failing_save_keeps_previous(
+        tmp_path, monkeypatch, (h5py.Group, "create_dataset"),
+        lambda: OSError(errno.ENOSPC, "No space left on device"))
+
+
+def test_hdf5_error_during_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    _failing_save_keeps_previous(
+        tmp_path, monkeypatch, (h5py.Group, "create_dataset"),
+        lambda: RuntimeError("Can't write data (file write failed)"))
+
+
+def test_failing_fsync_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.h5"
+    checkpoint.save(path, {"a": np.ones(3)}, meta(epoch=1))
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        checkpoint.save(path, {"a": np.zeros(3)}, meta(epoch=2))
+    monkeypatch.undo()
+    got, m = checkpoint.load(path)
+    assert m["epoch"] == 1 and got["a"].tolist() == [1, 1, 1]
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = tmp_path / "checkpoint.h5"
+    checkpoint.save(path, canonical_arrays(MODEL), meta())
+    data = path.read_bytes()
+    for keep in (len(data) // 2, 100, 0):
+        path.write_bytes(data[:keep])
+        with pytest.raises(CheckpointError, match=r"checkpoint\.h5: truncated or corrupt"):
+            checkpoint.load(path)
+
+
+def test_flipped_bytes_in_an_array_are_detected(tmp_path):
+    path = tmp_path / "checkpoint.h5"
+    arrays = {"fc.W": np.arange(4096, dtype=np.float32).reshape(64, 64)}
+    checkpoint.save(path, arrays, meta())
+    data = bytearray(path.read_bytes())
+    at = data.find(arrays["fc.W"].tobytes()[4000:4064])
+    assert at > 0
+    data[at + 10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        checkpoint.load(path)
+
+
+def test_missing_file_and_foreign_files_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match=r"best\.h5: no such checkpoint"):
+        checkpoint.load(tmp_path / "best.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = np.ones(2)
+    with pytest.raises(CheckpointError, match="not a CRMN checkpoint"):
+        checkpoint.load(tmp_path / "other.h5")
+    (tmp_path / "text.h5").write_text("hello")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        checkpoint.read_meta(tmp_path / "text.h5")
+    with pytest.raises(CheckpointError, match="may not"):
+        checkpoint.save(tmp_path / "c.h5", {"a/b": np.ones(1)}, meta())
+
+
+def test_check_compatible_names_the_differing_field(tmp_path):
+    m = meta(model=ModelConfig(n=1, k=4, classes=10, memory=True))
+    here = ModelConfig(n=1, k=2, classes=10, memory=True)
+    with pytest.raises(CheckpointError,
+                       match=r"^checkpoint\.h5: model\.k is 2 here, 4 in the checkpoint$"):
+        checkpoint.check_compatible(m, here)
+    checkpoint.check_compatible(meta(), MODEL, TRAIN, backend="torch", dtype="float32",
+                                dataset="cifar10")
+    other_train = TrainConfig(batch_size=8, patience=3)
+    with pytest.raises(CheckpointError, match=r"train\.patience is 3 here, 2 in the"):
+        checkpoint.check_compatible(meta(), MODEL, other_train, path="run/checkpoint.h5")
+    with pytest.raises(CheckpointError, match="backend is theano here, torch in the"):
+        checkpoint.check_compatible(meta(), MODEL, TRAIN, backend="theano")
+    with pytest.raises(CheckpointError, match="dtype is float64 here"):
+        checkpoint.check_compatible(meta(), MODEL, dtype="float64")
+    with pytest.raises(CheckpointError, match="no model configuration"):
+        checkpoint.check_compatible({}, MODEL)
