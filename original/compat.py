@@ -1,0 +1,257 @@
+"""Make PyPI's Lasagne 0.1 (2015) run on Theano-PyMC 1.1.2, Python 3.11 and numpy 1.23.5.
+
+Import this module before ``theano`` and ``lasagne`` (``original/__init__.py`` does). Each
+bridge below is one small, named function, applied once by :func:`install` and tested in
+``tests/test_original_compat.py``:
+
+1. :func:`theano_flag_defaults` -- *before* Theano is imported, add defaults to
+   ``THEANO_FLAGS`` without overriding anything the user set there or in ``.theanorc``:
+
+   * ``blas__ldflags=-lopenblas`` when Debian's OpenBLAS is installed. Theano-PyMC's own
+     detection reads ``numpy.distutils.__config__.blas_opt_info``, which numpy 1.23's
+     config no longer has, and crashes the import;
+   * ``floatX=float32``: the paper trained in single precision on a GPU. The backend can
+     still build float64 graphs per instance (see ``original.backend``).
+
+   The compile directory stays Theano's default (``~/.theano/compiledir_*``), which caches
+   the compiled C modules between runs.
+2. :func:`bridge_mrg_random_streams` -- ``theano.sandbox.rng_mrg.MRG_RandomStreams`` was
+   renamed ``MRG_RandomStream``; Lasagne's ``layers/noise.py`` imports the old name.
+3. :func:`bridge_downsample` -- ``theano.tensor.signal.downsample.max_pool_2d(input, ds, st,
+   ignore_border, padding, mode)`` became ``theano.tensor.signal.pool.pool_2d(input, ws,
+   ignore_border, stride, pad, mode)``; Lasagne's ``layers/pool.py`` imports the old module.
+4. :func:`bridge_gof` -- the graph package ``theano.gof`` became ``theano.graph``;
+   ``lasagne.utils.as_theano_expression`` tests ``isinstance(x, theano.gof.Variable)``.
+5. :func:`bridge_pkg_resources` -- Lasagne's ``__init__`` reads its version through
+   ``pkg_resources``: setuptools 80.9 still ships it but warns on import; we import it
+   quietly first, and should a later setuptools drop it, install a two-function stand-in
+   backed by ``importlib.metadata``.
+6. :func:`bridge_scan_cython` -- Theano-PyMC ships a Cython-generated ``scan_perform.c``
+   written for older Pythons; on 3.11 its compilation fails after tens of seconds, on every
+   process start, before ``scan`` falls back to its Python inner loop (it catches
+   ``ImportError``). We make ``theano.scan.scan_perform_ext`` fail to import at once.
+   The CRMN LSTM does not use ``scan`` anyway: the sequence has a fixed length of 3n taps, so
+   ``original.model`` builds Lasagne's ``LSTMLayer`` with ``unroll_scan=True``, which was
+   measured faster both to run and to differentiate (see ``original/model.py``).
+
+:func:`check_compiled_backend` then fails loudly (:class:`crmn.errors.ConfigError`) when
+Theano would run the network's ops through its Python fallbacks: no C++ compiler, empty
+BLAS flags, or a mode that does not compile C code.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+import warnings
+from typing import Dict, Optional
+
+from crmn.errors import ConfigError
+
+#: Where Debian/Ubuntu's ``libopenblas-dev`` / ``libopenblas0`` put the shared library.
+DEBIAN_OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so"
+
+_installed = False
+
+
+# --- 1. THEANO_FLAGS defaults --------------------------------------------------------------
+
+def _parse_flags(text: str) -> Dict[str, str]:
+    """``"a=1,b.c=2"`` -> ``{"a": "1", "b__c": "2"}`` (Theano accepts both spellings)."""
+    out = {}
+    for item in text.split(","):
+        if "=" in item:
+            key, value = item.split("=", 1)
+            out[key.strip().replace(".", "__")] = value.strip()
+    return out
+
+
+def _theanorc_keys() -> set:
+    """Option names (``section__key``) that the user's ``.theanorc`` files set."""
+    import configparser
+
+    keys = set()
+    paths = os.environ.get("THEANORC", "~/.theanorc:~/.theanorc.txt").split(os.pathsep)
+    parser = configparser.ConfigParser()
+    parser.read([os.path.expanduser(p) for p in paths])
+    for section in parser.sections():
+        for key in parser[section]:
+            keys.add(key if section == "global" else f"{section}__{key}")
+    return keys
+
+
+def find_openblas() -> Optional[str]:
+    """``"-lopenblas"`` when a system OpenBLAS can be linked, else None.
+
+    Looks in the dynamic linker's cache (``ldconfig -p``) and at Debian's fixed path.
+    """
+    if os.path.exists(DEBIAN_OPENBLAS):
+        return "-lopenblas"
+    try:
+        cache = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True,
+                               timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return "-lopenblas" if "libopenblas.so " in cache else None
+
+
+def theano_flag_defaults(environ=None) -> Dict[str, str]:
+    """Add our defaults to ``THEANO_FLAGS`` in ``environ``; returns the defaults added.
+
+    Must run before ``import theano``: Theano reads its flags once, at import.
+    """
+    environ = os.environ if environ is None else environ
+    user = set(_parse_flags(environ.get("THEANO_FLAGS", ""))) | _theanorc_keys()
+    wanted = {"floatX": "float32"}
+    blas = find_openblas()
+    if blas is not None:
+        wanted["blas__ldflags"] = blas
+    added = {k: v for k, v in wanted.items() if k not in user}
+    if added:
+        extra = ",".join(f"{k}={v}" for k, v in added.items())
+        current = environ.get("THEANO_FLAGS", "")
+        environ["THEANO_FLAGS"] = f"{current},{extra}" if current else extra
+    return added
+
+
+# --- 2-6. import-time bridges --------------------------------------------------------------
+
+def bridge_scan_cython() -> None:
+    """Make ``from theano.scan import scan_perform_ext`` raise ImportError immediately.
+
+    A ``None`` entry in ``sys.modules`` is Python's documented way to make an import fail;
+    ``theano.scan.op`` catches the ImportError and uses its pure-Python loop.
+    """
+    sys.modules.setdefault("theano.scan.scan_perform_ext", None)
+
+
+def bridge_mrg_random_streams() -> None:
+    """``theano.sandbox.rng_mrg.MRG_RandomStreams`` -> ``MRG_RandomStream``."""
+    import theano.sandbox.rng_mrg as rng_mrg
+
+    if not hasattr(rng_mrg, "MRG_RandomStreams"):
+        rng_mrg.MRG_RandomStreams = rng_mrg.MRG_RandomStream
+
+
+def _max_pool_2d(input, ds, ignore_border=None, st=None, padding=(0, 0), mode="max"):
+    """Theano 0.7's ``downsample.max_pool_2d`` signature over Theano-PyMC's ``pool_2d``."""
+    from theano.tensor.signal.pool import pool_2d
+
+    if ignore_border is None:  # Theano 0.7's default, kept explicit to silence a warning
+        ignore_border = False
+    return pool_2d(input, ws=ds, ignore_border=ignore_border, stride=st, pad=padding,
+                   mode=mode)
+
+
+def bridge_downsample() -> None:
+    """Provide the module ``theano.tensor.signal.downsample`` with ``max_pool_2d``."""
+    import theano.tensor.signal as signal
+
+    if "theano.tensor.signal.downsample" in sys.modules:
+        return
+    module = types.ModuleType("theano.tensor.signal.downsample",
+                              "Compatibility stand-in (original.compat) for Theano 0.7's "
+                              "downsample module.")
+    module.max_pool_2d = _max_pool_2d
+    sys.modules[module.__name__] = module
+    signal.downsample = module
+
+
+def bridge_gof() -> None:
+    """``theano.gof.Variable`` (and the rest of ``theano.gof``) -> ``theano.graph.basic``."""
+    import theano
+    import theano.graph.basic
+
+    if not hasattr(theano, "gof"):
+        theano.gof = theano.graph.basic
+        sys.modules.setdefault("theano.gof", theano.graph.basic)
+
+
+def bridge_pkg_resources() -> None:
+    """Import ``pkg_resources`` without its deprecation warning, or stand in for it."""
+    if "pkg_resources" in sys.modules:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import pkg_resources  # noqa: F401  (cached in sys.modules for Lasagne)
+            return
+        except ImportError:
+            pass
+    from importlib import metadata
+
+    module = types.ModuleType("pkg_resources", "Stand-in (original.compat): "
+                                               "get_distribution(name).version only.")
+    module.get_distribution = lambda name: types.SimpleNamespace(
+        project_name=name, version=metadata.version(name))
+    sys.modules["pkg_resources"] = module
+
+
+def install() -> None:
+    """Apply every bridge once; safe to call again. Imports Theano (not Lasagne)."""
+    global _installed
+    if _installed:
+        return
+    if "theano" not in sys.modules:
+        theano_flag_defaults()
+    bridge_scan_cython()
+    bridge_pkg_resources()
+    with warnings.catch_warnings():
+        # Theano-PyMC warns about its own deprecated aliases at import; not our concern
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import theano  # noqa: F401
+    bridge_mrg_random_streams()
+    bridge_downsample()
+    bridge_gof()
+    _installed = True
+
+
+# --- the check ------------------------------------------------------------------------------
+
+def check_compiled_backend(probe: bool = True) -> None:
+    """Raise ConfigError if Theano would run the network's ops in Python, not compiled C.
+
+    Parameters
+    ----------
+    probe : bool
+        Also compile a 3x3 convolution and require that the optimiser picked the BLAS-backed
+        ``CorrMM`` op (cached in Theano's compile directory after the first call).
+
+    Notes
+    -----
+    ``scan``'s pure-Python inner loop is allowed (see :func:`bridge_scan_cython`); the
+    CRMN LSTM is unrolled and does not use it.
+    """
+    import theano
+
+    cfg = theano.config
+    rc = "THEANO_FLAGS"
+    if not cfg.cxx:
+        raise ConfigError(
+            f"Theano found no C++ compiler (config.cxx is empty): install g++ or set "
+            f"cxx=... in {rc}; the Python fallbacks are far too slow for training")
+    if not cfg.blas__ldflags.strip():
+        raise ConfigError(
+            f"Theano has no BLAS (blas__ldflags is empty): install libopenblas-dev or set "
+            f"blas__ldflags=... in {rc}; convolutions would fall back to slow code")
+    mode = str(cfg.mode)
+    if mode in ("FAST_COMPILE", "DebugMode", "DEBUG_MODE") or cfg.linker in ("py", "vm"):
+        raise ConfigError(
+            f"Theano mode={mode} linker={cfg.linker} runs ops in Python: use the default "
+            f"mode (FAST_RUN) and linker (cvm) in {rc}")
+    if not probe:
+        return
+    import numpy as np
+    import theano.tensor as T
+    from theano.tensor.nnet import conv2d
+
+    x = T.tensor4("x", dtype="float32")
+    w = theano.shared(np.ones((2, 2, 3, 3), dtype="float32"))
+    f = theano.function([x], conv2d(x, w, border_mode="half"))
+    ops = {type(node.op).__name__ for node in f.maker.fgraph.toposort()}
+    if not any(name.startswith(("CorrMM", "GpuCorrMM", "GpuDnnConv")) for name in ops):
+        raise ConfigError(
+            f"Theano compiled a convolution without a BLAS-backed op (got {sorted(ops)}); "
+            f"check blas__ldflags={cfg.blas__ldflags!r} in {rc}")
+

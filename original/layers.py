@@ -1,0 +1,225 @@
+"""The layers that Lasagne 0.1 lacks for a CIFAR ResNet and the CRMN memory, Lasagne style.
+
+Each is a ``lasagne.layers.Layer`` subclass honouring the usual contract (``add_param``,
+``get_output_shape_for``, ``get_output_for``), so ``lasagne.layers.get_output`` and
+``get_all_params`` treat them like Lasagne's own:
+
+* :class:`BatchNormLayer` and :func:`batch_norm` -- Ioffe & Szegedy's batch normalisation with
+  Lasagne's conventions (running ``mean`` and ``inv_std``), eps :data:`crmn.naming.BN_EPS`,
+  running-average rate :data:`crmn.naming.BN_ALPHA`;
+* :class:`ShortcutALayer` -- He et al.'s parameter-free "option A" shortcut;
+* :class:`PadFeaturesLayer` and :func:`crmn_tap` -- what CRMN does to each block output
+  before the LSTM sees it (paper section 3.2).
+"""
+from __future__ import annotations
+
+from original import compat
+
+compat.install()
+
+import theano  # noqa: E402  (after the compatibility bridges)
+import theano.tensor as T  # noqa: E402
+from lasagne import init, nonlinearities  # noqa: E402
+from lasagne.layers import (FlattenLayer, Layer, NonlinearityLayer,  # noqa: E402
+                            Pool2DLayer)
+
+from crmn.naming import BN_ALPHA, BN_EPS  # noqa: E402
+
+
+class BatchNormLayer(Layer):
+    r"""Batch normalisation (Ioffe & Szegedy 2015) over all axes but the channel axis 1.
+
+    .. math::
+        y = \gamma \odot (x - \mu) \odot \mathrm{inv\_std} + \beta,
+        \qquad \mathrm{inv\_std} = 1 / \sqrt{\sigma^2 + \epsilon}
+
+    With ``deterministic=False`` (training mode) ``μ`` and ``σ²`` are the batch's mean and
+    *biased* variance over axes (0, 2, 3); with ``deterministic=True`` (inference) the layer
+    uses its running ``mean`` and ``inv_std``. Running averages move as
+    ``running = (1 - alpha) running + alpha batch`` -- for ``inv_std`` the batch value is
+    ``1/sqrt(biased var + eps)`` (Lasagne's convention, kept by the canonical checkpoint).
+
+    The running averages change only in a graph built with
+    ``batch_norm_update_averages=True``: the output then depends on *clones* of the running
+    shared variables that carry the new value as their Theano ``default_update``, so the
+    function compiled from that output (the training step) writes them once per call, and
+    every other function (e.g. a training-mode forward pass for checking) leaves them alone.
+
+    Parameters
+    ----------
+    incoming : Layer or tuple
+        Input of shape (B, C, ...) -- (B, C, H, W) for a convolution's output.
+    epsilon : float
+        Added to the batch variance; :data:`crmn.naming.BN_EPS`.
+    alpha : float
+        Running-average rate; :data:`crmn.naming.BN_ALPHA`.
+    beta, gamma : initializer
+        Shift and scale, shape (C,), trainable, not weight-decayed.
+    mean, inv_std : initializer
+        Running statistics, shape (C,), state (``trainable=False``).
+    """
+
+    def __init__(self, incoming, epsilon=BN_EPS, alpha=BN_ALPHA,
+                 beta=init.Constant(0.), gamma=init.Constant(1.),
+                 mean=init.Constant(0.), inv_std=init.Constant(1.), **kwargs):
+        super(BatchNormLayer, self).__init__(incoming, **kwargs)
+        if len(self.input_shape) < 2 or self.input_shape[1] is None:
+            raise ValueError(f"BatchNormLayer needs (B, C, ...) input with known C, got "
+                             f"{self.input_shape}")
+        if not 0 < alpha <= 1 or epsilon <= 0:
+            raise ValueError(f"BatchNormLayer needs 0 < alpha <= 1 and epsilon > 0, got "
+                             f"alpha={alpha}, epsilon={epsilon}")
+        self.epsilon = epsilon
+        self.alpha = alpha
+        self.axes = (0,) + tuple(range(2, len(self.input_shape)))
+        shape = (self.input_shape[1],)
+        self.beta = self.add_param(beta, shape, "beta", trainable=True, regularizable=False)
+        self.gamma = self.add_param(gamma, shape, "gamma", trainable=True,
+                                    regularizable=False)
+        self.mean = self.add_param(mean, shape, "mean", trainable=False, regularizable=False)
+        self.inv_std = self.add_param(inv_std, shape, "inv_std", trainable=False,
+                                      regularizable=False)
+
+    def get_output_shape_for(self, input_shape):
+        return input_shape
+
+    def get_output_for(self, input, deterministic=False, batch_norm_update_averages=False,
+                       **kwargs):
+        """(B, C, ...) -> (B, C, ...), normalised per channel.
+
+        Parameters
+        ----------
+        deterministic : bool
+            True: running statistics (inference); False: batch statistics (training).
+        batch_norm_update_averages : bool
+            With ``deterministic=False`` only: make the running averages move when the
+            function compiled from this output runs (the training step does this).
+        """
+        if deterministic:
+            mean, inv_std = self.mean, self.inv_std
+        else:
+            mean = input.mean(self.axes)  # (C,)
+            var = input.var(self.axes)  # (C,), biased: divides by the count, not count - 1
+            inv_std = T.inv(T.sqrt(var + self.epsilon))
+            if batch_norm_update_averages:
+                mean, inv_std = self._with_running_updates(mean, inv_std)
+        # (C,) -> (1, C, 1, 1): broadcast over batch and space
+        pattern = ["x", 0] + ["x"] * (input.ndim - 2)
+        gamma = self.gamma.dimshuffle(pattern)
+        beta = self.beta.dimshuffle(pattern)
+        mean = mean.dimshuffle(pattern)
+        inv_std = inv_std.dimshuffle(pattern)
+        return (input - mean) * (gamma * inv_std) + beta
+
+    def _with_running_updates(self, batch_mean, batch_inv_std):
+        """Attach the running-average updates to the graph of the batch statistics.
+
+        ``theano.clone`` of a shared variable shares its storage; giving the clone a
+        ``default_update`` and adding ``0 * clone`` to the output puts the update in every
+        function compiled from that output and in no other.
+        """
+        a = self.alpha
+        running_mean = theano.clone(self.mean, share_inputs=False)
+        running_inv_std = theano.clone(self.inv_std, share_inputs=False)
+        running_mean.default_update = T.cast(
+            (1 - a) * running_mean + a * batch_mean, self.mean.dtype)
+        running_inv_std.default_update = T.cast(
+            (1 - a) * running_inv_std + a * batch_inv_std, self.inv_std.dtype)
+        return batch_mean + 0 * running_mean, batch_inv_std + 0 * running_inv_std
+
+
+def batch_norm(layer, **kwargs):
+    """Insert a :class:`BatchNormLayer` after ``layer``, moving its nonlinearity behind it.
+
+    The layer's bias is dropped first (BN's β replaces it, SPEC §4: convolutions have no
+    bias). Names follow the layer's: a layer named ``"s1b0.conv1"`` gets ``"s1b0.bn1"``
+    unless ``name=`` is given. Returns the last layer added.
+    """
+    nonlinearity = getattr(layer, "nonlinearity", None)
+    if nonlinearity is not None:
+        layer.nonlinearity = nonlinearities.identity
+    if getattr(layer, "b", None) is not None:
+        del layer.params[layer.b]
+        layer.b = None
+    if "name" not in kwargs and layer.name is not None:
+        kwargs["name"] = layer.name.replace("conv", "bn")
+    layer = BatchNormLayer(layer, **kwargs)
+    if nonlinearity is not None and nonlinearity is not nonlinearities.identity:
+        name = kwargs["name"] + "_nonlin" if kwargs.get("name") else None
+        layer = NonlinearityLayer(layer, nonlinearity, name=name)
+    return layer
+
+
+class ShortcutALayer(Layer):
+    """He et al. (2015)'s "option A" shortcut: subsample, then zero-pad the channels.
+
+    (B, C, H, W) -> (B, num_filters, ceil(H/stride), ceil(W/stride)). The
+    ``num_filters - C`` new channels are split evenly before and after the input's (the
+    Lasagne ResNet recipe's ``PadLayer(..., [out // 4, 0, 0])``; ``modern/`` does the same).
+    No parameters.
+    """
+
+    def __init__(self, incoming, num_filters, stride=2, **kwargs):
+        super(ShortcutALayer, self).__init__(incoming, **kwargs)
+        c = self.input_shape[1]
+        if num_filters < c or stride < 1:
+            raise ValueError(f"ShortcutALayer cannot go from {c} to {num_filters} channels "
+                             f"with stride {stride}")
+        self.num_filters = num_filters
+        self.stride = stride
+
+    def get_output_shape_for(self, input_shape):
+        b, _, h, w = input_shape
+        s = self.stride
+        return (b, self.num_filters, None if h is None else -(-h // s),
+                None if w is None else -(-w // s))
+
+    def get_output_for(self, input, **kwargs):
+        s = self.stride
+        x = input[:, :, ::s, ::s] if s > 1 else input  # (B, C, H/s, W/s)
+        extra = self.num_filters - self.input_shape[1]
+        if not extra:
+            return x
+        before, after = extra // 2, extra - extra // 2
+        zeros = lambda c: T.zeros((x.shape[0], c, x.shape[2], x.shape[3]),  # noqa: E731
+                                  dtype=x.dtype)
+        return T.concatenate([zeros(before), x, zeros(after)], axis=1)  # (B, F, H/s, W/s)
+
+
+class PadFeaturesLayer(Layer):
+    """Zero-pad the feature axis of (B, D) at the end to (B, num_units) (paper section 3.2:
+    "when the total number of features is less than the maximum number, the features are
+    zero-padded"). No parameters."""
+
+    def __init__(self, incoming, num_units, **kwargs):
+        super(PadFeaturesLayer, self).__init__(incoming, **kwargs)
+        if len(self.input_shape) != 2 or self.input_shape[1] > num_units:
+            raise ValueError(f"PadFeaturesLayer cannot pad {self.input_shape} to "
+                             f"{num_units} features")
+        self.num_units = num_units
+
+    def get_output_shape_for(self, input_shape):
+        return (input_shape[0], self.num_units)
+
+    def get_output_for(self, input, **kwargs):
+        extra = self.num_units - self.input_shape[1]
+        if not extra:
+            return input
+        zeros = T.zeros((input.shape[0], extra), dtype=input.dtype)
+        return T.concatenate([input, zeros], axis=1)  # (B, num_units)
+
+
+def crmn_tap(incoming, num_units, name=None):
+    """One block output -> one LSTM input vector (paper section 3.2, SPEC §4).
+
+    (B, C, S, S) --2x2 mean pool, stride 2--> (B, C, S/2, S/2) --flatten C×H×W-->
+    (B, C·S²/4) --zero-pad at the end--> (B, num_units). Returns the last layer.
+    """
+    pooled = Pool2DLayer(incoming, pool_size=(2, 2), stride=(2, 2), ignore_border=True,
+                         mode="average_inc_pad",  # no padding here, so inc = exc
+                         name=None if name is None else name + ".pool")
+    flat = FlattenLayer(pooled, outdim=2, name=None if name is None else name + ".flat")
+    return PadFeaturesLayer(flat, num_units, name=name)
+
+
+__all__ = ["BatchNormLayer", "batch_norm", "ShortcutALayer", "PadFeaturesLayer", "crmn_tap"]

@@ -1,0 +1,167 @@
+"""CRMN and its ResNet baseline as Lasagne 0.1 networks (paper section 3.2, SPEC §4).
+
+One builder per paper architecture, each returning the Lasagne output layer (softmax
+probabilities, shape (B, classes)) over an ``InputLayer`` of shape (None, 3, 32, 32):
+:func:`build_resnet`, :func:`build_crmn`, and :func:`build` for a
+:class:`crmn.config.ModelConfig`. Trainable parameters, counted by
+``lasagne.layers.count_params(out, trainable=True)`` (= ``crmn.naming.count_trainable``)::
+
+    ResNet-32x1 0.47 M   ResNet-134x1 2.12 M   ResNet-62x4 15.16 M
+    CRMN-32x1   2.16 M   CRMN-32x4   14.01 M
+
+Layer names make Lasagne's parameter names the native names :mod:`crmn.convert` expects:
+``conv0.W``, ``bn0.gamma``, ``s{stage}b{block}.conv1.W``, ``s{stage}b{block}.bn2.inv_std``,
+``lstm.W_in_to_ingate``, ``fc.W``.
+
+The LSTM is Lasagne's own ``LSTMLayer`` (eqs. 2-7 with peepholes) built with
+``unroll_scan=True``: the sequence length 3n is fixed, and the unrolled graph was measured
+faster than ``theano.scan`` on Theano-PyMC + Python 3.11, where scan runs its inner loop in
+Python (``original.compat.bridge_scan_cython``): see REPRODUCING.md / the backend report.
+
+Run ``python -m original.model`` to print the parameter counts of every paper row.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from original import compat
+
+compat.install()
+
+import lasagne  # noqa: E402  (after the compatibility bridges)
+from lasagne import init, nonlinearities  # noqa: E402
+from lasagne.layers import (ConcatLayer, Conv2DLayer, DenseLayer,  # noqa: E402
+                            ElemwiseSumLayer, GlobalPoolLayer, Gate, InputLayer, LSTMLayer,
+                            NonlinearityLayer, ReshapeLayer, SliceLayer)
+
+from crmn.config import ModelConfig  # noqa: E402
+from crmn.naming import block_names  # noqa: E402
+from original.layers import ShortcutALayer, batch_norm, crmn_tap  # noqa: E402
+
+#: He-normal with gain √2 for the ReLU convolutions (He et al. 2015, SPEC §4)
+CONV_INIT = init.HeNormal(gain="relu")
+
+
+def _conv_bn(incoming, num_filters, stride, name, relu):
+    """3×3 conv (pad 1, no bias) → BN [→ ReLU]; conv named ``name``, BN ``name`` with
+    conv→bn (``s1b0.conv1`` → ``s1b0.bn1``)."""
+    conv = Conv2DLayer(incoming, num_filters, (3, 3), stride=(stride, stride), pad=1,
+                       W=CONV_INIT, b=None,
+                       nonlinearity=nonlinearities.rectify if relu else None, name=name)
+    return batch_norm(conv)
+
+
+def basic_block(incoming, num_filters, stride, name):
+    """Post-activation basic block (He et al. 2015): conv-BN-ReLU-conv-BN, + shortcut, ReLU.
+
+    (B, C, S, S) -> (B, num_filters, S/stride, S/stride); the shortcut is the identity, or
+    option A where the shape changes.
+    """
+    residual = _conv_bn(incoming, num_filters, stride, f"{name}.conv1", relu=True)
+    residual = _conv_bn(residual, num_filters, 1, f"{name}.conv2", relu=False)
+    shortcut = incoming
+    if stride != 1 or incoming.output_shape[1] != num_filters:
+        shortcut = ShortcutALayer(incoming, num_filters, stride, name=f"{name}.shortcut")
+    added = ElemwiseSumLayer([residual, shortcut], name=f"{name}.add")
+    return NonlinearityLayer(added, nonlinearities.rectify, name=f"{name}.out")
+
+
+def _lstm(incoming, cfg: ModelConfig):
+    """Lasagne's peephole ``LSTMLayer`` over (B, 3n, I) -> (B, 3n, H), eqs. 2-7.
+
+    Input and recurrent weights orthogonal (Saxe et al.), peepholes Lasagne's default
+    ``Normal(0.1)``, forget-gate bias ``cfg.forget_bias``, other biases ``cfg.gate_bias``,
+    learned h0 and c0 (initialised to zero).
+    """
+    out_nl = nonlinearities.sigmoid if cfg.outgate == "logistic" else nonlinearities.tanh
+
+    def gate(bias, nonlinearity=nonlinearities.sigmoid, peephole=True):
+        kw = {} if peephole else {"W_cell": None}
+        return Gate(W_in=init.Orthogonal(), W_hid=init.Orthogonal(), b=init.Constant(bias),
+                    nonlinearity=nonlinearity, **kw)
+
+    return LSTMLayer(
+        incoming, cfg.lstm_units,
+        ingate=gate(cfg.gate_bias),
+        forgetgate=gate(cfg.forget_bias),
+        cell=gate(cfg.gate_bias, nonlinearities.tanh, peephole=False),  # s_l, eq. 6
+        outgate=gate(cfg.gate_bias, out_nl),
+        nonlinearity=nonlinearities.tanh,  # σ_h of eq. 7
+        cell_init=init.Constant(0.), hid_init=init.Constant(0.), learn_init=True,
+        peepholes=cfg.peepholes, unroll_scan=True, name="lstm")
+
+
+def build(cfg: ModelConfig, seed: int = 0, input_var=None):
+    """The network of ``cfg`` as a Lasagne graph; returns the softmax output layer.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        Depth 6n+2, width k, classes, memory on (CRMN) / off (ResNet), LSTM options.
+    seed : int
+        Seeds Lasagne's global RNG (``lasagne.random.set_rng``) before any weight is drawn.
+    input_var : TensorVariable, optional
+        Symbolic images (B, 3, 32, 32) for the ``InputLayer``.
+
+    Returns
+    -------
+    Layer
+        ``DenseLayer`` "fc" with softmax, output shape (B, classes).
+    """
+    lasagne.random.set_rng(np.random.RandomState(seed))
+    w1, w2, w3 = cfg.widths
+    net = InputLayer((None, 3, 32, 32), input_var=input_var, name="input")
+    net = _conv_bn(net, w1, 1, "conv0", relu=True)  # (B, 16k, 32, 32)
+    names = iter(block_names(cfg))
+    taps = []
+    for stage, width in zip((1, 2, 3), (w1, w2, w3)):
+        for b in range(cfg.n):
+            stride = 2 if stage > 1 and b == 0 else 1
+            name = next(names)
+            net = basic_block(net, width, stride, name)  # (B, width, 32/2^(stage-1), ...)
+            if cfg.memory:
+                taps.append(crmn_tap(net, cfg.lstm_input, name=f"{name}.tap"))  # (B, I)
+    features = GlobalPoolLayer(net, name="gap")  # (B, 64k)
+    if cfg.memory:
+        seq = ConcatLayer(taps, axis=1, name="taps")  # (B, 3n·I), shallow first
+        seq = ReshapeLayer(seq, ([0], cfg.taps, cfg.lstm_input), name="seq")  # (B, 3n, I)
+        hid = _lstm(seq, cfg)  # (B, 3n, H)
+        h_last = SliceLayer(hid, indices=-1, axis=1, name="h_last")  # (B, H)
+        features = ConcatLayer([features, h_last], axis=1, name="features")  # (B, 64k + H)
+    dense_w = init.HeNormal(gain=1.0) if cfg.dense_init == "he" else init.GlorotUniform()
+    return DenseLayer(features, cfg.classes, W=dense_w, b=init.Constant(0.),
+                      nonlinearity=nonlinearities.softmax, name="fc")
+
+
+def build_resnet(n: int, k: float, classes: int, seed: int = 0, **opts):
+    """A 6n+2-layer, width-k CIFAR ResNet (Table 1's baselines); softmax output layer."""
+    return build(ModelConfig(n=n, k=k, classes=classes, memory=False, **opts), seed)
+
+
+def build_crmn(n: int, k: float, classes: int, seed: int = 0, **opts):
+    """A CRMN: the 6n+2-layer, width-k ResNet plus the LSTM over its 3n block outputs."""
+    return build(ModelConfig(n=n, k=k, classes=classes, memory=True, **opts), seed)
+
+
+def native_params(output_layer):
+    """``{Lasagne name: shared variable}`` of every parameter, trainable or state, in
+    network order; names are unique (asserted)."""
+    params = lasagne.layers.get_all_params(output_layer)
+    out = {p.name: p for p in params}
+    if len(out) != len(params) or None in out:
+        raise AssertionError("Lasagne parameter names are missing or not unique")
+    return out
+
+
+def _print_counts() -> None:
+    from crmn import paper
+
+    for row in paper.ROWS:
+        cfg = ModelConfig.for_row(row)
+        count = lasagne.layers.count_params(build(cfg), trainable=True)
+        published = "" if row.paper_params_m is None else f"  paper {row.paper_params_m} M"
+        print(f"{row.id:24s} {row.label:18s} {count / 1e6:7.2f} M{published}")
+
+
+if __name__ == "__main__":
+    _print_counts()
