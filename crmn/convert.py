@@ -192,3 +192,11 @@ def canonical_to_torch(cfg: ModelConfig, canonical: Arrays, with_velocity: bool 
     for nat, parts in packed.items():
         out[nat] = np.concatenate(parts, axis=-1)
     return out
+
+
+def torch_roles(cfg: ModelConfig) -> Dict[str, str]:
+    """PyTorch native name -> :class:`crmn.naming.ParamSpec` role (packed LSTM arrays once).
+
+    The PyTorch stack reads weight decay (``naming.DECAYED_ROLES``) and trainability from this.
+    """
+    return {_torch_entry(cfg, s)[0]: s.role for s in param_specs(cfg)}

@@ -1,0 +1,330 @@
+"""The PyTorch stack behind :class:`crmn.backend.Backend`: the same SGD as Lasagne, fast on GPUs.
+
+SGD is written out in Lasagne's form (``lasagne.updates.momentum`` /
+``nesterov_momentum``), section 4 of the paper: with ``g = ∂L/∂p + wd·p`` (the ``wd·p`` only
+on decayed arrays, ``crmn.naming.DECAYED_ROLES``; it is the gradient of the Theano stack's
+penalty ``(wd/2)·Σw²``)::
+
+    v <- μ v - lr g          p <- p + v                 (classical, the default)
+    v <- μ v - lr g          p <- p + μ v - lr g        (Nesterov, ``train.nesterov``)
+
+Precision (``dtype``): ``"float64"`` (verification), ``"float32"`` (default; TF32 matrix
+units allowed on CUDA, ``tf32=False`` turns them off), ``"bfloat16"`` (float32 weights and
+optimizer state, forward and backward under bf16 autocast, channels-last activations; CUDA).
+
+On CUDA a train step at the paper's batch sizes is a few hundred tiny kernels, so an eager
+loop is bound by launch overhead. Here the whole step (forward, loss, backward, weight
+decay, momentum update, batch-norm running averages) is captured once into one CUDA graph
+over static buffers; the learning rate lives in a device tensor so a new rate needs no
+re-capture; loss and accuracy are summed on the device and read once per epoch. The
+training set stays on the GPU and each epoch's crops come from :mod:`modern.gpu`, which
+applies the framework-free sampler's plan, so GPU and CPU see identical batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from crmn import convert
+from crmn.backend import EpochStats
+from crmn.config import ModelConfig, TrainConfig
+from crmn.errors import CheckpointError, ConfigError, DivergedError
+from crmn.naming import DECAYED_ROLES, velocity_name
+from modern import gpu
+from modern.model import build
+
+DTYPES = ("float32", "float64", "bfloat16")
+
+
+class TorchBackend:
+    """:class:`crmn.backend.Backend` over :class:`modern.model.CIFARNet`.
+
+    Parameters
+    ----------
+    model, train : ModelConfig, TrainConfig
+        The network; ``train`` gives the seed, batch size, momentum, Nesterov, weight decay.
+    device : str
+        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    dtype : {"float32", "float64", "bfloat16"}
+        See the module docstring; ``"bfloat16"`` is autocast with float32 weights.
+    graph : bool or None
+        Capture the train step as one CUDA graph (default: on CUDA); ``False`` runs it eagerly.
+    tf32 : bool
+        Allow TF32 matrix units for float32 on CUDA.
+    """
+
+    name = "torch"
+
+    def __init__(self, model: ModelConfig, train: TrainConfig, device: str = "cpu",
+                 dtype: str = "float32", graph: Optional[bool] = None, tf32: bool = True):
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r} for the torch backend; choose one of "
+                              f"{', '.join(DTYPES)}")
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for, but torch {torch.__version__} "
+                              "sees no CUDA GPU")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.cfg, self.train_cfg, self.dev = model, train, dev
+        self.dtype_name = dtype
+        self.amp = dtype == "bfloat16"
+        self.dtype = torch.float64 if dtype == "float64" else torch.float32  # weights, inputs
+        if dev.type == "cuda":
+            self.device = f"{dev} ({torch.cuda.get_device_name(dev)})"
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convs once
+        else:
+            self.device = "cpu"
+        self.use_graph = (dev.type == "cuda") if graph is None else bool(graph)
+        if self.use_graph and dev.type != "cuda":
+            raise ConfigError("graph=True needs a CUDA device")
+
+        net = build(model, seed=train.seed).to(device=dev, dtype=self.dtype)
+        if self.amp:
+            net = net.to(memory_format=torch.channels_last)
+        self.net = net
+        roles = convert.torch_roles(model)
+        self.names: List[str] = [n for n, _ in net.named_parameters()]
+        self.params: List[torch.Tensor] = [p for _, p in net.named_parameters()]
+        self.velocity: List[torch.Tensor] = [torch.zeros_like(p) for p in self.params]
+        self.decayed = [i for i, n in enumerate(self.names) if roles[n] in DECAYED_ROLES]
+        self.buffers: Dict[str, torch.Tensor] = dict(net.named_buffers())
+        self._graph = None  # (CUDAGraph, x, y, lr, loss_sum, correct_sum), made on first use
+        self._resident: Optional[gpu.ResidentData] = None
+
+    # ------------------------------------------------------------------ small helpers
+
+    def param_count(self) -> int:
+        return self.net.param_count()
+
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast(self.dev.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _input(self, x) -> torch.Tensor:
+        x = np.asarray(x)
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, 32, 32):
+            raise ConfigError(f"images must be (B, 3, 32, 32), got {tuple(x.shape)}")
+        t = torch.as_tensor(x).to(device=self.dev, dtype=self.dtype)
+        return t.contiguous(memory_format=torch.channels_last) if self.amp else t
+
+    def _labels(self, y) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(y, dtype=np.int64)).to(self.dev)
+
+    def _sync(self) -> None:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+
+    # ------------------------------------------------------------------ the step
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor):
+        """Forward, loss, backward, SGD update; returns (loss, correct) as device scalars.
+
+        Everything stays on the device (no host sync), so the same code is captured.
+        """
+        with self._autocast():
+            logits = self.net(x, training=True, update_stats=True)
+        loss = F.cross_entropy(logits.float(), y)
+        grads = list(torch.autograd.grad(loss, self.params))
+        with torch.no_grad():
+            tc = self.train_cfg
+            if tc.weight_decay and self.decayed:
+                torch._foreach_add_([grads[i] for i in self.decayed],
+                                    [self.params[i] for i in self.decayed],
+                                    alpha=tc.weight_decay)
+            torch._foreach_mul_(self.velocity, tc.momentum)
+            step = torch._foreach_mul(grads, lr)  # lr·g
+            torch._foreach_sub_(self.velocity, step)  # v <- μv - lr·g
+            if tc.nesterov:
+                torch._foreach_add_(self.params, self.velocity, alpha=tc.momentum)
+                torch._foreach_sub_(self.params, step)  # p <- p + μv - lr·g
+            else:
+                torch._foreach_add_(self.params, self.velocity)  # p <- p + v
+            correct = (logits.argmax(dim=1) == y).sum()
+        return loss.detach(), correct
+
+    def _state_tensors(self) -> List[torch.Tensor]:
+        return self.params + self.velocity + list(self.buffers.values())
+
+    def _capture(self) -> None:
+        """Record the step for ``train.batch_size`` images as one CUDA graph.
+
+        Warm-up runs (needed before capture: cuDNN picks kernels, autograd allocates) would
+        train the network, so the state is saved before and restored after them.
+        """
+        B = self.train_cfg.batch_size
+        x = torch.randn(B, 3, 32, 32, device=self.dev, dtype=self.dtype)
+        if self.amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, self.cfg.classes, (B,), device=self.dev)
+        lr = torch.zeros((), device=self.dev, dtype=self.dtype)
+        loss_sum = torch.zeros((), device=self.dev, dtype=torch.float64)
+        correct_sum = torch.zeros((), device=self.dev, dtype=torch.int64)
+        saved = [t.detach().clone() for t in self._state_tensors()]
+        side = torch.cuda.Stream(self.dev)
+        side.wait_stream(torch.cuda.current_stream(self.dev))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step(x, y, lr)
+        torch.cuda.current_stream(self.dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss, correct = self._step(x, y, lr)
+            loss_sum += loss
+            correct_sum += correct
+        with torch.no_grad():
+            for t, s in zip(self._state_tensors(), saved):
+                t.copy_(s)
+        self._sync()
+        self._graph = (graph, x, y, lr, loss_sum, correct_sum)
+
+    def _graph_parts(self):
+        if self._graph is None:
+            self._capture()
+        return self._graph
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> Tuple[float, float]:
+        """One SGD step on one batch; (mean cross-entropy, accuracy) before the update."""
+        xb, yb = self._input(x), self._labels(y)
+        if self.use_graph and xb.shape[0] == self.train_cfg.batch_size:
+            graph, sx, sy, slr, loss_sum, correct_sum = self._graph_parts()
+            sx.copy_(xb), sy.copy_(yb), slr.fill_(lr), loss_sum.zero_(), correct_sum.zero_()
+            graph.replay()
+            loss, correct = loss_sum, correct_sum
+        else:
+            lr_t = torch.tensor(lr, device=self.dev, dtype=self.dtype)
+            loss, correct = self._step(xb, yb, lr_t)
+        return float(loss), float(correct) / xb.shape[0]
+
+    # ------------------------------------------------------------------ epochs
+
+    def train_epoch(self, sampler, epoch: int, lr: float,
+                    progress: Optional[Callable[[int, int, float], None]] = None) -> EpochStats:
+        """One epoch over ``sampler``'s batches for ``epoch`` (see crmn.backend.Backend)."""
+        if self.use_graph:
+            return self._train_epoch_graph(sampler, epoch, lr, progress)
+        total = len(sampler)
+        every = max(1, total // 20)
+        loss_sum, correct_sum, images = 0.0, 0.0, 0
+        t0 = time.perf_counter()
+        for b, (xb, yb) in enumerate(sampler.epoch(epoch)):
+            loss, acc = self.train_step(xb, yb, lr)
+            if not np.isfinite(loss):
+                raise DivergedError(f"training loss is {loss} at epoch {epoch}, batch {b}, "
+                                    f"lr {lr} (torch backend, {self.device})")
+            loss_sum += loss
+            correct_sum += acc * len(yb)
+            images += len(yb)
+            if progress is not None and ((b + 1) % every == 0 or b + 1 == total):
+                progress(b + 1, total, loss_sum / (b + 1))
+        seconds = time.perf_counter() - t0
+        batches = max(1, total)
+        return EpochStats(loss=loss_sum / batches, acc=correct_sum / max(1, images),
+                          images=images, seconds=seconds)
+
+    def resident(self, sampler) -> gpu.ResidentData:
+        """The sampler's training set on this device (copied once, kept while it is the same)."""
+        r = self._resident
+        if r is None or r.source is not sampler.x or r.pad != sampler.pad:
+            self._resident = None  # free the previous copy first
+            r = gpu.make_resident(sampler.x, sampler.y, sampler.pad, self.dev, self.dtype)
+            self._resident = r
+        return r
+
+    def _train_epoch_graph(self, sampler, epoch, lr, progress) -> EpochStats:
+        graph, sx, sy, slr, loss_sum, correct_sum = self._graph_parts()
+        B = self.train_cfg.batch_size
+        if sampler.batch_size != B:
+            raise ConfigError(f"sampler batch size {sampler.batch_size} differs from the "
+                              f"captured step's {B}")
+        self._sync()
+        t0 = time.perf_counter()
+        plan = sampler.plan(epoch)
+        total = len(sampler)
+        m = total * B  # positions past the last full batch are unused (dropped)
+        xe, ye = gpu.gather_epoch(self.resident(sampler), plan.order[:m], plan.dy[:m],
+                                  plan.dx[:m], plan.flip[:m])
+        if self.amp:
+            xe = xe.contiguous(memory_format=torch.channels_last)
+        every = max(1, total // 10)
+        slr.fill_(lr), loss_sum.zero_(), correct_sum.zero_()
+        for b in range(total):
+            sx.copy_(xe[b * B:(b + 1) * B])
+            sy.copy_(ye[b * B:(b + 1) * B])
+            graph.replay()
+            if progress is not None and ((b + 1) % every == 0 or b + 1 == total):
+                progress(b + 1, total, float(loss_sum) / (b + 1))  # a sync, ten per epoch
+        loss = float(loss_sum) / max(1, total)  # the epoch's one host sync
+        correct = int(correct_sum)
+        seconds = time.perf_counter() - t0
+        if not np.isfinite(loss):
+            raise DivergedError(f"training loss is {loss} in epoch {epoch}, lr {lr} "
+                                f"(torch backend, {self.device})")
+        return EpochStats(loss=loss, acc=correct / max(1, total * B), images=total * B,
+                          seconds=seconds)
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
+        """Logits (B, classes) as numpy; changes no state (running stats included)."""
+        with self._autocast():
+            out = self.net(self._input(x), training=training, update_stats=False)
+        return out.float().cpu().numpy() if self.amp else out.cpu().numpy()
+
+    @torch.no_grad()
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> Tuple[float, float]:
+        """(mean cross-entropy, accuracy) with running statistics, in chunks.
+
+        Inference-mode results do not depend on the chunk size, so a GPU takes bigger ones.
+        """
+        n = len(y)
+        if n == 0:
+            raise ConfigError("evaluate() needs at least one image")
+        chunk = max(batch_size, 1000) if self.dev.type == "cuda" else batch_size
+        loss_sum = torch.zeros((), device=self.dev, dtype=torch.float64)
+        correct = torch.zeros((), device=self.dev, dtype=torch.int64)
+        for s in range(0, n, chunk):
+            xb, yb = self._input(x[s:s + chunk]), self._labels(y[s:s + chunk])
+            with self._autocast():
+                logits = self.net(xb, training=False)
+            loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").double()
+            correct += (logits.argmax(dim=1) == yb).sum()
+        return float(loss_sum) / n, int(correct) / n
+
+    # ------------------------------------------------------------------ state
+
+    def get_state(self) -> Dict[str, np.ndarray]:
+        """Params, BN running stats and velocities under canonical names (crmn.convert)."""
+        native = {k: v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}
+        for n, v in zip(self.names, self.velocity):
+            native[velocity_name(n)] = v.detach().cpu().numpy()
+        return convert.torch_to_canonical(self.cfg, native)
+
+    def set_state(self, state: Dict[str, np.ndarray]) -> None:
+        """Copy canonical arrays in place (a captured graph keeps pointing at them)."""
+        native = convert.canonical_to_torch(self.cfg, state)
+        targets = dict(self.net.state_dict(keep_vars=True))
+        for n, v in zip(self.names, self.velocity):
+            targets[velocity_name(n)] = v
+        missing = set(targets) - set(native)
+        if missing:  # pragma: no cover - convert already checks every canonical name
+            raise CheckpointError(f"checkpoint: arrays {sorted(missing)} are missing")
+        with torch.no_grad():
+            for k, t in targets.items():
+                src = torch.as_tensor(np.ascontiguousarray(native[k]))
+                t.copy_(src.to(dtype=t.dtype).reshape(t.shape))
+        self._sync()
+
+    def reset_velocity(self) -> None:
+        with torch.no_grad():
+            for v in self.velocity:
+                v.zero_()
