@@ -430,8 +430,14 @@ def _build(parts: Sequence[np.ndarray], idx: np.ndarray, fn) -> np.ndarray:
     return out
 
 
-def _split_indices(n: int, n_val: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Seeded disjoint (train, val) index sets of ``range(n)``, each sorted.
+_SPLIT_KEY = 0x53504C54  # "SPLT": keys the split's random stream apart from the sampler's
+
+
+def split_indices(n: int, n_val: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Seeded disjoint (train, val) index sets of ``range(n)``, each sorted (search phase).
+
+    ``val`` has ``n_val`` indices; :func:`prepare` uses these, in this order, to pick the
+    rows of the joined training set (SVHN: train then extra).
 
     The stream is keyed ``[_SPLIT_KEY, seed]``: ``default_rng(seed)`` would equal the
     sampler's ``default_rng([seed, 0])`` (NumPy's SeedSequence ignores trailing zeros), and
@@ -440,8 +446,6 @@ def _split_indices(n: int, n_val: int, seed: int) -> Tuple[np.ndarray, np.ndarra
     perm = np.random.default_rng([_SPLIT_KEY, seed]).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
-
-_SPLIT_KEY = 0x53504C54  # "SPLT"
 
 
 def prepare(name: str, data_dir: PathLike, phase: str, seed: int, val_fraction: float = 0.1,
@@ -487,7 +491,7 @@ def prepare(name: str, data_dir: PathLike, phase: str, seed: int, val_fraction: 
         if n_val < 1 or n_val >= n:
             raise DataError(f"{Path(data_dir) / info.folder}: {n} training images cannot "
                             f"be split with val_fraction {val_fraction}")
-        train_idx, eval_idx = _split_indices(n, n_val, seed)
+        train_idx, eval_idx = split_indices(n, n_val, seed)
         eval_parts, eval_labels, eval_name = train_parts, train_labels, "val"
     else:
         train_idx = np.arange(n)
