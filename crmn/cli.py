@@ -220,13 +220,12 @@ def configs_for(row: paper.Row, args, seed: int):
     over = model_overrides(args)
     arch = {k: over.pop(k) for k in ("n", "k") if k in over}
     t_over = dict(nesterov=args.nesterov, flip=args.flip, patience=args.patience,
-                  max_epochs=args.epochs_cap, schedule=args.schedule, seed=seed)
-    if args.batch_size is not None:
-        t_over["batch_size"] = args.batch_size
+                  max_epochs=args.epochs_cap, schedule=args.schedule, seed=seed,
+                  batch_size=args.batch_size or row.batch_size, lr_stages=row.lr_stages)
     try:
         model = ModelConfig(n=arch.get("n", row.n), k=arch.get("k", row.k),
                             classes=row.classes, memory=row.memory, **over)
-        train = TrainConfig.for_row(row, **t_over)
+        train = TrainConfig(**t_over)
     except ValueError as exc:
         raise ConfigError(f"{exc} (row {row.id}, command line)") from None
     return model, train
@@ -252,30 +251,39 @@ def select_rows(ids: Optional[str], experiment: Optional[str]) -> tuple:
 # commands
 
 
+def plan_runs(rows, args) -> List[tuple]:
+    """(row, seed, ModelConfig, TrainConfig) of every run, all validated before any trains."""
+    plan = []
+    for row in rows:
+        n_seeds = args.seeds if args.seeds is not None else row.seeds
+        for k in range(n_seeds):
+            plan.append((row, k, *configs_for(row, args, seed=k)))
+    return plan
+
+
 def _train_rows(experiment: str, rows, args, *, data_dir: Path, out_dir: Path,
                 dataset: Optional[str] = None, row_label=None) -> List[Path]:
     """Run crmn.train.run for every row and seed; returns the run directories."""
+    plan = plan_runs(rows, args)
     from crmn import train as trainer
     from crmn.backend import make_backend
 
     print(f"backend {args.backend}, device {args.device} (requested), dtype {args.dtype}; "
           f"runs under {out_dir / experiment}", flush=True)
     run_dirs = []
-    for row in rows:
-        n_seeds = args.seeds if args.seeds is not None else row.seeds
-        for k in range(n_seeds):
-            model, train = configs_for(row, args, seed=k)
-            name = row_label(row) if row_label else row.id
-            run_dir = out_dir / experiment / name / f"seed{k}"
-            backend = make_backend(args.backend, model, train, args.device, args.dtype)
-            print(f"== {name} seed {k}: {args.backend} on {backend.device}, "
-                  f"{backend.param_count():,} parameters -> {run_dir}", flush=True)
-            trainer.run(run_dir, model=model, train=train, dataset=dataset or row.dataset,
-                        data_dir=data_dir, backend=args.backend, device=args.device,
-                        dtype=args.dtype, row=None if row_label else row.id,
-                        experiment=experiment, resume=args.resume, progress=args.progress,
-                        backend_obj=backend)
-            run_dirs.append(run_dir)
+    for row, k, model, train in plan:
+        name = row_label(row) if row_label else row.id
+        run_dir = out_dir / experiment / name / f"seed{k}"
+        backend = make_backend(args.backend, model, train, args.device, args.dtype)
+        # what actually runs (e.g. "cuda:0 (NVIDIA H100)"); crmn.train stores it in config.json
+        print(f"== {name} seed {k}: {args.backend} on {backend.device}, "
+              f"{backend.param_count():,} parameters -> {run_dir}", flush=True)
+        trainer.run(run_dir, model=model, train=train, dataset=dataset or row.dataset,
+                    data_dir=data_dir, backend=args.backend, device=args.device,
+                    dtype=args.dtype, row=None if row_label else row.id,
+                    experiment=experiment, resume=args.resume, progress=args.progress,
+                    backend_obj=backend)
+        run_dirs.append(run_dir)
     return run_dirs
 
 
@@ -293,10 +301,11 @@ def cmd_train(args) -> int:
 
 
 def param_rows(backend: str, device: str = "cpu", dtype: Optional[str] = None,
-               overrides: Optional[Dict] = None) -> List[Dict]:
-    """Trainable-parameter counts of every paper row, built in ``backend``.
+               overrides: Optional[Dict] = None, rows: Sequence[paper.Row] = paper.ROWS
+               ) -> List[Dict]:
+    """Trainable-parameter counts of paper rows, each network built in ``backend``.
 
-    Returns one dict per row of :data:`crmn.paper.ROWS`: ``row``, ``label``, ``table``,
+    Returns one dict per row of ``rows`` (default :data:`crmn.paper.ROWS`): ``row``, ``label``, ``table``,
     ``params`` (the stack's own count), ``canonical_params`` (:func:`crmn.naming.
     count_trainable`, the framework-free count the checkpoint layout implies), ``params_m``
     and ``paper_params_m`` (None where the paper gives none).
@@ -306,7 +315,7 @@ def param_rows(backend: str, device: str = "cpu", dtype: Optional[str] = None,
 
     dtype = dtype or _dtype_default()
     out = []
-    for row in paper.ROWS:
+    for row in rows:
         model = ModelConfig.for_row(row, **(overrides or {}))
         train = TrainConfig.for_row(row)
         net = make_backend(backend, model, train, device, dtype)
@@ -323,19 +332,21 @@ def cmd_params(args) -> int:
     if "n" in over or "k" in over:
         raise UsageError("run_experiments.sh params: --n/--k make no sense here (every row "
                          "is counted with its own architecture)")
-    rows = param_rows(args.backend, args.device, args.dtype, over)
+    rows = param_rows(args.backend, args.device, args.dtype, over,
+                      rows=select_rows(args.rows, None))
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"trainable parameters, {args.backend} stack (paper: Table 1; blank where the "
           f"paper gives none)")
-    print(f"| {'row':15s} | {'model':14s} | {'ours':>11s} | {'ours M':>7s} | {'paper M':>7s} |")
-    print(f"|{'-' * 17}|{'-' * 16}|{'-' * 13}|{'-' * 9}|{'-' * 9}|")
+    print(f"| {'row':16s} | {'model':14s} | {'ours':>11s} | {'ours M':>7s} | {'paper M':>7s} |")
+    print(f"|{'-' * 18}|{'-' * 16}|{'-' * 13}|{'-' * 9}|{'-' * 9}|")
     for r in rows:
         pm = f"{r['paper_params_m']:.2f}" if r["paper_params_m"] is not None else ""
+        # the stack's own count must equal what the canonical layout implies; say so if not
         flag = "" if r["params"] == r["canonical_params"] else \
             f"  (canonical layout says {r['canonical_params']:,})"
-        print(f"| {r['row']:15s} | {r['label']:14s} | {r['params']:>11,} | "
+        print(f"| {r['row']:16s} | {r['label']:14s} | {r['params']:>11,} | "
               f"{r['params_m']:>7.2f} | {pm:>7s} |{flag}")
     return 0
 

@@ -1,0 +1,135 @@
+"""The command line: usage errors exit 2 in one line, defaults come from the dataclasses,
+flags map onto ModelConfig / TrainConfig, `params` counts real networks."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crmn import cli, paper
+from crmn.config import ModelConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_main(argv, capsys):
+    rc = cli.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bogus"], "invalid choice: 'bogus'"),
+    ([], "required"),
+    (["table1", "--bogus"], "unrecognized arguments: --bogus"),
+    (["table1", "--rows", "t1-nope"], "unknown row id 't1-nope'"),
+    (["table1", "--rows", "t2-crmn32x4"], "belong to another experiment"),
+    (["table2", "--schedule", "80,forty"], "--schedule wants epochs per stage"),
+    (["table1", "--seeds", "0"], "expected a number >= 1"),
+    (["table1", "--backend", "caffe"], "invalid choice: 'caffe'"),
+    (["params", "--rows", "x"], "unknown row id 'x'"),
+])
+def test_usage_errors_exit_2_one_line(argv, needle, capsys):
+    rc, out, err = run_main(argv, capsys)
+    assert rc == 2
+    assert err.count("\n") == 1 and needle in err, err
+    assert out == ""
+
+
+def test_crmn_error_exits_1(tmp_path, capsys):
+    rc, out, err = run_main(["compare", str(tmp_path / "nothing")], capsys)
+    assert rc == 1 and err.startswith("error: ") and str(tmp_path / "nothing") in err
+    assert err.count("\n") == 1
+    # options that contradict the row: a 2-stage schedule for a 3-rate row, before training
+    rc, out, err = run_main(["table1", "--rows", "t1-crmn32x1", "--schedule", "3,3",
+                             "--out-dir", str(tmp_path)], capsys)
+    assert rc == 1 and "--schedule gives 2 stages" in err and "t1-crmn32x1" in err
+    assert not (tmp_path / "table1").exists()
+
+
+def test_script_exit_code_and_stderr():
+    """The real entry point, as a user runs it (environment already present)."""
+    p = subprocess.run(["bash", str(ROOT / "run_experiments.sh"), "table9"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].startswith("run_experiments.sh: argument COMMAND")
+
+
+def _subparser(name):
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
+    return sub.choices[name]
+
+
+FLAG_FIELDS = [("outgate", ModelConfig, "outgate"), ("forget_bias", ModelConfig, "forget_bias"),
+               ("dense_init", ModelConfig, "dense_init"), ("nesterov", TrainConfig, "nesterov"),
+               ("flip", TrainConfig, "flip"), ("patience", TrainConfig, "patience"),
+               ("schedule", TrainConfig, "schedule"), ("epochs_cap", TrainConfig, "max_epochs")]
+
+
+@pytest.mark.parametrize("command", ["table1", "table2", "table3", "svhn", "smoke", "params"])
+def test_help_defaults_are_the_dataclass_defaults(command, capsys):
+    sp = _subparser(command)
+    fields = {(c, f.name): f.default for c in (ModelConfig, TrainConfig)
+              for f in dataclasses.fields(c)}
+    actions = {a.dest: a for a in sp._actions}
+    for dest, cls, name in FLAG_FIELDS:
+        assert actions[dest].default == fields[(cls, name)], dest
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    for dest, cls, name in FLAG_FIELDS:
+        assert f"(default: {fields[(cls, name)]}" in text, dest
+    assert f"(default: {cli._dtype_default()})" in text
+    assert "(default: theano)" in text and "(default: cpu)" in text
+
+
+def test_flags_map_onto_configs():
+    args = cli.build_parser().parse_args(
+        ["table1", "--outgate", "tanh", "--forget-bias", "-1.5", "--dense-init", "glorot",
+         "--nesterov", "--flip", "--patience", "3", "--schedule", "5,4,3", "--epochs-cap", "7",
+         "--n", "1", "--k", "0.5", "--batch-size", "20", "--dtype", "float64"])
+    row = paper.row("t1-crmn32x4")
+    model, train = cli.configs_for(row, args, seed=2)
+    assert model == ModelConfig(n=1, k=0.5, classes=100, memory=True, outgate="tanh",
+                                forget_bias=-1.5, dense_init="glorot")
+    assert train == TrainConfig(batch_size=20, lr_stages=row.lr_stages, nesterov=True,
+                                flip=True, patience=3, schedule=(5, 4, 3), max_epochs=7, seed=2)
+    # without flags: exactly the row's configuration and the dataclass defaults
+    args = cli.build_parser().parse_args(["table2"])
+    wide = paper.row("t2-crmn28x10")
+    assert cli.configs_for(wide, args, seed=0) == (ModelConfig.for_row(wide),
+                                                  TrainConfig.for_row(wide, seed=0))
+    # seeds: the row's `seeds` unless --seeds is given
+    plan = cli.plan_runs(paper.TABLE2, args)
+    assert [(r.id, k) for r, k, _, _ in plan] == [("t2-crmn32x4", k) for k in range(5)] + [
+        ("t2-crmn28x10", 0)]
+    args = cli.build_parser().parse_args(["table2", "--seeds", "2", "--rows", "t2-crmn28x10"])
+    rows = cli.select_rows(args.rows, "table2")
+    assert [k for _, k, _, _ in cli.plan_runs(rows, args)] == [0, 1]
+
+
+@pytest.mark.parametrize("backend", ["torch", "theano"])
+def test_params_json_real_backend(backend, capsys):
+    pytest.importorskip("modern.backend" if backend == "torch" else "original.backend")
+    ids = ["t1-resnet32x1", "t1-crmn32x1"]
+    rc, out, err = run_main(["params", "--backend", backend, "--rows", ",".join(ids),
+                             "--json"], capsys)
+    assert rc == 0, err
+    rows = json.loads(out)
+    assert [r["row"] for r in rows] == ids
+    for r in rows:
+        # exact integers of SPEC §4's reading; they round to Table 1's figures
+        assert r["params"] == r["canonical_params"]
+        assert round(r["params"] / 1e6, 2) == r["paper_params_m"] == paper.row(r["row"]).paper_params_m
+    assert rows[0]["params"] == 470_004 and rows[1]["params"] == 2_159_304
+    rc, out, err = run_main(["params", "--backend", backend, "--rows", "t3-crmn56x3"], capsys)
+    lines = [ln for ln in out.splitlines() if ln.startswith("| t3-crmn56x3")]
+    assert rc == 0 and len(lines) == 1
+    cells = [c.strip() for c in lines[0].split("|")[1:-1]]
+    assert cells[0] == "t3-crmn56x3" and cells[-1] == ""  # the paper gives no count: blank
+    assert int(cells[2].replace(",", "")) > 0
