@@ -1,0 +1,289 @@
+"""The training driver (crmn/train.py) on the numpy toy backend (tests/toy_backend.py)."""
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crmn import checkpoint, runlog, train as trainer
+from crmn.errors import CheckpointError, ConfigError, DivergedError
+from toy_backend import (TOY_MODEL, TOY_TRAIN, SimulatedCrash, ToyBackend, run_toy,
+                               toy_splits)
+
+REPO = Path(__file__).resolve().parents[1]
+VOLATILE = ("time", "seconds", "images_per_s")  # wall-clock fields of a log line
+
+
+def stable_log(run_dir):
+    return [{k: v for k, v in e.items() if k not in VOLATILE}
+            for e in runlog.read_log(Path(run_dir) / "log.jsonl")]
+
+
+def stable_summary(summary):
+    return {k: v for k, v in summary.items() if k not in ("sec_per_epoch", "images_per_s")}
+
+
+def assert_same_run(a, b):
+    """Two run directories hold the same training: arrays, log and summary."""
+    arrays_a, meta_a = checkpoint.load(Path(a) / "checkpoint.h5")
+    arrays_b, meta_b = checkpoint.load(Path(b) / "checkpoint.h5")
+    assert sorted(arrays_a) == sorted(arrays_b)
+    for name in arrays_a:
+        np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
+    assert meta_a == meta_b
+    assert stable_log(a) == stable_log(b)
+    assert stable_summary(runlog.read_json(Path(a) / "summary.json")) == \
+        stable_summary(runlog.read_json(Path(b) / "summary.json"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted toy run: (run_dir, summary)."""
+    run_dir = tmp_path_factory.mktemp("reference") / "seed3"
+    return run_dir, run_toy(run_dir)
+
+
+def test_full_run_writes_every_file(reference):
+    run_dir, summary = reference
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "best.h5", "checkpoint.h5", "config.json", "log.jsonl", "summary.json"]
+    config = runlog.read_json(run_dir / "config.json")
+    assert config["model"] == TOY_MODEL.to_dict() and config["seed"] == 3
+    assert config["backend"] == "toy" and "numpy" in config["versions"]
+
+    log = runlog.read_log(run_dir / "log.jsonl")
+    search = [e for e in log if e["phase"] == "search"]
+    final = [e for e in log if e["phase"] == "final"]
+    assert log == search + final  # search first, then final
+    assert [e["epoch"] for e in search] == list(range(1, len(search) + 1))
+    assert all(e["eval_split"] == "val" for e in search)
+    assert all(e["eval_split"] == "test" for e in final)
+    assert search[-1]["decision"] == "stop" and final[-1]["decision"] == "stop"
+    assert [e["decision"] for e in search].count("reload") == len(TOY_TRAIN.lr_stages) - 1
+    for e in log:
+        assert e["lr"] == TOY_TRAIN.lr_stages[e["stage"]]
+
+    # the schedule found is replayed by the final run
+    found = summary["schedule_found"]
+    assert found is not None and summary["schedule_used"] == found
+    assert summary["final_epochs"] == len(final) == sum(found)
+    assert [sum(1 for e in final if e["stage"] == s) for s in range(len(found))] == found
+    assert summary["test_acc"] == final[-1]["eval_acc"]
+    assert summary["test_acc"] > 0.6  # 3 separable blobs: far above chance (1/3)
+    assert summary["params"] == 3 * 6 * 6 * 3 + 3 and summary["status"] == "done"
+
+    _, meta = checkpoint.load(run_dir / "checkpoint.h5")
+    assert (meta["phase"], meta["epoch"]) == ("final", sum(found))
+    _, best_meta = checkpoint.load(run_dir / "best.h5")
+    assert best_meta["phase"] == "search"
+    best_epoch = max(search, key=lambda e: (e["eval_acc"], -e["eval_loss"]))["epoch"]
+    assert best_meta["best"]["epoch"] == best_epoch == summary["search_best"]["epoch"]
+
+
+class SpyBackend(ToyBackend):
+    """Records the state after each epoch's training and every set_state/reset_velocity."""
+
+    def __init__(self, *a, **kw):
+        self.after_epoch, self.events = [], []
+        super().__init__(*a, **kw)
+
+    def train_epoch(self, sampler, epoch, lr, progress=None):
+        stats = super().train_epoch(sampler, epoch, lr, progress)
+        self.after_epoch.append(self.get_state())
+        return stats
+
+    def set_state(self, state):
+        self.events.append(("set_state", {k: v.copy() for k, v in state.items()}))
+        super().set_state(state)
+
+    def reset_velocity(self):
+        super().reset_velocity()
+        self.events.append(("reset_velocity", self.get_state()))
+
+
+def test_plateau_reloads_the_best_model_and_zeroes_velocities(tmp_path):
+    splits = toy_splits()
+    spy = SpyBackend(TOY_MODEL, TOY_TRAIN, splits["search"].train_x[0].size)
+    spy.events.clear()
+    built = [spy]
+
+    def factory():  # the final run's backend; the search uses `spy`
+        built.append(ToyBackend(TOY_MODEL, TOY_TRAIN, splits["search"].train_x[0].size))
+        return built[-1]
+
+    trainer.run(tmp_path / "r", model=TOY_MODEL, train=TOY_TRAIN, dataset="toy",
+                data_dir=None, backend="toy", dtype="float64", progress=False, splits=splits,
+                backend_obj=spy, backend_factory=factory)
+    search = [e for e in runlog.read_log(tmp_path / "r" / "log.jsonl") if e["phase"] == "search"]
+    reload_at = [e["epoch"] for e in search if e["decision"] == "reload"]
+    assert len(reload_at) == 1 and len(built) == 2
+    stage0 = [e for e in search if e["stage"] == 0]
+    best = max(stage0, key=lambda e: (e["eval_acc"], -e["eval_loss"]))["epoch"]
+    assert [name for name, _ in spy.events] == ["set_state", "reset_velocity"]
+    reloaded = spy.events[0][1]
+    for name, a in spy.after_epoch[best - 1].items():
+        np.testing.assert_array_equal(reloaded[name], a, err_msg=name)
+    # the toy data makes the best stage-0 epoch an earlier one than the plateau's last
+    assert best < reload_at[0]
+    assert not np.array_equal(reloaded["fc.W"], spy.after_epoch[reload_at[0] - 1]["fc.W"])
+    # then the velocities were zeroed, the weights left at the best model's
+    after_reset = spy.events[1][1]
+    for name, a in after_reset.items():
+        if name.startswith("velocity."):
+            assert not a.any(), name
+        else:
+            np.testing.assert_array_equal(a, reloaded[name], err_msg=name)
+    assert reloaded["velocity.fc.W"].any()  # best.h5 did hold a non-zero velocity
+
+
+def test_given_schedule_skips_the_search(tmp_path):
+    train = dataclasses.replace(TOY_TRAIN, schedule=(2, 1))
+    summary = run_toy(tmp_path / "r", train=train)
+    log = runlog.read_log(tmp_path / "r" / "log.jsonl")
+    assert [(e["phase"], e["epoch"], e["lr"]) for e in log] == [
+        ("final", 1, 0.1), ("final", 2, 0.1), ("final", 3, 0.01)]
+    assert summary["schedule_found"] is None and summary["schedule_used"] == [2, 1]
+    assert not (tmp_path / "r" / "best.h5").exists()
+
+
+def test_injected_backend_is_reset_for_the_final_run(tmp_path, reference):
+    """Without a factory the final run resets ``backend_obj`` to its seeded start."""
+    splits = toy_splits()
+    net = ToyBackend(TOY_MODEL, TOY_TRAIN, splits["search"].train_x[0].size)
+    trainer.run(tmp_path / "r", model=TOY_MODEL, train=TOY_TRAIN, dataset="toy",
+                data_dir=None, backend="toy", dtype="float64", progress=False, splits=splits,
+                backend_obj=net)
+    assert_same_run(tmp_path / "r", reference[0])
+
+
+def search_epochs(reference):
+    return sum(1 for e in runlog.read_log(reference[0] / "log.jsonl") if e["phase"] == "search")
+
+
+@pytest.mark.parametrize("where", ["first", "mid_search", "end_of_search", "mid_final"])
+def test_resume_after_a_kill_matches_the_uninterrupted_run(tmp_path, reference, where):
+    n_search = search_epochs(reference)
+    k = {"first": 0, "mid_search": n_search // 2 + 1, "end_of_search": n_search,
+         "mid_final": n_search + 2}[where]
+    run_dir = tmp_path / "r"
+    with pytest.raises(SimulatedCrash):
+        run_toy(run_dir, crash_after=k)
+    assert len(runlog.read_log(run_dir / "log.jsonl")) == k
+    run_toy(run_dir, resume=True)
+    assert_same_run(run_dir, reference[0])
+
+
+def test_kill_between_log_line_and_checkpoint_is_replayed_once(tmp_path, reference,
+                                                               monkeypatch):
+    run_dir = tmp_path / "r"
+    real_save = checkpoint.save
+    calls = {"n": 0}
+
+    def dies_on_fourth_checkpoint(path, arrays, meta):
+        if Path(path).name == "checkpoint.h5":
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise SimulatedCrash("killed before the checkpoint of epoch 4")
+        return real_save(path, arrays, meta)
+
+    monkeypatch.setattr(checkpoint, "save", dies_on_fourth_checkpoint)
+    with pytest.raises(SimulatedCrash):
+        run_toy(run_dir)
+    monkeypatch.undo()
+    assert len(runlog.read_log(run_dir / "log.jsonl")) == 4  # one line past the checkpoint
+    assert checkpoint.read_meta(run_dir / "checkpoint.h5")["epoch"] == 3
+    run_toy(run_dir, resume=True)
+    assert_same_run(run_dir, reference[0])
+
+
+def test_sigkill_mid_run_then_resume_matches(tmp_path, reference):
+    run_dir = tmp_path / "r"
+    cmd = [sys.executable, str(REPO / "tests" / "toy_backend.py"), str(run_dir),
+           "--sleep", "0.02"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    try:
+        while len(runlog.read_log(run_dir / "log.jsonl")) < 3:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "the toy run did not get going"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "summary.json").exists()
+    run_toy(run_dir, resume=True)
+    assert_same_run(run_dir, reference[0])
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path):
+    run_dir = tmp_path / "r"
+    with pytest.raises(SimulatedCrash):
+        run_toy(run_dir, crash_after=2)
+    before = (run_dir / "checkpoint.h5").read_bytes()
+    other = dataclasses.replace(TOY_TRAIN, patience=3)
+    with pytest.raises(CheckpointError, match=r"checkpoint\.h5: train\.patience is 3 here, "
+                                              r"2 in the checkpoint"):
+        run_toy(run_dir, resume=True, train=other)
+    model = dataclasses.replace(TOY_MODEL, lstm_units=50)
+    with pytest.raises(CheckpointError, match=r"model\.lstm_units is 50 here, 100 in the"):
+        run_toy(run_dir, resume=True, model=model)
+    assert (run_dir / "checkpoint.h5").read_bytes() == before
+
+
+def test_unfinished_run_without_resume_is_refused(tmp_path):
+    run_dir = tmp_path / "r"
+    with pytest.raises(SimulatedCrash):
+        run_toy(run_dir, crash_after=2)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with pytest.raises(ConfigError, match="pass --resume to continue"):
+        run_toy(run_dir)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_finished_run_is_skipped(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    train = dataclasses.replace(TOY_TRAIN, schedule=(1, 1))
+    first = run_toy(run_dir, train=train)
+    log_before = (run_dir / "log.jsonl").read_bytes()
+    again = run_toy(run_dir, train=train, progress=True)
+    assert again == json.loads(json.dumps(first))
+    assert (run_dir / "log.jsonl").read_bytes() == log_before
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "r"
+    train = dataclasses.replace(TOY_TRAIN, lr_stages=(0.1, 1e300), schedule=(2, 2))
+    with pytest.raises(DivergedError, match=r"/r: final epoch 3 diverged .*checkpoint\.h5 "
+                                            r"is kept"):
+        run_toy(run_dir, train=train)
+    arrays, meta = checkpoint.load(run_dir / "checkpoint.h5")
+    assert (meta["phase"], meta["epoch"]) == ("final", 2)
+    assert all(np.isfinite(a).all() for a in arrays.values())
+    assert len(runlog.read_log(run_dir / "log.jsonl")) == 2
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_progress_lines(tmp_path, capsys):
+    train = dataclasses.replace(TOY_TRAIN, max_epochs=2)
+    run_toy(tmp_path / "r", train=train, progress=True)
+    out = capsys.readouterr().out
+    assert "backend toy on cpu (numpy" in out and "trainable parameters" in out
+    assert "[search] epoch 1 stage 0 lr 0.1 | train loss" in out
+    assert "val loss" in out and "img/s" in out
+    final_lines = [ln for ln in out.splitlines() if ln.startswith("[final]")]
+    assert final_lines and "ETA" in final_lines[0] and "test loss" in final_lines[0]
+    assert "done, test accuracy" in out
+
+
+def test_sampler_seeds_are_per_phase_and_deterministic():
+    s = trainer.sampler_seed(0, "search")
+    assert s == trainer.sampler_seed(0, "search")
+    assert len({s, trainer.sampler_seed(0, "final"), trainer.sampler_seed(1, "search")}) == 3
