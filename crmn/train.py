@@ -10,7 +10,8 @@ one run directory (crmn/LOGS.md):
    momentum velocities are zeroed before the next, lower learning rate.
 2. **Final run**: a network initialised afresh from ``train.seed`` trains on the whole
    training set with :class:`crmn.schedule.FixedSchedule` replaying the schedule found (or the
-   given one), and is evaluated on the test set after every epoch. The last epoch's test
+   given one, each stage bounded by ``train.max_epochs``), and is evaluated on the test set
+   after every epoch. The last epoch's test
    result is the run's result (``summary.json``).
 
 Every finished epoch appends one line to ``log.jsonl`` and then atomically replaces
@@ -150,7 +151,9 @@ def run(run_dir, *, model: ModelConfig, train: TrainConfig, dataset: str, data_d
             return make_backend(backend, model, train, device=device, dtype=dtype)
 
     net = backend_obj if backend_obj is not None else backend_factory()
-    initial = None if backend_factory is not None else _copy(net.get_state())
+    # the final run restarts an injected backend from this copy of its seeded state
+    searching = train.schedule is None
+    initial = _copy(net.get_state()) if backend_factory is None and searching else None
     ctx.say(f"{ctx.run_dir}: backend {net.name} on {net.device}, dtype {dtype}, "
             f"{net.param_count():,} trainable parameters")
     resumed = _resume_point(ctx, resume)
@@ -166,7 +169,10 @@ def run(run_dir, *, model: ModelConfig, train: TrainConfig, dataset: str, data_d
         extra = {"schedule_found": sched.found, "search_best": sched.best}
         resumed = None
         net = backend_factory() if backend_factory is not None else _reset(net, initial)
-    used = list(train.schedule) if train.schedule is not None else extra["schedule_found"]
+    used = extra["schedule_found"]
+    if train.schedule is not None:  # --schedule, bounded by --epochs-cap like every stage
+        used = [e if train.max_epochs is None else min(e, train.max_epochs)
+                for e in train.schedule]
     _final(ctx, net, used, resumed, extra)
     summary = _summary(ctx, net, row, experiment, used, extra)
     runlog.write_json(ctx.path(runlog.SUMMARY), summary)

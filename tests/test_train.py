@@ -142,6 +142,30 @@ def test_plateau_reloads_the_best_model_and_zeroes_velocities(tmp_path):
     assert reloaded["velocity.fc.W"].any()  # best.h5 did hold a non-zero velocity
 
 
+def test_epochs_cap_bounds_a_given_schedule(tmp_path):
+    train = dataclasses.replace(TOY_TRAIN, schedule=(3, 2), max_epochs=1)
+    summary = run_toy(tmp_path / "r", train=train)
+    assert summary["schedule_used"] == [1, 1] and summary["final_epochs"] == 2
+
+
+class InfLoss(ToyBackend):
+    """Reports an infinite training loss in its third epoch without raising itself."""
+
+    def train_epoch(self, sampler, epoch, lr, progress=None):
+        stats = super().train_epoch(sampler, epoch, lr, progress)
+        return dataclasses.replace(stats, loss=float("inf")) if epoch == 3 else stats
+
+
+def test_non_finite_epoch_loss_from_a_backend_is_caught(tmp_path):
+    splits = toy_splits()
+    net = InfLoss(TOY_MODEL, TOY_TRAIN, splits["search"].train_x[0].size)
+    with pytest.raises(DivergedError, match=r"/r: training loss is inf in search epoch 3"):
+        trainer.run(tmp_path / "r", model=TOY_MODEL, train=TOY_TRAIN, dataset="toy",
+                    data_dir=None, backend="toy", dtype="float64", progress=False,
+                    splits=splits, backend_obj=net)
+    assert checkpoint.read_meta(tmp_path / "r" / "checkpoint.h5")["epoch"] == 2
+
+
 def test_given_schedule_skips_the_search(tmp_path):
     train = dataclasses.replace(TOY_TRAIN, schedule=(2, 1))
     summary = run_toy(tmp_path / "r", train=train)
@@ -205,7 +229,7 @@ def test_kill_between_log_line_and_checkpoint_is_replayed_once(tmp_path, referen
 def test_sigkill_mid_run_then_resume_matches(tmp_path, reference):
     run_dir = tmp_path / "r"
     cmd = [sys.executable, str(REPO / "tests" / "toy_backend.py"), str(run_dir),
-           "--sleep", "0.02"]
+           "--sleep", "0.05"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     try:
