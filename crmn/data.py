@@ -58,6 +58,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, 
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from tqdm import tqdm
 
 from crmn.errors import ConfigError, DataError
 from crmn.paper import DATASET_CLASSES
@@ -181,12 +182,10 @@ def _download(url: str, target: Path, md5: str, progress: bool, timeout: float) 
     A failed check removes the ``.part`` file and never touches ``target``; only network
     failures (refused, reset, cut short) are retried.
     """
-    from tqdm import tqdm
-
     part = target.with_name(target.name + ".part")
     for attempt in range(1, _ATTEMPTS + 1):
         try:
-            _fetch(url, part, progress, timeout, tqdm)
+            _fetch(url, part, progress, timeout)
             break
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
                 TimeoutError) as e:
@@ -207,7 +206,7 @@ def _download(url: str, target: Path, md5: str, progress: bool, timeout: float) 
     os.replace(part, target)
 
 
-def _fetch(url: str, part: Path, progress: bool, timeout: float, tqdm) -> None:
+def _fetch(url: str, part: Path, progress: bool, timeout: float) -> None:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         total = resp.headers.get("Content-Length")
         total = int(total) if total and total.isdigit() else None
@@ -226,6 +225,21 @@ def _fetch(url: str, part: Path, progress: bool, timeout: float, tqdm) -> None:
             raise http.client.IncompleteRead(b"", total - got)
 
 
+def _safe_extractall(tar: tarfile.TarFile, dest: Path, archive: Path) -> None:
+    """Extract refusing members that would land outside ``dest`` (absolute, ``..``, links)."""
+    if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 / 3.12: the standard check
+        try:
+            tar.extractall(dest, filter="data")
+        except tarfile.FilterError as e:
+            raise DataError(f"unsafe member in archive {archive}: {e}") from None
+        return
+    for m in tar.getmembers():
+        p = Path(m.name)
+        if p.is_absolute() or ".." in p.parts or m.issym() or m.islnk() or m.isdev():
+            raise DataError(f"unsafe member {m.name!r} in archive {archive}")
+    tar.extractall(dest)
+
+
 def _extract(archive: Path, data_dir: Path, info: DatasetInfo) -> None:
     """Unpack ``archive`` into a scratch folder, then move its files into ``info.folder``.
 
@@ -236,7 +250,7 @@ def _extract(archive: Path, data_dir: Path, info: DatasetInfo) -> None:
     try:
         try:
             with tarfile.open(archive, "r:gz") as tar:
-                tar.extractall(tmp, filter="data")  # refuses absolute paths and '..'
+                _safe_extractall(tar, tmp, archive)
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
             raise DataError(f"corrupt or truncated archive {archive}: {e}") from None
         src = tmp / info.folder
@@ -630,7 +644,10 @@ class EpochPlan(NamedTuple):
     """Every random choice of one epoch; entry ``j`` belongs to the image ``order[j]``.
 
     Batch ``i`` is positions ``i·B .. (i+1)·B - 1`` (B the batch size); positions past the
-    last full batch are drawn but unused, so the plan does not depend on B.
+    last full batch are drawn but unused, so the plan does not depend on B. Position ``j``
+    yields ``P[:, dy[j]:dy[j]+H, dx[j]:dx[j]+W]`` of ``P = x[order[j]]`` zero-padded by
+    ``pad`` on each side, columns reversed when ``flip[j]``: a GPU port applies exactly
+    this (e.g. with one batched gather over device-resident images) to get the same batches.
     """
 
     epoch: int

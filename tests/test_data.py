@@ -81,7 +81,7 @@ class _Server:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def serve(self, archives):
@@ -289,6 +289,21 @@ def test_prepare_svhn_joins_train_and_extra_and_applies_gcn(tmp_path, monkeypatc
     assert_array_equal(s.train_y, labels[tr])
 
 
+def test_prepare_is_the_same_in_small_chunks(tmp_path, monkeypatch):
+    """Chunks that straddle the train/extra boundary give the same arrays as one chunk."""
+    data.write_fake("svhn", tmp_path, 60, 10, seed=8)
+    whole = data.prepare("svhn", tmp_path, "search", seed=2, download=False)
+    monkeypatch.setattr(data, "_CHUNK", 7)
+    chunked = data.prepare("svhn", tmp_path, "search", seed=2, download=False)
+    for a, b in zip(whole[:4], chunked[:4]):
+        assert_array_equal(a, b)
+    data.write_fake("cifar10", tmp_path, 60, 10, seed=8)
+    c = data.prepare("cifar10", tmp_path, "final", seed=2, download=False)
+    monkeypatch.setattr(data, "_CHUNK", 4096)
+    assert_allclose(data.prepare("cifar10", tmp_path, "final", 2, download=False).train_x,
+                    c.train_x, atol=1e-7)
+
+
 def test_gcn_floors_flat_images():
     x = np.full((2, 3, 32, 32), 0.5, dtype=np.float32)
     x[1, 0, 0, 0] = 0.51  # nearly flat: std ~ 1.8e-4, below the floor
@@ -406,6 +421,20 @@ def test_archive_missing_files_after_extraction(tmp_path, data_server, monkeypat
     with pytest.raises(DataError, match="lacks test_batch"):
         data.ensure_downloaded("cifar10", tmp_path / "d", progress=False,
                                mirror=data_server.url)
+
+
+def test_archive_with_a_member_outside_its_folder_is_refused(tmp_path, data_server,
+                                                             monkeypatch):
+    evil = tmp_path / "cifar-10-python.tar.gz"
+    (tmp_path / "payload").write_text("x")
+    with tarfile.open(evil, "w:gz") as tar:
+        tar.add(tmp_path / "payload", arcname="../escaped")
+    data_server.serve({"cifar-10-python.tar.gz": evil})
+    _use_archive(monkeypatch, "cifar10", {"cifar-10-python.tar.gz": evil})
+    with pytest.raises(DataError, match="archive .*cifar-10-python.tar.gz"):
+        data.ensure_downloaded("cifar10", tmp_path / "d", progress=False,
+                               mirror=data_server.url)
+    assert not (tmp_path / "escaped").exists()
 
 
 def test_svhn_downloads_three_mat_files(tmp_path, data_server, monkeypatch):
