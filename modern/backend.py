@@ -109,6 +109,9 @@ class TorchBackend:
             return torch.autocast(self.dev.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _logits_dtype(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float() if self.amp else logits  # bf16 logits: the loss in float32
+
     def _input(self, x) -> torch.Tensor:
         x = np.asarray(x)
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, 32, 32):
@@ -132,7 +135,7 @@ class TorchBackend:
         """
         with self._autocast():
             logits = self.net(x, training=True, update_stats=True)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = F.cross_entropy(self._logits_dtype(logits), y)
         grads = list(torch.autograd.grad(loss, self.params))
         with torch.no_grad():
             tc = self.train_cfg
@@ -296,7 +299,7 @@ class TorchBackend:
             xb, yb = self._input(x[s:s + chunk]), self._labels(y[s:s + chunk])
             with self._autocast():
                 logits = self.net(xb, training=False)
-            loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").double()
+            loss_sum += F.cross_entropy(self._logits_dtype(logits), yb, reduction="sum").double()
             correct += (logits.argmax(dim=1) == yb).sum()
         return float(loss_sum) / n, int(correct) / n
 
@@ -304,9 +307,10 @@ class TorchBackend:
 
     def get_state(self) -> Dict[str, np.ndarray]:
         """Params, BN running stats and velocities under canonical names (crmn.convert)."""
-        native = {k: v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}
+        # copies: on the CPU .numpy() would share memory with the live tensors
+        native = {k: v.detach().cpu().numpy().copy() for k, v in self.net.state_dict().items()}
         for n, v in zip(self.names, self.velocity):
-            native[velocity_name(n)] = v.detach().cpu().numpy()
+            native[velocity_name(n)] = v.detach().cpu().numpy().copy()
         return convert.torch_to_canonical(self.cfg, native)
 
     def set_state(self, state: Dict[str, np.ndarray]) -> None:

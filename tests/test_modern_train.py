@@ -1,0 +1,198 @@
+"""modern/backend.py: Lasagne's SGD, state through crmn.convert, epochs, the GPU data path."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crmn import convert
+from crmn.config import ModelConfig, TrainConfig
+from crmn.data import BatchSampler
+from crmn.errors import CheckpointError, ConfigError, DivergedError
+from crmn.naming import param_specs, velocity_name
+from modern import gpu
+from modern.backend import TorchBackend
+from modern.model import build
+
+TINY_CRMN = ModelConfig(n=1, k=0.5, classes=10, memory=True)
+TINY_RESNET = ModelConfig(n=1, k=0.5, classes=10, memory=False)
+
+
+def _batch(seed, b=6, classes=10):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((b, 3, 32, 32)), rng.integers(0, classes, b)
+
+
+def _decayed(name):  # written from SPEC §4, independently of crmn.convert / naming
+    return name.endswith("conv1.weight") or name.endswith("conv2.weight") or name in (
+        "conv0.weight", "lstm.W_x", "lstm.W_h", "fc.weight")
+
+
+@pytest.mark.parametrize("cfg,nesterov", [(TINY_CRMN, False), (TINY_RESNET, True)],
+                         ids=["crmn-classical", "resnet-nesterov"])
+def test_train_step_is_lasagnes_sgd(cfg, nesterov):
+    tc = TrainConfig(batch_size=6, nesterov=nesterov, weight_decay=1e-3, seed=4)
+    be = TorchBackend(cfg, tc, dtype="float64")
+    ref = build(cfg, seed=4).double()  # the same initial network, updated by hand below
+    vel = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
+    for step, lr in enumerate((0.1, 0.05)):  # two steps: the second uses a velocity
+        x, y = _batch(step)
+        xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+        logits = ref(xt, training=True, update_stats=True)
+        loss = F.cross_entropy(logits, yt)
+        names, params = zip(*ref.named_parameters())
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for n, p, g in zip(names, params, grads):
+                g = g + 1e-3 * p if _decayed(n) else g
+                vel[n] = 0.9 * vel[n] - lr * g
+                p += 0.9 * vel[n] - lr * g if nesterov else vel[n]
+        got_loss, got_acc = be.train_step(x, y, lr)
+        assert got_loss == pytest.approx(loss.item(), rel=1e-12)
+        assert got_acc == (logits.argmax(1) == yt).double().mean().item()
+    mine = dict(be.net.state_dict())
+    for n, t in ref.state_dict().items():  # params and BN running averages
+        torch.testing.assert_close(mine[n], t, rtol=1e-10, atol=1e-12, msg=n)
+    for n, v in zip(be.names, be.velocity):
+        torch.testing.assert_close(v, vel[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_weight_decay_skips_bn_biases_peepholes_and_initial_states():
+    # zero data gradient is impossible to arrange, so compare two decays instead: the
+    # difference of the updates is -lr·Δwd·p exactly on the decayed arrays, zero elsewhere
+    x, y = _batch(0)
+    states = []
+    for wd in (0.0, 0.5):
+        be = TorchBackend(TINY_CRMN, TrainConfig(batch_size=6, weight_decay=wd), dtype="float64")
+        start = be.get_state()
+        be.train_step(x, y, 0.1)
+        states.append(be.get_state())
+    for spec in param_specs(TINY_CRMN):
+        if not spec.trainable:
+            continue
+        diff = states[1][spec.name] - states[0][spec.name]
+        if spec.decayed:
+            np.testing.assert_allclose(diff, -0.1 * 0.5 * start[spec.name], rtol=1e-6,
+                                       atol=1e-12, err_msg=spec.name)
+        else:
+            assert np.abs(diff).max() < 1e-12, spec.name
+
+
+def test_state_round_trip_in_place_and_errors():
+    a = TorchBackend(TINY_CRMN, TrainConfig(batch_size=6, seed=1), dtype="float64")
+    a.train_step(*_batch(0), 0.1)
+    state = a.get_state()
+    assert set(state) == {s.name for s in param_specs(TINY_CRMN)} | {
+        velocity_name(s.name) for s in param_specs(TINY_CRMN) if s.trainable}
+    b = TorchBackend(TINY_CRMN, TrainConfig(batch_size=6, seed=2), dtype="float64")
+    ptr = b.params[0].data_ptr()
+    b.set_state(state)
+    assert b.params[0].data_ptr() == ptr  # copied in place: a captured graph stays valid
+    for k, v in b.get_state().items():
+        assert np.array_equal(v, state[k]), k
+    x, _ = _batch(5)
+    np.testing.assert_array_equal(a.forward(x, False), b.forward(x, False))
+    bad = dict(state)
+    del bad["lstm.W_hf"]
+    with pytest.raises(CheckpointError, match="lstm.W_hf"):
+        b.set_state(bad)
+    bad = dict(state, **{"fc.W": state["fc.W"].T})
+    with pytest.raises(CheckpointError, match="fc.W"):
+        b.set_state(bad)
+    b.reset_velocity()
+    assert all(not np.any(v) for k, v in b.get_state().items() if k.startswith("velocity."))
+
+
+def test_convert_round_trip_is_exact():
+    rng = np.random.default_rng(0)
+    canon = {}
+    for s in param_specs(TINY_CRMN):
+        canon[s.name] = rng.standard_normal(s.shape)
+        if s.trainable:
+            canon[velocity_name(s.name)] = rng.standard_normal(s.shape)
+    native = convert.canonical_to_torch(TINY_CRMN, canon)
+    H = TINY_CRMN.lstm_units
+    assert native["lstm.W_x"].shape == (TINY_CRMN.lstm_input, 4 * H)
+    np.testing.assert_array_equal(native["lstm.W_x"][:, H:2 * H], canon["lstm.W_xf"])
+    np.testing.assert_array_equal(native["fc.weight"], canon["fc.W"].T)
+    np.testing.assert_array_equal(native["blocks.2.bn1.inv_std"], canon["s3b0.bn1.inv_std"])
+    # the native names are exactly the network's state_dict keys (plus velocities)
+    net = build(TINY_CRMN)
+    assert {k for k in native if not k.startswith("velocity.")} == set(net.state_dict())
+    back = convert.torch_to_canonical(TINY_CRMN, native)
+    assert set(back) == set(canon)
+    for k in canon:
+        assert back[k].shape == canon[k].shape and np.array_equal(back[k], canon[k]), k
+
+
+def test_train_epoch_cpu_equals_train_steps_and_reports():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, 40)
+    sampler = BatchSampler(x, y, batch_size=12, seed=3)  # 3 full batches, 4 images dropped
+    tc = TrainConfig(batch_size=12)
+    a = TorchBackend(TINY_RESNET, tc, dtype="float64")
+    b = TorchBackend(TINY_RESNET, tc, dtype="float64")
+    calls = []
+    stats = a.train_epoch(sampler, 2, 0.05, progress=lambda d, t, l: calls.append((d, t)))
+    losses, accs = zip(*[b.train_step(xb, yb, 0.05) for xb, yb in sampler.epoch(2)])
+    assert stats.images == 36 and stats.seconds > 0
+    assert stats.loss == pytest.approx(np.mean(losses), rel=1e-12)
+    assert stats.acc == pytest.approx(np.mean(accs), rel=1e-12)
+    assert calls[-1] == (3, 3)
+    sa, sb = a.get_state(), b.get_state()
+    assert all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
+def test_train_epoch_raises_on_nan_loss():
+    x = np.full((24, 3, 32, 32), np.nan, dtype=np.float32)
+    sampler = BatchSampler(x, np.zeros(24, dtype=np.int64), batch_size=12, seed=0)
+    be = TorchBackend(TINY_RESNET, TrainConfig(batch_size=12))
+    with pytest.raises(DivergedError, match="not finite|nan"):
+        be.train_epoch(sampler, 0, 0.1)
+
+
+def test_training_learns_a_separable_problem():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 48)
+    x = (rng.standard_normal((48, 3, 32, 32)) * 0.5).astype(np.float32)
+    x[np.arange(48), y % 3] += np.where(y < 3, 1.0, -1.0)[:, None, None]  # class: a tint
+    sampler = BatchSampler(x, y, batch_size=8, seed=0)
+    be = TorchBackend(ModelConfig(n=1, k=0.5, classes=4, memory=False),
+                      TrainConfig(batch_size=8))
+    stats = [be.train_epoch(sampler, e, 0.05) for e in range(4)]
+    assert stats[-1].loss < 0.5 * stats[0].loss and stats[-1].acc > 0.9
+    loss, acc = be.evaluate(x, y, 16)  # running statistics: noisy after 24 steps of 8
+    assert np.isfinite(loss) and 0 <= acc <= 1
+
+
+@pytest.mark.parametrize("pad,flip", [(4, False), (4, True), (2, True)])
+def test_gpu_epoch_gather_equals_the_sampler(pad, flip):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((30, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, 30)
+    sampler = BatchSampler(x, y, batch_size=7, seed=5, pad=pad, flip=flip)
+    res = gpu.make_resident(x, y, pad, torch.device("cpu"), torch.float32)
+    plan = sampler.plan(3)
+    m = len(sampler) * 7
+    xe, ye = gpu.gather_epoch(res, plan.order[:m], plan.dy[:m], plan.dx[:m], plan.flip[:m])
+    for i, (xb, yb) in enumerate(sampler.epoch(3)):
+        np.testing.assert_array_equal(xe[i * 7:(i + 1) * 7].numpy(), xb)
+        np.testing.assert_array_equal(ye[i * 7:(i + 1) * 7].numpy(), yb)
+
+
+def test_bad_options_are_config_errors():
+    with pytest.raises(ConfigError, match="dtype"):
+        TorchBackend(TINY_RESNET, TrainConfig(), dtype="float16")
+    with pytest.raises(ConfigError, match="CUDA"):
+        TorchBackend(TINY_RESNET, TrainConfig(), graph=True)
+    be = TorchBackend(TINY_RESNET, TrainConfig())
+    with pytest.raises(ConfigError, match="32"):
+        be.forward(np.zeros((2, 3, 28, 28), np.float32), False)
+
+
+def test_bfloat16_autocast_runs_on_cpu():
+    be = TorchBackend(TINY_CRMN, TrainConfig(batch_size=6), dtype="bfloat16")
+    x, y = _batch(0)
+    loss, _ = be.train_step(x.astype(np.float32), y, 0.1)
+    assert np.isfinite(loss)
+    assert be.get_state()["conv0.W"].dtype == np.float32  # weights stay float32
