@@ -106,7 +106,8 @@ class TorchBackend:
 
     def _autocast(self):
         if self.amp:
-            return torch.autocast(self.dev.type, dtype=torch.bfloat16)
+            # no weight-cast cache: cached casts would outlive a CUDA-graph capture
+            return torch.autocast(self.dev.type, dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
     def _logits_dtype(self, logits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,208 @@
+"""The two stacks compute the same function and take the same SGD step (SPEC §6).
+
+For each configuration both backends are built in float64 on the CPU; ``modern/``'s initial
+state is copied into ``original/`` through the canonical format (:mod:`crmn.convert`), then
+
+* logits of one batch are compared in training mode (batch statistics) and inference mode
+  (running statistics), and
+* one ``train_step`` on the same batch at the same learning rate is taken in both, and every
+  array of the new state (parameters, velocities, batch-norm running statistics) compared,
+
+as the largest relative difference ``max|a - b| / max|b|`` per array (``b`` the reference
+stack's). A configuration passes when every figure is under the tolerance (1e-6). ::
+
+    python -m crmn.verify                      # a few small configurations
+    python -m crmn.verify --rows t1-crmn32x1   # paper rows (slow: Theano compiles them)
+    python -m crmn.verify --device cuda        # modern/ only: GPU float32 vs CPU float64,
+                                               # and the CUDA-graph step vs the eager one
+
+Exit status 0 when everything passes, 1 on any FAIL, 2 on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from crmn import paper
+from crmn.config import ModelConfig, TrainConfig
+from crmn.errors import ConfigError, CRMNError
+
+TOLERANCE = 1e-6
+
+#: the default configurations: small, covering ResNet, CRMN and the non-default options
+DEFAULT_CONFIGS: Tuple[Tuple[str, ModelConfig, TrainConfig], ...] = (
+    ("resnet-n1-k0.5", ModelConfig(n=1, k=0.5, classes=10, memory=False),
+     TrainConfig(batch_size=8)),
+    ("crmn-n1-k0.5", ModelConfig(n=1, k=0.5, classes=10, memory=True),
+     TrainConfig(batch_size=8)),
+    ("crmn-n2-k0.5-tanh-nesterov-glorot",
+     ModelConfig(n=2, k=0.5, classes=100, memory=True, outgate="tanh", dense_init="glorot"),
+     TrainConfig(batch_size=8, nesterov=True)),
+)
+
+
+@dataclass
+class Result:
+    """Largest relative differences of one configuration, by what was compared."""
+
+    name: str
+    diffs: Dict[str, float] = field(default_factory=dict)  # "logits (training)": 3e-15, ...
+    worst: Dict[str, str] = field(default_factory=dict)  # which array gave the figure
+    tolerance: float = TOLERANCE
+
+    @property
+    def passed(self) -> bool:
+        return all(np.isfinite(v) and v <= self.tolerance for v in self.diffs.values())
+
+
+def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """``max|a - b| / max|b|`` (absolute when ``b`` is all zeros); inf on shape mismatch."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    scale = float(np.abs(b).max()) if b.size else 0.0
+    d = float(np.abs(a - b).max()) if b.size else 0.0
+    return d / scale if scale > 0 else d
+
+
+def _worst(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray], keep: Callable[[str], bool]):
+    pairs = [(rel_diff(a[k], b[k]), k) for k in b if keep(k)]
+    return max(pairs) if pairs else (0.0, "-")
+
+
+def _batch(cfg: ModelConfig, batch_size: int, seed: int):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch_size, 3, 32, 32))
+    y = rng.integers(0, cfg.classes, batch_size).astype(np.int64)
+    return x, y
+
+
+def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float, seed: int,
+             tol: float, steps: int = 1) -> Result:
+    """Copy ``ref``'s state into ``other``, then compare logits and ``steps`` train steps."""
+    from crmn.naming import STATE_ROLES, spec_dict
+
+    other.set_state(ref.get_state())
+    res = Result(name, tolerance=tol)
+    x, y = _batch(cfg, batch_size, seed)
+    for training, label in ((True, "logits (training)"), (False, "logits (inference)")):
+        res.diffs[label] = rel_diff(other.forward(x, training), ref.forward(x, training))
+        res.worst[label] = "logits"
+    losses = []
+    for s in range(steps):
+        xs, ys = _batch(cfg, batch_size, seed + 1 + s)
+        losses.append((other.train_step(xs, ys, lr)[0], ref.train_step(xs, ys, lr)[0]))
+    res.diffs["loss"] = max(abs(a - b) / abs(b) for a, b in losses)
+    res.worst["loss"] = "cross-entropy"
+    sa, sb = other.get_state(), ref.get_state()
+    specs = spec_dict(cfg)
+    groups = {
+        "params after step": lambda k: k in specs and specs[k].role not in STATE_ROLES,
+        "velocities after step": lambda k: k.startswith("velocity."),
+        "BN stats after step": lambda k: k in specs and specs[k].role in STATE_ROLES,
+    }
+    for label, keep in groups.items():
+        res.diffs[label], res.worst[label] = _worst(sa, sb, keep)
+    return res
+
+
+def verify_stacks(cfg: ModelConfig, train: TrainConfig, name: str, lr: float = 0.1,
+                  seed: int = 0, tol: float = TOLERANCE) -> Result:
+    """float64 CPU: ``modern/`` (reference state) against ``original/``."""
+    from crmn.backend import make_backend
+
+    torch_be = make_backend("torch", cfg, train, device="cpu", dtype="float64")
+    theano_be = make_backend("theano", cfg, train, device="cpu", dtype="float64")
+    return _compare(name, torch_be, theano_be, cfg, train.batch_size, lr, seed, tol)
+
+
+def verify_device(cfg: ModelConfig, train: TrainConfig, name: str, device: str = "cuda",
+                  lr: float = 0.1, seed: int = 0, tol: float = 1e-4) -> List[Result]:
+    """``modern/`` on a GPU: float32 (TF32 off) against CPU float64, and graph vs eager.
+
+    The first comparison bounds float32 rounding (expect ~1e-6..1e-5); the second runs three
+    steps through the captured CUDA graph and three eagerly on the same device and dtype.
+    """
+    from modern.backend import TorchBackend
+
+    cpu = TorchBackend(cfg, train, device="cpu", dtype="float64")
+    gpu = TorchBackend(cfg, train, device=device, dtype="float32", graph=False, tf32=False)
+    out = [_compare(f"{name} [{device} float32 vs cpu float64]", cpu, gpu, cfg,
+                    train.batch_size, lr, seed, tol)]
+    eager = TorchBackend(cfg, train, device=device, dtype="float32", graph=False, tf32=False)
+    graph = TorchBackend(cfg, train, device=device, dtype="float32", graph=True, tf32=False)
+    out.append(_compare(f"{name} [{device} graph vs eager]", eager, graph, cfg,
+                        train.batch_size, lr, seed, tol, steps=3))
+    return out
+
+
+def _configs_from_rows(spec: str, batch_size: int):
+    by_id = {r.id: r for r in paper.ROWS}
+    out = []
+    for rid in spec.split(","):
+        rid = rid.strip()
+        if rid not in by_id:
+            raise ConfigError(f"unknown row id {rid!r} in --rows; known: {', '.join(by_id)}")
+        row = by_id[rid]
+        out.append((rid, ModelConfig.for_row(row), TrainConfig(batch_size=batch_size)))
+    return out
+
+
+def verify(configs: Optional[Sequence[Union[str, Tuple[str, ModelConfig, TrainConfig]]]] = None,
+           device: str = "cpu", tol: Optional[float] = None, lr: float = 0.1, seed: int = 0,
+           batch_size: int = 8,
+           out: Callable[[str], None] = print) -> List[Result]:
+    """Run the comparisons and print one block per configuration; returns the results.
+
+    ``configs``: row ids of :mod:`crmn.paper` (run at ``batch_size``) or
+    ``(name, ModelConfig, TrainConfig)`` triples; default :data:`DEFAULT_CONFIGS`.
+    ``device="cpu"`` compares the stacks; a CUDA device runs :func:`verify_device`.
+    """
+    items = []
+    for c in (DEFAULT_CONFIGS if configs is None else configs):
+        items += _configs_from_rows(c, batch_size) if isinstance(c, str) else [c]
+    results = []
+    for name, cfg, train in items:
+        if device == "cpu":
+            batch = [verify_stacks(cfg, train, name, lr, seed, tol or TOLERANCE)]
+        else:
+            batch = verify_device(cfg, train, name, device, lr, seed, tol or 1e-4)
+        for r in batch:
+            out(f"{r.name}: {'PASS' if r.passed else 'FAIL'} (tolerance {r.tolerance:g})")
+            for label, v in r.diffs.items():
+                out(f"  {label:24s} {v:10.3e}  ({r.worst[label]})")
+        results += batch
+    n_fail = sum(not r.passed for r in results)
+    out(f"{len(results) - n_fail}/{len(results)} PASS" + (f", {n_fail} FAIL" if n_fail else ""))
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m crmn.verify",
+                                 description="original/ and modern/ agree (SPEC §6)")
+    ap.add_argument("--rows", default=None,
+                    help="comma-separated crmn.paper row ids (default: small configurations)")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu: compare the stacks in float64; cuda: modern/ GPU checks")
+    ap.add_argument("--tol", type=float, default=None,
+                    help="relative tolerance (default 1e-6 on cpu, 1e-4 on a GPU)")
+    ap.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    ap.add_argument("--lr", type=float, default=0.1, help="learning rate of the step")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        configs = args.rows.split(",") if args.rows else None
+        results = verify(configs, device=args.device, tol=args.tol, lr=args.lr,
+                         seed=args.seed, batch_size=args.batch_size)
+    except CRMNError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if all(r.passed for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
