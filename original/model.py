@@ -1,7 +1,7 @@
 """CRMN and its ResNet baseline as Lasagne 0.1 networks (paper section 3.2, SPEC §4).
 
 One builder per paper architecture, each returning the Lasagne output layer (softmax
-probabilities, shape (B, classes)) over an ``InputLayer`` of shape (None, 3, 32, 32):
+probabilities, shape (B, classes), over the logits layer "fc") over an ``InputLayer`` of shape (None, 3, 32, 32):
 :func:`build_resnet`, :func:`build_crmn`, and :func:`build` for a
 :class:`crmn.config.ModelConfig`. Trainable parameters, counted by
 ``lasagne.layers.count_params(out, trainable=True)`` (= ``crmn.naming.count_trainable``)::
@@ -106,7 +106,8 @@ def build(cfg: ModelConfig, seed: int = 0, input_var=None):
     Returns
     -------
     Layer
-        ``DenseLayer`` "fc" with softmax, output shape (B, classes).
+        ``NonlinearityLayer`` "softmax", output (B, classes); its ``input_layer`` is the
+        ``DenseLayer`` "fc" whose output is the logits.
     """
     lasagne.random.set_rng(np.random.RandomState(seed))
     w1, w2, w3 = cfg.widths
@@ -129,8 +130,10 @@ def build(cfg: ModelConfig, seed: int = 0, input_var=None):
         h_last = SliceLayer(hid, indices=-1, axis=1, name="h_last")  # (B, H)
         features = ConcatLayer([features, h_last], axis=1, name="features")  # (B, 64k + H)
     dense_w = init.HeNormal(gain=1.0) if cfg.dense_init == "he" else init.GlorotUniform()
-    return DenseLayer(features, cfg.classes, W=dense_w, b=init.Constant(0.),
-                      nonlinearity=nonlinearities.softmax, name="fc")
+    logits = DenseLayer(features, cfg.classes, W=dense_w, b=init.Constant(0.),
+                        nonlinearity=None, name="fc")  # (B, classes)
+    # softmax as its own layer, so that the backend can read the logits (its input_layer)
+    return NonlinearityLayer(logits, nonlinearities.softmax, name="softmax")
 
 
 def build_resnet(n: int, k: float, classes: int, seed: int = 0, **opts):

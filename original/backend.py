@@ -1,0 +1,261 @@
+"""The Theano + Lasagne stack behind :class:`crmn.backend.Backend` (SPEC §5-6).
+
+:class:`TheanoBackend` builds the network of a :class:`crmn.config.ModelConfig` with
+:func:`original.model.build`, compiles (lazily, once per instance) a training step and two
+forward passes, and moves state in and out through :mod:`crmn.convert`. Training follows
+section 4 of the paper as Lasagne ran it:
+
+* loss = mean cross-entropy + (weight_decay / 2) · Σ w² over the arrays whose
+  :mod:`crmn.naming` role is decayed (SPEC §4; not Lasagne's ``regularizable`` tags, which
+  would also decay the peepholes), so both stacks penalise the same arrays;
+* ``lasagne.updates.momentum`` (``v ← μ v − lr·g; p ← p + v``) or, behind
+  ``TrainConfig.nesterov``, ``lasagne.updates.nesterov_momentum``; the learning rate is a
+  shared scalar, so a new stage needs no recompilation;
+* batch-norm running averages move once per training step (and only then, see
+  :class:`original.layers.BatchNormLayer`).
+
+Device and precision: Theano's own flags decide the device (``THEANO_FLAGS=device=cuda``
+with a GPU-enabled Theano); ``dtype`` picks the precision per instance, by building and
+compiling the graphs under ``theano.config.change_flags(floatX=dtype)``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from original import compat
+
+compat.install()
+
+import lasagne  # noqa: E402  (after the compatibility bridges)
+import theano  # noqa: E402
+import theano.tensor as T  # noqa: E402
+
+from crmn.backend import EpochStats  # noqa: E402
+from crmn.config import ModelConfig, TrainConfig  # noqa: E402
+from crmn.convert import canonical_to_lasagne, lasagne_to_canonical  # noqa: E402
+from crmn.errors import CheckpointError, ConfigError, DivergedError  # noqa: E402
+from crmn.naming import param_specs, velocity_name  # noqa: E402
+from original.model import build, native_params  # noqa: E402
+
+DTYPES = ("float32", "float64")
+
+
+def native_names(cfg: ModelConfig) -> Dict[str, str]:
+    """``{canonical name: Lasagne name}`` for every array of ``cfg``.
+
+    Obtained from :func:`crmn.convert.canonical_to_lasagne` itself (on zero arrays), so the
+    naming lives in that one module; it returns native names in ``param_specs`` order.
+    """
+    specs = param_specs(cfg)
+    zeros = {s.name: np.zeros(s.shape, dtype=np.float32) for s in specs}
+    native = canonical_to_lasagne(cfg, zeros, with_velocity=False)
+    return dict(zip((s.name for s in specs), native))
+
+
+def _check_device(device: str) -> str:
+    """Compare the requested device with the one Theano's flags chose; describe it."""
+    actual = str(theano.config.device)
+    wants_gpu = device.startswith(("cuda", "gpu"))
+    if wants_gpu and not actual.startswith(("cuda", "gpu")):
+        raise ConfigError(
+            f"--device {device} asked for a GPU, but Theano runs on {actual}: set "
+            f"THEANO_FLAGS=device=cuda (with a GPU-enabled Theano and libgpuarray) before "
+            f"starting, or use --backend torch")
+    if device not in ("cpu",) and not wants_gpu:
+        raise ConfigError(f"unknown device {device!r}: choose cpu or cuda")
+    return f"{actual} (Theano-PyMC {theano.__version__}, blas {theano.config.blas__ldflags})"
+
+
+class TheanoBackend:
+    """A CRMN or ResNet in Theano + Lasagne, driven through :class:`crmn.backend.Backend`.
+
+    Parameters
+    ----------
+    model : ModelConfig
+        The network (SPEC §4).
+    train : TrainConfig
+        Momentum, Nesterov flag, weight decay and the seed of the initial weights.
+    device : {"cpu", "cuda"}
+        Must agree with ``theano.config.device`` (Theano's flags decide, see module doc).
+    dtype : {"float32", "float64"}
+        Precision of parameters, activations and updates.
+    """
+
+    name = "theano"
+
+    def __init__(self, model: ModelConfig, train: TrainConfig, device: str = "cpu",
+                 dtype: str = "float32"):
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r} for the theano backend: choose "
+                              f"{' or '.join(DTYPES)}")
+        compat.check_compiled_backend()
+        self.device = _check_device(device)
+        self.model, self.train, self.dtype = model, train, dtype
+        self._x = T.tensor4("x", dtype=dtype)  # (B, 3, 32, 32)
+        self._y = T.lvector("y")  # (B,) int64 class indices
+        with theano.config.change_flags(floatX=dtype):
+            self._out = build(model, seed=train.seed, input_var=self._x)
+        self._logits_layer = self._out.input_layer  # DenseLayer "fc", (B, classes)
+        self._params = native_params(self._out)  # Lasagne name -> shared variable
+        self._trainable = lasagne.layers.get_all_params(self._out, trainable=True)
+        self._lr = theano.shared(np.asarray(train.lr_stages[0], dtype=dtype), name="lr")
+        self._velocity: Dict[str, "theano.compile.SharedVariable"] = {}
+        self._updates = None
+        self._fns: Dict[str, Callable] = {}
+        self.compile_seconds = 0.0  # wall-clock seconds spent in theano.function so far
+
+    # --- graphs -------------------------------------------------------------------------
+
+    def _decayed(self):
+        names = native_names(self.model)
+        return [self._params[names[s.name]] for s in param_specs(self.model) if s.decayed]
+
+    def _build_updates(self):
+        """Loss, accuracy and Lasagne's momentum updates; creates the velocities once."""
+        logits, probs = lasagne.layers.get_output(
+            [self._logits_layer, self._out], deterministic=False,
+            batch_norm_update_averages=True)
+        ce = lasagne.objectives.categorical_crossentropy(probs, self._y).mean()
+        acc = T.mean(T.eq(T.argmax(logits, axis=1), self._y))
+        penalty = lasagne.regularization.apply_penalty(self._decayed(),
+                                                       lasagne.regularization.l2)
+        loss = ce + (self.train.weight_decay / 2.0) * penalty
+        rule = (lasagne.updates.nesterov_momentum if self.train.nesterov
+                else lasagne.updates.momentum)
+        updates = rule(loss, self._trainable, self._lr, momentum=self.train.momentum)
+        # Lasagne adds one velocity per parameter after the parameters' own updates, in
+        # parameter order; give them the native names crmn.convert expects
+        velocities = [v for v in updates if all(v is not p for p in self._trainable)]
+        if len(velocities) != len(self._trainable):
+            raise AssertionError("could not identify Lasagne's momentum velocities")
+        for p, v in zip(self._trainable, velocities):
+            assert v.get_value(borrow=True).shape == p.get_value(borrow=True).shape
+            v.name = velocity_name(p.name)
+            self._velocity[p.name] = v
+        self._updates = updates
+        return ce, acc
+
+    def _compile(self, which: str) -> Callable:
+        """Compile one of "train", "forward_train", "forward_eval" on first use."""
+        if which in self._fns:
+            return self._fns[which]
+        with theano.config.change_flags(floatX=self.dtype):
+            if which == "train":
+                ce, acc = self._build_updates()
+                inputs, outputs, updates = [self._x, self._y], [ce, acc], self._updates
+            else:
+                logits = lasagne.layers.get_output(
+                    self._logits_layer, deterministic=(which == "forward_eval"))
+                inputs, outputs, updates = [self._x], logits, None
+            start = time.perf_counter()
+            fn = theano.function(inputs, outputs, updates=updates, name=which)
+            self.compile_seconds += time.perf_counter() - start
+        self._fns[which] = fn
+        return fn
+
+    def compile_all(self) -> float:
+        """Compile every function now (benchmarks); returns the seconds it took."""
+        before = self.compile_seconds
+        for which in ("train", "forward_train", "forward_eval"):
+            self._compile(which)
+        return self.compile_seconds - before
+
+    def _velocities(self):
+        if not self._velocity:
+            self._compile("train")  # the velocities are created with the update graph
+        return self._velocity
+
+    # --- the Backend protocol -----------------------------------------------------------
+
+    def param_count(self) -> int:
+        """Trainable parameters, as ``lasagne.layers.count_params(..., trainable=True)``."""
+        return int(lasagne.layers.count_params(self._out, trainable=True))
+
+    def _images(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 4 or x.shape[1:] != (3, 32, 32):
+            raise ValueError(f"images must be (B, 3, 32, 32), got {x.shape}")
+        return np.ascontiguousarray(x, dtype=self.dtype)
+
+    def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
+        """Logits (B, classes) for x (B, 3, 32, 32); batch statistics when ``training``,
+        running statistics otherwise; changes no state."""
+        fn = self._compile("forward_train" if training else "forward_eval")
+        return fn(self._images(x))
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> Tuple[float, float]:
+        """One SGD step; returns (mean cross-entropy, accuracy) of the batch before it."""
+        fn = self._compile("train")
+        self._lr.set_value(np.asarray(lr, dtype=self.dtype))
+        ce, acc = fn(self._images(x), np.asarray(y, dtype=np.int64))
+        ce, acc = float(ce), float(acc)
+        if not np.isfinite(ce):
+            raise DivergedError(f"training loss became {ce} at lr {lr} (theano backend, "
+                                f"{self.model.depth} layers x{self.model.k:g})")
+        return ce, acc
+
+    def train_epoch(self, sampler, epoch: int, lr: float,
+                    progress: Optional[Callable[[int, int, float], None]] = None
+                    ) -> EpochStats:
+        """One epoch over ``sampler.epoch(epoch)``; means weighted by batch size."""
+        total = len(sampler)
+        loss_sum = correct = 0.0
+        images = done = 0
+        every = max(1, total // 50)
+        start = time.perf_counter()
+        for xb, yb in sampler.epoch(epoch):
+            ce, acc = self.train_step(xb, yb, lr)
+            b = len(yb)
+            loss_sum += ce * b
+            correct += acc * b
+            images += b
+            done += 1
+            if progress is not None and (done % every == 0 or done == total):
+                progress(done, total, loss_sum / images)
+        seconds = time.perf_counter() - start
+        if images == 0:
+            raise ConfigError("the sampler yielded no batch in this epoch")
+        return EpochStats(loss=loss_sum / images, acc=correct / images, images=images,
+                          seconds=seconds)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> Tuple[float, float]:
+        """(mean cross-entropy, accuracy) in inference mode; the CE in float64 numpy."""
+        from crmn.data import iterate_eval
+
+        loss_sum = correct = 0.0
+        for xb, yb in iterate_eval(x, y, batch_size):
+            logits = self.forward(xb, training=False).astype(np.float64)
+            z = logits - logits.max(axis=1, keepdims=True)  # stable log-softmax
+            logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+            yb = np.asarray(yb, dtype=np.int64)
+            loss_sum += -logp[np.arange(len(yb)), yb].sum()
+            correct += (logits.argmax(axis=1) == yb).sum()
+        return float(loss_sum / len(y)), float(correct / len(y))
+
+    def get_state(self) -> Dict[str, np.ndarray]:
+        """Parameters, BN running statistics and velocities, canonical names and layouts."""
+        native = {name: p.get_value() for name, p in self._params.items()}
+        for name, v in self._velocities().items():
+            native[v.name] = v.get_value()
+        return lasagne_to_canonical(self.model, native, with_velocity=True)
+
+    def set_state(self, state: Dict[str, np.ndarray]) -> None:
+        """Load canonical arrays (see :meth:`get_state`); CheckpointError if one is missing
+        or mis-shaped. Arrays are cast to this backend's dtype."""
+        native = canonical_to_lasagne(self.model, state, with_velocity=True)
+        velocities = self._velocities()
+        targets = dict(self._params)
+        targets.update({v.name: v for v in velocities.values()})
+        unknown = set(native) - set(targets)
+        if unknown:  # pragma: no cover - crmn.convert and the builder share one naming
+            raise CheckpointError(f"state has arrays this network lacks: {sorted(unknown)}")
+        for name, value in native.items():
+            targets[name].set_value(np.asarray(value, dtype=self.dtype))
+
+    def reset_velocity(self) -> None:
+        """Zero the momentum velocities (the schedule does this when it reloads a model)."""
+        for v in self._velocities().values():
+            v.set_value(np.zeros_like(v.get_value(borrow=True)))
