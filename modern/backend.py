@@ -56,12 +56,18 @@ class TorchBackend:
         Capture the train step as one CUDA graph (default: on CUDA); ``False`` runs it eagerly.
     tf32 : bool
         Allow TF32 matrix units for float32 on CUDA.
+    channels_last : bool or None
+        NHWC activations and filters (default: with bfloat16 only).
+    compile : bool
+        Run the train step's forward through ``torch.compile`` (inductor fuses batch norm,
+        ReLU and the shortcut); the CUDA graph is still captured by this class.
     """
 
     name = "torch"
 
     def __init__(self, model: ModelConfig, train: TrainConfig, device: str = "cpu",
-                 dtype: str = "float32", graph: Optional[bool] = None, tf32: bool = True):
+                 dtype: str = "float32", graph: Optional[bool] = None, tf32: bool = True,
+                 channels_last: Optional[bool] = None, compile: bool = False):
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r} for the torch backend; choose one of "
                               f"{', '.join(DTYPES)}")
@@ -86,10 +92,12 @@ class TorchBackend:
         if self.use_graph and dev.type != "cuda":
             raise ConfigError("graph=True needs a CUDA device")
 
+        self.channels_last = self.amp if channels_last is None else bool(channels_last)
         net = build(model, seed=train.seed).to(device=dev, dtype=self.dtype)
-        if self.amp:
+        if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.net = net
+        self._train_forward = torch.compile(net, dynamic=False) if compile else net
         roles = convert.torch_roles(model)
         self.names: List[str] = [n for n, _ in net.named_parameters()]
         self.params: List[torch.Tensor] = [p for _, p in net.named_parameters()]
@@ -118,7 +126,7 @@ class TorchBackend:
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, 32, 32):
             raise ConfigError(f"images must be (B, 3, 32, 32), got {tuple(x.shape)}")
         t = torch.as_tensor(x).to(device=self.dev, dtype=self.dtype)
-        return t.contiguous(memory_format=torch.channels_last) if self.amp else t
+        return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
 
     def _labels(self, y) -> torch.Tensor:
         return torch.as_tensor(np.asarray(y, dtype=np.int64)).to(self.dev)
@@ -135,7 +143,7 @@ class TorchBackend:
         Everything stays on the device (no host sync), so the same code is captured.
         """
         with self._autocast():
-            logits = self.net(x, training=True, update_stats=True)
+            logits = self._train_forward(x, training=True, update_stats=True)
         loss = F.cross_entropy(self._logits_dtype(logits), y)
         grads = list(torch.autograd.grad(loss, self.params))
         with torch.no_grad():
@@ -166,7 +174,7 @@ class TorchBackend:
         """
         B = self.train_cfg.batch_size
         x = torch.randn(B, 3, 32, 32, device=self.dev, dtype=self.dtype)
-        if self.amp:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, self.cfg.classes, (B,), device=self.dev)
         lr = torch.zeros((), device=self.dev, dtype=self.dtype)
@@ -256,7 +264,7 @@ class TorchBackend:
         m = total * B  # positions past the last full batch are unused (dropped)
         xe, ye = gpu.gather_epoch(self.resident(sampler), plan.order[:m], plan.dy[:m],
                                   plan.dx[:m], plan.flip[:m])
-        if self.amp:
+        if self.channels_last:
             xe = xe.contiguous(memory_format=torch.channels_last)
         every = max(1, total // 10)
         slr.fill_(lr), loss_sum.zero_(), correct_sum.zero_()

@@ -76,6 +76,8 @@ class BatchNorm(nn.Module):
     ``1/sqrt(var + ε)``, var biased, α = BN_ALPHA, ε = BN_EPS.
     """
 
+    cudnn = True  # on CUDA, let torch pick cuDNN's batch norm (same statistics, faster)
+
     def __init__(self, channels: int):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(channels))
@@ -88,8 +90,14 @@ class BatchNorm(nn.Module):
         if training:
             # one fused kernel that also returns the batch mean and 1/sqrt(var + eps);
             # momentum 0 and no running buffers: we average them ourselves, Lasagne's way
-            out, bmean, binv = torch.native_batch_norm(
-                x, self.weight, self.bias, None, None, True, 0.0, BN_EPS)
+            if x.is_cuda and self.cudnn:
+                # cuDNN's kernels (impl 1) beat the native ones at few channels; both return
+                # the batch mean and 1/sqrt(var + eps) and carry their own backward
+                out, bmean, binv, _, _ = torch._batch_norm_impl_index(
+                    x, self.weight, self.bias, None, None, True, 0.0, BN_EPS, True)
+            else:
+                out, bmean, binv = torch.native_batch_norm(
+                    x, self.weight, self.bias, None, None, True, 0.0, BN_EPS)
             if update_stats:
                 with torch.no_grad():
                     self.mean.lerp_(bmean.to(self.mean.dtype), BN_ALPHA)

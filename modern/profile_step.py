@@ -1,0 +1,103 @@
+"""Time the captured train step of paper rows under several settings, on a GPU.
+
+A development tool beside :mod:`crmn.bench` (which times whole epochs through the Backend):
+this one replays the CUDA graph of one step ``--steps`` times between CUDA events, for each
+variant, so settings can be compared in one call; ``--kernels`` also lists the most costly
+kernels of one eager step (torch.profiler). ::
+
+    python -m modern.profile_step --rows t1-resnet32x1 --variants fp32,bf16,bf16-native
+
+Variants: ``fp32`` / ``bf16`` (dtype float32 / bfloat16), suffixes ``-cl`` (channels last),
+``-nocl`` (no channels last), ``-native`` (torch's native batch norm instead of cuDNN's),
+``-compile`` (torch.compile'd forward inside the graph), ``-notf32``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+
+from crmn import paper
+from crmn.config import ModelConfig, TrainConfig
+from modern import model as model_mod
+from modern.backend import TorchBackend
+
+
+def _backend(row, variant: str) -> TorchBackend:
+    parts = variant.split("-")
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[parts[0]]
+    opts = dict(dtype=dtype, device="cuda", graph=True)
+    if "cl" in parts:
+        opts["channels_last"] = True
+    if "nocl" in parts:
+        opts["channels_last"] = False
+    if "compile" in parts:
+        opts["compile"] = True
+    if "notf32" in parts:
+        opts["tf32"] = False
+    model_mod.BatchNorm.cudnn = "native" not in parts
+    return TorchBackend(ModelConfig.for_row(row), TrainConfig.for_row(row), **opts)
+
+
+def time_variant(row, variant: str, steps: int, kernels: bool) -> float:
+    be = _backend(row, variant)
+    B = be.train_cfg.batch_size
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((B, 3, 32, 32), dtype=np.float32)
+    y = rng.integers(0, row.classes, B)
+    t0 = time.perf_counter()
+    be.train_step(x, y, 0.01)  # capture
+    setup = time.perf_counter() - t0
+    graph = be._graph[0]
+    for _ in range(10):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / steps
+    epoch = ms * 50_000 / B / 1000
+    print(f"{row.id:16s} {variant:18s} {ms:7.3f} ms/step  {epoch:6.2f} s/epoch  "
+          f"paper {row.paper_sec_per_epoch} s  x{row.paper_sec_per_epoch / epoch:6.1f}  "
+          f"(setup {setup:.1f} s)", flush=True)
+    if kernels:
+        eager = _backend(row, variant)
+        eager.use_graph = False
+        for _ in range(3):
+            eager.train_step(x, y, 0.01)
+        torch.cuda.synchronize()
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eager.train_step(x, y, 0.01)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15,
+                                        max_name_column_width=70))
+    return ms
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m modern.profile_step")
+    ap.add_argument("--rows", default="t1-resnet32x1")
+    ap.add_argument("--variants", default="fp32,bf16")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--kernels", action="store_true")
+    args = ap.parse_args(argv)
+    by_id = {r.id: r for r in paper.ROWS}
+    for rid in args.rows.split(","):
+        for v in args.variants.split(","):
+            try:
+                time_variant(by_id[rid], v, args.steps, args.kernels)
+            except Exception as e:  # a variant that fails must not stop the comparison
+                print(f"{rid:16s} {v:18s} FAILED: {type(e).__name__}: {str(e)[:300]}",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
