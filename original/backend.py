@@ -104,6 +104,7 @@ class TheanoBackend:
         self._lr = theano.shared(np.asarray(train.lr_stages[0], dtype=dtype), name="lr")
         self._velocity: Dict[str, "theano.compile.SharedVariable"] = {}
         self._updates = None
+        self._train_outputs = None
         self._fns: Dict[str, Callable] = {}
         self.compile_seconds = 0.0  # wall-clock seconds spent in theano.function so far
 
@@ -114,18 +115,22 @@ class TheanoBackend:
         return [self._params[names[s.name]] for s in param_specs(self.model) if s.decayed]
 
     def _build_updates(self):
-        """Loss, accuracy and Lasagne's momentum updates; creates the velocities once."""
-        logits, probs = lasagne.layers.get_output(
-            [self._logits_layer, self._out], deterministic=False,
-            batch_norm_update_averages=True)
-        ce = lasagne.objectives.categorical_crossentropy(probs, self._y).mean()
-        acc = T.mean(T.eq(T.argmax(logits, axis=1), self._y))
-        penalty = lasagne.regularization.apply_penalty(self._decayed(),
-                                                       lasagne.regularization.l2)
-        loss = ce + (self.train.weight_decay / 2.0) * penalty
-        rule = (lasagne.updates.nesterov_momentum if self.train.nesterov
-                else lasagne.updates.momentum)
-        updates = rule(loss, self._trainable, self._lr, momentum=self.train.momentum)
+        """Loss, accuracy and Lasagne's momentum updates (symbolic, built once); creates
+        the velocity shared variables."""
+        if self._updates is not None:
+            return self._train_outputs
+        with theano.config.change_flags(floatX=self.dtype):
+            logits, probs = lasagne.layers.get_output(
+                [self._logits_layer, self._out], deterministic=False,
+                batch_norm_update_averages=True)
+            ce = lasagne.objectives.categorical_crossentropy(probs, self._y).mean()
+            acc = T.mean(T.eq(T.argmax(logits, axis=1), self._y))
+            penalty = lasagne.regularization.apply_penalty(self._decayed(),
+                                                           lasagne.regularization.l2)
+            loss = ce + (self.train.weight_decay / 2.0) * penalty
+            rule = (lasagne.updates.nesterov_momentum if self.train.nesterov
+                    else lasagne.updates.momentum)
+            updates = rule(loss, self._trainable, self._lr, momentum=self.train.momentum)
         # Lasagne adds one velocity per parameter after the parameters' own updates, in
         # parameter order; give them the native names crmn.convert expects
         velocities = [v for v in updates if all(v is not p for p in self._trainable)]
@@ -136,7 +141,8 @@ class TheanoBackend:
             v.name = velocity_name(p.name)
             self._velocity[p.name] = v
         self._updates = updates
-        return ce, acc
+        self._train_outputs = [ce, acc]
+        return self._train_outputs
 
     def _compile(self, which: str) -> Callable:
         """Compile one of "train", "forward_train", "forward_eval" on first use."""
@@ -144,8 +150,8 @@ class TheanoBackend:
             return self._fns[which]
         with theano.config.change_flags(floatX=self.dtype):
             if which == "train":
-                ce, acc = self._build_updates()
-                inputs, outputs, updates = [self._x, self._y], [ce, acc], self._updates
+                outputs = self._build_updates()
+                inputs, updates = [self._x, self._y], self._updates
             else:
                 logits = lasagne.layers.get_output(
                     self._logits_layer, deterministic=(which == "forward_eval"))
@@ -164,8 +170,7 @@ class TheanoBackend:
         return self.compile_seconds - before
 
     def _velocities(self):
-        if not self._velocity:
-            self._compile("train")  # the velocities are created with the update graph
+        self._build_updates()  # the velocities are created with the update graph
         return self._velocity
 
     # --- the Backend protocol -----------------------------------------------------------

@@ -26,7 +26,9 @@ bridge below is one small, named function, applied once by :func:`install` and t
    ``pkg_resources``: setuptools 80.9 still ships it but warns on import; we import it
    quietly first, and should a later setuptools drop it, install a two-function stand-in
    backed by ``importlib.metadata``.
-6. :func:`bridge_scan_cython` -- Theano-PyMC ships a Cython-generated ``scan_perform.c``
+6. :func:`bridge_conv2d_image_shape` -- ``conv2d``'s keyword ``image_shape`` became
+   ``input_shape``; Lasagne's ``Conv2DLayer`` passes the old one (a warning per layer).
+7. :func:`bridge_scan_cython` -- Theano-PyMC ships a Cython-generated ``scan_perform.c``
    written for older Pythons; on 3.11 its compilation fails after tens of seconds, on every
    process start, before ``scan`` falls back to its Python inner loop (it catches
    ``ImportError``). We make ``theano.scan.scan_perform_ext`` fail to import at once.
@@ -168,6 +170,32 @@ def bridge_gof() -> None:
         sys.modules.setdefault("theano.gof", theano.graph.basic)
 
 
+def bridge_conv2d_image_shape() -> None:
+    """``theano.tensor.nnet.conv2d(..., image_shape=...)`` -> ``input_shape=...``.
+
+    Lasagne 0.1's ``Conv2DLayer`` passes the old keyword, which Theano-PyMC still accepts
+    but warns about at every layer. The wrapper renames it; it must be installed before
+    ``lasagne.layers.conv`` is imported, whose ``convolution=`` default captures the function.
+    """
+    import theano.tensor.nnet as nnet
+
+    if getattr(nnet.conv2d, "_crmn_bridge", False):
+        return
+    original_conv2d = nnet.conv2d
+
+    def conv2d(input, filters, input_shape=None, filter_shape=None, border_mode="valid",
+               subsample=(1, 1), filter_flip=True, image_shape=None, **kwargs):
+        if input_shape is None:
+            input_shape = image_shape
+        return original_conv2d(input, filters, input_shape=input_shape,
+                               filter_shape=filter_shape, border_mode=border_mode,
+                               subsample=subsample, filter_flip=filter_flip, **kwargs)
+
+    conv2d.__doc__ = original_conv2d.__doc__
+    conv2d._crmn_bridge = True
+    nnet.conv2d = conv2d
+
+
 def bridge_pkg_resources() -> None:
     """Import ``pkg_resources`` without its deprecation warning, or stand in for it."""
     if "pkg_resources" in sys.modules:
@@ -204,6 +232,7 @@ def install() -> None:
     bridge_mrg_random_streams()
     bridge_downsample()
     bridge_gof()
+    bridge_conv2d_image_shape()
     _installed = True
 
 
