@@ -38,7 +38,7 @@ import argparse
 import dataclasses
 import inspect
 import json
-import os
+import shutil
 import subprocess
 import sys
 import time
@@ -377,9 +377,12 @@ def cmd_smoke(args) -> int:
         args.patience = SMOKE_TRAIN["patience"]
     args.epochs_cap = args.epochs_cap or SMOKE_TRAIN["max_epochs"]
     args.seeds = args.seeds or 1
+    name = f"tiny-crmn-n{args.n}-k{args.k:g}"
+    if not args.resume:  # the smoke run is disposable: start it afresh every time
+        shutil.rmtree(Path(args.out_dir) / "smoke" / name, ignore_errors=True)
     run_dirs = _train_rows("smoke", [row], args, data_dir=data_dir, out_dir=Path(args.out_dir),
                            dataset="cifar100",
-                           row_label=lambda r: f"tiny-crmn-n{args.n}-k{args.k:g}")
+                           row_label=lambda r: name)
     report_md = report.compare(root, plots=True)
     print(f"smoke: done in {time.time() - t0:.0f} s", flush=True)
     print(f"smoke: data       {data_dir}")
