@@ -9,7 +9,9 @@ Each is a ``lasagne.layers.Layer`` subclass honouring the usual contract (``add_
   running-average rate :data:`crmn.naming.BN_ALPHA`;
 * :class:`ShortcutALayer` -- He et al.'s parameter-free "option A" shortcut;
 * :class:`PadFeaturesLayer` and :func:`crmn_tap` -- what CRMN does to each block output
-  before the LSTM sees it (paper section 3.2).
+  before the LSTM sees it (paper section 3.2);
+* :class:`PeepholeLSTMLayer` -- Lasagne 0.1's ``LSTMLayer`` with its output-gate peephole
+  put inside the gate's nonlinearity, as eq. 4 (and Lasagne from 0.2 on) have it.
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ compat.install()
 import theano  # noqa: E402  (after the compatibility bridges)
 import theano.tensor as T  # noqa: E402
 from lasagne import init, nonlinearities  # noqa: E402
-from lasagne.layers import (FlattenLayer, Layer, NonlinearityLayer,  # noqa: E402
-                            Pool2DLayer)
+from lasagne.layers import (FlattenLayer, Layer, LSTMLayer,  # noqa: E402
+                            NonlinearityLayer, Pool2DLayer)
+from lasagne.utils import unroll_scan  # noqa: E402
 
 from crmn.naming import BN_ALPHA, BN_EPS  # noqa: E402
 
@@ -222,4 +225,69 @@ def crmn_tap(incoming, num_units, name=None):
     return PadFeaturesLayer(flat, num_units, name=name)
 
 
-__all__ = ["BatchNormLayer", "batch_norm", "ShortcutALayer", "PadFeaturesLayer", "crmn_tap"]
+class PeepholeLSTMLayer(LSTMLayer):
+    r"""Lasagne's ``LSTMLayer`` computing eq. 4 as written: o = σ_o(... + w_co ⊙ c_l + b_o).
+
+    Lasagne 0.1's step applies the output gate's nonlinearity *before* adding the peephole
+    term (``outgate = σ(outgate); ...; outgate += cell * W_cell_to_outgate``), so its
+    "gate" is σ(·) + w_co ⊙ c, which is not bounded; later Lasagne (0.2) moved the addition
+    in front of the nonlinearity. This subclass keeps 0.1's constructor -- parameters,
+    names (``W_in_to_ingate`` ...), shapes and initialisation -- and replaces only the step,
+    eqs. 2-7 of the paper (section 3.2), with the input projection of all steps done in one
+    product as Lasagne's ``precompute_input`` does. No masks, forward direction only: CRMN
+    feeds fixed-length sequences of 3n taps.
+
+    Input (B, T, I) -> output (B, T, H): the hidden state after every step.
+    """
+
+    def __init__(self, incoming, num_units, **kwargs):
+        if kwargs.get("mask_input") is not None or kwargs.get("backwards"):
+            raise ValueError("PeepholeLSTMLayer supports neither mask_input nor backwards")
+        if kwargs.get("grad_clipping") or not kwargs.get("precompute_input", True):
+            raise ValueError("PeepholeLSTMLayer needs grad_clipping=False and "
+                             "precompute_input=True")
+        super(PeepholeLSTMLayer, self).__init__(incoming, num_units, **kwargs)
+
+    def get_output_for(self, inputs, **kwargs):
+        x = inputs[0]
+        if x.ndim > 3:
+            x = T.flatten(x, 3)
+        x = x.dimshuffle(1, 0, 2)  # (T, B, I): scan runs over the leading axis
+        H = self.num_units
+        gates = ("ingate", "forgetgate", "cell", "outgate")
+        W_x = T.concatenate([getattr(self, "W_in_to_" + g) for g in gates], axis=1)  # (I, 4H)
+        W_h = T.concatenate([getattr(self, "W_hid_to_" + g) for g in gates], axis=1)  # (H, 4H)
+        b = T.concatenate([getattr(self, "b_" + g) for g in gates], axis=0)  # (4H,)
+        x_proj = T.dot(x, W_x) + b  # (T, B, 4H): W_xg x_l + b_g for every step at once
+
+        def step(x_n, c_prev, h_prev, *unused):
+            pre = x_n + T.dot(h_prev, W_h)  # (B, 4H)
+            i, f, s, o = (pre[:, k * H:(k + 1) * H] for k in range(4))
+            if self.peepholes:
+                i = i + c_prev * self.W_cell_to_ingate  # eq. 2
+                f = f + c_prev * self.W_cell_to_forgetgate  # eq. 3
+            i = self.nonlinearity_ingate(i)
+            f = self.nonlinearity_forgetgate(f)
+            s = self.nonlinearity_cell(s)  # eq. 6
+            c = f * c_prev + i * s  # eq. 5
+            if self.peepholes:
+                o = o + c * self.W_cell_to_outgate  # eq. 4: peephole on the new cell ...
+            o = self.nonlinearity_outgate(o)  # ... inside the nonlinearity
+            h = o * self.nonlinearity(c)  # eq. 7
+            return [c, h]
+
+        ones = T.ones((x.shape[1], 1), dtype=x.dtype)  # (B, 1): broadcast learned inits
+        c0 = T.dot(ones, self.cell_init)  # (B, H)
+        h0 = T.dot(ones, self.hid_init)  # (B, H)
+        if self.unroll_scan:
+            _, h_all = unroll_scan(fn=step, sequences=[x_proj], outputs_info=[c0, h0],
+                                   go_backwards=False, non_sequences=[],
+                                   n_steps=self.input_shapes[0][1])
+        else:
+            _, h_all = theano.scan(fn=step, sequences=x_proj, outputs_info=[c0, h0],
+                                   truncate_gradient=self.gradient_steps)[0]
+        return h_all.dimshuffle(1, 0, 2)  # (B, T, H)
+
+
+__all__ = ["BatchNormLayer", "batch_norm", "ShortcutALayer", "PadFeaturesLayer", "crmn_tap",
+           "PeepholeLSTMLayer"]

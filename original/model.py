@@ -13,7 +13,8 @@ Layer names make Lasagne's parameter names the native names :mod:`crmn.convert` 
 ``conv0.W``, ``bn0.gamma``, ``s{stage}b{block}.conv1.W``, ``s{stage}b{block}.bn2.inv_std``,
 ``lstm.W_in_to_ingate``, ``fc.W``.
 
-The LSTM is Lasagne's own ``LSTMLayer`` (eqs. 2-7 with peepholes) built with
+The LSTM is Lasagne's own ``LSTMLayer`` (eqs. 2-7 with peepholes; its output-gate peephole
+corrected to eq. 4 by :class:`original.layers.PeepholeLSTMLayer`) built with
 ``unroll_scan=True``: the sequence length 3n is fixed, and the unrolled graph was measured
 faster than ``theano.scan`` on Theano-PyMC + Python 3.11, where scan runs its inner loop in
 Python (``original.compat.bridge_scan_cython``): see REPRODUCING.md / the backend report.
@@ -31,12 +32,13 @@ compat.install()
 import lasagne  # noqa: E402  (after the compatibility bridges)
 from lasagne import init, nonlinearities  # noqa: E402
 from lasagne.layers import (ConcatLayer, Conv2DLayer, DenseLayer,  # noqa: E402
-                            ElemwiseSumLayer, GlobalPoolLayer, Gate, InputLayer, LSTMLayer,
+                            ElemwiseSumLayer, GlobalPoolLayer, Gate, InputLayer,
                             NonlinearityLayer, ReshapeLayer, SliceLayer)
 
 from crmn.config import ModelConfig  # noqa: E402
 from crmn.naming import block_names  # noqa: E402
-from original.layers import ShortcutALayer, batch_norm, crmn_tap  # noqa: E402
+from original.layers import (PeepholeLSTMLayer, ShortcutALayer, batch_norm,  # noqa: E402
+                             crmn_tap)
 
 #: He-normal with gain √2 for the ReLU convolutions (He et al. 2015, SPEC §4)
 CONV_INIT = init.HeNormal(gain="relu")
@@ -66,8 +68,11 @@ def basic_block(incoming, num_filters, stride, name):
     return NonlinearityLayer(added, nonlinearities.rectify, name=f"{name}.out")
 
 
-def _lstm(incoming, cfg: ModelConfig):
-    """Lasagne's peephole ``LSTMLayer`` over (B, 3n, I) -> (B, 3n, H), eqs. 2-7.
+def _lstm(incoming, cfg: ModelConfig, unroll_scan: bool = True):
+    """Lasagne's peephole LSTM over (B, 3n, I) -> (B, 3n, H), eqs. 2-7.
+
+    :class:`original.layers.PeepholeLSTMLayer`: Lasagne 0.1's ``LSTMLayer`` (its parameters,
+    names and initialisation) with the output-gate peephole inside σ_o as eq. 4 writes it.
 
     Input and recurrent weights orthogonal (Saxe et al.), peepholes Lasagne's default
     ``Normal(0.1)``, forget-gate bias ``cfg.forget_bias``, other biases ``cfg.gate_bias``,
@@ -80,7 +85,7 @@ def _lstm(incoming, cfg: ModelConfig):
         return Gate(W_in=init.Orthogonal(), W_hid=init.Orthogonal(), b=init.Constant(bias),
                     nonlinearity=nonlinearity, **kw)
 
-    return LSTMLayer(
+    return PeepholeLSTMLayer(
         incoming, cfg.lstm_units,
         ingate=gate(cfg.gate_bias),
         forgetgate=gate(cfg.forget_bias),
@@ -88,10 +93,10 @@ def _lstm(incoming, cfg: ModelConfig):
         outgate=gate(cfg.gate_bias, out_nl),
         nonlinearity=nonlinearities.tanh,  # σ_h of eq. 7
         cell_init=init.Constant(0.), hid_init=init.Constant(0.), learn_init=True,
-        peepholes=cfg.peepholes, unroll_scan=True, name="lstm")
+        peepholes=cfg.peepholes, unroll_scan=unroll_scan, name="lstm")
 
 
-def build(cfg: ModelConfig, seed: int = 0, input_var=None):
+def build(cfg: ModelConfig, seed: int = 0, input_var=None, unroll_scan: bool = True):
     """The network of ``cfg`` as a Lasagne graph; returns the softmax output layer.
 
     Parameters
@@ -102,6 +107,9 @@ def build(cfg: ModelConfig, seed: int = 0, input_var=None):
         Seeds Lasagne's global RNG (``lasagne.random.set_rng``) before any weight is drawn.
     input_var : TensorVariable, optional
         Symbolic images (B, 3, 32, 32) for the ``InputLayer``.
+    unroll_scan : bool
+        Unroll the LSTM's 3n steps into the graph (default, faster here) instead of
+        ``theano.scan``; the same function either way.
 
     Returns
     -------
@@ -126,7 +134,7 @@ def build(cfg: ModelConfig, seed: int = 0, input_var=None):
     if cfg.memory:
         seq = ConcatLayer(taps, axis=1, name="taps")  # (B, 3n·I), shallow first
         seq = ReshapeLayer(seq, ([0], cfg.taps, cfg.lstm_input), name="seq")  # (B, 3n, I)
-        hid = _lstm(seq, cfg)  # (B, 3n, H)
+        hid = _lstm(seq, cfg, unroll_scan)  # (B, 3n, H)
         h_last = SliceLayer(hid, indices=-1, axis=1, name="h_last")  # (B, H)
         features = ConcatLayer([features, h_last], axis=1, name="features")  # (B, 64k + H)
     dense_w = init.HeNormal(gain=1.0) if cfg.dense_init == "he" else init.GlorotUniform()
