@@ -15,7 +15,7 @@ and Table 2's five-repetition figure for ``t2-crmn32x4`` (section 4.2: 77.65 ± 
 model on validation 78.27) is recomputed from the seeds present.
 
 Plots follow the paper's Figure 3 (section 4.1): left, training loss per epoch of the final
-run; right, test error (%) per epoch of the final run. ``figure3.png`` overlays the last row
+run; right, test error (%) per epoch of the final run; dotted lines mark the learning-rate drops. ``figure3.png`` overlays the last row
 of each block of Table 1 (or every row present when none of those is); ``curves_<row>.png``
 shows each row present with all its seeds.
 """
@@ -300,7 +300,9 @@ def _curves(run: SeedRun):
     loss = [r.get("train_loss") for r in recs]
     err = [100.0 * (1.0 - r["eval_acc"]) for r in recs if r.get("eval_acc") is not None]
     ep_err = [e for e, r in zip(ep, recs) if r.get("eval_acc") is not None]
-    return ep, loss, ep_err, err, phase
+    # first epoch of each new learning-rate stage: where the plateau schedule dropped the lr
+    drops = [e for e, a, b in zip(ep[1:], recs, recs[1:]) if b.get("stage") != a.get("stage")]
+    return ep, loss, ep_err, err, phase, drops
 
 
 def _plot(series, title: str, path: Path) -> None:
@@ -309,17 +311,24 @@ def _plot(series, title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, run in series:
-        ep, loss, ep_err, err, phase = _curves(run)
+        ep, loss, ep_err, err, phase, drops = _curves(run)
         tag = label if phase == "final" else f"{label} (search run, val)"
-        ax_l.plot(ep, loss, label=tag, lw=1.4)
-        ax_r.plot(ep_err, err, label=tag, lw=1.4)
+        marker = "o" if len(ep) <= 40 else None  # short runs: show the epochs themselves
+        line, = ax_l.plot(ep, loss, label=tag, lw=1.4, marker=marker, ms=3)
+        ax_r.plot(ep_err, err, label=tag, lw=1.4, marker=marker, ms=3)
+        for e in drops:  # dotted: learning-rate drops, in the run's colour
+            for ax in (ax_l, ax_r):
+                ax.axvline(e - 0.5, color=line.get_color(), ls=":", lw=1, alpha=0.6)
     ax_l.set(xlabel="epoch of the final run", ylabel="training loss (cross-entropy)",
              title="Training set learning curves")
     ax_r.set(xlabel="epoch of the final run", ylabel="test error (%)",
              title="Test set error during final optimisation")
     for ax in (ax_l, ax_r):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)

@@ -133,3 +133,28 @@ def test_params_json_real_backend(backend, capsys):
     cells = [c.strip() for c in lines[0].split("|")[1:-1]]
     assert cells[0] == "t3-crmn56x3" and cells[-1] == ""  # the paper gives no count: blank
     assert int(cells[2].replace(",", "")) > 0
+
+
+def test_smoke_end_to_end(tmp_path):
+    """`smoke` as a user runs it: fake data, real loader/sampler/schedule/training/report."""
+    pytest.importorskip("modern.backend")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, "-m", "crmn.cli", "smoke", "--backend", "torch",
+                        "--epochs-cap", "1", "--no-progress", "--out-dir", str(tmp_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    run = tmp_path / "smoke" / "tiny-crmn-n1-k0.5" / "seed0"
+    for name in ("config.json", "log.jsonl", "checkpoint.h5", "best.h5", "summary.json"):
+        assert (run / name).is_file(), name
+    assert f"smoke: run        {run}" in p.stdout
+    assert f"smoke: report     {tmp_path / 'smoke' / 'REPORT.md'}" in p.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    assert summary["status"] == "done" and config["backend"] == "torch"
+    assert config["model"]["n"] == 1 and config["model"]["k"] == 0.5
+    # search run over 3 lr stages, each capped at 1 epoch, then the final run
+    phases = [json.loads(l)["phase"] for l in (run / "log.jsonl").read_text().splitlines()]
+    assert phases.count("search") == 3 and 1 <= phases.count("final") <= 3
+    report = (tmp_path / "smoke" / "REPORT.md").read_text()
+    assert "tiny-crmn-n1-k0.5" in report and "done 1/1" in report
+    assert (tmp_path / "smoke" / "figure3.png").is_file()
