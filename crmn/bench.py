@@ -46,7 +46,8 @@ def _rows(spec: Optional[str]) -> List[paper.Row]:
 
 
 def bench_row(row: paper.Row, backend: str, device: str, precision: str, steps: int,
-              warmup: int = 3, batch_size: Optional[int] = None, seed: int = 0) -> Dict:
+              warmup: int = 3, batch_size: Optional[int] = None, seed: int = 0,
+              compile: bool = False) -> Dict:
     """Time ``steps`` SGD steps of ``row``; returns the figures of one table line.
 
     Returns
@@ -63,7 +64,14 @@ def bench_row(row: paper.Row, backend: str, device: str, precision: str, steps: 
     if batch_size is not None:
         train = TrainConfig(batch_size=batch_size, lr_stages=row.lr_stages, seed=seed)
     B = train.batch_size
-    be = make_backend(backend, model, train, device=device, dtype=precision)
+    if compile:
+        if backend != "torch":
+            raise ConfigError("--compile needs --backend torch")
+        from modern.backend import TorchBackend
+
+        be = TorchBackend(model, train, device=device, dtype=precision, compile=True)
+    else:
+        be = make_backend(backend, model, train, device=device, dtype=precision)
     rng = np.random.default_rng(seed)
 
     def sampler(n_steps):
@@ -86,7 +94,7 @@ def bench_row(row: paper.Row, backend: str, device: str, precision: str, steps: 
     theirs = row.paper_sec_per_epoch
     return {
         "row": row.id, "label": row.label, "backend": backend, "device": be.device,
-        "precision": precision, "batch_size": B, "steps": steps, "warmup_s": warmup_s,
+        "precision": precision + ("+compile" if compile else ""), "batch_size": B, "steps": steps, "warmup_s": warmup_s,
         "seconds": seconds, "images_per_s": ips, "sec_per_epoch": ours,
         "paper_sec_per_epoch": theirs,
         "speedup": (theirs / ours) if theirs else None, "loss": stats.loss,
@@ -117,6 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="steps of the untimed-in-the-rate warm-up epoch (default 3)")
     ap.add_argument("--precision", choices=PRECISIONS, default="float32",
                     help="float32 (default; TF32 on CUDA), float64, or bfloat16 autocast")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch only: torch.compile the forward inside the captured step")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="override the row's batch size (for quick looks; default: the paper's)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the results as "
@@ -128,12 +138,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               f"{args.warmup}")
         rows = _rows(args.rows)
         print(f"# crmn.bench: backend {args.backend}, device {args.device}, precision "
-              f"{args.precision}, {args.steps} timed steps per row; python "
+              f"{args.precision}{' + torch.compile' if args.compile else ''}, {args.steps} timed steps per row; python "
               f"{platform.python_version()}, numpy {np.__version__}", flush=True)
         results = []
         for row in rows:
             r = bench_row(row, args.backend, args.device, args.precision, args.steps,
-                          warmup=args.warmup, batch_size=args.batch_size)
+                          warmup=args.warmup, batch_size=args.batch_size,
+                          compile=args.compile)
             print(f"# {row.id}: {r['images_per_s']:.0f} img/s, {r['sec_per_epoch']:.2f} s per "
                   f"epoch on {r['device']}", flush=True)
             results.append(r)

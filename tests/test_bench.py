@@ -1,0 +1,39 @@
+"""crmn/bench.py: the speed table on a small row, a few steps, on the CPU."""
+import json
+
+import pytest
+
+from crmn import bench, paper
+
+
+def test_bench_prints_and_writes_the_row(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = bench.main(["--rows", "t1-resnet32x1", "--steps", "2", "--warmup", "1",
+                     "--batch-size", "4", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "t1-resnet32x1" in text and "ResNet-32x1" in text and "125" in text
+    (r,) = json.loads(out.read_text())
+    row = next(x for x in paper.TABLE1 if x.id == "t1-resnet32x1")
+    assert r["backend"] == "torch" and r["device"] == "cpu" and r["batch_size"] == 4
+    assert r["steps"] == 2 and r["seconds"] > 0 and r["warmup_s"] > 0
+    assert r["images_per_s"] == pytest.approx(2 * 4 / r["seconds"])
+    assert r["sec_per_epoch"] == pytest.approx(50_000 / r["images_per_s"])
+    assert r["paper_sec_per_epoch"] == row.paper_sec_per_epoch
+    assert r["speedup"] == pytest.approx(row.paper_sec_per_epoch / r["sec_per_epoch"])
+
+
+def test_bench_rejects_bad_input(capsys):
+    assert bench.main(["--rows", "t1-nope", "--steps", "1"]) == 2
+    assert "t1-nope" in capsys.readouterr().err
+    assert bench.main(["--rows", "t1-resnet32x1", "--steps", "0"]) == 2
+    assert bench.main(["--rows", "t1-resnet32x1", "--steps", "1", "--backend", "theano",
+                       "--compile"]) == 2
+
+
+def test_format_table_without_paper_seconds():
+    r = {"row": "t2-crmn28x10", "label": "CRMN-28x10", "batch_size": 50, "images_per_s": 10.0,
+         "sec_per_epoch": 5000.0, "paper_sec_per_epoch": None, "speedup": None,
+         "warmup_s": 1.0}
+    line = bench.format_table([r]).splitlines()[-1]
+    assert line.split()[:3] == ["t2-crmn28x10", "CRMN-28x10", "50"] and " - " in line

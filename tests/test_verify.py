@@ -1,0 +1,55 @@
+"""crmn/verify.py: the comparison machinery, and both stacks on tiny configurations."""
+import numpy as np
+import pytest
+
+from crmn import verify
+from crmn.config import ModelConfig, TrainConfig
+from modern.backend import TorchBackend
+
+TINY_RESNET = ModelConfig(n=1, k=0.5, classes=10, memory=False)
+TINY_CRMN = ModelConfig(n=1, k=0.5, classes=10, memory=True)
+
+
+def test_rel_diff():
+    b = np.array([1.0, -4.0, 2.0])
+    assert verify.rel_diff(b, b) == 0
+    assert verify.rel_diff(b + [0, 0, 0.004], b) == pytest.approx(1e-3)
+    assert verify.rel_diff(np.zeros(2), np.zeros(2)) == 0
+    assert verify.rel_diff(np.ones(2), np.zeros(2)) == 1  # absolute against zeros
+    assert verify.rel_diff(np.ones(3), np.ones(2)) == np.inf
+
+
+def test_compare_passes_on_equal_backends_and_catches_a_difference():
+    train = TrainConfig(batch_size=4)
+    a = TorchBackend(TINY_CRMN, train, dtype="float64")
+    b = TorchBackend(TINY_CRMN, TrainConfig(batch_size=4, seed=9), dtype="float64")
+    same = verify._compare("same", a, b, TINY_CRMN, 4, 0.1, 0, verify.TOLERANCE)
+    assert same.passed and max(same.diffs.values()) == 0  # b got a's state: bit-equal
+    # the output gate's nonlinearity is a real modelling choice: verify must see it
+    other_cfg = ModelConfig(n=1, k=0.5, classes=10, memory=True, outgate="tanh")
+    c = TorchBackend(other_cfg, train, dtype="float64")
+    a2 = TorchBackend(TINY_CRMN, train, dtype="float64")
+    diff = verify._compare("outgate", a2, c, TINY_CRMN, 4, 0.1, 0, verify.TOLERANCE)
+    assert not diff.passed and diff.diffs["logits (training)"] > 1e-6
+    # BN statistics depend only on the ResNet part, which is the same
+    assert diff.diffs["BN stats after step"] == 0
+
+
+def test_main_rejects_unknown_rows(capsys):
+    assert verify.main(["--rows", "t9-nothing"]) == 2
+    assert "t9-nothing" in capsys.readouterr().err
+
+
+def _stacks_result(cfg, name):
+    pytest.importorskip("theano")
+    return verify.verify([(name, cfg, TrainConfig(batch_size=4))], out=lambda s: None)[0]
+
+
+def test_stacks_agree_resnet():
+    r = _stacks_result(TINY_RESNET, "resnet")
+    assert r.passed, r.diffs
+
+
+def test_stacks_agree_crmn():
+    r = _stacks_result(TINY_CRMN, "crmn")
+    assert r.passed, r.diffs
