@@ -158,3 +158,15 @@ def test_smoke_end_to_end(tmp_path):
     report = (tmp_path / "smoke" / "REPORT.md").read_text()
     assert "tiny-crmn-n1-k0.5" in report and "done 1/1" in report
     assert (tmp_path / "smoke" / "figure3.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["verify", "bench"])
+def test_verify_and_bench_get_their_argv(name, capsys):
+    """Everything after the command name goes to crmn.<name>.main untouched."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main([name, "--help"])
+    assert exc.value.code == 0
+    assert f"python -m crmn.{name}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        cli.main([name, "--no-such-option"])
+    assert exc.value.code == 2
