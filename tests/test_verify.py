@@ -41,7 +41,7 @@ def test_main_rejects_unknown_rows(capsys):
 
 
 def _stacks_result(cfg, name):
-    pytest.importorskip("theano")
+    pytest.importorskip("original.backend")  # compat bridges before theano
     return verify.verify([(name, cfg, TrainConfig(batch_size=4))], out=lambda s: None)[0]
 
 
