@@ -134,10 +134,54 @@ def verify_device(cfg: ModelConfig, train: TrainConfig, name: str, device: str =
     out = [_compare(f"{name} [{device} float32 vs cpu float64]", cpu, gpu, cfg,
                     train.batch_size, lr, seed, tol)]
     eager = TorchBackend(cfg, train, device=device, dtype="float32", graph=False, tf32=False)
-    graph = TorchBackend(cfg, train, device=device, dtype="float32", graph=True, tf32=False)
+    on_gpu = torch.device(device).type == "cuda"  # on a CPU both run the plain loop
+    graph = TorchBackend(cfg, train, device=device, dtype="float32", graph=on_gpu, tf32=False)
     out.append(_compare(f"{name} [{device} graph vs eager]", eager, graph, cfg,
                         train.batch_size, lr, seed, tol, steps=3))
+    out.append(_verify_epoch(cfg, train, name, device, lr, seed, tol))
     return out
+
+
+def _verify_epoch(cfg: ModelConfig, train: TrainConfig, name: str, device: str, lr: float,
+                  seed: int, tol: float) -> Result:
+    """The GPU epoch path (resident data, batched gather, graph) against the CPU sampler.
+
+    The gathered batches must equal ``BatchSampler.epoch``'s bit for bit; one epoch through
+    ``train_epoch`` must end where eager ``train_step`` calls over the sampler's batches end.
+    """
+    import torch
+
+    from crmn.data import BatchSampler
+    from modern import gpu as gpu_data
+    from modern.backend import TorchBackend
+
+    B = train.batch_size
+    rng = np.random.default_rng(seed)
+    n = 3 * B + B // 2  # three full batches and a dropped remainder
+    x = rng.standard_normal((n, 3, 32, 32), dtype=np.float32)
+    y = rng.integers(0, cfg.classes, n).astype(np.int64)
+    sampler = BatchSampler(x, y, B, seed=seed, pad=train.pad, flip=True)
+    res = Result(f"{name} [{device} epoch: resident gather + graph vs sampler + eager]",
+                 tolerance=tol)
+    plan, m = sampler.plan(1), len(sampler) * B
+    data = gpu_data.make_resident(x, y, train.pad, torch.device(device), torch.float32)
+    xe, ye = gpu_data.gather_epoch(data, plan.order[:m], plan.dy[:m], plan.dx[:m],
+                                   plan.flip[:m])
+    xs = np.concatenate([xb for xb, _ in sampler.epoch(1)])
+    ys = np.concatenate([yb for _, yb in sampler.epoch(1)])
+    equal = np.array_equal(xe.cpu().numpy(), xs) and np.array_equal(ye.cpu().numpy(), ys)
+    res.diffs["batches (bit-equal)"] = 0.0 if equal else float("inf")
+    res.worst["batches (bit-equal)"] = "images and labels"
+    on_gpu = torch.device(device).type == "cuda"  # on a CPU both run the plain loop
+    graph = TorchBackend(cfg, train, device=device, dtype="float32", graph=on_gpu, tf32=False)
+    eager = TorchBackend(cfg, train, device=device, dtype="float32", graph=False, tf32=False)
+    stats = graph.train_epoch(sampler, 1, lr)
+    losses = [eager.train_step(xb, yb, lr)[0] for xb, yb in sampler.epoch(1)]
+    res.diffs["epoch loss"] = abs(stats.loss - float(np.mean(losses))) / abs(np.mean(losses))
+    res.worst["epoch loss"] = "mean cross-entropy"
+    res.diffs["state after epoch"], res.worst["state after epoch"] = _worst(
+        graph.get_state(), eager.get_state(), lambda k: True)
+    return res
 
 
 def _configs_from_rows(spec: str, batch_size: int):
