@@ -8,7 +8,7 @@ kernels of one eager step (torch.profiler). ::
     python -m modern.profile_step --rows t1-resnet32x1 --variants fp32,bf16,bf16-native
 
 Variants: ``fp32`` / ``bf16`` (dtype float32 / bfloat16), suffixes ``-cl`` (channels last),
-``-nocl`` (no channels last), ``-native`` (torch's native batch norm instead of cuDNN's),
+``-nocl`` (no channels last), ``-cudnnbn`` (cuDNN batch norm instead of the native one),
 ``-compile`` (torch.compile'd forward inside the graph), ``-notf32``.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _backend(row, variant: str) -> TorchBackend:
         opts["compile"] = True
     if "notf32" in parts:
         opts["tf32"] = False
-    model_mod.BatchNorm.cudnn = "native" not in parts
+    model_mod.BatchNorm.cudnn = "cudnnbn" in parts
     return TorchBackend(ModelConfig.for_row(row), TrainConfig.for_row(row), **opts)
 
 
