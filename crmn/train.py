@@ -401,6 +401,7 @@ def _summary(ctx: _Run, net, row, experiment, used: List[int], extra: Dict) -> D
             "schedule_found": extra["schedule_found"], "schedule_used": list(used),
             "lr_stages": list(ctx.train.lr_stages), "test_loss": test_loss,
             "test_acc": test_acc, "final_epochs": len(final),
-            "sec_per_epoch": float(np.mean([e["seconds"] for e in final])) if final else None,
-            "images_per_s": float(np.mean(rates)) if rates else None,
+            # medians: the first epoch of each process also pays the stack's compilation
+            "sec_per_epoch": float(np.median([e["seconds"] for e in final])) if final else None,
+            "images_per_s": float(np.median(rates)) if rates else None,
             "search_best": extra["search_best"], "status": "done"}
