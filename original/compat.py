@@ -35,6 +35,8 @@ bridge below is one small, named function, applied once by :func:`install` and t
    The CRMN LSTM does not use ``scan`` anyway: the sequence has a fixed length of 3n taps, so
    ``original.model`` builds Lasagne's ``LSTMLayer`` with ``unroll_scan=True``, which was
    measured faster both to run and to differentiate (see ``original/model.py``).
+8. :func:`bridge_recursion_limit` -- Theano recurses over graphs; the deep CRMN graphs
+   need more than Python's default 1000 frames.
 
 :func:`check_compiled_backend` then fails loudly (:class:`crmn.errors.ConfigError`) when
 Theano would run the network's ops through its Python fallbacks: no C++ compiler, empty
@@ -55,6 +57,7 @@ from crmn.errors import ConfigError
 DEBIAN_OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so"
 
 _installed = False
+_probed = False  # check_compiled_backend's probe passed in this process
 
 
 # --- 1. THEANO_FLAGS defaults --------------------------------------------------------------
@@ -216,6 +219,23 @@ def bridge_pkg_resources() -> None:
     sys.modules["pkg_resources"] = module
 
 
+#: Python recursion limit while Theano optimises and compiles (see bridge_recursion_limit)
+RECURSION_LIMIT = 20000
+
+
+def bridge_recursion_limit() -> None:
+    """Raise Python's recursion limit (1000 by default) to :data:`RECURSION_LIMIT`.
+
+    Theano walks and copies graphs recursively while it optimises and compiles them; the
+    gradient of a 32-layer CRMN with its 15 LSTM steps unrolled exceeds 1000 frames
+    (``RecursionError`` in ``theano.function``). Theano's own documentation recommends
+    raising the limit for deep graphs; on CPython 3.11 Python-to-Python calls do not grow
+    the C stack, so a higher limit is safe.
+    """
+    if sys.getrecursionlimit() < RECURSION_LIMIT:
+        sys.setrecursionlimit(RECURSION_LIMIT)
+
+
 def install() -> None:
     """Apply every bridge once; safe to call again. Imports Theano (not Lasagne)."""
     global _installed
@@ -224,6 +244,7 @@ def install() -> None:
     if "theano" not in sys.modules:
         theano_flag_defaults()
     bridge_scan_cython()
+    bridge_recursion_limit()
     bridge_pkg_resources()
     with warnings.catch_warnings():
         # Theano-PyMC warns about its own deprecated aliases at import; not our concern
@@ -269,7 +290,8 @@ def check_compiled_backend(probe: bool = True) -> None:
         raise ConfigError(
             f"Theano mode={mode} linker={cfg.linker} runs ops in Python: use the default "
             f"mode (FAST_RUN) and linker (cvm) in {rc}")
-    if not probe:
+    global _probed
+    if not probe or _probed:
         return
     import numpy as np
     import theano.tensor as T
@@ -283,4 +305,5 @@ def check_compiled_backend(probe: bool = True) -> None:
         raise ConfigError(
             f"Theano compiled a convolution without a BLAS-backed op (got {sorted(ops)}); "
             f"check blas__ldflags={cfg.blas__ldflags!r} in {rc}")
+    _probed = True
 

@@ -140,3 +140,9 @@ def test_check_compiled_backend_fails_loudly(flags, cause):
     assert out.returncode == 0, out.stderr
     line = out.stdout.strip()
     assert line.startswith("ConfigError:") and cause in line and "\n" not in line
+
+
+
+def test_recursion_limit_raised_for_deep_graphs():
+    # the unrolled 32-layer CRMN's gradient fails to compile with Python's default 1000
+    assert sys.getrecursionlimit() >= compat.RECURSION_LIMIT
