@@ -34,8 +34,9 @@ bridge below is one small, named function, applied once by :func:`install` and t
    catches ``ImportError``). We make ``theano.scan.scan_perform_ext`` fail to import at once.
    The CRMN LSTM does not use ``scan`` by default: the sequence has a fixed length of 3n
    taps, so ``original.model`` builds the LSTM with ``unroll_scan=True``. Measured on a
-   2-core CPU (CRMN-32x1, float32, batch 100, training step): unrolled 98 s to compile,
-   3.4 s per step; ``theano.scan`` with the Python loop 204 s and 3.8 s.
+   shared 2-core CPU (CRMN-32x1, float32, batch 100, training step): unrolled 98 s to
+   compile and 3.4 s per step; ``theano.scan`` with the Python loop 80-204 s and 3.8-5.3 s
+   (two runs).
 8. :func:`bridge_recursion_limit` -- Theano recurses over graphs; the deep CRMN graphs
    need more than Python's default 1000 frames.
 

@@ -18,7 +18,7 @@ corrected to eq. 4 by :class:`original.layers.PeepholeLSTMLayer`) built with
 ``unroll_scan=True``: the sequence length 3n is fixed, and the unrolled graph was measured
 faster than ``theano.scan`` on Theano-PyMC + Python 3.11, where scan runs its inner loop in
 Python (``original.compat.bridge_scan_cython``): CRMN-32x1 training step on a 2-core CPU,
-98 s vs 204 s to compile, 3.4 s vs 3.8 s per batch of 100.
+3.4 s per batch of 100 unrolled vs 3.8-5.3 s with scan (compile 98 s vs 80-204 s).
 
 Run ``python -m original.model`` to print the parameter counts of every paper row.
 """
