@@ -220,8 +220,9 @@ def _resume_point(ctx: _Run, resume: bool) -> Optional[Tuple[Dict, Dict]]:
             runlog.rewrite_log(log, [])  # no checkpoint: the run starts over from its seed
         return None
     arrays, meta = checkpoint.load(ckpt)
-    checkpoint.check_compatible(meta, ctx.model, ctx.train, backend=ctx.backend,
-                                dtype=ctx.dtype, dataset=ctx.dataset, path=ckpt)
+    # The backend and dtype may change on resume: both stacks read the canonical format.
+    checkpoint.check_compatible(meta, ctx.model, ctx.train, dataset=ctx.dataset, path=ckpt)
+    _record_resume(ctx, meta)
     order = PHASES.index(meta["phase"])
     kept = [e for e in runlog.read_log(log)
             if PHASES.index(e["phase"]) < order
@@ -229,6 +230,21 @@ def _resume_point(ctx: _Run, resume: bool) -> Optional[Tuple[Dict, Dict]]:
     runlog.rewrite_log(log, kept)
     ctx.say(f"{ctx.run_dir}: resuming {meta['phase']} run after epoch {meta['epoch']}")
     return arrays, meta
+
+
+def _record_resume(ctx: _Run, meta: Dict) -> None:
+    """Note in config.json who continued the run; say so when the stack or dtype changes."""
+    if (meta.get("backend"), meta.get("dtype")) != (ctx.backend, ctx.dtype):
+        ctx.say(f"{ctx.run_dir}: checkpoint written by {meta.get('backend')} "
+                f"({meta.get('dtype')}), continuing with {ctx.backend} ({ctx.dtype})")
+    path = ctx.path(runlog.CONFIG)
+    if path.exists():
+        config = runlog.read_json(path)
+        config.setdefault("resumes", []).append(
+            {"phase": meta["phase"], "after_epoch": meta["epoch"], "backend": ctx.backend,
+             "dtype": ctx.dtype,
+             "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        runlog.write_json(path, config)
 
 
 def _config(ctx: _Run, net, row, experiment, device: str) -> Dict:
