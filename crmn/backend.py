@@ -74,14 +74,21 @@ class Backend(Protocol):
 
 
 def make_backend(name: str, model: ModelConfig, train: TrainConfig, device: str = "cpu",
-                 dtype: str = "float32") -> Backend:
-    """Build the network of ``model`` in stack ``name``, initialised from ``train.seed``."""
+                 dtype: str = "float32", compile: bool = False) -> Backend:
+    """Build the network of ``model`` in stack ``name``, initialised from ``train.seed``.
+
+    ``compile`` (torch only) puts ``torch.compile`` behind the captured CUDA graph; the
+    Theano stack always compiles its graphs.
+    """
     if name == "theano":
+        if compile:
+            raise ConfigError("--compile is an option of the torch backend; the theano "
+                              "backend always compiles its graphs")
         from original.backend import TheanoBackend
 
         return TheanoBackend(model, train, device=device, dtype=dtype)
     if name == "torch":
         from modern.backend import TorchBackend
 
-        return TorchBackend(model, train, device=device, dtype=dtype)
+        return TorchBackend(model, train, device=device, dtype=dtype, compile=compile)
     raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -152,8 +152,13 @@ def _common_parent() -> argparse.ArgumentParser:
                    default=_default(TrainConfig, "schedule"),
                    help="fixed epochs per lr stage, skips the search run (default: "
                         "%(default)s = search)")
-    i.add_argument("--dtype", choices=("float32", "float64"), default=_dtype_default(),
-                   help="floating-point type of the network (default: %(default)s)")
+    i.add_argument("--dtype", choices=("float32", "float64", "bfloat16"),
+                   default=_dtype_default(),
+                   help="floating-point type of the network; bfloat16 (autocast, float32 "
+                        "weights, channels-last) is torch only (default: %(default)s)")
+    i.add_argument("--compile", action="store_true", default=False,
+                   help="torch only: torch.compile behind the captured CUDA graph "
+                        "(default: %(default)s)")
 
     e = p.add_argument_group("expert options (tests, quick looks: the run is then not the "
                              "paper's row)")
@@ -261,6 +266,13 @@ def plan_runs(rows, args) -> List[tuple]:
     return plan
 
 
+def _finished(run_dir: Path) -> bool:
+    from crmn import runlog
+
+    summary = run_dir / runlog.SUMMARY
+    return summary.exists() and runlog.read_json(summary).get("status") == "done"
+
+
 def _train_rows(experiment: str, rows, args, *, data_dir: Path, out_dir: Path,
                 dataset: Optional[str] = None, row_label=None) -> List[Path]:
     """Run crmn.train.run for every row and seed; returns the run directories."""
@@ -274,10 +286,12 @@ def _train_rows(experiment: str, rows, args, *, data_dir: Path, out_dir: Path,
     for row, k, model, train in plan:
         name = row_label(row) if row_label else row.id
         run_dir = out_dir / experiment / name / f"seed{k}"
-        backend = make_backend(args.backend, model, train, args.device, args.dtype)
-        # what actually runs (e.g. "cuda:0 (NVIDIA H100)"); crmn.train stores it in config.json
-        print(f"== {name} seed {k}: {args.backend} on {backend.device}, "
-              f"{backend.param_count():,} parameters -> {run_dir}", flush=True)
+        backend = None
+        if not _finished(run_dir):  # a finished run is skipped by crmn.train: build nothing
+            backend = make_backend(args.backend, model, train, args.device, args.dtype,
+                                   compile=args.compile)
+        # crmn.train prints and stores what actually runs (e.g. "cuda:0 (NVIDIA H100)")
+        print(f"== {name} seed {k} -> {run_dir}", flush=True)
         trainer.run(run_dir, model=model, train=train, dataset=dataset or row.dataset,
                     data_dir=data_dir, backend=args.backend, device=args.device,
                     dtype=args.dtype, row=None if row_label else row.id,

@@ -13,7 +13,9 @@ CRMN_VENV="${CRMN_VENV:-$CRMN_ROOT/.venv}"
 _crmn_die() { echo "ensure_env: $*" >&2; exit 1; }
 
 # Theano links the network's matrix products against a system BLAS (SPEC §3).
-if ! ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so'; then
+# (grep reads all of ldconfig's output: with -q it would exit early, ldconfig would die of
+# SIGPIPE, and pipefail would report OpenBLAS missing at random)
+if ! { ldconfig -p 2>/dev/null || true; } | grep 'libopenblas\.so' >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "ensure_env: installing OpenBLAS (libopenblas-dev) for Theano" >&2
     (apt-get install -y -qq libopenblas-dev >/dev/null 2>&1 \
