@@ -33,16 +33,7 @@ PRECISIONS = ("float32", "float64", "bfloat16")
 
 
 def _rows(spec: Optional[str]) -> List[paper.Row]:
-    if not spec:
-        return list(paper.TABLE1)
-    by_id = {r.id: r for r in paper.ROWS}
-    out = []
-    for rid in spec.split(","):
-        rid = rid.strip()
-        if rid not in by_id:
-            raise ConfigError(f"unknown row id {rid!r} in --rows; known: {', '.join(by_id)}")
-        out.append(by_id[rid])
-    return out
+    return list(paper.select_or_fail(spec, "table1"))
 
 
 def bench_row(row: paper.Row, backend: str, device: str, precision: str, steps: int,

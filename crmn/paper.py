@@ -244,6 +244,16 @@ def select(ids: Optional[str], experiment: Optional[str] = None) -> Tuple[Row, .
     return EXPERIMENTS[experiment]
 
 
+def select_or_fail(ids: Optional[str], experiment: Optional[str] = None) -> Tuple[Row, ...]:
+    """:func:`select`, with an unknown id as a :class:`crmn.errors.ConfigError` (for tools)."""
+    from crmn.errors import ConfigError
+
+    try:
+        return select(ids, experiment)
+    except KeyError as exc:
+        raise ConfigError(f"--rows: {exc.args[0]}") from None
+
+
 if __name__ == "__main__":
     print(f"{'id':18s} {'model':14s} {'data':8s} {'n':>3s} {'bs':>4s} {'params M':>8s} "
           f"{'s/ep':>5s} {'acc %':>6s}  lr stages")

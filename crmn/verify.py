@@ -29,7 +29,7 @@ import numpy as np
 
 from crmn import paper
 from crmn.config import ModelConfig, TrainConfig
-from crmn.errors import ConfigError, CRMNError
+from crmn.errors import CRMNError
 
 TOLERANCE = 1e-6
 #: float32 (GPU) checks of a state *change*: gradients through batch norm are near-cancelling
@@ -227,15 +227,8 @@ def _verify_epoch(cfg: ModelConfig, train: TrainConfig, name: str, device: str, 
 
 
 def _configs_from_rows(spec: str, batch_size: int):
-    by_id = {r.id: r for r in paper.ROWS}
-    out = []
-    for rid in spec.split(","):
-        rid = rid.strip()
-        if rid not in by_id:
-            raise ConfigError(f"unknown row id {rid!r} in --rows; known: {', '.join(by_id)}")
-        row = by_id[rid]
-        out.append((rid, ModelConfig.for_row(row), TrainConfig(batch_size=batch_size)))
-    return out
+    return [(row.id, ModelConfig.for_row(row), TrainConfig(batch_size=batch_size))
+            for row in paper.select_or_fail(spec)]
 
 
 def verify(configs: Optional[Sequence[Union[str, Tuple[str, ModelConfig, TrainConfig]]]] = None,

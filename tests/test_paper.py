@@ -66,3 +66,11 @@ def test_stage_shapes_and_names():
     names = [s.name for s in param_specs(ModelConfig(2, 0.5, 10, True))]
     assert names[0] == "conv0.W" and "s3b1.bn2.inv_std" in names and names[-1] == "fc.b"
     assert "lstm.w_ci" in names and "lstm.w_cc" not in names
+
+
+def test_tools_get_a_config_error_naming_the_unknown_row():
+    from crmn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="t9-nope"):
+        paper.select_or_fail("t9-nope")
+    assert paper.select_or_fail(None, "table1") == paper.TABLE1
