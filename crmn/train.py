@@ -142,7 +142,11 @@ def run(run_dir, *, model: ModelConfig, train: TrainConfig, dataset: str, data_d
     finished = _finished_summary(ctx, resume)
     if finished is not None:
         return finished
-    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{ctx.run_dir}: cannot create the run directory "
+                          f"({e.strerror or e}); choose another --out-dir") from None
     _remove_stale_temporaries(ctx.run_dir)
     if backend_factory is None and backend_obj is None:
         from crmn.backend import make_backend

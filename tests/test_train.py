@@ -311,3 +311,11 @@ def test_sampler_seeds_are_per_phase_and_deterministic():
     s = trainer.sampler_seed(0, "search")
     assert s == trainer.sampler_seed(0, "search")
     assert len({s, trainer.sampler_seed(0, "final"), trainer.sampler_seed(1, "search")}) == 3
+
+
+def test_unwritable_out_dir_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="cannot create the run directory"):
+        run_toy(blocker / "runs" / "seed0")
+    assert blocker.read_text() == "not a folder"
