@@ -198,7 +198,8 @@ def _finished_summary(ctx: _Run, resume: bool) -> Optional[Dict]:
             return summary
     if resume:
         return None
-    for name in (runlog.CHECKPOINT, runlog.LOG, runlog.BEST, runlog.CONFIG):
+    # config.json alone (e.g. the data could not be downloaded) means nothing was trained
+    for name in (runlog.CHECKPOINT, runlog.LOG, runlog.BEST):
         if ctx.path(name).exists():
             raise ConfigError(f"{ctx.path(name)}: an unfinished run is already here; pass "
                               f"--resume to continue it, or delete {ctx.run_dir} to start over")

@@ -319,3 +319,13 @@ def test_unwritable_out_dir_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot create the run directory"):
         run_toy(blocker / "runs" / "seed0")
     assert blocker.read_text() == "not a folder"
+
+
+def test_a_run_that_never_trained_can_be_started_again(tmp_path):
+    """A failure before the first epoch (say, a failed download) leaves config.json only."""
+    run_dir = tmp_path / "seed0"
+    run_dir.mkdir()
+    runlog.write_json(run_dir / "config.json", {"row": "earlier attempt"})
+    summary = run_toy(run_dir)
+    assert summary["status"] == "done"
+    assert runlog.read_json(run_dir / "config.json")["row"] != "earlier attempt"
