@@ -62,3 +62,20 @@ def test_epoch_check_runs_on_cpu():
                              1e-4)
     assert r.passed, r.diffs
     assert r.diffs["batches (bit-equal)"] == 0 and r.diffs["state after epoch"] == 0
+
+
+def test_device_checks_run_on_cpu():
+    # on a GPU: float64 exactness (device vs CPU, captured graph vs eager, the GPU epoch) and
+    # float32 rounding figures; on the CPU the same code paths run with the graph off
+    results = verify.verify_device(TINY_CRMN, TrainConfig(batch_size=4), "tiny", "cpu")
+    names = [r.name for r in results]
+    assert len(results) == 5 and all(r.passed for r in results), [r.diffs for r in results]
+    assert "float64 vs cpu float64" in names[0] and "float64: graph vs eager" in names[1]
+    assert "float64 epoch" in names[2] and "float32 vs cpu float64" in names[3]
+    for r in results[:3]:  # float64: strict tolerance, array by array
+        assert r.tol("params after step" if "epoch" not in r.name else "state after epoch") \
+            == verify.TOLERANCE
+        assert max(r.diffs.values()) == 0  # the same CPU kernels: bit-equal
+    # float32 against float64 sees rounding, and only rounding
+    assert 0 < results[3].diffs["logits (training)"] < verify.TOLERANCE_F32
+    assert results[3].tol("params after step") == verify.UPDATE_TOLERANCE_F32
