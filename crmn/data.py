@@ -41,6 +41,8 @@ download NAME`` to fetch a dataset, ``python -m crmn.data fake NAME DIR`` to wri
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import http.client
 import os
@@ -291,7 +293,8 @@ def ensure_downloaded(name: str, data_dir: PathLike, progress: bool = True,
     ``<file>.part`` and is renamed to ``<file>`` only after its MD5 matches, so a file at its
     final name is a verified one: it is never downloaded again and never deleted. A CIFAR
     archive found on disk is hashed before extraction; a mismatch stops with a
-    :class:`DataError` and leaves the file alone.
+    :class:`DataError` and leaves the file alone. Runs sharing ``data_dir`` take turns
+    (:func:`_download_lock`): one downloads, the others wait and then use its files.
     """
     info = dataset_info(name)
     data_dir = Path(data_dir)
@@ -299,6 +302,36 @@ def ensure_downloaded(name: str, data_dir: PathLike, progress: bool = True,
     if data_dir.is_dir() and not _missing(folder, info):
         return folder
     _ensure_writable(data_dir)
+    with _download_lock(data_dir, info, progress):
+        if not _missing(folder, info):  # another process finished it while we waited
+            return folder
+        return _download_and_extract(info, data_dir, folder, mirror, progress, timeout)
+
+
+@contextlib.contextmanager
+def _download_lock(data_dir: Path, info: DatasetInfo, progress: bool):
+    """Hold ``data_dir/.<name>.lock`` so that two runs never write the same ``.part`` file.
+
+    A second run (another seed or row started beside the first) waits here, then finds the
+    dataset complete. The lock is ``flock``'s: the system drops it when its holder dies.
+    """
+    path = data_dir / f".{info.name}.lock"
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"waiting for another process to finish downloading {info.name} into "
+                      f"{data_dir} (lock {path})", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _download_and_extract(info: DatasetInfo, data_dir: Path, folder: Path,
+                          mirror: Optional[str], progress: bool, timeout: float) -> Path:
     base = mirror or os.environ.get(MIRROR_ENV) or info.base_url
     for fname, md5 in info.archives:
         target = (data_dir if info.extract else folder) / fname

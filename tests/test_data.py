@@ -359,10 +359,34 @@ def test_checksum_failure_removes_the_part_file_and_a_retry_succeeds(
     _set_md5(monkeypatch, "cifar10", "0" * 32)
     with pytest.raises(DataError, match=r"checksum mismatch for .*cifar-10-python\.tar\.gz"):
         data.ensure_downloaded("cifar10", tmp_path, progress=False, mirror=data_server.url)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cifar10.lock"]
     _use_archive(monkeypatch, "cifar10", data_cifar10_archive)
     data.ensure_downloaded("cifar10", tmp_path, progress=False, mirror=data_server.url)
     assert (tmp_path / "cifar-10-batches-py" / "test_batch").is_file()
+
+
+def test_a_second_download_waits_for_the_first_and_fetches_nothing(
+        tmp_path, data_server, monkeypatch, data_cifar10_archive, capfd):
+    # two runs started side by side share one data dir: the second waits on the lock, then
+    # finds the folder complete instead of writing the same .part file
+    _use_archive(monkeypatch, "cifar10", data_cifar10_archive)
+    data_server.serve(data_cifar10_archive)
+    info = data.DATASETS["cifar10"]
+    results = []
+    with data._download_lock(tmp_path, info, progress=False):
+        t = threading.Thread(target=lambda: results.append(data.ensure_downloaded(
+            "cifar10", tmp_path, progress=True, mirror=data_server.url)))
+        t.start()
+        t.join(timeout=2.0)
+        assert t.is_alive() and results == []  # blocked while the lock is held
+        assert "waiting for another process to finish downloading cifar10" in \
+            capfd.readouterr().err
+        # the "first" run completes the dataset while holding the lock
+        data._download_and_extract(info, tmp_path, tmp_path / info.folder, data_server.url,
+                                   False, 10.0)
+    t.join(timeout=30.0)
+    assert results == [tmp_path / "cifar-10-batches-py"]
+    assert data_server.requests == ["cifar-10-python.tar.gz"]  # fetched once, by the first
 
 
 def test_a_verified_archive_on_disk_is_never_deleted(tmp_path, data_server, monkeypatch,
