@@ -38,7 +38,7 @@ def _rows(spec: Optional[str]) -> List[paper.Row]:
 
 def bench_row(row: paper.Row, backend: str, device: str, precision: str, steps: int,
               warmup: int = 3, batch_size: Optional[int] = None, seed: int = 0,
-              compile: bool = False) -> Dict:
+              compile: bool = False, channels_last: Optional[bool] = None) -> Dict:
     """Time ``steps`` SGD steps of ``row``; returns the figures of one table line.
 
     Returns
@@ -55,14 +55,17 @@ def bench_row(row: paper.Row, backend: str, device: str, precision: str, steps: 
     if batch_size is not None:
         train = TrainConfig(batch_size=batch_size, lr_stages=row.lr_stages, seed=seed)
     B = train.batch_size
-    if compile:
+    if compile or channels_last is not None:
         if backend != "torch":
-            raise ConfigError("--compile needs --backend torch")
+            raise ConfigError("--compile and --channels-last/--channels-first need "
+                              "--backend torch")
         from modern.backend import TorchBackend
 
-        be = TorchBackend(model, train, device=device, dtype=precision, compile=True)
+        be = TorchBackend(model, train, device=device, dtype=precision, compile=compile,
+                          channels_last=channels_last)
     else:
         be = make_backend(backend, model, train, device=device, dtype=precision)
+    layout = "channels-last" if getattr(be, "channels_last", False) else "channels-first"
     rng = np.random.default_rng(seed)
 
     def sampler(n_steps):
@@ -85,7 +88,8 @@ def bench_row(row: paper.Row, backend: str, device: str, precision: str, steps: 
     theirs = row.paper_sec_per_epoch
     return {
         "row": row.id, "label": row.label, "backend": backend, "device": be.device,
-        "precision": precision + ("+compile" if compile else ""), "batch_size": B, "steps": steps, "warmup_s": warmup_s,
+        "precision": precision + ("+compile" if compile else ""), "layout": layout,
+        "batch_size": B, "steps": steps, "warmup_s": warmup_s,
         "seconds": seconds, "images_per_s": ips, "sec_per_epoch": ours,
         "paper_sec_per_epoch": theirs,
         "speedup": (theirs / ours) if theirs else None, "loss": stats.loss,
@@ -118,6 +122,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="float32 (default; TF32 on CUDA), float64, or bfloat16 autocast")
     ap.add_argument("--compile", action="store_true",
                     help="torch only: torch.compile the forward inside the captured step")
+    layout = ap.add_mutually_exclusive_group()
+    layout.add_argument("--channels-last", dest="channels_last", action="store_const",
+                        const=True, default=None,
+                        help="torch only: NHWC activations and filters (default: with "
+                        "bfloat16 only)")
+    layout.add_argument("--channels-first", dest="channels_last", action="store_const",
+                        const=False, help="torch only: NCHW even with bfloat16")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="override the row's batch size (for quick looks; default: the paper's)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the results as "
@@ -128,16 +139,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError(f"--steps and --warmup must be >= 1, got {args.steps}, "
                               f"{args.warmup}")
         rows = _rows(args.rows)
+        setting = args.precision + (" + torch.compile" if args.compile else "")
         print(f"# crmn.bench: backend {args.backend}, device {args.device}, precision "
-              f"{args.precision}{' + torch.compile' if args.compile else ''}, {args.steps} timed steps per row; python "
+              f"{setting}, {args.steps} timed steps per row; python "
               f"{platform.python_version()}, numpy {np.__version__}", flush=True)
         results = []
         for row in rows:
             r = bench_row(row, args.backend, args.device, args.precision, args.steps,
                           warmup=args.warmup, batch_size=args.batch_size,
-                          compile=args.compile)
+                          compile=args.compile, channels_last=args.channels_last)
             print(f"# {row.id}: {r['images_per_s']:.0f} img/s, {r['sec_per_epoch']:.2f} s per "
-                  f"epoch on {r['device']}", flush=True)
+                  f"epoch on {r['device']}, {r['layout']}", flush=True)
             results.append(r)
         print(format_table(results))
         if args.json:

@@ -16,6 +16,7 @@ def test_bench_prints_and_writes_the_row(tmp_path, capsys):
     (r,) = json.loads(out.read_text())
     row = next(x for x in paper.TABLE1 if x.id == "t1-resnet32x1")
     assert r["backend"] == "torch" and r["device"] == "cpu" and r["batch_size"] == 4
+    assert r["layout"] == "channels-first" and r["precision"] == "float32"
     assert r["steps"] == 2 and r["seconds"] > 0 and r["warmup_s"] > 0
     assert r["images_per_s"] == pytest.approx(2 * 4 / r["seconds"])
     assert r["sec_per_epoch"] == pytest.approx(50_000 / r["images_per_s"])
@@ -29,6 +30,18 @@ def test_bench_rejects_bad_input(capsys):
     assert bench.main(["--rows", "t1-resnet32x1", "--steps", "0"]) == 2
     assert bench.main(["--rows", "t1-resnet32x1", "--steps", "1", "--backend", "theano",
                        "--compile"]) == 2
+    assert bench.main(["--rows", "t1-resnet32x1", "--steps", "1", "--backend", "theano",
+                       "--channels-last"]) == 2
+    assert "--backend torch" in capsys.readouterr().err
+
+
+def test_bench_channels_last_is_the_layout_trained(capsys):
+    r = bench.bench_row(paper.select("t1-resnet32x1")[0], "torch", "cpu", "float32", 1,
+                        warmup=1, batch_size=2, channels_last=True)
+    assert r["layout"] == "channels-last"
+    assert bench.main(["--rows", "t1-resnet32x1", "--steps", "1", "--warmup", "1",
+                       "--batch-size", "2", "--channels-last"]) == 0
+    assert "channels-last" in capsys.readouterr().out
 
 
 def test_format_table_without_paper_seconds():
