@@ -22,13 +22,16 @@ shows each row present with all its seeds.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TextIO
 
 from crmn import paper, runlog
+from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import CRMNError, DataError
 
 #: Last row of each block of four in Table 1: the models of the paper's Figure 3.
@@ -72,11 +75,41 @@ class SeedRun:
         return max(vals) if vals else None
 
     def sec_per_epoch(self) -> Optional[float]:
-        """Summary's mean final-run epoch time; while running, the mean of logged epochs."""
+        """The summary's median final-run epoch time; while running, the median of the
+        logged final-run epochs (of all logged epochs before the final run starts)."""
         if self.done and self.summary.get("sec_per_epoch") is not None:
             return float(self.summary["sec_per_epoch"])
-        secs = [r["seconds"] for r in self.log if "seconds" in r]
-        return sum(secs) / len(secs) if secs else None
+        recs = self.phase_log("final") or self.log
+        secs = [r["seconds"] for r in recs if "seconds" in r]
+        return statistics.median(secs) if secs else None
+
+    def notes(self, row: Optional[paper.Row]) -> List[str]:
+        """What makes this run other than ``row`` as published (from config.json).
+
+        Fake data, a cap on the epochs per stage, a fixed schedule instead of the search,
+        and every model or protocol field that differs from the row's defaults.
+        """
+        config = self.run.config
+        out = []
+        if config.get("fake_data") or (self.summary or {}).get("fake_data"):
+            out.append("FAKE DATA")
+        train = config.get("train") or {}
+        if train.get("max_epochs") is not None:
+            out.append(f"epochs capped at {train['max_epochs']} per stage")
+        if train.get("schedule") is not None:
+            out.append("fixed schedule " + ",".join(str(e) for e in train["schedule"]))
+        if row is None:
+            return out
+        published = {"model": ModelConfig.for_row(row).to_dict(),
+                     "train": TrainConfig.for_row(row).to_dict()}
+        for section, want in published.items():
+            have = config.get(section) or {}
+            for key, value in want.items():
+                if key in ("max_epochs", "schedule", "seed") or key not in have:
+                    continue
+                if _plain(have[key]) != _plain(value):
+                    out.append(f"{key} {_plain(have[key])} (row: {_plain(value)})")
+        return out
 
 
 def load_seed_run(path: Path) -> SeedRun:
@@ -108,6 +141,13 @@ class RowRuns:
         """Test accuracies in % of the finished seeds."""
         return [100.0 * float(r.summary["test_acc"]) for r in self.finished]
 
+    def notes(self) -> List[str]:
+        """Every seed's :meth:`SeedRun.notes`, each note once."""
+        out = []
+        for r in self.runs:
+            out += [n for n in r.notes(self.row) if n not in out]
+        return out
+
     def status(self) -> str:
         if not self.runs:
             return "missing"
@@ -125,8 +165,8 @@ class RowRuns:
 def collect(directory: Path) -> Dict[str, List[RowRuns]]:
     """Runs below ``directory``, grouped by experiment then row, paper rows first.
 
-    ``directory`` is an experiment folder (``runs/table1``) or a folder of them (``runs``).
-    Rows of a known experiment (:data:`crmn.paper.EXPERIMENTS`) without runs appear with no
+    ``directory`` is an experiment folder (``runs/table1``) or a folder of them (``runs``);
+    one without any run is a :class:`DataError`. Rows of a known experiment (:data:`crmn.paper.EXPERIMENTS`) without runs appear with no
     seeds, i.e. as missing.
     """
     directory = Path(directory)
@@ -134,6 +174,9 @@ def collect(directory: Path) -> Dict[str, List[RowRuns]]:
         raise DataError(f"no run directory at {directory}")
     seed_dirs = [p for p in runlog.find_runs(directory)
                  if p.name.startswith("seed") and p.parent != directory]
+    if not seed_dirs:
+        raise DataError(f"no runs below {directory} (run directories look like "
+                        f"<experiment>/<row>/seed<k>/ with a config.json)")
     grouped: Dict[str, Dict[str, RowRuns]] = {}
     for sd in seed_dirs:
         run = load_seed_run(sd)
@@ -154,6 +197,11 @@ def collect(directory: Path) -> Dict[str, List[RowRuns]]:
             rr.runs.sort(key=lambda s: s.seed)
         out[exp] = ordered
     return out
+
+
+def _plain(value):
+    """JSON's view of a value (tuples as lists), so config.json compares with a dataclass."""
+    return json.loads(json.dumps(value))
 
 
 # ---------------------------------------------------------------------------------------
@@ -199,12 +247,13 @@ def row_line(rr: RowRuns) -> Dict[str, str]:
         "model": row.label if row else "",
         "params": _fmt(params / 1e6 if params is not None else None, ".2f"),
         "paper_params": _fmt(row.paper_params_m if row else None),
-        "sec": (f"{sum(secs) / len(secs):.1f} ({', '.join(devices)})" if secs else ""),
+        "sec": (f"{statistics.median(secs):.1f} ({', '.join(devices)})" if secs else ""),
         "paper_sec": _fmt(row.paper_sec_per_epoch if row else None, "g"),
         "acc": acc,
         "paper_acc": paper_acc_s,
         "delta": f"{m - ref:+.2f}" if n and ref is not None else "",
         "status": rr.status(),
+        "notes": "; ".join(rr.notes()),
     }
 
 
@@ -228,7 +277,8 @@ def five_repetitions(rr: RowRuns) -> Optional[Dict]:
 COLUMNS = (("row", "row"), ("model", "model"), ("params", "params M ours"),
            ("paper_params", "params M paper"), ("sec", "s/epoch ours (device)"),
            ("paper_sec", "s/epoch paper"), ("acc", "test acc % ours"),
-           ("paper_acc", "test acc % paper"), ("delta", "Δ"), ("status", "status"))
+           ("paper_acc", "test acc % paper"), ("delta", "Δ"), ("status", "status"),
+           ("notes", "not as published"))
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
@@ -245,7 +295,9 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
            "Paper numbers: `crmn/paper.py` (Moniz & Pal 2016, Tables 1-3, section 4.2). "
            "Ours: mean ± sample std over seeds (n). Paper seconds per epoch are the "
            "authors' GPU; ours are training seconds of a final-run epoch on the device "
-           "shown.", ""]
+           "shown (median over epochs and seeds). A row with an entry under *not as "
+           "published* ran on fake data, with capped epochs, a given schedule or changed "
+           "settings: its Δ is no test of the paper.", ""]
     for exp, rows in groups.items():
         out += [f"## {exp}", ""]
         lines = [row_line(rr) for rr in rows]

@@ -1,4 +1,5 @@
 """crmn.report renders only from run directories (crmn/LOGS.md); paper numbers from crmn.paper."""
+import dataclasses
 import json
 import math
 
@@ -137,3 +138,57 @@ def test_bad_input_names_the_file(tmp_path):
     log.write_text("garbage\n" + log.read_text())
     with pytest.raises(CRMNError, match=r"log.jsonl: line 1 "):
         report.collect(tmp_path / "table1")
+
+
+def test_an_empty_folder_is_an_error_not_an_empty_report(tmp_path):
+    (tmp_path / "table1").mkdir()
+    with pytest.raises(CRMNError, match="no runs below"):
+        report.compare(tmp_path / "table1", plots=False)
+    assert not (tmp_path / "table1" / "REPORT.md").exists()
+
+
+def _set_config(seed_dir, **fields):
+    path = seed_dir / "config.json"
+    config = json.loads(path.read_text())
+    config.update(fields)
+    path.write_text(json.dumps(config))
+
+
+def test_runs_that_are_not_the_published_row_are_marked(tmp_path):
+    from crmn.config import ModelConfig, TrainConfig
+
+    row = paper.row("t1-crmn32x1")
+    d = tmp_path / "table1"
+    as_published = d / "t1-crmn32x1" / "seed0"
+    write_run(as_published, row=row.id, experiment="table1", seed=0, test_acc=0.7)
+    _set_config(as_published, model=ModelConfig.for_row(row).to_dict(),
+                train=TrainConfig.for_row(row, seed=0).to_dict())
+    quick = d / "t1-resnet32x1" / "seed0"
+    write_run(quick, row="t1-resnet32x1", experiment="table1", seed=0, test_acc=0.03)
+    other = paper.row("t1-resnet32x1")
+    _set_config(quick, fake_data=True,
+                model=dataclasses.replace(ModelConfig.for_row(other), n=1, k=0.5,
+                                          outgate="tanh").to_dict(),
+                train=dataclasses.replace(TrainConfig.for_row(other, seed=0), max_epochs=1,
+                                          batch_size=10, schedule=(2, 1, 1)).to_dict())
+    text = report.compare(d, plots=False).read_text()
+    lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| t1-")}
+    assert lines["t1-crmn32x1"].split("|")[-2].strip() == ""  # as published: no note
+    notes = lines["t1-resnet32x1"].split("|")[-2]
+    for expected in ("FAKE DATA", "epochs capped at 1 per stage", "fixed schedule 2,1,1",
+                     "n 1 (row: 5)", "k 0.5 (row: 1)", "outgate tanh (row: logistic)",
+                     "batch_size 10 (row: 100)"):
+        assert expected in notes
+    assert "seed" not in notes and "lr_stages" not in notes  # equal to the row's: no note
+    assert "not as published" in text
+
+
+def test_seconds_per_epoch_of_a_running_row_is_a_median(tmp_path):
+    d = tmp_path / "table1" / "t1-crmn32x1" / "seed0"
+    write_run(d, row="t1-crmn32x1", experiment="table1", seed=0, val_accs=(0.1, 0.2, 0.3))
+    recs = [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()]
+    recs[0]["seconds"] = 90.0  # the first epoch also paid the compilation
+    (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rr = next(r for r in report.collect(tmp_path / "table1")["table1"]
+              if r.row_id == "t1-crmn32x1")
+    assert rr.runs[0].sec_per_epoch() == 2.0
