@@ -170,6 +170,8 @@ def _missing(folder: Path, info: DatasetInfo) -> List[str]:
 
 
 def _ensure_writable(data_dir: Path) -> None:
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"data directory {data_dir} is a file, not a directory")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=data_dir):

@@ -481,6 +481,9 @@ def test_unwritable_data_dir_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="data directory .*a_file/sub is not writable"):
         data.ensure_downloaded("cifar10", blocker / "sub", progress=False,
                                mirror="http://127.0.0.1:9/")
+    with pytest.raises(DataError, match="data directory .*a_file is a file, not a directory"):
+        data.ensure_downloaded("cifar10", blocker, progress=False, mirror="http://127.0.0.1:9/")
+    assert blocker.read_text() == "not a folder"
 
 
 # ------------------------------------------------------------------------------------------
