@@ -14,15 +14,14 @@ Layout of a file (``checkpoint.h5`` = latest state, ``best.h5`` = best search mo
   the best model); the driver may add more keys;
 * a root attribute ``format_version`` (also in ``meta``), checked on loading.
 
-:func:`save` is atomic: it writes a temporary file in the same folder, flushes and fsyncs it,
-and renames it over the target, so the previous checkpoint survives a crash, a kill or a full
-disk at any moment of the write.
+:func:`save` is atomic: it builds the file in memory, writes it to a temporary file in the
+same folder, fsyncs it and renames it over the target, so the previous checkpoint survives a
+crash, a kill or a full disk at any moment of the write.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -31,9 +30,12 @@ import numpy as np
 
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import CheckpointError
-from crmn.runlog import fsync_dir
+from crmn.runlog import replace_file
 
 FORMAT_VERSION = 1
+
+#: growth step of the in-memory file image (bytes)
+_IMAGE_BLOCK = 1 << 22
 
 Arrays = Dict[str, np.ndarray]
 
@@ -60,28 +62,22 @@ def save(path, arrays: Arrays, meta: Dict) -> None:
     if bad:
         raise CheckpointError(f"{path}: array names may not be empty or contain '/': {bad}")
     text = json.dumps(dict(meta, format_version=FORMAT_VERSION), allow_nan=False)
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        _write_h5(tmp, arrays, text)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the data must be on disk before the rename makes it current
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        tmp = None
+        data = _h5_image(arrays, text)
+        replace_file(path, data)
     except (OSError, RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: could not write checkpoint ({_reason(e)})") from e
-    finally:
-        if tmp is not None:
-            _remove_quietly(tmp)
-    fsync_dir(path.parent)
 
 
-def _write_h5(filename: str, arrays: Arrays, meta_text: str) -> None:
-    with h5py.File(filename, "w") as f:
+def _h5_image(arrays: Arrays, meta_text: str) -> bytes:
+    """The bytes of the HDF5 file, built in memory.
+
+    HDF5 never touches the disk here (core driver without backing store): a full disk then
+    fails in one plain ``os.write`` of :func:`crmn.runlog.replace_file`, not inside HDF5,
+    whose half-written file handles crash the interpreter when released at exit.
+    """
+    with h5py.File("checkpoint-image.h5", "w", driver="core", backing_store=False,
+                   block_size=_IMAGE_BLOCK) as f:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["meta"] = meta_text
         for name in sorted(arrays):
@@ -89,19 +85,17 @@ def _write_h5(filename: str, arrays: Arrays, meta_text: str) -> None:
             # Fletcher-32 needs chunked storage, which h5py cannot give scalars or empties
             checksum = a.ndim > 0 and a.size > 0
             f.create_dataset(name, data=a, fletcher32=checksum)
+        f.flush()
+        return f.id.get_file_image()
 
 
-def _reason(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
-
-
-def _remove_quietly(filename) -> None:
-    try:
-        os.unlink(filename)
-    except OSError:
-        pass
+def _reason(e: BaseException, limit: int = 160) -> str:
+    """One short line for an error message: the errno's text when there is one (h5py puts
+    the C library's errno on its OSErrors), else the message with its whitespace collapsed."""
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno)
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def load(path) -> Tuple[Arrays, Dict]:

@@ -48,28 +48,47 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically; on failure the old file stays and the
-    temporary file is removed. Raises :class:`CRMNError` naming the file."""
+def replace_file(path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically: temporary file in the same folder, fsync,
+    ``os.replace``. The one writer of every atomically replaced file of a run directory.
+
+    Raises
+    ------
+    OSError
+        The write failed (full disk, I/O error); ``path`` is left as it was and the temporary
+        file is removed.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            view = memoryview(data)
+            while view:  # os.write may write less than asked
+                view = view[os.write(fd, view):]
+            os.fsync(fd)  # the data must be on disk before the rename makes it current
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException:
         _remove_quietly(tmp)
-        raise CRMNError(f"{path}: could not write ({e.strerror or e})") from e
+        raise
     fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically; on failure the old file stays and the
+    temporary file is removed. Raises :class:`CRMNError` naming the file."""
+    try:
+        replace_file(path, data)
+    except OSError as e:
+        raise CRMNError(f"{path}: could not write ({e.strerror or e})") from e
 
 
 def _remove_quietly(path) -> None:
     try:
         os.unlink(path)
-    except FileNotFoundError:
-        pass
+    except OSError:
+        pass  # the error being reported is the write's, not this clean-up's
 
 
 def write_json(path, obj) -> None:

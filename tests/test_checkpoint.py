@@ -2,6 +2,9 @@
 import errno
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -11,6 +14,8 @@ from crmn import checkpoint
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import CheckpointError
 from crmn.naming import param_specs, velocity_name
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def canonical_arrays(model, seed=0, dtype=np.float32):
@@ -95,6 +100,24 @@ def test_hdf5_error_during_write_keeps_the_previous_checkpoint(tmp_path, monkeyp
         lambda: RuntimeError("Can't write data (file write failed)"))
 
 
+@pytest.mark.parametrize("error, reason", [
+    # h5py's own errors: HDF5's error stack over several lines, errno parsed out of it
+    (OSError(errno.ENOSPC, "Can't close file (file write failed: time = Mon\n, filename = "
+             "'x.h5', errno = 28, error message = 'No space left on device')"),
+     "No space left on device"),
+    (RuntimeError("Can't decrement id ref count (file write failed:\n  time = Mon\n)"),
+     "Can't decrement id ref count (file write failed: time = Mon )"),
+])
+def test_write_error_message_is_one_short_line(tmp_path, monkeypatch, error, reason):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", fail)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.save(tmp_path / "best.h5", {"a": np.ones(3)}, meta())
+    assert str(info.value) == f"{tmp_path / 'best.h5'}: could not write checkpoint ({reason})"
+
+
 def test_failing_fsync_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.h5"
     checkpoint.save(path, {"a": np.ones(3)}, meta(epoch=1))
@@ -108,6 +131,38 @@ def test_failing_fsync_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     got, m = checkpoint.load(path)
     assert m["epoch"] == 1 and got["a"].tolist() == [1, 1, 1]
+
+
+# Saves a 4 MB checkpoint with the file-size limit set to 64 KiB: the kernel refuses the
+# write with EFBIG (SIGXFSZ ignored), a real write failure without needing a full disk.
+# Errors are reported as crmn.cli.main reports them: "error: <message>", exit code 1.
+_SAVE_OVER_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+import numpy as np
+from crmn import checkpoint
+from crmn.errors import CRMNError
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    checkpoint.save(sys.argv[1], {"fc.W": np.ones((1024, 1024), np.float32)}, {"epoch": 2})
+except CRMNError as exc:
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def test_real_write_failure_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.h5"
+    checkpoint.save(path, {"fc.W": np.arange(6.0)}, meta(epoch=1))
+    before = path.read_bytes()
+    p = subprocess.run([sys.executable, "-c", _SAVE_OVER_FILE_SIZE_LIMIT, str(path)],
+                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, (p.returncode, p.stderr[-2000:])  # not -11, a segfault at exit
+    assert p.stderr == f"error: {path}: could not write checkpoint (File too large)\n"
+    assert path.read_bytes() == before
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["checkpoint.h5"]  # temp removed
 
 
 def test_truncated_file_is_refused(tmp_path):
