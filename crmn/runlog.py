@@ -8,7 +8,7 @@ there:
   nothing else.
 * ``config.json`` and ``summary.json`` are replaced atomically (:func:`write_json`: temporary
   file in the same folder, fsync, ``os.replace``), so a reader sees the old or the new file,
-  never half of one.
+  never half of one; like every file of a run they get the mode ``open()`` gives (umask).
 
 :func:`load_run` is what ``compare`` / the report use: it reads only these files.
 """
@@ -48,9 +48,21 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _read_umask() -> int:
+    old = os.umask(0)  # the only way to read it is to set it; put it straight back
+    os.umask(old)
+    return old
+
+
+#: the mode ``open(path, "w")`` gives a new file; mkstemp's 0600 would hide results from
+#: other users
+FILE_MODE = 0o666 & ~_read_umask()
+
+
 def replace_file(path, data: bytes) -> None:
     """Replace ``path`` by ``data`` atomically: temporary file in the same folder, fsync,
-    ``os.replace``. The one writer of every atomically replaced file of a run directory.
+    ``os.replace``. The one writer of every atomically replaced file of a run directory;
+    the file gets the mode a plain ``open(path, "w")`` would give it (:data:`FILE_MODE`).
 
     Raises
     ------
@@ -65,6 +77,7 @@ def replace_file(path, data: bytes) -> None:
             view = memoryview(data)
             while view:  # os.write may write less than asked
                 view = view[os.write(fd, view):]
+            os.fchmod(fd, FILE_MODE)
             os.fsync(fd)  # the data must be on disk before the rename makes it current
         finally:
             os.close(fd)

@@ -2,11 +2,18 @@
 import errno
 import json
 import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from crmn import runlog
+from crmn import checkpoint, runlog
 from crmn.errors import CRMNError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def entry(epoch, phase="search", **kw):
@@ -83,6 +90,41 @@ def test_write_json_is_atomic_under_a_full_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert runlog.read_json(path) == {"status": "done", "test_acc": 0.5}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no temp left
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_atomic_files_get_the_mode_of_a_plain_open(tmp_path):
+    with open(tmp_path / "REPORT.md", "w") as f:  # as the report and the figures are written
+        f.write("plain\n")
+    runlog.write_json(tmp_path / "config.json", {"row": "t1-resnet32x1"})
+    runlog.write_json(tmp_path / "summary.json", {"status": "done"})
+    runlog.write_json(tmp_path / "summary.json", {"status": "done"})  # replaced
+    runlog.append_entry(tmp_path / "log.jsonl", entry(1))
+    runlog.rewrite_log(tmp_path / "log.jsonl", [entry(1)])
+    checkpoint.save(tmp_path / "checkpoint.h5", {"fc.W": np.ones(3)}, {"epoch": 1})
+    for name in ("config.json", "summary.json", "log.jsonl", "checkpoint.h5"):
+        assert _mode(tmp_path / name) == _mode(tmp_path / "REPORT.md"), name
+
+
+# The mode follows the umask of the process, read when crmn.runlog is imported.
+_WRITE_UNDER_UMASK = """
+import os, sys
+os.umask(0o027)
+import numpy as np
+from crmn import checkpoint, runlog
+runlog.write_json(os.path.join(sys.argv[1], "config.json"), {})
+checkpoint.save(os.path.join(sys.argv[1], "best.h5"), {"fc.W": np.ones(3)}, {})
+"""
+
+
+def test_atomic_files_follow_the_umask(tmp_path):
+    subprocess.run([sys.executable, "-c", _WRITE_UNDER_UMASK, str(tmp_path)], check=True,
+                   cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert _mode(tmp_path / "config.json") == 0o640
+    assert _mode(tmp_path / "best.h5") == 0o640
 
 
 def test_read_json_errors_name_the_file(tmp_path):
