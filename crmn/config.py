@@ -7,10 +7,23 @@ REPRODUCING.md.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from crmn import paper
+
+
+def _check_finite(config) -> None:
+    """Refuse NaN and infinity in any number field (or tuple of numbers) of ``config``: they
+    would train nothing, and JSON (config.json, checkpoint meta) cannot hold them."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        for x in value if isinstance(value, tuple) else (value,):
+            if isinstance(x, numbers.Real) and not math.isfinite(x):
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ValueError(f"{f.name} must be a finite number, got {shown}")
 
 
 @dataclass(frozen=True)
@@ -29,6 +42,7 @@ class ModelConfig:
     dense_init: str = "he"  # softmax layer weights: "he" (He normal, gain 1) or "glorot"
 
     def __post_init__(self):
+        _check_finite(self)
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.k <= 0 or abs(16 * self.k - round(16 * self.k)) > 1e-9:
@@ -86,6 +100,7 @@ class TrainConfig:
     seed: int = 0  # data split, batch order, crops and weight init
 
     def __post_init__(self):
+        _check_finite(self)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.lr_stages:

@@ -1,0 +1,59 @@
+"""The configuration dataclasses (crmn/config.py): what their constructors refuse."""
+import dataclasses
+import math
+
+import pytest
+
+from crmn import cli
+from crmn.config import ModelConfig, TrainConfig
+
+MODEL = dict(n=1, k=1, classes=10, memory=True)
+
+# every float field, with the configuration class it belongs to
+FLOAT_FIELDS = [(ModelConfig, "k"), (ModelConfig, "forget_bias"), (ModelConfig, "gate_bias"),
+                (TrainConfig, "momentum"), (TrainConfig, "weight_decay"),
+                (TrainConfig, "val_fraction")]
+
+
+def build(cls, **over):
+    return cls(**dict(MODEL, **over)) if cls is ModelConfig else cls(**over)
+
+
+def test_float_fields_list_is_complete():
+    declared = [(cls, f.name) for cls in (ModelConfig, TrainConfig)
+                for f in dataclasses.fields(cls) if f.type == "float"]
+    assert sorted(declared, key=str) == sorted(FLOAT_FIELDS, key=str)
+
+
+@pytest.mark.parametrize("cls, name", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_floats_are_refused(cls, name, value):
+    with pytest.raises(ValueError, match=rf"^{name} must be a finite number, got {value}$"):
+        build(cls, **{name: value})
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_learning_rate_is_refused(value):
+    with pytest.raises(ValueError,
+                       match=rf"^lr_stages must be a finite number, got \[0\.1, {value}\]$"):
+        TrainConfig(lr_stages=(0.1, value))
+
+
+def test_finite_values_still_pass():
+    m = ModelConfig(**MODEL, forget_bias=-5.0, gate_bias=0.5)
+    t = TrainConfig(momentum=0.0, weight_decay=0.0, val_fraction=0.2, lr_stages=(0.1, 0.01))
+    assert (m.forget_bias, t.lr_stages) == (-5.0, (0.1, 0.01))
+
+
+@pytest.mark.parametrize("flag, value", [("--forget-bias", "nan"), ("--forget-bias", "inf"),
+                                         ("--k", "nan"), ("--k", "-inf")])
+def test_cli_refuses_a_non_finite_option_before_creating_a_run(tmp_path, capsys, flag, value):
+    rc = cli.main(["table1", "--rows", "t1-resnet32x1", f"{flag}={value}", "--backend", "torch",
+                   "--out-dir", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")])
+    err = capsys.readouterr().err
+    name = flag[2:].replace("-", "_")
+    assert rc == 1
+    assert err.splitlines()[-1] == (f"error: {name} must be a finite number, got {value} "
+                                    f"(row t1-resnet32x1, command line)")
+    assert all(line.startswith(("note:", "error:")) for line in err.splitlines()), err
+    assert not (tmp_path / "out").exists()  # no empty run directory left behind
