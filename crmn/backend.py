@@ -20,6 +20,25 @@ from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import ConfigError
 
 BACKENDS = ("theano", "torch")
+#: device types the stacks run on (``--device cpu``, ``cuda``, ``cuda:N``)
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_device(name: str) -> str:
+    """Return ``name`` if it is a device string the stacks accept, else raise
+    :class:`ConfigError` in one line (checked before any network is built).
+
+    Whether a CUDA GPU is actually there is the torch backend's check, not this one.
+    """
+    import torch  # the parser of record for device strings
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in DEVICE_TYPES:
+        raise ConfigError(f"unknown device {name!r}: choose cpu, cuda or cuda:N")
+    return name
 
 
 @dataclass

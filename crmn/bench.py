@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from crmn import paper
-from crmn.backend import BACKENDS, make_backend
+from crmn.backend import BACKENDS, check_device, make_backend
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import ConfigError, CRMNError
 
@@ -138,6 +138,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.steps < 1 or args.warmup < 1:
             raise ConfigError(f"--steps and --warmup must be >= 1, got {args.steps}, "
                               f"{args.warmup}")
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+        check_device(args.device)
         rows = _rows(args.rows)
         setting = args.precision + (" + torch.compile" if args.compile else "")
         print(f"# crmn.bench: backend {args.backend}, device {args.device}, precision "

@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from crmn import paper
+from crmn.backend import check_device
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import CRMNError
 
@@ -305,7 +306,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--rows", default=None,
                     help="comma-separated crmn.paper row ids (default: small configurations)")
     ap.add_argument("--device", default="cpu",
-                    help="cpu: compare the stacks in float64; cuda: modern/ GPU checks")
+                    help="cpu: compare the stacks in float64; cuda or cuda:N: modern/ GPU "
+                    "checks")
     ap.add_argument("--tol", type=float, default=None,
                     help="relative tolerance of the float64 checks (default 1e-6)")
     ap.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
@@ -313,6 +315,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
+        check_device(args.device)
         configs = args.rows.split(",") if args.rows else None
         results = verify(configs, device=args.device, tol=args.tol, lr=args.lr,
                          seed=args.seed, batch_size=args.batch_size)

@@ -35,6 +35,21 @@ def test_bench_rejects_bad_input(capsys):
     assert "--backend torch" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "foo"], "unknown device 'foo': choose cpu, cuda or cuda:N"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+])
+def test_bench_refuses_bad_options_in_one_line_before_building(argv, message, capsys,
+                                                              monkeypatch):
+    def no_backend(*args, **kwargs):
+        raise AssertionError("bad input must be refused before any backend is built")
+
+    monkeypatch.setattr(bench, "bench_row", no_backend)
+    assert bench.main(["--rows", "t1-resnet32x1", "--steps", "1", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: {message}\n" and out == ""
+
+
 def test_bench_channels_last_is_the_layout_trained(capsys):
     r = bench.bench_row(paper.select("t1-resnet32x1")[0], "torch", "cpu", "float32", 1,
                         warmup=1, batch_size=2, channels_last=True)

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 
 from crmn import verify
+from crmn.backend import check_device
 from crmn.config import ModelConfig, TrainConfig
+from crmn.errors import ConfigError
 from modern.backend import TorchBackend
 
 TINY_RESNET = ModelConfig(n=1, k=0.5, classes=10, memory=False)
@@ -38,6 +40,40 @@ def test_compare_passes_on_equal_backends_and_catches_a_difference():
 def test_main_rejects_unknown_rows(capsys):
     assert verify.main(["--rows", "t9-nothing"]) == 2
     assert "t9-nothing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["cpu", "cpu:0", "cuda", "cuda:1"])
+def test_check_device_accepts_cpu_and_cuda(name):
+    assert check_device(name) == name
+
+
+@pytest.mark.parametrize("name", ["foo", "meta", "cuda:x", "", "gpu0"])
+def test_check_device_refuses_anything_else_in_one_line(name):
+    with pytest.raises(ConfigError, match=rf"^unknown device {name!r}: choose cpu, cuda or "
+                                          r"cuda:N$"):
+        check_device(name)
+
+
+def _no_comparison(*args, **kwargs):
+    raise AssertionError("bad input must be refused before any backend is built")
+
+
+def test_main_rejects_a_bad_device_before_building_anything(capsys, monkeypatch):
+    monkeypatch.setattr(verify, "verify_stacks", _no_comparison)
+    monkeypatch.setattr(verify, "verify_device", _no_comparison)
+    assert verify.main(["--device", "foo"]) == 2
+    out, err = capsys.readouterr()
+    assert err == "error: unknown device 'foo': choose cpu, cuda or cuda:N\n" and out == ""
+
+
+def test_main_without_cuda_says_so_in_one_line(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert verify.main(["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: device 'cuda' asked for, but torch")
+    assert "sees no CUDA GPU" in err
 
 
 def _stacks_result(cfg, name):
