@@ -22,6 +22,7 @@ Exit status 0 when everything passes, 1 on any FAIL, 2 on bad input.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -31,7 +32,7 @@ import numpy as np
 from crmn import paper
 from crmn.backend import check_device
 from crmn.config import ModelConfig, TrainConfig
-from crmn.errors import CRMNError
+from crmn.errors import ConfigError, CRMNError
 
 TOLERANCE = 1e-6
 #: float32 (GPU) checks: logits and loss of float32 against float64 (TF32 off)
@@ -41,18 +42,20 @@ TOLERANCE_F32 = 1e-4
 #: batch 100, one step float32 vs float64 6.4e-4; float32 graph vs eager up to 8e-3), while
 #: the float64 checks of the same code paths hold to ``TOLERANCE``
 UPDATE_TOLERANCE_F32 = 1e-2
+#: images per batch when ``--batch-size`` is not given
+BATCH_SIZE = 8
 #: steps taken through the captured CUDA graph and eagerly before their states are compared
 GRAPH_STEPS = 3
 
 #: the default configurations: small, covering ResNet, CRMN and the non-default options
 DEFAULT_CONFIGS: Tuple[Tuple[str, ModelConfig, TrainConfig], ...] = (
     ("resnet-n1-k0.5", ModelConfig(n=1, k=0.5, classes=10, memory=False),
-     TrainConfig(batch_size=8)),
+     TrainConfig(batch_size=BATCH_SIZE)),
     ("crmn-n1-k0.5", ModelConfig(n=1, k=0.5, classes=10, memory=True),
-     TrainConfig(batch_size=8)),
+     TrainConfig(batch_size=BATCH_SIZE)),
     ("crmn-n2-k0.5-tanh-nesterov-glorot",
      ModelConfig(n=2, k=0.5, classes=100, memory=True, outgate="tanh", dense_init="glorot"),
-     TrainConfig(batch_size=8, nesterov=True)),
+     TrainConfig(batch_size=BATCH_SIZE, nesterov=True)),
 )
 
 
@@ -271,19 +274,46 @@ def _configs_from_rows(spec: str, batch_size: int):
             for row in paper.select_or_fail(spec)]
 
 
-def verify(configs: Optional[Sequence[Union[str, Tuple[str, ModelConfig, TrainConfig]]]] = None,
+Config = Tuple[str, ModelConfig, TrainConfig]
+
+
+def select_configs(configs: Optional[Sequence[Union[str, Config]]] = None,
+                   batch_size: Optional[int] = None) -> List[Config]:
+    """The ``(name, ModelConfig, TrainConfig)`` triples to verify.
+
+    ``configs``: row ids of :mod:`crmn.paper` or triples; default :data:`DEFAULT_CONFIGS`.
+    ``batch_size``, when given, is the batch of every configuration, rows and triples alike;
+    otherwise rows run at :data:`BATCH_SIZE` and triples keep their own.
+
+    Raises
+    ------
+    ConfigError
+        ``batch_size`` below 1, or an unknown row id.
+    """
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    items = []
+    for c in (DEFAULT_CONFIGS if configs is None else configs):
+        if isinstance(c, str):
+            items += _configs_from_rows(c, BATCH_SIZE if batch_size is None else batch_size)
+        elif batch_size is not None:
+            name, cfg, train = c
+            items.append((name, cfg, dataclasses.replace(train, batch_size=batch_size)))
+        else:
+            items.append(c)
+    return items
+
+
+def verify(configs: Optional[Sequence[Union[str, Config]]] = None,
            device: str = "cpu", tol: Optional[float] = None, lr: float = 0.1, seed: int = 0,
-           batch_size: int = 8,
+           batch_size: Optional[int] = None,
            out: Callable[[str], None] = print) -> List[Result]:
     """Run the comparisons and print one block per configuration; returns the results.
 
-    ``configs``: row ids of :mod:`crmn.paper` (run at ``batch_size``) or
-    ``(name, ModelConfig, TrainConfig)`` triples; default :data:`DEFAULT_CONFIGS`.
+    ``configs`` and ``batch_size`` as in :func:`select_configs`.
     ``device="cpu"`` compares the stacks; a CUDA device runs :func:`verify_device`.
     """
-    items = []
-    for c in (DEFAULT_CONFIGS if configs is None else configs):
-        items += _configs_from_rows(c, batch_size) if isinstance(c, str) else [c]
+    items = select_configs(configs, batch_size)
     results = []
     for name, cfg, train in items:
         if device == "cpu":
@@ -310,7 +340,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "checks")
     ap.add_argument("--tol", type=float, default=None,
                     help="relative tolerance of the float64 checks (default 1e-6)")
-    ap.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="images per batch of every configuration checked, the --rows or "
+                    f"the default ones (default {BATCH_SIZE})")
     ap.add_argument("--lr", type=float, default=0.1, help="learning rate of the step")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

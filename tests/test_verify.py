@@ -1,4 +1,6 @@
 """crmn/verify.py: the comparison machinery, and both stacks on tiny configurations."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -74,6 +76,44 @@ def test_main_without_cuda_says_so_in_one_line(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: device 'cuda' asked for, but torch")
     assert "sees no CUDA GPU" in err
+
+
+@pytest.mark.parametrize("argv", [["--batch-size", "0"],
+                                  ["--rows", "t1-resnet32x1", "--batch-size", "0"],
+                                  ["--device", "cuda", "--batch-size", "-3"]])
+def test_main_rejects_a_batch_size_below_one(argv, capsys, monkeypatch):
+    monkeypatch.setattr(verify, "verify_stacks", _no_comparison)
+    monkeypatch.setattr(verify, "verify_device", _no_comparison)
+    assert verify.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: --batch-size must be >= 1, got {argv[-1]}\n" and out == ""
+
+
+def test_batch_size_applies_to_rows_and_default_configurations():
+    defaults = verify.select_configs()
+    assert [(n, c) for n, c, _ in defaults] == [(n, c) for n, c, _ in verify.DEFAULT_CONFIGS]
+    assert [t.batch_size for _, _, t in defaults] == [verify.BATCH_SIZE] * 3
+    resized = verify.select_configs(batch_size=3)
+    assert [(n, c) for n, c, _ in resized] == [(n, c) for n, c, _ in verify.DEFAULT_CONFIGS]
+    for (_, _, t), (_, _, t0) in zip(resized, verify.DEFAULT_CONFIGS):
+        assert t == dataclasses.replace(t0, batch_size=3)  # nesterov etc. kept
+    (row,) = verify.select_configs(["t1-crmn32x1"])
+    assert row[0] == "t1-crmn32x1" and row[2].batch_size == verify.BATCH_SIZE
+    (row,) = verify.select_configs(["t1-crmn32x1"], batch_size=5)
+    assert row[2].batch_size == 5
+
+
+def test_main_hands_the_batch_size_to_every_default_configuration(capsys, monkeypatch):
+    seen = []
+
+    def record(cfg, train, name, *args):
+        seen.append((name, train.batch_size))
+        return verify.Result(name, diffs={"loss": 0.0}, worst={"loss": "-"})
+
+    monkeypatch.setattr(verify, "verify_stacks", record)
+    assert verify.main(["--batch-size", "2"]) == 0
+    assert seen == [(name, 2) for name, _, _ in verify.DEFAULT_CONFIGS]
+    assert capsys.readouterr().out.endswith("3/3 PASS\n")
 
 
 def _stacks_result(cfg, name):
