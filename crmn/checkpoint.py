@@ -170,13 +170,15 @@ def _show(value) -> str:
 
 def check_compatible(meta: Dict, model: ModelConfig, train: Optional[TrainConfig] = None, *,
                      backend: Optional[str] = None, dtype: Optional[str] = None,
-                     dataset: Optional[str] = None, path="checkpoint.h5") -> None:
+                     dataset: Optional[str] = None, path="checkpoint.h5",
+                     source: str = "the checkpoint") -> None:
     """Refuse a checkpoint written under another configuration.
 
     Every field of ``model`` (and of ``train``, and ``backend`` / ``dtype`` / ``dataset``
     when given) must equal the checkpoint's; the first difference is reported, e.g.
     ``checkpoint.h5: model.k is 2 here, 4 in the checkpoint``. Resuming requires all of
     them: a different learning-rate list, seed or cap would not continue the same run.
+    ``source`` names the other side in messages (``"config.json"`` for a run's config).
 
     Raises
     ------
@@ -188,19 +190,19 @@ def check_compatible(meta: Dict, model: ModelConfig, train: Optional[TrainConfig
         sections.append(("train", train.to_dict(), meta.get("train")))
     for label, here, there in sections:
         if not isinstance(there, dict):
-            raise CheckpointError(f"{path}: the checkpoint records no {label} configuration")
+            raise CheckpointError(f"{path}: {source} records no {label} configuration")
         here, there = _plain(here), _plain(there)
         for key in sorted(set(here) | set(there)):
             if key not in there:
                 raise CheckpointError(f"{path}: {label}.{key} is {_show(here[key])} here, "
-                                      f"absent in the checkpoint")
+                                      f"absent in {source}")
             if key not in here:
                 raise CheckpointError(f"{path}: {label}.{key} is unknown here, "
-                                      f"{_show(there[key])} in the checkpoint")
+                                      f"{_show(there[key])} in {source}")
             if here[key] != there[key]:
                 raise CheckpointError(f"{path}: {label}.{key} is {_show(here[key])} here, "
-                                      f"{_show(there[key])} in the checkpoint")
+                                      f"{_show(there[key])} in {source}")
     for key, here in (("backend", backend), ("dtype", dtype), ("dataset", dataset)):
         if here is not None and meta.get(key) != here:
             raise CheckpointError(f"{path}: {key} is {here} here, "
-                                  f"{meta.get(key)} in the checkpoint")
+                                  f"{meta.get(key)} in {source}")

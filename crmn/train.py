@@ -41,7 +41,7 @@ import numpy as np
 
 from crmn import checkpoint, runlog
 from crmn.config import ModelConfig, TrainConfig
-from crmn.errors import ConfigError, DivergedError
+from crmn.errors import CheckpointError, ConfigError, DivergedError
 from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
 PHASES = ("search", "final")
@@ -70,13 +70,15 @@ class _Run:
     dtype: str
     progress: bool
     splits: Optional[dict]
+    verbose: bool = True
+    fake_data: bool = False
     epoch_wall: List[float] = dataclasses.field(default_factory=list)  # this process's epochs
 
     def path(self, name: str) -> Path:
         return self.run_dir / name
 
     def say(self, text: str) -> None:
-        if self.progress:
+        if self.verbose:
             print(text, flush=True)
 
     def split(self, phase: str):
@@ -92,7 +94,7 @@ class _Run:
 def run(run_dir, *, model: ModelConfig, train: TrainConfig, dataset: str, data_dir,
         backend: str, device: str = "cpu", dtype: str = "float32", row: Optional[str] = None,
         experiment: Optional[str] = None, resume: bool = False, progress: bool = True,
-        backend_obj=None, splits: Optional[dict] = None,
+        verbose: bool = True, backend_obj=None, splits: Optional[dict] = None,
         backend_factory: Optional[Callable[[], object]] = None) -> Dict:
     """Train one configuration and seed through search and final run (SPEC §5).
 
@@ -113,7 +115,9 @@ def run(run_dir, *, model: ModelConfig, train: TrainConfig, dataset: str, data_d
     resume : bool
         Continue from ``checkpoint.h5`` (``--resume``).
     progress : bool
-        Print the backend, a line per epoch and a batch counter on a terminal.
+        Draw a batch counter (on a terminal) and download progress bars.
+    verbose : bool
+        Print the backend, a line per epoch and the result.
     backend_obj : Backend or None
         A backend freshly initialised from ``train.seed``, used for the first phase trained.
         Without ``backend_factory``, the final run resets it to a copy of its initial state
@@ -138,7 +142,12 @@ def run(run_dir, *, model: ModelConfig, train: TrainConfig, dataset: str, data_d
     DivergedError
         The loss became NaN or infinite; the last good checkpoint stays.
     """
-    ctx = _Run(Path(run_dir), model, train, dataset, data_dir, backend, dtype, progress, splits)
+    ctx = _Run(Path(run_dir), model, train, dataset, data_dir, backend, dtype, progress, splits,
+               verbose=verbose)
+    if splits is None:
+        from crmn import data
+
+        ctx.fake_data = data.is_fake(dataset, data_dir)
     finished = _finished_summary(ctx, resume)
     if finished is not None:
         return finished
@@ -160,6 +169,9 @@ def run(run_dir, *, model: ModelConfig, train: TrainConfig, dataset: str, data_d
     initial = _copy(net.get_state()) if backend_factory is None and searching else None
     ctx.say(f"{ctx.run_dir}: backend {net.name} on {net.device}, dtype {dtype}, "
             f"{net.param_count():,} trainable parameters")
+    if ctx.fake_data:
+        print(f"warning: {data_dir} holds fake {dataset} data (crmn.data write_fake); this "
+              "run's accuracies say nothing about the paper's", file=sys.stderr, flush=True)
     resumed = _resume_point(ctx, resume)
     if resumed is None or not ctx.path(runlog.CONFIG).exists():
         runlog.write_json(ctx.path(runlog.CONFIG),
@@ -194,6 +206,7 @@ def _finished_summary(ctx: _Run, resume: bool) -> Optional[Dict]:
     if summary_path.exists():
         summary = runlog.read_json(summary_path)
         if summary.get("status") == "done":
+            _check_same_run(ctx)
             ctx.say(f"{ctx.run_dir}: already finished ({runlog.SUMMARY}), skipping")
             return summary
     if resume:
@@ -204,6 +217,18 @@ def _finished_summary(ctx: _Run, resume: bool) -> Optional[Dict]:
             raise ConfigError(f"{ctx.path(name)}: an unfinished run is already here; pass "
                               f"--resume to continue it, or delete {ctx.run_dir} to start over")
     return None
+
+
+def _check_same_run(ctx: _Run) -> None:
+    """A finished run is only reused for the configuration it was trained with."""
+    path = ctx.path(runlog.CONFIG)
+    config = runlog.read_json(path) if path.exists() else {}
+    try:
+        checkpoint.check_compatible(config, ctx.model, ctx.train, dataset=ctx.dataset,
+                                    path=path, source=runlog.CONFIG)
+    except CheckpointError as e:
+        raise ConfigError(f"{e}: {ctx.run_dir} holds a finished run of another "
+                          "configuration; choose another --out-dir or delete it") from None
 
 
 def _remove_stale_temporaries(run_dir: Path) -> None:
@@ -260,7 +285,7 @@ def _config(ctx: _Run, net, row, experiment, device: str) -> Dict:
     return {"row": row, "experiment": experiment, "dataset": ctx.dataset,
             "backend": ctx.backend, "device": net.device, "device_requested": device,
             "dtype": ctx.dtype, "model": ctx.model.to_dict(), "train": ctx.train.to_dict(),
-            "seed": ctx.train.seed, "versions": versions,
+            "seed": ctx.train.seed, "fake_data": ctx.fake_data, "versions": versions,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -425,4 +450,5 @@ def _summary(ctx: _Run, net, row, experiment, used: List[int], extra: Dict) -> D
             # medians: the first epoch of each process also pays the stack's compilation
             "sec_per_epoch": float(np.median([e["seconds"] for e in final])) if final else None,
             "images_per_s": float(np.median(rates)) if rates else None,
-            "search_best": extra["search_best"], "status": "done"}
+            "search_best": extra["search_best"], "fake_data": ctx.fake_data,
+            "status": "done"}

@@ -282,6 +282,24 @@ def test_finished_run_is_skipped(tmp_path, capsys):
     assert "already finished" in capsys.readouterr().out
 
 
+def test_finished_run_of_another_configuration_is_refused(tmp_path):
+    # e.g. a --epochs-cap quick look, then the full run into the same --out-dir: the quick
+    # look must not be reported as the full run
+    run_dir = tmp_path / "r"
+    quick = dataclasses.replace(TOY_TRAIN, schedule=(1, 1))
+    run_toy(run_dir, train=quick)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    full = dataclasses.replace(quick, schedule=(2, 1))
+    with pytest.raises(ConfigError, match=r"config\.json: train\.schedule is \[2, 1\] here, "
+                                          r"\[1, 1\] in config\.json: .* holds a finished run "
+                                          r"of another configuration"):
+        run_toy(run_dir, train=full)
+    other_model = dataclasses.replace(TOY_MODEL, forget_bias=-1.0)
+    with pytest.raises(ConfigError, match=r"model\.forget_bias is -1 here, -3 in config\.json"):
+        run_toy(run_dir, train=quick, model=other_model)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "r"
     train = dataclasses.replace(TOY_TRAIN, lr_stages=(0.1, 1e300), schedule=(2, 2))
@@ -305,6 +323,9 @@ def test_progress_lines(tmp_path, capsys):
     final_lines = [ln for ln in out.splitlines() if ln.startswith("[final]")]
     assert final_lines and "ETA" in final_lines[0] and "test loss" in final_lines[0]
     assert "done, test accuracy" in out
+    # progress=False drops only the batch counter: the epoch lines stay (verbose=False: none)
+    run_toy(tmp_path / "q", train=train, progress=False)
+    assert "[search] epoch 1 stage 0" in capsys.readouterr().out
 
 
 def test_sampler_seeds_are_per_phase_and_deterministic():
