@@ -2,7 +2,9 @@
 # The one entry point for experiments (SPEC §1): creates .venv if missing, then runs the CLI.
 #   bash run_experiments.sh params | table1 | table2 | table3 | svhn | compare DIR | smoke
 #   bash run_experiments.sh verify | bench | test       (see --help of each)
+# Relative paths given as options are read from the directory it is called from; the
+# defaults (data/, runs/) are the archive's own folders.
 set -euo pipefail
-cd "$(dirname "$0")"
-source scripts/ensure_env.sh
-exec "$CRMN_PY" -m crmn.cli "$@"
+CRMN_HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$CRMN_HERE/scripts/ensure_env.sh"
+PYTHONPATH="$CRMN_HERE${PYTHONPATH:+:$PYTHONPATH}" exec "$CRMN_PY" -m crmn.cli "$@"

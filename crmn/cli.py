@@ -123,14 +123,16 @@ def _common_parent() -> argparse.ArgumentParser:
                         "no cap)")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the backend runs (default: %(default)s)")
-    g.add_argument("--data-dir", default="data", metavar="DIR",
-                   help="datasets are read from / downloaded into DIR (default: %(default)s)")
-    g.add_argument("--out-dir", default="runs", metavar="DIR",
-                   help="run directories go under DIR/<experiment>/ (default: %(default)s)")
+    g.add_argument("--data-dir", type=Path, default=ROOT / "data", metavar="DIR",
+                   help="datasets are read from / downloaded into DIR (default: data/ of "
+                        "the archive)")
+    g.add_argument("--out-dir", type=Path, default=ROOT / "runs", metavar="DIR",
+                   help="run directories go under DIR/<experiment>/ (default: runs/ of the "
+                        "archive)")
     g.add_argument("--resume", action="store_true",
                    help="continue runs from their checkpoint.h5 (default: start afresh)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar, per-epoch lines only")
+                   help="no batch counter or download bar, per-epoch lines only")
 
     i = p.add_argument_group("interpretations of points the paper leaves open (SPEC §4)")
     i.add_argument("--outgate", choices=("logistic", "tanh"),
@@ -308,8 +310,8 @@ def cmd_train(args) -> int:
     if args.n is not None or args.k is not None or args.batch_size is not None:
         print("note: --n/--k/--batch-size override the paper's rows; this is not the "
               "published configuration", flush=True)
-    out_dir = Path(args.out_dir)
-    _train_rows(args.command, rows, args, data_dir=Path(args.data_dir), out_dir=out_dir)
+    out_dir = args.out_dir
+    _train_rows(args.command, rows, args, data_dir=args.data_dir, out_dir=out_dir)
     report.compare(out_dir / args.command, plots=True)
     return 0
 
@@ -376,7 +378,11 @@ def cmd_smoke(args) -> int:
     """Tiny fake data, tiny CRMN, short plateau schedule, through the real pipeline."""
     from crmn import data, report
 
-    root = Path(args.out_dir) / "smoke"
+    if args.rows is not None or args.data_dir != ROOT / "data":
+        raise UsageError("run_experiments.sh smoke: --rows and --data-dir do not apply (the "
+                         "smoke run trains its own tiny row on fake data it writes under "
+                         "OUT-DIR/smoke/data)")
+    root = args.out_dir / "smoke"
     data_dir = root / "data"  # not a run directory: crmn.report skips it
     t0 = time.time()
     data.write_fake("cifar100", data_dir, SMOKE_DATA["n_train"], SMOKE_DATA["n_test"], seed=0)
@@ -393,8 +399,8 @@ def cmd_smoke(args) -> int:
     args.seeds = args.seeds or 1
     name = f"tiny-crmn-n{args.n}-k{args.k:g}"
     if not args.resume:  # the smoke run is disposable: start it afresh every time
-        shutil.rmtree(Path(args.out_dir) / "smoke" / name, ignore_errors=True)
-    run_dirs = _train_rows("smoke", [row], args, data_dir=data_dir, out_dir=Path(args.out_dir),
+        shutil.rmtree(root / name, ignore_errors=True)
+    run_dirs = _train_rows("smoke", [row], args, data_dir=data_dir, out_dir=args.out_dir,
                            dataset="cifar100",
                            row_label=lambda r: name)
     report_md = report.compare(root, plots=True)

@@ -31,6 +31,8 @@ def run_main(argv, capsys):
     (["table1", "--seeds", "0"], "expected a number >= 1"),
     (["table1", "--backend", "caffe"], "invalid choice: 'caffe'"),
     (["params", "--rows", "x"], "unknown row id 'x'"),
+    (["smoke", "--rows", "t1-crmn32x1"], "--rows and --data-dir do not apply"),
+    (["smoke", "--data-dir", "elsewhere"], "--rows and --data-dir do not apply"),
 ])
 def test_usage_errors_exit_2_one_line(argv, needle, capsys):
     rc, out, err = run_main(argv, capsys)
@@ -56,6 +58,20 @@ def test_script_exit_code_and_stderr():
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("run_experiments.sh: argument COMMAND")
+
+
+def test_script_reads_relative_paths_from_the_callers_directory(tmp_path):
+    run = tmp_path / "mine" / "table1" / "t1-crmn32x1" / "seed0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"row": "t1-crmn32x1", "experiment": "table1",
+                                                 "seed": 0}))
+    (run / "log.jsonl").write_text("")
+    p = subprocess.run(["bash", str(ROOT / "run_experiments.sh"), "compare", "mine/table1",
+                        "--no-plots"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "mine" / "table1" / "REPORT.md").is_file()
+    assert not (ROOT / "mine").exists()
 
 
 def _subparser(name):
@@ -151,12 +167,18 @@ def test_smoke_end_to_end(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     config = json.loads((run / "config.json").read_text())
     assert summary["status"] == "done" and config["backend"] == "torch"
+    # --no-progress drops the batch counter, not the per-epoch lines
+    assert "[search] epoch 1" in p.stdout and "[final] epoch 1" in p.stdout
+    # the smoke data are fake, and every output says so
+    assert "holds fake cifar100 data" in p.stderr
+    assert config["fake_data"] is True and summary["fake_data"] is True
     assert config["model"]["n"] == 1 and config["model"]["k"] == 0.5
     # search run over 3 lr stages, each capped at 1 epoch, then the final run
     phases = [json.loads(l)["phase"] for l in (run / "log.jsonl").read_text().splitlines()]
     assert phases.count("search") == 3 and 1 <= phases.count("final") <= 3
     report = (tmp_path / "smoke" / "REPORT.md").read_text()
     assert "tiny-crmn-n1-k0.5" in report and "done 1/1" in report
+    assert "FAKE DATA" in report and "epochs capped at 1 per stage" in report
     assert (tmp_path / "smoke" / "figure3.png").is_file()
 
 
