@@ -12,6 +12,14 @@ Precision (``dtype``): ``"float64"`` (verification), ``"float32"`` (default; TF3
 units allowed on CUDA, ``tf32=False`` turns them off), ``"bfloat16"`` (float32 weights and
 optimizer state, forward and backward under bf16 autocast, channels-last activations; CUDA).
 
+Under bfloat16, autocast would cast every conv filter to bf16 at its use, and every filter's
+bf16 gradient back to float32: two tiny kernels per layer and step, a few hundred on the
+deep rows. ``cast_once`` (the bfloat16 default) instead concatenates the weights that enter
+exactly one product (:meth:`modern.model.CIFARNet.single_product_weights`) and casts them in
+one kernel per step; their gradients come back through one concatenation and one cast. Each
+number is rounded exactly as autocast rounds it, so both give the same bits
+(``tests/test_modern_train.py``).
+
 On CUDA a train step at the paper's batch sizes is a few hundred tiny kernels, so an eager
 loop is bound by launch overhead. Here the whole step (forward, loss, backward, weight
 decay, momentum update, batch-norm running averages) is captured once into one CUDA graph
@@ -61,13 +69,17 @@ class TorchBackend:
     compile : bool
         Run the train step's forward through ``torch.compile`` (inductor fuses batch norm,
         ReLU and the shortcut); the CUDA graph is still captured by this class.
+    cast_once : bool or None
+        bfloat16 only: cast the single-product weights to bf16 in one kernel per step
+        instead of one per layer (see the module docstring; default: on with bfloat16).
     """
 
     name = "torch"
 
     def __init__(self, model: ModelConfig, train: TrainConfig, device: str = "cpu",
                  dtype: str = "float32", graph: Optional[bool] = None, tf32: bool = True,
-                 channels_last: Optional[bool] = None, compile: bool = False):
+                 channels_last: Optional[bool] = None, compile: bool = False,
+                 cast_once: Optional[bool] = None):
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r} for the torch backend; choose one of "
                               f"{', '.join(DTYPES)}")
@@ -93,17 +105,30 @@ class TorchBackend:
             raise ConfigError("graph=True needs a CUDA device")
 
         self.channels_last = self.amp if channels_last is None else bool(channels_last)
+        self.cast_once = self.amp if cast_once is None else bool(cast_once)
+        if self.cast_once and not self.amp:
+            raise ConfigError(f"cast_once is a bfloat16 option; dtype is {dtype}")
         net = build(model, seed=train.seed).to(device=dev, dtype=self.dtype)
         if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.net = net
-        self._train_forward = torch.compile(net, dynamic=False) if compile else net
+
+        def train_forward(weights: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            # ``weights`` stand in for the net's own parameters of those names
+            return torch.func.functional_call(net, weights, (x,),
+                                              {"training": True, "update_stats": True})
+
+        self._train_forward = torch.compile(train_forward, dynamic=False) if compile \
+            else train_forward
         roles = convert.torch_roles(model)
         self.names: List[str] = [n for n, _ in net.named_parameters()]
         self.params: List[torch.Tensor] = [p for _, p in net.named_parameters()]
         self.velocity: List[torch.Tensor] = [torch.zeros_like(p) for p in self.params]
         self.decayed = [i for i, n in enumerate(self.names) if roles[n] in DECAYED_ROLES]
         self.buffers: Dict[str, torch.Tensor] = dict(net.named_buffers())
+        named = dict(net.named_parameters())
+        self._cast: List[Tuple[str, torch.Tensor]] = (
+            [(n, named[n]) for n in net.single_product_weights()] if self.cast_once else [])
         self._graph = None  # (CUDAGraph, x, y, lr, loss_sum, correct_sum), made on first use
         self._resident: Optional[gpu.ResidentData] = None
 
@@ -135,6 +160,30 @@ class TorchBackend:
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
 
+    def _flat(self, p: torch.Tensor) -> torch.Tensor:
+        """``p`` as a 1-D view in its memory order (channels-last filters: O, H, W, I)."""
+        return p.permute(0, 2, 3, 1).reshape(-1) if self.channels_last and p.dim() == 4 \
+            else p.reshape(-1)
+
+    def _unflat(self, flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_flat`: ``flat`` viewed with the shape and strides of ``like``."""
+        if self.channels_last and like.dim() == 4:
+            o, i, h, w = like.shape
+            return flat.view(o, h, w, i).permute(0, 3, 1, 2)
+        return flat.view(like.shape)
+
+    def _cast_weights(self) -> Dict[str, torch.Tensor]:
+        """bf16 copies of the single-product weights, all cast in one kernel ({} if off).
+
+        Differentiable: their gradients reach the float32 parameters through one
+        concatenation (the split's backward) and one cast (the cast's backward).
+        """
+        if not self._cast:
+            return {}
+        flat = torch.cat([self._flat(p) for _, p in self._cast]).to(torch.bfloat16)
+        chunks = flat.split([p.numel() for _, p in self._cast])
+        return {n: self._unflat(c, p) for (n, p), c in zip(self._cast, chunks)}
+
     # ------------------------------------------------------------------ the step
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor):
@@ -143,7 +192,7 @@ class TorchBackend:
         Everything stays on the device (no host sync), so the same code is captured.
         """
         with self._autocast():
-            logits = self._train_forward(x, training=True, update_stats=True)
+            logits = self._train_forward(self._cast_weights(), x)
         loss = F.cross_entropy(self._logits_dtype(logits), y)
         grads = list(torch.autograd.grad(loss, self.params))
         with torch.no_grad():

@@ -22,7 +22,7 @@ What makes this port equal to the Lasagne reference, point by point:
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,29 @@ def orthogonal_(w: torch.Tensor, gen: torch.Generator) -> None:
 # ----------------------------------------------------------------------------- layers
 
 
+class RunningStats:
+    """The batch statistics of one forward, folded into the running averages at its end.
+
+    Per layer, ``mean.lerp_(batch_mean, α)`` and the same for ``inv_std`` are two tiny
+    kernels, a few hundred per step on the deep rows; :meth:`apply` does them all with one
+    multi-tensor ``_foreach_lerp_``, which uses the same lerp formula (same bits).
+    """
+
+    def __init__(self):
+        self.running: List[torch.Tensor] = []
+        self.batch: List[torch.Tensor] = []
+
+    def add(self, running: torch.Tensor, batch: torch.Tensor) -> None:
+        self.running.append(running)
+        self.batch.append(batch.detach().to(running.dtype))
+
+    def apply(self) -> None:
+        """``r <- (1 - α) r + α batch`` for every pair added, α = BN_ALPHA."""
+        if self.running:
+            with torch.no_grad():
+                torch._foreach_lerp_(self.running, self.batch, BN_ALPHA)
+
+
 class BatchNorm(nn.Module):
     """Batch normalisation in Lasagne's convention (Ioffe & Szegedy 2015; SPEC §4).
 
@@ -89,8 +112,13 @@ class BatchNorm(nn.Module):
         self.register_buffer("mean", torch.zeros(channels))
         self.register_buffer("inv_std", torch.ones(channels))
 
-    def forward(self, x: torch.Tensor, training: bool, update_stats: bool = False) -> torch.Tensor:
-        """Normalise ``x`` (B, C, H, W) per channel; batch statistics when ``training``."""
+    def forward(self, x: torch.Tensor, training: bool,
+                update_stats: Union[bool, RunningStats] = False) -> torch.Tensor:
+        """Normalise ``x`` (B, C, H, W) per channel; batch statistics when ``training``.
+
+        ``update_stats`` (with ``training``): ``True`` moves the running averages now; a
+        :class:`RunningStats` collects this layer's batch statistics for its ``apply``.
+        """
         if training:
             # one fused kernel that also returns the batch mean and 1/sqrt(var + eps);
             # momentum 0 and no running buffers: we average them ourselves, Lasagne's way
@@ -102,7 +130,10 @@ class BatchNorm(nn.Module):
             else:
                 out, bmean, binv = torch.native_batch_norm(
                     x, self.weight, self.bias, None, None, True, 0.0, BN_EPS)
-            if update_stats:
+            if isinstance(update_stats, RunningStats):
+                update_stats.add(self.mean, bmean)
+                update_stats.add(self.inv_std, binv)
+            elif update_stats:
                 with torch.no_grad():
                     self.mean.lerp_(bmean.to(self.mean.dtype), BN_ALPHA)
                     self.inv_std.lerp_(binv.to(self.inv_std.dtype), BN_ALPHA)
@@ -137,7 +168,8 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
         self.bn2 = BatchNorm(c_out)
 
-    def forward(self, x: torch.Tensor, training: bool, update_stats: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, training: bool,
+                update_stats: Union[bool, RunningStats]) -> torch.Tensor:
         y = F.relu(self.bn1(self.conv1(x), training, update_stats))
         y = self.bn2(self.conv2(y), training, update_stats)
         return F.relu(y + shortcut_a(x, self.c_out, self.stride))
@@ -278,10 +310,12 @@ class CIFARNet(nn.Module):
         """
         if update_stats and not training:
             raise ValueError("update_stats needs training=True")
-        h = F.relu(self.bn0(self.conv0(x), training, update_stats))
+        stats = RunningStats() if update_stats else None  # applied once, after the blocks
+        upd = stats if stats is not None else False
+        h = F.relu(self.bn0(self.conv0(x), training, upd))
         taps = []
         for block in self.blocks:
-            h = block(h, training, update_stats)
+            h = block(h, training, upd)
             if self.cfg.memory:
                 taps.append(self.tap(h))
         feat = h.mean(dim=(2, 3))  # global average pool, (B, 64k)
@@ -289,7 +323,25 @@ class CIFARNet(nn.Module):
             seq = torch.stack(taps, dim=1)  # (B, 3n, I), shallow to deep
             h_last = self.lstm(seq.to(self.lstm.W_x.dtype))[:, -1]  # (B, H)
             feat = torch.cat([feat, h_last.to(feat.dtype)], dim=1)
+        if stats is not None:
+            stats.apply()
         return self.fc(feat)
+
+    def single_product_weights(self) -> List[str]:
+        """Names of the parameters that enter exactly one convolution or matrix product.
+
+        Conv filters, the dense layer's weight and bias, the LSTM's input weights ``W_x``.
+        Under bfloat16 autocast each of them is cast at its one use, so casting them all
+        before the forward (:class:`modern.backend.TorchBackend`'s ``cast_once``) computes
+        the same numbers. ``lstm.W_h`` is left out: it enters 3n products, and autocast sums
+        the gradients of its 3n casts in float32, where one shared bfloat16 copy would sum
+        them in bfloat16.
+        """
+        names = [f"{m}.weight" for m, mod in self.named_modules() if isinstance(mod, nn.Conv2d)]
+        names += ["fc.weight", "fc.bias"]
+        if self.cfg.memory:
+            names.append("lstm.W_x")
+        return names
 
     def param_count(self) -> int:
         """Trainable parameters, counted from the modules' own tensors."""

@@ -6,14 +6,21 @@ variant, so settings can be compared in one call; ``--kernels`` also lists the m
 kernels of one eager step (torch.profiler). ::
 
     python -m modern.profile_step --rows t1-resnet32x1 --variants fp32,bf16,bf16-native
+    python -m modern.profile_step --rows t1-resnet134x1 --variants bf16,bf16-percast --count-ops --device cpu
+
+``--count-ops`` counts instead of timing: the aten operators one eager step dispatches,
+views left out (they launch no kernel), by name. It runs on the CPU too, where the counts
+mirror what a GPU step launches, up to how each operator splits into kernels.
 
 Variants: ``fp32`` / ``bf16`` (dtype float32 / bfloat16), suffixes ``-cl`` (channels last),
 ``-nocl`` (no channels last), ``-cudnnbn`` (cuDNN batch norm instead of the native one),
-``-compile`` (torch.compile'd forward inside the graph), ``-notf32``.
+``-compile`` (torch.compile'd forward inside the graph), ``-notf32``, ``-percast`` (bf16:
+autocast casts each weight at its use, instead of the backend's one cast per step).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
 import time
 
@@ -22,14 +29,15 @@ import torch
 
 from crmn import paper
 from crmn.config import ModelConfig, TrainConfig
+from torch.utils._python_dispatch import TorchDispatchMode
 from modern import model as model_mod
 from modern.backend import TorchBackend
 
 
-def _backend(row, variant: str) -> TorchBackend:
+def _backend(row, variant: str, device: str = "cuda", graph: bool = True) -> TorchBackend:
     parts = variant.split("-")
     dtype = {"fp32": "float32", "bf16": "bfloat16"}[parts[0]]
-    opts = dict(dtype=dtype, device="cuda", graph=True)
+    opts = dict(dtype=dtype, device=device, graph=graph)
     if "cl" in parts:
         opts["channels_last"] = True
     if "nocl" in parts:
@@ -38,6 +46,8 @@ def _backend(row, variant: str) -> TorchBackend:
         opts["compile"] = True
     if "notf32" in parts:
         opts["tf32"] = False
+    if "percast" in parts:
+        opts["cast_once"] = False
     model_mod.BatchNorm.cudnn = "cudnnbn" in parts
     return TorchBackend(ModelConfig.for_row(row), TrainConfig.for_row(row), **opts)
 
@@ -81,18 +91,54 @@ def time_variant(row, variant: str, steps: int, kernels: bool) -> float:
     return ms
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the non-view aten operators dispatched under it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_variant(row, variant: str, device: str) -> collections.Counter:
+    """Operators of one eager train step (the second: the first allocates), printed."""
+    be = _backend(row, variant, device=device, graph=False)
+    B = be.train_cfg.batch_size
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((B, 3, 32, 32), dtype=np.float32)
+    y = rng.integers(0, row.classes, B)
+    be.train_step(x, y, 0.01)
+    with _OpCounter() as counter:
+        be.train_step(x, y, 0.01)
+    c = counter.counts
+    top = ", ".join(f"{n} {k}" for n, k in c.most_common(6))
+    print(f"{row.id:16s} {variant:18s} {sum(c.values()):6d} ops/step  casts {c['_to_copy']:4d}"
+          f"  ({top})", flush=True)
+    return c
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m modern.profile_step")
     ap.add_argument("--rows", default="t1-resnet32x1")
     ap.add_argument("--variants", default="fp32,bf16")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--kernels", action="store_true")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="count one eager step's operators instead of timing the graph")
+    ap.add_argument("--device", default="cuda", help="with --count-ops: cpu works too")
     args = ap.parse_args(argv)
     by_id = {r.id: r for r in paper.ROWS}
     for rid in args.rows.split(","):
         for v in args.variants.split(","):
             try:
-                time_variant(by_id[rid], v, args.steps, args.kernels)
+                if args.count_ops:
+                    count_variant(by_id[rid], v, args.device)
+                else:
+                    time_variant(by_id[rid], v, args.steps, args.kernels)
             except Exception as e:  # a variant that fails must not stop the comparison
                 print(f"{rid:16s} {v:18s} FAILED: {type(e).__name__}: {str(e)[:300]}",
                       flush=True)

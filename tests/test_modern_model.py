@@ -90,6 +90,32 @@ def test_batchnorm_is_lasagnes():
     torch.testing.assert_close(inf, want_inf, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_net_moves_running_averages_like_each_layer_alone(dtype):
+    """CIFARNet gathers every layer's batch statistics and moves all running averages in one
+    multi-tensor lerp: the same bits as each BatchNorm doing its own ``lerp_``."""
+    net = build(ModelConfig(n=1, k=0.5, classes=10, memory=True), seed=3).to(dtype)
+    bns = [m for m in net.modules() if isinstance(m, BatchNorm)]
+    with torch.no_grad():
+        for bn in bns:  # running averages away from their initial 0 and 1
+            bn.mean.copy_(torch.randn(bn.mean.shape)), bn.inv_std.copy_(torch.rand(bn.mean.shape) + 0.5)
+    inputs = {}
+    hooks = [bn.register_forward_pre_hook(lambda m, a: inputs.__setitem__(m, a[0].detach()))
+             for bn in bns]
+    before = {bn: (bn.mean.clone(), bn.inv_std.clone()) for bn in bns}
+    net(torch.randn(6, 3, 32, 32, dtype=dtype), training=True, update_stats=True)
+    for h in hooks:
+        h.remove()
+    assert set(inputs) == set(bns)
+    for bn in bns:
+        _, bmean, binv = torch.native_batch_norm(inputs[bn], bn.weight, bn.bias, None, None,
+                                                 True, 0.0, BN_EPS)
+        mean0, inv0 = before[bn]
+        assert not torch.equal(bn.mean, mean0)  # moved
+        assert torch.equal(bn.mean, mean0.clone().lerp_(bmean, BN_ALPHA))
+        assert torch.equal(bn.inv_std, inv0.clone().lerp_(binv, BN_ALPHA))
+
+
 def test_shortcut_option_a_subsamples_and_pads_both_sides():
     x = torch.arange(2 * 4 * 4 * 4, dtype=torch.float64).reshape(2, 4, 4, 4) + 1
     s = shortcut_a(x, 8, 2)

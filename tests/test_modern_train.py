@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from crmn import convert
 from crmn.config import ModelConfig, TrainConfig
@@ -196,6 +197,84 @@ def test_bfloat16_autocast_runs_on_cpu():
     loss, _ = be.train_step(x.astype(np.float32), y, 0.1)
     assert np.isfinite(loss)
     assert be.get_state()["conv0.W"].dtype == np.float32  # weights stay float32
+
+
+class _Casts(TorchDispatchMode):
+    """Records the shape of every dtype cast (aten._to_copy) run under it, per direction."""
+
+    def __init__(self):
+        super().__init__()
+        self.down, self.up = [], []  # float32 -> bfloat16, bfloat16 -> float32
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default:
+            src, dst = args[0].dtype, out.dtype
+            if (src, dst) == (torch.float32, torch.bfloat16):
+                self.down.append(tuple(out.shape))
+            elif (src, dst) == (torch.bfloat16, torch.float32):
+                self.up.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("cfg,channels_last", [(TINY_CRMN, True), (TINY_RESNET, False)],
+                         ids=["crmn-channels-last", "resnet-channels-first"])
+def test_bfloat16_cast_once_gives_autocasts_bits_in_one_cast(cfg, channels_last):
+    """cast_once rounds each weight as autocast does (same bits after two steps), but casts
+    the single-product weights in one kernel each way instead of one per weight."""
+    runs = []
+    for cast_once in (False, True):
+        tc = TrainConfig(batch_size=6, weight_decay=1e-3, seed=2)
+        be = TorchBackend(cfg, tc, dtype="bfloat16", channels_last=channels_last,
+                          cast_once=cast_once)
+        losses = []
+        for step, lr in enumerate((0.1, 0.05)):
+            x, y = _batch(step)
+            with _Casts() as casts:
+                losses.append(be.train_step(x.astype(np.float32), y, lr))
+        runs.append((losses, be.get_state(), casts))
+    (l_use, s_use, c_use), (l_once, s_once, c_once) = runs
+    assert l_use == l_once
+    for k in s_use:
+        np.testing.assert_array_equal(s_use[k], s_once[k], err_msg=k)
+    net = build(cfg)
+    shapes = [tuple(dict(net.named_parameters())[n].shape)
+              for n in net.single_product_weights()]
+    total = sum(int(np.prod(s)) for s in shapes)
+    for made in (c_use.down, c_use.up):  # autocast: each weight at its use, each gradient back
+        assert all(made.count(s) >= shapes.count(s) for s in shapes)
+    for made in (c_once.down, c_once.up):  # one flat cast each way, no weight cast alone
+        assert made.count((total,)) == 1
+        assert not [s for s in made if s in shapes]
+
+
+def test_cast_once_is_a_bfloat16_option():
+    with pytest.raises(ConfigError, match="bfloat16"):
+        TorchBackend(TINY_RESNET, TrainConfig(), dtype="float32", cast_once=True)
+    assert not TorchBackend(TINY_RESNET, TrainConfig(), dtype="float32").cast_once
+    assert TorchBackend(TINY_RESNET, TrainConfig(), dtype="bfloat16").cast_once
+
+
+def test_compiled_bfloat16_step_trains_like_the_eager_one():
+    """torch.compile (inductor, here on the CPU) of the forward, cast-once weights passed in:
+    its update is as close to float32's as eager bfloat16's is (bfloat16 rounding only)."""
+    changes = {}
+    for name, opts in (("float32", dict(dtype="float32")), ("bf16", dict(dtype="bfloat16")),
+                       ("bf16-compiled", dict(dtype="bfloat16", compile=True))):
+        be = TorchBackend(TINY_RESNET, TrainConfig(batch_size=6, seed=1), **opts)
+        start = be.get_state()
+        for step in range(2):
+            x, y = _batch(step)
+            be.train_step(x.astype(np.float32), y, 0.1)
+        end = be.get_state()
+        changes[name] = np.concatenate([(end[k] - start[k]).ravel() for k in sorted(start)])
+    ref = changes["float32"]
+
+    def off(name):
+        return np.linalg.norm(changes[name] - ref) / np.linalg.norm(ref)
+
+    assert 0 < off("bf16") < 5e-2  # measured 2.3e-2: bfloat16's rounding over two steps
+    assert off("bf16-compiled") < max(1.5 * off("bf16"), 1e-3)
 
 
 def test_checkpoint_round_trip_across_stacks(tmp_path):
