@@ -21,20 +21,23 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import sys
 import time
+from typing import Optional
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from crmn import paper
 from crmn.config import ModelConfig, TrainConfig
-from torch.utils._python_dispatch import TorchDispatchMode
 from modern import model as model_mod
 from modern.backend import TorchBackend
 
 
-def _backend(row, variant: str, device: str = "cuda", graph: bool = True) -> TorchBackend:
+def _backend(row, variant: str, device: str = "cuda", graph: bool = True,
+             batch_size: Optional[int] = None) -> TorchBackend:
     parts = variant.split("-")
     dtype = {"fp32": "float32", "bf16": "bfloat16"}[parts[0]]
     opts = dict(dtype=dtype, device=device, graph=graph)
@@ -49,7 +52,10 @@ def _backend(row, variant: str, device: str = "cuda", graph: bool = True) -> Tor
     if "percast" in parts:
         opts["cast_once"] = False
     model_mod.BatchNorm.cudnn = "cudnnbn" in parts
-    return TorchBackend(ModelConfig.for_row(row), TrainConfig.for_row(row), **opts)
+    train = TrainConfig.for_row(row)
+    if batch_size is not None:
+        train = dataclasses.replace(train, batch_size=batch_size)
+    return TorchBackend(ModelConfig.for_row(row), train, **opts)
 
 
 def time_variant(row, variant: str, steps: int, kernels: bool) -> float:
@@ -104,9 +110,13 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_variant(row, variant: str, device: str) -> collections.Counter:
-    """Operators of one eager train step (the second: the first allocates), printed."""
-    be = _backend(row, variant, device=device, graph=False)
+def count_variant(row, variant: str, device: str,
+                  batch_size: Optional[int] = None) -> collections.Counter:
+    """Operators of one eager train step (the second: the first allocates), printed.
+
+    The count does not depend on the batch size; a small ``batch_size`` makes it quick.
+    """
+    be = _backend(row, variant, device=device, graph=False, batch_size=batch_size)
     B = be.train_cfg.batch_size
     rng = np.random.default_rng(0)
     x = rng.standard_normal((B, 3, 32, 32), dtype=np.float32)
@@ -130,13 +140,15 @@ def main(argv=None) -> int:
     ap.add_argument("--count-ops", action="store_true",
                     help="count one eager step's operators instead of timing the graph")
     ap.add_argument("--device", default="cuda", help="with --count-ops: cpu works too")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="with --count-ops: images per step (default: the row's)")
     args = ap.parse_args(argv)
     by_id = {r.id: r for r in paper.ROWS}
     for rid in args.rows.split(","):
         for v in args.variants.split(","):
             try:
                 if args.count_ops:
-                    count_variant(by_id[rid], v, args.device)
+                    count_variant(by_id[rid], v, args.device, args.batch_size)
                 else:
                     time_variant(by_id[rid], v, args.steps, args.kernels)
             except Exception as e:  # a variant that fails must not stop the comparison

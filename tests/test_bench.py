@@ -65,3 +65,19 @@ def test_format_table_without_paper_seconds():
          "warmup_s": 1.0}
     line = bench.format_table([r]).splitlines()[-1]
     assert line.split()[:3] == ["t2-crmn28x10", "CRMN-28x10", "50"] and " - " in line
+
+
+def test_profile_step_counts_the_operators_of_a_step_on_cpu(capsys):
+    """modern.profile_step --count-ops: the cast-once step dispatches fewer casts and fewer
+    operators than autocast's cast per use, on a paper row."""
+    from modern import profile_step
+
+    assert profile_step.main(["--rows", "t1-resnet32x1", "--variants", "bf16,bf16-percast",
+                              "--count-ops", "--device", "cpu", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "FAILED" not in out
+    (once_ops, once_casts), (use_ops, use_casts) = [
+        (int(line.split()[2]), int(line.split()[5])) for line in out.splitlines()]
+    # ResNet-32x1: 31 convolutions + the dense weight and bias, each cast down and back
+    assert use_casts - once_casts == 2 * (33 - 1)
+    assert once_ops < use_ops
