@@ -126,7 +126,7 @@ class TorchBackend:
         self.velocity: List[torch.Tensor] = [torch.zeros_like(p) for p in self.params]
         self.decayed = [i for i, n in enumerate(self.names) if roles[n] in DECAYED_ROLES]
         self.buffers: Dict[str, torch.Tensor] = dict(net.named_buffers())
-        named = dict(net.named_parameters())
+        named = dict(zip(self.names, self.params))
         self._cast: List[Tuple[str, torch.Tensor]] = (
             [(n, named[n]) for n in net.single_product_weights()] if self.cast_once else [])
         self._graph = None  # (CUDAGraph, x, y, lr, loss_sum, correct_sum), made on first use

@@ -130,13 +130,13 @@ class BatchNorm(nn.Module):
             else:
                 out, bmean, binv = torch.native_batch_norm(
                     x, self.weight, self.bias, None, None, True, 0.0, BN_EPS)
-            if isinstance(update_stats, RunningStats):
-                update_stats.add(self.mean, bmean)
-                update_stats.add(self.inv_std, binv)
-            elif update_stats:
-                with torch.no_grad():
-                    self.mean.lerp_(bmean.to(self.mean.dtype), BN_ALPHA)
-                    self.inv_std.lerp_(binv.to(self.inv_std.dtype), BN_ALPHA)
+            if update_stats:
+                stats = update_stats if isinstance(update_stats, RunningStats) \
+                    else RunningStats()
+                stats.add(self.mean, bmean)
+                stats.add(self.inv_std, binv)
+                if stats is not update_stats:  # True: this layer's averages move now
+                    stats.apply()
             return out
         scale = self.weight * self.inv_std  # γ / σ
         shift = self.bias - self.mean * scale  # β - μ γ / σ
