@@ -59,6 +59,74 @@ def test_lstm_matches_numpy_reference(outgate, peepholes):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+def _random_lstm(outgate, peepholes, seed=0):
+    torch.manual_seed(seed)
+    lstm = PeepholeLSTM(7, 5, outgate, peepholes).double()
+    with torch.no_grad():
+        for p in lstm.parameters():
+            p.copy_(torch.randn_like(p) * 0.7)
+    return lstm
+
+
+@pytest.mark.parametrize("outgate", ["logistic", "tanh"])
+@pytest.mark.parametrize("peepholes", [True, False])
+@pytest.mark.parametrize("last_only", [False, True], ids=["all-steps", "last-only"])
+def test_lstm_backward_matches_finite_differences(outgate, peepholes, last_only):
+    """The hand-written backward, against central differences of the forward (float64):
+    gradients of the inputs and of every parameter, h0, c0 and peepholes included."""
+    lstm = _random_lstm(outgate, peepholes)
+    names = [n for n, _ in lstm.named_parameters()]
+
+    def run(x, *params):
+        return torch.func.functional_call(lstm, dict(zip(names, params)), (x,),
+                                          {"last_only": last_only})
+
+    x = torch.randn(3, 4, 7, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in lstm.parameters()]
+    assert torch.autograd.gradcheck(run, (x, *params), atol=1e-8, rtol=1e-6)
+    full = lstm(x.detach())
+    if last_only:  # the same forward, only the last step returned
+        assert torch.equal(run(x, *params), full[:, -1])
+
+
+@pytest.mark.parametrize("peepholes", [True, False])
+def test_lstm_bfloat16_products_keep_float32_gradients(peepholes):
+    """Under bf16 autocast the products run in bf16 (W_h cast once per forward) while the
+    gates, cell and every gradient stay float32, within bf16 rounding of float64's."""
+    ref = _random_lstm("logistic", peepholes, seed=4)
+    lstm = _random_lstm("logistic", peepholes, seed=4).float()
+    x = torch.randn(3, 4, 7, dtype=torch.float64)
+    want = torch.autograd.grad(ref(x, last_only=True).square().sum(), list(ref.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = lstm(x.float(), last_only=True)
+    assert h.dtype == torch.float32
+    got = torch.autograd.grad(h.square().sum(), list(lstm.parameters()))
+    for (name, p), g, w in zip(lstm.named_parameters(), got, want):
+        assert g.dtype == torch.float32, name
+        err = (g.double() - w).norm() / w.norm()
+        assert err < 3e-2, (name, float(err))  # bf16 keeps 8 bits: ~4e-3 per rounding
+
+
+def test_lstm_backward_runs_one_product_per_step():
+    """Each step's backward adds one matrix product (h's gradient through W_h) and, under
+    bf16, one cast: W_h's gradient is one product for all steps, its cast once per call."""
+    from modern.profile_step import _OpCounter
+
+    counts = {}
+    for amp in (False, True):
+        for T in (3, 6):
+            lstm = _random_lstm("logistic", True).float()
+            x = torch.randn(2, T, 7, requires_grad=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                out = lstm(x, last_only=True)
+            with _OpCounter() as c:
+                out.sum().backward()
+            counts[amp, T] = c.counts
+    for amp in (False, True):
+        more = {op: counts[amp, 6][op] - counts[amp, 3][op] for op in ("mm", "_to_copy")}
+        assert more == {"mm": 3, "_to_copy": 3 if amp else 0}, (amp, more)
+
+
 def test_lstm_rejects_unknown_outgate():
     with pytest.raises(ValueError, match="outgate"):
         PeepholeLSTM(4, 3, "relu", True)

@@ -255,13 +255,15 @@ def test_cast_once_is_a_bfloat16_option():
     assert TorchBackend(TINY_RESNET, TrainConfig(), dtype="bfloat16").cast_once
 
 
-def test_compiled_bfloat16_step_trains_like_the_eager_one():
-    """torch.compile (inductor, here on the CPU) of the forward, cast-once weights passed in:
-    its update is as close to float32's as eager bfloat16's is (bfloat16 rounding only)."""
+@pytest.mark.parametrize("cfg", [TINY_RESNET, TINY_CRMN], ids=["resnet", "crmn"])
+def test_compiled_bfloat16_step_trains_like_the_eager_one(cfg):
+    """torch.compile (inductor, here on the CPU) of the forward, cast-once weights passed in,
+    the LSTM's hand-written backward traced through: its update is as close to float32's as
+    eager bfloat16's is (bfloat16 rounding only)."""
     changes = {}
     for name, opts in (("float32", dict(dtype="float32")), ("bf16", dict(dtype="bfloat16")),
                        ("bf16-compiled", dict(dtype="bfloat16", compile=True))):
-        be = TorchBackend(TINY_RESNET, TrainConfig(batch_size=6, seed=1), **opts)
+        be = TorchBackend(cfg, TrainConfig(batch_size=6, seed=1), **opts)
         start = be.get_state()
         for step in range(2):
             x, y = _batch(step)
@@ -273,7 +275,7 @@ def test_compiled_bfloat16_step_trains_like_the_eager_one():
     def off(name):
         return np.linalg.norm(changes[name] - ref) / np.linalg.norm(ref)
 
-    assert 0 < off("bf16") < 5e-2  # measured 2.3e-2: bfloat16's rounding over two steps
+    assert 0 < off("bf16") < 5e-2  # measured 2.3e-2 / 1.6e-2: bf16 rounding over two steps
     assert off("bf16-compiled") < max(1.5 * off("bf16"), 1e-3)
 
 
