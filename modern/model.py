@@ -184,8 +184,8 @@ class _PeepholeRecurrence(torch.autograd.Function):
     ``W_h``'s gradient. Here each step's backward is the chain rule through the gates in a
     few fused operators (``sigmoid_backward``, ``addcmul``) and one product for the
     recurrence; ``W_h``'s gradient is one ``(B·T, H)ᵀ (B·T, 4H)`` product after the loop and
-    each peephole's one reduction. A CRMN-32×1 train step dispatches 789 operators instead
-    of 1090 in float32 (``python -m modern.profile_step --count-ops``).
+    each peephole's one reduction (operator counts per step: REPRODUCING.md §5,
+    ``python -m modern.profile_step --count-ops``).
 
     ``W_h`` is cast to ``mm_dtype`` (the input product's dtype: bf16 under autocast) once
     per forward; gates, cell and gradients stay in ``xw``'s dtype (float32 under autocast,
@@ -398,14 +398,18 @@ class CIFARNet(nn.Module):
         stats = RunningStats() if update_stats else None  # applied once, after the blocks
         upd = stats if stats is not None else False
         h = F.relu(self.bn0(self.conv0(x), training, upd))
-        taps = []
+        taps, stage = [], []
         for block in self.blocks:
             h = block(h, training, upd)
             if self.cfg.memory:
-                taps.append(self.tap(h))
+                stage.append(h)
+                if len(stage) == self.cfg.n:  # a stage's n taps share a shape: one tap call
+                    outs = torch.stack(stage, dim=1).flatten(0, 1)  # (B·n, C, S, S)
+                    taps.append(self.tap(outs).view(x.shape[0], len(stage), -1))
+                    stage = []
         feat = h.mean(dim=(2, 3))  # global average pool, (B, 64k)
         if self.cfg.memory:
-            seq = torch.stack(taps, dim=1)  # (B, 3n, I), shallow to deep
+            seq = torch.cat(taps, dim=1)  # (B, 3n, I), shallow to deep
             h_last = self.lstm(seq.to(self.lstm.W_x.dtype), last_only=True)  # (B, H)
             feat = torch.cat([feat, h_last.to(feat.dtype)], dim=1)
         if stats is not None:

@@ -204,6 +204,25 @@ def test_taps_pool_flatten_and_pad():
     assert (t[:, 16 * 16:] == 0).all()
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_lstm_reads_every_block_output_through_tap(channels_last):
+    """The LSTM's input sequence is tap(output of block j) for j = 0..3n-1, bit for bit
+    (the forward taps a whole stage at once)."""
+    net = build_crmn(2, 0.5, 10, seed=1)
+    x = torch.randn(3, 3, 32, 32)
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(
+            memory_format=torch.channels_last)
+    outs, seqs = [], []
+    hooks = [b.register_forward_hook(lambda m, a, out: outs.append(out)) for b in net.blocks]
+    hooks.append(net.lstm.register_forward_pre_hook(lambda m, args: seqs.append(args[0])))
+    net(x, training=True)
+    for hk in hooks:
+        hk.remove()
+    assert len(outs) == 6 and seqs[0].shape == (3, 6, net.cfg.lstm_input)
+    assert torch.equal(seqs[0], torch.stack([net.tap(o) for o in outs], dim=1))
+
+
 def test_forward_training_changes_no_state_and_modes_differ():
     net = build_crmn(1, 0.5, 10, seed=0).double()
     before = {k: v.clone() for k, v in net.state_dict().items()}
