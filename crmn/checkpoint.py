@@ -28,7 +28,7 @@ from typing import Dict, Optional, Tuple
 import h5py
 import numpy as np
 
-from crmn.config import ModelConfig, TrainConfig
+from crmn.config import ModelConfig, TrainConfig, json_view
 from crmn.errors import CheckpointError
 from crmn.runlog import replace_file
 
@@ -157,11 +157,6 @@ def _meta(f: "h5py.File", path: Path) -> Dict:
         raise CheckpointError(f"{path}: 'meta' attribute is not valid JSON ({e})") from e
 
 
-def _plain(value):
-    """JSON-normalised value (tuples become lists) for comparing configs."""
-    return json.loads(json.dumps(value))
-
-
 def _show(value) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -191,7 +186,7 @@ def check_compatible(meta: Dict, model: ModelConfig, train: Optional[TrainConfig
     for label, here, there in sections:
         if not isinstance(there, dict):
             raise CheckpointError(f"{path}: {source} records no {label} configuration")
-        here, there = _plain(here), _plain(there)
+        here, there = json_view(here), json_view(there)
         for key in sorted(set(here) | set(there)):
             if key not in there:
                 raise CheckpointError(f"{path}: {label}.{key} is {_show(here[key])} here, "

@@ -7,12 +7,19 @@ REPRODUCING.md.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from crmn import paper
+
+
+def json_view(value):
+    """``value`` as JSON gives it back (tuples become lists): how a dataclass's ``to_dict``
+    compares with a config.json or checkpoint record of it."""
+    return json.loads(json.dumps(value))
 
 
 def _check_finite(config) -> None:

@@ -22,7 +22,6 @@ shows each row present with all its seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TextIO
 
 from crmn import paper, runlog
-from crmn.config import ModelConfig, TrainConfig
+from crmn.config import ModelConfig, TrainConfig, json_view
 from crmn.errors import CRMNError, DataError
 
 #: Last row of each block of four in Table 1: the models of the paper's Figure 3.
@@ -107,8 +106,8 @@ class SeedRun:
             for key, value in want.items():
                 if key in ("max_epochs", "schedule", "seed") or key not in have:
                     continue
-                if _plain(have[key]) != _plain(value):
-                    out.append(f"{key} {_plain(have[key])} (row: {_plain(value)})")
+                if json_view(have[key]) != json_view(value):
+                    out.append(f"{key} {json_view(have[key])} (row: {json_view(value)})")
         return out
 
 
@@ -166,8 +165,8 @@ def collect(directory: Path) -> Dict[str, List[RowRuns]]:
     """Runs below ``directory``, grouped by experiment then row, paper rows first.
 
     ``directory`` is an experiment folder (``runs/table1``) or a folder of them (``runs``);
-    one without any run is a :class:`DataError`. Rows of a known experiment (:data:`crmn.paper.EXPERIMENTS`) without runs appear with no
-    seeds, i.e. as missing.
+    one without any run is a :class:`DataError`. Rows of a known experiment
+    (:data:`crmn.paper.EXPERIMENTS`) without runs appear with no seeds, i.e. as missing.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -197,11 +196,6 @@ def collect(directory: Path) -> Dict[str, List[RowRuns]]:
             rr.runs.sort(key=lambda s: s.seed)
         out[exp] = ordered
     return out
-
-
-def _plain(value):
-    """JSON's view of a value (tuples as lists), so config.json compares with a dataclass."""
-    return json.loads(json.dumps(value))
 
 
 # ---------------------------------------------------------------------------------------
