@@ -395,12 +395,11 @@ class CIFARNet(nn.Module):
         """
         if update_stats and not training:
             raise ValueError("update_stats needs training=True")
-        stats = RunningStats() if update_stats else None  # applied once, after the blocks
-        upd = stats if stats is not None else False
-        h = F.relu(self.bn0(self.conv0(x), training, upd))
+        stats = RunningStats() if update_stats else False  # applied once, after the blocks
+        h = F.relu(self.bn0(self.conv0(x), training, stats))
         taps, stage = [], []
         for block in self.blocks:
-            h = block(h, training, upd)
+            h = block(h, training, stats)
             if self.cfg.memory:
                 stage.append(h)
                 if len(stage) == self.cfg.n:  # a stage's n taps share a shape: one tap call
@@ -412,7 +411,7 @@ class CIFARNet(nn.Module):
             seq = torch.cat(taps, dim=1)  # (B, 3n, I), shallow to deep
             h_last = self.lstm(seq.to(self.lstm.W_x.dtype), last_only=True)  # (B, H)
             feat = torch.cat([feat, h_last.to(feat.dtype)], dim=1)
-        if stats is not None:
+        if stats:
             stats.apply()
         return self.fc(feat)
 

@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from crmn import paper
 from crmn.config import ModelConfig, TrainConfig
+from crmn.errors import ConfigError
 from modern import model as model_mod
 from modern.backend import TorchBackend
 
@@ -143,16 +144,20 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=None,
                     help="with --count-ops: images per step (default: the row's)")
     args = ap.parse_args(argv)
-    by_id = {r.id: r for r in paper.ROWS}
-    for rid in args.rows.split(","):
+    try:
+        rows = paper.select_or_fail(args.rows)
+    except ConfigError as e:
+        print(f"profile_step: {e}", file=sys.stderr)
+        return 2
+    for row in rows:
         for v in args.variants.split(","):
             try:
                 if args.count_ops:
-                    count_variant(by_id[rid], v, args.device, args.batch_size)
+                    count_variant(row, v, args.device, args.batch_size)
                 else:
-                    time_variant(by_id[rid], v, args.steps, args.kernels)
+                    time_variant(row, v, args.steps, args.kernels)
             except Exception as e:  # a variant that fails must not stop the comparison
-                print(f"{rid:16s} {v:18s} FAILED: {type(e).__name__}: {str(e)[:300]}",
+                print(f"{row.id:16s} {v:18s} FAILED: {type(e).__name__}: {str(e)[:300]}",
                       flush=True)
     return 0
 
