@@ -30,6 +30,7 @@ Expert options ``--n``, ``--k``, ``--batch-size`` replace the row's architecture
 so that tests and quick looks can push a real row's protocol through a tiny network.
 
 Exit codes: 0 success; 1 a :class:`crmn.errors.CRMNError` (printed as ``error: <message>``);
+3 stopped by SIGUSR1 after checkpointing the last finished epoch (``--resume`` continues);
 2 a usage error (unknown command, option or row id), one line on stderr.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ import dataclasses
 import inspect
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -47,7 +49,7 @@ from typing import Dict, List, Optional, Sequence
 
 from crmn import paper
 from crmn.config import ModelConfig, TrainConfig
-from crmn.errors import ConfigError, CRMNError
+from crmn.errors import EXIT_STOPPED, ConfigError, CRMNError, StopRequested
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_COMMANDS = tuple(paper.EXPERIMENTS)  # table1, table2, table3, svhn
@@ -117,6 +119,9 @@ def _common_parent() -> argparse.ArgumentParser:
     g.add_argument("--seeds", type=_positive, metavar="N", default=None,
                    help="repetitions per row, seeds 0..N-1 (default: the row's `seeds` in "
                         "crmn/paper.py: 5 for t2-crmn32x4, else 1)")
+    g.add_argument("--seed", type=int, metavar="K", default=None,
+                   help="train only seed K of each row (one run of a grid, e.g. one task "
+                        "of a job array; default: seeds 0..N-1 of --seeds)")
     g.add_argument("--epochs-cap", type=_positive, metavar="N",
                    default=_default(TrainConfig, "max_epochs"),
                    help="at most N epochs per learning-rate stage (default: %(default)s = "
@@ -260,10 +265,12 @@ def select_rows(ids: Optional[str], experiment: Optional[str]) -> tuple:
 
 def plan_runs(rows, args) -> List[tuple]:
     """(row, seed, ModelConfig, TrainConfig) of every run, all validated before any trains."""
+    if args.seed is not None and (args.seed < 0 or args.seeds is not None):
+        raise UsageError("run_experiments.sh: --seed K wants K >= 0 and no --seeds")
     plan = []
     for row in rows:
         n_seeds = args.seeds if args.seeds is not None else row.seeds
-        for k in range(n_seeds):
+        for k in ([args.seed] if args.seed is not None else range(n_seeds)):
             plan.append((row, k, *configs_for(row, args, seed=k)))
     return plan
 
@@ -286,6 +293,7 @@ def _train_rows(experiment: str, rows, args, *, data_dir: Path, out_dir: Path,
           f"runs under {out_dir / experiment}", flush=True)
     run_dirs = []
     for row, k, model, train in plan:
+        trainer.check_stop(out_dir / experiment)
         name = row_label(row) if row_label else row.id
         run_dir = out_dir / experiment / name / f"seed{k}"
         backend = None
@@ -440,6 +448,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.command in TRAIN_COMMANDS + ("smoke",):
+            from crmn import train as trainer
+
+            # a scheduler's warning (sbatch --signal=B:USR1@T): checkpoint, stop, exit 3
+            signal.signal(signal.SIGUSR1, trainer.request_stop)
         if args.command in TRAIN_COMMANDS:
             return cmd_train(args)
         if args.command == "params":
@@ -452,6 +465,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(str(exc).splitlines()[0], file=sys.stderr)
         return 2
+    except StopRequested as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
     except CRMNError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

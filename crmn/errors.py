@@ -23,3 +23,15 @@ class ConfigError(CRMNError):
 
 class DivergedError(CRMNError):
     """The training loss became NaN or infinite."""
+
+
+class StopRequested(CRMNError):
+    """A signal (SIGUSR1: a scheduler's warning before preemption or its time limit) asked
+    the run to stop; the last finished epoch is checkpointed and ``--resume`` continues.
+
+    The CLI exits with :data:`EXIT_STOPPED` so that a job script can tell it from a failure.
+    """
+
+
+#: exit code of a run stopped by :class:`StopRequested` (resumable; not a failure)
+EXIT_STOPPED = 3

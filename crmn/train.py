@@ -41,10 +41,25 @@ import numpy as np
 
 from crmn import checkpoint, runlog
 from crmn.config import ModelConfig, TrainConfig
-from crmn.errors import CheckpointError, ConfigError, DivergedError
+from crmn.errors import CheckpointError, ConfigError, DivergedError, StopRequested
 from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
 PHASES = ("search", "final")
+#: the signal that asked the run to stop at the next epoch's end (None: keep going)
+_stop_signal: List[Optional[int]] = [None]
+
+
+def request_stop(signum: int, frame=None) -> None:
+    """Signal handler: finish the epoch in progress, checkpoint it, then stop the run with
+    :class:`crmn.errors.StopRequested` (installed by the CLI for SIGUSR1)."""
+    _stop_signal[0] = signum
+
+
+def check_stop(where) -> None:
+    """Raise :class:`StopRequested` if a stop was asked for (a safe point: all saved)."""
+    if _stop_signal[0] is not None:
+        raise StopRequested(f"{where}: stopped by signal {_stop_signal[0]} after its last "
+                            f"checkpoint; --resume continues it")
 #: keys that separate the sampler streams of the two phases (batches, crops, flips)
 _PHASE_KEY = {"search": 0x5345, "final": 0x4649}
 
@@ -364,6 +379,7 @@ def _one_epoch(ctx: _Run, phase: str, net, sched, sampler, split, extra: Dict) -
     checkpoint.save(ctx.path(runlog.CHECKPOINT), net.get_state(), meta)
     ctx.epoch_wall.append(time.perf_counter() - t0)
     ctx.say(_epoch_line(ctx, entry, sched, improved=sched.improved and phase == "search"))
+    check_stop(ctx.run_dir)
 
 
 def _train_epoch(ctx: _Run, phase: str, net, sampler, epoch: int, lr: float):

@@ -3,6 +3,7 @@ flags map onto ModelConfig / TrainConfig, `params` counts real networks."""
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,41 @@ def test_verify_and_bench_get_their_argv(name, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([name, "--no-such-option"])
     assert exc.value.code == 2
+
+
+def test_sigusr1_checkpoints_stops_with_exit_3_and_resume_finishes(tmp_path):
+    """A scheduler's warning signal: the epoch in progress ends, is checkpointed, the run
+    exits 3 (resumable, not failed); `--resume` then finishes it from that epoch."""
+    pytest.importorskip("modern.backend")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    argv = [sys.executable, "-m", "crmn.cli", "smoke", "--backend", "torch", "--epochs-cap",
+            "2", "--no-progress", "--out-dir", str(tmp_path)]
+    p = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in p.stdout:  # the first finished epoch, then the warning
+        lines.append(line)
+        if line.startswith("[search] epoch 1"):
+            p.send_signal(signal.SIGUSR1)
+            break
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 3, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("stopped: ")
+    run = tmp_path / "smoke" / "tiny-crmn-n1-k0.5" / "seed0"
+    logged = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    assert (run / "checkpoint.h5").is_file() and not (run / "summary.json").exists()
+    assert 1 <= len(logged) < 6  # stopped after the epoch the signal arrived in
+    q = subprocess.run(argv + ["--resume"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert q.returncode == 0, q.stderr[-2000:]
+    assert f"resuming search run after epoch {logged[-1]['epoch']}" in q.stdout \
+        or "resuming final run" in q.stdout
+    assert json.loads((run / "summary.json").read_text())["status"] == "done"
+
+
+def test_seed_selects_one_run_of_the_grid():
+    args = cli.build_parser().parse_args(["table2", "--seed", "3", "--rows", "t2-crmn32x4"])
+    assert [k for _, k, _, _ in cli.plan_runs(cli.select_rows(args.rows, "table2"), args)] == [3]
+    args = cli.build_parser().parse_args(["table2", "--seed", "1", "--seeds", "2"])
+    with pytest.raises(cli.UsageError):
+        cli.plan_runs(cli.select_rows(None, "table2"), args)
