@@ -126,14 +126,3 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-
-def model_config_from_dict(d: dict) -> ModelConfig:
-    return ModelConfig(**d)
-
-
-def train_config_from_dict(d: dict) -> TrainConfig:
-    d = dict(d)
-    d["lr_stages"] = tuple(d["lr_stages"])
-    if d.get("schedule") is not None:
-        d["schedule"] = tuple(d["schedule"])
-    return TrainConfig(**d)

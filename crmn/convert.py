@@ -26,7 +26,7 @@ from typing import Callable, Dict
 import numpy as np
 
 from crmn.errors import CheckpointError
-from crmn.naming import ParamSpec, param_specs, velocity_name
+from crmn.naming import LSTM_GATES, ParamSpec, param_specs, velocity_name
 from crmn.config import ModelConfig
 
 Arrays = Dict[str, np.ndarray]
@@ -115,7 +115,6 @@ def canonical_to_lasagne(cfg: ModelConfig, canonical: Arrays, with_velocity: boo
 #   ``lstm.W_h (H, 4H)``, ``lstm.b (4H,)``; peepholes ``lstm.w_c{i,f,o}`` and ``lstm.h0``,
 #   ``lstm.c0`` are ``(H,)`` like the canonical arrays.
 
-_TORCH_GATES = ("i", "f", "c", "o")  # chunk order of the packed LSTM arrays (modern.model)
 _TORCH_PACKED = {"lstm_Wx": "lstm.W_x", "lstm_Wh": "lstm.W_h", "lstm_b": "lstm.b"}
 
 
@@ -124,7 +123,7 @@ def _torch_entry(cfg: ModelConfig, spec: ParamSpec):
     name, role = spec.name, spec.role
     same = lambda a: a  # noqa: E731
     if role in _TORCH_PACKED:
-        return _TORCH_PACKED[role], _TORCH_GATES.index(name[-1]), same, same
+        return _TORCH_PACKED[role], LSTM_GATES.index(name[-1]), same, same
     if name.startswith("lstm."):  # peepholes, h0, c0: same names and shapes
         return name, None, same, same
     if name == "fc.W":
@@ -188,7 +187,7 @@ def canonical_to_torch(cfg: ModelConfig, canonical: Arrays, with_velocity: bool 
         if chunk is None:
             out[nat] = to_native(a)
         else:
-            packed.setdefault(nat, [None] * len(_TORCH_GATES))[chunk] = a
+            packed.setdefault(nat, [None] * len(LSTM_GATES))[chunk] = a
     for nat, parts in packed.items():
         out[nat] = np.concatenate(parts, axis=-1)
     return out

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from crmn.errors import ConfigError
+
 #: Learning-rate stages of Table 1 (section 4).
 LR_TABLE1: Tuple[float, ...] = (0.1, 0.01, 0.001)
 #: Learning-rate stages of the wide 28-layer runs of Tables 2-3 (section 4.2).
@@ -230,28 +232,38 @@ def row(row_id: str) -> Row:
     raise KeyError(f"unknown row id {row_id!r}; known: {', '.join(r.id for r in ROWS)}")
 
 
-def select(ids: Optional[str], experiment: Optional[str] = None) -> Tuple[Row, ...]:
-    """Rows named by a comma-separated ``--rows`` value, else every row of ``experiment``.
+def select(ids: Optional[str], experiment: Optional[str] = None, *,
+           strict: bool = False) -> Tuple[Row, ...]:
+    """Rows named by a comma-separated ``--rows`` value, else every row of ``experiment``
+    (every row when it is None): the one row selection of every command.
 
-    Raises ``KeyError`` for an unknown id or experiment.
+    ``strict``: rows of another experiment than ``experiment`` are refused.
+
+    Raises
+    ------
+    ConfigError
+        An unknown id or experiment, a row of another experiment (``strict``), or an
+        empty selection; one line naming the known ids.
     """
-    if ids:
-        return tuple(row(i.strip()) for i in ids.split(",") if i.strip())
-    if experiment is None:
-        return ROWS
-    if experiment not in EXPERIMENTS:
-        raise KeyError(f"unknown experiment {experiment!r}; known: {', '.join(EXPERIMENTS)}")
-    return EXPERIMENTS[experiment]
-
-
-def select_or_fail(ids: Optional[str], experiment: Optional[str] = None) -> Tuple[Row, ...]:
-    """:func:`select`, with an unknown id as a :class:`crmn.errors.ConfigError` (for tools)."""
-    from crmn.errors import ConfigError
-
     try:
-        return select(ids, experiment)
+        if ids:
+            rows = tuple(row(i.strip()) for i in ids.split(",") if i.strip())
+        elif experiment is None:
+            rows = ROWS
+        elif experiment not in EXPERIMENTS:
+            raise KeyError(f"unknown experiment {experiment!r}; known: "
+                           f"{', '.join(EXPERIMENTS)}")
+        else:
+            rows = EXPERIMENTS[experiment]
     except KeyError as exc:
         raise ConfigError(f"--rows: {exc.args[0]}") from None
+    foreign = [r.id for r in rows if strict and r.table != experiment]
+    if foreign:
+        raise ConfigError(f"--rows: row(s) {', '.join(foreign)} belong to another experiment "
+                          f"than {experiment}")
+    if not rows:
+        raise ConfigError("--rows selects no row")
+    return rows
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ shows each row present with all its seeds.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -427,20 +426,3 @@ def compare(directory: Path, *, plots: bool = True, out: Optional[TextIO] = None
     stream.write(text + "\n")
     stream.write(f"wrote {report}" + (f" and {len(pngs)} plot(s)" if pngs else "") + "\n")
     return report
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m crmn.report", description=compare.__doc__)
-    p.add_argument("dir")
-    p.add_argument("--no-plots", dest="plots", action="store_false")
-    args = p.parse_args(argv)
-    try:
-        compare(Path(args.dir), plots=args.plots)
-    except CRMNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

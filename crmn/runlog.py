@@ -176,6 +176,19 @@ def rewrite_log(path, entries: Iterable[Dict]) -> None:
     write_bytes_atomic(path, data)
 
 
+def is_done(summary: Optional[Dict]) -> bool:
+    """Whether ``summary`` (summary.json's content, None if absent) is a finished run's:
+    the one definition of "finished" that training, the CLI and the report share."""
+    return summary is not None and summary.get("status") == "done"
+
+
+def finished_summary(run_dir) -> Optional[Dict]:
+    """summary.json of ``run_dir`` when the run there is finished, else None."""
+    path = Path(run_dir) / SUMMARY
+    summary = read_json(path) if path.exists() else None
+    return summary if is_done(summary) else None
+
+
 @dataclass
 class Run:
     """A run directory as the report sees it."""
@@ -187,7 +200,7 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        return self.summary is not None and self.summary.get("status") == "done"
+        return is_done(self.summary)
 
     def phase(self, name: str) -> List[Dict]:
         """The log lines of one phase, "search" or "final"."""

@@ -1,30 +1,35 @@
-"""The training driver: the paper's protocol (section 4, SPEC §5) over any :class:`Backend`.
+"""The training loop: the paper's protocol (section 4, SPEC §5) over any :class:`crmn.stack.Stack`.
 
-Written once for both stacks. One call of :func:`run` trains one configuration and seed into
-one run directory (crmn/LOGS.md):
+Written once for both stacks, which only build the network and take a step. One call of
+:func:`run` trains one :class:`RunSpec` into one run directory (crmn/LOGS.md):
 
 1. **Search run** (skipped when ``train.schedule`` is given): train on the seeded 90 % share
    of the training set, validate on the other 10 % after every epoch, and follow
    :class:`crmn.schedule.PlateauSchedule`. Whenever the validation result is the best so far,
    the state is saved to ``best.h5``; when a stage plateaus, ``best.h5`` is loaded back and the
    momentum velocities are zeroed before the next, lower learning rate.
-2. **Final run**: a network initialised afresh from ``train.seed`` trains on the whole
+2. **Final run**: the network, back at its seeded initial state, trains on the whole
    training set with :class:`crmn.schedule.FixedSchedule` replaying the schedule found (or the
    given one, each stage bounded by ``train.max_epochs``), and is evaluated on the test set
-   after every epoch. The last epoch's test
-   result is the run's result (``summary.json``).
+   after every epoch. The last epoch's test result is the run's result (``summary.json``).
+
+This module owns what both stacks share: the epoch loop (:func:`train_epoch`), evaluation
+(:func:`evaluate`, one numerics for both stacks: float64 cross-entropy from the stack's
+logits), the progress bar (:class:`Progress`), the NaN/inf check (:func:`_check_finite`),
+and what a finished run is (:func:`crmn.runlog.finished_summary`).
 
 Every finished epoch appends one line to ``log.jsonl`` and then atomically replaces
 ``checkpoint.h5`` (state, schedule, phase, epoch). ``resume=True`` loads that checkpoint,
 drops log lines of epochs it does not cover (a kill between the two writes), and replays
 from the next epoch. Nothing depends on process-global random state: weights come from
-``train.seed`` in the backend and batches are a function of (sampler seed, epoch) in
+``train.seed`` in the stack and batches are a function of (sampler seed, epoch) in
 :class:`crmn.data.BatchSampler`, so a resumed run ends with exactly the parameters of an
 uninterrupted one.
 
-Choices: a run directory that already holds ``summary.json`` (status "done") is skipped
-with a message and its summary returned; one holding an unfinished run is refused unless
-``resume=True``. Evaluation uses ``train.batch_size`` images per batch.
+Choices: a run directory that already holds a finished run of the same configuration is
+skipped with a message and its summary returned (no stack is built); one holding an
+unfinished run is refused unless ``resume=True``. The data are loaded before the stack is
+built, so a missing dataset fails in seconds.
 """
 from __future__ import annotations
 
@@ -35,19 +40,61 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from crmn import checkpoint, runlog
+from crmn import checkpoint, data, runlog
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import CheckpointError, ConfigError, DivergedError, StopRequested
 from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
 PHASES = ("search", "final")
+#: keys that separate the sampler streams of the two phases (batches, crops, flips)
+_PHASE_KEY = {"search": 0x5345, "final": 0x4649}
+#: images per forward pass of :func:`evaluate` (inference results do not depend on it)
+EVAL_BATCH = 500
+#: progress updates per epoch (each one reads the running loss: a host sync on a GPU)
+PROGRESS_UPDATES = 20
 #: the signal that asked the run to stop at the next epoch's end (None: keep going)
 _stop_signal: List[Optional[int]] = [None]
 
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Everything that defines one run; recorded in ``config.json``."""
+
+    model: ModelConfig  # the network (SPEC §4)
+    train: TrainConfig  # the protocol (SPEC §5); train.seed seeds split, weights, batches
+    dataset: str  # "cifar100" | "cifar10" | "svhn" (crmn.data)
+    data_dir: Path  # where crmn.data reads / downloads the dataset
+    backend: str  # stack name of crmn.stacks ("theano" | "torch")
+    dtype: str = "float32"  # floating-point type of the network
+    device: str = "cpu"  # requested device: cpu, cuda, cuda:N
+    compile: bool = False  # torch only: torch.compile inside the captured step
+    row: Optional[str] = None  # crmn.paper row id, None for a run that is no paper row
+    experiment: Optional[str] = None  # table1 | table2 | table3 | svhn | smoke
+
+
+@dataclasses.dataclass
+class EpochStats:
+    """What one training epoch reports (means over the epoch's images)."""
+
+    loss: float  # mean cross-entropy (without the weight-decay term)
+    acc: float  # fraction of correctly classified training images, in [0, 1]
+    images: int  # images seen
+    seconds: float  # wall-clock seconds of the epoch's steps
+
+
+def sampler_seed(seed: int, phase: str) -> int:
+    """Seed of ``phase``'s batch sampler: a 32-bit number derived from ``(seed, phase)``.
+
+    The two phases draw different batch streams from one ``train.seed``.
+    """
+    return int(np.random.SeedSequence([seed, _PHASE_KEY[phase]]).generate_state(1)[0])
+
+
+# --- stopping on a signal -----------------------------------------------------------------
 
 def request_stop(signum: int, frame=None) -> None:
     """Signal handler: finish the epoch in progress, checkpoint it, then stop the run with
@@ -60,34 +107,110 @@ def check_stop(where) -> None:
     if _stop_signal[0] is not None:
         raise StopRequested(f"{where}: stopped by signal {_stop_signal[0]} after its last "
                             f"checkpoint; --resume continues it")
-#: keys that separate the sampler streams of the two phases (batches, crops, flips)
-_PHASE_KEY = {"search": 0x5345, "final": 0x4649}
 
 
-def sampler_seed(seed: int, phase: str) -> int:
-    """Seed of ``phase``'s batch sampler: a 32-bit number derived from ``(seed, phase)``.
+# --- one epoch, evaluation, progress ------------------------------------------------------
 
-    The two phases draw different batch streams from one ``train.seed``.
+class Progress:
+    """A one-line progress bar on a terminal: batches, images/s, the epoch's ETA, loss."""
+
+    def __init__(self, label: str, total: int, stream=None):
+        self.label, self.total = label, total
+        self.stream = stream or sys.stderr
+        self.t0 = time.perf_counter()
+        self.every = max(1, total // PROGRESS_UPDATES)
+
+    def due(self, done: int) -> bool:
+        return done % self.every == 0 or done == self.total
+
+    def show(self, done: int, images: int, loss: float) -> None:
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        eta = elapsed / done * (self.total - done)
+        width = 20
+        bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
+        self.stream.write(f"\r  {self.label} [{bar}] {done}/{self.total} "
+                          f"{images / elapsed:.0f} img/s ETA {_fmt_duration(eta)} "
+                          f"loss {loss:.4f}\033[K")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\r\033[K")
+        self.stream.flush()
+
+
+def train_epoch(stack, sampler, epoch: int, lr: float, *, progress: Optional[str] = None,
+                fast: Optional[bool] = None) -> EpochStats:
+    """One epoch of SGD over ``sampler.epoch(epoch)`` at learning rate ``lr``.
+
+    ``fast`` takes the stack's :class:`crmn.stack.FastEpoch` path (default: the stack's
+    ``fast_epoch``, True for the torch stack on a GPU); both paths step through the same
+    batches. The step's sums stay on the device until the epoch ends, except for the
+    progress bar's updates (``progress``: its label; None draws nothing).
     """
-    return int(np.random.SeedSequence([seed, _PHASE_KEY[phase]]).generate_state(1)[0])
+    use_fast = getattr(stack, "fast_epoch", False) if fast is None else fast
+    batches = stack.epoch_batches(sampler, epoch) if use_fast else sampler.epoch(epoch)
+    bar = Progress(progress, len(sampler)) if progress else None
+    loss_sum: Any = 0.0
+    correct: Any = 0
+    images = 0
+    t0 = time.perf_counter()
+    try:
+        for done, (xb, yb) in enumerate(batches, 1):
+            batch_loss, batch_correct = stack.step(xb, yb, lr)
+            loss_sum = loss_sum + batch_loss
+            correct = correct + batch_correct
+            images += len(yb)
+            if bar is not None and bar.due(done):
+                bar.show(done, images, float(loss_sum) / images)
+        loss = float(loss_sum)  # the epoch's one host sync: the device's work ends here
+        seconds = time.perf_counter() - t0
+    finally:
+        if bar is not None:
+            bar.close()
+    if images == 0:
+        raise ConfigError("the sampler yielded no batch in this epoch")
+    return EpochStats(loss=loss / images, acc=float(correct) / images, images=images,
+                      seconds=seconds)
 
+
+def evaluate(stack, x: np.ndarray, y: np.ndarray,
+             batch_size: int = EVAL_BATCH) -> Tuple[float, float]:
+    """(mean cross-entropy, accuracy in [0, 1]) in inference mode (running BN statistics).
+
+    The cross-entropy is computed here, in float64 from the stack's logits, so both stacks
+    report the same numbers for the same logits.
+    """
+    if len(y) == 0:
+        raise ConfigError("evaluate() needs at least one image")
+    loss_sum = 0.0
+    correct = 0
+    for xb, yb in data.iterate_eval(x, y, batch_size):
+        z = np.asarray(stack.logits(xb, training=False), dtype=np.float64)  # (B, classes)
+        z = z - z.max(axis=1, keepdims=True)  # a stable log-softmax
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        yb = np.asarray(yb, dtype=np.int64)
+        loss_sum += float(-logp[np.arange(len(yb)), yb].sum())
+        correct += int((z.argmax(axis=1) == yb).sum())
+    return loss_sum / len(y), correct / len(y)
+
+
+# --- one run --------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class _Run:
     """What the phases of one run share; the paths of its files."""
 
     run_dir: Path
-    model: ModelConfig
-    train: TrainConfig
-    dataset: str
-    data_dir: object
-    backend: str
-    dtype: str
+    spec: RunSpec
     progress: bool
-    splits: Optional[dict]
     verbose: bool = True
     fake_data: bool = False
     epoch_wall: List[float] = dataclasses.field(default_factory=list)  # this process's epochs
+    loaded: Optional[Tuple[str, Any]] = None  # (phase, crmn.data.Split) last loaded
+
+    @property
+    def train(self) -> TrainConfig:
+        return self.spec.train
 
     def path(self, name: str) -> Path:
         return self.run_dir / name
@@ -97,51 +220,35 @@ class _Run:
             print(text, flush=True)
 
     def split(self, phase: str):
-        """Training and evaluation arrays of ``phase`` (injected or from crmn.data)."""
-        if self.splits is not None:
-            return self.splits[phase]
-        from crmn import data
+        """Training and evaluation arrays of ``phase`` (crmn.data), loaded once per phase."""
+        if self.loaded is None or self.loaded[0] != phase:
+            self.loaded = None  # free the other phase's arrays first
+            split = data.prepare(self.spec.dataset, self.spec.data_dir, phase,
+                                 self.train.seed, val_fraction=self.train.val_fraction,
+                                 progress=self.progress)
+            self.loaded = (phase, split)
+        return self.loaded[1]
 
-        return data.prepare(self.dataset, self.data_dir, phase, self.train.seed,
-                            val_fraction=self.train.val_fraction, progress=self.progress)
 
-
-def run(run_dir, *, model: ModelConfig, train: TrainConfig, dataset: str, data_dir,
-        backend: str, device: str = "cpu", dtype: str = "float32", row: Optional[str] = None,
-        experiment: Optional[str] = None, resume: bool = False, progress: bool = True,
-        verbose: bool = True, backend_obj=None, splits: Optional[dict] = None,
-        backend_factory: Optional[Callable[[], object]] = None) -> Dict:
-    """Train one configuration and seed through search and final run (SPEC §5).
+def run(run_dir, spec: RunSpec, new_stack: Callable[[], Any], *, resume: bool = False,
+        progress: bool = True, verbose: bool = True) -> Dict:
+    """Train ``spec`` through search and final run (SPEC §5) into ``run_dir``.
 
     Parameters
     ----------
     run_dir : path
         ``runs/<experiment>/<row>/seed<k>/``; created if missing.
-    model, train : ModelConfig, TrainConfig
-        The network and the protocol; ``train.seed`` seeds the data split, the weights and
-        the batches.
-    dataset, data_dir : str, path
-        Passed to :func:`crmn.data.prepare` (unused when ``splits`` is given).
-    backend, device, dtype : str
-        Passed to :func:`crmn.backend.make_backend`; ``backend`` and ``dtype`` are also
-        recorded and checked on resume.
-    row, experiment : str or None
-        Recorded in config.json and summary.json.
+    spec : RunSpec
+        What runs; recorded in config.json and checked against a checkpoint on resume.
+    new_stack : callable () -> Stack
+        Builds the network, initialised from ``spec.train.seed``; called at most once (not
+        for a finished run). The final run restarts it from its initial state.
     resume : bool
         Continue from ``checkpoint.h5`` (``--resume``).
     progress : bool
-        Draw a batch counter (on a terminal) and download progress bars.
+        Draw a progress bar (on a terminal) and download progress.
     verbose : bool
-        Print the backend, a line per epoch and the result.
-    backend_obj : Backend or None
-        A backend freshly initialised from ``train.seed``, used for the first phase trained.
-        Without ``backend_factory``, the final run resets it to a copy of its initial state
-        taken before any training, which equals a fresh backend from the same seed.
-    splits : {"search": Split, "final": Split} or None
-        Injected data instead of :func:`crmn.data.prepare`.
-    backend_factory : callable () -> Backend, or None
-        Builds a fresh backend (first phase when ``backend_obj`` is None, and the final run);
-        default ``make_backend(backend, model, train, device, dtype)``.
+        Print the stack, a line per epoch and the result.
 
     Returns
     -------
@@ -156,56 +263,25 @@ def run(run_dir, *, model: ModelConfig, train: TrainConfig, dataset: str, data_d
         ``checkpoint.h5`` is unreadable or from another configuration.
     DivergedError
         The loss became NaN or infinite; the last good checkpoint stays.
+    StopRequested
+        A signal asked the run to stop (:func:`request_stop`); all finished epochs are saved.
     """
-    ctx = _Run(Path(run_dir), model, train, dataset, data_dir, backend, dtype, progress, splits,
-               verbose=verbose)
-    if splits is None:
-        from crmn import data
-
-        ctx.fake_data = data.is_fake(dataset, data_dir)
-    finished = _finished_summary(ctx, resume)
+    ctx = _Run(Path(run_dir), spec, progress, verbose=verbose)
+    finished = _finished(ctx, resume)
     if finished is not None:
         return finished
-    try:
-        ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{ctx.run_dir}: cannot create the run directory "
-                          f"({e.strerror or e}); choose another --out-dir") from None
-    _remove_stale_temporaries(ctx.run_dir)
-    if backend_factory is None and backend_obj is None:
-        from crmn.backend import make_backend
-
-        def backend_factory():
-            return make_backend(backend, model, train, device=device, dtype=dtype)
-
-    net = backend_obj if backend_obj is not None else backend_factory()
-    # the final run restarts an injected backend from this copy of its seeded state
-    searching = train.schedule is None
-    initial = _copy(net.get_state()) if backend_factory is None and searching else None
-    ctx.say(f"{ctx.run_dir}: backend {net.name} on {net.device}, dtype {dtype}, "
-            f"{net.param_count():,} trainable parameters")
-    if ctx.fake_data:
-        print(f"warning: {data_dir} holds fake {dataset} data (crmn.data write_fake); this "
-              "run's accuracies say nothing about the paper's", file=sys.stderr, flush=True)
+    _open_run_dir(ctx)
     resumed = _resume_point(ctx, resume)
+    searching = spec.train.schedule is None and (resumed is None
+                                                 or resumed[1]["phase"] == "search")
+    ctx.split("search" if searching else "final")  # a missing dataset fails before the build
+    net = new_stack()
+    ctx.say(f"{ctx.run_dir}: backend {net.name} on {net.device}, dtype {spec.dtype}, "
+            f"{net.param_count():,} trainable parameters")
     if resumed is None or not ctx.path(runlog.CONFIG).exists():
-        runlog.write_json(ctx.path(runlog.CONFIG),
-                          _config(ctx, net, row, experiment, device))
-
-    extra = {"schedule_found": None, "search_best": None}
-    if resumed is not None:
-        extra = {k: resumed[1].get(k) for k in extra}
-    if train.schedule is None and (resumed is None or resumed[1]["phase"] == "search"):
-        sched = _search(ctx, net, resumed)
-        extra = {"schedule_found": sched.found, "search_best": sched.best}
-        resumed = None
-        net = backend_factory() if backend_factory is not None else _reset(net, initial)
-    used = extra["schedule_found"]
-    if train.schedule is not None:  # --schedule, bounded by --epochs-cap like every stage
-        used = [e if train.max_epochs is None else min(e, train.max_epochs)
-                for e in train.schedule]
-    _final(ctx, net, used, resumed, extra)
-    summary = _summary(ctx, net, row, experiment, used, extra)
+        runlog.write_json(ctx.path(runlog.CONFIG), _config(ctx, net))
+    used, extra = _phases(ctx, net, resumed, searching)
+    summary = _summary(ctx, net, used, extra)
     runlog.write_json(ctx.path(runlog.SUMMARY), summary)
     ctx.say(f"{ctx.run_dir}: done, test accuracy {100 * summary['test_acc']:.2f} % after "
             f"{summary['final_epochs']} epochs (schedule {used})")
@@ -214,16 +290,14 @@ def run(run_dir, *, model: ModelConfig, train: TrainConfig, dataset: str, data_d
 
 # --- run directory ---------------------------------------------------------------------
 
-def _finished_summary(ctx: _Run, resume: bool) -> Optional[Dict]:
+def _finished(ctx: _Run, resume: bool) -> Optional[Dict]:
     """The summary of a finished run (skipped), None for a new one; refuses an unfinished
     run unless resuming."""
-    summary_path = ctx.path(runlog.SUMMARY)
-    if summary_path.exists():
-        summary = runlog.read_json(summary_path)
-        if summary.get("status") == "done":
-            _check_same_run(ctx)
-            ctx.say(f"{ctx.run_dir}: already finished ({runlog.SUMMARY}), skipping")
-            return summary
+    summary = runlog.finished_summary(ctx.run_dir)
+    if summary is not None:
+        _check_same_run(ctx)
+        ctx.say(f"{ctx.run_dir}: already finished ({runlog.SUMMARY}), skipping")
+        return summary
     if resume:
         return None
     # config.json alone (e.g. the data could not be downloaded) means nothing was trained
@@ -239,17 +313,28 @@ def _check_same_run(ctx: _Run) -> None:
     path = ctx.path(runlog.CONFIG)
     config = runlog.read_json(path) if path.exists() else {}
     try:
-        checkpoint.check_compatible(config, ctx.model, ctx.train, dataset=ctx.dataset,
-                                    path=path, source=runlog.CONFIG)
+        checkpoint.check_compatible(config, ctx.spec.model, ctx.spec.train,
+                                    dataset=ctx.spec.dataset, path=path,
+                                    source=runlog.CONFIG)
     except CheckpointError as e:
         raise ConfigError(f"{e}: {ctx.run_dir} holds a finished run of another "
                           "configuration; choose another --out-dir or delete it") from None
 
 
-def _remove_stale_temporaries(run_dir: Path) -> None:
-    """Temporary files of writes that a kill interrupted (the real files are intact)."""
-    for tmp in run_dir.glob(".*.tmp"):
+def _open_run_dir(ctx: _Run) -> None:
+    """Create the run directory, drop temporaries of interrupted writes, note fake data."""
+    try:
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{ctx.run_dir}: cannot create the run directory "
+                          f"({e.strerror or e}); choose another --out-dir") from None
+    for tmp in ctx.run_dir.glob(".*.tmp"):  # the real files are intact
         tmp.unlink()
+    ctx.fake_data = data.is_fake(ctx.spec.dataset, ctx.spec.data_dir)
+    if ctx.fake_data:
+        print(f"warning: {ctx.spec.data_dir} holds fake {ctx.spec.dataset} data (crmn.data "
+              "write_fake); this run's accuracies say nothing about the paper's",
+              file=sys.stderr, flush=True)
 
 
 def _resume_point(ctx: _Run, resume: bool) -> Optional[Tuple[Dict, Dict]]:
@@ -266,7 +351,8 @@ def _resume_point(ctx: _Run, resume: bool) -> Optional[Tuple[Dict, Dict]]:
         return None
     arrays, meta = checkpoint.load(ckpt)
     # The backend and dtype may change on resume: both stacks read the canonical format.
-    checkpoint.check_compatible(meta, ctx.model, ctx.train, dataset=ctx.dataset, path=ckpt)
+    checkpoint.check_compatible(meta, ctx.spec.model, ctx.spec.train,
+                                dataset=ctx.spec.dataset, path=ckpt)
     _record_resume(ctx, meta)
     order = PHASES.index(meta["phase"])
     kept = [e for e in runlog.read_log(log)
@@ -279,44 +365,62 @@ def _resume_point(ctx: _Run, resume: bool) -> Optional[Tuple[Dict, Dict]]:
 
 def _record_resume(ctx: _Run, meta: Dict) -> None:
     """Note in config.json who continued the run; say so when the stack or dtype changes."""
-    if (meta.get("backend"), meta.get("dtype")) != (ctx.backend, ctx.dtype):
+    spec = ctx.spec
+    if (meta.get("backend"), meta.get("dtype")) != (spec.backend, spec.dtype):
         ctx.say(f"{ctx.run_dir}: checkpoint written by {meta.get('backend')} "
-                f"({meta.get('dtype')}), continuing with {ctx.backend} ({ctx.dtype})")
+                f"({meta.get('dtype')}), continuing with {spec.backend} ({spec.dtype})")
     path = ctx.path(runlog.CONFIG)
     if path.exists():
         config = runlog.read_json(path)
         config.setdefault("resumes", []).append(
-            {"phase": meta["phase"], "after_epoch": meta["epoch"], "backend": ctx.backend,
-             "dtype": ctx.dtype,
+            {"phase": meta["phase"], "after_epoch": meta["epoch"], "backend": spec.backend,
+             "dtype": spec.dtype,
              "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         runlog.write_json(path, config)
 
 
-def _config(ctx: _Run, net, row, experiment, device: str) -> Dict:
+def _config(ctx: _Run, net) -> Dict:
+    spec = ctx.spec
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     for mod in ("h5py", "theano", "lasagne", "torch"):
         if mod in sys.modules:
             versions[mod] = getattr(sys.modules[mod], "__version__", "?")
-    return {"row": row, "experiment": experiment, "dataset": ctx.dataset,
-            "backend": ctx.backend, "device": net.device, "device_requested": device,
-            "dtype": ctx.dtype, "model": ctx.model.to_dict(), "train": ctx.train.to_dict(),
-            "seed": ctx.train.seed, "fake_data": ctx.fake_data, "versions": versions,
+    return {"row": spec.row, "experiment": spec.experiment, "dataset": spec.dataset,
+            "backend": spec.backend, "device": net.device, "device_requested": spec.device,
+            "dtype": spec.dtype, "compile": spec.compile, "model": spec.model.to_dict(),
+            "train": spec.train.to_dict(), "seed": spec.train.seed,
+            "fake_data": ctx.fake_data, "versions": versions,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def _copy(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    # a backend may hand out views of its live buffers
+    # a stack may hand out views of its live buffers
     return {k: np.array(v, copy=True) for k, v in state.items()}
 
 
-def _reset(net, initial: Dict[str, np.ndarray]):
-    """The injected backend, back at its seeded initial state (velocities included)."""
-    net.set_state(initial)
-    net.reset_velocity()
-    return net
-
-
 # --- phases ------------------------------------------------------------------------------
+
+def _phases(ctx: _Run, net, resumed, searching: bool) -> Tuple[List[int], Dict]:
+    """Search run (if due), then the final run; returns the schedule used and the search's
+    results (``schedule_found``, ``search_best``)."""
+    spec = ctx.spec
+    extra = {"schedule_found": None, "search_best": None}
+    if resumed is not None:
+        extra = {k: resumed[1].get(k) for k in extra}
+    if searching:
+        initial = _copy(net.get_state())  # the final run starts again from here
+        sched = _search(ctx, net, resumed)
+        extra = {"schedule_found": sched.found, "search_best": sched.best}
+        resumed = None
+        net.set_state(initial)
+        net.reset_velocity()
+    used = extra["schedule_found"]
+    if spec.train.schedule is not None:  # --schedule, bounded by --epochs-cap like every stage
+        used = [e if spec.train.max_epochs is None else min(e, spec.train.max_epochs)
+                for e in spec.train.schedule]
+    _final(ctx, net, used, resumed, extra)
+    return used, extra
+
 
 def _search(ctx: _Run, net, resumed) -> PlateauSchedule:
     """Search run on the 90 % split; returns the finished plateau schedule."""
@@ -346,11 +450,9 @@ def _final(ctx: _Run, net, used: List[int], resumed, extra: Dict) -> FixedSchedu
 
 def _train_phase(ctx: _Run, phase: str, net, sched, extra: Dict) -> None:
     split = ctx.split(phase)
-    from crmn.data import BatchSampler
-
-    seed = sampler_seed(ctx.train.seed, phase)
-    sampler = BatchSampler(split.train_x, split.train_y, ctx.train.batch_size, seed,
-                           pad=ctx.train.pad, flip=ctx.train.flip)
+    sampler = data.BatchSampler(split.train_x, split.train_y, ctx.train.batch_size,
+                                sampler_seed(ctx.train.seed, phase), pad=ctx.train.pad,
+                                flip=ctx.train.flip)
     while not sched.done:
         _one_epoch(ctx, phase, net, sched, sampler, split, extra)
 
@@ -359,8 +461,10 @@ def _one_epoch(ctx: _Run, phase: str, net, sched, sampler, split, extra: Dict) -
     """Train, evaluate, decide, log, checkpoint: one epoch of either phase."""
     t0 = time.perf_counter()
     lr, stage, epoch = sched.lr, sched.stage, sched.epoch + 1
-    stats = _train_epoch(ctx, phase, net, sampler, epoch, lr)
-    eval_loss, eval_acc = net.evaluate(split.eval_x, split.eval_y, ctx.train.batch_size)
+    label = f"[{phase}] epoch {epoch}" if ctx.progress and sys.stderr.isatty() else None
+    stats = train_epoch(net, sampler, epoch, lr, progress=label)
+    _check_finite(ctx, phase, epoch, "training loss", stats.loss)
+    eval_loss, eval_acc = evaluate(net, split.eval_x, split.eval_y)
     _check_finite(ctx, phase, epoch, f"{split.eval_name} loss", eval_loss)
     decision = sched.step(eval_loss, eval_acc)
     meta = _meta(ctx, phase, sched, sampler.seed, extra)
@@ -382,48 +486,24 @@ def _one_epoch(ctx: _Run, phase: str, net, sched, sampler, split, extra: Dict) -
     check_stop(ctx.run_dir)
 
 
-def _train_epoch(ctx: _Run, phase: str, net, sampler, epoch: int, lr: float):
-    try:
-        stats = net.train_epoch(sampler, epoch, lr, progress=_batch_counter(ctx, phase, epoch))
-    except DivergedError as e:
-        raise DivergedError(f"{ctx.run_dir}: {phase} epoch {epoch} diverged ({e}); the last "
-                            f"good checkpoint {runlog.CHECKPOINT} is kept") from e
-    finally:
-        if ctx.progress and sys.stderr.isatty():
-            sys.stderr.write("\r\033[K")
-    _check_finite(ctx, phase, epoch, "training loss", stats.loss)
-    return stats
-
-
 def _check_finite(ctx: _Run, phase: str, epoch: int, what: str, value: float) -> None:
+    """The one NaN/inf check of a run: stops it, naming row, phase, epoch and what stays."""
     if not math.isfinite(value):
-        raise DivergedError(f"{ctx.run_dir}: {what} is {value} in {phase} epoch {epoch}; the "
-                            f"last good checkpoint {runlog.CHECKPOINT} is kept")
+        row = ctx.spec.row or "(no paper row)"
+        raise DivergedError(f"{ctx.run_dir}: {what} is {value} in {phase} epoch {epoch} of "
+                            f"row {row}; the last good checkpoint "
+                            f"{ctx.path(runlog.CHECKPOINT)} is kept")
 
 
 def _meta(ctx: _Run, phase: str, sched, seed: int, extra: Dict) -> Dict:
-    return {"model": ctx.model.to_dict(), "train": ctx.train.to_dict(), "backend": ctx.backend,
-            "dtype": ctx.dtype, "dataset": ctx.dataset, "phase": phase, "epoch": sched.epoch,
-            "schedule": sched.state_dict(), "sampler_seed": seed, "best": sched.best,
-            **extra}
+    spec = ctx.spec
+    return {"model": spec.model.to_dict(), "train": spec.train.to_dict(),
+            "backend": spec.backend, "dtype": spec.dtype, "dataset": spec.dataset,
+            "phase": phase, "epoch": sched.epoch, "schedule": sched.state_dict(),
+            "sampler_seed": seed, "best": sched.best, **extra}
 
 
-# --- progress ----------------------------------------------------------------------------
-
-def _batch_counter(ctx: _Run, phase: str, epoch: int):
-    """A ``progress(done, total, loss)`` callback drawing a counter on a terminal."""
-    if not (ctx.progress and sys.stderr.isatty()):
-        return None
-    t0 = time.perf_counter()
-
-    def show(done: int, total: int, loss: float) -> None:
-        rate = done / max(time.perf_counter() - t0, 1e-9)
-        sys.stderr.write(f"\r  {phase} epoch {epoch}: batch {done}/{total} loss {loss:.4f} "
-                         f"({rate:.1f} batches/s)")
-        sys.stderr.flush()
-
-    return show
-
+# --- printing ----------------------------------------------------------------------------
 
 def _fmt_duration(seconds: float) -> str:
     seconds = int(round(seconds))
@@ -449,19 +529,20 @@ def _epoch_line(ctx: _Run, e: Dict, sched, improved: bool) -> str:
 
 # --- summary -----------------------------------------------------------------------------
 
-def _summary(ctx: _Run, net, row, experiment, used: List[int], extra: Dict) -> Dict:
+def _summary(ctx: _Run, net, used: List[int], extra: Dict) -> Dict:
     """summary.json from the log (crmn/LOGS.md); resumed runs count every logged epoch."""
+    spec = ctx.spec
     final = [e for e in runlog.read_log(ctx.path(runlog.LOG)) if e["phase"] == "final"]
     if final:
         test_loss, test_acc = final[-1]["eval_loss"], final[-1]["eval_acc"]
     else:  # a schedule of 0 epochs: the untrained network is the result
         split = ctx.split("final")
-        test_loss, test_acc = net.evaluate(split.eval_x, split.eval_y, ctx.train.batch_size)
+        test_loss, test_acc = evaluate(net, split.eval_x, split.eval_y)
     rates = [e["images_per_s"] for e in final if e["images_per_s"]]
-    return {"row": row, "experiment": experiment, "backend": ctx.backend, "device": net.device,
-            "dataset": ctx.dataset, "params": net.param_count(),
+    return {"row": spec.row, "experiment": spec.experiment, "backend": spec.backend,
+            "device": net.device, "dataset": spec.dataset, "params": net.param_count(),
             "schedule_found": extra["schedule_found"], "schedule_used": list(used),
-            "lr_stages": list(ctx.train.lr_stages), "test_loss": test_loss,
+            "lr_stages": list(spec.train.lr_stages), "test_loss": test_loss,
             "test_acc": test_acc, "final_epochs": len(final),
             # medians: the first epoch of each process also pays the stack's compilation
             "sec_per_epoch": float(np.median([e["seconds"] for e in final])) if final else None,

@@ -5,34 +5,35 @@ state is copied into ``original/`` through the canonical format (:mod:`crmn.conv
 
 * logits of one batch are compared in training mode (batch statistics) and inference mode
   (running statistics), and
-* one ``train_step`` on the same batch at the same learning rate is taken in both, and every
+* one ``step`` on the same batch at the same learning rate is taken in both, and every
   array of the new state (parameters, velocities, batch-norm running statistics) compared,
 
 as the largest relative difference ``max|a - b| / max|b|`` per array (``b`` the reference
 stack's). A configuration passes when every figure is under the tolerance (1e-6). ::
 
-    python -m crmn.verify                      # a few small configurations
-    python -m crmn.verify --rows t1-crmn32x1   # paper rows (slow: Theano compiles them)
-    python -m crmn.verify --device cuda        # modern/ only: the GPU against the CPU in
-                                               # float64 (1e-6) and float32, and the
-                                               # CUDA-graph step against the eager one
+    run_experiments.sh verify                      # a few small configurations
+    run_experiments.sh verify --rows t1-crmn32x1   # paper rows (slow: Theano compiles them)
+    run_experiments.sh verify --device cuda        # modern/ only: the GPU against the CPU
+                                                   # in float64 (1e-6) and float32, and the
+                                                   # CUDA-graph step against the eager one
 
-Exit status 0 when everything passes, 1 on any FAIL, 2 on bad input.
+Exit status 0 when everything passes, 1 on any FAIL or run-time error, 2 on bad input.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from crmn import paper
-from crmn.backend import check_device
+from crmn import paper, stacks
 from crmn.config import ModelConfig, TrainConfig
-from crmn.errors import ConfigError, CRMNError
+from crmn.data import BatchSampler
+from crmn.errors import ConfigError
+from crmn.naming import STATE_ROLES, spec_dict
+from crmn.stack import check_device
+from crmn.train import train_epoch
 
 TOLERANCE = 1e-6
 #: float32 (GPU) checks: logits and loss of float32 against float64 (TF32 off)
@@ -115,6 +116,11 @@ def _global(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray], base: Dict[str, 
     return (num / np.sqrt(den) if den > 0 else num), max(err, key=err.get)
 
 
+def _step_loss(stack, x, y, lr: float) -> float:
+    """One ``step``; the batch's mean cross-entropy before it."""
+    return float(stack.step(x, y, lr)[0]) / len(y)
+
+
 def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float, seed: int,
              tol: float, steps: int = 1, global_norm: bool = False,
              update_tol: Optional[float] = None) -> Result:
@@ -124,19 +130,17 @@ def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float
     checks) instead of array by array (the float64 stack comparison); ``update_tol``: the
     tolerance of those state figures (default ``tol``).
     """
-    from crmn.naming import STATE_ROLES, spec_dict
-
     base = ref.get_state()
     other.set_state(base)
     res = Result(name, tolerance=tol)
     x, y = _batch(cfg, batch_size, seed)
     for training, label in ((True, "logits (training)"), (False, "logits (inference)")):
-        res.diffs[label] = rel_diff(other.forward(x, training), ref.forward(x, training))
+        res.diffs[label] = rel_diff(other.logits(x, training), ref.logits(x, training))
         res.worst[label] = "logits"
     losses = []
     for s in range(steps):
         xs, ys = _batch(cfg, batch_size, seed + 1 + s)
-        losses.append((other.train_step(xs, ys, lr)[0], ref.train_step(xs, ys, lr)[0]))
+        losses.append((_step_loss(other, xs, ys, lr), _step_loss(ref, xs, ys, lr)))
     res.diffs["loss"] = max(abs(a - b) / abs(b) for a, b in losses)
     res.worst["loss"] = "cross-entropy"
     sa, sb = other.get_state(), ref.get_state()
@@ -159,10 +163,8 @@ def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float
 def verify_stacks(cfg: ModelConfig, train: TrainConfig, name: str, lr: float = 0.1,
                   seed: int = 0, tol: float = TOLERANCE) -> Result:
     """float64 CPU: ``modern/`` (reference state) against ``original/``."""
-    from crmn.backend import make_backend
-
-    torch_be = make_backend("torch", cfg, train, device="cpu", dtype="float64")
-    theano_be = make_backend("theano", cfg, train, device="cpu", dtype="float64")
+    torch_be = stacks.build("torch", cfg, train, device="cpu", dtype="float64")
+    theano_be = stacks.build("theano", cfg, train, device="cpu", dtype="float64")
     return _compare(name, torch_be, theano_be, cfg, train.batch_size, lr, seed, tol)
 
 
@@ -223,13 +225,13 @@ def _verify_epoch(cfg: ModelConfig, train: TrainConfig, name: str, device: str, 
     """The GPU epoch path (resident data, batched gather, graph) against the CPU sampler.
 
     The gathered batches must equal ``BatchSampler.epoch``'s bit for bit; one epoch through
-    ``train_epoch`` must end where eager ``train_step`` calls over the sampler's batches end
+    the fast path of :func:`crmn.train.train_epoch` must end where eager ``step`` calls over
+    the sampler's batches end
     (array by array within ``tol`` in float64, as one vector within
     :data:`UPDATE_TOLERANCE_F32` in float32).
     """
     import torch
 
-    from crmn.data import BatchSampler
     from modern import gpu as gpu_data
     from modern.backend import TorchBackend
 
@@ -255,8 +257,8 @@ def _verify_epoch(cfg: ModelConfig, train: TrainConfig, name: str, device: str, 
     graph = TorchBackend(cfg, train, device=device, dtype=dtype, graph=on_gpu, tf32=False)
     eager = TorchBackend(cfg, train, device=device, dtype=dtype, graph=False, tf32=False)
     base = eager.get_state()  # the same seed: the same initial state as graph's
-    stats = graph.train_epoch(sampler, 1, lr)
-    losses = [eager.train_step(xb, yb, lr)[0] for xb, yb in sampler.epoch(1)]
+    stats = train_epoch(graph, sampler, 1, lr, fast=True)
+    losses = [_step_loss(eager, xb, yb, lr) for xb, yb in sampler.epoch(1)]
     res.diffs["epoch loss"] = abs(stats.loss - float(np.mean(losses))) / abs(np.mean(losses))
     res.worst["epoch loss"] = "mean cross-entropy"
     if dtype == "float64":
@@ -271,7 +273,7 @@ def _verify_epoch(cfg: ModelConfig, train: TrainConfig, name: str, device: str, 
 
 def _configs_from_rows(spec: str, batch_size: int):
     return [(row.id, ModelConfig.for_row(row), TrainConfig(batch_size=batch_size))
-            for row in paper.select_or_fail(spec)]
+            for row in paper.select(spec)]
 
 
 Config = Tuple[str, ModelConfig, TrainConfig]
@@ -313,6 +315,7 @@ def verify(configs: Optional[Sequence[Union[str, Config]]] = None,
     ``configs`` and ``batch_size`` as in :func:`select_configs`.
     ``device="cpu"`` compares the stacks; a CUDA device runs :func:`verify_device`.
     """
+    check_device(device)
     items = select_configs(configs, batch_size)
     results = []
     for name, cfg, train in items:
@@ -328,34 +331,3 @@ def verify(configs: Optional[Sequence[Union[str, Config]]] = None,
     n_fail = sum(not r.passed for r in results)
     out(f"{len(results) - n_fail}/{len(results)} PASS" + (f", {n_fail} FAIL" if n_fail else ""))
     return results
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m crmn.verify",
-                                 description="original/ and modern/ agree (SPEC §6)")
-    ap.add_argument("--rows", default=None,
-                    help="comma-separated crmn.paper row ids (default: small configurations)")
-    ap.add_argument("--device", default="cpu",
-                    help="cpu: compare the stacks in float64; cuda or cuda:N: modern/ GPU "
-                    "checks")
-    ap.add_argument("--tol", type=float, default=None,
-                    help="relative tolerance of the float64 checks (default 1e-6)")
-    ap.add_argument("--batch-size", type=int, default=None,
-                    help="images per batch of every configuration checked, the --rows or "
-                    f"the default ones (default {BATCH_SIZE})")
-    ap.add_argument("--lr", type=float, default=0.1, help="learning rate of the step")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    try:
-        check_device(args.device)
-        configs = args.rows.split(",") if args.rows else None
-        results = verify(configs, device=args.device, tol=args.tol, lr=args.lr,
-                         seed=args.seed, batch_size=args.batch_size)
-    except CRMNError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0 if all(r.passed for r in results) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,10 +2,9 @@
 
 * :mod:`modern.model` -- the network (``build``, ``build_resnet``, ``build_crmn``);
 * :mod:`modern.backend` -- :class:`~modern.backend.TorchBackend`, the
-  :class:`crmn.backend.Backend` with Lasagne's SGD and the CUDA-graph train step;
+  :class:`crmn.stack.Stack` with Lasagne's SGD and the CUDA-graph train step;
 * :mod:`modern.gpu` -- the training set resident on the device, one epoch's crops at once;
-* :mod:`modern.profile_step` -- a GPU timing tool for the captured step's settings.
 
 Measured speeds (one H100, float32 / bfloat16 / ``--compile``, every Table 1 row) are in
-REPRODUCING.md, section 5; ``python -m crmn.bench --device cuda`` measures them again.
+REPRODUCING.md, section 5; ``run_experiments.sh bench --device cuda`` measures them again.
 """

@@ -1,4 +1,4 @@
-"""The PyTorch stack behind :class:`crmn.backend.Backend`: the same SGD as Lasagne, fast on GPUs.
+"""The PyTorch stack behind :class:`crmn.stack.Stack`: the same SGD as Lasagne, fast on GPUs.
 
 SGD is written out in Lasagne's form (``lasagne.updates.momentum`` /
 ``nesterov_momentum``), section 4 of the paper: with ``g = ∂L/∂p + wd·p`` (the ``wd·p`` only
@@ -24,24 +24,22 @@ On CUDA a train step at the paper's batch sizes is a few hundred tiny kernels, s
 loop is bound by launch overhead. Here the whole step (forward, loss, backward, weight
 decay, momentum update, batch-norm running averages) is captured once into one CUDA graph
 over static buffers; the learning rate lives in a device tensor so a new rate needs no
-re-capture; loss and accuracy are summed on the device and read once per epoch. The
+re-capture; loss and accuracy stay on the device (the loop reads them once per epoch). The
 training set stays on the GPU and each epoch's crops come from :mod:`modern.gpu`, which
 applies the framework-free sampler's plan, so GPU and CPU see identical batches.
 """
 from __future__ import annotations
 
 import contextlib
-import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from crmn import convert
-from crmn.backend import EpochStats
 from crmn.config import ModelConfig, TrainConfig
-from crmn.errors import CheckpointError, ConfigError, DivergedError
+from crmn.errors import CheckpointError, ConfigError
 from crmn.naming import DECAYED_ROLES, velocity_name
 from modern import gpu
 from modern.model import build
@@ -50,7 +48,7 @@ DTYPES = ("float32", "float64", "bfloat16")
 
 
 class TorchBackend:
-    """:class:`crmn.backend.Backend` over :class:`modern.model.CIFARNet`.
+    """:class:`crmn.stack.Stack` over :class:`modern.model.CIFARNet`.
 
     Parameters
     ----------
@@ -147,13 +145,16 @@ class TorchBackend:
         return logits.float() if self.amp else logits  # bf16 logits: the loss in float32
 
     def _input(self, x) -> torch.Tensor:
-        x = np.asarray(x)
+        if not isinstance(x, torch.Tensor):
+            x = np.asarray(x)
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, 32, 32):
             raise ConfigError(f"images must be (B, 3, 32, 32), got {tuple(x.shape)}")
         t = torch.as_tensor(x).to(device=self.dev, dtype=self.dtype)
         return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
 
     def _labels(self, y) -> torch.Tensor:
+        if isinstance(y, torch.Tensor):
+            return y.to(self.dev)
         return torch.as_tensor(np.asarray(y, dtype=np.int64)).to(self.dev)
 
     def _sync(self) -> None:
@@ -210,7 +211,7 @@ class TorchBackend:
             else:
                 torch._foreach_add_(self.params, self.velocity)  # p <- p + v
             correct = (logits.argmax(dim=1) == y).sum()
-        return loss.detach(), correct
+        return loss.detach().double() * y.shape[0], correct
 
     def _state_tensors(self) -> List[torch.Tensor]:
         return self.params + self.velocity + list(self.buffers.values())
@@ -227,8 +228,6 @@ class TorchBackend:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, self.cfg.classes, (B,), device=self.dev)
         lr = torch.zeros((), device=self.dev, dtype=self.dtype)
-        loss_sum = torch.zeros((), device=self.dev, dtype=torch.float64)
-        correct_sum = torch.zeros((), device=self.dev, dtype=torch.int64)
         saved = [t.detach().clone() for t in self._state_tensors()]
         side = torch.cuda.Stream(self.dev)
         side.wait_stream(torch.cuda.current_stream(self.dev))
@@ -238,58 +237,38 @@ class TorchBackend:
         torch.cuda.current_stream(self.dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            loss, correct = self._step(x, y, lr)
-            loss_sum += loss
-            correct_sum += correct
+            sums = self._step(x, y, lr)
         with torch.no_grad():
             for t, s in zip(self._state_tensors(), saved):
                 t.copy_(s)
         self._sync()
-        self._graph = (graph, x, y, lr, loss_sum, correct_sum)
+        self._graph = (graph, x, y, lr, sums)
+        self._graph_lr = None  # the learning rate tensor holds no rate yet
 
-    def _graph_parts(self):
-        if self._graph is None:
-            self._capture()
-        return self._graph
-
-    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> Tuple[float, float]:
-        """One SGD step on one batch; (mean cross-entropy, accuracy) before the update."""
+    def step(self, x, y, lr: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step on one batch (numpy or tensors on this device); returns the batch's
+        summed cross-entropy (float64) and correct count (int64) before the update, as
+        device scalars: no host sync. Through the CUDA graph they are its output buffers,
+        valid until the next step."""
         xb, yb = self._input(x), self._labels(y)
         if self.use_graph and xb.shape[0] == self.train_cfg.batch_size:
-            graph, sx, sy, slr, loss_sum, correct_sum = self._graph_parts()
-            sx.copy_(xb), sy.copy_(yb), slr.fill_(lr), loss_sum.zero_(), correct_sum.zero_()
+            if self._graph is None:
+                self._capture()
+            graph, sx, sy, slr, sums = self._graph
+            sx.copy_(xb), sy.copy_(yb)
+            if lr != self._graph_lr:  # one small kernel per new rate, not per step
+                slr.fill_(lr)
+                self._graph_lr = lr
             graph.replay()
-            loss, correct = loss_sum, correct_sum
-        else:
-            lr_t = torch.tensor(lr, device=self.dev, dtype=self.dtype)
-            loss, correct = self._step(xb, yb, lr_t)
-        return float(loss), float(correct) / xb.shape[0]
+            return sums
+        return self._step(xb, yb, torch.tensor(lr, device=self.dev, dtype=self.dtype))
 
-    # ------------------------------------------------------------------ epochs
+    # ------------------------------------------------------------------ the fast epoch
 
-    def train_epoch(self, sampler, epoch: int, lr: float,
-                    progress: Optional[Callable[[int, int, float], None]] = None) -> EpochStats:
-        """One epoch over ``sampler``'s batches for ``epoch`` (see crmn.backend.Backend)."""
-        if self.use_graph:
-            return self._train_epoch_graph(sampler, epoch, lr, progress)
-        total = len(sampler)
-        every = max(1, total // 20)
-        loss_sum, correct_sum, images = 0.0, 0.0, 0
-        t0 = time.perf_counter()
-        for b, (xb, yb) in enumerate(sampler.epoch(epoch)):
-            loss, acc = self.train_step(xb, yb, lr)
-            if not np.isfinite(loss):
-                raise DivergedError(f"training loss is {loss} at epoch {epoch}, batch {b}, "
-                                    f"lr {lr} (torch backend, {self.device})")
-            loss_sum += loss
-            correct_sum += acc * len(yb)
-            images += len(yb)
-            if progress is not None and ((b + 1) % every == 0 or b + 1 == total):
-                progress(b + 1, total, loss_sum / (b + 1))
-        seconds = time.perf_counter() - t0
-        batches = max(1, total)
-        return EpochStats(loss=loss_sum / batches, acc=correct_sum / max(1, images),
-                          images=images, seconds=seconds)
+    @property
+    def fast_epoch(self) -> bool:
+        """Epochs on the device's resident copy of the training set (on CUDA)."""
+        return self.use_graph
 
     def resident(self, sampler) -> gpu.ResidentData:
         """The sampler's training set on this device (copied once, kept while it is the same)."""
@@ -300,66 +279,27 @@ class TorchBackend:
             self._resident = r
         return r
 
-    def _train_epoch_graph(self, sampler, epoch, lr, progress) -> EpochStats:
-        graph, sx, sy, slr, loss_sum, correct_sum = self._graph_parts()
-        B = self.train_cfg.batch_size
-        if sampler.batch_size != B:
-            raise ConfigError(f"sampler batch size {sampler.batch_size} differs from the "
-                              f"captured step's {B}")
-        self._sync()
-        t0 = time.perf_counter()
+    def epoch_batches(self, sampler, epoch: int):
+        """The batches of ``sampler.epoch(epoch)``, gathered on the device in a few kernels
+        from :meth:`resident` data (:class:`crmn.stack.FastEpoch`)."""
+        B = sampler.batch_size
         plan = sampler.plan(epoch)
-        total = len(sampler)
-        m = total * B  # positions past the last full batch are unused (dropped)
+        m = len(sampler) * B  # positions past the last full batch are unused (dropped)
         xe, ye = gpu.gather_epoch(self.resident(sampler), plan.order[:m], plan.dy[:m],
                                   plan.dx[:m], plan.flip[:m])
         if self.channels_last:
             xe = xe.contiguous(memory_format=torch.channels_last)
-        every = max(1, total // 10)
-        slr.fill_(lr), loss_sum.zero_(), correct_sum.zero_()
-        for b in range(total):
-            sx.copy_(xe[b * B:(b + 1) * B])
-            sy.copy_(ye[b * B:(b + 1) * B])
-            graph.replay()
-            if progress is not None and ((b + 1) % every == 0 or b + 1 == total):
-                progress(b + 1, total, float(loss_sum) / (b + 1))  # a sync, ten per epoch
-        loss = float(loss_sum) / max(1, total)  # the epoch's one host sync
-        correct = int(correct_sum)
-        seconds = time.perf_counter() - t0
-        if not np.isfinite(loss):
-            raise DivergedError(f"training loss is {loss} in epoch {epoch}, lr {lr} "
-                                f"(torch backend, {self.device})")
-        return EpochStats(loss=loss, acc=correct / max(1, total * B), images=total * B,
-                          seconds=seconds)
+        for b in range(len(sampler)):
+            yield xe[b * B:(b + 1) * B], ye[b * B:(b + 1) * B]
 
     # ------------------------------------------------------------------ inference
 
     @torch.no_grad()
-    def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
+    def logits(self, x: np.ndarray, training: bool) -> np.ndarray:
         """Logits (B, classes) as numpy; changes no state (running stats included)."""
         with self._autocast():
             out = self.net(self._input(x), training=training, update_stats=False)
         return out.float().cpu().numpy() if self.amp else out.cpu().numpy()
-
-    @torch.no_grad()
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> Tuple[float, float]:
-        """(mean cross-entropy, accuracy) with running statistics, in chunks.
-
-        Inference-mode results do not depend on the chunk size, so a GPU takes bigger ones.
-        """
-        n = len(y)
-        if n == 0:
-            raise ConfigError("evaluate() needs at least one image")
-        chunk = max(batch_size, 1000) if self.dev.type == "cuda" else batch_size
-        loss_sum = torch.zeros((), device=self.dev, dtype=torch.float64)
-        correct = torch.zeros((), device=self.dev, dtype=torch.int64)
-        for s in range(0, n, chunk):
-            xb, yb = self._input(x[s:s + chunk]), self._labels(y[s:s + chunk])
-            with self._autocast():
-                logits = self.net(xb, training=False)
-            loss_sum += F.cross_entropy(self._logits_dtype(logits), yb, reduction="sum").double()
-            correct += (logits.argmax(dim=1) == yb).sum()
-        return float(loss_sum) / n, int(correct) / n
 
     # ------------------------------------------------------------------ state
 

@@ -32,9 +32,6 @@ from torch import nn
 from crmn.config import ModelConfig
 from crmn.naming import BN_ALPHA, BN_EPS, count_trainable
 
-#: chunk order of the packed LSTM matrices ``W_x (I, 4H)``, ``W_h (H, 4H)``, ``b (4H,)``
-GATE_ORDER = ("i", "f", "c", "o")
-
 
 # ----------------------------------------------------------------------------- init
 
@@ -100,12 +97,6 @@ class BatchNorm(nn.Module):
     ``1/sqrt(var + ε)``, var biased, α = BN_ALPHA, ε = BN_EPS.
     """
 
-    # cuDNN's batch norm (torch._batch_norm_impl_index) instead of the native kernels: off.
-    # On an H100 it gained 1 % (float32, ResNet-32x1) and with bf16/channels-last torch
-    # uses the native kernels anyway, while the graph-vs-eager check of crmn.verify
-    # differed by 3e-2 after 3 steps with it on (native: 1e-6); kept for profile_step.
-    cudnn = False
-
     def __init__(self, channels: int):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(channels))
@@ -123,14 +114,10 @@ class BatchNorm(nn.Module):
         if training:
             # one fused kernel that also returns the batch mean and 1/sqrt(var + eps);
             # momentum 0 and no running buffers: we average them ourselves, Lasagne's way
-            if x.is_cuda and self.cudnn:
-                # cuDNN's kernels (impl 1) beat the native ones at few channels; both return
-                # the batch mean and 1/sqrt(var + eps) and carry their own backward
-                out, bmean, binv, _, _ = torch._batch_norm_impl_index(
-                    x, self.weight, self.bias, None, None, True, 0.0, BN_EPS, True)
-            else:
-                out, bmean, binv = torch.native_batch_norm(
-                    x, self.weight, self.bias, None, None, True, 0.0, BN_EPS)
+            # (cuDNN's batch norm was measured on an H100: 1 % faster in float32, but the
+            # graph-vs-eager check of crmn.verify drifted to 3e-2 after 3 steps; not used)
+            out, bmean, binv = torch.native_batch_norm(
+                x, self.weight, self.bias, None, None, True, 0.0, BN_EPS)
             if update_stats:
                 stats = update_stats if isinstance(update_stats, RunningStats) \
                     else RunningStats()
@@ -185,7 +172,7 @@ class _PeepholeRecurrence(torch.autograd.Function):
     few fused operators (``sigmoid_backward``, ``addcmul``) and one product for the
     recurrence; ``W_h``'s gradient is one ``(B·T, H)ᵀ (B·T, 4H)`` product after the loop and
     each peephole's one reduction (operator counts per step: REPRODUCING.md §5,
-    ``python -m modern.profile_step --count-ops``).
+    ``run_experiments.sh profile --count-ops``).
 
     ``W_h`` is cast to ``mm_dtype`` (the input product's dtype: bf16 under autocast) once
     per forward; gates, cell and gradients stay in ``xw``'s dtype (float32 under autocast,
@@ -274,7 +261,7 @@ class _PeepholeRecurrence(torch.autograd.Function):
 class PeepholeLSTM(nn.Module):
     """The LSTM of eqs. 2-7 (section 3.2) with peepholes and learned initial states.
 
-    Packed arrays, gate chunks in :data:`GATE_ORDER`: ``W_x`` (I, 4H), ``W_h`` (H, 4H),
+    Packed arrays, gate chunks in :data:`crmn.naming.LSTM_GATES` order: ``W_x`` (I, 4H), ``W_h`` (H, 4H),
     ``b`` (4H,); peepholes ``w_ci, w_cf, w_co`` (H,); ``h0, c0`` (H,).
     """
 

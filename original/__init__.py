@@ -7,7 +7,7 @@ all a caller needs. The modules:
 * :mod:`original.compat` -- Theano flags and the bridges that let Lasagne 0.1 import;
 * :mod:`original.layers` -- batch norm, option-A shortcut and the CRMN tap, Lasagne style;
 * :mod:`original.model` -- ``build_resnet`` / ``build_crmn`` (SPEC §4);
-* :mod:`original.backend` -- :class:`TheanoBackend`, the :class:`crmn.backend.Backend`.
+* :mod:`original.backend` -- :class:`TheanoBackend`, the :class:`crmn.stack.Stack`.
 """
 from original import compat
 

@@ -1,4 +1,4 @@
-"""The Theano + Lasagne stack behind :class:`crmn.backend.Backend` (SPEC §5-6).
+"""The Theano + Lasagne stack behind :class:`crmn.stack.Stack` (SPEC §5-6).
 
 :class:`TheanoBackend` builds the network of a :class:`crmn.config.ModelConfig` with
 :func:`original.model.build`, compiles (lazily, once per instance) a training step and two
@@ -21,24 +21,19 @@ compiling the graphs under ``theano.config.change_flags(floatX=dtype)``.
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Tuple
 
+import lasagne
 import numpy as np
+import theano
+import theano.tensor as T
 
-from original import compat
-
-compat.install()
-
-import lasagne  # noqa: E402  (after the compatibility bridges)
-import theano  # noqa: E402
-import theano.tensor as T  # noqa: E402
-
-from crmn.backend import EpochStats  # noqa: E402
-from crmn.config import ModelConfig, TrainConfig  # noqa: E402
-from crmn.convert import canonical_to_lasagne, lasagne_to_canonical  # noqa: E402
-from crmn.errors import CheckpointError, ConfigError, DivergedError  # noqa: E402
-from crmn.naming import param_specs, velocity_name  # noqa: E402
-from original.model import build, native_params  # noqa: E402
+from crmn.config import ModelConfig, TrainConfig
+from crmn.convert import canonical_to_lasagne, lasagne_to_canonical
+from crmn.errors import CheckpointError, ConfigError
+from crmn.naming import param_specs, velocity_name
+from original import compat  # (importing the package installed its bridges)
+from original.model import build, native_params
 
 DTYPES = ("float32", "float64")
 
@@ -70,7 +65,7 @@ def _check_device(device: str) -> str:
 
 
 class TheanoBackend:
-    """A CRMN or ResNet in Theano + Lasagne, driven through :class:`crmn.backend.Backend`.
+    """A CRMN or ResNet in Theano + Lasagne, driven through :class:`crmn.stack.Stack`.
 
     Parameters
     ----------
@@ -102,6 +97,7 @@ class TheanoBackend:
         self._params = native_params(self._out)  # Lasagne name -> shared variable
         self._trainable = lasagne.layers.get_all_params(self._out, trainable=True)
         self._lr = theano.shared(np.asarray(train.lr_stages[0], dtype=dtype), name="lr")
+        self._lr_now = float(train.lr_stages[0])
         self._velocity: Dict[str, "theano.compile.SharedVariable"] = {}
         self._updates = None
         self._train_outputs = None
@@ -173,7 +169,7 @@ class TheanoBackend:
         self._build_updates()  # the velocities are created with the update graph
         return self._velocity
 
-    # --- the Backend protocol -----------------------------------------------------------
+    # --- the Stack contract -------------------------------------------------------------
 
     def param_count(self) -> int:
         """Trainable parameters, as ``lasagne.layers.count_params(..., trainable=True)``."""
@@ -182,63 +178,25 @@ class TheanoBackend:
     def _images(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         if x.ndim != 4 or x.shape[1:] != (3, 32, 32):
-            raise ValueError(f"images must be (B, 3, 32, 32), got {x.shape}")
+            raise ConfigError(f"images must be (B, 3, 32, 32), got {x.shape}")
         return np.ascontiguousarray(x, dtype=self.dtype)
 
-    def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
+    def logits(self, x: np.ndarray, training: bool) -> np.ndarray:
         """Logits (B, classes) for x (B, 3, 32, 32); batch statistics when ``training``,
         running statistics otherwise; changes no state."""
         fn = self._compile("forward_train" if training else "forward_eval")
         return fn(self._images(x))
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> Tuple[float, float]:
-        """One SGD step; returns (mean cross-entropy, accuracy) of the batch before it."""
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> Tuple[float, float]:
+        """One SGD step; returns (summed cross-entropy, correct images) of the batch before
+        it (host numbers: the CPU is Theano's device)."""
         fn = self._compile("train")
-        self._lr.set_value(np.asarray(lr, dtype=self.dtype))
+        if lr != self._lr_now:  # a shared scalar: a new stage needs no recompilation
+            self._lr.set_value(np.asarray(lr, dtype=self.dtype))
+            self._lr_now = lr
         ce, acc = fn(self._images(x), np.asarray(y, dtype=np.int64))
-        ce, acc = float(ce), float(acc)
-        if not np.isfinite(ce):
-            raise DivergedError(f"training loss became {ce} at lr {lr} (theano backend, "
-                                f"{self.model.depth} layers x{self.model.k:g})")
-        return ce, acc
-
-    def train_epoch(self, sampler, epoch: int, lr: float,
-                    progress: Optional[Callable[[int, int, float], None]] = None
-                    ) -> EpochStats:
-        """One epoch over ``sampler.epoch(epoch)``; means weighted by batch size."""
-        total = len(sampler)
-        loss_sum = correct = 0.0
-        images = done = 0
-        every = max(1, total // 50)
-        start = time.perf_counter()
-        for xb, yb in sampler.epoch(epoch):
-            ce, acc = self.train_step(xb, yb, lr)
-            b = len(yb)
-            loss_sum += ce * b
-            correct += acc * b
-            images += b
-            done += 1
-            if progress is not None and (done % every == 0 or done == total):
-                progress(done, total, loss_sum / images)
-        seconds = time.perf_counter() - start
-        if images == 0:
-            raise ConfigError("the sampler yielded no batch in this epoch")
-        return EpochStats(loss=loss_sum / images, acc=correct / images, images=images,
-                          seconds=seconds)
-
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> Tuple[float, float]:
-        """(mean cross-entropy, accuracy) in inference mode; the CE in float64 numpy."""
-        from crmn.data import iterate_eval
-
-        loss_sum = correct = 0.0
-        for xb, yb in iterate_eval(x, y, batch_size):
-            logits = self.forward(xb, training=False).astype(np.float64)
-            z = logits - logits.max(axis=1, keepdims=True)  # stable log-softmax
-            logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-            yb = np.asarray(yb, dtype=np.int64)
-            loss_sum += -logp[np.arange(len(yb)), yb].sum()
-            correct += (logits.argmax(axis=1) == yb).sum()
-        return float(loss_sum / len(y)), float(correct / len(y))
+        b = len(y)
+        return float(ce) * b, round(float(acc) * b)
 
     def get_state(self) -> Dict[str, np.ndarray]:
         """Parameters, BN running statistics and velocities, canonical names and layouts."""

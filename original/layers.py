@@ -15,18 +15,14 @@ Each is a ``lasagne.layers.Layer`` subclass honouring the usual contract (``add_
 """
 from __future__ import annotations
 
-from original import compat
-
-compat.install()
-
-import theano  # noqa: E402  (after the compatibility bridges)
-import theano.tensor as T  # noqa: E402
-from lasagne import init, nonlinearities  # noqa: E402
-from lasagne.layers import (FlattenLayer, Layer, LSTMLayer,  # noqa: E402
+import theano
+import theano.tensor as T
+from lasagne import init, nonlinearities
+from lasagne.layers import (FlattenLayer, Layer, LSTMLayer,
                             NonlinearityLayer, Pool2DLayer)
-from lasagne.utils import unroll_scan  # noqa: E402
+from lasagne.utils import unroll_scan
 
-from crmn.naming import BN_ALPHA, BN_EPS  # noqa: E402
+from crmn.naming import BN_ALPHA, BN_EPS
 
 
 class BatchNormLayer(Layer):

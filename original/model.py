@@ -26,19 +26,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from original import compat
-
-compat.install()
-
-import lasagne  # noqa: E402  (after the compatibility bridges)
-from lasagne import init, nonlinearities  # noqa: E402
-from lasagne.layers import (ConcatLayer, Conv2DLayer, DenseLayer,  # noqa: E402
+import lasagne
+from lasagne import init, nonlinearities
+from lasagne.layers import (ConcatLayer, Conv2DLayer, DenseLayer,
                             ElemwiseSumLayer, GlobalPoolLayer, Gate, InputLayer,
                             NonlinearityLayer, ReshapeLayer, SliceLayer)
 
-from crmn.config import ModelConfig  # noqa: E402
-from crmn.naming import block_names  # noqa: E402
-from original.layers import (PeepholeLSTMLayer, ShortcutALayer, batch_norm,  # noqa: E402
+from crmn.config import ModelConfig
+from crmn.naming import block_names
+from original.layers import (PeepholeLSTMLayer, ShortcutALayer, batch_norm,
                              crmn_tap)
 
 #: He-normal with gain √2 for the ReLU convolutions (He et al. 2015, SPEC §4)

@@ -3,13 +3,13 @@ import json
 
 import pytest
 
-from crmn import bench, paper
+from crmn import bench, cli, paper
 
 
 def test_bench_prints_and_writes_the_row(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = bench.main(["--rows", "t1-resnet32x1", "--steps", "2", "--warmup", "1",
-                     "--batch-size", "4", "--json", str(out)])
+    rc = cli.main(["bench", "--backend", "torch", "--rows", "t1-resnet32x1", "--steps", "2",
+                   "--warmup", "1", "--batch-size", "4", "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "t1-resnet32x1" in text and "ResNet-32x1" in text and "125" in text
@@ -24,20 +24,21 @@ def test_bench_prints_and_writes_the_row(tmp_path, capsys):
     assert r["speedup"] == pytest.approx(row.paper_sec_per_epoch / r["sec_per_epoch"])
 
 
-def test_bench_rejects_bad_input(capsys):
-    assert bench.main(["--rows", "t1-nope", "--steps", "1"]) == 2
+def test_bench_rejects_bad_input_as_usage_errors(capsys):
+    assert cli.main(["bench", "--rows", "t1-nope", "--steps", "1"]) == 2
     assert "t1-nope" in capsys.readouterr().err
-    assert bench.main(["--rows", "t1-resnet32x1", "--steps", "0"]) == 2
-    assert bench.main(["--rows", "t1-resnet32x1", "--steps", "1", "--backend", "theano",
-                       "--compile"]) == 2
-    assert bench.main(["--rows", "t1-resnet32x1", "--steps", "1", "--backend", "theano",
-                       "--channels-last"]) == 2
+    assert cli.main(["bench", "--rows", "t1-resnet32x1", "--steps", "0"]) == 2
+    assert cli.main(["bench", "--rows", "t1-resnet32x1", "--steps", "1", "--backend", "theano",
+                     "--compile"]) == 2
+    assert cli.main(["bench", "--rows", "t1-resnet32x1", "--steps", "1", "--backend", "theano",
+                     "--channels-last"]) == 2
     assert "--backend torch" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--device", "foo"], "unknown device 'foo': choose cpu, cuda or cuda:N"),
-    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--device", "foo"], "argument --device: unknown device 'foo': choose cpu, cuda or "
+                          "cuda:N"),
+    (["--batch-size", "0"], "argument --batch-size: expected a number >= 1, got 0"),
 ])
 def test_bench_refuses_bad_options_in_one_line_before_building(argv, message, capsys,
                                                               monkeypatch):
@@ -45,17 +46,17 @@ def test_bench_refuses_bad_options_in_one_line_before_building(argv, message, ca
         raise AssertionError("bad input must be refused before any backend is built")
 
     monkeypatch.setattr(bench, "bench_row", no_backend)
-    assert bench.main(["--rows", "t1-resnet32x1", "--steps", "1", *argv]) == 2
+    assert cli.main(["bench", "--rows", "t1-resnet32x1", "--steps", "1", *argv]) == 2
     out, err = capsys.readouterr()
-    assert err == f"error: {message}\n" and out == ""
+    assert err == f"run_experiments.sh bench: {message}\n" and out == ""
 
 
 def test_bench_channels_last_is_the_layout_trained(capsys):
     r = bench.bench_row(paper.select("t1-resnet32x1")[0], "torch", "cpu", "float32", 1,
                         warmup=1, batch_size=2, channels_last=True)
     assert r["layout"] == "channels-last"
-    assert bench.main(["--rows", "t1-resnet32x1", "--steps", "1", "--warmup", "1",
-                       "--batch-size", "2", "--channels-last"]) == 0
+    assert cli.main(["bench", "--backend", "torch", "--rows", "t1-resnet32x1", "--steps", "1",
+                     "--warmup", "1", "--batch-size", "2", "--channels-last"]) == 0
     assert "channels-last" in capsys.readouterr().out
 
 
@@ -68,12 +69,10 @@ def test_format_table_without_paper_seconds():
 
 
 def test_profile_step_counts_the_operators_of_a_step_on_cpu(capsys):
-    """modern.profile_step --count-ops: the cast-once step dispatches fewer casts and fewer
-    operators than autocast's cast per use, on a paper row."""
-    from modern import profile_step
-
-    assert profile_step.main(["--rows", "t1-resnet32x1", "--variants", "bf16,bf16-percast",
-                              "--count-ops", "--device", "cpu", "--batch-size", "2"]) == 0
+    """profile --count-ops: the cast-once step dispatches fewer casts and fewer operators
+    than autocast's cast per use, on a paper row."""
+    assert cli.main(["profile", "--rows", "t1-resnet32x1", "--variants", "bf16,bf16-percast",
+                     "--count-ops", "--device", "cpu", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out
     assert "FAILED" not in out
     (once_ops, once_casts), (use_ops, use_casts) = [
@@ -81,3 +80,8 @@ def test_profile_step_counts_the_operators_of_a_step_on_cpu(capsys):
     # ResNet-32x1: 31 convolutions + the dense weight and bias, each cast down and back
     assert use_casts - once_casts == 2 * (33 - 1)
     assert once_ops < use_ops
+
+
+def test_profile_refuses_an_unknown_variant_before_running(capsys):
+    assert cli.main(["profile", "--variants", "fp32,fp16-cl", "--device", "cpu"]) == 1
+    assert "unknown variant 'fp16-cl'" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from crmn import cli, paper
+from crmn import cli, paper, stacks
 from crmn.config import ModelConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +32,11 @@ def run_main(argv, capsys):
     (["table1", "--seeds", "0"], "expected a number >= 1"),
     (["table1", "--backend", "caffe"], "invalid choice: 'caffe'"),
     (["params", "--rows", "x"], "unknown row id 'x'"),
-    (["smoke", "--rows", "t1-crmn32x1"], "--rows and --data-dir do not apply"),
-    (["smoke", "--data-dir", "elsewhere"], "--rows and --data-dir do not apply"),
+    (["smoke", "--rows", "t1-crmn32x1"], "unrecognized arguments: --rows"),
+    (["smoke", "--data-dir", "elsewhere"], "unrecognized arguments: --data-dir"),
+    (["table1", "--device", "gpu"], "argument --device: unknown device 'gpu'"),
+    (["verify", "--rows", "t1-nope"], "unknown row id 't1-nope'"),
+    (["profile", "--steps", "0"], "expected a number >= 1"),
 ])
 def test_usage_errors_exit_2_one_line(argv, needle, capsys):
     rc, out, err = run_main(argv, capsys)
@@ -87,22 +90,26 @@ FLAG_FIELDS = [("outgate", ModelConfig, "outgate"), ("forget_bias", ModelConfig,
                ("schedule", TrainConfig, "schedule"), ("epochs_cap", TrainConfig, "max_epochs")]
 
 
-@pytest.mark.parametrize("command", ["table1", "table2", "table3", "svhn", "smoke", "params"])
+@pytest.mark.parametrize("command", ["table1", "table2", "table3", "svhn", "smoke", "params",
+                                     "bench"])
 def test_help_defaults_are_the_dataclass_defaults(command, capsys):
     sp = _subparser(command)
     fields = {(c, f.name): f.default for c in (ModelConfig, TrainConfig)
               for f in dataclasses.fields(c)}
     actions = {a.dest: a for a in sp._actions}
-    for dest, cls, name in FLAG_FIELDS:
+    flags = [f for f in FLAG_FIELDS if f[0] in actions]  # params: the model's flags only
+    assert len(flags) == {"params": 3, "bench": 0}.get(command, len(FLAG_FIELDS))
+    for dest, cls, name in flags:
         assert actions[dest].default == fields[(cls, name)], dest
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
-    for dest, cls, name in FLAG_FIELDS:
+    for dest, cls, name in flags:
         assert f"(default: {fields[(cls, name)]}" in text, dest
-    assert f"(default: {cli._dtype_default()})" in text
-    assert "(default: theano)" in text and "(default: cpu)" in text
+    # one default stack, device and dtype for every command (crmn.stacks)
+    assert f"(default: {stacks.DEFAULT_DTYPE})" in text
+    assert f"(default: {stacks.DEFAULT_BACKEND})" in text and "(default: cpu)" in text
 
 
 def test_flags_map_onto_configs():
@@ -183,16 +190,28 @@ def test_smoke_end_to_end(tmp_path):
     assert (tmp_path / "smoke" / "figure3.png").is_file()
 
 
-@pytest.mark.parametrize("name", ["verify", "bench"])
-def test_verify_and_bench_get_their_argv(name, capsys):
-    """Everything after the command name goes to crmn.<name>.main untouched."""
+@pytest.mark.parametrize("name", ["verify", "bench", "profile"])
+def test_tools_are_subcommands_with_the_shared_options(name, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([name, "--help"])
     assert exc.value.code == 0
-    assert f"python -m crmn.{name}" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exc:
-        cli.main([name, "--no-such-option"])
-    assert exc.value.code == 2
+    text = capsys.readouterr().out
+    assert f"usage: run_experiments.sh {name}" in text
+    assert "--device DEV" in text and "--rows ID[,ID]" in text and "--batch-size B" in text
+    assert cli.main([name, "--no-such-option"]) == 2
+
+
+def test_the_cli_is_the_only_argument_parser():
+    """No other module of the archive builds an ArgumentParser (one command line)."""
+    import ast
+
+    parsers = []
+    for path in sorted((ROOT / "crmn").rglob("*.py")) + sorted((ROOT / "original").glob(
+            "*.py")) + sorted((ROOT / "modern").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "ArgumentParser":
+                parsers.append(path.relative_to(ROOT).as_posix())
+    assert sorted(set(parsers)) == ["crmn/cli.py"]
 
 
 def test_sigusr1_checkpoints_stops_with_exit_3_and_resume_finishes(tmp_path):

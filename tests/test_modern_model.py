@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from crmn import paper
 from crmn.config import ModelConfig
 from crmn.naming import BN_ALPHA, BN_EPS, count_trainable
-from modern.model import (GATE_ORDER, BatchNorm, CIFARNet, PeepholeLSTM, build, build_crmn,
+from crmn.naming import LSTM_GATES
+from modern.model import (BatchNorm, CIFARNet, PeepholeLSTM, build, build_crmn,
                           build_resnet, shortcut_a)
 from reference_lstm import lstm_forward
 
@@ -34,7 +35,7 @@ def test_builders_agree_with_build():
 def _lstm_params(lstm: PeepholeLSTM):
     H = lstm.units
     p = {}
-    for g, name in enumerate(GATE_ORDER):
+    for g, name in enumerate(LSTM_GATES):
         p[f"W_x{name}"] = lstm.W_x[:, g * H:(g + 1) * H].detach().numpy()
         p[f"W_h{name}"] = lstm.W_h[:, g * H:(g + 1) * H].detach().numpy()
         p[f"b_{name}"] = lstm.b[g * H:(g + 1) * H].detach().numpy()
@@ -110,7 +111,7 @@ def test_lstm_bfloat16_products_keep_float32_gradients(peepholes):
 def test_lstm_backward_runs_one_product_per_step():
     """Each step's backward adds one matrix product (h's gradient through W_h) and, under
     bf16, one cast: W_h's gradient is one product for all steps, its cast once per call."""
-    from modern.profile_step import _OpCounter
+    from crmn.tools.profile import op_counter
 
     counts = {}
     for amp in (False, True):
@@ -119,7 +120,7 @@ def test_lstm_backward_runs_one_product_per_step():
             x = torch.randn(2, T, 7, requires_grad=True)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                 out = lstm(x, last_only=True)
-            with _OpCounter() as c:
+            with op_counter() as c:
                 out.sum().backward()
             counts[amp, T] = c.counts
     for amp in (False, True):

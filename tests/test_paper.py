@@ -58,7 +58,9 @@ def test_lstm_adds_a_constant_number_of_parameters_whatever_the_depth():
 
 
 def test_unknown_row_is_named():
-    with pytest.raises(KeyError, match="t9-nope"):
+    from crmn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="t9-nope"):
         paper.select("t1-crmn32x4,t9-nope")
 
 
@@ -68,9 +70,15 @@ def test_stage_shapes_and_names():
     assert "lstm.w_ci" in names and "lstm.w_cc" not in names
 
 
-def test_tools_get_a_config_error_naming_the_unknown_row():
+def test_one_row_selection_for_every_command():
     from crmn.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="t9-nope"):
-        paper.select_or_fail("t9-nope")
-    assert paper.select_or_fail(None, "table1") == paper.TABLE1
+    assert paper.select(None, "table1") == paper.TABLE1
+    assert paper.select(None) == paper.ROWS
+    assert paper.select("t2-crmn28x10", "table1") == (paper.row("t2-crmn28x10"),)
+    with pytest.raises(ConfigError, match="t2-crmn28x10 belong to another experiment"):
+        paper.select("t1-crmn32x1,t2-crmn28x10", "table1", strict=True)
+    with pytest.raises(ConfigError, match="unknown experiment 'table9'"):
+        paper.select(None, "table9")
+    with pytest.raises(ConfigError, match="selects no row"):
+        paper.select(",", "table1")

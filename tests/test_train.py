@@ -13,8 +13,8 @@ import pytest
 
 from crmn import checkpoint, runlog, train as trainer
 from crmn.errors import CheckpointError, ConfigError, DivergedError
-from toy_backend import (TOY_MODEL, TOY_TRAIN, SimulatedCrash, ToyBackend, run_toy,
-                               toy_splits)
+from toy_backend import (TOY_MODEL, TOY_TRAIN, SimulatedCrash, ToyBackend, epoch_hook,
+                         run_toy)
 
 REPO = Path(__file__).resolve().parents[1]
 VOLATILE = ("time", "seconds", "images_per_s")  # wall-clock fields of a log line
@@ -75,8 +75,8 @@ def test_full_run_writes_every_file(reference):
     assert summary["final_epochs"] == len(final) == sum(found)
     assert [sum(1 for e in final if e["stage"] == s) for s in range(len(found))] == found
     assert summary["test_acc"] == final[-1]["eval_acc"]
-    assert summary["test_acc"] > 0.6  # 3 separable blobs: far above chance (1/3)
-    assert summary["params"] == 3 * 6 * 6 * 3 + 3 and summary["status"] == "done"
+    assert summary["test_acc"] > 0.6  # learnable class templates: far above chance (1/10)
+    assert summary["params"] == 3 * 32 * 32 * 10 + 10 and summary["status"] == "done"
 
     _, meta = checkpoint.load(run_dir / "checkpoint.h5")
     assert (meta["phase"], meta["epoch"]) == ("final", sum(found))
@@ -87,16 +87,12 @@ def test_full_run_writes_every_file(reference):
 
 
 class SpyBackend(ToyBackend):
-    """Records the state after each epoch's training and every set_state/reset_velocity."""
+    """Records every set_state/reset_velocity (and, through :func:`epoch_hook`, the state
+    after each epoch's training)."""
 
     def __init__(self, *a, **kw):
         self.after_epoch, self.events = [], []
         super().__init__(*a, **kw)
-
-    def train_epoch(self, sampler, epoch, lr, progress=None):
-        stats = super().train_epoch(sampler, epoch, lr, progress)
-        self.after_epoch.append(self.get_state())
-        return stats
 
     def set_state(self, state):
         self.events.append(("set_state", {k: v.copy() for k, v in state.items()}))
@@ -108,28 +104,22 @@ class SpyBackend(ToyBackend):
 
 
 def test_plateau_reloads_the_best_model_and_zeroes_velocities(tmp_path):
-    splits = toy_splits()
-    spy = SpyBackend(TOY_MODEL, TOY_TRAIN, splits["search"].train_x[0].size)
+    spy = SpyBackend(TOY_MODEL, TOY_TRAIN)
+    initial = spy.get_state()
     spy.events.clear()
-    built = [spy]
-
-    def factory():  # the final run's backend; the search uses `spy`
-        built.append(ToyBackend(TOY_MODEL, TOY_TRAIN, splits["search"].train_x[0].size))
-        return built[-1]
-
-    trainer.run(tmp_path / "r", model=TOY_MODEL, train=TOY_TRAIN, dataset="toy",
-                data_dir=None, backend="toy", dtype="float64", progress=False, splits=splits,
-                backend_obj=spy, backend_factory=factory)
+    with epoch_hook(lambda stack, epoch, stats: stack.after_epoch.append(stack.get_state())):
+        run_toy(tmp_path / "r", stack=spy)
     search = [e for e in runlog.read_log(tmp_path / "r" / "log.jsonl") if e["phase"] == "search"]
     reload_at = [e["epoch"] for e in search if e["decision"] == "reload"]
-    assert len(reload_at) == 1 and len(built) == 2
+    assert len(reload_at) == 1
     stage0 = [e for e in search if e["stage"] == 0]
     best = max(stage0, key=lambda e: (e["eval_acc"], -e["eval_loss"]))["epoch"]
-    assert [name for name, _ in spy.events] == ["set_state", "reset_velocity"]
+    # the reload, then the final run's restart from the seeded initial state
+    assert [name for name, _ in spy.events] == ["set_state", "reset_velocity"] * 2
     reloaded = spy.events[0][1]
     for name, a in spy.after_epoch[best - 1].items():
         np.testing.assert_array_equal(reloaded[name], a, err_msg=name)
-    # the toy data makes the best stage-0 epoch an earlier one than the plateau's last
+    # the toy data make the best stage-0 epoch an earlier one than the plateau's last
     assert best < reload_at[0]
     assert not np.array_equal(reloaded["fc.W"], spy.after_epoch[reload_at[0] - 1]["fc.W"])
     # then the velocities were zeroed, the weights left at the best model's
@@ -140,6 +130,9 @@ def test_plateau_reloads_the_best_model_and_zeroes_velocities(tmp_path):
         else:
             np.testing.assert_array_equal(a, reloaded[name], err_msg=name)
     assert reloaded["velocity.fc.W"].any()  # best.h5 did hold a non-zero velocity
+    for name, a in initial.items():  # the final run started where a fresh stack starts
+        np.testing.assert_array_equal(spy.events[2][1][name], a, err_msg=name)
+    assert all(not a.any() for n, a in spy.events[3][1].items() if n.startswith("velocity."))
 
 
 def test_epochs_cap_bounds_a_given_schedule(tmp_path):
@@ -148,21 +141,17 @@ def test_epochs_cap_bounds_a_given_schedule(tmp_path):
     assert summary["schedule_used"] == [1, 1] and summary["final_epochs"] == 2
 
 
-class InfLoss(ToyBackend):
-    """Reports an infinite training loss in its third epoch without raising itself."""
+def test_non_finite_epoch_loss_from_a_stack_is_caught(tmp_path):
+    """A stack's infinite loss in epoch 3, without raising itself: the loop stops the run."""
 
-    def train_epoch(self, sampler, epoch, lr, progress=None):
-        stats = super().train_epoch(sampler, epoch, lr, progress)
-        return dataclasses.replace(stats, loss=float("inf")) if epoch == 3 else stats
+    def inf_in_epoch_3(stack, epoch, stats):
+        return dataclasses.replace(stats, loss=float("inf")) if epoch == 3 else None
 
-
-def test_non_finite_epoch_loss_from_a_backend_is_caught(tmp_path):
-    splits = toy_splits()
-    net = InfLoss(TOY_MODEL, TOY_TRAIN, splits["search"].train_x[0].size)
-    with pytest.raises(DivergedError, match=r"/r: training loss is inf in search epoch 3"):
-        trainer.run(tmp_path / "r", model=TOY_MODEL, train=TOY_TRAIN, dataset="toy",
-                    data_dir=None, backend="toy", dtype="float64", progress=False,
-                    splits=splits, backend_obj=net)
+    with epoch_hook(inf_in_epoch_3), \
+            pytest.raises(DivergedError, match=r"/r: training loss is inf in search epoch 3 "
+                                               r"of row \(no paper row\); the last good "
+                                               r"checkpoint .*checkpoint\.h5 is kept"):
+        run_toy(tmp_path / "r")
     assert checkpoint.read_meta(tmp_path / "r" / "checkpoint.h5")["epoch"] == 2
 
 
@@ -174,16 +163,6 @@ def test_given_schedule_skips_the_search(tmp_path):
         ("final", 1, 0.1), ("final", 2, 0.1), ("final", 3, 0.01)]
     assert summary["schedule_found"] is None and summary["schedule_used"] == [2, 1]
     assert not (tmp_path / "r" / "best.h5").exists()
-
-
-def test_injected_backend_is_reset_for_the_final_run(tmp_path, reference):
-    """Without a factory the final run resets ``backend_obj`` to its seeded start."""
-    splits = toy_splits()
-    net = ToyBackend(TOY_MODEL, TOY_TRAIN, splits["search"].train_x[0].size)
-    trainer.run(tmp_path / "r", model=TOY_MODEL, train=TOY_TRAIN, dataset="toy",
-                data_dir=None, backend="toy", dtype="float64", progress=False, splits=splits,
-                backend_obj=net)
-    assert_same_run(tmp_path / "r", reference[0])
 
 
 def search_epochs(reference):
@@ -303,8 +282,8 @@ def test_finished_run_of_another_configuration_is_refused(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "r"
     train = dataclasses.replace(TOY_TRAIN, lr_stages=(0.1, 1e300), schedule=(2, 2))
-    with pytest.raises(DivergedError, match=r"/r: final epoch 3 diverged .*checkpoint\.h5 "
-                                            r"is kept"):
+    with pytest.raises(DivergedError, match=r"/r: training loss is nan in final epoch 3 .*"
+                                            r"checkpoint\.h5 is kept"):
         run_toy(run_dir, train=train)
     arrays, meta = checkpoint.load(run_dir / "checkpoint.h5")
     assert (meta["phase"], meta["epoch"]) == ("final", 2)

@@ -4,8 +4,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from crmn import verify
-from crmn.backend import check_device
+from crmn import cli, verify
+from crmn.stack import check_device
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import ConfigError
 from modern.backend import TorchBackend
@@ -40,7 +40,7 @@ def test_compare_passes_on_equal_backends_and_catches_a_difference():
 
 
 def test_main_rejects_unknown_rows(capsys):
-    assert verify.main(["--rows", "t9-nothing"]) == 2
+    assert cli.main(["verify", "--rows", "t9-nothing"]) == 2
     assert "t9-nothing" in capsys.readouterr().err
 
 
@@ -63,16 +63,17 @@ def _no_comparison(*args, **kwargs):
 def test_main_rejects_a_bad_device_before_building_anything(capsys, monkeypatch):
     monkeypatch.setattr(verify, "verify_stacks", _no_comparison)
     monkeypatch.setattr(verify, "verify_device", _no_comparison)
-    assert verify.main(["--device", "foo"]) == 2
+    assert cli.main(["verify", "--device", "foo"]) == 2
     out, err = capsys.readouterr()
-    assert err == "error: unknown device 'foo': choose cpu, cuda or cuda:N\n" and out == ""
+    assert err == ("run_experiments.sh verify: argument --device: unknown device 'foo': "
+                   "choose cpu, cuda or cuda:N\n") and out == ""
 
 
 def test_main_without_cuda_says_so_in_one_line(capsys, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert verify.main(["--device", "cuda"]) == 2
+    assert cli.main(["verify", "--device", "cuda"]) == 1  # a run-time error
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: device 'cuda' asked for, but torch")
     assert "sees no CUDA GPU" in err
@@ -84,9 +85,10 @@ def test_main_without_cuda_says_so_in_one_line(capsys, monkeypatch):
 def test_main_rejects_a_batch_size_below_one(argv, capsys, monkeypatch):
     monkeypatch.setattr(verify, "verify_stacks", _no_comparison)
     monkeypatch.setattr(verify, "verify_device", _no_comparison)
-    assert verify.main(argv) == 2
+    assert cli.main(["verify", *argv]) == 2
     out, err = capsys.readouterr()
-    assert err == f"error: --batch-size must be >= 1, got {argv[-1]}\n" and out == ""
+    assert err.startswith("run_experiments.sh verify: argument --batch-size: expected a ") \
+        and err.count("\n") == 1 and argv[-1] in err and out == ""
 
 
 def test_batch_size_applies_to_rows_and_default_configurations():
@@ -111,7 +113,7 @@ def test_main_hands_the_batch_size_to_every_default_configuration(capsys, monkey
         return verify.Result(name, diffs={"loss": 0.0}, worst={"loss": "-"})
 
     monkeypatch.setattr(verify, "verify_stacks", record)
-    assert verify.main(["--batch-size", "2"]) == 0
+    assert cli.main(["verify", "--batch-size", "2"]) == 0
     assert seen == [(name, 2) for name, _, _ in verify.DEFAULT_CONFIGS]
     assert capsys.readouterr().out.endswith("3/3 PASS\n")
 

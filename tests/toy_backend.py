@@ -1,36 +1,44 @@
-"""A deterministic numpy Backend for testing the training driver (crmn/train.py) in seconds.
+"""A deterministic numpy stack for testing the training loop (crmn/train.py) in seconds.
 
 Softmax regression on flattened, centred images: logits = (x - m) W + b, where m is the
 batch mean in training mode and a running average of it (a batch-norm-like state array) in
-inference mode. It honours the whole :class:`crmn.backend.Backend` protocol with
+inference mode. It honours the whole :class:`crmn.stack.Stack` contract with
 canonical-looking names: ``fc.W (D, C)``, ``fc.b (C,)``, ``bn0.mean (D,)`` and the
 velocities ``velocity.fc.W``, ``velocity.fc.b``; SGD with Lasagne's classical momentum
 (``v <- mu v - lr g``, ``p <- p + v``) and L2 weight decay on ``fc.W`` only.
 
-Hooks for fault tests: a :class:`CrashBudget` raises :class:`SimulatedCrash` at the start of
-``train_epoch`` once its epochs are spent (a run killed between epochs), and ``sleep_s`` slows
-each batch so that a subprocess can be killed mid-epoch. ``python tests/toy_backend.py
-RUN_DIR [--resume] [--sleep S]`` runs the driver on :func:`toy_splits` (used by the SIGKILL
-test).
+It trains on small fake CIFAR-10 files (:func:`toy_data_dir`, written once by
+``crmn.data.write_fake``), read through the real loader. Hooks for fault tests:
+:func:`run_toy` ``crash_after=k`` wraps :func:`crmn.train.train_epoch` so that the
+(k+1)-th epoch raises :class:`SimulatedCrash` (a run killed between epochs), and
+``sleep_s`` slows each step so that a subprocess can be killed mid-epoch. ``python
+tests/toy_backend.py RUN_DIR [--resume] [--sleep S]`` runs the loop (the SIGKILL test).
 """
 from __future__ import annotations
 
+import contextlib
+import pickle
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
 if __name__ == "__main__":  # run as a script from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from crmn.backend import EpochStats
 from crmn.config import ModelConfig, TrainConfig
-from crmn.errors import CheckpointError, DivergedError
+from crmn.errors import CheckpointError
 from crmn.naming import BN_ALPHA, velocity_name
 
 TRAINABLE = ("fc.W", "fc.b")
+#: the toy data: fake CIFAR-10 in the official format, the same bytes on every call, with a
+#: share of the training labels replaced at random so that validation results go up and down
+TOY_DATA = dict(name="cifar10", n_train=100, n_test=40, seed=0)
+LABEL_NOISE = 0.3
+FEATURES = 3 * 32 * 32
 
 
 class SimulatedCrash(RuntimeError):
@@ -43,7 +51,7 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 class ToyBackend:
-    """Softmax regression over ``features`` inputs; see the module docstring.
+    """Softmax regression over flattened 3x32x32 images; see the module docstring.
 
     Parameters
     ----------
@@ -52,26 +60,23 @@ class ToyBackend:
     train : TrainConfig
         ``seed`` initialises ``fc.W``; ``momentum``, ``weight_decay``, ``nesterov`` (must
         be False) drive the update.
-    features : int
-        Flattened input size C·H·W of the images the backend will see.
     """
 
     name = "toy"
 
-    def __init__(self, model: ModelConfig, train: TrainConfig, features: int,
-                 dtype: str = "float64", crash_budget: Optional["CrashBudget"] = None,
+    def __init__(self, model: ModelConfig, train: TrainConfig, dtype: str = "float64",
                  sleep_s: float = 0.0):
         self.model, self.train, self.dtype = model, train, np.dtype(dtype)
         self.device = f"cpu (numpy {np.__version__})"
-        self.crash_budget, self.sleep_s = crash_budget, sleep_s
+        self.sleep_s = sleep_s
         rng = np.random.default_rng(train.seed)
-        d, c = features, model.classes
+        d, c = FEATURES, model.classes
         self.p = {"fc.W": (0.01 * rng.standard_normal((d, c))).astype(self.dtype),
                   "fc.b": np.zeros(c, self.dtype),
                   "bn0.mean": np.zeros(d, self.dtype)}
         self.reset_velocity()
 
-    # --- protocol ---------------------------------------------------------------------
+    # --- contract -------------------------------------------------------------------------
     def param_count(self) -> int:
         return sum(self.p[n].size for n in TRAINABLE)
 
@@ -81,15 +86,15 @@ class ToyBackend:
         xc = f - mean
         return xc @ self.p["fc.W"] + self.p["fc.b"], xc
 
-    def forward(self, x: np.ndarray, training: bool) -> np.ndarray:
-        return self._logits(x, training)[0]
+    def logits(self, x: np.ndarray, training: bool) -> np.ndarray:
+        return self._logits(np.asarray(x), training)[0]
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> Tuple[float, float]:
+    def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> Tuple[float, int]:
         with np.errstate(over="ignore", invalid="ignore"):
             z, xc = self._logits(x, training=True)
             logp = _log_softmax(z)
-            loss = float(-logp[np.arange(len(y)), y].mean())
-            acc = float((z.argmax(axis=1) == y).mean())
+            loss_sum = float(-logp[np.arange(len(y)), y].sum())
+            correct = int((z.argmax(axis=1) == y).sum())
             g = np.exp(logp)
             g[np.arange(len(y)), y] -= 1
             g /= len(y)  # d loss / d logits, (B, C)
@@ -101,37 +106,9 @@ class ToyBackend:
                 self.p[n] = self.p[n] + v
         batch_mean = x.reshape(len(x), -1).mean(axis=0)
         self.p["bn0.mean"] = (1 - BN_ALPHA) * self.p["bn0.mean"] + BN_ALPHA * batch_mean
-        return loss, acc
-
-    def train_epoch(self, sampler, epoch: int, lr: float,
-                    progress: Optional[Callable[[int, int, float], None]] = None) -> EpochStats:
-        if self.crash_budget is not None:
-            self.crash_budget.spend()
-        t0 = time.perf_counter()
-        losses, accs, images, total = [], [], 0, len(sampler)
-        for i, (xb, yb) in enumerate(sampler.epoch(epoch)):
-            loss, acc = self.train_step(xb, yb, lr)
-            if not np.isfinite(loss):
-                raise DivergedError(f"toy backend: loss {loss} at batch {i} of epoch {epoch}")
-            losses.append(loss * len(yb))
-            accs.append(acc * len(yb))
-            images += len(yb)
-            if progress is not None:
-                progress(i + 1, total, sum(losses) / images)
-            if self.sleep_s:
-                time.sleep(self.sleep_s)
-        return EpochStats(loss=sum(losses) / images, acc=sum(accs) / images, images=images,
-                          seconds=time.perf_counter() - t0)
-
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> Tuple[float, float]:
-        loss = acc = 0.0
-        with np.errstate(over="ignore", invalid="ignore"):
-            for s in range(0, len(x), batch_size):
-                z = self.forward(x[s:s + batch_size], training=False)
-                yb = y[s:s + batch_size]
-                loss += float(-_log_softmax(z)[np.arange(len(yb)), yb].sum())
-                acc += float((z.argmax(axis=1) == yb).sum())
-        return loss / len(x), acc / len(x)
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        return loss_sum, correct
 
     def get_state(self) -> Dict[str, np.ndarray]:
         state = {n: a.copy() for n, a in self.p.items()}
@@ -152,67 +129,92 @@ class ToyBackend:
         self.v = {n: np.zeros_like(self.p[n]) for n in TRAINABLE}
 
 
-def toy_splits(classes: int = 3, n_train: int = 60, n_test: int = 30, size: int = 6,
-               seed: int = 0) -> dict:
-    """Learnable blobs shaped like tiny images: ``{"search": Split, "final": Split}``.
+def toy_data_dir() -> Path:
+    """The toy data (:data:`TOY_DATA`), written once per machine into the temp folder."""
+    from crmn import data
 
-    The search split holds out the last 10 % of the training images as validation, the
-    final split trains on all of them and evaluates on a separate test set.
-    """
-    from crmn.data import Split
+    root = Path(tempfile.gettempdir()) / "crmn-toy-data-v3"
+    if not (root / data.dataset_info(TOY_DATA["name"]).folder).is_dir():
+        tmp = Path(tempfile.mkdtemp(prefix="crmn-toy-data-"))
+        folder = data.write_fake(TOY_DATA["name"], tmp, TOY_DATA["n_train"],
+                                 TOY_DATA["n_test"], seed=TOY_DATA["seed"])
+        rng = np.random.default_rng(TOY_DATA["seed"])
+        for f in sorted(folder.glob("data_batch_*")):  # training images only
+            with open(f, "rb") as fh:
+                batch = pickle.load(fh)
+            labels = np.array(batch[b"labels"])
+            noisy = rng.random(len(labels)) < LABEL_NOISE
+            labels[noisy] = rng.integers(0, 10, int(noisy.sum()))
+            batch[b"labels"] = labels.tolist()
+            with open(f, "wb") as fh:
+                pickle.dump(batch, fh, protocol=2)
+        try:
+            tmp.rename(root)  # another process may have won the race: its files are equal
+        except OSError:
+            pass
+    return root
 
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((classes, 3, size, size)).astype(np.float32)
 
-    def draw(n):
-        y = rng.integers(0, classes, n).astype(np.int64)
-        x = centres[y] + 1.5 * rng.standard_normal((n, 3, size, size)).astype(np.float32)
-        return x.astype(np.float32), y
-
-    x, y = draw(n_train)
-    xt, yt = draw(n_test)
-    n_val = n_train // 10
-    return {"search": Split(x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:], "val"),
-            "final": Split(x, y, xt, yt, "test")}
-
-
-TOY_MODEL = ModelConfig(n=1, k=1, classes=3, memory=False)
+TOY_MODEL = ModelConfig(n=1, k=1, classes=10, memory=False)
 TOY_TRAIN = TrainConfig(batch_size=10, lr_stages=(0.1, 0.01), patience=2, max_epochs=4,
                         pad=1, seed=3)
 
 
-class CrashBudget:
-    """Epochs left before a simulated kill, shared by every backend one run builds."""
+@contextlib.contextmanager
+def epoch_hook(hook):
+    """Call ``hook(stack, epoch, stats)`` after every :func:`crmn.train.train_epoch` of the
+    loop (it may raise, or return replacement stats)."""
+    from crmn import train as trainer
 
-    def __init__(self, epochs: Optional[int]):
-        self.left = epochs
+    real = trainer.train_epoch
 
-    def spend(self) -> None:
-        if self.left is not None:
-            if self.left <= 0:
-                raise SimulatedCrash("simulated kill between epochs")
-            self.left -= 1
+    def wrapped(stack, sampler, epoch, lr, **kw):
+        stats = real(stack, sampler, epoch, lr, **kw)
+        replaced = hook(stack, epoch, stats)
+        return stats if replaced is None else replaced
+
+    trainer.train_epoch = wrapped
+    try:
+        yield
+    finally:
+        trainer.train_epoch = real
+
+
+def crash_hook(epochs: int):
+    """A hook for :func:`epoch_hook`: the (epochs+1)-th epoch dies before it is logged."""
+    seen = [0]
+
+    def hook(stack, epoch, stats):
+        if seen[0] >= epochs:
+            raise SimulatedCrash("simulated kill between epochs")
+        seen[0] += 1
+
+    return hook
+
+
+def toy_spec(model=TOY_MODEL, train=TOY_TRAIN, dtype="float64"):
+    from crmn.train import RunSpec
+
+    return RunSpec(model=model, train=train, dataset=TOY_DATA["name"],
+                   data_dir=toy_data_dir(), backend="toy", dtype=dtype)
 
 
 def run_toy(run_dir, *, resume=False, model=TOY_MODEL, train=TOY_TRAIN, crash_after=None,
-            sleep_s=0.0, progress=False, dtype="float64", splits=None) -> dict:
-    """Run :func:`crmn.train.run` on the toy backend and :func:`toy_splits`.
+            sleep_s=0.0, progress=False, dtype="float64", stack=None) -> dict:
+    """Run :func:`crmn.train.run` on the toy stack (``stack``, or a fresh one).
 
     ``crash_after=k`` lets k epochs run, then raises :class:`SimulatedCrash`.
     """
     from crmn import train as trainer
 
-    splits = splits or toy_splits(classes=model.classes)
-    features = splits["search"].train_x[0].size
-    budget = CrashBudget(crash_after)
-
     def factory():
-        return ToyBackend(model, train, features, dtype=dtype, crash_budget=budget,
-                          sleep_s=sleep_s)
+        return stack or ToyBackend(model, train, dtype=dtype, sleep_s=sleep_s)
 
-    return trainer.run(run_dir, model=model, train=train, dataset="toy", data_dir=None,
-                       backend="toy", dtype=dtype, resume=resume, progress=progress,
-                       splits=splits, backend_factory=factory)
+    hooked = epoch_hook(crash_hook(crash_after)) if crash_after is not None \
+        else contextlib.nullcontext()
+    with hooked:
+        return trainer.run(run_dir, toy_spec(model, train, dtype), factory, resume=resume,
+                           progress=progress)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,170 @@
+"""Time the torch stack's train step of paper rows under several settings (a GPU tool).
+
+Beside ``run_experiments.sh bench`` (which times whole epochs through the training loop),
+``run_experiments.sh profile`` times ``--steps`` calls of the stack's ``step`` between CUDA
+events for each variant, so settings can be compared in one call; ``--kernels`` also lists
+the most costly kernels of one eager step (torch.profiler). ::
+
+    run_experiments.sh profile --rows t1-resnet32x1 --variants fp32,bf16,bf16-percast
+    run_experiments.sh profile --rows t1-resnet134x1 --variants bf16,bf16-percast \\
+        --count-ops --device cpu --batch-size 8
+
+``--count-ops`` counts instead of timing: the aten operators one eager step dispatches,
+views left out (they launch no kernel), by name. It runs on the CPU too, where the counts
+mirror what a GPU step launches, up to how each operator splits into kernels.
+
+Variants: ``fp32`` / ``bf16`` (dtype float32 / bfloat16), suffixes ``-cl`` (channels last),
+``-nocl`` (no channels last), ``-compile`` (torch.compile'd forward inside the graph),
+``-notf32``, ``-percast`` (bf16: autocast casts each weight at its use, instead of the
+stack's one cast per step). torch is imported when a variant runs, not with this module.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from crmn.config import ModelConfig, TrainConfig
+from crmn.errors import ConfigError
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+_SUFFIXES = {"cl": ("channels_last", True), "nocl": ("channels_last", False),
+             "compile": ("compile", True), "notf32": ("tf32", False),
+             "percast": ("cast_once", False)}
+
+
+def variant_options(variant: str) -> dict:
+    """TorchBackend keyword arguments of a variant name such as ``bf16-cl-compile``."""
+    head, *suffixes = variant.split("-")
+    if head not in _DTYPES or any(s not in _SUFFIXES for s in suffixes):
+        raise ConfigError(f"unknown variant {variant!r}: a dtype ({', '.join(_DTYPES)}) "
+                          f"and suffixes from {', '.join(_SUFFIXES)}")
+    opts = {"dtype": _DTYPES[head]}
+    opts.update(_SUFFIXES[s] for s in suffixes)
+    return opts
+
+
+def _stack(row, variant: str, device: str, graph: bool, batch_size: Optional[int]):
+    from modern.backend import TorchBackend
+
+    train = TrainConfig.for_row(row)
+    if batch_size is not None:
+        train = dataclasses.replace(train, batch_size=batch_size)
+    return TorchBackend(ModelConfig.for_row(row), train, device=device, graph=graph,
+                        **variant_options(variant))
+
+
+def _batch(stack, classes: int):
+    import torch
+
+    B = stack.train_cfg.batch_size
+    rng = np.random.default_rng(0)
+    x = torch.as_tensor(rng.standard_normal((B, 3, 32, 32), dtype=np.float32))
+    y = torch.as_tensor(rng.integers(0, classes, B))
+    return x.to(stack.dev), y.to(stack.dev)
+
+
+def time_variant(row, variant: str, steps: int, kernels: bool, device: str = "cuda",
+                 out: Callable[[str], None] = print) -> float:
+    """Milliseconds per ``step`` (CUDA graph, batch on the device) of one variant."""
+    import torch
+
+    stack = _stack(row, variant, device, graph=True, batch_size=None)
+    x, y = _batch(stack, row.classes)
+    t0 = time.perf_counter()
+    stack.step(x, y, 0.01)  # the first step captures the graph
+    setup = time.perf_counter() - t0
+    for _ in range(10):
+        stack.step(x, y, 0.01)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        stack.step(x, y, 0.01)
+    end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / steps
+    epoch = ms * 50_000 / x.shape[0] / 1000
+    out(f"{row.id:16s} {variant:18s} {ms:7.3f} ms/step  {epoch:6.2f} s/epoch  "
+        f"paper {row.paper_sec_per_epoch} s  x{row.paper_sec_per_epoch / epoch:6.1f}  "
+        f"(setup {setup:.1f} s)")
+    if kernels:
+        _kernel_table(row, variant, device, out)
+    return ms
+
+
+def _kernel_table(row, variant: str, device: str, out: Callable[[str], None]) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    eager = _stack(row, variant, device, graph=False, batch_size=None)
+    x, y = _batch(eager, row.classes)
+    for _ in range(3):
+        eager.step(x, y, 0.01)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eager.step(x, y, 0.01)
+        torch.cuda.synchronize()
+    out(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15,
+                                  max_name_column_width=70))
+
+
+def op_counter():
+    """A context manager counting the non-view aten operators dispatched under it, by name
+    (``.counts``, a Counter); views launch no kernel, so they are left out."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.counts[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    return OpCounter()
+
+
+def count_variant(row, variant: str, device: str, batch_size: Optional[int] = None,
+                  out: Callable[[str], None] = print) -> collections.Counter:
+    """Operators of one eager train step (the second: the first allocates), printed.
+
+    The count does not depend on the batch size; a small ``batch_size`` makes it quick.
+    """
+    stack = _stack(row, variant, device, graph=False, batch_size=batch_size)
+    x, y = _batch(stack, row.classes)
+    stack.step(x, y, 0.01)
+    with op_counter() as counter:
+        stack.step(x, y, 0.01)
+    c = counter.counts
+    top = ", ".join(f"{n} {k}" for n, k in c.most_common(6))
+    out(f"{row.id:16s} {variant:18s} {sum(c.values()):6d} ops/step  casts {c['_to_copy']:4d}"
+        f"  ({top})")
+    return c
+
+
+def profile(rows, variants, *, steps: int = 100, kernels: bool = False,
+            count_ops: bool = False, device: str = "cuda", batch_size: Optional[int] = None,
+            out: Callable[[str], None] = print) -> int:
+    """Every variant of every row; a variant that fails is reported and the others go on.
+
+    Returns the number of failed variants.
+    """
+    for v in variants:
+        variant_options(v)  # a misspelt variant is refused before anything runs
+    failed = 0
+    for row in rows:
+        for v in variants:
+            try:
+                if count_ops:
+                    count_variant(row, v, device, batch_size, out=out)
+                else:
+                    time_variant(row, v, steps, kernels, device, out=out)
+            except Exception as e:  # noqa: BLE001 - one variant must not stop the comparison
+                failed += 1
+                out(f"{row.id:16s} {v:18s} FAILED: {type(e).__name__}: {str(e)[:300]}")
+    return failed
