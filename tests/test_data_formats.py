@@ -1,4 +1,4 @@
-"""crmn/data/formats.py and fake.py: the official on-disk formats and fake data written in them."""
+"""crmn/data/formats.py and fake.py: the official on-disk formats, and fake data in them."""
 import pickle
 
 import numpy as np

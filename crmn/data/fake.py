@@ -15,7 +15,7 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-from crmn.data.sources import PathLike, dataset_info
+from crmn.data.sources import PathLike, dataset_info, locate
 from crmn.errors import ConfigError, DataError
 
 #: Marker that :func:`write_fake` leaves in a folder of fake data.
@@ -134,6 +134,7 @@ def write_fake_archive(name: str, out_dir: PathLike, n_train: int, n_test: int,
 
 
 def is_fake(name: str, data_dir: PathLike) -> bool:
-    """True when ``data_dir`` holds data written by :func:`write_fake` for ``name``."""
-    return (Path(data_dir) / dataset_info(name).folder / FAKE_MARKER).is_file()
+    """True when ``data_dir`` holds, or is, a folder written by :func:`write_fake`."""
+    folder = locate(name, data_dir) or Path(data_dir) / dataset_info(name).folder
+    return (folder / FAKE_MARKER).is_file()
 

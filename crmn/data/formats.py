@@ -2,7 +2,8 @@
 
 :func:`load_raw` reads a dataset's extracted folder into ``uint8`` arrays ``(N, 3, 32, 32)``
 and ``int64`` labels, checking every file's layout so that a wrong or damaged file stops with
-one line naming it.
+one line naming it; :func:`count_images` counts the images of one file for the checks of
+:mod:`crmn.data.integrity`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from crmn.data.sources import PathLike, dataset_info
+from crmn.data.sources import PathLike, dataset_info, locate
 from crmn.errors import DataError
 
 
@@ -69,8 +70,35 @@ def _svhn_mat(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x.transpose(3, 2, 0, 1)), y
 
 
+#: The label list a run uses: CIFAR-100's 100 fine labels, not its 20 coarse ones.
+_LABEL_KEY = {"cifar10": b"labels", "cifar100": b"fine_labels"}
+
+
+def count_images(name: str, path: Path) -> int:
+    """Images in the official data file ``path`` of ``name``, its layout checked.
+
+    CIFAR batches are read whole (as :func:`load_raw` reads them); an SVHN ``.mat`` file is
+    counted from its header, without loading its pixels.
+    """
+    if name != "svhn":
+        return len(_cifar_batch(path, _LABEL_KEY[name], dataset_info(name).classes)[1])
+    import scipy.io  # imported here, as in _svhn_mat
+
+    try:
+        shapes = {var: shape for var, shape, _ in scipy.io.whosmat(str(path))}
+    except (ValueError, TypeError, OSError, EOFError, KeyError, IndexError,
+            NotImplementedError, zlib.error) as e:
+        raise DataError(f"corrupt SVHN file {path}: {e.__class__.__name__}: {e}") from None
+    if len(shapes.get("X", ())) != 4:
+        raise DataError(f"SVHN file {path} lacks a 4-d variable 'X' (32, 32, 3, N)")
+    return int(shapes["X"][3])
+
+
 def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
     """Read the extracted official files of ``name`` from ``data_dir``.
+
+    ``data_dir`` holds the extracted folder, or is it (:func:`crmn.data.locate`); when
+    neither has every file, the missing file under ``data_dir/<folder>`` is named.
 
     Returns
     -------
@@ -80,19 +108,20 @@ def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
         label 10 becomes the digit 0.
     """
     info = dataset_info(name)
-    folder = Path(data_dir) / info.folder
+    folder = locate(name, data_dir) or Path(data_dir) / info.folder
     if name == "svhn":
         out = {}
         for part in ("train", "extra", "test"):
             out[f"x_{part}"], out[f"y_{part}"] = _svhn_mat(folder / f"{part}_32x32.mat")
         return out
     if name == "cifar10":
-        parts = [_cifar_batch(folder / f"data_batch_{i}", b"labels", 10) for i in range(1, 6)]
-        x_test, y_test = _cifar_batch(folder / "test_batch", b"labels", 10)
+        key = _LABEL_KEY[name]
+        parts = [_cifar_batch(folder / f"data_batch_{i}", key, 10) for i in range(1, 6)]
+        x_test, y_test = _cifar_batch(folder / "test_batch", key, 10)
         x_train = np.concatenate([p[0] for p in parts])
         y_train = np.concatenate([p[1] for p in parts])
     else:
-        x_train, y_train = _cifar_batch(folder / "train", b"fine_labels", 100)
-        x_test, y_test = _cifar_batch(folder / "test", b"fine_labels", 100)
+        x_train, y_train = _cifar_batch(folder / "train", _LABEL_KEY[name], 100)
+        x_test, y_test = _cifar_batch(folder / "test", _LABEL_KEY[name], 100)
     return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 

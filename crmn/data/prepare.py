@@ -29,7 +29,8 @@ from typing import Callable, List, NamedTuple, Sequence, Tuple
 import numpy as np
 
 from crmn.data.formats import load_raw
-from crmn.data.sources import PathLike, dataset_info, ensure_downloaded
+from crmn.data.integrity import ensure_downloaded, provenance
+from crmn.data.sources import PathLike, dataset_info, locate
 from crmn.errors import ConfigError, DataError
 
 #: Images in the SVHN validation set of the search run (section 4.2: "a random sub-set of
@@ -108,7 +109,7 @@ def split_indices(n: int, n_val: int, seed: int) -> Tuple[np.ndarray, np.ndarray
 
 
 def prepare(name: str, data_dir: PathLike, phase: str, seed: int, val_fraction: float = 0.1,
-            download: bool = True, progress: bool = True) -> Split:
+            download: bool = True, progress: bool = True, unverified: bool = False) -> Split:
     """Normalised training and evaluation arrays of one phase of the protocol (SPEC §5).
 
     Parameters
@@ -123,6 +124,9 @@ def prepare(name: str, data_dir: PathLike, phase: str, seed: int, val_fraction: 
     val_fraction : held-out share in the search phase, in (0, 1)
     download : fetch missing files first; False makes missing files a :class:`DataError`
     progress : progress bars while downloading
+    unverified : use a folder that differs from the official files instead of refusing it
+        (:func:`crmn.data.provenance`; ``--unverified-data``). Either way a folder found on
+        disk is checked before it is read (cheap after the first time), fake data excepted.
 
     Returns
     -------
@@ -137,13 +141,15 @@ def prepare(name: str, data_dir: PathLike, phase: str, seed: int, val_fraction: 
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if download:
-        ensure_downloaded(name, data_dir, progress=progress)
+        ensure_downloaded(name, data_dir, progress=progress, unverified=unverified)
+    elif locate(name, data_dir) is not None:  # else load_raw names the missing file
+        provenance(name, data_dir, unverified=unverified)
     raw = load_raw(name, data_dir)
     svhn = name == "svhn"
     train_parts = [raw.pop("x_train")] + ([raw.pop("x_extra")] if svhn else [])
     train_labels = np.concatenate([raw["y_train"]] + ([raw["y_extra"]] if svhn else []))
     if phase == "search":
-        where = Path(data_dir) / info.folder
+        where = locate(name, data_dir) or Path(data_dir) / info.folder
         train_idx, eval_idx = _search_split(name, where, len(train_labels), seed, val_fraction)
         eval_parts, eval_labels, eval_name = train_parts, train_labels, "val"
     else:
