@@ -63,7 +63,7 @@ from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import EXIT_STOPPED, ConfigError, CRMNError, StopRequested
 from crmn.naming import count_trainable
 from crmn.stack import check_device
-from crmn.tools import profile
+from crmn.tools import profile, sampler_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_COMMANDS = tuple(paper.EXPERIMENTS)  # table1, table2, table3, svhn
@@ -171,8 +171,13 @@ def _run_options(p: argparse.ArgumentParser, data_dir: bool = True) -> None:
                         "no cap)")
     if data_dir:
         g.add_argument("--data-dir", type=Path, default=ROOT / "data", metavar="DIR",
-                       help="datasets are read from / downloaded into DIR (default: data/ "
-                            "of the archive)")
+                       help="datasets are read from / downloaded into DIR, or DIR is the "
+                            "extracted folder itself (default: data/ of the archive; see "
+                            "data/README.md)")
+        g.add_argument("--unverified-data", action="store_true",
+                       help="accept a dataset folder that differs from the official files "
+                            "(checksums, image counts); such runs are marked not as "
+                            "published (default: refuse it)")
     g.add_argument("--out-dir", type=Path, default=ROOT / "runs", metavar="DIR",
                    help="run directories go under DIR/<experiment>/ (default: runs/ of the "
                         "archive)")
@@ -263,6 +268,8 @@ def _add_tools(sub) -> None:
                         const=False, help="torch only: NCHW even with bfloat16")
     sp.add_argument("--json", default=None, metavar="PATH",
                     help="also write the results as JSON to PATH ('-' for stdout)")
+    sp.add_argument("--sampler", action="store_true",
+                    help="time the batch sampler (crops, flips; numpy) instead of a stack")
     sp = sub.add_parser("profile", help="developer tool: the torch step under several "
                                         "settings, timed on a GPU or its operators counted")
     _stack_options(sp, backend=False)
@@ -385,6 +392,7 @@ def _train_rows(experiment: str, rows, args, *, data_dir: Path, out_dir: Path,
         spec = trainer.RunSpec(model=model, train=train, dataset=dataset or row.dataset,
                                data_dir=data_dir, backend=args.backend, dtype=args.dtype,
                                device=args.device, compile=args.compile,
+                               unverified_data=getattr(args, "unverified_data", False),
                                row=None if row_label else row.id, experiment=experiment)
         # crmn.train prints and stores what actually runs (e.g. "cuda:0 (NVIDIA H100)")
         print(f"== {name} seed {k} -> {run_dir}", flush=True)
@@ -500,6 +508,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.sampler:
+        return _bench_sampler(args)
     if (args.compile or args.channels_last is not None) and args.backend != "torch":
         raise UsageError("run_experiments.sh bench: --compile and --channels-last/"
                          "--channels-first need --backend torch")
@@ -517,10 +527,26 @@ def cmd_bench(args) -> int:
               f"epoch on {r['device']}, {r['layout']}", flush=True)
         results.append(r)
     print(bench.format_table(results))
-    if args.json == "-":
-        print(json.dumps(results, indent=1))
-    elif args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    _write_json(results, args.json)
+    return 0
+
+
+def _write_json(obj, where: Optional[str]) -> None:
+    """``--json PATH``: the figures as JSON to PATH, or to stdout for ``-``."""
+    if where == "-":
+        print(json.dumps(obj, indent=1))
+    elif where:
+        Path(where).write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def _bench_sampler(args) -> int:
+    r = sampler_bench.time_sampler(batch_size=args.batch_size or 100)
+    print(f"# bench --sampler: {r['n']} CIFAR-shaped images, batch {r['batch_size']}, pad "
+          f"{r['pad']}, {r['epochs']} epochs; numpy {r['numpy']}")
+    for key in ("flip_off", "flip_on"):
+        f = r[key]
+        print(f"{key:8s} {f['images_per_s']:10.0f} images/s  {f['ms_per_batch']:6.2f} ms/batch")
+    _write_json(r, args.json)
     return 0
 
 

@@ -84,13 +84,15 @@ class SeedRun:
     def notes(self, row: Optional[paper.Row]) -> List[str]:
         """What makes this run other than ``row`` as published (from config.json).
 
-        Fake data, a cap on the epochs per stage, a fixed schedule instead of the search,
+        Fake or unverified data, a cap on the epochs per stage, a fixed schedule instead of the search,
         and every model or protocol field that differs from the row's defaults.
         """
         config = self.run.config
         out = []
         if config.get("fake_data") or (self.summary or {}).get("fake_data"):
             out.append("FAKE DATA")
+        elif config.get("data") == "unverified":
+            out.append("UNVERIFIED DATA (--unverified-data)")
         train = config.get("train") or {}
         if train.get("max_epochs") is not None:
             out.append(f"epochs capped at {train['max_epochs']} per stage")

@@ -72,6 +72,7 @@ class RunSpec:
     dtype: str = "float32"  # floating-point type of the network
     device: str = "cpu"  # requested device: cpu, cuda, cuda:N
     compile: bool = False  # torch only: torch.compile inside the captured step
+    unverified_data: bool = False  # accept a dataset folder that fails the official checks
     row: Optional[str] = None  # crmn.paper row id, None for a run that is no paper row
     experiment: Optional[str] = None  # table1 | table2 | table3 | svhn | smoke
 
@@ -205,6 +206,7 @@ class _Run:
     progress: bool
     verbose: bool = True
     fake_data: bool = False
+    data_source: str = "official"  # crmn.data.provenance: official | fake | unverified
     epoch_wall: List[float] = dataclasses.field(default_factory=list)  # this process's epochs
     loaded: Optional[Tuple[str, Any]] = None  # (phase, crmn.data.Split) last loaded
 
@@ -225,7 +227,8 @@ class _Run:
             self.loaded = None  # free the other phase's arrays first
             split = data.prepare(self.spec.dataset, self.spec.data_dir, phase,
                                  self.train.seed, val_fraction=self.train.val_fraction,
-                                 progress=self.progress)
+                                 progress=self.progress,
+                                 unverified=self.spec.unverified_data)
             self.loaded = (phase, split)
         return self.loaded[1]
 
@@ -275,6 +278,7 @@ def run(run_dir, spec: RunSpec, new_stack: Callable[[], Any], *, resume: bool = 
     searching = spec.train.schedule is None and (resumed is None
                                                  or resumed[1]["phase"] == "search")
     ctx.split("search" if searching else "final")  # a missing dataset fails before the build
+    _note_data(ctx)
     net = new_stack()
     ctx.say(f"{ctx.run_dir}: backend {net.name} on {net.device}, dtype {spec.dtype}, "
             f"{net.param_count():,} trainable parameters")
@@ -330,11 +334,23 @@ def _open_run_dir(ctx: _Run) -> None:
                           f"({e.strerror or e}); choose another --out-dir") from None
     for tmp in ctx.run_dir.glob(".*.tmp"):  # the real files are intact
         tmp.unlink()
-    ctx.fake_data = data.is_fake(ctx.spec.dataset, ctx.spec.data_dir)
+
+
+def _note_data(ctx: _Run) -> None:
+    """Record where the data come from (official, fake, unverified) and warn unless
+    official: such a run's accuracies say nothing about the paper's."""
+    spec = ctx.spec
+    ctx.data_source = data.provenance(spec.dataset, spec.data_dir,
+                                      unverified=spec.unverified_data)
+    ctx.fake_data = ctx.data_source == "fake"
     if ctx.fake_data:
-        print(f"warning: {ctx.spec.data_dir} holds fake {ctx.spec.dataset} data (crmn.data "
+        print(f"warning: {spec.data_dir} holds fake {spec.dataset} data (crmn.data "
               "write_fake); this run's accuracies say nothing about the paper's",
               file=sys.stderr, flush=True)
+    elif ctx.data_source == "unverified":
+        print(f"warning: the {spec.dataset} data in {spec.data_dir} were not checked against "
+              f"the official files ({data.UNVERIFIED_FLAG}); compare lists this run as not "
+              "as published", file=sys.stderr, flush=True)
 
 
 def _resume_point(ctx: _Run, resume: bool) -> Optional[Tuple[Dict, Dict]]:
@@ -389,7 +405,7 @@ def _config(ctx: _Run, net) -> Dict:
             "backend": spec.backend, "device": net.device, "device_requested": spec.device,
             "dtype": spec.dtype, "compile": spec.compile, "model": spec.model.to_dict(),
             "train": spec.train.to_dict(), "seed": spec.train.seed,
-            "fake_data": ctx.fake_data, "versions": versions,
+            "fake_data": ctx.fake_data, "data": ctx.data_source, "versions": versions,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -548,4 +564,4 @@ def _summary(ctx: _Run, net, used: List[int], extra: Dict) -> Dict:
             "sec_per_epoch": float(np.median([e["seconds"] for e in final])) if final else None,
             "images_per_s": float(np.median(rates)) if rates else None,
             "search_best": extra["search_best"], "fake_data": ctx.fake_data,
-            "status": "done"}
+            "data": ctx.data_source, "status": "done"}

@@ -250,3 +250,29 @@ def test_seed_selects_one_run_of_the_grid():
     args = cli.build_parser().parse_args(["table2", "--seed", "1", "--seeds", "2"])
     with pytest.raises(cli.UsageError):
         cli.plan_runs(cli.select_rows(None, "table2"), args)
+
+
+def test_unverified_data_is_refused_then_accepted_with_the_flag_and_marked(tmp_path, capsys):
+    """An extracted CIFAR-10 folder with too few images, given by hand: one line naming the
+    file and the count, exit 1, nothing trained; with --unverified-data it trains, is
+    recorded as such, and compare lists it under 'not as published'."""
+    pytest.importorskip("modern.backend")
+    from crmn import data
+
+    folder = data.write_fake("cifar10", tmp_path / "mine", n_train=60, n_test=20, seed=1)
+    (folder / data.FAKE_MARKER).unlink()  # now it claims to be the real dataset
+    argv = ["table3", "--rows", "t3-crmn28x10", "--backend", "torch", "--n", "1", "--k",
+            "0.25", "--batch-size", "10", "--schedule", "1,0,0,0", "--no-progress",
+            "--data-dir", str(folder), "--out-dir", str(tmp_path / "runs")]
+    rc, out, err = run_main(argv, capsys)
+    assert rc == 1 and err.count("\n") == 1, err
+    assert err.startswith("error: ") and "data_batch_1 holds 12 images, the official file " \
+        "10,000" in err and "--unverified-data" in err
+    assert not (tmp_path / "runs" / "table3" / "t3-crmn28x10" / "seed0" / "log.jsonl").exists()
+    rc, out, err = run_main(argv + ["--unverified-data"], capsys)
+    assert rc == 0, err
+    run = tmp_path / "runs" / "table3" / "t3-crmn28x10" / "seed0"
+    assert json.loads((run / "config.json").read_text())["data"] == "unverified"
+    assert "were not checked against the official files" in err
+    report = (tmp_path / "runs" / "table3" / "REPORT.md").read_text()
+    assert "UNVERIFIED DATA (--unverified-data)" in report

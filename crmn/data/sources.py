@@ -1,0 +1,403 @@
+"""Where the datasets come from: descriptions, download with lock and retries, extraction.
+
+:data:`DATASETS` describes each dataset once: the official base URL, the archives with their
+published MD5s, the folder the archives unpack to, the files a run reads from it, and the
+official MD5 and image count of every extracted file. :func:`locate` finds an extracted
+folder (inside ``data_dir``, or ``data_dir`` itself); :func:`fetch` downloads what is missing
+into ``data_dir`` (from the official site, or from the mirror named by ``$CRMN_DATA_MIRROR``),
+checks each archive's MD5 and unpacks it.
+
+A download goes to ``<file>.part`` and is renamed to ``<file>`` only after its MD5 matches,
+so a file at its final name is a verified one: it is never downloaded again and never
+deleted. Runs sharing ``data_dir`` take turns (:func:`_download_lock`).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import http.client
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+from tqdm import tqdm
+
+from crmn.errors import ConfigError, DataError
+from crmn.paper import DATASET_CLASSES
+
+PathLike = Union[str, Path]
+
+#: Environment variable naming a base URL that replaces every dataset's official one: each
+#: archive is fetched from ``<base URL>/<official file name>``; ``http://``, ``https://`` and
+#: ``file://`` (a local folder) work, as for ``urllib.request.urlopen``.
+MIRROR_ENV = "CRMN_DATA_MIRROR"
+#: Network failures are retried this many times in all, waiting _RETRY_WAIT_S × attempt.
+_ATTEMPTS = 3
+_RETRY_WAIT_S = 2.0
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Where a dataset comes from and what its extracted folder must contain."""
+
+    name: str  # "cifar10" | "cifar100" | "svhn"
+    base_url: str  # official location; each archive is base_url + file name
+    archives: Tuple[Tuple[str, str], ...]  # (file name, published MD5) per download
+    folder: str  # folder under data_dir holding the usable files
+    required: Tuple[str, ...]  # files that folder must contain
+    extract: bool  # True: archives are .tar.gz beside the folder; False: they are the files
+    files: Tuple[Tuple[str, str], ...]  # (file name, official MD5) of every extracted file
+    images: Tuple[Tuple[str, int], ...]  # (file name, official image count) per data file
+
+    @property
+    def classes(self) -> int:
+        return DATASET_CLASSES[self.name]
+
+
+#: SVHN's downloads are its data files: one table serves as both.
+_SVHN_FILES = (("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
+               ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3"),
+               ("extra_32x32.mat", "a93ce644f1a588dc4d68dda5feec44a7"))
+
+#: The official sources. Archive MD5s: CIFAR from https://www.cs.toronto.edu/~kriz/cifar.html
+#: (as published there); SVHN's page publishes none, so these are the widely used checksums
+#: of the files that http://ufldl.stanford.edu/housenumbers/ serves. The MD5s of the files
+#: inside the CIFAR archives are those that torchvision's datasets/cifar.py checks (the same
+#: values recur across public code); the image counts are the published sizes (CIFAR: 50,000
+#: training images in 5 batches of 10,000 and 10,000 test images; SVHN: 73,257 train,
+#: 26,032 test, 531,131 extra).
+DATASETS: Dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo(
+        name="cifar10",
+        base_url="https://www.cs.toronto.edu/~kriz/",
+        archives=(("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
+        folder="cifar-10-batches-py",
+        required=tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
+        extract=True,
+        files=(("data_batch_1", "c99cafc152244af753f735de768cd75f"),
+               ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+               ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
+               ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+               ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb"),
+               ("test_batch", "40351d587109b95175f43aff81a1287e"),
+               ("batches.meta", "5ff9c542aee3614f3951f8cda6e48888")),
+        images=tuple((f"data_batch_{i}", 10000) for i in range(1, 6))
+        + (("test_batch", 10000),),
+    ),
+    "cifar100": DatasetInfo(
+        name="cifar100",
+        base_url="https://www.cs.toronto.edu/~kriz/",
+        archives=(("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),),
+        folder="cifar-100-python",
+        required=("train", "test"),
+        extract=True,
+        files=(("train", "16019d7e3df5f24257cddd939b257f8d"),
+               ("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),
+               ("meta", "7973b15100ade9c7d40fb424638fde48")),
+        images=(("train", 50000), ("test", 10000)),
+    ),
+    "svhn": DatasetInfo(
+        name="svhn",
+        base_url="http://ufldl.stanford.edu/housenumbers/",
+        archives=_SVHN_FILES,
+        folder="svhn",
+        required=("train_32x32.mat", "test_32x32.mat", "extra_32x32.mat"),
+        extract=False,
+        files=_SVHN_FILES,
+        images=(("train_32x32.mat", 73257), ("test_32x32.mat", 26032),
+                ("extra_32x32.mat", 531131)),
+    ),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The :data:`DATASETS` entry of ``name``; an unknown name is a :class:`ConfigError`."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown dataset {name!r}; expected one of "
+                          f"{', '.join(sorted(DATASETS))}") from None
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _missing(folder: Path, info: DatasetInfo) -> List[str]:
+    return [f for f in info.required if not (folder / f).is_file()]
+
+
+# --------------------------------------------------------------------------------------------
+# Where the files are, and where a user can put them
+
+def _candidates(info: DatasetInfo, data_dir: Path) -> Tuple[Path, Path]:
+    """The folders that may hold the extracted files, in the order they are tried.
+
+    ``data_dir/<folder>`` is where an archive unpacks; ``data_dir`` itself is the extracted
+    folder given directly (``--data-dir ~/cifar-10-batches-py``).
+    """
+    return data_dir / info.folder, data_dir
+
+
+def locate(name: str, data_dir: PathLike) -> Optional[Path]:
+    """The folder holding every file a run reads of ``name``, or None if there is none.
+
+    Tries ``data_dir/<folder>`` (e.g. ``data/cifar-10-batches-py``), then ``data_dir``
+    itself, so that ``data_dir`` may be the extracted folder. Only presence is checked here;
+    :func:`crmn.data.verify_folder` checks contents.
+    """
+    info = dataset_info(name)
+    for folder in _candidates(info, Path(data_dir)):
+        if folder.is_dir() and not _missing(folder, info):
+            return folder
+    return None
+
+
+def looked_in(info: DatasetInfo, data_dir: Path) -> str:
+    """Every place :func:`locate` and :func:`fetch` look, with what each lacks (one line)."""
+    parts = []
+    for folder in _candidates(info, data_dir):
+        missing = _missing(folder, info) if folder.is_dir() else None
+        state = ("no such folder" if missing is None else
+                 "has all files" if not missing else f"lacks {', '.join(missing)}")
+        parts.append(f"{folder} ({state})")
+    if info.extract:
+        archive = data_dir / info.archives[0][0]
+        parts.append(f"{archive} ({'present' if archive.is_file() else 'absent'})")
+    return ", ".join(parts)
+
+
+def by_hand(info: DatasetInfo, data_dir: Path) -> str:
+    """How to supply ``info``'s files without a download from the official site (one clause).
+
+    Names the exact paths, e.g. ``data/cifar-100-python.tar.gz`` or
+    ``data/cifar-100-python/{train,test,meta}``, and the mirror variable.
+    """
+    files = f"{data_dir / info.folder}/{{{','.join(f for f, _ in info.files)}}}"
+    if info.extract:
+        put = (f"put the official archive at {data_dir / info.archives[0][0]} or its "
+               f"extracted folder at {files}")
+    else:
+        put = f"put the official files at {files}"
+    put += " (or give that folder as --data-dir)"
+    served = ", ".join(f for f, _ in info.archives)
+    return (f"{put}, or set {MIRROR_ENV} to a base URL (https://, http:// or file://) "
+            f"serving {served}")
+
+
+def _kept(info: DatasetInfo, data_dir: Path) -> str:
+    """Message tail for a bad file on disk: it stays, and the offline ways forward."""
+    return (f"the file is kept: delete it to download it again, or {by_hand(info, data_dir)}")
+
+
+def _ensure_writable(data_dir: Path) -> None:
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"data directory {data_dir} is a file, not a directory")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=data_dir):
+            pass
+    except OSError as e:
+        raise DataError(f"data directory {data_dir} is not writable: "
+                        f"{e.strerror or e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Download
+
+def _download(url: str, target: Path, md5: str, progress: bool, timeout: float,
+              hint: str = "") -> None:
+    """Stream ``url`` into ``<target>.part``, check its length and MD5, then rename it.
+
+    A failed check removes the ``.part`` file and never touches ``target``; only network
+    failures (refused, reset, cut short) are retried. ``hint`` ends every error message
+    (where else the files may come from).
+    """
+    part = target.with_name(target.name + ".part")
+    for attempt in range(1, _ATTEMPTS + 1):
+        try:
+            _fetch(url, part, progress, timeout)
+            break
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
+                TimeoutError) as e:
+            part.unlink(missing_ok=True)
+            if isinstance(e, urllib.error.HTTPError) or attempt == _ATTEMPTS:
+                reason = getattr(e, "reason", None) or e
+                raise DataError(f"cannot download {url} to {target}: {reason} "
+                                f"(after {attempt} attempt(s)){hint}") from None
+            time.sleep(_RETRY_WAIT_S * attempt)
+        except OSError as e:  # the local side: disk full, permissions
+            part.unlink(missing_ok=True)
+            raise DataError(f"cannot write {part}: {e.strerror or e}") from None
+    got = _md5(part)
+    if got != md5:
+        part.unlink(missing_ok=True)
+        raise DataError(f"checksum mismatch for {target} downloaded from {url}: MD5 {got}, "
+                        f"expected {md5}; removed the partial file {part}{hint}")
+    os.replace(part, target)
+
+
+def _fetch(url: str, part: Path, progress: bool, timeout: float) -> None:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        total = resp.headers.get("Content-Length")
+        total = int(total) if total and total.isdigit() else None
+        got = 0
+        with open(part, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
+                                         unit_divisor=1024, desc=part.name[:-5],
+                                         disable=not progress, file=sys.stderr) as bar:
+            while True:
+                chunk = resp.read(1 << 20)
+                if not chunk:
+                    break
+                f.write(chunk)
+                got += len(chunk)
+                bar.update(len(chunk))
+        if total is not None and got != total:
+            raise http.client.IncompleteRead(b"", total - got)
+
+
+@contextlib.contextmanager
+def _download_lock(data_dir: Path, info: DatasetInfo, progress: bool):
+    """Hold ``data_dir/.<name>.lock`` so that two runs never write the same ``.part`` file.
+
+    A second run (another seed or row started beside the first) waits here, then finds the
+    dataset complete. The lock is ``flock``'s: the system drops it when its holder dies.
+    """
+    path = data_dir / f".{info.name}.lock"
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"waiting for another process to finish downloading {info.name} into "
+                      f"{data_dir} (lock {path})", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------------------------
+# Extraction
+
+def _safe_extractall(tar: tarfile.TarFile, dest: Path, archive: Path, tail: str) -> None:
+    """Extract refusing members that would land outside ``dest`` (absolute, ``..``, links)."""
+    if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 / 3.12: the standard check
+        try:
+            tar.extractall(dest, filter="data")
+        except tarfile.FilterError as e:
+            raise DataError(f"unsafe member in archive {archive}: {e}; {tail}") from None
+        return
+    for m in tar.getmembers():
+        p = Path(m.name)
+        if p.is_absolute() or ".." in p.parts or m.issym() or m.islnk() or m.isdev():
+            raise DataError(f"unsafe member {m.name!r} in archive {archive}; {tail}")
+    tar.extractall(dest)
+
+
+def _extract(archive: Path, data_dir: Path, info: DatasetInfo) -> None:
+    """Unpack ``archive`` into a scratch folder, then move its files into ``info.folder``.
+
+    Extraction never writes into the final folder until the whole archive has been read, so
+    an interrupted or corrupt extraction leaves no half-filled folder that looks complete.
+    """
+    tail = _kept(info, data_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".extract-{info.folder}-", dir=data_dir))
+    try:
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                _safe_extractall(tar, tmp, archive, tail)
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+            raise DataError(f"corrupt or truncated archive {archive}: {e}; {tail}") from None
+        src = tmp / info.folder
+        missing = _missing(src, info)
+        if missing:
+            raise DataError(f"archive {archive} lacks {', '.join(missing)} under "
+                            f"{info.folder}/ after extraction; {tail}")
+        dest = data_dir / info.folder
+        dest.mkdir(exist_ok=True)
+        for item in src.iterdir():
+            os.replace(item, dest / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole fetch
+
+def fetch(info: DatasetInfo, data_dir: Path, mirror: Optional[str], progress: bool,
+          timeout: float) -> Path:
+    """Download and unpack what ``data_dir`` lacks of ``info``; return the folder.
+
+    Called only when :func:`locate` found nothing: the lock file and any download go to
+    ``data_dir``, never into a folder that already holds the data. A ``data_dir`` holding
+    part of the extracted files (an incomplete folder given as ``--data-dir``) is refused
+    rather than downloaded into. Takes :func:`_download_lock` first: a run that waited finds
+    the folder complete and downloads nothing.
+    """
+    folder = data_dir / info.folder
+    own = _missing(data_dir, info) if data_dir.is_dir() else info.required
+    if len(own) < len(info.required):
+        raise DataError(f"{data_dir} holds part of the {info.name} files but lacks "
+                        f"{', '.join(own)}: add them there, or give as --data-dir another "
+                        f"folder to download into; nothing was written to {data_dir}")
+    _ensure_writable(data_dir)
+    with _download_lock(data_dir, info, progress):
+        if not _missing(folder, info):  # another process finished it while we waited
+            return folder
+        return _download_and_extract(info, data_dir, folder, mirror, progress, timeout)
+
+
+def _base_url(info: DatasetInfo, mirror: Optional[str]) -> Tuple[str, str]:
+    """(base URL, where it came from) — the argument, ``$CRMN_DATA_MIRROR``, or official."""
+    if mirror:
+        return mirror, ""
+    if os.environ.get(MIRROR_ENV):
+        return os.environ[MIRROR_ENV], f" (base URL from ${MIRROR_ENV})"
+    return info.base_url, ""
+
+
+def _download_and_extract(info: DatasetInfo, data_dir: Path, folder: Path,
+                          mirror: Optional[str], progress: bool, timeout: float) -> Path:
+    """Download each missing archive of ``info``, check those already there, extract.
+
+    A file found at its final name was either renamed there after its MD5 matched or put
+    there by hand; it is hashed before use (never deleted), so that everything this returns
+    comes from files whose published MD5 matched.
+    """
+    base, origin = _base_url(info, mirror)
+    hint = (f"{origin}; looked in {looked_in(info, data_dir)}; to go on without the "
+            f"download, {by_hand(info, data_dir)}")
+    for fname, md5 in info.archives:
+        target = (data_dir if info.extract else folder) / fname
+        if target.is_file():
+            got = _md5(target)
+            if got != md5:
+                what = "archive" if info.extract else "file"
+                raise DataError(f"{what} {target} fails its MD5 check: got {got}, expected "
+                                f"{md5} (a re-packed or partial copy is not the official "
+                                f"{what}); {_kept(info, data_dir)}")
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _download(f"{base.rstrip('/')}/{fname}", target, md5, progress, timeout, hint)
+    if info.extract:
+        _extract(data_dir / info.archives[0][0], data_dir, info)
+    missing = _missing(folder, info)
+    if missing:  # only reachable if someone removes files while we run
+        raise DataError(f"{folder} lacks {', '.join(missing)} after download")
+    return folder
