@@ -92,7 +92,8 @@ def format_table(results: Sequence[Dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in results:
         paper_s = f"{r['paper_sec_per_epoch']:8.0f}" if r["paper_sec_per_epoch"] else f"{'-':>8s}"
-        speed = f"{r['speedup']:7.1f}x" if r["speedup"] else f"{'-':>8s}"
+        # three significant digits: a CPU run is a small fraction of the paper's speed
+        speed = f"{r['speedup']:7.3g}x" if r["speedup"] else f"{'-':>8s}"
         lines.append(f"{r['row']:16s} {r['label']:15s} {r['batch_size']:5d} "
                      f"{r['images_per_s']:9.0f} {r['sec_per_epoch']:8.2f} {paper_s} {speed} "
                      f"{r['warmup_s']:9.1f}")

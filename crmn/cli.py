@@ -181,6 +181,11 @@ def _run_options(p: argparse.ArgumentParser, data_dir: bool = True) -> None:
     g.add_argument("--out-dir", type=Path, default=ROOT / "runs", metavar="DIR",
                    help="run directories go under DIR/<experiment>/ (default: runs/ of the "
                         "archive)")
+    if data_dir:
+        g.add_argument("--dataset", choices=tuple(paper.DATASET_CLASSES), default=None,
+                       help="train the rows on this dataset instead of their own (e.g. "
+                            "ResNet-32 on cifar10, the He et al. check); marked not as "
+                            "published (default: the row's)")
     g.add_argument("--resume", action="store_true",
                    help="continue runs from their checkpoint.h5 (default: start afresh)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
@@ -212,6 +217,9 @@ def _protocol_options(p: argparse.ArgumentParser) -> None:
     i.add_argument("--patience", type=_positive, metavar="EPOCHS",
                    default=_default(TrainConfig, "patience"),
                    help="plateau patience beta in epochs (default: %(default)s)")
+    i.add_argument("--lr", type=float, metavar="LR", default=None,
+                   help="learning rate of the first stage; the later stages keep the row's "
+                        "ratios (default: the row's, 0.1)")
     i.add_argument("--schedule", type=_schedule, metavar="E1,E2,...",
                    default=_default(TrainConfig, "schedule"),
                    help="fixed epochs per lr stage, skips the search run (default: "
@@ -350,12 +358,16 @@ def configs_for(row: paper.Row, args, seed: int):
     """
     over = model_overrides(args)
     arch = {k: over.pop(k) for k in ("n", "k") if k in over}
+    lr_stages = row.lr_stages
+    if args.lr is not None:  # the first stage's rate; the later stages keep the ratios
+        lr_stages = tuple(args.lr * r / row.lr_stages[0] for r in row.lr_stages)
     t_over = dict(nesterov=args.nesterov, flip=args.flip, patience=args.patience,
                   max_epochs=args.epochs_cap, schedule=args.schedule, seed=seed,
-                  batch_size=args.batch_size or row.batch_size, lr_stages=row.lr_stages)
+                  batch_size=args.batch_size or row.batch_size, lr_stages=lr_stages)
+    classes = paper.DATASET_CLASSES[getattr(args, "dataset", None) or row.dataset]
     try:
         model = ModelConfig(n=arch.get("n", row.n), k=arch.get("k", row.k),
-                            classes=row.classes, memory=row.memory, **over)
+                            classes=classes, memory=row.memory, **over)
         train = TrainConfig(**t_over)
     except ValueError as exc:
         raise ConfigError(f"{exc} (row {row.id}, command line)") from None
@@ -413,7 +425,8 @@ def cmd_train(args) -> int:
     if args.n is not None or args.k is not None or args.batch_size is not None:
         print("note: --n/--k/--batch-size override the paper's rows; this is not the "
               "published configuration", flush=True)
-    _train_rows(args.command, rows, args, data_dir=args.data_dir, out_dir=args.out_dir)
+    _train_rows(args.command, rows, args, data_dir=args.data_dir, out_dir=args.out_dir,
+                dataset=args.dataset)
     report.compare(args.out_dir / args.command, plots=True)
     return 0
 
@@ -475,7 +488,7 @@ def cmd_smoke(args) -> int:
     print(f"smoke: fake CIFAR-100-format data ({SMOKE_DATA['n_train']} train, "
           f"{SMOKE_DATA['n_test']} test images) in {data_dir}", flush=True)
     # The smoke run's own tiny configuration; explicit flags still win.
-    args.rows = None
+    args.rows, args.dataset = None, None
     args.n = args.n or SMOKE_MODEL["n"]
     args.k = args.k or SMOKE_MODEL["k"]
     args.batch_size = args.batch_size or SMOKE_TRAIN["batch_size"]

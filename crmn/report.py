@@ -100,6 +100,8 @@ class SeedRun:
             out.append("fixed schedule " + ",".join(str(e) for e in train["schedule"]))
         if row is None:
             return out
+        if config.get("dataset") not in (None, row.dataset):
+            out.append(f"dataset {config['dataset']} (row: {row.dataset})")
         published = {"model": ModelConfig.for_row(row).to_dict(),
                      "train": TrainConfig.for_row(row).to_dict()}
         for section, want in published.items():
@@ -221,14 +223,16 @@ def _fmt(v, spec=".2f", blank=""):
 def row_line(rr: RowRuns) -> Dict[str, str]:
     """One comparison-table row as strings (blank where there is nothing to show)."""
     row = rr.row
-    params = next((r.summary.get("params") for r in rr.finished
-                   if r.summary.get("params") is not None), None)
+    params = next((p for p in ((r.summary or {}).get("params") or r.run.config.get("params")
+                               for r in rr.runs) if p is not None), None)
     secs = [s for s in (r.sec_per_epoch() for r in rr.runs) if s is not None]
     devices = sorted({r.device for r in rr.runs})
     m, sd, n = mean_std(rr.test_accs())
     acc = ""
     if n:
         acc = f"{m:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") + f" (n={n})"
+    else:
+        acc = _last_logged(rr)
     paper_acc = row.paper_accuracy if row else None
     if row is not None and row.paper_accuracy_mean is not None:
         paper_acc_s = (f"{row.paper_accuracy_mean:.2f} ± {row.paper_accuracy_std:g} "
@@ -239,7 +243,7 @@ def row_line(rr: RowRuns) -> Dict[str, str]:
         ref = paper_acc
     return {
         "row": rr.row_id,
-        "model": row.label if row else "",
+        "model": row.label if row else _model_label(rr),
         "params": _fmt(params / 1e6 if params is not None else None, ".2f"),
         "paper_params": _fmt(row.paper_params_m if row else None),
         "sec": (f"{statistics.median(secs):.1f} ({', '.join(devices)})" if secs else ""),
@@ -250,6 +254,27 @@ def row_line(rr: RowRuns) -> Dict[str, str]:
         "status": rr.status(),
         "notes": "; ".join(rr.notes()),
     }
+
+
+def _last_logged(rr: RowRuns) -> str:
+    """A stopped row's last logged accuracy, marked as such: ``41.20 (last logged: val,
+    search epoch 3)``; blank without any logged epoch."""
+    logged = [(r.log[-1], r.seed) for r in rr.runs if r.log]
+    if not logged:
+        return ""
+    last, seed = max(logged, key=lambda e: (e[0].get("phase") == "final", e[0].get("epoch", 0)))
+    return (f"{100 * float(last['eval_acc']):.2f} (last logged: {last.get('eval_split')}, "
+            f"{last.get('phase')} epoch {last.get('epoch')}, seed {seed})")
+
+
+def _model_label(rr: RowRuns) -> str:
+    """``CRMN-8x0.5`` from a run's config.json, for runs that are no paper row."""
+    model = next((r.run.config.get("model") for r in rr.runs if r.run.config.get("model")),
+                 None)
+    if not model:
+        return ""
+    kind = "CRMN" if model.get("memory") else "ResNet"
+    return f"{kind}-{6 * model['n'] + 2}x{model['k']:g}"
 
 
 def five_repetitions(rr: RowRuns) -> Optional[Dict]:
@@ -374,8 +399,10 @@ def _plot(series, title: str, path: Path) -> None:
              title="Training set learning curves")
     ax_r.set(xlabel="epoch of the final run", ylabel="test error (%)",
              title="Test set error during final optimisation")
+    last = max([len(_curves(run)[0]) for _, run in series] + [1])
     for ax in (ax_l, ax_r):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(0.5, last + 0.5)  # whole epochs, even for a one-epoch curve
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
@@ -390,13 +417,15 @@ def write_plots(groups: Dict[str, List[RowRuns]], directory: Path) -> List[Path]
     present = [rr for rows in groups.values() for rr in rows if any(r.log for r in rr.runs)]
     if not present:
         return written
-    fig3 = [rr for rr in present if rr.row_id in FIGURE3_ROWS] or present
+    fig3 = [rr for rr in present if rr.row_id in FIGURE3_ROWS]
     name = lambda rr: rr.row.label if rr.row else rr.row_id
-    path = directory / "figure3.png"
-    _plot([(name(rr), next(r for r in rr.runs if r.log)) for rr in fig3],
-          "Last row of each block of Table 1" if fig3 is not present else "Rows present",
-          path)
-    written.append(path)
+    # Figure 3 compares rows, one curve each (a row's first seed with a log); a lone row
+    # has its own curves_<row>.png, so no figure3.png repeats it
+    if fig3 or len(present) > 1:
+        path = directory / "figure3.png"
+        _plot([(name(rr), next(r for r in rr.runs if r.log)) for rr in fig3 or present],
+              "Last row of each block of Table 1" if fig3 else "Rows present", path)
+        written.append(path)
     for rr in present:
         path = directory / f"curves_{rr.row_id}.png"
         _plot([(f"{name(rr)} seed {r.seed}", r) for r in rr.runs if r.log],

@@ -14,12 +14,14 @@ there:
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional
 
 from crmn.errors import CRMNError
 
@@ -102,6 +104,52 @@ def _remove_quietly(path) -> None:
         os.unlink(path)
     except OSError:
         pass  # the error being reported is the write's, not this clean-up's
+
+
+#: the lock file of a run directory while a process trains into it (removed at its end)
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def hold(run_dir) -> Iterator[None]:
+    """The run directory belongs to this process while the block runs (SPEC §8).
+
+    An exclusive ``flock`` on ``run_dir/.lock``, which holds the owner's PID. The kernel
+    drops the lock when the process dies, kill -9 included, so a stale file never blocks
+    the next run. The file is removed on release; a process that opened it just before
+    sees another inode at the path once it holds the lock, and tries again.
+
+    Raises
+    ------
+    CRMNError
+        Another live process holds the directory: one line naming it and that process's
+        PID; nothing in the directory was touched.
+    """
+    path = Path(run_dir) / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise CRMNError(f"{run_dir}: in use by another run (process {holder}, lock "
+                            f"{LOCK}); wait for it to end or stop it; nothing here was "
+                            "changed") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file as we opened it
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        yield
+    finally:
+        _remove_quietly(path)
+        os.close(fd)
 
 
 def write_json(path, obj) -> None:

@@ -43,6 +43,8 @@ class Stack(Protocol):
 
     name: str  # "theano" | "torch" (the registry's name)
     device: str  # where it actually runs, in words, e.g. "cuda:0 (NVIDIA H100)"
+    # optional: ``compile_seconds``, the seconds spent compiling (waits for a compile lock
+    # included) so far; the loop keeps them out of an epoch's seconds and images/s
 
     def param_count(self) -> int:
         """Trainable parameters, counted from the framework's own parameter objects."""

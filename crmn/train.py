@@ -84,7 +84,8 @@ class EpochStats:
     loss: float  # mean cross-entropy (without the weight-decay term)
     acc: float  # fraction of correctly classified training images, in [0, 1]
     images: int  # images seen
-    seconds: float  # wall-clock seconds of the epoch's steps
+    seconds: float  # wall-clock seconds of the epoch's steps, compilation left out
+    compile_seconds: float = 0.0  # of which the stack compiled (or waited to compile)
 
 
 def sampler_seed(seed: int, phase: str) -> int:
@@ -154,6 +155,7 @@ def train_epoch(stack, sampler, epoch: int, lr: float, *, progress: Optional[str
     loss_sum: Any = 0.0
     correct: Any = 0
     images = 0
+    compiled0 = getattr(stack, "compile_seconds", 0.0)
     t0 = time.perf_counter()
     try:
         for done, (xb, yb) in enumerate(batches, 1):
@@ -165,13 +167,14 @@ def train_epoch(stack, sampler, epoch: int, lr: float, *, progress: Optional[str
                 bar.show(done, images, float(loss_sum) / images)
         loss = float(loss_sum)  # the epoch's one host sync: the device's work ends here
         seconds = time.perf_counter() - t0
+        compiled = getattr(stack, "compile_seconds", 0.0) - compiled0
     finally:
         if bar is not None:
             bar.close()
     if images == 0:
         raise ConfigError("the sampler yielded no batch in this epoch")
     return EpochStats(loss=loss / images, acc=float(correct) / images, images=images,
-                      seconds=seconds)
+                      seconds=seconds - compiled, compile_seconds=compiled)
 
 
 def evaluate(stack, x: np.ndarray, y: np.ndarray,
@@ -270,10 +273,19 @@ def run(run_dir, spec: RunSpec, new_stack: Callable[[], Any], *, resume: bool = 
         A signal asked the run to stop (:func:`request_stop`); all finished epochs are saved.
     """
     ctx = _Run(Path(run_dir), spec, progress, verbose=verbose)
+    _open_run_dir(ctx)
+    with runlog.hold(ctx.run_dir):  # one process per run directory
+        return _run_held(ctx, new_stack, resume)
+
+
+def _run_held(ctx: _Run, new_stack: Callable[[], Any], resume: bool) -> Dict:
+    """:func:`run` once the run directory is this process's."""
+    spec = ctx.spec
     finished = _finished(ctx, resume)
     if finished is not None:
         return finished
-    _open_run_dir(ctx)
+    for tmp in ctx.run_dir.glob(".*.tmp"):  # writes a kill interrupted: the real files stay
+        tmp.unlink()
     resumed = _resume_point(ctx, resume)
     searching = spec.train.schedule is None and (resumed is None
                                                  or resumed[1]["phase"] == "search")
@@ -326,14 +338,12 @@ def _check_same_run(ctx: _Run) -> None:
 
 
 def _open_run_dir(ctx: _Run) -> None:
-    """Create the run directory, drop temporaries of interrupted writes, note fake data."""
+    """Create the run directory (a clear error where it cannot be)."""
     try:
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{ctx.run_dir}: cannot create the run directory "
                           f"({e.strerror or e}); choose another --out-dir") from None
-    for tmp in ctx.run_dir.glob(".*.tmp"):  # the real files are intact
-        tmp.unlink()
 
 
 def _note_data(ctx: _Run) -> None:
@@ -403,7 +413,8 @@ def _config(ctx: _Run, net) -> Dict:
             versions[mod] = getattr(sys.modules[mod], "__version__", "?")
     return {"row": spec.row, "experiment": spec.experiment, "dataset": spec.dataset,
             "backend": spec.backend, "device": net.device, "device_requested": spec.device,
-            "dtype": spec.dtype, "compile": spec.compile, "model": spec.model.to_dict(),
+            "dtype": spec.dtype, "compile": spec.compile, "params": net.param_count(),
+            "model": spec.model.to_dict(),
             "train": spec.train.to_dict(), "seed": spec.train.seed,
             "fake_data": ctx.fake_data, "data": ctx.data_source, "versions": versions,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -490,7 +501,8 @@ def _one_epoch(ctx: _Run, phase: str, net, sched, sampler, split, extra: Dict) -
              "train_loss": stats.loss, "train_acc": stats.acc, "eval_split": split.eval_name,
              "eval_loss": eval_loss, "eval_acc": eval_acc, "seconds": stats.seconds,
              "images_per_s": stats.images / stats.seconds if stats.seconds > 0 else None,
-             "decision": decision.value, "time": time.time()}
+             "compile_seconds": stats.compile_seconds, "decision": decision.value,
+             "time": time.time()}
     runlog.append_entry(ctx.path(runlog.LOG), entry)
     if decision == Decision.RELOAD:
         best, _ = checkpoint.load(ctx.path(runlog.BEST))
@@ -539,6 +551,8 @@ def _epoch_line(ctx: _Run, e: Dict, sched, improved: bool) -> str:
             f"train loss {e['train_loss']:.4f} acc {100 * e['train_acc']:.2f}% | "
             f"{e['eval_split']} loss {e['eval_loss']:.4f} acc {100 * e['eval_acc']:.2f}% | "
             f"{e['seconds']:.1f} s {ips}{eta}"
+            + (f" | + {e['compile_seconds']:.0f} s compiling" if e["compile_seconds"] >= 0.5
+               else "")
             + (" | best" if improved else "")
             + ("" if e["decision"] == "continue" else f" | {e['decision']}"))
 

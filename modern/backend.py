@@ -31,6 +31,7 @@ applies the framework-free sampler's plan, so GPU and CPU see identical batches.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -127,7 +128,8 @@ class TorchBackend:
         named = dict(zip(self.names, self.params))
         self._cast: List[Tuple[str, torch.Tensor]] = (
             [(n, named[n]) for n in net.single_product_weights()] if self.cast_once else [])
-        self._graph = None  # (CUDAGraph, x, y, lr, loss_sum, correct_sum), made on first use
+        self._graph = None  # (CUDAGraph, x, y, lr, sums), made on first use
+        self.compile_seconds = 0.0  # graph capture (and torch.compile inside it) so far
         self._resident: Optional[gpu.ResidentData] = None
 
     # ------------------------------------------------------------------ small helpers
@@ -253,7 +255,9 @@ class TorchBackend:
         xb, yb = self._input(x), self._labels(y)
         if self.use_graph and xb.shape[0] == self.train_cfg.batch_size:
             if self._graph is None:
+                t0 = time.perf_counter()
                 self._capture()
+                self.compile_seconds += time.perf_counter() - t0
             graph, sx, sy, slr, sums = self._graph
             sx.copy_(xb), sy.copy_(yb)
             if lr != self._graph_lr:  # one small kernel per new rate, not per step

@@ -86,7 +86,7 @@ class TheanoBackend:
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r} for the theano backend: choose "
                               f"{' or '.join(DTYPES)}")
-        compat.check_compiled_backend()
+        compat.check_compiled_backend(probe=False)  # the compile probe waits for a compile
         self.device = _check_device(device)
         self.model, self.train, self.dtype = model, train, dtype
         self._x = T.tensor4("x", dtype=dtype)  # (B, 3, 32, 32)
@@ -153,6 +153,7 @@ class TheanoBackend:
                     self._logits_layer, deterministic=(which == "forward_eval"))
                 inputs, outputs, updates = [self._x], logits, None
             start = time.perf_counter()
+            compat.check_compiled_backend()  # once per process: a convolution is CorrMM
             fn = theano.function(inputs, outputs, updates=updates, name=which)
             self.compile_seconds += time.perf_counter() - start
         self._fns[which] = fn

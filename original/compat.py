@@ -39,6 +39,10 @@ bridge below is one small, named function, applied once by :func:`install` and t
    (two runs).
 8. :func:`bridge_recursion_limit` -- Theano recurses over graphs; the deep CRMN graphs
    need more than Python's default 1000 frames.
+9. :func:`bridge_compile_lock` -- Theano compiles under one lock per compile directory
+   (``~/.theano/compiledir_*/.lock``) and waits for it in silence, for many minutes when
+   another process compiles; we say who holds it (from ``/proc/locks``) and for how long we
+   have waited, and add the wait to :data:`lock_wait_seconds`.
 
 :func:`check_compiled_backend` then fails loudly (:class:`crmn.errors.ConfigError`) when
 Theano would run the network's ops through its Python fallbacks: no C++ compiler, empty
@@ -60,6 +64,10 @@ DEBIAN_OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so"
 
 _installed = False
 _probed = False  # check_compiled_backend's probe passed in this process
+#: seconds this process has waited for Theano's compile lock (bridge_compile_lock)
+lock_wait_seconds = [0.0]
+#: how often a wait for the compile lock is reported
+LOCK_REPORT_EVERY = 15.0
 
 
 # --- 1. THEANO_FLAGS defaults --------------------------------------------------------------
@@ -256,7 +264,76 @@ def install() -> None:
     bridge_downsample()
     bridge_gof()
     bridge_conv2d_image_shape()
+    bridge_compile_lock()
     _installed = True
+
+
+def lock_holder(path: str) -> Optional[int]:
+    """PID of the process holding a ``flock`` on ``path``, from Linux's ``/proc/locks``
+    (None where it cannot be told)."""
+    try:
+        inode = os.stat(path).st_ino
+        with open("/proc/locks") as f:
+            for line in f:  # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+                parts = line.split()
+                if len(parts) > 5 and parts[1] == "FLOCK" and \
+                        parts[5].rsplit(":", 1)[-1] == str(inode):
+                    return int(parts[4])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _wait_announced(lock_dir: str) -> None:
+    """Wait, saying so, until Theano's compile lock in ``lock_dir`` is free."""
+    import time
+
+    import filelock
+
+    path = os.path.join(lock_dir, ".lock")
+    start = time.perf_counter()
+    lock = filelock.FileLock(path)
+    try:
+        lock.acquire(timeout=0)  # free: no wait, nothing to say
+    except filelock.Timeout:
+        while True:
+            print(f"theano: waiting for the compile lock {path}, held by process "
+                  f"{lock_holder(path) or '?'} ({time.perf_counter() - start:.0f} s so far)",
+                  file=sys.stderr, flush=True)
+            try:
+                lock.acquire(timeout=LOCK_REPORT_EVERY)
+                break
+            except filelock.Timeout:
+                continue
+    lock.release()
+    lock_wait_seconds[0] += time.perf_counter() - start
+
+
+def bridge_compile_lock() -> None:
+    """Theano's ``lock_ctx``, announcing a wait for the lock (see item 9 above).
+
+    The modules that imported ``lock_ctx`` by name get the announcing one."""
+    import contextlib
+
+    import theano.compile.compilelock as compilelock
+    from theano.configdefaults import config
+
+    original = compilelock.lock_ctx
+    if getattr(original, "announces", False):
+        return
+
+    @contextlib.contextmanager
+    def lock_ctx(lock_dir=None, *, timeout=-1):
+        lock_dir = lock_dir or config.compiledir
+        if f"{lock_dir}-{os.getpid()}" not in compilelock.local_mem._locks:
+            _wait_announced(lock_dir)  # held already by this thread: re-entry, no wait
+        with original(lock_dir, timeout=timeout):
+            yield
+
+    lock_ctx.announces = True
+    for name, module in list(sys.modules.items()):
+        if name.startswith("theano") and getattr(module, "lock_ctx", None) is original:
+            module.lock_ctx = lock_ctx
 
 
 # --- the check ------------------------------------------------------------------------------

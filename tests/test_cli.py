@@ -187,7 +187,8 @@ def test_smoke_end_to_end(tmp_path):
     report = (tmp_path / "smoke" / "REPORT.md").read_text()
     assert "tiny-crmn-n1-k0.5" in report and "done 1/1" in report
     assert "FAKE DATA" in report and "epochs capped at 1 per stage" in report
-    assert (tmp_path / "smoke" / "figure3.png").is_file()
+    assert (tmp_path / "smoke" / "curves_tiny-crmn-n1-k0.5.png").is_file()
+    assert not (tmp_path / "smoke" / "figure3.png").exists()  # one row: no repeat of it
 
 
 @pytest.mark.parametrize("name", ["verify", "bench", "profile"])
@@ -276,3 +277,50 @@ def test_unverified_data_is_refused_then_accepted_with_the_flag_and_marked(tmp_p
     assert "were not checked against the official files" in err
     report = (tmp_path / "runs" / "table3" / "REPORT.md").read_text()
     assert "UNVERIFIED DATA (--unverified-data)" in report
+
+
+def _stable(run):
+    """A run's log and summary without the wall-clock fields."""
+    skip = ("time", "seconds", "images_per_s", "sec_per_epoch")
+    log = [{k: v for k, v in json.loads(l).items() if k not in skip}
+           for l in (run / "log.jsonl").read_text().splitlines()]
+    summary = {k: v for k, v in json.loads((run / "summary.json").read_text()).items()
+               if k not in skip}
+    return log, summary
+
+
+def test_two_runs_into_one_directory_the_second_is_refused(tmp_path):
+    """Two real CLI runs on one --out-dir: the second exits 1 in one line naming the
+    directory and the first's PID, and the first trains exactly as a lone run does."""
+    pytest.importorskip("modern.backend")
+    from crmn import data
+
+    data_dir = tmp_path / "data"
+    data.write_fake("cifar10", data_dir, n_train=200, n_test=50, seed=0)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+
+    def argv(out):
+        return [sys.executable, "-m", "crmn.cli", "table3", "--rows", "t3-crmn56x3",
+                "--backend", "torch", "--n", "1", "--k", "0.25", "--batch-size", "10",
+                "--schedule", "3,0,0", "--no-progress", "--data-dir", str(data_dir),
+                "--out-dir", str(out)]
+
+    first = subprocess.Popen(argv(tmp_path / "shared"), cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "shared" / "table3" / "t3-crmn56x3" / "seed0"
+    for line in first.stdout:  # the first holds the directory once it names its stack
+        if "trainable parameters" in line:
+            break
+    second = subprocess.run(argv(tmp_path / "shared"), cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    first.communicate(timeout=300)
+    assert first.returncode == 0
+    assert second.returncode == 1
+    assert second.stderr.strip() == (f"error: {run}: in use by another run (process "
+                                     f"{first.pid}, lock .lock); wait for it to end or stop "
+                                     "it; nothing here was changed")
+    lone = subprocess.run(argv(tmp_path / "lone"), cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert lone.returncode == 0, lone.stderr[-2000:]
+    assert _stable(run) == _stable(tmp_path / "lone" / "table3" / "t3-crmn56x3" / "seed0")
+    assert len(_stable(run)[0]) == 3 and not (run / ".lock").exists()

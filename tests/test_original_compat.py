@@ -146,3 +146,37 @@ def test_check_compiled_backend_fails_loudly(flags, cause):
 def test_recursion_limit_raised_for_deep_graphs():
     # the unrolled 32-layer CRMN's gradient fails to compile with Python's default 1000
     assert sys.getrecursionlimit() >= compat.RECURSION_LIMIT
+
+
+def test_a_wait_for_the_compile_lock_is_announced_with_its_holder(tmp_path, capsys,
+                                                                  monkeypatch):
+    """Another process holds Theano's compile lock: we say who and for how long, and the
+    wait is counted (so that it can be kept out of an epoch's seconds)."""
+    import subprocess
+    import sys
+    import time
+
+    import theano.link.c.cmodule as cmodule
+
+    assert getattr(cmodule.lock_ctx, "announces", False)  # Theano's own callers get it
+    monkeypatch.setattr(compat, "LOCK_REPORT_EVERY", 0.5)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"f = open({str(tmp_path / '.lock')!r}, 'w')\n"
+        "fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(2)\n")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    before = compat.lock_wait_seconds[0]
+    t0 = time.perf_counter()
+    with cmodule.lock_ctx(str(tmp_path)):
+        waited = time.perf_counter() - t0
+    holder.wait()
+    err = capsys.readouterr().err
+    assert f"theano: waiting for the compile lock {tmp_path / '.lock'}, held by process " \
+           f"{holder.pid} (0 s so far)" in err
+    assert err.count("waiting for the compile lock") >= 2  # repeated while it lasts
+    assert 1.0 < compat.lock_wait_seconds[0] - before <= waited + 0.1
+    with cmodule.lock_ctx(str(tmp_path)):  # free now: silent
+        pass
+    assert "waiting" not in capsys.readouterr().err

@@ -70,7 +70,30 @@ def test_compare_table1_done_running_missing(table1_dir, capsys):
     assert "2.0 (cpu)" in crmn and f"{ref.paper_sec_per_epoch:g}" in crmn
     assert "done 2/2" in crmn
     assert "running or stopped (search epoch 2)" in lines["t1-resnet32x4"]
+    # a stopped run: its last logged accuracy, marked as such
+    assert "40.00 (last logged: val, search epoch 2, seed 0)" in lines["t1-resnet32x4"]
     assert "missing" in lines["t1-crmn32x1"]
+
+
+def test_params_model_and_dataset_of_runs_that_are_not_as_published(tmp_path):
+    """params from config.json (written when a run starts), a model name for a run that is
+    no paper row, and a row trained on another dataset is marked."""
+    d = tmp_path / "table1"
+    write_run(d / "t1-resnet32x1" / "seed0", row="t1-resnet32x1", experiment="table1",
+              seed=0)
+    cfg = json.loads((d / "t1-resnet32x1" / "seed0" / "config.json").read_text())
+    cfg.update(params=470_004, dataset="cifar10")
+    (d / "t1-resnet32x1" / "seed0" / "config.json").write_text(json.dumps(cfg))
+    write_run(d / "tiny" / "seed0", row=None, experiment="table1", seed=0, test_acc=0.5)
+    cfg = json.loads((d / "tiny" / "seed0" / "config.json").read_text())
+    cfg["model"] = {"n": 1, "k": 0.5, "memory": True}
+    (d / "tiny" / "seed0" / "config.json").write_text(json.dumps(cfg))
+    text = report.compare(d, plots=False).read_text()
+    lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
+    cells = [c.strip() for c in lines["t1-resnet32x1"].split("|")]
+    assert cells[3] == "0.47"  # ours, from config.json: the run has no summary yet
+    assert "dataset cifar10 (row: cifar100)" in lines["t1-resnet32x1"]
+    assert "CRMN-8x0.5" in lines["tiny"]
 
 
 def test_five_repetition_figure(tmp_path):

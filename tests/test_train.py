@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from crmn import checkpoint, runlog, train as trainer
-from crmn.errors import CheckpointError, ConfigError, DivergedError
+from crmn.errors import CheckpointError, ConfigError, CRMNError, DivergedError
 from toy_backend import (TOY_MODEL, TOY_TRAIN, SimulatedCrash, ToyBackend, epoch_hook,
                          run_toy)
 
@@ -221,7 +221,10 @@ def test_sigkill_mid_run_then_resume_matches(tmp_path, reference):
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (run_dir / "summary.json").exists()
+    # the dead run's lock file stays, naming it; the kernel released its lock
+    assert (run_dir / runlog.LOCK).read_text().strip() == str(proc.pid)
     run_toy(run_dir, resume=True)
+    assert not (run_dir / runlog.LOCK).exists()
     assert_same_run(run_dir, reference[0])
 
 
@@ -329,3 +332,15 @@ def test_a_run_that_never_trained_can_be_started_again(tmp_path):
     summary = run_toy(run_dir)
     assert summary["status"] == "done"
     assert runlog.read_json(run_dir / "config.json")["row"] != "earlier attempt"
+
+
+def test_a_held_run_directory_is_refused_in_one_line(tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    with runlog.hold(run_dir):
+        with pytest.raises(CRMNError, match=rf"^{run_dir}: in use by another run \(process "
+                                            rf"{os.getpid()}, lock \.lock\);"):
+            run_toy(run_dir)
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing touched
+    assert not (run_dir / runlog.LOCK).exists()
+    assert run_toy(run_dir)["status"] == "done"  # free again

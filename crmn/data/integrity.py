@@ -29,8 +29,6 @@ that cannot be written to is re-checked once per process instead (:data:`_checke
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -39,6 +37,7 @@ from crmn.data.formats import count_images
 from crmn.data.sources import (DatasetInfo, PathLike, _md5, by_hand, dataset_info, fetch,
                                locate, looked_in)
 from crmn.errors import DataError
+from crmn.runlog import replace_file
 
 #: File written into a folder after it passed :func:`verify_folder`.
 STAMP = ".crmn-verified.json"
@@ -225,13 +224,7 @@ def _mark_checked(folder: Path, info: DatasetInfo) -> None:
     except OSError:  # incomplete: :func:`verify_folder` will say what lacks
         return
     _checked.add(_key(folder, sig))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=STAMP, dir=folder)
-    except OSError:  # a read-only folder: this process remembers, the next one re-checks
-        return
-    try:  # written aside, then renamed: a reader never sees half a stamp
-        with os.fdopen(fd, "w") as f:
-            json.dump({"dataset": info.name, "files": sig}, f)
-        os.replace(tmp, folder / STAMP)
-    except OSError:  # e.g. a full disk: no stamp, and no stray temporary file
-        Path(tmp).unlink(missing_ok=True)
+    try:  # atomically: a reader never sees half a stamp
+        replace_file(folder / STAMP, json.dumps({"dataset": info.name, "files": sig}).encode())
+    except OSError:  # a read-only folder or a full disk: this process remembers, the next
+        pass  # one re-checks
