@@ -324,3 +324,36 @@ def test_two_runs_into_one_directory_the_second_is_refused(tmp_path):
     assert lone.returncode == 0, lone.stderr[-2000:]
     assert _stable(run) == _stable(tmp_path / "lone" / "table3" / "t3-crmn56x3" / "seed0")
     assert len(_stable(run)[0]) == 3 and not (run / ".lock").exists()
+
+
+def test_lr_scales_the_stages_and_dataset_sets_the_classes():
+    args = cli.build_parser().parse_args(["table1", "--lr", "0.05", "--dataset", "cifar10"])
+    model, train = cli.configs_for(paper.row("t1-resnet32x1"), args, seed=0)
+    assert train.lr_stages == pytest.approx((0.05, 0.005, 0.0005))  # the row's ratios
+    assert model.classes == 10
+    args = cli.build_parser().parse_args(["table1"])
+    model, train = cli.configs_for(paper.row("t1-resnet32x1"), args, seed=0)
+    assert train.lr_stages == (0.1, 0.01, 0.001) and model.classes == 100
+    rc = cli.main(["table1", "--lr", "nan", "--rows", "t1-resnet32x1"])
+    assert rc == 1  # refused by TrainConfig before anything is built
+
+
+def test_offline_table1_names_the_files_and_the_mirror_variable(tmp_path):
+    """No network (the mirror points at a closed port): one line saying where to put the
+    archive or its folder by hand and naming CRMN_DATA_MIRROR; nothing is built."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CRMN_DATA_MIRROR=f"http://127.0.0.1:{port}/")
+    p = subprocess.run([sys.executable, "-m", "crmn.cli", "table1", "--rows", "t1-resnet32x1",
+                        "--backend", "torch", "--no-progress", "--data-dir",
+                        str(tmp_path / "data"), "--out-dir", str(tmp_path / "runs")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1
+    line = p.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and p.stderr.count("error: ") == 1
+    assert "cifar-100-python.tar.gz" in line and "cifar-100-python/" in line
+    assert "CRMN_DATA_MIRROR" in line
+    assert "trainable parameters" not in p.stdout  # failed before building the network
