@@ -12,6 +12,10 @@ Commands
     stack, beside the paper's (Table 1 only publishes counts).
 ``compare DIR``
     Re-print the comparison from existing run directories; writes ``REPORT.md`` and plots.
+    Where DIR holds a launcher's ``manifest.txt``, also lists its runs that did not finish
+    and then exits 1.
+``status DIR``
+    Where every run of a launched grid stands (``--launcher local|slurm``; :mod:`crmn.launch`).
 ``smoke``
     A minute-long end-to-end run on a tiny CRMN (n=1, k=0.5) and tiny fake CIFAR-100-format
     data written on the spot: loader, sampler, schedule search, training, checkpoints and
@@ -47,7 +51,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from crmn import paper
+from crmn import launch, paper
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import EXIT_STOPPED, ConfigError, CRMNError, StopRequested
 
@@ -190,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         n_rows = len(paper.EXPERIMENTS[name])
         sp = sub.add_parser(name, parents=[common],
                             help=f"train the {n_rows} {name} row(s) and compare with the paper")
+        launch.add_arguments(sp)
     sp = sub.add_parser("params", parents=[common],
                         help="parameter count of every row beside the paper's (no data)")
     sp.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
@@ -198,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dir", metavar="DIR", help="e.g. runs/table1 (or runs/ for all)")
     sp.add_argument("--no-plots", dest="plots", action="store_false",
                     help="skip the PNG learning curves")
+    sp = sub.add_parser("status", help="where every run of a grid started with --launcher "
+                                       "stands: finished, running, waiting, failed")
+    sp.add_argument("dir", metavar="DIR", help="e.g. runs/table1 (or runs/ for all)")
     sp = sub.add_parser("smoke", parents=[common],
                         help="a minute-long end-to-end run on tiny fake data (no download)")
     for name in DELEGATED:
@@ -379,7 +387,9 @@ def cmd_compare(args) -> int:
     from crmn import report
 
     report.compare(Path(args.dir), plots=args.plots)
-    return 0
+    from crmn.launch import status
+
+    return status.check_complete(Path(args.dir))  # a launched grid: every run finished?
 
 
 def cmd_smoke(args) -> int:
@@ -448,6 +458,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.command in TRAIN_COMMANDS and launch.wanted(args):
+            return launch.main(args)
+        if args.command == "status":
+            from crmn.launch import status
+
+            return status.show(Path(args.dir))
         if args.command in TRAIN_COMMANDS + ("smoke",):
             from crmn import train as trainer
 

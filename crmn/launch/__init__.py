@@ -1,0 +1,146 @@
+"""A whole table on several local GPUs or a Slurm cluster (issue #13).
+
+``bash run_experiments.sh table1 --launcher local --jobs 4`` or ``--launcher slurm`` expands
+the selected rows × seeds into ``<out-dir>/<experiment>/manifest.txt``
+(:mod:`crmn.launch.manifest`: one exact single-run command line per run, with ``--resume``),
+then executes those lines: as subprocesses (:mod:`crmn.launch.local`) or as one Slurm job
+array plus a compare job (:mod:`crmn.launch.slurm`). Both launchers run the same lines, so
+they write the same run directories. :mod:`crmn.launch.status` tells where every run stands
+(``bash run_experiments.sh status DIR``).
+
+Without ``--launcher slurm`` and with one job (the default on CPU), the table trains in the
+CLI's own process as before: :func:`wanted` is False.
+
+Files of a launched experiment, beside its run directories::
+
+    manifest.txt          one line per (row, seed)
+    tasks/<i>.start       task i started (JSON: launcher, host, pid, job, log)
+    tasks/<i>.rc          task i's exit code (3: stopped after a checkpoint, resumable)
+    tasks/<i>.out         task i's output (local launcher)
+    slurm/<A>_<i>.out     task i's output (Slurm; every restart appended)
+    slurm/jobs.json       array and compare job ids of the last submission
+    slurm/compare_<C>.out, slurm/compare.rc   the compare job's output and exit code
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+from pathlib import Path
+
+LAUNCH_DESTS = ("launcher", "jobs", "max_parallel", "slurm_args", "wait", "max_requeues")
+#: default cap on a task's requeues after checkpointed stops (SLURM_RESTART_COUNT)
+MAX_REQUEUES = 20
+SLURM_ONLY = {"max_parallel": "--max-parallel", "slurm_args": "--slurm-args",
+              "wait": "--wait", "max_requeues": "--max-requeues"}
+
+
+def _positive(text: str) -> int:
+    from crmn.cli import _positive as positive  # one definition of "a number >= 1"
+
+    return positive(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The launcher's option group, added to table1, table2, table3 and svhn."""
+    g = parser.add_argument_group("launchers: the grid of rows x seeds on several GPUs or a "
+                                  "Slurm cluster (issue #13; REPRODUCING.md, On a cluster)")
+    g.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="local: on this machine; slurm: one job array of single runs plus a "
+                        "compare job (default: %(default)s)")
+    g.add_argument("--jobs", type=_positive, metavar="N", default=None,
+                   help="local: N single runs at once as subprocesses, each on its own GPU "
+                        "with --device cuda (default: one per visible GPU with --device "
+                        "cuda, else 1 = every run in this process, one after another)")
+    g.add_argument("--max-parallel", type=_positive, metavar="K", default=None,
+                   help="slurm: at most K array tasks at once (--array=...%%K; default: "
+                        "no limit)")
+    g.add_argument("--slurm-args", metavar='"ARGS"', default=None,
+                   help='slurm: extra sbatch options for both jobs, e.g. "--gres=gpu:1 '
+                        '--time=8:00:00" (SBATCH_* environment variables work too)')
+    g.add_argument("--max-requeues", type=int, metavar="N", default=None,
+                   help=f"slurm: a task requeues itself after a checkpointed stop at most N "
+                        f"times (default: {MAX_REQUEUES})")
+    g.add_argument("--wait", action="store_true", default=False,
+                   help="slurm: wait until the compare job ends and exit with its code "
+                        "(default: return once submitted)")
+
+
+def _jobs(args) -> int:
+    from crmn.launch.local import default_jobs
+
+    return args.jobs if args.jobs is not None else default_jobs(args.device)
+
+
+def wanted(args) -> bool:
+    """True when a launcher runs the grid (slurm, or more than one local job); checks that
+    the launcher options fit together (:class:`crmn.cli.UsageError` if not)."""
+    from crmn.cli import UsageError
+
+    if args.launcher == "slurm":
+        if args.jobs is not None:
+            raise UsageError("run_experiments.sh: --jobs is for --launcher local; with "
+                             "--launcher slurm use --max-parallel K")
+        if args.max_requeues is not None and args.max_requeues < 0:
+            raise UsageError("run_experiments.sh: --max-requeues wants N >= 0")
+        return True
+    given = [flag for dest, flag in SLURM_ONLY.items()
+             if getattr(args, dest) not in (None, False)]
+    if given:
+        raise UsageError(f"run_experiments.sh: {', '.join(given)} only apply to "
+                         f"--launcher slurm")
+    return _jobs(args) > 1
+
+
+def _claim(exp_dir: Path):
+    """Hold ``tasks/.lock`` for the launch: a second launcher on the same folder is refused
+    (it would train the same run directories twice)."""
+    from crmn.errors import ConfigError
+
+    (exp_dir / "tasks").mkdir(parents=True, exist_ok=True)
+    f = open(exp_dir / "tasks" / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(f"{exp_dir}: another launcher is running this grid") from None
+    return f
+
+
+def main(args) -> int:
+    """Write the manifest, then run it with the chosen launcher; the exit code."""
+    from crmn import cli
+    from crmn.launch import local, manifest, slurm, status
+
+    rows = cli.select_rows(args.rows, args.command)
+    plan = cli.plan_runs(rows, args)  # every configuration validated before anything runs
+    sub = cli.build_parser()._subparsers._group_actions[0].choices[args.command]
+    exp_dir = Path(args.out_dir).resolve() / args.command
+    entry = cli.ROOT / "run_experiments.sh"
+    tasks = manifest.build(args, sub, plan, ["bash", str(entry)], skip=LAUNCH_DESTS)
+    if args.launcher == "slurm":
+        slurm.require_sbatch()
+    lock = _claim(exp_dir)
+    try:
+        if status.slurm_jobs(exp_dir):
+            slurm.refuse_if_queued(exp_dir)
+            if args.launcher == "local":  # that submission is over: status follows this one
+                (exp_dir / "slurm" / status.JOBS).unlink()
+        status.clear_markers(exp_dir)
+        path = manifest.write(exp_dir, tasks)
+        print(f"manifest: {len(tasks)} run(s) in {path}", flush=True)
+        if args.launcher == "slurm":
+            jobs = slurm.submit(exp_dir, tasks, entry, max_parallel=args.max_parallel,
+                                slurm_args=args.slurm_args, experiment=args.command,
+                                max_requeues=MAX_REQUEUES if args.max_requeues is None
+                                else args.max_requeues)
+            lock.close()  # the jobs own the grid now (refuse_if_queued guards it)
+            return slurm.wait(exp_dir, jobs) if args.wait else 0
+        rc = local.run(exp_dir, tasks, _jobs(args), args.device)
+    finally:
+        lock.close()
+    if rc == local.EXIT_INTERRUPTED:
+        return rc
+    from crmn import report
+
+    report.compare(exp_dir, plots=True)
+    return max(rc, status.check_complete(exp_dir))
