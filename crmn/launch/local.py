@@ -108,6 +108,8 @@ class LocalLauncher:
             if rc is None:
                 continue
             rc = 128 - rc if rc < 0 else rc  # killed by signal N: report 128 + N like a shell
+            if self._forwarded and rc == 128 + signal.SIGUSR1:
+                rc = EXIT_STOPPED  # asked to stop before it installed its handler: nothing lost
             del self.running[slot]
             self.results[task.index] = rc
             status.mark_end(self.exp_dir, task.index, rc)

@@ -159,15 +159,17 @@ def task_state(exp_dir: Path, task: Task, queue: Optional[Dict[int, tuple]]) -> 
             return TaskState(task, "finished", f"test acc {100 * acc:.2f} %"
                              if isinstance(acc, (int, float)) else "done")
     rc, start = _read_rc(exp_dir, task.index), _read_start(exp_dir, task.index)
-    progress = _progress(run_dir) if run_dir.is_dir() else "not started"
+    progress = _progress(run_dir) if (run_dir / runlog.CONFIG).exists() else "not started"
     log = (start or {}).get("log", "")
     if queue is not None and task.index in queue:
         state, reason = queue[task.index]
         if state in ("RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT"):
+            progress = "starting" if progress == "not started" else progress
             return TaskState(task, "running", f"{progress} (job {start.get('job', '?')})"
                              if start else progress)
-        again = " after a stop, requeued" if rc == EXIT_STOPPED else ""
-        return TaskState(task, "waiting", f"{state.lower()}{again} ({reason}); {progress}")
+        again = ", requeued after a checkpointed stop" if rc == EXIT_STOPPED else ""
+        why = f" ({reason})" if reason and reason != "None" else ""
+        return TaskState(task, "waiting", f"{state.lower()}{why}{again}; {progress}")
     if rc == EXIT_STOPPED:
         return TaskState(task, "stopped", f"{progress}; resumable: launch again")
     if rc is not None:
@@ -180,7 +182,7 @@ def task_state(exp_dir: Path, task: Task, queue: Optional[Dict[int, tuple]]) -> 
             return TaskState(task, "failed", f"job {start.get('job')} left the queue without "
                                              f"an exit code (cancelled or node lost?); "
                                              f"{progress}; last log line: {last_line(log)}")
-        return TaskState(task, "running", progress)
+        return TaskState(task, "running", "starting" if progress == "not started" else progress)
     return TaskState(task, "waiting", "not started" if progress == "not started"
                      else f"not started in this launch; {progress}")
 
