@@ -69,7 +69,9 @@ def test_slurm_grid_survives_a_stop_and_equals_the_local_run(cluster, tmp_path_f
     assert all(s == "waiting" for s, _ in grid.status_table(exp, env=env).values())
     again = grid.cli(*grid.grid_argv(root / "data", out, "--launcher", "slurm")[2:], env=env)
     assert again.returncode == 1 and "still queued; wait for them or scancel them" in again.stderr
-    subprocess.run(["scontrol", "release", jobs["array"]], env=env, check=True, timeout=30)
+    # --slurm-args go to both jobs: release the compare job too
+    subprocess.run(["scontrol", "release", jobs["array"], jobs["compare"]], env=env,
+                   check=True, timeout=30)
     run0 = exp / grid.ROWS[0] / "seed0"
     grid.wait_for(lambda: grid.epochs_logged(run0) >= 1, "task 0's first epoch", timeout=180)
     state, detail = grid.status_table(exp, env=env)[grid.ROWS[0]]

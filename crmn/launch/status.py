@@ -77,7 +77,9 @@ def _read_start(exp_dir: Path, index: int) -> Optional[dict]:
 
 
 def last_line(path) -> str:
-    """The last non-empty line of a log file ('' if none)."""
+    """The last line of a log file that the run wrote: its ``error: ...`` line if it has one
+    near the end, else its last non-empty line that is not a task.sh remark (''
+    if none)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -85,7 +87,8 @@ def last_line(path) -> str:
             lines = f.read().decode("utf-8", errors="replace").splitlines()
     except OSError:
         return ""
-    return next((ln.strip() for ln in reversed(lines) if ln.strip()), "")
+    own = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("[task ")]
+    return next((ln for ln in reversed(own) if ln.startswith("error: ")), own[-1] if own else "")
 
 
 # ---------------------------------------------------------------------------------------
