@@ -95,8 +95,8 @@ def test_local_jobs_2_interrupted_then_resumed_equals_in_process(tmp_path_factor
     runs = [exp / r / "seed0" for r in grid.ROWS]
     grid.wait_for(lambda: all(grid.epochs_logged(r) >= 1 for r in runs), "a first epoch of "
                   "both runs", timeout=180)
-    states = grid.status_table(exp)
-    assert all(s == "running" and "final epoch" in d for s, d in states.values()), states
+    states = status.grid_states(exp)  # in this process: no CLI start-up before the signal
+    assert all(s.state == "running" and "final epoch" in s.detail for s in states), states
     p.send_signal(signal.SIGINT)  # what Ctrl-C does to the launcher (the runs have their own session)
     out_text, err = p.communicate(timeout=120)
     assert p.returncode == 130, err[-2000:]

@@ -13,6 +13,7 @@ import time
 import pytest
 
 import launch_grid as grid
+from crmn.launch import status
 from slurm_cluster import SlurmCluster, slurm_available
 
 
@@ -49,7 +50,8 @@ def _squeue(cluster, *args):
                           env=_env(cluster), timeout=30).stdout
 
 
-def test_slurm_grid_survives_a_stop_and_equals_the_local_run(cluster, tmp_path_factory):
+def test_slurm_grid_survives_a_stop_and_equals_the_local_run(cluster, tmp_path_factory,
+                                                             monkeypatch):
     """Submit held (waiting), refuse a second submission, release (running), signal task 0
     like a time limit (it checkpoints, exits 3, requeues itself, resumes from its epoch);
     `--wait` returns the compare job's 0; arrays and comparison equal the in-process grid."""
@@ -74,10 +76,13 @@ def test_slurm_grid_survives_a_stop_and_equals_the_local_run(cluster, tmp_path_f
                    check=True, timeout=30)
     run0 = exp / grid.ROWS[0] / "seed0"
     grid.wait_for(lambda: grid.epochs_logged(run0) >= 1, "task 0's first epoch", timeout=180)
-    state, detail = grid.status_table(exp, env=env)[grid.ROWS[0]]
-    assert state == "running" and "final epoch" in detail and f"{jobs['array']}_0" in detail
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    states = status.grid_states(exp)  # in this process: no CLI start-up before the signal
     subprocess.run(["scancel", "--batch", "--signal=USR1", f"{jobs['array']}_0"], env=env,
                    check=True, timeout=30)
+    assert states[0].state == "running" and "final epoch" in states[0].detail, states
+    assert f"(job {jobs['array']}_0)" in states[0].detail, states
+    assert states[1].state == "running", states
     stdout, stderr = p.communicate(timeout=600)
     elapsed = time.monotonic() - t0
     assert p.returncode == 0, (stdout + stderr)[-4000:]
