@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "no limit)")
     g.add_argument("--slurm-args", metavar='"ARGS"', default=None,
                    help='slurm: extra sbatch options for both jobs, e.g. "--gres=gpu:1 '
-                        '--time=8:00:00" (SBATCH_* environment variables work too)')
+                        '--time=8:00:00"; a single option as --slurm-args=--exclusive '
+                        '(SBATCH_* environment variables work too)')
     g.add_argument("--max-requeues", type=int, metavar="N", default=None,
                    help=f"slurm: a task requeues itself after a checkpointed stop at most N "
                         f"times (default: {MAX_REQUEUES})")
