@@ -12,6 +12,14 @@ Commands
     stack, beside the paper's (Table 1 only publishes counts).
 ``compare DIR``
     Re-print the comparison from existing run directories; writes ``REPORT.md`` and plots.
+    Where DIR holds a launcher's ``manifest.txt``, also lists its runs that did not finish
+    and then exits 1.
+``status DIR``
+    Where every run of a launched grid stands (``--launcher local|slurm``; :mod:`crmn.launch`).
+    Where DIR holds a launcher's ``manifest.txt``, also lists its runs that did not finish
+    and then exits 1.
+``status DIR``
+    Where every run of a launched grid stands (``--launcher local|slurm``; :mod:`crmn.launch`).
 ``smoke``
     A minute-long end-to-end run on a tiny CRMN (n=1, k=0.5) and tiny fake CIFAR-100-format
     data written on the spot: loader, sampler, schedule search, training, checkpoints and
@@ -57,12 +65,13 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from crmn import bench, data, paper, report, stacks, verify
+from crmn import bench, data, launch, paper, report, stacks, verify
 from crmn import train as trainer
 from crmn.config import ModelConfig, TrainConfig
-from crmn.errors import EXIT_STOPPED, ConfigError, CRMNError, StopRequested
+from crmn.errors import EXIT_STOPPED, ConfigError, CRMNError, StopRequested, UsageError
 from crmn.naming import count_trainable
 from crmn.stack import check_device
+from crmn.launch import status
 from crmn.tools import profile, sampler_bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,10 +81,6 @@ TRAIN_COMMANDS = tuple(paper.EXPERIMENTS)  # table1, table2, table3, svhn
 SMOKE_MODEL = dict(n=1, k=0.5)
 SMOKE_DATA = dict(n_train=500, n_test=200)
 SMOKE_TRAIN = dict(batch_size=50, patience=1, max_epochs=2)
-
-
-class UsageError(Exception):
-    """A bad command line: printed as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -304,8 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = _train_parent()
     for name in TRAIN_COMMANDS:
         n_rows = len(paper.EXPERIMENTS[name])
-        sub.add_parser(name, parents=[common],
-                       help=f"train the {n_rows} {name} row(s) and compare with the paper")
+        sp = sub.add_parser(name, parents=[common],
+                            help=f"train the {n_rows} {name} row(s) and compare with the paper")
+        launch.add_arguments(sp, _positive)
     sp = sub.add_parser("params", help="parameter count of every row beside the paper's "
                                        "(no data)")
     _stack_options(sp)
@@ -317,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dir", metavar="DIR", help="e.g. runs/table1 (or runs/ for all)")
     sp.add_argument("--no-plots", dest="plots", action="store_false",
                     help="skip the PNG learning curves")
+    sp = sub.add_parser("status", help="where every run of a grid started with --launcher "
+                                       "stands: finished, running, waiting, failed")
+    sp.add_argument("dir", metavar="DIR", help="e.g. runs/table1 (or runs/ for all)")
     sp = sub.add_parser("smoke", help="a minute-long end-to-end run on tiny fake data (no "
                                       "download)")
     _stack_options(sp)
@@ -420,6 +429,11 @@ def _build(spec):
                         dtype=spec.dtype, compile=spec.compile)
 
 
+def _subparser(command: str) -> argparse.ArgumentParser:
+    """The parser of one command (the launchers rebuild single-run lines from it)."""
+    return build_parser()._subparsers._group_actions[0].choices[command]
+
+
 def cmd_train(args) -> int:
     rows = select_rows(args.rows, args.command)
     if args.n is not None or args.k is not None or args.batch_size is not None:
@@ -427,6 +441,9 @@ def cmd_train(args) -> int:
               "published configuration", flush=True)
     _train_rows(args.command, rows, args, data_dir=args.data_dir, out_dir=args.out_dir,
                 dataset=args.dataset)
+    if args.seed is not None:  # one run of a grid: its launcher compares when all are done
+        print(f"compare: bash run_experiments.sh compare {args.out_dir / args.command}")
+        return 0
     report.compare(args.out_dir / args.command, plots=True)
     return 0
 
@@ -476,7 +493,11 @@ def cmd_params(args) -> int:
 
 def cmd_compare(args) -> int:
     report.compare(Path(args.dir), plots=args.plots)
-    return 0
+    return status.check_complete(Path(args.dir))  # a launched grid: every run finished?
+
+
+def cmd_status(args) -> int:
+    return status.show(Path(args.dir))
 
 
 def cmd_smoke(args) -> int:
@@ -576,8 +597,8 @@ def cmd_test(argv: Sequence[str]) -> int:
 
 
 COMMANDS = {**{name: cmd_train for name in TRAIN_COMMANDS}, "params": cmd_params,
-            "compare": cmd_compare, "smoke": cmd_smoke, "verify": cmd_verify,
-            "bench": cmd_bench, "profile": cmd_profile}
+            "compare": cmd_compare, "status": cmd_status, "smoke": cmd_smoke,
+            "verify": cmd_verify, "bench": cmd_bench, "profile": cmd_profile}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -588,6 +609,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return cmd_test(argv[1:])
     try:
         args = build_parser().parse_args(argv)
+        if args.command in TRAIN_COMMANDS and launch.wanted(args):
+            # the grid as single runs: subprocesses or Slurm
+            plan = plan_runs(select_rows(args.rows, args.command), args)
+            return launch.main(args, plan, _subparser(args.command),
+                               ROOT / "run_experiments.sh")
         if args.command in TRAIN_COMMANDS + ("smoke",):
                     # a scheduler's warning (sbatch --signal=B:USR1@T): checkpoint, stop, exit 3
             signal.signal(signal.SIGUSR1, trainer.request_stop)

@@ -5,6 +5,10 @@ else is a bug and keeps its traceback.
 """
 
 
+class UsageError(Exception):
+    """A bad command line (unknown command, option or row id): one line, exit code 2."""
+
+
 class CRMNError(Exception):
     """A user-facing failure: bad input, a fault on disk, a diverged run."""
 

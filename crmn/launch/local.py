@@ -1,0 +1,185 @@
+"""The local launcher: the manifest's lines as N subprocesses at once (``--jobs N``).
+
+Each line runs as its own process (its own session, so a terminal's Ctrl-C reaches only this
+launcher) with stdout and stderr in ``<exp>/tasks/<i>.out``. With ``--device cuda`` each
+process sees one GPU through ``CUDA_VISIBLE_DEVICES``, given round-robin by job slot. Unless
+``OMP_NUM_THREADS`` is set, each process gets ``cores // N`` intra-op threads through it:
+N processes of all-core thread pools on the same cores slow each other down many times over
+(measured: 0.9 s against 8 s per epoch of a tiny run on 2 cores). Float32 results depend on
+the thread count (summation order), so two launches agree bit for bit when their processes
+have the same ``OMP_NUM_THREADS``.
+
+Stopping: the first SIGINT (Ctrl-C), SIGTERM or SIGUSR1 sends SIGUSR1 to every running line,
+which finishes its epoch in progress, checkpoints it and exits 3 (``crmn.errors.
+EXIT_STOPPED``); no new line starts. A second SIGINT interrupts the lines at once (each keeps
+its last checkpoint, written atomically after every epoch). The launcher then lists what was
+left and exits 130. Launching again resumes every unfinished run.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from crmn.errors import EXIT_STOPPED
+from crmn.launch import status
+from crmn.launch.manifest import Task
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+POLL_S = 0.2
+
+
+def visible_gpus() -> List[str]:
+    """The GPU ids this process may use: ``CUDA_VISIBLE_DEVICES`` if set, else one per
+    line of ``nvidia-smi -L`` (none without a driver). Imports no framework."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        p = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    n = sum(1 for ln in p.stdout.splitlines() if ln.startswith("GPU ")) if p.returncode == 0 else 0
+    return [str(i) for i in range(n)]
+
+
+def default_jobs(device: str) -> int:
+    """One job per visible GPU with ``--device cuda``, else 1."""
+    return max(1, len(visible_gpus())) if device == "cuda" else 1
+
+
+class _Stop:
+    """Signal bookkeeping: how many stop requests arrived."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, signum, frame=None):
+        self.count += 1
+
+
+class LocalLauncher:
+    """Runs ``tasks`` with at most ``jobs`` at once; see the module docstring."""
+
+    def __init__(self, exp_dir: Path, tasks: Sequence[Task], jobs: int, gpus: Sequence[str],
+                 threads: Optional[int] = None):
+        self.exp_dir = Path(exp_dir)
+        self.threads = threads  # OMP_NUM_THREADS of each run; None: the environment's
+        self.pending = deque(tasks)
+        self.jobs = jobs
+        self.gpus = list(gpus)
+        self.running: Dict[int, Tuple[Task, subprocess.Popen, float]] = {}  # slot -> ...
+        self.results: Dict[int, int] = {}  # task index -> exit code
+        self.total = len(tasks)
+        self.stop = _Stop()
+        self._forwarded = 0  # stop requests passed on to the children
+
+    def log_path(self, task: Task) -> Path:
+        return self.exp_dir / "tasks" / f"{task.index}.out"
+
+    def _start(self, slot: int, task: Task) -> None:
+        env = dict(os.environ)
+        if self.threads is not None:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        gpu = ""
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
+            gpu = f" on GPU {env['CUDA_VISIBLE_DEVICES']}"
+        log = self.log_path(task)
+        with open(log, "ab") as out:
+            out.write(f"== {task.line}\n".encode())
+            out.flush()
+            proc = subprocess.Popen(task.argv, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        status.mark_start(self.exp_dir, task.index, launcher="local", pid=proc.pid,
+                          log=str(log), time=time.time())
+        self.running[slot] = (task, proc, time.monotonic())
+        print(f"[local] start  {task.index + 1}/{self.total} {task.name}{gpu} "
+              f"(log {log})", flush=True)
+
+    def _reap(self) -> None:
+        for slot, (task, proc, t0) in list(self.running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            rc = 128 - rc if rc < 0 else rc  # killed by signal N: report 128 + N like a shell
+            if self._forwarded and rc == 128 + signal.SIGUSR1:
+                rc = EXIT_STOPPED  # asked to stop before it installed its handler: nothing lost
+            del self.running[slot]
+            self.results[task.index] = rc
+            status.mark_end(self.exp_dir, task.index, rc)
+            what = {0: "done", EXIT_STOPPED: "stopped (checkpointed, resumable)"}.get(
+                rc, f"FAILED (exit {rc}): {status.last_line(self.log_path(task))}")
+            print(f"[local] end    {task.index + 1}/{self.total} {task.name}: {what} "
+                  f"after {time.monotonic() - t0:.0f} s", flush=True)
+
+    def _forward_stop(self) -> None:
+        """First request: SIGUSR1 (checkpoint the epoch, exit 3); second: SIGINT (at once)."""
+        while self._forwarded < min(self.stop.count, 2):
+            self._forwarded += 1
+            if self._forwarded == 1:
+                sig, how = signal.SIGUSR1, ("each run ends its epoch, checkpoints it and "
+                                            "exits (Ctrl-C again to interrupt at once)")
+            else:
+                sig, how = signal.SIGINT, "interrupting the runs (each keeps its last checkpoint)"
+            print(f"[local] stopping: {how}; {len(self.pending)} line(s) not started",
+                  flush=True)
+            for task, proc, _ in self.running.values():
+                try:
+                    if sig == signal.SIGINT:
+                        os.killpg(proc.pid, sig)  # the whole run, whatever it started
+                    else:
+                        proc.send_signal(sig)  # the run itself: its handler checkpoints
+                except ProcessLookupError:
+                    pass  # it has just ended; _reap records it
+
+    def run(self) -> int:
+        """Run every line (or until stopped); the exit code of the launch."""
+        handlers = {s: signal.signal(s, self.stop)
+                    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            while self.pending or self.running:
+                self._forward_stop()
+                self._reap()
+                while not self.stop.count and self.pending and len(self.running) < self.jobs:
+                    slot = next(s for s in range(self.jobs) if s not in self.running)
+                    self._start(slot, self.pending.popleft())
+                if self.stop.count and not self.running:
+                    break
+                time.sleep(POLL_S)
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        return self._summary()
+
+    def _summary(self) -> int:
+        failed = [i for i, rc in self.results.items() if rc not in (0, EXIT_STOPPED)]
+        if self.stop.count:
+            left = [s for s in status.grid_states(self.exp_dir) if s.state != "finished"]
+            print(f"[local] stopped; {len(left)} run(s) left (launch again to resume them):",
+                  file=sys.stderr, flush=True)
+            for s in left:
+                print(f"  {s.task.name}: {s.state}: {s.detail}", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
+        return 1 if failed else 0
+
+
+def run(exp_dir: Path, tasks: Sequence[Task], jobs: int, device: str) -> int:
+    """Run the manifest's ``tasks`` locally, ``jobs`` at once; returns the exit code before
+    the comparison (0 all done, 1 some failed, 130 stopped)."""
+    gpus = visible_gpus() if device == "cuda" else []
+    threads = None
+    if "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    (Path(exp_dir) / "tasks").mkdir(parents=True, exist_ok=True)
+    print(f"[local] {len(tasks)} run(s), {jobs} at once"
+          + (f", GPUs {','.join(gpus)}" if gpus else "")
+          + (f", OMP_NUM_THREADS={threads} each" if threads else "") + f"; manifest "
+          f"{Path(exp_dir) / 'manifest.txt'}; follow with: bash run_experiments.sh status "
+          f"{exp_dir}", flush=True)
+    return LocalLauncher(exp_dir, tasks, jobs, gpus, threads).run()

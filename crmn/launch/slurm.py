@@ -1,0 +1,156 @@
+"""The Slurm launcher: the manifest as one job array, then a compare job.
+
+:func:`submit` runs two ``sbatch`` commands and returns at once:
+
+1. ``sbatch --array=0-(M-1)[%K] --open-mode=append --output=<exp>/slurm/%A_%a.out
+   [--slurm-args ...] crmn/launch/task.sh <manifest> <exp> <max-requeues>``: task ``i`` runs
+   line ``i`` of the manifest; ``task.sh`` asks for ``--requeue`` and
+   ``--signal=B:USR1@300`` and requeues itself after a checkpointed stop (see the script).
+2. ``sbatch --dependency=afterany:<array> ... crmn/launch/compare.sh``: the comparison after
+   every task ended, however it ended; it exits 1 when a run of the manifest is not finished
+   and leaves its exit code in ``<exp>/slurm/compare.rc``.
+
+The job ids go to ``<exp>/slurm/jobs.json``. Everything cluster-specific comes from the user:
+the ``SBATCH_*`` environment variables ``sbatch`` reads itself (``SBATCH_PARTITION``,
+``SBATCH_ACCOUNT``, ``SBATCH_QOS``, ``SBATCH_TIMELIMIT``, ``SBATCH_GRES`` ...) and
+``--slurm-args``, passed to both ``sbatch`` calls after the launcher's own options (so they
+win). :func:`wait` polls ``squeue`` until the compare job has left the queue.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from crmn import runlog
+from crmn.errors import ConfigError
+from crmn.launch import status
+from crmn.launch.manifest import MANIFEST, Task
+
+HERE = Path(__file__).resolve().parent
+TASK_SH = HERE / "task.sh"
+COMPARE_SH = HERE / "compare.sh"
+#: seconds between two ``squeue`` calls of ``--wait`` (environment: CRMN_SLURM_POLL)
+POLL_S = 10.0
+
+
+def require_sbatch() -> None:
+    """:class:`ConfigError` in one line when Slurm's client commands are missing."""
+    missing = [c for c in ("sbatch", "squeue", "scontrol") if shutil.which(c) is None]
+    if missing:
+        raise ConfigError(f"--launcher slurm: {', '.join(missing)} not found on PATH; run "
+                          f"this on a Slurm login node, install Slurm's client (Debian: "
+                          f"apt-get install slurm-client; a test cluster: bash "
+                          f"scripts/install_slurm.sh), or use --launcher local")
+
+
+def _sbatch(argv: Sequence[str]) -> str:
+    """Run ``sbatch --parsable ...``; the job id, or :class:`ConfigError` with sbatch's
+    own last error line."""
+    try:
+        p = subprocess.run(["sbatch", "--parsable", *argv], capture_output=True, text=True,
+                           timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ConfigError(f"sbatch could not run: {exc}") from None
+    job = p.stdout.strip().split(";")[0]
+    if p.returncode != 0 or not job.isdigit():
+        why = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+        raise ConfigError(f"sbatch refused the job: {why}")
+    return job
+
+
+def queued(job_ids: Sequence[str]) -> List[str]:
+    """Those of ``job_ids`` with a task still in the queue (pending or running)."""
+    ids = [str(j) for j in job_ids if j]
+    if not ids:
+        return []
+    p = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%F"],
+                       capture_output=True, text=True, timeout=60)
+    if p.returncode != 0 and "Invalid job id" not in p.stderr:
+        raise ConfigError(f"squeue failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+    return sorted(set(p.stdout.split()) & set(ids))
+
+
+def refuse_if_queued(exp_dir: Path) -> None:
+    """A previous submission for the same folder that still runs would train the same run
+    directories twice: refuse, naming its jobs."""
+    jobs = status.slurm_jobs(exp_dir)
+    if jobs and shutil.which("squeue"):
+        active = queued([jobs.get("array"), jobs.get("compare")])
+        if active:
+            raise ConfigError(f"{exp_dir}: job(s) {', '.join(active)} of a previous "
+                              f"submission are still queued; wait for them or scancel them")
+
+
+def submit(exp_dir: Path, tasks: Sequence[Task], entry: Path, *, max_parallel: Optional[int],
+           slurm_args: str, max_requeues: int, experiment: str) -> Dict:
+    """Submit the array and the compare job; returns (and writes) ``slurm/jobs.json``."""
+    exp_dir = Path(exp_dir)
+    logs = exp_dir / "slurm"
+    logs.mkdir(parents=True, exist_ok=True)
+    (logs / "compare.rc").unlink(missing_ok=True)
+    user = shlex.split(slurm_args or "")
+    span = f"0-{len(tasks) - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    t0 = time.monotonic()
+    array = _sbatch([f"--array={span}", f"--job-name=crmn-{experiment}",
+                     "--open-mode=append", f"--output={logs}/%A_%a.out", *user,
+                     str(TASK_SH), str(exp_dir / MANIFEST), str(exp_dir), str(max_requeues)])
+    compare = _sbatch([f"--dependency=afterany:{array}", f"--job-name=crmn-{experiment}-compare",
+                       "--open-mode=append", f"--output={logs}/compare_%j.out", *user,
+                       str(COMPARE_SH), str(entry), str(exp_dir)])
+    jobs = dict(array=array, compare=compare, tasks=len(tasks), max_parallel=max_parallel,
+                slurm_args=slurm_args or "", submitted=time.time(),
+                submit_seconds=round(time.monotonic() - t0, 3),
+                task_log=str(logs / f"{array}_<i>.out"),
+                compare_log=str(logs / f"compare_{compare}.out"))
+    runlog.write_json(logs / status.JOBS, jobs)
+    print(f"[slurm] submitted array job {array} ({len(tasks)} task(s)"
+          + (f", at most {max_parallel} at once" if max_parallel else "")
+          + f") and compare job {compare} (after the array, however it ends)", flush=True)
+    print(f"[slurm] job ids in {logs / status.JOBS}; task logs {logs}/{array}_<i>.out; "
+          f"follow with: bash run_experiments.sh status {exp_dir}", flush=True)
+    return jobs
+
+
+def _poll_s() -> float:
+    try:
+        return max(0.2, float(os.environ.get("CRMN_SLURM_POLL", POLL_S)))
+    except ValueError:
+        raise ConfigError(f"CRMN_SLURM_POLL={os.environ['CRMN_SLURM_POLL']!r} is not a "
+                          f"number of seconds") from None
+
+
+def wait(exp_dir: Path, jobs: Dict) -> int:
+    """Poll ``squeue`` until the compare job has ended; print a line whenever the grid's
+    counts change, then the compare job's output; returns the compare job's exit code
+    (1 when it left none: cancelled or never started)."""
+    exp_dir = Path(exp_dir)
+    poll, last = _poll_s(), None
+    while queued([jobs["compare"]]):
+        counts = _counts(exp_dir)
+        if counts != last:
+            print(f"[slurm] {time.strftime('%H:%M:%S')} {counts}", flush=True)
+            last = counts
+        time.sleep(poll)
+    log = Path(jobs["compare_log"])
+    if log.exists():
+        sys.stdout.write(log.read_text(errors="replace"))
+    rc_file = exp_dir / "slurm" / "compare.rc"
+    if not rc_file.exists():
+        print(f"error: compare job {jobs['compare']} ended without writing {rc_file} "
+              f"(cancelled, or it never ran)", file=sys.stderr, flush=True)
+        return 1
+    rc = int(rc_file.read_text().split()[0])
+    print(f"[slurm] compare job {jobs['compare']} exited {rc}", flush=True)
+    return rc
+
+
+def _counts(exp_dir: Path) -> str:
+    states = status.grid_states(exp_dir)
+    return ", ".join(f"{sum(s.state == k for s in states)} {k}" for k in status.STATES
+                     if any(s.state == k for s in states))

@@ -1,0 +1,259 @@
+"""Where every run of a launched grid stands: ``bash run_experiments.sh status DIR``.
+
+The state of task ``i`` of ``<exp>/manifest.txt`` is read from files only, plus ``squeue``
+when the grid went to Slurm and ``squeue`` answers:
+
+- the run directory (``summary.json`` "done" means *finished*; ``log.jsonl`` gives the last
+  finished epoch and phase);
+- the launchers' markers in ``<exp>/tasks/``: ``<i>.start`` (JSON: launcher, host, pid,
+  Slurm job, log file), written when a task starts, and ``<i>.rc``, its exit code, written
+  when it ends (3: stopped by a signal after checkpointing, resumable);
+- the task's log (its last line is shown for a failed task);
+- ``<exp>/slurm/jobs.json`` (the array's job id) and ``squeue -r -j <id>``.
+
+States: *finished*, *running*, *waiting* (not started, pending in the queue, or requeued),
+*stopped* (exit 3 and not requeued: run the launcher again to resume), *failed*.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, TextIO
+
+from crmn import runlog
+from crmn.errors import DataError, EXIT_STOPPED
+from crmn.launch import manifest
+from crmn.launch.manifest import Task
+
+JOBS = "jobs.json"  # in <exp>/slurm/
+STATES = ("finished", "running", "waiting", "stopped", "failed")
+
+
+# ---------------------------------------------------------------------------------------
+# task markers (written by crmn.launch.local here, by task.sh on Slurm)
+
+
+def marker(exp_dir: Path, index: int, suffix: str) -> Path:
+    return Path(exp_dir) / manifest.TASKS / f"{index}.{suffix}"
+
+
+def mark_start(exp_dir: Path, index: int, **info) -> None:
+    """Record that task ``index`` started (and clear its previous exit code)."""
+    marker(exp_dir, index, "rc").unlink(missing_ok=True)
+    info.setdefault("host", socket.gethostname())
+    runlog.write_json(marker(exp_dir, index, "start"), info)
+
+
+def mark_end(exp_dir: Path, index: int, rc: int) -> None:
+    runlog.write_bytes_atomic(marker(exp_dir, index, "rc"), f"{rc}\n".encode())
+
+
+def clear_markers(exp_dir: Path) -> None:
+    """Forget the markers of a previous launch (the run directories stay as they are)."""
+    folder = Path(exp_dir) / manifest.TASKS
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in folder.glob("*"):
+        if p.suffix in (".start", ".rc"):
+            p.unlink()
+
+
+def _read_rc(exp_dir: Path, index: int) -> Optional[int]:
+    try:
+        return int(marker(exp_dir, index, "rc").read_text().split()[0])
+    except (FileNotFoundError, IndexError, ValueError):
+        return None
+
+
+def _read_start(exp_dir: Path, index: int) -> Optional[dict]:
+    try:
+        return json.loads(marker(exp_dir, index, "start").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def last_line(path) -> str:
+    """The last line of a log file that the run wrote: its ``error: ...`` line if it has one
+    near the end, else its last non-empty line that is not a task.sh remark (''
+    if none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    own = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("[task ")]
+    return next((ln for ln in reversed(own) if ln.startswith("error: ")), own[-1] if own else "")
+
+
+# ---------------------------------------------------------------------------------------
+# Slurm's view
+
+
+def slurm_jobs(exp_dir: Path) -> Optional[dict]:
+    """``<exp>/slurm/jobs.json`` of the last submission, None if the grid never went to Slurm."""
+    path = Path(exp_dir) / "slurm" / JOBS
+    return runlog.read_json(path) if path.exists() else None
+
+
+def squeue_tasks(job_id: str) -> Optional[Dict[int, tuple]]:
+    """``{array index: (state, reason)}`` of the array's tasks still in the queue, or None
+    when ``squeue`` is missing or fails (then the files alone decide)."""
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        p = subprocess.run(["squeue", "-h", "-r", "-j", str(job_id), "-o", "%i|%T|%r"],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if p.returncode != 0:  # a job id purged from the queue is an error: nothing queued
+        return {} if "Invalid job id" in p.stderr else None
+    out = {}
+    for line in p.stdout.splitlines():
+        jid, state, reason = (line.split("|") + ["", ""])[:3]
+        if "_" in jid and jid.rsplit("_", 1)[1].isdigit():
+            out[int(jid.rsplit("_", 1)[1])] = (state, reason)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# one task
+
+
+@dataclass
+class TaskState:
+    task: Task
+    state: str  # one of STATES
+    detail: str
+
+
+def _progress(run_dir: Path) -> str:
+    log = runlog.read_log(run_dir / runlog.LOG)
+    if not log:
+        return "no epoch finished yet"
+    last = log[-1]
+    return f"{last.get('phase')} epoch {last.get('epoch')} done"
+
+
+def _pid_alive(start: dict) -> bool:
+    if start.get("host") != socket.gethostname() or not start.get("pid"):
+        return False
+    try:
+        os.kill(int(start["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def task_state(exp_dir: Path, task: Task, queue: Optional[Dict[int, tuple]]) -> TaskState:
+    """The state of one task; ``queue`` is :func:`squeue_tasks`' answer (None: unknown)."""
+    run_dir = task.run_dir(exp_dir)
+    if (run_dir / runlog.SUMMARY).exists():
+        summary = runlog.read_json(run_dir / runlog.SUMMARY)
+        if summary.get("status") == "done":
+            acc = summary.get("test_acc")
+            return TaskState(task, "finished", f"test acc {100 * acc:.2f} %"
+                             if isinstance(acc, (int, float)) else "done")
+    rc, start = _read_rc(exp_dir, task.index), _read_start(exp_dir, task.index)
+    progress = _progress(run_dir) if (run_dir / runlog.CONFIG).exists() else "not started"
+    log = (start or {}).get("log", "")
+    if queue is not None and task.index in queue:
+        state, reason = queue[task.index]
+        if state in ("RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT"):
+            progress = "starting" if progress == "not started" else progress
+            return TaskState(task, "running", f"{progress} (job {start.get('job', '?')})"
+                             if start else progress)
+        again = ", requeued after a checkpointed stop" if rc == EXIT_STOPPED else ""
+        why = f" ({reason})" if reason and reason != "None" else ""
+        return TaskState(task, "waiting", f"{state.lower()}{why}{again}; {progress}")
+    if rc == EXIT_STOPPED:
+        return TaskState(task, "stopped", f"{progress}; resumable: launch again")
+    if rc is not None:
+        return TaskState(task, "failed", f"exit {rc}: {last_line(log) or 'no log'} [{log}]")
+    if start is not None:
+        if start.get("launcher") == "local" and not _pid_alive(start):
+            return TaskState(task, "failed", f"process {start.get('pid')} gone without an "
+                                             f"exit code (killed?); {progress}")
+        if start.get("launcher") == "slurm" and queue is not None:
+            return TaskState(task, "failed", f"job {start.get('job')} left the queue without "
+                                             f"an exit code (cancelled or node lost?); "
+                                             f"{progress}; last log line: {last_line(log)}")
+        return TaskState(task, "running", "starting" if progress == "not started" else progress)
+    return TaskState(task, "waiting", "not started" if progress == "not started"
+                     else f"not started in this launch; {progress}")
+
+
+# ---------------------------------------------------------------------------------------
+# a whole grid
+
+
+def experiment_dirs(directory: Path) -> List[Path]:
+    """``directory`` if it holds a manifest, else its sub-folders that do."""
+    directory = Path(directory)
+    if (directory / manifest.MANIFEST).exists():
+        return [directory]
+    found = sorted(p.parent for p in directory.glob(f"*/{manifest.MANIFEST}"))
+    if not found:
+        raise DataError(f"{directory}: no {manifest.MANIFEST} here or in its experiment "
+                        f"folders (grids launched with --launcher slurm or --launcher local "
+                        f"--jobs N have one)")
+    return found
+
+
+def grid_states(exp_dir: Path) -> List[TaskState]:
+    tasks = manifest.read(exp_dir)
+    jobs = slurm_jobs(exp_dir)
+    queue = squeue_tasks(jobs["array"]) if jobs else None
+    return [task_state(exp_dir, t, queue) for t in tasks]
+
+
+def render(exp_dir: Path, states: Sequence[TaskState]) -> str:
+    """A Markdown table of the states and a one-line count."""
+    head = ("#", "row", "seed", "state", "detail")
+    rows = [(str(s.task.index), s.task.row, str(s.task.seed), s.state, s.detail)
+            for s in states]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    counts = ", ".join(f"{sum(s.state == k for s in states)} {k}" for k in STATES
+                       if any(s.state == k for s in states))
+    jobs = slurm_jobs(exp_dir)
+    where = (f"Slurm array {jobs['array']}, compare job {jobs['compare']}" if jobs
+             else "local launcher")
+    return "\n".join([f"{exp_dir}: {len(states)} run(s): {counts} ({where})", fmt(head),
+                      "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+                      *(fmt(r) for r in rows)])
+
+
+def show(directory: Path, out: Optional[TextIO] = None) -> int:
+    """Print the table of every grid under ``directory``; exit code 0."""
+    import sys
+
+    stream = out or sys.stdout
+    for exp_dir in experiment_dirs(directory):
+        stream.write(render(exp_dir, grid_states(exp_dir)) + "\n")
+    return 0
+
+
+def check_complete(directory: Path, out: Optional[TextIO] = None) -> int:
+    """After ``compare``: list the manifest's runs that are not finished, on ``out``
+    (stderr); 1 if there is any, 0 if all finished or ``directory`` has no manifest."""
+    import sys
+
+    try:
+        dirs = experiment_dirs(directory)
+    except DataError:
+        return 0  # runs trained in-process: no grid to check against
+    bad = [s for d in dirs for s in grid_states(d) if s.state != "finished"]
+    stream = out or sys.stderr
+    for s in bad:
+        stream.write(f"incomplete: {s.task.name}: {s.state}: {s.detail}\n")
+    if bad:
+        stream.write(f"incomplete: {len(bad)} run(s) of the manifest not finished\n")
+    return 1 if bad else 0

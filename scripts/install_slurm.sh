@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs a one-node-capable Slurm (Debian's slurmctld, slurmd, slurm-client and munge) when
+# sbatch is missing, so that the launcher tests run against a real scheduler. Idempotent and
+# quiet: it does nothing when sbatch is already on PATH. Needs root and apt-get (CI's Debian
+# machine); elsewhere it says what to install and exits non-zero.
+set -euo pipefail
+
+if command -v sbatch >/dev/null 2>&1; then
+  exit 0
+fi
+if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+  echo "install_slurm: sbatch not found and cannot install it here (needs root and apt-get);" \
+       "install slurmctld slurmd slurm-client munge yourself" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >/dev/null 2>&1 || echo "install_slurm: apt-get update failed; trying the cached lists" >&2
+if ! apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge \
+    >/dev/null 2>&1; then
+  echo "install_slurm: apt-get install slurmctld slurmd slurm-client munge failed" >&2
+  exit 1
+fi
+command -v sbatch >/dev/null 2>&1 || { echo "install_slurm: installed, yet sbatch is not on PATH" >&2; exit 1; }
