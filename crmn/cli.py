@@ -149,6 +149,11 @@ def _stack_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
         g.add_argument("--compile", action="store_true", default=False,
                        help="torch only: torch.compile behind the captured CUDA graph "
                             "(default: %(default)s)")
+        g.add_argument("--theano-mode", choices=stacks.THEANO_MODES,
+                       default=stacks.DEFAULT_THEANO_MODE,
+                       help="theano only: compile the graph with Theano's C backend (the "
+                            "reference) or through JAX, which also runs it on a current GPU "
+                            "(--device cuda; default: %(default)s)")
 
 
 def _rows_option(p: argparse.ArgumentParser, default_help: str) -> None:
@@ -413,6 +418,7 @@ def _train_rows(experiment: str, rows, args, *, data_dir: Path, out_dir: Path,
         spec = trainer.RunSpec(model=model, train=train, dataset=dataset or row.dataset,
                                data_dir=data_dir, backend=args.backend, dtype=args.dtype,
                                device=args.device, compile=args.compile,
+                               theano_mode=args.theano_mode,
                                unverified_data=getattr(args, "unverified_data", False),
                                row=None if row_label else row.id, experiment=experiment)
         # crmn.train prints and stores what actually runs (e.g. "cuda:0 (NVIDIA H100)")
@@ -426,7 +432,7 @@ def _train_rows(experiment: str, rows, args, *, data_dir: Path, out_dir: Path,
 def _build(spec):
     """The stack of a :class:`crmn.train.RunSpec` (the factory the training loop calls)."""
     return stacks.build(spec.backend, spec.model, spec.train, device=spec.device,
-                        dtype=spec.dtype, compile=spec.compile)
+                        dtype=spec.dtype, compile=spec.compile, theano_mode=spec.theano_mode)
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
@@ -449,8 +455,8 @@ def cmd_train(args) -> int:
 
 
 def param_rows(backend: str, device: str = "cpu", dtype: str = stacks.DEFAULT_DTYPE,
-               overrides: Optional[Dict] = None, rows: Sequence[paper.Row] = paper.ROWS
-               ) -> List[Dict]:
+               overrides: Optional[Dict] = None, rows: Sequence[paper.Row] = paper.ROWS,
+               theano_mode: str = stacks.DEFAULT_THEANO_MODE) -> List[Dict]:
     """Trainable-parameter counts of paper rows, each network built in ``backend``.
 
     Returns one dict per row of ``rows``: ``row``, ``label``, ``table``, ``params`` (the
@@ -462,7 +468,7 @@ def param_rows(backend: str, device: str = "cpu", dtype: str = stacks.DEFAULT_DT
     for row in rows:
         model = ModelConfig.for_row(row, **(overrides or {}))
         net = stacks.build(backend, model, TrainConfig.for_row(row), device=device,
-                           dtype=dtype)
+                           dtype=dtype, theano_mode=theano_mode)
         params = int(net.param_count())
         del net
         out.append(dict(row=row.id, label=row.label, table=row.table, params=params,
@@ -473,7 +479,7 @@ def param_rows(backend: str, device: str = "cpu", dtype: str = stacks.DEFAULT_DT
 
 def cmd_params(args) -> int:
     rows = param_rows(args.backend, args.device, args.dtype, model_overrides(args),
-                      rows=select_rows(args.rows, None))
+                      rows=select_rows(args.rows, None), theano_mode=args.theano_mode)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -552,15 +558,25 @@ def cmd_bench(args) -> int:
     print(f"# bench: backend {args.backend}, device {args.device}, dtype {setting}, "
           f"{args.steps} timed steps per row; python {platform.python_version()}, numpy "
           f"{np.__version__}", flush=True)
+    # the JAX mode is timed beside the C mode and the torch stack, in one run (issue #12)
+    timed = [(args.backend, args.theano_mode)]
+    if args.backend == "theano" and args.theano_mode == "jax":
+        timed += [("theano", "c"), ("torch", stacks.DEFAULT_THEANO_MODE)]
     results = []
     for row in rows:
-        r = bench.bench_row(row, args.backend, args.device, args.dtype, args.steps,
-                            warmup=args.warmup, batch_size=args.batch_size,
-                            compile=args.compile, channels_last=args.channels_last)
-        print(f"# {row.id}: {r['images_per_s']:.0f} img/s, {r['sec_per_epoch']:.2f} s per "
-              f"epoch on {r['device']}, {r['layout']}", flush=True)
-        results.append(r)
+        for backend, mode in timed:
+            r = bench.bench_row(row, backend, args.device, args.dtype, args.steps,
+                                warmup=args.warmup, batch_size=args.batch_size,
+                                compile=args.compile, channels_last=args.channels_last,
+                                theano_mode=mode)
+            print(f"# {row.id} {r['stack']}: {r['images_per_s']:.0f} img/s, "
+                  f"{r['sec_per_epoch']:.2f} s per epoch on {r['device']}, {r['layout']}",
+                  flush=True)
+            results.append(r)
     print(bench.format_table(results))
+    ratios = bench.mode_ratios(results)
+    if ratios:
+        print(ratios)
     _write_json(results, args.json)
     return 0
 

@@ -18,17 +18,22 @@ REGISTRY = {"theano": "original.backend:TheanoBackend", "torch": "modern.backend
 BACKENDS = tuple(REGISTRY)
 #: the archive's reference stack, the default of every command
 DEFAULT_BACKEND = "theano"
+#: ``--theano-mode``: Theano's C backend (the reference) or Theano-PyMC's JAX linker
+THEANO_MODES = ("c", "jax")
+DEFAULT_THEANO_MODE = "c"
 #: ``--dtype`` choices (bfloat16: torch only) and the default of every command
 DTYPES = ("float32", "float64", "bfloat16")
 DEFAULT_DTYPE = "float32"
 
 
 def build(name: str, model: ModelConfig, train: TrainConfig, *, device: str = "cpu",
-          dtype: str = DEFAULT_DTYPE, compile: bool = False) -> Stack:
+          dtype: str = DEFAULT_DTYPE, compile: bool = False,
+          theano_mode: str = DEFAULT_THEANO_MODE) -> Stack:
     """The network of ``model`` in stack ``name``, initialised from ``train.seed``.
 
     ``compile`` (torch only) puts ``torch.compile`` behind the captured CUDA graph; the
-    Theano stack always compiles its graphs.
+    Theano stack always compiles its graphs, through its C backend or, with
+    ``theano_mode="jax"``, through JAX (which is what runs it on a current GPU).
 
     Raises
     ------
@@ -41,6 +46,13 @@ def build(name: str, model: ModelConfig, train: TrainConfig, *, device: str = "c
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     options = {"device": device, "dtype": dtype}
+    if theano_mode not in THEANO_MODES:
+        raise ConfigError(f"unknown --theano-mode {theano_mode!r}; choose one of "
+                          f"{', '.join(THEANO_MODES)}")
+    if theano_mode != DEFAULT_THEANO_MODE:
+        if name != "theano":
+            raise ConfigError("--theano-mode is an option of the theano backend")
+        options["mode"] = theano_mode
     if compile:
         if name != "torch":
             raise ConfigError("--compile is an option of the torch backend; the theano "

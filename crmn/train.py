@@ -72,6 +72,7 @@ class RunSpec:
     dtype: str = "float32"  # floating-point type of the network
     device: str = "cpu"  # requested device: cpu, cuda, cuda:N
     compile: bool = False  # torch only: torch.compile inside the captured step
+    theano_mode: str = "c"  # theano only: its C backend or the JAX linker (--theano-mode)
     unverified_data: bool = False  # accept a dataset folder that fails the official checks
     row: Optional[str] = None  # crmn.paper row id, None for a run that is no paper row
     experiment: Optional[str] = None  # table1 | table2 | table3 | svhn | smoke
@@ -413,7 +414,8 @@ def _config(ctx: _Run, net) -> Dict:
             versions[mod] = getattr(sys.modules[mod], "__version__", "?")
     return {"row": spec.row, "experiment": spec.experiment, "dataset": spec.dataset,
             "backend": spec.backend, "device": net.device, "device_requested": spec.device,
-            "dtype": spec.dtype, "compile": spec.compile, "params": net.param_count(),
+            "dtype": spec.dtype, "compile": spec.compile, "theano_mode": spec.theano_mode,
+            "params": net.param_count(),
             "model": spec.model.to_dict(),
             "train": spec.train.to_dict(), "seed": spec.train.seed,
             "fake_data": ctx.fake_data, "data": ctx.data_source, "versions": versions,

@@ -65,7 +65,7 @@ def test_format_table_without_paper_seconds():
          "sec_per_epoch": 5000.0, "paper_sec_per_epoch": None, "speedup": None,
          "warmup_s": 1.0}
     line = bench.format_table([r]).splitlines()[-1]
-    assert line.split()[:3] == ["t2-crmn28x10", "CRMN-28x10", "50"] and " - " in line
+    assert line.split()[:4] == ["t2-crmn28x10", "CRMN-28x10", "-", "50"] and " - " in line
 
 
 def test_profile_step_counts_the_operators_of_a_step_on_cpu(capsys):
