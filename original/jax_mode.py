@@ -335,6 +335,8 @@ def jax_funcify_AveragePoolGrad(op):
     """Gradient of sum / average pooling with respect to its input ``x``: the transpose of
     the (linear) pooling, evaluated at ``gz`` of the pooled shape."""
     def average_pool_grad(x, gz, ws, stride, pad):
+        if op.mode == "average_exc_pad" and max(pad, default=0):
+            raise ValueError("padding must be zero for average_exc_pad")  # as the C code
         transpose = jax.linear_transpose(
             lambda v: _pool_linear(op, v, ws, stride, pad),
             jax.ShapeDtypeStruct(x.shape, gz.dtype))
@@ -463,22 +465,25 @@ def convert_graph(fgraph) -> Dict:
     return conversions
 
 
-def _origin(node, limit: int = 500) -> str:
-    """Where ``node`` came from: the nearest named ancestor variable (Lasagne names its
-    parameters ``layer.param``, e.g. ``s1b0.conv1.W``) -- breadth first over inputs."""
-    seen, queue = set(), deque([node])
+def _origin(node, limit: int = 2000) -> str:
+    """Where ``node`` came from: the nearest Lasagne parameter among its ancestors (Lasagne
+    names them ``layer.param``, e.g. ``s1b0.conv1.W``), else the nearest named variable --
+    breadth first over the inputs."""
+    seen, queue, named = set(), deque([node]), None
     while queue and len(seen) < limit:
         current = queue.popleft()
         for var in list(current.outputs) + list(current.inputs):
             if id(var) in seen:
                 continue
             seen.add(id(var))
-            if var.name and not var.name.startswith(("<", "Elemwise", "Shape")):
-                layer = var.name.rsplit(".", 1)[0] if "." in var.name else var.name
-                return f"near Lasagne layer {layer!r} (variable {var.name!r})"
+            if isinstance(var, SharedVariable) and var.name and "." in var.name:
+                return (f"near Lasagne layer {var.name.rsplit('.', 1)[0]!r} "
+                        f"(parameter {var.name!r})")
+            if named is None and var.name:
+                named = var.name
             if var.owner is not None and var.owner is not current:
                 queue.append(var.owner)
-    return "(no named variable nearby)"
+    return f"near variable {named!r}" if named else "(no named variable nearby)"
 
 
 def evaluate(fgraph, conversions: Dict, inputs: Sequence) -> List:
@@ -593,10 +598,14 @@ class _Call:
             self._cells[k][0] = value  # stays on the device for the next calls
         return value
 
-    def lower(self):
-        """The lowered computation for the current inputs (StableHLO text via
-        ``.as_text()``): for checking dtypes and precision."""
-        args = [self._argument(k) for k in range(len(self._cells))]
+    def lower(self, *values):
+        """The lowered computation (StableHLO text via ``.as_text()``) for ``values`` of
+        the function's explicit inputs, in order, and the shared variables' current values:
+        for checking dtypes and precision."""
+        values = iter(values)
+        args = [self._argument(k) if self._shared[k]
+                else jax.device_put(np.asarray(next(values)), self.device)
+                for k in range(len(self._cells))]
         with jax.default_matmul_precision(self.precision):
             return self._jitted.lower(*args)
 
