@@ -255,7 +255,7 @@ def test_float32_products_run_at_the_requested_precision(allow_tf32, word):
     v = theano.shared(randn(4 * 8 * 8, 5, seed=31).astype(np.float32), name="p.V")
     out = T.dot(T.nnet.conv2d(x, w, border_mode="half").flatten(2), v)
     gw, gv = T.grad(out.sum(), [w, v])
-    fn = jax_mode.function([x], [out], updates=[(w, w - 0.1 * gw), (v, v - 0.1 * gv)],
+    fn = jax_mode.function([x], [out], updates=[(w, w - np.float32(0.1) * gw), (v, v - np.float32(0.1) * gv)],
                            allow_tf32=allow_tf32)
     xv = randn(2, 3, 8, 8, seed=32).astype(np.float32)
     fn(xv)
