@@ -1,7 +1,9 @@
 """The two stacks compute the same function and take the same SGD step (SPEC §6).
 
-For each configuration both backends are built in float64 on the CPU; ``modern/``'s initial
-state is copied into ``original/`` through the canonical format (:mod:`crmn.convert`), then
+For each configuration the network is built in float64 on the CPU three ways: the torch
+stack, the Theano stack through its C backend, and the same Theano graph through JAX
+(``--theano-mode jax``). For each pair, the first one's state is copied into the second
+through the canonical format (:mod:`crmn.convert`), then
 
 * logits of one batch are compared in training mode (batch statistics) and inference mode
   (running statistics), and
@@ -160,12 +162,21 @@ def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float
     return res
 
 
+#: the three ways to run the network that ``verify`` holds equal, pair by pair:
+#: (label, stack, theano mode)
+STACKS = (("torch", "torch", "c"), ("theano-c", "theano", "c"), ("theano-jax", "theano", "jax"))
+
+
 def verify_stacks(cfg: ModelConfig, train: TrainConfig, name: str, lr: float = 0.1,
-                  seed: int = 0, tol: float = TOLERANCE) -> Result:
-    """float64 CPU: ``modern/`` (reference state) against ``original/``."""
-    torch_be = stacks.build("torch", cfg, train, device="cpu", dtype="float64")
-    theano_be = stacks.build("theano", cfg, train, device="cpu", dtype="float64")
-    return _compare(name, torch_be, theano_be, cfg, train.batch_size, lr, seed, tol)
+                  seed: int = 0, tol: float = TOLERANCE) -> List[Result]:
+    """float64 CPU, every pair of :data:`STACKS`: torch against Theano's C backend, torch
+    against Theano through JAX, and the C backend against JAX (the first of each pair
+    gives the state)."""
+    built = {label: stacks.build(stack, cfg, train, device="cpu", dtype="float64",
+                                 theano_mode=mode) for label, stack, mode in STACKS}
+    pairs = [(a, b) for i, (a, _, _) in enumerate(STACKS) for b, _, _ in STACKS[i + 1:]]
+    return [_compare(f"{name} [{b} vs {a}]", built[a], built[b], cfg, train.batch_size,
+                     lr, seed, tol) for a, b in pairs]
 
 
 def verify_device(cfg: ModelConfig, train: TrainConfig, name: str, device: str = "cuda",
@@ -320,7 +331,7 @@ def verify(configs: Optional[Sequence[Union[str, Config]]] = None,
     results = []
     for name, cfg, train in items:
         if device == "cpu":
-            batch = [verify_stacks(cfg, train, name, lr, seed, tol or TOLERANCE)]
+            batch = verify_stacks(cfg, train, name, lr, seed, tol or TOLERANCE)
         else:
             batch = verify_device(cfg, train, name, device, lr, seed, tol or TOLERANCE)
         for r in batch:

@@ -14,9 +14,12 @@ section 4 of the paper as Lasagne ran it:
 * batch-norm running averages move once per training step (and only then, see
   :class:`original.layers.BatchNormLayer`).
 
-Device and precision: Theano's own flags decide the device (``THEANO_FLAGS=device=cuda``
-with a GPU-enabled Theano); ``dtype`` picks the precision per instance, by building and
-compiling the graphs under ``theano.config.change_flags(floatX=dtype)``.
+Device and precision: with ``mode="c"`` Theano's own flags decide the device
+(``THEANO_FLAGS=device=cuda`` with a GPU-enabled Theano); with ``mode="jax"`` the same graphs
+are compiled by :mod:`original.jax_mode` into one jitted JAX function each, on the CPU or
+(``device="cuda"``, with a CUDA jaxlib) a current GPU. ``dtype`` picks the precision per
+instance, by building and compiling the graphs under
+``theano.config.change_flags(floatX=dtype)``.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from original import compat  # (importing the package installed its bridges)
 from original.model import build, native_params
 
 DTYPES = ("float32", "float64")
+MODES = ("c", "jax")  # --theano-mode: Theano's C backend or Theano-PyMC's JAX linker
 
 
 def native_names(cfg: ModelConfig) -> Dict[str, str]:
@@ -58,7 +62,7 @@ def _check_device(device: str) -> str:
         raise ConfigError(
             f"--device {device} asked for a GPU, but Theano runs on {actual}: set "
             f"THEANO_FLAGS=device=cuda (with a GPU-enabled Theano and libgpuarray) before "
-            f"starting, or use --backend torch")
+            f"starting, or run the same graph on the GPU with --theano-mode jax")
     if device not in ("cpu",) and not wants_gpu:
         raise ConfigError(f"unknown device {device!r}: choose cpu or cuda")
     return f"{actual} (Theano-PyMC {theano.__version__}, blas {theano.config.blas__ldflags})"
@@ -77,17 +81,31 @@ class TheanoBackend:
         Must agree with ``theano.config.device`` (Theano's flags decide, see module doc).
     dtype : {"float32", "float64"}
         Precision of parameters, activations and updates.
+    mode : {"c", "jax"}
+        Compile through Theano's C backend, or through JAX (:mod:`original.jax_mode`;
+        float32 products at full precision, the device chosen by ``device``).
     """
 
     name = "theano"
 
     def __init__(self, model: ModelConfig, train: TrainConfig, device: str = "cpu",
-                 dtype: str = "float32"):
+                 dtype: str = "float32", mode: str = "c"):
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r} for the theano backend: choose "
                               f"{' or '.join(DTYPES)}")
-        compat.check_compiled_backend(probe=False)  # the compile probe waits for a compile
-        self.device = _check_device(device)
+        if mode not in MODES:
+            raise ConfigError(f"unknown --theano-mode {mode!r}: choose {' or '.join(MODES)}")
+        self.mode = mode
+        self._jax_device = None
+        if mode == "jax":
+            from original import jax_mode
+
+            self._jax_device = jax_mode.jax_device(device)
+            self.device = (f"{device} (Theano-PyMC {theano.__version__} via "
+                           f"{jax_mode.describe(self._jax_device, dtype)})")
+        else:
+            compat.check_compiled_backend(probe=False)  # the compile probe waits for one
+            self.device = _check_device(device)
         self.model, self.train, self.dtype = model, train, dtype
         self._x = T.tensor4("x", dtype=dtype)  # (B, 3, 32, 32)
         self._y = T.lvector("y")  # (B,) int64 class indices
@@ -102,7 +120,7 @@ class TheanoBackend:
         self._updates = None
         self._train_outputs = None
         self._fns: Dict[str, Callable] = {}
-        self.compile_seconds = 0.0  # wall-clock seconds spent in theano.function so far
+        self._function_seconds = 0.0  # wall-clock seconds spent in theano.function so far
 
     # --- graphs -------------------------------------------------------------------------
 
@@ -153,11 +171,28 @@ class TheanoBackend:
                     self._logits_layer, deterministic=(which == "forward_eval"))
                 inputs, outputs, updates = [self._x], logits, None
             start = time.perf_counter()
-            compat.check_compiled_backend()  # once per process: a convolution is CorrMM
-            fn = theano.function(inputs, outputs, updates=updates, name=which)
-            self.compile_seconds += time.perf_counter() - start
+            if self.mode == "jax":
+                from original import jax_mode
+
+                fn = jax_mode.function(inputs, outputs, updates=updates, name=which,
+                                       device=self._jax_device)
+            else:
+                compat.check_compiled_backend()  # once per process: a convolution is CorrMM
+                fn = theano.function(inputs, outputs, updates=updates, name=which)
+            self._function_seconds += time.perf_counter() - start
         self._fns[which] = fn
         return fn
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling so far (waits for Theano's compile lock included); in
+        JAX mode also XLA's compilation, which happens at a function's first call."""
+        if self.mode != "jax":
+            return self._function_seconds
+        from original import jax_mode
+
+        return self._function_seconds + sum(jax_mode.linker_call(fn).compile_seconds
+                                            for fn in self._fns.values())
 
     def compile_all(self) -> float:
         """Compile every function now (benchmarks); returns the seconds it took."""
@@ -190,20 +225,20 @@ class TheanoBackend:
 
     def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> Tuple[float, float]:
         """One SGD step; returns (summed cross-entropy, correct images) of the batch before
-        it (host numbers: the CPU is Theano's device)."""
+        it: numpy scalars in C mode, JAX device scalars in JAX mode (no host sync)."""
         fn = self._compile("train")
         if lr != self._lr_now:  # a shared scalar: a new stage needs no recompilation
-            self._lr.set_value(np.asarray(lr, dtype=self.dtype))
+            self._set_value(self._lr, np.asarray(lr, dtype=self.dtype))
             self._lr_now = lr
         ce, acc = fn(self._images(x), np.asarray(y, dtype=np.int64))
-        b = len(y)
-        return float(ce) * b, round(float(acc) * b)
+        b = len(y)  # JAX mode: device scalars, read by the loop once per epoch
+        return ce * b, acc * b
 
     def get_state(self) -> Dict[str, np.ndarray]:
         """Parameters, BN running statistics and velocities, canonical names and layouts."""
-        native = {name: p.get_value() for name, p in self._params.items()}
+        native = {name: self._get_value(p) for name, p in self._params.items()}
         for name, v in self._velocities().items():
-            native[v.name] = v.get_value()
+            native[v.name] = self._get_value(v)
         return lasagne_to_canonical(self.model, native, with_velocity=True)
 
     def set_state(self, state: Dict[str, np.ndarray]) -> None:
@@ -217,9 +252,26 @@ class TheanoBackend:
         if unknown:  # pragma: no cover - crmn.convert and the builder share one naming
             raise CheckpointError(f"state has arrays this network lacks: {sorted(unknown)}")
         for name, value in native.items():
-            targets[name].set_value(np.asarray(value, dtype=self.dtype))
+            self._set_value(targets[name], np.asarray(value, dtype=self.dtype))
 
     def reset_velocity(self) -> None:
         """Zero the momentum velocities (the schedule does this when it reloads a model)."""
         for v in self._velocities().values():
-            v.set_value(np.zeros_like(v.get_value(borrow=True)))
+            self._set_value(v, np.zeros_like(self._get_value(v)))
+
+    # --- shared-variable access: on the host (C mode) or the JAX device (jax mode) ------
+
+    def _get_value(self, shared) -> np.ndarray:
+        if self.mode == "jax":
+            from original import jax_mode
+
+            return jax_mode.get_value(shared)
+        return shared.get_value()
+
+    def _set_value(self, shared, value) -> None:
+        if self.mode == "jax":
+            from original import jax_mode
+
+            jax_mode.set_value(shared, value, device=self._jax_device)
+        else:
+            shared.set_value(value)

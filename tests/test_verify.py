@@ -110,7 +110,7 @@ def test_main_hands_the_batch_size_to_every_default_configuration(capsys, monkey
 
     def record(cfg, train, name, *args):
         seen.append((name, train.batch_size))
-        return verify.Result(name, diffs={"loss": 0.0}, worst={"loss": "-"})
+        return [verify.Result(name, diffs={"loss": 0.0}, worst={"loss": "-"})]
 
     monkeypatch.setattr(verify, "verify_stacks", record)
     assert cli.main(["verify", "--batch-size", "2"]) == 0
@@ -119,8 +119,17 @@ def test_main_hands_the_batch_size_to_every_default_configuration(capsys, monkey
 
 
 def _stacks_result(cfg, name):
-    pytest.importorskip("original.backend")  # compat bridges before theano
-    return verify.verify([(name, cfg, TrainConfig(batch_size=4))], out=lambda s: None)[0]
+    """The three pairs of torch, Theano-C and Theano-JAX agree; the first of them."""
+    lines = []
+    results = verify.verify([(name, cfg, TrainConfig(batch_size=4))], out=lines.append)
+    assert [r.name for r in results] == [f"{name} [theano-c vs torch]",
+                                         f"{name} [theano-jax vs torch]",
+                                         f"{name} [theano-jax vs theano-c]"]
+    assert lines[-1] == "3/3 PASS", lines
+    for r in results:
+        assert r.passed, (r.name, r.diffs)
+        assert max(r.diffs.values()) < 1e-12  # float64: only the order of sums differs
+    return results[0]
 
 
 def test_stacks_agree_resnet():
