@@ -151,8 +151,10 @@ def load_initial_state(output_layer, cfg: ModelConfig, seed: int) -> None:
     """Set every parameter and BN statistic below ``output_layer`` to
     :func:`crmn.init.initial_state` of ``(cfg, seed)``, as ``modern/`` does (issue #14).
 
-    The Lasagne initialisers above draw the same distributions (SPEC §4) from Lasagne's own
-    RNG; these values replace theirs so that one seed gives both stacks one starting point.
+    The Lasagne initialisers above name the distributions of SPEC §4 and draw them from
+    Lasagne's RNG (its ``Orthogonal`` through an SVD, :func:`crmn.init.orthogonal` through a
+    sign-fixed QR); these values replace theirs so that one seed gives both stacks one
+    starting point.
     Canonical float64 arrays are mapped by :mod:`crmn.convert` (conv filters flipped, h0/c0
     reshaped to (1, H)) and cast to each shared variable's dtype (floatX).
     """
