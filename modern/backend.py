@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from crmn import convert
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import CheckpointError, ConfigError
+from crmn.init import initial_state
 from crmn.naming import DECAYED_ROLES, velocity_name
 from modern import gpu
 from modern.model import build
@@ -131,6 +132,8 @@ class TorchBackend:
         self._graph = None  # (CUDAGraph, x, y, lr, sums), made on first use
         self.compile_seconds = 0.0  # graph capture (and torch.compile inside it) so far
         self._resident: Optional[gpu.ResidentData] = None
+        # crmn.init's arrays again, now cast from float64 to this dtype (build made float32)
+        self.set_state(initial_state(model, train.seed))
 
     # ------------------------------------------------------------------ small helpers
 

@@ -9,6 +9,7 @@ Table 1 counts them; ``python -m modern.model`` prints them beside the paper's):
 
 What makes this port equal to the Lasagne reference, point by point:
 
+* the same initial arrays: both stacks load :func:`crmn.init.initial_state` for a seed;
 * convolutions are cross-correlations with no bias, padding 1, He-normal (gain √2) init;
 * batch norm follows Lasagne's ``BatchNormLayer``: ε = :data:`crmn.naming.BN_EPS`, batch
   ``inv_std = 1/sqrt(biased var + ε)``, running ``mean`` and ``inv_std`` (not the variance)
@@ -22,7 +23,6 @@ What makes this port equal to the Lasagne reference, point by point:
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -30,37 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from crmn.config import ModelConfig
+from crmn.convert import canonical_to_torch
+from crmn.init import initial_state
 from crmn.naming import BN_ALPHA, BN_EPS, count_trainable
-
-
-# ----------------------------------------------------------------------------- init
-
-
-def he_normal_(w: torch.Tensor, fan_in: int, gain: float, gen: torch.Generator) -> None:
-    """He et al. (2015) normal init, std = gain / sqrt(fan_in) (Lasagne's ``HeNormal``)."""
-    with torch.no_grad():
-        w.copy_(torch.randn(w.shape, generator=gen, dtype=torch.float64) * (gain / math.sqrt(fan_in)))
-
-
-def glorot_uniform_(w: torch.Tensor, fan_in: int, fan_out: int, gen: torch.Generator) -> None:
-    """Glorot & Bengio (2010) uniform init, bound sqrt(6 / (fan_in + fan_out))."""
-    bound = math.sqrt(6.0 / (fan_in + fan_out))
-    with torch.no_grad():
-        u = torch.rand(w.shape, generator=gen, dtype=torch.float64)
-        w.copy_((2 * u - 1) * bound)
-
-
-def orthogonal_(w: torch.Tensor, gen: torch.Generator) -> None:
-    """Saxe et al. (2014) orthogonal init of a 2-D matrix (the paper's [20], section 4).
-
-    Orthonormal columns when rows >= columns, orthonormal rows otherwise; gain 1.
-    """
-    rows, cols = w.shape
-    a = torch.randn(max(rows, cols), min(rows, cols), generator=gen, dtype=torch.float64)
-    q, r = torch.linalg.qr(a)  # q: (max, min) with orthonormal columns
-    q = q * torch.sign(torch.diagonal(r))  # makes the draw uniform over orthogonal matrices
-    with torch.no_grad():
-        w.copy_(q if rows >= cols else q.T)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -334,38 +306,12 @@ class CIFARNet(nn.Module):
         self.fc = nn.Linear(fc_in, cfg.classes)
 
     def reset_parameters(self, seed: int) -> None:
-        """Initialise every array from ``seed`` (SPEC §4), device- and dtype-independently."""
-        gen = torch.Generator().manual_seed(int(seed))
-        cfg = self.cfg
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                he_normal_(m.weight, m.in_channels * 9, math.sqrt(2.0), gen)
-            elif isinstance(m, BatchNorm):
-                with torch.no_grad():
-                    m.weight.fill_(1.0), m.bias.zero_(), m.mean.zero_(), m.inv_std.fill_(1.0)
-        if cfg.memory:
-            lstm, H = self.lstm, cfg.lstm_units
-            with torch.no_grad():
-                for g in range(4):  # one orthogonal matrix per gate, as Lasagne's Gate does
-                    w = torch.empty(cfg.lstm_input, H, dtype=torch.float64)
-                    orthogonal_(w, gen)
-                    lstm.W_x[:, g * H:(g + 1) * H] = w
-                    w = torch.empty(H, H, dtype=torch.float64)
-                    orthogonal_(w, gen)
-                    lstm.W_h[:, g * H:(g + 1) * H] = w
-                lstm.b.fill_(cfg.gate_bias)
-                lstm.b[H:2 * H] = cfg.forget_bias
-                if cfg.peepholes:  # Lasagne's Gate default W_cell = Normal(std 0.1)
-                    for p in (lstm.w_ci, lstm.w_cf, lstm.w_co):
-                        p.copy_(torch.randn(H, generator=gen, dtype=torch.float64) * 0.1)
-                lstm.h0.zero_(), lstm.c0.zero_()
-        fc_in, out = self.fc.in_features, self.fc.out_features
-        if cfg.dense_init == "he":
-            he_normal_(self.fc.weight, fc_in, 1.0, gen)
-        else:
-            glorot_uniform_(self.fc.weight, fc_in, out, gen)
+        """Load the initial arrays of :func:`crmn.init.initial_state` (SPEC §4), the same
+        numbers as ``original/`` draws for ``seed``, cast to this module's device and dtype."""
+        state = canonical_to_torch(self.cfg, initial_state(self.cfg, seed), with_velocity=False)
         with torch.no_grad():
-            self.fc.bias.zero_()
+            for name, t in self.state_dict(keep_vars=True).items():  # params and BN buffers
+                t.copy_(torch.from_numpy(state[name]).reshape(t.shape))
 
     def tap(self, x: torch.Tensor) -> torch.Tensor:
         """One block output (B, C, S, S) -> LSTM input (B, I): 2×2 mean pool, flatten C×H×W,
@@ -424,7 +370,7 @@ class CIFARNet(nn.Module):
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> CIFARNet:
-    """The network of ``cfg``, initialised from ``seed`` (float32, CPU)."""
+    """The network of ``cfg``, initialised from ``seed`` by :mod:`crmn.init` (float32, CPU)."""
     net = CIFARNet(cfg)
     net.reset_parameters(seed)
     return net

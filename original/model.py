@@ -33,6 +33,8 @@ from lasagne.layers import (ConcatLayer, Conv2DLayer, DenseLayer,
                             NonlinearityLayer, ReshapeLayer, SliceLayer)
 
 from crmn.config import ModelConfig
+from crmn.convert import canonical_to_lasagne
+from crmn.init import initial_state
 from crmn.naming import block_names
 from original.layers import (PeepholeLSTMLayer, ShortcutALayer, batch_norm,
                              crmn_tap)
@@ -101,7 +103,9 @@ def build(cfg: ModelConfig, seed: int = 0, input_var=None, unroll_scan: bool = T
     cfg : ModelConfig
         Depth 6n+2, width k, classes, memory on (CRMN) / off (ResNet), LSTM options.
     seed : int
-        Seeds Lasagne's global RNG (``lasagne.random.set_rng``) before any weight is drawn.
+        The initial weights are :func:`crmn.init.initial_state` of ``(cfg, seed)``, the
+        same as ``modern/``'s (:func:`load_initial_state`); the seed also seeds Lasagne's
+        global RNG (``lasagne.random.set_rng``), whose draws those values replace.
     input_var : TensorVariable, optional
         Symbolic images (B, 3, 32, 32) for the ``InputLayer``.
     unroll_scan : bool
@@ -138,7 +142,29 @@ def build(cfg: ModelConfig, seed: int = 0, input_var=None, unroll_scan: bool = T
     logits = DenseLayer(features, cfg.classes, W=dense_w, b=init.Constant(0.),
                         nonlinearity=None, name="fc")  # (B, classes)
     # softmax as its own layer, so that the backend can read the logits (its input_layer)
-    return NonlinearityLayer(logits, nonlinearities.softmax, name="softmax")
+    out = NonlinearityLayer(logits, nonlinearities.softmax, name="softmax")
+    load_initial_state(out, cfg, seed)
+    return out
+
+
+def load_initial_state(output_layer, cfg: ModelConfig, seed: int) -> None:
+    """Set every parameter and BN statistic below ``output_layer`` to
+    :func:`crmn.init.initial_state` of ``(cfg, seed)``, as ``modern/`` does (issue #14).
+
+    The Lasagne initialisers above name the distributions of SPEC §4 and draw them from
+    Lasagne's RNG (its ``Orthogonal`` through an SVD, :func:`crmn.init.orthogonal` through a
+    sign-fixed QR); these values replace theirs so that one seed gives both stacks one
+    starting point.
+    Canonical float64 arrays are mapped by :mod:`crmn.convert` (conv filters flipped, h0/c0
+    reshaped to (1, H)) and cast to each shared variable's dtype (floatX).
+    """
+    native = canonical_to_lasagne(cfg, initial_state(cfg, seed), with_velocity=False,
+                                  where="crmn.init")
+    params = native_params(output_layer)
+    if set(native) != set(params):  # pragma: no cover - one naming for builder and convert
+        raise AssertionError(f"initial state and network differ: {set(native) ^ set(params)}")
+    for name, value in native.items():
+        params[name].set_value(np.asarray(value, dtype=params[name].dtype))
 
 
 def build_resnet(n: int, k: float, classes: int, seed: int = 0, **opts):

@@ -37,8 +37,8 @@ def test_torch_checkpoint_resumed_by_theano_matches_an_uninterrupted_torch_run(
     reference = tmp_path / "torch-only"
     _run(reference, data_dir, "torch")
 
-    # Each stack draws its own initial weights, so the run that is interrupted starts in the
-    # same stack as the reference and the other stack finishes it.
+    # The run that is interrupted starts in the same stack as the reference and the other
+    # stack finishes it (both stacks now start from crmn.init's state, tests/test_init.py).
     mixed = tmp_path / "torch-then-theano"
     real_save = checkpoint.save
     saves = {"n": 0}

@@ -36,6 +36,7 @@ def test_train_step_is_lasagnes_sgd(cfg, nesterov):
     tc = TrainConfig(batch_size=6, nesterov=nesterov, weight_decay=1e-3, seed=4)
     be = TorchBackend(cfg, tc, dtype="float64")
     ref = build(cfg, seed=4).double()  # the same initial network, updated by hand below
+    ref.reset_parameters(4)  # crmn.init's float64 values, as the float64 backend loads them
     vel = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
     for step, lr in enumerate((0.1, 0.05)):  # two steps: the second uses a velocity
         x, y = _batch(step)
