@@ -66,7 +66,9 @@ _installed = False
 _probed = False  # check_compiled_backend's probe passed in this process
 #: seconds this process has waited for Theano's compile lock (bridge_compile_lock)
 lock_wait_seconds = [0.0]
-#: how often a wait for the compile lock is reported
+#: a wait for the compile lock longer than this is reported (shorter ones are the normal
+#: turn-taking of two compiling processes), then again every LOCK_REPORT_EVERY seconds
+LOCK_QUIET_WAIT = 3.0
 LOCK_REPORT_EVERY = 15.0
 
 
@@ -294,7 +296,7 @@ def _wait_announced(lock_dir: str) -> None:
     start = time.perf_counter()
     lock = filelock.FileLock(path)
     try:
-        lock.acquire(timeout=0)  # free: no wait, nothing to say
+        lock.acquire(timeout=LOCK_QUIET_WAIT)  # free soon: nothing to say
     except filelock.Timeout:
         while True:
             print(f"theano: waiting for the compile lock {path}, held by process "

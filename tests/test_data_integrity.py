@@ -173,7 +173,7 @@ def test_an_unwritable_folder_is_checked_once_per_process(tmp_path, monkeypatch)
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(integrity.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(integrity, "replace_file", refuse)  # the stamp's atomic writer
     assert data.provenance("cifar10", tmp_path) == "official"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         f for f, _ in data.DATASETS["cifar10"].files)  # no stamp, no stray file

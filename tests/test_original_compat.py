@@ -160,12 +160,13 @@ def test_a_wait_for_the_compile_lock_is_announced_with_its_holder(tmp_path, caps
 
     assert getattr(cmodule.lock_ctx, "announces", False)  # Theano's own callers get it
     monkeypatch.setattr(compat, "LOCK_REPORT_EVERY", 0.5)
+    monkeypatch.setattr(compat, "LOCK_QUIET_WAIT", 0.3)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, sys, time\n"
         f"f = open({str(tmp_path / '.lock')!r}, 'w')\n"
         "fcntl.flock(f, fcntl.LOCK_EX)\n"
         "print('held', flush=True)\n"
-        "time.sleep(2)\n")], stdout=subprocess.PIPE, text=True)
+        "time.sleep(2.5)\n")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     before = compat.lock_wait_seconds[0]
     t0 = time.perf_counter()
@@ -174,7 +175,7 @@ def test_a_wait_for_the_compile_lock_is_announced_with_its_holder(tmp_path, caps
     holder.wait()
     err = capsys.readouterr().err
     assert f"theano: waiting for the compile lock {tmp_path / '.lock'}, held by process " \
-           f"{holder.pid} (0 s so far)" in err
+           f"{holder.pid} (0 s so far)" in err  # after the quiet 0.3 s
     assert err.count("waiting for the compile lock") >= 2  # repeated while it lasts
     assert 1.0 < compat.lock_wait_seconds[0] - before <= waited + 0.1
     with cmodule.lock_ctx(str(tmp_path)):  # free now: silent
