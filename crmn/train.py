@@ -520,9 +520,11 @@ def _check_finite(ctx: _Run, phase: str, epoch: int, what: str, value: float) ->
     """The one NaN/inf check of a run: stops it, naming row, phase, epoch and what stays."""
     if not math.isfinite(value):
         row = ctx.spec.row or "(no paper row)"
+        ckpt = ctx.path(runlog.CHECKPOINT)
+        kept = (f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else
+                "no epoch had finished, so there is no checkpoint to keep")
         raise DivergedError(f"{ctx.run_dir}: {what} is {value} in {phase} epoch {epoch} of "
-                            f"row {row}; the last good checkpoint "
-                            f"{ctx.path(runlog.CHECKPOINT)} is kept")
+                            f"row {row}; {kept}")
 
 
 def _meta(ctx: _Run, phase: str, sched, seed: int, extra: Dict) -> Dict:

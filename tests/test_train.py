@@ -344,3 +344,11 @@ def test_a_held_run_directory_is_refused_in_one_line(tmp_path):
         assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # nothing touched
     assert not (run_dir / runlog.LOCK).exists()
     assert run_toy(run_dir)["status"] == "done"  # free again
+
+
+def test_nan_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path):
+    train = dataclasses.replace(TOY_TRAIN, lr_stages=(1e300, 0.1), schedule=(2, 2))
+    with pytest.raises(DivergedError, match=r"training loss is nan in final epoch 1 .*; no "
+                                            r"epoch had finished, so there is no checkpoint"):
+        run_toy(tmp_path / "r", train=train)
+    assert not (tmp_path / "r" / "checkpoint.h5").exists()
