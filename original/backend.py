@@ -176,6 +176,9 @@ class TheanoBackend:
 
                 fn = jax_mode.function(inputs, outputs, updates=updates, name=which,
                                        device=self._jax_device)
+                # the step's loss and accuracy stay on the device; the loop reads them once
+                # per epoch (logits are read at once anyway)
+                jax_mode.linker_call(fn).host_outputs = which != "train"
             else:
                 compat.check_compiled_backend()  # once per process: a convolution is CorrMM
                 fn = theano.function(inputs, outputs, updates=updates, name=which)
@@ -193,13 +196,6 @@ class TheanoBackend:
 
         return self._function_seconds + sum(jax_mode.linker_call(fn).compile_seconds
                                             for fn in self._fns.values())
-
-    def compile_all(self) -> float:
-        """Compile every function now (benchmarks); returns the seconds it took."""
-        before = self.compile_seconds
-        for which in ("train", "forward_train", "forward_eval"):
-            self._compile(which)
-        return self.compile_seconds - before
 
     def _velocities(self):
         self._build_updates()  # the velocities are created with the update graph

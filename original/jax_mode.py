@@ -572,6 +572,9 @@ class _Call:
         self.device = device
         self.precision = precision
         self.compile_seconds = 0.0  # tracing + XLA compilation, all input signatures
+        # outputs as writable host copies, as theano.function gives them; False keeps them
+        # as device arrays (the training step's loss sums: no host sync per step)
+        self.host_outputs = True
         self.inputs = input_storage
         self.outputs = output_storage
         self.updates = dict(getattr(fgraph, "update_mapping", None) or {})  # out -> in
@@ -630,7 +633,7 @@ class _Call:
                 self.inputs[self.updates[k]][0] = value
                 cell[0] = None
             else:
-                cell[0] = np.array(value)  # a writable host copy, as theano.function gives
+                cell[0] = np.array(value) if self.host_outputs else value
 
 
 class FusedJAXLinker(PerformLinker):

@@ -332,6 +332,18 @@ def test_float64_run_holds_float64_device_arrays(trained_pair):
     assert "xf64>" in lowered and "xf32>" not in lowered
 
 
+def test_the_jax_step_returns_device_sums_without_a_host_copy(trained_pair):
+    """The training loop reads the loss once per epoch: the step's outputs stay jax
+    arrays (no host sync per step), while logits come back as numpy."""
+    c, j, batches, _ = trained_pair
+    x, y = batches[0]
+    loss_sum, correct = j.step(x, y, 0.0)
+    assert isinstance(loss_sum, jax.Array) and isinstance(correct, jax.Array)
+    c_loss, c_correct = c.step(x, y, 0.0)
+    assert abs(float(loss_sum) - float(c_loss)) <= TOL * len(y)
+    assert float(correct) == float(c_correct)
+
+
 def test_shared_variables_and_device_copies_agree(trained_pair):
     """Theano's own get_value sees what the JAX calls wrote (one storage cell), and
     set_state / reset_velocity write through to the device."""
