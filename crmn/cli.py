@@ -636,14 +636,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return COMMANDS[args.command](args)
     except UsageError as exc:
         print(str(exc).splitlines()[0], file=sys.stderr)
-        return 2
+        return exc.exit_code
     except StopRequested as exc:
         print(f"stopped: {exc}", file=sys.stderr)
-        return EXIT_STOPPED
+        return exc.exit_code
     except CRMNError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-
+        return exc.exit_code
 
 if __name__ == "__main__":
     sys.exit(main())
