@@ -10,7 +10,7 @@ kind                      exit  raised for
 :class:`UsageError`       2     a bad command line: unknown command, option or row id, a
                                 value out of range, options that contradict each other
                                 (found before any file, folder or download exists)
-:class:`ConfigError`      2     settings that cannot run, found by the library (a
+:class:`ConfigError`      1     settings that cannot run, found by the library (a
                                 configuration class, a stack that lacks an option, a
                                 device that is not there)
 :class:`DataError`        1     a dataset archive or file is missing, corrupt, fails its
@@ -37,11 +37,11 @@ class CRMNError(Exception):
 class ConfigError(CRMNError):
     """Settings that cannot run: an unknown value, or a combination a stack does not have."""
 
-    exit_code = 2
-
 
 class UsageError(ConfigError):
     """A bad command line, found before anything is created: one line, exit code 2."""
+
+    exit_code = 2
 
 
 class DataError(CRMNError):
@@ -82,7 +82,7 @@ class StopRequested(CRMNError):
 EXIT_STOPPED = 3
 #: exit code of a run stopped by Ctrl-C (the shell's 128 + SIGINT)
 EXIT_INTERRUPTED = 130
-#: exit code of a usage or configuration error
+#: exit code of a usage error
 EXIT_USAGE = 2
 
 
