@@ -1,4 +1,5 @@
-"""Make PyPI's Lasagne 0.1 (2015) run on Theano-PyMC 1.1.2, Python 3.11 and numpy 1.23.5.
+"""Make PyPI's Lasagne 0.1 (2015) run on Theano-PyMC 1.1.2: Python 3.11 with numpy 1.23.5 (the
+pinned environment), and Python 3.12 with numpy 2.x (the ``current`` one, JAX mode only).
 
 Import this module before ``theano`` and ``lasagne`` (``original/__init__.py`` does). Each
 bridge below is one small, named function, applied once by :func:`install` and tested in
@@ -43,6 +44,29 @@ bridge below is one small, named function, applied once by :func:`install` and t
    (``~/.theano/compiledir_*/.lock``) and waits for it in silence, for many minutes when
    another process compiles; we say who holds it (from ``/proc/locks``) and for how long we
    have waited, and add the wait to :data:`lock_wait_seconds`.
+
+10. :func:`bridge_stdlib_distutils` -- Python 3.12 has no ``distutils``; Theano's config
+    and C module loader import ``distutils.spawn`` / ``distutils.sysconfig`` at import. Where
+    no ``distutils`` can be imported (setuptools provides one when installed), a stand-in
+    backed by ``shutil.which`` and ``sysconfig``.
+11. :func:`bridge_numpy_distutils` -- numpy 2 has no ``numpy.distutils``; Theano imports
+    it at import time (``tensor/blas.py``, ``link/c/cmodule.py``) to find the BLAS and
+    numpy's headers. The stand-in finds no BLAS (the current environment has no C backend)
+    and gives numpy's include directory.
+12. :func:`bridge_numpy_aliases` -- names numpy 2 removed that Theano's Python code uses:
+    ``np.product`` (reached while shapes are worked out), ``np.cast``, ``np.complex``,
+    ``np.int``, ``np.sctype2char``, ``np.AxisError``, ``np.ComplexWarning``. Each is set
+    only where numpy lacks it, to what numpy 1.23 gave.
+13. :func:`bridge_autocast` -- numpy 2 compares a Python number with a numpy scalar in the
+    scalar's dtype (NEP 50), which changes how Theano types Python numbers in graphs
+    (``NumpyAutocaster``): ``0.9 == float32(0.9)`` became true, so every Python float
+    became a float32 constant even in float64 graphs (0.9 -> 0.89999998, silently), and
+    ``int8(200)`` became an OverflowError, so ints >= 128 became uint64 constants. The
+    bridge makes the choice with exact comparisons, as numpy 1.x made it.
+
+The C backend (:func:`c_backend_available`) needs numpy < 1.24 and a C++ compiler; where it
+is missing, :func:`theano_flag_defaults` also sets ``cxx=`` (Theano then never compiles C
+code) and the Theano stack runs in JAX mode (``original.jax_mode``).
 
 :func:`check_compiled_backend` then fails loudly (:class:`crmn.errors.ConfigError`) when
 Theano would run the network's ops through its Python fallbacks: no C++ compiler, empty
@@ -121,6 +145,8 @@ def theano_flag_defaults(environ=None) -> Dict[str, str]:
     environ = os.environ if environ is None else environ
     user = set(_parse_flags(environ.get("THEANO_FLAGS", ""))) | _theanorc_keys()
     wanted = {"floatX": "float32"}
+    if numpy_too_new_for_c():
+        wanted["cxx"] = ""  # no C compilation at all: Theano's C code needs numpy < 1.24
     blas = find_openblas()
     if blas is not None:
         wanted["blas__ldflags"] = blas
@@ -132,7 +158,44 @@ def theano_flag_defaults(environ=None) -> Dict[str, str]:
     return added
 
 
-# --- 2-6. import-time bridges --------------------------------------------------------------
+#: the first numpy release whose C API Theano-PyMC 1.1.2's C code does not build against
+NUMPY_C_LIMIT = (1, 24)
+
+
+def _numpy_version() -> tuple:
+    import numpy
+
+    return tuple(int(part) for part in numpy.__version__.split(".")[:2])
+
+
+def numpy_too_new_for_c() -> bool:
+    """True where numpy is too new for Theano-PyMC 1.1.2's C code (numpy >= 1.24)."""
+    return _numpy_version() >= NUMPY_C_LIMIT
+
+
+def c_backend_available() -> tuple:
+    """``(True, "")`` where Theano's C backend can work here, else ``(False, reason)``.
+
+    ``reason`` is one line: numpy too new for Theano's C code, or no C++ compiler
+    (Theano's ``cxx`` flag empty). Cheap: nothing is compiled (see
+    :func:`check_compiled_backend` for the full check with a probe).
+    """
+    import numpy
+
+    if numpy_too_new_for_c():
+        return False, (f"Theano-PyMC 1.1.2's C backend needs numpy < "
+                       f"{'.'.join(map(str, NUMPY_C_LIMIT))} and this Python has numpy "
+                       f"{numpy.__version__}: use --theano-mode jax, or the pinned "
+                       f"environment (requirements.txt) for the C backend")
+    import theano
+
+    if not theano.config.cxx:
+        return False, ("Theano found no C++ compiler (its cxx flag is empty): install g++ "
+                       "or use --theano-mode jax")
+    return True, ""
+
+
+# --- 2-6, 10-13. import-time bridges --------------------------------------------------------------
 
 def bridge_scan_cython() -> None:
     """Make ``from theano.scan import scan_perform_ext`` raise ImportError immediately.
@@ -248,6 +311,152 @@ def bridge_recursion_limit() -> None:
         sys.setrecursionlimit(RECURSION_LIMIT)
 
 
+def _stand_in(name: str, doc: str, **attrs) -> types.ModuleType:
+    module = types.ModuleType(name, f"Stand-in (original.compat): {doc}")
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    sys.modules[name] = module
+    return module
+
+
+def _python_inc(plat_specific=False, prefix=None):
+    import sysconfig
+
+    return sysconfig.get_paths()["platinclude" if plat_specific else "include"]
+
+
+def _python_lib(plat_specific=False, standard_lib=False, prefix=None):
+    import sysconfig
+
+    key = {(False, False): "purelib", (True, False): "platlib",
+           (False, True): "stdlib", (True, True): "platstdlib"}
+    return sysconfig.get_paths()[key[bool(plat_specific), bool(standard_lib)]]
+
+
+def bridge_stdlib_distutils() -> None:
+    """``distutils.spawn.find_executable`` and ``distutils.sysconfig`` where Python has no
+    ``distutils`` (3.12 without setuptools). Must run before ``import theano``."""
+    import importlib.util
+
+    if "distutils" in sys.modules or importlib.util.find_spec("distutils") is not None:
+        return
+    import shutil
+    import sysconfig
+
+    spawn = _stand_in("distutils.spawn", "find_executable only.",
+                      find_executable=lambda name, path=None: shutil.which(name, path=path))
+    config = _stand_in("distutils.sysconfig", "the functions Theano calls, over sysconfig.",
+                       get_config_var=sysconfig.get_config_var,
+                       get_config_vars=sysconfig.get_config_vars,
+                       get_python_inc=_python_inc, get_python_lib=_python_lib,
+                       get_python_version=sysconfig.get_python_version,
+                       get_config_h_filename=sysconfig.get_config_h_filename)
+    _stand_in("distutils", "spawn and sysconfig only (Python 3.12 has no distutils).",
+              spawn=spawn, sysconfig=config, __path__=[])
+
+
+class _SystemInfo:
+    verbosity = 0
+
+
+def bridge_numpy_distutils() -> None:
+    """``numpy.distutils`` where numpy has none (numpy 2): numpy's headers, and no BLAS
+    found (Theano's C backend does not work with numpy 2 anyway)."""
+    import importlib.util
+
+    import numpy
+
+    if "numpy.distutils" in sys.modules or \
+            importlib.util.find_spec("numpy.distutils") is not None:
+        return
+    misc = _stand_in("numpy.distutils.misc_util", "get_numpy_include_dirs only.",
+                     get_numpy_include_dirs=lambda: [numpy.get_include()])
+    info = _stand_in("numpy.distutils.system_info", "finds nothing.",
+                     system_info=_SystemInfo, get_info=lambda name, notfound_action=0: {})
+    module = _stand_in("numpy.distutils", "what Theano imports; numpy 2 has no distutils.",
+                       misc_util=misc, system_info=info, __path__=[])
+    numpy.distutils = module
+
+
+class _Cast(dict):
+    """numpy 1.x's ``np.cast``: ``np.cast[dtype](x)`` is ``np.asarray(x).astype(dtype)``."""
+
+    def __missing__(self, key):
+        import numpy
+
+        dtype = numpy.dtype(key)
+        return lambda x: numpy.asarray(x).astype(dtype)
+
+
+def bridge_numpy_aliases() -> Dict[str, object]:
+    """Set numpy 1.x names that numpy 2 removed and Theano uses; returns those set."""
+    import numpy
+
+    def sctype2char(sctype):
+        return numpy.dtype(sctype).char
+
+    wanted = {"product": numpy.prod, "cast": _Cast(), "complex": complex, "int": int,
+              "sctype2char": sctype2char}
+    exceptions = getattr(numpy, "exceptions", None)
+    if exceptions is not None:
+        wanted["AxisError"] = exceptions.AxisError
+        wanted["ComplexWarning"] = exceptions.ComplexWarning
+    added = {}
+    for name, value in wanted.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                getattr(numpy, name)
+        except AttributeError:
+            setattr(numpy, name, value)
+            added[name] = value
+    return added
+
+
+def _exact_autocast(original_call):
+    """``NumpyAutocaster.__call__`` choosing the first dtype that holds a Python number
+    exactly, compared in Python's own arithmetic (numpy 1.x's outcome under numpy 2)."""
+    import numpy
+
+    def __call__(self, x):
+        from theano.configdefaults import config
+
+        if config.cast_policy != "custom" or not isinstance(x, (int, float)) or \
+                isinstance(x, bool):
+            return original_call(self, x)
+        if isinstance(x, float) and config.floatX in self.dtypes and \
+                config.floatX != "float64":
+            return numpy.asarray(x, dtype=config.floatX)  # Theano's deliberate downcast
+        dtypes = [d for d in self.dtypes if config.floatX == "float16" or d != "float16"]
+        value = None
+        for dtype in dtypes:
+            try:
+                value = numpy.asarray(x, dtype=dtype)
+            except OverflowError:  # numpy 2 refuses a Python int out of the dtype's range
+                continue
+            if value.item() == x:  # Python int/float equality: exact
+                return value
+        if value is None:
+            raise OverflowError(f"{x} does not fit any of {dtypes}")
+        return value
+
+    __call__.exact = True
+    __call__.stock = original_call
+    return __call__
+
+
+def bridge_autocast() -> bool:
+    """Install :func:`_exact_autocast` on Theano's ``NumpyAutocaster`` under numpy >= 2;
+    returns whether it is installed."""
+    if _numpy_version() < (2, 0):
+        return False
+    from theano.scalar.basic import NumpyAutocaster
+
+    if not getattr(NumpyAutocaster.__call__, "exact", False):
+        NumpyAutocaster.__call__ = _exact_autocast(NumpyAutocaster.__call__)
+    return True
+
+
 def install() -> None:
     """Apply every bridge once; safe to call again. Imports Theano (not Lasagne)."""
     global _installed
@@ -258,10 +467,14 @@ def install() -> None:
     bridge_scan_cython()
     bridge_recursion_limit()
     bridge_pkg_resources()
+    bridge_stdlib_distutils()
+    bridge_numpy_distutils()
+    bridge_numpy_aliases()
     with warnings.catch_warnings():
         # Theano-PyMC warns about its own deprecated aliases at import; not our concern
         warnings.simplefilter("ignore", DeprecationWarning)
         import theano  # noqa: F401
+    bridge_autocast()
     bridge_mrg_random_streams()
     bridge_downsample()
     bridge_gof()
