@@ -93,6 +93,12 @@ def compare(inputs, outputs, values, expect_ops, tol=TOL):
     return worst
 
 
+def resident(shared):
+    """The value in ``shared``'s storage cell as it is, through Theano's own API (a
+    jax.Array once a JAX-mode call or ``jax_mode.set_value`` with a device put it there)."""
+    return shared.get_value(borrow=True, return_internal_type=True)
+
+
 def randn(*shape, seed=0):
     return np.random.RandomState(seed).randn(*shape)
 
@@ -264,7 +270,7 @@ def test_float32_products_run_at_the_requested_precision(allow_tf32, word):
     assert len(lines) >= 5  # forward conv and dot, their gradients
     for line in lines:
         assert f"precision {word}>" in line or f"[{word}, {word}]" in line, line
-    assert jax_mode.device_array(w).dtype == np.float32
+    assert resident(w).dtype == np.float32
     assert "float32 HIGHEST" in jax_mode.describe("cpu", "float32")
 
 
@@ -325,7 +331,7 @@ def test_float64_run_holds_float64_device_arrays(trained_pair):
     assert "float64" in j.device and "JAX" in j.device
     shared = list(j._params.values()) + list(j._velocities().values()) + [j._lr]
     for var in shared:
-        value = jax_mode.device_array(var)
+        value = resident(var)
         assert isinstance(value, jax.Array) and value.dtype == np.float64, var.name
     x, y = batches[0]
     lowered = jax_mode.linker_call(j._compile("train")).lower(x, y).as_text()
@@ -357,7 +363,7 @@ def test_shared_variables_and_device_copies_agree(trained_pair):
     backend_load(j, state)
     again = backend_state(j)
     assert all(np.array_equal(again[k], state[k]) for k in state)
-    assert isinstance(jax_mode.device_array(next(iter(j._params.values()))), jax.Array)
+    assert isinstance(resident(next(iter(j._params.values()))), jax.Array)
 
 
 # --- devices ---------------------------------------------------------------------------
