@@ -39,7 +39,8 @@ first. It sets:
   without it JAX silently narrows them to 32 bits (a float64 CRMN step drifted by 4.6e-7
   from the C backend that way, instead of 4e-16). Every value is still cast to the dtype
   its Theano variable declares, so float32 graphs stay float32.
-* ``--xla_cpu_use_mkl_dnn=false`` appended to ``XLA_FLAGS`` (:data:`XLA_CPU_FLAG`) --
+* ``--xla_cpu_use_mkl_dnn=false`` appended to ``XLA_FLAGS`` (:data:`XLA_CPU_FLAG`; the
+  option is ``xla_cpu_use_onednn`` in jaxlib 0.11, see :func:`xla_cpu_option`) --
   XLA:CPU rewrites float32 matrix products to oneDNN calls by default; on the CRMN step
   (n=1, k=1, batch 100, 2-core CPU) that made the step 0.59 s instead of 0.39 s with XLA's
   own kernels. GPUs do not read it. XLA reads its flags once, when JAX starts its first
@@ -73,16 +74,34 @@ from theano.compile.mode import Mode, get_mode
 
 from crmn.errors import ConfigError
 # conversion modules: importing one registers its conversions on dispatch.jax_funcify
-from original.jax_mode import dispatch  # noqa: F401
+from original.jax_mode import conv, dispatch  # noqa: F401
 from original.jax_mode.linker import (PRECISIONS, FusedJAXLinker, _Call, convert_graph,
                                       evaluate)
 
 #: what to install where ``device="cuda"`` finds no CUDA jaxlib (requirements-gpu.txt)
 GPU_INSTALL = "pip install -r requirements-gpu.txt"
 
-#: the XLA:CPU option :func:`configure` turns off, and its setting
-XLA_CPU_OPTION = "xla_cpu_use_mkl_dnn"
-XLA_CPU_FLAG = f"--{XLA_CPU_OPTION}=false"
+#: XLA's name of the oneDNN option by jaxlib release, as measured: an unknown name in
+#: ``XLA_FLAGS`` aborts the process, so releases not listed get no flag (XLA's default)
+XLA_CPU_OPTIONS = {(0, 4): "xla_cpu_use_mkl_dnn", (0, 11): "xla_cpu_use_onednn"}
+#: every spelling of the option, to see whether the user's XLA_FLAGS sets it
+_XLA_CPU_SPELLINGS = ("xla_cpu_use_mkl_dnn", "xla_cpu_use_onednn")
+
+
+def xla_cpu_option(jaxlib_version: str = None):
+    """The name of XLA's oneDNN option in ``jaxlib_version`` (the installed jaxlib by
+    default), or None where it is not known for that release."""
+    if jaxlib_version is None:
+        from importlib import metadata
+
+        jaxlib_version = metadata.version("jaxlib")
+    release = tuple(int(part) for part in jaxlib_version.split(".")[:2])
+    return XLA_CPU_OPTIONS.get(release)
+
+
+#: the XLA:CPU option :func:`configure` turns off here, and its setting (None: not known)
+XLA_CPU_OPTION = xla_cpu_option()
+XLA_CPU_FLAG = f"--{XLA_CPU_OPTION}=false" if XLA_CPU_OPTION else None
 
 
 def _backends_started() -> bool:
@@ -104,7 +123,8 @@ def configure() -> Dict[str, str]:
     """
     changed = {}
     flags = os.environ.get("XLA_FLAGS", "")
-    if XLA_CPU_OPTION not in flags and not _backends_started():
+    if XLA_CPU_FLAG and not any(name in flags for name in _XLA_CPU_SPELLINGS) \
+            and not _backends_started():
         os.environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_FLAG}".strip()
         changed["XLA_FLAGS"] = os.environ["XLA_FLAGS"]
     if not jax.config.jax_enable_x64:
@@ -152,7 +172,7 @@ def jax_mode(device="cpu", allow_tf32: bool = False) -> Mode:
     configure()
     if isinstance(device, str):
         device = jax_device(device)
-    query = get_mode("JAX").excluding("inplace").provided_optimizer
+    query = get_mode("JAX").excluding("inplace", *conv.EXCLUDED_REWRITES).provided_optimizer
     return Mode(FusedJAXLinker(device, allow_tf32), query)
 
 
@@ -211,4 +231,4 @@ def describe(device, dtype: str, allow_tf32: bool = False) -> str:
 
 __all__ = ["configure", "function", "jax_mode", "FusedJAXLinker", "convert_graph",
            "evaluate", "jax_device", "get_value", "set_value", "describe", "linker_call",
-           "PRECISIONS", "GPU_INSTALL", "XLA_CPU_FLAG"]
+           "PRECISIONS", "GPU_INSTALL", "XLA_CPU_FLAG", "xla_cpu_option"]
