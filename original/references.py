@@ -1,0 +1,333 @@
+"""Float64 reference outputs of the Theano stack, recorded from the pinned C backend.
+
+Where Theano's C backend cannot run (the ``current`` environment: numpy 2, no C code), the
+JAX mode is held to these arrays instead of to a fresh C run. They are recorded in the
+pinned environment by ``scripts/make_references.py`` (:func:`record`) into
+:data:`REFERENCES`, a compressed npz well under 1 MB:
+
+* per op (:data:`OP_CASES`): the convolution over four border modes and two strides
+  (output and both gradients), the CRMN tap's average pooling and max pooling, one
+  Lasagne peephole-LSTM pass over three steps with both output gates (output and the
+  gradients of its input and every parameter), and the softmax cross-entropy head (loss,
+  accuracy and three gradients). Inputs, parameter values and outputs are all stored.
+* end to end (:data:`E2E_MODELS`): the tiny ResNet and CRMN (n=1, k=0.5, 10 classes, both
+  output gates) of :class:`original.backend.TheanoBackend` in float64: three SGD steps
+  (momentum 0.9, weight decay 1e-4, lr 0.1) from the seed's initial state, the batch losses
+  and accuracies, the final state (velocities included) and the logits of the last batch
+  in both forward modes.
+
+:func:`run_op` and :func:`run_e2e` compute the same quantities with a given mode ("c" or
+"jax") (per op from the stored inputs), so a test compares them with :func:`load`'s arrays
+(:func:`op_outputs`, :func:`e2e_outputs`, :func:`worst_difference`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+
+import original  # noqa: F401  (the bridges, before Theano and Lasagne)
+import lasagne
+import theano
+import theano.tensor as T
+from theano.tensor.signal.pool import pool_2d
+
+from crmn.config import ModelConfig, TrainConfig
+from crmn.errors import ConfigError
+
+#: the stored references (the archive's own file)
+REFERENCES = Path(__file__).resolve().parents[1] / "tests" / "references" / "theano_c_float64.npz"
+#: the largest absolute difference the JAX mode may show against them (float64 rounding)
+TOL = 1e-12
+#: the end-to-end run: steps, batch size, learning rate, seed of the batches
+E2E_STEPS, E2E_BATCH, E2E_LR, E2E_SEED = 3, 4, 0.1, 0
+#: the tiny networks: a CRMN's LSTM of 4 units (its input weights, 2048 x 4 per gate,
+#: dominate the file; the graph is the same as with the paper's 100)
+E2E_MODELS = {
+    "resnet": ModelConfig(n=1, k=0.5, classes=10, memory=False),
+    "crmn-logistic": ModelConfig(n=1, k=0.5, classes=10, memory=True, outgate="logistic",
+                                 lstm_units=4),
+    "crmn-tanh": ModelConfig(n=1, k=0.5, classes=10, memory=True, outgate="tanh",
+                             lstm_units=4),
+}
+E2E_TRAIN = TrainConfig(batch_size=E2E_BATCH, seed=3)
+
+
+def _randn(*shape, seed):
+    return np.random.RandomState(seed).randn(*shape)
+
+
+# --- per-op cases ------------------------------------------------------------------------
+# Each builder returns (symbolic inputs, outputs, input values, shared variables, the op
+# names that must be in the compiled graph: one set per backend that may compile it). It
+# runs under floatX=float64. Shared variables get their values from the references.
+
+_CONV_OPS = ({"CorrMM", "CorrMM_gradWeights", "CorrMM_gradInputs"},
+             {"AbstractConv2d", "AbstractConv2d_gradWeights", "AbstractConv2d_gradInputs"})
+
+
+def _conv_case(border, stride):
+    def build():
+        x, w, r = T.tensor4("x"), T.tensor4("w"), T.tensor4("r")
+        conv = T.nnet.conv2d(x, w, border_mode=border, subsample=(stride, stride))
+        gx, gw = T.grad((conv * r).sum(), [x, w])
+        xv, wv = _randn(2, 3, 9, 9, seed=1), _randn(4, 3, 3, 3, seed=2)
+        size = {"valid": 7, "half": 9, "full": 11}.get(border, 9)
+        out = (size - 1) // stride + 1
+        return [x, w, r], [conv, gx, gw], [xv, wv, _randn(2, 4, out, out, seed=3)], [], \
+            _CONV_OPS
+    return build
+
+
+def _pool_case(mode, ignore_border, size, grad):
+    def build():
+        x = T.tensor4("x")
+        pooled = pool_2d(x, (2, 2), ignore_border=ignore_border, stride=(2, 2), mode=mode)
+        xv = _randn(2, 3, size, size, seed=4)
+        if not grad:
+            return [x], [pooled], [xv], [], ({"Pool"},)
+        r = T.tensor4("r")
+        gx = T.grad((pooled * r).sum(), x)
+        out = size // 2 if ignore_border else (size + 1) // 2
+        return [x, r], [pooled, gx], [xv, _randn(2, 3, out, out, seed=5)], [], \
+            ({"Pool", "AveragePoolGrad"},)
+    return build
+
+
+def _lstm_case(outgate):
+    def build():
+        from original.model import _lstm
+
+        cfg = ModelConfig(n=1, k=0.5, classes=10, memory=True, outgate=outgate,
+                          lstm_units=7)
+        x = T.tensor3("x")  # (B, steps, inputs)
+        layer = _lstm(lasagne.layers.InputLayer((None, 3, 6), input_var=x), cfg)
+        h = lasagne.layers.get_output(layer)  # (B, 3, 7)
+        params = lasagne.layers.get_all_params(layer)
+        r = T.tensor3("r")
+        grads = T.grad((h * r).sum(), [x] + params)
+        return [x, r], [h] + grads, [_randn(2, 3, 6, seed=20), _randn(2, 3, 7, seed=21)], \
+            params, ({"Split", "Join"}, {"Join"})
+    return build
+
+
+def _softmax_case():
+    h, w, b, y = T.matrix("h"), T.matrix("w"), T.vector("b"), T.lvector("y")
+    logits = T.dot(h, w) + b
+    ce = lasagne.objectives.categorical_crossentropy(T.nnet.softmax(logits), y).mean()
+    acc = T.mean(T.eq(T.argmax(logits, axis=1), y))
+    values = [_randn(6, 5, seed=9), _randn(5, 10, seed=10), _randn(10, seed=11),
+              np.array([0, 3, 9, 3, 1, 7], dtype=np.int64)]
+    return [h, w, b, y], [ce, acc] + T.grad(ce, [h, w, b]), values, [], \
+        ({"CrossentropySoftmaxArgmax1HotWithBias", "CrossentropySoftmax1HotWithBiasDx",
+          "Argmax"},)
+
+
+OP_CASES: Dict[str, Callable] = {
+    **{f"conv-{name}-s{stride}": _conv_case(border, stride)
+       for name, border in (("valid", "valid"), ("half", "half"), ("full", "full"),
+                            ("pad1", (1, 1)))
+       for stride in (1, 2)},
+    "pool-average-tap": _pool_case("average_inc_pad", True, 8, grad=True),
+    "pool-average-border": _pool_case("average_inc_pad", False, 7, grad=True),
+    "pool-max": _pool_case("max", True, 8, grad=False),
+    "lstm-logistic": _lstm_case("logistic"),
+    "lstm-tanh": _lstm_case("tanh"),
+    "softmax-crossentropy": _softmax_case,
+}
+
+
+def op_names(fn) -> set:
+    """Op class names of a compiled function's graph, scalar ops of Elemwise and Composite
+    included."""
+    names = set()
+
+    def visit(nodes):
+        for node in nodes:
+            names.add(type(node.op).__name__)
+            scalar = getattr(node.op, "scalar_op", None)
+            if scalar is not None:
+                names.add(type(scalar).__name__)
+                inner = getattr(scalar, "fgraph", None)
+                if inner is not None:
+                    visit(inner.apply_nodes)
+
+    visit(fn.maker.fgraph.apply_nodes)
+    return names
+
+
+def _compile(inputs, outputs, mode: str):
+    if mode == "jax":
+        from original import jax_mode
+
+        return jax_mode.function(inputs, outputs)
+    if mode == "c":
+        return theano.function(inputs, outputs)
+    raise ConfigError(f"unknown Theano mode {mode!r} for the references: choose c or jax")
+
+
+def run_op(name: str, mode: str, refs: Dict[str, np.ndarray] = None) -> List[np.ndarray]:
+    """Outputs of case ``name`` compiled in ``mode``; inputs and parameter values from
+    ``refs`` (a :func:`load` result) where given, else generated (:func:`record`).
+
+    Raises
+    ------
+    ConfigError
+        The compiled graph lacks the ops the case exists for (a rewrite removed them, so a
+        comparison would prove nothing).
+    """
+    with theano.config.change_flags(floatX="float64"):
+        inputs, outputs, values, shared, expect = OP_CASES[name]()
+        if refs is not None:
+            values = [refs[f"op/{name}/in/{i}"] for i in range(len(inputs))]
+        for i, var in enumerate(shared):
+            value = (refs[f"op/{name}/param/{i}"] if refs is not None else
+                     _randn(*var.get_value().shape, seed=100 + i))
+            var.set_value(np.asarray(value, dtype="float64"))
+        fn = _compile(inputs, outputs, mode)
+    present = op_names(fn)
+    if not any(ops <= present for ops in expect):
+        raise ConfigError(f"reference case {name}: none of the op sets {expect} is in the "
+                          f"compiled {mode} graph ({sorted(present)})")
+    return [np.asarray(out) for out in fn(*values)]
+
+
+def _op_inputs(name: str) -> Dict[str, np.ndarray]:
+    with theano.config.change_flags(floatX="float64"):
+        inputs, _, values, shared, _ = OP_CASES[name]()
+    out = {f"op/{name}/in/{i}": np.asarray(v) for i, v in enumerate(values)}
+    out.update({f"op/{name}/param/{i}": _randn(*var.get_value().shape, seed=100 + i)
+                for i, var in enumerate(shared)})
+    return out
+
+
+# --- end to end ------------------------------------------------------------------------
+
+def e2e_batches() -> Tuple[np.ndarray, np.ndarray]:
+    """(E2E_STEPS, B, 3, 32, 32) float64 images and (E2E_STEPS, B) int64 labels."""
+    r = np.random.RandomState(E2E_SEED)
+    xs, ys = [], []
+    for _ in range(E2E_STEPS):
+        xs.append(r.randn(E2E_BATCH, 3, 32, 32))
+        ys.append(r.randint(0, 10, E2E_BATCH).astype(np.int64))
+    return np.stack(xs), np.stack(ys)
+
+
+def run_e2e(name: str, mode: str) -> Dict[str, np.ndarray]:
+    """Three float64 SGD steps of model ``name`` in ``mode`` from its initial state
+    (:mod:`crmn.init`, seed 3) on :func:`e2e_batches`. Returns ``{"final/<state name>",
+    "losses" (steps, 2): mean cross-entropy and accuracy of each batch before its step,
+    "logits/train", "logits/eval" (of the last batch, after the steps)}``.
+
+    The initial state and the batches are not stored: both are drawn by numpy's legacy
+    ``RandomState``, whose streams numpy keeps stable across releases (the orthogonal LSTM
+    weights go through a QR factorisation, which may differ in the last bit between numpy
+    builds: 6e-16 measured between the two environments).
+    """
+    from original.backend import TheanoBackend
+
+    backend = TheanoBackend(E2E_MODELS[name], E2E_TRAIN, dtype="float64", mode=mode)
+    xs, ys = e2e_batches()
+    losses = []
+    for x, y in zip(xs, ys):
+        loss_sum, correct = backend.step(x, y, E2E_LR)  # sums over the batch
+        losses.append((float(loss_sum) / len(y), float(correct) / len(y)))
+    out = {"losses": np.array(losses)}
+    out.update({f"final/{k}": np.asarray(v) for k, v in backend.get_state().items()})
+    out["logits/train"] = np.asarray(backend.logits(xs[-1], training=True))
+    out["logits/eval"] = np.asarray(backend.logits(xs[-1], training=False))
+    return out
+
+
+# --- recording and loading -------------------------------------------------------------
+
+def record(path: Path = REFERENCES) -> Dict[str, np.ndarray]:
+    """Compute every reference with the C backend and write them to ``path``.
+
+    Raises
+    ------
+    ConfigError
+        This environment has no working Theano C backend (the references must come from
+        the pinned one).
+    """
+    from original import compat
+
+    ok, reason = compat.c_backend_available()
+    if not ok:
+        raise ConfigError(f"the references are recorded with Theano's C backend: {reason}")
+    compat.check_compiled_backend()
+    arrays: Dict[str, np.ndarray] = {}
+    for name in OP_CASES:
+        arrays.update(_op_inputs(name))
+        for i, out in enumerate(run_op(name, "c", arrays)):
+            arrays[f"op/{name}/out/{i}"] = out
+    for name in E2E_MODELS:
+        arrays.update({f"e2e/{name}/{k}": v for k, v in run_e2e(name, "c").items()})
+    import jax
+    import scipy
+
+    meta = {"theano": theano.__version__, "numpy": np.__version__,
+            "scipy": scipy.__version__, "jax": jax.__version__,
+            "blas": theano.config.blas__ldflags, "tol": TOL}
+    arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(path)
+    return arrays
+
+
+def load(path: Path = REFERENCES) -> Dict[str, np.ndarray]:
+    """The stored references as ``{key: array}``.
+
+    Raises
+    ------
+    ConfigError
+        One line when the file is missing or unreadable (regenerate it with
+        ``scripts/make_references.py`` in the pinned environment).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read the Theano references {path} ({err}): regenerate "
+                          f"them with `python scripts/make_references.py` in the pinned "
+                          f"environment") from None
+
+
+def op_outputs(refs, name: str) -> List[np.ndarray]:
+    """The stored outputs of per-op case ``name``, in order."""
+    count = sum(1 for k in refs if k.startswith(f"op/{name}/out/"))
+    return [refs[f"op/{name}/out/{i}"] for i in range(count)]
+
+
+def e2e_outputs(refs, name: str) -> Dict[str, np.ndarray]:
+    """The stored end-to-end results of model ``name``, keyed as :func:`run_e2e`'s."""
+    prefix = f"e2e/{name}/"
+    return {k[len(prefix):]: v for k, v in refs.items() if k.startswith(prefix)}
+
+
+def worst_difference(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray]) -> Tuple[float, str]:
+    """(largest absolute difference, its key) between two results with the same keys.
+
+    Raises
+    ------
+    ConfigError
+        The keys, shapes or dtypes differ.
+    """
+    if set(got) != set(want):
+        raise ConfigError(f"results differ in their arrays: only computed "
+                          f"{sorted(set(got) - set(want))}, only stored "
+                          f"{sorted(set(want) - set(got))}")
+    worst, where = 0.0, ""
+    for key in sorted(want):
+        a, b = np.asarray(got[key]), np.asarray(want[key])
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise ConfigError(f"{key}: computed {a.dtype}{a.shape}, stored {b.dtype}{b.shape}")
+        diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max(initial=0.0))
+        if diff > worst or not where:
+            worst, where = diff, key
+    return worst, where
