@@ -23,6 +23,10 @@ bridge below is one small, named function, applied once by :func:`install` and t
    ignore_border, stride, pad, mode)``; Lasagne's ``layers/pool.py`` imports the old module.
 4. :func:`bridge_gof` -- the graph package ``theano.gof`` became ``theano.graph``;
    ``lasagne.utils.as_theano_expression`` tests ``isinstance(x, theano.gof.Variable)``.
+   With it, for Lasagne's own tests (``scripts/lasagne_tests.sh``): ``theano.gof.graph``
+   (:func:`bridge_gof`), ``theano.scan_module.scan_utils`` (:func:`bridge_scan_module`)
+   and ``theano.Variable`` (:func:`bridge_theano_variable`), the same objects under their
+   Theano 0.7 names.
 5. :func:`bridge_pkg_resources` -- Lasagne's ``__init__`` reads its version through
    ``pkg_resources``: setuptools 80.9 still ships it but warns on import; we import it
    quietly first, and should a later setuptools drop it, install a two-function stand-in
@@ -239,13 +243,49 @@ def bridge_downsample() -> None:
 
 
 def bridge_gof() -> None:
-    """``theano.gof.Variable`` (and the rest of ``theano.gof``) -> ``theano.graph.basic``."""
+    """``theano.gof.Variable`` (and the rest of ``theano.gof``) -> ``theano.graph.basic``;
+    ``theano.gof.graph`` (``is_same_graph`` and the graph functions) -> a module of
+    ``theano.graph.basic``'s names plus ``theano.graph.toolbox.is_same_graph``."""
+    import theano
+    import theano.graph.basic
+    import theano.graph.toolbox
+
+    if hasattr(theano, "gof") or "theano.gof" in sys.modules:
+        return
+    names = {k: v for k, v in vars(theano.graph.basic).items() if not k.startswith("__")}
+    graph = _stand_in("theano.gof.graph", "Theano 0.7's graph module (theano.graph.basic).",
+                      is_same_graph=theano.graph.toolbox.is_same_graph, **names)
+    theano.gof = _stand_in("theano.gof", "Theano 0.7's graph package (theano.graph.basic).",
+                           graph=graph, __path__=[], **names)
+
+
+def bridge_scan_module() -> None:
+    """``theano.scan_module.scan_utils`` -> ``theano.scan.utils`` (with
+    ``equal_computations``, now in ``theano.graph.basic``)."""
+    import importlib
+
     import theano
     import theano.graph.basic
 
-    if not hasattr(theano, "gof"):
-        theano.gof = theano.graph.basic
-        sys.modules.setdefault("theano.gof", theano.graph.basic)
+    if "theano.scan_module" in sys.modules:
+        return
+    utils = importlib.import_module("theano.scan.utils")
+    names = {k: v for k, v in vars(utils).items() if not k.startswith("__")}
+    names.setdefault("equal_computations", theano.graph.basic.equal_computations)
+    scan_utils = _stand_in("theano.scan_module.scan_utils",
+                           "Theano 0.7's scan utilities, renamed theano.scan.utils.", **names)
+    module = _stand_in("theano.scan_module", "Theano 0.7's scan package, renamed theano.scan.",
+                       scan_utils=scan_utils, __path__=[])
+    theano.scan_module = module
+
+
+def bridge_theano_variable() -> None:
+    """``theano.Variable`` -> ``theano.graph.basic.Variable``."""
+    import theano
+    import theano.graph.basic
+
+    if not hasattr(theano, "Variable"):
+        theano.Variable = theano.graph.basic.Variable
 
 
 def bridge_conv2d_image_shape() -> None:
@@ -478,6 +518,8 @@ def install() -> None:
     bridge_mrg_random_streams()
     bridge_downsample()
     bridge_gof()
+    bridge_scan_module()
+    bridge_theano_variable()
     bridge_conv2d_image_shape()
     bridge_compile_lock()
     _installed = True
