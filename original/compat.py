@@ -611,6 +611,8 @@ def check_compiled_backend(probe: bool = True) -> None:
     """
     import theano
 
+    if numpy_too_new_for_c():
+        raise ConfigError(c_backend_available()[1])
     cfg = theano.config
     rc = "THEANO_FLAGS"
     if not cfg.cxx:

@@ -102,3 +102,36 @@ def test_the_bridges_import_lasagne_in_a_clean_process():
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0.1", "1.1.2"]
+
+
+def test_check_compiled_backend_names_numpy_where_it_is_too_new():
+    from crmn.errors import ConfigError
+
+    if not compat.numpy_too_new_for_c():
+        pytest.skip("numpy < 1.24 here: the C backend's own checks apply")
+    with pytest.raises(ConfigError) as err:
+        compat.check_compiled_backend(probe=False)
+    assert str(err.value) == compat.c_backend_available()[1]
+
+
+def test_xla_option_name_follows_the_jaxlib_release():
+    from original import jax_mode
+
+    assert jax_mode.xla_cpu_option("0.4.30") == "xla_cpu_use_mkl_dnn"
+    assert jax_mode.xla_cpu_option("0.11.2") == "xla_cpu_use_onednn"
+    assert jax_mode.xla_cpu_option("0.7.1") is None  # not measured: XLA's default
+
+
+def test_the_jax_mode_settings_start_jax_in_a_clean_process():
+    """An XLA flag unknown to the installed jaxlib aborts the process at JAX's start."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    code = ("from original import jax_mode\nchanged = jax_mode.configure()\n"
+            "import jax.numpy as jnp\nprint(changed.get('XLA_FLAGS'), float(jnp.ones(3).sum()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    from original import jax_mode
+
+    assert out.stdout.split() == [str(jax_mode.XLA_CPU_FLAG), "3.0"]
