@@ -42,4 +42,4 @@ done < <(sed -n 's/^- `\([^`]*::[^`]*\)`.*/\1/p' tests/lasagne_upstream.md)
 cd "$dest"
 PYTHONPATH="$OLDPWD:$OLDPWD/tests${PYTHONPATH:+:$PYTHONPATH}" exec "$CRMN_PY" -m pytest \
   -p lasagne_upstream_plugin -p no:cacheprovider --rootdir . -c /dev/null \
-  -W "ignore::DeprecationWarning" -q "${deselect[@]}" "${MODULES[@]}" "$@"
+  -W "ignore::DeprecationWarning" -q -rfE "${deselect[@]}" "${MODULES[@]}" "$@"
