@@ -226,6 +226,24 @@ def test_option_a_shortcut_and_explicit_padding():
             {"IncSubtensor", "Shape_i", "Reshape"})
 
 
+@pytest.mark.parametrize("kind", ["inc", "set", "inc_rows", "set_points"])
+def test_subtensor_update_of_a_constant(kind):
+    """Set or increment part of a graph constant (which reaches the conversion as numpy,
+    without ``.at``): basic slices, repeated rows, and index-array points."""
+    x = T.vector("x")
+    zeros = T.constant(np.zeros(5))
+    grid = T.constant(np.arange(12.0).reshape(3, 4))
+    out, size, op = {
+        "inc": (lambda: T.inc_subtensor(zeros[1:3], x), 2, "IncSubtensor"),
+        "set": (lambda: T.set_subtensor(zeros[1:3], x), 2, "IncSubtensor"),
+        "inc_rows": (lambda: T.inc_subtensor(zeros[[0, 2, 2]], x), 3,
+                     "AdvancedIncSubtensor1"),
+        "set_points": (lambda: T.set_subtensor(grid[[0, 2], [1, 3]], x), 2,
+                       "AdvancedIncSubtensor"),
+    }[kind]
+    compare([x], [out()], [randn(size, seed=19)], {op})
+
+
 def test_variadic_add_and_mul():
     """Elementwise products and sums of 3-5 inputs (the stock Mul conversion called the
     removed jnp.product), fused into Composite ops by Theano."""
