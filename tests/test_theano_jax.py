@@ -264,6 +264,21 @@ def test_missing_conversion_is_one_line_naming_op_and_layer():
     assert "FillDiagonal" in message and "'probe'" in message and "probe.W" in message
 
 
+def test_unsupported_option_is_the_same_one_line_error():
+    """An option a conversion refuses (max pooling over a padded image), found only when
+    the graph is traced: the same ConfigError kind and form as a missing conversion."""
+    w = theano.shared(np.ones((2, 3, 3, 3)), name="tap.W")
+    x = T.tensor4("x")
+    pooled = pool_2d(T.nnet.conv2d(x, w, border_mode="half"), (2, 2), ignore_border=True,
+                     stride=(2, 2), pad=(1, 1), mode="max")
+    fn = jax_mode.function([x], pooled)
+    with pytest.raises(ConfigError) as info:
+        fn(randn(1, 3, 6, 6, seed=40))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("--theano-mode jax: ")
+    assert "Pool" in message and "padding (1, 1)" in message and "'tap.W'" in message
+
+
 # --- precision and dtypes --------------------------------------------------------------
 
 def _products(fn, *values):
