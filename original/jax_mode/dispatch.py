@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-import theano  # noqa: F401  (original's bridges are installed by the package import)
 from theano.scalar.basic import Add, Composite, Mul
 from theano.tensor.basic import Argmax, Split
 from theano.tensor.elemwise import CAReduceDtype, Elemwise
