@@ -15,6 +15,8 @@ from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import CheckpointError
 from crmn.naming import param_specs, velocity_name
 
+pytestmark = pytest.mark.current  # framework-free: runs in the current environment too
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -7,6 +7,8 @@ import pytest
 from crmn import cli
 from crmn.config import ModelConfig, TrainConfig
 
+pytestmark = pytest.mark.current  # framework-free: runs in the current environment too
+
 MODEL = dict(n=1, k=1, classes=10, memory=True)
 
 # every float field, with the configuration class it belongs to

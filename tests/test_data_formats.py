@@ -11,6 +11,8 @@ from crmn.data import fake
 from crmn.errors import DataError
 from data_helpers import cifar_pickle, pattern
 
+pytestmark = pytest.mark.current  # framework-free: runs in the current environment too
+
 
 def test_load_raw_cifar10_reads_the_official_pickle_layout(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"

@@ -17,6 +17,8 @@ from crmn.data import integrity
 from crmn.errors import DataError
 from data_helpers import cifar_pickle, md5, pattern
 
+pytestmark = pytest.mark.current  # framework-free: runs in the current environment too
+
 
 @pytest.fixture(autouse=True)
 def fresh_memory(monkeypatch):

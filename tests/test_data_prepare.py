@@ -8,6 +8,8 @@ from numpy.testing import assert_allclose, assert_array_equal
 from crmn import data
 from crmn.errors import ConfigError, DataError
 
+pytestmark = pytest.mark.current  # framework-free: runs in the current environment too
+
 prep = importlib.import_module("crmn.data.prepare")  # the module, not the function
 
 

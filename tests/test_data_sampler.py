@@ -10,6 +10,8 @@ from crmn import data
 from crmn.errors import ConfigError
 from crmn.tools.sampler_bench import time_sampler
 
+pytestmark = pytest.mark.current  # framework-free: runs in the current environment too
+
 
 def _reference_batch(x, plan, i, b, pad):
     """Per-image padding, cropping and mirroring: the definition the sampler vectorises."""

@@ -11,6 +11,8 @@ from crmn.data import sources
 from crmn.errors import ConfigError, DataError
 from data_helpers import Server, md5, set_md5, use_archive
 
+pytestmark = pytest.mark.current  # framework-free: runs in the current environment too
+
 
 @pytest.fixture
 def data_server(monkeypatch):

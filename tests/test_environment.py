@@ -2,6 +2,10 @@
 import re
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.current  # framework-free: runs in the current environment too
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

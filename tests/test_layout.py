@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.current  # framework-free: runs in the current environment too
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("crmn", "original", "modern")
 MAX_FUNCTION_LINES = 60

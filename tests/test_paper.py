@@ -5,6 +5,8 @@ from crmn import paper
 from crmn.config import ModelConfig
 from crmn.naming import count_trainable, param_specs
 
+pytestmark = pytest.mark.current  # framework-free: runs in the current environment too
+
 
 def test_table1_has_twelve_rows_in_three_blocks():
     assert len(paper.TABLE1) == 12

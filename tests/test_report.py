@@ -8,6 +8,8 @@ import pytest
 from crmn import paper, report
 from crmn.errors import CRMNError
 
+pytestmark = pytest.mark.current  # framework-free: runs in the current environment too
+
 
 def write_run(seed_dir, *, row, experiment, seed, test_acc=None, final_epochs=3,
               val_accs=(0.3, 0.4), params=123456, device="cpu", sec=2.0):

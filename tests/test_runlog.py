@@ -13,6 +13,8 @@ import pytest
 from crmn import checkpoint, runlog
 from crmn.errors import CRMNError
 
+pytestmark = pytest.mark.current  # framework-free: runs in the current environment too
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

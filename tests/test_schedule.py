@@ -5,6 +5,8 @@ import pytest
 
 from crmn.schedule import Decision, FixedSchedule, PlateauSchedule, schedule_from_state
 
+pytestmark = pytest.mark.current  # framework-free: runs in the current environment too
+
 
 def feed(sched, metrics):
     """Step through (loss, acc) pairs; return the decisions and the per-step 'improved'."""
