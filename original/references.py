@@ -158,19 +158,21 @@ def op_names(fn) -> set:
     return names
 
 
-def _compile(inputs, outputs, mode: str):
+def _compile(inputs, outputs, mode: str, device: str = "cpu"):
     if mode == "jax":
         from original import jax_mode
 
-        return jax_mode.function(inputs, outputs)
+        return jax_mode.function(inputs, outputs, device=device)
     if mode == "c":
         return theano.function(inputs, outputs)
     raise ConfigError(f"unknown Theano mode {mode!r} for the references: choose c or jax")
 
 
-def run_op(name: str, mode: str, refs: Dict[str, np.ndarray] = None) -> List[np.ndarray]:
-    """Outputs of case ``name`` compiled in ``mode``; inputs and parameter values from
-    ``refs`` (a :func:`load` result) where given, else generated (:func:`record`).
+def run_op(name: str, mode: str, refs: Dict[str, np.ndarray] = None,
+           device: str = "cpu") -> List[np.ndarray]:
+    """Outputs of case ``name`` compiled in ``mode`` (on ``device``: JAX mode only);
+    inputs and parameter values from ``refs`` (a :func:`load` result) where given, else
+    generated (:func:`record`).
 
     Raises
     ------
@@ -186,7 +188,7 @@ def run_op(name: str, mode: str, refs: Dict[str, np.ndarray] = None) -> List[np.
             value = (refs[f"op/{name}/param/{i}"] if refs is not None else
                      _randn(*var.get_value().shape, seed=100 + i))
             var.set_value(np.asarray(value, dtype="float64"))
-        fn = _compile(inputs, outputs, mode)
+        fn = _compile(inputs, outputs, mode, device)
     present = op_names(fn)
     if not any(ops <= present for ops in expect):
         raise ConfigError(f"reference case {name}: none of the op sets {expect} is in the "
@@ -215,7 +217,7 @@ def e2e_batches() -> Tuple[np.ndarray, np.ndarray]:
     return np.stack(xs), np.stack(ys)
 
 
-def run_e2e(name: str, mode: str) -> Dict[str, np.ndarray]:
+def run_e2e(name: str, mode: str, device: str = "cpu") -> Dict[str, np.ndarray]:
     """Three float64 SGD steps of model ``name`` in ``mode`` from its initial state
     (:mod:`crmn.init`, seed 3) on :func:`e2e_batches`. Returns ``{"final/<state name>",
     "losses" (steps, 2): mean cross-entropy and accuracy of each batch before its step,
@@ -228,7 +230,8 @@ def run_e2e(name: str, mode: str) -> Dict[str, np.ndarray]:
     """
     from original.backend import TheanoBackend
 
-    backend = TheanoBackend(E2E_MODELS[name], E2E_TRAIN, dtype="float64", mode=mode)
+    backend = TheanoBackend(E2E_MODELS[name], E2E_TRAIN, device=device, dtype="float64",
+                            mode=mode)
     xs, ys = e2e_batches()
     losses = []
     for x, y in zip(xs, ys):
@@ -331,3 +334,27 @@ def worst_difference(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray]) ->
         if diff > worst or not where:
             worst, where = diff, key
     return worst, where
+
+
+def check_jax(device: str = "cpu", refs: Dict[str, np.ndarray] = None) -> List[Tuple[str, float]]:
+    """The JAX mode on ``device`` against the references: ``[(case, largest absolute
+    difference)]`` for every per-op case (``op/<name>``) and end-to-end model
+    (``e2e/<name>``), in that order; a case passes at ``<= TOL``. For ``verify`` where
+    Theano's C backend is missing.
+
+    Raises
+    ------
+    ConfigError
+        The references cannot be read, or a result differs in its arrays' shapes or dtypes.
+    """
+    refs = load() if refs is None else refs
+    rows = []
+    for name in OP_CASES:
+        got = run_op(name, "jax", refs, device)
+        want = op_outputs(refs, name)
+        rows.append((f"op/{name}", worst_difference(dict(enumerate(got)),
+                                                    dict(enumerate(want)))[0]))
+    for name in E2E_MODELS:
+        worst, _ = worst_difference(run_e2e(name, "jax", device), e2e_outputs(refs, name))
+        rows.append((f"e2e/{name}", worst))
+    return rows

@@ -91,3 +91,14 @@ def test_missing_references_are_one_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         references.load(tmp_path / "none.npz")
     assert "make_references.py" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_check_jax_lists_every_case_within_tolerance(refs, monkeypatch):
+    """The entry point for ``verify``: one row per case (the end-to-end runs replaced by
+    the stored results here, to keep the test short; the tests above run them)."""
+    monkeypatch.setattr(references, "run_e2e",
+                        lambda name, mode, device: references.e2e_outputs(refs, name))
+    rows = references.check_jax("cpu", refs)
+    assert [r[0] for r in rows] == ([f"op/{n}" for n in references.OP_CASES]
+                                    + [f"e2e/{n}" for n in references.E2E_MODELS])
+    assert all(worst <= TOL for _, worst in rows), rows
