@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, TextIO
 
 from crmn import paper, runlog
 from crmn.config import ModelConfig, TrainConfig, json_view
-from crmn.errors import CRMNError, DataError
+from crmn.errors import ConfigError, DataError
 
 #: Last row of each block of four in Table 1: the models of the paper's Figure 3.
 FIGURE3_ROWS = tuple(r.id for r in paper.TABLE1[3::4])
@@ -132,7 +132,7 @@ class RowRuns:
     def row(self) -> Optional[paper.Row]:
         try:
             return paper.row(self.row_id)
-        except KeyError:
+        except ConfigError:
             return None
 
     @property

@@ -36,7 +36,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import platform
+import signal
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,9 +46,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from crmn import checkpoint, data, runlog
-from crmn.config import ModelConfig, TrainConfig
-from crmn.errors import CheckpointError, ConfigError, DivergedError, StopRequested
+from crmn import checkpoint, data, registry, runlog
+from crmn.config import TrainConfig
+from crmn.errors import (CheckpointError, ConfigError, DivergedError, RunError,
+                         StopRequested)
+from crmn.plan import RunSpec
 from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
 PHASES = ("search", "final")
@@ -58,24 +62,6 @@ EVAL_BATCH = 500
 PROGRESS_UPDATES = 20
 #: the signal that asked the run to stop at the next epoch's end (None: keep going)
 _stop_signal: List[Optional[int]] = [None]
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-    """Everything that defines one run; recorded in ``config.json``."""
-
-    model: ModelConfig  # the network (SPEC §4)
-    train: TrainConfig  # the protocol (SPEC §5); train.seed seeds split, weights, batches
-    dataset: str  # "cifar100" | "cifar10" | "svhn" (crmn.data)
-    data_dir: Path  # where crmn.data reads / downloads the dataset
-    backend: str  # stack name of crmn.stacks ("theano" | "torch")
-    dtype: str = "float32"  # floating-point type of the network
-    device: str = "cpu"  # requested device: cpu, cuda, cuda:N
-    compile: bool = False  # torch only: torch.compile inside the captured step
-    theano_mode: str = "c"  # theano only: its C backend or the JAX linker (--theano-mode)
-    unverified_data: bool = False  # accept a dataset folder that fails the official checks
-    row: Optional[str] = None  # crmn.paper row id, None for a run that is no paper row
-    experiment: Optional[str] = None  # table1 | table2 | table3 | svhn | smoke
 
 
 @dataclasses.dataclass
@@ -100,43 +86,71 @@ def sampler_seed(seed: int, phase: str) -> int:
 # --- stopping on a signal -----------------------------------------------------------------
 
 def request_stop(signum: int, frame=None) -> None:
-    """Signal handler: finish the epoch in progress, checkpoint it, then stop the run with
-    :class:`crmn.errors.StopRequested` (installed by the CLI for SIGUSR1)."""
+    """Signal handler (SIGUSR1 and Ctrl-C, installed by the CLI): finish the epoch in
+    progress, checkpoint it, then stop the run with :class:`crmn.errors.StopRequested`. A
+    second Ctrl-C stops at once (KeyboardInterrupt; the last checkpoint stays)."""
+    if signum == signal.SIGINT and _stop_signal[0] == signal.SIGINT:
+        raise KeyboardInterrupt
     _stop_signal[0] = signum
 
 
 def check_stop(where) -> None:
     """Raise :class:`StopRequested` if a stop was asked for (a safe point: all saved)."""
-    if _stop_signal[0] is not None:
-        raise StopRequested(f"{where}: stopped by signal {_stop_signal[0]} after its last "
-                            f"checkpoint; --resume continues it")
+    signum = _stop_signal[0]
+    if signum is not None:
+        raise StopRequested(f"{where}: stopped by {signal.Signals(signum).name} after its "
+                            f"last checkpoint; the same command with --resume continues it",
+                            signum=signum)
 
 
 # --- one epoch, evaluation, progress ------------------------------------------------------
 
 class Progress:
-    """A one-line progress bar on a terminal: batches, images/s, the epoch's ETA, loss."""
+    """A one-line progress bar on a terminal: batches, images/s, the epoch's ETA, loss.
+
+    Until the first step returns (Theano and JAX compile there, torch captures its graph)
+    the line counts the seconds: ``compiling… N s``; rates and the ETA start after it.
+    """
 
     def __init__(self, label: str, total: int, stream=None):
         self.label, self.total = label, total
         self.stream = stream or sys.stderr
         self.t0 = time.perf_counter()
         self.every = max(1, total // PROGRESS_UPDATES)
+        self.first = None  # (done, images, time) after the first step
+        self._stepped = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, daemon=True)
+        self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stepped.wait(1.0):
+            self.stream.write(f"\r  {self.label} compiling\u2026 "
+                              f"{time.perf_counter() - self.t0:.0f} s\033[K")
+            self.stream.flush()
 
     def due(self, done: int) -> bool:
-        return done % self.every == 0 or done == self.total
+        return done == 1 or done % self.every == 0 or done == self.total
 
     def show(self, done: int, images: int, loss: float) -> None:
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        eta = elapsed / done * (self.total - done)
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (done, images, now)
+            self._stepped.set()
+            self._ticker.join()
+        d0, i0, t0 = self.first
+        elapsed = max(now - t0, 1e-9)
+        rate = f"{(images - i0) / elapsed:.0f} img/s" if done > d0 else "- img/s"
+        eta = (f"ETA {_fmt_duration(elapsed / (done - d0) * (self.total - done))}"
+               if done > d0 else "ETA -")
         width = 20
         bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
-        self.stream.write(f"\r  {self.label} [{bar}] {done}/{self.total} "
-                          f"{images / elapsed:.0f} img/s ETA {_fmt_duration(eta)} "
+        self.stream.write(f"\r  {self.label} [{bar}] {done}/{self.total} {rate} {eta} "
                           f"loss {loss:.4f}\033[K")
         self.stream.flush()
 
     def close(self) -> None:
+        self._stepped.set()
+        self._ticker.join()
         self.stream.write("\r\033[K")
         self.stream.flush()
 
@@ -208,7 +222,6 @@ class _Run:
     run_dir: Path
     spec: RunSpec
     progress: bool
-    verbose: bool = True
     fake_data: bool = False
     data_source: str = "official"  # crmn.data.provenance: official | fake | unverified
     epoch_wall: List[float] = dataclasses.field(default_factory=list)  # this process's epochs
@@ -222,8 +235,7 @@ class _Run:
         return self.run_dir / name
 
     def say(self, text: str) -> None:
-        if self.verbose:
-            print(text, flush=True)
+        print(text, flush=True)
 
     def split(self, phase: str):
         """Training and evaluation arrays of ``phase`` (crmn.data), loaded once per phase."""
@@ -237,8 +249,8 @@ class _Run:
         return self.loaded[1]
 
 
-def run(run_dir, spec: RunSpec, new_stack: Callable[[], Any], *, resume: bool = False,
-        progress: bool = True, verbose: bool = True) -> Dict:
+def run(run_dir, spec: RunSpec, new_stack: Optional[Callable[[], Any]] = None, *,
+        resume: bool = False, progress: bool = True, fresh: bool = False) -> Dict:
     """Train ``spec`` through search and final run (SPEC §5) into ``run_dir``.
 
     Parameters
@@ -247,15 +259,17 @@ def run(run_dir, spec: RunSpec, new_stack: Callable[[], Any], *, resume: bool = 
         ``runs/<experiment>/<row>/seed<k>/``; created if missing.
     spec : RunSpec
         What runs; recorded in config.json and checked against a checkpoint on resume.
-    new_stack : callable () -> Stack
+    new_stack : callable () -> Stack, optional
         Builds the network, initialised from ``spec.train.seed``; called at most once (not
-        for a finished run). The final run restarts it from its initial state.
+        for a finished run). The final run restarts it from its initial state. Default:
+        :func:`crmn.registry.build` of ``spec.stack``.
     resume : bool
         Continue from ``checkpoint.h5`` (``--resume``).
     progress : bool
         Draw a progress bar (on a terminal) and download progress.
-    verbose : bool
-        Print the stack, a line per epoch and the result.
+    fresh : bool
+        Start afresh: empty the run directory first, under its lock (``smoke``); a
+        directory another process holds is refused with nothing removed.
 
     Returns
     -------
@@ -264,8 +278,8 @@ def run(run_dir, spec: RunSpec, new_stack: Callable[[], Any], *, resume: bool = 
 
     Raises
     ------
-    ConfigError
-        An unfinished run exists and ``resume`` is False.
+    RunError
+        An unfinished run exists and ``resume`` is False, or another process holds it.
     CheckpointError
         ``checkpoint.h5`` is unreadable or from another configuration.
     DivergedError
@@ -273,9 +287,14 @@ def run(run_dir, spec: RunSpec, new_stack: Callable[[], Any], *, resume: bool = 
     StopRequested
         A signal asked the run to stop (:func:`request_stop`); all finished epochs are saved.
     """
-    ctx = _Run(Path(run_dir), spec, progress, verbose=verbose)
+    ctx = _Run(Path(run_dir), spec, progress)
+    if new_stack is None:
+        def new_stack():
+            return registry.build(spec.stack, spec.model, spec.train)
     _open_run_dir(ctx)
     with runlog.hold(ctx.run_dir):  # one process per run directory
+        if fresh:
+            runlog.clear_run_dir(ctx.run_dir)
         return _run_held(ctx, new_stack, resume)
 
 
@@ -320,7 +339,7 @@ def _finished(ctx: _Run, resume: bool) -> Optional[Dict]:
     # config.json alone (e.g. the data could not be downloaded) means nothing was trained
     for name in (runlog.CHECKPOINT, runlog.LOG, runlog.BEST):
         if ctx.path(name).exists():
-            raise ConfigError(f"{ctx.path(name)}: an unfinished run is already here; pass "
+            raise RunError(f"{ctx.path(name)}: an unfinished run is already here; pass "
                               f"--resume to continue it, or delete {ctx.run_dir} to start over")
     return None
 
@@ -334,7 +353,7 @@ def _check_same_run(ctx: _Run) -> None:
                                     dataset=ctx.spec.dataset, path=path,
                                     source=runlog.CONFIG)
     except CheckpointError as e:
-        raise ConfigError(f"{e}: {ctx.run_dir} holds a finished run of another "
+        raise RunError(f"{e}: {ctx.run_dir} holds a finished run of another "
                           "configuration; choose another --out-dir or delete it") from None
 
 
@@ -343,7 +362,7 @@ def _open_run_dir(ctx: _Run) -> None:
     try:
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"{ctx.run_dir}: cannot create the run directory "
+        raise RunError(f"{ctx.run_dir}: cannot create the run directory "
                           f"({e.strerror or e}); choose another --out-dir") from None
 
 

@@ -6,7 +6,6 @@ tests, so acceptance by checksum is proven by pointing the MD5 table at the file
 import dataclasses
 import os
 import pickle
-import socket
 
 import numpy as np
 import pytest
@@ -22,16 +21,6 @@ from data_helpers import cifar_pickle, md5, pattern
 def fresh_memory(monkeypatch):
     """Each test starts with no folder remembered as checked by this process."""
     monkeypatch.setattr(integrity, "_checked", set())
-
-
-@pytest.fixture
-def closed_url(monkeypatch):
-    """``$CRMN_DATA_MIRROR`` at a loopback port where nothing listens: no download can work."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}/"
-    monkeypatch.setenv(data.MIRROR_ENV, url)
-    return url
 
 
 def _cifar100_folder(folder, n_train, n_test):
@@ -97,7 +86,7 @@ def test_a_repacked_folder_is_refused_by_checksum_and_accepted_unverified(repack
     assert not (folder / data.STAMP).exists()  # nothing was checked, nothing is claimed
 
 
-def test_a_truncated_folder_is_refused_by_count_and_accepted_unverified(tmp_path, closed_url):
+def test_a_truncated_folder_is_refused_by_count_and_accepted_unverified(tmp_path, offline):
     folder = _cifar10_folder(tmp_path / "cifar-10-batches-py")
     with pytest.raises(DataError, match=f"^{folder / 'data_batch_1'} holds 7 images, the "
                                         "official file 10,000 .*--unverified-data"):
@@ -208,7 +197,7 @@ def test_fake_data_is_reported_as_fake_without_checks(tmp_path, monkeypatch):
 # --data-dir = the extracted folder itself
 
 def test_data_dir_may_be_the_extracted_folder_and_gets_no_lock_file(repacked_cifar100,
-                                                                   monkeypatch, closed_url):
+                                                                   monkeypatch, offline):
     folder = repacked_cifar100
     _table_of(monkeypatch, "cifar100", folder)
     before = {p.name for p in folder.iterdir()} - {data.STAMP}
@@ -222,7 +211,7 @@ def test_data_dir_may_be_the_extracted_folder_and_gets_no_lock_file(repacked_cif
         data.ensure_downloaded("cifar100", folder, progress=False)
 
 
-def test_a_run_reads_the_extracted_folder_given_as_data_dir(tmp_path, closed_url):
+def test_a_run_reads_the_extracted_folder_given_as_data_dir(tmp_path, offline):
     folder = data.write_fake("cifar10", tmp_path, 40, 10, seed=2)
     whole = data.prepare("cifar10", tmp_path, "search", 3, progress=False)
     direct = data.prepare("cifar10", folder, "search", 3, progress=False)

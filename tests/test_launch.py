@@ -1,5 +1,6 @@
 """The launchers without Slurm: the manifest, option checks, `--launcher local --jobs 2`
 (results equal to the in-process run, Ctrl-C, a failing run) and `status`."""
+import dataclasses
 import os
 import shlex
 import signal
@@ -11,11 +12,12 @@ import pytest
 
 import launch_grid as grid
 from crmn import cli
+from crmn.cli import parser, plans
 from crmn.launch import manifest, status
 
 
 def _args(argv):
-    return cli.build_parser().parse_args(argv)
+    return parser.parse(argv)
 
 
 def test_manifest_lines_reparse_to_the_same_runs(tmp_path, monkeypatch):
@@ -25,12 +27,9 @@ def test_manifest_lines_reparse_to_the_same_runs(tmp_path, monkeypatch):
     argv = ["table1", "--rows", "t1-crmn32x1,t1-resnet32x1", "--seeds", "2", "--backend",
             "torch", "--forget-bias", "-1.5", "--schedule", "5,4,3", "--flip", "--k", "0.5",
             "--data-dir", "d", "--out-dir", "o", "--launcher", "local", "--jobs", "3"]
-    args = _args(argv)
-    sub = cli.build_parser()._subparsers._group_actions[0].choices["table1"]
-    plan = cli.plan_runs(cli.select_rows(args.rows, "table1"), args)
-    tasks = manifest.build(args, sub, plan, ["bash", "/x/run_experiments.sh"],
-                           skip=("launcher", "jobs", "max_parallel", "slurm_args", "wait",
-                                 "max_requeues"))
+    args = _args(argv + ["--lr", "0.05", "--dtype", "float64", "--epochs-cap", "3"])
+    plan = plans.train_plan(args)
+    tasks = manifest.build(plan, ["bash", "/x/run_experiments.sh"])
     assert [(t.row, t.seed) for t in tasks] == [("t1-crmn32x1", 0), ("t1-crmn32x1", 1),
                                                ("t1-resnet32x1", 0), ("t1-resnet32x1", 1)]
     path = manifest.write(tmp_path / "exp", tasks)
@@ -44,9 +43,14 @@ def test_manifest_lines_reparse_to_the_same_runs(tmp_path, monkeypatch):
         assert (one.rows, one.seed, one.seeds, one.resume, one.progress) == (
             t.row, t.seed, None, True, False)
         assert one.data_dir == tmp_path / "d" and one.out_dir == tmp_path / "o"
-        for dest in ("backend", "forget_bias", "schedule", "flip", "k", "dtype", "patience"):
+        for dest in ("backend", "forget_bias", "schedule", "flip", "k", "dtype", "patience",
+                     "epochs_cap"):
             assert getattr(one, dest) == getattr(args, dest), dest
         assert one.launcher == "local" and one.jobs is None  # the line itself runs in-process
+        (again_run,) = plans.train_plan(one).runs  # the line plans exactly its run
+        run = plan.runs[t.index]
+        assert again_run.spec == dataclasses.replace(run.spec, data_dir=tmp_path / "d")
+        assert again_run.run_dir == tmp_path / "o" / "table1" / t.row / f"seed{t.seed}"
 
 
 @pytest.mark.parametrize("argv, needle", [

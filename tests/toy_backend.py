@@ -193,10 +193,15 @@ def crash_hook(epochs: int):
 
 
 def toy_spec(model=TOY_MODEL, train=TOY_TRAIN, dtype="float64"):
-    from crmn.train import RunSpec
+    from crmn import registry
+    from crmn.plan import RunSpec
 
+    # the toy stack is a registered stack for the tests only (built through a factory)
+    registry.REGISTRY.setdefault("toy", "toy_backend:ToyBackend")
+    registry.STACK_DTYPES.setdefault("toy", ("float32", "float64"))
     return RunSpec(model=model, train=train, dataset=TOY_DATA["name"],
-                   data_dir=toy_data_dir(), backend="toy", dtype=dtype)
+                   data_dir=toy_data_dir(),
+                   stack=registry.StackOptions(backend="toy", dtype=dtype))
 
 
 def run_toy(run_dir, *, resume=False, model=TOY_MODEL, train=TOY_TRAIN, crash_after=None,
