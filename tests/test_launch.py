@@ -141,3 +141,217 @@ def test_local_failed_run_is_reported_and_others_finish(tmp_path_factory):
     assert state == "failed" and "truncated or corrupt checkpoint" in detail
     c = grid.cli("compare", str(out / "table1"), "--no-plots")
     assert c.returncode == 1 and "incomplete: 1 run(s) of the manifest not finished" in c.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# the launchers' truth when a launcher dies, is interrupted twice, or cannot submit
+
+#: a stand-in for one run: it takes its run directory's lock as a run does, says so, and
+#: sleeps (``slow``), ignores SIGUSR1 as well (``deaf``: only a second Ctrl-C stops it) or
+#: ends at once (``quick``)
+FAKE_RUN = """
+import os, signal, sys, time
+from pathlib import Path
+from crmn import runlog
+run_dir, mode = Path(sys.argv[1]), sys.argv[2]
+run_dir.mkdir(parents=True, exist_ok=True)
+if mode == "deaf":
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+with runlog.hold(run_dir):
+    (run_dir / "ran").write_text(str(os.getpid()))
+    if mode != "quick":
+        time.sleep(120)
+"""
+
+#: the local launcher over two fake runs, as ``launch.main`` runs it
+FAKE_LAUNCHER = """
+import sys
+from pathlib import Path
+from crmn.launch import local, manifest
+from crmn.launch.manifest import Task
+exp, mode, script = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+rows = sys.argv[4:]
+tasks = [Task(i, row, 0, (sys.executable, script, str(exp / row / "seed0"), mode,
+                          "--rows", row, "--seed", "0")) for i, row in enumerate(rows)]
+manifest.write(exp, tasks)
+sys.exit(local.run(exp, tasks, 2, "cpu"))
+"""
+
+
+def _fake_launcher(exp: Path, mode: str) -> subprocess.Popen:
+    script = exp.parent / "fake_run.py"
+    script.write_text(FAKE_RUN)
+    return subprocess.Popen([sys.executable, "-c", FAKE_LAUNCHER, str(exp), mode, str(script),
+                             *grid.ROWS], env=grid.env(PYTHONPATH=str(grid.ROOT)),
+                            cwd=grid.ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def _run_pids(exp: Path) -> list:
+    """The PIDs of the runs the fake launcher started, once both hold their locks."""
+    ran = [exp / row / "seed0" / "ran" for row in grid.ROWS]
+    grid.wait_for(lambda: all(p.exists() and p.read_text() for p in ran), "both fake runs",
+                  timeout=60)
+    return [int(p.read_text()) for p in ran]
+
+
+def _hold_lock(run_dir: Path, seconds: float) -> subprocess.Popen:
+    """Another process that holds ``run_dir``'s lock for ``seconds`` (as a run would)."""
+    code = ("import sys, time; from crmn import runlog\n"
+            "with runlog.hold(sys.argv[1]):\n"
+            "    print('held', flush=True); time.sleep(float(sys.argv[2]))")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    p = subprocess.Popen([sys.executable, "-c", code, str(run_dir), str(seconds)],
+                         env=grid.env(PYTHONPATH=str(grid.ROOT)), stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_lock_holder_reads_the_lock_without_taking_it(tmp_path, monkeypatch):
+    """A held lock names its process (from the kernel's lock table, and from a try of the
+    lock where there is no table); a released or stale one (the holder was killed) is
+    free and a run can take it."""
+    from crmn import runlog
+
+    run_dir = tmp_path / "run"
+    assert status.lock_holder(run_dir) is None  # no folder, no lock file
+    holder = _hold_lock(run_dir, 60)
+    try:
+        assert status.lock_holder(run_dir) == holder.pid
+        monkeypatch.setattr(status, "PROC_LOCKS", str(tmp_path / "no-such-table"))
+        assert status.lock_holder(run_dir) == holder.pid
+        monkeypatch.undo()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run_dir / runlog.LOCK).exists()  # killed: the file stays, the lock does not
+    assert status.lock_holder(run_dir) is None
+    monkeypatch.setattr(status, "PROC_LOCKS", str(tmp_path / "no-such-table"))
+    assert status.lock_holder(run_dir) is None
+    with runlog.hold(run_dir):  # nothing above left a lock behind
+        pass
+
+
+def _fabricated_grid(exp: Path) -> list:
+    """A manifest of the two rows and their run folders, one epoch logged in each."""
+    tasks = [manifest.Task(i, row, 0, ("true", "--rows", row, "--seed", "0"))
+             for i, row in enumerate(grid.ROWS)]
+    manifest.write(exp, tasks)
+    (exp / manifest.TASKS).mkdir()
+    for t in tasks:
+        run = t.run_dir(exp)
+        run.mkdir(parents=True)
+        (run / "config.json").write_text("{}\n")
+        (run / "log.jsonl").write_text('{"phase": "final", "epoch": 1}\n')
+    return tasks
+
+
+@pytest.mark.parametrize("rc, start", [(None, False), (None, True), (1, True), (130, True)])
+def test_status_shows_a_locked_run_as_running_whatever_its_markers(tmp_path, rc, start):
+    """A live process holds the run's lock: running, with or without markers (a relaunch
+    clears them), even with an exit code of an earlier end on record."""
+    exp = tmp_path / "table1"
+    tasks = _fabricated_grid(exp)
+    if start:
+        status.mark_start(exp, 0, launcher="local", pid=2 ** 22 + 1, log="x.out")
+    if rc is not None:
+        status.mark_end(exp, 0, rc)
+    holder = _hold_lock(tasks[0].run_dir(exp), 60)
+    try:
+        s = status.task_state(exp, tasks[0], None)
+        assert (s.state, s.detail) == (
+            "running", f"final epoch 1 done (process {holder.pid} holds its lock)")
+        table = grid.status_table(exp)
+        assert table[tasks[0].row] == ("running", s.detail)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert status.task_state(exp, tasks[0], None).state != "running"
+
+
+@pytest.mark.parametrize("rc, detail", [
+    (3, "resumable: checkpointed its epoch and stopped (exit 3); final epoch 1 done; "
+        "launch again"),
+    (130, "resumable: interrupted by Ctrl-C (exit 130), its last checkpoint kept; final "
+          "epoch 1 done; launch again"),
+])
+def test_status_shows_a_signalled_run_as_stopped_resumable(tmp_path, rc, detail):
+    exp = tmp_path / "table1"
+    tasks = _fabricated_grid(exp)
+    status.mark_start(exp, 0, launcher="local", pid=2 ** 22 + 1, log=str(tmp_path / "0.out"))
+    (tmp_path / "0.out").write_text("Traceback (most recent call last):\nKeyboardInterrupt\n")
+    status.mark_end(exp, 0, rc)
+    assert grid.status_table(exp)[tasks[0].row] == ("stopped", detail)
+
+
+def _gone(pid: int) -> bool:
+    return not status.pid_alive(pid)
+
+
+def test_killed_local_launcher_takes_its_runs_with_it(tmp_path):
+    """kill -9 of a `--jobs 2` launcher: both runs are gone within seconds; status shows
+    them as stopped (resumable), not failed, and not running."""
+    exp = tmp_path / "table1"
+    p = _fake_launcher(exp, "slow")
+    try:
+        pids = _run_pids(exp)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
+        grid.wait_for(lambda: all(_gone(pid) for pid in pids), "the runs to die with their "
+                      "launcher", timeout=10)
+    finally:
+        p.kill()
+        for pid in pids if "pids" in locals() else ():
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    for t in manifest.read(exp):
+        s = status.task_state(exp, t, None)
+        assert s.state == "stopped", s
+        assert s.detail.startswith("resumable: process ") and "ended without an exit " \
+            "code (its launcher was killed?)" in s.detail
+
+
+def test_relaunch_waits_for_a_run_whose_lock_is_held(tmp_path):
+    """A line whose run directory a live process holds is not started (nor failed): the
+    launcher says by whom, runs the other line, and starts it once the lock is released."""
+    exp = tmp_path / "table1"
+    held = exp / grid.ROWS[0] / "seed0"
+    holder = _hold_lock(held, 4)
+    try:
+        p = _fake_launcher(exp, "quick")
+        out, err = p.communicate(timeout=60)
+    finally:
+        holder.kill()
+    assert p.returncode == 0, err[-2000:]
+    assert (f"[local] busy   1/2 {grid.ROWS[0]} seed 0: process {holder.pid} still trains it "
+            f"(holds {held / '.lock'}); starting this line when it ends") in out
+    lines = out.splitlines()
+    at = {what: next(i for i, ln in enumerate(lines) if ln.startswith(what))
+          for what in (f"[local] start  2/2", f"[local] free   1/2", f"[local] start  1/2")}
+    assert at["[local] start  2/2"] < at["[local] free   1/2"] < at["[local] start  1/2"]
+    assert all((exp / row / "seed0" / "ran").exists() for row in grid.ROWS)
+    assert [(exp / "tasks" / f"{i}.rc").read_text() for i in (0, 1)] == ["0\n", "0\n"]
+
+
+def test_two_ctrl_c_stop_runs_as_resumable_not_failed(tmp_path):
+    """Runs that ignore the first request (SIGUSR1) are interrupted by the second Ctrl-C:
+    exit 130 each, which the launcher and status call stopped (resumable)."""
+    exp = tmp_path / "table1"
+    p = _fake_launcher(exp, "deaf")
+    _run_pids(exp)
+    p.send_signal(signal.SIGINT)
+    first = []  # the second Ctrl-C only once the first was handled (else they coalesce)
+    while not any("[local] stopping: each run ends its epoch" in ln for ln in first):
+        first.append(p.stdout.readline())
+        assert first[-1], "the launcher ended before it handled the first Ctrl-C"
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    out = "".join(first) + out
+    assert p.returncode == 130, err[-2000:]
+    assert "FAILED" not in out
+    assert out.count("stopped (resumable: interrupted, its last checkpoint kept)") == 2, out
+    assert [(exp / "tasks" / f"{i}.rc").read_text() for i in (0, 1)] == ["130\n", "130\n"]
+    for row, (state, detail) in grid.status_table(exp).items():
+        assert state == "stopped" and detail.startswith(
+            "resumable: interrupted by Ctrl-C (exit 130)"), (row, detail)
