@@ -355,3 +355,118 @@ def test_two_ctrl_c_stop_runs_as_resumable_not_failed(tmp_path):
     for row, (state, detail) in grid.status_table(exp).items():
         assert state == "stopped" and detail.startswith(
             "resumable: interrupted by Ctrl-C (exit 130)"), (row, detail)
+
+
+def _fake_slurm(folder: Path, accept: int, scancel_rc: int = 0) -> Path:
+    """sbatch, squeue, scontrol and scancel stand-ins in ``folder``: sbatch accepts its
+    first ``accept`` submissions (job ids 101, 102, ...) and then fails as it does when no
+    controller answers; every call is logged in ``folder/calls``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "calls"
+    sbatch = (f'#!/bin/sh\necho "sbatch $*" >>"{log}"\n'
+              f'n=$(($(cat "{folder}/count" 2>/dev/null || echo 0) + 1)); echo $n >"{folder}/count"\n'
+              f'if [ $n -le {accept} ]; then echo "$((100 + n))"; exit 0; fi\n'
+              f'echo "sbatch: error: Batch job submission failed: Unable to contact slurm '
+              f'controller (connect failure)" >&2\nexit 1\n')
+    others = {"squeue": 0, "scontrol": 0, "scancel": scancel_rc}
+    (folder / "sbatch").write_text(sbatch)
+    for name, rc in others.items():
+        (folder / name).write_text(f'#!/bin/sh\necho "{name} $*" >>"{log}"\nexit {rc}\n')
+    for name in ("sbatch", *others):
+        (folder / name).chmod(0o755)
+    return log
+
+
+def _slurm_launch(tmp_path, monkeypatch, capsys, **fake):
+    calls = _fake_slurm(tmp_path / "bin", **fake)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    rc = cli.main(["table1", "--rows", "t1-crmn32x1", "--launcher", "slurm", "--out-dir",
+                   str(tmp_path / "runs")])
+    out, err = capsys.readouterr()
+    return rc, out, err, calls.read_text().splitlines()
+
+
+def test_slurm_submission_refused_leaves_no_manifest(tmp_path, monkeypatch, capsys):
+    """sbatch fails (no controller): exit 1, one line with sbatch's reason, no manifest
+    (status then says there is no grid rather than "1 waiting (local launcher)")."""
+    rc, out, err, calls = _slurm_launch(tmp_path, monkeypatch, capsys, accept=0)
+    exp = tmp_path / "runs" / "table1"
+    assert rc == 1 and err.count("\n") == 1, err
+    assert err == ("error: sbatch refused the job: sbatch: error: Batch job submission "
+                   "failed: Unable to contact slurm controller (connect failure); nothing "
+                   f"submitted ({exp / 'manifest.txt'} removed)\n")
+    assert not (exp / "manifest.txt").exists() and not (exp / "slurm").exists()
+    assert [c.split()[0] for c in calls] == ["sbatch"]
+    p = grid.cli("status", str(tmp_path / "runs"))
+    assert p.returncode == 1 and "no manifest.txt here" in p.stderr
+
+
+def test_slurm_compare_job_refused_cancels_the_array(tmp_path, monkeypatch, capsys):
+    """The array was accepted, the compare job not: the array is cancelled and the
+    manifest removed; nothing stays queued that no comparison would follow."""
+    rc, out, err, calls = _slurm_launch(tmp_path, monkeypatch, capsys, accept=1)
+    exp = tmp_path / "runs" / "table1"
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "Unable to contact slurm controller (connect failure) (the compare job); array " \
+           f"job 101 cancelled, nothing left queued ({exp / 'manifest.txt'} removed)" in err
+    assert "scancel 101" in calls
+    assert not (exp / "manifest.txt").exists() and not (exp / "slurm" / "jobs.json").exists()
+
+
+def test_slurm_array_that_cannot_be_cancelled_is_still_followed(tmp_path, monkeypatch,
+                                                                 capsys):
+    """The compare job refused and scancel failing too: the array will run, so its
+    manifest and job id stay for status, which names the missing compare job."""
+    rc, out, err, calls = _slurm_launch(tmp_path, monkeypatch, capsys, accept=1,
+                                        scancel_rc=1)
+    exp = tmp_path / "runs" / "table1"
+    assert rc == 0 and "could not be cancelled; it runs without a comparison" in err
+    assert (exp / "manifest.txt").exists()
+    assert status.slurm_jobs(exp)["array"] == "101" and status.slurm_jobs(exp)["compare"] is None
+    p = grid.cli("status", str(exp), env=grid.env(PATH=os.environ["PATH"]))
+    assert p.returncode == 0 and "(Slurm array 101, no compare job)" in p.stdout, p.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# task.sh outside Slurm: its exit codes and what it refuses to run
+
+
+def _task_sh(manifest_path: Path, exp: Path, index: int = 0, args=None):
+    e = grid.env(SLURM_ARRAY_JOB_ID="77", SLURM_ARRAY_TASK_ID=str(index))
+    argv = ["bash", str(grid.ROOT / "crmn" / "launch" / "task.sh")]
+    argv += [str(manifest_path), str(exp), "0"] if args is None else args
+    return subprocess.run(argv, env=e, capture_output=True, text=True, timeout=60)
+
+
+def test_task_sh_exit_codes_usage_2_data_1(tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    marker = tmp_path / "marker"
+    m = exp / "manifest.txt"
+    m.write_text(shlex.join([sys.executable, "-c", f"open({str(marker)!r}, 'w')"]) + "\n")
+    p = _task_sh(m, exp, args=[str(m), str(exp)])  # a wrong call: usage
+    assert p.returncode == 2 and p.stderr.startswith("usage: ")
+    p = _task_sh(m, exp, index=4)  # no such line: a data fault
+    assert p.returncode == 1 and f"error: {m} has no line 5" in p.stderr
+    assert (exp / "tasks" / "4.rc").read_text() == "1\n"
+    p = _task_sh(tmp_path / "nothing", exp)
+    assert p.returncode == 1 and "cannot read the manifest" in p.stderr
+    p = _task_sh(m, exp)  # the line itself
+    assert p.returncode == 0 and marker.exists(), p.stderr
+    assert (exp / "tasks" / "0.rc").read_text() == "0\n"
+
+
+@pytest.mark.parametrize("line", ["true $(touch {m})", "true `touch {m}`", "true; touch {m}",
+                                  'sh -c "touch {m}"', "true > {m}"])
+def test_task_sh_never_runs_code_hidden_in_a_manifest_line(tmp_path, line):
+    """A line that is not plain quoted words (as the launcher writes them) is refused
+    before the shell reads it: exit 1, nothing run."""
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    marker = tmp_path / "marker"
+    m = exp / "manifest.txt"
+    m.write_text(line.format(m=marker) + "\n")
+    p = _task_sh(m, exp)
+    assert p.returncode == 1 and "is not a plain quoted command line" in p.stderr
+    assert not marker.exists()
+    assert (exp / "tasks" / "0.rc").read_text() == "1\n"
