@@ -470,3 +470,74 @@ def test_task_sh_never_runs_code_hidden_in_a_manifest_line(tmp_path, line):
     assert p.returncode == 1 and "is not a plain quoted command line" in p.stderr
     assert not marker.exists()
     assert (exp / "tasks" / "0.rc").read_text() == "1\n"
+
+
+# ---------------------------------------------------------------------------------------
+# the same through the real command line, on the tiny grid
+
+
+def _start_grid(root: Path, name: str, **kw) -> tuple:
+    """`--launcher local --jobs 2` on the tiny grid, returned once both runs have logged an
+    epoch and written a checkpoint: (process, experiment folder)."""
+    out = root / name
+    p = subprocess.Popen(grid.grid_argv(root / "data", out, "--launcher", "local", "--jobs",
+                                        "2"), env=grid.env(), cwd=grid.ROOT, text=True, **kw)
+    exp = out / "table1"
+    runs = [exp / r / "seed0" for r in grid.ROWS]
+    grid.wait_for(lambda: all(grid.epochs_logged(r) >= 1 and (r / "checkpoint.h5").exists()
+                              for r in runs), "a first checkpoint of both runs", timeout=180)
+    return p, exp
+
+
+def _relaunch_finishes_as_in_process(root: Path, exp: Path, ref: Path) -> None:
+    q = subprocess.run(grid.grid_argv(root / "data", exp.parent, "--launcher", "local",
+                                      "--jobs", "2"), env=grid.env(), cwd=grid.ROOT,
+                       text=True, capture_output=True, timeout=600)
+    assert q.returncode == 0, q.stderr[-3000:]
+    for i in (0, 1):
+        log = (exp / "tasks" / f"{i}.out").read_text()
+        assert "resuming final run after epoch" in log, log[-2000:]
+    assert all(s == "finished" for s, _ in grid.status_table(exp).values())
+    assert grid.assert_same_checkpoints(ref, exp) > 100
+    assert grid.comparison_rows(exp) == grid.comparison_rows(ref)
+
+
+def test_cli_launcher_killed_then_relaunched_equals_in_process(tmp_path_factory):
+    """kill -9 of `--launcher local --jobs 2` while both runs train: the runs die within
+    seconds, status calls them stopped (resumable), and launching again finishes them with
+    arrays equal to the grid trained in one process."""
+    root = tmp_path_factory.getbasetemp() / "launch"
+    ref = grid.reference(root)
+    p, exp = _start_grid(root, "local-kill9", stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    pids = [status._read_start(exp, i)["pid"] for i in (0, 1)]
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(timeout=10)
+    grid.wait_for(lambda: all(_gone(pid) for pid in pids), "the runs to die with their "
+                  "launcher", timeout=10)
+    for row, (state, detail) in grid.status_table(exp).items():
+        assert state == "stopped" and detail.startswith("resumable: process "), (row, detail)
+    _relaunch_finishes_as_in_process(root, exp, ref)
+
+
+def test_cli_two_ctrl_c_then_relaunched_equals_in_process(tmp_path_factory):
+    """Two Ctrl-C's on `--launcher local --jobs 2`: no run is called failed (each stopped
+    after its epoch or was interrupted), and launching again finishes them with arrays
+    equal to the grid trained in one process."""
+    root = tmp_path_factory.getbasetemp() / "launch"
+    ref = grid.reference(root)
+    p, exp = _start_grid(root, "local-2ctrlc", stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.send_signal(signal.SIGINT)
+    first = []
+    while not any("[local] stopping: each run ends its epoch" in ln for ln in first):
+        first.append(p.stdout.readline())
+        assert first[-1], "the launcher ended before it handled the first Ctrl-C"
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    out = "".join(first) + out
+    assert p.returncode == 130, err[-2000:]
+    assert "FAILED" not in out and out.count("stopped (resumable: ") == 2, out
+    for row, (state, detail) in grid.status_table(exp).items():
+        assert state == "stopped" and detail.startswith("resumable: "), (row, detail)
+    _relaunch_finishes_as_in_process(root, exp, ref)
