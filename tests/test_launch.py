@@ -270,6 +270,23 @@ def test_status_shows_a_locked_run_as_running_whatever_its_markers(tmp_path, rc,
     assert status.task_state(exp, tasks[0], None).state != "running"
 
 
+def test_status_names_the_slurm_job_of_a_locked_run(tmp_path):
+    """Seen from the node that runs it (or a one-machine cluster), a Slurm task's lock
+    makes it running, with its job named, even when squeue no longer lists it."""
+    exp = tmp_path / "table1"
+    tasks = _fabricated_grid(exp)
+    status.mark_start(exp, 0, launcher="slurm", job="12_0", pid=1, log="x.out")
+    holder = _hold_lock(tasks[0].run_dir(exp), 60)
+    try:
+        s = status.task_state(exp, tasks[0], {})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (s.state, s.detail) == (
+        "running", f"final epoch 1 done (job 12_0) (process {holder.pid} holds its lock)")
+    assert status.task_state(exp, tasks[0], {}).state == "failed"  # gone from the queue
+
+
 @pytest.mark.parametrize("rc, detail", [
     (3, "resumable: checkpointed its epoch and stopped (exit 3); final epoch 1 done; "
         "launch again"),

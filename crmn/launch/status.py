@@ -241,7 +241,9 @@ def task_state(exp_dir: Path, task: Task, queue: Optional[Dict[int, tuple]]) -> 
     if holder is not None:  # the lock is the truth: a live process trains this run
         who = f"process {holder}" if holder > 0 else "another process"
         progress = "starting" if progress == "not started" else progress
-        return TaskState(task, "running", f"{progress} ({who} holds its lock)")
+        job = f" (job {start.get('job', '?')})" if (start or {}).get("launcher") == "slurm" \
+            else ""
+        return TaskState(task, "running", f"{progress}{job} ({who} holds its lock)")
     log = (start or {}).get("log", "")
     if queue is not None and task.index in queue:
         state, reason = queue[task.index]
