@@ -172,6 +172,13 @@ def count_images(name: str, path: Path) -> int:
     return int(shapes["X"][3])
 
 
+def _check_meta(path: Path) -> None:
+    """The label-name file, when present, must be data too: a folder holding a program in any
+    file is refused, not half used (its contents are not needed)."""
+    if path.is_file() and not isinstance(load_data_pickle(path), dict):
+        raise DataError(f"CIFAR label file {path} does not hold a dict")
+
+
 def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
     """Read the extracted official files of ``name`` from ``data_dir``.
 
@@ -184,6 +191,12 @@ def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
         ``x_train`` uint8 (N, 3, 32, 32), ``y_train`` int64 (N,), ``x_test``, ``y_test``;
         for SVHN also ``x_extra``, ``y_extra``. CIFAR-100 uses the 100 fine labels; SVHN's
         label 10 becomes the digit 0.
+
+    Raises
+    ------
+    DataError
+        A file is missing, corrupt, or not plain data (:func:`load_data_pickle`: the label
+        file ``batches.meta`` / ``meta`` too, when present, though its names are unused).
     """
     info = dataset_info(name)
     folder = locate(name, data_dir) or Path(data_dir) / info.folder
@@ -192,6 +205,7 @@ def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
         for part in ("train", "extra", "test"):
             out[f"x_{part}"], out[f"y_{part}"] = _svhn_mat(folder / f"{part}_32x32.mat")
         return out
+    _check_meta(folder / ("batches.meta" if name == "cifar10" else "meta"))
     if name == "cifar10":
         key = _LABEL_KEY[name]
         parts = [_cifar_batch(folder / f"data_batch_{i}", key, 10) for i in range(1, 6)]
