@@ -277,3 +277,56 @@ def test_any_other_global_is_refused_by_name_before_it_is_imported(tmp_path, mod
     assert str(e.value) == (f"{tmp_path / 'f'}: refuses to load: the pickle asks for "
                             f"{module}.{name} (only numpy arrays and plain containers are "
                             f"allowed)")
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Writes ``bytes`` and ``str`` as Python 2's ``str`` (SHORT_BINSTRING / BINSTRING), the
+    layout of the official CIFAR files (cPickle, protocol 2), not as Python 3 does."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def _save_py2_str(self, obj):
+        raw = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(raw) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
+        else:
+            self.write(pickle.BINSTRING + len(raw).to_bytes(4, "little") + raw)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+    dispatch[str] = _save_py2_str
+
+
+def test_a_python_2_layout_pickle_loads_as_the_standard_loader_reads_it(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, size=(3, 3072), dtype=np.uint8)
+    obj = {b"batch_label": b"training batch 1 of 5", b"labels": [6, 9, 9], b"data": x,
+           b"filenames": [b"a.png", b"b.png", b"c.png"]}
+    path = tmp_path / "data_batch_1"
+    with open(path, "wb") as f:
+        _Python2Pickler(f, protocol=2).dump(obj)
+    raw = path.read_bytes()
+    globals_named = {str(arg) for op, arg, _ in pickletools.genops(raw) if op.name == "GLOBAL"}
+    assert globals_named == {"numpy.core.multiarray _reconstruct", "numpy ndarray",
+                             "numpy dtype"}  # no _codecs: every string is a Python 2 str
+    with open(path, "rb") as f:
+        expected = pickle.load(f, encoding="bytes")
+    got = formats.load_data_pickle(path)
+    assert got.keys() == expected.keys() == obj.keys()
+    np.testing.assert_array_equal(got[b"data"], x)
+    assert got[b"data"].dtype == np.uint8
+    assert got[b"filenames"] == obj[b"filenames"] and got[b"labels"] == [6, 9, 9]
+
+
+def test_a_forged_stamp_skips_the_md5_check_but_not_the_restricted_reader(tmp_path,
+                                                                          closed_url):
+    folder = _hand_supplied(tmp_path, "cifar100")
+    marker = tmp_path / "MARKER"
+    _write_hostile(folder / "test", _System(marker))
+    info = data.DATASETS["cifar100"]
+    (folder / data.STAMP).write_text(json.dumps(
+        {"dataset": "cifar100", "files": integrity._signature(folder, info)}))
+    assert data.provenance("cifar100", folder.parent) == "official"  # the stamp is believed
+    with pytest.raises(DataError, match=f"^{folder / 'test'}: refuses to load: the pickle "
+                                        f"asks for posix.system"):
+        data.prepare("cifar100", folder.parent, "final", 0, progress=False)
+    assert not marker.exists()
