@@ -32,7 +32,7 @@ def _numpy_reconstruct():
     return _reconstruct
 
 
-def _latin1_encode(text, encoding="latin1"):
+def _latin1_encode(text, encoding):
     """``_codecs.encode`` as Python 3 writes ``bytes`` into a protocol-2 pickle, latin-1 only."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise pickle.UnpicklingError(f"_codecs.encode is allowed only as (str, 'latin1'), got "
