@@ -509,13 +509,13 @@ def compare(directory: Path, *, plots: bool = True, out: Optional[TextIO] = None
         ``directory`` does not exist or holds no run, or a run file is unreadable (one line
         naming the file).
     RunError
-        After printing: REPORT.md or a plot could not be written (one line naming the file
-        and the cause).
+        After printing: REPORT.md or a plot could not be written (one line naming the
+        folder, what was not written and why).
     """
     directory = Path(directory)
     groups = collect(directory)
     pngs: List[Path] = []
-    unwritten: List[str] = []  # what could not be written, and why (the first cause)
+    unwritten: List[str] = []  # what could not be written; cause: the first OSError's
     cause = ""
     if plots:
         try:
@@ -531,7 +531,7 @@ def compare(directory: Path, *, plots: bool = True, out: Optional[TextIO] = None
         runlog.replace_file(report, (text + "\n").encode())  # atomically
     except OSError as exc:
         unwritten.insert(0, report.name)
-        cause = exc.strerror or exc.__class__.__name__
+        cause = cause or (exc.strerror or exc.__class__.__name__)
     if unwritten:
         stream.flush()
         raise RunError(f"{directory}: {' and '.join(unwritten)} could not be written "
