@@ -6,7 +6,8 @@ plus PNG learning curves into that folder. Paper numbers come from :mod:`crmn.pa
 
 Per row the report shows parameters (ours / paper), seconds per epoch (ours with the device
 / the authors' GPU), test accuracy (ours: mean ± sample standard deviation over seeds, n /
-paper / Δ = ours − paper) and the run's status. A row of the experiment without any run is
+paper / Δ = ours − paper, left blank where :func:`comparable` finds the runs no test of the
+paper) and the run's status. A row of the experiment without any run is
 listed as *missing*; a run without ``summary.json`` is listed as *running* (or killed) with
 its last logged epoch; nothing is dropped silently.
 
