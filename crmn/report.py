@@ -16,9 +16,11 @@ and Table 2's five-repetition figure for ``t2-crmn32x4`` (section 4.2: 77.65 ± 
 model on validation 78.27) is recomputed from the seeds present.
 
 Plots follow the paper's Figure 3 (section 4.1): left, training loss per epoch of the final
-run; right, test error (%) per epoch of the final run; dotted lines mark the learning-rate drops. ``figure3.png`` overlays the last row
-of each block of Table 1 (or every row present when none of those is); ``curves_<row>.png``
-shows each row present with all its seeds.
+run; right, test error (%) per epoch of the final run; dotted lines mark the learning-rate
+drops. ``figure3.png`` overlays the last row of each block of Table 1 (or every row present
+when none of those is); ``curves_<row>.png`` shows each row present with all its seeds. A
+curve of a run that is no test of the paper (:func:`comparable`) is dashed and labelled
+:data:`NOT_THE_PAPER`.
 """
 from __future__ import annotations
 

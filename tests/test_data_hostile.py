@@ -2,8 +2,8 @@
 
 A hand-supplied CIFAR folder is fake data with one file replaced by a pickle whose
 ``__reduce__`` creates a marker file when it is loaded by ``pickle.load``: through
-``os.system`` (the global ``posix.system``) or through ``open`` (pure Python; the global ``io.open``). Each
-file of CIFAR-10 and CIFAR-100 is tried in turn, checked against the official table and with
+``os.system`` (the global ``posix.system``) or through ``open`` (pure Python; the global
+``io.open``). Each file of CIFAR-10 and CIFAR-100 is tried in turn, checked against the official table and with
 ``--unverified-data``, through the library and through the real command line. The marker
 must never appear and the refusal must be one line naming the file.
 """
@@ -239,7 +239,8 @@ def test_a_pickle_naming_numpy_2_modules_loads(tmp_path):
     """numpy 2 writes ``numpy._core.multiarray._reconstruct``; the reader maps it."""
     x = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
     raw = pickle.dumps({b"data": x, b"labels": [3, 7]}, protocol=2)
-    old, new = b"cnumpy.core.multiarray\n_reconstruct\n", b"cnumpy._core.multiarray\n_reconstruct\n"
+    old = b"cnumpy.core.multiarray\n_reconstruct\n"
+    new = b"cnumpy._core.multiarray\n_reconstruct\n"
     if old in raw:  # written by numpy 1.x: rename the module as numpy 2 would
         raw = raw.replace(old, new)
     assert new in raw
