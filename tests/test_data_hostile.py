@@ -3,9 +3,9 @@
 A hand-supplied CIFAR folder is fake data with one file replaced by a pickle whose
 ``__reduce__`` creates a marker file when it is loaded by ``pickle.load``: through
 ``os.system`` (the global ``posix.system``) or through ``open`` (pure Python; the global
-``io.open``). Each file of CIFAR-10 and CIFAR-100 is tried in turn, checked against the official table and with
-``--unverified-data``, through the library and through the real command line. The marker
-must never appear and the refusal must be one line naming the file.
+``io.open``). Each file of CIFAR-10 and CIFAR-100 is tried in turn, checked against the
+official table and with ``--unverified-data``, through the library and through the real
+command line. The marker must never appear and the refusal must be one line naming the file.
 """
 import dataclasses
 import json
