@@ -149,7 +149,7 @@ def test_root_with_several_experiments(tmp_path):
 
 
 def test_bad_input_names_the_file(tmp_path):
-    with pytest.raises(CRMNError, match="no run directory"):
+    with pytest.raises(CRMNError, match="nope: no such folder"):
         report.collect(tmp_path / "nope")
     d = tmp_path / "table1" / "t1-crmn32x1" / "seed0"
     write_run(d, row="t1-crmn32x1", experiment="table1", seed=0, test_acc=0.5)

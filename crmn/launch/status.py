@@ -283,8 +283,14 @@ def task_state(exp_dir: Path, task: Task, queue: Optional[Dict[int, tuple]]) -> 
 
 
 def experiment_dirs(directory: Path) -> List[Path]:
-    """``directory`` if it holds a manifest, else its sub-folders that do."""
+    """``directory`` if it holds a manifest, else its sub-folders that do.
+
+    Raises :class:`DataError` (one line) when ``directory`` is no folder or holds no grid.
+    """
     directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: " + ("not a folder" if directory.exists()
+                                            else "no such folder"))
     if (directory / manifest.MANIFEST).exists():
         return [directory]
     found = sorted(p.parent for p in directory.glob(f"*/{manifest.MANIFEST}"))
