@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
-from crmn import paper, runlog
+from crmn import paper, runlog, tables
 from crmn.config import ModelConfig, TrainConfig, json_view
-from crmn.errors import ConfigError, CRMNError, DataError, RunError
+from crmn.errors import ConfigError, DataError, RunError
 
 #: Last row of each block of four in Table 1: the models of the paper's Figure 3.
 FIGURE3_ROWS = tuple(r.id for r in paper.TABLE1[3::4])
@@ -346,14 +346,6 @@ COLUMNS = (("row", "row"), ("model", "model"), ("params", "params M ours"),
            ("notes", "not as published"))
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-            *(line(r) for r in rows)]
-
-
 def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
     """The whole report as Markdown."""
     out = ["# CRMN reproduction: published vs reproduced", "",
@@ -368,7 +360,7 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
     for exp, rows in groups.items():
         out += [f"## {exp}", ""]
         lines = [row_line(rr) for rr in rows]
-        out += _md_table([c[1] for c in COLUMNS], [[ln[c[0]] for c in COLUMNS] for ln in lines])
+        out += tables.markdown_lines([c[1] for c in COLUMNS], [[ln[c[0]] for c in COLUMNS] for ln in lines])
         out.append("")
         blank = [(rr.row_id, rr.not_comparable()) for rr in rows
                  if rr.finished and rr.row is not None and rr.not_comparable()]
@@ -383,7 +375,7 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
                 if rr.row is not None:
                     table.append([f"{rr.row.label} ({rr.row.id})", ln["paper_acc"],
                                   ln["acc"] or rr.status()])
-            out += _md_table(["method", "paper acc %", "ours acc %"], table)
+            out += tables.markdown_lines(["method", "paper acc %", "ours acc %"], table)
             out.append("")
         for rr in rows:
             row = rr.row
@@ -397,7 +389,7 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
             sd = f" ± {rep['std']:.3f}" if rep["std"] is not None else ""
             best = (f"{rep['best_test']:.2f} (seed {rep['best_seed']})"
                     if rep["best_test"] is not None else "n/a (no search run logged)")
-            out += _md_table(["", "mean ± std %", "best on validation: test %", "n"], [
+            out += tables.markdown_lines(["", "mean ± std %", "best on validation: test %", "n"], [
                 ["paper", f"{row.paper_accuracy_mean:.2f} ± {row.paper_accuracy_std:g}",
                  f"{row.paper_accuracy:.2f}", str(row.seeds)],
                 ["ours", f"{rep['mean']:.2f}{sd}", best, str(rep["n"])]])

@@ -293,11 +293,3 @@ def _check_kind(d: Dict, kind: str) -> None:
     if d.get("kind") != kind or d.get("version") != STATE_VERSION:
         raise ValueError(f"not a {kind} schedule state of version {STATE_VERSION}: "
                          f"kind={d.get('kind')!r} version={d.get('version')!r}")
-
-
-def schedule_from_state(d: Dict):
-    """Rebuild whichever schedule ``d`` (from ``state_dict()``) describes."""
-    for cls in (PlateauSchedule, FixedSchedule):
-        if d.get("kind") == cls.kind:
-            return cls.from_state(d)
-    raise ValueError(f"unknown schedule kind {d.get('kind')!r}")

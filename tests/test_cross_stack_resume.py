@@ -52,7 +52,7 @@ def test_torch_checkpoint_resumed_by_theano_matches_an_uninterrupted_torch_run(
     with pytest.raises(Killed):
         _run(mixed, data_dir, "torch")
     monkeypatch.undo()
-    assert checkpoint.read_meta(mixed / runlog.CHECKPOINT)["backend"] == "torch"
+    assert checkpoint.load(mixed / runlog.CHECKPOINT)[1]["backend"] == "torch"
 
     summary = _run(mixed, data_dir, "theano", resume=True)
     assert summary["backend"] == "theano" and summary["final_epochs"] == 2

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from crmn.schedule import Decision, FixedSchedule, PlateauSchedule, schedule_from_state
+from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
 
 def feed(sched, metrics):
@@ -102,7 +102,7 @@ def test_plateau_state_round_trip_continues_identically():
         first = PlateauSchedule((0.1, 0.01, 0.001), patience=2, max_epochs=5)
         d1, _, _ = feed(first, metrics[:cut])
         state = json.loads(json.dumps(first.state_dict()))  # must survive JSON
-        resumed = schedule_from_state(state)
+        resumed = PlateauSchedule.from_state(state)
         assert isinstance(resumed, PlateauSchedule)
         d2, _, _ = feed(resumed, metrics[cut:len(d_whole)] if not first.done else [])
         assert d1 + d2 == d_whole
@@ -124,7 +124,7 @@ def test_fixed_schedule_walks_its_stages_and_skips_empty_ones():
 def test_fixed_schedule_state_round_trip():
     s = FixedSchedule((0.1, 0.01), (2, 2))
     s.step(1.0, 0.5)
-    r = schedule_from_state(json.loads(json.dumps(s.state_dict())))
+    r = FixedSchedule.from_state(json.loads(json.dumps(s.state_dict())))
     assert isinstance(r, FixedSchedule)
     assert (r.epoch, r.stage, r.lr, r.best) == (1, 0, 0.1, s.best)
     r.step(0.9, 0.6)

@@ -152,7 +152,7 @@ def test_non_finite_epoch_loss_from_a_stack_is_caught(tmp_path):
                                                r"of row \(no paper row\); the last good "
                                                r"checkpoint .*checkpoint\.h5 is kept"):
         run_toy(tmp_path / "r")
-    assert checkpoint.read_meta(tmp_path / "r" / "checkpoint.h5")["epoch"] == 2
+    assert checkpoint.load(tmp_path / "r" / "checkpoint.h5")[1]["epoch"] == 2
 
 
 def test_given_schedule_skips_the_search(tmp_path):
@@ -200,7 +200,7 @@ def test_kill_between_log_line_and_checkpoint_is_replayed_once(tmp_path, referen
         run_toy(run_dir)
     monkeypatch.undo()
     assert len(runlog.read_log(run_dir / "log.jsonl")) == 4  # one line past the checkpoint
-    assert checkpoint.read_meta(run_dir / "checkpoint.h5")["epoch"] == 3
+    assert checkpoint.load(run_dir / "checkpoint.h5")[1]["epoch"] == 3
     run_toy(run_dir, resume=True)
     assert_same_run(run_dir, reference[0])
 

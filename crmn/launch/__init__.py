@@ -15,7 +15,8 @@ Files of a launched experiment, beside its run directories::
 
     manifest.txt          one line per (row, seed)
     tasks/<i>.start       task i started (JSON: launcher, host, pid, job, log)
-    tasks/<i>.rc          task i's exit code (3: stopped after a checkpoint, resumable)
+    tasks/<i>.rc          task i's exit code (3: stopped after a checkpoint; 130: Ctrl-C; both
+                          resumable)
     tasks/<i>.out         task i's output (local launcher)
     slurm/<A>_<i>.out     task i's output (Slurm; every restart appended)
     slurm/jobs.json       array and compare job ids of the last submission

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TextIO
 
-from crmn import runlog
+from crmn import runlog, tables
 from crmn.errors import DataError, EXIT_INTERRUPTED, EXIT_STOPPED
 from crmn.launch import manifest
 from crmn.launch.manifest import Task
@@ -313,16 +313,13 @@ def render(exp_dir: Path, states: Sequence[TaskState]) -> str:
     head = ("#", "row", "seed", "state", "detail")
     rows = [(str(s.task.index), s.task.row, str(s.task.seed), s.state, s.detail)
             for s in states]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     counts = ", ".join(f"{sum(s.state == k for s in states)} {k}" for k in STATES
                        if any(s.state == k for s in states))
     jobs = slurm_jobs(exp_dir)
     where = ("local launcher" if not jobs else f"Slurm array {jobs['array']}, "
              + (f"compare job {jobs['compare']}" if jobs.get("compare") else "no compare job"))
-    return "\n".join([f"{exp_dir}: {len(states)} run(s): {counts} ({where})", fmt(head),
-                      "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-                      *(fmt(r) for r in rows)])
+    return "\n".join([f"{exp_dir}: {len(states)} run(s): {counts} ({where})",
+                      *tables.markdown_lines(head, rows)])
 
 
 def show(directory: Path, out: Optional[TextIO] = None) -> int:
