@@ -3,9 +3,10 @@
 Each row trains for a fixed number of SGD steps on synthetic CIFAR-shaped data (random
 normal images, random labels: speed does not depend on the pixels) through the training
 loop's own :func:`crmn.train.train_epoch`, so the GPU path's resident data, per-epoch gather
-and captured step are what is timed. A short warm-up epoch first (graph compilation, cuDNN autotuning, CUDA-graph
-capture) is timed and reported apart. Printed per row: images/s, seconds per 50,000-image
-epoch, the paper's seconds per epoch (``crmn.paper``) and the speed-up over the paper::
+and captured step are what is timed. A short warm-up epoch first (graph compilation, cuDNN
+autotuning, CUDA-graph capture) is timed and reported apart. Printed per row: images/s,
+seconds per 50,000-image epoch, the paper's seconds per epoch (``crmn.paper``) and the
+speed-up over the paper::
 
     run_experiments.sh bench --backend torch --device cuda --steps 500
     run_experiments.sh bench --rows t1-resnet32x1 --device cpu --steps 5 --json bench.json
@@ -58,17 +59,17 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
         train = TrainConfig(batch_size=batch_size, lr_stages=row.lr_stages, seed=seed)
     B = train.batch_size
     expert = {} if channels_last is None else {"channels_last": channels_last}
-    be = registry.build(options, model, train, **expert)
-    layout = "channels-last" if getattr(be, "channels_last", False) else "channels-first"
+    stack = registry.build(options, model, train, **expert)
+    layout = "channels-last" if getattr(stack, "channels_last", False) else "channels-first"
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    warm = train_epoch(be, _sampler(rng, warmup, model.classes, train), 0, 0.01)
+    warm = train_epoch(stack, _sampler(rng, warmup, model.classes, train), 0, 0.01)
     s = _sampler(rng, steps, model.classes, train)
-    if getattr(be, "fast_epoch", False):  # the stack's fast path copies the data once
-        be.resident(s)
+    if getattr(stack, "fast_epoch", False):  # the stack's fast path copies the data once
+        stack.resident(s)
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    stats = train_epoch(be, s, 1, 0.01)  # ends with a host sync: device work is finished
+    stats = train_epoch(stack, s, 1, 0.01)  # ends with a host sync: device work is finished
     seconds = time.perf_counter() - t0
     ips = stats.images / seconds
     ours = EPOCH_IMAGES / ips
@@ -77,7 +78,7 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
         "row": row.id, "label": row.label, "backend": options.backend,
         "stack": (f"theano-{options.theano_mode}" if options.backend == "theano"
                   else options.backend),
-        "device": be.device, "compile_s": warm.compile_seconds,
+        "device": stack.device, "compile_s": warm.compile_seconds,
         "precision": options.dtype + ("+compile" if options.compile else ""),
         "layout": layout,
         "batch_size": B, "steps": steps, "warmup_s": warmup_s,

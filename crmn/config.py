@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from crmn import paper
@@ -103,7 +103,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # held-out share of the training set in the search run
     flip: bool = False  # random horizontal flips (off: the paper names only pad+crop)
     pad: int = 4  # zero padding before the random 32x32 crop, pixels per side
-    max_epochs: Optional[int] = None  # --epochs-cap: at most this many epochs per stage
+    epochs_cap: Optional[int] = None  # --epochs-cap: at most this many epochs per stage
     schedule: Optional[Tuple[int, ...]] = None  # --schedule: fixed epochs per stage, no search
     seed: int = 0  # data split, batch order, crops and weight init
 

@@ -211,8 +211,8 @@ def _train_flags(train: TrainConfig, row: TrainConfig) -> List[str]:
         out.append("--flip")
     if train.patience != row.patience:
         out += ["--patience", str(train.patience)]
-    if train.max_epochs is not None:
-        out += ["--epochs-cap", str(train.max_epochs)]
+    if train.epochs_cap is not None:
+        out += ["--epochs-cap", str(train.epochs_cap)]
     if train.schedule is not None:
         out += ["--schedule", ",".join(str(e) for e in train.schedule)]
     return out

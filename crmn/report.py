@@ -102,8 +102,8 @@ class SeedRun:
         elif "unverified" in (config.get("data"), summary.get("data")):
             out.append(("UNVERIFIED DATA (--unverified-data)", False))
         train = config.get("train") or {}
-        if train.get("max_epochs") is not None:
-            out.append((f"epochs capped at {train['max_epochs']} per stage", False))
+        if train.get("epochs_cap") is not None:
+            out.append((f"epochs capped at {train['epochs_cap']} per stage", False))
         if train.get("schedule") is not None:
             out.append(("fixed schedule " + ",".join(str(e) for e in train["schedule"]),
                         False))
@@ -117,7 +117,7 @@ class SeedRun:
         for section, want in published.items():
             have = config.get(section) or {}
             for key, value in want.items():
-                if key in ("max_epochs", "schedule", "seed") or key not in have:
+                if key in ("epochs_cap", "schedule", "seed") or key not in have:
                     continue
                 if json_view(have[key]) != json_view(value):
                     out.append((f"{key} {json_view(have[key])} (row: {json_view(value)})",
@@ -360,7 +360,8 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
     for exp, rows in groups.items():
         out += [f"## {exp}", ""]
         lines = [row_line(rr) for rr in rows]
-        out += tables.markdown_lines([c[1] for c in COLUMNS], [[ln[c[0]] for c in COLUMNS] for ln in lines])
+        out += tables.markdown_lines([c[1] for c in COLUMNS],
+                                     [[ln[c[0]] for c in COLUMNS] for ln in lines])
         out.append("")
         blank = [(rr.row_id, rr.not_comparable()) for rr in rows
                  if rr.finished and rr.row is not None and rr.not_comparable()]

@@ -10,7 +10,7 @@ Written once for both stacks, which only build the network and take a step. One 
    momentum velocities are zeroed before the next, lower learning rate.
 2. **Final run**: the network, back at its seeded initial state, trains on the whole
    training set with :class:`crmn.schedule.FixedSchedule` replaying the schedule found (or the
-   given one, each stage bounded by ``train.max_epochs``), and is evaluated on the test set
+   given one, each stage bounded by ``train.epochs_cap``), and is evaluated on the test set
    after every epoch. The last epoch's test result is the run's result (``summary.json``).
 
 This module owns what both stacks share: the epoch loop (:func:`train_epoch`), evaluation
@@ -311,13 +311,13 @@ def _run_held(ctx: _Run, new_stack: Callable[[], Any], resume: bool) -> Dict:
                                                  or resumed[1]["phase"] == "search")
     ctx.split("search" if searching else "final")  # a missing dataset fails before the build
     _note_data(ctx)
-    net = new_stack()
-    ctx.say(f"{ctx.run_dir}: backend {net.name} on {net.device}, dtype {spec.dtype}, "
-            f"{net.param_count():,} trainable parameters")
+    stack = new_stack()
+    ctx.say(f"{ctx.run_dir}: backend {stack.name} on {stack.device}, dtype {spec.dtype}, "
+            f"{stack.param_count():,} trainable parameters")
     if resumed is None or not ctx.path(runlog.CONFIG).exists():
-        runlog.write_json(ctx.path(runlog.CONFIG), _config(ctx, net))
-    used, extra = _phases(ctx, net, resumed, searching)
-    summary = _summary(ctx, net, used, extra)
+        runlog.write_json(ctx.path(runlog.CONFIG), _config(ctx, stack))
+    used, extra = _phases(ctx, stack, resumed, searching)
+    summary = _summary(ctx, stack, used, extra)
     runlog.write_json(ctx.path(runlog.SUMMARY), summary)
     ctx.say(f"{ctx.run_dir}: done, test accuracy {100 * summary['test_acc']:.2f} % after "
             f"{summary['final_epochs']} epochs (schedule {used})")
@@ -425,16 +425,16 @@ def _record_resume(ctx: _Run, meta: Dict) -> None:
         runlog.write_json(path, config)
 
 
-def _config(ctx: _Run, net) -> Dict:
+def _config(ctx: _Run, stack) -> Dict:
     spec = ctx.spec
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     for mod in ("h5py", "theano", "lasagne", "torch"):
         if mod in sys.modules:
             versions[mod] = getattr(sys.modules[mod], "__version__", "?")
     return {"row": spec.row, "experiment": spec.experiment, "dataset": spec.dataset,
-            "backend": spec.backend, "device": net.device, "device_requested": spec.device,
+            "backend": spec.backend, "device": stack.device, "device_requested": spec.device,
             "dtype": spec.dtype, "compile": spec.compile, "theano_mode": spec.theano_mode,
-            "params": net.param_count(),
+            "params": stack.param_count(),
             "model": spec.model.to_dict(),
             "train": spec.train.to_dict(), "seed": spec.train.seed,
             "fake_data": ctx.fake_data, "data": ctx.data_source, "versions": versions,
@@ -448,7 +448,7 @@ def _copy(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 
 # --- phases ------------------------------------------------------------------------------
 
-def _phases(ctx: _Run, net, resumed, searching: bool) -> Tuple[List[int], Dict]:
+def _phases(ctx: _Run, stack, resumed, searching: bool) -> Tuple[List[int], Dict]:
     """Search run (if due), then the final run; returns the schedule used and the search's
     results (``schedule_found``, ``search_best``)."""
     spec = ctx.spec
@@ -456,68 +456,68 @@ def _phases(ctx: _Run, net, resumed, searching: bool) -> Tuple[List[int], Dict]:
     if resumed is not None:
         extra = {k: resumed[1].get(k) for k in extra}
     if searching:
-        initial = _copy(net.get_state())  # the final run starts again from here
-        sched = _search(ctx, net, resumed)
+        initial = _copy(stack.get_state())  # the final run starts again from here
+        sched = _search(ctx, stack, resumed)
         extra = {"schedule_found": sched.found, "search_best": sched.best}
         resumed = None
-        net.set_state(initial)
-        net.reset_velocity()
+        stack.set_state(initial)
+        stack.reset_velocity()
     used = extra["schedule_found"]
     if spec.train.schedule is not None:  # --schedule, bounded by --epochs-cap like every stage
-        used = [e if spec.train.max_epochs is None else min(e, spec.train.max_epochs)
+        used = [e if spec.train.epochs_cap is None else min(e, spec.train.epochs_cap)
                 for e in spec.train.schedule]
-    _final(ctx, net, used, resumed, extra)
+    _final(ctx, stack, used, resumed, extra)
     return used, extra
 
 
-def _search(ctx: _Run, net, resumed) -> PlateauSchedule:
+def _search(ctx: _Run, stack, resumed) -> PlateauSchedule:
     """Search run on the 90 % split; returns the finished plateau schedule."""
     if resumed is not None:
         arrays, meta = resumed
-        net.set_state(arrays)
+        stack.set_state(arrays)
         sched = PlateauSchedule.from_state(meta["schedule"])
     else:
-        sched = PlateauSchedule(ctx.train.lr_stages, ctx.train.patience, ctx.train.max_epochs)
-    _train_phase(ctx, "search", net, sched, {"schedule_found": None, "search_best": None})
+        sched = PlateauSchedule(ctx.train.lr_stages, ctx.train.patience, ctx.train.epochs_cap)
+    _train_phase(ctx, "search", stack, sched, {"schedule_found": None, "search_best": None})
     ctx.say(f"{ctx.run_dir}: search done, schedule found {sched.found} "
             f"(epochs per lr {list(ctx.train.lr_stages)}), best {sched.best}")
     return sched
 
 
-def _final(ctx: _Run, net, used: List[int], resumed, extra: Dict) -> FixedSchedule:
+def _final(ctx: _Run, stack, used: List[int], resumed, extra: Dict) -> FixedSchedule:
     """Final run on the full training set with the fixed schedule ``used``."""
     if resumed is not None:
         arrays, meta = resumed
-        net.set_state(arrays)
+        stack.set_state(arrays)
         sched = FixedSchedule.from_state(meta["schedule"])
     else:
         sched = FixedSchedule(ctx.train.lr_stages, used)
-    _train_phase(ctx, "final", net, sched, extra)
+    _train_phase(ctx, "final", stack, sched, extra)
     return sched
 
 
-def _train_phase(ctx: _Run, phase: str, net, sched, extra: Dict) -> None:
+def _train_phase(ctx: _Run, phase: str, stack, sched, extra: Dict) -> None:
     split = ctx.split(phase)
     sampler = data.BatchSampler(split.train_x, split.train_y, ctx.train.batch_size,
                                 sampler_seed(ctx.train.seed, phase), pad=ctx.train.pad,
                                 flip=ctx.train.flip)
     while not sched.done:
-        _one_epoch(ctx, phase, net, sched, sampler, split, extra)
+        _one_epoch(ctx, phase, stack, sched, sampler, split, extra)
 
 
-def _one_epoch(ctx: _Run, phase: str, net, sched, sampler, split, extra: Dict) -> None:
+def _one_epoch(ctx: _Run, phase: str, stack, sched, sampler, split, extra: Dict) -> None:
     """Train, evaluate, decide, log, checkpoint: one epoch of either phase."""
     t0 = time.perf_counter()
     lr, stage, epoch = sched.lr, sched.stage, sched.epoch + 1
     label = f"[{phase}] epoch {epoch}" if ctx.progress and sys.stderr.isatty() else None
-    stats = train_epoch(net, sampler, epoch, lr, progress=label)
+    stats = train_epoch(stack, sampler, epoch, lr, progress=label)
     _check_finite(ctx, phase, epoch, "training loss", stats.loss)
-    eval_loss, eval_acc = evaluate(net, split.eval_x, split.eval_y)
+    eval_loss, eval_acc = evaluate(stack, split.eval_x, split.eval_y)
     _check_finite(ctx, phase, epoch, f"{split.eval_name} loss", eval_loss)
     decision = sched.step(eval_loss, eval_acc)
     meta = _meta(ctx, phase, sched, sampler.seed, extra)
     if phase == "search" and sched.improved:
-        checkpoint.save(ctx.path(runlog.BEST), net.get_state(), meta)
+        checkpoint.save(ctx.path(runlog.BEST), stack.get_state(), meta)
     entry = {"phase": phase, "epoch": epoch, "stage": stage, "lr": lr,
              "train_loss": stats.loss, "train_acc": stats.acc, "eval_split": split.eval_name,
              "eval_loss": eval_loss, "eval_acc": eval_acc, "seconds": stats.seconds,
@@ -527,9 +527,9 @@ def _one_epoch(ctx: _Run, phase: str, net, sched, sampler, split, extra: Dict) -
     runlog.append_entry(ctx.path(runlog.LOG), entry)
     if decision == Decision.RELOAD:
         best, _ = checkpoint.load(ctx.path(runlog.BEST))
-        net.set_state(best)
-        net.reset_velocity()  # the next stage starts from rest at its new rate
-    checkpoint.save(ctx.path(runlog.CHECKPOINT), net.get_state(), meta)
+        stack.set_state(best)
+        stack.reset_velocity()  # the next stage starts from rest at its new rate
+    checkpoint.save(ctx.path(runlog.CHECKPOINT), stack.get_state(), meta)
     ctx.epoch_wall.append(time.perf_counter() - t0)
     ctx.say(_epoch_line(ctx, entry, sched, improved=sched.improved and phase == "search"))
     check_stop(ctx.run_dir)
@@ -582,7 +582,7 @@ def _epoch_line(ctx: _Run, e: Dict, sched, improved: bool) -> str:
 
 # --- summary -----------------------------------------------------------------------------
 
-def _summary(ctx: _Run, net, used: List[int], extra: Dict) -> Dict:
+def _summary(ctx: _Run, stack, used: List[int], extra: Dict) -> Dict:
     """summary.json from the log (crmn/LOGS.md); resumed runs count every logged epoch."""
     spec = ctx.spec
     final = [e for e in runlog.read_log(ctx.path(runlog.LOG)) if e["phase"] == "final"]
@@ -590,10 +590,10 @@ def _summary(ctx: _Run, net, used: List[int], extra: Dict) -> Dict:
         test_loss, test_acc = final[-1]["eval_loss"], final[-1]["eval_acc"]
     else:  # a schedule of 0 epochs: the untrained network is the result
         split = ctx.split("final")
-        test_loss, test_acc = evaluate(net, split.eval_x, split.eval_y)
+        test_loss, test_acc = evaluate(stack, split.eval_x, split.eval_y)
     rates = [e["images_per_s"] for e in final if e["images_per_s"]]
     return {"row": spec.row, "experiment": spec.experiment, "backend": spec.backend,
-            "device": net.device, "dataset": spec.dataset, "params": net.param_count(),
+            "device": stack.device, "dataset": spec.dataset, "params": stack.param_count(),
             "schedule_found": extra["schedule_found"], "schedule_used": list(used),
             "lr_stages": list(spec.train.lr_stages), "test_loss": test_loss,
             "test_acc": test_acc, "final_epochs": len(final),

@@ -206,24 +206,24 @@ def verify_device(cfg: ModelConfig, train: TrainConfig, name: str, device: str =
     """
     on_gpu = device.startswith("cuda")
 
-    def be(where, dtype, graph=False):
+    def built(where, dtype, graph=False):
         return registry.build(StackOptions("torch", where, dtype), cfg, train,
                               graph=graph and on_gpu, tf32=False)
 
     B = train.batch_size
     return [
-        _compare(f"{name} [{device} float64 vs cpu float64]", be("cpu", "float64"),
-                 be(device, "float64"), cfg, B, lr, seed, tol),
+        _compare(f"{name} [{device} float64 vs cpu float64]", built("cpu", "float64"),
+                 built(device, "float64"), cfg, B, lr, seed, tol),
         _compare(f"{name} [{device} float64: graph vs eager, {GRAPH_STEPS} steps]",
-                 be(device, "float64"), be(device, "float64", graph=True), cfg, B, lr, seed,
-                 tol, steps=GRAPH_STEPS),
+                 built(device, "float64"), built(device, "float64", graph=True), cfg, B, lr,
+                 seed, tol, steps=GRAPH_STEPS),
         _verify_epoch(cfg, train, name, device, lr, seed, tol, "float64"),
-        _compare(f"{name} [{device} float32 vs cpu float64]", be("cpu", "float64"),
-                 be(device, "float32"), cfg, B, lr, seed, tol_f32, global_norm=True,
+        _compare(f"{name} [{device} float32 vs cpu float64]", built("cpu", "float64"),
+                 built(device, "float32"), cfg, B, lr, seed, tol_f32, global_norm=True,
                  update_tol=UPDATE_TOLERANCE_F32),
         _compare(f"{name} [{device} float32: graph vs eager, {GRAPH_STEPS} steps]",
-                 be(device, "float32"), be(device, "float32", graph=True), cfg, B, lr, seed,
-                 tol_f32, steps=GRAPH_STEPS, global_norm=True,
+                 built(device, "float32"), built(device, "float32", graph=True), cfg, B, lr,
+                 seed, tol_f32, steps=GRAPH_STEPS, global_norm=True,
                  update_tol=UPDATE_TOLERANCE_F32),
     ]
 

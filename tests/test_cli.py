@@ -77,7 +77,7 @@ def test_script_reads_relative_paths_from_the_callers_directory(tmp_path):
 FLAG_FIELDS = [("outgate", ModelConfig, "outgate"), ("forget_bias", ModelConfig, "forget_bias"),
                ("dense_init", ModelConfig, "dense_init"), ("nesterov", TrainConfig, "nesterov"),
                ("flip", TrainConfig, "flip"), ("patience", TrainConfig, "patience"),
-               ("schedule", TrainConfig, "schedule"), ("epochs_cap", TrainConfig, "max_epochs")]
+               ("schedule", TrainConfig, "schedule"), ("epochs_cap", TrainConfig, "epochs_cap")]
 #: smoke's own defaults (crmn.cli.parser.SMOKE) replace these
 SMOKE_FIELDS = {"patience": parser.SMOKE["patience"], "epochs_cap": parser.SMOKE["epochs_cap"]}
 
@@ -121,7 +121,7 @@ def test_smoke_keeps_every_value_given_on_the_command_line(tmp_path):
     args = parser.parse(["smoke", "--patience", "10", "--epochs-cap", "3", "--n", "2",
                          "--k", "1", "--batch-size", "20", "--out-dir", str(tmp_path)])
     (run,) = plans.smoke_plan(args).runs
-    assert (run.spec.train.patience, run.spec.train.max_epochs) == (10, 3)
+    assert (run.spec.train.patience, run.spec.train.epochs_cap) == (10, 3)
     assert (run.spec.model.n, run.spec.model.k, run.spec.train.batch_size) == (2, 1.0, 20)
     assert run.label == "tiny-crmn-n2-k1"
     assert not tmp_path.joinpath("smoke").exists()  # a plan creates nothing
@@ -137,7 +137,7 @@ def test_flags_map_onto_configs():
     assert model == ModelConfig(n=1, k=0.5, classes=100, memory=True, outgate="tanh",
                                 forget_bias=-1.5, dense_init="glorot")
     assert train == TrainConfig(batch_size=20, lr_stages=row.lr_stages, nesterov=True,
-                                flip=True, patience=3, schedule=(5, 4, 3), max_epochs=7, seed=2)
+                                flip=True, patience=3, schedule=(5, 4, 3), epochs_cap=7, seed=2)
     # without flags: exactly the row's configuration and the dataclass defaults
     args = parser.parse(["table2"])
     wide = paper.row("t2-crmn28x10")

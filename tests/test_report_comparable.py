@@ -46,7 +46,7 @@ NOT_A_TEST = [
     ("n", dict(model={"n": 1}), "n 1 (row: 5)"),
     ("k", dict(model={"k": 0.5}), "k 0.5 (row: 1)"),
     ("batch", dict(train={"batch_size": 10}), "batch_size 10 (row: 100)"),
-    ("capped", dict(train={"max_epochs": 1}), "epochs capped at 1 per stage"),
+    ("capped", dict(train={"epochs_cap": 1}), "epochs capped at 1 per stage"),
     ("schedule", dict(train={"schedule": (2, 1, 1)}), "fixed schedule 2,1,1"),
 ]
 

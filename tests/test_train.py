@@ -136,7 +136,7 @@ def test_plateau_reloads_the_best_model_and_zeroes_velocities(tmp_path):
 
 
 def test_epochs_cap_bounds_a_given_schedule(tmp_path):
-    train = dataclasses.replace(TOY_TRAIN, schedule=(3, 2), max_epochs=1)
+    train = dataclasses.replace(TOY_TRAIN, schedule=(3, 2), epochs_cap=1)
     summary = run_toy(tmp_path / "r", train=train)
     assert summary["schedule_used"] == [1, 1] and summary["final_epochs"] == 2
 
@@ -296,7 +296,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_progress_lines(tmp_path, capsys):
-    train = dataclasses.replace(TOY_TRAIN, max_epochs=2)
+    train = dataclasses.replace(TOY_TRAIN, epochs_cap=2)
     run_toy(tmp_path / "r", train=train, progress=True)
     out = capsys.readouterr().out
     assert "backend toy on cpu (numpy" in out and "trainable parameters" in out

@@ -156,7 +156,7 @@ def toy_data_dir() -> Path:
 
 
 TOY_MODEL = ModelConfig(n=1, k=1, classes=10, memory=False)
-TOY_TRAIN = TrainConfig(batch_size=10, lr_stages=(0.1, 0.01), patience=2, max_epochs=4,
+TOY_TRAIN = TrainConfig(batch_size=10, lr_stages=(0.1, 0.01), patience=2, epochs_cap=4,
                         pad=1, seed=3)
 
 

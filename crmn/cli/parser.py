@@ -149,7 +149,7 @@ def _run_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
     g.add_argument("--seed", type=int, metavar="K", default=None,
                    help="train only seed K (one run of a grid, e.g. one task of a job "
                         "array; default: " + ("0)" if smoke else "seeds 0..N-1 of --seeds)"))
-    cap = SMOKE["epochs_cap"] if smoke else default(TrainConfig, "max_epochs")
+    cap = SMOKE["epochs_cap"] if smoke else default(TrainConfig, "epochs_cap")
     g.add_argument("--epochs-cap", type=positive, metavar="N", default=cap,
                    help="at most N epochs per learning-rate stage (default: %(default)s" +
                         (")" if smoke else " = no cap)"))

@@ -71,7 +71,7 @@ def configs_for(row: paper.Row, args, seed: int, dataset: Optional[str] = None):
                             classes=paper.DATASET_CLASSES[dataset or row.dataset],
                             memory=row.memory, **over)
         train = TrainConfig(nesterov=args.nesterov, flip=args.flip, patience=args.patience,
-                            max_epochs=args.epochs_cap, schedule=args.schedule, seed=seed,
+                            epochs_cap=args.epochs_cap, schedule=args.schedule, seed=seed,
                             batch_size=args.batch_size or row.batch_size, lr_stages=lr_stages)
     except ConfigError as exc:
         raise UsageError(f"{PROG} {args.command}: {exc} (row {row.id})") from None

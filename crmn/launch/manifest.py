@@ -9,9 +9,9 @@ a user could type, e.g.::
 
 rendered by :meth:`crmn.plan.TrainPlan.single_run_argv` from the run's checked settings
 (never from ``sys.argv`` or the parser): ``--resume``, ``--no-progress``, absolute
-``--data-dir`` and ``--out-dir``, and every setting in which the run differs from its row. Line ``i`` (0-based) is task ``i`` of
-both launchers (:mod:`crmn.launch.local`, :mod:`crmn.launch.slurm`), so they produce the same
-run directories from the same lines.
+``--data-dir`` and ``--out-dir``, and every setting in which the run differs from its row.
+Line ``i`` (0-based) is task ``i`` of both launchers (:mod:`crmn.launch.local`,
+:mod:`crmn.launch.slurm`), so they produce the same run directories from the same lines.
 """
 from __future__ import annotations
 
