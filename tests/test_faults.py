@@ -50,7 +50,7 @@ def test_a_hostile_pickle_in_a_hand_supplied_folder_never_runs(tmp_path):
     folder = data.write_fake("cifar10", tmp_path / "mine", n_train=20, n_test=10, seed=1)
     (folder / data.FAKE_MARKER).unlink()  # it claims to be the official dataset
     marker = tmp_path / "MARKER"
-    with open(folder / "data_batch_3", "wb") as f:
+    with open(folder / "data_batch_1", "wb") as f:  # the first file read
         pickle.dump(_Payload(marker), f, protocol=2)
     for extra in ([], ["--unverified-data"]):
         p = run_cli(["table3", "--rows", "t3-crmn28x10", "--backend", "torch", "--n", "1",
@@ -58,7 +58,7 @@ def test_a_hostile_pickle_in_a_hand_supplied_folder_never_runs(tmp_path):
                      folder, "--out-dir", tmp_path / "runs", *extra])
         assert p.returncode == 1
         line = _one_line(p.stderr)
-        assert line.startswith("error: ") and "data_batch_3" in line, line
+        assert line.startswith("error: ") and "data_batch_1" in line, line
         assert not marker.exists()
 
 
@@ -149,6 +149,7 @@ def test_status_of_a_held_run_is_running(tmp_path):
     line = ["bash", "run_experiments.sh", "table1", "--rows", "t1-resnet32x1", "--seed", "0"]
     manifest.write(exp, [manifest.Task(0, "t1-resnet32x1", 0, tuple(line))])
     (exp / "tasks").mkdir()
+    (exp / "t1-resnet32x1" / "seed0").mkdir(parents=True)
     (exp / "tasks" / "0.rc").write_text("1\n")  # a stale failure marker
     holder = subprocess.Popen(
         [os.sys.executable, "-c", "import sys, time; from crmn import runlog\n"
