@@ -14,9 +14,9 @@ section 4 of the paper as Lasagne ran it:
 * batch-norm running averages move once per training step (and only then, see
   :class:`original.layers.BatchNormLayer`).
 
-Device and precision: with ``mode="c"`` Theano's own flags decide the device
-(``THEANO_FLAGS=device=cuda`` with a GPU-enabled Theano); with ``mode="jax"`` the same graphs
-are compiled by :mod:`original.jax_mode` into one jitted JAX function each, on the CPU or
+Device and precision: with ``theano_mode="c"`` Theano's own flags decide the device
+(``THEANO_FLAGS=device=cuda`` with a GPU-enabled Theano); with ``theano_mode="jax"`` the same
+graphs are compiled by :mod:`original.jax_mode` into one jitted JAX function each, on the CPU or
 (``device="cuda"``, with a CUDA jaxlib) a current GPU. ``dtype`` picks the precision per
 instance, by building and compiling the graphs under
 ``theano.config.change_flags(floatX=dtype)``.
@@ -66,6 +66,63 @@ def _check_device(device: str) -> str:
     return f"{actual} (Theano-PyMC {theano.__version__}, blas {theano.config.blas__ldflags})"
 
 
+class _CRoute:
+    """How a C-mode backend compiles and moves values: ``theano.function`` with Theano's
+    C backend, shared variables on the host. ``device`` describes where it runs."""
+
+    def __init__(self, device: str, dtype: str):
+        compat.check_compiled_backend(probe=False)  # the compile probe waits for one
+        self.device = _check_device(device)
+
+    def function(self, inputs, outputs, updates, name: str, device_outputs: bool = False):
+        compat.check_compiled_backend()  # once per process: a convolution is CorrMM
+        return theano.function(inputs, outputs, updates=updates, name=name)
+
+    def compile_seconds(self, fns) -> float:
+        return 0.0  # all of it inside theano.function, which the backend times
+
+    def get_value(self, shared) -> np.ndarray:
+        return shared.get_value()
+
+    def set_value(self, shared, value) -> None:
+        shared.set_value(value)
+
+
+class _JaxRoute:
+    """How a JAX-mode backend compiles and moves values (:mod:`original.jax_mode`): one
+    jitted function per graph on ``device``'s JAX device, shared variables resident there.
+
+    Building one applies the JAX mode's process-wide settings
+    (:func:`original.jax_mode.configure`) before JAX starts; JAX is imported only here,
+    so a C-mode process never loads it.
+    """
+
+    def __init__(self, device: str, dtype: str):
+        from original import jax_mode
+
+        jax_mode.configure()
+        self._jax_mode = jax_mode
+        self._device = jax_mode.jax_device(device)
+        self.device = (f"{device} (Theano-PyMC {theano.__version__} via "
+                       f"{jax_mode.describe(self._device, dtype)})")
+
+    def function(self, inputs, outputs, updates, name: str, device_outputs: bool = False):
+        fn = self._jax_mode.function(inputs, outputs, updates=updates, name=name,
+                                     device=self._device)
+        self._jax_mode.linker_call(fn).host_outputs = not device_outputs
+        return fn
+
+    def compile_seconds(self, fns) -> float:
+        """XLA's compilation, which happens at each function's first call."""
+        return sum(self._jax_mode.linker_call(fn).compile_seconds for fn in fns)
+
+    def get_value(self, shared) -> np.ndarray:
+        return self._jax_mode.get_value(shared)
+
+    def set_value(self, shared, value) -> None:
+        self._jax_mode.set_value(shared, value, device=self._device)
+
+
 class TheanoBackend:
     """A CRMN or ResNet in Theano + Lasagne, driven through :class:`crmn.stack.Stack`.
 
@@ -109,17 +166,9 @@ class TheanoBackend:
         if theano_mode not in THEANO_MODES:
             raise ConfigError(f"unknown --theano-mode {theano_mode!r}: choose "
                               f"{' or '.join(THEANO_MODES)}")
-        self.mode = mode = theano_mode
-        self._jax_device = None
-        if mode == "jax":
-            from original import jax_mode
-
-            self._jax_device = jax_mode.jax_device(device)
-            self.device = (f"{device} (Theano-PyMC {theano.__version__} via "
-                           f"{jax_mode.describe(self._jax_device, dtype)})")
-        else:
-            compat.check_compiled_backend(probe=False)  # the compile probe waits for one
-            self.device = _check_device(device)
+        self.theano_mode = theano_mode
+        self._route = (_JaxRoute if theano_mode == "jax" else _CRoute)(device, dtype)
+        self.device = self._route.device
         self.model, self.train, self.dtype = model, train, dtype
         self._x = T.tensor4("x", dtype=dtype)  # (B, 3, 32, 32)
         self._y = T.lvector("y")  # (B,) int64 class indices
@@ -185,17 +234,10 @@ class TheanoBackend:
                     self._logits_layer, deterministic=(which == "forward_eval"))
                 inputs, outputs, updates = [self._x], logits, None
             start = time.perf_counter()
-            if self.mode == "jax":
-                from original import jax_mode
-
-                fn = jax_mode.function(inputs, outputs, updates=updates, name=which,
-                                       device=self._jax_device)
-                # the step's loss and accuracy stay on the device; the loop reads them once
-                # per epoch (logits are read at once anyway)
-                jax_mode.linker_call(fn).host_outputs = which != "train"
-            else:
-                compat.check_compiled_backend()  # once per process: a convolution is CorrMM
-                fn = theano.function(inputs, outputs, updates=updates, name=which)
+            # the step's loss and accuracy may stay on the device; the loop reads them once
+            # per epoch (logits are read at once anyway)
+            fn = self._route.function(inputs, outputs, updates, which,
+                                      device_outputs=which == "train")
             self._function_seconds += time.perf_counter() - start
         self._fns[which] = fn
         return fn
@@ -204,12 +246,7 @@ class TheanoBackend:
     def compile_seconds(self) -> float:
         """Seconds spent compiling so far (waits for Theano's compile lock included); in
         JAX mode also XLA's compilation, which happens at a function's first call."""
-        if self.mode != "jax":
-            return self._function_seconds
-        from original import jax_mode
-
-        return self._function_seconds + sum(jax_mode.linker_call(fn).compile_seconds
-                                            for fn in self._fns.values())
+        return self._function_seconds + self._route.compile_seconds(self._fns.values())
 
     def _velocities(self):
         self._build_updates()  # the velocities are created with the update graph
@@ -272,16 +309,7 @@ class TheanoBackend:
     # --- shared-variable access: on the host (C mode) or the JAX device (jax mode) ------
 
     def _get_value(self, shared) -> np.ndarray:
-        if self.mode == "jax":
-            from original import jax_mode
-
-            return jax_mode.get_value(shared)
-        return shared.get_value()
+        return self._route.get_value(shared)
 
     def _set_value(self, shared, value) -> None:
-        if self.mode == "jax":
-            from original import jax_mode
-
-            jax_mode.set_value(shared, value, device=self._jax_device)
-        else:
-            shared.set_value(value)
+        self._route.set_value(shared, value)

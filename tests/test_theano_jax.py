@@ -93,6 +93,12 @@ def compare(inputs, outputs, values, expect_ops, tol=TOL):
     return worst
 
 
+def resident(shared):
+    """The value in ``shared``'s storage cell as it is, through Theano's own API (a
+    jax.Array once a JAX-mode call or ``jax_mode.set_value`` with a device put it there)."""
+    return shared.get_value(borrow=True, return_internal_type=True)
+
+
 def randn(*shape, seed=0):
     return np.random.RandomState(seed).randn(*shape)
 
@@ -220,6 +226,24 @@ def test_option_a_shortcut_and_explicit_padding():
             {"IncSubtensor", "Shape_i", "Reshape"})
 
 
+@pytest.mark.parametrize("kind", ["inc", "set", "inc_rows", "set_points"])
+def test_subtensor_update_of_a_constant(kind):
+    """Set or increment part of a graph constant (which reaches the conversion as numpy,
+    without ``.at``): basic slices, repeated rows, and index-array points."""
+    x = T.vector("x")
+    zeros = T.constant(np.zeros(5))
+    grid = T.constant(np.arange(12.0).reshape(3, 4))
+    out, size, op = {
+        "inc": (lambda: T.inc_subtensor(zeros[1:3], x), 2, "IncSubtensor"),
+        "set": (lambda: T.set_subtensor(zeros[1:3], x), 2, "IncSubtensor"),
+        "inc_rows": (lambda: T.inc_subtensor(zeros[[0, 2, 2]], x), 3,
+                     "AdvancedIncSubtensor1"),
+        "set_points": (lambda: T.set_subtensor(grid[[0, 2], [1, 3]], x), 2,
+                       "AdvancedIncSubtensor"),
+    }[kind]
+    compare([x], [out()], [randn(size, seed=19)], {op})
+
+
 def test_variadic_add_and_mul():
     """Elementwise products and sums of 3-5 inputs (the stock Mul conversion called the
     removed jnp.product), fused into Composite ops by Theano."""
@@ -238,6 +262,21 @@ def test_missing_conversion_is_one_line_naming_op_and_layer():
     message = str(info.value)
     assert "\n" not in message
     assert "FillDiagonal" in message and "'probe'" in message and "probe.W" in message
+
+
+def test_unsupported_option_is_the_same_one_line_error():
+    """An option a conversion refuses (max pooling over a padded image), found only when
+    the graph is traced: the same ConfigError kind and form as a missing conversion."""
+    w = theano.shared(np.ones((2, 3, 3, 3)), name="tap.W")
+    x = T.tensor4("x")
+    pooled = pool_2d(T.nnet.conv2d(x, w, border_mode="half"), (2, 2), ignore_border=True,
+                     stride=(2, 2), pad=(1, 1), mode="max")
+    fn = jax_mode.function([x], pooled)
+    with pytest.raises(ConfigError) as info:
+        fn(randn(1, 3, 6, 6, seed=40))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("--theano-mode jax: ")
+    assert "Pool" in message and "padding (1, 1)" in message and "'tap.W'" in message
 
 
 # --- precision and dtypes --------------------------------------------------------------
@@ -264,7 +303,7 @@ def test_float32_products_run_at_the_requested_precision(allow_tf32, word):
     assert len(lines) >= 5  # forward conv and dot, their gradients
     for line in lines:
         assert f"precision {word}>" in line or f"[{word}, {word}]" in line, line
-    assert jax_mode.device_array(w).dtype == np.float32
+    assert resident(w).dtype == np.float32
     assert "float32 HIGHEST" in jax_mode.describe("cpu", "float32")
 
 
@@ -325,7 +364,7 @@ def test_float64_run_holds_float64_device_arrays(trained_pair):
     assert "float64" in j.device and "JAX" in j.device
     shared = list(j._params.values()) + list(j._velocities().values()) + [j._lr]
     for var in shared:
-        value = jax_mode.device_array(var)
+        value = resident(var)
         assert isinstance(value, jax.Array) and value.dtype == np.float64, var.name
     x, y = batches[0]
     lowered = jax_mode.linker_call(j._compile("train")).lower(x, y).as_text()
@@ -357,7 +396,7 @@ def test_shared_variables_and_device_copies_agree(trained_pair):
     backend_load(j, state)
     again = backend_state(j)
     assert all(np.array_equal(again[k], state[k]) for k in state)
-    assert isinstance(jax_mode.device_array(next(iter(j._params.values()))), jax.Array)
+    assert isinstance(resident(next(iter(j._params.values()))), jax.Array)
 
 
 # --- devices ---------------------------------------------------------------------------

@@ -1,0 +1,429 @@
+"""Op conversions of the JAX mode: one ``@jax_funcify.register(Op)`` per Theano op.
+
+Laid out as Theano-PyMC's own ``theano/link/jax/jax_dispatch.py``: each conversion takes an
+``Op`` and returns a JAX function of the op's inputs (a tuple for several outputs). The
+difference is *where* they are registered. :func:`jax_funcify` here is a dispatcher of our
+own (``functools.singledispatch``) whose fallback is Theano's stock ``jax_funcify``, so
+
+* an op we convert (or re-convert) resolves to our function, in our linker only;
+* every other op resolves to Theano's stock conversion;
+* Theano's stock registry is left as it is: importing this module changes no other JAX code
+  of the process (Theano's own ``JAXLinker`` keeps its conversions).
+
+Stock conversions that convert *inner* ops call the stock dispatcher again; the two of them
+the CRMN graphs reach are re-registered here so that their inner ops come back to ours:
+``Elemwise`` (its scalar op) and ``Composite`` (its fused scalar graph). ``Scan`` is left to
+the stock conversion and its inner graph to the stock conversions (the CRMN LSTM is
+unrolled, so no ``Scan`` reaches this mode).
+
+Conversions added (the stock dispatch has none): ``CorrMM`` and its two gradients, ``Pool``
+and ``AveragePoolGrad``, the two softmax cross-entropy ops, ``Argmax``, ``Split``.
+Conversions replaced: ``Add`` and ``Mul`` (the stock ``Mul`` calls ``jnp.product``, gone
+from JAX; ``Add`` sums left to right as Theano's C loop does), ``IncSubtensor`` and the
+advanced forms (the stock ones call the removed ``jax.ops.index_update`` / ``index_add``),
+``CAReduceDtype`` (accumulates in ``acc_dtype`` as Theano's C code does), ``Composite``.
+
+A conversion that meets an option it does not support raises :class:`Unsupported`, a
+:class:`crmn.errors.ConfigError`; the linker turns it into one line naming the op and the
+Lasagne layer it came from.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Tuple
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from theano.scalar.basic import Add, Composite, Mul
+from theano.tensor.basic import Argmax, Split
+from theano.tensor.elemwise import CAReduceDtype, Elemwise
+from theano.tensor.nnet.corr import CorrMM, CorrMM_gradInputs, CorrMM_gradWeights
+from theano.tensor.nnet.nnet import (CrossentropySoftmax1HotWithBiasDx,
+                                     CrossentropySoftmaxArgmax1HotWithBias)
+from theano.tensor.signal.pool import AveragePoolGrad, Pool
+from theano.tensor.subtensor import AdvancedIncSubtensor, AdvancedIncSubtensor1, IncSubtensor
+
+from crmn.errors import ConfigError
+
+
+def _import_stock_dispatch():
+    """Theano's stock dispatch module, imported without its side effect on JAX.
+
+    Importing ``theano.link.jax.jax_dispatch`` sets ``jax_enable_x64`` from Theano's
+    ``floatX`` (off for the archive's float32); the previous value is put back, so that
+    importing this package leaves the process's JAX settings as they were.
+    """
+    before = jax.config.jax_enable_x64
+    from theano.link.jax import jax_dispatch
+
+    jax.config.update("jax_enable_x64", before)
+    return jax_dispatch
+
+
+_stock = _import_stock_dispatch()
+convert_indices = _stock.convert_indices
+
+
+class Unsupported(ConfigError):
+    """An op, or an option of an op, that this mode cannot convert (a configuration
+    fault: the graph asks for something ``--theano-mode jax`` does not provide)."""
+
+
+@functools.singledispatch
+def jax_funcify(op):
+    """The JAX function of ``op``: our conversion where one is registered here, else
+    Theano's stock one.
+
+    Raises
+    ------
+    Unsupported
+        Neither has a conversion for ``op`` (the stock dispatcher's ``NotImplementedError``,
+        or a stock conversion that cannot read the op's description).
+    """
+    try:
+        return _stock.jax_funcify(op)
+    except (NotImplementedError, AttributeError, TypeError) as err:
+        detail = str(err).splitlines()[0] if str(err) else ""
+        raise Unsupported(f"no JAX conversion for op {op} ({type(err).__name__}: "
+                          f"{detail})") from None
+
+
+# --- conversions of inner ops: back through our dispatcher ------------------------------
+
+@jax_funcify.register(Elemwise)
+def jax_funcify_Elemwise(op):
+    """The elementwise op's scalar op, converted by this dispatcher (the stock ``Elemwise``
+    conversion would ask the stock one, missing the fixed ``Add`` and ``Mul``)."""
+    return jax_funcify(op.scalar_op)
+
+
+@jax_funcify.register(Composite)
+def jax_funcify_Composite(op):
+    """A fused elementwise subgraph, traced once for all its outputs (the stock conversion
+    re-traces the shared part per output)."""
+    from original.jax_mode.linker import convert_graph, evaluate  # (linker imports us)
+
+    conversions = convert_graph(op.fgraph)
+
+    def composite(*args):
+        outs = evaluate(op.fgraph, conversions, args)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    return composite
+
+
+# --- fixed stock conversions -----------------------------------------------------------
+
+@jax_funcify.register(Add)
+def jax_funcify_Add(op):
+    """n-ary ``Add``, summed left to right like Theano's C loop (``a + b + c``)."""
+    def add(*args):
+        return functools.reduce(jnp.add, args)
+
+    return add
+
+
+@jax_funcify.register(Mul)
+def jax_funcify_Mul(op):
+    """n-ary ``Mul``; the stock conversion calls ``jnp.product``, gone from JAX."""
+    def mul(*args):
+        return functools.reduce(jnp.multiply, args)
+
+    return mul
+
+
+def _inc_subtensor(op, indices_of):
+    """``x[idx] = y`` or ``x[idx] += y`` through ``x.at[idx]`` (replaces the removed
+    ``jax.ops.index_update`` / ``index_add``); ``indices_of(ilist)`` builds ``idx``.
+
+    ``x`` may be a graph constant, which the linker hands over as numpy (numpy has no
+    ``.at``): it becomes a JAX array of its own dtype first.
+    """
+    setting = getattr(op, "set_instead_of_inc", False)
+
+    def incsubtensor(x, y, *ilist):
+        ref = jnp.asarray(x).at[indices_of(list(ilist))]
+        return ref.set(y) if setting else ref.add(y)
+
+    return incsubtensor
+
+
+@jax_funcify.register(IncSubtensor)
+def jax_funcify_IncSubtensor(op):
+    """Basic (slice / integer) set or increment; slice bounds are static scalars."""
+    def indices(ilist):
+        idx = tuple(convert_indices(ilist, entry) for entry in op.idx_list)
+        return idx[0] if len(idx) == 1 else idx
+
+    return _inc_subtensor(op, indices)
+
+
+@jax_funcify.register(AdvancedIncSubtensor1)
+def jax_funcify_AdvancedIncSubtensor1(op):
+    """Set or increment rows ``x[ilist]`` (repeated indices accumulate, as in Theano)."""
+    return _inc_subtensor(op, lambda ilist: ilist[0])
+
+
+@jax_funcify.register(AdvancedIncSubtensor)
+def jax_funcify_AdvancedIncSubtensor(op):
+    """Set or increment ``x[i0, i1, ...]`` with integer index arrays."""
+    return _inc_subtensor(op, tuple)
+
+
+@jax_funcify.register(CAReduceDtype)
+def jax_funcify_CAReduceDtype(op):
+    """``Sum`` / ``Prod`` accumulated in ``op.acc_dtype`` and cast to ``op.dtype``.
+
+    Theano's C code sums float32 in a float64 accumulator; the stock conversion sums in the
+    input's dtype. Only the accumulator changes, so float32 graphs keep float32 values.
+    """
+    reducer = {Add: jnp.sum, Mul: jnp.prod}.get(type(op.scalar_op))
+    if reducer is None:
+        raise Unsupported(f"no JAX conversion for the reduction {op}")
+
+    def careduce(x):
+        return reducer(x, axis=op.axis, dtype=op.acc_dtype).astype(op.dtype)
+
+    return careduce
+
+
+# --- convolution: CorrMM and its gradients ---------------------------------------------
+
+def corr_padding(op, kshape) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """((top, bottom), (left, right)) zero padding of ``op``'s border mode for a kernel of
+    spatial shape ``kshape`` (kH, kW), as ``BaseCorrMM``'s C code computes it."""
+    dilated = [(k - 1) * d + 1 for k, d in zip(kshape, op.filter_dilation)]
+    if op.border_mode == "valid":
+        return ((0, 0), (0, 0))
+    if op.border_mode == "full":
+        return tuple((k - 1, k - 1) for k in dilated)
+    if op.border_mode == "half":
+        return tuple((k // 2, k // 2) for k in dilated)
+    return tuple((int(lo), int(hi)) for lo, hi in op.border_mode)  # normalised pairs
+
+
+def _check_corr(op):
+    if op.unshared:
+        raise Unsupported(f"no JAX conversion for unshared correlation {op}")
+
+
+def correlate(op, img, kern):
+    """(B, C, H, W) ⋆ (F, C/groups, kH, kW) -> (B, F, H', W'): cross-correlation (no kernel
+    flip; Theano flips ``conv2d``'s kernel before lowering it to ``CorrMM``)."""
+    return lax.conv_general_dilated(
+        img, kern, window_strides=op.subsample,
+        padding=corr_padding(op, kern.shape[-2:]), rhs_dilation=op.filter_dilation,
+        dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=op.num_groups)
+
+
+@jax_funcify.register(CorrMM)
+def jax_funcify_CorrMM(op):
+    _check_corr(op)
+
+    def corrmm(img, kern):
+        return correlate(op, img, kern)
+
+    return corrmm
+
+
+@jax_funcify.register(CorrMM_gradWeights)
+def jax_funcify_CorrMM_gradWeights(op):
+    """d(loss)/d(kernel) as the transpose of the correlation, linear in the kernel.
+
+    The kernel's spatial size is the op's ``shape`` input where given (always with stride
+    > 1 or "half" borders, which make it ambiguous), else inferred as Theano infers it.
+    """
+    _check_corr(op)
+
+    def kernel_size(img_hw, top_hw, shape):
+        if shape:
+            return tuple(int(s) for s in shape)
+        pads = corr_padding(op, (1, 1)) if op.border_mode != "full" else None
+        sizes = []
+        for axis, (h, t, d) in enumerate(zip(img_hw, top_hw, op.filter_dilation)):
+            if pads is None:  # full: out = h + dilated - 1
+                dilated = t - h + 1
+            else:  # explicit or valid: out = h + pads - dilated + 1
+                dilated = h + sum(pads[axis]) - (t - 1) * op.subsample[axis]
+            sizes.append((dilated - 1) // d + 1)
+        return tuple(sizes)
+
+    def corrmm_gradweights(img, topgrad, *shape):
+        kh, kw = kernel_size(img.shape[-2:], topgrad.shape[-2:], shape)
+        kshape = (topgrad.shape[1], img.shape[1] // op.num_groups, kh, kw)
+        transpose = jax.linear_transpose(functools.partial(correlate, op, img),
+                                         jax.ShapeDtypeStruct(kshape, topgrad.dtype))
+        return transpose(topgrad)[0]  # (F, C/groups, kH, kW)
+
+    return corrmm_gradweights
+
+
+@jax_funcify.register(CorrMM_gradInputs)
+def jax_funcify_CorrMM_gradInputs(op):
+    """d(loss)/d(image) as the transpose of the correlation, linear in the image.
+
+    The image's spatial size is the op's ``shape`` input where given (stride > 1 drops rows
+    the forward pass never read, so only the op knows it), else inferred as Theano does.
+    """
+    _check_corr(op)
+
+    def corrmm_gradinputs(kern, topgrad, *shape):
+        pads = corr_padding(op, kern.shape[-2:])
+        if shape:
+            hw = tuple(int(s) for s in shape)
+        else:
+            dilated = [(k - 1) * d + 1 for k, d in zip(kern.shape[-2:], op.filter_dilation)]
+            hw = tuple((t - 1) * s + k - sum(p) for t, s, k, p in
+                       zip(topgrad.shape[-2:], op.subsample, dilated, pads))
+        ishape = (topgrad.shape[0], kern.shape[1] * op.num_groups) + hw
+        transpose = jax.linear_transpose(lambda x: correlate(op, x, kern),
+                                         jax.ShapeDtypeStruct(ishape, topgrad.dtype))
+        return transpose(topgrad)[0]  # (B, C, H, W)
+
+    return corrmm_gradinputs
+
+# --- pooling ---------------------------------------------------------------------------
+
+def _pool_geometry(shape, ws, stride, pad, ignore_border, mode):
+    """Static window geometry of ``Pool`` over the last ``len(ws)`` axes of ``shape``.
+
+    Returns (reduce_window padding per axis, element counts per window or None): the output
+    size is ``Pool.out_shape``'s; windows that run past the padded image (ignore_border=False)
+    get extra padding at the end, and the averaging counts follow ``Pool.perform``:
+    inclusive of the zero padding for "average_inc_pad", exclusive for "average_exc_pad",
+    and clipped at the padded image's end in both.
+    """
+    nd = len(ws)
+    out = Pool.out_shape(shape, ws, ignore_border, stride, pad, nd)[-nd:]
+    lead = len(shape) - nd
+    padding = [(0, 0)] * lead
+    counts = np.ones((), dtype=np.float64)
+    for axis in range(nd):
+        size, w, s, p = shape[lead + axis], ws[axis], stride[axis], pad[axis]
+        padded = size + 2 * p
+        extra = max(0, (out[axis] - 1) * s + w - padded)
+        padding.append((p, p + extra))
+        start = np.arange(out[axis]) * s
+        end = np.minimum(start + w, padded)
+        if mode == "average_exc_pad":
+            n = np.minimum(end, size + p) - np.maximum(start, p)
+        else:
+            n = end - start
+        counts = np.multiply.outer(counts, n)
+    window = (1,) * lead + tuple(int(w) for w in ws)
+    strides = (1,) * lead + tuple(int(s) for s in stride)
+    return window, strides, padding, counts
+
+
+def _check_pool(op, pad):
+    if op.mode == "max" and max(pad, default=0):
+        raise Unsupported(f"no JAX conversion for {op} with padding {tuple(pad)}")
+
+
+def _pool_linear(op, x, ws, stride, pad):
+    """Sum or average pooling of ``x`` (linear in ``x``); ``ws``, ``stride``, ``pad`` are
+    the op's static (nd,) inputs."""
+    window, strides, padding, counts = _pool_geometry(
+        x.shape, ws, stride, pad, op.ignore_border, op.mode)
+    zero = np.zeros((), dtype=x.dtype)
+    summed = lax.reduce_window(x, zero, lax.add, window, strides, padding)
+    if op.mode == "sum":
+        return summed
+    return summed / counts.astype(x.dtype)
+
+
+@jax_funcify.register(Pool)
+def jax_funcify_Pool(op):
+    """(..., H, W) -> (..., H', W') pooling over the last ``op.ndim`` axes (the CRMN tap's
+    2x2 mean pool, stride 2: mode "average_inc_pad", ignore_border=True)."""
+    def pool(x, ws, stride, pad):
+        _check_pool(op, pad)
+        if op.mode != "max":
+            return _pool_linear(op, x, ws, stride, pad)
+        window, strides, padding, _ = _pool_geometry(
+            x.shape, ws, stride, pad, op.ignore_border, op.mode)
+        lowest = np.array(-np.inf, dtype=x.dtype)
+        return lax.reduce_window(x, lowest, lax.max, window, strides, padding)
+
+    return pool
+
+
+@jax_funcify.register(AveragePoolGrad)
+def jax_funcify_AveragePoolGrad(op):
+    """Gradient of sum / average pooling with respect to its input ``x``: the transpose of
+    the (linear) pooling, evaluated at ``gz`` of the pooled shape."""
+    def average_pool_grad(x, gz, ws, stride, pad):
+        if op.mode == "average_exc_pad" and max(pad, default=0):
+            raise Unsupported(f"no JAX conversion for {op} with padding {tuple(pad)}: "
+                              f"Theano's C code refuses it too")
+        transpose = jax.linear_transpose(
+            lambda v: _pool_linear(op, v, ws, stride, pad),
+            jax.ShapeDtypeStruct(x.shape, gz.dtype))
+        return transpose(gz)[0]
+
+    return average_pool_grad
+
+
+# --- softmax cross-entropy, argmax, split ---------------------------------------------
+
+@jax_funcify.register(CrossentropySoftmaxArgmax1HotWithBias)
+def jax_funcify_CrossentropySoftmaxArgmax1HotWithBias(op):
+    """(x (B, K), b (K,), y (B,)) -> (nll (B,), softmax (B, K), argmax (B,)).
+
+    Same arithmetic as the op's ``perform``: row max m, ``sm = exp(z - m) * (1 / Σ)``,
+    ``nll = -z[y] + m + log Σ`` with ``z = x + b``.
+    """
+    def crossentropy_softmax_argmax(x, b, y_idx):
+        z = x + b  # (B, K)
+        am = jnp.argmax(z, axis=1)  # (B,)
+        m = jnp.max(z, axis=1)  # (B,)
+        e = jnp.exp(z - m[:, None])
+        total = jnp.sum(e, axis=1)  # (B,)
+        sm = e * (1.0 / total)[:, None]
+        z_y = jnp.take_along_axis(z, y_idx[:, None], axis=1)[:, 0]  # (B,)
+        nll = -z_y + m + jnp.log(total)
+        return nll, sm, am.astype(y_idx.dtype)
+
+    return crossentropy_softmax_argmax
+
+
+@jax_funcify.register(CrossentropySoftmax1HotWithBiasDx)
+def jax_funcify_CrossentropySoftmax1HotWithBiasDx(op):
+    """(dy (B,) or (), sm (B, K), y (B,)) -> dx (B, K) = dy·sm, minus dy at column y."""
+    def crossentropy_softmax_dx(dy, sm, y_idx):
+        dy = jnp.broadcast_to(jnp.reshape(dy, (-1,)), sm.shape[:1])[:, None]  # (B, 1)
+        onehot = jax.nn.one_hot(y_idx, sm.shape[1], dtype=sm.dtype)  # (B, K)
+        return dy * sm - dy * onehot
+
+    return crossentropy_softmax_dx
+
+
+@jax_funcify.register(Argmax)
+def jax_funcify_Argmax(op):
+    """int64 argmax over ``op.axis`` (all axes when None; several axes are flattened after
+    the kept ones, as ``Argmax.perform`` does); ties go to the first index, as in numpy."""
+    def argmax(x):
+        axes = tuple(range(x.ndim)) if op.axis is None else tuple(op.axis)
+        keep = tuple(i for i in range(x.ndim) if i not in axes)
+        moved = jnp.transpose(x, keep + axes)
+        flat = jnp.reshape(moved, moved.shape[:len(keep)] + (-1,))
+        return jnp.argmax(flat, axis=-1).astype("int64")
+
+    return argmax
+
+
+@jax_funcify.register(Split)
+def jax_funcify_Split(op):
+    """x -> ``op.len_splits`` pieces along a static axis at static sizes (the LSTM's gate
+    blocks; the gradient of ``Join``)."""
+    def split(x, axis, splits):
+        bounds = np.cumsum(np.asarray(splits))[:-1]
+        return tuple(jnp.split(x, bounds, axis=int(axis)))
+
+    return split
+
+
