@@ -5,7 +5,6 @@ tests, so acceptance by checksum is proven by pointing the MD5 table at the file
 """
 import dataclasses
 import os
-import pickle
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import scipy.io
 from crmn import data
 from crmn.data import integrity
 from crmn.errors import DataError
-from data_helpers import cifar_pickle, md5, pattern
+from data_helpers import cifar10_folder, cifar100_folder, cifar_pickle, md5, pattern
 
 
 @pytest.fixture(autouse=True)
@@ -23,34 +22,11 @@ def fresh_memory(monkeypatch):
     monkeypatch.setattr(integrity, "_checked", set())
 
 
-def _cifar100_folder(folder, n_train, n_test):
-    """The extracted CIFAR-100 layout (``train``, ``test``, ``meta``), images all zero."""
-    folder.mkdir(parents=True)
-    for fname, n in (("train", n_train), ("test", n_test)):
-        with open(folder / fname, "wb") as f:
-            pickle.dump({b"data": np.zeros((n, 3072), dtype=np.uint8),
-                         b"fine_labels": (np.arange(n) % 100).tolist(),
-                         b"coarse_labels": (np.arange(n) % 20).tolist()}, f, protocol=2)
-    with open(folder / "meta", "wb") as f:
-        pickle.dump({b"fine_label_names": [b"x"] * 100}, f, protocol=2)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def repacked_cifar100(tmp_path_factory):
     """The official CIFAR-100 layout with the official counts (50,000 / 10,000), other bytes."""
-    return _cifar100_folder(tmp_path_factory.mktemp("repacked") / "cifar-100-python",
+    return cifar100_folder(tmp_path_factory.mktemp("repacked") / "cifar-100-python",
                             50000, 10000)
-
-
-def _cifar10_folder(folder, n_per_batch=7):
-    """The extracted CIFAR-10 layout with ``n_per_batch`` images per batch (not 10,000)."""
-    folder.mkdir(parents=True)
-    for i, fname in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
-        cifar_pickle(folder / fname, pattern(n_per_batch, seed=i), np.arange(n_per_batch) % 10)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [b"x"] * 10}, f, protocol=2)
-    return folder
 
 
 def _table_of(monkeypatch, name, folder, counts=False):
@@ -87,7 +63,7 @@ def test_a_repacked_folder_is_refused_by_checksum_and_accepted_unverified(repack
 
 
 def test_a_truncated_folder_is_refused_by_count_and_accepted_unverified(tmp_path, offline):
-    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py")
+    folder = cifar10_folder(tmp_path / "cifar-10-batches-py")
     with pytest.raises(DataError, match=f"^{folder / 'data_batch_1'} holds 7 images, the "
                                         "official file 10,000 .*--unverified-data"):
         data.provenance("cifar10", tmp_path)
@@ -100,7 +76,7 @@ def test_a_truncated_folder_is_refused_by_count_and_accepted_unverified(tmp_path
 
 
 def test_a_folder_missing_an_official_file_is_refused_and_accepted_unverified(tmp_path):
-    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py")
+    folder = cifar10_folder(tmp_path / "cifar-10-batches-py")
     (folder / "batches.meta").unlink()  # the loader does not need it; the official set has it
     with pytest.raises(DataError, match=f"{folder} is not the complete official cifar10 "
                                         "folder: it lacks batches.meta"):
@@ -109,7 +85,7 @@ def test_a_folder_missing_an_official_file_is_refused_and_accepted_unverified(tm
 
 
 def test_nothing_found_names_every_place_looked(tmp_path):
-    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py")
+    folder = cifar10_folder(tmp_path / "cifar-10-batches-py")
     (folder / "data_batch_5").unlink()  # without it the folder cannot be used at all
     with pytest.raises(DataError) as e:
         data.provenance("cifar10", tmp_path, unverified=True)
@@ -144,7 +120,7 @@ def test_a_folder_matching_the_table_is_official_and_checked_once(repacked_cifar
 
 
 def test_a_changed_file_voids_the_stamp(tmp_path, monkeypatch):
-    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py")
+    folder = cifar10_folder(tmp_path / "cifar-10-batches-py")
     _table_of(monkeypatch, "cifar10", folder, counts=True)
     assert data.provenance("cifar10", tmp_path) == "official"
     # other pixels, the same image count, a later modification time: checked again, refused
@@ -157,7 +133,7 @@ def test_a_changed_file_voids_the_stamp(tmp_path, monkeypatch):
 
 
 def test_an_unwritable_folder_is_checked_once_per_process(tmp_path, monkeypatch):
-    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py")
+    folder = cifar10_folder(tmp_path / "cifar-10-batches-py")
     _table_of(monkeypatch, "cifar10", folder, counts=True)
 
     def refuse(*args, **kwargs):
