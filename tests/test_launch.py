@@ -112,16 +112,7 @@ def test_local_jobs_2_interrupted_then_resumed_equals_in_process(tmp_path_factor
     assert [(exp / "tasks" / f"{i}.rc").read_text().strip() for i in (0, 1)] == ["3", "3"]
     states = grid.status_table(exp)
     assert all(s == "stopped" for s, _ in states.values()), states
-    q = subprocess.run(grid.grid_argv(root / "data", out, "--launcher", "local", "--jobs",
-                                      "2"), env=grid.env(), cwd=grid.ROOT, text=True,
-                       capture_output=True, timeout=600)
-    assert q.returncode == 0, q.stderr[-3000:]
-    for i in (0, 1):
-        log = (exp / "tasks" / f"{i}.out").read_text()
-        assert "resuming final run after epoch" in log, log[-2000:]
-    assert all(s == "finished" for s, _ in grid.status_table(exp).values())
-    assert grid.assert_same_checkpoints(ref, exp) > 100
-    assert grid.comparison_rows(exp) == grid.comparison_rows(ref)
+    _relaunch_finishes_as_in_process(root, exp, ref)
 
 
 def test_local_failed_run_is_reported_and_others_finish(tmp_path_factory):
