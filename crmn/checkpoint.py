@@ -129,18 +129,6 @@ def load(path) -> Tuple[Arrays, Dict]:
     return arrays, meta
 
 
-def read_meta(path) -> Dict:
-    """Only the metadata of a checkpoint (cheap: no array is read)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        with h5py.File(path, "r") as f:
-            return _meta(f, path)
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_reason(e)})") from e
-
-
 def _meta(f: "h5py.File", path: Path) -> Dict:
     if "meta" not in f.attrs:
         raise CheckpointError(f"{path}: no 'meta' attribute; not a CRMN checkpoint")

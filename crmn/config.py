@@ -10,10 +10,11 @@ import dataclasses
 import json
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from crmn import paper
+from crmn.errors import ConfigError
 
 
 def json_view(value):
@@ -30,7 +31,7 @@ def _check_finite(config) -> None:
         for x in value if isinstance(value, tuple) else (value,):
             if isinstance(x, numbers.Real) and not math.isfinite(x):
                 shown = list(value) if isinstance(value, tuple) else value
-                raise ValueError(f"{f.name} must be a finite number, got {shown}")
+                raise ConfigError(f"{f.name} must be a finite number, got {shown}")
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,15 @@ class ModelConfig:
     def __post_init__(self):
         _check_finite(self)
         if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+            raise ConfigError(f"n must be >= 1, got {self.n}")
         if self.k <= 0 or abs(16 * self.k - round(16 * self.k)) > 1e-9:
-            raise ValueError(f"width factor k must make 16k a whole number, got {self.k}")
+            raise ConfigError(f"width factor k must make 16k a whole number, got {self.k}")
         if self.outgate not in ("logistic", "tanh"):
-            raise ValueError(f"outgate must be 'logistic' or 'tanh', got {self.outgate!r}")
+            raise ConfigError(f"outgate must be 'logistic' or 'tanh', got {self.outgate!r}")
         if self.dense_init not in ("he", "glorot"):
-            raise ValueError(f"dense_init must be 'he' or 'glorot', got {self.dense_init!r}")
+            raise ConfigError(f"dense_init must be 'he' or 'glorot', got {self.dense_init!r}")
         if self.lstm_units < 1:
-            raise ValueError(f"lstm_units must be >= 1, got {self.lstm_units}")
+            raise ConfigError(f"lstm_units must be >= 1, got {self.lstm_units}")
 
     @property
     def depth(self) -> int:
@@ -102,22 +103,24 @@ class TrainConfig:
     val_fraction: float = 0.1  # held-out share of the training set in the search run
     flip: bool = False  # random horizontal flips (off: the paper names only pad+crop)
     pad: int = 4  # zero padding before the random 32x32 crop, pixels per side
-    max_epochs: Optional[int] = None  # --epochs-cap: at most this many epochs per stage
+    epochs_cap: Optional[int] = None  # --epochs-cap: at most this many epochs per stage
     schedule: Optional[Tuple[int, ...]] = None  # --schedule: fixed epochs per stage, no search
     seed: int = 0  # data split, batch order, crops and weight init
 
     def __post_init__(self):
         _check_finite(self)
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.lr_stages:
-            raise ValueError("lr_stages must name at least one learning rate")
+            raise ConfigError("lr_stages must name at least one learning rate")
+        if any(lr <= 0 for lr in self.lr_stages):
+            raise ConfigError(f"learning rates must be > 0, got {list(self.lr_stages)}")
         if self.schedule is not None and len(self.schedule) != len(self.lr_stages):
-            raise ValueError(
+            raise ConfigError(
                 f"--schedule gives {len(self.schedule)} stages but the row has "
                 f"{len(self.lr_stages)} learning rates {list(self.lr_stages)}")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
     @classmethod
     def for_row(cls, row: "paper.Row", **overrides) -> "TrainConfig":

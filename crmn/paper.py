@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from crmn.errors import ConfigError
+from crmn.errors import ConfigError, UsageError
 
 #: Learning-rate stages of Table 1 (section 4).
 LR_TABLE1: Tuple[float, ...] = (0.1, 0.01, 0.001)
@@ -224,45 +224,54 @@ SVHN_METHODS: Tuple[Method, ...] = (Method("Generalized pooling (Lee et al.)", 9
 METHODS = {"table2": TABLE2_METHODS, "table3": TABLE3_METHODS, "svhn": SVHN_METHODS}
 
 
+def _find(row_id: str) -> Optional[Row]:
+    return next((r for r in ROWS if r.id == row_id), None)
+
+
+def _unknown(row_id: str) -> str:
+    return f"unknown row id {row_id!r}; known: {', '.join(r.id for r in ROWS)}"
+
+
 def row(row_id: str) -> Row:
-    """The row with this id; ``KeyError`` naming the known ids otherwise."""
-    for r in ROWS:
-        if r.id == row_id:
-            return r
-    raise KeyError(f"unknown row id {row_id!r}; known: {', '.join(r.id for r in ROWS)}")
+    """The row with this id; a one-line :class:`ConfigError` naming the known ids otherwise."""
+    found = _find(row_id)
+    if found is None:
+        raise ConfigError(_unknown(row_id))
+    return found
 
 
 def select(ids: Optional[str], experiment: Optional[str] = None, *,
            strict: bool = False) -> Tuple[Row, ...]:
-    """Rows named by a comma-separated ``--rows`` value, else every row of ``experiment``
-    (every row when it is None): the one row selection of every command.
+    """Rows named by a comma-separated ``--rows`` value, else (``ids`` None) every row of
+    ``experiment`` (every row when it is None): the one row selection of every command.
 
     ``strict``: rows of another experiment than ``experiment`` are refused.
 
     Raises
     ------
-    ConfigError
+    UsageError
         An unknown id or experiment, a row of another experiment (``strict``), or an
-        empty selection; one line naming the known ids.
+        empty selection (``--rows ''``); one line naming the known ids.
     """
-    try:
-        if ids:
-            rows = tuple(row(i.strip()) for i in ids.split(",") if i.strip())
-        elif experiment is None:
-            rows = ROWS
-        elif experiment not in EXPERIMENTS:
-            raise KeyError(f"unknown experiment {experiment!r}; known: "
-                           f"{', '.join(EXPERIMENTS)}")
-        else:
-            rows = EXPERIMENTS[experiment]
-    except KeyError as exc:
-        raise ConfigError(f"--rows: {exc.args[0]}") from None
+    if ids is not None:
+        wanted = [i.strip() for i in ids.split(",") if i.strip()]
+        unknown = [i for i in wanted if _find(i) is None]
+        if unknown:
+            raise UsageError(f"run_experiments.sh: --rows: {_unknown(unknown[0])}")
+        rows = tuple(_find(i) for i in wanted)
+    elif experiment is None:
+        rows = ROWS
+    elif experiment not in EXPERIMENTS:
+        raise UsageError(f"run_experiments.sh: unknown experiment {experiment!r}; known: "
+                         f"{', '.join(EXPERIMENTS)}")
+    else:
+        rows = EXPERIMENTS[experiment]
     foreign = [r.id for r in rows if strict and r.table != experiment]
     if foreign:
-        raise ConfigError(f"--rows: row(s) {', '.join(foreign)} belong to another experiment "
-                          f"than {experiment}")
+        raise UsageError(f"run_experiments.sh: --rows: row(s) {', '.join(foreign)} belong to "
+                         f"another experiment than {experiment}")
     if not rows:
-        raise ConfigError("--rows selects no row")
+        raise UsageError(f"run_experiments.sh: --rows {ids!r} selects no row")
     return rows
 
 

@@ -6,7 +6,8 @@ plus PNG learning curves into that folder. Paper numbers come from :mod:`crmn.pa
 
 Per row the report shows parameters (ours / paper), seconds per epoch (ours with the device
 / the authors' GPU), test accuracy (ours: mean ± sample standard deviation over seeds, n /
-paper / Δ = ours − paper) and the run's status. A row of the experiment without any run is
+paper / Δ = ours − paper, left blank where :func:`comparable` finds the runs no test of the
+paper) and the run's status. A row of the experiment without any run is
 listed as *missing*; a run without ``summary.json`` is listed as *running* (or killed) with
 its last logged epoch; nothing is dropped silently.
 
@@ -15,9 +16,11 @@ and Table 2's five-repetition figure for ``t2-crmn32x4`` (section 4.2: 77.65 ± 
 model on validation 78.27) is recomputed from the seeds present.
 
 Plots follow the paper's Figure 3 (section 4.1): left, training loss per epoch of the final
-run; right, test error (%) per epoch of the final run; dotted lines mark the learning-rate drops. ``figure3.png`` overlays the last row
-of each block of Table 1 (or every row present when none of those is); ``curves_<row>.png``
-shows each row present with all its seeds.
+run; right, test error (%) per epoch of the final run; dotted lines mark the learning-rate
+drops. ``figure3.png`` overlays the last row of each block of Table 1 (or every row present
+when none of those is); ``curves_<row>.png`` shows each row present with all its seeds. A
+curve of a run that is no test of the paper (:func:`comparable`) is dashed and labelled
+:data:`NOT_THE_PAPER`.
 """
 from __future__ import annotations
 
@@ -26,11 +29,11 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, TextIO
+from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
-from crmn import paper, runlog
+from crmn import paper, runlog, tables
 from crmn.config import ModelConfig, TrainConfig, json_view
-from crmn.errors import CRMNError, DataError
+from crmn.errors import ConfigError, DataError, RunError
 
 #: Last row of each block of four in Table 1: the models of the paper's Figure 3.
 FIGURE3_ROWS = tuple(r.id for r in paper.TABLE1[3::4])
@@ -81,37 +84,68 @@ class SeedRun:
         secs = [r["seconds"] for r in recs if "seconds" in r]
         return statistics.median(secs) if secs else None
 
-    def notes(self, row: Optional[paper.Row]) -> List[str]:
-        """What makes this run other than ``row`` as published (from config.json).
+    def departures(self, row: Optional[paper.Row]) -> List[Tuple[str, bool]]:
+        """What makes this run other than ``row`` as published (from config.json and
+        summary.json), each as ``(note, test)``: ``test`` is False when the difference
+        makes the run no test of the paper (:func:`comparable`).
 
-        Fake or unverified data, a cap on the epochs per stage, a fixed schedule instead of the search,
-        and every model or protocol field that differs from the row's defaults.
+        Fake or unverified data, another dataset, a cap on the epochs per stage, a fixed
+        schedule instead of the search, and every model or protocol field that differs from
+        the row's: a field of :data:`INTERPRETATIONS` is another reading of the paper (still
+        a test of it), any other field a changed model or protocol.
         """
-        config = self.run.config
-        out = []
-        if config.get("fake_data") or (self.summary or {}).get("fake_data"):
-            out.append("FAKE DATA")
-        elif config.get("data") == "unverified":
-            out.append("UNVERIFIED DATA (--unverified-data)")
+        config, summary = self.run.config, self.summary or {}
+        out: List[Tuple[str, bool]] = []
+        if config.get("fake_data") or summary.get("fake_data") \
+                or "fake" in (config.get("data"), summary.get("data")):
+            out.append(("FAKE DATA", False))
+        elif "unverified" in (config.get("data"), summary.get("data")):
+            out.append(("UNVERIFIED DATA (--unverified-data)", False))
         train = config.get("train") or {}
-        if train.get("max_epochs") is not None:
-            out.append(f"epochs capped at {train['max_epochs']} per stage")
+        if train.get("epochs_cap") is not None:
+            out.append((f"epochs capped at {train['epochs_cap']} per stage", False))
         if train.get("schedule") is not None:
-            out.append("fixed schedule " + ",".join(str(e) for e in train["schedule"]))
+            out.append(("fixed schedule " + ",".join(str(e) for e in train["schedule"]),
+                        False))
         if row is None:
             return out
-        if config.get("dataset") not in (None, row.dataset):
-            out.append(f"dataset {config['dataset']} (row: {row.dataset})")
+        dataset = config.get("dataset") or summary.get("dataset")
+        if dataset not in (None, row.dataset):
+            out.append((f"dataset {dataset} (row: {row.dataset})", False))
         published = {"model": ModelConfig.for_row(row).to_dict(),
                      "train": TrainConfig.for_row(row).to_dict()}
         for section, want in published.items():
             have = config.get(section) or {}
             for key, value in want.items():
-                if key in ("max_epochs", "schedule", "seed") or key not in have:
+                if key in ("epochs_cap", "schedule", "seed") or key not in have:
                     continue
                 if json_view(have[key]) != json_view(value):
-                    out.append(f"{key} {json_view(have[key])} (row: {json_view(value)})")
+                    out.append((f"{key} {json_view(have[key])} (row: {json_view(value)})",
+                                key in INTERPRETATIONS))
         return out
+
+    def notes(self, row: Optional[paper.Row]) -> List[str]:
+        """Every departure from ``row`` as published (:meth:`departures`), as text."""
+        return [note for note, _ in self.departures(row)]
+
+
+#: Fields the paper leaves open (SPEC §4-5; the command line's "interpretations" options):
+#: a run that reads one of them otherwise is another reading of the paper, so its Δ stays.
+INTERPRETATIONS = frozenset({"outgate", "forget_bias", "dense_init", "nesterov", "flip",
+                             "patience", "lr_stages"})
+
+
+def comparable(run: SeedRun, row: Optional[paper.Row]) -> Tuple[bool, str]:
+    """Is ``run`` a test of ``row`` as the paper ran it? ``(True, "")`` or ``(False, why)``.
+
+    The one place that decides whether a run's accuracy may be set against the paper's (the
+    report's Δ, the plots' marks). Not a test: fake or unverified data, another dataset than
+    the row's, a changed model or protocol (``--n``, ``--k``, ``--batch-size``, any model
+    field outside :data:`INTERPRETATIONS`), capped epochs (``--epochs-cap``), a given
+    schedule (``--schedule``). ``why`` lists each, separated by "; ".
+    """
+    why = [note for note, test in run.departures(row) if not test]
+    return (not why, "; ".join(why))
 
 
 def load_seed_run(path: Path) -> SeedRun:
@@ -132,7 +166,7 @@ class RowRuns:
     def row(self) -> Optional[paper.Row]:
         try:
             return paper.row(self.row_id)
-        except KeyError:
+        except ConfigError:
             return None
 
     @property
@@ -142,6 +176,15 @@ class RowRuns:
     def test_accs(self) -> List[float]:
         """Test accuracies in % of the finished seeds."""
         return [100.0 * float(r.summary["test_acc"]) for r in self.finished]
+
+    def not_comparable(self) -> str:
+        """Why the finished seeds are no test of the paper ('' when they all are): the
+        reasons of :func:`comparable`, each once."""
+        out: List[str] = []
+        for r in self.finished:
+            ok, why = comparable(r, self.row)
+            out += [w for w in (why.split("; ") if not ok else []) if w not in out]
+        return "; ".join(out)
 
     def notes(self) -> List[str]:
         """Every seed's :meth:`SeedRun.notes`, each note once."""
@@ -173,7 +216,8 @@ def collect(directory: Path) -> Dict[str, List[RowRuns]]:
     """
     directory = Path(directory)
     if not directory.is_dir():
-        raise DataError(f"no run directory at {directory}")
+        raise DataError(f"{directory}: " + ("not a folder" if directory.exists()
+                                            else "no such folder"))
     seed_dirs = [p for p in runlog.find_runs(directory)
                  if p.name.startswith("seed") and p.parent != directory]
     if not seed_dirs:
@@ -250,7 +294,8 @@ def row_line(rr: RowRuns) -> Dict[str, str]:
         "paper_sec": _fmt(row.paper_sec_per_epoch if row else None, "g"),
         "acc": acc,
         "paper_acc": paper_acc_s,
-        "delta": f"{m - ref:+.2f}" if n and ref is not None else "",
+        "delta": (f"{m - ref:+.2f}" if n and ref is not None and not rr.not_comparable()
+                  else ""),
         "status": rr.status(),
         "notes": "; ".join(rr.notes()),
     }
@@ -301,28 +346,29 @@ COLUMNS = (("row", "row"), ("model", "model"), ("params", "params M ours"),
            ("notes", "not as published"))
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> List[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-            *(line(r) for r in rows)]
-
-
 def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
     """The whole report as Markdown."""
     out = ["# CRMN reproduction: published vs reproduced", "",
            "Paper numbers: `crmn/paper.py` (Moniz & Pal 2016, Tables 1-3, section 4.2). "
            "Ours: mean ± sample std over seeds (n). Paper seconds per epoch are the "
            "authors' GPU; ours are training seconds of a final-run epoch on the device "
-           "shown (median over epochs and seeds). A row with an entry under *not as "
-           "published* ran on fake data, with capped epochs, a given schedule or changed "
-           "settings: its Δ is no test of the paper.", ""]
+           "shown (median over epochs and seeds). Δ is left blank where the runs are no "
+           "test of the paper (fake or unverified data, another dataset, a changed model, "
+           "capped epochs, a given schedule), with the reason under the table; another "
+           "reading of a point the paper leaves open (SPEC §4) keeps its Δ and is listed "
+           "under *not as published*.", ""]
     for exp, rows in groups.items():
         out += [f"## {exp}", ""]
         lines = [row_line(rr) for rr in rows]
-        out += _md_table([c[1] for c in COLUMNS], [[ln[c[0]] for c in COLUMNS] for ln in lines])
+        out += tables.markdown_lines([c[1] for c in COLUMNS],
+                                     [[ln[c[0]] for c in COLUMNS] for ln in lines])
         out.append("")
+        blank = [(rr.row_id, rr.not_comparable()) for rr in rows
+                 if rr.finished and rr.row is not None and rr.not_comparable()]
+        if blank:
+            out += ["Δ left blank: no test of the paper's setting:", ""]
+            out += [f"- {row_id}: {why}" for row_id, why in blank]
+            out.append("")
         if exp in paper.METHODS:
             out += [f"### {exp}: against the methods the paper compares with", ""]
             table = [[m.name, f"{m.accuracy:.2f}", ""] for m in paper.METHODS[exp]]
@@ -330,7 +376,7 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
                 if rr.row is not None:
                     table.append([f"{rr.row.label} ({rr.row.id})", ln["paper_acc"],
                                   ln["acc"] or rr.status()])
-            out += _md_table(["method", "paper acc %", "ours acc %"], table)
+            out += tables.markdown_lines(["method", "paper acc %", "ours acc %"], table)
             out.append("")
         for rr in rows:
             row = rr.row
@@ -344,7 +390,7 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
             sd = f" ± {rep['std']:.3f}" if rep["std"] is not None else ""
             best = (f"{rep['best_test']:.2f} (seed {rep['best_seed']})"
                     if rep["best_test"] is not None else "n/a (no search run logged)")
-            out += _md_table(["", "mean ± std %", "best on validation: test %", "n"], [
+            out += tables.markdown_lines(["", "mean ± std %", "best on validation: test %", "n"], [
                 ["paper", f"{row.paper_accuracy_mean:.2f} ± {row.paper_accuracy_std:g}",
                  f"{row.paper_accuracy:.2f}", str(row.seeds)],
                 ["ours", f"{rep['mean']:.2f}{sd}", best, str(rep["n"])]])
@@ -377,7 +423,12 @@ def _curves(run: SeedRun):
     return ep, loss, ep_err, err, phase, drops
 
 
+#: Appended to the legend label of a curve that is no test of the paper (drawn dashed).
+NOT_THE_PAPER = " (not the paper's setting)"
+
+
 def _plot(series, title: str, path: Path) -> None:
+    """Figure-3-style curves of ``series``: ``(label, SeedRun, test of the paper?)``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -386,12 +437,14 @@ def _plot(series, title: str, path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label, run in series:
+    for label, run, test in series:
         ep, loss, ep_err, err, phase, drops = _curves(run)
         tag = label if phase == "final" else f"{label} (search run, val)"
-        marker = "o" if len(ep) <= 40 else None  # short runs: show the epochs themselves
-        line, = ax_l.plot(ep, loss, label=tag, lw=1.4, marker=marker, ms=3)
-        ax_r.plot(ep_err, err, label=tag, lw=1.4, marker=marker, ms=3)
+        tag += "" if test else NOT_THE_PAPER  # dashed: no test of the paper (comparable)
+        style = dict(lw=1.4, marker="o" if len(ep) <= 40 else None, ms=3,  # short: epochs
+                     ls="-" if test else "--")
+        line, = ax_l.plot(ep, loss, label=tag, **style)
+        ax_r.plot(ep_err, err, label=tag, **style)
         for e in drops:  # dotted: learning-rate drops, in the run's colour
             for ax in (ax_l, ax_r):
                 ax.axvline(e - 0.5, color=line.get_color(), ls=":", lw=1, alpha=0.6)
@@ -399,7 +452,7 @@ def _plot(series, title: str, path: Path) -> None:
              title="Training set learning curves")
     ax_r.set(xlabel="epoch of the final run", ylabel="test error (%)",
              title="Test set error during final optimisation")
-    last = max([len(_curves(run)[0]) for _, run in series] + [1])
+    last = max([len(_curves(run)[0]) for _, run, _ in series] + [1])
     for ax in (ax_l, ax_r):
         ax.set_xlim(0.5, last + 0.5)  # whole epochs, even for a one-epoch curve
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
@@ -423,13 +476,14 @@ def write_plots(groups: Dict[str, List[RowRuns]], directory: Path) -> List[Path]
     # has its own curves_<row>.png, so no figure3.png repeats it
     if fig3 or len(present) > 1:
         path = directory / "figure3.png"
-        _plot([(name(rr), next(r for r in rr.runs if r.log)) for rr in fig3 or present],
+        firsts = [(rr, next(r for r in rr.runs if r.log)) for rr in fig3 or present]
+        _plot([(name(rr), r, comparable(r, rr.row)[0]) for rr, r in firsts],
               "Last row of each block of Table 1" if fig3 else "Rows present", path)
         written.append(path)
     for rr in present:
         path = directory / f"curves_{rr.row_id}.png"
-        _plot([(f"{name(rr)} seed {r.seed}", r) for r in rr.runs if r.log],
-              f"{name(rr)} ({rr.experiment})", path)
+        _plot([(f"{name(rr)} seed {r.seed}", r, comparable(r, rr.row)[0])
+               for r in rr.runs if r.log], f"{name(rr)} ({rr.experiment})", path)
         written.append(path)
     return written
 
@@ -441,19 +495,42 @@ def write_plots(groups: Dict[str, List[RowRuns]], directory: Path) -> List[Path]
 def compare(directory: Path, *, plots: bool = True, out: Optional[TextIO] = None) -> Path:
     """Print the comparison for the runs below ``directory``; write REPORT.md (and PNGs).
 
-    Returns the path of ``REPORT.md``. Raises :class:`DataError` for a missing folder or an
-    unreadable run file (one line naming the file).
+    Returns the path of ``REPORT.md``. The table is printed even when ``directory`` cannot
+    be written to (a read-only copy of the runs, a full disk); then one line says what could
+    not be written.
+
+    Raises
+    ------
+    DataError
+        ``directory`` does not exist or holds no run, or a run file is unreadable (one line
+        naming the file).
+    RunError
+        After printing: REPORT.md or a plot could not be written (one line naming the
+        folder, what was not written and why).
     """
     directory = Path(directory)
     groups = collect(directory)
-    pngs = write_plots(groups, directory) if plots else []
+    pngs: List[Path] = []
+    unwritten: List[str] = []  # what could not be written; cause: the first OSError's
+    cause = ""
+    if plots:
+        try:
+            pngs = write_plots(groups, directory)
+        except OSError as exc:
+            unwritten.append("the plots")
+            cause = cause or (exc.strerror or exc.__class__.__name__)
     text = render(groups, pngs)
-    report = directory / "REPORT.md"
-    try:
-        report.write_text(text + "\n")
-    except OSError as exc:
-        raise DataError(f"cannot write {report}: {exc.strerror}") from None
     stream = out or sys.stdout
     stream.write(text + "\n")
+    report = directory / "REPORT.md"
+    try:
+        runlog.replace_file(report, (text + "\n").encode())  # atomically
+    except OSError as exc:
+        unwritten.insert(0, report.name)
+        cause = cause or (exc.strerror or exc.__class__.__name__)
+    if unwritten:
+        stream.flush()
+        raise RunError(f"{directory}: {' and '.join(unwritten)} could not be written "
+                       f"({cause}); the comparison is printed above")
     stream.write(f"wrote {report}" + (f" and {len(pngs)} plot(s)" if pngs else "") + "\n")
     return report

@@ -18,12 +18,13 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional
 
-from crmn.errors import CRMNError
+from crmn.errors import DataError, RunError
 
 CONFIG = "config.json"
 LOG = "log.jsonl"
@@ -92,11 +93,11 @@ def replace_file(path, data: bytes) -> None:
 
 def write_bytes_atomic(path, data: bytes) -> None:
     """Replace ``path`` by ``data`` atomically; on failure the old file stays and the
-    temporary file is removed. Raises :class:`CRMNError` naming the file."""
+    temporary file is removed. Raises :class:`RunError` naming the file."""
     try:
         replace_file(path, data)
     except OSError as e:
-        raise CRMNError(f"{path}: could not write ({e.strerror or e})") from e
+        raise RunError(f"{path}: could not write ({e.strerror or e})") from e
 
 
 def _remove_quietly(path) -> None:
@@ -121,7 +122,7 @@ def hold(run_dir) -> Iterator[None]:
 
     Raises
     ------
-    CRMNError
+    RunError
         Another live process holds the directory: one line naming it and that process's
         PID; nothing in the directory was touched.
     """
@@ -133,7 +134,7 @@ def hold(run_dir) -> Iterator[None]:
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise CRMNError(f"{run_dir}: in use by another run (process {holder}, lock "
+            raise RunError(f"{run_dir}: in use by another run (process {holder}, lock "
                             f"{LOCK}); wait for it to end or stop it; nothing here was "
                             "changed") from None
         try:
@@ -152,6 +153,17 @@ def hold(run_dir) -> Iterator[None]:
         os.close(fd)
 
 
+def clear_run_dir(run_dir) -> None:
+    """Remove everything in ``run_dir`` but its lock (call it holding :func:`hold`)."""
+    for entry in Path(run_dir).iterdir():
+        if entry.name == LOCK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def write_json(path, obj) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically (config.json, summary.json)."""
     data = (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
@@ -159,15 +171,15 @@ def write_json(path, obj) -> None:
 
 
 def read_json(path) -> dict:
-    """Load a JSON file; a missing or malformed file is a :class:`CRMNError` naming it."""
+    """Load a JSON file; a missing or malformed file is a :class:`DataError` naming it."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
             return json.loads(f.read().decode())
     except FileNotFoundError as e:
-        raise CRMNError(f"{path}: missing") from e
+        raise DataError(f"{path}: missing") from e
     except (ValueError, UnicodeDecodeError) as e:
-        raise CRMNError(f"{path}: not valid JSON ({e})") from e
+        raise DataError(f"{path}: not valid JSON ({e})") from e
 
 
 def append_entry(path, entry: Dict) -> None:
@@ -186,7 +198,7 @@ def append_entry(path, entry: Dict) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise CRMNError(f"{path}: could not append the epoch's log line "
+        raise RunError(f"{path}: could not append the epoch's log line "
                         f"({e.strerror or e})") from e
 
 
@@ -195,7 +207,7 @@ def read_log(path) -> List[Dict]:
 
     A last line that is incomplete (no newline, or not valid JSON) is what a run killed
     mid-write leaves; it is dropped. A malformed line anywhere else is corruption and raises
-    :class:`CRMNError` naming the file and the line.
+    :class:`DataError` naming the file and the line.
     """
     path = Path(path)
     try:
@@ -212,7 +224,7 @@ def read_log(path) -> List[Dict]:
         except ValueError as e:
             if i == len(complete) - 1 and not fragment.strip():
                 break  # a cut-off last line that happens to end in a newline byte
-            raise CRMNError(f"{path}: line {i + 1} is not valid JSON ({e})") from e
+            raise DataError(f"{path}: line {i + 1} is not valid JSON ({e})") from e
     # the fragment (no newline) is a killed write; even when it parses it may be cut inside
     # a number, so it is never trusted
     return entries
@@ -259,7 +271,7 @@ def load_run(run_dir) -> Run:
     """Read ``config.json``, ``log.jsonl`` and, if present, ``summary.json`` of a run."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise CRMNError(f"{run_dir}: no such run directory")
+        raise DataError(f"{run_dir}: no such run directory")
     summary_path = run_dir / SUMMARY
     summary = read_json(summary_path) if summary_path.exists() else None
     return Run(path=run_dir, config=read_json(run_dir / CONFIG),

@@ -26,7 +26,7 @@ Readings we chose where the paper is silent (REPRODUCING.md repeats them):
   last epoch of the stage that set a new best model, 0 if none did. That is exactly the
   training the reloaded model received, so the final run replays the path that produced the
   best model: a stage that never beat its start contributes nothing.
-* ``max_epochs`` (``--epochs-cap``) ends a stage after that many epochs as if it had
+* ``epochs_cap`` (``--epochs-cap``) ends a stage after that many epochs as if it had
   plateaued (the best model is reloaded and the next rate starts).
 
 Usage (the driver, :mod:`crmn.train`)::
@@ -83,21 +83,21 @@ class PlateauSchedule:
     patience : int
         β: a stage ends when neither the validation loss nor the validation accuracy has
         strictly improved on its best value for this many consecutive epochs.
-    max_epochs : int or None
+    epochs_cap : int or None
         ``--epochs-cap``: a stage also ends after this many epochs, as if it plateaued.
     """
 
     kind = "plateau"
 
     def __init__(self, lr_stages: Sequence[float], patience: int,
-                 max_epochs: Optional[int] = None):
+                 epochs_cap: Optional[int] = None):
         self.lr_stages = _check_stages(lr_stages)
         if int(patience) < 1:
             raise ValueError(f"patience must be >= 1 epoch, got {patience}")
-        if max_epochs is not None and int(max_epochs) < 1:
-            raise ValueError(f"max_epochs must be >= 1 or None, got {max_epochs}")
+        if epochs_cap is not None and int(epochs_cap) < 1:
+            raise ValueError(f"epochs_cap must be >= 1 or None, got {epochs_cap}")
         self.patience = int(patience)
-        self.max_epochs = None if max_epochs is None else int(max_epochs)
+        self.epochs_cap = None if epochs_cap is None else int(epochs_cap)
         self.stage = 0  # 0-based index of the stage the next epoch trains in
         self.epoch = 0  # epochs finished in this phase
         self.stage_epoch = 0  # epochs finished in the current stage
@@ -156,7 +156,7 @@ class PlateauSchedule:
             self.best = {"epoch": self.epoch, "stage": self.stage,
                          "stage_epoch": self.stage_epoch, "loss": loss, "acc": acc}
             self.found[self.stage] = self.stage_epoch
-        capped = self.max_epochs is not None and self.stage_epoch >= self.max_epochs
+        capped = self.epochs_cap is not None and self.stage_epoch >= self.epochs_cap
         if self.stale < self.patience and not capped:
             return Decision.CONTINUE
         return self._next_stage()
@@ -174,7 +174,7 @@ class PlateauSchedule:
         """Everything needed to continue, as JSON-serialisable values."""
         return {
             "kind": self.kind, "version": STATE_VERSION, "lr_stages": list(self.lr_stages),
-            "patience": self.patience, "max_epochs": self.max_epochs, "stage": self.stage,
+            "patience": self.patience, "epochs_cap": self.epochs_cap, "stage": self.stage,
             "epoch": self.epoch, "stage_epoch": self.stage_epoch, "stale": self.stale,
             # JSON has no infinity: the records are None before the first epoch
             "best_loss": None if math.isinf(self.best_loss) else self.best_loss,
@@ -187,8 +187,9 @@ class PlateauSchedule:
     def from_state(cls, d: Dict) -> "PlateauSchedule":
         """Inverse of :meth:`state_dict`."""
         _check_kind(d, cls.kind)
-        s = cls(d["lr_stages"], d["patience"], d["max_epochs"])
-        s.stage, s.epoch, s.stage_epoch, s.stale = d["stage"], d["epoch"], d["stage_epoch"], d["stale"]
+        s = cls(d["lr_stages"], d["patience"], d["epochs_cap"])
+        s.stage, s.epoch = d["stage"], d["epoch"]
+        s.stage_epoch, s.stale = d["stage_epoch"], d["stale"]
         s.best_loss = math.inf if d["best_loss"] is None else float(d["best_loss"])
         s.best_acc = -math.inf if d["best_acc"] is None else float(d["best_acc"])
         s.best = None if d["best"] is None else dict(d["best"])
@@ -293,11 +294,3 @@ def _check_kind(d: Dict, kind: str) -> None:
     if d.get("kind") != kind or d.get("version") != STATE_VERSION:
         raise ValueError(f"not a {kind} schedule state of version {STATE_VERSION}: "
                          f"kind={d.get('kind')!r} version={d.get('version')!r}")
-
-
-def schedule_from_state(d: Dict):
-    """Rebuild whichever schedule ``d`` (from ``state_dict()``) describes."""
-    for cls in (PlateauSchedule, FixedSchedule):
-        if d.get("kind") == cls.kind:
-            return cls.from_state(d)
-    raise ValueError(f"unknown schedule kind {d.get('kind')!r}")

@@ -4,7 +4,10 @@
 they build the network of a :class:`crmn.config.ModelConfig` and run one SGD step. Every
 other job (the epoch loop, evaluation, the NaN check, progress, the protocol of section 4)
 is :mod:`crmn.train`'s, written once for both. This module imports neither stack; the
-stacks import it, and :mod:`crmn.stacks` (above them) finds them by name.
+stacks import it, and :mod:`crmn.registry` (above them) finds them by name and checks the
+options they are built with (:class:`crmn.registry.StackOptions`). Each stack class also
+answers ``device_problem(options)`` (a staticmethod: why it cannot run on
+``options.device``, or None), which :func:`crmn.registry.probe` asks before any data is read.
 
 State travels between stacks as a ``dict`` of numpy arrays under canonical names
 (:mod:`crmn.naming`): every entry of ``param_specs(model)`` plus ``velocity.<name>`` for each
@@ -12,26 +15,9 @@ trainable parameter (Lasagne's momentum form, ``v <- mu v - lr g``; ``p <- p + v
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Dict, Iterable, Protocol, Tuple, runtime_checkable
 
 import numpy as np
-
-from crmn.errors import ConfigError
-
-#: device strings every command accepts: ``cpu``, ``cuda``, ``cuda:N``
-_DEVICE = re.compile(r"(cpu|cuda)(:\d+)?")
-
-
-def check_device(name: str) -> str:
-    """Return ``name`` if it is ``cpu``, ``cuda`` or ``cuda:N``, else raise
-    :class:`ConfigError` in one line (checked before any network is built).
-
-    Whether a GPU is actually there is the stack's check when it is built.
-    """
-    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
-        raise ConfigError(f"unknown device {name!r}: choose cpu, cuda or cuda:N")
-    return name
 
 
 @runtime_checkable
@@ -88,4 +74,10 @@ class FastEpoch(Protocol):
     fast_epoch: bool
 
     def epoch_batches(self, sampler, epoch: int) -> Iterable[Tuple[Any, Any]]:
+        ...
+
+    def resident(self, sampler) -> Any:
+        """Copy ``sampler``'s training set to the device now (else the first
+        :meth:`epoch_batches` does); :mod:`crmn.bench` calls it so that the copy is not
+        timed as a step."""
         ...

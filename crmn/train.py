@@ -10,7 +10,7 @@ Written once for both stacks, which only build the network and take a step. One 
    momentum velocities are zeroed before the next, lower learning rate.
 2. **Final run**: the network, back at its seeded initial state, trains on the whole
    training set with :class:`crmn.schedule.FixedSchedule` replaying the schedule found (or the
-   given one, each stage bounded by ``train.max_epochs``), and is evaluated on the test set
+   given one, each stage bounded by ``train.epochs_cap``), and is evaluated on the test set
    after every epoch. The last epoch's test result is the run's result (``summary.json``).
 
 This module owns what both stacks share: the epoch loop (:func:`train_epoch`), evaluation
@@ -36,7 +36,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import platform
+import signal
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,9 +46,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from crmn import checkpoint, data, runlog
-from crmn.config import ModelConfig, TrainConfig
-from crmn.errors import CheckpointError, ConfigError, DivergedError, StopRequested
+from crmn import checkpoint, data, registry, runlog
+from crmn.config import TrainConfig
+from crmn.errors import (CheckpointError, ConfigError, DivergedError, RunError,
+                         StopRequested)
+from crmn.plan import RunSpec
 from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
 PHASES = ("search", "final")
@@ -58,24 +62,6 @@ EVAL_BATCH = 500
 PROGRESS_UPDATES = 20
 #: the signal that asked the run to stop at the next epoch's end (None: keep going)
 _stop_signal: List[Optional[int]] = [None]
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-    """Everything that defines one run; recorded in ``config.json``."""
-
-    model: ModelConfig  # the network (SPEC §4)
-    train: TrainConfig  # the protocol (SPEC §5); train.seed seeds split, weights, batches
-    dataset: str  # "cifar100" | "cifar10" | "svhn" (crmn.data)
-    data_dir: Path  # where crmn.data reads / downloads the dataset
-    backend: str  # stack name of crmn.stacks ("theano" | "torch")
-    dtype: str = "float32"  # floating-point type of the network
-    device: str = "cpu"  # requested device: cpu, cuda, cuda:N
-    compile: bool = False  # torch only: torch.compile inside the captured step
-    theano_mode: str = "c"  # theano only: its C backend or the JAX linker (--theano-mode)
-    unverified_data: bool = False  # accept a dataset folder that fails the official checks
-    row: Optional[str] = None  # crmn.paper row id, None for a run that is no paper row
-    experiment: Optional[str] = None  # table1 | table2 | table3 | svhn | smoke
 
 
 @dataclasses.dataclass
@@ -100,43 +86,71 @@ def sampler_seed(seed: int, phase: str) -> int:
 # --- stopping on a signal -----------------------------------------------------------------
 
 def request_stop(signum: int, frame=None) -> None:
-    """Signal handler: finish the epoch in progress, checkpoint it, then stop the run with
-    :class:`crmn.errors.StopRequested` (installed by the CLI for SIGUSR1)."""
+    """Signal handler (SIGUSR1 and Ctrl-C, installed by the CLI): finish the epoch in
+    progress, checkpoint it, then stop the run with :class:`crmn.errors.StopRequested`. A
+    second Ctrl-C stops at once (KeyboardInterrupt; the last checkpoint stays)."""
+    if signum == signal.SIGINT and _stop_signal[0] == signal.SIGINT:
+        raise KeyboardInterrupt
     _stop_signal[0] = signum
 
 
 def check_stop(where) -> None:
     """Raise :class:`StopRequested` if a stop was asked for (a safe point: all saved)."""
-    if _stop_signal[0] is not None:
-        raise StopRequested(f"{where}: stopped by signal {_stop_signal[0]} after its last "
-                            f"checkpoint; --resume continues it")
+    signum = _stop_signal[0]
+    if signum is not None:
+        raise StopRequested(f"{where}: stopped by {signal.Signals(signum).name} after its "
+                            f"last checkpoint; the same command with --resume continues it",
+                            signum=signum)
 
 
 # --- one epoch, evaluation, progress ------------------------------------------------------
 
 class Progress:
-    """A one-line progress bar on a terminal: batches, images/s, the epoch's ETA, loss."""
+    """A one-line progress bar on a terminal: batches, images/s, the epoch's ETA, loss.
+
+    Until the first step returns (Theano and JAX compile there, torch captures its graph)
+    the line counts the seconds: ``compiling… N s``; rates and the ETA start after it.
+    """
 
     def __init__(self, label: str, total: int, stream=None):
         self.label, self.total = label, total
         self.stream = stream or sys.stderr
         self.t0 = time.perf_counter()
         self.every = max(1, total // PROGRESS_UPDATES)
+        self.first = None  # (done, images, time) after the first step
+        self._stepped = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, daemon=True)
+        self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stepped.wait(1.0):
+            self.stream.write(f"\r  {self.label} compiling\u2026 "
+                              f"{time.perf_counter() - self.t0:.0f} s\033[K")
+            self.stream.flush()
 
     def due(self, done: int) -> bool:
-        return done % self.every == 0 or done == self.total
+        return done == 1 or done % self.every == 0 or done == self.total
 
     def show(self, done: int, images: int, loss: float) -> None:
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        eta = elapsed / done * (self.total - done)
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (done, images, now)
+            self._stepped.set()
+            self._ticker.join()
+        d0, i0, t0 = self.first
+        elapsed = max(now - t0, 1e-9)
+        rate = f"{(images - i0) / elapsed:.0f} img/s" if done > d0 else "- img/s"
+        eta = (f"ETA {_fmt_duration(elapsed / (done - d0) * (self.total - done))}"
+               if done > d0 else "ETA -")
         width = 20
         bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
-        self.stream.write(f"\r  {self.label} [{bar}] {done}/{self.total} "
-                          f"{images / elapsed:.0f} img/s ETA {_fmt_duration(eta)} "
+        self.stream.write(f"\r  {self.label} [{bar}] {done}/{self.total} {rate} {eta} "
                           f"loss {loss:.4f}\033[K")
         self.stream.flush()
 
     def close(self) -> None:
+        self._stepped.set()
+        self._ticker.join()
         self.stream.write("\r\033[K")
         self.stream.flush()
 
@@ -208,7 +222,6 @@ class _Run:
     run_dir: Path
     spec: RunSpec
     progress: bool
-    verbose: bool = True
     fake_data: bool = False
     data_source: str = "official"  # crmn.data.provenance: official | fake | unverified
     epoch_wall: List[float] = dataclasses.field(default_factory=list)  # this process's epochs
@@ -222,8 +235,7 @@ class _Run:
         return self.run_dir / name
 
     def say(self, text: str) -> None:
-        if self.verbose:
-            print(text, flush=True)
+        print(text, flush=True)
 
     def split(self, phase: str):
         """Training and evaluation arrays of ``phase`` (crmn.data), loaded once per phase."""
@@ -237,8 +249,8 @@ class _Run:
         return self.loaded[1]
 
 
-def run(run_dir, spec: RunSpec, new_stack: Callable[[], Any], *, resume: bool = False,
-        progress: bool = True, verbose: bool = True) -> Dict:
+def run(run_dir, spec: RunSpec, new_stack: Optional[Callable[[], Any]] = None, *,
+        resume: bool = False, progress: bool = True, fresh: bool = False) -> Dict:
     """Train ``spec`` through search and final run (SPEC §5) into ``run_dir``.
 
     Parameters
@@ -247,15 +259,17 @@ def run(run_dir, spec: RunSpec, new_stack: Callable[[], Any], *, resume: bool = 
         ``runs/<experiment>/<row>/seed<k>/``; created if missing.
     spec : RunSpec
         What runs; recorded in config.json and checked against a checkpoint on resume.
-    new_stack : callable () -> Stack
+    new_stack : callable () -> Stack, optional
         Builds the network, initialised from ``spec.train.seed``; called at most once (not
-        for a finished run). The final run restarts it from its initial state.
+        for a finished run). The final run restarts it from its initial state. Default:
+        :func:`crmn.registry.build` of ``spec.stack``.
     resume : bool
         Continue from ``checkpoint.h5`` (``--resume``).
     progress : bool
         Draw a progress bar (on a terminal) and download progress.
-    verbose : bool
-        Print the stack, a line per epoch and the result.
+    fresh : bool
+        Start afresh: empty the run directory first, under its lock (``smoke``); a
+        directory another process holds is refused with nothing removed.
 
     Returns
     -------
@@ -264,8 +278,8 @@ def run(run_dir, spec: RunSpec, new_stack: Callable[[], Any], *, resume: bool = 
 
     Raises
     ------
-    ConfigError
-        An unfinished run exists and ``resume`` is False.
+    RunError
+        An unfinished run exists and ``resume`` is False, or another process holds it.
     CheckpointError
         ``checkpoint.h5`` is unreadable or from another configuration.
     DivergedError
@@ -273,9 +287,14 @@ def run(run_dir, spec: RunSpec, new_stack: Callable[[], Any], *, resume: bool = 
     StopRequested
         A signal asked the run to stop (:func:`request_stop`); all finished epochs are saved.
     """
-    ctx = _Run(Path(run_dir), spec, progress, verbose=verbose)
+    ctx = _Run(Path(run_dir), spec, progress)
+    if new_stack is None:
+        def new_stack():
+            return registry.build(spec.stack, spec.model, spec.train)
     _open_run_dir(ctx)
     with runlog.hold(ctx.run_dir):  # one process per run directory
+        if fresh:
+            runlog.clear_run_dir(ctx.run_dir)
         return _run_held(ctx, new_stack, resume)
 
 
@@ -292,13 +311,13 @@ def _run_held(ctx: _Run, new_stack: Callable[[], Any], resume: bool) -> Dict:
                                                  or resumed[1]["phase"] == "search")
     ctx.split("search" if searching else "final")  # a missing dataset fails before the build
     _note_data(ctx)
-    net = new_stack()
-    ctx.say(f"{ctx.run_dir}: backend {net.name} on {net.device}, dtype {spec.dtype}, "
-            f"{net.param_count():,} trainable parameters")
+    stack = new_stack()
+    ctx.say(f"{ctx.run_dir}: backend {stack.name} on {stack.device}, dtype {spec.dtype}, "
+            f"{stack.param_count():,} trainable parameters")
     if resumed is None or not ctx.path(runlog.CONFIG).exists():
-        runlog.write_json(ctx.path(runlog.CONFIG), _config(ctx, net))
-    used, extra = _phases(ctx, net, resumed, searching)
-    summary = _summary(ctx, net, used, extra)
+        runlog.write_json(ctx.path(runlog.CONFIG), _config(ctx, stack))
+    used, extra = _phases(ctx, stack, resumed, searching)
+    summary = _summary(ctx, stack, used, extra)
     runlog.write_json(ctx.path(runlog.SUMMARY), summary)
     ctx.say(f"{ctx.run_dir}: done, test accuracy {100 * summary['test_acc']:.2f} % after "
             f"{summary['final_epochs']} epochs (schedule {used})")
@@ -320,7 +339,7 @@ def _finished(ctx: _Run, resume: bool) -> Optional[Dict]:
     # config.json alone (e.g. the data could not be downloaded) means nothing was trained
     for name in (runlog.CHECKPOINT, runlog.LOG, runlog.BEST):
         if ctx.path(name).exists():
-            raise ConfigError(f"{ctx.path(name)}: an unfinished run is already here; pass "
+            raise RunError(f"{ctx.path(name)}: an unfinished run is already here; pass "
                               f"--resume to continue it, or delete {ctx.run_dir} to start over")
     return None
 
@@ -334,7 +353,7 @@ def _check_same_run(ctx: _Run) -> None:
                                     dataset=ctx.spec.dataset, path=path,
                                     source=runlog.CONFIG)
     except CheckpointError as e:
-        raise ConfigError(f"{e}: {ctx.run_dir} holds a finished run of another "
+        raise RunError(f"{e}: {ctx.run_dir} holds a finished run of another "
                           "configuration; choose another --out-dir or delete it") from None
 
 
@@ -343,7 +362,7 @@ def _open_run_dir(ctx: _Run) -> None:
     try:
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"{ctx.run_dir}: cannot create the run directory "
+        raise RunError(f"{ctx.run_dir}: cannot create the run directory "
                           f"({e.strerror or e}); choose another --out-dir") from None
 
 
@@ -406,16 +425,16 @@ def _record_resume(ctx: _Run, meta: Dict) -> None:
         runlog.write_json(path, config)
 
 
-def _config(ctx: _Run, net) -> Dict:
+def _config(ctx: _Run, stack) -> Dict:
     spec = ctx.spec
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     for mod in ("h5py", "theano", "lasagne", "torch"):
         if mod in sys.modules:
             versions[mod] = getattr(sys.modules[mod], "__version__", "?")
     return {"row": spec.row, "experiment": spec.experiment, "dataset": spec.dataset,
-            "backend": spec.backend, "device": net.device, "device_requested": spec.device,
+            "backend": spec.backend, "device": stack.device, "device_requested": spec.device,
             "dtype": spec.dtype, "compile": spec.compile, "theano_mode": spec.theano_mode,
-            "params": net.param_count(),
+            "params": stack.param_count(),
             "model": spec.model.to_dict(),
             "train": spec.train.to_dict(), "seed": spec.train.seed,
             "fake_data": ctx.fake_data, "data": ctx.data_source, "versions": versions,
@@ -429,7 +448,7 @@ def _copy(state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 
 # --- phases ------------------------------------------------------------------------------
 
-def _phases(ctx: _Run, net, resumed, searching: bool) -> Tuple[List[int], Dict]:
+def _phases(ctx: _Run, stack, resumed, searching: bool) -> Tuple[List[int], Dict]:
     """Search run (if due), then the final run; returns the schedule used and the search's
     results (``schedule_found``, ``search_best``)."""
     spec = ctx.spec
@@ -437,68 +456,68 @@ def _phases(ctx: _Run, net, resumed, searching: bool) -> Tuple[List[int], Dict]:
     if resumed is not None:
         extra = {k: resumed[1].get(k) for k in extra}
     if searching:
-        initial = _copy(net.get_state())  # the final run starts again from here
-        sched = _search(ctx, net, resumed)
+        initial = _copy(stack.get_state())  # the final run starts again from here
+        sched = _search(ctx, stack, resumed)
         extra = {"schedule_found": sched.found, "search_best": sched.best}
         resumed = None
-        net.set_state(initial)
-        net.reset_velocity()
+        stack.set_state(initial)
+        stack.reset_velocity()
     used = extra["schedule_found"]
     if spec.train.schedule is not None:  # --schedule, bounded by --epochs-cap like every stage
-        used = [e if spec.train.max_epochs is None else min(e, spec.train.max_epochs)
+        used = [e if spec.train.epochs_cap is None else min(e, spec.train.epochs_cap)
                 for e in spec.train.schedule]
-    _final(ctx, net, used, resumed, extra)
+    _final(ctx, stack, used, resumed, extra)
     return used, extra
 
 
-def _search(ctx: _Run, net, resumed) -> PlateauSchedule:
+def _search(ctx: _Run, stack, resumed) -> PlateauSchedule:
     """Search run on the 90 % split; returns the finished plateau schedule."""
     if resumed is not None:
         arrays, meta = resumed
-        net.set_state(arrays)
+        stack.set_state(arrays)
         sched = PlateauSchedule.from_state(meta["schedule"])
     else:
-        sched = PlateauSchedule(ctx.train.lr_stages, ctx.train.patience, ctx.train.max_epochs)
-    _train_phase(ctx, "search", net, sched, {"schedule_found": None, "search_best": None})
+        sched = PlateauSchedule(ctx.train.lr_stages, ctx.train.patience, ctx.train.epochs_cap)
+    _train_phase(ctx, "search", stack, sched, {"schedule_found": None, "search_best": None})
     ctx.say(f"{ctx.run_dir}: search done, schedule found {sched.found} "
             f"(epochs per lr {list(ctx.train.lr_stages)}), best {sched.best}")
     return sched
 
 
-def _final(ctx: _Run, net, used: List[int], resumed, extra: Dict) -> FixedSchedule:
+def _final(ctx: _Run, stack, used: List[int], resumed, extra: Dict) -> FixedSchedule:
     """Final run on the full training set with the fixed schedule ``used``."""
     if resumed is not None:
         arrays, meta = resumed
-        net.set_state(arrays)
+        stack.set_state(arrays)
         sched = FixedSchedule.from_state(meta["schedule"])
     else:
         sched = FixedSchedule(ctx.train.lr_stages, used)
-    _train_phase(ctx, "final", net, sched, extra)
+    _train_phase(ctx, "final", stack, sched, extra)
     return sched
 
 
-def _train_phase(ctx: _Run, phase: str, net, sched, extra: Dict) -> None:
+def _train_phase(ctx: _Run, phase: str, stack, sched, extra: Dict) -> None:
     split = ctx.split(phase)
     sampler = data.BatchSampler(split.train_x, split.train_y, ctx.train.batch_size,
                                 sampler_seed(ctx.train.seed, phase), pad=ctx.train.pad,
                                 flip=ctx.train.flip)
     while not sched.done:
-        _one_epoch(ctx, phase, net, sched, sampler, split, extra)
+        _one_epoch(ctx, phase, stack, sched, sampler, split, extra)
 
 
-def _one_epoch(ctx: _Run, phase: str, net, sched, sampler, split, extra: Dict) -> None:
+def _one_epoch(ctx: _Run, phase: str, stack, sched, sampler, split, extra: Dict) -> None:
     """Train, evaluate, decide, log, checkpoint: one epoch of either phase."""
     t0 = time.perf_counter()
     lr, stage, epoch = sched.lr, sched.stage, sched.epoch + 1
     label = f"[{phase}] epoch {epoch}" if ctx.progress and sys.stderr.isatty() else None
-    stats = train_epoch(net, sampler, epoch, lr, progress=label)
+    stats = train_epoch(stack, sampler, epoch, lr, progress=label)
     _check_finite(ctx, phase, epoch, "training loss", stats.loss)
-    eval_loss, eval_acc = evaluate(net, split.eval_x, split.eval_y)
+    eval_loss, eval_acc = evaluate(stack, split.eval_x, split.eval_y)
     _check_finite(ctx, phase, epoch, f"{split.eval_name} loss", eval_loss)
     decision = sched.step(eval_loss, eval_acc)
     meta = _meta(ctx, phase, sched, sampler.seed, extra)
     if phase == "search" and sched.improved:
-        checkpoint.save(ctx.path(runlog.BEST), net.get_state(), meta)
+        checkpoint.save(ctx.path(runlog.BEST), stack.get_state(), meta)
     entry = {"phase": phase, "epoch": epoch, "stage": stage, "lr": lr,
              "train_loss": stats.loss, "train_acc": stats.acc, "eval_split": split.eval_name,
              "eval_loss": eval_loss, "eval_acc": eval_acc, "seconds": stats.seconds,
@@ -508,9 +527,9 @@ def _one_epoch(ctx: _Run, phase: str, net, sched, sampler, split, extra: Dict) -
     runlog.append_entry(ctx.path(runlog.LOG), entry)
     if decision == Decision.RELOAD:
         best, _ = checkpoint.load(ctx.path(runlog.BEST))
-        net.set_state(best)
-        net.reset_velocity()  # the next stage starts from rest at its new rate
-    checkpoint.save(ctx.path(runlog.CHECKPOINT), net.get_state(), meta)
+        stack.set_state(best)
+        stack.reset_velocity()  # the next stage starts from rest at its new rate
+    checkpoint.save(ctx.path(runlog.CHECKPOINT), stack.get_state(), meta)
     ctx.epoch_wall.append(time.perf_counter() - t0)
     ctx.say(_epoch_line(ctx, entry, sched, improved=sched.improved and phase == "search"))
     check_stop(ctx.run_dir)
@@ -563,7 +582,7 @@ def _epoch_line(ctx: _Run, e: Dict, sched, improved: bool) -> str:
 
 # --- summary -----------------------------------------------------------------------------
 
-def _summary(ctx: _Run, net, used: List[int], extra: Dict) -> Dict:
+def _summary(ctx: _Run, stack, used: List[int], extra: Dict) -> Dict:
     """summary.json from the log (crmn/LOGS.md); resumed runs count every logged epoch."""
     spec = ctx.spec
     final = [e for e in runlog.read_log(ctx.path(runlog.LOG)) if e["phase"] == "final"]
@@ -571,10 +590,10 @@ def _summary(ctx: _Run, net, used: List[int], extra: Dict) -> Dict:
         test_loss, test_acc = final[-1]["eval_loss"], final[-1]["eval_acc"]
     else:  # a schedule of 0 epochs: the untrained network is the result
         split = ctx.split("final")
-        test_loss, test_acc = evaluate(net, split.eval_x, split.eval_y)
+        test_loss, test_acc = evaluate(stack, split.eval_x, split.eval_y)
     rates = [e["images_per_s"] for e in final if e["images_per_s"]]
     return {"row": spec.row, "experiment": spec.experiment, "backend": spec.backend,
-            "device": net.device, "dataset": spec.dataset, "params": net.param_count(),
+            "device": stack.device, "dataset": spec.dataset, "params": stack.param_count(),
             "schedule_found": extra["schedule_found"], "schedule_used": list(used),
             "lr_stages": list(spec.train.lr_stages), "test_loss": test_loss,
             "test_acc": test_acc, "final_epochs": len(final),

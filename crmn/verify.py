@@ -29,12 +29,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from crmn import paper, stacks
+from crmn import paper, registry
 from crmn.config import ModelConfig, TrainConfig
 from crmn.data import BatchSampler
 from crmn.errors import ConfigError
 from crmn.naming import STATE_ROLES, spec_dict
-from crmn.stack import check_device
+from crmn.registry import StackOptions, check_device
 from crmn.train import train_epoch
 
 TOLERANCE = 1e-6
@@ -163,8 +163,10 @@ def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float
 
 
 #: the three ways to run the network that ``verify`` holds equal, pair by pair:
-#: (label, stack, theano mode)
-STACKS = (("torch", "torch", "c"), ("theano-c", "theano", "c"), ("theano-jax", "theano", "jax"))
+#: (label, stack options), all float64 on the CPU
+STACKS = (("torch", StackOptions("torch", dtype="float64")),
+          ("theano-c", StackOptions("theano", dtype="float64", theano_mode="c")),
+          ("theano-jax", StackOptions("theano", dtype="float64", theano_mode="jax")))
 
 
 def verify_stacks(cfg: ModelConfig, train: TrainConfig, name: str, lr: float = 0.1,
@@ -172,9 +174,8 @@ def verify_stacks(cfg: ModelConfig, train: TrainConfig, name: str, lr: float = 0
     """float64 CPU, every pair of :data:`STACKS`: torch against Theano's C backend, torch
     against Theano through JAX, and the C backend against JAX (the first of each pair
     gives the state)."""
-    built = {label: stacks.build(stack, cfg, train, device="cpu", dtype="float64",
-                                 theano_mode=mode) for label, stack, mode in STACKS}
-    pairs = [(a, b) for i, (a, _, _) in enumerate(STACKS) for b, _, _ in STACKS[i + 1:]]
+    built = {label: registry.build(options, cfg, train) for label, options in STACKS}
+    pairs = [(a, b) for i, (a, _) in enumerate(STACKS) for b, _ in STACKS[i + 1:]]
     return [_compare(f"{name} [{b} vs {a}]", built[a], built[b], cfg, train.batch_size,
                      lr, seed, tol) for a, b in pairs]
 
@@ -203,30 +204,26 @@ def verify_device(cfg: ModelConfig, train: TrainConfig, name: str, device: str =
 
     On a CPU ``device`` the graph runs eagerly too (tests use this to run the code paths).
     """
-    import torch
+    on_gpu = device.startswith("cuda")
 
-    from modern.backend import TorchBackend
-
-    on_gpu = torch.device(device).type == "cuda"
-
-    def be(where, dtype, graph=False):
-        return TorchBackend(cfg, train, device=where, dtype=dtype, graph=graph and on_gpu,
-                            tf32=False)
+    def built(where, dtype, graph=False):
+        return registry.build(StackOptions("torch", where, dtype), cfg, train,
+                              graph=graph and on_gpu, tf32=False)
 
     B = train.batch_size
     return [
-        _compare(f"{name} [{device} float64 vs cpu float64]", be("cpu", "float64"),
-                 be(device, "float64"), cfg, B, lr, seed, tol),
+        _compare(f"{name} [{device} float64 vs cpu float64]", built("cpu", "float64"),
+                 built(device, "float64"), cfg, B, lr, seed, tol),
         _compare(f"{name} [{device} float64: graph vs eager, {GRAPH_STEPS} steps]",
-                 be(device, "float64"), be(device, "float64", graph=True), cfg, B, lr, seed,
-                 tol, steps=GRAPH_STEPS),
+                 built(device, "float64"), built(device, "float64", graph=True), cfg, B, lr,
+                 seed, tol, steps=GRAPH_STEPS),
         _verify_epoch(cfg, train, name, device, lr, seed, tol, "float64"),
-        _compare(f"{name} [{device} float32 vs cpu float64]", be("cpu", "float64"),
-                 be(device, "float32"), cfg, B, lr, seed, tol_f32, global_norm=True,
+        _compare(f"{name} [{device} float32 vs cpu float64]", built("cpu", "float64"),
+                 built(device, "float32"), cfg, B, lr, seed, tol_f32, global_norm=True,
                  update_tol=UPDATE_TOLERANCE_F32),
         _compare(f"{name} [{device} float32: graph vs eager, {GRAPH_STEPS} steps]",
-                 be(device, "float32"), be(device, "float32", graph=True), cfg, B, lr, seed,
-                 tol_f32, steps=GRAPH_STEPS, global_norm=True,
+                 built(device, "float32"), built(device, "float32", graph=True), cfg, B, lr,
+                 seed, tol_f32, steps=GRAPH_STEPS, global_norm=True,
                  update_tol=UPDATE_TOLERANCE_F32),
     ]
 
@@ -244,7 +241,6 @@ def _verify_epoch(cfg: ModelConfig, train: TrainConfig, name: str, device: str, 
     import torch
 
     from modern import gpu as gpu_data
-    from modern.backend import TorchBackend
 
     B = train.batch_size
     rng = np.random.default_rng(seed)
@@ -264,9 +260,10 @@ def _verify_epoch(cfg: ModelConfig, train: TrainConfig, name: str, device: str, 
     equal = np.array_equal(xe.cpu().numpy(), xs) and np.array_equal(ye.cpu().numpy(), ys)
     res.diffs["batches (bit-equal)"] = 0.0 if equal else float("inf")
     res.worst["batches (bit-equal)"] = "images and labels"
-    on_gpu = torch.device(device).type == "cuda"  # on a CPU both run the plain loop
-    graph = TorchBackend(cfg, train, device=device, dtype=dtype, graph=on_gpu, tf32=False)
-    eager = TorchBackend(cfg, train, device=device, dtype=dtype, graph=False, tf32=False)
+    on_gpu = device.startswith("cuda")  # on a CPU both run the plain loop
+    options = StackOptions("torch", device, dtype)
+    graph = registry.build(options, cfg, train, graph=on_gpu, tf32=False)
+    eager = registry.build(options, cfg, train, graph=False, tf32=False)
     base = eager.get_state()  # the same seed: the same initial state as graph's
     stats = train_epoch(graph, sampler, 1, lr, fast=True)
     losses = [_step_loss(eager, xb, yb, lr) for xb, yb in sampler.epoch(1)]

@@ -43,10 +43,11 @@ from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import CheckpointError, ConfigError
 from crmn.init import initial_state
 from crmn.naming import DECAYED_ROLES, velocity_name
+from crmn.registry import STACK_DTYPES, check_device
 from modern import gpu
 from modern.model import build
 
-DTYPES = ("float32", "float64", "bfloat16")
+DTYPES = STACK_DTYPES["torch"]
 
 
 class TorchBackend:
@@ -76,6 +77,19 @@ class TorchBackend:
 
     name = "torch"
 
+    @staticmethod
+    def device_problem(options) -> Optional[str]:
+        """Why torch cannot use ``options.device`` (one line), or None when it can."""
+        dev = torch.device(options.device)
+        if dev.type != "cuda":
+            return None
+        if not torch.cuda.is_available():
+            return f"--device {options.device}: torch {torch.__version__} sees no CUDA GPU"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return (f"--device {options.device}: torch sees {torch.cuda.device_count()} "
+                    f"CUDA device(s)")
+        return None
+
     def __init__(self, model: ModelConfig, train: TrainConfig, device: str = "cpu",
                  dtype: str = "float32", graph: Optional[bool] = None, tf32: bool = True,
                  channels_last: Optional[bool] = None, compile: bool = False,
@@ -83,7 +97,7 @@ class TorchBackend:
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r} for the torch backend; choose one of "
                               f"{', '.join(DTYPES)}")
-        dev = torch.device(device)
+        dev = torch.device(check_device(device))
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} asked for, but torch {torch.__version__} "
                               "sees no CUDA GPU")

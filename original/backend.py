@@ -14,9 +14,9 @@ section 4 of the paper as Lasagne ran it:
 * batch-norm running averages move once per training step (and only then, see
   :class:`original.layers.BatchNormLayer`).
 
-Device and precision: with ``mode="c"`` Theano's own flags decide the device
-(``THEANO_FLAGS=device=cuda`` with a GPU-enabled Theano); with ``mode="jax"`` the same graphs
-are compiled by :mod:`original.jax_mode` into one jitted JAX function each, on the CPU or
+Device and precision: with ``theano_mode="c"`` Theano's own flags decide the device
+(``THEANO_FLAGS=device=cuda`` with a GPU-enabled Theano); with ``theano_mode="jax"`` the same
+graphs are compiled by :mod:`original.jax_mode` into one jitted JAX function each, on the CPU or
 (``device="cuda"``, with a CUDA jaxlib) a current GPU. ``dtype`` picks the precision per
 instance, by building and compiling the graphs under
 ``theano.config.change_flags(floatX=dtype)``.
@@ -24,7 +24,7 @@ instance, by building and compiling the graphs under
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import lasagne
 import numpy as np
@@ -35,11 +35,11 @@ from crmn.config import ModelConfig, TrainConfig
 from crmn.convert import canonical_to_lasagne, lasagne_to_canonical
 from crmn.errors import CheckpointError, ConfigError
 from crmn.naming import param_specs, velocity_name
+from crmn.registry import STACK_DTYPES, THEANO_MODES, check_device
 from original import compat  # (importing the package installed its bridges)
 from original.model import build, native_params
 
-DTYPES = ("float32", "float64")
-MODES = ("c", "jax")  # --theano-mode: Theano's C backend or Theano-PyMC's JAX linker
+DTYPES = STACK_DTYPES["theano"]
 
 
 def native_names(cfg: ModelConfig) -> Dict[str, str]:
@@ -57,14 +57,12 @@ def native_names(cfg: ModelConfig) -> Dict[str, str]:
 def _check_device(device: str) -> str:
     """Compare the requested device with the one Theano's flags chose; describe it."""
     actual = str(theano.config.device)
-    wants_gpu = device.startswith(("cuda", "gpu"))
+    wants_gpu = check_device(device).startswith("cuda")
     if wants_gpu and not actual.startswith(("cuda", "gpu")):
         raise ConfigError(
             f"--device {device} asked for a GPU, but Theano runs on {actual}: set "
             f"THEANO_FLAGS=device=cuda (with a GPU-enabled Theano and libgpuarray) before "
             f"starting, or run the same graph on the GPU with --theano-mode jax")
-    if device not in ("cpu",) and not wants_gpu:
-        raise ConfigError(f"unknown device {device!r}: choose cpu or cuda")
     return f"{actual} (Theano-PyMC {theano.__version__}, blas {theano.config.blas__ldflags})"
 
 
@@ -138,22 +136,38 @@ class TheanoBackend:
         Must agree with ``theano.config.device`` (Theano's flags decide, see module doc).
     dtype : {"float32", "float64"}
         Precision of parameters, activations and updates.
-    mode : {"c", "jax"}
+    theano_mode : {"c", "jax"}
         Compile through Theano's C backend, or through JAX (:mod:`original.jax_mode`;
         float32 products at full precision, the device chosen by ``device``).
     """
 
     name = "theano"
 
+    @staticmethod
+    def device_problem(options) -> Optional[str]:
+        """Why this stack cannot run on ``options.device`` (one line), or None when it can:
+        the JAX mode asks jax for the device, the C mode compares with Theano's flags."""
+        try:
+            if options.theano_mode == "jax":
+                from original import jax_mode
+
+                jax_mode.jax_device(options.device)
+            else:
+                _check_device(options.device)
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
     def __init__(self, model: ModelConfig, train: TrainConfig, device: str = "cpu",
-                 dtype: str = "float32", mode: str = "c"):
+                 dtype: str = "float32", theano_mode: str = "c"):
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r} for the theano backend: choose "
                               f"{' or '.join(DTYPES)}")
-        if mode not in MODES:
-            raise ConfigError(f"unknown --theano-mode {mode!r}: choose {' or '.join(MODES)}")
-        self.mode = mode
-        self._route = (_JaxRoute if mode == "jax" else _CRoute)(device, dtype)
+        if theano_mode not in THEANO_MODES:
+            raise ConfigError(f"unknown --theano-mode {theano_mode!r}: choose "
+                              f"{' or '.join(THEANO_MODES)}")
+        self.theano_mode = theano_mode
+        self._route = (_JaxRoute if theano_mode == "jax" else _CRoute)(device, dtype)
         self.device = self._route.device
         self.model, self.train, self.dtype = model, train, dtype
         self._x = T.tensor4("x", dtype=dtype)  # (B, 3, 32, 32)

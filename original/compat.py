@@ -47,7 +47,7 @@ bridge below is one small, named function, applied once by :func:`install` and t
 9. :func:`bridge_compile_lock` -- Theano compiles under one lock per compile directory
    (``~/.theano/compiledir_*/.lock``) and waits for it in silence, for many minutes when
    another process compiles; we say who holds it (from ``/proc/locks``) and for how long we
-   have waited, and add the wait to :data:`lock_wait_seconds`.
+   have waited.
 
 10. :func:`bridge_stdlib_distutils` -- Python 3.12 has no ``distutils``; Theano's config
     and C module loader import ``distutils.spawn`` / ``distutils.sysconfig`` at import. Where
@@ -92,8 +92,6 @@ DEBIAN_OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so"
 
 _installed = False
 _probed = False  # check_compiled_backend's probe passed in this process
-#: seconds this process has waited for Theano's compile lock (bridge_compile_lock)
-lock_wait_seconds = [0.0]
 #: a wait for the compile lock longer than this is reported (shorter ones are the normal
 #: turn-taking of two compiling processes), then again every LOCK_REPORT_EVERY seconds
 LOCK_QUIET_WAIT = 3.0
@@ -563,7 +561,6 @@ def _wait_announced(lock_dir: str) -> None:
             except filelock.Timeout:
                 continue
     lock.release()
-    lock_wait_seconds[0] += time.perf_counter() - start
 
 
 def bridge_compile_lock() -> None:

@@ -231,7 +231,7 @@ def run_e2e(name: str, mode: str, device: str = "cpu") -> Dict[str, np.ndarray]:
     from original.backend import TheanoBackend
 
     backend = TheanoBackend(E2E_MODELS[name], E2E_TRAIN, device=device, dtype="float64",
-                            mode=mode)
+                            theano_mode=mode)
     xs, ys = e2e_batches()
     losses = []
     for x, y in zip(xs, ys):

@@ -21,11 +21,38 @@ def md5(path):
     return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 
-def cifar_pickle(path, x, y, label_key=b"labels"):
-    """One batch as the official files hold it: byte keys, rows of 1024 R, G, B values."""
+def cifar_pickle(path, x, y, label_key=b"labels", **extra):
+    """One batch as the official files hold it: byte keys, rows of 1024 R, G, B values;
+    ``extra``: further keys (e.g. CIFAR-100's ``coarse_labels``)."""
     with open(path, "wb") as f:
         pickle.dump({b"data": x.reshape(len(x), 3072), label_key: [int(v) for v in y],
-                     b"batch_label": b"test"}, f, protocol=2)
+                     b"batch_label": b"test", **{k.encode(): v for k, v in extra.items()}},
+                    f, protocol=2)
+
+
+def meta_pickle(path, key: bytes, n_classes: int):
+    """A label-names file (``meta`` of CIFAR-100, ``batches.meta`` of CIFAR-10)."""
+    with open(path, "wb") as f:
+        pickle.dump({key: [b"x"] * n_classes}, f, protocol=2)
+
+
+def cifar100_folder(folder, n_train, n_test):
+    """The extracted CIFAR-100 layout (``train``, ``test``, ``meta``), images all zero."""
+    folder.mkdir(parents=True)
+    for fname, n in (("train", n_train), ("test", n_test)):
+        cifar_pickle(folder / fname, np.zeros((n, 3072), dtype=np.uint8), np.arange(n) % 100,
+                     label_key=b"fine_labels", coarse_labels=(np.arange(n) % 20).tolist())
+    meta_pickle(folder / "meta", b"fine_label_names", 100)
+    return folder
+
+
+def cifar10_folder(folder, n_per_batch=7):
+    """The extracted CIFAR-10 layout with ``n_per_batch`` images per batch (not 10,000)."""
+    folder.mkdir(parents=True)
+    for i, fname in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
+        cifar_pickle(folder / fname, pattern(n_per_batch, seed=i), np.arange(n_per_batch) % 10)
+    meta_pickle(folder / "batches.meta", b"label_names", 10)
+    return folder
 
 
 def pattern(n, seed=0):

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from crmn import bench, cli, paper
+from crmn.registry import StackOptions
 
 
 def test_bench_prints_and_writes_the_row(tmp_path, capsys):
@@ -52,8 +53,8 @@ def test_bench_refuses_bad_options_in_one_line_before_building(argv, message, ca
 
 
 def test_bench_channels_last_is_the_layout_trained(capsys):
-    r = bench.bench_row(paper.select("t1-resnet32x1")[0], "torch", "cpu", "float32", 1,
-                        warmup=1, batch_size=2, channels_last=True)
+    r = bench.bench_row(paper.row("t1-resnet32x1"), StackOptions("torch"), 1, warmup=1,
+                        batch_size=2, channels_last=True)
     assert r["layout"] == "channels-last"
     assert cli.main(["bench", "--backend", "torch", "--rows", "t1-resnet32x1", "--steps", "1",
                      "--warmup", "1", "--batch-size", "2", "--channels-last"]) == 0
@@ -65,7 +66,9 @@ def test_format_table_without_paper_seconds():
          "sec_per_epoch": 5000.0, "paper_sec_per_epoch": None, "speedup": None,
          "warmup_s": 1.0}
     line = bench.format_table([r]).splitlines()[-1]
-    assert line.split()[:4] == ["t2-crmn28x10", "CRMN-28x10", "-", "50"] and " - " in line
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[:4] == ["t2-crmn28x10", "CRMN-28x10", "-", "50"]
+    assert cells[6:8] == ["-", "-"]  # no paper seconds, no speed-up
 
 
 def test_profile_step_counts_the_operators_of_a_step_on_cpu(capsys):

@@ -55,7 +55,7 @@ def test_round_trip_keeps_every_array_bit_for_bit(tmp_path):
         assert got[name].dtype == a.dtype and got[name].shape == a.shape, name
         np.testing.assert_array_equal(got[name], a, err_msg=name)
     assert m == json.loads(json.dumps(dict(meta(), format_version=checkpoint.FORMAT_VERSION)))
-    assert checkpoint.read_meta(path) == m
+    assert checkpoint.load(path)[1] == m
     assert "velocity.lstm.W_xi" in got and "velocity.bn0.mean" not in got
 
 
@@ -199,7 +199,7 @@ def test_missing_file_and_foreign_files_are_refused(tmp_path):
         checkpoint.load(tmp_path / "other.h5")
     (tmp_path / "text.h5").write_text("hello")
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        checkpoint.read_meta(tmp_path / "text.h5")
+        checkpoint.load(tmp_path / "text.h5")
     with pytest.raises(CheckpointError, match="may not"):
         checkpoint.save(tmp_path / "c.h5", {"a/b": np.ones(1)}, meta())
 

@@ -10,16 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from crmn import cli, paper, stacks
+from crmn import cli, paper, registry
+from crmn.cli import parser, plans
 from crmn.config import ModelConfig, TrainConfig
+from crmn.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_main(argv, capsys):
-    rc = cli.main(argv)
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -28,7 +24,7 @@ def run_main(argv, capsys):
     (["table1", "--bogus"], "unrecognized arguments: --bogus"),
     (["table1", "--rows", "t1-nope"], "unknown row id 't1-nope'"),
     (["table1", "--rows", "t2-crmn32x4"], "belong to another experiment"),
-    (["table2", "--schedule", "80,forty"], "--schedule wants epochs per stage"),
+    (["table2", "--schedule", "80,forty"], "--schedule: wants epochs per stage"),
     (["table1", "--seeds", "0"], "expected a number >= 1"),
     (["table1", "--backend", "caffe"], "invalid choice: 'caffe'"),
     (["params", "--rows", "x"], "unknown row id 'x'"),
@@ -38,21 +34,21 @@ def run_main(argv, capsys):
     (["verify", "--rows", "t1-nope"], "unknown row id 't1-nope'"),
     (["profile", "--steps", "0"], "expected a number >= 1"),
 ])
-def test_usage_errors_exit_2_one_line(argv, needle, capsys):
-    rc, out, err = run_main(argv, capsys)
+def test_usage_errors_exit_2_one_line(argv, needle, capsys, run_main):
+    rc, out, err = run_main(argv)
     assert rc == 2
     assert err.count("\n") == 1 and needle in err, err
     assert out == ""
 
 
-def test_crmn_error_exits_1(tmp_path, capsys):
-    rc, out, err = run_main(["compare", str(tmp_path / "nothing")], capsys)
+def test_crmn_error_exits_1(tmp_path, capsys, run_main):
+    rc, out, err = run_main(["compare", str(tmp_path / "nothing")])
     assert rc == 1 and err.startswith("error: ") and str(tmp_path / "nothing") in err
     assert err.count("\n") == 1
     # options that contradict the row: a 2-stage schedule for a 3-rate row, before training
     rc, out, err = run_main(["table1", "--rows", "t1-crmn32x1", "--schedule", "3,3",
-                             "--out-dir", str(tmp_path)], capsys)
-    assert rc == 1 and "--schedule gives 2 stages" in err and "t1-crmn32x1" in err
+                             "--out-dir", str(tmp_path)])
+    assert rc == 2 and "--schedule gives 2 stages" in err and "t1-crmn32x1" in err
     assert not (tmp_path / "table1").exists()
 
 
@@ -78,71 +74,89 @@ def test_script_reads_relative_paths_from_the_callers_directory(tmp_path):
     assert not (ROOT / "mine").exists()
 
 
-def _subparser(name):
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
-    return sub.choices[name]
-
-
 FLAG_FIELDS = [("outgate", ModelConfig, "outgate"), ("forget_bias", ModelConfig, "forget_bias"),
                ("dense_init", ModelConfig, "dense_init"), ("nesterov", TrainConfig, "nesterov"),
                ("flip", TrainConfig, "flip"), ("patience", TrainConfig, "patience"),
-               ("schedule", TrainConfig, "schedule"), ("epochs_cap", TrainConfig, "max_epochs")]
+               ("schedule", TrainConfig, "schedule"), ("epochs_cap", TrainConfig, "epochs_cap")]
+#: smoke's own defaults (crmn.cli.parser.SMOKE) replace these
+SMOKE_FIELDS = {"patience": parser.SMOKE["patience"], "epochs_cap": parser.SMOKE["epochs_cap"]}
 
 
 @pytest.mark.parametrize("command", ["table1", "table2", "table3", "svhn", "smoke", "params",
                                      "bench"])
 def test_help_defaults_are_the_dataclass_defaults(command, capsys):
-    sp = _subparser(command)
+    parsed = vars(parser.parse([command]))  # every option at its default
     fields = {(c, f.name): f.default for c in (ModelConfig, TrainConfig)
               for f in dataclasses.fields(c)}
-    actions = {a.dest: a for a in sp._actions}
-    flags = [f for f in FLAG_FIELDS if f[0] in actions]  # params: the model's flags only
+    flags = [f for f in FLAG_FIELDS if f[0] in parsed]  # params: the model's flags only
     assert len(flags) == {"params": 3, "bench": 0}.get(command, len(FLAG_FIELDS))
-    for dest, cls, name in flags:
-        assert actions[dest].default == fields[(cls, name)], dest
+    want = {dest: (SMOKE_FIELDS[dest] if command == "smoke" and dest in SMOKE_FIELDS
+                   else fields[(cls, name)]) for dest, cls, name in flags}
+    for dest, value in want.items():
+        assert parsed[dest] == value, dest
     with pytest.raises(SystemExit) as exc:
         cli.main([command, "--help"])
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
-    for dest, cls, name in flags:
-        assert f"(default: {fields[(cls, name)]}" in text, dest
-    # one default stack, device and dtype for every command (crmn.stacks)
-    assert f"(default: {stacks.DEFAULT_DTYPE})" in text
-    assert f"(default: {stacks.DEFAULT_BACKEND})" in text and "(default: cpu)" in text
+    for dest, value in want.items():
+        assert f"(default: {value}" in text, dest
+    # one default stack, device and dtype for every command (crmn.registry)
+    assert f"(default: {registry.DEFAULT_DTYPE})" in text
+    assert f"(default: {registry.DEFAULT_BACKEND})" in text and "(default: cpu)" in text
+
+
+def test_smoke_help_shows_its_own_network_and_batch(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["smoke", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--n", "--k", "--batch-size"):
+        assert f"{flag} " in text
+    assert f"blocks per stage (default: {parser.SMOKE['n']})" in text
+    assert f"width factor (default: {parser.SMOKE['k']})" in text
+    assert f"images per batch (default: {parser.SMOKE['batch_size']})" in text
+
+
+def test_smoke_keeps_every_value_given_on_the_command_line(tmp_path):
+    """An explicit value equal to table1's default is not replaced by smoke's (issue #18)."""
+    args = parser.parse(["smoke", "--patience", "10", "--epochs-cap", "3", "--n", "2",
+                         "--k", "1", "--batch-size", "20", "--out-dir", str(tmp_path)])
+    (run,) = plans.smoke_plan(args).runs
+    assert (run.spec.train.patience, run.spec.train.epochs_cap) == (10, 3)
+    assert (run.spec.model.n, run.spec.model.k, run.spec.train.batch_size) == (2, 1.0, 20)
+    assert run.label == "tiny-crmn-n2-k1"
+    assert not tmp_path.joinpath("smoke").exists()  # a plan creates nothing
 
 
 def test_flags_map_onto_configs():
-    args = cli.build_parser().parse_args(
+    args = parser.parse(
         ["table1", "--outgate", "tanh", "--forget-bias", "-1.5", "--dense-init", "glorot",
          "--nesterov", "--flip", "--patience", "3", "--schedule", "5,4,3", "--epochs-cap", "7",
          "--n", "1", "--k", "0.5", "--batch-size", "20", "--dtype", "float64"])
     row = paper.row("t1-crmn32x4")
-    model, train = cli.configs_for(row, args, seed=2)
+    model, train = plans.configs_for(row, args, seed=2)
     assert model == ModelConfig(n=1, k=0.5, classes=100, memory=True, outgate="tanh",
                                 forget_bias=-1.5, dense_init="glorot")
     assert train == TrainConfig(batch_size=20, lr_stages=row.lr_stages, nesterov=True,
-                                flip=True, patience=3, schedule=(5, 4, 3), max_epochs=7, seed=2)
+                                flip=True, patience=3, schedule=(5, 4, 3), epochs_cap=7, seed=2)
     # without flags: exactly the row's configuration and the dataclass defaults
-    args = cli.build_parser().parse_args(["table2"])
+    args = parser.parse(["table2"])
     wide = paper.row("t2-crmn28x10")
-    assert cli.configs_for(wide, args, seed=0) == (ModelConfig.for_row(wide),
-                                                  TrainConfig.for_row(wide, seed=0))
+    assert plans.configs_for(wide, args, seed=0) == (ModelConfig.for_row(wide),
+                                                    TrainConfig.for_row(wide, seed=0))
     # seeds: the row's `seeds` unless --seeds is given
-    plan = cli.plan_runs(paper.TABLE2, args)
-    assert [(r.id, k) for r, k, _, _ in plan] == [("t2-crmn32x4", k) for k in range(5)] + [
+    plan = plans.train_plan(args)
+    assert [(r.label, r.seed) for r in plan.runs] == [("t2-crmn32x4", k) for k in range(5)] + [
         ("t2-crmn28x10", 0)]
-    args = cli.build_parser().parse_args(["table2", "--seeds", "2", "--rows", "t2-crmn28x10"])
-    rows = cli.select_rows(args.rows, "table2")
-    assert [k for _, k, _, _ in cli.plan_runs(rows, args)] == [0, 1]
+    args = parser.parse(["table2", "--seeds", "2", "--rows", "t2-crmn28x10"])
+    assert [r.seed for r in plans.train_plan(args).runs] == [0, 1]
 
 
 @pytest.mark.parametrize("backend", ["torch", "theano"])
-def test_params_json_real_backend(backend, capsys):
+def test_params_json_real_backend(backend, capsys, run_main):
     pytest.importorskip("modern.backend" if backend == "torch" else "original.backend")
     ids = ["t1-resnet32x1", "t1-crmn32x1"]
     rc, out, err = run_main(["params", "--backend", backend, "--rows", ",".join(ids),
-                             "--json"], capsys)
+                             "--json"])
     assert rc == 0, err
     rows = json.loads(out)
     assert [r["row"] for r in rows] == ids
@@ -151,7 +165,7 @@ def test_params_json_real_backend(backend, capsys):
         assert r["params"] == r["canonical_params"]
         assert round(r["params"] / 1e6, 2) == r["paper_params_m"] == paper.row(r["row"]).paper_params_m
     assert rows[0]["params"] == 470_004 and rows[1]["params"] == 2_159_304
-    rc, out, err = run_main(["params", "--backend", backend, "--rows", "t3-crmn56x3"], capsys)
+    rc, out, err = run_main(["params", "--backend", backend, "--rows", "t3-crmn56x3"])
     lines = [ln for ln in out.splitlines() if ln.startswith("| t3-crmn56x3")]
     assert rc == 0 and len(lines) == 1
     cells = [c.strip() for c in lines[0].split("|")[1:-1]]
@@ -214,7 +228,7 @@ def test_the_cli_is_the_only_argument_parser():
                 node.func, "attr", getattr(node.func, "id", None)) == "ArgumentParser"
             if called:
                 parsers.append(path.relative_to(ROOT).as_posix())
-    assert sorted(set(parsers)) == ["crmn/cli.py"]
+    assert sorted(set(parsers)) == ["crmn/cli/parser.py"]
 
 
 def test_sigusr1_checkpoints_stops_with_exit_3_and_resume_finishes(tmp_path):
@@ -248,14 +262,14 @@ def test_sigusr1_checkpoints_stops_with_exit_3_and_resume_finishes(tmp_path):
 
 
 def test_seed_selects_one_run_of_the_grid():
-    args = cli.build_parser().parse_args(["table2", "--seed", "3", "--rows", "t2-crmn32x4"])
-    assert [k for _, k, _, _ in cli.plan_runs(cli.select_rows(args.rows, "table2"), args)] == [3]
-    args = cli.build_parser().parse_args(["table2", "--seed", "1", "--seeds", "2"])
-    with pytest.raises(cli.UsageError):
-        cli.plan_runs(cli.select_rows(None, "table2"), args)
+    args = parser.parse(["table2", "--seed", "3", "--rows", "t2-crmn32x4"])
+    assert [r.seed for r in plans.train_plan(args).runs] == [3]
+    args = parser.parse(["table2", "--seed", "1", "--seeds", "2"])
+    with pytest.raises(UsageError):
+        plans.train_plan(args)
 
 
-def test_unverified_data_is_refused_then_accepted_with_the_flag_and_marked(tmp_path, capsys):
+def test_unverified_data_is_refused_then_accepted_with_the_flag_and_marked(tmp_path, capsys, run_main):
     """An extracted CIFAR-10 folder with too few images, given by hand: one line naming the
     file and the count, exit 1, nothing trained; with --unverified-data it trains, is
     recorded as such, and compare lists it under 'not as published'."""
@@ -267,12 +281,12 @@ def test_unverified_data_is_refused_then_accepted_with_the_flag_and_marked(tmp_p
     argv = ["table3", "--rows", "t3-crmn28x10", "--backend", "torch", "--n", "1", "--k",
             "0.25", "--batch-size", "10", "--schedule", "1,0,0,0", "--no-progress",
             "--data-dir", str(folder), "--out-dir", str(tmp_path / "runs")]
-    rc, out, err = run_main(argv, capsys)
+    rc, out, err = run_main(argv)
     assert rc == 1 and err.count("\n") == 1, err
     assert err.startswith("error: ") and "data_batch_1 holds 12 images, the official file " \
         "10,000" in err and "--unverified-data" in err
     assert not (tmp_path / "runs" / "table3" / "t3-crmn28x10" / "seed0" / "log.jsonl").exists()
-    rc, out, err = run_main(argv + ["--unverified-data"], capsys)
+    rc, out, err = run_main(argv + ["--unverified-data"])
     assert rc == 0, err
     run = tmp_path / "runs" / "table3" / "t3-crmn28x10" / "seed0"
     assert json.loads((run / "config.json").read_text())["data"] == "unverified"
@@ -329,15 +343,17 @@ def test_two_runs_into_one_directory_the_second_is_refused(tmp_path):
 
 
 def test_lr_scales_the_stages_and_dataset_sets_the_classes():
-    args = cli.build_parser().parse_args(["table1", "--lr", "0.05", "--dataset", "cifar10"])
-    model, train = cli.configs_for(paper.row("t1-resnet32x1"), args, seed=0)
+    args = parser.parse(["table1", "--lr", "0.05", "--dataset", "cifar10"])
+    model, train = plans.configs_for(paper.row("t1-resnet32x1"), args, seed=0,
+                                     dataset="cifar10")
     assert train.lr_stages == pytest.approx((0.05, 0.005, 0.0005))  # the row's ratios
     assert model.classes == 10
-    args = cli.build_parser().parse_args(["table1"])
-    model, train = cli.configs_for(paper.row("t1-resnet32x1"), args, seed=0)
+    args = parser.parse(["table1"])
+    model, train = plans.configs_for(paper.row("t1-resnet32x1"), args, seed=0)
     assert train.lr_stages == (0.1, 0.01, 0.001) and model.classes == 100
-    rc = cli.main(["table1", "--lr", "nan", "--rows", "t1-resnet32x1"])
-    assert rc == 1  # refused by TrainConfig before anything is built
+    for bad in ("nan", "-1", "0"):
+        rc = cli.main(["table1", "--lr", bad, "--rows", "t1-resnet32x1"])
+        assert rc == 2  # refused by the parser before anything is built
 
 
 def test_offline_table1_names_the_files_and_the_mirror_variable(tmp_path):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import original  # noqa: F401  (Theano's compat bridges before anything imports Lasagne)
-from crmn import checkpoint, data, runlog, stacks, train as trainer
+from crmn import checkpoint, data, registry, runlog, train as trainer
+from crmn.plan import RunSpec
 from crmn.config import ModelConfig, TrainConfig
 
 MODEL = ModelConfig(n=1, k=0.5, classes=10, memory=False)
@@ -18,11 +19,9 @@ class Killed(Exception):
 
 
 def _run(run_dir, data_dir, backend, resume=False):
-    spec = trainer.RunSpec(model=MODEL, train=TRAIN, dataset="cifar10", data_dir=data_dir,
-                           backend=backend, dtype="float64")
-    return trainer.run(run_dir, spec, lambda: stacks.build(backend, MODEL, TRAIN,
-                                                           dtype="float64"),
-                       resume=resume, progress=False)
+    spec = RunSpec(model=MODEL, train=TRAIN, dataset="cifar10", data_dir=data_dir,
+                   stack=registry.StackOptions(backend=backend, dtype="float64"))
+    return trainer.run(run_dir, spec, resume=resume, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def test_torch_checkpoint_resumed_by_theano_matches_an_uninterrupted_torch_run(
     with pytest.raises(Killed):
         _run(mixed, data_dir, "torch")
     monkeypatch.undo()
-    assert checkpoint.read_meta(mixed / runlog.CHECKPOINT)["backend"] == "torch"
+    assert checkpoint.load(mixed / runlog.CHECKPOINT)[1]["backend"] == "torch"
 
     summary = _run(mixed, data_dir, "theano", resume=True)
     assert summary["backend"] == "theano" and summary["final_epochs"] == 2

@@ -5,8 +5,6 @@ tests, so acceptance by checksum is proven by pointing the MD5 table at the file
 """
 import dataclasses
 import os
-import pickle
-import socket
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import scipy.io
 from crmn import data
 from crmn.data import integrity
 from crmn.errors import DataError
-from data_helpers import cifar_pickle, md5, pattern
+from data_helpers import cifar10_folder, cifar100_folder, cifar_pickle, md5, pattern
 
 pytestmark = pytest.mark.current  # framework-free: runs in the current environment too
 
@@ -26,44 +24,11 @@ def fresh_memory(monkeypatch):
     monkeypatch.setattr(integrity, "_checked", set())
 
 
-@pytest.fixture
-def closed_url(monkeypatch):
-    """``$CRMN_DATA_MIRROR`` at a loopback port where nothing listens: no download can work."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}/"
-    monkeypatch.setenv(data.MIRROR_ENV, url)
-    return url
-
-
-def _cifar100_folder(folder, n_train, n_test):
-    """The extracted CIFAR-100 layout (``train``, ``test``, ``meta``), images all zero."""
-    folder.mkdir(parents=True)
-    for fname, n in (("train", n_train), ("test", n_test)):
-        with open(folder / fname, "wb") as f:
-            pickle.dump({b"data": np.zeros((n, 3072), dtype=np.uint8),
-                         b"fine_labels": (np.arange(n) % 100).tolist(),
-                         b"coarse_labels": (np.arange(n) % 20).tolist()}, f, protocol=2)
-    with open(folder / "meta", "wb") as f:
-        pickle.dump({b"fine_label_names": [b"x"] * 100}, f, protocol=2)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def repacked_cifar100(tmp_path_factory):
     """The official CIFAR-100 layout with the official counts (50,000 / 10,000), other bytes."""
-    return _cifar100_folder(tmp_path_factory.mktemp("repacked") / "cifar-100-python",
+    return cifar100_folder(tmp_path_factory.mktemp("repacked") / "cifar-100-python",
                             50000, 10000)
-
-
-def _cifar10_folder(folder, n_per_batch=7):
-    """The extracted CIFAR-10 layout with ``n_per_batch`` images per batch (not 10,000)."""
-    folder.mkdir(parents=True)
-    for i, fname in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
-        cifar_pickle(folder / fname, pattern(n_per_batch, seed=i), np.arange(n_per_batch) % 10)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [b"x"] * 10}, f, protocol=2)
-    return folder
 
 
 def _table_of(monkeypatch, name, folder, counts=False):
@@ -99,8 +64,8 @@ def test_a_repacked_folder_is_refused_by_checksum_and_accepted_unverified(repack
     assert not (folder / data.STAMP).exists()  # nothing was checked, nothing is claimed
 
 
-def test_a_truncated_folder_is_refused_by_count_and_accepted_unverified(tmp_path, closed_url):
-    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py")
+def test_a_truncated_folder_is_refused_by_count_and_accepted_unverified(tmp_path, offline):
+    folder = cifar10_folder(tmp_path / "cifar-10-batches-py")
     with pytest.raises(DataError, match=f"^{folder / 'data_batch_1'} holds 7 images, the "
                                         "official file 10,000 .*--unverified-data"):
         data.provenance("cifar10", tmp_path)
@@ -113,7 +78,7 @@ def test_a_truncated_folder_is_refused_by_count_and_accepted_unverified(tmp_path
 
 
 def test_a_folder_missing_an_official_file_is_refused_and_accepted_unverified(tmp_path):
-    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py")
+    folder = cifar10_folder(tmp_path / "cifar-10-batches-py")
     (folder / "batches.meta").unlink()  # the loader does not need it; the official set has it
     with pytest.raises(DataError, match=f"{folder} is not the complete official cifar10 "
                                         "folder: it lacks batches.meta"):
@@ -122,7 +87,7 @@ def test_a_folder_missing_an_official_file_is_refused_and_accepted_unverified(tm
 
 
 def test_nothing_found_names_every_place_looked(tmp_path):
-    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py")
+    folder = cifar10_folder(tmp_path / "cifar-10-batches-py")
     (folder / "data_batch_5").unlink()  # without it the folder cannot be used at all
     with pytest.raises(DataError) as e:
         data.provenance("cifar10", tmp_path, unverified=True)
@@ -157,7 +122,7 @@ def test_a_folder_matching_the_table_is_official_and_checked_once(repacked_cifar
 
 
 def test_a_changed_file_voids_the_stamp(tmp_path, monkeypatch):
-    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py")
+    folder = cifar10_folder(tmp_path / "cifar-10-batches-py")
     _table_of(monkeypatch, "cifar10", folder, counts=True)
     assert data.provenance("cifar10", tmp_path) == "official"
     # other pixels, the same image count, a later modification time: checked again, refused
@@ -170,7 +135,7 @@ def test_a_changed_file_voids_the_stamp(tmp_path, monkeypatch):
 
 
 def test_an_unwritable_folder_is_checked_once_per_process(tmp_path, monkeypatch):
-    folder = _cifar10_folder(tmp_path / "cifar-10-batches-py")
+    folder = cifar10_folder(tmp_path / "cifar-10-batches-py")
     _table_of(monkeypatch, "cifar10", folder, counts=True)
 
     def refuse(*args, **kwargs):
@@ -210,7 +175,7 @@ def test_fake_data_is_reported_as_fake_without_checks(tmp_path, monkeypatch):
 # --data-dir = the extracted folder itself
 
 def test_data_dir_may_be_the_extracted_folder_and_gets_no_lock_file(repacked_cifar100,
-                                                                   monkeypatch, closed_url):
+                                                                   monkeypatch, offline):
     folder = repacked_cifar100
     _table_of(monkeypatch, "cifar100", folder)
     before = {p.name for p in folder.iterdir()} - {data.STAMP}
@@ -224,7 +189,7 @@ def test_data_dir_may_be_the_extracted_folder_and_gets_no_lock_file(repacked_cif
         data.ensure_downloaded("cifar100", folder, progress=False)
 
 
-def test_a_run_reads_the_extracted_folder_given_as_data_dir(tmp_path, closed_url):
+def test_a_run_reads_the_extracted_folder_given_as_data_dir(tmp_path, offline):
     folder = data.write_fake("cifar10", tmp_path, 40, 10, seed=2)
     whole = data.prepare("cifar10", tmp_path, "search", 3, progress=False)
     direct = data.prepare("cifar10", folder, "search", 3, progress=False)

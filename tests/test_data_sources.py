@@ -1,6 +1,5 @@
 """crmn/data/sources.py: the registry, download with checksums and retries, extraction."""
 import hashlib
-import socket
 import tarfile
 import threading
 
@@ -21,15 +20,6 @@ def data_server(monkeypatch):
     s = Server()
     yield s
     s.close()
-
-
-@pytest.fixture
-def closed_url():
-    """A loopback URL where nothing listens: every connection is refused at once."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ torch = pytest.importorskip("torch")  # the current environment has no torch
 
 import original  # noqa: F401  (Theano's compat bridges before anything imports Lasagne)
 import theano
-from crmn import stacks
+from crmn import registry
+from crmn.registry import StackOptions
 from crmn import train as trainer
 from crmn.config import ModelConfig, TrainConfig
 from crmn.convert import canonical_to_torch, lasagne_to_canonical, torch_to_canonical
@@ -48,8 +49,8 @@ def _random_names(model):
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_both_stacks_hold_the_same_initial_state(name, dtype):
     model, train = TINY[name], TrainConfig(batch_size=10, seed=5)
-    theano_be = stacks.build("theano", model, train, dtype=dtype)
-    torch_be = stacks.build("torch", model, train, dtype=dtype)
+    theano_be = registry.build(StackOptions("theano", dtype=dtype), model, train)
+    torch_be = registry.build(StackOptions("torch", dtype=dtype), model, train)
     a, b = theano_be.get_state(), torch_be.get_state()
     want = {k: v.astype(dtype) for k, v in initial_state(model, 5).items()}
     assert sorted(a) == sorted(b) == sorted(want)
@@ -238,7 +239,7 @@ def test_first_epoch_loss_agrees_through_the_loop(name, dtype, rtol):
     x, y = _synthetic(100, seed=1)
     losses = {}
     for backend in ("theano", "torch"):
-        stack = stacks.build(backend, model, train, dtype=dtype)
+        stack = registry.build(StackOptions(backend, dtype=dtype), model, train)
         sampler = BatchSampler(x, y, batch_size=20, seed=0)
         losses[backend] = trainer.train_epoch(stack, sampler, 1, lr=0.1).loss
     assert np.isfinite(losses["theano"])

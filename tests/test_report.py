@@ -151,7 +151,7 @@ def test_root_with_several_experiments(tmp_path):
 
 
 def test_bad_input_names_the_file(tmp_path):
-    with pytest.raises(CRMNError, match="no run directory"):
+    with pytest.raises(CRMNError, match="nope: no such folder"):
         report.collect(tmp_path / "nope")
     d = tmp_path / "table1" / "t1-crmn32x1" / "seed0"
     write_run(d, row="t1-crmn32x1", experiment="table1", seed=0, test_acc=0.5)
@@ -194,7 +194,7 @@ def test_runs_that_are_not_the_published_row_are_marked(tmp_path):
     _set_config(quick, fake_data=True,
                 model=dataclasses.replace(ModelConfig.for_row(other), n=1, k=0.5,
                                           outgate="tanh").to_dict(),
-                train=dataclasses.replace(TrainConfig.for_row(other, seed=0), max_epochs=1,
+                train=dataclasses.replace(TrainConfig.for_row(other, seed=0), epochs_cap=1,
                                           batch_size=10, schedule=(2, 1, 1)).to_dict())
     text = report.compare(d, plots=False).read_text()
     lines = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| t1-")}

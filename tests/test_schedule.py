@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from crmn.schedule import Decision, FixedSchedule, PlateauSchedule, schedule_from_state
+from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
 pytestmark = pytest.mark.current  # framework-free: runs in the current environment too
 
@@ -78,7 +78,7 @@ def test_records_carry_over_a_stage_change():
 
 
 def test_epochs_cap_ends_each_stage_as_a_plateau():
-    s = PlateauSchedule((0.1, 0.01, 0.001), patience=10, max_epochs=3)
+    s = PlateauSchedule((0.1, 0.01, 0.001), patience=10, epochs_cap=3)
     metrics = [(1.0 - 0.01 * i, 0.1 + 0.01 * i) for i in range(9)]  # always improving
     d, imp, lrs = feed(s, metrics)
     assert d == ["continue", "continue", "reload"] * 2 + ["continue", "continue", "stop"]
@@ -98,13 +98,13 @@ def test_found_counts_up_to_the_last_best_epoch_of_each_stage():
 def test_plateau_state_round_trip_continues_identically():
     metrics = [(2.0, 0.3), (1.5, 0.4), (1.6, 0.4), (1.7, 0.3), (1.2, 0.6), (1.3, 0.5),
                (1.3, 0.5), (1.1, 0.6), (1.3, 0.5), (1.3, 0.5)]
-    whole = PlateauSchedule((0.1, 0.01, 0.001), patience=2, max_epochs=5)
+    whole = PlateauSchedule((0.1, 0.01, 0.001), patience=2, epochs_cap=5)
     d_whole, _, _ = feed(whole, metrics)
     for cut in range(len(metrics) + 1):
-        first = PlateauSchedule((0.1, 0.01, 0.001), patience=2, max_epochs=5)
+        first = PlateauSchedule((0.1, 0.01, 0.001), patience=2, epochs_cap=5)
         d1, _, _ = feed(first, metrics[:cut])
         state = json.loads(json.dumps(first.state_dict()))  # must survive JSON
-        resumed = schedule_from_state(state)
+        resumed = PlateauSchedule.from_state(state)
         assert isinstance(resumed, PlateauSchedule)
         d2, _, _ = feed(resumed, metrics[cut:len(d_whole)] if not first.done else [])
         assert d1 + d2 == d_whole
@@ -126,7 +126,7 @@ def test_fixed_schedule_walks_its_stages_and_skips_empty_ones():
 def test_fixed_schedule_state_round_trip():
     s = FixedSchedule((0.1, 0.01), (2, 2))
     s.step(1.0, 0.5)
-    r = schedule_from_state(json.loads(json.dumps(s.state_dict())))
+    r = FixedSchedule.from_state(json.loads(json.dumps(s.state_dict())))
     assert isinstance(r, FixedSchedule)
     assert (r.epoch, r.stage, r.lr, r.best) == (1, 0, 0.1, s.best)
     r.step(0.9, 0.6)

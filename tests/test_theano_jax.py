@@ -329,7 +329,7 @@ def trained_pair(request):
     losses)."""
     cfg, train = E2E[request.param], TrainConfig(batch_size=4, seed=3)
     c = TheanoBackend(cfg, train, dtype="float64")
-    j = TheanoBackend(cfg, train, dtype="float64", mode="jax")
+    j = TheanoBackend(cfg, train, dtype="float64", theano_mode="jax")
     assert train.momentum == 0.9 and train.weight_decay > 0
     backend_load(j, backend_state(c))
     batches = _batches(3)
@@ -406,7 +406,7 @@ def test_cuda_without_a_cuda_jaxlib_is_one_line():
         pytest.skip("this machine has a CUDA jaxlib and a GPU")
     cfg = E2E["resnet"]
     with pytest.raises(ConfigError) as info:
-        TheanoBackend(cfg, TrainConfig(), device="cuda", mode="jax")
+        TheanoBackend(cfg, TrainConfig(), device="cuda", theano_mode="jax")
     message = str(info.value)
     assert "\n" not in message and "requirements-gpu.txt" in message and "cpu" in message
 
@@ -417,10 +417,10 @@ def test_cuda_in_c_mode_points_to_jax_mode():
     with pytest.raises(ConfigError, match="--theano-mode jax"):
         TheanoBackend(E2E["resnet"], TrainConfig(), device="cuda")
     with pytest.raises(ConfigError, match="theano-mode"):
-        TheanoBackend(E2E["resnet"], TrainConfig(), mode="pypy")
+        TheanoBackend(E2E["resnet"], TrainConfig(), theano_mode="pypy")
 
 
 def test_device_description_names_mode_version_and_precision():
-    b = TheanoBackend(E2E["resnet"], TrainConfig(), mode="jax")
+    b = TheanoBackend(E2E["resnet"], TrainConfig(), theano_mode="jax")
     assert b.device == (f"cpu (Theano-PyMC {theano.__version__} via JAX {jax.__version__} "
                         f"cpu, float32 HIGHEST)")

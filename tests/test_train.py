@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from crmn import checkpoint, runlog, train as trainer
-from crmn.errors import CheckpointError, ConfigError, CRMNError, DivergedError
+from crmn.errors import CheckpointError, CRMNError, DivergedError, RunError
 from toy_backend import (TOY_MODEL, TOY_TRAIN, SimulatedCrash, ToyBackend, epoch_hook,
                          run_toy)
 
@@ -136,7 +136,7 @@ def test_plateau_reloads_the_best_model_and_zeroes_velocities(tmp_path):
 
 
 def test_epochs_cap_bounds_a_given_schedule(tmp_path):
-    train = dataclasses.replace(TOY_TRAIN, schedule=(3, 2), max_epochs=1)
+    train = dataclasses.replace(TOY_TRAIN, schedule=(3, 2), epochs_cap=1)
     summary = run_toy(tmp_path / "r", train=train)
     assert summary["schedule_used"] == [1, 1] and summary["final_epochs"] == 2
 
@@ -152,7 +152,7 @@ def test_non_finite_epoch_loss_from_a_stack_is_caught(tmp_path):
                                                r"of row \(no paper row\); the last good "
                                                r"checkpoint .*checkpoint\.h5 is kept"):
         run_toy(tmp_path / "r")
-    assert checkpoint.read_meta(tmp_path / "r" / "checkpoint.h5")["epoch"] == 2
+    assert checkpoint.load(tmp_path / "r" / "checkpoint.h5")[1]["epoch"] == 2
 
 
 def test_given_schedule_skips_the_search(tmp_path):
@@ -200,7 +200,7 @@ def test_kill_between_log_line_and_checkpoint_is_replayed_once(tmp_path, referen
         run_toy(run_dir)
     monkeypatch.undo()
     assert len(runlog.read_log(run_dir / "log.jsonl")) == 4  # one line past the checkpoint
-    assert checkpoint.read_meta(run_dir / "checkpoint.h5")["epoch"] == 3
+    assert checkpoint.load(run_dir / "checkpoint.h5")[1]["epoch"] == 3
     run_toy(run_dir, resume=True)
     assert_same_run(run_dir, reference[0])
 
@@ -248,7 +248,7 @@ def test_unfinished_run_without_resume_is_refused(tmp_path):
     with pytest.raises(SimulatedCrash):
         run_toy(run_dir, crash_after=2)
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
-    with pytest.raises(ConfigError, match="pass --resume to continue"):
+    with pytest.raises(RunError, match="pass --resume to continue"):
         run_toy(run_dir)
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
@@ -272,12 +272,12 @@ def test_finished_run_of_another_configuration_is_refused(tmp_path):
     run_toy(run_dir, train=quick)
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     full = dataclasses.replace(quick, schedule=(2, 1))
-    with pytest.raises(ConfigError, match=r"config\.json: train\.schedule is \[2, 1\] here, "
+    with pytest.raises(RunError, match=r"config\.json: train\.schedule is \[2, 1\] here, "
                                           r"\[1, 1\] in config\.json: .* holds a finished run "
                                           r"of another configuration"):
         run_toy(run_dir, train=full)
     other_model = dataclasses.replace(TOY_MODEL, forget_bias=-1.0)
-    with pytest.raises(ConfigError, match=r"model\.forget_bias is -1 here, -3 in config\.json"):
+    with pytest.raises(RunError, match=r"model\.forget_bias is -1 here, -3 in config\.json"):
         run_toy(run_dir, train=quick, model=other_model)
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
 
@@ -296,7 +296,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_progress_lines(tmp_path, capsys):
-    train = dataclasses.replace(TOY_TRAIN, max_epochs=2)
+    train = dataclasses.replace(TOY_TRAIN, epochs_cap=2)
     run_toy(tmp_path / "r", train=train, progress=True)
     out = capsys.readouterr().out
     assert "backend toy on cpu (numpy" in out and "trainable parameters" in out
@@ -319,7 +319,7 @@ def test_sampler_seeds_are_per_phase_and_deterministic():
 def test_unwritable_out_dir_is_one_clear_error(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(ConfigError, match="cannot create the run directory"):
+    with pytest.raises(RunError, match="cannot create the run directory"):
         run_toy(blocker / "runs" / "seed0")
     assert blocker.read_text() == "not a folder"
 
@@ -352,3 +352,43 @@ def test_nan_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path):
                                             r"epoch had finished, so there is no checkpoint"):
         run_toy(tmp_path / "r", train=train)
     assert not (tmp_path / "r" / "checkpoint.h5").exists()
+
+
+class _SlowFirstStep:
+    """A stack whose first step takes as long as a compile (the bar must say so)."""
+
+    def __init__(self, first_s):
+        self.first_s, self.steps = first_s, 0
+
+    def step(self, x, y, lr):
+        self.steps += 1
+        if self.steps == 1:
+            time.sleep(self.first_s)
+        return 0.5 * len(y), 1
+
+
+class _Batches:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def epoch(self, epoch):
+        for _ in range(self.n):
+            yield np.zeros((2, 3, 32, 32), np.float32), np.zeros(2, np.int64)
+
+
+def test_progress_counts_compile_seconds_before_the_first_step(monkeypatch):
+    import io
+
+    stream = io.StringIO()
+    monkeypatch.setattr(trainer.sys, "stderr", stream)
+    trainer.train_epoch(_SlowFirstStep(2.3), _Batches(4), 1, 0.1, progress="[search] epoch 1")
+    text = stream.getvalue()
+    assert "[search] epoch 1 compiling\u2026 1 s" in text
+    assert "[search] epoch 1 compiling\u2026 2 s" in text
+    # the rate and the ETA leave the compile out: never "0 img/s" and a long ETA
+    first = text.index("1/4")
+    assert "- img/s ETA -" in text[first:first + 40]
+    assert " 0 img/s" not in text

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("torch")  # the current environment has no torch
 
 from crmn import cli, verify  # noqa: E402
-from crmn.stack import check_device
+from crmn.registry import check_device
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import ConfigError
 from modern.backend import TorchBackend
@@ -75,9 +75,10 @@ def test_main_without_cuda_says_so_in_one_line(capsys, monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert cli.main(["verify", "--device", "cuda"]) == 1  # a run-time error
+    assert cli.main(["verify", "--device", "cuda"]) == 2  # refused before anything runs
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: device 'cuda' asked for, but torch")
+    assert err.count("\n") == 1 and err.startswith("run_experiments.sh verify: --device cuda: "
+                                                    "torch")
     assert "sees no CUDA GPU" in err
 
 

@@ -156,7 +156,7 @@ def toy_data_dir() -> Path:
 
 
 TOY_MODEL = ModelConfig(n=1, k=1, classes=10, memory=False)
-TOY_TRAIN = TrainConfig(batch_size=10, lr_stages=(0.1, 0.01), patience=2, max_epochs=4,
+TOY_TRAIN = TrainConfig(batch_size=10, lr_stages=(0.1, 0.01), patience=2, epochs_cap=4,
                         pad=1, seed=3)
 
 
@@ -193,10 +193,15 @@ def crash_hook(epochs: int):
 
 
 def toy_spec(model=TOY_MODEL, train=TOY_TRAIN, dtype="float64"):
-    from crmn.train import RunSpec
+    from crmn import registry
+    from crmn.plan import RunSpec
 
+    # the toy stack is a registered stack for the tests only (built through a factory)
+    registry.REGISTRY.setdefault("toy", "toy_backend:ToyBackend")
+    registry.STACK_DTYPES.setdefault("toy", ("float32", "float64"))
     return RunSpec(model=model, train=train, dataset=TOY_DATA["name"],
-                   data_dir=toy_data_dir(), backend="toy", dtype=dtype)
+                   data_dir=toy_data_dir(),
+                   stack=registry.StackOptions(backend="toy", dtype=dtype))
 
 
 def run_toy(run_dir, *, resume=False, model=TOY_MODEL, train=TOY_TRAIN, crash_after=None,

@@ -4,6 +4,11 @@
 and ``int64`` labels, checking every file's layout so that a wrong or damaged file stops with
 one line naming it; :func:`count_images` counts the images of one file for the checks of
 :mod:`crmn.data.integrity`.
+
+No file is trusted to be data: CIFAR pickles are read by :func:`load_data_pickle`, which
+builds numpy arrays and plain containers and refuses any other global a pickle names (the
+standard ``pickle.load`` would import and call it: ``os.system`` included), verified folder
+or not; SVHN's MATLAB files are read by ``scipy.io``, which runs no code.
 """
 from __future__ import annotations
 
@@ -18,20 +23,93 @@ from crmn.data.sources import PathLike, dataset_info, locate
 from crmn.errors import DataError
 
 
-def _unpickle(path: Path) -> dict:
+def _numpy_reconstruct():
+    """numpy's array reconstruction function, under whichever module name this numpy uses."""
+    try:  # numpy >= 2
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+def _latin1_encode(text, encoding):
+    """``_codecs.encode`` as Python 3 writes ``bytes`` into a protocol-2 pickle, latin-1 only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode is allowed only as (str, 'latin1'), got "
+                                     f"({type(text).__name__}, {encoding!r})")
+    return text.encode("latin1")
+
+
+#: The only globals a CIFAR pickle may name: numpy's array reconstruction (numpy 1.x and 2.x
+#: module names), the array and dtype types, latin-1 byte strings as Python 3 writes them in
+#: protocol 2, and plain containers. The official files use the first three; a pickle that
+#: names anything else is refused before that name is even imported.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: _latin1_encode,
+    **{(module, name): (lambda t=t: t)
+       for module in ("builtins", "__builtin__")
+       for name, t in (("dict", dict), ("list", list), ("tuple", tuple), ("set", set),
+                       ("frozenset", frozenset), ("bytearray", bytearray))},
+}
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle named a global outside :data:`_ALLOWED_GLOBALS`."""
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays and plain containers and nothing else.
+
+    ``pickle.load`` imports and calls whatever a pickle names (``os.system`` included);
+    this one looks every name up in :data:`_ALLOWED_GLOBALS` and refuses the rest, so a
+    data file can never run code.
+    """
+
+    def find_class(self, module: str, name: str):
+        make = _ALLOWED_GLOBALS.get((module, name))
+        if make is None:
+            raise RefusedGlobal(f"{module}.{name}")
+        return make()
+
+
+def load_data_pickle(path: PathLike):
+    """The object in the CIFAR-style pickle ``path``, read without ever running code.
+
+    Only numpy arrays, dtypes, byte and text strings, numbers and plain containers can come
+    out (:data:`_ALLOWED_GLOBALS`); Python 2 strings become ``bytes``, as in the official
+    files' byte keys.
+
+    Raises
+    ------
+    DataError
+        One line naming the file: missing, corrupt, or a pickle that asks for any other
+        global ("refuses to load: the pickle asks for posix.system ...").
+    """
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"missing dataset file {path}")
     try:
         with open(path, "rb") as f:
             # the CIFAR batches are Python 2 pickles with byte-string keys
-            return pickle.load(f, encoding="bytes")
+            return _DataUnpickler(f, encoding="bytes").load()
+    except RefusedGlobal as e:
+        raise DataError(f"{path}: refuses to load: the pickle asks for {e} (only numpy arrays "
+                        f"and plain containers are allowed)") from None
+    except OSError as e:
+        raise DataError(f"cannot read dataset file {path}: {e.strerror or e}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            ImportError, IndexError) as e:
-        raise DataError(f"corrupt CIFAR batch {path}: {e.__class__.__name__}: {e}") from None
+            ImportError, IndexError, KeyError, MemoryError, RecursionError,
+            UnicodeDecodeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise DataError(f"corrupt CIFAR batch {path}: {e.__class__.__name__}: {msg}") from None
 
 
 def _cifar_batch(path: Path, label_key: bytes, classes: int) -> Tuple[np.ndarray, np.ndarray]:
-    d = _unpickle(path)
+    d = load_data_pickle(path)
     if not isinstance(d, dict) or b"data" not in d or label_key not in d:
         raise DataError(f"CIFAR batch {path} lacks the keys 'data' and "
                         f"{label_key.decode()!r}")
@@ -94,6 +172,13 @@ def count_images(name: str, path: Path) -> int:
     return int(shapes["X"][3])
 
 
+def _check_meta(path: Path) -> None:
+    """The label-name file, when present, must be data too: a folder holding a program in any
+    file is refused, not half used (its contents are not needed)."""
+    if path.is_file() and not isinstance(load_data_pickle(path), dict):
+        raise DataError(f"CIFAR label file {path} does not hold a dict")
+
+
 def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
     """Read the extracted official files of ``name`` from ``data_dir``.
 
@@ -106,6 +191,12 @@ def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
         ``x_train`` uint8 (N, 3, 32, 32), ``y_train`` int64 (N,), ``x_test``, ``y_test``;
         for SVHN also ``x_extra``, ``y_extra``. CIFAR-100 uses the 100 fine labels; SVHN's
         label 10 becomes the digit 0.
+
+    Raises
+    ------
+    DataError
+        A file is missing, corrupt, or not plain data (:func:`load_data_pickle`: the label
+        file ``batches.meta`` / ``meta`` too, when present, though its names are unused).
     """
     info = dataset_info(name)
     folder = locate(name, data_dir) or Path(data_dir) / info.folder
@@ -114,6 +205,7 @@ def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
         for part in ("train", "extra", "test"):
             out[f"x_{part}"], out[f"y_{part}"] = _svhn_mat(folder / f"{part}_32x32.mat")
         return out
+    _check_meta(folder / ("batches.meta" if name == "cifar10" else "meta"))
     if name == "cifar10":
         key = _LABEL_KEY[name]
         parts = [_cifar_batch(folder / f"data_batch_{i}", key, 10) for i in range(1, 6)]

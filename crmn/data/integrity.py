@@ -8,10 +8,13 @@ copied from another machine, or given directly as ``--data-dir`` — is checked 
 1. every official file is there (CIFAR-10: ``data_batch_1..5``, ``test_batch``,
    ``batches.meta``; CIFAR-100: ``train``, ``test``, ``meta``; SVHN: ``train_32x32.mat``,
    ``test_32x32.mat``, ``extra_32x32.mat``);
-2. each data file holds the official number of images (CIFAR: 50,000 training / 10,000
-   test; SVHN: 73,257 / 26,032 / 531,131), which names a truncated file plainly;
-3. each file has its official MD5, which catches a re-packed or altered file that kept its
-   name and size.
+2. each file has its official MD5, computed from its raw bytes before anything parses it
+   (a data file is a program only to a careless reader: see
+   :func:`crmn.data.formats.load_data_pickle`);
+3. only for a file whose MD5 differs, to say plainly what is wrong: its image count (CIFAR:
+   50,000 training / 10,000 test; SVHN: 73,257 / 26,032 / 531,131), read with the same
+   restricted reader as an unverified folder, names a truncated file; otherwise the MD5
+   mismatch is reported (a re-packed or altered file that kept its name and size).
 
 A mismatch stops with one line naming the file, what was expected and what was found —
 unless the caller passes ``unverified=True`` (the command line's ``--unverified-data``):
@@ -134,8 +137,9 @@ def _provenance_of(info: DatasetInfo, folder: Path, unverified: bool) -> str:
 def verify_folder(name: str, folder: PathLike) -> None:
     """Check an extracted folder against the official files of ``name``; stamp it if good.
 
-    Checks presence of every official file, then image counts, then MD5s (the order gives
-    the plainest message for a truncated folder); a valid stamp skips all of it.
+    Checks presence of every official file, then each file's MD5 before any file is parsed;
+    a file whose MD5 differs is then counted, so that a truncated file is named as such. A
+    valid stamp skips all of it.
 
     Raises
     ------
@@ -148,7 +152,6 @@ def verify_folder(name: str, folder: PathLike) -> None:
     if _is_checked(folder, info):
         return
     before = _signature(folder, info)
-    _check_counts(info, folder)
     _check_md5s(info, folder)
     if _signature(folder, info) == before:  # nothing changed while it was read
         _mark_checked(folder, info)
@@ -169,21 +172,30 @@ def _check_present(info: DatasetInfo, folder: Path) -> None:
                         f"as it is")
 
 
-def _check_counts(info: DatasetInfo, folder: Path) -> None:
-    for fname, official in info.images:
-        got = count_images(info.name, folder / fname)
-        if got != official:
-            raise DataError(_refusal(f"{folder / fname} holds {got:,} images, the official "
-                                     f"file {official:,} (truncated, or another dataset)"))
-
-
 def _check_md5s(info: DatasetInfo, folder: Path) -> None:
+    """Every official file's MD5, from its raw bytes, before any of them is parsed."""
     for fname, official in info.files:
         got = _md5(folder / fname)
         if got != official:
-            raise DataError(_refusal(f"{folder / fname} has MD5 {got}, the official file "
-                                     f"{official} (same name, different bytes: re-packed or "
-                                     f"altered)"))
+            _explain_mismatch(info, folder, fname, got, official)
+
+
+def _explain_mismatch(info: DatasetInfo, folder: Path, fname: str, got: str,
+                      official: str) -> None:
+    """Refuse ``fname``, whose MD5 differs: by its image count when that differs too.
+
+    The file is known not to be the official one here; it is read as an unverified folder
+    would be (:func:`crmn.data.formats.load_data_pickle`, SVHN headers only), which runs no
+    code and refuses a pickle that asks for anything but arrays and containers.
+    """
+    count = dict(info.images).get(fname)
+    if count is not None:
+        n = count_images(info.name, folder / fname)
+        if n != count:
+            raise DataError(_refusal(f"{folder / fname} holds {n:,} images, the official "
+                                     f"file {count:,} (truncated, or another dataset)"))
+    raise DataError(_refusal(f"{folder / fname} has MD5 {got}, the official file {official} "
+                             f"(same name, different bytes: re-packed or altered)"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,14 +9,24 @@ N processes of all-core thread pools on the same cores slow each other down many
 the thread count (summation order), so two launches agree bit for bit when their processes
 have the same ``OMP_NUM_THREADS``.
 
+The runs die with the launcher: on Linux each process is started with the parent-death
+signal SIGKILL (``prctl(PR_SET_PDEATHSIG)``), so a launcher killed outright (``kill -9``, a
+closed terminal's session ended by force) takes its runs with it; each keeps its last
+checkpoint, and launching again resumes it. A relaunch never starts a line whose run
+directory is locked by a live process (:func:`crmn.runlog.hold`; a run of an earlier
+launch, or one started by hand): it says so and starts that line when the lock is released
+(with ``--resume`` a finished run is then a no-op). ``status`` shows such a run as running.
+
 Stopping: the first SIGINT (Ctrl-C), SIGTERM or SIGUSR1 sends SIGUSR1 to every running line,
 which finishes its epoch in progress, checkpoints it and exits 3 (``crmn.errors.
 EXIT_STOPPED``); no new line starts. A second SIGINT interrupts the lines at once (each keeps
-its last checkpoint, written atomically after every epoch). The launcher then lists what was
-left and exits 130. Launching again resumes every unfinished run.
+its last checkpoint, written atomically after every epoch; exit 130). Both are shown as
+stopped (resumable), never failed. The launcher then lists what was left and exits 130.
+Launching again resumes every unfinished run.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -26,12 +36,36 @@ from collections import deque
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from crmn.errors import EXIT_STOPPED
+from crmn.errors import EXIT_INTERRUPTED, EXIT_STOPPED
+from crmn import runlog
 from crmn.launch import status
 from crmn.launch.manifest import Task
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 POLL_S = 0.2
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent():
+    """A ``preexec_fn`` for :class:`subprocess.Popen` that makes the child receive SIGKILL
+    when this process dies, however it dies; None where the kernel has no such request
+    (then a relaunch still finds the orphaned runs by their locks).
+
+    The C library is loaded here, in the parent: the function the child runs between fork
+    and exec only calls into it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before the request took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
 
 
 def visible_gpus() -> List[str]:
@@ -78,6 +112,8 @@ class LocalLauncher:
         self.total = len(tasks)
         self.stop = _Stop()
         self._forwarded = 0  # stop requests passed on to the children
+        self._busy: Dict[int, int] = {}  # task index -> PID holding its run dir's lock
+        self._preexec = die_with_parent()
 
     def log_path(self, task: Task) -> Path:
         return self.exp_dir / "tasks" / f"{task.index}.out"
@@ -95,7 +131,8 @@ class LocalLauncher:
             out.write(f"== {task.line}\n".encode())
             out.flush()
             proc = subprocess.Popen(task.argv, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                    preexec_fn=self._preexec)
         status.mark_start(self.exp_dir, task.index, launcher="local", pid=proc.pid,
                           log=str(log), time=time.time())
         self.running[slot] = (task, proc, time.monotonic())
@@ -113,10 +150,32 @@ class LocalLauncher:
             del self.running[slot]
             self.results[task.index] = rc
             status.mark_end(self.exp_dir, task.index, rc)
-            what = {0: "done", EXIT_STOPPED: "stopped (checkpointed, resumable)"}.get(
+            what = {0: "done", EXIT_STOPPED: "stopped (resumable: checkpointed its epoch)",
+                    EXIT_INTERRUPTED: "stopped (resumable: interrupted, its last checkpoint "
+                                      "kept)"}.get(
                 rc, f"FAILED (exit {rc}): {status.last_line(self.log_path(task))}")
             print(f"[local] end    {task.index + 1}/{self.total} {task.name}: {what} "
                   f"after {time.monotonic() - t0:.0f} s", flush=True)
+
+    def _next_free(self) -> Optional[Task]:
+        """The first pending task whose run directory no live process holds (taken off the
+        queue), or None. A held one stays queued; the first time it is seen held, one line
+        says by whom."""
+        for task in list(self.pending):
+            holder = status.lock_holder(task.run_dir(self.exp_dir))
+            if holder is None:
+                self.pending.remove(task)
+                if self._busy.pop(task.index, None) is not None:
+                    print(f"[local] free   {task.index + 1}/{self.total} {task.name}: its "
+                          f"run directory was released", flush=True)
+                return task
+            if task.index not in self._busy:
+                self._busy[task.index] = holder
+                who = f"process {holder}" if holder > 0 else "another process"
+                print(f"[local] busy   {task.index + 1}/{self.total} {task.name}: {who} "
+                      f"still trains it (holds {task.run_dir(self.exp_dir) / runlog.LOCK}); "
+                      f"starting this line when it ends", flush=True)
+        return None
 
     def _forward_stop(self) -> None:
         """First request: SIGUSR1 (checkpoint the epoch, exit 3); second: SIGINT (at once)."""
@@ -147,8 +206,11 @@ class LocalLauncher:
                 self._forward_stop()
                 self._reap()
                 while not self.stop.count and self.pending and len(self.running) < self.jobs:
+                    task = self._next_free()
+                    if task is None:
+                        break  # every line left is held by a live process: wait
                     slot = next(s for s in range(self.jobs) if s not in self.running)
-                    self._start(slot, self.pending.popleft())
+                    self._start(slot, task)
                 if self.stop.count and not self.running:
                     break
                 time.sleep(POLL_S)
@@ -158,7 +220,7 @@ class LocalLauncher:
         return self._summary()
 
     def _summary(self) -> int:
-        failed = [i for i, rc in self.results.items() if rc not in (0, EXIT_STOPPED)]
+        failed = [i for i, rc in self.results.items() if rc not in (0, *status.RESUMABLE)]
         if self.stop.count:
             left = [s for s in status.grid_states(self.exp_dir) if s.state != "finished"]
             print(f"[local] stopped; {len(left)} run(s) left (launch again to resume them):",

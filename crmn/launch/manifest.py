@@ -1,25 +1,20 @@
 """The grid of an experiment as a manifest: one single-run command line per (row, seed).
 
 ``<out-dir>/<experiment>/manifest.txt`` holds one line per run of the grid, in the order of
-:func:`crmn.cli.plan_runs` (rows as selected, then seeds). Each line is the exact command a
-user could type, e.g.::
+:class:`crmn.plan.TrainPlan` (rows as selected, then seeds). Each line is the exact command
+a user could type, e.g.::
 
     bash /archive/run_experiments.sh table1 --rows t1-crmn32x1 --seed 0 --resume \
         --no-progress --backend torch --data-dir /data --out-dir /runs
 
-with ``--resume`` (a restarted line continues from its checkpoint; a finished run is a
-no-op), ``--no-progress`` (the output goes to a log file), absolute ``--data-dir`` and
-``--out-dir``, and every other option the user set. Line ``i`` (0-based) is task ``i`` of
-both launchers (:mod:`crmn.launch.local`, :mod:`crmn.launch.slurm`), so they produce the same
-run directories from the same lines.
-
-The options are rendered from the parsed namespace and the sub-command's argparse actions,
-not copied from ``sys.argv``: a line never carries a launcher option, and an option added to
-the CLI later is passed on without a change here.
+rendered by :meth:`crmn.plan.TrainPlan.single_run_argv` from the run's checked settings
+(never from ``sys.argv`` or the parser): ``--resume``, ``--no-progress``, absolute
+``--data-dir`` and ``--out-dir``, and every setting in which the run differs from its row.
+Line ``i`` (0-based) is task ``i`` of both launchers (:mod:`crmn.launch.local`,
+:mod:`crmn.launch.slurm`), so they produce the same run directories from the same lines.
 """
 from __future__ import annotations
 
-import argparse
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +22,11 @@ from typing import List, Sequence, Tuple
 
 from crmn import runlog
 from crmn.errors import DataError
+from crmn.plan import TrainPlan
 
 MANIFEST = "manifest.txt"
 #: folder of an experiment with the launchers' per-task markers (``<i>.start``, ``<i>.rc``)
 TASKS = "tasks"
-
-#: options a manifest line sets itself (or that make no sense in one run)
-OWN_DESTS = frozenset({"help", "command", "rows", "seeds", "seed", "resume", "progress"})
 
 
 @dataclass(frozen=True)
@@ -58,53 +51,11 @@ class Task:
         return f"{self.row} seed {self.seed}"
 
 
-def _render(action: argparse.Action, value) -> List[str]:
-    """The tokens that make argparse set ``action.dest`` to ``value``."""
-    flag = next((o for o in action.option_strings if o.startswith("--")),
-                action.option_strings[0])
-    if action.nargs == 0:  # store_true / store_false / store_const: the flag itself
-        return [flag]
-    if isinstance(value, Path):
-        value = value.resolve()  # the task may start in another directory
-    if isinstance(value, (tuple, list)):
-        if action.nargs in ("+", "*") or isinstance(action.nargs, int):
-            return [flag, *(str(v) for v in value)]
-        value = ",".join(str(v) for v in value)  # e.g. --schedule 80,40,40
-    text = str(value)
-    return [f"{flag}={text}"] if text.startswith("-") else [flag, text]
-
-
-def run_options(args: argparse.Namespace, sub: argparse.ArgumentParser,
-                skip: Sequence[str] = ()) -> List[str]:
-    """Every option of ``sub`` whose value in ``args`` differs from its default, rendered
-    as tokens; ``--data-dir`` and ``--out-dir`` always, as absolute paths.
-
-    ``skip``: further destinations to leave out (the launcher's own options).
-    """
-    out: List[str] = []
-    for action in sub._actions:
-        dest = action.dest
-        if not action.option_strings or dest in OWN_DESTS or dest in skip:
-            continue
-        value = getattr(args, dest, action.default)
-        if dest in ("data_dir", "out_dir") or value != action.default:
-            out += _render(action, value)
-    return out
-
-
-def build(args: argparse.Namespace, sub: argparse.ArgumentParser, plan, program: Sequence[str],
-          skip: Sequence[str] = ()) -> List[Task]:
-    """The tasks of ``plan`` (:func:`crmn.cli.plan_runs`: ``(row, seed, model, train)``).
-
-    ``program``: the entry point, e.g. ``["bash", "/archive/run_experiments.sh"]``.
-    """
-    common = run_options(args, sub, skip)
-    tasks = []
-    for i, (row, seed, _model, _train) in enumerate(plan):
-        argv = (*program, args.command, "--rows", row.id, "--seed", str(seed), "--resume",
-                "--no-progress", *common)
-        tasks.append(Task(i, row.id, seed, tuple(argv)))
-    return tasks
+def build(plan: TrainPlan, program: Sequence[str]) -> List[Task]:
+    """The tasks of ``plan``, one per run; ``program``: the entry point, e.g.
+    ``["bash", "/archive/run_experiments.sh"]``."""
+    return [Task(i, run.label, run.seed, tuple(plan.single_run_argv(run, program)))
+            for i, run in enumerate(plan.runs)]
 
 
 def write(exp_dir: Path, tasks: Sequence[Task]) -> Path:

@@ -10,7 +10,10 @@
    every task ended, however it ended; it exits 1 when a run of the manifest is not finished
    and leaves its exit code in ``<exp>/slurm/compare.rc``.
 
-The job ids go to ``<exp>/slurm/jobs.json``. Everything cluster-specific comes from the user:
+The job ids go to ``<exp>/slurm/jobs.json``. A submission that fails (``sbatch`` refuses a
+job, no controller answers) removes the grid's ``manifest.txt`` and cancels the array when
+only the compare job was refused, so ``status`` never reads a grid that was not launched as
+one waiting to start. Everything cluster-specific comes from the user:
 the ``SBATCH_*`` environment variables ``sbatch`` reads itself (``SBATCH_PARTITION``,
 ``SBATCH_ACCOUNT``, ``SBATCH_QOS``, ``SBATCH_TIMELIMIT``, ``SBATCH_GRES`` ...) and
 ``--slurm-args``, passed to both ``sbatch`` calls after the launcher's own options (so they
@@ -97,24 +100,62 @@ def submit(exp_dir: Path, tasks: Sequence[Task], entry: Path, *, max_parallel: O
     user = shlex.split(slurm_args or "")
     span = f"0-{len(tasks) - 1}" + (f"%{max_parallel}" if max_parallel else "")
     t0 = time.monotonic()
-    array = _sbatch([f"--array={span}", f"--job-name=crmn-{experiment}",
-                     "--open-mode=append", f"--output={logs}/%A_%a.out", *user,
-                     str(TASK_SH), str(exp_dir / MANIFEST), str(exp_dir), str(max_requeues)])
-    compare = _sbatch([f"--dependency=afterany:{array}", f"--job-name=crmn-{experiment}-compare",
-                       "--open-mode=append", f"--output={logs}/compare_%j.out", *user,
-                       str(COMPARE_SH), str(entry), str(exp_dir)])
+    try:
+        array = _sbatch([f"--array={span}", f"--job-name=crmn-{experiment}",
+                         "--open-mode=append", f"--output={logs}/%A_%a.out", *user,
+                         str(TASK_SH), str(exp_dir / MANIFEST), str(exp_dir),
+                         str(max_requeues)])
+    except ConfigError as exc:
+        _unlaunched(exp_dir)
+        raise ConfigError(f"{exc}; nothing submitted ({exp_dir / MANIFEST} removed)") from None
+    try:
+        compare = _sbatch([f"--dependency=afterany:{array}",
+                           f"--job-name=crmn-{experiment}-compare", "--open-mode=append",
+                           f"--output={logs}/compare_%j.out", *user, str(COMPARE_SH),
+                           str(entry), str(exp_dir)])
+    except ConfigError as exc:
+        if _scancel(array):
+            _unlaunched(exp_dir)
+            raise ConfigError(f"{exc} (the compare job); array job {array} cancelled, "
+                              f"nothing left queued ({exp_dir / MANIFEST} removed)") from None
+        # the array could not be cancelled: it will run, so status must follow it
+        compare = None
+        print(f"[slurm] warning: the compare job was refused ({exc}) and array job {array} "
+              f"could not be cancelled; it runs without a comparison: run compare "
+              f"{exp_dir} after it", file=sys.stderr, flush=True)
     jobs = dict(array=array, compare=compare, tasks=len(tasks), max_parallel=max_parallel,
                 slurm_args=slurm_args or "", submitted=time.time(),
                 submit_seconds=round(time.monotonic() - t0, 3),
                 task_log=str(logs / f"{array}_<i>.out"),
-                compare_log=str(logs / f"compare_{compare}.out"))
+                compare_log=str(logs / f"compare_{compare}.out") if compare else None)
     runlog.write_json(logs / status.JOBS, jobs)
     print(f"[slurm] submitted array job {array} ({len(tasks)} task(s)"
-          + (f", at most {max_parallel} at once" if max_parallel else "")
-          + f") and compare job {compare} (after the array, however it ends)", flush=True)
+          + (f", at most {max_parallel} at once" if max_parallel else "") + ")"
+          + (f" and compare job {compare} (after the array, however it ends)" if compare
+             else ""), flush=True)
     print(f"[slurm] job ids in {logs / status.JOBS}; task logs {logs}/{array}_<i>.out; "
           f"follow with: bash run_experiments.sh status {exp_dir}", flush=True)
     return jobs
+
+
+def _unlaunched(exp_dir: Path) -> None:
+    """Undo what a failed submission left: the manifest (removed in one step, so a reader
+    finds the whole file or none) and the submission's empty log folder."""
+    (exp_dir / MANIFEST).unlink(missing_ok=True)
+    runlog.fsync_dir(exp_dir)
+    try:
+        (exp_dir / "slurm").rmdir()  # only when empty: an earlier submission's logs stay
+    except OSError:
+        pass
+
+
+def _scancel(job: str) -> bool:
+    """Cancel ``job``; whether ``scancel`` said it did."""
+    try:
+        p = subprocess.run(["scancel", str(job)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return p.returncode == 0
 
 
 def _poll_s() -> float:
@@ -131,12 +172,16 @@ def wait(exp_dir: Path, jobs: Dict) -> int:
     (1 when it left none: cancelled or never started)."""
     exp_dir = Path(exp_dir)
     poll, last = _poll_s(), None
-    while queued([jobs["compare"]]):
+    while queued([jobs.get("compare") or jobs["array"]]):
         counts = _counts(exp_dir)
         if counts != last:
             print(f"[slurm] {time.strftime('%H:%M:%S')} {counts}", flush=True)
             last = counts
         time.sleep(poll)
+    if not jobs.get("compare"):
+        print(f"error: no compare job was submitted (sbatch refused it); run: bash "
+              f"run_experiments.sh compare {exp_dir}", file=sys.stderr, flush=True)
+        return 1
     log = Path(jobs["compare_log"])
     if log.exists():
         sys.stdout.write(log.read_text(errors="replace"))

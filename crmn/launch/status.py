@@ -5,17 +5,23 @@ when the grid went to Slurm and ``squeue`` answers:
 
 - the run directory (``summary.json`` "done" means *finished*; ``log.jsonl`` gives the last
   finished epoch and phase);
+- the run directory's lock (``.lock``, :func:`crmn.runlog.hold`): a run whose lock a live
+  process on this machine holds is *running*, whatever the markers say (a relaunch clears
+  them while a run of an earlier launch may still train);
 - the launchers' markers in ``<exp>/tasks/``: ``<i>.start`` (JSON: launcher, host, pid,
   Slurm job, log file), written when a task starts, and ``<i>.rc``, its exit code, written
-  when it ends (3: stopped by a signal after checkpointing, resumable);
+  when it ends (3: stopped by a signal after checkpointing; 130: interrupted by Ctrl-C,
+  its last checkpoint kept; both resumable);
 - the task's log (its last line is shown for a failed task);
 - ``<exp>/slurm/jobs.json`` (the array's job id) and ``squeue -r -j <id>``.
 
 States: *finished*, *running*, *waiting* (not started, pending in the queue, or requeued),
-*stopped* (exit 3 and not requeued: run the launcher again to resume), *failed*.
+*stopped* (resumable: exit 3 or 130 and not requeued, or a local run whose launcher died
+with it; run the launcher again to resume), *failed*.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -25,13 +31,70 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TextIO
 
-from crmn import runlog
-from crmn.errors import DataError, EXIT_STOPPED
+from crmn import runlog, tables
+from crmn.errors import DataError, EXIT_INTERRUPTED, EXIT_STOPPED
 from crmn.launch import manifest
 from crmn.launch.manifest import Task
 
 JOBS = "jobs.json"  # in <exp>/slurm/
 STATES = ("finished", "running", "waiting", "stopped", "failed")
+#: exit codes of a run that stopped with its checkpoints intact: ``--resume`` continues it
+RESUMABLE = (EXIT_STOPPED, EXIT_INTERRUPTED)
+PROC_LOCKS = "/proc/locks"
+
+
+# ---------------------------------------------------------------------------------------
+# a run directory's lock, seen from outside
+
+
+def lock_holder(run_dir: Path) -> Optional[int]:
+    """The PID of the live process on this machine that holds ``run_dir``'s lock
+    (:func:`crmn.runlog.hold`), or None when nobody holds it.
+
+    The lock is never touched: on Linux the kernel's table of file locks
+    (``/proc/locks``) is searched for the lock file's device and inode, so a run that
+    takes its lock at that moment is not disturbed. Where that table is missing, a
+    non-blocking shared lock is tried and released at once (a run starting in that
+    instant could then find its folder busy). A lock held on another machine (a shared
+    file system) is not seen. The PID is -1 when the holder cannot be named.
+    """
+    path = Path(run_dir) / runlog.LOCK
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # no lock file: released (hold() removes it) or never taken
+    try:
+        with open(PROC_LOCKS, "r") as f:
+            table = f.read()
+    except OSError:
+        return _probe_lock(path)
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        words = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 5537 fe:00:2146481 0 EOF"; waiters carry a "->"
+        if len(words) >= 6 and words[1] == "FLOCK" and words[5] == want:
+            return int(words[4]) if words[4].isdigit() and words[4] != "0" else -1
+    return None
+
+
+def _probe_lock(path: Path) -> Optional[int]:
+    """:func:`lock_holder` without a kernel lock table: try the lock, release it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        except OSError:
+            return None  # a file system without flock: no run could hold it either
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------
@@ -143,13 +206,24 @@ def _progress(run_dir: Path) -> str:
 def _pid_alive(start: dict) -> bool:
     if start.get("host") != socket.gethostname() or not start.get("pid"):
         return False
+    return pid_alive(int(start["pid"]))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine still runs (a zombie, dead but not yet
+    collected by its parent, does not)."""
     try:
-        os.kill(int(start["pid"]), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # "pid (comm) S ...": the state letter follows the last ")"
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True  # no /proc: kill(0) is all there is
 
 
 def task_state(exp_dir: Path, task: Task, queue: Optional[Dict[int, tuple]]) -> TaskState:
@@ -163,6 +237,13 @@ def task_state(exp_dir: Path, task: Task, queue: Optional[Dict[int, tuple]]) -> 
                              if isinstance(acc, (int, float)) else "done")
     rc, start = _read_rc(exp_dir, task.index), _read_start(exp_dir, task.index)
     progress = _progress(run_dir) if (run_dir / runlog.CONFIG).exists() else "not started"
+    holder = lock_holder(run_dir)
+    if holder is not None:  # the lock is the truth: a live process trains this run
+        who = f"process {holder}" if holder > 0 else "another process"
+        progress = "starting" if progress == "not started" else progress
+        job = f" (job {start.get('job', '?')})" if (start or {}).get("launcher") == "slurm" \
+            else ""
+        return TaskState(task, "running", f"{progress}{job} ({who} holds its lock)")
     log = (start or {}).get("log", "")
     if queue is not None and task.index in queue:
         state, reason = queue[task.index]
@@ -174,13 +255,20 @@ def task_state(exp_dir: Path, task: Task, queue: Optional[Dict[int, tuple]]) -> 
         why = f" ({reason})" if reason and reason != "None" else ""
         return TaskState(task, "waiting", f"{state.lower()}{why}{again}; {progress}")
     if rc == EXIT_STOPPED:
-        return TaskState(task, "stopped", f"{progress}; resumable: launch again")
+        return TaskState(task, "stopped", f"resumable: checkpointed its epoch and stopped "
+                                          f"(exit {rc}); {progress}; launch again")
+    if rc == EXIT_INTERRUPTED:
+        return TaskState(task, "stopped", f"resumable: interrupted by Ctrl-C (exit {rc}), "
+                                          f"its last checkpoint kept; {progress}; launch again")
     if rc is not None:
         return TaskState(task, "failed", f"exit {rc}: {last_line(log) or 'no log'} [{log}]")
     if start is not None:
         if start.get("launcher") == "local" and not _pid_alive(start):
-            return TaskState(task, "failed", f"process {start.get('pid')} gone without an "
-                                             f"exit code (killed?); {progress}")
+            # the launcher records every exit it sees: none means it died first (its runs
+            # are killed with it), and the run's checkpoints are intact
+            return TaskState(task, "stopped", f"resumable: process {start.get('pid')} ended "
+                                              f"without an exit code (its launcher was "
+                                              f"killed?); {progress}; launch again")
         if start.get("launcher") == "slurm" and queue is not None:
             return TaskState(task, "failed", f"job {start.get('job')} left the queue without "
                                              f"an exit code (cancelled or node lost?); "
@@ -195,8 +283,14 @@ def task_state(exp_dir: Path, task: Task, queue: Optional[Dict[int, tuple]]) -> 
 
 
 def experiment_dirs(directory: Path) -> List[Path]:
-    """``directory`` if it holds a manifest, else its sub-folders that do."""
+    """``directory`` if it holds a manifest, else its sub-folders that do.
+
+    Raises :class:`DataError` (one line) when ``directory`` is no folder or holds no grid.
+    """
     directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: " + ("not a folder" if directory.exists()
+                                            else "no such folder"))
     if (directory / manifest.MANIFEST).exists():
         return [directory]
     found = sorted(p.parent for p in directory.glob(f"*/{manifest.MANIFEST}"))
@@ -219,16 +313,13 @@ def render(exp_dir: Path, states: Sequence[TaskState]) -> str:
     head = ("#", "row", "seed", "state", "detail")
     rows = [(str(s.task.index), s.task.row, str(s.task.seed), s.state, s.detail)
             for s in states]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     counts = ", ".join(f"{sum(s.state == k for s in states)} {k}" for k in STATES
                        if any(s.state == k for s in states))
     jobs = slurm_jobs(exp_dir)
-    where = (f"Slurm array {jobs['array']}, compare job {jobs['compare']}" if jobs
-             else "local launcher")
-    return "\n".join([f"{exp_dir}: {len(states)} run(s): {counts} ({where})", fmt(head),
-                      "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-                      *(fmt(r) for r in rows)])
+    where = ("local launcher" if not jobs else f"Slurm array {jobs['array']}, "
+             + (f"compare job {jobs['compare']}" if jobs.get("compare") else "no compare job"))
+    return "\n".join([f"{exp_dir}: {len(states)} run(s): {counts} ({where})",
+                      *tables.markdown_lines(head, rows)])
 
 
 def show(directory: Path, out: Optional[TextIO] = None) -> int:

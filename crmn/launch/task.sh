@@ -12,23 +12,39 @@
 # every start of the task.
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
+#
+# Exit codes: 0 done (or requeued), 3 stopped and resumable, 2 a wrong call of this script
+# (usage), 1 a fault of its data (a missing manifest line, a line that is not a plain quoted
+# command), else the run's own code.
 set -uo pipefail
 
+say() { echo "[task ${job:-?}] $(date '+%F %T') $*"; }
+if [ "$#" -ne 3 ] || ! [[ ${3:-} =~ ^[0-9]+$ ]] || [ -z "${SLURM_ARRAY_TASK_ID:-}" ] || [ -z "${SLURM_ARRAY_JOB_ID:-}" ]; then
+  echo "usage: sbatch --array=0-(M-1) task.sh MANIFEST EXP_DIR MAX_REQUEUES (runs as a task of a job array)" >&2
+  exit 2
+fi
 manifest=$1 exp_dir=$2 max_requeues=$3
-i=${SLURM_ARRAY_TASK_ID:?task.sh runs as a task of a job array}
+i=$SLURM_ARRAY_TASK_ID
 job="${SLURM_ARRAY_JOB_ID}_${i}"
 restart=${SLURM_RESTART_COUNT:-0}
 tasks="$exp_dir/tasks"
-say() { echo "[task $job] $(date '+%F %T') $*"; }
 
 mkdir -p "$tasks"
 rm -f "$tasks/$i.rc"
+# data faults: exit 1 and leave that code for status
+data_fault() {
+  say "error: $*" >&2
+  echo 1 >"$tasks/$i.rc"
+  exit 1
+}
+[ -r "$manifest" ] || data_fault "$manifest: cannot read the manifest"
 line=$(sed -n "$((i + 1))p" "$manifest")
-if [ -z "$line" ]; then
-  say "error: $manifest has no line $((i + 1))" >&2
-  echo 2 >"$tasks/$i.rc"
-  exit 2
-fi
+[ -n "$line" ] || data_fault "$manifest has no line $((i + 1))"
+# The line is read as words by the shell (below), so it must be what the launcher writes
+# (Python's shlex.join): bare words of safe characters and single-quoted strings only. Then
+# no expansion, substitution or redirection can hide in it: a manifest never runs code.
+plain="^([A-Za-z0-9_@%+=:,./-]+|'[^']*'|\"'\"|[ ])*\$"
+[[ $line =~ $plain ]] || data_fault "$manifest line $((i + 1)) is not a plain quoted command line (written by the launcher); refusing to run it"
 printf '{"launcher": "slurm", "job": "%s", "host": "%s", "pid": %d, "restart": %d, "log": "%s"}\n' \
   "$job" "$(hostname)" "$$" "$restart" "$exp_dir/slurm/$job.out" >"$tasks/$i.start"
 say "start $((restart + 1)) on $(hostname -s): $line"

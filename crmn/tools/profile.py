@@ -27,8 +27,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from crmn import registry
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import ConfigError
+from crmn.registry import StackOptions
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 _SUFFIXES = {"cl": ("channels_last", True), "nocl": ("channels_last", False),
@@ -48,13 +50,13 @@ def variant_options(variant: str) -> dict:
 
 
 def _stack(row, variant: str, device: str, graph: bool, batch_size: Optional[int]):
-    from modern.backend import TorchBackend
-
     train = TrainConfig.for_row(row)
     if batch_size is not None:
         train = dataclasses.replace(train, batch_size=batch_size)
-    return TorchBackend(ModelConfig.for_row(row), train, device=device, graph=graph,
-                        **variant_options(variant))
+    expert = variant_options(variant)
+    options = StackOptions("torch", device, expert.pop("dtype"),
+                           compile=expert.pop("compile", False))
+    return registry.build(options, ModelConfig.for_row(row), train, graph=graph, **expert)
 
 
 def _batch(stack, classes: int):

@@ -75,8 +75,8 @@ from theano.compile.mode import Mode, get_mode
 from crmn.errors import ConfigError
 # conversion modules: importing one registers its conversions on dispatch.jax_funcify
 from original.jax_mode import conv, dispatch  # noqa: F401
-from original.jax_mode.linker import (PRECISIONS, FusedJAXLinker, _Call, convert_graph,
-                                      evaluate)
+from original.jax_mode.graph import convert_graph, evaluate
+from original.jax_mode.linker import PRECISIONS, FusedJAXLinker, _Call
 
 #: what to install where ``device="cuda"`` finds no CUDA jaxlib (requirements-gpu.txt)
 GPU_INSTALL = "pip install -r requirements-gpu.txt"

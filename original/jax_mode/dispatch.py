@@ -47,7 +47,7 @@ from theano.tensor.nnet.nnet import (CrossentropySoftmax1HotWithBiasDx,
 from theano.tensor.signal.pool import AveragePoolGrad, Pool
 from theano.tensor.subtensor import AdvancedIncSubtensor, AdvancedIncSubtensor1, IncSubtensor
 
-from crmn.errors import ConfigError
+from original.jax_mode.graph import Unsupported, convert_graph, evaluate
 
 
 def _import_stock_dispatch():
@@ -66,11 +66,6 @@ def _import_stock_dispatch():
 
 _stock = _import_stock_dispatch()
 convert_indices = _stock.convert_indices
-
-
-class Unsupported(ConfigError):
-    """An op, or an option of an op, that this mode cannot convert (a configuration
-    fault: the graph asks for something ``--theano-mode jax`` does not provide)."""
 
 
 @functools.singledispatch
@@ -105,9 +100,7 @@ def jax_funcify_Elemwise(op):
 def jax_funcify_Composite(op):
     """A fused elementwise subgraph, traced once for all its outputs (the stock conversion
     re-traces the shared part per output)."""
-    from original.jax_mode.linker import convert_graph, evaluate  # (linker imports us)
-
-    conversions = convert_graph(op.fgraph)
+    conversions = convert_graph(op.fgraph, jax_funcify)
 
     def composite(*args):
         outs = evaluate(op.fgraph, conversions, args)

@@ -1,0 +1,232 @@
+"""The command handlers: each turns its parsed options into a plan and hands it on.
+
+A handler checks nothing itself (:mod:`crmn.cli.plans` does, before anything is created),
+prints through the module that owns the data (:mod:`crmn.report`, :mod:`crmn.bench`,
+:mod:`crmn.launch.status`, :mod:`crmn.tables`) and returns the exit code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from crmn import bench, data, launch, paper, registry, report, tables, verify
+from crmn import train as trainer
+from crmn.cli import plans
+from crmn.cli.parser import ROOT, SMOKE
+from crmn.config import ModelConfig, TrainConfig
+from crmn.errors import UsageError
+from crmn.launch import status
+from crmn.naming import count_trainable
+from crmn.plan import TrainPlan
+from crmn.registry import StackOptions
+from crmn.tools import profile, sampler_bench
+
+
+def train_runs(plan: TrainPlan) -> List[Path]:
+    """Every run of ``plan`` in this process, one after another (:func:`crmn.train.run`);
+    the run directories."""
+    print(f"backend {plan.stack.describe()} (requested); runs under {plan.exp_dir}",
+          flush=True)
+    # SIGUSR1 (a scheduler's warning, sbatch --signal=B:USR1@T) and a first Ctrl-C: finish
+    # the epoch, checkpoint it, stop (exit 3 / 130); a second Ctrl-C stops at once
+    signal.signal(signal.SIGUSR1, trainer.request_stop)
+    signal.signal(signal.SIGINT, trainer.request_stop)
+    run_dirs = []
+    for run in plan.runs:
+        trainer.check_stop(plan.exp_dir)
+        # crmn.train prints and stores what actually runs (e.g. "cuda:0 (NVIDIA H100)")
+        print(f"== {run.label} seed {run.seed} -> {run.run_dir}", flush=True)
+        trainer.run(run.run_dir, run.spec, resume=plan.resume, progress=plan.progress,
+                    fresh=plan.fresh)
+        run_dirs.append(run.run_dir)
+    return run_dirs
+
+
+def cmd_train(args) -> int:
+    plan = plans.train_plan(args)
+    if launch.wanted(plan):  # the grid as single runs: subprocesses or Slurm
+        return launch.main(plan, ROOT / "run_experiments.sh")
+    if args.n is not None or args.k is not None or args.batch_size is not None:
+        print("note: --n/--k/--batch-size override the paper's rows; this is not the "
+              "published configuration", flush=True)
+    train_runs(plan)
+    if plan.one_seed:  # one run of a grid: its launcher compares when all are done
+        print(f"compare: bash run_experiments.sh compare {plan.exp_dir}")
+        return 0
+    report.compare(plan.exp_dir, plots=True)
+    return 0
+
+
+def param_rows(options: StackOptions, overrides: Optional[Dict] = None,
+               rows: Sequence[paper.Row] = paper.ROWS) -> List[Dict]:
+    """Trainable-parameter counts of paper rows, each network built in ``options``' stack.
+
+    Returns one dict per row of ``rows``: ``row``, ``label``, ``table``, ``params`` (the
+    stack's own count), ``canonical_params`` (:func:`crmn.naming.count_trainable`, the
+    framework-free count the checkpoint layout implies), ``params_m`` and
+    ``paper_params_m`` (None where the paper gives none).
+    """
+    out = []
+    for row in rows:
+        model = ModelConfig.for_row(row, **(overrides or {}))
+        stack = registry.build(options, model, TrainConfig.for_row(row))
+        params = int(stack.param_count())
+        del stack
+        out.append(dict(row=row.id, label=row.label, table=row.table, params=params,
+                        canonical_params=count_trainable(model),
+                        params_m=round(params / 1e6, 2), paper_params_m=row.paper_params_m))
+    return out
+
+
+def params_table(rows: Sequence[Dict], backend: str) -> str:
+    """The ``params`` table; a row whose stack count differs from the canonical layout's
+    says so."""
+    body = []
+    for r in rows:
+        pm = f"{r['paper_params_m']:.2f}" if r["paper_params_m"] is not None else ""
+        flag = "" if r["params"] == r["canonical_params"] else \
+            f"canonical layout says {r['canonical_params']:,}"
+        body.append([r["row"], r["label"], f"{r['params']:,}", f"{r['params_m']:.2f}", pm,
+                     flag])
+    return (f"trainable parameters, {backend} stack (paper: Table 1; blank where the paper "
+            f"gives none)\n" +
+            tables.markdown(["row", "model", "ours", "ours M", "paper M", "note"], body,
+                            align="llrrrl"))
+
+
+def cmd_params(args) -> int:
+    rows = param_rows(plans.stack_options(args), plans.model_overrides(args),
+                      rows=plans.select_rows(args, None))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(params_table(rows, args.backend))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    report.compare(Path(args.dir), plots=args.plots)
+    return status.check_complete(Path(args.dir))  # a launched grid: every run finished?
+
+
+def cmd_status(args) -> int:
+    return status.show(Path(args.dir))
+
+
+def _smoke_data(data_dir: Path) -> None:
+    """smoke's fake CIFAR-100-format data, written once (a folder that holds it is reused;
+    a new one is written beside and moved into place, so a reader never sees half)."""
+    if data.is_fake("cifar100", data_dir):
+        return
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = data_dir.parent / f".data-{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    data.write_fake("cifar100", tmp, SMOKE["n_train"], SMOKE["n_test"], seed=0)
+    try:
+        os.rename(tmp, data_dir)
+    except OSError:  # another smoke moved its identical copy in first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cmd_smoke(args) -> int:
+    """Tiny fake data, tiny CRMN, short plateau schedule, through the real pipeline."""
+    plan = plans.smoke_plan(args)
+    data_dir = plan.runs[0].spec.data_dir
+    t0 = time.time()
+    _smoke_data(data_dir)
+    print(f"smoke: fake CIFAR-100-format data ({SMOKE['n_train']} train, "
+          f"{SMOKE['n_test']} test images) in {data_dir}", flush=True)
+    run_dirs = train_runs(plan)
+    report_md = report.compare(plan.exp_dir, plots=True)
+    print(f"smoke: done in {time.time() - t0:.0f} s", flush=True)
+    print(f"smoke: data       {data_dir}")
+    for d in run_dirs:
+        print(f"smoke: run        {d} (config.json, log.jsonl, checkpoint.h5, best.h5, "
+              f"summary.json)")
+    print(f"smoke: report     {report_md}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    configs = [r.id for r in plans.select_rows(args, None)] if args.rows else None
+    plans.stack_options(args, backend="torch")  # a GPU run compares torch on it with the CPU
+    results = verify.verify(configs, device=args.device, tol=args.tol, lr=args.lr,
+                            seed=args.seed, batch_size=args.batch_size)
+    return 0 if all(r.passed for r in results) else 1
+
+
+def cmd_bench(args) -> int:
+    if args.sampler:
+        return _bench_sampler(args)
+    options = plans.stack_options(args)
+    if args.channels_last is not None and options.backend != "torch":
+        raise UsageError("run_experiments.sh bench: --channels-last/--channels-first need "
+                         "--backend torch")
+    rows = plans.select_rows(args, "table1", strict=False)
+    print(f"# bench: {options.describe()}, {args.steps} timed steps per row; python "
+          f"{platform.python_version()}, numpy {np.__version__}", flush=True)
+    timed = [options]  # the JAX mode is timed beside the C mode and the torch stack
+    if options.backend == "theano" and options.theano_mode == "jax":
+        timed += [options.replace(theano_mode="c"),
+                  options.replace(backend="torch", theano_mode=registry.DEFAULT_THEANO_MODE)]
+    results = []
+    for row in rows:
+        for opts in timed:
+            r = bench.bench_row(row, opts, args.steps, warmup=args.warmup,
+                                batch_size=args.batch_size, channels_last=args.channels_last)
+            print(f"# {row.id} {r['stack']}: {r['images_per_s']:.0f} img/s, "
+                  f"{r['sec_per_epoch']:.2f} s per epoch on {r['device']}, {r['layout']}",
+                  flush=True)
+            results.append(r)
+    print(bench.format_table(results))
+    ratios = bench.mode_ratios(results)
+    if ratios:
+        print(ratios)
+    _write_json(results, args.json)
+    return 0
+
+
+def _write_json(obj, where: Optional[str]) -> None:
+    """``--json PATH``: the figures as JSON to PATH, or to stdout for ``-``."""
+    if where == "-":
+        print(json.dumps(obj, indent=1))
+    elif where:
+        Path(where).write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def _bench_sampler(args) -> int:
+    r = sampler_bench.time_sampler(batch_size=args.batch_size or 100)
+    print(f"# bench --sampler: {r['n']} CIFAR-shaped images, batch {r['batch_size']}, pad "
+          f"{r['pad']}, {r['epochs']} epochs; numpy {r['numpy']}")
+    for key in ("flip_off", "flip_on"):
+        f = r[key]
+        print(f"{key:8s} {f['images_per_s']:10.0f} images/s  {f['ms_per_batch']:6.2f} ms/batch")
+    _write_json(r, args.json)
+    return 0
+
+
+def cmd_profile(args) -> int:
+    plans.stack_options(args, backend="torch")
+    rows = paper.select(args.rows or "t1-resnet32x1", None)
+    failed = profile.profile(rows, args.variants.split(","), steps=args.steps,
+                             kernels=args.kernels, count_ops=args.count_ops,
+                             device=args.device, batch_size=args.batch_size)
+    return 1 if failed else 0
+
+
+def cmd_test(argv: Sequence[str]) -> int:
+    return subprocess.call(["bash", str(ROOT / "tests" / "run.sh"), *argv])
+
+
+COMMANDS = {**{name: cmd_train for name in paper.EXPERIMENTS}, "params": cmd_params,
+            "compare": cmd_compare, "status": cmd_status, "smoke": cmd_smoke,
+            "verify": cmd_verify, "bench": cmd_bench, "profile": cmd_profile}

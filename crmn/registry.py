@@ -1,0 +1,129 @@
+"""The registry of stacks and the one checked set of stack options.
+
+The one place that maps ``--backend NAME`` to an implementation and that defines every
+choice a stack takes (backends, dtypes, Theano modes, the device pattern). It sits above both
+stacks (they import :mod:`crmn.stack`, the contract, and the constants here, never
+:func:`build`) and imports a stack only when one is built, so choosing a name costs nothing
+and ``--help`` stays fast. The command line, the training loop, :mod:`crmn.verify`,
+:mod:`crmn.bench` and the developer tools build every network through :func:`build`.
+
+A :class:`StackOptions` is checked once, when it is made; everything after trusts it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from typing import Dict, Tuple
+
+from crmn.config import ModelConfig, TrainConfig
+from crmn.errors import ConfigError
+from crmn.stack import Stack
+
+#: name -> "module:class" of each stack
+REGISTRY = {"theano": "original.backend:TheanoBackend", "torch": "modern.backend:TorchBackend"}
+BACKENDS = tuple(REGISTRY)
+#: the archive's reference stack, the default of every command
+DEFAULT_BACKEND = "theano"
+#: ``--theano-mode``: Theano's C backend (the reference) or Theano-PyMC's JAX linker
+THEANO_MODES = ("c", "jax")
+DEFAULT_THEANO_MODE = "c"
+#: ``--dtype`` choices of each stack; bfloat16 (autocast, float32 weights) is torch only
+STACK_DTYPES: Dict[str, Tuple[str, ...]] = {"theano": ("float32", "float64"),
+                                            "torch": ("float32", "float64", "bfloat16")}
+DTYPES = ("float32", "float64", "bfloat16")
+DEFAULT_DTYPE = "float32"
+#: device strings every command accepts: ``cpu``, ``cuda``, ``cuda:N``
+DEVICE_PATTERN = re.compile(r"(cpu|cuda)(:\d+)?")
+DEVICE_HELP = "cpu, cuda or cuda:N"
+
+
+def check_device(name: str) -> str:
+    """``name`` if it is ``cpu``, ``cuda`` or ``cuda:N``, else a one-line :class:`ConfigError`.
+
+    Whether a GPU is actually there is :func:`probe_device`'s question.
+    """
+    if not isinstance(name, str) or not DEVICE_PATTERN.fullmatch(name):
+        raise ConfigError(f"unknown device {name!r}: choose {DEVICE_HELP}")
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class StackOptions:
+    """Which stack, where, in which precision: checked once, when made.
+
+    The same five settings reach every consumer (the loop, the launchers, bench, verify,
+    profile) and are recorded in ``config.json`` under these names.
+    """
+
+    backend: str = DEFAULT_BACKEND  # a name of REGISTRY
+    device: str = "cpu"  # cpu | cuda | cuda:N (DEVICE_PATTERN)
+    dtype: str = DEFAULT_DTYPE  # one of STACK_DTYPES[backend]
+    theano_mode: str = DEFAULT_THEANO_MODE  # theano only: "c" | "jax"
+    compile: bool = False  # torch only: torch.compile behind the captured CUDA graph
+
+    def __post_init__(self):
+        if self.backend not in REGISTRY:
+            raise ConfigError(f"unknown backend {self.backend!r}; choose one of "
+                              f"{', '.join(BACKENDS)}")
+        check_device(self.device)
+        if self.dtype not in STACK_DTYPES[self.backend]:
+            raise ConfigError(f"--dtype {self.dtype} is not a dtype of the {self.backend} "
+                              f"backend; choose one of {', '.join(STACK_DTYPES[self.backend])}")
+        if self.theano_mode not in THEANO_MODES:
+            raise ConfigError(f"unknown --theano-mode {self.theano_mode!r}; choose one of "
+                              f"{', '.join(THEANO_MODES)}")
+        if self.theano_mode != DEFAULT_THEANO_MODE and self.backend != "theano":
+            raise ConfigError("--theano-mode is an option of the theano backend")
+        if self.compile and self.backend != "torch":
+            raise ConfigError("--compile is an option of the torch backend; the theano "
+                              "backend always compiles its graphs")
+
+    def replace(self, **changes) -> "StackOptions":
+        """A checked copy with ``changes`` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> Dict:
+        return dataclasses.asdict(self)
+
+    def describe(self) -> str:
+        """The options in words, e.g. ``theano (jax), cpu, float32``."""
+        name = self.backend + (f" ({self.theano_mode})" if self.backend == "theano" else "")
+        return f"{name}, {self.device}, {self.dtype}{' + compile' if self.compile else ''}"
+
+
+def stack_class(backend: str):
+    """The class registered under ``backend`` (imports its stack)."""
+    module, cls = REGISTRY[backend].split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"the {backend} backend needs the Python package {exc.name!r}, "
+                          f"which this environment lacks (pip install {exc.name}; see "
+                          f"REPRODUCING.md, Environments)") from None
+
+
+def probe(options: StackOptions) -> None:
+    """Ask the stack's framework whether ``options.device`` is there (a GPU without CUDA, a
+    CPU-only jaxlib): a one-line :class:`ConfigError` if not. Cheap on the CPU (imports
+    nothing); the command line calls it before any data is read or downloaded."""
+    if options.device == "cpu":
+        return
+    problem = stack_class(options.backend).device_problem(options)
+    if problem:
+        raise ConfigError(problem)
+
+
+def build(options: StackOptions, model: ModelConfig, train: TrainConfig, **expert) -> Stack:
+    """The network of ``model`` in the stack of ``options``, initialised from ``train.seed``.
+
+    ``options.compile`` (torch only) puts ``torch.compile`` behind the captured CUDA graph;
+    the Theano stack always compiles its graphs, through its C backend or, with
+    ``theano_mode="jax"``, through JAX (which is what runs it on a current GPU).
+    ``expert``: a stack's own settings that only checks and timings vary (torch:
+    ``channels_last``, ``graph``, ``tf32``); never recorded in a run.
+    """
+    extra = {"theano": {"theano_mode": options.theano_mode},
+             "torch": {"compile": options.compile}}.get(options.backend, {})
+    return stack_class(options.backend)(model, train, device=options.device,
+                                        dtype=options.dtype, **extra, **expert)

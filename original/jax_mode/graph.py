@@ -1,0 +1,149 @@
+"""The JAX mode's graph walker: a Theano ``FunctionGraph`` evaluated node by node with each
+node's JAX conversion, once per node, in topological order.
+
+Used by the linker (:mod:`original.jax_mode.linker`, the whole graph of a function) and by
+the conversion of fused elementwise subgraphs (``Composite`` in
+:mod:`original.jax_mode.dispatch`); it imports neither, the dispatcher is passed in.
+:class:`Unsupported` is the one fault kind of the mode's conversions.
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Callable, Dict, List
+
+import numpy as np
+
+import jax
+
+from theano.compile.sharedvalue import SharedVariable
+from theano.graph.basic import Constant, NoParams
+from theano.graph.utils import MethodNotDefined
+
+from crmn.errors import ConfigError
+
+
+class Unsupported(ConfigError):
+    """An op, or an option of an op, that this mode cannot convert (a configuration
+    fault: the graph asks for something ``--theano-mode jax`` does not provide)."""
+
+
+def _is_traced(value) -> bool:
+    return isinstance(value, (jax.core.Tracer, jax.Array))
+
+
+def _integral(var) -> bool:
+    dtype = getattr(var.type, "dtype", None)
+    return dtype is not None and (dtype.startswith(("int", "uint")) or dtype == "bool")
+
+
+def _conform(value, var):
+    """``value`` as the dtype ``var`` declares: a cast for JAX values, numpy for static ones
+    (Python ints from ``Shape_i`` become int64 arrays, never traced)."""
+    dtype = getattr(var.type, "dtype", None)
+    if dtype is None:
+        return value  # slices, None
+    if _is_traced(value):
+        return value if value.dtype == dtype else value.astype(dtype)
+    return np.asarray(value, dtype=dtype)
+
+
+def _perform_static(node, args):
+    """Run ``node``'s own numpy ``perform`` on static inputs; None where it has none."""
+    storage = [[None] for _ in node.outputs]
+    params = node.run_params()
+    try:
+        if params is NoParams:
+            node.op.perform(node, args, storage)
+        else:
+            node.op.perform(node, args, storage, params)
+    except (MethodNotDefined, NotImplementedError):
+        return None
+    return [cell[0] for cell in storage]
+
+
+def convert_graph(fgraph, funcify: Callable) -> Dict:
+    """``{Apply node: JAX function}`` for every node of ``fgraph``, from the dispatcher
+    ``funcify`` (:func:`original.jax_mode.dispatch.jax_funcify`).
+
+    Raises
+    ------
+    ConfigError
+        One line naming the first op without a conversion and the Lasagne layer / variable
+        it came from (and how many other op types lack one).
+    """
+    conversions, missing = {}, {}
+    for node in fgraph.toposort():
+        try:
+            conversions[node] = funcify(node.op)
+        except Unsupported as err:
+            missing.setdefault(type(node.op).__name__, (node, err))
+    if missing:
+        name, (node, err) = next(iter(missing.items()))
+        others = sorted(set(missing) - {name})
+        more = f"; {len(others)} more op type(s) lack one: {', '.join(others)}" if others else ""
+        raise ConfigError(f"--theano-mode jax: {err} {_origin(node)}{more}")
+    return conversions
+
+
+def _origin(node, limit: int = 2000) -> str:
+    """Where ``node`` came from: the nearest Lasagne parameter among its ancestors (Lasagne
+    names them ``layer.param``, e.g. ``s1b0.conv1.W``), else the nearest named variable --
+    breadth first over the inputs."""
+    seen, queue, named = set(), deque([node]), None
+    while queue and len(seen) < limit:
+        current = queue.popleft()
+        for var in list(current.outputs) + list(current.inputs):
+            if id(var) in seen:
+                continue
+            seen.add(id(var))
+            if isinstance(var, SharedVariable) and var.name and "." in var.name:
+                return (f"near Lasagne layer {var.name.rsplit('.', 1)[0]!r} "
+                        f"(parameter {var.name!r})")
+            if named is None and var.name:
+                named = var.name
+            if var.owner is not None and var.owner is not current:
+                queue.append(var.owner)
+    return f"near variable {named!r}" if named else "(no named variable nearby)"
+
+
+def _call_conversion(node, fn, args) -> List:
+    """``node``'s output values from its conversion ``fn``; an option found unsupported
+    only now (it depends on a static input, e.g. a pooling's padding) is reported as in
+    :func:`convert_graph`, naming the op and where it came from."""
+    try:
+        if isinstance(fn, Sequence):  # stock multi-output form: one function per output
+            return [f(*args) for f in fn]
+        outs = fn(*args)
+    except Unsupported as err:
+        raise ConfigError(f"--theano-mode jax: {err} {_origin(node)}") from None
+    return [outs] if node.nout == 1 else list(outs)
+
+
+def evaluate(fgraph, conversions: Dict, inputs: Sequence) -> List:
+    """Values of ``fgraph.outputs`` for values of ``fgraph.inputs``, node by node in
+    topological order (each node once, whatever its number of consumers).
+
+    A node whose inputs are all static (numpy, not traced) and whose outputs are integers
+    -- the shape arithmetic that feeds ``Reshape``, ``Alloc`` and the convolution gradients
+    -- runs its numpy ``perform`` at trace time, so those shapes stay static under ``jit``.
+    """
+    values = {var: _conform(value, var) for var, value in zip(fgraph.inputs, inputs)}
+
+    def value_of(var):
+        if var in values:
+            return values[var]
+        if isinstance(var, Constant):
+            return var.data
+        raise KeyError(f"no value for {var}")  # pragma: no cover - toposort guarantees it
+
+    for node in fgraph.toposort():
+        args = [value_of(var) for var in node.inputs]
+        outs = None
+        if all(map(_integral, node.outputs)) and not any(map(_is_traced, args)):
+            outs = _perform_static(node, [_conform(a, v) for a, v in zip(args, node.inputs)])
+        if outs is None:
+            outs = _call_conversion(node, conversions[node], args)
+        for var, value in zip(node.outputs, outs):
+            values[var] = _conform(value, var)
+    return [value_of(var) for var in fgraph.outputs]
