@@ -100,18 +100,25 @@ def stack_class(backend: str):
     except ModuleNotFoundError as exc:
         raise ConfigError(f"the {backend} backend needs the Python package {exc.name!r}, "
                           f"which this environment lacks (pip install {exc.name}; see "
-                          f"REPRODUCING.md, Environments)") from None
+                          f"REPRODUCING.md §4)") from None
 
 
 def probe(options: StackOptions) -> None:
-    """Ask the stack's framework whether ``options.device`` is there (a GPU without CUDA, a
-    CPU-only jaxlib): a one-line :class:`ConfigError` if not. Cheap on the CPU (imports
-    nothing); the command line calls it before any data is read or downloaded."""
-    if options.device == "cpu":
-        return
-    problem = stack_class(options.backend).device_problem(options)
+    """Ask the stack's framework whether it can run ``options`` here (its package installed,
+    the device there, Theano's C backend working for ``theano_mode="c"``): a one-line
+    :class:`ConfigError` if not. Imports the stack, builds nothing; the command line calls
+    it before any data is read or downloaded."""
+    problem = stack_class(options.backend).problem(options)
     if problem:
         raise ConfigError(problem)
+
+
+def default_theano_mode(backend: str) -> str:
+    """``--theano-mode`` when none is given: the Theano stack's preference here (C where
+    its C backend works, else JAX); :data:`DEFAULT_THEANO_MODE` for other stacks."""
+    if backend != "theano":
+        return DEFAULT_THEANO_MODE
+    return stack_class("theano").preferred_mode()
 
 
 def build(options: StackOptions, model: ModelConfig, train: TrainConfig, **expert) -> Stack:

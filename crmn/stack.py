@@ -6,8 +6,8 @@ other job (the epoch loop, evaluation, the NaN check, progress, the protocol of 
 is :mod:`crmn.train`'s, written once for both. This module imports neither stack; the
 stacks import it, and :mod:`crmn.registry` (above them) finds them by name and checks the
 options they are built with (:class:`crmn.registry.StackOptions`). Each stack class also
-answers ``device_problem(options)`` (a staticmethod: why it cannot run on
-``options.device``, or None), which :func:`crmn.registry.probe` asks before any data is read.
+answers ``problem(options)`` (a staticmethod: why it cannot run those options here, or None),
+which :func:`crmn.registry.probe` asks before any data is read.
 
 State travels between stacks as a ``dict`` of numpy arrays under canonical names
 (:mod:`crmn.naming`): every entry of ``param_specs(model)`` plus ``velocity.<name>`` for each

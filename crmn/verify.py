@@ -169,13 +169,27 @@ STACKS = (("torch", StackOptions("torch", dtype="float64")),
           ("theano-jax", StackOptions("theano", dtype="float64", theano_mode="jax")))
 
 
+def buildable(stacks=STACKS) -> Tuple[list, Dict[str, str]]:
+    """The entries of ``stacks`` this environment can build, and why each other one cannot
+    (a missing package, Theano's C backend with numpy 2: :func:`crmn.registry.probe`)."""
+    ok, missing = [], {}
+    for label, options in stacks:
+        try:
+            registry.probe(options)
+        except ConfigError as exc:
+            missing[label] = str(exc)
+        else:
+            ok.append((label, options))
+    return ok, missing
+
+
 def verify_stacks(cfg: ModelConfig, train: TrainConfig, name: str, lr: float = 0.1,
-                  seed: int = 0, tol: float = TOLERANCE) -> List[Result]:
-    """float64 CPU, every pair of :data:`STACKS`: torch against Theano's C backend, torch
-    against Theano through JAX, and the C backend against JAX (the first of each pair
-    gives the state)."""
-    built = {label: registry.build(options, cfg, train) for label, options in STACKS}
-    pairs = [(a, b) for i, (a, _) in enumerate(STACKS) for b, _ in STACKS[i + 1:]]
+                  seed: int = 0, tol: float = TOLERANCE, stacks=STACKS) -> List[Result]:
+    """float64 CPU, every pair of ``stacks`` (default :data:`STACKS`: torch against
+    Theano's C backend, torch against Theano through JAX, and the C backend against JAX;
+    the first of each pair gives the state)."""
+    built = {label: registry.build(options, cfg, train) for label, options in stacks}
+    pairs = [(a, b) for i, (a, _) in enumerate(stacks) for b, _ in stacks[i + 1:]]
     return [_compare(f"{name} [{b} vs {a}]", built[a], built[b], cfg, train.batch_size,
                      lr, seed, tol) for a, b in pairs]
 
@@ -226,6 +240,20 @@ def verify_device(cfg: ModelConfig, train: TrainConfig, name: str, device: str =
                  seed, tol_f32, steps=GRAPH_STEPS, global_norm=True,
                  update_tol=UPDATE_TOLERANCE_F32),
     ]
+
+
+def verify_references(device: str = "cpu") -> Result:
+    """Theano through JAX on ``device`` against the float64 outputs that Theano's C backend
+    recorded (:mod:`original.references`: per-op outputs and gradients, three SGD steps of
+    the tiny ResNet and CRMN): the comparison with the C backend where it cannot run."""
+    from original import references
+
+    res = Result(f"theano-jax on {device} vs stored theano-c float64 references",
+                 tolerance=references.TOL)
+    for case, diff in references.check_jax(device):
+        res.diffs[case] = diff
+        res.worst[case] = "largest absolute difference"
+    return res
 
 
 def _verify_epoch(cfg: ModelConfig, train: TrainConfig, name: str, device: str, lr: float,
@@ -325,17 +353,25 @@ def verify(configs: Optional[Sequence[Union[str, Config]]] = None,
     """
     check_device(device)
     items = select_configs(configs, batch_size)
+    stacks, missing = buildable() if device == "cpu" else (STACKS, {})
+    for label, why in missing.items():
+        out(f"{label}: not built here ({why})")
     results = []
-    for name, cfg, train in items:
-        if device == "cpu":
-            batch = verify_stacks(cfg, train, name, lr, seed, tol or TOLERANCE)
-        else:
-            batch = verify_device(cfg, train, name, device, lr, seed, tol or TOLERANCE)
+
+    def show(batch: List[Result]) -> None:
         for r in batch:
             out(f"{r.name}: {'PASS' if r.passed else 'FAIL'}")
             for label, v in r.diffs.items():
                 out(f"  {label:24s} {v:10.3e} <= {r.tol(label):g}  ({r.worst[label]})")
-        results += batch
+        results.extend(batch)
+
+    if "theano-c" in missing and "theano-jax" not in missing:
+        show([verify_references()])  # the C backend's figures, as it recorded them
+    for name, cfg, train in items:
+        if device == "cpu":
+            show(verify_stacks(cfg, train, name, lr, seed, tol or TOLERANCE, stacks))
+        else:
+            show(verify_device(cfg, train, name, device, lr, seed, tol or TOLERANCE))
     n_fail = sum(not r.passed for r in results)
     out(f"{len(results) - n_fail}/{len(results)} PASS" + (f", {n_fail} FAIL" if n_fail else ""))
     return results

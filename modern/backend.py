@@ -78,7 +78,7 @@ class TorchBackend:
     name = "torch"
 
     @staticmethod
-    def device_problem(options) -> Optional[str]:
+    def problem(options) -> Optional[str]:
         """Why torch cannot use ``options.device`` (one line), or None when it can."""
         dev = torch.device(options.device)
         if dev.type != "cuda":

@@ -144,9 +144,17 @@ class TheanoBackend:
     name = "theano"
 
     @staticmethod
-    def device_problem(options) -> Optional[str]:
-        """Why this stack cannot run on ``options.device`` (one line), or None when it can:
-        the JAX mode asks jax for the device, the C mode compares with Theano's flags."""
+    def problem(options) -> Optional[str]:
+        """Why this stack cannot run ``options`` here (one line), or None when it can: the C
+        mode needs a working C backend (:func:`original.compat.c_backend_available`; not
+        with numpy 2) and compares the device with Theano's flags; the JAX mode asks jax
+        for the device."""
+        if options.theano_mode == "c":
+            works, why = compat.c_backend_available()
+            if not works:
+                return f"--theano-mode c: {why}"
+        if options.device == "cpu":
+            return None
         try:
             if options.theano_mode == "jax":
                 from original import jax_mode
@@ -157,6 +165,12 @@ class TheanoBackend:
         except ConfigError as exc:
             return str(exc)
         return None
+
+    @staticmethod
+    def preferred_mode() -> str:
+        """The Theano mode a run gets when none is asked for: the C backend (the
+        reference) where it works, else JAX (numpy 2, no C++ compiler)."""
+        return "c" if compat.c_backend_available()[0] else "jax"
 
     def __init__(self, model: ModelConfig, train: TrainConfig, device: str = "cpu",
                  dtype: str = "float32", theano_mode: str = "c"):

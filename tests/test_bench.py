@@ -7,6 +7,7 @@ from crmn import bench, cli, paper
 from crmn.registry import StackOptions
 
 
+@pytest.mark.slow
 def test_bench_prints_and_writes_the_row(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = cli.main(["bench", "--backend", "torch", "--rows", "t1-resnet32x1", "--steps", "2",
@@ -71,6 +72,7 @@ def test_format_table_without_paper_seconds():
     assert cells[6:8] == ["-", "-"]  # no paper seconds, no speed-up
 
 
+@pytest.mark.slow
 def test_profile_step_counts_the_operators_of_a_step_on_cpu(capsys):
     """profile --count-ops: the cast-once step dispatches fewer casts and fewer operators
     than autocast's cast per use, on a paper row."""

@@ -152,6 +152,7 @@ def test_flags_map_onto_configs():
 
 
 @pytest.mark.parametrize("backend", ["torch", "theano"])
+@pytest.mark.slow
 def test_params_json_real_backend(backend, capsys, run_main):
     pytest.importorskip("modern.backend" if backend == "torch" else "original.backend")
     ids = ["t1-resnet32x1", "t1-crmn32x1"]
@@ -173,6 +174,7 @@ def test_params_json_real_backend(backend, capsys, run_main):
     assert int(cells[2].replace(",", "")) > 0
 
 
+@pytest.mark.slow
 def test_smoke_end_to_end(tmp_path):
     """`smoke` as a user runs it: fake data, real loader/sampler/schedule/training/report."""
     pytest.importorskip("modern.backend")
@@ -231,6 +233,7 @@ def test_the_cli_is_the_only_argument_parser():
     assert sorted(set(parsers)) == ["crmn/cli/parser.py"]
 
 
+@pytest.mark.slow
 def test_sigusr1_checkpoints_stops_with_exit_3_and_resume_finishes(tmp_path):
     """A scheduler's warning signal: the epoch in progress ends, is checkpointed, the run
     exits 3 (resumable, not failed); `--resume` then finishes it from that epoch."""
@@ -269,6 +272,7 @@ def test_seed_selects_one_run_of_the_grid():
         plans.train_plan(args)
 
 
+@pytest.mark.slow
 def test_unverified_data_is_refused_then_accepted_with_the_flag_and_marked(tmp_path, capsys, run_main):
     """An extracted CIFAR-10 folder with too few images, given by hand: one line naming the
     file and the count, exit 1, nothing trained; with --unverified-data it trains, is
@@ -305,6 +309,7 @@ def _stable(run):
     return log, summary
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_directory_the_second_is_refused(tmp_path):
     """Two real CLI runs on one --out-dir: the second exits 1 in one line naming the
     directory and the first's PID, and the first trains exactly as a lone run does."""
@@ -356,6 +361,7 @@ def test_lr_scales_the_stages_and_dataset_sets_the_classes():
         assert rc == 2  # refused by the parser before anything is built
 
 
+@pytest.mark.slow
 def test_offline_table1_names_the_files_and_the_mirror_variable(tmp_path):
     """No network (the mirror points at a closed port): one line saying where to put the
     archive or its folder by hand and naming CRMN_DATA_MIRROR; nothing is built."""
@@ -375,3 +381,20 @@ def test_offline_table1_names_the_files_and_the_mirror_variable(tmp_path):
     assert "cifar-100-python.tar.gz" in line and "cifar-100-python/" in line
     assert "CRMN_DATA_MIRROR" in line
     assert "trainable parameters" not in p.stdout  # failed before building the network
+
+
+def test_without_a_c_backend_theano_runs_in_jax_mode_and_c_is_refused(tmp_path, monkeypatch,
+                                                                      run_main):
+    """Where Theano's C backend cannot work (numpy 2, no compiler): --theano-mode c is a
+    usage error in one line, before anything exists; without the flag the JAX mode runs."""
+    from original import compat
+
+    monkeypatch.setattr(compat, "c_backend_available", lambda: (False, "numpy is too new"))
+    out = tmp_path / "out"
+    rc, _, err = run_main(["table1", "--theano-mode", "c", "--out-dir", str(out)])
+    assert rc == 2 and not out.exists()
+    assert err == "run_experiments.sh table1: --theano-mode c: numpy is too new\n"
+    plan = plans.train_plan(parser.parse(["table1", "--rows", "t1-crmn32x1"]))
+    assert plan.stack.theano_mode == "jax"
+    monkeypatch.setattr(compat, "c_backend_available", lambda: (True, ""))
+    assert plans.train_plan(parser.parse(["table1"])).stack.theano_mode == "c"

@@ -31,6 +31,7 @@ def data_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_torch_checkpoint_resumed_by_theano_matches_an_uninterrupted_torch_run(
         tmp_path, data_dir, monkeypatch):
     reference = tmp_path / "torch-only"

@@ -233,6 +233,7 @@ def _synthetic(n, seed):
 
 @pytest.mark.parametrize("name, dtype, rtol", [("crmn-he", "float32", 1e-5),
                                                ("resnet-he", "float64", 1e-9)])
+@pytest.mark.slow
 def test_first_epoch_loss_agrees_through_the_loop(name, dtype, rtol):
     model = TINY[name]
     train = TrainConfig(batch_size=20, seed=0)
@@ -251,6 +252,7 @@ def _first_log_line(out_dir: Path) -> dict:
     return json.loads(log.read_text().splitlines()[0])
 
 
+@pytest.mark.slow
 def test_smoke_runs_of_both_stacks_have_the_same_first_epoch_loss(tmp_path):
     """``run_experiments.sh smoke --backend theano`` and ``--backend torch`` (default seed,
     float32): the first epoch's training loss agrees to 1e-5 (it differed by 0.7 % when

@@ -84,6 +84,7 @@ def test_status_without_manifest_is_one_line(tmp_path):
     assert "no manifest.txt" in p.stderr
 
 
+@pytest.mark.slow
 def test_local_jobs_2_interrupted_then_resumed_equals_in_process(tmp_path_factory):
     """`--launcher local --jobs 2`: Ctrl-C while both runs train stops them cleanly (each
     checkpoints its epoch, exit 3; the launcher lists what was left and exits 130); launching
@@ -115,6 +116,7 @@ def test_local_jobs_2_interrupted_then_resumed_equals_in_process(tmp_path_factor
     _relaunch_finishes_as_in_process(root, exp, ref)
 
 
+@pytest.mark.slow
 def test_local_failed_run_is_reported_and_others_finish(tmp_path_factory):
     """One run fails (its checkpoint is corrupt): the other still finishes, the launcher
     prints the comparison and exits 1, status and compare name the failure."""
@@ -324,6 +326,7 @@ def test_killed_local_launcher_takes_its_runs_with_it(tmp_path):
             "code (its launcher was killed?)" in s.detail
 
 
+@pytest.mark.slow
 def test_relaunch_waits_for_a_run_whose_lock_is_held(tmp_path):
     """A line whose run directory a live process holds is not started (nor failed): the
     launcher says by whom, runs the other line, and starts it once the lock is released."""
@@ -514,6 +517,7 @@ def _relaunch_finishes_as_in_process(root: Path, exp: Path, ref: Path) -> None:
     assert grid.comparison_rows(exp) == grid.comparison_rows(ref)
 
 
+@pytest.mark.slow
 def test_cli_launcher_killed_then_relaunched_equals_in_process(tmp_path_factory):
     """kill -9 of `--launcher local --jobs 2` while both runs train: the runs die within
     seconds, status calls them stopped (resumable), and launching again finishes them with
@@ -532,6 +536,7 @@ def test_cli_launcher_killed_then_relaunched_equals_in_process(tmp_path_factory)
     _relaunch_finishes_as_in_process(root, exp, ref)
 
 
+@pytest.mark.slow
 def test_cli_two_ctrl_c_then_relaunched_equals_in_process(tmp_path_factory):
     """Two Ctrl-C's on `--launcher local --jobs 2`: no run is called failed (each stopped
     after its epoch or was interrupted), and launching again finishes them with arrays

@@ -50,6 +50,7 @@ def _squeue(cluster, *args):
                           env=_env(cluster), timeout=30).stdout
 
 
+@pytest.mark.slow
 def test_slurm_grid_survives_a_stop_and_equals_the_local_run(cluster, tmp_path_factory,
                                                              monkeypatch):
     """Submit held (waiting), refuse a second submission, release (running), signal task 0
@@ -100,6 +101,7 @@ def test_slurm_grid_survives_a_stop_and_equals_the_local_run(cluster, tmp_path_f
           f"sbatch x2: {jobs['submit_seconds']:.2f} s")
 
 
+@pytest.mark.slow
 def test_slurm_failed_run_does_not_block_compare(cluster, tmp_path_factory):
     """One task fails at once (corrupt checkpoint): the other finishes, the compare job
     still runs (afterany), lists the failure and exits 1, which `--wait` returns; status

@@ -74,6 +74,7 @@ def _random_lstm(outgate, peepholes, seed=0):
 @pytest.mark.parametrize("outgate", ["logistic", "tanh"])
 @pytest.mark.parametrize("peepholes", [True, False])
 @pytest.mark.parametrize("last_only", [False, True], ids=["all-steps", "last-only"])
+@pytest.mark.slow
 def test_lstm_backward_matches_finite_differences(outgate, peepholes, last_only):
     """The hand-written backward, against central differences of the forward (float64):
     gradients of the inputs and of every parameter, h0, c0 and peepholes included."""

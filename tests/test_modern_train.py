@@ -34,6 +34,7 @@ def _decayed(name):  # written from SPEC §4, independently of crmn.convert / na
 
 @pytest.mark.parametrize("cfg,nesterov", [(TINY_CRMN, False), (TINY_RESNET, True)],
                          ids=["crmn-classical", "resnet-nesterov"])
+@pytest.mark.slow
 def test_train_step_is_lasagnes_sgd(cfg, nesterov):
     tc = TrainConfig(batch_size=6, nesterov=nesterov, weight_decay=1e-3, seed=4)
     be = TorchBackend(cfg, tc, dtype="float64")
@@ -131,6 +132,7 @@ def test_convert_round_trip_is_exact():
 
 
 @pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.slow
 def test_train_epoch_equals_single_steps_on_either_path(fast):
     """The loop's epoch, through the generic path (the sampler's numpy batches) or the
     stack's fast path (resident data gathered on the device, here the CPU), ends where
@@ -162,6 +164,7 @@ def test_train_epoch_reports_a_nan_loss():
     assert np.isnan(trainer.train_epoch(be, sampler, 0, 0.1).loss)
 
 
+@pytest.mark.slow
 def test_training_learns_a_separable_problem():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 48)
@@ -229,6 +232,7 @@ class _Casts(TorchDispatchMode):
 
 @pytest.mark.parametrize("cfg,channels_last", [(TINY_CRMN, True), (TINY_RESNET, False)],
                          ids=["crmn-channels-last", "resnet-channels-first"])
+@pytest.mark.slow
 def test_bfloat16_cast_once_gives_autocasts_bits_in_one_cast(cfg, channels_last):
     """cast_once rounds each weight as autocast does (same bits after two steps), but casts
     the single-product weights in one kernel each way instead of one per weight."""
@@ -266,6 +270,7 @@ def test_cast_once_is_a_bfloat16_option():
 
 
 @pytest.mark.parametrize("cfg", [TINY_RESNET, TINY_CRMN], ids=["resnet", "crmn"])
+@pytest.mark.slow
 def test_compiled_bfloat16_step_trains_like_the_eager_one(cfg):
     """torch.compile (inductor, here on the CPU) of the forward, cast-once weights passed in,
     the LSTM's hand-written backward traced through: its update is as close to float32's as

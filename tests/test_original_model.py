@@ -134,6 +134,7 @@ def test_crmn_tap_pools_flattens_and_pads_at_the_end():
 # --- parameter counts over the paper's rows --------------------------------------------------
 
 @pytest.mark.parametrize("row", paper.ROWS, ids=lambda r: r.id)
+@pytest.mark.slow
 def test_param_count_matches_naming_and_paper(row):
     cfg = ModelConfig.for_row(row)
     out = omodel.build(cfg)

@@ -56,6 +56,7 @@ def test_protocol_basics(backend):
         assert state[s.name].shape == s.shape
 
 
+@pytest.mark.slow
 def test_forward_train_changes_nothing_and_step_moves_bn_once(backend, fresh_state):
     _restore(backend, fresh_state)
     x, y = synthetic(8, seed=1)
@@ -117,6 +118,7 @@ def test_two_epochs_reduce_training_loss(backend, fresh_state):
     assert 0 <= acc <= 1 and np.isfinite(loss)
 
 
+@pytest.mark.slow
 def test_state_round_trip_on_a_fresh_backend(backend, fresh_state, tmp_path):
     _restore(backend, fresh_state)
     x, y = synthetic(20, seed=5)

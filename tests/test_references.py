@@ -41,6 +41,7 @@ def test_the_references_are_small_and_float64(refs):
 
 
 @pytest.mark.parametrize("name", sorted(references.OP_CASES))
+@pytest.mark.slow
 def test_jax_mode_op_equals_the_reference(refs, name):
     got = references.run_op(name, "jax", refs)
     _assert_close(got, references.op_outputs(refs, name), name)
@@ -51,6 +52,7 @@ def e2e_jax(request):
     return request.param, references.run_e2e(request.param, "jax")
 
 
+@pytest.mark.slow
 def test_jax_mode_three_steps_equal_the_reference(refs, e2e_jax):
     name, got = e2e_jax
     want = references.e2e_outputs(refs, name)
@@ -73,12 +75,14 @@ def test_a_perturbed_result_is_caught(refs, e2e_jax):
 
 @needs_c
 @pytest.mark.parametrize("name", sorted(references.OP_CASES))
+@pytest.mark.slow
 def test_the_op_references_are_current(refs, name):
     _assert_close(references.run_op(name, "c", refs), references.op_outputs(refs, name), name)
 
 
 @needs_c
 @pytest.mark.parametrize("name", sorted(references.E2E_MODELS))
+@pytest.mark.slow
 def test_the_e2e_references_are_current(refs, name):
     worst, where = references.worst_difference(references.run_e2e(name, "c"),
                                                references.e2e_outputs(refs, name))
@@ -93,6 +97,7 @@ def test_missing_references_are_one_line(tmp_path):
     assert "make_references.py" in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_check_jax_lists_every_case_within_tolerance(refs, monkeypatch):
     """The entry point for ``verify``: one row per case (the end-to-end runs replaced by
     the stored results here, to keep the test short; the tests above run them)."""

@@ -40,6 +40,7 @@ def fake_data(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, fake_data):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     ref = tmp_path / "ref"

@@ -191,6 +191,7 @@ def test_argmax_axes(axis):
 
 # --- per-op: split/join (LSTM gates), subtensor updates (option-A shortcut, padding) ---
 
+@pytest.mark.slow
 def test_split_and_join_of_lstm_gates():
     """The LSTM concatenates its four gates' weights (Join); the gradient splits them
     (Split); each gate reads a column block of the pre-activation (Subtensor)."""
@@ -337,6 +338,7 @@ def trained_pair(request):
     return c, j, batches, losses
 
 
+@pytest.mark.slow
 def test_training_steps_equal_the_c_backend(trained_pair):
     c, j, _, losses = trained_pair
     for (ce_c, acc_c), (ce_j, acc_j) in losses:
@@ -350,6 +352,7 @@ def test_training_steps_equal_the_c_backend(trained_pair):
 
 
 @pytest.mark.parametrize("training", [True, False])
+@pytest.mark.slow
 def test_forward_modes_equal_the_c_backend(trained_pair, training):
     c, j, batches, _ = trained_pair
     x = batches[-1][0]

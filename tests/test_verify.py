@@ -135,11 +135,13 @@ def _stacks_result(cfg, name):
     return results[0]
 
 
+@pytest.mark.slow
 def test_stacks_agree_resnet():
     r = _stacks_result(TINY_RESNET, "resnet")
     assert r.passed, r.diffs
 
 
+@pytest.mark.slow
 def test_stacks_agree_crmn():
     r = _stacks_result(TINY_CRMN, "crmn")
     assert r.passed, r.diffs
@@ -169,3 +171,25 @@ def test_device_checks_run_on_cpu():
     # float32 against float64 sees rounding, and only rounding
     assert 0 < results[3].diffs["logits (training)"] < verify.TOLERANCE_F32
     assert results[3].tol("params after step") == verify.UPDATE_TOLERANCE_F32
+
+
+def test_verify_holds_the_jax_mode_to_the_references_where_the_c_backend_is_missing(
+        monkeypatch):
+    """Where Theano's C backend cannot run (numpy 2), verify says so in one line, skips its
+    pairs and compares the JAX mode with the C backend's stored figures instead."""
+    from original import compat, references
+
+    monkeypatch.setattr(compat, "c_backend_available", lambda: (False, "no C backend here"))
+    seen = []
+    monkeypatch.setattr(references, "check_jax",
+                        lambda device="cpu": seen.append(device) or [("op/conv", 2e-14),
+                                                                     ("e2e/crmn", 3e-15)])
+    lines = []
+    results = verify.verify([], out=lines.append)
+    assert seen == ["cpu"]
+    assert lines[0] == "theano-c: not built here (--theano-mode c: no C backend here)"
+    assert [r.name for r in results] == ["theano-jax on cpu vs stored theano-c float64 "
+                                         "references"]
+    assert results[0].passed and results[0].diffs == {"op/conv": 2e-14, "e2e/crmn": 3e-15}
+    monkeypatch.setattr(references, "check_jax", lambda device="cpu": [("op/conv", 1e-9)])
+    assert not verify.verify([], out=lines.append)[0].passed  # above references.TOL

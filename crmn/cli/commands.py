@@ -158,7 +158,8 @@ def cmd_smoke(args) -> int:
 
 def cmd_verify(args) -> int:
     configs = [r.id for r in plans.select_rows(args, None)] if args.rows else None
-    plans.stack_options(args, backend="torch")  # a GPU run compares torch on it with the CPU
+    if args.device != "cpu":  # a GPU run compares torch on it with torch on the CPU
+        plans.stack_options(args, backend="torch")
     results = verify.verify(configs, device=args.device, tol=args.tol, lr=args.lr,
                             seed=args.seed, batch_size=args.batch_size)
     return 0 if all(r.passed for r in results) else 1

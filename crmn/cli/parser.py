@@ -122,11 +122,11 @@ def _stack_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
         g.add_argument("--compile", action="store_true", default=False,
                        help="torch only: torch.compile behind the captured CUDA graph "
                             "(default: %(default)s)")
-        g.add_argument("--theano-mode", choices=registry.THEANO_MODES,
-                       default=registry.DEFAULT_THEANO_MODE,
+        g.add_argument("--theano-mode", choices=registry.THEANO_MODES, default=None,
                        help="theano only: compile the graph with Theano's C backend (the "
                             "reference) or through JAX, which also runs it on a current GPU "
-                            "(--device cuda; default: %(default)s)")
+                            f"(--device cuda; default: {registry.DEFAULT_THEANO_MODE} where "
+                            "Theano's C backend works, else jax)")
 
 
 def _rows_option(p: argparse.ArgumentParser, default_help: str) -> None:

@@ -28,13 +28,11 @@ def stack_options(args, backend: Optional[str] = None) -> StackOptions:
     ``backend``: the stack of a command without ``--backend`` (verify and profile on a GPU
     run the torch stack)."""
     try:
-        options = StackOptions(backend=backend or getattr(args, "backend",
-                                                          registry.DEFAULT_BACKEND),
-                               device=args.device,
+        backend = backend or getattr(args, "backend", registry.DEFAULT_BACKEND)
+        mode = getattr(args, "theano_mode", None) or registry.default_theano_mode(backend)
+        options = StackOptions(backend=backend, device=args.device,
                                dtype=getattr(args, "dtype", registry.DEFAULT_DTYPE),
-                               theano_mode=getattr(args, "theano_mode",
-                                                   registry.DEFAULT_THEANO_MODE),
-                               compile=getattr(args, "compile", False))
+                               theano_mode=mode, compile=getattr(args, "compile", False))
         registry.probe(options)
     except UsageError:
         raise
