@@ -39,11 +39,13 @@ def _sampler(rng, steps: int, classes: int, train: TrainConfig) -> BatchSampler:
 
 def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3,
               batch_size: Optional[int] = None, seed: int = 0,
-              channels_last: Optional[bool] = None) -> Dict:
+              channels_last: Optional[bool] = None, model: Optional[ModelConfig] = None) -> Dict:
     """Time ``steps`` SGD steps of ``row`` in the stack of ``options``; returns the figures
     of one table line.
 
     ``channels_last`` (torch only): NHWC activations and filters; None: the stack's default.
+    ``model``: another network in the row's protocol (a quick look at the code path; the
+    paper's seconds then compare nothing, and ``speedup`` is None).
 
     Returns
     -------
@@ -53,7 +55,8 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
     steps), ``images_per_s``, ``sec_per_epoch`` (50,000 images), ``paper_sec_per_epoch``
     and ``speedup`` (paper / ours).
     """
-    model = ModelConfig.for_row(row)
+    own = model is None
+    model = ModelConfig.for_row(row) if own else model
     train = TrainConfig.for_row(row, seed=seed)
     if batch_size is not None:
         train = TrainConfig(batch_size=batch_size, lr_stages=row.lr_stages, seed=seed)
@@ -73,7 +76,7 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
     seconds = time.perf_counter() - t0
     ips = stats.images / seconds
     ours = EPOCH_IMAGES / ips
-    theirs = row.paper_sec_per_epoch
+    theirs = row.paper_sec_per_epoch if own else None
     return {
         "row": row.id, "label": row.label, "backend": options.backend,
         "stack": (f"theano-{options.theano_mode}" if options.backend == "theano"

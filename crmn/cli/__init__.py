@@ -26,6 +26,9 @@ Commands
     The two stacks compute the same function and take the same step (:mod:`crmn.verify`).
 ``bench``
     Seconds per epoch of paper rows beside the paper's (:mod:`crmn.bench`).
+``gpucheck``
+    One command that proves a GPU: environment, verify on the device, seconds per epoch of
+    four rows per engine, three epochs of training per engine (:mod:`crmn.gpucheck`).
 ``profile``
     The torch step under several settings, timed or its operators counted
     (:mod:`crmn.tools.profile`, a developer tool).

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from crmn import bench, data, launch, paper, registry, report, tables, verify
+from crmn import bench, data, gpucheck, launch, paper, registry, report, tables, verify
 from crmn import train as trainer
 from crmn.cli import plans
 from crmn.cli.parser import ROOT, SMOKE
@@ -215,6 +215,10 @@ def _bench_sampler(args) -> int:
     return 0
 
 
+def cmd_gpucheck(args) -> int:
+    return gpucheck.run(args.device, args.quick, Path(args.out))
+
+
 def cmd_profile(args) -> int:
     plans.stack_options(args, backend="torch")
     rows = paper.select(args.rows or "t1-resnet32x1", None)
@@ -230,4 +234,5 @@ def cmd_test(argv: Sequence[str]) -> int:
 
 COMMANDS = {**{name: cmd_train for name in paper.EXPERIMENTS}, "params": cmd_params,
             "compare": cmd_compare, "status": cmd_status, "smoke": cmd_smoke,
-            "verify": cmd_verify, "bench": cmd_bench, "profile": cmd_profile}
+            "verify": cmd_verify, "bench": cmd_bench, "profile": cmd_profile,
+            "gpucheck": cmd_gpucheck}

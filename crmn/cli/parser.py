@@ -297,6 +297,15 @@ def _add_tools(sub) -> None:
                     help="also write the results as JSON to PATH ('-' for stdout)")
     sp.add_argument("--sampler", action="store_true",
                     help="time the batch sampler (crops, flips; numpy) instead of a stack")
+    sp = sub.add_parser("gpucheck", help="one command that proves a GPU: environment, "
+                                         "verify on the device, s/epoch, a short training")
+    sp.add_argument("--device", type=_device, default="cuda", metavar="DEV",
+                    help="the device checked: cuda, cuda:N, or cpu (default: %(default)s)")
+    sp.add_argument("--quick", action="store_true",
+                    help="tiny networks and few steps: a check of the command itself")
+    sp.add_argument("--out", type=Path, default=ROOT / "runs" / "gpucheck", metavar="DIR",
+                    help="gpucheck.json, gpucheck.md and the training runs go here "
+                         "(default: runs/gpucheck of the archive)")
     sp = sub.add_parser("profile", help="developer tool: the torch step under several "
                                         "settings, timed on a GPU or its operators counted")
     _stack_options(sp, backend=False)
