@@ -86,6 +86,7 @@ def test_forward_train_changes_nothing_and_step_moves_bn_once(backend, fresh_sta
             assert np.array_equal(after[s.name], before[s.name]), s.name
 
 
+@pytest.mark.slow
 def test_momentum_is_lasagne_form(backend, fresh_state):
     """v <- mu v - lr g; p <- p + v: with lr = 0 a step moves every p by mu v exactly."""
     _restore(backend, fresh_state)
@@ -106,6 +107,7 @@ def test_momentum_is_lasagne_form(backend, fresh_state):
     assert all(not s3[velocity_name(s.name)].any() for s in param_specs(CFG) if s.trainable)
 
 
+@pytest.mark.slow
 def test_two_epochs_reduce_training_loss(backend, fresh_state):
     _restore(backend, fresh_state)
     x, y = synthetic(200, seed=4)
@@ -155,6 +157,7 @@ def test_set_state_rejects_missing_or_misshaped(backend):
         backend.set_state(bad)
 
 
+@pytest.mark.slow
 def test_nan_loss_is_reported_by_the_step(backend, fresh_state):
     """The step returns the NaN (the loop's one check stops the run, test_train.py)."""
     state = dict(fresh_state)

@@ -62,6 +62,7 @@ def test_jax_mode_three_steps_equal_the_reference(refs, e2e_jax):
     assert all(np.abs(v).max() > 0 for k, v in want.items() if "velocity" in k)
 
 
+@pytest.mark.slow
 def test_a_perturbed_result_is_caught(refs, e2e_jax):
     """The comparison sees a difference of a float32 rounding (what a Python float turned
     float32 constant does to a float64 graph)."""

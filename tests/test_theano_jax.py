@@ -361,6 +361,7 @@ def test_forward_modes_equal_the_c_backend(trained_pair, training):
     np.testing.assert_allclose(got, ref, rtol=0, atol=TOL)
 
 
+@pytest.mark.slow
 def test_float64_run_holds_float64_device_arrays(trained_pair):
     """Without jax_enable_x64 JAX would have run the float64 graph in float32."""
     _, j, batches, _ = trained_pair
@@ -374,6 +375,7 @@ def test_float64_run_holds_float64_device_arrays(trained_pair):
     assert "xf64>" in lowered and "xf32>" not in lowered
 
 
+@pytest.mark.slow
 def test_the_jax_step_returns_device_sums_without_a_host_copy(trained_pair):
     """The training loop reads the loss once per epoch: the step's outputs stay jax
     arrays (no host sync per step), while logits come back as numpy."""
@@ -386,6 +388,7 @@ def test_the_jax_step_returns_device_sums_without_a_host_copy(trained_pair):
     assert float(correct) == float(c_correct)
 
 
+@pytest.mark.slow
 def test_shared_variables_and_device_copies_agree(trained_pair):
     """Theano's own get_value sees what the JAX calls wrote (one storage cell), and
     set_state / reset_velocity write through to the device."""
