@@ -124,11 +124,16 @@ def hold(run_dir) -> Iterator[None]:
     ------
     RunError
         Another live process holds the directory: one line naming it and that process's
-        PID; nothing in the directory was touched.
+        PID; or the lock cannot be made (a read-only folder). Nothing in the directory
+        was touched.
     """
     path = Path(run_dir) / LOCK
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        except OSError as exc:
+            raise RunError(f"{run_dir}: cannot take the run's lock {LOCK} "
+                           f"({exc.strerror or exc}); nothing here was changed") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

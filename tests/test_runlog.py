@@ -151,3 +151,24 @@ def test_load_run_and_find_runs(tmp_path):
     assert runlog.find_runs(tmp_path) == [d]
     with pytest.raises(CRMNError, match="no such run directory"):
         runlog.load_run(tmp_path / "nope")
+
+
+def test_a_lock_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
+    """A read-only run folder (e.g. ``--resume`` on a read-only mount): one RunError line
+    naming the folder and the cause, nothing changed."""
+    from crmn.errors import RunError
+
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(runlog.LOCK):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(runlog.os, "open", read_only)
+    with pytest.raises(RunError) as exc:
+        with runlog.hold(tmp_path):
+            raise AssertionError("the block must not run")
+    assert str(exc.value) == (f"{tmp_path}: cannot take the run's lock {runlog.LOCK} "
+                              f"(Read-only file system); nothing here was changed")
+    assert list(tmp_path.iterdir()) == []
