@@ -24,6 +24,7 @@ from crmn.errors import ConfigError
 from crmn.naming import velocity_name
 from original import jax_mode
 from original.backend import TheanoBackend
+from original.references import op_names
 from stack_steps import train_step
 
 TOL = 1e-12  # float64: the two backends may differ only by rounding order
@@ -56,25 +57,6 @@ def float64_graphs():
     """Symbolic variables default to float64 here (the archive's floatX is float32)."""
     with theano.config.change_flags(floatX="float64"):
         yield
-
-
-def op_names(fn):
-    """Op class names of a compiled function's graph, scalar ops inside Elemwise and
-    Composite included (``Elemwise{Mul}`` counts as "Mul")."""
-    names = set()
-
-    def visit(nodes):
-        for node in nodes:
-            names.add(type(node.op).__name__)
-            scalar = getattr(node.op, "scalar_op", None)
-            if scalar is not None:
-                names.add(type(scalar).__name__)
-                inner = getattr(scalar, "fgraph", None)
-                if inner is not None:
-                    visit(inner.apply_nodes)
-
-    visit(fn.maker.fgraph.apply_nodes)
-    return names
 
 
 def compare(inputs, outputs, values, expect_ops, tol=TOL):
