@@ -332,8 +332,12 @@ def test_two_runs_into_one_directory_the_second_is_refused(tmp_path):
     for line in first.stdout:  # the first holds the directory once it names its stack
         if "trainable parameters" in line:
             break
-    second = subprocess.run(argv(tmp_path / "shared"), cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    first.send_signal(signal.SIGSTOP)  # paused, lock held: the second cannot outlive it
+    try:
+        second = subprocess.run(argv(tmp_path / "shared"), cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
     first.communicate(timeout=300)
     assert first.returncode == 0
     assert second.returncode == 1

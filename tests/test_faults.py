@@ -72,7 +72,11 @@ def test_two_smoke_runs_into_one_out_dir(tmp_path):
     for line in first.stdout:  # the first holds its run folder once it names its stack
         if "trainable parameters" in line:
             break
-    second = run_cli([*SMOKE_TORCH, "--out-dir", shared])
+    first.send_signal(signal.SIGSTOP)  # paused, lock held: the second cannot outlive it
+    try:
+        second = run_cli([*SMOKE_TORCH, "--out-dir", shared])
+    finally:
+        first.send_signal(signal.SIGCONT)
     first.communicate(timeout=300)
     assert first.returncode == 0
     assert second.returncode == 1
