@@ -18,11 +18,10 @@ import functools
 from typing import Tuple
 
 import jax
-from jax import lax
 from theano.tensor.nnet.abstract_conv import (AbstractConv2d, AbstractConv2d_gradInputs,
                                               AbstractConv2d_gradWeights, border_mode_to_pad)
 
-from original.jax_mode.dispatch import Unsupported, jax_funcify
+from original.jax_mode.dispatch import Unsupported, correlate, jax_funcify
 
 
 def conv_padding(op, kshape) -> Tuple[Tuple[int, int], Tuple[int, int]]:
@@ -44,12 +43,11 @@ def _oriented(op, kern):
 
 
 def convolve(op, img, kern):
-    """(B, C, H, W), (F, C/groups, kH, kW) -> (B, F, H', W'): ``op``'s convolution."""
+    """(B, C, H, W), (F, C/groups, kH, kW) -> (B, F, H', W'): ``op``'s convolution, as the
+    correlation of :mod:`original.jax_mode.dispatch` with the oriented kernel and the
+    abstract op's padding."""
     kern = _oriented(op, kern)
-    return lax.conv_general_dilated(
-        img, kern, window_strides=op.subsample,
-        padding=conv_padding(op, kern.shape[-2:]), rhs_dilation=op.filter_dilation,
-        dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=op.num_groups)
+    return correlate(op, img, kern, conv_padding(op, kern.shape[-2:]))
 
 
 @jax_funcify.register(AbstractConv2d)

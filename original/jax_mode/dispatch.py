@@ -204,12 +204,15 @@ def _check_corr(op):
         raise Unsupported(f"no JAX conversion for unshared correlation {op}")
 
 
-def correlate(op, img, kern):
+def correlate(op, img, kern, padding=None):
     """(B, C, H, W) ⋆ (F, C/groups, kH, kW) -> (B, F, H', W'): cross-correlation (no kernel
-    flip; Theano flips ``conv2d``'s kernel before lowering it to ``CorrMM``)."""
+    flip; Theano flips ``conv2d``'s kernel before lowering it to ``CorrMM``). ``padding``:
+    ((top, bottom), (left, right)); default :func:`corr_padding` of ``op``."""
+    if padding is None:
+        padding = corr_padding(op, kern.shape[-2:])
     return lax.conv_general_dilated(
         img, kern, window_strides=op.subsample,
-        padding=corr_padding(op, kern.shape[-2:]), rhs_dilation=op.filter_dilation,
+        padding=padding, rhs_dilation=op.filter_dilation,
         dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=op.num_groups)
 
 
