@@ -52,27 +52,6 @@ class RunSpec:
             raise ConfigError(f"a {self.model.classes}-class network cannot train on "
                               f"{self.dataset} ({paper.DATASET_CLASSES[self.dataset]} classes)")
 
-    # the stack's settings under the names config.json, checkpoints and logs use
-    @property
-    def backend(self) -> str:
-        return self.stack.backend
-
-    @property
-    def device(self) -> str:
-        return self.stack.device
-
-    @property
-    def dtype(self) -> str:
-        return self.stack.dtype
-
-    @property
-    def theano_mode(self) -> str:
-        return self.stack.theano_mode
-
-    @property
-    def compile(self) -> bool:
-        return self.stack.compile
-
 
 @dataclasses.dataclass(frozen=True)
 class Run:

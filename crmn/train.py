@@ -312,7 +312,7 @@ def _run_held(ctx: _Run, new_stack: Callable[[], Any], resume: bool) -> Dict:
     ctx.split("search" if searching else "final")  # a missing dataset fails before the build
     _note_data(ctx)
     stack = new_stack()
-    ctx.say(f"{ctx.run_dir}: backend {stack.name} on {stack.device}, dtype {spec.dtype}, "
+    ctx.say(f"{ctx.run_dir}: backend {stack.name} on {stack.device}, dtype {spec.stack.dtype}, "
             f"{stack.param_count():,} trainable parameters")
     if resumed is None or not ctx.path(runlog.CONFIG).exists():
         runlog.write_json(ctx.path(runlog.CONFIG), _config(ctx, stack))
@@ -412,15 +412,15 @@ def _resume_point(ctx: _Run, resume: bool) -> Optional[Tuple[Dict, Dict]]:
 def _record_resume(ctx: _Run, meta: Dict) -> None:
     """Note in config.json who continued the run; say so when the stack or dtype changes."""
     spec = ctx.spec
-    if (meta.get("backend"), meta.get("dtype")) != (spec.backend, spec.dtype):
+    if (meta.get("backend"), meta.get("dtype")) != (spec.stack.backend, spec.stack.dtype):
         ctx.say(f"{ctx.run_dir}: checkpoint written by {meta.get('backend')} "
-                f"({meta.get('dtype')}), continuing with {spec.backend} ({spec.dtype})")
+                f"({meta.get('dtype')}), continuing with {spec.stack.backend} ({spec.stack.dtype})")
     path = ctx.path(runlog.CONFIG)
     if path.exists():
         config = runlog.read_json(path)
         config.setdefault("resumes", []).append(
-            {"phase": meta["phase"], "after_epoch": meta["epoch"], "backend": spec.backend,
-             "dtype": spec.dtype,
+            {"phase": meta["phase"], "after_epoch": meta["epoch"], "backend": spec.stack.backend,
+             "dtype": spec.stack.dtype,
              "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         runlog.write_json(path, config)
 
@@ -431,9 +431,11 @@ def _config(ctx: _Run, stack) -> Dict:
     for mod in ("h5py", "theano", "lasagne", "torch"):
         if mod in sys.modules:
             versions[mod] = getattr(sys.modules[mod], "__version__", "?")
+    options = spec.stack
     return {"row": spec.row, "experiment": spec.experiment, "dataset": spec.dataset,
-            "backend": spec.backend, "device": stack.device, "device_requested": spec.device,
-            "dtype": spec.dtype, "compile": spec.compile, "theano_mode": spec.theano_mode,
+            "backend": options.backend, "device": stack.device,
+            "device_requested": options.device, "dtype": options.dtype,
+            "compile": options.compile, "theano_mode": options.theano_mode,
             "params": stack.param_count(),
             "model": spec.model.to_dict(),
             "train": spec.train.to_dict(), "seed": spec.train.seed,
@@ -549,7 +551,7 @@ def _check_finite(ctx: _Run, phase: str, epoch: int, what: str, value: float) ->
 def _meta(ctx: _Run, phase: str, sched, seed: int, extra: Dict) -> Dict:
     spec = ctx.spec
     return {"model": spec.model.to_dict(), "train": spec.train.to_dict(),
-            "backend": spec.backend, "dtype": spec.dtype, "dataset": spec.dataset,
+            "backend": spec.stack.backend, "dtype": spec.stack.dtype, "dataset": spec.dataset,
             "phase": phase, "epoch": sched.epoch, "schedule": sched.state_dict(),
             "sampler_seed": seed, "best": sched.best, **extra}
 
@@ -592,7 +594,7 @@ def _summary(ctx: _Run, stack, used: List[int], extra: Dict) -> Dict:
         split = ctx.split("final")
         test_loss, test_acc = evaluate(stack, split.eval_x, split.eval_y)
     rates = [e["images_per_s"] for e in final if e["images_per_s"]]
-    return {"row": spec.row, "experiment": spec.experiment, "backend": spec.backend,
+    return {"row": spec.row, "experiment": spec.experiment, "backend": spec.stack.backend,
             "device": stack.device, "dataset": spec.dataset, "params": stack.param_count(),
             "schedule_found": extra["schedule_found"], "schedule_used": list(used),
             "lr_stages": list(spec.train.lr_stages), "test_loss": test_loss,
