@@ -44,8 +44,8 @@ _crmn_ensure_openblas() {
   if ! { ldconfig -p 2>/dev/null || true; } | grep 'libopenblas\.so' >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       echo "ensure_env: installing OpenBLAS (libopenblas-dev) for Theano" >&2
-      (apt-get install -y -qq libopenblas-dev >/dev/null 2>&1 \
-        || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libopenblas-dev >/dev/null 2>&1; }) \
+      (apt-get -o DPkg::Lock::Timeout=300 install -y -qq libopenblas-dev >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get -o DPkg::Lock::Timeout=300 install -y -qq libopenblas-dev >/dev/null 2>&1; }) \
         || echo "ensure_env: could not install libopenblas-dev; the Theano stack will refuse to run" >&2
     else
       echo "ensure_env: no OpenBLAS found; install libopenblas-dev (Debian) or set THEANO_FLAGS=blas__ldflags=..." >&2

@@ -14,8 +14,10 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
+# another apt (scripts/ensure_env.sh installing OpenBLAS at the same moment) holds dpkg's
+# lock for a while: wait for it rather than fail
 apt-get update -qq >/dev/null 2>&1 || echo "install_slurm: apt-get update failed; trying the cached lists" >&2
-if ! apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge \
+if ! apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge \
     >/dev/null 2>&1; then
   echo "install_slurm: apt-get install slurmctld slurmd slurm-client munge failed" >&2
   exit 1
