@@ -20,7 +20,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from crmn import paper, registry, tables
+from crmn import paper, registry, roofline, tables
 from crmn.config import ModelConfig, TrainConfig
 from crmn.data import BatchSampler
 from crmn.registry import StackOptions
@@ -39,13 +39,16 @@ def _sampler(rng, steps: int, classes: int, train: TrainConfig) -> BatchSampler:
 
 def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3,
               batch_size: Optional[int] = None, seed: int = 0,
-              channels_last: Optional[bool] = None, model: Optional[ModelConfig] = None) -> Dict:
+              channels_last: Optional[bool] = None, model: Optional[ModelConfig] = None,
+              ceiling: Optional[Dict] = None) -> Dict:
     """Time ``steps`` SGD steps of ``row`` in the stack of ``options``; returns the figures
     of one table line.
 
     ``channels_last`` (torch only): NHWC activations and filters; None: the stack's default.
     ``model``: another network in the row's protocol (a quick look at the code path; the
     paper's seconds then compare nothing, and ``speedup`` is None).
+    ``ceiling``: the device's limits (:func:`crmn.roofline.measure_ceiling`), against
+    which the achieved TFLOP/s are set.
 
     Returns
     -------
@@ -53,7 +56,9 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
     ``device, precision, batch_size, steps, warmup_s`` (first epoch of ``warmup`` steps:
     compile / capture), ``compile_s`` (of which compiling), ``seconds`` (the ``steps``
     steps), ``images_per_s``, ``sec_per_epoch`` (50,000 images), ``paper_sec_per_epoch``
-    and ``speedup`` (paper / ours).
+    and ``speedup`` (paper / ours); ``flops_per_image``, ``tflops``, ``ceiling_tflops`` and
+    ``ceiling_fraction`` (:func:`crmn.roofline.utilisation`); ``peak_mem_bytes`` and
+    ``peak_mem_kind`` (:func:`crmn.roofline.peak_memory`).
     """
     own = model is None
     model = ModelConfig.for_row(row) if own else model
@@ -62,6 +67,10 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
         train = TrainConfig(batch_size=batch_size, lr_stages=row.lr_stages, seed=seed)
     B = train.batch_size
     expert = {} if channels_last is None else {"channels_last": channels_last}
+    stack_name = (f"theano-{options.theano_mode}" if options.backend == "theano"
+                  else options.backend)
+    precision = options.dtype + ("+compile" if options.compile else "")
+    roofline.reset_peak_memory(stack_name, options.device)
     stack = registry.build(options, model, train, **expert)
     layout = "channels-last" if getattr(stack, "channels_last", False) else "channels-first"
     rng = np.random.default_rng(seed)
@@ -78,29 +87,55 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
     ours = EPOCH_IMAGES / ips
     theirs = row.paper_sec_per_epoch if own else None
     return {
-        "row": row.id, "label": row.label, "backend": options.backend,
-        "stack": (f"theano-{options.theano_mode}" if options.backend == "theano"
-                  else options.backend),
-        "device": stack.device, "compile_s": warm.compile_seconds,
-        "precision": options.dtype + ("+compile" if options.compile else ""),
+        "row": row.id, "label": row.label, "backend": options.backend, "stack": stack_name,
+        "device": stack.device, "compile_s": warm.compile_seconds, "precision": precision,
         "layout": layout,
         "batch_size": B, "steps": steps, "warmup_s": warmup_s,
         "seconds": seconds, "images_per_s": ips, "sec_per_epoch": ours,
         "paper_sec_per_epoch": theirs,
         "speedup": (theirs / ours) if theirs else None, "loss": stats.loss,
+        **roofline.utilisation(model, ips, stack_name, precision, ceiling),
+        **roofline.peak_memory(stack_name, options.device),
     }
+
+
+def percent(fraction: Optional[float]) -> str:
+    """A fraction as a percentage to three significant digits; "-" for None."""
+    return "-" if fraction is None else f"{100 * fraction:.3g} %"
+
+
+def _figure(r: Dict, key: str, unit: float, spec: str) -> str:
+    """``r[key] / unit`` formatted, "-" where the figure is missing (a JSON written before
+    the column existed, a peak that was not measured)."""
+    value = r.get(key)
+    return "-" if value is None else format(value / unit, spec)
 
 
 def format_table(results: Sequence[Dict]) -> str:
     """The bench table (:func:`crmn.tables.markdown`); speed-ups to three significant digits
-    (a CPU run is a small fraction of the paper's speed)."""
+    (a CPU run is a small fraction of the paper's speed). ``GFLOP/img``: forward + backward
+    per trained image; ``TFLOP/s`` achieved; ``of ceiling``: its share of the measured
+    ceiling of the row's precision; ``peak MiB``: peak memory (``peak_mem_kind``)."""
     body = [[r["row"], r["label"], r.get("stack", "-"), r["batch_size"],
              f"{r['images_per_s']:.0f}", f"{r['sec_per_epoch']:.2f}",
              f"{r['paper_sec_per_epoch']:.0f}" if r["paper_sec_per_epoch"] else "-",
              f"{r['speedup']:.3g}x" if r["speedup"] else "-", f"{r['warmup_s']:.1f}",
-             f"{r.get('compile_s', 0.0):.1f}"] for r in results]
+             f"{r.get('compile_s', 0.0):.1f}", _figure(r, "flops_per_image", 1e9, ".3g"),
+             _figure(r, "tflops", 1, ".3g"), percent(r.get("ceiling_fraction")),
+             _figure(r, "peak_mem_bytes", 2 ** 20, ".0f")] for r in results]
     return tables.markdown(["row", "model", "stack", "batch", "img/s", "s/epoch", "paper s",
-                            "speedup", "warm-up s", "compile s"], body, align="lllrrrrrrr")
+                            "speedup", "warm-up s", "compile s", "GFLOP/img", "TFLOP/s",
+                            "of ceiling", "peak MiB"], body, align="lllrrrrrrrrrrr")
+
+
+def describe_ceiling(c: Dict) -> str:
+    """One line: the measured ceiling of a device."""
+    def tf(key):
+        return "-" if c.get(key) is None else f"{c[key]:.3g}"
+    return (f"ceiling on {c['device']} ({c['library']}, {c['gemm_side']}-square products, "
+            f"best of {c['seconds']:.1f} s): float32 {tf('fp32_tflops')}, tf32 "
+            f"{tf('tf32_tflops')}, bfloat16 {tf('bf16_tflops')} TFLOP/s; copy "
+            f"{c['copy_gb_s']:.3g} GB/s")
 
 
 def mode_ratios(results: Sequence[Dict]) -> str:

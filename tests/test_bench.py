@@ -24,6 +24,9 @@ def test_bench_prints_and_writes_the_row(tmp_path, capsys):
     assert r["sec_per_epoch"] == pytest.approx(50_000 / r["images_per_s"])
     assert r["paper_sec_per_epoch"] == row.paper_sec_per_epoch
     assert r["speedup"] == pytest.approx(row.paper_sec_per_epoch / r["sec_per_epoch"])
+    assert r["flops_per_image"] == 412_325_376  # crmn.roofline: ResNet-32x1, 100 classes
+    assert r["ceiling_fraction"] == pytest.approx(r["tflops"] / r["ceiling_tflops"])
+    assert "# ceiling on cpu" in text and "of ceiling" in text
 
 
 def test_bench_rejects_bad_input_as_usage_errors(capsys):
@@ -70,6 +73,7 @@ def test_format_table_without_paper_seconds():
     cells = [c.strip() for c in line.split("|")[1:-1]]
     assert cells[:4] == ["t2-crmn28x10", "CRMN-28x10", "-", "50"]
     assert cells[6:8] == ["-", "-"]  # no paper seconds, no speed-up
+    assert cells[10:] == ["-"] * 4  # a JSON from before the roofline columns
 
 
 @pytest.mark.slow

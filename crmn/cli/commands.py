@@ -18,7 +18,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from crmn import bench, data, gpucheck, launch, paper, registry, report, tables, verify
+from crmn import (bench, data, gpucheck, launch, paper, registry, report, roofline, tables,
+                  verify)
 from crmn import train as trainer
 from crmn.cli import plans
 from crmn.cli.parser import ROOT, SMOKE
@@ -175,6 +176,8 @@ def cmd_bench(args) -> int:
     rows = plans.select_rows(args, "table1", strict=False)
     print(f"# bench: {options.describe()}, {args.steps} timed steps per row; python "
           f"{platform.python_version()}, numpy {np.__version__}", flush=True)
+    ceiling = roofline.measure_ceiling(options.device)
+    print(f"# {bench.describe_ceiling(ceiling)}", flush=True)
     timed = [options]  # the JAX mode is timed beside the C mode and the torch stack
     if options.backend == "theano" and options.theano_mode == "jax":
         timed += [options.replace(theano_mode="c"),
@@ -183,10 +186,12 @@ def cmd_bench(args) -> int:
     for row in rows:
         for opts in timed:
             r = bench.bench_row(row, opts, args.steps, warmup=args.warmup,
-                                batch_size=args.batch_size, channels_last=args.channels_last)
+                                batch_size=args.batch_size, channels_last=args.channels_last,
+                                ceiling=ceiling)
             print(f"# {row.id} {r['stack']}: {r['images_per_s']:.0f} img/s, "
-                  f"{r['sec_per_epoch']:.2f} s per epoch on {r['device']}, {r['layout']}",
-                  flush=True)
+                  f"{r['sec_per_epoch']:.2f} s per epoch on {r['device']}, {r['layout']}; "
+                  f"{r['tflops']:.3g} TFLOP/s = {bench.percent(r['ceiling_fraction'])} of "
+                  f"the ceiling", flush=True)
             results.append(r)
     print(bench.format_table(results))
     ratios = bench.mode_ratios(results)

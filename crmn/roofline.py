@@ -1,0 +1,228 @@
+"""How close a training step comes to the machine's own limit: FLOPs per trained image and
+the measured ceiling of the device.
+
+:func:`train_flops_per_image` counts, once, from the network's layers (SPEC §4), the
+floating-point operations of one SGD step per image: forward and backward of every
+convolution and matrix product. The convention is the one of model-FLOP utilisation and of
+``torch.utils.flop_counter``: a multiply-add is 2 FLOPs; the backward of a product costs one
+product for the weights' gradient and one for the input's gradient, except where the input
+needs none (the images entering the stem convolution); elementwise work (batch norm, ReLU,
+pooling, the LSTM's gates, the loss, the update) is not counted: it is memory-bound, and a
+few per cent of the products' count.
+
+:func:`measure_ceiling` measures, in a few seconds, what the device reaches on a large
+square matrix product in float32 (strict), TensorFloat-32 and bfloat16 (where the device has
+them), and the bandwidth of a large device-to-device copy. :func:`utilisation` sets a timed
+row against it: achieved TFLOP/s and its fraction of the ceiling of the row's precision.
+``bench`` and ``gpucheck`` print these figures beside seconds per epoch.
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from crmn.config import ModelConfig
+
+#: the spatial size of each stage's feature maps on a 32x32 input (stages 2 and 3 stride 2)
+STAGE_SIZES = (32, 16, 8)
+
+
+@dataclass(frozen=True)
+class Product:
+    """One convolution or matrix product of the network, per image."""
+
+    name: str  # e.g. "stage2.block0.conv1", "lstm.W_x"
+    macs: int  # multiply-adds of its forward pass for one image
+    input_grad: bool  # whether the backward also computes the gradient of its input
+
+    @property
+    def train_flops(self) -> int:
+        """Forward + backward FLOPs (2 per multiply-add): forward, weight gradient, and the
+        input gradient where one is needed."""
+        return 2 * self.macs * (3 if self.input_grad else 2)
+
+
+def products(model: ModelConfig) -> List[Product]:
+    """Every convolution and matrix product of ``model``, in network order, per image.
+
+    3x3 convolutions with padding 1 (SPEC §4): ``S_out² · C_out · C_in · 9`` multiply-adds,
+    ``S_out`` the output's side (32, 16, 8 by stage). The CRMN memory (section 3.2): the
+    input projection of all ``T = 3n`` taps, each zero-padded to ``I = 16k·16·16`` inputs
+    (the network multiplies the padding too), ``T · I · 4H``; the recurrence ``T · H · 4H``
+    (the first step multiplies the learned ``h0``); the softmax layer ``F · classes`` with
+    ``F = 64k (+ H)``.
+    """
+    w1, w2, w3 = model.widths
+    out = [Product("conv0", STAGE_SIZES[0] ** 2 * w1 * 3 * 9, input_grad=False)]
+    c_in = w1
+    for s, (width, side) in enumerate(zip((w1, w2, w3), STAGE_SIZES)):
+        for b in range(model.n):
+            out.append(Product(f"stage{s + 1}.block{b}.conv1", side * side * width * c_in * 9,
+                               input_grad=True))
+            out.append(Product(f"stage{s + 1}.block{b}.conv2", side * side * width * width * 9,
+                               input_grad=True))
+            c_in = width
+    features = w3
+    if model.memory:
+        T, I, H = model.taps, model.lstm_input, model.lstm_units
+        out.append(Product("lstm.W_x", T * I * 4 * H, input_grad=True))
+        out.append(Product("lstm.W_h", T * H * 4 * H, input_grad=True))
+        features += H
+    out.append(Product("fc", features * model.classes, input_grad=True))
+    return out
+
+
+def train_flops_per_image(model: ModelConfig) -> int:
+    """FLOPs of one SGD step per trained image (forward + backward; module docstring)."""
+    return sum(p.train_flops for p in products(model))
+
+
+# --- the device's ceiling -----------------------------------------------------------------
+
+#: side of the square matrices timed: (gpu, cpu); large enough to fill the device's units
+GEMM_SIDE = {True: 8192, False: 1024}
+#: bytes of the copied buffer: (gpu, cpu)
+COPY_BYTES = {True: 1 << 30, False: 1 << 26}
+
+
+def _best_of(fn, sync, seconds: float, least: int = 3) -> float:
+    """The fastest of repeated calls of ``fn`` (after one warm-up), for about ``seconds``."""
+    fn()
+    sync()
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < least or spent < seconds:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        took = time.perf_counter() - t0
+        best, spent, runs = min(best, took), spent + took, runs + 1
+    return best
+
+
+def _torch_ceiling(device: str, seconds: float) -> Dict:
+    import torch
+
+    dev = torch.device(device)
+    gpu = dev.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(dev)) if gpu else (lambda: None)
+    n = GEMM_SIDE[gpu]
+    got = {"library": f"torch {torch.__version__}", "gemm_side": n}
+    kinds = [("fp32_tflops", torch.float32, False), ("bf16_tflops", torch.bfloat16, False)]
+    if gpu:
+        kinds.insert(1, ("tf32_tflops", torch.float32, True))
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for key, dtype, tf32 in kinds:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            a = torch.randn(n, n, device=dev, dtype=dtype)
+            b = torch.randn(n, n, device=dev, dtype=dtype)
+            took = _best_of(lambda: torch.mm(a, b), sync, seconds)
+            got[key] = 2 * n ** 3 / took / 1e12
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    src = torch.empty(COPY_BYTES[gpu] // 4, device=dev, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    took = _best_of(lambda: dst.copy_(src), sync, seconds)
+    got["copy_gb_s"] = 2 * src.numel() * 4 / took / 1e9  # read + write
+    return got
+
+
+def _numpy_ceiling(seconds: float) -> Dict:
+    import numpy as np
+
+    n = GEMM_SIDE[False]
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    took = _best_of(lambda: a @ b, lambda: None, seconds)
+    src = np.ones(COPY_BYTES[False] // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    copy = _best_of(lambda: np.copyto(dst, src), lambda: None, seconds)
+    return {"library": f"numpy {np.__version__}", "gemm_side": n,
+            "fp32_tflops": 2 * n ** 3 / took / 1e12, "copy_gb_s": 2 * src.nbytes / copy / 1e9}
+
+
+def measure_ceiling(device: str = "cpu", seconds: float = 0.5) -> Dict:
+    """The device's measured limits: a large matrix product per precision, a large copy.
+
+    Measured with torch where it is installed (float32 strict, TensorFloat-32 on a GPU,
+    bfloat16), else with numpy on the CPU (float32 only). Each figure is the fastest of
+    repeated runs over about ``seconds``.
+
+    Returns
+    -------
+    dict with ``device``, ``library``, ``gemm_side``, ``fp32_tflops``, ``tf32_tflops`` and
+    ``bf16_tflops`` (None where not measured), ``copy_gb_s`` (read + write bytes per second)
+    and ``seconds`` (what measuring took).
+    """
+    t0 = time.perf_counter()
+    try:
+        import torch  # noqa: F401
+        got = _torch_ceiling(device, seconds)
+    except ImportError:
+        if device != "cpu":
+            from crmn.errors import ConfigError
+            raise ConfigError(f"measuring the ceiling of --device {device} needs torch "
+                              f"(not installed in {sys.executable})")
+        got = _numpy_ceiling(seconds)
+    out = {"device": device, "fp32_tflops": None, "tf32_tflops": None, "bf16_tflops": None}
+    out.update(got)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def ceiling_key(stack: str, precision: str, device: str) -> Optional[str]:
+    """Which measured ceiling a timed row is held against: bfloat16 rows against bfloat16;
+    torch float32 on a GPU against TensorFloat-32 (the torch stack allows it there);
+    Theano-JAX float32 (full precision) and every float32 row on a CPU against strict
+    float32; float64 against none."""
+    if precision.startswith("bfloat16"):
+        return "bf16_tflops"
+    if precision.startswith("float32"):
+        return "tf32_tflops" if stack == "torch" and device.startswith("cuda") else "fp32_tflops"
+    return None
+
+
+def utilisation(model: ModelConfig, images_per_s: float, stack: str, precision: str,
+                ceiling: Optional[Dict]) -> Dict:
+    """A timed row's place against the ceiling: ``flops_per_image``, ``tflops`` (achieved),
+    ``ceiling_tflops`` and ``ceiling_fraction`` (None without a matching measurement)."""
+    flops = train_flops_per_image(model)
+    achieved = flops * images_per_s / 1e12
+    key = ceiling_key(stack, precision, ceiling["device"]) if ceiling else None
+    top = ceiling.get(key) if key else None
+    return {"flops_per_image": flops, "tflops": achieved, "ceiling_tflops": top,
+            "ceiling_fraction": achieved / top if top else None}
+
+
+# --- peak memory ------------------------------------------------------------------------
+
+def reset_peak_memory(stack: str, device: str) -> None:
+    """Start a row's peak-memory count (torch on a GPU; JAX keeps its peak for the
+    process, and a CPU row reads the process's peak resident memory)."""
+    if stack == "torch" and device.startswith("cuda"):
+        import torch
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(stack: str, device: str) -> Dict:
+    """``peak_mem_bytes`` and what it is (``peak_mem_kind``): torch's peak allocation on
+    the GPU since :func:`reset_peak_memory`, JAX's peak bytes in use on its device, or on a
+    CPU the process's peak resident set (every row of the process so far)."""
+    if device.startswith("cuda"):
+        if stack == "torch":
+            import torch
+            return {"peak_mem_bytes": int(torch.cuda.max_memory_allocated(device)),
+                    "peak_mem_kind": "torch peak allocated"}
+        import jax
+        index = int(device.partition(":")[2] or 0)
+        stats = jax.devices("gpu")[index].memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+        return {"peak_mem_bytes": int(peak) if peak is not None else None,
+                "peak_mem_kind": "jax peak bytes in use (process)"}
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, else KiB
+    return {"peak_mem_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+            "peak_mem_kind": "process peak RSS"}
