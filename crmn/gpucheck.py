@@ -531,9 +531,9 @@ class Recorder:
         with self._lock:
             return self._write()
 
-    def cut(self, signum: int) -> int:
-        """Called by the watcher thread on a signal: the files say the run was cut short and
-        where, the child is ended; returns the exit code. Keeps the lock."""
+    def cut(self, signum: int) -> None:
+        """Called by the watcher thread on a signal: the child is ended and the files say
+        the run was cut short, and where. Keeps the lock: nothing is written after it."""
         self._lock.acquire()
         self.cut_short = {"signal": signal.Signals(signum).name, "check": self.running,
                           "after_s": round(self.elapsed(), 1)}
@@ -546,7 +546,6 @@ class Recorder:
                 time.sleep(0.05)
             child.kill()  # a no-op on a child already reaped
         self._write()
-        return CUT_SIGNALS[signum]
 
 
 def _watch(fd: int, recorder: Recorder) -> None:
@@ -556,13 +555,19 @@ def _watch(fd: int, recorder: Recorder) -> None:
         data = os.read(fd, 1)
         if not data or data[0] == 0:
             return
-        if data[0] in CUT_SIGNALS:
-            code = recorder.cut(data[0])
+        if data[0] not in CUT_SIGNALS:
+            continue
+        name = signal.Signals(data[0]).name
+        try:
+            recorder.cut(data[0])
             cut = recorder.cut_short
-            os.write(2, (f"gpucheck: cut short by {cut['signal']} in check "
-                         f"{cut['check'] or '-'} after {cut['after_s']:.0f} s; wrote "
-                         f"{recorder.plan.out_dir / JSON_NAME} and {MD_NAME}\n").encode())
-            os._exit(code)  # the files are on disk; the main thread may be inside XLA
+            line = (f"gpucheck: cut short by {name} in check {cut['check'] or '-'} after "
+                    f"{cut['after_s']:.0f} s; wrote {recorder.plan.out_dir / JSON_NAME} "
+                    f"and {MD_NAME}")
+        except (OSError, CRMNError) as exc:  # e.g. a full disk: the last files stay
+            line = f"gpucheck: cut short by {name}; could not write its files: {exc}"
+        os.write(2, (line + "\n").encode())
+        os._exit(CUT_SIGNALS[data[0]])  # the files are on disk; the main thread may be in XLA
 
 
 class _cut_on_signals:
@@ -622,10 +627,12 @@ def run(plan: GpucheckPlan) -> int:
     gpucheck.md into ``plan.out_dir`` before and after each; the exit code (1 if a check
     failed; 3 or 130 when a signal cut the run short, from the watcher thread)."""
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    recorder = Recorder(plan, environment(plan.device))
-    print("gpucheck: " + ", ".join(f"{k} {v}" for k, v in recorder.env.items()), flush=True)
+    recorder = Recorder(plan, {})
     costs = COSTS[plan.kind]
     with _cut_on_signals(recorder):
+        recorder.env.update(environment(plan.device))
+        print("gpucheck: " + ", ".join(f"{k} {v}" for k, v in recorder.env.items()),
+              flush=True)
         env_check = Check("environment", "environment", "versions and device", list)
         recorder.finish(env_check, [_row("environment", env_check.name, "ok",
                                          recorder.env["python"], recorder.env["device"])],
