@@ -247,6 +247,13 @@ def test_gpu_call_installs_the_wheels_into_a_temporary_folder_and_prints_the_tab
     """scripts/gpu_call.sh with this interpreter standing in for the GPU machine's python3
     (in CI's current-environment part: .venv-current's): the wheels of .whl/ go into a
     fresh folder under TMPDIR, which the run imports Theano from and which is gone after."""
+    wheels = ROOT / ".whl"
+    if not (list(wheels.glob("theano_pymc-1.1.2-*.whl"))
+            and list(wheels.glob("[Ll]asagne-0.1-*.whl"))):
+        # a clean clone's pinned suite runs before CRMN_PROFILE=current builds .whl/; the
+        # current part, which installs .venv-current from them, always has them
+        pytest.skip(".whl/ holds no theano-pymc / Lasagne wheels yet (CRMN_PROFILE=current "
+                    "bash scripts/ensure_env.sh builds them)")
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     out = tmp_path / "out"
