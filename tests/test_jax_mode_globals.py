@@ -1,5 +1,6 @@
 """original.jax_mode changes nothing in the process at import; configure() applies what the
-JAX mode needs (XLA_FLAGS, jax_enable_x64), once, and Theano's stock conversions stay stock.
+JAX mode needs (XLA_FLAGS, JAX's client memory option, jax_enable_x64), once, and Theano's
+stock conversions stay stock.
 
 Each case runs in a fresh interpreter: JAX reads XLA_FLAGS once, when its first backend
 starts, and jax_enable_x64 is process-wide, so the test session itself cannot show them.
@@ -21,6 +22,7 @@ import jax
 
 def snapshot():
     return {"XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+            "PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE"),
             "x64": bool(jax.config.jax_enable_x64)}
 
 def stock_registry():
@@ -57,7 +59,10 @@ CASES = {
     # no user settings: configure() adds the CPU flag and turns on 64-bit values
     "clean": ({}, "fresh"),
     # the user's own settings: importing keeps them; configure() keeps the user's flag
-    "user": ({"JAX_ENABLE_X64": "1", "XLA_FLAGS": "--xla_cpu_use_mkl_dnn=true"}, "fresh"),
+    "user": ({"JAX_ENABLE_X64": "1", "XLA_FLAGS": "--xla_cpu_use_mkl_dnn=true",
+              "XLA_PYTHON_CLIENT_PREALLOCATE": "true"}, "fresh"),
+    # the user's own share of GPU memory: no preallocation setting is added over it
+    "fraction": ({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".5"}, "fresh"),
     # JAX started before configure(): the flag would have no effect, so it is not added
     "started": ({}, "started"),
 }
@@ -66,7 +71,7 @@ CASES = {
 def run_probe(case):
     extra, start = CASES[case]
     env = {k: v for k, v in os.environ.items()
-           if k not in ("XLA_FLAGS", "JAX_ENABLE_X64")}
+           if k not in ("XLA_FLAGS", "JAX_ENABLE_X64") and not k.startswith("XLA_")}
     env.update(extra)
     out = subprocess.run([sys.executable, "-c", PROBE, start], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=240)
@@ -102,15 +107,22 @@ def test_configure_applies_the_settings_once(probe):
     configured = report["configured"]
     assert configured["x64"] is True
     if case == "clean":
-        assert report["before"] == {"XLA_FLAGS": None, "x64": False}
+        assert report["before"] == {"XLA_FLAGS": None, "PREALLOCATE": None, "x64": False}
         assert configured["XLA_FLAGS"] == flag
-        assert report["changed"] == {"XLA_FLAGS": flag, "jax_enable_x64": "True"}
+        # JAX must not take 75 % of a GPU that torch shares in the same process
+        assert configured["PREALLOCATE"] == "false"
+        assert report["changed"] == {"XLA_FLAGS": flag, "jax_enable_x64": "True",
+                                     "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     elif case == "user":
         assert report["before"]["x64"] is True
         assert configured["XLA_FLAGS"] == "--xla_cpu_use_mkl_dnn=true"
+        assert configured["PREALLOCATE"] == "true"
         assert report["changed"] == {}
-    else:  # started
-        assert configured["XLA_FLAGS"] is None
+    elif case == "fraction":
+        assert configured["PREALLOCATE"] is None
+        assert report["changed"] == {"XLA_FLAGS": flag, "jax_enable_x64": "True"}
+    else:  # started: JAX has read its settings already, so neither is added
+        assert configured["XLA_FLAGS"] is None and configured["PREALLOCATE"] is None
         assert report["changed"] == {"jax_enable_x64": "True"}
     assert report["changed_again"] == {}
     assert report["configured_again"] == configured

@@ -27,8 +27,10 @@ Commands
 ``bench``
     Seconds per epoch of paper rows beside the paper's (:mod:`crmn.bench`).
 ``gpucheck``
-    One command that proves a GPU: environment, verify on the device, seconds per epoch of
-    four rows per engine, three epochs of training per engine (:mod:`crmn.gpucheck`).
+    One command that proves a GPU within ``--budget`` seconds: environment, verify on the
+    device, three epochs of training and seconds per epoch of four rows per engine, its
+    files rewritten after every check; 3 / 130 when a signal cut it short
+    (:mod:`crmn.gpucheck`).
 ``profile``
     The torch step under several settings, timed or its operators counted
     (:mod:`crmn.tools.profile`, a developer tool).

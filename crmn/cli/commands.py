@@ -221,7 +221,7 @@ def _bench_sampler(args) -> int:
 
 
 def cmd_gpucheck(args) -> int:
-    return gpucheck.run(args.device, args.quick, Path(args.out))
+    return gpucheck.run(plans.gpucheck_plan(args))
 
 
 def cmd_profile(args) -> int:

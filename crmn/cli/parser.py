@@ -297,15 +297,6 @@ def _add_tools(sub) -> None:
                     help="also write the results as JSON to PATH ('-' for stdout)")
     sp.add_argument("--sampler", action="store_true",
                     help="time the batch sampler (crops, flips; numpy) instead of a stack")
-    sp = sub.add_parser("gpucheck", help="one command that proves a GPU: environment, "
-                                         "verify on the device, s/epoch, a short training")
-    sp.add_argument("--device", type=_device, default="cuda", metavar="DEV",
-                    help="the device checked: cuda, cuda:N, or cpu (default: %(default)s)")
-    sp.add_argument("--quick", action="store_true",
-                    help="tiny networks and few steps: a check of the command itself")
-    sp.add_argument("--out", type=Path, default=ROOT / "runs" / "gpucheck", metavar="DIR",
-                    help="gpucheck.json, gpucheck.md and the training runs go here "
-                         "(default: runs/gpucheck of the archive)")
     sp = sub.add_parser("profile", help="developer tool: the torch step under several "
                                         "settings, timed on a GPU or its operators counted")
     _stack_options(sp, backend=False)
@@ -320,6 +311,26 @@ def _add_tools(sub) -> None:
                     help="also list the costliest kernels of one eager step")
     sp.add_argument("--count-ops", action="store_true",
                     help="count one eager step's operators instead of timing (CPU works)")
+
+
+def _add_gpucheck(sub) -> None:
+    """gpucheck: the one command of a lent GPU (crmn/gpucheck.py)."""
+    sp = sub.add_parser("gpucheck", help="one command that proves a GPU: environment, "
+                                         "verify on the device, s/epoch, a short training")
+    sp.add_argument("--device", type=_device, default="cuda", metavar="DEV",
+                    help="the device checked: cuda, cuda:N, or cpu (default: %(default)s)")
+    sp.add_argument("--quick", action="store_true",
+                    help="tiny networks and few steps: a check of the command itself")
+    sp.add_argument("--out", type=Path, default=ROOT / "runs" / "gpucheck", metavar="DIR",
+                    help="gpucheck.json, gpucheck.md and the training runs go here "
+                         "(default: runs/gpucheck of the archive)")
+    sp.add_argument("--budget", type=_finite, default=None, metavar="SECONDS",
+                    help="seconds the checks may take; a check whose expected cost does "
+                         "not fit what is left is listed 'not run: budget' (default: 540, "
+                         "one 10-minute call)")
+    sp.add_argument("--only", default=None, metavar="PART[,PART]",
+                    help="run only these parts: verify, smoke, speed (environment always "
+                         "runs; default: all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(sp)
     _protocol_options(sp, smoke=True)
     _add_tools(sub)
+    _add_gpucheck(sub)
     sp = sub.add_parser("test", add_help=False, help="run the test suite (extra args: pytest)")
     sp.add_argument("args", nargs=argparse.REMAINDER)
     return parser

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from crmn import paper, registry
+from crmn import gpucheck, paper, registry
 from crmn.cli.parser import SMOKE
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import ConfigError, UsageError
@@ -128,3 +128,16 @@ def smoke_plan(args) -> TrainPlan:
     return TrainPlan(command="smoke", runs=(Run(spec, name, root / name / f"seed{seed}"),),
                      out_dir=args.out_dir, resume=args.resume, progress=args.progress,
                      fresh=not args.resume)
+
+
+def gpucheck_plan(args) -> gpucheck.GpucheckPlan:
+    """gpucheck's plan: the device, ``--budget`` (seconds > 0) and the parts of ``--only``
+    (names of :data:`crmn.gpucheck.PARTS`), checked before the output folder exists."""
+    parts = gpucheck.PARTS if args.only is None else tuple(
+        p.strip() for p in args.only.split(","))
+    budget = gpucheck.DEFAULT_BUDGET if args.budget is None else args.budget
+    try:
+        return gpucheck.GpucheckPlan(device=args.device, quick=args.quick,
+                                     out_dir=Path(args.out), budget=budget, parts=parts)
+    except ConfigError as exc:
+        raise UsageError(f"{PROG} gpucheck: {exc}") from None

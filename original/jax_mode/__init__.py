@@ -47,6 +47,15 @@ first. It sets:
   backend: :func:`configure` adds the flag only while no backend has started (later it
   would have no effect) and only if ``XLA_FLAGS`` does not set the option already (the
   user's setting wins).
+* ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (:data:`XLA_CLIENT_ENV`) -- on a GPU, JAX's client
+  takes 75 % of the device's memory when its backend starts, which would leave the torch
+  stack in the same process (``verify``, ``gpucheck``: torch and Theano-JAX one after the
+  other on one GPU) a quarter of it; without preallocation JAX grows its pool as its
+  buffers need (torch hands its cached blocks back between ``gpucheck``'s checks). Read
+  once, when the backend starts: set only while no backend has started, and not at all
+  where you set any ``XLA_PYTHON_CLIENT_*`` memory option yourself (``..._PREALLOCATE``,
+  ``..._MEM_FRACTION``, ``..._ALLOCATOR``, or ``XLA_CLIENT_MEM_FRACTION``: yours win). CPUs
+  do not read it.
 
 :func:`configure` is idempotent: a second call changes nothing.
 
@@ -104,6 +113,15 @@ XLA_CPU_OPTION = xla_cpu_option()
 XLA_CPU_FLAG = f"--{XLA_CPU_OPTION}=false" if XLA_CPU_OPTION else None
 
 
+#: the JAX client's memory settings :func:`configure` applies (on a GPU: no preallocation)
+XLA_CLIENT_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+#: the user's own memory options of JAX's client: any of them set leaves all to the user
+#: (jaxlib reads them when the GPU backend starts; 0.11 also spells the fraction
+#: XLA_CLIENT_MEM_FRACTION)
+XLA_CLIENT_OPTIONS = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+                      "XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR")
+
+
 def _backends_started() -> bool:
     """Whether JAX has started a backend (after which XLA_FLAGS is no longer read)."""
     from jax._src import xla_bridge
@@ -123,10 +141,14 @@ def configure() -> Dict[str, str]:
     """
     changed = {}
     flags = os.environ.get("XLA_FLAGS", "")
+    started = _backends_started()
     if XLA_CPU_FLAG and not any(name in flags for name in _XLA_CPU_SPELLINGS) \
-            and not _backends_started():
+            and not started:
         os.environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_FLAG}".strip()
         changed["XLA_FLAGS"] = os.environ["XLA_FLAGS"]
+    if not started and not any(name in os.environ for name in XLA_CLIENT_OPTIONS):
+        os.environ.update(XLA_CLIENT_ENV)
+        changed.update(XLA_CLIENT_ENV)
     if not jax.config.jax_enable_x64:
         jax.config.update("jax_enable_x64", True)
         changed["jax_enable_x64"] = "True"
@@ -231,4 +253,4 @@ def describe(device, dtype: str, allow_tf32: bool = False) -> str:
 
 __all__ = ["configure", "function", "jax_mode", "FusedJAXLinker", "convert_graph",
            "evaluate", "jax_device", "get_value", "set_value", "describe", "linker_call",
-           "PRECISIONS", "GPU_INSTALL", "XLA_CPU_FLAG", "xla_cpu_option"]
+           "PRECISIONS", "GPU_INSTALL", "XLA_CPU_FLAG", "XLA_CLIENT_ENV", "xla_cpu_option"]
