@@ -31,6 +31,10 @@ LOG = "log.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.h5"
 BEST = "best.h5"
+#: the state where --epochs-cap first cut a stage short, and the best model then
+#: (crmn.train: a larger cap continues the run from there)
+CAPPED = "capped.h5"
+CAPPED_BEST = "capped.best.h5"
 
 #: fields every log line carries (crmn/LOGS.md)
 LOG_FIELDS = ("phase", "epoch", "stage", "lr", "train_loss", "train_acc", "eval_split",
@@ -73,6 +77,19 @@ def replace_file(path, data: bytes) -> None:
         The write failed (full disk, I/O error); ``path`` is left as it was and the temporary
         file is removed.
     """
+    commit_temp(write_temp(path, data), path)
+
+
+def write_temp(path, data: bytes) -> Path:
+    """The first half of :func:`replace_file`: ``data`` in a new temporary file beside
+    ``path`` (``.NAME.XXXX.tmp``, which a resumed run removes), fsynced, with the mode
+    :data:`FILE_MODE`. The caller may check it before :func:`commit_temp` makes it ``path``.
+
+    Raises
+    ------
+    OSError
+        The write failed; the temporary file is removed.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -84,11 +101,42 @@ def replace_file(path, data: bytes) -> None:
             os.fsync(fd)  # the data must be on disk before the rename makes it current
         finally:
             os.close(fd)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return Path(tmp)
+
+
+def commit_temp(tmp, path) -> None:
+    """The second half of :func:`replace_file`: rename ``tmp`` over ``path`` and make the
+    rename durable; on failure ``tmp`` is removed and ``path`` is left as it was."""
+    try:
         os.replace(tmp, path)
     except BaseException:
         _remove_quietly(tmp)
         raise
-    fsync_dir(path.parent)
+    fsync_dir(Path(path).parent)
+
+
+def link_over(src, dst) -> None:
+    """Make ``dst`` a second name of ``src``'s bytes, atomically (``dst`` is the old file or
+    the new one, never half of either): a hard link where the file system has them, else
+    a copy through :func:`replace_file`.
+
+    Raises
+    ------
+    OSError
+        ``src`` cannot be read or ``dst`` cannot be written; ``dst`` is left as it was.
+    """
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    _remove_quietly(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:  # no hard links here (some network and FAT file systems)
+        replace_file(dst, src.read_bytes())
+        return
+    commit_temp(tmp, dst)
 
 
 def write_bytes_atomic(path, data: bytes) -> None:
@@ -207,8 +255,11 @@ def append_entry(path, entry: Dict) -> None:
                         f"({e.strerror or e})") from e
 
 
-def read_log(path) -> List[Dict]:
+def read_log(path, events: bool = False) -> List[Dict]:
     """Every epoch line of ``log.jsonl`` in order; ``[]`` if the file does not exist.
+
+    ``events=True`` keeps the event lines too (``{"event": ...}``, e.g. a lifted
+    ``--epochs-cap``; crmn/LOGS.md), which are no epoch and carry no metrics.
 
     A last line that is incomplete (no newline, or not valid JSON) is what a run killed
     mid-write leaves; it is dropped. A malformed line anywhere else is corruption and raises
@@ -232,7 +283,7 @@ def read_log(path) -> List[Dict]:
             raise DataError(f"{path}: line {i + 1} is not valid JSON ({e})") from e
     # the fragment (no newline) is a killed write; even when it parses it may be cut inside
     # a number, so it is never trusted
-    return entries
+    return entries if events else [e for e in entries if "event" not in e]
 
 
 def rewrite_log(path, entries: Iterable[Dict]) -> None:
