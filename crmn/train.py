@@ -360,13 +360,14 @@ def _check_same_run(ctx: _Run, resume: bool) -> bool:
                           "configuration; choose another --out-dir or delete it") from None
     if lifted is not None and not resume:
         raise RunError(f"{path}: {ctx.run_dir} holds a run finished with --epochs-cap "
-                       f"{_cap_text(lifted)}; add --resume to continue it to "
+                       f"{lifted}; add --resume to continue it "
                        f"{_cap_text(ctx.train.epochs_cap)}, or choose another --out-dir")
     return lifted is not None
 
 
 def _cap_text(cap: Optional[int]) -> str:
-    return "none" if cap is None else str(cap)
+    """How a message names the cap a run continues under."""
+    return "without a cap" if cap is None else f"with --epochs-cap {cap}"
 
 
 def _check_cap(ctx: _Run, meta: Dict, path: Path, source: str) -> Optional[int]:
@@ -390,9 +391,9 @@ def _check_cap(ctx: _Run, meta: Dict, path: Path, source: str) -> Optional[int]:
     if new == old:
         return None
     if old is None or (new is not None and new < old):
-        raise CheckpointError(f"{path}: train.epochs_cap is {_cap_text(new)} here, "
-                              f"{_cap_text(old)} in {source}; a run continues with a larger "
-                              f"cap only (--epochs-cap {_cap_text(old)} or more, or none)")
+        raise CheckpointError(f"{path}: train.epochs_cap is {new} here, {old} in {source}; "
+                              "a run continues with a larger cap only (--epochs-cap "
+                              f"{old} or more, or none)")
     return old
 
 
@@ -569,9 +570,10 @@ def _lift_cap(ctx: _Run, arrays: Dict, meta: Dict, old: int) -> Tuple[Dict, Dict
         where = "the cap had cut no stage short"
     meta = dict(meta, train=spec.train.to_dict(), schedule=sched.state_dict(),
                 best=sched.best)
-    new = _cap_text(spec.train.epochs_cap)
-    ctx.say(f"{ctx.run_dir}: --epochs-cap lifted from {old} to {new}: continuing the "
-            f"{meta['phase']} run after epoch {meta['epoch']} ({where})")
+    new = spec.train.epochs_cap
+    lifted = f"{old} lifted" if new is None else f"raised from {old} to {new}"
+    ctx.say(f"{ctx.run_dir}: --epochs-cap {lifted}: continuing the {meta['phase']} run "
+            f"after epoch {meta['epoch']} ({where})")
     event = {"event": "cap_lifted", "phase": meta["phase"], "epoch": meta["epoch"],
              "from": old, "to": spec.train.epochs_cap, "time": time.time()}
     kept = _log_until(ctx, meta)

@@ -40,7 +40,7 @@ def test_a_finished_capped_search_extended_equals_the_uninterrupted_run(tmp_path
     capsys.readouterr()
     run_toy(run_dir, resume=True)  # the cap 4 of TOY_TRAIN
     out = capsys.readouterr().out
-    assert "--epochs-cap lifted from 1 to 4: continuing the search run after epoch 1 " \
+    assert "--epochs-cap raised from 1 to 4: continuing the search run after epoch 1 " \
            "(where the cap first cut a stage short)" in out
     assert_same_run(run_dir, ref)
     [event] = events(run_dir)
@@ -99,7 +99,7 @@ def test_other_changes_and_a_smaller_cap_are_still_refused(tmp_path):
     run_dir = tmp_path / "r"
     run_toy(run_dir, train=SEARCH_CAPPED)
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
-    with pytest.raises(RunError, match=r"add --resume to continue it to 4"):
+    with pytest.raises(RunError, match=r"add --resume to continue it with --epochs-cap 4, or"):
         run_toy(run_dir)  # a larger cap without --resume
     with pytest.raises(RunError, match=r"train\.patience is 3 here, 2 in config\.json"):
         run_toy(run_dir, resume=True, train=dataclasses.replace(TOY_TRAIN, patience=3))

@@ -110,9 +110,15 @@ def load_data_pickle(path: PathLike):
 
 def _cifar_batch(path: Path, label_key: bytes, classes: int) -> Tuple[np.ndarray, np.ndarray]:
     d = load_data_pickle(path)
-    if not isinstance(d, dict) or b"data" not in d or label_key not in d:
-        raise DataError(f"CIFAR batch {path} lacks the keys 'data' and "
-                        f"{label_key.decode()!r}")
+    if not isinstance(d, dict):
+        raise DataError(f"CIFAR batch {path} holds a {type(d).__name__}, not the dict of an "
+                        "official batch; replace it with the official file")
+    missing = [k.decode() for k in (b"data", label_key) if k not in d]
+    if missing:
+        held = ", ".join(repr(_key_text(k)) for k in d) or "no key"
+        raise DataError(f"CIFAR batch {path} has no key {' or '.join(map(repr, missing))} "
+                        f"(it holds {held}); replace it with the official file, or write "
+                        f"its labels under {label_key.decode()!r}")
     x = np.asarray(d[b"data"])
     y = np.asarray(d[label_key], dtype=np.int64)
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
@@ -122,6 +128,11 @@ def _cifar_batch(path: Path, label_key: bytes, classes: int) -> Tuple[np.ndarray
         raise DataError(f"CIFAR batch {path} has labels outside 0..{classes - 1}")
     # each row is 1024 red, 1024 green, 1024 blue values, row-major: (N, 3, 32, 32)
     return x.reshape(-1, 3, 32, 32), y
+
+
+def _key_text(key) -> str:
+    """A batch's key as the user would write it (the official files have byte keys)."""
+    return key.decode(errors="replace") if isinstance(key, bytes) else str(key)
 
 
 def _svhn_mat(path: Path) -> Tuple[np.ndarray, np.ndarray]:
