@@ -230,9 +230,11 @@ def read_json(path) -> dict:
         with open(path, "rb") as f:
             return json.loads(f.read().decode())
     except FileNotFoundError as e:
-        raise DataError(f"{path}: missing") from e
+        raise DataError(f"{path}: missing; a run folder holds it from its first epoch: run the "
+                        "command again (--resume continues a run)") from e
     except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
+        raise DataError(f"{path}: not valid JSON ({e}); restore it, or delete the run folder "
+                        "and run the command again") from e
 
 
 def append_entry(path, entry: Dict) -> None:
@@ -252,7 +254,8 @@ def append_entry(path, entry: Dict) -> None:
             os.fsync(f.fileno())
     except OSError as e:
         raise RunError(f"{path}: could not append the epoch's log line "
-                        f"({e.strerror or e})") from e
+                        f"({e.strerror or e}); free disk space, then run the same command "
+                        "with --resume") from e
 
 
 def read_log(path, events: bool = False) -> List[Dict]:
@@ -280,7 +283,8 @@ def read_log(path, events: bool = False) -> List[Dict]:
         except ValueError as e:
             if i == len(complete) - 1 and not fragment.strip():
                 break  # a cut-off last line that happens to end in a newline byte
-            raise DataError(f"{path}: line {i + 1} is not valid JSON ({e})") from e
+            raise DataError(f"{path}: line {i + 1} is not valid JSON ({e}); delete that line "
+                            "and the ones after it, then run with --resume") from e
     # the fragment (no newline) is a killed write; even when it parses it may be cut inside
     # a number, so it is never trusted
     return entries if events else [e for e in entries if "event" not in e]

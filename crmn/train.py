@@ -440,7 +440,11 @@ def _resume_point(ctx: _Run, resume: bool) -> Optional[Tuple[Dict, Dict]]:
         return None
     arrays, meta, path = _last_good_checkpoint(ctx)
     # The backend and dtype may change on resume: both stacks read the canonical format.
-    lifted = _check_cap(ctx, meta, path, "the checkpoint")
+    try:
+        lifted = _check_cap(ctx, meta, path, "the checkpoint")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; resume with the settings the run was started with, or "
+                              f"delete {ctx.run_dir} to start over") from None
     if lifted is not None:
         arrays, meta = _lift_cap(ctx, arrays, meta, lifted)
     _record_resume(ctx, meta)
@@ -762,7 +766,8 @@ def _check_finite(ctx: _Run, phase: str, epoch: int, what: str, value: float) ->
         kept = (f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else
                 "no epoch had finished, so there is no checkpoint to keep")
         raise DivergedError(f"{ctx.run_dir}: {what} is {value} in {phase} epoch {epoch} of "
-                            f"row {row}; {kept}")
+                            f"row {row}; {kept}; a lower --lr may train (in another "
+                            "--out-dir)")
 
 
 def _meta(ctx: _Run, phase: str, sched, seed: int, extra: Dict) -> Dict:

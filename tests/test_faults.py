@@ -18,6 +18,7 @@ from crmn import checkpoint, data, runlog
 
 pytestmark = pytest.mark.slow
 
+NO_RUNS_FOLDER = "; give the folder the runs were written to (--out-dir, e.g. runs/table1)"
 SMOKE_TORCH = ["smoke", "--backend", "torch", "--no-progress"]
 
 
@@ -141,7 +142,8 @@ def test_status_and_compare_of_a_missing_folder_say_so(tmp_path):
     for command in ("status", "compare"):
         p = run_cli([command, tmp_path / "nowhere"], timeout=120)
         assert p.returncode == 1
-        assert _one_line(p.stderr) == f"error: {tmp_path / 'nowhere'}: no such folder"
+        assert _one_line(p.stderr) == (f"error: {tmp_path / 'nowhere'}: no such folder"
+                                       f"{NO_RUNS_FOLDER}")
 
 
 # 5. the launchers' truth: a run whose lock is held is running, never failed ----------------
