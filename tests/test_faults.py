@@ -228,26 +228,23 @@ def _same_arrays(a_dir, b_dir):
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_labels_under_another_key_are_named(tmp_path, hand_made):
-    p = run_cli([*T3, "--unverified-data", "--data-dir", hand_made / "badkey",
-                 "--out-dir", tmp_path, "--schedule", "1,1,1"])
-    assert p.returncode == 1
-    batch = hand_made / "badkey" / "cifar-10-batches-py" / "data_batch_2"
-    assert _one_line(p.stderr) == (
-        f"error: CIFAR batch {batch} has no key 'labels' (it holds 'data', 'label', "
-        "'batch_label'); replace it with the official file, or write its labels under "
-        "'labels'")
-
-
-def test_the_checksum_refusal_names_the_option_only(tmp_path, hand_made):
-    p = run_cli([*T3, "--data-dir", hand_made / "good", "--out-dir", tmp_path,
+@pytest.mark.parametrize("folder, extra, batch, says", [
+    ("badkey", ["--unverified-data"], "data_batch_2",
+     "has no key 'labels' (it holds 'data', 'label', 'batch_label'); replace it with the "
+     "official file, or write its labels under 'labels'"),
+    ("good", [], "data_batch_1",  # the MD5 refusal names the option, not a library argument
+     "holds 40 images, the official file 10,000 (truncated, or another dataset); replace it "
+     "with the official file, or pass --unverified-data to use the data as it is"),
+])
+def test_a_hand_made_folder_is_refused_with_the_way_on(tmp_path, hand_made, folder, extra,
+                                                       batch, says):
+    p = run_cli([*T3, *extra, "--data-dir", hand_made / folder, "--out-dir", tmp_path,
                  "--schedule", "1,1,1"])
     assert p.returncode == 1
-    batch = hand_made / "good" / "cifar-10-batches-py" / "data_batch_1"
-    assert _one_line(p.stderr) == (
-        f"error: {batch} holds 40 images, the official file 10,000 (truncated, or another "
-        "dataset); replace it with the official file, or pass --unverified-data to use the "
-        "data as it is")
+    path = hand_made / folder / "cifar-10-batches-py" / batch
+    prefix = "CIFAR batch " if folder == "badkey" else ""
+    assert _one_line(p.stderr) == f"error: {prefix}{path} {says}"
+    assert not (tmp_path / "table3").exists() or not any((tmp_path / "table3").rglob("*.h5"))
 
 
 def test_a_truncated_checkpoint_continues_from_the_epoch_before(tmp_path, hand_made,
