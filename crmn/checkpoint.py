@@ -15,9 +15,14 @@ Layout of a file (``checkpoint.h5`` = latest state, ``best.h5`` = best search mo
 * a root attribute ``format_version`` (also in ``meta``), checked on loading.
 
 :func:`save` is atomic: it builds the file in memory, writes it to a temporary file in the
-same folder, fsyncs it and renames it over the target, so the previous checkpoint survives a
-crash, a kill or a full disk at any moment of the write.
+same folder, fsyncs it, reads it back (every checksum) and only then renames it over the
+target, so the previous checkpoint survives a crash, a kill or a full disk at any moment of
+the write. With ``keep_previous=True`` (the run's ``checkpoint.h5``) the file it replaces is
+kept beside it as ``checkpoint.prev.h5`` (:func:`previous_path`), provided that file still
+reads back: a current checkpoint corrupted on disk after it was written (a failing disk, a
+copy cut short) then leaves the epoch before it to continue from (crmn.train's resume).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +35,7 @@ import numpy as np
 
 from crmn.config import ModelConfig, TrainConfig, json_view
 from crmn.errors import CheckpointError
-from crmn.runlog import replace_file
+from crmn.runlog import commit_temp, link_over, replace_file, write_temp
 
 FORMAT_VERSION = 1
 
@@ -40,8 +45,21 @@ _IMAGE_BLOCK = 1 << 22
 Arrays = Dict[str, np.ndarray]
 
 
-def save(path, arrays: Arrays, meta: Dict) -> None:
-    """Write ``arrays`` and ``meta`` to ``path`` atomically.
+def previous_path(path) -> Path:
+    """Where :func:`save` keeps the checkpoint it replaced: ``checkpoint.prev.h5`` beside
+    ``checkpoint.h5``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save(path, arrays: Arrays, meta: Dict, *, keep_previous: bool = False) -> None:
+    """Write ``arrays`` and ``meta`` to ``path`` atomically, verified before it is current.
+
+    Order (each step durable before the next; a crash between any two leaves a readable
+    ``path``): write a temporary file and fsync it; read it back (checksums, meta); with
+    ``keep_previous``, make :func:`previous_path` a second name of the current ``path`` if
+    that still reads back (else the older previous file stays, the last good one); rename
+    the temporary file over ``path``.
 
     Parameters
     ----------
@@ -51,11 +69,14 @@ def save(path, arrays: Arrays, meta: Dict) -> None:
         Canonical name -> array (any shape and float/int dtype; stored as given).
     meta : dict
         JSON-serialisable metadata (see the module docstring); ``format_version`` is added.
+    keep_previous : bool
+        Keep the replaced file as :func:`previous_path` (the run's checkpoint.h5).
 
     Raises
     ------
     CheckpointError
-        The write failed (disk full, I/O error, bad name); ``path`` is left as it was.
+        The write failed (disk full, I/O error, bad name) or the written file does not read
+        back; ``path`` (and its previous file) are left as they were.
     """
     path = Path(path)
     bad = [n for n in arrays if "/" in n or not n]
@@ -63,10 +84,37 @@ def save(path, arrays: Arrays, meta: Dict) -> None:
         raise CheckpointError(f"{path}: array names may not be empty or contain '/': {bad}")
     text = json.dumps(dict(meta, format_version=FORMAT_VERSION), allow_nan=False)
     try:
-        data = _h5_image(arrays, text)
-        replace_file(path, data)
+        tmp = write_temp(path, _h5_image(arrays, text))
     except (OSError, RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: could not write checkpoint ({_reason(e)})") from e
+    try:
+        try:
+            _, back = load(tmp)
+        except CheckpointError:
+            raise CheckpointError(f"{path}: the checkpoint just written does not read back "
+                                  "(a failing disk?); the previous one is kept; check the "
+                                  "disk and run again with --resume") from None
+        if back.get("epoch") != meta.get("epoch"):
+            raise CheckpointError(f"{path}: the checkpoint just written reads back another "
+                                  "epoch; the previous one is kept; check the disk and run "
+                                  "again with --resume")
+        if keep_previous and readable(path):
+            link_over(path, previous_path(path))
+        commit_temp(tmp, path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: could not write checkpoint ({_reason(e)})") from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def readable(path) -> bool:
+    """Whether ``path`` is a checkpoint that :func:`load` reads (every checksum holds)."""
+    try:
+        load(path)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _h5_image(arrays: Arrays, meta_text: str) -> bytes:
@@ -117,15 +165,26 @@ def load(path) -> Tuple[Arrays, Dict]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        with h5py.File(path, "r") as f:
+        f = h5py.File(path, "r")
+    except OSError as e:  # HDF5's words ("truncated file: eof = ...") mean this
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint (it does not open "
+                              "as a complete HDF5 file)") from e
+    with f:
+        try:
             meta = _meta(f, path)
-            arrays = {}
-            for name, item in f.items():
-                if not isinstance(item, h5py.Dataset):
-                    raise CheckpointError(f"{path}: unexpected group {name!r}; not a checkpoint")
+        except (OSError, RuntimeError, KeyError) as e:
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint (its metadata "
+                                  "does not read)") from e
+        arrays = {}
+        for name, item in f.items():
+            if not isinstance(item, h5py.Dataset):
+                raise CheckpointError(f"{path}: unexpected group {name!r}; not a CRMN "
+                                      "checkpoint")
+            try:
                 arrays[name] = item[()]
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_reason(e)})") from e
+            except (OSError, RuntimeError, ValueError, KeyError) as e:
+                raise CheckpointError(f"{path}: truncated or corrupt checkpoint (array "
+                                      f"{name!r} fails its checksum or is cut off)") from e
     return arrays, meta
 
 
@@ -135,14 +194,16 @@ def _meta(f: "h5py.File", path: Path) -> Dict:
     version = int(f.attrs.get("format_version", -1))
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads "
-                              f"version {FORMAT_VERSION}")
+                              f"version {FORMAT_VERSION}; use the archive that wrote it, or "
+                              "delete it and start the run over")
     text = f.attrs["meta"]
     if isinstance(text, bytes):
         text = text.decode()
     try:
         return json.loads(text)
     except ValueError as e:
-        raise CheckpointError(f"{path}: 'meta' attribute is not valid JSON ({e})") from e
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint (its 'meta' "
+                              "attribute is not valid JSON)") from e
 
 
 def _show(value) -> str:

@@ -229,7 +229,8 @@ def _find(row_id: str) -> Optional[Row]:
 
 
 def _unknown(row_id: str) -> str:
-    return f"unknown row id {row_id!r}; known: {', '.join(r.id for r in ROWS)}"
+    return (f"unknown row id {row_id!r}; choose one of {', '.join(r.id for r in ROWS)} "
+            "(--rows)")
 
 
 def row(row_id: str) -> Row:

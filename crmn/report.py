@@ -217,7 +217,9 @@ def collect(directory: Path) -> Dict[str, List[RowRuns]]:
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: " + ("not a folder" if directory.exists()
-                                            else "no such folder"))
+                                            else "no such folder")
+                        + "; give the folder the runs were written to (--out-dir, e.g. "
+                          "runs/table1)")
     seed_dirs = [p for p in runlog.find_runs(directory)
                  if p.name.startswith("seed") and p.parent != directory]
     if not seed_dirs:

@@ -31,6 +31,10 @@ LOG = "log.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.h5"
 BEST = "best.h5"
+#: the state where --epochs-cap first cut a stage short, and the best model then
+#: (crmn.train: a larger cap continues the run from there)
+CAPPED = "capped.h5"
+CAPPED_BEST = "capped.best.h5"
 
 #: fields every log line carries (crmn/LOGS.md)
 LOG_FIELDS = ("phase", "epoch", "stage", "lr", "train_loss", "train_acc", "eval_split",
@@ -73,6 +77,19 @@ def replace_file(path, data: bytes) -> None:
         The write failed (full disk, I/O error); ``path`` is left as it was and the temporary
         file is removed.
     """
+    commit_temp(write_temp(path, data), path)
+
+
+def write_temp(path, data: bytes) -> Path:
+    """The first half of :func:`replace_file`: ``data`` in a new temporary file beside
+    ``path`` (``.NAME.XXXX.tmp``, which a resumed run removes), fsynced, with the mode
+    :data:`FILE_MODE`. The caller may check it before :func:`commit_temp` makes it ``path``.
+
+    Raises
+    ------
+    OSError
+        The write failed; the temporary file is removed.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -84,11 +101,42 @@ def replace_file(path, data: bytes) -> None:
             os.fsync(fd)  # the data must be on disk before the rename makes it current
         finally:
             os.close(fd)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return Path(tmp)
+
+
+def commit_temp(tmp, path) -> None:
+    """The second half of :func:`replace_file`: rename ``tmp`` over ``path`` and make the
+    rename durable; on failure ``tmp`` is removed and ``path`` is left as it was."""
+    try:
         os.replace(tmp, path)
     except BaseException:
         _remove_quietly(tmp)
         raise
-    fsync_dir(path.parent)
+    fsync_dir(Path(path).parent)
+
+
+def link_over(src, dst) -> None:
+    """Make ``dst`` a second name of ``src``'s bytes, atomically (``dst`` is the old file or
+    the new one, never half of either): a hard link where the file system has them, else
+    a copy through :func:`replace_file`.
+
+    Raises
+    ------
+    OSError
+        ``src`` cannot be read or ``dst`` cannot be written; ``dst`` is left as it was.
+    """
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.link.tmp")
+    _remove_quietly(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:  # no hard links here (some network and FAT file systems)
+        replace_file(dst, src.read_bytes())
+        return
+    commit_temp(tmp, dst)
 
 
 def write_bytes_atomic(path, data: bytes) -> None:
@@ -182,9 +230,11 @@ def read_json(path) -> dict:
         with open(path, "rb") as f:
             return json.loads(f.read().decode())
     except FileNotFoundError as e:
-        raise DataError(f"{path}: missing") from e
+        raise DataError(f"{path}: missing; a run folder holds it from its first epoch: run the "
+                        "command again (--resume continues a run)") from e
     except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from e
+        raise DataError(f"{path}: not valid JSON ({e}); restore it, or delete the run folder "
+                        "and run the command again") from e
 
 
 def append_entry(path, entry: Dict) -> None:
@@ -204,11 +254,15 @@ def append_entry(path, entry: Dict) -> None:
             os.fsync(f.fileno())
     except OSError as e:
         raise RunError(f"{path}: could not append the epoch's log line "
-                        f"({e.strerror or e})") from e
+                        f"({e.strerror or e}); free disk space, then run the same command "
+                        "with --resume") from e
 
 
-def read_log(path) -> List[Dict]:
+def read_log(path, events: bool = False) -> List[Dict]:
     """Every epoch line of ``log.jsonl`` in order; ``[]`` if the file does not exist.
+
+    ``events=True`` keeps the event lines too (``{"event": ...}``, e.g. a lifted
+    ``--epochs-cap``; crmn/LOGS.md), which are no epoch and carry no metrics.
 
     A last line that is incomplete (no newline, or not valid JSON) is what a run killed
     mid-write leaves; it is dropped. A malformed line anywhere else is corruption and raises
@@ -229,10 +283,11 @@ def read_log(path) -> List[Dict]:
         except ValueError as e:
             if i == len(complete) - 1 and not fragment.strip():
                 break  # a cut-off last line that happens to end in a newline byte
-            raise DataError(f"{path}: line {i + 1} is not valid JSON ({e})") from e
+            raise DataError(f"{path}: line {i + 1} is not valid JSON ({e}); delete that line "
+                            "and the ones after it, then run with --resume") from e
     # the fragment (no newline) is a killed write; even when it parses it may be cut inside
     # a number, so it is never trusted
-    return entries
+    return entries if events else [e for e in entries if "event" not in e]
 
 
 def rewrite_log(path, entries: Iterable[Dict]) -> None:

@@ -60,6 +60,8 @@ _PHASE_KEY = {"search": 0x5345, "final": 0x4649}
 EVAL_BATCH = 500
 #: progress updates per epoch (each one reads the running loss: a host sync on a GPU)
 PROGRESS_UPDATES = 20
+#: the checkpoint before checkpoint.h5, kept by crmn.checkpoint.save (the last good one)
+PREVIOUS = checkpoint.previous_path(runlog.CHECKPOINT).name
 #: the signal that asked the run to stop at the next epoch's end (None: keep going)
 _stop_signal: List[Optional[int]] = [None]
 
@@ -328,33 +330,71 @@ def _run_held(ctx: _Run, new_stack: Callable[[], Any], resume: bool) -> Dict:
 
 def _finished(ctx: _Run, resume: bool) -> Optional[Dict]:
     """The summary of a finished run (skipped), None for a new one; refuses an unfinished
-    run unless resuming."""
+    run unless resuming. A finished run resumed with a larger ``--epochs-cap`` is not
+    finished: :func:`_resume_point` continues it."""
     summary = runlog.finished_summary(ctx.run_dir)
     if summary is not None:
-        _check_same_run(ctx)
+        if _check_same_run(ctx, resume):
+            return None
         ctx.say(f"{ctx.run_dir}: already finished ({runlog.SUMMARY}), skipping")
         return summary
     if resume:
         return None
     # config.json alone (e.g. the data could not be downloaded) means nothing was trained
-    for name in (runlog.CHECKPOINT, runlog.LOG, runlog.BEST):
+    for name in (runlog.CHECKPOINT, runlog.LOG, runlog.BEST, PREVIOUS):
         if ctx.path(name).exists():
             raise RunError(f"{ctx.path(name)}: an unfinished run is already here; pass "
                               f"--resume to continue it, or delete {ctx.run_dir} to start over")
     return None
 
 
-def _check_same_run(ctx: _Run) -> None:
-    """A finished run is only reused for the configuration it was trained with."""
+def _check_same_run(ctx: _Run, resume: bool) -> bool:
+    """A finished run is only reused for the configuration it was trained with; True when
+    it is resumed with a larger ``--epochs-cap`` (it continues)."""
     path = ctx.path(runlog.CONFIG)
     config = runlog.read_json(path) if path.exists() else {}
     try:
-        checkpoint.check_compatible(config, ctx.spec.model, ctx.spec.train,
-                                    dataset=ctx.spec.dataset, path=path,
-                                    source=runlog.CONFIG)
+        lifted = _check_cap(ctx, config, path, runlog.CONFIG)
     except CheckpointError as e:
         raise RunError(f"{e}: {ctx.run_dir} holds a finished run of another "
                           "configuration; choose another --out-dir or delete it") from None
+    if lifted is not None and not resume:
+        raise RunError(f"{path}: {ctx.run_dir} holds a run finished with --epochs-cap "
+                       f"{lifted}; add --resume to continue it "
+                       f"{_cap_text(ctx.train.epochs_cap)}, or choose another --out-dir")
+    return lifted is not None
+
+
+def _cap_text(cap: Optional[int]) -> str:
+    """How a message names the cap a run continues under."""
+    return "without a cap" if cap is None else f"with --epochs-cap {cap}"
+
+
+def _check_cap(ctx: _Run, meta: Dict, path: Path, source: str) -> Optional[int]:
+    """:func:`crmn.checkpoint.check_compatible` of ``meta`` (a checkpoint's or config.json's)
+    in every field but ``train.epochs_cap``, which may grow (or go): returns the recorded cap
+    when this run lifts it, None when the caps are equal.
+
+    Raises
+    ------
+    CheckpointError
+        Another configuration, or a smaller cap (the epochs past it are trained already).
+    """
+    spec = ctx.spec
+    train = meta.get("train")
+    old = train.get("epochs_cap") if isinstance(train, dict) else spec.train.epochs_cap
+    as_then = dataclasses.replace(spec.train, epochs_cap=old) \
+        if old is None or isinstance(old, int) else spec.train
+    checkpoint.check_compatible(meta, spec.model, as_then, dataset=spec.dataset, path=path,
+                                source=source)
+    new = spec.train.epochs_cap
+    if new == old:
+        return None
+    if old is None or (new is not None and new < old):
+        raise CheckpointError(f"{path}: train.epochs_cap is {new} here, {old} in {source}; "
+                              "a run continues with a larger cap only (--epochs-cap "
+                              f"{old} or more, or none)")
+    return old
 
 
 def _open_run_dir(ctx: _Run) -> None:
@@ -384,28 +424,181 @@ def _note_data(ctx: _Run) -> None:
 
 
 def _resume_point(ctx: _Run, resume: bool) -> Optional[Tuple[Dict, Dict]]:
-    """``(arrays, meta)`` of checkpoint.h5 when resuming from one, else None.
+    """``(arrays, meta)`` of the checkpoint to resume from, else None.
 
-    The log keeps only the epochs the checkpoint covers: a run killed after writing an
-    epoch's log line but before its checkpoint will redo (and re-log) that epoch.
+    That is checkpoint.h5, or checkpoint.prev.h5 (the epoch before) when checkpoint.h5 is
+    missing or does not read back (:func:`_last_good_checkpoint`). A larger
+    ``--epochs-cap`` than the checkpoint's continues from where the old cap first cut a
+    stage short (:func:`_lift_cap`). The log keeps only the epochs the checkpoint covers: a
+    run killed after writing an epoch's log line but before its checkpoint will redo (and
+    re-log) that epoch.
     """
-    ckpt = ctx.path(runlog.CHECKPOINT)
     log = ctx.path(runlog.LOG)
-    if not resume or not ckpt.exists():
+    if not resume or not (ctx.path(runlog.CHECKPOINT).exists() or ctx.path(PREVIOUS).exists()):
         if log.exists():
             runlog.rewrite_log(log, [])  # no checkpoint: the run starts over from its seed
         return None
-    arrays, meta = checkpoint.load(ckpt)
+    arrays, meta, path = _last_good_checkpoint(ctx)
     # The backend and dtype may change on resume: both stacks read the canonical format.
-    checkpoint.check_compatible(meta, ctx.spec.model, ctx.spec.train,
-                                dataset=ctx.spec.dataset, path=ckpt)
+    try:
+        lifted = _check_cap(ctx, meta, path, "the checkpoint")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; resume with the settings the run was started with, or "
+                              f"delete {ctx.run_dir} to start over") from None
+    if lifted is not None:
+        arrays, meta = _lift_cap(ctx, arrays, meta, lifted)
     _record_resume(ctx, meta)
+    runlog.rewrite_log(log, _log_until(ctx, meta))
+    ctx.say(f"{ctx.run_dir}: resuming {meta['phase']} run after epoch {meta['epoch']}")
+    return arrays, meta
+
+
+def _log_until(ctx: _Run, meta: Dict) -> List[Dict]:
+    """The lines of log.jsonl (event lines too) up to ``meta``'s phase and epoch."""
     order = PHASES.index(meta["phase"])
-    kept = [e for e in runlog.read_log(log)
+    return [e for e in runlog.read_log(ctx.path(runlog.LOG), events=True)
             if PHASES.index(e["phase"]) < order
             or (e["phase"] == meta["phase"] and e["epoch"] <= meta["epoch"])]
-    runlog.rewrite_log(log, kept)
-    ctx.say(f"{ctx.run_dir}: resuming {meta['phase']} run after epoch {meta['epoch']}")
+
+
+def _last_good_checkpoint(ctx: _Run) -> Tuple[Dict, Dict, Path]:
+    """checkpoint.h5, or, when it is missing or does not read back, checkpoint.prev.h5 (one
+    line on stderr says which epoch the run falls back to).
+
+    Raises
+    ------
+    CheckpointError
+        Neither reads back: one line saying so and what to do.
+    """
+    ckpt, prev = ctx.path(runlog.CHECKPOINT), ctx.path(PREVIOUS)
+    try:
+        return (*checkpoint.load(ckpt), ckpt)
+    except CheckpointError as e:
+        current = e
+    try:
+        arrays, meta = checkpoint.load(prev)
+    except CheckpointError:
+        other = "does not read back either" if prev.exists() else "is missing"
+        raise CheckpointError(f"{current}; {PREVIOUS} {other}, so the run cannot continue: "
+                              f"delete {ctx.run_dir} and run the command again without "
+                              "--resume") from None
+    print(f"warning: {current}; continuing from {PREVIOUS}, the state after "
+          f"{meta['phase']} epoch {meta['epoch']}", file=sys.stderr, flush=True)
+    return arrays, meta, prev
+
+
+def _capped(schedule, cap: Optional[int]) -> List[int]:
+    """A given ``--schedule``, each stage bounded by ``--epochs-cap``."""
+    return [e if cap is None else min(e, cap) for e in schedule]
+
+
+def _with_cap(state: Dict, train: TrainConfig):
+    """The schedule of ``state`` (a schedule's ``state_dict()``) under ``train``'s cap."""
+    if state["kind"] == PlateauSchedule.kind:
+        return PlateauSchedule.from_state(dict(state, epochs_cap=train.epochs_cap))
+    if train.schedule is not None:  # a search's schedule found is bounded by its own cap
+        state = dict(state, epochs_per_stage=_capped(train.schedule, train.epochs_cap))
+    return FixedSchedule.from_state(state)
+
+
+def _point(meta: Dict) -> Tuple[int, int]:
+    return PHASES.index(meta["phase"]), int(meta["epoch"])
+
+
+def _cut_short(ctx: _Run, pre: Dict, sched, decision: Decision, loss: float,
+               acc: float) -> bool:
+    """Whether ``--epochs-cap`` (not the plateau, not the given schedule) ended the stage of
+    the epoch just stepped: from there on a run with a larger cap goes another way.
+    ``pre`` is the schedule's state before the step."""
+    cap = ctx.train.epochs_cap
+    if cap is None:
+        return False
+    if isinstance(sched, PlateauSchedule):
+        uncapped = PlateauSchedule.from_state(dict(pre, epochs_cap=None))
+        return decision != Decision.CONTINUE and \
+            uncapped.step(loss, acc) == Decision.CONTINUE
+    given = ctx.train.schedule
+    if given is None:  # replays the search's schedule found, which the search capped
+        return False
+    stage = FixedSchedule.from_state(pre).stage
+    return sched.epoch == sum(sched.epochs_per_stage[:stage + 1]) and given[stage] > cap
+
+
+def _save_cut(ctx: _Run, stack, meta: Dict, pre: Dict, loss: float, acc: float) -> None:
+    """capped.h5 (and capped.best.h5 in the search): the state where the cap first cut a
+    stage short, with what a larger cap needs to take the other way (:func:`_lift_cap`)."""
+    path, cap = ctx.path(runlog.CAPPED), ctx.train.epochs_cap
+    if path.exists() and checkpoint.readable(path):
+        _, held = checkpoint.load(path)
+        if held.get("capped", {}).get("cap") == cap and _point(held) < _point(meta):
+            return  # an earlier cut of this cap: that is where the other way starts
+    if meta["phase"] == "search":
+        runlog.link_over(ctx.path(runlog.BEST), ctx.path(runlog.CAPPED_BEST))
+    checkpoint.save(path, stack.get_state(), dict(meta, capped={
+        "cap": cap, "schedule_before": pre, "eval_loss": loss, "eval_acc": acc}))
+
+
+def _lift_cap(ctx: _Run, arrays: Dict, meta: Dict, old: int) -> Tuple[Dict, Dict]:
+    """Continue a run capped at ``old`` under this run's larger cap (or none).
+
+    A run with the larger cap takes the capped run's path up to the first epoch where the
+    old cap cut a stage short (capped.h5) and another after it: from there the stage goes
+    on instead of reloading (search) or moving to the next rate (a given ``--schedule``).
+    So the run goes back to that epoch: the state, best.h5, the schedule stepped again under
+    the new cap, the log cut there with a ``cap_lifted`` event line, summary.json removed.
+    Without a cut (the cap never bound) it continues from ``meta`` as it is. Each file is
+    written before the next is touched, and capped.h5 goes last, so a kill at any point
+    leaves a run that the same command continues.
+    """
+    spec = ctx.spec
+    cut = ctx.path(runlog.CAPPED)
+    held = None
+    if cut.exists():
+        try:
+            held = checkpoint.load(cut)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}: the run cannot be extended; run it with "
+                                  f"--epochs-cap {old} as it is, or delete {ctx.run_dir} "
+                                  "and start over") from None
+        if held[1].get("capped", {}).get("cap") != old or _point(held[1]) > _point(meta):
+            held = None  # left by an earlier extension
+    if held is not None:
+        arrays, cut_meta = held
+        info = cut_meta["capped"]
+        sched = _with_cap(info["schedule_before"], spec.train)
+        decision = sched.step(info["eval_loss"], info["eval_acc"]).value
+        meta = {k: v for k, v in cut_meta.items() if k != "capped"}
+        where = "where the cap first cut a stage short"
+    else:
+        sched, decision = _with_cap(meta["schedule"], spec.train), None
+        where = "the cap had cut no stage short"
+    meta = dict(meta, train=spec.train.to_dict(), schedule=sched.state_dict(),
+                best=sched.best)
+    new = spec.train.epochs_cap
+    lifted = f"{old} lifted" if new is None else f"raised from {old} to {new}"
+    ctx.say(f"{ctx.run_dir}: --epochs-cap {lifted}: continuing the {meta['phase']} run "
+            f"after epoch {meta['epoch']} ({where})")
+    event = {"event": "cap_lifted", "phase": meta["phase"], "epoch": meta["epoch"],
+             "from": old, "to": spec.train.epochs_cap, "time": time.time()}
+    kept = _log_until(ctx, meta)
+    for e in kept:  # the cut epoch's line: what it decided under the new cap
+        if decision is not None and "event" not in e and _point(e) == _point(meta):
+            e["decision"] = decision
+    runlog.rewrite_log(ctx.path(runlog.LOG), kept + [event])
+    ctx.path(runlog.SUMMARY).unlink(missing_ok=True)  # the run is not finished any more
+    config_path = ctx.path(runlog.CONFIG)
+    if config_path.exists():
+        config = runlog.read_json(config_path)
+        config["train"] = spec.train.to_dict()
+        config.setdefault("caps_lifted", []).append(
+            {k: event[k] for k in ("phase", "epoch", "from", "to")})
+        runlog.write_json(config_path, config)
+    if held is not None and meta["phase"] == "search":
+        runlog.link_over(ctx.path(runlog.CAPPED_BEST), ctx.path(runlog.BEST))
+    ctx.path(PREVIOUS).unlink(missing_ok=True)  # an epoch of the course cut short
+    checkpoint.save(ctx.path(runlog.CHECKPOINT), arrays, meta)
+    for name in (runlog.CAPPED, runlog.CAPPED_BEST):
+        ctx.path(name).unlink(missing_ok=True)
     return arrays, meta
 
 
@@ -466,8 +659,7 @@ def _phases(ctx: _Run, stack, resumed, searching: bool) -> Tuple[List[int], Dict
         stack.reset_velocity()
     used = extra["schedule_found"]
     if spec.train.schedule is not None:  # --schedule, bounded by --epochs-cap like every stage
-        used = [e if spec.train.epochs_cap is None else min(e, spec.train.epochs_cap)
-                for e in spec.train.schedule]
+        used = _capped(spec.train.schedule, spec.train.epochs_cap)
     _final(ctx, stack, used, resumed, extra)
     return used, extra
 
@@ -478,6 +670,8 @@ def _search(ctx: _Run, stack, resumed) -> PlateauSchedule:
         arrays, meta = resumed
         stack.set_state(arrays)
         sched = PlateauSchedule.from_state(meta["schedule"])
+        if sched.best is not None and not sched.done:
+            _best_model(ctx, sched, exact=False)  # a plateau reloads it: fail now, not later
     else:
         sched = PlateauSchedule(ctx.train.lr_stages, ctx.train.patience, ctx.train.epochs_cap)
     _train_phase(ctx, "search", stack, sched, {"schedule_found": None, "search_best": None})
@@ -516,10 +710,13 @@ def _one_epoch(ctx: _Run, phase: str, stack, sched, sampler, split, extra: Dict)
     _check_finite(ctx, phase, epoch, "training loss", stats.loss)
     eval_loss, eval_acc = evaluate(stack, split.eval_x, split.eval_y)
     _check_finite(ctx, phase, epoch, f"{split.eval_name} loss", eval_loss)
+    before = sched.state_dict()
     decision = sched.step(eval_loss, eval_acc)
     meta = _meta(ctx, phase, sched, sampler.seed, extra)
     if phase == "search" and sched.improved:
         checkpoint.save(ctx.path(runlog.BEST), stack.get_state(), meta)
+    if _cut_short(ctx, before, sched, decision, eval_loss, eval_acc):
+        _save_cut(ctx, stack, meta, before, eval_loss, eval_acc)
     entry = {"phase": phase, "epoch": epoch, "stage": stage, "lr": lr,
              "train_loss": stats.loss, "train_acc": stats.acc, "eval_split": split.eval_name,
              "eval_loss": eval_loss, "eval_acc": eval_acc, "seconds": stats.seconds,
@@ -528,13 +725,37 @@ def _one_epoch(ctx: _Run, phase: str, stack, sched, sampler, split, extra: Dict)
              "time": time.time()}
     runlog.append_entry(ctx.path(runlog.LOG), entry)
     if decision == Decision.RELOAD:
-        best, _ = checkpoint.load(ctx.path(runlog.BEST))
-        stack.set_state(best)
+        stack.set_state(_best_model(ctx, sched))
         stack.reset_velocity()  # the next stage starts from rest at its new rate
-    checkpoint.save(ctx.path(runlog.CHECKPOINT), stack.get_state(), meta)
+    checkpoint.save(ctx.path(runlog.CHECKPOINT), stack.get_state(), meta, keep_previous=True)
     ctx.epoch_wall.append(time.perf_counter() - t0)
     ctx.say(_epoch_line(ctx, entry, sched, improved=sched.improved and phase == "search"))
     check_stop(ctx.run_dir)
+
+
+def _best_model(ctx: _Run, sched: PlateauSchedule, exact: bool = True) -> Dict[str, np.ndarray]:
+    """best.h5's arrays, checked to be the search's best model (its epoch). On resume
+    (``exact=False``) best.h5 may be a later epoch's, saved just before a kill: the epoch
+    replayed writes it again.
+
+    Raises
+    ------
+    CheckpointError
+        best.h5 is unreadable or holds another epoch: the search cannot go back to its best
+        model, and no other file holds it.
+    """
+    path = ctx.path(runlog.BEST)
+    want = sched.best["epoch"]
+    try:
+        arrays, meta = checkpoint.load(path)
+        if meta.get("epoch") != want and (exact or not meta.get("epoch", -1) > want):
+            raise CheckpointError(f"{path}: holds search epoch {meta.get('epoch')}, not the "
+                                  f"best model (epoch {want})")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; the search cannot go back to its best model: delete "
+                              f"{ctx.run_dir} and run the command again without "
+                              "--resume") from None
+    return arrays
 
 
 def _check_finite(ctx: _Run, phase: str, epoch: int, what: str, value: float) -> None:
@@ -545,7 +766,8 @@ def _check_finite(ctx: _Run, phase: str, epoch: int, what: str, value: float) ->
         kept = (f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else
                 "no epoch had finished, so there is no checkpoint to keep")
         raise DivergedError(f"{ctx.run_dir}: {what} is {value} in {phase} epoch {epoch} of "
-                            f"row {row}; {kept}")
+                            f"row {row}; {kept}; a lower --lr may train (in another "
+                            "--out-dir)")
 
 
 def _meta(ctx: _Run, phase: str, sched, seed: int, extra: Dict) -> Dict:

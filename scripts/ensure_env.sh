@@ -65,7 +65,7 @@ _crmn_ensure_wheels() {
     py311="$CRMN_ROOT/.venv/bin/python"
   else
     py311="$(_crmn_find_python python3.11)" \
-      || _crmn_die "building the theano-pymc and Lasagne wheels needs python3.11 (not found)"
+      || _crmn_die "building the theano-pymc and Lasagne wheels needs python3.11 (not found); install CPython 3.11"
   fi
   echo "ensure_env: building the theano-pymc 1.1.2 and Lasagne 0.1 wheels into $CRMN_WHEELS with $py311" >&2
   mkdir -p "$CRMN_WHEELS"
@@ -80,7 +80,7 @@ _crmn_ensure_venv() {
   shift 3
   if [ ! -x "$venv/bin/python" ]; then
     echo "ensure_env: creating $venv with $base" >&2
-    "$base" -m venv "$venv" || _crmn_die "could not create the virtual environment $venv"
+    "$base" -m venv "$venv" || _crmn_die "could not create the virtual environment $venv; check the disk, delete $venv and run again"
   fi
   local want stamp
   want="$(sha256sum "$req" | cut -d' ' -f1)"
@@ -97,7 +97,7 @@ if [ -n "${CRMN_PYTHON:-}" ]; then
   # "as it is": no venv, no install, no system packages
   [ -x "$CRMN_PYTHON" ] || CRMN_PYTHON="$(command -v "$CRMN_PYTHON" || true)"
   [ -n "$CRMN_PYTHON" ] && [ -x "$CRMN_PYTHON" ] \
-    || _crmn_die "CRMN_PYTHON is not an executable Python interpreter"
+    || _crmn_die "CRMN_PYTHON is not an executable Python interpreter; point it at a python binary"
   "$CRMN_PYTHON" "$CRMN_ROOT/scripts/check_python.py" ${CRMN_NEEDS:-} || exit 1
   CRMN_PY="$CRMN_PYTHON"
 else
@@ -108,7 +108,7 @@ else
       _base=""
       if [ ! -x "$CRMN_VENV/bin/python" ]; then
         _base="$(_crmn_find_python python3.11)" \
-          || _crmn_die "python3.11 not found on PATH (the archive's environment needs CPython 3.11)"
+          || _crmn_die "python3.11 not found on PATH (the archive's environment needs CPython 3.11); install it, or set CRMN_PYTHON"
       fi
       _crmn_ensure_venv "$CRMN_VENV" "$_base" "$CRMN_ROOT/requirements.txt"
       ;;
@@ -117,7 +117,7 @@ else
       _base=""
       if [ ! -x "$CRMN_VENV/bin/python" ]; then
         _base="$(_crmn_find_python python3.12)" \
-          || _crmn_die "python3.12 not found (PATH or pyenv): CRMN_PROFILE=current needs CPython 3.12"
+          || _crmn_die "python3.12 not found (PATH or pyenv): CRMN_PROFILE=current needs CPython 3.12; install it, or use the pinned profile"
       fi
       _want="$(sha256sum "$CRMN_ROOT/requirements-current.txt" | cut -d' ' -f1)"
       if [ "$(cat "$CRMN_VENV/.requirements.sha256" 2>/dev/null || true)" != "$_want" ]; then

@@ -22,4 +22,4 @@ if ! apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends s
   echo "install_slurm: apt-get install slurmctld slurmd slurm-client munge failed" >&2
   exit 1
 fi
-command -v sbatch >/dev/null 2>&1 || { echo "install_slurm: installed, yet sbatch is not on PATH" >&2; exit 1; }
+command -v sbatch >/dev/null 2>&1 || { echo "install_slurm: installed, yet sbatch is not on PATH; add the Slurm bin folder to PATH" >&2; exit 1; }

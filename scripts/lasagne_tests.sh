@@ -26,7 +26,7 @@ if [ ! -f "$sdist" ]; then
   mkdir -p "$CRMN_WHEELS"
   "$CRMN_PY" -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
       -d "$CRMN_WHEELS" Lasagne==0.1 \
-    || { echo "lasagne_tests: pip could not fetch Lasagne 0.1's source archive into $CRMN_WHEELS" >&2; exit 1; }
+    || { echo "lasagne_tests: pip could not fetch Lasagne 0.1's source archive into $CRMN_WHEELS; check the connection to PyPI and run again" >&2; exit 1; }
 fi
 dest=".cache/lasagne-tests"
 rm -rf "$dest"

@@ -43,11 +43,11 @@ def test_torch_checkpoint_resumed_by_theano_matches_an_uninterrupted_torch_run(
     real_save = checkpoint.save
     saves = {"n": 0}
 
-    def killed_after_first_checkpoint(path, arrays, meta):
+    def killed_after_first_checkpoint(path, arrays, meta, **kw):
         if Path(path).name == runlog.CHECKPOINT and saves["n"] == 1:
             raise Killed("stopped before the second epoch's checkpoint")
         saves["n"] += Path(path).name == runlog.CHECKPOINT
-        return real_save(path, arrays, meta)
+        return real_save(path, arrays, meta, **kw)
 
     monkeypatch.setattr(checkpoint, "save", killed_after_first_checkpoint)
     with pytest.raises(Killed):

@@ -119,7 +119,7 @@ def test_a_hostile_file_checked_against_the_table_is_refused_unrun(tmp_path, mon
         if fname in dict(data.DATASETS[name].images):  # a data file: counted, so parsed safely
             assert msg == (f"{folder / fname}: refuses to load: the pickle asks for "
                            f"{global_name} (only numpy arrays and plain containers are "
-                           f"allowed)")
+                           f"allowed); replace it with the official file")
         else:  # a label file: refused by its MD5 alone, never parsed
             assert " has MD5 " in msg
         assert not marker.exists()
@@ -146,7 +146,7 @@ def test_a_hostile_file_is_refused_unrun_with_unverified_data(tmp_path, closed_u
             call()
         assert str(e.value) == (f"{folder / fname}: refuses to load: the pickle asks for "
                                 f"{global_name} (only numpy arrays and plain containers are "
-                                f"allowed)")
+                                f"allowed); replace it with the official file")
         assert not marker.exists()
 
 
@@ -213,7 +213,8 @@ def test_the_cli_with_the_real_table_refuses_a_hostile_folder(tmp_path):
     assert p.returncode == 1
     assert _one_error_line(p) == (f"error: {folder / 'train'}: refuses to load: the pickle "
                                   f"asks for io.open (only numpy arrays and plain "
-                                  f"containers are allowed)")
+                                  f"containers are allowed); replace it with the official "
+                                  "file")
     assert not marker.exists()
 
 
@@ -259,8 +260,9 @@ def test_only_latin1_byte_strings_are_built(tmp_path):
     (tmp_path / "ok").write_bytes(raw)
     assert formats.load_data_pickle(tmp_path / "ok") == {b"k": b"\xff\x00"}
     (tmp_path / "other").write_bytes(raw.replace(b"latin1", b"utf_16"))
-    with pytest.raises(DataError, match=f"^corrupt CIFAR batch {tmp_path / 'other'}: "
-                                        "UnpicklingError: _codecs.encode is allowed only"):
+    with pytest.raises(DataError, match=f"^corrupt CIFAR batch {tmp_path / 'other'}: not a "
+                                        r"complete CIFAR pickle \(_codecs.encode is allowed "
+                                        "only"):
         formats.load_data_pickle(tmp_path / "other")
 
 
@@ -274,7 +276,7 @@ def test_any_other_global_is_refused_by_name_before_it_is_imported(tmp_path, mod
         formats.load_data_pickle(tmp_path / "f")
     assert str(e.value) == (f"{tmp_path / 'f'}: refuses to load: the pickle asks for "
                             f"{module}.{name} (only numpy arrays and plain containers are "
-                            f"allowed)")
+                            f"allowed); replace it with the official file")
 
 
 class _Python2Pickler(pickle._Pickler):

@@ -90,4 +90,5 @@ def test_unknown_profile_and_missing_interpreter_are_one_line(tmp_path):
     assert code == 1 and err == ("ensure_env: CRMN_PROFILE=newest is not an environment: "
                                  "choose pinned (the default) or current")
     code, _, err = _source_env({"CRMN_PYTHON": str(tmp_path / "no-python")}, tmp_path)
-    assert code == 1 and err == "ensure_env: CRMN_PYTHON is not an executable Python interpreter"
+    assert code == 1 and err == ("ensure_env: CRMN_PYTHON is not an executable Python "
+                                 "interpreter; point it at a python binary")

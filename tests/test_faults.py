@@ -18,6 +18,7 @@ from crmn import checkpoint, data, runlog
 
 pytestmark = pytest.mark.slow
 
+NO_RUNS_FOLDER = "; give the folder the runs were written to (--out-dir, e.g. runs/table1)"
 SMOKE_TORCH = ["smoke", "--backend", "torch", "--no-progress"]
 
 
@@ -141,7 +142,8 @@ def test_status_and_compare_of_a_missing_folder_say_so(tmp_path):
     for command in ("status", "compare"):
         p = run_cli([command, tmp_path / "nowhere"], timeout=120)
         assert p.returncode == 1
-        assert _one_line(p.stderr) == f"error: {tmp_path / 'nowhere'}: no such folder"
+        assert _one_line(p.stderr) == (f"error: {tmp_path / 'nowhere'}: no such folder"
+                                       f"{NO_RUNS_FOLDER}")
 
 
 # 5. the launchers' truth: a run whose lock is held is running, never failed ----------------
@@ -188,3 +190,106 @@ def test_smoke_help_and_an_explicit_patience(tmp_path):
     row = next(ln for ln in report.splitlines() if ln.startswith("| tiny-crmn"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[8] == ""  # Δ
+
+
+# 5. the four cases of issue #24: each line names the way on --------------------------------
+
+T3 = ["table3", "--rows", "t3-crmn56x3", "--backend", "torch", "--n", "1", "--k", "0.5",
+      "--batch-size", "20", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def hand_made(tmp_path_factory):
+    """A hand-made CIFAR-10 folder (40 images a batch, official format) and a copy whose
+    second batch keeps its labels under ``label``."""
+    from data_helpers import cifar10_folder, cifar_pickle, pattern
+
+    root = tmp_path_factory.mktemp("hand-made")
+    cifar10_folder(root / "good" / "cifar-10-batches-py", n_per_batch=40)
+    bad = cifar10_folder(root / "badkey" / "cifar-10-batches-py", n_per_batch=40)
+    cifar_pickle(bad / "data_batch_2", pattern(40, 1), np.arange(40) % 10, label_key=b"label")
+    return root
+
+
+@pytest.fixture(scope="module")
+def uncapped_321(hand_made, tmp_path_factory):
+    """One uninterrupted run of the fixed schedule 3,2,1 without a cap: its run folder."""
+    out = tmp_path_factory.mktemp("uncapped")
+    p = run_cli([*T3, "--unverified-data", "--data-dir", hand_made / "good", "--out-dir", out,
+                 "--schedule", "3,2,1"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    return out / "table3" / "t3-crmn56x3" / "seed0"
+
+
+def _same_arrays(a_dir, b_dir):
+    a, meta_a = checkpoint.load(a_dir / runlog.CHECKPOINT)
+    b, meta_b = checkpoint.load(b_dir / runlog.CHECKPOINT)
+    assert a.keys() == b.keys() and meta_a == meta_b
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("folder, extra, batch, says", [
+    ("badkey", ["--unverified-data"], "data_batch_2",
+     "has no key 'labels' (it holds 'data', 'label', 'batch_label'); replace it with the "
+     "official file, or write its labels under 'labels'"),
+    ("good", [], "data_batch_1",  # the MD5 refusal names the option, not a library argument
+     "holds 40 images, the official file 10,000 (truncated, or another dataset); replace it "
+     "with the official file, or pass --unverified-data to use the data as it is"),
+])
+def test_a_hand_made_folder_is_refused_with_the_way_on(tmp_path, hand_made, folder, extra,
+                                                       batch, says):
+    p = run_cli([*T3, *extra, "--data-dir", hand_made / folder, "--out-dir", tmp_path,
+                 "--schedule", "1,1,1"])
+    assert p.returncode == 1
+    path = hand_made / folder / "cifar-10-batches-py" / batch
+    prefix = "CIFAR batch " if folder == "badkey" else ""
+    assert _one_line(p.stderr) == f"error: {prefix}{path} {says}"
+    assert not (tmp_path / "table3").exists() or not any((tmp_path / "table3").rglob("*.h5"))
+
+
+def test_a_truncated_checkpoint_continues_from_the_epoch_before(tmp_path, hand_made,
+                                                                uncapped_321):
+    argv = [*T3, "--unverified-data", "--data-dir", hand_made / "good", "--out-dir", tmp_path,
+            "--schedule", "3,2,1"]
+    p = subprocess.Popen(cli_argv(*argv), cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("[final] epoch 3"):
+            p.send_signal(signal.SIGUSR1)  # stops after epoch 4's checkpoint at the latest
+            break
+    p.communicate(timeout=300)
+    assert p.returncode == 3
+    run = tmp_path / "table3" / "t3-crmn56x3" / "seed0"
+    _, meta = checkpoint.load(run / runlog.CHECKPOINT)
+    ckpt = run / runlog.CHECKPOINT
+    size = ckpt.stat().st_size
+    os.truncate(ckpt, size // 2)  # the disk cut it, not the archive
+    q = run_cli(argv + ["--resume"])
+    assert q.returncode == 0, q.stderr[-2000:]
+    warning = [ln for ln in q.stderr.splitlines() if "checkpoint.prev.h5" in ln]
+    assert warning == [
+        f"warning: {ckpt}: truncated or corrupt checkpoint (it does not open as a complete "
+        "HDF5 file); continuing from checkpoint.prev.h5, the state after final epoch "
+        f"{meta['epoch'] - 1}"]
+    _same_arrays(run, uncapped_321)
+
+
+def test_a_run_finished_with_a_cap_continues_without_it(tmp_path, hand_made, uncapped_321):
+    argv = [*T3, "--unverified-data", "--data-dir", hand_made / "good", "--out-dir", tmp_path,
+            "--schedule", "3,2,1"]
+    p = run_cli(argv + ["--epochs-cap", "1"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    run = tmp_path / "table3" / "t3-crmn56x3" / "seed0"
+    refused = run_cli(argv)  # without --resume: refused, and says how to go on
+    assert refused.returncode == 1
+    assert _one_line(refused.stderr).endswith(
+        f"{run} holds a run finished with --epochs-cap 1; add --resume to continue it "
+        "without a cap, or choose another --out-dir")
+    q = run_cli(argv + ["--resume"])
+    assert q.returncode == 0, q.stderr[-2000:]
+    assert f"{run}: --epochs-cap 1 lifted: continuing the final run after " \
+           "epoch 1 (where the cap first cut a stage short)" in q.stdout
+    _same_arrays(run, uncapped_321)
+    other = run_cli(argv + ["--resume", "--lr", "0.2"])  # any other change: still refused
+    assert other.returncode == 1 and "another configuration" in other.stderr

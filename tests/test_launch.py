@@ -409,7 +409,8 @@ def test_slurm_submission_refused_leaves_no_manifest(tmp_path, monkeypatch, caps
     assert rc == 1 and err.count("\n") == 1, err
     assert err == ("error: sbatch refused the job: sbatch: error: Batch job submission "
                    "failed: Unable to contact slurm controller (connect failure); nothing "
-                   f"submitted ({exp / 'manifest.txt'} removed)\n")
+                   f"submitted ({exp / 'manifest.txt'} removed); check the cluster (sinfo), "
+                   "or use --launcher local\n")
     assert not (exp / "manifest.txt").exists() and not (exp / "slurm").exists()
     assert [c.split()[0] for c in calls] == ["sbatch"]
     p = grid.cli("status", str(tmp_path / "runs"))

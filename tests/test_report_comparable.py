@@ -19,6 +19,9 @@ from crmn.errors import DataError
 from crmn.launch import status
 from test_report import write_run
 
+#: the way on of a missing runs folder
+T = "; give the folder the runs were written to (--out-dir, e.g. runs/table1)"
+
 ROOT = Path(__file__).resolve().parents[1]
 ROW = paper.row("t1-crmn32x1")  # CIFAR-100, n 5, k 1, batch 100
 
@@ -142,10 +145,10 @@ def _cli(*args, prefix=()):
 def test_a_missing_folder_is_one_line(tmp_path, command):
     p = _cli(command, str(tmp_path / "nope"))
     assert p.returncode == 1 and p.stdout == ""
-    assert p.stderr == f"error: {tmp_path / 'nope'}: no such folder\n"
+    assert p.stderr == f"error: {tmp_path / 'nope'}: no such folder{T}\n"
     (tmp_path / "file").write_text("x")
     p = _cli(command, str(tmp_path / "file"))
-    assert p.returncode == 1 and p.stderr == f"error: {tmp_path / 'file'}: not a folder\n"
+    assert p.returncode == 1 and p.stderr == f"error: {tmp_path / 'file'}: not a folder{T}\n"
     with pytest.raises(DataError, match="nope: no such folder"):
         (report.collect if command == "compare" else status.show)(tmp_path / "nope")
 

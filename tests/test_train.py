@@ -52,7 +52,12 @@ def reference(tmp_path_factory):
 def test_full_run_writes_every_file(reference):
     run_dir, summary = reference
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "best.h5", "checkpoint.h5", "config.json", "log.jsonl", "summary.json"]
+        "best.h5", "checkpoint.h5", "checkpoint.prev.h5", "config.json", "log.jsonl",
+        "summary.json"]
+    # the last good checkpoint but one: the epoch before the last
+    _, last = checkpoint.load(run_dir / "checkpoint.h5")
+    _, prev = checkpoint.load(run_dir / "checkpoint.prev.h5")
+    assert (prev["phase"], prev["epoch"]) == (last["phase"], last["epoch"] - 1)
     config = runlog.read_json(run_dir / "config.json")
     assert config["model"] == TOY_MODEL.to_dict() and config["seed"] == 3
     assert config["backend"] == "toy" and "numpy" in config["versions"]
@@ -188,12 +193,12 @@ def test_kill_between_log_line_and_checkpoint_is_replayed_once(tmp_path, referen
     real_save = checkpoint.save
     calls = {"n": 0}
 
-    def dies_on_fourth_checkpoint(path, arrays, meta):
+    def dies_on_fourth_checkpoint(path, arrays, meta, **kw):
         if Path(path).name == "checkpoint.h5":
             calls["n"] += 1
             if calls["n"] == 4:
                 raise SimulatedCrash("killed before the checkpoint of epoch 4")
-        return real_save(path, arrays, meta)
+        return real_save(path, arrays, meta, **kw)
 
     monkeypatch.setattr(checkpoint, "save", dies_on_fourth_checkpoint)
     with pytest.raises(SimulatedCrash):

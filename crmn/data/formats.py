@@ -91,58 +91,78 @@ def load_data_pickle(path: PathLike):
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"missing dataset file {path}")
+        raise DataError(f"missing dataset file {path}; put the official file there")
     try:
         with open(path, "rb") as f:
             # the CIFAR batches are Python 2 pickles with byte-string keys
             return _DataUnpickler(f, encoding="bytes").load()
     except RefusedGlobal as e:
         raise DataError(f"{path}: refuses to load: the pickle asks for {e} (only numpy arrays "
-                        f"and plain containers are allowed)") from None
+                        f"and plain containers are allowed); replace it with the official "
+                        "file") from None
     except OSError as e:
-        raise DataError(f"cannot read dataset file {path}: {e.strerror or e}") from None
+        raise DataError(f"cannot read dataset file {path}: {e.strerror or e}; check its "
+                        "permissions and the disk") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
             ImportError, IndexError, KeyError, MemoryError, RecursionError,
             UnicodeDecodeError) as e:
         msg = str(e).splitlines()[0] if str(e) else ""
-        raise DataError(f"corrupt CIFAR batch {path}: {e.__class__.__name__}: {msg}") from None
+        raise DataError(f"corrupt CIFAR batch {path}: not a complete CIFAR pickle ({msg}); "
+                        "replace it with the official file") from None
 
 
 def _cifar_batch(path: Path, label_key: bytes, classes: int) -> Tuple[np.ndarray, np.ndarray]:
     d = load_data_pickle(path)
-    if not isinstance(d, dict) or b"data" not in d or label_key not in d:
-        raise DataError(f"CIFAR batch {path} lacks the keys 'data' and "
-                        f"{label_key.decode()!r}")
+    if not isinstance(d, dict):
+        raise DataError(f"CIFAR batch {path} holds a {type(d).__name__}, not the dict of an "
+                        "official batch; replace it with the official file")
+    missing = [k.decode() for k in (b"data", label_key) if k not in d]
+    if missing:
+        held = ", ".join(repr(_key_text(k)) for k in d) or "no key"
+        raise DataError(f"CIFAR batch {path} has no key {' or '.join(map(repr, missing))} "
+                        f"(it holds {held}); replace it with the official file, or write "
+                        f"its labels under {label_key.decode()!r}")
     x = np.asarray(d[b"data"])
     y = np.asarray(d[label_key], dtype=np.int64)
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
         raise DataError(f"CIFAR batch {path} has data {x.dtype}{x.shape} and {len(y)} "
-                        f"labels; expected uint8 (N, 3072) and N labels")
+                        f"labels; expected uint8 (N, 3072) and N labels: replace it with the "
+                        "official file")
     if len(y) and (y.min() < 0 or y.max() >= classes):
-        raise DataError(f"CIFAR batch {path} has labels outside 0..{classes - 1}")
+        raise DataError(f"CIFAR batch {path} has labels outside 0..{classes - 1}; replace it "
+                        "with the official file, or choose the --dataset it belongs to")
     # each row is 1024 red, 1024 green, 1024 blue values, row-major: (N, 3, 32, 32)
     return x.reshape(-1, 3, 32, 32), y
+
+
+def _key_text(key) -> str:
+    """A batch's key as the user would write it (the official files have byte keys)."""
+    return key.decode(errors="replace") if isinstance(key, bytes) else str(key)
 
 
 def _svhn_mat(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     import scipy.io
 
     if not path.is_file():
-        raise DataError(f"missing dataset file {path}")
+        raise DataError(f"missing dataset file {path}; put the official file there")
     try:
         m = scipy.io.loadmat(str(path), variable_names=["X", "y"])
     except (ValueError, TypeError, OSError, EOFError, KeyError, IndexError,
             NotImplementedError, zlib.error) as e:
-        raise DataError(f"corrupt SVHN file {path}: {e.__class__.__name__}: {e}") from None
+        raise DataError(f"corrupt SVHN file {path}: not a complete MATLAB file ({e}); replace "
+                        "it with the official file") from None
     if "X" not in m or "y" not in m:
-        raise DataError(f"SVHN file {path} lacks the variables 'X' and 'y'")
+        raise DataError(f"SVHN file {path} lacks the variables 'X' and 'y'; replace it with "
+                        "the official file")
     x, y = m["X"], np.asarray(m["y"]).reshape(-1).astype(np.int64)
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3) \
             or x.shape[3] != len(y):
         raise DataError(f"SVHN file {path} has X {x.dtype}{x.shape} and {len(y)} labels; "
-                        f"expected uint8 (32, 32, 3, N) and N labels")
+                        f"expected uint8 (32, 32, 3, N) and N labels: replace it with the "
+                        "official file")
     if len(y) and (y.min() < 1 or y.max() > 10):
-        raise DataError(f"SVHN file {path} has labels outside 1..10")
+        raise DataError(f"SVHN file {path} has labels outside 1..10; replace it with the "
+                        "official file")
     y[y == 10] = 0  # SVHN stores the digit 0 as label 10
     # X[row, col, channel, image] -> (image, channel, row, col)
     return np.ascontiguousarray(x.transpose(3, 2, 0, 1)), y
@@ -166,9 +186,11 @@ def count_images(name: str, path: Path) -> int:
         shapes = {var: shape for var, shape, _ in scipy.io.whosmat(str(path))}
     except (ValueError, TypeError, OSError, EOFError, KeyError, IndexError,
             NotImplementedError, zlib.error) as e:
-        raise DataError(f"corrupt SVHN file {path}: {e.__class__.__name__}: {e}") from None
+        raise DataError(f"corrupt SVHN file {path}: not a complete MATLAB file ({e}); replace "
+                        "it with the official file") from None
     if len(shapes.get("X", ())) != 4:
-        raise DataError(f"SVHN file {path} lacks a 4-d variable 'X' (32, 32, 3, N)")
+        raise DataError(f"SVHN file {path} lacks a 4-d variable 'X' (32, 32, 3, N); replace "
+                        "it with the official file")
     return int(shapes["X"][3])
 
 
@@ -176,7 +198,8 @@ def _check_meta(path: Path) -> None:
     """The label-name file, when present, must be data too: a folder holding a program in any
     file is refused, not half used (its contents are not needed)."""
     if path.is_file() and not isinstance(load_data_pickle(path), dict):
-        raise DataError(f"CIFAR label file {path} does not hold a dict")
+        raise DataError(f"CIFAR label file {path} does not hold a dict; replace it with the "
+                        "official file")
 
 
 def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:

@@ -159,7 +159,7 @@ def verify_folder(name: str, folder: PathLike) -> None:
 
 def _refusal(what: str) -> str:
     return (f"{what}; replace it with the official file, or pass {UNVERIFIED_FLAG} "
-            f"(unverified=True) to use the data as it is")
+            "to use the data as it is")
 
 
 def _check_present(info: DatasetInfo, folder: Path) -> None:
@@ -168,8 +168,7 @@ def _check_present(info: DatasetInfo, folder: Path) -> None:
         names = ",".join(f for f, _ in info.files)
         raise DataError(f"{folder} is not the complete official {info.name} folder: it lacks "
                         f"{', '.join(missing)} (official files: {folder}/{{{names}}}); add "
-                        f"them, or pass {UNVERIFIED_FLAG} (unverified=True) to use the data "
-                        f"as it is")
+                        f"them, or pass {UNVERIFIED_FLAG} to use the data as it is")
 
 
 def _check_md5s(info: DatasetInfo, folder: Path) -> None:

@@ -206,14 +206,15 @@ def _kept(info: DatasetInfo, data_dir: Path) -> str:
 
 def _ensure_writable(data_dir: Path) -> None:
     if data_dir.exists() and not data_dir.is_dir():
-        raise DataError(f"data directory {data_dir} is a file, not a directory")
+        raise DataError(f"data directory {data_dir} is a file, not a directory; choose another "
+                        "--data-dir")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=data_dir):
             pass
     except OSError as e:
         raise DataError(f"data directory {data_dir} is not writable: "
-                        f"{e.strerror or e}") from None
+                        f"{e.strerror or e}; choose another --data-dir") from None
 
 
 # --------------------------------------------------------------------------------------------

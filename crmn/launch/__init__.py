@@ -52,7 +52,8 @@ def _claim(exp_dir: Path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise RunError(f"{exp_dir}: another launcher is running this grid") from None
+        raise RunError(f"{exp_dir}: another launcher is running this grid; wait for it to "
+                       "end, or follow it with status") from None
     return f
 
 

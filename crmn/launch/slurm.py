@@ -75,7 +75,8 @@ def queued(job_ids: Sequence[str]) -> List[str]:
     p = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%F"],
                        capture_output=True, text=True, timeout=60)
     if p.returncode != 0 and "Invalid job id" not in p.stderr:
-        raise ConfigError(f"squeue failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+        raise ConfigError(f"squeue failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}; "
+                          "check the cluster (sinfo) and run the command again")
     return sorted(set(p.stdout.split()) & set(ids))
 
 
@@ -107,7 +108,8 @@ def submit(exp_dir: Path, tasks: Sequence[Task], entry: Path, *, max_parallel: O
                          str(max_requeues)])
     except ConfigError as exc:
         _unlaunched(exp_dir)
-        raise ConfigError(f"{exc}; nothing submitted ({exp_dir / MANIFEST} removed)") from None
+        raise ConfigError(f"{exc}; nothing submitted ({exp_dir / MANIFEST} removed); check "
+                          "the cluster (sinfo), or use --launcher local") from None
     try:
         compare = _sbatch([f"--dependency=afterany:{array}",
                            f"--job-name=crmn-{experiment}-compare", "--open-mode=append",

@@ -290,7 +290,9 @@ def experiment_dirs(directory: Path) -> List[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: " + ("not a folder" if directory.exists()
-                                            else "no such folder"))
+                                            else "no such folder")
+                        + "; give the folder the runs were written to (--out-dir, e.g. "
+                          "runs/table1)")
     if (directory / manifest.MANIFEST).exists():
         return [directory]
     found = sorted(p.parent for p in directory.glob(f"*/{manifest.MANIFEST}"))

@@ -1,0 +1,310 @@
+"""The audit of every fault message the archive prints (issue #24): ``docs/errors.md``.
+
+A *site* is a place that builds a :class:`crmn.errors.CRMNError` (``raise DataError(...)``,
+or a helper that builds one for its caller to raise) in ``crmn/``, ``original/`` or
+``modern/``, or a shell line that writes to stderr (``echo ... >&2``, ``say ... >&2``, or a
+call of a script's ``*_die`` helper) in the archive's shell scripts. Its id is
+``file:function:Kind`` (Python; ``Kind#2`` for the second site of a kind in one function)
+or ``file:line-text`` (shell), so that moving code keeps it and a new site is new.
+
+``python -m crmn.tools.errors`` (re)writes ``docs/errors.md`` from the source: per site
+where it is, its kind and exit code, the message as a template (``{…}`` stands for a value
+filled in at run time) and what it tells the user to do next. tests/test_errors_audit.py
+fails while the file is not what this module writes, naming the sites that are missing from
+it: a new message is reviewed, in the diff of docs/errors.md, the day it is written.
+
+What to do next is the message's own last clause that names an action (a command, an
+option, "delete X"); a message that leaves it to the code that catches and re-raises it
+names that code in :data:`WAY_ON_FROM` instead. A site with neither is listed under
+"Messages without a way on" at the end of the file (empty when the audit holds).
+"""
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+from crmn import errors
+
+ROOT = Path(__file__).resolve().parents[2]
+#: where the Python sites are looked for, and the shell scripts (repo-relative)
+PY_DIRS = ("crmn", "original", "modern")
+SH_FILES = ("run_experiments.sh", "tests/run.sh", "scripts/*.sh", "crmn/launch/*.sh")
+DOC = "docs/errors.md"
+
+#: every kind of CRMNError, by name, with its exit code
+KINDS: Dict[str, int] = {
+    name: obj.exit_code for name, obj in vars(errors).items()
+    if isinstance(obj, type) and issubclass(obj, errors.CRMNError)}
+
+#: words that make a clause a next step for the user
+_ACTIONS = re.compile(
+    r"--[a-z]|\b(delete|remove|pass|run|rerun|replace|choose|install|add|use|set|check|"
+    r"wait|stop|see|give|download|copy|put|free|unpack|write|start|launch|drop|fix|rename|"
+    r"retry|try|pick|name|move|ask|make|point|export|resume|edit|build|upgrade|keep|"
+    r"answer|call)\b", re.IGNORECASE)
+
+#: sites whose message is completed by the code that catches it or by a helper whose text
+#: the template shows as a value: site id, or the start of ids, -> what the user reads there
+WAY_ON_FROM: Dict[str, str] = {
+    "crmn/checkpoint.py:load:": "crmn/train.py:_last_good_checkpoint: on --resume the run falls "
+    "back to checkpoint.prev.h5 (one warning line); if that is bad too: delete the run "
+    "folder and run again without --resume",
+    "crmn/checkpoint.py:_meta:CheckpointError": "as for load (crmn/train.py falls back to "
+    "checkpoint.prev.h5)",
+    "crmn/checkpoint.py:_meta:CheckpointError#3": "as for load (crmn/train.py falls back to "
+    "checkpoint.prev.h5)",
+    "crmn/checkpoint.py:save:CheckpointError": "a bug, not a fault (array names come from "
+    "crmn.naming)",
+    "crmn/checkpoint.py:check_compatible:": "crmn/train.py adds it: resume with the settings "
+    "the run was started with, or delete the run folder (a finished run: choose another "
+    "--out-dir)",
+    "crmn/cli/parser.py:_Parser.error:": "argparse's own line names the option; --help lists "
+    "every option",
+    "crmn/cli/plans.py:": "correct the option the message names (--help gives its range)",
+    "crmn/config.py:": "crmn/cli/plans.py reports it as a usage error before anything "
+    "exists: correct the option of that name (--n, --k, --batch-size, --lr, ...)",
+    "crmn/plan.py:RunSpec.__post_init__:": "choose a --dataset with that many classes, or "
+    "another row",
+    "crmn/init.py:": "a bug in the caller: the CLI always passes a ModelConfig and seed",
+    "crmn/convert.py:": "the checkpoint is not one of this network: resume with its "
+    "configuration, or delete the run folder",
+    "crmn/data/fake.py:write_fake:ConfigError": "give n_train, n_test >= 1 (smoke sets them)",
+    "crmn/data/fake.py:write_fake:DataError": "choose another --data-dir",
+    "crmn/data/integrity.py:_explain_mismatch:": "replace it with the official file, or pass "
+    "--unverified-data (the helper _refusal adds it)",
+    "crmn/data/prepare.py:": "--n/--k leave the data alone: a hand-made folder needs more "
+    "training images (or the official files)",
+    "crmn/data/sampler.py:": "give a --batch-size that fits the training images",
+    "crmn/data/sources.py:_download:": "the line ends with where it looked and how to supply "
+    "the files by hand (helper by_hand)",
+    "crmn/data/sources.py:_safe_extractall:": "delete the archive to download it again, or "
+    "supply the folder by hand (helper _kept)",
+    "crmn/data/sources.py:_extract:": "delete the archive to download it again, or supply the "
+    "folder by hand (helper _kept)",
+    "crmn/data/sources.py:dataset_info:": "choose one of the datasets it lists (--dataset)",
+    "crmn/launch/slurm.py:submit:ConfigError#2": "check the cluster (sinfo), or use --launcher "
+    "local; nothing stays queued",
+    "crmn/launch/slurm.py:_sbatch:": "crmn/launch/slurm.py:submit adds: check the cluster "
+    "(sinfo), or use --launcher local",
+    "crmn/launch/slurm.py:_poll_s:": "set CRMN_SLURM_POLL to a number of seconds, or unset it",
+    "crmn/paper.py:row:": "choose one of the row ids it lists (--rows)",
+    "crmn/paper.py:select:": "choose one of the experiments it lists",
+    "crmn/registry.py:probe:": "the stack's own line names the missing package or device and "
+    "its pip command or option",
+    "crmn/report.py:compare:RunError": "free disk space or make the folder writable, then "
+    "compare again",
+    "crmn/tools/profile.py:": "choose a variant it lists",
+    "crmn/train.py:train_epoch:": "a bug: the sampler checks the batch size first",
+    "crmn/train.py:evaluate:": "a bug: every split has images",
+    "crmn/train.py:_best_model:CheckpointError": "crmn/train.py:_best_model adds: delete the "
+    "run folder and run again without --resume",
+    "original/": "a bug or a setup fault inside the Theano stack; the message names it "
+    "(tests/test_original_*.py, scripts/make_references.py)",
+    "modern/backend.py:TorchBackend.__init__:ConfigError#2": "use --device cpu, or a machine "
+    "whose GPU torch sees",
+    "modern/": "a bug in the caller: crmn.train passes images and states of this network",
+    "crmn/launch/task.sh:error: $*": "the task's own message follows",
+    # progress lines on stderr, not faults
+    "scripts/ensure_env.sh:ensure_env: installing ": "nothing: a progress line",
+    "scripts/ensure_env.sh:ensure_env: building ": "nothing: a progress line",
+    "scripts/ensure_env.sh:ensure_env: creating ": "nothing: a progress line",
+    "scripts/install_slurm.sh:install_slurm: apt-get update failed; trying the cached lists":
+    "nothing: it goes on with the cached lists",
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One fault message."""
+
+    id: str  # file:function:Kind[#k] or file:shell line
+    where: str  # file:function (Python) or file:line (shell)
+    kind: str  # CRMNError subclass, or "stderr" (shell)
+    exit: str  # the exit code, as text
+    message: str  # the template: literal text with {expressions}
+
+    @property
+    def way_on(self) -> Optional[str]:
+        """The message's last clause that names what to do next, or the catcher's."""
+        given = [k for k in WAY_ON_FROM if self.id == k or
+                 (k.endswith((":", "/", " ")) and self.id.startswith(k))]
+        if given:
+            return WAY_ON_FROM[max(given, key=len)]
+        clauses = [c.strip() for c in re.split(r";|: (?=[a-z-]+ )|\(|\)", self.message)]
+        for clause in reversed(clauses):
+            if _ACTIONS.search(_without_values(clause)):
+                return clause
+        return None
+
+
+def _without_values(text: str) -> str:
+    """``text`` without its ``{…}`` parts: a value's name is no advice."""
+    return re.sub(r"\{[^{}]*\}", "", text)
+
+
+# --- Python sites ----------------------------------------------------------------------
+
+def _template(node: ast.AST) -> str:
+    """The message of an exception's first argument, as a template."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        parts = []
+        for v in node.values:
+            if isinstance(v, ast.Constant):
+                parts.append(str(v.value))
+            else:
+                parts.append("{" + ast.unparse(v.value) + "}")
+        return "".join(parts)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _template(node.left) + _template(node.right)
+    return "{" + ast.unparse(node) + "}"
+
+
+class _Finder(ast.NodeVisitor):
+    """Every call of a CRMNError kind, with the function (qualified name) it is in."""
+
+    def __init__(self, rel: str):
+        self.rel, self.scope, self.found = rel, [], []  # found: (function, kind, message)
+
+    def _enter(self, node) -> None:
+        self.scope.append(node.name)
+        self.generic_visit(node)
+        self.scope.pop()
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _enter
+
+    def visit_Call(self, node: ast.Call) -> None:
+        name = node.func.id if isinstance(node.func, ast.Name) else (
+            node.func.attr if isinstance(node.func, ast.Attribute) else None)
+        if name in KINDS and name != "CRMNError" or (name == "CRMNError" and node.args):
+            message = _template(node.args[0]) if node.args else ""
+            self.found.append((".".join(self.scope) or "<module>", name, message))
+        self.generic_visit(node)
+
+
+def python_sites(root: Path = ROOT) -> List[Site]:
+    sites = []
+    for top in PY_DIRS:
+        for path in sorted((root / top).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if rel == "crmn/errors.py":
+                continue  # the kinds themselves
+            finder = _Finder(rel)
+            finder.visit(ast.parse(path.read_text(), filename=rel))
+            seen: Dict[str, int] = {}
+            for function, kind, message in finder.found:
+                key = f"{rel}:{function}:{kind}"
+                seen[key] = seen.get(key, 0) + 1
+                sid = key if seen[key] == 1 else f"{key}#{seen[key]}"
+                sites.append(Site(sid, f"{rel}:{function}", kind, str(KINDS[kind]), message))
+    return sites
+
+
+# --- shell sites -----------------------------------------------------------------------
+
+_DIE_DEF = re.compile(r"^\s*(\w*die)\s*\(\)")
+_ECHO = re.compile(r"""\b(?:echo|say)\s+(?P<msg>"(?:[^"\\]|\\.)*"(?:\s+"(?:[^"\\]|\\.)*")*)\s*>&2""")
+
+
+def _shell_text(quoted: str) -> str:
+    return " ".join(re.findall(r'"((?:[^"\\]|\\.)*)"', quoted))
+
+
+def shell_sites(root: Path = ROOT) -> List[Site]:
+    sites = []
+    for pattern in SH_FILES:
+        for path in sorted(root.glob(pattern)):
+            rel = path.relative_to(root).as_posix()
+            lines = path.read_text().splitlines()
+            dies = {m.group(1) for m in map(_DIE_DEF.match, lines) if m}
+            die_call = re.compile(r"\b(" + "|".join(map(re.escape, dies)) + r""")\s+("[^"]*")""") \
+                if dies else None
+            pending = ""
+            for no, line in enumerate(lines, 1):
+                code = line.split(" #", 1)[0] if not line.lstrip().startswith("#") else ""
+                if _DIE_DEF.match(code):
+                    continue  # the helper itself: its callers are the sites
+                text = None
+                joined = pending + code
+                m = _ECHO.search(joined)
+                if m:
+                    text = _shell_text(m.group("msg"))
+                elif die_call is not None and die_call.search(code):
+                    text = _shell_text(die_call.search(code).group(2))
+                pending = joined.rstrip("\\") + " " if code.rstrip().endswith("\\") or (
+                    '"' in code and code.count('"') % 2) else ""
+                if text is None:
+                    continue
+                pending = ""
+                sites.append(Site(f"{rel}:{text}", f"{rel}:{no}", "stderr", "1 or as shown",
+                                  text))
+    return sites
+
+
+def all_sites(root: Path = ROOT) -> List[Site]:
+    return python_sites(root) + shell_sites(root)
+
+
+# --- the document ----------------------------------------------------------------------
+
+HEADER = """# Every fault message, and what to do next
+
+Generated by `python -m crmn.tools.errors` from the source (crmn/tools/errors.py says how);
+tests/test_errors_audit.py fails when a message of the source is missing here. The kinds
+and their exit codes are those of `crmn/errors.py` (REPRODUCING.md, "Exit codes"); the
+command line prints each as one line `error: MESSAGE` (a stop: `stopped: MESSAGE`). In a
+message, `{…}` stands for a value filled in when it is printed (a file, a number, a
+setting). Shell lines are the scripts' own messages on stderr (progress lines included).
+
+"""
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render(sites: List[Site]) -> str:
+    out = [HEADER, "| id | where | kind (exit) | message | what to do |",
+           "| --- | --- | --- | --- | --- |"]
+    for s in sites:
+        out.append(f"| `{_cell(s.id)}` | {_cell(s.where)} | {s.kind} ({s.exit}) | "
+                   f"{_cell(s.message)} | {_cell(s.way_on or '')} |")
+    lacking = [s for s in sites if not s.way_on]
+    out += ["", "## Messages without a way on", ""]
+    out += [f"- `{_cell(s.id)}`" for s in lacking] or ["(none)"]
+    return "\n".join(out) + "\n"
+
+
+def listed_ids(text: str) -> List[str]:
+    """The site ids of a docs/errors.md table."""
+    return re.findall(r"^\| `((?:[^`\\]|\\.)*)` \|", text, re.MULTILINE)
+
+
+def main(argv=None) -> int:
+    """``python -m crmn.tools.errors [--check]``: write docs/errors.md, or (``--check``)
+    only say whether it is up to date (exit 1 if not). A developer tool, outside the
+    archive's command line (crmn/cli/), so it reads its one flag itself."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv not in ([], ["--check"]):
+        print("usage: python -m crmn.tools.errors [--check]", file=sys.stderr)
+        return 2
+    text = render(all_sites())
+    path = ROOT / DOC
+    if argv:
+        same = path.exists() and path.read_text() == text
+        print(f"{DOC}: " + ("up to date" if same else
+                            "out of date: run python -m crmn.tools.errors"))
+        return 0 if same else 1
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(text)
+    print(f"{DOC}: {len(listed_ids(text))} messages")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
