@@ -178,7 +178,8 @@ def cmd_bench(args) -> int:
     timed = [options]  # the JAX mode is timed beside the C mode and the torch stack
     if options.backend == "theano" and options.theano_mode == "jax":
         timed += [options.replace(theano_mode="c"),
-                  options.replace(backend="torch", theano_mode=registry.DEFAULT_THEANO_MODE)]
+                  options.replace(backend="torch", theano_mode=registry.DEFAULT_THEANO_MODE,
+                                  compile_cache=True)]
     results = []
     for row in rows:
         for opts in timed:
