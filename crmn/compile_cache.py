@@ -68,9 +68,8 @@ def folder() -> Tuple[Path, bool]:
 
 def folder_problem(path: Path, chosen: bool) -> Optional[str]:
     """Why ``path`` may not hold cache entries (one line), or None when it may (the rule
-    of the module docstring). A folder that does not exist yet is judged by its nearest
-    existing parent's write permissions only through the folder it becomes (created 0700
-    for the default folder)."""
+    of the module docstring; ``chosen``: named by ``$CRMN_CACHE``). A folder that does not
+    exist yet passes: :func:`open_cache` creates it (mode 0700) and judges it again."""
     try:
         st = path.stat()
     except FileNotFoundError:

@@ -473,6 +473,7 @@ class CachedFunction:
                 compile_cache.warn(f"{self.name}: cannot cache this graph ({exc}); "
                                    f"compiling it uncached")
                 runner = self.theano_function()
+                self.states.append(MISS)
             finally:
                 self.compile_seconds += time.perf_counter() - start
             self._runners[signature] = runner
