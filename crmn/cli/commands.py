@@ -185,9 +185,12 @@ def cmd_bench(args) -> int:
         for opts in timed:
             r = bench.bench_row(row, opts, args.steps, warmup=args.warmup,
                                 batch_size=args.batch_size, channels_last=args.channels_last)
+            warm = ("" if r["warm_compile_s"] is None
+                    else f", warm compile {r['warm_compile_s']:.1f} s")
             print(f"# {row.id} {r['stack']}: {r['images_per_s']:.0f} img/s, "
-                  f"{r['sec_per_epoch']:.2f} s per epoch on {r['device']}, {r['layout']}",
-                  flush=True)
+                  f"{r['sec_per_epoch']:.2f} s per epoch on {r['device']}, {r['layout']}; "
+                  f"cold compile {r['compile_s']:.1f} s (cache {r['compile_cache'] or '-'})"
+                  f"{warm}", flush=True)
             results.append(r)
     print(bench.format_table(results))
     ratios = bench.mode_ratios(results)
