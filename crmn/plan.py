@@ -39,7 +39,7 @@ class RunSpec:
     train: TrainConfig  # the protocol (SPEC §5); train.seed seeds split, weights, batches
     dataset: str  # "cifar100" | "cifar10" | "svhn" (crmn.data)
     data_dir: Path  # where crmn.data reads / downloads the dataset
-    stack: StackOptions = StackOptions()  # backend, device, dtype, theano_mode, compile
+    stack: StackOptions = StackOptions()  # backend, device, dtype, theano_mode, compile, ...
     unverified_data: bool = False  # accept a dataset folder that fails the official checks
     row: Optional[str] = None  # crmn.paper row id, None for a run that is no paper row
     experiment: Optional[str] = None  # table1 | table2 | table3 | svhn | smoke
@@ -165,7 +165,8 @@ def _stack_flags(stack: StackOptions) -> List[str]:
     for field in ("backend", "device", "dtype", "theano_mode"):
         if getattr(stack, field) != getattr(default, field):
             out += _flag("--" + field.replace("_", "-"), getattr(stack, field))
-    return out + (["--compile"] if stack.compile else [])
+    return (out + (["--compile"] if stack.compile else [])
+            + ([] if stack.compile_cache else ["--no-compile-cache"]))
 
 
 def _model_flags(model: ModelConfig, row: ModelConfig) -> List[str]:

@@ -52,7 +52,7 @@ def check_device(name: str) -> str:
 class StackOptions:
     """Which stack, where, in which precision: checked once, when made.
 
-    The same five settings reach every consumer (the loop, the launchers, bench, verify,
+    The same six settings reach every consumer (the loop, the launchers, bench, verify,
     profile) and are recorded in ``config.json`` under these names.
     """
 
@@ -61,6 +61,9 @@ class StackOptions:
     dtype: str = DEFAULT_DTYPE  # one of STACK_DTYPES[backend]
     theano_mode: str = DEFAULT_THEANO_MODE  # theano only: "c" | "jax"
     compile: bool = False  # torch only: torch.compile behind the captured CUDA graph
+    # theano only: reuse compiled steps from the compile cache (crmn.compile_cache);
+    # False is --no-compile-cache
+    compile_cache: bool = True
 
     def __post_init__(self):
         if self.backend not in REGISTRY:
@@ -78,6 +81,9 @@ class StackOptions:
         if self.compile and self.backend != "torch":
             raise ConfigError("--compile is an option of the torch backend; the theano "
                               "backend always compiles its graphs")
+        if not self.compile_cache and self.backend != "theano":
+            raise ConfigError("--no-compile-cache is an option of the theano backend (the "
+                              "torch stack keeps no compile cache)")
 
     def replace(self, **changes) -> "StackOptions":
         """A checked copy with ``changes`` applied."""
@@ -89,7 +95,8 @@ class StackOptions:
     def describe(self) -> str:
         """The options in words, e.g. ``theano (jax), cpu, float32``."""
         name = self.backend + (f" ({self.theano_mode})" if self.backend == "theano" else "")
-        return f"{name}, {self.device}, {self.dtype}{' + compile' if self.compile else ''}"
+        return (f"{name}, {self.device}, {self.dtype}{' + compile' if self.compile else ''}"
+                f"{'' if self.compile_cache else ', no compile cache'}")
 
 
 def stack_class(backend: str):
@@ -130,7 +137,8 @@ def build(options: StackOptions, model: ModelConfig, train: TrainConfig, **exper
     ``expert``: a stack's own settings that only checks and timings vary (torch:
     ``channels_last``, ``graph``, ``tf32``); never recorded in a run.
     """
-    extra = {"theano": {"theano_mode": options.theano_mode},
+    extra = {"theano": {"theano_mode": options.theano_mode,
+                        "compile_cache": options.compile_cache},
              "torch": {"compile": options.compile}}.get(options.backend, {})
     return stack_class(options.backend)(model, train, device=options.device,
                                         dtype=options.dtype, **extra, **expert)

@@ -299,6 +299,8 @@ def row_line(rr: RowRuns) -> Dict[str, str]:
         "delta": (f"{m - ref:+.2f}" if n and ref is not None and not rr.not_comparable()
                   else ""),
         "status": rr.status(),
+        "compiled": "; ".join(f"seed {r.seed}: {note}" for r in rr.runs
+                              for note in [runlog.compile_note(r.log)] if note),
         "notes": "; ".join(rr.notes()),
     }
 
@@ -345,7 +347,7 @@ COLUMNS = (("row", "row"), ("model", "model"), ("params", "params M ours"),
            ("paper_params", "params M paper"), ("sec", "s/epoch ours (device)"),
            ("paper_sec", "s/epoch paper"), ("acc", "test acc % ours"),
            ("paper_acc", "test acc % paper"), ("delta", "Δ"), ("status", "status"),
-           ("notes", "not as published"))
+           ("compiled", "compiled (s, cache)"), ("notes", "not as published"))
 
 
 def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:

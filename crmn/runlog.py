@@ -327,6 +327,19 @@ class Run:
         return [e for e in self.log if e.get("phase") == name]
 
 
+def compile_note(log: Iterable[Dict]) -> str:
+    """The compilations a run's log records, e.g. ``196 s miss, 3 s hit`` (one item per
+    epoch that compiled: each process's first, a resume's too), from each entry's
+    ``compile_seconds`` and ``compile_cache``; empty when none was logged."""
+    items = []
+    for e in log:
+        seconds = e.get("compile_seconds")
+        if isinstance(seconds, (int, float)) and seconds >= 0.05:
+            state = e.get("compile_cache")
+            items.append(f"{seconds:.0f} s" + (f" {state}" if state else ""))
+    return ", ".join(items)
+
+
 def load_run(run_dir) -> Run:
     """Read ``config.json``, ``log.jsonl`` and, if present, ``summary.json`` of a run."""
     run_dir = Path(run_dir)

@@ -75,6 +75,8 @@ class EpochStats:
     images: int  # images seen
     seconds: float  # wall-clock seconds of the epoch's steps, compilation left out
     compile_seconds: float = 0.0  # of which the stack compiled (or waited to compile)
+    # what the stack's compile cache did: "hit", "miss", "off"; None: the stack says nothing
+    compile_cache: Optional[str] = None
 
 
 def sampler_seed(seed: int, phase: str) -> int:
@@ -111,11 +113,14 @@ class Progress:
     """A one-line progress bar on a terminal: batches, images/s, the epoch's ETA, loss.
 
     Until the first step returns (Theano and JAX compile there, torch captures its graph)
-    the line counts the seconds: ``compiling… N s``; rates and the ETA start after it.
+    the line counts the seconds: ``compiling… N s``, or ``compile cache hit… N s`` once the
+    stack found its compiled step in the compile cache (``cache_state()``: the stack's
+    ``compile_cache``); rates and the ETA start after it.
     """
 
-    def __init__(self, label: str, total: int, stream=None):
+    def __init__(self, label: str, total: int, stream=None, cache_state=lambda: None):
         self.label, self.total = label, total
+        self.cache_state = cache_state
         self.stream = stream or sys.stderr
         self.t0 = time.perf_counter()
         self.every = max(1, total // PROGRESS_UPDATES)
@@ -126,7 +131,8 @@ class Progress:
 
     def _tick(self) -> None:
         while not self._stepped.wait(1.0):
-            self.stream.write(f"\r  {self.label} compiling\u2026 "
+            doing = "compile cache hit" if self.cache_state() == "hit" else "compiling"
+            self.stream.write(f"\r  {self.label} {doing}\u2026 "
                               f"{time.perf_counter() - self.t0:.0f} s\033[K")
             self.stream.flush()
 
@@ -168,7 +174,9 @@ def train_epoch(stack, sampler, epoch: int, lr: float, *, progress: Optional[str
     """
     use_fast = getattr(stack, "fast_epoch", False) if fast is None else fast
     batches = stack.epoch_batches(sampler, epoch) if use_fast else sampler.epoch(epoch)
-    bar = Progress(progress, len(sampler)) if progress else None
+    bar = (Progress(progress, len(sampler),
+                    cache_state=lambda: getattr(stack, "compile_cache", None))
+           if progress else None)
     loss_sum: Any = 0.0
     correct: Any = 0
     images = 0
@@ -191,7 +199,8 @@ def train_epoch(stack, sampler, epoch: int, lr: float, *, progress: Optional[str
     if images == 0:
         raise ConfigError("the sampler yielded no batch in this epoch")
     return EpochStats(loss=loss / images, acc=float(correct) / images, images=images,
-                      seconds=seconds - compiled, compile_seconds=compiled)
+                      seconds=seconds - compiled, compile_seconds=compiled,
+                      compile_cache=getattr(stack, "compile_cache", None))
 
 
 def evaluate(stack, x: np.ndarray, y: np.ndarray,
@@ -629,6 +638,7 @@ def _config(ctx: _Run, stack) -> Dict:
             "backend": options.backend, "device": stack.device,
             "device_requested": options.device, "dtype": options.dtype,
             "compile": options.compile, "theano_mode": options.theano_mode,
+            "compile_cache": options.compile_cache,
             "params": stack.param_count(),
             "model": spec.model.to_dict(),
             "train": spec.train.to_dict(), "seed": spec.train.seed,
@@ -721,7 +731,8 @@ def _one_epoch(ctx: _Run, phase: str, stack, sched, sampler, split, extra: Dict)
              "train_loss": stats.loss, "train_acc": stats.acc, "eval_split": split.eval_name,
              "eval_loss": eval_loss, "eval_acc": eval_acc, "seconds": stats.seconds,
              "images_per_s": stats.images / stats.seconds if stats.seconds > 0 else None,
-             "compile_seconds": stats.compile_seconds, "decision": decision.value,
+             "compile_seconds": stats.compile_seconds, "compile_cache": stats.compile_cache,
+             "decision": decision.value,
              "time": time.time()}
     runlog.append_entry(ctx.path(runlog.LOG), entry)
     if decision == Decision.RELOAD:
@@ -798,8 +809,9 @@ def _epoch_line(ctx: _Run, e: Dict, sched, improved: bool) -> str:
             f"train loss {e['train_loss']:.4f} acc {100 * e['train_acc']:.2f}% | "
             f"{e['eval_split']} loss {e['eval_loss']:.4f} acc {100 * e['eval_acc']:.2f}% | "
             f"{e['seconds']:.1f} s {ips}{eta}"
-            + (f" | + {e['compile_seconds']:.0f} s compiling" if e["compile_seconds"] >= 0.5
-               else "")
+            + (f" | + {e['compile_seconds']:.0f} s compiling"
+               + (" (compile cache hit)" if e["compile_cache"] == "hit" else "")
+               if e["compile_seconds"] >= 0.5 else "")
             + (" | best" if improved else "")
             + ("" if e["decision"] == "continue" else f" | {e['decision']}"))
 

@@ -31,6 +31,7 @@ import numpy as np
 import theano
 import theano.tensor as T
 
+from crmn.compile_cache import HIT, MISS, OFF, open_cache
 from crmn.config import ModelConfig, TrainConfig
 from crmn.convert import canonical_to_lasagne, lasagne_to_canonical
 from crmn.errors import CheckpointError, ConfigError
@@ -70,7 +71,7 @@ class _CRoute:
     """How a C-mode backend compiles and moves values: ``theano.function`` with Theano's
     C backend, shared variables on the host. ``device`` describes where it runs."""
 
-    def __init__(self, device: str, dtype: str):
+    def __init__(self, device: str, dtype: str, cache=None, context=None):
         compat.check_compiled_backend(probe=False)  # the compile probe waits for one
         self.device = _check_device(device)
 
@@ -80,6 +81,9 @@ class _CRoute:
 
     def compile_seconds(self, fns) -> float:
         return 0.0  # all of it inside theano.function, which the backend times
+
+    def cache_state(self, fns) -> None:
+        return None  # Theano's own module cache (its compiledir) says nothing per function
 
     def get_value(self, shared) -> np.ndarray:
         return shared.get_value()
@@ -91,13 +95,16 @@ class _CRoute:
 class _JaxRoute:
     """How a JAX-mode backend compiles and moves values (:mod:`original.jax_mode`): one
     jitted function per graph on ``device``'s JAX device, shared variables resident there.
+    With a compile cache (:mod:`original.jax_mode.cache`) each function is a
+    :class:`~original.jax_mode.cache.CachedFunction`: its step comes from the cache when an
+    earlier process stored it.
 
     Building one applies the JAX mode's process-wide settings
     (:func:`original.jax_mode.configure`) before JAX starts; JAX is imported only here,
     so a C-mode process never loads it.
     """
 
-    def __init__(self, device: str, dtype: str):
+    def __init__(self, device: str, dtype: str, cache=None, context=None):
         from original import jax_mode
 
         jax_mode.configure()
@@ -105,16 +112,42 @@ class _JaxRoute:
         self._device = jax_mode.jax_device(device)
         self.device = (f"{device} (Theano-PyMC {theano.__version__} via "
                        f"{jax_mode.describe(self._device, dtype)})")
+        self.cache, self._context = cache, dict(context or {})
+        if cache is not None:
+            from original.jax_mode import cache as jax_cache
+
+            jax_cache.use_xla_cache(cache.root)
 
     def function(self, inputs, outputs, updates, name: str, device_outputs: bool = False):
-        fn = self._jax_mode.function(inputs, outputs, updates=updates, name=name,
-                                     device=self._device)
-        self._jax_mode.linker_call(fn).host_outputs = not device_outputs
+        def build():
+            fn = self._jax_mode.function(inputs, outputs, updates=updates, name=name,
+                                         device=self._device)
+            self._jax_mode.linker_call(fn).host_outputs = not device_outputs
+            return fn
+
+        if self.cache is None:
+            return build()
+        from original.jax_mode.cache import CachedFunction
+
+        fn = CachedFunction(inputs, outputs, updates, name, self.cache, build, self._device,
+                            self._jax_mode.PRECISIONS[False][0], self._context)
+        fn.host_outputs = not device_outputs
         return fn
 
     def compile_seconds(self, fns) -> float:
-        """XLA's compilation, which happens at each function's first call."""
-        return sum(self._jax_mode.linker_call(fn).compile_seconds for fn in fns)
+        """XLA's compilation, which happens at each function's first call (with the cache,
+        also the lookup and, on a miss, Theano's optimisation and the export)."""
+        return sum(self._jax_mode.compile_seconds(fn) for fn in fns)
+
+    def cache_state(self, fns) -> str:
+        """``off``, ``hit`` (every function compiled so far came from the cache) or
+        ``miss``; None before the first compilation."""
+        if self.cache is None:
+            return OFF
+        states = [s for fn in fns for s in fn.states]
+        if not states:
+            return None
+        return HIT if all(s == HIT for s in states) else MISS
 
     def get_value(self, shared) -> np.ndarray:
         return self._jax_mode.get_value(shared)
@@ -139,6 +172,10 @@ class TheanoBackend:
     theano_mode : {"c", "jax"}
         Compile through Theano's C backend, or through JAX (:mod:`original.jax_mode`;
         float32 products at full precision, the device chosen by ``device``).
+    compile_cache : bool
+        JAX mode: keep compiled steps in the compile cache (:mod:`crmn.compile_cache`,
+        :mod:`original.jax_mode.cache`) and reuse them; False (``--no-compile-cache``)
+        compiles every graph afresh. The C mode's modules are Theano's own cache.
     """
 
     name = "theano"
@@ -173,7 +210,7 @@ class TheanoBackend:
         return "c" if compat.c_backend_available()[0] else "jax"
 
     def __init__(self, model: ModelConfig, train: TrainConfig, device: str = "cpu",
-                 dtype: str = "float32", theano_mode: str = "c"):
+                 dtype: str = "float32", theano_mode: str = "c", compile_cache: bool = True):
         if dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {dtype!r} for the theano backend: choose "
                               f"{' or '.join(DTYPES)}")
@@ -181,7 +218,12 @@ class TheanoBackend:
             raise ConfigError(f"unknown --theano-mode {theano_mode!r}: choose "
                               f"{' or '.join(THEANO_MODES)}")
         self.theano_mode = theano_mode
-        self._route = (_JaxRoute if theano_mode == "jax" else _CRoute)(device, dtype)
+        cache = open_cache(compile_cache) if theano_mode == "jax" else None
+        context = {"model": model.to_dict(), "dtype": dtype, "mode": theano_mode,
+                   "momentum": train.momentum, "nesterov": train.nesterov,
+                   "weight_decay": train.weight_decay}
+        self._route = (_JaxRoute if theano_mode == "jax" else _CRoute)(device, dtype, cache,
+                                                                        context)
         self.device = self._route.device
         self.model, self.train, self.dtype = model, train, dtype
         self._x = T.tensor4("x", dtype=dtype)  # (B, 3, 32, 32)
@@ -261,6 +303,13 @@ class TheanoBackend:
         """Seconds spent compiling so far (waits for Theano's compile lock included); in
         JAX mode also XLA's compilation, which happens at a function's first call."""
         return self._function_seconds + self._route.compile_seconds(self._fns.values())
+
+    @property
+    def compile_cache(self) -> Optional[str]:
+        """What the compile cache did for this stack: ``"hit"`` (every graph compiled so far
+        came from it), ``"miss"``, ``"off"``; None before the first compilation and in C
+        mode (Theano's module cache reports nothing)."""
+        return self._route.cache_state(self._fns.values())
 
     def _velocities(self):
         self._build_updates()  # the velocities are created with the update graph

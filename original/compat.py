@@ -83,6 +83,7 @@ import subprocess
 import sys
 import types
 import warnings
+from pathlib import Path
 from typing import Dict, Optional
 
 from crmn.errors import ConfigError
@@ -152,12 +153,36 @@ def theano_flag_defaults(environ=None) -> Dict[str, str]:
     blas = find_openblas()
     if blas is not None:
         wanted["blas__ldflags"] = blas
+    shared = shared_compiledir(environ)
+    if shared is not None and not user & {"base_compiledir", "compiledir",
+                                          "compiledir_format"}:
+        wanted["base_compiledir"] = shared
     added = {k: v for k, v in wanted.items() if k not in user}
     if added:
         extra = ",".join(f"{k}={v}" for k, v in added.items())
         current = environ.get("THEANO_FLAGS", "")
         environ["THEANO_FLAGS"] = f"{current},{extra}" if current else extra
     return added
+
+
+def shared_compiledir(environ=None) -> Optional[str]:
+    """``$CRMN_CACHE/theano`` where the user chose a compile cache folder
+    (:mod:`crmn.compile_cache`) that passes its ownership rule, else None: Theano's own
+    compiled C modules then live beside the JAX mode's entries, so a cluster's shared
+    folder shares them too. Without ``$CRMN_CACHE`` Theano keeps its default (``~/.theano``),
+    which is already per user and persistent. Theano's module cache cannot be turned off:
+    ``--no-compile-cache`` does not move it back; ``THEANO_FLAGS=base_compiledir=...``
+    does."""
+    from crmn import compile_cache
+
+    environ = os.environ if environ is None else environ
+    chosen = environ.get(compile_cache.CACHE_ENV)
+    if not chosen:
+        return None
+    root = Path(chosen).expanduser()
+    if compile_cache.folder_problem(root, chosen=True) is not None:
+        return None  # a JAX-mode run says why, once; Theano keeps its own default
+    return str(root / "theano")
 
 
 #: the first numpy release whose C API Theano-PyMC 1.1.2's C code does not build against

@@ -6,14 +6,31 @@ suite: ``bash tests/run.sh``. A test is marked ``slow`` when it trains or compil
 networks for more than a few seconds (Theano compiles, whole CLI runs, the Slurm cluster).
 """
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The compile cache (crmn.compile_cache) of the whole session, child processes included: a
+# temporary folder, so that no test reads or writes the real ~/.cache/crmn. Theano's own
+# module cache stays where it is (~/.theano): a $CRMN_CACHE would move it there
+# (original.compat.shared_compiledir), and every C module would be compiled again.
+SESSION_CACHE = tempfile.mkdtemp(prefix="crmn-test-cache-")
+os.environ["CRMN_CACHE"] = SESSION_CACHE
+if not any(k in os.environ.get("THEANO_FLAGS", "") for k in ("compiledir",)):
+    _flags = os.environ.get("THEANO_FLAGS", "")
+    _home = f"base_compiledir={os.path.expanduser('~/.theano')}"
+    os.environ["THEANO_FLAGS"] = f"{_flags},{_home}" if _flags else _home
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture

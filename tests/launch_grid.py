@@ -110,13 +110,13 @@ def comparison_rows(exp_dir: Path) -> List[List[str]]:
 
 
 def status_table(exp_dir: Path, **kw) -> Dict[str, tuple]:
-    """``status DIR`` as ``{row: (state, detail)}``."""
+    """``status DIR`` as ``{row: (state, detail)}`` (the compile column left out)."""
     p = cli("status", str(exp_dir), **kw)
     assert p.returncode == 0, p.stderr[-2000:]
     out = {}
     for line in p.stdout.splitlines():
         cells = [c.strip() for c in line.split("|")[1:-1]]
-        if len(cells) == 5 and cells[1] in ROWS:
+        if len(cells) == 6 and cells[1] in ROWS:
             out[cells[1]] = (cells[3], cells[4])
     assert sorted(out) == sorted(ROWS), p.stdout
     return out

@@ -73,7 +73,7 @@ def test_format_table_without_paper_seconds():
     cells = [c.strip() for c in line.split("|")[1:-1]]
     assert cells[:4] == ["t2-crmn28x10", "CRMN-28x10", "-", "50"]
     assert cells[6:8] == ["-", "-"]  # no paper seconds, no speed-up
-    assert cells[10:] == ["-"] * 4  # a JSON from before the roofline columns
+    assert cells[10:] == ["0.0"] + ["-"] * 6  # a JSON from before the cache and roofline columns
 
 
 @pytest.mark.slow
@@ -94,3 +94,26 @@ def test_profile_step_counts_the_operators_of_a_step_on_cpu(capsys):
 def test_profile_refuses_an_unknown_variant_before_running(capsys):
     assert cli.main(["profile", "--variants", "fp32,fp16-cl", "--device", "cpu"]) == 1
     assert "unknown variant 'fp16-cl'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_row_of_the_jax_mode_compiles_cold_then_warm(tmp_path, monkeypatch):
+    """The cold column is the first build (nothing in a fresh cache: a miss); the warm
+    column is a second build of the same network, which finds the step the first stored."""
+    from crmn import paper
+    from crmn.config import ModelConfig
+    from crmn.registry import StackOptions
+
+    monkeypatch.setenv("CRMN_CACHE", str(tmp_path / "cache"))
+    r = bench.bench_row(paper.row("t1-crmn32x1"), StackOptions("theano", theano_mode="jax"),
+                        steps=1, warmup=1, batch_size=2,
+                        model=ModelConfig(n=1, k=0.5, classes=100, memory=True))
+    assert (r["compile_cache"], r["warm_compile_cache"]) == ("miss", "hit")
+    assert r["compile_s"] > 0 and r["warm_compile_s"] is not None
+    cells = [c.strip() for c in bench.format_table([r]).splitlines()[-1].split("|")[1:-1]]
+    assert cells[11:13] == ["miss", f"{r['warm_compile_s']:.1f}"]
+    off = bench.bench_row(paper.row("t1-crmn32x1"),
+                          StackOptions("theano", theano_mode="jax", compile_cache=False),
+                          steps=1, warmup=1, batch_size=2,
+                          model=ModelConfig(n=1, k=0.5, classes=100, memory=True))
+    assert (off["compile_cache"], off["warm_compile_s"]) == ("off", None)

@@ -53,7 +53,29 @@ def test_manifest_lines_reparse_to_the_same_runs(tmp_path, monkeypatch):
         assert again_run.run_dir == tmp_path / "o" / "table1" / t.row / f"seed{t.seed}"
 
 
+def test_manifest_lines_keep_no_compile_cache(tmp_path, monkeypatch):
+    """``--no-compile-cache`` is a stack option: a launcher's line carries it, and the line
+    plans the same run (compile_cache False)."""
+    monkeypatch.chdir(tmp_path)
+    args = _args(["table1", "--rows", "t1-crmn32x1", "--seeds", "1", "--backend", "theano",
+                  "--theano-mode", "jax", "--no-compile-cache", "--data-dir", "d",
+                  "--out-dir", "o", "--launcher", "local", "--jobs", "2"])
+    plan = plans.train_plan(args)
+    assert plan.stack.compile_cache is False
+    (task,) = manifest.build(plan, ["bash", "/x/run_experiments.sh"])
+    assert "--no-compile-cache" in shlex.split(task.line)
+    (again,) = plans.train_plan(_args(shlex.split(task.line)[2:])).runs
+    assert again.spec == dataclasses.replace(plan.runs[0].spec, data_dir=tmp_path / "d")
+    # the cache's default renders nothing
+    plan = plans.train_plan(_args(["table1", "--rows", "t1-crmn32x1", "--seeds", "1",
+                                   "--backend", "theano", "--theano-mode", "jax"]))
+    line = manifest.build(plan, ["bash", "/x/run_experiments.sh"])[0].line
+    assert "compile-cache" not in line
+
+
 @pytest.mark.parametrize("argv, needle", [
+    (["table1", "--backend", "torch", "--no-compile-cache"],
+     "--no-compile-cache is an option of the theano backend"),
     (["table1", "--launcher", "slurm", "--jobs", "2"], "--jobs is for --launcher local"),
     (["table1", "--wait"], "--wait only apply to --launcher slurm"),
     (["table1", "--launcher", "local", "--max-parallel", "2"], "--max-parallel only apply"),

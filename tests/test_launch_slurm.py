@@ -124,3 +124,36 @@ def test_slurm_failed_run_does_not_block_compare(cluster, tmp_path_factory):
     assert state == "failed" and "truncated or corrupt checkpoint" in detail
     jobs = json.loads((exp / "slurm" / "jobs.json").read_text())
     assert jobs["max_parallel"] == 1 and not _squeue(cluster, "-j", jobs["compare"]).strip()
+
+
+@pytest.mark.slow
+def test_slurm_tasks_of_one_row_share_the_compile_cache(cluster, tmp_path_factory):
+    """Two seeds of one row in the JAX mode, one task at a time, with one $CRMN_CACHE (a
+    cluster's shared folder): both finish; the first compiles (its log says "miss"), the
+    second finds the step the first stored (its log says "hit")."""
+    root = tmp_path_factory.getbasetemp() / "launch"
+    grid.fake_data(root / "data")
+    out = root / "slurm-cache"
+    exp = out / "table1"
+    cache = tmp_path_factory.mktemp("shared-cache")
+    env = _env(cluster, CRMN_CACHE=str(cache))
+    argv = ["bash", str(grid.ENTRY), "table1", "--rows", "t1-crmn32x1", "--seeds", "2",
+            "--backend", "theano", "--theano-mode", "jax", "--n", "1", "--k", "0.5",
+            "--batch-size", "50", "--schedule", "1,0,0", "--no-progress",
+            "--data-dir", str(root / "data"), "--out-dir", str(out),
+            "--launcher", "slurm", "--wait", "--max-parallel", "1"]
+    p = subprocess.run(argv, env=env, cwd=grid.ROOT, text=True, capture_output=True,
+                       timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    runs = []
+    for seed in (0, 1):
+        run = exp / "t1-crmn32x1" / f"seed{seed}"
+        first = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+        started = json.loads((run / "config.json").read_text())["started"]
+        assert json.loads((run / "summary.json").read_text())["status"] == "done"
+        runs.append((started, first["compile_cache"], first["compile_seconds"]))
+    (_, cold, cold_s), (_, warm, warm_s) = sorted(runs)
+    assert (cold, warm) == ("miss", "hit"), runs  # from the logs; the seconds are printed
+    assert list((cache / "jax").glob("*.entry"))  # the shared folder holds the entries
+    print(f"\nslurm tasks sharing the compile cache: first compiled {cold_s:.1f} s (miss), "
+          f"second {warm_s:.1f} s (hit)")

@@ -17,7 +17,7 @@ from toy_backend import (TOY_MODEL, TOY_TRAIN, SimulatedCrash, ToyBackend, epoch
                          run_toy)
 
 REPO = Path(__file__).resolve().parents[1]
-VOLATILE = ("time", "seconds", "images_per_s", "compile_seconds")  # wall-clock fields
+VOLATILE = ("time", "seconds", "images_per_s", "compile_seconds", "compile_cache")  # wall-clock fields
 
 
 def stable_log(run_dir):
@@ -382,6 +382,19 @@ class _Batches:
     def epoch(self, epoch):
         for _ in range(self.n):
             yield np.zeros((2, 3, 32, 32), np.float32), np.zeros(2, np.int64)
+
+
+def test_progress_says_compile_cache_hit_while_a_cached_step_loads(monkeypatch):
+    import io
+
+    stream = io.StringIO()
+    monkeypatch.setattr(trainer.sys, "stderr", stream)
+    stack = _SlowFirstStep(1.3)
+    stack.compile_cache = "hit"  # what TheanoBackend reports once its step came from the cache
+    trainer.train_epoch(stack, _Batches(2), 1, 0.1, progress="[final] epoch 1")
+    text = stream.getvalue()
+    assert "[final] epoch 1 compile cache hit\u2026 1 s" in text
+    assert "compiling" not in text
 
 
 def test_progress_counts_compile_seconds_before_the_first_step(monkeypatch):

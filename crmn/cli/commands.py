@@ -181,17 +181,21 @@ def cmd_bench(args) -> int:
     timed = [options]  # the JAX mode is timed beside the C mode and the torch stack
     if options.backend == "theano" and options.theano_mode == "jax":
         timed += [options.replace(theano_mode="c"),
-                  options.replace(backend="torch", theano_mode=registry.DEFAULT_THEANO_MODE)]
+                  options.replace(backend="torch", theano_mode=registry.DEFAULT_THEANO_MODE,
+                                  compile_cache=True)]
     results = []
     for row in rows:
         for opts in timed:
             r = bench.bench_row(row, opts, args.steps, warmup=args.warmup,
                                 batch_size=args.batch_size, channels_last=args.channels_last,
                                 ceiling=ceiling)
+            warm = ("" if r["warm_compile_s"] is None
+                    else f", warm compile {r['warm_compile_s']:.1f} s")
             print(f"# {row.id} {r['stack']}: {r['images_per_s']:.0f} img/s, "
                   f"{r['sec_per_epoch']:.2f} s per epoch on {r['device']}, {r['layout']}; "
-                  f"{r['tflops']:.3g} TFLOP/s = {bench.percent(r['ceiling_fraction'])} of "
-                  f"the ceiling", flush=True)
+                  f"cold compile {r['compile_s']:.1f} s (cache {r['compile_cache'] or '-'})"
+                  f"{warm}; {r['tflops']:.3g} TFLOP/s = "
+                  f"{bench.percent(r['ceiling_fraction'])} of the ceiling", flush=True)
             results.append(r)
     print(bench.format_table(results))
     ratios = bench.mode_ratios(results)

@@ -127,6 +127,11 @@ def _stack_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
                             "reference) or through JAX, which also runs it on a current GPU "
                             f"(--device cuda; default: {registry.DEFAULT_THEANO_MODE} where "
                             "Theano's C backend works, else jax)")
+        g.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
+                       default=True,
+                       help="theano only: compile every graph afresh instead of reusing the "
+                            "steps an earlier run stored in $CRMN_CACHE (default "
+                            "~/.cache/crmn; see REPRODUCING.md)")
 
 
 def _rows_option(p: argparse.ArgumentParser, default_help: str) -> None:

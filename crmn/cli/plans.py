@@ -23,7 +23,7 @@ PROG = "run_experiments.sh"
 
 def stack_options(args, backend: Optional[str] = None) -> StackOptions:
     """The :class:`StackOptions` of a command's ``--backend --device --dtype --theano-mode
-    --compile``, checked together and against the machine (:func:`registry.probe`).
+    --compile --no-compile-cache``, checked together and against the machine (:func:`registry.probe`).
 
     ``backend``: the stack of a command without ``--backend`` (verify and profile on a GPU
     run the torch stack)."""
@@ -32,7 +32,8 @@ def stack_options(args, backend: Optional[str] = None) -> StackOptions:
         mode = getattr(args, "theano_mode", None) or registry.default_theano_mode(backend)
         options = StackOptions(backend=backend, device=args.device,
                                dtype=getattr(args, "dtype", registry.DEFAULT_DTYPE),
-                               theano_mode=mode, compile=getattr(args, "compile", False))
+                               theano_mode=mode, compile=getattr(args, "compile", False),
+                               compile_cache=getattr(args, "compile_cache", True))
         registry.probe(options)
     except UsageError:
         raise

@@ -310,11 +310,19 @@ def grid_states(exp_dir: Path) -> List[TaskState]:
     return [task_state(exp_dir, t, queue) for t in tasks]
 
 
+def _compiled(run_dir: Path) -> str:
+    """The run's compilations from its log (:func:`crmn.runlog.compile_note`)."""
+    try:
+        return runlog.compile_note(runlog.read_log(run_dir / runlog.LOG)) or "-"
+    except DataError:
+        return "? (log unreadable)"
+
+
 def render(exp_dir: Path, states: Sequence[TaskState]) -> str:
     """A Markdown table of the states and a one-line count."""
-    head = ("#", "row", "seed", "state", "detail")
-    rows = [(str(s.task.index), s.task.row, str(s.task.seed), s.state, s.detail)
-            for s in states]
+    head = ("#", "row", "seed", "state", "detail", "compiled (s, cache)")
+    rows = [(str(s.task.index), s.task.row, str(s.task.seed), s.state, s.detail,
+             _compiled(s.task.run_dir(exp_dir))) for s in states]
     counts = ", ".join(f"{sum(s.state == k for s in states)} {k}" for k in STATES
                        if any(s.state == k for s in states))
     jobs = slurm_jobs(exp_dir)

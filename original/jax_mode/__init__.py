@@ -219,10 +219,24 @@ def linker_call(fn) -> _Call:
     TypeError
         ``fn`` was not compiled by :func:`function` (a programming error).
     """
+    from original.jax_mode.cache import CachedFunction
+
+    if isinstance(fn, CachedFunction):  # the Theano function of its miss path
+        fn = fn.theano_function()
     call = getattr(fn.maker.linker, "call", None)
     if not isinstance(call, _Call):
         raise TypeError(f"{fn} was not compiled by original.jax_mode.function")
     return call
+
+
+def compile_seconds(fn) -> float:
+    """Seconds ``fn`` (made by :func:`function`, or a compile cache's
+    :class:`~original.jax_mode.cache.CachedFunction`) spent compiling at its calls."""
+    from original.jax_mode.cache import CachedFunction
+
+    if isinstance(fn, CachedFunction):
+        return fn.compile_seconds
+    return linker_call(fn).compile_seconds
 
 
 def get_value(shared) -> np.ndarray:
@@ -253,4 +267,5 @@ def describe(device, dtype: str, allow_tf32: bool = False) -> str:
 
 __all__ = ["configure", "function", "jax_mode", "FusedJAXLinker", "convert_graph",
            "evaluate", "jax_device", "get_value", "set_value", "describe", "linker_call",
+           "compile_seconds",
            "PRECISIONS", "GPU_INSTALL", "XLA_CPU_FLAG", "XLA_CLIENT_ENV", "xla_cpu_option"]

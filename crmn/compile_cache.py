@@ -1,0 +1,199 @@
+"""The compile cache's folder and entries (issue #23), framework-free.
+
+A stack that compiles slowly (the Theano stack: graph optimisation and XLA's or the C
+compiler's work, minutes for ResNet-134) stores what it compiled here, so the next process
+that builds the same network on this machine -- or, with a shared ``$CRMN_CACHE``, on any
+node of a cluster -- starts at once. What is stored is data: a JSON header and bytes that the
+stack parses itself (the JAX mode's StableHLO module); never a pickle.
+
+The folder
+----------
+``$CRMN_CACHE`` when set (a cluster's shared folder, chosen explicitly), else
+``~/.cache/crmn``. It is used only when nobody but its users can plant entries in it
+(:func:`folder_problem`):
+
+* the default folder must belong to you and be writable by nobody else (mode ``go-w``);
+* ``$CRMN_CACHE`` may also be a group's folder (group-writable, owned by a colleague): you
+  chose it, so you trust that group; it must not be writable by everyone (``o+w``), unless
+  it is your own folder with the sticky bit, which still lets only you replace your entries.
+
+A folder that fails the rule is one warning line on stderr, and the run compiles as if the
+cache were off.
+
+Entries
+-------
+One file per entry, ``<kind>/<key>.entry``: a header line (UTF-8 JSON: ``format``,
+``key``, ``sha256`` and ``size`` of the payload, and whatever layout the stack records),
+then the payload bytes. :meth:`CompileCache.load` checks the header's key against the one
+asked for, the payload's size and sha256, and the caller's own checks on the header; a
+file that fails any of them is one warning line and a miss (the caller rebuilds and
+replaces it), never an exception. :meth:`CompileCache.store` replaces the file atomically
+(:func:`crmn.runlog.replace_file`: temporary file in the same folder, then a rename), so
+two processes filling one entry at once each leave a whole file, and a reader sees one or
+the other.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+from crmn.runlog import replace_file
+
+#: the environment variable that chooses the cache folder (else :data:`DEFAULT_FOLDER`)
+CACHE_ENV = "CRMN_CACHE"
+DEFAULT_FOLDER = Path("~/.cache/crmn")
+#: the entries' layout version: a header of another format is a foreign entry
+FORMAT = 1
+#: what the progress line and the logs say about a stack's compilation
+HIT, MISS, OFF = "hit", "miss", "off"
+
+
+def warn(message: str) -> None:
+    """The cache's one warning line on stderr (the run goes on)."""
+    print(f"crmn: compile cache: {message}", file=sys.stderr, flush=True)
+
+
+def folder() -> Tuple[Path, bool]:
+    """(the cache folder, whether the user chose it through ``$CRMN_CACHE``)."""
+    chosen = os.environ.get(CACHE_ENV)
+    if chosen:
+        return Path(chosen).expanduser(), True
+    return DEFAULT_FOLDER.expanduser(), False
+
+
+def folder_problem(path: Path, chosen: bool) -> Optional[str]:
+    """Why ``path`` may not hold cache entries (one line), or None when it may (the rule
+    of the module docstring; ``chosen``: named by ``$CRMN_CACHE``). A folder that does not
+    exist yet passes: :func:`open_cache` creates it (mode 0700) and judges it again."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{path}: cannot read it ({exc.strerror or exc})"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a folder"
+    own = st.st_uid == os.getuid()
+    mode = st.st_mode
+    if not chosen:
+        if not own:
+            return f"{path} belongs to another user (uid {st.st_uid})"
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return (f"{path} is writable by others (mode {stat.filemode(mode)}); "
+                    f"chmod go-w it, or choose a shared folder with ${CACHE_ENV}")
+        return None
+    if mode & stat.S_IWOTH and not (own and mode & stat.S_ISVTX):
+        return (f"{path} (${CACHE_ENV}) is writable by every user (mode "
+                f"{stat.filemode(mode)}); use a folder of your own or of your group")
+    return None
+
+
+class CompileCache:
+    """The checked cache folder of this process; see the module docstring.
+
+    Build one with :func:`open_cache`, which applies the folder rule.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.root / kind / f"{key}.entry"
+
+    def subfolder(self, kind: str) -> Path:
+        """``root/kind``, created (mode 0700 under the default folder's rule: umask)."""
+        sub = self.root / kind
+        sub.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return sub
+
+    def load(self, kind: str, key: str,
+             check: Callable[[Dict], Optional[str]] = lambda header: None
+             ) -> Optional[Tuple[Dict, bytes]]:
+        """(header, payload) of entry ``key``, or None: absent (silently), or unusable
+        (one warning line naming the file and why: the caller rebuilds it).
+
+        ``check(header)`` is the caller's own test of the header (versions, layout): a
+        line saying why the entry is foreign, or None."""
+        path = self.path(kind, key)
+        try:
+            with open(path, "rb") as f:
+                blob = f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            warn(f"{path}: unreadable ({exc.strerror or exc}); compiling afresh")
+            return None
+        head, sep, payload = blob.partition(b"\n")
+        problem = None
+        try:
+            header = json.loads(head.decode()) if sep else None
+        except (ValueError, UnicodeDecodeError):
+            header = None
+        if not isinstance(header, dict):
+            problem = "no valid header (corrupt)"
+        elif header.get("format") != FORMAT or header.get("key") != key:
+            problem = "written for another key or format (foreign)"
+        elif header.get("size") != len(payload):
+            problem = f"truncated ({len(payload)} of {header.get('size')} bytes)"
+        elif header.get("sha256") != hashlib.sha256(payload).hexdigest():
+            problem = "its bytes do not match their sha256 (corrupt)"
+        else:
+            problem = check(header)
+        if problem:
+            warn(f"{path}: {problem}; compiling afresh and replacing it")
+            return None
+        return header, payload
+
+    def store(self, kind: str, key: str, header: Dict, payload: bytes) -> None:
+        """Write entry ``key`` atomically; a failed write (full disk, read-only folder) is a
+        warning line, not an error: the run has what it compiled."""
+        full = dict(header, format=FORMAT, key=key, size=len(payload),
+                    sha256=hashlib.sha256(payload).hexdigest())
+        head = json.dumps(full, sort_keys=True, allow_nan=False).encode()
+        path = self.path(kind, key)
+        try:
+            self.subfolder(kind)
+            replace_file(path, head + b"\n" + payload)
+        except OSError as exc:
+            warn(f"{path}: could not write ({exc.strerror or exc}); the run goes on uncached")
+
+
+def open_cache(enabled: bool = True) -> Optional[CompileCache]:
+    """The cache of this process, or None: turned off (``--no-compile-cache``), or a folder
+    that fails the rule (one warning line; the run compiles uncached)."""
+    if not enabled:
+        return None
+    root, chosen = folder()
+    problem = folder_problem(root, chosen)
+    if problem is None:
+        try:
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            problem = f"{root}: cannot create it ({exc.strerror or exc})"
+        else:
+            problem = folder_problem(root, chosen)  # it exists now, whoever made it
+    if problem:
+        warn(f"{problem}; compiling without the cache")
+        return None
+    return CompileCache(root)
+
+
+def fingerprint(*parts: str) -> str:
+    """sha256 (hex) of the parts, each length-prefixed so that no two splits collide."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode()
+        h.update(f"{len(data)}:".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def source_hash(files) -> str:
+    """sha256 of the named source files' bytes (the code that turns a graph into an
+    entry: a change to it must not reuse entries it wrote before)."""
+    return fingerprint(*(Path(f).read_bytes().decode("utf-8", "replace") for f in files))
