@@ -62,6 +62,8 @@ KIND = "jax"
 _SOURCES = sorted(Path(__file__).parent.glob("*.py")) + [
     Path(__file__).parent.parent / "compat.py",
     Path(compile_cache.__file__)]
+#: their hash, taken once at import: the code this process runs, whatever is edited later
+_SOURCE_HASH = compile_cache.source_hash(_SOURCES)
 #: Theano flags that change the optimised graph or its numerics
 _THEANO_FLAGS = ("floatX", "optimizer", "optimizer_excluding", "optimizer_including",
                  "optimizer_requiring", "cast_policy", "deterministic",
@@ -220,7 +222,7 @@ def settings_text(device, precision: str, context: Dict) -> str:
                        "x64": bool(jax.config.jax_enable_x64),
                        "xla_flags": os.environ.get("XLA_FLAGS", ""), "theano_flags": flags,
                        "versions": versions,
-                       "sources": compile_cache.source_hash(_SOURCES)}, sort_keys=True)
+                       "sources": _SOURCE_HASH}, sort_keys=True)
 
 
 # --- an Exported record as JSON + bytes ----------------------------------------------------
@@ -362,12 +364,12 @@ class CachedFunction:
     def _check(self, header: Dict) -> Optional[str]:
         """Why a stored header does not fit this function (None: it does)."""
         layout = header.get("layout") or {}
-        shared = self._graph[1]
-        n_in = len(self.inputs)
+        sizes = {"input": len(self.inputs), "shared": len(self._graph[1]),
+                 "update": len(self._graph[1]), "output": len(self.outputs)}
         refs = layout.get("args", []) + layout.get("results", [])
-        if any(kind in ("input",) and not 0 <= k < n_in or
-               kind in ("shared", "update") and not 0 <= k < len(shared) or
-               kind == "output" and not 0 <= k < len(self.outputs) for kind, k in refs):
+        if not all(isinstance(ref, list) and len(ref) == 2 and ref[0] in sizes
+                   and isinstance(ref[1], int) and 0 <= ref[1] < sizes[ref[0]]
+                   for ref in refs):
             return "its layout names variables this graph lacks (foreign)"
         if sorted(k for kind, k in layout.get("results", []) if kind == "output") != \
                 list(range(len(self.outputs))):
