@@ -7,7 +7,9 @@ time budget, keeping every figure it measured even when it is killed.
 list of individually budgeted checks in this order of priority (issue #22):
 
 1. **environment**: Python, numpy, jax, torch, Theano-PyMC (and where it is imported from),
-   Lasagne, the GPU and its driver (always run: it heads both files);
+   Lasagne, the GPU and its driver (always run: it heads both files); then, with the speed
+   part, the device's **ceiling** (:func:`crmn.roofline.measure_ceiling`: large matrix
+   products per precision, a large copy), a few seconds;
 2. **verify** in float64 on the device, one check per engine pair: torch on the device
    against torch on the CPU (:func:`crmn.verify.verify_device`), Theano through JAX against
    torch on the device, and Theano through JAX against the stored Theano-C references
@@ -15,7 +17,7 @@ list of individually budgeted checks in this order of priority (issue #22):
 3. **smoke** of the faithful graph (Theano-JAX float32): three epochs of ``smoke`` through
    the real command line, in a child process, on fake data; the training loss must fall;
 4. **speed** (:func:`crmn.bench.bench_row`: seconds per epoch, compile seconds, the ratio to
-   the paper's) of t1-resnet32x1 and t1-crmn32x1 for torch float32, Theano-JAX float32 and
+   the paper's, achieved TFLOP/s and their share of the ceiling, peak memory) of t1-resnet32x1 and t1-crmn32x1 for torch float32, Theano-JAX float32 and
    torch bfloat16 (+ ``torch.compile`` on a GPU), then the same for t1-crmn32x4 and
    t1-resnet134x1, the Theano-JAX compile of ResNet-134 (the longest, ~200 s) last;
 5. **smoke** for the torch engines.
@@ -61,7 +63,7 @@ from importlib import metadata, util
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from crmn import bench, paper, registry, runlog, tables, verify
+from crmn import bench, paper, registry, roofline, runlog, tables, verify
 from crmn.config import ModelConfig
 from crmn.errors import EXIT_INTERRUPTED, EXIT_STOPPED, ConfigError, CRMNError
 from crmn.registry import StackOptions
@@ -117,6 +119,7 @@ KINDS = ("cuda", "cpu", "quick")
 #: check key: expected seconds (cuda, cpu, quick); None where that kind has no such check
 COST_TABLE: Dict[str, Tuple[Optional[float], ...]] = {
     "environment": (2, 2, 1),
+    "ceiling": (6, 6, 4),
     "verify torch": (30, 40, 8),
     "verify theano-jax vs torch": (120, 150, 16),
     "verify references": (40, 40, 45),
@@ -304,9 +307,31 @@ def speed_name(row_id: str, engine: Engine) -> str:
     return f"{row_id} {engine.label}"
 
 
+def ceiling_check(device: str, ceiling: Dict) -> List[Dict]:
+    """The device's own limits (:func:`crmn.roofline.measure_ceiling`), measured once in
+    the run's first seconds; kept in ``ceiling`` for every speed row."""
+    ceiling.update(roofline.measure_ceiling(device))
+    tf = [f"{name} {ceiling[key]:.3g}" for name, key in (
+        ("float32", "fp32_tflops"), ("tf32", "tf32_tflops"), ("bfloat16", "bf16_tflops"))
+        if ceiling.get(key) is not None]
+    return [_row("speed", "device ceiling", "ok", "TFLOP/s " + ", ".join(tf),
+                 f"copy {ceiling['copy_gb_s']:.3g} GB/s; {ceiling['library']}, "
+                 f"{ceiling['gemm_side']}-square products")]
+
+
+def _roofline_detail(r: Dict) -> str:
+    """A speed row's place against the machine: achieved TFLOP/s, share of the ceiling of
+    its precision, peak memory."""
+    mem = ("" if r["peak_mem_bytes"] is None
+           else f"; peak {r['peak_mem_bytes'] / 2 ** 20:.0f} MiB ({r['peak_mem_kind']})")
+    return (f"{r['tflops']:.3g} TFLOP/s ({r['flops_per_image'] / 1e9:.3g} GFLOP/image) = "
+            f"{bench.percent(r['ceiling_fraction'])} of the ceiling{mem}")
+
+
 def speed_check(row_id: str, engine: Engine, quick: bool, probe: _Probes,
-                timings: Dict) -> List[Dict]:
-    """One row in one engine through :func:`crmn.bench.bench_row`; the result is kept in
+                timings: Dict, ceiling: Optional[Dict] = None) -> List[Dict]:
+    """One row in one engine through :func:`crmn.bench.bench_row`, set against the
+    measured ``ceiling`` (empty or None where it was not measured); the result is kept in
     ``timings[(row_id, engine.id)]`` for the goals."""
     name = speed_name(row_id, engine)
     why = probe(engine.options)
@@ -317,11 +342,12 @@ def speed_check(row_id: str, engine: Engine, quick: bool, probe: _Probes,
     model = (ModelConfig(classes=row.classes, memory=row.memory, **QUICK_MODEL)
              if quick else None)
     r = bench.bench_row(row, engine.options, steps, warmup=warmup, model=model,
-                        batch_size=QUICK_BATCH if quick else None)
+                        batch_size=QUICK_BATCH if quick else None, ceiling=ceiling or None)
     timings[(row_id, engine.id)] = r
     ratio = f"{r['speedup']:.3g}x the paper" if r["speedup"] else "tiny network"
     return [_row("speed", name, "ok", f"{r['sec_per_epoch']:.2f} s/epoch",
-                 f"{ratio}; compile {r['compile_s']:.1f} s; {r['device']}")]
+                 f"{ratio}; compile {r['compile_s']:.1f} s; {_roofline_detail(r)}; "
+                 f"{r['device']}")]
 
 
 def goals(timings: Dict, quick: bool) -> List[Dict]:
@@ -335,12 +361,14 @@ def goals(timings: Dict, quick: bool) -> List[Dict]:
             ratio = jax["sec_per_epoch"] / f32["sec_per_epoch"]
             rows.append(_row("goal", f"{row_id}: theano-jax / torch float32",
                              "met" if ratio <= JAX_TO_TORCH_GOAL else "not met",
-                             f"{ratio:.2f}x", f"goal <= {JAX_TO_TORCH_GOAL}x"))
+                             f"{ratio:.2f}x", f"goal <= {JAX_TO_TORCH_GOAL}x; theano-jax "
+                             f"{jax['tflops']:.3g} vs torch {f32['tflops']:.3g} TFLOP/s"))
         bf16 = timings.get((row_id, "torch-bf16"))
         if bf16 and bf16["speedup"]:
             rows.append(_row("goal", f"{row_id}: torch bfloat16 vs the paper",
                              "met" if bf16["speedup"] >= BF16_SPEEDUP_GOAL else "not met",
-                             f"{bf16['speedup']:.3g}x", f"goal >= {BF16_SPEEDUP_GOAL:g}x"))
+                             f"{bf16['speedup']:.3g}x", f"goal >= {BF16_SPEEDUP_GOAL:g}x; "
+                             f"{bf16['tflops']:.3g} TFLOP/s"))
     return rows
 
 
@@ -407,6 +435,10 @@ def plan_checks(plan: GpucheckPlan, recorder: "Recorder",
     probe = _Probes()
     by_id = {e.id: e for e in engines(plan.device)}
     checks = []
+    ceiling: Dict = {}  # measured first, read by every speed row
+    if "speed" in plan.parts:
+        checks.append(Check("ceiling", "speed", "device ceiling",
+                            lambda: ceiling_check(plan.device, ceiling)))
     if "verify" in plan.parts:
         checks += [Check(key, "verify", name, fn)
                    for key, name, fn in _verify_checks(plan.device, plan.quick, probe)]
@@ -424,7 +456,7 @@ def plan_checks(plan: GpucheckPlan, recorder: "Recorder",
             pairs.sort(key=lambda p: p == ("t1-resnet134x1", "jax-f32"))
             checks += [Check(f"speed {row_id} {eid}", "speed", speed_name(row_id, by_id[eid]),
                              lambda row_id=row_id, eid=eid: speed_check(
-                                 row_id, by_id[eid], plan.quick, probe, timings))
+                                 row_id, by_id[eid], plan.quick, probe, timings, ceiling))
                        for row_id, eid in pairs]
     if "smoke" in plan.parts:
         checks += [smoke("torch-f32"), smoke("torch-bf16")]

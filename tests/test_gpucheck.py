@@ -118,8 +118,9 @@ def test_the_plan_runs_in_priority_order_and_every_check_has_a_cost(tmp_path):
         plan = gpucheck.GpucheckPlan(device, quick, tmp_path)
         keys = [c.key for c in gpucheck.plan_checks(plan, None, {})]
         assert set(keys) <= set(gpucheck.COSTS[plan.kind]), (device, quick)
-        assert keys[:4] == ["verify torch", "verify theano-jax vs torch", "verify references",
-                            "smoke jax-f32"]
+        # the device's ceiling in the first seconds, then issue #22's order
+        assert keys[:5] == ["ceiling", "verify torch", "verify theano-jax vs torch",
+                            "verify references", "smoke jax-f32"]
         assert keys[-2:] == ["smoke torch-f32", "smoke torch-bf16"]
         speed = [k for k in keys if k.startswith("speed")]
         assert speed[:3] == ["speed t1-resnet32x1 torch-f32", "speed t1-resnet32x1 jax-f32",
