@@ -557,7 +557,7 @@ def _lift_cap(ctx: _Run, arrays: Dict, meta: Dict, old: int) -> Tuple[Dict, Dict
     the new cap, the log cut there with a ``cap_lifted`` event line, summary.json removed.
     Without a cut (the cap never bound) it continues from ``meta`` as it is. Each file is
     written before the next is touched, and capped.h5 goes last, so a kill at any point
-    leaves a run that the same command continues.
+    leaves a run that the same command continues (:func:`_rewind`).
     """
     spec = ctx.spec
     cut = ctx.path(runlog.CAPPED)
@@ -589,6 +589,16 @@ def _lift_cap(ctx: _Run, arrays: Dict, meta: Dict, old: int) -> Tuple[Dict, Dict
             f"after epoch {meta['epoch']} ({where})")
     event = {"event": "cap_lifted", "phase": meta["phase"], "epoch": meta["epoch"],
              "from": old, "to": spec.train.epochs_cap, "time": time.time()}
+    _rewind(ctx, arrays, meta, event, decision, from_cut=held is not None)
+    return arrays, meta
+
+
+def _rewind(ctx: _Run, arrays: Dict, meta: Dict, event: Dict, decision: Optional[str],
+            from_cut: bool) -> None:
+    """The files of :func:`_lift_cap`, in the order that keeps every kill resumable: the
+    log cut at ``meta``'s epoch (its line given the new ``decision``) plus ``event``,
+    summary.json removed, config.json's cap, best.h5 from capped.best.h5 (``from_cut``),
+    the new checkpoint.h5, and capped.h5 last."""
     kept = _log_until(ctx, meta)
     for e in kept:  # the cut epoch's line: what it decided under the new cap
         if decision is not None and "event" not in e and _point(e) == _point(meta):
@@ -598,17 +608,16 @@ def _lift_cap(ctx: _Run, arrays: Dict, meta: Dict, old: int) -> Tuple[Dict, Dict
     config_path = ctx.path(runlog.CONFIG)
     if config_path.exists():
         config = runlog.read_json(config_path)
-        config["train"] = spec.train.to_dict()
+        config["train"] = ctx.spec.train.to_dict()
         config.setdefault("caps_lifted", []).append(
             {k: event[k] for k in ("phase", "epoch", "from", "to")})
         runlog.write_json(config_path, config)
-    if held is not None and meta["phase"] == "search":
+    if from_cut and meta["phase"] == "search":
         runlog.link_over(ctx.path(runlog.CAPPED_BEST), ctx.path(runlog.BEST))
     ctx.path(PREVIOUS).unlink(missing_ok=True)  # an epoch of the course cut short
     checkpoint.save(ctx.path(runlog.CHECKPOINT), arrays, meta)
     for name in (runlog.CAPPED, runlog.CAPPED_BEST):
         ctx.path(name).unlink(missing_ok=True)
-    return arrays, meta
 
 
 def _record_resume(ctx: _Run, meta: Dict) -> None:

@@ -134,16 +134,15 @@ class Site:
                  (k.endswith((":", "/", " ")) and self.id.startswith(k))]
         if given:
             return WAY_ON_FROM[max(given, key=len)]
-        clauses = [c.strip() for c in re.split(r";|: (?=[a-z-]+ )|\(|\)", self.message)]
-        for clause in reversed(clauses):
-            if _ACTIONS.search(_without_values(clause)):
-                return clause
+        # values first set aside: their code has parentheses and colons of its own
+        values = re.findall(r"\{[^{}]*\}", self.message)
+        text = re.sub(r"\{[^{}]*\}", "\0", self.message)
+        for clause in reversed(re.split(r";|: (?=[a-z-]+ )|\(|\)", text)):
+            if _ACTIONS.search(clause.replace("\0", "")):
+                for value in values[text[:text.index(clause)].count("\0"):]:
+                    clause = clause.replace("\0", value, 1)
+                return clause.strip()
         return None
-
-
-def _without_values(text: str) -> str:
-    """``text`` without its ``{…}`` parts: a value's name is no advice."""
-    return re.sub(r"\{[^{}]*\}", "", text)
 
 
 # --- Python sites ----------------------------------------------------------------------
