@@ -46,6 +46,16 @@ def _sampler(rng, steps: int, classes: int, train: TrainConfig) -> BatchSampler:
     return BatchSampler(x, y, train.batch_size, seed=train.seed, pad=train.pad)
 
 
+def _warm_build(options: StackOptions, model: ModelConfig, train: TrainConfig, rng,
+                expert: Dict):
+    """The warm column: a second build of the same network and its first step's stats
+    (what the first build stored is found); None where there is no compile cache."""
+    if options.backend != "theano" or not options.compile_cache:
+        return None
+    again = registry.build(options, model, train, **expert)
+    return train_epoch(again, _sampler(rng, 1, model.classes, train), 0, 0.01)
+
+
 def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3,
               batch_size: Optional[int] = None, seed: int = 0,
               channels_last: Optional[bool] = None, model: Optional[ModelConfig] = None,
@@ -95,10 +105,7 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
     t0 = time.perf_counter()
     stats = train_epoch(stack, s, 1, 0.01)  # ends with a host sync: device work is finished
     seconds = time.perf_counter() - t0
-    rebuilt = None  # the warm column: a second build of the same network
-    if options.backend == "theano" and options.compile_cache:
-        again = registry.build(options, model, train, **expert)
-        rebuilt = train_epoch(again, _sampler(rng, 1, model.classes, train), 0, 0.01)
+    rebuilt = _warm_build(options, model, train, rng, expert)
     ips = stats.images / seconds
     ours = EPOCH_IMAGES / ips
     theirs = row.paper_sec_per_epoch if own else None
