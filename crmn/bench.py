@@ -56,6 +56,20 @@ def _warm_build(options: StackOptions, model: ModelConfig, train: TrainConfig, r
     return train_epoch(again, _sampler(rng, 1, model.classes, train), 0, 0.01)
 
 
+def _names(options: StackOptions):
+    """(the stack's name: ``theano-c``, ``theano-jax`` or ``torch``; the precision shown)."""
+    stack = f"theano-{options.theano_mode}" if options.backend == "theano" else options.backend
+    return stack, options.dtype + ("+compile" if options.compile else "")
+
+
+def _compile_figures(stack, warm, rebuilt) -> Dict:
+    """The cold build's compile seconds and cache state; the warm build's (None without)."""
+    return {"compile_s": warm.compile_seconds,
+            "compile_cache": getattr(stack, "compile_cache", None),
+            "warm_compile_s": rebuilt.compile_seconds if rebuilt else None,
+            "warm_compile_cache": rebuilt.compile_cache if rebuilt else None}
+
+
 def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3,
               batch_size: Optional[int] = None, seed: int = 0,
               channels_last: Optional[bool] = None, model: Optional[ModelConfig] = None,
@@ -66,8 +80,7 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
     ``channels_last`` (torch only): NHWC activations and filters; None: the stack's default.
     ``model``: another network in the row's protocol (a quick look at the code path; the
     paper's seconds then compare nothing, and ``speedup`` is None).
-    ``ceiling``: the device's limits (:func:`crmn.roofline.measure_ceiling`), against
-    which the achieved TFLOP/s are set.
+    ``ceiling``: the device's limits (:func:`crmn.roofline.measure_ceiling`), for shares.
 
     Returns
     -------
@@ -76,8 +89,8 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
     compile / capture), ``compile_s`` (of which compiling: the cold column),
     ``compile_cache`` (``hit``/``miss``/``off``, None for torch and the C mode),
     ``warm_compile_s`` and ``warm_compile_cache`` (a second build's compiling and cache
-    state, None without a cache), ``seconds`` (the ``steps``
-    steps), ``images_per_s``, ``sec_per_epoch`` (50,000 images), ``paper_sec_per_epoch``
+    state, None without a cache), ``seconds`` (the ``steps`` steps), ``images_per_s``,
+    ``sec_per_epoch`` (50,000 images), ``paper_sec_per_epoch``
     and ``speedup`` (paper / ours); ``flops_per_image``, ``tflops``, ``ceiling_tflops`` and
     ``ceiling_fraction`` (:func:`crmn.roofline.utilisation`); ``peak_mem_bytes`` and
     ``peak_mem_kind`` (:func:`crmn.roofline.peak_memory`).
@@ -87,11 +100,8 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
     train = TrainConfig.for_row(row, seed=seed)
     if batch_size is not None:
         train = TrainConfig(batch_size=batch_size, lr_stages=row.lr_stages, seed=seed)
-    B = train.batch_size
     expert = {} if channels_last is None else {"channels_last": channels_last}
-    stack_name = (f"theano-{options.theano_mode}" if options.backend == "theano"
-                  else options.backend)
-    precision = options.dtype + ("+compile" if options.compile else "")
+    stack_name, precision = _names(options)
     roofline.reset_peak_memory(stack_name, options.device)
     stack = registry.build(options, model, train, **expert)
     layout = "channels-last" if getattr(stack, "channels_last", False) else "channels-first"
@@ -111,16 +121,12 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
     theirs = row.paper_sec_per_epoch if own else None
     return {
         "row": row.id, "label": row.label, "backend": options.backend, "stack": stack_name,
-        "device": stack.device, "compile_s": warm.compile_seconds,
-        "compile_cache": getattr(stack, "compile_cache", None),
-        "warm_compile_s": rebuilt.compile_seconds if rebuilt else None,
-        "warm_compile_cache": rebuilt.compile_cache if rebuilt else None,
-        "precision": precision,
-        "layout": layout,
-        "batch_size": B, "steps": steps, "warmup_s": warmup_s,
+        "device": stack.device, **_compile_figures(stack, warm, rebuilt),
+        "precision": precision, "layout": layout,
+        "batch_size": train.batch_size, "steps": steps, "warmup_s": warmup_s,
         "seconds": seconds, "images_per_s": ips, "sec_per_epoch": ours,
-        "paper_sec_per_epoch": theirs,
-        "speedup": (theirs / ours) if theirs else None, "loss": stats.loss,
+        "paper_sec_per_epoch": theirs, "speedup": (theirs / ours) if theirs else None,
+        "loss": stats.loss,
         **roofline.utilisation(model, ips, stack_name, precision, ceiling),
         **roofline.peak_memory(stack_name, options.device),
     }

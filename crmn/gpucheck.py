@@ -162,7 +162,8 @@ class GpucheckPlan:
     def __post_init__(self):
         registry.check_device(self.device)
         if not (math.isfinite(self.budget) and self.budget > 0):
-            raise ConfigError(f"--budget wants a number of seconds > 0, got {self.budget!r}")
+            raise ConfigError(f"--budget wants a number of seconds > 0, got {self.budget!r}: "
+                              f"give one, e.g. --budget {DEFAULT_BUDGET:.0f}")
         unknown = [p for p in self.parts if p not in PARTS]
         if unknown:
             raise ConfigError(f"unknown gpucheck part(s) {', '.join(map(repr, unknown))}; "
@@ -307,9 +308,14 @@ def speed_name(row_id: str, engine: Engine) -> str:
     return f"{row_id} {engine.label}"
 
 
-def ceiling_check(device: str, ceiling: Dict) -> List[Dict]:
+def ceiling_check(device: str, ceiling: Dict, probe: _Probes) -> List[Dict]:
     """The device's own limits (:func:`crmn.roofline.measure_ceiling`), measured once in
-    the run's first seconds; kept in ``ceiling`` for every speed row."""
+    the run's first seconds; kept in ``ceiling`` for every speed row. A GPU is measured
+    through torch: where torch cannot use it, a MISSING row (the speed rows then show no
+    share of a ceiling)."""
+    why = None if device == "cpu" else probe(StackOptions("torch", device, "float32"))
+    if why:
+        return [_row("speed", "device ceiling", "MISSING", detail=why)]
     ceiling.update(roofline.measure_ceiling(device))
     tf = [f"{name} {ceiling[key]:.3g}" for name, key in (
         ("float32", "fp32_tflops"), ("tf32", "tf32_tflops"), ("bfloat16", "bf16_tflops"))
@@ -438,7 +444,7 @@ def plan_checks(plan: GpucheckPlan, recorder: "Recorder",
     ceiling: Dict = {}  # measured first, read by every speed row
     if "speed" in plan.parts:
         checks.append(Check("ceiling", "speed", "device ceiling",
-                            lambda: ceiling_check(plan.device, ceiling)))
+                            lambda: ceiling_check(plan.device, ceiling, probe)))
     if "verify" in plan.parts:
         checks += [Check(key, "verify", name, fn)
                    for key, name, fn in _verify_checks(plan.device, plan.quick, probe)]

@@ -166,7 +166,8 @@ def measure_ceiling(device: str = "cpu", seconds: float = 0.5) -> Dict:
         if device != "cpu":
             from crmn.errors import ConfigError
             raise ConfigError(f"measuring the ceiling of --device {device} needs torch "
-                              f"(not installed in {sys.executable})")
+                              f"(not installed in {sys.executable}): install torch there, or time the CPU "
+                              f"with --device cpu")
         got = _numpy_ceiling(seconds)
     out = {"device": device, "fp32_tflops": None, "tf32_tflops": None, "bf16_tflops": None}
     out.update(got)

@@ -19,7 +19,7 @@ wheels="${CRMN_WHEELS:-$here/.whl}"
 out="${CRMN_GPU_OUT:-$here/runs/gpucheck}"
 
 die() { echo "gpu_call: $*" >&2; exit 1; }
-command -v "$py" >/dev/null 2>&1 || die "CRMN_GPU_PYTHON=$py is not an executable Python"
+command -v "$py" >/dev/null 2>&1 || die "CRMN_GPU_PYTHON=$py is not an executable Python: set CRMN_GPU_PYTHON to the machine's Python with torch and jax"
 shopt -s nullglob
 found=("$wheels"/theano_pymc-1.1.2-*.whl "$wheels"/[Ll]asagne-0.1-*.whl)
 shopt -u nullglob
@@ -31,14 +31,14 @@ trap 'rm -rf "$site"' EXIT
 if "$py" -m pip --version >/dev/null 2>&1; then
   "$py" -m pip install --quiet --disable-pip-version-check --no-index --no-deps \
       --no-compile --target "$site" "${found[@]}" \
-    || die "pip could not install ${found[*]} into $site"
+    || die "pip could not install ${found[*]} into $site: rebuild .whl/ (CRMN_PROFILE=current bash scripts/ensure_env.sh) or free space in ${TMPDIR:-/tmp}"
 else  # both are pure-Python wheels: installing one is unpacking it
   for w in "${found[@]}"; do
-    "$py" -m zipfile -e "$w" "$site" || die "could not unpack $w into $site"
+    "$py" -m zipfile -e "$w" "$site" || die "could not unpack $w into $site: rebuild .whl/ (CRMN_PROFILE=current bash scripts/ensure_env.sh) or free space in ${TMPDIR:-/tmp}"
   done
 fi
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-echo "gpu_call: theano-pymc and Lasagne from $site; gpucheck into $out" >&2
+echo "gpu_call: theano-pymc and Lasagne from $site; gpucheck into $out"
 
 # gpucheck runs in the background so that a TERM or INT sent to this script reaches it
 # (it then writes both files with the cut-short mark) and the table is still printed
@@ -56,6 +56,6 @@ if [ -f "$out/gpucheck.md" ]; then
   echo
   cat "$out/gpucheck.md"
 else
-  echo "gpu_call: gpucheck wrote no $out/gpucheck.md (exit $rc)" >&2
+  echo "gpu_call: gpucheck wrote no $out/gpucheck.md (exit $rc): its own lines above say why; fix that and run this script again" >&2
 fi
 exit "$rc"

@@ -19,7 +19,7 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq >/dev/null 2>&1 || echo "install_slurm: apt-get update failed; trying the cached lists" >&2
 if ! apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge \
     >/dev/null 2>&1; then
-  echo "install_slurm: apt-get install slurmctld slurmd slurm-client munge failed" >&2
+  echo "install_slurm: apt-get install slurmctld slurmd slurm-client munge failed: run that apt-get command by hand to see why, or install Slurm yourself" >&2
   exit 1
 fi
 command -v sbatch >/dev/null 2>&1 || { echo "install_slurm: installed, yet sbatch is not on PATH; add the Slurm bin folder to PATH" >&2; exit 1; }

@@ -139,7 +139,8 @@ def test_nothing_buildable_is_a_failure_with_one_line_per_check(tmp_path, monkey
     assert gpucheck.run(gpucheck.GpucheckPlan("cuda", True, tmp_path)) == 1
     report = _report(tmp_path)
     missing = [r for r in report["checks"] if r["status"] == "MISSING"]
-    assert len(missing) == 3 + 6 + 3  # verify: 3 pairs; speed: 2 rows x 3; smoke: 3
+    # the ceiling (measured through torch on a GPU); verify: 3 pairs; speed: 2 rows x 3; smoke: 3
+    assert len(missing) == 1 + 3 + 6 + 3
     assert all(r["detail"] == "no such engine here" for r in missing)
     assert report["failed"] == 1
 
