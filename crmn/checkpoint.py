@@ -1,26 +1,16 @@
-"""The one HDF5 checkpoint format that both stacks read and write (SPEC §6, §7).
+"""The one HDF5 checkpoint format both stacks read and write (docs/spec.md §6, §7).
 
-Layout of a file (``checkpoint.h5`` = latest state, ``best.h5`` = best search model):
+One dataset per array at the root, under its canonical name (:mod:`crmn.naming`), in the
+canonical layout: every parameter, batch-norm running statistic and ``velocity.<name>``
+momentum buffer, each with a Fletcher-32 checksum so that flipped bytes are detected on
+reading, not trained on. The root attribute ``meta`` is one JSON object (its keys:
+crmn.rundir.CheckpointMeta) with ``format_version``, which is checked on loading.
 
-* one dataset per array at the root, under its canonical name (:mod:`crmn.naming`), in the
-  canonical layout: every parameter and batch-norm running statistic, plus
-  ``velocity.<name>`` (the momentum buffer) for every trainable parameter; stored with a
-  Fletcher-32 checksum so that flipped bytes are detected on reading, not trained on;
-* a root attribute ``meta``: one JSON object with ``format_version``, ``model``
-  (``ModelConfig.to_dict()``), ``train`` (``TrainConfig.to_dict()``), ``backend``, ``dtype``,
-  ``dataset``, ``phase`` ("search" | "final"), ``epoch`` (finished epochs of the phase),
-  ``schedule`` (the schedule's ``state_dict()``), ``sampler_seed`` (batches and crops are a
-  function of this seed and the epoch, so it is the whole RNG state) and ``best`` (metrics of
-  the best model); the driver may add more keys;
-* a root attribute ``format_version`` (also in ``meta``), checked on loading.
-
-:func:`save` is atomic: it builds the file in memory, writes it to a temporary file in the
-same folder, fsyncs it, reads it back (every checksum) and only then renames it over the
-target, so the previous checkpoint survives a crash, a kill or a full disk at any moment of
-the write. With ``keep_previous=True`` (the run's ``checkpoint.h5``) the file it replaces is
-kept beside it as ``checkpoint.prev.h5`` (:func:`previous_path`), provided that file still
-reads back: a current checkpoint corrupted on disk after it was written (a failing disk, a
-copy cut short) then leaves the epoch before it to continue from (crmn.train's resume).
+:func:`save` is atomic and verified: the file is built in memory, written beside the
+target, fsynced and read back before it replaces the target, so the previous checkpoint
+survives a crash, a kill or a full disk at any moment. With ``keep_previous`` the replaced
+file stays as ``checkpoint.prev.h5`` if it still reads back: the last good one, should the
+current file be damaged later on disk.
 """
 
 from __future__ import annotations
@@ -28,14 +18,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Collection, Dict, Optional, Tuple
 
 import h5py
 import numpy as np
 
 from crmn.config import ModelConfig, TrainConfig, json_view
 from crmn.errors import CheckpointError
-from crmn.runlog import commit_temp, link_over, replace_file, write_temp
+from crmn.runlog import commit_temp, link_over, write_temp
 
 FORMAT_VERSION = 1
 
@@ -46,37 +36,19 @@ Arrays = Dict[str, np.ndarray]
 
 
 def previous_path(path) -> Path:
-    """Where :func:`save` keeps the checkpoint it replaced: ``checkpoint.prev.h5`` beside
-    ``checkpoint.h5``."""
+    """Where :func:`save` keeps the file it replaced: checkpoint.prev.h5 for checkpoint.h5."""
     path = Path(path)
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
 def save(path, arrays: Arrays, meta: Dict, *, keep_previous: bool = False) -> None:
-    """Write ``arrays`` and ``meta`` to ``path`` atomically, verified before it is current.
+    """Write ``arrays`` (canonical name -> array) and ``meta`` (JSON-serialisable) to
+    ``path`` atomically, verified before it is current; ``keep_previous``: keep the
+    replaced file as :func:`previous_path` (the run's checkpoint.h5).
 
-    Order (each step durable before the next; a crash between any two leaves a readable
-    ``path``): write a temporary file and fsync it; read it back (checksums, meta); with
-    ``keep_previous``, make :func:`previous_path` a second name of the current ``path`` if
-    that still reads back (else the older previous file stays, the last good one); rename
-    the temporary file over ``path``.
-
-    Parameters
-    ----------
-    path : str or Path
-        Target file; its folder must exist.
-    arrays : dict of str to ndarray
-        Canonical name -> array (any shape and float/int dtype; stored as given).
-    meta : dict
-        JSON-serialisable metadata (see the module docstring); ``format_version`` is added.
-    keep_previous : bool
-        Keep the replaced file as :func:`previous_path` (the run's checkpoint.h5).
-
-    Raises
-    ------
-    CheckpointError
-        The write failed (disk full, I/O error, bad name) or the written file does not read
-        back; ``path`` (and its previous file) are left as they were.
+    Each step is durable before the next, so a crash between any two leaves a readable
+    ``path``. CheckpointError: the write failed or does not read back; ``path`` and its
+    previous file are left as they were.
     """
     path = Path(path)
     bad = [n for n in arrays if "/" in n or not n]
@@ -118,12 +90,8 @@ def readable(path) -> bool:
 
 
 def _h5_image(arrays: Arrays, meta_text: str) -> bytes:
-    """The bytes of the HDF5 file, built in memory.
-
-    HDF5 never touches the disk here (core driver without backing store): a full disk then
-    fails in one plain ``os.write`` of :func:`crmn.runlog.replace_file`, not inside HDF5,
-    whose half-written file handles crash the interpreter when released at exit.
-    """
+    """The bytes of the HDF5 file, built in memory: a full disk then fails in a plain
+    ``os.write``, not inside HDF5, whose half-written files crash the interpreter at exit."""
     with h5py.File("checkpoint-image.h5", "w", driver="core", backing_store=False,
                    block_size=_IMAGE_BLOCK) as f:
         f.attrs["format_version"] = FORMAT_VERSION
@@ -138,8 +106,8 @@ def _h5_image(arrays: Arrays, meta_text: str) -> bytes:
 
 
 def _reason(e: BaseException, limit: int = 160) -> str:
-    """One short line for an error message: the errno's text when there is one (h5py puts
-    the C library's errno on its OSErrors), else the message with its whitespace collapsed."""
+    """One short line for an error message: the errno's text (h5py puts the C library's on
+    its OSErrors), else the message with its whitespace collapsed."""
     if isinstance(e, OSError) and e.errno:
         return os.strerror(e.errno)
     text = " ".join(str(e).split()) or type(e).__name__
@@ -147,20 +115,8 @@ def _reason(e: BaseException, limit: int = 160) -> str:
 
 
 def load(path) -> Tuple[Arrays, Dict]:
-    """Read a checkpoint written by :func:`save`.
-
-    Returns
-    -------
-    arrays : dict of str to ndarray
-        Every dataset of the file, by name.
-    meta : dict
-        The decoded ``meta`` attribute.
-
-    Raises
-    ------
-    CheckpointError
-        Missing, truncated or corrupt file (checksum mismatch), or another format version.
-    """
+    """``(arrays by name, meta)`` of a checkpoint written by :func:`save`. CheckpointError:
+    missing, truncated or corrupt (a checksum fails), or another format version."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -212,26 +168,21 @@ def _show(value) -> str:
     return json.dumps(value) if isinstance(value, (list, dict, str)) else str(value)
 
 
-def check_compatible(meta: Dict, model: ModelConfig, train: Optional[TrainConfig] = None, *,
-                     backend: Optional[str] = None, dtype: Optional[str] = None,
+def check_compatible(recorded: Dict, model: ModelConfig, train: Optional[TrainConfig] = None,
+                     *, backend: Optional[str] = None, dtype: Optional[str] = None,
                      dataset: Optional[str] = None, path="checkpoint.h5",
-                     source: str = "the checkpoint") -> None:
-    """Refuse a checkpoint written under another configuration.
+                     source: str = "the checkpoint", may_change: Collection[str] = ()) -> None:
+    """Refuse a run recorded under another configuration: ``recorded`` is a checkpoint's
+    meta or a config.json (``source`` names it in messages).
 
     Every field of ``model`` (and of ``train``, and ``backend`` / ``dtype`` / ``dataset``
-    when given) must equal the checkpoint's; the first difference is reported, e.g.
-    ``checkpoint.h5: model.k is 2 here, 4 in the checkpoint``. Resuming requires all of
-    them: a different learning-rate list, seed or cap would not continue the same run.
-    ``source`` names the other side in messages (``"config.json"`` for a run's config).
-
-    Raises
-    ------
-    CheckpointError
-        The checkpoint lacks a configuration or differs in a field.
+    when given) must equal the recorded one, but for the fields named in ``may_change``
+    (``"train.epochs_cap"``), which must only be present. The first difference is a
+    CheckpointError, e.g. ``checkpoint.h5: model.k is 2 here, 4 in the checkpoint``.
     """
-    sections = [("model", model.to_dict(), meta.get("model"))]
+    sections = [("model", model.to_dict(), recorded.get("model"))]
     if train is not None:
-        sections.append(("train", train.to_dict(), meta.get("train")))
+        sections.append(("train", train.to_dict(), recorded.get("train")))
     for label, here, there in sections:
         if not isinstance(there, dict):
             raise CheckpointError(f"{path}: {source} records no {label} configuration")
@@ -243,10 +194,10 @@ def check_compatible(meta: Dict, model: ModelConfig, train: Optional[TrainConfig
             if key not in here:
                 raise CheckpointError(f"{path}: {label}.{key} is unknown here, "
                                       f"{_show(there[key])} in {source}")
-            if here[key] != there[key]:
+            if here[key] != there[key] and f"{label}.{key}" not in may_change:
                 raise CheckpointError(f"{path}: {label}.{key} is {_show(here[key])} here, "
                                       f"{_show(there[key])} in {source}")
     for key, here in (("backend", backend), ("dtype", dtype), ("dataset", dataset)):
-        if here is not None and meta.get(key) != here:
+        if here is not None and recorded.get(key) != here:
             raise CheckpointError(f"{path}: {key} is {here} here, "
-                                  f"{meta.get(key)} in {source}")
+                                  f"{recorded.get(key)} in {source}")

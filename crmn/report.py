@@ -47,7 +47,7 @@ FIGURE3_ROWS = tuple(r.id for r in paper.TABLE1[3::4])
 class SeedRun:
     """One run directory ``<row>/seed<k>/`` as :func:`crmn.runlog.load_run` reads it."""
 
-    run: runlog.Run
+    run: runlog.RunRecord
     seed: int
 
     @property

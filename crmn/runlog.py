@@ -1,16 +1,8 @@
-"""Reading and writing a run directory (SPEC §7; the format is in crmn/LOGS.md).
-
-Files written here survive a killed process and a full disk without losing what was already
-there:
-
-* ``log.jsonl`` is append-only, one JSON object per finished epoch, flushed and fsynced after
-  each line; :func:`read_log` tolerates a truncated last line (a run killed mid-write) and
-  nothing else.
-* ``config.json`` and ``summary.json`` are replaced atomically (:func:`write_json`: temporary
-  file in the same folder, fsync, ``os.replace``), so a reader sees the old or the new file,
-  never half of one; like every file of a run they get the mode ``open()`` gives (umask).
-
-:func:`load_run` is what ``compare`` / the report use: it reads only these files.
+"""The files of a run directory (docs/spec.md §7; the format: crmn/LOGS.md), written so
+that a killed process or a full disk never loses what was there: ``log.jsonl`` is appended
+and fsynced line by line (a cut-off last line is dropped on reading); every other file is
+replaced atomically (temporary file beside it, fsync, ``os.replace``). Also the run
+directory's lock, and :func:`load_run`, what the report reads.
 """
 from __future__ import annotations
 
@@ -32,7 +24,6 @@ SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.h5"
 BEST = "best.h5"
 #: the state where --epochs-cap first cut a stage short, and the best model then
-#: (crmn.train: a larger cap continues the run from there)
 CAPPED = "capped.h5"
 CAPPED_BEST = "capped.best.h5"
 
@@ -67,29 +58,15 @@ FILE_MODE = 0o666 & ~_read_umask()
 
 
 def replace_file(path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically: temporary file in the same folder, fsync,
-    ``os.replace``. The one writer of every atomically replaced file of a run directory;
-    the file gets the mode a plain ``open(path, "w")`` would give it (:data:`FILE_MODE`).
-
-    Raises
-    ------
-    OSError
-        The write failed (full disk, I/O error); ``path`` is left as it was and the temporary
-        file is removed.
-    """
+    """Replace ``path`` by ``data`` atomically, with the mode :data:`FILE_MODE`. OSError:
+    the write failed; ``path`` is left as it was and the temporary file is removed."""
     commit_temp(write_temp(path, data), path)
 
 
 def write_temp(path, data: bytes) -> Path:
-    """The first half of :func:`replace_file`: ``data`` in a new temporary file beside
-    ``path`` (``.NAME.XXXX.tmp``, which a resumed run removes), fsynced, with the mode
-    :data:`FILE_MODE`. The caller may check it before :func:`commit_temp` makes it ``path``.
-
-    Raises
-    ------
-    OSError
-        The write failed; the temporary file is removed.
-    """
+    """The first half of :func:`replace_file`: ``data`` fsynced in a temporary file beside
+    ``path`` (``.NAME.XXXX.tmp``, which a resumed run removes), to be checked before
+    :func:`commit_temp` makes it ``path``. OSError: the write failed (no file is left)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -119,15 +96,8 @@ def commit_temp(tmp, path) -> None:
 
 
 def link_over(src, dst) -> None:
-    """Make ``dst`` a second name of ``src``'s bytes, atomically (``dst`` is the old file or
-    the new one, never half of either): a hard link where the file system has them, else
-    a copy through :func:`replace_file`.
-
-    Raises
-    ------
-    OSError
-        ``src`` cannot be read or ``dst`` cannot be written; ``dst`` is left as it was.
-    """
+    """Make ``dst`` a second name of ``src``'s bytes, atomically: a hard link where the
+    file system has them, else a copy. OSError: ``dst`` is left as it was."""
     src, dst = Path(src), Path(dst)
     tmp = dst.with_name(f".{dst.name}.link.tmp")
     _remove_quietly(tmp)
@@ -140,8 +110,7 @@ def link_over(src, dst) -> None:
 
 
 def write_bytes_atomic(path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically; on failure the old file stays and the
-    temporary file is removed. Raises :class:`RunError` naming the file."""
+    """:func:`replace_file`, raising a RunError that names the file."""
     try:
         replace_file(path, data)
     except OSError as e:
@@ -161,19 +130,13 @@ LOCK = ".lock"
 
 @contextlib.contextmanager
 def hold(run_dir) -> Iterator[None]:
-    """The run directory belongs to this process while the block runs (SPEC §8).
+    """The run directory belongs to this process while the block runs (docs/spec.md §8).
 
-    An exclusive ``flock`` on ``run_dir/.lock``, which holds the owner's PID. The kernel
-    drops the lock when the process dies, kill -9 included, so a stale file never blocks
-    the next run. The file is removed on release; a process that opened it just before
-    sees another inode at the path once it holds the lock, and tries again.
-
-    Raises
-    ------
-    RunError
-        Another live process holds the directory: one line naming it and that process's
-        PID; or the lock cannot be made (a read-only folder). Nothing in the directory
-        was touched.
+    An exclusive ``flock`` on ``run_dir/.lock``, which holds the owner's PID; the kernel
+    drops it when the process dies (kill -9 too). The file is removed on release; a process
+    that opened it just before sees another inode once it holds the lock, and tries again.
+    RunError (one line, nothing touched): another live process holds the directory, or the
+    lock cannot be made.
     """
     path = Path(run_dir) / LOCK
     while True:
@@ -238,10 +201,8 @@ def read_json(path) -> dict:
 
 
 def append_entry(path, entry: Dict) -> None:
-    """Append one epoch's line to ``log.jsonl`` and make it durable before returning.
-
-    ``entry`` must hold every field of :data:`LOG_FIELDS`; NaN is refused (JSON has none).
-    """
+    """Append one epoch's line (every field of :data:`LOG_FIELDS`; no NaN) to
+    ``log.jsonl``, durable before returning."""
     missing = [k for k in LOG_FIELDS if k not in entry]
     if missing:
         raise ValueError(f"log entry lacks {missing}")
@@ -259,14 +220,11 @@ def append_entry(path, entry: Dict) -> None:
 
 
 def read_log(path, events: bool = False) -> List[Dict]:
-    """Every epoch line of ``log.jsonl`` in order; ``[]`` if the file does not exist.
+    """Every epoch line of ``log.jsonl`` in order (``[]`` without the file); with
+    ``events`` the event lines too (``{"event": ...}``, crmn/LOGS.md).
 
-    ``events=True`` keeps the event lines too (``{"event": ...}``, e.g. a lifted
-    ``--epochs-cap``; crmn/LOGS.md), which are no epoch and carry no metrics.
-
-    A last line that is incomplete (no newline, or not valid JSON) is what a run killed
-    mid-write leaves; it is dropped. A malformed line anywhere else is corruption and raises
-    :class:`DataError` naming the file and the line.
+    An incomplete last line is what a run killed mid-write leaves: it is dropped. A
+    malformed line anywhere else is a DataError naming the file and the line.
     """
     path = Path(path)
     try:
@@ -310,8 +268,8 @@ def finished_summary(run_dir) -> Optional[Dict]:
 
 
 @dataclass
-class Run:
-    """A run directory as the report sees it."""
+class RunRecord:
+    """What a run directory holds, as the report reads it."""
 
     path: Path
     config: Dict  # config.json
@@ -329,8 +287,7 @@ class Run:
 
 def compile_note(log: Iterable[Dict]) -> str:
     """The compilations a run's log records, e.g. ``196 s miss, 3 s hit`` (one item per
-    epoch that compiled: each process's first, a resume's too), from each entry's
-    ``compile_seconds`` and ``compile_cache``; empty when none was logged."""
+    epoch that compiled); empty when none was logged."""
     items = []
     for e in log:
         seconds = e.get("compile_seconds")
@@ -340,15 +297,15 @@ def compile_note(log: Iterable[Dict]) -> str:
     return ", ".join(items)
 
 
-def load_run(run_dir) -> Run:
+def load_run(run_dir) -> RunRecord:
     """Read ``config.json``, ``log.jsonl`` and, if present, ``summary.json`` of a run."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: no such run directory")
     summary_path = run_dir / SUMMARY
     summary = read_json(summary_path) if summary_path.exists() else None
-    return Run(path=run_dir, config=read_json(run_dir / CONFIG),
-               log=read_log(run_dir / LOG), summary=summary)
+    return RunRecord(path=run_dir, config=read_json(run_dir / CONFIG),
+                     log=read_log(run_dir / LOG), summary=summary)
 
 
 def find_runs(root) -> List[Path]:

@@ -1,0 +1,480 @@
+"""The life of one run folder (its files: crmn/LOGS.md): the lock, config.json, the
+checkpoints, where a run resumes, and the extension of a run that ``--epochs-cap`` cut short.
+
+crmn.train says what a run does; :class:`RunFolder` keeps its folder continuable. Every file
+is replaced atomically (crmn.runlog, crmn.checkpoint), in an order that leaves a folder the
+same command continues after a kill at any moment. The records below travel between the
+functions; they turn into the files' JSON only here, with the keys of crmn/LOGS.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from crmn import checkpoint, runlog
+from crmn.config import TrainConfig
+from crmn.errors import CheckpointError, RunError
+from crmn.plan import RunSpec
+from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
+
+PHASES = ("search", "final")
+#: the checkpoint before checkpoint.h5, kept by crmn.checkpoint.save (the last good one)
+PREVIOUS = checkpoint.previous_path(runlog.CHECKPOINT).name
+#: ``--resume`` may change these fields; the cap only upwards (a run is extended)
+RESUME_MAY_CHANGE = ("train.epochs_cap",)
+
+Arrays = Dict[str, np.ndarray]
+
+
+def _point(phase: str, epoch: int) -> Tuple[int, int]:
+    """An epoch's place in the run, ordered: every search epoch before every final one."""
+    return PHASES.index(phase), int(epoch)
+
+
+def _fields(cls, d: Dict) -> Dict:
+    return {f.name: d.get(f.name) for f in dataclasses.fields(cls)}
+
+
+@dataclass
+class CapCut:
+    """Where ``--epochs-cap`` first cut a stage short: what a larger cap needs to go on."""
+
+    cap: int
+    schedule_before: Dict  # the schedule's state before that epoch's step
+    eval_loss: float
+    eval_acc: float
+
+
+@dataclass
+class CheckpointMeta:
+    """A checkpoint's ``meta`` (crmn/checkpoint.py): what the arrays are the state of."""
+
+    model: Dict  # ModelConfig.to_dict()
+    train: Dict  # TrainConfig.to_dict()
+    backend: Optional[str]
+    dtype: Optional[str]
+    dataset: Optional[str]
+    phase: str  # "search" | "final"
+    epoch: int  # finished epochs of the phase
+    schedule: Dict  # the schedule's state_dict()
+    sampler_seed: Optional[int]  # batches and crops follow from it and the epoch
+    best: Optional[Dict]  # the best search epoch so far
+    schedule_found: Optional[List[int]] = None  # the search's results, once it is done
+    search_best: Optional[Dict] = None
+    capped: Optional[CapCut] = None  # capped.h5 only
+
+    @property
+    def point(self) -> Tuple[int, int]:
+        return _point(self.phase, self.epoch)
+
+    def to_dict(self) -> Dict:
+        d = dataclasses.asdict(self)
+        if self.capped is None:
+            del d["capped"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "CheckpointMeta":
+        meta = cls(**_fields(cls, d))
+        if isinstance(meta.capped, dict):
+            meta.capped = CapCut(**meta.capped)
+        return meta
+
+
+@dataclass
+class LogLine:
+    """One finished epoch: a line of log.jsonl."""
+
+    phase: str
+    epoch: int  # 1-based within the phase
+    stage: int  # 0-based learning-rate stage
+    lr: float
+    train_loss: float
+    train_acc: float  # fractions, not percent
+    eval_split: str  # "val" | "test"
+    eval_loss: float
+    eval_acc: float
+    seconds: float  # training seconds, compilation left out
+    images_per_s: Optional[float]
+    compile_seconds: float
+    compile_cache: Optional[str]  # "hit" | "miss" | "off" | None: the stack says nothing
+    decision: str  # crmn.schedule.Decision's value
+    time: float  # unix seconds
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "LogLine":
+        return cls(**_fields(cls, d))
+
+
+@dataclass
+class Summary:
+    """summary.json: the run's result, written when it ends."""
+
+    row: Optional[str]
+    experiment: Optional[str]
+    backend: str
+    device: str
+    dataset: str
+    params: int
+    schedule_found: Optional[List[int]]
+    schedule_used: List[int]
+    lr_stages: List[float]
+    test_loss: float
+    test_acc: float
+    final_epochs: int
+    sec_per_epoch: Optional[float]  # medians of the final run's epochs
+    images_per_s: Optional[float]
+    search_best: Optional[Dict]
+    fake_data: bool
+    data: str  # crmn.data.provenance
+    status: str = "done"
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: the state after ``meta``'s epoch."""
+
+    arrays: Arrays
+    meta: CheckpointMeta
+
+
+def given_schedule(train: TrainConfig) -> List[int]:
+    """``--schedule``, each stage bounded by ``--epochs-cap``."""
+    cap = train.epochs_cap
+    return [e if cap is None else min(e, cap) for e in train.schedule]
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+class RunFolder:
+    """``runs/<experiment>/<row>/seed<k>/`` and the run ``spec`` that trains in it."""
+
+    def __init__(self, path, spec: RunSpec):
+        self.dir, self.spec = Path(path), spec
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    @contextlib.contextmanager
+    def held(self, fresh: bool = False) -> Iterator[None]:
+        """Create the folder and hold its lock (a second process is refused in one line,
+        crmn.runlog.hold); ``fresh`` empties it first, under the lock."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"{self.dir}: cannot create the run directory "
+                           f"({e.strerror or e}); choose another --out-dir") from None
+        with runlog.hold(self.dir):
+            if fresh:
+                runlog.clear_run_dir(self.dir)
+            yield
+
+    # --- before training ------------------------------------------------------------------
+
+    def finished(self, resume: bool) -> Optional[Dict]:
+        """summary.json of a finished run of this configuration, which is skipped; None for
+        a run to train: a new one, an unfinished one resumed, or a finished one resumed
+        under a larger ``--epochs-cap`` (:meth:`start` extends it).
+
+        Raises RunError: an unfinished run without ``resume``, a finished run of another
+        configuration, or a larger cap without ``resume``.
+        """
+        summary = runlog.finished_summary(self.dir)
+        if summary is None:
+            if not resume:
+                self._refuse_unfinished()
+            return None
+        path = self.path(runlog.CONFIG)
+        config = runlog.read_json(path) if path.exists() else {}
+        try:
+            old_cap = self._cap_raised(config, path, runlog.CONFIG)
+        except CheckpointError as e:
+            raise RunError(f"{e}: {self.dir} holds a finished run of another "
+                           "configuration; choose another --out-dir or delete it") from None
+        if old_cap is None:
+            _say(f"{self.dir}: already finished ({runlog.SUMMARY}), skipping")
+            return summary
+        if not resume:
+            new = self.spec.train.epochs_cap
+            how = "without a cap" if new is None else f"with --epochs-cap {new}"
+            raise RunError(f"{path}: {self.dir} holds a run finished with --epochs-cap "
+                           f"{old_cap}; add --resume to continue it {how}, or choose "
+                           "another --out-dir")
+        return None
+
+    def _refuse_unfinished(self) -> None:
+        # config.json alone (e.g. the data could not be downloaded) means nothing trained
+        for name in (runlog.CHECKPOINT, runlog.LOG, runlog.BEST, PREVIOUS):
+            if self.path(name).exists():
+                raise RunError(f"{self.path(name)}: an unfinished run is already here; pass "
+                               f"--resume to continue it, or delete {self.dir} to start over")
+
+    def _cap_raised(self, recorded: Dict, path: Path, source: str) -> Optional[int]:
+        """Check ``recorded`` (a checkpoint's meta or config.json) against this run: the
+        cap it was trained under when this run raises it, None when the caps are equal.
+
+        Raises CheckpointError: another configuration, or a smaller cap (the epochs past it
+        are trained already).
+        """
+        spec = self.spec
+        checkpoint.check_compatible(recorded, spec.model, spec.train, dataset=spec.dataset,
+                                    path=path, source=source, may_change=RESUME_MAY_CHANGE)
+        old, new = recorded["train"].get("epochs_cap"), spec.train.epochs_cap
+        if new == old:
+            return None
+        if not isinstance(old, int) or (new is not None and new < old):
+            raise CheckpointError(f"{path}: train.epochs_cap is {new} here, {old} in {source}; "
+                                  "a run continues with a larger cap only (--epochs-cap "
+                                  f"{old} or more, or none)")
+        return old
+
+    def start(self, resume: bool) -> Optional[ResumePoint]:
+        """Where the run starts: None from its seed, else the last good checkpoint.
+
+        A larger ``--epochs-cap`` than the checkpoint's goes back to where the old cap first
+        cut a stage short (:meth:`_lift_cap`). The log keeps only the epochs the checkpoint
+        covers: an epoch logged but not checkpointed before a kill is trained again.
+        """
+        for tmp in self.dir.glob(".*.tmp"):  # writes a kill interrupted: the real files stay
+            tmp.unlink()
+        log = self.path(runlog.LOG)
+        if not resume or not (self.path(runlog.CHECKPOINT).exists()
+                              or self.path(PREVIOUS).exists()):
+            if log.exists():
+                runlog.rewrite_log(log, [])  # no checkpoint: the run starts over from its seed
+            return None
+        arrays, recorded, path = self._last_good_checkpoint()
+        try:  # the backend and dtype may change: both stacks read the canonical format
+            old_cap = self._cap_raised(recorded, path, "the checkpoint")
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; resume with the settings the run was started with, "
+                                  f"or delete {self.dir} to start over") from None
+        point = ResumePoint(arrays, CheckpointMeta.from_dict(recorded))
+        if old_cap is not None:
+            point = self._lift_cap(point, old_cap)
+        self._record_resume(point.meta)
+        runlog.rewrite_log(log, self._log_until(point.meta.point))
+        _say(f"{self.dir}: resuming {point.meta.phase} run after epoch {point.meta.epoch}")
+        return point
+
+    def _last_good_checkpoint(self) -> Tuple[Arrays, Dict, Path]:
+        """checkpoint.h5, or checkpoint.prev.h5 when that does not read back (one line on
+        stderr names the epoch the run falls back to). CheckpointError: neither reads."""
+        ckpt, prev = self.path(runlog.CHECKPOINT), self.path(PREVIOUS)
+        try:
+            return (*checkpoint.load(ckpt), ckpt)
+        except CheckpointError as e:
+            current = e
+        try:
+            arrays, meta = checkpoint.load(prev)
+        except CheckpointError:
+            other = "does not read back either" if prev.exists() else "is missing"
+            raise CheckpointError(f"{current}; {PREVIOUS} {other}, so the run cannot "
+                                  f"continue: delete {self.dir} and run the command again "
+                                  "without --resume") from None
+        print(f"warning: {current}; continuing from {PREVIOUS}, the state after "
+              f"{meta['phase']} epoch {meta['epoch']}", file=sys.stderr, flush=True)
+        return arrays, meta, prev
+
+    def _log_until(self, point: Tuple[int, int]) -> List[Dict]:
+        """log.jsonl's lines (event lines too) up to ``point``, as JSON objects."""
+        return [e for e in runlog.read_log(self.path(runlog.LOG), events=True)
+                if _point(e["phase"], e["epoch"]) <= point]
+
+    def _record_resume(self, meta: CheckpointMeta) -> None:
+        """Note in config.json who continued the run; say so when the stack or dtype
+        changes."""
+        stack = self.spec.stack
+        if (meta.backend, meta.dtype) != (stack.backend, stack.dtype):
+            _say(f"{self.dir}: checkpoint written by {meta.backend} ({meta.dtype}), "
+                 f"continuing with {stack.backend} ({stack.dtype})")
+        self._add_to_config("resumes", {
+            "phase": meta.phase, "after_epoch": meta.epoch, "backend": stack.backend,
+            "dtype": stack.dtype, "time": datetime.now(timezone.utc).isoformat(
+                timespec="seconds")})
+
+    def _add_to_config(self, key: str, item: Dict, **fields) -> None:
+        path = self.path(runlog.CONFIG)
+        if path.exists():
+            config = dict(runlog.read_json(path), **fields)
+            config.setdefault(key, []).append(item)
+            runlog.write_json(path, config)
+
+    # --- extending a capped run -----------------------------------------------------------
+
+    def _lift_cap(self, point: ResumePoint, old: int) -> ResumePoint:
+        """Continue a run capped at ``old`` under this run's larger cap (or none).
+
+        An uncapped run follows the capped one up to the first epoch where the cap cut a
+        stage short (capped.h5), then goes on in that stage instead of reloading (search)
+        or moving to the next rate (a given ``--schedule``). So the run goes back there and
+        steps that epoch's schedule again under the new cap. Without a cut (the cap never
+        bound) it continues from ``point`` as it is.
+        """
+        cut = self.path(runlog.CAPPED)
+        held = None
+        if cut.exists():
+            try:
+                arrays, recorded = checkpoint.load(cut)
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}: the run cannot be extended; run it with "
+                                      f"--epochs-cap {old} as it is, or delete {self.dir} "
+                                      "and start over") from None
+            held = ResumePoint(arrays, CheckpointMeta.from_dict(recorded))
+            info = held.meta.capped
+            if info is None or info.cap != old or held.meta.point > point.meta.point:
+                held = None  # left by an earlier extension
+        train = self.spec.train
+        if held is not None:
+            info = held.meta.capped
+            sched = _with_cap(info.schedule_before, train)
+            decision = sched.step(info.eval_loss, info.eval_acc).value
+            point = ResumePoint(held.arrays, dataclasses.replace(held.meta, capped=None))
+            where = "where the cap first cut a stage short"
+        else:
+            sched, decision = _with_cap(point.meta.schedule, train), None
+            where = "the cap had cut no stage short"
+        meta = dataclasses.replace(point.meta, train=train.to_dict(),
+                                   schedule=sched.state_dict(), best=sched.best)
+        lifted = f"{old} lifted" if train.epochs_cap is None else \
+            f"raised from {old} to {train.epochs_cap}"
+        _say(f"{self.dir}: --epochs-cap {lifted}: continuing the {meta.phase} run after "
+             f"epoch {meta.epoch} ({where})")
+        self._rewind(point.arrays, meta, old, decision, from_cut=held is not None)
+        return ResumePoint(point.arrays, meta)
+
+    def _rewind(self, arrays: Arrays, meta: CheckpointMeta, old: int,
+                decision: Optional[str], from_cut: bool) -> None:
+        """The files of :meth:`_lift_cap`, in the order that keeps every kill resumable:
+        the log cut at ``meta``'s epoch (whose line gets the new ``decision``) plus a
+        ``cap_lifted`` line, summary.json removed, config.json's cap, best.h5 from
+        capped.best.h5 (``from_cut``), the new checkpoint.h5, and capped.h5 last."""
+        kept = self._log_until(meta.point)
+        for e in kept:
+            if decision is not None and "event" not in e and \
+                    _point(e["phase"], e["epoch"]) == meta.point:
+                e["decision"] = decision
+        lifted = {"phase": meta.phase, "epoch": meta.epoch, "from": old,
+                  "to": self.spec.train.epochs_cap}
+        runlog.rewrite_log(self.path(runlog.LOG),
+                           kept + [dict(event="cap_lifted", **lifted, time=time.time())])
+        self.path(runlog.SUMMARY).unlink(missing_ok=True)  # the run is not finished any more
+        self._add_to_config("caps_lifted", lifted, train=self.spec.train.to_dict())
+        if from_cut and meta.phase == "search":
+            runlog.link_over(self.path(runlog.CAPPED_BEST), self.path(runlog.BEST))
+        self.path(PREVIOUS).unlink(missing_ok=True)  # an epoch of the course cut short
+        checkpoint.save(self.path(runlog.CHECKPOINT), arrays, meta.to_dict())
+        for name in (runlog.CAPPED, runlog.CAPPED_BEST):
+            self.path(name).unlink(missing_ok=True)
+
+    # --- while training -------------------------------------------------------------------
+
+    def write_config(self, stack, data_source: str) -> None:
+        """config.json: what runs, where, on which data and library versions."""
+        spec, options = self.spec, self.spec.stack
+        versions = {"python": platform.python_version(), "numpy": np.__version__}
+        for mod in ("h5py", "theano", "lasagne", "torch"):
+            if mod in sys.modules:
+                versions[mod] = getattr(sys.modules[mod], "__version__", "?")
+        runlog.write_json(self.path(runlog.CONFIG), {
+            "row": spec.row, "experiment": spec.experiment, "dataset": spec.dataset,
+            "backend": options.backend, "device": stack.device,
+            "device_requested": options.device, "dtype": options.dtype,
+            "compile": options.compile, "theano_mode": options.theano_mode,
+            "compile_cache": options.compile_cache, "params": stack.param_count(),
+            "model": spec.model.to_dict(), "train": spec.train.to_dict(),
+            "seed": spec.train.seed, "fake_data": data_source == "fake", "data": data_source,
+            "versions": versions,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+    def log(self, line: LogLine) -> None:
+        runlog.append_entry(self.path(runlog.LOG), dataclasses.asdict(line))
+
+    def lines(self, phase: str) -> List[LogLine]:
+        return [LogLine.from_dict(e) for e in runlog.read_log(self.path(runlog.LOG))
+                if e["phase"] == phase]
+
+    def save(self, arrays: Arrays, meta: CheckpointMeta) -> None:
+        """checkpoint.h5, keeping the one it replaces as checkpoint.prev.h5."""
+        checkpoint.save(self.path(runlog.CHECKPOINT), arrays, meta.to_dict(),
+                        keep_previous=True)
+
+    def save_best(self, arrays: Arrays, meta: CheckpointMeta) -> None:
+        checkpoint.save(self.path(runlog.BEST), arrays, meta.to_dict())
+
+    def best_model(self, epoch: int, exact: bool = True) -> Arrays:
+        """best.h5's arrays, checked to be search epoch ``epoch``'s. On resume
+        (``exact=False``) a later epoch's is allowed: saved just before a kill, it is
+        written again when that epoch is replayed.
+
+        Raises CheckpointError: best.h5 is unreadable or holds another epoch; no other
+        file holds the best model.
+        """
+        path = self.path(runlog.BEST)
+        try:
+            arrays, meta = checkpoint.load(path)
+            got = meta.get("epoch")
+            if got != epoch and (exact or not (isinstance(got, int) and got > epoch)):
+                raise CheckpointError(f"{path}: holds search epoch {got}, not the best model "
+                                      f"(epoch {epoch})")
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; the search cannot go back to its best model: "
+                                  f"delete {self.dir} and run the command again without "
+                                  "--resume") from None
+        return arrays
+
+    def note_cut(self, stack, meta: CheckpointMeta, before: Dict, sched,
+                 decision: Decision, loss: float, acc: float) -> None:
+        """Keep capped.h5 (and capped.best.h5 in the search) at the first epoch where
+        ``--epochs-cap``, not the plateau or the given schedule, ended a stage: a larger
+        cap goes another way from there. ``before``: the schedule's state before the
+        step."""
+        cap = self.spec.train.epochs_cap
+        if cap is None or not _cut_short(self.spec.train, before, sched, decision, loss, acc):
+            return
+        path = self.path(runlog.CAPPED)
+        if path.exists() and checkpoint.readable(path):
+            held = CheckpointMeta.from_dict(checkpoint.load(path)[1])
+            if held.capped is not None and held.capped.cap == cap and held.point < meta.point:
+                return  # an earlier cut of this cap: that is where the other way starts
+        if meta.phase == "search":
+            runlog.link_over(self.path(runlog.BEST), self.path(runlog.CAPPED_BEST))
+        checkpoint.save(path, stack.get_state(), dataclasses.replace(
+            meta, capped=CapCut(cap, before, loss, acc)).to_dict())
+
+    def write_summary(self, summary: Summary) -> None:
+        runlog.write_json(self.path(runlog.SUMMARY), dataclasses.asdict(summary))
+
+
+def _cut_short(train: TrainConfig, before: Dict, sched, decision: Decision, loss: float,
+               acc: float) -> bool:
+    """Whether the cap ended the stage of the epoch just stepped."""
+    if isinstance(sched, PlateauSchedule):
+        uncapped = PlateauSchedule.from_state(dict(before, epochs_cap=None))
+        return decision != Decision.CONTINUE and \
+            uncapped.step(loss, acc) == Decision.CONTINUE
+    if train.schedule is None:  # replays the search's schedule found, which the search capped
+        return False
+    stage = FixedSchedule.from_state(before).stage
+    return sched.epoch == sum(sched.epochs_per_stage[:stage + 1]) and \
+        train.schedule[stage] > train.epochs_cap
+
+
+def _with_cap(state: Dict, train: TrainConfig):
+    """The schedule of ``state`` (a schedule's ``state_dict()``) under ``train``'s cap."""
+    if state["kind"] == PlateauSchedule.kind:
+        return PlateauSchedule.from_state(dict(state, epochs_cap=train.epochs_cap))
+    if train.schedule is not None:  # a search's schedule found is bounded by its own cap
+        state = dict(state, epochs_per_stage=given_schedule(train))
+    return FixedSchedule.from_state(state)
