@@ -1,16 +1,16 @@
-"""The life of one run folder (its files: crmn/LOGS.md): the lock, config.json, the
-checkpoints, where a run resumes, and the extension of a run that ``--epochs-cap`` cut short.
+"""The life of a run folder (its files: crmn/LOGS.md): lock, config.json, checkpoints,
+where a run resumes, and the extension of a run that ``--epochs-cap`` cut short.
 
-crmn.train says what a run does; :class:`RunFolder` keeps its folder continuable. Every file
-is replaced atomically (crmn.runlog, crmn.checkpoint), in an order that leaves a folder the
-same command continues after a kill at any moment. The records below travel between the
-functions; they turn into the files' JSON only here, with the keys of crmn/LOGS.md.
+Every file is replaced atomically (crmn.runlog, crmn.checkpoint), in an order that leaves a
+folder the same command continues after a kill at any moment. The records below travel
+between functions; they become the files' JSON (crmn/LOGS.md's keys) only here.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -153,7 +153,7 @@ def given_schedule(train: TrainConfig) -> List[int]:
     return [e if cap is None else min(e, cap) for e in train.schedule]
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
     print(text, flush=True)
 
 
@@ -176,24 +176,30 @@ class RunFolder:
             raise RunError(f"{self.dir}: cannot create the run directory "
                            f"({e.strerror or e}); choose another --out-dir") from None
         with runlog.hold(self.dir):
-            if fresh:
-                runlog.clear_run_dir(self.dir)
+            for entry in self.dir.iterdir() if fresh else ():  # all but the lock
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                elif entry.name != runlog.LOCK:
+                    entry.unlink()
             yield
 
     # --- before training ------------------------------------------------------------------
 
     def finished(self, resume: bool) -> Optional[Dict]:
-        """summary.json of a finished run of this configuration, which is skipped; None for
-        a run to train: a new one, an unfinished one resumed, or a finished one resumed
-        under a larger ``--epochs-cap`` (:meth:`start` extends it).
-
-        Raises RunError: an unfinished run without ``resume``, a finished run of another
-        configuration, or a larger cap without ``resume``.
+        """summary.json of a finished run of this configuration (to skip); None for a run
+        to train: new, unfinished and resumed, or finished and resumed under a larger
+        ``--epochs-cap`` (:meth:`start` extends it). RunError: an unfinished run without
+        ``resume``, a finished one of another configuration, a larger cap without ``resume``.
         """
-        summary = runlog.finished_summary(self.dir)
-        if summary is None:
-            if not resume:
-                self._refuse_unfinished()
+        path = self.path(runlog.SUMMARY)
+        summary = runlog.read_json(path) if path.exists() else None
+        if not runlog.is_done(summary):
+            # config.json alone (e.g. from a failed download) means nothing was trained
+            for name in (runlog.CHECKPOINT, runlog.LOG, runlog.BEST, PREVIOUS):
+                if not resume and self.path(name).exists():
+                    raise RunError(f"{self.path(name)}: an unfinished run is already here; "
+                                   f"pass --resume to continue it, or delete {self.dir} to "
+                                   "start over")
             return None
         path = self.path(runlog.CONFIG)
         config = runlog.read_json(path) if path.exists() else {}
@@ -203,7 +209,7 @@ class RunFolder:
             raise RunError(f"{e}: {self.dir} holds a finished run of another "
                            "configuration; choose another --out-dir or delete it") from None
         if old_cap is None:
-            _say(f"{self.dir}: already finished ({runlog.SUMMARY}), skipping")
+            say(f"{self.dir}: already finished ({runlog.SUMMARY}), skipping")
             return summary
         if not resume:
             new = self.spec.train.epochs_cap
@@ -213,20 +219,10 @@ class RunFolder:
                            "another --out-dir")
         return None
 
-    def _refuse_unfinished(self) -> None:
-        # config.json alone (e.g. the data could not be downloaded) means nothing trained
-        for name in (runlog.CHECKPOINT, runlog.LOG, runlog.BEST, PREVIOUS):
-            if self.path(name).exists():
-                raise RunError(f"{self.path(name)}: an unfinished run is already here; pass "
-                               f"--resume to continue it, or delete {self.dir} to start over")
-
     def _cap_raised(self, recorded: Dict, path: Path, source: str) -> Optional[int]:
-        """Check ``recorded`` (a checkpoint's meta or config.json) against this run: the
-        cap it was trained under when this run raises it, None when the caps are equal.
-
-        Raises CheckpointError: another configuration, or a smaller cap (the epochs past it
-        are trained already).
-        """
+        """Check ``recorded`` (a checkpoint's meta or config.json) against this run; the
+        cap it was trained under when this run raises it, else None. CheckpointError:
+        another configuration, or a smaller cap (the epochs past it are trained already)."""
         spec = self.spec
         checkpoint.check_compatible(recorded, spec.model, spec.train, dataset=spec.dataset,
                                     path=path, source=source, may_change=RESUME_MAY_CHANGE)
@@ -240,12 +236,9 @@ class RunFolder:
         return old
 
     def start(self, resume: bool) -> Optional[ResumePoint]:
-        """Where the run starts: None from its seed, else the last good checkpoint.
-
-        A larger ``--epochs-cap`` than the checkpoint's goes back to where the old cap first
-        cut a stage short (:meth:`_lift_cap`). The log keeps only the epochs the checkpoint
-        covers: an epoch logged but not checkpointed before a kill is trained again.
-        """
+        """Where the run starts: None from its seed, else the last good checkpoint (under a
+        larger ``--epochs-cap``: :meth:`_lift_cap`). The log keeps the epochs it covers:
+        one logged but not checkpointed before a kill is trained again."""
         for tmp in self.dir.glob(".*.tmp"):  # writes a kill interrupted: the real files stay
             tmp.unlink()
         log = self.path(runlog.LOG)
@@ -265,7 +258,7 @@ class RunFolder:
             point = self._lift_cap(point, old_cap)
         self._record_resume(point.meta)
         runlog.rewrite_log(log, self._log_until(point.meta.point))
-        _say(f"{self.dir}: resuming {point.meta.phase} run after epoch {point.meta.epoch}")
+        say(f"{self.dir}: resuming {point.meta.phase} run after epoch {point.meta.epoch}")
         return point
 
     def _last_good_checkpoint(self) -> Tuple[Arrays, Dict, Path]:
@@ -297,7 +290,7 @@ class RunFolder:
         changes."""
         stack = self.spec.stack
         if (meta.backend, meta.dtype) != (stack.backend, stack.dtype):
-            _say(f"{self.dir}: checkpoint written by {meta.backend} ({meta.dtype}), "
+            say(f"{self.dir}: checkpoint written by {meta.backend} ({meta.dtype}), "
                  f"continuing with {stack.backend} ({stack.dtype})")
         self._add_to_config("resumes", {
             "phase": meta.phase, "after_epoch": meta.epoch, "backend": stack.backend,
@@ -316,11 +309,10 @@ class RunFolder:
     def _lift_cap(self, point: ResumePoint, old: int) -> ResumePoint:
         """Continue a run capped at ``old`` under this run's larger cap (or none).
 
-        An uncapped run follows the capped one up to the first epoch where the cap cut a
-        stage short (capped.h5), then goes on in that stage instead of reloading (search)
-        or moving to the next rate (a given ``--schedule``). So the run goes back there and
-        steps that epoch's schedule again under the new cap. Without a cut (the cap never
-        bound) it continues from ``point`` as it is.
+        A larger cap follows the capped run up to the first epoch where the cap cut a stage
+        short (capped.h5), then goes on in that stage instead of reloading (search) or moving
+        to the next rate (a given ``--schedule``): the run goes back there and steps that
+        epoch's schedule again. Without a cut it continues from ``point`` as it is.
         """
         cut = self.path(runlog.CAPPED)
         held = None
@@ -349,7 +341,7 @@ class RunFolder:
                                    schedule=sched.state_dict(), best=sched.best)
         lifted = f"{old} lifted" if train.epochs_cap is None else \
             f"raised from {old} to {train.epochs_cap}"
-        _say(f"{self.dir}: --epochs-cap {lifted}: continuing the {meta.phase} run after "
+        say(f"{self.dir}: --epochs-cap {lifted}: continuing the {meta.phase} run after "
              f"epoch {meta.epoch} ({where})")
         self._rewind(point.arrays, meta, old, decision, from_cut=held is not None)
         return ResumePoint(point.arrays, meta)
@@ -414,13 +406,9 @@ class RunFolder:
         checkpoint.save(self.path(runlog.BEST), arrays, meta.to_dict())
 
     def best_model(self, epoch: int, exact: bool = True) -> Arrays:
-        """best.h5's arrays, checked to be search epoch ``epoch``'s. On resume
-        (``exact=False``) a later epoch's is allowed: saved just before a kill, it is
-        written again when that epoch is replayed.
-
-        Raises CheckpointError: best.h5 is unreadable or holds another epoch; no other
-        file holds the best model.
-        """
+        """best.h5's arrays, checked to be search epoch ``epoch``'s (with ``exact=False``, on
+        resume, a later one's: saved just before a kill, it is written again). CheckpointError:
+        unreadable or another epoch; no other file holds the best model."""
         path = self.path(runlog.BEST)
         try:
             arrays, meta = checkpoint.load(path)
@@ -437,9 +425,7 @@ class RunFolder:
     def note_cut(self, stack, meta: CheckpointMeta, before: Dict, sched,
                  decision: Decision, loss: float, acc: float) -> None:
         """Keep capped.h5 (and capped.best.h5 in the search) at the first epoch where
-        ``--epochs-cap``, not the plateau or the given schedule, ended a stage: a larger
-        cap goes another way from there. ``before``: the schedule's state before the
-        step."""
+        ``--epochs-cap`` ended a stage (``before``: the schedule's state before its step)."""
         cap = self.spec.train.epochs_cap
         if cap is None or not _cut_short(self.spec.train, before, sched, decision, loss, acc):
             return

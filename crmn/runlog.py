@@ -10,7 +10,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,17 +168,6 @@ def hold(run_dir) -> Iterator[None]:
         os.close(fd)
 
 
-def clear_run_dir(run_dir) -> None:
-    """Remove everything in ``run_dir`` but its lock (call it holding :func:`hold`)."""
-    for entry in Path(run_dir).iterdir():
-        if entry.name == LOCK:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-
-
 def write_json(path, obj) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically (config.json, summary.json)."""
     data = (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
@@ -258,13 +246,6 @@ def is_done(summary: Optional[Dict]) -> bool:
     """Whether ``summary`` (summary.json's content, None if absent) is a finished run's:
     the one definition of "finished" that training, the CLI and the report share."""
     return summary is not None and summary.get("status") == "done"
-
-
-def finished_summary(run_dir) -> Optional[Dict]:
-    """summary.json of ``run_dir`` when the run there is finished, else None."""
-    path = Path(run_dir) / SUMMARY
-    summary = read_json(path) if path.exists() else None
-    return summary if is_done(summary) else None
 
 
 @dataclass

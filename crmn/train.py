@@ -35,7 +35,7 @@ from crmn import data, registry, runlog
 from crmn.errors import ConfigError, DivergedError, StopRequested
 from crmn.plan import RunSpec
 from crmn.rundir import (CheckpointMeta, LogLine, ResumePoint, RunFolder, Summary,
-                         given_schedule)
+                         given_schedule, say)
 from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
 #: keys that separate the sampler streams of the two phases (batches, crops, flips)
@@ -417,10 +417,6 @@ class Progress:
 def _fmt_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 def warn(text: str) -> None:
