@@ -291,7 +291,7 @@ class RunFolder:
         stack = self.spec.stack
         if (meta.backend, meta.dtype) != (stack.backend, stack.dtype):
             say(f"{self.dir}: checkpoint written by {meta.backend} ({meta.dtype}), "
-                 f"continuing with {stack.backend} ({stack.dtype})")
+                f"continuing with {stack.backend} ({stack.dtype})")
         self._add_to_config("resumes", {
             "phase": meta.phase, "after_epoch": meta.epoch, "backend": stack.backend,
             "dtype": stack.dtype, "time": datetime.now(timezone.utc).isoformat(
@@ -329,7 +329,6 @@ class RunFolder:
                 held = None  # left by an earlier extension
         train = self.spec.train
         if held is not None:
-            info = held.meta.capped
             sched = _with_cap(info.schedule_before, train)
             decision = sched.step(info.eval_loss, info.eval_acc).value
             point = ResumePoint(held.arrays, dataclasses.replace(held.meta, capped=None))
@@ -342,7 +341,7 @@ class RunFolder:
         lifted = f"{old} lifted" if train.epochs_cap is None else \
             f"raised from {old} to {train.epochs_cap}"
         say(f"{self.dir}: --epochs-cap {lifted}: continuing the {meta.phase} run after "
-             f"epoch {meta.epoch} ({where})")
+            f"epoch {meta.epoch} ({where})")
         self._rewind(point.arrays, meta, old, decision, from_cut=held is not None)
         return ResumePoint(point.arrays, meta)
 

@@ -1,5 +1,5 @@
-"""A run started by one stack and resumed by the other (issue: "a run can be resumed by
-either stack from the other's checkpoint"), through the real driver, data and backends."""
+"""A run started by one stack and resumed by the other from its checkpoint, through the
+real driver, data and backends."""
 from pathlib import Path
 
 import numpy as np

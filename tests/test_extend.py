@@ -1,4 +1,4 @@
-"""Extending a run (issue #24): ``--resume`` with a larger ``--epochs-cap`` (or none) continues a
+"""Extending a run: ``--resume`` with a larger ``--epochs-cap`` (or none) continues a
 capped run and ends where one uninterrupted run with that cap ends; and the last good
 checkpoint (checkpoint.prev.h5) carries a run past a checkpoint corrupted on disk. The numpy
 toy stack (tests/toy_backend.py) runs the real loop, schedule and checkpoint code."""

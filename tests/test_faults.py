@@ -1,5 +1,5 @@
-"""Everyday and hostile faults through the real command line (issue #18), one case per
-class: each asserts the exit code, the one line on stderr, and that nothing was lost or
+"""Everyday and hostile faults through the real command line, one case per class:
+each asserts the exit code, the one line on stderr, and that nothing was lost or
 left behind. The deeper cases of each class live beside their code: hostile data files in
 tests/test_data_hostile.py, the launchers' truth in tests/test_launch.py, the report's Δ in
 tests/test_report_comparable.py.
@@ -193,7 +193,7 @@ def test_smoke_help_and_an_explicit_patience(tmp_path):
     assert cells[8] == ""  # Δ
 
 
-# 5. the four cases of issue #24: each line names the way on --------------------------------
+# 5. extending and falling back: each line names the way on -------------------------------
 
 T3 = ["table3", "--rows", "t3-crmn56x3", "--backend", "torch", "--n", "1", "--k", "0.5",
       "--batch-size", "20", "--no-progress"]

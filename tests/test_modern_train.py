@@ -27,7 +27,7 @@ def _batch(seed, b=6, classes=10):
     return rng.standard_normal((b, 3, 32, 32)), rng.integers(0, classes, b)
 
 
-def _decayed(name):  # written from SPEC §4, independently of crmn.convert / naming
+def _decayed(name):  # written from docs/spec.md §4, independently of crmn.convert / naming
     return name.endswith("conv1.weight") or name.endswith("conv2.weight") or name in (
         "conv0.weight", "lstm.W_x", "lstm.W_h", "fc.weight")
 

@@ -17,7 +17,8 @@ from toy_backend import (TOY_MODEL, TOY_TRAIN, SimulatedCrash, ToyBackend, epoch
                          run_toy)
 
 REPO = Path(__file__).resolve().parents[1]
-VOLATILE = ("time", "seconds", "images_per_s", "compile_seconds", "compile_cache")  # wall-clock fields
+# wall-clock fields
+VOLATILE = ("time", "seconds", "images_per_s", "compile_seconds", "compile_cache")
 
 
 def stable_log(run_dir):
