@@ -411,15 +411,15 @@ class RunFolder:
         path = self.path(runlog.BEST)
         try:
             arrays, meta = checkpoint.load(path)
-            got = meta.get("epoch")
-            if got != epoch and (exact or not (isinstance(got, int) and got > epoch)):
-                raise CheckpointError(f"{path}: holds search epoch {got}, not the best model "
-                                      f"(epoch {epoch})")
         except CheckpointError as e:
-            raise CheckpointError(f"{e}; the search cannot go back to its best model: "
-                                  f"delete {self.dir} and run the command again without "
-                                  "--resume") from None
-        return arrays
+            problem = str(e)
+        else:
+            got = meta.get("epoch")
+            if got == epoch or (not exact and isinstance(got, int) and got > epoch):
+                return arrays
+            problem = f"{path}: holds search epoch {got}, not the best model (epoch {epoch})"
+        raise CheckpointError(f"{problem}; the search cannot go back to its best model: "
+                              f"delete {self.dir} and run the command again without --resume")
 
     def note_cut(self, stack, meta: CheckpointMeta, before: Dict, sched,
                  decision: Decision, loss: float, acc: float) -> None:
