@@ -1,4 +1,5 @@
 """Run-directory files (crmn/runlog.py, crmn/LOGS.md): log.jsonl, atomic JSON, load_run."""
+import dataclasses
 import errno
 import json
 import os
@@ -92,6 +93,27 @@ def test_write_json_is_atomic_under_a_full_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert runlog.read_json(path) == {"status": "done", "test_acc": 0.5}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no temp left
+
+
+def test_the_records_become_the_files_keys_and_back(tmp_path):
+    """crmn.rundir's records turn into crmn/LOGS.md's JSON at the file boundary, and back."""
+    from crmn.rundir import CapCut, CheckpointMeta, LogLine
+
+    line = LogLine.from_dict(dict(entry(2), compile_seconds=0.0, compile_cache=None))
+    runlog.append_entry(tmp_path / "log.jsonl", dataclasses.asdict(line))
+    [back] = runlog.read_log(tmp_path / "log.jsonl")
+    assert set(runlog.LOG_FIELDS) <= set(back) and LogLine.from_dict(back) == line
+    meta = CheckpointMeta(model={"n": 1}, train={"epochs_cap": 2}, backend="torch",
+                          dtype="float64", dataset="cifar10", phase="search", epoch=3,
+                          schedule={"kind": "plateau"}, sampler_seed=7, best=None)
+    assert "capped" not in meta.to_dict()
+    cut = dataclasses.replace(meta, capped=CapCut(2, {"kind": "plateau"}, 1.5, 0.25))
+    checkpoint.save(tmp_path / "capped.h5", {"w": np.ones(2)}, cut.to_dict())
+    _, raw = checkpoint.load(tmp_path / "capped.h5")
+    assert raw["capped"] == {"cap": 2, "schedule_before": {"kind": "plateau"},
+                             "eval_loss": 1.5, "eval_acc": 0.25}
+    assert raw["phase"] == "search" and raw["schedule_found"] is None
+    assert CheckpointMeta.from_dict(raw) == cut
 
 
 def _mode(path) -> int:
