@@ -120,6 +120,7 @@ class Training:
         self.search_best: Optional[Dict] = None
 
     def run(self, new_stack: Callable[[], Any], start: Optional[ResumePoint]) -> Dict:
+        """Build the stack, train the phases due from ``start``, write the summary."""
         spec, folder = self.spec, self.folder
         if start is not None:
             self.schedule_found = start.meta.schedule_found
