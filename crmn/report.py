@@ -1,29 +1,15 @@
-"""Published versus reproduced numbers, rendered from run directories only (SPEC §7).
+"""Published versus reproduced numbers, rendered from run directories only (docs/spec.md §7).
 
-:func:`compare` reads the ``config.json``, ``log.jsonl`` and ``summary.json`` of every run
-below a folder (format: ``crmn/LOGS.md``), prints the comparison and writes ``REPORT.md``
-plus PNG learning curves into that folder. Paper numbers come from :mod:`crmn.paper` only.
-
-Per row the report shows parameters (ours / paper), seconds per epoch (ours with the device
-/ the authors' GPU), test accuracy (ours: mean ± sample standard deviation over seeds, n /
-paper / Δ = ours − paper, left blank where :func:`comparable` finds the runs no test of the
-paper) and the run's status. A row of the experiment without any run is
-listed as *missing*; a run without ``summary.json`` is listed as *running* (or killed) with
-its last logged epoch; nothing is dropped silently.
-
-Tables 2-3 and SVHN also list the paper's comparison methods (:data:`crmn.paper.METHODS`),
-and Table 2's five-repetition figure for ``t2-crmn32x4`` (section 4.2: 77.65 ± 0.385, best
-model on validation 78.27) is recomputed from the seeds present.
-
-Plots follow the paper's Figure 3 (section 4.1): left, training loss per epoch of the final
-run; right, test error (%) per epoch of the final run; dotted lines mark the learning-rate
-drops. ``figure3.png`` overlays the last row of each block of Table 1 (or every row present
-when none of those is); ``curves_<row>.png`` shows each row present with all its seeds. A
-curve of a run that is no test of the paper (:func:`comparable`) is dashed and labelled
-:data:`NOT_THE_PAPER`.
+:func:`compare` reads every run's ``config.json``, ``log.jsonl`` and ``summary.json`` below a
+folder (crmn/LOGS.md), prints the comparison with :mod:`crmn.paper` and writes ``REPORT.md``
+with Figure-3-style PNG learning curves. Per row: parameters, seconds per epoch, test
+accuracy (mean ± sample std over seeds) beside the paper's, Δ (blank where
+:func:`comparable` finds the runs no test of the paper) and status; a row without runs is
+*missing*, an unfinished run *running* with its last epoch. Nothing is dropped silently.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import sys
@@ -34,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 from crmn import paper, runlog, tables
 from crmn.config import ModelConfig, TrainConfig, json_view
 from crmn.errors import ConfigError, DataError, RunError
+from crmn.schema import names
 
 #: Last row of each block of four in Table 1: the models of the paper's Figure 3.
 FIGURE3_ROWS = tuple(r.id for r in paper.TABLE1[3::4])
@@ -85,15 +72,11 @@ class SeedRun:
         return statistics.median(secs) if secs else None
 
     def departures(self, row: Optional[paper.Row]) -> List[Tuple[str, bool]]:
-        """What makes this run other than ``row`` as published (from config.json and
-        summary.json), each as ``(note, test)``: ``test`` is False when the difference
-        makes the run no test of the paper (:func:`comparable`).
-
-        Fake or unverified data, another dataset, a cap on the epochs per stage, a fixed
-        schedule instead of the search, and every model or protocol field that differs from
-        the row's: a field of :data:`INTERPRETATIONS` is another reading of the paper (still
-        a test of it), any other field a changed model or protocol.
-        """
+        """What makes this run other than ``row`` as published (config.json, summary.json),
+        each as ``(note, test)``; ``test`` False makes the run no test of the paper
+        (:func:`comparable`). Fake or unverified data, another dataset, and every schema
+        field of the model and protocol that differs from the row's: a field marked
+        ``interpretation`` (:data:`INTERPRETATIONS`) is another reading of the paper."""
         config, summary = self.run.config, self.summary or {}
         out: List[Tuple[str, bool]] = []
         if config.get("fake_data") or summary.get("fake_data") \
@@ -101,27 +84,24 @@ class SeedRun:
             out.append(("FAKE DATA", False))
         elif "unverified" in (config.get("data"), summary.get("data")):
             out.append(("UNVERIFIED DATA (--unverified-data)", False))
-        train = config.get("train") or {}
-        if train.get("epochs_cap") is not None:
-            out.append((f"epochs capped at {train['epochs_cap']} per stage", False))
-        if train.get("schedule") is not None:
-            out.append(("fixed schedule " + ",".join(str(e) for e in train["schedule"]),
-                        False))
-        if row is None:
-            return out
         dataset = config.get("dataset") or summary.get("dataset")
-        if dataset not in (None, row.dataset):
+        if row is not None and dataset not in (None, row.dataset):
             out.append((f"dataset {dataset} (row: {row.dataset})", False))
-        published = {"model": ModelConfig.for_row(row).to_dict(),
-                     "train": TrainConfig.for_row(row).to_dict()}
-        for section, want in published.items():
+        for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
             have = config.get(section) or {}
-            for key, value in want.items():
-                if key in ("epochs_cap", "schedule", "seed") or key not in have:
+            want = (cls.for_row(row) if row is not None else None)
+            for f in dataclasses.fields(cls):
+                m = f.metadata
+                if f.name not in have or m.get("per_run"):
                     continue
-                if json_view(have[key]) != json_view(value):
-                    out.append((f"{key} {json_view(have[key])} (row: {json_view(value)})",
-                                key in INTERPRETATIONS))
+                value = json_view(have[f.name])
+                if m.get("departure"):  # a departure whatever the row
+                    if value is not None:
+                        shown = m["show"](tuple(value) if isinstance(value, list) else value)
+                        out.append((m["departure"].format(shown), False))
+                elif want is not None and value != json_view(getattr(want, f.name)):
+                    out.append((f"{f.name} {value} (row: {json_view(getattr(want, f.name))})",
+                                bool(m.get("interpretation"))))
         return out
 
     def notes(self, row: Optional[paper.Row]) -> List[str]:
@@ -129,10 +109,9 @@ class SeedRun:
         return [note for note, _ in self.departures(row)]
 
 
-#: Fields the paper leaves open (SPEC §4-5; the command line's "interpretations" options):
+#: Fields the paper leaves open (the schema's ``interpretation`` fields, docs/spec.md §4-5):
 #: a run that reads one of them otherwise is another reading of the paper, so its Δ stays.
-INTERPRETATIONS = frozenset({"outgate", "forget_bias", "dense_init", "nesterov", "flip",
-                             "patience", "lr_stages"})
+INTERPRETATIONS = names(ModelConfig, "interpretation") | names(TrainConfig, "interpretation")
 
 
 def comparable(run: SeedRun, row: Optional[paper.Row]) -> Tuple[bool, str]:
@@ -359,7 +338,7 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
            "shown (median over epochs and seeds). Δ is left blank where the runs are no "
            "test of the paper (fake or unverified data, another dataset, a changed model, "
            "capped epochs, a given schedule), with the reason under the table; another "
-           "reading of a point the paper leaves open (SPEC §4) keeps its Δ and is listed "
+           "reading of a point the paper leaves open (docs/spec.md §4) keeps its Δ and is listed "
            "under *not as published*.", ""]
     for exp, rows in groups.items():
         out += [f"## {exp}", ""]

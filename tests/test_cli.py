@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from crmn import cli, paper, registry
-from crmn.cli import parser, plans
+from crmn import plan as plans
+from crmn.cli import parser
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import UsageError
 
@@ -100,9 +101,11 @@ def test_help_defaults_are_the_dataclass_defaults(command, capsys):
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     for dest, value in want.items():
         assert f"(default: {value}" in text, dest
-    # one default stack, device and dtype for every command (crmn.registry)
+    # one default stack, device and dtype for every command (crmn.registry); the training
+    # commands choose their device (--device auto)
+    device = "cpu" if command in ("params", "bench") else "auto"
     assert f"(default: {registry.DEFAULT_DTYPE})" in text
-    assert f"(default: {registry.DEFAULT_BACKEND})" in text and "(default: cpu)" in text
+    assert f"(default: {registry.DEFAULT_BACKEND})" in text and f"(default: {device})" in text
 
 
 def test_smoke_help_shows_its_own_network_and_batch(capsys):

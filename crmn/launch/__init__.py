@@ -1,4 +1,4 @@
-"""A whole table on several local GPUs or a Slurm cluster (issue #13).
+"""A whole table on several local GPUs or a Slurm cluster: the same single-run lines on both.
 
 ``bash run_experiments.sh table1 --launcher local --jobs 4`` or ``--launcher slurm`` expands
 the selected rows × seeds into ``<out-dir>/<experiment>/manifest.txt``
@@ -59,7 +59,7 @@ def _claim(exp_dir: Path):
 
 def main(plan: TrainPlan, entry: Path) -> int:
     """Write the manifest of ``plan`` (one single-run command line per run,
-    :meth:`TrainPlan.single_run_argv`), then run it with the plan's launcher; the exit code.
+    :func:`crmn.plan.render_argv`), then run it with the plan's launcher; the exit code.
 
     ``entry``: the archive's ``run_experiments.sh``."""
     exp_dir = Path(plan.out_dir).resolve() / plan.command

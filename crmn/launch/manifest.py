@@ -7,7 +7,7 @@ a user could type, e.g.::
     bash /archive/run_experiments.sh table1 --rows t1-crmn32x1 --seed 0 --resume \
         --no-progress --backend torch --data-dir /data --out-dir /runs
 
-rendered by :meth:`crmn.plan.TrainPlan.single_run_argv` from the run's checked settings
+rendered by :func:`crmn.plan.render_argv` from the run's checked settings
 (never from ``sys.argv`` or the parser): ``--resume``, ``--no-progress``, absolute
 ``--data-dir`` and ``--out-dir``, and every setting in which the run differs from its row.
 Line ``i`` (0-based) is task ``i`` of both launchers (:mod:`crmn.launch.local`,
@@ -22,7 +22,7 @@ from typing import List, Sequence, Tuple
 
 from crmn import runlog
 from crmn.errors import DataError
-from crmn.plan import TrainPlan
+from crmn.plan import TrainPlan, render_argv
 
 MANIFEST = "manifest.txt"
 #: folder of an experiment with the launchers' per-task markers (``<i>.start``, ``<i>.rc``)
@@ -54,7 +54,7 @@ class Task:
 def build(plan: TrainPlan, program: Sequence[str]) -> List[Task]:
     """The tasks of ``plan``, one per run; ``program``: the entry point, e.g.
     ``["bash", "/archive/run_experiments.sh"]``."""
-    return [Task(i, run.label, run.seed, tuple(plan.single_run_argv(run, program)))
+    return [Task(i, run.label, run.seed, tuple(render_argv(plan, run, program)))
             for i, run in enumerate(plan.runs)]
 
 

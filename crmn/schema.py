@@ -1,0 +1,194 @@
+"""The run schema: every option of a run declared once, as a dataclass field with metadata.
+
+A field made by :func:`option` carries its flag, help, argparse group, type, choices, whether
+another value is still a reading of the paper (``interpretation``) and whether ``--resume``
+may change it (``resume``). From these the parser's options (:func:`add_options`), the values
+of a parsed command line (:func:`values`), the command line rendered back (:func:`render`),
+the report's interpretations and the resume check (:func:`names`) are all derived.
+
+To add an option: add a field ``name: T = option(default, flag="--name", help=..., group=...)``
+to the dataclass it belongs to (:class:`crmn.config.ModelConfig`, ``TrainConfig``,
+:class:`crmn.registry.StackOptions`, :class:`crmn.plan.RunSpec` or ``LaunchOptions``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+#: argparse group titles by key; a command may rename one (smoke's "expert" group)
+GROUPS = {
+    "stack": "stack",
+    "runs": "runs (docs/spec.md §1)",
+    "model": "the network's interpretations (docs/spec.md §4)",
+    "protocol": "the protocol's interpretations (docs/spec.md §4-5)",
+    "expert": "expert options (tests, quick looks: the run is then not the paper's row)",
+    "launch": "launchers: the grid of rows x seeds on several GPUs or a Slurm cluster "
+              "(REPRODUCING.md, On a cluster)",
+}
+
+
+def option(default=dataclasses.MISSING, *, flag: Optional[str] = None, help: str = "",
+           group: str = "runs", type: Optional[Callable] = None, choices=None,
+           metavar: Optional[str] = None, kind: str = "value", default_help: str = "%(default)s",
+           interpretation: bool = False, resume: bool = False, departure: Optional[str] = None,
+           dest: Optional[str] = None, show: Callable[[Any], str] = str,
+           from_cli: Optional[Callable[[Any, Any], Any]] = None, per_run: bool = False):
+    """A dataclass field with its command-line metadata.
+
+    ``kind``: ``value`` (``--flag X``), ``true`` (``--flag`` sets True) or ``false`` (``--flag``
+    sets False, e.g. ``--no-compile-cache``). ``flag=None``: a field without an option.
+    ``interpretation``: another value is still a reading of the paper (the report keeps its
+    Δ); otherwise another value makes the run not the paper's row. ``departure``: the
+    report's note for any non-default value (``{}`` is the value). ``resume``: ``--resume``
+    may continue a run with another value. ``dest``/``show``/``from_cli``: an option whose
+    command-line value is not the field's (``--lr`` is the first of ``lr_stages``):
+    ``show(field value)`` is what the command line carries, ``from_cli(given, base value)``
+    the field's value. ``per_run``: differs between the runs of a grid (the seed).
+    """
+    meta = dict(flag=flag, help=help, group=group, type=type, choices=choices,
+                metavar=metavar, kind=kind, default_help=default_help,
+                interpretation=interpretation, resume=resume, departure=departure,
+                dest=dest, show=show, from_cli=from_cli, per_run=per_run)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flagged(obj_or_cls) -> Iterator[dataclasses.Field]:
+    """The fields of a dataclass (or instance) that have a command-line option."""
+    return (f for f in dataclasses.fields(obj_or_cls) if f.metadata.get("flag"))
+
+
+def dest(f: dataclasses.Field) -> str:
+    return f.metadata.get("dest") or f.name
+
+
+def names(cls, key: str) -> frozenset:
+    """Names of ``cls``'s fields whose metadata ``key`` is true (e.g. ``interpretation``)."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get(key))
+
+
+def add_options(parser, cls, *, defaults: Optional[Dict[str, Any]] = None,
+                helps: Optional[Dict[str, str]] = None, groups: Optional[Dict] = None,
+                only=None, skip=()) -> None:
+    """Add an option for every flagged field of ``cls`` to ``parser``, in argparse groups
+    by the fields' ``group`` (made once per parser). ``defaults``/``helps``: a command's own
+    default or default text by field name (``None`` default: "the row's")."""
+    defaults, helps = defaults or {}, helps or {}
+    for f in flagged(cls):
+        if f.name in skip or (only is not None and f.name not in only):
+            continue
+        m = f.metadata
+        value = defaults.get(f.name, None if f.default is dataclasses.MISSING else f.default)
+        shown = helps.get(f.name, m["default_help"])
+        kw: Dict[str, Any] = dict(dest=dest(f), help=f"{m['help']} (default: {shown})")
+        if m["kind"] == "value":
+            kw.update(default=value, type=m["type"], choices=m["choices"],
+                      metavar=m["metavar"])
+        else:
+            kw.update(action="store_true" if m["kind"] == "true" else "store_false",
+                      default=value)
+        group(parser, m["group"], (groups or {}).get(m["group"], ...)).add_argument(m["flag"],
+                                                                                **kw)
+
+
+def group(parser, key: str, title=...):
+    """The argument group ``key`` of ``parser`` (made once; title from :data:`GROUPS`);
+    a ``title`` of None is the parser itself."""
+    if title is None:
+        return parser
+    made = parser.__dict__.setdefault("_crmn_groups", {})
+    if key not in made:
+        made[key] = parser.add_argument_group(GROUPS.get(key, key) if title is ... else title)
+    return made[key]
+
+
+def values(cls, args: argparse.Namespace, base) -> Dict[str, Any]:
+    """The field values ``args`` gives for ``cls``'s flagged fields, beside ``base`` (the
+    values without options, e.g. the row's): an option left at ``None`` keeps the base."""
+    out = {}
+    for f in flagged(cls):
+        given = getattr(args, dest(f), None)
+        if given is None:
+            continue
+        convert = f.metadata["from_cli"]
+        out[f.name] = convert(given, getattr(base, f.name)) if convert else given
+    return out
+
+
+def render(obj, base) -> List[str]:
+    """The options that turn ``base`` into ``obj``: every flagged field that differs, in
+    declaration order; a ``base`` of None renders every field."""
+    out: List[str] = []
+    for f in flagged(obj):
+        m, value = f.metadata, getattr(obj, f.name)
+        if m["per_run"] or (base is not None and value == getattr(base, f.name)):
+            continue
+        if m["kind"] == "value":
+            if value is not None:
+                text = m["show"](value)
+                out += [f"{m['flag']}={text}"] if text.startswith("-") else [m["flag"], text]
+        elif bool(value) == (m["kind"] == "true"):
+            out.append(m["flag"])
+    return out
+
+
+def sections(obj, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    """``(dotted name, dataclass instance)`` of ``obj`` and every dataclass inside it."""
+    yield prefix, obj
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from sections(value, f"{prefix}{f.name}.")
+
+
+# ---------------------------------------------------------------------------------------
+# value types: each refuses a bad value in one line (argparse adds the option's name)
+
+
+def _number(text: str, kind=float, what: str = "a number"):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def positive(text: str) -> int:
+    """A whole number >= 1."""
+    v = _number(text, int, "a whole number")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")
+    return v
+
+
+def finite(text: str) -> float:
+    v = _number(text)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def above_zero(text: str) -> float:
+    v = finite(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
+def width(text: str) -> float:
+    """A width factor k whose stages have whole channel counts (16k is a whole number)."""
+    v = above_zero(text)
+    if abs(16 * v - round(16 * v)) > 1e-9:
+        raise argparse.ArgumentTypeError(f"16k must be a whole number of channels (k = 0.5, "
+                                         f"1, 4, 10, ...), got {text!r}")
+    return v
+
+
+def epochs_list(text: str) -> Tuple[int, ...]:
+    try:
+        epochs = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants epochs per stage like 80,40,40, "
+                                         f"got {text!r}") from None
+    if any(e < 0 for e in epochs):
+        raise argparse.ArgumentTypeError(f"epochs must be >= 0, got {text!r}")
+    return epochs
