@@ -98,7 +98,8 @@ class ModelConfig:
 
     @classmethod
     def for_row(cls, row: "paper.Row", **overrides) -> "ModelConfig":
-        return cls(n=row.n, k=row.k, classes=row.classes, memory=row.memory, **overrides)
+        return cls(**{**dict(n=row.n, k=row.k, classes=row.classes, memory=row.memory),
+                      **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -156,7 +157,7 @@ class TrainConfig:
 
     @classmethod
     def for_row(cls, row: "paper.Row", **overrides) -> "TrainConfig":
-        return cls(batch_size=row.batch_size, lr_stages=row.lr_stages, **overrides)
+        return cls(**{**dict(batch_size=row.batch_size, lr_stages=row.lr_stages), **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

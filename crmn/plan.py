@@ -185,7 +185,8 @@ def _bases(plan: TrainPlan, run: PlannedRun):
         return (*_smoke_configs(seed=run.seed), stack, spec)
     row = paper.row(spec.row)
     here = SimpleNamespace(dataset=row.dataset, data_dir=None, unverified_data=False)
-    return ModelConfig.for_row(row), TrainConfig.for_row(row, seed=run.seed), stack, here
+    return (type(spec.model).for_row(row), type(spec.train).for_row(row, seed=run.seed), stack,
+            here)
 
 
 def render_argv(plan: TrainPlan, run: PlannedRun, program: Sequence[str],
@@ -332,5 +333,5 @@ def _smoke_configs(**train) -> Tuple[ModelConfig, TrainConfig]:
     """smoke's network and protocol without options (:data:`SMOKE`), ``train`` changed."""
     row = paper.row(SMOKE["row"])
     small = {k: SMOKE[k] for k in ("batch_size", "patience", "epochs_cap")}
-    return (ModelConfig.for_row(row, n=SMOKE["n"], k=SMOKE["k"]),
-            TrainConfig.for_row(row, **{**small, **train}))
+    return (SECTIONS["model"].for_row(row, n=SMOKE["n"], k=SMOKE["k"]),
+            SECTIONS["train"].for_row(row, **{**small, **train}))
