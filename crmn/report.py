@@ -115,14 +115,9 @@ INTERPRETATIONS = names(ModelConfig, "interpretation") | names(TrainConfig, "int
 
 
 def comparable(run: SeedRun, row: Optional[paper.Row]) -> Tuple[bool, str]:
-    """Is ``run`` a test of ``row`` as the paper ran it? ``(True, "")`` or ``(False, why)``.
-
-    The one place that decides whether a run's accuracy may be set against the paper's (the
-    report's Δ, the plots' marks). Not a test: fake or unverified data, another dataset than
-    the row's, a changed model or protocol (``--n``, ``--k``, ``--batch-size``, any model
-    field outside :data:`INTERPRETATIONS`), capped epochs (``--epochs-cap``), a given
-    schedule (``--schedule``). ``why`` lists each, separated by "; ".
-    """
+    """Is ``run`` a test of ``row`` as the paper ran it: ``(True, "")`` or ``(False, why)``,
+    ``why`` the departures that are no reading of the paper (:meth:`SeedRun.departures`)
+    joined by "; ". The one place deciding whether Δ and the plots set it against the paper."""
     why = [note for note, test in run.departures(row) if not test]
     return (not why, "; ".join(why))
 
@@ -186,19 +181,21 @@ class RowRuns:
         return "; ".join(parts)
 
 
-def collect(directory: Path) -> Dict[str, List[RowRuns]]:
-    """Runs below ``directory``, grouped by experiment then row, paper rows first.
-
-    ``directory`` is an experiment folder (``runs/table1``) or a folder of them (``runs``);
-    one without any run is a :class:`DataError`. Rows of a known experiment
-    (:data:`crmn.paper.EXPERIMENTS`) without runs appear with no seeds, i.e. as missing.
-    """
+def runs_folder(directory: Path) -> Path:
+    """``directory`` as a Path, or a one-line :class:`DataError` when it is no folder."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: " + ("not a folder" if directory.exists()
                                             else "no such folder")
                         + "; give the folder the runs were written to (--out-dir, e.g. "
                           "runs/table1)")
+    return directory
+
+
+def collect(directory: Path) -> Dict[str, List[RowRuns]]:
+    """Runs below ``directory`` (an experiment folder or a folder of them) by experiment,
+    then row, paper rows first; a paper row without runs has no seeds (missing)."""
+    directory = runs_folder(directory)
     seed_dirs = [p for p in runlog.find_runs(directory)
                  if p.name.startswith("seed") and p.parent != directory]
     if not seed_dirs:
@@ -306,11 +303,8 @@ def _model_label(rr: RowRuns) -> str:
 
 
 def five_repetitions(rr: RowRuns) -> Optional[Dict]:
-    """Section 4.2's repeated-run figure: mean ± std of test accuracy and best-on-validation.
-
-    The best-on-validation model is the finished seed with the highest search-run
-    validation accuracy; its test accuracy is what Table 2 reports (78.27 in the paper).
-    """
+    """Section 4.2's repeated-run figure: mean ± std of test accuracy, and the test accuracy
+    of the seed best on validation (search run), which Table 2 reports."""
     fin = rr.finished
     if not fin:
         return None
@@ -390,11 +384,8 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
 
 
 def _curves(run: SeedRun):
-    """(epochs, train loss, test-error epochs, test error %, phase) of a run for plotting.
-
-    The final run is what Figure 3 shows; a run that has not reached it yet shows its
-    search run (validation error) instead, labelled as such.
-    """
+    """(epochs, train loss, test-error epochs, test error %, phase, lr drops) of the final
+    run (Figure 3), or of the search run (validation error) before the final run starts."""
     phase = "final" if run.phase_log("final") else "search"
     recs = run.phase_log(phase)
     ep = list(range(1, len(recs) + 1))  # epochs count on across lr stages
@@ -476,21 +467,10 @@ def write_plots(groups: Dict[str, List[RowRuns]], directory: Path) -> List[Path]
 
 
 def compare(directory: Path, *, plots: bool = True, out: Optional[TextIO] = None) -> Path:
-    """Print the comparison for the runs below ``directory``; write REPORT.md (and PNGs).
-
-    Returns the path of ``REPORT.md``. The table is printed even when ``directory`` cannot
-    be written to (a read-only copy of the runs, a full disk); then one line says what could
-    not be written.
-
-    Raises
-    ------
-    DataError
-        ``directory`` does not exist or holds no run, or a run file is unreadable (one line
-        naming the file).
-    RunError
-        After printing: REPORT.md or a plot could not be written (one line naming the
-        folder, what was not written and why).
-    """
+    """Print the comparison for the runs below ``directory``; write REPORT.md (and PNGs);
+    its path. The table is printed even where the folder cannot be written; then a one-line
+    :class:`RunError` names what was not written and why. A missing folder, no run, or an
+    unreadable run file is a one-line :class:`DataError`."""
     directory = Path(directory)
     groups = collect(directory)
     pngs: List[Path] = []

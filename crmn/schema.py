@@ -1,14 +1,12 @@
 """The run schema: every option of a run declared once, as a dataclass field with metadata.
 
-A field made by :func:`option` carries its flag, help, argparse group, type, choices, whether
-another value is still a reading of the paper (``interpretation``) and whether ``--resume``
-may change it (``resume``). From these the parser's options (:func:`add_options`), the values
-of a parsed command line (:func:`values`), the command line rendered back (:func:`render`),
-the report's interpretations and the resume check (:func:`names`) are all derived.
-
-To add an option: add a field ``name: T = option(default, flag="--name", help=..., group=...)``
-to the dataclass it belongs to (:class:`crmn.config.ModelConfig`, ``TrainConfig``,
-:class:`crmn.registry.StackOptions`, :class:`crmn.plan.RunSpec` or ``LaunchOptions``).
+A field made by :func:`option` carries its flag, help, group, type and choices, whether
+another value is still a reading of the paper and whether ``--resume`` may change it. The
+parser's options (:func:`add_options`), a parsed command line's values (:func:`values`), the
+command line rendered back (:func:`render`), the report's interpretations and the resume
+check (:func:`names`) are derived from them. To add an option, add a field
+``name: T = option(default, flag="--name", help=..., group=...)`` to the dataclass it
+belongs to (``ModelConfig``, ``TrainConfig``, ``StackOptions``, ``RunSpec``, ``LaunchOptions``).
 """
 from __future__ import annotations
 
@@ -34,18 +32,12 @@ def option(default=dataclasses.MISSING, *, flag: Optional[str] = None, help: str
            interpretation: bool = False, resume: bool = False, departure: Optional[str] = None,
            dest: Optional[str] = None, show: Callable[[Any], str] = str,
            from_cli: Optional[Callable[[Any, Any], Any]] = None, per_run: bool = False):
-    """A dataclass field with its command-line metadata.
-
-    ``kind``: ``value`` (``--flag X``), ``true`` (``--flag`` sets True) or ``false`` (``--flag``
-    sets False, e.g. ``--no-compile-cache``). ``flag=None``: a field without an option.
-    ``interpretation``: another value is still a reading of the paper (the report keeps its
-    Δ); otherwise another value makes the run not the paper's row. ``departure``: the
-    report's note for any non-default value (``{}`` is the value). ``resume``: ``--resume``
-    may continue a run with another value. ``dest``/``show``/``from_cli``: an option whose
-    command-line value is not the field's (``--lr`` is the first of ``lr_stages``):
-    ``show(field value)`` is what the command line carries, ``from_cli(given, base value)``
-    the field's value. ``per_run``: differs between the runs of a grid (the seed).
-    """
+    """A dataclass field with its command-line metadata. ``kind``: ``value`` (``--flag X``),
+    ``true``/``false`` (``--flag`` sets True/False). ``interpretation``: another value is
+    still a reading of the paper (else the run is not the paper's row); ``departure``: the
+    report's note for any set value; ``resume``: ``--resume`` may change it; ``show``: the
+    value as the command line carries it, ``from_cli(given, base)`` back (``--lr`` is the
+    first of ``lr_stages``); ``per_run``: differs between a grid's runs (the seed)."""
     meta = dict(flag=flag, help=help, group=group, type=type, choices=choices,
                 metavar=metavar, kind=kind, default_help=default_help,
                 interpretation=interpretation, resume=resume, departure=departure,
@@ -70,9 +62,8 @@ def names(cls, key: str) -> frozenset:
 def add_options(parser, cls, *, defaults: Optional[Dict[str, Any]] = None,
                 helps: Optional[Dict[str, str]] = None, groups: Optional[Dict] = None,
                 only=None, skip=()) -> None:
-    """Add an option for every flagged field of ``cls`` to ``parser``, in argparse groups
-    by the fields' ``group`` (made once per parser). ``defaults``/``helps``: a command's own
-    default or default text by field name (``None`` default: "the row's")."""
+    """An option for every flagged field of ``cls``, in its group; ``defaults``/``helps``: a
+    command's own defaults and their text by field name (None: the row's)."""
     defaults, helps = defaults or {}, helps or {}
     for f in flagged(cls):
         if f.name in skip or (only is not None and f.name not in only):
@@ -92,8 +83,7 @@ def add_options(parser, cls, *, defaults: Optional[Dict[str, Any]] = None,
 
 
 def group(parser, key: str, title=...):
-    """The argument group ``key`` of ``parser`` (made once; title from :data:`GROUPS`);
-    a ``title`` of None is the parser itself."""
+    """``parser``'s group ``key`` (made once, titled from :data:`GROUPS`; None: the parser)."""
     if title is None:
         return parser
     made = parser.__dict__.setdefault("_crmn_groups", {})
@@ -103,8 +93,8 @@ def group(parser, key: str, title=...):
 
 
 def values(cls, args: argparse.Namespace, base) -> Dict[str, Any]:
-    """The field values ``args`` gives for ``cls``'s flagged fields, beside ``base`` (the
-    values without options, e.g. the row's): an option left at ``None`` keeps the base."""
+    """The values ``args`` gives ``cls``'s flagged fields (an option at None keeps ``base``,
+    the values without options, e.g. the row's)."""
     out = {}
     for f in flagged(cls):
         given = getattr(args, dest(f), None)
@@ -116,8 +106,7 @@ def values(cls, args: argparse.Namespace, base) -> Dict[str, Any]:
 
 
 def render(obj, base) -> List[str]:
-    """The options that turn ``base`` into ``obj``: every flagged field that differs, in
-    declaration order; a ``base`` of None renders every field."""
+    """The options that turn ``base`` into ``obj``: each flagged field that differs."""
     out: List[str] = []
     for f in flagged(obj):
         m, value = f.metadata, getattr(obj, f.name)
@@ -130,15 +119,6 @@ def render(obj, base) -> List[str]:
         elif bool(value) == (m["kind"] == "true"):
             out.append(m["flag"])
     return out
-
-
-def sections(obj, prefix: str = "") -> Iterator[Tuple[str, Any]]:
-    """``(dotted name, dataclass instance)`` of ``obj`` and every dataclass inside it."""
-    yield prefix, obj
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from sections(value, f"{prefix}{f.name}.")
 
 
 # ---------------------------------------------------------------------------------------

@@ -32,8 +32,7 @@ from crmn.tools import profile, sampler_bench
 
 
 def train_runs(plan: TrainPlan) -> List[Path]:
-    """Every run of ``plan`` in this process, one after another (:func:`crmn.train.run`);
-    the run directories."""
+    """Every run of ``plan`` in this process, one after another; the run directories."""
     print(f"backend {plan.stack.describe()} (requested); runs under {plan.exp_dir}",
           flush=True)
     # SIGUSR1 (a scheduler's warning, sbatch --signal=B:USR1@T) and a first Ctrl-C: finish
@@ -83,13 +82,9 @@ def cmd_train(args) -> int:
 
 def param_rows(options: StackOptions, overrides: Optional[Dict] = None,
                rows: Sequence[paper.Row] = paper.ROWS) -> List[Dict]:
-    """Trainable-parameter counts of paper rows, each network built in ``options``' stack.
-
-    Returns one dict per row of ``rows``: ``row``, ``label``, ``table``, ``params`` (the
-    stack's own count), ``canonical_params`` (:func:`crmn.naming.count_trainable`, the
-    framework-free count the checkpoint layout implies), ``params_m`` and
-    ``paper_params_m`` (None where the paper gives none).
-    """
+    """Per row: ``row``, ``label``, ``table``, ``params`` (the count of the network built
+    in ``options``' stack), ``canonical_params`` (:func:`crmn.naming.count_trainable`),
+    ``params_m`` and ``paper_params_m`` (None where the paper gives none)."""
     out = []
     for row in rows:
         model = ModelConfig.for_row(row, **(overrides or {}))

@@ -1,17 +1,8 @@
 """The grid of an experiment as a manifest: one single-run command line per (row, seed).
 
-``<out-dir>/<experiment>/manifest.txt`` holds one line per run of the grid, in the order of
-:class:`crmn.plan.TrainPlan` (rows as selected, then seeds). Each line is the exact command
-a user could type, e.g.::
-
-    bash /archive/run_experiments.sh table1 --rows t1-crmn32x1 --seed 0 --resume \
-        --no-progress --backend torch --data-dir /data --out-dir /runs
-
-rendered by :func:`crmn.plan.render_argv` from the run's checked settings
-(never from ``sys.argv`` or the parser): ``--resume``, ``--no-progress``, absolute
-``--data-dir`` and ``--out-dir``, and every setting in which the run differs from its row.
-Line ``i`` (0-based) is task ``i`` of both launchers (:mod:`crmn.launch.local`,
-:mod:`crmn.launch.slurm`), so they produce the same run directories from the same lines.
+``<out-dir>/<experiment>/manifest.txt`` holds, in plan order, each run's exact command line
+as :func:`crmn.plan.render_argv` renders it from the run's checked settings (never from
+``sys.argv``). Line ``i`` (0-based) is task ``i`` of both launchers.
 """
 from __future__ import annotations
 
