@@ -125,6 +125,7 @@ def test_new_field_help(monkeypatch, capsys):
     assert "--warmup E warm-up epochs at a tenth of the lr (default: 0)" in text
 
 
+@pytest.mark.current
 def test_interpretations_and_resume_fields_come_from_the_schema():
     from crmn import report
 
@@ -141,6 +142,7 @@ def test_interpretations_and_resume_fields_come_from_the_schema():
 # --device auto
 
 
+@pytest.mark.current
 @pytest.mark.parametrize("backend, mode, torch_gpu, jax_gpu, want", [
     ("torch", None, True, False, ("cuda", None)),
     ("torch", None, False, True, ("cpu", None)),
@@ -177,6 +179,7 @@ def test_auto_resolves_here_and_says_why():
         assert "no CUDA GPU" in why or "not installed" in why
 
 
+@pytest.mark.current
 def test_importing_and_parsing_imports_no_framework():
     code = ("import sys; from crmn.cli import parser; import crmn.plan, crmn.cost; "
             "parser.parse(['table1']); "
@@ -191,6 +194,7 @@ def test_importing_and_parsing_imports_no_framework():
 # cost and --dry-run
 
 
+@pytest.mark.current
 def test_expected_epochs():
     assert cost.expected_epochs(TrainConfig(schedule=(5, 4, 3))) == 12
     assert cost.expected_epochs(TrainConfig(schedule=(5, 4, 3), epochs_cap=4)) == 11
