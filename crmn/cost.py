@@ -92,8 +92,10 @@ def estimate(plan, speeds: Optional[Dict[str, float]] = None) -> str:
         total += s * TRAIN_IMAGES[spec.dataset] / 50_000 * expected_epochs(spec.train)
     if unmeasured:
         missing = ",".join(sorted(set(unmeasured)))
-        return (f"{head}; no measured speed on this machine for {missing}: run `bash "
-                f"run_experiments.sh bench --rows {missing} {_stack_flags(stack)}` first")
+        epochs = sum(expected_epochs(run.spec.train) for run in plan.runs)
+        return (f"{head}; about {epochs} epochs in all, but no measured speed on this machine "
+                f"for {missing}: run `bash run_experiments.sh bench --rows {missing} "
+                f"{_stack_flags(stack)}` first")
     line = f"{head}; about {_time(total)} (bench's s/epoch x expected epochs, REPRODUCING.md §5)"
     if total > DAY:
         line += ("; faster: a GPU (--device cuda), --backend torch, or --launcher slurm "

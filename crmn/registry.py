@@ -189,14 +189,8 @@ def default_theano_mode(backend: str) -> str:
 
 
 def build(options: StackOptions, model: ModelConfig, train: TrainConfig, **expert) -> Stack:
-    """The network of ``model`` in the stack of ``options``, initialised from ``train.seed``.
-
-    ``options.compile`` (torch only) puts ``torch.compile`` behind the captured CUDA graph;
-    the Theano stack always compiles its graphs, through its C backend or, with
-    ``theano_mode="jax"``, through JAX (which is what runs it on a current GPU).
-    ``expert``: a stack's own settings that only checks and timings vary (torch:
-    ``channels_last``, ``graph``, ``tf32``); never recorded in a run.
-    """
+    """The network of ``model`` in the stack of ``options``, initialised from ``train.seed``;
+    ``expert``: a stack's own settings that only checks and timings vary (never recorded)."""
     extra = {"theano": {"theano_mode": options.theano_mode,
                         "compile_cache": options.compile_cache},
              "torch": {"compile": options.compile}}.get(options.backend, {})

@@ -253,11 +253,11 @@ def cmd_gpucheck(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    plans.stack_options(args, backend="torch")
+    device = plans.stack_options(args, backend="torch").device
     rows = paper.select(args.rows or "t1-resnet32x1", None)
     failed = profile.profile(rows, args.variants.split(","), steps=args.steps,
                              kernels=args.kernels, count_ops=args.count_ops,
-                             device=args.device, batch_size=args.batch_size)
+                             device=device, batch_size=args.batch_size)
     return 1 if failed else 0
 
 

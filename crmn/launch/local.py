@@ -34,12 +34,8 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def die_with_parent():
-    """A ``preexec_fn`` for :class:`subprocess.Popen` that makes the child receive SIGKILL
-    when this process dies, however it dies; None where the kernel has no such request
-    (then a relaunch still finds the orphaned runs by their locks).
-
-    The C library is loaded here, in the parent: the function the child runs between fork
-    and exec only calls into it."""
+    """A ``preexec_fn`` that makes the child receive SIGKILL when this process dies (None
+    where the kernel cannot); libc is loaded here, in the parent, not between fork and exec."""
     if not sys.platform.startswith("linux"):
         return None
     try:
