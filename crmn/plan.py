@@ -184,7 +184,8 @@ def _bases(plan: TrainPlan, run: PlannedRun):
     if spec.row is None:  # smoke: its own network and schedule, its own data
         return (*_smoke_configs(seed=run.seed), stack, spec)
     row = paper.row(spec.row)
-    here = SimpleNamespace(dataset=row.dataset, data_dir=None, unverified_data=False)
+    here = SimpleNamespace(**{f.name: f.default for f in schema.flagged(spec)})
+    here.dataset, here.data_dir = row.dataset, None  # the path: always named, absolute
     return (type(spec.model).for_row(row), type(spec.train).for_row(row, seed=run.seed), stack,
             here)
 
@@ -289,10 +290,9 @@ def train_plan(args) -> TrainPlan:
     for row in rows:
         for k in _seeds(args, row):
             model, train = configs_for(row, args, k, args.dataset)
-            spec = RunSpec(model=model, train=train, dataset=args.dataset or row.dataset,
-                           data_dir=args.data_dir, stack=stack,
-                           unverified_data=args.unverified_data, row=row.id,
-                           experiment=args.command)
+            given = schema.values(SECTIONS[""], args, None)  # dataset, data_dir, ...
+            spec = SECTIONS[""](**{"dataset": row.dataset, **given}, model=model, train=train,
+                                stack=stack, row=row.id, experiment=args.command)
             runs.append(PlannedRun(spec, row.id, exp_dir / row.id / f"seed{k}"))
     return TrainPlan(command=args.command, runs=tuple(runs), out_dir=args.out_dir,
                      resume=args.resume, progress=args.progress, launch=launch,

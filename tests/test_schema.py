@@ -102,19 +102,27 @@ class _WarmTrain(TrainConfig):
                                 group="protocol", help="warm-up epochs at a tenth of the lr")
 
 
-def test_a_new_field_becomes_an_option_and_a_manifest_word(monkeypatch, tmp_path):
-    monkeypatch.setitem(plans.SECTIONS, "train", _WarmTrain)
-    with pytest.raises(SystemExit):
-        cli.main(["table1", "--help"])
-    args = parser.parse(["table1", "--rows", "t1-crmn32x1", "--warmup", "4", "--device",
+@dataclasses.dataclass(frozen=True)
+class _SubsetSpec(plans.RunSpec):
+    subset: int = schema.option(None, flag="--subset", type=schema.positive, metavar="N",
+                                help="train on the first N images")
+
+
+@pytest.mark.parametrize("section, cls, flag", [("train", _WarmTrain, "--warmup"),
+                                                ("", _SubsetSpec, "--subset")])
+def test_a_new_field_becomes_an_option_and_a_manifest_word(monkeypatch, tmp_path, section,
+                                                           cls, flag):
+    monkeypatch.setitem(plans.SECTIONS, section, cls)
+    args = parser.parse(["table1", "--rows", "t1-crmn32x1", flag, "4", "--device",
                          "cpu", "--launcher", "local", "--jobs", "2", "--out-dir",
                          str(tmp_path)])
     plan = plans.train_plan(args)
-    assert plan.runs[0].spec.train.warmup == 4
+    spec = plan.runs[0].spec
+    assert getattr(spec.train if section else spec, flag[2:]) == 4
     (task,) = manifest.build(plan, ["bash", "x"])
     words = shlex.split(task.line)
-    assert words[words.index("--warmup") + 1] == "4"
-    assert plans.train_plan(parser.parse(words[2:])).runs[0].spec == plan.runs[0].spec
+    assert words[words.index(flag) + 1] == "4"
+    assert plans.train_plan(parser.parse(words[2:])).runs[0].spec == spec
 
 
 def test_new_field_help(monkeypatch, capsys):
