@@ -174,7 +174,7 @@ class TrainPlan:
 # a planned run back to its command line
 
 
-def _bases(plan: TrainPlan, run: PlannedRun):
+def _bases(run: PlannedRun):
     """What the command line of ``run`` gives without options, section by section."""
     spec = run.spec
     stack = SimpleNamespace(**StackOptions().as_dict())
@@ -204,7 +204,7 @@ def render_argv(plan: TrainPlan, run: PlannedRun, program: Sequence[str],
         argv += ["--rows", spec.row]
     argv += ["--seed", str(run.seed), *(["--resume"] if resume else []), "--no-progress",
              "--out-dir", str(Path(plan.out_dir).resolve())]
-    model, train, stack, here = _bases(plan, run)
+    model, train, stack, here = _bases(run)
     for obj, base in ((spec, here), (spec.stack, stack), (spec.model, model),
                       (spec.train, train)):
         argv += schema.render(obj, base)
