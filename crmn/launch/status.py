@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TextIO
@@ -310,8 +311,6 @@ def render(exp_dir: Path, states: Sequence[TaskState]) -> str:
 
 def show(directory: Path, out: Optional[TextIO] = None) -> int:
     """Print the table of every grid under ``directory``; exit code 0."""
-    import sys
-
     stream = out or sys.stdout
     for exp_dir in experiment_dirs(directory):
         stream.write(render(exp_dir, grid_states(exp_dir)) + "\n")
@@ -321,8 +320,6 @@ def show(directory: Path, out: Optional[TextIO] = None) -> int:
 def check_complete(directory: Path, out: Optional[TextIO] = None) -> int:
     """After ``compare``: list the manifest's runs that are not finished, on ``out``
     (stderr); 1 if there is any, 0 if all finished or ``directory`` has no manifest."""
-    import sys
-
     try:
         dirs = experiment_dirs(directory)
     except DataError:
