@@ -165,7 +165,7 @@ def wait(exp_dir: Path, jobs: Dict) -> int:
     exp_dir = Path(exp_dir)
     poll, last = _poll_s(), None
     while queued([jobs.get("compare") or jobs["array"]]):
-        counts = _counts(exp_dir)
+        counts = status.counts(status.grid_states(exp_dir))
         if counts != last:
             print(f"[slurm] {time.strftime('%H:%M:%S')} {counts}", flush=True)
             last = counts
@@ -186,8 +186,3 @@ def wait(exp_dir: Path, jobs: Dict) -> int:
     print(f"[slurm] compare job {jobs['compare']} exited {rc}", flush=True)
     return rc
 
-
-def _counts(exp_dir: Path) -> str:
-    states = status.grid_states(exp_dir)
-    return ", ".join(f"{sum(s.state == k for s in states)} {k}" for k in status.STATES
-                     if any(s.state == k for s in states))

@@ -295,17 +295,21 @@ def _compiled(run_dir: Path) -> str:
         return "? (log unreadable)"
 
 
+def counts(states: Sequence[TaskState]) -> str:
+    """``2 finished, 1 running``: how many runs are in each state."""
+    return ", ".join(f"{sum(s.state == k for s in states)} {k}" for k in STATES
+                     if any(s.state == k for s in states))
+
+
 def render(exp_dir: Path, states: Sequence[TaskState]) -> str:
     """A Markdown table of the states and a one-line count."""
     head = ("#", "row", "seed", "state", "detail", "compiled (s, cache)")
     rows = [(str(s.task.index), s.task.row, str(s.task.seed), s.state, s.detail,
              _compiled(s.task.run_dir(exp_dir))) for s in states]
-    counts = ", ".join(f"{sum(s.state == k for s in states)} {k}" for k in STATES
-                       if any(s.state == k for s in states))
     jobs = slurm_jobs(exp_dir)
     where = ("local launcher" if not jobs else f"Slurm array {jobs['array']}, "
              + (f"compare job {jobs['compare']}" if jobs.get("compare") else "no compare job"))
-    return "\n".join([f"{exp_dir}: {len(states)} run(s): {counts} ({where})",
+    return "\n".join([f"{exp_dir}: {len(states)} run(s): {counts(states)} ({where})",
                       *tables.markdown_lines(head, rows)])
 
 
