@@ -1,8 +1,8 @@
-"""Frozen configurations shared by both stacks: the network (SPEC §4) and the protocol (§5).
+"""Frozen configurations shared by both stacks: the network and the protocol.
 
-Every field carries its unit and its source. The defaults are the interpretations that
-SPEC §4 chooses where the paper is silent; each has a command-line flag and a paragraph in
-REPRODUCING.md.
+Every field carries its unit and its source (docs/spec.md §4-5); a field with an option
+declares it here (:func:`crmn.schema.option`). The defaults are the interpretations chosen
+where the paper is silent (REPRODUCING.md).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 
 from crmn import paper
 from crmn.errors import ConfigError
+from crmn.schema import above_zero, epochs_list, finite, option, positive, width
 
 
 def json_view(value):
@@ -34,20 +35,33 @@ def _check_finite(config) -> None:
                 raise ConfigError(f"{f.name} must be a finite number, got {shown}")
 
 
+def _scale_lr(lr: float, stages: Tuple[float, ...]) -> Tuple[float, ...]:
+    """``--lr``: the first stage's rate; the later stages keep the row's ratios."""
+    return tuple(lr * (r / stages[0]) for r in stages)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The network: a 6n+2 post-activation CIFAR ResNet, optionally with the CRMN memory."""
 
-    n: int  # basic blocks per stage; depth 6n+2 (He et al. 2015, section 4.2)
-    k: float  # width factor: stage widths 16k, 32k, 64k feature maps (paper section 4)
+    n: int = option(flag="--n", type=positive, group="expert", help="blocks per stage")
+    # basic blocks per stage; depth 6n+2 (He et al. 2015, section 4.2)
+    k: float = option(flag="--k", type=width, group="expert", help="width factor")
+    # width factor: stage widths 16k, 32k, 64k feature maps (paper section 4)
     classes: int  # softmax outputs: 100 CIFAR-100, 10 CIFAR-10 / SVHN
-    memory: bool  # True: CRMN (LSTM over every block's output, section 3.2); False: ResNet
+    memory: bool  # True: CRMN (LSTM over every block's output, section 3.2)
     lstm_units: int = 100  # hidden and cell size of the LSTM (section 4: "constant value of 100")
-    forget_bias: float = -3.0  # initial forget-gate bias ("high negative biases", SPEC §4)
+    forget_bias: float = option(-3.0, flag="--forget-bias", type=finite, metavar="B",
+                                group="model", interpretation=True, show=repr,
+                                help="initial forget-gate bias")  # "high negative biases"
     gate_bias: float = 0.0  # initial bias of the input and output gates and the cell input
-    outgate: str = "logistic"  # output-gate nonlinearity: "logistic" (eq. 4) or "tanh" (text)
+    outgate: str = option("logistic", flag="--outgate", choices=("logistic", "tanh"),
+                          group="model", interpretation=True, default_help="%(default)s, eq. 4",
+                          help="LSTM output-gate nonlinearity")  # eq. 4, or tanh (the text)
     peepholes: bool = True  # peephole terms w_c ⊙ c of eqs. 2-4 (section 2.1: "we use them")
-    dense_init: str = "he"  # softmax layer weights: "he" (He normal, gain 1) or "glorot"
+    dense_init: str = option("he", flag="--dense-init", choices=("he", "glorot"), group="model",
+                             interpretation=True, help="softmax-layer weight init")
+    # He normal (gain 1) or Glorot
 
     def __post_init__(self):
         _check_finite(self)
@@ -79,12 +93,13 @@ class ModelConfig:
 
     @property
     def lstm_input(self) -> int:
-        """LSTM input size: the largest pooled tap, stage 1's 16k x 16 x 16 (SPEC §4)."""
+        """LSTM input size: the largest pooled tap, stage 1's 16k x 16 x 16."""
         return self.widths[0] * 16 * 16
 
     @classmethod
     def for_row(cls, row: "paper.Row", **overrides) -> "ModelConfig":
-        return cls(n=row.n, k=row.k, classes=row.classes, memory=row.memory, **overrides)
+        return cls(**{**dict(n=row.n, k=row.k, classes=row.classes, memory=row.memory),
+                      **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,20 +107,38 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training protocol of section 4 (SPEC §5)."""
+    """The training protocol of section 4 (docs/spec.md §5)."""
 
-    batch_size: int = 100  # images per SGD step (section 4.2: 50 for the wide 28-layer runs)
-    lr_stages: Tuple[float, ...] = paper.LR_TABLE1  # learning rates, one plateau stage each
+    batch_size: int = option(100, flag="--batch-size", type=positive, metavar="B",
+                             group="expert", help="images per batch")
+    # images per SGD step (section 4.2: 50 for the wide 28-layer runs)
+    lr_stages: Tuple[float, ...] = option(
+        paper.LR_TABLE1, flag="--lr", dest="lr", type=above_zero, metavar="LR", group="protocol",
+        interpretation=True, show=lambda stages: repr(stages[0]), from_cli=_scale_lr,
+        default_help="the row's, 0.1", help="learning rate of the first stage; the later "
+        "stages keep the row's ratios")  # learning rates, one plateau stage each
     momentum: float = 0.9  # section 4: "momentum of 0.9"
-    nesterov: bool = False  # classical momentum by default (SPEC §4)
+    nesterov: bool = option(False, flag="--nesterov", kind="true", group="protocol",
+                            interpretation=True,
+                            help="Nesterov momentum instead of classical")
     weight_decay: float = 1e-4  # gradient coefficient: penalty (wd/2)·Σw² on decayed weights
-    patience: int = 10  # β: epochs without improvement before the lr drops (SPEC §4)
+    patience: int = option(10, flag="--patience", type=positive, metavar="EPOCHS",
+                           group="protocol", interpretation=True,
+                           help="plateau patience beta in epochs")
     val_fraction: float = 0.1  # held-out share of the training set in the search run
-    flip: bool = False  # random horizontal flips (off: the paper names only pad+crop)
+    flip: bool = option(False, flag="--flip", kind="true", group="protocol", interpretation=True,
+                        help="random horizontal flips in augmentation")  # the paper: pad+crop
     pad: int = 4  # zero padding before the random 32x32 crop, pixels per side
-    epochs_cap: Optional[int] = None  # --epochs-cap: at most this many epochs per stage
-    schedule: Optional[Tuple[int, ...]] = None  # --schedule: fixed epochs per stage, no search
-    seed: int = 0  # data split, batch order, crops and weight init
+    epochs_cap: Optional[int] = option(
+        None, flag="--epochs-cap", type=positive, metavar="N", resume=True,
+        departure="epochs capped at {} per stage", default_help="%(default)s = no cap",
+        help="at most N epochs per learning-rate stage")
+    schedule: Optional[Tuple[int, ...]] = option(
+        None, flag="--schedule", type=epochs_list, metavar="E1,E2,...", group="protocol",
+        departure="fixed schedule {}", show=lambda s: ",".join(str(e) for e in s),
+        default_help="%(default)s = search", help="fixed epochs per lr stage, skips the search "
+        "run")
+    seed: int = option(0, per_run=True)  # data split, batch order, crops and weight init
 
     def __post_init__(self):
         _check_finite(self)
@@ -124,7 +157,7 @@ class TrainConfig:
 
     @classmethod
     def for_row(cls, row: "paper.Row", **overrides) -> "TrainConfig":
-        return cls(batch_size=row.batch_size, lr_stages=row.lr_stages, **overrides)
+        return cls(**{**dict(batch_size=row.batch_size, lr_stages=row.lr_stages), **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

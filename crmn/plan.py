@@ -1,46 +1,57 @@
 """The plan: what a command will run, typed and checked once, before anything is created.
 
-The command line (:mod:`crmn.cli`) turns its options into these objects and hands them on;
-the training loop (:mod:`crmn.train`), the launchers (:mod:`crmn.launch`), bench, verify and
-profile take them and never see the parser. Every value is checked where its object is made
-(``__post_init__``): a :class:`RunSpec` that exists can run.
-
-* :class:`crmn.registry.StackOptions` -- which stack, where, in which precision;
-* :class:`RunSpec` -- one run: network, protocol, data, stack (recorded in ``config.json``);
-* :class:`Run` -- a run spec with its place: label, seed, run directory;
-* :class:`LaunchOptions` -- how a grid of runs is executed (``--launcher``, ``--jobs``, ...);
-* :class:`TrainPlan` -- a training command: its runs and how to execute them.
-
-A run goes back to a command line with :meth:`TrainPlan.single_run_argv`: the launchers'
-manifests hold those lines (``tests/test_plan.py`` parses each back into the same run).
+These dataclasses, with :class:`crmn.config.ModelConfig`, ``TrainConfig`` and
+:class:`crmn.registry.StackOptions` inside them, are the run schema (:mod:`crmn.schema`): the
+training commands' options are derived from their fields, a parsed command line becomes a
+:class:`TrainPlan` here (:func:`train_plan`, :func:`smoke_plan`), and :func:`render_argv`
+turns a planned run back into its command line (a launcher's manifest line). Every value is
+checked where its object is made; a fault is one :class:`UsageError` line, nothing written.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from types import SimpleNamespace
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from crmn import paper
+from crmn import paper, registry, schema
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import ConfigError, UsageError
 from crmn.registry import StackOptions
+from crmn.schema import option, positive
 
+ROOT = Path(__file__).resolve().parents[1]
+PROG = "run_experiments.sh"
 #: ``--launcher`` choices
 LAUNCHERS = ("local", "slurm")
 #: default cap on a task's requeues after checkpointed stops (SLURM_RESTART_COUNT)
 MAX_REQUEUES = 20
+#: smoke's own defaults (a tiny CRMN on tiny fake CIFAR-100-format data, a short schedule);
+#: its ``--help`` shows these, and a value given on the command line is never replaced
+SMOKE = dict(n=1, k=0.5, batch_size=50, patience=1, epochs_cap=2, n_train=500, n_test=200,
+             row="t1-crmn32x1")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     """Everything that defines one run; recorded in ``config.json`` (crmn/LOGS.md)."""
 
-    model: ModelConfig  # the network (SPEC §4)
-    train: TrainConfig  # the protocol (SPEC §5); train.seed seeds split, weights, batches
-    dataset: str  # "cifar100" | "cifar10" | "svhn" (crmn.data)
-    data_dir: Path  # where crmn.data reads / downloads the dataset
-    stack: StackOptions = StackOptions()  # backend, device, dtype, theano_mode, compile, ...
-    unverified_data: bool = False  # accept a dataset folder that fails the official checks
+    model: ModelConfig  # the network (docs/spec.md §4)
+    train: TrainConfig  # the protocol (docs/spec.md §5); train.seed seeds everything
+    dataset: str = option(flag="--dataset", choices=tuple(paper.DATASET_CLASSES),
+                          default_help="the row's", help="train the rows on this dataset "
+                          "instead of their own (e.g. ResNet-32 on cifar10, the He et al. "
+                          "check); marked not as published")
+    data_dir: Path = option(flag="--data-dir", type=Path, metavar="DIR", resume=True,
+                            show=lambda p: str(Path(p).resolve()),
+                            default_help="data/ of the archive; see data/README.md",
+                            help="datasets are read from / downloaded into DIR, or DIR is "
+                            "the extracted folder itself")
+    stack: StackOptions = StackOptions()
+    unverified_data: bool = option(False, flag="--unverified-data", kind="true", resume=True,
+                                   default_help="refuse it", help="accept a dataset folder "
+                                   "that differs from the official files (checksums, image "
+                                   "counts); such runs are marked not as published")
     row: Optional[str] = None  # crmn.paper row id, None for a run that is no paper row
     experiment: Optional[str] = None  # table1 | table2 | table3 | svhn | smoke
 
@@ -53,8 +64,21 @@ class RunSpec:
                               f"{self.dataset} ({paper.DATASET_CLASSES[self.dataset]} classes)")
 
 
+#: the schema's classes by their place in a run (a test may derive one with one more field)
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "stack": StackOptions, "": RunSpec}
+
+
+def resume_may_change(name: str) -> bool:
+    """Whether ``--resume`` may continue a run whose ``name`` (``"train.epochs_cap"``,
+    ``"stack.backend"``, ``"data_dir"``) differs from the checkpoint's; every other field
+    must be equal (``train.epochs_cap`` may only grow: the run folder's rule)."""
+    section, _, field = name.rpartition(".")
+    cls = SECTIONS.get(section)
+    return cls is not None and field in schema.names(cls, "resume")
+
+
 @dataclasses.dataclass(frozen=True)
-class Run:
+class PlannedRun:
     """One run of a plan: ``<out-dir>/<experiment>/<label>/seed<k>/`` (crmn/LOGS.md)."""
 
     spec: RunSpec
@@ -68,26 +92,42 @@ class Run:
 
 @dataclasses.dataclass(frozen=True)
 class LaunchOptions:
-    """How a grid of runs is executed (issue #13): in this process, as local subprocesses,
-    or as a Slurm job array."""
+    """How a grid of runs is executed: in this process, as local subprocesses, or as a Slurm
+    job array."""
 
-    launcher: str = "local"  # "local" | "slurm"
-    jobs: Optional[int] = None  # local: runs at once; None: one per visible GPU with cuda
-    max_parallel: Optional[int] = None  # slurm: --array=...%K
-    slurm_args: Optional[str] = None  # slurm: extra sbatch options
-    wait: bool = False  # slurm: wait for the compare job
-    max_requeues: Optional[int] = None  # slurm: requeues after checkpointed stops
+    launcher: str = option("local", flag="--launcher", choices=LAUNCHERS, group="launch",
+                           help="local: on this machine; slurm: one job array of single runs "
+                           "plus a compare job")
+    jobs: Optional[int] = option(
+        None, flag="--jobs", type=positive, metavar="N", group="launch",
+        default_help="one per visible GPU with --device cuda, else 1 = every run in this "
+        "process, one after another", help="local: N single runs at once as subprocesses, "
+        "each on its own GPU with --device cuda")
+    max_parallel: Optional[int] = option(
+        None, flag="--max-parallel", type=positive, metavar="K", group="launch",
+        default_help="no limit", help="slurm: at most K array tasks at once (--array=...%%K)")
+    slurm_args: Optional[str] = option(
+        None, flag="--slurm-args", metavar='"ARGS"', group="launch", default_help="none",
+        help='slurm: extra sbatch options for both jobs, e.g. "--gres=gpu:1 --time=8:00:00"; '
+        'a single option as --slurm-args=--exclusive (SBATCH_* environment variables work too)')
+    wait: bool = option(False, flag="--wait", kind="true", group="launch",
+                        default_help="return once submitted",
+                        help="slurm: wait until the compare job ends and exit with its code")
+    max_requeues: Optional[int] = option(
+        None, flag="--max-requeues", type=int, metavar="N", group="launch",
+        default_help=str(MAX_REQUEUES),
+        help="slurm: a task requeues itself after a checkpointed stop at most N times")
 
     def __post_init__(self):
         if self.launcher not in LAUNCHERS:
-            raise UsageError(f"run_experiments.sh: unknown --launcher {self.launcher!r}; "
+            raise UsageError(f"{PROG}: unknown --launcher {self.launcher!r}; "
                              f"choose {' or '.join(LAUNCHERS)}")
         if self.launcher == "slurm":
             if self.jobs is not None:
-                raise UsageError("run_experiments.sh: --jobs is for --launcher local; with "
+                raise UsageError(f"{PROG}: --jobs is for --launcher local; with "
                                  "--launcher slurm use --max-parallel K")
             if self.max_requeues is not None and self.max_requeues < 0:
-                raise UsageError("run_experiments.sh: --max-requeues wants N >= 0")
+                raise UsageError(f"{PROG}: --max-requeues wants N >= 0")
             return
         given = [flag for flag, value in (("--max-parallel", self.max_parallel),
                                           ("--slurm-args", self.slurm_args),
@@ -95,8 +135,7 @@ class LaunchOptions:
                                           ("--max-requeues", self.max_requeues))
                  if value not in (None, False)]
         if given:
-            raise UsageError(f"run_experiments.sh: {', '.join(given)} only apply to "
-                             f"--launcher slurm")
+            raise UsageError(f"{PROG}: {', '.join(given)} only apply to --launcher slurm")
 
     @property
     def requeues(self) -> int:
@@ -108,17 +147,19 @@ class TrainPlan:
     """A training command (table1-3, svhn, smoke): its runs and how to execute them."""
 
     command: str  # the experiment: table1 | table2 | table3 | svhn | smoke
-    runs: Tuple[Run, ...]
+    runs: Tuple[PlannedRun, ...]
     out_dir: Path  # run directories go under out_dir/command/
     resume: bool = False  # continue every run from its checkpoint
     progress: bool = True  # progress bar and download bar
     launch: LaunchOptions = LaunchOptions()
     one_seed: bool = False  # --seed K: one run of a grid (its launcher compares)
     fresh: bool = False  # clear each run directory (under its lock) before training
+    dry_run: bool = False  # --dry-run: print the plan and its cost, create nothing
+    device_note: str = ""  # the device chosen and why, e.g. "device: cpu (auto: ...)"
 
     def __post_init__(self):
         if not self.runs:
-            raise UsageError(f"run_experiments.sh {self.command}: no run selected")
+            raise UsageError(f"{PROG} {self.command}: no run selected")
 
     @property
     def exp_dir(self) -> Path:
@@ -128,71 +169,169 @@ class TrainPlan:
     def stack(self) -> StackOptions:
         return self.runs[0].spec.stack
 
-    def single_run_argv(self, run: Run, program: Sequence[str]) -> List[str]:
-        """The command line that trains ``run`` alone (a launcher's manifest line), e.g.
-        ``bash run_experiments.sh table1 --rows t1-crmn32x1 --seed 0 --resume --no-progress
-        --data-dir /data --out-dir /runs --backend torch``.
 
-        ``--resume`` (a restarted line continues from its checkpoint; a finished run is a
-        no-op), ``--no-progress`` (the output goes to a log file), absolute ``--data-dir``
-        and ``--out-dir``, and every setting in which the run differs from its row.
-        """
-        spec = run.spec
-        if spec.row is None:
-            raise ConfigError(f"{run.label}: only paper rows run from a manifest line")
-        row = paper.row(spec.row)
-        argv = [*program, self.command, "--rows", row.id, "--seed", str(run.seed),
-                "--resume", "--no-progress", "--data-dir", str(Path(spec.data_dir).resolve()),
-                "--out-dir", str(Path(self.out_dir).resolve())]
-        argv += _stack_flags(spec.stack)
-        if spec.unverified_data:
-            argv.append("--unverified-data")
-        if spec.dataset != row.dataset:
-            argv += ["--dataset", spec.dataset]
-        argv += _model_flags(spec.model, ModelConfig.for_row(row))
-        argv += _train_flags(spec.train, TrainConfig.for_row(row, seed=run.seed))
-        return argv
+# ---------------------------------------------------------------------------------------
+# a planned run back to its command line
 
 
-def _flag(name: str, value) -> List[str]:
-    text = str(value)
-    return [f"{name}={text}"] if text.startswith("-") else [name, text]
+def _bases(run: PlannedRun):
+    """What the command line of ``run`` gives without options, section by section."""
+    spec = run.spec
+    stack = SimpleNamespace(**StackOptions().as_dict())
+    stack.device = None  # always named: auto may resolve otherwise where the line runs
+    if spec.stack.backend == "theano":
+        stack.theano_mode = None  # likewise the Theano mode auto or the machine picks
+    if spec.row is None:  # smoke: its own network and schedule, its own data
+        return (*_smoke_configs(seed=run.seed), stack, spec)
+    row = paper.row(spec.row)
+    here = SimpleNamespace(**{f.name: f.default for f in schema.flagged(spec)})
+    here.dataset, here.data_dir = row.dataset, None  # the path: always named, absolute
+    return (type(spec.model).for_row(row), type(spec.train).for_row(row, seed=run.seed), stack,
+            here)
 
 
-def _stack_flags(stack: StackOptions) -> List[str]:
-    default = StackOptions()
-    out: List[str] = []
-    for field in ("backend", "device", "dtype", "theano_mode"):
-        if getattr(stack, field) != getattr(default, field):
-            out += _flag("--" + field.replace("_", "-"), getattr(stack, field))
-    return (out + (["--compile"] if stack.compile else [])
-            + ([] if stack.compile_cache else ["--no-compile-cache"]))
+def render_argv(plan: TrainPlan, run: PlannedRun, program: Sequence[str],
+                resume: bool = True) -> List[str]:
+    """The command line that trains ``run`` alone, e.g. ``bash run_experiments.sh table1
+    --rows t1-crmn32x1 --seed 0 --resume --no-progress --out-dir /runs --data-dir /data
+    --device cpu --theano-mode c``: the run's place (absolute paths), ``--resume`` (a
+    restarted line continues; a finished run is a no-op), ``--no-progress``, the device
+    (always named) and every schema field in which the run differs from its row's (smoke:
+    from smoke's defaults)."""
+    spec = run.spec
+    argv = [*program, plan.command]
+    if spec.row is not None:
+        argv += ["--rows", spec.row]
+    argv += ["--seed", str(run.seed), *(["--resume"] if resume else []), "--no-progress",
+             "--out-dir", str(Path(plan.out_dir).resolve())]
+    model, train, stack, here = _bases(run)
+    for obj, base in ((spec, here), (spec.stack, stack), (spec.model, model),
+                      (spec.train, train)):
+        argv += schema.render(obj, base)
+    return argv
 
 
-def _model_flags(model: ModelConfig, row: ModelConfig) -> List[str]:
-    out: List[str] = []
-    for field, flag in (("n", "--n"), ("k", "--k"), ("outgate", "--outgate"),
-                        ("forget_bias", "--forget-bias"), ("dense_init", "--dense-init")):
-        if getattr(model, field) != getattr(row, field):
-            out += _flag(flag, repr(getattr(model, field)) if field == "forget_bias"
-                         else getattr(model, field))
-    return out
+# ---------------------------------------------------------------------------------------
+# parsed options to a checked plan
 
 
-def _train_flags(train: TrainConfig, row: TrainConfig) -> List[str]:
-    out: List[str] = []
-    if train.batch_size != row.batch_size:
-        out += ["--batch-size", str(train.batch_size)]
-    if train.lr_stages != row.lr_stages:
-        out += _flag("--lr", repr(train.lr_stages[0]))
-    if train.nesterov:
-        out.append("--nesterov")
-    if train.flip:
-        out.append("--flip")
-    if train.patience != row.patience:
-        out += ["--patience", str(train.patience)]
-    if train.epochs_cap is not None:
-        out += ["--epochs-cap", str(train.epochs_cap)]
-    if train.schedule is not None:
-        out += ["--schedule", ",".join(str(e) for e in train.schedule)]
-    return out
+def _usage(args, exc: Exception, where: str = "") -> UsageError:
+    return UsageError(f"{PROG} {args.command}: {exc}{where}")
+
+
+def resolve_stack(args, backend: Optional[str] = None) -> Tuple[StackOptions, str]:
+    """The checked :class:`StackOptions` of a command's stack options and the line that says
+    which device and why; ``--device auto`` is decided here (:func:`registry.auto_device`),
+    then the device is asked of the stack's framework (:func:`registry.probe`) before any
+    data is read. ``backend``: the stack of a command without ``--backend``."""
+    backend = backend or getattr(args, "backend", registry.DEFAULT_BACKEND)
+    mode, device = getattr(args, "theano_mode", None), args.device
+    note = f"device: {device} (--device {device})"
+    try:
+        if device == registry.AUTO:
+            device, auto_mode, why = registry.auto_device(backend, mode)
+            mode, note = mode or auto_mode, f"device: {device} (auto: {why})"
+        options = StackOptions(
+            backend=backend, device=device, dtype=getattr(args, "dtype", registry.DEFAULT_DTYPE),
+            theano_mode=mode or registry.default_theano_mode(backend),
+            compile=getattr(args, "compile", False),
+            compile_cache=getattr(args, "compile_cache", True))
+        registry.probe(options)
+    except ConfigError as exc:
+        raise _usage(args, exc) from None
+    return options, note
+
+
+def stack_options(args, backend: Optional[str] = None) -> StackOptions:
+    return resolve_stack(args, backend)[0]
+
+
+def select_rows(args, experiment: Optional[str], strict: bool = True) -> Tuple[paper.Row, ...]:
+    """The rows of ``--rows`` (every row of ``experiment`` when not given)."""
+    return paper.select(args.rows, experiment, strict=strict and experiment is not None)
+
+
+def model_overrides(args) -> Dict:
+    """The ModelConfig fields a command line sets (``params``: the interpretations)."""
+    return schema.values(SECTIONS["model"], args, None)
+
+
+def configs_for(row: paper.Row, args, seed: int, dataset: Optional[str] = None):
+    """(model, train) of one run of ``row`` with seed ``seed``: the row's, changed by every
+    option given; a value that contradicts the row (a ``--schedule`` of another length
+    than the row's learning rates) is a :class:`UsageError`."""
+    model_cls, train_cls = SECTIONS["model"], SECTIONS["train"]
+    try:
+        model = dataclasses.replace(model_cls.for_row(row),
+                                    classes=paper.DATASET_CLASSES[dataset or row.dataset])
+        train = train_cls.for_row(row, seed=seed)
+        return (dataclasses.replace(model, **schema.values(model_cls, args, model)),
+                dataclasses.replace(train, **schema.values(train_cls, args, train)))
+    except ConfigError as exc:
+        raise _usage(args, exc, f" (row {row.id})") from None
+
+
+def _seeds(args, row: paper.Row):
+    if args.seed is not None:
+        return [args.seed]
+    return range(args.seeds if getattr(args, "seeds", None) is not None else row.seeds)
+
+
+def train_plan(args) -> TrainPlan:
+    """The plan of ``table1``/``table2``/``table3``/``svhn``: every run checked, the device
+    chosen and probed; nothing read, written or downloaded yet."""
+    if args.seed is not None and (args.seed < 0 or args.seeds is not None):
+        raise UsageError(f"{PROG}: --seed K wants K >= 0 and no --seeds")
+    launch = LaunchOptions(**schema.values(LaunchOptions, args, None))
+    rows = select_rows(args, args.command)
+    stack, note = resolve_stack(args)
+    exp_dir = Path(args.out_dir) / args.command
+    runs = []
+    for row in rows:
+        for k in _seeds(args, row):
+            model, train = configs_for(row, args, k, args.dataset)
+            given = schema.values(SECTIONS[""], args, None)  # dataset, data_dir, ...
+            spec = SECTIONS[""](**{"dataset": row.dataset, **given}, model=model, train=train,
+                                stack=stack, row=row.id, experiment=args.command)
+            runs.append(PlannedRun(spec, row.id, exp_dir / row.id / f"seed{k}"))
+    return TrainPlan(command=args.command, runs=tuple(runs), out_dir=args.out_dir,
+                     resume=args.resume, progress=args.progress, launch=launch,
+                     one_seed=args.seed is not None, dry_run=args.dry_run, device_note=note)
+
+
+def _smoke(model: ModelConfig, train: TrainConfig, stack: StackOptions, out_dir: Path,
+           **plan) -> TrainPlan:
+    name = f"tiny-crmn-n{model.n}-k{model.k:g}"
+    root = Path(out_dir) / "smoke"
+    spec = RunSpec(model=model, train=train, dataset="cifar100", data_dir=root / "data",
+                   stack=stack, row=None, experiment="smoke")
+    run = PlannedRun(spec, name, root / name / f"seed{train.seed}")
+    return TrainPlan(command="smoke", runs=(run,), out_dir=Path(out_dir), **plan)
+
+
+def smoke_plan(args) -> TrainPlan:
+    """smoke's one run: a tiny CRMN (its own ``--n --k``, defaults :data:`SMOKE`) on fake
+    CIFAR-100-format data under ``<out-dir>/smoke/data``, started afresh unless
+    ``--resume`` (the run folder is emptied under its lock)."""
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"{PROG} smoke: --seed K wants K >= 0")
+    stack, note = resolve_stack(args)
+    model, train = configs_for(paper.row(SMOKE["row"]), args, args.seed or 0, "cifar100")
+    return _smoke(model, train, stack, args.out_dir, resume=args.resume,
+                  progress=args.progress, fresh=not args.resume, dry_run=args.dry_run,
+                  device_note=note)
+
+
+def smoke_plan_for(stack: StackOptions, out_dir: Path, **train) -> TrainPlan:
+    """smoke's plan without a command line (gpucheck): its defaults, ``train``'s changes
+    (e.g. ``schedule=(3, 0, 0), epochs_cap=3``); ``render_argv(plan, plan.runs[0],
+    program, resume=False)`` is its command line, ``plan.runs[0].run_dir`` its folder."""
+    return _smoke(*_smoke_configs(**train), stack, out_dir, fresh=True)
+
+
+def _smoke_configs(**train) -> Tuple[ModelConfig, TrainConfig]:
+    """smoke's network and protocol without options (:data:`SMOKE`), ``train`` changed."""
+    row = paper.row(SMOKE["row"])
+    small = {k: SMOKE[k] for k in ("batch_size", "patience", "epochs_cap")}
+    return (SECTIONS["model"].for_row(row, n=SMOKE["n"], k=SMOKE["k"]),
+            SECTIONS["train"].for_row(row, **{**small, **train}))

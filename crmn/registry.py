@@ -1,23 +1,19 @@
 """The registry of stacks and the one checked set of stack options.
 
-The one place that maps ``--backend NAME`` to an implementation and that defines every
-choice a stack takes (backends, dtypes, Theano modes, the device pattern). It sits above both
-stacks (they import :mod:`crmn.stack`, the contract, and the constants here, never
-:func:`build`) and imports a stack only when one is built, so choosing a name costs nothing
-and ``--help`` stays fast. The command line, the training loop, :mod:`crmn.verify`,
-:mod:`crmn.bench` and the developer tools build every network through :func:`build`.
-
-A :class:`StackOptions` is checked once, when it is made; everything after trusts it.
+Maps ``--backend NAME`` to an implementation and defines every choice a stack takes. A stack
+is imported only when one is built or probed, so choosing a name costs nothing and ``--help``
+stays fast. A :class:`StackOptions` is checked once, when it is made.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import re
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import ConfigError
+from crmn.schema import option
 from crmn.stack import Stack
 
 #: name -> "module:class" of each stack
@@ -36,34 +32,98 @@ DEFAULT_DTYPE = "float32"
 #: device strings every command accepts: ``cpu``, ``cuda``, ``cuda:N``
 DEVICE_PATTERN = re.compile(r"(cpu|cuda)(:\d+)?")
 DEVICE_HELP = "cpu, cuda or cuda:N"
+#: ``--device auto``: cuda where the backend can use a GPU here, else cpu (:func:`auto_device`)
+AUTO = "auto"
 
 
 def check_device(name: str) -> str:
-    """``name`` if it is ``cpu``, ``cuda`` or ``cuda:N``, else a one-line :class:`ConfigError`.
-
-    Whether a GPU is actually there is :func:`probe_device`'s question.
-    """
+    """``name`` if it is ``cpu``, ``cuda`` or ``cuda:N``, else a one-line :class:`ConfigError`;
+    whether a GPU is actually there is :func:`probe`'s question."""
     if not isinstance(name, str) or not DEVICE_PATTERN.fullmatch(name):
         raise ConfigError(f"unknown device {name!r}: choose {DEVICE_HELP}")
     return name
+
+
+def device_option(text: str) -> str:
+    """argparse type of ``--device``: a device string or ``auto``."""
+    import argparse
+
+    try:
+        return text if text == AUTO else check_device(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _torch_gpu() -> Tuple[bool, str]:
+    """(torch sees a CUDA GPU, why) -- imports torch."""
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed"
+    if torch.cuda.is_available():
+        return True, f"torch sees {torch.cuda.get_device_name(0)}"
+    return False, "torch sees no CUDA GPU"
+
+
+def _jax_gpu() -> Tuple[bool, str]:
+    """(jax has a GPU backend, why) -- imports jax."""
+    try:
+        import jax
+    except ImportError:
+        return False, "jax is not installed"
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        gpus = []
+    if gpus:
+        return True, f"jax sees {gpus[0].device_kind}; the Theano graph runs through JAX"
+    return False, f"jax {jax.__version__} has no GPU backend"
+
+
+def auto_device(backend: str, theano_mode: Optional[str] = None) -> Tuple[str, Optional[str],
+                                                                          str]:
+    """What ``--device auto`` means here: ``(device, theano_mode, why)``. cuda where the
+    backend can use a GPU (torch: CUDA; theano: a jax with a GPU backend, through the JAX
+    mode unless ``--theano-mode c`` was asked), else cpu; ``theano_mode`` None: the
+    backend's usual choice."""
+    if backend == "torch":
+        gpu, why = _torch_gpu()
+        return ("cuda" if gpu else "cpu"), None, why
+    if theano_mode == "c":
+        return "cpu", None, "--theano-mode c runs on the CPU"
+    gpu, why = _jax_gpu()
+    return ("cuda", "jax", why) if gpu else ("cpu", theano_mode, why)
 
 
 @dataclasses.dataclass(frozen=True)
 class StackOptions:
     """Which stack, where, in which precision: checked once, when made.
 
-    The same six settings reach every consumer (the loop, the launchers, bench, verify,
-    profile) and are recorded in ``config.json`` under these names.
+    The same settings reach every consumer and are recorded in ``config.json`` under these
+    names; ``--resume`` may continue a run under others (a checkpoint loads in either stack).
     """
 
-    backend: str = DEFAULT_BACKEND  # a name of REGISTRY
-    device: str = "cpu"  # cpu | cuda | cuda:N (DEVICE_PATTERN)
-    dtype: str = DEFAULT_DTYPE  # one of STACK_DTYPES[backend]
-    theano_mode: str = DEFAULT_THEANO_MODE  # theano only: "c" | "jax"
-    compile: bool = False  # torch only: torch.compile behind the captured CUDA graph
-    # theano only: reuse compiled steps from the compile cache (crmn.compile_cache);
-    # False is --no-compile-cache
-    compile_cache: bool = True
+    backend: str = option(DEFAULT_BACKEND, flag="--backend", choices=BACKENDS, group="stack",
+                          resume=True, help="stack that builds the network")
+    device: str = option("cpu", flag="--device", type=device_option, metavar="DEV",
+                         group="stack", resume=True,
+                         help=f"{DEVICE_HELP}, or auto: cuda where the backend can use a GPU "
+                         "here, else cpu")
+    dtype: str = option(DEFAULT_DTYPE, flag="--dtype", choices=DTYPES, group="stack",
+                        resume=True, help="floating-point type of the network; bfloat16 "
+                        "(autocast, float32 weights, channels-last) is torch only")
+    compile: bool = option(False, flag="--compile", kind="true", group="stack", resume=True,
+                           help="torch only: torch.compile behind the captured CUDA graph")
+    theano_mode: str = option(
+        DEFAULT_THEANO_MODE, flag="--theano-mode", choices=THEANO_MODES, group="stack",
+        resume=True, default_help=f"{DEFAULT_THEANO_MODE} where Theano's C backend works, "
+        "else jax; jax with --device auto on a GPU", help="theano only: compile the graph "
+        "with Theano's C backend (the reference) or through JAX, which also runs it on a "
+        "current GPU with --device cuda")
+    compile_cache: bool = option(
+        True, flag="--no-compile-cache", kind="false", group="stack", resume=True,
+        default_help="~/.cache/crmn; see REPRODUCING.md", help="theano only: compile every "
+        "graph afresh instead of reusing the steps an earlier run stored in $CRMN_CACHE")
 
     def __post_init__(self):
         if self.backend not in REGISTRY:
@@ -129,14 +189,8 @@ def default_theano_mode(backend: str) -> str:
 
 
 def build(options: StackOptions, model: ModelConfig, train: TrainConfig, **expert) -> Stack:
-    """The network of ``model`` in the stack of ``options``, initialised from ``train.seed``.
-
-    ``options.compile`` (torch only) puts ``torch.compile`` behind the captured CUDA graph;
-    the Theano stack always compiles its graphs, through its C backend or, with
-    ``theano_mode="jax"``, through JAX (which is what runs it on a current GPU).
-    ``expert``: a stack's own settings that only checks and timings vary (torch:
-    ``channels_last``, ``graph``, ``tf32``); never recorded in a run.
-    """
+    """The network of ``model`` in the stack of ``options``, initialised from ``train.seed``;
+    ``expert``: a stack's own settings that only checks and timings vary (never recorded)."""
     extra = {"theano": {"theano_mode": options.theano_mode,
                         "compile_cache": options.compile_cache},
              "torch": {"compile": options.compile}}.get(options.backend, {})

@@ -1,29 +1,15 @@
-"""Published versus reproduced numbers, rendered from run directories only (SPEC §7).
+"""Published versus reproduced numbers, rendered from run directories only (docs/spec.md §7).
 
-:func:`compare` reads the ``config.json``, ``log.jsonl`` and ``summary.json`` of every run
-below a folder (format: ``crmn/LOGS.md``), prints the comparison and writes ``REPORT.md``
-plus PNG learning curves into that folder. Paper numbers come from :mod:`crmn.paper` only.
-
-Per row the report shows parameters (ours / paper), seconds per epoch (ours with the device
-/ the authors' GPU), test accuracy (ours: mean ± sample standard deviation over seeds, n /
-paper / Δ = ours − paper, left blank where :func:`comparable` finds the runs no test of the
-paper) and the run's status. A row of the experiment without any run is
-listed as *missing*; a run without ``summary.json`` is listed as *running* (or killed) with
-its last logged epoch; nothing is dropped silently.
-
-Tables 2-3 and SVHN also list the paper's comparison methods (:data:`crmn.paper.METHODS`),
-and Table 2's five-repetition figure for ``t2-crmn32x4`` (section 4.2: 77.65 ± 0.385, best
-model on validation 78.27) is recomputed from the seeds present.
-
-Plots follow the paper's Figure 3 (section 4.1): left, training loss per epoch of the final
-run; right, test error (%) per epoch of the final run; dotted lines mark the learning-rate
-drops. ``figure3.png`` overlays the last row of each block of Table 1 (or every row present
-when none of those is); ``curves_<row>.png`` shows each row present with all its seeds. A
-curve of a run that is no test of the paper (:func:`comparable`) is dashed and labelled
-:data:`NOT_THE_PAPER`.
+:func:`compare` reads every run's ``config.json``, ``log.jsonl`` and ``summary.json`` below a
+folder (crmn/LOGS.md), prints the comparison with :mod:`crmn.paper` and writes ``REPORT.md``
+with Figure-3-style PNG learning curves. Per row: parameters, seconds per epoch, test
+accuracy (mean ± sample std over seeds) beside the paper's, Δ (blank where
+:func:`comparable` finds the runs no test of the paper) and status; a row without runs is
+*missing*, an unfinished run *running* with its last epoch. Nothing is dropped silently.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import sys
@@ -34,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 from crmn import paper, runlog, tables
 from crmn.config import ModelConfig, TrainConfig, json_view
 from crmn.errors import ConfigError, DataError, RunError
+from crmn.schema import names
 
 #: Last row of each block of four in Table 1: the models of the paper's Figure 3.
 FIGURE3_ROWS = tuple(r.id for r in paper.TABLE1[3::4])
@@ -85,15 +72,11 @@ class SeedRun:
         return statistics.median(secs) if secs else None
 
     def departures(self, row: Optional[paper.Row]) -> List[Tuple[str, bool]]:
-        """What makes this run other than ``row`` as published (from config.json and
-        summary.json), each as ``(note, test)``: ``test`` is False when the difference
-        makes the run no test of the paper (:func:`comparable`).
-
-        Fake or unverified data, another dataset, a cap on the epochs per stage, a fixed
-        schedule instead of the search, and every model or protocol field that differs from
-        the row's: a field of :data:`INTERPRETATIONS` is another reading of the paper (still
-        a test of it), any other field a changed model or protocol.
-        """
+        """What makes this run other than ``row`` as published (config.json, summary.json),
+        each as ``(note, test)``; ``test`` False makes the run no test of the paper
+        (:func:`comparable`). Fake or unverified data, another dataset, and every schema
+        field of the model and protocol that differs from the row's: a field marked
+        ``interpretation`` (:data:`INTERPRETATIONS`) is another reading of the paper."""
         config, summary = self.run.config, self.summary or {}
         out: List[Tuple[str, bool]] = []
         if config.get("fake_data") or summary.get("fake_data") \
@@ -101,27 +84,24 @@ class SeedRun:
             out.append(("FAKE DATA", False))
         elif "unverified" in (config.get("data"), summary.get("data")):
             out.append(("UNVERIFIED DATA (--unverified-data)", False))
-        train = config.get("train") or {}
-        if train.get("epochs_cap") is not None:
-            out.append((f"epochs capped at {train['epochs_cap']} per stage", False))
-        if train.get("schedule") is not None:
-            out.append(("fixed schedule " + ",".join(str(e) for e in train["schedule"]),
-                        False))
-        if row is None:
-            return out
         dataset = config.get("dataset") or summary.get("dataset")
-        if dataset not in (None, row.dataset):
+        if row is not None and dataset not in (None, row.dataset):
             out.append((f"dataset {dataset} (row: {row.dataset})", False))
-        published = {"model": ModelConfig.for_row(row).to_dict(),
-                     "train": TrainConfig.for_row(row).to_dict()}
-        for section, want in published.items():
+        for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
             have = config.get(section) or {}
-            for key, value in want.items():
-                if key in ("epochs_cap", "schedule", "seed") or key not in have:
+            want = (cls.for_row(row) if row is not None else None)
+            for f in dataclasses.fields(cls):
+                m = f.metadata
+                if f.name not in have or m.get("per_run"):
                     continue
-                if json_view(have[key]) != json_view(value):
-                    out.append((f"{key} {json_view(have[key])} (row: {json_view(value)})",
-                                key in INTERPRETATIONS))
+                value = json_view(have[f.name])
+                if m.get("departure"):  # a departure whatever the row
+                    if value is not None:
+                        shown = m["show"](tuple(value) if isinstance(value, list) else value)
+                        out.append((m["departure"].format(shown), False))
+                elif want is not None and value != json_view(getattr(want, f.name)):
+                    out.append((f"{f.name} {value} (row: {json_view(getattr(want, f.name))})",
+                                bool(m.get("interpretation"))))
         return out
 
     def notes(self, row: Optional[paper.Row]) -> List[str]:
@@ -129,21 +109,15 @@ class SeedRun:
         return [note for note, _ in self.departures(row)]
 
 
-#: Fields the paper leaves open (SPEC §4-5; the command line's "interpretations" options):
+#: Fields the paper leaves open (the schema's ``interpretation`` fields, docs/spec.md §4-5):
 #: a run that reads one of them otherwise is another reading of the paper, so its Δ stays.
-INTERPRETATIONS = frozenset({"outgate", "forget_bias", "dense_init", "nesterov", "flip",
-                             "patience", "lr_stages"})
+INTERPRETATIONS = names(ModelConfig, "interpretation") | names(TrainConfig, "interpretation")
 
 
 def comparable(run: SeedRun, row: Optional[paper.Row]) -> Tuple[bool, str]:
-    """Is ``run`` a test of ``row`` as the paper ran it? ``(True, "")`` or ``(False, why)``.
-
-    The one place that decides whether a run's accuracy may be set against the paper's (the
-    report's Δ, the plots' marks). Not a test: fake or unverified data, another dataset than
-    the row's, a changed model or protocol (``--n``, ``--k``, ``--batch-size``, any model
-    field outside :data:`INTERPRETATIONS`), capped epochs (``--epochs-cap``), a given
-    schedule (``--schedule``). ``why`` lists each, separated by "; ".
-    """
+    """Is ``run`` a test of ``row`` as the paper ran it: ``(True, "")`` or ``(False, why)``,
+    ``why`` the departures that are no reading of the paper (:meth:`SeedRun.departures`)
+    joined by "; ". The one place deciding whether Δ and the plots set it against the paper."""
     why = [note for note, test in run.departures(row) if not test]
     return (not why, "; ".join(why))
 
@@ -207,19 +181,21 @@ class RowRuns:
         return "; ".join(parts)
 
 
-def collect(directory: Path) -> Dict[str, List[RowRuns]]:
-    """Runs below ``directory``, grouped by experiment then row, paper rows first.
-
-    ``directory`` is an experiment folder (``runs/table1``) or a folder of them (``runs``);
-    one without any run is a :class:`DataError`. Rows of a known experiment
-    (:data:`crmn.paper.EXPERIMENTS`) without runs appear with no seeds, i.e. as missing.
-    """
+def runs_folder(directory: Path) -> Path:
+    """``directory`` as a Path, or a one-line :class:`DataError` when it is no folder."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: " + ("not a folder" if directory.exists()
                                             else "no such folder")
                         + "; give the folder the runs were written to (--out-dir, e.g. "
                           "runs/table1)")
+    return directory
+
+
+def collect(directory: Path) -> Dict[str, List[RowRuns]]:
+    """Runs below ``directory`` (an experiment folder or a folder of them) by experiment,
+    then row, paper rows first; a paper row without runs has no seeds (missing)."""
+    directory = runs_folder(directory)
     seed_dirs = [p for p in runlog.find_runs(directory)
                  if p.name.startswith("seed") and p.parent != directory]
     if not seed_dirs:
@@ -327,11 +303,8 @@ def _model_label(rr: RowRuns) -> str:
 
 
 def five_repetitions(rr: RowRuns) -> Optional[Dict]:
-    """Section 4.2's repeated-run figure: mean ± std of test accuracy and best-on-validation.
-
-    The best-on-validation model is the finished seed with the highest search-run
-    validation accuracy; its test accuracy is what Table 2 reports (78.27 in the paper).
-    """
+    """Section 4.2's repeated-run figure: mean ± std of test accuracy, and the test accuracy
+    of the seed best on validation (search run), which Table 2 reports."""
     fin = rr.finished
     if not fin:
         return None
@@ -359,7 +332,7 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
            "shown (median over epochs and seeds). Δ is left blank where the runs are no "
            "test of the paper (fake or unverified data, another dataset, a changed model, "
            "capped epochs, a given schedule), with the reason under the table; another "
-           "reading of a point the paper leaves open (SPEC §4) keeps its Δ and is listed "
+           "reading of a point the paper leaves open (docs/spec.md §4) keeps its Δ and is listed "
            "under *not as published*.", ""]
     for exp, rows in groups.items():
         out += [f"## {exp}", ""]
@@ -411,11 +384,8 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
 
 
 def _curves(run: SeedRun):
-    """(epochs, train loss, test-error epochs, test error %, phase) of a run for plotting.
-
-    The final run is what Figure 3 shows; a run that has not reached it yet shows its
-    search run (validation error) instead, labelled as such.
-    """
+    """(epochs, train loss, test-error epochs, test error %, phase, lr drops) of the final
+    run (Figure 3), or of the search run (validation error) before the final run starts."""
     phase = "final" if run.phase_log("final") else "search"
     recs = run.phase_log(phase)
     ep = list(range(1, len(recs) + 1))  # epochs count on across lr stages
@@ -497,21 +467,10 @@ def write_plots(groups: Dict[str, List[RowRuns]], directory: Path) -> List[Path]
 
 
 def compare(directory: Path, *, plots: bool = True, out: Optional[TextIO] = None) -> Path:
-    """Print the comparison for the runs below ``directory``; write REPORT.md (and PNGs).
-
-    Returns the path of ``REPORT.md``. The table is printed even when ``directory`` cannot
-    be written to (a read-only copy of the runs, a full disk); then one line says what could
-    not be written.
-
-    Raises
-    ------
-    DataError
-        ``directory`` does not exist or holds no run, or a run file is unreadable (one line
-        naming the file).
-    RunError
-        After printing: REPORT.md or a plot could not be written (one line naming the
-        folder, what was not written and why).
-    """
+    """Print the comparison for the runs below ``directory``; write REPORT.md (and PNGs);
+    its path. The table is printed even where the folder cannot be written; then a one-line
+    :class:`RunError` names what was not written and why. A missing folder, no run, or an
+    unreadable run file is a one-line :class:`DataError`."""
     directory = Path(directory)
     groups = collect(directory)
     pngs: List[Path] = []

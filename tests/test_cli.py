@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from crmn import cli, paper, registry
-from crmn.cli import parser, plans
+from crmn import plan as plans
+from crmn.cli import parser
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import UsageError
 
@@ -100,9 +101,11 @@ def test_help_defaults_are_the_dataclass_defaults(command, capsys):
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     for dest, value in want.items():
         assert f"(default: {value}" in text, dest
-    # one default stack, device and dtype for every command (crmn.registry)
+    # one default stack, device and dtype for every command (crmn.registry); the training
+    # commands choose their device (--device auto)
+    device = "cpu" if command in ("params", "bench") else "auto"
     assert f"(default: {registry.DEFAULT_DTYPE})" in text
-    assert f"(default: {registry.DEFAULT_BACKEND})" in text and "(default: cpu)" in text
+    assert f"(default: {registry.DEFAULT_BACKEND})" in text and f"(default: {device})" in text
 
 
 def test_smoke_help_shows_its_own_network_and_batch(capsys):
@@ -117,7 +120,7 @@ def test_smoke_help_shows_its_own_network_and_batch(capsys):
 
 
 def test_smoke_keeps_every_value_given_on_the_command_line(tmp_path):
-    """An explicit value equal to table1's default is not replaced by smoke's (issue #18)."""
+    """An explicit value equal to table1's default is not replaced by smoke's."""
     args = parser.parse(["smoke", "--patience", "10", "--epochs-cap", "3", "--n", "2",
                          "--k", "1", "--batch-size", "20", "--out-dir", str(tmp_path)])
     (run,) = plans.smoke_plan(args).runs
@@ -162,7 +165,7 @@ def test_params_json_real_backend(backend, capsys, run_main):
     rows = json.loads(out)
     assert [r["row"] for r in rows] == ids
     for r in rows:
-        # exact integers of SPEC §4's reading; they round to Table 1's figures
+        # exact integers of the reading of docs/spec.md §4; they round to Table 1's figures
         assert r["params"] == r["canonical_params"]
         assert round(r["params"] / 1e6, 2) == r["paper_params_m"] == paper.row(r["row"]).paper_params_m
     assert rows[0]["params"] == 470_004 and rows[1]["params"] == 2_159_304

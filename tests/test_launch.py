@@ -12,7 +12,8 @@ import pytest
 
 import launch_grid as grid
 from crmn import cli
-from crmn.cli import parser, plans
+from crmn import plan as plans
+from crmn.cli import parser
 from crmn.launch import manifest, status
 
 

@@ -1,4 +1,4 @@
-"""crmn.report: Δ only where a run tests the paper (issue #18); compare/status faults in one line.
+"""crmn.report: Δ only where a run tests the paper; compare/status faults in one line.
 
 Run directories are fabricated as crmn.train writes them (config.json with model, train,
 dataset and data fields; log.jsonl; summary.json), each departing from its row in one way.
@@ -81,7 +81,7 @@ def test_a_run_that_is_no_test_of_the_paper_has_no_delta_and_says_why(tmp_path, 
 
 
 def test_another_reading_of_the_paper_keeps_its_delta(tmp_path):
-    """An interpretation the paper leaves open (SPEC §4) is a test of it: noted, Δ shown."""
+    """An interpretation the paper leaves open (docs/spec.md §4) is a test of it: noted, Δ shown."""
     run = _run(tmp_path / "table1" / ROW.id / "seed0", model={"outgate": "tanh"},
                train={"nesterov": True})
     assert report.comparable(run, ROW) == (True, "")

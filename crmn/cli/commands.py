@@ -1,14 +1,14 @@
 """The command handlers: each turns its parsed options into a plan and hands it on.
 
-A handler checks nothing itself (:mod:`crmn.cli.plans` does, before anything is created),
-prints through the module that owns the data (:mod:`crmn.report`, :mod:`crmn.bench`,
-:mod:`crmn.launch.status`, :mod:`crmn.tables`) and returns the exit code.
+A handler checks nothing itself (:mod:`crmn.plan` does, before anything is created), prints
+through the module that owns the data and returns the exit code.
 """
 from __future__ import annotations
 
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,23 +18,21 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from crmn import (bench, data, gpucheck, launch, paper, registry, report, roofline, tables,
-                  verify)
+from crmn import (bench, cost, data, gpucheck, launch, paper, registry, report, roofline,
+                  tables, verify)
+from crmn import plan as plans
 from crmn import train as trainer
-from crmn.cli import plans
-from crmn.cli.parser import ROOT, SMOKE
 from crmn.config import ModelConfig, TrainConfig
-from crmn.errors import UsageError
+from crmn.errors import ConfigError, UsageError
 from crmn.launch import status
 from crmn.naming import count_trainable
-from crmn.plan import TrainPlan
+from crmn.plan import PROG, ROOT, SMOKE, TrainPlan
 from crmn.registry import StackOptions
 from crmn.tools import profile, sampler_bench
 
 
 def train_runs(plan: TrainPlan) -> List[Path]:
-    """Every run of ``plan`` in this process, one after another (:func:`crmn.train.run`);
-    the run directories."""
+    """Every run of ``plan`` in this process, one after another; the run directories."""
     print(f"backend {plan.stack.describe()} (requested); runs under {plan.exp_dir}",
           flush=True)
     # SIGUSR1 (a scheduler's warning, sbatch --signal=B:USR1@T) and a first Ctrl-C: finish
@@ -52,8 +50,23 @@ def train_runs(plan: TrainPlan) -> List[Path]:
     return run_dirs
 
 
+def announce(plan: TrainPlan) -> bool:
+    """Print the device and why, then the plan's cost; with ``--dry-run`` also every run's
+    command line and device. True when the plan is only to be shown."""
+    print(plan.device_note, flush=True)
+    if plan.dry_run:
+        program = ["bash", str(ROOT / "run_experiments.sh")]
+        for run in plan.runs:
+            print(f"{run.label} seed {run.seed} on {run.spec.stack.device}: "
+                  f"{shlex.join(plans.render_argv(plan, run, program, resume=plan.resume))}")
+    print(cost.estimate(plan), flush=True)
+    return plan.dry_run
+
+
 def cmd_train(args) -> int:
     plan = plans.train_plan(args)
+    if announce(plan):
+        return 0
     if launch.wanted(plan):  # the grid as single runs: subprocesses or Slurm
         return launch.main(plan, ROOT / "run_experiments.sh")
     if args.n is not None or args.k is not None or args.batch_size is not None:
@@ -69,13 +82,9 @@ def cmd_train(args) -> int:
 
 def param_rows(options: StackOptions, overrides: Optional[Dict] = None,
                rows: Sequence[paper.Row] = paper.ROWS) -> List[Dict]:
-    """Trainable-parameter counts of paper rows, each network built in ``options``' stack.
-
-    Returns one dict per row of ``rows``: ``row``, ``label``, ``table``, ``params`` (the
-    stack's own count), ``canonical_params`` (:func:`crmn.naming.count_trainable`, the
-    framework-free count the checkpoint layout implies), ``params_m`` and
-    ``paper_params_m`` (None where the paper gives none).
-    """
+    """Per row: ``row``, ``label``, ``table``, ``params`` (the count of the network built
+    in ``options``' stack), ``canonical_params`` (:func:`crmn.naming.count_trainable`),
+    ``params_m`` and ``paper_params_m`` (None where the paper gives none)."""
     out = []
     for row in rows:
         model = ModelConfig.for_row(row, **(overrides or {}))
@@ -141,6 +150,8 @@ def _smoke_data(data_dir: Path) -> None:
 def cmd_smoke(args) -> int:
     """Tiny fake data, tiny CRMN, short plateau schedule, through the real pipeline."""
     plan = plans.smoke_plan(args)
+    if announce(plan):
+        return 0
     data_dir = plan.runs[0].spec.data_dir
     t0 = time.time()
     _smoke_data(data_dir)
@@ -183,7 +194,7 @@ def cmd_bench(args) -> int:
         timed += [options.replace(theano_mode="c"),
                   options.replace(backend="torch", theano_mode=registry.DEFAULT_THEANO_MODE,
                                   compile_cache=True)]
-    results = []
+    results, stacks = [], []
     for row in rows:
         for opts in timed:
             r = bench.bench_row(row, opts, args.steps, warmup=args.warmup,
@@ -197,7 +208,10 @@ def cmd_bench(args) -> int:
                   f"{warm}; {r['tflops']:.3g} TFLOP/s = "
                   f"{bench.percent(r['ceiling_fraction'])} of the ceiling", flush=True)
             results.append(r)
+            stacks.append(opts)
     print(bench.format_table(results))
+    print(f"# s/epoch recorded in {cost.record(results, stacks)} (the training commands' "
+          "estimates)")
     ratios = bench.mode_ratios(results)
     if ratios:
         print(ratios)
@@ -225,15 +239,25 @@ def _bench_sampler(args) -> int:
 
 
 def cmd_gpucheck(args) -> int:
-    return gpucheck.run(plans.gpucheck_plan(args))
+    """``--budget`` (seconds > 0) and the parts of ``--only`` (:data:`gpucheck.PARTS`),
+    checked before the output folder exists."""
+    parts = gpucheck.PARTS if args.only is None else tuple(
+        p.strip() for p in args.only.split(","))
+    budget = gpucheck.DEFAULT_BUDGET if args.budget is None else args.budget
+    try:
+        plan = gpucheck.GpucheckPlan(device=args.device, quick=args.quick,
+                                     out_dir=Path(args.out), budget=budget, parts=parts)
+    except ConfigError as exc:
+        raise UsageError(f"{PROG} gpucheck: {exc}") from None
+    return gpucheck.run(plan)
 
 
 def cmd_profile(args) -> int:
-    plans.stack_options(args, backend="torch")
+    device = plans.stack_options(args, backend="torch").device
     rows = paper.select(args.rows or "t1-resnet32x1", None)
     failed = profile.profile(rows, args.variants.split(","), steps=args.steps,
                              kernels=args.kernels, count_ops=args.count_ops,
-                             device=args.device, batch_size=args.batch_size)
+                             device=device, batch_size=args.batch_size)
     return 1 if failed else 0
 
 

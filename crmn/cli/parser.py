@@ -1,30 +1,24 @@
 """The archive's one argument parser: every command's options, their spelling and defaults.
 
-Every default shown by ``--help`` is read from :class:`crmn.config.ModelConfig`,
-:class:`crmn.config.TrainConfig`, :mod:`crmn.registry` or :data:`SMOKE` (smoke's own), so the
-help cannot disagree with what runs. The types here check each value on its own (a number
->= 1, a finite float, a device string); :mod:`crmn.cli.plans` checks the values together and
-turns them into a plan. Nothing here reads a file or builds a network.
+The training commands' options are derived from the run schema (:mod:`crmn.schema`, the
+fields of :mod:`crmn.plan`'s dataclasses), so their help shows the defaults that run; the
+commands with options of their own (verify, bench, profile, gpucheck, ...) declare them here.
+A command is one ``sub.add_parser`` in :func:`build_parser` and one handler in
+:data:`crmn.cli.commands.COMMANDS`. Nothing here reads a file or builds a network.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 from pathlib import Path
 
-from crmn import paper, registry
+from crmn import paper, registry, schema
 from crmn.config import ModelConfig, TrainConfig
-from crmn.errors import ConfigError, UsageError
-from crmn.plan import LAUNCHERS, MAX_REQUEUES
+from crmn.errors import UsageError
+from crmn.plan import ROOT, SECTIONS, SMOKE, LaunchOptions
+from crmn.registry import StackOptions
+from crmn.schema import above_zero, finite, positive
 
-ROOT = Path(__file__).resolve().parents[2]
 TRAIN_COMMANDS = tuple(paper.EXPERIMENTS)  # table1, table2, table3, svhn
-
-#: smoke's own defaults (a tiny CRMN on tiny fake CIFAR-100-format data, a short schedule);
-#: its ``--help`` shows these, and a value given on the command line is never replaced
-SMOKE = dict(n=1, k=0.5, batch_size=50, patience=1, epochs_cap=2, n_train=500, n_test=200,
-             row="t1-crmn32x1")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,104 +28,19 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def default(cls, name: str):
-    """The declared default of a dataclass field (never retyped in help strings)."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.default
-    raise AttributeError(f"{cls.__name__} has no field {name!r}")
-
-
-# ---------------------------------------------------------------------------------------
-# value types: each refuses a bad value in one line (argparse adds the option's name)
-
-
-def _schedule(text: str):
-    try:
-        epochs = tuple(int(t) for t in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"wants epochs per stage like 80,40,40, "
-                                         f"got {text!r}") from None
-    if any(e < 0 for e in epochs):
-        raise argparse.ArgumentTypeError(f"epochs must be >= 0, got {text!r}")
-    return epochs
-
-
-def positive(text: str) -> int:
-    """A whole number >= 1."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")
-    return v
-
-
-def _finite(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return v
-
-
-def _above_zero(text: str) -> float:
-    v = _finite(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return v
-
-
-def _width(text: str) -> float:
-    """A width factor k whose stages have whole channel counts (16k is a whole number)."""
-    v = _above_zero(text)
-    if abs(16 * v - round(16 * v)) > 1e-9:
-        raise argparse.ArgumentTypeError(f"16k must be a whole number of channels (k = 0.5, "
-                                         f"1, 4, 10, ...), got {text!r}")
-    return v
+def _stack_options(p: argparse.ArgumentParser, backend: bool = True, auto: bool = False):
+    """Which stack, where, in which precision (:class:`crmn.registry.StackOptions`); the
+    training commands choose the device themselves by default (``auto``)."""
+    schema.add_options(p, StackOptions, only=None if backend else ("device",),
+                       defaults=dict(device=registry.AUTO if auto else "cpu",
+                                     theano_mode=None))
 
 
 def _device(text: str) -> str:
-    try:
-        return registry.check_device(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-# ---------------------------------------------------------------------------------------
-# option groups shared by the commands
-
-
-def _stack_options(p: argparse.ArgumentParser, backend: bool = True) -> None:
-    """Which stack, where, in which precision: one spelling and default for every command
-    (the fields of :class:`crmn.registry.StackOptions`)."""
-    g = p.add_argument_group("stack")
-    if backend:
-        g.add_argument("--backend", choices=registry.BACKENDS,
-                       default=registry.DEFAULT_BACKEND,
-                       help="stack that builds the network (default: %(default)s)")
-    g.add_argument("--device", type=_device, default="cpu", metavar="DEV",
-                   help=f"{registry.DEVICE_HELP} (default: %(default)s)")
-    if backend:
-        g.add_argument("--dtype", choices=registry.DTYPES, default=registry.DEFAULT_DTYPE,
-                       help="floating-point type of the network; bfloat16 (autocast, float32 "
-                            "weights, channels-last) is torch only (default: %(default)s)")
-        g.add_argument("--compile", action="store_true", default=False,
-                       help="torch only: torch.compile behind the captured CUDA graph "
-                            "(default: %(default)s)")
-        g.add_argument("--theano-mode", choices=registry.THEANO_MODES, default=None,
-                       help="theano only: compile the graph with Theano's C backend (the "
-                            "reference) or through JAX, which also runs it on a current GPU "
-                            f"(--device cuda; default: {registry.DEFAULT_THEANO_MODE} where "
-                            "Theano's C backend works, else jax)")
-        g.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
-                       default=True,
-                       help="theano only: compile every graph afresh instead of reusing the "
-                            "steps an earlier run stored in $CRMN_CACHE (default "
-                            "~/.cache/crmn; see REPRODUCING.md)")
+    """``--device`` of verify and gpucheck: a device string (no ``auto``)."""
+    if text == registry.AUTO:
+        raise argparse.ArgumentTypeError("auto is for the training commands; name the device")
+    return registry.device_option(text)
 
 
 def _rows_option(p: argparse.ArgumentParser, default_help: str) -> None:
@@ -139,14 +48,14 @@ def _rows_option(p: argparse.ArgumentParser, default_help: str) -> None:
                    help=f"comma-separated row ids of crmn/paper.py (default: {default_help})")
 
 
-def _batch_option(p, default_help: str = "the row's", value=None) -> None:
-    p.add_argument("--batch-size", type=positive, metavar="B", default=value,
-                   help=f"images per batch (default: {default_help})")
+def _batch_option(p, default_help: str = "the row's") -> None:
+    schema.add_options(p, TrainConfig, only=("batch_size",), defaults=dict(batch_size=None),
+                       helps=dict(batch_size=default_help), groups=dict(expert=None))
 
 
-def _run_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
-    """Options of the commands that train (SPEC §1); smoke writes its own data, one run."""
-    g = p.add_argument_group("runs (SPEC §1)")
+def _grid_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
+    """Which runs of a grid, where, and how (the plan's options, not a run's)."""
+    g = schema.group(p, "runs")
     if not smoke:
         g.add_argument("--seeds", type=positive, metavar="N", default=None,
                        help="repetitions per row, seeds 0..N-1 (default: the row's `seeds` "
@@ -154,117 +63,43 @@ def _run_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
     g.add_argument("--seed", type=int, metavar="K", default=None,
                    help="train only seed K (one run of a grid, e.g. one task of a job "
                         "array; default: " + ("0)" if smoke else "seeds 0..N-1 of --seeds)"))
-    cap = SMOKE["epochs_cap"] if smoke else default(TrainConfig, "epochs_cap")
-    g.add_argument("--epochs-cap", type=positive, metavar="N", default=cap,
-                   help="at most N epochs per learning-rate stage (default: %(default)s" +
-                        (")" if smoke else " = no cap)"))
-    if not smoke:
-        g.add_argument("--data-dir", type=Path, default=ROOT / "data", metavar="DIR",
-                       help="datasets are read from / downloaded into DIR, or DIR is the "
-                            "extracted folder itself (default: data/ of the archive; see "
-                            "data/README.md)")
-        g.add_argument("--unverified-data", action="store_true",
-                       help="accept a dataset folder that differs from the official files "
-                            "(checksums, image counts); such runs are marked not as "
-                            "published (default: refuse it)")
     g.add_argument("--out-dir", type=Path, default=ROOT / "runs", metavar="DIR",
                    help="run directories go under DIR/<experiment>/ (default: runs/ of the "
                         "archive)")
-    if not smoke:
-        g.add_argument("--dataset", choices=tuple(paper.DATASET_CLASSES), default=None,
-                       help="train the rows on this dataset instead of their own (e.g. "
-                            "ResNet-32 on cifar10, the He et al. check); marked not as "
-                            "published (default: the row's)")
     g.add_argument("--resume", action="store_true",
                    help="continue runs from their checkpoint.h5 (default: start afresh)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar or download bar, per-epoch lines only")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print every run's command line, the device and the estimated time, "
+                        "then exit without creating anything")
 
 
-def _model_options(p: argparse.ArgumentParser) -> None:
-    """The network's interpretations of points the paper leaves open (SPEC §4)."""
-    i = p.add_argument_group("the network's interpretations (SPEC §4)")
-    i.add_argument("--outgate", choices=("logistic", "tanh"),
-                   default=default(ModelConfig, "outgate"),
-                   help="LSTM output-gate nonlinearity (default: %(default)s, eq. 4)")
-    i.add_argument("--forget-bias", type=_finite, metavar="B",
-                   default=default(ModelConfig, "forget_bias"),
-                   help="initial forget-gate bias (default: %(default)s)")
-    i.add_argument("--dense-init", choices=("he", "glorot"),
-                   default=default(ModelConfig, "dense_init"),
-                   help="softmax-layer weight init (default: %(default)s)")
-
-
-def _protocol_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
-    """The protocol's interpretations (SPEC §4-5) and the expert overrides."""
-    i = p.add_argument_group("the protocol's interpretations (SPEC §4-5)")
-    i.add_argument("--nesterov", action="store_true",
-                   default=default(TrainConfig, "nesterov"),
-                   help="Nesterov momentum instead of classical (default: %(default)s)")
-    i.add_argument("--flip", action="store_true", default=default(TrainConfig, "flip"),
-                   help="random horizontal flips in augmentation (default: %(default)s)")
-    i.add_argument("--patience", type=positive, metavar="EPOCHS",
-                   default=SMOKE["patience"] if smoke else default(TrainConfig, "patience"),
-                   help="plateau patience beta in epochs (default: %(default)s)")
-    i.add_argument("--lr", type=_above_zero, metavar="LR", default=None,
-                   help="learning rate of the first stage; the later stages keep the row's "
-                        "ratios (default: the row's, 0.1)")
-    i.add_argument("--schedule", type=_schedule, metavar="E1,E2,...",
-                   default=default(TrainConfig, "schedule"),
-                   help="fixed epochs per lr stage, skips the search run (default: "
-                        "%(default)s = search)")
+def _train_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
+    """The options of the commands that train: the run schema's fields (smoke: its own
+    defaults, :data:`SMOKE`, and no data or launcher options)."""
+    _stack_options(p, auto=True)
+    if not smoke:
+        _rows_option(p, "every row of the experiment")
+    _grid_options(p, smoke)
     if smoke:
-        e = p.add_argument_group("smoke's tiny network")
-        e.add_argument("--n", type=positive, default=SMOKE["n"],
-                       help="blocks per stage (default: %(default)s)")
-        e.add_argument("--k", type=_width, default=SMOKE["k"],
-                       help="width factor (default: %(default)s)")
-        _batch_option(e, str(SMOKE["batch_size"]), SMOKE["batch_size"])
+        small = {k: SMOKE[k] for k in ("n", "k", "batch_size", "patience", "epochs_cap")}
+        groups = dict(expert="smoke's tiny network")
+        schema.add_options(p, SECTIONS["model"], defaults=small, groups=groups)
+        schema.add_options(p, SECTIONS["train"], defaults=dict(small, lr_stages=None),
+                           helps=dict(epochs_cap="%(default)s"), groups=groups)
         return
-    e = p.add_argument_group("expert options (tests, quick looks: the run is then not the "
-                             "paper's row)")
-    e.add_argument("--n", type=positive, default=None,
-                   help="override the row's blocks per stage (default: the row's)")
-    e.add_argument("--k", type=_width, default=None,
-                   help="override the row's width factor (default: the row's)")
-    _batch_option(e, "the row's; overrides it")
-
-
-def _launch_options(p: argparse.ArgumentParser) -> None:
-    """The launchers' options (the fields of :class:`crmn.plan.LaunchOptions`)."""
-    g = p.add_argument_group("launchers: the grid of rows x seeds on several GPUs or a "
-                             "Slurm cluster (REPRODUCING.md, On a cluster)")
-    g.add_argument("--launcher", choices=LAUNCHERS, default="local",
-                   help="local: on this machine; slurm: one job array of single runs plus a "
-                        "compare job (default: %(default)s)")
-    g.add_argument("--jobs", type=positive, metavar="N", default=None,
-                   help="local: N single runs at once as subprocesses, each on its own GPU "
-                        "with --device cuda (default: one per visible GPU with --device "
-                        "cuda, else 1 = every run in this process, one after another)")
-    g.add_argument("--max-parallel", type=positive, metavar="K", default=None,
-                   help="slurm: at most K array tasks at once (--array=...%%K; default: "
-                        "no limit)")
-    g.add_argument("--slurm-args", metavar='"ARGS"', default=None,
-                   help='slurm: extra sbatch options for both jobs, e.g. "--gres=gpu:1 '
-                        '--time=8:00:00"; a single option as --slurm-args=--exclusive '
-                        '(SBATCH_* environment variables work too)')
-    g.add_argument("--max-requeues", type=int, metavar="N", default=None,
-                   help=f"slurm: a task requeues itself after a checkpointed stop at most N "
-                        f"times (default: {MAX_REQUEUES})")
-    g.add_argument("--wait", action="store_true", default=False,
-                   help="slurm: wait until the compare job ends and exit with its code "
-                        "(default: return once submitted)")
+    row = dict(n=None, k=None, batch_size=None, lr_stages=None, dataset=None)
+    shown = dict(n="the row's", k="the row's", batch_size="the row's; overrides it")
+    schema.add_options(p, SECTIONS[""], defaults=dict(row, data_dir=ROOT / "data"))
+    schema.add_options(p, SECTIONS["model"], defaults=row, helps=shown)
+    schema.add_options(p, SECTIONS["train"], defaults=row, helps=shown)
+    schema.add_options(p, LaunchOptions)
 
 
 def _train_parent() -> argparse.ArgumentParser:
-    """Options of the training commands."""
     p = argparse.ArgumentParser(add_help=False)
-    _stack_options(p)
-    _rows_option(p, "every row of the experiment")
-    _run_options(p)
-    _model_options(p)
-    _protocol_options(p)
-    _launch_options(p)
+    _train_options(p)
     return p
 
 
@@ -277,9 +112,9 @@ def _add_tools(sub) -> None:
                     help="cpu: compare the stacks in float64; cuda or cuda:N: the torch "
                          "stack on the GPU against the CPU (default: %(default)s)")
     _batch_option(sp, "8, for --rows and the small configurations alike")
-    sp.add_argument("--tol", type=_above_zero, default=None,
+    sp.add_argument("--tol", type=above_zero, default=None,
                     help="relative tolerance of the float64 checks (default: 1e-6)")
-    sp.add_argument("--lr", type=_above_zero, default=0.1,
+    sp.add_argument("--lr", type=above_zero, default=0.1,
                     help="learning rate of the compared step (default: %(default)s)")
     sp.add_argument("--seed", type=int, default=0, help="seed of the weights and batches "
                                                        "(default: %(default)s)")
@@ -329,7 +164,7 @@ def _add_gpucheck(sub) -> None:
     sp.add_argument("--out", type=Path, default=ROOT / "runs" / "gpucheck", metavar="DIR",
                     help="gpucheck.json, gpucheck.md and the training runs go here "
                          "(default: runs/gpucheck of the archive)")
-    sp.add_argument("--budget", type=_finite, default=None, metavar="SECONDS",
+    sp.add_argument("--budget", type=finite, default=None, metavar="SECONDS",
                     help="seconds the checks may take; a check whose expected cost does "
                          "not fit what is left is listed 'not run: budget' (default: 540, "
                          "one 10-minute call)")
@@ -354,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(no data)")
     _stack_options(sp)
     _rows_option(sp, "every row")
-    _model_options(sp)
+    schema.add_options(sp, ModelConfig, skip=("n", "k"))
     sp.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     sp = sub.add_parser("compare", help="re-print the comparison from run directories and "
                                         "write REPORT.md with plots")
@@ -366,10 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dir", metavar="DIR", help="e.g. runs/table1 (or runs/ for all)")
     sp = sub.add_parser("smoke", help="a minute-long end-to-end run on tiny fake data (no "
                                       "download)")
-    _stack_options(sp)
-    _run_options(sp, smoke=True)
-    _model_options(sp)
-    _protocol_options(sp, smoke=True)
+    _train_options(sp, smoke=True)
     _add_tools(sub)
     _add_gpucheck(sub)
     sp = sub.add_parser("test", add_help=False, help="run the test suite (extra args: pytest)")

@@ -1,26 +1,14 @@
-"""A whole table on several local GPUs or a Slurm cluster (issue #13).
+"""A whole table on several local GPUs or a Slurm cluster: the same single-run lines on both.
 
-``bash run_experiments.sh table1 --launcher local --jobs 4`` or ``--launcher slurm`` expands
-the selected rows × seeds into ``<out-dir>/<experiment>/manifest.txt``
-(:mod:`crmn.launch.manifest`: one exact single-run command line per run, with ``--resume``),
-then executes those lines: as subprocesses (:mod:`crmn.launch.local`) or as one Slurm job
-array plus a compare job (:mod:`crmn.launch.slurm`). Both launchers run the same lines, so
-they write the same run directories. :mod:`crmn.launch.status` tells where every run stands
-(``bash run_experiments.sh status DIR``).
+``--launcher local --jobs N`` or ``--launcher slurm`` writes the selected rows × seeds to
+``<out-dir>/<experiment>/manifest.txt`` (:mod:`crmn.launch.manifest`), then runs those lines
+as subprocesses (:mod:`crmn.launch.local`) or a Slurm job array plus a compare job
+(:mod:`crmn.launch.slurm`); :mod:`crmn.launch.status` says where each run stands. With one
+local job (the default on a CPU) the table trains in the command's own process.
 
-Without ``--launcher slurm`` and with one job (the default on CPU), the table trains in the
-CLI's own process as before: :func:`wanted` is False.
-
-Files of a launched experiment, beside its run directories::
-
-    manifest.txt          one line per (row, seed)
-    tasks/<i>.start       task i started (JSON: launcher, host, pid, job, log)
-    tasks/<i>.rc          task i's exit code (3: stopped after a checkpoint; 130: Ctrl-C; both
-                          resumable)
-    tasks/<i>.out         task i's output (local launcher)
-    slurm/<A>_<i>.out     task i's output (Slurm; every restart appended)
-    slurm/jobs.json       array and compare job ids of the last submission
-    slurm/compare_<C>.out, slurm/compare.rc   the compare job's output and exit code
+Beside the run directories: ``tasks/<i>.start``, ``<i>.rc`` (3, 130: resumable) and
+``<i>.out`` (local output); ``slurm/<A>_<i>.out``, ``jobs.json``, ``compare_<C>.out``,
+``compare.rc``.
 """
 from __future__ import annotations
 
@@ -59,7 +47,7 @@ def _claim(exp_dir: Path):
 
 def main(plan: TrainPlan, entry: Path) -> int:
     """Write the manifest of ``plan`` (one single-run command line per run,
-    :meth:`TrainPlan.single_run_argv`), then run it with the plan's launcher; the exit code.
+    :func:`crmn.plan.render_argv`), then run it with the plan's launcher; the exit code.
 
     ``entry``: the archive's ``run_experiments.sh``."""
     exp_dir = Path(plan.out_dir).resolve() / plan.command

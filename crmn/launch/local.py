@@ -1,28 +1,16 @@
 """The local launcher: the manifest's lines as N subprocesses at once (``--jobs N``).
 
-Each line runs as its own process (its own session, so a terminal's Ctrl-C reaches only this
-launcher) with stdout and stderr in ``<exp>/tasks/<i>.out``. With ``--device cuda`` each
-process sees one GPU through ``CUDA_VISIBLE_DEVICES``, given round-robin by job slot. Unless
-``OMP_NUM_THREADS`` is set, each process gets ``cores // N`` intra-op threads through it:
-N processes of all-core thread pools on the same cores slow each other down many times over
-(measured: 0.9 s against 8 s per epoch of a tiny run on 2 cores). Float32 results depend on
-the thread count (summation order), so two launches agree bit for bit when their processes
-have the same ``OMP_NUM_THREADS``.
+Each line runs in its own session with its output in ``<exp>/tasks/<i>.out``; with
+``--device cuda`` each sees one GPU (``CUDA_VISIBLE_DEVICES``, round-robin). Unless
+``OMP_NUM_THREADS`` is set each gets ``cores // N`` threads: N all-core thread pools on the
+same cores slow each other down many times over. The runs die with the launcher (Linux:
+``PR_SET_PDEATHSIG``) and keep their last checkpoint. A line whose run directory a live
+process holds (:func:`crmn.runlog.hold`) is started once the lock is released.
 
-The runs die with the launcher: on Linux each process is started with the parent-death
-signal SIGKILL (``prctl(PR_SET_PDEATHSIG)``), so a launcher killed outright (``kill -9``, a
-closed terminal's session ended by force) takes its runs with it; each keeps its last
-checkpoint, and launching again resumes it. A relaunch never starts a line whose run
-directory is locked by a live process (:func:`crmn.runlog.hold`; a run of an earlier
-launch, or one started by hand): it says so and starts that line when the lock is released
-(with ``--resume`` a finished run is then a no-op). ``status`` shows such a run as running.
-
-Stopping: the first SIGINT (Ctrl-C), SIGTERM or SIGUSR1 sends SIGUSR1 to every running line,
-which finishes its epoch in progress, checkpoints it and exits 3 (``crmn.errors.
-EXIT_STOPPED``); no new line starts. A second SIGINT interrupts the lines at once (each keeps
-its last checkpoint, written atomically after every epoch; exit 130). Both are shown as
-stopped (resumable), never failed. The launcher then lists what was left and exits 130.
-Launching again resumes every unfinished run.
+Stopping: the first SIGINT, SIGTERM or SIGUSR1 sends SIGUSR1 to every line (each finishes
+its epoch, checkpoints, exits 3) and starts no new one; a second SIGINT interrupts them at
+once (exit 130, last checkpoint kept). Both are *stopped* (resumable); the launcher lists
+what was left and exits 130. Launching again resumes every unfinished run.
 """
 from __future__ import annotations
 
@@ -46,12 +34,8 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def die_with_parent():
-    """A ``preexec_fn`` for :class:`subprocess.Popen` that makes the child receive SIGKILL
-    when this process dies, however it dies; None where the kernel has no such request
-    (then a relaunch still finds the orphaned runs by their locks).
-
-    The C library is loaded here, in the parent: the function the child runs between fork
-    and exec only calls into it."""
+    """A ``preexec_fn`` that makes the child receive SIGKILL when this process dies (None
+    where the kernel cannot); libc is loaded here, in the parent, not between fork and exec."""
     if not sys.platform.startswith("linux"):
         return None
     try:

@@ -1,17 +1,8 @@
 """The grid of an experiment as a manifest: one single-run command line per (row, seed).
 
-``<out-dir>/<experiment>/manifest.txt`` holds one line per run of the grid, in the order of
-:class:`crmn.plan.TrainPlan` (rows as selected, then seeds). Each line is the exact command
-a user could type, e.g.::
-
-    bash /archive/run_experiments.sh table1 --rows t1-crmn32x1 --seed 0 --resume \
-        --no-progress --backend torch --data-dir /data --out-dir /runs
-
-rendered by :meth:`crmn.plan.TrainPlan.single_run_argv` from the run's checked settings
-(never from ``sys.argv`` or the parser): ``--resume``, ``--no-progress``, absolute
-``--data-dir`` and ``--out-dir``, and every setting in which the run differs from its row.
-Line ``i`` (0-based) is task ``i`` of both launchers (:mod:`crmn.launch.local`,
-:mod:`crmn.launch.slurm`), so they produce the same run directories from the same lines.
+``<out-dir>/<experiment>/manifest.txt`` holds, in plan order, each run's exact command line
+as :func:`crmn.plan.render_argv` renders it from the run's checked settings (never from
+``sys.argv``). Line ``i`` (0-based) is task ``i`` of both launchers.
 """
 from __future__ import annotations
 
@@ -22,7 +13,7 @@ from typing import List, Sequence, Tuple
 
 from crmn import runlog
 from crmn.errors import DataError
-from crmn.plan import TrainPlan
+from crmn.plan import TrainPlan, render_argv
 
 MANIFEST = "manifest.txt"
 #: folder of an experiment with the launchers' per-task markers (``<i>.start``, ``<i>.rc``)
@@ -54,7 +45,7 @@ class Task:
 def build(plan: TrainPlan, program: Sequence[str]) -> List[Task]:
     """The tasks of ``plan``, one per run; ``program``: the entry point, e.g.
     ``["bash", "/archive/run_experiments.sh"]``."""
-    return [Task(i, run.label, run.seed, tuple(plan.single_run_argv(run, program)))
+    return [Task(i, run.label, run.seed, tuple(render_argv(plan, run, program)))
             for i, run in enumerate(plan.runs)]
 
 

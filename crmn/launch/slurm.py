@@ -1,23 +1,13 @@
 """The Slurm launcher: the manifest as one job array, then a compare job.
 
-:func:`submit` runs two ``sbatch`` commands and returns at once:
-
-1. ``sbatch --array=0-(M-1)[%K] --open-mode=append --output=<exp>/slurm/%A_%a.out
-   [--slurm-args ...] crmn/launch/task.sh <manifest> <exp> <max-requeues>``: task ``i`` runs
-   line ``i`` of the manifest; ``task.sh`` asks for ``--requeue`` and
-   ``--signal=B:USR1@300`` and requeues itself after a checkpointed stop (see the script).
-2. ``sbatch --dependency=afterany:<array> ... crmn/launch/compare.sh``: the comparison after
-   every task ended, however it ended; it exits 1 when a run of the manifest is not finished
-   and leaves its exit code in ``<exp>/slurm/compare.rc``.
-
-The job ids go to ``<exp>/slurm/jobs.json``. A submission that fails (``sbatch`` refuses a
-job, no controller answers) removes the grid's ``manifest.txt`` and cancels the array when
-only the compare job was refused, so ``status`` never reads a grid that was not launched as
-one waiting to start. Everything cluster-specific comes from the user:
-the ``SBATCH_*`` environment variables ``sbatch`` reads itself (``SBATCH_PARTITION``,
-``SBATCH_ACCOUNT``, ``SBATCH_QOS``, ``SBATCH_TIMELIMIT``, ``SBATCH_GRES`` ...) and
-``--slurm-args``, passed to both ``sbatch`` calls after the launcher's own options (so they
-win). :func:`wait` polls ``squeue`` until the compare job has left the queue.
+:func:`submit` runs ``sbatch --array=0-(M-1)[%K] ... crmn/launch/task.sh`` (task ``i`` runs
+line ``i``; task.sh requeues itself after a checkpointed stop) and ``sbatch
+--dependency=afterany:<array> ... crmn/launch/compare.sh`` (exits 1 when a run is not
+finished; its code in ``<exp>/slurm/compare.rc``); the job ids go to
+``<exp>/slurm/jobs.json``. A submission that fails removes the manifest (and cancels the
+array when only the compare job was refused), so ``status`` never reads a grid that was not
+launched. Cluster settings come from the user: ``SBATCH_*`` variables and ``--slurm-args``
+(passed after the launcher's own options, so they win). :func:`wait` polls ``squeue``.
 """
 from __future__ import annotations
 
@@ -175,7 +165,7 @@ def wait(exp_dir: Path, jobs: Dict) -> int:
     exp_dir = Path(exp_dir)
     poll, last = _poll_s(), None
     while queued([jobs.get("compare") or jobs["array"]]):
-        counts = _counts(exp_dir)
+        counts = status.counts(status.grid_states(exp_dir))
         if counts != last:
             print(f"[slurm] {time.strftime('%H:%M:%S')} {counts}", flush=True)
             last = counts
@@ -196,8 +186,3 @@ def wait(exp_dir: Path, jobs: Dict) -> int:
     print(f"[slurm] compare job {jobs['compare']} exited {rc}", flush=True)
     return rc
 
-
-def _counts(exp_dir: Path) -> str:
-    states = status.grid_states(exp_dir)
-    return ", ".join(f"{sum(s.state == k for s in states)} {k}" for k in status.STATES
-                     if any(s.state == k for s in states))

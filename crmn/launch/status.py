@@ -1,23 +1,10 @@
 """Where every run of a launched grid stands: ``bash run_experiments.sh status DIR``.
 
-The state of task ``i`` of ``<exp>/manifest.txt`` is read from files only, plus ``squeue``
-when the grid went to Slurm and ``squeue`` answers:
-
-- the run directory (``summary.json`` "done" means *finished*; ``log.jsonl`` gives the last
-  finished epoch and phase);
-- the run directory's lock (``.lock``, :func:`crmn.runlog.hold`): a run whose lock a live
-  process on this machine holds is *running*, whatever the markers say (a relaunch clears
-  them while a run of an earlier launch may still train);
-- the launchers' markers in ``<exp>/tasks/``: ``<i>.start`` (JSON: launcher, host, pid,
-  Slurm job, log file), written when a task starts, and ``<i>.rc``, its exit code, written
-  when it ends (3: stopped by a signal after checkpointing; 130: interrupted by Ctrl-C,
-  its last checkpoint kept; both resumable);
-- the task's log (its last line is shown for a failed task);
-- ``<exp>/slurm/jobs.json`` (the array's job id) and ``squeue -r -j <id>``.
-
-States: *finished*, *running*, *waiting* (not started, pending in the queue, or requeued),
-*stopped* (resumable: exit 3 or 130 and not requeued, or a local run whose launcher died
-with it; run the launcher again to resume), *failed*.
+Task ``i`` of ``<exp>/manifest.txt`` is judged from files (the run directory's
+``summary.json`` and ``log.jsonl``; its lock, held by a live process: *running*; the
+launchers' markers ``<exp>/tasks/<i>.start`` and ``<i>.rc``; the task's log) and from
+``squeue`` where the grid went to Slurm. States: *finished*, *running*, *waiting*,
+*stopped* (resumable: exit 3 or 130, or a local run whose launcher died), *failed*.
 """
 from __future__ import annotations
 
@@ -27,11 +14,12 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TextIO
 
-from crmn import runlog, tables
+from crmn import report, runlog, tables
 from crmn.errors import DataError, EXIT_INTERRUPTED, EXIT_STOPPED
 from crmn.launch import manifest
 from crmn.launch.manifest import Task
@@ -48,16 +36,10 @@ PROC_LOCKS = "/proc/locks"
 
 
 def lock_holder(run_dir: Path) -> Optional[int]:
-    """The PID of the live process on this machine that holds ``run_dir``'s lock
-    (:func:`crmn.runlog.hold`), or None when nobody holds it.
-
-    The lock is never touched: on Linux the kernel's table of file locks
-    (``/proc/locks``) is searched for the lock file's device and inode, so a run that
-    takes its lock at that moment is not disturbed. Where that table is missing, a
-    non-blocking shared lock is tried and released at once (a run starting in that
-    instant could then find its folder busy). A lock held on another machine (a shared
-    file system) is not seen. The PID is -1 when the holder cannot be named.
-    """
+    """The PID of the live process on this machine holding ``run_dir``'s lock (-1: not
+    named), or None. The lock is never touched: the kernel's ``/proc/locks`` is searched for
+    the lock file's inode; without it a shared lock is tried and released at once. A lock
+    held on another machine is not seen."""
     path = Path(run_dir) / runlog.LOCK
     try:
         st = os.stat(path)
@@ -287,12 +269,7 @@ def experiment_dirs(directory: Path) -> List[Path]:
 
     Raises :class:`DataError` (one line) when ``directory`` is no folder or holds no grid.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise DataError(f"{directory}: " + ("not a folder" if directory.exists()
-                                            else "no such folder")
-                        + "; give the folder the runs were written to (--out-dir, e.g. "
-                          "runs/table1)")
+    directory = report.runs_folder(directory)
     if (directory / manifest.MANIFEST).exists():
         return [directory]
     found = sorted(p.parent for p in directory.glob(f"*/{manifest.MANIFEST}"))
@@ -318,24 +295,26 @@ def _compiled(run_dir: Path) -> str:
         return "? (log unreadable)"
 
 
+def counts(states: Sequence[TaskState]) -> str:
+    """``2 finished, 1 running``: how many runs are in each state."""
+    return ", ".join(f"{sum(s.state == k for s in states)} {k}" for k in STATES
+                     if any(s.state == k for s in states))
+
+
 def render(exp_dir: Path, states: Sequence[TaskState]) -> str:
     """A Markdown table of the states and a one-line count."""
     head = ("#", "row", "seed", "state", "detail", "compiled (s, cache)")
     rows = [(str(s.task.index), s.task.row, str(s.task.seed), s.state, s.detail,
              _compiled(s.task.run_dir(exp_dir))) for s in states]
-    counts = ", ".join(f"{sum(s.state == k for s in states)} {k}" for k in STATES
-                       if any(s.state == k for s in states))
     jobs = slurm_jobs(exp_dir)
     where = ("local launcher" if not jobs else f"Slurm array {jobs['array']}, "
              + (f"compare job {jobs['compare']}" if jobs.get("compare") else "no compare job"))
-    return "\n".join([f"{exp_dir}: {len(states)} run(s): {counts} ({where})",
+    return "\n".join([f"{exp_dir}: {len(states)} run(s): {counts(states)} ({where})",
                       *tables.markdown_lines(head, rows)])
 
 
 def show(directory: Path, out: Optional[TextIO] = None) -> int:
     """Print the table of every grid under ``directory``; exit code 0."""
-    import sys
-
     stream = out or sys.stdout
     for exp_dir in experiment_dirs(directory):
         stream.write(render(exp_dir, grid_states(exp_dir)) + "\n")
@@ -345,8 +324,6 @@ def show(directory: Path, out: Optional[TextIO] = None) -> int:
 def check_complete(directory: Path, out: Optional[TextIO] = None) -> int:
     """After ``compare``: list the manifest's runs that are not finished, on ``out``
     (stderr); 1 if there is any, 0 if all finished or ``directory`` has no manifest."""
-    import sys
-
     try:
         dirs = experiment_dirs(directory)
     except DataError:

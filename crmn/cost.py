@@ -1,0 +1,111 @@
+"""What a plan will cost: seconds per epoch measured by ``bench`` on this machine, times the
+epochs the protocol is expected to train.
+
+``bench`` records each measured row in ``$CRMN_CACHE/bench-speeds.json`` (default
+``~/.cache/crmn``), keyed by row, stack, device and dtype. Expected epochs of one run:
+with ``--schedule``, its sum (the final run only); otherwise a search and a final run of
+the same length, each stage assumed to last :data:`STAGE_EPOCHS_PER_PATIENCE` × patience
+epochs (the plateau search's length is only known once it has run), at most
+``--epochs-cap``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+from crmn import compile_cache
+from crmn.registry import StackOptions
+
+SPEEDS = "bench-speeds.json"
+#: the plateau search's assumed stage length, in units of the patience (10 -> 60 epochs)
+STAGE_EPOCHS_PER_PATIENCE = 6
+#: training images per epoch of the final run (SVHN: train + extra)
+TRAIN_IMAGES = {"cifar100": 50_000, "cifar10": 50_000, "svhn": 604_388}
+DAY = 86_400
+
+
+def speeds_path() -> Path:
+    return compile_cache.folder()[0] / SPEEDS
+
+
+def key(row: str, options: StackOptions) -> str:
+    mode = f"-{options.theano_mode}" if options.backend == "theano" else ""
+    return f"{row}|{options.backend}{mode}|{options.device}|{options.dtype}"
+
+
+def read_speeds(path: Optional[Path] = None) -> Dict[str, float]:
+    """The recorded seconds per 50,000-image epoch; {} where none (or unreadable)."""
+    try:
+        data = json.loads((path or speeds_path()).read_text())
+        return {str(k): float(v) for k, v in data.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def record(results: Sequence[Dict], options: Sequence[StackOptions],
+           path: Optional[Path] = None) -> Path:
+    """Add ``bench``'s results (each with ``row`` and ``sec_per_epoch``; ``options[i]``
+    the stack of ``results[i]``) to the recorded speeds; the file written."""
+    path = path or speeds_path()
+    speeds = read_speeds(path)
+    speeds.update({key(r["row"], o): r["sec_per_epoch"] for r, o in zip(results, options)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(speeds, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def expected_epochs(train) -> int:
+    """Epochs one run is expected to train (module docstring)."""
+    cap = train.epochs_cap
+    if train.schedule is not None:
+        return sum(min(e, cap) if cap else e for e in train.schedule)
+    stage = STAGE_EPOCHS_PER_PATIENCE * train.patience
+    return 2 * len(train.lr_stages) * (min(stage, cap) if cap else stage)
+
+
+def _time(seconds: float) -> str:
+    if seconds >= DAY:
+        return f"{seconds / DAY:.1f} days"
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def estimate(plan, speeds: Optional[Dict[str, float]] = None) -> str:
+    """One line: rows × seeds, the device, the estimated wall time, and the faster ways
+    when it is more than a day (or how to measure where nothing is recorded)."""
+    speeds = read_speeds() if speeds is None else speeds
+    rows = sorted({r.label for r in plan.runs})
+    stack = plan.stack
+    head = (f"plan: {len(plan.runs)} run(s) ({len(rows)} row(s) x seeds) on {stack.device} "
+            f"({stack.describe()})")
+    if plan.runs[0].spec.row is None:
+        return f"{head}; a tiny network on tiny data: minutes"
+    total, unmeasured = 0.0, []
+    for run in plan.runs:
+        spec = run.spec
+        s = speeds.get(key(spec.row, stack))
+        if s is None:
+            unmeasured.append(spec.row)
+            continue
+        total += s * TRAIN_IMAGES[spec.dataset] / 50_000 * expected_epochs(spec.train)
+    if unmeasured:
+        missing = ",".join(sorted(set(unmeasured)))
+        epochs = sum(expected_epochs(run.spec.train) for run in plan.runs)
+        return (f"{head}; about {epochs} epochs in all, but no measured speed on this machine "
+                f"for {missing}: run `bash run_experiments.sh bench --rows {missing} "
+                f"{_stack_flags(stack)}` first")
+    line = f"{head}; about {_time(total)} (bench's s/epoch x expected epochs, REPRODUCING.md §5)"
+    if total > DAY:
+        line += ("; faster: a GPU (--device cuda), --backend torch, or --launcher slurm "
+                 "(runs side by side)")
+    return line
+
+
+def _stack_flags(stack: StackOptions) -> str:
+    out = [f"--backend {stack.backend}", f"--device {stack.device}"]
+    if stack.backend == "theano":
+        out.append(f"--theano-mode {stack.theano_mode}")
+    return " ".join(out + ([f"--dtype {stack.dtype}"] if stack.dtype != "float32" else []))
+
