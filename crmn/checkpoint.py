@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Collection, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import h5py
 import numpy as np
@@ -171,13 +171,14 @@ def _show(value) -> str:
 def check_compatible(recorded: Dict, model: ModelConfig, train: Optional[TrainConfig] = None,
                      *, backend: Optional[str] = None, dtype: Optional[str] = None,
                      dataset: Optional[str] = None, path="checkpoint.h5",
-                     source: str = "the checkpoint", may_change: Collection[str] = ()) -> None:
+                     source: str = "the checkpoint",
+                     may_change: Callable[[str], bool] = lambda name: False) -> None:
     """Refuse a run recorded under another configuration: ``recorded`` is a checkpoint's
     meta or a config.json (``source`` names it in messages).
 
     Every field of ``model`` (and of ``train``, and ``backend`` / ``dtype`` / ``dataset``
-    when given) must equal the recorded one, but for the fields named in ``may_change``
-    (``"train.epochs_cap"``), which must only be present. The first difference is a
+    when given) must equal the recorded one, but for the fields ``may_change`` accepts
+    (``"train.epochs_cap"``: the run schema's ``resume`` fields), which must only be present. The first difference is a
     CheckpointError, e.g. ``checkpoint.h5: model.k is 2 here, 4 in the checkpoint``.
     """
     sections = [("model", model.to_dict(), recorded.get("model"))]
@@ -194,7 +195,7 @@ def check_compatible(recorded: Dict, model: ModelConfig, train: Optional[TrainCo
             if key not in here:
                 raise CheckpointError(f"{path}: {label}.{key} is unknown here, "
                                       f"{_show(there[key])} in {source}")
-            if here[key] != there[key] and f"{label}.{key}" not in may_change:
+            if here[key] != there[key] and not may_change(f"{label}.{key}"):
                 raise CheckpointError(f"{path}: {label}.{key} is {_show(here[key])} here, "
                                       f"{_show(there[key])} in {source}")
     for key, here in (("backend", backend), ("dtype", dtype), ("dataset", dataset)):

@@ -23,14 +23,13 @@ import numpy as np
 from crmn import checkpoint, runlog
 from crmn.config import TrainConfig
 from crmn.errors import CheckpointError, RunError
-from crmn.plan import RunSpec
+from crmn.plan import RunSpec, resume_may_change
 from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
 PHASES = ("search", "final")
 #: the checkpoint before checkpoint.h5, kept by crmn.checkpoint.save (the last good one)
 PREVIOUS = checkpoint.previous_path(runlog.CHECKPOINT).name
 #: ``--resume`` may change these fields; the cap only upwards (a run is extended)
-RESUME_MAY_CHANGE = ("train.epochs_cap",)
 
 Arrays = Dict[str, np.ndarray]
 
@@ -225,7 +224,7 @@ class RunFolder:
         another configuration, or a smaller cap (the epochs past it are trained already)."""
         spec = self.spec
         checkpoint.check_compatible(recorded, spec.model, spec.train, dataset=spec.dataset,
-                                    path=path, source=source, may_change=RESUME_MAY_CHANGE)
+                                    path=path, source=source, may_change=resume_may_change)
         old, new = recorded["train"].get("epochs_cap"), spec.train.epochs_cap
         if new == old:
             return None
