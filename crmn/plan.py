@@ -41,6 +41,7 @@ class RunSpec:
     data_dir: Path  # where crmn.data reads / downloads the dataset
     stack: StackOptions = StackOptions()  # backend, device, dtype, theano_mode, compile, ...
     unverified_data: bool = False  # accept a dataset folder that fails the official checks
+    subset: Optional[int] = None  # --subset N: a quick look on N training images
     row: Optional[str] = None  # crmn.paper row id, None for a run that is no paper row
     experiment: Optional[str] = None  # table1 | table2 | table3 | svhn | smoke
 
@@ -147,6 +148,8 @@ class TrainPlan:
         argv += _stack_flags(spec.stack)
         if spec.unverified_data:
             argv.append("--unverified-data")
+        if spec.subset is not None:
+            argv += ["--subset", str(spec.subset)]
         if spec.dataset != row.dataset:
             argv += ["--dataset", spec.dataset]
         argv += _model_flags(spec.model, ModelConfig.for_row(row))

@@ -100,7 +100,10 @@ class SeedRun:
                 or "fake" in (config.get("data"), summary.get("data")):
             out.append(("FAKE DATA", False))
         elif "unverified" in (config.get("data"), summary.get("data")):
-            out.append(("UNVERIFIED DATA (--unverified-data)", False))
+            out.append(("UNVERIFIED DATA (" + (config.get("data_description")
+                                               or "--unverified-data") + ")", False))
+        elif config.get("data_description"):  # --subset on the official data
+            out.append((config["data_description"], False))
         train = config.get("train") or {}
         if train.get("epochs_cap") is not None:
             out.append((f"epochs capped at {train['epochs_cap']} per stage", False))

@@ -255,7 +255,8 @@ class _Run:
             split = data.prepare(self.spec.dataset, self.spec.data_dir, phase,
                                  self.train.seed, val_fraction=self.train.val_fraction,
                                  progress=self.progress,
-                                 unverified=self.spec.unverified_data)
+                                 unverified=self.spec.unverified_data,
+                                 subset=self.spec.subset)
             self.loaded = (phase, split)
         return self.loaded[1]
 
@@ -652,6 +653,7 @@ def _config(ctx: _Run, stack) -> Dict:
             "model": spec.model.to_dict(),
             "train": spec.train.to_dict(), "seed": spec.train.seed,
             "fake_data": ctx.fake_data, "data": ctx.data_source, "versions": versions,
+            "data_description": data.describe(spec.dataset, spec.data_dir, spec.subset),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -167,6 +167,10 @@ def _run_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
                        help="accept a dataset folder that differs from the official files "
                             "(checksums, image counts); such runs are marked not as "
                             "published (default: refuse it)")
+        g.add_argument("--subset", type=positive, metavar="N", default=None,
+                       help="a quick look: train on N training images (class-balanced, a "
+                            "fixed seed) and test on a proportional share of the test "
+                            "images; marked as such (default: all)")
     g.add_argument("--out-dir", type=Path, default=ROOT / "runs", metavar="DIR",
                    help="run directories go under DIR/<experiment>/ (default: runs/ of the "
                         "archive)")

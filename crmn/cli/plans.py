@@ -104,7 +104,8 @@ def train_plan(args) -> TrainPlan:
             model, train = configs_for(row, args, k, args.dataset)
             spec = RunSpec(model=model, train=train, dataset=args.dataset or row.dataset,
                            data_dir=args.data_dir, stack=stack,
-                           unverified_data=args.unverified_data, row=row.id,
+                           unverified_data=args.unverified_data, subset=args.subset,
+                           row=row.id,
                            experiment=args.command)
             runs.append(Run(spec, row.id, exp_dir / row.id / f"seed{k}"))
     return TrainPlan(command=args.command, runs=tuple(runs), out_dir=args.out_dir,

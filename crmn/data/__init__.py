@@ -22,6 +22,7 @@ reach the module (e.g. to patch ``_CHUNK`` in a test) with
 the names: patch them in their own module, where the code reads them.
 """
 from crmn.data.fake import FAKE_MARKER, is_fake, write_fake, write_fake_archive
+from crmn.data.images import check as check_images, describe
 from crmn.data.formats import count_images, load_raw
 from crmn.data.integrity import (STAMP, UNVERIFIED_FLAG, ensure_downloaded, provenance,
                                  verify_folder)
@@ -33,7 +34,7 @@ from crmn.data.sources import DATASETS, MIRROR_ENV, DatasetInfo, PathLike, datas
 __all__ = [
     "BatchSampler", "DATASETS", "DatasetInfo", "EpochPlan", "FAKE_MARKER", "GCN_MIN_STD",
     "MIRROR_ENV", "PathLike", "STAMP", "SVHN_VAL_IMAGES", "Split", "UNVERIFIED_FLAG",
-    "count_images", "dataset_info", "ensure_downloaded", "global_contrast_normalize",
+    "check_images", "count_images", "dataset_info", "describe", "ensure_downloaded", "global_contrast_normalize",
     "is_fake", "iterate_eval", "load_raw", "locate", "prepare", "provenance", "split_indices",
     "verify_folder", "write_fake", "write_fake_archive",
 ]

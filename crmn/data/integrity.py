@@ -35,6 +35,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
+from crmn.data import images
 from crmn.data.fake import FAKE_MARKER
 from crmn.data.formats import count_images
 from crmn.data.sources import (DatasetInfo, PathLike, _md5, by_hand, dataset_info, fetch,
@@ -116,6 +117,8 @@ def provenance(name: str, data_dir: PathLike, unverified: bool = False) -> str:
         differs from the official files and ``unverified`` is False.
     """
     info = dataset_info(name)
+    if images.source(data_dir) is not None:
+        return "unverified"  # decoded images are never the official bytes
     folder = locate(name, data_dir)
     if folder is None:
         raise DataError(f"no {name} data: looked in {looked_in(info, Path(data_dir))}; let "
