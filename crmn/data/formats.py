@@ -1,14 +1,11 @@
-"""Readers of the official on-disk formats: CIFAR's Python pickles and SVHN's ``.mat`` files.
+"""Readers of the official formats: CIFAR's Python pickles and SVHN's ``.mat`` files.
 
-:func:`load_raw` reads a dataset's extracted folder into ``uint8`` arrays ``(N, 3, 32, 32)``
-and ``int64`` labels, checking every file's layout so that a wrong or damaged file stops with
-one line naming it; :func:`count_images` counts the images of one file for the checks of
-:mod:`crmn.data.integrity`.
-
-No file is trusted to be data: CIFAR pickles are read by :func:`load_data_pickle`, which
-builds numpy arrays and plain containers and refuses any other global a pickle names (the
-standard ``pickle.load`` would import and call it: ``os.system`` included), verified folder
-or not; SVHN's MATLAB files are read by ``scipy.io``, which runs no code.
+:func:`load_raw` reads an extracted folder into ``uint8`` (N, 3, 32, 32) and ``int64``
+labels, checking every file's layout (a wrong or damaged file is one line naming it). No
+file is trusted to be data: pickles are read by :func:`load_data_pickle`, which refuses any
+global but numpy's plain arrays and numbers and plain containers (``pickle.load`` would call
+it, ``os.system`` included); hand-made batches (str keys, (N, 1) or numpy-integer labels)
+are read too. SVHN's files are read by ``scipy.io``, which runs no code.
 """
 from __future__ import annotations
 
@@ -198,11 +195,8 @@ _LABEL_KEY = {"cifar10": b"labels", "cifar100": b"fine_labels"}
 
 
 def count_images(name: str, path: Path) -> int:
-    """Images in the official data file ``path`` of ``name``, its layout checked.
-
-    CIFAR batches are read whole (as :func:`load_raw` reads them); an SVHN ``.mat`` file is
-    counted from its header, without loading its pixels.
-    """
+    """Images in the data file ``path`` of ``name``, its layout checked (SVHN: from the
+    header, without loading its pixels)."""
     if name != "svhn":
         return len(_cifar_batch(path, _LABEL_KEY[name], dataset_info(name).classes)[1])
     import scipy.io  # imported here, as in _svhn_mat
@@ -228,24 +222,10 @@ def _check_meta(path: Path) -> None:
 
 
 def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
-    """Read the extracted official files of ``name`` from ``data_dir``.
-
-    ``data_dir`` holds the extracted folder, or is it (:func:`crmn.data.locate`); when
-    neither has every file, the missing file under ``data_dir/<folder>`` is named.
-
-    Returns
-    -------
-    dict
-        ``x_train`` uint8 (N, 3, 32, 32), ``y_train`` int64 (N,), ``x_test``, ``y_test``;
-        for SVHN also ``x_extra``, ``y_extra``. CIFAR-100 uses the 100 fine labels; SVHN's
-        label 10 becomes the digit 0.
-
-    Raises
-    ------
-    DataError
-        A file is missing, corrupt, or not plain data (:func:`load_data_pickle`: the label
-        file ``batches.meta`` / ``meta`` too, when present, though its names are unused).
-    """
+    """``x_train`` uint8 (N, 3, 32, 32), ``y_train`` int64 (N,), ``x_test``, ``y_test``
+    (SVHN: also ``x_extra``, ``y_extra``; label 10 becomes the digit 0; CIFAR-100: the fine
+    labels) from the extracted files of ``name`` in (or at) ``data_dir``. A missing,
+    corrupt or non-data file (the label file too) is one :class:`DataError` line."""
     info = dataset_info(name)
     folder = locate(name, data_dir) or Path(data_dir) / info.folder
     if name == "svhn":

@@ -30,7 +30,7 @@ _CHUNK = 4096
 
 
 class Split(NamedTuple):
-    """Normalised arrays of one phase of the protocol (SPEC §5)."""
+    """Normalised arrays of one phase of the protocol (docs/spec.md §5)."""
 
     train_x: np.ndarray  # float32 (N, 3, 32, 32), normalised
     train_y: np.ndarray  # int64 (N,), class indices
@@ -40,17 +40,9 @@ class Split(NamedTuple):
 
 
 def global_contrast_normalize(x: np.ndarray) -> np.ndarray:
-    """Per-image global contrast normalisation (section 4.2, SVHN; Goodfellow et al. 2013).
-
-    Parameters
-    ----------
-    x : float32 (B, C, H, W), pixels in [0, 1]
-
-    Returns
-    -------
-    float32 (B, C, H, W): each image minus its mean over all C·H·W values, divided by its
-    standard deviation over them, floored at :data:`GCN_MIN_STD`.
-    """
+    """Per-image global contrast normalisation (section 4.2, SVHN; Goodfellow et al. 2013):
+    float32 (B, C, H, W) in [0, 1], each image minus its mean over all C·H·W values, divided
+    by their standard deviation floored at :data:`GCN_MIN_STD`."""
     mean = x.mean(axis=(1, 2, 3), keepdims=True, dtype=np.float64)
     std = x.std(axis=(1, 2, 3), keepdims=True, dtype=np.float64)
     scale = 1.0 / np.maximum(std, GCN_MIN_STD)
@@ -80,18 +72,13 @@ _SPLIT_KEY = 0x53504C54  # "SPLT": keys the split's random stream apart from the
 
 
 def split_indices(n: int, n_val: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Seeded disjoint (train, val) index sets of ``range(n)``, each sorted (search phase).
+    """Seeded disjoint sorted (train, val) index sets of ``range(n)``, ``n_val`` in val.
 
-    ``val`` has ``n_val`` indices; :func:`prepare` uses these, in this order, to pick the
-    rows of the joined training set (SVHN: train then extra).
-
-    The stream is keyed ``[_SPLIT_KEY, seed]``: ``default_rng(seed)`` would equal the
-    sampler's ``default_rng([seed, 0])`` (NumPy's SeedSequence ignores trailing zeros), and
-    the split must not share random numbers with epoch 0's batch order.
+    Keyed ``[_SPLIT_KEY, seed]``: ``default_rng(seed)`` would equal the sampler's
+    ``default_rng([seed, 0])`` (SeedSequence ignores trailing zeros), sharing its numbers.
     """
     perm = np.random.default_rng([_SPLIT_KEY, seed]).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
 
 
 def prepare(name: str, data_dir: PathLike, phase: str, seed: int, val_fraction: float = 0.1,

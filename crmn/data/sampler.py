@@ -1,4 +1,4 @@
-"""The batch sampler that both stacks draw from (SPEC §4, §6).
+"""The batch sampler that both stacks draw from (docs/spec.md §4, §6).
 
 :class:`BatchSampler` draws every random choice of an epoch (order, crop offsets, flips) from
 ``np.random.default_rng([seed, epoch])`` in :meth:`BatchSampler.plan` and applies it with one
@@ -44,7 +44,7 @@ class BatchSampler:
     y : int64 (N,)
     batch_size : images per batch; the last incomplete batch of an epoch is dropped
     seed : with the epoch number, keys ``np.random.default_rng([seed, epoch])``
-    pad : zero padding per side before the random H × W crop (SPEC §4: 4)
+    pad : zero padding per side before the random H × W crop (docs/spec.md §4: 4)
     flip : random horizontal flips with probability 1/2 (off in the paper)
     """
 
