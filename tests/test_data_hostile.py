@@ -1,4 +1,4 @@
-"""Data files never run code (issue #18): a pickle that is a program is refused, not run.
+"""Data files never run code: a pickle that is a program is refused, not run.
 
 A hand-supplied CIFAR folder is fake data with one file replaced by a pickle whose
 ``__reduce__`` creates a marker file when it is loaded by ``pickle.load``: through

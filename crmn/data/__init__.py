@@ -20,7 +20,7 @@ from crmn.data.sources import DATASETS, MIRROR_ENV, DatasetInfo, PathLike, datas
 __all__ = [
     "BatchSampler", "DATASETS", "DatasetInfo", "EpochPlan", "FAKE_MARKER", "GCN_MIN_STD",
     "MIRROR_ENV", "PathLike", "STAMP", "SVHN_VAL_IMAGES", "Split", "UNVERIFIED_FLAG",
-    "check_images", "count_images", "dataset_info", "describe", "ensure_downloaded", "global_contrast_normalize",
-    "is_fake", "iterate_eval", "load_raw", "locate", "prepare", "provenance", "split_indices",
-    "verify_folder", "write_fake", "write_fake_archive",
+    "check_images", "count_images", "dataset_info", "describe", "ensure_downloaded",
+    "global_contrast_normalize", "is_fake", "iterate_eval", "load_raw", "locate", "prepare",
+    "provenance", "split_indices", "verify_folder", "write_fake", "write_fake_archive",
 ]
