@@ -20,6 +20,7 @@ from crmn.errors import DataError
 from data_helpers import cifar_pickle, meta_pickle
 
 PIL = pytest.importorskip("PIL.Image")
+pytestmark = pytest.mark.current  # framework-free but the one run: the current environment too
 
 
 def _png(pixels, fmt="PNG", **kw) -> bytes:
@@ -169,9 +170,9 @@ def test_the_cli_refuses_a_bad_image_source_in_one_line_creating_nothing(tmp_pat
             tar.addfile(info, io.BytesIO(b"abc"))
         expected = "leaves the folder" if case == "member ../x" else "is a link"
     before = _tree(tmp_path)
-    rc, out, err = run_main(["table3", "--rows", "t3-crmn56x3", "--backend", "torch",
-                             "--n", "1", "--k", "0.5", "--dataset", "cifar10",
-                             "--subset", "10", "--schedule", "1,0,0", "--no-progress",
+    rc, out, err = run_main(["table3", "--rows", "t3-crmn56x3", "--backend", "theano",
+                             "--theano-mode", "jax", "--n", "1", "--k", "0.5", "--dataset",
+                             "cifar10", "--subset", "10", "--schedule", "1,0,0", "--no-progress",
                              "--data-dir", str(where), "--out-dir", str(tmp_path / "out")])
     assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1, err
     assert str(where) in err and expected in err, err
@@ -190,6 +191,8 @@ def test_counts_other_than_the_datasets_need_subset(tmp_path, cache):
     with pytest.raises(DataError, match="--subset asks for 21 training images, the data "
                                         "hold 20; choose a smaller N"):
         data.prepare("cifar10", src, "final", 0, subset=21)
+    with pytest.raises(DataError, match="no such file or folder .*none.tar.gz; give an image"):
+        data.prepare("cifar10", tmp_path / "none.tar.gz", "final", 0)
     assert data.provenance("cifar10", src) == "unverified"  # without --unverified-data
     assert data.describe("cifar10", src, 10) == ("CIFAR-10 from image folders, re-encoded; "
                                                 "a quick look on 10 training images (--subset)")

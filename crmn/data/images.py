@@ -86,7 +86,8 @@ def check(name: str, data_dir: PathLike, subset: Optional[int] = None) -> None:
     src = source(data_dir)
     if src is not None:
         _handed.clear()
-        _handed[_held_key(name, src, subset is None)] = load(name, src, subset is None)
+        arrays = load(name, src, subset is None)
+        _handed[_held_key(name, src, subset is None)] = arrays
 
 
 def _held_key(name: str, src: Path, exact: bool) -> Tuple:
@@ -98,6 +99,9 @@ def load(name: str, src: Path, exact: bool = True) -> Dict[str, np.ndarray]:
     """``x_train`` uint8 (N, 3, 32, 32), ``y_train`` int64, ``x_test``, ``y_test`` of the
     image source ``src``, from the cache or decoded (then cached); one line on stdout says
     which and how long. ``exact``: the counts must be the dataset's (no ``--subset``)."""
+    if not src.exists():
+        raise DataError(f"no such file or folder {src}; give an image folder or its archive "
+                        "as --data-dir")
     held = _handed.pop(_held_key(name, src, exact), None) if _handed else None
     if held is not None:
         return dict(held)
@@ -122,8 +126,8 @@ def load(name: str, src: Path, exact: bool = True) -> Dict[str, np.ndarray]:
 # --- members: (path inside the source, bytes), every one checked --------------------------
 
 def _refuse(src: Path, member: str, why: str) -> DataError:
-    return DataError(f"{src}: member {member!r} {why}; nothing was read or written: remove "
-                     "it, or pack only train/<class>/ and test/<class>/ of image files")
+    return DataError(f"{src}: member {member!r} {why}; nothing was written: remove it, "
+                     "or pack only train/<class>/ and test/<class>/ of image files")
 
 
 def _members(src: Path) -> Iterator[Tuple[str, bytes]]:
