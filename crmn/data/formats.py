@@ -132,7 +132,8 @@ def _cifar_batch(path: Path, label_key: bytes, classes: int) -> Tuple[np.ndarray
     d = {k.encode() if isinstance(k, str) else k: v for k, v in d.items()}  # str keys too
     missing = [k.decode() for k in (b"data", label_key) if k not in d]
     if missing:
-        held = ", ".join(repr(_key_text(k)) for k in d) or "no key"
+        held = ", ".join(repr(k.decode(errors="replace") if isinstance(k, bytes) else str(k))
+                         for k in d) or "no key"
         raise DataError(f"CIFAR batch {path} has no key {' or '.join(map(repr, missing))} "
                         f"(it holds {held}); replace it with the official file, or write "
                         f"its labels under {label_key.decode()!r}")
@@ -157,9 +158,8 @@ def _cifar_batch(path: Path, label_key: bytes, classes: int) -> Tuple[np.ndarray
     return x.reshape(-1, 3, 32, 32), y
 
 
-def _key_text(key) -> str:
-    """A batch's key as the user would write it (the official files have byte keys)."""
-    return key.decode(errors="replace") if isinstance(key, bytes) else str(key)
+_MAT_ERRORS = (ValueError, TypeError, OSError, EOFError, KeyError, IndexError,
+               NotImplementedError, zlib.error)
 
 
 def _svhn_mat(path: Path) -> Tuple[np.ndarray, np.ndarray]:
@@ -169,8 +169,7 @@ def _svhn_mat(path: Path) -> Tuple[np.ndarray, np.ndarray]:
         raise DataError(f"missing dataset file {path}; put the official file there")
     try:
         m = scipy.io.loadmat(str(path), variable_names=["X", "y"])
-    except (ValueError, TypeError, OSError, EOFError, KeyError, IndexError,
-            NotImplementedError, zlib.error) as e:
+    except _MAT_ERRORS as e:
         raise DataError(f"corrupt SVHN file {path}: not a complete MATLAB file ({e}); replace "
                         "it with the official file") from None
     if "X" not in m or "y" not in m:
@@ -203,8 +202,7 @@ def count_images(name: str, path: Path) -> int:
 
     try:
         shapes = {var: shape for var, shape, _ in scipy.io.whosmat(str(path))}
-    except (ValueError, TypeError, OSError, EOFError, KeyError, IndexError,
-            NotImplementedError, zlib.error) as e:
+    except _MAT_ERRORS as e:
         raise DataError(f"corrupt SVHN file {path}: not a complete MATLAB file ({e}); replace "
                         "it with the official file") from None
     if len(shapes.get("X", ())) != 4:
@@ -234,14 +232,11 @@ def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
             out[f"x_{part}"], out[f"y_{part}"] = _svhn_mat(folder / f"{part}_32x32.mat")
         return out
     _check_meta(folder / ("batches.meta" if name == "cifar10" else "meta"))
-    if name == "cifar10":
-        key = _LABEL_KEY[name]
-        parts = [_cifar_batch(folder / f"data_batch_{i}", key, 10) for i in range(1, 6)]
-        x_test, y_test = _cifar_batch(folder / "test_batch", key, 10)
-        x_train = np.concatenate([p[0] for p in parts])
-        y_train = np.concatenate([p[1] for p in parts])
-    else:
-        x_train, y_train = _cifar_batch(folder / "train", _LABEL_KEY[name], 100)
-        x_test, y_test = _cifar_batch(folder / "test", _LABEL_KEY[name], 100)
-    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    ten = name == "cifar10"
+    parts = [_cifar_batch(folder / f, _LABEL_KEY[name], info.classes)
+             for f in ([f"data_batch_{i}" for i in range(1, 6)] if ten else ["train"])
+             + ["test_batch" if ten else "test"]]
+    return {"x_train": np.concatenate([p[0] for p in parts[:-1]]),
+            "y_train": np.concatenate([p[1] for p in parts[:-1]]),
+            "x_test": parts[-1][0], "y_test": parts[-1][1]}
 

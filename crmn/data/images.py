@@ -12,6 +12,7 @@ Such data is never the official bytes: :func:`describe` names it, the run is unv
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -22,7 +23,7 @@ import time
 import warnings
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -131,80 +132,49 @@ def _refuse(src: Path, member: str, why: str) -> DataError:
 
 
 def _members(src: Path) -> Iterator[Tuple[str, bytes]]:
-    """Every regular file of ``src`` with its path (``/``-separated), sizes checked first."""
+    """Every regular file of ``src`` with its ``/``-separated path, each entry checked."""
     try:
-        if src.is_dir():
-            yield from _folder_members(src)
-        elif src.name.lower().endswith(".zip"):
-            yield from _zip_members(src)
-        else:
-            yield from _tar_members(src)
+        for name, kind, size, read in _entries(src):
+            if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts \
+                    or "\\" in name:
+                raise _refuse(src, name, "leaves the folder")
+            if kind in ("link", "other"):
+                raise _refuse(src, name, "is a link" if kind == "link" else "is no file")
+            if kind == "file" and not any(p.startswith(".") or p == "__MACOSX"
+                                          for p in PurePosixPath(name).parts):
+                if size > MAX_FILE:
+                    raise _refuse(src, name, f"has {size:,} bytes, too many for an image")
+                yield name, read()
     except (OSError, EOFError, tarfile.TarError, zipfile.BadZipFile) as e:
         raise DataError(f"cannot read {src}: {getattr(e, 'strerror', None) or e}; check the "
                         "file (a complete .tar, .tar.gz, .tar.xz or .zip, or a folder)") from None
 
 
-def _unsafe(name: str) -> bool:
-    p = PurePosixPath(name)
-    return p.is_absolute() or ".." in p.parts or "\\" in name or ":" in name
-
-
-def _folder_members(src: Path) -> Iterator[Tuple[str, bytes]]:
-    for top, dirs, files in os.walk(src):
-        dirs.sort()
-        for entry in sorted(dirs + files):
-            path = Path(top, entry)
-            rel = path.relative_to(src).as_posix()
-            st = path.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                raise _refuse(src, rel, "is a link")
-            if entry in dirs:
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                raise _refuse(src, rel, "is not a regular file")
-            if _wanted(rel):
-                _check_size(src, rel, st.st_size)
-                yield rel, path.read_bytes()
-
-
-def _tar_members(src: Path) -> Iterator[Tuple[str, bytes]]:
-    with tarfile.open(src, "r:*") as tar:
-        for m in tar:
-            if _unsafe(m.name):
-                raise _refuse(src, m.name, "leaves the folder")
-            if m.issym() or m.islnk():
-                raise _refuse(src, m.name, "is a link")
-            if m.isdir():
-                continue
-            if not m.isfile():
-                raise _refuse(src, m.name, "is not a regular file")
-            if _wanted(m.name):
-                _check_size(src, m.name, m.size)
-                yield m.name, tar.extractfile(m).read()
-
-
-def _zip_members(src: Path) -> Iterator[Tuple[str, bytes]]:
-    with zipfile.ZipFile(src) as z:
-        for info in z.infolist():
-            if _unsafe(info.filename):
-                raise _refuse(src, info.filename, "leaves the folder")
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise _refuse(src, info.filename, "is a link")
-            if info.is_dir():
-                continue
-            if _wanted(info.filename):
-                _check_size(src, info.filename, info.file_size)
-                yield info.filename, z.read(info)
-
-
-def _wanted(name: str) -> bool:
-    """Hidden files and macOS resource forks are skipped, everything else is read."""
-    return not any(p.startswith(".") or p == "__MACOSX" for p in PurePosixPath(name).parts)
-
-
-def _check_size(src: Path, name: str, size: int) -> None:
-    if size > MAX_FILE:
-        raise _refuse(src, name, f"has {size:,} bytes, too many for a 32x32 image")
+def _entries(src: Path) -> Iterator[Tuple[str, str, int, Callable[[], bytes]]]:
+    """``(path, kind, size, read)`` of every entry of a folder, zip or tar (hidden files
+    and macOS resource forks are skipped by the caller); kind: file, dir, link, other."""
+    if src.is_dir():
+        for top, dirs, files in os.walk(src):
+            dirs.sort()
+            for entry in sorted(dirs + files):
+                path = Path(top, entry)
+                mode = path.lstat().st_mode
+                kind = ("link" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode)
+                        else "file" if stat.S_ISREG(mode) else "other")
+                yield path.relative_to(src).as_posix(), kind, path.lstat().st_size, \
+                    path.read_bytes
+    elif src.name.lower().endswith(".zip"):
+        with zipfile.ZipFile(src) as z:
+            for info in z.infolist():
+                kind = ("link" if stat.S_ISLNK(info.external_attr >> 16)
+                        else "dir" if info.is_dir() else "file")
+                yield info.filename, kind, info.file_size, functools.partial(z.read, info)
+    else:
+        with tarfile.open(src, "r:*") as tar:
+            for m in tar:
+                kind = ("link" if m.issym() or m.islnk() else "dir" if m.isdir()
+                        else "file" if m.isfile() else "other")
+                yield m.name, kind, m.size, lambda m=m: tar.extractfile(m).read()
 
 
 def _place(src: Path, name: str, prefixes: set) -> Optional[Tuple[str, str]]:
