@@ -5,7 +5,6 @@ with the pixels written), packed as the archives a user would make.
 """
 import io
 import json
-import os
 import pickle
 import tarfile
 import zipfile
@@ -17,7 +16,6 @@ import pytest
 from crmn import data
 from crmn.data import images
 from crmn.errors import DataError
-from data_helpers import cifar_pickle, meta_pickle
 
 PIL = pytest.importorskip("PIL.Image")
 pytestmark = pytest.mark.current  # framework-free but the one run: the current environment too
@@ -283,3 +281,21 @@ def test_a_numpy_scalar_of_a_non_numeric_dtype_is_refused(tmp_path):
     path.write_bytes(blob)
     with pytest.raises(DataError, match="asks for a numpy scalar of dtype dtype\\('<M8"):
         load_data_pickle(path)
+
+
+@pytest.mark.parametrize("member", ["../x.png", "/etc/x.png", "imgs/train/../../x.png"])
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_archive_members_that_leave_the_folder_are_refused(tmp_path, cache, member, kind):
+    src, _ = image_folder(tmp_path / "d", n_train=1)
+    archive = _pack(src, tmp_path / ("imgs.zip" if kind == "zip" else "imgs.tar"))
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "a") as z:
+            z.writestr(member, b"abc")
+    else:
+        with tarfile.open(archive, "a") as tar:
+            info = tarfile.TarInfo(member)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(DataError, match=f"member '{member}' leaves the folder; nothing was "
+                                        "written"):
+        images.load("cifar10", archive, exact=False)
