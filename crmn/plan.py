@@ -52,6 +52,10 @@ class RunSpec:
                                    default_help="refuse it", help="accept a dataset folder "
                                    "that differs from the official files (checksums, image "
                                    "counts); such runs are marked not as published")
+    subset: Optional[int] = option(None, flag="--subset", type=positive, metavar="N",
+                                   default_help="all", help="a quick look: train on N "
+                                   "training images (class-balanced, a fixed seed) and test on "
+                                   "a proportional share of the test images; marked as such")
     row: Optional[str] = None  # crmn.paper row id, None for a run that is no paper row
     experiment: Optional[str] = None  # table1 | table2 | table3 | svhn | smoke
 

@@ -83,7 +83,10 @@ class SeedRun:
                 or "fake" in (config.get("data"), summary.get("data")):
             out.append(("FAKE DATA", False))
         elif "unverified" in (config.get("data"), summary.get("data")):
-            out.append(("UNVERIFIED DATA (--unverified-data)", False))
+            out.append(("UNVERIFIED DATA (" + (config.get("data_description")
+                                               or "--unverified-data") + ")", False))
+        elif config.get("data_description"):  # --subset on the official data
+            out.append((config["data_description"], False))
         dataset = config.get("dataset") or summary.get("dataset")
         if row is not None and dataset not in (None, row.dataset):
             out.append((f"dataset {dataset} (row: {row.dataset})", False))

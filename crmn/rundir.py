@@ -370,7 +370,7 @@ class RunFolder:
 
     # --- while training -------------------------------------------------------------------
 
-    def write_config(self, stack, data_source: str) -> None:
+    def write_config(self, stack, data_source: str, description: Optional[str]) -> None:
         """config.json: what runs, where, on which data and library versions."""
         spec, options = self.spec, self.spec.stack
         versions = {"python": platform.python_version(), "numpy": np.__version__}
@@ -385,7 +385,7 @@ class RunFolder:
             "compile_cache": options.compile_cache, "params": stack.param_count(),
             "model": spec.model.to_dict(), "train": spec.train.to_dict(),
             "seed": spec.train.seed, "fake_data": data_source == "fake", "data": data_source,
-            "versions": versions,
+            "data_description": description, "versions": versions,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
     def log(self, line: LogLine) -> None:

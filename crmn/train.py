@@ -114,6 +114,7 @@ class Training:
         self.folder, self.spec, self.progress = folder, folder.spec, progress
         self.train = self.spec.train
         self.data_source = "official"  # crmn.data.provenance: official | fake | unverified
+        self.description: Optional[str] = None  # crmn.data.describe: not the official files
         self.epoch_wall: List[float] = []  # this process's epochs
         self.loaded: Optional[Tuple[str, Any]] = None  # (phase, crmn.data.Split)
         self.schedule_found: Optional[List[int]] = None  # the search's results
@@ -133,7 +134,7 @@ class Training:
         say(f"{folder.dir}: backend {stack.name} on {stack.device}, dtype "
             f"{spec.stack.dtype}, {stack.param_count():,} trainable parameters")
         if start is None or not folder.path(runlog.CONFIG).exists():
-            folder.write_config(stack, self.data_source)
+            folder.write_config(stack, self.data_source, self.description)
         if searching:
             initial = {k: np.array(v, copy=True)  # a stack may hand out views of its buffers
                        for k, v in stack.get_state().items()}
@@ -241,7 +242,7 @@ class Training:
             self.loaded = (phase, data.prepare(
                 spec.dataset, spec.data_dir, phase, self.train.seed,
                 val_fraction=self.train.val_fraction, progress=self.progress,
-                unverified=spec.unverified_data))
+                unverified=spec.unverified_data, subset=spec.subset))
         return self.loaded[1]
 
     def note_data(self) -> None:
@@ -250,13 +251,15 @@ class Training:
         spec = self.spec
         self.data_source = data.provenance(spec.dataset, spec.data_dir,
                                            unverified=spec.unverified_data)
+        self.description = data.describe(spec.dataset, spec.data_dir, spec.subset)
         if self.data_source == "fake":
             warn(f"{spec.data_dir} holds fake {spec.dataset} data (crmn.data write_fake); "
                  "this run's accuracies say nothing about the paper's")
         elif self.data_source == "unverified":
-            warn(f"the {spec.dataset} data in {spec.data_dir} were not checked against the "
-                 f"official files ({data.UNVERIFIED_FLAG}); compare lists this run as not as "
-                 "published")
+            why = self.description or f"not checked against the official files " \
+                f"({data.UNVERIFIED_FLAG})"
+            warn(f"the {spec.dataset} data in {spec.data_dir}: {why}; compare lists this run "
+                 "as not as published")
 
     def epoch_line(self, e: LogLine, sched, best: bool) -> str:
         """``[search] epoch 12 stage 0 lr 0.1 | train loss 1.2 acc 45.6% | val ... | 30.2 s``"""

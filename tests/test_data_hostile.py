@@ -1,4 +1,4 @@
-"""Data files never run code (issue #18): a pickle that is a program is refused, not run.
+"""Data files never run code: a pickle that is a program is refused, not run.
 
 A hand-supplied CIFAR folder is fake data with one file replaced by a pickle whose
 ``__reduce__`` creates a marker file when it is loaded by ``pickle.load``: through
@@ -117,9 +117,7 @@ def test_a_hostile_file_checked_against_the_table_is_refused_unrun(tmp_path, mon
         msg = str(e.value)
         assert "\n" not in msg and msg.startswith(str(folder / fname))
         if fname in dict(data.DATASETS[name].images):  # a data file: counted, so parsed safely
-            assert msg == (f"{folder / fname}: refuses to load: the pickle asks for "
-                           f"{global_name} (only numpy arrays and plain containers are "
-                           f"allowed); replace it with the official file")
+            assert msg == _refused(folder / fname, global_name)
         else:  # a label file: refused by its MD5 alone, never parsed
             assert " has MD5 " in msg
         assert not marker.exists()
@@ -144,9 +142,7 @@ def test_a_hostile_file_is_refused_unrun_with_unverified_data(tmp_path, closed_u
                                       unverified=True)):
         with pytest.raises(DataError) as e:
             call()
-        assert str(e.value) == (f"{folder / fname}: refuses to load: the pickle asks for "
-                                f"{global_name} (only numpy arrays and plain containers are "
-                                f"allowed); replace it with the official file")
+        assert str(e.value) == _refused(folder / fname, global_name)
         assert not marker.exists()
 
 
@@ -177,6 +173,13 @@ def _cli(tmp_path, name, unverified, table=None):
         cmd = [sys.executable, "-c", _WITH_TABLE, str(tmp_path / "table.json"), *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, data.MIRROR_ENV: "http://127.0.0.1:9/"})
+
+
+def _refused(path, name):
+    """The refusal of a pickle that names ``name``: the file, the name, the way on."""
+    return (f"{path}: refuses to load: the pickle asks for {name}, which could run code; "
+            "write your own batch as a dict of numpy arrays, lists and numbers, e.g. "
+            "{'data': uint8 array (N, 3072), 'labels': [int, ...]}, or use the official file")
 
 
 def _one_error_line(p):
@@ -211,10 +214,7 @@ def test_the_cli_with_the_real_table_refuses_a_hostile_folder(tmp_path):
         _write_hostile(folder / fname, _Open(marker))
     p = _cli(tmp_path, "cifar100", unverified=False)
     assert p.returncode == 1
-    assert _one_error_line(p) == (f"error: {folder / 'train'}: refuses to load: the pickle "
-                                  f"asks for io.open (only numpy arrays and plain "
-                                  f"containers are allowed); replace it with the official "
-                                  "file")
+    assert _one_error_line(p) == "error: " + _refused(folder / "train", "io.open")
     assert not marker.exists()
 
 
@@ -274,9 +274,7 @@ def test_any_other_global_is_refused_by_name_before_it_is_imported(tmp_path, mod
     (tmp_path / "f").write_bytes(raw)
     with pytest.raises(DataError) as e:
         formats.load_data_pickle(tmp_path / "f")
-    assert str(e.value) == (f"{tmp_path / 'f'}: refuses to load: the pickle asks for "
-                            f"{module}.{name} (only numpy arrays and plain containers are "
-                            f"allowed); replace it with the official file")
+    assert str(e.value) == _refused(tmp_path / "f", f"{module}.{name}")
 
 
 class _Python2Pickler(pickle._Pickler):

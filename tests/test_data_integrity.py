@@ -1,4 +1,4 @@
-"""crmn/data/integrity.py: extracted folders are checked like downloads (issue #14).
+"""crmn/data/integrity.py: extracted folders are checked like downloads.
 
 Folders are written here in the official layouts; the real data cannot be downloaded in
 tests, so acceptance by checksum is proven by pointing the MD5 table at the files written.

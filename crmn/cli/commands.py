@@ -39,6 +39,8 @@ def train_runs(plan: TrainPlan) -> List[Path]:
     # the epoch, checkpoint it, stop (exit 3 / 130); a second Ctrl-C stops at once
     signal.signal(signal.SIGUSR1, trainer.request_stop)
     signal.signal(signal.SIGINT, trainer.request_stop)
+    for key in dict.fromkeys((r.spec.dataset, r.spec.data_dir, r.spec.subset) for r in plan.runs):
+        data.check_images(*key)  # image folders: refused before any run directory exists
     run_dirs = []
     for run in plan.runs:
         trainer.check_stop(plan.exp_dir)

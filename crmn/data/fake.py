@@ -1,10 +1,5 @@
-"""Small fake datasets written in the official formats, for smoke runs and tests.
-
-:func:`write_fake` writes learnable random images as the extracted official files, so that
-everything downstream (readers, preprocessing, sampler, training) runs unchanged on them;
-:func:`write_fake_archive` packs them as the official downloads. A marker file
-(:data:`FAKE_MARKER`) tells fake folders from real ones (:func:`is_fake`).
-"""
+"""Small fake datasets in the official formats (smoke runs, tests): everything downstream
+runs unchanged on them; a marker file (:data:`FAKE_MARKER`) tells them from real ones."""
 from __future__ import annotations
 
 import pickle
@@ -23,11 +18,8 @@ FAKE_MARKER = "FAKE_DATA.txt"
 
 
 def _fake_images(classes: int, counts: Sequence[int], seed: int):
-    """Learnable random images: a colour and a coarse 4x4 pattern per class, plus noise.
-
-    Returns one ``(uint8 (n, 3, 32, 32), int64 (n,))`` pair per entry of ``counts``, all
-    drawn around the same class templates (so a model trained on the first generalises).
-    """
+    """Learnable random images, one ``(uint8 (n, 3, 32, 32), int64 (n,))`` pair per entry
+    of ``counts``: a colour and a coarse 4x4 pattern per class (shared by all), plus noise."""
     rng = np.random.default_rng([seed, classes])
     colour = rng.uniform(0.2, 0.8, size=(classes, 3, 1, 1))
     pattern = rng.uniform(-0.2, 0.2, size=(classes, 1, 4, 4)).repeat(8, 2).repeat(8, 3)
@@ -47,14 +39,8 @@ def _write_pickle(path: Path, obj: dict) -> None:
 
 def write_fake(name: str, data_dir: PathLike, n_train: int, n_test: int,
                seed: int = 0) -> Path:
-    """Write small fake data in the extracted official format of ``name``; return the folder.
-
-    CIFAR-10: ``data_batch_1..5`` (``n_train`` images shared out), ``test_batch``,
-    ``batches.meta``; CIFAR-100: ``train``, ``test``, ``meta`` with fine and coarse labels;
-    SVHN: ``train_32x32.mat`` and ``extra_32x32.mat`` (``n_train`` images between them, so
-    train + extra has ``n_train``) and ``test_32x32.mat``, digit 0 stored as 10. A
-    ``FAKE_DATA.txt`` marker (:func:`is_fake`) tells fake folders from real ones.
-    """
+    """Write small fake data as the extracted official files of ``name`` (SVHN: ``n_train``
+    images in train + extra), with the :data:`FAKE_MARKER`; return the folder."""
     info = dataset_info(name)
     if n_train < 1 or n_test < 1:
         raise ConfigError(f"fake data needs n_train, n_test >= 1, got {n_train}, {n_test}")
@@ -113,11 +99,8 @@ def _write_cifar100(folder: Path, n_train: int, n_test: int, seed: int) -> None:
 
 def write_fake_archive(name: str, out_dir: PathLike, n_train: int, n_test: int,
                        seed: int = 0) -> Dict[str, Path]:
-    """Fake data packed as the official downloads of ``name``, for download tests.
-
-    Returns ``{file name: path}`` for each entry of ``DATASETS[name].archives``: a
-    ``.tar.gz`` holding ``<folder>/...`` for CIFAR, the three ``.mat`` files for SVHN.
-    """
+    """Fake data packed as the official downloads of ``name`` (download tests):
+    ``{file name: path}`` of each of ``DATASETS[name].archives``."""
     info = dataset_info(name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +113,6 @@ def write_fake_archive(name: str, out_dir: PathLike, n_train: int, n_test: int,
         with tarfile.open(out_dir / fname, "w:gz") as tar:
             tar.add(folder, arcname=info.folder)
     return {fname: out_dir / fname}
-
 
 
 def is_fake(name: str, data_dir: PathLike) -> bool:

@@ -1,17 +1,15 @@
-"""Readers of the official on-disk formats: CIFAR's Python pickles and SVHN's ``.mat`` files.
+"""Readers of the official formats: CIFAR's Python pickles and SVHN's ``.mat`` files.
 
-:func:`load_raw` reads a dataset's extracted folder into ``uint8`` arrays ``(N, 3, 32, 32)``
-and ``int64`` labels, checking every file's layout so that a wrong or damaged file stops with
-one line naming it; :func:`count_images` counts the images of one file for the checks of
-:mod:`crmn.data.integrity`.
-
-No file is trusted to be data: CIFAR pickles are read by :func:`load_data_pickle`, which
-builds numpy arrays and plain containers and refuses any other global a pickle names (the
-standard ``pickle.load`` would import and call it: ``os.system`` included), verified folder
-or not; SVHN's MATLAB files are read by ``scipy.io``, which runs no code.
+:func:`load_raw` reads an extracted folder into ``uint8`` (N, 3, 32, 32) and ``int64``
+labels, checking every file's layout (a wrong or damaged file is one line naming it). No
+file is trusted to be data: pickles are read by :func:`load_data_pickle`, which refuses any
+global but numpy's plain arrays and numbers and plain containers (``pickle.load`` would call
+it, ``os.system`` included); hand-made batches (str keys, (N, 1) or numpy-integer labels)
+are read too. SVHN's files are read by ``scipy.io``, which runs no code.
 """
 from __future__ import annotations
 
+import importlib
 import pickle
 import zlib
 from pathlib import Path
@@ -23,13 +21,31 @@ from crmn.data.sources import PathLike, dataset_info, locate
 from crmn.errors import DataError
 
 
-def _numpy_reconstruct():
-    """numpy's array reconstruction function, under whichever module name this numpy uses."""
-    try:  # numpy >= 2
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
+def _numpy(module: str, name: str):
+    """``numpy.<module>.<name>``, under numpy 2's module name or numpy 1's."""
+    try:
+        return getattr(importlib.import_module(f"numpy._core.{module}"), name)
+    except (ImportError, AttributeError):
+        return getattr(importlib.import_module(f"numpy.core.{module}"), name)
+
+
+def _plain(dtype, what: str) -> None:
+    """Refuse a dtype that is not a plain number (objects could hold anything)."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or (
+            what == "scalar" and (dtype.kind not in "biufc" or dtype.fields is not None)):
+        raise RefusedGlobal(f"a numpy {what} of dtype {dtype!r}")
+
+
+def _numpy_scalar():
+    """numpy scalars (``list(np.array(...))`` pickles its items so) of plain numbers only."""
+    scalar = _numpy("multiarray", "scalar")
+    return lambda dtype, *args: _plain(dtype, "scalar") or scalar(dtype, *args)
+
+
+def _numpy_frombuffer():
+    """numpy's protocol-5 array constructor, for dtypes without objects."""
+    frombuffer = _numpy("numeric", "_frombuffer")
+    return lambda buf, dtype, *args: _plain(dtype, "array") or frombuffer(buf, dtype, *args)
 
 
 def _latin1_encode(text, encoding):
@@ -40,13 +56,16 @@ def _latin1_encode(text, encoding):
     return text.encode("latin1")
 
 
-#: The only globals a CIFAR pickle may name: numpy's array reconstruction (numpy 1.x and 2.x
-#: module names), the array and dtype types, latin-1 byte strings as Python 3 writes them in
-#: protocol 2, and plain containers. The official files use the first three; a pickle that
-#: names anything else is refused before that name is even imported.
+_CORE = ("numpy.core.", "numpy._core.")
+#: The only globals a CIFAR pickle may name: numpy's array and plain-number constructors
+#: (numpy 1.x and 2.x names), the array and dtype types, latin-1 byte strings as Python 3
+#: writes them in protocol 2, and plain containers. Any other name is refused before it is
+#: even imported.
 _ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    **{(m + "multiarray", "_reconstruct"): lambda: _numpy("multiarray", "_reconstruct")
+       for m in _CORE},
+    **{(m + "multiarray", "scalar"): _numpy_scalar for m in _CORE},
+    **{(m + "numeric", "_frombuffer"): _numpy_frombuffer for m in _CORE},
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
     ("_codecs", "encode"): lambda: _latin1_encode,
@@ -62,12 +81,9 @@ class RefusedGlobal(pickle.UnpicklingError):
 
 
 class _DataUnpickler(pickle.Unpickler):
-    """An unpickler that builds numpy arrays and plain containers and nothing else.
-
-    ``pickle.load`` imports and calls whatever a pickle names (``os.system`` included);
-    this one looks every name up in :data:`_ALLOWED_GLOBALS` and refuses the rest, so a
-    data file can never run code.
-    """
+    """Builds numpy arrays, plain numbers and containers, and nothing else: every global a
+    pickle names is looked up in :data:`_ALLOWED_GLOBALS` (``pickle.load`` would import and
+    call it, ``os.system`` included)."""
 
     def find_class(self, module: str, name: str):
         make = _ALLOWED_GLOBALS.get((module, name))
@@ -76,30 +92,27 @@ class _DataUnpickler(pickle.Unpickler):
         return make()
 
 
+#: how to write a batch of one's own (the end of a refusal)
+_OWN_BATCH = ("write your own batch as a dict of numpy arrays, lists and numbers, e.g. "
+              "{'data': uint8 array (N, 3072), 'labels': [int, ...]}, or use the official file")
+
+
 def load_data_pickle(path: PathLike):
-    """The object in the CIFAR-style pickle ``path``, read without ever running code.
+    """The object in the CIFAR-style pickle ``path``, read without ever running code
+    (:class:`_DataUnpickler`; Python 2 strings become ``bytes``, as the official keys are).
 
-    Only numpy arrays, dtypes, byte and text strings, numbers and plain containers can come
-    out (:data:`_ALLOWED_GLOBALS`); Python 2 strings become ``bytes``, as in the official
-    files' byte keys.
-
-    Raises
-    ------
-    DataError
-        One line naming the file: missing, corrupt, or a pickle that asks for any other
-        global ("refuses to load: the pickle asks for posix.system ...").
+    Raises :class:`DataError` naming the file: missing, corrupt, or asking for a global
+    outside :data:`_ALLOWED_GLOBALS`.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"missing dataset file {path}; put the official file there")
     try:
         with open(path, "rb") as f:
-            # the CIFAR batches are Python 2 pickles with byte-string keys
             return _DataUnpickler(f, encoding="bytes").load()
     except RefusedGlobal as e:
-        raise DataError(f"{path}: refuses to load: the pickle asks for {e} (only numpy arrays "
-                        f"and plain containers are allowed); replace it with the official "
-                        "file") from None
+        raise DataError(f"{path}: refuses to load: the pickle asks for {e}, which could run "
+                        f"code; {_OWN_BATCH}") from None
     except OSError as e:
         raise DataError(f"cannot read dataset file {path}: {e.strerror or e}; check its "
                         "permissions and the disk") from None
@@ -116,14 +129,24 @@ def _cifar_batch(path: Path, label_key: bytes, classes: int) -> Tuple[np.ndarray
     if not isinstance(d, dict):
         raise DataError(f"CIFAR batch {path} holds a {type(d).__name__}, not the dict of an "
                         "official batch; replace it with the official file")
+    d = {k.encode() if isinstance(k, str) else k: v for k, v in d.items()}  # str keys too
     missing = [k.decode() for k in (b"data", label_key) if k not in d]
     if missing:
-        held = ", ".join(repr(_key_text(k)) for k in d) or "no key"
+        held = ", ".join(repr(k.decode(errors="replace") if isinstance(k, bytes) else str(k))
+                         for k in d) or "no key"
         raise DataError(f"CIFAR batch {path} has no key {' or '.join(map(repr, missing))} "
                         f"(it holds {held}); replace it with the official file, or write "
                         f"its labels under {label_key.decode()!r}")
-    x = np.asarray(d[b"data"])
-    y = np.asarray(d[label_key], dtype=np.int64)
+    try:
+        x, y = np.asarray(d[b"data"]), np.asarray(d[label_key])
+    except (ValueError, TypeError) as e:  # ragged lists
+        raise DataError(f"CIFAR batch {path} holds no arrays ({e}); {_OWN_BATCH}") from None
+    if y.ndim == 2 and y.shape[1] == 1:  # (N, 1), as many tools save labels
+        y = y[:, 0]
+    if y.ndim != 1 or (y.size and y.dtype.kind not in "iu"):
+        raise DataError(f"CIFAR batch {path} has labels {y.dtype}{y.shape}; expected N "
+                        f"integers: {_OWN_BATCH}")
+    y = y.astype(np.int64)
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
         raise DataError(f"CIFAR batch {path} has data {x.dtype}{x.shape} and {len(y)} "
                         f"labels; expected uint8 (N, 3072) and N labels: replace it with the "
@@ -135,9 +158,8 @@ def _cifar_batch(path: Path, label_key: bytes, classes: int) -> Tuple[np.ndarray
     return x.reshape(-1, 3, 32, 32), y
 
 
-def _key_text(key) -> str:
-    """A batch's key as the user would write it (the official files have byte keys)."""
-    return key.decode(errors="replace") if isinstance(key, bytes) else str(key)
+_MAT_ERRORS = (ValueError, TypeError, OSError, EOFError, KeyError, IndexError,
+               NotImplementedError, zlib.error)
 
 
 def _svhn_mat(path: Path) -> Tuple[np.ndarray, np.ndarray]:
@@ -147,8 +169,7 @@ def _svhn_mat(path: Path) -> Tuple[np.ndarray, np.ndarray]:
         raise DataError(f"missing dataset file {path}; put the official file there")
     try:
         m = scipy.io.loadmat(str(path), variable_names=["X", "y"])
-    except (ValueError, TypeError, OSError, EOFError, KeyError, IndexError,
-            NotImplementedError, zlib.error) as e:
+    except _MAT_ERRORS as e:
         raise DataError(f"corrupt SVHN file {path}: not a complete MATLAB file ({e}); replace "
                         "it with the official file") from None
     if "X" not in m or "y" not in m:
@@ -173,19 +194,15 @@ _LABEL_KEY = {"cifar10": b"labels", "cifar100": b"fine_labels"}
 
 
 def count_images(name: str, path: Path) -> int:
-    """Images in the official data file ``path`` of ``name``, its layout checked.
-
-    CIFAR batches are read whole (as :func:`load_raw` reads them); an SVHN ``.mat`` file is
-    counted from its header, without loading its pixels.
-    """
+    """Images in the data file ``path`` of ``name``, its layout checked (SVHN: from the
+    header, without loading its pixels)."""
     if name != "svhn":
         return len(_cifar_batch(path, _LABEL_KEY[name], dataset_info(name).classes)[1])
     import scipy.io  # imported here, as in _svhn_mat
 
     try:
         shapes = {var: shape for var, shape, _ in scipy.io.whosmat(str(path))}
-    except (ValueError, TypeError, OSError, EOFError, KeyError, IndexError,
-            NotImplementedError, zlib.error) as e:
+    except _MAT_ERRORS as e:
         raise DataError(f"corrupt SVHN file {path}: not a complete MATLAB file ({e}); replace "
                         "it with the official file") from None
     if len(shapes.get("X", ())) != 4:
@@ -203,24 +220,10 @@ def _check_meta(path: Path) -> None:
 
 
 def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
-    """Read the extracted official files of ``name`` from ``data_dir``.
-
-    ``data_dir`` holds the extracted folder, or is it (:func:`crmn.data.locate`); when
-    neither has every file, the missing file under ``data_dir/<folder>`` is named.
-
-    Returns
-    -------
-    dict
-        ``x_train`` uint8 (N, 3, 32, 32), ``y_train`` int64 (N,), ``x_test``, ``y_test``;
-        for SVHN also ``x_extra``, ``y_extra``. CIFAR-100 uses the 100 fine labels; SVHN's
-        label 10 becomes the digit 0.
-
-    Raises
-    ------
-    DataError
-        A file is missing, corrupt, or not plain data (:func:`load_data_pickle`: the label
-        file ``batches.meta`` / ``meta`` too, when present, though its names are unused).
-    """
+    """``x_train`` uint8 (N, 3, 32, 32), ``y_train`` int64 (N,), ``x_test``, ``y_test``
+    (SVHN: also ``x_extra``, ``y_extra``; label 10 becomes the digit 0; CIFAR-100: the fine
+    labels) from the extracted files of ``name`` in (or at) ``data_dir``. A missing,
+    corrupt or non-data file (the label file too) is one :class:`DataError` line."""
     info = dataset_info(name)
     folder = locate(name, data_dir) or Path(data_dir) / info.folder
     if name == "svhn":
@@ -229,14 +232,11 @@ def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
             out[f"x_{part}"], out[f"y_{part}"] = _svhn_mat(folder / f"{part}_32x32.mat")
         return out
     _check_meta(folder / ("batches.meta" if name == "cifar10" else "meta"))
-    if name == "cifar10":
-        key = _LABEL_KEY[name]
-        parts = [_cifar_batch(folder / f"data_batch_{i}", key, 10) for i in range(1, 6)]
-        x_test, y_test = _cifar_batch(folder / "test_batch", key, 10)
-        x_train = np.concatenate([p[0] for p in parts])
-        y_train = np.concatenate([p[1] for p in parts])
-    else:
-        x_train, y_train = _cifar_batch(folder / "train", _LABEL_KEY[name], 100)
-        x_test, y_test = _cifar_batch(folder / "test", _LABEL_KEY[name], 100)
-    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    ten = name == "cifar10"
+    parts = [_cifar_batch(folder / f, _LABEL_KEY[name], info.classes)
+             for f in ([f"data_batch_{i}" for i in range(1, 6)] if ten else ["train"])
+             + ["test_batch" if ten else "test"]]
+    return {"x_train": np.concatenate([p[0] for p in parts[:-1]]),
+            "y_train": np.concatenate([p[1] for p in parts[:-1]]),
+            "x_test": parts[-1][0], "y_test": parts[-1][1]}
 

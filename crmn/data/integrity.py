@@ -1,33 +1,14 @@
 """Is a dataset folder the official one? Data supplied by hand is checked like a download.
 
-SPEC §8 and issue #14. A downloaded archive is checked by its published MD5 before it is
-unpacked (:mod:`crmn.data.sources`). An extracted folder found on disk — put there by hand,
-copied from another machine, or given directly as ``--data-dir`` — is checked file by file
-(:func:`verify_folder`):
-
-1. every official file is there (CIFAR-10: ``data_batch_1..5``, ``test_batch``,
-   ``batches.meta``; CIFAR-100: ``train``, ``test``, ``meta``; SVHN: ``train_32x32.mat``,
-   ``test_32x32.mat``, ``extra_32x32.mat``);
-2. each file has its official MD5, computed from its raw bytes before anything parses it
-   (a data file is a program only to a careless reader: see
-   :func:`crmn.data.formats.load_data_pickle`);
-3. only for a file whose MD5 differs, to say plainly what is wrong: its image count (CIFAR:
-   50,000 training / 10,000 test; SVHN: 73,257 / 26,032 / 531,131), read with the same
-   restricted reader as an unverified folder, names a truncated file; otherwise the MD5
-   mismatch is reported (a re-packed or altered file that kept its name and size).
-
-A mismatch stops with one line naming the file, what was expected and what was found —
-unless the caller passes ``unverified=True`` (the command line's ``--unverified-data``):
-then the folder is used as it is, unchecked, and :func:`provenance` reports it as
-``"unverified"`` so that the run records it. Data written by :func:`crmn.data.write_fake`
-is marked as such and reported as ``"fake"`` without checks.
-
-Checking costs one read of every file (CIFAR: 0.2 GB, under a second; SVHN: 2.4 GB, a few
-seconds). It is paid once: a successful check writes a stamp (:data:`STAMP`) into the
-folder recording each file's size, modification time (ns) and the expected MD5; while they
-all still match, the folder counts as checked. The stamp guards against accidents (a copy
-cut short, a file replaced), not against someone forging modification times. A folder
-that cannot be written to is re-checked once per process instead (:data:`_checked`).
+A downloaded archive is checked by its MD5 before it is unpacked (:mod:`crmn.data.sources`).
+An extracted folder found on disk is checked file by file (:func:`verify_folder`): every
+official file present, each with its official MD5 (from the raw bytes, before anything parses
+it), and, for a file that differs, its image count, so that a truncated file is named as such.
+A mismatch is one line unless ``unverified=True`` (``--unverified-data``): then the folder is
+used unchecked and :func:`provenance` says ``"unverified"``, as for image folders (never the
+official bytes); fake data says ``"fake"``. A passed check leaves a stamp (:data:`STAMP`: each
+file's size, mtime and expected MD5), trusted while they match (it guards against accidents,
+not forgery); a read-only folder is re-checked once per process (:data:`_checked`).
 """
 from __future__ import annotations
 
@@ -35,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
+from crmn.data import images
 from crmn.data.fake import FAKE_MARKER
 from crmn.data.formats import count_images
 from crmn.data.sources import (DatasetInfo, PathLike, _md5, by_hand, dataset_info, fetch,
@@ -53,34 +35,12 @@ _checked: Set[Tuple[str, str]] = set()
 def ensure_downloaded(name: str, data_dir: PathLike, progress: bool = True,
                       mirror: Optional[str] = None, timeout: float = 60.0,
                       unverified: bool = False) -> Path:
-    """Make sure the files of dataset ``name`` are at hand and checked; return their folder.
+    """The checked folder of dataset ``name`` (``data_dir/<folder>`` or ``data_dir``).
 
-    Parameters
-    ----------
-    name : "cifar10" | "cifar100" | "svhn"
-    data_dir : folder holding archives and extracted folders (created if a download is
-        needed), or the extracted folder itself
-    progress : show a tqdm progress bar per download (on stderr)
-    mirror : base URL replacing the official one (default: ``$CRMN_DATA_MIRROR`` if set);
-        each archive is fetched from ``mirror/<file name>``
-    timeout : seconds a connection may stay silent
-    unverified : use a folder found on disk even if it is not the official one (see
-        :func:`provenance`)
-
-    Returns
-    -------
-    Path
-        ``data_dir/cifar-10-batches-py``, ``data_dir/cifar-100-python``, ``data_dir/svhn``,
-        or ``data_dir`` itself when it is the extracted folder.
-
-    Notes
-    -----
-    A folder found by :func:`crmn.data.locate` is checked (:func:`verify_folder`, cheap
-    after the first time) and used; nothing is downloaded and no lock file is created.
-    Otherwise :func:`crmn.data.sources.fetch` downloads what is missing into ``data_dir``:
-    every archive's MD5 is checked before use, so the folder it unpacks is official by
-    construction and is stamped as checked without hashing it again. A file at its final
-    name is never deleted; runs sharing ``data_dir`` take turns downloading.
+    A folder found on disk is checked (:func:`provenance`) and used, nothing downloaded;
+    else :func:`crmn.data.sources.fetch` downloads into ``data_dir`` (from ``mirror`` or
+    ``$CRMN_DATA_MIRROR`` if given; ``timeout``: seconds a connection may stay silent), and
+    the folder, unpacked from archives whose MD5 matched, is stamped as checked.
     """
     info = dataset_info(name)
     data_dir = Path(data_dir)
@@ -94,28 +54,13 @@ def ensure_downloaded(name: str, data_dir: PathLike, progress: bool = True,
 
 
 def provenance(name: str, data_dir: PathLike, unverified: bool = False) -> str:
-    """Where the data of ``name`` in ``data_dir`` comes from, checking it if needed.
-
-    Parameters
-    ----------
-    name : "cifar10" | "cifar100" | "svhn"
-    data_dir : as for :func:`ensure_downloaded`; nothing is downloaded
-    unverified : accept a folder that is not the official one, without checking it
-
-    Returns
-    -------
-    str
-        ``"official"``: the folder passed :func:`verify_folder` (now or before: a valid
-        stamp); ``"fake"``: written by :func:`crmn.data.write_fake`; ``"unverified"``: not
-        checked, because ``unverified`` is True and the folder carries no valid stamp.
-
-    Raises
-    ------
-    DataError
-        No folder holds the files (the message lists every place looked at), or the folder
-        differs from the official files and ``unverified`` is False.
-    """
+    """``"official"`` (checked now or stamped), ``"fake"``, or ``"unverified"`` (image
+    folders, or ``unverified`` and no valid stamp): where the data of ``name`` come from.
+    Nothing is downloaded; no data, or a folder that differs while ``unverified`` is False,
+    is a :class:`DataError` (naming every place looked at, or the file)."""
     info = dataset_info(name)
+    if images.source(data_dir) is not None:
+        return "unverified"  # decoded images are never the official bytes
     folder = locate(name, data_dir)
     if folder is None:
         raise DataError(f"no {name} data: looked in {looked_in(info, Path(data_dir))}; let "
@@ -135,17 +80,8 @@ def _provenance_of(info: DatasetInfo, folder: Path, unverified: bool) -> str:
 
 
 def verify_folder(name: str, folder: PathLike) -> None:
-    """Check an extracted folder against the official files of ``name``; stamp it if good.
-
-    Checks presence of every official file, then each file's MD5 before any file is parsed;
-    a file whose MD5 differs is then counted, so that a truncated file is named as such. A
-    valid stamp skips all of it.
-
-    Raises
-    ------
-    DataError
-        One line naming the first file that differs, with the expected and found values.
-    """
+    """Check an extracted folder against the official files of ``name`` (see the module
+    docstring) and stamp it; the first file that differs is one :class:`DataError` line."""
     info = dataset_info(name)
     folder = Path(folder)
     _check_present(info, folder)
@@ -181,12 +117,8 @@ def _check_md5s(info: DatasetInfo, folder: Path) -> None:
 
 def _explain_mismatch(info: DatasetInfo, folder: Path, fname: str, got: str,
                       official: str) -> None:
-    """Refuse ``fname``, whose MD5 differs: by its image count when that differs too.
-
-    The file is known not to be the official one here; it is read as an unverified folder
-    would be (:func:`crmn.data.formats.load_data_pickle`, SVHN headers only), which runs no
-    code and refuses a pickle that asks for anything but arrays and containers.
-    """
+    """Refuse ``fname``, whose MD5 differs: by its image count when that differs too (read
+    as an unverified folder is, running no code)."""
     count = dict(info.images).get(fname)
     if count is not None:
         n = count_images(info.name, folder / fname)

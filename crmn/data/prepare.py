@@ -1,33 +1,19 @@
 """Preprocessing and the seeded validation split: one dataset becomes a :class:`Split`.
 
-:func:`prepare` turns one dataset into the arrays of a phase of the protocol (section 4,
-SPEC §5): ``"search"`` holds out a seeded validation subset of the training set, ``"final"``
-trains on all of it and evaluates on the test set.
-
-* CIFAR (section 4.2: "convert each pixel to the range [0,1] and subtract all images by the
-  mean pixel value of the training set"): ``x / 255 - m`` where ``m`` is the per-channel
-  mean pixel, shape ``(3,)``, of the training split actually used (the 90 % in the search
-  run, all 50,000 images in the final run), so the held-out images never leak into the
-  statistics.
-* SVHN (section 4.2): ``train`` + ``extra`` (604,388 images) for training, ``x / 255`` then
-  global contrast normalisation per image (:func:`global_contrast_normalize`); the search run
-  validates on 5,000 images drawn (seeded) from train + extra.
-
-Memory: the float32 arrays are built chunk by chunk straight into their final buffers (never
-a float64 copy of a whole set, never a copy of the joined train + extra). CIFAR needs about
-0.7 GB. SVHN's final run holds 604,388 × 3 × 32 × 32 float32 = 7.4 GB of training images,
-plus 1.9 GB of ``uint8`` originals while they are converted (peak about 10 GB; measured
-1.7x the float32 result at 42k fake images, where the fixed overheads weigh more); the
-originals are released when :func:`prepare` returns. Machines with less than ~12 GB of RAM
-cannot prepare SVHN in float32.
+CIFAR (section 4.2): ``x / 255`` minus the per-channel mean pixel of the training images
+actually used (the 90 % of the search run, all of them in the final run: held-out images
+never leak into it). SVHN: ``train`` + ``extra`` for training, ``x / 255`` then per-image
+global contrast normalisation. The float32 arrays are built chunk by chunk into their final
+buffers (no float64 copy of a whole set): SVHN's final run peaks near 10 GB.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from crmn.data import images
 from crmn.data.formats import load_raw
 from crmn.data.integrity import ensure_downloaded, provenance
 from crmn.data.sources import PathLike, dataset_info, locate
@@ -44,7 +30,7 @@ _CHUNK = 4096
 
 
 class Split(NamedTuple):
-    """Normalised arrays of one phase of the protocol (SPEC §5)."""
+    """Normalised arrays of one phase of the protocol (docs/spec.md §5)."""
 
     train_x: np.ndarray  # float32 (N, 3, 32, 32), normalised
     train_y: np.ndarray  # int64 (N,), class indices
@@ -54,17 +40,9 @@ class Split(NamedTuple):
 
 
 def global_contrast_normalize(x: np.ndarray) -> np.ndarray:
-    """Per-image global contrast normalisation (section 4.2, SVHN; Goodfellow et al. 2013).
-
-    Parameters
-    ----------
-    x : float32 (B, C, H, W), pixels in [0, 1]
-
-    Returns
-    -------
-    float32 (B, C, H, W): each image minus its mean over all C·H·W values, divided by its
-    standard deviation over them, floored at :data:`GCN_MIN_STD`.
-    """
+    """Per-image global contrast normalisation (section 4.2, SVHN; Goodfellow et al. 2013):
+    float32 (B, C, H, W) in [0, 1], each image minus its mean over all C·H·W values, divided
+    by their standard deviation floored at :data:`GCN_MIN_STD`."""
     mean = x.mean(axis=(1, 2, 3), keepdims=True, dtype=np.float64)
     std = x.std(axis=(1, 2, 3), keepdims=True, dtype=np.float64)
     scale = 1.0 / np.maximum(std, GCN_MIN_STD)
@@ -94,72 +72,83 @@ _SPLIT_KEY = 0x53504C54  # "SPLT": keys the split's random stream apart from the
 
 
 def split_indices(n: int, n_val: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Seeded disjoint (train, val) index sets of ``range(n)``, each sorted (search phase).
+    """Seeded disjoint sorted (train, val) index sets of ``range(n)``, ``n_val`` in val.
 
-    ``val`` has ``n_val`` indices; :func:`prepare` uses these, in this order, to pick the
-    rows of the joined training set (SVHN: train then extra).
-
-    The stream is keyed ``[_SPLIT_KEY, seed]``: ``default_rng(seed)`` would equal the
-    sampler's ``default_rng([seed, 0])`` (NumPy's SeedSequence ignores trailing zeros), and
-    the split must not share random numbers with epoch 0's batch order.
+    Keyed ``[_SPLIT_KEY, seed]``: ``default_rng(seed)`` would equal the sampler's
+    ``default_rng([seed, 0])`` (SeedSequence ignores trailing zeros), sharing its numbers.
     """
     perm = np.random.default_rng([_SPLIT_KEY, seed]).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-
 def prepare(name: str, data_dir: PathLike, phase: str, seed: int, val_fraction: float = 0.1,
-            download: bool = True, progress: bool = True, unverified: bool = False) -> Split:
-    """Normalised training and evaluation arrays of one phase of the protocol (SPEC §5).
+            download: bool = True, progress: bool = True, unverified: bool = False,
+            subset: Optional[int] = None) -> Split:
+    """Normalised training and evaluation arrays of one phase (docs/spec.md §5).
 
-    Parameters
-    ----------
-    name : "cifar10" | "cifar100" | "svhn"
-    data_dir : folder with the dataset (see :func:`crmn.data.ensure_downloaded`)
-    phase : "search" — train on a seeded ``1 - val_fraction`` share of the training set,
-        evaluate on the rest ("val"); SVHN holds out ``min(5000, val_fraction · N)`` images
-        of train + extra (5,000 on the real data, section 4.2). "final" — train on the whole
-        training set, evaluate on the test set ("test").
-    seed : selects the held-out images (same seed, same split)
-    val_fraction : held-out share in the search phase, in (0, 1)
-    download : fetch missing files first; False makes missing files a :class:`DataError`
-    progress : progress bars while downloading
-    unverified : use a folder that differs from the official files instead of refusing it
-        (:func:`crmn.data.provenance`; ``--unverified-data``). Either way a folder found on
-        disk is checked before it is read (cheap after the first time), fake data excepted.
-
-    Returns
-    -------
-    Split
-        ``train_x`` float32 (N, 3, 32, 32), ``train_y`` int64 (N,), ``eval_x``, ``eval_y``,
-        ``eval_name``. CIFAR: ``x/255`` minus the per-channel mean pixel of ``train_x``'s
-        images; SVHN: ``x/255`` with per-image global contrast normalisation.
+    ``phase`` "search" trains on a seeded ``1 - val_fraction`` share of the training set
+    and evaluates on the rest ("val"; SVHN holds out ``min(5000, val_fraction · N)`` of
+    train + extra); "final" trains on all of it and evaluates on the test set ("test").
+    ``download`` fetches missing files first (else they are a :class:`DataError`);
+    ``unverified`` uses a folder that differs from the official files (``--unverified-data``).
+    ``data_dir`` may also be an image-folder source (:mod:`crmn.data.images`). ``subset``
+    (``--subset N``, a quick look): N training images drawn class-balanced with a fixed
+    seed, and a proportional share of the test images, at least one per class.
+    CIFAR: ``x/255`` minus the per-channel mean pixel of the training images used; SVHN:
+    ``x/255`` with per-image global contrast normalisation.
     """
-    info = dataset_info(name)
+    dataset_info(name)  # an unknown name is a ConfigError
     if phase not in ("search", "final"):
         raise ConfigError(f"unknown phase {phase!r}; expected 'search' or 'final'")
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if download:
-        ensure_downloaded(name, data_dir, progress=progress, unverified=unverified)
-    elif locate(name, data_dir) is not None:  # else load_raw names the missing file
-        provenance(name, data_dir, unverified=unverified)
-    raw = load_raw(name, data_dir)
+    src = images.source(data_dir)
+    if src is not None:
+        raw = images.load(name, src, exact=subset is None)
+    else:
+        if download:
+            ensure_downloaded(name, data_dir, progress=progress, unverified=unverified)
+        elif locate(name, data_dir) is not None:  # else load_raw names the missing file
+            provenance(name, data_dir, unverified=unverified)
+        raw = load_raw(name, data_dir)
+    where = src or locate(name, data_dir) or Path(data_dir) / dataset_info(name).folder
     svhn = name == "svhn"
     train_parts = [raw.pop("x_train")] + ([raw.pop("x_extra")] if svhn else [])
     train_labels = np.concatenate([raw["y_train"]] + ([raw["y_extra"]] if svhn else []))
+    pool, test_pool = np.arange(len(train_labels)), np.arange(len(raw["y_test"]))
+    if subset is not None:
+        pool = _balanced(train_labels, subset, where, "training")
+        share = round(subset * len(test_pool) / len(train_labels))
+        test_pool = _balanced(raw["y_test"], max(share, len(np.unique(raw["y_test"]))),
+                              where, "test")
     if phase == "search":
-        where = locate(name, data_dir) or Path(data_dir) / info.folder
-        train_idx, eval_idx = _search_split(name, where, len(train_labels), seed, val_fraction)
+        train_idx, eval_idx = (pool[i] for i in _search_split(name, where, len(pool), seed,
+                                                               val_fraction))
         eval_parts, eval_labels, eval_name = train_parts, train_labels, "val"
     else:
-        train_idx = np.arange(len(train_labels))
-        eval_idx = np.arange(len(raw["y_test"]))
+        train_idx, eval_idx = pool, test_pool
         eval_parts, eval_labels, eval_name = [raw.pop("x_test")], raw["y_test"], "test"
     fn = _normalizer(name, train_parts, train_idx)
     train_x = _build(train_parts, train_idx, fn)
     eval_x = _build(eval_parts, eval_idx, fn)
     return Split(train_x, train_labels[train_idx], eval_x, eval_labels[eval_idx], eval_name)
+
+
+_SUBSET_KEY = 0x53554253  # "SUBS": the subset is the same for every seed
+
+
+def _balanced(labels: np.ndarray, k: int, where: Path, what: str) -> np.ndarray:
+    """``k`` sorted indices of ``labels``, drawn in rounds of one per class (a fixed seed)."""
+    if k > len(labels):
+        raise DataError(f"{where}: --subset asks for {k:,} {what} images, the data hold "
+                        f"{len(labels):,}; choose a smaller N")
+    perm = np.random.default_rng(_SUBSET_KEY).permutation(len(labels))
+    shuffled = labels[perm]
+    rank = np.empty(len(labels), dtype=np.int64)  # how many of its class came before it
+    for c in np.unique(shuffled):
+        hit = shuffled == c
+        rank[hit] = np.arange(hit.sum())
+    return np.sort(perm[np.argsort(rank, kind="stable")[:k]])
 
 
 def _search_split(name: str, where: Path, n: int, seed: int,

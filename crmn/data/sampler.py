@@ -1,4 +1,4 @@
-"""The batch sampler that both stacks draw from (SPEC §4, §6).
+"""The batch sampler that both stacks draw from (docs/spec.md §4, §6).
 
 :class:`BatchSampler` draws every random choice of an epoch (order, crop offsets, flips) from
 ``np.random.default_rng([seed, epoch])`` in :meth:`BatchSampler.plan` and applies it with one
@@ -44,7 +44,7 @@ class BatchSampler:
     y : int64 (N,)
     batch_size : images per batch; the last incomplete batch of an epoch is dropped
     seed : with the epoch number, keys ``np.random.default_rng([seed, epoch])``
-    pad : zero padding per side before the random H × W crop (SPEC §4: 4)
+    pad : zero padding per side before the random H × W crop (docs/spec.md §4: 4)
     flip : random horizontal flips with probability 1/2 (off in the paper)
     """
 
@@ -67,11 +67,8 @@ class BatchSampler:
         return len(self.x) // self.batch_size
 
     def plan(self, epoch: int) -> EpochPlan:
-        """The order, crops and flips of ``epoch``, drawn from ``default_rng([seed, epoch])``.
-
-        The draws happen in a fixed sequence (order, dy, dx, flip) and flips are drawn even
-        when off, so turning flips on changes no order or crop.
-        """
+        """The order, crops and flips of ``epoch`` from ``default_rng([seed, epoch])``, drawn
+        in a fixed sequence; flips are drawn even when off, so turning them on moves no crop."""
         rng = np.random.default_rng([self.seed, epoch])
         n, span = len(self.x), 2 * self.pad + 1
         order = rng.permutation(n).astype(np.int64)
@@ -81,13 +78,9 @@ class BatchSampler:
         return EpochPlan(epoch, order, dy, dx, flip)
 
     def batch(self, plan: EpochPlan, i: int) -> Tuple[np.ndarray, np.ndarray]:
-        """Batch ``i`` of ``plan``: ``(xb float32 (B, C, H, W), yb int64 (B,))``.
-
-        The batch is copied into a zero-padded buffer ``(B, C, H+2p, W+2p)``; a strided view
-        of all its ``H x W`` windows, ``(B, C, 2p+1, 2p+1, H, W)``, is then indexed once with
-        ``(b, dy_b, dx_b)``, which copies each image's window in one gather (4-5x faster than
-        computing a flat index per pixel); planned flips reverse the columns of their images.
-        """
+        """Batch ``i`` of ``plan``: ``(xb float32 (B, C, H, W), yb int64 (B,))``, gathered
+        in one indexing of a strided view of all windows of the zero-padded batch (faster
+        than a flat index per pixel); planned flips reverse the columns of their images."""
         if not 0 <= i < len(self):
             raise IndexError(f"batch {i} outside 0..{len(self) - 1}")
         b, p = self.batch_size, self.pad

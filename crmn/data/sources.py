@@ -1,15 +1,10 @@
 """Where the datasets come from: descriptions, download with lock and retries, extraction.
 
-:data:`DATASETS` describes each dataset once: the official base URL, the archives with their
-published MD5s, the folder the archives unpack to, the files a run reads from it, and the
-official MD5 and image count of every extracted file. :func:`locate` finds an extracted
-folder (inside ``data_dir``, or ``data_dir`` itself); :func:`fetch` downloads what is missing
-into ``data_dir`` (from the official site, or from the mirror named by ``$CRMN_DATA_MIRROR``),
-checks each archive's MD5 and unpacks it.
-
-A download goes to ``<file>.part`` and is renamed to ``<file>`` only after its MD5 matches,
-so a file at its final name is a verified one: it is never downloaded again and never
-deleted. Runs sharing ``data_dir`` take turns (:func:`_download_lock`).
+:data:`DATASETS` describes each dataset once (official URL, archives and their MD5s, the
+extracted folder, each file's MD5 and image count). :func:`locate` finds an extracted folder;
+:func:`fetch` downloads what is missing (or from ``$CRMN_DATA_MIRROR``) and unpacks it. A
+download goes to ``<file>.part`` and is renamed only after its MD5 matches, so a file at its
+final name is never downloaded again nor deleted; runs sharing ``data_dir`` take turns.
 """
 from __future__ import annotations
 
@@ -37,9 +32,7 @@ from crmn.paper import DATASET_CLASSES
 
 PathLike = Union[str, Path]
 
-#: Environment variable naming a base URL that replaces every dataset's official one: each
-#: archive is fetched from ``<base URL>/<official file name>``; ``http://``, ``https://`` and
-#: ``file://`` (a local folder) work, as for ``urllib.request.urlopen``.
+#: a base URL (http, https or file) replacing every official one: ``<base URL>/<file name>``
 MIRROR_ENV = "CRMN_DATA_MIRROR"
 #: Network failures are retried this many times in all, waiting _RETRY_WAIT_S × attempt.
 _ATTEMPTS = 3
@@ -69,13 +62,9 @@ _SVHN_FILES = (("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
                ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3"),
                ("extra_32x32.mat", "a93ce644f1a588dc4d68dda5feec44a7"))
 
-#: The official sources. Archive MD5s: CIFAR from https://www.cs.toronto.edu/~kriz/cifar.html
-#: (as published there); SVHN's page publishes none, so these are the widely used checksums
-#: of the files that http://ufldl.stanford.edu/housenumbers/ serves. The MD5s of the files
-#: inside the CIFAR archives are those that torchvision's datasets/cifar.py checks (the same
-#: values recur across public code); the image counts are the published sizes (CIFAR: 50,000
-#: training images in 5 batches of 10,000 and 10,000 test images; SVHN: 73,257 train,
-#: 26,032 test, 531,131 extra).
+#: The official sources. CIFAR's archive MD5s are published on its page; SVHN's page
+#: publishes none (these are the widely used ones); the MD5s of the files inside the CIFAR
+#: archives are those torchvision checks; the image counts are the published sizes.
 DATASETS: Dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo(
         name="cifar10",
@@ -145,21 +134,13 @@ def _missing(folder: Path, info: DatasetInfo) -> List[str]:
 # Where the files are, and where a user can put them
 
 def _candidates(info: DatasetInfo, data_dir: Path) -> Tuple[Path, Path]:
-    """The folders that may hold the extracted files, in the order they are tried.
-
-    ``data_dir/<folder>`` is where an archive unpacks; ``data_dir`` itself is the extracted
-    folder given directly (``--data-dir ~/cifar-10-batches-py``).
-    """
+    """Where the extracted files may be: ``data_dir/<folder>``, or ``data_dir`` itself."""
     return data_dir / info.folder, data_dir
 
 
 def locate(name: str, data_dir: PathLike) -> Optional[Path]:
-    """The folder holding every file a run reads of ``name``, or None if there is none.
-
-    Tries ``data_dir/<folder>`` (e.g. ``data/cifar-10-batches-py``), then ``data_dir``
-    itself, so that ``data_dir`` may be the extracted folder. Only presence is checked here;
-    :func:`crmn.data.verify_folder` checks contents.
-    """
+    """The folder holding every file a run reads of ``name`` (:func:`_candidates`), or None.
+    Only presence is checked here; :func:`crmn.data.verify_folder` checks contents."""
     info = dataset_info(name)
     for folder in _candidates(info, Path(data_dir)):
         if folder.is_dir() and not _missing(folder, info):
@@ -182,11 +163,7 @@ def looked_in(info: DatasetInfo, data_dir: Path) -> str:
 
 
 def by_hand(info: DatasetInfo, data_dir: Path) -> str:
-    """How to supply ``info``'s files without a download from the official site (one clause).
-
-    Names the exact paths, e.g. ``data/cifar-100-python.tar.gz`` or
-    ``data/cifar-100-python/{train,test,meta}``, and the mirror variable.
-    """
+    """How to supply ``info``'s files without a download (one clause naming the paths)."""
     files = f"{data_dir / info.folder}/{{{','.join(f for f, _ in info.files)}}}"
     if info.extract:
         put = (f"put the official archive at {data_dir / info.archives[0][0]} or its "
@@ -222,12 +199,9 @@ def _ensure_writable(data_dir: Path) -> None:
 
 def _download(url: str, target: Path, md5: str, progress: bool, timeout: float,
               hint: str = "") -> None:
-    """Stream ``url`` into ``<target>.part``, check its length and MD5, then rename it.
-
-    A failed check removes the ``.part`` file and never touches ``target``; only network
-    failures (refused, reset, cut short) are retried. ``hint`` ends every error message
-    (where else the files may come from).
-    """
+    """Stream ``url`` into ``<target>.part``, check its length and MD5, then rename it. A
+    failed check removes the ``.part`` file only; network failures are retried. ``hint``
+    ends every error message (where else the files may come from)."""
     part = target.with_name(target.name + ".part")
     for attempt in range(1, _ATTEMPTS + 1):
         try:
@@ -273,11 +247,8 @@ def _fetch(url: str, part: Path, progress: bool, timeout: float) -> None:
 
 @contextlib.contextmanager
 def _download_lock(data_dir: Path, info: DatasetInfo, progress: bool):
-    """Hold ``data_dir/.<name>.lock`` so that two runs never write the same ``.part`` file.
-
-    A second run (another seed or row started beside the first) waits here, then finds the
-    dataset complete. The lock is ``flock``'s: the system drops it when its holder dies.
-    """
+    """Hold ``data_dir/.<name>.lock`` (``flock``: dropped when its holder dies) so that two
+    runs never write the same ``.part`` file; the second waits, then finds the data there."""
     path = data_dir / f".{info.name}.lock"
     with open(path, "a") as f:
         try:
@@ -312,11 +283,8 @@ def _safe_extractall(tar: tarfile.TarFile, dest: Path, archive: Path, tail: str)
 
 
 def _extract(archive: Path, data_dir: Path, info: DatasetInfo) -> None:
-    """Unpack ``archive`` into a scratch folder, then move its files into ``info.folder``.
-
-    Extraction never writes into the final folder until the whole archive has been read, so
-    an interrupted or corrupt extraction leaves no half-filled folder that looks complete.
-    """
+    """Unpack ``archive`` into a scratch folder, then move its files into ``info.folder``:
+    an interrupted or corrupt extraction leaves no half-filled folder that looks complete."""
     tail = _kept(info, data_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".extract-{info.folder}-", dir=data_dir))
     try:
@@ -343,14 +311,8 @@ def _extract(archive: Path, data_dir: Path, info: DatasetInfo) -> None:
 
 def fetch(info: DatasetInfo, data_dir: Path, mirror: Optional[str], progress: bool,
           timeout: float) -> Path:
-    """Download and unpack what ``data_dir`` lacks of ``info``; return the folder.
-
-    Called only when :func:`locate` found nothing: the lock file and any download go to
-    ``data_dir``, never into a folder that already holds the data. A ``data_dir`` holding
-    part of the extracted files (an incomplete folder given as ``--data-dir``) is refused
-    rather than downloaded into. Takes :func:`_download_lock` first: a run that waited finds
-    the folder complete and downloads nothing.
-    """
+    """Download and unpack what ``data_dir`` lacks of ``info`` (under the lock); return the
+    folder. A ``data_dir`` holding part of the extracted files is refused, not written to."""
     folder = data_dir / info.folder
     own = _missing(data_dir, info) if data_dir.is_dir() else info.required
     if len(own) < len(info.required):
@@ -375,12 +337,8 @@ def _base_url(info: DatasetInfo, mirror: Optional[str]) -> Tuple[str, str]:
 
 def _download_and_extract(info: DatasetInfo, data_dir: Path, folder: Path,
                           mirror: Optional[str], progress: bool, timeout: float) -> Path:
-    """Download each missing archive of ``info``, check those already there, extract.
-
-    A file found at its final name was either renamed there after its MD5 matched or put
-    there by hand; it is hashed before use (never deleted), so that everything this returns
-    comes from files whose published MD5 matched.
-    """
+    """Download each missing archive of ``info``, check those already there (a file put
+    there by hand is hashed, never deleted), extract."""
     base, origin = _base_url(info, mirror)
     hint = (f"{origin}; looked in {looked_in(info, data_dir)}; to go on without the "
             f"download, {by_hand(info, data_dir)}")
