@@ -164,6 +164,26 @@ def format_table(results: Sequence[Dict]) -> str:
                             "peak MiB"], body, align="lllrrrrrrrlrrrrr")
 
 
+def describe(r: Dict, torch_f32: Optional[Dict] = None) -> str:
+    """One line on a timed row of the paper's network: its speed against the paper's and
+    against torch float32 (``torch_f32``, that row's figures) beside the goals (bfloat16 at
+    least 100x the paper, Theano-JAX float32 within 1.5x of torch float32), then compiling,
+    the roofline (TFLOP/s, share of the ceiling) and peak memory."""
+    out = [f"{r['speedup']:.3g}x the paper" if r["speedup"] else "tiny network"]
+    if r["speedup"] and r["precision"].startswith("bfloat16"):
+        out[0] += f" (goal >= 100x: {'met' if r['speedup'] >= 100 else 'not met'})"
+    if r["speedup"] and r["stack"] == "theano-jax" and torch_f32:
+        x = r["sec_per_epoch"] / torch_f32["sec_per_epoch"]
+        out.append(f"{x:.2f}x torch float32's time (goal <= 1.5x: "
+                   f"{'met' if x <= 1.5 else 'not met'})")
+    out += [f"compile {r['compile_s']:.1f} s", f"{r['tflops']:.3g} TFLOP/s "
+            f"({r['flops_per_image'] / 1e9:.3g} GFLOP/image) = {percent(r['ceiling_fraction'])}"
+            " of the ceiling"]
+    if r["peak_mem_bytes"] is not None:
+        out.append(f"peak {r['peak_mem_bytes'] / 2 ** 20:.0f} MiB ({r['peak_mem_kind']})")
+    return "; ".join(out + [r["device"]])
+
+
 def describe_ceiling(c: Dict) -> str:
     """One line: the measured ceiling of a device."""
     def tf(key):

@@ -139,6 +139,7 @@ def gpucheck_plan(args) -> gpucheck.GpucheckPlan:
     budget = gpucheck.DEFAULT_BUDGET if args.budget is None else args.budget
     try:
         return gpucheck.GpucheckPlan(device=args.device, quick=args.quick,
-                                     out_dir=Path(args.out), budget=budget, parts=parts)
+                                     out_dir=Path(args.out), budget=budget, parts=parts,
+                                     real=args.real)
     except ConfigError as exc:
         raise UsageError(f"{PROG} gpucheck: {exc}") from None
