@@ -1,15 +1,12 @@
-"""One command that turns a machine with a GPU into the archive's GPU figures within a time
-budget (REPRODUCING.md §5). Each check is a child process under its own time limit (its
-output in ``logs/``); one that needs more than what is left of ``--budget`` is listed ``not
-run: budget``. Each finished check appends a line to ``gpucheck.jsonl``, from which
-``gpucheck.json`` and ``gpucheck.md`` are rendered, so a run cut short (SIGTERM, SIGUSR1: exit
-3; SIGINT: 130) or killed keeps what it finished and says where it stopped. Exit 1 when a
-check failed (an engine missing here is not a failure).
-"""
+"""The archive's GPU figures within a time budget (REPRODUCING.md §5). Each check is a child
+process under its own time limit (output in ``logs/``); one that needs more than is left of
+``--budget`` is listed ``not run: budget``. Each finished check appends a line to
+``gpucheck.jsonl``, from which ``gpucheck.json`` and ``gpucheck.md`` are rendered: a run cut
+short (SIGTERM, SIGUSR1: exit 3; SIGINT: 130) or killed keeps what it finished and says where
+it stopped. Exit 1 when a check failed (an engine missing here is not a failure)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import signal
@@ -39,12 +36,11 @@ NEEDS: Dict[str, Tuple[float, float, Optional[float]]] = {
     "real t1-resnet32x1": (330, 1e6, 240), "real t1-crmn32x1": (360, 1e6, 200),
     "speed ceiling": (15, 15, 15), "verify torch": (40, 50, 30),
     "verify theano-jax vs torch": (130, 160, 50), "verify references": (50, 50, 60),
-    "smoke jax-f32": (100, 130, 70),
-    "speed t1-resnet32x1 torch-f32": (20, 100, 15), "speed t1-resnet32x1 jax-f32": (60, 400, 25),
-    "speed t1-resnet32x1 torch-bf16": (50, 200, 15), "speed t1-crmn32x1 torch-f32": (20, 130, 15),
-    "speed t1-crmn32x1 jax-f32": (65, 450, 30), "speed t1-crmn32x1 torch-bf16": (70, 250, 15),
-    "speed t1-crmn32x4 torch-f32": (25, 420, None), "speed t1-crmn32x4 jax-f32": (55, 1200, None),
-    "speed t1-crmn32x4 torch-bf16": (70, 800, None),
+    "smoke jax-f32": (100, 130, 70), "speed t1-resnet32x1 torch-f32": (20, 100, 15),
+    "speed t1-resnet32x1 jax-f32": (60, 400, 25), "speed t1-resnet32x1 torch-bf16": (50, 200, 15),
+    "speed t1-crmn32x1 torch-f32": (20, 130, 15), "speed t1-crmn32x1 jax-f32": (65, 450, 30),
+    "speed t1-crmn32x1 torch-bf16": (70, 250, 15), "speed t1-crmn32x4 torch-f32": (25, 420, None),
+    "speed t1-crmn32x4 jax-f32": (55, 1200, None), "speed t1-crmn32x4 torch-bf16": (70, 800, None),
     "speed t1-resnet134x1 torch-f32": (30, 330, None),
     "speed t1-resnet134x1 torch-bf16": (110, 700, None),
     "speed t1-resnet134x1 jax-f32": (220, 1500, None),  # the longest compile, last
@@ -65,7 +61,7 @@ class GpucheckPlan:
     def __post_init__(self):
         registry.check_device(self.device)
         unknown = ", ".join(repr(p) for p in self.parts if p not in PARTS)
-        for bad, why in ((not (math.isfinite(self.budget) and self.budget > 0), "--budget "
+        for bad, why in ((not 0 < self.budget < float("inf"), "--budget "
                           f"wants seconds > 0, got {self.budget!r}: give one, e.g. --budget 540"),
                          (unknown, f"unknown gpucheck part(s) {unknown}; choose from "
                                    f"{', '.join(PARTS)}"),
@@ -80,8 +76,7 @@ class GpucheckPlan:
 
 
 def engines(device: str) -> Dict[str, StackOptions]:
-    """The engines timed and trained; ``torch.compile`` only on a GPU (on a CPU it would time
-    the C++ compiler, not the network)."""
+    """The engines timed and trained; torch.compile only on a GPU (on a CPU: the C++ compiler)."""
     return {"torch-f32": StackOptions("torch", device, "float32"),
             "jax-f32": StackOptions("theano", device, "float32", theano_mode="jax"),
             "torch-bf16": StackOptions("torch", device, "bfloat16", compile=device != "cpu")}
@@ -95,16 +90,15 @@ def plan_checks(plan: GpucheckPlan) -> List[str]:
 
 
 def child_argv(plan: GpucheckPlan, key: str) -> List[str]:
-    """The command line of check ``key``'s child, the one place gpucheck spells one: smoke
-    and the real-data runs (He et al.'s setting; ``--quick``: a tiny network, one epoch on
-    500 images) through the archive's command line, the others ``python -m crmn.gpucheck``."""
+    """Check ``key``'s child, the one place gpucheck spells a command line: smoke and the real
+    runs (He et al.'s setting; ``--quick``: a tiny network, 1 epoch, 500 images) through the
+    archive's command line, the others through ``python -m crmn.gpucheck KEY``."""
     kind, _, rest = key.partition(" ")
     if kind not in ("smoke", "real"):
         return [sys.executable, "-m", "crmn.gpucheck", key, "--device", plan.device,
                 "--out", str(plan.out_dir)] + ["--quick"] * plan.quick
-    jax = plan.quick and util.find_spec("torch") is None
-    options = engines(plan.device)[rest if kind == "smoke" else
-                                    "jax-f32" if jax else "torch-bf16"]
+    options = engines(plan.device)[rest if kind == "smoke" else "jax-f32" if plan.quick and
+                                    util.find_spec("torch") is None else "torch-bf16"]
     argv = ["smoke", "--schedule", "3,0,0", "--epochs-cap", "3", "--out-dir", str(
         plan.out_dir / f"smoke-{rest}")] if kind == "smoke" else [  # --resume: goes on
         "table1", "--rows", rest, "--dataset", "cifar10", "--data-dir", str(plan.real),
@@ -122,27 +116,25 @@ def _row(status: str, figure: str = "", detail: str = "", **data) -> Dict:
 
 
 def environment(device: str) -> Dict[str, str]:
-    """Versions (from the packages' metadata: nothing imported), where Theano comes from
-    (gpu_call.sh's copy or the environment's), the GPU and its driver (nvidia-smi)."""
-    have = {(d.metadata["Name"] or "").lower(): d.version for d in metadata.distributions()}
+    """Versions (nothing imported), where Theano comes from, the GPU and its driver."""
+    have = {(d.metadata["Name"] or "").lower(): d.version  # the first on the path wins
+            for d in reversed(list(metadata.distributions()))}
     spec = util.find_spec("theano")
     env = {"python": platform.python_version(), **{d: have.get(d.lower(), "missing") for d in (
         "numpy", "jax", "jaxlib", "torch", "theano-pymc")}, "theano-pymc from":
            str(Path(spec.origin).parents[1]) if spec and spec.origin else "missing",
            "lasagne": have.get("lasagne", "missing"), "device": device, "host": platform.node()}
     try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
-                              "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=30).stdout.split("\n")[0]
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,"
+                              "noheader"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         smi = ""
-    env.update(zip(("gpu", "driver"), (s.strip() for s in smi.split(",", 1) if smi)))
+    env.update(zip(("gpu", "driver"), map(str.strip, smi.split("\n")[0].split(",")) if smi else ()))
     return env
 
 
 def check_rows(plan: GpucheckPlan, key: str) -> List[Dict]:
-    """In the child: the rows of the ceiling, a verify pair or a speed row (the engines it
-    needs are probed first: a ConfigError makes the row MISSING)."""
+    """In the child: the rows of the ceiling, a verify pair or a speed row."""
     from crmn import bench, paper, roofline, verify
     from crmn.config import ModelConfig
     kind, _, rest = key.partition(" ")
@@ -152,7 +144,7 @@ def check_rows(plan: GpucheckPlan, key: str) -> List[Dict]:
     for options in ([t64] * (rest != "references") + [j64] * (rest != "torch") if kind ==
                     "verify" else [StackOptions("torch", plan.device)] * (plan.device != "cpu")
                     if rest == "ceiling" else [engines(plan.device)[eid]]):
-        registry.probe(options)
+        registry.probe(options)  # a ConfigError: the row says MISSING
     if rest == "ceiling":
         c = roofline.measure_ceiling(plan.device)
         return [_row("ok", f"fp32 {c['fp32_tflops']:.3g} TFLOP/s", bench.describe_ceiling(c),
@@ -160,13 +152,12 @@ def check_rows(plan: GpucheckPlan, key: str) -> List[Dict]:
     if kind == "speed":  # against the ceiling measured earlier in the run, and torch float32
         row, done = paper.row(row_id), {x["key"]: r["data"] for x in read_lines(plan.out_dir)
                                         for r in x["rows"] if "data" in r}
-        tiny = ModelConfig(classes=row.classes, memory=row.memory, n=1, k=0.5)
         r = bench.bench_row(row, engines(plan.device)[eid], *(
             (2, 1) if plan.quick else (60, 3)), batch_size=8 if plan.quick else None,
-            model=tiny if plan.quick else None, ceiling=done.get("speed ceiling"))
+            model=ModelConfig(classes=row.classes, memory=row.memory, n=1, k=0.5)
+            if plan.quick else None, ceiling=done.get("speed ceiling"))
         return [_row("ok", f"{r['sec_per_epoch']:.2f} s/epoch", bench.describe(
-            r, done.get(f"speed {row_id} torch-f32")), data={
-                k: r[k] for k in ("sec_per_epoch", "tflops", "speedup")})]
+            r, done.get(f"speed {row_id} torch-f32")), data=r)]
     results = [verify.verify_references(plan.device)] if rest == "references" else [
         r for name, cfg, train in verify.DEFAULT_CONFIGS[:1 if plan.quick else 2] for r in (
             verify.verify_device(cfg, train, name, plan.device) if rest == "torch" else
@@ -177,40 +168,21 @@ def check_rows(plan: GpucheckPlan, key: str) -> List[Dict]:
                  f"worst: {w} (<= {r.tol(w):g})", check=r.name) for r, w in zip(results, worst)]
 
 
-def child_main(argv: List[str]) -> int:
-    """``python -m crmn.gpucheck KEY <gpucheck options>``: one check, its rows into
-    ``logs/KEY.json``."""
-    from crmn.cli import parser, plans
-    plan = plans.gpucheck_plan(parser.parse(["gpucheck", *argv[1:]]))
-    try:
-        rows = check_rows(plan, argv[0])
-    except CRMNError as exc:  # one line; the later checks still run
-        rows = [_row("MISSING" if isinstance(exc, ConfigError) else "FAIL", detail=str(exc))]
-    runlog.write_json(plan.out_dir / "logs" / (argv[0].replace(" ", "-") + ".json"), rows)
-    return 0
-
-
 def read_lines(out_dir: Path, line: Optional[Dict] = None) -> List[Dict]:
-    """The lines of ``gpucheck.jsonl`` (a last line cut by a kill is dropped), after
-    appending ``line`` and making it durable."""
+    """``gpucheck.jsonl``'s lines (a last one cut by a kill dropped), after appending ``line``."""
     if line is not None:
-        with open(out_dir / JSONL_NAME, "ab") as f:
+        with open(out_dir / JSONL_NAME, "ab", buffering=0) as f:
             f.write((json.dumps(line, allow_nan=False, default=str) + "\n").encode())
-            f.flush()
             os.fsync(f.fileno())
     return runlog.read_log(Path(out_dir) / JSONL_NAME, events=True)
 
 
 def run_check(plan: GpucheckPlan, key: str, limit: float, cut: List[int]) -> List[Dict]:
-    """Check ``key`` in a child process for at most ``limit`` seconds or until a signal
-    lands in ``cut``: its rows, or one saying why there are none."""
-    log = plan.out_dir / "logs" / (key.replace(" ", "-") + ".log")
+    """Check ``key`` in a child process, for ``limit`` seconds at most or until a signal."""
+    log, argv = plan.out_dir / "logs" / (key.replace(" ", "-") + ".log"), child_argv(plan, key)
     log.with_suffix(".json").unlink(missing_ok=True)
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    argv = child_argv(plan, key)
     with open(log, "wb") as f:
-        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                             env=dict(os.environ, PYTHONPATH=path))
+        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)  # imports ours
     deadline = time.monotonic() + limit
     while p.poll() is None and not cut and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -243,8 +215,7 @@ def real_row(run_dir: Path, rc: int, tail: str) -> Dict:
         return _row("MISSING" if rc == 2 else "FAIL", detail=f"{tail}; {run_dir} did not "
                     "finish: run gpucheck again to continue it")
     acc = 100 * s["test_acc"]
-    return _row("ok", f"{acc:.2f} % (He et al. {HE_ACC} %)", f"test accuracy after "
-                f"{s['final_epochs']} epochs, {s['sec_per_epoch'] or 0:.2f} s each, "
+    return _row("ok", f"{acc:.2f} % (He et al. {HE_ACC} %)", f"{s['final_epochs']} epochs, "
                 f"{s['backend']} on {s['device']}; {s['data']}; run {run_dir}",
                 data={"test_acc": acc, "he_acc": HE_ACC, "run_dir": str(run_dir)})
 
@@ -255,9 +226,8 @@ def render(out_dir: Path, seconds: float, running: Optional[str] = None) -> Dict
     rows = [{"part": x["key"].split()[0], "check": x["key"], **r, "key": x["key"],
              "seconds": x["seconds"], "expected_s": x["expected_s"]}
             for x in lines if "rows" in x for r in x["rows"]]
-    tried = [r for r in rows if r["part"] != "environment"]
-    failed = sum(r["status"] == "FAIL" for r in rows) + bool(  # nothing could be built here
-        tried and all(r["status"] == "MISSING" for r in tried))
+    failed = sum(r["status"] == "FAIL" for r in rows) + (len(rows) > 1 and all(  # nothing
+        r["status"] == "MISSING" for r in rows[1:]))  # could be built here: a failure too
     cut = next((x["cut"] for x in lines if "cut" in x), None)
     report = {**lines[0]["plan"], "environment": lines[0]["environment"], "seconds":
               round(seconds, 1), "running": running, "cut_short": cut, "checks": rows,
@@ -266,22 +236,20 @@ def render(out_dir: Path, seconds: float, running: Optional[str] = None) -> Dict
     state = (f"**Cut short** by {cut['signal']} after {cut['after_s']:.0f} s in check `"
              f"{cut['check'] or 'between checks'}`; the rows below finished before it." if cut
              else f"**Running** `{running}` ({took} so far); if this is the last word, the run "
-             "was killed there." if running else
-             f"Complete: {took}; {failed} failed, {report['not_run']} not run for the budget.")
+             f"was killed there." if running else f"Complete: {took}; {failed} failed, "
+             f"{report['not_run']} not run for the budget.")
     table = tables.markdown(["part", "check", "status", "figure", "detail", "s", "expected s"],
                             [[r["part"], r["check"], r["status"], r["figure"], r["detail"],
                               *("" if r[k] is None else f"{r[k]:.0f}"
                                 for k in ("seconds", "expected_s"))] for r in rows])
-    env = ", ".join(f"{k} {v}" for k, v in report["environment"].items())
     runlog.write_json(out_dir / JSON_NAME, report)
-    runlog.write_bytes_atomic(out_dir / MD_NAME,
-                              f"# gpucheck\n\n{env}\n\n{state}\n\n{table}\n".encode())
+    md = "# gpucheck\n\n" + ", ".join(f"{k} {v}" for k, v in report["environment"].items())
+    runlog.write_bytes_atomic(out_dir / MD_NAME, f"{md}\n\n{state}\n\n{table}\n".encode())
     return report
 
 
 def run(plan: GpucheckPlan) -> int:
-    """Every check of ``plan`` that fits its budget, in order; prints the table last.
-    Returns 1 if a check failed, 3 or 130 when a signal cut the run short."""
+    """Every check of ``plan`` that fits its budget, in order; the table printed last."""
     out, t0, running = plan.out_dir, time.monotonic(), None
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / JSONL_NAME).unlink(missing_ok=True)
@@ -298,16 +266,15 @@ def run(plan: GpucheckPlan) -> int:
             line = {"key": key, "seconds": None, "expected_s": need, "rows": [
                 _row(NOT_RUN, detail=f"needs {need:.0f} s, {max(left, 0):.0f} s left")]}
             if need <= left and not cut:
-                running = key
-                render(out, t - t0, running)
+                render(out, t - t0, running := key)
                 line["rows"] = run_check(plan, key, min(left, 2 * need + 30), cut)
                 line["seconds"] = round(time.monotonic() - t, 1)
             if cut:  # a check stopped by the signal is not a finished one
                 break
-            running = read_lines(out, line) and None
-            for r in line["rows"]:
-                print(f"gpucheck: {r.get('check', key)}: {r['status']} "
-                      f"{r['figure']} {r['detail']}".rstrip(), flush=True)
+            read_lines(out, line)
+            running = None
+            print("\n".join(f"gpucheck: {r.get('check', key)}: {r['status']} {r['figure']} "
+                            f"{r['detail']}" for r in line["rows"]), flush=True)
         if cut:
             name = signal.Signals(cut[0]).name
             read_lines(out, {"cut": {"signal": name, "check": running,
@@ -323,5 +290,11 @@ def run(plan: GpucheckPlan) -> int:
     return CUT_SIGNALS[cut[0]] if cut else int(report["failed"] > 0)
 
 
-if __name__ == "__main__":
-    sys.exit(child_main(sys.argv[1:]))
+if __name__ == "__main__":  # one check in a child: its rows to logs/KEY.json
+    from crmn.cli import parser, plans
+    plan = plans.gpucheck_plan(parser.parse(["gpucheck", *sys.argv[2:]]))
+    try:
+        rows = check_rows(plan, sys.argv[1])
+    except CRMNError as exc:  # one line; the later checks still run
+        rows = [_row("MISSING" if isinstance(exc, ConfigError) else "FAIL", detail=str(exc))]
+    runlog.write_json(plan.out_dir / "logs" / (sys.argv[1].replace(" ", "-") + ".json"), rows)
