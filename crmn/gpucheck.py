@@ -31,7 +31,7 @@ NOT_RUN, NOT_FINISHED = "not run: budget", "not finished: budget"
 CUT_SIGNALS = {signal.SIGTERM: EXIT_STOPPED, signal.SIGUSR1: EXIT_STOPPED,
                signal.SIGINT: EXIT_INTERRUPTED}
 #: the checks in order of priority, and the seconds each needs on (cuda, cpu, --quick; None:
-#: not run): it runs when that fits what is left of the budget, and stops at twice that + 30 s
+#: not run): it runs when that fits what is left of the budget, stops at 3 times that + 60 s
 NEEDS: Dict[str, Tuple[float, float, Optional[float]]] = {
     "real t1-resnet32x1": (330, 1e6, 240), "real t1-crmn32x1": (360, 1e6, 200),
     "speed ceiling": (15, 15, 15), "verify torch": (40, 50, 30),
@@ -267,7 +267,7 @@ def run(plan: GpucheckPlan) -> int:
                 _row(NOT_RUN, detail=f"needs {need:.0f} s, {max(left, 0):.0f} s left")]}
             if need <= left and not cut:
                 render(out, t - t0, running := key)
-                line["rows"] = run_check(plan, key, min(left, 2 * need + 30), cut)
+                line["rows"] = run_check(plan, key, min(left, 3 * need + 60), cut)
                 line["seconds"] = round(time.monotonic() - t, 1)
             if cut:  # a check stopped by the signal is not a finished one
                 break

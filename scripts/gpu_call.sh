@@ -7,14 +7,15 @@
 #
 #   bash scripts/gpu_call.sh [more gpucheck options, e.g. --real DATA, --only speed, --quick]
 #
-# Environment (all optional): CRMN_GPU_PYTHON (python3), CRMN_GPU_DEVICE (cuda),
-# CRMN_GPU_BUDGET (520: a 10-minute call less the machine's start and this install),
+# Environment (all optional): CRMN_GPU_PYTHON (else CRMN_PYTHON, else python3),
+# CRMN_GPU_DEVICE (cuda), CRMN_GPU_BUDGET (520: a 10-minute call less the machine's start and
+# this install),
 # CRMN_GPU_OUT (runs/gpucheck), CRMN_WHEELS (.whl/; built by
 # `CRMN_PROFILE=current bash scripts/ensure_env.sh`, see REPRODUCING.md §5).
 # Exit code: gpucheck's (0, 1 a check failed, 3 / 130 cut short by a signal).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-py="${CRMN_GPU_PYTHON:-python3}"
+py="${CRMN_GPU_PYTHON:-${CRMN_PYTHON:-python3}}"
 wheels="${CRMN_WHEELS:-$here/.whl}"
 out="${CRMN_GPU_OUT:-$here/runs/gpucheck}"
 
