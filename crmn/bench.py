@@ -151,17 +151,16 @@ def describe(r: Dict, torch_f32: Optional[Dict] = None) -> str:
             " of the ceiling"]
     if r["peak_mem_bytes"] is not None:
         out.append(f"peak {r['peak_mem_bytes'] / 2 ** 20:.0f} MiB ({r['peak_mem_kind']})")
-    return "; ".join(out + [r["device"]])
+    return "; ".join(out + [f"{r['precision']} on {r['device']}"])
 
 
 def describe_ceiling(c: Dict) -> str:
     """One line: the measured ceiling of a device."""
-    def tf(key):
-        return "-" if c.get(key) is None else f"{c[key]:.3g}"
+    tf = {k: "-" if c.get(k + "_tflops") is None else f"{c[k + '_tflops']:.3g}"
+          for k in ("fp32", "tf32", "bf16")}
     return (f"ceiling on {c['device']} ({c['library']}, {c['gemm_side']}-square products, "
-            f"best of {c['seconds']:.1f} s): float32 {tf('fp32_tflops')}, tf32 "
-            f"{tf('tf32_tflops')}, bfloat16 {tf('bf16_tflops')} TFLOP/s; copy "
-            f"{c['copy_gb_s']:.3g} GB/s")
+            f"best of {c['seconds']:.1f} s): float32 {tf['fp32']}, tf32 {tf['tf32']}, "
+            f"bfloat16 {tf['bf16']} TFLOP/s; copy {c['copy_gb_s']:.3g} GB/s")
 
 
 def mode_ratios(results: Sequence[Dict]) -> str:
@@ -170,14 +169,13 @@ def mode_ratios(results: Sequence[Dict]) -> str:
     lines = []
     for row in dict.fromkeys(r["row"] for r in results):
         by = {r["stack"]: r for r in results if r["row"] == row}
-        if not {"theano-jax", "theano-c", "torch"} <= set(by):
-            continue
-        jax, c, torch = by["theano-jax"], by["theano-c"], by["torch"]
-        compile_ratio = (c["compile_s"] / jax["compile_s"]) if jax["compile_s"] else None
-        lines.append(f"{row}: theano-jax step = {jax['sec_per_epoch'] / torch['sec_per_epoch']:.2f}"
-                     f" x torch, {jax['sec_per_epoch'] / c['sec_per_epoch']:.2f} x theano-c; "
-                     f"theano-c compile = " + (f"{compile_ratio:.1f} x theano-jax"
-                                               if compile_ratio else "-") +
-                     f" ({c['compile_s']:.1f} s vs {jax['compile_s']:.1f} s cold; C modules "
-                     "cached by Theano compile faster the second time)")
+        if {"theano-jax", "theano-c", "torch"} <= set(by):
+            jax, c, torch = by["theano-jax"], by["theano-c"], by["torch"]
+            ratio = f"{c['compile_s'] / jax['compile_s']:.1f} x" if jax["compile_s"] else "-"
+            step = jax["sec_per_epoch"]
+            lines.append(f"{row}: theano-jax step = {step / torch['sec_per_epoch']:.2f} x torch, "
+                         f"{step / c['sec_per_epoch']:.2f} x theano-c; "
+                         f"theano-c compile = {ratio} theano-jax ({c['compile_s']:.1f} s vs "
+                         f"{jax['compile_s']:.1f} s cold; Theano's cached C modules compile "
+                         "faster the second time)")
     return "\n".join(lines)

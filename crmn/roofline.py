@@ -39,17 +39,14 @@ def products(model: ModelConfig) -> List[Product]:
     convolutions, ``S_out² · C_out · C_in · 9`` (docs/spec.md §4); the memory's input
     projection of ``T = 3n`` taps zero-padded to ``I = 16k·16·16`` inputs, ``T · I · 4H``, and
     its recurrence ``T · H · 4H`` (from the learned ``h0``); softmax ``(64k + H) · classes``."""
-    w1, w2, w3 = model.widths
-    out = [Product("conv0", STAGE_SIZES[0] ** 2 * w1 * 3 * 9, input_grad=False)]
-    c_in = w1
-    for s, (width, side) in enumerate(zip((w1, w2, w3), STAGE_SIZES)):
+    c_in = model.widths[0]
+    out = [Product("conv0", STAGE_SIZES[0] ** 2 * c_in * 3 * 9, input_grad=False)]
+    for s, (width, side) in enumerate(zip(model.widths, STAGE_SIZES)):
         for b in range(model.n):
-            out.append(Product(f"stage{s + 1}.block{b}.conv1", side * side * width * c_in * 9,
-                               input_grad=True))
-            out.append(Product(f"stage{s + 1}.block{b}.conv2", side * side * width * width * 9,
-                               input_grad=True))
+            out += [Product(f"stage{s + 1}.block{b}.{conv}", side * side * width * c * 9, True)
+                    for conv, c in (("conv1", c_in), ("conv2", width))]
             c_in = width
-    features = w3
+    features = model.widths[2]
     if model.memory:
         T, I, H = model.taps, model.lstm_input, model.lstm_units
         out.append(Product("lstm.W_x", T * I * 4 * H, input_grad=True))
@@ -131,13 +128,9 @@ def _numpy_ceiling(seconds: float) -> Dict:
 
 
 def measure_ceiling(device: str = "cpu", seconds: float = 0.5) -> Dict:
-    """The device's measured limits, each the fastest of repeated runs over ``seconds``: a
-    large matrix product in float32 (strict), TensorFloat-32 (GPU) and bfloat16 with torch,
-    or float32 with numpy on a CPU without torch; a large copy.
-
-    Returns ``device``, ``library``, ``gemm_side``, ``fp32_tflops``, ``tf32_tflops`` and
-    ``bf16_tflops`` (None where not measured), ``copy_gb_s`` (read + write) and ``seconds``.
-    """
+    """The device's limits, each the fastest of repeated runs over ``seconds``: a large
+    matrix product (``fp32_tflops``; with torch also ``bf16_tflops`` and on a GPU
+    ``tf32_tflops``, else None), a large copy (``copy_gb_s``, read + write)."""
     t0 = time.perf_counter()
     try:
         import torch  # noqa: F401
