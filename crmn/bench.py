@@ -1,26 +1,13 @@
-"""Training speed per paper row against the paper's seconds per epoch (Table 1).
+"""Training speed per paper row against the paper's seconds per epoch (Table 1), read as one
+pass over CIFAR-100's 50,000 training images.
 
-Each row trains for a fixed number of SGD steps on synthetic CIFAR-shaped data (random
-normal images, random labels: speed does not depend on the pixels) through the training
-loop's own :func:`crmn.train.train_epoch`, so the GPU path's resident data, per-epoch gather
-and captured step are what is timed. A short warm-up epoch first (graph compilation, cuDNN
-autotuning, CUDA-graph capture) is timed and reported apart. Printed per row: images/s,
-seconds per 50,000-image epoch, the paper's seconds per epoch (``crmn.paper``) and the
-speed-up over the paper::
-
-    run_experiments.sh bench --backend torch --device cuda --steps 500
-    run_experiments.sh bench --rows t1-resnet32x1 --device cpu --steps 5 --json bench.json
-
-The paper's "seconds per epoch" is read as one pass over CIFAR-100's 50,000 training images.
-
-Compilation (the Theano stack, issue #23) is shown in two columns, measured side by side in
-one process: **cold compile s** is the first build of the row in this process -- its
-``cache`` column says whether the compile cache (:mod:`crmn.compile_cache`) already held the
-step (``hit``) or it was compiled from nothing (``miss``; ``off`` with
-``--no-compile-cache``); **warm compile s** is a second build of the same network right
-after, a new stack in the same process, which finds what the first one stored (JAX mode:
-the exported step and XLA's executable; C mode: Theano's compiled C modules, the graph
-optimisation still runs). Run bench twice and the second run's cold column is a hit too.
+Each row trains a fixed number of SGD steps on random CIFAR-shaped data (speed ignores the
+pixels) through :func:`crmn.train.train_epoch`, so the GPU path's resident data, gather and
+captured step are what is timed; a short warm-up epoch first (compilation, autotuning, graph
+capture) is timed apart. The Theano stack's compiling shows in two columns: **cold compile
+s**, the first build in this process (``cache``: whether :mod:`crmn.compile_cache` held the
+step: ``hit``, ``miss``, ``off`` with ``--no-compile-cache``), and **warm compile s**, a
+second build right after, which finds what the first stored.
 """
 from __future__ import annotations
 
@@ -48,8 +35,7 @@ def _sampler(rng, steps: int, classes: int, train: TrainConfig) -> BatchSampler:
 
 def _warm_build(options: StackOptions, model: ModelConfig, train: TrainConfig, rng,
                 expert: Dict):
-    """The warm column: a second build of the same network and its first step's stats
-    (what the first build stored is found); None where there is no compile cache."""
+    """The warm column: a second build's first step (None without a compile cache)."""
     if options.backend != "theano" or not options.compile_cache:
         return None
     again = registry.build(options, model, train, **expert)
@@ -74,26 +60,15 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
               batch_size: Optional[int] = None, seed: int = 0,
               channels_last: Optional[bool] = None, model: Optional[ModelConfig] = None,
               ceiling: Optional[Dict] = None) -> Dict:
-    """Time ``steps`` SGD steps of ``row`` in the stack of ``options``; returns the figures
-    of one table line.
+    """The figures of one table line: ``steps`` SGD steps of ``row`` in ``options``' stack.
 
-    ``channels_last`` (torch only): NHWC activations and filters; None: the stack's default.
-    ``model``: another network in the row's protocol (a quick look at the code path; the
-    paper's seconds then compare nothing, and ``speedup`` is None).
-    ``ceiling``: the device's limits (:func:`crmn.roofline.measure_ceiling`), for shares.
-
-    Returns
-    -------
-    dict with ``row, label, backend, stack`` (``theano-c``, ``theano-jax`` or ``torch``),
-    ``device, precision, batch_size, steps, warmup_s`` (first epoch of ``warmup`` steps:
-    compile / capture), ``compile_s`` (of which compiling: the cold column),
-    ``compile_cache`` (``hit``/``miss``/``off``, None for torch and the C mode),
-    ``warm_compile_s`` and ``warm_compile_cache`` (a second build's compiling and cache
-    state, None without a cache), ``seconds`` (the ``steps`` steps), ``images_per_s``,
-    ``sec_per_epoch`` (50,000 images), ``paper_sec_per_epoch``
-    and ``speedup`` (paper / ours); ``flops_per_image``, ``tflops``, ``ceiling_tflops`` and
-    ``ceiling_fraction`` (:func:`crmn.roofline.utilisation`); ``peak_mem_bytes`` and
-    ``peak_mem_kind`` (:func:`crmn.roofline.peak_memory`).
+    ``channels_last`` (torch): NHWC, None the stack's default; ``model``: another network in
+    the row's protocol (``speedup`` is then None); ``ceiling``: the device's limits
+    (:func:`crmn.roofline.measure_ceiling`). Keys: ``stack`` (theano-c, theano-jax, torch),
+    ``warmup_s`` (the warm-up epoch), ``compile_s``/``compile_cache`` (cold) and
+    ``warm_compile_s``/``warm_compile_cache`` (None without a cache), ``seconds`` (the timed
+    steps), ``images_per_s``, ``sec_per_epoch``, ``paper_sec_per_epoch``, ``speedup``, and
+    :func:`crmn.roofline.utilisation`'s and :func:`crmn.roofline.peak_memory`'s.
     """
     own = model is None
     model = ModelConfig.for_row(row) if own else model
@@ -138,17 +113,14 @@ def percent(fraction: Optional[float]) -> str:
 
 
 def _figure(r: Dict, key: str, unit: float, spec: str) -> str:
-    """``r[key] / unit`` formatted, "-" where the figure is missing (a JSON written before
-    the column existed, a peak that was not measured)."""
+    """``r[key] / unit`` formatted, "-" where the figure is missing (older JSON, no peak)."""
     value = r.get(key)
     return "-" if value is None else format(value / unit, spec)
 
 
 def format_table(results: Sequence[Dict]) -> str:
-    """The bench table (:func:`crmn.tables.markdown`); speed-ups to three significant digits
-    (a CPU run is a small fraction of the paper's speed). ``GFLOP/img``: forward + backward
-    per trained image; ``TFLOP/s`` achieved; ``of ceiling``: its share of the measured
-    ceiling of the row's precision; ``peak MiB``: peak memory (``peak_mem_kind``)."""
+    """The bench table; GFLOP/img: forward + backward per trained image; of ceiling: the
+    share of the measured ceiling of the row's precision; peak MiB: ``peak_mem_kind``."""
     body = [[r["row"], r["label"], r.get("stack", "-"), r["batch_size"],
              f"{r['images_per_s']:.0f}", f"{r['sec_per_epoch']:.2f}",
              f"{r['paper_sec_per_epoch']:.0f}" if r["paper_sec_per_epoch"] else "-",
@@ -164,14 +136,31 @@ def format_table(results: Sequence[Dict]) -> str:
                             "peak MiB"], body, align="lllrrrrrrrlrrrrr")
 
 
+def describe(r: Dict, torch_f32: Optional[Dict] = None) -> str:
+    """One line on a timed row: its speed beside the goals (bfloat16 at least 100x the paper,
+    Theano-JAX float32 within 1.5x of ``torch_f32``, that row's figures), the roofline."""
+    out = [f"{r['speedup']:.3g}x the paper" if r["speedup"] else "tiny network"]
+    if r["speedup"] and r["precision"].startswith("bfloat16"):
+        out[0] += f" (goal >= 100x: {'met' if r['speedup'] >= 100 else 'not met'})"
+    if r["speedup"] and r["stack"] == "theano-jax" and torch_f32:
+        x = r["sec_per_epoch"] / torch_f32["sec_per_epoch"]
+        out.append(f"{x:.2f}x torch float32's time (goal <= 1.5x: "
+                   f"{'met' if x <= 1.5 else 'not met'})")
+    out += [f"compile {r['compile_s']:.1f} s", f"{r['tflops']:.3g} TFLOP/s "
+            f"({r['flops_per_image'] / 1e9:.3g} GFLOP/image) = {percent(r['ceiling_fraction'])}"
+            " of the ceiling"]
+    if r["peak_mem_bytes"] is not None:
+        out.append(f"peak {r['peak_mem_bytes'] / 2 ** 20:.0f} MiB ({r['peak_mem_kind']})")
+    return "; ".join(out + [f"{r['precision']} on {r['device']}"])
+
+
 def describe_ceiling(c: Dict) -> str:
     """One line: the measured ceiling of a device."""
-    def tf(key):
-        return "-" if c.get(key) is None else f"{c[key]:.3g}"
+    tf = {k: "-" if c.get(k + "_tflops") is None else f"{c[k + '_tflops']:.3g}"
+          for k in ("fp32", "tf32", "bf16")}
     return (f"ceiling on {c['device']} ({c['library']}, {c['gemm_side']}-square products, "
-            f"best of {c['seconds']:.1f} s): float32 {tf('fp32_tflops')}, tf32 "
-            f"{tf('tf32_tflops')}, bfloat16 {tf('bf16_tflops')} TFLOP/s; copy "
-            f"{c['copy_gb_s']:.3g} GB/s")
+            f"best of {c['seconds']:.1f} s): float32 {tf['fp32']}, tf32 {tf['tf32']}, "
+            f"bfloat16 {tf['bf16']} TFLOP/s; copy {c['copy_gb_s']:.3g} GB/s")
 
 
 def mode_ratios(results: Sequence[Dict]) -> str:
@@ -180,14 +169,13 @@ def mode_ratios(results: Sequence[Dict]) -> str:
     lines = []
     for row in dict.fromkeys(r["row"] for r in results):
         by = {r["stack"]: r for r in results if r["row"] == row}
-        if not {"theano-jax", "theano-c", "torch"} <= set(by):
-            continue
-        jax, c, torch = by["theano-jax"], by["theano-c"], by["torch"]
-        compile_ratio = (c["compile_s"] / jax["compile_s"]) if jax["compile_s"] else None
-        lines.append(f"{row}: theano-jax step = {jax['sec_per_epoch'] / torch['sec_per_epoch']:.2f}"
-                     f" x torch, {jax['sec_per_epoch'] / c['sec_per_epoch']:.2f} x theano-c; "
-                     f"theano-c compile = " + (f"{compile_ratio:.1f} x theano-jax"
-                                               if compile_ratio else "-") +
-                     f" ({c['compile_s']:.1f} s vs {jax['compile_s']:.1f} s cold; C modules "
-                     "cached by Theano compile faster the second time)")
+        if {"theano-jax", "theano-c", "torch"} <= set(by):
+            jax, c, torch = by["theano-jax"], by["theano-c"], by["torch"]
+            ratio = f"{c['compile_s'] / jax['compile_s']:.1f} x" if jax["compile_s"] else "-"
+            step = jax["sec_per_epoch"]
+            lines.append(f"{row}: theano-jax step = {step / torch['sec_per_epoch']:.2f} x torch, "
+                         f"{step / c['sec_per_epoch']:.2f} x theano-c; "
+                         f"theano-c compile = {ratio} theano-jax ({c['compile_s']:.1f} s vs "
+                         f"{jax['compile_s']:.1f} s cold; Theano's cached C modules compile "
+                         "faster the second time)")
     return "\n".join(lines)

@@ -1,710 +1,301 @@
-"""One command that turns a machine with a GPU into the archive's GPU figures, within a
-time budget, keeping every figure it measured even when it is killed.
-
-``bash run_experiments.sh gpucheck [--device cuda|cpu] [--quick] [--budget S] [--only P,..]
-[--out DIR]`` runs, on the Python it finds (a current scientific Python works:
-``CRMN_PYTHON=...``; ``scripts/gpu_call.sh`` brings the theano-pymc and Lasagne wheels), a
-list of individually budgeted checks in this order of priority (issue #22):
-
-1. **environment**: Python, numpy, jax, torch, Theano-PyMC (and where it is imported from),
-   Lasagne, the GPU and its driver (always run: it heads both files); then, with the speed
-   part, the device's **ceiling** (:func:`crmn.roofline.measure_ceiling`: large matrix
-   products per precision, a large copy), a few seconds;
-2. **verify** in float64 on the device, one check per engine pair: torch on the device
-   against torch on the CPU (:func:`crmn.verify.verify_device`), Theano through JAX against
-   torch on the device, and Theano through JAX against the stored Theano-C references
-   (:func:`crmn.verify.verify_references`);
-3. **smoke** of the faithful graph (Theano-JAX float32): three epochs of ``smoke`` through
-   the real command line, in a child process, on fake data; the training loss must fall;
-4. **speed** (:func:`crmn.bench.bench_row`: seconds per epoch, compile seconds, the ratio to
-   the paper's, achieved TFLOP/s and their share of the ceiling, peak memory) of t1-resnet32x1 and t1-crmn32x1 for torch float32, Theano-JAX float32 and
-   torch bfloat16 (+ ``torch.compile`` on a GPU), then the same for t1-crmn32x4 and
-   t1-resnet134x1, the Theano-JAX compile of ResNet-134 (the longest, ~200 s) last;
-5. **smoke** for the torch engines.
-
-Budget
-------
-Before each check its expected seconds (:data:`COSTS`, per device kind) are held against
-the time left of ``--budget`` (default :data:`DEFAULT_BUDGET`, what fits one 10-minute
-call); a check that does not fit is a row ``not run: budget`` (never a silent gap) and the
-later, cheaper checks still get their turn. The budget plans; it does not cut a check that
-runs longer than expected (the caller's own time limit does, see below).
-
-Nothing measured is lost
-------------------------
-``gpucheck.json`` and ``gpucheck.md`` are replaced atomically (:func:`crmn.runlog.replace_file`)
-before and after every check: before, they name the check now running (``"running"``), so
-even a ``kill -9`` leaves files that say where the run stopped. SIGTERM, SIGINT (Ctrl-C)
-and SIGUSR1 are caught by a watcher thread (Python's signal handlers would wait for a long
-XLA compile to return; the thread wakes through :func:`signal.set_wakeup_fd`): it writes
-both files with ``"cut_short": {"signal", "check", "after_s"}`` and a line saying so, ends
-the smoke child process, and exits 3 (130 after SIGINT), as :mod:`crmn.errors` says a
-stopped run does.
-
-Exit code 1 if any check failed (a missing engine is reported, not a failure; a check not
-run for the budget neither). The goals of issue #19 (Theano-JAX float32 within 1.5x of
-torch float32; torch bfloat16 + compile at least 100x the paper's speed) are reported
-beside the figures, not enforced. ``--quick`` runs the same path on tiny networks (n=1,
-k=0.5) with few steps: a check of the command itself, about two minutes on a CPU.
-"""
+"""The archive's GPU figures within a time budget (REPRODUCING.md §5). Each check is a child
+process under its own time limit (output in ``logs/``); one that needs more than is left of
+``--budget`` is listed ``not run: budget``. Each finished check appends a line to
+``gpucheck.jsonl``, from which ``gpucheck.json`` and ``gpucheck.md`` are rendered: a run cut
+short (SIGTERM, SIGUSR1: exit 3; SIGINT: 130) or killed keeps what it finished and says where
+it stopped. Exit 1 when a check failed (an engine missing here is not a failure)."""
 from __future__ import annotations
 
-import dataclasses
-import gc
-import math
+import json
 import os
 import platform
 import signal
 import subprocess
 import sys
-import threading
 import time
+from dataclasses import dataclass
 from importlib import metadata, util
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from crmn import bench, paper, registry, roofline, runlog, tables, verify
-from crmn.config import ModelConfig
+from crmn import plan as plans, registry, runlog, tables
 from crmn.errors import EXIT_INTERRUPTED, EXIT_STOPPED, ConfigError, CRMNError
 from crmn.registry import StackOptions
 
 ROOT = Path(__file__).resolve().parent.parent
-#: the parts ``--only`` chooses from, in the order they first run (environment always runs)
-PARTS = ("environment", "verify", "smoke", "speed")
-#: seconds of the whole run when ``--budget`` is not given: one 10-minute call less the
-#: start of the machine's Python and the wheels' install (scripts/gpu_call.sh)
-DEFAULT_BUDGET = 540.0
-#: the rows timed (issue #19), in two groups of priority (issue #22): the two small rows,
-#: then the widest CRMN and the deepest ResNet
-ROW_GROUPS = (("t1-resnet32x1", "t1-crmn32x1"), ("t1-crmn32x4", "t1-resnet134x1"))
-ROWS = sum(ROW_GROUPS, ())
-#: --quick times the small group only
-QUICK_ROWS = ROW_GROUPS[0]
-#: --quick: every row as a tiny network in its own protocol
-QUICK_MODEL = dict(n=1, k=0.5)
-#: timed steps and warm-up steps per row and engine: (full, quick)
-STEPS = {False: (60, 3), True: (2, 1)}
-QUICK_BATCH = 8
-#: issue #19's goals
-JAX_TO_TORCH_GOAL = 1.5
-BF16_SPEEDUP_GOAL = 100.0
-#: files written into --out
-JSON_NAME, MD_NAME = "gpucheck.json", "gpucheck.md"
-#: statuses of a row that is not a measurement
-NOT_RUN = "not run: budget"
-#: signals that cut a run short, and the exit code each gives (crmn/errors.py)
+PARTS = ("environment", "verify", "smoke", "speed")  # --only; environment always runs
+DEFAULT_BUDGET = 540.0  # seconds: one 10-minute call less the machine's start
+HE_ACC = 92.49  # % test accuracy of ResNet-32 on CIFAR-10 (He et al. 2015, Table 6)
+JSONL_NAME, JSON_NAME, MD_NAME = "gpucheck.jsonl", "gpucheck.json", "gpucheck.md"
+NOT_RUN, NOT_FINISHED = "not run: budget", "not finished: budget"
 CUT_SIGNALS = {signal.SIGTERM: EXIT_STOPPED, signal.SIGUSR1: EXIT_STOPPED,
                signal.SIGINT: EXIT_INTERRUPTED}
-#: seconds a smoke child has to end after SIGTERM before it is killed
-CHILD_GRACE_S = 5.0
-
-#: device kinds of :data:`COSTS`, in the order of :data:`COST_TABLE`'s columns
-KINDS = ("cuda", "cpu", "quick")
-#: Expected seconds of each check (:func:`plan_checks`' keys) per device kind: ``cuda``,
-#: ``cpu`` (the full check on a CPU), ``quick`` (``--quick`` on any device; it times the
-#: two small rows only).
-#:
-#: ``cuda`` starts from the CPU figures of issue #22 (XLA compiles on the host: ResNet-134x1
-#: 196 s in JAX mode, CRMN-32x4 33 s, CRMN n=1 k=1 42-48 s; REPRODUCING §5), torch.compile's
-#: 20-90 s per process on an H100 and the H100 epochs of REPRODUCING §5 for 60 steps.
-#: ``cpu`` is rough (per-image rates of REPRODUCING §5 on 2 cores, 63 steps), ``quick`` was
-#: measured on the archive's 2-core machine, shared with other work (``gpucheck --device
-#: cpu --quick``: 167 s in all, each check's seconds about 3/4 of its entry here).
-#:
-#: To refine the table from a run: every row of ``gpucheck.json`` carries its check's
-#: ``key``, ``expected_s`` and measured ``seconds``; :func:`measured_costs` reads them back
-#: (``python -c "from crmn import gpucheck; print(gpucheck.measured_costs('gpucheck.json'))"``)
-#: and its numbers, rounded up by a margin of ~20 %, replace that device kind's column here.
-#:
-#: check key: expected seconds (cuda, cpu, quick); None where that kind has no such check
-COST_TABLE: Dict[str, Tuple[Optional[float], ...]] = {
-    "environment": (2, 2, 1),
-    "ceiling": (6, 6, 4),
-    "verify torch": (30, 40, 8),
-    "verify theano-jax vs torch": (120, 150, 16),
-    "verify references": (40, 40, 45),
-    "smoke jax-f32": (90, 120, 40),
-    "speed t1-resnet32x1 torch-f32": (15, 90, 1),
-    "speed t1-resnet32x1 jax-f32": (50, 400, 8),
-    "speed t1-resnet32x1 torch-bf16": (45, 200, 1),
-    "speed t1-crmn32x1 torch-f32": (15, 120, 1),
-    "speed t1-crmn32x1 jax-f32": (55, 450, 11),
-    "speed t1-crmn32x1 torch-bf16": (60, 250, 1),
-    "speed t1-crmn32x4 torch-f32": (20, 420, None),
-    "speed t1-crmn32x4 jax-f32": (45, 1200, None),
-    "speed t1-crmn32x4 torch-bf16": (60, 800, None),
-    "speed t1-resnet134x1 torch-f32": (25, 330, None),
-    "speed t1-resnet134x1 torch-bf16": (100, 700, None),
-    "speed t1-resnet134x1 jax-f32": (210, 1500, None),
-    "smoke torch-f32": (30, 40, 32),
-    "smoke torch-bf16": (90, 60, 35),
-}
-#: expected seconds per device kind and check key (:data:`COST_TABLE` by column)
-COSTS: Dict[str, Dict[str, float]] = {
-    kind: {key: costs[i] for key, costs in COST_TABLE.items() if costs[i] is not None}
-    for i, kind in enumerate(KINDS)}
+#: the checks in order of priority, and the seconds each needs on (cuda, cpu, --quick; None:
+#: not run): it runs when that fits what is left of the budget, stops at 3 times that + 60 s
+NEEDS: Dict[str, Tuple[float, float, Optional[float]]] = {
+    "real t1-resnet32x1": (330, 1e6, 240), "real t1-crmn32x1": (360, 1e6, 200),
+    "speed ceiling": (15, 15, 15), "verify torch": (40, 50, 30),
+    "verify theano-jax vs torch": (130, 160, 50), "verify references": (50, 50, 60),
+    "smoke jax-f32": (100, 130, 70), "speed t1-resnet32x1 torch-f32": (20, 100, 15),
+    "speed t1-resnet32x1 jax-f32": (60, 400, 25), "speed t1-resnet32x1 torch-bf16": (50, 200, 15),
+    "speed t1-crmn32x1 torch-f32": (20, 130, 15), "speed t1-crmn32x1 jax-f32": (65, 450, 30),
+    "speed t1-crmn32x1 torch-bf16": (70, 250, 15), "speed t1-crmn32x4 torch-f32": (25, 420, None),
+    "speed t1-crmn32x4 jax-f32": (55, 1200, None), "speed t1-crmn32x4 torch-bf16": (70, 800, None),
+    "speed t1-resnet134x1 torch-f32": (30, 330, None),
+    "speed t1-resnet134x1 torch-bf16": (110, 700, None),
+    "speed t1-resnet134x1 jax-f32": (220, 1500, None),  # the longest compile, last
+    "smoke torch-f32": (40, 50, 45), "smoke torch-bf16": (100, 70, 50)}
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class GpucheckPlan:
-    """What one ``gpucheck`` runs: checked once by :func:`crmn.cli.plans.gpucheck_plan`.
-
-    ``budget``: seconds the checks may take in all; ``parts``: the :data:`PARTS` chosen
-    (``--only``), environment always among them.
-    """
+    """What one ``gpucheck`` runs, checked before anything is created."""
 
     device: str  # cpu | cuda | cuda:N
-    quick: bool  # tiny networks, few steps
-    out_dir: Path  # gpucheck.json, gpucheck.md and the smoke runs
+    quick: bool  # tiny networks, few steps: a check of the command itself
+    out_dir: Path  # the files, logs/ and the training runs
     budget: float = DEFAULT_BUDGET  # seconds
-    parts: Tuple[str, ...] = PARTS  # a subset of PARTS, in PARTS' order
+    parts: Tuple[str, ...] = PARTS  # environment always among them, in PARTS' order
+    real: Optional[Path] = None  # CIFAR-10 (a tarball or folder) for the real-data check
 
     def __post_init__(self):
         registry.check_device(self.device)
-        if not (math.isfinite(self.budget) and self.budget > 0):
-            raise ConfigError(f"--budget wants a number of seconds > 0, got {self.budget!r}: "
-                              f"give one, e.g. --budget {DEFAULT_BUDGET:.0f}")
-        unknown = [p for p in self.parts if p not in PARTS]
-        if unknown:
-            raise ConfigError(f"unknown gpucheck part(s) {', '.join(map(repr, unknown))}; "
-                              f"choose from {', '.join(PARTS)}")
+        unknown = ", ".join(repr(p) for p in self.parts if p not in PARTS)
+        for bad, why in ((not 0 < self.budget < float("inf"), "--budget "
+                          f"wants seconds > 0, got {self.budget!r}: give one, e.g. --budget 540"),
+                         (unknown, f"unknown gpucheck part(s) {unknown}; choose from "
+                                   f"{', '.join(PARTS)}"),
+                         (self.real and not Path(self.real).exists(), f"--real {self.real}: "
+                          "no such file or folder; give CIFAR-10 (images or a tarball)")):
+            if bad:
+                raise ConfigError(why)
+        object.__setattr__(self, "real", self.real and Path(self.real).resolve())
+        object.__setattr__(self, "out_dir", Path(self.out_dir).resolve())  # children: cwd ROOT
         object.__setattr__(self, "parts", tuple(p for p in PARTS
                                                 if p in self.parts or p == "environment"))
 
-    @property
-    def kind(self) -> str:
-        """The device kind of :data:`COSTS`."""
-        return "quick" if self.quick else ("cuda" if self.device.startswith("cuda") else "cpu")
+
+def engines(device: str) -> Dict[str, StackOptions]:
+    """The engines timed and trained; torch.compile only on a GPU (on a CPU: the C++ compiler)."""
+    return {"torch-f32": StackOptions("torch", device, "float32"),
+            "jax-f32": StackOptions("theano", device, "float32", theano_mode="jax"),
+            "torch-bf16": StackOptions("torch", device, "bfloat16", compile=device != "cpu")}
 
 
-@dataclasses.dataclass(frozen=True)
-class Engine:
-    """A stack setting timed and trained: ``id`` keys :data:`COSTS`, ``label`` is shown."""
-
-    id: str
-    label: str
-    options: StackOptions
+def plan_checks(plan: GpucheckPlan) -> List[str]:
+    """The keys of the checks after the environment, in order of priority (NEEDS')."""
+    column, real = 2 if plan.quick else int(plan.device == "cpu"), ("real",) * bool(plan.real)
+    return [k for k, need in NEEDS.items()
+            if need[column] is not None and k.split()[0] in plan.parts + real]
 
 
-def engines(device: str) -> Tuple[Engine, ...]:
-    """The engines timed and trained, in the order each row times them (torch float32,
-    Theano-JAX float32, torch bfloat16); ``torch.compile`` only on a GPU (on a CPU it would
-    time the C++ compiler, not the network)."""
-    on_gpu = device.startswith("cuda")
-    return (Engine("torch-f32", "torch float32", StackOptions("torch", device, "float32")),
-            Engine("jax-f32", "theano-jax float32",
-                   StackOptions("theano", device, "float32", theano_mode="jax")),
-            Engine("torch-bf16", "torch bfloat16" + (" + compile" if on_gpu else ""),
-                   StackOptions("torch", device, "bfloat16", compile=on_gpu)))
+def child_argv(plan: GpucheckPlan, key: str) -> List[str]:
+    """Check ``key``'s child, the one place gpucheck spells a command line: smoke and the real
+    runs (He et al.'s setting; ``--quick``: a tiny network, 1 epoch, 500 images) through the
+    archive's command line, the others through ``python -m crmn.gpucheck KEY``."""
+    kind, _, rest = key.partition(" ")
+    if kind not in ("smoke", "real"):
+        return [sys.executable, "-m", "crmn.gpucheck", key, "--device", plan.device,
+                "--out", str(plan.out_dir)] + ["--quick"] * plan.quick
+    options = engines(plan.device)[rest if kind == "smoke" else "jax-f32" if plan.quick and
+                                    util.find_spec("torch") is None else "torch-bf16"]
+    if kind == "smoke":
+        run_plan = plans.smoke_plan_for(options, plan.out_dir / f"smoke-{rest}",
+                                        schedule=(3, 0, 0), epochs_cap=3)
+    else:  # He et al.'s setting; --resume: a run the budget stopped goes on
+        run_plan = plans.row_plan_for(
+            rest, options, plan.out_dir / ("real-quick" if plan.quick else "real"),
+            dataset="cifar10", data_dir=plan.real, subset=500 if plan.quick else None,
+            model=dict(n=1, k=0.5) if plan.quick else {},
+            train=dict(flip=True, schedule=(1, 0, 0) if plan.quick else (82, 41, 41)))
+    return plans.render_argv(run_plan, run_plan.runs[0], [sys.executable, "-m", "crmn.cli"],
+                             resume=kind == "real")  # the one renderer of a run's line
 
 
-def _version(distribution: str) -> str:
-    """The installed version of a package (read from its metadata: nothing is imported)."""
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return "missing"
-
-
-def _where(module: str) -> str:
-    """The folder a top-level package would be imported from (found, not imported), so the
-    file shows which copy of Theano ran (scripts/gpu_call.sh's or the environment's)."""
-    spec = util.find_spec(module)
-    return str(Path(spec.origin).parent.parent) if spec and spec.origin else "missing"
-
-
-def _nvidia_smi() -> Dict[str, str]:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
-                              "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=30).stdout.strip().splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    name, _, driver = out[0].partition(",") if out else ("", "", "")
-    return {"gpu": name.strip(), "driver": driver.strip()} if out else {}
+def _row(status: str, figure: str = "", detail: str = "", **data) -> Dict:
+    return {"status": status, "figure": figure, "detail": detail, **data}
 
 
 def environment(device: str) -> Dict[str, str]:
-    """What this machine runs: versions, where Theano comes from, the GPU and its driver
-    (where nvidia-smi is)."""
-    env = {"python": platform.python_version(), "numpy": _version("numpy"),
-           "jax": _version("jax"), "jaxlib": _version("jaxlib"), "torch": _version("torch"),
-           "theano-pymc": _version("theano-pymc"), "theano-pymc from": _where("theano"),
-           "lasagne": _version("Lasagne"), "device": device, "host": platform.node()}
-    env.update(_nvidia_smi())
+    """Versions (nothing imported), where Theano comes from, the GPU and its driver."""
+    have = {(d.metadata["Name"] or "").lower(): d.version  # the first on the path wins
+            for d in reversed(list(metadata.distributions()))}
+    spec = util.find_spec("theano")
+    env = {"python": platform.python_version(), **{d: have.get(d.lower(), "missing") for d in (
+        "numpy", "jax", "jaxlib", "torch", "theano-pymc")}, "theano-pymc from":
+           str(Path(spec.origin).parents[1]) if spec and spec.origin else "missing",
+           "lasagne": have.get("lasagne", "missing"), "device": device, "host": platform.node()}
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,"
+                              "noheader"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        smi = ""
+    env.update(zip(("gpu", "driver"), map(str.strip, smi.split("\n")[0].split(",")) if smi else ()))
     return env
 
 
-def _missing(options: StackOptions) -> Optional[str]:
-    try:
-        registry.probe(options)
-    except ConfigError as exc:
-        return str(exc)
-    return None
+def check_rows(plan: GpucheckPlan, key: str) -> List[Dict]:
+    """In the child: the rows of the ceiling, a verify pair or a speed row."""
+    from crmn import bench, paper, roofline, verify
+    from crmn.config import ModelConfig
+    kind, _, rest = key.partition(" ")
+    row_id, _, eid = rest.partition(" ")
+    t64 = StackOptions("torch", plan.device, "float64")
+    j64 = StackOptions("theano", plan.device, "float64", theano_mode="jax")
+    for options in ([t64] * (rest != "references") + [j64] * (rest != "torch") if kind ==
+                    "verify" else [StackOptions("torch", plan.device)] * (plan.device != "cpu")
+                    if rest == "ceiling" else [engines(plan.device)[eid]]):
+        registry.probe(options)  # a ConfigError: the row says MISSING
+    if rest == "ceiling":
+        c = roofline.measure_ceiling(plan.device)
+        return [_row("ok", f"fp32 {c['fp32_tflops']:.3g} TFLOP/s", bench.describe_ceiling(c),
+                     data=c)]
+    if kind == "speed":  # against the ceiling measured earlier in the run, and torch float32
+        row, done = paper.row(row_id), {x["key"]: r["data"] for x in read_lines(plan.out_dir)
+                                        for r in x["rows"] if "data" in r}
+        r = bench.bench_row(row, engines(plan.device)[eid], *(
+            (2, 1) if plan.quick else (60, 3)), batch_size=8 if plan.quick else None,
+            model=ModelConfig(classes=row.classes, memory=row.memory, n=1, k=0.5)
+            if plan.quick else None, ceiling=done.get("speed ceiling"))
+        return [_row("ok", f"{r['sec_per_epoch']:.2f} s/epoch", bench.describe(
+            r, done.get(f"speed {row_id} torch-f32")), data=r)]
+    results = [verify.verify_references(plan.device)] if rest == "references" else [
+        r for name, cfg, train in verify.DEFAULT_CONFIGS[:1 if plan.quick else 2] for r in (
+            verify.verify_device(cfg, train, name, plan.device) if rest == "torch" else
+            verify.verify_stacks(cfg, train, f"{name} on {plan.device}",
+                                 stacks=(("torch", t64), ("theano-jax", j64))))]
+    worst = [max(r.diffs, key=lambda k: r.diffs[k] / r.tol(k)) for r in results]
+    return [_row("PASS" if r.passed else "FAIL", f"{r.diffs[w]:.3e}",
+                 f"worst: {w} (<= {r.tol(w):g})", check=r.name) for r, w in zip(results, worst)]
 
 
-def _row(part: str, check: str, status: str, figure: str = "", detail: str = "") -> Dict:
-    return {"part": part, "check": check, "status": status, "figure": figure,
-            "detail": detail}
+def read_lines(out_dir: Path, line: Optional[Dict] = None) -> List[Dict]:
+    """``gpucheck.jsonl``'s lines (a last one cut by a kill dropped), after appending ``line``."""
+    if line is not None:
+        with open(out_dir / JSONL_NAME, "ab", buffering=0) as f:
+            f.write((json.dumps(line, allow_nan=False, default=str) + "\n").encode())
+            os.fsync(f.fileno())
+    return runlog.read_log(Path(out_dir) / JSONL_NAME, events=True)
 
 
-def _verify_rows(results: List[verify.Result]) -> List[Dict]:
-    rows = []
-    for r in results:
-        worst = max(r.diffs, key=lambda k: r.diffs[k] / r.tol(k))
-        rows.append(_row("verify", r.name, "PASS" if r.passed else "FAIL",
-                         f"{r.diffs[worst]:.3e}", f"worst: {worst} (<= {r.tol(worst):g})"))
-    return rows
-
-
-class _Probes:
-    """Whether each engine can be built here, asked once per run (probing imports a stack,
-    and on a GPU starts its framework)."""
-
-    def __init__(self):
-        self._why: Dict[StackOptions, Optional[str]] = {}
-
-    def __call__(self, options: StackOptions) -> Optional[str]:
-        if options not in self._why:
-            self._why[options] = _missing(options)
-        return self._why[options]
-
-
-def _verify_checks(device: str, quick: bool, probe: _Probes) -> List[Tuple[str, str, Callable]]:
-    """The float64 checks on the device, one per engine pair: (key, name, run)."""
-    configs = verify.DEFAULT_CONFIGS[:1] if quick else verify.DEFAULT_CONFIGS[:2]
-    torch64 = StackOptions("torch", device, "float64")
-    jax64 = StackOptions("theano", device, "float64", theano_mode="jax")
-    names = {"verify torch": f"torch on {device} against the CPU",
-             "verify theano-jax vs torch": f"theano-jax against torch on {device}",
-             "verify references": f"theano-jax on {device} against the stored references"}
-
-    def missing(key: str, *options: StackOptions) -> List[Dict]:
-        whys = list(dict.fromkeys(filter(None, map(probe, options))))
-        return [_row("verify", names[key], "MISSING", detail="; ".join(whys))] if whys else []
-
-    def torch_device() -> List[Dict]:
-        return missing("verify torch", torch64) or sum(
-            (_verify_rows(verify.verify_device(cfg, train, name, device))
-             for name, cfg, train in configs), [])
-
-    def jax_torch() -> List[Dict]:
-        return missing("verify theano-jax vs torch", torch64, jax64) or sum(
-            (_verify_rows(verify.verify_stacks(cfg, train, f"{name} on {device}",
-                                               stacks=(("torch", torch64),
-                                                       ("theano-jax", jax64))))
-             for name, cfg, train in configs), [])
-
-    def references() -> List[Dict]:
-        return (missing("verify references", jax64)
-                or _verify_rows([verify.verify_references(device)]))
-
-    runs = {"verify torch": torch_device, "verify theano-jax vs torch": jax_torch,
-            "verify references": references}
-    return [(key, names[key], runs[key]) for key in names]
-
-
-def speed_name(row_id: str, engine: Engine) -> str:
-    return f"{row_id} {engine.label}"
-
-
-def ceiling_check(device: str, ceiling: Dict, probe: _Probes) -> List[Dict]:
-    """The device's own limits (:func:`crmn.roofline.measure_ceiling`), measured once in
-    the run's first seconds; kept in ``ceiling`` for every speed row. A GPU is measured
-    through torch: where torch cannot use it, a MISSING row (the speed rows then show no
-    share of a ceiling)."""
-    why = None if device == "cpu" else probe(StackOptions("torch", device, "float32"))
-    if why:
-        return [_row("speed", "device ceiling", "MISSING", detail=why)]
-    ceiling.update(roofline.measure_ceiling(device))
-    tf = [f"{name} {ceiling[key]:.3g}" for name, key in (
-        ("float32", "fp32_tflops"), ("tf32", "tf32_tflops"), ("bfloat16", "bf16_tflops"))
-        if ceiling.get(key) is not None]
-    return [_row("speed", "device ceiling", "ok", "TFLOP/s " + ", ".join(tf),
-                 f"copy {ceiling['copy_gb_s']:.3g} GB/s; {ceiling['library']}, "
-                 f"{ceiling['gemm_side']}-square products")]
-
-
-def _roofline_detail(r: Dict) -> str:
-    """A speed row's place against the machine: achieved TFLOP/s, share of the ceiling of
-    its precision, peak memory."""
-    mem = ("" if r["peak_mem_bytes"] is None
-           else f"; peak {r['peak_mem_bytes'] / 2 ** 20:.0f} MiB ({r['peak_mem_kind']})")
-    return (f"{r['tflops']:.3g} TFLOP/s ({r['flops_per_image'] / 1e9:.3g} GFLOP/image) = "
-            f"{bench.percent(r['ceiling_fraction'])} of the ceiling{mem}")
-
-
-def speed_check(row_id: str, engine: Engine, quick: bool, probe: _Probes,
-                timings: Dict, ceiling: Optional[Dict] = None) -> List[Dict]:
-    """One row in one engine through :func:`crmn.bench.bench_row`, set against the
-    measured ``ceiling`` (empty or None where it was not measured); the result is kept in
-    ``timings[(row_id, engine.id)]`` for the goals."""
-    name = speed_name(row_id, engine)
-    why = probe(engine.options)
-    if why:
-        return [_row("speed", name, "MISSING", detail=why)]
-    steps, warmup = STEPS[quick]
-    row = paper.row(row_id)
-    model = (ModelConfig(classes=row.classes, memory=row.memory, **QUICK_MODEL)
-             if quick else None)
-    r = bench.bench_row(row, engine.options, steps, warmup=warmup, model=model,
-                        batch_size=QUICK_BATCH if quick else None, ceiling=ceiling or None)
-    timings[(row_id, engine.id)] = r
-    ratio = f"{r['speedup']:.3g}x the paper" if r["speedup"] else "tiny network"
-    return [_row("speed", name, "ok", f"{r['sec_per_epoch']:.2f} s/epoch",
-                 f"{ratio}; compile {r['compile_s']:.1f} s; {_roofline_detail(r)}; "
-                 f"{r['device']}")]
-
-
-def goals(timings: Dict, quick: bool) -> List[Dict]:
-    """Issue #19's goals per row timed (the full run only: tiny networks compare nothing)."""
-    if quick:
-        return []
-    rows = []
-    for row_id in ROWS:
-        jax, f32 = timings.get((row_id, "jax-f32")), timings.get((row_id, "torch-f32"))
-        if jax and f32:
-            ratio = jax["sec_per_epoch"] / f32["sec_per_epoch"]
-            rows.append(_row("goal", f"{row_id}: theano-jax / torch float32",
-                             "met" if ratio <= JAX_TO_TORCH_GOAL else "not met",
-                             f"{ratio:.2f}x", f"goal <= {JAX_TO_TORCH_GOAL}x; theano-jax "
-                             f"{jax['tflops']:.3g} vs torch {f32['tflops']:.3g} TFLOP/s"))
-        bf16 = timings.get((row_id, "torch-bf16"))
-        if bf16 and bf16["speedup"]:
-            rows.append(_row("goal", f"{row_id}: torch bfloat16 vs the paper",
-                             "met" if bf16["speedup"] >= BF16_SPEEDUP_GOAL else "not met",
-                             f"{bf16['speedup']:.3g}x", f"goal >= {BF16_SPEEDUP_GOAL:g}x; "
-                             f"{bf16['tflops']:.3g} TFLOP/s"))
-    return rows
-
-
-def _smoke_argv(options: StackOptions, out: Path) -> List[str]:
-    argv = [sys.executable, "-m", "crmn.cli", "smoke", "--backend", options.backend,
-            "--device", options.device, "--dtype", options.dtype, "--schedule", "3,0,0",
-            "--epochs-cap", "3", "--no-progress", "--out-dir", str(out)]
-    if options.backend == "theano":
-        argv += ["--theano-mode", options.theano_mode]
-    return argv + (["--compile"] if options.compile else [])
-
-
-def smoke_name(engine: Engine) -> str:
-    return f"smoke, 3 epochs, {engine.label}"
-
-
-def smoke_check(engine: Engine, out_dir: Path, probe: _Probes, recorder: "Recorder") -> List[Dict]:
-    """Three epochs of ``smoke`` in ``engine`` through the real command line, in a child
-    process the recorder ends if the run is cut short; the training loss must fall."""
-    name = smoke_name(engine)
-    why = probe(engine.options)
-    if why:
-        return [_row("smoke", name, "MISSING", detail=why)]
-    out = out_dir / f"smoke-{engine.id}"
-    # the child imports what this process imports: the archive first, then our PYTHONPATH
-    # (scripts/gpu_call.sh puts the wheels' folder there)
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    t0 = time.perf_counter()
-    p = recorder.spawn(_smoke_argv(engine.options, out), cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=path))
-    try:
-        _, stderr = p.communicate(timeout=1800)
-    except subprocess.TimeoutExpired:
+def run_check(plan: GpucheckPlan, key: str, limit: float, cut: List[int]) -> List[Dict]:
+    """Check ``key`` in a child process, for ``limit`` seconds at most or until a signal."""
+    log, argv = plan.out_dir / "logs" / (key.replace(" ", "-") + ".log"), child_argv(plan, key)
+    log.with_suffix(".json").unlink(missing_ok=True)
+    with open(log, "wb") as f:
+        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)  # imports ours
+    deadline = time.monotonic() + limit
+    while p.poll() is None and not cut and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if p.poll() is None:
         p.kill()
-        _, stderr = p.communicate()
-    finally:
-        recorder.forget_child()
-    took = time.perf_counter() - t0
-    log = out / "smoke" / "tiny-crmn-n1-k0.5" / "seed0" / runlog.LOG
-    losses = [e["train_loss"] for e in runlog.read_log(log)
-              if e["phase"] == "final"] if p.returncode == 0 and log.exists() else []
-    falls = len(losses) == 3 and losses[-1] < losses[0]
-    err = (stderr.strip().splitlines() or [""])[-1]
-    return [_row("smoke", name, "PASS" if falls else "FAIL",
-                 " > ".join(f"{v:.3f}" for v in losses),
-                 f"{took:.0f} s" if p.returncode == 0 else f"exit {p.returncode}: {err}")]
+        p.wait()
+        return [_row(NOT_FINISHED, detail=f"stopped after {limit:.0f} s; log {log}")]
+    tail = f"exit {p.returncode}: " + (log.read_text(errors="replace").strip().splitlines()
+                                       or [""])[-1] + f" (log {log})"
+    kind, _, row = key.partition(" ")
+    runs = Path(argv[argv.index("--out-dir") + 1]) if "--out-dir" in argv else None
+    if kind == "smoke":  # the training loss must fall over the three epochs
+        losses = [e["train_loss"] for log in runs.glob(f"smoke/*/seed0/{runlog.LOG}")
+                  for e in runlog.read_log(log) if e["phase"] == "final" and not p.returncode]
+        falls = len(losses) == 3 and losses[-1] < losses[0]
+        return [_row("PASS" if falls else "MISSING" if p.returncode == 2 else "FAIL",
+                     " > ".join(f"{v:.3f}" for v in losses), "" if falls else tail)]
+    if kind == "real":
+        return [real_row(runs / "table1" / row / "seed0", p.returncode, tail)]
+    try:
+        return runlog.read_json(log.with_suffix(".json"))
+    except CRMNError:
+        return [_row("FAIL", detail=tail)]
 
 
-@dataclasses.dataclass(frozen=True)
-class Check:
-    """One individually budgeted check: its :data:`COSTS` key, its part, its name in the
-    table (when not run), what it runs."""
-
-    key: str
-    part: str
-    name: str
-    run: Callable[[], List[Dict]]
-
-
-def plan_checks(plan: GpucheckPlan, recorder: "Recorder",
-                timings: Dict) -> List[Check]:
-    """The checks of ``plan`` in issue #22's order of priority (module docstring), the
-    environment excluded (it heads the files and always runs)."""
-    probe = _Probes()
-    by_id = {e.id: e for e in engines(plan.device)}
-    checks = []
-    ceiling: Dict = {}  # measured first, read by every speed row
-    if "speed" in plan.parts:
-        checks.append(Check("ceiling", "speed", "device ceiling",
-                            lambda: ceiling_check(plan.device, ceiling, probe)))
-    if "verify" in plan.parts:
-        checks += [Check(key, "verify", name, fn)
-                   for key, name, fn in _verify_checks(plan.device, plan.quick, probe)]
-
-    def smoke(eid: str) -> Check:
-        return Check(f"smoke {eid}", "smoke", smoke_name(by_id[eid]), lambda: smoke_check(
-            by_id[eid], plan.out_dir, probe, recorder))
-
-    if "smoke" in plan.parts:
-        checks.append(smoke("jax-f32"))
-    if "speed" in plan.parts:
-        for group in (QUICK_ROWS,) if plan.quick else ROW_GROUPS:
-            pairs = [(row_id, eid) for row_id in group for eid in by_id]
-            # the deepest ResNet's Theano-JAX compile is the longest: the last of its group
-            pairs.sort(key=lambda p: p == ("t1-resnet134x1", "jax-f32"))
-            checks += [Check(f"speed {row_id} {eid}", "speed", speed_name(row_id, by_id[eid]),
-                             lambda row_id=row_id, eid=eid: speed_check(
-                                 row_id, by_id[eid], plan.quick, probe, timings, ceiling))
-                       for row_id, eid in pairs]
-    if "smoke" in plan.parts:
-        checks += [smoke("torch-f32"), smoke("torch-bf16")]
-    return checks
+def real_row(run_dir: Path, rc: int, tail: str) -> Dict:
+    """The real-data check's row from the run's summary.json, beside He et al.'s figure."""
+    s = runlog.finished_summary(run_dir)
+    if s is None:  # exit 2: the engine or an option is not there
+        return _row("MISSING" if rc == 2 else "FAIL", detail=f"{tail}; {run_dir} did not "
+                    "finish: run gpucheck again to continue it")
+    acc = 100 * s["test_acc"]
+    return _row("ok", f"{acc:.2f} % (He et al. {HE_ACC} %)", f"{s['final_epochs']} epochs, "
+                f"{s['backend']} on {s['device']}; {s['data']}; run {run_dir}",
+                data={"test_acc": acc, "he_acc": HE_ACC, "run_dir": str(run_dir)})
 
 
-def render(report: Dict) -> str:
-    """``gpucheck.md``: the environment, where the run stands, then one table of every
-    check (the measured seconds of each beside its expected seconds)."""
-    env = report["environment"]
-    head = ", ".join(f"{k} {v}" for k, v in env.items())
-    body = [[r["part"], r["check"], r["status"], r["figure"], r["detail"],
-             "" if r.get("seconds") is None else f"{r['seconds']:.0f}",
-             "" if r.get("expected_s") is None else f"{r['expected_s']:.0f}"]
-            for r in report["checks"]]
-    return (f"# gpucheck\n\n{head}\n\n{state_line(report)}\n\n" +
-            tables.markdown(["part", "check", "status", "figure", "detail", "s",
-                             "expected s"], body) + "\n")
-
-
-def state_line(report: Dict) -> str:
-    """One line: complete, cut short (by which signal, in which check), or still running."""
-    took = f"{report['seconds']:.0f} s of a {report['budget_s']:.0f} s budget"
-    cut = report.get("cut_short")
-    if cut:
-        return (f"**Cut short** by {cut['signal']} after {cut['after_s']:.0f} s, in check "
-                f"`{cut['check'] or 'between checks'}`: the rows below are every check that "
-                "finished before it.")
-    if report["running"]:
-        return (f"**Running** `{report['running']}` ({took} so far). If this line is the "
-                "last word, the run was killed in that check; the rows below finished.")
-    return (f"Complete: {took}; {report['failed']} failed, {report['not_run']} not run "
-            "for the budget.")
-
-
-class Recorder:
-    """The state of one run and its two files, replaced after every change.
-
-    One lock orders the main thread's updates and the signal watcher's last write
-    (:meth:`cut`), which keeps the lock until the process ends, so nothing is written or
-    started after it.
-    """
-
-    def __init__(self, plan: GpucheckPlan, env: Dict[str, str]):
-        self.plan, self.env = plan, env
-        self.rows: List[Dict] = []
-        self.timings: Dict = {}
-        self.running: Optional[str] = None
-        self.cut_short: Optional[Dict] = None
-        self.t0 = time.monotonic()
-        self._child: Optional[subprocess.Popen] = None
-        self._lock = threading.Lock()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0
-
-    def report(self) -> Dict:
-        rows = self.rows + goals(self.timings, self.plan.quick)
-        failed = sum(r["status"] == "FAIL" for r in rows)
-        engine_rows = [r for r in rows if r["part"] in ("verify", "speed", "smoke")]
-        if engine_rows and all(r["status"] == "MISSING" for r in engine_rows):
-            failed += 1  # nothing could be built here: the check proved nothing
-        return {"environment": self.env, "device": self.plan.device, "quick": self.plan.quick,
-                "budget_s": self.plan.budget, "parts": list(self.plan.parts),
-                "seconds": round(self.elapsed(), 1), "running": self.running,
-                "cut_short": self.cut_short, "checks": rows, "failed": failed,
-                "not_run": sum(r["status"] == NOT_RUN for r in rows)}
-
-    def _write(self) -> Dict:
-        report = self.report()
-        out = self.plan.out_dir
-        runlog.write_json(out / JSON_NAME, report)
-        runlog.write_bytes_atomic(out / MD_NAME, render(report).encode())
-        return report
-
-    def start(self, key: str) -> None:
-        with self._lock:
-            self.running = key
-            self._write()
-
-    def finish(self, check: Check, rows: List[Dict], seconds: Optional[float],
-               expected: float) -> Dict:
-        """Add the rows of ``check`` (``seconds`` None: not run) and write both files."""
-        for r in rows:
-            r.update(key=check.key, seconds=None if seconds is None else round(seconds, 1),
-                     expected_s=expected)
-        with self._lock:
-            self.rows += rows
-            self.running = None
-            return self._write()
-
-    def spawn(self, argv: Sequence[str], **kwargs) -> subprocess.Popen:
-        """Start a child process that :meth:`cut` will end (never one after a cut)."""
-        with self._lock:
-            self._child = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.PIPE, text=True, **kwargs)
-            return self._child
-
-    def forget_child(self) -> None:
-        with self._lock:
-            self._child = None
-
-    def close(self) -> Dict:
-        """The last write of a run that was not cut short; the final report."""
-        with self._lock:
-            return self._write()
-
-    def cut(self, signum: int) -> None:
-        """Called by the watcher thread on a signal: the child is ended and the files say
-        the run was cut short, and where. Keeps the lock: nothing is written after it."""
-        self._lock.acquire()
-        self.cut_short = {"signal": signal.Signals(signum).name, "check": self.running,
-                          "after_s": round(self.elapsed(), 1)}
-        self.running = None
-        child = self._child
-        if child is not None and child.returncode is None:
-            child.terminate()
-            deadline = time.monotonic() + CHILD_GRACE_S
-            while child.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            child.kill()  # a no-op on a child already reaped
-        self._write()
-
-
-def _watch(fd: int, recorder: Recorder) -> None:
-    """The watcher thread: wakes on a byte from :func:`signal.set_wakeup_fd` (the signal's
-    number; 0 from :func:`_cut_on_signals` means the run ended), records the cut, exits."""
-    while True:
-        data = os.read(fd, 1)
-        if not data or data[0] == 0:
-            return
-        if data[0] not in CUT_SIGNALS:
-            continue
-        name = signal.Signals(data[0]).name
-        try:
-            recorder.cut(data[0])
-            cut = recorder.cut_short
-            line = (f"gpucheck: cut short by {name} in check {cut['check'] or '-'} after "
-                    f"{cut['after_s']:.0f} s; wrote {recorder.plan.out_dir / JSON_NAME} "
-                    f"and {MD_NAME}")
-        except (OSError, CRMNError) as exc:  # e.g. a full disk: the last files stay
-            line = f"gpucheck: cut short by {name}; could not write its files: {exc}"
-        os.write(2, (line + "\n").encode())
-        os._exit(CUT_SIGNALS[data[0]])  # the files are on disk; the main thread may be in XLA
-
-
-class _cut_on_signals:
-    """While the block runs, SIGTERM / SIGINT / SIGUSR1 go to :func:`_watch` (a no-op in a
-    thread other than the main one, where Python cannot take signals)."""
-
-    def __init__(self, recorder: Recorder):
-        self.recorder = recorder
-        self.active = threading.current_thread() is threading.main_thread()
-
-    def __enter__(self):
-        if not self.active:
-            return self
-        self.r, self.w = os.pipe()
-        os.set_blocking(self.w, False)
-        # a Python-level handler is what makes the C-level one write to the wakeup fd; it
-        # does nothing itself (the watcher thread does the work, even while the main
-        # thread waits inside a compiler)
-        self.old = {s: signal.signal(s, lambda *_: None) for s in CUT_SIGNALS}
-        self.old_fd = signal.set_wakeup_fd(self.w, warn_on_full_buffer=False)
-        self.thread = threading.Thread(target=_watch, args=(self.r, self.recorder),
-                                       name="gpucheck-signals", daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if not self.active:
-            return False
-        signal.set_wakeup_fd(self.old_fd)
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
-        os.write(self.w, b"\0")
-        self.thread.join()
-        os.close(self.r)
-        os.close(self.w)
-        return False
-
-
-def _release_memory() -> None:
-    """Between checks: free the last check's networks, and hand torch's cached device
-    memory back so that a JAX check after a torch one finds it (JAX's side: it does not
-    preallocate, :func:`original.jax_mode.configure`)."""
-    gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-def _say(rows: List[Dict]) -> None:
-    for r in rows:
-        print(f"gpucheck: {r['part']}: {r['check']}: {r['status']} {r['figure']} "
-              f"{r['detail']}".rstrip(), flush=True)
+def render(out_dir: Path, seconds: float, running: Optional[str] = None) -> Dict:
+    """``gpucheck.json`` and ``gpucheck.md`` from the lines of ``gpucheck.jsonl``."""
+    lines = read_lines(out_dir)
+    rows = [{"part": x["key"].split()[0], "check": x["key"], **r, "key": x["key"],
+             "seconds": x["seconds"], "expected_s": x["expected_s"]}
+            for x in lines if "rows" in x for r in x["rows"]]
+    failed = sum(r["status"] == "FAIL" for r in rows) + (len(rows) > 1 and all(  # nothing
+        r["status"] == "MISSING" for r in rows[1:]))  # could be built here: a failure too
+    cut = next((x["cut"] for x in lines if "cut" in x), None)
+    report = {**lines[0]["plan"], "environment": lines[0]["environment"], "seconds":
+              round(seconds, 1), "running": running, "cut_short": cut, "checks": rows,
+              "failed": failed, "not_run": sum(r["status"].endswith("budget") for r in rows)}
+    took = f"{seconds:.0f} s of a {report['budget']:.0f} s budget"
+    state = (f"**Cut short** by {cut['signal']} after {cut['after_s']:.0f} s in check `"
+             f"{cut['check'] or 'between checks'}`; the rows below finished before it." if cut
+             else f"**Running** `{running}` ({took} so far); if this is the last word, the run "
+             f"was killed there." if running else f"Complete: {took}; {failed} failed, "
+             f"{report['not_run']} not run for the budget.")
+    table = tables.markdown(["part", "check", "status", "figure", "detail", "s", "expected s"],
+                            [[r["part"], r["check"], r["status"], r["figure"], r["detail"],
+                              *("" if r[k] is None else f"{r[k]:.0f}"
+                                for k in ("seconds", "expected_s"))] for r in rows])
+    runlog.write_json(out_dir / JSON_NAME, report)
+    md = "# gpucheck\n\n" + ", ".join(f"{k} {v}" for k, v in report["environment"].items())
+    runlog.write_bytes_atomic(out_dir / MD_NAME, f"{md}\n\n{state}\n\n{table}\n".encode())
+    return report
 
 
 def run(plan: GpucheckPlan) -> int:
-    """Every check of ``plan`` that fits its budget, in order; writes gpucheck.json and
-    gpucheck.md into ``plan.out_dir`` before and after each; the exit code (1 if a check
-    failed; 3 or 130 when a signal cut the run short, from the watcher thread)."""
-    plan.out_dir.mkdir(parents=True, exist_ok=True)
-    recorder = Recorder(plan, {})
-    costs = COSTS[plan.kind]
-    with _cut_on_signals(recorder):
-        recorder.env.update(environment(plan.device))
-        print("gpucheck: " + ", ".join(f"{k} {v}" for k, v in recorder.env.items()),
-              flush=True)
-        env_check = Check("environment", "environment", "versions and device", list)
-        recorder.finish(env_check, [_row("environment", env_check.name, "ok",
-                                         recorder.env["python"], recorder.env["device"])],
-                        recorder.elapsed(), costs["environment"])
-        for check in plan_checks(plan, recorder, recorder.timings):
-            expected = costs[check.key]
-            left = plan.budget - recorder.elapsed()
-            if expected > left:
-                rows = [_row(check.part, check.name, NOT_RUN,
-                             detail=f"expected {expected:.0f} s, {max(left, 0):.0f} s left")]
-                recorder.finish(check, rows, None, expected)
-                _say(rows)
-                continue
-            recorder.start(check.key)
-            t = time.monotonic()
-            try:
-                rows = check.run()
-            except CRMNError as exc:  # one line, and the later checks still run
-                rows = [_row(check.part, check.name, "FAIL", detail=str(exc))]
-            recorder.finish(check, rows, time.monotonic() - t, expected)
-            _say(rows)
-            _release_memory()
-        report = recorder.close()
-    text = render(report)
-    print(text)
-    print(f"gpucheck: {report['failed']} failed check(s), {report['not_run']} not run for the "
-          f"budget; wrote {plan.out_dir / JSON_NAME} and {plan.out_dir / MD_NAME}")
-    return 1 if report["failed"] else 0
+    """Every check of ``plan`` that fits its budget, in order; the table printed last."""
+    out, t0, running = plan.out_dir, time.monotonic(), None
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / JSONL_NAME).unlink(missing_ok=True)
+    cut: List[int] = []  # the signals received, read between and during checks
+    old = {s: signal.signal(s, lambda signum, _: cut.append(signum)) for s in CUT_SIGNALS}
+    try:
+        env = environment(plan.device)
+        print("gpucheck: " + ", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
+        read_lines(out, {"key": "environment", "seconds": 0, "expected_s": 0, "rows": [
+            _row("ok", env["python"], plan.device)], "environment": env, "plan": vars(plan)})
+        for key in plan_checks(plan):
+            need = NEEDS[key][2 if plan.quick else int(plan.device == "cpu")]
+            left, t = plan.budget - (time.monotonic() - t0), time.monotonic()
+            line = {"key": key, "seconds": None, "expected_s": need, "rows": [
+                _row(NOT_RUN, detail=f"needs {need:.0f} s, {max(left, 0):.0f} s left")]}
+            if need <= left and not cut:
+                render(out, t - t0, running := key)
+                line["rows"] = run_check(plan, key, min(left, 3 * need + 60), cut)
+                line["seconds"] = round(time.monotonic() - t, 1)
+            if cut:  # a check stopped by the signal is not a finished one
+                break
+            read_lines(out, line)
+            running = None
+            print("\n".join(f"gpucheck: {r.get('check', key)}: {r['status']} {r['figure']} "
+                            f"{r['detail']}" for r in line["rows"]), flush=True)
+        if cut:
+            name = signal.Signals(cut[0]).name
+            read_lines(out, {"cut": {"signal": name, "check": running,
+                                     "after_s": round(time.monotonic() - t0, 1)}})
+            print(f"gpucheck: cut short by {name} in check {running or '-'}", file=sys.stderr)
+        report = render(out, time.monotonic() - t0)
+        print(f"gpucheck: {report['failed']} failed check(s), {report['not_run']} not run for "
+              f"the budget; wrote {out / JSON_NAME} and {MD_NAME}\n\n" +
+              (out / MD_NAME).read_text(), end="", flush=True)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return CUT_SIGNALS[cut[0]] if cut else int(report["failed"] > 0)
 
 
-def measured_costs(path) -> Dict[str, float]:
-    """``{check key: measured seconds}`` of a finished ``gpucheck.json`` (checks not run are
-    left out): the figures that refine :data:`COSTS` for the device kind it ran on."""
-    report = runlog.read_json(Path(path))
-    return {r["key"]: r["seconds"] for r in report["checks"]
-            if r.get("key") and r.get("seconds") is not None}
+if __name__ == "__main__":  # one check in a child: its rows to logs/KEY.json
+    from crmn.cli import parser, plans
+    plan = plans.gpucheck_plan(parser.parse(["gpucheck", *sys.argv[2:]]))
+    try:
+        rows = check_rows(plan, sys.argv[1])
+    except CRMNError as exc:  # one line; the later checks still run
+        rows = [_row("MISSING" if isinstance(exc, ConfigError) else "FAIL", detail=str(exc))]
+    runlog.write_json(plan.out_dir / "logs" / (sys.argv[1].replace(" ", "-") + ".json"), rows)

@@ -339,3 +339,18 @@ def _smoke_configs(**train) -> Tuple[ModelConfig, TrainConfig]:
     small = {k: SMOKE[k] for k in ("batch_size", "patience", "epochs_cap")}
     return (SECTIONS["model"].for_row(row, n=SMOKE["n"], k=SMOKE["k"]),
             SECTIONS["train"].for_row(row, **{**small, **train}))
+
+
+def row_plan_for(row_id: str, stack: StackOptions, out_dir: Path, *, model=(), train=(),
+                 **given) -> TrainPlan:
+    """Seed 0 of a paper row without a command line (gpucheck's real-data check): ``model``
+    and ``train`` change the row's configuration, ``given`` the run's other fields (dataset,
+    data_dir, subset); :func:`render_argv` gives its command line."""
+    row = paper.row(row_id)
+    dataset = given.setdefault("dataset", row.dataset)
+    spec = RunSpec(model=SECTIONS["model"].for_row(
+        row, classes=paper.DATASET_CLASSES[dataset], **dict(model)),
+        train=SECTIONS["train"].for_row(row, **dict(train)), stack=stack, row=row.id,
+        experiment=row.table, **given)
+    run = PlannedRun(spec, row.id, Path(out_dir) / row.table / row.id / "seed0")
+    return TrainPlan(command=row.table, runs=(run,), out_dir=Path(out_dir), one_seed=True)

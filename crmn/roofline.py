@@ -1,20 +1,10 @@
 """How close a training step comes to the machine's own limit: FLOPs per trained image and
 the measured ceiling of the device.
 
-:func:`train_flops_per_image` counts, once, from the network's layers (SPEC §4), the
-floating-point operations of one SGD step per image: forward and backward of every
-convolution and matrix product. The convention is the one of model-FLOP utilisation and of
-``torch.utils.flop_counter``: a multiply-add is 2 FLOPs; the backward of a product costs one
-product for the weights' gradient and one for the input's gradient, except where the input
-needs none (the images entering the stem convolution); elementwise work (batch norm, ReLU,
-pooling, the LSTM's gates, the loss, the update) is not counted: it is memory-bound, and a
-few per cent of the products' count.
-
-:func:`measure_ceiling` measures, in a few seconds, what the device reaches on a large
-square matrix product in float32 (strict), TensorFloat-32 and bfloat16 (where the device has
-them), and the bandwidth of a large device-to-device copy. :func:`utilisation` sets a timed
-row against it: achieved TFLOP/s and its fraction of the ceiling of the row's precision.
-``bench`` and ``gpucheck`` print these figures beside seconds per epoch.
+FLOPs follow model-FLOP utilisation and ``torch.utils.flop_counter``: a multiply-add is 2
+FLOPs; the backward of a product costs one product for the weights' gradient and one for the
+input's (none for the images entering the stem); elementwise work (batch norm, ReLU, pooling,
+the LSTM's gates, the loss, the update) is memory-bound and not counted.
 """
 from __future__ import annotations
 
@@ -40,32 +30,23 @@ class Product:
 
     @property
     def train_flops(self) -> int:
-        """Forward + backward FLOPs (2 per multiply-add): forward, weight gradient, and the
-        input gradient where one is needed."""
+        """Forward, weight gradient and (where needed) input gradient, 2 FLOPs a multiply-add."""
         return 2 * self.macs * (3 if self.input_grad else 2)
 
 
 def products(model: ModelConfig) -> List[Product]:
-    """Every convolution and matrix product of ``model``, in network order, per image.
-
-    3x3 convolutions with padding 1 (SPEC §4): ``S_out² · C_out · C_in · 9`` multiply-adds,
-    ``S_out`` the output's side (32, 16, 8 by stage). The CRMN memory (section 3.2): the
-    input projection of all ``T = 3n`` taps, each zero-padded to ``I = 16k·16·16`` inputs
-    (the network multiplies the padding too), ``T · I · 4H``; the recurrence ``T · H · 4H``
-    (the first step multiplies the learned ``h0``); the softmax layer ``F · classes`` with
-    ``F = 64k (+ H)``.
-    """
-    w1, w2, w3 = model.widths
-    out = [Product("conv0", STAGE_SIZES[0] ** 2 * w1 * 3 * 9, input_grad=False)]
-    c_in = w1
-    for s, (width, side) in enumerate(zip((w1, w2, w3), STAGE_SIZES)):
+    """Every convolution and matrix product of ``model`` per image, in network order: 3x3
+    convolutions, ``S_out² · C_out · C_in · 9`` (docs/spec.md §4); the memory's input
+    projection of ``T = 3n`` taps zero-padded to ``I = 16k·16·16`` inputs, ``T · I · 4H``, and
+    its recurrence ``T · H · 4H`` (from the learned ``h0``); softmax ``(64k + H) · classes``."""
+    c_in = model.widths[0]
+    out = [Product("conv0", STAGE_SIZES[0] ** 2 * c_in * 3 * 9, input_grad=False)]
+    for s, (width, side) in enumerate(zip(model.widths, STAGE_SIZES)):
         for b in range(model.n):
-            out.append(Product(f"stage{s + 1}.block{b}.conv1", side * side * width * c_in * 9,
-                               input_grad=True))
-            out.append(Product(f"stage{s + 1}.block{b}.conv2", side * side * width * width * 9,
-                               input_grad=True))
+            out += [Product(f"stage{s + 1}.block{b}.{conv}", side * side * width * c * 9, True)
+                    for conv, c in (("conv1", c_in), ("conv2", width))]
             c_in = width
-    features = w3
+    features = model.widths[2]
     if model.memory:
         T, I, H = model.taps, model.lstm_input, model.lstm_units
         out.append(Product("lstm.W_x", T * I * 4 * H, input_grad=True))
@@ -76,7 +57,7 @@ def products(model: ModelConfig) -> List[Product]:
 
 
 def train_flops_per_image(model: ModelConfig) -> int:
-    """FLOPs of one SGD step per trained image (forward + backward; module docstring)."""
+    """FLOPs of one SGD step per trained image (forward + backward)."""
     return sum(p.train_flops for p in products(model))
 
 
@@ -92,14 +73,13 @@ def _best_of(fn, sync, seconds: float, least: int = 3) -> float:
     """The fastest of repeated calls of ``fn`` (after one warm-up), for about ``seconds``."""
     fn()
     sync()
-    best, spent, runs = float("inf"), 0.0, 0
-    while runs < least or spent < seconds:
+    times: List[float] = []
+    while len(times) < least or sum(times) < seconds:
         t0 = time.perf_counter()
         fn()
         sync()
-        took = time.perf_counter() - t0
-        best, spent, runs = min(best, took), spent + took, runs + 1
-    return best
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def _torch_ceiling(device: str, seconds: float) -> Dict:
@@ -117,10 +97,12 @@ def _torch_ceiling(device: str, seconds: float) -> Dict:
     try:
         for key, dtype, tf32 in kinds:
             torch.backends.cuda.matmul.allow_tf32 = tf32
-            a = torch.randn(n, n, device=dev, dtype=dtype)
-            b = torch.randn(n, n, device=dev, dtype=dtype)
+            # most CPUs emulate bfloat16: a quarter of the side keeps it to a fraction of a second
+            m = n if gpu or dtype != torch.bfloat16 else n // 4
+            a = torch.randn(m, m, device=dev, dtype=dtype)
+            b = torch.randn(m, m, device=dev, dtype=dtype)
             took = _best_of(lambda: torch.mm(a, b), sync, seconds)
-            got[key] = 2 * n ** 3 / took / 1e12
+            got[key] = 2 * m ** 3 / took / 1e12
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     src = torch.empty(COPY_BYTES[gpu] // 4, device=dev, dtype=torch.float32)
@@ -146,18 +128,9 @@ def _numpy_ceiling(seconds: float) -> Dict:
 
 
 def measure_ceiling(device: str = "cpu", seconds: float = 0.5) -> Dict:
-    """The device's measured limits: a large matrix product per precision, a large copy.
-
-    Measured with torch where it is installed (float32 strict, TensorFloat-32 on a GPU,
-    bfloat16), else with numpy on the CPU (float32 only). Each figure is the fastest of
-    repeated runs over about ``seconds``.
-
-    Returns
-    -------
-    dict with ``device``, ``library``, ``gemm_side``, ``fp32_tflops``, ``tf32_tflops`` and
-    ``bf16_tflops`` (None where not measured), ``copy_gb_s`` (read + write bytes per second)
-    and ``seconds`` (what measuring took).
-    """
+    """The device's limits, each the fastest of repeated runs over ``seconds``: a large
+    matrix product (``fp32_tflops``; with torch also ``bf16_tflops`` and on a GPU
+    ``tf32_tflops``, else None), a large copy (``copy_gb_s``, read + write)."""
     t0 = time.perf_counter()
     try:
         import torch  # noqa: F401
@@ -165,9 +138,9 @@ def measure_ceiling(device: str = "cpu", seconds: float = 0.5) -> Dict:
     except ImportError:
         if device != "cpu":
             from crmn.errors import ConfigError
-            raise ConfigError(f"measuring the ceiling of --device {device} needs torch "
-                              f"(not installed in {sys.executable}): install torch there, or time the CPU "
-                              f"with --device cpu")
+            raise ConfigError(f"measuring the ceiling of --device {device} needs torch (not "
+                              f"installed in {sys.executable}): install torch there, or time "
+                              "the CPU with --device cpu")
         got = _numpy_ceiling(seconds)
     out = {"device": device, "fp32_tflops": None, "tf32_tflops": None, "bf16_tflops": None}
     out.update(got)
@@ -176,10 +149,9 @@ def measure_ceiling(device: str = "cpu", seconds: float = 0.5) -> Dict:
 
 
 def ceiling_key(stack: str, precision: str, device: str) -> Optional[str]:
-    """Which measured ceiling a timed row is held against: bfloat16 rows against bfloat16;
-    torch float32 on a GPU against TensorFloat-32 (the torch stack allows it there);
-    Theano-JAX float32 (full precision) and every float32 row on a CPU against strict
-    float32; float64 against none."""
+    """Which ceiling a timed row is held against: bfloat16 rows against bfloat16; torch
+    float32 on a GPU against TensorFloat-32 (the torch stack allows it there); other float32
+    rows against strict float32; float64 against none."""
     if precision.startswith("bfloat16"):
         return "bf16_tflops"
     if precision.startswith("float32"):
@@ -189,8 +161,8 @@ def ceiling_key(stack: str, precision: str, device: str) -> Optional[str]:
 
 def utilisation(model: ModelConfig, images_per_s: float, stack: str, precision: str,
                 ceiling: Optional[Dict]) -> Dict:
-    """A timed row's place against the ceiling: ``flops_per_image``, ``tflops`` (achieved),
-    ``ceiling_tflops`` and ``ceiling_fraction`` (None without a matching measurement)."""
+    """A timed row's ``flops_per_image``, achieved ``tflops``, ``ceiling_tflops`` and
+    ``ceiling_fraction`` (None without a matching measurement)."""
     flops = train_flops_per_image(model)
     achieved = flops * images_per_s / 1e12
     key = ceiling_key(stack, precision, ceiling["device"]) if ceiling else None
@@ -202,17 +174,16 @@ def utilisation(model: ModelConfig, images_per_s: float, stack: str, precision: 
 # --- peak memory ------------------------------------------------------------------------
 
 def reset_peak_memory(stack: str, device: str) -> None:
-    """Start a row's peak-memory count (torch on a GPU; JAX keeps its peak for the
-    process, and a CPU row reads the process's peak resident memory)."""
+    """Start a row's peak-memory count (torch on a GPU; JAX and the CPU keep the process's)."""
     if stack == "torch" and device.startswith("cuda"):
         import torch
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory(stack: str, device: str) -> Dict:
-    """``peak_mem_bytes`` and what it is (``peak_mem_kind``): torch's peak allocation on
-    the GPU since :func:`reset_peak_memory`, JAX's peak bytes in use on its device, or on a
-    CPU the process's peak resident set (every row of the process so far)."""
+    """``peak_mem_bytes`` and ``peak_mem_kind``: torch's peak allocation on the GPU since
+    :func:`reset_peak_memory`, JAX's peak bytes in use on its device, or on a CPU the
+    process's peak resident set."""
     if device.startswith("cuda"):
         if stack == "torch":
             import torch

@@ -248,6 +248,13 @@ def is_done(summary: Optional[Dict]) -> bool:
     return summary is not None and summary.get("status") == "done"
 
 
+def finished_summary(run_dir) -> Optional[Dict]:
+    """summary.json of ``run_dir`` when the run there is finished, else None."""
+    path = Path(run_dir) / SUMMARY
+    summary = read_json(path) if path.exists() else None
+    return summary if is_done(summary) else None
+
+
 @dataclass
 class RunRecord:
     """What a run directory holds, as the report reads it."""

@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (issue #22): its own python3 has torch and jax (CUDA) but
-# no network and no theano-pymc / Lasagne. Installs the two wheels carried in .whl/ into a
-# temporary folder (removed at the end), puts it first on PYTHONPATH, runs
+# One call on a lent GPU machine: its own python3 has torch and jax (CUDA) but no network and
+# no theano-pymc / Lasagne. Installs the two wheels carried in .whl/ into a temporary folder
+# (removed at the end), puts it first on PYTHONPATH and runs
 #   CRMN_PYTHON=python3 bash run_experiments.sh gpucheck --device cuda --budget 520 --out DIR
-# and ends by printing gpucheck.md (also after a signal cut the run short).
+# which prints gpucheck.md last (also after a signal cut the run short).
 #
-#   bash scripts/gpu_call.sh [more gpucheck options, e.g. --only speed or --quick]
+#   bash scripts/gpu_call.sh [more gpucheck options, e.g. --real DATA, --only speed, --quick]
 #
-# Environment (all optional): CRMN_GPU_PYTHON (python3), CRMN_GPU_DEVICE (cuda),
-# CRMN_GPU_BUDGET (520: a 10-minute call less the machine's start and this install),
+# Environment (all optional): CRMN_GPU_PYTHON (else CRMN_PYTHON, else python3),
+# CRMN_GPU_DEVICE (cuda), CRMN_GPU_BUDGET (520: a 10-minute call less the machine's start and
+# this install),
 # CRMN_GPU_OUT (runs/gpucheck), CRMN_WHEELS (.whl/; built by
-# `CRMN_PROFILE=current bash scripts/ensure_env.sh`, see REPRODUCING §5).
+# `CRMN_PROFILE=current bash scripts/ensure_env.sh`, see REPRODUCING.md §5).
 # Exit code: gpucheck's (0, 1 a check failed, 3 / 130 cut short by a signal).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-py="${CRMN_GPU_PYTHON:-python3}"
+py="${CRMN_GPU_PYTHON:-${CRMN_PYTHON:-python3}}"
 wheels="${CRMN_WHEELS:-$here/.whl}"
 out="${CRMN_GPU_OUT:-$here/runs/gpucheck}"
 
@@ -40,8 +41,8 @@ fi
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 echo "gpu_call: theano-pymc and Lasagne from $site; gpucheck into $out"
 
-# gpucheck runs in the background so that a TERM or INT sent to this script reaches it
-# (it then writes both files with the cut-short mark) and the table is still printed
+# gpucheck runs in the background so that a TERM or INT sent to this script reaches it (it
+# then writes its files with the cut-short mark and prints the table)
 rc=0
 CRMN_PYTHON="$py" bash "$here/run_experiments.sh" gpucheck \
     --device "${CRMN_GPU_DEVICE:-cuda}" --budget "${CRMN_GPU_BUDGET:-520}" --out "$out" "$@" &
@@ -52,10 +53,10 @@ while :; do
   wait "$pid" && rc=0 || rc=$?
   kill -0 "$pid" 2>/dev/null || break  # a trap ended the wait, not gpucheck: wait again
 done
-if [ -f "$out/gpucheck.md" ]; then
-  echo
-  cat "$out/gpucheck.md"
-else
-  echo "gpu_call: gpucheck wrote no $out/gpucheck.md (exit $rc): its own lines above say why; fix that and run this script again" >&2
-fi
+case "$rc" in
+  0|1|3|130) ;;  # gpucheck printed its table last
+  *) if [ -f "$out/gpucheck.md" ]; then echo; cat "$out/gpucheck.md"; else
+       echo "gpu_call: gpucheck wrote no $out/gpucheck.md (exit $rc): its own lines above say why; fix that and run this script again" >&2
+     fi ;;
+esac
 exit "$rc"

@@ -248,7 +248,8 @@ def cmd_gpucheck(args) -> int:
     budget = gpucheck.DEFAULT_BUDGET if args.budget is None else args.budget
     try:
         plan = gpucheck.GpucheckPlan(device=args.device, quick=args.quick,
-                                     out_dir=Path(args.out), budget=budget, parts=parts)
+                                     out_dir=Path(args.out), budget=budget, parts=parts,
+                                     real=args.real)
     except ConfigError as exc:
         raise UsageError(f"{PROG} gpucheck: {exc}") from None
     return gpucheck.run(plan)

@@ -171,6 +171,10 @@ def _add_gpucheck(sub) -> None:
     sp.add_argument("--only", default=None, metavar="PART[,PART]",
                     help="run only these parts: verify, smoke, speed (environment always "
                          "runs; default: all)")
+    sp.add_argument("--real", type=Path, default=None, metavar="DATA",
+                    help="first train ResNet-32 and CRMN-32 on this CIFAR-10 (a folder or "
+                         "tarball of images, or the official files) in He et al.'s setting "
+                         "and report their test accuracy (default: no real-data check)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,22 +1,13 @@
-"""Time the torch stack's train step of paper rows under several settings (a GPU tool).
-
-Beside ``run_experiments.sh bench`` (which times whole epochs through the training loop),
-``run_experiments.sh profile`` times ``--steps`` calls of the stack's ``step`` between CUDA
-events for each variant, so settings can be compared in one call; ``--kernels`` also lists
-the most costly kernels of one eager step (torch.profiler). ::
+"""Time the torch stack's train step of paper rows under several settings (a GPU tool):
+``--steps`` calls of ``step`` between CUDA events per variant; ``--kernels`` lists the costliest
+kernels of one eager step; ``--count-ops`` counts the aten operators one eager step dispatches
+(views left out: they launch no kernel), on the CPU too. ::
 
     run_experiments.sh profile --rows t1-resnet32x1 --variants fp32,bf16,bf16-percast
-    run_experiments.sh profile --rows t1-resnet134x1 --variants bf16,bf16-percast \\
-        --count-ops --device cpu --batch-size 8
 
-``--count-ops`` counts instead of timing: the aten operators one eager step dispatches,
-views left out (they launch no kernel), by name. It runs on the CPU too, where the counts
-mirror what a GPU step launches, up to how each operator splits into kernels.
-
-Variants: ``fp32`` / ``bf16`` (dtype float32 / bfloat16), suffixes ``-cl`` (channels last),
-``-nocl`` (no channels last), ``-compile`` (torch.compile'd forward inside the graph),
-``-notf32``, ``-percast`` (bf16: autocast casts each weight at its use, instead of the
-stack's one cast per step). torch is imported when a variant runs, not with this module.
+Variants: ``fp32`` / ``bf16``, suffixes ``-cl`` / ``-nocl`` (channels last or not),
+``-compile``, ``-notf32``, ``-percast`` (bf16: autocast casts each weight at its use instead of
+once per step). torch is imported when a variant runs.
 """
 from __future__ import annotations
 
@@ -114,8 +105,7 @@ def _kernel_table(row, variant: str, device: str, out: Callable[[str], None]) ->
 
 
 def op_counter():
-    """A context manager counting the non-view aten operators dispatched under it, by name
-    (``.counts``, a Counter); views launch no kernel, so they are left out."""
+    """A context manager counting the non-view aten operators dispatched under it (``.counts``)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class OpCounter(TorchDispatchMode):
@@ -133,10 +123,8 @@ def op_counter():
 
 def count_variant(row, variant: str, device: str, batch_size: Optional[int] = None,
                   out: Callable[[str], None] = print) -> collections.Counter:
-    """Operators of one eager train step (the second: the first allocates), printed.
-
-    The count does not depend on the batch size; a small ``batch_size`` makes it quick.
-    """
+    """Operators of one eager train step (the second: the first allocates), printed; the
+    count does not depend on the batch size, so a small ``batch_size`` makes it quick."""
     stack = _stack(row, variant, device, graph=False, batch_size=batch_size)
     x, y = _batch(stack, row.classes)
     stack.step(x, y, 0.01)
@@ -152,10 +140,8 @@ def count_variant(row, variant: str, device: str, batch_size: Optional[int] = No
 def profile(rows, variants, *, steps: int = 100, kernels: bool = False,
             count_ops: bool = False, device: str = "cuda", batch_size: Optional[int] = None,
             out: Callable[[str], None] = print) -> int:
-    """Every variant of every row; a variant that fails is reported and the others go on.
-
-    Returns the number of failed variants.
-    """
+    """Every variant of every row; one that fails is reported, the others go on. Returns
+    the number of failed variants."""
     for v in variants:
         variant_options(v)  # a misspelt variant is refused before anything runs
     failed = 0
