@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from crmn import (bench, data, gpucheck, launch, paper, registry, report, roofline, tables,
+from crmn import (bench, data, export, gpucheck, launch, paper, registry, report, roofline, tables,
                   verify)
 from crmn import train as trainer
 from crmn.cli import plans
@@ -237,6 +237,23 @@ def cmd_profile(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_export(args) -> int:
+    paths = export.export(args.run_dir, args.out)
+    print(paths["card"].read_text().splitlines()[0])
+    for path in paths.values():
+        print(f"export: {path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    r = export.evaluate(args.weights, args.backend, args.device, args.dataset, args.data_dir)
+    print(f"evaluate: {r['weights']}: test accuracy {100 * r['test_acc']:.2f} % "
+          f"({round(r['test_acc'] * r['images'])} of {r['images']} {r['dataset']} test "
+          f"images), loss {r['test_loss']:.6f}; {r['stack']}"
+          + ("" if r["device"] == args.device else f" ({r['device']})"))
+    return 0
+
+
 def cmd_test(argv: Sequence[str]) -> int:
     return subprocess.call(["bash", str(ROOT / "tests" / "run.sh"), *argv])
 
@@ -244,4 +261,4 @@ def cmd_test(argv: Sequence[str]) -> int:
 COMMANDS = {**{name: cmd_train for name in paper.EXPERIMENTS}, "params": cmd_params,
             "compare": cmd_compare, "status": cmd_status, "smoke": cmd_smoke,
             "verify": cmd_verify, "bench": cmd_bench, "profile": cmd_profile,
-            "gpucheck": cmd_gpucheck}
+            "gpucheck": cmd_gpucheck, "export": cmd_export, "evaluate": cmd_evaluate}
