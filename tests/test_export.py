@@ -22,7 +22,7 @@ def finished_run(root, row_id="t1-resnet32x1", seed=0, acc=0.5, data="official",
                  model=None, train=None):
     """A run folder as crmn.train leaves a finished run (the weights: crmn.init's)."""
     row = paper.row(row_id)
-    cfg = ModelConfig.for_row(row, **(model or {}))
+    cfg = ModelConfig(**dict(ModelConfig.for_row(row).to_dict(), **(model or {})))
     tcfg = TrainConfig.for_row(row, seed=seed, **(train or {}))
     run_dir = root / row.table / row_id / f"seed{seed}"
     run_dir.mkdir(parents=True)
@@ -52,9 +52,9 @@ def finished_run(root, row_id="t1-resnet32x1", seed=0, acc=0.5, data="official",
 
 
 def test_lasagne_order_is_get_all_params_order():
-    import lasagne
+    from original.model import build  # first: importing original sets Theano's flags
 
-    from original.model import build
+    import lasagne
 
     from crmn import convert
 
@@ -106,10 +106,10 @@ def test_export_writes_hashed_files_and_a_card(tmp_path):
 ])
 def test_a_run_that_is_no_test_says_so_first(tmp_path, change, why):
     run_dir, _ = finished_run(tmp_path, **change)
-    first = export.export(run_dir)["card"].read_text().splitlines()[0]
+    card = export.export(run_dir)["card"].read_text()
+    first = card.splitlines()[0]
     assert "NOT A TEST OF THE PAPER" in first and why in first
-    command = re.search(r"`(bash run_experiments.sh [^`]*)`", export.export(run_dir)[
-        "card"].read_text()).group(1)
+    command = re.search(r"\| reproduce \| `([^`]*)`", card).group(1)
     flag = {"train": "--epochs-cap 3", "model": "--k 2", "data": "--unverified-data"}
     assert flag[next(iter(change))] in command
 
@@ -169,12 +169,13 @@ def test_evaluate_gives_the_logged_accuracy_on_both_stacks(smoke_export):
 
 @pytest.mark.slow
 def test_npz_in_lasagne_and_pt_in_torch_give_equal_float64_logits(smoke_export):
+    from original.model import build  # first: importing original sets Theano's flags
+
     import lasagne
     import theano
     import theano.tensor as T
 
     from modern.model import CIFARNet
-    from original.model import build
 
     _, _, files = smoke_export
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32))
