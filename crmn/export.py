@@ -128,7 +128,7 @@ _TRAIN_FLAGS = {"batch_size": "--batch-size", "patience": "--patience",
                 "nesterov": "--nesterov", "flip": "--flip"}
 
 
-def reproduce_command(config: Dict, run_dir: Path) -> str:
+def reproduce_command(config: Dict) -> str:
     """The ``run_experiments.sh`` line that trains this run again, from config.json."""
     if config.get("command"):  # recorded by the run itself
         return config["command"]
@@ -221,7 +221,7 @@ def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
             ("backend", f"{backend}, {config.get('dtype')}"),
             ("versions", versions),
             ("parameters", f"{count_trainable(cfg):,} trainable"),
-            ("reproduce", f"`{reproduce_command(config, run_dir)}`")]
+            ("reproduce", f"`{reproduce_command(config)}`")]
     lines = [head, "", f"Exported by `bash run_experiments.sh export {run_dir}` from "
              "that folder's files.", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
