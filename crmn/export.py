@@ -33,6 +33,16 @@ from crmn.naming import count_trainable, param_specs, velocity_name
 FORMAT = 1
 
 
+def _torch(what: str):
+    """torch, or a one-line ConfigError where this environment lacks it."""
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError(f"{what} needs torch, which this environment lacks: use the pinned "
+                          "environment (no CRMN_PROFILE) or pip install torch") from None
+    return torch
+
+
 def sha256(path) -> str:
     """The file's SHA-256 as ``sha256sum`` prints it."""
     h = hashlib.sha256()
@@ -83,8 +93,7 @@ def _final_state(run_dir: Path) -> Tuple[Dict, Dict, Dict, ModelConfig]:
 def export(run_dir, out_dir=None) -> Dict[str, Path]:
     """Write the .pt, .npz and MODEL.md of the finished run in ``run_dir`` (default
     ``RUN_DIR/export``); returns their paths by kind ("pt", "npz", "card")."""
-    import torch
-
+    torch = _torch("export (it writes a .pt)")
     run_dir = Path(run_dir)
     summary, config, canonical, cfg = _final_state(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "export"
@@ -161,9 +170,12 @@ def reproduce_command(config: Dict) -> str:
             value = have.get(key, want[key])
             if value == want[key] or value is None or value is False:
                 continue
-            words += [flag] if value is True else \
-                [flag, ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}"
-                 if isinstance(value, float) else str(value)]
+            if value is True:
+                words.append(flag)
+            elif isinstance(value, list):  # --schedule 80,40,40
+                words += [flag, ",".join(map(str, value))]
+            else:
+                words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     lrs = config.get("train", {}).get("lr_stages")
     if lrs and list(lrs) != list(row.lr_stages):
         words += ["--lr", f"{lrs[0]:g}"]
@@ -251,8 +263,7 @@ def load_weights(path) -> Tuple[ModelConfig, Dict[str, np.ndarray], Dict]:
         raise CheckpointError(f"{path}: no such weights file")
     try:
         if path.suffix == ".pt":
-            import torch
-
+            torch = _torch(f"reading {path.name} (or give the .npz)")
             saved = torch.load(path, map_location="cpu", weights_only=True)
             cfg = ModelConfig(**saved["model"])
             native = {k: v.numpy() for k, v in saved["state_dict"].items()}
@@ -263,8 +274,6 @@ def load_weights(path) -> Tuple[ModelConfig, Dict[str, np.ndarray], Dict]:
                 cfg = ModelConfig(**info["model"])
                 native = {str(k): f[str(k)] for k in f["names"]}
             return cfg, convert.lasagne_to_canonical(cfg, native, False, where=str(path)), info
-    except CheckpointError:
-        raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"{path}: not a weights file written by export "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); "

@@ -250,7 +250,7 @@ def cmd_evaluate(args) -> int:
     print(f"evaluate: {r['weights']}: test accuracy {100 * r['test_acc']:.2f} % "
           f"({round(r['test_acc'] * r['images'])} of {r['images']} {r['dataset']} test "
           f"images), loss {r['test_loss']:.6f}; {r['stack']}"
-          + ("" if r["device"] == args.device else f" ({r['device']})"))
+          + ("" if r["device"] == args.device else f"; {r['device']}"))
     return 0
 
 
