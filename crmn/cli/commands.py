@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from crmn import (bench, cost, data, gpucheck, launch, paper, registry, report, roofline,
+from crmn import (bench, cost, data, export, gpucheck, launch, paper, registry, report, roofline,
                   tables, verify)
 from crmn import plan as plans
 from crmn import train as trainer
@@ -264,6 +264,24 @@ def cmd_profile(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_export(args) -> int:
+    paths = export.export(args.run_dir, args.out)
+    print(paths["card"].read_text().splitlines()[0])
+    for path in paths.values():
+        print(f"export: {path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    stack = plans.stack_options(args)  # --device auto: decided as for training
+    r = export.evaluate(args.weights, stack.backend, stack.device, args.dataset, args.data_dir)
+    print(f"evaluate: {r['weights']}: test accuracy {100 * r['test_acc']:.2f} % "
+          f"({round(r['test_acc'] * r['images'])} of {r['images']} {r['dataset']} test "
+          f"images), loss {r['test_loss']:.6f}; {r['stack']}"
+          + ("" if r["device"] == args.device else f"; {r['device']}"))
+    return 0
+
+
 def cmd_test(argv: Sequence[str]) -> int:
     return subprocess.call(["bash", str(ROOT / "tests" / "run.sh"), *argv])
 
@@ -271,4 +289,4 @@ def cmd_test(argv: Sequence[str]) -> int:
 COMMANDS = {**{name: cmd_train for name in paper.EXPERIMENTS}, "params": cmd_params,
             "compare": cmd_compare, "status": cmd_status, "smoke": cmd_smoke,
             "verify": cmd_verify, "bench": cmd_bench, "profile": cmd_profile,
-            "gpucheck": cmd_gpucheck}
+            "gpucheck": cmd_gpucheck, "export": cmd_export, "evaluate": cmd_evaluate}

@@ -177,6 +177,24 @@ def _add_gpucheck(sub) -> None:
                          "and report their test accuracy (default: no real-data check)")
 
 
+def _add_use(sub) -> None:
+    """export and evaluate: a run's weights for others, and any weights on a test set."""
+    sp = sub.add_parser("export", help="a finished run as <row>-<sha8>.pt (torch), .npz "
+                                       "(Lasagne) and a model card MODEL.md")
+    sp.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                    help="a finished run folder, runs/<experiment>/<row>/seed<k>")
+    sp.add_argument("--out", type=Path, default=None, metavar="DIR",
+                    help="where the files go (default: RUN_DIR/export)")
+    sp = sub.add_parser("evaluate", help="test accuracy and loss of a .pt, .npz or "
+                                         "checkpoint .h5 on a dataset's test split")
+    sp.add_argument("weights", type=Path, metavar="WEIGHTS")
+    sp.add_argument("--dataset", choices=tuple(paper.DATASET_CLASSES), default=None,
+                    help="the test split measured (default: the weights' own)")
+    schema.add_options(sp, StackOptions, only=("backend", "device"), defaults=dict(device="cpu"))
+    schema.add_options(sp, SECTIONS[""], only=("data_dir",),
+                       defaults=dict(data_dir=ROOT / "data"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser; ``--help`` of each command lists its options with real defaults."""
     parser = _Parser(prog="run_experiments.sh",
@@ -208,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_options(sp, smoke=True)
     _add_tools(sub)
     _add_gpucheck(sub)
+    _add_use(sub)
     sp = sub.add_parser("test", add_help=False, help="run the test suite (extra args: pytest)")
     sp.add_argument("args", nargs=argparse.REMAINDER)
     return parser

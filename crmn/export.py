@@ -1,0 +1,308 @@
+"""A finished run as files others load (``export``), and any weights measured on a test set
+(``evaluate``).
+
+``export RUN_DIR`` reads the run's final ``checkpoint.h5`` and writes, named by the first 8
+hex digits of each file's SHA-256 (torch.hub's ``check_hash`` convention):
+
+* ``<row>-<sha8>.pt``: ``{"state_dict", "model" (ModelConfig fields), "row", "dataset",
+  "dtype", "format"}``, tensors and plain types only (``torch.load(weights_only=True)``);
+* ``<row>-<sha8>.npz``: one array per Lasagne parameter under its Lasagne name, ``names``
+  listing them in ``lasagne.layers.get_all_param_values`` order (batch-norm statistics
+  included) and ``meta`` (the same JSON as the .pt's fields); written without Theano;
+* ``MODEL.md``: the model card, from the run folder's files only.
+
+Both conversions are :mod:`crmn.convert`'s; evaluation is :func:`crmn.train.evaluate` on a
+stack built by :func:`crmn.registry.build`, on the test split of :func:`crmn.data.prepare`.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from crmn import checkpoint, convert, data, paper, registry, report, runlog
+from crmn import train as trainer
+from crmn.config import ModelConfig, TrainConfig
+from crmn.errors import CheckpointError, ConfigError, RunError
+from crmn.naming import count_trainable, param_specs, velocity_name
+
+FORMAT = 1
+
+
+def _torch(what: str):
+    """torch, or a one-line ConfigError where this environment lacks it."""
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError(f"{what} needs torch, which this environment lacks: use the pinned "
+                          "environment (no CRMN_PROFILE) or pip install torch") from None
+    return torch
+
+
+def sha256(path) -> str:
+    """The file's SHA-256 as ``sha256sum`` prints it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def lasagne_order(native: List[str]) -> List[str]:
+    """Lasagne names in :mod:`crmn.naming` order -> ``get_all_params`` order.
+
+    The layers come in the same order; within a layer, Lasagne's ``BatchNormLayer`` adds
+    ``beta`` before ``gamma`` and its ``LSTMLayer`` ``cell_init`` before ``hid_init``.
+    """
+    out = list(native)
+    for i in range(len(out) - 1):
+        a, b = out[i], out[i + 1]
+        if (a.endswith(".gamma") and b == a[:-len("gamma")] + "beta") or \
+                (a, b) == ("lstm.hid_init", "lstm.cell_init"):
+            out[i], out[i + 1] = b, a
+    return out
+
+
+def _write_named(out_dir: Path, stem: str, suffix: str, payload: bytes) -> Path:
+    """``out_dir/<stem>-<sha8><suffix>``, written to a temporary name and renamed."""
+    name = f"{stem}-{hashlib.sha256(payload).hexdigest()[:8]}{suffix}"
+    runlog.write_bytes_atomic(out_dir / name, payload)
+    return out_dir / name
+
+
+def _final_state(run_dir: Path) -> Tuple[Dict, Dict, Dict, ModelConfig]:
+    """(summary, config, canonical arrays, ModelConfig) of a finished run's final model."""
+    summary = runlog.finished_summary(run_dir)
+    if summary is None:
+        raise RunError(f"{run_dir}: not a finished run (no summary.json saying done); "
+                       "finish it with its command and --resume, then export it")
+    config = runlog.read_json(run_dir / runlog.CONFIG)
+    arrays, meta = checkpoint.load(run_dir / runlog.CHECKPOINT)
+    if meta.get("phase") != "final" or meta.get("epoch") != summary.get("final_epochs"):
+        raise CheckpointError(f"{run_dir / runlog.CHECKPOINT}: holds {meta.get('phase')} "
+                              f"epoch {meta.get('epoch')}, not the final model of "
+                              "summary.json; train the run again to export it")
+    cfg = ModelConfig(**meta["model"])
+    return summary, config, {s.name: arrays[s.name] for s in param_specs(cfg)}, cfg
+
+
+def export(run_dir, out_dir=None) -> Dict[str, Path]:
+    """Write the .pt, .npz and MODEL.md of the finished run in ``run_dir`` (default
+    ``RUN_DIR/export``); returns their paths by kind ("pt", "npz", "card")."""
+    torch = _torch("export (it writes a .pt)")
+    run_dir = Path(run_dir)
+    summary, config, canonical, cfg = _final_state(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    stem = config.get("row") or run_dir.parent.name
+    info = {"format": FORMAT, "row": stem, "model": cfg.to_dict(),
+            "dataset": config["dataset"], "dtype": config.get("dtype", "float32")}
+    state = convert.canonical_to_torch(cfg, canonical, with_velocity=False)
+    buf = io.BytesIO()
+    torch.save(dict(info, state_dict={k: torch.from_numpy(np.ascontiguousarray(v))
+                                      for k, v in state.items()}), buf)
+    paths = {"pt": _write_named(out, stem, ".pt", buf.getvalue())}
+    native = convert.canonical_to_lasagne(cfg, canonical, with_velocity=False)
+    names = lasagne_order(list(native))
+    buf = io.BytesIO()
+    np.savez(buf, names=np.array(names), meta=np.array(json.dumps(info)), **native)
+    paths["npz"] = _write_named(out, stem, ".npz", buf.getvalue())
+    card = model_card(run_dir, summary, config, cfg, paths)
+    runlog.write_bytes_atomic(out / "MODEL.md", card.encode())
+    paths["card"] = out / "MODEL.md"
+    return paths
+
+
+# ----------------------------------------------------------------------------- the card
+
+
+def _not_a_test(run_dir: Path, row: Optional[paper.Row], config: Dict) -> List[str]:
+    """Why the run is no test of the paper (empty: it is one), in report.comparable's words."""
+    why = [] if row is not None else ["not a row of the paper"]
+    ok, reasons = report.comparable(report.load_seed_run(run_dir), row)
+    why += [] if ok else reasons.split("; ")
+    if config.get("subset") and not any("subset" in w for w in why):
+        why.append(f"a subset of the data ({config['subset']})")
+    return why
+
+
+_MODEL_FLAGS = {"n": "--n", "k": "--k", "outgate": "--outgate",
+                "forget_bias": "--forget-bias", "dense_init": "--dense-init"}
+_TRAIN_FLAGS = {"batch_size": "--batch-size", "patience": "--patience",
+                "epochs_cap": "--epochs-cap", "schedule": "--schedule",
+                "nesterov": "--nesterov", "flip": "--flip"}
+
+
+def reproduce_command(config: Dict) -> str:
+    """The ``run_experiments.sh`` line that trains this run again, from config.json."""
+    if config.get("command"):  # recorded by the run itself
+        return config["command"]
+    from crmn.cli.parser import SMOKE
+
+    exp, seed = config.get("experiment") or "smoke", config.get("seed", 0)
+    row = paper.row(config["row"]) if config.get("row") else paper.row(SMOKE["row"])
+    model, train = ModelConfig.for_row(row).to_dict(), TrainConfig.for_row(row).to_dict()
+    words = ["bash run_experiments.sh", exp]
+    if exp == "smoke":
+        model.update(n=SMOKE["n"], k=SMOKE["k"])
+        train.update(batch_size=SMOKE["batch_size"], patience=SMOKE["patience"],
+                     epochs_cap=SMOKE["epochs_cap"])
+    else:
+        words += ["--rows", row.id]
+    words += ["--seed", str(seed)]
+    words += ["--backend", config.get("backend", "theano"),
+              "--device", config.get("device_requested", "cpu"),
+              "--dtype", config.get("dtype", "float32")]
+    if config.get("backend", "theano") == "theano":
+        words += ["--theano-mode", config.get("theano_mode", "c")]
+    words += ["--compile"] if config.get("compile") else []
+    words += [] if config.get("compile_cache", True) else ["--no-compile-cache"]
+    if config.get("dataset") not in (None, row.dataset) and exp != "smoke":
+        words += ["--dataset", config["dataset"]]
+    words += ["--unverified-data"] if config.get("data") == "unverified" else []
+    for have, want, flags in ((config.get("model", {}), model, _MODEL_FLAGS),
+                              (config.get("train", {}), train, _TRAIN_FLAGS)):
+        for key, flag in flags.items():
+            value = have.get(key, want[key])
+            if value == want[key] or value is None or value is False:
+                continue
+            if value is True:
+                words.append(flag)
+            elif isinstance(value, list):  # --schedule 80,40,40
+                words += [flag, ",".join(map(str, value))]
+            else:
+                words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    lrs = config.get("train", {}).get("lr_stages")
+    if lrs and list(lrs) != list(row.lr_stages):
+        words += ["--lr", f"{lrs[0]:g}"]
+    return " ".join(words)
+
+
+def _seed_accs(run_dir: Path) -> List[float]:
+    accs = []
+    for sibling in sorted(run_dir.parent.glob("seed*")):
+        done = runlog.finished_summary(sibling)
+        if done is not None and done.get("test_acc") is not None:
+            accs.append(100 * done["test_acc"])
+    return accs
+
+
+def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
+               files: Dict[str, Path]) -> str:
+    """MODEL.md: what the files are and what made them, from the run folder's files."""
+    row = paper.row(config["row"]) if config.get("row") else None
+    name = config.get("row") or run_dir.parent.name
+    why = _not_a_test(run_dir, row, config)
+    head = (f"# {name}, seed {config.get('seed', 0)}: NOT A TEST OF THE PAPER ({'; '.join(why)})"
+            if why else f"# {name}, seed {config.get('seed', 0)}: a test of the paper's "
+                        f"{row.label} ({row.table})")
+    log = runlog.read_log(run_dir / runlog.LOG)
+    accs = _seed_accs(run_dir)
+    mean, std, n = report.mean_std(accs)
+    ours = f"{100 * summary['test_acc']:.2f} % (this seed), test loss {summary['test_loss']:.4f}"
+    if n > 1:
+        ours += f"; {mean:.2f} ± {std:.2f} % over {n} seeds (sample std)"
+    paper_acc = "(not a paper row)" if row is None else f"{row.paper_accuracy:.2f} %" + (
+        f" (mean {row.paper_accuracy_mean} ± {row.paper_accuracy_std} over {row.seeds} runs)"
+        if row.paper_accuracy_mean is not None else "")
+    source = {"official": "the official files (checksums verified)",
+              "fake": "FAKE data written by the archive (crmn.data.write_fake)",
+              "unverified": "files NOT checked against the official ones "
+                            "(--unverified-data)"}.get(config.get("data"), config.get("data"))
+    if config.get("data_description"):
+        source += f"; {config['data_description']}"
+    search = [e for e in log if e["phase"] == "search"]
+    seconds = sum(e.get("seconds", 0.0) for e in log)
+    backend = config.get("backend", "?") + (f" ({config.get('theano_mode')})"
+                                            if config.get("backend") == "theano" else "")
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(config.get("versions", {}).items()))
+    rows = [("row", f"{name}" + ("" if row is None else f", {row.label} of {row.table}")),
+            ("paper", paper_acc), ("ours", ours),
+            ("dataset", f"{config.get('dataset')}: {source}"),
+            ("schedule", f"found by the search: {summary.get('schedule_found')}; used: "
+                         f"{summary.get('schedule_used')} epochs at lr "
+                         f"{summary.get('lr_stages')}"),
+            ("epochs", f"{len(search)} search + {summary.get('final_epochs')} final; "
+                       f"{seconds:.0f} s of training, median "
+                       f"{summary.get('sec_per_epoch') or 0:.1f} s per final epoch"),
+            ("device", str(summary.get("device"))),
+            ("backend", f"{backend}, {config.get('dtype')}"),
+            ("versions", versions),
+            ("parameters", f"{count_trainable(cfg):,} trainable"),
+            ("reproduce", f"`{reproduce_command(config)}`")]
+    lines = [head, "", f"Exported by `bash run_experiments.sh export {run_dir}` from "
+             "that folder's files.", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "Files (`sha256sum -c` checks them here):", "", "```"]
+    lines += [f"{sha256(p)}  {p.name}" for p in (files["pt"], files["npz"])]
+    lines += ["```", "", "Made from (sha256 of the run folder's files):", "", "```"]
+    lines += [f"{sha256(run_dir / f)}  {f}" for f in (runlog.CONFIG, runlog.LOG,
+                                                      runlog.SUMMARY, runlog.CHECKPOINT)]
+    lines += ["```", "", f"Measure them: `bash run_experiments.sh evaluate {files['pt'].name} "
+              f"--dataset {config.get('dataset')} --backend torch` (or the .npz with "
+              "`--backend theano`); loading them is in README.md, Use the model.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def load_weights(path) -> Tuple[ModelConfig, Dict[str, np.ndarray], Dict]:
+    """(ModelConfig, canonical arrays, info with "dataset" and "dtype") of a ``.pt``,
+    ``.npz`` or archive ``.h5`` checkpoint; a one-line CheckpointError for anything else."""
+    path = Path(path)
+    if path.suffix == ".h5":
+        arrays, meta = checkpoint.load(path)
+        cfg = ModelConfig(**meta["model"])
+        return cfg, {s.name: arrays[s.name] for s in param_specs(cfg)}, meta
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    try:
+        if path.suffix == ".pt":
+            torch = _torch(f"reading {path.name} (or give the .npz)")
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            cfg = ModelConfig(**saved["model"])
+            native = {k: v.numpy() for k, v in saved["state_dict"].items()}
+            return cfg, convert.torch_to_canonical(cfg, native, False, where=str(path)), saved
+        if path.suffix == ".npz":
+            with np.load(path) as f:
+                info = json.loads(str(f["meta"]))
+                cfg = ModelConfig(**info["model"])
+                native = {str(k): f[str(k)] for k in f["names"]}
+            return cfg, convert.lasagne_to_canonical(cfg, native, False, where=str(path)), info
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a weights file written by export "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                              "export the run again") from None
+    raise CheckpointError(f"{path}: unknown weights file type {path.suffix!r}; give a .pt, "
+                          ".npz or checkpoint .h5")
+
+
+def evaluate(path, backend: str = registry.DEFAULT_BACKEND, device: str = "cpu",
+             dataset: Optional[str] = None, data_dir=None, progress: bool = True) -> Dict:
+    """Test loss and accuracy of the weights in ``path`` on ``dataset``'s test split (the
+    weights' own by default), in ``backend`` on ``device``, in the dtype they were trained
+    in where ``backend`` has it (else float32)."""
+    cfg, canonical, info = load_weights(path)
+    dataset = dataset or info.get("dataset")
+    if paper.DATASET_CLASSES.get(dataset) != cfg.classes:
+        raise ConfigError(f"{path}: the network has {cfg.classes} classes, {dataset} has "
+                          f"{paper.DATASET_CLASSES.get(dataset)}; choose a matching --dataset")
+    dtype = info.get("dtype")
+    options = registry.StackOptions(
+        backend=backend, device=device, theano_mode=registry.default_theano_mode(backend),
+        dtype=dtype if dtype in registry.STACK_DTYPES[backend] else registry.DEFAULT_DTYPE)
+    registry.probe(options)
+    split = data.prepare(dataset, data_dir, "final", 0, progress=progress)
+    stack = registry.build(options, cfg, TrainConfig())
+    canonical.update({velocity_name(s.name): np.zeros(s.shape, np.float32)
+                      for s in param_specs(cfg) if s.trainable})
+    stack.set_state(canonical)
+    loss, acc = trainer.evaluate(stack, split.eval_x, split.eval_y)
+    return {"weights": str(path), "dataset": dataset, "images": len(split.eval_y),
+            "test_loss": loss, "test_acc": acc, "stack": options.describe(),
+            "device": stack.device}
