@@ -177,8 +177,8 @@ def check_compatible(recorded: Dict, model: ModelConfig, train: Optional[TrainCo
     meta or a config.json (``source`` names it in messages).
 
     Every field of ``model`` (and of ``train``, and ``backend`` / ``dtype`` / ``dataset``
-    when given) must equal the recorded one, but for the fields ``may_change`` accepts
-    (``"train.epochs_cap"``: the run schema's ``resume`` fields), which must only be present. The first difference is a
+    when given) must equal the recorded one, but for the fields ``may_change`` accepts (the
+    run schema's ``resume`` fields), which must only be present. The first difference is a
     CheckpointError, e.g. ``checkpoint.h5: model.k is 2 here, 4 in the checkpoint``.
     """
     sections = [("model", model.to_dict(), recorded.get("model"))]

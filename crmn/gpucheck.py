@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from crmn import plan as plans, registry, runlog, tables
-from crmn.errors import EXIT_INTERRUPTED, EXIT_STOPPED, ConfigError, CRMNError
+from crmn.errors import EXIT_INTERRUPTED, EXIT_STOPPED, ConfigError, CRMNError, UsageError
 from crmn.registry import StackOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,15 +75,21 @@ class GpucheckPlan:
                                                 if p in self.parts or p == "environment"))
 
 
-def engines(device: str) -> Dict[str, StackOptions]:
-    """The engines timed and trained; torch.compile only on a GPU (on a CPU: the C++ compiler)."""
+def plan_from_args(args) -> GpucheckPlan:
+    try:  # a bad value: one line, exit 2, nothing created
+        return GpucheckPlan(args.device, args.quick, Path(args.out), args.budget, args.only,
+                            args.real)
+    except ConfigError as exc:
+        raise UsageError(f"run_experiments.sh gpucheck: {exc}") from None
+
+
+def engines(device: str) -> Dict[str, StackOptions]:  # torch.compile only on a GPU
     return {"torch-f32": StackOptions("torch", device, "float32"),
             "jax-f32": StackOptions("theano", device, "float32", theano_mode="jax"),
             "torch-bf16": StackOptions("torch", device, "bfloat16", compile=device != "cpu")}
 
 
-def plan_checks(plan: GpucheckPlan) -> List[str]:
-    """The keys of the checks after the environment, in order of priority (NEEDS')."""
+def plan_checks(plan: GpucheckPlan) -> List[str]:  # after the environment, in NEEDS' order
     column, real = 2 if plan.quick else int(plan.device == "cpu"), ("real",) * bool(plan.real)
     return [k for k, need in NEEDS.items()
             if need[column] is not None and k.split()[0] in plan.parts + real]
@@ -99,17 +105,13 @@ def child_argv(plan: GpucheckPlan, key: str) -> List[str]:
                 "--out", str(plan.out_dir)] + ["--quick"] * plan.quick
     options = engines(plan.device)[rest if kind == "smoke" else "jax-f32" if plan.quick and
                                     util.find_spec("torch") is None else "torch-bf16"]
-    if kind == "smoke":
-        run_plan = plans.smoke_plan_for(options, plan.out_dir / f"smoke-{rest}",
-                                        schedule=(3, 0, 0), epochs_cap=3)
-    else:  # He et al.'s setting; --resume: a run the budget stopped goes on
-        run_plan = plans.row_plan_for(
-            rest, options, plan.out_dir / ("real-quick" if plan.quick else "real"),
-            dataset="cifar10", data_dir=plan.real, subset=500 if plan.quick else None,
-            model=dict(n=1, k=0.5) if plan.quick else {},
-            train=dict(flip=True, schedule=(1, 0, 0) if plan.quick else (82, 41, 41)))
+    run_plan = plans.smoke_plan_for(options, plan.out_dir / f"smoke-{rest}", epochs_cap=3,
+                                    schedule=(3, 0, 0)) if kind == "smoke" else plans.row_plan_for(
+        rest, options, plan.out_dir / ("real-quick" if plan.quick else "real"), dataset="cifar10",
+        data_dir=plan.real, subset=500 if plan.quick else None, model=dict(n=1, k=0.5) if
+        plan.quick else {}, train=dict(flip=True, schedule=((82, 41, 41), (1, 0, 0))[plan.quick]))
     return plans.render_argv(run_plan, run_plan.runs[0], [sys.executable, "-m", "crmn.cli"],
-                             resume=kind == "real")  # the one renderer of a run's line
+                             resume=kind == "real")  # --resume: a real run cut short goes on
 
 
 def _row(status: str, figure: str = "", detail: str = "", **data) -> Dict:
@@ -125,12 +127,9 @@ def environment(device: str) -> Dict[str, str]:
         "numpy", "jax", "jaxlib", "torch", "theano-pymc")}, "theano-pymc from":
            str(Path(spec.origin).parents[1]) if spec and spec.origin else "missing",
            "lasagne": have.get("lasagne", "missing"), "device": device, "host": platform.node()}
-    try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,"
-                              "noheader"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        smi = ""
-    env.update(zip(("gpu", "driver"), map(str.strip, smi.split("\n")[0].split(",")) if smi else ()))
+    smi = subprocess.run("timeout 30 nvidia-smi --query-gpu=name,driver_version --format=csv,"
+                         "noheader 2>/dev/null", shell=True, capture_output=True, text=True).stdout
+    env.update(zip(("gpu", "driver"), [v.strip() for v in smi.split("\n")[0].split(",") if smi]))
     return env
 
 
@@ -292,8 +291,8 @@ def run(plan: GpucheckPlan) -> int:
 
 
 if __name__ == "__main__":  # one check in a child: its rows to logs/KEY.json
-    from crmn.cli import parser, plans
-    plan = plans.gpucheck_plan(parser.parse(["gpucheck", *sys.argv[2:]]))
+    from crmn.cli import parser
+    plan = plan_from_args(parser.parse(["gpucheck", *sys.argv[2:]]))
     try:
         rows = check_rows(plan, sys.argv[1])
     except CRMNError as exc:  # one line; the later checks still run

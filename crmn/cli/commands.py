@@ -241,18 +241,7 @@ def _bench_sampler(args) -> int:
 
 
 def cmd_gpucheck(args) -> int:
-    """``--budget`` (seconds > 0) and the parts of ``--only`` (:data:`gpucheck.PARTS`),
-    checked before the output folder exists."""
-    parts = gpucheck.PARTS if args.only is None else tuple(
-        p.strip() for p in args.only.split(","))
-    budget = gpucheck.DEFAULT_BUDGET if args.budget is None else args.budget
-    try:
-        plan = gpucheck.GpucheckPlan(device=args.device, quick=args.quick,
-                                     out_dir=Path(args.out), budget=budget, parts=parts,
-                                     real=args.real)
-    except ConfigError as exc:
-        raise UsageError(f"{PROG} gpucheck: {exc}") from None
-    return gpucheck.run(plan)
+    return gpucheck.run(gpucheck.plan_from_args(args))
 
 
 def cmd_profile(args) -> int:

@@ -164,11 +164,12 @@ def _add_gpucheck(sub) -> None:
     sp.add_argument("--out", type=Path, default=ROOT / "runs" / "gpucheck", metavar="DIR",
                     help="gpucheck.json, gpucheck.md and the training runs go here "
                          "(default: runs/gpucheck of the archive)")
-    sp.add_argument("--budget", type=finite, default=None, metavar="SECONDS",
+    sp.add_argument("--budget", type=finite, default=540.0, metavar="SECONDS",
                     help="seconds the checks may take; a check whose expected cost does "
-                         "not fit what is left is listed 'not run: budget' (default: 540, "
-                         "one 10-minute call)")
-    sp.add_argument("--only", default=None, metavar="PART[,PART]",
+                         "not fit what is left is listed 'not run: budget' (default: "
+                         "%(default)g, one 10-minute call)")
+    sp.add_argument("--only", type=lambda text: tuple(p.strip() for p in text.split(",")),
+                    default=("verify", "smoke", "speed"), metavar="PART[,PART]",
                     help="run only these parts: verify, smoke, speed (environment always "
                          "runs; default: all)")
     sp.add_argument("--real", type=Path, default=None, metavar="DATA",
