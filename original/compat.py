@@ -145,7 +145,7 @@ def c_backend_available() -> tuple:
 
     if not theano.config.cxx:
         return False, ("Theano found no C++ compiler (its cxx flag is empty): install g++ "
-                       "or use --theano-mode jax")
+                       "(or set cxx=... in THEANO_FLAGS), or use --theano-mode jax")
     return True, ""
 
 
@@ -552,14 +552,11 @@ def check_compiled_backend(probe: bool = True) -> None:
     process)."""
     import theano
 
-    if numpy_too_new_for_c():
-        raise ConfigError(c_backend_available()[1])
+    works, why = c_backend_available()
+    if not works:
+        raise ConfigError(why)
     cfg = theano.config
     rc = "THEANO_FLAGS"
-    if not cfg.cxx:
-        raise ConfigError(
-            f"Theano found no C++ compiler (config.cxx is empty): install g++ or set "
-            f"cxx=... in {rc}; the Python fallbacks are far too slow for training")
     if not cfg.blas__ldflags.strip():
         raise ConfigError(
             f"Theano has no BLAS (blas__ldflags is empty): install libopenblas-dev or set "

@@ -112,14 +112,10 @@ def _canon(obj, depth: int = 0) -> str:
 
 def graph_text(inputs: Sequence, outputs: Sequence, updates: Sequence[Tuple]
                ) -> Tuple[str, List]:
-    """(canonical text of the unoptimised graph, its shared variables in graph order).
-
-    ``updates``: ``(shared variable, new value)`` pairs. Variables are numbered as a
-    depth-first walk from the outputs, then the update values, first meets them; an
-    explicit input is named by its position in ``inputs``, a shared variable by its
-    position among the graph's shared variables (with its name, type and value's shape and
-    dtype), a constant by its type and a hash of its data.
-    """
+    """(canonical text of the unoptimised graph, its shared variables in graph order):
+    variables numbered in depth-first order from the outputs, then the updates (``(shared,
+    new value)`` pairs); inputs by position, shared variables by position with name, type,
+    shape and dtype, constants by type and a hash of their data."""
     number: Dict[int, int] = {}
     shared: List = []
     lines: List[str] = []
@@ -275,8 +271,7 @@ class CachedFunction:
                 results.append(("update", by_id[id(var)]))
             else:
                 results.append(("output", k))
-        # shapes and dtypes only: an argument placed on a device would give the module a
-        # sharding, which the entry does not keep
+        # shapes and dtypes only: the entry must not depend on where the arguments live
         specs = [jax.ShapeDtypeStruct(np.shape(v), v.dtype) for v in
                  self._arguments(args, values)]
         with jax.default_matmul_precision(self.precision):
