@@ -1,36 +1,15 @@
-"""The compile cache's folder and entries (issue #23), framework-free.
+"""The compile cache's folder and entries, framework-free.
 
-A stack that compiles slowly (the Theano stack: graph optimisation and XLA's or the C
-compiler's work, minutes for ResNet-134) stores what it compiled here, so the next process
-that builds the same network on this machine -- or, with a shared ``$CRMN_CACHE``, on any
-node of a cluster -- starts at once. What is stored is data: a JSON header and bytes that the
-stack parses itself (the JAX mode's StableHLO module); never a pickle.
+A backend that compiles slowly (Theano: graph optimisation and XLA's or the C compiler's
+work) stores what it compiled here, so the next process building the same network on this
+machine -- or, with a shared ``$CRMN_CACHE``, on any node of a cluster -- starts at once.
+Entries are data (a JSON header line and payload bytes), never a pickle.
 
-The folder
-----------
-``$CRMN_CACHE`` when set (a cluster's shared folder, chosen explicitly), else
-``~/.cache/crmn``. It is used only when nobody but its users can plant entries in it
-(:func:`folder_problem`):
-
-* the default folder must belong to you and be writable by nobody else (mode ``go-w``);
-* ``$CRMN_CACHE`` may also be a group's folder (group-writable, owned by a colleague): you
-  chose it, so you trust that group; it must not be writable by everyone (``o+w``), unless
-  it is your own folder with the sticky bit, which still lets only you replace your entries.
-
-A folder that fails the rule is one warning line on stderr, and the run compiles as if the
-cache were off.
-
-Entries
--------
-One file per entry, ``<kind>/<key>.entry``: a header line (UTF-8 JSON: ``format``,
-``key``, ``sha256`` and ``size`` of the payload, and whatever layout the stack records),
-then the payload bytes. :meth:`CompileCache.load` checks the header's key against the one
-asked for, the payload's size and sha256, and the caller's own checks on the header; a
-file that fails any of them is one warning line and a miss (the caller rebuilds and
-replaces it), never an exception. :meth:`CompileCache.store` replaces the file atomically
-(:func:`crmn.runlog.replace_file`: temporary file in the same folder, then a rename), so
-two processes filling one entry at once each leave a whole file, and a reader sees one or
-the other.
+The folder is ``$CRMN_CACHE`` or ``~/.cache/crmn``, used only when nobody but its users can
+plant entries in it (:func:`folder_problem`); otherwise one warning line and no cache.
+An entry ``<kind>/<key>.entry`` is checked on load (key, size, sha256, the caller's own
+check): a bad one is one warning line and a miss, never an exception. Stores replace the
+file atomically, so concurrent writers each leave a whole file.
 """
 from __future__ import annotations
 
@@ -67,9 +46,10 @@ def folder() -> Tuple[Path, bool]:
 
 
 def folder_problem(path: Path, chosen: bool) -> Optional[str]:
-    """Why ``path`` may not hold cache entries (one line), or None when it may (the rule
-    of the module docstring; ``chosen``: named by ``$CRMN_CACHE``). A folder that does not
-    exist yet passes: :func:`open_cache` creates it (mode 0700) and judges it again."""
+    """Why ``path`` may not hold cache entries (one line), or None when it may. The default
+    folder must be yours and writable by nobody else; ``$CRMN_CACHE`` (``chosen``) may be a
+    group's folder but not writable by everyone, unless it is yours with the sticky bit. A
+    folder that does not exist yet passes: :func:`open_cache` creates it and judges again."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -94,10 +74,7 @@ def folder_problem(path: Path, chosen: bool) -> Optional[str]:
 
 
 class CompileCache:
-    """The checked cache folder of this process; see the module docstring.
-
-    Build one with :func:`open_cache`, which applies the folder rule.
-    """
+    """The checked cache folder of this process (build one with :func:`open_cache`)."""
 
     def __init__(self, root: Path):
         self.root = root

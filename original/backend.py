@@ -1,25 +1,14 @@
-"""The Theano + Lasagne stack behind :class:`crmn.stack.Stack` (SPEC §5-6).
+"""The Theano + Lasagne backend behind :class:`crmn.stack.Stack` (docs/spec.md §5-6).
 
-:class:`TheanoBackend` builds the network of a :class:`crmn.config.ModelConfig` with
-:func:`original.model.build`, compiles (lazily, once per instance) a training step and two
-forward passes, and moves state in and out through :mod:`crmn.convert`. Training follows
-section 4 of the paper as Lasagne ran it:
-
-* loss = mean cross-entropy + (weight_decay / 2) · Σ w² over the arrays whose
-  :mod:`crmn.naming` role is decayed (SPEC §4; not Lasagne's ``regularizable`` tags, which
-  would also decay the peepholes), so both stacks penalise the same arrays;
-* ``lasagne.updates.momentum`` (``v ← μ v − lr·g; p ← p + v``) or, behind
-  ``TrainConfig.nesterov``, ``lasagne.updates.nesterov_momentum``; the learning rate is a
-  shared scalar, so a new stage needs no recompilation;
-* batch-norm running averages move once per training step (and only then, see
-  :class:`original.layers.BatchNormLayer`).
-
-Device and precision: with ``theano_mode="c"`` Theano's own flags decide the device
-(``THEANO_FLAGS=device=cuda`` with a GPU-enabled Theano); with ``theano_mode="jax"`` the same
-graphs are compiled by :mod:`original.jax_mode` into one jitted JAX function each, on the CPU or
-(``device="cuda"``, with a CUDA jaxlib) a current GPU. ``dtype`` picks the precision per
-instance, by building and compiling the graphs under
-``theano.config.change_flags(floatX=dtype)``.
+:class:`TheanoBackend` builds the network with :func:`original.model.build`, compiles (once
+per instance, on first use) a training step and two forward passes, and moves state through
+:mod:`crmn.convert`. Training is section 4 of the paper as Lasagne ran it: mean cross-entropy
+plus (weight_decay / 2) · Σ w² over the arrays :mod:`crmn.naming` decays (not Lasagne's
+``regularizable`` tags, which would decay the peepholes too); ``lasagne.updates.momentum``
+or ``nesterov_momentum`` with the learning rate a shared scalar; batch-norm averages move
+once per training step. The mode (``--theano-mode``) compiles through Theano's C backend
+(``_CMode``; Theano's flags choose the device) or through JAX (``_JaxMode``,
+:mod:`original.jax_mode`). ``dtype`` is per instance (``theano.config.change_flags``).
 """
 from __future__ import annotations
 
@@ -37,7 +26,7 @@ from crmn.convert import canonical_to_lasagne, lasagne_to_canonical
 from crmn.errors import CheckpointError, ConfigError
 from crmn.naming import param_specs, velocity_name
 from crmn.registry import STACK_DTYPES, THEANO_MODES, check_device
-from original import compat  # (importing the package installed its bridges)
+from original import compat
 from original.model import build, native_params
 
 DTYPES = STACK_DTYPES["theano"]
@@ -67,9 +56,9 @@ def _check_device(device: str) -> str:
     return f"{actual} (Theano-PyMC {theano.__version__}, blas {theano.config.blas__ldflags})"
 
 
-class _CRoute:
-    """How a C-mode backend compiles and moves values: ``theano.function`` with Theano's
-    C backend, shared variables on the host. ``device`` describes where it runs."""
+class _CMode:
+    """The C mode: ``theano.function`` with Theano's C backend, shared variables on the
+    host. ``device`` describes where it runs."""
 
     def __init__(self, device: str, dtype: str, cache=None, context=None):
         compat.check_compiled_backend(probe=False)  # the compile probe waits for one
@@ -77,7 +66,8 @@ class _CRoute:
 
     def function(self, inputs, outputs, updates, name: str, device_outputs: bool = False):
         compat.check_compiled_backend()  # once per process: a convolution is CorrMM
-        return theano.function(inputs, outputs, updates=updates, name=name)
+        with compat.graph_settings():
+            return theano.function(inputs, outputs, updates=updates, name=name)
 
     def compile_seconds(self, fns) -> float:
         return 0.0  # all of it inside theano.function, which the backend times
@@ -92,17 +82,11 @@ class _CRoute:
         shared.set_value(value)
 
 
-class _JaxRoute:
-    """How a JAX-mode backend compiles and moves values (:mod:`original.jax_mode`): one
-    jitted function per graph on ``device``'s JAX device, shared variables resident there.
-    With a compile cache (:mod:`original.jax_mode.cache`) each function is a
-    :class:`~original.jax_mode.cache.CachedFunction`: its step comes from the cache when an
-    earlier process stored it.
-
-    Building one applies the JAX mode's process-wide settings
-    (:func:`original.jax_mode.configure`) before JAX starts; JAX is imported only here,
-    so a C-mode process never loads it.
-    """
+class _JaxMode:
+    """The JAX mode (:mod:`original.jax_mode`): one jitted function per graph on
+    ``device``'s JAX device, shared variables resident there; with a compile cache, each a
+    :class:`~original.jax_mode.cache.CachedFunction`. Building one applies
+    :func:`original.jax_mode.configure`; JAX is imported only here."""
 
     def __init__(self, device: str, dtype: str, cache=None, context=None):
         from original import jax_mode
@@ -120,8 +104,9 @@ class _JaxRoute:
 
     def function(self, inputs, outputs, updates, name: str, device_outputs: bool = False):
         def build():
-            fn = self._jax_mode.function(inputs, outputs, updates=updates, name=name,
-                                         device=self._device)
+            with compat.graph_settings():
+                fn = self._jax_mode.function(inputs, outputs, updates=updates, name=name,
+                                             device=self._device)
             self._jax_mode.linker_call(fn).host_outputs = not device_outputs
             return fn
 
@@ -135,8 +120,8 @@ class _JaxRoute:
         return fn
 
     def compile_seconds(self, fns) -> float:
-        """XLA's compilation, which happens at each function's first call (with the cache,
-        also the lookup and, on a miss, Theano's optimisation and the export)."""
+        """XLA's compilation at each function's first call (with the cache, also the lookup
+        and, on a miss, Theano's optimisation and the export)."""
         return sum(self._jax_mode.compile_seconds(fn) for fn in fns)
 
     def cache_state(self, fns) -> str:
@@ -159,33 +144,20 @@ class _JaxRoute:
 class TheanoBackend:
     """A CRMN or ResNet in Theano + Lasagne, driven through :class:`crmn.stack.Stack`.
 
-    Parameters
-    ----------
-    model : ModelConfig
-        The network (SPEC §4).
-    train : TrainConfig
-        Momentum, Nesterov flag, weight decay and the seed of the initial weights.
-    device : {"cpu", "cuda"}
-        Must agree with ``theano.config.device`` (Theano's flags decide, see module doc).
-    dtype : {"float32", "float64"}
-        Precision of parameters, activations and updates.
-    theano_mode : {"c", "jax"}
-        Compile through Theano's C backend, or through JAX (:mod:`original.jax_mode`;
-        float32 products at full precision, the device chosen by ``device``).
-    compile_cache : bool
-        JAX mode: keep compiled steps in the compile cache (:mod:`crmn.compile_cache`,
-        :mod:`original.jax_mode.cache`) and reuse them; False (``--no-compile-cache``)
-        compiles every graph afresh. The C mode's modules are Theano's own cache.
+    ``model``: the network (docs/spec.md §4); ``train``: momentum, Nesterov, weight decay,
+    seed; ``device``: "cpu" or "cuda" (in C mode it must agree with Theano's flags);
+    ``dtype``: "float32" or "float64"; ``theano_mode``: "c" or "jax"; ``compile_cache``:
+    JAX mode keeps compiled steps in :mod:`crmn.compile_cache` (False:
+    ``--no-compile-cache``; the C mode's modules are Theano's own cache).
     """
 
     name = "theano"
 
     @staticmethod
     def problem(options) -> Optional[str]:
-        """Why this stack cannot run ``options`` here (one line), or None when it can: the C
-        mode needs a working C backend (:func:`original.compat.c_backend_available`; not
-        with numpy 2) and compares the device with Theano's flags; the JAX mode asks jax
-        for the device."""
+        """Why this backend cannot run ``options`` here (one line), or None: the C mode
+        needs a working C backend and a device Theano's flags agree with; the JAX mode asks
+        jax for the device."""
         if options.theano_mode == "c":
             works, why = compat.c_backend_available()
             if not works:
@@ -205,8 +177,8 @@ class TheanoBackend:
 
     @staticmethod
     def preferred_mode() -> str:
-        """The Theano mode a run gets when none is asked for: the C backend (the
-        reference) where it works, else JAX (numpy 2, no C++ compiler)."""
+        """The mode a run gets when none is asked for: C (the reference) where it works,
+        else JAX (numpy 2, no C++ compiler)."""
         return "c" if compat.c_backend_available()[0] else "jax"
 
     def __init__(self, model: ModelConfig, train: TrainConfig, device: str = "cpu",
@@ -222,9 +194,9 @@ class TheanoBackend:
         context = {"model": model.to_dict(), "dtype": dtype, "mode": theano_mode,
                    "momentum": train.momentum, "nesterov": train.nesterov,
                    "weight_decay": train.weight_decay}
-        self._route = (_JaxRoute if theano_mode == "jax" else _CRoute)(device, dtype, cache,
-                                                                        context)
-        self.device = self._route.device
+        self._mode = (_JaxMode if theano_mode == "jax" else _CMode)(device, dtype, cache,
+                                                                     context)
+        self.device = self._mode.device
         self.model, self.train, self.dtype = model, train, dtype
         self._x = T.tensor4("x", dtype=dtype)  # (B, 3, 32, 32)
         self._y = T.lvector("y")  # (B,) int64 class indices
@@ -252,7 +224,7 @@ class TheanoBackend:
         the velocity shared variables."""
         if self._updates is not None:
             return self._train_outputs
-        with theano.config.change_flags(floatX=self.dtype):
+        with theano.config.change_flags(floatX=self.dtype), compat.graph_settings():
             logits, probs = lasagne.layers.get_output(
                 [self._logits_layer, self._out], deterministic=False,
                 batch_norm_update_averages=True)
@@ -281,7 +253,7 @@ class TheanoBackend:
         """Compile one of "train", "forward_train", "forward_eval" on first use."""
         if which in self._fns:
             return self._fns[which]
-        with theano.config.change_flags(floatX=self.dtype):
+        with theano.config.change_flags(floatX=self.dtype), compat.graph_settings():
             if which == "train":
                 outputs = self._build_updates()
                 inputs, updates = [self._x, self._y], self._updates
@@ -292,7 +264,7 @@ class TheanoBackend:
             start = time.perf_counter()
             # the step's loss and accuracy may stay on the device; the loop reads them once
             # per epoch (logits are read at once anyway)
-            fn = self._route.function(inputs, outputs, updates, which,
+            fn = self._mode.function(inputs, outputs, updates, which,
                                       device_outputs=which == "train")
             self._function_seconds += time.perf_counter() - start
         self._fns[which] = fn
@@ -302,14 +274,13 @@ class TheanoBackend:
     def compile_seconds(self) -> float:
         """Seconds spent compiling so far (waits for Theano's compile lock included); in
         JAX mode also XLA's compilation, which happens at a function's first call."""
-        return self._function_seconds + self._route.compile_seconds(self._fns.values())
+        return self._function_seconds + self._mode.compile_seconds(self._fns.values())
 
     @property
     def compile_cache(self) -> Optional[str]:
-        """What the compile cache did for this stack: ``"hit"`` (every graph compiled so far
-        came from it), ``"miss"``, ``"off"``; None before the first compilation and in C
-        mode (Theano's module cache reports nothing)."""
-        return self._route.cache_state(self._fns.values())
+        """``"hit"`` (every graph compiled so far came from the compile cache), ``"miss"``,
+        ``"off"``; None before the first compilation and in C mode."""
+        return self._mode.cache_state(self._fns.values())
 
     def _velocities(self):
         self._build_updates()  # the velocities are created with the update graph
@@ -372,7 +343,7 @@ class TheanoBackend:
     # --- shared-variable access: on the host (C mode) or the JAX device (jax mode) ------
 
     def _get_value(self, shared) -> np.ndarray:
-        return self._route.get_value(shared)
+        return self._mode.get_value(shared)
 
     def _set_value(self, shared, value) -> None:
-        self._route.set_value(shared, value)
+        self._mode.set_value(shared, value)

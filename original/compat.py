@@ -1,86 +1,23 @@
-"""Make PyPI's Lasagne 0.1 (2015) run on Theano-PyMC 1.1.2: Python 3.11 with numpy 1.23.5 (the
-pinned environment), and Python 3.12 with numpy 2.x (the ``current`` one, JAX mode only).
+"""Make Lasagne 0.1 (2015) run on Theano-PyMC 1.1.2 under Python 3.11 / numpy 1.23 (pinned)
+and Python 3.12 / numpy 2 (``current``, JAX mode only).
 
-Import this module before ``theano`` and ``lasagne`` (``original/__init__.py`` does). Each
-bridge below is one small, named function, applied once by :func:`install` and tested in
-``tests/test_original_compat.py``:
+Two kinds of bridge:
 
-1. :func:`theano_flag_defaults` -- *before* Theano is imported, add defaults to
-   ``THEANO_FLAGS`` without overriding anything the user set there or in ``.theanorc``:
-
-   * ``blas__ldflags=-lopenblas`` when Debian's OpenBLAS is installed. Theano-PyMC's own
-     detection reads ``numpy.distutils.__config__.blas_opt_info``, which numpy 1.23's
-     config no longer has, and crashes the import;
-   * ``floatX=float32``: the paper trained in single precision on a GPU. The backend can
-     still build float64 graphs per instance (see ``original.backend``).
-
-   The compile directory stays Theano's default (``~/.theano/compiledir_*``), which caches
-   the compiled C modules between runs.
-2. :func:`bridge_mrg_random_streams` -- ``theano.sandbox.rng_mrg.MRG_RandomStreams`` was
-   renamed ``MRG_RandomStream``; Lasagne's ``layers/noise.py`` imports the old name.
-3. :func:`bridge_downsample` -- ``theano.tensor.signal.downsample.max_pool_2d(input, ds, st,
-   ignore_border, padding, mode)`` became ``theano.tensor.signal.pool.pool_2d(input, ws,
-   ignore_border, stride, pad, mode)``; Lasagne's ``layers/pool.py`` imports the old module.
-4. :func:`bridge_gof` -- the graph package ``theano.gof`` became ``theano.graph``;
-   ``lasagne.utils.as_theano_expression`` tests ``isinstance(x, theano.gof.Variable)``.
-   With it, for Lasagne's own tests (``scripts/lasagne_tests.sh``): ``theano.gof.graph``
-   (:func:`bridge_gof`), ``theano.scan_module.scan_utils`` (:func:`bridge_scan_module`)
-   and ``theano.Variable`` (:func:`bridge_theano_variable`), the same objects under their
-   Theano 0.7 names.
-5. :func:`bridge_pkg_resources` -- Lasagne's ``__init__`` reads its version through
-   ``pkg_resources``: setuptools 80.9 still ships it but warns on import; we import it
-   quietly first, and should a later setuptools drop it, install a two-function stand-in
-   backed by ``importlib.metadata``.
-6. :func:`bridge_conv2d_image_shape` -- ``conv2d``'s keyword ``image_shape`` became
-   ``input_shape``; Lasagne's ``Conv2DLayer`` passes the old one (a warning per layer).
-7. :func:`bridge_scan_cython` -- Theano-PyMC ships a Cython-generated ``scan_perform.c``
-   written for older Pythons; on 3.11 its compilation fails -- after a full g++ run, in every
-   process that uses ``scan`` -- before ``scan`` falls back to its Python inner loop (it
-   catches ``ImportError``). We make ``theano.scan.scan_perform_ext`` fail to import at once.
-   The CRMN LSTM does not use ``scan`` by default: the sequence has a fixed length of 3n
-   taps, so ``original.model`` builds the LSTM with ``unroll_scan=True``. Measured on a
-   shared 2-core CPU (CRMN-32x1, float32, batch 100, training step): unrolled 98 s to
-   compile and 3.4 s per step; ``theano.scan`` with the Python loop 80-204 s and 3.8-5.3 s
-   (two runs).
-8. :func:`bridge_recursion_limit` -- Theano recurses over graphs; the deep CRMN graphs
-   need more than Python's default 1000 frames.
-9. :func:`bridge_compile_lock` -- Theano compiles under one lock per compile directory
-   (``~/.theano/compiledir_*/.lock``) and waits for it in silence, for many minutes when
-   another process compiles; we say who holds it (from ``/proc/locks``) and for how long we
-   have waited.
-
-10. :func:`bridge_stdlib_distutils` -- Python 3.12 has no ``distutils``; Theano's config
-    and C module loader import ``distutils.spawn`` / ``distutils.sysconfig`` at import. Where
-    no ``distutils`` can be imported (setuptools provides one when installed), a stand-in
-    backed by ``shutil.which`` and ``sysconfig``.
-11. :func:`bridge_numpy_distutils` -- numpy 2 has no ``numpy.distutils``; Theano imports
-    it at import time (``tensor/blas.py``, ``link/c/cmodule.py``) to find the BLAS and
-    numpy's headers. The stand-in finds no BLAS (the current environment has no C backend)
-    and gives numpy's include directory.
-12. :func:`bridge_numpy_aliases` -- names numpy 2 removed that Theano's Python code uses:
-    ``np.product`` (reached while shapes are worked out), ``np.cast``, ``np.complex``,
-    ``np.int``, ``np.sctype2char``, ``np.AxisError``, ``np.ComplexWarning``. Each is set
-    only where numpy lacks it, to what numpy 1.23 gave.
-13. :func:`bridge_autocast` -- numpy 2 compares a Python number with a numpy scalar in the
-    scalar's dtype (NEP 50), which changes how Theano types Python numbers in graphs
-    (``NumpyAutocaster``): ``0.9 == float32(0.9)`` became true, so every Python float
-    became a float32 constant even in float64 graphs (0.9 -> 0.89999998, silently), and
-    ``int8(200)`` became an OverflowError, so ints >= 128 became uint64 constants. The
-    bridge makes the choice with exact comparisons, as numpy 1.x made it.
-
-The C backend (:func:`c_backend_available`) needs numpy < 1.24 and a C++ compiler; where it
-is missing, :func:`theano_flag_defaults` also sets ``cxx=`` (Theano then never compiles C
-code) and the Theano stack runs in JAX mode (``original.jax_mode``).
-
-:func:`check_compiled_backend` then fails loudly (:class:`crmn.errors.ConfigError`) when
-Theano would run the network's ops through its Python fallbacks: no C++ compiler, empty
-BLAS flags, or a mode that does not compile C code.
+* :data:`IMPORT_BRIDGES` -- what Theano and Lasagne need to import at all; :func:`install`
+  (run by ``import original``) applies them once, in that order;
+* :func:`graph_settings` -- what only Theano's running code needs (recursion limit, numpy 1.x
+  names, exact autocasting, an announced compile lock, no Cython ``scan``); a context
+  manager entered while a graph is built, compiled or first run, which puts everything back
+  on leaving.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
+import time
 import types
 import warnings
 from pathlib import Path
@@ -88,18 +25,21 @@ from typing import Dict, Optional
 
 from crmn.errors import ConfigError
 
-#: Where Debian/Ubuntu's ``libopenblas-dev`` / ``libopenblas0`` put the shared library.
+#: where Debian/Ubuntu's ``libopenblas`` puts the shared library
 DEBIAN_OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so"
-
-_installed = False
-_probed = False  # check_compiled_backend's probe passed in this process
-#: a wait for the compile lock longer than this is reported (shorter ones are the normal
-#: turn-taking of two compiling processes), then again every LOCK_REPORT_EVERY seconds
+#: the first numpy release whose C API Theano-PyMC 1.1.2's C code does not build against
+NUMPY_C_LIMIT = (1, 24)
+#: Python's recursion limit inside :func:`graph_settings` (Theano recurses over graphs)
+RECURSION_LIMIT = 20000
+#: a compile-lock wait longer than this is reported, then again every LOCK_REPORT_EVERY s
 LOCK_QUIET_WAIT = 3.0
 LOCK_REPORT_EVERY = 15.0
 
+_installed = False
+_probed = False  # check_compiled_backend's probe passed in this process
 
-# --- 1. THEANO_FLAGS defaults --------------------------------------------------------------
+
+# --- Theano's flags -------------------------------------------------------------------------
 
 def _parse_flags(text: str) -> Dict[str, str]:
     """``"a=1,b.c=2"`` -> ``{"a": "1", "b__c": "2"}`` (Theano accepts both spellings)."""
@@ -115,21 +55,16 @@ def _theanorc_keys() -> set:
     """Option names (``section__key``) that the user's ``.theanorc`` files set."""
     import configparser
 
-    keys = set()
     paths = os.environ.get("THEANORC", "~/.theanorc:~/.theanorc.txt").split(os.pathsep)
     parser = configparser.ConfigParser()
     parser.read([os.path.expanduser(p) for p in paths])
-    for section in parser.sections():
-        for key in parser[section]:
-            keys.add(key if section == "global" else f"{section}__{key}")
-    return keys
+    return {key if section == "global" else f"{section}__{key}"
+            for section in parser.sections() for key in parser[section]}
 
 
 def find_openblas() -> Optional[str]:
-    """``"-lopenblas"`` when a system OpenBLAS can be linked, else None.
-
-    Looks in the dynamic linker's cache (``ldconfig -p``) and at Debian's fixed path.
-    """
+    """``"-lopenblas"`` when a system OpenBLAS can be linked (Debian's path or
+    ``ldconfig -p``), else None."""
     if os.path.exists(DEBIAN_OPENBLAS):
         return "-lopenblas"
     try:
@@ -141,15 +76,19 @@ def find_openblas() -> Optional[str]:
 
 
 def theano_flag_defaults(environ=None) -> Dict[str, str]:
-    """Add our defaults to ``THEANO_FLAGS`` in ``environ``; returns the defaults added.
+    """Add defaults to ``THEANO_FLAGS`` in ``environ`` (never over the user's own flags or
+    ``.theanorc``); returns those added. Theano reads its flags once, at import:
 
-    Must run before ``import theano``: Theano reads its flags once, at import.
+    * ``blas__ldflags=-lopenblas`` -- Theano-PyMC's own BLAS detection crashes on numpy 1.23;
+    * ``cxx=`` where numpy is too new for Theano's C code (nothing then tries to compile);
+    * ``base_compiledir`` under ``$CRMN_CACHE`` (:func:`shared_compiledir`);
+    * ``floatX=float32`` -- the paper's precision for graphs built without a dtype.
     """
     environ = os.environ if environ is None else environ
     user = set(_parse_flags(environ.get("THEANO_FLAGS", ""))) | _theanorc_keys()
     wanted = {"floatX": "float32"}
     if numpy_too_new_for_c():
-        wanted["cxx"] = ""  # no C compilation at all: Theano's C code needs numpy < 1.24
+        wanted["cxx"] = ""
     blas = find_openblas()
     if blas is not None:
         wanted["blas__ldflags"] = blas
@@ -166,13 +105,9 @@ def theano_flag_defaults(environ=None) -> Dict[str, str]:
 
 
 def shared_compiledir(environ=None) -> Optional[str]:
-    """``$CRMN_CACHE/theano`` where the user chose a compile cache folder
-    (:mod:`crmn.compile_cache`) that passes its ownership rule, else None: Theano's own
-    compiled C modules then live beside the JAX mode's entries, so a cluster's shared
-    folder shares them too. Without ``$CRMN_CACHE`` Theano keeps its default (``~/.theano``),
-    which is already per user and persistent. Theano's module cache cannot be turned off:
-    ``--no-compile-cache`` does not move it back; ``THEANO_FLAGS=base_compiledir=...``
-    does."""
+    """``$CRMN_CACHE/theano`` where that folder passes :mod:`crmn.compile_cache`'s ownership
+    rule, so that Theano's compiled C modules are shared with the JAX mode's entries; else
+    None (Theano keeps ``~/.theano``)."""
     from crmn import compile_cache
 
     environ = os.environ if environ is None else environ
@@ -181,12 +116,8 @@ def shared_compiledir(environ=None) -> Optional[str]:
         return None
     root = Path(chosen).expanduser()
     if compile_cache.folder_problem(root, chosen=True) is not None:
-        return None  # a JAX-mode run says why, once; Theano keeps its own default
+        return None  # a JAX-mode run says why, once
     return str(root / "theano")
-
-
-#: the first numpy release whose C API Theano-PyMC 1.1.2's C code does not build against
-NUMPY_C_LIMIT = (1, 24)
 
 
 def _numpy_version() -> tuple:
@@ -201,12 +132,8 @@ def numpy_too_new_for_c() -> bool:
 
 
 def c_backend_available() -> tuple:
-    """``(True, "")`` where Theano's C backend can work here, else ``(False, reason)``.
-
-    ``reason`` is one line: numpy too new for Theano's C code, or no C++ compiler
-    (Theano's ``cxx`` flag empty). Cheap: nothing is compiled (see
-    :func:`check_compiled_backend` for the full check with a probe).
-    """
+    """``(True, "")`` where Theano's C backend can work here, else ``(False, one line)``.
+    Cheap: nothing is compiled (:func:`check_compiled_backend` probes)."""
     import numpy
 
     if numpy_too_new_for_c():
@@ -218,127 +145,23 @@ def c_backend_available() -> tuple:
 
     if not theano.config.cxx:
         return False, ("Theano found no C++ compiler (its cxx flag is empty): install g++ "
-                       "or use --theano-mode jax")
+                       "(or set cxx=... in THEANO_FLAGS), or use --theano-mode jax")
     return True, ""
 
 
-# --- 2-6, 10-13. import-time bridges --------------------------------------------------------------
+# --- stand-ins for the import ---------------------------------------------------------------
 
-def bridge_scan_cython() -> None:
-    """Make ``from theano.scan import scan_perform_ext`` raise ImportError immediately.
-
-    A ``None`` entry in ``sys.modules`` is Python's documented way to make an import fail;
-    ``theano.scan.op`` catches the ImportError and uses its pure-Python loop.
-    """
-    sys.modules.setdefault("theano.scan.scan_perform_ext", None)
-
-
-def bridge_mrg_random_streams() -> None:
-    """``theano.sandbox.rng_mrg.MRG_RandomStreams`` -> ``MRG_RandomStream``."""
-    import theano.sandbox.rng_mrg as rng_mrg
-
-    if not hasattr(rng_mrg, "MRG_RandomStreams"):
-        rng_mrg.MRG_RandomStreams = rng_mrg.MRG_RandomStream
-
-
-def _max_pool_2d(input, ds, ignore_border=None, st=None, padding=(0, 0), mode="max"):
-    """Theano 0.7's ``downsample.max_pool_2d`` signature over Theano-PyMC's ``pool_2d``."""
-    from theano.tensor.signal.pool import pool_2d
-
-    if ignore_border is None:  # Theano 0.7's default, kept explicit to silence a warning
-        ignore_border = False
-    return pool_2d(input, ws=ds, ignore_border=ignore_border, stride=st, pad=padding,
-                   mode=mode)
-
-
-def bridge_downsample() -> None:
-    """Provide the module ``theano.tensor.signal.downsample`` with ``max_pool_2d``."""
-    import theano.tensor.signal as signal
-
-    if "theano.tensor.signal.downsample" in sys.modules:
-        return
-    module = types.ModuleType("theano.tensor.signal.downsample",
-                              "Compatibility stand-in (original.compat) for Theano 0.7's "
-                              "downsample module.")
-    module.max_pool_2d = _max_pool_2d
-    sys.modules[module.__name__] = module
-    signal.downsample = module
-
-
-def bridge_gof() -> None:
-    """``theano.gof.Variable`` (and the rest of ``theano.gof``) -> ``theano.graph.basic``;
-    ``theano.gof.graph`` (``is_same_graph`` and the graph functions) -> a module of
-    ``theano.graph.basic``'s names plus ``theano.graph.toolbox.is_same_graph``."""
-    import theano
-    import theano.graph.basic
-    import theano.graph.toolbox
-
-    if hasattr(theano, "gof") or "theano.gof" in sys.modules:
-        return
-    names = {k: v for k, v in vars(theano.graph.basic).items() if not k.startswith("__")}
-    graph = _stand_in("theano.gof.graph", "Theano 0.7's graph module (theano.graph.basic).",
-                      is_same_graph=theano.graph.toolbox.is_same_graph, **names)
-    theano.gof = _stand_in("theano.gof", "Theano 0.7's graph package (theano.graph.basic).",
-                           graph=graph, __path__=[], **names)
-
-
-def bridge_scan_module() -> None:
-    """``theano.scan_module.scan_utils`` -> ``theano.scan.utils`` (with
-    ``equal_computations``, now in ``theano.graph.basic``)."""
-    import importlib
-
-    import theano
-    import theano.graph.basic
-
-    if "theano.scan_module" in sys.modules:
-        return
-    utils = importlib.import_module("theano.scan.utils")
-    names = {k: v for k, v in vars(utils).items() if not k.startswith("__")}
-    names.setdefault("equal_computations", theano.graph.basic.equal_computations)
-    scan_utils = _stand_in("theano.scan_module.scan_utils",
-                           "Theano 0.7's scan utilities, renamed theano.scan.utils.", **names)
-    module = _stand_in("theano.scan_module", "Theano 0.7's scan package, renamed theano.scan.",
-                       scan_utils=scan_utils, __path__=[])
-    theano.scan_module = module
-
-
-def bridge_theano_variable() -> None:
-    """``theano.Variable`` -> ``theano.graph.basic.Variable``."""
-    import theano
-    import theano.graph.basic
-
-    if not hasattr(theano, "Variable"):
-        theano.Variable = theano.graph.basic.Variable
-
-
-def bridge_conv2d_image_shape() -> None:
-    """``theano.tensor.nnet.conv2d(..., image_shape=...)`` -> ``input_shape=...``.
-
-    Lasagne 0.1's ``Conv2DLayer`` passes the old keyword, which Theano-PyMC still accepts
-    but warns about at every layer. The wrapper renames it; it must be installed before
-    ``lasagne.layers.conv`` is imported, whose ``convolution=`` default captures the function.
-    """
-    import theano.tensor.nnet as nnet
-
-    if getattr(nnet.conv2d, "_crmn_bridge", False):
-        return
-    original_conv2d = nnet.conv2d
-
-    def conv2d(input, filters, input_shape=None, filter_shape=None, border_mode="valid",
-               subsample=(1, 1), filter_flip=True, image_shape=None, **kwargs):
-        if input_shape is None:
-            input_shape = image_shape
-        return original_conv2d(input, filters, input_shape=input_shape,
-                               filter_shape=filter_shape, border_mode=border_mode,
-                               subsample=subsample, filter_flip=filter_flip, **kwargs)
-
-    conv2d.__doc__ = original_conv2d.__doc__
-    conv2d._crmn_bridge = True
-    nnet.conv2d = conv2d
+def _stand_in(name: str, doc: str, **attrs) -> types.ModuleType:
+    module = types.ModuleType(name, f"Stand-in (original.compat): {doc}")
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    sys.modules[name] = module
+    return module
 
 
 def bridge_pkg_resources() -> None:
-    """Import ``pkg_resources`` without its deprecation warning, or stand in for it."""
+    """Lasagne reads its version through ``pkg_resources``: import it without its
+    deprecation warning, or (a setuptools without it) stand in with importlib.metadata."""
     if "pkg_resources" in sys.modules:
         return
     with warnings.catch_warnings():
@@ -350,36 +173,9 @@ def bridge_pkg_resources() -> None:
             pass
     from importlib import metadata
 
-    module = types.ModuleType("pkg_resources", "Stand-in (original.compat): "
-                                               "get_distribution(name).version only.")
-    module.get_distribution = lambda name: types.SimpleNamespace(
-        project_name=name, version=metadata.version(name))
-    sys.modules["pkg_resources"] = module
-
-
-#: Python recursion limit while Theano optimises and compiles (see bridge_recursion_limit)
-RECURSION_LIMIT = 20000
-
-
-def bridge_recursion_limit() -> None:
-    """Raise Python's recursion limit (1000 by default) to :data:`RECURSION_LIMIT`.
-
-    Theano walks and copies graphs recursively while it optimises and compiles them; the
-    gradient of a 32-layer CRMN with its 15 LSTM steps unrolled exceeds 1000 frames
-    (``RecursionError`` in ``theano.function``). Theano's own documentation recommends
-    raising the limit for deep graphs; on CPython 3.11 Python-to-Python calls do not grow
-    the C stack, so a higher limit is safe.
-    """
-    if sys.getrecursionlimit() < RECURSION_LIMIT:
-        sys.setrecursionlimit(RECURSION_LIMIT)
-
-
-def _stand_in(name: str, doc: str, **attrs) -> types.ModuleType:
-    module = types.ModuleType(name, f"Stand-in (original.compat): {doc}")
-    for key, value in attrs.items():
-        setattr(module, key, value)
-    sys.modules[name] = module
-    return module
+    _stand_in("pkg_resources", "get_distribution(name).version only.",
+              get_distribution=lambda name: types.SimpleNamespace(
+                  project_name=name, version=metadata.version(name)))
 
 
 def _python_inc(plat_specific=False, prefix=None):
@@ -397,8 +193,8 @@ def _python_lib(plat_specific=False, standard_lib=False, prefix=None):
 
 
 def bridge_stdlib_distutils() -> None:
-    """``distutils.spawn.find_executable`` and ``distutils.sysconfig`` where Python has no
-    ``distutils`` (3.12 without setuptools). Must run before ``import theano``."""
+    """Python 3.12 has no ``distutils`` and Theano imports ``distutils.spawn`` and
+    ``distutils.sysconfig``: stand-ins over shutil and sysconfig, where none imports."""
     import importlib.util
 
     if "distutils" in sys.modules or importlib.util.find_spec("distutils") is not None:
@@ -423,8 +219,8 @@ class _SystemInfo:
 
 
 def bridge_numpy_distutils() -> None:
-    """``numpy.distutils`` where numpy has none (numpy 2): numpy's headers, and no BLAS
-    found (Theano's C backend does not work with numpy 2 anyway)."""
+    """numpy 2 has no ``numpy.distutils`` and Theano imports it to find a BLAS and numpy's
+    headers: a stand-in that finds no BLAS (no C backend there) and gives the headers."""
     import importlib.util
 
     import numpy
@@ -436,10 +232,130 @@ def bridge_numpy_distutils() -> None:
                      get_numpy_include_dirs=lambda: [numpy.get_include()])
     info = _stand_in("numpy.distutils.system_info", "finds nothing.",
                      system_info=_SystemInfo, get_info=lambda name, notfound_action=0: {})
-    module = _stand_in("numpy.distutils", "what Theano imports; numpy 2 has no distutils.",
-                       misc_util=misc, system_info=info, __path__=[])
-    numpy.distutils = module
+    numpy.distutils = _stand_in("numpy.distutils", "what Theano imports.",
+                                misc_util=misc, system_info=info, __path__=[])
 
+
+def import_theano() -> None:
+    """``import theano``, its own deprecation warnings silenced for that import only."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import theano  # noqa: F401
+
+
+def bridge_mrg_random_streams() -> None:
+    """``theano.sandbox.rng_mrg.MRG_RandomStreams`` (renamed ``MRG_RandomStream``)."""
+    import theano.sandbox.rng_mrg as rng_mrg
+
+    if not hasattr(rng_mrg, "MRG_RandomStreams"):
+        rng_mrg.MRG_RandomStreams = rng_mrg.MRG_RandomStream
+
+
+def _max_pool_2d(input, ds, ignore_border=None, st=None, padding=(0, 0), mode="max"):
+    """Theano 0.7's ``downsample.max_pool_2d`` over Theano-PyMC's ``pool_2d``."""
+    from theano.tensor.signal.pool import pool_2d
+
+    if ignore_border is None:  # Theano 0.7's default, explicit to silence a warning
+        ignore_border = False
+    return pool_2d(input, ws=ds, ignore_border=ignore_border, stride=st, pad=padding,
+                   mode=mode)
+
+
+def bridge_downsample() -> None:
+    """The module ``theano.tensor.signal.downsample`` (``max_pool_2d``), gone from Theano."""
+    import theano.tensor.signal as signal
+
+    if "theano.tensor.signal.downsample" not in sys.modules:
+        signal.downsample = _stand_in("theano.tensor.signal.downsample",
+                                      "Theano 0.7's max_pool_2d.", max_pool_2d=_max_pool_2d)
+
+
+def bridge_gof() -> None:
+    """``theano.gof`` (now ``theano.graph``): Lasagne tests ``theano.gof.Variable``;
+    ``theano.gof.graph`` adds ``is_same_graph`` for Lasagne's own tests."""
+    import theano
+    import theano.graph.basic
+    import theano.graph.toolbox
+
+    if hasattr(theano, "gof") or "theano.gof" in sys.modules:
+        return
+    names = {k: v for k, v in vars(theano.graph.basic).items() if not k.startswith("__")}
+    graph = _stand_in("theano.gof.graph", "Theano 0.7's graph module (theano.graph.basic).",
+                      is_same_graph=theano.graph.toolbox.is_same_graph, **names)
+    theano.gof = _stand_in("theano.gof", "Theano 0.7's graph package (theano.graph.basic).",
+                           graph=graph, __path__=[], **names)
+
+
+def bridge_conv2d_image_shape() -> None:
+    """``conv2d(..., image_shape=)`` (now ``input_shape=``), which Lasagne's ``Conv2DLayer``
+    passes (a warning per layer); before ``lasagne.layers.conv`` captures ``conv2d``."""
+    import theano.tensor.nnet as nnet
+
+    if getattr(nnet.conv2d, "_crmn_bridge", False):
+        return
+    stock = nnet.conv2d
+
+    def conv2d(input, filters, input_shape=None, filter_shape=None, border_mode="valid",
+               subsample=(1, 1), filter_flip=True, image_shape=None, **kwargs):
+        return stock(input, filters, input_shape=input_shape if input_shape is not None
+                     else image_shape, filter_shape=filter_shape, border_mode=border_mode,
+                     subsample=subsample, filter_flip=filter_flip, **kwargs)
+
+    conv2d.__doc__ = stock.__doc__
+    conv2d._crmn_bridge = True
+    nnet.conv2d = conv2d
+
+
+def _flag_defaults_before_theano() -> None:
+    if "theano" not in sys.modules:
+        theano_flag_defaults()
+
+
+#: What ``import original`` applies, in order, each needed for Theano or Lasagne to import.
+IMPORT_BRIDGES = (
+    _flag_defaults_before_theano,  # BLAS, cxx, compiledir, floatX: read once, at import
+    bridge_pkg_resources,          # Lasagne's __init__ reads its version through it
+    bridge_stdlib_distutils,       # Theano's import uses distutils (gone in Python 3.12)
+    bridge_numpy_distutils,        # Theano's import uses numpy.distutils (gone in numpy 2)
+    import_theano,                 # the bridges below patch Theano itself
+    bridge_mrg_random_streams,     # lasagne.layers.noise imports the old name
+    bridge_downsample,             # lasagne.layers.pool imports the old module
+    bridge_gof,                    # lasagne.utils uses theano.gof
+    bridge_conv2d_image_shape,     # lasagne.layers.conv captures conv2d at its import
+)
+
+
+def install() -> None:
+    """Apply :data:`IMPORT_BRIDGES` once; a second call does nothing."""
+    global _installed
+    if not _installed:
+        for bridge in IMPORT_BRIDGES:
+            bridge()
+        _installed = True
+
+
+def bridge_lasagne_tests() -> None:
+    """Theano 0.7 names only Lasagne's own test suite uses (scripts/lasagne_tests.sh):
+    ``theano.scan_module.scan_utils`` and ``theano.Variable``."""
+    import importlib
+
+    import theano
+    import theano.graph.basic
+
+    if not hasattr(theano, "Variable"):
+        theano.Variable = theano.graph.basic.Variable
+    if "theano.scan_module" in sys.modules:
+        return
+    utils = importlib.import_module("theano.scan.utils")
+    names = {k: v for k, v in vars(utils).items() if not k.startswith("__")}
+    names.setdefault("equal_computations", theano.graph.basic.equal_computations)
+    scan_utils = _stand_in("theano.scan_module.scan_utils",
+                           "Theano 0.7's scan utilities, renamed theano.scan.utils.", **names)
+    theano.scan_module = _stand_in("theano.scan_module", "Theano 0.7's scan package.",
+                                   scan_utils=scan_utils, __path__=[])
+
+
+# --- what a graph needs while it is built, compiled or first run -----------------------------
 
 class _Cast(dict):
     """numpy 1.x's ``np.cast``: ``np.cast[dtype](x)`` is ``np.asarray(x).astype(dtype)``."""
@@ -451,34 +367,31 @@ class _Cast(dict):
         return lambda x: numpy.asarray(x).astype(dtype)
 
 
-def bridge_numpy_aliases() -> Dict[str, object]:
-    """Set numpy 1.x names that numpy 2 removed and Theano uses; returns those set."""
+def missing_numpy_names() -> Dict[str, object]:
+    """numpy 1.x names that numpy 2 removed and Theano's running code uses (``np.product``
+    while shapes are worked out, ``np.cast``, ...), as numpy 1.23 gave them; only those this
+    numpy lacks."""
     import numpy
 
-    def sctype2char(sctype):
-        return numpy.dtype(sctype).char
-
     wanted = {"product": numpy.prod, "cast": _Cast(), "complex": complex, "int": int,
-              "sctype2char": sctype2char}
+              "sctype2char": lambda sctype: numpy.dtype(sctype).char}
     exceptions = getattr(numpy, "exceptions", None)
     if exceptions is not None:
         wanted["AxisError"] = exceptions.AxisError
         wanted["ComplexWarning"] = exceptions.ComplexWarning
-    added = {}
+    missing = {}
     for name, value in wanted.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                getattr(numpy, name)
-        except AttributeError:
-            setattr(numpy, name, value)
-            added[name] = value
-    return added
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if not hasattr(numpy, name):
+                missing[name] = value
+    return missing
 
 
-def _exact_autocast(original_call):
-    """``NumpyAutocaster.__call__`` choosing the first dtype that holds a Python number
-    exactly, compared in Python's own arithmetic (numpy 1.x's outcome under numpy 2)."""
+def _exact_autocast(stock):
+    """``NumpyAutocaster.__call__`` choosing, as numpy 1.x did, the first dtype that holds a
+    Python number exactly. Under numpy 2 (NEP 50) the stock one typed 0.9 as float32 in
+    float64 graphs and ints >= 128 as uint64."""
     import numpy
 
     def __call__(self, x):
@@ -486,7 +399,7 @@ def _exact_autocast(original_call):
 
         if config.cast_policy != "custom" or not isinstance(x, (int, float)) or \
                 isinstance(x, bool):
-            return original_call(self, x)
+            return stock(self, x)
         if isinstance(x, float) and config.floatX in self.dtypes and \
                 config.floatX != "float64":
             return numpy.asarray(x, dtype=config.floatX)  # Theano's deliberate downcast
@@ -504,48 +417,7 @@ def _exact_autocast(original_call):
         return value
 
     __call__.exact = True
-    __call__.stock = original_call
     return __call__
-
-
-def bridge_autocast() -> bool:
-    """Install :func:`_exact_autocast` on Theano's ``NumpyAutocaster`` under numpy >= 2;
-    returns whether it is installed."""
-    if _numpy_version() < (2, 0):
-        return False
-    from theano.scalar.basic import NumpyAutocaster
-
-    if not getattr(NumpyAutocaster.__call__, "exact", False):
-        NumpyAutocaster.__call__ = _exact_autocast(NumpyAutocaster.__call__)
-    return True
-
-
-def install() -> None:
-    """Apply every bridge once; safe to call again. Imports Theano (not Lasagne)."""
-    global _installed
-    if _installed:
-        return
-    if "theano" not in sys.modules:
-        theano_flag_defaults()
-    bridge_scan_cython()
-    bridge_recursion_limit()
-    bridge_pkg_resources()
-    bridge_stdlib_distutils()
-    bridge_numpy_distutils()
-    bridge_numpy_aliases()
-    with warnings.catch_warnings():
-        # Theano-PyMC warns about its own deprecated aliases at import; not our concern
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import theano  # noqa: F401
-    bridge_autocast()
-    bridge_mrg_random_streams()
-    bridge_downsample()
-    bridge_gof()
-    bridge_scan_module()
-    bridge_theano_variable()
-    bridge_conv2d_image_shape()
-    bridge_compile_lock()
-    _installed = True
 
 
 def lock_holder(path: str) -> Optional[int]:
@@ -565,9 +437,9 @@ def lock_holder(path: str) -> Optional[int]:
 
 
 def _wait_announced(lock_dir: str) -> None:
-    """Wait, saying so, until Theano's compile lock in ``lock_dir`` is free."""
-    import time
-
+    """Wait until Theano's compile lock in ``lock_dir`` is free, saying on stderr who holds
+    it and for how long (Theano waits in silence, for minutes when another process
+    compiles)."""
     import filelock
 
     path = os.path.join(lock_dir, ".lock")
@@ -588,59 +460,103 @@ def _wait_announced(lock_dir: str) -> None:
     lock.release()
 
 
-def bridge_compile_lock() -> None:
-    """Theano's ``lock_ctx``, announcing a wait for the lock (see item 9 above).
-
-    The modules that imported ``lock_ctx`` by name get the announcing one."""
-    import contextlib
-
-    import theano.compile.compilelock as compilelock
-    from theano.configdefaults import config
-
-    original = compilelock.lock_ctx
-    if getattr(original, "announces", False):
-        return
+def _announcing(stock, compilelock, config):
+    """Theano's ``lock_ctx`` that announces a wait (:func:`_wait_announced`)."""
 
     @contextlib.contextmanager
     def lock_ctx(lock_dir=None, *, timeout=-1):
         lock_dir = lock_dir or config.compiledir
         if f"{lock_dir}-{os.getpid()}" not in compilelock.local_mem._locks:
             _wait_announced(lock_dir)  # held already by this thread: re-entry, no wait
-        with original(lock_dir, timeout=timeout):
+        with stock(lock_dir, timeout=timeout):
             yield
 
     lock_ctx.announces = True
-    for name, module in list(sys.modules.items()):
-        if name.startswith("theano") and getattr(module, "lock_ctx", None) is original:
-            module.lock_ctx = lock_ctx
+    return lock_ctx
+
+
+_depth = 0
+_depth_lock = threading.RLock()
+_undo = []  # what the outermost graph_settings puts back, in reverse order
+
+
+def _apply_graph_settings() -> None:
+    import numpy
+    import theano.compile.compilelock as compilelock
+    from theano.configdefaults import config
+    from theano.scalar.basic import NumpyAutocaster
+
+    limit = sys.getrecursionlimit()
+    if limit < RECURSION_LIMIT:
+        # the gradient of a deep CRMN is walked recursively (RecursionError at 1000)
+        sys.setrecursionlimit(RECURSION_LIMIT)
+        _undo.append(lambda: sys.setrecursionlimit(limit))
+    if "theano.scan.scan_perform_ext" not in sys.modules:
+        # Theano-PyMC's Cython scan fails to build on Python 3.11 after a full g++ run;
+        # a None entry fails the import at once and scan takes its Python loop
+        sys.modules["theano.scan.scan_perform_ext"] = None
+        _undo.append(lambda: sys.modules.pop("theano.scan.scan_perform_ext", None))
+    for name, value in missing_numpy_names().items():
+        setattr(numpy, name, value)
+        _undo.append(lambda name=name: delattr(numpy, name))
+    stock_call = NumpyAutocaster.__call__
+    if _numpy_version() >= (2, 0) and not getattr(stock_call, "exact", False):
+        NumpyAutocaster.__call__ = _exact_autocast(stock_call)
+        _undo.append(lambda: setattr(NumpyAutocaster, "__call__", stock_call))
+    stock_lock = compilelock.lock_ctx
+    if not getattr(stock_lock, "announces", False):
+        announcing = _announcing(stock_lock, compilelock, config)
+        patched = [m for n, m in list(sys.modules.items())
+                   if n.startswith("theano") and getattr(m, "lock_ctx", None) is stock_lock]
+        for module in patched:  # the modules that imported lock_ctx by name
+            module.lock_ctx = announcing
+        _undo.append(lambda: [setattr(m, "lock_ctx", stock_lock) for m in patched])
+
+
+@contextlib.contextmanager
+def graph_settings():
+    """While a Theano graph is built, compiled or first run: Python's recursion limit at
+    least :data:`RECURSION_LIMIT`, numpy 1.x's removed names (:func:`missing_numpy_names`),
+    exact autocasting under numpy 2, the compile lock announcing a wait, and ``scan``'s
+    Python loop. Re-entrant; the outermost exit puts back everything it changed."""
+    global _depth
+    with _depth_lock:
+        if _depth == 0:
+            install()
+            try:
+                _apply_graph_settings()
+            except BaseException:
+                _restore()
+                raise
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _depth_lock:
+            _depth -= 1
+            if _depth == 0:
+                _restore()
+
+
+def _restore() -> None:
+    while _undo:
+        _undo.pop()()
 
 
 # --- the check ------------------------------------------------------------------------------
 
 def check_compiled_backend(probe: bool = True) -> None:
-    """Raise ConfigError if Theano would run the network's ops in Python, not compiled C.
-
-    Parameters
-    ----------
-    probe : bool
-        Also compile a 3x3 convolution and require that the optimiser picked the BLAS-backed
-        ``CorrMM`` op (cached in Theano's compile directory after the first call).
-
-    Notes
-    -----
-    ``scan``'s pure-Python inner loop is allowed (see :func:`bridge_scan_cython`); the
-    CRMN LSTM is unrolled and does not use it.
-    """
+    """Raise ConfigError where Theano would run the network's ops in Python, not compiled C:
+    numpy too new, no C++ compiler, no BLAS, or a mode that does not compile C. ``probe``
+    also compiles a 3x3 convolution and requires the BLAS-backed ``CorrMM`` (once per
+    process)."""
     import theano
 
-    if numpy_too_new_for_c():
-        raise ConfigError(c_backend_available()[1])
+    works, why = c_backend_available()
+    if not works:
+        raise ConfigError(why)
     cfg = theano.config
     rc = "THEANO_FLAGS"
-    if not cfg.cxx:
-        raise ConfigError(
-            f"Theano found no C++ compiler (config.cxx is empty): install g++ or set "
-            f"cxx=... in {rc}; the Python fallbacks are far too slow for training")
     if not cfg.blas__ldflags.strip():
         raise ConfigError(
             f"Theano has no BLAS (blas__ldflags is empty): install libopenblas-dev or set "
@@ -657,13 +573,13 @@ def check_compiled_backend(probe: bool = True) -> None:
     import theano.tensor as T
     from theano.tensor.nnet import conv2d
 
-    x = T.tensor4("x", dtype="float32")
-    w = theano.shared(np.ones((2, 2, 3, 3), dtype="float32"))
-    f = theano.function([x], conv2d(x, w, border_mode="half"))
+    with graph_settings():
+        x = T.tensor4("x", dtype="float32")
+        w = theano.shared(np.ones((2, 2, 3, 3), dtype="float32"))
+        f = theano.function([x], conv2d(x, w, border_mode="half"))
     ops = {type(node.op).__name__ for node in f.maker.fgraph.toposort()}
     if not any(name.startswith(("CorrMM", "GpuCorrMM", "GpuDnnConv")) for name in ops):
         raise ConfigError(
             f"Theano compiled a convolution without a BLAS-backed op (got {sorted(ops)}); "
             f"check blas__ldflags={cfg.blas__ldflags!r} in {rc}")
     _probed = True
-

@@ -1,17 +1,6 @@
-"""The layers that Lasagne 0.1 lacks for a CIFAR ResNet and the CRMN memory, Lasagne style.
-
-Each is a ``lasagne.layers.Layer`` subclass honouring the usual contract (``add_param``,
-``get_output_shape_for``, ``get_output_for``), so ``lasagne.layers.get_output`` and
-``get_all_params`` treat them like Lasagne's own:
-
-* :class:`BatchNormLayer` and :func:`batch_norm` -- Ioffe & Szegedy's batch normalisation with
-  Lasagne's conventions (running ``mean`` and ``inv_std``), eps :data:`crmn.naming.BN_EPS`,
-  running-average rate :data:`crmn.naming.BN_ALPHA`;
-* :class:`ShortcutALayer` -- He et al.'s parameter-free "option A" shortcut;
-* :class:`PadFeaturesLayer` and :func:`crmn_tap` -- what CRMN does to each block output
-  before the LSTM sees it (paper section 3.2);
-* :class:`PeepholeLSTMLayer` -- Lasagne 0.1's ``LSTMLayer`` with its output-gate peephole
-  put inside the gate's nonlinearity, as eq. 4 (and Lasagne from 0.2 on) have it.
+"""The layers Lasagne 0.1 lacks for a CIFAR ResNet and the CRMN memory, Lasagne style:
+batch normalisation, He et al.'s option-A shortcut, the CRMN tap (paper section 3.2), and
+Lasagne 0.1's ``LSTMLayer`` with its output-gate peephole inside the nonlinearity (eq. 4).
 """
 from __future__ import annotations
 
@@ -26,36 +15,16 @@ from crmn.naming import BN_ALPHA, BN_EPS
 
 
 class BatchNormLayer(Layer):
-    r"""Batch normalisation (Ioffe & Szegedy 2015) over all axes but the channel axis 1.
+    r"""Batch normalisation (Ioffe & Szegedy 2015) over all axes but the channel axis 1:
+    y = γ (x − μ) inv_std + β, inv_std = 1/√(σ² + ε).
 
-    .. math::
-        y = \gamma \odot (x - \mu) \odot \mathrm{inv\_std} + \beta,
-        \qquad \mathrm{inv\_std} = 1 / \sqrt{\sigma^2 + \epsilon}
-
-    With ``deterministic=False`` (training mode) ``μ`` and ``σ²`` are the batch's mean and
-    *biased* variance over axes (0, 2, 3); with ``deterministic=True`` (inference) the layer
-    uses its running ``mean`` and ``inv_std``. Running averages move as
-    ``running = (1 - alpha) running + alpha batch`` -- for ``inv_std`` the batch value is
-    ``1/sqrt(biased var + eps)`` (Lasagne's convention, kept by the canonical checkpoint).
-
-    The running averages change only in a graph built with
-    ``batch_norm_update_averages=True``: the output then depends on *clones* of the running
-    shared variables that carry the new value as their Theano ``default_update``, so the
-    function compiled from that output (the training step) writes them once per call, and
-    every other function (e.g. a training-mode forward pass for checking) leaves them alone.
-
-    Parameters
-    ----------
-    incoming : Layer or tuple
-        Input of shape (B, C, ...) -- (B, C, H, W) for a convolution's output.
-    epsilon : float
-        Added to the batch variance; :data:`crmn.naming.BN_EPS`.
-    alpha : float
-        Running-average rate; :data:`crmn.naming.BN_ALPHA`.
-    beta, gamma : initializer
-        Shift and scale, shape (C,), trainable, not weight-decayed.
-    mean, inv_std : initializer
-        Running statistics, shape (C,), state (``trainable=False``).
+    Training mode (``deterministic=False``) uses the batch's mean and *biased* variance;
+    inference its running ``mean`` and ``inv_std`` (Lasagne's convention), which move as
+    ``(1 - alpha) running + alpha batch`` only in a graph built with
+    ``batch_norm_update_averages=True``: the output then depends on clones of the running
+    variables carrying the new value as their ``default_update``, so only the function
+    compiled from it (the training step) writes them, once per call. β and γ are trainable
+    and not decayed; ``epsilon`` and ``alpha`` default to :mod:`crmn.naming`'s constants.
     """
 
     def __init__(self, incoming, epsilon=BN_EPS, alpha=BN_ALPHA,
@@ -84,16 +53,7 @@ class BatchNormLayer(Layer):
 
     def get_output_for(self, input, deterministic=False, batch_norm_update_averages=False,
                        **kwargs):
-        """(B, C, ...) -> (B, C, ...), normalised per channel.
-
-        Parameters
-        ----------
-        deterministic : bool
-            True: running statistics (inference); False: batch statistics (training).
-        batch_norm_update_averages : bool
-            With ``deterministic=False`` only: make the running averages move when the
-            function compiled from this output runs (the training step does this).
-        """
+        """(B, C, ...) -> (B, C, ...), normalised per channel (see the class)."""
         if deterministic:
             mean, inv_std = self.mean, self.inv_std
         else:
@@ -111,12 +71,9 @@ class BatchNormLayer(Layer):
         return (input - mean) * (gamma * inv_std) + beta
 
     def _with_running_updates(self, batch_mean, batch_inv_std):
-        """Attach the running-average updates to the graph of the batch statistics.
-
-        ``theano.clone`` of a shared variable shares its storage; giving the clone a
-        ``default_update`` and adding ``0 * clone`` to the output puts the update in every
-        function compiled from that output and in no other.
-        """
+        """The batch statistics with the running-average updates attached (a clone of a
+        shared variable shares its storage; ``0 * clone`` puts its update in every function
+        compiled from this output and in no other)."""
         a = self.alpha
         running_mean = theano.clone(self.mean, share_inputs=False)
         running_inv_std = theano.clone(self.inv_std, share_inputs=False)
@@ -128,12 +85,9 @@ class BatchNormLayer(Layer):
 
 
 def batch_norm(layer, **kwargs):
-    """Insert a :class:`BatchNormLayer` after ``layer``, moving its nonlinearity behind it.
-
-    The layer's bias is dropped first (BN's β replaces it, SPEC §4: convolutions have no
-    bias). Names follow the layer's: a layer named ``"s1b0.conv1"`` gets ``"s1b0.bn1"``
-    unless ``name=`` is given. Returns the last layer added.
-    """
+    """Insert a :class:`BatchNormLayer` after ``layer``, moving its nonlinearity behind it
+    and dropping its bias (docs/spec.md §4: convolutions have none); ``"s1b0.conv1"`` gets
+    ``"s1b0.bn1"`` unless ``name=`` is given. Returns the last layer added."""
     nonlinearity = getattr(layer, "nonlinearity", None)
     if nonlinearity is not None:
         layer.nonlinearity = nonlinearities.identity
@@ -150,13 +104,9 @@ def batch_norm(layer, **kwargs):
 
 
 class ShortcutALayer(Layer):
-    """He et al. (2015)'s "option A" shortcut: subsample, then zero-pad the channels.
-
-    (B, C, H, W) -> (B, num_filters, ceil(H/stride), ceil(W/stride)). The
-    ``num_filters - C`` new channels are split evenly before and after the input's (the
-    Lasagne ResNet recipe's ``PadLayer(..., [out // 4, 0, 0])``; ``modern/`` does the same).
-    No parameters.
-    """
+    """He et al. (2015)'s "option A" shortcut: subsample, then zero-pad the channels,
+    split evenly before and after the input's (as ``modern/``); no parameters.
+    (B, C, H, W) -> (B, num_filters, ceil(H/stride), ceil(W/stride))."""
 
     def __init__(self, incoming, num_filters, stride=2, **kwargs):
         super(ShortcutALayer, self).__init__(incoming, **kwargs)
@@ -209,11 +159,8 @@ class PadFeaturesLayer(Layer):
 
 
 def crmn_tap(incoming, num_units, name=None):
-    """One block output -> one LSTM input vector (paper section 3.2, SPEC §4).
-
-    (B, C, S, S) --2x2 mean pool, stride 2--> (B, C, S/2, S/2) --flatten C×H×W-->
-    (B, C·S²/4) --zero-pad at the end--> (B, num_units). Returns the last layer.
-    """
+    """One block output -> one LSTM input vector (paper section 3.2, docs/spec.md §4):
+    (B, C, S, S) -> 2x2 mean pool -> flatten -> zero-pad at the end -> (B, num_units)."""
     pooled = Pool2DLayer(incoming, pool_size=(2, 2), stride=(2, 2), ignore_border=True,
                          mode="average_inc_pad",  # no padding here, so inc = exc
                          name=None if name is None else name + ".pool")
@@ -224,16 +171,9 @@ def crmn_tap(incoming, num_units, name=None):
 class PeepholeLSTMLayer(LSTMLayer):
     r"""Lasagne's ``LSTMLayer`` computing eq. 4 as written: o = σ_o(... + w_co ⊙ c_l + b_o).
 
-    Lasagne 0.1's step applies the output gate's nonlinearity *before* adding the peephole
-    term (``outgate = σ(outgate); ...; outgate += cell * W_cell_to_outgate``), so its
-    "gate" is σ(·) + w_co ⊙ c, which is not bounded; later Lasagne (0.2) moved the addition
-    in front of the nonlinearity. This subclass keeps 0.1's constructor -- parameters,
-    names (``W_in_to_ingate`` ...), shapes and initialisation -- and replaces only the step,
-    eqs. 2-7 of the paper (section 3.2), with the input projection of all steps done in one
-    product as Lasagne's ``precompute_input`` does. No masks, forward direction only: CRMN
-    feeds fixed-length sequences of 3n taps.
-
-    Input (B, T, I) -> output (B, T, H): the hidden state after every step.
+    Lasagne 0.1 adds the output-gate peephole *after* the nonlinearity (Lasagne 0.2 moved
+    it in front). This keeps 0.1's constructor (parameters, names, initialisation) and
+    replaces the step with eqs. 2-7. No masks, forward only: (B, T, I) -> (B, T, H).
     """
 
     def __init__(self, incoming, num_units, **kwargs):

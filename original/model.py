@@ -1,26 +1,11 @@
-"""CRMN and its ResNet baseline as Lasagne 0.1 networks (paper section 3.2, SPEC §4).
+"""CRMN and its ResNet baseline as Lasagne 0.1 networks (paper section 3.2, docs/spec.md §4).
 
-One builder per paper architecture, each returning the Lasagne output layer (softmax
-probabilities, shape (B, classes), over the logits layer "fc") over an ``InputLayer`` of shape (None, 3, 32, 32):
-:func:`build_resnet`, :func:`build_crmn`, and :func:`build` for a
-:class:`crmn.config.ModelConfig`. Trainable parameters, counted by
-``lasagne.layers.count_params(out, trainable=True)`` (= ``crmn.naming.count_trainable``)::
-
-    ResNet-32x1 0.47 M   ResNet-134x1 2.12 M   ResNet-62x4 15.16 M
-    CRMN-32x1   2.16 M   CRMN-32x4   14.01 M
-
-Layer names make Lasagne's parameter names the native names :mod:`crmn.convert` expects:
-``conv0.W``, ``bn0.gamma``, ``s{stage}b{block}.conv1.W``, ``s{stage}b{block}.bn2.inv_std``,
-``lstm.W_in_to_ingate``, ``fc.W``.
-
-The LSTM is Lasagne's own ``LSTMLayer`` (eqs. 2-7 with peepholes; its output-gate peephole
-corrected to eq. 4 by :class:`original.layers.PeepholeLSTMLayer`) built with
-``unroll_scan=True``: the sequence length 3n is fixed, and the unrolled graph was measured
-faster than ``theano.scan`` on Theano-PyMC + Python 3.11, where scan runs its inner loop in
-Python (``original.compat.bridge_scan_cython``): CRMN-32x1 training step on a 2-core CPU,
-3.4 s per batch of 100 unrolled vs 3.8-5.3 s with scan (compile 98 s vs 80-204 s).
-
-Run ``python -m original.model`` to print the parameter counts of every paper row.
+:func:`build` (and :func:`build_resnet`, :func:`build_crmn`) returns the softmax output layer
+over an ``InputLayer`` (None, 3, 32, 32); its ``input_layer`` is the logits layer "fc".
+Layer names make Lasagne's parameter names the native names :mod:`crmn.convert` expects
+(``conv0.W``, ``s{stage}b{block}.bn2.inv_std``, ``lstm.W_in_to_ingate``, ``fc.W``).
+The LSTM is unrolled (its length 3n is fixed; ``theano.scan`` runs its loop in Python here).
+``python -m original.model`` prints the parameter counts of every paper row.
 """
 from __future__ import annotations
 
@@ -36,10 +21,11 @@ from crmn.config import ModelConfig
 from crmn.convert import canonical_to_lasagne
 from crmn.init import initial_state
 from crmn.naming import block_names
+from original.compat import graph_settings
 from original.layers import (PeepholeLSTMLayer, ShortcutALayer, batch_norm,
                              crmn_tap)
 
-#: He-normal with gain √2 for the ReLU convolutions (He et al. 2015, SPEC §4)
+#: He-normal with gain √2 for the ReLU convolutions (He et al. 2015, docs/spec.md §4)
 CONV_INIT = init.HeNormal(gain="relu")
 
 
@@ -98,26 +84,15 @@ def _lstm(incoming, cfg: ModelConfig, unroll_scan: bool = True):
 def build(cfg: ModelConfig, seed: int = 0, input_var=None, unroll_scan: bool = True):
     """The network of ``cfg`` as a Lasagne graph; returns the softmax output layer.
 
-    Parameters
-    ----------
-    cfg : ModelConfig
-        Depth 6n+2, width k, classes, memory on (CRMN) / off (ResNet), LSTM options.
-    seed : int
-        The initial weights are :func:`crmn.init.initial_state` of ``(cfg, seed)``, the
-        same as ``modern/``'s (:func:`load_initial_state`); the seed also seeds Lasagne's
-        global RNG (``lasagne.random.set_rng``), whose draws those values replace.
-    input_var : TensorVariable, optional
-        Symbolic images (B, 3, 32, 32) for the ``InputLayer``.
-    unroll_scan : bool
-        Unroll the LSTM's 3n steps into the graph (default, faster here) instead of
-        ``theano.scan``; the same function either way.
-
-    Returns
-    -------
-    Layer
-        ``NonlinearityLayer`` "softmax", output (B, classes); its ``input_layer`` is the
-        ``DenseLayer`` "fc" whose output is the logits.
+    The initial weights are :func:`crmn.init.initial_state` of ``(cfg, seed)``, as
+    ``modern/``'s; ``seed`` also seeds Lasagne's global RNG. ``input_var``: symbolic images
+    (B, 3, 32, 32); ``unroll_scan=False`` builds the LSTM with ``theano.scan`` instead.
     """
+    with graph_settings():
+        return _build(cfg, seed, input_var, unroll_scan)
+
+
+def _build(cfg: ModelConfig, seed: int, input_var, unroll_scan: bool):
     lasagne.random.set_rng(np.random.RandomState(seed))
     w1, w2, w3 = cfg.widths
     net = InputLayer((None, 3, 32, 32), input_var=input_var, name="input")
@@ -149,15 +124,9 @@ def build(cfg: ModelConfig, seed: int = 0, input_var=None, unroll_scan: bool = T
 
 def load_initial_state(output_layer, cfg: ModelConfig, seed: int) -> None:
     """Set every parameter and BN statistic below ``output_layer`` to
-    :func:`crmn.init.initial_state` of ``(cfg, seed)``, as ``modern/`` does (issue #14).
-
-    The Lasagne initialisers above name the distributions of SPEC §4 and draw them from
-    Lasagne's RNG (its ``Orthogonal`` through an SVD, :func:`crmn.init.orthogonal` through a
-    sign-fixed QR); these values replace theirs so that one seed gives both stacks one
-    starting point.
-    Canonical float64 arrays are mapped by :mod:`crmn.convert` (conv filters flipped, h0/c0
-    reshaped to (1, H)) and cast to each shared variable's dtype (floatX).
-    """
+    :func:`crmn.init.initial_state` of ``(cfg, seed)``, so that one seed gives both backends
+    one starting point (Lasagne's initialisers draw from its own RNG; these values replace
+    theirs, mapped by :mod:`crmn.convert` and cast to each shared variable's dtype)."""
     native = canonical_to_lasagne(cfg, initial_state(cfg, seed), with_velocity=False,
                                   where="crmn.init")
     params = native_params(output_layer)

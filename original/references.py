@@ -1,24 +1,12 @@
-"""Float64 reference outputs of the Theano stack, recorded from the pinned C backend.
+"""Float64 reference outputs of the Theano backend, recorded from the pinned C mode.
 
-Where Theano's C backend cannot run (the ``current`` environment: numpy 2, no C code), the
-JAX mode is held to these arrays instead of to a fresh C run. They are recorded in the
-pinned environment by ``scripts/make_references.py`` (:func:`record`) into
-:data:`REFERENCES`, a compressed npz well under 1 MB:
-
-* per op (:data:`OP_CASES`): the convolution over four border modes and two strides
-  (output and both gradients), the CRMN tap's average pooling and max pooling, one
-  Lasagne peephole-LSTM pass over three steps with both output gates (output and the
-  gradients of its input and every parameter), and the softmax cross-entropy head (loss,
-  accuracy and three gradients). Inputs, parameter values and outputs are all stored.
-* end to end (:data:`E2E_MODELS`): the tiny ResNet and CRMN (n=1, k=0.5, 10 classes, both
-  output gates) of :class:`original.backend.TheanoBackend` in float64: three SGD steps
-  (momentum 0.9, weight decay 1e-4, lr 0.1) from the seed's initial state, the batch losses
-  and accuracies, the final state (velocities included) and the logits of the last batch
-  in both forward modes.
-
-:func:`run_op` and :func:`run_e2e` compute the same quantities with a given mode ("c" or
-"jax") (per op from the stored inputs), so a test compares them with :func:`load`'s arrays
-(:func:`op_outputs`, :func:`e2e_outputs`, :func:`worst_difference`).
+Where the C mode cannot run (the ``current`` environment: numpy 2), the JAX mode is held to
+these arrays instead of a fresh C run. ``scripts/make_references.py`` records them
+(:func:`record`) into :data:`REFERENCES`: per op (:data:`OP_CASES`: convolutions, the
+tap's pooling, a peephole-LSTM pass, the softmax cross-entropy head; outputs and
+gradients, with their inputs) and end to end (:data:`E2E_MODELS`: three float64 SGD steps
+of tiny networks, then their state and logits). :func:`run_op` and :func:`run_e2e` compute
+the same in a given mode for :func:`check_jax` and the tests.
 """
 from __future__ import annotations
 
@@ -28,7 +16,7 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
-import original  # noqa: F401  (the bridges, before Theano and Lasagne)
+from original import compat
 import lasagne
 import theano
 import theano.tensor as T
@@ -170,17 +158,10 @@ def _compile(inputs, outputs, mode: str, device: str = "cpu"):
 
 def run_op(name: str, mode: str, refs: Dict[str, np.ndarray] = None,
            device: str = "cpu") -> List[np.ndarray]:
-    """Outputs of case ``name`` compiled in ``mode`` (on ``device``: JAX mode only);
-    inputs and parameter values from ``refs`` (a :func:`load` result) where given, else
-    generated (:func:`record`).
-
-    Raises
-    ------
-    ConfigError
-        The compiled graph lacks the ops the case exists for (a rewrite removed them, so a
-        comparison would prove nothing).
-    """
-    with theano.config.change_flags(floatX="float64"):
+    """Outputs of case ``name`` compiled in ``mode`` (on ``device``: JAX mode only),
+    inputs and parameters from ``refs`` (a :func:`load` result) where given; ConfigError
+    where the compiled graph lacks the ops the case exists for."""
+    with theano.config.change_flags(floatX="float64"), compat.graph_settings():
         inputs, outputs, values, shared, expect = OP_CASES[name]()
         if refs is not None:
             values = [refs[f"op/{name}/in/{i}"] for i in range(len(inputs))]
@@ -189,15 +170,15 @@ def run_op(name: str, mode: str, refs: Dict[str, np.ndarray] = None,
                      _randn(*var.get_value().shape, seed=100 + i))
             var.set_value(np.asarray(value, dtype="float64"))
         fn = _compile(inputs, outputs, mode, device)
-    present = op_names(fn)
-    if not any(ops <= present for ops in expect):
-        raise ConfigError(f"reference case {name}: none of the op sets {expect} is in the "
-                          f"compiled {mode} graph ({sorted(present)})")
-    return [np.asarray(out) for out in fn(*values)]
+        present = op_names(fn)
+        if not any(ops <= present for ops in expect):
+            raise ConfigError(f"reference case {name}: none of the op sets {expect} is in "
+                              f"the compiled {mode} graph ({sorted(present)})")
+        return [np.asarray(out) for out in fn(*values)]
 
 
 def _op_inputs(name: str) -> Dict[str, np.ndarray]:
-    with theano.config.change_flags(floatX="float64"):
+    with theano.config.change_flags(floatX="float64"), compat.graph_settings():
         inputs, _, values, shared, _ = OP_CASES[name]()
     out = {f"op/{name}/in/{i}": np.asarray(v) for i, v in enumerate(values)}
     out.update({f"op/{name}/param/{i}": _randn(*var.get_value().shape, seed=100 + i)
@@ -218,16 +199,11 @@ def e2e_batches() -> Tuple[np.ndarray, np.ndarray]:
 
 
 def run_e2e(name: str, mode: str, device: str = "cpu") -> Dict[str, np.ndarray]:
-    """Three float64 SGD steps of model ``name`` in ``mode`` from its initial state
-    (:mod:`crmn.init`, seed 3) on :func:`e2e_batches`. Returns ``{"final/<state name>",
-    "losses" (steps, 2): mean cross-entropy and accuracy of each batch before its step,
-    "logits/train", "logits/eval" (of the last batch, after the steps)}``.
-
-    The initial state and the batches are not stored: both are drawn by numpy's legacy
-    ``RandomState``, whose streams numpy keeps stable across releases (the orthogonal LSTM
-    weights go through a QR factorisation, which may differ in the last bit between numpy
-    builds: 6e-16 measured between the two environments).
-    """
+    """Three float64 SGD steps of model ``name`` in ``mode`` from its initial state on
+    :func:`e2e_batches`: ``{"final/<state name>", "losses" (steps, 2): mean cross-entropy
+    and accuracy before each step, "logits/train", "logits/eval" of the last batch}``. The
+    initial state and batches come from numpy's stable legacy ``RandomState`` and are not
+    stored."""
     from original.backend import TheanoBackend
 
     backend = TheanoBackend(E2E_MODELS[name], E2E_TRAIN, device=device, dtype="float64",
@@ -247,16 +223,8 @@ def run_e2e(name: str, mode: str, device: str = "cpu") -> Dict[str, np.ndarray]:
 # --- recording and loading -------------------------------------------------------------
 
 def record(path: Path = REFERENCES) -> Dict[str, np.ndarray]:
-    """Compute every reference with the C backend and write them to ``path``.
-
-    Raises
-    ------
-    ConfigError
-        This environment has no working Theano C backend (the references must come from
-        the pinned one).
-    """
-    from original import compat
-
+    """Compute every reference with the C mode and write them to ``path``
+    (ConfigError where this environment has no working C backend)."""
     ok, reason = compat.c_backend_available()
     if not ok:
         raise ConfigError(f"the references are recorded with Theano's C backend: {reason}")
@@ -284,14 +252,8 @@ def record(path: Path = REFERENCES) -> Dict[str, np.ndarray]:
 
 
 def load(path: Path = REFERENCES) -> Dict[str, np.ndarray]:
-    """The stored references as ``{key: array}``.
-
-    Raises
-    ------
-    ConfigError
-        One line when the file is missing or unreadable (regenerate it with
-        ``scripts/make_references.py`` in the pinned environment).
-    """
+    """The stored references as ``{key: array}``; one-line ConfigError where the file
+    is missing or unreadable."""
     try:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
@@ -314,13 +276,8 @@ def e2e_outputs(refs, name: str) -> Dict[str, np.ndarray]:
 
 
 def worst_difference(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray]) -> Tuple[float, str]:
-    """(largest absolute difference, its key) between two results with the same keys.
-
-    Raises
-    ------
-    ConfigError
-        The keys, shapes or dtypes differ.
-    """
+    """(largest absolute difference, its key) between two results with the same keys;
+    ConfigError where keys, shapes or dtypes differ."""
     if set(got) != set(want):
         raise ConfigError(f"results differ in their arrays: only computed "
                           f"{sorted(set(got) - set(want))}, only stored "
@@ -338,15 +295,8 @@ def worst_difference(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray]) ->
 
 def check_jax(device: str = "cpu", refs: Dict[str, np.ndarray] = None) -> List[Tuple[str, float]]:
     """The JAX mode on ``device`` against the references: ``[(case, largest absolute
-    difference)]`` for every per-op case (``op/<name>``) and end-to-end model
-    (``e2e/<name>``), in that order; a case passes at ``<= TOL``. For ``verify`` where
-    Theano's C backend is missing.
-
-    Raises
-    ------
-    ConfigError
-        The references cannot be read, or a result differs in its arrays' shapes or dtypes.
-    """
+    difference)]`` for every ``op/<name>`` and ``e2e/<name>``; a case passes at ``<= TOL``.
+    For ``verify`` where the C mode is missing."""
     refs = load() if refs is None else refs
     rows = []
     for name in OP_CASES:

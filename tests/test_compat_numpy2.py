@@ -1,6 +1,7 @@
-"""The bridges for today's Python and numpy (original/compat.py items 10-13), in whichever
-environment runs them: every test here holds in the pinned one (numpy 1.23, where most
-bridges stand aside) and in the current one (numpy 2, Python 3.12)."""
+"""The bridges for today's Python and numpy (original/compat.py), in whichever environment
+runs them: every test here holds in the pinned one (numpy 1.23, where most bridges stand
+aside) and in the current one (numpy 2, Python 3.12). Graphs are built inside
+``compat.graph_settings()``, as the archive builds them."""
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,12 @@ pytestmark = pytest.mark.current
 ROOT = Path(__file__).resolve().parents[1]
 #: Theano's Python implementations, no optimiser: runs without a C compiler, in both envs
 PY = Mode(linker="py", optimizer=None)
+
+
+@pytest.fixture(autouse=True)
+def graph_settings():
+    with compat.graph_settings():
+        yield
 
 
 def _constants(var):

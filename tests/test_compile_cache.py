@@ -1,4 +1,4 @@
-"""The compile cache (issue #23): the folder rule, the entry checks, and the JAX mode's
+"""The compile cache: the folder rule, the entry checks, and the JAX mode's
 cached step in fresh processes -- a hit, bit-identical float64 state, damaged and foreign
 entries, two writers at once.
 

@@ -1,7 +1,7 @@
-"""One seed, one initial state in both stacks (issue #14 item 5; crmn.init, SPEC §4).
+"""One seed, one initial state in both stacks (crmn.init, docs/spec.md §4).
 
 (a) the Theano and the PyTorch stack hold bit-identical canonical state right after they are
-built; (b) the distributions are those SPEC §4 names; (c) the state is a function of the
+built; (b) the distributions are those docs/spec.md §4 names; (c) the state is a function of the
 seed (and each array's stream of its own name only); (d) the first training epoch gives
 the same loss in both stacks, through the loop's API and through the ``smoke`` command.
 """
@@ -89,7 +89,7 @@ def test_standalone_builders_start_from_crmn_init():
     assert all(np.array_equal(got[k], want[k]) for k in got)
 
 
-# --- (b) the distributions of SPEC §4 ---------------------------------------------------------
+# --- (b) the distributions of docs/spec.md §4 -----------------------------------------------
 
 @pytest.fixture(scope="module")
 def large():

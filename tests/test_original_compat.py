@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import original  # noqa: F401  (installs the bridges before Lasagne is imported)
+import original  # noqa: F401  (the import bridges, before Lasagne is imported)
 from original import compat
 
 import lasagne  # noqa: E402
@@ -110,15 +110,17 @@ def test_conv2d_image_shape_keyword_renamed_without_warning():
 
 
 def test_scan_cython_import_fails_fast_and_scan_still_works():
-    start = time.perf_counter()
-    with pytest.raises(ImportError):
-        from theano.scan import scan_perform_ext  # noqa: F401
-    assert time.perf_counter() - start < 1.0
-    v = T.vector("v", dtype="float64")
-    out, _ = theano.scan(lambda a, acc: acc + a, sequences=v,
-                         outputs_info=T.constant(np.float64(0)))
-    f = theano.function([v], out)
-    np.testing.assert_allclose(f(np.arange(5.0)), np.cumsum(np.arange(5.0)))
+    with compat.graph_settings():
+        start = time.perf_counter()
+        with pytest.raises(ImportError):
+            from theano.scan import scan_perform_ext  # noqa: F401
+        assert time.perf_counter() - start < 1.0
+        v = T.vector("v", dtype="float64")
+        out, _ = theano.scan(lambda a, acc: acc + a, sequences=v,
+                             outputs_info=T.constant(np.float64(0)))
+        f = theano.function([v], out)
+        np.testing.assert_allclose(f(np.arange(5.0)), np.cumsum(np.arange(5.0)))
+    assert "theano.scan.scan_perform_ext" not in sys.modules  # put back
 
 
 def test_check_compiled_backend_passes_here():
@@ -143,9 +145,21 @@ def test_check_compiled_backend_fails_loudly(flags, cause):
 
 
 
-def test_recursion_limit_raised_for_deep_graphs():
+def test_recursion_limit_raised_for_deep_graphs_and_put_back():
     # the unrolled 32-layer CRMN's gradient fails to compile with Python's default 1000
-    assert sys.getrecursionlimit() >= compat.RECURSION_LIMIT
+    before = sys.getrecursionlimit()
+    with compat.graph_settings():
+        with compat.graph_settings():  # re-entrant: the inner exit puts nothing back
+            pass
+        assert sys.getrecursionlimit() == max(before, compat.RECURSION_LIMIT)
+    assert sys.getrecursionlimit() == before
+
+
+def test_import_bridges_are_one_ordered_list():
+    names = [bridge.__name__ for bridge in compat.IMPORT_BRIDGES]
+    assert names.index("import_theano") < names.index("bridge_downsample")
+    assert names.index("bridge_numpy_distutils") < names.index("import_theano")
+    assert names[0] == "_flag_defaults_before_theano"  # Theano reads its flags at import
 
 
 def test_a_wait_for_the_compile_lock_is_announced_with_its_holder(tmp_path, capsys,
@@ -158,9 +172,16 @@ def test_a_wait_for_the_compile_lock_is_announced_with_its_holder(tmp_path, caps
 
     import theano.link.c.cmodule as cmodule
 
-    assert getattr(cmodule.lock_ctx, "announces", False)  # Theano's own callers get it
     monkeypatch.setattr(compat, "LOCK_REPORT_EVERY", 0.5)
     monkeypatch.setattr(compat, "LOCK_QUIET_WAIT", 0.3)
+    assert not getattr(cmodule.lock_ctx, "announces", False)  # only while graphs compile
+    with compat.graph_settings():
+        assert getattr(cmodule.lock_ctx, "announces", False)  # Theano's own callers get it
+        _wait_for_a_held_lock(tmp_path, capsys, cmodule)
+    assert not getattr(cmodule.lock_ctx, "announces", False)
+
+
+def _wait_for_a_held_lock(tmp_path, capsys, cmodule):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, sys, time\n"
         f"f = open({str(tmp_path / '.lock')!r}, 'w')\n"

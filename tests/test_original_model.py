@@ -13,6 +13,7 @@ import theano.tensor as T
 from crmn import paper
 from crmn.config import ModelConfig
 from crmn.naming import BN_ALPHA, BN_EPS, count_trainable, param_specs
+from original import compat
 from original import model as omodel
 from original.backend import native_names
 from original.layers import BatchNormLayer, ShortcutALayer, crmn_tap
@@ -181,7 +182,7 @@ def test_lasagne_lstm_matches_reference(outgate, unroll):
     # k = 1/16: stage-1 width 1, so the LSTM input is 1 x 16 x 16 = 256; n = 2: 6 steps
     cfg = ModelConfig(n=2, k=0.0625, classes=10, memory=True, lstm_units=7, outgate=outgate)
     r = np.random.RandomState(4)
-    with F64:
+    with F64, compat.graph_settings():  # theano.scan's Python loop, as the backend gets it
         l_in = lasagne.layers.InputLayer((None, cfg.taps, cfg.lstm_input))
         lstm = omodel._lstm(l_in, cfg, unroll_scan=unroll)
         x = T.tensor3("x", dtype="float64")

@@ -1,4 +1,4 @@
-"""--theano-mode jax (issue #12): Theano graphs through original.jax_mode equal the C backend.
+"""--theano-mode jax: Theano graphs through original.jax_mode equal the C backend.
 
 Per op: every conversion original.jax_mode adds (or fixes), forward and gradient, against
 Theano's C backend in float64 at 1e-12, over the border modes, strides and pool modes the

@@ -1,73 +1,29 @@
 """The Theano training graph compiled through JAX (``--theano-mode jax``): one jitted
 function per graph.
 
-Theano-PyMC 1.1.2 ships a JAX linker (``theano.link.jax``, mode ``"JAX"``) whose dispatch,
-``jax_funcify``, turns each Theano ``Op`` into a JAX function. On our graphs it falls short:
+Theano-PyMC 1.1.2's own JAX linker falls short on these graphs: nine ops of the CRMN step
+have no conversion (``CorrMM`` and its gradients, pooling, softmax cross-entropy,
+``argmax``, ``Split``), two conversions call functions JAX removed, shape arithmetic
+becomes traced values, and every output is jitted separately. Laid out as Theano-PyMC's
+``theano/link/jax/``: :mod:`~original.jax_mode.dispatch` (the conversions, on a dispatcher
+of our own over Theano's), :mod:`~original.jax_mode.linker` (:class:`FusedJAXLinker`: the
+whole optimised graph, updates included, in ONE ``jax.jit`` with static shapes and donated
+buffers), and this module's public API.
 
-* nine ops of the CRMN training graph have no conversion -- the JAX mode's optimiser still
-  lowers ``conv2d`` to ``CorrMM`` and its two gradients, and Lasagne's tap pooling, the
-  softmax cross-entropy, ``argmax`` and the LSTM gates' ``Split`` have none either;
-* two conversions call functions that JAX has since removed: variadic ``Mul`` (``jnp.product``)
-  and ``IncSubtensor`` (``jax.ops.index_update`` / ``index_add``);
-* shape arithmetic (``Shape_i`` -> ``MakeVector`` -> ``Reshape``) becomes traced values, so
-  reshapes and convolution gradients meet non-static shapes;
-* the stock linker jits every output separately and re-traces shared subgraphs per consumer.
+Importing changes nothing in the process. :func:`configure`, called before JAX starts by
+every function here that starts it, sets (never over the user's own settings):
 
-This package follows Theano-PyMC's own layout (``theano/link/jax/``), dispatch apart from
-linker:
+* ``jax_enable_x64`` -- Theano's labels, shapes and float64 graphs are 64-bit; every value
+  is still cast to its Theano dtype, so float32 graphs stay float32;
+* :data:`XLA_CPU_FLAG` in ``XLA_FLAGS`` -- XLA:CPU's oneDNN rewrite of float32 products is
+  slower here than XLA's own kernels (the option's name depends on the jaxlib release;
+  XLA reads it once, when its first backend starts);
+* :data:`XLA_CLIENT_ENV` -- no preallocation of 75 % of a GPU that torch shares in the same
+  process (``verify``, ``gpucheck``).
 
-* :mod:`original.jax_mode.dispatch` -- the conversions, one ``@jax_funcify.register(Op)``
-  per op, on a dispatcher of our own that falls back to Theano's stock one (Theano's
-  registry is not changed);
-* :mod:`original.jax_mode.linker` -- the graph walker and :class:`FusedJAXLinker`, which
-  traces the whole optimised graph (outputs and shared-variable updates) into ONE
-  ``jax.jit`` with static shapes and donated update buffers;
-* this module -- the public API: :func:`configure`, :func:`jax_device`, :func:`jax_mode`,
-  :func:`function` (the drop-in for ``theano.function``), :func:`get_value` /
-  :func:`set_value`, :func:`describe`, :func:`linker_call`.
-
-Process-wide settings
----------------------
-Importing this package changes nothing outside it: not ``XLA_FLAGS``, not
-``jax_enable_x64``, not Theano's stock conversions. What the mode needs from the process is
-applied by :func:`configure`, which :class:`original.backend.TheanoBackend` calls when it
-builds a JAX-mode stack, and which every function here that starts JAX (:func:`jax_device`,
-:func:`jax_mode`, :func:`function`, :func:`set_value` with a device, :func:`describe`) calls
-first. It sets:
-
-* ``jax_enable_x64 = True`` -- Theano's labels, shape values and float64 graphs are 64-bit;
-  without it JAX silently narrows them to 32 bits (a float64 CRMN step drifted by 4.6e-7
-  from the C backend that way, instead of 4e-16). Every value is still cast to the dtype
-  its Theano variable declares, so float32 graphs stay float32.
-* ``--xla_cpu_use_mkl_dnn=false`` appended to ``XLA_FLAGS`` (:data:`XLA_CPU_FLAG`; the
-  option is ``xla_cpu_use_onednn`` in jaxlib 0.11, see :func:`xla_cpu_option`) --
-  XLA:CPU rewrites float32 matrix products to oneDNN calls by default; on the CRMN step
-  (n=1, k=1, batch 100, 2-core CPU) that made the step 0.59 s instead of 0.39 s with XLA's
-  own kernels. GPUs do not read it. XLA reads its flags once, when JAX starts its first
-  backend: :func:`configure` adds the flag only while no backend has started (later it
-  would have no effect) and only if ``XLA_FLAGS`` does not set the option already (the
-  user's setting wins).
-* ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (:data:`XLA_CLIENT_ENV`) -- on a GPU, JAX's client
-  takes 75 % of the device's memory when its backend starts, which would leave the torch
-  stack in the same process (``verify``, ``gpucheck``: torch and Theano-JAX one after the
-  other on one GPU) a quarter of it; without preallocation JAX grows its pool as its
-  buffers need (torch hands its cached blocks back between ``gpucheck``'s checks). Read
-  once, when the backend starts: set only while no backend has started, and not at all
-  where you set any ``XLA_PYTHON_CLIENT_*`` memory option yourself (``..._PREALLOCATE``,
-  ``..._MEM_FRACTION``, ``..._ALLOCATOR``, or ``XLA_CLIENT_MEM_FRACTION``: yours win). CPUs
-  do not read it.
-
-:func:`configure` is idempotent: a second call changes nothing.
-
-Shared variables (parameters, velocities, BN statistics, the learning rate) live in their
-Theano containers as JAX device arrays between calls. Read and write them with
-:func:`get_value` / :func:`set_value`, which use that same container, so the Theano shared
-variable and the device copy are one storage cell and cannot disagree. (A C-mode function
-cannot read a device array: to hand a variable back to one, ``set_value(v, get_value(v))``.)
-
-Precision: float32 matrix products and convolutions run at full float32 precision
-(``jax.default_matmul_precision("float32")`` -> XLA ``HIGHEST``) unless ``allow_tf32=True``
-(``"tensorfloat32"`` -> ``HIGH``).
+Shared variables live in their Theano containers as JAX device arrays between calls; read
+and write them with :func:`get_value` / :func:`set_value`. float32 products run at full
+precision (XLA ``HIGHEST``) unless ``allow_tf32=True``.
 """
 from __future__ import annotations
 
@@ -82,6 +38,7 @@ import theano
 from theano.compile.mode import Mode, get_mode
 
 from crmn.errors import ConfigError
+from original import compat
 # conversion modules: importing one registers its conversions on dispatch.jax_funcify
 from original.jax_mode import conv, dispatch  # noqa: F401
 from original.jax_mode.graph import convert_graph, evaluate
@@ -116,37 +73,19 @@ XLA_CPU_FLAG = f"--{XLA_CPU_OPTION}=false" if XLA_CPU_OPTION else None
 #: the JAX client's memory settings :func:`configure` applies (on a GPU: no preallocation)
 XLA_CLIENT_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 #: the user's own memory options of JAX's client: any of them set leaves all to the user
-#: (jaxlib reads them when the GPU backend starts; 0.11 also spells the fraction
-#: XLA_CLIENT_MEM_FRACTION)
 XLA_CLIENT_OPTIONS = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION",
                       "XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR")
 
 
-def _backends_started() -> bool:
-    """Whether JAX has started a backend (after which XLA_FLAGS is no longer read)."""
-    from jax._src import xla_bridge
-
-    started = getattr(xla_bridge, "backends_are_initialized", None)
-    return bool(started()) if started is not None else bool(xla_bridge._backends)
-
-
 def configure() -> Dict[str, str]:
-    """Apply the process-wide settings the JAX mode needs (see the module docstring).
-
-    Returns
-    -------
-    dict
-        What this call changed, ``{setting: new value}``; empty when everything was in
-        place already (a second call), so calling it again is harmless.
-    """
+    """Apply the process-wide settings the JAX mode needs (see the module docstring);
+    returns what this call changed, ``{setting: new value}`` (empty on a second call)."""
     changed = {}
     flags = os.environ.get("XLA_FLAGS", "")
-    started = _backends_started()
-    if XLA_CPU_FLAG and not any(name in flags for name in _XLA_CPU_SPELLINGS) \
-            and not started:
+    if XLA_CPU_FLAG and not any(name in flags for name in _XLA_CPU_SPELLINGS):
         os.environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_FLAG}".strip()
         changed["XLA_FLAGS"] = os.environ["XLA_FLAGS"]
-    if not started and not any(name in os.environ for name in XLA_CLIENT_OPTIONS):
+    if not any(name in os.environ for name in XLA_CLIENT_OPTIONS):
         os.environ.update(XLA_CLIENT_ENV)
         changed.update(XLA_CLIENT_ENV)
     if not jax.config.jax_enable_x64:
@@ -157,14 +96,8 @@ def configure() -> Dict[str, str]:
 
 def jax_device(device: str):
     """The JAX device for ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (applies :func:`configure`
-    first: asking JAX for its devices starts its backends).
-
-    Raises
-    ------
-    ConfigError
-        One line where jax has no CUDA backend (a CPU-only jaxlib or no NVIDIA GPU), or the
-        device is not one of the above.
-    """
+    first: asking JAX for devices starts its backends); one-line ConfigError where jax has
+    no CUDA backend or the device is unknown."""
     configure()
     if device == "cpu":
         return jax.devices("cpu")[0]
@@ -200,25 +133,16 @@ def jax_mode(device="cpu", allow_tf32: bool = False) -> Mode:
 
 def function(inputs, outputs=None, updates=None, name=None, device="cpu",
              allow_tf32: bool = False, **kwargs):
-    """``theano.function`` compiled into one jitted JAX function (same call semantics:
-    numpy in, numpy out, shared variables updated after each call).
-
-    Shared variables stay device arrays in their containers between calls; the buffers of
-    updated ones are donated to the call. ``kwargs`` go to ``theano.function``.
-    """
-    return theano.function(inputs, outputs, updates=updates, name=name,
-                           mode=jax_mode(device, allow_tf32), **kwargs)
+    """``theano.function`` compiled into one jitted JAX function (numpy in, numpy out,
+    shared variables updated after each call, kept on the device, their buffers donated)."""
+    with compat.graph_settings():
+        return theano.function(inputs, outputs, updates=updates, name=name,
+                               mode=jax_mode(device, allow_tf32), **kwargs)
 
 
 def linker_call(fn) -> _Call:
-    """The call object behind a function made by :func:`function`: its compile seconds,
-    precision, device, ``host_outputs`` switch and ``lower()``.
-
-    Raises
-    ------
-    TypeError
-        ``fn`` was not compiled by :func:`function` (a programming error).
-    """
+    """The call object behind a function made by :func:`function` (compile seconds,
+    precision, ``host_outputs``, ``lower()``); TypeError for any other function."""
     from original.jax_mode.cache import CachedFunction
 
     if isinstance(fn, CachedFunction):  # the Theano function of its miss path

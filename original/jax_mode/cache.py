@@ -1,32 +1,22 @@
-"""The JAX mode's compile cache (issue #23): a graph compiled once per machine.
+"""The JAX mode's compile cache: a graph compiled once per machine.
 
-Where the time goes before a JAX-mode training step (``t1-crmn32x4``, 2-core CPU, see
-REPRODUCING.md): building the Lasagne graph and its gradient (a few seconds), Theano's
-graph optimisation inside ``theano.function`` (a quarter of the compile), tracing and
-lowering to StableHLO (seconds) and XLA's compilation (most of the rest). A cache hit skips
-the optimisation, the tracing and XLA's compilation:
+A hit skips Theano's graph optimisation, the tracing and XLA's compilation:
 
-* the key (:func:`graph_text`, :meth:`CachedFunction._key`) is a sha256 of a canonical text
-  of the *unoptimised* graph (inputs, outputs and updates; shared variables by their
-  position in the graph, with their name, type and shape, never their values or ids), of
-  the input shapes of the call, and of every setting that changes what is compiled: the
-  stack's settings, precision, device kind, the Theano flags read by the optimiser,
-  ``XLA_FLAGS``, the versions of Python, numpy, theano-pymc, Lasagne, jax and jaxlib, and
-  a hash of this mode's own source files;
-* the entry (:class:`crmn.compile_cache.CompileCache`, kind ``jax``) is the step lowered
-  by ``jax.export`` -- its StableHLO module (MLIR bytecode: data) as the payload, and as
-  the header the rest of the ``Exported`` record in JSON plus the layout: which argument
-  is which explicit input or shared variable, which result is an output or which shared
-  variable's update;
-* XLA's compilation of that module is cached by JAX's own persistent compilation cache,
-  pointed at ``<cache>/xla`` (:func:`use_xla_cache`) with its size and time thresholds at
-  zero, so every step is kept.
+* the key is a sha256 of a canonical text of the *unoptimised* graph (:func:`graph_text`:
+  shared variables by position, name, type and shape, never values or ids), of the call's
+  input shapes, and of everything else that changes the module (:func:`settings_text`:
+  backend settings, precision, device kind, Theano flags, ``XLA_FLAGS``, library versions,
+  the hash of this mode's sources);
+* the entry (:class:`crmn.compile_cache.CompileCache`, kind ``jax``) holds the step as
+  ``jax.export`` serializes it (``Exported.serialize()``, read back with
+  ``jax.export.deserialize``), its header the layout: which argument is which input or
+  shared variable, which result an output or which shared variable's update;
+* XLA's compilation is kept by JAX's persistent compilation cache in ``<cache>/xla``
+  (:func:`use_xla_cache`).
 
-A miss builds the Theano function as before (optimisation, :class:`FusedJAXLinker`),
-exports its jitted walk, stores the entry, and then runs the module read back from the
-stored bytes, exactly as a hit does: cached and uncached processes run one computation.
-``--no-compile-cache`` runs the Theano function's own ``jax.jit`` (the same StableHLO, see
-``tests/test_compile_cache.py`` for the bit-identical state).
+A miss builds the Theano function, exports its jitted walk, stores the entry and runs the
+module read back from the stored bytes, as a hit does: cached and uncached processes run
+one computation.
 """
 from __future__ import annotations
 
@@ -34,10 +24,8 @@ import dataclasses
 import functools
 import hashlib
 import json
-import logging
 import os
 import platform
-import sys
 import time
 import types
 from importlib import metadata
@@ -47,6 +35,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 import jax
+import jax.export
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
 import theano
 from theano.compile.sharedvalue import SharedVariable
@@ -54,6 +44,7 @@ from theano.graph.basic import Constant
 
 from crmn import compile_cache
 from crmn.compile_cache import HIT, MISS
+from original import compat
 
 #: the entries' kind (sub-folder of the cache)
 KIND = "jax"
@@ -74,40 +65,12 @@ class Uncacheable(Exception):
     """This graph or export cannot be cached faithfully (the function runs uncached)."""
 
 
-def _export_module():
-    """``jax.export``. Its jax 0.4.30 release imports ``absl.logging`` for two debug log
-    calls, and the pinned environment has no absl: a stand-in (Python's logging) is in
-    ``sys.modules`` for that import only, then removed."""
-    if "jax.export" in sys.modules:
-        return sys.modules["jax.export"]
-    try:
-        import jax.export as export
-        return export
-    except ModuleNotFoundError as exc:
-        if exc.name != "absl":
-            raise
-    log = logging.getLogger("jax.export")
-    absl = types.ModuleType("absl")
-    absl.logging = types.ModuleType("absl.logging")
-    absl.logging.vlog_is_on = lambda level: False
-    absl.logging.info = log.info
-    sys.modules.update({"absl": absl, "absl.logging": absl.logging})
-    try:
-        import jax.export as export
-    finally:
-        del sys.modules["absl"], sys.modules["absl.logging"]
-    return export
-
-
 def use_xla_cache(root: Path) -> None:
     """Point JAX's persistent compilation cache at ``root/xla`` for this process, keeping
     every entry (JAX's defaults skip compilations under a second and small entries)."""
-    from jax._src import compilation_cache as jax_cc
-
     path = str(root / "xla")
     if jax.config.jax_compilation_cache_dir != path:
-        if jax_cc.is_initialized():  # it reads the folder once: start it again
-            jax_cc.reset_cache()
+        jax_compilation_cache.reset_cache()  # JAX reads the folder once: start it again
         jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -149,14 +112,10 @@ def _canon(obj, depth: int = 0) -> str:
 
 def graph_text(inputs: Sequence, outputs: Sequence, updates: Sequence[Tuple]
                ) -> Tuple[str, List]:
-    """(canonical text of the unoptimised graph, its shared variables in graph order).
-
-    ``updates``: ``(shared variable, new value)`` pairs. Variables are numbered as a
-    depth-first walk from the outputs, then the update values, first meets them; an
-    explicit input is named by its position in ``inputs``, a shared variable by its
-    position among the graph's shared variables (with its name, type and value's shape and
-    dtype), a constant by its type and a hash of its data.
-    """
+    """(canonical text of the unoptimised graph, its shared variables in graph order):
+    variables numbered in depth-first order from the outputs, then the updates (``(shared,
+    new value)`` pairs); inputs by position, shared variables by position with name, type,
+    shape and dtype, constants by type and a hash of their data."""
     number: Dict[int, int] = {}
     shared: List = []
     lines: List[str] = []
@@ -225,81 +184,6 @@ def settings_text(device, precision: str, context: Dict) -> str:
                        "sources": _SOURCE_HASH}, sort_keys=True)
 
 
-# --- an Exported record as JSON + bytes ----------------------------------------------------
-
-def _avals(avals) -> List:
-    return [[list(a.shape), str(a.dtype)] for a in avals]
-
-
-def _to_header(exp) -> Dict:
-    """The fields of ``exp`` (a ``jax.export.Exported``) as JSON, without the module bytes;
-    Uncacheable where a field holds something this format does not keep faithfully."""
-    out = {}
-    for field in dataclasses.fields(exp):
-        name, value = field.name, getattr(exp, field.name)
-        if name == "mlir_module_serialized":
-            continue
-        if name in ("in_tree", "out_tree"):
-            out[name] = str(value)
-        elif name in ("in_avals", "out_avals"):
-            out[name] = _avals(value)
-        elif name.endswith("shardings") or name.endswith("shardings_hlo"):
-            if any(v is not None for v in value):
-                raise Uncacheable(f"{name} holds shardings")
-            out[name] = len(value)
-        elif name in ("ordered_effects", "unordered_effects", "disabled_safety_checks"):
-            if len(value):
-                raise Uncacheable(f"{name} is not empty")
-            out[name] = []
-        elif name == "_get_vjp":
-            out[name] = None
-        elif isinstance(value, (bool, int, str)) or value is None:
-            out[name] = value
-        elif isinstance(value, (tuple, list)) and all(isinstance(v, (int, str)) for v in value):
-            out[name] = list(value)
-        else:
-            raise Uncacheable(f"field {name} of type {type(value).__name__}")
-    return out
-
-
-def _trees(n_in: int, n_out: int):
-    """The argument and result structures of the linker's walk: ``run(*args) -> list``."""
-    return (jax.tree_util.tree_structure(((0,) * n_in, {})),
-            jax.tree_util.tree_structure([0] * n_out))
-
-
-def _from_header(fields: Dict, payload: bytes):
-    """An ``Exported`` from :func:`_to_header`'s JSON and the module bytes; KeyError /
-    ValueError / TypeError where the header does not fit this jax's record."""
-    export = _export_module()
-    from jax._src import core
-
-    in_tree, out_tree = _trees(len(fields["in_avals"]), len(fields["out_avals"]))
-    if str(in_tree) != fields["in_tree"] or str(out_tree) != fields["out_tree"]:
-        raise ValueError("argument or result structure")
-    kwargs = {}
-    for field in dataclasses.fields(export.Exported):
-        name = field.name
-        if name == "mlir_module_serialized":
-            kwargs[name] = bytes(payload)
-        elif name == "in_tree":
-            kwargs[name] = in_tree
-        elif name == "out_tree":
-            kwargs[name] = out_tree
-        elif name in ("in_avals", "out_avals"):
-            kwargs[name] = tuple(core.ShapedArray(tuple(shape), np.dtype(dtype))
-                                 for shape, dtype in fields[name])
-        elif name.endswith("shardings") or name.endswith("shardings_hlo"):
-            kwargs[name] = (None,) * int(fields[name])
-        elif name in ("ordered_effects", "unordered_effects", "disabled_safety_checks"):
-            kwargs[name] = ()
-        elif isinstance(fields[name], list):
-            kwargs[name] = tuple(fields[name])
-        else:
-            kwargs[name] = fields[name]
-    return export.Exported(**kwargs)
-
-
 # --- the cached function ---------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -314,23 +198,10 @@ class _Runner:
 
 class CachedFunction:
     """A drop-in for the JAX mode's ``theano.function(inputs, outputs, updates=...)`` that
-    looks its compiled step up in the cache at its first call with each input signature
-    (see the module docstring).
-
-    Parameters
-    ----------
-    inputs, outputs, updates, name
-        As ``theano.function``; ``updates`` a list of ``(shared, new value)`` pairs.
-    cache : crmn.compile_cache.CompileCache
-    build : callable
-        ``build() -> theano function`` compiled by :func:`original.jax_mode.function`
-        (the miss path; called at most once).
-    device : jax.Device
-    precision : str
-        ``jax.default_matmul_precision`` of the lowering (part of the key).
-    context : dict
-        The stack's settings for the key (network, batch, dtype, mode).
-    """
+    looks its compiled step up in the cache at its first call with each input signature.
+    ``build() -> theano function`` is the miss path (called at most once); ``precision``
+    is the lowering's ``jax.default_matmul_precision``; ``context`` the backend's settings
+    for the key."""
 
     def __init__(self, inputs, outputs, updates, name: str, cache, build, device,
                  precision: str, context: Dict):
@@ -400,16 +271,14 @@ class CachedFunction:
                 results.append(("update", by_id[id(var)]))
             else:
                 results.append(("output", k))
-        # shapes and dtypes only: an argument placed on a device would give the module a
-        # sharding, which the entry does not keep
+        # shapes and dtypes only: the entry must not depend on where the arguments live
         specs = [jax.ShapeDtypeStruct(np.shape(v), v.dtype) for v in
                  self._arguments(args, values)]
         with jax.default_matmul_precision(self.precision):
-            exp = _export_module().export(call._jitted, platforms=[self.device.platform])(
-                *specs)
-        header = {"exported": _to_header(exp), "layout": {"args": args, "results": results},
-                  "name": self.name, "theano": theano.__version__, "jax": jax.__version__}
-        return header, bytes(exp.mlir_module_serialized)
+            exp = jax.export.export(call._jitted, platforms=[self.device.platform])(*specs)
+        header = {"layout": {"args": args, "results": results}, "name": self.name,
+                  "theano": theano.__version__, "jax": jax.__version__}
+        return header, bytes(exp.serialize())
 
     def _prepare(self, values) -> _Runner:
         key = self._key(values)
@@ -418,7 +287,7 @@ class CachedFunction:
         if entry is not None:
             try:
                 runner = self._runner(*entry)
-            except (KeyError, ValueError, TypeError) as exc:
+            except Exception as exc:  # whatever jax raises on bytes it cannot read
                 compile_cache.warn(f"{self.cache.path(KIND, key)}: does not fit this jax "
                                    f"({type(exc).__name__}: {exc}); compiling afresh")
                 entry = None
@@ -431,7 +300,7 @@ class CachedFunction:
         return runner
 
     def _runner(self, header: Dict, payload: bytes) -> _Runner:
-        exp = _from_header(header["exported"], payload)
+        exp = jax.export.deserialize(bytearray(payload))
         layout = header["layout"]
         args = [tuple(a) for a in layout["args"]]
         results = [tuple(r) for r in layout["results"]]
@@ -470,7 +339,8 @@ class CachedFunction:
         if runner is None:
             start = time.perf_counter()
             try:
-                runner = self._prepare(values)
+                with compat.graph_settings():
+                    runner = self._prepare(values)
             except Uncacheable as exc:  # the graph runs, just not from the cache
                 compile_cache.warn(f"{self.name}: cannot cache this graph ({exc}); "
                                    f"compiling it uncached")

@@ -1,16 +1,10 @@
 """Conversions of Theano's abstract 2-d convolution and its two gradients.
 
-With a C compiler, Theano's optimiser lowers ``AbstractConv2d`` and its gradients to the
-BLAS-backed ``CorrMM`` ops (:mod:`original.jax_mode.dispatch` converts those). Without one
-(``cxx=``, as in the ``current`` environment, whose numpy 2 Theano's C code cannot use) it
-would lower them to the legacy ``ConvOp`` or stop with ``AbstractConvCheck``;
-:func:`original.jax_mode.jax_mode` excludes both rewrites, so the abstract ops reach the
-linker and are converted here. Where ``CorrMM`` is available the graph is as before: the
-``CorrMM`` rewrites run first.
-
-``conv2d`` is a true convolution when ``filter_flip`` (Lasagne's default): the kernel is
-flipped and correlated. Both gradients are the transposes of that linear map (in the kernel,
-in the image), evaluated at the upstream gradient, as for ``CorrMM``.
+Without a C compiler (the ``current`` environment) Theano would lower ``AbstractConv2d`` to
+the legacy ``ConvOp`` or refuse it; :func:`original.jax_mode.jax_mode` excludes those
+rewrites (:data:`EXCLUDED_REWRITES`) so the abstract ops reach the linker and are
+converted here (with a compiler the ``CorrMM`` rewrites run first, as before). Gradients
+are the transposes of the linear convolution, as for ``CorrMM``.
 """
 from __future__ import annotations
 

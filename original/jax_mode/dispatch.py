@@ -1,31 +1,13 @@
 """Op conversions of the JAX mode: one ``@jax_funcify.register(Op)`` per Theano op.
 
-Laid out as Theano-PyMC's own ``theano/link/jax/jax_dispatch.py``: each conversion takes an
-``Op`` and returns a JAX function of the op's inputs (a tuple for several outputs). The
-difference is *where* they are registered. :func:`jax_funcify` here is a dispatcher of our
-own (``functools.singledispatch``) whose fallback is Theano's stock ``jax_funcify``, so
-
-* an op we convert (or re-convert) resolves to our function, in our linker only;
-* every other op resolves to Theano's stock conversion;
-* Theano's stock registry is left as it is: importing this module changes no other JAX code
-  of the process (Theano's own ``JAXLinker`` keeps its conversions).
-
-Stock conversions that convert *inner* ops call the stock dispatcher again; the two of them
-the CRMN graphs reach are re-registered here so that their inner ops come back to ours:
-``Elemwise`` (its scalar op) and ``Composite`` (its fused scalar graph). ``Scan`` is left to
-the stock conversion and its inner graph to the stock conversions (the CRMN LSTM is
-unrolled, so no ``Scan`` reaches this mode).
-
-Conversions added (the stock dispatch has none): ``CorrMM`` and its two gradients, ``Pool``
-and ``AveragePoolGrad``, the two softmax cross-entropy ops, ``Argmax``, ``Split``.
-Conversions replaced: ``Add`` and ``Mul`` (the stock ``Mul`` calls ``jnp.product``, gone
-from JAX; ``Add`` sums left to right as Theano's C loop does), ``IncSubtensor`` and the
-advanced forms (the stock ones call the removed ``jax.ops.index_update`` / ``index_add``),
-``CAReduceDtype`` (accumulates in ``acc_dtype`` as Theano's C code does), ``Composite``.
-
-A conversion that meets an option it does not support raises :class:`Unsupported`, a
-:class:`crmn.errors.ConfigError`; the linker turns it into one line naming the op and the
-Lasagne layer it came from.
+Laid out as Theano-PyMC's ``theano/link/jax/jax_dispatch.py``, but :func:`jax_funcify` is a
+dispatcher of our own whose fallback is Theano's stock one: Theano's registry stays as it
+is, so no other JAX code of the process changes. ``Elemwise`` and ``Composite`` are
+re-registered so that their inner ops come back here. Added: ``CorrMM`` and its gradients,
+``Pool``, ``AveragePoolGrad``, the softmax cross-entropy ops, ``Argmax``, ``Split``.
+Replaced: ``Add``, ``Mul``, the ``IncSubtensor`` forms (stock ones call functions JAX
+removed), ``CAReduceDtype`` (accumulates in ``acc_dtype``, as Theano's C code). An
+unsupported option raises :class:`Unsupported`.
 """
 from __future__ import annotations
 
@@ -51,12 +33,8 @@ from original.jax_mode.graph import Unsupported, convert_graph, evaluate
 
 
 def _import_stock_dispatch():
-    """Theano's stock dispatch module, imported without its side effect on JAX.
-
-    Importing ``theano.link.jax.jax_dispatch`` sets ``jax_enable_x64`` from Theano's
-    ``floatX`` (off for the archive's float32); the previous value is put back, so that
-    importing this package leaves the process's JAX settings as they were.
-    """
+    """Theano's stock dispatch module; importing it sets ``jax_enable_x64`` from Theano's
+    ``floatX``, so the previous value is put back."""
     before = jax.config.jax_enable_x64
     from theano.link.jax import jax_dispatch
 
@@ -70,15 +48,8 @@ convert_indices = _stock.convert_indices
 
 @functools.singledispatch
 def jax_funcify(op):
-    """The JAX function of ``op``: our conversion where one is registered here, else
-    Theano's stock one.
-
-    Raises
-    ------
-    Unsupported
-        Neither has a conversion for ``op`` (the stock dispatcher's ``NotImplementedError``,
-        or a stock conversion that cannot read the op's description).
-    """
+    """The JAX function of ``op``: ours where registered here, else Theano's stock one;
+    :class:`Unsupported` where neither converts it."""
     try:
         return _stock.jax_funcify(op)
     except (NotImplementedError, AttributeError, TypeError) as err:
@@ -130,12 +101,8 @@ def jax_funcify_Mul(op):
 
 
 def _inc_subtensor(op, indices_of):
-    """``x[idx] = y`` or ``x[idx] += y`` through ``x.at[idx]`` (replaces the removed
-    ``jax.ops.index_update`` / ``index_add``); ``indices_of(ilist)`` builds ``idx``.
-
-    ``x`` may be a graph constant, which the linker hands over as numpy (numpy has no
-    ``.at``): it becomes a JAX array of its own dtype first.
-    """
+    """``x[idx] = y`` or ``x[idx] += y`` through ``x.at[idx]`` (``x`` may be a numpy
+    constant of the graph); ``indices_of(ilist)`` builds ``idx``."""
     setting = getattr(op, "set_instead_of_inc", False)
 
     def incsubtensor(x, y, *ilist):
@@ -169,11 +136,8 @@ def jax_funcify_AdvancedIncSubtensor(op):
 
 @jax_funcify.register(CAReduceDtype)
 def jax_funcify_CAReduceDtype(op):
-    """``Sum`` / ``Prod`` accumulated in ``op.acc_dtype`` and cast to ``op.dtype``.
-
-    Theano's C code sums float32 in a float64 accumulator; the stock conversion sums in the
-    input's dtype. Only the accumulator changes, so float32 graphs keep float32 values.
-    """
+    """``Sum`` / ``Prod`` accumulated in ``op.acc_dtype`` (float64 for float32, as Theano's
+    C code; the stock conversion uses the input's dtype), cast to ``op.dtype``."""
     reducer = {Add: jnp.sum, Mul: jnp.prod}.get(type(op.scalar_op))
     if reducer is None:
         raise Unsupported(f"no JAX conversion for the reduction {op}")
@@ -228,11 +192,8 @@ def jax_funcify_CorrMM(op):
 
 @jax_funcify.register(CorrMM_gradWeights)
 def jax_funcify_CorrMM_gradWeights(op):
-    """d(loss)/d(kernel) as the transpose of the correlation, linear in the kernel.
-
-    The kernel's spatial size is the op's ``shape`` input where given (always with stride
-    > 1 or "half" borders, which make it ambiguous), else inferred as Theano infers it.
-    """
+    """d(loss)/d(kernel): the transpose of the correlation, linear in the kernel; its
+    spatial size from the op's ``shape`` input where given, else inferred as Theano does."""
     _check_corr(op)
 
     def kernel_size(img_hw, top_hw, shape):
@@ -260,11 +221,8 @@ def jax_funcify_CorrMM_gradWeights(op):
 
 @jax_funcify.register(CorrMM_gradInputs)
 def jax_funcify_CorrMM_gradInputs(op):
-    """d(loss)/d(image) as the transpose of the correlation, linear in the image.
-
-    The image's spatial size is the op's ``shape`` input where given (stride > 1 drops rows
-    the forward pass never read, so only the op knows it), else inferred as Theano does.
-    """
+    """d(loss)/d(image): the transpose of the correlation, linear in the image; its spatial
+    size from the op's ``shape`` input where given (a stride drops rows), else inferred."""
     _check_corr(op)
 
     def corrmm_gradinputs(kern, topgrad, *shape):
@@ -285,14 +243,10 @@ def jax_funcify_CorrMM_gradInputs(op):
 # --- pooling ---------------------------------------------------------------------------
 
 def _pool_geometry(shape, ws, stride, pad, ignore_border, mode):
-    """Static window geometry of ``Pool`` over the last ``len(ws)`` axes of ``shape``.
-
-    Returns (reduce_window padding per axis, element counts per window or None): the output
-    size is ``Pool.out_shape``'s; windows that run past the padded image (ignore_border=False)
-    get extra padding at the end, and the averaging counts follow ``Pool.perform``:
-    inclusive of the zero padding for "average_inc_pad", exclusive for "average_exc_pad",
-    and clipped at the padded image's end in both.
-    """
+    """(window, strides, padding, element counts) of ``Pool`` over the last ``len(ws)``
+    axes: ``Pool.out_shape``'s output size, extra end padding for windows past the image
+    (ignore_border=False), counts as ``Pool.perform`` averages (with or without the
+    padding, clipped at the padded image's end)."""
     nd = len(ws)
     out = Pool.out_shape(shape, ws, ignore_border, stride, pad, nd)[-nd:]
     lead = len(shape) - nd
@@ -368,11 +322,8 @@ def jax_funcify_AveragePoolGrad(op):
 
 @jax_funcify.register(CrossentropySoftmaxArgmax1HotWithBias)
 def jax_funcify_CrossentropySoftmaxArgmax1HotWithBias(op):
-    """(x (B, K), b (K,), y (B,)) -> (nll (B,), softmax (B, K), argmax (B,)).
-
-    Same arithmetic as the op's ``perform``: row max m, ``sm = exp(z - m) * (1 / Σ)``,
-    ``nll = -z[y] + m + log Σ`` with ``z = x + b``.
-    """
+    """(x (B, K), b (K,), y (B,)) -> (nll, softmax, argmax), with the arithmetic of the
+    op's ``perform`` (row max m, ``sm = exp(z - m) / Σ``, ``nll = -z[y] + m + log Σ``)."""
     def crossentropy_softmax_argmax(x, b, y_idx):
         z = x + b  # (B, K)
         am = jnp.argmax(z, axis=1)  # (B,)

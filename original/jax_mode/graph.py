@@ -1,10 +1,6 @@
-"""The JAX mode's graph walker: a Theano ``FunctionGraph`` evaluated node by node with each
-node's JAX conversion, once per node, in topological order.
-
-Used by the linker (:mod:`original.jax_mode.linker`, the whole graph of a function) and by
-the conversion of fused elementwise subgraphs (``Composite`` in
-:mod:`original.jax_mode.dispatch`); it imports neither, the dispatcher is passed in.
-:class:`Unsupported` is the one fault kind of the mode's conversions.
+"""The JAX mode's graph walker: a Theano ``FunctionGraph`` evaluated node by node with
+each node's conversion (passed in), once per node, in topological order; used by the
+linker and by ``Composite``'s conversion. :class:`Unsupported` is the mode's one fault.
 """
 from __future__ import annotations
 

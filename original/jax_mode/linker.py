@@ -1,17 +1,10 @@
 """The JAX mode's linker: a whole Theano graph traced once into one ``jax.jit``.
 
-Laid out as Theano-PyMC's ``theano/link/jax/jax_linker.py`` apart from its dispatch. The
-stock ``JAXLinker`` asks the stock dispatcher for each output's subgraph and jits every
-output separately (shared subgraphs re-traced per consumer); :class:`FusedJAXLinker` asks
-:func:`original.jax_mode.dispatch.jax_funcify` (ours) for every node, walks the optimised
-``FunctionGraph`` -- outputs *and* shared-variable updates -- once in topological order
-(:func:`original.jax_mode.graph.evaluate`), and jits that walk as one function. Integer values computable from
-static shapes are evaluated with numpy at trace time, so every shape is static; the buffers
-of updated shared variables are donated.
-
-Shared variables (parameters, velocities, BN statistics, the learning rate) live in their
-Theano containers as JAX device arrays between calls: a call (:class:`_Call`) reads them
-from the container and writes the updated arrays back, with no host round trip.
+Theano-PyMC's ``JAXLinker`` jits every output separately, re-tracing shared subgraphs;
+:class:`FusedJAXLinker` walks the optimised graph -- outputs *and* shared-variable updates
+-- once (:func:`original.jax_mode.graph.evaluate`) and jits that walk, with static shapes
+and donated update buffers. Shared variables stay in their Theano containers as JAX
+device arrays between calls (:class:`_Call`).
 """
 from __future__ import annotations
 
@@ -26,6 +19,7 @@ from theano.compile.sharedvalue import SharedVariable
 from theano.link.basic import Container, PerformLinker
 from theano.link.utils import map_storage
 
+from original import compat
 from original.jax_mode.dispatch import jax_funcify
 from original.jax_mode.graph import convert_graph, evaluate
 
@@ -96,7 +90,7 @@ class _Call:
         args = [self._argument(k) if self._shared[k]
                 else jax.device_put(np.asarray(next(values)), self.device)
                 for k in range(len(self._cells))]
-        with jax.default_matmul_precision(self.precision):
+        with jax.default_matmul_precision(self.precision), compat.graph_settings():
             return self._jitted.lower(*args)
 
     def __call__(self):
@@ -105,7 +99,7 @@ class _Call:
         compiled = self._compiled.get(key)
         if compiled is None:
             start = time.perf_counter()
-            with jax.default_matmul_precision(self.precision):
+            with jax.default_matmul_precision(self.precision), compat.graph_settings():
                 compiled = self._jitted.lower(*args).compile()
             self.compile_seconds += time.perf_counter() - start
             self._compiled[key] = compiled
