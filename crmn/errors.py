@@ -62,8 +62,6 @@ class StopRequested(CRMNError):
 EXIT_STOPPED = 3
 #: exit code of a run stopped by Ctrl-C (the shell's 128 + SIGINT)
 EXIT_INTERRUPTED = 130
-#: exit code of a usage error
-EXIT_USAGE = 2
 
 
 def exit_code(exc: CRMNError) -> int:

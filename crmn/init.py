@@ -110,5 +110,3 @@ def initial_state(model: ModelConfig, seed: int) -> Dict[str, np.ndarray]:
             state[velocity_name(spec.name)] = np.zeros(spec.shape)
     return state
 
-
-__all__ = ["initial_state", "array_rng", "he_normal", "glorot_uniform", "orthogonal"]
