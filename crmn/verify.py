@@ -109,9 +109,8 @@ def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float
              update_tol: Optional[float] = None) -> Result:
     """Copy ``ref``'s state into ``other``, then compare logits and ``steps`` train steps.
 
-    ``global_norm``: compare the state's change over the steps as one vector (float32
-    checks) instead of array by array (the float64 comparison of backends); ``update_tol``: the
-    tolerance of those state figures (default ``tol``).
+    ``global_norm``: the state's change as one vector (float32 checks), not array by array;
+    ``update_tol``: the tolerance of those state figures (default ``tol``).
     """
     base = ref.get_state()
     other.set_state(base)
@@ -134,13 +133,17 @@ def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float
         "BN stats after step": lambda k: k in specs and specs[k].role in STATE_ROLES,
     }
     for label, keep in groups.items():
-        if update_tol is not None:
-            res.key_tol[label] = update_tol
-        if global_norm:
-            res.diffs[label], res.worst[label] = _global(sa, sb, base, keep)
-        else:
-            res.diffs[label], res.worst[label] = _worst(sa, sb, keep)
+        _state_figure(res, label, sa, sb, base, keep, global_norm, update_tol)
     return res
+
+
+def _state_figure(res: Result, label: str, a, b, base, keep, global_norm: bool,
+                  tol: Optional[float]) -> None:
+    """Record ``a`` against ``b`` as one vector of changes from ``base`` or array by array."""
+    if tol is not None:
+        res.key_tol[label] = tol
+    res.diffs[label], res.worst[label] = (_global(a, b, base, keep) if global_norm
+                                          else _worst(a, b, keep))
 
 
 #: the three ways to run the network that ``verify`` holds equal, pair by pair:
@@ -260,13 +263,9 @@ def _verify_epoch(cfg: ModelConfig, train: TrainConfig, name: str, device: str, 
     losses = [_step_loss(eager, xb, yb, lr) for xb, yb in sampler.epoch(1)]
     res.diffs["epoch loss"] = abs(stats.loss - float(np.mean(losses))) / abs(np.mean(losses))
     res.worst["epoch loss"] = "mean cross-entropy"
-    if dtype == "float64":
-        res.diffs["state after epoch"], res.worst["state after epoch"] = _worst(
-            graph.get_state(), eager.get_state(), lambda k: True)
-    else:
-        res.key_tol["state after epoch"] = UPDATE_TOLERANCE_F32
-        res.diffs["state after epoch"], res.worst["state after epoch"] = _global(
-            graph.get_state(), eager.get_state(), base, lambda k: True)
+    f32 = dtype != "float64"
+    _state_figure(res, "state after epoch", graph.get_state(), eager.get_state(), base,
+                  lambda k: True, f32, UPDATE_TOLERANCE_F32 if f32 else None)
     return res
 
 

@@ -5,7 +5,8 @@ Three checks over the archive's own text (code, tests, scripts, the Markdown pag
 * a section reference (``docs/spec.md §4``, ``REPRODUCING §5``, ``REPRODUCING.md, section 5``)
   names a file that exists and a numbered heading that it has (``§5.1``: a heading 5.1, or
   item ``1.`` of a numbered list under heading 5);
-* a path of the repository (``crmn/LOGS.md``, ``tests/test_x.py``, a bare ``NAME.md``) exists;
+* a path of the repository (``crmn/LOGS.md``, ``tests/test_x.py``, a bare ``NAME.md``) and a
+  Markdown page's relative link exist;
 * no text cites a document a reader of the repository cannot open: the specification outside
   it or an issue tracker.
 
@@ -46,6 +47,8 @@ PATH = re.compile(
 # built from parts so that this file does not match itself
 FORBIDDEN = re.compile("SP" + r"EC(?:\.md)? §[\d.]*\d|" + "is" + r"sue #\d+")
 HEADING = re.compile(r"^#{1,6}\s+§?(\d+(?:\.\d+)*)[.\s]")
+#: a Markdown link's target, without its anchor; web addresses are left alone
+LINK = re.compile(r"\]\((?!https?:|mailto:|#)(?P<target>[^)#\s]+)")
 
 
 def scanned_files():
@@ -90,10 +93,10 @@ def _resolve(name: str, citing: str):
 
 def offences():
     """Every unresolved reference, as (file, line number, what is wrong)."""
-    names = {Path(p).name for p in subprocess.run(
-        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()}
+    files = scanned_files()
+    names = {Path(p).name for p in files} | {p.name for p in ROOT.iterdir()}
     out = []
-    for rel in scanned_files():
+    for rel in files:
         text = (ROOT / rel).read_text(encoding="utf-8", errors="replace")
         for no, line in enumerate(text.splitlines(), 1):
             for m in FORBIDDEN.finditer(line):
@@ -114,6 +117,9 @@ def offences():
                     continue  # a bare file name of the repository, e.g. LOGS.md
                 if _resolve(path, rel) is None:
                     out.append((rel, no, f"{path!r} does not exist in the repository"))
+            for m in LINK.finditer(line) if rel.endswith(".md") else ():
+                if not ((ROOT / rel).parent / m.group("target")).exists():
+                    out.append((rel, no, f"link to {m.group('target')!r}: no such file"))
     return out
 
 
@@ -131,14 +137,16 @@ def test_the_checks_can_fail(tmp_path, monkeypatch):
     (tmp_path / "REPRODUCING.md").write_text("## 5. Times\n\n1. first\n")
     page = ("docs/spec.md §4 docs/spec.md §9 REPRODUCING §5.1 REPRODUCING.md, section 6\n"
             "crmn/nowhere.py STYLE.md docs/spec.md data/cifar-10-batches-py/x\n"
-            "SP" + "EC §4 and is" + "sue #13\n")
+            "SP" + "EC §4 and is" + "sue #13\n"
+            "[spec](spec.md) [times](../REPRODUCING.md#5-times) [gone](../gone.md)\n")
     (tmp_path / "docs" / "page.md").write_text(page)
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     monkeypatch.setattr(sys.modules[__name__], "scanned_files", lambda: ["docs/page.md"])
     found = [(n, what) for _, n, what in offences()]
-    assert [n for n, _ in found] == [1, 1, 2, 2, 3, 3], found
+    assert [n for n, _ in found] == [1, 1, 2, 2, 3, 3, 4], found
     assert "no section 9" in found[0][1] and "no section 6" in found[1][1]
     assert "crmn/nowhere.py" in found[2][1] and "STYLE.md" in found[3][1]
+    assert "../gone.md" in found[6][1]
 
 
 if __name__ == "__main__":
