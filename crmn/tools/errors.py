@@ -144,13 +144,8 @@ def _template(node: ast.AST) -> str:
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
     if isinstance(node, ast.JoinedStr):
-        parts = []
-        for v in node.values:
-            if isinstance(v, ast.Constant):
-                parts.append(str(v.value))
-            else:
-                parts.append("{" + ast.unparse(v.value) + "}")
-        return "".join(parts)
+        return "".join(str(v.value) if isinstance(v, ast.Constant)
+                       else "{" + ast.unparse(v.value) + "}" for v in node.values)
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
         return _template(node.left) + _template(node.right)
     return "{" + ast.unparse(node) + "}"
@@ -159,8 +154,8 @@ def _template(node: ast.AST) -> str:
 class _Finder(ast.NodeVisitor):
     """Every call of a CRMNError kind, with the function (qualified name) it is in."""
 
-    def __init__(self, rel: str):
-        self.rel, self.scope, self.found = rel, [], []  # found: (function, kind, message)
+    def __init__(self):
+        self.scope, self.found = [], []  # found: (function, kind, message)
 
     def _enter(self, node) -> None:
         self.scope.append(node.name)
@@ -185,7 +180,7 @@ def python_sites(root: Path = ROOT) -> List[Site]:
             rel = path.relative_to(root).as_posix()
             if rel == "crmn/errors.py":
                 continue  # the kinds themselves
-            finder = _Finder(rel)
+            finder = _Finder()
             finder.visit(ast.parse(path.read_text(), filename=rel))
             seen: Dict[str, int] = {}
             for function, kind, message in finder.found:
