@@ -1,23 +1,15 @@
-"""The one place where arrays change layout between a stack and the canonical format.
+"""The one place where arrays change layout between a backend and the canonical format.
 
-Canonical names and layouts are defined in :mod:`crmn.naming`. Each stack exposes its
-arrays as a flat ``dict`` of numpy arrays under its *native* names; the functions here map
-such a dict to canonical form and back, asserting every shape against
-``naming.param_specs``. Every mapping is a pure relabelling, a transpose, a reshape or a
-flip, so a round trip reproduces arrays bit for bit.
+Each backend exposes its arrays as a flat dict of numpy arrays under *native* names; the
+functions here map it to the canonical names and layouts of :mod:`crmn.naming` and back,
+asserting every shape. Each mapping is a relabelling, transpose, reshape or flip, so a round
+trip is bit for bit; velocities ``velocity.<name>`` get the mapping of ``<name>``.
 
-Lasagne (``original/``), native names are the Lasagne parameter names, prefixed with the
-layer name the builder gives (``"s1b0.conv1.W"``, ``"lstm.W_in_to_ingate"``):
-
-* ``Conv2DLayer`` computes a true convolution (Theano's ``conv2d`` flips the kernel), so
-  its ``W`` is the canonical cross-correlation kernel flipped on both spatial axes;
-* ``LSTMLayer`` keeps one ``(I, H)`` / ``(H, H)`` / ``(H,)`` array per gate, named
-  ``W_in_to_{gate}``, ``W_hid_to_{gate}``, ``b_{gate}``, ``W_cell_to_{gate}`` with gate in
-  ingate / forgetgate / cell / outgate, and ``hid_init`` / ``cell_init`` of shape ``(1, H)``;
-* ``DenseLayer`` ``W`` is ``(in, out)`` like the canonical one; batch norm is ours and
-  already keeps ``gamma, beta, mean, inv_std``.
-
-Momentum velocities travel as ``velocity.<name>`` and get the same mapping as ``<name>``.
+Lasagne (``original/``): names are the layer's name plus Lasagne's parameter name.
+``Conv2DLayer`` convolves (Theano flips the kernel), so its ``W`` is the canonical kernel
+flipped on both spatial axes; ``LSTMLayer`` keeps one array per gate (``W_in_to_ingate``,
+``W_hid_to_forgetgate``, ``b_cell``, ``W_cell_to_outgate``, ...) and ``hid_init`` /
+``cell_init`` of shape ``(1, H)``; dense and batch-norm arrays are canonical already.
 """
 from __future__ import annotations
 
@@ -32,6 +24,8 @@ from crmn.config import ModelConfig
 Arrays = Dict[str, np.ndarray]
 
 _LASAGNE_GATE = {"i": "ingate", "f": "forgetgate", "c": "cell", "o": "outgate"}
+_LASAGNE_LSTM = {"lstm_Wx": "W_in_to_", "lstm_Wh": "W_hid_to_", "lstm_b": "b_",
+                 "lstm_peephole": "W_cell_to_"}
 
 
 def _lasagne_entry(spec: ParamSpec):
@@ -45,17 +39,8 @@ def _lasagne_entry(spec: ParamSpec):
         if role == "lstm_init":  # h0 / c0: canonical (H,), Lasagne (1, H)
             native = "lstm.hid_init" if key == "h0" else "lstm.cell_init"
             return native, (lambda a: a.reshape(1, -1)), (lambda a: a.reshape(-1))
-        if role == "lstm_Wx":
-            native = f"lstm.W_in_to_{_LASAGNE_GATE[key[-1]]}"
-        elif role == "lstm_Wh":
-            native = f"lstm.W_hid_to_{_LASAGNE_GATE[key[-1]]}"
-        elif role == "lstm_b":
-            native = f"lstm.b_{_LASAGNE_GATE[key[-1]]}"
-        elif role == "lstm_peephole":
-            native = f"lstm.W_cell_to_{_LASAGNE_GATE[key[-1]]}"
-        else:  # pragma: no cover - naming.param_specs defines no other LSTM role
-            raise AssertionError(f"unexpected LSTM array {name}")
-        return native, (lambda a: a), (lambda a: a)
+        prefix = _LASAGNE_LSTM[role]  # KeyError: naming.param_specs has no other LSTM role
+        return f"lstm.{prefix}{_LASAGNE_GATE[key[-1]]}", (lambda a: a), (lambda a: a)
     return name, (lambda a: a), (lambda a: a)
 
 
@@ -103,17 +88,9 @@ def canonical_to_lasagne(cfg: ModelConfig, canonical: Arrays, with_velocity: boo
 
 
 # ----------------------------------------------------------------------------- PyTorch
-#
-# PyTorch (``modern/``), native names are ``CIFARNet.state_dict()`` keys plus velocities:
-#
-# * ``conv0.weight`` / ``blocks.{j}.conv{1,2}.weight``: cross-correlation ``(out, in, 3, 3)``,
-#   the canonical layout; block ``s{s}b{b}`` is ``blocks.{(s - 1) n + b}`` (network order);
-# * batch norm ``{bn}.weight`` (γ), ``{bn}.bias`` (β), buffers ``{bn}.mean``, ``{bn}.inv_std``
-#   (Lasagne's convention, so no variance <-> inv_std conversion is needed);
-# * ``fc.weight`` is ``(out, in)``: the transpose of the canonical ``(in, out)``;
-# * the LSTM keeps its gates packed, chunks in order i, f, c, o: ``lstm.W_x (I, 4H)``,
-#   ``lstm.W_h (H, 4H)``, ``lstm.b (4H,)``; peepholes ``lstm.w_c{i,f,o}`` and ``lstm.h0``,
-#   ``lstm.c0`` are ``(H,)`` like the canonical arrays.
+# ``modern/``'s names are ``CIFARNet.state_dict()`` keys: block ``s{s}b{b}`` is
+# ``blocks.{(s - 1) n + b}``; γ, β are ``weight``, ``bias``; ``fc.weight`` is ``(out, in)``;
+# the LSTM packs its gates i, f, c, o: ``lstm.W_x (I, 4H)``, ``lstm.W_h (H, 4H)``, ``lstm.b``.
 
 _TORCH_PACKED = {"lstm_Wx": "lstm.W_x", "lstm_Wh": "lstm.W_h", "lstm_b": "lstm.b"}
 
@@ -152,11 +129,8 @@ def _torch_pairs(cfg: ModelConfig, with_velocity: bool):
 
 def torch_to_canonical(cfg: ModelConfig, native: Arrays, with_velocity: bool = True,
                        where: str = "modern/ state") -> Arrays:
-    """PyTorch-named arrays (state_dict, ``velocity.*``) -> canonical arrays.
-
-    Packed LSTM arrays ``(I, 4H)``, ``(H, 4H)``, ``(4H,)`` are cut into the per-gate
-    ``(I, H)``, ``(H, H)``, ``(H,)`` arrays of eqs. 2-7; every result's shape is asserted.
-    """
+    """PyTorch-named arrays (state_dict, ``velocity.*``) -> canonical arrays; packed LSTM
+    arrays are cut into the per-gate arrays of eqs. 2-7."""
     out: Arrays = {}
     h = cfg.lstm_units
     for spec, canon, nat, chunk, _, from_native in _torch_pairs(cfg, with_velocity):
@@ -194,8 +168,6 @@ def canonical_to_torch(cfg: ModelConfig, canonical: Arrays, with_velocity: bool 
 
 
 def torch_roles(cfg: ModelConfig) -> Dict[str, str]:
-    """PyTorch native name -> :class:`crmn.naming.ParamSpec` role (packed LSTM arrays once).
-
-    The PyTorch stack reads weight decay (``naming.DECAYED_ROLES``) and trainability from this.
-    """
+    """PyTorch native name -> :class:`crmn.naming.ParamSpec` role (packed LSTM arrays once):
+    where the PyTorch backend reads which arrays get weight decay."""
     return {_torch_entry(cfg, s)[0]: s.role for s in param_specs(cfg)}

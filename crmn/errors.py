@@ -1,27 +1,8 @@
-"""The archive's one exception family: each message is one line naming the cause and the file.
+"""The archive's one exception family (docs/spec.md §8): one line naming cause and file.
 
-Every user-facing fault is a :class:`CRMNError`; the command line prints it as one line and
-exits with the kind's code (:func:`exit_code`). Anything else is a bug and keeps its
-traceback. The kinds, each raised for one sort of fault:
-
-========================  ====  ===========================================================
-kind                      exit  raised for
-========================  ====  ===========================================================
-:class:`UsageError`       2     a bad command line: unknown command, option or row id, a
-                                value out of range, options that contradict each other
-                                (found before any file, folder or download exists)
-:class:`ConfigError`      1     settings that cannot run, found by the library (a
-                                configuration class, a stack that lacks an option, a
-                                device that is not there)
-:class:`DataError`        1     a dataset archive or file is missing, corrupt, fails its
-                                checksum, or is not what it claims to be
-:class:`CheckpointError`  1     a checkpoint is unreadable, incomplete or from another
-                                configuration
-:class:`RunError`         1     a run failed at run time: diverged, a run directory in
-                                use, a disk fault
-:class:`StopRequested`    3     a signal asked the run to stop after checkpointing;
-                                ``--resume`` continues (130 when the signal was Ctrl-C)
-========================  ====  ===========================================================
+Every user-facing fault is a :class:`CRMNError` of one kind below; the command line prints it
+as one line and exits with the kind's ``exit_code`` (2 usage, 1 other faults, 3 or 130 a
+requested stop). Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -35,17 +16,20 @@ class CRMNError(Exception):
 
 
 class ConfigError(CRMNError):
-    """Settings that cannot run: an unknown value, or a combination a stack does not have."""
+    """Settings that cannot run, found by the library: an unknown value, a combination a
+    backend lacks, a device that is not there."""
 
 
 class UsageError(ConfigError):
-    """A bad command line, found before anything is created: one line, exit code 2."""
+    """A bad command line (command, option, row id, range, contradiction), found before
+    anything is created: exit code 2."""
 
     exit_code = 2
 
 
 class DataError(CRMNError):
-    """A dataset archive or file is missing, corrupt, or fails its checksum."""
+    """A dataset archive or file is missing, corrupt, fails its checksum, or is not what it
+    claims to be."""
 
 
 class CheckpointError(CRMNError):
@@ -53,7 +37,7 @@ class CheckpointError(CRMNError):
 
 
 class RunError(CRMNError):
-    """A run failed while it ran (a fault on disk, a run directory in use by another)."""
+    """A run failed while it ran (diverged, a fault on disk, a run directory in use)."""
 
 
 class DivergedError(RunError):
@@ -61,13 +45,9 @@ class DivergedError(RunError):
 
 
 class StopRequested(CRMNError):
-    """A signal (SIGUSR1: a scheduler's warning before preemption or its time limit;
-    SIGINT: Ctrl-C) asked the run to stop; the last finished epoch is checkpointed and
-    ``--resume`` continues.
-
-    The CLI exits with :data:`EXIT_STOPPED` (130 after Ctrl-C) so that a job script can tell
-    it from a failure.
-    """
+    """A signal (SIGUSR1 from a scheduler, SIGINT: Ctrl-C) asked the run to stop after
+    checkpointing; exit :data:`EXIT_STOPPED` (130 after Ctrl-C), which a job script can tell
+    from a failure, and ``--resume`` continues."""
 
     exit_code = 3
 
@@ -82,8 +62,6 @@ class StopRequested(CRMNError):
 EXIT_STOPPED = 3
 #: exit code of a run stopped by Ctrl-C (the shell's 128 + SIGINT)
 EXIT_INTERRUPTED = 130
-#: exit code of a usage error
-EXIT_USAGE = 2
 
 
 def exit_code(exc: CRMNError) -> int:

@@ -1,25 +1,17 @@
-"""The canonical parameter names and shapes that both stacks and the checkpoint file share.
+"""The canonical names and layouts of every array, shared by both backends and the checkpoint.
 
-Every array of a network (trainable parameters and batch-norm running statistics) has one
-canonical name and one canonical layout, listed by :func:`param_specs`. The HDF5 checkpoint
-stores arrays under these names in these layouts; ``crmn.convert`` maps each stack's native
-arrays to and from them.
-
-Canonical layouts ("math layout", independent of either framework):
-
-* convolution ``W``: ``(out, in, 3, 3)`` applied as cross-correlation (no flip);
-* dense ``W``: ``(in, out)``, ``y = x W + b``;
-* LSTM (eqs. 2-7): per gate g in i, f, c, o: ``W_xg (I, H)``, ``W_hg (H, H)``, ``b_g (H,)``;
-  peepholes ``w_ci, w_cf, w_co (H,)``; learned initial states ``h0, c0 (H,)``;
-* batch norm: ``gamma, beta`` (trainable), ``mean, inv_std`` (running statistics, Lasagne's
-  convention: ``inv_std = 1/sqrt(var + eps)`` averaged with rate :data:`BN_ALPHA`).
-
-Names: ``conv0`` / ``bn0`` for the stem; ``s{stage}b{block}.conv{1,2}`` / ``.bn{1,2}`` for the
-basic blocks (stage 1-3, block 0..n-1); ``lstm.*``; ``fc.W``, ``fc.b``. The softmax input
-is ``concat(global_avg_pool (64k), h_last (H))`` in that order.
+:func:`param_specs` lists them; :mod:`crmn.convert` maps each backend's native arrays to and
+from them. Layouts, independent of either framework: convolution ``W`` ``(out, in, 3, 3)``
+applied as cross-correlation; dense ``W`` ``(in, out)``, ``y = x W + b``; LSTM (eqs. 2-7)
+per gate g in i, f, c, o ``W_xg (I, H)``, ``W_hg (H, H)``, ``b_g (H,)``, peepholes
+``w_ci, w_cf, w_co (H,)``, initial states ``h0, c0 (H,)``; batch norm ``gamma, beta`` and the
+running ``mean, inv_std`` (Lasagne's convention). Names: ``conv0``/``bn0`` (stem),
+``s{stage}b{block}.conv{1,2}``/``.bn{1,2}``, ``lstm.*``, ``fc.W``, ``fc.b``; the softmax reads
+``concat(global_avg_pool (64k), h_last (H))``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
@@ -33,7 +25,7 @@ BN_ALPHA = 0.1
 LSTM_GATES = ("i", "f", "c", "o")  # input gate, forget gate, cell input, output gate
 PEEPHOLES = ("i", "f", "o")  # eqs. 2-4
 
-#: roles whose arrays get weight decay (Lasagne's ``regularizable`` tag, SPEC §4)
+#: roles whose arrays get weight decay (Lasagne's ``regularizable`` tag, docs/spec.md §4)
 DECAYED_ROLES = frozenset({"conv", "lstm_Wx", "lstm_Wh", "dense_W"})
 #: roles that are state, not trainable parameters
 STATE_ROLES = frozenset({"bn_mean", "bn_inv_std"})
@@ -56,10 +48,7 @@ class ParamSpec:
 
     @property
     def size(self) -> int:
-        out = 1
-        for s in self.shape:
-            out *= s
-        return out
+        return math.prod(self.shape)
 
 
 def _bn(prefix: str, c: int) -> List[ParamSpec]:
@@ -112,7 +101,7 @@ def spec_dict(cfg: ModelConfig) -> Dict[str, ParamSpec]:
 
 
 def count_trainable(cfg: ModelConfig) -> int:
-    """Trainable parameters (SPEC §4: conv W, BN γ β, LSTM, dense); running stats excluded."""
+    """Trainable parameters (conv W, BN γ β, LSTM, dense: docs/spec.md §4), no running stats."""
     return sum(s.size for s in param_specs(cfg) if s.trainable)
 
 

@@ -1,19 +1,11 @@
 """Every configuration and every number that Moniz & Pal (2016) publish, declared once.
 
-The CLI (`--rows`), the tests and the report all iterate over :data:`ROWS`; nothing else in
-the archive writes down a number from the paper.
-
-Sources, all in ``shared/paper``:
-
-* Table 1 (section 4.1): 12 CIFAR-100 models, parameters in millions, seconds per epoch on
-  the authors' GPU, test accuracy.
-* Table 2 (CIFAR-100) and Table 3 (CIFAR-10): our rows and the comparison methods.
-* Section 4.2: the 5-repetition figure (mean 77.65 ± 0.385, best 78.27) and SVHN (98.32).
-
-A depth of ``6n + 2`` layers means ``n`` basic blocks per stage; the width factor ``k``
-multiplies the 16/32/64 feature maps of He et al.'s CIFAR ResNet (SPEC §4).
-
-Run ``python -m crmn.paper`` to print the table of rows.
+The CLI (``--rows``), the tests and the report iterate over :data:`ROWS`; nothing else in
+the archive writes down a number from the paper. Sources: Table 1 (section 4.1: parameters,
+seconds per epoch on the authors' GPU, test accuracy), Tables 2-3 with their comparison
+methods, and section 4.2 (the five repetitions, SVHN). Depth 6n+2 means n basic blocks per
+stage; k multiplies the 16/32/64 maps (docs/spec.md §4). ``python -m crmn.paper`` prints
+the rows.
 """
 from __future__ import annotations
 
@@ -39,7 +31,7 @@ class Row:
     model: str  # "ResNet" | "CRMN", as printed in the paper
     dataset: str  # "cifar100" | "cifar10" | "svhn"
     layers: int  # depth as printed: 6n+2 (He et al.); the 28-layer rows use wide-ResNet naming
-    n: int  # basic blocks per stage (SPEC §4: "28 layers" is n=4, "56 layers" is n=9)
+    n: int  # basic blocks per stage ("28 layers" is n=4, "56 layers" is n=9)
     k: float  # width factor: stage widths 16k, 32k, 64k
     memory: bool  # True: CRMN (LSTM over the block outputs); False: plain ResNet
     batch_size: int  # section 4: 100; 50 for the wide 28-layer runs (section 4.2)
@@ -63,22 +55,10 @@ class Row:
 
 
 def _t1(model: str, layers: int, k: float, params: float, sec: float, acc: float) -> Row:
-    memory = model == "CRMN"
-    return Row(
-        id=f"t1-{model.lower()}{layers}x{k:g}",
-        table="table1",
-        model=model,
-        dataset="cifar100",
-        layers=layers,
-        n=(layers - 2) // 6,
-        k=k,
-        memory=memory,
-        batch_size=100,
-        lr_stages=LR_TABLE1,
-        paper_accuracy=acc,
-        paper_params_m=params,
-        paper_sec_per_epoch=sec,
-    )
+    return Row(id=f"t1-{model.lower()}{layers}x{k:g}", table="table1", model=model,
+               dataset="cifar100", layers=layers, n=(layers - 2) // 6, k=k,
+               memory=model == "CRMN", batch_size=100, lr_stages=LR_TABLE1,
+               paper_accuracy=acc, paper_params_m=params, paper_sec_per_epoch=sec)
 
 
 #: Table 1, in the paper's order (three blocks of four).
@@ -100,94 +80,35 @@ TABLE1: Tuple[Row, ...] = (
     _t1("CRMN", 32, 4, 14.01, 490, 76.39),
 )
 
+def _crmn(row_id: str, table: str, dataset: str, layers: int, n: int, k: float, acc: float,
+          **extra) -> Row:
+    """A CRMN row of Tables 2-3 or SVHN; the wide 28-layer rows train at batch 50 on
+    :data:`LR_WIDE` (section 4.2)."""
+    wide = layers == 28
+    return Row(id=row_id, table=table, model="CRMN", dataset=dataset, layers=layers, n=n,
+               k=k, memory=True, batch_size=50 if wide else 100,
+               lr_stages=LR_WIDE if wide else LR_TABLE1, paper_accuracy=acc, **extra)
+
+
 #: Table 2 (CIFAR-100), our rows. The 32x4 figure is the best of five repetitions.
 TABLE2: Tuple[Row, ...] = (
-    Row(
-        id="t2-crmn32x4",
-        table="table2",
-        model="CRMN",
-        dataset="cifar100",
-        layers=32,
-        n=5,
-        k=4,
-        memory=True,
-        batch_size=100,
-        lr_stages=LR_TABLE1,
-        paper_accuracy=78.27,
-        seeds=5,
-        paper_accuracy_mean=77.65,
-        paper_accuracy_std=0.385,
-        note="best model on validation over five repetitions; mean ± std over the five",
-    ),
-    Row(
-        id="t2-crmn28x10",
-        table="table2",
-        model="CRMN",
-        dataset="cifar100",
-        layers=28,
-        n=4,
-        k=10,
-        memory=True,
-        batch_size=50,
-        lr_stages=LR_WIDE,
-        paper_accuracy=79.65,
-    ),
+    _crmn("t2-crmn32x4", "table2", "cifar100", 32, 5, 4, 78.27, seeds=5,
+          paper_accuracy_mean=77.65, paper_accuracy_std=0.385,
+          note="best model on validation over five repetitions; mean ± std over the five"),
+    _crmn("t2-crmn28x10", "table2", "cifar100", 28, 4, 10, 79.65),
 )
 
 #: Table 3 (CIFAR-10), our rows. "56 layers; 48 fm" is n=9, k=3.
 TABLE3: Tuple[Row, ...] = (
-    Row(
-        id="t3-crmn56x3",
-        table="table3",
-        model="CRMN",
-        dataset="cifar10",
-        layers=56,
-        n=9,
-        k=3,
-        memory=True,
-        batch_size=100,
-        lr_stages=LR_TABLE1,
-        paper_accuracy=94.60,
-    ),
-    Row(
-        id="t3-crmn28x10",
-        table="table3",
-        model="CRMN",
-        dataset="cifar10",
-        layers=28,
-        n=4,
-        k=10,
-        memory=True,
-        batch_size=50,
-        lr_stages=LR_WIDE,
-        paper_accuracy=95.33,
-    ),
+    _crmn("t3-crmn56x3", "table3", "cifar10", 56, 9, 3, 94.60),
+    _crmn("t3-crmn28x10", "table3", "cifar10", 28, 4, 10, 95.33),
 )
 
 #: Section 4.2: the SVHN result, with the best CIFAR-10 architecture (56 layers, 48 fm).
-SVHN: Tuple[Row, ...] = (
-    Row(
-        id="svhn-crmn56x3",
-        table="svhn",
-        model="CRMN",
-        dataset="svhn",
-        layers=56,
-        n=9,
-        k=3,
-        memory=True,
-        batch_size=100,
-        lr_stages=LR_TABLE1,
-        paper_accuracy=98.32,
-    ),
-)
+SVHN: Tuple[Row, ...] = (_crmn("svhn-crmn56x3", "svhn", "svhn", 56, 9, 3, 98.32),)
 
 ROWS: Tuple[Row, ...] = TABLE1 + TABLE2 + TABLE3 + SVHN
-EXPERIMENTS = {
-    "table1": TABLE1,
-    "table2": TABLE2,
-    "table3": TABLE3,
-    "svhn": SVHN,
-}
+EXPERIMENTS = {"table1": TABLE1, "table2": TABLE2, "table3": TABLE3, "svhn": SVHN}
 
 
 @dataclass(frozen=True)
@@ -243,17 +164,9 @@ def row(row_id: str) -> Row:
 
 def select(ids: Optional[str], experiment: Optional[str] = None, *,
            strict: bool = False) -> Tuple[Row, ...]:
-    """Rows named by a comma-separated ``--rows`` value, else (``ids`` None) every row of
-    ``experiment`` (every row when it is None): the one row selection of every command.
-
-    ``strict``: rows of another experiment than ``experiment`` are refused.
-
-    Raises
-    ------
-    UsageError
-        An unknown id or experiment, a row of another experiment (``strict``), or an
-        empty selection (``--rows ''``); one line naming the known ids.
-    """
+    """Rows named by a comma-separated ``--rows`` value, else every row of ``experiment``
+    (of all when None): the one row selection of every command. UsageError for an unknown id
+    or experiment, a row of another experiment (``strict``), or an empty selection."""
     if ids is not None:
         wanted = [i.strip() for i in ids.split(",") if i.strip()]
         unknown = [i for i in wanted if _find(i) is None]

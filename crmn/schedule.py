@@ -1,40 +1,19 @@
-"""The learning-rate schedules of the training protocol (paper section 4, SPEC §5).
+"""The learning-rate schedules of the training protocol (section 4, docs/spec.md §5).
 
-Two pure state machines with one interface, fed the validation (or test) metrics after each
-epoch and answering what the driver does next:
+Two pure state machines fed the evaluation metrics after each epoch, answering what the
+driver (:mod:`crmn.train`) does next: :class:`PlateauSchedule` for the search run, which
+records the schedule it finds, and :class:`FixedSchedule` for the final run (and
+``--schedule 80,40,40``), which replays one and never reloads.
 
-* :class:`PlateauSchedule` — the search run. "The model is trained until neither the
-  validation error nor the validation accuracy improves for β epochs, at which point the
-  previous best model is loaded and the system trained with a lower learning rate. This is
-  repeated until the learning rate falls below a set threshold" (section 4). It records the
-  schedule it finds, which the final run replays.
-* :class:`FixedSchedule` — a given number of epochs per learning rate (the final run, and
-  ``--schedule 80,40,40``); it never reloads.
-
-Readings we chose where the paper is silent (REPRODUCING.md repeats them):
-
-* "validation error" is the validation **cross-entropy** (the quantity the network
-  minimises); "validation accuracy" is the fraction classified correctly. Reading the error as
-  ``1 - accuracy`` would make the two criteria one.
-* Improvement is **strict** and measured against the best value seen so far in the whole
-  search (a tie does not count). The records carry over a stage change: the reloaded model
-  holds them, and the new learning rate must beat them.
-* The **best model** (``best.h5``, what a plateau reloads) is the epoch with the highest
-  validation accuracy; among equal accuracies the lower validation loss wins. Accuracy first,
-  because the paper reports accuracy and selects models "on the validation set".
-* The **schedule found** gives, per stage, the epochs of that stage up to and including the
-  last epoch of the stage that set a new best model, 0 if none did. That is exactly the
-  training the reloaded model received, so the final run replays the path that produced the
-  best model: a stage that never beat its start contributes nothing.
-* ``epochs_cap`` (``--epochs-cap``) ends a stage after that many epochs as if it had
-  plateaued (the best model is reloaded and the next rate starts).
-
-Usage (the driver, :mod:`crmn.train`)::
+Readings where the paper is silent (each with its reason in REPRODUCING.md §2): "error" is
+the validation cross-entropy; an improvement is strict, against the best of the whole search;
+the best model has the highest accuracy, lower loss breaking ties; the schedule found counts,
+per stage, the epochs up to its last new best (0 if none); ``epochs_cap`` ends a stage as if
+it had plateaued. ::
 
     sched = PlateauSchedule((0.1, 0.01, 0.001), patience=10)
     while not sched.done:
-        lr = sched.lr
-        ... train one epoch at lr, evaluate ...
+        ... train one epoch at sched.lr, evaluate ...
         decision = sched.step(val_loss, val_acc)
         if sched.improved: save best.h5
         if decision == Decision.RELOAD: load best.h5, zero the velocities
@@ -74,18 +53,9 @@ def _check_metric(name: str, value: float) -> float:
 
 
 class PlateauSchedule:
-    """Plateau search over ``lr_stages`` with patience β (section 4, SPEC §5.1).
-
-    Parameters
-    ----------
-    lr_stages : sequence of float
-        Learning rates in order, e.g. ``(0.1, 0.01, 0.001)`` (Table 1).
-    patience : int
-        β: a stage ends when neither the validation loss nor the validation accuracy has
-        strictly improved on its best value for this many consecutive epochs.
-    epochs_cap : int or None
-        ``--epochs-cap``: a stage also ends after this many epochs, as if it plateaued.
-    """
+    """Plateau search over ``lr_stages`` (section 4, docs/spec.md §5): a stage ends when
+    neither validation loss nor accuracy has strictly improved on its record for ``patience``
+    (β) epochs in a row, or after ``epochs_cap`` epochs (``--epochs-cap``) if given."""
 
     kind = "plateau"
 
@@ -120,22 +90,10 @@ class PlateauSchedule:
         return None
 
     def step(self, val_loss: float, val_acc: float) -> Decision:
-        """Record one finished epoch's validation metrics and decide what comes next.
-
-        Parameters
-        ----------
-        val_loss : float
-            Mean validation cross-entropy of the epoch's model (the paper's "error").
-        val_acc : float
-            Validation accuracy in [0, 1].
-
-        Returns
-        -------
-        Decision
-            ``CONTINUE``, ``RELOAD`` (this stage plateaued, go on at the next rate from the
-            best model) or ``STOP`` (the last stage plateaued). After the call
-            :attr:`improved` says whether this epoch is the new best model.
-        """
+        """Record one epoch's mean validation cross-entropy and accuracy (in [0, 1]) and
+        decide: ``CONTINUE``, ``RELOAD`` (this stage plateaued: go on at the next rate from
+        the best model) or ``STOP`` (the last stage plateaued). :attr:`improved` then says
+        whether this epoch is the new best model."""
         if self.done:
             raise RuntimeError("step() called on a finished schedule")
         loss = _check_metric("val_loss", val_loss)
@@ -201,17 +159,8 @@ class PlateauSchedule:
 class FixedSchedule:
     """``epochs_per_stage[s]`` epochs at ``lr_stages[s]``, in order; never reloads.
 
-    The final run replays :attr:`PlateauSchedule.found` with it, and ``--schedule 80,40,40``
-    uses it instead of a search. Stages of 0 epochs are skipped. It still tracks the best
-    epoch of the metrics it is fed (the final run feeds test metrics; they are reported, not
-    used to select anything).
-
-    Parameters
-    ----------
-    lr_stages : sequence of float
-        Learning rates in order.
-    epochs_per_stage : sequence of int
-        Epochs at each rate, same length as ``lr_stages``.
+    Stages of 0 epochs are skipped. It still tracks the best epoch of the metrics it is fed
+    (the final run's test metrics: reported, never used to select anything).
     """
 
     kind = "fixed"

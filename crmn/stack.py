@@ -1,17 +1,12 @@
-"""The contract between the training loop and a stack (STYLE.md rule 3).
+"""The contract between the training loop and a backend (docs/spec.md §2).
 
 ``original/`` (Theano + Lasagne) and ``modern/`` (PyTorch) each implement :class:`Stack`:
-they build the network of a :class:`crmn.config.ModelConfig` and run one SGD step. Every
-other job (the epoch loop, evaluation, the NaN check, progress, the protocol of section 4)
-is :mod:`crmn.train`'s, written once for both. This module imports neither stack; the
-stacks import it, and :mod:`crmn.registry` (above them) finds them by name and checks the
-options they are built with (:class:`crmn.registry.StackOptions`). Each stack class also
-answers ``problem(options)`` (a staticmethod: why it cannot run those options here, or None),
-which :func:`crmn.registry.probe` asks before any data is read.
-
-State travels between stacks as a ``dict`` of numpy arrays under canonical names
-(:mod:`crmn.naming`): every entry of ``param_specs(model)`` plus ``velocity.<name>`` for each
-trainable parameter (Lasagne's momentum form, ``v <- mu v - lr g``; ``p <- p + v``).
+build the network of a :class:`crmn.config.ModelConfig` and run one SGD step. Everything
+else (epochs, evaluation, the NaN check, progress, the protocol) is :mod:`crmn.train`'s,
+written once. :mod:`crmn.registry` finds a backend by name and asks its static
+``problem(options)`` (why it cannot run those options here, or None) before any data is read.
+State travels as numpy arrays under the canonical names of :mod:`crmn.naming`, velocities
+as ``velocity.<name>`` (``v <- mu v - lr g``; ``p <- p + v``).
 """
 from __future__ import annotations
 
@@ -36,20 +31,14 @@ class Stack(Protocol):
         """Trainable parameters, counted from the framework's own parameter objects."""
 
     def step(self, x: Any, y: Any, lr: float) -> Tuple[Any, Any]:
-        """One SGD step (momentum, weight decay, BN running averages) on one batch.
-
-        Returns ``(loss_sum, correct)``: the batch's summed cross-entropy (without the
-        weight-decay term) and its number of correctly classified images, both computed
-        before the update, as the framework's own scalars (on the device: no host sync).
-        They support ``+`` and ``float()`` and stay valid until the next ``step``.
-        """
+        """One SGD step (momentum, weight decay, BN running averages) on one batch; returns
+        the batch's summed cross-entropy (no weight decay) and correct count before the
+        update, as device scalars (no host sync) that support ``+`` and ``float()`` and stay
+        valid until the next ``step``."""
 
     def logits(self, x: np.ndarray, training: bool) -> np.ndarray:
-        """Logits ``(B, classes)`` as numpy; changes no state.
-
-        ``training=True`` normalises with the batch's statistics (without touching the
-        running averages), ``False`` with the running averages.
-        """
+        """Logits ``(B, classes)`` as numpy, changing no state; ``training`` normalises with
+        the batch's statistics, else with the running averages."""
 
     def get_state(self) -> Dict[str, np.ndarray]:
         """All arrays under canonical names and layouts (params, BN stats, velocities)."""
@@ -62,13 +51,10 @@ class Stack(Protocol):
 
 
 class FastEpoch(Protocol):
-    """The one optional fast path a stack may offer: an epoch's batches already on its
-    device (the torch stack gathers a GPU-resident training set in a few kernels).
-
-    ``epoch_batches(sampler, epoch)`` must yield exactly the batches of
-    ``sampler.epoch(epoch)``, in order, as arguments :meth:`Stack.step` accepts;
-    ``fast_epoch`` says whether :func:`crmn.train.train_epoch` takes this path by default.
-    ``tests/test_train.py`` holds the path to the generic one on the CPU.
+    """The one optional fast path a backend may offer: an epoch's batches already on its
+    device. ``epoch_batches(sampler, epoch)`` yields exactly ``sampler.epoch(epoch)``'s
+    batches, in order; ``fast_epoch`` says whether :func:`crmn.train.train_epoch` takes this
+    path by default (``tests/test_train.py`` holds it to the generic one).
     """
 
     fast_epoch: bool

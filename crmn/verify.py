@@ -1,25 +1,11 @@
-"""The two stacks compute the same function and take the same SGD step (SPEC §6).
+"""The backends compute the same function and take the same SGD step (docs/spec.md §6).
 
-For each configuration the network is built in float64 on the CPU three ways: the torch
-stack, the Theano stack through its C backend, and the same Theano graph through JAX
-(``--theano-mode jax``). For each pair, the first one's state is copied into the second
-through the canonical format (:mod:`crmn.convert`), then
-
-* logits of one batch are compared in training mode (batch statistics) and inference mode
-  (running statistics), and
-* one ``step`` on the same batch at the same learning rate is taken in both, and every
-  array of the new state (parameters, velocities, batch-norm running statistics) compared,
-
-as the largest relative difference ``max|a - b| / max|b|`` per array (``b`` the reference
-stack's). A configuration passes when every figure is under the tolerance (1e-6). ::
-
-    run_experiments.sh verify                      # a few small configurations
-    run_experiments.sh verify --rows t1-crmn32x1   # paper rows (slow: Theano compiles them)
-    run_experiments.sh verify --device cuda        # modern/ only: the GPU against the CPU
-                                                   # in float64 (1e-6) and float32, and the
-                                                   # CUDA-graph step against the eager one
-
-Exit status 0 when everything passes, 1 on any FAIL or run-time error, 2 on bad input.
+Each configuration is built in float64 on the CPU three ways (torch; Theano through its C
+backend; Theano through JAX). For each pair the first one's state is copied into the second
+(:mod:`crmn.convert`); then logits of one batch (training and inference mode) and the whole
+state after one ``step`` are compared as ``max|a - b| / max|b|`` per array, against 1e-6.
+``--device cuda`` instead holds ``modern/`` on the GPU to ``modern/`` on the CPU.
+Exit status 0 when everything passes, 1 on a FAIL or a run-time error, 2 on bad input.
 """
 from __future__ import annotations
 
@@ -41,9 +27,7 @@ TOLERANCE = 1e-6
 #: float32 (GPU) checks: logits and loss of float32 against float64 (TF32 off)
 TOLERANCE_F32 = 1e-4
 #: float32 (GPU) checks of a state *change*: gradients through batch norm are near-cancelling
-#: sums, so float32 rounding reaches ~1e-3 of the update (measured on an H100: CRMN-32x1,
-#: batch 100, one step float32 vs float64 6.4e-4; float32 graph vs eager up to 8e-3), while
-#: the float64 checks of the same code paths hold to ``TOLERANCE``
+#: sums, so float32 rounding reaches ~1e-3 of the update (the float64 checks hold 1e-6)
 UPDATE_TOLERANCE_F32 = 1e-2
 #: images per batch when ``--batch-size`` is not given
 BATCH_SIZE = 8
@@ -104,11 +88,8 @@ def _batch(cfg: ModelConfig, batch_size: int, seed: int):
 
 def _global(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray], base: Dict[str, np.ndarray],
             keep: Callable[[str], bool]):
-    """``‖a - b‖ / ‖b - base‖`` over all kept arrays together, and the array adding most.
-
-    For float32 checks: an array whose update is a near-cancelling sum (a BN β after one
-    step, say) has a large relative error of its own that says nothing about the step.
-    """
+    """``‖a - b‖ / ‖b - base‖`` over all kept arrays together, and the array adding most
+    (float32: a near-cancelling update alone, a BN β say, says nothing about the step)."""
     keys = [k for k in b if keep(k)]
     if not keys:
         return 0.0, "-"
@@ -128,9 +109,8 @@ def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float
              update_tol: Optional[float] = None) -> Result:
     """Copy ``ref``'s state into ``other``, then compare logits and ``steps`` train steps.
 
-    ``global_norm``: compare the state's change over the steps as one vector (float32
-    checks) instead of array by array (the float64 stack comparison); ``update_tol``: the
-    tolerance of those state figures (default ``tol``).
+    ``global_norm``: the state's change as one vector (float32 checks), not array by array;
+    ``update_tol``: the tolerance of those state figures (default ``tol``).
     """
     base = ref.get_state()
     other.set_state(base)
@@ -153,17 +133,21 @@ def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float
         "BN stats after step": lambda k: k in specs and specs[k].role in STATE_ROLES,
     }
     for label, keep in groups.items():
-        if update_tol is not None:
-            res.key_tol[label] = update_tol
-        if global_norm:
-            res.diffs[label], res.worst[label] = _global(sa, sb, base, keep)
-        else:
-            res.diffs[label], res.worst[label] = _worst(sa, sb, keep)
+        _state_figure(res, label, sa, sb, base, keep, global_norm, update_tol)
     return res
 
 
+def _state_figure(res: Result, label: str, a, b, base, keep, global_norm: bool,
+                  tol: Optional[float]) -> None:
+    """Record ``a`` against ``b`` as one vector of changes from ``base`` or array by array."""
+    if tol is not None:
+        res.key_tol[label] = tol
+    res.diffs[label], res.worst[label] = (_global(a, b, base, keep) if global_norm
+                                          else _worst(a, b, keep))
+
+
 #: the three ways to run the network that ``verify`` holds equal, pair by pair:
-#: (label, stack options), all float64 on the CPU
+#: (label, options), all float64 on the CPU
 STACKS = (("torch", StackOptions("torch", dtype="float64")),
           ("theano-c", StackOptions("theano", dtype="float64", theano_mode="c")),
           ("theano-jax", StackOptions("theano", dtype="float64", theano_mode="jax")))
@@ -197,26 +181,13 @@ def verify_stacks(cfg: ModelConfig, train: TrainConfig, name: str, lr: float = 0
 def verify_device(cfg: ModelConfig, train: TrainConfig, name: str, device: str = "cuda",
                   lr: float = 0.1, seed: int = 0, tol: float = TOLERANCE,
                   tol_f32: float = TOLERANCE_F32) -> List[Result]:
-    """``modern/`` on ``device`` against ``modern/`` on the CPU, in two parts.
+    """``modern/`` on ``device`` against ``modern/`` on the CPU.
 
-    Exactness, float64 (``tol``, array by array, like the stack comparison): on float64 the
-    device's kernels (cuDNN convolutions, batch norm, the LSTM's matrix products) differ from
-    the CPU's only in summation order, ~1e-15, so any figure near ``tol`` is a bug:
-
-    1. ``float64 vs cpu``: logits and one eager step against the CPU;
-    2. ``float64 graph vs eager``: :data:`GRAPH_STEPS` steps through the captured CUDA graph
-       (static buffers, the learning rate as a device tensor, in-place running averages)
-       against the same steps taken eagerly;
-    3. ``float64 epoch``: :func:`_verify_epoch`, the resident data and batched gather of a
-       GPU epoch against the CPU sampler.
-
-    Rounding, float32 as training runs it but with TF32 off (``tol_f32`` on logits and loss,
-    :data:`UPDATE_TOLERANCE_F32` on the state change as one vector, :func:`_global`):
-
-    4. ``float32 vs cpu float64``;
-    5. ``float32 graph vs eager`` over :data:`GRAPH_STEPS` steps.
-
-    On a CPU ``device`` the graph runs eagerly too (tests use this to run the code paths).
+    float64, array by array within ``tol`` (only the summation order differs): the device
+    against the CPU; :data:`GRAPH_STEPS` steps through the CUDA graph against eager ones; a
+    GPU epoch (:func:`_verify_epoch`). float32 with TF32 off, ``tol_f32`` on logits and loss
+    and :data:`UPDATE_TOLERANCE_F32` on the state change as one vector: the device against
+    the CPU's float64, and graph against eager. On a CPU ``device`` the graph runs eagerly.
     """
     on_gpu = device.startswith("cuda")
 
@@ -258,14 +229,9 @@ def verify_references(device: str = "cpu") -> Result:
 
 def _verify_epoch(cfg: ModelConfig, train: TrainConfig, name: str, device: str, lr: float,
                   seed: int, tol: float, dtype: str = "float64") -> Result:
-    """The GPU epoch path (resident data, batched gather, graph) against the CPU sampler.
-
-    The gathered batches must equal ``BatchSampler.epoch``'s bit for bit; one epoch through
-    the fast path of :func:`crmn.train.train_epoch` must end where eager ``step`` calls over
-    the sampler's batches end
-    (array by array within ``tol`` in float64, as one vector within
-    :data:`UPDATE_TOLERANCE_F32` in float32).
-    """
+    """The GPU epoch path against the CPU sampler: the gathered batches bit-equal, and one
+    fast-path epoch ending where eager steps over the sampler's batches end (float64 array
+    by array within ``tol``; float32 as one vector within :data:`UPDATE_TOLERANCE_F32`)."""
     import torch
 
     from modern import gpu as gpu_data
@@ -297,19 +263,10 @@ def _verify_epoch(cfg: ModelConfig, train: TrainConfig, name: str, device: str, 
     losses = [_step_loss(eager, xb, yb, lr) for xb, yb in sampler.epoch(1)]
     res.diffs["epoch loss"] = abs(stats.loss - float(np.mean(losses))) / abs(np.mean(losses))
     res.worst["epoch loss"] = "mean cross-entropy"
-    if dtype == "float64":
-        res.diffs["state after epoch"], res.worst["state after epoch"] = _worst(
-            graph.get_state(), eager.get_state(), lambda k: True)
-    else:
-        res.key_tol["state after epoch"] = UPDATE_TOLERANCE_F32
-        res.diffs["state after epoch"], res.worst["state after epoch"] = _global(
-            graph.get_state(), eager.get_state(), base, lambda k: True)
+    f32 = dtype != "float64"
+    _state_figure(res, "state after epoch", graph.get_state(), eager.get_state(), base,
+                  lambda k: True, f32, UPDATE_TOLERANCE_F32 if f32 else None)
     return res
-
-
-def _configs_from_rows(spec: str, batch_size: int):
-    return [(row.id, ModelConfig.for_row(row), TrainConfig(batch_size=batch_size))
-            for row in paper.select(spec)]
 
 
 Config = Tuple[str, ModelConfig, TrainConfig]
@@ -317,23 +274,17 @@ Config = Tuple[str, ModelConfig, TrainConfig]
 
 def select_configs(configs: Optional[Sequence[Union[str, Config]]] = None,
                    batch_size: Optional[int] = None) -> List[Config]:
-    """The ``(name, ModelConfig, TrainConfig)`` triples to verify.
-
-    ``configs``: row ids of :mod:`crmn.paper` or triples; default :data:`DEFAULT_CONFIGS`.
-    ``batch_size``, when given, is the batch of every configuration, rows and triples alike;
-    otherwise rows run at :data:`BATCH_SIZE` and triples keep their own.
-
-    Raises
-    ------
-    ConfigError
-        ``batch_size`` below 1, or an unknown row id.
-    """
+    """The ``(name, ModelConfig, TrainConfig)`` triples to verify: row ids of
+    :mod:`crmn.paper` or triples (default :data:`DEFAULT_CONFIGS`). ``batch_size`` overrides
+    every batch; otherwise rows run at :data:`BATCH_SIZE`. ConfigError for a batch size
+    below 1 or an unknown row id."""
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     items = []
     for c in (DEFAULT_CONFIGS if configs is None else configs):
         if isinstance(c, str):
-            items += _configs_from_rows(c, BATCH_SIZE if batch_size is None else batch_size)
+            train = TrainConfig(batch_size=batch_size or BATCH_SIZE)
+            items += [(row.id, ModelConfig.for_row(row), train) for row in paper.select(c)]
         elif batch_size is not None:
             name, cfg, train = c
             items.append((name, cfg, dataclasses.replace(train, batch_size=batch_size)))
@@ -349,7 +300,7 @@ def verify(configs: Optional[Sequence[Union[str, Config]]] = None,
     """Run the comparisons and print one block per configuration; returns the results.
 
     ``configs`` and ``batch_size`` as in :func:`select_configs`.
-    ``device="cpu"`` compares the stacks; a CUDA device runs :func:`verify_device`.
+    ``device="cpu"`` compares the backends; a CUDA device runs :func:`verify_device`.
     """
     check_device(device)
     items = select_configs(configs, batch_size)

@@ -1,32 +1,16 @@
-"""The PyTorch stack behind :class:`crmn.stack.Stack`: the same SGD as Lasagne, fast on GPUs.
+"""The PyTorch backend behind :class:`crmn.stack.Stack`: Lasagne's SGD, fast on GPUs.
 
-SGD is written out in Lasagne's form (``lasagne.updates.momentum`` /
-``nesterov_momentum``), section 4 of the paper: with ``g = ∂L/∂p + wd·p`` (the ``wd·p`` only
-on decayed arrays, ``crmn.naming.DECAYED_ROLES``; it is the gradient of the Theano stack's
-penalty ``(wd/2)·Σw²``)::
+SGD in Lasagne's form (section 4), with ``g = ∂L/∂p + wd·p`` on the decayed arrays only
+(``crmn.naming.DECAYED_ROLES``; the gradient of the Theano backend's ``(wd/2)·Σw²``)::
 
     v <- μ v - lr g          p <- p + v                 (classical, the default)
     v <- μ v - lr g          p <- p + μ v - lr g        (Nesterov, ``train.nesterov``)
 
-Precision (``dtype``): ``"float64"`` (verification), ``"float32"`` (default; TF32 matrix
-units allowed on CUDA, ``tf32=False`` turns them off), ``"bfloat16"`` (float32 weights and
-optimizer state, forward and backward under bf16 autocast, channels-last activations; CUDA).
-
-Under bfloat16, autocast would cast every conv filter to bf16 at its use, and every filter's
-bf16 gradient back to float32: two tiny kernels per layer and step, a few hundred on the
-deep rows. ``cast_once`` (the bfloat16 default) instead concatenates the weights that enter
-exactly one product (:meth:`modern.model.CIFARNet.single_product_weights`) and casts them in
-one kernel per step; their gradients come back through one concatenation and one cast. Each
-number is rounded exactly as autocast rounds it, so both give the same bits
-(``tests/test_modern_train.py``).
-
-On CUDA a train step at the paper's batch sizes is a few hundred tiny kernels, so an eager
-loop is bound by launch overhead. Here the whole step (forward, loss, backward, weight
-decay, momentum update, batch-norm running averages) is captured once into one CUDA graph
-over static buffers; the learning rate lives in a device tensor so a new rate needs no
-re-capture; loss and accuracy stay on the device (the loop reads them once per epoch). The
-training set stays on the GPU and each epoch's crops come from :mod:`modern.gpu`, which
-applies the framework-free sampler's plan, so GPU and CPU see identical batches.
+On CUDA a step at the paper's batch sizes is a few hundred tiny kernels, so the whole step is
+captured once as a CUDA graph over static buffers (the learning rate a device tensor), and
+the training set stays on the device (:mod:`modern.gpu`), cropped exactly as the sampler
+plans. Under bfloat16, ``cast_once`` casts all single-product weights in one kernel per step
+instead of one per layer, rounding each number as autocast does (same bits).
 """
 from __future__ import annotations
 
@@ -53,26 +37,12 @@ DTYPES = STACK_DTYPES["torch"]
 class TorchBackend:
     """:class:`crmn.stack.Stack` over :class:`modern.model.CIFARNet`.
 
-    Parameters
-    ----------
-    model, train : ModelConfig, TrainConfig
-        The network; ``train`` gives the seed, batch size, momentum, Nesterov, weight decay.
-    device : str
-        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-    dtype : {"float32", "float64", "bfloat16"}
-        See the module docstring; ``"bfloat16"`` is autocast with float32 weights.
-    graph : bool or None
-        Capture the train step as one CUDA graph (default: on CUDA); ``False`` runs it eagerly.
-    tf32 : bool
-        Allow TF32 matrix units for float32 on CUDA.
-    channels_last : bool or None
-        NHWC activations and filters (default: with bfloat16 only).
-    compile : bool
-        Run the train step's forward through ``torch.compile`` (inductor fuses batch norm,
-        ReLU and the shortcut); the CUDA graph is still captured by this class.
-    cast_once : bool or None
-        bfloat16 only: cast the single-product weights to bf16 in one kernel per step
-        instead of one per layer (see the module docstring; default: on with bfloat16).
+    ``train`` gives the seed, batch size, momentum, Nesterov and weight decay; ``device``
+    ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``dtype`` float32, float64 or bfloat16 (autocast,
+    float32 weights and optimizer state). ``graph``: capture the train step as one CUDA graph
+    (default on CUDA); ``tf32``: TF32 matrix units for float32 on CUDA; ``channels_last``:
+    NHWC (default with bfloat16); ``compile``: the forward through ``torch.compile`` (the
+    graph is still captured here); ``cast_once``: see the module docstring (bfloat16 only).
     """
 
     name = "torch"
@@ -193,11 +163,8 @@ class TorchBackend:
         return flat.view(like.shape)
 
     def _cast_weights(self) -> Dict[str, torch.Tensor]:
-        """bf16 copies of the single-product weights, all cast in one kernel ({} if off).
-
-        Differentiable: their gradients reach the float32 parameters through one
-        concatenation (the split's backward) and one cast (the cast's backward).
-        """
+        """bf16 copies of the single-product weights, cast in one kernel ({} if off); their
+        gradients come back through one concatenation and one cast."""
         if not self._cast:
             return {}
         flat = torch.cat([self._flat(p) for _, p in self._cast]).to(torch.bfloat16)
@@ -207,10 +174,8 @@ class TorchBackend:
     # ------------------------------------------------------------------ the step
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor):
-        """Forward, loss, backward, SGD update; returns (loss, correct) as device scalars.
-
-        Everything stays on the device (no host sync), so the same code is captured.
-        """
+        """Forward, loss, backward, SGD update; (loss sum, correct) as device scalars, with no
+        host sync, so that the same code is captured."""
         with self._autocast():
             logits = self._train_forward(self._cast_weights(), x)
         loss = F.cross_entropy(self._logits_dtype(logits), y)
@@ -236,11 +201,8 @@ class TorchBackend:
         return self.params + self.velocity + list(self.buffers.values())
 
     def _capture(self) -> None:
-        """Record the step for ``train.batch_size`` images as one CUDA graph.
-
-        Warm-up runs (needed before capture: cuDNN picks kernels, autograd allocates) would
-        train the network, so the state is saved before and restored after them.
-        """
+        """Record the step for ``train.batch_size`` images as one CUDA graph; the warm-up
+        steps a capture needs would train the network, so the state is restored after them."""
         B = self.train_cfg.batch_size
         x = torch.randn(B, 3, 32, 32, device=self.dev, dtype=self.dtype)
         if self.channels_last:
@@ -265,10 +227,8 @@ class TorchBackend:
         self._graph_lr = None  # the learning rate tensor holds no rate yet
 
     def step(self, x, y, lr: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One SGD step on one batch (numpy or tensors on this device); returns the batch's
-        summed cross-entropy (float64) and correct count (int64) before the update, as
-        device scalars: no host sync. Through the CUDA graph they are its output buffers,
-        valid until the next step."""
+        """:meth:`crmn.stack.Stack.step` on numpy or device tensors; through the CUDA graph the
+        sums are its output buffers."""
         xb, yb = self._input(x), self._labels(y)
         if self.use_graph and xb.shape[0] == self.train_cfg.batch_size:
             if self._graph is None:

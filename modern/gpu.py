@@ -1,12 +1,9 @@
 """A whole epoch's augmented batches in a few batched kernels, from data resident on a device.
 
-airbench's recipe: the training set is copied to the GPU once, zero-padded once, and every
-epoch the sampler's :class:`crmn.data.EpochPlan` (image order, crop offsets, flips: every
-random choice of the epoch, drawn by the framework-free sampler) is applied to all images at
-once with gather kernels. The result is bit for bit the batches that
-``crmn.data.BatchSampler.epoch`` yields on the CPU, so both stacks and both devices see the
-same data for the same seed (SPEC §6). The functions run on any torch device; the tests
-compare them with the sampler on CPU tensors.
+airbench's recipe: the training set is copied to the device and zero-padded once; each epoch
+the sampler's :class:`crmn.data.EpochPlan` (order, crop offsets, flips) is applied to all
+images at once by gather kernels, giving bit for bit the batches ``BatchSampler.epoch`` yields
+on the CPU (docs/spec.md §6).
 """
 from __future__ import annotations
 
@@ -31,10 +28,8 @@ class ResidentData:
 
 def make_resident(x: np.ndarray, y: np.ndarray, pad: int, device: torch.device,
                   dtype: torch.dtype) -> ResidentData:
-    """Copy images (N, 3, 32, 32) and labels (N,) to ``device``, zero-padded by ``pad``.
-
-    The padding is zeros after normalisation, as the sampler pads (SPEC §4).
-    """
+    """Copy images (N, 3, 32, 32) and labels (N,) to ``device``, zero-padded by ``pad``
+    after normalisation, as the sampler pads (docs/spec.md §4)."""
     xt = torch.as_tensor(np.asarray(x), dtype=dtype).to(device)
     xpad = F.pad(xt, (pad, pad, pad, pad))  # (N, 3, 32+2p, 32+2p)
     yt = torch.as_tensor(np.asarray(y), dtype=torch.int64).to(device)
@@ -42,23 +37,10 @@ def make_resident(x: np.ndarray, y: np.ndarray, pad: int, device: torch.device,
 
 
 def gather_epoch(data: ResidentData, order, dy, dx, flip) -> tuple:
-    """Apply one epoch's plan to the resident images: crops and flips for all positions.
-
-    Parameters
-    ----------
-    data : ResidentData
-    order : int array (M,)
-        Image index of each position of the epoch (M = batches × batch size).
-    dy, dx : int arrays (M,)
-        Crop offsets in 0..2·pad into the padded image, per position.
-    flip : bool array (M,)
-        Mirror the crop left-right, per position.
-
-    Returns
-    -------
-    x : Tensor (M, 3, 32, 32), y : Tensor (M,) int64
-        Batch ``b`` is ``x[b·B:(b+1)·B]``.
-    """
+    """One epoch's plan applied to the resident images, per position (M = batches × batch
+    size): image index ``order`` (M,), crop offsets ``dy, dx`` (M,) in 0..2·pad, left-right
+    ``flip`` (M,). Returns ``x`` (M, 3, 32, 32) and ``y`` (M,) int64; batch b is
+    ``x[b·B:(b+1)·B]``."""
     dev = data.xpad.device
     order = torch.as_tensor(np.asarray(order, dtype=np.int64)).to(dev)
     dy = torch.as_tensor(np.asarray(dy, dtype=np.int64)).to(dev)

@@ -1,25 +1,11 @@
-"""The CRMN network and its plain-ResNet baseline in PyTorch (SPEC §4), equal to ``original/``.
+"""The CRMN network and its plain-ResNet baseline in PyTorch (docs/spec.md §4).
 
-One builder per paper architecture: :func:`build_resnet`, :func:`build_crmn`, and
-:func:`build` for a :class:`crmn.config.ModelConfig`. Parameter counts (trainable arrays, as
-Table 1 counts them; ``python -m modern.model`` prints them beside the paper's)::
-
-    ResNet-32x1 0.47 M   ResNet-134x1 2.12 M   ResNet-62x4 15.16 M
-    CRMN-32x1   2.16 M   CRMN-32x4   14.01 M
-
-What makes this port equal to the Lasagne reference, point by point:
-
-* the same initial arrays: both stacks load :func:`crmn.init.initial_state` for a seed;
-* convolutions are cross-correlations with no bias, padding 1, He-normal (gain √2) init;
-* batch norm follows Lasagne's ``BatchNormLayer``: ε = :data:`crmn.naming.BN_EPS`, batch
-  ``inv_std = 1/sqrt(biased var + ε)``, running ``mean`` and ``inv_std`` (not the variance)
-  averaged with rate :data:`crmn.naming.BN_ALPHA`; only a train step updates them;
-* option-A shortcuts: stride-2 subsampling and zero channels on both sides (the Lasagne
-  recipe's ``PadLayer(..., [out // 4, 0, 0])``: the identity sits in the middle channels);
-* the LSTM is the peephole LSTM of eqs. 2-7 written out (``torch.nn.LSTM`` has none), with its
-  input projection for all 3n steps done as one matrix product, as Lasagne's
-  ``precompute_input`` does, and its backward written out too (fewer GPU kernels); gate
-  order in the packed matrices is i, f, c, o.
+One builder per architecture (:func:`build_resnet`, :func:`build_crmn`, :func:`build`);
+``python -m modern.model`` prints each Table 1 row's parameter count beside the paper's.
+Equal to ``original/`` by construction: the same initial arrays (:mod:`crmn.init`), Lasagne's
+batch-norm convention, option-A shortcuts with the identity in the middle channels, and the
+peephole LSTM of eqs. 2-7 written out (``torch.nn.LSTM`` has no peepholes); packed gate
+order i, f, c, o.
 """
 from __future__ import annotations
 
@@ -39,12 +25,8 @@ from crmn.naming import BN_ALPHA, BN_EPS, count_trainable
 
 
 class RunningStats:
-    """The batch statistics of one forward, folded into the running averages at its end.
-
-    Per layer, ``mean.lerp_(batch_mean, α)`` and the same for ``inv_std`` are two tiny
-    kernels, a few hundred per step on the deep rows; :meth:`apply` does them all with one
-    multi-tensor ``_foreach_lerp_``, which uses the same lerp formula (same bits).
-    """
+    """The batch statistics of one forward, folded into the running averages at its end
+    by one multi-tensor lerp (same bits as a lerp per layer, far fewer kernels)."""
 
     def __init__(self):
         self.running: List[torch.Tensor] = []
@@ -62,11 +44,10 @@ class RunningStats:
 
 
 class BatchNorm(nn.Module):
-    """Batch normalisation in Lasagne's convention (Ioffe & Szegedy 2015; SPEC §4).
+    """Batch normalisation in Lasagne's convention (Ioffe & Szegedy 2015).
 
-    ``weight`` is γ, ``bias`` is β (trainable); buffers ``mean`` and ``inv_std`` are the
-    running averages ``r <- (1 - α) r + α batch`` of the batch mean and of the batch
-    ``1/sqrt(var + ε)``, var biased, α = BN_ALPHA, ε = BN_EPS.
+    ``weight`` γ, ``bias`` β; buffers ``mean`` and ``inv_std`` average the batch mean and
+    ``1/sqrt(biased var + ε)`` with rate α (``r <- (1 - α) r + α batch``).
     """
 
     def __init__(self, channels: int):
@@ -84,10 +65,9 @@ class BatchNorm(nn.Module):
         :class:`RunningStats` collects this layer's batch statistics for its ``apply``.
         """
         if training:
-            # one fused kernel that also returns the batch mean and 1/sqrt(var + eps);
-            # momentum 0 and no running buffers: we average them ourselves, Lasagne's way
-            # (cuDNN's batch norm was measured on an H100: 1 % faster in float32, but the
-            # graph-vs-eager check of crmn.verify drifted to 3e-2 after 3 steps; not used)
+            # one fused kernel that also returns the batch mean and 1/sqrt(var + eps); no
+            # running buffers: we average them ourselves, Lasagne's way (cuDNN's batch norm
+            # is not used: crmn.verify's graph-vs-eager check drifted with it)
             out, bmean, binv = torch.native_batch_norm(
                 x, self.weight, self.bias, None, None, True, 0.0, BN_EPS)
             if update_stats:
@@ -104,11 +84,8 @@ class BatchNorm(nn.Module):
 
 
 def shortcut_a(x: torch.Tensor, out_channels: int, stride: int) -> torch.Tensor:
-    """Option-A shortcut (He et al. 2015): subsample by ``stride``, zero-pad channels.
-
-    (B, C, H, W) -> (B, out_channels, H/stride, W/stride); the new channels are split
-    evenly before and after the identity's (Lasagne recipe / akamaster convention).
-    """
+    """Option-A shortcut (He et al. 2015): (B, C, H, W) -> (B, out_channels, H/stride,
+    W/stride), new zero channels split before and after the identity's (Lasagne's recipe)."""
     if stride > 1:
         x = x[:, :, ::stride, ::stride]
     extra = out_channels - x.shape[1]
@@ -136,21 +113,14 @@ class BasicBlock(nn.Module):
 
 
 class _PeepholeRecurrence(torch.autograd.Function):
-    """The 3n-step recurrence of eqs. 2-7, with a hand-written backward.
+    """The 3n-step recurrence of eqs. 2-7 with a hand-written backward: far fewer kernels
+    than autograd records, and ``W_h``'s gradient as one product after the loop
+    (operator counts: REPRODUCING.md §5).
 
-    Autograd over the written-out cell would record every small elementwise operator of
-    every step twice over, and one ``W_h`` product (plus, under bf16, casts) per step for
-    ``W_h``'s gradient. Here each step's backward is the chain rule through the gates in a
-    few fused operators (``sigmoid_backward``, ``addcmul``) and one product for the
-    recurrence; ``W_h``'s gradient is one ``(B·T, H)ᵀ (B·T, 4H)`` product after the loop and
-    each peephole's one reduction (operator counts per step: REPRODUCING.md §5,
-    ``run_experiments.sh profile --count-ops``).
-
-    ``W_h`` is cast to ``mm_dtype`` (the input product's dtype: bf16 under autocast) once
-    per forward; gates, cell and gradients stay in ``xw``'s dtype (float32 under autocast,
-    since ``b`` is), as autocast computes them. Inputs: ``xw`` (B, T, 4H) = x W_x + b;
-    ``W_h`` (H, 4H); peepholes ``w_ci, w_cf, w_co`` (H,) or None; ``h0, c0`` (H,). Output:
-    every ``h`` (B, T, H), or the last one (B, H) when ``last_only``.
+    ``W_h`` is cast once per forward to ``mm_dtype`` (bf16 under autocast); gates, cell and
+    gradients stay in ``xw``'s dtype, as autocast computes them. Inputs: ``xw`` (B, T, 4H) =
+    x W_x + b; ``W_h`` (H, 4H); peepholes ``w_ci, w_cf, w_co`` (H,) or None; ``h0, c0``
+    (H,). Output: every ``h`` (B, T, H), or the last (B, H) when ``last_only``.
     """
 
     @staticmethod
@@ -233,8 +203,8 @@ class _PeepholeRecurrence(torch.autograd.Function):
 class PeepholeLSTM(nn.Module):
     """The LSTM of eqs. 2-7 (section 3.2) with peepholes and learned initial states.
 
-    Packed arrays, gate chunks in :data:`crmn.naming.LSTM_GATES` order: ``W_x`` (I, 4H), ``W_h`` (H, 4H),
-    ``b`` (4H,); peepholes ``w_ci, w_cf, w_co`` (H,); ``h0, c0`` (H,).
+    Packed arrays, gates in :data:`crmn.naming.LSTM_GATES` order: ``W_x`` (I, 4H), ``W_h``
+    (H, 4H), ``b`` (4H,); peepholes ``w_ci, w_cf, w_co`` (H,); ``h0, c0`` (H,).
     """
 
     def __init__(self, inputs: int, units: int, outgate: str, peepholes: bool):
@@ -253,18 +223,8 @@ class PeepholeLSTM(nn.Module):
         self.c0 = nn.Parameter(torch.zeros(units))
 
     def forward(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Hidden states for every step.
-
-        Parameters
-        ----------
-        x : Tensor, shape (B, T, I)
-        last_only : bool
-            Return only the last step's hidden state (what CRMN's softmax reads).
-
-        Returns
-        -------
-        Tensor, shape (B, T, H), or (B, H) with ``last_only``
-        """
+        """Hidden states (B, T, H) of inputs ``x`` (B, T, I); only the last (B, H), what
+        CRMN's softmax reads, with ``last_only``."""
         B, T, I = x.shape
         H = self.units
         # one (B·T, I) @ (I, 4H) product for all steps (Lasagne's precompute_input); the
@@ -306,8 +266,8 @@ class CIFARNet(nn.Module):
         self.fc = nn.Linear(fc_in, cfg.classes)
 
     def reset_parameters(self, seed: int) -> None:
-        """Load the initial arrays of :func:`crmn.init.initial_state` (SPEC §4), the same
-        numbers as ``original/`` draws for ``seed``, cast to this module's device and dtype."""
+        """Load :func:`crmn.init.initial_state` for ``seed`` (the arrays ``original/`` loads),
+        cast to this module's device and dtype."""
         state = canonical_to_torch(self.cfg, initial_state(self.cfg, seed), with_velocity=False)
         with torch.no_grad():
             for name, t in self.state_dict(keep_vars=True).items():  # params and BN buffers
@@ -315,17 +275,14 @@ class CIFARNet(nn.Module):
 
     def tap(self, x: torch.Tensor) -> torch.Tensor:
         """One block output (B, C, S, S) -> LSTM input (B, I): 2×2 mean pool, flatten C×H×W,
-        zero-pad at the end to ``cfg.lstm_input`` (SPEC §4)."""
+        zero-pad at the end to ``cfg.lstm_input`` (docs/spec.md §4)."""
         p = F.avg_pool2d(x, 2).flatten(1)
         return F.pad(p, (0, self.cfg.lstm_input - p.shape[1]))
 
     def forward(self, x: torch.Tensor, training: bool = True,
                 update_stats: bool = False) -> torch.Tensor:
-        """Logits (B, classes) for images x (B, 3, 32, 32).
-
-        ``training``: batch-statistics batch norm; ``update_stats`` (with ``training``):
-        also move the running averages, which only a train step asks for.
-        """
+        """Logits (B, classes) for images x (B, 3, 32, 32); ``training``: batch statistics,
+        ``update_stats`` (a train step): also move the running averages."""
         if update_stats and not training:
             raise ValueError("update_stats needs training=True")
         stats = RunningStats() if update_stats else False  # applied once, after the blocks
@@ -349,14 +306,9 @@ class CIFARNet(nn.Module):
         return self.fc(feat)
 
     def single_product_weights(self) -> List[str]:
-        """Names of the parameters that enter exactly one convolution or matrix product.
-
-        Conv filters, the dense layer's weight and bias, the LSTM's input weights ``W_x``.
-        Under bfloat16 autocast each of them is cast at its one use, so casting them all
-        before the forward (:class:`modern.backend.TorchBackend`'s ``cast_once``) computes
-        the same numbers. ``lstm.W_h`` is left out: it enters 3n products, and autocast sums
-        the gradients of its 3n casts in float32, where one shared bfloat16 copy would sum
-        them in bfloat16.
+        """The parameters that enter exactly one convolution or product (filters, the dense
+        layer, ``lstm.W_x``): casting them before the forward (``cast_once``) gives autocast's
+        numbers. Not ``lstm.W_h``: autocast sums its 3n casts' gradients in float32.
         """
         names = [f"{m}.weight" for m, mod in self.named_modules() if isinstance(mod, nn.Conv2d)]
         names += ["fc.weight", "fc.bias"]

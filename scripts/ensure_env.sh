@@ -37,7 +37,7 @@ _crmn_find_python() {
   return 1
 }
 
-# Theano links the network's matrix products against a system BLAS (SPEC §3).
+# Theano links the network's matrix products against a system BLAS (docs/spec.md §3).
 # (grep reads all of ldconfig's output: with -q it would exit early, ldconfig would die of
 # SIGPIPE, and pipefail would report OpenBLAS missing at random)
 _crmn_ensure_openblas() {

@@ -13,7 +13,7 @@ with the equations rather than with one another:
 
 Note that the output gate's peephole (4) reads the *new* cell c_l, the input and forget
 gates' (2, 3) the previous one. ``σ_o`` is the logistic function (eq. 4) or tanh (the text);
-SPEC §4 picks logistic by default. Row-vector convention as in ``crmn.naming``: ``x W``.
+docs/spec.md §4 picks logistic by default. Row-vector convention as in ``crmn.naming``: ``x W``.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""requirements.txt and environment.yml carry the same pins (SPEC §3)."""
+"""requirements.txt and environment.yml carry the same pins (docs/spec.md §3)."""
 import re
 from pathlib import Path
 

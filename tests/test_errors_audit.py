@@ -1,4 +1,4 @@
-"""The audit of every fault message (issue #24): docs/errors.md lists each CRMNError site of
+"""The audit of every fault message: docs/errors.md lists each CRMNError site of
 crmn/, original/ and modern/ and each stderr line of the shell scripts, with what to do next
 (crmn/tools/errors.py). A new message fails here until the table is written again and the
 message reviewed in its diff."""

@@ -1,22 +1,14 @@
-"""The audit of every fault message the archive prints (issue #24): ``docs/errors.md``.
+"""The audit of every fault message the archive prints: ``docs/errors.md``.
 
-A *site* is a place that builds a :class:`crmn.errors.CRMNError` (``raise DataError(...)``,
-or a helper that builds one for its caller to raise) in ``crmn/``, ``original/`` or
-``modern/``, or a shell line that writes to stderr (``echo ... >&2``, ``say ... >&2``, or a
-call of a script's ``*_die`` helper) in the archive's shell scripts. Its id is
-``file:function:Kind`` (Python; ``Kind#2`` for the second site of a kind in one function)
-or ``file:line-text`` (shell), so that moving code keeps it and a new site is new.
-
-``python -m crmn.tools.errors`` (re)writes ``docs/errors.md`` from the source: per site
-where it is, its kind and exit code, the message as a template (``{…}`` stands for a value
-filled in at run time) and what it tells the user to do next. tests/test_errors_audit.py
-fails while the file is not what this module writes, naming the sites that are missing from
-it: a new message is reviewed, in the diff of docs/errors.md, the day it is written.
-
-What to do next is the message's own last clause that names an action (a command, an
-option, "delete X"); a message that leaves it to the code that catches and re-raises it
-names that code in :data:`WAY_ON_FROM` instead. A site with neither is listed under
-"Messages without a way on" at the end of the file (empty when the audit holds).
+A *site* builds a :class:`crmn.errors.CRMNError` in ``crmn/``, ``original/`` or ``modern/``,
+or writes to stderr in a shell script (``echo ... >&2``, ``say ... >&2``, a ``*_die``
+helper). Its id, ``file:function:Kind`` (``Kind#2`` for a second in one function) or
+``file:line-text``, survives moving code. ``python -m crmn.tools.errors`` rewrites the
+document from the source (where, kind and exit code, the message as a template with ``{…}``
+for run-time values, and what to do next); ``tests/test_errors_audit.py`` fails while a site
+is missing from it, so a new message is reviewed the day it is written. What to do next is
+the message's last clause naming an action, or the catcher's words in :data:`WAY_ON_FROM`;
+a site with neither is listed under "Messages without a way on".
 """
 from __future__ import annotations
 
@@ -93,7 +85,7 @@ WAY_ON_FROM: Dict[str, str] = {
     "crmn/launch/slurm.py:_poll_s:": "set CRMN_SLURM_POLL to a number of seconds, or unset it",
     "crmn/paper.py:row:": "choose one of the row ids it lists (--rows)",
     "crmn/paper.py:select:": "choose one of the experiments it lists",
-    "crmn/registry.py:probe:": "the stack's own line names the missing package or device and "
+    "crmn/registry.py:probe:": "the backend's own line names the missing package or device and "
     "its pip command or option",
     "crmn/report.py:compare:RunError": "free disk space or make the folder writable, then "
     "compare again",
@@ -102,7 +94,7 @@ WAY_ON_FROM: Dict[str, str] = {
     "crmn/train.py:evaluate:": "a bug: every split has images",
     "crmn/train.py:_best_model:CheckpointError": "crmn/train.py:_best_model adds: delete the "
     "run folder and run again without --resume",
-    "original/": "a bug or a setup fault inside the Theano stack; the message names it "
+    "original/": "a bug or a setup fault inside the Theano backend; the message names it "
     "(tests/test_original_*.py, scripts/make_references.py)",
     "modern/backend.py:TorchBackend.__init__:ConfigError#2": "use --device cpu, or a machine "
     "whose GPU torch sees",
@@ -152,13 +144,8 @@ def _template(node: ast.AST) -> str:
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
     if isinstance(node, ast.JoinedStr):
-        parts = []
-        for v in node.values:
-            if isinstance(v, ast.Constant):
-                parts.append(str(v.value))
-            else:
-                parts.append("{" + ast.unparse(v.value) + "}")
-        return "".join(parts)
+        return "".join(str(v.value) if isinstance(v, ast.Constant)
+                       else "{" + ast.unparse(v.value) + "}" for v in node.values)
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
         return _template(node.left) + _template(node.right)
     return "{" + ast.unparse(node) + "}"
@@ -167,8 +154,8 @@ def _template(node: ast.AST) -> str:
 class _Finder(ast.NodeVisitor):
     """Every call of a CRMNError kind, with the function (qualified name) it is in."""
 
-    def __init__(self, rel: str):
-        self.rel, self.scope, self.found = rel, [], []  # found: (function, kind, message)
+    def __init__(self):
+        self.scope, self.found = [], []  # found: (function, kind, message)
 
     def _enter(self, node) -> None:
         self.scope.append(node.name)
@@ -193,7 +180,7 @@ def python_sites(root: Path = ROOT) -> List[Site]:
             rel = path.relative_to(root).as_posix()
             if rel == "crmn/errors.py":
                 continue  # the kinds themselves
-            finder = _Finder(rel)
+            finder = _Finder()
             finder.visit(ast.parse(path.read_text(), filename=rel))
             seen: Dict[str, int] = {}
             for function, kind, message in finder.found:
@@ -207,7 +194,8 @@ def python_sites(root: Path = ROOT) -> List[Site]:
 # --- shell sites -----------------------------------------------------------------------
 
 _DIE_DEF = re.compile(r"^\s*(\w*die)\s*\(\)")
-_ECHO = re.compile(r"""\b(?:echo|say)\s+(?P<msg>"(?:[^"\\]|\\.)*"(?:\s+"(?:[^"\\]|\\.)*")*)\s*>&2""")
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_ECHO = re.compile(r"\b(?:echo|say)\s+(?P<msg>" + _QUOTED + r"(?:\s+" + _QUOTED + r")*)\s*>&2")
 
 
 def _shell_text(quoted: str) -> str:
@@ -285,9 +273,8 @@ def listed_ids(text: str) -> List[str]:
 
 
 def main(argv=None) -> int:
-    """``python -m crmn.tools.errors [--check]``: write docs/errors.md, or (``--check``)
-    only say whether it is up to date (exit 1 if not). A developer tool, outside the
-    archive's command line (crmn/cli/), so it reads its one flag itself."""
+    """``python -m crmn.tools.errors [--check]``: write docs/errors.md, or only say whether
+    it is up to date (exit 1 if not). A developer tool: it reads its one flag itself."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv not in ([], ["--check"]):
         print("usage: python -m crmn.tools.errors [--check]", file=sys.stderr)

@@ -1,8 +1,5 @@
-"""Throughput of the batch sampler (:class:`crmn.data.BatchSampler`) on the CPU.
-
-Developer timing, kept out of the data package: :func:`time_sampler` returns its figures and
-prints nothing, so that a command line or a report can show them as it likes.
-"""
+"""Throughput of the batch sampler (:class:`crmn.data.BatchSampler`) on the CPU: developer
+timing kept out of the data package; it returns figures and prints nothing."""
 from __future__ import annotations
 
 import time
@@ -12,28 +9,16 @@ import numpy as np
 
 from crmn.data.sampler import BatchSampler
 
-#: Zero padding per side before the random crop, as in training (SPEC §4).
+#: Zero padding per side before the random crop, as in training (docs/spec.md §4).
 PAD = 4
 
 
 def time_sampler(n: int = 10000, batch_size: int = 100, epochs: int = 2,
                  seed: int = 0) -> Dict[str, object]:
-    """Images per second of :class:`BatchSampler` on CIFAR-shaped float32 data.
-
-    Parameters
-    ----------
-    n : images in the fake training set, float32 (n, 3, 32, 32)
-    batch_size : images per batch
-    epochs : epochs timed per setting (each ``n // batch_size`` full batches)
-    seed : seeds the images and the sampler
-
-    Returns
-    -------
-    dict
-        ``n``, ``batch_size``, ``epochs``, ``pad``, ``numpy`` (version string), and per
-        setting ``"flip_off"`` / ``"flip_on"`` a dict with ``images`` (images drawn),
-        ``seconds``, ``images_per_s`` and ``ms_per_batch``.
-    """
+    """Images per second of :class:`BatchSampler` over ``epochs`` epochs of ``n`` random
+    CIFAR-shaped float32 images: ``n``, ``batch_size``, ``epochs``, ``pad``, ``numpy`` (its
+    version), and per ``"flip_off"`` / ``"flip_on"`` a dict of ``images``, ``seconds``,
+    ``images_per_s`` and ``ms_per_batch``."""
     if n < 1 or batch_size < 1 or batch_size > n or epochs < 1:
         raise ValueError(f"need n >= batch_size >= 1 and epochs >= 1, got n={n}, "
                          f"batch_size={batch_size}, epochs={epochs}")
