@@ -260,7 +260,8 @@ def load_weights(path) -> Tuple[ModelConfig, Dict[str, np.ndarray], Dict]:
         cfg = ModelConfig(**meta["model"])
         return cfg, {s.name: arrays[s.name] for s in param_specs(cfg)}, meta
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such weights file")
+        raise CheckpointError(f"{path}: no such weights file; give the path of a .pt, .npz "
+                              "or checkpoint .h5")
     try:
         if path.suffix == ".pt":
             torch = _torch(f"reading {path.name} (or give the .npz)")

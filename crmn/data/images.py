@@ -217,7 +217,7 @@ def _decode(name: str, src: Path, exact: bool) -> Dict[str, np.ndarray]:
         if missing:
             raise DataError(f"{src}: no images in {split}/{missing[0]}/ (of {len(missing)} "
                             f"missing class folders); {LABEL[name]} needs train/<class>/ "
-                            "and test/<class>/ for each of its classes")
+                            "and test/<class>/ for each of its classes: add the missing ones")
     _check_counts(name, src, {s: len(found[s]) for s in SPLITS}, exact)
     out = {}
     with _pillow_limits() as image:

@@ -42,22 +42,29 @@ _ACTIONS = re.compile(
 #: sites whose message is completed by the code that catches it or by a helper whose text
 #: the template shows as a value: site id, or the start of ids, -> what the user reads there
 WAY_ON_FROM: Dict[str, str] = {
-    "crmn/checkpoint.py:load:": "crmn/train.py:_last_good_checkpoint: on --resume the run falls "
+    "crmn/checkpoint.py:load:": "crmn/rundir.py (RunFolder): on --resume the run falls "
     "back to checkpoint.prev.h5 (one warning line); if that is bad too: delete the run "
     "folder and run again without --resume",
-    "crmn/checkpoint.py:_meta:CheckpointError": "as for load (crmn/train.py falls back to "
+    "crmn/checkpoint.py:_meta:CheckpointError": "as for load (crmn/rundir.py falls back to "
     "checkpoint.prev.h5)",
-    "crmn/checkpoint.py:_meta:CheckpointError#3": "as for load (crmn/train.py falls back to "
+    "crmn/checkpoint.py:_meta:CheckpointError#3": "as for load (crmn/rundir.py falls back to "
     "checkpoint.prev.h5)",
     "crmn/checkpoint.py:save:CheckpointError": "a bug, not a fault (array names come from "
     "crmn.naming)",
-    "crmn/checkpoint.py:check_compatible:": "crmn/train.py adds it: resume with the settings "
+    "crmn/checkpoint.py:check_compatible:": "crmn/rundir.py adds it: resume with the settings "
     "the run was started with, or delete the run folder (a finished run: choose another "
     "--out-dir)",
     "crmn/cli/parser.py:_Parser.error:": "argparse's own line names the option; --help lists "
     "every option",
-    "crmn/cli/plans.py:": "correct the option the message names (--help gives its range)",
-    "crmn/config.py:": "crmn/cli/plans.py reports it as a usage error before anything "
+    "crmn/plan.py:_usage:": "correct the option the message names (--help gives its range)",
+    "crmn/gpucheck.py:plan_from_args:": "correct the gpucheck option the message names",
+    "crmn/gpucheck.py:GpucheckPlan.__post_init__:": "crmn/gpucheck.py:plan_from_args reports "
+    "it as a usage error: correct the option it names",
+    "crmn/data/formats.py:_cifar_batch:DataError#3": "the message ends with how to write "
+    "one's own batch (_OWN_BATCH), or to use the official file",
+    "crmn/data/formats.py:_cifar_batch:DataError#4": "the message ends with how to write "
+    "one's own batch (_OWN_BATCH), or to use the official file",
+    "crmn/config.py:": "crmn/plan.py reports it as a usage error before anything "
     "exists: correct the option of that name (--n, --k, --batch-size, --lr, ...)",
     "crmn/plan.py:RunSpec.__post_init__:": "choose a --dataset with that many classes, or "
     "another row",
@@ -92,8 +99,6 @@ WAY_ON_FROM: Dict[str, str] = {
     "crmn/tools/profile.py:": "choose a variant it lists",
     "crmn/train.py:train_epoch:": "a bug: the sampler checks the batch size first",
     "crmn/train.py:evaluate:": "a bug: every split has images",
-    "crmn/train.py:_best_model:CheckpointError": "crmn/train.py:_best_model adds: delete the "
-    "run folder and run again without --resume",
     "original/": "a bug or a setup fault inside the Theano backend; the message names it "
     "(tests/test_original_*.py, scripts/make_references.py)",
     "modern/backend.py:TorchBackend.__init__:ConfigError#2": "use --device cpu, or a machine "
