@@ -256,10 +256,10 @@ class Training:
             warn(f"{spec.data_dir} holds fake {spec.dataset} data (crmn.data write_fake); "
                  "this run's accuracies say nothing about the paper's")
         elif self.data_source == "unverified":
-            why = self.description or f"not checked against the official files " \
-                f"({data.UNVERIFIED_FLAG})"
-            warn(f"the {spec.dataset} data in {spec.data_dir}: {why}; compare lists this run "
-                 "as not as published")
+            why = f"are {self.description}" if self.description else \
+                f"were not checked against the official files ({data.UNVERIFIED_FLAG})"
+            warn(f"the {spec.dataset} data in {spec.data_dir} {why}; compare lists this run as "
+                 "not as published")
 
     def epoch_line(self, e: LogLine, sched, best: bool) -> str:
         """``[search] epoch 12 stage 0 lr 0.1 | train loss 1.2 acc 45.6% | val ... | 30.2 s``"""
