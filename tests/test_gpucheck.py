@@ -196,8 +196,7 @@ def test_the_real_check_trains_he_et_al_s_setting_through_the_command_line(tmp_p
     assert not args.compile and args.out_dir == tmp_path / "out" / "real-quick"
     # without torch (the current environment standing in for the GPU machine's python3)
     # the quick path trains in Theano-JAX
-    backend = q[q.index("--backend") + 1]
-    assert backend == ("torch" if _torch_here() else "theano")
+    assert args.backend == ("torch" if _torch_here() else "theano")
 
 
 def _fake_run(run_dir: Path, acc=None):
