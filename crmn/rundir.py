@@ -1,9 +1,6 @@
-"""The life of a run folder (its files: crmn/LOGS.md): lock, config.json, checkpoints,
-where a run resumes, and the extension of a run that ``--epochs-cap`` cut short.
-
-Every file is replaced atomically (crmn.runlog, crmn.checkpoint), in an order that leaves a
-folder the same command continues after a kill at any moment. The records below travel
-between functions; they become the files' JSON (crmn/LOGS.md's keys) only here.
+"""The life of a run folder (crmn/LOGS.md): lock, config.json, log, checkpoints, where a run
+resumes, and extending a run that ``--epochs-cap`` cut short. Files are replaced in an order
+that a kill at any moment leaves resumable; the typed records below become JSON only here.
 """
 from __future__ import annotations
 
@@ -29,8 +26,6 @@ from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 PHASES = ("search", "final")
 #: the checkpoint before checkpoint.h5, kept by crmn.checkpoint.save (the last good one)
 PREVIOUS = checkpoint.previous_path(runlog.CHECKPOINT).name
-#: ``--resume`` may change these fields; the cap only upwards (a run is extended)
-
 Arrays = Dict[str, np.ndarray]
 
 
@@ -156,6 +151,10 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+def warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
 class RunFolder:
     """``runs/<experiment>/<row>/seed<k>/`` and the run ``spec`` that trains in it."""
 
@@ -167,8 +166,7 @@ class RunFolder:
 
     @contextlib.contextmanager
     def held(self, fresh: bool = False) -> Iterator[None]:
-        """Create the folder and hold its lock (a second process is refused in one line,
-        crmn.runlog.hold); ``fresh`` empties it first, under the lock."""
+        """Create the folder and hold its lock; ``fresh`` empties it first, under the lock."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -182,16 +180,10 @@ class RunFolder:
                     entry.unlink()
             yield
 
-    # --- before training ------------------------------------------------------------------
-
     def finished(self, resume: bool) -> Optional[Dict]:
         """summary.json of a finished run of this configuration (to skip); None for a run
-        to train: new, unfinished and resumed, or finished and resumed under a larger
-        ``--epochs-cap`` (:meth:`start` extends it). RunError: an unfinished run without
-        ``resume``, a finished one of another configuration, a larger cap without ``resume``.
-        """
-        path = self.path(runlog.SUMMARY)
-        summary = runlog.read_json(path) if path.exists() else None
+        to train (also a finished one resumed under a larger ``--epochs-cap``)."""
+        summary = runlog.read_summary(self.dir)
         if not runlog.is_done(summary):
             # config.json alone (e.g. from a failed download) means nothing was trained
             for name in (runlog.CHECKPOINT, runlog.LOG, runlog.BEST, PREVIOUS):
@@ -219,9 +211,8 @@ class RunFolder:
         return None
 
     def _cap_raised(self, recorded: Dict, path: Path, source: str) -> Optional[int]:
-        """Check ``recorded`` (a checkpoint's meta or config.json) against this run; the
-        cap it was trained under when this run raises it, else None. CheckpointError:
-        another configuration, or a smaller cap (the epochs past it are trained already)."""
+        """Check ``recorded`` (a checkpoint's meta or config.json) against this run: the cap
+        it was trained under when this run raises it, else None; a smaller one is refused."""
         spec = self.spec
         checkpoint.check_compatible(recorded, spec.model, spec.train, dataset=spec.dataset,
                                     path=path, source=source, may_change=resume_may_change)
@@ -235,9 +226,8 @@ class RunFolder:
         return old
 
     def start(self, resume: bool) -> Optional[ResumePoint]:
-        """Where the run starts: None from its seed, else the last good checkpoint (under a
-        larger ``--epochs-cap``: :meth:`_lift_cap`). The log keeps the epochs it covers:
-        one logged but not checkpointed before a kill is trained again."""
+        """Where the run starts: None from its seed, else the last good checkpoint; the log
+        keeps the epochs it covers (one logged, not checkpointed before a kill is redone)."""
         for tmp in self.dir.glob(".*.tmp"):  # writes a kill interrupted: the real files stay
             tmp.unlink()
         log = self.path(runlog.LOG)
@@ -261,8 +251,7 @@ class RunFolder:
         return point
 
     def _last_good_checkpoint(self) -> Tuple[Arrays, Dict, Path]:
-        """checkpoint.h5, or checkpoint.prev.h5 when that does not read back (one line on
-        stderr names the epoch the run falls back to). CheckpointError: neither reads."""
+        """checkpoint.h5, or checkpoint.prev.h5 when that does not read back."""
         ckpt, prev = self.path(runlog.CHECKPOINT), self.path(PREVIOUS)
         try:
             return (*checkpoint.load(ckpt), ckpt)
@@ -275,8 +264,8 @@ class RunFolder:
             raise CheckpointError(f"{current}; {PREVIOUS} {other}, so the run cannot "
                                   f"continue: delete {self.dir} and run the command again "
                                   "without --resume") from None
-        print(f"warning: {current}; continuing from {PREVIOUS}, the state after "
-              f"{meta['phase']} epoch {meta['epoch']}", file=sys.stderr, flush=True)
+        warn(f"{current}; continuing from {PREVIOUS}, the state after "
+             f"{meta['phase']} epoch {meta['epoch']}")
         return arrays, meta, prev
 
     def _log_until(self, point: Tuple[int, int]) -> List[Dict]:
@@ -285,8 +274,7 @@ class RunFolder:
                 if _point(e["phase"], e["epoch"]) <= point]
 
     def _record_resume(self, meta: CheckpointMeta) -> None:
-        """Note in config.json who continued the run; say so when the stack or dtype
-        changes."""
+        """Note in config.json who continued the run; say so when the stack or dtype changed."""
         stack = self.spec.stack
         if (meta.backend, meta.dtype) != (stack.backend, stack.dtype):
             say(f"{self.dir}: checkpoint written by {meta.backend} ({meta.dtype}), "
@@ -303,16 +291,10 @@ class RunFolder:
             config.setdefault(key, []).append(item)
             runlog.write_json(path, config)
 
-    # --- extending a capped run -----------------------------------------------------------
-
     def _lift_cap(self, point: ResumePoint, old: int) -> ResumePoint:
-        """Continue a run capped at ``old`` under this run's larger cap (or none).
-
-        A larger cap follows the capped run up to the first epoch where the cap cut a stage
-        short (capped.h5), then goes on in that stage instead of reloading (search) or moving
-        to the next rate (a given ``--schedule``): the run goes back there and steps that
-        epoch's schedule again. Without a cut it continues from ``point`` as it is.
-        """
+        """Continue a run capped at ``old`` under a larger cap (or none): back at the first
+        epoch where the cap cut a stage short (capped.h5), that epoch's schedule steps again
+        and the stage goes on; without such a cut the run goes on from ``point``."""
         cut = self.path(runlog.CAPPED)
         held = None
         if cut.exists():
@@ -347,9 +329,7 @@ class RunFolder:
     def _rewind(self, arrays: Arrays, meta: CheckpointMeta, old: int,
                 decision: Optional[str], from_cut: bool) -> None:
         """The files of :meth:`_lift_cap`, in the order that keeps every kill resumable:
-        the log cut at ``meta``'s epoch (whose line gets the new ``decision``) plus a
-        ``cap_lifted`` line, summary.json removed, config.json's cap, best.h5 from
-        capped.best.h5 (``from_cut``), the new checkpoint.h5, and capped.h5 last."""
+        the log, summary.json, config.json, best.h5, checkpoint.h5, capped.h5 last."""
         kept = self._log_until(meta.point)
         for e in kept:
             if decision is not None and "event" not in e and \
@@ -367,8 +347,6 @@ class RunFolder:
         checkpoint.save(self.path(runlog.CHECKPOINT), arrays, meta.to_dict())
         for name in (runlog.CAPPED, runlog.CAPPED_BEST):
             self.path(name).unlink(missing_ok=True)
-
-    # --- while training -------------------------------------------------------------------
 
     def write_config(self, stack, data_source: str, description: Optional[str]) -> None:
         """config.json: what runs, where, on which data and library versions."""
@@ -404,9 +382,8 @@ class RunFolder:
         checkpoint.save(self.path(runlog.BEST), arrays, meta.to_dict())
 
     def best_model(self, epoch: int, exact: bool = True) -> Arrays:
-        """best.h5's arrays, checked to be search epoch ``epoch``'s (with ``exact=False``, on
-        resume, a later one's: saved just before a kill, it is written again). CheckpointError:
-        unreadable or another epoch; no other file holds the best model."""
+        """best.h5's arrays, checked to be search epoch ``epoch``'s (``exact=False``, on
+        resume: or a later one's, saved just before a kill; it is written again)."""
         path = self.path(runlog.BEST)
         try:
             arrays, meta = checkpoint.load(path)
@@ -422,8 +399,8 @@ class RunFolder:
 
     def note_cut(self, stack, meta: CheckpointMeta, before: Dict, sched,
                  decision: Decision, loss: float, acc: float) -> None:
-        """Keep capped.h5 (and capped.best.h5 in the search) at the first epoch where
-        ``--epochs-cap`` ended a stage (``before``: the schedule's state before its step)."""
+        """Keep capped.h5 (and capped.best.h5) at the first epoch where ``--epochs-cap`` ended
+        a stage (``before``: the schedule's state before its step)."""
         cap = self.spec.train.epochs_cap
         if cap is None or not _cut_short(self.spec.train, before, sched, decision, loss, acc):
             return

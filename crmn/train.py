@@ -1,23 +1,7 @@
-"""The paper's training protocol (section 4; docs/spec.md §5) over any crmn.stack.Stack.
-
-One call of :func:`run` trains one :class:`crmn.plan.RunSpec` into one run folder
-(crmn/LOGS.md; the folder's life is :mod:`crmn.rundir`'s):
-
-1. **Search run** (skipped when ``train.schedule`` is given): train on the seeded 90 % share
-   of the training set, validate on the other 10 % after every epoch, and follow
-   :class:`crmn.schedule.PlateauSchedule`. The best validation result so far is saved to
-   ``best.h5``; when a stage plateaus, ``best.h5`` is loaded back and the momentum
-   velocities are zeroed before the next, lower learning rate.
-2. **Final run**: the network, back at its seeded initial state, trains on the whole
-   training set with :class:`crmn.schedule.FixedSchedule` replaying the schedule found (or
-   the given one), evaluated on the test set after every epoch. The last epoch's test
-   result is the run's result (``summary.json``).
-
-Every epoch is trained, evaluated, logged, then checkpointed. Nothing depends on
-process-global random state (weights come from ``train.seed`` in the stack, batches from
-(sampler seed, epoch) in :class:`crmn.data.BatchSampler`), so a resumed run ends with
-exactly the parameters of an uninterrupted one. Both stacks share this loop: they only
-build the network and take a step.
+"""The paper's training protocol (section 4, docs/spec.md §5) over any crmn.stack.Stack: a
+search run on 90 % of the training set with plateau reloads of best.h5, then a final run from
+the same seeded start on all of it, replaying the schedule found. Nothing depends on global
+random state, so a resumed run ends with exactly the parameters of an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -35,7 +19,7 @@ from crmn import data, registry, runlog
 from crmn.errors import ConfigError, DivergedError, StopRequested
 from crmn.plan import RunSpec
 from crmn.rundir import (CheckpointMeta, LogLine, ResumePoint, RunFolder, Summary,
-                         given_schedule, say)
+                         given_schedule, say, warn)
 from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
 #: keys that separate the sampler streams of the two phases (batches, crops, flips)
@@ -82,22 +66,11 @@ def check_stop(where) -> None:
                             signum=signum)
 
 
-# --- the run --------------------------------------------------------------------------------
-
 def run(run_dir, spec: RunSpec, new_stack: Optional[Callable[[], Any]] = None, *,
         resume: bool = False, progress: bool = True, fresh: bool = False) -> Dict:
-    """Train ``spec`` through search and final run into ``run_dir``; its summary.json.
-
-    ``new_stack()`` builds the network from ``spec.train.seed`` (default:
-    :func:`crmn.registry.build`); it is not called for a finished run, which is skipped.
-    ``resume`` continues from checkpoint.h5 (``--resume``); ``progress`` draws a progress
-    bar on a terminal; ``fresh`` empties the folder first, under its lock (``smoke``).
-
-    Raises RunError (an unfinished run without ``resume``, or another process holds the
-    folder), CheckpointError (a checkpoint unreadable or of another configuration),
-    DivergedError (a NaN or infinite loss; the last good checkpoint stays), StopRequested
-    (a signal, :func:`request_stop`; every finished epoch is saved).
-    """
+    """Train ``spec`` into ``run_dir`` (a finished run is skipped); its summary.json.
+    ``new_stack()`` builds the network (default: crmn.registry.build); ``fresh`` empties the
+    folder first, under its lock; ``progress`` draws a bar on a terminal."""
     folder = RunFolder(run_dir, spec)
     with folder.held(fresh):
         done = folder.finished(resume)
@@ -144,7 +117,7 @@ class Training:
             stack.reset_velocity()
         used = self.schedule_found if self.train.schedule is None else \
             given_schedule(self.train)
-        self.final(stack, used, start)
+        self.train_phase("final", stack, start, FixedSchedule(self.train.lr_stages, used))
         summary = self.summary(stack, used)
         folder.write_summary(summary)
         say(f"{folder.dir}: done, test accuracy {100 * summary.test_acc:.2f} % after "
@@ -154,34 +127,26 @@ class Training:
     def search(self, stack, start: Optional[ResumePoint]) -> None:
         """The search run on the 90 % split; keeps the schedule found and the best result."""
         t = self.train
-        if start is not None:
-            stack.set_state(start.arrays)
-            sched = PlateauSchedule.from_state(start.meta.schedule)
-            if sched.best is not None and not sched.done:  # a plateau reloads it: fail now
-                self.folder.best_model(sched.best["epoch"], exact=False)
-        else:
-            sched = PlateauSchedule(t.lr_stages, t.patience, t.epochs_cap)
-        self.train_phase("search", stack, sched)
+        sched = self.train_phase("search", stack, start,
+                                 PlateauSchedule(t.lr_stages, t.patience, t.epochs_cap))
         self.schedule_found, self.search_best = sched.found, sched.best
         say(f"{self.folder.dir}: search done, schedule found {sched.found} "
             f"(epochs per lr {list(t.lr_stages)}), best {sched.best}")
 
-    def final(self, stack, used: List[int], start: Optional[ResumePoint]) -> None:
-        """The final run on the full training set with the fixed schedule ``used``."""
+    def train_phase(self, phase: str, stack, start: Optional[ResumePoint], sched):
+        """Train ``phase`` with the new schedule ``sched``, or on from ``start``."""
         if start is not None:
             stack.set_state(start.arrays)
-            sched = FixedSchedule.from_state(start.meta.schedule)
-        else:
-            sched = FixedSchedule(self.train.lr_stages, used)
-        self.train_phase("final", stack, sched)
-
-    def train_phase(self, phase: str, stack, sched) -> None:
+            sched = type(sched).from_state(start.meta.schedule)
+            if phase == "search" and sched.best is not None and not sched.done:
+                self.folder.best_model(sched.best["epoch"], exact=False)  # a reload needs it
         split = self.split(phase)
         sampler = data.BatchSampler(split.train_x, split.train_y, self.train.batch_size,
                                     sampler_seed(self.train.seed, phase), pad=self.train.pad,
                                     flip=self.train.flip)
         while not sched.done:
             self.epoch(phase, stack, sched, sampler, split)
+        return sched
 
     def epoch(self, phase: str, stack, sched, sampler, split) -> None:
         """Train, evaluate, decide, log, checkpoint: one epoch of either phase."""
@@ -224,8 +189,7 @@ class Training:
             best=sched.best, schedule_found=self.schedule_found, search_best=self.search_best)
 
     def check_finite(self, phase: str, epoch: int, what: str, value: float) -> None:
-        """The one NaN/inf check of a run: stops it, naming row, phase, epoch and what
-        stays."""
+        """The one NaN/inf check of a run: stop it, saying what stays."""
         if not math.isfinite(value):
             ckpt = self.folder.path(runlog.CHECKPOINT)
             kept = (f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else
@@ -246,8 +210,7 @@ class Training:
         return self.loaded[1]
 
     def note_data(self) -> None:
-        """Record where the data come from and warn unless official: such a run's
-        accuracies say nothing about the paper's."""
+        """Record where the data come from; warn unless official (no paper comparison)."""
         spec = self.spec
         self.data_source = data.provenance(spec.dataset, spec.data_dir,
                                            unverified=spec.unverified_data)
@@ -303,17 +266,11 @@ class Training:
             data=self.data_source)
 
 
-# --- one epoch, evaluation, progress ------------------------------------------------------
-
 def train_epoch(stack, sampler, epoch: int, lr: float, *, progress: Optional[str] = None,
                 fast: Optional[bool] = None) -> EpochStats:
-    """One epoch of SGD over ``sampler.epoch(epoch)`` at learning rate ``lr``.
-
-    ``fast`` takes the stack's :class:`crmn.stack.FastEpoch` path (default: the stack's
-    ``fast_epoch``); both paths step through the same batches. The step's sums stay on the
-    device until the epoch ends, but for the progress bar's updates (``progress``: its
-    label; None draws nothing).
-    """
+    """One epoch of SGD over ``sampler.epoch(epoch)`` at ``lr``; ``fast``: the stack's
+    crmn.stack.FastEpoch path (same batches). The sums stay on the device until the end,
+    but for the updates of the progress bar (``progress``: its label)."""
     use_fast = getattr(stack, "fast_epoch", False) if fast is None else fast
     batches = stack.epoch_batches(sampler, epoch) if use_fast else sampler.epoch(epoch)
     bar = (Progress(progress, len(sampler),
@@ -347,9 +304,8 @@ def train_epoch(stack, sampler, epoch: int, lr: float, *, progress: Optional[str
 
 def evaluate(stack, x: np.ndarray, y: np.ndarray,
              batch_size: int = EVAL_BATCH) -> Tuple[float, float]:
-    """(mean cross-entropy, accuracy in [0, 1]) in inference mode (running BN statistics),
-    in float64 from the stack's logits: both stacks report the same numbers for the same
-    logits."""
+    """(mean cross-entropy, accuracy) in inference mode, in float64 from the stack's logits,
+    so that both stacks report the same numbers for the same logits."""
     if len(y) == 0:
         raise ConfigError("evaluate() needs at least one image")
     loss_sum = 0.0
@@ -365,18 +321,12 @@ def evaluate(stack, x: np.ndarray, y: np.ndarray,
 
 
 class Progress:
-    """A one-line progress bar on a terminal: batches, images/s, the epoch's ETA, loss.
+    """A one-line progress bar on a terminal: batches, images/s, ETA, loss; until the first
+    step returns (the stacks compile there) it counts ``compiling… N s`` each second."""
 
-    Until the first step returns (Theano and JAX compile there, torch captures its graph)
-    it counts the seconds: ``compiling… N s``, or ``compile cache hit… N s`` once the
-    stack found its step in the compile cache (``cache_state()``); rates and the ETA start
-    after it.
-    """
-
-    def __init__(self, label: str, total: int, stream=None, cache_state=lambda: None):
-        self.label, self.total = label, total
-        self.cache_state = cache_state
-        self.stream = stream or sys.stderr
+    def __init__(self, label: str, total: int, cache_state=lambda: None):
+        self.label, self.total, self.cache_state = label, total, cache_state
+        self.stream = sys.stderr
         self.t0 = time.perf_counter()
         self.every = max(1, total // PROGRESS_UPDATES)
         self.first = None  # (done, images, time) after the first step
@@ -421,7 +371,3 @@ class Progress:
 def _fmt_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def warn(text: str) -> None:
-    print(f"warning: {text}", file=sys.stderr, flush=True)
