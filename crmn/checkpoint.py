@@ -59,8 +59,7 @@ def save(path, arrays: Arrays, meta: Dict, *, keep_previous: bool = False) -> No
     except OSError as e:
         raise CheckpointError(f"{path}: could not write checkpoint ({_reason(e)})") from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def readable(path) -> bool:

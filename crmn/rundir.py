@@ -24,8 +24,7 @@ from crmn.plan import RunSpec, resume_may_change
 from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
 PHASES = ("search", "final")
-#: the checkpoint before checkpoint.h5, kept by crmn.checkpoint.save (the last good one)
-PREVIOUS = checkpoint.previous_path(runlog.CHECKPOINT).name
+PREVIOUS = checkpoint.previous_path(runlog.CHECKPOINT).name  # the last good checkpoint
 Arrays = Dict[str, np.ndarray]
 
 
@@ -34,8 +33,11 @@ def _point(phase: str, epoch: int) -> Tuple[int, int]:
     return PHASES.index(phase), int(epoch)
 
 
-def _fields(cls, d: Dict) -> Dict:
-    return {f.name: d.get(f.name) for f in dataclasses.fields(cls)}
+class _Record:
+    @classmethod
+    def from_dict(cls, d: Dict):
+        """The record of a JSON object (a key it lacks: None)."""
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass
@@ -49,7 +51,7 @@ class CapCut:
 
 
 @dataclass
-class CheckpointMeta:
+class CheckpointMeta(_Record):
     """A checkpoint's ``meta`` (crmn/checkpoint.py): what the arrays are the state of."""
 
     model: Dict  # ModelConfig.to_dict()
@@ -71,21 +73,19 @@ class CheckpointMeta:
         return _point(self.phase, self.epoch)
 
     def to_dict(self) -> Dict:
-        d = dataclasses.asdict(self)
-        if self.capped is None:
-            del d["capped"]
-        return d
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k != "capped" or v is not None}
 
     @classmethod
     def from_dict(cls, d: Dict) -> "CheckpointMeta":
-        meta = cls(**_fields(cls, d))
+        meta = super().from_dict(d)
         if isinstance(meta.capped, dict):
             meta.capped = CapCut(**meta.capped)
         return meta
 
 
 @dataclass
-class LogLine:
+class LogLine(_Record):
     """One finished epoch: a line of log.jsonl."""
 
     phase: str
@@ -103,10 +103,6 @@ class LogLine:
     compile_cache: Optional[str]  # "hit" | "miss" | "off" | None: the stack says nothing
     decision: str  # crmn.schedule.Decision's value
     time: float  # unix seconds
-
-    @classmethod
-    def from_dict(cls, d: Dict) -> "LogLine":
-        return cls(**_fields(cls, d))
 
 
 @dataclass
@@ -269,7 +265,6 @@ class RunFolder:
         return arrays, meta, prev
 
     def _log_until(self, point: Tuple[int, int]) -> List[Dict]:
-        """log.jsonl's lines (event lines too) up to ``point``, as JSON objects."""
         return [e for e in runlog.read_log(self.path(runlog.LOG), events=True)
                 if _point(e["phase"], e["epoch"]) <= point]
 

@@ -20,11 +20,9 @@ LOG = "log.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.h5"
 BEST = "best.h5"
-#: the state where --epochs-cap first cut a stage short, and the best model then
-CAPPED = "capped.h5"
-CAPPED_BEST = "capped.best.h5"
-#: the lock file of a run directory while a process trains into it (removed at its end)
-LOCK = ".lock"
+CAPPED = "capped.h5"  # the state where --epochs-cap first cut a stage short
+CAPPED_BEST = "capped.best.h5"  # and the best model then
+LOCK = ".lock"  # held by the process that trains in the folder, removed at its end
 #: fields every log line carries (crmn/LOGS.md)
 LOG_FIELDS = ("phase", "epoch", "stage", "lr", "train_loss", "train_acc", "eval_split",
               "eval_loss", "eval_acc", "seconds", "images_per_s", "decision", "time")
@@ -32,16 +30,12 @@ LOG_FIELDS = ("phase", "epoch", "stage", "lr", "train_loss", "train_acc", "eval_
 
 def fsync_dir(folder: Path) -> None:
     """Make a rename inside ``folder`` durable (where the file system allows it)."""
-    try:
+    with contextlib.suppress(OSError):  # some file systems refuse; the rename is atomic
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on directories; the rename itself is atomic
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _read_umask() -> int:
@@ -65,14 +59,11 @@ def write_temp(path, data: bytes) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        try:
-            view = memoryview(data)
-            while view:  # os.write may write less than asked
-                view = view[os.write(fd, view):]
-            os.fchmod(fd, FILE_MODE)
-            os.fsync(fd)  # the data must be on disk before the rename makes it current
-        finally:
-            os.close(fd)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), FILE_MODE)
+            os.fsync(f.fileno())  # the data must be on disk before the rename makes it current
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -111,10 +102,8 @@ def write_bytes_atomic(path, data: bytes) -> None:
 
 
 def _remove_quietly(path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # the error to report is the write's, not this one
         os.unlink(path)
-    except OSError:
-        pass  # the error being reported is the write's, not this clean-up's
 
 
 @contextlib.contextmanager
@@ -136,12 +125,9 @@ def hold(run_dir) -> Iterator[None]:
             raise RunError(f"{run_dir}: in use by another run (process {holder}, lock "
                             f"{LOCK}); wait for it to end or stop it; nothing here was "
                             "changed") from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
         os.close(fd)  # the previous holder removed the file as we opened it: try again
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
@@ -154,8 +140,7 @@ def hold(run_dir) -> Iterator[None]:
 
 def write_json(path, obj) -> None:
     """``obj`` as indented JSON in ``path``, atomically (config.json, summary.json)."""
-    data = (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
-    write_bytes_atomic(path, data)
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
 
 
 def read_json(path) -> dict:
@@ -215,8 +200,8 @@ def read_log(path, events: bool = False) -> List[Dict]:
 
 def rewrite_log(path, entries: Iterable[Dict]) -> None:
     """Replace ``log.jsonl`` by ``entries`` atomically (resume drops epochs it will redo)."""
-    data = "".join(json.dumps(e, allow_nan=False) + "\n" for e in entries).encode()
-    write_bytes_atomic(path, data)
+    write_bytes_atomic(path, "".join(json.dumps(e, allow_nan=False) + "\n"
+                                     for e in entries).encode())
 
 
 def is_done(summary: Optional[Dict]) -> bool:
@@ -250,7 +235,6 @@ class RunRecord:
         return is_done(self.summary)
 
     def phase(self, name: str) -> List[Dict]:
-        """The log lines of one phase, "search" or "final"."""
         return [e for e in self.log if e.get("phase") == name]
 
 

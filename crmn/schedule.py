@@ -48,6 +48,10 @@ class _Schedule:
     improved: bool
     done: bool
 
+    @property
+    def lr(self) -> float:
+        return self.lr_stages[self.stage]
+
     def _record(self, loss: float, acc: float, stage: int, stage_epoch: int) -> None:
         """Count one epoch; the best model has the highest accuracy, lower loss breaking ties."""
         if self.done:
@@ -114,21 +118,14 @@ class PlateauSchedule(_Schedule):
         self.improved = False  # the last step produced a new best model
         self.done = False
 
-    @property
-    def lr(self) -> float:
-        return self.lr_stages[min(self.stage, len(self.lr_stages) - 1)]
-
     def step(self, val_loss: float, val_acc: float) -> Decision:
         """Record one epoch's validation cross-entropy and accuracy (in [0, 1]); RELOAD when
         the stage plateaued, STOP after the last stage."""
-        loss = _check_metric("val_loss", val_loss)
-        acc = _check_metric("val_acc", val_acc)
+        loss, acc = _check_metric("val_loss", val_loss), _check_metric("val_acc", val_acc)
         self._record(loss, acc, self.stage, self.stage_epoch + 1)
         self.stage_epoch += 1
-        if loss < self.best_loss or acc > self.best_acc:
-            self.stale = 0
-        else:
-            self.stale += 1
+        # either metric strictly beating its own record resets the plateau count
+        self.stale = 0 if loss < self.best_loss or acc > self.best_acc else self.stale + 1
         self.best_loss = min(self.best_loss, loss)
         self.best_acc = max(self.best_acc, acc)
         if self.improved:
@@ -187,10 +184,6 @@ class FixedSchedule(_Schedule):
     @property
     def stage_epoch(self) -> int:
         return self.epoch - sum(self.epochs_per_stage[:self.stage])
-
-    @property
-    def lr(self) -> float:
-        return self.lr_stages[self.stage]
 
     def step(self, loss: float, acc: float) -> Decision:
         """Record one finished epoch; ``STOP`` after the last epoch, else ``CONTINUE``."""

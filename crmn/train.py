@@ -22,14 +22,10 @@ from crmn.rundir import (CheckpointMeta, LogLine, ResumePoint, RunFolder, Summar
                          given_schedule, say, warn)
 from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
-#: keys that separate the sampler streams of the two phases (batches, crops, flips)
-_PHASE_KEY = {"search": 0x5345, "final": 0x4649}
-#: images per forward pass of :func:`evaluate` (inference results do not depend on it)
-EVAL_BATCH = 500
-#: progress updates per epoch (each one reads the running loss: a host sync on a GPU)
-PROGRESS_UPDATES = 20
-#: the signal that asked the run to stop at the next epoch's end (None: keep going)
-_stop_signal: List[Optional[int]] = [None]
+_PHASE_KEY = {"search": 0x5345, "final": 0x4649}  # separates the phases' sampler streams
+EVAL_BATCH = 500  # images per forward pass of evaluate (its results do not depend on it)
+PROGRESS_UPDATES = 20  # per epoch; each reads the running loss: a host sync on a GPU
+_stop_signal: List[Optional[int]] = [None]  # the signal that asked the run to stop, if any
 
 
 @dataclasses.dataclass
@@ -227,15 +223,12 @@ class Training:
     def epoch_line(self, e: LogLine, sched, best: bool) -> str:
         """``[search] epoch 12 stage 0 lr 0.1 | train loss 1.2 acc 45.6% | val ... | 30.2 s``"""
         total = sched.total_epochs
-        eta = ""
-        if total is not None and self.epoch_wall:
-            left = (total - sched.epoch) * float(np.mean(self.epoch_wall))
-            eta = f" | ETA {_fmt_duration(left)}"
+        eta = "" if total is None or not self.epoch_wall else \
+            f" | ETA {_fmt_duration((total - sched.epoch) * float(np.mean(self.epoch_wall)))}"
         ips = f"{e.images_per_s:.0f} img/s" if e.images_per_s else "- img/s"
-        compiled = ""
-        if e.compile_seconds >= 0.5:
-            hit = " (compile cache hit)" if e.compile_cache == "hit" else ""
-            compiled = f" | + {e.compile_seconds:.0f} s compiling{hit}"
+        hit = " (compile cache hit)" if e.compile_cache == "hit" else ""
+        compiled = f" | + {e.compile_seconds:.0f} s compiling{hit}" \
+            if e.compile_seconds >= 0.5 else ""
         of = f"/{total}" if total is not None else ""
         return (f"[{e.phase}] epoch {e.epoch}{of} stage {e.stage} lr {e.lr:g} | "
                 f"train loss {e.train_loss:.4f} acc {100 * e.train_acc:.2f}% | "
@@ -273,12 +266,8 @@ def train_epoch(stack, sampler, epoch: int, lr: float, *, progress: Optional[str
     but for the updates of the progress bar (``progress``: its label)."""
     use_fast = getattr(stack, "fast_epoch", False) if fast is None else fast
     batches = stack.epoch_batches(sampler, epoch) if use_fast else sampler.epoch(epoch)
-    bar = (Progress(progress, len(sampler),
-                    cache_state=lambda: getattr(stack, "compile_cache", None))
-           if progress else None)
-    loss_sum: Any = 0.0
-    correct: Any = 0
-    images = 0
+    bar = Progress(progress, len(sampler), stack) if progress else None
+    loss_sum, correct, images = 0.0, 0, 0  # the sums: device scalars after the first step
     compiled0 = getattr(stack, "compile_seconds", 0.0)
     t0 = time.perf_counter()
     try:
@@ -308,8 +297,7 @@ def evaluate(stack, x: np.ndarray, y: np.ndarray,
     so that both stacks report the same numbers for the same logits."""
     if len(y) == 0:
         raise ConfigError("evaluate() needs at least one image")
-    loss_sum = 0.0
-    correct = 0
+    loss_sum, correct = 0.0, 0
     for xb, yb in data.iterate_eval(x, y, batch_size):
         z = np.asarray(stack.logits(xb, training=False), dtype=np.float64)  # (B, classes)
         z = z - z.max(axis=1, keepdims=True)  # a stable log-softmax
@@ -324,8 +312,8 @@ class Progress:
     """A one-line progress bar on a terminal: batches, images/s, ETA, loss; until the first
     step returns (the stacks compile there) it counts ``compiling… N s`` each second."""
 
-    def __init__(self, label: str, total: int, cache_state=lambda: None):
-        self.label, self.total, self.cache_state = label, total, cache_state
+    def __init__(self, label: str, total: int, stack):
+        self.label, self.total, self.stack = label, total, stack
         self.stream = sys.stderr
         self.t0 = time.perf_counter()
         self.every = max(1, total // PROGRESS_UPDATES)
@@ -336,10 +324,13 @@ class Progress:
 
     def _tick(self) -> None:
         while not self._stepped.wait(1.0):
-            doing = "compile cache hit" if self.cache_state() == "hit" else "compiling"
-            self.stream.write(f"\r  {self.label} {doing}\u2026 "
-                              f"{time.perf_counter() - self.t0:.0f} s\033[K")
-            self.stream.flush()
+            hit = getattr(self.stack, "compile_cache", None) == "hit"
+            doing = "compile cache hit" if hit else "compiling"
+            self._write(f"{self.label} {doing}\u2026 {time.perf_counter() - self.t0:.0f} s")
+
+    def _write(self, text: str) -> None:
+        self.stream.write(f"\r  {text}\033[K" if text else "\r\033[K")
+        self.stream.flush()
 
     def due(self, done: int) -> bool:
         return done == 1 or done % self.every == 0 or done == self.total
@@ -348,8 +339,7 @@ class Progress:
         now = time.perf_counter()
         if self.first is None:
             self.first = (done, images, now)
-            self._stepped.set()
-            self._ticker.join()
+            self._stop_ticker()
         d0, i0, t0 = self.first
         elapsed = max(now - t0, 1e-9)
         rate = f"{(images - i0) / elapsed:.0f} img/s" if done > d0 else "- img/s"
@@ -357,15 +347,15 @@ class Progress:
                if done > d0 else "ETA -")
         width = 20
         bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
-        self.stream.write(f"\r  {self.label} [{bar}] {done}/{self.total} {rate} {eta} "
-                          f"loss {loss:.4f}\033[K")
-        self.stream.flush()
+        self._write(f"{self.label} [{bar}] {done}/{self.total} {rate} {eta} loss {loss:.4f}")
 
-    def close(self) -> None:
+    def _stop_ticker(self) -> None:
         self._stepped.set()
         self._ticker.join()
-        self.stream.write("\r\033[K")
-        self.stream.flush()
+
+    def close(self) -> None:
+        self._stop_ticker()
+        self._write("")
 
 
 def _fmt_duration(seconds: float) -> str:
