@@ -30,9 +30,8 @@ def previous_path(path) -> Path:
 
 
 def save(path, arrays: Arrays, meta: Dict, *, keep_previous: bool = False) -> None:
-    """Write ``arrays`` and ``meta`` to ``path`` atomically, read back before it is current,
-    so a crash or full disk at any moment leaves a readable ``path``; ``keep_previous`` keeps
-    the replaced file, if it reads, as :func:`previous_path` (the last good one)."""
+    """Write ``path`` atomically, read back before it is current (a crash leaves it readable);
+    ``keep_previous`` keeps the replaced file, if it reads, as :func:`previous_path`."""
     path = Path(path)
     bad = [n for n in arrays if "/" in n or not n]
     if bad:
@@ -132,11 +131,8 @@ def _meta(f: "h5py.File", path: Path) -> Dict:
         raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads "
                               f"version {FORMAT_VERSION}; use the archive that wrote it, or "
                               "delete it and start the run over")
-    text = f.attrs["meta"]
-    if isinstance(text, bytes):
-        text = text.decode()
     try:
-        return json.loads(text)
+        return json.loads(f.attrs["meta"])  # str, or bytes from another writer
     except ValueError as e:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint (its 'meta' "
                               "attribute is not valid JSON)") from e
@@ -153,9 +149,8 @@ def check_compatible(recorded: Dict, model: ModelConfig, train: Optional[TrainCo
                      dataset: Optional[str] = None, path="checkpoint.h5",
                      source: str = "the checkpoint",
                      may_change: Callable[[str], bool] = lambda name: False) -> None:
-    """Refuse ``recorded`` (a checkpoint's meta or a config.json, named ``source``) of
-    another configuration: every field given must be equal, but those ``may_change``
-    accepts (the run schema's ``resume`` fields), which must only be present."""
+    """Refuse ``recorded`` (a checkpoint's meta or config.json) of another configuration:
+    fields given must be equal, but those ``may_change`` accepts, which must be present."""
     sections = [("model", model.to_dict(), recorded.get("model"))]
     if train is not None:
         sections.append(("train", train.to_dict(), recorded.get("train")))

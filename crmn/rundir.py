@@ -10,7 +10,6 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -40,20 +39,18 @@ class _Record:
         return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
 
-@dataclass
+@dataclasses.dataclass
 class CapCut:
     """Where ``--epochs-cap`` first cut a stage short: what a larger cap needs to go on."""
-
     cap: int
     schedule_before: Dict  # the schedule's state before that epoch's step
     eval_loss: float
     eval_acc: float
 
 
-@dataclass
+@dataclasses.dataclass
 class CheckpointMeta(_Record):
     """A checkpoint's ``meta`` (crmn/checkpoint.py): what the arrays are the state of."""
-
     model: Dict  # ModelConfig.to_dict()
     train: Dict  # TrainConfig.to_dict()
     backend: Optional[str]
@@ -84,10 +81,9 @@ class CheckpointMeta(_Record):
         return meta
 
 
-@dataclass
+@dataclasses.dataclass
 class LogLine(_Record):
     """One finished epoch: a line of log.jsonl."""
-
     phase: str
     epoch: int  # 1-based within the phase
     stage: int  # 0-based learning-rate stage
@@ -105,10 +101,9 @@ class LogLine(_Record):
     time: float  # unix seconds
 
 
-@dataclass
+@dataclasses.dataclass
 class Summary:
     """summary.json: the run's result, written when it ends."""
-
     row: Optional[str]
     experiment: Optional[str]
     backend: str
@@ -129,10 +124,9 @@ class Summary:
     status: str = "done"
 
 
-@dataclass
+@dataclasses.dataclass
 class ResumePoint:
     """Where a resumed run continues: the state after ``meta``'s epoch."""
-
     arrays: Arrays
     meta: CheckpointMeta
 
@@ -287,9 +281,8 @@ class RunFolder:
             runlog.write_json(path, config)
 
     def _lift_cap(self, point: ResumePoint, old: int) -> ResumePoint:
-        """Continue a run capped at ``old`` under a larger cap (or none): back at the first
-        epoch where the cap cut a stage short (capped.h5), that epoch's schedule steps again
-        and the stage goes on; without such a cut the run goes on from ``point``."""
+        """Continue a run capped at ``old`` under a larger cap: back at the first epoch the cap
+        cut short (capped.h5), its schedule steps again uncut; else on from ``point``."""
         cut = self.path(runlog.CAPPED)
         held = None
         if cut.exists():

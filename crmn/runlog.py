@@ -224,7 +224,6 @@ def finished_summary(run_dir) -> Optional[Dict]:
 @dataclass
 class RunRecord:
     """What a run directory holds, as the report reads it."""
-
     path: Path
     config: Dict  # config.json
     log: List[Dict] = field(default_factory=list)  # log.jsonl lines

@@ -15,7 +15,6 @@ STATE_VERSION = 1
 
 class Decision(str, enum.Enum):
     """What the driver does after an epoch; a ``str`` so that it serialises as its value."""
-
     CONTINUE = "continue"  # keep training at the current learning rate
     RELOAD = "reload"  # stage plateaued: reload the best model, go on with the next rate
     STOP = "stop"  # last stage finished: the phase is over
@@ -43,10 +42,14 @@ class _Schedule:
     kind = ""
     _init: tuple = ()  # the constructor's arguments, first of the state's keys
     _state: tuple = ()  # the rest of the state's keys, in the order they are written
-    epoch: int
-    best: Optional[Dict]
-    improved: bool
     done: bool
+    stage: int
+
+    def __init__(self, lr_stages: Sequence[float]):
+        self.lr_stages = _check_stages(lr_stages)
+        self.epoch = 0  # epochs finished in this phase
+        self.best: Optional[Dict] = None  # the best epoch: epoch, stage, stage_epoch, loss, acc
+        self.improved = False  # the last step produced a new best
 
     @property
     def lr(self) -> float:
@@ -86,11 +89,10 @@ class _Schedule:
 
 
 class PlateauSchedule(_Schedule):
-    """The search over ``lr_stages``: a stage ends when neither validation loss nor accuracy
-    has strictly beaten its record (of the whole search) for ``patience`` (β) epochs in a row,
-    or after ``epochs_cap`` epochs, as if it had plateaued. "Error" is the validation
-    cross-entropy; the schedule found counts, per stage, the epochs up to its last new best
-    (0 if none). The reasons for these readings: REPRODUCING.md §2."""
+    """The search over ``lr_stages``: a stage ends when neither validation loss ("error")
+    nor accuracy has strictly beaten its record of the whole search for ``patience`` (β)
+    epochs in a row, or after ``epochs_cap`` epochs. The schedule found counts, per stage,
+    the epochs up to its last new best (0 if none). Reasons: REPRODUCING.md §2."""
 
     kind = "plateau"
     _init = ("lr_stages", "patience", "epochs_cap")
@@ -100,7 +102,7 @@ class PlateauSchedule(_Schedule):
 
     def __init__(self, lr_stages: Sequence[float], patience: int,
                  epochs_cap: Optional[int] = None):
-        self.lr_stages = _check_stages(lr_stages)
+        super().__init__(lr_stages)
         if int(patience) < 1:
             raise ValueError(f"patience must be >= 1 epoch, got {patience}")
         if epochs_cap is not None and int(epochs_cap) < 1:
@@ -108,14 +110,10 @@ class PlateauSchedule(_Schedule):
         self.patience = int(patience)
         self.epochs_cap = None if epochs_cap is None else int(epochs_cap)
         self.stage = 0  # 0-based index of the stage the next epoch trains in
-        self.epoch = 0  # epochs finished in this phase
         self.stage_epoch = 0  # epochs finished in the current stage
         self.stale = 0  # consecutive epochs without improvement of loss or accuracy
-        self.best_loss = math.inf  # the plateau records
-        self.best_acc = -math.inf
-        self.best: Optional[Dict] = None  # the best model: epoch, stage, stage_epoch, loss, acc
+        self.best_loss, self.best_acc = math.inf, -math.inf  # the plateau records
         self.found: List[int] = [0] * len(self.lr_stages)  # schedule found so far
-        self.improved = False  # the last step produced a new best model
         self.done = False
 
     def step(self, val_loss: float, val_acc: float) -> Decision:
@@ -140,7 +138,6 @@ class PlateauSchedule(_Schedule):
         return Decision.RELOAD
 
 
-
 class FixedSchedule(_Schedule):
     """``epochs_per_stage[s]`` epochs at ``lr_stages[s]``, in order (stages of 0 epochs
     skipped); never reloads. Its best epoch (of the final run's test metrics) is reported
@@ -151,16 +148,13 @@ class FixedSchedule(_Schedule):
     _state = ("epoch", "best", "improved")
 
     def __init__(self, lr_stages: Sequence[float], epochs_per_stage: Sequence[int]):
-        self.lr_stages = _check_stages(lr_stages)
+        super().__init__(lr_stages)
         self.epochs_per_stage = [int(e) for e in epochs_per_stage]
         if len(self.epochs_per_stage) != len(self.lr_stages):
             raise ValueError(f"epochs_per_stage {self.epochs_per_stage} and lr_stages "
                              f"{self.lr_stages} differ in length")
         if any(e < 0 for e in self.epochs_per_stage):
             raise ValueError(f"epochs per stage must be >= 0, got {self.epochs_per_stage}")
-        self.epoch = 0
-        self.best: Optional[Dict] = None
-        self.improved = False
 
     @property
     def total_epochs(self) -> int:

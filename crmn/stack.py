@@ -16,7 +16,6 @@ class Stack(Protocol):
     labels ``(B,)`` int64. Optional ``compile_seconds``: seconds spent compiling so far,
     which the loop keeps out of an epoch's seconds. The class's static ``problem(options)``
     (why it cannot run them here, or None) is asked by crmn.registry before any data is read."""
-
     name: str  # "theano" | "torch" (the registry's name)
     device: str  # where it actually runs, in words, e.g. "cuda:0 (NVIDIA H100)"
 
@@ -44,7 +43,6 @@ class FastEpoch(Protocol):
     """The optional fast path: ``epoch_batches`` yields ``sampler.epoch(epoch)``'s batches,
     in order, already on the device; ``fast_epoch``: :func:`crmn.train.train_epoch` takes it
     by default."""
-
     fast_epoch: bool
 
     def epoch_batches(self, sampler, epoch: int) -> Iterable[Tuple[Any, Any]]:

@@ -31,7 +31,6 @@ _stop_signal: List[Optional[int]] = [None]  # the signal that asked the run to s
 @dataclasses.dataclass
 class EpochStats:
     """What one training epoch reports (means over the epoch's images)."""
-
     loss: float  # mean cross-entropy (without the weight-decay term)
     acc: float  # fraction of correctly classified training images
     images: int
@@ -65,8 +64,7 @@ def check_stop(where) -> None:
 def run(run_dir, spec: RunSpec, new_stack: Optional[Callable[[], Any]] = None, *,
         resume: bool = False, progress: bool = True, fresh: bool = False) -> Dict:
     """Train ``spec`` into ``run_dir`` (a finished run is skipped); its summary.json.
-    ``new_stack()`` builds the network (default: crmn.registry.build); ``fresh`` empties the
-    folder first, under its lock; ``progress`` draws a bar on a terminal."""
+    ``new_stack()`` builds the network (default: crmn.registry.build); ``fresh`` empties it."""
     folder = RunFolder(run_dir, spec)
     with folder.held(fresh):
         done = folder.finished(resume)
@@ -104,11 +102,15 @@ class Training:
             f"{spec.stack.dtype}, {stack.param_count():,} trainable parameters")
         if start is None or not folder.path(runlog.CONFIG).exists():
             folder.write_config(stack, self.data_source, self.description)
-        if searching:
+        if searching:  # the search run, on the 90 % split
             initial = {k: np.array(v, copy=True)  # a stack may hand out views of its buffers
                        for k, v in stack.get_state().items()}
-            self.search(stack, start)
-            start = None
+            t = self.train
+            sched = self.train_phase("search", stack, start,
+                                     PlateauSchedule(t.lr_stages, t.patience, t.epochs_cap))
+            self.schedule_found, self.search_best, start = sched.found, sched.best, None
+            say(f"{folder.dir}: search done, schedule found {sched.found} "
+                f"(epochs per lr {list(t.lr_stages)}), best {sched.best}")
             stack.set_state(initial)  # the final run starts where the search started
             stack.reset_velocity()
         used = self.schedule_found if self.train.schedule is None else \
@@ -119,15 +121,6 @@ class Training:
         say(f"{folder.dir}: done, test accuracy {100 * summary.test_acc:.2f} % after "
             f"{summary.final_epochs} epochs (schedule {used})")
         return dataclasses.asdict(summary)
-
-    def search(self, stack, start: Optional[ResumePoint]) -> None:
-        """The search run on the 90 % split; keeps the schedule found and the best result."""
-        t = self.train
-        sched = self.train_phase("search", stack, start,
-                                 PlateauSchedule(t.lr_stages, t.patience, t.epochs_cap))
-        self.schedule_found, self.search_best = sched.found, sched.best
-        say(f"{self.folder.dir}: search done, schedule found {sched.found} "
-            f"(epochs per lr {list(t.lr_stages)}), best {sched.best}")
 
     def train_phase(self, phase: str, stack, start: Optional[ResumePoint], sched):
         """Train ``phase`` with the new schedule ``sched``, or on from ``start``."""
@@ -198,11 +191,10 @@ class Training:
         """Training and evaluation arrays of ``phase`` (crmn.data), loaded once per phase."""
         if self.loaded is None or self.loaded[0] != phase:
             self.loaded = None  # free the other phase's arrays first
-            spec = self.spec
+            spec, t = self.spec, self.train
             self.loaded = (phase, data.prepare(
-                spec.dataset, spec.data_dir, phase, self.train.seed,
-                val_fraction=self.train.val_fraction, progress=self.progress,
-                unverified=spec.unverified_data, subset=spec.subset))
+                spec.dataset, spec.data_dir, phase, t.seed, val_fraction=t.val_fraction,
+                progress=self.progress, unverified=spec.unverified_data, subset=spec.subset))
         return self.loaded[1]
 
     def note_data(self) -> None:
@@ -261,9 +253,8 @@ class Training:
 
 def train_epoch(stack, sampler, epoch: int, lr: float, *, progress: Optional[str] = None,
                 fast: Optional[bool] = None) -> EpochStats:
-    """One epoch of SGD over ``sampler.epoch(epoch)`` at ``lr``; ``fast``: the stack's
-    crmn.stack.FastEpoch path (same batches). The sums stay on the device until the end,
-    but for the updates of the progress bar (``progress``: its label)."""
+    """One epoch of SGD over ``sampler.epoch(epoch)`` at ``lr`` (``fast``: the stack's
+    crmn.stack.FastEpoch path); the sums stay on the device but for the progress bar's reads."""
     use_fast = getattr(stack, "fast_epoch", False) if fast is None else fast
     batches = stack.epoch_batches(sampler, epoch) if use_fast else sampler.epoch(epoch)
     bar = Progress(progress, len(sampler), stack) if progress else None
