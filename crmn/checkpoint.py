@@ -1,18 +1,8 @@
-"""The one HDF5 checkpoint format both stacks read and write (docs/spec.md §6, §7).
-
-One dataset per array at the root, under its canonical name (:mod:`crmn.naming`), in the
-canonical layout: every parameter, batch-norm running statistic and ``velocity.<name>``
-momentum buffer, each with a Fletcher-32 checksum so that flipped bytes are detected on
-reading, not trained on. The root attribute ``meta`` is one JSON object (its keys:
-crmn.rundir.CheckpointMeta) with ``format_version``, which is checked on loading.
-
-:func:`save` is atomic and verified: the file is built in memory, written beside the
-target, fsynced and read back before it replaces the target, so the previous checkpoint
-survives a crash, a kill or a full disk at any moment. With ``keep_previous`` the replaced
-file stays as ``checkpoint.prev.h5`` if it still reads back: the last good one, should the
-current file be damaged later on disk.
+"""The one HDF5 checkpoint format both stacks read and write (docs/spec.md §6, §7): one
+dataset per array under its canonical name (:mod:`crmn.naming`), with a Fletcher-32 checksum
+so that flipped bytes are detected, not trained on; the root attribute ``meta`` is one JSON
+object (crmn.rundir.CheckpointMeta) with ``format_version``.
 """
-
 from __future__ import annotations
 
 import json
@@ -28,9 +18,7 @@ from crmn.errors import CheckpointError
 from crmn.runlog import commit_temp, link_over, write_temp
 
 FORMAT_VERSION = 1
-
-#: growth step of the in-memory file image (bytes)
-_IMAGE_BLOCK = 1 << 22
+_IMAGE_BLOCK = 1 << 22  # growth step of the in-memory file image (bytes)
 
 Arrays = Dict[str, np.ndarray]
 
@@ -42,14 +30,8 @@ def previous_path(path) -> Path:
 
 
 def save(path, arrays: Arrays, meta: Dict, *, keep_previous: bool = False) -> None:
-    """Write ``arrays`` (canonical name -> array) and ``meta`` (JSON-serialisable) to
-    ``path`` atomically, verified before it is current; ``keep_previous``: keep the
-    replaced file as :func:`previous_path` (the run's checkpoint.h5).
-
-    Each step is durable before the next, so a crash between any two leaves a readable
-    ``path``. CheckpointError: the write failed or does not read back; ``path`` and its
-    previous file are left as they were.
-    """
+    """Write ``path`` atomically, read back before it is current (a crash leaves it readable);
+    ``keep_previous`` keeps the replaced file, if it reads, as :func:`previous_path`."""
     path = Path(path)
     bad = [n for n in arrays if "/" in n or not n]
     if bad:
@@ -76,8 +58,7 @@ def save(path, arrays: Arrays, meta: Dict, *, keep_previous: bool = False) -> No
     except OSError as e:
         raise CheckpointError(f"{path}: could not write checkpoint ({_reason(e)})") from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def readable(path) -> bool:
@@ -106,8 +87,7 @@ def _h5_image(arrays: Arrays, meta_text: str) -> bytes:
 
 
 def _reason(e: BaseException, limit: int = 160) -> str:
-    """One short line for an error message: the errno's text (h5py puts the C library's on
-    its OSErrors), else the message with its whitespace collapsed."""
+    """One short line for a message: the errno's text, else the collapsed message."""
     if isinstance(e, OSError) and e.errno:
         return os.strerror(e.errno)
     text = " ".join(str(e).split()) or type(e).__name__
@@ -115,8 +95,7 @@ def _reason(e: BaseException, limit: int = 160) -> str:
 
 
 def load(path) -> Tuple[Arrays, Dict]:
-    """``(arrays by name, meta)`` of a checkpoint written by :func:`save`. CheckpointError:
-    missing, truncated or corrupt (a checksum fails), or another format version."""
+    """``(arrays by name, meta)`` of a checkpoint written by :func:`save`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -152,11 +131,8 @@ def _meta(f: "h5py.File", path: Path) -> Dict:
         raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads "
                               f"version {FORMAT_VERSION}; use the archive that wrote it, or "
                               "delete it and start the run over")
-    text = f.attrs["meta"]
-    if isinstance(text, bytes):
-        text = text.decode()
     try:
-        return json.loads(text)
+        return json.loads(f.attrs["meta"])  # str, or bytes from another writer
     except ValueError as e:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint (its 'meta' "
                               "attribute is not valid JSON)") from e
@@ -173,14 +149,8 @@ def check_compatible(recorded: Dict, model: ModelConfig, train: Optional[TrainCo
                      dataset: Optional[str] = None, path="checkpoint.h5",
                      source: str = "the checkpoint",
                      may_change: Callable[[str], bool] = lambda name: False) -> None:
-    """Refuse a run recorded under another configuration: ``recorded`` is a checkpoint's
-    meta or a config.json (``source`` names it in messages).
-
-    Every field of ``model`` (and of ``train``, and ``backend`` / ``dtype`` / ``dataset``
-    when given) must equal the recorded one, but for the fields ``may_change`` accepts (the
-    run schema's ``resume`` fields), which must only be present. The first difference is a
-    CheckpointError, e.g. ``checkpoint.h5: model.k is 2 here, 4 in the checkpoint``.
-    """
+    """Refuse ``recorded`` (a checkpoint's meta or config.json) of another configuration:
+    fields given must be equal, but those ``may_change`` accepts, which must be present."""
     sections = [("model", model.to_dict(), recorded.get("model"))]
     if train is not None:
         sections.append(("train", train.to_dict(), recorded.get("train")))

@@ -1,9 +1,6 @@
-"""The life of a run folder (its files: crmn/LOGS.md): lock, config.json, checkpoints,
-where a run resumes, and the extension of a run that ``--epochs-cap`` cut short.
-
-Every file is replaced atomically (crmn.runlog, crmn.checkpoint), in an order that leaves a
-folder the same command continues after a kill at any moment. The records below travel
-between functions; they become the files' JSON (crmn/LOGS.md's keys) only here.
+"""The life of a run folder (crmn/LOGS.md): lock, config.json, log, checkpoints, where a run
+resumes, and extending a run that ``--epochs-cap`` cut short. Files are replaced in an order
+that a kill at any moment leaves resumable; the typed records below become JSON only here.
 """
 from __future__ import annotations
 
@@ -13,7 +10,6 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -27,10 +23,7 @@ from crmn.plan import RunSpec, resume_may_change
 from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
 PHASES = ("search", "final")
-#: the checkpoint before checkpoint.h5, kept by crmn.checkpoint.save (the last good one)
-PREVIOUS = checkpoint.previous_path(runlog.CHECKPOINT).name
-#: ``--resume`` may change these fields; the cap only upwards (a run is extended)
-
+PREVIOUS = checkpoint.previous_path(runlog.CHECKPOINT).name  # the last good checkpoint
 Arrays = Dict[str, np.ndarray]
 
 
@@ -39,24 +32,25 @@ def _point(phase: str, epoch: int) -> Tuple[int, int]:
     return PHASES.index(phase), int(epoch)
 
 
-def _fields(cls, d: Dict) -> Dict:
-    return {f.name: d.get(f.name) for f in dataclasses.fields(cls)}
+class _Record:
+    @classmethod
+    def from_dict(cls, d: Dict):
+        """The record of a JSON object (a key it lacks: None)."""
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
 
-@dataclass
+@dataclasses.dataclass
 class CapCut:
     """Where ``--epochs-cap`` first cut a stage short: what a larger cap needs to go on."""
-
     cap: int
     schedule_before: Dict  # the schedule's state before that epoch's step
     eval_loss: float
     eval_acc: float
 
 
-@dataclass
-class CheckpointMeta:
+@dataclasses.dataclass
+class CheckpointMeta(_Record):
     """A checkpoint's ``meta`` (crmn/checkpoint.py): what the arrays are the state of."""
-
     model: Dict  # ModelConfig.to_dict()
     train: Dict  # TrainConfig.to_dict()
     backend: Optional[str]
@@ -76,23 +70,20 @@ class CheckpointMeta:
         return _point(self.phase, self.epoch)
 
     def to_dict(self) -> Dict:
-        d = dataclasses.asdict(self)
-        if self.capped is None:
-            del d["capped"]
-        return d
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k != "capped" or v is not None}
 
     @classmethod
     def from_dict(cls, d: Dict) -> "CheckpointMeta":
-        meta = cls(**_fields(cls, d))
+        meta = super().from_dict(d)
         if isinstance(meta.capped, dict):
             meta.capped = CapCut(**meta.capped)
         return meta
 
 
-@dataclass
-class LogLine:
+@dataclasses.dataclass
+class LogLine(_Record):
     """One finished epoch: a line of log.jsonl."""
-
     phase: str
     epoch: int  # 1-based within the phase
     stage: int  # 0-based learning-rate stage
@@ -109,15 +100,10 @@ class LogLine:
     decision: str  # crmn.schedule.Decision's value
     time: float  # unix seconds
 
-    @classmethod
-    def from_dict(cls, d: Dict) -> "LogLine":
-        return cls(**_fields(cls, d))
 
-
-@dataclass
+@dataclasses.dataclass
 class Summary:
     """summary.json: the run's result, written when it ends."""
-
     row: Optional[str]
     experiment: Optional[str]
     backend: str
@@ -138,10 +124,9 @@ class Summary:
     status: str = "done"
 
 
-@dataclass
+@dataclasses.dataclass
 class ResumePoint:
     """Where a resumed run continues: the state after ``meta``'s epoch."""
-
     arrays: Arrays
     meta: CheckpointMeta
 
@@ -156,6 +141,10 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+def warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
 class RunFolder:
     """``runs/<experiment>/<row>/seed<k>/`` and the run ``spec`` that trains in it."""
 
@@ -167,8 +156,7 @@ class RunFolder:
 
     @contextlib.contextmanager
     def held(self, fresh: bool = False) -> Iterator[None]:
-        """Create the folder and hold its lock (a second process is refused in one line,
-        crmn.runlog.hold); ``fresh`` empties it first, under the lock."""
+        """Create the folder and hold its lock; ``fresh`` empties it first, under the lock."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -182,16 +170,10 @@ class RunFolder:
                     entry.unlink()
             yield
 
-    # --- before training ------------------------------------------------------------------
-
     def finished(self, resume: bool) -> Optional[Dict]:
         """summary.json of a finished run of this configuration (to skip); None for a run
-        to train: new, unfinished and resumed, or finished and resumed under a larger
-        ``--epochs-cap`` (:meth:`start` extends it). RunError: an unfinished run without
-        ``resume``, a finished one of another configuration, a larger cap without ``resume``.
-        """
-        path = self.path(runlog.SUMMARY)
-        summary = runlog.read_json(path) if path.exists() else None
+        to train (also a finished one resumed under a larger ``--epochs-cap``)."""
+        summary = runlog.read_summary(self.dir)
         if not runlog.is_done(summary):
             # config.json alone (e.g. from a failed download) means nothing was trained
             for name in (runlog.CHECKPOINT, runlog.LOG, runlog.BEST, PREVIOUS):
@@ -219,9 +201,8 @@ class RunFolder:
         return None
 
     def _cap_raised(self, recorded: Dict, path: Path, source: str) -> Optional[int]:
-        """Check ``recorded`` (a checkpoint's meta or config.json) against this run; the
-        cap it was trained under when this run raises it, else None. CheckpointError:
-        another configuration, or a smaller cap (the epochs past it are trained already)."""
+        """Check ``recorded`` (a checkpoint's meta or config.json) against this run: the cap
+        it was trained under when this run raises it, else None; a smaller one is refused."""
         spec = self.spec
         checkpoint.check_compatible(recorded, spec.model, spec.train, dataset=spec.dataset,
                                     path=path, source=source, may_change=resume_may_change)
@@ -235,9 +216,8 @@ class RunFolder:
         return old
 
     def start(self, resume: bool) -> Optional[ResumePoint]:
-        """Where the run starts: None from its seed, else the last good checkpoint (under a
-        larger ``--epochs-cap``: :meth:`_lift_cap`). The log keeps the epochs it covers:
-        one logged but not checkpointed before a kill is trained again."""
+        """Where the run starts: None from its seed, else the last good checkpoint; the log
+        keeps the epochs it covers (one logged, not checkpointed before a kill is redone)."""
         for tmp in self.dir.glob(".*.tmp"):  # writes a kill interrupted: the real files stay
             tmp.unlink()
         log = self.path(runlog.LOG)
@@ -261,8 +241,7 @@ class RunFolder:
         return point
 
     def _last_good_checkpoint(self) -> Tuple[Arrays, Dict, Path]:
-        """checkpoint.h5, or checkpoint.prev.h5 when that does not read back (one line on
-        stderr names the epoch the run falls back to). CheckpointError: neither reads."""
+        """checkpoint.h5, or checkpoint.prev.h5 when that does not read back."""
         ckpt, prev = self.path(runlog.CHECKPOINT), self.path(PREVIOUS)
         try:
             return (*checkpoint.load(ckpt), ckpt)
@@ -275,18 +254,16 @@ class RunFolder:
             raise CheckpointError(f"{current}; {PREVIOUS} {other}, so the run cannot "
                                   f"continue: delete {self.dir} and run the command again "
                                   "without --resume") from None
-        print(f"warning: {current}; continuing from {PREVIOUS}, the state after "
-              f"{meta['phase']} epoch {meta['epoch']}", file=sys.stderr, flush=True)
+        warn(f"{current}; continuing from {PREVIOUS}, the state after "
+             f"{meta['phase']} epoch {meta['epoch']}")
         return arrays, meta, prev
 
     def _log_until(self, point: Tuple[int, int]) -> List[Dict]:
-        """log.jsonl's lines (event lines too) up to ``point``, as JSON objects."""
         return [e for e in runlog.read_log(self.path(runlog.LOG), events=True)
                 if _point(e["phase"], e["epoch"]) <= point]
 
     def _record_resume(self, meta: CheckpointMeta) -> None:
-        """Note in config.json who continued the run; say so when the stack or dtype
-        changes."""
+        """Note in config.json who continued the run; say so when the stack or dtype changed."""
         stack = self.spec.stack
         if (meta.backend, meta.dtype) != (stack.backend, stack.dtype):
             say(f"{self.dir}: checkpoint written by {meta.backend} ({meta.dtype}), "
@@ -303,16 +280,9 @@ class RunFolder:
             config.setdefault(key, []).append(item)
             runlog.write_json(path, config)
 
-    # --- extending a capped run -----------------------------------------------------------
-
     def _lift_cap(self, point: ResumePoint, old: int) -> ResumePoint:
-        """Continue a run capped at ``old`` under this run's larger cap (or none).
-
-        A larger cap follows the capped run up to the first epoch where the cap cut a stage
-        short (capped.h5), then goes on in that stage instead of reloading (search) or moving
-        to the next rate (a given ``--schedule``): the run goes back there and steps that
-        epoch's schedule again. Without a cut it continues from ``point`` as it is.
-        """
+        """Continue a run capped at ``old`` under a larger cap: back at the first epoch the cap
+        cut short (capped.h5), its schedule steps again uncut; else on from ``point``."""
         cut = self.path(runlog.CAPPED)
         held = None
         if cut.exists():
@@ -347,9 +317,7 @@ class RunFolder:
     def _rewind(self, arrays: Arrays, meta: CheckpointMeta, old: int,
                 decision: Optional[str], from_cut: bool) -> None:
         """The files of :meth:`_lift_cap`, in the order that keeps every kill resumable:
-        the log cut at ``meta``'s epoch (whose line gets the new ``decision``) plus a
-        ``cap_lifted`` line, summary.json removed, config.json's cap, best.h5 from
-        capped.best.h5 (``from_cut``), the new checkpoint.h5, and capped.h5 last."""
+        the log, summary.json, config.json, best.h5, checkpoint.h5, capped.h5 last."""
         kept = self._log_until(meta.point)
         for e in kept:
             if decision is not None and "event" not in e and \
@@ -367,8 +335,6 @@ class RunFolder:
         checkpoint.save(self.path(runlog.CHECKPOINT), arrays, meta.to_dict())
         for name in (runlog.CAPPED, runlog.CAPPED_BEST):
             self.path(name).unlink(missing_ok=True)
-
-    # --- while training -------------------------------------------------------------------
 
     def write_config(self, stack, data_source: str, description: Optional[str]) -> None:
         """config.json: what runs, where, on which data and library versions."""
@@ -404,9 +370,8 @@ class RunFolder:
         checkpoint.save(self.path(runlog.BEST), arrays, meta.to_dict())
 
     def best_model(self, epoch: int, exact: bool = True) -> Arrays:
-        """best.h5's arrays, checked to be search epoch ``epoch``'s (with ``exact=False``, on
-        resume, a later one's: saved just before a kill, it is written again). CheckpointError:
-        unreadable or another epoch; no other file holds the best model."""
+        """best.h5's arrays, checked to be search epoch ``epoch``'s (``exact=False``, on
+        resume: or a later one's, saved just before a kill; it is written again)."""
         path = self.path(runlog.BEST)
         try:
             arrays, meta = checkpoint.load(path)
@@ -422,8 +387,8 @@ class RunFolder:
 
     def note_cut(self, stack, meta: CheckpointMeta, before: Dict, sched,
                  decision: Decision, loss: float, acc: float) -> None:
-        """Keep capped.h5 (and capped.best.h5 in the search) at the first epoch where
-        ``--epochs-cap`` ended a stage (``before``: the schedule's state before its step)."""
+        """Keep capped.h5 (and capped.best.h5) at the first epoch where ``--epochs-cap`` ended
+        a stage (``before``: the schedule's state before its step)."""
         cap = self.spec.train.epochs_cap
         if cap is None or not _cut_short(self.spec.train, before, sched, decision, loss, acc):
             return

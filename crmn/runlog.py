@@ -1,8 +1,6 @@
-"""The files of a run directory (docs/spec.md §7; the format: crmn/LOGS.md), written so
-that a killed process or a full disk never loses what was there: ``log.jsonl`` is appended
-and fsynced line by line (a cut-off last line is dropped on reading); every other file is
-replaced atomically (temporary file beside it, fsync, ``os.replace``). Also the run
-directory's lock, and :func:`load_run`, what the report reads.
+"""The files of a run directory (docs/spec.md §7, crmn/LOGS.md), written so that a kill or a
+full disk never loses what was there: ``log.jsonl`` is appended and fsynced line by line,
+every other file replaced atomically. Also the directory's lock, and what the report reads.
 """
 from __future__ import annotations
 
@@ -22,27 +20,22 @@ LOG = "log.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.h5"
 BEST = "best.h5"
-#: the state where --epochs-cap first cut a stage short, and the best model then
-CAPPED = "capped.h5"
-CAPPED_BEST = "capped.best.h5"
-
+CAPPED = "capped.h5"  # the state where --epochs-cap first cut a stage short
+CAPPED_BEST = "capped.best.h5"  # and the best model then
+LOCK = ".lock"  # held by the process that trains in the folder, removed at its end
 #: fields every log line carries (crmn/LOGS.md)
 LOG_FIELDS = ("phase", "epoch", "stage", "lr", "train_loss", "train_acc", "eval_split",
               "eval_loss", "eval_acc", "seconds", "images_per_s", "decision", "time")
 
 
 def fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (a no-op where directories cannot be opened)."""
-    try:
+    """Make a rename inside ``folder`` durable (where the file system allows it)."""
+    with contextlib.suppress(OSError):  # some file systems refuse; the rename is atomic
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on directories; the rename itself is atomic
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _read_umask() -> int:
@@ -51,32 +44,26 @@ def _read_umask() -> int:
     return old
 
 
-#: the mode ``open(path, "w")`` gives a new file; mkstemp's 0600 would hide results from
-#: other users
+#: the mode ``open(path, "w")`` gives; mkstemp's 0600 would hide results from other users
 FILE_MODE = 0o666 & ~_read_umask()
 
 
 def replace_file(path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` atomically, with the mode :data:`FILE_MODE`. OSError:
-    the write failed; ``path`` is left as it was and the temporary file is removed."""
+    """Replace ``path`` by ``data`` atomically; OSError leaves ``path`` as it was."""
     commit_temp(write_temp(path, data), path)
 
 
 def write_temp(path, data: bytes) -> Path:
-    """The first half of :func:`replace_file`: ``data`` fsynced in a temporary file beside
-    ``path`` (``.NAME.XXXX.tmp``, which a resumed run removes), to be checked before
-    :func:`commit_temp` makes it ``path``. OSError: the write failed (no file is left)."""
+    """``data`` fsynced in ``.NAME.XXXX.tmp`` beside ``path``, to be checked before
+    :func:`commit_temp` makes it ``path`` (a resumed run removes such leftovers)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        try:
-            view = memoryview(data)
-            while view:  # os.write may write less than asked
-                view = view[os.write(fd, view):]
-            os.fchmod(fd, FILE_MODE)
-            os.fsync(fd)  # the data must be on disk before the rename makes it current
-        finally:
-            os.close(fd)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), FILE_MODE)
+            os.fsync(f.fileno())  # the data must be on disk before the rename makes it current
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -84,8 +71,7 @@ def write_temp(path, data: bytes) -> Path:
 
 
 def commit_temp(tmp, path) -> None:
-    """The second half of :func:`replace_file`: rename ``tmp`` over ``path`` and make the
-    rename durable; on failure ``tmp`` is removed and ``path`` is left as it was."""
+    """Rename ``tmp`` over ``path`` durably; on failure ``tmp`` is removed."""
     try:
         os.replace(tmp, path)
     except BaseException:
@@ -95,8 +81,7 @@ def commit_temp(tmp, path) -> None:
 
 
 def link_over(src, dst) -> None:
-    """Make ``dst`` a second name of ``src``'s bytes, atomically: a hard link where the
-    file system has them, else a copy. OSError: ``dst`` is left as it was."""
+    """Make ``dst`` a second name of ``src``'s bytes atomically (a hard link, else a copy)."""
     src, dst = Path(src), Path(dst)
     tmp = dst.with_name(f".{dst.name}.link.tmp")
     _remove_quietly(tmp)
@@ -117,26 +102,14 @@ def write_bytes_atomic(path, data: bytes) -> None:
 
 
 def _remove_quietly(path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # the error to report is the write's, not this one
         os.unlink(path)
-    except OSError:
-        pass  # the error being reported is the write's, not this clean-up's
-
-
-#: the lock file of a run directory while a process trains into it (removed at its end)
-LOCK = ".lock"
 
 
 @contextlib.contextmanager
 def hold(run_dir) -> Iterator[None]:
-    """The run directory belongs to this process while the block runs (docs/spec.md §8).
-
-    An exclusive ``flock`` on ``run_dir/.lock``, which holds the owner's PID; the kernel
-    drops it when the process dies (kill -9 too). The file is removed on release; a process
-    that opened it just before sees another inode once it holds the lock, and tries again.
-    RunError (one line, nothing touched): another live process holds the directory, or the
-    lock cannot be made.
-    """
+    """Hold ``run_dir`` for this process (docs/spec.md §8): an exclusive ``flock`` on
+    ``.lock``, holding our PID, which the kernel drops when the process dies (kill -9 too)."""
     path = Path(run_dir) / LOCK
     while True:
         try:
@@ -152,13 +125,10 @@ def hold(run_dir) -> Iterator[None]:
             raise RunError(f"{run_dir}: in use by another run (process {holder}, lock "
                             f"{LOCK}); wait for it to end or stop it; nothing here was "
                             "changed") from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)  # the previous holder removed the file as we opened it
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        os.close(fd)  # the previous holder removed the file as we opened it: try again
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     try:
@@ -169,9 +139,8 @@ def hold(run_dir) -> Iterator[None]:
 
 
 def write_json(path, obj) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically (config.json, summary.json)."""
-    data = (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode()
-    write_bytes_atomic(path, data)
+    """``obj`` as indented JSON in ``path``, atomically (config.json, summary.json)."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
 
 
 def read_json(path) -> dict:
@@ -189,8 +158,7 @@ def read_json(path) -> dict:
 
 
 def append_entry(path, entry: Dict) -> None:
-    """Append one epoch's line (every field of :data:`LOG_FIELDS`; no NaN) to
-    ``log.jsonl``, durable before returning."""
+    """Append one epoch's line (every field of :data:`LOG_FIELDS`) to ``log.jsonl``, durably."""
     missing = [k for k in LOG_FIELDS if k not in entry]
     if missing:
         raise ValueError(f"log entry lacks {missing}")
@@ -208,12 +176,8 @@ def append_entry(path, entry: Dict) -> None:
 
 
 def read_log(path, events: bool = False) -> List[Dict]:
-    """Every epoch line of ``log.jsonl`` in order (``[]`` without the file); with
-    ``events`` the event lines too (``{"event": ...}``, crmn/LOGS.md).
-
-    An incomplete last line is what a run killed mid-write leaves: it is dropped. A
-    malformed line anywhere else is a DataError naming the file and the line.
-    """
+    """Every epoch line of ``log.jsonl`` in order, with ``events`` the ``{"event": ...}``
+    lines too. A killed write's incomplete last line is dropped, never trusted."""
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8", errors="replace")
@@ -231,34 +195,35 @@ def read_log(path, events: bool = False) -> List[Dict]:
                 break  # a cut-off last line that happens to end in a newline byte
             raise DataError(f"{path}: line {i + 1} is not valid JSON ({e}); delete that line "
                             "and the ones after it, then run with --resume") from e
-    # the fragment (no newline) is a killed write; even when it parses it may be cut inside
-    # a number, so it is never trusted
     return entries if events else [e for e in entries if "event" not in e]
 
 
 def rewrite_log(path, entries: Iterable[Dict]) -> None:
     """Replace ``log.jsonl`` by ``entries`` atomically (resume drops epochs it will redo)."""
-    data = "".join(json.dumps(e, allow_nan=False) + "\n" for e in entries).encode()
-    write_bytes_atomic(path, data)
+    write_bytes_atomic(path, "".join(json.dumps(e, allow_nan=False) + "\n"
+                                     for e in entries).encode())
 
 
 def is_done(summary: Optional[Dict]) -> bool:
-    """Whether ``summary`` (summary.json's content, None if absent) is a finished run's:
-    the one definition of "finished" that training, the CLI and the report share."""
+    """Whether ``summary`` (summary.json's content or None) is a finished run's."""
     return summary is not None and summary.get("status") == "done"
+
+
+def read_summary(run_dir) -> Optional[Dict]:
+    """summary.json of ``run_dir``, None without one."""
+    path = Path(run_dir) / SUMMARY
+    return read_json(path) if path.exists() else None
 
 
 def finished_summary(run_dir) -> Optional[Dict]:
     """summary.json of ``run_dir`` when the run there is finished, else None."""
-    path = Path(run_dir) / SUMMARY
-    summary = read_json(path) if path.exists() else None
+    summary = read_summary(run_dir)
     return summary if is_done(summary) else None
 
 
 @dataclass
 class RunRecord:
     """What a run directory holds, as the report reads it."""
-
     path: Path
     config: Dict  # config.json
     log: List[Dict] = field(default_factory=list)  # log.jsonl lines
@@ -269,13 +234,11 @@ class RunRecord:
         return is_done(self.summary)
 
     def phase(self, name: str) -> List[Dict]:
-        """The log lines of one phase, "search" or "final"."""
         return [e for e in self.log if e.get("phase") == name]
 
 
 def compile_note(log: Iterable[Dict]) -> str:
-    """The compilations a run's log records, e.g. ``196 s miss, 3 s hit`` (one item per
-    epoch that compiled); empty when none was logged."""
+    """The compilations a run's log records, e.g. ``196 s miss, 3 s hit``."""
     items = []
     for e in log:
         seconds = e.get("compile_seconds")
@@ -290,13 +253,10 @@ def load_run(run_dir) -> RunRecord:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: no such run directory")
-    summary_path = run_dir / SUMMARY
-    summary = read_json(summary_path) if summary_path.exists() else None
     return RunRecord(path=run_dir, config=read_json(run_dir / CONFIG),
-                     log=read_log(run_dir / LOG), summary=summary)
+                     log=read_log(run_dir / LOG), summary=read_summary(run_dir))
 
 
 def find_runs(root) -> List[Path]:
     """Every run directory (one holding config.json) under ``root``, sorted."""
-    root = Path(root)
-    return sorted(p.parent for p in root.rglob(CONFIG))
+    return sorted(p.parent for p in Path(root).rglob(CONFIG))

@@ -1,12 +1,7 @@
-"""The contract between the training loop and a backend (docs/spec.md §2).
-
-``original/`` (Theano + Lasagne) and ``modern/`` (PyTorch) each implement :class:`Stack`:
-build the network of a :class:`crmn.config.ModelConfig` and run one SGD step. Everything
-else (epochs, evaluation, the NaN check, progress, the protocol) is :mod:`crmn.train`'s,
-written once. :mod:`crmn.registry` finds a backend by name and asks its static
-``problem(options)`` (why it cannot run those options here, or None) before any data is read.
-State travels as numpy arrays under the canonical names of :mod:`crmn.naming`, velocities
-as ``velocity.<name>`` (``v <- mu v - lr g``; ``p <- p + v``).
+"""The contract between the training loop and a backend (docs/spec.md §2): ``original/``
+(Theano + Lasagne) and ``modern/`` (PyTorch) each build the network and take one SGD step;
+the rest is :mod:`crmn.train`'s. State travels as numpy arrays under :mod:`crmn.naming`'s
+names, velocities as ``velocity.<name>`` (``v <- mu v - lr g``; ``p <- p + v``).
 """
 from __future__ import annotations
 
@@ -17,28 +12,22 @@ import numpy as np
 
 @runtime_checkable
 class Stack(Protocol):
-    """A network built in one framework, initialised from ``train.seed``.
-
-    Images are ``(B, 3, 32, 32)`` arrays, labels ``(B,)`` int64 class indices.
-    """
-
+    """A network built in one framework from ``train.seed``; images ``(B, 3, 32, 32)``,
+    labels ``(B,)`` int64. Optional ``compile_seconds``: seconds spent compiling so far,
+    which the loop keeps out of an epoch's seconds. The class's static ``problem(options)``
+    (why it cannot run them here, or None) is asked by crmn.registry before any data is read."""
     name: str  # "theano" | "torch" (the registry's name)
     device: str  # where it actually runs, in words, e.g. "cuda:0 (NVIDIA H100)"
-    # optional: ``compile_seconds``, the seconds spent compiling (waits for a compile lock
-    # included) so far; the loop keeps them out of an epoch's seconds and images/s
 
     def param_count(self) -> int:
         """Trainable parameters, counted from the framework's own parameter objects."""
 
     def step(self, x: Any, y: Any, lr: float) -> Tuple[Any, Any]:
-        """One SGD step (momentum, weight decay, BN running averages) on one batch; returns
-        the batch's summed cross-entropy (no weight decay) and correct count before the
-        update, as device scalars (no host sync) that support ``+`` and ``float()`` and stay
-        valid until the next ``step``."""
+        """One SGD step on one batch: its summed cross-entropy (no weight decay) and correct
+        count before the update, as device scalars supporting ``+`` and ``float()``."""
 
     def logits(self, x: np.ndarray, training: bool) -> np.ndarray:
-        """Logits ``(B, classes)`` as numpy, changing no state; ``training`` normalises with
-        the batch's statistics, else with the running averages."""
+        """Logits ``(B, classes)``, changing no state; ``training``: batch statistics."""
 
     def get_state(self) -> Dict[str, np.ndarray]:
         """All arrays under canonical names and layouts (params, BN stats, velocities)."""
@@ -47,23 +36,17 @@ class Stack(Protocol):
         """Inverse of :meth:`get_state`; a missing or mis-shaped array is a CheckpointError."""
 
     def reset_velocity(self) -> None:
-        """Zero the momentum velocities (done when the schedule reloads the best model)."""
+        """Zero the momentum velocities (when the schedule reloads the best model)."""
 
 
 class FastEpoch(Protocol):
-    """The one optional fast path a backend may offer: an epoch's batches already on its
-    device. ``epoch_batches(sampler, epoch)`` yields exactly ``sampler.epoch(epoch)``'s
-    batches, in order; ``fast_epoch`` says whether :func:`crmn.train.train_epoch` takes this
-    path by default (``tests/test_train.py`` holds it to the generic one).
-    """
-
+    """The optional fast path: ``epoch_batches`` yields ``sampler.epoch(epoch)``'s batches,
+    in order, already on the device; ``fast_epoch``: :func:`crmn.train.train_epoch` takes it
+    by default."""
     fast_epoch: bool
 
     def epoch_batches(self, sampler, epoch: int) -> Iterable[Tuple[Any, Any]]:
         ...
 
     def resident(self, sampler) -> Any:
-        """Copy ``sampler``'s training set to the device now (else the first
-        :meth:`epoch_batches` does); :mod:`crmn.bench` calls it so that the copy is not
-        timed as a step."""
-        ...
+        """Copy the training set to the device now, so that a benchmark does not time it."""

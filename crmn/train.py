@@ -1,23 +1,7 @@
-"""The paper's training protocol (section 4; docs/spec.md §5) over any crmn.stack.Stack.
-
-One call of :func:`run` trains one :class:`crmn.plan.RunSpec` into one run folder
-(crmn/LOGS.md; the folder's life is :mod:`crmn.rundir`'s):
-
-1. **Search run** (skipped when ``train.schedule`` is given): train on the seeded 90 % share
-   of the training set, validate on the other 10 % after every epoch, and follow
-   :class:`crmn.schedule.PlateauSchedule`. The best validation result so far is saved to
-   ``best.h5``; when a stage plateaus, ``best.h5`` is loaded back and the momentum
-   velocities are zeroed before the next, lower learning rate.
-2. **Final run**: the network, back at its seeded initial state, trains on the whole
-   training set with :class:`crmn.schedule.FixedSchedule` replaying the schedule found (or
-   the given one), evaluated on the test set after every epoch. The last epoch's test
-   result is the run's result (``summary.json``).
-
-Every epoch is trained, evaluated, logged, then checkpointed. Nothing depends on
-process-global random state (weights come from ``train.seed`` in the stack, batches from
-(sampler seed, epoch) in :class:`crmn.data.BatchSampler`), so a resumed run ends with
-exactly the parameters of an uninterrupted one. Both stacks share this loop: they only
-build the network and take a step.
+"""The paper's training protocol (section 4, docs/spec.md §5) over any crmn.stack.Stack: a
+search run on 90 % of the training set with plateau reloads of best.h5, then a final run from
+the same seeded start on all of it, replaying the schedule found. Nothing depends on global
+random state, so a resumed run ends with exactly the parameters of an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -35,23 +19,18 @@ from crmn import data, registry, runlog
 from crmn.errors import ConfigError, DivergedError, StopRequested
 from crmn.plan import RunSpec
 from crmn.rundir import (CheckpointMeta, LogLine, ResumePoint, RunFolder, Summary,
-                         given_schedule, say)
+                         given_schedule, say, warn)
 from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
-#: keys that separate the sampler streams of the two phases (batches, crops, flips)
-_PHASE_KEY = {"search": 0x5345, "final": 0x4649}
-#: images per forward pass of :func:`evaluate` (inference results do not depend on it)
-EVAL_BATCH = 500
-#: progress updates per epoch (each one reads the running loss: a host sync on a GPU)
-PROGRESS_UPDATES = 20
-#: the signal that asked the run to stop at the next epoch's end (None: keep going)
-_stop_signal: List[Optional[int]] = [None]
+_PHASE_KEY = {"search": 0x5345, "final": 0x4649}  # separates the phases' sampler streams
+EVAL_BATCH = 500  # images per forward pass of evaluate (its results do not depend on it)
+PROGRESS_UPDATES = 20  # per epoch; each reads the running loss: a host sync on a GPU
+_stop_signal: List[Optional[int]] = [None]  # the signal that asked the run to stop, if any
 
 
 @dataclasses.dataclass
 class EpochStats:
     """What one training epoch reports (means over the epoch's images)."""
-
     loss: float  # mean cross-entropy (without the weight-decay term)
     acc: float  # fraction of correctly classified training images
     images: int
@@ -82,22 +61,10 @@ def check_stop(where) -> None:
                             signum=signum)
 
 
-# --- the run --------------------------------------------------------------------------------
-
 def run(run_dir, spec: RunSpec, new_stack: Optional[Callable[[], Any]] = None, *,
         resume: bool = False, progress: bool = True, fresh: bool = False) -> Dict:
-    """Train ``spec`` through search and final run into ``run_dir``; its summary.json.
-
-    ``new_stack()`` builds the network from ``spec.train.seed`` (default:
-    :func:`crmn.registry.build`); it is not called for a finished run, which is skipped.
-    ``resume`` continues from checkpoint.h5 (``--resume``); ``progress`` draws a progress
-    bar on a terminal; ``fresh`` empties the folder first, under its lock (``smoke``).
-
-    Raises RunError (an unfinished run without ``resume``, or another process holds the
-    folder), CheckpointError (a checkpoint unreadable or of another configuration),
-    DivergedError (a NaN or infinite loss; the last good checkpoint stays), StopRequested
-    (a signal, :func:`request_stop`; every finished epoch is saved).
-    """
+    """Train ``spec`` into ``run_dir`` (a finished run is skipped); its summary.json.
+    ``new_stack()`` builds the network (default: crmn.registry.build); ``fresh`` empties it."""
     folder = RunFolder(run_dir, spec)
     with folder.held(fresh):
         done = folder.finished(resume)
@@ -135,53 +102,40 @@ class Training:
             f"{spec.stack.dtype}, {stack.param_count():,} trainable parameters")
         if start is None or not folder.path(runlog.CONFIG).exists():
             folder.write_config(stack, self.data_source, self.description)
-        if searching:
+        if searching:  # the search run, on the 90 % split
             initial = {k: np.array(v, copy=True)  # a stack may hand out views of its buffers
                        for k, v in stack.get_state().items()}
-            self.search(stack, start)
-            start = None
+            t = self.train
+            sched = self.train_phase("search", stack, start,
+                                     PlateauSchedule(t.lr_stages, t.patience, t.epochs_cap))
+            self.schedule_found, self.search_best, start = sched.found, sched.best, None
+            say(f"{folder.dir}: search done, schedule found {sched.found} "
+                f"(epochs per lr {list(t.lr_stages)}), best {sched.best}")
             stack.set_state(initial)  # the final run starts where the search started
             stack.reset_velocity()
         used = self.schedule_found if self.train.schedule is None else \
             given_schedule(self.train)
-        self.final(stack, used, start)
+        self.train_phase("final", stack, start, FixedSchedule(self.train.lr_stages, used))
         summary = self.summary(stack, used)
         folder.write_summary(summary)
         say(f"{folder.dir}: done, test accuracy {100 * summary.test_acc:.2f} % after "
             f"{summary.final_epochs} epochs (schedule {used})")
         return dataclasses.asdict(summary)
 
-    def search(self, stack, start: Optional[ResumePoint]) -> None:
-        """The search run on the 90 % split; keeps the schedule found and the best result."""
-        t = self.train
+    def train_phase(self, phase: str, stack, start: Optional[ResumePoint], sched):
+        """Train ``phase`` with the new schedule ``sched``, or on from ``start``."""
         if start is not None:
             stack.set_state(start.arrays)
-            sched = PlateauSchedule.from_state(start.meta.schedule)
-            if sched.best is not None and not sched.done:  # a plateau reloads it: fail now
-                self.folder.best_model(sched.best["epoch"], exact=False)
-        else:
-            sched = PlateauSchedule(t.lr_stages, t.patience, t.epochs_cap)
-        self.train_phase("search", stack, sched)
-        self.schedule_found, self.search_best = sched.found, sched.best
-        say(f"{self.folder.dir}: search done, schedule found {sched.found} "
-            f"(epochs per lr {list(t.lr_stages)}), best {sched.best}")
-
-    def final(self, stack, used: List[int], start: Optional[ResumePoint]) -> None:
-        """The final run on the full training set with the fixed schedule ``used``."""
-        if start is not None:
-            stack.set_state(start.arrays)
-            sched = FixedSchedule.from_state(start.meta.schedule)
-        else:
-            sched = FixedSchedule(self.train.lr_stages, used)
-        self.train_phase("final", stack, sched)
-
-    def train_phase(self, phase: str, stack, sched) -> None:
+            sched = type(sched).from_state(start.meta.schedule)
+            if phase == "search" and sched.best is not None and not sched.done:
+                self.folder.best_model(sched.best["epoch"], exact=False)  # a reload needs it
         split = self.split(phase)
         sampler = data.BatchSampler(split.train_x, split.train_y, self.train.batch_size,
                                     sampler_seed(self.train.seed, phase), pad=self.train.pad,
                                     flip=self.train.flip)
         while not sched.done:
             self.epoch(phase, stack, sched, sampler, split)
+        return sched
 
     def epoch(self, phase: str, stack, sched, sampler, split) -> None:
         """Train, evaluate, decide, log, checkpoint: one epoch of either phase."""
@@ -224,8 +178,7 @@ class Training:
             best=sched.best, schedule_found=self.schedule_found, search_best=self.search_best)
 
     def check_finite(self, phase: str, epoch: int, what: str, value: float) -> None:
-        """The one NaN/inf check of a run: stops it, naming row, phase, epoch and what
-        stays."""
+        """The one NaN/inf check of a run: stop it, saying what stays."""
         if not math.isfinite(value):
             ckpt = self.folder.path(runlog.CHECKPOINT)
             kept = (f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else
@@ -238,16 +191,14 @@ class Training:
         """Training and evaluation arrays of ``phase`` (crmn.data), loaded once per phase."""
         if self.loaded is None or self.loaded[0] != phase:
             self.loaded = None  # free the other phase's arrays first
-            spec = self.spec
+            spec, t = self.spec, self.train
             self.loaded = (phase, data.prepare(
-                spec.dataset, spec.data_dir, phase, self.train.seed,
-                val_fraction=self.train.val_fraction, progress=self.progress,
-                unverified=spec.unverified_data, subset=spec.subset))
+                spec.dataset, spec.data_dir, phase, t.seed, val_fraction=t.val_fraction,
+                progress=self.progress, unverified=spec.unverified_data, subset=spec.subset))
         return self.loaded[1]
 
     def note_data(self) -> None:
-        """Record where the data come from and warn unless official: such a run's
-        accuracies say nothing about the paper's."""
+        """Record where the data come from; warn unless official (no paper comparison)."""
         spec = self.spec
         self.data_source = data.provenance(spec.dataset, spec.data_dir,
                                            unverified=spec.unverified_data)
@@ -264,15 +215,12 @@ class Training:
     def epoch_line(self, e: LogLine, sched, best: bool) -> str:
         """``[search] epoch 12 stage 0 lr 0.1 | train loss 1.2 acc 45.6% | val ... | 30.2 s``"""
         total = sched.total_epochs
-        eta = ""
-        if total is not None and self.epoch_wall:
-            left = (total - sched.epoch) * float(np.mean(self.epoch_wall))
-            eta = f" | ETA {_fmt_duration(left)}"
+        eta = "" if total is None or not self.epoch_wall else \
+            f" | ETA {_fmt_duration((total - sched.epoch) * float(np.mean(self.epoch_wall)))}"
         ips = f"{e.images_per_s:.0f} img/s" if e.images_per_s else "- img/s"
-        compiled = ""
-        if e.compile_seconds >= 0.5:
-            hit = " (compile cache hit)" if e.compile_cache == "hit" else ""
-            compiled = f" | + {e.compile_seconds:.0f} s compiling{hit}"
+        hit = " (compile cache hit)" if e.compile_cache == "hit" else ""
+        compiled = f" | + {e.compile_seconds:.0f} s compiling{hit}" \
+            if e.compile_seconds >= 0.5 else ""
         of = f"/{total}" if total is not None else ""
         return (f"[{e.phase}] epoch {e.epoch}{of} stage {e.stage} lr {e.lr:g} | "
                 f"train loss {e.train_loss:.4f} acc {100 * e.train_acc:.2f}% | "
@@ -303,25 +251,14 @@ class Training:
             data=self.data_source)
 
 
-# --- one epoch, evaluation, progress ------------------------------------------------------
-
 def train_epoch(stack, sampler, epoch: int, lr: float, *, progress: Optional[str] = None,
                 fast: Optional[bool] = None) -> EpochStats:
-    """One epoch of SGD over ``sampler.epoch(epoch)`` at learning rate ``lr``.
-
-    ``fast`` takes the stack's :class:`crmn.stack.FastEpoch` path (default: the stack's
-    ``fast_epoch``); both paths step through the same batches. The step's sums stay on the
-    device until the epoch ends, but for the progress bar's updates (``progress``: its
-    label; None draws nothing).
-    """
+    """One epoch of SGD over ``sampler.epoch(epoch)`` at ``lr`` (``fast``: the stack's
+    crmn.stack.FastEpoch path); the sums stay on the device but for the progress bar's reads."""
     use_fast = getattr(stack, "fast_epoch", False) if fast is None else fast
     batches = stack.epoch_batches(sampler, epoch) if use_fast else sampler.epoch(epoch)
-    bar = (Progress(progress, len(sampler),
-                    cache_state=lambda: getattr(stack, "compile_cache", None))
-           if progress else None)
-    loss_sum: Any = 0.0
-    correct: Any = 0
-    images = 0
+    bar = Progress(progress, len(sampler), stack) if progress else None
+    loss_sum, correct, images = 0.0, 0, 0  # the sums: device scalars after the first step
     compiled0 = getattr(stack, "compile_seconds", 0.0)
     t0 = time.perf_counter()
     try:
@@ -347,13 +284,11 @@ def train_epoch(stack, sampler, epoch: int, lr: float, *, progress: Optional[str
 
 def evaluate(stack, x: np.ndarray, y: np.ndarray,
              batch_size: int = EVAL_BATCH) -> Tuple[float, float]:
-    """(mean cross-entropy, accuracy in [0, 1]) in inference mode (running BN statistics),
-    in float64 from the stack's logits: both stacks report the same numbers for the same
-    logits."""
+    """(mean cross-entropy, accuracy) in inference mode, in float64 from the stack's logits,
+    so that both stacks report the same numbers for the same logits."""
     if len(y) == 0:
         raise ConfigError("evaluate() needs at least one image")
-    loss_sum = 0.0
-    correct = 0
+    loss_sum, correct = 0.0, 0
     for xb, yb in data.iterate_eval(x, y, batch_size):
         z = np.asarray(stack.logits(xb, training=False), dtype=np.float64)  # (B, classes)
         z = z - z.max(axis=1, keepdims=True)  # a stable log-softmax
@@ -365,18 +300,12 @@ def evaluate(stack, x: np.ndarray, y: np.ndarray,
 
 
 class Progress:
-    """A one-line progress bar on a terminal: batches, images/s, the epoch's ETA, loss.
+    """A one-line progress bar on a terminal: batches, images/s, ETA, loss; until the first
+    step returns (the stacks compile there) it counts ``compiling… N s`` each second."""
 
-    Until the first step returns (Theano and JAX compile there, torch captures its graph)
-    it counts the seconds: ``compiling… N s``, or ``compile cache hit… N s`` once the
-    stack found its step in the compile cache (``cache_state()``); rates and the ETA start
-    after it.
-    """
-
-    def __init__(self, label: str, total: int, stream=None, cache_state=lambda: None):
-        self.label, self.total = label, total
-        self.cache_state = cache_state
-        self.stream = stream or sys.stderr
+    def __init__(self, label: str, total: int, stack):
+        self.label, self.total, self.stack = label, total, stack
+        self.stream = sys.stderr
         self.t0 = time.perf_counter()
         self.every = max(1, total // PROGRESS_UPDATES)
         self.first = None  # (done, images, time) after the first step
@@ -386,10 +315,13 @@ class Progress:
 
     def _tick(self) -> None:
         while not self._stepped.wait(1.0):
-            doing = "compile cache hit" if self.cache_state() == "hit" else "compiling"
-            self.stream.write(f"\r  {self.label} {doing}\u2026 "
-                              f"{time.perf_counter() - self.t0:.0f} s\033[K")
-            self.stream.flush()
+            hit = getattr(self.stack, "compile_cache", None) == "hit"
+            doing = "compile cache hit" if hit else "compiling"
+            self._write(f"{self.label} {doing}\u2026 {time.perf_counter() - self.t0:.0f} s")
+
+    def _write(self, text: str) -> None:
+        self.stream.write(f"\r  {text}\033[K" if text else "\r\033[K")
+        self.stream.flush()
 
     def due(self, done: int) -> bool:
         return done == 1 or done % self.every == 0 or done == self.total
@@ -398,8 +330,7 @@ class Progress:
         now = time.perf_counter()
         if self.first is None:
             self.first = (done, images, now)
-            self._stepped.set()
-            self._ticker.join()
+            self._stop_ticker()
         d0, i0, t0 = self.first
         elapsed = max(now - t0, 1e-9)
         rate = f"{(images - i0) / elapsed:.0f} img/s" if done > d0 else "- img/s"
@@ -407,21 +338,17 @@ class Progress:
                if done > d0 else "ETA -")
         width = 20
         bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
-        self.stream.write(f"\r  {self.label} [{bar}] {done}/{self.total} {rate} {eta} "
-                          f"loss {loss:.4f}\033[K")
-        self.stream.flush()
+        self._write(f"{self.label} [{bar}] {done}/{self.total} {rate} {eta} loss {loss:.4f}")
 
-    def close(self) -> None:
+    def _stop_ticker(self) -> None:
         self._stepped.set()
         self._ticker.join()
-        self.stream.write("\r\033[K")
-        self.stream.flush()
+
+    def close(self) -> None:
+        self._stop_ticker()
+        self._write("")
 
 
 def _fmt_duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def warn(text: str) -> None:
-    print(f"warning: {text}", file=sys.stderr, flush=True)
