@@ -1,9 +1,7 @@
 """Frozen configurations shared by both stacks: the network and the protocol.
 
-Every field carries its unit and its source (docs/spec.md §4-5); a field with an option
-declares it here (:func:`crmn.schema.option`). The defaults are the interpretations chosen
-where the paper is silent (REPRODUCING.md).
-"""
+Every field carries its unit and its source (docs/spec.md §4-5); the defaults are the
+interpretations chosen where the paper is silent (REPRODUCING.md)."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,14 +17,12 @@ from crmn.schema import above_zero, epochs_list, finite, option, positive, width
 
 
 def json_view(value):
-    """``value`` as JSON gives it back (tuples become lists): how a dataclass's ``to_dict``
-    compares with a config.json or checkpoint record of it."""
+    """``value`` as JSON gives it back (tuples become lists), to compare with config.json."""
     return json.loads(json.dumps(value))
 
 
 def _check_finite(config) -> None:
-    """Refuse NaN and infinity in any number field (or tuple of numbers) of ``config``: they
-    would train nothing, and JSON (config.json, checkpoint meta) cannot hold them."""
+    """Refuse NaN and infinity in any number field: JSON (config.json) cannot hold them."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         for x in value if isinstance(value, tuple) else (value,):
@@ -36,7 +32,6 @@ def _check_finite(config) -> None:
 
 
 def _scale_lr(lr: float, stages: Tuple[float, ...]) -> Tuple[float, ...]:
-    """``--lr``: the first stage's rate; the later stages keep the row's ratios."""
     return tuple(lr * (r / stages[0]) for r in stages)
 
 
@@ -44,10 +39,10 @@ def _scale_lr(lr: float, stages: Tuple[float, ...]) -> Tuple[float, ...]:
 class ModelConfig:
     """The network: a 6n+2 post-activation CIFAR ResNet, optionally with the CRMN memory."""
 
+    # n: basic blocks per stage, depth 6n+2 (He et al. 2015, section 4.2); k: width factor,
+    # stage widths 16k, 32k, 64k feature maps (paper section 4)
     n: int = option(flag="--n", type=positive, group="expert", help="blocks per stage")
-    # basic blocks per stage; depth 6n+2 (He et al. 2015, section 4.2)
     k: float = option(flag="--k", type=width, group="expert", help="width factor")
-    # width factor: stage widths 16k, 32k, 64k feature maps (paper section 4)
     classes: int  # softmax outputs: 100 CIFAR-100, 10 CIFAR-10 / SVHN
     memory: bool  # True: CRMN (LSTM over every block's output, section 3.2)
     lstm_units: int = 100  # hidden and cell size of the LSTM (section 4: "constant value of 100")
@@ -60,8 +55,7 @@ class ModelConfig:
                           help="LSTM output-gate nonlinearity")  # eq. 4, or tanh (the text)
     peepholes: bool = True  # peephole terms w_c ⊙ c of eqs. 2-4 (section 2.1: "we use them")
     dense_init: str = option("he", flag="--dense-init", choices=("he", "glorot"), group="model",
-                             interpretation=True, help="softmax-layer weight init")
-    # He normal (gain 1) or Glorot
+                             interpretation=True, help="softmax-layer weight init")  # gain 1
 
     def __post_init__(self):
         _check_finite(self)
@@ -110,8 +104,7 @@ class TrainConfig:
     """The training protocol of section 4 (docs/spec.md §5)."""
 
     batch_size: int = option(100, flag="--batch-size", type=positive, metavar="B",
-                             group="expert", help="images per batch")
-    # images per SGD step (section 4.2: 50 for the wide 28-layer runs)
+                             group="expert", help="images per batch")  # 4.2: 50 if wide
     lr_stages: Tuple[float, ...] = option(
         paper.LR_TABLE1, flag="--lr", dest="lr", type=above_zero, metavar="LR", group="protocol",
         interpretation=True, show=lambda stages: repr(stages[0]), from_cli=_scale_lr,

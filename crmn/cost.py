@@ -1,13 +1,5 @@
-"""What a plan will cost: seconds per epoch measured by ``bench`` on this machine, times the
-epochs the protocol is expected to train.
-
-``bench`` records each measured row in ``$CRMN_CACHE/bench-speeds.json`` (default
-``~/.cache/crmn``), keyed by row, stack, device and dtype. Expected epochs of one run:
-with ``--schedule``, its sum (the final run only); otherwise a search and a final run of
-the same length, each stage assumed to last :data:`STAGE_EPOCHS_PER_PATIENCE` × patience
-epochs (the plateau search's length is only known once it has run), at most
-``--epochs-cap``.
-"""
+"""What a plan will cost: the seconds per epoch ``bench`` recorded on this machine
+(``$CRMN_CACHE/bench-speeds.json``, by row, stack, device, dtype) times the expected epochs."""
 from __future__ import annotations
 
 import json
@@ -35,7 +27,7 @@ def key(row: str, options: StackOptions) -> str:
 
 
 def read_speeds(path: Optional[Path] = None) -> Dict[str, float]:
-    """The recorded seconds per 50,000-image epoch; {} where none (or unreadable)."""
+    """The recorded seconds per 50,000-image epoch; {} where none."""
     try:
         data = json.loads((path or speeds_path()).read_text())
         return {str(k): float(v) for k, v in data.items()}
@@ -45,8 +37,8 @@ def read_speeds(path: Optional[Path] = None) -> Dict[str, float]:
 
 def record(results: Sequence[Dict], options: Sequence[StackOptions],
            path: Optional[Path] = None) -> Path:
-    """Add ``bench``'s results (each with ``row`` and ``sec_per_epoch``; ``options[i]``
-    the stack of ``results[i]``) to the recorded speeds; the file written."""
+    """Add ``bench``'s results (``options[i]``: the stack of ``results[i]``) to the recorded
+    speeds; the file written."""
     path = path or speeds_path()
     speeds = read_speeds(path)
     speeds.update({key(r["row"], o): r["sec_per_epoch"] for r, o in zip(results, options)})
@@ -58,7 +50,8 @@ def record(results: Sequence[Dict], options: Sequence[StackOptions],
 
 
 def expected_epochs(train) -> int:
-    """Epochs one run is expected to train (module docstring)."""
+    """Epochs one run is expected to train: ``--schedule``'s sum, else a search and a final
+    run, stages of :data:`STAGE_EPOCHS_PER_PATIENCE` × patience epochs; at most the cap."""
     cap = train.epochs_cap
     if train.schedule is not None:
         return sum(min(e, cap) if cap else e for e in train.schedule)
@@ -73,8 +66,8 @@ def _time(seconds: float) -> str:
 
 
 def estimate(plan, speeds: Optional[Dict[str, float]] = None) -> str:
-    """One line: rows × seeds, the device, the estimated wall time, and the faster ways
-    when it is more than a day (or how to measure where nothing is recorded)."""
+    """One line: runs, device, estimated wall time (and faster ways beyond a day, or how to
+    measure where nothing is recorded)."""
     speeds = read_speeds() if speeds is None else speeds
     rows = sorted({r.label for r in plan.runs})
     stack = plan.stack

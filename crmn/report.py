@@ -1,12 +1,8 @@
 """Published versus reproduced numbers, rendered from run directories only (docs/spec.md §7).
 
-:func:`compare` reads every run's ``config.json``, ``log.jsonl`` and ``summary.json`` below a
-folder (crmn/LOGS.md), prints the comparison with :mod:`crmn.paper` and writes ``REPORT.md``
-with Figure-3-style PNG learning curves. Per row: parameters, seconds per epoch, test
-accuracy (mean ± sample std over seeds) beside the paper's, Δ (blank where
-:func:`comparable` finds the runs no test of the paper) and status; a row without runs is
-*missing*, an unfinished run *running* with its last epoch. Nothing is dropped silently.
-"""
+:func:`compare` reads every run's files below a folder (crmn/LOGS.md), prints the comparison
+with :mod:`crmn.paper` and writes ``REPORT.md`` with Figure-3-style PNG learning curves; a
+row without runs is *missing*, an unfinished run *running*: nothing is dropped silently."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,14 +22,9 @@ from crmn.schema import names
 FIGURE3_ROWS = tuple(r.id for r in paper.TABLE1[3::4])
 
 
-# ---------------------------------------------------------------------------------------
-# reading run directories
-
-
 @dataclass
 class SeedRun:
     """One run directory ``<row>/seed<k>/`` as :func:`crmn.runlog.load_run` reads it."""
-
     run: runlog.RunRecord
     seed: int
 
@@ -54,29 +45,22 @@ class SeedRun:
         s = self.summary or {}
         return str(s.get("device") or self.run.config.get("device") or "?")
 
-    def phase_log(self, phase: str) -> List[dict]:
-        return self.run.phase(phase)
-
     def best_val_acc(self) -> Optional[float]:
         """Highest validation accuracy of the search run (fraction), None without one."""
         vals = [r["eval_acc"] for r in self.log if r.get("eval_split") == "val"]
         return max(vals) if vals else None
 
     def sec_per_epoch(self) -> Optional[float]:
-        """The summary's median final-run epoch time; while running, the median of the
-        logged final-run epochs (of all logged epochs before the final run starts)."""
+        """The median final-run epoch time (while running: of the logged epochs)."""
         if self.done and self.summary.get("sec_per_epoch") is not None:
             return float(self.summary["sec_per_epoch"])
-        recs = self.phase_log("final") or self.log
+        recs = self.run.phase("final") or self.log
         secs = [r["seconds"] for r in recs if "seconds" in r]
         return statistics.median(secs) if secs else None
 
     def departures(self, row: Optional[paper.Row]) -> List[Tuple[str, bool]]:
-        """What makes this run other than ``row`` as published (config.json, summary.json),
-        each as ``(note, test)``; ``test`` False makes the run no test of the paper
-        (:func:`comparable`). Fake or unverified data, another dataset, and every schema
-        field of the model and protocol that differs from the row's: a field marked
-        ``interpretation`` (:data:`INTERPRETATIONS`) is another reading of the paper."""
+        """What makes this run other than ``row`` as published, each as ``(note, test)``:
+        ``test`` is False unless it is another reading of the paper (an ``interpretation``)."""
         config, summary = self.run.config, self.summary or {}
         out: List[Tuple[str, bool]] = []
         if config.get("fake_data") or summary.get("fake_data") \
@@ -107,10 +91,6 @@ class SeedRun:
                                 bool(m.get("interpretation"))))
         return out
 
-    def notes(self, row: Optional[paper.Row]) -> List[str]:
-        """Every departure from ``row`` as published (:meth:`departures`), as text."""
-        return [note for note, _ in self.departures(row)]
-
 
 #: Fields the paper leaves open (the schema's ``interpretation`` fields, docs/spec.md §4-5):
 #: a run that reads one of them otherwise is another reading of the paper, so its Δ stays.
@@ -118,9 +98,8 @@ INTERPRETATIONS = names(ModelConfig, "interpretation") | names(TrainConfig, "int
 
 
 def comparable(run: SeedRun, row: Optional[paper.Row]) -> Tuple[bool, str]:
-    """Is ``run`` a test of ``row`` as the paper ran it: ``(True, "")`` or ``(False, why)``,
-    ``why`` the departures that are no reading of the paper (:meth:`SeedRun.departures`)
-    joined by "; ". The one place deciding whether Δ and the plots set it against the paper."""
+    """Is ``run`` a test of ``row`` as the paper ran it: ``(True, "")`` or ``(False, why)``;
+    the one place deciding whether Δ and the plots set it against the paper."""
     why = [note for note, test in run.departures(row) if not test]
     return (not why, "; ".join(why))
 
@@ -134,7 +113,6 @@ def load_seed_run(path: Path) -> SeedRun:
 @dataclass
 class RowRuns:
     """Every seed of one row of one experiment (possibly none: a missing row)."""
-
     experiment: str
     row_id: str
     runs: List[SeedRun] = field(default_factory=list)
@@ -151,12 +129,10 @@ class RowRuns:
         return [r for r in self.runs if r.done]
 
     def test_accs(self) -> List[float]:
-        """Test accuracies in % of the finished seeds."""
         return [100.0 * float(r.summary["test_acc"]) for r in self.finished]
 
     def not_comparable(self) -> str:
-        """Why the finished seeds are no test of the paper ('' when they all are): the
-        reasons of :func:`comparable`, each once."""
+        """Why the finished seeds are no test of the paper ('' when they all are)."""
         out: List[str] = []
         for r in self.finished:
             ok, why = comparable(r, self.row)
@@ -164,10 +140,9 @@ class RowRuns:
         return "; ".join(out)
 
     def notes(self) -> List[str]:
-        """Every seed's :meth:`SeedRun.notes`, each note once."""
         out = []
         for r in self.runs:
-            out += [n for n in r.notes(self.row) if n not in out]
+            out += [n for n, _ in r.departures(self.row) if n not in out]
         return out
 
     def status(self) -> str:
@@ -197,7 +172,7 @@ def runs_folder(directory: Path) -> Path:
 
 def collect(directory: Path) -> Dict[str, List[RowRuns]]:
     """Runs below ``directory`` (an experiment folder or a folder of them) by experiment,
-    then row, paper rows first; a paper row without runs has no seeds (missing)."""
+    then row, paper rows first (a paper row without runs: missing)."""
     directory = runs_folder(directory)
     seed_dirs = [p for p in runlog.find_runs(directory)
                  if p.name.startswith("seed") and p.parent != directory]
@@ -206,8 +181,7 @@ def collect(directory: Path) -> Dict[str, List[RowRuns]]:
                         f"<experiment>/<row>/seed<k>/ with a config.json)")
     grouped: Dict[str, Dict[str, RowRuns]] = {}
     for sd in seed_dirs:
-        run = load_seed_run(sd)
-        row_dir = sd.parent
+        run, row_dir = load_seed_run(sd), sd.parent
         exp = run.run.config.get("experiment") or (
             directory.name if row_dir.parent == directory else row_dir.parent.name)
         rows = grouped.setdefault(exp, {})
@@ -216,18 +190,12 @@ def collect(directory: Path) -> Dict[str, List[RowRuns]]:
         grouped.setdefault(directory.name, {})
     out: Dict[str, List[RowRuns]] = {}
     for exp, rows in grouped.items():
-        ordered = []
-        for r in paper.EXPERIMENTS.get(exp, ()):
-            ordered.append(rows.pop(r.id, RowRuns(exp, r.id)))
+        ordered = [rows.pop(r.id, RowRuns(exp, r.id)) for r in paper.EXPERIMENTS.get(exp, ())]
         ordered += [rows[k] for k in sorted(rows)]
         for rr in ordered:
             rr.runs.sort(key=lambda s: s.seed)
         out[exp] = ordered
     return out
-
-
-# ---------------------------------------------------------------------------------------
-# numbers
 
 
 def mean_std(values: Sequence[float]):
@@ -236,9 +204,7 @@ def mean_std(values: Sequence[float]):
     if n == 0:
         return None, None, 0
     m = sum(values) / n
-    if n < 2:
-        return m, None, n
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)), n
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else None), n
 
 
 def _fmt(v, spec=".2f", blank=""):
@@ -246,26 +212,21 @@ def _fmt(v, spec=".2f", blank=""):
 
 
 def row_line(rr: RowRuns) -> Dict[str, str]:
-    """One comparison-table row as strings (blank where there is nothing to show)."""
+    """One comparison-table row as strings."""
     row = rr.row
     params = next((p for p in ((r.summary or {}).get("params") or r.run.config.get("params")
                                for r in rr.runs) if p is not None), None)
     secs = [s for s in (r.sec_per_epoch() for r in rr.runs) if s is not None]
     devices = sorted({r.device for r in rr.runs})
     m, sd, n = mean_std(rr.test_accs())
-    acc = ""
-    if n:
-        acc = f"{m:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") + f" (n={n})"
-    else:
-        acc = _last_logged(rr)
-    paper_acc = row.paper_accuracy if row else None
+    acc = (f"{m:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") + f" (n={n})" if n
+           else _last_logged(rr))
+    ref = row.paper_accuracy if row else None
+    paper_acc_s = _fmt(ref)
     if row is not None and row.paper_accuracy_mean is not None:
         paper_acc_s = (f"{row.paper_accuracy_mean:.2f} ± {row.paper_accuracy_std:g} "
                        f"(best {row.paper_accuracy:.2f})")
         ref = row.paper_accuracy_mean
-    else:
-        paper_acc_s = _fmt(paper_acc)
-        ref = paper_acc
     return {
         "row": rr.row_id,
         "model": row.label if row else _model_label(rr),
@@ -285,8 +246,8 @@ def row_line(rr: RowRuns) -> Dict[str, str]:
 
 
 def _last_logged(rr: RowRuns) -> str:
-    """A stopped row's last logged accuracy, marked as such: ``41.20 (last logged: val,
-    search epoch 3)``; blank without any logged epoch."""
+    """A stopped row's last logged accuracy, e.g. ``41.20 (last logged: val, search epoch
+    3, seed 0)``."""
     logged = [(r.log[-1], r.seed) for r in rr.runs if r.log]
     if not logged:
         return ""
@@ -306,8 +267,8 @@ def _model_label(rr: RowRuns) -> str:
 
 
 def five_repetitions(rr: RowRuns) -> Optional[Dict]:
-    """Section 4.2's repeated-run figure: mean ± std of test accuracy, and the test accuracy
-    of the seed best on validation (search run), which Table 2 reports."""
+    """Section 4.2's repeated runs: mean ± std of test accuracy, and the test accuracy of the
+    seed best on validation (which Table 2 reports)."""
     fin = rr.finished
     if not fin:
         return None
@@ -382,15 +343,11 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
     return "\n".join(out)
 
 
-# ---------------------------------------------------------------------------------------
-# plots
-
-
 def _curves(run: SeedRun):
     """(epochs, train loss, test-error epochs, test error %, phase, lr drops) of the final
     run (Figure 3), or of the search run (validation error) before the final run starts."""
-    phase = "final" if run.phase_log("final") else "search"
-    recs = run.phase_log(phase)
+    phase = "final" if run.run.phase("final") else "search"
+    recs = run.run.phase(phase)
     ep = list(range(1, len(recs) + 1))  # epochs count on across lr stages
     loss = [r.get("train_loss") for r in recs]
     err = [100.0 * (1.0 - r["eval_acc"]) for r in recs if r.get("eval_acc") is not None]
@@ -465,15 +422,9 @@ def write_plots(groups: Dict[str, List[RowRuns]], directory: Path) -> List[Path]
     return written
 
 
-# ---------------------------------------------------------------------------------------
-# entry points
-
-
 def compare(directory: Path, *, plots: bool = True, out: Optional[TextIO] = None) -> Path:
-    """Print the comparison for the runs below ``directory``; write REPORT.md (and PNGs);
-    its path. The table is printed even where the folder cannot be written; then a one-line
-    :class:`RunError` names what was not written and why. A missing folder, no run, or an
-    unreadable run file is a one-line :class:`DataError`."""
+    """Print the comparison for the runs below ``directory``, write REPORT.md (and PNGs);
+    its path. An unwritable folder: the table still printed, then a :class:`RunError`."""
     directory = Path(directory)
     groups = collect(directory)
     pngs: List[Path] = []

@@ -1,13 +1,8 @@
 """The run schema: every option of a run declared once, as a dataclass field with metadata.
 
-A field made by :func:`option` carries its flag, help, group, type and choices, whether
-another value is still a reading of the paper and whether ``--resume`` may change it. The
-parser's options (:func:`add_options`), a parsed command line's values (:func:`values`), the
-command line rendered back (:func:`render`), the report's interpretations and the resume
-check (:func:`names`) are derived from them. To add an option, add a field
-``name: T = option(default, flag="--name", help=..., group=...)`` to the dataclass it
-belongs to (``ModelConfig``, ``TrainConfig``, ``StackOptions``, ``RunSpec``, ``LaunchOptions``).
-"""
+The parser's options, a command line's values, the command line rendered back, the report's
+interpretations and the resume check are derived from it. To add an option, add a field
+``name: T = option(default, flag="--name", help=..., group=...)`` to its dataclass."""
 from __future__ import annotations
 
 import argparse
@@ -32,16 +27,13 @@ def option(default=dataclasses.MISSING, *, flag: Optional[str] = None, help: str
            interpretation: bool = False, resume: bool = False, departure: Optional[str] = None,
            dest: Optional[str] = None, show: Callable[[Any], str] = str,
            from_cli: Optional[Callable[[Any, Any], Any]] = None, per_run: bool = False):
-    """A dataclass field with its command-line metadata. ``kind``: ``value`` (``--flag X``),
-    ``true``/``false`` (``--flag`` sets True/False). ``interpretation``: another value is
-    still a reading of the paper (else the run is not the paper's row); ``departure``: the
-    report's note for any set value; ``resume``: ``--resume`` may change it; ``show``: the
-    value as the command line carries it, ``from_cli(given, base)`` back (``--lr`` is the
-    first of ``lr_stages``); ``per_run``: differs between a grid's runs (the seed)."""
-    meta = dict(flag=flag, help=help, group=group, type=type, choices=choices,
-                metavar=metavar, kind=kind, default_help=default_help,
-                interpretation=interpretation, resume=resume, departure=departure,
-                dest=dest, show=show, from_cli=from_cli, per_run=per_run)
+    """A dataclass field with its command-line metadata. ``kind``: ``value``, ``true`` or
+    ``false`` (a bare flag sets it); ``interpretation``: another value is still a reading of
+    the paper; ``departure``: the report's note for any set value; ``resume``: ``--resume``
+    may change it; ``show``/``from_cli(given, base)``: the value to and from the command
+    line; ``per_run``: differs between a grid's runs (the seed)."""
+    meta = dict(locals())  # every keyword but the default
+    del meta["default"]
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -62,8 +54,8 @@ def names(cls, key: str) -> frozenset:
 def add_options(parser, cls, *, defaults: Optional[Dict[str, Any]] = None,
                 helps: Optional[Dict[str, str]] = None, groups: Optional[Dict] = None,
                 only=None, skip=()) -> None:
-    """An option for every flagged field of ``cls``, in its group; ``defaults``/``helps``: a
-    command's own defaults and their text by field name (None: the row's)."""
+    """An option for every flagged field of ``cls``; ``defaults``/``helps``: a command's own
+    defaults and their help text by field name."""
     defaults, helps = defaults or {}, helps or {}
     for f in flagged(cls):
         if f.name in skip or (only is not None and f.name not in only):
@@ -83,7 +75,7 @@ def add_options(parser, cls, *, defaults: Optional[Dict[str, Any]] = None,
 
 
 def group(parser, key: str, title=...):
-    """``parser``'s group ``key`` (made once, titled from :data:`GROUPS`; None: the parser)."""
+    """``parser``'s group ``key``, made once (title None: the parser itself)."""
     if title is None:
         return parser
     made = parser.__dict__.setdefault("_crmn_groups", {})
@@ -93,8 +85,7 @@ def group(parser, key: str, title=...):
 
 
 def values(cls, args: argparse.Namespace, base) -> Dict[str, Any]:
-    """The values ``args`` gives ``cls``'s flagged fields (an option at None keeps ``base``,
-    the values without options, e.g. the row's)."""
+    """The values ``args`` gives ``cls``'s flagged fields (None keeps ``base``'s)."""
     out = {}
     for f in flagged(cls):
         given = getattr(args, dest(f), None)
@@ -121,10 +112,7 @@ def render(obj, base) -> List[str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------
 # value types: each refuses a bad value in one line (argparse adds the option's name)
-
-
 def _number(text: str, kind=float, what: str = "a number"):
     try:
         return kind(text)
@@ -133,7 +121,6 @@ def _number(text: str, kind=float, what: str = "a number"):
 
 
 def positive(text: str) -> int:
-    """A whole number >= 1."""
     v = _number(text, int, "a whole number")
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")

@@ -1,11 +1,8 @@
 """The archive's one argument parser: every command's options, their spelling and defaults.
 
-The training commands' options are derived from the run schema (:mod:`crmn.schema`, the
-fields of :mod:`crmn.plan`'s dataclasses), so their help shows the defaults that run; the
-commands with options of their own (verify, bench, profile, gpucheck, ...) declare them here.
-A command is one ``sub.add_parser`` in :func:`build_parser` and one handler in
-:data:`crmn.cli.commands.COMMANDS`. Nothing here reads a file or builds a network.
-"""
+The training commands' options come from the run schema (:mod:`crmn.schema`); the tools
+declare theirs here. A command is one ``sub.add_parser`` here and one handler in
+:data:`crmn.cli.commands.COMMANDS`."""
 from __future__ import annotations
 
 import argparse
@@ -23,21 +20,18 @@ TRAIN_COMMANDS = tuple(paper.EXPERIMENTS)  # table1, table2, table3, svhn
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors in one line instead of usage + message."""
-
-    def error(self, message):  # noqa: D401 - argparse hook
+    def error(self, message):
         raise UsageError(f"{self.prog}: {message}")
 
 
 def _stack_options(p: argparse.ArgumentParser, backend: bool = True, auto: bool = False):
-    """Which stack, where, in which precision (:class:`crmn.registry.StackOptions`); the
-    training commands choose the device themselves by default (``auto``)."""
+    """The stack options; the training commands choose the device by default (``auto``)."""
     schema.add_options(p, StackOptions, only=None if backend else ("device",),
                        defaults=dict(device=registry.AUTO if auto else "cpu",
                                      theano_mode=None))
 
 
 def _device(text: str) -> str:
-    """``--device`` of verify and gpucheck: a device string (no ``auto``)."""
     if text == registry.AUTO:
         raise argparse.ArgumentTypeError("auto is for the training commands; name the device")
     return registry.device_option(text)
@@ -76,8 +70,7 @@ def _grid_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
 
 
 def _train_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
-    """The options of the commands that train: the run schema's fields (smoke: its own
-    defaults, :data:`SMOKE`, and no data or launcher options)."""
+    """The run schema's options (smoke: its own defaults, no data or launcher options)."""
     _stack_options(p, auto=True)
     if not smoke:
         _rows_option(p, "every row of the experiment")
@@ -97,14 +90,7 @@ def _train_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
     schema.add_options(p, LaunchOptions)
 
 
-def _train_parent() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    _train_options(p)
-    return p
-
-
 def _add_tools(sub) -> None:
-    """verify, bench and profile: the checks and timings, sharing the stack options."""
     sp = sub.add_parser("verify", help="the two stacks agree (float64), or the GPU agrees "
                                        "with the CPU (--device cuda)")
     _rows_option(sp, "three small configurations")
@@ -154,7 +140,6 @@ def _add_tools(sub) -> None:
 
 
 def _add_gpucheck(sub) -> None:
-    """gpucheck: the one command of a lent GPU (crmn/gpucheck.py)."""
     sp = sub.add_parser("gpucheck", help="one command that proves a GPU: environment, "
                                          "verify on the device, s/epoch, a short training")
     sp.add_argument("--device", type=_device, default="cuda", metavar="DEV",
@@ -179,7 +164,6 @@ def _add_gpucheck(sub) -> None:
 
 
 def _add_use(sub) -> None:
-    """export and evaluate: a run's weights for others, and any weights on a test set."""
     sp = sub.add_parser("export", help="a finished run as <row>-<sha8>.pt (torch), .npz "
                                        "(Lasagne) and a model card MODEL.md")
     sp.add_argument("run_dir", type=Path, metavar="RUN_DIR",
@@ -197,13 +181,13 @@ def _add_use(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full parser; ``--help`` of each command lists its options with real defaults."""
     parser = _Parser(prog="run_experiments.sh",
                      description="Reproduce Moniz & Pal (2016), Convolutional Residual "
                                  "Memory Networks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    common = _train_parent()
+    common = argparse.ArgumentParser(add_help=False)
+    _train_options(common)
     for name in TRAIN_COMMANDS:
         n_rows = len(paper.EXPERIMENTS[name])
         sub.add_parser(name, parents=[common],
@@ -234,6 +218,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv) -> argparse.Namespace:
-    """The parsed command line; a :class:`UsageError` (one line) for a bad one."""
     return build_parser().parse_args(argv)
 

@@ -1,15 +1,8 @@
 """A whole table on several local GPUs or a Slurm cluster: the same single-run lines on both.
 
-``--launcher local --jobs N`` or ``--launcher slurm`` writes the selected rows × seeds to
-``<out-dir>/<experiment>/manifest.txt`` (:mod:`crmn.launch.manifest`), then runs those lines
-as subprocesses (:mod:`crmn.launch.local`) or a Slurm job array plus a compare job
-(:mod:`crmn.launch.slurm`); :mod:`crmn.launch.status` says where each run stands. With one
-local job (the default on a CPU) the table trains in the command's own process.
-
-Beside the run directories: ``tasks/<i>.start``, ``<i>.rc`` (3, 130: resumable) and
-``<i>.out`` (local output); ``slurm/<A>_<i>.out``, ``jobs.json``, ``compare_<C>.out``,
-``compare.rc``.
-"""
+The rows × seeds go to ``<exp>/manifest.txt``, run as subprocesses (``local``) or a Slurm
+job array plus a compare job (``slurm``); beside the runs: ``tasks/<i>.start``, ``<i>.rc``,
+``<i>.out`` and ``slurm/``. With one local job the table trains in the command's process."""
 from __future__ import annotations
 
 import fcntl
@@ -27,13 +20,11 @@ def _jobs(plan: TrainPlan) -> int:
 
 
 def wanted(plan: TrainPlan) -> bool:
-    """True when a launcher runs the grid (slurm, or more than one local job)."""
     return plan.launch.launcher == "slurm" or _jobs(plan) > 1
 
 
 def _claim(exp_dir: Path):
-    """Hold ``tasks/.lock`` for the launch: a second launcher on the same folder is refused
-    (it would train the same run directories twice)."""
+    """Hold ``tasks/.lock``: a second launcher on the folder would train the same runs twice."""
     (exp_dir / "tasks").mkdir(parents=True, exist_ok=True)
     f = open(exp_dir / "tasks" / ".lock", "w")
     try:
@@ -46,9 +37,7 @@ def _claim(exp_dir: Path):
 
 
 def main(plan: TrainPlan, entry: Path) -> int:
-    """Write the manifest of ``plan`` (one single-run command line per run,
-    :func:`crmn.plan.render_argv`), then run it with the plan's launcher; the exit code.
-
+    """Write the manifest of ``plan``, then run it with the plan's launcher; the exit code.
     ``entry``: the archive's ``run_experiments.sh``."""
     exp_dir = Path(plan.out_dir).resolve() / plan.command
     tasks = manifest.build(plan, ["bash", str(entry)])
@@ -75,6 +64,5 @@ def main(plan: TrainPlan, entry: Path) -> int:
         lock.close()
     if rc == local.EXIT_INTERRUPTED:
         return rc
-
     report.compare(exp_dir, plots=True)
     return max(rc, status.check_complete(exp_dir))

@@ -1,14 +1,7 @@
-"""The Slurm launcher: the manifest as one job array, then a compare job.
-
-:func:`submit` runs ``sbatch --array=0-(M-1)[%K] ... crmn/launch/task.sh`` (task ``i`` runs
-line ``i``; task.sh requeues itself after a checkpointed stop) and ``sbatch
---dependency=afterany:<array> ... crmn/launch/compare.sh`` (exits 1 when a run is not
-finished; its code in ``<exp>/slurm/compare.rc``); the job ids go to
-``<exp>/slurm/jobs.json``. A submission that fails removes the manifest (and cancels the
-array when only the compare job was refused), so ``status`` never reads a grid that was not
-launched. Cluster settings come from the user: ``SBATCH_*`` variables and ``--slurm-args``
-(passed after the launcher's own options, so they win). :func:`wait` polls ``squeue``.
-"""
+"""The Slurm launcher: the manifest as one job array (``task.sh``, task ``i`` runs line
+``i``), then a compare job (``compare.sh``); the job ids go to ``<exp>/slurm/jobs.json``.
+A failed submission removes the manifest, so ``status`` never reads an unlaunched grid.
+Cluster settings: ``SBATCH_*`` variables and ``--slurm-args`` (last, so they win)."""
 from __future__ import annotations
 
 import os
@@ -33,7 +26,6 @@ POLL_S = 10.0
 
 
 def require_sbatch() -> None:
-    """:class:`ConfigError` in one line when Slurm's client commands are missing."""
     missing = [c for c in ("sbatch", "squeue", "scontrol") if shutil.which(c) is None]
     if missing:
         raise ConfigError(f"--launcher slurm: {', '.join(missing)} not found on PATH; run "
@@ -43,8 +35,7 @@ def require_sbatch() -> None:
 
 
 def _sbatch(argv: Sequence[str]) -> str:
-    """Run ``sbatch --parsable ...``; the job id, or :class:`ConfigError` with sbatch's
-    own last error line."""
+    """Run ``sbatch --parsable ...``; the job id, or :class:`ConfigError` with sbatch's error."""
     try:
         p = subprocess.run(["sbatch", "--parsable", *argv], capture_output=True, text=True,
                            timeout=120)
@@ -71,8 +62,8 @@ def queued(job_ids: Sequence[str]) -> List[str]:
 
 
 def refuse_if_queued(exp_dir: Path) -> None:
-    """A previous submission for the same folder that still runs would train the same run
-    directories twice: refuse, naming its jobs."""
+    """Refuse while a previous submission for the folder is queued (it would train the same
+    run directories twice)."""
     jobs = status.slurm_jobs(exp_dir)
     if jobs and shutil.which("squeue"):
         active = queued([jobs.get("array"), jobs.get("compare")])
@@ -131,8 +122,7 @@ def submit(exp_dir: Path, tasks: Sequence[Task], entry: Path, *, max_parallel: O
 
 
 def _unlaunched(exp_dir: Path) -> None:
-    """Undo what a failed submission left: the manifest (removed in one step, so a reader
-    finds the whole file or none) and the submission's empty log folder."""
+    """Undo what a failed submission left: the manifest and the empty log folder."""
     (exp_dir / MANIFEST).unlink(missing_ok=True)
     runlog.fsync_dir(exp_dir)
     try:
@@ -142,7 +132,6 @@ def _unlaunched(exp_dir: Path) -> None:
 
 
 def _scancel(job: str) -> bool:
-    """Cancel ``job``; whether ``scancel`` said it did."""
     try:
         p = subprocess.run(["scancel", str(job)], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
@@ -159,9 +148,8 @@ def _poll_s() -> float:
 
 
 def wait(exp_dir: Path, jobs: Dict) -> int:
-    """Poll ``squeue`` until the compare job has ended; print a line whenever the grid's
-    counts change, then the compare job's output; returns the compare job's exit code
-    (1 when it left none: cancelled or never started)."""
+    """Poll ``squeue`` until the compare job has ended (a line whenever the counts change),
+    print its output; its exit code (1 when it left none)."""
     exp_dir = Path(exp_dir)
     poll, last = _poll_s(), None
     while queued([jobs.get("compare") or jobs["array"]]):
