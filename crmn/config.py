@@ -38,7 +38,6 @@ def _scale_lr(lr: float, stages: Tuple[float, ...]) -> Tuple[float, ...]:
 @dataclass(frozen=True)
 class ModelConfig:
     """The network: a 6n+2 post-activation CIFAR ResNet, optionally with the CRMN memory."""
-
     # n: basic blocks per stage, depth 6n+2 (He et al. 2015, section 4.2); k: width factor,
     # stage widths 16k, 32k, 64k feature maps (paper section 4)
     n: int = option(flag="--n", type=positive, group="expert", help="blocks per stage")
@@ -102,7 +101,6 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """The training protocol of section 4 (docs/spec.md §5)."""
-
     batch_size: int = option(100, flag="--batch-size", type=positive, metavar="B",
                              group="expert", help="images per batch")  # 4.2: 50 if wide
     lr_stages: Tuple[float, ...] = option(

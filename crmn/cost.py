@@ -66,8 +66,7 @@ def _time(seconds: float) -> str:
 
 
 def estimate(plan, speeds: Optional[Dict[str, float]] = None) -> str:
-    """One line: runs, device, estimated wall time (and faster ways beyond a day, or how to
-    measure where nothing is recorded)."""
+    """One line: runs, device, estimated wall time (or how to measure it first)."""
     speeds = read_speeds() if speeds is None else speeds
     rows = sorted({r.label for r in plan.runs})
     stack = plan.stack

@@ -66,8 +66,7 @@ SECTIONS = {"model": ModelConfig, "train": TrainConfig, "stack": StackOptions, "
 
 
 def resume_may_change(name: str) -> bool:
-    """Whether ``--resume`` may continue a run whose ``name`` (``"train.epochs_cap"``,
-    ``"stack.backend"``, ``"data_dir"``) differs from the checkpoint's."""
+    """Whether ``--resume`` may change field ``name`` (e.g. ``"stack.backend"``, ``"data_dir"``)."""
     section, _, field = name.rpartition(".")
     cls = SECTIONS.get(section)
     return cls is not None and field in schema.names(cls, "resume")
@@ -268,8 +267,7 @@ def _smoke(model: ModelConfig, train: TrainConfig, stack: StackOptions, out_dir:
 
 
 def smoke_plan(args) -> TrainPlan:
-    """smoke's one run (defaults :data:`SMOKE`) on fake data under ``<out-dir>/smoke/data``,
-    started afresh unless ``--resume``."""
+    """smoke's one run (defaults :data:`SMOKE`), started afresh unless ``--resume``."""
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"{PROG} smoke: --seed K wants K >= 0")
     stack, note = resolve_stack(args)

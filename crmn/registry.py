@@ -13,11 +13,9 @@ from crmn.errors import ConfigError
 from crmn.schema import option
 from crmn.stack import Stack
 
-#: name -> "module:class" of each stack
 REGISTRY = {"theano": "original.backend:TheanoBackend", "torch": "modern.backend:TorchBackend"}
 BACKENDS = tuple(REGISTRY)
-#: the archive's reference stack, the default of every command
-DEFAULT_BACKEND = "theano"
+DEFAULT_BACKEND = "theano"  # the archive's reference stack
 #: ``--theano-mode``: Theano's C backend (the reference) or Theano-PyMC's JAX linker
 THEANO_MODES = ("c", "jax")
 DEFAULT_THEANO_MODE = "c"
@@ -26,11 +24,9 @@ STACK_DTYPES: Dict[str, Tuple[str, ...]] = {"theano": ("float32", "float64"),
                                             "torch": ("float32", "float64", "bfloat16")}
 DTYPES = ("float32", "float64", "bfloat16")
 DEFAULT_DTYPE = "float32"
-#: device strings every command accepts: ``cpu``, ``cuda``, ``cuda:N``
 DEVICE_PATTERN = re.compile(r"(cpu|cuda)(:\d+)?")
 DEVICE_HELP = "cpu, cuda or cuda:N"
-#: ``--device auto``: cuda where the backend can use a GPU here, else cpu (:func:`auto_device`)
-AUTO = "auto"
+AUTO = "auto"  # --device auto: cuda where the backend can use a GPU here, else cpu
 
 
 def check_device(name: str) -> str:
@@ -89,7 +85,6 @@ def auto_device(backend: str, theano_mode: Optional[str] = None) -> Tuple[str, O
 class StackOptions:
     """Which stack, where, in which precision: checked once, when made; recorded in
     ``config.json``, and ``--resume`` may change them (a checkpoint loads in either stack)."""
-
     backend: str = option(DEFAULT_BACKEND, flag="--backend", choices=BACKENDS, group="stack",
                           resume=True, help="stack that builds the network")
     device: str = option("cpu", flag="--device", type=device_option, metavar="DEV",
@@ -143,7 +138,6 @@ class StackOptions:
 
 
 def stack_class(backend: str):
-    """The class registered under ``backend`` (imports its stack)."""
     module, cls = REGISTRY[backend].split(":")
     try:
         return getattr(importlib.import_module(module), cls)
@@ -154,8 +148,7 @@ def stack_class(backend: str):
 
 
 def probe(options: StackOptions) -> None:
-    """A one-line :class:`ConfigError` unless the stack's framework can run ``options`` here
-    (package, device, Theano's C backend); imports the stack, builds nothing."""
+    """:class:`ConfigError` unless the stack's framework can run ``options`` here."""
     problem = stack_class(options.backend).problem(options)
     if problem:
         raise ConfigError(problem)
@@ -169,8 +162,7 @@ def default_theano_mode(backend: str) -> str:
 
 
 def build(options: StackOptions, model: ModelConfig, train: TrainConfig, **expert) -> Stack:
-    """The network of ``model`` in ``options``' stack, initialised from ``train.seed``;
-    ``expert``: settings only checks and timings vary (never recorded)."""
+    """The network of ``model`` in ``options``' stack; ``expert``: settings never recorded."""
     extra = {"theano": {"theano_mode": options.theano_mode,
                         "compile_cache": options.compile_cache},
              "torch": {"compile": options.compile}}.get(options.backend, {})

@@ -29,39 +29,27 @@ class SeedRun:
     seed: int
 
     @property
-    def log(self) -> List[dict]:
-        return self.run.log
-
-    @property
-    def summary(self) -> Optional[dict]:
-        return self.run.summary
-
-    @property
-    def done(self) -> bool:
-        return self.run.finished
-
-    @property
     def device(self) -> str:
-        s = self.summary or {}
+        s = self.run.summary or {}
         return str(s.get("device") or self.run.config.get("device") or "?")
 
     def best_val_acc(self) -> Optional[float]:
         """Highest validation accuracy of the search run (fraction), None without one."""
-        vals = [r["eval_acc"] for r in self.log if r.get("eval_split") == "val"]
+        vals = [r["eval_acc"] for r in self.run.log if r.get("eval_split") == "val"]
         return max(vals) if vals else None
 
     def sec_per_epoch(self) -> Optional[float]:
         """The median final-run epoch time (while running: of the logged epochs)."""
-        if self.done and self.summary.get("sec_per_epoch") is not None:
-            return float(self.summary["sec_per_epoch"])
-        recs = self.run.phase("final") or self.log
+        if self.run.finished and self.run.summary.get("sec_per_epoch") is not None:
+            return float(self.run.summary["sec_per_epoch"])
+        recs = self.run.phase("final") or self.run.log
         secs = [r["seconds"] for r in recs if "seconds" in r]
         return statistics.median(secs) if secs else None
 
     def departures(self, row: Optional[paper.Row]) -> List[Tuple[str, bool]]:
         """What makes this run other than ``row`` as published, each as ``(note, test)``:
         ``test`` is False unless it is another reading of the paper (an ``interpretation``)."""
-        config, summary = self.run.config, self.summary or {}
+        config, summary = self.run.config, self.run.summary or {}
         out: List[Tuple[str, bool]] = []
         if config.get("fake_data") or summary.get("fake_data") \
                 or "fake" in (config.get("data"), summary.get("data")):
@@ -92,20 +80,17 @@ class SeedRun:
         return out
 
 
-#: Fields the paper leaves open (the schema's ``interpretation`` fields, docs/spec.md §4-5):
-#: a run that reads one of them otherwise is another reading of the paper, so its Δ stays.
+#: Fields the paper leaves open (docs/spec.md §4-5): another value keeps the run's Δ.
 INTERPRETATIONS = names(ModelConfig, "interpretation") | names(TrainConfig, "interpretation")
 
 
 def comparable(run: SeedRun, row: Optional[paper.Row]) -> Tuple[bool, str]:
-    """Is ``run`` a test of ``row`` as the paper ran it: ``(True, "")`` or ``(False, why)``;
-    the one place deciding whether Δ and the plots set it against the paper."""
+    """Is ``run`` a test of ``row`` as the paper ran it: ``(True, "")`` or ``(False, why)``."""
     why = [note for note, test in run.departures(row) if not test]
     return (not why, "; ".join(why))
 
 
 def load_seed_run(path: Path) -> SeedRun:
-    """Read one ``seed<k>`` directory (only config.json, log.jsonl, summary.json)."""
     digits = path.name[4:]
     return SeedRun(run=runlog.load_run(path), seed=int(digits) if digits.isdigit() else 0)
 
@@ -126,10 +111,10 @@ class RowRuns:
 
     @property
     def finished(self) -> List[SeedRun]:
-        return [r for r in self.runs if r.done]
+        return [r for r in self.runs if r.run.finished]
 
     def test_accs(self) -> List[float]:
-        return [100.0 * float(r.summary["test_acc"]) for r in self.finished]
+        return [100.0 * float(r.run.summary["test_acc"]) for r in self.finished]
 
     def not_comparable(self) -> str:
         """Why the finished seeds are no test of the paper ('' when they all are)."""
@@ -151,8 +136,8 @@ class RowRuns:
         done = len(self.finished)
         parts = [f"done {done}/{len(self.runs)}"] if done else []
         for r in self.runs:
-            if not r.done:
-                last = r.log[-1] if r.log else None
+            if not r.run.finished:
+                last = r.run.log[-1] if r.run.log else None
                 where = (f"{last.get('phase')} epoch {last.get('epoch')}" if last
                          else "no epoch yet")
                 parts.append(f"seed{r.seed} running or stopped ({where})")
@@ -160,7 +145,6 @@ class RowRuns:
 
 
 def runs_folder(directory: Path) -> Path:
-    """``directory`` as a Path, or a one-line :class:`DataError` when it is no folder."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: " + ("not a folder" if directory.exists()
@@ -171,8 +155,7 @@ def runs_folder(directory: Path) -> Path:
 
 
 def collect(directory: Path) -> Dict[str, List[RowRuns]]:
-    """Runs below ``directory`` (an experiment folder or a folder of them) by experiment,
-    then row, paper rows first (a paper row without runs: missing)."""
+    """Runs below ``directory`` by experiment, then row, paper rows first (maybe missing)."""
     directory = runs_folder(directory)
     seed_dirs = [p for p in runlog.find_runs(directory)
                  if p.name.startswith("seed") and p.parent != directory]
@@ -212,9 +195,8 @@ def _fmt(v, spec=".2f", blank=""):
 
 
 def row_line(rr: RowRuns) -> Dict[str, str]:
-    """One comparison-table row as strings."""
     row = rr.row
-    params = next((p for p in ((r.summary or {}).get("params") or r.run.config.get("params")
+    params = next((p for p in ((r.run.summary or {}).get("params") or r.run.config.get("params")
                                for r in rr.runs) if p is not None), None)
     secs = [s for s in (r.sec_per_epoch() for r in rr.runs) if s is not None]
     devices = sorted({r.device for r in rr.runs})
@@ -240,15 +222,14 @@ def row_line(rr: RowRuns) -> Dict[str, str]:
                   else ""),
         "status": rr.status(),
         "compiled": "; ".join(f"seed {r.seed}: {note}" for r in rr.runs
-                              for note in [runlog.compile_note(r.log)] if note),
+                              for note in [runlog.compile_note(r.run.log)] if note),
         "notes": "; ".join(rr.notes()),
     }
 
 
 def _last_logged(rr: RowRuns) -> str:
-    """A stopped row's last logged accuracy, e.g. ``41.20 (last logged: val, search epoch
-    3, seed 0)``."""
-    logged = [(r.log[-1], r.seed) for r in rr.runs if r.log]
+    """A stopped row's last logged accuracy, e.g. ``41.20 (last logged: val, ...)``."""
+    logged = [(r.run.log[-1], r.seed) for r in rr.runs if r.run.log]
     if not logged:
         return ""
     last, seed = max(logged, key=lambda e: (e[0].get("phase") == "final", e[0].get("epoch", 0)))
@@ -277,7 +258,7 @@ def five_repetitions(rr: RowRuns) -> Optional[Dict]:
     best = max(with_val, key=lambda r: r.best_val_acc()) if with_val else None
     return {"mean": m, "std": sd, "n": n,
             "best_seed": best.seed if best else None,
-            "best_test": 100.0 * float(best.summary["test_acc"]) if best else None}
+            "best_test": 100.0 * float(best.run.summary["test_acc"]) if best else None}
 
 
 COLUMNS = (("row", "row"), ("model", "model"), ("params", "params M ours"),
@@ -288,7 +269,6 @@ COLUMNS = (("row", "row"), ("model", "model"), ("params", "params M ours"),
 
 
 def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
-    """The whole report as Markdown."""
     out = ["# CRMN reproduction: published vs reproduced", "",
            "Paper numbers: `crmn/paper.py` (Moniz & Pal 2016, Tables 1-3, section 4.2). "
            "Ours: mean ± sample std over seeds (n). Paper seconds per epoch are the "
@@ -301,15 +281,12 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
     for exp, rows in groups.items():
         out += [f"## {exp}", ""]
         lines = [row_line(rr) for rr in rows]
-        out += tables.markdown_lines([c[1] for c in COLUMNS],
-                                     [[ln[c[0]] for c in COLUMNS] for ln in lines])
-        out.append("")
-        blank = [(rr.row_id, rr.not_comparable()) for rr in rows
+        out += [*tables.markdown_lines([c[1] for c in COLUMNS],
+                                       [[ln[c[0]] for c in COLUMNS] for ln in lines]), ""]
+        blank = [f"- {rr.row_id}: {rr.not_comparable()}" for rr in rows
                  if rr.finished and rr.row is not None and rr.not_comparable()]
         if blank:
-            out += ["Δ left blank: no test of the paper's setting:", ""]
-            out += [f"- {row_id}: {why}" for row_id, why in blank]
-            out.append("")
+            out += ["Δ left blank: no test of the paper's setting:", "", *blank, ""]
         if exp in paper.METHODS:
             out += [f"### {exp}: against the methods the paper compares with", ""]
             table = [[m.name, f"{m.accuracy:.2f}", ""] for m in paper.METHODS[exp]]
@@ -317,8 +294,7 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
                 if rr.row is not None:
                     table.append([f"{rr.row.label} ({rr.row.id})", ln["paper_acc"],
                                   ln["acc"] or rr.status()])
-            out += tables.markdown_lines(["method", "paper acc %", "ours acc %"], table)
-            out.append("")
+            out += [*tables.markdown_lines(["method", "paper acc %", "ours acc %"], table), ""]
         for rr in rows:
             row = rr.row
             if row is None or row.paper_accuracy_mean is None:
@@ -331,15 +307,14 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
             sd = f" ± {rep['std']:.3f}" if rep["std"] is not None else ""
             best = (f"{rep['best_test']:.2f} (seed {rep['best_seed']})"
                     if rep["best_test"] is not None else "n/a (no search run logged)")
-            out += tables.markdown_lines(["", "mean ± std %", "best on validation: test %", "n"], [
+            head = ["", "mean ± std %", "best on validation: test %", "n"]
+            out += [*tables.markdown_lines(head, [
                 ["paper", f"{row.paper_accuracy_mean:.2f} ± {row.paper_accuracy_std:g}",
                  f"{row.paper_accuracy:.2f}", str(row.seeds)],
-                ["ours", f"{rep['mean']:.2f}{sd}", best, str(rep["n"])]])
-            out.append("")
+                ["ours", f"{rep['mean']:.2f}{sd}", best, str(rep["n"])]]), ""]
     if plots:
-        out += ["## Learning curves (in the spirit of the paper's Figure 3)", ""]
-        out += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
-        out.append("")
+        out += ["## Learning curves (in the spirit of the paper's Figure 3)", "",
+                *[f"![{Path(p).stem}]({Path(p).name})" for p in plots], ""]
     return "\n".join(out)
 
 
@@ -352,7 +327,6 @@ def _curves(run: SeedRun):
     loss = [r.get("train_loss") for r in recs]
     err = [100.0 * (1.0 - r["eval_acc"]) for r in recs if r.get("eval_acc") is not None]
     ep_err = [e for e, r in zip(ep, recs) if r.get("eval_acc") is not None]
-    # first epoch of each new learning-rate stage: where the plateau schedule dropped the lr
     drops = [e for e, a, b in zip(ep[1:], recs, recs[1:]) if b.get("stage") != a.get("stage")]
     return ep, loss, ep_err, err, phase, drops
 
@@ -364,10 +338,8 @@ NOT_THE_PAPER = " (not the paper's setting)"
 def _plot(series, title: str, path: Path) -> None:
     """Figure-3-style curves of ``series``: ``(label, SeedRun, test of the paper?)``."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
 
     fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -399,9 +371,8 @@ def _plot(series, title: str, path: Path) -> None:
 
 
 def write_plots(groups: Dict[str, List[RowRuns]], directory: Path) -> List[Path]:
-    """PNG learning curves into ``directory``; returns the paths written."""
     written = []
-    present = [rr for rows in groups.values() for rr in rows if any(r.log for r in rr.runs)]
+    present = [rr for rows in groups.values() for rr in rows if any(r.run.log for r in rr.runs)]
     if not present:
         return written
     fig3 = [rr for rr in present if rr.row_id in FIGURE3_ROWS]
@@ -410,21 +381,20 @@ def write_plots(groups: Dict[str, List[RowRuns]], directory: Path) -> List[Path]
     # has its own curves_<row>.png, so no figure3.png repeats it
     if fig3 or len(present) > 1:
         path = directory / "figure3.png"
-        firsts = [(rr, next(r for r in rr.runs if r.log)) for rr in fig3 or present]
+        firsts = [(rr, next(r for r in rr.runs if r.run.log)) for rr in fig3 or present]
         _plot([(name(rr), r, comparable(r, rr.row)[0]) for rr, r in firsts],
               "Last row of each block of Table 1" if fig3 else "Rows present", path)
         written.append(path)
     for rr in present:
         path = directory / f"curves_{rr.row_id}.png"
         _plot([(f"{name(rr)} seed {r.seed}", r, comparable(r, rr.row)[0])
-               for r in rr.runs if r.log], f"{name(rr)} ({rr.experiment})", path)
+               for r in rr.runs if r.run.log], f"{name(rr)} ({rr.experiment})", path)
         written.append(path)
     return written
 
 
 def compare(directory: Path, *, plots: bool = True, out: Optional[TextIO] = None) -> Path:
-    """Print the comparison for the runs below ``directory``, write REPORT.md (and PNGs);
-    its path. An unwritable folder: the table still printed, then a :class:`RunError`."""
+    """Print the comparison, then write REPORT.md and PNGs (else :class:`RunError`); its path."""
     directory = Path(directory)
     groups = collect(directory)
     pngs: List[Path] = []

@@ -38,7 +38,6 @@ def option(default=dataclasses.MISSING, *, flag: Optional[str] = None, help: str
 
 
 def flagged(obj_or_cls) -> Iterator[dataclasses.Field]:
-    """The fields of a dataclass (or instance) that have a command-line option."""
     return (f for f in dataclasses.fields(obj_or_cls) if f.metadata.get("flag"))
 
 

@@ -121,8 +121,7 @@ class LocalLauncher:
             self._say("end", task, f": {what} after {time.monotonic() - t0:.0f} s")
 
     def _next_free(self) -> Optional[Task]:
-        """The first pending task whose run directory no live process holds (taken off the
-        queue), or None; a held one stays queued, said once."""
+        """The first pending task whose run directory no live process holds, taken off the queue."""
         for task in list(self.pending):
             holder = status.lock_holder(task.run_dir(self.exp_dir))
             if holder is None:
@@ -162,7 +161,6 @@ class LocalLauncher:
         self.stops += 1
 
     def run(self) -> int:
-        """Run every line (or until stopped); the exit code of the launch."""
         handlers = {s: signal.signal(s, self._stop)
                     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
         try:

@@ -18,9 +18,8 @@ from crmn.errors import ConfigError
 from crmn.launch import status
 from crmn.launch.manifest import MANIFEST, Task
 
-HERE = Path(__file__).resolve().parent
-TASK_SH = HERE / "task.sh"
-COMPARE_SH = HERE / "compare.sh"
+TASK_SH = Path(__file__).resolve().parent / "task.sh"
+COMPARE_SH = TASK_SH.with_name("compare.sh")
 #: seconds between two ``squeue`` calls of ``--wait`` (environment: CRMN_SLURM_POLL)
 POLL_S = 10.0
 
@@ -62,8 +61,7 @@ def queued(job_ids: Sequence[str]) -> List[str]:
 
 
 def refuse_if_queued(exp_dir: Path) -> None:
-    """Refuse while a previous submission for the folder is queued (it would train the same
-    run directories twice)."""
+    """Refuse while a previous submission for the folder is queued (it would train twice)."""
     jobs = status.slurm_jobs(exp_dir)
     if jobs and shutil.which("squeue"):
         active = queued([jobs.get("array"), jobs.get("compare")])

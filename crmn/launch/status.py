@@ -67,7 +67,6 @@ def _probe_lock(path: Path) -> Optional[int]:
         os.close(fd)
 
 
-# task markers (written by crmn.launch.local here, by task.sh on Slurm)
 def marker(exp_dir: Path, index: int, suffix: str) -> Path:
     return Path(exp_dir) / manifest.TASKS / f"{index}.{suffix}"
 
@@ -104,8 +103,7 @@ def _read_start(exp_dir: Path, index: int) -> Optional[dict]:
 
 
 def last_line(path) -> str:
-    """A log's ``error: ...`` line near its end, else its last line that is not a task.sh
-    remark ('' if none)."""
+    """A log's ``error: ...`` line near its end, else its last line not from task.sh."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -212,8 +210,7 @@ def task_state(exp_dir: Path, task: Task, queue: Optional[Dict[int, tuple]]) -> 
         return TaskState(task, "failed", f"exit {rc}: {last_line(log) or 'no log'} [{log}]")
     if start is not None:
         if launcher == "local" and not _pid_alive(start):
-            # the launcher records every exit it sees: none means it died first (its runs
-            # are killed with it), and the run's checkpoints are intact
+            # no exit code recorded: the launcher died first, and its runs with it
             return TaskState(task, "stopped", f"resumable: process {start.get('pid')} ended "
                                               f"without an exit code (its launcher was "
                                               f"killed?); {progress}; launch again")
