@@ -1,7 +1,5 @@
-"""Frozen configurations shared by both stacks: the network and the protocol.
-
-Every field carries its unit and its source (docs/spec.md §4-5); the defaults are the
-interpretations chosen where the paper is silent (REPRODUCING.md)."""
+"""Frozen configurations shared by both stacks: the network and the protocol. Every field
+carries its unit and its source (docs/spec.md §4-5); defaults are REPRODUCING.md's readings."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,8 +1,6 @@
 """The plan: what a command will run, typed and checked once, before anything is created.
-
-With the configs and stack options inside them, these dataclasses are the run schema
-(:mod:`crmn.schema`); a parsed command line becomes a :class:`TrainPlan`, and
-:func:`render_argv` turns a planned run back into its command line (a manifest line)."""
+These dataclasses (with the configs and stack options inside) are the run schema; a parsed
+command line becomes a :class:`TrainPlan`, and :func:`render_argv` turns a run back into one."""
 from __future__ import annotations
 
 import dataclasses

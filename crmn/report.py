@@ -1,8 +1,6 @@
-"""Published versus reproduced numbers, rendered from run directories only (docs/spec.md §7).
-
-:func:`compare` reads every run's files below a folder (crmn/LOGS.md), prints the comparison
-with :mod:`crmn.paper` and writes ``REPORT.md`` with Figure-3-style PNG learning curves; a
-row without runs is *missing*, an unfinished run *running*: nothing is dropped silently."""
+"""Published versus reproduced numbers, rendered from run directories only (docs/spec.md §7):
+:func:`compare` prints the comparison with :mod:`crmn.paper` and writes ``REPORT.md`` with
+Figure-3-style learning curves; a row without runs is *missing*: nothing is dropped silently."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +14,6 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 from crmn import paper, runlog, tables
 from crmn.config import ModelConfig, TrainConfig, json_view
 from crmn.errors import ConfigError, DataError, RunError
-from crmn.schema import names
 
 #: Last row of each block of four in Table 1: the models of the paper's Figure 3.
 FIGURE3_ROWS = tuple(r.id for r in paper.TABLE1[3::4])
@@ -64,7 +61,7 @@ class SeedRun:
             out.append((f"dataset {dataset} (row: {row.dataset})", False))
         for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
             have = config.get(section) or {}
-            want = (cls.for_row(row) if row is not None else None)
+            want = cls.for_row(row) if row is not None else None
             for f in dataclasses.fields(cls):
                 m = f.metadata
                 if f.name not in have or m.get("per_run"):
@@ -78,10 +75,6 @@ class SeedRun:
                     out.append((f"{f.name} {value} (row: {json_view(getattr(want, f.name))})",
                                 bool(m.get("interpretation"))))
         return out
-
-
-#: Fields the paper leaves open (docs/spec.md §4-5): another value keeps the run's Δ.
-INTERPRETATIONS = names(ModelConfig, "interpretation") | names(TrainConfig, "interpretation")
 
 
 def comparable(run: SeedRun, row: Optional[paper.Row]) -> Tuple[bool, str]:

@@ -1,8 +1,7 @@
-"""The run schema: every option of a run declared once, as a dataclass field with metadata.
-
-The parser's options, a command line's values, the command line rendered back, the report's
-interpretations and the resume check are derived from it. To add an option, add a field
-``name: T = option(default, flag="--name", help=..., group=...)`` to its dataclass."""
+"""The run schema: every option of a run declared once, as a dataclass field with metadata,
+from which the parser, the command line rendered back, the report's interpretations and the
+resume check are derived. To add an option, add ``name: T = option(default, flag="--name",
+help=..., group=...)`` to its dataclass."""
 from __future__ import annotations
 
 import argparse

@@ -98,21 +98,16 @@ def params_table(rows: Sequence[Dict], backend: str) -> str:
         pm = f"{r['paper_params_m']:.2f}" if r["paper_params_m"] is not None else ""
         flag = "" if r["params"] == r["canonical_params"] else \
             f"canonical layout says {r['canonical_params']:,}"
-        body.append([r["row"], r["label"], f"{r['params']:,}", f"{r['params_m']:.2f}", pm,
-                     flag])
+        body.append([r["row"], r["label"], f"{r['params']:,}", f"{r['params_m']:.2f}", pm, flag])
     return (f"trainable parameters, {backend} stack (paper: Table 1; blank where the paper "
-            f"gives none)\n" +
-            tables.markdown(["row", "model", "ours", "ours M", "paper M", "note"], body,
-                            align="llrrrl"))
+            "gives none)\n" + tables.markdown(["row", "model", "ours", "ours M", "paper M",
+                                               "note"], body, align="llrrrl"))
 
 
 def cmd_params(args) -> int:
     rows = param_rows(plans.stack_options(args), schema.values(ModelConfig, args, None),
                       rows=paper.select(args.rows))
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print(params_table(rows, args.backend))
+    print(json.dumps(rows, indent=1) if args.json else params_table(rows, args.backend))
     return 0
 
 

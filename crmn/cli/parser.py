@@ -1,8 +1,6 @@
 """The archive's one argument parser: every command's options, their spelling and defaults.
-
-The training commands' options come from the run schema (:mod:`crmn.schema`); the tools
-declare theirs here. A command is one ``sub.add_parser`` here and one handler in
-:data:`crmn.cli.commands.COMMANDS`."""
+The training commands' options come from the run schema (:mod:`crmn.schema`); a command is
+one ``sub.add_parser`` here and one handler in :data:`crmn.cli.commands.COMMANDS`."""
 from __future__ import annotations
 
 import argparse

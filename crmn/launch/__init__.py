@@ -1,8 +1,6 @@
-"""A whole table on several local GPUs or a Slurm cluster: the same single-run lines on both.
-
-The rows × seeds go to ``<exp>/manifest.txt``, run as subprocesses (``local``) or a Slurm
-job array plus a compare job (``slurm``); beside the runs: ``tasks/<i>.start``, ``<i>.rc``,
-``<i>.out`` and ``slurm/``. With one local job the table trains in the command's process."""
+"""A whole table on several local GPUs or a Slurm cluster: the rows × seeds as single-run lines
+in ``<exp>/manifest.txt``, run as subprocesses (``local``) or a Slurm job array plus a
+compare job (``slurm``). With one local job the table trains in the command's process."""
 from __future__ import annotations
 
 import fcntl
@@ -15,8 +13,7 @@ from crmn.plan import TrainPlan
 
 
 def _jobs(plan: TrainPlan) -> int:
-    jobs = plan.launch.jobs
-    return jobs if jobs is not None else local.default_jobs(plan.stack.device)
+    return plan.launch.jobs or local.default_jobs(plan.stack.device)
 
 
 def wanted(plan: TrainPlan) -> bool:

@@ -1,9 +1,7 @@
-"""The local launcher: the manifest's lines as N subprocesses at once (``--jobs N``).
-
-Each line logs to ``<exp>/tasks/<i>.out``, sees one GPU with ``--device cuda``, gets
-``cores // N`` threads unless ``OMP_NUM_THREADS`` is set (N all-core pools slow each other
-down), and dies with the launcher. A first SIGINT/SIGTERM/SIGUSR1 asks every run to
-checkpoint and stop (exit 3), a second interrupts them (130); launching again resumes."""
+"""The local launcher: the manifest's lines as N subprocesses at once (``--jobs N``), each
+logging to ``<exp>/tasks/<i>.out``, on its own GPU with ``--device cuda``, with ``cores // N``
+threads, dying with the launcher. A first signal asks every run to checkpoint and stop
+(exit 3), a second interrupts them (130); launching again resumes."""
 from __future__ import annotations
 
 import ctypes
@@ -196,9 +194,9 @@ class LocalLauncher:
 def run(exp_dir: Path, tasks: Sequence[Task], jobs: int, device: str) -> int:
     """Run the manifest's ``tasks``, ``jobs`` at once; 0 all done, 1 some failed, 130 stopped."""
     gpus = visible_gpus() if device == "cuda" else []
-    threads = None
-    if "OMP_NUM_THREADS" not in os.environ:
-        threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    # unless set, each run gets cores // jobs threads: N all-core pools slow each other down
+    threads = (None if "OMP_NUM_THREADS" in os.environ
+               else max(1, len(os.sched_getaffinity(0)) // jobs))
     (Path(exp_dir) / "tasks").mkdir(parents=True, exist_ok=True)
     print(f"[local] {len(tasks)} run(s), {jobs} at once"
           + (f", GPUs {','.join(gpus)}" if gpus else "")

@@ -1,6 +1,4 @@
-"""Where every run of a launched grid stands: ``bash run_experiments.sh status DIR``.
-
-Task ``i`` of ``<exp>/manifest.txt`` is judged from its run directory (summary, log, lock),
+"""Where every run of a launched grid stands (``status DIR``): judged from its run directory,
 the launchers' markers ``<exp>/tasks/<i>.start`` and ``<i>.rc``, its log, and ``squeue``."""
 from __future__ import annotations
 
