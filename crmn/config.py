@@ -108,8 +108,7 @@ class TrainConfig:
         "stages keep the row's ratios")  # learning rates, one plateau stage each
     momentum: float = 0.9  # section 4: "momentum of 0.9"
     nesterov: bool = option(False, flag="--nesterov", kind="true", group="protocol",
-                            interpretation=True,
-                            help="Nesterov momentum instead of classical")
+                            interpretation=True, help="Nesterov momentum instead of classical")
     weight_decay: float = 1e-4  # gradient coefficient: penalty (wd/2)·Σw² on decayed weights
     patience: int = option(10, flag="--patience", type=positive, metavar="EPOCHS",
                            group="protocol", interpretation=True,
@@ -125,8 +124,7 @@ class TrainConfig:
     schedule: Optional[Tuple[int, ...]] = option(
         None, flag="--schedule", type=epochs_list, metavar="E1,E2,...", group="protocol",
         departure="fixed schedule {}", show=lambda s: ",".join(str(e) for e in s),
-        default_help="%(default)s = search", help="fixed epochs per lr stage, skips the search "
-        "run")
+        default_help="%(default)s = search", help="fixed epochs per lr stage, skips the search run")
     seed: int = option(0, per_run=True)  # data split, batch order, crops and weight init
 
     def __post_init__(self):
@@ -138,9 +136,8 @@ class TrainConfig:
         if any(lr <= 0 for lr in self.lr_stages):
             raise ConfigError(f"learning rates must be > 0, got {list(self.lr_stages)}")
         if self.schedule is not None and len(self.schedule) != len(self.lr_stages):
-            raise ConfigError(
-                f"--schedule gives {len(self.schedule)} stages but the row has "
-                f"{len(self.lr_stages)} learning rates {list(self.lr_stages)}")
+            raise ConfigError(f"--schedule gives {len(self.schedule)} stages but the row has "
+                              f"{len(self.lr_stages)} learning rates {list(self.lr_stages)}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 

@@ -27,7 +27,6 @@ def key(row: str, options: StackOptions) -> str:
 
 
 def read_speeds(path: Optional[Path] = None) -> Dict[str, float]:
-    """The recorded seconds per 50,000-image epoch; {} where none."""
     try:
         data = json.loads((path or speeds_path()).read_text())
         return {str(k): float(v) for k, v in data.items()}
@@ -37,8 +36,7 @@ def read_speeds(path: Optional[Path] = None) -> Dict[str, float]:
 
 def record(results: Sequence[Dict], options: Sequence[StackOptions],
            path: Optional[Path] = None) -> Path:
-    """Add ``bench``'s results (``options[i]``: the stack of ``results[i]``) to the recorded
-    speeds; the file written."""
+    """Add ``bench``'s results (run in stacks ``options``) to the recorded speeds; the file."""
     path = path or speeds_path()
     speeds = read_speeds(path)
     speeds.update({key(r["row"], o): r["sec_per_epoch"] for r, o in zip(results, options)})
@@ -74,20 +72,15 @@ def estimate(plan, speeds: Optional[Dict[str, float]] = None) -> str:
             f"({stack.describe()})")
     if plan.runs[0].spec.row is None:
         return f"{head}; a tiny network on tiny data: minutes"
-    total, unmeasured = 0.0, []
-    for run in plan.runs:
-        spec = run.spec
-        s = speeds.get(key(spec.row, stack))
-        if s is None:
-            unmeasured.append(spec.row)
-            continue
-        total += s * TRAIN_IMAGES[spec.dataset] / 50_000 * expected_epochs(spec.train)
-    if unmeasured:
-        missing = ",".join(sorted(set(unmeasured)))
-        epochs = sum(expected_epochs(run.spec.train) for run in plan.runs)
+    specs = [run.spec for run in plan.runs]
+    missing = ",".join(sorted({s.row for s in specs if key(s.row, stack) not in speeds}))
+    if missing:
+        epochs = sum(expected_epochs(s.train) for s in specs)
         return (f"{head}; about {epochs} epochs in all, but no measured speed on this machine "
                 f"for {missing}: run `bash run_experiments.sh bench --rows {missing} "
                 f"{_stack_flags(stack)}` first")
+    total = sum(speeds[key(s.row, stack)] * TRAIN_IMAGES[s.dataset] / 50_000
+                * expected_epochs(s.train) for s in specs)
     line = f"{head}; about {_time(total)} (bench's s/epoch x expected epochs, REPRODUCING.md §5)"
     if total > DAY:
         line += ("; faster: a GPU (--device cuda), --backend torch, or --launcher slurm "

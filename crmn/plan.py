@@ -175,9 +175,8 @@ def _bases(run: PlannedRun):
 
 def render_argv(plan: TrainPlan, run: PlannedRun, program: Sequence[str],
                 resume: bool = True) -> List[str]:
-    """The command line that trains ``run`` alone: its place (absolute paths), ``--resume``
-    (a restarted line continues), the device, and every schema field in which the run
-    differs from its row (smoke: from smoke's defaults)."""
+    """The command line that trains ``run`` alone: its place, ``--resume``, the device, and every
+    schema field in which the run differs from its row (smoke: from smoke's defaults)."""
     spec = run.spec
     argv = [*program, plan.command]
     if spec.row is not None:
@@ -185,8 +184,7 @@ def render_argv(plan: TrainPlan, run: PlannedRun, program: Sequence[str],
     argv += ["--seed", str(run.seed), *(["--resume"] if resume else []), "--no-progress",
              "--out-dir", str(Path(plan.out_dir).resolve())]
     model, train, stack, here = _bases(run)
-    for obj, base in ((spec, here), (spec.stack, stack), (spec.model, model),
-                      (spec.train, train)):
+    for obj, base in ((spec, here), (spec.stack, stack), (spec.model, model), (spec.train, train)):
         argv += schema.render(obj, base)
     return argv
 
@@ -196,8 +194,8 @@ def _usage(args, exc: Exception, where: str = "") -> UsageError:
 
 
 def resolve_stack(args, backend: Optional[str] = None) -> Tuple[StackOptions, str]:
-    """The checked, probed :class:`StackOptions` of a command line and the line saying which
-    device and why (``--device auto`` decided); ``backend``: for a command without one."""
+    """The checked, probed :class:`StackOptions` of ``args`` and the line saying which device
+    and why (``--device auto`` decided here)."""
     backend = backend or getattr(args, "backend", registry.DEFAULT_BACKEND)
     mode, device = getattr(args, "theano_mode", None), args.device
     note = f"device: {device} (--device {device})"
@@ -205,11 +203,9 @@ def resolve_stack(args, backend: Optional[str] = None) -> Tuple[StackOptions, st
         if device == registry.AUTO:
             device, auto_mode, why = registry.auto_device(backend, mode)
             mode, note = mode or auto_mode, f"device: {device} (auto: {why})"
-        options = StackOptions(
-            backend=backend, device=device, dtype=getattr(args, "dtype", registry.DEFAULT_DTYPE),
-            theano_mode=mode or registry.default_theano_mode(backend),
-            compile=getattr(args, "compile", False),
-            compile_cache=getattr(args, "compile_cache", True))
+        given = schema.values(StackOptions, args, None)  # dtype, compile, compile_cache
+        options = StackOptions(**{**given, "backend": backend, "device": device,
+                                  "theano_mode": mode or registry.default_theano_mode(backend)})
         registry.probe(options)
     except ConfigError as exc:
         raise _usage(args, exc) from None
@@ -289,8 +285,7 @@ def _smoke_configs(**train) -> Tuple[ModelConfig, TrainConfig]:
 
 def row_plan_for(row_id: str, stack: StackOptions, out_dir: Path, *, model=(), train=(),
                  **given) -> TrainPlan:
-    """Seed 0 of a paper row without a command line (gpucheck's real-data check); ``given``:
-    the run's other fields (dataset, data_dir, subset)."""
+    """Seed 0 of a paper row without a command line (gpucheck's real-data check)."""
     row = paper.row(row_id)
     dataset = given.setdefault("dataset", row.dataset)
     spec = RunSpec(model=SECTIONS["model"].for_row(

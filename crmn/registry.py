@@ -68,8 +68,7 @@ def _jax_gpu() -> Tuple[bool, str]:
     return False, f"jax {jax.__version__} has no GPU backend"
 
 
-def auto_device(backend: str, theano_mode: Optional[str] = None) -> Tuple[str, Optional[str],
-                                                                          str]:
+def auto_device(backend: str, theano_mode: Optional[str] = None) -> Tuple[str, Optional[str], str]:
     """What ``--device auto`` means here: ``(device, theano_mode, why)``; theano uses a GPU
     through a jax with a GPU backend (the JAX mode) unless ``--theano-mode c`` was asked."""
     if backend == "torch":
@@ -83,8 +82,7 @@ def auto_device(backend: str, theano_mode: Optional[str] = None) -> Tuple[str, O
 
 @dataclasses.dataclass(frozen=True)
 class StackOptions:
-    """Which stack, where, in which precision: checked once, when made; recorded in
-    ``config.json``, and ``--resume`` may change them (a checkpoint loads in either stack)."""
+    """Which stack, where, in which precision: checked when made; ``--resume`` may change it."""
     backend: str = option(DEFAULT_BACKEND, flag="--backend", choices=BACKENDS, group="stack",
                           resume=True, help="stack that builds the network")
     device: str = option("cpu", flag="--device", type=device_option, metavar="DEV",
@@ -156,15 +154,12 @@ def probe(options: StackOptions) -> None:
 
 def default_theano_mode(backend: str) -> str:
     """``--theano-mode`` when none is given: C where Theano's C backend works, else JAX."""
-    if backend != "theano":
-        return DEFAULT_THEANO_MODE
-    return stack_class("theano").preferred_mode()
+    return stack_class("theano").preferred_mode() if backend == "theano" else DEFAULT_THEANO_MODE
 
 
 def build(options: StackOptions, model: ModelConfig, train: TrainConfig, **expert) -> Stack:
     """The network of ``model`` in ``options``' stack; ``expert``: settings never recorded."""
-    extra = {"theano": {"theano_mode": options.theano_mode,
-                        "compile_cache": options.compile_cache},
+    extra = {"theano": {"theano_mode": options.theano_mode, "compile_cache": options.compile_cache},
              "torch": {"compile": options.compile}}.get(options.backend, {})
     return stack_class(options.backend)(model, train, device=options.device,
                                         dtype=options.dtype, **extra, **expert)

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 from crmn import paper, runlog, tables
 from crmn.config import ModelConfig, TrainConfig, json_view
 from crmn.errors import ConfigError, DataError, RunError
+from crmn.schema import names
 
 #: Last row of each block of four in Table 1: the models of the paper's Figure 3.
 FIGURE3_ROWS = tuple(r.id for r in paper.TABLE1[3::4])
@@ -75,6 +76,10 @@ class SeedRun:
                     out.append((f"{f.name} {value} (row: {json_view(getattr(want, f.name))})",
                                 bool(m.get("interpretation"))))
         return out
+
+
+#: Fields the paper leaves open (docs/spec.md §4-5): another value keeps the run's Δ.
+INTERPRETATIONS = names(ModelConfig, "interpretation") | names(TrainConfig, "interpretation")
 
 
 def comparable(run: SeedRun, row: Optional[paper.Row]) -> Tuple[bool, str]:
@@ -203,14 +208,12 @@ def row_line(rr: RowRuns) -> Dict[str, str]:
                        f"(best {row.paper_accuracy:.2f})")
         ref = row.paper_accuracy_mean
     return {
-        "row": rr.row_id,
-        "model": row.label if row else _model_label(rr),
+        "row": rr.row_id, "model": row.label if row else _model_label(rr),
         "params": _fmt(params / 1e6 if params is not None else None, ".2f"),
         "paper_params": _fmt(row.paper_params_m if row else None),
         "sec": (f"{statistics.median(secs):.1f} ({', '.join(devices)})" if secs else ""),
         "paper_sec": _fmt(row.paper_sec_per_epoch if row else None, "g"),
-        "acc": acc,
-        "paper_acc": paper_acc_s,
+        "acc": acc, "paper_acc": paper_acc_s,
         "delta": (f"{m - ref:+.2f}" if n and ref is not None and not rr.not_comparable()
                   else ""),
         "status": rr.status(),
@@ -232,8 +235,7 @@ def _last_logged(rr: RowRuns) -> str:
 
 def _model_label(rr: RowRuns) -> str:
     """``CRMN-8x0.5`` from a run's config.json, for runs that are no paper row."""
-    model = next((r.run.config.get("model") for r in rr.runs if r.run.config.get("model")),
-                 None)
+    model = next((r.run.config.get("model") for r in rr.runs if r.run.config.get("model")), None)
     if not model:
         return ""
     kind = "CRMN" if model.get("memory") else "ResNet"
@@ -241,16 +243,14 @@ def _model_label(rr: RowRuns) -> str:
 
 
 def five_repetitions(rr: RowRuns) -> Optional[Dict]:
-    """Section 4.2's repeated runs: mean ± std of test accuracy, and the test accuracy of the
-    seed best on validation (which Table 2 reports)."""
+    """Section 4.2's repeated runs: mean ± std, and the test accuracy of the seed best on val."""
     fin = rr.finished
     if not fin:
         return None
     m, sd, n = mean_std(rr.test_accs())
     with_val = [r for r in fin if r.best_val_acc() is not None]
     best = max(with_val, key=lambda r: r.best_val_acc()) if with_val else None
-    return {"mean": m, "std": sd, "n": n,
-            "best_seed": best.seed if best else None,
+    return {"mean": m, "std": sd, "n": n, "best_seed": best.seed if best else None,
             "best_test": 100.0 * float(best.run.summary["test_acc"]) if best else None}
 
 

@@ -9,15 +9,12 @@ import dataclasses
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 #: argparse group titles by key; a command may rename one (smoke's "expert" group)
-GROUPS = {
-    "stack": "stack",
-    "runs": "runs (docs/spec.md §1)",
-    "model": "the network's interpretations (docs/spec.md §4)",
-    "protocol": "the protocol's interpretations (docs/spec.md §4-5)",
-    "expert": "expert options (tests, quick looks: the run is then not the paper's row)",
-    "launch": "launchers: the grid of rows x seeds on several GPUs or a Slurm cluster "
-              "(REPRODUCING.md, On a cluster)",
-}
+GROUPS = {"stack": "stack", "runs": "runs (docs/spec.md §1)",
+          "model": "the network's interpretations (docs/spec.md §4)",
+          "protocol": "the protocol's interpretations (docs/spec.md §4-5)",
+          "expert": "expert options (tests, quick looks: the run is then not the paper's row)",
+          "launch": "launchers: the grid of rows x seeds on several GPUs or a Slurm cluster "
+                    "(REPRODUCING.md, On a cluster)"}
 
 
 def option(default=dataclasses.MISSING, *, flag: Optional[str] = None, help: str = "",
@@ -52,24 +49,22 @@ def names(cls, key: str) -> frozenset:
 def add_options(parser, cls, *, defaults: Optional[Dict[str, Any]] = None,
                 helps: Optional[Dict[str, str]] = None, groups: Optional[Dict] = None,
                 only=None, skip=()) -> None:
-    """An option for every flagged field of ``cls``; ``defaults``/``helps``: a command's own
-    defaults and their help text by field name."""
-    defaults, helps = defaults or {}, helps or {}
+    """An option for every flagged field of ``cls``; ``defaults``/``helps``: a command's own."""
+    defaults, helps, groups = defaults or {}, helps or {}, groups or {}
     for f in flagged(cls):
         if f.name in skip or (only is not None and f.name not in only):
             continue
         m = f.metadata
         value = defaults.get(f.name, None if f.default is dataclasses.MISSING else f.default)
         shown = helps.get(f.name, m["default_help"])
-        kw: Dict[str, Any] = dict(dest=dest(f), help=f"{m['help']} (default: {shown})")
+        kw: Dict[str, Any] = dict(dest=dest(f), default=value,
+                                  help=f"{m['help']} (default: {shown})")
         if m["kind"] == "value":
-            kw.update(default=value, type=m["type"], choices=m["choices"],
-                      metavar=m["metavar"])
+            kw.update(type=m["type"], choices=m["choices"], metavar=m["metavar"])
         else:
-            kw.update(action="store_true" if m["kind"] == "true" else "store_false",
-                      default=value)
-        group(parser, m["group"], (groups or {}).get(m["group"], ...)).add_argument(m["flag"],
-                                                                                **kw)
+            kw["action"] = "store_true" if m["kind"] == "true" else "store_false"
+        title = groups.get(m["group"], ...)
+        group(parser, m["group"], title).add_argument(m["flag"], **kw)
 
 
 def group(parser, key: str, title=...):

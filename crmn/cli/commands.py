@@ -17,8 +17,7 @@ import numpy as np
 
 from crmn import (bench, cost, data, export, gpucheck, launch, paper, registry, report, roofline,
                   schema, tables, verify)
-from crmn import plan as plans
-from crmn import train as trainer
+from crmn import plan as plans, train as trainer
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import UsageError
 from crmn.launch import status
@@ -29,9 +28,7 @@ from crmn.tools import profile, sampler_bench
 
 
 def train_runs(plan: TrainPlan) -> List[Path]:
-    """Every run of ``plan`` in this process, one after another; their directories."""
-    print(f"backend {plan.stack.describe()} (requested); runs under {plan.exp_dir}",
-          flush=True)
+    print(f"backend {plan.stack.describe()} (requested); runs under {plan.exp_dir}", flush=True)
     # SIGUSR1 (a scheduler's warning, sbatch --signal=B:USR1@T) and a first Ctrl-C: finish
     # the epoch, checkpoint it, stop (exit 3 / 130); a second Ctrl-C stops at once
     signal.signal(signal.SIGUSR1, trainer.request_stop)
@@ -47,8 +44,7 @@ def train_runs(plan: TrainPlan) -> List[Path]:
 
 
 def announce(plan: TrainPlan) -> bool:
-    """Print the device and the plan's cost (``--dry-run``: every run's command line too);
-    True when the plan is only to be shown."""
+    """Print the device and the cost (``--dry-run``: every run's line too); True: stop here."""
     print(plan.device_note, flush=True)
     if plan.dry_run:
         program = ["bash", str(ROOT / "run_experiments.sh")]
@@ -92,7 +88,6 @@ def param_rows(options: StackOptions, overrides: Optional[Dict] = None,
 
 
 def params_table(rows: Sequence[Dict], backend: str) -> str:
-    """The ``params`` table; a stack count other than the canonical layout's is noted."""
     body = []
     for r in rows:
         pm = f"{r['paper_params_m']:.2f}" if r["paper_params_m"] is not None else ""

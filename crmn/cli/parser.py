@@ -23,10 +23,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _stack_options(p: argparse.ArgumentParser, backend: bool = True, auto: bool = False):
-    """The stack options; the training commands choose the device by default (``auto``)."""
     schema.add_options(p, StackOptions, only=None if backend else ("device",),
-                       defaults=dict(device=registry.AUTO if auto else "cpu",
-                                     theano_mode=None))
+                       defaults=dict(device=registry.AUTO if auto else "cpu", theano_mode=None))
 
 
 def _device(text: str) -> str:

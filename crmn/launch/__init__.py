@@ -34,8 +34,8 @@ def _claim(exp_dir: Path):
 
 
 def main(plan: TrainPlan, entry: Path) -> int:
-    """Write the manifest of ``plan``, then run it with the plan's launcher; the exit code.
-    ``entry``: the archive's ``run_experiments.sh``."""
+    """Write the manifest of ``plan`` and run it with its launcher (``entry``: the archive's
+    ``run_experiments.sh``); the exit code."""
     exp_dir = Path(plan.out_dir).resolve() / plan.command
     tasks = manifest.build(plan, ["bash", str(entry)])
     options = plan.launch

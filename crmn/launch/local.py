@@ -24,8 +24,7 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def die_with_parent():
-    """A ``preexec_fn`` that kills the child when this process dies (None where the kernel
-    cannot); libc is loaded here, not between fork and exec."""
+    """A ``preexec_fn`` killing the child when this process dies (None where the kernel cannot)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -144,8 +143,7 @@ class LocalLauncher:
                                             "exits (Ctrl-C again to interrupt at once)")
             else:
                 sig, how = signal.SIGINT, "interrupting the runs (each keeps its last checkpoint)"
-            print(f"[local] stopping: {how}; {len(self.pending)} line(s) not started",
-                  flush=True)
+            print(f"[local] stopping: {how}; {len(self.pending)} line(s) not started", flush=True)
             for task, proc, _ in self.running.values():
                 try:
                     if sig == signal.SIGINT:
@@ -180,7 +178,6 @@ class LocalLauncher:
         return self._summary()
 
     def _summary(self) -> int:
-        failed = [i for i, rc in self.results.items() if rc not in (0, *status.RESUMABLE)]
         if self.stops:
             left = [s for s in status.grid_states(self.exp_dir) if s.state != "finished"]
             print(f"[local] stopped; {len(left)} run(s) left (launch again to resume them):",
@@ -188,7 +185,7 @@ class LocalLauncher:
             for s in left:
                 print(f"  {s.task.name}: {s.state}: {s.detail}", file=sys.stderr, flush=True)
             return EXIT_INTERRUPTED
-        return 1 if failed else 0
+        return 1 if any(rc not in (0, *status.RESUMABLE) for rc in self.results.values()) else 0
 
 
 def run(exp_dir: Path, tasks: Sequence[Task], jobs: int, device: str) -> int:

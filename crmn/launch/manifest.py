@@ -37,7 +37,6 @@ class Task:
 
 
 def build(plan: TrainPlan, program: Sequence[str]) -> List[Task]:
-    """The tasks of ``plan``; ``program``: e.g. ``["bash", "/archive/run_experiments.sh"]``."""
     return [Task(i, run.label, run.seed, tuple(render_argv(plan, run, program)))
             for i, run in enumerate(plan.runs)]
 

@@ -48,7 +48,6 @@ def _sbatch(argv: Sequence[str]) -> str:
 
 
 def queued(job_ids: Sequence[str]) -> List[str]:
-    """Those of ``job_ids`` with a task still in the queue (pending or running)."""
     ids = [str(j) for j in job_ids if j]
     if not ids:
         return []
@@ -72,7 +71,6 @@ def refuse_if_queued(exp_dir: Path) -> None:
 
 def submit(exp_dir: Path, tasks: Sequence[Task], entry: Path, *, max_parallel: Optional[int],
            slurm_args: str, max_requeues: int, experiment: str) -> Dict:
-    """Submit the array and the compare job; returns (and writes) ``slurm/jobs.json``."""
     exp_dir = Path(exp_dir)
     logs = exp_dir / "slurm"
     logs.mkdir(parents=True, exist_ok=True)
@@ -83,8 +81,7 @@ def submit(exp_dir: Path, tasks: Sequence[Task], entry: Path, *, max_parallel: O
     try:
         array = _sbatch([f"--array={span}", f"--job-name=crmn-{experiment}",
                          "--open-mode=append", f"--output={logs}/%A_%a.out", *user,
-                         str(TASK_SH), str(exp_dir / MANIFEST), str(exp_dir),
-                         str(max_requeues)])
+                         str(TASK_SH), str(exp_dir / MANIFEST), str(exp_dir), str(max_requeues)])
     except ConfigError as exc:
         _unlaunched(exp_dir)
         raise ConfigError(f"{exc}; nothing submitted ({exp_dir / MANIFEST} removed); check "
@@ -146,8 +143,7 @@ def _poll_s() -> float:
 
 
 def wait(exp_dir: Path, jobs: Dict) -> int:
-    """Poll ``squeue`` until the compare job has ended (a line whenever the counts change),
-    print its output; its exit code (1 when it left none)."""
+    """Poll ``squeue`` until the compare job has ended, print its output; its exit code."""
     exp_dir = Path(exp_dir)
     poll, last = _poll_s(), None
     while queued([jobs.get("compare") or jobs["array"]]):

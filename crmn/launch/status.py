@@ -114,7 +114,6 @@ def last_line(path) -> str:
 
 
 def slurm_jobs(exp_dir: Path) -> Optional[dict]:
-    """``<exp>/slurm/jobs.json`` of the last submission, None if the grid never went to Slurm."""
     path = Path(exp_dir) / "slurm" / JOBS
     return runlog.read_json(path) if path.exists() else None
 
