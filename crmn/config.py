@@ -36,8 +36,7 @@ def _scale_lr(lr: float, stages: Tuple[float, ...]) -> Tuple[float, ...]:
 @dataclass(frozen=True)
 class ModelConfig:
     """The network: a 6n+2 post-activation CIFAR ResNet, optionally with the CRMN memory."""
-    # n: basic blocks per stage, depth 6n+2 (He et al. 2015, section 4.2); k: width factor,
-    # stage widths 16k, 32k, 64k feature maps (paper section 4)
+    # depth 6n+2 (He et al. 2015, section 4.2); stage widths 16k, 32k, 64k (paper section 4)
     n: int = option(flag="--n", type=positive, group="expert", help="blocks per stage")
     k: float = option(flag="--k", type=width, group="expert", help="width factor")
     classes: int  # softmax outputs: 100 CIFAR-100, 10 CIFAR-10 / SVHN

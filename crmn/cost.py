@@ -10,8 +10,7 @@ from crmn import compile_cache
 from crmn.registry import StackOptions
 
 SPEEDS = "bench-speeds.json"
-#: the plateau search's assumed stage length, in units of the patience (10 -> 60 epochs)
-STAGE_EPOCHS_PER_PATIENCE = 6
+STAGE_EPOCHS_PER_PATIENCE = 6  # the plateau search's assumed stage length / patience
 #: training images per epoch of the final run (SVHN: train + extra)
 TRAIN_IMAGES = {"cifar100": 50_000, "cifar10": 50_000, "svhn": 604_388}
 DAY = 86_400

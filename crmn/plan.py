@@ -17,8 +17,7 @@ from crmn.schema import option, positive
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "run_experiments.sh"
 LAUNCHERS = ("local", "slurm")
-#: default cap on a task's requeues after checkpointed stops (SLURM_RESTART_COUNT)
-MAX_REQUEUES = 20
+MAX_REQUEUES = 20  # default cap on a task's requeues after checkpointed stops
 #: smoke's own defaults: a tiny CRMN on tiny fake CIFAR-100-format data, a short schedule
 SMOKE = dict(n=1, k=0.5, batch_size=50, patience=1, epochs_cap=2, n_train=500, n_test=200,
              row="t1-crmn32x1")

@@ -16,8 +16,7 @@ from crmn.stack import Stack
 REGISTRY = {"theano": "original.backend:TheanoBackend", "torch": "modern.backend:TorchBackend"}
 BACKENDS = tuple(REGISTRY)
 DEFAULT_BACKEND = "theano"  # the archive's reference stack
-#: ``--theano-mode``: Theano's C backend (the reference) or Theano-PyMC's JAX linker
-THEANO_MODES = ("c", "jax")
+THEANO_MODES = ("c", "jax")  # Theano's C backend (the reference) or Theano-PyMC's JAX linker
 DEFAULT_THEANO_MODE = "c"
 #: ``--dtype`` choices of each stack; bfloat16 (autocast, float32 weights) is torch only
 STACK_DTYPES: Dict[str, Tuple[str, ...]] = {"theano": ("float32", "float64"),
@@ -60,12 +59,10 @@ def _jax_gpu() -> Tuple[bool, str]:
     except ImportError:
         return False, "jax is not installed"
     try:
-        gpus = jax.devices("gpu")
-    except RuntimeError:
-        gpus = []
-    if gpus:
-        return True, f"jax sees {gpus[0].device_kind}; the Theano graph runs through JAX"
-    return False, f"jax {jax.__version__} has no GPU backend"
+        kind = jax.devices("gpu")[0].device_kind
+    except (RuntimeError, IndexError):
+        return False, f"jax {jax.__version__} has no GPU backend"
+    return True, f"jax sees {kind}; the Theano graph runs through JAX"
 
 
 def auto_device(backend: str, theano_mode: Optional[str] = None) -> Tuple[str, Optional[str], str]:

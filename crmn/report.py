@@ -16,8 +16,7 @@ from crmn.config import ModelConfig, TrainConfig, json_view
 from crmn.errors import ConfigError, DataError, RunError
 from crmn.schema import names
 
-#: Last row of each block of four in Table 1: the models of the paper's Figure 3.
-FIGURE3_ROWS = tuple(r.id for r in paper.TABLE1[3::4])
+FIGURE3_ROWS = tuple(r.id for r in paper.TABLE1[3::4])  # the models of the paper's Figure 3
 
 
 @dataclass
@@ -28,13 +27,12 @@ class SeedRun:
 
     @property
     def device(self) -> str:
-        s = self.run.summary or {}
-        return str(s.get("device") or self.run.config.get("device") or "?")
+        return str((self.run.summary or {}).get("device") or self.run.config.get("device") or "?")
 
     def best_val_acc(self) -> Optional[float]:
         """Highest validation accuracy of the search run (fraction), None without one."""
         vals = [r["eval_acc"] for r in self.run.log if r.get("eval_split") == "val"]
-        return max(vals) if vals else None
+        return max(vals, default=None)
 
     def sec_per_epoch(self) -> Optional[float]:
         """The median final-run epoch time (while running: of the logged epochs)."""
@@ -118,8 +116,7 @@ class RowRuns:
         """Why the finished seeds are no test of the paper ('' when they all are)."""
         out: List[str] = []
         for r in self.finished:
-            ok, why = comparable(r, self.row)
-            out += [w for w in (why.split("; ") if not ok else []) if w not in out]
+            out += [w for w in comparable(r, self.row)[1].split("; ") if w and w not in out]
         return "; ".join(out)
 
     def notes(self) -> List[str]:
@@ -238,17 +235,15 @@ def _model_label(rr: RowRuns) -> str:
     model = next((r.run.config.get("model") for r in rr.runs if r.run.config.get("model")), None)
     if not model:
         return ""
-    kind = "CRMN" if model.get("memory") else "ResNet"
-    return f"{kind}-{6 * model['n'] + 2}x{model['k']:g}"
+    return f"{'CRMN' if model.get('memory') else 'ResNet'}-{6 * model['n'] + 2}x{model['k']:g}"
 
 
 def five_repetitions(rr: RowRuns) -> Optional[Dict]:
     """Section 4.2's repeated runs: mean ± std, and the test accuracy of the seed best on val."""
-    fin = rr.finished
-    if not fin:
+    if not rr.finished:
         return None
     m, sd, n = mean_std(rr.test_accs())
-    with_val = [r for r in fin if r.best_val_acc() is not None]
+    with_val = [r for r in rr.finished if r.best_val_acc() is not None]
     best = max(with_val, key=lambda r: r.best_val_acc()) if with_val else None
     return {"mean": m, "std": sd, "n": n, "best_seed": best.seed if best else None,
             "best_test": 100.0 * float(best.run.summary["test_acc"]) if best else None}
@@ -324,8 +319,7 @@ def _curves(run: SeedRun):
     return ep, loss, ep_err, err, phase, drops
 
 
-#: Appended to the legend label of a curve that is no test of the paper (drawn dashed).
-NOT_THE_PAPER = " (not the paper's setting)"
+NOT_THE_PAPER = " (not the paper's setting)"  # a dashed curve's legend: no test of the paper
 
 
 def _plot(series, title: str, path: Path) -> None:
@@ -334,7 +328,6 @@ def _plot(series, title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-
     fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, run, test in series:
         ep, loss, ep_err, err, phase, drops = _curves(run)
@@ -370,8 +363,7 @@ def write_plots(groups: Dict[str, List[RowRuns]], directory: Path) -> List[Path]
         return written
     fig3 = [rr for rr in present if rr.row_id in FIGURE3_ROWS]
     name = lambda rr: rr.row.label if rr.row else rr.row_id
-    # Figure 3 compares rows, one curve each (a row's first seed with a log); a lone row
-    # has its own curves_<row>.png, so no figure3.png repeats it
+    # figure3.png: a curve per row (its first seed with a log); a lone row has curves_<row>
     if fig3 or len(present) > 1:
         path = directory / "figure3.png"
         firsts = [(rr, next(r for r in rr.runs if r.run.log)) for rr in fig3 or present]
@@ -391,14 +383,13 @@ def compare(directory: Path, *, plots: bool = True, out: Optional[TextIO] = None
     directory = Path(directory)
     groups = collect(directory)
     pngs: List[Path] = []
-    unwritten: List[str] = []  # what could not be written; cause: the first OSError's
-    cause = ""
+    unwritten, cause = [], ""  # what could not be written; cause: the first OSError's
     if plots:
         try:
             pngs = write_plots(groups, directory)
         except OSError as exc:
             unwritten.append("the plots")
-            cause = cause or (exc.strerror or exc.__class__.__name__)
+            cause = exc.strerror or exc.__class__.__name__
     text = render(groups, pngs)
     stream = out or sys.stdout
     stream.write(text + "\n")

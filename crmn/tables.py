@@ -15,7 +15,6 @@ def markdown_lines(header: Sequence[str], rows: Sequence[Sequence[object]],
     def line(values):
         return "| " + " | ".join(v.rjust(w) if a == "r" else v.ljust(w)
                                  for v, w, a in zip(values, widths, align)) + " |"
-
     rule = "|" + "|".join("-" * (w + 1) + (":" if a == "r" else "-")
                           for w, a in zip(widths, align)) + "|"
     return [line(header), rule, *(line(r) for r in cells)]

@@ -78,9 +78,7 @@ def param_rows(options: StackOptions, overrides: Optional[Dict] = None,
     out = []
     for row in rows:
         model = ModelConfig.for_row(row, **(overrides or {}))
-        stack = registry.build(options, model, TrainConfig.for_row(row))
-        params = int(stack.param_count())
-        del stack
+        params = int(registry.build(options, model, TrainConfig.for_row(row)).param_count())
         out.append(dict(row=row.id, label=row.label, table=row.table, params=params,
                         canonical_params=count_trainable(model),
                         params_m=round(params / 1e6, 2), paper_params_m=row.paper_params_m))

@@ -13,8 +13,6 @@ from crmn.plan import ROOT, SECTIONS, SMOKE, LaunchOptions
 from crmn.registry import StackOptions
 from crmn.schema import above_zero, finite, positive
 
-TRAIN_COMMANDS = tuple(paper.EXPERIMENTS)  # table1, table2, table3, svhn
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors in one line instead of usage + message."""
@@ -110,9 +108,8 @@ def _add_tools(sub) -> None:
                     help="steps of the warm-up epoch, timed apart (default: %(default)s)")
     layout = sp.add_mutually_exclusive_group()
     layout.add_argument("--channels-last", dest="channels_last", action="store_const",
-                        const=True, default=None,
-                        help="torch only: NHWC activations and filters (default: with "
-                             "bfloat16 only)")
+                        const=True, default=None, help="torch only: NHWC activations and "
+                        "filters (default: with bfloat16 only)")
     layout.add_argument("--channels-first", dest="channels_last", action="store_const",
                         const=False, help="torch only: NCHW even with bfloat16")
     sp.add_argument("--json", default=None, metavar="PATH",
@@ -184,10 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     common = argparse.ArgumentParser(add_help=False)
     _train_options(common)
-    for name in TRAIN_COMMANDS:
-        n_rows = len(paper.EXPERIMENTS[name])
+    for name, rows in paper.EXPERIMENTS.items():  # table1, table2, table3, svhn
         sub.add_parser(name, parents=[common],
-                       help=f"train the {n_rows} {name} row(s) and compare with the paper")
+                       help=f"train the {len(rows)} {name} row(s) and compare with the paper")
     sp = sub.add_parser("params", help="parameter count of every row beside the paper's "
                                        "(no data)")
     _stack_options(sp)

@@ -37,7 +37,6 @@ def die_with_parent():
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the launcher died before the request took effect
             os.kill(os.getpid(), signal.SIGKILL)
-
     return preexec
 
 
@@ -63,14 +62,11 @@ class LocalLauncher:
                  threads: Optional[int] = None):
         self.exp_dir = Path(exp_dir)
         self.threads = threads  # OMP_NUM_THREADS of each run; None: the environment's
-        self.pending = deque(tasks)
-        self.jobs = jobs
-        self.gpus = list(gpus)
+        self.pending, self.total = deque(tasks), len(tasks)
+        self.jobs, self.gpus = jobs, list(gpus)
         self.running: Dict[int, Tuple[Task, subprocess.Popen, float]] = {}  # slot -> ...
         self.results: Dict[int, int] = {}  # task index -> exit code
-        self.total = len(tasks)
-        self.stops = 0  # stop requests received (signals)
-        self._forwarded = 0  # stop requests passed on to the children
+        self.stops = self._forwarded = 0  # stop requests received, and passed on to the runs
         self._busy: Dict[int, int] = {}  # task index -> PID holding its run dir's lock
         self._preexec = die_with_parent()
 

@@ -12,8 +12,7 @@ from crmn.errors import DataError
 from crmn.plan import TrainPlan, render_argv
 
 MANIFEST = "manifest.txt"
-#: folder of an experiment with the launchers' per-task markers (``<i>.start``, ``<i>.rc``)
-TASKS = "tasks"
+TASKS = "tasks"  # the launchers' per-task markers <i>.start, <i>.rc
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,7 @@ from crmn.launch.manifest import MANIFEST, Task
 
 TASK_SH = Path(__file__).resolve().parent / "task.sh"
 COMPARE_SH = TASK_SH.with_name("compare.sh")
-#: seconds between two ``squeue`` calls of ``--wait`` (environment: CRMN_SLURM_POLL)
-POLL_S = 10.0
+POLL_S = 10.0  # seconds between two squeue calls of --wait (environment: CRMN_SLURM_POLL)
 
 
 def require_sbatch() -> None:

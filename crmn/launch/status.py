@@ -20,8 +20,7 @@ from crmn.launch.manifest import Task
 
 JOBS = "jobs.json"  # in <exp>/slurm/
 STATES = ("finished", "running", "waiting", "stopped", "failed")
-#: exit codes of a run that stopped with its checkpoints intact: ``--resume`` continues it
-RESUMABLE = (EXIT_STOPPED, EXIT_INTERRUPTED)
+RESUMABLE = (EXIT_STOPPED, EXIT_INTERRUPTED)  # stopped with its checkpoints: --resume goes on
 PROC_LOCKS = "/proc/locks"
 
 
