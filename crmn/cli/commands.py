@@ -98,8 +98,8 @@ def params_table(rows: Sequence[Dict], backend: str) -> str:
 
 
 def cmd_params(args) -> int:
-    rows = param_rows(plans.stack_options(args), schema.values(ModelConfig, args, None),
-                      rows=paper.select(args.rows))
+    overrides = schema.values(plans.SECTIONS["model"], args, None)  # the interpretations
+    rows = param_rows(plans.stack_options(args), overrides, rows=paper.select(args.rows))
     print(json.dumps(rows, indent=1) if args.json else params_table(rows, args.backend))
     return 0
 
