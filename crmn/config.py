@@ -1,9 +1,5 @@
-"""Frozen configurations shared by both stacks: the network and the protocol.
-
-Every field carries its unit and its source (docs/spec.md §4-5); a field with an option
-declares it here (:func:`crmn.schema.option`). The defaults are the interpretations chosen
-where the paper is silent (REPRODUCING.md).
-"""
+"""Frozen configurations shared by both stacks: the network and the protocol. Every field
+carries its unit and its source (docs/spec.md §4-5); defaults are REPRODUCING.md's readings."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,14 +15,12 @@ from crmn.schema import above_zero, epochs_list, finite, option, positive, width
 
 
 def json_view(value):
-    """``value`` as JSON gives it back (tuples become lists): how a dataclass's ``to_dict``
-    compares with a config.json or checkpoint record of it."""
+    """``value`` as JSON gives it back (tuples become lists), to compare with config.json."""
     return json.loads(json.dumps(value))
 
 
 def _check_finite(config) -> None:
-    """Refuse NaN and infinity in any number field (or tuple of numbers) of ``config``: they
-    would train nothing, and JSON (config.json, checkpoint meta) cannot hold them."""
+    """Refuse NaN and infinity in any number field: JSON (config.json) cannot hold them."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         for x in value if isinstance(value, tuple) else (value,):
@@ -36,18 +30,15 @@ def _check_finite(config) -> None:
 
 
 def _scale_lr(lr: float, stages: Tuple[float, ...]) -> Tuple[float, ...]:
-    """``--lr``: the first stage's rate; the later stages keep the row's ratios."""
     return tuple(lr * (r / stages[0]) for r in stages)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The network: a 6n+2 post-activation CIFAR ResNet, optionally with the CRMN memory."""
-
+    # depth 6n+2 (He et al. 2015, section 4.2); stage widths 16k, 32k, 64k (paper section 4)
     n: int = option(flag="--n", type=positive, group="expert", help="blocks per stage")
-    # basic blocks per stage; depth 6n+2 (He et al. 2015, section 4.2)
     k: float = option(flag="--k", type=width, group="expert", help="width factor")
-    # width factor: stage widths 16k, 32k, 64k feature maps (paper section 4)
     classes: int  # softmax outputs: 100 CIFAR-100, 10 CIFAR-10 / SVHN
     memory: bool  # True: CRMN (LSTM over every block's output, section 3.2)
     lstm_units: int = 100  # hidden and cell size of the LSTM (section 4: "constant value of 100")
@@ -60,8 +51,7 @@ class ModelConfig:
                           help="LSTM output-gate nonlinearity")  # eq. 4, or tanh (the text)
     peepholes: bool = True  # peephole terms w_c ⊙ c of eqs. 2-4 (section 2.1: "we use them")
     dense_init: str = option("he", flag="--dense-init", choices=("he", "glorot"), group="model",
-                             interpretation=True, help="softmax-layer weight init")
-    # He normal (gain 1) or Glorot
+                             interpretation=True, help="softmax-layer weight init")  # gain 1
 
     def __post_init__(self):
         _check_finite(self)
@@ -108,10 +98,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     """The training protocol of section 4 (docs/spec.md §5)."""
-
     batch_size: int = option(100, flag="--batch-size", type=positive, metavar="B",
-                             group="expert", help="images per batch")
-    # images per SGD step (section 4.2: 50 for the wide 28-layer runs)
+                             group="expert", help="images per batch")  # 4.2: 50 if wide
     lr_stages: Tuple[float, ...] = option(
         paper.LR_TABLE1, flag="--lr", dest="lr", type=above_zero, metavar="LR", group="protocol",
         interpretation=True, show=lambda stages: repr(stages[0]), from_cli=_scale_lr,
@@ -119,8 +107,7 @@ class TrainConfig:
         "stages keep the row's ratios")  # learning rates, one plateau stage each
     momentum: float = 0.9  # section 4: "momentum of 0.9"
     nesterov: bool = option(False, flag="--nesterov", kind="true", group="protocol",
-                            interpretation=True,
-                            help="Nesterov momentum instead of classical")
+                            interpretation=True, help="Nesterov momentum instead of classical")
     weight_decay: float = 1e-4  # gradient coefficient: penalty (wd/2)·Σw² on decayed weights
     patience: int = option(10, flag="--patience", type=positive, metavar="EPOCHS",
                            group="protocol", interpretation=True,
@@ -136,8 +123,7 @@ class TrainConfig:
     schedule: Optional[Tuple[int, ...]] = option(
         None, flag="--schedule", type=epochs_list, metavar="E1,E2,...", group="protocol",
         departure="fixed schedule {}", show=lambda s: ",".join(str(e) for e in s),
-        default_help="%(default)s = search", help="fixed epochs per lr stage, skips the search "
-        "run")
+        default_help="%(default)s = search", help="fixed epochs per lr stage, skips the search run")
     seed: int = option(0, per_run=True)  # data split, batch order, crops and weight init
 
     def __post_init__(self):
@@ -149,9 +135,8 @@ class TrainConfig:
         if any(lr <= 0 for lr in self.lr_stages):
             raise ConfigError(f"learning rates must be > 0, got {list(self.lr_stages)}")
         if self.schedule is not None and len(self.schedule) != len(self.lr_stages):
-            raise ConfigError(
-                f"--schedule gives {len(self.schedule)} stages but the row has "
-                f"{len(self.lr_stages)} learning rates {list(self.lr_stages)}")
+            raise ConfigError(f"--schedule gives {len(self.schedule)} stages but the row has "
+                              f"{len(self.lr_stages)} learning rates {list(self.lr_stages)}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 

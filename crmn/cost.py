@@ -1,13 +1,5 @@
-"""What a plan will cost: seconds per epoch measured by ``bench`` on this machine, times the
-epochs the protocol is expected to train.
-
-``bench`` records each measured row in ``$CRMN_CACHE/bench-speeds.json`` (default
-``~/.cache/crmn``), keyed by row, stack, device and dtype. Expected epochs of one run:
-with ``--schedule``, its sum (the final run only); otherwise a search and a final run of
-the same length, each stage assumed to last :data:`STAGE_EPOCHS_PER_PATIENCE` × patience
-epochs (the plateau search's length is only known once it has run), at most
-``--epochs-cap``.
-"""
+"""What a plan will cost: the seconds per epoch ``bench`` recorded on this machine
+(``$CRMN_CACHE/bench-speeds.json``, by row, stack, device, dtype) times the expected epochs."""
 from __future__ import annotations
 
 import json
@@ -18,8 +10,7 @@ from crmn import compile_cache
 from crmn.registry import StackOptions
 
 SPEEDS = "bench-speeds.json"
-#: the plateau search's assumed stage length, in units of the patience (10 -> 60 epochs)
-STAGE_EPOCHS_PER_PATIENCE = 6
+STAGE_EPOCHS_PER_PATIENCE = 6  # the plateau search's assumed stage length / patience
 #: training images per epoch of the final run (SVHN: train + extra)
 TRAIN_IMAGES = {"cifar100": 50_000, "cifar10": 50_000, "svhn": 604_388}
 DAY = 86_400
@@ -35,7 +26,6 @@ def key(row: str, options: StackOptions) -> str:
 
 
 def read_speeds(path: Optional[Path] = None) -> Dict[str, float]:
-    """The recorded seconds per 50,000-image epoch; {} where none (or unreadable)."""
     try:
         data = json.loads((path or speeds_path()).read_text())
         return {str(k): float(v) for k, v in data.items()}
@@ -45,8 +35,7 @@ def read_speeds(path: Optional[Path] = None) -> Dict[str, float]:
 
 def record(results: Sequence[Dict], options: Sequence[StackOptions],
            path: Optional[Path] = None) -> Path:
-    """Add ``bench``'s results (each with ``row`` and ``sec_per_epoch``; ``options[i]``
-    the stack of ``results[i]``) to the recorded speeds; the file written."""
+    """Add ``bench``'s results (run in stacks ``options``) to the recorded speeds; the file."""
     path = path or speeds_path()
     speeds = read_speeds(path)
     speeds.update({key(r["row"], o): r["sec_per_epoch"] for r, o in zip(results, options)})
@@ -58,7 +47,8 @@ def record(results: Sequence[Dict], options: Sequence[StackOptions],
 
 
 def expected_epochs(train) -> int:
-    """Epochs one run is expected to train (module docstring)."""
+    """Epochs one run is expected to train: ``--schedule``'s sum, else a search and a final
+    run, stages of :data:`STAGE_EPOCHS_PER_PATIENCE` × patience epochs; at most the cap."""
     cap = train.epochs_cap
     if train.schedule is not None:
         return sum(min(e, cap) if cap else e for e in train.schedule)
@@ -73,8 +63,7 @@ def _time(seconds: float) -> str:
 
 
 def estimate(plan, speeds: Optional[Dict[str, float]] = None) -> str:
-    """One line: rows × seeds, the device, the estimated wall time, and the faster ways
-    when it is more than a day (or how to measure where nothing is recorded)."""
+    """One line: runs, device, estimated wall time (or how to measure it first)."""
     speeds = read_speeds() if speeds is None else speeds
     rows = sorted({r.label for r in plan.runs})
     stack = plan.stack
@@ -82,20 +71,15 @@ def estimate(plan, speeds: Optional[Dict[str, float]] = None) -> str:
             f"({stack.describe()})")
     if plan.runs[0].spec.row is None:
         return f"{head}; a tiny network on tiny data: minutes"
-    total, unmeasured = 0.0, []
-    for run in plan.runs:
-        spec = run.spec
-        s = speeds.get(key(spec.row, stack))
-        if s is None:
-            unmeasured.append(spec.row)
-            continue
-        total += s * TRAIN_IMAGES[spec.dataset] / 50_000 * expected_epochs(spec.train)
-    if unmeasured:
-        missing = ",".join(sorted(set(unmeasured)))
-        epochs = sum(expected_epochs(run.spec.train) for run in plan.runs)
+    specs = [run.spec for run in plan.runs]
+    missing = ",".join(sorted({s.row for s in specs if key(s.row, stack) not in speeds}))
+    if missing:
+        epochs = sum(expected_epochs(s.train) for s in specs)
         return (f"{head}; about {epochs} epochs in all, but no measured speed on this machine "
                 f"for {missing}: run `bash run_experiments.sh bench --rows {missing} "
                 f"{_stack_flags(stack)}` first")
+    total = sum(speeds[key(s.row, stack)] * TRAIN_IMAGES[s.dataset] / 50_000
+                * expected_epochs(s.train) for s in specs)
     line = f"{head}; about {_time(total)} (bench's s/epoch x expected epochs, REPRODUCING.md §5)"
     if total > DAY:
         line += ("; faster: a GPU (--device cuda), --backend torch, or --launcher slurm "

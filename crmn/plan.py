@@ -1,12 +1,6 @@
 """The plan: what a command will run, typed and checked once, before anything is created.
-
-These dataclasses, with :class:`crmn.config.ModelConfig`, ``TrainConfig`` and
-:class:`crmn.registry.StackOptions` inside them, are the run schema (:mod:`crmn.schema`): the
-training commands' options are derived from their fields, a parsed command line becomes a
-:class:`TrainPlan` here (:func:`train_plan`, :func:`smoke_plan`), and :func:`render_argv`
-turns a planned run back into its command line (a launcher's manifest line). Every value is
-checked where its object is made; a fault is one :class:`UsageError` line, nothing written.
-"""
+These dataclasses (with the configs and stack options inside) are the run schema; a parsed
+command line becomes a :class:`TrainPlan`, and :func:`render_argv` turns a run back into one."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,12 +16,9 @@ from crmn.schema import option, positive
 
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "run_experiments.sh"
-#: ``--launcher`` choices
 LAUNCHERS = ("local", "slurm")
-#: default cap on a task's requeues after checkpointed stops (SLURM_RESTART_COUNT)
-MAX_REQUEUES = 20
-#: smoke's own defaults (a tiny CRMN on tiny fake CIFAR-100-format data, a short schedule);
-#: its ``--help`` shows these, and a value given on the command line is never replaced
+MAX_REQUEUES = 20  # default cap on a task's requeues after checkpointed stops
+#: smoke's own defaults: a tiny CRMN on tiny fake CIFAR-100-format data, a short schedule
 SMOKE = dict(n=1, k=0.5, batch_size=50, patience=1, epochs_cap=2, n_train=500, n_test=200,
              row="t1-crmn32x1")
 
@@ -35,7 +26,6 @@ SMOKE = dict(n=1, k=0.5, batch_size=50, patience=1, epochs_cap=2, n_train=500, n
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     """Everything that defines one run; recorded in ``config.json`` (crmn/LOGS.md)."""
-
     model: ModelConfig  # the network (docs/spec.md §4)
     train: TrainConfig  # the protocol (docs/spec.md §5); train.seed seeds everything
     dataset: str = option(flag="--dataset", choices=tuple(paper.DATASET_CLASSES),
@@ -73,9 +63,7 @@ SECTIONS = {"model": ModelConfig, "train": TrainConfig, "stack": StackOptions, "
 
 
 def resume_may_change(name: str) -> bool:
-    """Whether ``--resume`` may continue a run whose ``name`` (``"train.epochs_cap"``,
-    ``"stack.backend"``, ``"data_dir"``) differs from the checkpoint's; every other field
-    must be equal (``train.epochs_cap`` may only grow: the run folder's rule)."""
+    """Whether ``--resume`` may change field ``name`` (e.g. ``"stack.backend"``, ``"data_dir"``)."""
     section, _, field = name.rpartition(".")
     cls = SECTIONS.get(section)
     return cls is not None and field in schema.names(cls, "resume")
@@ -84,7 +72,6 @@ def resume_may_change(name: str) -> bool:
 @dataclasses.dataclass(frozen=True)
 class PlannedRun:
     """One run of a plan: ``<out-dir>/<experiment>/<label>/seed<k>/`` (crmn/LOGS.md)."""
-
     spec: RunSpec
     label: str  # the row id, or the smoke run's name
     run_dir: Path
@@ -96,9 +83,7 @@ class PlannedRun:
 
 @dataclasses.dataclass(frozen=True)
 class LaunchOptions:
-    """How a grid of runs is executed: in this process, as local subprocesses, or as a Slurm
-    job array."""
-
+    """How a grid of runs is executed: in this process, as subprocesses, or on Slurm."""
     launcher: str = option("local", flag="--launcher", choices=LAUNCHERS, group="launch",
                            help="local: on this machine; slurm: one job array of single runs "
                            "plus a compare job")
@@ -133,11 +118,9 @@ class LaunchOptions:
             if self.max_requeues is not None and self.max_requeues < 0:
                 raise UsageError(f"{PROG}: --max-requeues wants N >= 0")
             return
-        given = [flag for flag, value in (("--max-parallel", self.max_parallel),
-                                          ("--slurm-args", self.slurm_args),
-                                          ("--wait", self.wait),
-                                          ("--max-requeues", self.max_requeues))
-                 if value not in (None, False)]
+        given = [f.metadata["flag"] for f in schema.flagged(self)
+                 if f.name not in ("launcher", "jobs")
+                 and getattr(self, f.name) not in (None, False)]
         if given:
             raise UsageError(f"{PROG}: {', '.join(given)} only apply to --launcher slurm")
 
@@ -149,7 +132,6 @@ class LaunchOptions:
 @dataclasses.dataclass(frozen=True)
 class TrainPlan:
     """A training command (table1-3, svhn, smoke): its runs and how to execute them."""
-
     command: str  # the experiment: table1 | table2 | table3 | svhn | smoke
     runs: Tuple[PlannedRun, ...]
     out_dir: Path  # run directories go under out_dir/command/
@@ -174,14 +156,10 @@ class TrainPlan:
         return self.runs[0].spec.stack
 
 
-# ---------------------------------------------------------------------------------------
-# a planned run back to its command line
-
-
 def _bases(run: PlannedRun):
     """What the command line of ``run`` gives without options, section by section."""
     spec = run.spec
-    stack = SimpleNamespace(**StackOptions().as_dict())
+    stack = SimpleNamespace(**dataclasses.asdict(StackOptions()))
     stack.device = None  # always named: auto may resolve otherwise where the line runs
     if spec.stack.backend == "theano":
         stack.theano_mode = None  # likewise the Theano mode auto or the machine picks
@@ -196,12 +174,8 @@ def _bases(run: PlannedRun):
 
 def render_argv(plan: TrainPlan, run: PlannedRun, program: Sequence[str],
                 resume: bool = True) -> List[str]:
-    """The command line that trains ``run`` alone, e.g. ``bash run_experiments.sh table1
-    --rows t1-crmn32x1 --seed 0 --resume --no-progress --out-dir /runs --data-dir /data
-    --device cpu --theano-mode c``: the run's place (absolute paths), ``--resume`` (a
-    restarted line continues; a finished run is a no-op), ``--no-progress``, the device
-    (always named) and every schema field in which the run differs from its row's (smoke:
-    from smoke's defaults)."""
+    """The command line that trains ``run`` alone: its place, ``--resume``, the device, and every
+    schema field in which the run differs from its row (smoke: from smoke's defaults)."""
     spec = run.spec
     argv = [*program, plan.command]
     if spec.row is not None:
@@ -209,14 +183,9 @@ def render_argv(plan: TrainPlan, run: PlannedRun, program: Sequence[str],
     argv += ["--seed", str(run.seed), *(["--resume"] if resume else []), "--no-progress",
              "--out-dir", str(Path(plan.out_dir).resolve())]
     model, train, stack, here = _bases(run)
-    for obj, base in ((spec, here), (spec.stack, stack), (spec.model, model),
-                      (spec.train, train)):
+    for obj, base in ((spec, here), (spec.stack, stack), (spec.model, model), (spec.train, train)):
         argv += schema.render(obj, base)
     return argv
-
-
-# ---------------------------------------------------------------------------------------
-# parsed options to a checked plan
 
 
 def _usage(args, exc: Exception, where: str = "") -> UsageError:
@@ -224,10 +193,8 @@ def _usage(args, exc: Exception, where: str = "") -> UsageError:
 
 
 def resolve_stack(args, backend: Optional[str] = None) -> Tuple[StackOptions, str]:
-    """The checked :class:`StackOptions` of a command's stack options and the line that says
-    which device and why; ``--device auto`` is decided here (:func:`registry.auto_device`),
-    then the device is asked of the stack's framework (:func:`registry.probe`) before any
-    data is read. ``backend``: the stack of a command without ``--backend``."""
+    """The checked, probed :class:`StackOptions` of ``args`` and the line saying which device
+    and why (``--device auto`` decided here)."""
     backend = backend or getattr(args, "backend", registry.DEFAULT_BACKEND)
     mode, device = getattr(args, "theano_mode", None), args.device
     note = f"device: {device} (--device {device})"
@@ -235,11 +202,9 @@ def resolve_stack(args, backend: Optional[str] = None) -> Tuple[StackOptions, st
         if device == registry.AUTO:
             device, auto_mode, why = registry.auto_device(backend, mode)
             mode, note = mode or auto_mode, f"device: {device} (auto: {why})"
-        options = StackOptions(
-            backend=backend, device=device, dtype=getattr(args, "dtype", registry.DEFAULT_DTYPE),
-            theano_mode=mode or registry.default_theano_mode(backend),
-            compile=getattr(args, "compile", False),
-            compile_cache=getattr(args, "compile_cache", True))
+        given = schema.values(StackOptions, args, None)  # dtype, compile, compile_cache
+        options = StackOptions(**{**given, "backend": backend, "device": device,
+                                  "theano_mode": mode or registry.default_theano_mode(backend)})
         registry.probe(options)
     except ConfigError as exc:
         raise _usage(args, exc) from None
@@ -250,20 +215,8 @@ def stack_options(args, backend: Optional[str] = None) -> StackOptions:
     return resolve_stack(args, backend)[0]
 
 
-def select_rows(args, experiment: Optional[str], strict: bool = True) -> Tuple[paper.Row, ...]:
-    """The rows of ``--rows`` (every row of ``experiment`` when not given)."""
-    return paper.select(args.rows, experiment, strict=strict and experiment is not None)
-
-
-def model_overrides(args) -> Dict:
-    """The ModelConfig fields a command line sets (``params``: the interpretations)."""
-    return schema.values(SECTIONS["model"], args, None)
-
-
 def configs_for(row: paper.Row, args, seed: int, dataset: Optional[str] = None):
-    """(model, train) of one run of ``row`` with seed ``seed``: the row's, changed by every
-    option given; a value that contradicts the row (a ``--schedule`` of another length
-    than the row's learning rates) is a :class:`UsageError`."""
+    """(model, train) of one run of ``row``: the row's, changed by every option given."""
     model_cls, train_cls = SECTIONS["model"], SECTIONS["train"]
     try:
         model = dataclasses.replace(model_cls.for_row(row),
@@ -275,24 +228,17 @@ def configs_for(row: paper.Row, args, seed: int, dataset: Optional[str] = None):
         raise _usage(args, exc, f" (row {row.id})") from None
 
 
-def _seeds(args, row: paper.Row):
-    if args.seed is not None:
-        return [args.seed]
-    return range(args.seeds if getattr(args, "seeds", None) is not None else row.seeds)
-
-
 def train_plan(args) -> TrainPlan:
-    """The plan of ``table1``/``table2``/``table3``/``svhn``: every run checked, the device
-    chosen and probed; nothing read, written or downloaded yet."""
+    """The plan of ``table1``/``table2``/``table3``/``svhn``; nothing read or written yet."""
     if args.seed is not None and (args.seed < 0 or args.seeds is not None):
         raise UsageError(f"{PROG}: --seed K wants K >= 0 and no --seeds")
     launch = LaunchOptions(**schema.values(LaunchOptions, args, None))
-    rows = select_rows(args, args.command)
+    rows = paper.select(args.rows, args.command, strict=True)
     stack, note = resolve_stack(args)
     exp_dir = Path(args.out_dir) / args.command
     runs = []
     for row in rows:
-        for k in _seeds(args, row):
+        for k in [args.seed] if args.seed is not None else range(args.seeds or row.seeds):
             model, train = configs_for(row, args, k, args.dataset)
             given = schema.values(SECTIONS[""], args, None)  # dataset, data_dir, ...
             spec = SECTIONS[""](**{"dataset": row.dataset, **given}, model=model, train=train,
@@ -314,9 +260,7 @@ def _smoke(model: ModelConfig, train: TrainConfig, stack: StackOptions, out_dir:
 
 
 def smoke_plan(args) -> TrainPlan:
-    """smoke's one run: a tiny CRMN (its own ``--n --k``, defaults :data:`SMOKE`) on fake
-    CIFAR-100-format data under ``<out-dir>/smoke/data``, started afresh unless
-    ``--resume`` (the run folder is emptied under its lock)."""
+    """smoke's one run (defaults :data:`SMOKE`), started afresh unless ``--resume``."""
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"{PROG} smoke: --seed K wants K >= 0")
     stack, note = resolve_stack(args)
@@ -327,14 +271,11 @@ def smoke_plan(args) -> TrainPlan:
 
 
 def smoke_plan_for(stack: StackOptions, out_dir: Path, **train) -> TrainPlan:
-    """smoke's plan without a command line (gpucheck): its defaults, ``train``'s changes
-    (e.g. ``schedule=(3, 0, 0), epochs_cap=3``); ``render_argv(plan, plan.runs[0],
-    program, resume=False)`` is its command line, ``plan.runs[0].run_dir`` its folder."""
+    """smoke's plan without a command line (gpucheck), ``train`` changed."""
     return _smoke(*_smoke_configs(**train), stack, out_dir, fresh=True)
 
 
 def _smoke_configs(**train) -> Tuple[ModelConfig, TrainConfig]:
-    """smoke's network and protocol without options (:data:`SMOKE`), ``train`` changed."""
     row = paper.row(SMOKE["row"])
     small = {k: SMOKE[k] for k in ("batch_size", "patience", "epochs_cap")}
     return (SECTIONS["model"].for_row(row, n=SMOKE["n"], k=SMOKE["k"]),
@@ -343,9 +284,7 @@ def _smoke_configs(**train) -> Tuple[ModelConfig, TrainConfig]:
 
 def row_plan_for(row_id: str, stack: StackOptions, out_dir: Path, *, model=(), train=(),
                  **given) -> TrainPlan:
-    """Seed 0 of a paper row without a command line (gpucheck's real-data check): ``model``
-    and ``train`` change the row's configuration, ``given`` the run's other fields (dataset,
-    data_dir, subset); :func:`render_argv` gives its command line."""
+    """Seed 0 of a paper row without a command line (gpucheck's real-data check)."""
     row = paper.row(row_id)
     dataset = given.setdefault("dataset", row.dataset)
     spec = RunSpec(model=SECTIONS["model"].for_row(

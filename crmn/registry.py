@@ -1,11 +1,8 @@
-"""The registry of stacks and the one checked set of stack options.
-
-Maps ``--backend NAME`` to an implementation and defines every choice a stack takes. A stack
-is imported only when one is built or probed, so choosing a name costs nothing and ``--help``
-stays fast. A :class:`StackOptions` is checked once, when it is made.
-"""
+"""The registry of stacks (``--backend NAME`` to an implementation) and the checked stack
+options. A stack is imported only when one is built or probed, so ``--help`` stays fast."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import re
@@ -16,29 +13,23 @@ from crmn.errors import ConfigError
 from crmn.schema import option
 from crmn.stack import Stack
 
-#: name -> "module:class" of each stack
 REGISTRY = {"theano": "original.backend:TheanoBackend", "torch": "modern.backend:TorchBackend"}
 BACKENDS = tuple(REGISTRY)
-#: the archive's reference stack, the default of every command
-DEFAULT_BACKEND = "theano"
-#: ``--theano-mode``: Theano's C backend (the reference) or Theano-PyMC's JAX linker
-THEANO_MODES = ("c", "jax")
+DEFAULT_BACKEND = "theano"  # the archive's reference stack
+THEANO_MODES = ("c", "jax")  # Theano's C backend (the reference) or Theano-PyMC's JAX linker
 DEFAULT_THEANO_MODE = "c"
 #: ``--dtype`` choices of each stack; bfloat16 (autocast, float32 weights) is torch only
 STACK_DTYPES: Dict[str, Tuple[str, ...]] = {"theano": ("float32", "float64"),
                                             "torch": ("float32", "float64", "bfloat16")}
 DTYPES = ("float32", "float64", "bfloat16")
 DEFAULT_DTYPE = "float32"
-#: device strings every command accepts: ``cpu``, ``cuda``, ``cuda:N``
 DEVICE_PATTERN = re.compile(r"(cpu|cuda)(:\d+)?")
 DEVICE_HELP = "cpu, cuda or cuda:N"
-#: ``--device auto``: cuda where the backend can use a GPU here, else cpu (:func:`auto_device`)
-AUTO = "auto"
+AUTO = "auto"  # --device auto: cuda where the backend can use a GPU here, else cpu
 
 
 def check_device(name: str) -> str:
-    """``name`` if it is ``cpu``, ``cuda`` or ``cuda:N``, else a one-line :class:`ConfigError`;
-    whether a GPU is actually there is :func:`probe`'s question."""
+    """``name`` if it is ``cpu``, ``cuda`` or ``cuda:N`` (whether it is there: :func:`probe`)."""
     if not isinstance(name, str) or not DEVICE_PATTERN.fullmatch(name):
         raise ConfigError(f"unknown device {name!r}: choose {DEVICE_HELP}")
     return name
@@ -46,8 +37,6 @@ def check_device(name: str) -> str:
 
 def device_option(text: str) -> str:
     """argparse type of ``--device``: a device string or ``auto``."""
-    import argparse
-
     try:
         return text if text == AUTO else check_device(text)
     except ConfigError as exc:
@@ -55,7 +44,6 @@ def device_option(text: str) -> str:
 
 
 def _torch_gpu() -> Tuple[bool, str]:
-    """(torch sees a CUDA GPU, why) -- imports torch."""
     try:
         import torch
     except ImportError:
@@ -66,26 +54,20 @@ def _torch_gpu() -> Tuple[bool, str]:
 
 
 def _jax_gpu() -> Tuple[bool, str]:
-    """(jax has a GPU backend, why) -- imports jax."""
     try:
         import jax
     except ImportError:
         return False, "jax is not installed"
     try:
-        gpus = jax.devices("gpu")
-    except RuntimeError:
-        gpus = []
-    if gpus:
-        return True, f"jax sees {gpus[0].device_kind}; the Theano graph runs through JAX"
-    return False, f"jax {jax.__version__} has no GPU backend"
+        kind = jax.devices("gpu")[0].device_kind
+    except (RuntimeError, IndexError):
+        return False, f"jax {jax.__version__} has no GPU backend"
+    return True, f"jax sees {kind}; the Theano graph runs through JAX"
 
 
-def auto_device(backend: str, theano_mode: Optional[str] = None) -> Tuple[str, Optional[str],
-                                                                          str]:
-    """What ``--device auto`` means here: ``(device, theano_mode, why)``. cuda where the
-    backend can use a GPU (torch: CUDA; theano: a jax with a GPU backend, through the JAX
-    mode unless ``--theano-mode c`` was asked), else cpu; ``theano_mode`` None: the
-    backend's usual choice."""
+def auto_device(backend: str, theano_mode: Optional[str] = None) -> Tuple[str, Optional[str], str]:
+    """What ``--device auto`` means here: ``(device, theano_mode, why)``; theano uses a GPU
+    through a jax with a GPU backend (the JAX mode) unless ``--theano-mode c`` was asked."""
     if backend == "torch":
         gpu, why = _torch_gpu()
         return ("cuda" if gpu else "cpu"), None, why
@@ -97,12 +79,7 @@ def auto_device(backend: str, theano_mode: Optional[str] = None) -> Tuple[str, O
 
 @dataclasses.dataclass(frozen=True)
 class StackOptions:
-    """Which stack, where, in which precision: checked once, when made.
-
-    The same settings reach every consumer and are recorded in ``config.json`` under these
-    names; ``--resume`` may continue a run under others (a checkpoint loads in either stack).
-    """
-
+    """Which stack, where, in which precision: checked when made; ``--resume`` may change it."""
     backend: str = option(DEFAULT_BACKEND, flag="--backend", choices=BACKENDS, group="stack",
                           resume=True, help="stack that builds the network")
     device: str = option("cpu", flag="--device", type=device_option, metavar="DEV",
@@ -146,11 +123,7 @@ class StackOptions:
                               "torch stack keeps no compile cache)")
 
     def replace(self, **changes) -> "StackOptions":
-        """A checked copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
-
-    def as_dict(self) -> Dict:
-        return dataclasses.asdict(self)
 
     def describe(self) -> str:
         """The options in words, e.g. ``theano (jax), cpu, float32``."""
@@ -160,7 +133,6 @@ class StackOptions:
 
 
 def stack_class(backend: str):
-    """The class registered under ``backend`` (imports its stack)."""
     module, cls = REGISTRY[backend].split(":")
     try:
         return getattr(importlib.import_module(module), cls)
@@ -171,28 +143,20 @@ def stack_class(backend: str):
 
 
 def probe(options: StackOptions) -> None:
-    """Ask the stack's framework whether it can run ``options`` here (its package installed,
-    the device there, Theano's C backend working for ``theano_mode="c"``): a one-line
-    :class:`ConfigError` if not. Imports the stack, builds nothing; the command line calls
-    it before any data is read or downloaded."""
+    """:class:`ConfigError` unless the stack's framework can run ``options`` here."""
     problem = stack_class(options.backend).problem(options)
     if problem:
         raise ConfigError(problem)
 
 
 def default_theano_mode(backend: str) -> str:
-    """``--theano-mode`` when none is given: the Theano stack's preference here (C where
-    its C backend works, else JAX); :data:`DEFAULT_THEANO_MODE` for other stacks."""
-    if backend != "theano":
-        return DEFAULT_THEANO_MODE
-    return stack_class("theano").preferred_mode()
+    """``--theano-mode`` when none is given: C where Theano's C backend works, else JAX."""
+    return stack_class("theano").preferred_mode() if backend == "theano" else DEFAULT_THEANO_MODE
 
 
 def build(options: StackOptions, model: ModelConfig, train: TrainConfig, **expert) -> Stack:
-    """The network of ``model`` in the stack of ``options``, initialised from ``train.seed``;
-    ``expert``: a stack's own settings that only checks and timings vary (never recorded)."""
-    extra = {"theano": {"theano_mode": options.theano_mode,
-                        "compile_cache": options.compile_cache},
+    """The network of ``model`` in ``options``' stack; ``expert``: settings never recorded."""
+    extra = {"theano": {"theano_mode": options.theano_mode, "compile_cache": options.compile_cache},
              "torch": {"compile": options.compile}}.get(options.backend, {})
     return stack_class(options.backend)(model, train, device=options.device,
                                         dtype=options.dtype, **extra, **expert)

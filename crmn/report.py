@@ -1,12 +1,6 @@
-"""Published versus reproduced numbers, rendered from run directories only (docs/spec.md §7).
-
-:func:`compare` reads every run's ``config.json``, ``log.jsonl`` and ``summary.json`` below a
-folder (crmn/LOGS.md), prints the comparison with :mod:`crmn.paper` and writes ``REPORT.md``
-with Figure-3-style PNG learning curves. Per row: parameters, seconds per epoch, test
-accuracy (mean ± sample std over seeds) beside the paper's, Δ (blank where
-:func:`comparable` finds the runs no test of the paper) and status; a row without runs is
-*missing*, an unfinished run *running* with its last epoch. Nothing is dropped silently.
-"""
+"""Published versus reproduced numbers, rendered from run directories only (docs/spec.md §7):
+:func:`compare` prints the comparison with :mod:`crmn.paper` and writes ``REPORT.md`` with
+Figure-3-style learning curves; a row without runs is *missing*: nothing is dropped silently."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,62 +16,36 @@ from crmn.config import ModelConfig, TrainConfig, json_view
 from crmn.errors import ConfigError, DataError, RunError
 from crmn.schema import names
 
-#: Last row of each block of four in Table 1: the models of the paper's Figure 3.
-FIGURE3_ROWS = tuple(r.id for r in paper.TABLE1[3::4])
-
-
-# ---------------------------------------------------------------------------------------
-# reading run directories
+FIGURE3_ROWS = tuple(r.id for r in paper.TABLE1[3::4])  # the models of the paper's Figure 3
 
 
 @dataclass
 class SeedRun:
     """One run directory ``<row>/seed<k>/`` as :func:`crmn.runlog.load_run` reads it."""
-
     run: runlog.RunRecord
     seed: int
 
     @property
-    def log(self) -> List[dict]:
-        return self.run.log
-
-    @property
-    def summary(self) -> Optional[dict]:
-        return self.run.summary
-
-    @property
-    def done(self) -> bool:
-        return self.run.finished
-
-    @property
     def device(self) -> str:
-        s = self.summary or {}
-        return str(s.get("device") or self.run.config.get("device") or "?")
-
-    def phase_log(self, phase: str) -> List[dict]:
-        return self.run.phase(phase)
+        return str((self.run.summary or {}).get("device") or self.run.config.get("device") or "?")
 
     def best_val_acc(self) -> Optional[float]:
         """Highest validation accuracy of the search run (fraction), None without one."""
-        vals = [r["eval_acc"] for r in self.log if r.get("eval_split") == "val"]
-        return max(vals) if vals else None
+        vals = [r["eval_acc"] for r in self.run.log if r.get("eval_split") == "val"]
+        return max(vals, default=None)
 
     def sec_per_epoch(self) -> Optional[float]:
-        """The summary's median final-run epoch time; while running, the median of the
-        logged final-run epochs (of all logged epochs before the final run starts)."""
-        if self.done and self.summary.get("sec_per_epoch") is not None:
-            return float(self.summary["sec_per_epoch"])
-        recs = self.phase_log("final") or self.log
+        """The median final-run epoch time (while running: of the logged epochs)."""
+        if self.run.finished and self.run.summary.get("sec_per_epoch") is not None:
+            return float(self.run.summary["sec_per_epoch"])
+        recs = self.run.phase("final") or self.run.log
         secs = [r["seconds"] for r in recs if "seconds" in r]
         return statistics.median(secs) if secs else None
 
     def departures(self, row: Optional[paper.Row]) -> List[Tuple[str, bool]]:
-        """What makes this run other than ``row`` as published (config.json, summary.json),
-        each as ``(note, test)``; ``test`` False makes the run no test of the paper
-        (:func:`comparable`). Fake or unverified data, another dataset, and every schema
-        field of the model and protocol that differs from the row's: a field marked
-        ``interpretation`` (:data:`INTERPRETATIONS`) is another reading of the paper."""
-        config, summary = self.run.config, self.summary or {}
+        """What makes this run other than ``row`` as published, each as ``(note, test)``:
+        ``test`` is False unless it is another reading of the paper (an ``interpretation``)."""
+        config, summary = self.run.config, self.run.summary or {}
         out: List[Tuple[str, bool]] = []
         if config.get("fake_data") or summary.get("fake_data") \
                 or "fake" in (config.get("data"), summary.get("data")):
@@ -92,7 +60,7 @@ class SeedRun:
             out.append((f"dataset {dataset} (row: {row.dataset})", False))
         for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
             have = config.get(section) or {}
-            want = (cls.for_row(row) if row is not None else None)
+            want = cls.for_row(row) if row is not None else None
             for f in dataclasses.fields(cls):
                 m = f.metadata
                 if f.name not in have or m.get("per_run"):
@@ -107,26 +75,18 @@ class SeedRun:
                                 bool(m.get("interpretation"))))
         return out
 
-    def notes(self, row: Optional[paper.Row]) -> List[str]:
-        """Every departure from ``row`` as published (:meth:`departures`), as text."""
-        return [note for note, _ in self.departures(row)]
 
-
-#: Fields the paper leaves open (the schema's ``interpretation`` fields, docs/spec.md §4-5):
-#: a run that reads one of them otherwise is another reading of the paper, so its Δ stays.
+#: Fields the paper leaves open (docs/spec.md §4-5): another value keeps the run's Δ.
 INTERPRETATIONS = names(ModelConfig, "interpretation") | names(TrainConfig, "interpretation")
 
 
 def comparable(run: SeedRun, row: Optional[paper.Row]) -> Tuple[bool, str]:
-    """Is ``run`` a test of ``row`` as the paper ran it: ``(True, "")`` or ``(False, why)``,
-    ``why`` the departures that are no reading of the paper (:meth:`SeedRun.departures`)
-    joined by "; ". The one place deciding whether Δ and the plots set it against the paper."""
+    """Is ``run`` a test of ``row`` as the paper ran it: ``(True, "")`` or ``(False, why)``."""
     why = [note for note, test in run.departures(row) if not test]
     return (not why, "; ".join(why))
 
 
 def load_seed_run(path: Path) -> SeedRun:
-    """Read one ``seed<k>`` directory (only config.json, log.jsonl, summary.json)."""
     digits = path.name[4:]
     return SeedRun(run=runlog.load_run(path), seed=int(digits) if digits.isdigit() else 0)
 
@@ -134,7 +94,6 @@ def load_seed_run(path: Path) -> SeedRun:
 @dataclass
 class RowRuns:
     """Every seed of one row of one experiment (possibly none: a missing row)."""
-
     experiment: str
     row_id: str
     runs: List[SeedRun] = field(default_factory=list)
@@ -148,26 +107,22 @@ class RowRuns:
 
     @property
     def finished(self) -> List[SeedRun]:
-        return [r for r in self.runs if r.done]
+        return [r for r in self.runs if r.run.finished]
 
     def test_accs(self) -> List[float]:
-        """Test accuracies in % of the finished seeds."""
-        return [100.0 * float(r.summary["test_acc"]) for r in self.finished]
+        return [100.0 * float(r.run.summary["test_acc"]) for r in self.finished]
 
     def not_comparable(self) -> str:
-        """Why the finished seeds are no test of the paper ('' when they all are): the
-        reasons of :func:`comparable`, each once."""
+        """Why the finished seeds are no test of the paper ('' when they all are)."""
         out: List[str] = []
         for r in self.finished:
-            ok, why = comparable(r, self.row)
-            out += [w for w in (why.split("; ") if not ok else []) if w not in out]
+            out += [w for w in comparable(r, self.row)[1].split("; ") if w and w not in out]
         return "; ".join(out)
 
     def notes(self) -> List[str]:
-        """Every seed's :meth:`SeedRun.notes`, each note once."""
         out = []
         for r in self.runs:
-            out += [n for n in r.notes(self.row) if n not in out]
+            out += [n for n, _ in r.departures(self.row) if n not in out]
         return out
 
     def status(self) -> str:
@@ -176,8 +131,8 @@ class RowRuns:
         done = len(self.finished)
         parts = [f"done {done}/{len(self.runs)}"] if done else []
         for r in self.runs:
-            if not r.done:
-                last = r.log[-1] if r.log else None
+            if not r.run.finished:
+                last = r.run.log[-1] if r.run.log else None
                 where = (f"{last.get('phase')} epoch {last.get('epoch')}" if last
                          else "no epoch yet")
                 parts.append(f"seed{r.seed} running or stopped ({where})")
@@ -185,7 +140,6 @@ class RowRuns:
 
 
 def runs_folder(directory: Path) -> Path:
-    """``directory`` as a Path, or a one-line :class:`DataError` when it is no folder."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: " + ("not a folder" if directory.exists()
@@ -196,8 +150,7 @@ def runs_folder(directory: Path) -> Path:
 
 
 def collect(directory: Path) -> Dict[str, List[RowRuns]]:
-    """Runs below ``directory`` (an experiment folder or a folder of them) by experiment,
-    then row, paper rows first; a paper row without runs has no seeds (missing)."""
+    """Runs below ``directory`` by experiment, then row, paper rows first (maybe missing)."""
     directory = runs_folder(directory)
     seed_dirs = [p for p in runlog.find_runs(directory)
                  if p.name.startswith("seed") and p.parent != directory]
@@ -206,8 +159,7 @@ def collect(directory: Path) -> Dict[str, List[RowRuns]]:
                         f"<experiment>/<row>/seed<k>/ with a config.json)")
     grouped: Dict[str, Dict[str, RowRuns]] = {}
     for sd in seed_dirs:
-        run = load_seed_run(sd)
-        row_dir = sd.parent
+        run, row_dir = load_seed_run(sd), sd.parent
         exp = run.run.config.get("experiment") or (
             directory.name if row_dir.parent == directory else row_dir.parent.name)
         rows = grouped.setdefault(exp, {})
@@ -216,18 +168,12 @@ def collect(directory: Path) -> Dict[str, List[RowRuns]]:
         grouped.setdefault(directory.name, {})
     out: Dict[str, List[RowRuns]] = {}
     for exp, rows in grouped.items():
-        ordered = []
-        for r in paper.EXPERIMENTS.get(exp, ()):
-            ordered.append(rows.pop(r.id, RowRuns(exp, r.id)))
+        ordered = [rows.pop(r.id, RowRuns(exp, r.id)) for r in paper.EXPERIMENTS.get(exp, ())]
         ordered += [rows[k] for k in sorted(rows)]
         for rr in ordered:
             rr.runs.sort(key=lambda s: s.seed)
         out[exp] = ordered
     return out
-
-
-# ---------------------------------------------------------------------------------------
-# numbers
 
 
 def mean_std(values: Sequence[float]):
@@ -236,9 +182,7 @@ def mean_std(values: Sequence[float]):
     if n == 0:
         return None, None, 0
     m = sum(values) / n
-    if n < 2:
-        return m, None, n
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)), n
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else None), n
 
 
 def _fmt(v, spec=".2f", blank=""):
@@ -246,48 +190,39 @@ def _fmt(v, spec=".2f", blank=""):
 
 
 def row_line(rr: RowRuns) -> Dict[str, str]:
-    """One comparison-table row as strings (blank where there is nothing to show)."""
     row = rr.row
-    params = next((p for p in ((r.summary or {}).get("params") or r.run.config.get("params")
+    params = next((p for p in ((r.run.summary or {}).get("params") or r.run.config.get("params")
                                for r in rr.runs) if p is not None), None)
     secs = [s for s in (r.sec_per_epoch() for r in rr.runs) if s is not None]
     devices = sorted({r.device for r in rr.runs})
     m, sd, n = mean_std(rr.test_accs())
-    acc = ""
-    if n:
-        acc = f"{m:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") + f" (n={n})"
-    else:
-        acc = _last_logged(rr)
-    paper_acc = row.paper_accuracy if row else None
+    acc = (f"{m:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") + f" (n={n})" if n
+           else _last_logged(rr))
+    ref = row.paper_accuracy if row else None
+    paper_acc_s = _fmt(ref)
     if row is not None and row.paper_accuracy_mean is not None:
         paper_acc_s = (f"{row.paper_accuracy_mean:.2f} ± {row.paper_accuracy_std:g} "
                        f"(best {row.paper_accuracy:.2f})")
         ref = row.paper_accuracy_mean
-    else:
-        paper_acc_s = _fmt(paper_acc)
-        ref = paper_acc
     return {
-        "row": rr.row_id,
-        "model": row.label if row else _model_label(rr),
+        "row": rr.row_id, "model": row.label if row else _model_label(rr),
         "params": _fmt(params / 1e6 if params is not None else None, ".2f"),
         "paper_params": _fmt(row.paper_params_m if row else None),
         "sec": (f"{statistics.median(secs):.1f} ({', '.join(devices)})" if secs else ""),
         "paper_sec": _fmt(row.paper_sec_per_epoch if row else None, "g"),
-        "acc": acc,
-        "paper_acc": paper_acc_s,
+        "acc": acc, "paper_acc": paper_acc_s,
         "delta": (f"{m - ref:+.2f}" if n and ref is not None and not rr.not_comparable()
                   else ""),
         "status": rr.status(),
         "compiled": "; ".join(f"seed {r.seed}: {note}" for r in rr.runs
-                              for note in [runlog.compile_note(r.log)] if note),
+                              for note in [runlog.compile_note(r.run.log)] if note),
         "notes": "; ".join(rr.notes()),
     }
 
 
 def _last_logged(rr: RowRuns) -> str:
-    """A stopped row's last logged accuracy, marked as such: ``41.20 (last logged: val,
-    search epoch 3)``; blank without any logged epoch."""
-    logged = [(r.log[-1], r.seed) for r in rr.runs if r.log]
+    """A stopped row's last logged accuracy, e.g. ``41.20 (last logged: val, ...)``."""
+    logged = [(r.run.log[-1], r.seed) for r in rr.runs if r.run.log]
     if not logged:
         return ""
     last, seed = max(logged, key=lambda e: (e[0].get("phase") == "final", e[0].get("epoch", 0)))
@@ -297,26 +232,21 @@ def _last_logged(rr: RowRuns) -> str:
 
 def _model_label(rr: RowRuns) -> str:
     """``CRMN-8x0.5`` from a run's config.json, for runs that are no paper row."""
-    model = next((r.run.config.get("model") for r in rr.runs if r.run.config.get("model")),
-                 None)
+    model = next((r.run.config.get("model") for r in rr.runs if r.run.config.get("model")), None)
     if not model:
         return ""
-    kind = "CRMN" if model.get("memory") else "ResNet"
-    return f"{kind}-{6 * model['n'] + 2}x{model['k']:g}"
+    return f"{'CRMN' if model.get('memory') else 'ResNet'}-{6 * model['n'] + 2}x{model['k']:g}"
 
 
 def five_repetitions(rr: RowRuns) -> Optional[Dict]:
-    """Section 4.2's repeated-run figure: mean ± std of test accuracy, and the test accuracy
-    of the seed best on validation (search run), which Table 2 reports."""
-    fin = rr.finished
-    if not fin:
+    """Section 4.2's repeated runs: mean ± std, and the test accuracy of the seed best on val."""
+    if not rr.finished:
         return None
     m, sd, n = mean_std(rr.test_accs())
-    with_val = [r for r in fin if r.best_val_acc() is not None]
+    with_val = [r for r in rr.finished if r.best_val_acc() is not None]
     best = max(with_val, key=lambda r: r.best_val_acc()) if with_val else None
-    return {"mean": m, "std": sd, "n": n,
-            "best_seed": best.seed if best else None,
-            "best_test": 100.0 * float(best.summary["test_acc"]) if best else None}
+    return {"mean": m, "std": sd, "n": n, "best_seed": best.seed if best else None,
+            "best_test": 100.0 * float(best.run.summary["test_acc"]) if best else None}
 
 
 COLUMNS = (("row", "row"), ("model", "model"), ("params", "params M ours"),
@@ -327,7 +257,6 @@ COLUMNS = (("row", "row"), ("model", "model"), ("params", "params M ours"),
 
 
 def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
-    """The whole report as Markdown."""
     out = ["# CRMN reproduction: published vs reproduced", "",
            "Paper numbers: `crmn/paper.py` (Moniz & Pal 2016, Tables 1-3, section 4.2). "
            "Ours: mean ± sample std over seeds (n). Paper seconds per epoch are the "
@@ -340,15 +269,12 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
     for exp, rows in groups.items():
         out += [f"## {exp}", ""]
         lines = [row_line(rr) for rr in rows]
-        out += tables.markdown_lines([c[1] for c in COLUMNS],
-                                     [[ln[c[0]] for c in COLUMNS] for ln in lines])
-        out.append("")
-        blank = [(rr.row_id, rr.not_comparable()) for rr in rows
+        out += [*tables.markdown_lines([c[1] for c in COLUMNS],
+                                       [[ln[c[0]] for c in COLUMNS] for ln in lines]), ""]
+        blank = [f"- {rr.row_id}: {rr.not_comparable()}" for rr in rows
                  if rr.finished and rr.row is not None and rr.not_comparable()]
         if blank:
-            out += ["Δ left blank: no test of the paper's setting:", ""]
-            out += [f"- {row_id}: {why}" for row_id, why in blank]
-            out.append("")
+            out += ["Δ left blank: no test of the paper's setting:", "", *blank, ""]
         if exp in paper.METHODS:
             out += [f"### {exp}: against the methods the paper compares with", ""]
             table = [[m.name, f"{m.accuracy:.2f}", ""] for m in paper.METHODS[exp]]
@@ -356,8 +282,7 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
                 if rr.row is not None:
                     table.append([f"{rr.row.label} ({rr.row.id})", ln["paper_acc"],
                                   ln["acc"] or rr.status()])
-            out += tables.markdown_lines(["method", "paper acc %", "ours acc %"], table)
-            out.append("")
+            out += [*tables.markdown_lines(["method", "paper acc %", "ours acc %"], table), ""]
         for rr in rows:
             row = rr.row
             if row is None or row.paper_accuracy_mean is None:
@@ -370,49 +295,39 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
             sd = f" ± {rep['std']:.3f}" if rep["std"] is not None else ""
             best = (f"{rep['best_test']:.2f} (seed {rep['best_seed']})"
                     if rep["best_test"] is not None else "n/a (no search run logged)")
-            out += tables.markdown_lines(["", "mean ± std %", "best on validation: test %", "n"], [
+            head = ["", "mean ± std %", "best on validation: test %", "n"]
+            out += [*tables.markdown_lines(head, [
                 ["paper", f"{row.paper_accuracy_mean:.2f} ± {row.paper_accuracy_std:g}",
                  f"{row.paper_accuracy:.2f}", str(row.seeds)],
-                ["ours", f"{rep['mean']:.2f}{sd}", best, str(rep["n"])]])
-            out.append("")
+                ["ours", f"{rep['mean']:.2f}{sd}", best, str(rep["n"])]]), ""]
     if plots:
-        out += ["## Learning curves (in the spirit of the paper's Figure 3)", ""]
-        out += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
-        out.append("")
+        out += ["## Learning curves (in the spirit of the paper's Figure 3)", "",
+                *[f"![{Path(p).stem}]({Path(p).name})" for p in plots], ""]
     return "\n".join(out)
-
-
-# ---------------------------------------------------------------------------------------
-# plots
 
 
 def _curves(run: SeedRun):
     """(epochs, train loss, test-error epochs, test error %, phase, lr drops) of the final
     run (Figure 3), or of the search run (validation error) before the final run starts."""
-    phase = "final" if run.phase_log("final") else "search"
-    recs = run.phase_log(phase)
+    phase = "final" if run.run.phase("final") else "search"
+    recs = run.run.phase(phase)
     ep = list(range(1, len(recs) + 1))  # epochs count on across lr stages
     loss = [r.get("train_loss") for r in recs]
     err = [100.0 * (1.0 - r["eval_acc"]) for r in recs if r.get("eval_acc") is not None]
     ep_err = [e for e, r in zip(ep, recs) if r.get("eval_acc") is not None]
-    # first epoch of each new learning-rate stage: where the plateau schedule dropped the lr
     drops = [e for e, a, b in zip(ep[1:], recs, recs[1:]) if b.get("stage") != a.get("stage")]
     return ep, loss, ep_err, err, phase, drops
 
 
-#: Appended to the legend label of a curve that is no test of the paper (drawn dashed).
-NOT_THE_PAPER = " (not the paper's setting)"
+NOT_THE_PAPER = " (not the paper's setting)"  # a dashed curve's legend: no test of the paper
 
 
 def _plot(series, title: str, path: Path) -> None:
     """Figure-3-style curves of ``series``: ``(label, SeedRun, test of the paper?)``."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
-
     fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, run, test in series:
         ep, loss, ep_err, err, phase, drops = _curves(run)
@@ -442,49 +357,39 @@ def _plot(series, title: str, path: Path) -> None:
 
 
 def write_plots(groups: Dict[str, List[RowRuns]], directory: Path) -> List[Path]:
-    """PNG learning curves into ``directory``; returns the paths written."""
     written = []
-    present = [rr for rows in groups.values() for rr in rows if any(r.log for r in rr.runs)]
+    present = [rr for rows in groups.values() for rr in rows if any(r.run.log for r in rr.runs)]
     if not present:
         return written
     fig3 = [rr for rr in present if rr.row_id in FIGURE3_ROWS]
     name = lambda rr: rr.row.label if rr.row else rr.row_id
-    # Figure 3 compares rows, one curve each (a row's first seed with a log); a lone row
-    # has its own curves_<row>.png, so no figure3.png repeats it
+    # figure3.png: a curve per row (its first seed with a log); a lone row has curves_<row>
     if fig3 or len(present) > 1:
         path = directory / "figure3.png"
-        firsts = [(rr, next(r for r in rr.runs if r.log)) for rr in fig3 or present]
+        firsts = [(rr, next(r for r in rr.runs if r.run.log)) for rr in fig3 or present]
         _plot([(name(rr), r, comparable(r, rr.row)[0]) for rr, r in firsts],
               "Last row of each block of Table 1" if fig3 else "Rows present", path)
         written.append(path)
     for rr in present:
         path = directory / f"curves_{rr.row_id}.png"
         _plot([(f"{name(rr)} seed {r.seed}", r, comparable(r, rr.row)[0])
-               for r in rr.runs if r.log], f"{name(rr)} ({rr.experiment})", path)
+               for r in rr.runs if r.run.log], f"{name(rr)} ({rr.experiment})", path)
         written.append(path)
     return written
 
 
-# ---------------------------------------------------------------------------------------
-# entry points
-
-
 def compare(directory: Path, *, plots: bool = True, out: Optional[TextIO] = None) -> Path:
-    """Print the comparison for the runs below ``directory``; write REPORT.md (and PNGs);
-    its path. The table is printed even where the folder cannot be written; then a one-line
-    :class:`RunError` names what was not written and why. A missing folder, no run, or an
-    unreadable run file is a one-line :class:`DataError`."""
+    """Print the comparison, then write REPORT.md and PNGs (else :class:`RunError`); its path."""
     directory = Path(directory)
     groups = collect(directory)
     pngs: List[Path] = []
-    unwritten: List[str] = []  # what could not be written; cause: the first OSError's
-    cause = ""
+    unwritten, cause = [], ""  # what could not be written; cause: the first OSError's
     if plots:
         try:
             pngs = write_plots(groups, directory)
         except OSError as exc:
             unwritten.append("the plots")
-            cause = cause or (exc.strerror or exc.__class__.__name__)
+            cause = exc.strerror or exc.__class__.__name__
     text = render(groups, pngs)
     stream = out or sys.stdout
     stream.write(text + "\n")

@@ -1,13 +1,7 @@
-"""The run schema: every option of a run declared once, as a dataclass field with metadata.
-
-A field made by :func:`option` carries its flag, help, group, type and choices, whether
-another value is still a reading of the paper and whether ``--resume`` may change it. The
-parser's options (:func:`add_options`), a parsed command line's values (:func:`values`), the
-command line rendered back (:func:`render`), the report's interpretations and the resume
-check (:func:`names`) are derived from them. To add an option, add a field
-``name: T = option(default, flag="--name", help=..., group=...)`` to the dataclass it
-belongs to (``ModelConfig``, ``TrainConfig``, ``StackOptions``, ``RunSpec``, ``LaunchOptions``).
-"""
+"""The run schema: every option of a run declared once, as a dataclass field with metadata,
+from which the parser, the command line rendered back, the report's interpretations and the
+resume check are derived. To add an option, add ``name: T = option(default, flag="--name",
+help=..., group=...)`` to its dataclass."""
 from __future__ import annotations
 
 import argparse
@@ -15,15 +9,12 @@ import dataclasses
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 #: argparse group titles by key; a command may rename one (smoke's "expert" group)
-GROUPS = {
-    "stack": "stack",
-    "runs": "runs (docs/spec.md §1)",
-    "model": "the network's interpretations (docs/spec.md §4)",
-    "protocol": "the protocol's interpretations (docs/spec.md §4-5)",
-    "expert": "expert options (tests, quick looks: the run is then not the paper's row)",
-    "launch": "launchers: the grid of rows x seeds on several GPUs or a Slurm cluster "
-              "(REPRODUCING.md, On a cluster)",
-}
+GROUPS = {"stack": "stack", "runs": "runs (docs/spec.md §1)",
+          "model": "the network's interpretations (docs/spec.md §4)",
+          "protocol": "the protocol's interpretations (docs/spec.md §4-5)",
+          "expert": "expert options (tests, quick looks: the run is then not the paper's row)",
+          "launch": "launchers: the grid of rows x seeds on several GPUs or a Slurm cluster "
+                    "(REPRODUCING.md, On a cluster)"}
 
 
 def option(default=dataclasses.MISSING, *, flag: Optional[str] = None, help: str = "",
@@ -32,21 +23,17 @@ def option(default=dataclasses.MISSING, *, flag: Optional[str] = None, help: str
            interpretation: bool = False, resume: bool = False, departure: Optional[str] = None,
            dest: Optional[str] = None, show: Callable[[Any], str] = str,
            from_cli: Optional[Callable[[Any, Any], Any]] = None, per_run: bool = False):
-    """A dataclass field with its command-line metadata. ``kind``: ``value`` (``--flag X``),
-    ``true``/``false`` (``--flag`` sets True/False). ``interpretation``: another value is
-    still a reading of the paper (else the run is not the paper's row); ``departure``: the
-    report's note for any set value; ``resume``: ``--resume`` may change it; ``show``: the
-    value as the command line carries it, ``from_cli(given, base)`` back (``--lr`` is the
-    first of ``lr_stages``); ``per_run``: differs between a grid's runs (the seed)."""
-    meta = dict(flag=flag, help=help, group=group, type=type, choices=choices,
-                metavar=metavar, kind=kind, default_help=default_help,
-                interpretation=interpretation, resume=resume, departure=departure,
-                dest=dest, show=show, from_cli=from_cli, per_run=per_run)
+    """A dataclass field with its command-line metadata. ``kind``: ``value``, ``true`` or
+    ``false`` (a bare flag sets it); ``interpretation``: another value is still a reading of
+    the paper; ``departure``: the report's note for any set value; ``resume``: ``--resume``
+    may change it; ``show``/``from_cli(given, base)``: the value to and from the command
+    line; ``per_run``: differs between a grid's runs (the seed)."""
+    meta = dict(locals())  # every keyword but the default
+    del meta["default"]
     return dataclasses.field(default=default, metadata=meta)
 
 
 def flagged(obj_or_cls) -> Iterator[dataclasses.Field]:
-    """The fields of a dataclass (or instance) that have a command-line option."""
     return (f for f in dataclasses.fields(obj_or_cls) if f.metadata.get("flag"))
 
 
@@ -62,28 +49,26 @@ def names(cls, key: str) -> frozenset:
 def add_options(parser, cls, *, defaults: Optional[Dict[str, Any]] = None,
                 helps: Optional[Dict[str, str]] = None, groups: Optional[Dict] = None,
                 only=None, skip=()) -> None:
-    """An option for every flagged field of ``cls``, in its group; ``defaults``/``helps``: a
-    command's own defaults and their text by field name (None: the row's)."""
-    defaults, helps = defaults or {}, helps or {}
+    """An option for every flagged field of ``cls``; ``defaults``/``helps``: a command's own."""
+    defaults, helps, groups = defaults or {}, helps or {}, groups or {}
     for f in flagged(cls):
         if f.name in skip or (only is not None and f.name not in only):
             continue
         m = f.metadata
         value = defaults.get(f.name, None if f.default is dataclasses.MISSING else f.default)
         shown = helps.get(f.name, m["default_help"])
-        kw: Dict[str, Any] = dict(dest=dest(f), help=f"{m['help']} (default: {shown})")
+        kw: Dict[str, Any] = dict(dest=dest(f), default=value,
+                                  help=f"{m['help']} (default: {shown})")
         if m["kind"] == "value":
-            kw.update(default=value, type=m["type"], choices=m["choices"],
-                      metavar=m["metavar"])
+            kw.update(type=m["type"], choices=m["choices"], metavar=m["metavar"])
         else:
-            kw.update(action="store_true" if m["kind"] == "true" else "store_false",
-                      default=value)
-        group(parser, m["group"], (groups or {}).get(m["group"], ...)).add_argument(m["flag"],
-                                                                                **kw)
+            kw["action"] = "store_true" if m["kind"] == "true" else "store_false"
+        title = groups.get(m["group"], ...)
+        group(parser, m["group"], title).add_argument(m["flag"], **kw)
 
 
 def group(parser, key: str, title=...):
-    """``parser``'s group ``key`` (made once, titled from :data:`GROUPS`; None: the parser)."""
+    """``parser``'s group ``key``, made once (title None: the parser itself)."""
     if title is None:
         return parser
     made = parser.__dict__.setdefault("_crmn_groups", {})
@@ -93,8 +78,7 @@ def group(parser, key: str, title=...):
 
 
 def values(cls, args: argparse.Namespace, base) -> Dict[str, Any]:
-    """The values ``args`` gives ``cls``'s flagged fields (an option at None keeps ``base``,
-    the values without options, e.g. the row's)."""
+    """The values ``args`` gives ``cls``'s flagged fields (None keeps ``base``'s)."""
     out = {}
     for f in flagged(cls):
         given = getattr(args, dest(f), None)
@@ -121,10 +105,7 @@ def render(obj, base) -> List[str]:
     return out
 
 
-# ---------------------------------------------------------------------------------------
 # value types: each refuses a bad value in one line (argparse adds the option's name)
-
-
 def _number(text: str, kind=float, what: str = "a number"):
     try:
         return kind(text)
@@ -133,7 +114,6 @@ def _number(text: str, kind=float, what: str = "a number"):
 
 
 def positive(text: str) -> int:
-    """A whole number >= 1."""
     v = _number(text, int, "a whole number")
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")

@@ -1,16 +1,6 @@
-"""The archive's one command line: ``bash run_experiments.sh <command> [options]``.
-
-``table1`` ``table2`` ``table3`` ``svhn`` train an experiment's rows (docs/spec.md §5) and
-compare them with the paper; ``smoke`` is a minute-long run on tiny fake data; ``params``,
-``compare``, ``status``, ``verify``, ``bench``, ``gpucheck``, ``profile`` and ``test`` check,
-report and time (``--help`` of each; docs/spec.md §1). :mod:`crmn.cli.parser` builds the
-options (the training commands' from the run schema, :mod:`crmn.schema`), :mod:`crmn.plan`
-turns them into a checked plan before anything is created, :mod:`crmn.cli.commands` runs it.
-
-Exit codes: 0 success; 1 a run-time fault (``error: <message>``) or a failed check; 2 a
-usage error (one line, nothing created); 3 stopped by SIGUSR1 after checkpointing, 130 by
-Ctrl-C (``--resume`` continues).
-"""
+"""The archive's one command line: ``bash run_experiments.sh <command> [options]``
+(docs/spec.md §1). :mod:`crmn.cli.parser` builds the options, :mod:`crmn.plan` turns them
+into a checked plan before anything is created, :mod:`crmn.cli.commands` runs it."""
 from __future__ import annotations
 
 import sys
@@ -22,8 +12,8 @@ from crmn.errors import EXIT_INTERRUPTED, CRMNError, StopRequested, UsageError
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns the exit code (0 ok, 1 run-time error or failed check, 2 usage
-    error, 3 stopped by a signal, 130 stopped by Ctrl-C)."""
+    """Entry point; the exit code: 0 ok, 1 run-time error or failed check, 2 usage error,
+    3 stopped by a signal after checkpointing, 130 by Ctrl-C (``--resume`` continues)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "test":  # everything after the name goes to pytest
         return cmd_test(argv[1:])

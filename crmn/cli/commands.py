@@ -1,8 +1,5 @@
-"""The command handlers: each turns its parsed options into a plan and hands it on.
-
-A handler checks nothing itself (:mod:`crmn.plan` does, before anything is created), prints
-through the module that owns the data and returns the exit code.
-"""
+"""The command handlers: each turns its parsed options into a plan (:mod:`crmn.plan` checks
+it), hands it on and returns the exit code."""
 from __future__ import annotations
 
 import json
@@ -19,42 +16,35 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from crmn import (bench, cost, data, export, gpucheck, launch, paper, registry, report, roofline,
-                  tables, verify)
-from crmn import plan as plans
-from crmn import train as trainer
+                  schema, tables, verify)
+from crmn import plan as plans, train as trainer
 from crmn.config import ModelConfig, TrainConfig
-from crmn.errors import ConfigError, UsageError
+from crmn.errors import UsageError
 from crmn.launch import status
 from crmn.naming import count_trainable
-from crmn.plan import PROG, ROOT, SMOKE, TrainPlan
+from crmn.plan import ROOT, SMOKE, TrainPlan
 from crmn.registry import StackOptions
 from crmn.tools import profile, sampler_bench
 
 
 def train_runs(plan: TrainPlan) -> List[Path]:
-    """Every run of ``plan`` in this process, one after another; the run directories."""
-    print(f"backend {plan.stack.describe()} (requested); runs under {plan.exp_dir}",
-          flush=True)
+    print(f"backend {plan.stack.describe()} (requested); runs under {plan.exp_dir}", flush=True)
     # SIGUSR1 (a scheduler's warning, sbatch --signal=B:USR1@T) and a first Ctrl-C: finish
     # the epoch, checkpoint it, stop (exit 3 / 130); a second Ctrl-C stops at once
     signal.signal(signal.SIGUSR1, trainer.request_stop)
     signal.signal(signal.SIGINT, trainer.request_stop)
     for key in dict.fromkeys((r.spec.dataset, r.spec.data_dir, r.spec.subset) for r in plan.runs):
         data.check_images(*key)  # image folders: refused before any run directory exists
-    run_dirs = []
     for run in plan.runs:
         trainer.check_stop(plan.exp_dir)
-        # crmn.train prints and stores what actually runs (e.g. "cuda:0 (NVIDIA H100)")
         print(f"== {run.label} seed {run.seed} -> {run.run_dir}", flush=True)
         trainer.run(run.run_dir, run.spec, resume=plan.resume, progress=plan.progress,
                     fresh=plan.fresh)
-        run_dirs.append(run.run_dir)
-    return run_dirs
+    return [run.run_dir for run in plan.runs]
 
 
 def announce(plan: TrainPlan) -> bool:
-    """Print the device and why, then the plan's cost; with ``--dry-run`` also every run's
-    command line and device. True when the plan is only to be shown."""
+    """Print the device and the cost (``--dry-run``: every run's line too); True: stop here."""
     print(plan.device_note, flush=True)
     if plan.dry_run:
         program = ["bash", str(ROOT / "run_experiments.sh")]
@@ -84,15 +74,11 @@ def cmd_train(args) -> int:
 
 def param_rows(options: StackOptions, overrides: Optional[Dict] = None,
                rows: Sequence[paper.Row] = paper.ROWS) -> List[Dict]:
-    """Per row: ``row``, ``label``, ``table``, ``params`` (the count of the network built
-    in ``options``' stack), ``canonical_params`` (:func:`crmn.naming.count_trainable`),
-    ``params_m`` and ``paper_params_m`` (None where the paper gives none)."""
+    """Per row: its parameter count in ``options``' stack, the canonical layout's, the paper's."""
     out = []
     for row in rows:
         model = ModelConfig.for_row(row, **(overrides or {}))
-        stack = registry.build(options, model, TrainConfig.for_row(row))
-        params = int(stack.param_count())
-        del stack
+        params = int(registry.build(options, model, TrainConfig.for_row(row)).param_count())
         out.append(dict(row=row.id, label=row.label, table=row.table, params=params,
                         canonical_params=count_trainable(model),
                         params_m=round(params / 1e6, 2), paper_params_m=row.paper_params_m))
@@ -100,28 +86,21 @@ def param_rows(options: StackOptions, overrides: Optional[Dict] = None,
 
 
 def params_table(rows: Sequence[Dict], backend: str) -> str:
-    """The ``params`` table; a row whose stack count differs from the canonical layout's
-    says so."""
     body = []
     for r in rows:
         pm = f"{r['paper_params_m']:.2f}" if r["paper_params_m"] is not None else ""
         flag = "" if r["params"] == r["canonical_params"] else \
             f"canonical layout says {r['canonical_params']:,}"
-        body.append([r["row"], r["label"], f"{r['params']:,}", f"{r['params_m']:.2f}", pm,
-                     flag])
+        body.append([r["row"], r["label"], f"{r['params']:,}", f"{r['params_m']:.2f}", pm, flag])
     return (f"trainable parameters, {backend} stack (paper: Table 1; blank where the paper "
-            f"gives none)\n" +
-            tables.markdown(["row", "model", "ours", "ours M", "paper M", "note"], body,
-                            align="llrrrl"))
+            "gives none)\n" + tables.markdown(["row", "model", "ours", "ours M", "paper M",
+                                               "note"], body, align="llrrrl"))
 
 
 def cmd_params(args) -> int:
-    rows = param_rows(plans.stack_options(args), plans.model_overrides(args),
-                      rows=plans.select_rows(args, None))
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print(params_table(rows, args.backend))
+    overrides = schema.values(plans.SECTIONS["model"], args, None)  # the interpretations
+    rows = param_rows(plans.stack_options(args), overrides, rows=paper.select(args.rows))
+    print(json.dumps(rows, indent=1) if args.json else params_table(rows, args.backend))
     return 0
 
 
@@ -130,13 +109,8 @@ def cmd_compare(args) -> int:
     return status.check_complete(Path(args.dir))  # a launched grid: every run finished?
 
 
-def cmd_status(args) -> int:
-    return status.show(Path(args.dir))
-
-
 def _smoke_data(data_dir: Path) -> None:
-    """smoke's fake CIFAR-100-format data, written once (a folder that holds it is reused;
-    a new one is written beside and moved into place, so a reader never sees half)."""
+    """smoke's fake CIFAR-100-format data, written once beside and moved into place."""
     if data.is_fake("cifar100", data_dir):
         return
     data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +124,6 @@ def _smoke_data(data_dir: Path) -> None:
 
 
 def cmd_smoke(args) -> int:
-    """Tiny fake data, tiny CRMN, short plateau schedule, through the real pipeline."""
     plan = plans.smoke_plan(args)
     if announce(plan):
         return 0
@@ -171,7 +144,7 @@ def cmd_smoke(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    configs = [r.id for r in plans.select_rows(args, None)] if args.rows else None
+    configs = [r.id for r in paper.select(args.rows)] if args.rows else None
     if args.device != "cpu":  # a GPU run compares torch on it with torch on the CPU
         plans.stack_options(args, backend="torch")
     results = verify.verify(configs, device=args.device, tol=args.tol, lr=args.lr,
@@ -186,7 +159,7 @@ def cmd_bench(args) -> int:
     if args.channels_last is not None and options.backend != "torch":
         raise UsageError("run_experiments.sh bench: --channels-last/--channels-first need "
                          "--backend torch")
-    rows = plans.select_rows(args, "table1", strict=False)
+    rows = paper.select(args.rows, "table1")
     print(f"# bench: {options.describe()}, {args.steps} timed steps per row; python "
           f"{platform.python_version()}, numpy {np.__version__}", flush=True)
     ceiling = roofline.measure_ceiling(options.device)
@@ -222,7 +195,6 @@ def cmd_bench(args) -> int:
 
 
 def _write_json(obj, where: Optional[str]) -> None:
-    """``--json PATH``: the figures as JSON to PATH, or to stdout for ``-``."""
     if where == "-":
         print(json.dumps(obj, indent=1))
     elif where:
@@ -238,10 +210,6 @@ def _bench_sampler(args) -> int:
         print(f"{key:8s} {f['images_per_s']:10.0f} images/s  {f['ms_per_batch']:6.2f} ms/batch")
     _write_json(r, args.json)
     return 0
-
-
-def cmd_gpucheck(args) -> int:
-    return gpucheck.run(gpucheck.plan_from_args(args))
 
 
 def cmd_profile(args) -> int:
@@ -276,6 +244,7 @@ def cmd_test(argv: Sequence[str]) -> int:
 
 
 COMMANDS = {**{name: cmd_train for name in paper.EXPERIMENTS}, "params": cmd_params,
-            "compare": cmd_compare, "status": cmd_status, "smoke": cmd_smoke,
-            "verify": cmd_verify, "bench": cmd_bench, "profile": cmd_profile,
-            "gpucheck": cmd_gpucheck, "export": cmd_export, "evaluate": cmd_evaluate}
+            "compare": cmd_compare, "status": lambda args: status.show(Path(args.dir)),
+            "smoke": cmd_smoke, "verify": cmd_verify, "bench": cmd_bench, "profile": cmd_profile,
+            "gpucheck": lambda args: gpucheck.run(gpucheck.plan_from_args(args)),
+            "export": cmd_export, "evaluate": cmd_evaluate}

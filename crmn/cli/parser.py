@@ -1,11 +1,6 @@
 """The archive's one argument parser: every command's options, their spelling and defaults.
-
-The training commands' options are derived from the run schema (:mod:`crmn.schema`, the
-fields of :mod:`crmn.plan`'s dataclasses), so their help shows the defaults that run; the
-commands with options of their own (verify, bench, profile, gpucheck, ...) declare them here.
-A command is one ``sub.add_parser`` in :func:`build_parser` and one handler in
-:data:`crmn.cli.commands.COMMANDS`. Nothing here reads a file or builds a network.
-"""
+The training commands' options come from the run schema (:mod:`crmn.schema`); a command is
+one ``sub.add_parser`` here and one handler in :data:`crmn.cli.commands.COMMANDS`."""
 from __future__ import annotations
 
 import argparse
@@ -18,26 +13,19 @@ from crmn.plan import ROOT, SECTIONS, SMOKE, LaunchOptions
 from crmn.registry import StackOptions
 from crmn.schema import above_zero, finite, positive
 
-TRAIN_COMMANDS = tuple(paper.EXPERIMENTS)  # table1, table2, table3, svhn
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors in one line instead of usage + message."""
-
-    def error(self, message):  # noqa: D401 - argparse hook
+    def error(self, message):
         raise UsageError(f"{self.prog}: {message}")
 
 
 def _stack_options(p: argparse.ArgumentParser, backend: bool = True, auto: bool = False):
-    """Which stack, where, in which precision (:class:`crmn.registry.StackOptions`); the
-    training commands choose the device themselves by default (``auto``)."""
     schema.add_options(p, StackOptions, only=None if backend else ("device",),
-                       defaults=dict(device=registry.AUTO if auto else "cpu",
-                                     theano_mode=None))
+                       defaults=dict(device=registry.AUTO if auto else "cpu", theano_mode=None))
 
 
 def _device(text: str) -> str:
-    """``--device`` of verify and gpucheck: a device string (no ``auto``)."""
     if text == registry.AUTO:
         raise argparse.ArgumentTypeError("auto is for the training commands; name the device")
     return registry.device_option(text)
@@ -76,8 +64,7 @@ def _grid_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
 
 
 def _train_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
-    """The options of the commands that train: the run schema's fields (smoke: its own
-    defaults, :data:`SMOKE`, and no data or launcher options)."""
+    """The run schema's options (smoke: its own defaults, no data or launcher options)."""
     _stack_options(p, auto=True)
     if not smoke:
         _rows_option(p, "every row of the experiment")
@@ -97,14 +84,7 @@ def _train_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
     schema.add_options(p, LaunchOptions)
 
 
-def _train_parent() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    _train_options(p)
-    return p
-
-
 def _add_tools(sub) -> None:
-    """verify, bench and profile: the checks and timings, sharing the stack options."""
     sp = sub.add_parser("verify", help="the two stacks agree (float64), or the GPU agrees "
                                        "with the CPU (--device cuda)")
     _rows_option(sp, "three small configurations")
@@ -128,9 +108,8 @@ def _add_tools(sub) -> None:
                     help="steps of the warm-up epoch, timed apart (default: %(default)s)")
     layout = sp.add_mutually_exclusive_group()
     layout.add_argument("--channels-last", dest="channels_last", action="store_const",
-                        const=True, default=None,
-                        help="torch only: NHWC activations and filters (default: with "
-                             "bfloat16 only)")
+                        const=True, default=None, help="torch only: NHWC activations and "
+                        "filters (default: with bfloat16 only)")
     layout.add_argument("--channels-first", dest="channels_last", action="store_const",
                         const=False, help="torch only: NCHW even with bfloat16")
     sp.add_argument("--json", default=None, metavar="PATH",
@@ -154,7 +133,6 @@ def _add_tools(sub) -> None:
 
 
 def _add_gpucheck(sub) -> None:
-    """gpucheck: the one command of a lent GPU (crmn/gpucheck.py)."""
     sp = sub.add_parser("gpucheck", help="one command that proves a GPU: environment, "
                                          "verify on the device, s/epoch, a short training")
     sp.add_argument("--device", type=_device, default="cuda", metavar="DEV",
@@ -179,7 +157,6 @@ def _add_gpucheck(sub) -> None:
 
 
 def _add_use(sub) -> None:
-    """export and evaluate: a run's weights for others, and any weights on a test set."""
     sp = sub.add_parser("export", help="a finished run as <row>-<sha8>.pt (torch), .npz "
                                        "(Lasagne) and a model card MODEL.md")
     sp.add_argument("run_dir", type=Path, metavar="RUN_DIR",
@@ -197,17 +174,16 @@ def _add_use(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full parser; ``--help`` of each command lists its options with real defaults."""
     parser = _Parser(prog="run_experiments.sh",
                      description="Reproduce Moniz & Pal (2016), Convolutional Residual "
                                  "Memory Networks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    common = _train_parent()
-    for name in TRAIN_COMMANDS:
-        n_rows = len(paper.EXPERIMENTS[name])
+    common = argparse.ArgumentParser(add_help=False)
+    _train_options(common)
+    for name, rows in paper.EXPERIMENTS.items():  # table1, table2, table3, svhn
         sub.add_parser(name, parents=[common],
-                       help=f"train the {n_rows} {name} row(s) and compare with the paper")
+                       help=f"train the {len(rows)} {name} row(s) and compare with the paper")
     sp = sub.add_parser("params", help="parameter count of every row beside the paper's "
                                        "(no data)")
     _stack_options(sp)
@@ -234,6 +210,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv) -> argparse.Namespace:
-    """The parsed command line; a :class:`UsageError` (one line) for a bad one."""
     return build_parser().parse_args(argv)
 

@@ -1,15 +1,6 @@
-"""A whole table on several local GPUs or a Slurm cluster: the same single-run lines on both.
-
-``--launcher local --jobs N`` or ``--launcher slurm`` writes the selected rows × seeds to
-``<out-dir>/<experiment>/manifest.txt`` (:mod:`crmn.launch.manifest`), then runs those lines
-as subprocesses (:mod:`crmn.launch.local`) or a Slurm job array plus a compare job
-(:mod:`crmn.launch.slurm`); :mod:`crmn.launch.status` says where each run stands. With one
-local job (the default on a CPU) the table trains in the command's own process.
-
-Beside the run directories: ``tasks/<i>.start``, ``<i>.rc`` (3, 130: resumable) and
-``<i>.out`` (local output); ``slurm/<A>_<i>.out``, ``jobs.json``, ``compare_<C>.out``,
-``compare.rc``.
-"""
+"""A whole table on several local GPUs or a Slurm cluster: the rows × seeds as single-run lines
+in ``<exp>/manifest.txt``, run as subprocesses (``local``) or a Slurm job array plus a
+compare job (``slurm``). With one local job the table trains in the command's process."""
 from __future__ import annotations
 
 import fcntl
@@ -22,18 +13,15 @@ from crmn.plan import TrainPlan
 
 
 def _jobs(plan: TrainPlan) -> int:
-    jobs = plan.launch.jobs
-    return jobs if jobs is not None else local.default_jobs(plan.stack.device)
+    return plan.launch.jobs or local.default_jobs(plan.stack.device)
 
 
 def wanted(plan: TrainPlan) -> bool:
-    """True when a launcher runs the grid (slurm, or more than one local job)."""
     return plan.launch.launcher == "slurm" or _jobs(plan) > 1
 
 
 def _claim(exp_dir: Path):
-    """Hold ``tasks/.lock`` for the launch: a second launcher on the same folder is refused
-    (it would train the same run directories twice)."""
+    """Hold ``tasks/.lock``: a second launcher on the folder would train the same runs twice."""
     (exp_dir / "tasks").mkdir(parents=True, exist_ok=True)
     f = open(exp_dir / "tasks" / ".lock", "w")
     try:
@@ -46,10 +34,8 @@ def _claim(exp_dir: Path):
 
 
 def main(plan: TrainPlan, entry: Path) -> int:
-    """Write the manifest of ``plan`` (one single-run command line per run,
-    :func:`crmn.plan.render_argv`), then run it with the plan's launcher; the exit code.
-
-    ``entry``: the archive's ``run_experiments.sh``."""
+    """Write the manifest of ``plan`` and run it with its launcher (``entry``: the archive's
+    ``run_experiments.sh``); the exit code."""
     exp_dir = Path(plan.out_dir).resolve() / plan.command
     tasks = manifest.build(plan, ["bash", str(entry)])
     options = plan.launch
@@ -75,6 +61,5 @@ def main(plan: TrainPlan, entry: Path) -> int:
         lock.close()
     if rc == local.EXIT_INTERRUPTED:
         return rc
-
     report.compare(exp_dir, plots=True)
     return max(rc, status.check_complete(exp_dir))

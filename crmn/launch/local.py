@@ -1,17 +1,7 @@
-"""The local launcher: the manifest's lines as N subprocesses at once (``--jobs N``).
-
-Each line runs in its own session with its output in ``<exp>/tasks/<i>.out``; with
-``--device cuda`` each sees one GPU (``CUDA_VISIBLE_DEVICES``, round-robin). Unless
-``OMP_NUM_THREADS`` is set each gets ``cores // N`` threads: N all-core thread pools on the
-same cores slow each other down many times over. The runs die with the launcher (Linux:
-``PR_SET_PDEATHSIG``) and keep their last checkpoint. A line whose run directory a live
-process holds (:func:`crmn.runlog.hold`) is started once the lock is released.
-
-Stopping: the first SIGINT, SIGTERM or SIGUSR1 sends SIGUSR1 to every line (each finishes
-its epoch, checkpoints, exits 3) and starts no new one; a second SIGINT interrupts them at
-once (exit 130, last checkpoint kept). Both are *stopped* (resumable); the launcher lists
-what was left and exits 130. Launching again resumes every unfinished run.
-"""
+"""The local launcher: the manifest's lines as N subprocesses at once (``--jobs N``), each
+logging to ``<exp>/tasks/<i>.out``, on its own GPU with ``--device cuda``, with ``cores // N``
+threads, dying with the launcher. A first signal asks every run to checkpoint and stop
+(exit 3), a second interrupts them (130); launching again resumes."""
 from __future__ import annotations
 
 import ctypes
@@ -34,8 +24,7 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def die_with_parent():
-    """A ``preexec_fn`` that makes the child receive SIGKILL when this process dies (None
-    where the kernel cannot); libc is loaded here, in the parent, not between fork and exec."""
+    """A ``preexec_fn`` killing the child when this process dies (None where the kernel cannot)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -48,13 +37,11 @@ def die_with_parent():
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the launcher died before the request took effect
             os.kill(os.getpid(), signal.SIGKILL)
-
     return preexec
 
 
 def visible_gpus() -> List[str]:
-    """The GPU ids this process may use: ``CUDA_VISIBLE_DEVICES`` if set, else one per
-    line of ``nvidia-smi -L`` (none without a driver). Imports no framework."""
+    """The GPU ids this process may use: ``CUDA_VISIBLE_DEVICES``, else ``nvidia-smi -L``."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
@@ -67,40 +54,27 @@ def visible_gpus() -> List[str]:
 
 
 def default_jobs(device: str) -> int:
-    """One job per visible GPU with ``--device cuda``, else 1."""
     return max(1, len(visible_gpus())) if device == "cuda" else 1
 
 
-class _Stop:
-    """Signal bookkeeping: how many stop requests arrived."""
-
-    def __init__(self):
-        self.count = 0
-
-    def __call__(self, signum, frame=None):
-        self.count += 1
-
-
 class LocalLauncher:
-    """Runs ``tasks`` with at most ``jobs`` at once; see the module docstring."""
-
     def __init__(self, exp_dir: Path, tasks: Sequence[Task], jobs: int, gpus: Sequence[str],
                  threads: Optional[int] = None):
         self.exp_dir = Path(exp_dir)
         self.threads = threads  # OMP_NUM_THREADS of each run; None: the environment's
-        self.pending = deque(tasks)
-        self.jobs = jobs
-        self.gpus = list(gpus)
+        self.pending, self.total = deque(tasks), len(tasks)
+        self.jobs, self.gpus = jobs, list(gpus)
         self.running: Dict[int, Tuple[Task, subprocess.Popen, float]] = {}  # slot -> ...
         self.results: Dict[int, int] = {}  # task index -> exit code
-        self.total = len(tasks)
-        self.stop = _Stop()
-        self._forwarded = 0  # stop requests passed on to the children
+        self.stops = self._forwarded = 0  # stop requests received, and passed on to the runs
         self._busy: Dict[int, int] = {}  # task index -> PID holding its run dir's lock
         self._preexec = die_with_parent()
 
     def log_path(self, task: Task) -> Path:
         return self.exp_dir / "tasks" / f"{task.index}.out"
+
+    def _say(self, what: str, task: Task, text: str) -> None:
+        print(f"[local] {what:6s} {task.index + 1}/{self.total} {task.name}{text}", flush=True)
 
     def _start(self, slot: int, task: Task) -> None:
         env = dict(os.environ)
@@ -120,8 +94,7 @@ class LocalLauncher:
         status.mark_start(self.exp_dir, task.index, launcher="local", pid=proc.pid,
                           log=str(log), time=time.time())
         self.running[slot] = (task, proc, time.monotonic())
-        print(f"[local] start  {task.index + 1}/{self.total} {task.name}{gpu} "
-              f"(log {log})", flush=True)
+        self._say("start", task, f"{gpu} (log {log})")
 
     def _reap(self) -> None:
         for slot, (task, proc, t0) in list(self.running.items()):
@@ -138,40 +111,35 @@ class LocalLauncher:
                     EXIT_INTERRUPTED: "stopped (resumable: interrupted, its last checkpoint "
                                       "kept)"}.get(
                 rc, f"FAILED (exit {rc}): {status.last_line(self.log_path(task))}")
-            print(f"[local] end    {task.index + 1}/{self.total} {task.name}: {what} "
-                  f"after {time.monotonic() - t0:.0f} s", flush=True)
+            self._say("end", task, f": {what} after {time.monotonic() - t0:.0f} s")
 
     def _next_free(self) -> Optional[Task]:
-        """The first pending task whose run directory no live process holds (taken off the
-        queue), or None. A held one stays queued; the first time it is seen held, one line
-        says by whom."""
+        """The first pending task whose run directory no live process holds, taken off the queue."""
         for task in list(self.pending):
             holder = status.lock_holder(task.run_dir(self.exp_dir))
             if holder is None:
                 self.pending.remove(task)
                 if self._busy.pop(task.index, None) is not None:
-                    print(f"[local] free   {task.index + 1}/{self.total} {task.name}: its "
-                          f"run directory was released", flush=True)
+                    self._say("free", task, ": its run directory was released")
                 return task
             if task.index not in self._busy:
                 self._busy[task.index] = holder
                 who = f"process {holder}" if holder > 0 else "another process"
-                print(f"[local] busy   {task.index + 1}/{self.total} {task.name}: {who} "
-                      f"still trains it (holds {task.run_dir(self.exp_dir) / runlog.LOCK}); "
-                      f"starting this line when it ends", flush=True)
+                self._say("busy", task, f": {who} still trains it (holds "
+                          f"{task.run_dir(self.exp_dir) / runlog.LOCK}); starting this line "
+                          "when it ends")
         return None
 
     def _forward_stop(self) -> None:
         """First request: SIGUSR1 (checkpoint the epoch, exit 3); second: SIGINT (at once)."""
-        while self._forwarded < min(self.stop.count, 2):
+        while self._forwarded < min(self.stops, 2):
             self._forwarded += 1
             if self._forwarded == 1:
                 sig, how = signal.SIGUSR1, ("each run ends its epoch, checkpoints it and "
                                             "exits (Ctrl-C again to interrupt at once)")
             else:
                 sig, how = signal.SIGINT, "interrupting the runs (each keeps its last checkpoint)"
-            print(f"[local] stopping: {how}; {len(self.pending)} line(s) not started",
-                  flush=True)
+            print(f"[local] stopping: {how}; {len(self.pending)} line(s) not started", flush=True)
             for task, proc, _ in self.running.values():
                 try:
                     if sig == signal.SIGINT:
@@ -181,21 +149,23 @@ class LocalLauncher:
                 except ProcessLookupError:
                     pass  # it has just ended; _reap records it
 
+    def _stop(self, signum, frame=None) -> None:
+        self.stops += 1
+
     def run(self) -> int:
-        """Run every line (or until stopped); the exit code of the launch."""
-        handlers = {s: signal.signal(s, self.stop)
+        handlers = {s: signal.signal(s, self._stop)
                     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
         try:
             while self.pending or self.running:
                 self._forward_stop()
                 self._reap()
-                while not self.stop.count and self.pending and len(self.running) < self.jobs:
+                while not self.stops and self.pending and len(self.running) < self.jobs:
                     task = self._next_free()
                     if task is None:
                         break  # every line left is held by a live process: wait
                     slot = next(s for s in range(self.jobs) if s not in self.running)
                     self._start(slot, task)
-                if self.stop.count and not self.running:
+                if self.stops and not self.running:
                     break
                 time.sleep(POLL_S)
         finally:
@@ -204,24 +174,22 @@ class LocalLauncher:
         return self._summary()
 
     def _summary(self) -> int:
-        failed = [i for i, rc in self.results.items() if rc not in (0, *status.RESUMABLE)]
-        if self.stop.count:
+        if self.stops:
             left = [s for s in status.grid_states(self.exp_dir) if s.state != "finished"]
             print(f"[local] stopped; {len(left)} run(s) left (launch again to resume them):",
                   file=sys.stderr, flush=True)
             for s in left:
                 print(f"  {s.task.name}: {s.state}: {s.detail}", file=sys.stderr, flush=True)
             return EXIT_INTERRUPTED
-        return 1 if failed else 0
+        return 1 if any(rc not in (0, *status.RESUMABLE) for rc in self.results.values()) else 0
 
 
 def run(exp_dir: Path, tasks: Sequence[Task], jobs: int, device: str) -> int:
-    """Run the manifest's ``tasks`` locally, ``jobs`` at once; returns the exit code before
-    the comparison (0 all done, 1 some failed, 130 stopped)."""
+    """Run the manifest's ``tasks``, ``jobs`` at once; 0 all done, 1 some failed, 130 stopped."""
     gpus = visible_gpus() if device == "cuda" else []
-    threads = None
-    if "OMP_NUM_THREADS" not in os.environ:
-        threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    # unless set, each run gets cores // jobs threads: N all-core pools slow each other down
+    threads = (None if "OMP_NUM_THREADS" in os.environ
+               else max(1, len(os.sched_getaffinity(0)) // jobs))
     (Path(exp_dir) / "tasks").mkdir(parents=True, exist_ok=True)
     print(f"[local] {len(tasks)} run(s), {jobs} at once"
           + (f", GPUs {','.join(gpus)}" if gpus else "")

@@ -1,9 +1,5 @@
-"""The grid of an experiment as a manifest: one single-run command line per (row, seed).
-
-``<out-dir>/<experiment>/manifest.txt`` holds, in plan order, each run's exact command line
-as :func:`crmn.plan.render_argv` renders it from the run's checked settings (never from
-``sys.argv``). Line ``i`` (0-based) is task ``i`` of both launchers.
-"""
+"""The grid of an experiment as ``manifest.txt``: one single-run command line per (row,
+seed), rendered from the checked plan (never from ``sys.argv``); line ``i`` is task ``i``."""
 from __future__ import annotations
 
 import shlex
@@ -16,14 +12,12 @@ from crmn.errors import DataError
 from crmn.plan import TrainPlan, render_argv
 
 MANIFEST = "manifest.txt"
-#: folder of an experiment with the launchers' per-task markers (``<i>.start``, ``<i>.rc``)
-TASKS = "tasks"
+TASKS = "tasks"  # the launchers' per-task markers <i>.start, <i>.rc
 
 
 @dataclass(frozen=True)
 class Task:
     """Line ``index`` of a manifest: the run of ``row`` with seed ``seed``."""
-
     index: int  # 0-based line number; the Slurm array index
     row: str  # row id of crmn/paper.py
     seed: int
@@ -34,7 +28,6 @@ class Task:
         return shlex.join(self.argv)
 
     def run_dir(self, exp_dir: Path) -> Path:
-        """``<out-dir>/<experiment>/<row>/seed<k>/`` (crmn/LOGS.md)."""
         return Path(exp_dir) / self.row / f"seed{self.seed}"
 
     @property
@@ -43,14 +36,11 @@ class Task:
 
 
 def build(plan: TrainPlan, program: Sequence[str]) -> List[Task]:
-    """The tasks of ``plan``, one per run; ``program``: the entry point, e.g.
-    ``["bash", "/archive/run_experiments.sh"]``."""
     return [Task(i, run.label, run.seed, tuple(render_argv(plan, run, program)))
             for i, run in enumerate(plan.runs)]
 
 
 def write(exp_dir: Path, tasks: Sequence[Task]) -> Path:
-    """Write ``exp_dir/manifest.txt`` atomically; returns its path."""
     path = Path(exp_dir) / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
     runlog.write_bytes_atomic(path, "".join(t.line + "\n" for t in tasks).encode())
@@ -58,7 +48,6 @@ def write(exp_dir: Path, tasks: Sequence[Task]) -> Path:
 
 
 def parse_line(index: int, line: str, path: Path) -> Task:
-    """A manifest line back into a :class:`Task` (its ``--rows`` and ``--seed``)."""
     try:
         argv = shlex.split(line)
         row = argv[argv.index("--rows") + 1]
@@ -70,7 +59,6 @@ def parse_line(index: int, line: str, path: Path) -> Task:
 
 
 def read(exp_dir: Path) -> List[Task]:
-    """The tasks of ``exp_dir/manifest.txt``; :class:`DataError` if missing or malformed."""
     path = Path(exp_dir) / MANIFEST
     try:
         lines = path.read_text().splitlines()

@@ -1,14 +1,7 @@
-"""The Slurm launcher: the manifest as one job array, then a compare job.
-
-:func:`submit` runs ``sbatch --array=0-(M-1)[%K] ... crmn/launch/task.sh`` (task ``i`` runs
-line ``i``; task.sh requeues itself after a checkpointed stop) and ``sbatch
---dependency=afterany:<array> ... crmn/launch/compare.sh`` (exits 1 when a run is not
-finished; its code in ``<exp>/slurm/compare.rc``); the job ids go to
-``<exp>/slurm/jobs.json``. A submission that fails removes the manifest (and cancels the
-array when only the compare job was refused), so ``status`` never reads a grid that was not
-launched. Cluster settings come from the user: ``SBATCH_*`` variables and ``--slurm-args``
-(passed after the launcher's own options, so they win). :func:`wait` polls ``squeue``.
-"""
+"""The Slurm launcher: the manifest as one job array (``task.sh``, task ``i`` runs line
+``i``), then a compare job (``compare.sh``); the job ids go to ``<exp>/slurm/jobs.json``.
+A failed submission removes the manifest, so ``status`` never reads an unlaunched grid.
+Cluster settings: ``SBATCH_*`` variables and ``--slurm-args`` (last, so they win)."""
 from __future__ import annotations
 
 import os
@@ -25,15 +18,12 @@ from crmn.errors import ConfigError
 from crmn.launch import status
 from crmn.launch.manifest import MANIFEST, Task
 
-HERE = Path(__file__).resolve().parent
-TASK_SH = HERE / "task.sh"
-COMPARE_SH = HERE / "compare.sh"
-#: seconds between two ``squeue`` calls of ``--wait`` (environment: CRMN_SLURM_POLL)
-POLL_S = 10.0
+TASK_SH = Path(__file__).resolve().parent / "task.sh"
+COMPARE_SH = TASK_SH.with_name("compare.sh")
+POLL_S = 10.0  # seconds between two squeue calls of --wait (environment: CRMN_SLURM_POLL)
 
 
 def require_sbatch() -> None:
-    """:class:`ConfigError` in one line when Slurm's client commands are missing."""
     missing = [c for c in ("sbatch", "squeue", "scontrol") if shutil.which(c) is None]
     if missing:
         raise ConfigError(f"--launcher slurm: {', '.join(missing)} not found on PATH; run "
@@ -43,8 +33,7 @@ def require_sbatch() -> None:
 
 
 def _sbatch(argv: Sequence[str]) -> str:
-    """Run ``sbatch --parsable ...``; the job id, or :class:`ConfigError` with sbatch's
-    own last error line."""
+    """Run ``sbatch --parsable ...``; the job id, or :class:`ConfigError` with sbatch's error."""
     try:
         p = subprocess.run(["sbatch", "--parsable", *argv], capture_output=True, text=True,
                            timeout=120)
@@ -58,7 +47,6 @@ def _sbatch(argv: Sequence[str]) -> str:
 
 
 def queued(job_ids: Sequence[str]) -> List[str]:
-    """Those of ``job_ids`` with a task still in the queue (pending or running)."""
     ids = [str(j) for j in job_ids if j]
     if not ids:
         return []
@@ -71,8 +59,7 @@ def queued(job_ids: Sequence[str]) -> List[str]:
 
 
 def refuse_if_queued(exp_dir: Path) -> None:
-    """A previous submission for the same folder that still runs would train the same run
-    directories twice: refuse, naming its jobs."""
+    """Refuse while a previous submission for the folder is queued (it would train twice)."""
     jobs = status.slurm_jobs(exp_dir)
     if jobs and shutil.which("squeue"):
         active = queued([jobs.get("array"), jobs.get("compare")])
@@ -83,7 +70,6 @@ def refuse_if_queued(exp_dir: Path) -> None:
 
 def submit(exp_dir: Path, tasks: Sequence[Task], entry: Path, *, max_parallel: Optional[int],
            slurm_args: str, max_requeues: int, experiment: str) -> Dict:
-    """Submit the array and the compare job; returns (and writes) ``slurm/jobs.json``."""
     exp_dir = Path(exp_dir)
     logs = exp_dir / "slurm"
     logs.mkdir(parents=True, exist_ok=True)
@@ -94,8 +80,7 @@ def submit(exp_dir: Path, tasks: Sequence[Task], entry: Path, *, max_parallel: O
     try:
         array = _sbatch([f"--array={span}", f"--job-name=crmn-{experiment}",
                          "--open-mode=append", f"--output={logs}/%A_%a.out", *user,
-                         str(TASK_SH), str(exp_dir / MANIFEST), str(exp_dir),
-                         str(max_requeues)])
+                         str(TASK_SH), str(exp_dir / MANIFEST), str(exp_dir), str(max_requeues)])
     except ConfigError as exc:
         _unlaunched(exp_dir)
         raise ConfigError(f"{exc}; nothing submitted ({exp_dir / MANIFEST} removed); check "
@@ -131,8 +116,7 @@ def submit(exp_dir: Path, tasks: Sequence[Task], entry: Path, *, max_parallel: O
 
 
 def _unlaunched(exp_dir: Path) -> None:
-    """Undo what a failed submission left: the manifest (removed in one step, so a reader
-    finds the whole file or none) and the submission's empty log folder."""
+    """Undo what a failed submission left: the manifest and the empty log folder."""
     (exp_dir / MANIFEST).unlink(missing_ok=True)
     runlog.fsync_dir(exp_dir)
     try:
@@ -142,7 +126,6 @@ def _unlaunched(exp_dir: Path) -> None:
 
 
 def _scancel(job: str) -> bool:
-    """Cancel ``job``; whether ``scancel`` said it did."""
     try:
         p = subprocess.run(["scancel", str(job)], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
@@ -159,9 +142,7 @@ def _poll_s() -> float:
 
 
 def wait(exp_dir: Path, jobs: Dict) -> int:
-    """Poll ``squeue`` until the compare job has ended; print a line whenever the grid's
-    counts change, then the compare job's output; returns the compare job's exit code
-    (1 when it left none: cancelled or never started)."""
+    """Poll ``squeue`` until the compare job has ended, print its output; its exit code."""
     exp_dir = Path(exp_dir)
     poll, last = _poll_s(), None
     while queued([jobs.get("compare") or jobs["array"]]):

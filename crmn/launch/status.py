@@ -1,11 +1,5 @@
-"""Where every run of a launched grid stands: ``bash run_experiments.sh status DIR``.
-
-Task ``i`` of ``<exp>/manifest.txt`` is judged from files (the run directory's
-``summary.json`` and ``log.jsonl``; its lock, held by a live process: *running*; the
-launchers' markers ``<exp>/tasks/<i>.start`` and ``<i>.rc``; the task's log) and from
-``squeue`` where the grid went to Slurm. States: *finished*, *running*, *waiting*,
-*stopped* (resumable: exit 3 or 130, or a local run whose launcher died), *failed*.
-"""
+"""Where every run of a launched grid stands (``status DIR``): judged from its run directory,
+the launchers' markers ``<exp>/tasks/<i>.start`` and ``<i>.rc``, its log, and ``squeue``."""
 from __future__ import annotations
 
 import fcntl
@@ -26,20 +20,13 @@ from crmn.launch.manifest import Task
 
 JOBS = "jobs.json"  # in <exp>/slurm/
 STATES = ("finished", "running", "waiting", "stopped", "failed")
-#: exit codes of a run that stopped with its checkpoints intact: ``--resume`` continues it
-RESUMABLE = (EXIT_STOPPED, EXIT_INTERRUPTED)
+RESUMABLE = (EXIT_STOPPED, EXIT_INTERRUPTED)  # stopped with its checkpoints: --resume goes on
 PROC_LOCKS = "/proc/locks"
 
 
-# ---------------------------------------------------------------------------------------
-# a run directory's lock, seen from outside
-
-
 def lock_holder(run_dir: Path) -> Optional[int]:
-    """The PID of the live process on this machine holding ``run_dir``'s lock (-1: not
-    named), or None. The lock is never touched: the kernel's ``/proc/locks`` is searched for
-    the lock file's inode; without it a shared lock is tried and released at once. A lock
-    held on another machine is not seen."""
+    """The PID of the process on this machine holding ``run_dir``'s lock (-1: not named), or
+    None; read from ``/proc/locks`` (else a shared lock is tried and released at once)."""
     path = Path(run_dir) / runlog.LOCK
     try:
         st = os.stat(path)
@@ -60,27 +47,21 @@ def lock_holder(run_dir: Path) -> Optional[int]:
 
 
 def _probe_lock(path: Path) -> Optional[int]:
-    """:func:`lock_holder` without a kernel lock table: try the lock, release it."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.read(fd, 32).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1
-        except OSError:
-            return None  # a file system without flock: no run could hold it either
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
+    except BlockingIOError:
+        text = os.read(fd, 32).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else -1
+    except OSError:
+        return None  # a file system without flock: no run could hold it either
     finally:
         os.close(fd)
-
-
-# ---------------------------------------------------------------------------------------
-# task markers (written by crmn.launch.local here, by task.sh on Slurm)
 
 
 def marker(exp_dir: Path, index: int, suffix: str) -> Path:
@@ -88,7 +69,6 @@ def marker(exp_dir: Path, index: int, suffix: str) -> Path:
 
 
 def mark_start(exp_dir: Path, index: int, **info) -> None:
-    """Record that task ``index`` started (and clear its previous exit code)."""
     marker(exp_dir, index, "rc").unlink(missing_ok=True)
     info.setdefault("host", socket.gethostname())
     runlog.write_json(marker(exp_dir, index, "start"), info)
@@ -99,12 +79,10 @@ def mark_end(exp_dir: Path, index: int, rc: int) -> None:
 
 
 def clear_markers(exp_dir: Path) -> None:
-    """Forget the markers of a previous launch (the run directories stay as they are)."""
     folder = Path(exp_dir) / manifest.TASKS
     folder.mkdir(parents=True, exist_ok=True)
-    for p in folder.glob("*"):
-        if p.suffix in (".start", ".rc"):
-            p.unlink()
+    for p in [*folder.glob("*.start"), *folder.glob("*.rc")]:
+        p.unlink()
 
 
 def _read_rc(exp_dir: Path, index: int) -> Optional[int]:
@@ -122,9 +100,7 @@ def _read_start(exp_dir: Path, index: int) -> Optional[dict]:
 
 
 def last_line(path) -> str:
-    """The last line of a log file that the run wrote: its ``error: ...`` line if it has one
-    near the end, else its last non-empty line that is not a task.sh remark (''
-    if none)."""
+    """A log's ``error: ...`` line near its end, else its last line not from task.sh."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -136,19 +112,13 @@ def last_line(path) -> str:
     return next((ln for ln in reversed(own) if ln.startswith("error: ")), own[-1] if own else "")
 
 
-# ---------------------------------------------------------------------------------------
-# Slurm's view
-
-
 def slurm_jobs(exp_dir: Path) -> Optional[dict]:
-    """``<exp>/slurm/jobs.json`` of the last submission, None if the grid never went to Slurm."""
     path = Path(exp_dir) / "slurm" / JOBS
     return runlog.read_json(path) if path.exists() else None
 
 
 def squeue_tasks(job_id: str) -> Optional[Dict[int, tuple]]:
-    """``{array index: (state, reason)}`` of the array's tasks still in the queue, or None
-    when ``squeue`` is missing or fails (then the files alone decide)."""
+    """``{array index: (state, reason)}`` of the array's queued tasks (None: squeue failed)."""
     if shutil.which("squeue") is None:
         return None
     try:
@@ -166,10 +136,6 @@ def squeue_tasks(job_id: str) -> Optional[Dict[int, tuple]]:
     return out
 
 
-# ---------------------------------------------------------------------------------------
-# one task
-
-
 @dataclass
 class TaskState:
     task: Task
@@ -179,21 +145,17 @@ class TaskState:
 
 def _progress(run_dir: Path) -> str:
     log = runlog.read_log(run_dir / runlog.LOG)
-    if not log:
-        return "no epoch finished yet"
-    last = log[-1]
-    return f"{last.get('phase')} epoch {last.get('epoch')} done"
+    return (f"{log[-1].get('phase')} epoch {log[-1].get('epoch')} done" if log
+            else "no epoch finished yet")
 
 
 def _pid_alive(start: dict) -> bool:
-    if start.get("host") != socket.gethostname() or not start.get("pid"):
-        return False
-    return pid_alive(int(start["pid"]))
+    return (start.get("host") == socket.gethostname() and bool(start.get("pid"))
+            and pid_alive(int(start["pid"])))
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this machine still runs (a zombie, dead but not yet
-    collected by its parent, does not)."""
+    """Whether process ``pid`` of this machine still runs (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -219,20 +181,18 @@ def task_state(exp_dir: Path, task: Task, queue: Optional[Dict[int, tuple]]) -> 
                              if isinstance(acc, (int, float)) else "done")
     rc, start = _read_rc(exp_dir, task.index), _read_start(exp_dir, task.index)
     progress = _progress(run_dir) if (run_dir / runlog.CONFIG).exists() else "not started"
+    started = "starting" if progress == "not started" else progress
+    launcher, log = (start or {}).get("launcher"), (start or {}).get("log", "")
+    job = f" (job {start.get('job', '?')})" if start else ""
     holder = lock_holder(run_dir)
     if holder is not None:  # the lock is the truth: a live process trains this run
         who = f"process {holder}" if holder > 0 else "another process"
-        progress = "starting" if progress == "not started" else progress
-        job = f" (job {start.get('job', '?')})" if (start or {}).get("launcher") == "slurm" \
-            else ""
-        return TaskState(task, "running", f"{progress}{job} ({who} holds its lock)")
-    log = (start or {}).get("log", "")
+        job = job if launcher == "slurm" else ""
+        return TaskState(task, "running", f"{started}{job} ({who} holds its lock)")
     if queue is not None and task.index in queue:
         state, reason = queue[task.index]
         if state in ("RUNNING", "COMPLETING", "CONFIGURING", "STAGE_OUT"):
-            progress = "starting" if progress == "not started" else progress
-            return TaskState(task, "running", f"{progress} (job {start.get('job', '?')})"
-                             if start else progress)
+            return TaskState(task, "running", started + job)
         again = ", requeued after a checkpointed stop" if rc == EXIT_STOPPED else ""
         why = f" ({reason})" if reason and reason != "None" else ""
         return TaskState(task, "waiting", f"{state.lower()}{why}{again}; {progress}")
@@ -245,30 +205,22 @@ def task_state(exp_dir: Path, task: Task, queue: Optional[Dict[int, tuple]]) -> 
     if rc is not None:
         return TaskState(task, "failed", f"exit {rc}: {last_line(log) or 'no log'} [{log}]")
     if start is not None:
-        if start.get("launcher") == "local" and not _pid_alive(start):
-            # the launcher records every exit it sees: none means it died first (its runs
-            # are killed with it), and the run's checkpoints are intact
+        if launcher == "local" and not _pid_alive(start):
+            # no exit code recorded: the launcher died first, and its runs with it
             return TaskState(task, "stopped", f"resumable: process {start.get('pid')} ended "
                                               f"without an exit code (its launcher was "
                                               f"killed?); {progress}; launch again")
-        if start.get("launcher") == "slurm" and queue is not None:
+        if launcher == "slurm" and queue is not None:
             return TaskState(task, "failed", f"job {start.get('job')} left the queue without "
                                              f"an exit code (cancelled or node lost?); "
                                              f"{progress}; last log line: {last_line(log)}")
-        return TaskState(task, "running", "starting" if progress == "not started" else progress)
+        return TaskState(task, "running", started)
     return TaskState(task, "waiting", "not started" if progress == "not started"
                      else f"not started in this launch; {progress}")
 
 
-# ---------------------------------------------------------------------------------------
-# a whole grid
-
-
 def experiment_dirs(directory: Path) -> List[Path]:
-    """``directory`` if it holds a manifest, else its sub-folders that do.
-
-    Raises :class:`DataError` (one line) when ``directory`` is no folder or holds no grid.
-    """
+    """``directory`` if it holds a manifest, else its sub-folders that do."""
     directory = report.runs_folder(directory)
     if (directory / manifest.MANIFEST).exists():
         return [directory]
@@ -288,7 +240,6 @@ def grid_states(exp_dir: Path) -> List[TaskState]:
 
 
 def _compiled(run_dir: Path) -> str:
-    """The run's compilations from its log (:func:`crmn.runlog.compile_note`)."""
     try:
         return runlog.compile_note(runlog.read_log(run_dir / runlog.LOG)) or "-"
     except DataError:
@@ -302,7 +253,6 @@ def counts(states: Sequence[TaskState]) -> str:
 
 
 def render(exp_dir: Path, states: Sequence[TaskState]) -> str:
-    """A Markdown table of the states and a one-line count."""
     head = ("#", "row", "seed", "state", "detail", "compiled (s, cache)")
     rows = [(str(s.task.index), s.task.row, str(s.task.seed), s.state, s.detail,
              _compiled(s.task.run_dir(exp_dir))) for s in states]
@@ -314,7 +264,6 @@ def render(exp_dir: Path, states: Sequence[TaskState]) -> str:
 
 
 def show(directory: Path, out: Optional[TextIO] = None) -> int:
-    """Print the table of every grid under ``directory``; exit code 0."""
     stream = out or sys.stdout
     for exp_dir in experiment_dirs(directory):
         stream.write(render(exp_dir, grid_states(exp_dir)) + "\n")
@@ -322,8 +271,7 @@ def show(directory: Path, out: Optional[TextIO] = None) -> int:
 
 
 def check_complete(directory: Path, out: Optional[TextIO] = None) -> int:
-    """After ``compare``: list the manifest's runs that are not finished, on ``out``
-    (stderr); 1 if there is any, 0 if all finished or ``directory`` has no manifest."""
+    """After ``compare``: list the manifest's unfinished runs on ``out`` (stderr); 1 if any."""
     try:
         dirs = experiment_dirs(directory)
     except DataError:
