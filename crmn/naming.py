@@ -27,8 +27,7 @@ STATE_ROLES = frozenset({"bn_mean", "bn_inv_std"})
 class ParamSpec:
     name: str  # canonical name, e.g. "s2b0.conv1.W"
     shape: Tuple[int, ...]  # canonical layout
-    role: str  # conv | bn_gamma | bn_beta | bn_mean | bn_inv_std | lstm_Wx | lstm_Wh |
-    #            lstm_b | lstm_peephole | lstm_init | dense_W | dense_b
+    role: str  # conv, bn_{gamma,beta,mean,inv_std}, lstm_{Wx,Wh,b,peephole,init}, dense_{W,b}
 
     @property
     def trainable(self) -> bool:

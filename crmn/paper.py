@@ -10,8 +10,7 @@ from typing import Optional, Tuple
 from crmn.errors import ConfigError, UsageError
 
 LR_TABLE1: Tuple[float, ...] = (0.1, 0.01, 0.001)  # learning-rate stages (section 4)
-#: learning-rate stages of the wide 28-layer runs of Tables 2-3 (section 4.2)
-LR_WIDE: Tuple[float, ...] = (0.1, 0.01, 0.005, 0.001)
+LR_WIDE: Tuple[float, ...] = (0.1, 0.01, 0.005, 0.001)  # the wide 28-layer runs (4.2)
 
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 
@@ -102,6 +101,7 @@ SVHN: Tuple[Row, ...] = (_crmn("svhn-crmn56x3", "svhn", "svhn", 56, 9, 3, 98.32)
 
 ROWS: Tuple[Row, ...] = TABLE1 + TABLE2 + TABLE3 + SVHN
 EXPERIMENTS = {"table1": TABLE1, "table2": TABLE2, "table3": TABLE3, "svhn": SVHN}
+_BY_ID = {r.id: r for r in ROWS}
 
 
 @dataclass(frozen=True)
@@ -137,10 +137,6 @@ SVHN_METHODS: Tuple[Method, ...] = (Method("Generalized pooling (Lee et al.)", 9
 METHODS = {"table2": TABLE2_METHODS, "table3": TABLE3_METHODS, "svhn": SVHN_METHODS}
 
 
-def _find(row_id: str) -> Optional[Row]:
-    return next((r for r in ROWS if r.id == row_id), None)
-
-
 def _unknown(row_id: str) -> str:
     return (f"unknown row id {row_id!r}; choose one of {', '.join(r.id for r in ROWS)} "
             "(--rows)")
@@ -148,10 +144,9 @@ def _unknown(row_id: str) -> str:
 
 def row(row_id: str) -> Row:
     """The row with this id (ConfigError naming the known ids otherwise)."""
-    found = _find(row_id)
-    if found is None:
+    if row_id not in _BY_ID:
         raise ConfigError(_unknown(row_id))
-    return found
+    return _BY_ID[row_id]
 
 
 def select(ids: Optional[str], experiment: Optional[str] = None, *,
@@ -160,10 +155,10 @@ def select(ids: Optional[str], experiment: Optional[str] = None, *,
     (of all when None): the one row selection of every command."""
     if ids is not None:
         wanted = [i.strip() for i in ids.split(",") if i.strip()]
-        unknown = [i for i in wanted if _find(i) is None]
+        unknown = [i for i in wanted if i not in _BY_ID]
         if unknown:
             raise UsageError(f"run_experiments.sh: --rows: {_unknown(unknown[0])}")
-        rows = tuple(_find(i) for i in wanted)
+        rows = tuple(_BY_ID[i] for i in wanted)
     elif experiment is None:
         rows = ROWS
     elif experiment not in EXPERIMENTS:

@@ -25,9 +25,10 @@ UPDATE_TOLERANCE_F32 = 1e-2
 BATCH_SIZE = 8  # images per batch when ``--batch-size`` is not given
 GRAPH_STEPS = 3  # steps through the CUDA graph and eagerly before the states are compared
 
-#: the default configurations: small, covering ResNet, CRMN and the non-default options
+Config = Tuple[str, ModelConfig, TrainConfig]
 _SMALL_BATCH = TrainConfig(batch_size=BATCH_SIZE)
-DEFAULT_CONFIGS: Tuple[Tuple[str, ModelConfig, TrainConfig], ...] = (
+#: the default configurations: small, covering ResNet, CRMN and the non-default options
+DEFAULT_CONFIGS: Tuple[Config, ...] = (
     ("resnet-n1-k0.5", ModelConfig(n=1, k=0.5, classes=10, memory=False), _SMALL_BATCH),
     ("crmn-n1-k0.5", ModelConfig(n=1, k=0.5, classes=10, memory=True), _SMALL_BATCH),
     ("crmn-n2-k0.5-tanh-nesterov-glorot",
@@ -45,6 +46,11 @@ class Result:
     worst: Dict[str, str] = field(default_factory=dict)  # which array gave the figure
     tolerance: float = TOLERANCE
     key_tol: Dict[str, float] = field(default_factory=dict)  # per-figure overrides
+
+    def put(self, label: str, diff: float, worst: str, tol: Optional[float] = None) -> None:
+        self.diffs[label], self.worst[label] = diff, worst
+        if tol is not None:
+            self.key_tol[label] = tol
 
     def tol(self, label: str) -> float:
         return self.key_tol.get(label, self.tolerance)
@@ -70,10 +76,9 @@ def _worst(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray], keep: Callable[[s
 
 
 def _batch(cfg: ModelConfig, batch_size: int, seed: int):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch_size, 3, 32, 32))
-    y = rng.integers(0, cfg.classes, batch_size).astype(np.int64)
-    return x, y
+    rng = np.random.default_rng(seed)  # images first, then labels
+    return (rng.standard_normal((batch_size, 3, 32, 32)),
+            rng.integers(0, cfg.classes, batch_size).astype(np.int64))
 
 
 def _global(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray], base: Dict[str, np.ndarray],
@@ -103,14 +108,12 @@ def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float
     res = Result(name, tolerance=tol)
     x, y = _batch(cfg, batch_size, seed)
     for training, label in ((True, "logits (training)"), (False, "logits (inference)")):
-        res.diffs[label] = rel_diff(other.logits(x, training), ref.logits(x, training))
-        res.worst[label] = "logits"
+        res.put(label, rel_diff(other.logits(x, training), ref.logits(x, training)), "logits")
     losses = []
     for s in range(steps):
         xs, ys = _batch(cfg, batch_size, seed + 1 + s)
         losses.append((_step_loss(other, xs, ys, lr), _step_loss(ref, xs, ys, lr)))
-    res.diffs["loss"] = max(abs(a - b) / abs(b) for a, b in losses)
-    res.worst["loss"] = "cross-entropy"
+    res.put("loss", max(abs(a - b) / abs(b) for a, b in losses), "cross-entropy")
     sa, sb = other.get_state(), ref.get_state()
     specs = spec_dict(cfg)
     groups = {
@@ -119,16 +122,9 @@ def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float
         "BN stats after step": lambda k: k in specs and specs[k].role in STATE_ROLES,
     }
     for label, keep in groups.items():
-        _state_figure(res, label, sa, sb, base, keep, global_norm, update_tol)
+        figure = _global(sa, sb, base, keep) if global_norm else _worst(sa, sb, keep)
+        res.put(label, *figure, update_tol)
     return res
-
-
-def _state_figure(res: Result, label: str, a, b, base, keep, global_norm: bool,
-                  tol: Optional[float]) -> None:
-    if tol is not None:
-        res.key_tol[label] = tol
-    res.diffs[label], res.worst[label] = (_global(a, b, base, keep) if global_norm
-                                          else _worst(a, b, keep))
 
 
 #: the three ways to run the network that ``verify`` holds equal, pair by pair
@@ -192,8 +188,7 @@ def verify_references(device: str = "cpu") -> Result:
     res = Result(f"theano-jax on {device} vs stored theano-c float64 references",
                  tolerance=references.TOL)
     for case, diff in references.check_jax(device):
-        res.diffs[case] = diff
-        res.worst[case] = "largest absolute difference"
+        res.put(case, diff, "largest absolute difference")
     return res
 
 
@@ -221,23 +216,21 @@ def _verify_epoch(cfg: ModelConfig, train: TrainConfig, name: str, device: str, 
     xs = np.concatenate([xb for xb, _ in sampler.epoch(1)])
     ys = np.concatenate([yb for _, yb in sampler.epoch(1)])
     equal = np.array_equal(xe.cpu().numpy(), xs) and np.array_equal(ye.cpu().numpy(), ys)
-    res.diffs["batches (bit-equal)"] = 0.0 if equal else float("inf")
-    res.worst["batches (bit-equal)"] = "images and labels"
+    res.put("batches (bit-equal)", 0.0 if equal else float("inf"), "images and labels")
     options = StackOptions("torch", device, dtype)
     graph = registry.build(options, cfg, train, graph=device.startswith("cuda"), tf32=False)
     eager = registry.build(options, cfg, train, graph=False, tf32=False)
     base = eager.get_state()  # the same seed: the same initial state as graph's
     stats = train_epoch(graph, sampler, 1, lr, fast=True)
     losses = [_step_loss(eager, xb, yb, lr) for xb, yb in sampler.epoch(1)]
-    res.diffs["epoch loss"] = abs(stats.loss - float(np.mean(losses))) / abs(np.mean(losses))
-    res.worst["epoch loss"] = "mean cross-entropy"
-    f32 = dtype != "float64"
-    _state_figure(res, "state after epoch", graph.get_state(), eager.get_state(), base,
-                  lambda k: True, f32, UPDATE_TOLERANCE_F32 if f32 else None)
+    mean = float(np.mean(losses))
+    res.put("epoch loss", abs(stats.loss - mean) / abs(mean), "mean cross-entropy")
+    ga, ea, every = graph.get_state(), eager.get_state(), lambda k: True
+    if dtype == "float64":
+        res.put("state after epoch", *_worst(ga, ea, every))
+    else:
+        res.put("state after epoch", *_global(ga, ea, base, every), UPDATE_TOLERANCE_F32)
     return res
-
-
-Config = Tuple[str, ModelConfig, TrainConfig]
 
 
 def select_configs(configs: Optional[Sequence[Union[str, Config]]] = None,

@@ -36,11 +36,9 @@ class TorchBackend:
     def problem(options) -> Optional[str]:
         """Why torch cannot use ``options.device`` (one line), or None."""
         dev = torch.device(options.device)
-        if dev.type != "cuda":
-            return None
-        if not torch.cuda.is_available():
+        if dev.type == "cuda" and not torch.cuda.is_available():
             return f"--device {options.device}: torch {torch.__version__} sees no CUDA GPU"
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
             return (f"--device {options.device}: torch sees {torch.cuda.device_count()} "
                     f"CUDA device(s)")
         return None
@@ -71,7 +69,6 @@ class TorchBackend:
         self.use_graph = (dev.type == "cuda") if graph is None else bool(graph)
         if self.use_graph and dev.type != "cuda":
             raise ConfigError("graph=True needs a CUDA device")
-
         self.channels_last = self.amp if channels_last is None else bool(channels_last)
         self.cast_once = self.amp if cast_once is None else bool(cast_once)
         if self.cast_once and not self.amp:
@@ -111,9 +108,6 @@ class TorchBackend:
             return torch.autocast(self.dev.type, dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
-    def _logits_dtype(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float() if self.amp else logits  # bf16 logits: the loss in float32
-
     def _input(self, x) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             x = np.asarray(x)
@@ -123,9 +117,8 @@ class TorchBackend:
         return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
 
     def _labels(self, y) -> torch.Tensor:
-        if isinstance(y, torch.Tensor):
-            return y.to(self.dev)
-        return torch.as_tensor(np.asarray(y, dtype=np.int64)).to(self.dev)
+        y = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y, dtype=np.int64))
+        return y.to(self.dev)
 
     def _sync(self) -> None:
         if self.dev.type == "cuda":
@@ -155,7 +148,7 @@ class TorchBackend:
         the same code is captured)."""
         with self._autocast():
             logits = self._train_forward(self._cast_weights(), x)
-        loss = F.cross_entropy(self._logits_dtype(logits), y)
+        loss = F.cross_entropy(logits.float() if self.amp else logits, y)  # bf16: in float32
         grads = list(torch.autograd.grad(loss, self.params))
         with torch.no_grad():
             tc = self.train_cfg
@@ -229,9 +222,9 @@ class TorchBackend:
         r = self._resident
         if r is None or r.source is not sampler.x or r.pad != sampler.pad:
             self._resident = None  # free the previous copy first
-            r = gpu.make_resident(sampler.x, sampler.y, sampler.pad, self.dev, self.dtype)
-            self._resident = r
-        return r
+            self._resident = gpu.make_resident(sampler.x, sampler.y, sampler.pad, self.dev,
+                                               self.dtype)
+        return self._resident
 
     def epoch_batches(self, sampler, epoch: int):
         """The batches of ``sampler.epoch(epoch)``, gathered on the device (FastEpoch)."""
@@ -273,6 +266,4 @@ class TorchBackend:
         self._sync()
 
     def reset_velocity(self) -> None:
-        with torch.no_grad():
-            for v in self.velocity:
-                v.zero_()
+        torch._foreach_zero_(self.velocity)

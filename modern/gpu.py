@@ -40,10 +40,8 @@ def gather_epoch(data: ResidentData, order, dy, dx, flip) -> tuple:
     flip = torch.as_tensor(np.asarray(flip, dtype=bool)).to(dev)
     ar = torch.arange(IMAGE, device=dev)
     rows = dy[:, None] + ar  # (M, 32)
-    # a flipped crop reads its columns right to left
-    cols = dx[:, None] + torch.where(flip[:, None], IMAGE - 1 - ar, ar)  # (M, 32)
-    C = data.xpad.shape[1]
-    ch = torch.arange(C, device=dev)
+    cols = dx[:, None] + torch.where(flip[:, None], IMAGE - 1 - ar, ar)  # flipped: right to left
+    ch = torch.arange(data.xpad.shape[1], device=dev)
     x = data.xpad[order[:, None, None, None], ch[None, :, None, None],
                   rows[:, None, :, None], cols[:, None, None, :]]  # (M, C, 32, 32)
     return x, data.y[order]

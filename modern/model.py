@@ -50,14 +50,12 @@ class BatchNorm(nn.Module):
         """Normalise ``x`` (B, C, H, W); ``update_stats``: True moves the running averages
         now, a :class:`RunningStats` collects the batch statistics for its ``apply``."""
         if training:
-            # one fused kernel that also returns the batch mean and 1/sqrt(var + eps); no
-            # running buffers: we average them ourselves, Lasagne's way (cuDNN's batch norm
-            # is not used: crmn.verify's graph-vs-eager check drifted with it)
+            # one fused kernel also giving the batch mean and 1/sqrt(var + eps); we average them
+            # Lasagne's way (not cuDNN's batch norm: crmn.verify's graph check drifted with it)
             out, bmean, binv = torch.native_batch_norm(
                 x, self.weight, self.bias, None, None, True, 0.0, BN_EPS)
             if update_stats:
-                stats = update_stats if isinstance(update_stats, RunningStats) \
-                    else RunningStats()
+                stats = RunningStats() if update_stats is True else update_stats
                 stats.add(self.mean, bmean)
                 stats.add(self.inv_std, binv)
                 if stats is not update_stats:
@@ -110,8 +108,7 @@ class _PeepholeRecurrence(torch.autograd.Function):
         peep = w_ci is not None
         sig_o = torch.tanh if tanh_out else torch.sigmoid
         Wm = W_h.to(mm_dtype)
-        h = h0.expand(B, H)
-        c = c0.expand(B, H)
+        h, c = h0.expand(B, H), c0.expand(B, H)
         cs, hms, gates, hs = [c], [], [], []
         for t in range(T):
             hm = h.to(mm_dtype)
@@ -306,6 +303,5 @@ if __name__ == "__main__":  # pragma: no cover - a printout for checking Table 1
 
     for row in paper.TABLE1:
         cfg = ModelConfig.for_row(row)
-        net = CIFARNet(cfg)
-        print(f"{row.label:14s} ours {net.param_count() / 1e6:6.2f} M  "
+        print(f"{row.label:14s} ours {CIFARNet(cfg).param_count() / 1e6:6.2f} M  "
               f"paper {row.paper_params_m:6.2f} M  (naming {count_trainable(cfg) / 1e6:.2f} M)")
