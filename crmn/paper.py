@@ -105,8 +105,7 @@ _BY_ID = {r.id: r for r in ROWS}
 
 
 @dataclass(frozen=True)
-class Method:
-
+class Method:  # a comparison method of Table 2 or 3: its published accuracy only
     name: str
     accuracy: float  # %
 
