@@ -1,9 +1,6 @@
-"""The archive's one exception family (docs/spec.md §8): one line naming cause and file.
-
-Every user-facing fault is a :class:`CRMNError` of one kind below; the command line prints it
-as one line and exits with the kind's ``exit_code`` (2 usage, 1 other faults, 3 or 130 a
-requested stop). Anything else is a bug and keeps its traceback.
-"""
+"""The archive's one exception family (docs/spec.md §8): the command line prints a
+:class:`CRMNError` as one line and exits with its ``exit_code``; anything else is a bug and
+keeps its traceback."""
 from __future__ import annotations
 
 import signal
@@ -16,20 +13,17 @@ class CRMNError(Exception):
 
 
 class ConfigError(CRMNError):
-    """Settings that cannot run, found by the library: an unknown value, a combination a
-    backend lacks, a device that is not there."""
+    """Settings that cannot run: an unknown value, a combination a backend lacks, no device."""
 
 
 class UsageError(ConfigError):
-    """A bad command line (command, option, row id, range, contradiction), found before
-    anything is created: exit code 2."""
+    """A bad command line, found before anything is created."""
 
     exit_code = 2
 
 
 class DataError(CRMNError):
-    """A dataset archive or file is missing, corrupt, fails its checksum, or is not what it
-    claims to be."""
+    """A dataset archive or file is missing, corrupt, or not what it claims to be."""
 
 
 class CheckpointError(CRMNError):
@@ -45,9 +39,8 @@ class DivergedError(RunError):
 
 
 class StopRequested(CRMNError):
-    """A signal (SIGUSR1 from a scheduler, SIGINT: Ctrl-C) asked the run to stop after
-    checkpointing; exit :data:`EXIT_STOPPED` (130 after Ctrl-C), which a job script can tell
-    from a failure, and ``--resume`` continues."""
+    """A signal (SIGUSR1 from a scheduler, SIGINT) asked the run to stop after checkpointing;
+    its exit code tells a job script it is resumable."""
 
     exit_code = 3
 
@@ -58,12 +51,5 @@ class StopRequested(CRMNError):
             self.exit_code = EXIT_INTERRUPTED
 
 
-#: exit code of a run stopped by :class:`StopRequested` (resumable; not a failure)
-EXIT_STOPPED = 3
-#: exit code of a run stopped by Ctrl-C (the shell's 128 + SIGINT)
-EXIT_INTERRUPTED = 130
-
-
-def exit_code(exc: CRMNError) -> int:
-    """The command line's exit code for ``exc``."""
-    return exc.exit_code
+EXIT_STOPPED = 3  # a run stopped by StopRequested (resumable; not a failure)
+EXIT_INTERRUPTED = 130  # stopped by Ctrl-C (the shell's 128 + SIGINT)

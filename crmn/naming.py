@@ -1,14 +1,8 @@
 """The canonical names and layouts of every array, shared by both backends and the checkpoint.
 
-:func:`param_specs` lists them; :mod:`crmn.convert` maps each backend's native arrays to and
-from them. Layouts, independent of either framework: convolution ``W`` ``(out, in, 3, 3)``
-applied as cross-correlation; dense ``W`` ``(in, out)``, ``y = x W + b``; LSTM (eqs. 2-7)
-per gate g in i, f, c, o ``W_xg (I, H)``, ``W_hg (H, H)``, ``b_g (H,)``, peepholes
-``w_ci, w_cf, w_co (H,)``, initial states ``h0, c0 (H,)``; batch norm ``gamma, beta`` and the
-running ``mean, inv_std`` (Lasagne's convention). Names: ``conv0``/``bn0`` (stem),
-``s{stage}b{block}.conv{1,2}``/``.bn{1,2}``, ``lstm.*``, ``fc.W``, ``fc.b``; the softmax reads
-``concat(global_avg_pool (64k), h_last (H))``.
-"""
+Convolution ``W`` (out, in, 3, 3) as cross-correlation; dense ``W`` (in, out), ``y = x W + b``;
+LSTM (eqs. 2-7) per gate g in i, f, c, o ``W_xg`` (I, H), ``W_hg`` (H, H), ``b_g`` (H,); batch
+norm ``gamma, beta`` and the running ``mean, inv_std`` (Lasagne's convention)."""
 from __future__ import annotations
 
 import math
@@ -17,10 +11,8 @@ from typing import Dict, List, Tuple
 
 from crmn.config import ModelConfig
 
-#: Batch-norm epsilon added to the batch variance (Lasagne's BatchNormLayer default).
-BN_EPS = 1e-4
-#: Batch-norm running-average rate: ``running = (1 - alpha) running + alpha batch``.
-BN_ALPHA = 0.1
+BN_EPS = 1e-4  # added to the batch variance (Lasagne's BatchNormLayer default)
+BN_ALPHA = 0.1  # running-average rate: running = (1 - alpha) running + alpha batch
 
 LSTM_GATES = ("i", "f", "c", "o")  # input gate, forget gate, cell input, output gate
 PEEPHOLES = ("i", "f", "o")  # eqs. 2-4
@@ -35,8 +27,7 @@ STATE_ROLES = frozenset({"bn_mean", "bn_inv_std"})
 class ParamSpec:
     name: str  # canonical name, e.g. "s2b0.conv1.W"
     shape: Tuple[int, ...]  # canonical layout
-    role: str  # conv | bn_gamma | bn_beta | bn_mean | bn_inv_std | lstm_Wx | lstm_Wh |
-    #            lstm_b | lstm_peephole | lstm_init | dense_W | dense_b
+    role: str  # conv, bn_{gamma,beta,mean,inv_std}, lstm_{Wx,Wh,b,peephole,init}, dense_{W,b}
 
     @property
     def trainable(self) -> bool:
@@ -52,12 +43,8 @@ class ParamSpec:
 
 
 def _bn(prefix: str, c: int) -> List[ParamSpec]:
-    return [
-        ParamSpec(f"{prefix}.gamma", (c,), "bn_gamma"),
-        ParamSpec(f"{prefix}.beta", (c,), "bn_beta"),
-        ParamSpec(f"{prefix}.mean", (c,), "bn_mean"),
-        ParamSpec(f"{prefix}.inv_std", (c,), "bn_inv_std"),
-    ]
+    return [ParamSpec(f"{prefix}.{leaf}", (c,), f"bn_{leaf}")
+            for leaf in ("gamma", "beta", "mean", "inv_std")]
 
 
 def block_names(cfg: ModelConfig) -> List[str]:
@@ -66,7 +53,8 @@ def block_names(cfg: ModelConfig) -> List[str]:
 
 
 def param_specs(cfg: ModelConfig) -> List[ParamSpec]:
-    """Every array of the network in canonical order (network order, then LSTM, then fc)."""
+    """Every array in canonical order: ``conv0``, ``bn0``, ``s{stage}b{block}.conv{1,2}`` and
+    ``.bn{1,2}``, ``lstm.*`` (peepholes ``w_ci, w_cf, w_co``, ``h0, c0``), ``fc.W``, ``fc.b``."""
     w1, w2, w3 = cfg.widths
     specs = [ParamSpec("conv0.W", (w1, 3, 3, 3), "conv")] + _bn("bn0", w1)
     c_in = w1
@@ -88,8 +76,7 @@ def param_specs(cfg: ModelConfig) -> List[ParamSpec]:
         if cfg.peepholes:
             for g in PEEPHOLES:
                 specs.append(ParamSpec(f"lstm.w_c{g}", (h,), "lstm_peephole"))
-        specs.append(ParamSpec("lstm.h0", (h,), "lstm_init"))
-        specs.append(ParamSpec("lstm.c0", (h,), "lstm_init"))
+        specs += [ParamSpec(f"lstm.{s}", (h,), "lstm_init") for s in ("h0", "c0")]
         fc_in += h
     specs.append(ParamSpec("fc.W", (fc_in, cfg.classes), "dense_W"))
     specs.append(ParamSpec("fc.b", (cfg.classes,), "dense_b"))
@@ -106,5 +93,4 @@ def count_trainable(cfg: ModelConfig) -> int:
 
 
 def velocity_name(name: str) -> str:
-    """Canonical name of the momentum velocity of a trainable parameter."""
     return f"velocity.{name}"

@@ -1,12 +1,7 @@
-"""Every configuration and every number that Moniz & Pal (2016) publish, declared once.
-
-The CLI (``--rows``), the tests and the report iterate over :data:`ROWS`; nothing else in
-the archive writes down a number from the paper. Sources: Table 1 (section 4.1: parameters,
-seconds per epoch on the authors' GPU, test accuracy), Tables 2-3 with their comparison
-methods, and section 4.2 (the five repetitions, SVHN). Depth 6n+2 means n basic blocks per
-stage; k multiplies the 16/32/64 maps (docs/spec.md §4). ``python -m crmn.paper`` prints
-the rows.
-"""
+"""Every configuration and every number that Moniz & Pal (2016) publish, declared once:
+Tables 1-3 with their comparison methods and section 4.2 (five repetitions, SVHN). Nothing
+else in the archive writes down a number from the paper. ``python -m crmn.paper`` prints the
+rows."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,10 +9,8 @@ from typing import Optional, Tuple
 
 from crmn.errors import ConfigError, UsageError
 
-#: Learning-rate stages of Table 1 (section 4).
-LR_TABLE1: Tuple[float, ...] = (0.1, 0.01, 0.001)
-#: Learning-rate stages of the wide 28-layer runs of Tables 2-3 (section 4.2).
-LR_WIDE: Tuple[float, ...] = (0.1, 0.01, 0.005, 0.001)
+LR_TABLE1: Tuple[float, ...] = (0.1, 0.01, 0.001)  # learning-rate stages (section 4)
+LR_WIDE: Tuple[float, ...] = (0.1, 0.01, 0.005, 0.001)  # the wide 28-layer runs (4.2)
 
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 
@@ -80,10 +73,9 @@ TABLE1: Tuple[Row, ...] = (
     _t1("CRMN", 32, 4, 14.01, 490, 76.39),
 )
 
+
 def _crmn(row_id: str, table: str, dataset: str, layers: int, n: int, k: float, acc: float,
           **extra) -> Row:
-    """A CRMN row of Tables 2-3 or SVHN; the wide 28-layer rows train at batch 50 on
-    :data:`LR_WIDE` (section 4.2)."""
     wide = layers == 28
     return Row(id=row_id, table=table, model="CRMN", dataset=dataset, layers=layers, n=n,
                k=k, memory=True, batch_size=50 if wide else 100,
@@ -109,12 +101,11 @@ SVHN: Tuple[Row, ...] = (_crmn("svhn-crmn56x3", "svhn", "svhn", 56, 9, 3, 98.32)
 
 ROWS: Tuple[Row, ...] = TABLE1 + TABLE2 + TABLE3 + SVHN
 EXPERIMENTS = {"table1": TABLE1, "table2": TABLE2, "table3": TABLE3, "svhn": SVHN}
+_BY_ID = {r.id: r for r in ROWS}
 
 
 @dataclass(frozen=True)
-class Method:
-    """A comparison method the paper lists in Table 2 or 3 (published accuracy only)."""
-
+class Method:  # a comparison method of Table 2 or 3: its published accuracy only
     name: str
     accuracy: float  # %
 
@@ -145,34 +136,28 @@ SVHN_METHODS: Tuple[Method, ...] = (Method("Generalized pooling (Lee et al.)", 9
 METHODS = {"table2": TABLE2_METHODS, "table3": TABLE3_METHODS, "svhn": SVHN_METHODS}
 
 
-def _find(row_id: str) -> Optional[Row]:
-    return next((r for r in ROWS if r.id == row_id), None)
-
-
 def _unknown(row_id: str) -> str:
     return (f"unknown row id {row_id!r}; choose one of {', '.join(r.id for r in ROWS)} "
             "(--rows)")
 
 
 def row(row_id: str) -> Row:
-    """The row with this id; a one-line :class:`ConfigError` naming the known ids otherwise."""
-    found = _find(row_id)
-    if found is None:
+    """The row with this id (ConfigError naming the known ids otherwise)."""
+    if row_id not in _BY_ID:
         raise ConfigError(_unknown(row_id))
-    return found
+    return _BY_ID[row_id]
 
 
 def select(ids: Optional[str], experiment: Optional[str] = None, *,
            strict: bool = False) -> Tuple[Row, ...]:
     """Rows named by a comma-separated ``--rows`` value, else every row of ``experiment``
-    (of all when None): the one row selection of every command. UsageError for an unknown id
-    or experiment, a row of another experiment (``strict``), or an empty selection."""
+    (of all when None): the one row selection of every command."""
     if ids is not None:
         wanted = [i.strip() for i in ids.split(",") if i.strip()]
-        unknown = [i for i in wanted if _find(i) is None]
+        unknown = [i for i in wanted if i not in _BY_ID]
         if unknown:
             raise UsageError(f"run_experiments.sh: --rows: {_unknown(unknown[0])}")
-        rows = tuple(_find(i) for i in wanted)
+        rows = tuple(_BY_ID[i] for i in wanted)
     elif experiment is None:
         rows = ROWS
     elif experiment not in EXPERIMENTS:

@@ -1,12 +1,7 @@
-"""The backends compute the same function and take the same SGD step (docs/spec.md §6).
-
-Each configuration is built in float64 on the CPU three ways (torch; Theano through its C
-backend; Theano through JAX). For each pair the first one's state is copied into the second
-(:mod:`crmn.convert`); then logits of one batch (training and inference mode) and the whole
-state after one ``step`` are compared as ``max|a - b| / max|b|`` per array, against 1e-6.
-``--device cuda`` instead holds ``modern/`` on the GPU to ``modern/`` on the CPU.
-Exit status 0 when everything passes, 1 on a FAIL or a run-time error, 2 on bad input.
-"""
+"""The backends compute the same function and take the same SGD step (docs/spec.md §6): for
+each pair of torch, Theano's C backend and Theano through JAX (float64, CPU), the logits and
+the state after one ``step`` as ``max|a - b| / max|b|`` per array, from one state. ``--device
+cuda`` holds ``modern/`` on the GPU to the CPU."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,22 +19,18 @@ from crmn.registry import StackOptions, check_device
 from crmn.train import train_epoch
 
 TOLERANCE = 1e-6
-#: float32 (GPU) checks: logits and loss of float32 against float64 (TF32 off)
-TOLERANCE_F32 = 1e-4
-#: float32 (GPU) checks of a state *change*: gradients through batch norm are near-cancelling
-#: sums, so float32 rounding reaches ~1e-3 of the update (the float64 checks hold 1e-6)
+TOLERANCE_F32 = 1e-4  # float32 (GPU) logits and loss against float64, TF32 off
+#: float32 state *change*: gradients through batch norm are near-cancelling sums
 UPDATE_TOLERANCE_F32 = 1e-2
-#: images per batch when ``--batch-size`` is not given
-BATCH_SIZE = 8
-#: steps taken through the captured CUDA graph and eagerly before their states are compared
-GRAPH_STEPS = 3
+BATCH_SIZE = 8  # images per batch when ``--batch-size`` is not given
+GRAPH_STEPS = 3  # steps through the CUDA graph and eagerly before the states are compared
 
+Config = Tuple[str, ModelConfig, TrainConfig]
+_SMALL_BATCH = TrainConfig(batch_size=BATCH_SIZE)
 #: the default configurations: small, covering ResNet, CRMN and the non-default options
-DEFAULT_CONFIGS: Tuple[Tuple[str, ModelConfig, TrainConfig], ...] = (
-    ("resnet-n1-k0.5", ModelConfig(n=1, k=0.5, classes=10, memory=False),
-     TrainConfig(batch_size=BATCH_SIZE)),
-    ("crmn-n1-k0.5", ModelConfig(n=1, k=0.5, classes=10, memory=True),
-     TrainConfig(batch_size=BATCH_SIZE)),
+DEFAULT_CONFIGS: Tuple[Config, ...] = (
+    ("resnet-n1-k0.5", ModelConfig(n=1, k=0.5, classes=10, memory=False), _SMALL_BATCH),
+    ("crmn-n1-k0.5", ModelConfig(n=1, k=0.5, classes=10, memory=True), _SMALL_BATCH),
     ("crmn-n2-k0.5-tanh-nesterov-glorot",
      ModelConfig(n=2, k=0.5, classes=100, memory=True, outgate="tanh", dense_init="glorot"),
      TrainConfig(batch_size=BATCH_SIZE, nesterov=True)),
@@ -55,6 +46,11 @@ class Result:
     worst: Dict[str, str] = field(default_factory=dict)  # which array gave the figure
     tolerance: float = TOLERANCE
     key_tol: Dict[str, float] = field(default_factory=dict)  # per-figure overrides
+
+    def put(self, label: str, diff: float, worst: str, tol: Optional[float] = None) -> None:
+        self.diffs[label], self.worst[label] = diff, worst
+        if tol is not None:
+            self.key_tol[label] = tol
 
     def tol(self, label: str) -> float:
         return self.key_tol.get(label, self.tolerance)
@@ -80,16 +76,14 @@ def _worst(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray], keep: Callable[[s
 
 
 def _batch(cfg: ModelConfig, batch_size: int, seed: int):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch_size, 3, 32, 32))
-    y = rng.integers(0, cfg.classes, batch_size).astype(np.int64)
-    return x, y
+    rng = np.random.default_rng(seed)  # images first, then labels
+    return (rng.standard_normal((batch_size, 3, 32, 32)),
+            rng.integers(0, cfg.classes, batch_size).astype(np.int64))
 
 
 def _global(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray], base: Dict[str, np.ndarray],
             keep: Callable[[str], bool]):
-    """``‖a - b‖ / ‖b - base‖`` over all kept arrays together, and the array adding most
-    (float32: a near-cancelling update alone, a BN β say, says nothing about the step)."""
+    """``‖a - b‖ / ‖b - base‖`` over all kept arrays together, and the array adding most."""
     keys = [k for k in b if keep(k)]
     if not keys:
         return 0.0, "-"
@@ -107,24 +101,19 @@ def _step_loss(stack, x, y, lr: float) -> float:
 def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float, seed: int,
              tol: float, steps: int = 1, global_norm: bool = False,
              update_tol: Optional[float] = None) -> Result:
-    """Copy ``ref``'s state into ``other``, then compare logits and ``steps`` train steps.
-
-    ``global_norm``: the state's change as one vector (float32 checks), not array by array;
-    ``update_tol``: the tolerance of those state figures (default ``tol``).
-    """
+    """Copy ``ref``'s state into ``other``, then compare logits and ``steps`` train steps;
+    ``global_norm``: the state's change as one vector within ``update_tol``."""
     base = ref.get_state()
     other.set_state(base)
     res = Result(name, tolerance=tol)
     x, y = _batch(cfg, batch_size, seed)
     for training, label in ((True, "logits (training)"), (False, "logits (inference)")):
-        res.diffs[label] = rel_diff(other.logits(x, training), ref.logits(x, training))
-        res.worst[label] = "logits"
+        res.put(label, rel_diff(other.logits(x, training), ref.logits(x, training)), "logits")
     losses = []
     for s in range(steps):
         xs, ys = _batch(cfg, batch_size, seed + 1 + s)
         losses.append((_step_loss(other, xs, ys, lr), _step_loss(ref, xs, ys, lr)))
-    res.diffs["loss"] = max(abs(a - b) / abs(b) for a, b in losses)
-    res.worst["loss"] = "cross-entropy"
+    res.put("loss", max(abs(a - b) / abs(b) for a, b in losses), "cross-entropy")
     sa, sb = other.get_state(), ref.get_state()
     specs = spec_dict(cfg)
     groups = {
@@ -133,29 +122,19 @@ def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float
         "BN stats after step": lambda k: k in specs and specs[k].role in STATE_ROLES,
     }
     for label, keep in groups.items():
-        _state_figure(res, label, sa, sb, base, keep, global_norm, update_tol)
+        figure = _global(sa, sb, base, keep) if global_norm else _worst(sa, sb, keep)
+        res.put(label, *figure, update_tol)
     return res
 
 
-def _state_figure(res: Result, label: str, a, b, base, keep, global_norm: bool,
-                  tol: Optional[float]) -> None:
-    """Record ``a`` against ``b`` as one vector of changes from ``base`` or array by array."""
-    if tol is not None:
-        res.key_tol[label] = tol
-    res.diffs[label], res.worst[label] = (_global(a, b, base, keep) if global_norm
-                                          else _worst(a, b, keep))
-
-
-#: the three ways to run the network that ``verify`` holds equal, pair by pair:
-#: (label, options), all float64 on the CPU
+#: the three ways to run the network that ``verify`` holds equal, pair by pair
 STACKS = (("torch", StackOptions("torch", dtype="float64")),
           ("theano-c", StackOptions("theano", dtype="float64", theano_mode="c")),
           ("theano-jax", StackOptions("theano", dtype="float64", theano_mode="jax")))
 
 
 def buildable(stacks=STACKS) -> Tuple[list, Dict[str, str]]:
-    """The entries of ``stacks`` this environment can build, and why each other one cannot
-    (a missing package, Theano's C backend with numpy 2: :func:`crmn.registry.probe`)."""
+    """The entries of ``stacks`` this environment can build, and why each other one cannot."""
     ok, missing = [], {}
     for label, options in stacks:
         try:
@@ -169,9 +148,7 @@ def buildable(stacks=STACKS) -> Tuple[list, Dict[str, str]]:
 
 def verify_stacks(cfg: ModelConfig, train: TrainConfig, name: str, lr: float = 0.1,
                   seed: int = 0, tol: float = TOLERANCE, stacks=STACKS) -> List[Result]:
-    """float64 CPU, every pair of ``stacks`` (default :data:`STACKS`: torch against
-    Theano's C backend, torch against Theano through JAX, and the C backend against JAX;
-    the first of each pair gives the state)."""
+    """Every pair of ``stacks``; the first of each pair gives the state."""
     built = {label: registry.build(options, cfg, train) for label, options in stacks}
     pairs = [(a, b) for i, (a, _) in enumerate(stacks) for b, _ in stacks[i + 1:]]
     return [_compare(f"{name} [{b} vs {a}]", built[a], built[b], cfg, train.batch_size,
@@ -181,57 +158,44 @@ def verify_stacks(cfg: ModelConfig, train: TrainConfig, name: str, lr: float = 0
 def verify_device(cfg: ModelConfig, train: TrainConfig, name: str, device: str = "cuda",
                   lr: float = 0.1, seed: int = 0, tol: float = TOLERANCE,
                   tol_f32: float = TOLERANCE_F32) -> List[Result]:
-    """``modern/`` on ``device`` against ``modern/`` on the CPU.
-
-    float64, array by array within ``tol`` (only the summation order differs): the device
-    against the CPU; :data:`GRAPH_STEPS` steps through the CUDA graph against eager ones; a
-    GPU epoch (:func:`_verify_epoch`). float32 with TF32 off, ``tol_f32`` on logits and loss
-    and :data:`UPDATE_TOLERANCE_F32` on the state change as one vector: the device against
-    the CPU's float64, and graph against eager. On a CPU ``device`` the graph runs eagerly.
-    """
+    """``modern/`` on ``device`` against the CPU, and its CUDA graph against eager steps: float64
+    array by array within ``tol``, float32 (TF32 off) within ``tol_f32``, and a GPU epoch."""
     on_gpu = device.startswith("cuda")
 
     def built(where, dtype, graph=False):
         return registry.build(StackOptions("torch", where, dtype), cfg, train,
                               graph=graph and on_gpu, tf32=False)
 
-    B = train.batch_size
-    return [
-        _compare(f"{name} [{device} float64 vs cpu float64]", built("cpu", "float64"),
-                 built(device, "float64"), cfg, B, lr, seed, tol),
-        _compare(f"{name} [{device} float64: graph vs eager, {GRAPH_STEPS} steps]",
-                 built(device, "float64"), built(device, "float64", graph=True), cfg, B, lr,
-                 seed, tol, steps=GRAPH_STEPS),
-        _verify_epoch(cfg, train, name, device, lr, seed, tol, "float64"),
-        _compare(f"{name} [{device} float32 vs cpu float64]", built("cpu", "float64"),
-                 built(device, "float32"), cfg, B, lr, seed, tol_f32, global_norm=True,
-                 update_tol=UPDATE_TOLERANCE_F32),
-        _compare(f"{name} [{device} float32: graph vs eager, {GRAPH_STEPS} steps]",
-                 built(device, "float32"), built(device, "float32", graph=True), cfg, B, lr,
-                 seed, tol_f32, steps=GRAPH_STEPS, global_norm=True,
-                 update_tol=UPDATE_TOLERANCE_F32),
-    ]
+    B, results = train.batch_size, []
+    f32 = dict(global_norm=True, update_tol=UPDATE_TOLERANCE_F32)  # the change as one vector
+    for dtype, t, opts in (("float64", tol, {}), ("float32", tol_f32, f32)):
+        results += [
+            _compare(f"{name} [{device} {dtype} vs cpu float64]", built("cpu", "float64"),
+                     built(device, dtype), cfg, B, lr, seed, t, **opts),
+            _compare(f"{name} [{device} {dtype}: graph vs eager, {GRAPH_STEPS} steps]",
+                     built(device, dtype), built(device, dtype, graph=True), cfg, B, lr, seed,
+                     t, steps=GRAPH_STEPS, **opts)]
+        if dtype == "float64":
+            results.append(_verify_epoch(cfg, train, name, device, lr, seed, tol, "float64"))
+    return results
 
 
 def verify_references(device: str = "cpu") -> Result:
-    """Theano through JAX on ``device`` against the float64 outputs that Theano's C backend
-    recorded (:mod:`original.references`: per-op outputs and gradients, three SGD steps of
-    the tiny ResNet and CRMN): the comparison with the C backend where it cannot run."""
+    """Theano through JAX on ``device`` against the float64 outputs Theano's C backend recorded
+    (:mod:`original.references`): the comparison with the C backend where it cannot run."""
     from original import references
 
     res = Result(f"theano-jax on {device} vs stored theano-c float64 references",
                  tolerance=references.TOL)
     for case, diff in references.check_jax(device):
-        res.diffs[case] = diff
-        res.worst[case] = "largest absolute difference"
+        res.put(case, diff, "largest absolute difference")
     return res
 
 
 def _verify_epoch(cfg: ModelConfig, train: TrainConfig, name: str, device: str, lr: float,
                   seed: int, tol: float, dtype: str = "float64") -> Result:
     """The GPU epoch path against the CPU sampler: the gathered batches bit-equal, and one
-    fast-path epoch ending where eager steps over the sampler's batches end (float64 array
-    by array within ``tol``; float32 as one vector within :data:`UPDATE_TOLERANCE_F32`)."""
+    fast-path epoch ending where eager steps over the sampler's batches end."""
     import torch
 
     from modern import gpu as gpu_data
@@ -245,39 +209,34 @@ def _verify_epoch(cfg: ModelConfig, train: TrainConfig, name: str, device: str, 
     res = Result(f"{name} [{device} {dtype} epoch: resident gather + graph vs sampler + "
                  "eager]", tolerance=tol)
     plan, m = sampler.plan(1), len(sampler) * B
+    # float32 pixels: gather_epoch must copy them bit for bit
     data = gpu_data.make_resident(x, y, train.pad, torch.device(device), torch.float32)
-    # (float32 pixels here: gather_epoch must copy them bit for bit; the backends cast)
     xe, ye = gpu_data.gather_epoch(data, plan.order[:m], plan.dy[:m], plan.dx[:m],
                                    plan.flip[:m])
     xs = np.concatenate([xb for xb, _ in sampler.epoch(1)])
     ys = np.concatenate([yb for _, yb in sampler.epoch(1)])
     equal = np.array_equal(xe.cpu().numpy(), xs) and np.array_equal(ye.cpu().numpy(), ys)
-    res.diffs["batches (bit-equal)"] = 0.0 if equal else float("inf")
-    res.worst["batches (bit-equal)"] = "images and labels"
-    on_gpu = device.startswith("cuda")  # on a CPU both run the plain loop
+    res.put("batches (bit-equal)", 0.0 if equal else float("inf"), "images and labels")
     options = StackOptions("torch", device, dtype)
-    graph = registry.build(options, cfg, train, graph=on_gpu, tf32=False)
+    graph = registry.build(options, cfg, train, graph=device.startswith("cuda"), tf32=False)
     eager = registry.build(options, cfg, train, graph=False, tf32=False)
     base = eager.get_state()  # the same seed: the same initial state as graph's
     stats = train_epoch(graph, sampler, 1, lr, fast=True)
     losses = [_step_loss(eager, xb, yb, lr) for xb, yb in sampler.epoch(1)]
-    res.diffs["epoch loss"] = abs(stats.loss - float(np.mean(losses))) / abs(np.mean(losses))
-    res.worst["epoch loss"] = "mean cross-entropy"
-    f32 = dtype != "float64"
-    _state_figure(res, "state after epoch", graph.get_state(), eager.get_state(), base,
-                  lambda k: True, f32, UPDATE_TOLERANCE_F32 if f32 else None)
+    mean = float(np.mean(losses))
+    res.put("epoch loss", abs(stats.loss - mean) / abs(mean), "mean cross-entropy")
+    ga, ea, every = graph.get_state(), eager.get_state(), lambda k: True
+    if dtype == "float64":
+        res.put("state after epoch", *_worst(ga, ea, every))
+    else:
+        res.put("state after epoch", *_global(ga, ea, base, every), UPDATE_TOLERANCE_F32)
     return res
-
-
-Config = Tuple[str, ModelConfig, TrainConfig]
 
 
 def select_configs(configs: Optional[Sequence[Union[str, Config]]] = None,
                    batch_size: Optional[int] = None) -> List[Config]:
-    """The ``(name, ModelConfig, TrainConfig)`` triples to verify: row ids of
-    :mod:`crmn.paper` or triples (default :data:`DEFAULT_CONFIGS`). ``batch_size`` overrides
-    every batch; otherwise rows run at :data:`BATCH_SIZE`. ConfigError for a batch size
-    below 1 or an unknown row id."""
+    """The ``(name, ModelConfig, TrainConfig)`` triples to verify, from row ids or triples
+    (default :data:`DEFAULT_CONFIGS`); ``batch_size`` overrides every batch."""
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     items = []
@@ -297,11 +256,8 @@ def verify(configs: Optional[Sequence[Union[str, Config]]] = None,
            device: str = "cpu", tol: Optional[float] = None, lr: float = 0.1, seed: int = 0,
            batch_size: Optional[int] = None,
            out: Callable[[str], None] = print) -> List[Result]:
-    """Run the comparisons and print one block per configuration; returns the results.
-
-    ``configs`` and ``batch_size`` as in :func:`select_configs`.
-    ``device="cpu"`` compares the backends; a CUDA device runs :func:`verify_device`.
-    """
+    """Run the comparisons (the backends on the CPU, else :func:`verify_device`) and print one
+    block per configuration; returns the results."""
     check_device(device)
     items = select_configs(configs, batch_size)
     stacks, missing = buildable() if device == "cpu" else (STACKS, {})

@@ -1,4 +1,2 @@
-"""The PyTorch port of CRMN (docs/spec.md §2): verified equal to ``original/``, fast on
-GPUs. :mod:`modern.model` is the network, :mod:`modern.backend` the torch backend, and
-:mod:`modern.gpu` keeps the training set on the device. Measured speeds: REPRODUCING.md §5.
-"""
+"""The PyTorch port of CRMN (docs/spec.md §2): :mod:`modern.model` the network,
+:mod:`modern.backend` the torch backend, :mod:`modern.gpu` the training set on the device."""

@@ -1,16 +1,7 @@
-"""The PyTorch backend behind :class:`crmn.stack.Stack`: Lasagne's SGD, fast on GPUs.
-
-SGD in Lasagne's form (section 4), with ``g = ∂L/∂p + wd·p`` on the decayed arrays only
-(``crmn.naming.DECAYED_ROLES``; the gradient of the Theano backend's ``(wd/2)·Σw²``)::
-
-    v <- μ v - lr g          p <- p + v                 (classical, the default)
-    v <- μ v - lr g          p <- p + μ v - lr g        (Nesterov, ``train.nesterov``)
-
-On CUDA a step at the paper's batch sizes is a few hundred tiny kernels, so the whole step is
-captured once as a CUDA graph over static buffers (the learning rate a device tensor), and
-the training set stays on the device (:mod:`modern.gpu`), cropped exactly as the sampler
-plans. Under bfloat16, ``cast_once`` casts all single-product weights in one kernel per step
-instead of one per layer, rounding each number as autocast does (same bits).
+"""The PyTorch backend behind :class:`crmn.stack.Stack`: Lasagne's SGD (section 4), with
+``g = ∂L/∂p + wd·p`` on the decayed arrays; ``v <- μ v - lr g``, then ``p <- p + v`` (or
+Nesterov's ``p <- p + μ v - lr g``). On CUDA the step is captured once as a CUDA graph (a few
+hundred tiny kernels otherwise) and the training set stays on the device (:mod:`modern.gpu`).
 """
 from __future__ import annotations
 
@@ -24,7 +15,7 @@ import torch.nn.functional as F
 
 from crmn import convert
 from crmn.config import ModelConfig, TrainConfig
-from crmn.errors import CheckpointError, ConfigError
+from crmn.errors import ConfigError
 from crmn.init import initial_state
 from crmn.naming import DECAYED_ROLES, velocity_name
 from crmn.registry import STACK_DTYPES, check_device
@@ -35,27 +26,19 @@ DTYPES = STACK_DTYPES["torch"]
 
 
 class TorchBackend:
-    """:class:`crmn.stack.Stack` over :class:`modern.model.CIFARNet`.
-
-    ``train`` gives the seed, batch size, momentum, Nesterov and weight decay; ``device``
-    ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``dtype`` float32, float64 or bfloat16 (autocast,
-    float32 weights and optimizer state). ``graph``: capture the train step as one CUDA graph
-    (default on CUDA); ``tf32``: TF32 matrix units for float32 on CUDA; ``channels_last``:
-    NHWC (default with bfloat16); ``compile``: the forward through ``torch.compile`` (the
-    graph is still captured here); ``cast_once``: see the module docstring (bfloat16 only).
-    """
+    """:class:`crmn.stack.Stack` over :class:`modern.model.CIFARNet`. bfloat16 is autocast
+    over float32 weights; ``graph`` (default on CUDA) captures the step; ``channels_last`` and
+    ``cast_once`` (one bf16 cast of the single-product weights per step) default on in bf16."""
 
     name = "torch"
 
     @staticmethod
     def problem(options) -> Optional[str]:
-        """Why torch cannot use ``options.device`` (one line), or None when it can."""
+        """Why torch cannot use ``options.device`` (one line), or None."""
         dev = torch.device(options.device)
-        if dev.type != "cuda":
-            return None
-        if not torch.cuda.is_available():
+        if dev.type == "cuda" and not torch.cuda.is_available():
             return f"--device {options.device}: torch {torch.__version__} sees no CUDA GPU"
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
             return (f"--device {options.device}: torch sees {torch.cuda.device_count()} "
                     f"CUDA device(s)")
         return None
@@ -74,9 +57,8 @@ class TorchBackend:
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         self.cfg, self.train_cfg, self.dev = model, train, dev
-        self.dtype_name = dtype
         self.amp = dtype == "bfloat16"
-        self.dtype = torch.float64 if dtype == "float64" else torch.float32  # weights, inputs
+        self.dtype = torch.float64 if dtype == "float64" else torch.float32  # of the weights
         if dev.type == "cuda":
             self.device = f"{dev} ({torch.cuda.get_device_name(dev)})"
             torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -87,7 +69,6 @@ class TorchBackend:
         self.use_graph = (dev.type == "cuda") if graph is None else bool(graph)
         if self.use_graph and dev.type != "cuda":
             raise ConfigError("graph=True needs a CUDA device")
-
         self.channels_last = self.amp if channels_last is None else bool(channels_last)
         self.cast_once = self.amp if cast_once is None else bool(cast_once)
         if self.cast_once and not self.amp:
@@ -98,7 +79,6 @@ class TorchBackend:
         self.net = net
 
         def train_forward(weights: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            # ``weights`` stand in for the net's own parameters of those names
             return torch.func.functional_call(net, weights, (x,),
                                               {"training": True, "update_stats": True})
 
@@ -116,10 +96,8 @@ class TorchBackend:
         self._graph = None  # (CUDAGraph, x, y, lr, sums), made on first use
         self.compile_seconds = 0.0  # graph capture (and torch.compile inside it) so far
         self._resident: Optional[gpu.ResidentData] = None
-        # crmn.init's arrays again, now cast from float64 to this dtype (build made float32)
+        # crmn.init's arrays again, cast from float64 (build made float32)
         self.set_state(initial_state(model, train.seed))
-
-    # ------------------------------------------------------------------ small helpers
 
     def param_count(self) -> int:
         return self.net.param_count()
@@ -130,9 +108,6 @@ class TorchBackend:
             return torch.autocast(self.dev.type, dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
-    def _logits_dtype(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float() if self.amp else logits  # bf16 logits: the loss in float32
-
     def _input(self, x) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             x = np.asarray(x)
@@ -142,43 +117,38 @@ class TorchBackend:
         return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
 
     def _labels(self, y) -> torch.Tensor:
-        if isinstance(y, torch.Tensor):
-            return y.to(self.dev)
-        return torch.as_tensor(np.asarray(y, dtype=np.int64)).to(self.dev)
+        y = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y, dtype=np.int64))
+        return y.to(self.dev)
 
     def _sync(self) -> None:
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
 
     def _flat(self, p: torch.Tensor) -> torch.Tensor:
-        """``p`` as a 1-D view in its memory order (channels-last filters: O, H, W, I)."""
+        # a 1-D view in memory order (channels-last filters: O, H, W, I)
         return p.permute(0, 2, 3, 1).reshape(-1) if self.channels_last and p.dim() == 4 \
             else p.reshape(-1)
 
     def _unflat(self, flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`_flat`: ``flat`` viewed with the shape and strides of ``like``."""
         if self.channels_last and like.dim() == 4:
             o, i, h, w = like.shape
             return flat.view(o, h, w, i).permute(0, 3, 1, 2)
         return flat.view(like.shape)
 
     def _cast_weights(self) -> Dict[str, torch.Tensor]:
-        """bf16 copies of the single-product weights, cast in one kernel ({} if off); their
-        gradients come back through one concatenation and one cast."""
+        """bf16 copies of the single-product weights, cast in one kernel ({} if off)."""
         if not self._cast:
             return {}
         flat = torch.cat([self._flat(p) for _, p in self._cast]).to(torch.bfloat16)
         chunks = flat.split([p.numel() for _, p in self._cast])
         return {n: self._unflat(c, p) for (n, p), c in zip(self._cast, chunks)}
 
-    # ------------------------------------------------------------------ the step
-
     def _step(self, x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor):
-        """Forward, loss, backward, SGD update; (loss sum, correct) as device scalars, with no
-        host sync, so that the same code is captured."""
+        """Forward, backward, SGD update; (loss sum, correct) as device scalars (no host sync:
+        the same code is captured)."""
         with self._autocast():
             logits = self._train_forward(self._cast_weights(), x)
-        loss = F.cross_entropy(self._logits_dtype(logits), y)
+        loss = F.cross_entropy(logits.float() if self.amp else logits, y)  # bf16: in float32
         grads = list(torch.autograd.grad(loss, self.params))
         with torch.no_grad():
             tc = self.train_cfg
@@ -201,8 +171,7 @@ class TorchBackend:
         return self.params + self.velocity + list(self.buffers.values())
 
     def _capture(self) -> None:
-        """Record the step for ``train.batch_size`` images as one CUDA graph; the warm-up
-        steps a capture needs would train the network, so the state is restored after them."""
+        """Record the step as one CUDA graph; the state is restored after the warm-up steps."""
         B = self.train_cfg.batch_size
         x = torch.randn(B, 3, 32, 32, device=self.dev, dtype=self.dtype)
         if self.channels_last:
@@ -227,8 +196,7 @@ class TorchBackend:
         self._graph_lr = None  # the learning rate tensor holds no rate yet
 
     def step(self, x, y, lr: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`crmn.stack.Stack.step` on numpy or device tensors; through the CUDA graph the
-        sums are its output buffers."""
+        """:meth:`crmn.stack.Stack.step` on numpy or device tensors (graph: its output buffers)."""
         xb, yb = self._input(x), self._labels(y)
         if self.use_graph and xb.shape[0] == self.train_cfg.batch_size:
             if self._graph is None:
@@ -244,25 +212,22 @@ class TorchBackend:
             return sums
         return self._step(xb, yb, torch.tensor(lr, device=self.dev, dtype=self.dtype))
 
-    # ------------------------------------------------------------------ the fast epoch
-
     @property
     def fast_epoch(self) -> bool:
         """Epochs on the device's resident copy of the training set (on CUDA)."""
         return self.use_graph
 
     def resident(self, sampler) -> gpu.ResidentData:
-        """The sampler's training set on this device (copied once, kept while it is the same)."""
+        """The sampler's training set on this device, copied once."""
         r = self._resident
         if r is None or r.source is not sampler.x or r.pad != sampler.pad:
             self._resident = None  # free the previous copy first
-            r = gpu.make_resident(sampler.x, sampler.y, sampler.pad, self.dev, self.dtype)
-            self._resident = r
-        return r
+            self._resident = gpu.make_resident(sampler.x, sampler.y, sampler.pad, self.dev,
+                                               self.dtype)
+        return self._resident
 
     def epoch_batches(self, sampler, epoch: int):
-        """The batches of ``sampler.epoch(epoch)``, gathered on the device in a few kernels
-        from :meth:`resident` data (:class:`crmn.stack.FastEpoch`)."""
+        """The batches of ``sampler.epoch(epoch)``, gathered on the device (FastEpoch)."""
         B = sampler.batch_size
         plan = sampler.plan(epoch)
         m = len(sampler) * B  # positions past the last full batch are unused (dropped)
@@ -273,16 +238,12 @@ class TorchBackend:
         for b in range(len(sampler)):
             yield xe[b * B:(b + 1) * B], ye[b * B:(b + 1) * B]
 
-    # ------------------------------------------------------------------ inference
-
     @torch.no_grad()
     def logits(self, x: np.ndarray, training: bool) -> np.ndarray:
         """Logits (B, classes) as numpy; changes no state (running stats included)."""
         with self._autocast():
             out = self.net(self._input(x), training=training, update_stats=False)
         return out.float().cpu().numpy() if self.amp else out.cpu().numpy()
-
-    # ------------------------------------------------------------------ state
 
     def get_state(self) -> Dict[str, np.ndarray]:
         """Params, BN running stats and velocities under canonical names (crmn.convert)."""
@@ -294,13 +255,10 @@ class TorchBackend:
 
     def set_state(self, state: Dict[str, np.ndarray]) -> None:
         """Copy canonical arrays in place (a captured graph keeps pointing at them)."""
-        native = convert.canonical_to_torch(self.cfg, state)
+        native = convert.canonical_to_torch(self.cfg, state)  # checks every name and shape
         targets = dict(self.net.state_dict(keep_vars=True))
         for n, v in zip(self.names, self.velocity):
             targets[velocity_name(n)] = v
-        missing = set(targets) - set(native)
-        if missing:  # pragma: no cover - convert already checks every canonical name
-            raise CheckpointError(f"checkpoint: arrays {sorted(missing)} are missing")
         with torch.no_grad():
             for k, t in targets.items():
                 src = torch.as_tensor(np.ascontiguousarray(native[k]))
@@ -308,6 +266,4 @@ class TorchBackend:
         self._sync()
 
     def reset_velocity(self) -> None:
-        with torch.no_grad():
-            for v in self.velocity:
-                v.zero_()
+        torch._foreach_zero_(self.velocity)

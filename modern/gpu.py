@@ -1,9 +1,5 @@
-"""A whole epoch's augmented batches in a few batched kernels, from data resident on a device.
-
-airbench's recipe: the training set is copied to the device and zero-padded once; each epoch
-the sampler's :class:`crmn.data.EpochPlan` (order, crop offsets, flips) is applied to all
-images at once by gather kernels, giving bit for bit the batches ``BatchSampler.epoch`` yields
-on the CPU (docs/spec.md §6).
+"""A whole epoch's augmented batches in a few gather kernels from the padded training set
+kept on the device (airbench's recipe); bit for bit ``BatchSampler.epoch``'s (docs/spec.md §6).
 """
 from __future__ import annotations
 
@@ -28,8 +24,7 @@ class ResidentData:
 
 def make_resident(x: np.ndarray, y: np.ndarray, pad: int, device: torch.device,
                   dtype: torch.dtype) -> ResidentData:
-    """Copy images (N, 3, 32, 32) and labels (N,) to ``device``, zero-padded by ``pad``
-    after normalisation, as the sampler pads (docs/spec.md §4)."""
+    """Images (N, 3, 32, 32) and labels (N,) on ``device``, zero-padded as the sampler pads."""
     xt = torch.as_tensor(np.asarray(x), dtype=dtype).to(device)
     xpad = F.pad(xt, (pad, pad, pad, pad))  # (N, 3, 32+2p, 32+2p)
     yt = torch.as_tensor(np.asarray(y), dtype=torch.int64).to(device)
@@ -37,21 +32,16 @@ def make_resident(x: np.ndarray, y: np.ndarray, pad: int, device: torch.device,
 
 
 def gather_epoch(data: ResidentData, order, dy, dx, flip) -> tuple:
-    """One epoch's plan applied to the resident images, per position (M = batches × batch
-    size): image index ``order`` (M,), crop offsets ``dy, dx`` (M,) in 0..2·pad, left-right
-    ``flip`` (M,). Returns ``x`` (M, 3, 32, 32) and ``y`` (M,) int64; batch b is
-    ``x[b·B:(b+1)·B]``."""
+    """An epoch plan's ``order``, crop offsets ``dy, dx`` and ``flip`` (M,) applied to the
+    resident images: ``x`` (M, 3, 32, 32) and ``y`` (M,) int64."""
     dev = data.xpad.device
-    order = torch.as_tensor(np.asarray(order, dtype=np.int64)).to(dev)
-    dy = torch.as_tensor(np.asarray(dy, dtype=np.int64)).to(dev)
-    dx = torch.as_tensor(np.asarray(dx, dtype=np.int64)).to(dev)
+    order, dy, dx = (torch.as_tensor(np.asarray(a, dtype=np.int64)).to(dev)
+                     for a in (order, dy, dx))
     flip = torch.as_tensor(np.asarray(flip, dtype=bool)).to(dev)
     ar = torch.arange(IMAGE, device=dev)
     rows = dy[:, None] + ar  # (M, 32)
-    # a flipped crop reads its columns right to left
-    cols = dx[:, None] + torch.where(flip[:, None], IMAGE - 1 - ar, ar)  # (M, 32)
-    C = data.xpad.shape[1]
-    ch = torch.arange(C, device=dev)
+    cols = dx[:, None] + torch.where(flip[:, None], IMAGE - 1 - ar, ar)  # flipped: right to left
+    ch = torch.arange(data.xpad.shape[1], device=dev)
     x = data.xpad[order[:, None, None, None], ch[None, :, None, None],
                   rows[:, None, :, None], cols[:, None, None, :]]  # (M, C, 32, 32)
     return x, data.y[order]

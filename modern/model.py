@@ -1,15 +1,10 @@
-"""The CRMN network and its plain-ResNet baseline in PyTorch (docs/spec.md §4).
-
-One builder per architecture (:func:`build_resnet`, :func:`build_crmn`, :func:`build`);
-``python -m modern.model`` prints each Table 1 row's parameter count beside the paper's.
-Equal to ``original/`` by construction: the same initial arrays (:mod:`crmn.init`), Lasagne's
-batch-norm convention, option-A shortcuts with the identity in the middle channels, and the
-peephole LSTM of eqs. 2-7 written out (``torch.nn.LSTM`` has no peepholes); packed gate
-order i, f, c, o.
-"""
+"""The CRMN network and its plain-ResNet baseline in PyTorch (docs/spec.md §4), equal to
+``original/`` by construction: the same initial arrays, Lasagne's batch norm, option-A
+shortcuts, and the peephole LSTM of eqs. 2-7 (gates packed i, f, c, o). ``python -m
+modern.model`` prints each Table 1 row's parameter count beside the paper's."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +14,6 @@ from crmn.config import ModelConfig
 from crmn.convert import canonical_to_torch
 from crmn.init import initial_state
 from crmn.naming import BN_ALPHA, BN_EPS, count_trainable
-
-
-# ----------------------------------------------------------------------------- layers
 
 
 class RunningStats:
@@ -36,19 +28,15 @@ class RunningStats:
         self.running.append(running)
         self.batch.append(batch.detach().to(running.dtype))
 
-    def apply(self) -> None:
-        """``r <- (1 - α) r + α batch`` for every pair added, α = BN_ALPHA."""
+    def apply(self) -> None:  # r <- (1 - α) r + α batch, α = BN_ALPHA
         if self.running:
             with torch.no_grad():
                 torch._foreach_lerp_(self.running, self.batch, BN_ALPHA)
 
 
 class BatchNorm(nn.Module):
-    """Batch normalisation in Lasagne's convention (Ioffe & Szegedy 2015).
-
-    ``weight`` γ, ``bias`` β; buffers ``mean`` and ``inv_std`` average the batch mean and
-    ``1/sqrt(biased var + ε)`` with rate α (``r <- (1 - α) r + α batch``).
-    """
+    """Batch norm in Lasagne's convention: ``weight`` γ, ``bias`` β; buffers ``mean`` and
+    ``inv_std`` average the batch mean and ``1/sqrt(biased var + ε)`` with rate α."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -59,23 +47,18 @@ class BatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, training: bool,
                 update_stats: Union[bool, RunningStats] = False) -> torch.Tensor:
-        """Normalise ``x`` (B, C, H, W) per channel; batch statistics when ``training``.
-
-        ``update_stats`` (with ``training``): ``True`` moves the running averages now; a
-        :class:`RunningStats` collects this layer's batch statistics for its ``apply``.
-        """
+        """Normalise ``x`` (B, C, H, W); ``update_stats``: True moves the running averages
+        now, a :class:`RunningStats` collects the batch statistics for its ``apply``."""
         if training:
-            # one fused kernel that also returns the batch mean and 1/sqrt(var + eps); no
-            # running buffers: we average them ourselves, Lasagne's way (cuDNN's batch norm
-            # is not used: crmn.verify's graph-vs-eager check drifted with it)
+            # one fused kernel also giving the batch mean and 1/sqrt(var + eps); we average them
+            # Lasagne's way (not cuDNN's batch norm: crmn.verify's graph check drifted with it)
             out, bmean, binv = torch.native_batch_norm(
                 x, self.weight, self.bias, None, None, True, 0.0, BN_EPS)
             if update_stats:
-                stats = update_stats if isinstance(update_stats, RunningStats) \
-                    else RunningStats()
+                stats = RunningStats() if update_stats is True else update_stats
                 stats.add(self.mean, bmean)
                 stats.add(self.inv_std, binv)
-                if stats is not update_stats:  # True: this layer's averages move now
+                if stats is not update_stats:
                     stats.apply()
             return out
         scale = self.weight * self.inv_std  # γ / σ
@@ -113,15 +96,9 @@ class BasicBlock(nn.Module):
 
 
 class _PeepholeRecurrence(torch.autograd.Function):
-    """The 3n-step recurrence of eqs. 2-7 with a hand-written backward: far fewer kernels
-    than autograd records, and ``W_h``'s gradient as one product after the loop
-    (operator counts: REPRODUCING.md §5).
-
-    ``W_h`` is cast once per forward to ``mm_dtype`` (bf16 under autocast); gates, cell and
-    gradients stay in ``xw``'s dtype, as autocast computes them. Inputs: ``xw`` (B, T, 4H) =
-    x W_x + b; ``W_h`` (H, 4H); peepholes ``w_ci, w_cf, w_co`` (H,) or None; ``h0, c0``
-    (H,). Output: every ``h`` (B, T, H), or the last (B, H) when ``last_only``.
-    """
+    """The 3n-step recurrence of eqs. 2-7 with a hand-written backward (far fewer kernels than
+    autograd's; ``W_h``'s gradient one product after the loop). ``xw`` (B, T, 4H) = x W_x + b;
+    ``W_h`` cast once to ``mm_dtype`` (bf16 under autocast); returns h (B, T, H) or (B, H)."""
 
     @staticmethod
     def forward(ctx, xw, W_h, w_ci, w_cf, w_co, h0, c0, tanh_out: bool, mm_dtype: torch.dtype,
@@ -131,8 +108,7 @@ class _PeepholeRecurrence(torch.autograd.Function):
         peep = w_ci is not None
         sig_o = torch.tanh if tanh_out else torch.sigmoid
         Wm = W_h.to(mm_dtype)
-        h = h0.expand(B, H)
-        c = c0.expand(B, H)
+        h, c = h0.expand(B, H), c0.expand(B, H)
         cs, hms, gates, hs = [c], [], [], []
         for t in range(T):
             hm = h.to(mm_dtype)
@@ -201,11 +177,8 @@ class _PeepholeRecurrence(torch.autograd.Function):
 
 
 class PeepholeLSTM(nn.Module):
-    """The LSTM of eqs. 2-7 (section 3.2) with peepholes and learned initial states.
-
-    Packed arrays, gates in :data:`crmn.naming.LSTM_GATES` order: ``W_x`` (I, 4H), ``W_h``
-    (H, 4H), ``b`` (4H,); peepholes ``w_ci, w_cf, w_co`` (H,); ``h0, c0`` (H,).
-    """
+    """The LSTM of eqs. 2-7 (section 3.2) with peepholes and learned ``h0, c0`` (H,); gates
+    packed i, f, c, o: ``W_x`` (I, 4H), ``W_h`` (H, 4H), ``b`` (4H,)."""
 
     def __init__(self, inputs: int, units: int, outgate: str, peepholes: bool):
         super().__init__()
@@ -227,8 +200,7 @@ class PeepholeLSTM(nn.Module):
         CRMN's softmax reads, with ``last_only``."""
         B, T, I = x.shape
         H = self.units
-        # one (B·T, I) @ (I, 4H) product for all steps (Lasagne's precompute_input); the
-        # recurrent products run in its dtype (bf16 under autocast)
+        # one product for all steps (Lasagne's precompute_input); its dtype is the recurrence's
         xm = x.reshape(B * T, I) @ self.W_x
         xw = (xm + self.b).reshape(B, T, 4 * H)
         peep = (self.w_ci, self.w_cf, self.w_co) if self.peepholes else (None, None, None)
@@ -236,15 +208,9 @@ class PeepholeLSTM(nn.Module):
                                          self.outgate == "tanh", xm.dtype, last_only)
 
 
-# ----------------------------------------------------------------------------- network
-
-
 class CIFARNet(nn.Module):
-    """6n+2-layer CIFAR ResNet (He et al. 2015), with the CRMN memory when ``cfg.memory``.
-
-    Input (B, 3, 32, 32); output logits (B, classes). Module names: ``conv0``, ``bn0``,
-    ``blocks.{j}`` (j = 0..3n-1, network order), ``lstm``, ``fc``.
-    """
+    """6n+2-layer CIFAR ResNet (He et al. 2015), with the CRMN memory when ``cfg.memory``:
+    (B, 3, 32, 32) -> logits (B, classes). Modules ``conv0, bn0, blocks.{j}, lstm, fc``."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -266,23 +232,20 @@ class CIFARNet(nn.Module):
         self.fc = nn.Linear(fc_in, cfg.classes)
 
     def reset_parameters(self, seed: int) -> None:
-        """Load :func:`crmn.init.initial_state` for ``seed`` (the arrays ``original/`` loads),
-        cast to this module's device and dtype."""
+        """Load :func:`crmn.init.initial_state` for ``seed`` (the arrays ``original/`` loads)."""
         state = canonical_to_torch(self.cfg, initial_state(self.cfg, seed), with_velocity=False)
         with torch.no_grad():
             for name, t in self.state_dict(keep_vars=True).items():  # params and BN buffers
                 t.copy_(torch.from_numpy(state[name]).reshape(t.shape))
 
     def tap(self, x: torch.Tensor) -> torch.Tensor:
-        """One block output (B, C, S, S) -> LSTM input (B, I): 2×2 mean pool, flatten C×H×W,
-        zero-pad at the end to ``cfg.lstm_input`` (docs/spec.md §4)."""
+        """Block output (B, C, S, S) -> LSTM input (B, I): 2×2 mean pool, flatten, zero-pad."""
         p = F.avg_pool2d(x, 2).flatten(1)
         return F.pad(p, (0, self.cfg.lstm_input - p.shape[1]))
 
     def forward(self, x: torch.Tensor, training: bool = True,
                 update_stats: bool = False) -> torch.Tensor:
-        """Logits (B, classes) for images x (B, 3, 32, 32); ``training``: batch statistics,
-        ``update_stats`` (a train step): also move the running averages."""
+        """Logits; ``training``: batch statistics, ``update_stats``: move the running averages."""
         if update_stats and not training:
             raise ValueError("update_stats needs training=True")
         stats = RunningStats() if update_stats else False  # applied once, after the blocks
@@ -306,10 +269,8 @@ class CIFARNet(nn.Module):
         return self.fc(feat)
 
     def single_product_weights(self) -> List[str]:
-        """The parameters that enter exactly one convolution or product (filters, the dense
-        layer, ``lstm.W_x``): casting them before the forward (``cast_once``) gives autocast's
-        numbers. Not ``lstm.W_h``: autocast sums its 3n casts' gradients in float32.
-        """
+        """Parameters entering exactly one product, which ``cast_once`` may cast before the
+        forward (not ``lstm.W_h``: autocast sums its 3n casts' gradients in float32)."""
         names = [f"{m}.weight" for m, mod in self.named_modules() if isinstance(mod, nn.Conv2d)]
         names += ["fc.weight", "fc.bias"]
         if self.cfg.memory:
@@ -317,12 +278,11 @@ class CIFARNet(nn.Module):
         return names
 
     def param_count(self) -> int:
-        """Trainable parameters, counted from the modules' own tensors."""
         return sum(p.numel() for p in self.parameters())
 
 
 def build(cfg: ModelConfig, seed: int = 0) -> CIFARNet:
-    """The network of ``cfg``, initialised from ``seed`` by :mod:`crmn.init` (float32, CPU)."""
+    """The network of ``cfg``, initialised from ``seed`` (float32, CPU)."""
     net = CIFARNet(cfg)
     net.reset_parameters(seed)
     return net
@@ -343,6 +303,5 @@ if __name__ == "__main__":  # pragma: no cover - a printout for checking Table 1
 
     for row in paper.TABLE1:
         cfg = ModelConfig.for_row(row)
-        net = CIFARNet(cfg)
-        print(f"{row.label:14s} ours {net.param_count() / 1e6:6.2f} M  "
+        print(f"{row.label:14s} ours {CIFARNet(cfg).param_count() / 1e6:6.2f} M  "
               f"paper {row.paper_params_m:6.2f} M  (naming {count_trainable(cfg) / 1e6:.2f} M)")
