@@ -1,13 +1,7 @@
-"""Op conversions of the JAX mode: one ``@jax_funcify.register(Op)`` per Theano op.
-
-Laid out as Theano-PyMC's ``theano/link/jax/jax_dispatch.py``, but :func:`jax_funcify` is a
-dispatcher of our own whose fallback is Theano's stock one: Theano's registry stays as it
-is, so no other JAX code of the process changes. ``Elemwise`` and ``Composite`` are
-re-registered so that their inner ops come back here. Added: ``CorrMM`` and its gradients,
-``Pool``, ``AveragePoolGrad``, the softmax cross-entropy ops, ``Argmax``, ``Split``.
-Replaced: ``Add``, ``Mul``, the ``IncSubtensor`` forms (stock ones call functions JAX
-removed), ``CAReduceDtype`` (accumulates in ``acc_dtype``, as Theano's C code). An
-unsupported option raises :class:`Unsupported`.
+"""Op conversions of the JAX mode, on a dispatcher of our own whose fallback is Theano's
+stock one (Theano's registry stays as it is). Added: ``CorrMM`` and its gradients,
+pooling, softmax cross-entropy, ``Argmax``, ``Split``; replaced: ``Add``, ``Mul``,
+``IncSubtensor`` (stock ones call functions JAX removed), ``CAReduceDtype``.
 """
 from __future__ import annotations
 
@@ -33,8 +27,7 @@ from original.jax_mode.graph import Unsupported, convert_graph, evaluate
 
 
 def _import_stock_dispatch():
-    """Theano's stock dispatch module; importing it sets ``jax_enable_x64`` from Theano's
-    ``floatX``, so the previous value is put back."""
+    """Theano's stock dispatch module; importing it sets ``jax_enable_x64``: put it back."""
     before = jax.config.jax_enable_x64
     from theano.link.jax import jax_dispatch
 
@@ -48,8 +41,7 @@ convert_indices = _stock.convert_indices
 
 @functools.singledispatch
 def jax_funcify(op):
-    """The JAX function of ``op``: ours where registered here, else Theano's stock one;
-    :class:`Unsupported` where neither converts it."""
+    """The JAX function of ``op``: ours, else Theano's stock one, else :class:`Unsupported`."""
     try:
         return _stock.jax_funcify(op)
     except (NotImplementedError, AttributeError, TypeError) as err:
@@ -58,19 +50,15 @@ def jax_funcify(op):
                           f"{detail})") from None
 
 
-# --- conversions of inner ops: back through our dispatcher ------------------------------
-
 @jax_funcify.register(Elemwise)
 def jax_funcify_Elemwise(op):
-    """The elementwise op's scalar op, converted by this dispatcher (the stock ``Elemwise``
-    conversion would ask the stock one, missing the fixed ``Add`` and ``Mul``)."""
+    """The scalar op through this dispatcher (the stock one would miss ``Add``, ``Mul``)."""
     return jax_funcify(op.scalar_op)
 
 
 @jax_funcify.register(Composite)
 def jax_funcify_Composite(op):
-    """A fused elementwise subgraph, traced once for all its outputs (the stock conversion
-    re-traces the shared part per output)."""
+    """A fused elementwise subgraph, traced once for all its outputs (not once per output)."""
     conversions = convert_graph(op.fgraph, jax_funcify)
 
     def composite(*args):
@@ -80,29 +68,18 @@ def jax_funcify_Composite(op):
     return composite
 
 
-# --- fixed stock conversions -----------------------------------------------------------
-
 @jax_funcify.register(Add)
-def jax_funcify_Add(op):
-    """n-ary ``Add``, summed left to right like Theano's C loop (``a + b + c``)."""
-    def add(*args):
-        return functools.reduce(jnp.add, args)
-
-    return add
-
-
 @jax_funcify.register(Mul)
-def jax_funcify_Mul(op):
-    """n-ary ``Mul``; the stock conversion calls ``jnp.product``, gone from JAX."""
-    def mul(*args):
-        return functools.reduce(jnp.multiply, args)
-
-    return mul
+def jax_funcify_Add(op):
+    """n-ary ``Add`` / ``Mul`` left to right like Theano's C loop (the stock ``Mul`` calls
+    ``jnp.product``, gone from JAX)."""
+    binary = jnp.add if isinstance(op, Add) else jnp.multiply
+    return lambda *args: functools.reduce(binary, args)
 
 
 def _inc_subtensor(op, indices_of):
-    """``x[idx] = y`` or ``x[idx] += y`` through ``x.at[idx]`` (``x`` may be a numpy
-    constant of the graph); ``indices_of(ilist)`` builds ``idx``."""
+    """``x[idx] = y`` or ``x[idx] += y`` through ``x.at[idx]``; ``indices_of(ilist)``
+    builds ``idx``."""
     setting = getattr(op, "set_instead_of_inc", False)
 
     def incsubtensor(x, y, *ilist):
@@ -114,7 +91,6 @@ def _inc_subtensor(op, indices_of):
 
 @jax_funcify.register(IncSubtensor)
 def jax_funcify_IncSubtensor(op):
-    """Basic (slice / integer) set or increment; slice bounds are static scalars."""
     def indices(ilist):
         idx = tuple(convert_indices(ilist, entry) for entry in op.idx_list)
         return idx[0] if len(idx) == 1 else idx
@@ -124,35 +100,27 @@ def jax_funcify_IncSubtensor(op):
 
 @jax_funcify.register(AdvancedIncSubtensor1)
 def jax_funcify_AdvancedIncSubtensor1(op):
-    """Set or increment rows ``x[ilist]`` (repeated indices accumulate, as in Theano)."""
     return _inc_subtensor(op, lambda ilist: ilist[0])
 
 
 @jax_funcify.register(AdvancedIncSubtensor)
 def jax_funcify_AdvancedIncSubtensor(op):
-    """Set or increment ``x[i0, i1, ...]`` with integer index arrays."""
     return _inc_subtensor(op, tuple)
 
 
 @jax_funcify.register(CAReduceDtype)
 def jax_funcify_CAReduceDtype(op):
-    """``Sum`` / ``Prod`` accumulated in ``op.acc_dtype`` (float64 for float32, as Theano's
-    C code; the stock conversion uses the input's dtype), cast to ``op.dtype``."""
+    """``Sum`` / ``Prod`` accumulated in ``op.acc_dtype`` as Theano's C code (the stock
+    conversion uses the input's dtype)."""
     reducer = {Add: jnp.sum, Mul: jnp.prod}.get(type(op.scalar_op))
     if reducer is None:
         raise Unsupported(f"no JAX conversion for the reduction {op}")
+    return lambda x: reducer(x, axis=op.axis, dtype=op.acc_dtype).astype(op.dtype)
 
-    def careduce(x):
-        return reducer(x, axis=op.axis, dtype=op.acc_dtype).astype(op.dtype)
-
-    return careduce
-
-
-# --- convolution: CorrMM and its gradients ---------------------------------------------
 
 def corr_padding(op, kshape) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """((top, bottom), (left, right)) zero padding of ``op``'s border mode for a kernel of
-    spatial shape ``kshape`` (kH, kW), as ``BaseCorrMM``'s C code computes it."""
+    """((top, bottom), (left, right)) padding of ``op`` for a (kH, kW) kernel, as
+    ``BaseCorrMM``'s C code computes it."""
     dilated = [(k - 1) * d + 1 for k, d in zip(kshape, op.filter_dilation)]
     if op.border_mode == "valid":
         return ((0, 0), (0, 0))
@@ -169,9 +137,8 @@ def _check_corr(op):
 
 
 def correlate(op, img, kern, padding=None):
-    """(B, C, H, W) ⋆ (F, C/groups, kH, kW) -> (B, F, H', W'): cross-correlation (no kernel
-    flip; Theano flips ``conv2d``'s kernel before lowering it to ``CorrMM``). ``padding``:
-    ((top, bottom), (left, right)); default :func:`corr_padding` of ``op``."""
+    """(B, C, H, W) ⋆ (F, C/groups, kH, kW) -> (B, F, H', W'), no kernel flip; ``padding``
+    defaults to :func:`corr_padding` of ``op``."""
     if padding is None:
         padding = corr_padding(op, kern.shape[-2:])
     return lax.conv_general_dilated(
@@ -183,17 +150,13 @@ def correlate(op, img, kern, padding=None):
 @jax_funcify.register(CorrMM)
 def jax_funcify_CorrMM(op):
     _check_corr(op)
-
-    def corrmm(img, kern):
-        return correlate(op, img, kern)
-
-    return corrmm
+    return functools.partial(correlate, op)
 
 
 @jax_funcify.register(CorrMM_gradWeights)
 def jax_funcify_CorrMM_gradWeights(op):
-    """d(loss)/d(kernel): the transpose of the correlation, linear in the kernel; its
-    spatial size from the op's ``shape`` input where given, else inferred as Theano does."""
+    """d(loss)/d(kernel), its spatial size the op's ``shape`` input or inferred as Theano
+    does."""
     _check_corr(op)
 
     def kernel_size(img_hw, top_hw, shape):
@@ -221,8 +184,7 @@ def jax_funcify_CorrMM_gradWeights(op):
 
 @jax_funcify.register(CorrMM_gradInputs)
 def jax_funcify_CorrMM_gradInputs(op):
-    """d(loss)/d(image): the transpose of the correlation, linear in the image; its spatial
-    size from the op's ``shape`` input where given (a stride drops rows), else inferred."""
+    """d(loss)/d(image), its spatial size the op's ``shape`` input or inferred."""
     _check_corr(op)
 
     def corrmm_gradinputs(kern, topgrad, *shape):
@@ -240,13 +202,10 @@ def jax_funcify_CorrMM_gradInputs(op):
 
     return corrmm_gradinputs
 
-# --- pooling ---------------------------------------------------------------------------
 
 def _pool_geometry(shape, ws, stride, pad, ignore_border, mode):
     """(window, strides, padding, element counts) of ``Pool`` over the last ``len(ws)``
-    axes: ``Pool.out_shape``'s output size, extra end padding for windows past the image
-    (ignore_border=False), counts as ``Pool.perform`` averages (with or without the
-    padding, clipped at the padded image's end)."""
+    axes, as ``Pool.out_shape`` sizes and ``Pool.perform`` averages them."""
     nd = len(ws)
     out = Pool.out_shape(shape, ws, ignore_border, stride, pad, nd)[-nd:]
     lead = len(shape) - nd
@@ -275,8 +234,7 @@ def _check_pool(op, pad):
 
 
 def _pool_linear(op, x, ws, stride, pad):
-    """Sum or average pooling of ``x`` (linear in ``x``); ``ws``, ``stride``, ``pad`` are
-    the op's static (nd,) inputs."""
+    """Sum or average pooling of ``x`` (linear in ``x``)."""
     window, strides, padding, counts = _pool_geometry(
         x.shape, ws, stride, pad, op.ignore_border, op.mode)
     zero = np.zeros((), dtype=x.dtype)
@@ -288,8 +246,7 @@ def _pool_linear(op, x, ws, stride, pad):
 
 @jax_funcify.register(Pool)
 def jax_funcify_Pool(op):
-    """(..., H, W) -> (..., H', W') pooling over the last ``op.ndim`` axes (the CRMN tap's
-    2x2 mean pool, stride 2: mode "average_inc_pad", ignore_border=True)."""
+    """(..., H, W) -> (..., H', W') pooling over the last ``op.ndim`` axes."""
     def pool(x, ws, stride, pad):
         _check_pool(op, pad)
         if op.mode != "max":
@@ -304,8 +261,7 @@ def jax_funcify_Pool(op):
 
 @jax_funcify.register(AveragePoolGrad)
 def jax_funcify_AveragePoolGrad(op):
-    """Gradient of sum / average pooling with respect to its input ``x``: the transpose of
-    the (linear) pooling, evaluated at ``gz`` of the pooled shape."""
+    """Gradient of sum / average pooling: the transpose of the pooling, at ``gz``."""
     def average_pool_grad(x, gz, ws, stride, pad):
         if op.mode == "average_exc_pad" and max(pad, default=0):
             raise Unsupported(f"no JAX conversion for {op} with padding {tuple(pad)}: "
@@ -317,8 +273,6 @@ def jax_funcify_AveragePoolGrad(op):
 
     return average_pool_grad
 
-
-# --- softmax cross-entropy, argmax, split ---------------------------------------------
 
 @jax_funcify.register(CrossentropySoftmaxArgmax1HotWithBias)
 def jax_funcify_CrossentropySoftmaxArgmax1HotWithBias(op):
@@ -351,8 +305,7 @@ def jax_funcify_CrossentropySoftmax1HotWithBiasDx(op):
 
 @jax_funcify.register(Argmax)
 def jax_funcify_Argmax(op):
-    """int64 argmax over ``op.axis`` (all axes when None; several axes are flattened after
-    the kept ones, as ``Argmax.perform`` does); ties go to the first index, as in numpy."""
+    """int64 argmax over ``op.axis`` (several axes flattened, as ``Argmax.perform``)."""
     def argmax(x):
         axes = tuple(range(x.ndim)) if op.axis is None else tuple(op.axis)
         keep = tuple(i for i in range(x.ndim) if i not in axes)
@@ -365,12 +318,10 @@ def jax_funcify_Argmax(op):
 
 @jax_funcify.register(Split)
 def jax_funcify_Split(op):
-    """x -> ``op.len_splits`` pieces along a static axis at static sizes (the LSTM's gate
-    blocks; the gradient of ``Join``)."""
+    """x -> ``op.len_splits`` pieces along a static axis at static sizes."""
+
     def split(x, axis, splits):
         bounds = np.cumsum(np.asarray(splits))[:-1]
         return tuple(jnp.split(x, bounds, axis=int(axis)))
 
     return split
-
-
