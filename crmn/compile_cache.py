@@ -35,9 +35,8 @@ def folder() -> Tuple[Path, bool]:
 
 
 def folder_problem(path: Path, chosen: bool) -> Optional[str]:
-    """Why ``path`` may not hold cache entries (one line), or None. The default folder must
-    be yours and writable by nobody else; ``$CRMN_CACHE`` (``chosen``) may be a group's but
-    not everyone's, unless yours with the sticky bit. A missing folder passes."""
+    """Why ``path`` may not hold cache entries, or None: the default folder must be yours
+    alone; ``$CRMN_CACHE`` a group's, not everyone's (unless yours with the sticky bit)."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -154,5 +153,4 @@ def fingerprint(*parts: str) -> str:
 
 def source_hash(files) -> str:
     """sha256 of the named source files' bytes."""
-
     return fingerprint(*(Path(f).read_bytes().decode("utf-8", "replace") for f in files))

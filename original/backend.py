@@ -1,9 +1,7 @@
-"""The Theano + Lasagne backend behind :class:`crmn.stack.Stack` (docs/spec.md §5-6).
-
-Training is section 4 of the paper as Lasagne ran it: mean cross-entropy plus
-(weight_decay / 2) · Σ w² over the arrays :mod:`crmn.naming` decays (Lasagne's
-``regularizable`` tags would decay the peepholes too), Lasagne's momentum updates; compiled
-by Theano's C backend (``_CMode``) or through JAX (``_JaxMode``, :mod:`original.jax_mode`).
+"""The Theano + Lasagne backend behind :class:`crmn.stack.Stack` (docs/spec.md §5-6): the
+paper's section 4 as Lasagne ran it, (weight_decay / 2) · Σ w² over the arrays
+:mod:`crmn.naming` decays (Lasagne's tags would decay the peepholes too); compiled by
+Theano's C backend (``_CMode``) or through JAX (``_JaxMode``, :mod:`original.jax_mode`).
 """
 from __future__ import annotations
 
@@ -79,7 +77,6 @@ class _JaxMode:
 
     def __init__(self, device: str, dtype: str, cache=None, context=None):
         from original import jax_mode
-
         jax_mode.configure()
         self._jax_mode = jax_mode
         self._device = jax_mode.jax_device(device)
@@ -88,7 +85,6 @@ class _JaxMode:
         self.cache, self._context = cache, dict(context or {})
         if cache is not None:
             from original.jax_mode import cache as jax_cache
-
             jax_cache.use_xla_cache(cache.root)
 
     def function(self, inputs, outputs, updates, name: str, device_outputs: bool = False):
@@ -102,7 +98,6 @@ class _JaxMode:
         if self.cache is None:
             return build()
         from original.jax_mode.cache import CachedFunction
-
         fn = CachedFunction(inputs, outputs, updates, name, self.cache, build, self._device,
                             self._jax_mode.PRECISIONS[False][0], self._context)
         fn.host_outputs = not device_outputs
@@ -130,7 +125,6 @@ class _JaxMode:
 class TheanoBackend:
     """A CRMN or ResNet in Theano + Lasagne, driven through :class:`crmn.stack.Stack`;
     ``compile_cache``: the JAX mode keeps compiled steps in :mod:`crmn.compile_cache`."""
-
     name = "theano"
 
     @staticmethod
@@ -145,7 +139,6 @@ class TheanoBackend:
         try:
             if options.theano_mode == "jax":
                 from original import jax_mode
-
                 jax_mode.jax_device(options.device)
             else:
                 _check_device(options.device)

@@ -5,16 +5,24 @@ what it needs while a graph is built, compiled or first run, and puts it all bac
 """
 from __future__ import annotations
 
+import configparser
 import contextlib
+import importlib
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import types
 import warnings
+from importlib import metadata
 from pathlib import Path
 from typing import Dict, Optional
+
+import numpy
 
 from crmn.errors import ConfigError
 
@@ -43,8 +51,6 @@ def _parse_flags(text: str) -> Dict[str, str]:
 
 def _theanorc_keys() -> set:
     """Option names (``section__key``) that the user's ``.theanorc`` files set."""
-    import configparser
-
     paths = os.environ.get("THEANORC", "~/.theanorc:~/.theanorc.txt").split(os.pathsep)
     parser = configparser.ConfigParser()
     parser.read([os.path.expanduser(p) for p in paths])
@@ -65,9 +71,8 @@ def find_openblas() -> Optional[str]:
 
 
 def theano_flag_defaults(environ=None) -> Dict[str, str]:
-    """Add defaults to ``THEANO_FLAGS`` in ``environ``, never over the user's flags or
-    ``.theanorc``; returns those added. Theano-PyMC's BLAS detection crashes on numpy 1.23,
-    hence ``blas__ldflags``; ``cxx=`` where numpy is too new for Theano's C code."""
+    """Add defaults to ``THEANO_FLAGS`` in ``environ`` (Theano-PyMC's BLAS detection crashes
+    on numpy 1.23), never over the user's flags or ``.theanorc``; returns those added."""
     environ = os.environ if environ is None else environ
     user = set(_parse_flags(environ.get("THEANO_FLAGS", ""))) | _theanorc_keys()
     wanted = {"floatX": "float32"}
@@ -92,7 +97,6 @@ def shared_compiledir(environ=None) -> Optional[str]:
     """``$CRMN_CACHE/theano`` where that folder passes :mod:`crmn.compile_cache`'s ownership
     rule, else None (Theano keeps ``~/.theano``)."""
     from crmn import compile_cache
-
     environ = os.environ if environ is None else environ
     chosen = environ.get(compile_cache.CACHE_ENV)
     if not chosen:
@@ -104,8 +108,6 @@ def shared_compiledir(environ=None) -> Optional[str]:
 
 
 def _numpy_version() -> tuple:
-    import numpy
-
     return tuple(int(part) for part in numpy.__version__.split(".")[:2])
 
 
@@ -116,15 +118,12 @@ def numpy_too_new_for_c() -> bool:
 def c_backend_available() -> tuple:
     """``(True, "")`` where Theano's C backend can work here, else ``(False, one line)``;
     compiles nothing."""
-    import numpy
-
     if numpy_too_new_for_c():
         return False, (f"Theano-PyMC 1.1.2's C backend needs numpy < "
                        f"{'.'.join(map(str, NUMPY_C_LIMIT))} and this Python has numpy "
                        f"{numpy.__version__}: use --theano-mode jax, or the pinned "
                        f"environment (requirements.txt) for the C backend")
     import theano
-
     if not theano.config.cxx:
         return False, ("Theano found no C++ compiler (its cxx flag is empty): install g++ "
                        "(or set cxx=... in THEANO_FLAGS), or use --theano-mode jax")
@@ -151,22 +150,16 @@ def bridge_pkg_resources() -> None:
             return
         except ImportError:
             pass
-    from importlib import metadata
-
     _stand_in("pkg_resources", "get_distribution(name).version only.",
               get_distribution=lambda name: types.SimpleNamespace(
                   project_name=name, version=metadata.version(name)))
 
 
 def _python_inc(plat_specific=False, prefix=None):
-    import sysconfig
-
     return sysconfig.get_paths()["platinclude" if plat_specific else "include"]
 
 
 def _python_lib(plat_specific=False, standard_lib=False, prefix=None):
-    import sysconfig
-
     key = {(False, False): "purelib", (True, False): "platlib",
            (False, True): "stdlib", (True, True): "platstdlib"}
     return sysconfig.get_paths()[key[bool(plat_specific), bool(standard_lib)]]
@@ -175,13 +168,8 @@ def _python_lib(plat_specific=False, standard_lib=False, prefix=None):
 def bridge_stdlib_distutils() -> None:
     """Python 3.12 has no ``distutils``, which Theano imports: stand-ins over shutil and
     sysconfig."""
-    import importlib.util
-
     if "distutils" in sys.modules or importlib.util.find_spec("distutils") is not None:
         return
-    import shutil
-    import sysconfig
-
     spawn = _stand_in("distutils.spawn", "find_executable only.",
                       find_executable=lambda name, path=None: shutil.which(name, path=path))
     config = _stand_in("distutils.sysconfig", "the functions Theano calls, over sysconfig.",
@@ -201,10 +189,6 @@ class _SystemInfo:
 def bridge_numpy_distutils() -> None:
     """numpy 2 has no ``numpy.distutils``, which Theano imports: a stand-in that finds no
     BLAS (no C backend there) and gives numpy's headers."""
-    import importlib.util
-
-    import numpy
-
     if "numpy.distutils" in sys.modules or \
             importlib.util.find_spec("numpy.distutils") is not None:
         return
@@ -224,7 +208,6 @@ def import_theano() -> None:
 
 def bridge_mrg_random_streams() -> None:
     import theano.sandbox.rng_mrg as rng_mrg
-
     if not hasattr(rng_mrg, "MRG_RandomStreams"):
         rng_mrg.MRG_RandomStreams = rng_mrg.MRG_RandomStream
 
@@ -232,7 +215,6 @@ def bridge_mrg_random_streams() -> None:
 def _max_pool_2d(input, ds, ignore_border=None, st=None, padding=(0, 0), mode="max"):
     """Theano 0.7's ``downsample.max_pool_2d`` over Theano-PyMC's ``pool_2d``."""
     from theano.tensor.signal.pool import pool_2d
-
     if ignore_border is None:  # Theano 0.7's default, explicit to silence a warning
         ignore_border = False
     return pool_2d(input, ws=ds, ignore_border=ignore_border, stride=st, pad=padding,
@@ -241,7 +223,6 @@ def _max_pool_2d(input, ds, ignore_border=None, st=None, padding=(0, 0), mode="m
 
 def bridge_downsample() -> None:
     import theano.tensor.signal as signal
-
     if "theano.tensor.signal.downsample" not in sys.modules:
         signal.downsample = _stand_in("theano.tensor.signal.downsample",
                                       "Theano 0.7's max_pool_2d.", max_pool_2d=_max_pool_2d)
@@ -253,7 +234,6 @@ def bridge_gof() -> None:
     import theano
     import theano.graph.basic
     import theano.graph.toolbox
-
     if hasattr(theano, "gof") or "theano.gof" in sys.modules:
         return
     names = {k: v for k, v in vars(theano.graph.basic).items() if not k.startswith("__")}
@@ -267,7 +247,6 @@ def bridge_conv2d_image_shape() -> None:
     """``conv2d(..., image_shape=)`` (now ``input_shape=``), which Lasagne's ``Conv2DLayer``
     passes."""
     import theano.tensor.nnet as nnet
-
     if getattr(nnet.conv2d, "_crmn_bridge", False):
         return
     stock = nnet.conv2d
@@ -312,11 +291,9 @@ def install() -> None:
 
 def bridge_lasagne_tests() -> None:
     """Theano 0.7 names only Lasagne's own test suite uses (scripts/lasagne_tests.sh)."""
-    import importlib
 
     import theano
     import theano.graph.basic
-
     if not hasattr(theano, "Variable"):
         theano.Variable = theano.graph.basic.Variable
     if "theano.scan_module" in sys.modules:
@@ -333,8 +310,6 @@ def bridge_lasagne_tests() -> None:
 class _Cast(dict):
     """numpy 1.x's ``np.cast``: ``np.cast[dtype](x)`` is ``np.asarray(x).astype(dtype)``."""
     def __missing__(self, key):
-        import numpy
-
         dtype = numpy.dtype(key)
         return lambda x: numpy.asarray(x).astype(dtype)
 
@@ -342,8 +317,6 @@ class _Cast(dict):
 def missing_numpy_names() -> Dict[str, object]:
     """numpy 1.x names that numpy 2 removed and Theano's running code uses, as numpy 1.23
     gave them; only those this numpy lacks."""
-    import numpy
-
     wanted = {"product": numpy.prod, "cast": _Cast(), "complex": complex, "int": int,
               "sctype2char": lambda sctype: numpy.dtype(sctype).char}
     exceptions = getattr(numpy, "exceptions", None)
@@ -358,11 +331,9 @@ def missing_numpy_names() -> Dict[str, object]:
 def _exact_autocast(stock):
     """``NumpyAutocaster.__call__`` choosing, as numpy 1.x did, the first dtype that holds a
     Python number exactly (under NEP 50 the stock one typed 0.9 as float32 in float64)."""
-    import numpy
 
     def __call__(self, x):
         from theano.configdefaults import config
-
         if config.cast_policy != "custom" or not isinstance(x, (int, float)) or \
                 isinstance(x, bool):
             return stock(self, x)
@@ -405,7 +376,6 @@ def _wait_announced(lock_dir: str) -> None:
     """Wait until Theano's compile lock in ``lock_dir`` is free, saying on stderr who holds
     it (Theano waits in silence, for minutes when another process compiles)."""
     import filelock
-
     path = os.path.join(lock_dir, ".lock")
     start = time.perf_counter()
     lock = filelock.FileLock(path)
@@ -442,11 +412,9 @@ _undo = []  # what the outermost graph_settings puts back, in reverse order
 
 
 def _apply_graph_settings() -> None:
-    import numpy
     import theano.compile.compilelock as compilelock
     from theano.configdefaults import config
     from theano.scalar.basic import NumpyAutocaster
-
     limit = sys.getrecursionlimit()
     if limit < RECURSION_LIMIT:
         # the gradient of a deep CRMN is walked recursively (RecursionError at 1000)
@@ -505,9 +473,7 @@ def _restore() -> None:
 def check_compiled_backend(probe: bool = True) -> None:
     """ConfigError where Theano would run the network's ops in Python, not compiled C;
     ``probe`` also compiles a convolution and requires ``CorrMM`` (once per process)."""
-
     import theano
-
     works, why = c_backend_available()
     if not works:
         raise ConfigError(why)
@@ -525,13 +491,11 @@ def check_compiled_backend(probe: bool = True) -> None:
     global _probed
     if not probe or _probed:
         return
-    import numpy as np
     import theano.tensor as T
     from theano.tensor.nnet import conv2d
-
     with graph_settings():
         x = T.tensor4("x", dtype="float32")
-        w = theano.shared(np.ones((2, 2, 3, 3), dtype="float32"))
+        w = theano.shared(numpy.ones((2, 2, 3, 3), dtype="float32"))
         f = theano.function([x], conv2d(x, w, border_mode="half"))
     ops = {type(node.op).__name__ for node in f.maker.fgraph.toposort()}
     if not any(name.startswith(("CorrMM", "GpuCorrMM", "GpuDnnConv")) for name in ops):

@@ -15,12 +15,9 @@ from crmn.naming import BN_ALPHA, BN_EPS
 
 
 class BatchNormLayer(Layer):
-    r"""Batch normalisation (Ioffe & Szegedy 2015) over all axes but channel axis 1:
-    y = γ (x − μ) inv_std + β, inv_std = 1/√(σ² + ε); training uses the batch's mean and
-    biased variance, inference the running ``mean`` and ``inv_std`` (Lasagne's convention),
-    which move as ``(1 - alpha) running + alpha batch`` only where a graph is built with
-    ``batch_norm_update_averages=True`` (the training step).
-    """
+    r"""Batch normalisation (Ioffe & Szegedy 2015) over all axes but 1: y = γ (x − μ) inv_std
+    + β; inference uses the running ``mean`` and ``inv_std``, which move as ``(1 - alpha)
+    running + alpha batch`` in a graph built with ``batch_norm_update_averages=True``."""
 
     def __init__(self, incoming, epsilon=BN_EPS, alpha=BN_ALPHA,
                  beta=init.Constant(0.), gamma=init.Constant(1.),
@@ -154,10 +151,8 @@ def crmn_tap(incoming, num_units, name=None):
 
 
 class PeepholeLSTMLayer(LSTMLayer):
-    r"""Lasagne's ``LSTMLayer`` computing eq. 4 as written: o = σ_o(... + w_co ⊙ c_l + b_o)
-    (Lasagne 0.1 adds that peephole after σ_o); 0.1's constructor, the step of eqs. 2-7.
-    No masks, forward only: (B, T, I) -> (B, T, H).
-    """
+    r"""Lasagne 0.1's ``LSTMLayer`` computing eq. 4 as written, o = σ_o(... + w_co ⊙ c_l + b_o)
+    (0.1 adds that peephole after σ_o); no masks, forward only: (B, T, I) -> (B, T, H)."""
 
     def __init__(self, incoming, num_units, **kwargs):
         if kwargs.get("mask_input") is not None or kwargs.get("backwards"):

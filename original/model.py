@@ -1,9 +1,7 @@
 """CRMN and its ResNet baseline as Lasagne 0.1 networks (paper section 3.2, docs/spec.md §4).
 
-Layer names make Lasagne's parameter names the native names :mod:`crmn.convert` expects
-(``conv0.W``, ``s1b0.bn2.inv_std``, ``lstm.W_in_to_ingate``, ``fc.W``). The LSTM is unrolled
-(``theano.scan`` would run its loop in Python). ``python -m original.model`` prints the
-parameter counts of every paper row.
+Layer names give the native names :mod:`crmn.convert` expects (``s1b0.bn2.inv_std``).
+``python -m original.model`` prints the parameter counts of every paper row.
 """
 from __future__ import annotations
 
@@ -119,7 +117,6 @@ def load_initial_state(output_layer, cfg: ModelConfig, seed: int) -> None:
 
 def native_params(output_layer):
     """``{Lasagne name: shared variable}`` of every array, in network order."""
-
     params = lasagne.layers.get_all_params(output_layer)
     out = {p.name: p for p in params}
     if len(out) != len(params) or None in out:
@@ -129,7 +126,6 @@ def native_params(output_layer):
 
 def _print_counts() -> None:
     from crmn import paper
-
     for row in paper.ROWS:
         cfg = ModelConfig.for_row(row)
         count = lasagne.layers.count_params(build(cfg), trainable=True)

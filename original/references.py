@@ -28,10 +28,8 @@ E2E_STEPS, E2E_BATCH, E2E_LR, E2E_SEED = 3, 4, 0.1, 0
 #: tiny networks: the LSTM's input weights (2048 x units per gate) dominate the file
 E2E_MODELS = {
     "resnet": ModelConfig(n=1, k=0.5, classes=10, memory=False),
-    "crmn-logistic": ModelConfig(n=1, k=0.5, classes=10, memory=True, outgate="logistic",
-                                 lstm_units=4),
-    "crmn-tanh": ModelConfig(n=1, k=0.5, classes=10, memory=True, outgate="tanh",
-                             lstm_units=4),
+    **{f"crmn-{gate}": ModelConfig(n=1, k=0.5, classes=10, memory=True, outgate=gate,
+                                   lstm_units=4) for gate in ("logistic", "tanh")},
 }
 E2E_TRAIN = TrainConfig(batch_size=E2E_BATCH, seed=3)
 
@@ -79,7 +77,6 @@ def _pool_case(mode, ignore_border, size, grad):
 def _lstm_case(outgate):
     def build():
         from original.model import _lstm
-
         cfg = ModelConfig(n=1, k=0.5, classes=10, memory=True, outgate=outgate,
                           lstm_units=7)
         x = T.tensor3("x")  # (B, steps, inputs)
@@ -140,7 +137,6 @@ def op_names(fn) -> set:
 def _compile(inputs, outputs, mode: str, device: str = "cpu"):
     if mode == "jax":
         from original import jax_mode
-
         return jax_mode.function(inputs, outputs, device=device)
     if mode == "c":
         return theano.function(inputs, outputs)
@@ -181,7 +177,6 @@ def run_e2e(name: str, mode: str, device: str = "cpu") -> Dict[str, np.ndarray]:
     "losses" (steps, 2): mean cross-entropy and accuracy, "logits/train", "logits/eval"}``.
     Initial state and batches come from numpy's stable legacy ``RandomState``."""
     from original.backend import TheanoBackend
-
     backend = TheanoBackend(E2E_MODELS[name], E2E_TRAIN, device=device, dtype="float64",
                             theano_mode=mode)
     r = np.random.RandomState(E2E_SEED)
@@ -213,7 +208,6 @@ def record(path: Path = REFERENCES) -> Dict[str, np.ndarray]:
         arrays.update({f"e2e/{name}/{k}": v for k, v in run_e2e(name, "c").items()})
     import jax
     import scipy
-
     meta = {"theano": theano.__version__, "numpy": np.__version__,
             "scipy": scipy.__version__, "jax": jax.__version__,
             "blas": theano.config.blas__ldflags, "tol": TOL}
@@ -269,7 +263,6 @@ def worst_difference(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray]) ->
 def check_jax(device: str = "cpu", refs: Dict[str, np.ndarray] = None) -> List[Tuple[str, float]]:
     """``[(case, largest absolute difference)]`` of the JAX mode on ``device`` against the
     references, for every ``op/<name>`` and ``e2e/<name>``; a case passes at ``<= TOL``."""
-
     refs = load() if refs is None else refs
     rows = []
     for name in OP_CASES:

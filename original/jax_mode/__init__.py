@@ -1,9 +1,7 @@
-"""The Theano training graph compiled through JAX (``--theano-mode jax``): the whole graph,
-updates included, in one ``jax.jit`` (:mod:`~original.jax_mode.linker`), with conversions
-for the ops Theano-PyMC's own JAX linker lacks or breaks (:mod:`~original.jax_mode.dispatch`).
-Shared variables stay on the device between calls (:func:`get_value`, :func:`set_value`);
-float32 products run at XLA ``HIGHEST`` unless ``allow_tf32=True``. Importing changes
-nothing; :func:`configure` sets what JAX needs before it starts.
+"""The Theano graph compiled through JAX (``--theano-mode jax``): the whole graph, updates
+included, in one ``jax.jit`` (:mod:`~original.jax_mode.linker`), with conversions for the
+ops Theano-PyMC's JAX linker lacks or breaks (:mod:`~original.jax_mode.dispatch`). Importing
+changes nothing; :func:`configure` sets what JAX needs before it starts.
 """
 from __future__ import annotations
 
@@ -34,7 +32,6 @@ def xla_cpu_option(jaxlib_version: str = None):
     """XLA's oneDNN option in ``jaxlib_version`` (default installed), or None: unknown."""
     if jaxlib_version is None:
         from importlib import metadata
-
         jaxlib_version = metadata.version("jaxlib")
     release = tuple(int(part) for part in jaxlib_version.split(".")[:2])
     return XLA_CPU_OPTIONS.get(release)
@@ -113,7 +110,6 @@ def function(inputs, outputs=None, updates=None, name=None, device="cpu",
 def linker_call(fn) -> _Call:
     """The :class:`_Call` behind a function made by :func:`function`."""
     from original.jax_mode.cache import CachedFunction
-
     if isinstance(fn, CachedFunction):  # the Theano function of its miss path
         fn = fn.theano_function()
     call = getattr(fn.maker.linker, "call", None)
@@ -125,7 +121,6 @@ def linker_call(fn) -> _Call:
 def compile_seconds(fn) -> float:
     """Seconds ``fn`` (from :func:`function`, or a ``CachedFunction``) spent compiling."""
     from original.jax_mode.cache import CachedFunction
-
     if isinstance(fn, CachedFunction):
         return fn.compile_seconds
     return linker_call(fn).compile_seconds

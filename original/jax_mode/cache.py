@@ -1,10 +1,8 @@
 """The JAX mode's compile cache: a hit skips Theano's optimisation, the tracing and XLA.
 
-The key hashes the *unoptimised* graph's canonical text (:func:`graph_text`), the input
-shapes and everything else that changes the module (:func:`settings_text`); the entry holds
-the step as ``jax.export`` serializes it, its header which argument and result is which
-variable; XLA's work is kept by JAX's persistent cache in ``<cache>/xla``. A miss runs the
-module read back from the bytes it stored, as a hit does: one computation either way.
+The key hashes the unoptimised graph (:func:`graph_text`), input shapes and settings; the
+entry holds the ``jax.export``-serialized step. A miss runs the module read back from the
+bytes it stored, as a hit does: one computation either way.
 """
 from __future__ import annotations
 
@@ -93,9 +91,8 @@ def _canon(obj, depth: int = 0) -> str:
 
 def graph_text(inputs: Sequence, outputs: Sequence, updates: Sequence[Tuple]
                ) -> Tuple[str, List]:
-    """(canonical text of the graph, its shared variables in order): variables numbered
-    depth-first; inputs by position, shared variables by position, name, type and shape
-    (never values or ids), constants by type and a hash of their data."""
+    """(canonical text of the graph, its shared variables in order): shared variables by
+    position, name, type and shape (never values or ids), constants by a hash of their data."""
     number: Dict[int, int] = {}
     shared: List = []
     lines: List[str] = []
@@ -135,9 +132,7 @@ def graph_text(inputs: Sequence, outputs: Sequence, updates: Sequence[Tuple]
                 outs.append(f"v{number[id(out)]}:{_canon(out.type)}")
             lines.append(f"{' '.join(outs)} = {_canon(node.op)}({args})")
 
-    for var in inputs:
-        visit(var)
-    for var in outputs:
+    for var in list(inputs) + list(outputs):
         visit(var)
     for target, value in updates:
         visit(value)
@@ -151,16 +146,13 @@ def graph_text(inputs: Sequence, outputs: Sequence, updates: Sequence[Tuple]
 def settings_text(device, precision: str, context: Dict) -> str:
     """Everything besides the graph that changes the module: settings, versions, sources."""
     versions = {"python": platform.python_version(), "numpy": np.__version__,
-                "theano": theano.__version__, "jax": jax.__version__}
-    for dist in ("jaxlib", "Lasagne"):
-        versions[dist] = metadata.version(dist)
+                "theano": theano.__version__, "jax": jax.__version__,
+                "jaxlib": metadata.version("jaxlib"), "Lasagne": metadata.version("Lasagne")}
     flags = {name: str(getattr(theano.config, name, None)) for name in _THEANO_FLAGS}
-    return json.dumps({"context": context, "precision": precision,
-                       "platform": device.platform,
+    return json.dumps({"context": context, "precision": precision, "platform": device.platform,
                        "device_kind": getattr(device, "device_kind", "?"),
-                       "x64": bool(jax.config.jax_enable_x64),
-                       "xla_flags": os.environ.get("XLA_FLAGS", ""), "theano_flags": flags,
-                       "versions": versions,
+                       "x64": bool(jax.config.jax_enable_x64), "theano_flags": flags,
+                       "xla_flags": os.environ.get("XLA_FLAGS", ""), "versions": versions,
                        "sources": _SOURCE_HASH}, sort_keys=True)
 
 
@@ -168,7 +160,6 @@ def settings_text(device, precision: str, context: Dict) -> str:
 class _Runner:
     """One compiled signature: the executable, its arguments' sources (``("input", k)``,
     ``("shared", n)``) and results' targets (``("output", k)``, ``("update", n)``)."""
-
     compiled: object
     args: List[Tuple[str, int]]
     results: List[Tuple[str, int]]
@@ -238,13 +229,8 @@ class CachedFunction:
                 args.append(("shared", by_id[id(var)]))
             else:
                 raise Uncacheable(f"argument {var} is not in the graph")
-        results = []
-        for k in range(len(fn.maker.fgraph.outputs)):
-            if k in call.updates:
-                var = origin[call.updates[k]]
-                results.append(("update", by_id[id(var)]))
-            else:
-                results.append(("output", k))
+        results = [("update", by_id[id(origin[call.updates[k]])]) if k in call.updates
+                   else ("output", k) for k in range(len(fn.maker.fgraph.outputs))]
         # shapes and dtypes only: the entry must not depend on where the arguments live
         specs = [jax.ShapeDtypeStruct(np.shape(v), v.dtype) for v in
                  self._arguments(args, values)]
@@ -280,8 +266,7 @@ class CachedFunction:
         results = [tuple(r) for r in layout["results"]]
         values = self._arguments(args, None, exp)
         # no donated buffers: jaxlib 0.4.30's XLA:CPU executables read back from the
-        # persistent cache aliased donated arguments wrongly (a float64 step then gave
-        # garbage state); the price is one more copy of the updated state during a step
+        # persistent cache aliased donated arguments wrongly (garbage state)
         compiled = jax.jit(exp.call).lower(*values).compile()  # XLA's cache answers a hit
         return _Runner(compiled, args, results)
 
@@ -336,7 +321,6 @@ class CachedFunction:
 
     def _call_uncached(self, fn, values):
         """The Theano function itself (a graph the cache cannot keep)."""
-
         call = fn.maker.linker.call
         before = call.compile_seconds
         call.host_outputs = self.host_outputs

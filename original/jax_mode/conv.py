@@ -1,17 +1,14 @@
-"""Conversions of Theano's abstract 2-d convolution and its two gradients, which reach the
-linker where no C compiler lets the ``CorrMM`` rewrites run (:data:`EXCLUDED_REWRITES`).
-Gradients are the transposes of the linear convolution.
-"""
+"""Conversions of Theano's abstract 2-d convolution and its gradients (transposes), which
+reach the linker where no C compiler lets the ``CorrMM`` rewrites run."""
 from __future__ import annotations
 
 import functools
 from typing import Tuple
 
-import jax
 from theano.tensor.nnet.abstract_conv import (AbstractConv2d, AbstractConv2d_gradInputs,
                                               AbstractConv2d_gradWeights, border_mode_to_pad)
 
-from original.jax_mode.dispatch import Unsupported, correlate, jax_funcify
+from original.jax_mode.dispatch import Unsupported, correlate, jax_funcify, transpose
 
 
 def conv_padding(op, kshape) -> Tuple[Tuple[int, int], Tuple[int, int]]:
@@ -47,10 +44,7 @@ def jax_funcify_AbstractConv2d_gradWeights(op):
     def abstract_conv2d_gradweights(img, topgrad, shape):
         kh, kw = (int(s) for s in shape)
         kshape = (topgrad.shape[1], img.shape[1] // op.num_groups, kh, kw)
-        transpose = jax.linear_transpose(functools.partial(convolve, op, img),
-                                         jax.ShapeDtypeStruct(kshape, topgrad.dtype))
-        return transpose(topgrad)[0]  # (F, C/groups, kH, kW)
-
+        return transpose(functools.partial(convolve, op, img), kshape, topgrad)
     return abstract_conv2d_gradweights
 
 
@@ -63,10 +57,7 @@ def jax_funcify_AbstractConv2d_gradInputs(op):
     def abstract_conv2d_gradinputs(kern, topgrad, shape):
         hw = tuple(int(s) for s in shape)
         ishape = (topgrad.shape[0], kern.shape[1] * op.num_groups) + hw
-        transpose = jax.linear_transpose(lambda x: convolve(op, x, kern),
-                                         jax.ShapeDtypeStruct(ishape, topgrad.dtype))
-        return transpose(topgrad)[0]  # (B, C, H, W)
-
+        return transpose(lambda x: convolve(op, x, kern), ishape, topgrad)
     return abstract_conv2d_gradinputs
 
 

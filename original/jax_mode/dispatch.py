@@ -30,7 +30,6 @@ def _import_stock_dispatch():
     """Theano's stock dispatch module; importing it sets ``jax_enable_x64``: put it back."""
     before = jax.config.jax_enable_x64
     from theano.link.jax import jax_dispatch
-
     jax.config.update("jax_enable_x64", before)
     return jax_dispatch
 
@@ -64,7 +63,6 @@ def jax_funcify_Composite(op):
     def composite(*args):
         outs = evaluate(op.fgraph, conversions, args)
         return outs[0] if len(outs) == 1 else tuple(outs)
-
     return composite
 
 
@@ -85,7 +83,6 @@ def _inc_subtensor(op, indices_of):
     def incsubtensor(x, y, *ilist):
         ref = jnp.asarray(x).at[indices_of(list(ilist))]
         return ref.set(y) if setting else ref.add(y)
-
     return incsubtensor
 
 
@@ -131,6 +128,12 @@ def corr_padding(op, kshape) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     return tuple((int(lo), int(hi)) for lo, hi in op.border_mode)  # normalised pairs
 
 
+def transpose(linear, shape, cotangent):
+    """The transpose of ``linear`` (on arrays of ``shape``) at ``cotangent``: a gradient."""
+    return jax.linear_transpose(linear, jax.ShapeDtypeStruct(shape, cotangent.dtype))(
+        cotangent)[0]
+
+
 def _check_corr(op):
     if op.unshared:
         raise Unsupported(f"no JAX conversion for unshared correlation {op}")
@@ -142,8 +145,7 @@ def correlate(op, img, kern, padding=None):
     if padding is None:
         padding = corr_padding(op, kern.shape[-2:])
     return lax.conv_general_dilated(
-        img, kern, window_strides=op.subsample,
-        padding=padding, rhs_dilation=op.filter_dilation,
+        img, kern, window_strides=op.subsample, padding=padding, rhs_dilation=op.filter_dilation,
         dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=op.num_groups)
 
 
@@ -175,10 +177,7 @@ def jax_funcify_CorrMM_gradWeights(op):
     def corrmm_gradweights(img, topgrad, *shape):
         kh, kw = kernel_size(img.shape[-2:], topgrad.shape[-2:], shape)
         kshape = (topgrad.shape[1], img.shape[1] // op.num_groups, kh, kw)
-        transpose = jax.linear_transpose(functools.partial(correlate, op, img),
-                                         jax.ShapeDtypeStruct(kshape, topgrad.dtype))
-        return transpose(topgrad)[0]  # (F, C/groups, kH, kW)
-
+        return transpose(functools.partial(correlate, op, img), kshape, topgrad)
     return corrmm_gradweights
 
 
@@ -196,10 +195,7 @@ def jax_funcify_CorrMM_gradInputs(op):
             hw = tuple((t - 1) * s + k - sum(p) for t, s, k, p in
                        zip(topgrad.shape[-2:], op.subsample, dilated, pads))
         ishape = (topgrad.shape[0], kern.shape[1] * op.num_groups) + hw
-        transpose = jax.linear_transpose(lambda x: correlate(op, x, kern),
-                                         jax.ShapeDtypeStruct(ishape, topgrad.dtype))
-        return transpose(topgrad)[0]  # (B, C, H, W)
-
+        return transpose(lambda x: correlate(op, x, kern), ishape, topgrad)
     return corrmm_gradinputs
 
 
@@ -255,7 +251,6 @@ def jax_funcify_Pool(op):
             x.shape, ws, stride, pad, op.ignore_border, op.mode)
         lowest = np.array(-np.inf, dtype=x.dtype)
         return lax.reduce_window(x, lowest, lax.max, window, strides, padding)
-
     return pool
 
 
@@ -266,11 +261,7 @@ def jax_funcify_AveragePoolGrad(op):
         if op.mode == "average_exc_pad" and max(pad, default=0):
             raise Unsupported(f"no JAX conversion for {op} with padding {tuple(pad)}: "
                               f"Theano's C code refuses it too")
-        transpose = jax.linear_transpose(
-            lambda v: _pool_linear(op, v, ws, stride, pad),
-            jax.ShapeDtypeStruct(x.shape, gz.dtype))
-        return transpose(gz)[0]
-
+        return transpose(lambda v: _pool_linear(op, v, ws, stride, pad), x.shape, gz)
     return average_pool_grad
 
 
@@ -288,7 +279,6 @@ def jax_funcify_CrossentropySoftmaxArgmax1HotWithBias(op):
         z_y = jnp.take_along_axis(z, y_idx[:, None], axis=1)[:, 0]  # (B,)
         nll = -z_y + m + jnp.log(total)
         return nll, sm, am.astype(y_idx.dtype)
-
     return crossentropy_softmax_argmax
 
 
@@ -299,7 +289,6 @@ def jax_funcify_CrossentropySoftmax1HotWithBiasDx(op):
         dy = jnp.broadcast_to(jnp.reshape(dy, (-1,)), sm.shape[:1])[:, None]  # (B, 1)
         onehot = jax.nn.one_hot(y_idx, sm.shape[1], dtype=sm.dtype)  # (B, K)
         return dy * sm - dy * onehot
-
     return crossentropy_softmax_dx
 
 
@@ -312,7 +301,6 @@ def jax_funcify_Argmax(op):
         moved = jnp.transpose(x, keep + axes)
         flat = jnp.reshape(moved, moved.shape[:len(keep)] + (-1,))
         return jnp.argmax(flat, axis=-1).astype("int64")
-
     return argmax
 
 
@@ -323,5 +311,4 @@ def jax_funcify_Split(op):
     def split(x, axis, splits):
         bounds = np.cumsum(np.asarray(splits))[:-1]
         return tuple(jnp.split(x, bounds, axis=int(axis)))
-
     return split

@@ -47,10 +47,7 @@ def _perform_static(node, args):
     storage = [[None] for _ in node.outputs]
     params = node.run_params()
     try:
-        if params is NoParams:
-            node.op.perform(node, args, storage)
-        else:
-            node.op.perform(node, args, storage, params)
+        node.op.perform(node, args, storage, *(() if params is NoParams else (params,)))
     except (MethodNotDefined, NotImplementedError):
         return None
     return [cell[0] for cell in storage]
@@ -106,10 +103,8 @@ def _call_conversion(node, fn, args) -> List:
 
 
 def evaluate(fgraph, conversions: Dict, inputs: Sequence) -> List:
-    """Values of ``fgraph.outputs`` for values of ``fgraph.inputs``, each node once. Integer
-    nodes of static inputs (shape arithmetic) run their numpy ``perform`` at trace time, so
-    shapes stay static under ``jit``."""
-
+    """Values of ``fgraph.outputs`` for ``inputs``; integer nodes of static inputs (shape
+    arithmetic) run their numpy ``perform`` at trace time, so shapes stay static."""
     values = {var: _conform(value, var) for var, value in zip(fgraph.inputs, inputs)}
 
     def value_of(var):

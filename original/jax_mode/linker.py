@@ -24,10 +24,8 @@ PRECISIONS = {False: ("float32", "HIGHEST"), True: ("tensorfloat32", "TF32")}
 
 
 class _Call:
-    """The thunk of :class:`FusedJAXLinker`: runs the compiled graph on the input cells and
-    leaves updates in their cells as device arrays (``need_update_inputs = False``: no host
-    copy through Theano's ``filter``)."""
-
+    """The thunk of :class:`FusedJAXLinker`: runs the compiled graph, leaving updates in their
+    cells as device arrays (``need_update_inputs = False``: no host copy by Theano)."""
     need_update_inputs = False
     allow_gc = True
     lazy = False
