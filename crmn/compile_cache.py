@@ -1,15 +1,6 @@
-"""The compile cache's folder and entries, framework-free.
-
-A backend that compiles slowly (Theano: graph optimisation and XLA's or the C compiler's
-work) stores what it compiled here, so the next process building the same network on this
-machine -- or, with a shared ``$CRMN_CACHE``, on any node of a cluster -- starts at once.
-Entries are data (a JSON header line and payload bytes), never a pickle.
-
-The folder is ``$CRMN_CACHE`` or ``~/.cache/crmn``, used only when nobody but its users can
-plant entries in it (:func:`folder_problem`); otherwise one warning line and no cache.
-An entry ``<kind>/<key>.entry`` is checked on load (key, size, sha256, the caller's own
-check): a bad one is one warning line and a miss, never an exception. Stores replace the
-file atomically, so concurrent writers each leave a whole file.
+"""The compile cache's folder (``$CRMN_CACHE`` or ``~/.cache/crmn``) and entries: a JSON
+header line and payload bytes, never a pickle, checked on load (a bad one is a warning line
+and a miss) and replaced atomically. A folder others could plant entries in is not used.
 """
 from __future__ import annotations
 
@@ -23,7 +14,6 @@ from typing import Callable, Dict, Optional, Tuple
 
 from crmn.runlog import replace_file
 
-#: the environment variable that chooses the cache folder (else :data:`DEFAULT_FOLDER`)
 CACHE_ENV = "CRMN_CACHE"
 DEFAULT_FOLDER = Path("~/.cache/crmn")
 #: the entries' layout version: a header of another format is a foreign entry
@@ -33,7 +23,6 @@ HIT, MISS, OFF = "hit", "miss", "off"
 
 
 def warn(message: str) -> None:
-    """The cache's one warning line on stderr (the run goes on)."""
     print(f"crmn: compile cache: {message}", file=sys.stderr, flush=True)
 
 
@@ -46,10 +35,8 @@ def folder() -> Tuple[Path, bool]:
 
 
 def folder_problem(path: Path, chosen: bool) -> Optional[str]:
-    """Why ``path`` may not hold cache entries (one line), or None when it may. The default
-    folder must be yours and writable by nobody else; ``$CRMN_CACHE`` (``chosen``) may be a
-    group's folder but not writable by everyone, unless it is yours with the sticky bit. A
-    folder that does not exist yet passes: :func:`open_cache` creates it and judges again."""
+    """Why ``path`` may not hold cache entries, or None: the default folder must be yours
+    alone; ``$CRMN_CACHE`` a group's, not everyone's (unless yours with the sticky bit)."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -83,7 +70,6 @@ class CompileCache:
         return self.root / kind / f"{key}.entry"
 
     def subfolder(self, kind: str) -> Path:
-        """``root/kind``, created (mode 0700 under the default folder's rule: umask)."""
         sub = self.root / kind
         sub.mkdir(parents=True, exist_ok=True, mode=0o700)
         return sub
@@ -91,11 +77,8 @@ class CompileCache:
     def load(self, kind: str, key: str,
              check: Callable[[Dict], Optional[str]] = lambda header: None
              ) -> Optional[Tuple[Dict, bytes]]:
-        """(header, payload) of entry ``key``, or None: absent (silently), or unusable
-        (one warning line naming the file and why: the caller rebuilds it).
-
-        ``check(header)`` is the caller's own test of the header (versions, layout): a
-        line saying why the entry is foreign, or None."""
+        """(header, payload) of entry ``key``, or None: absent, or unusable (one warning
+        line); ``check(header)`` says why the entry is foreign, or None."""
         path = self.path(kind, key)
         try:
             with open(path, "rb") as f:
@@ -127,8 +110,7 @@ class CompileCache:
         return header, payload
 
     def store(self, kind: str, key: str, header: Dict, payload: bytes) -> None:
-        """Write entry ``key`` atomically; a failed write (full disk, read-only folder) is a
-        warning line, not an error: the run has what it compiled."""
+        """Write entry ``key`` atomically; a failed write is a warning line, not an error."""
         full = dict(header, format=FORMAT, key=key, size=len(payload),
                     sha256=hashlib.sha256(payload).hexdigest())
         head = json.dumps(full, sort_keys=True, allow_nan=False).encode()
@@ -141,8 +123,7 @@ class CompileCache:
 
 
 def open_cache(enabled: bool = True) -> Optional[CompileCache]:
-    """The cache of this process, or None: turned off (``--no-compile-cache``), or a folder
-    that fails the rule (one warning line; the run compiles uncached)."""
+    """The cache of this process, or None: turned off, or a folder that fails the rule."""
     if not enabled:
         return None
     root, chosen = folder()
@@ -171,6 +152,5 @@ def fingerprint(*parts: str) -> str:
 
 
 def source_hash(files) -> str:
-    """sha256 of the named source files' bytes (the code that turns a graph into an
-    entry: a change to it must not reuse entries it wrote before)."""
+    """sha256 of the named source files' bytes."""
     return fingerprint(*(Path(f).read_bytes().decode("utf-8", "replace") for f in files))

@@ -1,14 +1,7 @@
-"""The Theano + Lasagne backend behind :class:`crmn.stack.Stack` (docs/spec.md §5-6).
-
-:class:`TheanoBackend` builds the network with :func:`original.model.build`, compiles (once
-per instance, on first use) a training step and two forward passes, and moves state through
-:mod:`crmn.convert`. Training is section 4 of the paper as Lasagne ran it: mean cross-entropy
-plus (weight_decay / 2) · Σ w² over the arrays :mod:`crmn.naming` decays (not Lasagne's
-``regularizable`` tags, which would decay the peepholes too); ``lasagne.updates.momentum``
-or ``nesterov_momentum`` with the learning rate a shared scalar; batch-norm averages move
-once per training step. The mode (``--theano-mode``) compiles through Theano's C backend
-(``_CMode``; Theano's flags choose the device) or through JAX (``_JaxMode``,
-:mod:`original.jax_mode`). ``dtype`` is per instance (``theano.config.change_flags``).
+"""The Theano + Lasagne backend behind :class:`crmn.stack.Stack` (docs/spec.md §5-6): the
+paper's section 4 as Lasagne ran it, (weight_decay / 2) · Σ w² over the arrays
+:mod:`crmn.naming` decays (Lasagne's tags would decay the peepholes too); compiled by
+Theano's C backend (``_CMode``) or through JAX (``_JaxMode``, :mod:`original.jax_mode`).
 """
 from __future__ import annotations
 
@@ -33,11 +26,8 @@ DTYPES = STACK_DTYPES["theano"]
 
 
 def native_names(cfg: ModelConfig) -> Dict[str, str]:
-    """``{canonical name: Lasagne name}`` for every array of ``cfg``.
-
-    Obtained from :func:`crmn.convert.canonical_to_lasagne` itself (on zero arrays), so the
-    naming lives in that one module; it returns native names in ``param_specs`` order.
-    """
+    """``{canonical name: Lasagne name}`` for every array of ``cfg``, from
+    :func:`crmn.convert.canonical_to_lasagne` itself (the naming lives there alone)."""
     specs = param_specs(cfg)
     zeros = {s.name: np.zeros(s.shape, dtype=np.float32) for s in specs}
     native = canonical_to_lasagne(cfg, zeros, with_velocity=False)
@@ -45,7 +35,7 @@ def native_names(cfg: ModelConfig) -> Dict[str, str]:
 
 
 def _check_device(device: str) -> str:
-    """Compare the requested device with the one Theano's flags chose; describe it."""
+    """The device Theano's flags chose, described; ConfigError where it is not ``device``."""
     actual = str(theano.config.device)
     wants_gpu = check_device(device).startswith("cuda")
     if wants_gpu and not actual.startswith(("cuda", "gpu")):
@@ -57,8 +47,7 @@ def _check_device(device: str) -> str:
 
 
 class _CMode:
-    """The C mode: ``theano.function`` with Theano's C backend, shared variables on the
-    host. ``device`` describes where it runs."""
+    """``theano.function`` with Theano's C backend, shared variables on the host."""
 
     def __init__(self, device: str, dtype: str, cache=None, context=None):
         compat.check_compiled_backend(probe=False)  # the compile probe waits for one
@@ -73,7 +62,7 @@ class _CMode:
         return 0.0  # all of it inside theano.function, which the backend times
 
     def cache_state(self, fns) -> None:
-        return None  # Theano's own module cache (its compiledir) says nothing per function
+        return None  # Theano's own module cache says nothing per function
 
     def get_value(self, shared) -> np.ndarray:
         return shared.get_value()
@@ -83,14 +72,11 @@ class _CMode:
 
 
 class _JaxMode:
-    """The JAX mode (:mod:`original.jax_mode`): one jitted function per graph on
-    ``device``'s JAX device, shared variables resident there; with a compile cache, each a
-    :class:`~original.jax_mode.cache.CachedFunction`. Building one applies
-    :func:`original.jax_mode.configure`; JAX is imported only here."""
+    """One jitted function per graph (:mod:`original.jax_mode`), shared variables resident
+    on the device; with a compile cache, each a ``CachedFunction``."""
 
     def __init__(self, device: str, dtype: str, cache=None, context=None):
         from original import jax_mode
-
         jax_mode.configure()
         self._jax_mode = jax_mode
         self._device = jax_mode.jax_device(device)
@@ -99,7 +85,6 @@ class _JaxMode:
         self.cache, self._context = cache, dict(context or {})
         if cache is not None:
             from original.jax_mode import cache as jax_cache
-
             jax_cache.use_xla_cache(cache.root)
 
     def function(self, inputs, outputs, updates, name: str, device_outputs: bool = False):
@@ -113,20 +98,16 @@ class _JaxMode:
         if self.cache is None:
             return build()
         from original.jax_mode.cache import CachedFunction
-
         fn = CachedFunction(inputs, outputs, updates, name, self.cache, build, self._device,
                             self._jax_mode.PRECISIONS[False][0], self._context)
         fn.host_outputs = not device_outputs
         return fn
 
     def compile_seconds(self, fns) -> float:
-        """XLA's compilation at each function's first call (with the cache, also the lookup
-        and, on a miss, Theano's optimisation and the export)."""
+        """XLA's compilation at first calls (with the cache, also lookups and exports)."""
         return sum(self._jax_mode.compile_seconds(fn) for fn in fns)
 
     def cache_state(self, fns) -> str:
-        """``off``, ``hit`` (every function compiled so far came from the cache) or
-        ``miss``; None before the first compilation."""
         if self.cache is None:
             return OFF
         states = [s for fn in fns for s in fn.states]
@@ -142,22 +123,13 @@ class _JaxMode:
 
 
 class TheanoBackend:
-    """A CRMN or ResNet in Theano + Lasagne, driven through :class:`crmn.stack.Stack`.
-
-    ``model``: the network (docs/spec.md §4); ``train``: momentum, Nesterov, weight decay,
-    seed; ``device``: "cpu" or "cuda" (in C mode it must agree with Theano's flags);
-    ``dtype``: "float32" or "float64"; ``theano_mode``: "c" or "jax"; ``compile_cache``:
-    JAX mode keeps compiled steps in :mod:`crmn.compile_cache` (False:
-    ``--no-compile-cache``; the C mode's modules are Theano's own cache).
-    """
-
+    """A CRMN or ResNet in Theano + Lasagne, driven through :class:`crmn.stack.Stack`;
+    ``compile_cache``: the JAX mode keeps compiled steps in :mod:`crmn.compile_cache`."""
     name = "theano"
 
     @staticmethod
     def problem(options) -> Optional[str]:
-        """Why this backend cannot run ``options`` here (one line), or None: the C mode
-        needs a working C backend and a device Theano's flags agree with; the JAX mode asks
-        jax for the device."""
+        """Why this backend cannot run ``options`` here (one line), or None."""
         if options.theano_mode == "c":
             works, why = compat.c_backend_available()
             if not works:
@@ -167,7 +139,6 @@ class TheanoBackend:
         try:
             if options.theano_mode == "jax":
                 from original import jax_mode
-
                 jax_mode.jax_device(options.device)
             else:
                 _check_device(options.device)
@@ -177,8 +148,7 @@ class TheanoBackend:
 
     @staticmethod
     def preferred_mode() -> str:
-        """The mode a run gets when none is asked for: C (the reference) where it works,
-        else JAX (numpy 2, no C++ compiler)."""
+        """C (the reference) where it works, else JAX (numpy 2, no C++ compiler)."""
         return "c" if compat.c_backend_available()[0] else "jax"
 
     def __init__(self, model: ModelConfig, train: TrainConfig, device: str = "cpu",
@@ -208,20 +178,16 @@ class TheanoBackend:
         self._lr = theano.shared(np.asarray(train.lr_stages[0], dtype=dtype), name="lr")
         self._lr_now = float(train.lr_stages[0])
         self._velocity: Dict[str, "theano.compile.SharedVariable"] = {}
-        self._updates = None
-        self._train_outputs = None
+        self._updates = self._train_outputs = None
         self._fns: Dict[str, Callable] = {}
         self._function_seconds = 0.0  # wall-clock seconds spent in theano.function so far
-
-    # --- graphs -------------------------------------------------------------------------
 
     def _decayed(self):
         names = native_names(self.model)
         return [self._params[names[s.name]] for s in param_specs(self.model) if s.decayed]
 
     def _build_updates(self):
-        """Loss, accuracy and Lasagne's momentum updates (symbolic, built once); creates
-        the velocity shared variables."""
+        """Loss, accuracy and momentum updates (built once, with the velocities)."""
         if self._updates is not None:
             return self._train_outputs
         with theano.config.change_flags(floatX=self.dtype), compat.graph_settings():
@@ -262,8 +228,7 @@ class TheanoBackend:
                     self._logits_layer, deterministic=(which == "forward_eval"))
                 inputs, outputs, updates = [self._x], logits, None
             start = time.perf_counter()
-            # the step's loss and accuracy may stay on the device; the loop reads them once
-            # per epoch (logits are read at once anyway)
+            # the step's loss and accuracy may stay on the device (read once per epoch)
             fn = self._mode.function(inputs, outputs, updates, which,
                                       device_outputs=which == "train")
             self._function_seconds += time.perf_counter() - start
@@ -272,24 +237,21 @@ class TheanoBackend:
 
     @property
     def compile_seconds(self) -> float:
-        """Seconds spent compiling so far (waits for Theano's compile lock included); in
-        JAX mode also XLA's compilation, which happens at a function's first call."""
+        """Seconds spent compiling so far, compile-lock waits and XLA's first calls
+        included."""
         return self._function_seconds + self._mode.compile_seconds(self._fns.values())
 
     @property
     def compile_cache(self) -> Optional[str]:
-        """``"hit"`` (every graph compiled so far came from the compile cache), ``"miss"``,
-        ``"off"``; None before the first compilation and in C mode."""
+        """``"hit"`` (every graph so far came from the compile cache), ``"miss"``, ``"off"``;
+        None before the first compilation and in C mode."""
         return self._mode.cache_state(self._fns.values())
 
     def _velocities(self):
         self._build_updates()  # the velocities are created with the update graph
         return self._velocity
 
-    # --- the Stack contract -------------------------------------------------------------
-
     def param_count(self) -> int:
-        """Trainable parameters, as ``lasagne.layers.count_params(..., trainable=True)``."""
         return int(lasagne.layers.count_params(self._out, trainable=True))
 
     def _images(self, x: np.ndarray) -> np.ndarray:
@@ -299,32 +261,30 @@ class TheanoBackend:
         return np.ascontiguousarray(x, dtype=self.dtype)
 
     def logits(self, x: np.ndarray, training: bool) -> np.ndarray:
-        """Logits (B, classes) for x (B, 3, 32, 32); batch statistics when ``training``,
-        running statistics otherwise; changes no state."""
+        """Logits (B, classes) of x (B, 3, 32, 32), batch statistics when ``training``."""
         fn = self._compile("forward_train" if training else "forward_eval")
         return fn(self._images(x))
 
     def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> Tuple[float, float]:
-        """One SGD step; returns (summed cross-entropy, correct images) of the batch before
-        it: numpy scalars in C mode, JAX device scalars in JAX mode (no host sync)."""
+        """One SGD step; (summed cross-entropy, correct images) of the batch before it (JAX
+        device scalars in JAX mode: no host sync)."""
         fn = self._compile("train")
         if lr != self._lr_now:  # a shared scalar: a new stage needs no recompilation
-            self._set_value(self._lr, np.asarray(lr, dtype=self.dtype))
+            self._mode.set_value(self._lr, np.asarray(lr, dtype=self.dtype))
             self._lr_now = lr
         ce, acc = fn(self._images(x), np.asarray(y, dtype=np.int64))
-        b = len(y)  # JAX mode: device scalars, read by the loop once per epoch
-        return ce * b, acc * b
+        return ce * len(y), acc * len(y)
 
     def get_state(self) -> Dict[str, np.ndarray]:
         """Parameters, BN running statistics and velocities, canonical names and layouts."""
-        native = {name: self._get_value(p) for name, p in self._params.items()}
+        native = {name: self._mode.get_value(p) for name, p in self._params.items()}
         for name, v in self._velocities().items():
-            native[v.name] = self._get_value(v)
+            native[v.name] = self._mode.get_value(v)
         return lasagne_to_canonical(self.model, native, with_velocity=True)
 
     def set_state(self, state: Dict[str, np.ndarray]) -> None:
-        """Load canonical arrays (see :meth:`get_state`); CheckpointError if one is missing
-        or mis-shaped. Arrays are cast to this backend's dtype."""
+        """Load canonical arrays, cast to this dtype; CheckpointError if one is missing or
+        mis-shaped."""
         native = canonical_to_lasagne(self.model, state, with_velocity=True)
         velocities = self._velocities()
         targets = dict(self._params)
@@ -333,17 +293,9 @@ class TheanoBackend:
         if unknown:  # pragma: no cover - crmn.convert and the builder share one naming
             raise CheckpointError(f"state has arrays this network lacks: {sorted(unknown)}")
         for name, value in native.items():
-            self._set_value(targets[name], np.asarray(value, dtype=self.dtype))
+            self._mode.set_value(targets[name], np.asarray(value, dtype=self.dtype))
 
     def reset_velocity(self) -> None:
-        """Zero the momentum velocities (the schedule does this when it reloads a model)."""
         for v in self._velocities().values():
-            self._set_value(v, np.zeros_like(self._get_value(v)))
+            self._mode.set_value(v, np.zeros_like(self._mode.get_value(v)))
 
-    # --- shared-variable access: on the host (C mode) or the JAX device (jax mode) ------
-
-    def _get_value(self, shared) -> np.ndarray:
-        return self._mode.get_value(shared)
-
-    def _set_value(self, shared, value) -> None:
-        self._mode.set_value(shared, value)

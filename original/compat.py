@@ -1,45 +1,43 @@
 """Make Lasagne 0.1 (2015) run on Theano-PyMC 1.1.2 under Python 3.11 / numpy 1.23 (pinned)
-and Python 3.12 / numpy 2 (``current``, JAX mode only).
-
-Two kinds of bridge:
-
-* :data:`IMPORT_BRIDGES` -- what Theano and Lasagne need to import at all; :func:`install`
-  (run by ``import original``) applies them once, in that order;
-* :func:`graph_settings` -- what only Theano's running code needs (recursion limit, numpy 1.x
-  names, exact autocasting, an announced compile lock, no Cython ``scan``); a context
-  manager entered while a graph is built, compiled or first run, which puts everything back
-  on leaving.
+and Python 3.12 / numpy 2 (``current``, JAX mode only): :data:`IMPORT_BRIDGES` (applied by
+``import original``) let them import; :func:`graph_settings` gives Theano's running code
+what it needs while a graph is built, compiled or first run, and puts it all back after.
 """
 from __future__ import annotations
 
+import configparser
 import contextlib
+import importlib
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import types
 import warnings
+from importlib import metadata
 from pathlib import Path
 from typing import Dict, Optional
 
+import numpy
+
 from crmn.errors import ConfigError
 
-#: where Debian/Ubuntu's ``libopenblas`` puts the shared library
 DEBIAN_OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so"
 #: the first numpy release whose C API Theano-PyMC 1.1.2's C code does not build against
 NUMPY_C_LIMIT = (1, 24)
 #: Python's recursion limit inside :func:`graph_settings` (Theano recurses over graphs)
 RECURSION_LIMIT = 20000
-#: a compile-lock wait longer than this is reported, then again every LOCK_REPORT_EVERY s
+#: a compile-lock wait longer than this (s) is reported, then every LOCK_REPORT_EVERY s
 LOCK_QUIET_WAIT = 3.0
 LOCK_REPORT_EVERY = 15.0
 
 _installed = False
 _probed = False  # check_compiled_backend's probe passed in this process
 
-
-# --- Theano's flags -------------------------------------------------------------------------
 
 def _parse_flags(text: str) -> Dict[str, str]:
     """``"a=1,b.c=2"`` -> ``{"a": "1", "b__c": "2"}`` (Theano accepts both spellings)."""
@@ -53,8 +51,6 @@ def _parse_flags(text: str) -> Dict[str, str]:
 
 def _theanorc_keys() -> set:
     """Option names (``section__key``) that the user's ``.theanorc`` files set."""
-    import configparser
-
     paths = os.environ.get("THEANORC", "~/.theanorc:~/.theanorc.txt").split(os.pathsep)
     parser = configparser.ConfigParser()
     parser.read([os.path.expanduser(p) for p in paths])
@@ -63,8 +59,7 @@ def _theanorc_keys() -> set:
 
 
 def find_openblas() -> Optional[str]:
-    """``"-lopenblas"`` when a system OpenBLAS can be linked (Debian's path or
-    ``ldconfig -p``), else None."""
+    """``"-lopenblas"`` when a system OpenBLAS can be linked, else None."""
     if os.path.exists(DEBIAN_OPENBLAS):
         return "-lopenblas"
     try:
@@ -76,14 +71,8 @@ def find_openblas() -> Optional[str]:
 
 
 def theano_flag_defaults(environ=None) -> Dict[str, str]:
-    """Add defaults to ``THEANO_FLAGS`` in ``environ`` (never over the user's own flags or
-    ``.theanorc``); returns those added. Theano reads its flags once, at import:
-
-    * ``blas__ldflags=-lopenblas`` -- Theano-PyMC's own BLAS detection crashes on numpy 1.23;
-    * ``cxx=`` where numpy is too new for Theano's C code (nothing then tries to compile);
-    * ``base_compiledir`` under ``$CRMN_CACHE`` (:func:`shared_compiledir`);
-    * ``floatX=float32`` -- the paper's precision for graphs built without a dtype.
-    """
+    """Add defaults to ``THEANO_FLAGS`` in ``environ`` (Theano-PyMC's BLAS detection crashes
+    on numpy 1.23), never over the user's flags or ``.theanorc``; returns those added."""
     environ = os.environ if environ is None else environ
     user = set(_parse_flags(environ.get("THEANO_FLAGS", ""))) | _theanorc_keys()
     wanted = {"floatX": "float32"}
@@ -106,10 +95,8 @@ def theano_flag_defaults(environ=None) -> Dict[str, str]:
 
 def shared_compiledir(environ=None) -> Optional[str]:
     """``$CRMN_CACHE/theano`` where that folder passes :mod:`crmn.compile_cache`'s ownership
-    rule, so that Theano's compiled C modules are shared with the JAX mode's entries; else
-    None (Theano keeps ``~/.theano``)."""
+    rule, else None (Theano keeps ``~/.theano``)."""
     from crmn import compile_cache
-
     environ = os.environ if environ is None else environ
     chosen = environ.get(compile_cache.CACHE_ENV)
     if not chosen:
@@ -121,35 +108,27 @@ def shared_compiledir(environ=None) -> Optional[str]:
 
 
 def _numpy_version() -> tuple:
-    import numpy
-
     return tuple(int(part) for part in numpy.__version__.split(".")[:2])
 
 
 def numpy_too_new_for_c() -> bool:
-    """True where numpy is too new for Theano-PyMC 1.1.2's C code (numpy >= 1.24)."""
     return _numpy_version() >= NUMPY_C_LIMIT
 
 
 def c_backend_available() -> tuple:
-    """``(True, "")`` where Theano's C backend can work here, else ``(False, one line)``.
-    Cheap: nothing is compiled (:func:`check_compiled_backend` probes)."""
-    import numpy
-
+    """``(True, "")`` where Theano's C backend can work here, else ``(False, one line)``;
+    compiles nothing."""
     if numpy_too_new_for_c():
         return False, (f"Theano-PyMC 1.1.2's C backend needs numpy < "
                        f"{'.'.join(map(str, NUMPY_C_LIMIT))} and this Python has numpy "
                        f"{numpy.__version__}: use --theano-mode jax, or the pinned "
                        f"environment (requirements.txt) for the C backend")
     import theano
-
     if not theano.config.cxx:
         return False, ("Theano found no C++ compiler (its cxx flag is empty): install g++ "
                        "(or set cxx=... in THEANO_FLAGS), or use --theano-mode jax")
     return True, ""
 
-
-# --- stand-ins for the import ---------------------------------------------------------------
 
 def _stand_in(name: str, doc: str, **attrs) -> types.ModuleType:
     module = types.ModuleType(name, f"Stand-in (original.compat): {doc}")
@@ -160,8 +139,8 @@ def _stand_in(name: str, doc: str, **attrs) -> types.ModuleType:
 
 
 def bridge_pkg_resources() -> None:
-    """Lasagne reads its version through ``pkg_resources``: import it without its
-    deprecation warning, or (a setuptools without it) stand in with importlib.metadata."""
+    """Lasagne reads its version through ``pkg_resources``: import it quietly, or stand in
+    with importlib.metadata where setuptools has none."""
     if "pkg_resources" in sys.modules:
         return
     with warnings.catch_warnings():
@@ -171,37 +150,26 @@ def bridge_pkg_resources() -> None:
             return
         except ImportError:
             pass
-    from importlib import metadata
-
     _stand_in("pkg_resources", "get_distribution(name).version only.",
               get_distribution=lambda name: types.SimpleNamespace(
                   project_name=name, version=metadata.version(name)))
 
 
 def _python_inc(plat_specific=False, prefix=None):
-    import sysconfig
-
     return sysconfig.get_paths()["platinclude" if plat_specific else "include"]
 
 
 def _python_lib(plat_specific=False, standard_lib=False, prefix=None):
-    import sysconfig
-
     key = {(False, False): "purelib", (True, False): "platlib",
            (False, True): "stdlib", (True, True): "platstdlib"}
     return sysconfig.get_paths()[key[bool(plat_specific), bool(standard_lib)]]
 
 
 def bridge_stdlib_distutils() -> None:
-    """Python 3.12 has no ``distutils`` and Theano imports ``distutils.spawn`` and
-    ``distutils.sysconfig``: stand-ins over shutil and sysconfig, where none imports."""
-    import importlib.util
-
+    """Python 3.12 has no ``distutils``, which Theano imports: stand-ins over shutil and
+    sysconfig."""
     if "distutils" in sys.modules or importlib.util.find_spec("distutils") is not None:
         return
-    import shutil
-    import sysconfig
-
     spawn = _stand_in("distutils.spawn", "find_executable only.",
                       find_executable=lambda name, path=None: shutil.which(name, path=path))
     config = _stand_in("distutils.sysconfig", "the functions Theano calls, over sysconfig.",
@@ -219,12 +187,8 @@ class _SystemInfo:
 
 
 def bridge_numpy_distutils() -> None:
-    """numpy 2 has no ``numpy.distutils`` and Theano imports it to find a BLAS and numpy's
-    headers: a stand-in that finds no BLAS (no C backend there) and gives the headers."""
-    import importlib.util
-
-    import numpy
-
+    """numpy 2 has no ``numpy.distutils``, which Theano imports: a stand-in that finds no
+    BLAS (no C backend there) and gives numpy's headers."""
     if "numpy.distutils" in sys.modules or \
             importlib.util.find_spec("numpy.distutils") is not None:
         return
@@ -237,16 +201,13 @@ def bridge_numpy_distutils() -> None:
 
 
 def import_theano() -> None:
-    """``import theano``, its own deprecation warnings silenced for that import only."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import theano  # noqa: F401
 
 
 def bridge_mrg_random_streams() -> None:
-    """``theano.sandbox.rng_mrg.MRG_RandomStreams`` (renamed ``MRG_RandomStream``)."""
     import theano.sandbox.rng_mrg as rng_mrg
-
     if not hasattr(rng_mrg, "MRG_RandomStreams"):
         rng_mrg.MRG_RandomStreams = rng_mrg.MRG_RandomStream
 
@@ -254,7 +215,6 @@ def bridge_mrg_random_streams() -> None:
 def _max_pool_2d(input, ds, ignore_border=None, st=None, padding=(0, 0), mode="max"):
     """Theano 0.7's ``downsample.max_pool_2d`` over Theano-PyMC's ``pool_2d``."""
     from theano.tensor.signal.pool import pool_2d
-
     if ignore_border is None:  # Theano 0.7's default, explicit to silence a warning
         ignore_border = False
     return pool_2d(input, ws=ds, ignore_border=ignore_border, stride=st, pad=padding,
@@ -262,21 +222,18 @@ def _max_pool_2d(input, ds, ignore_border=None, st=None, padding=(0, 0), mode="m
 
 
 def bridge_downsample() -> None:
-    """The module ``theano.tensor.signal.downsample`` (``max_pool_2d``), gone from Theano."""
     import theano.tensor.signal as signal
-
     if "theano.tensor.signal.downsample" not in sys.modules:
         signal.downsample = _stand_in("theano.tensor.signal.downsample",
                                       "Theano 0.7's max_pool_2d.", max_pool_2d=_max_pool_2d)
 
 
 def bridge_gof() -> None:
-    """``theano.gof`` (now ``theano.graph``): Lasagne tests ``theano.gof.Variable``;
-    ``theano.gof.graph`` adds ``is_same_graph`` for Lasagne's own tests."""
+    """``theano.gof`` (now ``theano.graph``), and ``theano.gof.graph.is_same_graph`` for
+    Lasagne's own tests."""
     import theano
     import theano.graph.basic
     import theano.graph.toolbox
-
     if hasattr(theano, "gof") or "theano.gof" in sys.modules:
         return
     names = {k: v for k, v in vars(theano.graph.basic).items() if not k.startswith("__")}
@@ -288,9 +245,8 @@ def bridge_gof() -> None:
 
 def bridge_conv2d_image_shape() -> None:
     """``conv2d(..., image_shape=)`` (now ``input_shape=``), which Lasagne's ``Conv2DLayer``
-    passes (a warning per layer); before ``lasagne.layers.conv`` captures ``conv2d``."""
+    passes."""
     import theano.tensor.nnet as nnet
-
     if getattr(nnet.conv2d, "_crmn_bridge", False):
         return
     stock = nnet.conv2d
@@ -326,7 +282,6 @@ IMPORT_BRIDGES = (
 
 
 def install() -> None:
-    """Apply :data:`IMPORT_BRIDGES` once; a second call does nothing."""
     global _installed
     if not _installed:
         for bridge in IMPORT_BRIDGES:
@@ -335,13 +290,10 @@ def install() -> None:
 
 
 def bridge_lasagne_tests() -> None:
-    """Theano 0.7 names only Lasagne's own test suite uses (scripts/lasagne_tests.sh):
-    ``theano.scan_module.scan_utils`` and ``theano.Variable``."""
-    import importlib
+    """Theano 0.7 names only Lasagne's own test suite uses (scripts/lasagne_tests.sh)."""
 
     import theano
     import theano.graph.basic
-
     if not hasattr(theano, "Variable"):
         theano.Variable = theano.graph.basic.Variable
     if "theano.scan_module" in sys.modules:
@@ -355,48 +307,33 @@ def bridge_lasagne_tests() -> None:
                                    scan_utils=scan_utils, __path__=[])
 
 
-# --- what a graph needs while it is built, compiled or first run -----------------------------
-
 class _Cast(dict):
     """numpy 1.x's ``np.cast``: ``np.cast[dtype](x)`` is ``np.asarray(x).astype(dtype)``."""
-
     def __missing__(self, key):
-        import numpy
-
         dtype = numpy.dtype(key)
         return lambda x: numpy.asarray(x).astype(dtype)
 
 
 def missing_numpy_names() -> Dict[str, object]:
-    """numpy 1.x names that numpy 2 removed and Theano's running code uses (``np.product``
-    while shapes are worked out, ``np.cast``, ...), as numpy 1.23 gave them; only those this
-    numpy lacks."""
-    import numpy
-
+    """numpy 1.x names that numpy 2 removed and Theano's running code uses, as numpy 1.23
+    gave them; only those this numpy lacks."""
     wanted = {"product": numpy.prod, "cast": _Cast(), "complex": complex, "int": int,
               "sctype2char": lambda sctype: numpy.dtype(sctype).char}
     exceptions = getattr(numpy, "exceptions", None)
     if exceptions is not None:
         wanted["AxisError"] = exceptions.AxisError
         wanted["ComplexWarning"] = exceptions.ComplexWarning
-    missing = {}
-    for name, value in wanted.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if not hasattr(numpy, name):
-                missing[name] = value
-    return missing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy warns on some removed names
+        return {name: value for name, value in wanted.items() if not hasattr(numpy, name)}
 
 
 def _exact_autocast(stock):
     """``NumpyAutocaster.__call__`` choosing, as numpy 1.x did, the first dtype that holds a
-    Python number exactly. Under numpy 2 (NEP 50) the stock one typed 0.9 as float32 in
-    float64 graphs and ints >= 128 as uint64."""
-    import numpy
+    Python number exactly (under NEP 50 the stock one typed 0.9 as float32 in float64)."""
 
     def __call__(self, x):
         from theano.configdefaults import config
-
         if config.cast_policy != "custom" or not isinstance(x, (int, float)) or \
                 isinstance(x, bool):
             return stock(self, x)
@@ -421,8 +358,7 @@ def _exact_autocast(stock):
 
 
 def lock_holder(path: str) -> Optional[int]:
-    """PID of the process holding a ``flock`` on ``path``, from Linux's ``/proc/locks``
-    (None where it cannot be told)."""
+    """PID of the process holding a ``flock`` on ``path`` (``/proc/locks``), or None."""
     try:
         inode = os.stat(path).st_ino
         with open("/proc/locks") as f:
@@ -438,31 +374,26 @@ def lock_holder(path: str) -> Optional[int]:
 
 def _wait_announced(lock_dir: str) -> None:
     """Wait until Theano's compile lock in ``lock_dir`` is free, saying on stderr who holds
-    it and for how long (Theano waits in silence, for minutes when another process
-    compiles)."""
+    it (Theano waits in silence, for minutes when another process compiles)."""
     import filelock
-
     path = os.path.join(lock_dir, ".lock")
     start = time.perf_counter()
     lock = filelock.FileLock(path)
-    try:
-        lock.acquire(timeout=LOCK_QUIET_WAIT)  # free soon: nothing to say
-    except filelock.Timeout:
-        while True:
+    timeout = LOCK_QUIET_WAIT  # free soon: nothing to say
+    while True:
+        try:
+            lock.acquire(timeout=timeout)
+            break
+        except filelock.Timeout:
             print(f"theano: waiting for the compile lock {path}, held by process "
                   f"{lock_holder(path) or '?'} ({time.perf_counter() - start:.0f} s so far)",
                   file=sys.stderr, flush=True)
-            try:
-                lock.acquire(timeout=LOCK_REPORT_EVERY)
-                break
-            except filelock.Timeout:
-                continue
+            timeout = LOCK_REPORT_EVERY
     lock.release()
 
 
-def _announcing(stock, compilelock, config):
-    """Theano's ``lock_ctx`` that announces a wait (:func:`_wait_announced`)."""
 
+def _announcing(stock, compilelock, config):
     @contextlib.contextmanager
     def lock_ctx(lock_dir=None, *, timeout=-1):
         lock_dir = lock_dir or config.compiledir
@@ -481,11 +412,9 @@ _undo = []  # what the outermost graph_settings puts back, in reverse order
 
 
 def _apply_graph_settings() -> None:
-    import numpy
     import theano.compile.compilelock as compilelock
     from theano.configdefaults import config
     from theano.scalar.basic import NumpyAutocaster
-
     limit = sys.getrecursionlimit()
     if limit < RECURSION_LIMIT:
         # the gradient of a deep CRMN is walked recursively (RecursionError at 1000)
@@ -515,10 +444,8 @@ def _apply_graph_settings() -> None:
 
 @contextlib.contextmanager
 def graph_settings():
-    """While a Theano graph is built, compiled or first run: Python's recursion limit at
-    least :data:`RECURSION_LIMIT`, numpy 1.x's removed names (:func:`missing_numpy_names`),
-    exact autocasting under numpy 2, the compile lock announcing a wait, and ``scan``'s
-    Python loop. Re-entrant; the outermost exit puts back everything it changed."""
+    """Recursion limit, numpy 1.x's names, exact autocasting, an announced compile lock,
+    ``scan``'s Python loop; re-entrant, the outermost exit puts back all it changed."""
     global _depth
     with _depth_lock:
         if _depth == 0:
@@ -543,15 +470,10 @@ def _restore() -> None:
         _undo.pop()()
 
 
-# --- the check ------------------------------------------------------------------------------
-
 def check_compiled_backend(probe: bool = True) -> None:
-    """Raise ConfigError where Theano would run the network's ops in Python, not compiled C:
-    numpy too new, no C++ compiler, no BLAS, or a mode that does not compile C. ``probe``
-    also compiles a 3x3 convolution and requires the BLAS-backed ``CorrMM`` (once per
-    process)."""
+    """ConfigError where Theano would run the network's ops in Python, not compiled C;
+    ``probe`` also compiles a convolution and requires ``CorrMM`` (once per process)."""
     import theano
-
     works, why = c_backend_available()
     if not works:
         raise ConfigError(why)
@@ -569,13 +491,11 @@ def check_compiled_backend(probe: bool = True) -> None:
     global _probed
     if not probe or _probed:
         return
-    import numpy as np
     import theano.tensor as T
     from theano.tensor.nnet import conv2d
-
     with graph_settings():
         x = T.tensor4("x", dtype="float32")
-        w = theano.shared(np.ones((2, 2, 3, 3), dtype="float32"))
+        w = theano.shared(numpy.ones((2, 2, 3, 3), dtype="float32"))
         f = theano.function([x], conv2d(x, w, border_mode="half"))
     ops = {type(node.op).__name__ for node in f.maker.fgraph.toposort()}
     if not any(name.startswith(("CorrMM", "GpuCorrMM", "GpuDnnConv")) for name in ops):

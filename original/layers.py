@@ -15,17 +15,9 @@ from crmn.naming import BN_ALPHA, BN_EPS
 
 
 class BatchNormLayer(Layer):
-    r"""Batch normalisation (Ioffe & Szegedy 2015) over all axes but the channel axis 1:
-    y = γ (x − μ) inv_std + β, inv_std = 1/√(σ² + ε).
-
-    Training mode (``deterministic=False``) uses the batch's mean and *biased* variance;
-    inference its running ``mean`` and ``inv_std`` (Lasagne's convention), which move as
-    ``(1 - alpha) running + alpha batch`` only in a graph built with
-    ``batch_norm_update_averages=True``: the output then depends on clones of the running
-    variables carrying the new value as their ``default_update``, so only the function
-    compiled from it (the training step) writes them, once per call. β and γ are trainable
-    and not decayed; ``epsilon`` and ``alpha`` default to :mod:`crmn.naming`'s constants.
-    """
+    r"""Batch normalisation (Ioffe & Szegedy 2015) over all axes but 1: y = γ (x − μ) inv_std
+    + β; inference uses the running ``mean`` and ``inv_std``, which move as ``(1 - alpha)
+    running + alpha batch`` in a graph built with ``batch_norm_update_averages=True``."""
 
     def __init__(self, incoming, epsilon=BN_EPS, alpha=BN_ALPHA,
                  beta=init.Constant(0.), gamma=init.Constant(1.),
@@ -37,8 +29,7 @@ class BatchNormLayer(Layer):
         if not 0 < alpha <= 1 or epsilon <= 0:
             raise ValueError(f"BatchNormLayer needs 0 < alpha <= 1 and epsilon > 0, got "
                              f"alpha={alpha}, epsilon={epsilon}")
-        self.epsilon = epsilon
-        self.alpha = alpha
+        self.epsilon, self.alpha = epsilon, alpha
         self.axes = (0,) + tuple(range(2, len(self.input_shape)))
         shape = (self.input_shape[1],)
         self.beta = self.add_param(beta, shape, "beta", trainable=True, regularizable=False)
@@ -53,7 +44,6 @@ class BatchNormLayer(Layer):
 
     def get_output_for(self, input, deterministic=False, batch_norm_update_averages=False,
                        **kwargs):
-        """(B, C, ...) -> (B, C, ...), normalised per channel (see the class)."""
         if deterministic:
             mean, inv_std = self.mean, self.inv_std
         else:
@@ -62,18 +52,14 @@ class BatchNormLayer(Layer):
             inv_std = T.inv(T.sqrt(var + self.epsilon))
             if batch_norm_update_averages:
                 mean, inv_std = self._with_running_updates(mean, inv_std)
-        # (C,) -> (1, C, 1, 1): broadcast over batch and space
-        pattern = ["x", 0] + ["x"] * (input.ndim - 2)
-        gamma = self.gamma.dimshuffle(pattern)
-        beta = self.beta.dimshuffle(pattern)
-        mean = mean.dimshuffle(pattern)
-        inv_std = inv_std.dimshuffle(pattern)
+        pattern = ["x", 0] + ["x"] * (input.ndim - 2)  # (C,) -> (1, C, 1, 1)
+        gamma, beta, mean, inv_std = (v.dimshuffle(pattern)
+                                      for v in (self.gamma, self.beta, mean, inv_std))
         return (input - mean) * (gamma * inv_std) + beta
 
     def _with_running_updates(self, batch_mean, batch_inv_std):
-        """The batch statistics with the running-average updates attached (a clone of a
-        shared variable shares its storage; ``0 * clone`` puts its update in every function
-        compiled from this output and in no other)."""
+        """The batch statistics with the running-average updates attached: a clone shares
+        the storage, and ``0 * clone`` puts its update in the functions using this output."""
         a = self.alpha
         running_mean = theano.clone(self.mean, share_inputs=False)
         running_inv_std = theano.clone(self.inv_std, share_inputs=False)
@@ -85,9 +71,8 @@ class BatchNormLayer(Layer):
 
 
 def batch_norm(layer, **kwargs):
-    """Insert a :class:`BatchNormLayer` after ``layer``, moving its nonlinearity behind it
-    and dropping its bias (docs/spec.md §4: convolutions have none); ``"s1b0.conv1"`` gets
-    ``"s1b0.bn1"`` unless ``name=`` is given. Returns the last layer added."""
+    """Insert a :class:`BatchNormLayer` (``s1b0.conv1`` -> ``s1b0.bn1``) after ``layer``,
+    moving its nonlinearity behind it and dropping its bias (docs/spec.md §4)."""
     nonlinearity = getattr(layer, "nonlinearity", None)
     if nonlinearity is not None:
         layer.nonlinearity = nonlinearities.identity
@@ -104,9 +89,8 @@ def batch_norm(layer, **kwargs):
 
 
 class ShortcutALayer(Layer):
-    """He et al. (2015)'s "option A" shortcut: subsample, then zero-pad the channels,
-    split evenly before and after the input's (as ``modern/``); no parameters.
-    (B, C, H, W) -> (B, num_filters, ceil(H/stride), ceil(W/stride))."""
+    """He et al. (2015)'s "option A" shortcut: subsample, zero-pad the channels evenly
+    before and after (as ``modern/``); (B, C, H, W) -> (B, F, ceil(H/s), ceil(W/s))."""
 
     def __init__(self, incoming, num_filters, stride=2, **kwargs):
         super(ShortcutALayer, self).__init__(incoming, **kwargs)
@@ -114,8 +98,8 @@ class ShortcutALayer(Layer):
         if num_filters < c or stride < 1:
             raise ValueError(f"ShortcutALayer cannot go from {c} to {num_filters} channels "
                              f"with stride {stride}")
-        self.num_filters = num_filters
-        self.stride = stride
+        self.num_filters, self.stride = num_filters, stride
+
 
     def get_output_shape_for(self, input_shape):
         b, _, h, w = input_shape
@@ -136,9 +120,7 @@ class ShortcutALayer(Layer):
 
 
 class PadFeaturesLayer(Layer):
-    """Zero-pad the feature axis of (B, D) at the end to (B, num_units) (paper section 3.2:
-    "when the total number of features is less than the maximum number, the features are
-    zero-padded"). No parameters."""
+    """Zero-pad (B, D) at the end to (B, num_units) (paper section 3.2)."""
 
     def __init__(self, incoming, num_units, **kwargs):
         super(PadFeaturesLayer, self).__init__(incoming, **kwargs)
@@ -169,12 +151,8 @@ def crmn_tap(incoming, num_units, name=None):
 
 
 class PeepholeLSTMLayer(LSTMLayer):
-    r"""Lasagne's ``LSTMLayer`` computing eq. 4 as written: o = σ_o(... + w_co ⊙ c_l + b_o).
-
-    Lasagne 0.1 adds the output-gate peephole *after* the nonlinearity (Lasagne 0.2 moved
-    it in front). This keeps 0.1's constructor (parameters, names, initialisation) and
-    replaces the step with eqs. 2-7. No masks, forward only: (B, T, I) -> (B, T, H).
-    """
+    r"""Lasagne 0.1's ``LSTMLayer`` computing eq. 4 as written, o = σ_o(... + w_co ⊙ c_l + b_o)
+    (0.1 adds that peephole after σ_o); no masks, forward only: (B, T, I) -> (B, T, H)."""
 
     def __init__(self, incoming, num_units, **kwargs):
         if kwargs.get("mask_input") is not None or kwargs.get("backwards"):
@@ -224,6 +202,3 @@ class PeepholeLSTMLayer(LSTMLayer):
                                    truncate_gradient=self.gradient_steps)[0]
         return h_all.dimshuffle(1, 0, 2)  # (B, T, H)
 
-
-__all__ = ["BatchNormLayer", "batch_norm", "ShortcutALayer", "PadFeaturesLayer", "crmn_tap",
-           "PeepholeLSTMLayer"]

@@ -1,10 +1,6 @@
 """CRMN and its ResNet baseline as Lasagne 0.1 networks (paper section 3.2, docs/spec.md §4).
 
-:func:`build` (and :func:`build_resnet`, :func:`build_crmn`) returns the softmax output layer
-over an ``InputLayer`` (None, 3, 32, 32); its ``input_layer`` is the logits layer "fc".
-Layer names make Lasagne's parameter names the native names :mod:`crmn.convert` expects
-(``conv0.W``, ``s{stage}b{block}.bn2.inv_std``, ``lstm.W_in_to_ingate``, ``fc.W``).
-The LSTM is unrolled (its length 3n is fixed; ``theano.scan`` runs its loop in Python here).
+Layer names give the native names :mod:`crmn.convert` expects (``s1b0.bn2.inv_std``).
 ``python -m original.model`` prints the parameter counts of every paper row.
 """
 from __future__ import annotations
@@ -30,8 +26,7 @@ CONV_INIT = init.HeNormal(gain="relu")
 
 
 def _conv_bn(incoming, num_filters, stride, name, relu):
-    """3×3 conv (pad 1, no bias) → BN [→ ReLU]; conv named ``name``, BN ``name`` with
-    conv→bn (``s1b0.conv1`` → ``s1b0.bn1``)."""
+    """3×3 conv (pad 1, no bias) → BN [→ ReLU]."""
     conv = Conv2DLayer(incoming, num_filters, (3, 3), stride=(stride, stride), pad=1,
                        W=CONV_INIT, b=None,
                        nonlinearity=nonlinearities.rectify if relu else None, name=name)
@@ -39,11 +34,8 @@ def _conv_bn(incoming, num_filters, stride, name, relu):
 
 
 def basic_block(incoming, num_filters, stride, name):
-    """Post-activation basic block (He et al. 2015): conv-BN-ReLU-conv-BN, + shortcut, ReLU.
-
-    (B, C, S, S) -> (B, num_filters, S/stride, S/stride); the shortcut is the identity, or
-    option A where the shape changes.
-    """
+    """Post-activation basic block (He et al. 2015): conv-BN-ReLU-conv-BN, + shortcut
+    (identity, or option A where the shape changes), ReLU."""
     residual = _conv_bn(incoming, num_filters, stride, f"{name}.conv1", relu=True)
     residual = _conv_bn(residual, num_filters, 1, f"{name}.conv2", relu=False)
     shortcut = incoming
@@ -54,15 +46,8 @@ def basic_block(incoming, num_filters, stride, name):
 
 
 def _lstm(incoming, cfg: ModelConfig, unroll_scan: bool = True):
-    """Lasagne's peephole LSTM over (B, 3n, I) -> (B, 3n, H), eqs. 2-7.
-
-    :class:`original.layers.PeepholeLSTMLayer`: Lasagne 0.1's ``LSTMLayer`` (its parameters,
-    names and initialisation) with the output-gate peephole inside σ_o as eq. 4 writes it.
-
-    Input and recurrent weights orthogonal (Saxe et al.), peepholes Lasagne's default
-    ``Normal(0.1)``, forget-gate bias ``cfg.forget_bias``, other biases ``cfg.gate_bias``,
-    learned h0 and c0 (initialised to zero).
-    """
+    """The peephole LSTM (eqs. 2-7), (B, 3n, I) -> (B, 3n, H): orthogonal weights (Saxe et
+    al.), peepholes Lasagne's ``Normal(0.1)``, learned h0 and c0."""
     out_nl = nonlinearities.sigmoid if cfg.outgate == "logistic" else nonlinearities.tanh
 
     def gate(bias, nonlinearity=nonlinearities.sigmoid, peephole=True):
@@ -82,11 +67,8 @@ def _lstm(incoming, cfg: ModelConfig, unroll_scan: bool = True):
 
 
 def build(cfg: ModelConfig, seed: int = 0, input_var=None, unroll_scan: bool = True):
-    """The network of ``cfg`` as a Lasagne graph; returns the softmax output layer.
-
-    The initial weights are :func:`crmn.init.initial_state` of ``(cfg, seed)``, as
-    ``modern/``'s; ``seed`` also seeds Lasagne's global RNG. ``input_var``: symbolic images
-    (B, 3, 32, 32); ``unroll_scan=False`` builds the LSTM with ``theano.scan`` instead.
+    """The softmax output layer of ``cfg``'s network (its ``input_layer`` is the logits layer
+    "fc"), initial weights :func:`crmn.init.initial_state` of ``(cfg, seed)`` as ``modern/``'s.
     """
     with graph_settings():
         return _build(cfg, seed, input_var, unroll_scan)
@@ -116,17 +98,14 @@ def _build(cfg: ModelConfig, seed: int, input_var, unroll_scan: bool):
     dense_w = init.HeNormal(gain=1.0) if cfg.dense_init == "he" else init.GlorotUniform()
     logits = DenseLayer(features, cfg.classes, W=dense_w, b=init.Constant(0.),
                         nonlinearity=None, name="fc")  # (B, classes)
-    # softmax as its own layer, so that the backend can read the logits (its input_layer)
     out = NonlinearityLayer(logits, nonlinearities.softmax, name="softmax")
     load_initial_state(out, cfg, seed)
     return out
 
 
 def load_initial_state(output_layer, cfg: ModelConfig, seed: int) -> None:
-    """Set every parameter and BN statistic below ``output_layer`` to
-    :func:`crmn.init.initial_state` of ``(cfg, seed)``, so that one seed gives both backends
-    one starting point (Lasagne's initialisers draw from its own RNG; these values replace
-    theirs, mapped by :mod:`crmn.convert` and cast to each shared variable's dtype)."""
+    """Set every array below ``output_layer`` to :func:`crmn.init.initial_state` of
+    ``(cfg, seed)``: one seed, one starting point for both backends."""
     native = canonical_to_lasagne(cfg, initial_state(cfg, seed), with_velocity=False,
                                   where="crmn.init")
     params = native_params(output_layer)
@@ -136,19 +115,8 @@ def load_initial_state(output_layer, cfg: ModelConfig, seed: int) -> None:
         params[name].set_value(np.asarray(value, dtype=params[name].dtype))
 
 
-def build_resnet(n: int, k: float, classes: int, seed: int = 0, **opts):
-    """A 6n+2-layer, width-k CIFAR ResNet (Table 1's baselines); softmax output layer."""
-    return build(ModelConfig(n=n, k=k, classes=classes, memory=False, **opts), seed)
-
-
-def build_crmn(n: int, k: float, classes: int, seed: int = 0, **opts):
-    """A CRMN: the 6n+2-layer, width-k ResNet plus the LSTM over its 3n block outputs."""
-    return build(ModelConfig(n=n, k=k, classes=classes, memory=True, **opts), seed)
-
-
 def native_params(output_layer):
-    """``{Lasagne name: shared variable}`` of every parameter, trainable or state, in
-    network order; names are unique (asserted)."""
+    """``{Lasagne name: shared variable}`` of every array, in network order."""
     params = lasagne.layers.get_all_params(output_layer)
     out = {p.name: p for p in params}
     if len(out) != len(params) or None in out:
@@ -158,7 +126,6 @@ def native_params(output_layer):
 
 def _print_counts() -> None:
     from crmn import paper
-
     for row in paper.ROWS:
         cfg = ModelConfig.for_row(row)
         count = lasagne.layers.count_params(build(cfg), trainable=True)

@@ -1,12 +1,7 @@
-"""Float64 reference outputs of the Theano backend, recorded from the pinned C mode.
-
-Where the C mode cannot run (the ``current`` environment: numpy 2), the JAX mode is held to
-these arrays instead of a fresh C run. ``scripts/make_references.py`` records them
-(:func:`record`) into :data:`REFERENCES`: per op (:data:`OP_CASES`: convolutions, the
-tap's pooling, a peephole-LSTM pass, the softmax cross-entropy head; outputs and
-gradients, with their inputs) and end to end (:data:`E2E_MODELS`: three float64 SGD steps
-of tiny networks, then their state and logits). :func:`run_op` and :func:`run_e2e` compute
-the same in a given mode for :func:`check_jax` and the tests.
+"""Float64 reference outputs of the Theano backend, recorded from the pinned C mode, to
+which the JAX mode is held where the C mode cannot run (numpy 2): per op (:data:`OP_CASES`,
+outputs and gradients) and end to end (:data:`E2E_MODELS`: three SGD steps of tiny
+networks). ``scripts/make_references.py`` records them (:func:`record`).
 """
 from __future__ import annotations
 
@@ -25,20 +20,16 @@ from theano.tensor.signal.pool import pool_2d
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import ConfigError
 
-#: the stored references (the archive's own file)
 REFERENCES = Path(__file__).resolve().parents[1] / "tests" / "references" / "theano_c_float64.npz"
 #: the largest absolute difference the JAX mode may show against them (float64 rounding)
 TOL = 1e-12
 #: the end-to-end run: steps, batch size, learning rate, seed of the batches
 E2E_STEPS, E2E_BATCH, E2E_LR, E2E_SEED = 3, 4, 0.1, 0
-#: the tiny networks: a CRMN's LSTM of 4 units (its input weights, 2048 x 4 per gate,
-#: dominate the file; the graph is the same as with the paper's 100)
+#: tiny networks: the LSTM's input weights (2048 x units per gate) dominate the file
 E2E_MODELS = {
     "resnet": ModelConfig(n=1, k=0.5, classes=10, memory=False),
-    "crmn-logistic": ModelConfig(n=1, k=0.5, classes=10, memory=True, outgate="logistic",
-                                 lstm_units=4),
-    "crmn-tanh": ModelConfig(n=1, k=0.5, classes=10, memory=True, outgate="tanh",
-                             lstm_units=4),
+    **{f"crmn-{gate}": ModelConfig(n=1, k=0.5, classes=10, memory=True, outgate=gate,
+                                   lstm_units=4) for gate in ("logistic", "tanh")},
 }
 E2E_TRAIN = TrainConfig(batch_size=E2E_BATCH, seed=3)
 
@@ -47,10 +38,9 @@ def _randn(*shape, seed):
     return np.random.RandomState(seed).randn(*shape)
 
 
-# --- per-op cases ------------------------------------------------------------------------
-# Each builder returns (symbolic inputs, outputs, input values, shared variables, the op
-# names that must be in the compiled graph: one set per backend that may compile it). It
-# runs under floatX=float64. Shared variables get their values from the references.
+# Each case returns (symbolic inputs, outputs, input values, shared variables, the op names
+# that must be in the compiled graph: one set per backend that may compile it), built under
+# floatX=float64; shared variables get their values from the references.
 
 _CONV_OPS = ({"CorrMM", "CorrMM_gradWeights", "CorrMM_gradInputs"},
              {"AbstractConv2d", "AbstractConv2d_gradWeights", "AbstractConv2d_gradInputs"})
@@ -87,7 +77,6 @@ def _pool_case(mode, ignore_border, size, grad):
 def _lstm_case(outgate):
     def build():
         from original.model import _lstm
-
         cfg = ModelConfig(n=1, k=0.5, classes=10, memory=True, outgate=outgate,
                           lstm_units=7)
         x = T.tensor3("x")  # (B, steps, inputs)
@@ -128,8 +117,7 @@ OP_CASES: Dict[str, Callable] = {
 
 
 def op_names(fn) -> set:
-    """Op class names of a compiled function's graph, scalar ops of Elemwise and Composite
-    included."""
+    """Op class names of a compiled function's graph, Elemwise's and Composite's included."""
     names = set()
 
     def visit(nodes):
@@ -149,7 +137,6 @@ def op_names(fn) -> set:
 def _compile(inputs, outputs, mode: str, device: str = "cpu"):
     if mode == "jax":
         from original import jax_mode
-
         return jax_mode.function(inputs, outputs, device=device)
     if mode == "c":
         return theano.function(inputs, outputs)
@@ -158,9 +145,8 @@ def _compile(inputs, outputs, mode: str, device: str = "cpu"):
 
 def run_op(name: str, mode: str, refs: Dict[str, np.ndarray] = None,
            device: str = "cpu") -> List[np.ndarray]:
-    """Outputs of case ``name`` compiled in ``mode`` (on ``device``: JAX mode only),
-    inputs and parameters from ``refs`` (a :func:`load` result) where given; ConfigError
-    where the compiled graph lacks the ops the case exists for."""
+    """Outputs of case ``name`` compiled in ``mode``, inputs from ``refs`` where given;
+    ConfigError where the compiled graph lacks the ops the case exists for."""
     with theano.config.change_flags(floatX="float64"), compat.graph_settings():
         inputs, outputs, values, shared, expect = OP_CASES[name]()
         if refs is not None:
@@ -186,45 +172,29 @@ def _op_inputs(name: str) -> Dict[str, np.ndarray]:
     return out
 
 
-# --- end to end ------------------------------------------------------------------------
-
-def e2e_batches() -> Tuple[np.ndarray, np.ndarray]:
-    """(E2E_STEPS, B, 3, 32, 32) float64 images and (E2E_STEPS, B) int64 labels."""
-    r = np.random.RandomState(E2E_SEED)
-    xs, ys = [], []
-    for _ in range(E2E_STEPS):
-        xs.append(r.randn(E2E_BATCH, 3, 32, 32))
-        ys.append(r.randint(0, 10, E2E_BATCH).astype(np.int64))
-    return np.stack(xs), np.stack(ys)
-
-
 def run_e2e(name: str, mode: str, device: str = "cpu") -> Dict[str, np.ndarray]:
-    """Three float64 SGD steps of model ``name`` in ``mode`` from its initial state on
-    :func:`e2e_batches`: ``{"final/<state name>", "losses" (steps, 2): mean cross-entropy
-    and accuracy before each step, "logits/train", "logits/eval" of the last batch}``. The
-    initial state and batches come from numpy's stable legacy ``RandomState`` and are not
-    stored."""
+    """Three float64 SGD steps of model ``name`` in ``mode``: ``{"final/<state name>",
+    "losses" (steps, 2): mean cross-entropy and accuracy, "logits/train", "logits/eval"}``.
+    Initial state and batches come from numpy's stable legacy ``RandomState``."""
     from original.backend import TheanoBackend
-
     backend = TheanoBackend(E2E_MODELS[name], E2E_TRAIN, device=device, dtype="float64",
                             theano_mode=mode)
-    xs, ys = e2e_batches()
+    r = np.random.RandomState(E2E_SEED)
     losses = []
-    for x, y in zip(xs, ys):
+    for _ in range(E2E_STEPS):
+        x, y = r.randn(E2E_BATCH, 3, 32, 32), r.randint(0, 10, E2E_BATCH).astype(np.int64)
         loss_sum, correct = backend.step(x, y, E2E_LR)  # sums over the batch
         losses.append((float(loss_sum) / len(y), float(correct) / len(y)))
     out = {"losses": np.array(losses)}
     out.update({f"final/{k}": np.asarray(v) for k, v in backend.get_state().items()})
-    out["logits/train"] = np.asarray(backend.logits(xs[-1], training=True))
-    out["logits/eval"] = np.asarray(backend.logits(xs[-1], training=False))
+    out["logits/train"] = np.asarray(backend.logits(x, training=True))
+    out["logits/eval"] = np.asarray(backend.logits(x, training=False))
     return out
 
 
-# --- recording and loading -------------------------------------------------------------
 
 def record(path: Path = REFERENCES) -> Dict[str, np.ndarray]:
-    """Compute every reference with the C mode and write them to ``path``
-    (ConfigError where this environment has no working C backend)."""
+    """Compute every reference with the C mode and write them to ``path``."""
     ok, reason = compat.c_backend_available()
     if not ok:
         raise ConfigError(f"the references are recorded with Theano's C backend: {reason}")
@@ -238,7 +208,6 @@ def record(path: Path = REFERENCES) -> Dict[str, np.ndarray]:
         arrays.update({f"e2e/{name}/{k}": v for k, v in run_e2e(name, "c").items()})
     import jax
     import scipy
-
     meta = {"theano": theano.__version__, "numpy": np.__version__,
             "scipy": scipy.__version__, "jax": jax.__version__,
             "blas": theano.config.blas__ldflags, "tol": TOL}
@@ -252,8 +221,7 @@ def record(path: Path = REFERENCES) -> Dict[str, np.ndarray]:
 
 
 def load(path: Path = REFERENCES) -> Dict[str, np.ndarray]:
-    """The stored references as ``{key: array}``; one-line ConfigError where the file
-    is missing or unreadable."""
+    """The stored references as ``{key: array}``; ConfigError where unreadable."""
     try:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
@@ -264,7 +232,6 @@ def load(path: Path = REFERENCES) -> Dict[str, np.ndarray]:
 
 
 def op_outputs(refs, name: str) -> List[np.ndarray]:
-    """The stored outputs of per-op case ``name``, in order."""
     count = sum(1 for k in refs if k.startswith(f"op/{name}/out/"))
     return [refs[f"op/{name}/out/{i}"] for i in range(count)]
 
@@ -276,8 +243,8 @@ def e2e_outputs(refs, name: str) -> Dict[str, np.ndarray]:
 
 
 def worst_difference(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray]) -> Tuple[float, str]:
-    """(largest absolute difference, its key) between two results with the same keys;
-    ConfigError where keys, shapes or dtypes differ."""
+    """(largest absolute difference, its key); ConfigError where keys, shapes or dtypes
+    differ."""
     if set(got) != set(want):
         raise ConfigError(f"results differ in their arrays: only computed "
                           f"{sorted(set(got) - set(want))}, only stored "
@@ -294,9 +261,8 @@ def worst_difference(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray]) ->
 
 
 def check_jax(device: str = "cpu", refs: Dict[str, np.ndarray] = None) -> List[Tuple[str, float]]:
-    """The JAX mode on ``device`` against the references: ``[(case, largest absolute
-    difference)]`` for every ``op/<name>`` and ``e2e/<name>``; a case passes at ``<= TOL``.
-    For ``verify`` where the C mode is missing."""
+    """``[(case, largest absolute difference)]`` of the JAX mode on ``device`` against the
+    references, for every ``op/<name>`` and ``e2e/<name>``; a case passes at ``<= TOL``."""
     refs = load() if refs is None else refs
     rows = []
     for name in OP_CASES:

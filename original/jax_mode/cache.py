@@ -1,22 +1,8 @@
-"""The JAX mode's compile cache: a graph compiled once per machine.
+"""The JAX mode's compile cache: a hit skips Theano's optimisation, the tracing and XLA.
 
-A hit skips Theano's graph optimisation, the tracing and XLA's compilation:
-
-* the key is a sha256 of a canonical text of the *unoptimised* graph (:func:`graph_text`:
-  shared variables by position, name, type and shape, never values or ids), of the call's
-  input shapes, and of everything else that changes the module (:func:`settings_text`:
-  backend settings, precision, device kind, Theano flags, ``XLA_FLAGS``, library versions,
-  the hash of this mode's sources);
-* the entry (:class:`crmn.compile_cache.CompileCache`, kind ``jax``) holds the step as
-  ``jax.export`` serializes it (``Exported.serialize()``, read back with
-  ``jax.export.deserialize``), its header the layout: which argument is which input or
-  shared variable, which result an output or which shared variable's update;
-* XLA's compilation is kept by JAX's persistent compilation cache in ``<cache>/xla``
-  (:func:`use_xla_cache`).
-
-A miss builds the Theano function, exports its jitted walk, stores the entry and runs the
-module read back from the stored bytes, as a hit does: cached and uncached processes run
-one computation.
+The key hashes the unoptimised graph (:func:`graph_text`), input shapes and settings; the
+entry holds the ``jax.export``-serialized step. A miss runs the module read back from the
+bytes it stored, as a hit does: one computation either way.
 """
 from __future__ import annotations
 
@@ -46,15 +32,11 @@ from crmn import compile_cache
 from crmn.compile_cache import HIT, MISS
 from original import compat
 
-#: the entries' kind (sub-folder of the cache)
-KIND = "jax"
-#: the code that turns a graph into an entry or reads one back: a change to any of these
-#: files makes earlier entries foreign
-_SOURCES = sorted(Path(__file__).parent.glob("*.py")) + [
-    Path(__file__).parent.parent / "compat.py",
-    Path(compile_cache.__file__)]
-#: their hash, taken once at import: the code this process runs, whatever is edited later
-_SOURCE_HASH = compile_cache.source_hash(_SOURCES)
+KIND = "jax"  # the entries' sub-folder
+#: the code that writes and reads entries (a change makes earlier entries foreign), hashed
+#: at import: the code this process runs, whatever is edited later
+_SOURCE_HASH = compile_cache.source_hash(sorted(Path(__file__).parent.glob("*.py")) + [
+    Path(__file__).parent.parent / "compat.py", Path(compile_cache.__file__)])
 #: Theano flags that change the optimised graph or its numerics
 _THEANO_FLAGS = ("floatX", "optimizer", "optimizer_excluding", "optimizer_including",
                  "optimizer_requiring", "cast_policy", "deterministic",
@@ -62,12 +44,11 @@ _THEANO_FLAGS = ("floatX", "optimizer", "optimizer_excluding", "optimizer_includ
 
 
 class Uncacheable(Exception):
-    """This graph or export cannot be cached faithfully (the function runs uncached)."""
+    """This graph cannot be cached faithfully (the function runs uncached)."""
 
 
 def use_xla_cache(root: Path) -> None:
-    """Point JAX's persistent compilation cache at ``root/xla`` for this process, keeping
-    every entry (JAX's defaults skip compilations under a second and small entries)."""
+    """Point JAX's persistent compilation cache at ``root/xla``, keeping every entry."""
     path = str(root / "xla")
     if jax.config.jax_compilation_cache_dir != path:
         jax_compilation_cache.reset_cache()  # JAX reads the folder once: start it again
@@ -75,8 +56,6 @@ def use_xla_cache(root: Path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-
-# --- the canonical text of a graph -------------------------------------------------------
 
 def _canon(obj, depth: int = 0) -> str:
     """A text that two processes give the same object (no ids, no addresses)."""
@@ -112,10 +91,8 @@ def _canon(obj, depth: int = 0) -> str:
 
 def graph_text(inputs: Sequence, outputs: Sequence, updates: Sequence[Tuple]
                ) -> Tuple[str, List]:
-    """(canonical text of the unoptimised graph, its shared variables in graph order):
-    variables numbered in depth-first order from the outputs, then the updates (``(shared,
-    new value)`` pairs); inputs by position, shared variables by position with name, type,
-    shape and dtype, constants by type and a hash of their data."""
+    """(canonical text of the graph, its shared variables in order): shared variables by
+    position, name, type and shape (never values or ids), constants by a hash of their data."""
     number: Dict[int, int] = {}
     shared: List = []
     lines: List[str] = []
@@ -155,9 +132,7 @@ def graph_text(inputs: Sequence, outputs: Sequence, updates: Sequence[Tuple]
                 outs.append(f"v{number[id(out)]}:{_canon(out.type)}")
             lines.append(f"{' '.join(outs)} = {_canon(node.op)}({args})")
 
-    for var in inputs:
-        visit(var)
-    for var in outputs:
+    for var in list(inputs) + list(outputs):
         visit(var)
     for target, value in updates:
         visit(value)
@@ -169,39 +144,30 @@ def graph_text(inputs: Sequence, outputs: Sequence, updates: Sequence[Tuple]
 
 
 def settings_text(device, precision: str, context: Dict) -> str:
-    """The settings of the key: everything besides the graph that changes the module."""
+    """Everything besides the graph that changes the module: settings, versions, sources."""
     versions = {"python": platform.python_version(), "numpy": np.__version__,
-                "theano": theano.__version__, "jax": jax.__version__}
-    for dist in ("jaxlib", "Lasagne"):
-        versions[dist] = metadata.version(dist)
+                "theano": theano.__version__, "jax": jax.__version__,
+                "jaxlib": metadata.version("jaxlib"), "Lasagne": metadata.version("Lasagne")}
     flags = {name: str(getattr(theano.config, name, None)) for name in _THEANO_FLAGS}
-    return json.dumps({"context": context, "precision": precision,
-                       "platform": device.platform,
+    return json.dumps({"context": context, "precision": precision, "platform": device.platform,
                        "device_kind": getattr(device, "device_kind", "?"),
-                       "x64": bool(jax.config.jax_enable_x64),
-                       "xla_flags": os.environ.get("XLA_FLAGS", ""), "theano_flags": flags,
-                       "versions": versions,
+                       "x64": bool(jax.config.jax_enable_x64), "theano_flags": flags,
+                       "xla_flags": os.environ.get("XLA_FLAGS", ""), "versions": versions,
                        "sources": _SOURCE_HASH}, sort_keys=True)
 
 
-# --- the cached function ---------------------------------------------------------------
-
 @dataclasses.dataclass
 class _Runner:
-    """One compiled signature: the executable and where its arguments come from and its
-    results go (``("input", k)``, ``("shared", n)``; ``("output", k)``, ``("update", n)``)."""
-
+    """One compiled signature: the executable, its arguments' sources (``("input", k)``,
+    ``("shared", n)``) and results' targets (``("output", k)``, ``("update", n)``)."""
     compiled: object
     args: List[Tuple[str, int]]
     results: List[Tuple[str, int]]
 
 
 class CachedFunction:
-    """A drop-in for the JAX mode's ``theano.function(inputs, outputs, updates=...)`` that
-    looks its compiled step up in the cache at its first call with each input signature.
-    ``build() -> theano function`` is the miss path (called at most once); ``precision``
-    is the lowering's ``jax.default_matmul_precision``; ``context`` the backend's settings
-    for the key."""
+    """A drop-in for the JAX mode's ``theano.function`` that looks its step up in the cache
+    at its first call per input signature; ``build()`` gives the Theano function of a miss."""
 
     def __init__(self, inputs, outputs, updates, name: str, cache, build, device,
                  precision: str, context: Dict):
@@ -219,7 +185,6 @@ class CachedFunction:
         self._runners: Dict[Tuple, _Runner] = {}
 
     def theano_function(self):
-        """The Theano function of the miss path (built on first use)."""
         if self._theano_fn is None:
             self._theano_fn = self._build()
         return self._theano_fn
@@ -233,7 +198,7 @@ class CachedFunction:
             settings_text(self.device, self.precision, dict(self.context, name=self.name)))
 
     def _check(self, header: Dict) -> Optional[str]:
-        """Why a stored header does not fit this function (None: it does)."""
+        """Why a stored header does not fit this function, or None."""
         layout = header.get("layout") or {}
         sizes = {"input": len(self.inputs), "shared": len(self._graph[1]),
                  "update": len(self._graph[1]), "output": len(self.outputs)}
@@ -248,7 +213,7 @@ class CachedFunction:
         return None
 
     def _export(self, values) -> Tuple[Dict, bytes]:
-        """The miss path: Theano's function, its jitted walk exported for ``values``."""
+        """The miss path: Theano's function, its jitted walk exported."""
         fn = self.theano_function()
         call = fn.maker.linker.call  # the FusedJAXLinker's _Call
         shared = self._graph[1]
@@ -264,13 +229,8 @@ class CachedFunction:
                 args.append(("shared", by_id[id(var)]))
             else:
                 raise Uncacheable(f"argument {var} is not in the graph")
-        results = []
-        for k in range(len(fn.maker.fgraph.outputs)):
-            if k in call.updates:
-                var = origin[call.updates[k]]
-                results.append(("update", by_id[id(var)]))
-            else:
-                results.append(("output", k))
+        results = [("update", by_id[id(origin[call.updates[k]])]) if k in call.updates
+                   else ("output", k) for k in range(len(fn.maker.fgraph.outputs))]
         # shapes and dtypes only: the entry must not depend on where the arguments live
         specs = [jax.ShapeDtypeStruct(np.shape(v), v.dtype) for v in
                  self._arguments(args, values)]
@@ -306,15 +266,13 @@ class CachedFunction:
         results = [tuple(r) for r in layout["results"]]
         values = self._arguments(args, None, exp)
         # no donated buffers: jaxlib 0.4.30's XLA:CPU executables read back from the
-        # persistent cache aliased donated arguments wrongly (a float64 step then gave
-        # garbage state); the price is one more copy of the updated state during a step
+        # persistent cache aliased donated arguments wrongly (garbage state)
         compiled = jax.jit(exp.call).lower(*values).compile()  # XLA's cache answers a hit
         return _Runner(compiled, args, results)
 
     def _arguments(self, layout, values, exp=None) -> List:
-        """The call's arguments: explicit inputs checked by their Theano type (as
-        ``theano.function`` does), shared variables from their containers (moved to the
-        device once, where they stay); ``values`` None: shape stand-ins from ``exp``."""
+        """The call's arguments: inputs checked by their Theano type, shared variables from
+        their containers (moved to the device once); ``values`` None: stand-ins."""
         shared = self._graph[1]
         out = []
         for k, (kind, n) in enumerate(layout):
@@ -362,8 +320,7 @@ class CachedFunction:
         return outputs[0] if self._single else outputs
 
     def _call_uncached(self, fn, values):
-        """The Theano function itself (a graph the cache cannot keep); its XLA compile
-        time joins this function's."""
+        """The Theano function itself (a graph the cache cannot keep)."""
         call = fn.maker.linker.call
         before = call.compile_seconds
         call.host_outputs = self.host_outputs

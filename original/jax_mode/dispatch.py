@@ -1,13 +1,7 @@
-"""Op conversions of the JAX mode: one ``@jax_funcify.register(Op)`` per Theano op.
-
-Laid out as Theano-PyMC's ``theano/link/jax/jax_dispatch.py``, but :func:`jax_funcify` is a
-dispatcher of our own whose fallback is Theano's stock one: Theano's registry stays as it
-is, so no other JAX code of the process changes. ``Elemwise`` and ``Composite`` are
-re-registered so that their inner ops come back here. Added: ``CorrMM`` and its gradients,
-``Pool``, ``AveragePoolGrad``, the softmax cross-entropy ops, ``Argmax``, ``Split``.
-Replaced: ``Add``, ``Mul``, the ``IncSubtensor`` forms (stock ones call functions JAX
-removed), ``CAReduceDtype`` (accumulates in ``acc_dtype``, as Theano's C code). An
-unsupported option raises :class:`Unsupported`.
+"""Op conversions of the JAX mode, on a dispatcher of our own whose fallback is Theano's
+stock one (Theano's registry stays as it is). Added: ``CorrMM`` and its gradients,
+pooling, softmax cross-entropy, ``Argmax``, ``Split``; replaced: ``Add``, ``Mul``,
+``IncSubtensor`` (stock ones call functions JAX removed), ``CAReduceDtype``.
 """
 from __future__ import annotations
 
@@ -33,11 +27,9 @@ from original.jax_mode.graph import Unsupported, convert_graph, evaluate
 
 
 def _import_stock_dispatch():
-    """Theano's stock dispatch module; importing it sets ``jax_enable_x64`` from Theano's
-    ``floatX``, so the previous value is put back."""
+    """Theano's stock dispatch module; importing it sets ``jax_enable_x64``: put it back."""
     before = jax.config.jax_enable_x64
     from theano.link.jax import jax_dispatch
-
     jax.config.update("jax_enable_x64", before)
     return jax_dispatch
 
@@ -48,8 +40,7 @@ convert_indices = _stock.convert_indices
 
 @functools.singledispatch
 def jax_funcify(op):
-    """The JAX function of ``op``: ours where registered here, else Theano's stock one;
-    :class:`Unsupported` where neither converts it."""
+    """The JAX function of ``op``: ours, else Theano's stock one, else :class:`Unsupported`."""
     try:
         return _stock.jax_funcify(op)
     except (NotImplementedError, AttributeError, TypeError) as err:
@@ -58,63 +49,45 @@ def jax_funcify(op):
                           f"{detail})") from None
 
 
-# --- conversions of inner ops: back through our dispatcher ------------------------------
-
 @jax_funcify.register(Elemwise)
 def jax_funcify_Elemwise(op):
-    """The elementwise op's scalar op, converted by this dispatcher (the stock ``Elemwise``
-    conversion would ask the stock one, missing the fixed ``Add`` and ``Mul``)."""
+    """The scalar op through this dispatcher (the stock one would miss ``Add``, ``Mul``)."""
     return jax_funcify(op.scalar_op)
 
 
 @jax_funcify.register(Composite)
 def jax_funcify_Composite(op):
-    """A fused elementwise subgraph, traced once for all its outputs (the stock conversion
-    re-traces the shared part per output)."""
+    """A fused elementwise subgraph, traced once for all its outputs (not once per output)."""
     conversions = convert_graph(op.fgraph, jax_funcify)
 
     def composite(*args):
         outs = evaluate(op.fgraph, conversions, args)
         return outs[0] if len(outs) == 1 else tuple(outs)
-
     return composite
 
 
-# --- fixed stock conversions -----------------------------------------------------------
-
 @jax_funcify.register(Add)
-def jax_funcify_Add(op):
-    """n-ary ``Add``, summed left to right like Theano's C loop (``a + b + c``)."""
-    def add(*args):
-        return functools.reduce(jnp.add, args)
-
-    return add
-
-
 @jax_funcify.register(Mul)
-def jax_funcify_Mul(op):
-    """n-ary ``Mul``; the stock conversion calls ``jnp.product``, gone from JAX."""
-    def mul(*args):
-        return functools.reduce(jnp.multiply, args)
-
-    return mul
+def jax_funcify_Add(op):
+    """n-ary ``Add`` / ``Mul`` left to right like Theano's C loop (the stock ``Mul`` calls
+    ``jnp.product``, gone from JAX)."""
+    binary = jnp.add if isinstance(op, Add) else jnp.multiply
+    return lambda *args: functools.reduce(binary, args)
 
 
 def _inc_subtensor(op, indices_of):
-    """``x[idx] = y`` or ``x[idx] += y`` through ``x.at[idx]`` (``x`` may be a numpy
-    constant of the graph); ``indices_of(ilist)`` builds ``idx``."""
+    """``x[idx] = y`` or ``x[idx] += y`` through ``x.at[idx]``; ``indices_of(ilist)``
+    builds ``idx``."""
     setting = getattr(op, "set_instead_of_inc", False)
 
     def incsubtensor(x, y, *ilist):
         ref = jnp.asarray(x).at[indices_of(list(ilist))]
         return ref.set(y) if setting else ref.add(y)
-
     return incsubtensor
 
 
 @jax_funcify.register(IncSubtensor)
 def jax_funcify_IncSubtensor(op):
-    """Basic (slice / integer) set or increment; slice bounds are static scalars."""
     def indices(ilist):
         idx = tuple(convert_indices(ilist, entry) for entry in op.idx_list)
         return idx[0] if len(idx) == 1 else idx
@@ -124,35 +97,27 @@ def jax_funcify_IncSubtensor(op):
 
 @jax_funcify.register(AdvancedIncSubtensor1)
 def jax_funcify_AdvancedIncSubtensor1(op):
-    """Set or increment rows ``x[ilist]`` (repeated indices accumulate, as in Theano)."""
     return _inc_subtensor(op, lambda ilist: ilist[0])
 
 
 @jax_funcify.register(AdvancedIncSubtensor)
 def jax_funcify_AdvancedIncSubtensor(op):
-    """Set or increment ``x[i0, i1, ...]`` with integer index arrays."""
     return _inc_subtensor(op, tuple)
 
 
 @jax_funcify.register(CAReduceDtype)
 def jax_funcify_CAReduceDtype(op):
-    """``Sum`` / ``Prod`` accumulated in ``op.acc_dtype`` (float64 for float32, as Theano's
-    C code; the stock conversion uses the input's dtype), cast to ``op.dtype``."""
+    """``Sum`` / ``Prod`` accumulated in ``op.acc_dtype`` as Theano's C code (the stock
+    conversion uses the input's dtype)."""
     reducer = {Add: jnp.sum, Mul: jnp.prod}.get(type(op.scalar_op))
     if reducer is None:
         raise Unsupported(f"no JAX conversion for the reduction {op}")
+    return lambda x: reducer(x, axis=op.axis, dtype=op.acc_dtype).astype(op.dtype)
 
-    def careduce(x):
-        return reducer(x, axis=op.axis, dtype=op.acc_dtype).astype(op.dtype)
-
-    return careduce
-
-
-# --- convolution: CorrMM and its gradients ---------------------------------------------
 
 def corr_padding(op, kshape) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """((top, bottom), (left, right)) zero padding of ``op``'s border mode for a kernel of
-    spatial shape ``kshape`` (kH, kW), as ``BaseCorrMM``'s C code computes it."""
+    """((top, bottom), (left, right)) padding of ``op`` for a (kH, kW) kernel, as
+    ``BaseCorrMM``'s C code computes it."""
     dilated = [(k - 1) * d + 1 for k, d in zip(kshape, op.filter_dilation)]
     if op.border_mode == "valid":
         return ((0, 0), (0, 0))
@@ -163,37 +128,37 @@ def corr_padding(op, kshape) -> Tuple[Tuple[int, int], Tuple[int, int]]:
     return tuple((int(lo), int(hi)) for lo, hi in op.border_mode)  # normalised pairs
 
 
+def transpose(linear, shape, cotangent):
+    """The transpose of ``linear`` (on arrays of ``shape``) at ``cotangent``: a gradient."""
+    return jax.linear_transpose(linear, jax.ShapeDtypeStruct(shape, cotangent.dtype))(
+        cotangent)[0]
+
+
 def _check_corr(op):
     if op.unshared:
         raise Unsupported(f"no JAX conversion for unshared correlation {op}")
 
 
 def correlate(op, img, kern, padding=None):
-    """(B, C, H, W) ⋆ (F, C/groups, kH, kW) -> (B, F, H', W'): cross-correlation (no kernel
-    flip; Theano flips ``conv2d``'s kernel before lowering it to ``CorrMM``). ``padding``:
-    ((top, bottom), (left, right)); default :func:`corr_padding` of ``op``."""
+    """(B, C, H, W) ⋆ (F, C/groups, kH, kW) -> (B, F, H', W'), no kernel flip; ``padding``
+    defaults to :func:`corr_padding` of ``op``."""
     if padding is None:
         padding = corr_padding(op, kern.shape[-2:])
     return lax.conv_general_dilated(
-        img, kern, window_strides=op.subsample,
-        padding=padding, rhs_dilation=op.filter_dilation,
+        img, kern, window_strides=op.subsample, padding=padding, rhs_dilation=op.filter_dilation,
         dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=op.num_groups)
 
 
 @jax_funcify.register(CorrMM)
 def jax_funcify_CorrMM(op):
     _check_corr(op)
-
-    def corrmm(img, kern):
-        return correlate(op, img, kern)
-
-    return corrmm
+    return functools.partial(correlate, op)
 
 
 @jax_funcify.register(CorrMM_gradWeights)
 def jax_funcify_CorrMM_gradWeights(op):
-    """d(loss)/d(kernel): the transpose of the correlation, linear in the kernel; its
-    spatial size from the op's ``shape`` input where given, else inferred as Theano does."""
+    """d(loss)/d(kernel), its spatial size the op's ``shape`` input or inferred as Theano
+    does."""
     _check_corr(op)
 
     def kernel_size(img_hw, top_hw, shape):
@@ -212,17 +177,13 @@ def jax_funcify_CorrMM_gradWeights(op):
     def corrmm_gradweights(img, topgrad, *shape):
         kh, kw = kernel_size(img.shape[-2:], topgrad.shape[-2:], shape)
         kshape = (topgrad.shape[1], img.shape[1] // op.num_groups, kh, kw)
-        transpose = jax.linear_transpose(functools.partial(correlate, op, img),
-                                         jax.ShapeDtypeStruct(kshape, topgrad.dtype))
-        return transpose(topgrad)[0]  # (F, C/groups, kH, kW)
-
+        return transpose(functools.partial(correlate, op, img), kshape, topgrad)
     return corrmm_gradweights
 
 
 @jax_funcify.register(CorrMM_gradInputs)
 def jax_funcify_CorrMM_gradInputs(op):
-    """d(loss)/d(image): the transpose of the correlation, linear in the image; its spatial
-    size from the op's ``shape`` input where given (a stride drops rows), else inferred."""
+    """d(loss)/d(image), its spatial size the op's ``shape`` input or inferred."""
     _check_corr(op)
 
     def corrmm_gradinputs(kern, topgrad, *shape):
@@ -234,19 +195,13 @@ def jax_funcify_CorrMM_gradInputs(op):
             hw = tuple((t - 1) * s + k - sum(p) for t, s, k, p in
                        zip(topgrad.shape[-2:], op.subsample, dilated, pads))
         ishape = (topgrad.shape[0], kern.shape[1] * op.num_groups) + hw
-        transpose = jax.linear_transpose(lambda x: correlate(op, x, kern),
-                                         jax.ShapeDtypeStruct(ishape, topgrad.dtype))
-        return transpose(topgrad)[0]  # (B, C, H, W)
-
+        return transpose(lambda x: correlate(op, x, kern), ishape, topgrad)
     return corrmm_gradinputs
 
-# --- pooling ---------------------------------------------------------------------------
 
 def _pool_geometry(shape, ws, stride, pad, ignore_border, mode):
     """(window, strides, padding, element counts) of ``Pool`` over the last ``len(ws)``
-    axes: ``Pool.out_shape``'s output size, extra end padding for windows past the image
-    (ignore_border=False), counts as ``Pool.perform`` averages (with or without the
-    padding, clipped at the padded image's end)."""
+    axes, as ``Pool.out_shape`` sizes and ``Pool.perform`` averages them."""
     nd = len(ws)
     out = Pool.out_shape(shape, ws, ignore_border, stride, pad, nd)[-nd:]
     lead = len(shape) - nd
@@ -275,8 +230,7 @@ def _check_pool(op, pad):
 
 
 def _pool_linear(op, x, ws, stride, pad):
-    """Sum or average pooling of ``x`` (linear in ``x``); ``ws``, ``stride``, ``pad`` are
-    the op's static (nd,) inputs."""
+    """Sum or average pooling of ``x`` (linear in ``x``)."""
     window, strides, padding, counts = _pool_geometry(
         x.shape, ws, stride, pad, op.ignore_border, op.mode)
     zero = np.zeros((), dtype=x.dtype)
@@ -288,8 +242,7 @@ def _pool_linear(op, x, ws, stride, pad):
 
 @jax_funcify.register(Pool)
 def jax_funcify_Pool(op):
-    """(..., H, W) -> (..., H', W') pooling over the last ``op.ndim`` axes (the CRMN tap's
-    2x2 mean pool, stride 2: mode "average_inc_pad", ignore_border=True)."""
+    """(..., H, W) -> (..., H', W') pooling over the last ``op.ndim`` axes."""
     def pool(x, ws, stride, pad):
         _check_pool(op, pad)
         if op.mode != "max":
@@ -298,27 +251,19 @@ def jax_funcify_Pool(op):
             x.shape, ws, stride, pad, op.ignore_border, op.mode)
         lowest = np.array(-np.inf, dtype=x.dtype)
         return lax.reduce_window(x, lowest, lax.max, window, strides, padding)
-
     return pool
 
 
 @jax_funcify.register(AveragePoolGrad)
 def jax_funcify_AveragePoolGrad(op):
-    """Gradient of sum / average pooling with respect to its input ``x``: the transpose of
-    the (linear) pooling, evaluated at ``gz`` of the pooled shape."""
+    """Gradient of sum / average pooling: the transpose of the pooling, at ``gz``."""
     def average_pool_grad(x, gz, ws, stride, pad):
         if op.mode == "average_exc_pad" and max(pad, default=0):
             raise Unsupported(f"no JAX conversion for {op} with padding {tuple(pad)}: "
                               f"Theano's C code refuses it too")
-        transpose = jax.linear_transpose(
-            lambda v: _pool_linear(op, v, ws, stride, pad),
-            jax.ShapeDtypeStruct(x.shape, gz.dtype))
-        return transpose(gz)[0]
-
+        return transpose(lambda v: _pool_linear(op, v, ws, stride, pad), x.shape, gz)
     return average_pool_grad
 
-
-# --- softmax cross-entropy, argmax, split ---------------------------------------------
 
 @jax_funcify.register(CrossentropySoftmaxArgmax1HotWithBias)
 def jax_funcify_CrossentropySoftmaxArgmax1HotWithBias(op):
@@ -334,7 +279,6 @@ def jax_funcify_CrossentropySoftmaxArgmax1HotWithBias(op):
         z_y = jnp.take_along_axis(z, y_idx[:, None], axis=1)[:, 0]  # (B,)
         nll = -z_y + m + jnp.log(total)
         return nll, sm, am.astype(y_idx.dtype)
-
     return crossentropy_softmax_argmax
 
 
@@ -345,32 +289,26 @@ def jax_funcify_CrossentropySoftmax1HotWithBiasDx(op):
         dy = jnp.broadcast_to(jnp.reshape(dy, (-1,)), sm.shape[:1])[:, None]  # (B, 1)
         onehot = jax.nn.one_hot(y_idx, sm.shape[1], dtype=sm.dtype)  # (B, K)
         return dy * sm - dy * onehot
-
     return crossentropy_softmax_dx
 
 
 @jax_funcify.register(Argmax)
 def jax_funcify_Argmax(op):
-    """int64 argmax over ``op.axis`` (all axes when None; several axes are flattened after
-    the kept ones, as ``Argmax.perform`` does); ties go to the first index, as in numpy."""
+    """int64 argmax over ``op.axis`` (several axes flattened, as ``Argmax.perform``)."""
     def argmax(x):
         axes = tuple(range(x.ndim)) if op.axis is None else tuple(op.axis)
         keep = tuple(i for i in range(x.ndim) if i not in axes)
         moved = jnp.transpose(x, keep + axes)
         flat = jnp.reshape(moved, moved.shape[:len(keep)] + (-1,))
         return jnp.argmax(flat, axis=-1).astype("int64")
-
     return argmax
 
 
 @jax_funcify.register(Split)
 def jax_funcify_Split(op):
-    """x -> ``op.len_splits`` pieces along a static axis at static sizes (the LSTM's gate
-    blocks; the gradient of ``Join``)."""
+    """x -> ``op.len_splits`` pieces along a static axis at static sizes."""
+
     def split(x, axis, splits):
         bounds = np.cumsum(np.asarray(splits))[:-1]
         return tuple(jnp.split(x, bounds, axis=int(axis)))
-
     return split
-
-

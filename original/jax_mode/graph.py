@@ -1,6 +1,5 @@
-"""The JAX mode's graph walker: a Theano ``FunctionGraph`` evaluated node by node with
-each node's conversion (passed in), once per node, in topological order; used by the
-linker and by ``Composite``'s conversion. :class:`Unsupported` is the mode's one fault.
+"""The JAX mode's graph walker: a Theano ``FunctionGraph`` evaluated node by node in
+topological order with each node's conversion (the linker's and ``Composite``'s).
 """
 from __future__ import annotations
 
@@ -20,8 +19,7 @@ from crmn.errors import ConfigError
 
 
 class Unsupported(ConfigError):
-    """An op, or an option of an op, that this mode cannot convert (a configuration
-    fault: the graph asks for something ``--theano-mode jax`` does not provide)."""
+    """An op, or an option of an op, that ``--theano-mode jax`` cannot convert."""
 
 
 def _is_traced(value) -> bool:
@@ -35,7 +33,7 @@ def _integral(var) -> bool:
 
 def _conform(value, var):
     """``value`` as the dtype ``var`` declares: a cast for JAX values, numpy for static ones
-    (Python ints from ``Shape_i`` become int64 arrays, never traced)."""
+    (never traced)."""
     dtype = getattr(var.type, "dtype", None)
     if dtype is None:
         return value  # slices, None
@@ -49,25 +47,15 @@ def _perform_static(node, args):
     storage = [[None] for _ in node.outputs]
     params = node.run_params()
     try:
-        if params is NoParams:
-            node.op.perform(node, args, storage)
-        else:
-            node.op.perform(node, args, storage, params)
+        node.op.perform(node, args, storage, *(() if params is NoParams else (params,)))
     except (MethodNotDefined, NotImplementedError):
         return None
     return [cell[0] for cell in storage]
 
 
 def convert_graph(fgraph, funcify: Callable) -> Dict:
-    """``{Apply node: JAX function}`` for every node of ``fgraph``, from the dispatcher
-    ``funcify`` (:func:`original.jax_mode.dispatch.jax_funcify`).
-
-    Raises
-    ------
-    ConfigError
-        One line naming the first op without a conversion and the Lasagne layer / variable
-        it came from (and how many other op types lack one).
-    """
+    """``{Apply node: JAX function}`` from the dispatcher ``funcify``; ConfigError naming
+    the first op without a conversion, where it came from, and the other ops lacking one."""
     conversions, missing = {}, {}
     for node in fgraph.toposort():
         try:
@@ -83,9 +71,8 @@ def convert_graph(fgraph, funcify: Callable) -> Dict:
 
 
 def _origin(node, limit: int = 2000) -> str:
-    """Where ``node`` came from: the nearest Lasagne parameter among its ancestors (Lasagne
-    names them ``layer.param``, e.g. ``s1b0.conv1.W``), else the nearest named variable --
-    breadth first over the inputs."""
+    """Where ``node`` came from: the nearest Lasagne parameter (``s1b0.conv1.W``) among its
+    ancestors, else the nearest named variable."""
     seen, queue, named = set(), deque([node]), None
     while queue and len(seen) < limit:
         current = queue.popleft()
@@ -105,8 +92,7 @@ def _origin(node, limit: int = 2000) -> str:
 
 def _call_conversion(node, fn, args) -> List:
     """``node``'s output values from its conversion ``fn``; an option found unsupported
-    only now (it depends on a static input, e.g. a pooling's padding) is reported as in
-    :func:`convert_graph`, naming the op and where it came from."""
+    only now (a pooling's padding) is reported as in :func:`convert_graph`."""
     try:
         if isinstance(fn, Sequence):  # stock multi-output form: one function per output
             return [f(*args) for f in fn]
@@ -117,13 +103,8 @@ def _call_conversion(node, fn, args) -> List:
 
 
 def evaluate(fgraph, conversions: Dict, inputs: Sequence) -> List:
-    """Values of ``fgraph.outputs`` for values of ``fgraph.inputs``, node by node in
-    topological order (each node once, whatever its number of consumers).
-
-    A node whose inputs are all static (numpy, not traced) and whose outputs are integers
-    -- the shape arithmetic that feeds ``Reshape``, ``Alloc`` and the convolution gradients
-    -- runs its numpy ``perform`` at trace time, so those shapes stay static under ``jit``.
-    """
+    """Values of ``fgraph.outputs`` for ``inputs``; integer nodes of static inputs (shape
+    arithmetic) run their numpy ``perform`` at trace time, so shapes stay static."""
     values = {var: _conform(value, var) for var, value in zip(fgraph.inputs, inputs)}
 
     def value_of(var):

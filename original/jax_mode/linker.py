@@ -1,10 +1,6 @@
-"""The JAX mode's linker: a whole Theano graph traced once into one ``jax.jit``.
-
-Theano-PyMC's ``JAXLinker`` jits every output separately, re-tracing shared subgraphs;
-:class:`FusedJAXLinker` walks the optimised graph -- outputs *and* shared-variable updates
--- once (:func:`original.jax_mode.graph.evaluate`) and jits that walk, with static shapes
-and donated update buffers. Shared variables stay in their Theano containers as JAX
-device arrays between calls (:class:`_Call`).
+"""The JAX mode's linker: the whole optimised graph, outputs and updates, traced once into
+one ``jax.jit`` (Theano-PyMC's ``JAXLinker`` jits every output separately), with static
+shapes and donated update buffers.
 """
 from __future__ import annotations
 
@@ -23,36 +19,23 @@ from original import compat
 from original.jax_mode.dispatch import jax_funcify
 from original.jax_mode.graph import convert_graph, evaluate
 
-#: ``jax.default_matmul_precision`` values and how the device description names them
+#: ``jax.default_matmul_precision`` values by ``allow_tf32``, and their description
 PRECISIONS = {False: ("float32", "HIGHEST"), True: ("tensorfloat32", "TF32")}
 
 
-# --- the linker ------------------------------------------------------------------------
-
 class _Call:
-    """The thunk of :class:`FusedJAXLinker`: gathers the input cells, runs the compiled
-    graph, returns outputs as numpy and leaves updates as device arrays in their cells.
-
-    Theano's ``Function`` calls it with no argument; ``need_update_inputs = False`` tells
-    it that the updated shared values are already in place (Theano's own path would
-    ``filter`` them through numpy, a host copy per step).
-    """
-
+    """The thunk of :class:`FusedJAXLinker`: runs the compiled graph, leaving updates in their
+    cells as device arrays (``need_update_inputs = False``: no host copy by Theano)."""
     need_update_inputs = False
     allow_gc = True
     lazy = False
 
     def __init__(self, fgraph, conversions, input_storage, output_storage, device,
                  precision):
-        self.fgraph = fgraph
-        self.device = device
-        self.precision = precision
+        self.fgraph, self.device, self.precision = fgraph, device, precision
         self.compile_seconds = 0.0  # tracing + XLA compilation, all input signatures
-        # outputs as writable host copies, as theano.function gives them; False keeps them
-        # as device arrays (the training step's loss sums: no host sync per step)
-        self.host_outputs = True
-        self.inputs = input_storage
-        self.outputs = output_storage
+        self.host_outputs = True  # False: outputs stay device arrays (no host sync)
+        self.inputs, self.outputs = input_storage, output_storage
         self.updates = dict(getattr(fgraph, "update_mapping", None) or {})  # out -> in
         # one argument per distinct storage cell (a shared variable and its clone share one)
         self._cells, self._arg_of_input = [], []
@@ -83,9 +66,8 @@ class _Call:
         return value
 
     def lower(self, *values):
-        """The lowered computation (StableHLO text via ``.as_text()``) for ``values`` of
-        the function's explicit inputs, in order, and the shared variables' current values:
-        for checking dtypes and precision."""
+        """The lowered computation for ``values`` of the explicit inputs and the shared
+        variables' current values (to check dtypes and precision)."""
         values = iter(values)
         args = [self._argument(k) if self._shared[k]
                 else jax.device_put(np.asarray(next(values)), self.device)
@@ -113,16 +95,9 @@ class _Call:
 
 
 class FusedJAXLinker(PerformLinker):
-    """A Theano linker that compiles the whole ``FunctionGraph`` into one ``jax.jit``.
+    """A Theano linker compiling the whole ``FunctionGraph`` into one ``jax.jit`` on
+    ``device``; ``allow_tf32`` lets float32 products use TensorFloat-32."""
 
-    Parameters
-    ----------
-    device : jax.Device
-        Where arrays live and the graph runs.
-    allow_tf32 : bool
-        Let float32 matrix products and convolutions use TensorFloat-32 (``HIGH``);
-        default full float32 (``HIGHEST``).
-    """
 
     def __init__(self, device=None, allow_tf32: bool = False, allow_gc=None, schedule=None):
         super().__init__(allow_gc=allow_gc, schedule=schedule)
@@ -149,5 +124,3 @@ class FusedJAXLinker(PerformLinker):
                 [Container(var, cell, readonly=True)
                  for var, cell in zip(fgraph.outputs, output_storage)],
                 [self.call], order)
-
-
