@@ -14,6 +14,9 @@ STAGE_EPOCHS_PER_PATIENCE = 6  # the plateau search's assumed stage length / pat
 #: training images per epoch of the final run (SVHN: train + extra)
 TRAIN_IMAGES = {"cifar100": 50_000, "cifar10": 50_000, "svhn": 604_388}
 DAY = 86_400
+#: where bench left no figure, a step is assumed to reach this share of the device's measured
+#: float32 ceiling (Theano's C backend reached about a quarter on a CPU: REPRODUCING.md §5)
+ASSUMED_SHARE = 0.25
 
 
 def speeds_path() -> Path:
@@ -72,15 +75,20 @@ def estimate(plan, speeds: Optional[Dict[str, float]] = None) -> str:
     if plan.runs[0].spec.row is None:
         return f"{head}; a tiny network on tiny data: minutes"
     specs = [run.spec for run in plan.runs]
-    missing = ",".join(sorted({s.row for s in specs if key(s.row, stack) not in speeds}))
-    if missing:
-        epochs = sum(expected_epochs(s.train) for s in specs)
-        return (f"{head}; about {epochs} epochs in all, but no measured speed on this machine "
-                f"for {missing}: run `bash run_experiments.sh bench --rows {missing} "
-                f"{_stack_flags(stack)}` first")
+    missing = sorted({s.row for s in specs if key(s.row, stack) not in speeds})
+    if missing:  # a rough guess from the FLOPs and this device's ceiling, measured now
+        from crmn import roofline
+        ceiling = roofline.fp32_ceiling(stack.device)
+        speeds = {**speeds, **{key(s.row, stack): roofline.train_flops_per_image(s.model)
+                               * 50_000 / (ASSUMED_SHARE * ceiling) for s in specs
+                               if s.row in missing}}
     total = sum(speeds[key(s.row, stack)] * TRAIN_IMAGES[s.dataset] / 50_000
                 * expected_epochs(s.train) for s in specs)
-    line = f"{head}; about {_time(total)} (bench's s/epoch x expected epochs, REPRODUCING.md §5)"
+    how = (f"FLOPs at {ASSUMED_SHARE:.0%} of this device's float32 ceiling for "
+           f"{','.join(missing)}, a rough guess: `bash run_experiments.sh bench --rows "
+           f"{','.join(missing)} {_stack_flags(stack)}` measures" if missing
+           else "bench's s/epoch")
+    line = f"{head}; about {_time(total)} ({how} x expected epochs, REPRODUCING.md §2)"
     if total > DAY:
         line += ("; faster: a GPU (--device cuda), --backend torch, or --launcher slurm "
                  "(runs side by side)")

@@ -1,6 +1,7 @@
 """The run schema: every option declared once (crmn/schema.py), parsed and rendered back the
 same; --device auto; the cost line and --dry-run."""
 import argparse
+import re
 import dataclasses
 import shlex
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from crmn import cli, cost, registry, schema
+from crmn import cli, cost, registry, roofline, schema
 from crmn import plan as plans
 from crmn.cli import parser
 from crmn.config import TrainConfig
@@ -210,12 +211,17 @@ def test_expected_epochs():
     assert cost.expected_epochs(TrainConfig(epochs_cap=2)) == 2 * 3 * 2
 
 
-def test_estimate_from_recorded_speeds(tmp_path):
+def test_estimate_from_recorded_speeds(tmp_path, monkeypatch):
     plan = plans.train_plan(parser.parse(["table1", "--rows", "t1-crmn32x1,t1-resnet32x1",
                                           "--device", "cpu", "--backend", "torch"]))
-    line = cost.estimate(plan, {})
-    assert "no measured speed on this machine" in line
+    line = cost.estimate(plan, {})  # nothing measured: FLOPs over the measured ceiling
+    assert re.search(r"about [0-9.]+ (min|h|days) \(FLOPs at 25% of this device's float32 "
+                     r"ceiling for t1-crmn32x1,t1-resnet32x1, a rough guess", line), line
     assert "bench --rows t1-crmn32x1,t1-resnet32x1 --backend torch --device cpu" in line
+    monkeypatch.setattr(roofline, "fp32_ceiling", lambda device: 1e9)  # a quarter: 2.5e8
+    flops = sum(roofline.train_flops_per_image(run.spec.model) for run in plan.runs)
+    guessed = flops * 50_000 / 2.5e8 * 360  # seconds: 360 expected epochs a run
+    assert f"about {cost._time(guessed)} (FLOPs at 25%" in cost.estimate(plan, {})
     path = tmp_path / "speeds.json"
     cost.record([{"row": r, "sec_per_epoch": 10.0} for r in ("t1-crmn32x1", "t1-resnet32x1")],
                 [plan.stack] * 2, path)
