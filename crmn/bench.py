@@ -1,14 +1,7 @@
-"""Training speed per paper row against the paper's seconds per epoch (Table 1), read as one
-pass over CIFAR-100's 50,000 training images.
-
-Each row trains a fixed number of SGD steps on random CIFAR-shaped data (speed ignores the
-pixels) through :func:`crmn.train.train_epoch`, so the GPU path's resident data, gather and
-captured step are what is timed; a short warm-up epoch first (compilation, autotuning, graph
-capture) is timed apart. The Theano stack's compiling shows in two columns: **cold compile
-s**, the first build in this process (``cache``: whether :mod:`crmn.compile_cache` held the
-step: ``hit``, ``miss``, ``off`` with ``--no-compile-cache``), and **warm compile s**, a
-second build right after, which finds what the first stored.
-"""
+"""Training speed per paper row against the paper's seconds per epoch (Table 1): fixed SGD
+steps on random CIFAR-shaped data through :func:`crmn.train.train_epoch`, after a warm-up epoch
+timed apart. Theano's compile shows cold (``cache``: hit, miss or off) and warm (a second build
+right after, which finds what the first stored)."""
 from __future__ import annotations
 
 import time
@@ -26,7 +19,6 @@ EPOCH_IMAGES = 50_000  # CIFAR-100 training set: the paper's epoch
 
 
 def _sampler(rng, steps: int, classes: int, train: TrainConfig) -> BatchSampler:
-    """``steps`` batches of random CIFAR-shaped images and labels (speed ignores pixels)."""
     n = steps * train.batch_size
     x = rng.standard_normal((n, 3, 32, 32), dtype=np.float32)
     y = rng.integers(0, classes, n).astype(np.int64)
@@ -35,7 +27,7 @@ def _sampler(rng, steps: int, classes: int, train: TrainConfig) -> BatchSampler:
 
 def _warm_build(options: StackOptions, model: ModelConfig, train: TrainConfig, rng,
                 expert: Dict):
-    """The warm column: a second build's first step (None without a compile cache)."""
+    """A second build's first step (None without a compile cache)."""
     if options.backend != "theano" or not options.compile_cache:
         return None
     again = registry.build(options, model, train, **expert)
@@ -43,13 +35,12 @@ def _warm_build(options: StackOptions, model: ModelConfig, train: TrainConfig, r
 
 
 def _names(options: StackOptions):
-    """(the stack's name: ``theano-c``, ``theano-jax`` or ``torch``; the precision shown)."""
+    """(``theano-c``, ``theano-jax`` or ``torch``; the precision shown)."""
     stack = f"theano-{options.theano_mode}" if options.backend == "theano" else options.backend
     return stack, options.dtype + ("+compile" if options.compile else "")
 
 
 def _compile_figures(stack, warm, rebuilt) -> Dict:
-    """The cold build's compile seconds and cache state; the warm build's (None without)."""
     return {"compile_s": warm.compile_seconds,
             "compile_cache": getattr(stack, "compile_cache", None),
             "warm_compile_s": rebuilt.compile_seconds if rebuilt else None,
@@ -61,15 +52,8 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
               channels_last: Optional[bool] = None, model: Optional[ModelConfig] = None,
               ceiling: Optional[Dict] = None) -> Dict:
     """The figures of one table line: ``steps`` SGD steps of ``row`` in ``options``' stack.
-
-    ``channels_last`` (torch): NHWC, None the stack's default; ``model``: another network in
-    the row's protocol (``speedup`` is then None); ``ceiling``: the device's limits
-    (:func:`crmn.roofline.measure_ceiling`). Keys: ``stack`` (theano-c, theano-jax, torch),
-    ``warmup_s`` (the warm-up epoch), ``compile_s``/``compile_cache`` (cold) and
-    ``warm_compile_s``/``warm_compile_cache`` (None without a cache), ``seconds`` (the timed
-    steps), ``images_per_s``, ``sec_per_epoch``, ``paper_sec_per_epoch``, ``speedup``, and
-    :func:`crmn.roofline.utilisation`'s and :func:`crmn.roofline.peak_memory`'s.
-    """
+    ``model``: another network in the row's protocol (``speedup`` is then None); ``ceiling``:
+    :func:`crmn.roofline.measure_ceiling`'s, for the utilisation columns."""
     own = model is None
     model = ModelConfig.for_row(row) if own else model
     train = TrainConfig.for_row(row, seed=seed)
@@ -108,19 +92,17 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
 
 
 def percent(fraction: Optional[float]) -> str:
-    """A fraction as a percentage to three significant digits; "-" for None."""
     return "-" if fraction is None else f"{100 * fraction:.3g} %"
 
 
 def _figure(r: Dict, key: str, unit: float, spec: str) -> str:
-    """``r[key] / unit`` formatted, "-" where the figure is missing (older JSON, no peak)."""
+    """``r[key] / unit`` formatted, "-" where missing (older JSON, no peak)."""
     value = r.get(key)
     return "-" if value is None else format(value / unit, spec)
 
 
 def format_table(results: Sequence[Dict]) -> str:
-    """The bench table; GFLOP/img: forward + backward per trained image; of ceiling: the
-    share of the measured ceiling of the row's precision; peak MiB: ``peak_mem_kind``."""
+    """The bench table (GFLOP/img: forward + backward per trained image)."""
     body = [[r["row"], r["label"], r.get("stack", "-"), r["batch_size"],
              f"{r['images_per_s']:.0f}", f"{r['sec_per_epoch']:.2f}",
              f"{r['paper_sec_per_epoch']:.0f}" if r["paper_sec_per_epoch"] else "-",
@@ -137,8 +119,8 @@ def format_table(results: Sequence[Dict]) -> str:
 
 
 def describe(r: Dict, torch_f32: Optional[Dict] = None) -> str:
-    """One line on a timed row: its speed beside the goals (bfloat16 at least 100x the paper,
-    Theano-JAX float32 within 1.5x of ``torch_f32``, that row's figures), the roofline."""
+    """One line on a timed row: its speed beside the goals (bfloat16 >= 100x the paper,
+    Theano-JAX float32 within 1.5x of ``torch_f32``), the roofline."""
     out = [f"{r['speedup']:.3g}x the paper" if r["speedup"] else "tiny network"]
     if r["speedup"] and r["precision"].startswith("bfloat16"):
         out[0] += f" (goal >= 100x: {'met' if r['speedup'] >= 100 else 'not met'})"
@@ -155,7 +137,6 @@ def describe(r: Dict, torch_f32: Optional[Dict] = None) -> str:
 
 
 def describe_ceiling(c: Dict) -> str:
-    """One line: the measured ceiling of a device."""
     tf = {k: "-" if c.get(k + "_tflops") is None else f"{c[k + '_tflops']:.3g}"
           for k in ("fp32", "tf32", "bf16")}
     return (f"ceiling on {c['device']} ({c['library']}, {c['gemm_side']}-square products, "
@@ -164,8 +145,8 @@ def describe_ceiling(c: Dict) -> str:
 
 
 def mode_ratios(results: Sequence[Dict]) -> str:
-    """Per row timed in all three stacks: the JAX mode's step time against the torch
-    stack's and the C mode's, and the C mode's compile time against the JAX mode's."""
+    """Per row timed in all three stacks: the JAX mode's step time against the others', and
+    the C mode's compile time against the JAX mode's."""
     lines = []
     for row in dict.fromkeys(r["row"] for r in results):
         by = {r["stack"]: r for r in results if r["row"] == row}

@@ -1,19 +1,8 @@
 """A finished run as files others load (``export``), and any weights measured on a test set
-(``evaluate``).
-
-``export RUN_DIR`` reads the run's final ``checkpoint.h5`` and writes, named by the first 8
-hex digits of each file's SHA-256 (torch.hub's ``check_hash`` convention):
-
-* ``<row>-<sha8>.pt``: ``{"state_dict", "model" (ModelConfig fields), "row", "dataset",
-  "dtype", "format"}``, tensors and plain types only (``torch.load(weights_only=True)``);
-* ``<row>-<sha8>.npz``: one array per Lasagne parameter under its Lasagne name, ``names``
-  listing them in ``lasagne.layers.get_all_param_values`` order (batch-norm statistics
-  included) and ``meta`` (the same JSON as the .pt's fields); written without Theano;
-* ``MODEL.md``: the model card, from the run folder's files only.
-
-Both conversions are :mod:`crmn.convert`'s; evaluation is :func:`crmn.train.evaluate` on a
-stack built by :func:`crmn.registry.build`, on the test split of :func:`crmn.data.prepare`.
-"""
+(``evaluate``). ``export`` writes ``<row>-<sha8>.pt`` (tensors and plain types only, for
+``torch.load(weights_only=True)``), ``<row>-<sha8>.npz`` (Lasagne names, ``names`` in
+``get_all_param_values`` order, ``meta`` JSON) and ``MODEL.md`` (the model card); sha8: the
+first 8 hex digits of the file's SHA-256 (torch.hub's ``check_hash`` convention)."""
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +23,6 @@ FORMAT = 1
 
 
 def _torch(what: str):
-    """torch, or a one-line ConfigError where this environment lacks it."""
     try:
         import torch
     except ImportError:
@@ -44,7 +32,6 @@ def _torch(what: str):
 
 
 def sha256(path) -> str:
-    """The file's SHA-256 as ``sha256sum`` prints it."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -53,11 +40,8 @@ def sha256(path) -> str:
 
 
 def lasagne_order(native: List[str]) -> List[str]:
-    """Lasagne names in :mod:`crmn.naming` order -> ``get_all_params`` order.
-
-    The layers come in the same order; within a layer, Lasagne's ``BatchNormLayer`` adds
-    ``beta`` before ``gamma`` and its ``LSTMLayer`` ``cell_init`` before ``hid_init``.
-    """
+    """Lasagne names in :mod:`crmn.naming` order -> ``get_all_params`` order: within a layer,
+    ``BatchNormLayer`` adds ``beta`` before ``gamma``, ``LSTMLayer`` ``cell_init`` first."""
     out = list(native)
     for i in range(len(out) - 1):
         a, b = out[i], out[i + 1]
@@ -68,7 +52,6 @@ def lasagne_order(native: List[str]) -> List[str]:
 
 
 def _write_named(out_dir: Path, stem: str, suffix: str, payload: bytes) -> Path:
-    """``out_dir/<stem>-<sha8><suffix>``, written to a temporary name and renamed."""
     name = f"{stem}-{hashlib.sha256(payload).hexdigest()[:8]}{suffix}"
     runlog.write_bytes_atomic(out_dir / name, payload)
     return out_dir / name
@@ -117,9 +100,6 @@ def export(run_dir, out_dir=None) -> Dict[str, Path]:
     return paths
 
 
-# ----------------------------------------------------------------------------- the card
-
-
 def _not_a_test(run_dir: Path, row: Optional[paper.Row], config: Dict) -> List[str]:
     """Why the run is no test of the paper (empty: it is one), in report.comparable's words."""
     why = [] if row is not None else ["not a row of the paper"]
@@ -153,8 +133,7 @@ def reproduce_command(config: Dict) -> str:
                      epochs_cap=SMOKE["epochs_cap"])
     else:
         words += ["--rows", row.id]
-    words += ["--seed", str(seed)]
-    words += ["--backend", config.get("backend", "theano"),
+    words += ["--seed", str(seed), "--backend", config.get("backend", "theano"),
               "--device", config.get("device_requested", "cpu"),
               "--dtype", config.get("dtype", "float32")]
     if config.get("backend", "theano") == "theano":
@@ -248,12 +227,9 @@ def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- evaluate
-
-
 def load_weights(path) -> Tuple[ModelConfig, Dict[str, np.ndarray], Dict]:
-    """(ModelConfig, canonical arrays, info with "dataset" and "dtype") of a ``.pt``,
-    ``.npz`` or archive ``.h5`` checkpoint; a one-line CheckpointError for anything else."""
+    """(ModelConfig, canonical arrays, info with "dataset" and "dtype") of a ``.pt``, ``.npz``
+    or checkpoint ``.h5``."""
     path = Path(path)
     if path.suffix == ".h5":
         arrays, meta = checkpoint.load(path)
@@ -285,9 +261,8 @@ def load_weights(path) -> Tuple[ModelConfig, Dict[str, np.ndarray], Dict]:
 
 def evaluate(path, backend: str = registry.DEFAULT_BACKEND, device: str = "cpu",
              dataset: Optional[str] = None, data_dir=None, progress: bool = True) -> Dict:
-    """Test loss and accuracy of the weights in ``path`` on ``dataset``'s test split (the
-    weights' own by default), in ``backend`` on ``device``, in the dtype they were trained
-    in where ``backend`` has it (else float32)."""
+    """Test loss and accuracy of the weights in ``path`` on ``dataset``'s test split (theirs by
+    default), in the dtype they were trained in where ``backend`` has it (else float32)."""
     cfg, canonical, info = load_weights(path)
     dataset = dataset or info.get("dataset")
     if paper.DATASET_CLASSES.get(dataset) != cfg.classes:

@@ -1,12 +1,6 @@
 """Datasets, preprocessing and the batch sampler both stacks draw from (docs/spec.md §4-§6).
-
-Modules, in the order a run uses them: ``sources`` (what each dataset is, download,
-extraction), ``images`` (image folders and archives, cached), ``formats`` (the official
-pickles and ``.mat`` files), ``integrity`` (official, fake or unverified), ``prepare``
-(preprocessing, the seeded split, ``--subset``), ``sampler``, ``fake``. Every public name is
-re-exported here; the function ``prepare`` shadows its module (reach it with
-``importlib.import_module``), and constants are copies: patch them in their own module.
-"""
+Every public name is re-exported here: the function ``prepare`` shadows its module, and
+constants are copies (patch them in their own module)."""
 from crmn.data.fake import FAKE_MARKER, is_fake, write_fake, write_fake_archive
 from crmn.data.images import check as check_images, describe
 from crmn.data.formats import count_images, load_raw

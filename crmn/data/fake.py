@@ -13,13 +13,12 @@ import numpy as np
 from crmn.data.sources import PathLike, dataset_info, locate
 from crmn.errors import ConfigError, DataError
 
-#: Marker that :func:`write_fake` leaves in a folder of fake data.
-FAKE_MARKER = "FAKE_DATA.txt"
+FAKE_MARKER = "FAKE_DATA.txt"  # left by write_fake in a folder of fake data
 
 
 def _fake_images(classes: int, counts: Sequence[int], seed: int):
-    """Learnable random images, one ``(uint8 (n, 3, 32, 32), int64 (n,))`` pair per entry
-    of ``counts``: a colour and a coarse 4x4 pattern per class (shared by all), plus noise."""
+    """Learnable random images, one ``(uint8 (n, 3, 32, 32), int64 (n,))`` pair per count:
+    a colour and a coarse 4x4 pattern per class, plus noise."""
     rng = np.random.default_rng([seed, classes])
     colour = rng.uniform(0.2, 0.8, size=(classes, 3, 1, 1))
     pattern = rng.uniform(-0.2, 0.2, size=(classes, 1, 4, 4)).repeat(8, 2).repeat(8, 3)
@@ -99,8 +98,7 @@ def _write_cifar100(folder: Path, n_train: int, n_test: int, seed: int) -> None:
 
 def write_fake_archive(name: str, out_dir: PathLike, n_train: int, n_test: int,
                        seed: int = 0) -> Dict[str, Path]:
-    """Fake data packed as the official downloads of ``name`` (download tests):
-    ``{file name: path}`` of each of ``DATASETS[name].archives``."""
+    """Fake data packed as the official downloads of ``name``: ``{file name: path}``."""
     info = dataset_info(name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,6 @@
-"""Where the datasets come from: descriptions, download with lock and retries, extraction.
+"""Where the datasets come from (:data:`DATASETS`), and their download and extraction.
 
-:data:`DATASETS` describes each dataset once (official URL, archives and their MD5s, the
-extracted folder, each file's MD5 and image count). :func:`locate` finds an extracted folder;
-:func:`fetch` downloads what is missing (or from ``$CRMN_DATA_MIRROR``) and unpacks it. A
-download goes to ``<file>.part`` and is renamed only after its MD5 matches, so a file at its
+A download goes to ``<file>.part`` and is renamed only after its MD5 matches, so a file at its
 final name is never downloaded again nor deleted; runs sharing ``data_dir`` take turns.
 """
 from __future__ import annotations
@@ -34,8 +31,7 @@ PathLike = Union[str, Path]
 
 #: a base URL (http, https or file) replacing every official one: ``<base URL>/<file name>``
 MIRROR_ENV = "CRMN_DATA_MIRROR"
-#: Network failures are retried this many times in all, waiting _RETRY_WAIT_S × attempt.
-_ATTEMPTS = 3
+_ATTEMPTS = 3  # network tries in all, waiting _RETRY_WAIT_S × attempt between them
 _RETRY_WAIT_S = 2.0
 
 
@@ -47,7 +43,6 @@ class DatasetInfo:
     base_url: str  # official location; each archive is base_url + file name
     archives: Tuple[Tuple[str, str], ...]  # (file name, published MD5) per download
     folder: str  # folder under data_dir holding the usable files
-    required: Tuple[str, ...]  # files that folder must contain
     extract: bool  # True: archives are .tar.gz beside the folder; False: they are the files
     files: Tuple[Tuple[str, str], ...]  # (file name, official MD5) of every extracted file
     images: Tuple[Tuple[str, int], ...]  # (file name, official image count) per data file
@@ -56,22 +51,25 @@ class DatasetInfo:
     def classes(self) -> int:
         return DATASET_CLASSES[self.name]
 
+    @property
+    def required(self) -> Tuple[str, ...]:
+        """The data files a run reads, which the folder must contain."""
+        return tuple(f for f, _ in self.images)
+
 
 #: SVHN's downloads are its data files: one table serves as both.
 _SVHN_FILES = (("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
                ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3"),
                ("extra_32x32.mat", "a93ce644f1a588dc4d68dda5feec44a7"))
 
-#: The official sources. CIFAR's archive MD5s are published on its page; SVHN's page
-#: publishes none (these are the widely used ones); the MD5s of the files inside the CIFAR
-#: archives are those torchvision checks; the image counts are the published sizes.
+#: CIFAR's archive MD5s are published on its page, SVHN's are the widely used ones; those of
+#: the files inside the CIFAR archives are torchvision's; the counts are the published sizes.
 DATASETS: Dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo(
         name="cifar10",
         base_url="https://www.cs.toronto.edu/~kriz/",
         archives=(("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
         folder="cifar-10-batches-py",
-        required=tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
         extract=True,
         files=(("data_batch_1", "c99cafc152244af753f735de768cd75f"),
                ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
@@ -88,7 +86,6 @@ DATASETS: Dict[str, DatasetInfo] = {
         base_url="https://www.cs.toronto.edu/~kriz/",
         archives=(("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),),
         folder="cifar-100-python",
-        required=("train", "test"),
         extract=True,
         files=(("train", "16019d7e3df5f24257cddd939b257f8d"),
                ("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),
@@ -100,7 +97,6 @@ DATASETS: Dict[str, DatasetInfo] = {
         base_url="http://ufldl.stanford.edu/housenumbers/",
         archives=_SVHN_FILES,
         folder="svhn",
-        required=("train_32x32.mat", "test_32x32.mat", "extra_32x32.mat"),
         extract=False,
         files=_SVHN_FILES,
         images=(("train_32x32.mat", 73257), ("test_32x32.mat", 26032),
@@ -110,7 +106,6 @@ DATASETS: Dict[str, DatasetInfo] = {
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    """The :data:`DATASETS` entry of ``name``; an unknown name is a :class:`ConfigError`."""
     try:
         return DATASETS[name]
     except KeyError:
@@ -130,17 +125,13 @@ def _missing(folder: Path, info: DatasetInfo) -> List[str]:
     return [f for f in info.required if not (folder / f).is_file()]
 
 
-# --------------------------------------------------------------------------------------------
-# Where the files are, and where a user can put them
-
 def _candidates(info: DatasetInfo, data_dir: Path) -> Tuple[Path, Path]:
     """Where the extracted files may be: ``data_dir/<folder>``, or ``data_dir`` itself."""
     return data_dir / info.folder, data_dir
 
 
 def locate(name: str, data_dir: PathLike) -> Optional[Path]:
-    """The folder holding every file a run reads of ``name`` (:func:`_candidates`), or None.
-    Only presence is checked here; :func:`crmn.data.verify_folder` checks contents."""
+    """The folder holding every file a run reads of ``name`` (presence only), or None."""
     info = dataset_info(name)
     for folder in _candidates(info, Path(data_dir)):
         if folder.is_dir() and not _missing(folder, info):
@@ -177,7 +168,6 @@ def by_hand(info: DatasetInfo, data_dir: Path) -> str:
 
 
 def _kept(info: DatasetInfo, data_dir: Path) -> str:
-    """Message tail for a bad file on disk: it stays, and the offline ways forward."""
     return (f"the file is kept: delete it to download it again, or {by_hand(info, data_dir)}")
 
 
@@ -194,14 +184,10 @@ def _ensure_writable(data_dir: Path) -> None:
                         f"{e.strerror or e}; choose another --data-dir") from None
 
 
-# --------------------------------------------------------------------------------------------
-# Download
-
 def _download(url: str, target: Path, md5: str, progress: bool, timeout: float,
               hint: str = "") -> None:
-    """Stream ``url`` into ``<target>.part``, check its length and MD5, then rename it. A
-    failed check removes the ``.part`` file only; network failures are retried. ``hint``
-    ends every error message (where else the files may come from)."""
+    """Stream ``url`` into ``<target>.part``, check its length and MD5, then rename it;
+    ``hint`` ends every error message (where else the files may come from)."""
     part = target.with_name(target.name + ".part")
     for attempt in range(1, _ATTEMPTS + 1):
         try:
@@ -248,7 +234,7 @@ def _fetch(url: str, part: Path, progress: bool, timeout: float) -> None:
 @contextlib.contextmanager
 def _download_lock(data_dir: Path, info: DatasetInfo, progress: bool):
     """Hold ``data_dir/.<name>.lock`` (``flock``: dropped when its holder dies) so that two
-    runs never write the same ``.part`` file; the second waits, then finds the data there."""
+    runs never write the same ``.part`` file."""
     path = data_dir / f".{info.name}.lock"
     with open(path, "a") as f:
         try:
@@ -263,9 +249,6 @@ def _download_lock(data_dir: Path, info: DatasetInfo, progress: bool):
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
-
-# --------------------------------------------------------------------------------------------
-# Extraction
 
 def _safe_extractall(tar: tarfile.TarFile, dest: Path, archive: Path, tail: str) -> None:
     """Extract refusing members that would land outside ``dest`` (absolute, ``..``, links)."""
@@ -283,8 +266,8 @@ def _safe_extractall(tar: tarfile.TarFile, dest: Path, archive: Path, tail: str)
 
 
 def _extract(archive: Path, data_dir: Path, info: DatasetInfo) -> None:
-    """Unpack ``archive`` into a scratch folder, then move its files into ``info.folder``:
-    an interrupted or corrupt extraction leaves no half-filled folder that looks complete."""
+    """Unpack into a scratch folder, then move the files into ``info.folder``: a failed
+    extraction leaves no half-filled folder that looks complete."""
     tail = _kept(info, data_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".extract-{info.folder}-", dir=data_dir))
     try:
@@ -306,9 +289,6 @@ def _extract(archive: Path, data_dir: Path, info: DatasetInfo) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# --------------------------------------------------------------------------------------------
-# The whole fetch
-
 def fetch(info: DatasetInfo, data_dir: Path, mirror: Optional[str], progress: bool,
           timeout: float) -> Path:
     """Download and unpack what ``data_dir`` lacks of ``info`` (under the lock); return the
@@ -327,7 +307,7 @@ def fetch(info: DatasetInfo, data_dir: Path, mirror: Optional[str], progress: bo
 
 
 def _base_url(info: DatasetInfo, mirror: Optional[str]) -> Tuple[str, str]:
-    """(base URL, where it came from) — the argument, ``$CRMN_DATA_MIRROR``, or official."""
+    """(base URL, where it came from): the argument, ``$CRMN_DATA_MIRROR``, or official."""
     if mirror:
         return mirror, ""
     if os.environ.get(MIRROR_ENV):
@@ -337,8 +317,7 @@ def _base_url(info: DatasetInfo, mirror: Optional[str]) -> Tuple[str, str]:
 
 def _download_and_extract(info: DatasetInfo, data_dir: Path, folder: Path,
                           mirror: Optional[str], progress: bool, timeout: float) -> Path:
-    """Download each missing archive of ``info``, check those already there (a file put
-    there by hand is hashed, never deleted), extract."""
+    """Download each missing archive, check those already there (never deleting them), extract."""
     base, origin = _base_url(info, mirror)
     hint = (f"{origin}; looked in {looked_in(info, data_dir)}; to go on without the "
             f"download, {by_hand(info, data_dir)}")

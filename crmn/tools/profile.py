@@ -1,14 +1,7 @@
-"""Time the torch stack's train step of paper rows under several settings (a GPU tool):
-``--steps`` calls of ``step`` between CUDA events per variant; ``--kernels`` lists the costliest
-kernels of one eager step; ``--count-ops`` counts the aten operators one eager step dispatches
-(views left out: they launch no kernel), on the CPU too. ::
-
-    run_experiments.sh profile --rows t1-resnet32x1 --variants fp32,bf16,bf16-percast
-
-Variants: ``fp32`` / ``bf16``, suffixes ``-cl`` / ``-nocl`` (channels last or not),
-``-compile``, ``-notf32``, ``-percast`` (bf16: autocast casts each weight at its use instead of
-once per step). torch is imported when a variant runs.
-"""
+"""Time the torch stack's train step of paper rows under variants such as ``bf16-cl-compile``
+(a GPU tool); ``--kernels`` lists the costliest kernels of one eager step, ``--count-ops``
+counts the aten operators it dispatches (on the CPU too). ``-percast``: autocast casts each
+weight at its use instead of once per step."""
 from __future__ import annotations
 
 import collections
@@ -123,8 +116,8 @@ def op_counter():
 
 def count_variant(row, variant: str, device: str, batch_size: Optional[int] = None,
                   out: Callable[[str], None] = print) -> collections.Counter:
-    """Operators of one eager train step (the second: the first allocates), printed; the
-    count does not depend on the batch size, so a small ``batch_size`` makes it quick."""
+    """Operators of one eager train step (the second: the first allocates), printed; a small
+    ``batch_size`` makes it quick and changes no count."""
     stack = _stack(row, variant, device, graph=False, batch_size=batch_size)
     x, y = _batch(stack, row.classes)
     stack.step(x, y, 0.01)
@@ -140,8 +133,7 @@ def count_variant(row, variant: str, device: str, batch_size: Optional[int] = No
 def profile(rows, variants, *, steps: int = 100, kernels: bool = False,
             count_ops: bool = False, device: str = "cuda", batch_size: Optional[int] = None,
             out: Callable[[str], None] = print) -> int:
-    """Every variant of every row; one that fails is reported, the others go on. Returns
-    the number of failed variants."""
+    """Every variant of every row; returns the number that failed (the others go on)."""
     for v in variants:
         variant_options(v)  # a misspelt variant is refused before anything runs
     failed = 0
