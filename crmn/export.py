@@ -5,15 +5,18 @@
 first 8 hex digits of the file's SHA-256 (torch.hub's ``check_hash`` convention)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from crmn import checkpoint, convert, data, paper, registry, report, runlog
+from crmn import checkpoint, convert, data, paper, registry, report, runlog, schema
+from crmn import plan as plans
 from crmn import train as trainer
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import CheckpointError, ConfigError, RunError
@@ -110,29 +113,11 @@ def _not_a_test(run_dir: Path, row: Optional[paper.Row], config: Dict) -> List[s
     return why
 
 
-_MODEL_FLAGS = {"n": "--n", "k": "--k", "outgate": "--outgate",
-                "forget_bias": "--forget-bias", "dense_init": "--dense-init"}
-_TRAIN_FLAGS = {"batch_size": "--batch-size", "patience": "--patience",
-                "epochs_cap": "--epochs-cap", "schedule": "--schedule",
-                "nesterov": "--nesterov", "flip": "--flip"}
-
-
 def reproduce_command(config: Dict) -> str:
     """The ``run_experiments.sh`` line that trains this run again, from config.json."""
-    if config.get("command"):  # recorded by the run itself
-        return config["command"]
-    from crmn.cli.parser import SMOKE
-
     exp, seed = config.get("experiment") or "smoke", config.get("seed", 0)
-    row = paper.row(config["row"]) if config.get("row") else paper.row(SMOKE["row"])
-    model, train = ModelConfig.for_row(row).to_dict(), TrainConfig.for_row(row).to_dict()
-    words = ["bash run_experiments.sh", exp]
-    if exp == "smoke":
-        model.update(n=SMOKE["n"], k=SMOKE["k"])
-        train.update(batch_size=SMOKE["batch_size"], patience=SMOKE["patience"],
-                     epochs_cap=SMOKE["epochs_cap"])
-    else:
-        words += ["--rows", row.id]
+    row = paper.row(config["row"]) if config.get("row") else None
+    words = ["bash run_experiments.sh", exp] + (["--rows", row.id] if row else [])
     words += ["--seed", str(seed), "--backend", config.get("backend", "theano"),
               "--device", config.get("device_requested", "cpu"),
               "--dtype", config.get("dtype", "float32")]
@@ -140,24 +125,15 @@ def reproduce_command(config: Dict) -> str:
         words += ["--theano-mode", config.get("theano_mode", "c")]
     words += ["--compile"] if config.get("compile") else []
     words += [] if config.get("compile_cache", True) else ["--no-compile-cache"]
-    if config.get("dataset") not in (None, row.dataset) and exp != "smoke":
+    if row and config.get("dataset") not in (None, row.dataset):
         words += ["--dataset", config["dataset"]]
     words += ["--unverified-data"] if config.get("data") == "unverified" else []
-    for have, want, flags in ((config.get("model", {}), model, _MODEL_FLAGS),
-                              (config.get("train", {}), train, _TRAIN_FLAGS)):
-        for key, flag in flags.items():
-            value = have.get(key, want[key])
-            if value == want[key] or value is None or value is False:
-                continue
-            if value is True:
-                words.append(flag)
-            elif isinstance(value, list):  # --schedule 80,40,40
-                words += [flag, ",".join(map(str, value))]
-            else:
-                words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    lrs = config.get("train", {}).get("lr_stages")
-    if lrs and list(lrs) != list(row.lr_stages):
-        words += ["--lr", f"{lrs[0]:g}"]
+    spec = plans.smoke_plan_for(registry.StackOptions(), Path()).runs[0].spec if row is None \
+        else SimpleNamespace(model=ModelConfig.for_row(row), train=TrainConfig.for_row(row))
+    for base, section in ((spec.model, "model"), (spec.train, "train")):  # what differs
+        have = {k: tuple(v) if isinstance(v, list) else v  # JSON lists back to tuples
+                for k, v in config.get(section, {}).items()}
+        words += schema.render(dataclasses.replace(base, **have), base)
     return " ".join(words)
 
 

@@ -301,24 +301,17 @@ def fetch(info: DatasetInfo, data_dir: Path, mirror: Optional[str], progress: bo
                         f"folder to download into; nothing was written to {data_dir}")
     _ensure_writable(data_dir)
     with _download_lock(data_dir, info, progress):
-        if not _missing(folder, info):  # another process finished it while we waited
-            return folder
-        return _download_and_extract(info, data_dir, folder, mirror, progress, timeout)
-
-
-def _base_url(info: DatasetInfo, mirror: Optional[str]) -> Tuple[str, str]:
-    """(base URL, where it came from): the argument, ``$CRMN_DATA_MIRROR``, or official."""
-    if mirror:
-        return mirror, ""
-    if os.environ.get(MIRROR_ENV):
-        return os.environ[MIRROR_ENV], f" (base URL from ${MIRROR_ENV})"
-    return info.base_url, ""
+        if _missing(folder, info):  # else another process finished it while we waited
+            _download_and_extract(info, data_dir, folder, mirror, progress, timeout)
+    return folder
 
 
 def _download_and_extract(info: DatasetInfo, data_dir: Path, folder: Path,
-                          mirror: Optional[str], progress: bool, timeout: float) -> Path:
+                          mirror: Optional[str], progress: bool, timeout: float) -> None:
     """Download each missing archive, check those already there (never deleting them), extract."""
-    base, origin = _base_url(info, mirror)
+    env = os.environ.get(MIRROR_ENV) if not mirror else None
+    base = mirror or env or info.base_url
+    origin = f" (base URL from ${MIRROR_ENV})" if env else ""
     hint = (f"{origin}; looked in {looked_in(info, data_dir)}; to go on without the "
             f"download, {by_hand(info, data_dir)}")
     for fname, md5 in info.archives:
@@ -338,4 +331,3 @@ def _download_and_extract(info: DatasetInfo, data_dir: Path, folder: Path,
     missing = _missing(folder, info)
     if missing:  # only reachable if someone removes files while we run
         raise DataError(f"{folder} lacks {', '.join(missing)} after download")
-    return folder
