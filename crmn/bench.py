@@ -25,28 +25,6 @@ def _sampler(rng, steps: int, classes: int, train: TrainConfig) -> BatchSampler:
     return BatchSampler(x, y, train.batch_size, seed=train.seed, pad=train.pad)
 
 
-def _warm_build(options: StackOptions, model: ModelConfig, train: TrainConfig, rng,
-                expert: Dict):
-    """A second build's first step (None without a compile cache)."""
-    if options.backend != "theano" or not options.compile_cache:
-        return None
-    again = registry.build(options, model, train, **expert)
-    return train_epoch(again, _sampler(rng, 1, model.classes, train), 0, 0.01)
-
-
-def _names(options: StackOptions):
-    """(``theano-c``, ``theano-jax`` or ``torch``; the precision shown)."""
-    stack = f"theano-{options.theano_mode}" if options.backend == "theano" else options.backend
-    return stack, options.dtype + ("+compile" if options.compile else "")
-
-
-def _compile_figures(stack, warm, rebuilt) -> Dict:
-    return {"compile_s": warm.compile_seconds,
-            "compile_cache": getattr(stack, "compile_cache", None),
-            "warm_compile_s": rebuilt.compile_seconds if rebuilt else None,
-            "warm_compile_cache": rebuilt.compile_cache if rebuilt else None}
-
-
 def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3,
               batch_size: Optional[int] = None, seed: int = 0,
               channels_last: Optional[bool] = None, model: Optional[ModelConfig] = None,
@@ -60,7 +38,9 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
     if batch_size is not None:
         train = TrainConfig(batch_size=batch_size, lr_stages=row.lr_stages, seed=seed)
     expert = {} if channels_last is None else {"channels_last": channels_last}
-    stack_name, precision = _names(options)
+    theano = options.backend == "theano"
+    stack_name = f"theano-{options.theano_mode}" if theano else options.backend
+    precision = options.dtype + ("+compile" if options.compile else "")
     roofline.reset_peak_memory(stack_name, options.device)
     stack = registry.build(options, model, train, **expert)
     layout = "channels-last" if getattr(stack, "channels_last", False) else "channels-first"
@@ -74,13 +54,19 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
     t0 = time.perf_counter()
     stats = train_epoch(stack, s, 1, 0.01)  # ends with a host sync: device work is finished
     seconds = time.perf_counter() - t0
-    rebuilt = _warm_build(options, model, train, rng, expert)
+    rebuilt = None  # the warm column: a second build's first step, finding the cache filled
+    if theano and options.compile_cache:
+        again = registry.build(options, model, train, **expert)
+        rebuilt = train_epoch(again, _sampler(rng, 1, model.classes, train), 0, 0.01)
     ips = stats.images / seconds
     ours = EPOCH_IMAGES / ips
     theirs = row.paper_sec_per_epoch if own else None
     return {
         "row": row.id, "label": row.label, "backend": options.backend, "stack": stack_name,
-        "device": stack.device, **_compile_figures(stack, warm, rebuilt),
+        "device": stack.device, "compile_s": warm.compile_seconds,
+        "compile_cache": getattr(stack, "compile_cache", None),
+        "warm_compile_s": rebuilt.compile_seconds if rebuilt else None,
+        "warm_compile_cache": rebuilt.compile_cache if rebuilt else None,
         "precision": precision, "layout": layout,
         "batch_size": train.batch_size, "steps": steps, "warmup_s": warmup_s,
         "seconds": seconds, "images_per_s": ips, "sec_per_epoch": ours,

@@ -35,11 +35,8 @@ def _torch(what: str):
 
 
 def sha256(path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def lasagne_order(native: List[str]) -> List[str]:
@@ -67,13 +64,12 @@ def _final_state(run_dir: Path) -> Tuple[Dict, Dict, Dict, ModelConfig]:
         raise RunError(f"{run_dir}: not a finished run (no summary.json saying done); "
                        "finish it with its command and --resume, then export it")
     config = runlog.read_json(run_dir / runlog.CONFIG)
-    arrays, meta = checkpoint.load(run_dir / runlog.CHECKPOINT)
+    cfg, canonical, meta = load_weights(run_dir / runlog.CHECKPOINT)
     if meta.get("phase") != "final" or meta.get("epoch") != summary.get("final_epochs"):
         raise CheckpointError(f"{run_dir / runlog.CHECKPOINT}: holds {meta.get('phase')} "
                               f"epoch {meta.get('epoch')}, not the final model of "
                               "summary.json; train the run again to export it")
-    cfg = ModelConfig(**meta["model"])
-    return summary, config, {s.name: arrays[s.name] for s in param_specs(cfg)}, cfg
+    return summary, config, canonical, cfg
 
 
 def export(run_dir, out_dir=None) -> Dict[str, Path]:
@@ -137,15 +133,6 @@ def reproduce_command(config: Dict) -> str:
     return " ".join(words)
 
 
-def _seed_accs(run_dir: Path) -> List[float]:
-    accs = []
-    for sibling in sorted(run_dir.parent.glob("seed*")):
-        done = runlog.finished_summary(sibling)
-        if done is not None and done.get("test_acc") is not None:
-            accs.append(100 * done["test_acc"])
-    return accs
-
-
 def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
                files: Dict[str, Path]) -> str:
     """MODEL.md: what the files are and what made them, from the run folder's files."""
@@ -156,8 +143,9 @@ def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
             if why else f"# {name}, seed {config.get('seed', 0)}: a test of the paper's "
                         f"{row.label} ({row.table})")
     log = runlog.read_log(run_dir / runlog.LOG)
-    accs = _seed_accs(run_dir)
-    mean, std, n = report.mean_std(accs)
+    seeds = map(runlog.finished_summary, sorted(run_dir.parent.glob("seed*")))
+    mean, std, n = report.mean_std([100 * d["test_acc"] for d in seeds
+                                    if d is not None and d.get("test_acc") is not None])
     ours = f"{100 * summary['test_acc']:.2f} % (this seed), test loss {summary['test_loss']:.4f}"
     if n > 1:
         ours += f"; {mean:.2f} ± {std:.2f} % over {n} seeds (sample std)"
@@ -185,13 +173,11 @@ def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
                        f"{seconds:.0f} s of training, median "
                        f"{summary.get('sec_per_epoch') or 0:.1f} s per final epoch"),
             ("device", str(summary.get("device"))),
-            ("backend", f"{backend}, {config.get('dtype')}"),
-            ("versions", versions),
+            ("backend", f"{backend}, {config.get('dtype')}"), ("versions", versions),
             ("parameters", f"{count_trainable(cfg):,} trainable"),
             ("reproduce", f"`{reproduce_command(config)}`")]
     lines = [head, "", f"Exported by `bash run_experiments.sh export {run_dir}` from "
-             "that folder's files.", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
+             "that folder's files.", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
     lines += ["", "Files (`sha256sum -c` checks them here):", "", "```"]
     lines += [f"{sha256(p)}  {p.name}" for p in (files["pt"], files["npz"])]
     lines += ["```", "", "Made from (sha256 of the run folder's files):", "", "```"]

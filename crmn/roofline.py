@@ -74,17 +74,15 @@ def _torch_ceiling(device: str, seconds: float) -> Dict:
     sync = (lambda: torch.cuda.synchronize(dev)) if gpu else (lambda: None)
     n = GEMM_SIDE[gpu]
     got = {"library": f"torch {torch.__version__}", "gemm_side": n}
-    kinds = [("fp32_tflops", torch.float32, False), ("bf16_tflops", torch.bfloat16, False)]
-    if gpu:
-        kinds.insert(1, ("tf32_tflops", torch.float32, True))
+    kinds = [("fp32_tflops", torch.float32, False), *[("tf32_tflops", torch.float32, True)] * gpu,
+             ("bf16_tflops", torch.bfloat16, False)]
     old = torch.backends.cuda.matmul.allow_tf32
     try:
         for key, dtype, tf32 in kinds:
             torch.backends.cuda.matmul.allow_tf32 = tf32
             # most CPUs emulate bfloat16: a quarter of the side keeps it to a fraction of a second
             m = n if gpu or dtype != torch.bfloat16 else n // 4
-            a = torch.randn(m, m, device=dev, dtype=dtype)
-            b = torch.randn(m, m, device=dev, dtype=dtype)
+            a, b = (torch.randn(m, m, device=dev, dtype=dtype) for _ in range(2))
             took = _best_of(lambda: torch.mm(a, b), sync, seconds)
             got[key] = 2 * m ** 3 / took / 1e12
     finally:
@@ -101,8 +99,7 @@ def _numpy_ceiling(seconds: float) -> Dict:
 
     n = GEMM_SIDE[False]
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
     took = _best_of(lambda: a @ b, lambda: None, seconds)
     src = np.ones(COPY_BYTES[False] // 4, dtype=np.float32)
     dst = np.empty_like(src)
@@ -125,10 +122,8 @@ def measure_ceiling(device: str = "cpu", seconds: float = 0.5) -> Dict:
                               f"installed in {sys.executable}): install torch there, or time "
                               "the CPU with --device cpu")
         got = _numpy_ceiling(seconds)
-    out = {"device": device, "fp32_tflops": None, "tf32_tflops": None, "bf16_tflops": None}
-    out.update(got)
-    out["seconds"] = time.perf_counter() - t0
-    return out
+    return {"device": device, "fp32_tflops": None, "tf32_tflops": None, "bf16_tflops": None,
+            **got, "seconds": time.perf_counter() - t0}
 
 
 def ceiling_key(stack: str, precision: str, device: str) -> Optional[str]:

@@ -10,11 +10,3 @@ from crmn.data.prepare import (GCN_MIN_STD, SVHN_VAL_IMAGES, Split, global_contr
                                prepare, split_indices)
 from crmn.data.sampler import BatchSampler, EpochPlan, iterate_eval
 from crmn.data.sources import DATASETS, MIRROR_ENV, DatasetInfo, PathLike, dataset_info, locate
-
-__all__ = [
-    "BatchSampler", "DATASETS", "DatasetInfo", "EpochPlan", "FAKE_MARKER", "GCN_MIN_STD",
-    "MIRROR_ENV", "PathLike", "STAMP", "SVHN_VAL_IMAGES", "Split", "UNVERIFIED_FLAG",
-    "check_images", "count_images", "dataset_info", "describe", "ensure_downloaded",
-    "global_contrast_normalize", "is_fake", "iterate_eval", "load_raw", "locate", "prepare",
-    "provenance", "split_indices", "verify_folder", "write_fake", "write_fake_archive",
-]

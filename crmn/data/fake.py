@@ -36,6 +36,12 @@ def _write_pickle(path: Path, obj: dict) -> None:
         pickle.dump(obj, f, protocol=2)  # the protocol of the official Python 2 files
 
 
+def _batch(label: str, key: bytes, x: np.ndarray, y: np.ndarray, name: str) -> dict:
+    """A batch laid out as the official CIFAR pickles are."""
+    return {b"batch_label": label.encode(), key: y.tolist(), b"data": x.reshape(len(x), 3072),
+            b"filenames": [f"fake_{name}_{j}.png".encode() for j in range(len(x))]}
+
+
 def write_fake(name: str, data_dir: PathLike, n_train: int, n_test: int,
                seed: int = 0) -> Path:
     """Write small fake data as the extracted official files of ``name`` (SVHN: ``n_train``
@@ -70,14 +76,10 @@ def _write_svhn(folder: Path, n_train: int, n_test: int, seed: int) -> None:
 def _write_cifar10(folder: Path, n_train: int, n_test: int, seed: int) -> None:
     (x, y), (xt, yt) = _fake_images(10, [n_train, n_test], seed)
     for i, (xs, ys) in enumerate(zip(np.array_split(x, 5), np.array_split(y, 5)), 1):
-        _write_pickle(folder / f"data_batch_{i}", {
-            b"batch_label": f"training batch {i} of 5".encode(),
-            b"labels": ys.tolist(), b"data": xs.reshape(len(xs), 3072),
-            b"filenames": [f"fake_{i}_{j}.png".encode() for j in range(len(xs))]})
-    _write_pickle(folder / "test_batch", {
-        b"batch_label": b"testing batch 1 of 1", b"labels": yt.tolist(),
-        b"data": xt.reshape(len(xt), 3072),
-        b"filenames": [f"fake_test_{j}.png".encode() for j in range(len(xt))]})
+        _write_pickle(folder / f"data_batch_{i}",
+                      _batch(f"training batch {i} of 5", b"labels", xs, ys, str(i)))
+    _write_pickle(folder / "test_batch",
+                  _batch("testing batch 1 of 1", b"labels", xt, yt, "test"))
     _write_pickle(folder / "batches.meta", {
         b"label_names": [f"class{c}".encode() for c in range(10)],
         b"num_cases_per_batch": int(np.ceil(n_train / 5)), b"num_vis": 3072})
@@ -86,11 +88,8 @@ def _write_cifar10(folder: Path, n_train: int, n_test: int, seed: int) -> None:
 def _write_cifar100(folder: Path, n_train: int, n_test: int, seed: int) -> None:
     (x, y), (xt, yt) = _fake_images(100, [n_train, n_test], seed)
     for fname, xs, ys in (("train", x, y), ("test", xt, yt)):
-        _write_pickle(folder / fname, {
-            b"batch_label": f"{fname}ing batch 1 of 1".encode(),
-            b"fine_labels": ys.tolist(), b"coarse_labels": (ys // 5).tolist(),
-            b"data": xs.reshape(len(xs), 3072),
-            b"filenames": [f"fake_{fname}_{j}.png".encode() for j in range(len(xs))]})
+        batch = _batch(f"{fname}ing batch 1 of 1", b"fine_labels", xs, ys, fname)
+        _write_pickle(folder / fname, {**batch, b"coarse_labels": (ys // 5).tolist()})
     _write_pickle(folder / "meta", {
         b"fine_label_names": [f"fine{c}".encode() for c in range(100)],
         b"coarse_label_names": [f"coarse{c}".encode() for c in range(20)]})

@@ -32,16 +32,11 @@ def _plain(dtype, what: str) -> None:
         raise RefusedGlobal(f"a numpy {what} of dtype {dtype!r}")
 
 
-def _numpy_scalar():
-    """numpy scalars (``list(np.array(...))`` pickles its items so) of plain numbers only."""
-    scalar = _numpy("multiarray", "scalar")
-    return lambda dtype, *args: _plain(dtype, "scalar") or scalar(dtype, *args)
-
-
-def _numpy_frombuffer():
-    """numpy's protocol-5 array constructor, for dtypes without objects."""
-    frombuffer = _numpy("numeric", "_frombuffer")
-    return lambda buf, dtype, *args: _plain(dtype, "array") or frombuffer(buf, dtype, *args)
+def _plain_only(module: str, name: str, what: str):
+    """numpy's scalar (``list(np.array(...))`` pickles items so) or protocol-5 array
+    constructor, refusing dtypes that are not plain numbers."""
+    make, at = _numpy(module, name), 0 if what == "scalar" else 1  # where the dtype is
+    return lambda *args: _plain(args[at], what) or make(*args)
 
 
 def _latin1_encode(text, encoding):
@@ -58,8 +53,10 @@ _CORE = ("numpy.core.", "numpy._core.")
 _ALLOWED_GLOBALS = {
     **{(m + "multiarray", "_reconstruct"): lambda: _numpy("multiarray", "_reconstruct")
        for m in _CORE},
-    **{(m + "multiarray", "scalar"): _numpy_scalar for m in _CORE},
-    **{(m + "numeric", "_frombuffer"): _numpy_frombuffer for m in _CORE},
+    **{(m + "multiarray", "scalar"): lambda: _plain_only("multiarray", "scalar", "scalar")
+       for m in _CORE},
+    **{(m + "numeric", "_frombuffer"): lambda: _plain_only("numeric", "_frombuffer", "array")
+       for m in _CORE},
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
     ("_codecs", "encode"): lambda: _latin1_encode,
@@ -217,10 +214,8 @@ def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
             out[f"x_{part}"], out[f"y_{part}"] = _svhn_mat(folder / f"{part}_32x32.mat")
         return out
     _check_meta(folder / ("batches.meta" if name == "cifar10" else "meta"))
-    ten = name == "cifar10"
     parts = [_cifar_batch(folder / f, _LABEL_KEY[name], info.classes)
-             for f in ([f"data_batch_{i}" for i in range(1, 6)] if ten else ["train"])
-             + ["test_batch" if ten else "test"]]
+             for f in info.required]  # the training batches, then the test batch
     return {"x_train": np.concatenate([p[0] for p in parts[:-1]]),
             "y_train": np.concatenate([p[1] for p in parts[:-1]]),
             "x_test": parts[-1][0], "y_test": parts[-1][1]}

@@ -67,11 +67,19 @@ def verify_folder(name: str, folder: PathLike) -> None:
     """Check an extracted folder against the official files of ``name`` and stamp it."""
     info = dataset_info(name)
     folder = Path(folder)
-    _check_present(info, folder)
+    missing = [f for f, _ in info.files if not (folder / f).is_file()]
+    if missing:
+        names = ",".join(f for f, _ in info.files)
+        raise DataError(f"{folder} is not the complete official {info.name} folder: it lacks "
+                        f"{', '.join(missing)} (official files: {folder}/{{{names}}}); add "
+                        f"them, or pass {UNVERIFIED_FLAG} to use the data as it is")
     if _is_checked(folder, info):
         return
     before = _signature(folder, info)
-    _check_md5s(info, folder)
+    for fname, official in info.files:  # every MD5 from the raw bytes, before any parsing
+        got = _md5(folder / fname)
+        if got != official:
+            _explain_mismatch(info, folder, fname, got, official)
     if _signature(folder, info) == before:  # nothing changed while it was read
         _mark_checked(folder, info)
 
@@ -79,22 +87,6 @@ def verify_folder(name: str, folder: PathLike) -> None:
 def _refusal(what: str) -> str:
     return (f"{what}; replace it with the official file, or pass {UNVERIFIED_FLAG} "
             "to use the data as it is")
-
-
-def _check_present(info: DatasetInfo, folder: Path) -> None:
-    missing = [f for f, _ in info.files if not (folder / f).is_file()]
-    if missing:
-        names = ",".join(f for f, _ in info.files)
-        raise DataError(f"{folder} is not the complete official {info.name} folder: it lacks "
-                        f"{', '.join(missing)} (official files: {folder}/{{{names}}}); add "
-                        f"them, or pass {UNVERIFIED_FLAG} to use the data as it is")
-
-
-def _check_md5s(info: DatasetInfo, folder: Path) -> None:
-    for fname, official in info.files:
-        got = _md5(folder / fname)
-        if got != official:
-            _explain_mismatch(info, folder, fname, got, official)
 
 
 def _explain_mismatch(info: DatasetInfo, folder: Path, fname: str, got: str,
@@ -112,11 +104,8 @@ def _explain_mismatch(info: DatasetInfo, folder: Path, fname: str, got: str,
 
 def _signature(folder: Path, info: DatasetInfo) -> Dict[str, List]:
     """``{file: [size, mtime_ns, expected MD5]}``; the expected MD5 ties it to the table."""
-    sig = {}
-    for fname, md5 in info.files:
-        st = (folder / fname).stat()
-        sig[fname] = [st.st_size, st.st_mtime_ns, md5]
-    return sig
+    stats = {fname: (folder / fname).stat() for fname, _ in info.files}
+    return {f: [stats[f].st_size, stats[f].st_mtime_ns, md5] for f, md5 in info.files}
 
 
 def _key(folder: Path, sig: Dict[str, List]) -> Tuple[str, str]:

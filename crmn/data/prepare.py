@@ -108,9 +108,8 @@ def prepare(name: str, data_dir: PathLike, phase: str, seed: int, val_fraction: 
         train_idx, eval_idx = pool, test_pool
         eval_parts, eval_labels, eval_name = [raw.pop("x_test")], raw["y_test"], "test"
     fn = _normalizer(name, train_parts, train_idx)
-    train_x = _build(train_parts, train_idx, fn)
-    eval_x = _build(eval_parts, eval_idx, fn)
-    return Split(train_x, train_labels[train_idx], eval_x, eval_labels[eval_idx], eval_name)
+    return Split(_build(train_parts, train_idx, fn), train_labels[train_idx],
+                 _build(eval_parts, eval_idx, fn), eval_labels[eval_idx], eval_name)
 
 
 _SUBSET_KEY = 0x53554253  # "SUBS": the subset is the same for every seed

@@ -114,11 +114,8 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _missing(folder: Path, info: DatasetInfo) -> List[str]:
@@ -244,10 +241,7 @@ def _download_lock(data_dir: Path, info: DatasetInfo, progress: bool):
                 print(f"waiting for another process to finish downloading {info.name} into "
                       f"{data_dir} (lock {path})", file=sys.stderr, flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield  # closing the file drops the lock
 
 
 def _safe_extractall(tar: tarfile.TarFile, dest: Path, archive: Path, tail: str) -> None:
@@ -328,6 +322,3 @@ def _download_and_extract(info: DatasetInfo, data_dir: Path, folder: Path,
         _download(f"{base.rstrip('/')}/{fname}", target, md5, progress, timeout, hint)
     if info.extract:
         _extract(data_dir / info.archives[0][0], data_dir, info)
-    missing = _missing(folder, info)
-    if missing:  # only reachable if someone removes files while we run
-        raise DataError(f"{folder} lacks {', '.join(missing)} after download")

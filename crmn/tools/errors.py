@@ -11,7 +11,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 from crmn import errors
 
@@ -30,61 +30,53 @@ _ACTIONS = re.compile(
     r"retry|try|pick|name|move|ask|make|point|export|resume|edit|build|upgrade|keep|"
     r"answer|call)\b", re.IGNORECASE)
 
-#: sites whose message is completed by the code that catches it or by a helper whose text
-#: the template shows as a value: site id, or the start of ids, -> what the user reads there
+#: sites whose way on is given by the code that catches them, or by a helper whose text the
+#: template shows as a value: site id, or the start of ids, -> what the user reads there
+_PREV = "crmn/rundir.py falls back to checkpoint.prev.h5 on --resume"
+_OWN = "it ends with how to write one's own batch (_OWN_BATCH), or use the official file"
+_KEPT = "delete the archive to download it again, or supply the folder by hand (helper _kept)"
+_SLURM = "check the cluster (sinfo), or use --launcher local"
 WAY_ON_FROM: Dict[str, str] = {
-    "crmn/checkpoint.py:load:": "crmn/rundir.py (RunFolder): on --resume the run falls "
-    "back to checkpoint.prev.h5 (one warning line); if that is bad too: delete the run "
-    "folder and run again without --resume",
-    "crmn/checkpoint.py:_meta:CheckpointError": "as for load (crmn/rundir.py falls back to "
-    "checkpoint.prev.h5)",
-    "crmn/checkpoint.py:_meta:CheckpointError#3": "as for load (crmn/rundir.py falls back to "
-    "checkpoint.prev.h5)",
-    "crmn/checkpoint.py:save:CheckpointError": "a bug, not a fault (array names come from "
-    "crmn.naming)",
-    "crmn/checkpoint.py:check_compatible:": "crmn/rundir.py adds it: resume with the settings "
-    "the run was started with, or delete the run folder (a finished run: choose another "
-    "--out-dir)",
-    "crmn/cli/parser.py:_Parser.error:": "argparse's own line names the option; --help lists "
-    "every option",
+    "crmn/checkpoint.py:load:": f"{_PREV} (one warning line); if that is bad too: delete the "
+    "run folder and run again without --resume",
+    "crmn/checkpoint.py:_meta:CheckpointError": f"as for load ({_PREV})",
+    "crmn/checkpoint.py:_meta:CheckpointError#3": f"as for load ({_PREV})",
+    "crmn/checkpoint.py:save:CheckpointError": "a bug (array names come from crmn.naming)",
+    "crmn/checkpoint.py:check_compatible:": "crmn/rundir.py adds: resume with the run's "
+    "settings, or delete the run folder (a finished run: choose another --out-dir)",
+    "crmn/cli/parser.py:_Parser.error:": "argparse names the option; --help lists them all",
     "crmn/plan.py:_usage:": "correct the option the message names (--help gives its range)",
     "crmn/gpucheck.py:plan_from_args:": "correct the gpucheck option the message names",
-    "crmn/gpucheck.py:GpucheckPlan.__post_init__:": "crmn/gpucheck.py:plan_from_args reports "
-    "it as a usage error: correct the option it names",
-    "crmn/data/formats.py:_cifar_batch:DataError#3": "the message ends with how to write "
-    "one's own batch (_OWN_BATCH), or to use the official file",
-    "crmn/data/formats.py:_cifar_batch:DataError#4": "the message ends with how to write "
-    "one's own batch (_OWN_BATCH), or to use the official file",
-    "crmn/config.py:": "crmn/plan.py reports it as a usage error before anything "
-    "exists: correct the option of that name (--n, --k, --batch-size, --lr, ...)",
+    "crmn/gpucheck.py:GpucheckPlan.__post_init__:": "plan_from_args reports it as a usage "
+    "error: correct the option it names",
+    "crmn/data/formats.py:_cifar_batch:DataError#3": _OWN,
+    "crmn/data/formats.py:_cifar_batch:DataError#4": _OWN,
+    "crmn/config.py:": "crmn/plan.py reports it as a usage error before anything exists: "
+    "correct the option of that name (--n, --k, --batch-size, --lr, ...)",
     "crmn/plan.py:RunSpec.__post_init__:": "choose a --dataset with that many classes, or "
     "another row",
     "crmn/init.py:": "a bug in the caller: the CLI always passes a ModelConfig and seed",
-    "crmn/convert.py:": "the checkpoint is not one of this network: resume with its "
-    "configuration, or delete the run folder",
+    "crmn/convert.py:": "not a checkpoint of this network: resume with its configuration, or "
+    "delete the run folder",
     "crmn/data/fake.py:write_fake:ConfigError": "give n_train, n_test >= 1 (smoke sets them)",
     "crmn/data/fake.py:write_fake:DataError": "choose another --data-dir",
     "crmn/data/integrity.py:_explain_mismatch:": "replace it with the official file, or pass "
-    "--unverified-data (the helper _refusal adds it)",
+    "--unverified-data (helper _refusal)",
     "crmn/data/prepare.py:": "--n/--k leave the data alone: a hand-made folder needs more "
     "training images (or the official files)",
     "crmn/data/sampler.py:": "give a --batch-size that fits the training images",
-    "crmn/data/sources.py:_download:": "the line ends with where it looked and how to supply "
-    "the files by hand (helper by_hand)",
-    "crmn/data/sources.py:_safe_extractall:": "delete the archive to download it again, or "
-    "supply the folder by hand (helper _kept)",
-    "crmn/data/sources.py:_extract:": "delete the archive to download it again, or supply the "
-    "folder by hand (helper _kept)",
+    "crmn/data/sources.py:_download:": "where it looked and how to supply the files by hand "
+    "(helper by_hand)",
+    "crmn/data/sources.py:_safe_extractall:": _KEPT,
+    "crmn/data/sources.py:_extract:": _KEPT,
     "crmn/data/sources.py:dataset_info:": "choose one of the datasets it lists (--dataset)",
-    "crmn/launch/slurm.py:submit:ConfigError#2": "check the cluster (sinfo), or use --launcher "
-    "local; nothing stays queued",
-    "crmn/launch/slurm.py:_sbatch:": "crmn/launch/slurm.py:submit adds: check the cluster "
-    "(sinfo), or use --launcher local",
+    "crmn/launch/slurm.py:submit:ConfigError#2": f"{_SLURM}; nothing stays queued",
+    "crmn/launch/slurm.py:_sbatch:": f"crmn/launch/slurm.py:submit adds: {_SLURM}",
     "crmn/launch/slurm.py:_poll_s:": "set CRMN_SLURM_POLL to a number of seconds, or unset it",
     "crmn/paper.py:row:": "choose one of the row ids it lists (--rows)",
     "crmn/paper.py:select:": "choose one of the experiments it lists",
-    "crmn/registry.py:probe:": "the backend's own line names the missing package or device and "
-    "its pip command or option",
+    "crmn/registry.py:probe:": "the backend's line names the missing package or device and its "
+    "pip command or option",
     "crmn/report.py:compare:RunError": "free disk space or make the folder writable, then "
     "compare again",
     "crmn/tools/profile.py:": "choose a variant it lists",
@@ -96,10 +88,8 @@ WAY_ON_FROM: Dict[str, str] = {
     "whose GPU torch sees",
     "modern/": "a bug in the caller: crmn.train passes images and states of this network",
     "crmn/launch/task.sh:error: $*": "the task's own message follows",
-    # progress lines on stderr, not faults
-    "scripts/ensure_env.sh:ensure_env: installing ": "nothing: a progress line",
-    "scripts/ensure_env.sh:ensure_env: building ": "nothing: a progress line",
-    "scripts/ensure_env.sh:ensure_env: creating ": "nothing: a progress line",
+    **{f"scripts/ensure_env.sh:ensure_env: {verb} ": "nothing: a progress line"
+       for verb in ("installing", "building", "creating")},
     "scripts/install_slurm.sh:install_slurm: apt-get update failed; trying the cached lists":
     "nothing: it goes on with the cached lists",
 }
@@ -230,12 +220,10 @@ def all_sites(root: Path = ROOT) -> List[Site]:
 
 HEADER = """# Every fault message, and what to do next
 
-Generated by `python -m crmn.tools.errors` from the source (crmn/tools/errors.py says how);
-tests/test_errors_audit.py fails when a message of the source is missing here. The kinds
-and their exit codes are those of `crmn/errors.py` (REPRODUCING.md, "Exit codes"); the
-command line prints each as one line `error: MESSAGE` (a stop: `stopped: MESSAGE`). In a
-message, `{…}` stands for a value filled in when it is printed (a file, a number, a
-setting). Shell lines are the scripts' own messages on stderr (progress lines included).
+Generated by `python -m crmn.tools.errors` from the source; tests/test_errors_audit.py fails
+when a message of the source is missing here. Kinds and exit codes: `crmn/errors.py`
+(REPRODUCING.md, "Exit codes"); each prints as one line `error: MESSAGE` (a stop: `stopped:
+MESSAGE`); `{…}` is a value filled in when printed. Shell lines are the scripts' stderr.
 
 """
 
