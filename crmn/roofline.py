@@ -21,10 +21,6 @@ class Product:
     macs: int  # multiply-adds of its forward pass for one image
     input_grad: bool  # whether the backward also computes the gradient of its input
 
-    @property
-    def train_flops(self) -> int:
-        return 2 * self.macs * (3 if self.input_grad else 2)
-
 
 def products(model: ModelConfig) -> List[Product]:
     """Every convolution (``S_out² · C_out · C_in · 9``) and matrix product of ``model`` per
@@ -47,7 +43,8 @@ def products(model: ModelConfig) -> List[Product]:
 
 
 def train_flops_per_image(model: ModelConfig) -> int:
-    return sum(p.train_flops for p in products(model))
+    # forward, weight gradient and (where needed) input gradient, 2 FLOPs a multiply-add
+    return sum(2 * p.macs * (3 if p.input_grad else 2) for p in products(model))
 
 
 GEMM_SIDE = {True: 8192, False: 1024}  # side of the timed square products: on a GPU, CPU

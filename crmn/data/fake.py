@@ -42,8 +42,7 @@ def _batch(label: str, key: bytes, x: np.ndarray, y: np.ndarray, name: str) -> d
             b"filenames": [f"fake_{name}_{j}.png".encode() for j in range(len(x))]}
 
 
-def write_fake(name: str, data_dir: PathLike, n_train: int, n_test: int,
-               seed: int = 0) -> Path:
+def write_fake(name: str, data_dir: PathLike, n_train: int, n_test: int, seed: int = 0) -> Path:
     """Write small fake data as the extracted official files of ``name`` (SVHN: ``n_train``
     images in train + extra), with the :data:`FAKE_MARKER`; return the folder."""
     info = dataset_info(name)
@@ -78,8 +77,7 @@ def _write_cifar10(folder: Path, n_train: int, n_test: int, seed: int) -> None:
     for i, (xs, ys) in enumerate(zip(np.array_split(x, 5), np.array_split(y, 5)), 1):
         _write_pickle(folder / f"data_batch_{i}",
                       _batch(f"training batch {i} of 5", b"labels", xs, ys, str(i)))
-    _write_pickle(folder / "test_batch",
-                  _batch("testing batch 1 of 1", b"labels", xt, yt, "test"))
+    _write_pickle(folder / "test_batch", _batch("testing batch 1 of 1", b"labels", xt, yt, "test"))
     _write_pickle(folder / "batches.meta", {
         b"label_names": [f"class{c}".encode() for c in range(10)],
         b"num_cases_per_batch": int(np.ceil(n_train / 5)), b"num_vis": 3072})

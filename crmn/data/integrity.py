@@ -89,8 +89,7 @@ def _refusal(what: str) -> str:
             "to use the data as it is")
 
 
-def _explain_mismatch(info: DatasetInfo, folder: Path, fname: str, got: str,
-                      official: str) -> None:
+def _explain_mismatch(info: DatasetInfo, folder: Path, fname: str, got: str, official: str):
     """Refuse ``fname``, whose MD5 differs: by its image count when that differs too."""
     count = dict(info.images).get(fname)
     if count is not None:

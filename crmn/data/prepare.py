@@ -150,8 +150,7 @@ def _normalizer(name: str, train_parts: List[np.ndarray],
         return fn
     total = np.zeros(3, dtype=np.float64)
     for s in range(0, len(train_idx), _CHUNK):
-        total += _take(train_parts, train_idx[s:s + _CHUNK]).sum(axis=(0, 2, 3),
-                                                                 dtype=np.float64)
+        total += _take(train_parts, train_idx[s:s + _CHUNK]).sum((0, 2, 3), dtype=np.float64)
     mean = (total / (len(train_idx) * 32 * 32 * 255.0)).astype(np.float32)
     mean = mean.reshape(1, 3, 1, 1)
 

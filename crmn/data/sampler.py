@@ -34,8 +34,7 @@ class BatchSampler:
         if y.shape != (len(x),):
             raise ValueError(f"y must have shape ({len(x)},), got {y.shape}")
         if batch_size < 1 or batch_size > len(x):
-            raise ConfigError(f"batch size {batch_size} does not fit {len(x)} training "
-                              f"images")
+            raise ConfigError(f"batch size {batch_size} does not fit {len(x)} training images")
         if pad < 0:
             raise ConfigError(f"crop padding must be >= 0, got {pad}")
         self.x, self.y = x, np.asarray(y, dtype=np.int64)

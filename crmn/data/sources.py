@@ -66,11 +66,9 @@ _SVHN_FILES = (("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
 #: the files inside the CIFAR archives are torchvision's; the counts are the published sizes.
 DATASETS: Dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo(
-        name="cifar10",
-        base_url="https://www.cs.toronto.edu/~kriz/",
+        name="cifar10", base_url="https://www.cs.toronto.edu/~kriz/",
         archives=(("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
-        folder="cifar-10-batches-py",
-        extract=True,
+        folder="cifar-10-batches-py", extract=True,
         files=(("data_batch_1", "c99cafc152244af753f735de768cd75f"),
                ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
                ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
@@ -78,30 +76,20 @@ DATASETS: Dict[str, DatasetInfo] = {
                ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb"),
                ("test_batch", "40351d587109b95175f43aff81a1287e"),
                ("batches.meta", "5ff9c542aee3614f3951f8cda6e48888")),
-        images=tuple((f"data_batch_{i}", 10000) for i in range(1, 6))
-        + (("test_batch", 10000),),
-    ),
+        images=(*((f"data_batch_{i}", 10000) for i in range(1, 6)), ("test_batch", 10000))),
     "cifar100": DatasetInfo(
-        name="cifar100",
-        base_url="https://www.cs.toronto.edu/~kriz/",
+        name="cifar100", base_url="https://www.cs.toronto.edu/~kriz/",
         archives=(("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),),
-        folder="cifar-100-python",
-        extract=True,
+        folder="cifar-100-python", extract=True,
         files=(("train", "16019d7e3df5f24257cddd939b257f8d"),
                ("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),
                ("meta", "7973b15100ade9c7d40fb424638fde48")),
-        images=(("train", 50000), ("test", 10000)),
-    ),
+        images=(("train", 50000), ("test", 10000))),
     "svhn": DatasetInfo(
-        name="svhn",
-        base_url="http://ufldl.stanford.edu/housenumbers/",
-        archives=_SVHN_FILES,
-        folder="svhn",
-        extract=False,
-        files=_SVHN_FILES,
+        name="svhn", base_url="http://ufldl.stanford.edu/housenumbers/", archives=_SVHN_FILES,
+        folder="svhn", extract=False, files=_SVHN_FILES,
         images=(("train_32x32.mat", 73257), ("test_32x32.mat", 26032),
-                ("extra_32x32.mat", 531131)),
-    ),
+                ("extra_32x32.mat", 531131))),
 }
 
 
