@@ -71,8 +71,7 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
         "batch_size": train.batch_size, "steps": steps, "warmup_s": warmup_s,
         "seconds": seconds, "images_per_s": ips, "sec_per_epoch": ours,
         "paper_sec_per_epoch": theirs, "speedup": (theirs / ours) if theirs else None,
-        "loss": stats.loss,
-        **roofline.utilisation(model, ips, stack_name, precision, ceiling),
+        "loss": stats.loss, **roofline.utilisation(model, ips, stack_name, precision, ceiling),
         **roofline.peak_memory(stack_name, options.device),
     }
 
@@ -131,8 +130,7 @@ def describe_ceiling(c: Dict) -> str:
 
 
 def mode_ratios(results: Sequence[Dict]) -> str:
-    """Per row timed in all three stacks: the JAX mode's step time against the others', and
-    the C mode's compile time against the JAX mode's."""
+    """Per row timed in all three stacks: the JAX mode's step and compile against the others'."""
     lines = []
     for row in dict.fromkeys(r["row"] for r in results):
         by = {r["stack"]: r for r in results if r["row"] == row}

@@ -73,8 +73,7 @@ def _final_state(run_dir: Path) -> Tuple[Dict, Dict, Dict, ModelConfig]:
 
 
 def export(run_dir, out_dir=None) -> Dict[str, Path]:
-    """Write the .pt, .npz and MODEL.md of the finished run in ``run_dir`` (default
-    ``RUN_DIR/export``); returns their paths by kind ("pt", "npz", "card")."""
+    """Write the .pt, .npz and MODEL.md of a finished run (default: RUN_DIR/export) by kind."""
     torch = _torch("export (it writes a .pt)")
     run_dir = Path(run_dir)
     summary, config, canonical, cfg = _final_state(run_dir)
@@ -164,8 +163,7 @@ def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
                                             if config.get("backend") == "theano" else "")
     versions = ", ".join(f"{k} {v}" for k, v in sorted(config.get("versions", {}).items()))
     rows = [("row", f"{name}" + ("" if row is None else f", {row.label} of {row.table}")),
-            ("paper", paper_acc), ("ours", ours),
-            ("dataset", f"{config.get('dataset')}: {source}"),
+            ("paper", paper_acc), ("ours", ours), ("dataset", f"{config.get('dataset')}: {source}"),
             ("schedule", f"found by the search: {summary.get('schedule_found')}; used: "
                          f"{summary.get('schedule_used')} epochs at lr "
                          f"{summary.get('lr_stages')}"),
@@ -190,8 +188,7 @@ def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
 
 
 def load_weights(path) -> Tuple[ModelConfig, Dict[str, np.ndarray], Dict]:
-    """(ModelConfig, canonical arrays, info with "dataset" and "dtype") of a ``.pt``, ``.npz``
-    or checkpoint ``.h5``."""
+    """(ModelConfig, canonical arrays, info) of a ``.pt``, ``.npz`` or checkpoint ``.h5``."""
     path = Path(path)
     if path.suffix == ".h5":
         arrays, meta = checkpoint.load(path)
@@ -242,5 +239,4 @@ def evaluate(path, backend: str = registry.DEFAULT_BACKEND, device: str = "cpu",
     stack.set_state(canonical)
     loss, acc = trainer.evaluate(stack, split.eval_x, split.eval_y)
     return {"weights": str(path), "dataset": dataset, "images": len(split.eval_y),
-            "test_loss": loss, "test_acc": acc, "stack": options.describe(),
-            "device": stack.device}
+            "test_loss": loss, "test_acc": acc, "stack": options.describe(), "device": stack.device}

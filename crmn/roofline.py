@@ -106,8 +106,7 @@ def _numpy_ceiling(seconds: float) -> Dict:
 
 
 def measure_ceiling(device: str = "cpu", seconds: float = 0.5) -> Dict:
-    """The device's limits, each the fastest of repeated runs over ``seconds``: large products
-    (``fp32_tflops``, ``tf32_tflops``, ``bf16_tflops``; None where not timed), ``copy_gb_s``."""
+    """The device's limits (product TFLOP/s by precision, copy GB/s), best over ``seconds``."""
     t0 = time.perf_counter()
     try:
         import torch  # noqa: F401
@@ -152,8 +151,7 @@ def reset_peak_memory(stack: str, device: str) -> None:
 
 
 def peak_memory(stack: str, device: str) -> Dict:
-    """``peak_mem_bytes`` and ``peak_mem_kind``: torch's or JAX's peak on the GPU, or on a CPU
-    the process's peak resident set."""
+    """``peak_mem_bytes`` and ``peak_mem_kind``: torch's or JAX's on a GPU, else peak RSS."""
     if device.startswith("cuda"):
         if stack == "torch":
             import torch

@@ -17,8 +17,7 @@ FAKE_MARKER = "FAKE_DATA.txt"  # left by write_fake in a folder of fake data
 
 
 def _fake_images(classes: int, counts: Sequence[int], seed: int):
-    """Learnable random images, one ``(uint8 (n, 3, 32, 32), int64 (n,))`` pair per count:
-    a colour and a coarse 4x4 pattern per class, plus noise."""
+    """Learnable random images per count: a colour and a 4x4 pattern per class, plus noise."""
     rng = np.random.default_rng([seed, classes])
     colour = rng.uniform(0.2, 0.8, size=(classes, 3, 1, 1))
     pattern = rng.uniform(-0.2, 0.2, size=(classes, 1, 4, 4)).repeat(8, 2).repeat(8, 3)
@@ -43,8 +42,7 @@ def _batch(label: str, key: bytes, x: np.ndarray, y: np.ndarray, name: str) -> d
 
 
 def write_fake(name: str, data_dir: PathLike, n_train: int, n_test: int, seed: int = 0) -> Path:
-    """Write small fake data as the extracted official files of ``name`` (SVHN: ``n_train``
-    images in train + extra), with the :data:`FAKE_MARKER`; return the folder."""
+    """Write fake data as the official files of ``name`` (SVHN: train + extra) and the marker."""
     info = dataset_info(name)
     if n_train < 1 or n_test < 1:
         raise ConfigError(f"fake data needs n_train, n_test >= 1, got {n_train}, {n_test}")

@@ -33,8 +33,7 @@ def _plain(dtype, what: str) -> None:
 
 
 def _plain_only(module: str, name: str, what: str):
-    """numpy's scalar (``list(np.array(...))`` pickles items so) or protocol-5 array
-    constructor, refusing dtypes that are not plain numbers."""
+    """numpy's scalar or protocol-5 array constructor, refusing dtypes that are not plain."""
     make, at = _numpy(module, name), 0 if what == "scalar" else 1  # where the dtype is
     return lambda *args: _plain(args[at], what) or make(*args)
 
@@ -87,8 +86,7 @@ _OWN_BATCH = ("write your own batch as a dict of numpy arrays, lists and numbers
 
 
 def load_data_pickle(path: PathLike):
-    """The object in the CIFAR-style pickle ``path``, read without ever running code (Python
-    2 strings become ``bytes``, as the official keys are); else a one-line DataError."""
+    """The object in a CIFAR-style pickle, read without running code (Python 2 str: bytes)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"missing dataset file {path}; put the official file there")
@@ -196,13 +194,6 @@ def count_images(name: str, path: Path) -> int:
     return int(shapes["X"][3])
 
 
-def _check_meta(path: Path) -> None:
-    """The label-name file, when present, must be data too (a program in it is refused)."""
-    if path.is_file() and not isinstance(load_data_pickle(path), dict):
-        raise DataError(f"CIFAR label file {path} does not hold a dict; replace it with the "
-                        "official file")
-
-
 def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
     """``x_train`` uint8 (N, 3, 32, 32), ``y_train`` int64 (N,), ``x_test``, ``y_test`` (SVHN:
     also ``x_extra``, ``y_extra``; CIFAR-100: the fine labels) of ``name`` in ``data_dir``."""
@@ -213,7 +204,10 @@ def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
         for part in ("train", "extra", "test"):
             out[f"x_{part}"], out[f"y_{part}"] = _svhn_mat(folder / f"{part}_32x32.mat")
         return out
-    _check_meta(folder / ("batches.meta" if name == "cifar10" else "meta"))
+    meta = folder / ("batches.meta" if name == "cifar10" else "meta")  # unused, but data too
+    if meta.is_file() and not isinstance(load_data_pickle(meta), dict):
+        raise DataError(f"CIFAR label file {meta} does not hold a dict; replace it with the "
+                        "official file")
     parts = [_cifar_batch(folder / f, _LABEL_KEY[name], info.classes)
              for f in info.required]  # the training batches, then the test batch
     return {"x_train": np.concatenate([p[0] for p in parts[:-1]]),

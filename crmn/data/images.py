@@ -49,8 +49,7 @@ _FORMAT = b"crmn image-folder cache 1"  # part of the cache key: a new layout, n
 
 
 def source(data_dir: PathLike) -> Optional[Path]:
-    """The archive, or the folder holding ``train/`` and ``test/`` (``data_dir`` or one folder
-    in it), that ``data_dir`` names; None when it is neither."""
+    """The archive, or folder holding ``train/`` and ``test/`` (or one level down), else None."""
     path = Path(data_dir)
     if path.name.lower().endswith(ARCHIVES) and not path.is_dir():
         return path
@@ -75,8 +74,7 @@ _handed: Dict[Tuple, Dict[str, np.ndarray]] = {}
 
 
 def check(name: str, data_dir: PathLike, subset: Optional[int] = None) -> None:
-    """Load an image source before any run directory exists (a refusal creates nothing); the
-    next :func:`load` of the same source takes these arrays."""
+    """Load an image source before a run folder exists, handing the arrays to the next load."""
     src = source(data_dir)
     if src is not None:
         _handed.clear()
@@ -141,8 +139,7 @@ def _members(src: Path) -> Iterator[Tuple[str, bytes]]:
 
 
 def _entries(src: Path) -> Iterator[Tuple[str, str, int, Callable[[], bytes]]]:
-    """``(path, kind, size, read)`` of every entry of a folder, zip or tar; kind: file, dir,
-    link, other."""
+    """``(path, kind, size, read)`` of every entry of a folder, zip or tar."""
     if src.is_dir():
         for top, dirs, files in os.walk(src):
             dirs.sort()
@@ -182,8 +179,7 @@ def _place(src: Path, name: str, prefixes: set) -> Optional[Tuple[str, str]]:
 
 
 def _decode(name: str, src: Path, exact: bool) -> Dict[str, np.ndarray]:
-    """All images of ``src``, checked, in (split, label, path) order (a folder and its
-    archive give equal arrays)."""
+    """All images of ``src``, checked, in (split, label, path) order (folder = its archive)."""
     classes = {c: i for i, c in enumerate(CLASSES[name])}
     found: Dict[str, List[Tuple[int, str, bytes]]] = {s: [] for s in SPLITS}
     prefixes: set = set()

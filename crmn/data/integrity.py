@@ -26,8 +26,7 @@ _checked: Set[Tuple[str, str]] = set()
 def ensure_downloaded(name: str, data_dir: PathLike, progress: bool = True,
                       mirror: Optional[str] = None, timeout: float = 60.0,
                       unverified: bool = False) -> Path:
-    """The checked folder of dataset ``name``: found on disk and checked, or downloaded
-    (``timeout``: seconds a connection may stay silent) and stamped."""
+    """The folder of dataset ``name``: found on disk and checked, or downloaded and stamped."""
     info = dataset_info(name)
     data_dir = Path(data_dir)
     folder = locate(name, data_dir)
@@ -40,8 +39,7 @@ def ensure_downloaded(name: str, data_dir: PathLike, progress: bool = True,
 
 
 def provenance(name: str, data_dir: PathLike, unverified: bool = False) -> str:
-    """``"official"`` (checked now or stamped), ``"fake"`` or ``"unverified"`` (image folders,
-    or ``unverified`` and no valid stamp); nothing is downloaded."""
+    """``"official"``, ``"fake"`` or ``"unverified"``: where the data come from (no download)."""
     info = dataset_info(name)
     if images.source(data_dir) is not None:
         return "unverified"  # decoded images are never the official bytes

@@ -142,18 +142,11 @@ def _search_split(name: str, where: Path, n: int, seed: int,
 
 def _normalizer(name: str, train_parts: List[np.ndarray],
                 train_idx: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """The uint8 -> float32 map of ``name`` (section 4.2), fitted on the rows ``train_idx``:
-    CIFAR minus the mean pixel of the images trained on (held-out ones never leak in)."""
+    """uint8 -> float32 (section 4.2), fitted on the training rows only (no held-out leak)."""
     if name == "svhn":
-        def fn(u):
-            return global_contrast_normalize(u.astype(np.float32) * np.float32(1 / 255))
-        return fn
+        return lambda u: global_contrast_normalize(u.astype(np.float32) * np.float32(1 / 255))
     total = np.zeros(3, dtype=np.float64)
     for s in range(0, len(train_idx), _CHUNK):
         total += _take(train_parts, train_idx[s:s + _CHUNK]).sum((0, 2, 3), dtype=np.float64)
-    mean = (total / (len(train_idx) * 32 * 32 * 255.0)).astype(np.float32)
-    mean = mean.reshape(1, 3, 1, 1)
-
-    def fn(u):
-        return u.astype(np.float32) * np.float32(1 / 255) - mean
-    return fn
+    mean = (total / (len(train_idx) * 32 * 32 * 255.0)).astype(np.float32).reshape(1, 3, 1, 1)
+    return lambda u: u.astype(np.float32) * np.float32(1 / 255) - mean

@@ -55,8 +55,7 @@ class BatchSampler:
         return EpochPlan(epoch, order, dy, dx, flip)
 
     def batch(self, plan: EpochPlan, i: int) -> Tuple[np.ndarray, np.ndarray]:
-        """Batch ``i`` of ``plan``: ``(xb float32 (B, C, H, W), yb int64 (B,))``, gathered in
-        one indexing of a strided view of all windows of the zero-padded batch."""
+        """Batch ``i`` of ``plan``, gathered in one indexing of a strided view of all windows."""
         if not 0 <= i < len(self):
             raise IndexError(f"batch {i} outside 0..{len(self) - 1}")
         b, p = self.batch_size, self.pad

@@ -110,15 +110,10 @@ def _missing(folder: Path, info: DatasetInfo) -> List[str]:
     return [f for f in info.required if not (folder / f).is_file()]
 
 
-def _candidates(info: DatasetInfo, data_dir: Path) -> Tuple[Path, Path]:
-    """Where the extracted files may be: ``data_dir/<folder>``, or ``data_dir`` itself."""
-    return data_dir / info.folder, data_dir
-
-
 def locate(name: str, data_dir: PathLike) -> Optional[Path]:
     """The folder holding every file a run reads of ``name`` (presence only), or None."""
     info = dataset_info(name)
-    for folder in _candidates(info, Path(data_dir)):
+    for folder in (Path(data_dir) / info.folder, Path(data_dir)):  # or the folder itself
         if folder.is_dir() and not _missing(folder, info):
             return folder
     return None
@@ -127,7 +122,7 @@ def locate(name: str, data_dir: PathLike) -> Optional[Path]:
 def looked_in(info: DatasetInfo, data_dir: Path) -> str:
     """Every place :func:`locate` and :func:`fetch` look, with what each lacks (one line)."""
     parts = []
-    for folder in _candidates(info, data_dir):
+    for folder in (data_dir / info.folder, data_dir):
         missing = _missing(folder, info) if folder.is_dir() else None
         state = ("no such folder" if missing is None else
                  "has all files" if not missing else f"lacks {', '.join(missing)}")
@@ -171,8 +166,7 @@ def _ensure_writable(data_dir: Path) -> None:
 
 def _download(url: str, target: Path, md5: str, progress: bool, timeout: float,
               hint: str = "") -> None:
-    """Stream ``url`` into ``<target>.part``, check its length and MD5, then rename it;
-    ``hint`` ends every error message (where else the files may come from)."""
+    """Stream ``url`` to ``<target>.part``, check its length and MD5, then rename it."""
     part = target.with_name(target.name + ".part")
     for attempt in range(1, _ATTEMPTS + 1):
         try:
@@ -218,8 +212,7 @@ def _fetch(url: str, part: Path, progress: bool, timeout: float) -> None:
 
 @contextlib.contextmanager
 def _download_lock(data_dir: Path, info: DatasetInfo, progress: bool):
-    """Hold ``data_dir/.<name>.lock`` (``flock``: dropped when its holder dies) so that two
-    runs never write the same ``.part`` file."""
+    """Hold ``data_dir/.<name>.lock`` (``flock``) so two runs never write the same file."""
     path = data_dir / f".{info.name}.lock"
     with open(path, "a") as f:
         try:
@@ -273,8 +266,7 @@ def _extract(archive: Path, data_dir: Path, info: DatasetInfo) -> None:
 
 def fetch(info: DatasetInfo, data_dir: Path, mirror: Optional[str], progress: bool,
           timeout: float) -> Path:
-    """Download and unpack what ``data_dir`` lacks of ``info`` (under the lock); return the
-    folder. A ``data_dir`` holding part of the extracted files is refused, not written to."""
+    """Download and unpack what ``data_dir`` lacks of ``info`` (under the lock)."""
     folder = data_dir / info.folder
     own = _missing(data_dir, info) if data_dir.is_dir() else info.required
     if len(own) < len(info.required):

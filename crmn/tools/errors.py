@@ -67,8 +67,7 @@ WAY_ON_FROM: Dict[str, str] = {
     "crmn/data/sampler.py:": "give a --batch-size that fits the training images",
     "crmn/data/sources.py:_download:": "where it looked and how to supply the files by hand "
     "(helper by_hand)",
-    "crmn/data/sources.py:_safe_extractall:": _KEPT,
-    "crmn/data/sources.py:_extract:": _KEPT,
+    "crmn/data/sources.py:_safe_extractall:": _KEPT, "crmn/data/sources.py:_extract:": _KEPT,
     "crmn/data/sources.py:dataset_info:": "choose one of the datasets it lists (--dataset)",
     "crmn/launch/slurm.py:submit:ConfigError#2": f"{_SLURM}; nothing stays queued",
     "crmn/launch/slurm.py:_sbatch:": f"crmn/launch/slurm.py:submit adds: {_SLURM}",
@@ -209,8 +208,7 @@ def shell_sites(root: Path = ROOT) -> List[Site]:
                 if text is None:
                     continue
                 pending = ""
-                sites.append(Site(f"{rel}:{text}", f"{rel}:{no}", "stderr", "1 or as shown",
-                                  text))
+                sites.append(Site(f"{rel}:{text}", f"{rel}:{no}", "stderr", "1 or as shown", text))
     return sites
 
 
@@ -249,8 +247,7 @@ def listed_ids(text: str) -> List[str]:
 
 
 def main(argv=None) -> int:
-    """``python -m crmn.tools.errors [--check]``: write docs/errors.md, or say whether it is
-    up to date (exit 1 if not)."""
+    """``python -m crmn.tools.errors [--check]``: write docs/errors.md, or check it."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv not in ([], ["--check"]):
         print("usage: python -m crmn.tools.errors [--check]", file=sys.stderr)

@@ -111,8 +111,7 @@ def op_counter():
 
 def count_variant(row, variant: str, device: str, batch_size: Optional[int] = None,
                   out: Callable[[str], None] = print) -> collections.Counter:
-    """Operators of one eager train step (the second: the first allocates), printed; a small
-    ``batch_size`` makes it quick and changes no count."""
+    """Operators of one eager train step (the second: the first allocates), printed."""
     stack, x, y = _stack(row, variant, device, graph=False, batch_size=batch_size)
     stack.step(x, y, 0.01)
     with op_counter() as counter:

@@ -13,8 +13,7 @@ PAD = 4  # zero padding per side before the random crop, as in training
 
 def time_sampler(n: int = 10000, batch_size: int = 100, epochs: int = 2,
                  seed: int = 0) -> Dict[str, object]:
-    """Images per second of :class:`BatchSampler` over ``epochs`` epochs of ``n`` random
-    images, with the settings, per ``"flip_off"`` and ``"flip_on"``."""
+    """Images per second of :class:`BatchSampler`, flips off and on, over ``epochs``."""
     if n < 1 or batch_size < 1 or batch_size > n or epochs < 1:
         raise ValueError(f"need n >= batch_size >= 1 and epochs >= 1, got n={n}, "
                          f"batch_size={batch_size}, epochs={epochs}")
