@@ -53,11 +53,9 @@ def provenance(name: str, data_dir: PathLike, unverified: bool = False) -> str:
 def _provenance_of(info: DatasetInfo, folder: Path, unverified: bool) -> str:
     if (folder / FAKE_MARKER).is_file():
         return "fake"
-    if _is_checked(folder, info):
-        return "official"
-    if unverified:
+    if unverified and not _is_checked(folder, info):
         return "unverified"
-    verify_folder(info.name, folder)
+    verify_folder(info.name, folder)  # at once when stamped
     return "official"
 
 

@@ -136,15 +136,11 @@ def looked_in(info: DatasetInfo, data_dir: Path) -> str:
 def by_hand(info: DatasetInfo, data_dir: Path) -> str:
     """How to supply ``info``'s files without a download (one clause naming the paths)."""
     files = f"{data_dir / info.folder}/{{{','.join(f for f, _ in info.files)}}}"
-    if info.extract:
-        put = (f"put the official archive at {data_dir / info.archives[0][0]} or its "
-               f"extracted folder at {files}")
-    else:
-        put = f"put the official files at {files}"
-    put += " (or give that folder as --data-dir)"
+    put = (f"put the official archive at {data_dir / info.archives[0][0]} or its extracted "
+           f"folder at {files}" if info.extract else f"put the official files at {files}")
     served = ", ".join(f for f, _ in info.archives)
-    return (f"{put}, or set {MIRROR_ENV} to a base URL (https://, http:// or file://) "
-            f"serving {served}")
+    return (f"{put} (or give that folder as --data-dir), or set {MIRROR_ENV} to a base URL "
+            f"(https://, http:// or file://) serving {served}")
 
 
 def _kept(info: DatasetInfo, data_dir: Path) -> str:
