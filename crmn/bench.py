@@ -1,14 +1,7 @@
-"""Training speed per paper row against the paper's seconds per epoch (Table 1), read as one
-pass over CIFAR-100's 50,000 training images.
-
-Each row trains a fixed number of SGD steps on random CIFAR-shaped data (speed ignores the
-pixels) through :func:`crmn.train.train_epoch`, so the GPU path's resident data, gather and
-captured step are what is timed; a short warm-up epoch first (compilation, autotuning, graph
-capture) is timed apart. The Theano stack's compiling shows in two columns: **cold compile
-s**, the first build in this process (``cache``: whether :mod:`crmn.compile_cache` held the
-step: ``hit``, ``miss``, ``off`` with ``--no-compile-cache``), and **warm compile s**, a
-second build right after, which finds what the first stored.
-"""
+"""Training speed per paper row against the paper's seconds per epoch (Table 1): fixed SGD
+steps on random CIFAR-shaped data through :func:`crmn.train.train_epoch`, after a warm-up epoch
+timed apart. Theano's compile shows cold (``cache``: hit, miss or off) and warm (a second build
+right after, which finds what the first stored)."""
 from __future__ import annotations
 
 import time
@@ -26,34 +19,10 @@ EPOCH_IMAGES = 50_000  # CIFAR-100 training set: the paper's epoch
 
 
 def _sampler(rng, steps: int, classes: int, train: TrainConfig) -> BatchSampler:
-    """``steps`` batches of random CIFAR-shaped images and labels (speed ignores pixels)."""
     n = steps * train.batch_size
     x = rng.standard_normal((n, 3, 32, 32), dtype=np.float32)
     y = rng.integers(0, classes, n).astype(np.int64)
     return BatchSampler(x, y, train.batch_size, seed=train.seed, pad=train.pad)
-
-
-def _warm_build(options: StackOptions, model: ModelConfig, train: TrainConfig, rng,
-                expert: Dict):
-    """The warm column: a second build's first step (None without a compile cache)."""
-    if options.backend != "theano" or not options.compile_cache:
-        return None
-    again = registry.build(options, model, train, **expert)
-    return train_epoch(again, _sampler(rng, 1, model.classes, train), 0, 0.01)
-
-
-def _names(options: StackOptions):
-    """(the stack's name: ``theano-c``, ``theano-jax`` or ``torch``; the precision shown)."""
-    stack = f"theano-{options.theano_mode}" if options.backend == "theano" else options.backend
-    return stack, options.dtype + ("+compile" if options.compile else "")
-
-
-def _compile_figures(stack, warm, rebuilt) -> Dict:
-    """The cold build's compile seconds and cache state; the warm build's (None without)."""
-    return {"compile_s": warm.compile_seconds,
-            "compile_cache": getattr(stack, "compile_cache", None),
-            "warm_compile_s": rebuilt.compile_seconds if rebuilt else None,
-            "warm_compile_cache": rebuilt.compile_cache if rebuilt else None}
 
 
 def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3,
@@ -61,22 +30,17 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
               channels_last: Optional[bool] = None, model: Optional[ModelConfig] = None,
               ceiling: Optional[Dict] = None) -> Dict:
     """The figures of one table line: ``steps`` SGD steps of ``row`` in ``options``' stack.
-
-    ``channels_last`` (torch): NHWC, None the stack's default; ``model``: another network in
-    the row's protocol (``speedup`` is then None); ``ceiling``: the device's limits
-    (:func:`crmn.roofline.measure_ceiling`). Keys: ``stack`` (theano-c, theano-jax, torch),
-    ``warmup_s`` (the warm-up epoch), ``compile_s``/``compile_cache`` (cold) and
-    ``warm_compile_s``/``warm_compile_cache`` (None without a cache), ``seconds`` (the timed
-    steps), ``images_per_s``, ``sec_per_epoch``, ``paper_sec_per_epoch``, ``speedup``, and
-    :func:`crmn.roofline.utilisation`'s and :func:`crmn.roofline.peak_memory`'s.
-    """
+    ``model``: another network in the row's protocol (``speedup`` is then None); ``ceiling``:
+    :func:`crmn.roofline.measure_ceiling`'s, for the utilisation columns."""
     own = model is None
     model = ModelConfig.for_row(row) if own else model
     train = TrainConfig.for_row(row, seed=seed)
     if batch_size is not None:
         train = TrainConfig(batch_size=batch_size, lr_stages=row.lr_stages, seed=seed)
     expert = {} if channels_last is None else {"channels_last": channels_last}
-    stack_name, precision = _names(options)
+    theano = options.backend == "theano"
+    stack_name = f"theano-{options.theano_mode}" if theano else options.backend
+    precision = options.dtype + ("+compile" if options.compile else "")
     roofline.reset_peak_memory(stack_name, options.device)
     stack = registry.build(options, model, train, **expert)
     layout = "channels-last" if getattr(stack, "channels_last", False) else "channels-first"
@@ -90,37 +54,40 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
     t0 = time.perf_counter()
     stats = train_epoch(stack, s, 1, 0.01)  # ends with a host sync: device work is finished
     seconds = time.perf_counter() - t0
-    rebuilt = _warm_build(options, model, train, rng, expert)
+    rebuilt = None  # the warm column: a second build's first step, finding the cache filled
+    if theano and options.compile_cache:
+        again = registry.build(options, model, train, **expert)
+        rebuilt = train_epoch(again, _sampler(rng, 1, model.classes, train), 0, 0.01)
     ips = stats.images / seconds
     ours = EPOCH_IMAGES / ips
     theirs = row.paper_sec_per_epoch if own else None
     return {
         "row": row.id, "label": row.label, "backend": options.backend, "stack": stack_name,
-        "device": stack.device, **_compile_figures(stack, warm, rebuilt),
+        "device": stack.device, "compile_s": warm.compile_seconds,
+        "compile_cache": getattr(stack, "compile_cache", None),
+        "warm_compile_s": rebuilt.compile_seconds if rebuilt else None,
+        "warm_compile_cache": rebuilt.compile_cache if rebuilt else None,
         "precision": precision, "layout": layout,
         "batch_size": train.batch_size, "steps": steps, "warmup_s": warmup_s,
         "seconds": seconds, "images_per_s": ips, "sec_per_epoch": ours,
         "paper_sec_per_epoch": theirs, "speedup": (theirs / ours) if theirs else None,
-        "loss": stats.loss,
-        **roofline.utilisation(model, ips, stack_name, precision, ceiling),
+        "loss": stats.loss, **roofline.utilisation(model, ips, stack_name, precision, ceiling),
         **roofline.peak_memory(stack_name, options.device),
     }
 
 
 def percent(fraction: Optional[float]) -> str:
-    """A fraction as a percentage to three significant digits; "-" for None."""
     return "-" if fraction is None else f"{100 * fraction:.3g} %"
 
 
 def _figure(r: Dict, key: str, unit: float, spec: str) -> str:
-    """``r[key] / unit`` formatted, "-" where the figure is missing (older JSON, no peak)."""
+    """``r[key] / unit`` formatted, "-" where missing (older JSON, no peak)."""
     value = r.get(key)
     return "-" if value is None else format(value / unit, spec)
 
 
 def format_table(results: Sequence[Dict]) -> str:
-    """The bench table; GFLOP/img: forward + backward per trained image; of ceiling: the
-    share of the measured ceiling of the row's precision; peak MiB: ``peak_mem_kind``."""
+    """The bench table (GFLOP/img: forward + backward per trained image)."""
     body = [[r["row"], r["label"], r.get("stack", "-"), r["batch_size"],
              f"{r['images_per_s']:.0f}", f"{r['sec_per_epoch']:.2f}",
              f"{r['paper_sec_per_epoch']:.0f}" if r["paper_sec_per_epoch"] else "-",
@@ -137,8 +104,8 @@ def format_table(results: Sequence[Dict]) -> str:
 
 
 def describe(r: Dict, torch_f32: Optional[Dict] = None) -> str:
-    """One line on a timed row: its speed beside the goals (bfloat16 at least 100x the paper,
-    Theano-JAX float32 within 1.5x of ``torch_f32``, that row's figures), the roofline."""
+    """One line on a timed row: its speed beside the goals (bfloat16 >= 100x the paper,
+    Theano-JAX float32 within 1.5x of ``torch_f32``), the roofline."""
     out = [f"{r['speedup']:.3g}x the paper" if r["speedup"] else "tiny network"]
     if r["speedup"] and r["precision"].startswith("bfloat16"):
         out[0] += f" (goal >= 100x: {'met' if r['speedup'] >= 100 else 'not met'})"
@@ -155,7 +122,6 @@ def describe(r: Dict, torch_f32: Optional[Dict] = None) -> str:
 
 
 def describe_ceiling(c: Dict) -> str:
-    """One line: the measured ceiling of a device."""
     tf = {k: "-" if c.get(k + "_tflops") is None else f"{c[k + '_tflops']:.3g}"
           for k in ("fp32", "tf32", "bf16")}
     return (f"ceiling on {c['device']} ({c['library']}, {c['gemm_side']}-square products, "
@@ -164,8 +130,7 @@ def describe_ceiling(c: Dict) -> str:
 
 
 def mode_ratios(results: Sequence[Dict]) -> str:
-    """Per row timed in all three stacks: the JAX mode's step time against the torch
-    stack's and the C mode's, and the C mode's compile time against the JAX mode's."""
+    """Per row timed in all three stacks: the JAX mode's step and compile against the others'."""
     lines = []
     for row in dict.fromkeys(r["row"] for r in results):
         by = {r["stack"]: r for r in results if r["row"] == row}

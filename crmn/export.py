@@ -1,30 +1,22 @@
 """A finished run as files others load (``export``), and any weights measured on a test set
-(``evaluate``).
-
-``export RUN_DIR`` reads the run's final ``checkpoint.h5`` and writes, named by the first 8
-hex digits of each file's SHA-256 (torch.hub's ``check_hash`` convention):
-
-* ``<row>-<sha8>.pt``: ``{"state_dict", "model" (ModelConfig fields), "row", "dataset",
-  "dtype", "format"}``, tensors and plain types only (``torch.load(weights_only=True)``);
-* ``<row>-<sha8>.npz``: one array per Lasagne parameter under its Lasagne name, ``names``
-  listing them in ``lasagne.layers.get_all_param_values`` order (batch-norm statistics
-  included) and ``meta`` (the same JSON as the .pt's fields); written without Theano;
-* ``MODEL.md``: the model card, from the run folder's files only.
-
-Both conversions are :mod:`crmn.convert`'s; evaluation is :func:`crmn.train.evaluate` on a
-stack built by :func:`crmn.registry.build`, on the test split of :func:`crmn.data.prepare`.
-"""
+(``evaluate``). ``export`` writes ``<row>-<sha8>.pt`` (tensors and plain types only, for
+``torch.load(weights_only=True)``), ``<row>-<sha8>.npz`` (Lasagne names, ``names`` in
+``get_all_param_values`` order, ``meta`` JSON) and ``MODEL.md`` (the model card); sha8: the
+first 8 hex digits of the file's SHA-256 (torch.hub's ``check_hash`` convention)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from crmn import checkpoint, convert, data, paper, registry, report, runlog
+from crmn import checkpoint, convert, data, paper, registry, report, runlog, schema
+from crmn import plan as plans
 from crmn import train as trainer
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import CheckpointError, ConfigError, RunError
@@ -34,7 +26,6 @@ FORMAT = 1
 
 
 def _torch(what: str):
-    """torch, or a one-line ConfigError where this environment lacks it."""
     try:
         import torch
     except ImportError:
@@ -44,20 +35,13 @@ def _torch(what: str):
 
 
 def sha256(path) -> str:
-    """The file's SHA-256 as ``sha256sum`` prints it."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def lasagne_order(native: List[str]) -> List[str]:
-    """Lasagne names in :mod:`crmn.naming` order -> ``get_all_params`` order.
-
-    The layers come in the same order; within a layer, Lasagne's ``BatchNormLayer`` adds
-    ``beta`` before ``gamma`` and its ``LSTMLayer`` ``cell_init`` before ``hid_init``.
-    """
+    """Lasagne names in :mod:`crmn.naming` order -> ``get_all_params`` order: within a layer,
+    ``BatchNormLayer`` adds ``beta`` before ``gamma``, ``LSTMLayer`` ``cell_init`` first."""
     out = list(native)
     for i in range(len(out) - 1):
         a, b = out[i], out[i + 1]
@@ -68,7 +52,6 @@ def lasagne_order(native: List[str]) -> List[str]:
 
 
 def _write_named(out_dir: Path, stem: str, suffix: str, payload: bytes) -> Path:
-    """``out_dir/<stem>-<sha8><suffix>``, written to a temporary name and renamed."""
     name = f"{stem}-{hashlib.sha256(payload).hexdigest()[:8]}{suffix}"
     runlog.write_bytes_atomic(out_dir / name, payload)
     return out_dir / name
@@ -81,18 +64,16 @@ def _final_state(run_dir: Path) -> Tuple[Dict, Dict, Dict, ModelConfig]:
         raise RunError(f"{run_dir}: not a finished run (no summary.json saying done); "
                        "finish it with its command and --resume, then export it")
     config = runlog.read_json(run_dir / runlog.CONFIG)
-    arrays, meta = checkpoint.load(run_dir / runlog.CHECKPOINT)
+    cfg, canonical, meta = load_weights(run_dir / runlog.CHECKPOINT)
     if meta.get("phase") != "final" or meta.get("epoch") != summary.get("final_epochs"):
         raise CheckpointError(f"{run_dir / runlog.CHECKPOINT}: holds {meta.get('phase')} "
                               f"epoch {meta.get('epoch')}, not the final model of "
                               "summary.json; train the run again to export it")
-    cfg = ModelConfig(**meta["model"])
-    return summary, config, {s.name: arrays[s.name] for s in param_specs(cfg)}, cfg
+    return summary, config, canonical, cfg
 
 
 def export(run_dir, out_dir=None) -> Dict[str, Path]:
-    """Write the .pt, .npz and MODEL.md of the finished run in ``run_dir`` (default
-    ``RUN_DIR/export``); returns their paths by kind ("pt", "npz", "card")."""
+    """Write the .pt, .npz and MODEL.md of a finished run (default: RUN_DIR/export) by kind."""
     torch = _torch("export (it writes a .pt)")
     run_dir = Path(run_dir)
     summary, config, canonical, cfg = _final_state(run_dir)
@@ -117,9 +98,6 @@ def export(run_dir, out_dir=None) -> Dict[str, Path]:
     return paths
 
 
-# ----------------------------------------------------------------------------- the card
-
-
 def _not_a_test(run_dir: Path, row: Optional[paper.Row], config: Dict) -> List[str]:
     """Why the run is no test of the paper (empty: it is one), in report.comparable's words."""
     why = [] if row is not None else ["not a row of the paper"]
@@ -130,65 +108,28 @@ def _not_a_test(run_dir: Path, row: Optional[paper.Row], config: Dict) -> List[s
     return why
 
 
-_MODEL_FLAGS = {"n": "--n", "k": "--k", "outgate": "--outgate",
-                "forget_bias": "--forget-bias", "dense_init": "--dense-init"}
-_TRAIN_FLAGS = {"batch_size": "--batch-size", "patience": "--patience",
-                "epochs_cap": "--epochs-cap", "schedule": "--schedule",
-                "nesterov": "--nesterov", "flip": "--flip"}
-
-
 def reproduce_command(config: Dict) -> str:
     """The ``run_experiments.sh`` line that trains this run again, from config.json."""
-    if config.get("command"):  # recorded by the run itself
-        return config["command"]
-    from crmn.cli.parser import SMOKE
-
     exp, seed = config.get("experiment") or "smoke", config.get("seed", 0)
-    row = paper.row(config["row"]) if config.get("row") else paper.row(SMOKE["row"])
-    model, train = ModelConfig.for_row(row).to_dict(), TrainConfig.for_row(row).to_dict()
-    words = ["bash run_experiments.sh", exp]
-    if exp == "smoke":
-        model.update(n=SMOKE["n"], k=SMOKE["k"])
-        train.update(batch_size=SMOKE["batch_size"], patience=SMOKE["patience"],
-                     epochs_cap=SMOKE["epochs_cap"])
-    else:
-        words += ["--rows", row.id]
-    words += ["--seed", str(seed)]
-    words += ["--backend", config.get("backend", "theano"),
+    row = paper.row(config["row"]) if config.get("row") else None
+    words = ["bash run_experiments.sh", exp] + (["--rows", row.id] if row else [])
+    words += ["--seed", str(seed), "--backend", config.get("backend", "theano"),
               "--device", config.get("device_requested", "cpu"),
               "--dtype", config.get("dtype", "float32")]
     if config.get("backend", "theano") == "theano":
         words += ["--theano-mode", config.get("theano_mode", "c")]
     words += ["--compile"] if config.get("compile") else []
     words += [] if config.get("compile_cache", True) else ["--no-compile-cache"]
-    if config.get("dataset") not in (None, row.dataset) and exp != "smoke":
+    if row and config.get("dataset") not in (None, row.dataset):
         words += ["--dataset", config["dataset"]]
     words += ["--unverified-data"] if config.get("data") == "unverified" else []
-    for have, want, flags in ((config.get("model", {}), model, _MODEL_FLAGS),
-                              (config.get("train", {}), train, _TRAIN_FLAGS)):
-        for key, flag in flags.items():
-            value = have.get(key, want[key])
-            if value == want[key] or value is None or value is False:
-                continue
-            if value is True:
-                words.append(flag)
-            elif isinstance(value, list):  # --schedule 80,40,40
-                words += [flag, ",".join(map(str, value))]
-            else:
-                words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    lrs = config.get("train", {}).get("lr_stages")
-    if lrs and list(lrs) != list(row.lr_stages):
-        words += ["--lr", f"{lrs[0]:g}"]
+    spec = plans.smoke_plan_for(registry.StackOptions(), Path()).runs[0].spec if row is None \
+        else SimpleNamespace(model=ModelConfig.for_row(row), train=TrainConfig.for_row(row))
+    for base, section in ((spec.model, "model"), (spec.train, "train")):  # what differs
+        have = {k: tuple(v) if isinstance(v, list) else v  # JSON lists back to tuples
+                for k, v in config.get(section, {}).items()}
+        words += schema.render(dataclasses.replace(base, **have), base)
     return " ".join(words)
-
-
-def _seed_accs(run_dir: Path) -> List[float]:
-    accs = []
-    for sibling in sorted(run_dir.parent.glob("seed*")):
-        done = runlog.finished_summary(sibling)
-        if done is not None and done.get("test_acc") is not None:
-            accs.append(100 * done["test_acc"])
-    return accs
 
 
 def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
@@ -201,8 +142,9 @@ def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
             if why else f"# {name}, seed {config.get('seed', 0)}: a test of the paper's "
                         f"{row.label} ({row.table})")
     log = runlog.read_log(run_dir / runlog.LOG)
-    accs = _seed_accs(run_dir)
-    mean, std, n = report.mean_std(accs)
+    seeds = map(runlog.finished_summary, sorted(run_dir.parent.glob("seed*")))
+    mean, std, n = report.mean_std([100 * d["test_acc"] for d in seeds
+                                    if d is not None and d.get("test_acc") is not None])
     ours = f"{100 * summary['test_acc']:.2f} % (this seed), test loss {summary['test_loss']:.4f}"
     if n > 1:
         ours += f"; {mean:.2f} ± {std:.2f} % over {n} seeds (sample std)"
@@ -221,8 +163,7 @@ def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
                                             if config.get("backend") == "theano" else "")
     versions = ", ".join(f"{k} {v}" for k, v in sorted(config.get("versions", {}).items()))
     rows = [("row", f"{name}" + ("" if row is None else f", {row.label} of {row.table}")),
-            ("paper", paper_acc), ("ours", ours),
-            ("dataset", f"{config.get('dataset')}: {source}"),
+            ("paper", paper_acc), ("ours", ours), ("dataset", f"{config.get('dataset')}: {source}"),
             ("schedule", f"found by the search: {summary.get('schedule_found')}; used: "
                          f"{summary.get('schedule_used')} epochs at lr "
                          f"{summary.get('lr_stages')}"),
@@ -230,13 +171,11 @@ def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
                        f"{seconds:.0f} s of training, median "
                        f"{summary.get('sec_per_epoch') or 0:.1f} s per final epoch"),
             ("device", str(summary.get("device"))),
-            ("backend", f"{backend}, {config.get('dtype')}"),
-            ("versions", versions),
+            ("backend", f"{backend}, {config.get('dtype')}"), ("versions", versions),
             ("parameters", f"{count_trainable(cfg):,} trainable"),
             ("reproduce", f"`{reproduce_command(config)}`")]
     lines = [head, "", f"Exported by `bash run_experiments.sh export {run_dir}` from "
-             "that folder's files.", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
+             "that folder's files.", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
     lines += ["", "Files (`sha256sum -c` checks them here):", "", "```"]
     lines += [f"{sha256(p)}  {p.name}" for p in (files["pt"], files["npz"])]
     lines += ["```", "", "Made from (sha256 of the run folder's files):", "", "```"]
@@ -248,12 +187,8 @@ def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- evaluate
-
-
 def load_weights(path) -> Tuple[ModelConfig, Dict[str, np.ndarray], Dict]:
-    """(ModelConfig, canonical arrays, info with "dataset" and "dtype") of a ``.pt``,
-    ``.npz`` or archive ``.h5`` checkpoint; a one-line CheckpointError for anything else."""
+    """(ModelConfig, canonical arrays, info) of a ``.pt``, ``.npz`` or checkpoint ``.h5``."""
     path = Path(path)
     if path.suffix == ".h5":
         arrays, meta = checkpoint.load(path)
@@ -285,9 +220,8 @@ def load_weights(path) -> Tuple[ModelConfig, Dict[str, np.ndarray], Dict]:
 
 def evaluate(path, backend: str = registry.DEFAULT_BACKEND, device: str = "cpu",
              dataset: Optional[str] = None, data_dir=None, progress: bool = True) -> Dict:
-    """Test loss and accuracy of the weights in ``path`` on ``dataset``'s test split (the
-    weights' own by default), in ``backend`` on ``device``, in the dtype they were trained
-    in where ``backend`` has it (else float32)."""
+    """Test loss and accuracy of the weights in ``path`` on ``dataset``'s test split (theirs by
+    default), in the dtype they were trained in where ``backend`` has it (else float32)."""
     cfg, canonical, info = load_weights(path)
     dataset = dataset or info.get("dataset")
     if paper.DATASET_CLASSES.get(dataset) != cfg.classes:
@@ -305,5 +239,4 @@ def evaluate(path, backend: str = registry.DEFAULT_BACKEND, device: str = "cpu",
     stack.set_state(canonical)
     loss, acc = trainer.evaluate(stack, split.eval_x, split.eval_y)
     return {"weights": str(path), "dataset": dataset, "images": len(split.eval_y),
-            "test_loss": loss, "test_acc": acc, "stack": options.describe(),
-            "device": stack.device}
+            "test_loss": loss, "test_acc": acc, "stack": options.describe(), "device": stack.device}

@@ -1,9 +1,7 @@
-"""The archive's GPU figures within a time budget (REPRODUCING.md §5). Each check is a child
-process under its own time limit (output in ``logs/``); one that needs more than is left of
-``--budget`` is listed ``not run: budget``. Each finished check appends a line to
-``gpucheck.jsonl``, from which ``gpucheck.json`` and ``gpucheck.md`` are rendered: a run cut
-short (SIGTERM, SIGUSR1: exit 3; SIGINT: 130) or killed keeps what it finished and says where
-it stopped. Exit 1 when a check failed (an engine missing here is not a failure)."""
+"""The archive's GPU figures within ``--budget`` (REPRODUCING.md §5): each check is a child
+process with its own time limit (``logs/``), appending a line to ``gpucheck.jsonl`` whence
+``gpucheck.json`` and ``gpucheck.md``: a run cut short (SIGTERM, SIGUSR1: exit 3; SIGINT: 130)
+or killed keeps what it finished. Exit 1 when a check failed (a missing engine is no failure)."""
 from __future__ import annotations
 
 import json

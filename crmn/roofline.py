@@ -1,11 +1,6 @@
-"""How close a training step comes to the machine's own limit: FLOPs per trained image and
-the measured ceiling of the device.
-
-FLOPs follow model-FLOP utilisation and ``torch.utils.flop_counter``: a multiply-add is 2
-FLOPs; the backward of a product costs one product for the weights' gradient and one for the
-input's (none for the images entering the stem); elementwise work (batch norm, ReLU, pooling,
-the LSTM's gates, the loss, the update) is memory-bound and not counted.
-"""
+"""How close a training step comes to the device's measured ceiling. FLOPs as in
+``torch.utils.flop_counter``: a multiply-add is 2 FLOPs, a product's backward costs one
+product per gradient (weights; input, except the images), elementwise work is not counted."""
 from __future__ import annotations
 
 import resource
@@ -16,29 +11,20 @@ from typing import Dict, List, Optional
 
 from crmn.config import ModelConfig
 
-#: the spatial size of each stage's feature maps on a 32x32 input (stages 2 and 3 stride 2)
-STAGE_SIZES = (32, 16, 8)
+STAGE_SIZES = (32, 16, 8)  # each stage's feature-map side on a 32x32 input
 
 
 @dataclass(frozen=True)
 class Product:
     """One convolution or matrix product of the network, per image."""
-
     name: str  # e.g. "stage2.block0.conv1", "lstm.W_x"
     macs: int  # multiply-adds of its forward pass for one image
     input_grad: bool  # whether the backward also computes the gradient of its input
 
-    @property
-    def train_flops(self) -> int:
-        """Forward, weight gradient and (where needed) input gradient, 2 FLOPs a multiply-add."""
-        return 2 * self.macs * (3 if self.input_grad else 2)
-
 
 def products(model: ModelConfig) -> List[Product]:
-    """Every convolution and matrix product of ``model`` per image, in network order: 3x3
-    convolutions, ``S_out² · C_out · C_in · 9`` (docs/spec.md §4); the memory's input
-    projection of ``T = 3n`` taps zero-padded to ``I = 16k·16·16`` inputs, ``T · I · 4H``, and
-    its recurrence ``T · H · 4H`` (from the learned ``h0``); softmax ``(64k + H) · classes``."""
+    """Every convolution (``S_out² · C_out · C_in · 9``) and matrix product of ``model`` per
+    image, in network order: the LSTM's input ``T · I · 4H`` and recurrence ``T · H · 4H``."""
     c_in = model.widths[0]
     out = [Product("conv0", STAGE_SIZES[0] ** 2 * c_in * 3 * 9, input_grad=False)]
     for s, (width, side) in enumerate(zip(model.widths, STAGE_SIZES)):
@@ -57,20 +43,15 @@ def products(model: ModelConfig) -> List[Product]:
 
 
 def train_flops_per_image(model: ModelConfig) -> int:
-    """FLOPs of one SGD step per trained image (forward + backward)."""
-    return sum(p.train_flops for p in products(model))
+    # forward, weight gradient and (where needed) input gradient, 2 FLOPs a multiply-add
+    return sum(2 * p.macs * (3 if p.input_grad else 2) for p in products(model))
 
 
-# --- the device's ceiling -----------------------------------------------------------------
-
-#: side of the square matrices timed: (gpu, cpu); large enough to fill the device's units
-GEMM_SIDE = {True: 8192, False: 1024}
-#: bytes of the copied buffer: (gpu, cpu)
-COPY_BYTES = {True: 1 << 30, False: 1 << 26}
+GEMM_SIDE = {True: 8192, False: 1024}  # side of the timed square products: on a GPU, CPU
+COPY_BYTES = {True: 1 << 30, False: 1 << 26}  # bytes of the copied buffer
 
 
 def _best_of(fn, sync, seconds: float, least: int = 3) -> float:
-    """The fastest of repeated calls of ``fn`` (after one warm-up), for about ``seconds``."""
     fn()
     sync()
     times: List[float] = []
@@ -90,17 +71,15 @@ def _torch_ceiling(device: str, seconds: float) -> Dict:
     sync = (lambda: torch.cuda.synchronize(dev)) if gpu else (lambda: None)
     n = GEMM_SIDE[gpu]
     got = {"library": f"torch {torch.__version__}", "gemm_side": n}
-    kinds = [("fp32_tflops", torch.float32, False), ("bf16_tflops", torch.bfloat16, False)]
-    if gpu:
-        kinds.insert(1, ("tf32_tflops", torch.float32, True))
+    kinds = [("fp32_tflops", torch.float32, False), *[("tf32_tflops", torch.float32, True)] * gpu,
+             ("bf16_tflops", torch.bfloat16, False)]
     old = torch.backends.cuda.matmul.allow_tf32
     try:
         for key, dtype, tf32 in kinds:
             torch.backends.cuda.matmul.allow_tf32 = tf32
             # most CPUs emulate bfloat16: a quarter of the side keeps it to a fraction of a second
             m = n if gpu or dtype != torch.bfloat16 else n // 4
-            a = torch.randn(m, m, device=dev, dtype=dtype)
-            b = torch.randn(m, m, device=dev, dtype=dtype)
+            a, b = (torch.randn(m, m, device=dev, dtype=dtype) for _ in range(2))
             took = _best_of(lambda: torch.mm(a, b), sync, seconds)
             got[key] = 2 * m ** 3 / took / 1e12
     finally:
@@ -117,8 +96,7 @@ def _numpy_ceiling(seconds: float) -> Dict:
 
     n = GEMM_SIDE[False]
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
     took = _best_of(lambda: a @ b, lambda: None, seconds)
     src = np.ones(COPY_BYTES[False] // 4, dtype=np.float32)
     dst = np.empty_like(src)
@@ -127,10 +105,15 @@ def _numpy_ceiling(seconds: float) -> Dict:
             "fp32_tflops": 2 * n ** 3 / took / 1e12, "copy_gb_s": 2 * src.nbytes / copy / 1e9}
 
 
+def fp32_ceiling(device: str) -> float:
+    """FLOP/s of a float32 matrix product on ``device``, timed briefly (a CPU: numpy's, so no
+    torch import): what the cost estimate scales by where bench measured nothing."""
+    got = _numpy_ceiling(0.2) if device == "cpu" else measure_ceiling(device, 0.2)
+    return got["fp32_tflops"] * 1e12
+
+
 def measure_ceiling(device: str = "cpu", seconds: float = 0.5) -> Dict:
-    """The device's limits, each the fastest of repeated runs over ``seconds``: a large
-    matrix product (``fp32_tflops``; with torch also ``bf16_tflops`` and on a GPU
-    ``tf32_tflops``, else None), a large copy (``copy_gb_s``, read + write)."""
+    """The device's limits (product TFLOP/s by precision, copy GB/s), best over ``seconds``."""
     t0 = time.perf_counter()
     try:
         import torch  # noqa: F401
@@ -142,16 +125,13 @@ def measure_ceiling(device: str = "cpu", seconds: float = 0.5) -> Dict:
                               f"installed in {sys.executable}): install torch there, or time "
                               "the CPU with --device cpu")
         got = _numpy_ceiling(seconds)
-    out = {"device": device, "fp32_tflops": None, "tf32_tflops": None, "bf16_tflops": None}
-    out.update(got)
-    out["seconds"] = time.perf_counter() - t0
-    return out
+    return {"device": device, "fp32_tflops": None, "tf32_tflops": None, "bf16_tflops": None,
+            **got, "seconds": time.perf_counter() - t0}
 
 
 def ceiling_key(stack: str, precision: str, device: str) -> Optional[str]:
-    """Which ceiling a timed row is held against: bfloat16 rows against bfloat16; torch
-    float32 on a GPU against TensorFloat-32 (the torch stack allows it there); other float32
-    rows against strict float32; float64 against none."""
+    """The ceiling a timed row is held against (torch float32 on a GPU: TensorFloat-32, which
+    the torch stack allows there; float64: none)."""
     if precision.startswith("bfloat16"):
         return "bf16_tflops"
     if precision.startswith("float32"):
@@ -161,8 +141,7 @@ def ceiling_key(stack: str, precision: str, device: str) -> Optional[str]:
 
 def utilisation(model: ModelConfig, images_per_s: float, stack: str, precision: str,
                 ceiling: Optional[Dict]) -> Dict:
-    """A timed row's ``flops_per_image``, achieved ``tflops``, ``ceiling_tflops`` and
-    ``ceiling_fraction`` (None without a matching measurement)."""
+    """A timed row's ``flops_per_image``, ``tflops``, ``ceiling_tflops``, ``ceiling_fraction``."""
     flops = train_flops_per_image(model)
     achieved = flops * images_per_s / 1e12
     key = ceiling_key(stack, precision, ceiling["device"]) if ceiling else None
@@ -171,19 +150,15 @@ def utilisation(model: ModelConfig, images_per_s: float, stack: str, precision: 
             "ceiling_fraction": achieved / top if top else None}
 
 
-# --- peak memory ------------------------------------------------------------------------
-
 def reset_peak_memory(stack: str, device: str) -> None:
-    """Start a row's peak-memory count (torch on a GPU; JAX and the CPU keep the process's)."""
+    """Start a row's peak-memory count (torch on a GPU; elsewhere the process's is kept)."""
     if stack == "torch" and device.startswith("cuda"):
         import torch
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory(stack: str, device: str) -> Dict:
-    """``peak_mem_bytes`` and ``peak_mem_kind``: torch's peak allocation on the GPU since
-    :func:`reset_peak_memory`, JAX's peak bytes in use on its device, or on a CPU the
-    process's peak resident set."""
+    """``peak_mem_bytes`` and ``peak_mem_kind``: torch's or JAX's on a GPU, else peak RSS."""
     if device.startswith("cuda"):
         if stack == "torch":
             import torch

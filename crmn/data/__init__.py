@@ -1,12 +1,6 @@
 """Datasets, preprocessing and the batch sampler both stacks draw from (docs/spec.md §4-§6).
-
-Modules, in the order a run uses them: ``sources`` (what each dataset is, download,
-extraction), ``images`` (image folders and archives, cached), ``formats`` (the official
-pickles and ``.mat`` files), ``integrity`` (official, fake or unverified), ``prepare``
-(preprocessing, the seeded split, ``--subset``), ``sampler``, ``fake``. Every public name is
-re-exported here; the function ``prepare`` shadows its module (reach it with
-``importlib.import_module``), and constants are copies: patch them in their own module.
-"""
+Every public name is re-exported here: the function ``prepare`` shadows its module, and
+constants are copies (patch them in their own module)."""
 from crmn.data.fake import FAKE_MARKER, is_fake, write_fake, write_fake_archive
 from crmn.data.images import check as check_images, describe
 from crmn.data.formats import count_images, load_raw
@@ -16,11 +10,3 @@ from crmn.data.prepare import (GCN_MIN_STD, SVHN_VAL_IMAGES, Split, global_contr
                                prepare, split_indices)
 from crmn.data.sampler import BatchSampler, EpochPlan, iterate_eval
 from crmn.data.sources import DATASETS, MIRROR_ENV, DatasetInfo, PathLike, dataset_info, locate
-
-__all__ = [
-    "BatchSampler", "DATASETS", "DatasetInfo", "EpochPlan", "FAKE_MARKER", "GCN_MIN_STD",
-    "MIRROR_ENV", "PathLike", "STAMP", "SVHN_VAL_IMAGES", "Split", "UNVERIFIED_FLAG",
-    "check_images", "count_images", "dataset_info", "describe", "ensure_downloaded",
-    "global_contrast_normalize", "is_fake", "iterate_eval", "load_raw", "locate", "prepare",
-    "provenance", "split_indices", "verify_folder", "write_fake", "write_fake_archive",
-]

@@ -13,13 +13,11 @@ import numpy as np
 from crmn.data.sources import PathLike, dataset_info, locate
 from crmn.errors import ConfigError, DataError
 
-#: Marker that :func:`write_fake` leaves in a folder of fake data.
-FAKE_MARKER = "FAKE_DATA.txt"
+FAKE_MARKER = "FAKE_DATA.txt"  # left by write_fake in a folder of fake data
 
 
 def _fake_images(classes: int, counts: Sequence[int], seed: int):
-    """Learnable random images, one ``(uint8 (n, 3, 32, 32), int64 (n,))`` pair per entry
-    of ``counts``: a colour and a coarse 4x4 pattern per class (shared by all), plus noise."""
+    """Learnable random images per count: a colour and a 4x4 pattern per class, plus noise."""
     rng = np.random.default_rng([seed, classes])
     colour = rng.uniform(0.2, 0.8, size=(classes, 3, 1, 1))
     pattern = rng.uniform(-0.2, 0.2, size=(classes, 1, 4, 4)).repeat(8, 2).repeat(8, 3)
@@ -37,10 +35,14 @@ def _write_pickle(path: Path, obj: dict) -> None:
         pickle.dump(obj, f, protocol=2)  # the protocol of the official Python 2 files
 
 
-def write_fake(name: str, data_dir: PathLike, n_train: int, n_test: int,
-               seed: int = 0) -> Path:
-    """Write small fake data as the extracted official files of ``name`` (SVHN: ``n_train``
-    images in train + extra), with the :data:`FAKE_MARKER`; return the folder."""
+def _batch(label: str, key: bytes, x: np.ndarray, y: np.ndarray, name: str) -> dict:
+    """A batch laid out as the official CIFAR pickles are."""
+    return {b"batch_label": label.encode(), key: y.tolist(), b"data": x.reshape(len(x), 3072),
+            b"filenames": [f"fake_{name}_{j}.png".encode() for j in range(len(x))]}
+
+
+def write_fake(name: str, data_dir: PathLike, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """Write fake data as the official files of ``name`` (SVHN: train + extra) and the marker."""
     info = dataset_info(name)
     if n_train < 1 or n_test < 1:
         raise ConfigError(f"fake data needs n_train, n_test >= 1, got {n_train}, {n_test}")
@@ -71,14 +73,9 @@ def _write_svhn(folder: Path, n_train: int, n_test: int, seed: int) -> None:
 def _write_cifar10(folder: Path, n_train: int, n_test: int, seed: int) -> None:
     (x, y), (xt, yt) = _fake_images(10, [n_train, n_test], seed)
     for i, (xs, ys) in enumerate(zip(np.array_split(x, 5), np.array_split(y, 5)), 1):
-        _write_pickle(folder / f"data_batch_{i}", {
-            b"batch_label": f"training batch {i} of 5".encode(),
-            b"labels": ys.tolist(), b"data": xs.reshape(len(xs), 3072),
-            b"filenames": [f"fake_{i}_{j}.png".encode() for j in range(len(xs))]})
-    _write_pickle(folder / "test_batch", {
-        b"batch_label": b"testing batch 1 of 1", b"labels": yt.tolist(),
-        b"data": xt.reshape(len(xt), 3072),
-        b"filenames": [f"fake_test_{j}.png".encode() for j in range(len(xt))]})
+        _write_pickle(folder / f"data_batch_{i}",
+                      _batch(f"training batch {i} of 5", b"labels", xs, ys, str(i)))
+    _write_pickle(folder / "test_batch", _batch("testing batch 1 of 1", b"labels", xt, yt, "test"))
     _write_pickle(folder / "batches.meta", {
         b"label_names": [f"class{c}".encode() for c in range(10)],
         b"num_cases_per_batch": int(np.ceil(n_train / 5)), b"num_vis": 3072})
@@ -87,11 +84,8 @@ def _write_cifar10(folder: Path, n_train: int, n_test: int, seed: int) -> None:
 def _write_cifar100(folder: Path, n_train: int, n_test: int, seed: int) -> None:
     (x, y), (xt, yt) = _fake_images(100, [n_train, n_test], seed)
     for fname, xs, ys in (("train", x, y), ("test", xt, yt)):
-        _write_pickle(folder / fname, {
-            b"batch_label": f"{fname}ing batch 1 of 1".encode(),
-            b"fine_labels": ys.tolist(), b"coarse_labels": (ys // 5).tolist(),
-            b"data": xs.reshape(len(xs), 3072),
-            b"filenames": [f"fake_{fname}_{j}.png".encode() for j in range(len(xs))]})
+        batch = _batch(f"{fname}ing batch 1 of 1", b"fine_labels", xs, ys, fname)
+        _write_pickle(folder / fname, {**batch, b"coarse_labels": (ys // 5).tolist()})
     _write_pickle(folder / "meta", {
         b"fine_label_names": [f"fine{c}".encode() for c in range(100)],
         b"coarse_label_names": [f"coarse{c}".encode() for c in range(20)]})
@@ -99,8 +93,7 @@ def _write_cifar100(folder: Path, n_train: int, n_test: int, seed: int) -> None:
 
 def write_fake_archive(name: str, out_dir: PathLike, n_train: int, n_test: int,
                        seed: int = 0) -> Dict[str, Path]:
-    """Fake data packed as the official downloads of ``name`` (download tests):
-    ``{file name: path}`` of each of ``DATASETS[name].archives``."""
+    """Fake data packed as the official downloads of ``name``: ``{file name: path}``."""
     info = dataset_info(name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

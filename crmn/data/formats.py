@@ -1,11 +1,7 @@
-"""Readers of the official formats: CIFAR's Python pickles and SVHN's ``.mat`` files.
+"""Readers of CIFAR's Python pickles and SVHN's ``.mat`` files, every layout checked.
 
-:func:`load_raw` reads an extracted folder into ``uint8`` (N, 3, 32, 32) and ``int64``
-labels, checking every file's layout (a wrong or damaged file is one line naming it). No
-file is trusted to be data: pickles are read by :func:`load_data_pickle`, which refuses any
-global but numpy's plain arrays and numbers and plain containers (``pickle.load`` would call
-it, ``os.system`` included); hand-made batches (str keys, (N, 1) or numpy-integer labels)
-are read too. SVHN's files are read by ``scipy.io``, which runs no code.
+No file is trusted: pickles are read by :func:`load_data_pickle`, which refuses any global but
+numpy's plain arrays and numbers and plain containers; ``scipy.io`` runs no code.
 """
 from __future__ import annotations
 
@@ -36,16 +32,10 @@ def _plain(dtype, what: str) -> None:
         raise RefusedGlobal(f"a numpy {what} of dtype {dtype!r}")
 
 
-def _numpy_scalar():
-    """numpy scalars (``list(np.array(...))`` pickles its items so) of plain numbers only."""
-    scalar = _numpy("multiarray", "scalar")
-    return lambda dtype, *args: _plain(dtype, "scalar") or scalar(dtype, *args)
-
-
-def _numpy_frombuffer():
-    """numpy's protocol-5 array constructor, for dtypes without objects."""
-    frombuffer = _numpy("numeric", "_frombuffer")
-    return lambda buf, dtype, *args: _plain(dtype, "array") or frombuffer(buf, dtype, *args)
+def _plain_only(module: str, name: str, what: str):
+    """numpy's scalar or protocol-5 array constructor, refusing dtypes that are not plain."""
+    make, at = _numpy(module, name), 0 if what == "scalar" else 1  # where the dtype is
+    return lambda *args: _plain(args[at], what) or make(*args)
 
 
 def _latin1_encode(text, encoding):
@@ -57,15 +47,15 @@ def _latin1_encode(text, encoding):
 
 
 _CORE = ("numpy.core.", "numpy._core.")
-#: The only globals a CIFAR pickle may name: numpy's array and plain-number constructors
-#: (numpy 1.x and 2.x names), the array and dtype types, latin-1 byte strings as Python 3
-#: writes them in protocol 2, and plain containers. Any other name is refused before it is
-#: even imported.
+#: The only globals a CIFAR pickle may name (numpy 1.x and 2.x names); any other is refused
+#: before it is even imported.
 _ALLOWED_GLOBALS = {
     **{(m + "multiarray", "_reconstruct"): lambda: _numpy("multiarray", "_reconstruct")
        for m in _CORE},
-    **{(m + "multiarray", "scalar"): _numpy_scalar for m in _CORE},
-    **{(m + "numeric", "_frombuffer"): _numpy_frombuffer for m in _CORE},
+    **{(m + "multiarray", "scalar"): lambda: _plain_only("multiarray", "scalar", "scalar")
+       for m in _CORE},
+    **{(m + "numeric", "_frombuffer"): lambda: _plain_only("numeric", "_frombuffer", "array")
+       for m in _CORE},
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
     ("_codecs", "encode"): lambda: _latin1_encode,
@@ -81,9 +71,7 @@ class RefusedGlobal(pickle.UnpicklingError):
 
 
 class _DataUnpickler(pickle.Unpickler):
-    """Builds numpy arrays, plain numbers and containers, and nothing else: every global a
-    pickle names is looked up in :data:`_ALLOWED_GLOBALS` (``pickle.load`` would import and
-    call it, ``os.system`` included)."""
+    """Builds numpy arrays, plain numbers and containers, and nothing else."""
 
     def find_class(self, module: str, name: str):
         make = _ALLOWED_GLOBALS.get((module, name))
@@ -98,12 +86,7 @@ _OWN_BATCH = ("write your own batch as a dict of numpy arrays, lists and numbers
 
 
 def load_data_pickle(path: PathLike):
-    """The object in the CIFAR-style pickle ``path``, read without ever running code
-    (:class:`_DataUnpickler`; Python 2 strings become ``bytes``, as the official keys are).
-
-    Raises :class:`DataError` naming the file: missing, corrupt, or asking for a global
-    outside :data:`_ALLOWED_GLOBALS`.
-    """
+    """The object in a CIFAR-style pickle, read without running code (Python 2 str: bytes)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"missing dataset file {path}; put the official file there")
@@ -162,16 +145,23 @@ _MAT_ERRORS = (ValueError, TypeError, OSError, EOFError, KeyError, IndexError,
                NotImplementedError, zlib.error)
 
 
-def _svhn_mat(path: Path) -> Tuple[np.ndarray, np.ndarray]:
-    import scipy.io
+def _read_mat(path: Path, read: str):
+    """``scipy.io.<read>`` of an SVHN file (``loadmat`` of X and y, or ``whosmat``)."""
+    import scipy.io  # imported here: only SVHN needs scipy
 
-    if not path.is_file():
-        raise DataError(f"missing dataset file {path}; put the official file there")
     try:
-        m = scipy.io.loadmat(str(path), variable_names=["X", "y"])
+        if read == "whosmat":
+            return scipy.io.whosmat(str(path))
+        return scipy.io.loadmat(str(path), variable_names=["X", "y"])
     except _MAT_ERRORS as e:
         raise DataError(f"corrupt SVHN file {path}: not a complete MATLAB file ({e}); replace "
                         "it with the official file") from None
+
+
+def _svhn_mat(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise DataError(f"missing dataset file {path}; put the official file there")
+    m = _read_mat(path, "loadmat")
     if "X" not in m or "y" not in m:
         raise DataError(f"SVHN file {path} lacks the variables 'X' and 'y'; replace it with "
                         "the official file")
@@ -194,36 +184,19 @@ _LABEL_KEY = {"cifar10": b"labels", "cifar100": b"fine_labels"}
 
 
 def count_images(name: str, path: Path) -> int:
-    """Images in the data file ``path`` of ``name``, its layout checked (SVHN: from the
-    header, without loading its pixels)."""
+    """Images in the data file ``path`` of ``name`` (SVHN: from the header alone)."""
     if name != "svhn":
         return len(_cifar_batch(path, _LABEL_KEY[name], dataset_info(name).classes)[1])
-    import scipy.io  # imported here, as in _svhn_mat
-
-    try:
-        shapes = {var: shape for var, shape, _ in scipy.io.whosmat(str(path))}
-    except _MAT_ERRORS as e:
-        raise DataError(f"corrupt SVHN file {path}: not a complete MATLAB file ({e}); replace "
-                        "it with the official file") from None
+    shapes = {var: shape for var, shape, _ in _read_mat(path, "whosmat")}
     if len(shapes.get("X", ())) != 4:
         raise DataError(f"SVHN file {path} lacks a 4-d variable 'X' (32, 32, 3, N); replace "
                         "it with the official file")
     return int(shapes["X"][3])
 
 
-def _check_meta(path: Path) -> None:
-    """The label-name file, when present, must be data too: a folder holding a program in any
-    file is refused, not half used (its contents are not needed)."""
-    if path.is_file() and not isinstance(load_data_pickle(path), dict):
-        raise DataError(f"CIFAR label file {path} does not hold a dict; replace it with the "
-                        "official file")
-
-
 def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
-    """``x_train`` uint8 (N, 3, 32, 32), ``y_train`` int64 (N,), ``x_test``, ``y_test``
-    (SVHN: also ``x_extra``, ``y_extra``; label 10 becomes the digit 0; CIFAR-100: the fine
-    labels) from the extracted files of ``name`` in (or at) ``data_dir``. A missing,
-    corrupt or non-data file (the label file too) is one :class:`DataError` line."""
+    """``x_train`` uint8 (N, 3, 32, 32), ``y_train`` int64 (N,), ``x_test``, ``y_test`` (SVHN:
+    also ``x_extra``, ``y_extra``; CIFAR-100: the fine labels) of ``name`` in ``data_dir``."""
     info = dataset_info(name)
     folder = locate(name, data_dir) or Path(data_dir) / info.folder
     if name == "svhn":
@@ -231,11 +204,12 @@ def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
         for part in ("train", "extra", "test"):
             out[f"x_{part}"], out[f"y_{part}"] = _svhn_mat(folder / f"{part}_32x32.mat")
         return out
-    _check_meta(folder / ("batches.meta" if name == "cifar10" else "meta"))
-    ten = name == "cifar10"
+    meta = folder / ("batches.meta" if name == "cifar10" else "meta")  # unused, but data too
+    if meta.is_file() and not isinstance(load_data_pickle(meta), dict):
+        raise DataError(f"CIFAR label file {meta} does not hold a dict; replace it with the "
+                        "official file")
     parts = [_cifar_batch(folder / f, _LABEL_KEY[name], info.classes)
-             for f in ([f"data_batch_{i}" for i in range(1, 6)] if ten else ["train"])
-             + ["test_batch" if ten else "test"]]
+             for f in info.required]  # the training batches, then the test batch
     return {"x_train": np.concatenate([p[0] for p in parts[:-1]]),
             "y_train": np.concatenate([p[1] for p in parts[:-1]]),
             "x_test": parts[-1][0], "y_test": parts[-1][1]}

@@ -1,14 +1,7 @@
-"""CIFAR as image folders: ``train/<class>/`` and ``test/<class>/`` of PNG or JPEG files.
-
-The source is a folder (or its one subfolder) holding ``train/`` and ``test/``, or a
-``.tar``, ``.tar.gz``, ``.tar.xz`` or ``.zip`` of one. Nothing is extracted: every member is
-read into memory and checked (a path that leaves the folder or a link, a file too large or
-not a whole 32x32 RGB PNG/JPEG, an unknown or missing class, a count other than the
-dataset's) and refused in one line. The images are decoded once with Pillow into the arrays
-:func:`crmn.data.load_raw` gives and cached as ``<cache>/data/<sha256>.npz`` (the folder of
-:mod:`crmn.compile_cache`), keyed by the source's bytes and read back without pickles.
-Such data is never the official bytes: :func:`describe` names it, the run is unverified.
-"""
+"""CIFAR as image folders ``train/<class>/`` and ``test/<class>/`` of PNG or JPEG files, or a
+.tar/.tar.gz/.tar.xz/.zip of them. Nothing is extracted: every member is read into memory and
+checked (paths, links, sizes, whole 32x32 RGB images, classes, counts); the decoded arrays are
+cached as ``<cache>/data/<sha256>.npz``, read back without pickles. Never the official bytes."""
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +49,7 @@ _FORMAT = b"crmn image-folder cache 1"  # part of the cache key: a new layout, n
 
 
 def source(data_dir: PathLike) -> Optional[Path]:
-    """The image-folder source ``data_dir`` names: an archive, or the folder holding
-    ``train/`` and ``test/`` (``data_dir`` or one folder in it); None when it is neither."""
+    """The archive, or folder holding ``train/`` and ``test/`` (or one level down), else None."""
     path = Path(data_dir)
     if path.name.lower().endswith(ARCHIVES) and not path.is_dir():
         return path
@@ -82,8 +74,7 @@ _handed: Dict[Tuple, Dict[str, np.ndarray]] = {}
 
 
 def check(name: str, data_dir: PathLike, subset: Optional[int] = None) -> None:
-    """Load an image-folder source before any run directory exists, so that a refusal
-    creates nothing; the next :func:`load` of the same source takes these arrays."""
+    """Load an image source before a run folder exists, handing the arrays to the next load."""
     src = source(data_dir)
     if src is not None:
         _handed.clear()
@@ -97,9 +88,8 @@ def _held_key(name: str, src: Path, exact: bool) -> Tuple:
 
 
 def load(name: str, src: Path, exact: bool = True) -> Dict[str, np.ndarray]:
-    """``x_train`` uint8 (N, 3, 32, 32), ``y_train`` int64, ``x_test``, ``y_test`` of the
-    image source ``src``, from the cache or decoded (then cached); one line on stdout says
-    which and how long. ``exact``: the counts must be the dataset's (no ``--subset``)."""
+    """``x_train`` uint8 (N, 3, 32, 32), ``y_train`` int64, ``x_test``, ``y_test`` of ``src``,
+    cached or decoded; ``exact``: the counts must be the dataset's (no ``--subset``)."""
     if not src.exists():
         raise DataError(f"no such file or folder {src}; give an image folder or its archive "
                         "as --data-dir")
@@ -123,8 +113,6 @@ def load(name: str, src: Path, exact: bool = True) -> Dict[str, np.ndarray]:
           f"loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     return arrays
 
-
-# --- members: (path inside the source, bytes), every one checked --------------------------
 
 def _refuse(src: Path, member: str, why: str) -> DataError:
     return DataError(f"{src}: member {member!r} {why}; nothing was written: remove it, "
@@ -151,8 +139,7 @@ def _members(src: Path) -> Iterator[Tuple[str, bytes]]:
 
 
 def _entries(src: Path) -> Iterator[Tuple[str, str, int, Callable[[], bytes]]]:
-    """``(path, kind, size, read)`` of every entry of a folder, zip or tar (hidden files
-    and macOS resource forks are skipped by the caller); kind: file, dir, link, other."""
+    """``(path, kind, size, read)`` of every entry of a folder, zip or tar."""
     if src.is_dir():
         for top, dirs, files in os.walk(src):
             dirs.sort()
@@ -178,8 +165,7 @@ def _entries(src: Path) -> Iterator[Tuple[str, str, int, Callable[[], bytes]]]:
 
 
 def _place(src: Path, name: str, prefixes: set) -> Optional[Tuple[str, str]]:
-    """``(split, class)`` of an image at ``[folder/]split/class/file``; None for other files
-    outside ``train/`` and ``test/`` (a README)."""
+    """``(split, class)`` of an image at ``[folder/]split/class/file``; None outside the splits."""
     parts = PurePosixPath(name).parts
     i = 0 if parts[0] in SPLITS else 1
     if len(parts) <= i or parts[i] not in SPLITS:
@@ -192,11 +178,8 @@ def _place(src: Path, name: str, prefixes: set) -> Optional[Tuple[str, str]]:
     return parts[i], parts[i + 1]
 
 
-# --- decoding --------------------------------------------------------------------------------
-
 def _decode(name: str, src: Path, exact: bool) -> Dict[str, np.ndarray]:
-    """All images of ``src``, checked, in (split, label, path) order: equal arrays for a
-    folder and its archive."""
+    """All images of ``src``, checked, in (split, label, path) order (folder = its archive)."""
     classes = {c: i for i, c in enumerate(CLASSES[name])}
     found: Dict[str, List[Tuple[int, str, bytes]]] = {s: [] for s in SPLITS}
     prefixes: set = set()
@@ -233,8 +216,7 @@ def _decode(name: str, src: Path, exact: bool) -> Dict[str, np.ndarray]:
 
 @contextlib.contextmanager
 def _pillow_limits():
-    """Pillow's module, with its pixel limit at one 32x32 image and truncated files refused,
-    for the time of the decoding only."""
+    """Pillow, with its pixel limit at one 32x32 image and truncated files refused, meanwhile."""
     from PIL import Image, ImageFile
 
     saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
@@ -269,11 +251,8 @@ def _check_counts(name: str, src: Path, counts: Dict[str, int], exact: bool) -> 
                             "quick look on N training images")
 
 
-# --- the cache ---------------------------------------------------------------------------
-
 def _key(name: str, src: Path) -> str:
-    """sha256 over the format, the dataset and the source's bytes (a folder's: every member
-    path and its bytes, sorted)."""
+    """sha256 over the format, the dataset and the source's bytes (a folder's: every member)."""
     h = hashlib.sha256(_FORMAT + b"\0" + name.encode() + b"\0")
     if src.is_dir():
         for member, blob in _members(src):
@@ -295,8 +274,7 @@ def _warn(message: str) -> None:
 
 
 def _cache_path(key: str) -> Optional[Path]:
-    """``<cache>/data/<key>.npz``, or None (one warning) where the cache folder may not be
-    used (:func:`crmn.compile_cache.folder_problem`)."""
+    """``<cache>/data/<key>.npz``, or None (one warning) where the cache folder may not be used."""
     root, chosen = compile_cache.folder()
     problem = compile_cache.folder_problem(root, chosen)
     if problem is None:

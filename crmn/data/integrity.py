@@ -1,15 +1,8 @@
-"""Is a dataset folder the official one? Data supplied by hand is checked like a download.
-
-A downloaded archive is checked by its MD5 before it is unpacked (:mod:`crmn.data.sources`).
-An extracted folder found on disk is checked file by file (:func:`verify_folder`): every
-official file present, each with its official MD5 (from the raw bytes, before anything parses
-it), and, for a file that differs, its image count, so that a truncated file is named as such.
-A mismatch is one line unless ``unverified=True`` (``--unverified-data``): then the folder is
-used unchecked and :func:`provenance` says ``"unverified"``, as for image folders (never the
-official bytes); fake data says ``"fake"``. A passed check leaves a stamp (:data:`STAMP`: each
-file's size, mtime and expected MD5), trusted while they match (it guards against accidents,
-not forgery); a read-only folder is re-checked once per process (:data:`_checked`).
-"""
+"""Is a dataset folder the official one? A folder found on disk is checked file by file: each
+official file's MD5 from its raw bytes before anything parses it (and, where it differs, its
+image count, to name a truncated file). A passed check leaves a stamp (:data:`STAMP`: size,
+mtime, expected MD5 per file), trusted while they match: it guards against accidents, not
+forgery. ``--unverified-data`` uses a differing folder as it is."""
 from __future__ import annotations
 
 import json
@@ -24,9 +17,7 @@ from crmn.data.sources import (DatasetInfo, PathLike, _md5, by_hand, dataset_inf
 from crmn.errors import DataError
 from crmn.runlog import replace_file
 
-#: File written into a folder after it passed :func:`verify_folder`.
 STAMP = ".crmn-verified.json"
-#: The command-line flag that passes ``unverified=True`` (named in refusals).
 UNVERIFIED_FLAG = "--unverified-data"
 #: (resolved folder, signature) pairs checked by this process, for folders without a stamp.
 _checked: Set[Tuple[str, str]] = set()
@@ -35,13 +26,7 @@ _checked: Set[Tuple[str, str]] = set()
 def ensure_downloaded(name: str, data_dir: PathLike, progress: bool = True,
                       mirror: Optional[str] = None, timeout: float = 60.0,
                       unverified: bool = False) -> Path:
-    """The checked folder of dataset ``name`` (``data_dir/<folder>`` or ``data_dir``).
-
-    A folder found on disk is checked (:func:`provenance`) and used, nothing downloaded;
-    else :func:`crmn.data.sources.fetch` downloads into ``data_dir`` (from ``mirror`` or
-    ``$CRMN_DATA_MIRROR`` if given; ``timeout``: seconds a connection may stay silent), and
-    the folder, unpacked from archives whose MD5 matched, is stamped as checked.
-    """
+    """The folder of dataset ``name``: found on disk and checked, or downloaded and stamped."""
     info = dataset_info(name)
     data_dir = Path(data_dir)
     folder = locate(name, data_dir)
@@ -54,10 +39,7 @@ def ensure_downloaded(name: str, data_dir: PathLike, progress: bool = True,
 
 
 def provenance(name: str, data_dir: PathLike, unverified: bool = False) -> str:
-    """``"official"`` (checked now or stamped), ``"fake"``, or ``"unverified"`` (image
-    folders, or ``unverified`` and no valid stamp): where the data of ``name`` come from.
-    Nothing is downloaded; no data, or a folder that differs while ``unverified`` is False,
-    is a :class:`DataError` (naming every place looked at, or the file)."""
+    """``"official"``, ``"fake"`` or ``"unverified"``: where the data come from (no download)."""
     info = dataset_info(name)
     if images.source(data_dir) is not None:
         return "unverified"  # decoded images are never the official bytes
@@ -71,24 +53,29 @@ def provenance(name: str, data_dir: PathLike, unverified: bool = False) -> str:
 def _provenance_of(info: DatasetInfo, folder: Path, unverified: bool) -> str:
     if (folder / FAKE_MARKER).is_file():
         return "fake"
-    if _is_checked(folder, info):
-        return "official"
-    if unverified:
+    if unverified and not _is_checked(folder, info):
         return "unverified"
-    verify_folder(info.name, folder)
+    verify_folder(info.name, folder)  # at once when stamped
     return "official"
 
 
 def verify_folder(name: str, folder: PathLike) -> None:
-    """Check an extracted folder against the official files of ``name`` (see the module
-    docstring) and stamp it; the first file that differs is one :class:`DataError` line."""
+    """Check an extracted folder against the official files of ``name`` and stamp it."""
     info = dataset_info(name)
     folder = Path(folder)
-    _check_present(info, folder)
+    missing = [f for f, _ in info.files if not (folder / f).is_file()]
+    if missing:
+        names = ",".join(f for f, _ in info.files)
+        raise DataError(f"{folder} is not the complete official {info.name} folder: it lacks "
+                        f"{', '.join(missing)} (official files: {folder}/{{{names}}}); add "
+                        f"them, or pass {UNVERIFIED_FLAG} to use the data as it is")
     if _is_checked(folder, info):
         return
     before = _signature(folder, info)
-    _check_md5s(info, folder)
+    for fname, official in info.files:  # every MD5 from the raw bytes, before any parsing
+        got = _md5(folder / fname)
+        if got != official:
+            _explain_mismatch(info, folder, fname, got, official)
     if _signature(folder, info) == before:  # nothing changed while it was read
         _mark_checked(folder, info)
 
@@ -98,27 +85,8 @@ def _refusal(what: str) -> str:
             "to use the data as it is")
 
 
-def _check_present(info: DatasetInfo, folder: Path) -> None:
-    missing = [f for f, _ in info.files if not (folder / f).is_file()]
-    if missing:
-        names = ",".join(f for f, _ in info.files)
-        raise DataError(f"{folder} is not the complete official {info.name} folder: it lacks "
-                        f"{', '.join(missing)} (official files: {folder}/{{{names}}}); add "
-                        f"them, or pass {UNVERIFIED_FLAG} to use the data as it is")
-
-
-def _check_md5s(info: DatasetInfo, folder: Path) -> None:
-    """Every official file's MD5, from its raw bytes, before any of them is parsed."""
-    for fname, official in info.files:
-        got = _md5(folder / fname)
-        if got != official:
-            _explain_mismatch(info, folder, fname, got, official)
-
-
-def _explain_mismatch(info: DatasetInfo, folder: Path, fname: str, got: str,
-                      official: str) -> None:
-    """Refuse ``fname``, whose MD5 differs: by its image count when that differs too (read
-    as an unverified folder is, running no code)."""
+def _explain_mismatch(info: DatasetInfo, folder: Path, fname: str, got: str, official: str):
+    """Refuse ``fname``, whose MD5 differs: by its image count when that differs too."""
     count = dict(info.images).get(fname)
     if count is not None:
         n = count_images(info.name, folder / fname)
@@ -129,16 +97,10 @@ def _explain_mismatch(info: DatasetInfo, folder: Path, fname: str, got: str,
                              f"(same name, different bytes: re-packed or altered)"))
 
 
-# --------------------------------------------------------------------------------------------
-# The stamp: checked once, then trusted while size and modification time stay the same
-
 def _signature(folder: Path, info: DatasetInfo) -> Dict[str, List]:
     """``{file: [size, mtime_ns, expected MD5]}``; the expected MD5 ties it to the table."""
-    sig = {}
-    for fname, md5 in info.files:
-        st = (folder / fname).stat()
-        sig[fname] = [st.st_size, st.st_mtime_ns, md5]
-    return sig
+    stats = {fname: (folder / fname).stat() for fname, _ in info.files}
+    return {f: [stats[f].st_size, stats[f].st_mtime_ns, md5] for f, md5 in info.files}
 
 
 def _key(folder: Path, sig: Dict[str, List]) -> Tuple[str, str]:
@@ -146,7 +108,6 @@ def _key(folder: Path, sig: Dict[str, List]) -> Tuple[str, str]:
 
 
 def _is_checked(folder: Path, info: DatasetInfo) -> bool:
-    """True when this process or a valid stamp says ``folder`` passed its checks."""
     try:
         sig = _signature(folder, info)
     except OSError:  # an official file is missing: not checked

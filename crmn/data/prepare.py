@@ -1,11 +1,6 @@
-"""Preprocessing and the seeded validation split: one dataset becomes a :class:`Split`.
-
-CIFAR (section 4.2): ``x / 255`` minus the per-channel mean pixel of the training images
-actually used (the 90 % of the search run, all of them in the final run: held-out images
-never leak into it). SVHN: ``train`` + ``extra`` for training, ``x / 255`` then per-image
-global contrast normalisation. The float32 arrays are built chunk by chunk into their final
-buffers (no float64 copy of a whole set): SVHN's final run peaks near 10 GB.
-"""
+"""Preprocessing (section 4.2) and the seeded validation split: a dataset becomes a
+:class:`Split`. The float32 arrays are built chunk by chunk into their final buffers (no
+float64 copy of a whole set)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,14 +14,12 @@ from crmn.data.integrity import ensure_downloaded, provenance
 from crmn.data.sources import PathLike, dataset_info, locate
 from crmn.errors import ConfigError, DataError
 
-#: Images in the SVHN validation set of the search run (section 4.2: "a random sub-set of
-#: a total of 5000 images from the training and extra sets").
+#: Images in the SVHN validation set of the search run (section 4.2).
 SVHN_VAL_IMAGES = 5000
 #: Floor of the per-image standard deviation in global contrast normalisation, in [0, 1]
 #: pixel units: below 1/100 an image is flat and dividing would only amplify its noise.
 GCN_MIN_STD = 1e-2
-#: Images converted to float32 at a time by :func:`prepare` (bounds the temporaries).
-_CHUNK = 4096
+_CHUNK = 4096  # images converted to float32 at a time (bounds the temporaries)
 
 
 class Split(NamedTuple):
@@ -40,9 +33,8 @@ class Split(NamedTuple):
 
 
 def global_contrast_normalize(x: np.ndarray) -> np.ndarray:
-    """Per-image global contrast normalisation (section 4.2, SVHN; Goodfellow et al. 2013):
-    float32 (B, C, H, W) in [0, 1], each image minus its mean over all C·H·W values, divided
-    by their standard deviation floored at :data:`GCN_MIN_STD`."""
+    """Per-image global contrast normalisation (section 4.2, SVHN; Goodfellow et al. 2013) of
+    float32 (B, C, H, W) in [0, 1]: minus its mean, over its std floored at GCN_MIN_STD."""
     mean = x.mean(axis=(1, 2, 3), keepdims=True, dtype=np.float64)
     std = x.std(axis=(1, 2, 3), keepdims=True, dtype=np.float64)
     scale = 1.0 / np.maximum(std, GCN_MIN_STD)
@@ -73,10 +65,7 @@ _SPLIT_KEY = 0x53504C54  # "SPLT": keys the split's random stream apart from the
 
 def split_indices(n: int, n_val: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
     """Seeded disjoint sorted (train, val) index sets of ``range(n)``, ``n_val`` in val.
-
-    Keyed ``[_SPLIT_KEY, seed]``: ``default_rng(seed)`` would equal the sampler's
-    ``default_rng([seed, 0])`` (SeedSequence ignores trailing zeros), sharing its numbers.
-    """
+    Keyed apart: ``default_rng(seed)`` would equal the sampler's ``default_rng([seed, 0])``."""
     perm = np.random.default_rng([_SPLIT_KEY, seed]).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
@@ -84,19 +73,9 @@ def split_indices(n: int, n_val: int, seed: int) -> Tuple[np.ndarray, np.ndarray
 def prepare(name: str, data_dir: PathLike, phase: str, seed: int, val_fraction: float = 0.1,
             download: bool = True, progress: bool = True, unverified: bool = False,
             subset: Optional[int] = None) -> Split:
-    """Normalised training and evaluation arrays of one phase (docs/spec.md §5).
-
-    ``phase`` "search" trains on a seeded ``1 - val_fraction`` share of the training set
-    and evaluates on the rest ("val"; SVHN holds out ``min(5000, val_fraction · N)`` of
-    train + extra); "final" trains on all of it and evaluates on the test set ("test").
-    ``download`` fetches missing files first (else they are a :class:`DataError`);
-    ``unverified`` uses a folder that differs from the official files (``--unverified-data``).
-    ``data_dir`` may also be an image-folder source (:mod:`crmn.data.images`). ``subset``
-    (``--subset N``, a quick look): N training images drawn class-balanced with a fixed
-    seed, and a proportional share of the test images, at least one per class.
-    CIFAR: ``x/255`` minus the per-channel mean pixel of the training images used; SVHN:
-    ``x/255`` with per-image global contrast normalisation.
-    """
+    """Normalised arrays of one phase (docs/spec.md §5): "search" holds out a seeded
+    ``val_fraction`` ("val"; SVHN at most 5000), "final" evaluates on the test set. ``subset``
+    (``--subset N``): N class-balanced training images and a proportional share of the test."""
     dataset_info(name)  # an unknown name is a ConfigError
     if phase not in ("search", "final"):
         raise ConfigError(f"unknown phase {phase!r}; expected 'search' or 'final'")
@@ -129,9 +108,8 @@ def prepare(name: str, data_dir: PathLike, phase: str, seed: int, val_fraction: 
         train_idx, eval_idx = pool, test_pool
         eval_parts, eval_labels, eval_name = [raw.pop("x_test")], raw["y_test"], "test"
     fn = _normalizer(name, train_parts, train_idx)
-    train_x = _build(train_parts, train_idx, fn)
-    eval_x = _build(eval_parts, eval_idx, fn)
-    return Split(train_x, train_labels[train_idx], eval_x, eval_labels[eval_idx], eval_name)
+    return Split(_build(train_parts, train_idx, fn), train_labels[train_idx],
+                 _build(eval_parts, eval_idx, fn), eval_labels[eval_idx], eval_name)
 
 
 _SUBSET_KEY = 0x53554253  # "SUBS": the subset is the same for every seed
@@ -153,7 +131,6 @@ def _balanced(labels: np.ndarray, k: int, where: Path, what: str) -> np.ndarray:
 
 def _search_split(name: str, where: Path, n: int, seed: int,
                   val_fraction: float) -> Tuple[np.ndarray, np.ndarray]:
-    """(train, val) indices of the search phase; SVHN holds out at most SVHN_VAL_IMAGES."""
     n_val = int(round(val_fraction * n))
     if name == "svhn":
         n_val = min(SVHN_VAL_IMAGES, n_val)
@@ -165,19 +142,11 @@ def _search_split(name: str, where: Path, n: int, seed: int,
 
 def _normalizer(name: str, train_parts: List[np.ndarray],
                 train_idx: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """The uint8 -> float32 map of ``name`` (section 4.2), fitted on the rows ``train_idx``."""
+    """uint8 -> float32 (section 4.2), fitted on the training rows only (no held-out leak)."""
     if name == "svhn":
-        def fn(u):
-            return global_contrast_normalize(u.astype(np.float32) * np.float32(1 / 255))
-        return fn
-    # mean pixel of the training images used, accumulated in float64 (section 4.2)
+        return lambda u: global_contrast_normalize(u.astype(np.float32) * np.float32(1 / 255))
     total = np.zeros(3, dtype=np.float64)
     for s in range(0, len(train_idx), _CHUNK):
-        total += _take(train_parts, train_idx[s:s + _CHUNK]).sum(axis=(0, 2, 3),
-                                                                 dtype=np.float64)
-    mean = (total / (len(train_idx) * 32 * 32 * 255.0)).astype(np.float32)
-    mean = mean.reshape(1, 3, 1, 1)
-
-    def fn(u):
-        return u.astype(np.float32) * np.float32(1 / 255) - mean
-    return fn
+        total += _take(train_parts, train_idx[s:s + _CHUNK]).sum((0, 2, 3), dtype=np.float64)
+    mean = (total / (len(train_idx) * 32 * 32 * 255.0)).astype(np.float32).reshape(1, 3, 1, 1)
+    return lambda u: u.astype(np.float32) * np.float32(1 / 255) - mean

@@ -1,13 +1,6 @@
-"""The batch sampler that both stacks draw from (docs/spec.md §4, §6).
-
-:class:`BatchSampler` draws every random choice of an epoch (order, crop offsets, flips) from
-``np.random.default_rng([seed, epoch])`` in :meth:`BatchSampler.plan` and applies it with one
-vectorised gather per batch: zero padding by ``pad`` pixels (after normalisation, so padding
-is the mean image in CIFAR and 0 after GCN in SVHN) and a 32 × 32 crop at ``(dy, dx)``,
-mirrored when planned. A seed therefore means the same batches in both stacks, across a
-resumed run, and on a GPU that applies the :class:`EpochPlan` itself.
-:func:`iterate_eval` gives the in-order evaluation batches.
-"""
+"""The batch sampler both stacks draw from (docs/spec.md §4, §6): every random choice of an
+epoch comes from ``default_rng([seed, epoch])``, so a seed means the same batches in both
+stacks, across a resumed run, and on a GPU that applies the :class:`EpochPlan` itself."""
 from __future__ import annotations
 
 from typing import Iterator, NamedTuple, Tuple
@@ -19,14 +12,9 @@ from crmn.errors import ConfigError
 
 
 class EpochPlan(NamedTuple):
-    """Every random choice of one epoch; entry ``j`` belongs to the image ``order[j]``.
-
-    Batch ``i`` is positions ``i·B .. (i+1)·B - 1`` (B the batch size); positions past the
-    last full batch are drawn but unused, so the plan does not depend on B. Position ``j``
-    yields ``P[:, dy[j]:dy[j]+H, dx[j]:dx[j]+W]`` of ``P = x[order[j]]`` zero-padded by
-    ``pad`` on each side, columns reversed when ``flip[j]``: a GPU port applies exactly
-    this (e.g. with one batched gather over device-resident images) to get the same batches.
-    """
+    """Every random choice of one epoch, independent of the batch size: position ``j`` yields
+    ``P[:, dy[j]:dy[j]+H, dx[j]:dx[j]+W]`` of ``P = x[order[j]]`` zero-padded by ``pad``,
+    columns reversed when ``flip[j]``; batch ``i`` is positions ``i·B .. (i+1)·B - 1``."""
 
     epoch: int
     order: np.ndarray  # int64 (N,): a permutation of the training images
@@ -36,17 +24,8 @@ class EpochPlan(NamedTuple):
 
 
 class BatchSampler:
-    """Shuffled, padded-and-cropped training batches, deterministic in (seed, epoch).
-
-    Parameters
-    ----------
-    x : float32 (N, C, H, W), normalised images (padding adds zeros *after* normalisation)
-    y : int64 (N,)
-    batch_size : images per batch; the last incomplete batch of an epoch is dropped
-    seed : with the epoch number, keys ``np.random.default_rng([seed, epoch])``
-    pad : zero padding per side before the random H × W crop (docs/spec.md §4: 4)
-    flip : random horizontal flips with probability 1/2 (off in the paper)
-    """
+    """Shuffled, padded-and-cropped batches of normalised float32 (N, C, H, W) ``x`` (zeros
+    padded after normalisation), the last incomplete one dropped; ``flip``: off in the paper."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int,
                  pad: int = 4, flip: bool = False):
@@ -55,15 +34,13 @@ class BatchSampler:
         if y.shape != (len(x),):
             raise ValueError(f"y must have shape ({len(x)},), got {y.shape}")
         if batch_size < 1 or batch_size > len(x):
-            raise ConfigError(f"batch size {batch_size} does not fit {len(x)} training "
-                              f"images")
+            raise ConfigError(f"batch size {batch_size} does not fit {len(x)} training images")
         if pad < 0:
             raise ConfigError(f"crop padding must be >= 0, got {pad}")
         self.x, self.y = x, np.asarray(y, dtype=np.int64)
         self.batch_size, self.seed, self.pad, self.flip = batch_size, seed, pad, flip
 
     def __len__(self) -> int:
-        """Full batches per epoch."""
         return len(self.x) // self.batch_size
 
     def plan(self, epoch: int) -> EpochPlan:
@@ -78,9 +55,7 @@ class BatchSampler:
         return EpochPlan(epoch, order, dy, dx, flip)
 
     def batch(self, plan: EpochPlan, i: int) -> Tuple[np.ndarray, np.ndarray]:
-        """Batch ``i`` of ``plan``: ``(xb float32 (B, C, H, W), yb int64 (B,))``, gathered
-        in one indexing of a strided view of all windows of the zero-padded batch (faster
-        than a flat index per pixel); planned flips reverse the columns of their images."""
+        """Batch ``i`` of ``plan``, gathered in one indexing of a strided view of all windows."""
         if not 0 <= i < len(self):
             raise IndexError(f"batch {i} outside 0..{len(self) - 1}")
         b, p = self.batch_size, self.pad
@@ -98,7 +73,6 @@ class BatchSampler:
         return xb, self.y[idx]
 
     def epoch(self, epoch: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-        """The ``len(self)`` batches of ``epoch`` in order (see :meth:`plan`)."""
         plan = self.plan(epoch)
         for i in range(len(self)):
             yield self.batch(plan, i)

@@ -1,9 +1,6 @@
-"""Where the datasets come from: descriptions, download with lock and retries, extraction.
+"""Where the datasets come from (:data:`DATASETS`), and their download and extraction.
 
-:data:`DATASETS` describes each dataset once (official URL, archives and their MD5s, the
-extracted folder, each file's MD5 and image count). :func:`locate` finds an extracted folder;
-:func:`fetch` downloads what is missing (or from ``$CRMN_DATA_MIRROR``) and unpacks it. A
-download goes to ``<file>.part`` and is renamed only after its MD5 matches, so a file at its
+A download goes to ``<file>.part`` and is renamed only after its MD5 matches, so a file at its
 final name is never downloaded again nor deleted; runs sharing ``data_dir`` take turns.
 """
 from __future__ import annotations
@@ -34,8 +31,7 @@ PathLike = Union[str, Path]
 
 #: a base URL (http, https or file) replacing every official one: ``<base URL>/<file name>``
 MIRROR_ENV = "CRMN_DATA_MIRROR"
-#: Network failures are retried this many times in all, waiting _RETRY_WAIT_S × attempt.
-_ATTEMPTS = 3
+_ATTEMPTS = 3  # network tries in all, waiting _RETRY_WAIT_S × attempt between them
 _RETRY_WAIT_S = 2.0
 
 
@@ -47,7 +43,6 @@ class DatasetInfo:
     base_url: str  # official location; each archive is base_url + file name
     archives: Tuple[Tuple[str, str], ...]  # (file name, published MD5) per download
     folder: str  # folder under data_dir holding the usable files
-    required: Tuple[str, ...]  # files that folder must contain
     extract: bool  # True: archives are .tar.gz beside the folder; False: they are the files
     files: Tuple[Tuple[str, str], ...]  # (file name, official MD5) of every extracted file
     images: Tuple[Tuple[str, int], ...]  # (file name, official image count) per data file
@@ -56,23 +51,24 @@ class DatasetInfo:
     def classes(self) -> int:
         return DATASET_CLASSES[self.name]
 
+    @property
+    def required(self) -> Tuple[str, ...]:
+        """The data files a run reads, which the folder must contain."""
+        return tuple(f for f, _ in self.images)
+
 
 #: SVHN's downloads are its data files: one table serves as both.
 _SVHN_FILES = (("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373"),
                ("test_32x32.mat", "eb5a983be6a315427106f1b164d9cef3"),
                ("extra_32x32.mat", "a93ce644f1a588dc4d68dda5feec44a7"))
 
-#: The official sources. CIFAR's archive MD5s are published on its page; SVHN's page
-#: publishes none (these are the widely used ones); the MD5s of the files inside the CIFAR
-#: archives are those torchvision checks; the image counts are the published sizes.
+#: CIFAR's archive MD5s are published on its page, SVHN's are the widely used ones; those of
+#: the files inside the CIFAR archives are torchvision's; the counts are the published sizes.
 DATASETS: Dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo(
-        name="cifar10",
-        base_url="https://www.cs.toronto.edu/~kriz/",
+        name="cifar10", base_url="https://www.cs.toronto.edu/~kriz/",
         archives=(("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
-        folder="cifar-10-batches-py",
-        required=tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
-        extract=True,
+        folder="cifar-10-batches-py", extract=True,
         files=(("data_batch_1", "c99cafc152244af753f735de768cd75f"),
                ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
                ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
@@ -80,37 +76,24 @@ DATASETS: Dict[str, DatasetInfo] = {
                ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb"),
                ("test_batch", "40351d587109b95175f43aff81a1287e"),
                ("batches.meta", "5ff9c542aee3614f3951f8cda6e48888")),
-        images=tuple((f"data_batch_{i}", 10000) for i in range(1, 6))
-        + (("test_batch", 10000),),
-    ),
+        images=(*((f"data_batch_{i}", 10000) for i in range(1, 6)), ("test_batch", 10000))),
     "cifar100": DatasetInfo(
-        name="cifar100",
-        base_url="https://www.cs.toronto.edu/~kriz/",
+        name="cifar100", base_url="https://www.cs.toronto.edu/~kriz/",
         archives=(("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),),
-        folder="cifar-100-python",
-        required=("train", "test"),
-        extract=True,
+        folder="cifar-100-python", extract=True,
         files=(("train", "16019d7e3df5f24257cddd939b257f8d"),
                ("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),
                ("meta", "7973b15100ade9c7d40fb424638fde48")),
-        images=(("train", 50000), ("test", 10000)),
-    ),
+        images=(("train", 50000), ("test", 10000))),
     "svhn": DatasetInfo(
-        name="svhn",
-        base_url="http://ufldl.stanford.edu/housenumbers/",
-        archives=_SVHN_FILES,
-        folder="svhn",
-        required=("train_32x32.mat", "test_32x32.mat", "extra_32x32.mat"),
-        extract=False,
-        files=_SVHN_FILES,
+        name="svhn", base_url="http://ufldl.stanford.edu/housenumbers/", archives=_SVHN_FILES,
+        folder="svhn", extract=False, files=_SVHN_FILES,
         images=(("train_32x32.mat", 73257), ("test_32x32.mat", 26032),
-                ("extra_32x32.mat", 531131)),
-    ),
+                ("extra_32x32.mat", 531131))),
 }
 
 
 def dataset_info(name: str) -> DatasetInfo:
-    """The :data:`DATASETS` entry of ``name``; an unknown name is a :class:`ConfigError`."""
     try:
         return DATASETS[name]
     except KeyError:
@@ -119,30 +102,18 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _missing(folder: Path, info: DatasetInfo) -> List[str]:
     return [f for f in info.required if not (folder / f).is_file()]
 
 
-# --------------------------------------------------------------------------------------------
-# Where the files are, and where a user can put them
-
-def _candidates(info: DatasetInfo, data_dir: Path) -> Tuple[Path, Path]:
-    """Where the extracted files may be: ``data_dir/<folder>``, or ``data_dir`` itself."""
-    return data_dir / info.folder, data_dir
-
-
 def locate(name: str, data_dir: PathLike) -> Optional[Path]:
-    """The folder holding every file a run reads of ``name`` (:func:`_candidates`), or None.
-    Only presence is checked here; :func:`crmn.data.verify_folder` checks contents."""
+    """The folder holding every file a run reads of ``name`` (presence only), or None."""
     info = dataset_info(name)
-    for folder in _candidates(info, Path(data_dir)):
+    for folder in (Path(data_dir) / info.folder, Path(data_dir)):  # or the folder itself
         if folder.is_dir() and not _missing(folder, info):
             return folder
     return None
@@ -151,7 +122,7 @@ def locate(name: str, data_dir: PathLike) -> Optional[Path]:
 def looked_in(info: DatasetInfo, data_dir: Path) -> str:
     """Every place :func:`locate` and :func:`fetch` look, with what each lacks (one line)."""
     parts = []
-    for folder in _candidates(info, data_dir):
+    for folder in (data_dir / info.folder, data_dir):
         missing = _missing(folder, info) if folder.is_dir() else None
         state = ("no such folder" if missing is None else
                  "has all files" if not missing else f"lacks {', '.join(missing)}")
@@ -165,19 +136,14 @@ def looked_in(info: DatasetInfo, data_dir: Path) -> str:
 def by_hand(info: DatasetInfo, data_dir: Path) -> str:
     """How to supply ``info``'s files without a download (one clause naming the paths)."""
     files = f"{data_dir / info.folder}/{{{','.join(f for f, _ in info.files)}}}"
-    if info.extract:
-        put = (f"put the official archive at {data_dir / info.archives[0][0]} or its "
-               f"extracted folder at {files}")
-    else:
-        put = f"put the official files at {files}"
-    put += " (or give that folder as --data-dir)"
+    put = (f"put the official archive at {data_dir / info.archives[0][0]} or its extracted "
+           f"folder at {files}" if info.extract else f"put the official files at {files}")
     served = ", ".join(f for f, _ in info.archives)
-    return (f"{put}, or set {MIRROR_ENV} to a base URL (https://, http:// or file://) "
-            f"serving {served}")
+    return (f"{put} (or give that folder as --data-dir), or set {MIRROR_ENV} to a base URL "
+            f"(https://, http:// or file://) serving {served}")
 
 
 def _kept(info: DatasetInfo, data_dir: Path) -> str:
-    """Message tail for a bad file on disk: it stays, and the offline ways forward."""
     return (f"the file is kept: delete it to download it again, or {by_hand(info, data_dir)}")
 
 
@@ -194,14 +160,9 @@ def _ensure_writable(data_dir: Path) -> None:
                         f"{e.strerror or e}; choose another --data-dir") from None
 
 
-# --------------------------------------------------------------------------------------------
-# Download
-
 def _download(url: str, target: Path, md5: str, progress: bool, timeout: float,
               hint: str = "") -> None:
-    """Stream ``url`` into ``<target>.part``, check its length and MD5, then rename it. A
-    failed check removes the ``.part`` file only; network failures are retried. ``hint``
-    ends every error message (where else the files may come from)."""
+    """Stream ``url`` to ``<target>.part``, check its length and MD5, then rename it."""
     part = target.with_name(target.name + ".part")
     for attempt in range(1, _ATTEMPTS + 1):
         try:
@@ -247,8 +208,7 @@ def _fetch(url: str, part: Path, progress: bool, timeout: float) -> None:
 
 @contextlib.contextmanager
 def _download_lock(data_dir: Path, info: DatasetInfo, progress: bool):
-    """Hold ``data_dir/.<name>.lock`` (``flock``: dropped when its holder dies) so that two
-    runs never write the same ``.part`` file; the second waits, then finds the data there."""
+    """Hold ``data_dir/.<name>.lock`` (``flock``) so two runs never write the same file."""
     path = data_dir / f".{info.name}.lock"
     with open(path, "a") as f:
         try:
@@ -258,14 +218,8 @@ def _download_lock(data_dir: Path, info: DatasetInfo, progress: bool):
                 print(f"waiting for another process to finish downloading {info.name} into "
                       f"{data_dir} (lock {path})", file=sys.stderr, flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield  # closing the file drops the lock
 
-
-# --------------------------------------------------------------------------------------------
-# Extraction
 
 def _safe_extractall(tar: tarfile.TarFile, dest: Path, archive: Path, tail: str) -> None:
     """Extract refusing members that would land outside ``dest`` (absolute, ``..``, links)."""
@@ -283,8 +237,8 @@ def _safe_extractall(tar: tarfile.TarFile, dest: Path, archive: Path, tail: str)
 
 
 def _extract(archive: Path, data_dir: Path, info: DatasetInfo) -> None:
-    """Unpack ``archive`` into a scratch folder, then move its files into ``info.folder``:
-    an interrupted or corrupt extraction leaves no half-filled folder that looks complete."""
+    """Unpack into a scratch folder, then move the files into ``info.folder``: a failed
+    extraction leaves no half-filled folder that looks complete."""
     tail = _kept(info, data_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".extract-{info.folder}-", dir=data_dir))
     try:
@@ -306,13 +260,9 @@ def _extract(archive: Path, data_dir: Path, info: DatasetInfo) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-# --------------------------------------------------------------------------------------------
-# The whole fetch
-
 def fetch(info: DatasetInfo, data_dir: Path, mirror: Optional[str], progress: bool,
           timeout: float) -> Path:
-    """Download and unpack what ``data_dir`` lacks of ``info`` (under the lock); return the
-    folder. A ``data_dir`` holding part of the extracted files is refused, not written to."""
+    """Download and unpack what ``data_dir`` lacks of ``info`` (under the lock)."""
     folder = data_dir / info.folder
     own = _missing(data_dir, info) if data_dir.is_dir() else info.required
     if len(own) < len(info.required):
@@ -321,25 +271,17 @@ def fetch(info: DatasetInfo, data_dir: Path, mirror: Optional[str], progress: bo
                         f"folder to download into; nothing was written to {data_dir}")
     _ensure_writable(data_dir)
     with _download_lock(data_dir, info, progress):
-        if not _missing(folder, info):  # another process finished it while we waited
-            return folder
-        return _download_and_extract(info, data_dir, folder, mirror, progress, timeout)
-
-
-def _base_url(info: DatasetInfo, mirror: Optional[str]) -> Tuple[str, str]:
-    """(base URL, where it came from) — the argument, ``$CRMN_DATA_MIRROR``, or official."""
-    if mirror:
-        return mirror, ""
-    if os.environ.get(MIRROR_ENV):
-        return os.environ[MIRROR_ENV], f" (base URL from ${MIRROR_ENV})"
-    return info.base_url, ""
+        if _missing(folder, info):  # else another process finished it while we waited
+            _download_and_extract(info, data_dir, folder, mirror, progress, timeout)
+    return folder
 
 
 def _download_and_extract(info: DatasetInfo, data_dir: Path, folder: Path,
-                          mirror: Optional[str], progress: bool, timeout: float) -> Path:
-    """Download each missing archive of ``info``, check those already there (a file put
-    there by hand is hashed, never deleted), extract."""
-    base, origin = _base_url(info, mirror)
+                          mirror: Optional[str], progress: bool, timeout: float) -> None:
+    """Download each missing archive, check those already there (never deleting them), extract."""
+    env = os.environ.get(MIRROR_ENV) if not mirror else None
+    base = mirror or env or info.base_url
+    origin = f" (base URL from ${MIRROR_ENV})" if env else ""
     hint = (f"{origin}; looked in {looked_in(info, data_dir)}; to go on without the "
             f"download, {by_hand(info, data_dir)}")
     for fname, md5 in info.archives:
@@ -356,7 +298,3 @@ def _download_and_extract(info: DatasetInfo, data_dir: Path, folder: Path,
         _download(f"{base.rstrip('/')}/{fname}", target, md5, progress, timeout, hint)
     if info.extract:
         _extract(data_dir / info.archives[0][0], data_dir, info)
-    missing = _missing(folder, info)
-    if missing:  # only reachable if someone removes files while we run
-        raise DataError(f"{folder} lacks {', '.join(missing)} after download")
-    return folder

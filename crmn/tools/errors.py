@@ -1,14 +1,8 @@
 """The audit of every fault message the archive prints: ``docs/errors.md``.
 
-A *site* builds a :class:`crmn.errors.CRMNError` in ``crmn/``, ``original/`` or ``modern/``,
-or writes to stderr in a shell script (``echo ... >&2``, ``say ... >&2``, a ``*_die``
-helper). Its id, ``file:function:Kind`` (``Kind#2`` for a second in one function) or
-``file:line-text``, survives moving code. ``python -m crmn.tools.errors`` rewrites the
-document from the source (where, kind and exit code, the message as a template with ``{…}``
-for run-time values, and what to do next); ``tests/test_errors_audit.py`` fails while a site
-is missing from it, so a new message is reviewed the day it is written. What to do next is
-the message's last clause naming an action, or the catcher's words in :data:`WAY_ON_FROM`;
-a site with neither is listed under "Messages without a way on".
+A *site* builds a :class:`crmn.errors.CRMNError` in Python, or writes to stderr in a shell
+script; its id (``file:function:Kind[#k]`` or ``file:text``) survives moving code. What to do
+next is the message's last clause naming an action, or the catcher's words in WAY_ON_FROM.
 """
 from __future__ import annotations
 
@@ -17,83 +11,71 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 from crmn import errors
 
 ROOT = Path(__file__).resolve().parents[2]
-#: where the Python sites are looked for, and the shell scripts (repo-relative)
 PY_DIRS = ("crmn", "original", "modern")
 SH_FILES = ("run_experiments.sh", "tests/run.sh", "scripts/*.sh", "crmn/launch/*.sh")
 DOC = "docs/errors.md"
 
-#: every kind of CRMNError, by name, with its exit code
 KINDS: Dict[str, int] = {
     name: obj.exit_code for name, obj in vars(errors).items()
     if isinstance(obj, type) and issubclass(obj, errors.CRMNError)}
 
-#: words that make a clause a next step for the user
 _ACTIONS = re.compile(
     r"--[a-z]|\b(delete|remove|pass|run|rerun|replace|choose|install|add|use|set|check|"
     r"wait|stop|see|give|download|copy|put|free|unpack|write|start|launch|drop|fix|rename|"
     r"retry|try|pick|name|move|ask|make|point|export|resume|edit|build|upgrade|keep|"
     r"answer|call)\b", re.IGNORECASE)
 
-#: sites whose message is completed by the code that catches it or by a helper whose text
-#: the template shows as a value: site id, or the start of ids, -> what the user reads there
+#: sites whose way on is given by the code that catches them, or by a helper whose text the
+#: template shows as a value: site id, or the start of ids, -> what the user reads there
+_PREV = "crmn/rundir.py falls back to checkpoint.prev.h5 on --resume"
+_OWN = "it ends with how to write one's own batch (_OWN_BATCH), or use the official file"
+_KEPT = "delete the archive to download it again, or supply the folder by hand (helper _kept)"
+_SLURM = "check the cluster (sinfo), or use --launcher local"
 WAY_ON_FROM: Dict[str, str] = {
-    "crmn/checkpoint.py:load:": "crmn/rundir.py (RunFolder): on --resume the run falls "
-    "back to checkpoint.prev.h5 (one warning line); if that is bad too: delete the run "
-    "folder and run again without --resume",
-    "crmn/checkpoint.py:_meta:CheckpointError": "as for load (crmn/rundir.py falls back to "
-    "checkpoint.prev.h5)",
-    "crmn/checkpoint.py:_meta:CheckpointError#3": "as for load (crmn/rundir.py falls back to "
-    "checkpoint.prev.h5)",
-    "crmn/checkpoint.py:save:CheckpointError": "a bug, not a fault (array names come from "
-    "crmn.naming)",
-    "crmn/checkpoint.py:check_compatible:": "crmn/rundir.py adds it: resume with the settings "
-    "the run was started with, or delete the run folder (a finished run: choose another "
-    "--out-dir)",
-    "crmn/cli/parser.py:_Parser.error:": "argparse's own line names the option; --help lists "
-    "every option",
+    "crmn/checkpoint.py:load:": f"{_PREV} (one warning line); if that is bad too: delete the "
+    "run folder and run again without --resume",
+    "crmn/checkpoint.py:_meta:CheckpointError": f"as for load ({_PREV})",
+    "crmn/checkpoint.py:_meta:CheckpointError#3": f"as for load ({_PREV})",
+    "crmn/checkpoint.py:save:CheckpointError": "a bug (array names come from crmn.naming)",
+    "crmn/checkpoint.py:check_compatible:": "crmn/rundir.py adds: resume with the run's "
+    "settings, or delete the run folder (a finished run: choose another --out-dir)",
+    "crmn/cli/parser.py:_Parser.error:": "argparse names the option; --help lists them all",
     "crmn/plan.py:_usage:": "correct the option the message names (--help gives its range)",
     "crmn/gpucheck.py:plan_from_args:": "correct the gpucheck option the message names",
-    "crmn/gpucheck.py:GpucheckPlan.__post_init__:": "crmn/gpucheck.py:plan_from_args reports "
-    "it as a usage error: correct the option it names",
-    "crmn/data/formats.py:_cifar_batch:DataError#3": "the message ends with how to write "
-    "one's own batch (_OWN_BATCH), or to use the official file",
-    "crmn/data/formats.py:_cifar_batch:DataError#4": "the message ends with how to write "
-    "one's own batch (_OWN_BATCH), or to use the official file",
-    "crmn/config.py:": "crmn/plan.py reports it as a usage error before anything "
-    "exists: correct the option of that name (--n, --k, --batch-size, --lr, ...)",
+    "crmn/gpucheck.py:GpucheckPlan.__post_init__:": "plan_from_args reports it as a usage "
+    "error: correct the option it names",
+    "crmn/data/formats.py:_cifar_batch:DataError#3": _OWN,
+    "crmn/data/formats.py:_cifar_batch:DataError#4": _OWN,
+    "crmn/config.py:": "crmn/plan.py reports it as a usage error before anything exists: "
+    "correct the option of that name (--n, --k, --batch-size, --lr, ...)",
     "crmn/plan.py:RunSpec.__post_init__:": "choose a --dataset with that many classes, or "
     "another row",
     "crmn/init.py:": "a bug in the caller: the CLI always passes a ModelConfig and seed",
-    "crmn/convert.py:": "the checkpoint is not one of this network: resume with its "
-    "configuration, or delete the run folder",
+    "crmn/convert.py:": "not a checkpoint of this network: resume with its configuration, or "
+    "delete the run folder",
     "crmn/data/fake.py:write_fake:ConfigError": "give n_train, n_test >= 1 (smoke sets them)",
     "crmn/data/fake.py:write_fake:DataError": "choose another --data-dir",
     "crmn/data/integrity.py:_explain_mismatch:": "replace it with the official file, or pass "
-    "--unverified-data (the helper _refusal adds it)",
+    "--unverified-data (helper _refusal)",
     "crmn/data/prepare.py:": "--n/--k leave the data alone: a hand-made folder needs more "
     "training images (or the official files)",
     "crmn/data/sampler.py:": "give a --batch-size that fits the training images",
-    "crmn/data/sources.py:_download:": "the line ends with where it looked and how to supply "
-    "the files by hand (helper by_hand)",
-    "crmn/data/sources.py:_safe_extractall:": "delete the archive to download it again, or "
-    "supply the folder by hand (helper _kept)",
-    "crmn/data/sources.py:_extract:": "delete the archive to download it again, or supply the "
-    "folder by hand (helper _kept)",
+    "crmn/data/sources.py:_download:": "where it looked and how to supply the files by hand "
+    "(helper by_hand)",
+    "crmn/data/sources.py:_safe_extractall:": _KEPT, "crmn/data/sources.py:_extract:": _KEPT,
     "crmn/data/sources.py:dataset_info:": "choose one of the datasets it lists (--dataset)",
-    "crmn/launch/slurm.py:submit:ConfigError#2": "check the cluster (sinfo), or use --launcher "
-    "local; nothing stays queued",
-    "crmn/launch/slurm.py:_sbatch:": "crmn/launch/slurm.py:submit adds: check the cluster "
-    "(sinfo), or use --launcher local",
+    "crmn/launch/slurm.py:submit:ConfigError#2": f"{_SLURM}; nothing stays queued",
+    "crmn/launch/slurm.py:_sbatch:": f"crmn/launch/slurm.py:submit adds: {_SLURM}",
     "crmn/launch/slurm.py:_poll_s:": "set CRMN_SLURM_POLL to a number of seconds, or unset it",
     "crmn/paper.py:row:": "choose one of the row ids it lists (--rows)",
     "crmn/paper.py:select:": "choose one of the experiments it lists",
-    "crmn/registry.py:probe:": "the backend's own line names the missing package or device and "
-    "its pip command or option",
+    "crmn/registry.py:probe:": "the backend's line names the missing package or device and its "
+    "pip command or option",
     "crmn/report.py:compare:RunError": "free disk space or make the folder writable, then "
     "compare again",
     "crmn/tools/profile.py:": "choose a variant it lists",
@@ -105,10 +87,8 @@ WAY_ON_FROM: Dict[str, str] = {
     "whose GPU torch sees",
     "modern/": "a bug in the caller: crmn.train passes images and states of this network",
     "crmn/launch/task.sh:error: $*": "the task's own message follows",
-    # progress lines on stderr, not faults
-    "scripts/ensure_env.sh:ensure_env: installing ": "nothing: a progress line",
-    "scripts/ensure_env.sh:ensure_env: building ": "nothing: a progress line",
-    "scripts/ensure_env.sh:ensure_env: creating ": "nothing: a progress line",
+    **{f"scripts/ensure_env.sh:ensure_env: {verb} ": "nothing: a progress line"
+       for verb in ("installing", "building", "creating")},
     "scripts/install_slurm.sh:install_slurm: apt-get update failed; trying the cached lists":
     "nothing: it goes on with the cached lists",
 }
@@ -117,7 +97,6 @@ WAY_ON_FROM: Dict[str, str] = {
 @dataclass(frozen=True)
 class Site:
     """One fault message."""
-
     id: str  # file:function:Kind[#k] or file:shell line
     where: str  # file:function (Python) or file:line (shell)
     kind: str  # CRMNError subclass, or "stderr" (shell)
@@ -141,8 +120,6 @@ class Site:
                 return clause.strip()
         return None
 
-
-# --- Python sites ----------------------------------------------------------------------
 
 def _template(node: ast.AST) -> str:
     """The message of an exception's first argument, as a template."""
@@ -196,8 +173,6 @@ def python_sites(root: Path = ROOT) -> List[Site]:
     return sites
 
 
-# --- shell sites -----------------------------------------------------------------------
-
 _DIE_DEF = re.compile(r"^\s*(\w*die)\s*\(\)")
 _QUOTED = r'"(?:[^"\\]|\\.)*"'
 _ECHO = re.compile(r"\b(?:echo|say)\s+(?P<msg>" + _QUOTED + r"(?:\s+" + _QUOTED + r")*)\s*>&2")
@@ -233,8 +208,7 @@ def shell_sites(root: Path = ROOT) -> List[Site]:
                 if text is None:
                     continue
                 pending = ""
-                sites.append(Site(f"{rel}:{text}", f"{rel}:{no}", "stderr", "1 or as shown",
-                                  text))
+                sites.append(Site(f"{rel}:{text}", f"{rel}:{no}", "stderr", "1 or as shown", text))
     return sites
 
 
@@ -242,16 +216,12 @@ def all_sites(root: Path = ROOT) -> List[Site]:
     return python_sites(root) + shell_sites(root)
 
 
-# --- the document ----------------------------------------------------------------------
-
 HEADER = """# Every fault message, and what to do next
 
-Generated by `python -m crmn.tools.errors` from the source (crmn/tools/errors.py says how);
-tests/test_errors_audit.py fails when a message of the source is missing here. The kinds
-and their exit codes are those of `crmn/errors.py` (REPRODUCING.md, "Exit codes"); the
-command line prints each as one line `error: MESSAGE` (a stop: `stopped: MESSAGE`). In a
-message, `{…}` stands for a value filled in when it is printed (a file, a number, a
-setting). Shell lines are the scripts' own messages on stderr (progress lines included).
+Generated by `python -m crmn.tools.errors` from the source; tests/test_errors_audit.py fails
+when a message of the source is missing here. Kinds and exit codes: `crmn/errors.py`
+(REPRODUCING.md, "Exit codes"); each prints as one line `error: MESSAGE` (a stop: `stopped:
+MESSAGE`); `{…}` is a value filled in when printed. Shell lines are the scripts' stderr.
 
 """
 
@@ -273,13 +243,11 @@ def render(sites: List[Site]) -> str:
 
 
 def listed_ids(text: str) -> List[str]:
-    """The site ids of a docs/errors.md table."""
     return re.findall(r"^\| `((?:[^`\\]|\\.)*)` \|", text, re.MULTILINE)
 
 
 def main(argv=None) -> int:
-    """``python -m crmn.tools.errors [--check]``: write docs/errors.md, or only say whether
-    it is up to date (exit 1 if not). A developer tool: it reads its one flag itself."""
+    """``python -m crmn.tools.errors [--check]``: write docs/errors.md, or check it."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv not in ([], ["--check"]):
         print("usage: python -m crmn.tools.errors [--check]", file=sys.stderr)

@@ -1,14 +1,7 @@
-"""Time the torch stack's train step of paper rows under several settings (a GPU tool):
-``--steps`` calls of ``step`` between CUDA events per variant; ``--kernels`` lists the costliest
-kernels of one eager step; ``--count-ops`` counts the aten operators one eager step dispatches
-(views left out: they launch no kernel), on the CPU too. ::
-
-    run_experiments.sh profile --rows t1-resnet32x1 --variants fp32,bf16,bf16-percast
-
-Variants: ``fp32`` / ``bf16``, suffixes ``-cl`` / ``-nocl`` (channels last or not),
-``-compile``, ``-notf32``, ``-percast`` (bf16: autocast casts each weight at its use instead of
-once per step). torch is imported when a variant runs.
-"""
+"""Time the torch stack's train step of paper rows under variants such as ``bf16-cl-compile``
+(a GPU tool); ``--kernels`` lists the costliest kernels of one eager step, ``--count-ops``
+counts the aten operators it dispatches (on the CPU too). ``-percast``: autocast casts each
+weight at its use instead of once per step."""
 from __future__ import annotations
 
 import collections
@@ -40,24 +33,21 @@ def variant_options(variant: str) -> dict:
     return opts
 
 
-def _stack(row, variant: str, device: str, graph: bool, batch_size: Optional[int]):
+def _stack(row, variant: str, device: str, graph: bool, batch_size: Optional[int] = None):
+    """The torch stack of ``variant`` and one random batch on its device."""
+    import torch
+
     train = TrainConfig.for_row(row)
     if batch_size is not None:
         train = dataclasses.replace(train, batch_size=batch_size)
     expert = variant_options(variant)
     options = StackOptions("torch", device, expert.pop("dtype"),
                            compile=expert.pop("compile", False))
-    return registry.build(options, ModelConfig.for_row(row), train, graph=graph, **expert)
-
-
-def _batch(stack, classes: int):
-    import torch
-
-    B = stack.train_cfg.batch_size
-    rng = np.random.default_rng(0)
+    stack = registry.build(options, ModelConfig.for_row(row), train, graph=graph, **expert)
+    rng, B = np.random.default_rng(0), train.batch_size
     x = torch.as_tensor(rng.standard_normal((B, 3, 32, 32), dtype=np.float32))
-    y = torch.as_tensor(rng.integers(0, classes, B))
-    return x.to(stack.dev), y.to(stack.dev)
+    y = torch.as_tensor(rng.integers(0, row.classes, B))
+    return stack, x.to(stack.dev), y.to(stack.dev)
 
 
 def time_variant(row, variant: str, steps: int, kernels: bool, device: str = "cuda",
@@ -65,8 +55,7 @@ def time_variant(row, variant: str, steps: int, kernels: bool, device: str = "cu
     """Milliseconds per ``step`` (CUDA graph, batch on the device) of one variant."""
     import torch
 
-    stack = _stack(row, variant, device, graph=True, batch_size=None)
-    x, y = _batch(stack, row.classes)
+    stack, x, y = _stack(row, variant, device, graph=True)
     t0 = time.perf_counter()
     stack.step(x, y, 0.01)  # the first step captures the graph
     setup = time.perf_counter() - t0
@@ -92,8 +81,7 @@ def _kernel_table(row, variant: str, device: str, out: Callable[[str], None]) ->
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    eager = _stack(row, variant, device, graph=False, batch_size=None)
-    x, y = _batch(eager, row.classes)
+    eager, x, y = _stack(row, variant, device, graph=False)
     for _ in range(3):
         eager.step(x, y, 0.01)
     torch.cuda.synchronize()
@@ -123,10 +111,8 @@ def op_counter():
 
 def count_variant(row, variant: str, device: str, batch_size: Optional[int] = None,
                   out: Callable[[str], None] = print) -> collections.Counter:
-    """Operators of one eager train step (the second: the first allocates), printed; the
-    count does not depend on the batch size, so a small ``batch_size`` makes it quick."""
-    stack = _stack(row, variant, device, graph=False, batch_size=batch_size)
-    x, y = _batch(stack, row.classes)
+    """Operators of one eager train step (the second: the first allocates), printed."""
+    stack, x, y = _stack(row, variant, device, graph=False, batch_size=batch_size)
     stack.step(x, y, 0.01)
     with op_counter() as counter:
         stack.step(x, y, 0.01)
@@ -140,8 +126,7 @@ def count_variant(row, variant: str, device: str, batch_size: Optional[int] = No
 def profile(rows, variants, *, steps: int = 100, kernels: bool = False,
             count_ops: bool = False, device: str = "cuda", batch_size: Optional[int] = None,
             out: Callable[[str], None] = print) -> int:
-    """Every variant of every row; one that fails is reported, the others go on. Returns
-    the number of failed variants."""
+    """Every variant of every row; returns the number that failed (the others go on)."""
     for v in variants:
         variant_options(v)  # a misspelt variant is refused before anything runs
     failed = 0

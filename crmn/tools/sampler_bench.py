@@ -1,5 +1,4 @@
-"""Throughput of the batch sampler (:class:`crmn.data.BatchSampler`) on the CPU: developer
-timing kept out of the data package; it returns figures and prints nothing."""
+"""Throughput of the batch sampler (:class:`crmn.data.BatchSampler`) on the CPU."""
 from __future__ import annotations
 
 import time
@@ -9,16 +8,12 @@ import numpy as np
 
 from crmn.data.sampler import BatchSampler
 
-#: Zero padding per side before the random crop, as in training (docs/spec.md §4).
-PAD = 4
+PAD = 4  # zero padding per side before the random crop, as in training
 
 
 def time_sampler(n: int = 10000, batch_size: int = 100, epochs: int = 2,
                  seed: int = 0) -> Dict[str, object]:
-    """Images per second of :class:`BatchSampler` over ``epochs`` epochs of ``n`` random
-    CIFAR-shaped float32 images: ``n``, ``batch_size``, ``epochs``, ``pad``, ``numpy`` (its
-    version), and per ``"flip_off"`` / ``"flip_on"`` a dict of ``images``, ``seconds``,
-    ``images_per_s`` and ``ms_per_batch``."""
+    """Images per second of :class:`BatchSampler`, flips off and on, over ``epochs``."""
     if n < 1 or batch_size < 1 or batch_size > n or epochs < 1:
         raise ValueError(f"need n >= batch_size >= 1 and epochs >= 1, got n={n}, "
                          f"batch_size={batch_size}, epochs={epochs}")
