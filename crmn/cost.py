@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from crmn import compile_cache
+from crmn import compile_cache, runlog
 from crmn.registry import StackOptions
 
 SPEEDS = "bench-speeds.json"
@@ -43,9 +43,7 @@ def record(results: Sequence[Dict], options: Sequence[StackOptions],
     speeds = read_speeds(path)
     speeds.update({key(r["row"], o): r["sec_per_epoch"] for r, o in zip(results, options)})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(speeds, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    runlog.write_json(path, dict(sorted(speeds.items())))  # atomic, as every archive file
     return path
 
 
