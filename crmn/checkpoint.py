@@ -138,7 +138,7 @@ def _meta(f: "h5py.File", path: Path) -> Dict:
                               "attribute is not valid JSON)") from e
 
 
-def _show(value) -> str:
+def show(value) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return json.dumps(value) if isinstance(value, (list, dict, str)) else str(value)
@@ -160,14 +160,14 @@ def check_compatible(recorded: Dict, model: ModelConfig, train: Optional[TrainCo
         here, there = json_view(here), json_view(there)
         for key in sorted(set(here) | set(there)):
             if key not in there:
-                raise CheckpointError(f"{path}: {label}.{key} is {_show(here[key])} here, "
+                raise CheckpointError(f"{path}: {label}.{key} is {show(here[key])} here, "
                                       f"absent in {source}")
             if key not in here:
                 raise CheckpointError(f"{path}: {label}.{key} is unknown here, "
-                                      f"{_show(there[key])} in {source}")
+                                      f"{show(there[key])} in {source}")
             if here[key] != there[key] and not may_change(f"{label}.{key}"):
-                raise CheckpointError(f"{path}: {label}.{key} is {_show(here[key])} here, "
-                                      f"{_show(there[key])} in {source}")
+                raise CheckpointError(f"{path}: {label}.{key} is {show(here[key])} here, "
+                                      f"{show(there[key])} in {source}")
     for key, here in (("backend", backend), ("dtype", dtype), ("dataset", dataset)):
         if here is not None and recorded.get(key) != here:
             raise CheckpointError(f"{path}: {key} is {here} here, "

@@ -4,9 +4,12 @@ command line becomes a :class:`TrainPlan`, and :func:`render_argv` turns a run b
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+import typing
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from crmn import paper, registry, schema
 from crmn.config import ModelConfig, TrainConfig
@@ -38,7 +41,7 @@ class RunSpec:
                             help="datasets are read from / downloaded into DIR, or DIR is "
                             "the extracted folder itself")
     stack: StackOptions = StackOptions()
-    unverified_data: bool = option(False, flag="--unverified-data", kind="true", resume=True,
+    unverified_data: bool = option(False, flag="--unverified-data", kind="true",
                                    default_help="refuse it", help="accept a dataset folder "
                                    "that differs from the official files (checksums, image "
                                    "counts); such runs are marked not as published")
@@ -50,6 +53,8 @@ class RunSpec:
     experiment: Optional[str] = None  # table1 | table2 | table3 | svhn | smoke
 
     def __post_init__(self):
+        # absolute: config.json's spec then runs again from any working folder (replay)
+        object.__setattr__(self, "data_dir", Path(self.data_dir).resolve())
         if self.dataset not in paper.DATASET_CLASSES:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of "
                               f"{', '.join(paper.DATASET_CLASSES)}")
@@ -62,11 +67,98 @@ class RunSpec:
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "stack": StackOptions, "": RunSpec}
 
 
+#: sections written at config.json's top level, as every run folder has held them
+FLAT = ("stack",)
+RECORD_FORMAT = 2  # config.json's "config_format": the whole spec is recorded (crmn/LOGS.md)
+
+
 def resume_may_change(name: str) -> bool:
     """Whether ``--resume`` may change field ``name`` (e.g. ``"stack.backend"``, ``"data_dir"``)."""
     section, _, field = name.rpartition(".")
     cls = SECTIONS.get(section)
     return cls is not None and field in schema.names(cls, "resume")
+
+
+def spec_fields(cls=None, prefix: str = "") -> Iterator[Tuple[str, dataclasses.Field]]:
+    """``("model.n", field)``, ... for every field of the schema, sections walked into."""
+    for f in dataclasses.fields(cls or SECTIONS[""]):
+        if not prefix and f.name in SECTIONS:
+            yield from spec_fields(SECTIONS[f.name], f"{f.name}.")
+        else:
+            yield prefix + f.name, f
+
+
+def disk_key(name: str) -> Tuple[str, ...]:
+    """Where schema field ``name`` sits in config.json: ``("model", "n")``, ``("backend",)``."""
+    section, _, field = name.rpartition(".")
+    return (field,) if not section or section in FLAT else (section, field)
+
+
+def spec_record(spec: RunSpec) -> Dict[str, Any]:
+    """The spec as config.json holds it: every schema field, as JSON gives it back."""
+    out: Dict[str, Any] = {}
+    for name, _ in spec_fields():
+        obj = spec
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        *section, key = disk_key(name)
+        (out.setdefault(section[0], {}) if section else out)[key] = obj
+    return json.loads(json.dumps(out, default=str))
+
+
+def recorded(record: Dict, name: str, missing=KeyError):
+    """Schema field ``name``'s value in ``record`` (a config.json), ``missing`` if absent."""
+    value = record
+    for key in disk_key(name):
+        if not isinstance(value, dict) or key not in value:
+            return missing
+        value = value[key]
+    return value
+
+
+def _typed(hint, value):
+    """A JSON value back in the field's type: lists are tuples, a path is a Path."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, str) and Path in (hint, *typing.get_args(hint)):
+        return Path(value)
+    return value
+
+
+def spec_from_record(record: Dict, path="config.json") -> RunSpec:
+    """The spec config.json records (``load(config.json) == spec``); a record without one of
+    the schema's fields, or of an earlier format, is refused in one line."""
+    if record.get("config_format") != RECORD_FORMAT:
+        raise ConfigError(f"{path}: written before config.json held the whole run (no "
+                          f"config_format {RECORD_FORMAT}); train the run again with its "
+                          "command to record it")
+    values: Dict[str, Dict[str, Any]] = {}
+    for name, f in spec_fields():
+        section, _, field = name.rpartition(".")
+        value = recorded(record, name)
+        if value is KeyError:
+            raise ConfigError(f"{path}: records no {name}; it is not a complete record of a "
+                              "run (train the run again with its command)")
+        hint = typing.get_type_hints(SECTIONS[section])[field]
+        values.setdefault(section, {})[field] = _typed(hint, value)
+    try:
+        top = values.pop("")
+        return SECTIONS[""](**top, **{k: SECTIONS[k](**v) for k, v in values.items()})
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: its spec does not hold ({e})") from None
+
+
+def legacy_record(record: Dict) -> Dict:
+    """config.json of a run started before ``config_format`` 2, with what it says of the
+    fields it did not record (the subset was prose; the device requested another key)."""
+    if record.get("config_format") == RECORD_FORMAT:
+        return record
+    out = dict(record, unverified_data=record.get("data") == "unverified")
+    if "device_requested" in record:
+        out["device"] = record["device_requested"]
+    said = re.search(r"on ([\d,]+) training images", record.get("data_description") or "")
+    out["subset"] = int(said.group(1).replace(",", "")) if said else None
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import platform
 import shutil
 import sys
 import time
@@ -16,10 +15,12 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from crmn import checkpoint, runlog
+from crmn import checkpoint, provenance, runlog
+from crmn.checkpoint import show
 from crmn.config import TrainConfig
 from crmn.errors import CheckpointError, RunError
-from crmn.plan import RunSpec, resume_may_change
+from crmn.plan import (RECORD_FORMAT, RunSpec, disk_key, legacy_record, recorded,
+                       resume_may_change, spec_fields, spec_record)
 from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
 PHASES = ("search", "final")
@@ -263,15 +264,18 @@ class RunFolder:
                 if _point(e["phase"], e["epoch"]) <= point]
 
     def _record_resume(self, meta: CheckpointMeta) -> None:
-        """Note in config.json who continued the run; say so when the stack or dtype changed."""
+        """Note in config.json who continued the run, with every field ``--resume`` may
+        change (the cap: caps_lifted); say so when the stack or dtype changed."""
         stack = self.spec.stack
         if (meta.backend, meta.dtype) != (stack.backend, stack.dtype):
             say(f"{self.dir}: checkpoint written by {meta.backend} ({meta.dtype}), "
                 f"continuing with {stack.backend} ({stack.dtype})")
+        record = spec_record(self.spec)
+        changeable = {disk_key(n)[-1]: recorded(record, n) for n, _ in spec_fields()
+                      if resume_may_change(n) and len(disk_key(n)) == 1}
         self._add_to_config("resumes", {
-            "phase": meta.phase, "after_epoch": meta.epoch, "backend": stack.backend,
-            "dtype": stack.dtype, "time": datetime.now(timezone.utc).isoformat(
-                timespec="seconds")})
+            "phase": meta.phase, "after_epoch": meta.epoch, **changeable,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
     def _add_to_config(self, key: str, item: Dict, **fields) -> None:
         path = self.path(runlog.CONFIG)
@@ -336,23 +340,36 @@ class RunFolder:
         for name in (runlog.CAPPED, runlog.CAPPED_BEST):
             self.path(name).unlink(missing_ok=True)
 
-    def write_config(self, stack, data_source: str, description: Optional[str]) -> None:
-        """config.json: what runs, where, on which data and library versions."""
-        spec, options = self.spec, self.spec.stack
-        versions = {"python": platform.python_version(), "numpy": np.__version__}
-        for mod in ("h5py", "theano", "lasagne", "torch"):
-            if mod in sys.modules:
-                versions[mod] = getattr(sys.modules[mod], "__version__", "?")
+    def write_config(self, stack, data_source: str, description: Optional[str],
+                     fingerprint: Optional[str]) -> None:
+        """config.json: the whole spec (crmn.plan.spec_record), and what ran it, on which data."""
+        spec = self.spec
         runlog.write_json(self.path(runlog.CONFIG), {
-            "row": spec.row, "experiment": spec.experiment, "dataset": spec.dataset,
-            "backend": options.backend, "device": stack.device,
-            "device_requested": options.device, "dtype": options.dtype,
-            "compile": options.compile, "theano_mode": options.theano_mode,
-            "compile_cache": options.compile_cache, "params": stack.param_count(),
-            "model": spec.model.to_dict(), "train": spec.train.to_dict(),
-            "seed": spec.train.seed, "fake_data": data_source == "fake", "data": data_source,
-            "data_description": description, "versions": versions,
+            "config_format": RECORD_FORMAT, **spec_record(spec), "seed": spec.train.seed,
+            "params": stack.param_count(), "fake_data": data_source == "fake",
+            "data": data_source, "data_description": description,
+            "data_fingerprint": fingerprint, **provenance.record(stack.device),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+    def check_same_run(self, fingerprint: Optional[str]) -> None:
+        """``--resume`` continues only the run config.json records: every schema field but
+        those its ``resume=`` lets change, and the data by their fingerprint, not their path;
+        a difference is refused before anything changes."""
+        path = self.path(runlog.CONFIG)
+        if not path.exists():
+            return
+        there = legacy_record(runlog.read_json(path))
+        here = dict(spec_record(self.spec), data_fingerprint=fingerprint)
+        for name in [n for n, _ in spec_fields()] + ["data_fingerprint"]:
+            old, new = recorded(there, name), recorded(here, name)
+            if resume_may_change(name) or old is KeyError or None in (old, new) and \
+                    name == "data_fingerprint":  # not recorded by an earlier run; no data yet
+                continue
+            if old != new:
+                raise CheckpointError(f"{path}: {name} is {show(new)} here, {show(old)} in the "
+                               "run's config.json; --resume continues the same run only "
+                               "(REPRODUCING.md, What --resume may change): give the options "
+                               "it was started with, or choose another --out-dir")
 
     def log(self, line: LogLine) -> None:
         runlog.append_entry(self.path(runlog.LOG), dataclasses.asdict(line))

@@ -67,6 +67,8 @@ def run(run_dir, spec: RunSpec, new_stack: Optional[Callable[[], Any]] = None, *
     ``new_stack()`` builds the network (default: crmn.registry.build); ``fresh`` empties it."""
     folder = RunFolder(run_dir, spec)
     with folder.held(fresh):
+        if resume:  # another run's options or data are refused before anything changes
+            folder.check_same_run(data.fingerprint(spec.dataset, spec.data_dir))
         done = folder.finished(resume)
         if done is not None:
             return done
@@ -101,7 +103,8 @@ class Training:
         say(f"{folder.dir}: backend {stack.name} on {stack.device}, dtype "
             f"{spec.stack.dtype}, {stack.param_count():,} trainable parameters")
         if start is None or not folder.path(runlog.CONFIG).exists():
-            folder.write_config(stack, self.data_source, self.description)
+            folder.write_config(stack, self.data_source, self.description,
+                                data.fingerprint(spec.dataset, spec.data_dir))
         if searching:  # the search run, on the 90 % split
             initial = {k: np.array(v, copy=True)  # a stack may hand out views of its buffers
                        for k, v in stack.get_state().items()}

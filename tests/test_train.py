@@ -240,8 +240,8 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
         run_toy(run_dir, crash_after=2)
     before = (run_dir / "checkpoint.h5").read_bytes()
     other = dataclasses.replace(TOY_TRAIN, patience=3)
-    with pytest.raises(CheckpointError, match=r"checkpoint\.h5: train\.patience is 3 here, "
-                                              r"2 in the checkpoint"):
+    with pytest.raises(CheckpointError, match=r"config\.json: train\.patience is 3 here, "
+                                              r"2 in the run's config\.json"):
         run_toy(run_dir, resume=True, train=other)
     model = dataclasses.replace(TOY_MODEL, lstm_units=50)
     with pytest.raises(CheckpointError, match=r"model\.lstm_units is 50 here, 100 in the"):

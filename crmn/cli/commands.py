@@ -15,8 +15,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from crmn import (bench, cost, data, export, gpucheck, launch, paper, registry, report, roofline,
-                  schema, tables, verify)
+from crmn import (bench, cost, data, export, gpucheck, launch, paper, registry, replay, report,
+                  roofline, schema, tables, verify)
 from crmn import plan as plans, train as trainer
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import UsageError
@@ -239,6 +239,15 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_replay(args) -> int:
+    plan = replay.plan(args.run_dir, args.out_dir)
+    registry.probe(plan.stack)  # no GPU here, a backend missing: said before any file
+    train_runs(plan)
+    line, same = replay.verdict(args.run_dir, plan.runs[0].run_dir)
+    print(line, flush=True)
+    return 0 if same else 1
+
+
 def cmd_test(argv: Sequence[str]) -> int:
     return subprocess.call(["bash", str(ROOT / "tests" / "run.sh"), *argv])
 
@@ -247,4 +256,4 @@ COMMANDS = {**{name: cmd_train for name in paper.EXPERIMENTS}, "params": cmd_par
             "compare": cmd_compare, "status": lambda args: status.show(Path(args.dir)),
             "smoke": cmd_smoke, "verify": cmd_verify, "bench": cmd_bench, "profile": cmd_profile,
             "gpucheck": lambda args: gpucheck.run(gpucheck.plan_from_args(args)),
-            "export": cmd_export, "evaluate": cmd_evaluate}
+            "export": cmd_export, "evaluate": cmd_evaluate, "replay": cmd_replay}

@@ -163,6 +163,13 @@ def _add_use(sub) -> None:
                     help="a finished run folder, runs/<experiment>/<row>/seed<k>")
     sp.add_argument("--out", type=Path, default=None, metavar="DIR",
                     help="where the files go (default: RUN_DIR/export)")
+    sp = sub.add_parser("replay", help="train a finished run again from its config.json "
+                                       "alone and say whether the results are the same")
+    sp.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                    help="a finished run folder, runs/<experiment>/<row>/seed<k>")
+    sp.add_argument("--out-dir", type=Path, default=None, metavar="DIR",
+                    help="where the new run trains (default: RUN_DIR-replay beside it; never "
+                         "RUN_DIR)")
     sp = sub.add_parser("evaluate", help="test accuracy and loss of a .pt, .npz or "
                                          "checkpoint .h5 on a dataset's test split")
     sp.add_argument("weights", type=Path, metavar="WEIGHTS")

@@ -4,8 +4,8 @@ constants are copies (patch them in their own module)."""
 from crmn.data.fake import FAKE_MARKER, is_fake, write_fake, write_fake_archive
 from crmn.data.images import check as check_images, describe
 from crmn.data.formats import count_images, load_raw
-from crmn.data.integrity import (STAMP, UNVERIFIED_FLAG, ensure_downloaded, provenance,
-                                 verify_folder)
+from crmn.data.integrity import (STAMP, UNVERIFIED_FLAG, ensure_downloaded, fingerprint,
+                                 provenance, verify_folder)
 from crmn.data.prepare import (GCN_MIN_STD, SVHN_VAL_IMAGES, Split, global_contrast_normalize,
                                prepare, split_indices)
 from crmn.data.sampler import BatchSampler, EpochPlan, iterate_eval

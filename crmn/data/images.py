@@ -100,7 +100,7 @@ def load(name: str, src: Path, exact: bool = True) -> Dict[str, np.ndarray]:
         raise DataError(f"{src}: image folders are read for cifar10 and cifar100, not {name}; "
                         "give the official files as --data-dir")
     t0 = time.perf_counter()
-    path = _cache_path(_key(name, src))
+    path = _cache_path(key(name, src))
     arrays = _read_cache(path) if path else None
     hit = arrays is not None
     if arrays is None:
@@ -251,7 +251,7 @@ def _check_counts(name: str, src: Path, counts: Dict[str, int], exact: bool) -> 
                             "quick look on N training images")
 
 
-def _key(name: str, src: Path) -> str:
+def key(name: str, src: Path) -> str:
     """sha256 over the format, the dataset and the source's bytes (a folder's: every member)."""
     h = hashlib.sha256(_FORMAT + b"\0" + name.encode() + b"\0")
     if src.is_dir():

@@ -5,6 +5,7 @@ mtime, expected MD5 per file), trusted while they match: it guards against accid
 forgery. ``--unverified-data`` uses a differing folder as it is."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
@@ -48,6 +49,22 @@ def provenance(name: str, data_dir: PathLike, unverified: bool = False) -> str:
         raise DataError(f"no {name} data: looked in {looked_in(info, Path(data_dir))}; let "
                         f"it download, or {by_hand(info, Path(data_dir))}")
     return _provenance_of(info, folder, unverified)
+
+
+def fingerprint(name: str, data_dir: PathLike) -> Optional[str]:
+    """What identifies the data, wherever they lie (``--resume`` compares it, not the path):
+    an image source's cache key, else a digest of the official files' MD5s (a checked
+    folder's are the official table's); None where there are no data yet."""
+    src = images.source(data_dir)
+    if src is not None:
+        return f"images:{images.key(name, src)}"
+    info = dataset_info(name)
+    folder = locate(name, data_dir)
+    if folder is None:
+        return None
+    sums = info.files if _is_checked(folder, info) else \
+        [(f, _md5(folder / f)) for f, _ in info.files if (folder / f).is_file()]
+    return "md5:" + hashlib.sha256(json.dumps([list(s) for s in sums]).encode()).hexdigest()
 
 
 def _provenance_of(info: DatasetInfo, folder: Path, unverified: bool) -> str:
