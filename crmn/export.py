@@ -5,17 +5,16 @@
 first 8 hex digits of the file's SHA-256 (torch.hub's ``check_hash`` convention)."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
+import shlex
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from crmn import checkpoint, convert, data, paper, registry, report, runlog, schema
+from crmn import checkpoint, convert, data, paper, registry, report, runlog
 from crmn import plan as plans
 from crmn import train as trainer
 from crmn.config import ModelConfig, TrainConfig
@@ -108,28 +107,17 @@ def _not_a_test(run_dir: Path, row: Optional[paper.Row], config: Dict) -> List[s
     return why
 
 
-def reproduce_command(config: Dict) -> str:
-    """The ``run_experiments.sh`` line that trains this run again, from config.json."""
-    exp, seed = config.get("experiment") or "smoke", config.get("seed", 0)
-    row = paper.row(config["row"]) if config.get("row") else None
-    words = ["bash run_experiments.sh", exp] + (["--rows", row.id] if row else [])
-    words += ["--seed", str(seed), "--backend", config.get("backend", "theano"),
-              "--device", config.get("device_requested", "cpu"),
-              "--dtype", config.get("dtype", "float32")]
-    if config.get("backend", "theano") == "theano":
-        words += ["--theano-mode", config.get("theano_mode", "c")]
-    words += ["--compile"] if config.get("compile") else []
-    words += [] if config.get("compile_cache", True) else ["--no-compile-cache"]
-    if row and config.get("dataset") not in (None, row.dataset):
-        words += ["--dataset", config["dataset"]]
-    words += ["--unverified-data"] if config.get("data") == "unverified" else []
-    spec = plans.smoke_plan_for(registry.StackOptions(), Path()).runs[0].spec if row is None \
-        else SimpleNamespace(model=ModelConfig.for_row(row), train=TrainConfig.for_row(row))
-    for base, section in ((spec.model, "model"), (spec.train, "train")):  # what differs
-        have = {k: tuple(v) if isinstance(v, list) else v  # JSON lists back to tuples
-                for k, v in config.get(section, {}).items()}
-        words += schema.render(dataclasses.replace(base, **have), base)
-    return " ".join(words)
+def _commands(config: Dict, files: Dict[str, Path]) -> Tuple[str, str]:
+    """The card's "reproduce" and "measure" lines, rendered by the schema from config.json."""
+    try:
+        spec = plans.spec_from_record(config)
+    except ConfigError:
+        return ("not recorded whole (config.json of an earlier format)",) * 2
+    program = ["bash", str(plans.ROOT / "run_experiments.sh")]
+    out = files["pt"].parent.resolve() / "reproduce"
+    weights = files["pt" if spec.stack.backend == "torch" else "npz"].resolve()
+    return (f"`{shlex.join(plans.reproduce_argv(spec, out, program))}`",
+            f"`{shlex.join(plans.evaluate_argv(spec, weights, program))}`")
 
 
 def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
@@ -162,6 +150,7 @@ def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
     backend = config.get("backend", "?") + (f" ({config.get('theano_mode')})"
                                             if config.get("backend") == "theano" else "")
     versions = ", ".join(f"{k} {v}" for k, v in sorted(config.get("versions", {}).items()))
+    reproduce, measure = _commands(config, files)
     rows = [("row", f"{name}" + ("" if row is None else f", {row.label} of {row.table}")),
             ("paper", paper_acc), ("ours", ours), ("dataset", f"{config.get('dataset')}: {source}"),
             ("schedule", f"found by the search: {summary.get('schedule_found')}; used: "
@@ -173,7 +162,7 @@ def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
             ("device", str(summary.get("device"))),
             ("backend", f"{backend}, {config.get('dtype')}"), ("versions", versions),
             ("parameters", f"{count_trainable(cfg):,} trainable"),
-            ("reproduce", f"`{reproduce_command(config)}`")]
+            ("reproduce", reproduce)]
     lines = [head, "", f"Exported by `bash run_experiments.sh export {run_dir}` from "
              "that folder's files.", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
     lines += ["", "Files (`sha256sum -c` checks them here):", "", "```"]
@@ -181,9 +170,9 @@ def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
     lines += ["```", "", "Made from (sha256 of the run folder's files):", "", "```"]
     lines += [f"{sha256(run_dir / f)}  {f}" for f in (runlog.CONFIG, runlog.LOG,
                                                       runlog.SUMMARY, runlog.CHECKPOINT)]
-    lines += ["```", "", f"Measure them: `bash run_experiments.sh evaluate {files['pt'].name} "
-              f"--dataset {config.get('dataset')} --backend torch` (or the .npz with "
-              "`--backend theano`); loading them is in README.md, Use the model.", ""]
+    lines += ["```", "", f"Measure them: {measure} (the other file with the other "
+              "`--backend`: .pt torch, .npz theano); loading them is in README.md, Use the "
+              "model.", ""]
     return "\n".join(lines)
 
 

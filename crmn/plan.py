@@ -280,6 +280,26 @@ def render_argv(plan: TrainPlan, run: PlannedRun, program: Sequence[str],
     return argv
 
 
+def reproduce_argv(spec: RunSpec, out_dir: Path, program: Sequence[str]) -> List[str]:
+    """The training command that runs ``spec`` again from any folder, into ``out_dir``."""
+    run = PlannedRun(spec, spec.row or spec.experiment or "run", Path(out_dir))
+    plan = TrainPlan(command=spec.experiment or "smoke", runs=(run,), out_dir=Path(out_dir))
+    return render_argv(plan, run, program, resume=False)
+
+
+def evaluate_argv(spec: RunSpec, weights: Path, program: Sequence[str]) -> List[str]:
+    """The ``evaluate`` command that measures ``spec``'s exported ``weights`` as the run was
+    tested: its dataset, data folder, subset and backend."""
+    stack = SimpleNamespace(**dataclasses.asdict(spec.stack))
+    stack.backend = stack.device = None  # always named
+    if spec.stack.backend == "theano":
+        stack.theano_mode = None
+    here = SimpleNamespace(**{f.name: f.default for f in schema.flagged(spec)})
+    here.dataset = here.data_dir = None
+    return [*program, "evaluate", str(weights), *schema.render(spec, here),
+            *schema.render(spec.stack, stack)]
+
+
 def _usage(args, exc: Exception, where: str = "") -> UsageError:
     return UsageError(f"{PROG} {args.command}: {exc}{where}")
 

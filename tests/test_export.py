@@ -12,10 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")  # the current environment has no torch
 
 from crmn import checkpoint, export, paper, runlog
+from crmn import plan as plans
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import CheckpointError
 from crmn.init import initial_state
 from crmn.naming import count_trainable, param_specs
+from crmn.registry import StackOptions
 from conftest import run_cli
 
 
@@ -27,12 +29,12 @@ def finished_run(root, row_id="t1-resnet32x1", seed=0, acc=0.5, data="official",
     tcfg = TrainConfig.for_row(row, seed=seed, **(train or {}))
     run_dir = root / row.table / row_id / f"seed{seed}"
     run_dir.mkdir(parents=True)
+    spec = plans.RunSpec(model=cfg, train=tcfg, dataset=row.dataset, data_dir=root / "data",
+                         stack=StackOptions(backend="torch"), row=row_id,
+                         unverified_data=data == "unverified", experiment=row.table)
     runlog.write_json(run_dir / "config.json", {
-        "row": row_id, "experiment": row.table, "dataset": row.dataset, "backend": "torch",
-        "device": "cpu", "device_requested": "cpu", "dtype": "float32", "compile": False,
-        "theano_mode": "c", "compile_cache": True, "params": count_trainable(cfg),
-        "model": cfg.to_dict(), "train": tcfg.to_dict(), "seed": seed,
-        "fake_data": data == "fake", "data": data,
+        "config_format": plans.RECORD_FORMAT, **plans.spec_record(spec),
+        "params": count_trainable(cfg), "seed": seed, "fake_data": data == "fake", "data": data,
         "versions": {"python": "3.11.7", "numpy": np.__version__}, "started": "2026"})
     line = dict(stage=0, lr=0.1, train_loss=1.0, train_acc=0.5, eval_loss=1.0, eval_acc=acc,
                 seconds=2.0, images_per_s=10.0, decision="continue", time=0)
@@ -82,8 +84,12 @@ def test_export_writes_hashed_files_and_a_card(tmp_path):
     assert "a test of the paper's ResNet-32x1" in first and "NOT" not in first
     assert "69.53 %" in card  # the paper's number
     assert "61.00 % (this seed)" in card and "61.00 ± 2.00 % over 3 seeds" in card
-    assert ("`bash run_experiments.sh table1 --rows t1-resnet32x1 --seed 1 --backend torch "
-            "--device cpu --dtype float32`") in card
+    out, data = (tmp_path / "out").resolve(), (tmp_path / "data").resolve()
+    assert (f"run_experiments.sh table1 --rows t1-resnet32x1 --seed 1 --no-progress --out-dir "
+            f"{out}/reproduce --data-dir {data} --backend torch --device cpu`") in card
+    assert (f"run_experiments.sh evaluate {paths['pt']} --dataset cifar100 --data-dir {data} "
+            "--backend torch "
+            "--device cpu`") in card
     assert "the official files" in card and "[1, 1, 0]" in card
     # the .pt: tensors and plain types; the state is the checkpoint's
     saved = torch.load(paths["pt"], weights_only=True)
