@@ -145,7 +145,8 @@ def spec_from_record(record: Dict, path="config.json") -> RunSpec:
         top = values.pop("")
         return SECTIONS[""](**top, **{k: SECTIONS[k](**v) for k, v in values.items()})
     except (ConfigError, TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: its spec does not hold ({e})") from None
+        raise ConfigError(f"{path}: its spec does not hold ({e}); train the run again with "
+                          "its command") from None
 
 
 def legacy_record(record: Dict) -> Dict:

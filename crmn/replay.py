@@ -37,7 +37,8 @@ def plan(run_dir, out_dir: Optional[Path] = None) -> plans.TrainPlan:
         if changed:
             raise RunError(f"{path}: resumed after {r['phase']} epoch {r['after_epoch']} "
                            f"with {', '.join(changed)}; replay trains on the settings a run "
-                           "started with only, so this history cannot be replayed")
+                           "started with only, so this history cannot be replayed; train "
+                           "the run afresh (the reproduce line of its export) to compare")
     out = Path(out_dir or default_out(run_dir)).resolve()
     if out == run_dir or run_dir in out.parents:
         raise UsageError(f"replay: --out-dir {out} is inside the run it checks; choose a "

@@ -366,7 +366,9 @@ class RunFolder:
                     name == "data_fingerprint":  # not recorded by an earlier run; no data yet
                 continue
             if old != new:
-                raise CheckpointError(f"{path}: {name} is {show(new)} here, {show(old)} in the "
+                what = f"the fingerprint of the data in {self.spec.data_dir}" \
+                    if name == "data_fingerprint" else name
+                raise CheckpointError(f"{path}: {what} is {show(new)} here, {show(old)} in the "
                                "run's config.json; --resume continues the same run only "
                                "(REPRODUCING.md, What --resume may change): give the options "
                                "it was started with, or choose another --out-dir")
