@@ -101,7 +101,8 @@ def test_other_changes_and_a_smaller_cap_are_still_refused(tmp_path):
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     with pytest.raises(RunError, match=r"add --resume to continue it with --epochs-cap 4, or"):
         run_toy(run_dir)  # a larger cap without --resume
-    with pytest.raises(RunError, match=r"train\.patience is 3 here, 2 in config\.json"):
+    with pytest.raises(CheckpointError, match=r"train\.patience is 3 here, 2 in the run's "
+                                              r"config\.json"):
         run_toy(run_dir, resume=True, train=dataclasses.replace(TOY_TRAIN, patience=3))
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
     run_toy(run_dir, resume=True, train=dataclasses.replace(SEARCH_CAPPED, epochs_cap=2))
