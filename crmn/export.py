@@ -114,9 +114,8 @@ def _commands(config: Dict, files: Dict[str, Path]) -> Tuple[str, str]:
     except ConfigError:
         return ("not recorded whole (config.json of an earlier format)",) * 2
     program = ["bash", str(plans.ROOT / "run_experiments.sh")]
-    out = files["pt"].parent.resolve() / "reproduce"
     weights = files["pt" if spec.stack.backend == "torch" else "npz"].resolve()
-    return (f"`{shlex.join(plans.reproduce_argv(spec, out, program))}`",
+    return (f"`{shlex.join(plans.reproduce_argv(spec, 'reproduced', program))}`",
             f"`{shlex.join(plans.evaluate_argv(spec, weights, program))}`")
 
 

@@ -281,11 +281,13 @@ def render_argv(plan: TrainPlan, run: PlannedRun, program: Sequence[str],
     return argv
 
 
-def reproduce_argv(spec: RunSpec, out_dir: Path, program: Sequence[str]) -> List[str]:
-    """The training command that runs ``spec`` again from any folder, into ``out_dir``."""
+def reproduce_argv(spec: RunSpec, out_dir: str, program: Sequence[str]) -> List[str]:
+    """The training command that runs ``spec`` again from any folder, into ``out_dir`` there."""
     run = PlannedRun(spec, spec.row or spec.experiment or "run", Path(out_dir))
     plan = TrainPlan(command=spec.experiment or "smoke", runs=(run,), out_dir=Path(out_dir))
-    return render_argv(plan, run, program, resume=False)
+    argv = render_argv(plan, run, program, resume=False)
+    argv[argv.index("--out-dir") + 1] = out_dir  # as given: each working folder its own
+    return argv
 
 
 def evaluate_argv(spec: RunSpec, weights: Path, program: Sequence[str]) -> List[str]:

@@ -84,9 +84,9 @@ def test_export_writes_hashed_files_and_a_card(tmp_path):
     assert "a test of the paper's ResNet-32x1" in first and "NOT" not in first
     assert "69.53 %" in card  # the paper's number
     assert "61.00 % (this seed)" in card and "61.00 ± 2.00 % over 3 seeds" in card
-    out, data = (tmp_path / "out").resolve(), (tmp_path / "data").resolve()
-    assert (f"run_experiments.sh table1 --rows t1-resnet32x1 --seed 1 --no-progress --out-dir "
-            f"{out}/reproduce --data-dir {data} --backend torch --device cpu`") in card
+    data = (tmp_path / "data").resolve()
+    assert ("run_experiments.sh table1 --rows t1-resnet32x1 --seed 1 --no-progress --out-dir "
+            f"reproduced --data-dir {data} --backend torch --device cpu`") in card
     assert (f"run_experiments.sh evaluate {paths['pt']} --dataset cifar100 --data-dir {data} "
             "--backend torch "
             "--device cpu`") in card
