@@ -228,3 +228,38 @@ def test_resume_from_moved_data_and_replay_say_same(tiny_run, run_main, tmp_path
     assert rc == 0 and out.splitlines()[-1] == "same", out + err
     rc, out, err = run_main(["replay", str(run_dir), "--out-dir", str(run_dir / "x")])
     assert rc == 2 and "inside the run it checks" in err
+
+
+def _fabricated(path, acc, **config):
+    """A finished run folder's log, summary and config.json as replay reads them."""
+    path.mkdir(parents=True)
+    line = dict(phase="final", stage=0, lr=0.1, train_loss=1.0, train_acc=0.5,
+                eval_split="test", eval_loss=1.0, decision="continue", seconds=3.0, time=1.0)
+    runlog.rewrite_log(path / "log.jsonl", [dict(line, epoch=1, eval_acc=0.5),
+                                            dict(line, epoch=2, eval_acc=acc, seconds=9.0)])
+    runlog.write_json(path / "summary.json", {"test_acc": acc, "status": "done",
+                                              "sec_per_epoch": 3.0, "device": "cpu"})
+    runlog.write_json(path / "config.json", dict({"versions": {"torch": "2.13.0"},
+                                                  "threads": {"cpus": 2}}, **config))
+    return path
+
+
+def test_replay_names_the_first_epoch_that_differs_and_what_the_machine_changes(tmp_path):
+    from crmn import replay
+    old = _fabricated(tmp_path / "old", 0.75)
+    line, same = replay.verdict(old, _fabricated(tmp_path / "same", 0.75))
+    assert (line, same) == ("same", True)  # seconds and dates are left out
+    line, same = replay.verdict(old, _fabricated(tmp_path / "new", 0.5, threads={"cpus": 4}))
+    assert not same and line.startswith("differs: final epoch 2 differs first: eval_acc "
+                                        "0.75 recorded, 0.5 now (by 0.25)")
+    assert "threads.cpus 2 -> 4" in line and "bit-identical" in line
+
+
+def test_replay_refuses_a_history_resumed_on_another_backend(tmp_path, run_main):
+    spec = odd_spec(tmp_path, device="cpu")
+    run_dir = _fabricated(tmp_path / "run", 0.5, **record_of(spec), resumes=[
+        {"phase": "final", "after_epoch": 1, "backend": "torch", "dtype": "float64"}])
+    rc, out, err = run_main(["replay", str(run_dir)])
+    assert rc == 1 and err.count("\n") == 1
+    assert "resumed after final epoch 1 with backend theano -> torch" in err
+    assert not (tmp_path / "run-replay").exists()
