@@ -18,7 +18,9 @@ MACHINE = ("versions", "threads", "ran_on", "cuda", "flags")  # provenance.recor
 
 
 def default_out(run_dir: Path) -> Path:
-    return run_dir.parent / f"{run_dir.name}-replay"
+    """``<row>/replay-seed<k>``: beside the run, and no ``seed*`` folder that compare or
+    export would count as another seed."""
+    return run_dir.parent / f"replay-{run_dir.name}"
 
 
 def plan(run_dir, out_dir: Optional[Path] = None) -> plans.TrainPlan:

@@ -368,10 +368,11 @@ class RunFolder:
             if old != new:
                 what = f"the fingerprint of the data in {self.spec.data_dir}" \
                     if name == "data_fingerprint" else name
-                raise CheckpointError(f"{path}: {what} is {show(new)} here, {show(old)} in the "
-                               "run's config.json; --resume continues the same run only "
-                               "(REPRODUCING.md, What --resume may change): give the options "
-                               "it was started with, or choose another --out-dir")
+                raise CheckpointError(
+                    f"{path}: {what} is {show(new)} here, {show(old)} in the run's "
+                    "config.json; --resume continues the same run only (REPRODUCING.md §1, "
+                    "What --resume may change): give the options it was started with, or "
+                    "choose another --out-dir")
 
     def log(self, line: LogLine) -> None:
         runlog.append_entry(self.path(runlog.LOG), dataclasses.asdict(line))

@@ -262,4 +262,24 @@ def test_replay_refuses_a_history_resumed_on_another_backend(tmp_path, run_main)
     rc, out, err = run_main(["replay", str(run_dir)])
     assert rc == 1 and err.count("\n") == 1
     assert "resumed after final epoch 1 with backend theano -> torch" in err
-    assert not (tmp_path / "run-replay").exists()
+    assert not (tmp_path / "replay-run").exists()
+
+
+def test_a_run_folder_written_before_config_format_2_still_resumes_and_reports(tmp_path):
+    from crmn import report
+    from toy_backend import SimulatedCrash, run_toy
+    run_dir = tmp_path / "table1" / "toy" / "seed3"
+    with pytest.raises(SimulatedCrash):
+        run_toy(run_dir, crash_after=1)
+    new = runlog.read_json(run_dir / "config.json")
+    old = {k: new[k] for k in ("row", "experiment", "dataset", "backend", "dtype", "compile",
+                               "theano_mode", "compile_cache", "params", "model", "train",
+                               "seed", "fake_data", "data", "data_description", "versions",
+                               "started")}
+    old.update(device="cpu (numpy)", device_requested="cpu")  # as main wrote it
+    runlog.write_json(run_dir / "config.json", old)
+    summary = run_toy(run_dir, resume=True)
+    assert summary["status"] == "done"
+    config = runlog.read_json(run_dir / "config.json")
+    assert "config_format" not in config and config["resumes"][0]["after_epoch"] == 1
+    assert report.compare(tmp_path / "table1", plots=False).is_file()

@@ -168,8 +168,8 @@ def _add_use(sub) -> None:
     sp.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                     help="a finished run folder, runs/<experiment>/<row>/seed<k>")
     sp.add_argument("--out-dir", type=Path, default=None, metavar="DIR",
-                    help="where the new run trains (default: RUN_DIR-replay beside it; never "
-                         "RUN_DIR)")
+                    help="where the new run trains (default: replay-seed<k> beside RUN_DIR; "
+                         "never inside RUN_DIR)")
     sp = sub.add_parser("evaluate", help="test accuracy and loss of a .pt, .npz or "
                                          "checkpoint .h5 on a dataset's test split")
     sp.add_argument("weights", type=Path, metavar="WEIGHTS")
