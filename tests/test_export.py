@@ -216,4 +216,6 @@ def test_card_names_the_files_sha256_as_sha256sum_does(smoke_export):
     check = subprocess.run(["sha256sum", "-c", "--quiet", "-"], cwd=files[".pt"].parent,
                            input=card.split("```")[1], text=True, capture_output=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "bash run_experiments.sh smoke --seed 0 --backend torch" in card
+    assert ("run_experiments.sh smoke --seed 0 --no-progress --out-dir reproduced --backend "
+            "torch --device cpu`") in card  # smoke's fake data are made again from seed 0
+    assert f"evaluate {files['.pt'].resolve()} --dataset cifar100 --data-dir " in card
