@@ -133,7 +133,7 @@ def spec_from_record(record: Dict, path="config.json") -> RunSpec:
                           f"config_format {RECORD_FORMAT}); train the run again with its "
                           "command to record it")
     values: Dict[str, Dict[str, Any]] = {}
-    for name, f in spec_fields():
+    for name, _ in spec_fields():
         section, _, field = name.rpartition(".")
         value = recorded(record, name)
         if value is KeyError:
