@@ -72,7 +72,8 @@ def digest(arrays: Mapping[str, np.ndarray], record=None) -> str:
     for name in sorted(arrays):
         a = np.asarray(arrays[name])
         if a.dtype.hasobject:
-            raise CheckpointError(f"array {name!r} holds Python objects; weights are numbers")
+            raise CheckpointError(f"array {name!r} holds Python objects, not numbers; use "
+                                  "a weights file this archive wrote")
         head = json.dumps([name, a.dtype.str, list(a.shape)]).encode()
         h.update(len(head).to_bytes(8, "little") + head)
         h.update(np.ascontiguousarray(a).tobytes())
