@@ -76,7 +76,7 @@ def digest(arrays: Mapping[str, np.ndarray], record=None) -> str:
                                   "a weights file this archive wrote")
         head = json.dumps([name, a.dtype.str, list(a.shape)]).encode()
         h.update(len(head).to_bytes(8, "little") + head)
-        h.update(np.ascontiguousarray(a).tobytes())
+        h.update(np.ascontiguousarray(a))  # the buffer itself: no copy of large weights
     h.update(json.dumps(record, sort_keys=True).encode())
     return h.hexdigest()
 
