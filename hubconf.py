@@ -81,7 +81,7 @@ def _release(row):
         raise _ConfigError(
             f"No pretrained weights for {row.id} have been released with this archive yet; "
             f"make them from a finished run with `bash run_experiments.sh export RUN_DIR` and "
-            f"load that file's state_dict.")
+            f"load that file with exported(path).")
     return RELEASES[row.id]
 
 

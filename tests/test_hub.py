@@ -68,7 +68,8 @@ def test_hub_load_needs_only_torch_and_numpy(tmp_path):
     assert kind == "ConfigError"
     assert message == ("No pretrained weights for t1-crmn32x4 have been released with this "
                        "archive yet; make them from a finished run with `bash "
-                       "run_experiments.sh export RUN_DIR` and load that file's state_dict.")
+                       "run_experiments.sh export RUN_DIR` and load that file with "
+                       "exported(path).")
 
 
 def test_one_entry_per_row_with_its_configuration(monkeypatch):
