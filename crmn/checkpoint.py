@@ -1,7 +1,9 @@
 """The one HDF5 checkpoint format both stacks read and write (docs/spec.md §6, §7): one
 dataset per array under its canonical name (:mod:`crmn.naming`), with a Fletcher-32 checksum
 so that flipped bytes are detected, not trained on; the root attribute ``meta`` is one JSON
-object (crmn.rundir.CheckpointMeta) with ``format_version``.
+object (crmn.rundir.CheckpointMeta) with ``format_version``; ``digest`` (crmn.weights.digest
+of the arrays and meta) also covers what Fletcher-32 cannot: scalars, empty arrays, the meta.
+A checkpoint written before the digest existed reads without that check.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 from crmn.config import ModelConfig, TrainConfig, json_view
 from crmn.errors import CheckpointError
 from crmn.runlog import commit_temp, link_over, write_temp
+from crmn.weights import digest
 
 FORMAT_VERSION = 1
 _IMAGE_BLOCK = 1 << 22  # growth step of the in-memory file image (bytes)
@@ -77,6 +80,7 @@ def _h5_image(arrays: Arrays, meta_text: str) -> bytes:
                    block_size=_IMAGE_BLOCK) as f:
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["meta"] = meta_text
+        f.attrs["digest"] = digest(arrays, json.loads(meta_text))
         for name in sorted(arrays):
             a = np.asarray(arrays[name])  # not ascontiguousarray: it turns 0-d into 1-d
             # Fletcher-32 needs chunked storage, which h5py cannot give scalars or empties
@@ -120,6 +124,10 @@ def load(path) -> Tuple[Arrays, Dict]:
             except (OSError, RuntimeError, ValueError, KeyError) as e:
                 raise CheckpointError(f"{path}: truncated or corrupt checkpoint (array "
                                       f"{name!r} fails its checksum or is cut off)") from e
+        recorded = f.attrs.get("digest")  # absent in a checkpoint older than the digest
+    if recorded is not None and digest(arrays, meta) != recorded:
+        raise CheckpointError(f"{path}: corrupt checkpoint (its arrays or meta do not match "
+                              "the digest written with them)")
     return arrays, meta
 
 

@@ -1,8 +1,9 @@
 """A finished run as files others load (``export``), and any weights measured on a test set
-(``evaluate``). ``export`` writes ``<row>-<sha8>.pt`` (tensors and plain types only, for
-``torch.load(weights_only=True)``), ``<row>-<sha8>.npz`` (Lasagne names, ``names`` in
-``get_all_param_values`` order, ``meta`` JSON) and ``MODEL.md`` (the model card); sha8: the
-first 8 hex digits of the file's SHA-256 (torch.hub's ``check_hash`` convention)."""
+(``evaluate``). ``export`` writes ``<row>-<sha8>.pt`` (tensors and plain types only),
+``<row>-<sha8>.npz`` (Lasagne names, ``names`` in ``get_all_param_values`` order, ``meta``
+JSON) and ``MODEL.md`` (the model card); sha8: the first 8 hex digits of the file's SHA-256
+(torch.hub's ``check_hash`` convention). Each file's record holds the run's preprocessing and
+a digest of its arrays and record; crmn/weights.py reads them back as untrusted bytes."""
 from __future__ import annotations
 
 import hashlib
@@ -14,14 +15,14 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from crmn import checkpoint, convert, data, paper, registry, report, runlog
+from crmn import checkpoint, convert, data, paper, registry, report, runlog, weights
 from crmn import plan as plans
 from crmn import train as trainer
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import CheckpointError, ConfigError, RunError
 from crmn.naming import count_trainable, param_specs, velocity_name
 
-FORMAT = 1
+FORMAT = 2  # 2: the record holds preprocessing and digest
 
 
 def _torch(what: str):
@@ -80,16 +81,19 @@ def export(run_dir, out_dir=None) -> Dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     stem = config.get("row") or run_dir.parent.name
     info = {"format": FORMAT, "row": stem, "model": cfg.to_dict(),
-            "dataset": config["dataset"], "dtype": config.get("dtype", "float32")}
-    state = convert.canonical_to_torch(cfg, canonical, with_velocity=False)
+            "dataset": config["dataset"], "dtype": config.get("dtype", "float32"),
+            "preprocessing": summary.get("preprocessing")}  # None: a run from before it
+    state = {k: np.ascontiguousarray(v) for k, v in
+             convert.canonical_to_torch(cfg, canonical, with_velocity=False).items()}
     buf = io.BytesIO()
-    torch.save(dict(info, state_dict={k: torch.from_numpy(np.ascontiguousarray(v))
-                                      for k, v in state.items()}), buf)
+    torch.save(dict(info, digest=weights.digest(state, info),
+                    state_dict={k: torch.from_numpy(v) for k, v in state.items()}), buf)
     paths = {"pt": _write_named(out, stem, ".pt", buf.getvalue())}
     native = convert.canonical_to_lasagne(cfg, canonical, with_velocity=False)
     names = lasagne_order(list(native))
     buf = io.BytesIO()
-    np.savez(buf, names=np.array(names), meta=np.array(json.dumps(info)), **native)
+    meta = json.dumps(dict(info, digest=weights.digest(native, info)))
+    np.savez(buf, names=np.array(names), meta=np.array(meta), **native)
     paths["npz"] = _write_named(out, stem, ".npz", buf.getvalue())
     card = model_card(run_dir, summary, config, cfg, paths)
     runlog.write_bytes_atomic(out / "MODEL.md", card.encode())
@@ -182,28 +186,19 @@ def load_weights(path) -> Tuple[ModelConfig, Dict[str, np.ndarray], Dict]:
         arrays, meta = checkpoint.load(path)
         cfg = ModelConfig(**meta["model"])
         return cfg, {s.name: arrays[s.name] for s in param_specs(cfg)}, meta
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such weights file; give the path of a .pt, .npz "
-                              "or checkpoint .h5")
+    if path.suffix not in (".pt", ".npz"):
+        raise CheckpointError(f"{path}: unknown weights file type {path.suffix!r}; give a .pt, "
+                              ".npz or checkpoint .h5")
+    info, native = (weights.read_pt if path.suffix == ".pt" else weights.read_npz)(path)
     try:
-        if path.suffix == ".pt":
-            torch = _torch(f"reading {path.name} (or give the .npz)")
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            cfg = ModelConfig(**saved["model"])
-            native = {k: v.numpy() for k, v in saved["state_dict"].items()}
-            return cfg, convert.torch_to_canonical(cfg, native, False, where=str(path)), saved
-        if path.suffix == ".npz":
-            with np.load(path) as f:
-                info = json.loads(str(f["meta"]))
-                cfg = ModelConfig(**info["model"])
-                native = {str(k): f[str(k)] for k in f["names"]}
-            return cfg, convert.lasagne_to_canonical(cfg, native, False, where=str(path)), info
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        cfg = ModelConfig(**info["model"])
+        to_canonical = convert.torch_to_canonical if path.suffix == ".pt" \
+            else convert.lasagne_to_canonical
+        return cfg, to_canonical(cfg, native, False, where=str(path)), info
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a weights file written by export "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                               "export the run again") from None
-    raise CheckpointError(f"{path}: unknown weights file type {path.suffix!r}; give a .pt, "
-                          ".npz or checkpoint .h5")
 
 
 def evaluate(path, backend: str = registry.DEFAULT_BACKEND, device: str = "cpu",

@@ -123,6 +123,7 @@ class Summary:
     fake_data: bool
     data: str  # crmn.data.provenance
     status: str = "done"
+    preprocessing: Optional[Dict] = None  # the final phase's crmn.weights.Preprocessing
 
 
 @dataclasses.dataclass

@@ -235,10 +235,10 @@ class Training:
         """The run's result from the log: a resumed run counts every logged epoch."""
         spec = self.spec
         final = self.folder.lines("final")
+        split = self.split("final")  # loaded already, but where the run resumed here
         if final:
             test_loss, test_acc = final[-1].eval_loss, final[-1].eval_acc
         else:  # a schedule of 0 epochs: the untrained network is the result
-            split = self.split("final")
             test_loss, test_acc = evaluate(stack, split.eval_x, split.eval_y)
         rates = [e.images_per_s for e in final if e.images_per_s]
         return Summary(
@@ -251,7 +251,7 @@ class Training:
             sec_per_epoch=float(np.median([e.seconds for e in final])) if final else None,
             images_per_s=float(np.median(rates)) if rates else None,
             search_best=self.search_best, fake_data=self.data_source == "fake",
-            data=self.data_source)
+            data=self.data_source, preprocessing=split.preprocessing.to_dict())
 
 
 def train_epoch(stack, sampler, epoch: int, lr: float, *, progress: Optional[str] = None,

@@ -191,6 +191,30 @@ def test_flipped_bytes_in_an_array_are_detected(tmp_path):
         checkpoint.load(path)
 
 
+def test_digest_covers_scalars_and_meta_and_older_files_still_load(tmp_path):
+    """Fletcher-32 needs chunks (no scalars), and h5py rewrites it with an edit in place: the
+    ``digest`` attribute catches both; a checkpoint written before it existed still loads."""
+    path = tmp_path / "checkpoint.h5"
+    arrays = {"fc.W": np.ones((4, 4), np.float32), "sampler.epoch": np.array(7)}
+    for edit in ("scalar", "array", "meta"):
+        checkpoint.save(path, arrays, meta())
+        with h5py.File(path, "r+") as f:
+            if edit == "meta":
+                f.attrs["meta"] = f.attrs["meta"].replace('"epoch": 3', '"epoch": 2')
+            else:
+                name = "sampler.epoch" if edit == "scalar" else "fc.W"
+                f[name][...] = f[name][()] + 1
+        with pytest.raises(CheckpointError, match="do not match the digest written with them"):
+            checkpoint.load(path)
+        assert not checkpoint.readable(path)
+    checkpoint.save(path, arrays, meta())
+    with h5py.File(path, "r+") as f:
+        del f.attrs["digest"]  # as a checkpoint from before the digest
+    back, m = checkpoint.load(path)
+    assert m["epoch"] == 3 and int(back["sampler.epoch"]) == 7
+    np.testing.assert_array_equal(back["fc.W"], arrays["fc.W"])
+
+
 def test_missing_file_and_foreign_files_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"best\.h5: no such checkpoint"):
         checkpoint.load(tmp_path / "best.h5")

@@ -42,12 +42,14 @@ def finished_run(root, row_id="t1-resnet32x1", seed=0, acc=0.5, data="official",
         dict(line, phase="search", epoch=1, eval_split="val"),
         dict(line, phase="final", epoch=1, eval_split="test"),
         dict(line, phase="final", epoch=2, eval_split="test")])
+    preprocessing = {"kind": "mean_pixel", "mean": [0.49, 0.48, 0.45], "min_std": None}
     runlog.write_json(run_dir / "summary.json", {
         "row": row_id, "experiment": row.table, "backend": "torch", "device": "cpu",
         "dataset": row.dataset, "params": count_trainable(cfg), "schedule_found": [1, 1, 0],
         "schedule_used": [1, 1, 0], "lr_stages": list(row.lr_stages), "test_loss": 1.0,
         "test_acc": acc, "final_epochs": 2, "sec_per_epoch": 2.0, "images_per_s": 10.0,
-        "search_best": None, "fake_data": data == "fake", "data": data, "status": "done"})
+        "search_best": None, "fake_data": data == "fake", "data": data, "status": "done",
+        "preprocessing": preprocessing})
     checkpoint.save(run_dir / "checkpoint.h5", initial_state(cfg, seed + 7), {
         "model": cfg.to_dict(), "train": tcfg.to_dict(), "backend": "torch",
         "dtype": "float32", "dataset": row.dataset, "phase": "final", "epoch": 2})
@@ -140,6 +142,131 @@ def test_files_that_are_no_weights_are_refused(tmp_path):
         export.load_weights(tmp_path / "x.bin")
     with pytest.raises(CheckpointError, match="no such weights file"):
         export.load_weights(tmp_path / "missing.pt")
+
+
+# --- weights are untrusted bytes: each refusal through the command line ------------------
+
+
+def _tree(*folders):
+    """sha256 of every file under ``folders`` (what a refusal must leave as it was)."""
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _flip(path, offset):
+    payload = bytearray(path.read_bytes())
+    payload[offset] ^= 0xFF
+    path.write_bytes(bytes(payload))
+
+
+def _data_offset(path, member_end):
+    """Offset of the first stored byte of the zip member whose name ends ``member_end``."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(member_end))
+    head = path.read_bytes()[info.header_offset:info.header_offset + 30]
+    return info.header_offset + 30 + int.from_bytes(head[26:28], "little") + \
+        int.from_bytes(head[28:30], "little")
+
+
+def _named(path):
+    """``path`` renamed ``<row>-<sha8 of its bytes>.<ext>``, as export names a file."""
+    sha8 = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+    return path.rename(path.with_name(f"t1-resnet32x1-{sha8}{path.suffix}"))
+
+
+class _System:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+def _flipped_pt(files, tmp_path):
+    bad = tmp_path / files["pt"].name
+    bad.write_bytes(files["pt"].read_bytes())
+    _flip(bad, _data_offset(bad, "data/0") + 2)
+    return bad, "the name says sha256"
+
+
+def _renamed_pt(files, tmp_path):
+    bad, _ = _flipped_pt(files, tmp_path)
+    return _named(bad), "do not match the digest it carries"
+
+
+def _flipped_npz(files, tmp_path):
+    bad = tmp_path / files["npz"].name
+    bad.write_bytes(files["npz"].read_bytes())
+    _flip(bad, _data_offset(bad, "conv0.W.npy") + 200)
+    return bad, "the name says sha256"
+
+
+def _renamed_npz(files, tmp_path):
+    bad, _ = _flipped_npz(files, tmp_path)
+    return _named(bad), "a damaged zip archive"
+
+
+def _system_pt(files, tmp_path):
+    marker = tmp_path / "MARKER"
+    torch.save({"state_dict": _System(f"touch {marker}")}, tmp_path / "evil.pt")
+    return _named(tmp_path / "evil.pt"), "asks for the Python global posix.system"
+
+
+def _noise_pt(files, tmp_path):
+    bad = tmp_path / "noise.pt"
+    bad.write_bytes(np.random.default_rng(0).bytes(5000))
+    return bad, "its bytes are neither a torch zip archive nor a pickle"
+
+
+@pytest.mark.parametrize("make", [_flipped_pt, _renamed_pt, _flipped_npz, _renamed_npz,
+                                  _system_pt, _noise_pt])
+def test_weights_that_are_not_as_exported_are_refused_in_one_line(tmp_path, make):
+    from crmn import data
+
+    run_dir, _ = finished_run(tmp_path / "runs")
+    files = export.export(run_dir)
+    data_dir = tmp_path / "data"
+    data.write_fake("cifar100", data_dir, n_train=20, n_test=10)
+    (tmp_path / "in").mkdir()
+    bad, why = make(files, tmp_path / "in")
+    before = _tree(tmp_path)
+    proc = run_cli(["evaluate", bad, "--backend", "torch", "--data-dir", data_dir])
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert str(bad) in proc.stderr and why in proc.stderr, proc.stderr
+    assert "weights_only" not in proc.stdout + proc.stderr
+    assert _tree(tmp_path) == before  # no marker file, nothing written or changed
+    assert not (tmp_path / "in" / "MARKER").exists()
+
+
+def test_digests_catch_what_a_name_cannot(tmp_path):
+    run_dir, _ = finished_run(tmp_path)
+    files = export.export(run_dir)
+    with np.load(files["npz"]) as f:
+        arrays = {str(k): f[str(k)] for k in f["names"]}
+        record = json.loads(str(f["meta"]))
+    assert record["format"] == 2 and record["preprocessing"]["kind"] == "mean_pixel"
+    del record["digest"]
+    from crmn import weights
+
+    want = weights.digest(arrays, record)
+    arrays["conv0.W"] = arrays["conv0.W"].copy()
+    arrays["conv0.W"].flat[0] = np.nextafter(arrays["conv0.W"].flat[0], np.float32(1))
+    assert weights.digest(arrays, record) != want  # one ulp
+    arrays["conv0.W"] = arrays["conv0.W"].reshape(-1)
+    assert weights.digest(arrays, record) != want  # a shape
+    record["preprocessing"]["mean"][0] = 0.5
+    assert weights.digest(arrays, record) != want  # the record
+    # a .pt without a digest (an export of format 1) is refused: nothing vouches for it
+    saved = torch.load(files["pt"], weights_only=True)
+    del saved["digest"]
+    torch.save(saved, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="carries no digest of its arrays"):
+        export.load_weights(tmp_path / "old.pt")
 
 
 # --- the whole way: smoke -> export -> evaluate, on both stacks --------------------------

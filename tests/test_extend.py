@@ -130,6 +130,29 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_epoch(tmp_path, capsys)
     assert_same_run(run_dir, ref)
 
 
+def test_an_edited_checkpoint_fails_its_digest_and_falls_back_too(tmp_path, capsys):
+    """h5py recomputes Fletcher-32 when it writes an array, so an edit in place passes the
+    checksums; the digest of the arrays and meta refuses it."""
+    import h5py
+
+    ref = tmp_path / "ref"
+    run_toy(ref)
+    run_dir = tmp_path / "r"
+    with pytest.raises(SimulatedCrash):
+        run_toy(run_dir, crash_after=4)
+    ckpt = run_dir / runlog.CHECKPOINT
+    with h5py.File(ckpt, "r+") as f:
+        name = next(n for n in f if f[n].ndim > 0 and f[n].dtype.kind == "f")
+        f[name][...] = f[name][()] + 1
+    capsys.readouterr()
+    run_toy(run_dir, resume=True)
+    line = [t for t in capsys.readouterr().err.splitlines() if "checkpoint.prev.h5" in t]
+    assert line == [f"warning: {ckpt}: corrupt checkpoint (its arrays or meta do not match "
+                    "the digest written with them); continuing from checkpoint.prev.h5, the "
+                    "state after search epoch 3"]
+    assert_same_run(run_dir, ref)
+
+
 def test_both_checkpoints_corrupt_is_one_line_with_the_way_on(tmp_path):
     run_dir = tmp_path / "r"
     with pytest.raises(SimulatedCrash):

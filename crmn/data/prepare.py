@@ -4,7 +4,7 @@ float64 copy of a whole set)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -13,12 +13,10 @@ from crmn.data.formats import load_raw
 from crmn.data.integrity import ensure_downloaded, provenance
 from crmn.data.sources import PathLike, dataset_info, locate
 from crmn.errors import ConfigError, DataError
+from crmn.weights import GCN_MIN_STD, Preprocessing
 
 #: Images in the SVHN validation set of the search run (section 4.2).
 SVHN_VAL_IMAGES = 5000
-#: Floor of the per-image standard deviation in global contrast normalisation, in [0, 1]
-#: pixel units: below 1/100 an image is flat and dividing would only amplify its noise.
-GCN_MIN_STD = 1e-2
 _CHUNK = 4096  # images converted to float32 at a time (bounds the temporaries)
 
 
@@ -30,15 +28,7 @@ class Split(NamedTuple):
     eval_x: np.ndarray  # float32 (M, 3, 32, 32), normalised like train_x
     eval_y: np.ndarray  # int64 (M,)
     eval_name: str  # "val" (search phase) or "test" (final phase)
-
-
-def global_contrast_normalize(x: np.ndarray) -> np.ndarray:
-    """Per-image global contrast normalisation (section 4.2, SVHN; Goodfellow et al. 2013) of
-    float32 (B, C, H, W) in [0, 1]: minus its mean, over its std floored at GCN_MIN_STD."""
-    mean = x.mean(axis=(1, 2, 3), keepdims=True, dtype=np.float64)
-    std = x.std(axis=(1, 2, 3), keepdims=True, dtype=np.float64)
-    scale = 1.0 / np.maximum(std, GCN_MIN_STD)
-    return ((x - mean) * scale).astype(np.float32)
+    preprocessing: Preprocessing  # uint8 -> train_x's and eval_x's values
 
 
 def _take(parts: Sequence[np.ndarray], idx: np.ndarray) -> np.ndarray:
@@ -109,7 +99,7 @@ def prepare(name: str, data_dir: PathLike, phase: str, seed: int, val_fraction: 
         eval_parts, eval_labels, eval_name = [raw.pop("x_test")], raw["y_test"], "test"
     fn = _normalizer(name, train_parts, train_idx)
     return Split(_build(train_parts, train_idx, fn), train_labels[train_idx],
-                 _build(eval_parts, eval_idx, fn), eval_labels[eval_idx], eval_name)
+                 _build(eval_parts, eval_idx, fn), eval_labels[eval_idx], eval_name, fn)
 
 
 _SUBSET_KEY = 0x53554253  # "SUBS": the subset is the same for every seed
@@ -141,12 +131,12 @@ def _search_split(name: str, where: Path, n: int, seed: int,
 
 
 def _normalizer(name: str, train_parts: List[np.ndarray],
-                train_idx: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+                train_idx: np.ndarray) -> Preprocessing:
     """uint8 -> float32 (section 4.2), fitted on the training rows only (no held-out leak)."""
     if name == "svhn":
-        return lambda u: global_contrast_normalize(u.astype(np.float32) * np.float32(1 / 255))
+        return Preprocessing("gcn", min_std=GCN_MIN_STD)
     total = np.zeros(3, dtype=np.float64)
     for s in range(0, len(train_idx), _CHUNK):
         total += _take(train_parts, train_idx[s:s + _CHUNK]).sum((0, 2, 3), dtype=np.float64)
-    mean = (total / (len(train_idx) * 32 * 32 * 255.0)).astype(np.float32).reshape(1, 3, 1, 1)
-    return lambda u: u.astype(np.float32) * np.float32(1 / 255) - mean
+    mean = (total / (len(train_idx) * 32 * 32 * 255.0)).astype(np.float32)
+    return Preprocessing("mean_pixel", mean=tuple(float(v) for v in mean))
