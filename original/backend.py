@@ -18,7 +18,7 @@ from crmn.config import ModelConfig, TrainConfig
 from crmn.convert import canonical_to_lasagne, lasagne_to_canonical
 from crmn.errors import CheckpointError, ConfigError
 from crmn.naming import param_specs, velocity_name
-from crmn.registry import STACK_DTYPES, THEANO_MODES, check_device
+from crmn.registry import STACK_DTYPES, THEANO_MODES, check_device, no_gpu
 from original import compat
 from original.model import build, native_params
 
@@ -136,6 +136,10 @@ class TheanoBackend:
                 return f"--theano-mode c: {why}"
         if options.device == "cpu":
             return None
+        missing = no_gpu(options.device)
+        if missing:  # the ways below need a GPU: offer the one that works here
+            return (f"{missing}: train on this CPU with --device cpu, or with --device auto "
+                    "(a GPU where there is one)")
         try:
             if options.theano_mode == "jax":
                 from original import jax_mode

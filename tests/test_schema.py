@@ -109,20 +109,20 @@ class _SubsetSpec(plans.RunSpec):
                                 help="train on the first N images")
 
 
-@pytest.mark.parametrize("section, cls, flag", [("train", _WarmTrain, "--warmup"),
-                                                ("", _SubsetSpec, "--subset")])
+@pytest.mark.parametrize("section, cls, flag, value", [("train", _WarmTrain, "--warmup", 4),
+                                                       ("", _SubsetSpec, "--subset", 400)])
 def test_a_new_field_becomes_an_option_and_a_manifest_word(monkeypatch, tmp_path, section,
-                                                           cls, flag):
+                                                           cls, flag, value):
     monkeypatch.setitem(plans.SECTIONS, section, cls)
-    args = parser.parse(["table1", "--rows", "t1-crmn32x1", flag, "4", "--device",
+    args = parser.parse(["table1", "--rows", "t1-crmn32x1", flag, str(value), "--device",
                          "cpu", "--launcher", "local", "--jobs", "2", "--out-dir",
                          str(tmp_path)])
     plan = plans.train_plan(args)
     spec = plan.runs[0].spec
-    assert getattr(spec.train if section else spec, flag[2:]) == 4
+    assert getattr(spec.train if section else spec, flag[2:]) == value
     (task,) = manifest.build(plan, ["bash", "x"])
     words = shlex.split(task.line)
-    assert words[words.index(flag) + 1] == "4"
+    assert words[words.index(flag) + 1] == str(value)
     assert plans.train_plan(parser.parse(words[2:])).runs[0].spec == spec
 
 

@@ -81,7 +81,7 @@ def prepare(name: str, data_dir: PathLike, phase: str, seed: int, val_fraction: 
         raise ConfigError(f"unknown phase {phase!r}; expected 'search' or 'final'")
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    src = images.source(data_dir)
+    src = images.source(data_dir, name)
     if src is not None:
         raw = images.load(name, src, exact=subset is None)
     else:
