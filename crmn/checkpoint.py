@@ -24,7 +24,8 @@ Arrays = Dict[str, np.ndarray]
 
 
 #: what to do when a checkpoint cannot be written (a full disk, most often)
-WAY_ON = "; the previous one is kept: free disk space, then run the same command with --resume"
+WAY_ON = ("; free disk space, then run the same command with --resume (it goes on from the "
+          "last checkpoint written)")
 
 
 def previous_path(path) -> Path:
