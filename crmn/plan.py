@@ -62,7 +62,7 @@ class RunSpec:
                 f", after {self.train.val_fraction:g} of them are held out for validation")
             raise ConfigError(f"--subset {self.subset} leaves no whole batch of "
                               f"{self.train.batch_size} images to train on{search}: give "
-                              f"--subset {least} or more (or a smaller --batch-size)")
+                              f"--subset {least} or more, or a smaller --batch-size")
 
 
 def smallest_subset(train: TrainConfig) -> int:
