@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from crmn import cli, cost, registry, roofline, schema
+from crmn import cli, cost, paper, registry, roofline, schema
 from crmn import plan as plans
 from crmn.cli import parser
 from crmn.config import TrainConfig
@@ -20,7 +20,7 @@ from crmn.registry import StackOptions
 ROOT = Path(__file__).resolve().parent.parent
 #: a value off the default for each option type; a field of a new type needs one here
 SAMPLES = {schema.positive: "3", schema.finite: "-1.5", schema.above_zero: "0.05",
-           schema.width: "0.5", schema.epochs_list: "3,2,1", int: "2"}
+           schema.width: "0.5", schema.epochs_list: "3,2,1", int: "2", None: "t1-crmn32x1"}
 
 
 def _off_default(f: dataclasses.Field, tmp_path: Path):
@@ -79,6 +79,43 @@ def test_every_schema_field_round_trips(tmp_path):
         assert again == run, line
     covered.add(("stack", "backend"))
     assert covered == {(s, f.name) for s, f in _run_fields()}
+
+
+#: the positional arguments a command needs before its options parse
+POSITIONAL = {"compare": ["d"], "status": ["d"], "export": ["d"], "evaluate": ["w.pt"]}
+
+
+def test_every_commands_options_come_from_the_schema_and_parse_back(tmp_path):
+    """Over every command: an option of a schema class (the run's sections, the launcher's,
+    the commands' shared ones) parses onto its field's destination, off its default, as the
+    field declares it; an option outside the schema belongs to one command alone."""
+    declared = {f.metadata["flag"]: f for cls in (*plans.SECTIONS.values(), plans.LaunchOptions,
+                                                  parser.CommandOptions)
+                for f in schema.flagged(cls)}
+    training = set(paper.EXPERIMENTS) | {"smoke"}
+    sub = next(a for a in parser.build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction))
+    own, checked = {}, set()
+    for name, p in sub.choices.items():
+        for action in p._actions if name != "test" else ():
+            for flag in action.option_strings:
+                f = declared.get(flag)
+                if f is None:
+                    if flag.startswith("--") and flag != "--help":
+                        own.setdefault(flag, set()).add("training" if name in training else name)
+                    continue
+                m = f.metadata
+                words = _off_default(f, tmp_path)
+                args = parser.parse([name, *POSITIONAL.get(name, []), *words])
+                want = ((m["kind"] == "true") if m["kind"] != "value" else
+                        words[1] if m["choices"] or not m["type"] else m["type"](words[1]))
+                assert getattr(args, schema.dest(f)) == want, (name, flag)
+                checked.add((name, flag))
+    assert {flag: users for flag, users in own.items() if len(users) > 1} == {}
+    for name, flag in [("verify", "--lr"), ("verify", "--seed"), ("evaluate", "--subset"),
+                       ("gpucheck", "--out-dir"), ("export", "--out-dir"), ("bench", "--json"),
+                       ("params", "--json"), ("evaluate", "--dataset"), ("profile", "--device")]:
+        assert (name, flag) in checked
 
 
 def test_smoke_round_trips(tmp_path):
