@@ -223,13 +223,16 @@ def _bench_sampler(args) -> int:
 
 
 def cmd_profile(args) -> int:
+    variants = args.variants.split(",")
+    for variant in variants:  # an unknown one: refused before anything runs
+        profile.variant_options(variant)
     device = plans.stack_options(args, backend="torch").device
     if device == "cpu" and not args.count_ops:
         raise UsageError(f"{plans.PROG} profile: timing the step needs a CUDA GPU (it times "
                          f"CUDA graphs) and {registry._torch_gpu()[1]} here; --count-ops "
                          "counts one step's operators on the CPU")
     rows = paper.select(args.rows or "t1-resnet32x1", None)
-    failed = profile.profile(rows, args.variants.split(","), steps=args.steps,
+    failed = profile.profile(rows, variants, steps=args.steps,
                              kernels=args.kernels, count_ops=args.count_ops,
                              device=device, batch_size=args.batch_size)
     return 1 if failed else 0
