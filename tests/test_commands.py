@@ -154,6 +154,33 @@ def test_json_dash_prints_json_instead_of_the_table(run_main):
     assert rc == 0 and out.lstrip().startswith("[") and "|" not in out
 
 
+def test_evaluate_uses_the_data_and_engine_options_it_takes(here, run_main, monkeypatch):
+    """--subset, --unverified-data, --data-dir reach the data; --dtype, --theano-mode the
+    stack (the weights and the data stand in: the options' way through is what is shown)."""
+    from crmn import data, export
+    from crmn.config import ModelConfig
+    from crmn.errors import DataError
+
+    seen = {}
+    monkeypatch.setattr(export, "load_weights", lambda path: (
+        ModelConfig(n=1, k=0.5, classes=10, memory=False), {}, {"dataset": "cifar10",
+                                                                "dtype": "float32"}))
+    monkeypatch.setattr(registry, "probe", lambda options: seen.update(stack=options))
+
+    def prepare(name, data_dir, phase, seed, **kw):
+        seen.update(data=(name, str(data_dir), phase, kw["subset"], kw["unverified"]))
+        raise DataError("stop here")
+
+    monkeypatch.setattr(data, "prepare", prepare)
+    rc, _, err = run_main(["evaluate", "w.pt", "--backend", "theano", "--theano-mode", "jax",
+                           "--dtype", "float64", "--data-dir", str(here / "imgs"),
+                           "--subset", "500", "--unverified-data"])
+    assert rc == 1 and _one_line(err) == "error: stop here"
+    assert seen["data"] == ("cifar10", str(here / "imgs"), "final", 500, True)
+    assert (seen["stack"].backend, seen["stack"].theano_mode, seen["stack"].dtype) == (
+        "theano", "jax", "float64")
+
+
 # ---------------------------------------------------------------------------------------
 # the weak messages, each through the command line: one line, the way on, nothing changed
 
@@ -225,6 +252,14 @@ def test_train_without_test_says_test_is_missing_and_writes_nothing(here, toy, r
     assert rc == 1 and "train/ is there but test/ is missing" in _one_line(err)
     assert "download" not in err and offline not in err
     assert _digest(data) == before  # no .cifar10.lock, no download copied in
+    assert not (here / "out" / "table1").exists()
+
+
+def test_a_failed_download_leaves_no_empty_run_folder(here, toy, run_main, offline):
+    (here / "empty").mkdir()
+    argv = _train(here / "empty", here / "out")
+    rc, _, err = run_main(argv[:argv.index("--subset")] + argv[argv.index("--schedule"):])
+    assert rc == 1 and "cannot download" in _one_line(err) and offline in err
     assert not (here / "out" / "table1").exists()
 
 

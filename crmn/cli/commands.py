@@ -33,8 +33,9 @@ def train_runs(plan: TrainPlan) -> List[Path]:
     # the epoch, checkpoint it, stop (exit 3 / 130); a second Ctrl-C stops at once
     signal.signal(signal.SIGUSR1, trainer.request_stop)
     signal.signal(signal.SIGINT, trainer.request_stop)
-    for key in dict.fromkeys((r.spec.dataset, r.spec.data_dir, r.spec.subset) for r in plan.runs):
-        data.check_images(*key)  # image folders: refused before any run directory exists
+    for key in dict.fromkeys((r.spec.dataset, r.spec.data_dir, r.spec.subset,
+                              r.spec.unverified_data) for r in plan.runs):
+        data.ready(*key, progress=plan.progress)  # refused before any run directory exists
     for run in plan.runs:
         trainer.check_stop(plan.exp_dir)
         print(f"== {run.label} seed {run.seed} -> {run.run_dir}", flush=True)
