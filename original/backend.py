@@ -138,7 +138,7 @@ class TheanoBackend:
             return None
         missing = no_gpu(options.device)
         if missing:  # the ways below need a GPU: offer the one that works here
-            return (f"{missing}: train on this CPU with --device cpu, or with --device auto "
+            return (f"{missing}: run on this CPU with --device cpu, or with --device auto "
                     "(a GPU where there is one)")
         try:
             if options.theano_mode == "jax":

@@ -255,7 +255,11 @@ def test_train_without_test_says_test_is_missing_and_writes_nothing(here, toy, r
     assert not (here / "out" / "table1").exists()
 
 
-def test_a_failed_download_leaves_no_empty_run_folder(here, toy, run_main, offline):
+def test_a_failed_download_leaves_no_empty_run_folder(here, toy, run_main, offline,
+                                                      monkeypatch):
+    from crmn.data import sources
+
+    monkeypatch.setattr(sources, "_RETRY_WAIT_S", 0)
     (here / "empty").mkdir()
     argv = _train(here / "empty", here / "out")
     rc, _, err = run_main(argv[:argv.index("--subset")] + argv[argv.index("--schedule"):])
