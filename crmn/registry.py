@@ -70,10 +70,13 @@ def no_gpu(device: str) -> Optional[str]:
     (the caller adds the way on), else None."""
     if not device.startswith("cuda"):
         return None
-    seen = [_torch_gpu(), _jax_gpu()]
-    if any(gpu for gpu, _ in seen):
-        return None
-    return f"--device {device}, but there is no GPU here ({'; '.join(w for _, w in seen)})"
+    seen = []
+    for probe_gpu in (_torch_gpu, _jax_gpu):  # jax only where torch sees none: it takes memory
+        gpu, why = probe_gpu()
+        if gpu:
+            return None
+        seen.append(why)
+    return f"--device {device}, but there is no GPU here ({'; '.join(seen)})"
 
 
 def auto_device(backend: str, theano_mode: Optional[str] = None) -> Tuple[str, Optional[str], str]:

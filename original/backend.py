@@ -136,10 +136,6 @@ class TheanoBackend:
                 return f"--theano-mode c: {why}"
         if options.device == "cpu":
             return None
-        missing = no_gpu(options.device)
-        if missing:  # the ways below need a GPU: offer the one that works here
-            return (f"{missing}: run on this CPU with --device cpu, or with --device auto "
-                    "(a GPU where there is one)")
         try:
             if options.theano_mode == "jax":
                 from original import jax_mode
@@ -147,7 +143,9 @@ class TheanoBackend:
             else:
                 _check_device(options.device)
         except ConfigError as exc:
-            return str(exc)
+            missing = no_gpu(options.device)  # then the ways exc offers need one too
+            return (f"{missing}: run on this CPU with --device cpu, or with --device auto (a "
+                    "GPU where there is one)") if missing else str(exc)
         return None
 
     @staticmethod

@@ -163,7 +163,7 @@ def test_params_json_real_backend(backend, capsys, run_main):
     pytest.importorskip("modern.backend" if backend == "torch" else "original.backend")
     ids = ["t1-resnet32x1", "t1-crmn32x1"]
     rc, out, err = run_main(["params", "--backend", backend, "--rows", ",".join(ids),
-                             "--json"])
+                             "--json", "-"])
     assert rc == 0, err
     rows = json.loads(out)
     assert [r["row"] for r in rows] == ids
