@@ -311,8 +311,10 @@ def test_a_read_only_cache_never_says_now_cached(here, toy, run_main, monkeypatc
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(images, "replace_file", refused)
+    before = _digest(data)
     rc, out, err = run_main(_train(data, here / "out"))
     assert rc == 0, err
+    assert _digest(data) == before
     assert "could not write" in err and "not kept" in err
     assert "now cached" not in out and "(decoded)" in out
 
@@ -327,8 +329,10 @@ def test_a_killed_cache_write_leaves_no_temporary_for_good(here, toy, run_main):
         tmp.write_bytes(b"\0" * 1000)
     hours_ago = time.time() - 2 * images.STALE_S
     os.utime(old, (hours_ago, hours_ago))
+    before = _digest(data)
     rc, out, err = run_main(_train(data, here / "out"))
     assert rc == 0, err
+    assert _digest(data) == before
     assert not old.exists() and new.exists()  # a live write's temporary is left alone
 
 
@@ -336,9 +340,11 @@ def test_theano_on_cuda_without_a_gpu_says_there_is_none(here, run_main):
     pytest.importorskip("original.backend")
     if not _no_gpu():
         pytest.skip("a GPU is here")
+    before = _digest(here)
     for mode in ("c", "jax"):
         rc, _, err = run_main(["table1", "--rows", "t1-resnet32x1", "--backend", "theano",
                                "--theano-mode", mode, "--device", "cuda", "--dry-run"])
         assert rc == 2 and "there is no GPU here" in _one_line(err)
         assert "--device cpu" in err and "THEANO_FLAGS" not in err
         assert "--theano-mode jax" not in err and "requirements-gpu" not in err
+    assert _digest(here) == before

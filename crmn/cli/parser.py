@@ -156,7 +156,7 @@ def _add_gpucheck(sub) -> None:
                                          "verify on the device, s/epoch, a short training")
     _stack_options(sp, ("device",), device="cuda", groups=TOP, texts=dict(
         device="the device checked: cuda or cuda:N (a GPU must be there), cpu (a check of "
-        "the command itself, with --quick), or auto"))
+        "the command itself), or auto: cuda where torch or jax sees a GPU, else cpu"))
     sp.add_argument("--quick", action="store_true",
                     help="tiny networks and few steps: a check of the command itself")
     _common(sp, ("out_dir",), defaults=dict(out_dir=ROOT / "runs" / "gpucheck"),
