@@ -82,7 +82,8 @@ def test_every_schema_field_round_trips(tmp_path):
 
 
 #: the positional arguments a command needs before its options parse
-POSITIONAL = {"compare": ["d"], "status": ["d"], "export": ["d"], "evaluate": ["w.pt"]}
+POSITIONAL = {"compare": ["d"], "status": ["d"], "export": ["d"], "evaluate": ["w.pt"],
+              "replay": ["d"]}
 
 
 def test_every_commands_options_come_from_the_schema_and_parse_back(tmp_path):
