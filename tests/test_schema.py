@@ -17,6 +17,8 @@ from crmn.config import TrainConfig
 from crmn.launch import manifest
 from crmn.registry import StackOptions
 
+from cli_helpers import command_names, command_options
+
 ROOT = Path(__file__).resolve().parent.parent
 #: a value off the default for each option type; a field of a new type needs one here
 SAMPLES = {schema.positive: "3", schema.finite: "-1.5", schema.above_zero: "0.05",
@@ -94,24 +96,20 @@ def test_every_commands_options_come_from_the_schema_and_parse_back(tmp_path):
                                                   parser.CommandOptions)
                 for f in schema.flagged(cls)}
     training = set(paper.EXPERIMENTS) | {"smoke"}
-    sub = next(a for a in parser.build_parser()._actions
-               if isinstance(a, argparse._SubParsersAction))
     own, checked = {}, set()
-    for name, p in sub.choices.items():
-        for action in p._actions if name != "test" else ():
-            for flag in action.option_strings:
-                f = declared.get(flag)
-                if f is None:
-                    if flag.startswith("--") and flag != "--help":
-                        own.setdefault(flag, set()).add("training" if name in training else name)
-                    continue
-                m = f.metadata
-                words = _off_default(f, tmp_path)
-                args = parser.parse([name, *POSITIONAL.get(name, []), *words])
-                want = ((m["kind"] == "true") if m["kind"] != "value" else
-                        words[1] if m["choices"] or not m["type"] else m["type"](words[1]))
-                assert getattr(args, schema.dest(f)) == want, (name, flag)
-                checked.add((name, flag))
+    for name in set(command_names()) - {"test"}:
+        for flag in command_options(name):
+            f = declared.get(flag)
+            if f is None:
+                own.setdefault(flag, set()).add("training" if name in training else name)
+                continue
+            m = f.metadata
+            words = _off_default(f, tmp_path)
+            args = parser.parse([name, *POSITIONAL.get(name, []), *words])
+            want = ((m["kind"] == "true") if m["kind"] != "value" else
+                    words[1] if m["choices"] or not m["type"] else m["type"](words[1]))
+            assert getattr(args, schema.dest(f)) == want, (name, flag)
+            checked.add((name, flag))
     assert {flag: users for flag, users in own.items() if len(users) > 1} == {}
     for name, flag in [("verify", "--lr"), ("verify", "--seed"), ("evaluate", "--subset"),
                        ("gpucheck", "--out-dir"), ("export", "--out-dir"), ("bench", "--json"),
