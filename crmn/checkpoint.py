@@ -26,6 +26,11 @@ _IMAGE_BLOCK = 1 << 22  # growth step of the in-memory file image (bytes)
 Arrays = Dict[str, np.ndarray]
 
 
+#: what to do when a checkpoint cannot be written (a full disk, most often)
+WAY_ON = ("; free disk space, then run the same command with --resume (it goes on from the "
+          "last checkpoint written)")
+
+
 def previous_path(path) -> Path:
     """Where :func:`save` keeps the file it replaced: checkpoint.prev.h5 for checkpoint.h5."""
     path = Path(path)
@@ -43,7 +48,7 @@ def save(path, arrays: Arrays, meta: Dict, *, keep_previous: bool = False) -> No
     try:
         tmp = write_temp(path, _h5_image(arrays, text))
     except (OSError, RuntimeError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: could not write checkpoint ({_reason(e)})") from e
+        raise CheckpointError(f"{path}: could not write checkpoint ({_reason(e)}){WAY_ON}") from e
     try:
         try:
             _, back = load(tmp)
@@ -59,7 +64,7 @@ def save(path, arrays: Arrays, meta: Dict, *, keep_previous: bool = False) -> No
             link_over(path, previous_path(path))
         commit_temp(tmp, path)
     except OSError as e:
-        raise CheckpointError(f"{path}: could not write checkpoint ({_reason(e)})") from e
+        raise CheckpointError(f"{path}: could not write checkpoint ({_reason(e)}){WAY_ON}") from e
     finally:
         tmp.unlink(missing_ok=True)
 

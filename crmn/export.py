@@ -202,20 +202,25 @@ def load_weights(path) -> Tuple[ModelConfig, Dict[str, np.ndarray], Dict]:
 
 
 def evaluate(path, backend: str = registry.DEFAULT_BACKEND, device: str = "cpu",
-             dataset: Optional[str] = None, data_dir=None, progress: bool = True) -> Dict:
+             dataset: Optional[str] = None, data_dir=None, progress: bool = True, *,
+             dtype: Optional[str] = None, theano_mode: Optional[str] = None,
+             subset: Optional[int] = None, unverified: bool = False) -> Dict:
     """Test loss and accuracy of the weights in ``path`` on ``dataset``'s test split (theirs by
-    default), in the dtype they were trained in where ``backend`` has it (else float32)."""
+    default; ``subset``: the share a ``--subset`` run tested on), in ``dtype`` (default: the
+    one they were trained in where ``backend`` has it, else float32)."""
     cfg, canonical, info = load_weights(path)
     dataset = dataset or info.get("dataset")
     if paper.DATASET_CLASSES.get(dataset) != cfg.classes:
         raise ConfigError(f"{path}: the network has {cfg.classes} classes, {dataset} has "
                           f"{paper.DATASET_CLASSES.get(dataset)}; choose a matching --dataset")
-    dtype = info.get("dtype")
+    own = info.get("dtype")
     options = registry.StackOptions(
-        backend=backend, device=device, theano_mode=registry.default_theano_mode(backend),
-        dtype=dtype if dtype in registry.STACK_DTYPES[backend] else registry.DEFAULT_DTYPE)
+        backend=backend, device=device,
+        theano_mode=theano_mode or registry.default_theano_mode(backend),
+        dtype=dtype or (own if own in registry.STACK_DTYPES[backend] else registry.DEFAULT_DTYPE))
     registry.probe(options)
-    split = data.prepare(dataset, data_dir, "final", 0, progress=progress)
+    split = data.prepare(dataset, data_dir, "final", 0, progress=progress, subset=subset,
+                         unverified=unverified)
     stack = registry.build(options, cfg, TrainConfig())
     canonical.update({velocity_name(s.name): np.zeros(s.shape, np.float32)
                       for s in param_specs(cfg) if s.trainable})

@@ -73,10 +73,22 @@ class GpucheckPlan:
                                                 if p in self.parts or p == "environment"))
 
 
+def _gpu_device(device: str) -> str:
+    """``device`` (auto: cuda where torch or jax sees a GPU, else cpu); a GPU named where
+    none is seen: :class:`ConfigError` with the ways that work here."""
+    if device == registry.AUTO:
+        return "cpu" if registry.no_gpu("cuda") else "cuda"
+    missing = registry.no_gpu(device)
+    if missing:
+        raise ConfigError(f"{missing}: run it on a GPU machine (scripts/gpu_call.sh), or "
+                          "check the command itself on this CPU with --device cpu --quick")
+    return device
+
+
 def plan_from_args(args) -> GpucheckPlan:
     try:  # a bad value: one line, exit 2, nothing created
-        return GpucheckPlan(args.device, args.quick, Path(args.out), args.budget, args.only,
-                            args.real)
+        return GpucheckPlan(_gpu_device(args.device), args.quick, Path(args.out_dir),
+                            args.budget, args.only, args.real)
     except ConfigError as exc:
         raise UsageError(f"run_experiments.sh gpucheck: {exc}") from None
 
@@ -100,7 +112,7 @@ def child_argv(plan: GpucheckPlan, key: str) -> List[str]:
     kind, _, rest = key.partition(" ")
     if kind not in ("smoke", "real"):
         return [sys.executable, "-m", "crmn.gpucheck", key, "--device", plan.device,
-                "--out", str(plan.out_dir)] + ["--quick"] * plan.quick
+                "--out-dir", str(plan.out_dir)] + ["--quick"] * plan.quick
     options = engines(plan.device)[rest if kind == "smoke" else "jax-f32" if plan.quick and
                                     util.find_spec("torch") is None else "torch-bf16"]
     run_plan = plans.smoke_plan_for(options, plan.out_dir / f"smoke-{rest}", epochs_cap=3,

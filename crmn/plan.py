@@ -61,6 +61,22 @@ class RunSpec:
         if self.model.classes != paper.DATASET_CLASSES[self.dataset]:
             raise ConfigError(f"a {self.model.classes}-class network cannot train on "
                               f"{self.dataset} ({paper.DATASET_CLASSES[self.dataset]} classes)")
+        least = smallest_subset(self.train)
+        if self.subset is not None and self.subset < least:
+            search = "" if self.train.schedule else (
+                f", after {self.train.val_fraction:g} of them are held out for validation")
+            raise ConfigError(f"--subset {self.subset} leaves no whole batch of "
+                              f"{self.train.batch_size} images to train on{search}: give "
+                              f"--subset {least} or more, or a smaller --batch-size")
+
+
+def smallest_subset(train: TrainConfig) -> int:
+    """The least ``--subset`` that trains a whole batch in every phase: the search run (no
+    ``--schedule``) holds ``val_fraction`` out, at least one image (crmn/data/prepare.py)."""
+    n, b = train.batch_size, train.batch_size
+    while train.schedule is None and not 1 <= round(train.val_fraction * n) <= n - b:
+        n += 1
+    return n
 
 
 #: the schema's classes by their place in a run (a test may derive one with one more field)

@@ -65,6 +65,20 @@ def _jax_gpu() -> Tuple[bool, str]:
     return True, f"jax sees {kind}; the Theano graph runs through JAX"
 
 
+def no_gpu(device: str) -> Optional[str]:
+    """Where ``device`` names a GPU and neither torch nor jax sees one here: the line saying so
+    (the caller adds the way on), else None."""
+    if not device.startswith("cuda"):
+        return None
+    seen = []
+    for probe_gpu in (_torch_gpu, _jax_gpu):  # jax only where torch sees none: it takes memory
+        gpu, why = probe_gpu()
+        if gpu:
+            return None
+        seen.append(why)
+    return f"--device {device}, but there is no GPU here ({'; '.join(seen)})"
+
+
 def auto_device(backend: str, theano_mode: Optional[str] = None) -> Tuple[str, Optional[str], str]:
     """What ``--device auto`` means here: ``(device, theano_mode, why)``; theano uses a GPU
     through a jax with a GPU backend (the JAX mode) unless ``--theano-mode c`` was asked."""

@@ -48,9 +48,10 @@ def names(cls, key: str) -> frozenset:
 
 def add_options(parser, cls, *, defaults: Optional[Dict[str, Any]] = None,
                 helps: Optional[Dict[str, str]] = None, groups: Optional[Dict] = None,
-                only=None, skip=()) -> None:
-    """An option for every flagged field of ``cls``; ``defaults``/``helps``: a command's own."""
-    defaults, helps, groups = defaults or {}, helps or {}, groups or {}
+                only=None, skip=(), texts: Optional[Dict[str, str]] = None) -> None:
+    """An option for every flagged field of ``cls``; ``defaults``/``helps`` (the default
+    shown)/``texts`` (what the option does there): a command's own."""
+    defaults, helps, groups, texts = defaults or {}, helps or {}, groups or {}, texts or {}
     for f in flagged(cls):
         if f.name in skip or (only is not None and f.name not in only):
             continue
@@ -58,7 +59,7 @@ def add_options(parser, cls, *, defaults: Optional[Dict[str, Any]] = None,
         value = defaults.get(f.name, None if f.default is dataclasses.MISSING else f.default)
         shown = helps.get(f.name, m["default_help"])
         kw: Dict[str, Any] = dict(dest=dest(f), default=value,
-                                  help=f"{m['help']} (default: {shown})")
+                                  help=f"{texts.get(f.name, m['help'])} (default: {shown})")
         if m["kind"] == "value":
             kw.update(type=m["type"], choices=m["choices"], metavar=m["metavar"])
         else:

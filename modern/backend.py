@@ -37,7 +37,8 @@ class TorchBackend:
         """Why torch cannot use ``options.device`` (one line), or None."""
         dev = torch.device(options.device)
         if dev.type == "cuda" and not torch.cuda.is_available():
-            return f"--device {options.device}: torch {torch.__version__} sees no CUDA GPU"
+            return (f"--device {options.device}: torch {torch.__version__} sees no CUDA GPU; "
+                    "run on this CPU with --device cpu, or on a machine whose GPU torch sees")
         if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
             return (f"--device {options.device}: torch sees {torch.cuda.device_count()} "
                     f"CUDA device(s)")

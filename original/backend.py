@@ -18,7 +18,7 @@ from crmn.config import ModelConfig, TrainConfig
 from crmn.convert import canonical_to_lasagne, lasagne_to_canonical
 from crmn.errors import CheckpointError, ConfigError
 from crmn.naming import param_specs, velocity_name
-from crmn.registry import STACK_DTYPES, THEANO_MODES, check_device
+from crmn.registry import STACK_DTYPES, THEANO_MODES, check_device, no_gpu
 from original import compat
 from original.model import build, native_params
 
@@ -143,7 +143,9 @@ class TheanoBackend:
             else:
                 _check_device(options.device)
         except ConfigError as exc:
-            return str(exc)
+            missing = no_gpu(options.device)  # then the ways exc offers need one too
+            return (f"{missing}: run on this CPU with --device cpu, or with --device auto (a "
+                    "GPU where there is one)") if missing else str(exc)
         return None
 
     @staticmethod

@@ -2,7 +2,7 @@
 # One call on a lent GPU machine: its own python3 has torch and jax (CUDA) but no network and
 # no theano-pymc / Lasagne. Installs the two wheels carried in .whl/ into a temporary folder
 # (removed at the end), puts it first on PYTHONPATH and runs
-#   CRMN_PYTHON=python3 bash run_experiments.sh gpucheck --device cuda --budget 520 --out DIR
+#   CRMN_PYTHON=python3 bash run_experiments.sh gpucheck --device cuda --budget 520 --out-dir DIR
 # which prints gpucheck.md last (also after a signal cut the run short).
 #
 #   bash scripts/gpu_call.sh [more gpucheck options, e.g. --real DATA, --only speed, --quick]
@@ -45,7 +45,7 @@ echo "gpu_call: theano-pymc and Lasagne from $site; gpucheck into $out"
 # then writes its files with the cut-short mark and prints the table)
 rc=0
 CRMN_PYTHON="$py" bash "$here/run_experiments.sh" gpucheck \
-    --device "${CRMN_GPU_DEVICE:-cuda}" --budget "${CRMN_GPU_BUDGET:-520}" --out "$out" "$@" &
+    --device "${CRMN_GPU_DEVICE:-cuda}" --budget "${CRMN_GPU_BUDGET:-520}" --out-dir "$out" "$@" &
 pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null || true' TERM
 trap 'kill -INT "$pid" 2>/dev/null || true' INT

@@ -118,7 +118,9 @@ def test_write_error_message_is_one_short_line(tmp_path, monkeypatch, error, rea
     monkeypatch.setattr(h5py.Group, "create_dataset", fail)
     with pytest.raises(CheckpointError) as info:
         checkpoint.save(tmp_path / "best.h5", {"a": np.ones(3)}, meta())
-    assert str(info.value) == f"{tmp_path / 'best.h5'}: could not write checkpoint ({reason})"
+    assert str(info.value) == (f"{tmp_path / 'best.h5'}: could not write checkpoint ({reason})"
+                               f"{checkpoint.WAY_ON}")
+    assert "free disk space, then run the same command with --resume" in str(info.value)
 
 
 def test_failing_fsync_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -163,7 +165,8 @@ def test_real_write_failure_is_one_line_and_keeps_the_previous_checkpoint(tmp_pa
                        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1, (p.returncode, p.stderr[-2000:])  # not -11, a segfault at exit
-    assert p.stderr == f"error: {path}: could not write checkpoint (File too large)\n"
+    assert p.stderr == (f"error: {path}: could not write checkpoint (File too large)"
+                        f"{checkpoint.WAY_ON}\n")
     assert path.read_bytes() == before
     assert sorted(q.name for q in tmp_path.iterdir()) == ["checkpoint.h5"]  # temp removed
 

@@ -171,7 +171,8 @@ def test_the_cli_refuses_a_bad_image_source_in_one_line_creating_nothing(tmp_pat
     rc, out, err = run_main(["table3", "--rows", "t3-crmn56x3", "--backend", "theano",
                              "--theano-mode", "jax", "--n", "1", "--k", "0.5", "--dataset",
                              "cifar10", "--subset", "10", "--schedule", "1,0,0", "--no-progress",
-                             "--data-dir", str(where), "--out-dir", str(tmp_path / "out")])
+                             "--batch-size", "5", "--data-dir", str(where), "--out-dir",
+                             str(tmp_path / "out")])
     assert rc == 1 and err.startswith("error: ") and err.count("\n") == 1, err
     assert str(where) in err and expected in err, err
     assert _tree(tmp_path) == before  # nothing created but the cache

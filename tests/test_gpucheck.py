@@ -36,7 +36,7 @@ def _torch_here() -> bool:
 
 @pytest.mark.slow
 def test_quick_cpu_run_fits_the_default_budget_and_writes_its_files(tmp_path):
-    p = run_cli(["gpucheck", "--device", "cpu", "--quick", "--out", tmp_path], timeout=900)
+    p = run_cli(["gpucheck", "--device", "cpu", "--quick", "--out-dir", tmp_path], timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     report = _report(tmp_path)
     assert report["failed"] == 0 and report["quick"] is True
@@ -70,7 +70,7 @@ def test_quick_cpu_run_fits_the_default_budget_and_writes_its_files(tmp_path):
 
 @pytest.mark.slow
 def test_a_small_budget_lists_every_check_that_did_not_fit(tmp_path):
-    p = run_cli(["gpucheck", "--device", "cpu", "--quick", "--budget", "20", "--out",
+    p = run_cli(["gpucheck", "--device", "cpu", "--quick", "--budget", "20", "--out-dir",
                  tmp_path], timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     report = _report(tmp_path)
@@ -268,7 +268,7 @@ def test_nothing_buildable_is_a_failure(tmp_path, monkeypatch):
 ])
 def test_bad_options_are_one_line_before_anything_exists(run_main, tmp_path, argv, says):
     out = tmp_path / "out"
-    rc, _, err = run_main(["gpucheck", "--device", "cpu", "--out", str(out), *argv])
+    rc, _, err = run_main(["gpucheck", "--device", "cpu", "--out-dir", str(out), *argv])
     assert rc == 2 and says in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
 
@@ -326,7 +326,7 @@ def test_a_run_cut_short_keeps_every_finished_check_and_says_where(tmp_path, how
     kills the whole process group, and the files rendered before the check still say
     where the run was."""
     p = subprocess.Popen(cli_argv("gpucheck", "--device", "cpu", "--quick", "--only",
-                                  "smoke", "--out", tmp_path),
+                                  "smoke", "--out-dir", tmp_path),
                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)

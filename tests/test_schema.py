@@ -10,17 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from crmn import cli, cost, registry, roofline, schema
+from crmn import cli, cost, paper, registry, roofline, schema
 from crmn import plan as plans
 from crmn.cli import parser
 from crmn.config import TrainConfig
 from crmn.launch import manifest
 from crmn.registry import StackOptions
 
+from cli_helpers import command_names, command_options
+
 ROOT = Path(__file__).resolve().parent.parent
 #: a value off the default for each option type; a field of a new type needs one here
 SAMPLES = {schema.positive: "3", schema.finite: "-1.5", schema.above_zero: "0.05",
-           schema.width: "0.5", schema.epochs_list: "3,2,1", int: "2"}
+           schema.width: "0.5", schema.epochs_list: "3,2,1", int: "2", None: "t1-crmn32x1"}
 
 
 def _off_default(f: dataclasses.Field, tmp_path: Path):
@@ -81,6 +83,40 @@ def test_every_schema_field_round_trips(tmp_path):
     assert covered == {(s, f.name) for s, f in _run_fields()}
 
 
+#: the positional arguments a command needs before its options parse
+POSITIONAL = {"compare": ["d"], "status": ["d"], "export": ["d"], "evaluate": ["w.pt"],
+              "replay": ["d"]}
+
+
+def test_every_commands_options_come_from_the_schema_and_parse_back(tmp_path):
+    """Over every command: an option of a schema class (the run's sections, the launcher's,
+    the commands' shared ones) parses onto its field's destination, off its default, as the
+    field declares it; an option outside the schema belongs to one command alone."""
+    declared = {f.metadata["flag"]: f for cls in (*plans.SECTIONS.values(), plans.LaunchOptions,
+                                                  parser.CommandOptions)
+                for f in schema.flagged(cls)}
+    training = set(paper.EXPERIMENTS) | {"smoke"}
+    own, checked = {}, set()
+    for name in set(command_names()) - {"test"}:
+        for flag in command_options(name):
+            f = declared.get(flag)
+            if f is None:
+                own.setdefault(flag, set()).add("training" if name in training else name)
+                continue
+            m = f.metadata
+            words = _off_default(f, tmp_path)
+            args = parser.parse([name, *POSITIONAL.get(name, []), *words])
+            want = ((m["kind"] == "true") if m["kind"] != "value" else
+                    words[1] if m["choices"] or not m["type"] else m["type"](words[1]))
+            assert getattr(args, schema.dest(f)) == want, (name, flag)
+            checked.add((name, flag))
+    assert {flag: users for flag, users in own.items() if len(users) > 1} == {}
+    for name, flag in [("verify", "--lr"), ("verify", "--seed"), ("evaluate", "--subset"),
+                       ("gpucheck", "--out-dir"), ("export", "--out-dir"), ("bench", "--json"),
+                       ("params", "--json"), ("evaluate", "--dataset"), ("profile", "--device")]:
+        assert (name, flag) in checked
+
+
 def test_smoke_round_trips(tmp_path):
     """smoke's own defaults render nothing; every change renders back the same run."""
     args = parser.parse(["smoke", "--n", "2", "--flip", "--schedule", "3,0,0",
@@ -109,20 +145,20 @@ class _SubsetSpec(plans.RunSpec):
                                 help="train on the first N images")
 
 
-@pytest.mark.parametrize("section, cls, flag", [("train", _WarmTrain, "--warmup"),
-                                                ("", _SubsetSpec, "--subset")])
+@pytest.mark.parametrize("section, cls, flag, value", [("train", _WarmTrain, "--warmup", 4),
+                                                       ("", _SubsetSpec, "--subset", 400)])
 def test_a_new_field_becomes_an_option_and_a_manifest_word(monkeypatch, tmp_path, section,
-                                                           cls, flag):
+                                                           cls, flag, value):
     monkeypatch.setitem(plans.SECTIONS, section, cls)
-    args = parser.parse(["table1", "--rows", "t1-crmn32x1", flag, "4", "--device",
+    args = parser.parse(["table1", "--rows", "t1-crmn32x1", flag, str(value), "--device",
                          "cpu", "--launcher", "local", "--jobs", "2", "--out-dir",
                          str(tmp_path)])
     plan = plans.train_plan(args)
     spec = plan.runs[0].spec
-    assert getattr(spec.train if section else spec, flag[2:]) == 4
+    assert getattr(spec.train if section else spec, flag[2:]) == value
     (task,) = manifest.build(plan, ["bash", "x"])
     words = shlex.split(task.line)
-    assert words[words.index(flag) + 1] == "4"
+    assert words[words.index(flag) + 1] == str(value)
     assert plans.train_plan(parser.parse(words[2:])).runs[0].spec == spec
 
 

@@ -19,7 +19,7 @@ from crmn import (bench, cost, data, export, gpucheck, launch, paper, registry, 
                   roofline, schema, tables, verify)
 from crmn import plan as plans, train as trainer
 from crmn.config import ModelConfig, TrainConfig
-from crmn.errors import UsageError
+from crmn.errors import ConfigError, UsageError
 from crmn.launch import status
 from crmn.naming import count_trainable
 from crmn.plan import ROOT, SMOKE, TrainPlan
@@ -33,8 +33,9 @@ def train_runs(plan: TrainPlan) -> List[Path]:
     # the epoch, checkpoint it, stop (exit 3 / 130); a second Ctrl-C stops at once
     signal.signal(signal.SIGUSR1, trainer.request_stop)
     signal.signal(signal.SIGINT, trainer.request_stop)
-    for key in dict.fromkeys((r.spec.dataset, r.spec.data_dir, r.spec.subset) for r in plan.runs):
-        data.check_images(*key)  # image folders: refused before any run directory exists
+    for key in dict.fromkeys((r.spec.dataset, r.spec.data_dir, r.spec.subset,
+                              r.spec.unverified_data) for r in plan.runs):
+        data.ready(*key, progress=plan.progress)  # refused before any run directory exists
     for run in plan.runs:
         trainer.check_stop(plan.exp_dir)
         print(f"== {run.label} seed {run.seed} -> {run.run_dir}", flush=True)
@@ -99,8 +100,16 @@ def params_table(rows: Sequence[Dict], backend: str) -> str:
 
 def cmd_params(args) -> int:
     overrides = schema.values(plans.SECTIONS["model"], args, None)  # the interpretations
-    rows = param_rows(plans.stack_options(args), overrides, rows=paper.select(args.rows))
-    print(json.dumps(rows, indent=1) if args.json else params_table(rows, args.backend))
+    try:  # a count depends on the backend only: built on the CPU in its default mode
+        options = StackOptions(args.backend, theano_mode=registry.default_theano_mode(
+            args.backend))
+        registry.probe(options)
+    except ConfigError as exc:
+        raise UsageError(f"{plans.PROG} params: {exc}") from None
+    rows = param_rows(options, overrides, rows=paper.select(args.rows))
+    if args.json != "-":
+        print(params_table(rows, args.backend))
+    _write_json(rows, args.json)
     return 0
 
 
@@ -145,9 +154,10 @@ def cmd_smoke(args) -> int:
 
 def cmd_verify(args) -> int:
     configs = [r.id for r in paper.select(args.rows)] if args.rows else None
-    if args.device != "cpu":  # a GPU run compares torch on it with torch on the CPU
-        plans.stack_options(args, backend="torch")
-    results = verify.verify(configs, device=args.device, tol=args.tol, lr=args.lr,
+    device = args.device
+    if device != "cpu":  # a GPU run compares torch on it with torch on the CPU
+        device = plans.stack_options(args, backend="torch").device
+    results = verify.verify(configs, device=device, tol=args.tol, lr=args.lr,
                             seed=args.seed, batch_size=args.batch_size)
     return 0 if all(r.passed for r in results) else 1
 
@@ -184,7 +194,8 @@ def cmd_bench(args) -> int:
                   f"{bench.percent(r['ceiling_fraction'])} of the ceiling", flush=True)
             results.append(r)
             stacks.append(opts)
-    print(bench.format_table(results))
+    if args.json != "-":
+        print(bench.format_table(results))
     print(f"# s/epoch recorded in {cost.record(results, stacks)} (the training commands' "
           "estimates)")
     ratios = bench.mode_ratios(results)
@@ -213,16 +224,23 @@ def _bench_sampler(args) -> int:
 
 
 def cmd_profile(args) -> int:
+    variants = args.variants.split(",")
+    for variant in variants:  # an unknown one: refused before anything runs
+        profile.variant_options(variant)
     device = plans.stack_options(args, backend="torch").device
+    if device == "cpu" and not args.count_ops:
+        raise UsageError(f"{plans.PROG} profile: timing the step needs a CUDA GPU (it times "
+                         f"CUDA graphs) and {registry._torch_gpu()[1]} here; --count-ops "
+                         "counts one step's operators on the CPU")
     rows = paper.select(args.rows or "t1-resnet32x1", None)
-    failed = profile.profile(rows, args.variants.split(","), steps=args.steps,
+    failed = profile.profile(rows, variants, steps=args.steps,
                              kernels=args.kernels, count_ops=args.count_ops,
                              device=device, batch_size=args.batch_size)
     return 1 if failed else 0
 
 
 def cmd_export(args) -> int:
-    paths = export.export(args.run_dir, args.out)
+    paths = export.export(args.run_dir, args.out_dir)
     print(paths["card"].read_text().splitlines()[0])
     for path in paths.values():
         print(f"export: {path}")
@@ -231,7 +249,9 @@ def cmd_export(args) -> int:
 
 def cmd_evaluate(args) -> int:
     stack = plans.stack_options(args)  # --device auto: decided as for training
-    r = export.evaluate(args.weights, stack.backend, stack.device, args.dataset, args.data_dir)
+    r = export.evaluate(args.weights, stack.backend, stack.device, args.dataset, args.data_dir,
+                        dtype=args.dtype, theano_mode=stack.theano_mode, subset=args.subset,
+                        unverified=args.unverified_data)
     print(f"evaluate: {r['weights']}: test accuracy {100 * r['test_acc']:.2f} % "
           f"({round(r['test_acc'] * r['images'])} of {r['images']} {r['dataset']} test "
           f"images), loss {r['test_loss']:.6f}; {r['stack']}"

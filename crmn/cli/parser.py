@@ -4,14 +4,33 @@ one ``sub.add_parser`` here and one handler in :data:`crmn.cli.commands.COMMANDS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
+from typing import Optional
 
 from crmn import paper, registry, schema
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import UsageError
 from crmn.plan import ROOT, SECTIONS, SMOKE, LaunchOptions
 from crmn.registry import StackOptions
-from crmn.schema import above_zero, finite, positive
+from crmn.schema import above_zero, finite, option, positive
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandOptions:
+    """The options several commands share that are no field of a run, each declared once; a
+    command takes those it uses, with its own default and words where they differ."""
+    rows: Optional[str] = option(None, flag="--rows", metavar="ID[,ID]",
+                                 help="comma-separated row ids of crmn/paper.py")
+    seed: Optional[int] = option(None, flag="--seed", type=int, metavar="K",
+                                 help="seed of the weights and the batches")
+    out_dir: Optional[Path] = option(None, flag="--out-dir", type=Path, metavar="DIR",
+                                     help="the folder the command writes into")
+    json: Optional[str] = option(None, flag="--json", metavar="PATH",
+                                 help="write the results as JSON to PATH ('-': print them "
+                                 "instead of the table)")
+    steps: int = option(50, flag="--steps", type=positive, metavar="N",
+                        help="timed SGD steps")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,25 +39,26 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _stack_options(p: argparse.ArgumentParser, backend: bool = True, auto: bool = False):
-    schema.add_options(p, StackOptions, only=None if backend else ("device",),
-                       defaults=dict(device=registry.AUTO if auto else "cpu", theano_mode=None))
+#: a tool's options: one list, no groups
+TOP = dict(runs=None, stack=None, expert=None, protocol=None)
 
 
-def _device(text: str) -> str:
-    if text == registry.AUTO:
-        raise argparse.ArgumentTypeError("auto is for the training commands; name the device")
-    return registry.device_option(text)
+def _common(p, only, **kw) -> None:
+    schema.add_options(p, CommandOptions, only=only, **{"groups": TOP, **kw})
 
 
-def _rows_option(p: argparse.ArgumentParser, default_help: str) -> None:
-    p.add_argument("--rows", metavar="ID[,ID]", default=None,
-                   help=f"comma-separated row ids of crmn/paper.py (default: {default_help})")
+def _stack_options(p: argparse.ArgumentParser, only=None, device: str = "cpu", **kw):
+    schema.add_options(p, StackOptions, only=only,
+                       defaults=dict(device=device, theano_mode=None), **kw)
+
+
+def _rows_option(p: argparse.ArgumentParser, default_help: str, **kw) -> None:
+    _common(p, ("rows",), helps=dict(rows=default_help), **kw)
 
 
 def _batch_option(p, default_help: str = "the row's") -> None:
     schema.add_options(p, TrainConfig, only=("batch_size",), defaults=dict(batch_size=None),
-                       helps=dict(batch_size=default_help), groups=dict(expert=None))
+                       helps=dict(batch_size=default_help), groups=TOP)
 
 
 def _grid_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
@@ -48,12 +68,11 @@ def _grid_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
         g.add_argument("--seeds", type=positive, metavar="N", default=None,
                        help="repetitions per row, seeds 0..N-1 (default: the row's `seeds` "
                             "in crmn/paper.py: 5 for t2-crmn32x4, else 1)")
-    g.add_argument("--seed", type=int, metavar="K", default=None,
-                   help="train only seed K (one run of a grid, e.g. one task of a job "
-                        "array; default: " + ("0)" if smoke else "seeds 0..N-1 of --seeds)"))
-    g.add_argument("--out-dir", type=Path, default=ROOT / "runs", metavar="DIR",
-                   help="run directories go under DIR/<experiment>/ (default: runs/ of the "
-                        "archive)")
+    _common(p, ("seed", "out_dir"), groups={}, defaults=dict(out_dir=ROOT / "runs"),
+            helps=dict(seed="0" if smoke else "seeds 0..N-1 of --seeds",
+                       out_dir="runs/ of the archive"),
+            texts=dict(seed="train only seed K (one run of a grid, e.g. one task of a job "
+                            "array)", out_dir="run directories go under DIR/<experiment>/"))
     g.add_argument("--resume", action="store_true",
                    help="continue runs from their checkpoint.h5 (default: start afresh)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
@@ -65,9 +84,9 @@ def _grid_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
 
 def _train_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
     """The run schema's options (smoke: its own defaults, no data or launcher options)."""
-    _stack_options(p, auto=True)
+    schema.add_options(p, StackOptions, defaults=dict(device=registry.AUTO, theano_mode=None))
     if not smoke:
-        _rows_option(p, "every row of the experiment")
+        _rows_option(p, "every row of the experiment", groups={})
     _grid_options(p, smoke)
     if smoke:
         small = {k: SMOKE[k] for k in ("n", "k", "batch_size", "patience", "epochs_cap")}
@@ -88,23 +107,23 @@ def _add_tools(sub) -> None:
     sp = sub.add_parser("verify", help="the two stacks agree (float64), or the GPU agrees "
                                        "with the CPU (--device cuda)")
     _rows_option(sp, "three small configurations")
-    sp.add_argument("--device", type=_device, default="cpu", metavar="DEV",
-                    help="cpu: compare the stacks in float64; cuda or cuda:N: the torch "
-                         "stack on the GPU against the CPU (default: %(default)s)")
+    _stack_options(sp, ("device",), groups=TOP, texts=dict(
+        device="cpu: compare the stacks in float64; cuda, cuda:N or auto (cuda where torch "
+        "sees a GPU): the torch stack on the GPU against the CPU"))
     _batch_option(sp, "8, for --rows and the small configurations alike")
     sp.add_argument("--tol", type=above_zero, default=None,
                     help="relative tolerance of the float64 checks (default: 1e-6)")
-    sp.add_argument("--lr", type=above_zero, default=0.1,
-                    help="learning rate of the compared step (default: %(default)s)")
-    sp.add_argument("--seed", type=int, default=0, help="seed of the weights and batches "
-                                                       "(default: %(default)s)")
+    schema.add_options(sp, TrainConfig, only=("lr_stages",), defaults=dict(lr_stages=0.1),
+                       helps=dict(lr_stages="%(default)s"), groups=TOP,
+                       texts=dict(lr_stages="learning rate of the compared step"))
+    _common(sp, ("seed",), defaults=dict(seed=0), helps=dict(seed="%(default)s"))
     sp = sub.add_parser("bench", help="seconds per epoch of paper rows beside the paper's")
-    _stack_options(sp)
+    _stack_options(sp, groups=TOP)
     _rows_option(sp, "every Table 1 row")
     _batch_option(sp)
-    sp.add_argument("--steps", type=positive, default=50,
-                    help="timed SGD steps per row (default: %(default)s)")
-    sp.add_argument("--warmup", type=positive, default=3,
+    _common(sp, ("steps", "json"), helps=dict(steps="%(default)s", json="none"),
+            texts=dict(steps="timed SGD steps per row"))
+    sp.add_argument("--warmup", type=positive, default=3, metavar="N",
                     help="steps of the warm-up epoch, timed apart (default: %(default)s)")
     layout = sp.add_mutually_exclusive_group()
     layout.add_argument("--channels-last", dest="channels_last", action="store_const",
@@ -112,20 +131,20 @@ def _add_tools(sub) -> None:
                         "filters (default: with bfloat16 only)")
     layout.add_argument("--channels-first", dest="channels_last", action="store_const",
                         const=False, help="torch only: NCHW even with bfloat16")
-    sp.add_argument("--json", default=None, metavar="PATH",
-                    help="also write the results as JSON to PATH ('-' for stdout)")
     sp.add_argument("--sampler", action="store_true",
                     help="time the batch sampler (crops, flips; numpy) instead of a stack")
     sp = sub.add_parser("profile", help="developer tool: the torch step under several "
                                         "settings, timed on a GPU or its operators counted")
-    _stack_options(sp, backend=False)
+    _stack_options(sp, ("device",), device=registry.AUTO, groups=TOP, texts=dict(
+        device="cuda or cuda:N: time the step there (a GPU is needed: CUDA graphs); cpu: "
+        "with --count-ops only; auto: cuda where torch sees a GPU, else cpu"))
     _rows_option(sp, "t1-resnet32x1")
     _batch_option(sp, "the row's; with --count-ops only")
     sp.add_argument("--variants", default="fp32,bf16",
                     help="comma-separated variants, e.g. fp32,bf16-cl,bf16-percast "
                          "(default: %(default)s; see crmn/tools/profile.py)")
-    sp.add_argument("--steps", type=positive, default=100,
-                    help="timed steps per variant (default: %(default)s)")
+    _common(sp, ("steps",), defaults=dict(steps=100), helps=dict(steps="%(default)s"),
+            texts=dict(steps="timed steps per variant"))
     sp.add_argument("--kernels", action="store_true",
                     help="also list the costliest kernels of one eager step")
     sp.add_argument("--count-ops", action="store_true",
@@ -135,13 +154,14 @@ def _add_tools(sub) -> None:
 def _add_gpucheck(sub) -> None:
     sp = sub.add_parser("gpucheck", help="one command that proves a GPU: environment, "
                                          "verify on the device, s/epoch, a short training")
-    sp.add_argument("--device", type=_device, default="cuda", metavar="DEV",
-                    help="the device checked: cuda, cuda:N, or cpu (default: %(default)s)")
+    _stack_options(sp, ("device",), device="cuda", groups=TOP, texts=dict(
+        device="the device checked: cuda or cuda:N (a GPU must be there), cpu (a check of "
+        "the command itself), or auto: cuda where torch or jax sees a GPU, else cpu"))
     sp.add_argument("--quick", action="store_true",
                     help="tiny networks and few steps: a check of the command itself")
-    sp.add_argument("--out", type=Path, default=ROOT / "runs" / "gpucheck", metavar="DIR",
-                    help="gpucheck.json, gpucheck.md and the training runs go here "
-                         "(default: runs/gpucheck of the archive)")
+    _common(sp, ("out_dir",), defaults=dict(out_dir=ROOT / "runs" / "gpucheck"),
+            helps=dict(out_dir="runs/gpucheck of the archive"),
+            texts=dict(out_dir="gpucheck.json, gpucheck.md and the training runs go here"))
     sp.add_argument("--budget", type=finite, default=540.0, metavar="SECONDS",
                     help="seconds the checks may take; a check whose expected cost does "
                          "not fit what is left is listed 'not run: budget' (default: "
@@ -161,23 +181,30 @@ def _add_use(sub) -> None:
                                        "(Lasagne) and a model card MODEL.md")
     sp.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                     help="a finished run folder, runs/<experiment>/<row>/seed<k>")
-    sp.add_argument("--out", type=Path, default=None, metavar="DIR",
-                    help="where the files go (default: RUN_DIR/export)")
+    _common(sp, ("out_dir",), helps=dict(out_dir="RUN_DIR/export"),
+            texts=dict(out_dir="where the files go"))
     sp = sub.add_parser("replay", help="train a finished run again from its config.json "
                                        "alone and say whether the results are the same")
     sp.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                     help="a finished run folder, runs/<experiment>/<row>/seed<k>")
-    sp.add_argument("--out-dir", type=Path, default=None, metavar="DIR",
-                    help="where the new run trains (default: replay-seed<k> beside RUN_DIR; "
-                         "never inside RUN_DIR)")
+    _common(sp, ("out_dir",), helps=dict(out_dir="replay-seed<k> beside RUN_DIR"),
+            texts=dict(out_dir="where the new run trains (never inside RUN_DIR)"))
     sp = sub.add_parser("evaluate", help="test accuracy and loss of a .pt, .npz or "
                                          "checkpoint .h5 on a dataset's test split")
     sp.add_argument("weights", type=Path, metavar="WEIGHTS")
-    sp.add_argument("--dataset", choices=tuple(paper.DATASET_CLASSES), default=None,
-                    help="the test split measured (default: the weights' own)")
-    schema.add_options(sp, StackOptions, only=("backend", "device"), defaults=dict(device="cpu"))
-    schema.add_options(sp, SECTIONS[""], only=("data_dir",),
-                       defaults=dict(data_dir=ROOT / "data"))
+    _stack_options(sp, ("backend", "device", "dtype", "theano_mode"), groups=TOP,
+                   helps=dict(dtype="the weights' own where the backend has it, else "
+                                    f"{registry.DEFAULT_DTYPE}"))
+    sp.set_defaults(dtype=None)
+    schema.add_options(sp, SECTIONS[""], only=("dataset", "data_dir", "subset",
+                                               "unverified_data"),
+                       defaults=dict(dataset=None, data_dir=ROOT / "data"), groups=TOP,
+                       helps=dict(dataset="the weights' own"), texts=dict(
+                           dataset="the test split measured",
+                           subset="the test images of a run trained with --subset N (its "
+                           "share of the test set, normalised as it was)",
+                           unverified_data="accept a dataset folder that differs from the "
+                           "official files (checksums, image counts)"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,10 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"train the {len(rows)} {name} row(s) and compare with the paper")
     sp = sub.add_parser("params", help="parameter count of every row beside the paper's "
                                        "(no data)")
-    _stack_options(sp)
+    _stack_options(sp, ("backend",), groups=TOP)
     _rows_option(sp, "every row")
     schema.add_options(sp, ModelConfig, skip=("n", "k"))
-    sp.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    _common(sp, ("json",), helps=dict(json="none"))
     sp = sub.add_parser("compare", help="re-print the comparison from run directories and "
                                         "write REPORT.md with plots")
     sp.add_argument("dir", metavar="DIR", help="e.g. runs/table1 (or runs/ for all)")

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from crmn import compile_cache
-from crmn.data.sources import PathLike
+from crmn.data.sources import PathLike, locate
 from crmn.errors import DataError
 from crmn.runlog import replace_file
 
@@ -46,18 +46,30 @@ COUNTS = {"train": 50_000, "test": 10_000}  # images of both CIFARs
 #: bytes an image file may have (a 32x32 PNG or JPEG needs a few KB): no memory bombs
 MAX_FILE = 1 << 20
 _FORMAT = b"crmn image-folder cache 1"  # part of the cache key: a new layout, new entries
+#: what file browsers leave beside images (besides dot files and __MACOSX/): skipped
+JUNK = ("thumbs.db", "desktop.ini", "__macosx")
+STALE_S = 3600  # a cache temporary this old is a killed write's (a write takes seconds)
 
 
-def source(data_dir: PathLike) -> Optional[Path]:
-    """The archive, or folder holding ``train/`` and ``test/`` (or one level down), else None."""
+def source(data_dir: PathLike, name: Optional[str] = None) -> Optional[Path]:
+    """The archive, or folder holding ``train/`` and ``test/`` (or one level down), else None;
+    ``name``: a folder with one of them and not the official files is refused (no download)."""
     path = Path(data_dir)
     if path.name.lower().endswith(ARCHIVES) and not path.is_dir():
         return path
     if not path.is_dir():
         return None
-    for root in (path, *sorted(p for p in path.iterdir() if p.is_dir())):
+    roots = (path, *sorted(p for p in path.iterdir() if p.is_dir()))
+    for root in roots:
         if all((root / s).is_dir() and not (root / s).is_symlink() for s in SPLITS):
             return root
+    for root in roots if name is not None and locate(name, path) is None else ():
+        have = [s for s in SPLITS if (root / s).is_dir()]
+        if have:
+            lacks = next(s for s in SPLITS if s not in have)
+            raise DataError(f"{root}: {have[0]}/ is there but {lacks}/ is missing; an image "
+                            f"folder needs train/<class>/ and test/<class>/: add {lacks}/, or "
+                            f"give the official files as --data-dir; nothing was written")
     return None
 
 
@@ -75,7 +87,7 @@ _handed: Dict[Tuple, Dict[str, np.ndarray]] = {}
 
 def check(name: str, data_dir: PathLike, subset: Optional[int] = None) -> None:
     """Load an image source before a run folder exists, handing the arrays to the next load."""
-    src = source(data_dir)
+    src = source(data_dir, name)
     if src is not None:
         _handed.clear()
         arrays = load(name, src, subset is None)
@@ -102,14 +114,13 @@ def load(name: str, src: Path, exact: bool = True) -> Dict[str, np.ndarray]:
     t0 = time.perf_counter()
     path = _cache_path(key(name, src))
     arrays = _read_cache(path) if path else None
-    hit = arrays is not None
+    hit, kept = arrays is not None, False
     if arrays is None:
         arrays = _decode(name, src, exact)
-        if path:
-            _write_cache(path, arrays)
+        kept = bool(path) and _write_cache(path, arrays)
     _check_counts(name, src, {s: len(arrays[f"y_{s}"]) for s in SPLITS}, exact)
     print(f"data: {LABEL[name]} from image folders "
-          f"({'cache hit' if hit else 'decoded, now cached' if path else 'decoded'}), "
+          f"({'cache hit' if hit else 'decoded, now cached' if kept else 'decoded'}), "
           f"loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     return arrays
 
@@ -128,7 +139,7 @@ def _members(src: Path) -> Iterator[Tuple[str, bytes]]:
                 raise _refuse(src, name, "leaves the folder")
             if kind in ("link", "other"):
                 raise _refuse(src, name, "is a link" if kind == "link" else "is no file")
-            if kind == "file" and not any(p.startswith(".") or p == "__MACOSX"
+            if kind == "file" and not any(p.startswith(".") or p.lower() in JUNK
                                           for p in PurePosixPath(name).parts):
                 if size > MAX_FILE:
                     raise _refuse(src, name, f"has {size:,} bytes, too many for an image")
@@ -238,6 +249,8 @@ def _pixels(image, blob: bytes, src: Path, member: str) -> np.ndarray:
             else:
                 im.load()
                 return np.asarray(im)
+    except image.UnidentifiedImageError:  # its words show a Python object's repr
+        why = "not a PNG or JPEG file"
     except (OSError, SyntaxError, ValueError, EOFError, image.DecompressionBombError) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise _refuse(src, member, f"is not a whole 32x32 RGB PNG or JPEG image ({why})")
@@ -287,7 +300,16 @@ def _cache_path(key: str) -> Optional[Path]:
     if problem:
         _warn(f"{problem}; decoding the images without keeping them")
         return None
+    _clean_stale(root / "data")
     return root / "data" / f"{key}.npz"
+
+
+def _clean_stale(folder: Path) -> None:
+    """Remove the temporaries of writes killed long ago (a live write's is minutes old)."""
+    for tmp in folder.glob(".*.tmp"):
+        with contextlib.suppress(OSError):  # another process removed it, or a read-only cache
+            if time.time() - tmp.lstat().st_mtime > STALE_S:
+                tmp.unlink()
 
 
 def _read_cache(path: Path) -> Optional[Dict[str, np.ndarray]]:
@@ -298,8 +320,8 @@ def _read_cache(path: Path) -> Optional[Dict[str, np.ndarray]]:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        _warn(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else e!r}); decoding "
-              "the images again and replacing it")
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        _warn(f"{path}: unreadable ({why}); decoding the images again and replacing it")
         return None
     for s in SPLITS:
         x, y = arrays[f"x_{s}"], arrays[f"y_{s}"]
@@ -310,10 +332,14 @@ def _read_cache(path: Path) -> Optional[Dict[str, np.ndarray]]:
     return arrays
 
 
-def _write_cache(path: Path, arrays: Dict[str, np.ndarray]) -> None:
+def _write_cache(path: Path, arrays: Dict[str, np.ndarray]) -> bool:
+    """Whether ``arrays`` are now cached at ``path`` (else one warning)."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     try:
         replace_file(path, buf.getvalue())
     except OSError as e:
-        _warn(f"{path}: could not write ({e.strerror or e}); the next run decodes again")
+        _warn(f"{path}: could not write ({e.strerror or e}); the images are decoded, not "
+              "kept, and the next run decodes them again")
+        return False
+    return True

@@ -60,6 +60,16 @@ def split_indices(n: int, n_val: int, seed: int) -> Tuple[np.ndarray, np.ndarray
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def ready(name: str, data_dir: PathLike, subset: Optional[int] = None,
+          unverified: bool = False, progress: bool = True) -> None:
+    """A run's data, there and checked before its folder exists: an image source loaded (and
+    handed to the run's :func:`prepare`), the official files downloaded or verified."""
+    if images.source(data_dir, name) is not None:
+        images.check(name, data_dir, subset)
+    else:
+        ensure_downloaded(name, data_dir, progress=progress, unverified=unverified)
+
+
 def prepare(name: str, data_dir: PathLike, phase: str, seed: int, val_fraction: float = 0.1,
             download: bool = True, progress: bool = True, unverified: bool = False,
             subset: Optional[int] = None) -> Split:
@@ -71,7 +81,7 @@ def prepare(name: str, data_dir: PathLike, phase: str, seed: int, val_fraction: 
         raise ConfigError(f"unknown phase {phase!r}; expected 'search' or 'final'")
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    src = images.source(data_dir)
+    src = images.source(data_dir, name)
     if src is not None:
         raw = images.load(name, src, exact=subset is None)
     else:

@@ -53,8 +53,12 @@ WAY_ON_FROM: Dict[str, str] = {
     "crmn/data/formats.py:_cifar_batch:DataError#4": _OWN,
     "crmn/config.py:": "crmn/plan.py reports it as a usage error before anything exists: "
     "correct the option of that name (--n, --k, --batch-size, --lr, ...)",
-    "crmn/plan.py:RunSpec.__post_init__:": "choose a --dataset with that many classes, or "
-    "another row",
+    **{f"crmn/plan.py:RunSpec.__post_init__:ConfigError{k}": "choose a --dataset with that "
+       "many classes, or another row" for k in ("", "#2")},
+    **{f"crmn/checkpoint.py:save:CheckpointError{k}": "free disk space, then run the same "
+       "command with --resume (checkpoint.WAY_ON)" for k in ("#2", "#5")},
+    "crmn/cli/commands.py:cmd_params:": "the backend's line names the missing package and its "
+    "pip command",
     "crmn/init.py:": "a bug in the caller: the CLI always passes a ModelConfig and seed",
     "crmn/convert.py:": "not a checkpoint of this network: resume with its configuration, or "
     "delete the run folder",
