@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import platform
 import shutil
 import sys
@@ -352,6 +353,9 @@ class RunFolder:
             "model": spec.model.to_dict(), "train": spec.train.to_dict(),
             "seed": spec.train.seed, "fake_data": data_source == "fake", "data": data_source,
             "data_description": description, "versions": versions,
+            # how the launcher packed it: the same run alone gives the same results
+            "runs_per_gpu": int(os.environ.get(runlog.PACKING_ENV, 1)),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
     def log(self, line: LogLine) -> None:
