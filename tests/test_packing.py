@@ -1,0 +1,211 @@
+"""`--runs-per-gpu K`: several runs on each GPU, on the CPU through the cuda path. A stand-in
+`nvidia-smi` lists two GPUs, a stand-in `nvidia-cuda-mps-control` logs its calls and keeps a
+sleeping process as its daemon; the runs are the archive's toy backend (tests/toy_backend.py)
+or a stand-in that records its environment and sleeps, ends or fails."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import launch_grid as grid
+from crmn.launch import manifest, status
+
+#: one run: records what the launcher gave it in <exp>/seen/<row>.<pid>.json, then trains the
+#: toy backend (toy), sleeps (slow), ends (quick) or fails (fail)
+RUN = """
+import json, os, sys, time
+from pathlib import Path
+run_dir, mode = Path(sys.argv[1]), sys.argv[2]
+seen = run_dir.parents[1] / "seen"
+seen.mkdir(exist_ok=True)
+keys = ("CUDA_VISIBLE_DEVICES", "CUDA_MPS_PIPE_DIRECTORY", "OMP_NUM_THREADS", "CRMN_RUNS_PER_GPU")
+record = {k: os.environ.get(k) for k in keys}
+record.update(pid=os.getpid(), start=time.time())
+path = seen / f"{run_dir.parent.name}.{os.getpid()}.json"
+path.write_text(json.dumps(record))
+if mode == "toy":
+    import toy_backend
+    toy_backend.run_toy(run_dir, resume=True, sleep_s=0.04)
+elif mode == "slow":
+    time.sleep(120)
+elif mode == "fail":
+    sys.exit(1)
+record["end"] = time.time()
+path.write_text(json.dumps(record))
+"""
+
+#: the local launcher as launch.main runs it with --device cuda --runs-per-gpu 2 (no --jobs)
+LAUNCHER = """
+import sys
+from pathlib import Path
+from crmn.launch import local, manifest
+from crmn.launch.manifest import Task
+exp, script, modes = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
+tasks = [Task(i, f"row{i}", 0, (sys.executable, script, str(exp / f"row{i}" / "seed0"), mode,
+                                "--rows", f"row{i}", "--seed", "0"))
+         for i, mode in enumerate(modes)]
+manifest.write(exp, tasks)
+sys.exit(local.run(exp, tasks, local.default_jobs("cuda", 2), "cuda", 2))
+"""
+
+NVIDIA_SMI = """#!/bin/sh
+[ "$1" = -L ] || exit 9
+echo "GPU 0: Stand-in GPU (UUID: GPU-0)"
+echo "GPU 1: Stand-in GPU (UUID: GPU-1)"
+"""
+
+#: `-d` starts a "daemon" (a sleep) and notes its PID in the pipe folder; on stdin,
+#: get_server_list succeeds while it lives, quit ends it; every start and quit is logged
+MPS_CONTROL = """#!/bin/sh
+pidfile="$CUDA_MPS_PIPE_DIRECTORY/daemon.pid"
+if [ "$1" = -d ]; then
+  echo "start $CUDA_MPS_PIPE_DIRECTORY" >>"$MPS_CALLS"
+  sleep 300 </dev/null >/dev/null 2>&1 &
+  echo $! >"$pidfile"
+  exit 0
+fi
+read cmd
+pid=$(cat "$pidfile" 2>/dev/null)
+case "$cmd" in
+  get_server_list) [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null ;;
+  quit) echo quit >>"$MPS_CALLS"; [ -z "$pid" ] || kill "$pid"; rm -f "$pidfile" ;;
+  *) exit 2 ;;
+esac
+"""
+
+
+def _bin(tmp_path: Path, mps: bool) -> dict:
+    """The stand-ins on PATH, a private TMPDIR (the MPS folder), the environment of a launch."""
+    folder = tmp_path / "bin"
+    folder.mkdir(exist_ok=True)
+    tools = {"nvidia-smi": NVIDIA_SMI, **({"nvidia-cuda-mps-control": MPS_CONTROL} if mps else {})}
+    for name, text in tools.items():
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return grid.env(PATH=f"{folder}:{os.environ['PATH']}", TMPDIR=str(tmp_path / "tmp"),
+                    MPS_CALLS=str(tmp_path / "mps-calls"),
+                    PYTHONPATH=f"{grid.ROOT}:{grid.ROOT / 'tests'}")
+
+
+def _launch(tmp_path: Path, modes, env, **kw) -> subprocess.Popen:
+    script = tmp_path / "run.py"
+    script.write_text(RUN)
+    return subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path / "exp"), str(script),
+                             ",".join(modes)], env=env, cwd=grid.ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def _seen(exp: Path) -> dict:
+    """``{row: [record, ...]}`` of every run started, in start order."""
+    out = {}
+    for p in sorted((exp / "seen").glob("*.json")):
+        out.setdefault(p.name.split(".")[0], []).append(json.loads(p.read_text()))
+    return {k: sorted(v, key=lambda r: r["start"]) for k, v in out.items()}
+
+
+def _calls(tmp_path: Path) -> list:
+    path = tmp_path / "mps-calls"
+    return [ln.split()[0] for ln in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_runs_per_gpu_2_runs_four_toy_runs_two_per_gpu_a_killed_one_resumes(tmp_path):
+    """Two stand-in GPUs, K = 2: four toy runs at once, two per device id, overlapping in
+    time; one killed with SIGKILL leaves the others to finish; launching again resumes it."""
+    env = _bin(tmp_path, mps=False)
+    exp = tmp_path / "exp"
+    p = _launch(tmp_path, ["toy"] * 4, env)
+    runs = [exp / f"row{i}" / "seed0" for i in range(4)]
+    grid.wait_for(lambda: all(grid.epochs_logged(r) >= 1 for r in runs), "an epoch of all four",
+                  timeout=120)
+    victim = json.loads((exp / "tasks" / "2.start").read_text())["pid"]
+    os.kill(victim, signal.SIGKILL)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1, err[-2000:]  # the killed run counts as failed
+    first = out.splitlines()[0]
+    assert "4 at once, GPUs 0,1, 2 per GPU (no MPS (nvidia-cuda-mps-control not found)" in first
+    assert "FAILED (exit 137)" in out and out.count(": done after") == 3, out
+    seen = _seen(exp)
+    first = [v[0] for v in seen.values()]
+    assert sorted(r["CUDA_VISIBLE_DEVICES"] for r in first) == ["0", "0", "1", "1"]
+    assert all(r["CRMN_RUNS_PER_GPU"] == "2" and r["OMP_NUM_THREADS"] == "1" for r in first)
+    done = [r for r in first if "end" in r]
+    assert len(done) == 3 and "end" not in seen["row2"][0]  # the killed one never ended
+    assert max(r["start"] for r in first) < min(r["end"] for r in done)  # all four at once
+    assert [(exp / "tasks" / f"{i}.rc").read_text() for i in range(4)] == ["0\n", "0\n",
+                                                                        "137\n", "0\n"]
+    config = json.loads((runs[0] / "config.json").read_text())
+    assert config["runs_per_gpu"] == 2 and config["omp_num_threads"] == "1"
+    # launching again: the killed run resumes from its checkpoint, the others are no-ops
+    q = _launch(tmp_path, ["toy"] * 4, env)
+    out, err = q.communicate(timeout=120)
+    assert q.returncode == 0, err[-2000:]
+    assert "resuming" in (exp / "tasks" / "2.out").read_text()
+    assert [status.task_state(exp, t, None).state for t in manifest.read(exp)] == \
+        ["finished"] * 4
+
+
+def test_mps_daemon_started_once_seen_by_the_runs_stopped_once(tmp_path):
+    """With the control program: one daemon for the launch, its pipe folder in every run's
+    environment, stopped once at the end, also when a run failed."""
+    env = _bin(tmp_path, mps=True)
+    p = _launch(tmp_path, ["quick", "quick", "fail", "quick"], env)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 1, err[-2000:]
+    pipe = str(tmp_path / "tmp" / f"crmn-mps-{os.getuid()}" / "pipe")
+    assert f"MPS daemon started (pipes {pipe}" in out.splitlines()[0]
+    assert _calls(tmp_path) == ["start", "quit"]
+    seen = _seen(tmp_path / "exp")
+    assert len(seen) == 4 and all(r["CUDA_MPS_PIPE_DIRECTORY"] == pipe
+                                  for v in seen.values() for r in v)
+
+
+def test_mps_daemon_stopped_on_ctrl_c_a_stale_one_stopped_a_live_one_reused(tmp_path):
+    """SIGINT to the launcher: the daemon is stopped once. A launcher killed with SIGKILL
+    leaves its daemon: the next launch stops that one and starts its own. A daemon another
+    live process started is used as it is: neither started again nor stopped."""
+    env = _bin(tmp_path, mps=True)
+    exp = tmp_path / "exp"
+    pids = lambda: [json.loads((exp / "tasks" / f"{i}.start").read_text())["pid"]
+                    for i in range(4)]
+    p = _launch(tmp_path, ["slow"] * 4, env)
+    grid.wait_for(lambda: all((exp / "tasks" / f"{i}.start").exists() for i in range(4)),
+                  "four runs")
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-2000:]
+    assert _calls(tmp_path) == ["start", "quit"]
+    # SIGKILL: the runs die with the launcher, the daemon stays
+    p = _launch(tmp_path, ["slow"] * 4, env)
+    grid.wait_for(lambda: _calls(tmp_path) == ["start", "quit", "start"], "the second daemon")
+    owner = tmp_path / "tmp" / f"crmn-mps-{os.getuid()}" / "launcher.pid"
+    grid.wait_for(owner.exists, "the owner file")
+    daemon = int((owner.parent / "pipe" / "daemon.pid").read_text())
+    grid.wait_for(lambda: all((exp / "tasks" / f"{i}.start").exists() for i in range(4)),
+                  "four runs")
+    killed = p.pid
+    os.kill(p.pid, signal.SIGKILL)
+    p.communicate(timeout=30)
+    grid.wait_for(lambda: not any(status.pid_alive(r) for r in pids()), "the runs to die")
+    assert status.pid_alive(daemon)
+    q = _launch(tmp_path, ["quick"] * 4, env)
+    out, err = q.communicate(timeout=60)
+    assert q.returncode == 0, err[-2000:]
+    assert f"stale MPS daemon of launcher {killed} (killed) stopped; MPS daemon started" in out
+    assert _calls(tmp_path) == ["start", "quit", "start", "quit", "start", "quit"]
+    grid.wait_for(lambda: not status.pid_alive(daemon), "the stale daemon to end", timeout=10)
+    # a daemon this (live) process started: used, not doubled, not stopped
+    mps_env = {**env, "CUDA_MPS_PIPE_DIRECTORY": str(owner.parent / "pipe")}
+    subprocess.run(["nvidia-cuda-mps-control", "-d"], env=mps_env, check=True)
+    owner.write_text(f"{os.getpid()}\n")
+    try:
+        q = _launch(tmp_path, ["quick"] * 4, env)
+        out, err = q.communicate(timeout=60)
+        assert q.returncode == 0, err[-2000:]
+        assert f"MPS: using the daemon launcher {os.getpid()} runs" in out.splitlines()[0]
+        assert _calls(tmp_path)[6:] == ["start"]  # by this test only
+    finally:
+        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env=mps_env)
