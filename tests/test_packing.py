@@ -2,6 +2,7 @@
 `nvidia-smi` lists two GPUs, a stand-in `nvidia-cuda-mps-control` logs its calls and keeps a
 sleeping process as its daemon; the runs are the archive's toy backend (tests/toy_backend.py)
 or a stand-in that records its environment and sleeps, ends or fails."""
+import dataclasses
 import json
 import os
 import signal
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 import launch_grid as grid
 from crmn.launch import manifest, status
@@ -209,3 +212,51 @@ def test_mps_daemon_stopped_on_ctrl_c_a_stale_one_stopped_a_live_one_reused(tmp_
         assert _calls(tmp_path)[6:] == ["start"]  # by this test only
     finally:
         subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env=mps_env)
+
+
+# ---------------------------------------------------------------------------------------
+# bench-speeds.json: speeds, the kept ceiling, the measured packing
+
+
+def test_speeds_file_keeps_its_numbers_beside_a_ceiling_a_packing_and_a_bad_value(tmp_path,
+                                                                               monkeypatch):
+    """A value that is no number (a ceiling, a packing table, a hand's mistake) is skipped
+    alone; the estimate scales by the kept ceiling without timing one, and on a GPU names the
+    --runs-per-gpu that gpucheck measured fastest."""
+    from crmn import cost, plan as plans, roofline
+    from crmn.cli import parser
+    from crmn.registry import StackOptions
+
+    path = tmp_path / "speeds.json"
+    cpu = StackOptions("torch", "cpu")
+    ceiling = {"device": "cpu", "fp32_tflops": 0.001, "bf16_tflops": None}
+    cost.record([{"row": "t1-resnet32x1", "sec_per_epoch": 10.0}], [cpu], path, ceiling=ceiling)
+    cost.record_packing("Stand-in GPU", {"gpu": "Stand-in GPU",
+                                         "speedup": {"1": 1.0, "2": 1.8, "4": 2.5}}, path)
+    data = json.loads(path.read_text())
+    data["t1-crmn32x1|torch|cpu|float32"] = "fast"  # broken by hand
+    path.write_text(json.dumps(data))
+    assert cost.read_speeds(path) == {"t1-resnet32x1|torch|cpu|float32": 10.0}
+    assert cost.read_ceiling("cpu", path)["fp32_tflops"] == 0.001
+    assert cost.best_packing(cost.read_packing("Stand-in GPU", path)) == (4, 2.5)
+    # a better ceiling measured later replaces the kept one, figure by figure
+    cost.record([], [], path, ceiling=roofline.best_ceiling(
+        cost.read_ceiling("cpu", path), {**ceiling, "fp32_tflops": 0.0005, "bf16_tflops": 0.1}))
+    assert cost.read_ceiling("cpu", path) == {**ceiling, "bf16_tflops": 0.1}
+    monkeypatch.setattr(cost, "speeds_path", lambda: path)
+    monkeypatch.setattr(roofline, "fp32_ceiling", lambda device: pytest.fail("timed again"))
+    plan = plans.train_plan(parser.parse(["table1", "--rows", "t1-crmn32x1", "--seeds", "1",
+                                          "--device", "cpu", "--backend", "torch"]))
+    flops = roofline.train_flops_per_image(plan.runs[0].spec.model)
+    guess = flops * 50_000 / (cost.ASSUMED_SHARE * 1e9) * cost.expected_epochs(
+        plan.runs[0].spec.train)
+    assert f"about {cost._time(guess)} (FLOPs at 25%" in cost.estimate(plan)
+    gpu = dataclasses.replace(plan, runs=tuple(dataclasses.replace(r, spec=dataclasses.replace(
+        r.spec, stack=StackOptions("torch", "cuda"))) for r in plan.runs))
+    speeds = {cost.key("t1-crmn32x1", StackOptions("torch", "cuda")): 36.0}
+    line = cost.estimate(gpu, speeds, cost.read_packing("Stand-in GPU", path))
+    total = 36.0 * cost.expected_epochs(plan.runs[0].spec.train)
+    assert f"about {cost._time(total)} (bench's s/epoch" in line
+    assert (f"with --runs-per-gpu 4, the fastest measured (2.50x the throughput of one run per "
+            f"GPU, gpucheck on Stand-in GPU): about {cost._time(total / 2.5)} per GPU") in line
+    assert "gpucheck --only packing` measures" in cost.estimate(gpu, speeds, {})
