@@ -5,7 +5,7 @@ right after, which finds what the first stored)."""
 from __future__ import annotations
 
 import time
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -28,10 +28,11 @@ def _sampler(rng, steps: int, classes: int, train: TrainConfig) -> BatchSampler:
 def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3,
               batch_size: Optional[int] = None, seed: int = 0,
               channels_last: Optional[bool] = None, model: Optional[ModelConfig] = None,
-              ceiling: Optional[Dict] = None) -> Dict:
+              ceiling: Optional[Dict] = None, ready: Optional[Callable[[], None]] = None) -> Dict:
     """The figures of one table line: ``steps`` SGD steps of ``row`` in ``options``' stack.
     ``model``: another network in the row's protocol (``speedup`` is then None); ``ceiling``:
-    :func:`crmn.roofline.measure_ceiling`'s, for the utilisation columns."""
+    :func:`crmn.roofline.measure_ceiling`'s, for the utilisation columns; ``ready``: called
+    between the warm-up and the timed steps (gpucheck's packing lines up K processes there)."""
     own = model is None
     model = ModelConfig.for_row(row) if own else model
     train = TrainConfig.for_row(row, seed=seed)
@@ -51,6 +52,8 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
     if getattr(stack, "fast_epoch", False):  # the stack's fast path copies the data once
         stack.resident(s)
     warmup_s = time.perf_counter() - t0
+    if ready is not None:
+        ready()
     t0 = time.perf_counter()
     stats = train_epoch(stack, s, 1, 0.01)  # ends with a host sync: device work is finished
     seconds = time.perf_counter() - t0

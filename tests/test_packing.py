@@ -260,3 +260,31 @@ def test_speeds_file_keeps_its_numbers_beside_a_ceiling_a_packing_and_a_bad_valu
     assert (f"with --runs-per-gpu 4, the fastest measured (2.50x the throughput of one run per "
             f"GPU, gpucheck on Stand-in GPU): about {cost._time(total / 2.5)} per GPU") in line
     assert "gpucheck --only packing` measures" in cost.estimate(gpu, speeds, {})
+
+
+@pytest.mark.slow
+def test_gpucheck_quick_packing_on_the_cpu_shows_k_1_and_2(tmp_path):
+    """`gpucheck --quick --device cpu --only packing`: for each of its two rows, one and two
+    processes at once, their images/s together, the speed-up over one, each one's peak memory
+    and threads (the host's cores shared); nothing kept for the cost estimate (tiny networks)."""
+    from conftest import run_cli
+    from crmn import cost, gpucheck
+
+    p = run_cli(["gpucheck", "--device", "cpu", "--quick", "--only", "packing", "--out",
+                 tmp_path], timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
+    report = json.loads((tmp_path / gpucheck.JSON_NAME).read_text())
+    rows = {r["check"]: r for r in report["checks"] if r["part"] == "packing"}
+    assert sorted(rows) == sorted(f"packing {row} K={k}" for row in ("t1-resnet32x1",
+                                                                    "t1-crmn32x1") for k in (1, 2))
+    cores = len(os.sched_getaffinity(0))
+    for check, r in rows.items():
+        k = r["data"]["k"]
+        assert r["status"] == "ok" and r["data"]["images_per_s"] > 0
+        assert f"{max(1, cores // k)} threads each" in r["detail"] and "MiB each" in r["detail"]
+        if k == 1:
+            assert r["data"]["speedup"] == 1.0 and "1.00x K=1" in r["figure"]
+    md = (tmp_path / gpucheck.MD_NAME).read_text()
+    assert "packing t1-resnet32x1 K=2" in md and "packing t1-crmn32x1 K=2" in md
+    assert not any(k.startswith("packing|") for k in json.loads(
+        cost.speeds_path().read_text() if cost.speeds_path().exists() else "{}"))
