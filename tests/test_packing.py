@@ -288,3 +288,36 @@ def test_gpucheck_quick_packing_on_the_cpu_shows_k_1_and_2(tmp_path):
     assert "packing t1-resnet32x1 K=2" in md and "packing t1-crmn32x1 K=2" in md
     assert not any(k.startswith("packing|") for k in json.loads(
         cost.speeds_path().read_text() if cost.speeds_path().exists() else "{}"))
+
+
+#: what a run's log and summary hold that is a timing, not a result
+TIMINGS = {"seconds", "images_per_s", "time", "compile_seconds", "sec_per_epoch"}
+
+
+@pytest.mark.slow
+def test_runs_packed_two_at_a_time_equal_the_same_runs_alone(tmp_path):
+    """Nothing changes in a run by being packed: two tiny torch runs trained two at a time
+    (`--jobs 2 --runs-per-gpu 2`) log and sum up exactly as the same runs trained alone, one
+    after another, at the same thread count (one)."""
+    data = grid.fake_data(tmp_path / "data")
+    base = ["table1", "--rows", ",".join(grid.ROWS), "--seeds", "1", "--backend", "torch",
+            "--n", "1", "--k", "0.5", "--batch-size", "50", "--schedule", "2,0,0",
+            "--no-progress", "--data-dir", str(data)]
+    alone = grid.cli(*base, "--out-dir", str(tmp_path / "alone"))
+    packed = grid.cli(*base, "--out-dir", str(tmp_path / "packed"), "--jobs", "2",
+                      "--runs-per-gpu", "2")
+    assert alone.returncode == 0 and packed.returncode == 0, packed.stderr[-2000:]
+    assert "manifest" not in alone.stdout and "2 at once" in packed.stdout
+    for row in grid.ROWS:
+        runs = [tmp_path / how / "table1" / row / "seed0" for how in ("alone", "packed")]
+        logs = [[{k: v for k, v in json.loads(ln).items() if k not in TIMINGS}
+                 for ln in (r / "log.jsonl").read_text().splitlines()] for r in runs]
+        assert len(logs[0]) == 2 and logs[0] == logs[1], row
+        sums = [{k: v for k, v in json.loads((r / "summary.json").read_text()).items()
+                 if k not in TIMINGS} for r in runs]
+        assert sums[0] == sums[1], row
+        configs = [json.loads((r / "config.json").read_text()) for r in runs]
+        assert [c["runs_per_gpu"] for c in configs] == [1, 2]
+        assert [c["omp_num_threads"] for c in configs] == ["1", "1"]
+    assert grid.assert_same_checkpoints(tmp_path / "alone" / "table1",
+                                        tmp_path / "packed" / "table1") > 50
