@@ -151,15 +151,39 @@ def _pack_one(row_id: str, options: StackOptions, quick: bool, barrier, queue) -
                r["peak_mem_bytes"]))
 
 
+def _pack(plan: GpucheckPlan, row_id: str, options: StackOptions, k: int) -> List[tuple]:
+    """:func:`_pack_one`'s figures of ``k`` processes started together."""
+    import multiprocessing
+    import queue as queues
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each, as a run has
+    barrier, out = ctx.Barrier(k), ctx.Queue()
+    procs = [ctx.Process(target=_pack_one, args=(row_id, options, plan.quick, barrier, out))
+             for _ in range(k)]
+    for p in procs:
+        p.start()
+    got = []
+    while len(got) < k:
+        try:
+            got.append(out.get(timeout=1))
+        except queues.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                for p in procs:
+                    p.kill()
+                log = plan.out_dir / "logs" / f"packing-{row_id}.log"
+                raise RunError(f"packing {row_id}: a process of K = {k} failed (exit codes "
+                               f"{[p.exitcode for p in procs]}); see {log}")
+    for p in procs:
+        p.join()
+    return got
+
+
 def packing_rows(plan: GpucheckPlan, row_id: str) -> List[Dict]:
     """K = 1, 2, 4, 8 processes of ``row_id`` (torch bfloat16 + compile) at once, each with
     its share of the cores: their images/s together, the speed-up over K = 1, each one's peak
     memory; K stops rising when the speed-up stops growing, memory or the budget would not
     allow the next. On a GPU the table is kept for the cost estimate (crmn/cost.py)."""
-    import multiprocessing
-    import queue as queues
     from crmn import cost
-    options, ctx = engines(plan.device)["torch-bf16"], multiprocessing.get_context("spawn")
+    options = engines(plan.device)["torch-bf16"]
     registry.probe(options)
     budget, t0 = NEEDS[f"packing {row_id}"][2 if plan.quick else 0], time.monotonic()
     memory = None
@@ -174,24 +198,7 @@ def packing_rows(plan: GpucheckPlan, row_id: str) -> List[Dict]:
         if late or (memory and k * peak > 0.9 * memory):
             break  # twice what it took so far would not fit its budget; or K copies its memory
         os.environ["OMP_NUM_THREADS"] = str(max(1, cores // k))  # inherited by the K processes
-        barrier, out = ctx.Barrier(k), ctx.Queue()
-        procs = [ctx.Process(target=_pack_one, args=(row_id, options, plan.quick, barrier, out))
-                 for _ in range(k)]
-        for p in procs:
-            p.start()
-        got = []
-        while len(got) < k:
-            try:
-                got.append(out.get(timeout=1))
-            except queues.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    for p in procs:
-                        p.kill()
-                    log = plan.out_dir / "logs" / f"packing-{row_id}.log"
-                    raise RunError(f"packing {row_id}: a process of K = {k} failed (exit codes "
-                                   f"{[p.exitcode for p in procs]}); see {log}")
-        for p in procs:
-            p.join()
+        got = _pack(plan, row_id, options, k)
         rate = sum(g[2] for g in got) / (max(g[1] for g in got) - min(g[0] for g in got))
         one = table["images_per_s"].get("1", rate)
         table["images_per_s"][str(k)], table["speedup"][str(k)] = rate, rate / one
