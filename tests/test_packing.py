@@ -55,9 +55,11 @@ sys.exit(local.run(exp, tasks, local.default_jobs("cuda", 2), "cuda", 2))
 """
 
 NVIDIA_SMI = """#!/bin/sh
-[ "$1" = -L ] || exit 9
-echo "GPU 0: Stand-in GPU (UUID: GPU-0)"
-echo "GPU 1: Stand-in GPU (UUID: GPU-1)"
+case "$1" in
+  -L) echo "GPU 0: Stand-in GPU (UUID: GPU-0)"; echo "GPU 1: Stand-in GPU (UUID: GPU-1)" ;;
+  --query-gpu=name) echo "Stand-in GPU"; echo "Stand-in GPU" ;;
+  *) exit 9 ;;
+esac
 """
 
 #: `-d` starts a "daemon" (a sleep) and notes its PID in the pipe folder; on stdin,
@@ -321,3 +323,30 @@ def test_runs_packed_two_at_a_time_equal_the_same_runs_alone(tmp_path):
         assert [c["omp_num_threads"] for c in configs] == ["1", "1"]
     assert grid.assert_same_checkpoints(tmp_path / "alone" / "table1",
                                         tmp_path / "packed" / "table1") > 50
+
+
+def test_a_k_whose_memory_would_not_fit_is_refused_naming_the_largest_that_does(tmp_path,
+                                                                              monkeypatch):
+    """gpucheck's packing on this GPU model measured a peak per process: K runs that would
+    not fit 90 % of the GPU's memory are refused in one line naming the largest K that
+    fits; without a packing table the note says the fit is unchecked."""
+    from crmn import cost
+    from crmn.errors import ConfigError
+    from crmn.launch import local
+
+    monkeypatch.setenv("PATH", _bin(tmp_path, mps=False)["PATH"])
+    path = tmp_path / "speeds.json"
+    monkeypatch.setattr(cost, "speeds_path", lambda: path)
+    assert local.memory_fit(4) == ("their memory fit unchecked: gpucheck --only packing has "
+                                   "not run on this GPU model")
+    gib = 2 ** 30
+    cost.record_packing("Stand-in GPU", {"gpu": "Stand-in GPU", "memory_bytes": 10 * gib,
+                                         "rows": {"t1-crmn32x1": {"peak_mem_bytes": {
+                                             "1": 2 * gib, "2": 2.1 * gib}}},
+                                         "speedup": {"1": 1.0, "2": 1.5}}, path)
+    assert local.memory_fit(4) == "4 x 2150 MiB peak fit Stand-in GPU (10 GiB)"
+    with pytest.raises(ConfigError) as e:
+        local.memory_fit(5)
+    assert str(e.value) == ("--runs-per-gpu 5: 5 runs of 2150 MiB peak each (gpucheck's "
+                            "packing on Stand-in GPU) would not fit 90 % of its 10 GiB; at "
+                            "most 4 fit: use --runs-per-gpu 4")

@@ -15,7 +15,7 @@ from collections import deque
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from crmn.errors import EXIT_INTERRUPTED, EXIT_STOPPED
+from crmn.errors import EXIT_INTERRUPTED, EXIT_STOPPED, ConfigError
 from crmn import runlog
 from crmn.launch import mps, status
 from crmn.launch.manifest import Task
@@ -52,6 +52,26 @@ def visible_gpus() -> List[str]:
         return []
     n = sum(1 for ln in p.stdout.splitlines() if ln.startswith("GPU ")) if p.returncode == 0 else 0
     return [str(i) for i in range(n)]
+
+
+def memory_fit(runs_per_gpu: int) -> str:
+    """Whether ``runs_per_gpu`` runs fit this machine's GPU model by the largest peak memory
+    gpucheck's packing measured on it (a note for the first line); ConfigError if not."""
+    from crmn import cost
+    gpu = cost.gpu_model()
+    table = (cost.read_packing(gpu) if gpu else None) or {}
+    peaks = [v for t in (table.get("rows") or {}).values()
+             for v in (t.get("peak_mem_bytes") or {}).values() if isinstance(v, (int, float))]
+    memory = table.get("memory_bytes")
+    if not peaks or not isinstance(memory, (int, float)):
+        return "their memory fit unchecked: gpucheck --only packing has not run on this GPU model"
+    most, mib = int(0.9 * memory // max(peaks)), max(peaks) / 2 ** 20
+    if runs_per_gpu > most:
+        raise ConfigError(f"--runs-per-gpu {runs_per_gpu}: {runs_per_gpu} runs of {mib:.0f} MiB "
+                          f"peak each (gpucheck's packing on {gpu}) would not fit 90 % of its "
+                          f"{memory / 2 ** 30:.0f} GiB; at most {most} fit: use --runs-per-gpu "
+                          f"{most}")
+    return f"{runs_per_gpu} x {mib:.0f} MiB peak fit {gpu} ({memory / 2 ** 30:.0f} GiB)"
 
 
 def default_jobs(device: str, runs_per_gpu: int = 1) -> int:
@@ -187,7 +207,7 @@ class LocalLauncher:
 
 
 def run(exp_dir: Path, tasks: Sequence[Task], jobs: int, device: str,
-        runs_per_gpu: int = 1) -> int:
+        runs_per_gpu: int = 1, fit: str = "their memory fit unchecked") -> int:
     """Run the manifest's ``tasks``, ``jobs`` at once; 0 all done, 1 some failed, 130 stopped.
     Where runs share a GPU, an MPS daemon (crmn/launch/mps.py) serves them while they run."""
     gpus = visible_gpus() if device == "cuda" else []
@@ -199,7 +219,7 @@ def run(exp_dir: Path, tasks: Sequence[Task], jobs: int, device: str,
     with (mps.daemon() if shared else contextlib.nullcontext(({}, ""))) as (env, note):
         print(f"[local] {len(tasks)} run(s), {jobs} at once"
               + (f", GPUs {','.join(gpus)}" if gpus else "")
-              + (f", {-(-jobs // len(gpus))} per GPU ({note}; their memory fit unchecked)"
+              + (f", {-(-jobs // len(gpus))} per GPU ({note}; {fit})"
                  if shared else "")
               + (f", OMP_NUM_THREADS={threads} each" if threads else "") + f"; manifest "
               f"{Path(exp_dir) / 'manifest.txt'}; follow with: bash run_experiments.sh status "
