@@ -41,8 +41,8 @@ def main(plan: TrainPlan, entry: Path) -> int:
     options = plan.launch
     if options.launcher == "slurm":
         slurm.require_sbatch()
-    fit = (local.memory_fit(options.per_gpu) if plan.stack.device.startswith("cuda")
-           and options.per_gpu > 1 else "")
+    # K runs that would not fit the GPU: refused before anything is written
+    fit = local.memory_fit(options.per_gpu) if plan.stack.device.startswith("cuda") else ""
     lock = _claim(exp_dir)
     try:
         if status.slurm_jobs(exp_dir):
@@ -58,8 +58,7 @@ def main(plan: TrainPlan, entry: Path) -> int:
                                 max_requeues=options.requeues, runs_per_gpu=options.per_gpu)
             lock.close()  # the jobs own the grid now (refuse_if_queued guards it)
             return slurm.wait(exp_dir, jobs) if options.wait else 0
-        rc = local.run(exp_dir, tasks, _jobs(plan), plan.stack.device, options.per_gpu,
-                       fit or "their memory fit unchecked")
+        rc = local.run(exp_dir, tasks, _jobs(plan), plan.stack.device, options.per_gpu, fit)
     finally:
         lock.close()
     if rc == local.EXIT_INTERRUPTED:

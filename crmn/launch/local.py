@@ -207,7 +207,7 @@ class LocalLauncher:
 
 
 def run(exp_dir: Path, tasks: Sequence[Task], jobs: int, device: str,
-        runs_per_gpu: int = 1, fit: str = "their memory fit unchecked") -> int:
+        runs_per_gpu: int = 1, fit: str = "") -> int:
     """Run the manifest's ``tasks``, ``jobs`` at once; 0 all done, 1 some failed, 130 stopped.
     Where runs share a GPU, an MPS daemon (crmn/launch/mps.py) serves them while they run."""
     gpus = visible_gpus() if device == "cuda" else []
@@ -219,8 +219,8 @@ def run(exp_dir: Path, tasks: Sequence[Task], jobs: int, device: str,
     with (mps.daemon() if shared else contextlib.nullcontext(({}, ""))) as (env, note):
         print(f"[local] {len(tasks)} run(s), {jobs} at once"
               + (f", GPUs {','.join(gpus)}" if gpus else "")
-              + (f", {-(-jobs // len(gpus))} per GPU ({note}; {fit})"
-                 if shared else "")
+              + (f", {-(-jobs // len(gpus))} per GPU ({note}; "
+                 f"{fit or 'their memory fit unchecked'})" if shared else "")
               + (f", OMP_NUM_THREADS={threads} each" if threads else "") + f"; manifest "
               f"{Path(exp_dir) / 'manifest.txt'}; follow with: bash run_experiments.sh status "
               f"{exp_dir}", flush=True)
