@@ -144,7 +144,7 @@ def _pack_one(row_id: str, options: StackOptions, quick: bool, barrier, queue) -
     def ready() -> None:  # every process warmed up (compiled): the K time their steps together
         barrier.wait()
         start.append(time.time())
-    r = bench.bench_row(row, options, *((2, 1) if quick else (60, 3)), batch_size=8 if quick
+    r = bench.bench_row(row, options, *((4, 2) if quick else (60, 3)), batch_size=8 if quick
                         else None, model=ModelConfig(classes=row.classes, memory=row.memory,
                                                      n=1, k=0.5) if quick else None, ready=ready)
     queue.put((start[0], start[0] + r["seconds"], r["images_per_s"] * r["seconds"],
