@@ -5,7 +5,7 @@ right after, which finds what the first stored)."""
 from __future__ import annotations
 
 import time
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -28,10 +28,11 @@ def _sampler(rng, steps: int, classes: int, train: TrainConfig) -> BatchSampler:
 def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3,
               batch_size: Optional[int] = None, seed: int = 0,
               channels_last: Optional[bool] = None, model: Optional[ModelConfig] = None,
-              ceiling: Optional[Dict] = None) -> Dict:
+              ceiling: Optional[Dict] = None, ready: Optional[Callable[[], None]] = None) -> Dict:
     """The figures of one table line: ``steps`` SGD steps of ``row`` in ``options``' stack.
     ``model``: another network in the row's protocol (``speedup`` is then None); ``ceiling``:
-    :func:`crmn.roofline.measure_ceiling`'s, for the utilisation columns."""
+    :func:`crmn.roofline.measure_ceiling`'s, for the utilisation columns; ``ready``: called
+    between the warm-up and the timed steps (gpucheck's packing lines up K processes there)."""
     own = model is None
     model = ModelConfig.for_row(row) if own else model
     train = TrainConfig.for_row(row, seed=seed)
@@ -51,6 +52,8 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
     if getattr(stack, "fast_epoch", False):  # the stack's fast path copies the data once
         stack.resident(s)
     warmup_s = time.perf_counter() - t0
+    if ready is not None:
+        ready()
     t0 = time.perf_counter()
     stats = train_epoch(stack, s, 1, 0.01)  # ends with a host sync: device work is finished
     seconds = time.perf_counter() - t0
@@ -76,10 +79,6 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
     }
 
 
-def percent(fraction: Optional[float]) -> str:
-    return "-" if fraction is None else f"{100 * fraction:.3g} %"
-
-
 def _figure(r: Dict, key: str, unit: float, spec: str) -> str:
     """``r[key] / unit`` formatted, "-" where missing (older JSON, no peak)."""
     value = r.get(key)
@@ -95,7 +94,7 @@ def format_table(results: Sequence[Dict]) -> str:
              f"{r.get('compile_s', 0.0):.1f}", r.get("compile_cache") or "-",
              "-" if r.get("warm_compile_s") is None else f"{r['warm_compile_s']:.1f}",
              _figure(r, "flops_per_image", 1e9, ".3g"), _figure(r, "tflops", 1, ".3g"),
-             percent(r.get("ceiling_fraction")), _figure(r, "peak_mem_bytes", 2 ** 20, ".0f")]
+             roofline.share(r.get("ceiling_fraction")), _figure(r, "peak_mem_bytes", 2 ** 20, ".0f")]
             for r in results]
     return tables.markdown(["row", "model", "stack", "batch", "img/s", "s/epoch", "paper s",
                             "speedup", "warm-up s", "cold compile s", "cache",
@@ -114,7 +113,7 @@ def describe(r: Dict, torch_f32: Optional[Dict] = None) -> str:
         out.append(f"{x:.2f}x torch float32's time (goal <= 1.5x: "
                    f"{'met' if x <= 1.5 else 'not met'})")
     out += [f"compile {r['compile_s']:.1f} s", f"{r['tflops']:.3g} TFLOP/s "
-            f"({r['flops_per_image'] / 1e9:.3g} GFLOP/image) = {percent(r['ceiling_fraction'])}"
+            f"({r['flops_per_image'] / 1e9:.3g} GFLOP/image) = {roofline.share(r['ceiling_fraction'])}"
             " of the ceiling"]
     if r["peak_mem_bytes"] is not None:
         out.append(f"peak {r['peak_mem_bytes'] / 2 ** 20:.0f} MiB ({r['peak_mem_kind']})")

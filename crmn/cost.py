@@ -1,5 +1,8 @@
 """What a plan will cost: the seconds per epoch ``bench`` recorded on this machine
-(``$CRMN_CACHE/bench-speeds.json``, by row, stack, device, dtype) times the expected epochs."""
+(``$CRMN_CACHE/bench-speeds.json``, by row, stack, device, dtype) times the expected epochs,
+divided by the speed-up of runs sharing a GPU where gpucheck measured it. The same file keeps
+the best ceiling bench measured per device (``ceiling|DEVICE``) and gpucheck's packing per
+GPU model (``packing|MODEL``); the speeds are its number values, read one by one."""
 from __future__ import annotations
 
 import json
@@ -28,23 +31,63 @@ def key(row: str, options: StackOptions) -> str:
     return f"{row}|{options.backend}{mode}|{options.device}|{options.dtype}"
 
 
-def read_speeds(path: Optional[Path] = None) -> Dict[str, float]:
+def _read(path: Optional[Path] = None) -> Dict:
     try:
         data = json.loads((path or speeds_path()).read_text())
-        return {str(k): float(v) for k, v in data.items()}
-    except (OSError, ValueError, AttributeError, TypeError):
+    except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_speeds(path: Optional[Path] = None) -> Dict[str, float]:
+    """The recorded seconds per epoch; any other value (a ceiling, a packing table, a value a
+    hand broke) is skipped alone."""
+    return {str(k): float(v) for k, v in _read(path).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0}
+
+
+def _entry(name: str, path: Optional[Path] = None) -> Optional[Dict]:
+    value = _read(path).get(name)
+    return value if isinstance(value, dict) else None
+
+
+def read_ceiling(device: str, path: Optional[Path] = None) -> Optional[Dict]:
+    """The best ceiling bench measured on ``device`` here (roofline.measure_ceiling's dict)."""
+    return _entry(f"ceiling|{device}", path)
+
+
+def read_packing(gpu: str, path: Optional[Path] = None) -> Optional[Dict]:
+    """gpucheck's packing on GPU model ``gpu``: ``{"speedup": {K: x}, "peak_mem_bytes": {K:
+    bytes}, "memory_bytes": the GPU's, ...}`` (K as text)."""
+    return _entry(f"packing|{gpu}", path)
+
+
+def _update(entries: Dict, path: Optional[Path] = None) -> Path:
+    path = path or speeds_path()
+    data = {**_read(path), **entries}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runlog.write_json(path, dict(sorted(data.items())))  # atomic, as every archive file
+    return path
 
 
 def record(results: Sequence[Dict], options: Sequence[StackOptions],
-           path: Optional[Path] = None) -> Path:
-    """Add ``bench``'s results (run in stacks ``options``) to the recorded speeds; the file."""
-    path = path or speeds_path()
-    speeds = read_speeds(path)
-    speeds.update({key(r["row"], o): r["sec_per_epoch"] for r, o in zip(results, options)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    runlog.write_json(path, dict(sorted(speeds.items())))  # atomic, as every archive file
-    return path
+           path: Optional[Path] = None, ceiling: Optional[Dict] = None) -> Path:
+    """Add ``bench``'s results (run in stacks ``options``) and its ``ceiling`` to the file."""
+    entries = {key(r["row"], o): r["sec_per_epoch"] for r, o in zip(results, options)}
+    if ceiling:
+        entries[f"ceiling|{ceiling['device']}"] = ceiling
+    return _update(entries, path)
+
+
+def record_packing(gpu: str, table: Dict, path: Optional[Path] = None) -> Path:
+    return _update({f"packing|{gpu}": table}, path)
+
+
+def best_packing(table: Optional[Dict]) -> Optional[tuple]:
+    """``(K, speed-up)`` of the fastest K measured, or None."""
+    got = [(int(k), float(x)) for k, x in ((table or {}).get("speedup") or {}).items()
+           if str(k).isdigit() and isinstance(x, (int, float))]
+    return max(got, key=lambda kx: kx[1]) if got else None
 
 
 def expected_epochs(train) -> int:
@@ -63,9 +106,13 @@ def _time(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
-def estimate(plan, speeds: Optional[Dict[str, float]] = None) -> str:
-    """One line: runs, device, estimated wall time (or how to measure it first)."""
+def estimate(plan, speeds: Optional[Dict[str, float]] = None,
+             packing: Optional[Dict] = None) -> str:
+    """One line: runs, device, estimated wall time one run at a time on one device (or how to
+    measure it first), and with the packing gpucheck measured on this GPU model."""
     speeds = read_speeds() if speeds is None else speeds
+    if packing is None and plan.stack.device.startswith("cuda"):
+        packing = read_packing(gpu_model())
     rows = sorted({r.label for r in plan.runs})
     stack = plan.stack
     head = (f"plan: {len(plan.runs)} run(s) ({len(rows)} row(s) x seeds) on {stack.device} "
@@ -74,9 +121,11 @@ def estimate(plan, speeds: Optional[Dict[str, float]] = None) -> str:
         return f"{head}; a tiny network on tiny data: minutes"
     specs = [run.spec for run in plan.runs]
     missing = sorted({s.row for s in specs if key(s.row, stack) not in speeds})
-    if missing:  # a rough guess from the FLOPs and this device's ceiling, measured now
+    if missing:  # a rough guess from the FLOPs and this device's ceiling, kept or measured now
         from crmn import roofline
-        ceiling = roofline.fp32_ceiling(stack.device)
+        kept = (read_ceiling(stack.device) or {}).get("fp32_tflops")
+        ceiling = kept * 1e12 if isinstance(kept, (int, float)) and kept > 0 else \
+            roofline.fp32_ceiling(stack.device)
         speeds = {**speeds, **{key(s.row, stack): roofline.train_flops_per_image(s.model)
                                * 50_000 / (ASSUMED_SHARE * ceiling) for s in specs
                                if s.row in missing}}
@@ -87,10 +136,34 @@ def estimate(plan, speeds: Optional[Dict[str, float]] = None) -> str:
            f"{','.join(missing)} {_stack_flags(stack)}` measures" if missing
            else "bench's s/epoch")
     line = f"{head}; about {_time(total)} ({how} x expected epochs, REPRODUCING.md §2)"
+    if stack.device.startswith("cuda"):
+        line += _packed(total, packing)
     if total > DAY:
         line += ("; faster: a GPU (--device cuda), --backend torch, or --launcher slurm "
                  "(runs side by side)")
     return line
+
+
+def gpu_model() -> str:
+    """The first GPU's name as nvidia-smi gives it ("" where it cannot)."""
+    import subprocess
+    try:
+        p = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return (p.stdout.strip().splitlines() or [""])[0].strip() if p.returncode == 0 else ""
+
+
+def _packed(total: float, packing: Optional[Dict]) -> str:
+    best = best_packing(packing)
+    if best is None:
+        return ("; runs sharing a GPU unmeasured here: `bash run_experiments.sh gpucheck "
+                "--only packing` measures which --runs-per-gpu pays")
+    k, x = best
+    return (f"; with --runs-per-gpu {k}, the fastest measured ({x:.2f}x the throughput of one "
+            f"run per GPU, gpucheck on {packing.get('gpu') or 'this GPU'}): about "
+            f"{_time(total / x)} per GPU")
 
 
 def _stack_flags(stack: StackOptions) -> str:

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from crmn import plan as plans, registry, runlog, tables
-from crmn.errors import EXIT_INTERRUPTED, EXIT_STOPPED, ConfigError, CRMNError, UsageError
+from crmn.errors import (EXIT_INTERRUPTED, EXIT_STOPPED, ConfigError, CRMNError, RunError,
+                         UsageError)
 from crmn.registry import StackOptions
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("environment", "verify", "smoke", "speed")  # --only; environment always runs
+PARTS = ("environment", "verify", "smoke", "packing", "speed")  # --only; environment always runs
+PACKING_K = (1, 2, 4, 8)  # concurrent processes of one row tried in turn (--quick: 1, 2)
 DEFAULT_BUDGET = 540.0  # seconds: one 10-minute call less the machine's start
 HE_ACC = 92.49  # % test accuracy of ResNet-32 on CIFAR-10 (He et al. 2015, Table 6)
 JSONL_NAME, JSON_NAME, MD_NAME = "gpucheck.jsonl", "gpucheck.json", "gpucheck.md"
@@ -34,7 +36,9 @@ NEEDS: Dict[str, Tuple[float, float, Optional[float]]] = {
     "real t1-resnet32x1": (330, 1e6, 240), "real t1-crmn32x1": (360, 1e6, 200),
     "speed ceiling": (15, 15, 15), "verify torch": (40, 50, 30),
     "verify theano-jax vs torch": (130, 160, 50), "verify references": (50, 50, 60),
-    "smoke jax-f32": (100, 130, 70), "speed t1-resnet32x1 torch-f32": (20, 100, 15),
+    "smoke jax-f32": (100, 130, 70),
+    "packing t1-resnet32x1": (150, None, 25), "packing t1-crmn32x1": (150, None, 25),
+    "speed t1-resnet32x1 torch-f32": (20, 100, 15),
     "speed t1-resnet32x1 jax-f32": (60, 400, 25), "speed t1-resnet32x1 torch-bf16": (50, 200, 15),
     "speed t1-crmn32x1 torch-f32": (20, 130, 15), "speed t1-crmn32x1 jax-f32": (65, 450, 30),
     "speed t1-crmn32x1 torch-bf16": (70, 250, 15), "speed t1-crmn32x4 torch-f32": (25, 420, None),
@@ -143,12 +147,100 @@ def environment(device: str) -> Dict[str, str]:
     return env
 
 
+def _pack_one(row_id: str, options: StackOptions, quick: bool, barrier, queue) -> None:
+    """One of K processes timing ``row_id`` at once: (start, end, images, peak memory)."""
+    from crmn import bench, paper
+    from crmn.config import ModelConfig
+    row, start = paper.row(row_id), []
+
+    def ready() -> None:  # every process warmed up (compiled): the K time their steps together
+        barrier.wait()
+        start.append(time.time())
+    r = bench.bench_row(row, options, *((4, 2) if quick else (60, 3)), batch_size=8 if quick
+                        else None, model=ModelConfig(classes=row.classes, memory=row.memory,
+                                                     n=1, k=0.5) if quick else None, ready=ready)
+    queue.put((start[0], start[0] + r["seconds"], r["images_per_s"] * r["seconds"],
+               r["peak_mem_bytes"]))
+
+
+def _pack(plan: GpucheckPlan, row_id: str, options: StackOptions, k: int) -> List[tuple]:
+    """:func:`_pack_one`'s figures of ``k`` processes started together."""
+    import multiprocessing
+    import queue as queues
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each, as a run has
+    barrier, out = ctx.Barrier(k), ctx.Queue()
+    procs = [ctx.Process(target=_pack_one, args=(row_id, options, plan.quick, barrier, out))
+             for _ in range(k)]
+    for p in procs:
+        p.start()
+    got = []
+    while len(got) < k:
+        try:
+            got.append(out.get(timeout=1))
+        except queues.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                for p in procs:
+                    p.kill()
+                log = plan.out_dir / "logs" / f"packing-{row_id}.log"
+                raise RunError(f"packing {row_id}: a process of K = {k} failed (exit codes "
+                               f"{[p.exitcode for p in procs]}); see {log}")
+    for p in procs:
+        p.join()
+    return got
+
+
+def packing_rows(plan: GpucheckPlan, row_id: str) -> List[Dict]:
+    """K = 1, 2, 4, 8 processes of ``row_id`` (torch bfloat16 + compile) at once, each with
+    its share of the cores: their images/s together, the speed-up over K = 1, each one's peak
+    memory; K stops rising when the speed-up stops growing, memory or the budget would not
+    allow the next. On a GPU the table is kept for the cost estimate (crmn/cost.py)."""
+    from crmn import cost
+    options = engines(plan.device)["torch-bf16"]
+    registry.probe(options)
+    budget, t0 = NEEDS[f"packing {row_id}"][2 if plan.quick else 0], time.monotonic()
+    memory = None
+    if plan.device.startswith("cuda"):
+        import torch
+        memory = torch.cuda.get_device_properties(torch.device(plan.device)).total_memory
+    rows, table, cores = [], {"speedup": {}, "images_per_s": {}, "peak_mem_bytes": {}}, \
+        len(os.sched_getaffinity(0))
+    for k in PACKING_K[:2] if plan.quick else PACKING_K:
+        peak = max(table["peak_mem_bytes"].values(), default=0)
+        late = not plan.quick and rows and (time.monotonic() - t0) * 2 > budget
+        if late or (memory and k * peak > 0.9 * memory):
+            break  # twice what it took so far would not fit its budget; or K copies its memory
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // k))  # inherited by the K processes
+        got = _pack(plan, row_id, options, k)
+        rate = sum(g[2] for g in got) / (max(g[1] for g in got) - min(g[0] for g in got))
+        one = table["images_per_s"].get("1", rate)
+        table["images_per_s"][str(k)], table["speedup"][str(k)] = rate, rate / one
+        table["peak_mem_bytes"][str(k)] = max(g[3] or 0 for g in got)
+        rows.append(_row("ok", f"K={k}: {rate:.0f} img/s together, {rate / one:.2f}x K=1",
+                         f"peak {table['peak_mem_bytes'][str(k)] / 2 ** 20:.0f} MiB each, "
+                         f"{os.environ['OMP_NUM_THREADS']} threads each; {options.describe()}",
+                         check=f"packing {row_id} K={k}", data={"k": k, "images_per_s": rate,
+                                                               "speedup": rate / one}))
+        if k > 1 and rate / one <= table["speedup"].get(str(k // 2), 0):
+            break  # the speed-up stopped growing
+    gpu = None if plan.quick else environment(plan.device).get("gpu")
+    if gpu:  # the cost estimate's figures: the slower row's at each K
+        kept = cost.read_packing(gpu) or {}
+        by_row = {**kept.get("rows", {}), row_id: table}
+        shared = set.intersection(*(set(t["speedup"]) for t in by_row.values()))
+        cost.record_packing(gpu, {"gpu": gpu, "memory_bytes": memory, "rows": by_row,
+                                  "speedup": {k: min(t["speedup"][k] for t in by_row.values())
+                                              for k in sorted(shared, key=int)}})
+    return rows
+
+
 def check_rows(plan: GpucheckPlan, key: str) -> List[Dict]:
-    """In the child: the rows of the ceiling, a verify pair or a speed row."""
+    """In the child: the rows of the ceiling, a verify pair, the packing or a speed row."""
     from crmn import bench, paper, roofline, verify
     from crmn.config import ModelConfig
     kind, _, rest = key.partition(" ")
     row_id, _, eid = rest.partition(" ")
+    if kind == "packing":
+        return packing_rows(plan, rest)
     t64 = StackOptions("torch", plan.device, "float64")
     j64 = StackOptions("theano", plan.device, "float64", theano_mode="jax")
     for options in ([t64] * (rest != "references") + [j64] * (rest != "torch") if kind ==

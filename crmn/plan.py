@@ -198,9 +198,14 @@ class LaunchOptions:
                            "plus a compare job")
     jobs: Optional[int] = option(
         None, flag="--jobs", type=positive, metavar="N", group="launch",
-        default_help="one per visible GPU with --device cuda, else 1 = every run in this "
-        "process, one after another", help="local: N single runs at once as subprocesses, "
-        "each on its own GPU with --device cuda")
+        default_help="visible GPUs x --runs-per-gpu with --device cuda, else 1 = every run "
+        "in this process, one after another", help="local: N single runs at once as "
+        "subprocesses, spread over the GPUs with --device cuda")
+    runs_per_gpu: Optional[int] = option(
+        None, flag="--runs-per-gpu", type=positive, metavar="K", group="launch",
+        default_help="1", help="K runs share each GPU: local: --jobs defaults to GPUs x K, "
+        "with a CUDA MPS daemon where nvidia-cuda-mps-control exists; slurm: each array task "
+        "runs K manifest lines on its GPU (REPRODUCING.md §5 measures which K pays)")
     max_parallel: Optional[int] = option(
         None, flag="--max-parallel", type=positive, metavar="K", group="launch",
         default_help="no limit", help="slurm: at most K array tasks at once (--array=...%%K)")
@@ -228,10 +233,14 @@ class LaunchOptions:
                 raise UsageError(f"{PROG}: --max-requeues wants N >= 0")
             return
         given = [f.metadata["flag"] for f in schema.flagged(self)
-                 if f.name not in ("launcher", "jobs")
+                 if f.name not in ("launcher", "jobs", "runs_per_gpu")
                  and getattr(self, f.name) not in (None, False)]
         if given:
             raise UsageError(f"{PROG}: {', '.join(given)} only apply to --launcher slurm")
+
+    @property
+    def per_gpu(self) -> int:
+        return self.runs_per_gpu or 1
 
     @property
     def requeues(self) -> int:

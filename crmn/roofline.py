@@ -47,12 +47,26 @@ def train_flops_per_image(model: ModelConfig) -> int:
     return sum(2 * p.macs * (3 if p.input_grad else 2) for p in products(model))
 
 
-GEMM_SIDE = {True: 8192, False: 1024}  # side of the timed square products: on a GPU, CPU
+#: side of the timed square products, by precision, on a GPU and a CPU: on a CPU a smaller
+#: product (1024 float32, 256 bfloat16) is too short to reach the cores' rate and was timed
+#: far below what the network's own steps reached
+GEMM_SIDE = {True: 8192, False: 2048}
 COPY_BYTES = {True: 1 << 30, False: 1 << 26}  # bytes of the copied buffer
+BEST_OF = 5  # at least this many timed repeats after one warm-up; the fastest is the figure
+#: a step's share above the ceiling cannot be: the ceiling was timed low (a busy machine)
+OVER_CEILING = "above 100 %: a measurement error (the ceiling was timed low, e.g. on a busy " \
+               "machine; run bench again when it is quiet)"
 
 
-def _best_of(fn, sync, seconds: float, least: int = 3) -> float:
-    fn()
+def share(fraction: Optional[float]) -> str:
+    """A step's share of the ceiling as printed: never above 100 %."""
+    if fraction is None:
+        return "-"
+    return OVER_CEILING if fraction > 1 else f"{100 * fraction:.3g} %"
+
+
+def _best_of(fn, sync, seconds: float, least: int = BEST_OF) -> float:
+    fn()  # warm-up: the first call allocates, and on a GPU picks its kernels
     sync()
     times: List[float] = []
     while len(times) < least or sum(times) < seconds:
@@ -77,11 +91,9 @@ def _torch_ceiling(device: str, seconds: float) -> Dict:
     try:
         for key, dtype, tf32 in kinds:
             torch.backends.cuda.matmul.allow_tf32 = tf32
-            # most CPUs emulate bfloat16: a quarter of the side keeps it to a fraction of a second
-            m = n if gpu or dtype != torch.bfloat16 else n // 4
-            a, b = (torch.randn(m, m, device=dev, dtype=dtype) for _ in range(2))
+            a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
             took = _best_of(lambda: torch.mm(a, b), sync, seconds)
-            got[key] = 2 * m ** 3 / took / 1e12
+            got[key] = 2 * n ** 3 / took / 1e12
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     src = torch.empty(COPY_BYTES[gpu] // 4, device=dev, dtype=torch.float32)
@@ -107,9 +119,21 @@ def _numpy_ceiling(seconds: float) -> Dict:
 
 def fp32_ceiling(device: str) -> float:
     """FLOP/s of a float32 matrix product on ``device``, timed briefly (a CPU: numpy's, so no
-    torch import): what the cost estimate scales by where bench measured nothing."""
+    torch import): what the cost estimate scales by where bench kept no ceiling."""
     got = _numpy_ceiling(0.2) if device == "cpu" else measure_ceiling(device, 0.2)
     return got["fp32_tflops"] * 1e12
+
+
+def best_ceiling(a: Optional[Dict], b: Dict) -> Dict:
+    """The higher figure of each precision of two measurements of one device: a ceiling timed
+    on a busy machine is low, never high."""
+    if not a or a.get("device") != b["device"]:
+        return b
+    out = dict(b)
+    for k, v in a.items():
+        if k.endswith(("_tflops", "_gb_s")) and isinstance(v, (int, float)) and v > (b.get(k) or 0):
+            out[k] = v
+    return out
 
 
 def measure_ceiling(device: str = "cpu", seconds: float = 0.5) -> Dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 import sys
 import time
@@ -350,6 +351,8 @@ class RunFolder:
             "params": stack.param_count(), "fake_data": data_source == "fake",
             "data": data_source, "data_description": description,
             "data_fingerprint": fingerprint, **provenance.record(stack.device),
+            # how the launcher packed it: the same run alone gives the same results
+            "runs_per_gpu": int(os.environ.get(runlog.PACKING_ENV, 1)),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
     def check_same_run(self, fingerprint: Optional[str]) -> None:

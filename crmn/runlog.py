@@ -23,6 +23,8 @@ BEST = "best.h5"
 CAPPED = "capped.h5"  # the state where --epochs-cap first cut a stage short
 CAPPED_BEST = "capped.best.h5"  # and the best model then
 LOCK = ".lock"  # held by the process that trains in the folder, removed at its end
+#: set by a launcher for each run: how many runs share its GPU (--runs-per-gpu), for config.json
+PACKING_ENV = "CRMN_RUNS_PER_GPU"
 #: fields every log line carries (crmn/LOGS.md)
 LOG_FIELDS = ("phase", "epoch", "stage", "lr", "train_loss", "train_acc", "eval_split",
               "eval_loss", "eval_acc", "seconds", "images_per_s", "decision", "time")

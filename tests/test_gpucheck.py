@@ -152,7 +152,10 @@ def test_the_checks_run_in_priority_order(tmp_path):
         assert keys[:5] == ["speed ceiling", "verify torch", "verify theano-jax vs torch",
                             "verify references", "smoke jax-f32"]
         assert keys[-2:] == ["smoke torch-f32", "smoke torch-bf16"]
-        speed = keys[5:-2]
+        # the packing of runs sharing the device, on a GPU and in --quick (K = 1, 2)
+        packing = ["packing t1-resnet32x1", "packing t1-crmn32x1"] * (device == "cuda" or quick)
+        assert keys[5:5 + len(packing)] == packing
+        speed = keys[5 + len(packing):-2]
         assert speed[:3] == ["speed t1-resnet32x1 torch-f32", "speed t1-resnet32x1 jax-f32",
                              "speed t1-resnet32x1 torch-bf16"]
         if quick:  # the two small rows only
@@ -281,8 +284,8 @@ def test_help_names_the_default_budget_and_the_parts(capsys):
         parser.parse(["gpucheck", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert f"default: {gpucheck.DEFAULT_BUDGET:g}," in text and "--real DATA" in text
-    assert "parts: verify, smoke, speed (environment always runs" in text
-    assert gpucheck.PARTS == ("environment", "verify", "smoke", "speed")
+    assert "parts: verify, smoke, packing, speed (environment always runs" in text
+    assert gpucheck.PARTS == ("environment", "verify", "smoke", "packing", "speed")
 
 
 def _children(pid: int, command: str):

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import launch_grid as grid
-from crmn.launch import status
+from crmn.launch import manifest, status
 from slurm_cluster import SlurmCluster, slurm_available
 
 
@@ -157,3 +157,48 @@ def test_slurm_tasks_of_one_row_share_the_compile_cache(cluster, tmp_path_factor
     assert list((cache / "jax").glob("*.entry"))  # the shared folder holds the entries
     print(f"\nslurm tasks sharing the compile cache: first compiled {cold_s:.1f} s (miss), "
           f"second {warm_s:.1f} s (hit)")
+
+
+@pytest.mark.slow
+def test_slurm_runs_per_gpu_2_runs_two_lines_a_task_and_requeues_both(cluster, tmp_path_factory):
+    """`--runs-per-gpu 2`: four manifest lines as a two-task array, each task running its two
+    lines at once; a stop signal to task 0 checkpoints both of its runs, the task requeues
+    itself and resumes both; status shows each run finished."""
+    root = tmp_path_factory.getbasetemp() / "launch"
+    grid.fake_data(root / "data")
+    out = root / "slurm-packed"
+    exp = out / "table1"
+    env = _env(cluster)
+    argv = grid.grid_argv(root / "data", out, "--launcher", "slurm", "--wait",
+                          "--runs-per-gpu", "2")
+    argv[argv.index("--seeds") + 1] = "2"
+    t0 = time.monotonic()
+    p = subprocess.Popen(argv, env=env, cwd=grid.ROOT, text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    jobs_file = exp / "slurm" / "jobs.json"
+    grid.wait_for(jobs_file.exists, "jobs.json", timeout=60)
+    jobs = json.loads(jobs_file.read_text())
+    assert jobs["runs_per_gpu"] == 2 and jobs["tasks"] == 4
+    tasks = manifest.read(exp)
+    assert len(tasks) == 4
+    first = [t.run_dir(exp) for t in tasks[:2]]  # lines 1 and 2: task 0
+    grid.wait_for(lambda: all(grid.epochs_logged(r) >= 1 for r in first), "task 0's first "
+                  "epochs", timeout=240)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", f"{jobs['array']}_0"], env=env,
+                   check=True, timeout=30)
+    stdout, stderr = p.communicate(timeout=600)
+    elapsed = time.monotonic() - t0
+    assert p.returncode == 0, (stdout + stderr)[-4000:]
+    assert f"submitted array job {jobs['array']} (2 task(s) of 2 runs each, 4 in all)" in stdout
+    log0 = (exp / "slurm" / f"{jobs['array']}_0.out").read_text()
+    assert "requeueing" in log0 and "start 2 on" in log0, log0[-3000:]
+    for i in (0, 1):  # both runs of task 0 resumed from their checkpoints
+        run_log = (exp / "tasks" / f"{i}.out").read_text()
+        assert "resuming final run after epoch" in run_log, run_log[-2000:]
+    for i in (2, 3):
+        assert "resuming" not in (exp / "tasks" / f"{i}.out").read_text()
+    states = status.grid_states(exp)
+    assert [s.state for s in states] == ["finished"] * 4, states
+    config = json.loads((first[0] / "config.json").read_text())
+    assert config["runs_per_gpu"] == 2
+    print(f"\nslurm, 2 runs per task, one stop and requeue: {elapsed:.0f} s")

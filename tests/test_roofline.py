@@ -118,3 +118,35 @@ def test_bench_row_carries_the_roofline_columns():
     assert r["peak_mem_bytes"] > 0 and r["peak_mem_kind"] == "process peak RSS"
     table = bench.format_table([r])
     assert "GFLOP/img" in table and "of ceiling" in table and "peak MiB" in table
+
+
+def test_cpu_ceiling_times_large_squares_of_both_precisions_and_caps_the_share(monkeypatch):
+    """The CPU's products are squares of 2048 in float32 and bfloat16 alike (smaller ones
+    timed far below the network's own steps), each warmed up and the best of several; a share
+    above 100 % prints as a measurement error, never as a figure."""
+    torch = pytest.importorskip("torch")
+    assert roofline.GEMM_SIDE[False] >= 2048 and roofline.BEST_OF >= 3
+    timed, mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: timed.append((a.shape, a.dtype)) or mm(a, b))
+    c = roofline.measure_ceiling("cpu", seconds=0.0)
+    side = roofline.GEMM_SIDE[False]
+    assert c["gemm_side"] == side
+    for dtype in (torch.float32, torch.bfloat16):  # one warm-up + BEST_OF timed
+        assert timed.count(((side, side), dtype)) == 1 + roofline.BEST_OF, timed
+    assert c["fp32_tflops"] > 0 and c["bf16_tflops"] > 0
+    assert roofline.share(0.5) == "50 %" and roofline.share(None) == "-"
+    assert roofline.share(1.5) == roofline.OVER_CEILING
+    assert roofline.OVER_CEILING.startswith("above 100 %: a measurement error")
+    r = {"speedup": None, "precision": "bfloat16", "stack": "torch", "compile_s": 0.0,
+         "tflops": 0.2, "flops_per_image": 4e8, "ceiling_fraction": 3.67,
+         "peak_mem_bytes": None, "device": "cpu"}
+    assert "367" not in bench.describe(r) and roofline.OVER_CEILING in bench.describe(r)
+
+
+def test_best_ceiling_keeps_the_higher_figure_per_precision():
+    low = {"device": "cpu", "fp32_tflops": 0.01, "bf16_tflops": 0.2, "copy_gb_s": 5.0}
+    high = {"device": "cpu", "fp32_tflops": 0.06, "bf16_tflops": 0.1, "copy_gb_s": 4.0}
+    best = roofline.best_ceiling(high, low)
+    assert (best["fp32_tflops"], best["bf16_tflops"], best["copy_gb_s"]) == (0.06, 0.2, 5.0)
+    assert roofline.best_ceiling(None, low) == low
+    assert roofline.best_ceiling({**high, "device": "cuda"}, low) == low  # another device

@@ -248,6 +248,7 @@ def test_expected_epochs():
 
 
 def test_estimate_from_recorded_speeds(tmp_path, monkeypatch):
+    monkeypatch.setattr(cost, "speeds_path", lambda: tmp_path / "none.json")  # no kept ceiling
     plan = plans.train_plan(parser.parse(["table1", "--rows", "t1-crmn32x1,t1-resnet32x1",
                                           "--device", "cpu", "--backend", "torch"]))
     line = cost.estimate(plan, {})  # nothing measured: FLOPs over the measured ceiling

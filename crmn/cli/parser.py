@@ -167,9 +167,9 @@ def _add_gpucheck(sub) -> None:
                          "not fit what is left is listed 'not run: budget' (default: "
                          "%(default)g, one 10-minute call)")
     sp.add_argument("--only", type=lambda text: tuple(p.strip() for p in text.split(",")),
-                    default=("verify", "smoke", "speed"), metavar="PART[,PART]",
-                    help="run only these parts: verify, smoke, speed (environment always "
-                         "runs; default: all)")
+                    default=("verify", "smoke", "packing", "speed"), metavar="PART[,PART]",
+                    help="run only these parts: verify, smoke, packing, speed (environment "
+                         "always runs; default: all)")
     sp.add_argument("--real", type=Path, default=None, metavar="DATA",
                     help="first train ResNet-32 and CRMN-32 on this CIFAR-10 (a folder or "
                          "tarball of images, or the official files) in He et al.'s setting "

@@ -4,6 +4,7 @@ threads, dying with the launcher. A first signal asks every run to checkpoint an
 (exit 3), a second interrupts them (130); launching again resumes."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -14,9 +15,9 @@ from collections import deque
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from crmn.errors import EXIT_INTERRUPTED, EXIT_STOPPED
+from crmn.errors import EXIT_INTERRUPTED, EXIT_STOPPED, ConfigError
 from crmn import runlog
-from crmn.launch import status
+from crmn.launch import mps, status
 from crmn.launch.manifest import Task
 
 POLL_S = 0.2
@@ -53,15 +54,36 @@ def visible_gpus() -> List[str]:
     return [str(i) for i in range(n)]
 
 
-def default_jobs(device: str) -> int:
-    return max(1, len(visible_gpus())) if device == "cuda" else 1
+def memory_fit(runs_per_gpu: int) -> str:
+    """Whether ``runs_per_gpu`` runs fit this machine's GPU model by the largest peak memory
+    gpucheck's packing measured on it (a note for the first line); ConfigError if not."""
+    from crmn import cost
+    gpu = cost.gpu_model()
+    table = (cost.read_packing(gpu) if gpu else None) or {}
+    peaks = [v for t in (table.get("rows") or {}).values()
+             for v in (t.get("peak_mem_bytes") or {}).values() if isinstance(v, (int, float))]
+    memory = table.get("memory_bytes")
+    if not peaks or not isinstance(memory, (int, float)):
+        return "their memory fit unchecked: gpucheck --only packing has not run on this GPU model"
+    most, mib = int(0.9 * memory // max(peaks)), max(peaks) / 2 ** 20
+    if runs_per_gpu > most:
+        raise ConfigError(f"--runs-per-gpu {runs_per_gpu}: {runs_per_gpu} runs of {mib:.0f} MiB "
+                          f"peak each (gpucheck's packing on {gpu}) would not fit 90 % of its "
+                          f"{memory / 2 ** 30:.0f} GiB; at most {most} fit: use --runs-per-gpu "
+                          f"{most}")
+    return f"{runs_per_gpu} x {mib:.0f} MiB peak fit {gpu} ({memory / 2 ** 30:.0f} GiB)"
+
+
+def default_jobs(device: str, runs_per_gpu: int = 1) -> int:
+    return max(1, len(visible_gpus())) * runs_per_gpu if device == "cuda" else 1
 
 
 class LocalLauncher:
     def __init__(self, exp_dir: Path, tasks: Sequence[Task], jobs: int, gpus: Sequence[str],
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, env: Optional[Dict[str, str]] = None):
         self.exp_dir = Path(exp_dir)
         self.threads = threads  # OMP_NUM_THREADS of each run; None: the environment's
+        self.env = env or {}  # more for every run (--runs-per-gpu, the MPS pipes)
         self.pending, self.total = deque(tasks), len(tasks)
         self.jobs, self.gpus = jobs, list(gpus)
         self.running: Dict[int, Tuple[Task, subprocess.Popen, float]] = {}  # slot -> ...
@@ -77,11 +99,11 @@ class LocalLauncher:
         print(f"[local] {what:6s} {task.index + 1}/{self.total} {task.name}{text}", flush=True)
 
     def _start(self, slot: int, task: Task) -> None:
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         if self.threads is not None:
             env["OMP_NUM_THREADS"] = str(self.threads)
         gpu = ""
-        if self.gpus:
+        if self.gpus:  # slot s always on GPU s mod G: with --jobs G x K, K runs on each
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
             gpu = f" on GPU {env['CUDA_VISIBLE_DEVICES']}"
         log = self.log_path(task)
@@ -184,16 +206,23 @@ class LocalLauncher:
         return 1 if any(rc not in (0, *status.RESUMABLE) for rc in self.results.values()) else 0
 
 
-def run(exp_dir: Path, tasks: Sequence[Task], jobs: int, device: str) -> int:
-    """Run the manifest's ``tasks``, ``jobs`` at once; 0 all done, 1 some failed, 130 stopped."""
+def run(exp_dir: Path, tasks: Sequence[Task], jobs: int, device: str,
+        runs_per_gpu: int = 1, fit: str = "") -> int:
+    """Run the manifest's ``tasks``, ``jobs`` at once; 0 all done, 1 some failed, 130 stopped.
+    Where runs share a GPU, an MPS daemon (crmn/launch/mps.py) serves them while they run."""
     gpus = visible_gpus() if device == "cuda" else []
     # unless set, each run gets cores // jobs threads: N all-core pools slow each other down
     threads = (None if "OMP_NUM_THREADS" in os.environ
                else max(1, len(os.sched_getaffinity(0)) // jobs))
     (Path(exp_dir) / "tasks").mkdir(parents=True, exist_ok=True)
-    print(f"[local] {len(tasks)} run(s), {jobs} at once"
-          + (f", GPUs {','.join(gpus)}" if gpus else "")
-          + (f", OMP_NUM_THREADS={threads} each" if threads else "") + f"; manifest "
-          f"{Path(exp_dir) / 'manifest.txt'}; follow with: bash run_experiments.sh status "
-          f"{exp_dir}", flush=True)
-    return LocalLauncher(exp_dir, tasks, jobs, gpus, threads).run()
+    shared = bool(gpus) and jobs > len(gpus)
+    with (mps.daemon() if shared else contextlib.nullcontext(({}, ""))) as (env, note):
+        print(f"[local] {len(tasks)} run(s), {jobs} at once"
+              + (f", GPUs {','.join(gpus)}" if gpus else "")
+              + (f", {-(-jobs // len(gpus))} per GPU ({note}; "
+                 f"{fit or 'their memory fit unchecked'})" if shared else "")
+              + (f", OMP_NUM_THREADS={threads} each" if threads else "") + f"; manifest "
+              f"{Path(exp_dir) / 'manifest.txt'}; follow with: bash run_experiments.sh status "
+              f"{exp_dir}", flush=True)
+        env = {**env, runlog.PACKING_ENV: str(runs_per_gpu)}
+        return LocalLauncher(exp_dir, tasks, jobs, gpus, threads, env).run()

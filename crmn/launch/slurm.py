@@ -69,18 +69,20 @@ def refuse_if_queued(exp_dir: Path) -> None:
 
 
 def submit(exp_dir: Path, tasks: Sequence[Task], entry: Path, *, max_parallel: Optional[int],
-           slurm_args: str, max_requeues: int, experiment: str) -> Dict:
+           slurm_args: str, max_requeues: int, experiment: str, runs_per_gpu: int = 1) -> Dict:
     exp_dir = Path(exp_dir)
     logs = exp_dir / "slurm"
     logs.mkdir(parents=True, exist_ok=True)
     (logs / "compare.rc").unlink(missing_ok=True)
     user = shlex.split(slurm_args or "")
-    span = f"0-{len(tasks) - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    arrays = -(-len(tasks) // runs_per_gpu)  # task a runs lines a*K .. a*K + K-1
+    span = f"0-{arrays - 1}" + (f"%{max_parallel}" if max_parallel else "")
     t0 = time.monotonic()
     try:
         array = _sbatch([f"--array={span}", f"--job-name=crmn-{experiment}",
                          "--open-mode=append", f"--output={logs}/%A_%a.out", *user,
-                         str(TASK_SH), str(exp_dir / MANIFEST), str(exp_dir), str(max_requeues)])
+                         str(TASK_SH), str(exp_dir / MANIFEST), str(exp_dir), str(max_requeues),
+                         str(runs_per_gpu)])
     except ConfigError as exc:
         _unlaunched(exp_dir)
         raise ConfigError(f"{exc}; nothing submitted ({exp_dir / MANIFEST} removed); check "
@@ -100,13 +102,15 @@ def submit(exp_dir: Path, tasks: Sequence[Task], entry: Path, *, max_parallel: O
         print(f"[slurm] warning: the compare job was refused ({exc}) and array job {array} "
               f"could not be cancelled; it runs without a comparison: run compare "
               f"{exp_dir} after it", file=sys.stderr, flush=True)
-    jobs = dict(array=array, compare=compare, tasks=len(tasks), max_parallel=max_parallel,
+    jobs = dict(array=array, compare=compare, tasks=len(tasks), runs_per_gpu=runs_per_gpu,
+                max_parallel=max_parallel,
                 slurm_args=slurm_args or "", submitted=time.time(),
                 submit_seconds=round(time.monotonic() - t0, 3),
                 task_log=str(logs / f"{array}_<i>.out"),
                 compare_log=str(logs / f"compare_{compare}.out") if compare else None)
     runlog.write_json(logs / status.JOBS, jobs)
-    print(f"[slurm] submitted array job {array} ({len(tasks)} task(s)"
+    print(f"[slurm] submitted array job {array} ({arrays} task(s)"
+          + (f" of {runs_per_gpu} runs each, {len(tasks)} in all" if runs_per_gpu > 1 else "")
           + (f", at most {max_parallel} at once" if max_parallel else "") + ")"
           + (f" and compare job {compare} (after the array, however it ends)" if compare
              else ""), flush=True)

@@ -236,6 +236,9 @@ def grid_states(exp_dir: Path) -> List[TaskState]:
     tasks = manifest.read(exp_dir)
     jobs = slurm_jobs(exp_dir)
     queue = squeue_tasks(jobs["array"]) if jobs else None
+    k = (jobs or {}).get("runs_per_gpu") or 1  # array task a runs lines a*K .. a*K + K-1
+    if queue and k > 1:
+        queue = {a * k + j: v for a, v in queue.items() for j in range(k)}
     return [task_state(exp_dir, t, queue) for t in tasks]
 
 
