@@ -60,7 +60,7 @@ class _HubNet(_CIFARNet):
 
 def _build(cfg, seed):
     net = _HubNet(cfg)
-    net.reset_parameters(seed)  # crmn.init's arrays: the same as the Theano stack's
+    net.reset_parameters(seed)  # crmn.init's arrays: the same as the Theano backend's
     return net
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from crmn import paper, registry, roofline, tables
 from crmn.config import ModelConfig, TrainConfig
 from crmn.data import BatchSampler
-from crmn.registry import StackOptions
+from crmn.registry import BackendOptions
 from crmn.train import train_epoch
 
 EPOCH_IMAGES = 50_000  # CIFAR-100 training set: the paper's epoch
@@ -25,11 +25,11 @@ def _sampler(rng, steps: int, classes: int, train: TrainConfig) -> BatchSampler:
     return BatchSampler(x, y, train.batch_size, seed=train.seed, pad=train.pad)
 
 
-def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3,
+def bench_row(row: paper.Row, options: BackendOptions, steps: int, warmup: int = 3,
               batch_size: Optional[int] = None, seed: int = 0,
               channels_last: Optional[bool] = None, model: Optional[ModelConfig] = None,
               ceiling: Optional[Dict] = None, ready: Optional[Callable[[], None]] = None) -> Dict:
-    """The figures of one table line: ``steps`` SGD steps of ``row`` in ``options``' stack.
+    """The figures of one table line: ``steps`` SGD steps of ``row`` in ``options``' backend.
     ``model``: another network in the row's protocol (``speedup`` is then None); ``ceiling``:
     :func:`crmn.roofline.measure_ceiling`'s, for the utilisation columns; ``ready``: called
     between the warm-up and the timed steps (gpucheck's packing lines up K processes there)."""
@@ -40,22 +40,22 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
         train = TrainConfig(batch_size=batch_size, lr_stages=row.lr_stages, seed=seed)
     expert = {} if channels_last is None else {"channels_last": channels_last}
     theano = options.backend == "theano"
-    stack_name = f"theano-{options.theano_mode}" if theano else options.backend
+    name = registry.label(options)
     precision = options.dtype + ("+compile" if options.compile else "")
-    roofline.reset_peak_memory(stack_name, options.device)
-    stack = registry.build(options, model, train, **expert)
-    layout = "channels-last" if getattr(stack, "channels_last", False) else "channels-first"
+    roofline.reset_peak_memory(name, options.device)
+    backend = registry.build(options, model, train, **expert)
+    layout = "channels-last" if getattr(backend, "channels_last", False) else "channels-first"
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    warm = train_epoch(stack, _sampler(rng, warmup, model.classes, train), 0, 0.01)
+    warm = train_epoch(backend, _sampler(rng, warmup, model.classes, train), 0, 0.01)
     s = _sampler(rng, steps, model.classes, train)
-    if getattr(stack, "fast_epoch", False):  # the stack's fast path copies the data once
-        stack.resident(s)
+    if getattr(backend, "fast_epoch", False):  # the backend's fast path copies the data once
+        backend.resident(s)
     warmup_s = time.perf_counter() - t0
     if ready is not None:
         ready()
     t0 = time.perf_counter()
-    stats = train_epoch(stack, s, 1, 0.01)  # ends with a host sync: device work is finished
+    stats = train_epoch(backend, s, 1, 0.01)  # ends with a host sync: device work is finished
     seconds = time.perf_counter() - t0
     rebuilt = None  # the warm column: a second build's first step, finding the cache filled
     if theano and options.compile_cache:
@@ -65,17 +65,17 @@ def bench_row(row: paper.Row, options: StackOptions, steps: int, warmup: int = 3
     ours = EPOCH_IMAGES / ips
     theirs = row.paper_sec_per_epoch if own else None
     return {
-        "row": row.id, "label": row.label, "backend": options.backend, "stack": stack_name,
-        "device": stack.device, "compile_s": warm.compile_seconds,
-        "compile_cache": getattr(stack, "compile_cache", None),
+        "row": row.id, "label": row.label, "backend": name,
+        "device": backend.device, "compile_s": warm.compile_seconds,
+        "compile_cache": getattr(backend, "compile_cache", None),
         "warm_compile_s": rebuilt.compile_seconds if rebuilt else None,
         "warm_compile_cache": rebuilt.compile_cache if rebuilt else None,
         "precision": precision, "layout": layout,
         "batch_size": train.batch_size, "steps": steps, "warmup_s": warmup_s,
         "seconds": seconds, "images_per_s": ips, "sec_per_epoch": ours,
         "paper_sec_per_epoch": theirs, "speedup": (theirs / ours) if theirs else None,
-        "loss": stats.loss, **roofline.utilisation(model, ips, stack_name, precision, ceiling),
-        **roofline.peak_memory(stack_name, options.device),
+        "loss": stats.loss, **roofline.utilisation(model, ips, name, precision, ceiling),
+        **roofline.peak_memory(name, options.device),
     }
 
 
@@ -87,7 +87,7 @@ def _figure(r: Dict, key: str, unit: float, spec: str) -> str:
 
 def format_table(results: Sequence[Dict]) -> str:
     """The bench table (GFLOP/img: forward + backward per trained image)."""
-    body = [[r["row"], r["label"], r.get("stack", "-"), r["batch_size"],
+    body = [[r["row"], r["label"], r.get("backend", "-"), r["batch_size"],
              f"{r['images_per_s']:.0f}", f"{r['sec_per_epoch']:.2f}",
              f"{r['paper_sec_per_epoch']:.0f}" if r["paper_sec_per_epoch"] else "-",
              f"{r['speedup']:.3g}x" if r["speedup"] else "-", f"{r['warmup_s']:.1f}",
@@ -96,7 +96,7 @@ def format_table(results: Sequence[Dict]) -> str:
              _figure(r, "flops_per_image", 1e9, ".3g"), _figure(r, "tflops", 1, ".3g"),
              roofline.share(r.get("ceiling_fraction")), _figure(r, "peak_mem_bytes", 2 ** 20, ".0f")]
             for r in results]
-    return tables.markdown(["row", "model", "stack", "batch", "img/s", "s/epoch", "paper s",
+    return tables.markdown(["row", "model", "backend", "batch", "img/s", "s/epoch", "paper s",
                             "speedup", "warm-up s", "cold compile s", "cache",
                             "warm compile s", "GFLOP/img", "TFLOP/s", "of ceiling",
                             "peak MiB"], body, align="lllrrrrrrrlrrrrr")
@@ -108,7 +108,7 @@ def describe(r: Dict, torch_f32: Optional[Dict] = None) -> str:
     out = [f"{r['speedup']:.3g}x the paper" if r["speedup"] else "tiny network"]
     if r["speedup"] and r["precision"].startswith("bfloat16"):
         out[0] += f" (goal >= 100x: {'met' if r['speedup'] >= 100 else 'not met'})"
-    if r["speedup"] and r["stack"] == "theano-jax" and torch_f32:
+    if r["speedup"] and r["backend"] == "theano-jax" and torch_f32:
         x = r["sec_per_epoch"] / torch_f32["sec_per_epoch"]
         out.append(f"{x:.2f}x torch float32's time (goal <= 1.5x: "
                    f"{'met' if x <= 1.5 else 'not met'})")
@@ -129,10 +129,10 @@ def describe_ceiling(c: Dict) -> str:
 
 
 def mode_ratios(results: Sequence[Dict]) -> str:
-    """Per row timed in all three stacks: the JAX mode's step and compile against the others'."""
+    """Per row timed in all three backends: the JAX mode's step and compile against the others'."""
     lines = []
     for row in dict.fromkeys(r["row"] for r in results):
-        by = {r["stack"]: r for r in results if r["row"] == row}
+        by = {r["backend"]: r for r in results if r["row"] == row}
         if {"theano-jax", "theano-c", "torch"} <= set(by):
             jax, c, torch = by["theano-jax"], by["theano-c"], by["torch"]
             ratio = f"{c['compile_s'] / jax['compile_s']:.1f} x" if jax["compile_s"] else "-"

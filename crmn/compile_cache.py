@@ -18,7 +18,7 @@ CACHE_ENV = "CRMN_CACHE"
 DEFAULT_FOLDER = Path("~/.cache/crmn")
 #: the entries' layout version: a header of another format is a foreign entry
 FORMAT = 1
-#: what the progress line and the logs say about a stack's compilation
+#: what the progress line and the logs say about a backend's compilation
 HIT, MISS, OFF = "hit", "miss", "off"
 
 

@@ -1,4 +1,4 @@
-"""Frozen configurations shared by both stacks: the network and the protocol. Every field
+"""Frozen configurations shared by both backends: the network and the protocol. Every field
 carries its unit and its source (docs/spec.md §4-5); defaults are REPRODUCING.md's readings."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """What a plan will cost: the seconds per epoch ``bench`` recorded on this machine
-(``$CRMN_CACHE/bench-speeds.json``, by row, stack, device, dtype) times the expected epochs,
+(``$CRMN_CACHE/bench-speeds.json``, by row, options, device, dtype) times the expected epochs,
 divided by the speed-up of runs sharing a GPU where gpucheck measured it. The same file keeps
 the best ceiling bench measured per device (``ceiling|DEVICE``) and gpucheck's packing per
 GPU model (``packing|MODEL``); the speeds are its number values, read one by one."""
@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from crmn import compile_cache, runlog
-from crmn.registry import StackOptions
+from crmn import compile_cache, registry, runlog
+from crmn.registry import BackendOptions
 
 SPEEDS = "bench-speeds.json"
 STAGE_EPOCHS_PER_PATIENCE = 6  # the plateau search's assumed stage length / patience
@@ -26,9 +26,8 @@ def speeds_path() -> Path:
     return compile_cache.folder()[0] / SPEEDS
 
 
-def key(row: str, options: StackOptions) -> str:
-    mode = f"-{options.theano_mode}" if options.backend == "theano" else ""
-    return f"{row}|{options.backend}{mode}|{options.device}|{options.dtype}"
+def key(row: str, options: BackendOptions) -> str:
+    return f"{row}|{registry.label(options)}|{options.device}|{options.dtype}"
 
 
 def _read(path: Optional[Path] = None) -> Dict:
@@ -70,9 +69,9 @@ def _update(entries: Dict, path: Optional[Path] = None) -> Path:
     return path
 
 
-def record(results: Sequence[Dict], options: Sequence[StackOptions],
+def record(results: Sequence[Dict], options: Sequence[BackendOptions],
            path: Optional[Path] = None, ceiling: Optional[Dict] = None) -> Path:
-    """Add ``bench``'s results (run in stacks ``options``) and its ``ceiling`` to the file."""
+    """Add ``bench``'s results (run in backends ``options``) and its ``ceiling`` to the file."""
     entries = {key(r["row"], o): r["sec_per_epoch"] for r, o in zip(results, options)}
     if ceiling:
         entries[f"ceiling|{ceiling['device']}"] = ceiling
@@ -111,32 +110,32 @@ def estimate(plan, speeds: Optional[Dict[str, float]] = None,
     """One line: runs, device, estimated wall time one run at a time on one device (or how to
     measure it first), and with the packing gpucheck measured on this GPU model."""
     speeds = read_speeds() if speeds is None else speeds
-    if packing is None and plan.stack.device.startswith("cuda"):
+    if packing is None and plan.backend_options.device.startswith("cuda"):
         packing = read_packing(gpu_model())
     rows = sorted({r.label for r in plan.runs})
-    stack = plan.stack
-    head = (f"plan: {len(plan.runs)} run(s) ({len(rows)} row(s) x seeds) on {stack.device} "
-            f"({stack.describe()})")
+    options = plan.backend_options
+    head = (f"plan: {len(plan.runs)} run(s) ({len(rows)} row(s) x seeds) on {options.device} "
+            f"({options.describe()})")
     if plan.runs[0].spec.row is None:
         return f"{head}; a tiny network on tiny data: minutes"
     specs = [run.spec for run in plan.runs]
-    missing = sorted({s.row for s in specs if key(s.row, stack) not in speeds})
+    missing = sorted({s.row for s in specs if key(s.row, options) not in speeds})
     if missing:  # a rough guess from the FLOPs and this device's ceiling, kept or measured now
         from crmn import roofline
-        kept = (read_ceiling(stack.device) or {}).get("fp32_tflops")
+        kept = (read_ceiling(options.device) or {}).get("fp32_tflops")
         ceiling = kept * 1e12 if isinstance(kept, (int, float)) and kept > 0 else \
-            roofline.fp32_ceiling(stack.device)
-        speeds = {**speeds, **{key(s.row, stack): roofline.train_flops_per_image(s.model)
+            roofline.fp32_ceiling(options.device)
+        speeds = {**speeds, **{key(s.row, options): roofline.train_flops_per_image(s.model)
                                * 50_000 / (ASSUMED_SHARE * ceiling) for s in specs
                                if s.row in missing}}
-    total = sum(speeds[key(s.row, stack)] * TRAIN_IMAGES[s.dataset] / 50_000
+    total = sum(speeds[key(s.row, options)] * TRAIN_IMAGES[s.dataset] / 50_000
                 * expected_epochs(s.train) for s in specs)
     how = (f"FLOPs at {ASSUMED_SHARE:.0%} of this device's float32 ceiling for "
            f"{','.join(missing)}, a rough guess: `bash run_experiments.sh bench --rows "
-           f"{','.join(missing)} {_stack_flags(stack)}` measures" if missing
+           f"{','.join(missing)} {_backend_flags(options)}` measures" if missing
            else "bench's s/epoch")
     line = f"{head}; about {_time(total)} ({how} x expected epochs, REPRODUCING.md §2)"
-    if stack.device.startswith("cuda"):
+    if options.device.startswith("cuda"):
         line += _packed(total, packing)
     if total > DAY:
         line += ("; faster: a GPU (--device cuda), --backend torch, or --launcher slurm "
@@ -166,9 +165,9 @@ def _packed(total: float, packing: Optional[Dict]) -> str:
             f"{_time(total / x)} per GPU")
 
 
-def _stack_flags(stack: StackOptions) -> str:
-    out = [f"--backend {stack.backend}", f"--device {stack.device}"]
-    if stack.backend == "theano":
-        out.append(f"--theano-mode {stack.theano_mode}")
-    return " ".join(out + ([f"--dtype {stack.dtype}"] if stack.dtype != "float32" else []))
+def _backend_flags(options: BackendOptions) -> str:
+    out = [f"--backend {options.backend}", f"--device {options.device}"]
+    if options.backend == "theano":
+        out.append(f"--theano-mode {options.theano_mode}")
+    return " ".join(out + ([f"--dtype {options.dtype}"] if options.dtype != "float32" else []))
 

@@ -118,7 +118,7 @@ def _commands(config: Dict, files: Dict[str, Path]) -> Tuple[str, str]:
     except ConfigError:
         return ("not recorded whole (config.json of an earlier format)",) * 2
     program = ["bash", str(plans.ROOT / "run_experiments.sh")]
-    weights = files["pt" if spec.stack.backend == "torch" else "npz"].resolve()
+    weights = files["pt" if spec.backend_options.backend == "torch" else "npz"].resolve()
     return (f"`{shlex.join(plans.reproduce_argv(spec, 'reproduced', program))}`",
             f"`{shlex.join(plans.evaluate_argv(spec, weights, program))}`")
 
@@ -214,17 +214,17 @@ def evaluate(path, backend: str = registry.DEFAULT_BACKEND, device: str = "cpu",
         raise ConfigError(f"{path}: the network has {cfg.classes} classes, {dataset} has "
                           f"{paper.DATASET_CLASSES.get(dataset)}; choose a matching --dataset")
     own = info.get("dtype")
-    options = registry.StackOptions(
+    options = registry.BackendOptions(
         backend=backend, device=device,
         theano_mode=theano_mode or registry.default_theano_mode(backend),
-        dtype=dtype or (own if own in registry.STACK_DTYPES[backend] else registry.DEFAULT_DTYPE))
+        dtype=dtype or (own if own in registry.BACKEND_DTYPES[backend] else registry.DEFAULT_DTYPE))
     registry.probe(options)
     split = data.prepare(dataset, data_dir, "final", 0, progress=progress, subset=subset,
                          unverified=unverified)
-    stack = registry.build(options, cfg, TrainConfig())
+    backend = registry.build(options, cfg, TrainConfig())
     canonical.update({velocity_name(s.name): np.zeros(s.shape, np.float32)
                       for s in param_specs(cfg) if s.trainable})
-    stack.set_state(canonical)
-    loss, acc = trainer.evaluate(stack, split.eval_x, split.eval_y)
+    backend.set_state(canonical)
+    loss, acc = trainer.evaluate(backend, split.eval_x, split.eval_y)
     return {"weights": str(path), "dataset": dataset, "images": len(split.eval_y),
-            "test_loss": loss, "test_acc": acc, "stack": options.describe(), "device": stack.device}
+            "test_loss": loss, "test_acc": acc, "backend": options.describe(), "device": backend.device}

@@ -1,7 +1,7 @@
 """The archive's GPU figures within ``--budget`` (REPRODUCING.md §5): each check is a child
 process with its own time limit (``logs/``), appending a line to ``gpucheck.jsonl`` whence
 ``gpucheck.json`` and ``gpucheck.md``: a run cut short (SIGTERM, SIGUSR1: exit 3; SIGINT: 130)
-or killed keeps what it finished. Exit 1 when a check failed (a missing engine is no failure)."""
+or killed keeps what it finished. Exit 1 when a check failed (a missing backend is no failure)."""
 from __future__ import annotations
 
 import json
@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 from crmn import plan as plans, registry, runlog, tables
 from crmn.errors import (EXIT_INTERRUPTED, EXIT_STOPPED, ConfigError, CRMNError, RunError,
                          UsageError)
-from crmn.registry import StackOptions
+from crmn.registry import BackendOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = ("environment", "verify", "smoke", "packing", "speed")  # --only; environment always runs
@@ -97,10 +97,10 @@ def plan_from_args(args) -> GpucheckPlan:
         raise UsageError(f"run_experiments.sh gpucheck: {exc}") from None
 
 
-def engines(device: str) -> Dict[str, StackOptions]:  # torch.compile only on a GPU
-    return {"torch-f32": StackOptions("torch", device, "float32"),
-            "jax-f32": StackOptions("theano", device, "float32", theano_mode="jax"),
-            "torch-bf16": StackOptions("torch", device, "bfloat16", compile=device != "cpu")}
+def configurations(device: str) -> Dict[str, BackendOptions]:  # torch.compile only on a GPU
+    return {"torch-f32": BackendOptions("torch", device, "float32"),
+            "jax-f32": BackendOptions("theano", device, "float32", theano_mode="jax"),
+            "torch-bf16": BackendOptions("torch", device, "bfloat16", compile=device != "cpu")}
 
 
 def plan_checks(plan: GpucheckPlan) -> List[str]:  # after the environment, in NEEDS' order
@@ -117,7 +117,7 @@ def child_argv(plan: GpucheckPlan, key: str) -> List[str]:
     if kind not in ("smoke", "real"):
         return [sys.executable, "-m", "crmn.gpucheck", key, "--device", plan.device,
                 "--out-dir", str(plan.out_dir)] + ["--quick"] * plan.quick
-    options = engines(plan.device)[rest if kind == "smoke" else "jax-f32" if plan.quick and
+    options = configurations(plan.device)[rest if kind == "smoke" else "jax-f32" if plan.quick and
                                     util.find_spec("torch") is None else "torch-bf16"]
     run_plan = plans.smoke_plan_for(options, plan.out_dir / f"smoke-{rest}", epochs_cap=3,
                                     schedule=(3, 0, 0)) if kind == "smoke" else plans.row_plan_for(
@@ -147,7 +147,7 @@ def environment(device: str) -> Dict[str, str]:
     return env
 
 
-def _pack_one(row_id: str, options: StackOptions, quick: bool, barrier, queue) -> None:
+def _pack_one(row_id: str, options: BackendOptions, quick: bool, barrier, queue) -> None:
     """One of K processes timing ``row_id`` at once: (start, end, images, peak memory)."""
     from crmn import bench, paper
     from crmn.config import ModelConfig
@@ -163,7 +163,7 @@ def _pack_one(row_id: str, options: StackOptions, quick: bool, barrier, queue) -
                r["peak_mem_bytes"]))
 
 
-def _pack(plan: GpucheckPlan, row_id: str, options: StackOptions, k: int) -> List[tuple]:
+def _pack(plan: GpucheckPlan, row_id: str, options: BackendOptions, k: int) -> List[tuple]:
     """:func:`_pack_one`'s figures of ``k`` processes started together."""
     import multiprocessing
     import queue as queues
@@ -195,7 +195,7 @@ def packing_rows(plan: GpucheckPlan, row_id: str) -> List[Dict]:
     memory; K stops rising when the speed-up stops growing, memory or the budget would not
     allow the next. On a GPU the table is kept for the cost estimate (crmn/cost.py)."""
     from crmn import cost
-    options = engines(plan.device)["torch-bf16"]
+    options = configurations(plan.device)["torch-bf16"]
     registry.probe(options)
     budget, t0 = NEEDS[f"packing {row_id}"][2 if plan.quick else 0], time.monotonic()
     memory = None
@@ -241,11 +241,11 @@ def check_rows(plan: GpucheckPlan, key: str) -> List[Dict]:
     row_id, _, eid = rest.partition(" ")
     if kind == "packing":
         return packing_rows(plan, rest)
-    t64 = StackOptions("torch", plan.device, "float64")
-    j64 = StackOptions("theano", plan.device, "float64", theano_mode="jax")
+    t64 = BackendOptions("torch", plan.device, "float64")
+    j64 = BackendOptions("theano", plan.device, "float64", theano_mode="jax")
     for options in ([t64] * (rest != "references") + [j64] * (rest != "torch") if kind ==
-                    "verify" else [StackOptions("torch", plan.device)] * (plan.device != "cpu")
-                    if rest == "ceiling" else [engines(plan.device)[eid]]):
+                    "verify" else [BackendOptions("torch", plan.device)] * (plan.device != "cpu")
+                    if rest == "ceiling" else [configurations(plan.device)[eid]]):
         registry.probe(options)  # a ConfigError: the row says MISSING
     if rest == "ceiling":
         c = roofline.measure_ceiling(plan.device)
@@ -254,7 +254,7 @@ def check_rows(plan: GpucheckPlan, key: str) -> List[Dict]:
     if kind == "speed":  # against the ceiling measured earlier in the run, and torch float32
         row, done = paper.row(row_id), {x["key"]: r["data"] for x in read_lines(plan.out_dir)
                                         for r in x["rows"] if "data" in r}
-        r = bench.bench_row(row, engines(plan.device)[eid], *(
+        r = bench.bench_row(row, configurations(plan.device)[eid], *(
             (2, 1) if plan.quick else (60, 3)), batch_size=8 if plan.quick else None,
             model=ModelConfig(classes=row.classes, memory=row.memory, n=1, k=0.5)
             if plan.quick else None, ceiling=done.get("speed ceiling"))
@@ -263,8 +263,8 @@ def check_rows(plan: GpucheckPlan, key: str) -> List[Dict]:
     results = [verify.verify_references(plan.device)] if rest == "references" else [
         r for name, cfg, train in verify.DEFAULT_CONFIGS[:1 if plan.quick else 2] for r in (
             verify.verify_device(cfg, train, name, plan.device) if rest == "torch" else
-            verify.verify_stacks(cfg, train, f"{name} on {plan.device}",
-                                 stacks=(("torch", t64), ("theano-jax", j64))))]
+            verify.verify_backends(cfg, train, f"{name} on {plan.device}",
+                                 backends=(("torch", t64), ("theano-jax", j64))))]
     worst = [max(r.diffs, key=lambda k: r.diffs[k] / r.tol(k)) for r in results]
     return [_row("PASS" if r.passed else "FAIL", f"{r.diffs[w]:.3e}",
                  f"worst: {w} (<= {r.tol(w):g})", check=r.name) for r, w in zip(results, worst)]
@@ -313,7 +313,7 @@ def run_check(plan: GpucheckPlan, key: str, limit: float, cut: List[int]) -> Lis
 def real_row(run_dir: Path, rc: int, tail: str) -> Dict:
     """The real-data check's row from the run's summary.json, beside He et al.'s figure."""
     s = runlog.finished_summary(run_dir)
-    if s is None:  # exit 2: the engine or an option is not there
+    if s is None:  # exit 2: the backend or an option is not there
         return _row("MISSING" if rc == 2 else "FAIL", detail=f"{tail}; {run_dir} did not "
                     "finish: run gpucheck again to continue it")
     acc = 100 * s["test_acc"]

@@ -1,5 +1,5 @@
 """The plan: what a command will run, typed and checked once, before anything is created.
-These dataclasses (with the configs and stack options inside) are the run schema; a parsed
+These dataclasses (with the configs and backend options inside) are the run schema; a parsed
 command line becomes a :class:`TrainPlan`, and :func:`render_argv` turns a run back into one."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from crmn import paper, registry, schema
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import ConfigError, UsageError
-from crmn.registry import StackOptions
+from crmn.registry import BackendOptions
 from crmn.schema import option, positive
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ class RunSpec:
                             default_help="data/ of the archive; see data/README.md",
                             help="datasets are read from / downloaded into DIR, or DIR is "
                             "the extracted folder itself")
-    stack: StackOptions = StackOptions()
+    backend_options: BackendOptions = BackendOptions()
     unverified_data: bool = option(False, flag="--unverified-data", kind="true",
                                    default_help="refuse it", help="accept a dataset folder "
                                    "that differs from the official files (checksums, image "
@@ -80,16 +80,16 @@ def smallest_subset(train: TrainConfig) -> int:
 
 
 #: the schema's classes by their place in a run (a test may derive one with one more field)
-SECTIONS = {"model": ModelConfig, "train": TrainConfig, "stack": StackOptions, "": RunSpec}
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "backend_options": BackendOptions, "": RunSpec}
 
 
 #: sections written at config.json's top level, as every run folder has held them
-FLAT = ("stack",)
+FLAT = ("backend_options",)
 RECORD_FORMAT = 2  # config.json's "config_format": the whole spec is recorded (crmn/LOGS.md)
 
 
 def resume_may_change(name: str) -> bool:
-    """Whether ``--resume`` may change field ``name`` (e.g. ``"stack.backend"``, ``"data_dir"``)."""
+    """Whether ``--resume`` may change field ``name`` (e.g. ``"backend_options.backend"``, ``"data_dir"``)."""
     section, _, field = name.rpartition(".")
     cls = SECTIONS.get(section)
     return cls is not None and field in schema.names(cls, "resume")
@@ -270,23 +270,23 @@ class TrainPlan:
         return self.out_dir / self.command
 
     @property
-    def stack(self) -> StackOptions:
-        return self.runs[0].spec.stack
+    def backend_options(self) -> BackendOptions:
+        return self.runs[0].spec.backend_options
 
 
 def _bases(run: PlannedRun):
     """What the command line of ``run`` gives without options, section by section."""
     spec = run.spec
-    stack = SimpleNamespace(**dataclasses.asdict(StackOptions()))
-    stack.device = None  # always named: auto may resolve otherwise where the line runs
-    if spec.stack.backend == "theano":
-        stack.theano_mode = None  # likewise the Theano mode auto or the machine picks
+    options = SimpleNamespace(**dataclasses.asdict(BackendOptions()))
+    options.device = None  # always named: auto may resolve otherwise where the line runs
+    if spec.backend_options.backend == "theano":
+        options.theano_mode = None  # likewise the Theano mode auto or the machine picks
     if spec.row is None:  # smoke: its own network and schedule, its own data
-        return (*_smoke_configs(seed=run.seed), stack, spec)
+        return (*_smoke_configs(seed=run.seed), options, spec)
     row = paper.row(spec.row)
     here = SimpleNamespace(**{f.name: f.default for f in schema.flagged(spec)})
     here.dataset, here.data_dir = row.dataset, None  # the path: always named, absolute
-    return (type(spec.model).for_row(row), type(spec.train).for_row(row, seed=run.seed), stack,
+    return (type(spec.model).for_row(row), type(spec.train).for_row(row, seed=run.seed), options,
             here)
 
 
@@ -300,8 +300,8 @@ def render_argv(plan: TrainPlan, run: PlannedRun, program: Sequence[str],
         argv += ["--rows", spec.row]
     argv += ["--seed", str(run.seed), *(["--resume"] if resume else []), "--no-progress",
              "--out-dir", str(Path(plan.out_dir).resolve())]
-    model, train, stack, here = _bases(run)
-    for obj, base in ((spec, here), (spec.stack, stack), (spec.model, model), (spec.train, train)):
+    model, train, options, here = _bases(run)
+    for obj, base in ((spec, here), (spec.backend_options, options), (spec.model, model), (spec.train, train)):
         argv += schema.render(obj, base)
     return argv
 
@@ -318,22 +318,22 @@ def reproduce_argv(spec: RunSpec, out_dir: str, program: Sequence[str]) -> List[
 def evaluate_argv(spec: RunSpec, weights: Path, program: Sequence[str]) -> List[str]:
     """The ``evaluate`` command that measures ``spec``'s exported ``weights`` as the run was
     tested: its dataset, data folder, subset and backend."""
-    stack = SimpleNamespace(**dataclasses.asdict(spec.stack))
-    stack.backend = stack.device = None  # always named
-    if spec.stack.backend == "theano":
-        stack.theano_mode = None
+    options = SimpleNamespace(**dataclasses.asdict(spec.backend_options))
+    options.backend = options.device = None  # always named
+    if spec.backend_options.backend == "theano":
+        options.theano_mode = None
     here = SimpleNamespace(**{f.name: f.default for f in schema.flagged(spec)})
     here.dataset = here.data_dir = None
     return [*program, "evaluate", str(weights), *schema.render(spec, here),
-            *schema.render(spec.stack, stack)]
+            *schema.render(spec.backend_options, options)]
 
 
 def _usage(args, exc: Exception, where: str = "") -> UsageError:
     return UsageError(f"{PROG} {args.command}: {exc}{where}")
 
 
-def resolve_stack(args, backend: Optional[str] = None) -> Tuple[StackOptions, str]:
-    """The checked, probed :class:`StackOptions` of ``args`` and the line saying which device
+def resolve_backend(args, backend: Optional[str] = None) -> Tuple[BackendOptions, str]:
+    """The checked, probed :class:`BackendOptions` of ``args`` and the line saying which device
     and why (``--device auto`` decided here)."""
     backend = backend or getattr(args, "backend", registry.DEFAULT_BACKEND)
     mode, device = getattr(args, "theano_mode", None), args.device
@@ -342,8 +342,8 @@ def resolve_stack(args, backend: Optional[str] = None) -> Tuple[StackOptions, st
         if device == registry.AUTO:
             device, auto_mode, why = registry.auto_device(backend, mode)
             mode, note = mode or auto_mode, f"device: {device} (auto: {why})"
-        given = schema.values(StackOptions, args, None)  # dtype, compile, compile_cache
-        options = StackOptions(**{**given, "backend": backend, "device": device,
+        given = schema.values(BackendOptions, args, None)  # dtype, compile, compile_cache
+        options = BackendOptions(**{**given, "backend": backend, "device": device,
                                   "theano_mode": mode or registry.default_theano_mode(backend)})
         registry.probe(options)
     except ConfigError as exc:
@@ -351,8 +351,8 @@ def resolve_stack(args, backend: Optional[str] = None) -> Tuple[StackOptions, st
     return options, note
 
 
-def stack_options(args, backend: Optional[str] = None) -> StackOptions:
-    return resolve_stack(args, backend)[0]
+def backend_options(args, backend: Optional[str] = None) -> BackendOptions:
+    return resolve_backend(args, backend)[0]
 
 
 def configs_for(row: paper.Row, args, seed: int, dataset: Optional[str] = None):
@@ -374,7 +374,7 @@ def train_plan(args) -> TrainPlan:
         raise UsageError(f"{PROG}: --seed K wants K >= 0 and no --seeds")
     launch = LaunchOptions(**schema.values(LaunchOptions, args, None))
     rows = paper.select(args.rows, args.command, strict=True)
-    stack, note = resolve_stack(args)
+    options, note = resolve_backend(args)
     exp_dir = Path(args.out_dir) / args.command
     runs = []
     for row in rows:
@@ -382,19 +382,19 @@ def train_plan(args) -> TrainPlan:
             model, train = configs_for(row, args, k, args.dataset)
             given = schema.values(SECTIONS[""], args, None)  # dataset, data_dir, ...
             spec = SECTIONS[""](**{"dataset": row.dataset, **given}, model=model, train=train,
-                                stack=stack, row=row.id, experiment=args.command)
+                                backend_options=options, row=row.id, experiment=args.command)
             runs.append(PlannedRun(spec, row.id, exp_dir / row.id / f"seed{k}"))
     return TrainPlan(command=args.command, runs=tuple(runs), out_dir=args.out_dir,
                      resume=args.resume, progress=args.progress, launch=launch,
                      one_seed=args.seed is not None, dry_run=args.dry_run, device_note=note)
 
 
-def _smoke(model: ModelConfig, train: TrainConfig, stack: StackOptions, out_dir: Path,
+def _smoke(model: ModelConfig, train: TrainConfig, options: BackendOptions, out_dir: Path,
            **plan) -> TrainPlan:
     name = f"tiny-crmn-n{model.n}-k{model.k:g}"
     root = Path(out_dir) / "smoke"
     spec = RunSpec(model=model, train=train, dataset="cifar100", data_dir=root / "data",
-                   stack=stack, row=None, experiment="smoke")
+                   backend_options=options, row=None, experiment="smoke")
     run = PlannedRun(spec, name, root / name / f"seed{train.seed}")
     return TrainPlan(command="smoke", runs=(run,), out_dir=Path(out_dir), **plan)
 
@@ -403,16 +403,16 @@ def smoke_plan(args) -> TrainPlan:
     """smoke's one run (defaults :data:`SMOKE`), started afresh unless ``--resume``."""
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"{PROG} smoke: --seed K wants K >= 0")
-    stack, note = resolve_stack(args)
+    options, note = resolve_backend(args)
     model, train = configs_for(paper.row(SMOKE["row"]), args, args.seed or 0, "cifar100")
-    return _smoke(model, train, stack, args.out_dir, resume=args.resume,
+    return _smoke(model, train, options, args.out_dir, resume=args.resume,
                   progress=args.progress, fresh=not args.resume, dry_run=args.dry_run,
                   device_note=note)
 
 
-def smoke_plan_for(stack: StackOptions, out_dir: Path, **train) -> TrainPlan:
+def smoke_plan_for(options: BackendOptions, out_dir: Path, **train) -> TrainPlan:
     """smoke's plan without a command line (gpucheck), ``train`` changed."""
-    return _smoke(*_smoke_configs(**train), stack, out_dir, fresh=True)
+    return _smoke(*_smoke_configs(**train), options, out_dir, fresh=True)
 
 
 def _smoke_configs(**train) -> Tuple[ModelConfig, TrainConfig]:
@@ -422,14 +422,14 @@ def _smoke_configs(**train) -> Tuple[ModelConfig, TrainConfig]:
             SECTIONS["train"].for_row(row, **{**small, **train}))
 
 
-def row_plan_for(row_id: str, stack: StackOptions, out_dir: Path, *, model=(), train=(),
+def row_plan_for(row_id: str, options: BackendOptions, out_dir: Path, *, model=(), train=(),
                  **given) -> TrainPlan:
     """Seed 0 of a paper row without a command line (gpucheck's real-data check)."""
     row = paper.row(row_id)
     dataset = given.setdefault("dataset", row.dataset)
     spec = RunSpec(model=SECTIONS["model"].for_row(
         row, classes=paper.DATASET_CLASSES[dataset], **dict(model)),
-        train=SECTIONS["train"].for_row(row, **dict(train)), stack=stack, row=row.id,
+        train=SECTIONS["train"].for_row(row, **dict(train)), backend_options=options, row=row.id,
         experiment=row.table, **given)
     run = PlannedRun(spec, row.id, Path(out_dir) / row.table / row.id / "seed0")
     return TrainPlan(command=row.table, runs=(run,), out_dir=Path(out_dir), one_seed=True)

@@ -79,7 +79,7 @@ def cuda_version() -> Optional[str]:
 
 
 def record(ran_on: str) -> Dict:
-    """config.json's provenance; ``ran_on``: the device in words (crmn.stack.Stack.device)."""
+    """config.json's provenance; ``ran_on``: the device in words (crmn.backend.Backend.device)."""
     out = {"revision": revision(), "versions": versions(), "threads": threads(),
            "ran_on": ran_on, "flags": {k: os.environ.get(k) for k in FLAGS},
            "argv": list(sys.argv), "cwd": os.getcwd()}

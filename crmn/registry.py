@@ -1,5 +1,5 @@
-"""The registry of stacks (``--backend NAME`` to an implementation) and the checked stack
-options. A stack is imported only when one is built or probed, so ``--help`` stays fast."""
+"""The registry of backends (``--backend NAME`` to an implementation) and the checked backend
+options. A backend is imported only when one is built or probed, so ``--help`` stays fast."""
 from __future__ import annotations
 
 import argparse
@@ -11,15 +11,15 @@ from typing import Dict, Optional, Tuple
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import ConfigError
 from crmn.schema import option
-from crmn.stack import Stack
+from crmn.backend import Backend
 
 REGISTRY = {"theano": "original.backend:TheanoBackend", "torch": "modern.backend:TorchBackend"}
 BACKENDS = tuple(REGISTRY)
-DEFAULT_BACKEND = "theano"  # the archive's reference stack
+DEFAULT_BACKEND = "theano"  # the archive's reference backend
 THEANO_MODES = ("c", "jax")  # Theano's C backend (the reference) or Theano-PyMC's JAX linker
 DEFAULT_THEANO_MODE = "c"
-#: ``--dtype`` choices of each stack; bfloat16 (autocast, float32 weights) is torch only
-STACK_DTYPES: Dict[str, Tuple[str, ...]] = {"theano": ("float32", "float64"),
+#: ``--dtype`` choices of each backend; bfloat16 (autocast, float32 weights) is torch only
+BACKEND_DTYPES: Dict[str, Tuple[str, ...]] = {"theano": ("float32", "float64"),
                                             "torch": ("float32", "float64", "bfloat16")}
 DTYPES = ("float32", "float64", "bfloat16")
 DEFAULT_DTYPE = "float32"
@@ -92,27 +92,27 @@ def auto_device(backend: str, theano_mode: Optional[str] = None) -> Tuple[str, O
 
 
 @dataclasses.dataclass(frozen=True)
-class StackOptions:
-    """Which stack, where, in which precision: checked when made; ``--resume`` may change it."""
-    backend: str = option(DEFAULT_BACKEND, flag="--backend", choices=BACKENDS, group="stack",
-                          resume=True, help="stack that builds the network")
+class BackendOptions:
+    """Which backend, where, in which precision: checked when made; ``--resume`` may change it."""
+    backend: str = option(DEFAULT_BACKEND, flag="--backend", choices=BACKENDS, group="backend",
+                          resume=True, help="backend that builds the network")
     device: str = option("cpu", flag="--device", type=device_option, metavar="DEV",
-                         group="stack", resume=True,
+                         group="backend", resume=True,
                          help=f"{DEVICE_HELP}, or auto: cuda where the backend can use a GPU "
                          "here, else cpu")
-    dtype: str = option(DEFAULT_DTYPE, flag="--dtype", choices=DTYPES, group="stack",
+    dtype: str = option(DEFAULT_DTYPE, flag="--dtype", choices=DTYPES, group="backend",
                         resume=True, help="floating-point type of the network; bfloat16 "
                         "(autocast, float32 weights, channels-last) is torch only")
-    compile: bool = option(False, flag="--compile", kind="true", group="stack", resume=True,
+    compile: bool = option(False, flag="--compile", kind="true", group="backend", resume=True,
                            help="torch only: torch.compile behind the captured CUDA graph")
     theano_mode: str = option(
-        DEFAULT_THEANO_MODE, flag="--theano-mode", choices=THEANO_MODES, group="stack",
+        DEFAULT_THEANO_MODE, flag="--theano-mode", choices=THEANO_MODES, group="backend",
         resume=True, default_help=f"{DEFAULT_THEANO_MODE} where Theano's C backend works, "
         "else jax; jax with --device auto on a GPU", help="theano only: compile the graph "
         "with Theano's C backend (the reference) or through JAX, which also runs it on a "
         "current GPU with --device cuda")
     compile_cache: bool = option(
-        True, flag="--no-compile-cache", kind="false", group="stack", resume=True,
+        True, flag="--no-compile-cache", kind="false", group="backend", resume=True,
         default_help="~/.cache/crmn; see REPRODUCING.md", help="theano only: compile every "
         "graph afresh instead of reusing the steps an earlier run stored in $CRMN_CACHE")
 
@@ -121,9 +121,9 @@ class StackOptions:
             raise ConfigError(f"unknown backend {self.backend!r}; choose one of "
                               f"{', '.join(BACKENDS)}")
         check_device(self.device)
-        if self.dtype not in STACK_DTYPES[self.backend]:
+        if self.dtype not in BACKEND_DTYPES[self.backend]:
             raise ConfigError(f"--dtype {self.dtype} is not a dtype of the {self.backend} "
-                              f"backend; choose one of {', '.join(STACK_DTYPES[self.backend])}")
+                              f"backend; choose one of {', '.join(BACKEND_DTYPES[self.backend])}")
         if self.theano_mode not in THEANO_MODES:
             raise ConfigError(f"unknown --theano-mode {self.theano_mode!r}; choose one of "
                               f"{', '.join(THEANO_MODES)}")
@@ -134,19 +134,24 @@ class StackOptions:
                               "backend always compiles its graphs")
         if not self.compile_cache and self.backend != "theano":
             raise ConfigError("--no-compile-cache is an option of the theano backend (the "
-                              "torch stack keeps no compile cache)")
+                              "torch backend keeps no compile cache)")
 
-    def replace(self, **changes) -> "StackOptions":
+    def replace(self, **changes) -> "BackendOptions":
         return dataclasses.replace(self, **changes)
 
     def describe(self) -> str:
-        """The options in words, e.g. ``theano (jax), cpu, float32``."""
-        name = self.backend + (f" ({self.theano_mode})" if self.backend == "theano" else "")
-        return (f"{name}, {self.device}, {self.dtype}{' + compile' if self.compile else ''}"
+        """The options in words, e.g. ``theano-jax, cpu, float32``."""
+        return (f"{label(self)}, {self.device}, {self.dtype}{' + compile' if self.compile else ''}"
                 f"{'' if self.compile_cache else ', no compile cache'}")
 
 
-def stack_class(backend: str):
+def label(options: BackendOptions) -> str:
+    """The one name of a backend configuration in tables and files: ``theano-c``,
+    ``theano-jax`` or ``torch``."""
+    return f"theano-{options.theano_mode}" if options.backend == "theano" else options.backend
+
+
+def backend_class(backend: str):
     module, cls = REGISTRY[backend].split(":")
     try:
         return getattr(importlib.import_module(module), cls)
@@ -156,21 +161,21 @@ def stack_class(backend: str):
                           f"REPRODUCING.md §4)") from None
 
 
-def probe(options: StackOptions) -> None:
-    """:class:`ConfigError` unless the stack's framework can run ``options`` here."""
-    problem = stack_class(options.backend).problem(options)
+def probe(options: BackendOptions) -> None:
+    """:class:`ConfigError` unless the backend's framework can run ``options`` here."""
+    problem = backend_class(options.backend).problem(options)
     if problem:
         raise ConfigError(problem)
 
 
 def default_theano_mode(backend: str) -> str:
     """``--theano-mode`` when none is given: C where Theano's C backend works, else JAX."""
-    return stack_class("theano").preferred_mode() if backend == "theano" else DEFAULT_THEANO_MODE
+    return backend_class("theano").preferred_mode() if backend == "theano" else DEFAULT_THEANO_MODE
 
 
-def build(options: StackOptions, model: ModelConfig, train: TrainConfig, **expert) -> Stack:
-    """The network of ``model`` in ``options``' stack; ``expert``: settings never recorded."""
+def build(options: BackendOptions, model: ModelConfig, train: TrainConfig, **expert) -> Backend:
+    """The network of ``model`` in ``options``' backend; ``expert``: settings never recorded."""
     extra = {"theano": {"theano_mode": options.theano_mode, "compile_cache": options.compile_cache},
              "torch": {"compile": options.compile}}.get(options.backend, {})
-    return stack_class(options.backend)(model, train, device=options.device,
+    return backend_class(options.backend)(model, train, device=options.device,
                                         dtype=options.dtype, **extra, **expert)

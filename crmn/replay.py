@@ -12,8 +12,8 @@ from crmn.errors import RunError, UsageError
 
 VOLATILE = ("time", "seconds", "images_per_s", "compile_seconds", "compile_cache",
             "sec_per_epoch", "device")
-#: what a resume may have changed that changes the numbers: the engine, not the data's path
-ENGINE = tuple(plans.disk_key(n)[-1] for n, _ in plans.spec_fields() if n.startswith("stack."))
+#: what a resume may have changed that changes the numbers: the backend, not the data's path
+BACKEND_FIELDS = tuple(plans.disk_key(n)[-1] for n, _ in plans.spec_fields() if n.startswith("backend_options."))
 MACHINE = ("versions", "threads", "ran_on", "cuda", "flags")  # provenance.record's
 
 
@@ -34,7 +34,7 @@ def plan(run_dir, out_dir: Optional[Path] = None) -> plans.TrainPlan:
         raise RunError(f"{run_dir}: not a finished run (no summary.json saying done); finish "
                        "it with its command and --resume, then replay it")
     for r in config.get("resumes", []):
-        changed = [f"{k} {config.get(k)} -> {r[k]}" for k in ENGINE
+        changed = [f"{k} {config.get(k)} -> {r[k]}" for k in BACKEND_FIELDS
                    if k in r and r[k] != config.get(k)]
         if changed:
             raise RunError(f"{path}: resumed after {r['phase']} epoch {r['after_epoch']} "

@@ -153,38 +153,38 @@ def measure_ceiling(device: str = "cpu", seconds: float = 0.5) -> Dict:
             **got, "seconds": time.perf_counter() - t0}
 
 
-def ceiling_key(stack: str, precision: str, device: str) -> Optional[str]:
+def ceiling_key(backend: str, precision: str, device: str) -> Optional[str]:
     """The ceiling a timed row is held against (torch float32 on a GPU: TensorFloat-32, which
-    the torch stack allows there; float64: none)."""
+    the torch backend allows there; float64: none)."""
     if precision.startswith("bfloat16"):
         return "bf16_tflops"
     if precision.startswith("float32"):
-        return "tf32_tflops" if stack == "torch" and device.startswith("cuda") else "fp32_tflops"
+        return "tf32_tflops" if backend == "torch" and device.startswith("cuda") else "fp32_tflops"
     return None
 
 
-def utilisation(model: ModelConfig, images_per_s: float, stack: str, precision: str,
+def utilisation(model: ModelConfig, images_per_s: float, backend: str, precision: str,
                 ceiling: Optional[Dict]) -> Dict:
     """A timed row's ``flops_per_image``, ``tflops``, ``ceiling_tflops``, ``ceiling_fraction``."""
     flops = train_flops_per_image(model)
     achieved = flops * images_per_s / 1e12
-    key = ceiling_key(stack, precision, ceiling["device"]) if ceiling else None
+    key = ceiling_key(backend, precision, ceiling["device"]) if ceiling else None
     top = ceiling.get(key) if key else None
     return {"flops_per_image": flops, "tflops": achieved, "ceiling_tflops": top,
             "ceiling_fraction": achieved / top if top else None}
 
 
-def reset_peak_memory(stack: str, device: str) -> None:
+def reset_peak_memory(backend: str, device: str) -> None:
     """Start a row's peak-memory count (torch on a GPU; elsewhere the process's is kept)."""
-    if stack == "torch" and device.startswith("cuda"):
+    if backend == "torch" and device.startswith("cuda"):
         import torch
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_memory(stack: str, device: str) -> Dict:
+def peak_memory(backend: str, device: str) -> Dict:
     """``peak_mem_bytes`` and ``peak_mem_kind``: torch's or JAX's on a GPU, else peak RSS."""
     if device.startswith("cuda"):
-        if stack == "torch":
+        if backend == "torch":
             import torch
             return {"peak_mem_bytes": int(torch.cuda.max_memory_allocated(device)),
                     "peak_mem_kind": "torch peak allocated"}

@@ -98,7 +98,7 @@ class LogLine(_Record):
     seconds: float  # training seconds, compilation left out
     images_per_s: Optional[float]
     compile_seconds: float
-    compile_cache: Optional[str]  # "hit" | "miss" | "off" | None: the stack says nothing
+    compile_cache: Optional[str]  # "hit" | "miss" | "off" | None: the backend says nothing
     decision: str  # crmn.schedule.Decision's value
     time: float  # unix seconds
 
@@ -230,7 +230,7 @@ class RunFolder:
                 runlog.rewrite_log(log, [])  # no checkpoint: the run starts over from its seed
             return None
         arrays, recorded, path = self._last_good_checkpoint()
-        try:  # the backend and dtype may change: both stacks read the canonical format
+        try:  # the backend and dtype may change: both backends read the canonical format
             old_cap = self._cap_raised(recorded, path, "the checkpoint")
         except CheckpointError as e:
             raise CheckpointError(f"{e}; resume with the settings the run was started with, "
@@ -267,11 +267,11 @@ class RunFolder:
 
     def _record_resume(self, meta: CheckpointMeta) -> None:
         """Note in config.json who continued the run, with every field ``--resume`` may
-        change (the cap: caps_lifted); say so when the stack or dtype changed."""
-        stack = self.spec.stack
-        if (meta.backend, meta.dtype) != (stack.backend, stack.dtype):
+        change (the cap: caps_lifted); say so when the backend or dtype changed."""
+        options = self.spec.backend_options
+        if (meta.backend, meta.dtype) != (options.backend, options.dtype):
             say(f"{self.dir}: checkpoint written by {meta.backend} ({meta.dtype}), "
-                f"continuing with {stack.backend} ({stack.dtype})")
+                f"continuing with {options.backend} ({options.dtype})")
         record = spec_record(self.spec)
         changeable = {disk_key(n)[-1]: recorded(record, n) for n, _ in spec_fields()
                       if resume_may_change(n) and len(disk_key(n)) == 1}
@@ -342,15 +342,15 @@ class RunFolder:
         for name in (runlog.CAPPED, runlog.CAPPED_BEST):
             self.path(name).unlink(missing_ok=True)
 
-    def write_config(self, stack, data_source: str, description: Optional[str],
+    def write_config(self, backend, data_source: str, description: Optional[str],
                      fingerprint: Optional[str]) -> None:
         """config.json: the whole spec (crmn.plan.spec_record), and what ran it, on which data."""
         spec = self.spec
         runlog.write_json(self.path(runlog.CONFIG), {
             "config_format": RECORD_FORMAT, **spec_record(spec), "seed": spec.train.seed,
-            "params": stack.param_count(), "fake_data": data_source == "fake",
+            "params": backend.param_count(), "fake_data": data_source == "fake",
             "data": data_source, "data_description": description,
-            "data_fingerprint": fingerprint, **provenance.record(stack.device),
+            "data_fingerprint": fingerprint, **provenance.record(backend.device),
             # how the launcher packed it: the same run alone gives the same results
             "runs_per_gpu": int(os.environ.get(runlog.PACKING_ENV, 1)),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
@@ -409,7 +409,7 @@ class RunFolder:
         raise CheckpointError(f"{problem}; the search cannot go back to its best model: "
                               f"delete {self.dir} and run the command again without --resume")
 
-    def note_cut(self, stack, meta: CheckpointMeta, before: Dict, sched,
+    def note_cut(self, backend, meta: CheckpointMeta, before: Dict, sched,
                  decision: Decision, loss: float, acc: float) -> None:
         """Keep capped.h5 (and capped.best.h5) at the first epoch where ``--epochs-cap`` ended
         a stage (``before``: the schedule's state before its step)."""
@@ -423,7 +423,7 @@ class RunFolder:
                 return  # an earlier cut of this cap: that is where the other way starts
         if meta.phase == "search":
             runlog.link_over(self.path(runlog.BEST), self.path(runlog.CAPPED_BEST))
-        checkpoint.save(path, stack.get_state(), dataclasses.replace(
+        checkpoint.save(path, backend.get_state(), dataclasses.replace(
             meta, capped=CapCut(cap, before, loss, acc)).to_dict())
 
     def write_summary(self, summary: Summary) -> None:

@@ -9,7 +9,7 @@ import dataclasses
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 #: argparse group titles by key; a command may rename one (smoke's "expert" group)
-GROUPS = {"stack": "stack", "runs": "runs (docs/spec.md §1)",
+GROUPS = {"backend": "backend", "runs": "runs (docs/spec.md §1)",
           "model": "the network's interpretations (docs/spec.md §4)",
           "protocol": "the protocol's interpretations (docs/spec.md §4-5)",
           "expert": "expert options (tests, quick looks: the run is then not the paper's row)",

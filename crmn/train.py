@@ -1,4 +1,4 @@
-"""The paper's training protocol (section 4, docs/spec.md §5) over any crmn.stack.Stack: a
+"""The paper's training protocol (section 4, docs/spec.md §5) over any crmn.backend.Backend: a
 search run on 90 % of the training set with plateau reloads of best.h5, then a final run from
 the same seeded start on all of it, replaying the schedule found. Nothing depends on global
 random state, so a resumed run ends with exactly the parameters of an uninterrupted one.
@@ -35,8 +35,8 @@ class EpochStats:
     acc: float  # fraction of correctly classified training images
     images: int
     seconds: float  # wall-clock seconds of the epoch's steps, compilation left out
-    compile_seconds: float = 0.0  # of which the stack compiled (or waited to compile)
-    compile_cache: Optional[str] = None  # "hit", "miss", "off"; None: the stack says nothing
+    compile_seconds: float = 0.0  # of which the backend compiled (or waited to compile)
+    compile_cache: Optional[str] = None  # "hit", "miss", "off"; None: the backend says nothing
 
 
 def sampler_seed(seed: int, phase: str) -> int:
@@ -61,10 +61,10 @@ def check_stop(where) -> None:
                             signum=signum)
 
 
-def run(run_dir, spec: RunSpec, new_stack: Optional[Callable[[], Any]] = None, *,
+def run(run_dir, spec: RunSpec, new_backend: Optional[Callable[[], Any]] = None, *,
         resume: bool = False, progress: bool = True, fresh: bool = False) -> Dict:
     """Train ``spec`` into ``run_dir`` (a finished run is skipped); its summary.json.
-    ``new_stack()`` builds the network (default: crmn.registry.build); ``fresh`` empties it."""
+    ``new_backend()`` builds the network (default: crmn.registry.build); ``fresh`` empties it."""
     folder = RunFolder(run_dir, spec)
     with folder.held(fresh):
         if resume:  # another run's options or data are refused before anything changes
@@ -72,7 +72,7 @@ def run(run_dir, spec: RunSpec, new_stack: Optional[Callable[[], Any]] = None, *
         done = folder.finished(resume)
         if done is not None:
             return done
-        build = new_stack or (lambda: registry.build(spec.stack, spec.model, spec.train))
+        build = new_backend or (lambda: registry.build(spec.backend_options, spec.model, spec.train))
         return Training(folder, progress).run(build, folder.start(resume))
 
 
@@ -89,8 +89,8 @@ class Training:
         self.schedule_found: Optional[List[int]] = None  # the search's results
         self.search_best: Optional[Dict] = None
 
-    def run(self, new_stack: Callable[[], Any], start: Optional[ResumePoint]) -> Dict:
-        """Build the stack, train the phases due from ``start``, write the summary."""
+    def run(self, new_backend: Callable[[], Any], start: Optional[ResumePoint]) -> Dict:
+        """Build the backend, train the phases due from ``start``, write the summary."""
         spec, folder = self.spec, self.folder
         if start is not None:
             self.schedule_found = start.meta.schedule_found
@@ -99,36 +99,36 @@ class Training:
                                                      or start.meta.phase == "search")
         self.split("search" if searching else "final")  # no dataset: fail before the build
         self.note_data()
-        stack = new_stack()
-        say(f"{folder.dir}: backend {stack.name} on {stack.device}, dtype "
-            f"{spec.stack.dtype}, {stack.param_count():,} trainable parameters")
+        backend = new_backend()
+        say(f"{folder.dir}: backend {backend.name} on {backend.device}, dtype "
+            f"{spec.backend_options.dtype}, {backend.param_count():,} trainable parameters")
         if start is None or not folder.path(runlog.CONFIG).exists():
-            folder.write_config(stack, self.data_source, self.description,
+            folder.write_config(backend, self.data_source, self.description,
                                 data.fingerprint(spec.dataset, spec.data_dir))
         if searching:  # the search run, on the 90 % split
-            initial = {k: np.array(v, copy=True)  # a stack may hand out views of its buffers
-                       for k, v in stack.get_state().items()}
+            initial = {k: np.array(v, copy=True)  # a backend may hand out views of its buffers
+                       for k, v in backend.get_state().items()}
             t = self.train
-            sched = self.train_phase("search", stack, start,
+            sched = self.train_phase("search", backend, start,
                                      PlateauSchedule(t.lr_stages, t.patience, t.epochs_cap))
             self.schedule_found, self.search_best, start = sched.found, sched.best, None
             say(f"{folder.dir}: search done, schedule found {sched.found} "
                 f"(epochs per lr {list(t.lr_stages)}), best {sched.best}")
-            stack.set_state(initial)  # the final run starts where the search started
-            stack.reset_velocity()
+            backend.set_state(initial)  # the final run starts where the search started
+            backend.reset_velocity()
         used = self.schedule_found if self.train.schedule is None else \
             given_schedule(self.train)
-        self.train_phase("final", stack, start, FixedSchedule(self.train.lr_stages, used))
-        summary = self.summary(stack, used)
+        self.train_phase("final", backend, start, FixedSchedule(self.train.lr_stages, used))
+        summary = self.summary(backend, used)
         folder.write_summary(summary)
         say(f"{folder.dir}: done, test accuracy {100 * summary.test_acc:.2f} % after "
             f"{summary.final_epochs} epochs (schedule {used})")
         return dataclasses.asdict(summary)
 
-    def train_phase(self, phase: str, stack, start: Optional[ResumePoint], sched):
+    def train_phase(self, phase: str, backend, start: Optional[ResumePoint], sched):
         """Train ``phase`` with the new schedule ``sched``, or on from ``start``."""
         if start is not None:
-            stack.set_state(start.arrays)
+            backend.set_state(start.arrays)
             sched = type(sched).from_state(start.meta.schedule)
             if phase == "search" and sched.best is not None and not sched.done:
                 self.folder.best_model(sched.best["epoch"], exact=False)  # a reload needs it
@@ -137,25 +137,25 @@ class Training:
                                     sampler_seed(self.train.seed, phase), pad=self.train.pad,
                                     flip=self.train.flip)
         while not sched.done:
-            self.epoch(phase, stack, sched, sampler, split)
+            self.epoch(phase, backend, sched, sampler, split)
         return sched
 
-    def epoch(self, phase: str, stack, sched, sampler, split) -> None:
+    def epoch(self, phase: str, backend, sched, sampler, split) -> None:
         """Train, evaluate, decide, log, checkpoint: one epoch of either phase."""
         folder = self.folder
         t0 = time.perf_counter()
         lr, stage, epoch = sched.lr, sched.stage, sched.epoch + 1
         label = f"[{phase}] epoch {epoch}" if self.progress and sys.stderr.isatty() else None
-        stats = train_epoch(stack, sampler, epoch, lr, progress=label)
+        stats = train_epoch(backend, sampler, epoch, lr, progress=label)
         self.check_finite(phase, epoch, "training loss", stats.loss)
-        eval_loss, eval_acc = evaluate(stack, split.eval_x, split.eval_y)
+        eval_loss, eval_acc = evaluate(backend, split.eval_x, split.eval_y)
         self.check_finite(phase, epoch, f"{split.eval_name} loss", eval_loss)
         before = sched.state_dict()
         decision = sched.step(eval_loss, eval_acc)
         meta = self.meta(phase, sched, sampler.seed)
         if phase == "search" and sched.improved:
-            folder.save_best(stack.get_state(), meta)
-        folder.note_cut(stack, meta, before, sched, decision, eval_loss, eval_acc)
+            folder.save_best(backend.get_state(), meta)
+        folder.note_cut(backend, meta, before, sched, decision, eval_loss, eval_acc)
         line = LogLine(
             phase=phase, epoch=epoch, stage=stage, lr=lr, train_loss=stats.loss,
             train_acc=stats.acc, eval_split=split.eval_name, eval_loss=eval_loss,
@@ -165,9 +165,9 @@ class Training:
             decision=decision.value, time=time.time())
         folder.log(line)
         if decision == Decision.RELOAD:
-            stack.set_state(folder.best_model(sched.best["epoch"]))
-            stack.reset_velocity()  # the next stage starts from rest at its new rate
-        folder.save(stack.get_state(), meta)
+            backend.set_state(folder.best_model(sched.best["epoch"]))
+            backend.reset_velocity()  # the next stage starts from rest at its new rate
+        folder.save(backend.get_state(), meta)
         self.epoch_wall.append(time.perf_counter() - t0)
         say(self.epoch_line(line, sched, best=sched.improved and phase == "search"))
         check_stop(folder.dir)
@@ -176,7 +176,7 @@ class Training:
         spec = self.spec
         return CheckpointMeta(
             model=spec.model.to_dict(), train=self.train.to_dict(),
-            backend=spec.stack.backend, dtype=spec.stack.dtype, dataset=spec.dataset,
+            backend=spec.backend_options.backend, dtype=spec.backend_options.dtype, dataset=spec.dataset,
             phase=phase, epoch=sched.epoch, schedule=sched.state_dict(), sampler_seed=seed,
             best=sched.best, schedule_found=self.schedule_found, search_best=self.search_best)
 
@@ -231,7 +231,7 @@ class Training:
                 f"{e.seconds:.1f} s {ips}{eta}{compiled}" + (" | best" if best else "")
                 + ("" if e.decision == "continue" else f" | {e.decision}"))
 
-    def summary(self, stack, used: List[int]) -> Summary:
+    def summary(self, backend, used: List[int]) -> Summary:
         """The run's result from the log: a resumed run counts every logged epoch."""
         spec = self.spec
         final = self.folder.lines("final")
@@ -239,34 +239,34 @@ class Training:
         if final:
             test_loss, test_acc = final[-1].eval_loss, final[-1].eval_acc
         else:  # a schedule of 0 epochs: the untrained network is the result
-            test_loss, test_acc = evaluate(stack, split.eval_x, split.eval_y)
+            test_loss, test_acc = evaluate(backend, split.eval_x, split.eval_y)
         rates = [e.images_per_s for e in final if e.images_per_s]
         return Summary(
-            row=spec.row, experiment=spec.experiment, backend=spec.stack.backend,
-            device=stack.device, dataset=spec.dataset, params=stack.param_count(),
+            row=spec.row, experiment=spec.experiment, backend=spec.backend_options.backend,
+            device=backend.device, dataset=spec.dataset, params=backend.param_count(),
             schedule_found=self.schedule_found, schedule_used=list(used),
             lr_stages=list(self.train.lr_stages), test_loss=test_loss, test_acc=test_acc,
             final_epochs=len(final),
-            # medians: the first epoch of each process also pays the stack's compilation
+            # medians: the first epoch of each process also pays the backend's compilation
             sec_per_epoch=float(np.median([e.seconds for e in final])) if final else None,
             images_per_s=float(np.median(rates)) if rates else None,
             search_best=self.search_best, fake_data=self.data_source == "fake",
             data=self.data_source, preprocessing=split.preprocessing.to_dict())
 
 
-def train_epoch(stack, sampler, epoch: int, lr: float, *, progress: Optional[str] = None,
+def train_epoch(backend, sampler, epoch: int, lr: float, *, progress: Optional[str] = None,
                 fast: Optional[bool] = None) -> EpochStats:
-    """One epoch of SGD over ``sampler.epoch(epoch)`` at ``lr`` (``fast``: the stack's
-    crmn.stack.FastEpoch path); the sums stay on the device but for the progress bar's reads."""
-    use_fast = getattr(stack, "fast_epoch", False) if fast is None else fast
-    batches = stack.epoch_batches(sampler, epoch) if use_fast else sampler.epoch(epoch)
-    bar = Progress(progress, len(sampler), stack) if progress else None
+    """One epoch of SGD over ``sampler.epoch(epoch)`` at ``lr`` (``fast``: the backend's
+    crmn.backend.FastEpoch path); the sums stay on the device but for the progress bar's reads."""
+    use_fast = getattr(backend, "fast_epoch", False) if fast is None else fast
+    batches = backend.epoch_batches(sampler, epoch) if use_fast else sampler.epoch(epoch)
+    bar = Progress(progress, len(sampler), backend) if progress else None
     loss_sum, correct, images = 0.0, 0, 0  # the sums: device scalars after the first step
-    compiled0 = getattr(stack, "compile_seconds", 0.0)
+    compiled0 = getattr(backend, "compile_seconds", 0.0)
     t0 = time.perf_counter()
     try:
         for done, (xb, yb) in enumerate(batches, 1):
-            batch_loss, batch_correct = stack.step(xb, yb, lr)
+            batch_loss, batch_correct = backend.step(xb, yb, lr)
             loss_sum = loss_sum + batch_loss
             correct = correct + batch_correct
             images += len(yb)
@@ -274,7 +274,7 @@ def train_epoch(stack, sampler, epoch: int, lr: float, *, progress: Optional[str
                 bar.show(done, images, float(loss_sum) / images)
         loss = float(loss_sum)  # the epoch's one host sync: the device's work ends here
         seconds = time.perf_counter() - t0
-        compiled = getattr(stack, "compile_seconds", 0.0) - compiled0
+        compiled = getattr(backend, "compile_seconds", 0.0) - compiled0
     finally:
         if bar is not None:
             bar.close()
@@ -282,18 +282,18 @@ def train_epoch(stack, sampler, epoch: int, lr: float, *, progress: Optional[str
         raise ConfigError("the sampler yielded no batch in this epoch")
     return EpochStats(loss=loss / images, acc=float(correct) / images, images=images,
                       seconds=seconds - compiled, compile_seconds=compiled,
-                      compile_cache=getattr(stack, "compile_cache", None))
+                      compile_cache=getattr(backend, "compile_cache", None))
 
 
-def evaluate(stack, x: np.ndarray, y: np.ndarray,
+def evaluate(backend, x: np.ndarray, y: np.ndarray,
              batch_size: int = EVAL_BATCH) -> Tuple[float, float]:
-    """(mean cross-entropy, accuracy) in inference mode, in float64 from the stack's logits,
-    so that both stacks report the same numbers for the same logits."""
+    """(mean cross-entropy, accuracy) in inference mode, in float64 from the backend's logits,
+    so that both backends report the same numbers for the same logits."""
     if len(y) == 0:
         raise ConfigError("evaluate() needs at least one image")
     loss_sum, correct = 0.0, 0
     for xb, yb in data.iterate_eval(x, y, batch_size):
-        z = np.asarray(stack.logits(xb, training=False), dtype=np.float64)  # (B, classes)
+        z = np.asarray(backend.logits(xb, training=False), dtype=np.float64)  # (B, classes)
         z = z - z.max(axis=1, keepdims=True)  # a stable log-softmax
         logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
         yb = np.asarray(yb, dtype=np.int64)
@@ -304,10 +304,10 @@ def evaluate(stack, x: np.ndarray, y: np.ndarray,
 
 class Progress:
     """A one-line progress bar on a terminal: batches, images/s, ETA, loss; until the first
-    step returns (the stacks compile there) it counts ``compiling… N s`` each second."""
+    step returns (the backends compile there) it counts ``compiling… N s`` each second."""
 
-    def __init__(self, label: str, total: int, stack):
-        self.label, self.total, self.stack = label, total, stack
+    def __init__(self, label: str, total: int, backend):
+        self.label, self.total, self.backend = label, total, backend
         self.stream = sys.stderr
         self.t0 = time.perf_counter()
         self.every = max(1, total // PROGRESS_UPDATES)
@@ -318,7 +318,7 @@ class Progress:
 
     def _tick(self) -> None:
         while not self._stepped.wait(1.0):
-            hit = getattr(self.stack, "compile_cache", None) == "hit"
+            hit = getattr(self.backend, "compile_cache", None) == "hit"
             doing = "compile cache hit" if hit else "compiling"
             self._write(f"{self.label} {doing}\u2026 {time.perf_counter() - self.t0:.0f} s")
 

@@ -15,7 +15,7 @@ from crmn.config import ModelConfig, TrainConfig
 from crmn.data import BatchSampler
 from crmn.errors import ConfigError
 from crmn.naming import STATE_ROLES, spec_dict
-from crmn.registry import StackOptions, check_device
+from crmn.registry import BackendOptions, check_device
 from crmn.train import train_epoch
 
 TOLERANCE = 1e-6
@@ -93,9 +93,9 @@ def _global(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray], base: Dict[str, 
     return (num / np.sqrt(den) if den > 0 else num), max(err, key=err.get)
 
 
-def _step_loss(stack, x, y, lr: float) -> float:
+def _step_loss(backend, x, y, lr: float) -> float:
     """One ``step``; the batch's mean cross-entropy before it."""
-    return float(stack.step(x, y, lr)[0]) / len(y)
+    return float(backend.step(x, y, lr)[0]) / len(y)
 
 
 def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float, seed: int,
@@ -128,15 +128,15 @@ def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float
 
 
 #: the three ways to run the network that ``verify`` holds equal, pair by pair
-STACKS = (("torch", StackOptions("torch", dtype="float64")),
-          ("theano-c", StackOptions("theano", dtype="float64", theano_mode="c")),
-          ("theano-jax", StackOptions("theano", dtype="float64", theano_mode="jax")))
+VERIFIED_BACKENDS = (("torch", BackendOptions("torch", dtype="float64")),
+          ("theano-c", BackendOptions("theano", dtype="float64", theano_mode="c")),
+          ("theano-jax", BackendOptions("theano", dtype="float64", theano_mode="jax")))
 
 
-def buildable(stacks=STACKS) -> Tuple[list, Dict[str, str]]:
-    """The entries of ``stacks`` this environment can build, and why each other one cannot."""
+def buildable(backends=VERIFIED_BACKENDS) -> Tuple[list, Dict[str, str]]:
+    """The entries of ``backends`` this environment can build, and why each other one cannot."""
     ok, missing = [], {}
-    for label, options in stacks:
+    for label, options in backends:
         try:
             registry.probe(options)
         except ConfigError as exc:
@@ -146,11 +146,11 @@ def buildable(stacks=STACKS) -> Tuple[list, Dict[str, str]]:
     return ok, missing
 
 
-def verify_stacks(cfg: ModelConfig, train: TrainConfig, name: str, lr: float = 0.1,
-                  seed: int = 0, tol: float = TOLERANCE, stacks=STACKS) -> List[Result]:
-    """Every pair of ``stacks``; the first of each pair gives the state."""
-    built = {label: registry.build(options, cfg, train) for label, options in stacks}
-    pairs = [(a, b) for i, (a, _) in enumerate(stacks) for b, _ in stacks[i + 1:]]
+def verify_backends(cfg: ModelConfig, train: TrainConfig, name: str, lr: float = 0.1,
+                  seed: int = 0, tol: float = TOLERANCE, backends=VERIFIED_BACKENDS) -> List[Result]:
+    """Every pair of ``backends``; the first of each pair gives the state."""
+    built = {label: registry.build(options, cfg, train) for label, options in backends}
+    pairs = [(a, b) for i, (a, _) in enumerate(backends) for b, _ in backends[i + 1:]]
     return [_compare(f"{name} [{b} vs {a}]", built[a], built[b], cfg, train.batch_size,
                      lr, seed, tol) for a, b in pairs]
 
@@ -163,7 +163,7 @@ def verify_device(cfg: ModelConfig, train: TrainConfig, name: str, device: str =
     on_gpu = device.startswith("cuda")
 
     def built(where, dtype, graph=False):
-        return registry.build(StackOptions("torch", where, dtype), cfg, train,
+        return registry.build(BackendOptions("torch", where, dtype), cfg, train,
                               graph=graph and on_gpu, tf32=False)
 
     B, results = train.batch_size, []
@@ -217,7 +217,7 @@ def _verify_epoch(cfg: ModelConfig, train: TrainConfig, name: str, device: str, 
     ys = np.concatenate([yb for _, yb in sampler.epoch(1)])
     equal = np.array_equal(xe.cpu().numpy(), xs) and np.array_equal(ye.cpu().numpy(), ys)
     res.put("batches (bit-equal)", 0.0 if equal else float("inf"), "images and labels")
-    options = StackOptions("torch", device, dtype)
+    options = BackendOptions("torch", device, dtype)
     graph = registry.build(options, cfg, train, graph=device.startswith("cuda"), tf32=False)
     eager = registry.build(options, cfg, train, graph=False, tf32=False)
     base = eager.get_state()  # the same seed: the same initial state as graph's
@@ -260,7 +260,7 @@ def verify(configs: Optional[Sequence[Union[str, Config]]] = None,
     block per configuration; returns the results."""
     check_device(device)
     items = select_configs(configs, batch_size)
-    stacks, missing = buildable() if device == "cpu" else (STACKS, {})
+    backends, missing = buildable() if device == "cpu" else (VERIFIED_BACKENDS, {})
     for label, why in missing.items():
         out(f"{label}: not built here ({why})")
     results = []
@@ -276,7 +276,7 @@ def verify(configs: Optional[Sequence[Union[str, Config]]] = None,
         show([verify_references()])  # the C backend's figures, as it recorded them
     for name, cfg, train in items:
         if device == "cpu":
-            show(verify_stacks(cfg, train, name, lr, seed, tol or TOLERANCE, stacks))
+            show(verify_backends(cfg, train, name, lr, seed, tol or TOLERANCE, backends))
         else:
             show(verify_device(cfg, train, name, device, lr, seed, tol or TOLERANCE))
     n_fail = sum(not r.passed for r in results)

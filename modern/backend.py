@@ -1,4 +1,4 @@
-"""The PyTorch backend behind :class:`crmn.stack.Stack`: Lasagne's SGD (section 4), with
+"""The PyTorch backend behind :class:`crmn.backend.Backend`: Lasagne's SGD (section 4), with
 ``g = ∂L/∂p + wd·p`` on the decayed arrays; ``v <- μ v - lr g``, then ``p <- p + v`` (or
 Nesterov's ``p <- p + μ v - lr g``). On CUDA the step is captured once as a CUDA graph (a few
 hundred tiny kernels otherwise) and the training set stays on the device (:mod:`modern.gpu`).
@@ -18,15 +18,15 @@ from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import ConfigError
 from crmn.init import initial_state
 from crmn.naming import DECAYED_ROLES, velocity_name
-from crmn.registry import STACK_DTYPES, check_device
+from crmn.registry import BACKEND_DTYPES, check_device
 from modern import gpu
 from modern.model import build
 
-DTYPES = STACK_DTYPES["torch"]
+DTYPES = BACKEND_DTYPES["torch"]
 
 
 class TorchBackend:
-    """:class:`crmn.stack.Stack` over :class:`modern.model.CIFARNet`. bfloat16 is autocast
+    """:class:`crmn.backend.Backend` over :class:`modern.model.CIFARNet`. bfloat16 is autocast
     over float32 weights; ``graph`` (default on CUDA) captures the step; ``channels_last`` and
     ``cast_once`` (one bf16 cast of the single-product weights per step) default on in bf16."""
 
@@ -197,7 +197,7 @@ class TorchBackend:
         self._graph_lr = None  # the learning rate tensor holds no rate yet
 
     def step(self, x, y, lr: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`crmn.stack.Stack.step` on numpy or device tensors (graph: its output buffers)."""
+        """:meth:`crmn.backend.Backend.step` on numpy or device tensors (graph: its output buffers)."""
         xb, yb = self._input(x), self._labels(y)
         if self.use_graph and xb.shape[0] == self.train_cfg.batch_size:
             if self._graph is None:

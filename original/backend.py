@@ -1,4 +1,4 @@
-"""The Theano + Lasagne backend behind :class:`crmn.stack.Stack` (docs/spec.md §5-6): the
+"""The Theano + Lasagne backend behind :class:`crmn.backend.Backend` (docs/spec.md §5-6): the
 paper's section 4 as Lasagne ran it, (weight_decay / 2) · Σ w² over the arrays
 :mod:`crmn.naming` decays (Lasagne's tags would decay the peepholes too); compiled by
 Theano's C backend (``_CMode``) or through JAX (``_JaxMode``, :mod:`original.jax_mode`).
@@ -18,11 +18,11 @@ from crmn.config import ModelConfig, TrainConfig
 from crmn.convert import canonical_to_lasagne, lasagne_to_canonical
 from crmn.errors import CheckpointError, ConfigError
 from crmn.naming import param_specs, velocity_name
-from crmn.registry import STACK_DTYPES, THEANO_MODES, check_device, no_gpu
+from crmn.registry import BACKEND_DTYPES, THEANO_MODES, check_device, no_gpu
 from original import compat
 from original.model import build, native_params
 
-DTYPES = STACK_DTYPES["theano"]
+DTYPES = BACKEND_DTYPES["theano"]
 
 
 def native_names(cfg: ModelConfig) -> Dict[str, str]:
@@ -123,7 +123,7 @@ class _JaxMode:
 
 
 class TheanoBackend:
-    """A CRMN or ResNet in Theano + Lasagne, driven through :class:`crmn.stack.Stack`;
+    """A CRMN or ResNet in Theano + Lasagne, driven through :class:`crmn.backend.Backend`;
     ``compile_cache``: the JAX mode keeps compiled steps in :mod:`crmn.compile_cache`."""
     name = "theano"
 

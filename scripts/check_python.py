@@ -5,14 +5,14 @@
 Exits 0 when every package is installed; else prints one line naming the missing ones and
 the pip command that installs them, and exits 1. EXTRA names more distributions to require
 (tests/run.sh adds pytest). Standard library only: it runs before anything is known about
-the interpreter. torch is optional (the PyTorch stack is refused in one line without it).
+the interpreter. torch is optional (the PyTorch backend is refused in one line without it).
 """
 from __future__ import annotations
 
 import sys
 from importlib import metadata
 
-#: distributions the Theano stack and the command line import, any version
+#: distributions the Theano backend and the command line import, any version
 REQUIRED = ("numpy", "scipy", "h5py", "matplotlib", "tqdm", "filelock", "jax", "jaxlib")
 #: the archive's bridges are written for exactly these releases
 EXACT = {"theano-pymc": "1.1.2", "Lasagne": "0.1"}

@@ -6,7 +6,7 @@
 #   (none)                 the pinned environment: .venv, Python 3.11, requirements.txt
 #                          (numpy 1.23.5, torch, Theano's C backend). The default.
 #   CRMN_PROFILE=current   .venv-current, Python 3.12, requirements-current.txt (numpy 2.x,
-#                          jax 0.11, no torch): the Theano stack in JAX mode only.
+#                          jax 0.11, no torch): the Theano backend in JAX mode only.
 #   CRMN_PYTHON=/path/py   that interpreter as it is: no venv, no install; a missing package
 #                          is one line naming it and the pip command.
 #
@@ -46,7 +46,7 @@ _crmn_ensure_openblas() {
       echo "ensure_env: installing OpenBLAS (libopenblas-dev) for Theano" >&2
       (apt-get -o DPkg::Lock::Timeout=300 install -y -qq libopenblas-dev >/dev/null 2>&1 \
         || { apt-get update -qq >/dev/null 2>&1 && apt-get -o DPkg::Lock::Timeout=300 install -y -qq libopenblas-dev >/dev/null 2>&1; }) \
-        || echo "ensure_env: could not install libopenblas-dev; the Theano stack will refuse to run" >&2
+        || echo "ensure_env: could not install libopenblas-dev; the Theano backend will refuse to run" >&2
     else
       echo "ensure_env: no OpenBLAS found; install libopenblas-dev (Debian) or set THEANO_FLAGS=blas__ldflags=..." >&2
     fi

@@ -1,4 +1,4 @@
-"""Record the float64 references of the Theano stack from the pinned C backend.
+"""Record the float64 references of the Theano backend from the pinned C backend.
 
     CRMN_VENV=... bash -c 'source scripts/ensure_env.sh && PYTHONPATH=. "$CRMN_PY" scripts/make_references.py'
     # or simply, in the pinned environment:  PYTHONPATH=. .venv/bin/python scripts/make_references.py

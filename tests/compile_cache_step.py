@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from crmn import registry  # noqa: E402
 from crmn.config import ModelConfig, TrainConfig  # noqa: E402
-from crmn.registry import StackOptions  # noqa: E402
+from crmn.registry import BackendOptions  # noqa: E402
 
 #: the network: one CRMN block per stage, width 0.5 (the smoke test's), 10 classes
 MODEL = ModelConfig(n=1, k=0.5, classes=10, memory=True)
@@ -26,15 +26,15 @@ TRAIN = TrainConfig(batch_size=4, lr_stages=(0.1,), seed=7)
 
 def main(argv):
     out = Path(argv[0])
-    options = StackOptions("theano", dtype="float64", theano_mode="jax",
+    options = BackendOptions("theano", dtype="float64", theano_mode="jax",
                            compile_cache="--no-compile-cache" not in argv)
-    stack = registry.build(options, MODEL, TRAIN)
+    backend = registry.build(options, MODEL, TRAIN)
     rng = np.random.default_rng(3)
     x = rng.standard_normal((TRAIN.batch_size, 3, 32, 32))
     y = rng.integers(0, MODEL.classes, TRAIN.batch_size)
-    stack.step(x, y, 0.1)
-    np.savez(out, **stack.get_state())
-    print(json.dumps({"cache": stack.compile_cache, "compile_seconds": stack.compile_seconds}))
+    backend.step(x, y, 0.1)
+    np.savez(out, **backend.get_state())
+    print(json.dumps({"cache": backend.compile_cache, "compile_seconds": backend.compile_seconds}))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""An independent float64 numpy LSTM: the paper's equations 2-7, for checking both stacks.
+"""An independent float64 numpy LSTM: the paper's equations 2-7, for checking both backends.
 
 Written straight from section 3.2 of Moniz & Pal (2016), with no framework involved, so that
 ``original/`` (Lasagne's ``LSTMLayer``) and ``modern/`` (the PyTorch port) are each compared

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from crmn import bench, cli, paper
-from crmn.registry import StackOptions
+from crmn.registry import BackendOptions
 
 
 @pytest.mark.slow
@@ -57,7 +57,7 @@ def test_bench_refuses_bad_options_in_one_line_before_building(argv, message, ca
 
 
 def test_bench_channels_last_is_the_layout_trained(capsys):
-    r = bench.bench_row(paper.row("t1-resnet32x1"), StackOptions("torch"), 1, warmup=1,
+    r = bench.bench_row(paper.row("t1-resnet32x1"), BackendOptions("torch"), 1, warmup=1,
                         batch_size=2, channels_last=True)
     assert r["layout"] == "channels-last"
     assert cli.main(["bench", "--backend", "torch", "--rows", "t1-resnet32x1", "--steps", "1",
@@ -102,10 +102,10 @@ def test_bench_row_of_the_jax_mode_compiles_cold_then_warm(tmp_path, monkeypatch
     column is a second build of the same network, which finds the step the first stored."""
     from crmn import paper
     from crmn.config import ModelConfig
-    from crmn.registry import StackOptions
+    from crmn.registry import BackendOptions
 
     monkeypatch.setenv("CRMN_CACHE", str(tmp_path / "cache"))
-    r = bench.bench_row(paper.row("t1-crmn32x1"), StackOptions("theano", theano_mode="jax"),
+    r = bench.bench_row(paper.row("t1-crmn32x1"), BackendOptions("theano", theano_mode="jax"),
                         steps=1, warmup=1, batch_size=2,
                         model=ModelConfig(n=1, k=0.5, classes=100, memory=True))
     assert (r["compile_cache"], r["warm_compile_cache"]) == ("miss", "hit")
@@ -113,7 +113,7 @@ def test_bench_row_of_the_jax_mode_compiles_cold_then_warm(tmp_path, monkeypatch
     cells = [c.strip() for c in bench.format_table([r]).splitlines()[-1].split("|")[1:-1]]
     assert cells[10:12] == ["miss", f"{r['warm_compile_s']:.1f}"]
     off = bench.bench_row(paper.row("t1-crmn32x1"),
-                          StackOptions("theano", theano_mode="jax", compile_cache=False),
+                          BackendOptions("theano", theano_mode="jax", compile_cache=False),
                           steps=1, warmup=1, batch_size=2,
                           model=ModelConfig(n=1, k=0.5, classes=100, memory=True))
     assert (off["compile_cache"], off["warm_compile_s"]) == ("off", None)

@@ -101,7 +101,7 @@ def test_help_defaults_are_the_dataclass_defaults(command, capsys):
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     for dest, value in want.items():
         assert f"(default: {value}" in text, dest
-    # one default stack, device and dtype for every command (crmn.registry); the training
+    # one default backend, device and dtype for every command (crmn.registry); the training
     # commands choose their device (--device auto)
     assert f"(default: {registry.DEFAULT_BACKEND})" in text
     if command == "params":  # a count depends on the backend alone
@@ -335,7 +335,7 @@ def test_two_runs_into_one_directory_the_second_is_refused(tmp_path):
     first = subprocess.Popen(argv(tmp_path / "shared"), cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "shared" / "table3" / "t3-crmn56x3" / "seed0"
-    for line in first.stdout:  # the first holds the directory once it names its stack
+    for line in first.stdout:  # the first holds the directory once it names its backend
         if "trainable parameters" in line:
             break
     first.send_signal(signal.SIGSTOP)  # paused, lock held: the second cannot outlive it
@@ -405,6 +405,6 @@ def test_without_a_c_backend_theano_runs_in_jax_mode_and_c_is_refused(tmp_path, 
     assert rc == 2 and not out.exists()
     assert err == "run_experiments.sh table1: --theano-mode c: numpy is too new\n"
     plan = plans.train_plan(parser.parse(["table1", "--rows", "t1-crmn32x1"]))
-    assert plan.stack.theano_mode == "jax"
+    assert plan.backend_options.theano_mode == "jax"
     monkeypatch.setattr(compat, "c_backend_available", lambda: (True, ""))
-    assert plans.train_plan(parser.parse(["table1"])).stack.theano_mode == "c"
+    assert plans.train_plan(parser.parse(["table1"])).backend_options.theano_mode == "c"

@@ -48,7 +48,7 @@ def here(tmp_path, monkeypatch):
 
 @pytest.fixture
 def toy(monkeypatch):
-    """``--backend torch`` trains the toy stack (tests/toy_backend.py): the loop in seconds."""
+    """``--backend torch`` trains the toy backend (tests/toy_backend.py): the loop in seconds."""
     monkeypatch.setattr(registry, "probe", lambda options: None)
     monkeypatch.setattr(registry, "build",
                         lambda options, model, train, **kw: ToyBackend(model, train))
@@ -91,7 +91,7 @@ def _no_gpu() -> bool:
 
 
 #: each command with the least arguments that make it quick on the CPU, and its exit code;
-#: {tmp}: the test's folder. `verify` on the CPU compiles both stacks for minutes (see
+#: {tmp}: the test's folder. `verify` on the CPU compiles both backends for minutes (see
 #: tests/test_verify.py): here its refusal of a GPU that is not there.
 QUICK = {
     "table1": (["--rows", "t1-resnet32x1", "--dry-run", "--out-dir", "{tmp}"], 0),
@@ -151,7 +151,7 @@ def test_json_dash_prints_json_instead_of_the_table(run_main):
 
 def test_evaluate_uses_the_data_and_engine_options_it_takes(here, run_main, monkeypatch):
     """--subset, --unverified-data, --data-dir reach the data; --dtype, --theano-mode the
-    stack (the weights and the data stand in: the options' way through is what is shown)."""
+    backend (the weights and the data stand in: the options' way through is what is shown)."""
     from crmn import data, export
     from crmn.config import ModelConfig
     from crmn.errors import DataError
@@ -160,7 +160,7 @@ def test_evaluate_uses_the_data_and_engine_options_it_takes(here, run_main, monk
     monkeypatch.setattr(export, "load_weights", lambda path: (
         ModelConfig(n=1, k=0.5, classes=10, memory=False), {}, {"dataset": "cifar10",
                                                                 "dtype": "float32"}))
-    monkeypatch.setattr(registry, "probe", lambda options: seen.update(stack=options))
+    monkeypatch.setattr(registry, "probe", lambda options: seen.update(backend=options))
 
     def prepare(name, data_dir, phase, seed, **kw):
         seen.update(data=(name, str(data_dir), phase, kw["subset"], kw["unverified"]))
@@ -172,7 +172,7 @@ def test_evaluate_uses_the_data_and_engine_options_it_takes(here, run_main, monk
                            "--subset", "500", "--unverified-data"])
     assert rc == 1 and _one_line(err) == "error: stop here"
     assert seen["data"] == ("cifar10", str(here / "imgs"), "final", 500, True)
-    assert (seen["stack"].backend, seen["stack"].theano_mode, seen["stack"].dtype) == (
+    assert (seen["backend"].backend, seen["backend"].theano_mode, seen["backend"].dtype) == (
         "theano", "jax", "float64")
 
 

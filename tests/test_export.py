@@ -1,5 +1,5 @@
 """export and evaluate: a finished run becomes a checksummed .pt, .npz and model card, and
-any of those files (or an archive checkpoint) is measured on a test split with either stack.
+any of those files (or an archive checkpoint) is measured on a test split with either backend.
 """
 import hashlib
 import json
@@ -17,7 +17,7 @@ from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import CheckpointError
 from crmn.init import initial_state
 from crmn.naming import count_trainable, param_specs
-from crmn.registry import StackOptions
+from crmn.registry import BackendOptions
 from conftest import run_cli
 
 
@@ -30,7 +30,7 @@ def finished_run(root, row_id="t1-resnet32x1", seed=0, acc=0.5, data="official",
     run_dir = root / row.table / row_id / f"seed{seed}"
     run_dir.mkdir(parents=True)
     spec = plans.RunSpec(model=cfg, train=tcfg, dataset=row.dataset, data_dir=root / "data",
-                         stack=StackOptions(backend="torch"), row=row_id,
+                         backend_options=BackendOptions(backend="torch"), row=row_id,
                          unverified_data=data == "unverified", experiment=row.table)
     runlog.write_json(run_dir / "config.json", {
         "config_format": plans.RECORD_FORMAT, **plans.spec_record(spec),
@@ -269,7 +269,7 @@ def test_digests_catch_what_a_name_cannot(tmp_path):
         export.load_weights(tmp_path / "old.pt")
 
 
-# --- the whole way: smoke -> export -> evaluate, on both stacks --------------------------
+# --- the whole way: smoke -> export -> evaluate, on both backends --------------------------
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Extending a run: ``--resume`` with a larger ``--epochs-cap`` (or none) continues a
 capped run and ends where one uninterrupted run with that cap ends; and the last good
 checkpoint (checkpoint.prev.h5) carries a run past a checkpoint corrupted on disk. The numpy
-toy stack (tests/toy_backend.py) runs the real loop, schedule and checkpoint code."""
+toy backend (tests/toy_backend.py) runs the real loop, schedule and checkpoint code."""
 import dataclasses
 import json
 

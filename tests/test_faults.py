@@ -71,7 +71,7 @@ def test_two_smoke_runs_into_one_out_dir(tmp_path):
     first = subprocess.Popen(cli_argv(*SMOKE_TORCH, "--out-dir", shared), cwd=ROOT,
                              env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in first.stdout:  # the first holds its run folder once it names its stack
+    for line in first.stdout:  # the first holds its run folder once it names its backend
         if "trainable parameters" in line:
             break
     first.send_signal(signal.SIGSTOP)  # paused, lock held: the second cannot outlive it

@@ -148,7 +148,7 @@ def test_the_checks_run_in_priority_order(tmp_path):
     for device, quick in (("cuda", False), ("cpu", False), ("cpu", True), ("cuda", True)):
         keys = gpucheck.plan_checks(gpucheck.GpucheckPlan(device, quick, tmp_path))
         assert set(keys) <= set(gpucheck.NEEDS) and len(keys) == len(set(keys))
-        # the device's ceiling first, then verify per engine pair, the faithful graph's smoke
+        # the device's ceiling first, then verify per backend pair, the faithful graph's smoke
         assert keys[:5] == ["speed ceiling", "verify torch", "verify theano-jax vs torch",
                             "verify references", "smoke jax-f32"]
         assert keys[-2:] == ["smoke torch-f32", "smoke torch-bf16"]
@@ -251,7 +251,7 @@ def test_the_real_check_s_accuracy_is_kept_in_the_lines_and_both_files(tmp_path,
 def test_nothing_buildable_is_a_failure(tmp_path, monkeypatch):
     missing = (r"import json, sys; from pathlib import Path; (Path(sys.argv[2]) / 'logs' / "
                r"(sys.argv[1].replace(' ', '-') + '.json')).write_text(json.dumps([{'status': "
-               r"'MISSING', 'figure': '', 'detail': 'no such engine here'}]))")
+               r"'MISSING', 'figure': '', 'detail': 'no such backend here'}]))")
     monkeypatch.setattr(gpucheck, "child_argv", lambda plan, key: [
         sys.executable, "-c", missing, key, str(plan.out_dir)])
     monkeypatch.setattr(gpucheck, "plan_checks", lambda plan: ["verify torch", "speed t1-crmn32x1 jax-f32"])

@@ -1,9 +1,9 @@
-"""One seed, one initial state in both stacks (crmn.init, docs/spec.md §4).
+"""One seed, one initial state in both backends (crmn.init, docs/spec.md §4).
 
-(a) the Theano and the PyTorch stack hold bit-identical canonical state right after they are
+(a) the Theano and the PyTorch backend hold bit-identical canonical state right after they are
 built; (b) the distributions are those docs/spec.md §4 names; (c) the state is a function of the
 seed (and each array's stream of its own name only); (d) the first training epoch gives
-the same loss in both stacks, through the loop's API and through the ``smoke`` command.
+the same loss in both backends, through the loop's API and through the ``smoke`` command.
 """
 import json
 import os
@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")  # the current environment has no torch
 import original  # noqa: F401  (Theano's compat bridges before anything imports Lasagne)
 import theano
 from crmn import registry
-from crmn.registry import StackOptions
+from crmn.registry import BackendOptions
 from crmn import train as trainer
 from crmn.config import ModelConfig, TrainConfig
 from crmn.convert import canonical_to_torch, lasagne_to_canonical, torch_to_canonical
@@ -43,14 +43,14 @@ def _random_names(model):
             if s.role in ("conv", "lstm_Wx", "lstm_Wh", "lstm_peephole", "dense_W")]
 
 
-# --- (a) both stacks start bit-identical -----------------------------------------------------
+# --- (a) both backends start bit-identical -----------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_both_stacks_hold_the_same_initial_state(name, dtype):
     model, train = TINY[name], TrainConfig(batch_size=10, seed=5)
-    theano_be = registry.build(StackOptions("theano", dtype=dtype), model, train)
-    torch_be = registry.build(StackOptions("torch", dtype=dtype), model, train)
+    theano_be = registry.build(BackendOptions("theano", dtype=dtype), model, train)
+    torch_be = registry.build(BackendOptions("torch", dtype=dtype), model, train)
     a, b = theano_be.get_state(), torch_be.get_state()
     want = {k: v.astype(dtype) for k, v in initial_state(model, 5).items()}
     assert sorted(a) == sorted(b) == sorted(want)
@@ -141,7 +141,7 @@ def test_lstm_weights_are_orthogonal_per_gate(large):
         np.testing.assert_allclose(wh.T @ wh, eye, atol=1e-10)
         np.testing.assert_allclose(wh @ wh.T, eye, atol=1e-10)
     # one matrix per gate, not one (I, 4H) matrix cut in four: the packed (H, 4H) W_h of
-    # the torch stack is then not row-orthonormal (its rows have norm 2)
+    # the torch backend is then not row-orthonormal (its rows have norm 2)
     packed = np.concatenate([large[f"lstm.W_h{g}"] for g in LSTM_GATES], axis=1)
     np.testing.assert_allclose(np.linalg.norm(packed, axis=1), 2.0, atol=1e-10)
     assert not np.allclose(large["lstm.W_xi"], large["lstm.W_xf"])
@@ -221,7 +221,7 @@ def test_bad_model_is_one_line_config_error():
         initial_state({"n": 1, "k": 0.5}, 0)
 
 
-# --- (d) the same first epoch in both stacks -------------------------------------------------
+# --- (d) the same first epoch in both backends -------------------------------------------------
 
 def _synthetic(n, seed):
     """CIFAR-shaped float32 images around 10 class templates."""
@@ -239,10 +239,10 @@ def test_first_epoch_loss_agrees_through_the_loop(name, dtype, rtol):
     train = TrainConfig(batch_size=20, seed=0)
     x, y = _synthetic(100, seed=1)
     losses = {}
-    for backend in ("theano", "torch"):
-        stack = registry.build(StackOptions(backend, dtype=dtype), model, train)
+    for kind in ("theano", "torch"):
+        backend = registry.build(BackendOptions(kind, dtype=dtype), model, train)
         sampler = BatchSampler(x, y, batch_size=20, seed=0)
-        losses[backend] = trainer.train_epoch(stack, sampler, 1, lr=0.1).loss
+        losses[kind] = trainer.train_epoch(backend, sampler, 1, lr=0.1).loss
     assert np.isfinite(losses["theano"])
     assert losses["theano"] == pytest.approx(losses["torch"], rel=rtol), losses
 
@@ -256,7 +256,7 @@ def _first_log_line(out_dir: Path) -> dict:
 def test_smoke_runs_of_both_stacks_have_the_same_first_epoch_loss(tmp_path):
     """``run_experiments.sh smoke --backend theano`` and ``--backend torch`` (default seed,
     float32): the first epoch's training loss agrees to 1e-5 (it differed by 0.7 % when
-    each stack drew its own weights: 4.6134 vs 4.5811)."""
+    each backend drew its own weights: 4.6134 vs 4.5811)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     first = {}
     for backend in ("theano", "torch"):

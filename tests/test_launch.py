@@ -55,14 +55,14 @@ def test_manifest_lines_reparse_to_the_same_runs(tmp_path, monkeypatch):
 
 
 def test_manifest_lines_keep_no_compile_cache(tmp_path, monkeypatch):
-    """``--no-compile-cache`` is a stack option: a launcher's line carries it, and the line
+    """``--no-compile-cache`` is a backend option: a launcher's line carries it, and the line
     plans the same run (compile_cache False)."""
     monkeypatch.chdir(tmp_path)
     args = _args(["table1", "--rows", "t1-crmn32x1", "--seeds", "1", "--backend", "theano",
                   "--theano-mode", "jax", "--no-compile-cache", "--data-dir", "d",
                   "--out-dir", "o", "--launcher", "local", "--jobs", "2"])
     plan = plans.train_plan(args)
-    assert plan.stack.compile_cache is False
+    assert plan.backend_options.compile_cache is False
     (task,) = manifest.build(plan, ["bash", "/x/run_experiments.sh"])
     assert "--no-compile-cache" in shlex.split(task.line)
     (again,) = plans.train_plan(_args(shlex.split(task.line)[2:])).runs

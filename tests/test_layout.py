@@ -89,12 +89,12 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_stacks_sit_below_the_registry_and_the_loop():
     graph = import_graph()
-    for stack in ("original.backend", "modern.backend"):
+    for backend in ("original.backend", "modern.backend"):
         for above in ("crmn.train", "crmn.cli", "crmn.verify", "crmn.bench", "crmn.plan"):
-            assert above not in graph[stack], (stack, above)
-    # the registry finds the stacks by name at build time: no import of either
+            assert above not in graph[backend], (backend, above)
+    # the registry finds the backends by name at build time: no import of either
     assert not any(d.startswith(("original", "modern")) for d in graph["crmn.registry"])
-    assert not any(d.startswith(("original", "modern")) for d in graph["crmn.stack"])
+    assert not any(d.startswith(("original", "modern")) for d in graph["crmn.backend"])
 
 
 def test_crmn_imports_no_framework_at_import_time():

@@ -16,7 +16,7 @@ from crmn.naming import param_specs, velocity_name
 from modern import gpu
 from modern.backend import TorchBackend
 from modern.model import build
-from stack_steps import train_step
+from backend_steps import train_step
 
 TINY_CRMN = ModelConfig(n=1, k=0.5, classes=10, memory=True)
 TINY_RESNET = ModelConfig(n=1, k=0.5, classes=10, memory=False)
@@ -135,7 +135,7 @@ def test_convert_round_trip_is_exact():
 @pytest.mark.slow
 def test_train_epoch_equals_single_steps_on_either_path(fast):
     """The loop's epoch, through the generic path (the sampler's numpy batches) or the
-    stack's fast path (resident data gathered on the device, here the CPU), ends where
+    backend's fast path (resident data gathered on the device, here the CPU), ends where
     single steps over the sampler's batches end, bit for bit."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((40, 3, 32, 32)).astype(np.float32)

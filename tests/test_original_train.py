@@ -12,7 +12,7 @@ from crmn.data import BatchSampler
 from crmn.errors import CheckpointError, ConfigError
 from crmn.naming import BN_ALPHA, BN_EPS, param_specs, velocity_name
 from original.backend import TheanoBackend
-from stack_steps import train_step
+from backend_steps import train_step
 
 CFG = ModelConfig(n=1, k=0.5, classes=10, memory=True)
 TRAIN = TrainConfig(batch_size=20, seed=3)

@@ -227,10 +227,10 @@ def test_speeds_file_keeps_its_numbers_beside_a_ceiling_a_packing_and_a_bad_valu
     --runs-per-gpu that gpucheck measured fastest."""
     from crmn import cost, plan as plans, roofline
     from crmn.cli import parser
-    from crmn.registry import StackOptions
+    from crmn.registry import BackendOptions
 
     path = tmp_path / "speeds.json"
-    cpu = StackOptions("torch", "cpu")
+    cpu = BackendOptions("torch", "cpu")
     ceiling = {"device": "cpu", "fp32_tflops": 0.001, "bf16_tflops": None}
     cost.record([{"row": "t1-resnet32x1", "sec_per_epoch": 10.0}], [cpu], path, ceiling=ceiling)
     cost.record_packing("Stand-in GPU", {"gpu": "Stand-in GPU",
@@ -254,8 +254,8 @@ def test_speeds_file_keeps_its_numbers_beside_a_ceiling_a_packing_and_a_bad_valu
         plan.runs[0].spec.train)
     assert f"about {cost._time(guess)} (FLOPs at 25%" in cost.estimate(plan)
     gpu = dataclasses.replace(plan, runs=tuple(dataclasses.replace(r, spec=dataclasses.replace(
-        r.spec, stack=StackOptions("torch", "cuda"))) for r in plan.runs))
-    speeds = {cost.key("t1-crmn32x1", StackOptions("torch", "cuda")): 36.0}
+        r.spec, backend_options=BackendOptions("torch", "cuda"))) for r in plan.runs))
+    speeds = {cost.key("t1-crmn32x1", BackendOptions("torch", "cuda")): 36.0}
     line = cost.estimate(gpu, speeds, cost.read_packing("Stand-in GPU", path))
     total = 36.0 * cost.expected_epochs(plan.runs[0].spec.train)
     assert f"about {cost._time(total)} (bench's s/epoch" in line

@@ -1,5 +1,5 @@
 """Real CIFAR-10 through the whole pipeline: what fake data cannot show (label order, mean
-pixel, crops, decoding) shows here as accuracy after one epoch, and as two stacks agreeing.
+pixel, crops, decoding) shows here as accuracy after one epoch, and as two backends agreeing.
 
 The data: ``$CRMN_REAL_DATA``, else ``<repo>/../shared/data/cifar10-jpeg.tar.xz`` (the 60,000
 images as JPEG folders; see data/README.md); absent, every test skips saying so. Decoded
@@ -104,11 +104,11 @@ def test_both_stacks_give_the_same_losses_on_real_batches(figures):
             sampler = data.BatchSampler(split.train_x, split.train_y, train.batch_size,
                                         sampler_seed(train.seed, "final"), pad=train.pad,
                                         flip=train.flip)
-        stack = registry.build(spec.stack, spec.model, train)
+        backend = registry.build(spec.backend_options, spec.model, train)
         t0 = time.perf_counter()
         total = 0.0
         for done, (xb, yb) in enumerate(sampler.epoch(0), 1):
-            total += float(stack.step(xb, yb, train.lr_stages[0])[0])
+            total += float(backend.step(xb, yb, train.lr_stages[0])[0])
             if done == BATCHES:
                 break
         means[backend] = total / (BATCHES * train.batch_size)

@@ -16,13 +16,13 @@ from crmn import data, provenance, runlog
 from crmn import plan as plans
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import CheckpointError, ConfigError
-from crmn.registry import StackOptions
+from crmn.registry import BackendOptions
 from crmn.rundir import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def odd_spec(tmp_path, **stack):
+def odd_spec(tmp_path, **backend):
     """A spec whose every field differs from its default where it can."""
     model = ModelConfig(n=2, k=0.25, classes=10, memory=True, lstm_units=7, forget_bias=-2.5,
                         gate_bias=0.5, outgate="tanh", peepholes=False, dense_init="glorot")
@@ -32,7 +32,7 @@ def odd_spec(tmp_path, **stack):
     options = dict(backend="theano", device="cuda", dtype="float64", theano_mode="jax",
                    compile_cache=False)
     return plans.RunSpec(model=model, train=train, dataset="cifar10", data_dir=tmp_path / "d",
-                         stack=StackOptions(**dict(options, **stack)), unverified_data=True,
+                         backend_options=BackendOptions(**dict(options, **backend)), unverified_data=True,
                          subset=300, row="t1-crmn32x1", experiment="table1")
 
 
@@ -57,7 +57,7 @@ def test_every_schema_field_is_recorded_and_read_back(tmp_path):
     record = json.loads(json.dumps(record_of(spec)))  # as config.json gives it back
     assert plans.spec_from_record(record) == spec
     names = [name for name, _ in plans.spec_fields()]
-    assert {"subset", "data_dir", "stack.backend", "model.n", "train.seed"} <= set(names)
+    assert {"subset", "data_dir", "backend_options.backend", "model.n", "train.seed"} <= set(names)
     assert "stack" not in json.dumps(sorted(record))  # its fields flat, as ever
     for name in names:
         *section, key = plans.disk_key(name)
@@ -134,7 +134,7 @@ class _Ran:
 
 def test_config_json_of_a_jax_mode_run_names_jax_jaxlib_and_the_revision(tmp_path):
     spec = odd_spec(tmp_path, device="cpu")
-    assert spec.stack.theano_mode == "jax"
+    assert spec.backend_options.theano_mode == "jax"
     folder = RunFolder(tmp_path / "run", spec)
     folder.dir.mkdir()
     folder.write_config(_Ran(), "unverified", None, "md5:0")

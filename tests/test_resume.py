@@ -1,5 +1,5 @@
 """docs/spec.md §8: a run killed with SIGKILL mid-epoch and continued with --resume ends with
-the same checkpoint as an uninterrupted run. Everything is real: the CLI, the Theano stack,
+the same checkpoint as an uninterrupted run. Everything is real: the CLI, the Theano backend,
 fake data in the official CIFAR-100 format, the loader, sampler, schedule and checkpoint."""
 import os
 import signal

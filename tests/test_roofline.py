@@ -7,7 +7,7 @@ import pytest
 
 from crmn import bench, paper, roofline
 from crmn.config import ModelConfig, TrainConfig
-from crmn.registry import StackOptions
+from crmn.registry import BackendOptions
 
 # 2 FLOPs per multiply-add; forward + weight gradient (x2), + input gradient (x3)
 FWD_W, FWD_W_IN = 2 * 2, 2 * 3
@@ -55,7 +55,7 @@ def test_the_table1_resnets_grow_with_depth_and_width():
 
 @pytest.mark.parametrize("n, k, memory", [(1, 0.5, False), (1, 0.5, True), (2, 1, True)])
 def test_the_count_equals_torchs_flop_counter_on_the_torch_step(n, k, memory):
-    """The torch stack's real SGD step under ``torch.utils.flop_counter``: every product
+    """The torch backend's real SGD step under ``torch.utils.flop_counter``: every product
     torch dispatches, forward and backward, per image."""
     torch = pytest.importorskip("torch")
     from torch.utils.flop_counter import FlopCounterMode
@@ -64,14 +64,14 @@ def test_the_count_equals_torchs_flop_counter_on_the_torch_step(n, k, memory):
 
     cfg = ModelConfig(n=n, k=k, classes=10, memory=memory)
     B = 4
-    stack = registry.build(StackOptions("torch"), cfg, TrainConfig(batch_size=B))
+    backend = registry.build(BackendOptions("torch"), cfg, TrainConfig(batch_size=B))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((B, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, B)
     with FlopCounterMode(display=False) as counter:
-        stack.step(x, y, 0.1)
+        backend.step(x, y, 0.1)
     assert counter.get_total_flops() == B * roofline.train_flops_per_image(cfg)
-    assert torch.isfinite(torch.as_tensor(stack.get_state()["fc.W"])).all()
+    assert torch.isfinite(torch.as_tensor(backend.get_state()["fc.W"])).all()
 
 
 @pytest.mark.current
@@ -84,13 +84,13 @@ def test_the_cpu_ceiling_is_measured():
 
 
 @pytest.mark.current
-@pytest.mark.parametrize("stack, precision, device, key", [
+@pytest.mark.parametrize("backend, precision, device, key", [
     ("torch", "float32", "cuda", "tf32_tflops"), ("torch", "float32", "cpu", "fp32_tflops"),
     ("theano-jax", "float32", "cuda:0", "fp32_tflops"),
     ("torch", "bfloat16+compile", "cuda", "bf16_tflops"), ("theano-c", "float64", "cpu", None),
 ])
-def test_each_precision_is_held_against_its_own_ceiling(stack, precision, device, key):
-    assert roofline.ceiling_key(stack, precision, device) == key
+def test_each_precision_is_held_against_its_own_ceiling(backend, precision, device, key):
+    assert roofline.ceiling_key(backend, precision, device) == key
 
 
 @pytest.mark.current
@@ -109,7 +109,7 @@ def test_bench_row_carries_the_roofline_columns():
     pytest.importorskip("torch")
     ceiling = roofline.measure_ceiling("cpu", seconds=0.05)
     model = ModelConfig(n=1, k=0.5, classes=100, memory=True)
-    r = bench.bench_row(paper.row("t1-crmn32x1"), StackOptions("torch"), 1, warmup=1,
+    r = bench.bench_row(paper.row("t1-crmn32x1"), BackendOptions("torch"), 1, warmup=1,
                         batch_size=2, model=model, ceiling=ceiling)
     assert r["flops_per_image"] == roofline.train_flops_per_image(model)
     assert r["tflops"] == pytest.approx(r["flops_per_image"] * r["images_per_s"] / 1e12)
@@ -137,7 +137,7 @@ def test_cpu_ceiling_times_large_squares_of_both_precisions_and_caps_the_share(m
     assert roofline.share(0.5) == "50 %" and roofline.share(None) == "-"
     assert roofline.share(1.5) == roofline.OVER_CEILING
     assert roofline.OVER_CEILING.startswith("above 100 %: a measurement error")
-    r = {"speedup": None, "precision": "bfloat16", "stack": "torch", "compile_s": 0.0,
+    r = {"speedup": None, "precision": "bfloat16", "backend": "torch", "compile_s": 0.0,
          "tflops": 0.2, "flops_per_image": 4e8, "ceiling_fraction": 3.67,
          "peak_mem_bytes": None, "device": "cpu"}
     assert "367" not in bench.describe(r) and roofline.OVER_CEILING in bench.describe(r)

@@ -15,7 +15,7 @@ from crmn import plan as plans
 from crmn.cli import parser
 from crmn.config import TrainConfig
 from crmn.launch import manifest
-from crmn.registry import StackOptions
+from crmn.registry import BackendOptions
 
 from cli_helpers import command_names, command_options
 
@@ -44,13 +44,13 @@ def _run_fields():
             for f in schema.flagged(cls)]
 
 
-def _stack_allows(backend: str, f: dataclasses.Field, words) -> bool:
-    if f.name not in StackOptions.__dataclass_fields__:
+def _backend_allows(backend: str, f: dataclasses.Field, words) -> bool:
+    if f.name not in BackendOptions.__dataclass_fields__:
         return True
     value = False if f.metadata["kind"] == "false" else (
         True if f.metadata["kind"] == "true" else words[1])
     try:
-        StackOptions(**{"backend": backend, f.name: value})
+        BackendOptions(**{"backend": backend, f.name: value})
     except Exception:  # another backend's option
         return False
     return True
@@ -58,14 +58,14 @@ def _stack_allows(backend: str, f: dataclasses.Field, words) -> bool:
 
 def test_every_schema_field_round_trips(tmp_path):
     """parse(render(plan)) == plan with every field of the schema off its default (one plan
-    per backend: some stack options belong to one backend only)."""
+    per backend: some backend options belong to one backend only)."""
     covered = set()
     for backend in registry.BACKENDS:
         argv = ["table1", "--rows", "t1-crmn32x1", "--seed", "0", "--backend", backend]
         here = set()
         for section, f in _run_fields():
             words = _off_default(f, tmp_path)
-            if f.name != "backend" and _stack_allows(backend, f, words):
+            if f.name != "backend" and _backend_allows(backend, f, words):
                 argv += words
                 here.add((section, f.name))
         covered |= here
@@ -79,7 +79,7 @@ def test_every_schema_field_round_trips(tmp_path):
         line = plans.render_argv(plan, run, ["prog"])
         (again,) = plans.train_plan(parser.parse(line[1:])).runs
         assert again == run, line
-    covered.add(("stack", "backend"))
+    covered.add(("backend_options", "backend"))
     assert covered == {(s, f.name) for s, f in _run_fields()}
 
 
@@ -126,7 +126,7 @@ def test_smoke_round_trips(tmp_path):
     assert "--k" not in line and "--batch-size" not in line and "--resume" not in line
     assert plans.smoke_plan(parser.parse(line[1:])).runs == plan.runs
     # gpucheck's smoke: no command line to start from
-    made = plans.smoke_plan_for(StackOptions("torch"), tmp_path, schedule=(3, 0, 0),
+    made = plans.smoke_plan_for(BackendOptions("torch"), tmp_path, schedule=(3, 0, 0),
                                 epochs_cap=3)
     words = plans.render_argv(made, made.runs[0], ["prog"], resume=False)
     assert words[words.index("--epochs-cap") + 1] == "3" and "--schedule" in words
@@ -177,7 +177,7 @@ def test_interpretations_and_resume_fields_come_from_the_schema():
     assert report.INTERPRETATIONS == {"outgate", "forget_bias", "dense_init", "nesterov",
                                       "flip", "patience", "lr_stages"}
     assert plans.resume_may_change("train.epochs_cap")
-    assert plans.resume_may_change("stack.backend") and plans.resume_may_change("data_dir")
+    assert plans.resume_may_change("backend_options.backend") and plans.resume_may_change("data_dir")
     assert not plans.resume_may_change("model.k")
     assert not plans.resume_may_change("train.lr_stages")
     assert not plans.resume_may_change("dataset")
@@ -209,7 +209,7 @@ def test_auto_on_a_jax_gpu_plans_the_jax_mode(monkeypatch):
     monkeypatch.setattr(registry, "_jax_gpu", lambda: (True, "jax sees a GPU"))
     monkeypatch.setattr(registry, "probe", lambda options: None)  # no GPU here to ask
     plan = plans.train_plan(parser.parse(["table1", "--rows", "t1-crmn32x1"]))
-    assert (plan.stack.device, plan.stack.theano_mode) == ("cuda", "jax")
+    assert (plan.backend_options.device, plan.backend_options.theano_mode) == ("cuda", "jax")
     assert plan.device_note == "device: cuda (auto: jax sees a GPU)"
 
 
@@ -218,8 +218,8 @@ def test_auto_resolves_here_and_says_why():
     torch_gpu, why = registry._torch_gpu()
     plan = plans.train_plan(parser.parse(["table1", "--rows", "t1-crmn32x1", "--backend",
                                           "torch"]))
-    assert plan.stack.device == ("cuda" if torch_gpu else "cpu")
-    assert plan.device_note == f"device: {plan.stack.device} (auto: {why})"
+    assert plan.backend_options.device == ("cuda" if torch_gpu else "cpu")
+    assert plan.device_note == f"device: {plan.backend_options.device} (auto: {why})"
     if not torch_gpu:
         assert "no CUDA GPU" in why or "not installed" in why
 
@@ -261,7 +261,7 @@ def test_estimate_from_recorded_speeds(tmp_path, monkeypatch):
     assert f"about {cost._time(guessed)} (FLOPs at 25%" in cost.estimate(plan, {})
     path = tmp_path / "speeds.json"
     cost.record([{"row": r, "sec_per_epoch": 10.0} for r in ("t1-crmn32x1", "t1-resnet32x1")],
-                [plan.stack] * 2, path)
+                [plan.backend_options] * 2, path)
     speeds = cost.read_speeds(path)
     line = cost.estimate(plan, speeds)
     assert "plan: 2 run(s) (2 row(s) x seeds) on cpu" in line

@@ -25,7 +25,7 @@ from crmn.naming import velocity_name
 from original import jax_mode
 from original.backend import TheanoBackend
 from original.references import op_names
-from stack_steps import train_step
+from backend_steps import train_step
 
 TOL = 1e-12  # float64: the two backends may differ only by rounding order
 VELOCITY = velocity_name("")  # canonical prefix of the momentum velocities

@@ -113,8 +113,8 @@ def test_plateau_reloads_the_best_model_and_zeroes_velocities(tmp_path):
     spy = SpyBackend(TOY_MODEL, TOY_TRAIN)
     initial = spy.get_state()
     spy.events.clear()
-    with epoch_hook(lambda stack, epoch, stats: stack.after_epoch.append(stack.get_state())):
-        run_toy(tmp_path / "r", stack=spy)
+    with epoch_hook(lambda backend, epoch, stats: backend.after_epoch.append(backend.get_state())):
+        run_toy(tmp_path / "r", backend=spy)
     search = [e for e in runlog.read_log(tmp_path / "r" / "log.jsonl") if e["phase"] == "search"]
     reload_at = [e["epoch"] for e in search if e["decision"] == "reload"]
     assert len(reload_at) == 1
@@ -136,7 +136,7 @@ def test_plateau_reloads_the_best_model_and_zeroes_velocities(tmp_path):
         else:
             np.testing.assert_array_equal(a, reloaded[name], err_msg=name)
     assert reloaded["velocity.fc.W"].any()  # best.h5 did hold a non-zero velocity
-    for name, a in initial.items():  # the final run started where a fresh stack starts
+    for name, a in initial.items():  # the final run started where a fresh backend starts
         np.testing.assert_array_equal(spy.events[2][1][name], a, err_msg=name)
     assert all(not a.any() for n, a in spy.events[3][1].items() if n.startswith("velocity."))
 
@@ -148,9 +148,9 @@ def test_epochs_cap_bounds_a_given_schedule(tmp_path):
 
 
 def test_non_finite_epoch_loss_from_a_stack_is_caught(tmp_path):
-    """A stack's infinite loss in epoch 3, without raising itself: the loop stops the run."""
+    """A backend's infinite loss in epoch 3, without raising itself: the loop stops the run."""
 
-    def inf_in_epoch_3(stack, epoch, stats):
+    def inf_in_epoch_3(backend, epoch, stats):
         return dataclasses.replace(stats, loss=float("inf")) if epoch == 3 else None
 
     with epoch_hook(inf_in_epoch_3), \
@@ -361,7 +361,7 @@ def test_nan_in_the_first_epoch_says_there_is_no_checkpoint(tmp_path):
 
 
 class _SlowFirstStep:
-    """A stack whose first step takes as long as a compile (the bar must say so)."""
+    """A backend whose first step takes as long as a compile (the bar must say so)."""
 
     def __init__(self, first_s):
         self.first_s, self.steps = first_s, 0
@@ -390,9 +390,9 @@ def test_progress_says_compile_cache_hit_while_a_cached_step_loads(monkeypatch):
 
     stream = io.StringIO()
     monkeypatch.setattr(trainer.sys, "stderr", stream)
-    stack = _SlowFirstStep(1.3)
-    stack.compile_cache = "hit"  # what TheanoBackend reports once its step came from the cache
-    trainer.train_epoch(stack, _Batches(2), 1, 0.1, progress="[final] epoch 1")
+    backend = _SlowFirstStep(1.3)
+    backend.compile_cache = "hit"  # what TheanoBackend reports once its step came from the cache
+    trainer.train_epoch(backend, _Batches(2), 1, 0.1, progress="[final] epoch 1")
     text = stream.getvalue()
     assert "[final] epoch 1 compile cache hit\u2026 1 s" in text
     assert "compiling" not in text

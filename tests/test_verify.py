@@ -1,4 +1,4 @@
-"""crmn/verify.py: the comparison machinery, and both stacks on tiny configurations."""
+"""crmn/verify.py: the comparison machinery, and both backends on tiny configurations."""
 import dataclasses
 
 import numpy as np
@@ -63,7 +63,7 @@ def _no_comparison(*args, **kwargs):
 
 
 def test_main_rejects_a_bad_device_before_building_anything(capsys, monkeypatch):
-    monkeypatch.setattr(verify, "verify_stacks", _no_comparison)
+    monkeypatch.setattr(verify, "verify_backends", _no_comparison)
     monkeypatch.setattr(verify, "verify_device", _no_comparison)
     assert cli.main(["verify", "--device", "foo"]) == 2
     out, err = capsys.readouterr()
@@ -86,7 +86,7 @@ def test_main_without_cuda_says_so_in_one_line(capsys, monkeypatch):
                                   ["--rows", "t1-resnet32x1", "--batch-size", "0"],
                                   ["--device", "cuda", "--batch-size", "-3"]])
 def test_main_rejects_a_batch_size_below_one(argv, capsys, monkeypatch):
-    monkeypatch.setattr(verify, "verify_stacks", _no_comparison)
+    monkeypatch.setattr(verify, "verify_backends", _no_comparison)
     monkeypatch.setattr(verify, "verify_device", _no_comparison)
     assert cli.main(["verify", *argv]) == 2
     out, err = capsys.readouterr()
@@ -115,13 +115,13 @@ def test_main_hands_the_batch_size_to_every_default_configuration(capsys, monkey
         seen.append((name, train.batch_size))
         return [verify.Result(name, diffs={"loss": 0.0}, worst={"loss": "-"})]
 
-    monkeypatch.setattr(verify, "verify_stacks", record)
+    monkeypatch.setattr(verify, "verify_backends", record)
     assert cli.main(["verify", "--batch-size", "2"]) == 0
     assert seen == [(name, 2) for name, _, _ in verify.DEFAULT_CONFIGS]
     assert capsys.readouterr().out.endswith("3/3 PASS\n")
 
 
-def _stacks_result(cfg, name):
+def _backends_result(cfg, name):
     """The three pairs of torch, Theano-C and Theano-JAX agree; the first of them."""
     lines = []
     results = verify.verify([(name, cfg, TrainConfig(batch_size=4))], out=lines.append)
@@ -137,13 +137,13 @@ def _stacks_result(cfg, name):
 
 @pytest.mark.slow
 def test_stacks_agree_resnet():
-    r = _stacks_result(TINY_RESNET, "resnet")
+    r = _backends_result(TINY_RESNET, "resnet")
     assert r.passed, r.diffs
 
 
 @pytest.mark.slow
 def test_stacks_agree_crmn():
-    r = _stacks_result(TINY_CRMN, "crmn")
+    r = _backends_result(TINY_CRMN, "crmn")
     assert r.passed, r.diffs
 
 

@@ -1,8 +1,8 @@
-"""A deterministic numpy stack for testing the training loop (crmn/train.py) in seconds.
+"""A deterministic numpy backend for testing the training loop (crmn/train.py) in seconds.
 
 Softmax regression on flattened, centred images: logits = (x - m) W + b, where m is the
 batch mean in training mode and a running average of it (a batch-norm-like state array) in
-inference mode. It honours the whole :class:`crmn.stack.Stack` contract with
+inference mode. It honours the whole :class:`crmn.backend.Backend` contract with
 canonical-looking names: ``fc.W (D, C)``, ``fc.b (C,)``, ``bn0.mean (D,)`` and the
 velocities ``velocity.fc.W``, ``velocity.fc.b``; SGD with Lasagne's classical momentum
 (``v <- mu v - lr g``, ``p <- p + v``) and L2 weight decay on ``fc.W`` only.
@@ -162,15 +162,15 @@ TOY_TRAIN = TrainConfig(batch_size=10, lr_stages=(0.1, 0.01), patience=2, epochs
 
 @contextlib.contextmanager
 def epoch_hook(hook):
-    """Call ``hook(stack, epoch, stats)`` after every :func:`crmn.train.train_epoch` of the
+    """Call ``hook(backend, epoch, stats)`` after every :func:`crmn.train.train_epoch` of the
     loop (it may raise, or return replacement stats)."""
     from crmn import train as trainer
 
     real = trainer.train_epoch
 
-    def wrapped(stack, sampler, epoch, lr, **kw):
-        stats = real(stack, sampler, epoch, lr, **kw)
-        replaced = hook(stack, epoch, stats)
+    def wrapped(backend, sampler, epoch, lr, **kw):
+        stats = real(backend, sampler, epoch, lr, **kw)
+        replaced = hook(backend, epoch, stats)
         return stats if replaced is None else replaced
 
     trainer.train_epoch = wrapped
@@ -184,7 +184,7 @@ def crash_hook(epochs: int):
     """A hook for :func:`epoch_hook`: the (epochs+1)-th epoch dies before it is logged."""
     seen = [0]
 
-    def hook(stack, epoch, stats):
+    def hook(backend, epoch, stats):
         if seen[0] >= epochs:
             raise SimulatedCrash("simulated kill between epochs")
         seen[0] += 1
@@ -196,24 +196,24 @@ def toy_spec(model=TOY_MODEL, train=TOY_TRAIN, dtype="float64"):
     from crmn import registry
     from crmn.plan import RunSpec
 
-    # the toy stack is a registered stack for the tests only (built through a factory)
+    # the toy backend is a registered backend for the tests only (built through a factory)
     registry.REGISTRY.setdefault("toy", "toy_backend:ToyBackend")
-    registry.STACK_DTYPES.setdefault("toy", ("float32", "float64"))
+    registry.BACKEND_DTYPES.setdefault("toy", ("float32", "float64"))
     return RunSpec(model=model, train=train, dataset=TOY_DATA["name"],
                    data_dir=toy_data_dir(),
-                   stack=registry.StackOptions(backend="toy", dtype=dtype))
+                   backend_options=registry.BackendOptions(backend="toy", dtype=dtype))
 
 
 def run_toy(run_dir, *, resume=False, model=TOY_MODEL, train=TOY_TRAIN, crash_after=None,
-            sleep_s=0.0, progress=False, dtype="float64", stack=None) -> dict:
-    """Run :func:`crmn.train.run` on the toy stack (``stack``, or a fresh one).
+            sleep_s=0.0, progress=False, dtype="float64", backend=None) -> dict:
+    """Run :func:`crmn.train.run` on the toy backend (``backend``, or a fresh one).
 
     ``crash_after=k`` lets k epochs run, then raises :class:`SimulatedCrash`.
     """
     from crmn import train as trainer
 
     def factory():
-        return stack or ToyBackend(model, train, dtype=dtype, sleep_s=sleep_s)
+        return backend or ToyBackend(model, train, dtype=dtype, sleep_s=sleep_s)
 
     hooked = epoch_hook(crash_hook(crash_after)) if crash_after is not None \
         else contextlib.nullcontext()

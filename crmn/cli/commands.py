@@ -23,12 +23,12 @@ from crmn.errors import ConfigError, UsageError
 from crmn.launch import status
 from crmn.naming import count_trainable
 from crmn.plan import ROOT, SMOKE, TrainPlan
-from crmn.registry import StackOptions
+from crmn.registry import BackendOptions
 from crmn.tools import profile, sampler_bench
 
 
 def train_runs(plan: TrainPlan) -> List[Path]:
-    print(f"backend {plan.stack.describe()} (requested); runs under {plan.exp_dir}", flush=True)
+    print(f"backend {plan.backend_options.describe()} (requested); runs under {plan.exp_dir}", flush=True)
     # SIGUSR1 (a scheduler's warning, sbatch --signal=B:USR1@T) and a first Ctrl-C: finish
     # the epoch, checkpoint it, stop (exit 3 / 130); a second Ctrl-C stops at once
     signal.signal(signal.SIGUSR1, trainer.request_stop)
@@ -50,7 +50,7 @@ def announce(plan: TrainPlan) -> bool:
     if plan.dry_run:
         program = ["bash", str(ROOT / "run_experiments.sh")]
         for run in plan.runs:
-            print(f"{run.label} seed {run.seed} on {run.spec.stack.device}: "
+            print(f"{run.label} seed {run.seed} on {run.spec.backend_options.device}: "
                   f"{shlex.join(plans.render_argv(plan, run, program, resume=plan.resume))}")
     print(cost.estimate(plan), flush=True)
     return plan.dry_run
@@ -73,9 +73,9 @@ def cmd_train(args) -> int:
     return 0
 
 
-def param_rows(options: StackOptions, overrides: Optional[Dict] = None,
+def param_rows(options: BackendOptions, overrides: Optional[Dict] = None,
                rows: Sequence[paper.Row] = paper.ROWS) -> List[Dict]:
-    """Per row: its parameter count in ``options``' stack, the canonical layout's, the paper's."""
+    """Per row: its parameter count in ``options``' backend, the canonical layout's, the paper's."""
     out = []
     for row in rows:
         model = ModelConfig.for_row(row, **(overrides or {}))
@@ -93,7 +93,7 @@ def params_table(rows: Sequence[Dict], backend: str) -> str:
         flag = "" if r["params"] == r["canonical_params"] else \
             f"canonical layout says {r['canonical_params']:,}"
         body.append([r["row"], r["label"], f"{r['params']:,}", f"{r['params_m']:.2f}", pm, flag])
-    return (f"trainable parameters, {backend} stack (paper: Table 1; blank where the paper "
+    return (f"trainable parameters, {backend} backend (paper: Table 1; blank where the paper "
             "gives none)\n" + tables.markdown(["row", "model", "ours", "ours M", "paper M",
                                                "note"], body, align="llrrrl"))
 
@@ -101,7 +101,7 @@ def params_table(rows: Sequence[Dict], backend: str) -> str:
 def cmd_params(args) -> int:
     overrides = schema.values(plans.SECTIONS["model"], args, None)  # the interpretations
     try:  # a count depends on the backend only: built on the CPU in its default mode
-        options = StackOptions(args.backend, theano_mode=registry.default_theano_mode(
+        options = BackendOptions(args.backend, theano_mode=registry.default_theano_mode(
             args.backend))
         registry.probe(options)
     except ConfigError as exc:
@@ -156,7 +156,7 @@ def cmd_verify(args) -> int:
     configs = [r.id for r in paper.select(args.rows)] if args.rows else None
     device = args.device
     if device != "cpu":  # a GPU run compares torch on it with torch on the CPU
-        device = plans.stack_options(args, backend="torch").device
+        device = plans.backend_options(args, backend="torch").device
     results = verify.verify(configs, device=device, tol=args.tol, lr=args.lr,
                             seed=args.seed, batch_size=args.batch_size)
     return 0 if all(r.passed for r in results) else 1
@@ -165,7 +165,7 @@ def cmd_verify(args) -> int:
 def cmd_bench(args) -> int:
     if args.sampler:
         return _bench_sampler(args)
-    options = plans.stack_options(args)
+    options = plans.backend_options(args)
     if args.channels_last is not None and options.backend != "torch":
         raise UsageError("run_experiments.sh bench: --channels-last/--channels-first need "
                          "--backend torch")
@@ -178,12 +178,12 @@ def cmd_bench(args) -> int:
     if ceiling != measured:  # an earlier bench timed it higher: the truer figure
         print(f"# shares against the best kept here: {bench.describe_ceiling(ceiling)}",
               flush=True)
-    timed = [options]  # the JAX mode is timed beside the C mode and the torch stack
+    timed = [options]  # the JAX mode is timed beside the C mode and the torch backend
     if options.backend == "theano" and options.theano_mode == "jax":
         timed += [options.replace(theano_mode="c"),
                   options.replace(backend="torch", theano_mode=registry.DEFAULT_THEANO_MODE,
                                   compile_cache=True)]
-    results, stacks = [], []
+    results, backends = [], []
     for row in rows:
         for opts in timed:
             r = bench.bench_row(row, opts, args.steps, warmup=args.warmup,
@@ -191,16 +191,16 @@ def cmd_bench(args) -> int:
                                 ceiling=ceiling)
             warm = ("" if r["warm_compile_s"] is None
                     else f", warm compile {r['warm_compile_s']:.1f} s")
-            print(f"# {row.id} {r['stack']}: {r['images_per_s']:.0f} img/s, "
+            print(f"# {row.id} {r['backend']}: {r['images_per_s']:.0f} img/s, "
                   f"{r['sec_per_epoch']:.2f} s per epoch on {r['device']}, {r['layout']}; "
                   f"cold compile {r['compile_s']:.1f} s (cache {r['compile_cache'] or '-'})"
                   f"{warm}; {r['tflops']:.3g} TFLOP/s = "
                   f"{roofline.share(r['ceiling_fraction'])} of the ceiling", flush=True)
             results.append(r)
-            stacks.append(opts)
+            backends.append(opts)
     if args.json != "-":
         print(bench.format_table(results))
-    print(f"# s/epoch and the ceiling recorded in {cost.record(results, stacks, ceiling=ceiling)}"
+    print(f"# s/epoch and the ceiling recorded in {cost.record(results, backends, ceiling=ceiling)}"
           " (the training commands' estimates)")
     ratios = bench.mode_ratios(results)
     if ratios:
@@ -231,7 +231,7 @@ def cmd_profile(args) -> int:
     variants = args.variants.split(",")
     for variant in variants:  # an unknown one: refused before anything runs
         profile.variant_options(variant)
-    device = plans.stack_options(args, backend="torch").device
+    device = plans.backend_options(args, backend="torch").device
     if device == "cpu" and not args.count_ops:
         raise UsageError(f"{plans.PROG} profile: timing the step needs a CUDA GPU (it times "
                          f"CUDA graphs) and {registry._torch_gpu()[1]} here; --count-ops "
@@ -252,20 +252,20 @@ def cmd_export(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    stack = plans.stack_options(args)  # --device auto: decided as for training
-    r = export.evaluate(args.weights, stack.backend, stack.device, args.dataset, args.data_dir,
-                        dtype=args.dtype, theano_mode=stack.theano_mode, subset=args.subset,
+    options = plans.backend_options(args)  # --device auto: decided as for training
+    r = export.evaluate(args.weights, options.backend, options.device, args.dataset, args.data_dir,
+                        dtype=args.dtype, theano_mode=options.theano_mode, subset=args.subset,
                         unverified=args.unverified_data)
     print(f"evaluate: {r['weights']}: test accuracy {100 * r['test_acc']:.2f} % "
           f"({round(r['test_acc'] * r['images'])} of {r['images']} {r['dataset']} test "
-          f"images), loss {r['test_loss']:.6f}; {r['stack']}"
+          f"images), loss {r['test_loss']:.6f}; {r['backend']}"
           + ("" if r["device"] == args.device else f"; {r['device']}"))
     return 0
 
 
 def cmd_replay(args) -> int:
     plan = replay.plan(args.run_dir, args.out_dir)
-    registry.probe(plan.stack)  # no GPU here, a backend missing: said before any file
+    registry.probe(plan.backend_options)  # no GPU here, a backend missing: said before any file
     train_runs(plan)
     line, same = replay.verdict(args.run_dir, plan.runs[0].run_dir)
     print(line, flush=True)

@@ -12,7 +12,7 @@ from crmn import paper, registry, schema
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import UsageError
 from crmn.plan import ROOT, SECTIONS, SMOKE, LaunchOptions
-from crmn.registry import StackOptions
+from crmn.registry import BackendOptions
 from crmn.schema import above_zero, finite, option, positive
 
 
@@ -40,15 +40,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 #: a tool's options: one list, no groups
-TOP = dict(runs=None, stack=None, expert=None, protocol=None)
+TOP = dict(runs=None, backend=None, expert=None, protocol=None)
 
 
 def _common(p, only, **kw) -> None:
     schema.add_options(p, CommandOptions, only=only, **{"groups": TOP, **kw})
 
 
-def _stack_options(p: argparse.ArgumentParser, only=None, device: str = "cpu", **kw):
-    schema.add_options(p, StackOptions, only=only,
+def _backend_options(p: argparse.ArgumentParser, only=None, device: str = "cpu", **kw):
+    schema.add_options(p, BackendOptions, only=only,
                        defaults=dict(device=device, theano_mode=None), **kw)
 
 
@@ -84,7 +84,7 @@ def _grid_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
 
 def _train_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
     """The run schema's options (smoke: its own defaults, no data or launcher options)."""
-    schema.add_options(p, StackOptions, defaults=dict(device=registry.AUTO, theano_mode=None))
+    schema.add_options(p, BackendOptions, defaults=dict(device=registry.AUTO, theano_mode=None))
     if not smoke:
         _rows_option(p, "every row of the experiment", groups={})
     _grid_options(p, smoke)
@@ -104,12 +104,12 @@ def _train_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
 
 
 def _add_tools(sub) -> None:
-    sp = sub.add_parser("verify", help="the two stacks agree (float64), or the GPU agrees "
+    sp = sub.add_parser("verify", help="the two backends agree (float64), or the GPU agrees "
                                        "with the CPU (--device cuda)")
     _rows_option(sp, "three small configurations")
-    _stack_options(sp, ("device",), groups=TOP, texts=dict(
-        device="cpu: compare the stacks in float64; cuda, cuda:N or auto (cuda where torch "
-        "sees a GPU): the torch stack on the GPU against the CPU"))
+    _backend_options(sp, ("device",), groups=TOP, texts=dict(
+        device="cpu: compare the backends in float64; cuda, cuda:N or auto (cuda where torch "
+        "sees a GPU): the torch backend on the GPU against the CPU"))
     _batch_option(sp, "8, for --rows and the small configurations alike")
     sp.add_argument("--tol", type=above_zero, default=None,
                     help="relative tolerance of the float64 checks (default: 1e-6)")
@@ -118,7 +118,7 @@ def _add_tools(sub) -> None:
                        texts=dict(lr_stages="learning rate of the compared step"))
     _common(sp, ("seed",), defaults=dict(seed=0), helps=dict(seed="%(default)s"))
     sp = sub.add_parser("bench", help="seconds per epoch of paper rows beside the paper's")
-    _stack_options(sp, groups=TOP)
+    _backend_options(sp, groups=TOP)
     _rows_option(sp, "every Table 1 row")
     _batch_option(sp)
     _common(sp, ("steps", "json"), helps=dict(steps="%(default)s", json="none"),
@@ -132,10 +132,10 @@ def _add_tools(sub) -> None:
     layout.add_argument("--channels-first", dest="channels_last", action="store_const",
                         const=False, help="torch only: NCHW even with bfloat16")
     sp.add_argument("--sampler", action="store_true",
-                    help="time the batch sampler (crops, flips; numpy) instead of a stack")
+                    help="time the batch sampler (crops, flips; numpy) instead of a backend")
     sp = sub.add_parser("profile", help="developer tool: the torch step under several "
                                         "settings, timed on a GPU or its operators counted")
-    _stack_options(sp, ("device",), device=registry.AUTO, groups=TOP, texts=dict(
+    _backend_options(sp, ("device",), device=registry.AUTO, groups=TOP, texts=dict(
         device="cuda or cuda:N: time the step there (a GPU is needed: CUDA graphs); cpu: "
         "with --count-ops only; auto: cuda where torch sees a GPU, else cpu"))
     _rows_option(sp, "t1-resnet32x1")
@@ -154,7 +154,7 @@ def _add_tools(sub) -> None:
 def _add_gpucheck(sub) -> None:
     sp = sub.add_parser("gpucheck", help="one command that proves a GPU: environment, "
                                          "verify on the device, s/epoch, a short training")
-    _stack_options(sp, ("device",), device="cuda", groups=TOP, texts=dict(
+    _backend_options(sp, ("device",), device="cuda", groups=TOP, texts=dict(
         device="the device checked: cuda or cuda:N (a GPU must be there), cpu (a check of "
         "the command itself), or auto: cuda where torch or jax sees a GPU, else cpu"))
     sp.add_argument("--quick", action="store_true",
@@ -192,7 +192,7 @@ def _add_use(sub) -> None:
     sp = sub.add_parser("evaluate", help="test accuracy and loss of a .pt, .npz or "
                                          "checkpoint .h5 on a dataset's test split")
     sp.add_argument("weights", type=Path, metavar="WEIGHTS")
-    _stack_options(sp, ("backend", "device", "dtype", "theano_mode"), groups=TOP,
+    _backend_options(sp, ("backend", "device", "dtype", "theano_mode"), groups=TOP,
                    helps=dict(dtype="the weights' own where the backend has it, else "
                                     f"{registry.DEFAULT_DTYPE}"))
     sp.set_defaults(dtype=None)
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"train the {len(rows)} {name} row(s) and compare with the paper")
     sp = sub.add_parser("params", help="parameter count of every row beside the paper's "
                                        "(no data)")
-    _stack_options(sp, ("backend",), groups=TOP)
+    _backend_options(sp, ("backend",), groups=TOP)
     _rows_option(sp, "every row")
     schema.add_options(sp, ModelConfig, skip=("n", "k"))
     _common(sp, ("json",), helps=dict(json="none"))

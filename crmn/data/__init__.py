@@ -1,4 +1,4 @@
-"""Datasets, preprocessing and the batch sampler both stacks draw from (docs/spec.md §4-§6).
+"""Datasets, preprocessing and the batch sampler both backends draw from (docs/spec.md §4-§6).
 Every public name is re-exported here: the function ``prepare`` shadows its module, and
 constants are copies (patch them in their own module)."""
 from crmn.data.fake import FAKE_MARKER, is_fake, write_fake, write_fake_archive

@@ -1,6 +1,6 @@
-"""The batch sampler both stacks draw from (docs/spec.md §4, §6): every random choice of an
+"""The batch sampler both backends draw from (docs/spec.md §4, §6): every random choice of an
 epoch comes from ``default_rng([seed, epoch])``, so a seed means the same batches in both
-stacks, across a resumed run, and on a GPU that applies the :class:`EpochPlan` itself."""
+backends, across a resumed run, and on a GPU that applies the :class:`EpochPlan` itself."""
 from __future__ import annotations
 
 from typing import Iterator, NamedTuple, Tuple

@@ -13,7 +13,7 @@ from crmn.plan import TrainPlan
 
 
 def _jobs(plan: TrainPlan) -> int:
-    return plan.launch.jobs or local.default_jobs(plan.stack.device, plan.launch.per_gpu)
+    return plan.launch.jobs or local.default_jobs(plan.backend_options.device, plan.launch.per_gpu)
 
 
 def wanted(plan: TrainPlan) -> bool:
@@ -42,7 +42,7 @@ def main(plan: TrainPlan, entry: Path) -> int:
     if options.launcher == "slurm":
         slurm.require_sbatch()
     # K runs that would not fit the GPU: refused before anything is written
-    fit = local.memory_fit(options.per_gpu) if plan.stack.device.startswith("cuda") else ""
+    fit = local.memory_fit(options.per_gpu) if plan.backend_options.device.startswith("cuda") else ""
     lock = _claim(exp_dir)
     try:
         if status.slurm_jobs(exp_dir):
@@ -58,7 +58,7 @@ def main(plan: TrainPlan, entry: Path) -> int:
                                 max_requeues=options.requeues, runs_per_gpu=options.per_gpu)
             lock.close()  # the jobs own the grid now (refuse_if_queued guards it)
             return slurm.wait(exp_dir, jobs) if options.wait else 0
-        rc = local.run(exp_dir, tasks, _jobs(plan), plan.stack.device, options.per_gpu, fit)
+        rc = local.run(exp_dir, tasks, _jobs(plan), plan.backend_options.device, options.per_gpu, fit)
     finally:
         lock.close()
     if rc == local.EXIT_INTERRUPTED:

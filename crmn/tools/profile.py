@@ -1,4 +1,4 @@
-"""Time the torch stack's train step of paper rows under variants such as ``bf16-cl-compile``
+"""Time the torch backend's train step of paper rows under variants such as ``bf16-cl-compile``
 (a GPU tool); ``--kernels`` lists the costliest kernels of one eager step, ``--count-ops``
 counts the aten operators it dispatches (on the CPU too). ``-percast``: autocast casts each
 weight at its use instead of once per step."""
@@ -14,7 +14,7 @@ import numpy as np
 from crmn import registry
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import ConfigError
-from crmn.registry import StackOptions
+from crmn.registry import BackendOptions
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 _SUFFIXES = {"cl": ("channels_last", True), "nocl": ("channels_last", False),
@@ -33,21 +33,21 @@ def variant_options(variant: str) -> dict:
     return opts
 
 
-def _stack(row, variant: str, device: str, graph: bool, batch_size: Optional[int] = None):
-    """The torch stack of ``variant`` and one random batch on its device."""
+def _backend(row, variant: str, device: str, graph: bool, batch_size: Optional[int] = None):
+    """The torch backend of ``variant`` and one random batch on its device."""
     import torch
 
     train = TrainConfig.for_row(row)
     if batch_size is not None:
         train = dataclasses.replace(train, batch_size=batch_size)
     expert = variant_options(variant)
-    options = StackOptions("torch", device, expert.pop("dtype"),
+    options = BackendOptions("torch", device, expert.pop("dtype"),
                            compile=expert.pop("compile", False))
-    stack = registry.build(options, ModelConfig.for_row(row), train, graph=graph, **expert)
+    backend = registry.build(options, ModelConfig.for_row(row), train, graph=graph, **expert)
     rng, B = np.random.default_rng(0), train.batch_size
     x = torch.as_tensor(rng.standard_normal((B, 3, 32, 32), dtype=np.float32))
     y = torch.as_tensor(rng.integers(0, row.classes, B))
-    return stack, x.to(stack.dev), y.to(stack.dev)
+    return backend, x.to(backend.dev), y.to(backend.dev)
 
 
 def time_variant(row, variant: str, steps: int, kernels: bool, device: str = "cuda",
@@ -55,16 +55,16 @@ def time_variant(row, variant: str, steps: int, kernels: bool, device: str = "cu
     """Milliseconds per ``step`` (CUDA graph, batch on the device) of one variant."""
     import torch
 
-    stack, x, y = _stack(row, variant, device, graph=True)
+    backend, x, y = _backend(row, variant, device, graph=True)
     t0 = time.perf_counter()
-    stack.step(x, y, 0.01)  # the first step captures the graph
+    backend.step(x, y, 0.01)  # the first step captures the graph
     setup = time.perf_counter() - t0
     for _ in range(10):
-        stack.step(x, y, 0.01)
+        backend.step(x, y, 0.01)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
-        stack.step(x, y, 0.01)
+        backend.step(x, y, 0.01)
     end.record()
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / steps
@@ -81,7 +81,7 @@ def _kernel_table(row, variant: str, device: str, out: Callable[[str], None]) ->
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    eager, x, y = _stack(row, variant, device, graph=False)
+    eager, x, y = _backend(row, variant, device, graph=False)
     for _ in range(3):
         eager.step(x, y, 0.01)
     torch.cuda.synchronize()
@@ -112,10 +112,10 @@ def op_counter():
 def count_variant(row, variant: str, device: str, batch_size: Optional[int] = None,
                   out: Callable[[str], None] = print) -> collections.Counter:
     """Operators of one eager train step (the second: the first allocates), printed."""
-    stack, x, y = _stack(row, variant, device, graph=False, batch_size=batch_size)
-    stack.step(x, y, 0.01)
+    backend, x, y = _backend(row, variant, device, graph=False, batch_size=batch_size)
+    backend.step(x, y, 0.01)
     with op_counter() as counter:
-        stack.step(x, y, 0.01)
+        backend.step(x, y, 0.01)
     c = counter.counts
     top = ", ".join(f"{n} {k}" for n, k in c.most_common(6))
     out(f"{row.id:16s} {variant:18s} {sum(c.values()):6d} ops/step  casts {c['_to_copy']:4d}"

@@ -11,7 +11,7 @@ import numpy as np
 
 
 @runtime_checkable
-class Stack(Protocol):
+class Backend(Protocol):
     """A network built in one framework from ``train.seed``; images ``(B, 3, 32, 32)``,
     labels ``(B,)`` int64. Optional ``compile_seconds``: seconds spent compiling so far,
     which the loop keeps out of an epoch's seconds. The class's static ``problem(options)``

@@ -1,4 +1,4 @@
-"""A run started by one stack and resumed by the other from its checkpoint, through the
+"""A run started by one backend and resumed by the other from its checkpoint, through the
 real driver, data and backends."""
 from pathlib import Path
 
@@ -20,7 +20,7 @@ class Killed(Exception):
 
 def _run(run_dir, data_dir, backend, resume=False):
     spec = RunSpec(model=MODEL, train=TRAIN, dataset="cifar10", data_dir=data_dir,
-                   stack=registry.StackOptions(backend=backend, dtype="float64"))
+                   backend_options=registry.BackendOptions(backend=backend, dtype="float64"))
     return trainer.run(run_dir, spec, resume=resume, progress=False)
 
 
@@ -37,8 +37,8 @@ def test_torch_checkpoint_resumed_by_theano_matches_an_uninterrupted_torch_run(
     reference = tmp_path / "torch-only"
     _run(reference, data_dir, "torch")
 
-    # The run that is interrupted starts in the same stack as the reference and the other
-    # stack finishes it (both stacks now start from crmn.init's state, tests/test_init.py).
+    # The run that is interrupted starts in the same backend as the reference and the other
+    # backend finishes it (both backends now start from crmn.init's state, tests/test_init.py).
     mixed = tmp_path / "torch-then-theano"
     real_save = checkpoint.save
     saves = {"n": 0}
@@ -62,7 +62,7 @@ def test_torch_checkpoint_resumed_by_theano_matches_an_uninterrupted_torch_run(
     assert config["resumes"][0]["backend"] == "theano"
     assert config["resumes"][0]["after_epoch"] == 1
 
-    # float64 stacks agree to rounding, so one Torch epoch + one Theano epoch lands where
+    # float64 backends agree to rounding, so one Torch epoch + one Theano epoch lands where
     # two Torch epochs do.
     got, _ = checkpoint.load(mixed / runlog.CHECKPOINT)
     want, _ = checkpoint.load(reference / runlog.CHECKPOINT)
