@@ -392,9 +392,15 @@ def run(plan: GpucheckPlan) -> int:
     return CUT_SIGNALS[cut[0]] if cut else int(report["failed"] > 0)
 
 
-if __name__ == "__main__":  # one check in a child: its rows to logs/KEY.json
-    from crmn.cli import parser
-    plan = plan_from_args(parser.parse(["gpucheck", *sys.argv[2:]]))
+if __name__ == "__main__":  # one check in a child (child_argv's line): its rows to logs/KEY.json
+    import argparse
+    child = argparse.ArgumentParser()
+    child.add_argument("key")
+    child.add_argument("--device")
+    child.add_argument("--out-dir", type=Path)
+    child.add_argument("--quick", action="store_true")
+    args = child.parse_args()
+    plan = GpucheckPlan(args.device, args.quick, args.out_dir)
     try:
         rows = check_rows(plan, sys.argv[1])
     except CRMNError as exc:  # one line; the later checks still run

@@ -2,6 +2,7 @@
 ``crmn/`` (no module imports torch or theano when it is imported), no function over 60
 lines."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,7 +88,7 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_the_stacks_sit_below_the_registry_and_the_loop():
+def test_the_backends_sit_below_the_registry_and_the_loop():
     graph = import_graph()
     for backend in ("original.backend", "modern.backend"):
         for above in ("crmn.train", "crmn.cli", "crmn.verify", "crmn.bench", "crmn.plan"):
@@ -95,6 +96,31 @@ def test_the_stacks_sit_below_the_registry_and_the_loop():
     # the registry finds the backends by name at build time: no import of either
     assert not any(d.startswith(("original", "modern")) for d in graph["crmn.registry"])
     assert not any(d.startswith(("original", "modern")) for d in graph["crmn.backend"])
+
+
+def test_only_the_command_line_imports_the_command_line():
+    """The command line sits on top: nothing else under crmn/ imports it (a module that
+    needs what the parser knows finds it below, e.g. crmn.schema or crmn.plan)."""
+    graph = import_graph()
+    assert "crmn.cli.parser" in graph["crmn.cli"]  # the graph sees crmn.cli's own imports
+    up = sorted(f"{name} -> {dep}" for name, deps in graph.items() for dep in deps
+                if dep.startswith("crmn.cli") and not name.startswith("crmn.cli"))
+    assert up == []
+
+
+def test_stack_names_only_a_software_stack_or_an_array_function():
+    """What --backend selects is a backend: "stack" is left for numpy's, torch's and jax's
+    stack functions, prose about a software stack, and the JAX mode's depth-first walk."""
+    files = subprocess.run(["git", "ls-files", "crmn/*.py", "original/*.py", "modern/*.py"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    allowed = re.compile(r"\b(np|numpy|torch|jnp)\.stack\(|Lasagne stack|software stack")
+    dfs = ROOT / "original" / "jax_mode" / "cache.py"  # a stack of graph nodes, not a backend
+    words = re.compile(r"\b(stacks?|engines?)\b", re.I)
+    bad = [f"{f}:{i}: {line.strip()}" for f in files if ROOT / f != dfs
+           for i, line in enumerate((ROOT / f).read_text().splitlines(), 1)
+           if words.search(line) and not allowed.search(line)]
+    assert bad == []
+    assert words.search("the torch stack") and not allowed.search("the torch stack")
 
 
 def test_crmn_imports_no_framework_at_import_time():
