@@ -67,9 +67,9 @@ def bench_row(row: paper.Row, options: BackendOptions, steps: int, warmup: int =
     return {
         "row": row.id, "label": row.label, "backend": name,
         "device": backend.device, "compile_s": warm.compile_seconds,
-        "compile_cache": getattr(backend, "compile_cache", None),
+        "cache_outcome": getattr(backend, "cache_outcome", None),
         "warm_compile_s": rebuilt.compile_seconds if rebuilt else None,
-        "warm_compile_cache": rebuilt.compile_cache if rebuilt else None,
+        "warm_cache_outcome": rebuilt.cache_outcome if rebuilt else None,
         "precision": precision, "layout": layout,
         "batch_size": train.batch_size, "steps": steps, "warmup_s": warmup_s,
         "seconds": seconds, "images_per_s": ips, "sec_per_epoch": ours,
@@ -91,7 +91,7 @@ def format_table(results: Sequence[Dict]) -> str:
              f"{r['images_per_s']:.0f}", f"{r['sec_per_epoch']:.2f}",
              f"{r['paper_sec_per_epoch']:.0f}" if r["paper_sec_per_epoch"] else "-",
              f"{r['speedup']:.3g}x" if r["speedup"] else "-", f"{r['warmup_s']:.1f}",
-             f"{r.get('compile_s', 0.0):.1f}", r.get("compile_cache") or "-",
+             f"{r.get('compile_s', 0.0):.1f}", r.get("cache_outcome") or "-",
              "-" if r.get("warm_compile_s") is None else f"{r['warm_compile_s']:.1f}",
              _figure(r, "flops_per_image", 1e9, ".3g"), _figure(r, "tflops", 1, ".3g"),
              roofline.share(r.get("ceiling_fraction")), _figure(r, "peak_mem_bytes", 2 ** 20, ".0f")]

@@ -98,9 +98,15 @@ class LogLine(_Record):
     seconds: float  # training seconds, compilation left out
     images_per_s: Optional[float]
     compile_seconds: float
-    compile_cache: Optional[str]  # "hit" | "miss" | "off" | None: the backend says nothing
+    cache_outcome: Optional[str]  # "hit" | "miss" | "off" | None: the backend says nothing
     decision: str  # crmn.schedule.Decision's value
     time: float  # unix seconds
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "LogLine":
+        """A log line, also one written before its cache outcome had its own name."""
+        return super().from_dict(dict(d, cache_outcome=d.get("cache_outcome",
+                                                             d.get("compile_cache"))))
 
 
 @dataclasses.dataclass
@@ -409,25 +415,42 @@ class RunFolder:
         raise CheckpointError(f"{problem}; the search cannot go back to its best model: "
                               f"delete {self.dir} and run the command again without --resume")
 
-    def note_cut(self, backend, meta: CheckpointMeta, before: Dict, sched,
-                 decision: Decision, loss: float, acc: float) -> None:
-        """Keep capped.h5 (and capped.best.h5) at the first epoch where ``--epochs-cap`` ended
-        a stage (``before``: the schedule's state before its step)."""
-        cap = self.spec.train.epochs_cap
-        if cap is None or not _cut_short(self.spec.train, before, sched, decision, loss, acc):
-            return
-        path = self.path(runlog.CAPPED)
+    def write_summary(self, summary: Summary) -> None:
+        runlog.write_json(self.path(runlog.SUMMARY), dataclasses.asdict(summary))
+
+
+class CapWatch:
+    """The schedule ``sched`` of one phase, keeping capped.h5 (and capped.best.h5) at the
+    first epoch where ``--epochs-cap`` ended a stage: where a later, larger cap goes on
+    (RunFolder.start). ``meta(sched)``: the checkpoint record of the epoch just stepped."""
+
+    def __init__(self, sched, folder: RunFolder, backend, meta):
+        self.sched, self.folder, self.backend, self.meta = sched, folder, backend, meta
+
+    def __getattr__(self, name):
+        return getattr(self.sched, name)
+
+    def step(self, loss: float, acc: float) -> Decision:
+        before = self.sched.state_dict()
+        decision = self.sched.step(loss, acc)
+        if _cut_short(self.folder.spec.train, before, self.sched, decision, loss, acc):
+            self._keep(before, loss, acc)
+        return decision
+
+    def _keep(self, before: Dict, loss: float, acc: float) -> None:
+        folder, meta, cap = self.folder, self.meta(self.sched), self.folder.spec.train.epochs_cap
+        path = folder.path(runlog.CAPPED)
         if path.exists() and checkpoint.readable(path):
             held = CheckpointMeta.from_dict(checkpoint.load(path)[1])
             if held.capped is not None and held.capped.cap == cap and held.point < meta.point:
                 return  # an earlier cut of this cap: that is where the other way starts
-        if meta.phase == "search":
-            runlog.link_over(self.path(runlog.BEST), self.path(runlog.CAPPED_BEST))
-        checkpoint.save(path, backend.get_state(), dataclasses.replace(
+        state = self.backend.get_state()
+        if meta.phase == "search" and self.sched.improved:  # this epoch is the best model
+            checkpoint.save(folder.path(runlog.CAPPED_BEST), state, meta.to_dict())
+        elif meta.phase == "search":
+            runlog.link_over(folder.path(runlog.BEST), folder.path(runlog.CAPPED_BEST))
+        checkpoint.save(path, state, dataclasses.replace(
             meta, capped=CapCut(cap, before, loss, acc)).to_dict())
-
-    def write_summary(self, summary: Summary) -> None:
-        runlog.write_json(self.path(runlog.SUMMARY), dataclasses.asdict(summary))
 
 
 def _cut_short(train: TrainConfig, before: Dict, sched, decision: Decision, loss: float,

@@ -245,7 +245,7 @@ def compile_note(log: Iterable[Dict]) -> str:
     for e in log:
         seconds = e.get("compile_seconds")
         if isinstance(seconds, (int, float)) and seconds >= 0.05:
-            state = e.get("compile_cache")
+            state = e.get("cache_outcome", e.get("compile_cache"))  # the old name
             items.append(f"{seconds:.0f} s" + (f" {state}" if state else ""))
     return ", ".join(items)
 

@@ -1,31 +1,29 @@
-"""The paper's training protocol (section 4, docs/spec.md §5) over any crmn.backend.Backend: a
-search run on 90 % of the training set with plateau reloads of best.h5, then a final run from
-the same seeded start on all of it, replaying the schedule found. Nothing depends on global
-random state, so a resumed run ends with exactly the parameters of an uninterrupted one.
+"""The paper's training protocol (section 4, docs/spec.md §5) over any crmn.backend.Backend:
+search -> reset -> final. The search trains on 90 % of the training set and finds, stage by
+stage, when the validation accuracy stops improving; the final run starts again from the same
+seeded weights on the whole training set and replays the epochs per stage the search found.
+Nothing depends on global random state, so a resumed run ends with exactly the parameters of
+an uninterrupted one.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 import sys
-import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from crmn import data, registry, runlog
-from crmn.errors import ConfigError, DivergedError, StopRequested
+from crmn import data, display, registry, runlog
+from crmn.errors import ConfigError, DivergedError
 from crmn.plan import RunSpec
-from crmn.rundir import (CheckpointMeta, LogLine, ResumePoint, RunFolder, Summary,
+from crmn.rundir import (CapWatch, CheckpointMeta, LogLine, ResumePoint, RunFolder, Summary,
                          given_schedule, say, warn)
 from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
 _PHASE_KEY = {"search": 0x5345, "final": 0x4649}  # separates the phases' sampler streams
 EVAL_BATCH = 500  # images per forward pass of evaluate (its results do not depend on it)
-PROGRESS_UPDATES = 20  # per epoch; each reads the running loss: a host sync on a GPU
-_stop_signal: List[Optional[int]] = [None]  # the signal that asked the run to stop, if any
 
 
 @dataclasses.dataclass
@@ -36,7 +34,7 @@ class EpochStats:
     images: int
     seconds: float  # wall-clock seconds of the epoch's steps, compilation left out
     compile_seconds: float = 0.0  # of which the backend compiled (or waited to compile)
-    compile_cache: Optional[str] = None  # "hit", "miss", "off"; None: the backend says nothing
+    cache_outcome: Optional[str] = None  # "hit", "miss", "off"; None: the backend says nothing
 
 
 def sampler_seed(seed: int, phase: str) -> int:
@@ -44,27 +42,12 @@ def sampler_seed(seed: int, phase: str) -> int:
     return int(np.random.SeedSequence([seed, _PHASE_KEY[phase]]).generate_state(1)[0])
 
 
-def request_stop(signum: int, frame=None) -> None:
-    """Signal handler (SIGUSR1 and Ctrl-C, installed by the CLI): finish the epoch in
-    progress, checkpoint it, then stop with StopRequested. A second Ctrl-C stops at once."""
-    if signum == signal.SIGINT and _stop_signal[0] == signal.SIGINT:
-        raise KeyboardInterrupt
-    _stop_signal[0] = signum
-
-
-def check_stop(where) -> None:
-    """Raise StopRequested if a stop was asked for (a safe point: all is saved)."""
-    signum = _stop_signal[0]
-    if signum is not None:
-        raise StopRequested(f"{where}: stopped by {signal.Signals(signum).name} after its "
-                            f"last checkpoint; the same command with --resume continues it",
-                            signum=signum)
-
-
 def run(run_dir, spec: RunSpec, new_backend: Optional[Callable[[], Any]] = None, *,
-        resume: bool = False, progress: bool = True, fresh: bool = False) -> Dict:
+        resume: bool = False, progress: bool = True, fresh: bool = False,
+        stop: Optional[Callable[[Any], None]] = None) -> Dict:
     """Train ``spec`` into ``run_dir`` (a finished run is skipped); its summary.json.
-    ``new_backend()`` builds the network (default: crmn.registry.build); ``fresh`` empties it."""
+    ``new_backend()`` builds the network (default: crmn.registry.build); ``fresh`` empties it;
+    ``stop(folder)``, after each epoch's checkpoint, may end the run (StopRequested)."""
     folder = RunFolder(run_dir, spec)
     with folder.held(fresh):
         if resume:  # another run's options or data are refused before anything changes
@@ -73,14 +56,15 @@ def run(run_dir, spec: RunSpec, new_backend: Optional[Callable[[], Any]] = None,
         if done is not None:
             return done
         build = new_backend or (lambda: registry.build(spec.backend_options, spec.model, spec.train))
-        return Training(folder, progress).run(build, folder.start(resume))
+        return Training(folder, progress, stop).run(build, folder.start(resume))
 
 
 class Training:
     """One run's training: its folder, and what its phases share."""
 
-    def __init__(self, folder: RunFolder, progress: bool):
+    def __init__(self, folder: RunFolder, progress: bool, stop=None):
         self.folder, self.spec, self.progress = folder, folder.spec, progress
+        self.stop = stop or (lambda where: None)
         self.train = self.spec.train
         self.data_source = "official"  # crmn.data.provenance: official | fake | unverified
         self.description: Optional[str] = None  # crmn.data.describe: not the official files
@@ -105,7 +89,9 @@ class Training:
         if start is None or not folder.path(runlog.CONFIG).exists():
             folder.write_config(backend, self.data_source, self.description,
                                 data.fingerprint(spec.dataset, spec.data_dir))
-        if searching:  # the search run, on the 90 % split
+        if searching:
+            # Search: the paper gives no epoch counts, only "until the validation error
+            # plateaus"; 10 % of the training set is held out to find them (spec §5).
             initial = {k: np.array(v, copy=True)  # a backend may hand out views of its buffers
                        for k, v in backend.get_state().items()}
             t = self.train
@@ -114,8 +100,12 @@ class Training:
             self.schedule_found, self.search_best, start = sched.found, sched.best, None
             say(f"{folder.dir}: search done, schedule found {sched.found} "
                 f"(epochs per lr {list(t.lr_stages)}), best {sched.best}")
-            backend.set_state(initial)  # the final run starts where the search started
+            # Reset: the final run starts from the very weights the search started from, at
+            # rest, so that its result depends on the schedule found and not on the search.
+            backend.set_state(initial)
             backend.reset_velocity()
+        # Final: all of the training set, the schedule found (or --schedule) replayed as
+        # fixed epochs per stage; its last epoch's test figures are the run's result.
         used = self.schedule_found if self.train.schedule is None else \
             given_schedule(self.train)
         self.train_phase("final", backend, start, FixedSchedule(self.train.lr_stages, used))
@@ -133,9 +123,14 @@ class Training:
             if phase == "search" and sched.best is not None and not sched.done:
                 self.folder.best_model(sched.best["epoch"], exact=False)  # a reload needs it
         split = self.split(phase)
+        # each phase its own batch stream, a function of the seed and the epoch only, so a
+        # resumed epoch draws the batches an uninterrupted one would have drawn
         sampler = data.BatchSampler(split.train_x, split.train_y, self.train.batch_size,
                                     sampler_seed(self.train.seed, phase), pad=self.train.pad,
                                     flip=self.train.flip)
+        if self.train.epochs_cap is not None:  # where the cap cuts a stage: capped.h5
+            sched = CapWatch(sched, self.folder, backend,
+                             lambda s: self.meta(phase, s, sampler.seed))
         while not sched.done:
             self.epoch(phase, backend, sched, sampler, split)
         return sched
@@ -146,31 +141,36 @@ class Training:
         t0 = time.perf_counter()
         lr, stage, epoch = sched.lr, sched.stage, sched.epoch + 1
         label = f"[{phase}] epoch {epoch}" if self.progress and sys.stderr.isatty() else None
+        # one pass of SGD over this epoch's batches, at the stage's learning rate
         stats = train_epoch(backend, sampler, epoch, lr, progress=label)
         self.check_finite(phase, epoch, "training loss", stats.loss)
+        # the search is judged on the held-out 10 %; the final run reports the test set
         eval_loss, eval_acc = evaluate(backend, split.eval_x, split.eval_y)
         self.check_finite(phase, epoch, f"{split.eval_name} loss", eval_loss)
-        before = sched.state_dict()
+        # the schedule decides: go on, next stage (search: after `patience` epochs without a
+        # better validation accuracy), or stop
         decision = sched.step(eval_loss, eval_acc)
         meta = self.meta(phase, sched, sampler.seed)
-        if phase == "search" and sched.improved:
+        if phase == "search" and sched.improved:  # the model a plateau goes back to
             folder.save_best(backend.get_state(), meta)
-        folder.note_cut(backend, meta, before, sched, decision, eval_loss, eval_acc)
         line = LogLine(
             phase=phase, epoch=epoch, stage=stage, lr=lr, train_loss=stats.loss,
             train_acc=stats.acc, eval_split=split.eval_name, eval_loss=eval_loss,
             eval_acc=eval_acc, seconds=stats.seconds,
             images_per_s=stats.images / stats.seconds if stats.seconds > 0 else None,
-            compile_seconds=stats.compile_seconds, compile_cache=stats.compile_cache,
+            compile_seconds=stats.compile_seconds, cache_outcome=stats.cache_outcome,
             decision=decision.value, time=time.time())
         folder.log(line)
         if decision == Decision.RELOAD:
+            # a plateau: the next stage starts from the best model so far, not the last one,
+            # and from rest at its lower rate (the search's reload, spec §5)
             backend.set_state(folder.best_model(sched.best["epoch"]))
-            backend.reset_velocity()  # the next stage starts from rest at its new rate
-        folder.save(backend.get_state(), meta)
+            backend.reset_velocity()
+        folder.save(backend.get_state(), meta)  # after the reload: a resume starts right here
         self.epoch_wall.append(time.perf_counter() - t0)
-        say(self.epoch_line(line, sched, best=sched.improved and phase == "search"))
-        check_stop(folder.dir)
+        say(display.epoch_line(line, sched.total_epochs, sched.epoch, self.epoch_wall,
+                               best=sched.improved and phase == "search"))
+        self.stop(folder.dir)
 
     def meta(self, phase: str, sched, seed: int) -> CheckpointMeta:
         spec = self.spec
@@ -215,22 +215,6 @@ class Training:
             warn(f"the {spec.dataset} data in {spec.data_dir} {why}; compare lists this run as "
                  "not as published")
 
-    def epoch_line(self, e: LogLine, sched, best: bool) -> str:
-        """``[search] epoch 12 stage 0 lr 0.1 | train loss 1.2 acc 45.6% | val ... | 30.2 s``"""
-        total = sched.total_epochs
-        eta = "" if total is None or not self.epoch_wall else \
-            f" | ETA {_fmt_duration((total - sched.epoch) * float(np.mean(self.epoch_wall)))}"
-        ips = f"{e.images_per_s:.0f} img/s" if e.images_per_s else "- img/s"
-        hit = " (compile cache hit)" if e.compile_cache == "hit" else ""
-        compiled = f" | + {e.compile_seconds:.0f} s compiling{hit}" \
-            if e.compile_seconds >= 0.5 else ""
-        of = f"/{total}" if total is not None else ""
-        return (f"[{e.phase}] epoch {e.epoch}{of} stage {e.stage} lr {e.lr:g} | "
-                f"train loss {e.train_loss:.4f} acc {100 * e.train_acc:.2f}% | "
-                f"{e.eval_split} loss {e.eval_loss:.4f} acc {100 * e.eval_acc:.2f}% | "
-                f"{e.seconds:.1f} s {ips}{eta}{compiled}" + (" | best" if best else "")
-                + ("" if e.decision == "continue" else f" | {e.decision}"))
-
     def summary(self, backend, used: List[int]) -> Summary:
         """The run's result from the log: a resumed run counts every logged epoch."""
         spec = self.spec
@@ -260,7 +244,7 @@ def train_epoch(backend, sampler, epoch: int, lr: float, *, progress: Optional[s
     crmn.backend.FastEpoch path); the sums stay on the device but for the progress bar's reads."""
     use_fast = getattr(backend, "fast_epoch", False) if fast is None else fast
     batches = backend.epoch_batches(sampler, epoch) if use_fast else sampler.epoch(epoch)
-    bar = Progress(progress, len(sampler), backend) if progress else None
+    bar = display.Progress(progress, len(sampler), backend) if progress else None
     loss_sum, correct, images = 0.0, 0, 0  # the sums: device scalars after the first step
     compiled0 = getattr(backend, "compile_seconds", 0.0)
     t0 = time.perf_counter()
@@ -282,7 +266,7 @@ def train_epoch(backend, sampler, epoch: int, lr: float, *, progress: Optional[s
         raise ConfigError("the sampler yielded no batch in this epoch")
     return EpochStats(loss=loss / images, acc=float(correct) / images, images=images,
                       seconds=seconds - compiled, compile_seconds=compiled,
-                      compile_cache=getattr(backend, "compile_cache", None))
+                      cache_outcome=getattr(backend, "cache_outcome", None))
 
 
 def evaluate(backend, x: np.ndarray, y: np.ndarray,
@@ -300,58 +284,3 @@ def evaluate(backend, x: np.ndarray, y: np.ndarray,
         loss_sum += float(-logp[np.arange(len(yb)), yb].sum())
         correct += int((z.argmax(axis=1) == yb).sum())
     return loss_sum / len(y), correct / len(y)
-
-
-class Progress:
-    """A one-line progress bar on a terminal: batches, images/s, ETA, loss; until the first
-    step returns (the backends compile there) it counts ``compiling… N s`` each second."""
-
-    def __init__(self, label: str, total: int, backend):
-        self.label, self.total, self.backend = label, total, backend
-        self.stream = sys.stderr
-        self.t0 = time.perf_counter()
-        self.every = max(1, total // PROGRESS_UPDATES)
-        self.first = None  # (done, images, time) after the first step
-        self._stepped = threading.Event()
-        self._ticker = threading.Thread(target=self._tick, daemon=True)
-        self._ticker.start()
-
-    def _tick(self) -> None:
-        while not self._stepped.wait(1.0):
-            hit = getattr(self.backend, "compile_cache", None) == "hit"
-            doing = "compile cache hit" if hit else "compiling"
-            self._write(f"{self.label} {doing}\u2026 {time.perf_counter() - self.t0:.0f} s")
-
-    def _write(self, text: str) -> None:
-        self.stream.write(f"\r  {text}\033[K" if text else "\r\033[K")
-        self.stream.flush()
-
-    def due(self, done: int) -> bool:
-        return done == 1 or done % self.every == 0 or done == self.total
-
-    def show(self, done: int, images: int, loss: float) -> None:
-        now = time.perf_counter()
-        if self.first is None:
-            self.first = (done, images, now)
-            self._stop_ticker()
-        d0, i0, t0 = self.first
-        elapsed = max(now - t0, 1e-9)
-        rate = f"{(images - i0) / elapsed:.0f} img/s" if done > d0 else "- img/s"
-        eta = (f"ETA {_fmt_duration(elapsed / (done - d0) * (self.total - done))}"
-               if done > d0 else "ETA -")
-        width = 20
-        bar = "#" * (width * done // self.total) + "." * (width - width * done // self.total)
-        self._write(f"{self.label} [{bar}] {done}/{self.total} {rate} {eta} loss {loss:.4f}")
-
-    def _stop_ticker(self) -> None:
-        self._stepped.set()
-        self._ticker.join()
-
-    def close(self) -> None:
-        self._stop_ticker()
-        self._write("")
-
-
-def _fmt_duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

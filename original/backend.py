@@ -244,7 +244,7 @@ class TheanoBackend:
         return self._function_seconds + self._mode.compile_seconds(self._fns.values())
 
     @property
-    def compile_cache(self) -> Optional[str]:
+    def cache_outcome(self) -> Optional[str]:
         """``"hit"`` (every graph so far came from the compile cache), ``"miss"``, ``"off"``;
         None before the first compilation and in C mode."""
         return self._mode.cache_state(self._fns.values())

@@ -34,7 +34,7 @@ def main(argv):
     y = rng.integers(0, MODEL.classes, TRAIN.batch_size)
     backend.step(x, y, 0.1)
     np.savez(out, **backend.get_state())
-    print(json.dumps({"cache": backend.compile_cache, "compile_seconds": backend.compile_seconds}))
+    print(json.dumps({"cache": backend.cache_outcome, "compile_seconds": backend.compile_seconds}))
 
 
 if __name__ == "__main__":

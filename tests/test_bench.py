@@ -108,7 +108,7 @@ def test_bench_row_of_the_jax_mode_compiles_cold_then_warm(tmp_path, monkeypatch
     r = bench.bench_row(paper.row("t1-crmn32x1"), BackendOptions("theano", theano_mode="jax"),
                         steps=1, warmup=1, batch_size=2,
                         model=ModelConfig(n=1, k=0.5, classes=100, memory=True))
-    assert (r["compile_cache"], r["warm_compile_cache"]) == ("miss", "hit")
+    assert (r["cache_outcome"], r["warm_cache_outcome"]) == ("miss", "hit")
     assert r["compile_s"] > 0 and r["warm_compile_s"] is not None
     cells = [c.strip() for c in bench.format_table([r]).splitlines()[-1].split("|")[1:-1]]
     assert cells[10:12] == ["miss", f"{r['warm_compile_s']:.1f}"]
@@ -116,4 +116,4 @@ def test_bench_row_of_the_jax_mode_compiles_cold_then_warm(tmp_path, monkeypatch
                           BackendOptions("theano", theano_mode="jax", compile_cache=False),
                           steps=1, warmup=1, batch_size=2,
                           model=ModelConfig(n=1, k=0.5, classes=100, memory=True))
-    assert (off["compile_cache"], off["warm_compile_s"]) == ("off", None)
+    assert (off["cache_outcome"], off["warm_compile_s"]) == ("off", None)

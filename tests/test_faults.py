@@ -25,7 +25,7 @@ SMOKE_TORCH = ["smoke", "--backend", "torch", "--no-progress"]
 def _stable(run):
     """A run's log and summary without the wall-clock fields."""
     skip = ("time", "seconds", "images_per_s", "sec_per_epoch", "compile_seconds",
-            "compile_cache")
+            "cache_outcome")
     log = [{k: v for k, v in e.items() if k not in skip} for e in runlog.read_log(
         run / runlog.LOG)]
     summary = {k: v for k, v in runlog.read_json(run / runlog.SUMMARY).items() if k not in skip}

@@ -166,3 +166,24 @@ def test_nothing_reads_argparse_private_attributes():
 def test_the_checker_sees_a_private_attribute():
     tree = ast.parse("p._subparsers._group_actions[0]")
     assert {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)} & ARGPARSE_PRIVATE
+
+
+def test_train_is_the_protocol_alone():
+    """crmn/train.py holds the protocol: no signals, threads or progress bar (crmn.display,
+    crmn.cli), and an epoch touches the run folder only to log, checkpoint, and keep and
+    reload the best model; the --epochs-cap bookkeeping is crmn.rundir.CapWatch's."""
+    tree = ast.parse((ROOT / "crmn" / "train.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                for a in n.names} | {n.module for n in ast.walk(tree)
+                                     if isinstance(n, ast.ImportFrom)}
+    assert not imported & {"signal", "threading"}, imported
+    assert not [n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)
+                and "progress" in n.name.lower()]
+    (epoch,) = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+                and n.name == "epoch"]
+    folder = {"folder", "self.folder"}  # the local and the attribute
+    on_folder = {c.func.attr for c in ast.walk(epoch) if isinstance(c, ast.Call)
+                 and isinstance(c.func, ast.Attribute) and ast.unparse(c.func.value) in folder}
+    assert on_folder == {"log", "save", "save_best", "best_model"}, on_folder
+    names = {ast.unparse(n) for n in ast.walk(epoch) if isinstance(n, (ast.Name, ast.Attribute))}
+    assert not [n for n in names if "cap" in n.lower() or "cut" in n.lower()], names

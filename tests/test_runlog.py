@@ -99,7 +99,7 @@ def test_the_records_become_the_files_keys_and_back(tmp_path):
     """crmn.rundir's records turn into crmn/LOGS.md's JSON at the file boundary, and back."""
     from crmn.rundir import CapCut, CheckpointMeta, LogLine
 
-    line = LogLine.from_dict(dict(entry(2), compile_seconds=0.0, compile_cache=None))
+    line = LogLine.from_dict(dict(entry(2), compile_seconds=0.0, cache_outcome=None))
     runlog.append_entry(tmp_path / "log.jsonl", dataclasses.asdict(line))
     [back] = runlog.read_log(tmp_path / "log.jsonl")
     assert set(runlog.LOG_FIELDS) <= set(back) and LogLine.from_dict(back) == line

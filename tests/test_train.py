@@ -18,7 +18,7 @@ from toy_backend import (TOY_MODEL, TOY_TRAIN, SimulatedCrash, ToyBackend, epoch
 
 REPO = Path(__file__).resolve().parents[1]
 # wall-clock fields
-VOLATILE = ("time", "seconds", "images_per_s", "compile_seconds", "compile_cache")
+VOLATILE = ("time", "seconds", "images_per_s", "compile_seconds", "cache_outcome")
 
 
 def stable_log(run_dir):
@@ -391,7 +391,7 @@ def test_progress_says_compile_cache_hit_while_a_cached_step_loads(monkeypatch):
     stream = io.StringIO()
     monkeypatch.setattr(trainer.sys, "stderr", stream)
     backend = _SlowFirstStep(1.3)
-    backend.compile_cache = "hit"  # what TheanoBackend reports once its step came from the cache
+    backend.cache_outcome = "hit"  # what TheanoBackend reports once its step came from the cache
     trainer.train_epoch(backend, _Batches(2), 1, 0.1, progress="[final] epoch 1")
     text = stream.getvalue()
     assert "[final] epoch 1 compile cache hit\u2026 1 s" in text

@@ -19,7 +19,7 @@ from crmn import (bench, cost, data, export, gpucheck, launch, paper, registry, 
                   roofline, schema, tables, verify)
 from crmn import plan as plans, train as trainer
 from crmn.config import ModelConfig, TrainConfig
-from crmn.errors import ConfigError, UsageError
+from crmn.errors import ConfigError, StopRequested, UsageError
 from crmn.launch import status
 from crmn.naming import count_trainable
 from crmn.plan import ROOT, SMOKE, TrainPlan
@@ -27,20 +27,39 @@ from crmn.registry import BackendOptions
 from crmn.tools import profile, sampler_bench
 
 
+_stop_signal: List[Optional[int]] = [None]  # the signal that asked the runs to stop, if any
+
+
+def request_stop(signum: int, frame=None) -> None:
+    """SIGUSR1 (a scheduler's warning, sbatch --signal=B:USR1@T) and a first Ctrl-C: finish
+    the epoch, checkpoint it, stop (exit 3 / 130); a second Ctrl-C stops at once."""
+    if signum == signal.SIGINT and _stop_signal[0] == signal.SIGINT:
+        raise KeyboardInterrupt
+    _stop_signal[0] = signum
+
+
+def check_stop(where) -> None:
+    """StopRequested if a signal asked for it (called where all is saved)."""
+    signum = _stop_signal[0]
+    if signum is not None:
+        raise StopRequested(f"{where}: stopped by {signal.Signals(signum).name} after its "
+                            f"last checkpoint; the same command with --resume continues it",
+                            signum=signum)
+
+
 def train_runs(plan: TrainPlan) -> List[Path]:
-    print(f"backend {plan.backend_options.describe()} (requested); runs under {plan.exp_dir}", flush=True)
-    # SIGUSR1 (a scheduler's warning, sbatch --signal=B:USR1@T) and a first Ctrl-C: finish
-    # the epoch, checkpoint it, stop (exit 3 / 130); a second Ctrl-C stops at once
-    signal.signal(signal.SIGUSR1, trainer.request_stop)
-    signal.signal(signal.SIGINT, trainer.request_stop)
+    print(f"backend {plan.backend_options.describe()} (requested); runs under {plan.exp_dir}",
+          flush=True)
+    signal.signal(signal.SIGUSR1, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     for key in dict.fromkeys((r.spec.dataset, r.spec.data_dir, r.spec.subset,
                               r.spec.unverified_data) for r in plan.runs):
         data.ready(*key, progress=plan.progress)  # refused before any run directory exists
     for run in plan.runs:
-        trainer.check_stop(plan.exp_dir)
+        check_stop(plan.exp_dir)
         print(f"== {run.label} seed {run.seed} -> {run.run_dir}", flush=True)
         trainer.run(run.run_dir, run.spec, resume=plan.resume, progress=plan.progress,
-                    fresh=plan.fresh)
+                    fresh=plan.fresh, stop=check_stop)
     return [run.run_dir for run in plan.runs]
 
 
@@ -193,7 +212,7 @@ def cmd_bench(args) -> int:
                     else f", warm compile {r['warm_compile_s']:.1f} s")
             print(f"# {row.id} {r['backend']}: {r['images_per_s']:.0f} img/s, "
                   f"{r['sec_per_epoch']:.2f} s per epoch on {r['device']}, {r['layout']}; "
-                  f"cold compile {r['compile_s']:.1f} s (cache {r['compile_cache'] or '-'})"
+                  f"cold compile {r['compile_s']:.1f} s (cache {r['cache_outcome'] or '-'})"
                   f"{warm}; {r['tflops']:.3g} TFLOP/s = "
                   f"{roofline.share(r['ceiling_fraction'])} of the ceiling", flush=True)
             results.append(r)
