@@ -103,12 +103,9 @@ def export(run_dir, out_dir=None) -> Dict[str, Path]:
 
 def _not_a_test(run_dir: Path, row: Optional[paper.Row], config: Dict) -> List[str]:
     """Why the run is no test of the paper (empty: it is one), in report.comparable's words."""
-    why = [] if row is not None else ["not a row of the paper"]
+    why = [] if row is not None else ["not a row of the paper"]  # a subset: comparable's
     ok, reasons = report.comparable(report.load_seed_run(run_dir), row)
-    why += [] if ok else reasons.split("; ")
-    if config.get("subset") and not any("subset" in w for w in why):
-        why.append(f"a subset of the data ({config['subset']})")
-    return why
+    return why + ([] if ok else reasons.split("; "))
 
 
 def _commands(config: Dict, files: Dict[str, Path]) -> Tuple[str, str]:

@@ -112,11 +112,11 @@ def plan_checks(plan: GpucheckPlan) -> List[str]:  # after the environment, in N
 def child_argv(plan: GpucheckPlan, key: str) -> List[str]:
     """Check ``key``'s child, the one place gpucheck spells a command line: smoke and the real
     runs (He et al.'s setting; ``--quick``: a tiny network, 1 epoch, 500 images) through the
-    archive's command line, the others through ``python -m crmn.gpucheck KEY``."""
+    archive's command line, the others through ``python -m crmn.gpucheck KEY DEVICE OUT_DIR``."""
     kind, _, rest = key.partition(" ")
     if kind not in ("smoke", "real"):
-        return [sys.executable, "-m", "crmn.gpucheck", key, "--device", plan.device,
-                "--out-dir", str(plan.out_dir)] + ["--quick"] * plan.quick
+        return [sys.executable, "-m", "crmn.gpucheck", key, plan.device, str(plan.out_dir)] + \
+            ["--quick"] * plan.quick
     options = configurations(plan.device)[rest if kind == "smoke" else "jax-f32" if plan.quick and
                                     util.find_spec("torch") is None else "torch-bf16"]
     run_plan = plans.smoke_plan_for(options, plan.out_dir / f"smoke-{rest}", epochs_cap=3,
@@ -392,15 +392,8 @@ def run(plan: GpucheckPlan) -> int:
     return CUT_SIGNALS[cut[0]] if cut else int(report["failed"] > 0)
 
 
-if __name__ == "__main__":  # one check in a child (child_argv's line): its rows to logs/KEY.json
-    import argparse
-    child = argparse.ArgumentParser()
-    child.add_argument("key")
-    child.add_argument("--device")
-    child.add_argument("--out-dir", type=Path)
-    child.add_argument("--quick", action="store_true")
-    args = child.parse_args()
-    plan = GpucheckPlan(args.device, args.quick, args.out_dir)
+if __name__ == "__main__":  # one check in a child: KEY DEVICE OUT_DIR [--quick] (child_argv)
+    plan = GpucheckPlan(sys.argv[2], sys.argv[4:] == ["--quick"], Path(sys.argv[3]))
     try:
         rows = check_rows(plan, sys.argv[1])
     except CRMNError as exc:  # one line; the later checks still run

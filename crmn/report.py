@@ -47,6 +47,7 @@ class SeedRun:
         ``test`` is False unless it is another reading of the paper (an ``interpretation``)."""
         config, summary = self.run.config, self.run.summary or {}
         out: List[Tuple[str, bool]] = []
+        # "fake_data": the flag of files written before issue 33
         if config.get("fake_data") or summary.get("fake_data") \
                 or "fake" in (config.get("data"), summary.get("data")):
             out.append(("FAKE DATA", False))

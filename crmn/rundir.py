@@ -127,7 +127,6 @@ class Summary:
     sec_per_epoch: Optional[float]  # medians of the final run's epochs
     images_per_s: Optional[float]
     search_best: Optional[Dict]
-    fake_data: bool
     data: str  # crmn.data.provenance
     status: str = "done"
     preprocessing: Optional[Dict] = None  # the final phase's crmn.weights.Preprocessing
@@ -354,8 +353,7 @@ class RunFolder:
         spec = self.spec
         runlog.write_json(self.path(runlog.CONFIG), {
             "config_format": RECORD_FORMAT, **spec_record(spec), "seed": spec.train.seed,
-            "params": backend.param_count(), "fake_data": data_source == "fake",
-            "data": data_source, "data_description": description,
+            "params": backend.param_count(), "data": data_source, "data_description": description,
             "data_fingerprint": fingerprint, **provenance.record(backend.device),
             # how the launcher packed it: the same run alone gives the same results
             "runs_per_gpu": int(os.environ.get(runlog.PACKING_ENV, 1)),

@@ -234,8 +234,7 @@ class Training:
             # medians: the first epoch of each process also pays the backend's compilation
             sec_per_epoch=float(np.median([e.seconds for e in final])) if final else None,
             images_per_s=float(np.median(rates)) if rates else None,
-            search_best=self.search_best, fake_data=self.data_source == "fake",
-            data=self.data_source, preprocessing=split.preprocessing.to_dict())
+            search_best=self.search_best, data=self.data_source, preprocessing=split.preprocessing.to_dict())
 
 
 def train_epoch(backend, sampler, epoch: int, lr: float, *, progress: Optional[str] = None,

@@ -201,7 +201,7 @@ def test_smoke_end_to_end(tmp_path):
     assert "[search] epoch 1" in p.stdout and "[final] epoch 1" in p.stdout
     # the smoke data are fake, and every output says so
     assert "holds fake cifar100 data" in p.stderr
-    assert config["fake_data"] is True and summary["fake_data"] is True
+    assert config["data"] == "fake" and summary["data"] == "fake"
     assert config["model"]["n"] == 1 and config["model"]["k"] == 0.5
     # search run over 3 lr stages, each capped at 1 epoch, then the final run
     phases = [json.loads(l)["phase"] for l in (run / "log.jsonl").read_text().splitlines()]

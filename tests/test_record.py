@@ -274,9 +274,9 @@ def test_a_run_folder_written_before_config_format_2_still_resumes_and_reports(t
     new = runlog.read_json(run_dir / "config.json")
     old = {k: new[k] for k in ("row", "experiment", "dataset", "backend", "dtype", "compile",
                                "theano_mode", "compile_cache", "params", "model", "train",
-                               "seed", "fake_data", "data", "data_description", "versions",
-                               "started")}
-    old.update(device="cpu (numpy)", device_requested="cpu")  # as main wrote it
+                               "seed", "data", "data_description", "versions", "started")}
+    old.update(device="cpu (numpy)", device_requested="cpu",  # as main wrote it
+               fake_data=new["data"] == "fake")
     runlog.write_json(run_dir / "config.json", old)
     summary = run_toy(run_dir, resume=True)
     assert summary["status"] == "done"
