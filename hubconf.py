@@ -21,6 +21,7 @@ from crmn import weights as _weights
 from crmn.config import ModelConfig as _ModelConfig
 from crmn.errors import ConfigError as _ConfigError
 from crmn.errors import CRMNError as _CRMNError
+from modern import model as _model
 from modern.model import CIFARNet as _CIFARNet
 
 dependencies = ["torch", "numpy"]
@@ -59,9 +60,7 @@ class _HubNet(_CIFARNet):
 
 
 def _build(cfg, seed):
-    net = _HubNet(cfg)
-    net.reset_parameters(seed)  # crmn.init's arrays: the same as the Theano backend's
-    return net
+    return _model.build(cfg, seed, _HubNet)  # the one builder, hub semantics
 
 
 def crmn(n=5, k=4, num_classes=100, seed=0, **options):

@@ -281,21 +281,12 @@ class CIFARNet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build(cfg: ModelConfig, seed: int = 0) -> CIFARNet:
-    """The network of ``cfg``, initialised from ``seed`` (float32, CPU)."""
-    net = CIFARNet(cfg)
+def build(cfg: ModelConfig, seed: int = 0, cls=None) -> CIFARNet:
+    """The network of ``cfg`` (a ``cls``, default CIFARNet), initialised from ``seed``
+    (float32, CPU): crmn.init's arrays, the same as the Theano backend's."""
+    net = (cls or CIFARNet)(cfg)
     net.reset_parameters(seed)
     return net
-
-
-def build_resnet(n: int, k: float, classes: int, seed: int = 0, **opts) -> CIFARNet:
-    """A 6n+2-layer, width-k CIFAR ResNet (Table 1 blocks 1-2)."""
-    return build(ModelConfig(n=n, k=k, classes=classes, memory=False, **opts), seed)
-
-
-def build_crmn(n: int, k: float, classes: int, seed: int = 0, **opts) -> CIFARNet:
-    """A CRMN: the 6n+2-layer, width-k ResNet plus the LSTM over its 3n block outputs."""
-    return build(ModelConfig(n=n, k=k, classes=classes, memory=True, **opts), seed)
 
 
 if __name__ == "__main__":  # pragma: no cover - a printout for checking Table 1 by eye

@@ -10,8 +10,7 @@ from crmn import paper
 from crmn.config import ModelConfig
 from crmn.naming import BN_ALPHA, BN_EPS, count_trainable
 from crmn.naming import LSTM_GATES
-from modern.model import (BatchNorm, CIFARNet, PeepholeLSTM, build, build_crmn,
-                          build_resnet, shortcut_a)
+from modern.model import BatchNorm, CIFARNet, PeepholeLSTM, build, shortcut_a
 from reference_lstm import lstm_forward
 
 
@@ -26,11 +25,11 @@ def test_param_count_matches_naming_and_paper(row):
 
 
 def test_builders_agree_with_build():
-    a = build_crmn(1, 0.5, 10, seed=3)
+    a = build(ModelConfig(n=1, k=0.5, classes=10, memory=True), 3)
     b = build(ModelConfig(n=1, k=0.5, classes=10, memory=True), seed=3)
     for (na, ta), (nb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb and torch.equal(ta, tb)
-    r = build_resnet(1, 0.5, 10, seed=3)
+    r = build(ModelConfig(n=1, k=0.5, classes=10, memory=False), 3)
     assert not hasattr(r, "lstm") and r.fc.in_features == 32
 
 
@@ -198,7 +197,7 @@ def test_shortcut_option_a_subsamples_and_pads_both_sides():
 
 
 def test_taps_pool_flatten_and_pad():
-    net = build_crmn(1, 0.5, 10).double()
+    net = build(ModelConfig(n=1, k=0.5, classes=10, memory=True)).double()
     I = net.cfg.lstm_input  # 8 * 16 * 16
     h = torch.randn(2, 16, 8, 8, dtype=torch.float64)  # a stage-2 block output
     t = net.tap(h)
@@ -212,7 +211,7 @@ def test_taps_pool_flatten_and_pad():
 def test_lstm_reads_every_block_output_through_tap(channels_last):
     """The LSTM's input sequence is tap(output of block j) for j = 0..3n-1, bit for bit
     (the forward taps a whole stage at once)."""
-    net = build_crmn(2, 0.5, 10, seed=1)
+    net = build(ModelConfig(n=2, k=0.5, classes=10, memory=True), 1)
     x = torch.randn(3, 3, 32, 32)
     if channels_last:
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(
@@ -228,7 +227,7 @@ def test_lstm_reads_every_block_output_through_tap(channels_last):
 
 
 def test_forward_training_changes_no_state_and_modes_differ():
-    net = build_crmn(1, 0.5, 10, seed=0).double()
+    net = build(ModelConfig(n=1, k=0.5, classes=10, memory=True), 0).double()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     a = net(x, training=True)
@@ -267,14 +266,14 @@ def test_init_follows_the_spec():
 
 
 def test_glorot_dense_init():
-    net = build_resnet(1, 1, 10, seed=0, dense_init="glorot")
+    net = build(ModelConfig(n=1, k=1, classes=10, memory=False, dense_init="glorot"), 0)
     bound = np.sqrt(6 / (64 + 10))
     w = net.fc.weight.detach()
     assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound
 
 
 def test_gradients_flow_to_every_parameter():
-    net = build_crmn(1, 0.5, 10, seed=0).double()
+    net = build(ModelConfig(n=1, k=0.5, classes=10, memory=True), 0).double()
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     loss = F.cross_entropy(net(x, training=True), torch.tensor([0, 1, 2, 3]))
     grads = torch.autograd.grad(loss, list(net.parameters()))
