@@ -112,7 +112,7 @@ def test_lstm_bfloat16_products_keep_float32_gradients(peepholes):
 
 def test_lstm_backward_runs_one_product_per_step():
     """Each step's backward adds one matrix product (h's gradient through W_h) and, under
-    bf16, one cast: W_h's gradient is one product for all steps, its cast once per call."""
+    bf16, a fixed number of casts: W_h's gradient is one product for all steps."""
     from crmn.tools.profile import op_counter
 
     counts = {}
@@ -127,7 +127,9 @@ def test_lstm_backward_runs_one_product_per_step():
             counts[amp, T] = c.counts
     for amp in (False, True):
         more = {op: counts[amp, 6][op] - counts[amp, 3][op] for op in ("mm", "_to_copy")}
-        assert more == {"mm": 3, "_to_copy": 3 if amp else 0}, (amp, more)
+        # torch.profiler records every aten::to -> _to_copy of a step's backward: 3 per step
+        # under bf16 (the private dispatch-mode count used before issue 33 saw 1 per step)
+        assert more == {"mm": 3, "_to_copy": 9 if amp else 0}, (amp, more)
 
 
 def test_lstm_rejects_unknown_outgate():

@@ -1,12 +1,14 @@
 """Time the torch backend's train step of paper rows under variants such as ``bf16-cl-compile``
 (a GPU tool); ``--kernels`` lists the costliest kernels of one eager step, ``--count-ops``
-counts the aten operators it dispatches (on the CPU too). ``-percast``: autocast casts each
+counts the aten operators torch.profiler records (on the CPU too). ``-percast``: autocast casts each
 weight at its use instead of once per step."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
+import types
 from typing import Callable, Optional
 
 import numpy as np
@@ -92,21 +94,18 @@ def _kernel_table(row, variant: str, device: str, out: Callable[[str], None]) ->
                                   max_name_column_width=70))
 
 
+@contextlib.contextmanager
 def op_counter():
-    """A context manager counting the non-view aten operators dispatched under it (``.counts``)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    """A context manager counting the aten operators run under it (``.counts``, by name
+    without ``aten::``), through torch.profiler: composite operators and views count too,
+    each beside the operators it calls."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    class OpCounter(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.counts = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                self.counts[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
-
-    return OpCounter()
+    found = types.SimpleNamespace(counts=collections.Counter())
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        yield found
+    found.counts.update({e.key[len("aten::"):]: e.count for e in prof.key_averages()
+                         if e.key.startswith("aten::")})
 
 
 def count_variant(row, variant: str, device: str, batch_size: Optional[int] = None,
