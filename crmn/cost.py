@@ -18,7 +18,7 @@ STAGE_EPOCHS_PER_PATIENCE = 6  # the plateau search's assumed stage length / pat
 TRAIN_IMAGES = {"cifar100": 50_000, "cifar10": 50_000, "svhn": 604_388}
 DAY = 86_400
 #: where bench left no figure, a step is assumed to reach this share of the device's measured
-#: float32 ceiling (Theano's C backend reached about a quarter on a CPU: REPRODUCING.md §5)
+#: float32 ceiling (Theano's C mode reached about a quarter on a CPU: REPRODUCING.md §5)
 ASSUMED_SHARE = 0.25
 
 

@@ -16,7 +16,7 @@ from crmn.backend import Backend
 REGISTRY = {"theano": "original.backend:TheanoBackend", "torch": "modern.backend:TorchBackend"}
 BACKENDS = tuple(REGISTRY)
 DEFAULT_BACKEND = "theano"  # the archive's reference backend
-THEANO_MODES = ("c", "jax")  # Theano's C backend (the reference) or Theano-PyMC's JAX linker
+THEANO_MODES = ("c", "jax")  # Theano's C mode (the reference) or Theano-PyMC's JAX linker
 DEFAULT_THEANO_MODE = "c"
 #: ``--dtype`` choices of each backend; bfloat16 (autocast, float32 weights) is torch only
 BACKEND_DTYPES: Dict[str, Tuple[str, ...]] = {"theano": ("float32", "float64"),
@@ -61,7 +61,7 @@ def _jax_gpu() -> Tuple[bool, str]:
     try:
         kind = jax.devices("gpu")[0].device_kind
     except (RuntimeError, IndexError):
-        return False, f"jax {jax.__version__} has no GPU backend"
+        return False, f"jax {jax.__version__} has no GPU platform"
     return True, f"jax sees {kind}; the Theano graph runs through JAX"
 
 
@@ -81,7 +81,7 @@ def no_gpu(device: str) -> Optional[str]:
 
 def auto_device(backend: str, theano_mode: Optional[str] = None) -> Tuple[str, Optional[str], str]:
     """What ``--device auto`` means here: ``(device, theano_mode, why)``; theano uses a GPU
-    through a jax with a GPU backend (the JAX mode) unless ``--theano-mode c`` was asked."""
+    through a jax with a GPU platform (the JAX mode) unless ``--theano-mode c`` was asked."""
     if backend == "torch":
         gpu, why = _torch_gpu()
         return ("cuda" if gpu else "cpu"), None, why
@@ -107,9 +107,9 @@ class BackendOptions:
                            help="torch only: torch.compile behind the captured CUDA graph")
     theano_mode: str = option(
         DEFAULT_THEANO_MODE, flag="--theano-mode", choices=THEANO_MODES, group="backend",
-        resume=True, default_help=f"{DEFAULT_THEANO_MODE} where Theano's C backend works, "
+        resume=True, default_help=f"{DEFAULT_THEANO_MODE} where Theano's C mode works, "
         "else jax; jax with --device auto on a GPU", help="theano only: compile the graph "
-        "with Theano's C backend (the reference) or through JAX, which also runs it on a "
+        "with Theano's C mode (the reference) or through JAX, which also runs it on a "
         "current GPU with --device cuda")
     compile_cache: bool = option(
         True, flag="--no-compile-cache", kind="false", group="backend", resume=True,
@@ -169,7 +169,7 @@ def probe(options: BackendOptions) -> None:
 
 
 def default_theano_mode(backend: str) -> str:
-    """``--theano-mode`` when none is given: C where Theano's C backend works, else JAX."""
+    """``--theano-mode`` when none is given: C where Theano's C mode works, else JAX."""
     return backend_class("theano").preferred_mode() if backend == "theano" else DEFAULT_THEANO_MODE
 
 

@@ -1,5 +1,5 @@
 """The backends compute the same function and take the same SGD step (docs/spec.md §6): for
-each pair of torch, Theano's C backend and Theano through JAX (float64, CPU), the logits and
+each pair of torch, Theano's C mode and Theano through JAX (float64, CPU), the logits and
 the state after one ``step`` as ``max|a - b| / max|b|`` per array, from one state. ``--device
 cuda`` holds ``modern/`` on the GPU to the CPU."""
 from __future__ import annotations
@@ -181,8 +181,8 @@ def verify_device(cfg: ModelConfig, train: TrainConfig, name: str, device: str =
 
 
 def verify_references(device: str = "cpu") -> Result:
-    """Theano through JAX on ``device`` against the float64 outputs Theano's C backend recorded
-    (:mod:`original.references`): the comparison with the C backend where it cannot run."""
+    """Theano through JAX on ``device`` against the float64 outputs Theano's C mode recorded
+    (:mod:`original.references`): the comparison with the C mode where it cannot run."""
     from original import references
 
     res = Result(f"theano-jax on {device} vs stored theano-c float64 references",
@@ -273,7 +273,7 @@ def verify(configs: Optional[Sequence[Union[str, Config]]] = None,
         results.extend(batch)
 
     if "theano-c" in missing and "theano-jax" not in missing:
-        show([verify_references()])  # the C backend's figures, as it recorded them
+        show([verify_references()])  # the C mode's figures, as it recorded them
     for name, cfg, train in items:
         if device == "cpu":
             show(verify_backends(cfg, train, name, lr, seed, tol or TOLERANCE, backends))

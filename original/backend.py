@@ -1,7 +1,7 @@
 """The Theano + Lasagne backend behind :class:`crmn.backend.Backend` (docs/spec.md §5-6): the
 paper's section 4 as Lasagne ran it, (weight_decay / 2) · Σ w² over the arrays
 :mod:`crmn.naming` decays (Lasagne's tags would decay the peepholes too); compiled by
-Theano's C backend (``_CMode``) or through JAX (``_JaxMode``, :mod:`original.jax_mode`).
+Theano's C mode (``_CMode``) or through JAX (``_JaxMode``, :mod:`original.jax_mode`).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def _check_device(device: str) -> str:
 
 
 class _CMode:
-    """``theano.function`` with Theano's C backend, shared variables on the host."""
+    """``theano.function`` with Theano's C mode, shared variables on the host."""
 
     def __init__(self, device: str, dtype: str, cache=None, context=None):
         compat.check_compiled_backend(probe=False)  # the compile probe waits for one
@@ -131,7 +131,7 @@ class TheanoBackend:
     def problem(options) -> Optional[str]:
         """Why this backend cannot run ``options`` here (one line), or None."""
         if options.theano_mode == "c":
-            works, why = compat.c_backend_available()
+            works, why = compat.c_mode_available()
             if not works:
                 return f"--theano-mode c: {why}"
         if options.device == "cpu":
@@ -151,7 +151,7 @@ class TheanoBackend:
     @staticmethod
     def preferred_mode() -> str:
         """C (the reference) where it works, else JAX (numpy 2, no C++ compiler)."""
-        return "c" if compat.c_backend_available()[0] else "jax"
+        return "c" if compat.c_mode_available()[0] else "jax"
 
     def __init__(self, model: ModelConfig, train: TrainConfig, device: str = "cpu",
                  dtype: str = "float32", theano_mode: str = "c", compile_cache: bool = True):

@@ -115,14 +115,14 @@ def numpy_too_new_for_c() -> bool:
     return _numpy_version() >= NUMPY_C_LIMIT
 
 
-def c_backend_available() -> tuple:
-    """``(True, "")`` where Theano's C backend can work here, else ``(False, one line)``;
+def c_mode_available() -> tuple:
+    """``(True, "")`` where Theano's C mode can work here, else ``(False, one line)``;
     compiles nothing."""
     if numpy_too_new_for_c():
-        return False, (f"Theano-PyMC 1.1.2's C backend needs numpy < "
+        return False, (f"Theano-PyMC 1.1.2's C mode needs numpy < "
                        f"{'.'.join(map(str, NUMPY_C_LIMIT))} and this Python has numpy "
                        f"{numpy.__version__}: use --theano-mode jax, or the pinned "
-                       f"environment (requirements.txt) for the C backend")
+                       f"environment (requirements.txt) for the C mode")
     import theano
     if not theano.config.cxx:
         return False, ("Theano found no C++ compiler (its cxx flag is empty): install g++ "
@@ -188,7 +188,7 @@ class _SystemInfo:
 
 def bridge_numpy_distutils() -> None:
     """numpy 2 has no ``numpy.distutils``, which Theano imports: a stand-in that finds no
-    BLAS (no C backend there) and gives numpy's headers."""
+    BLAS (no C mode there) and gives numpy's headers."""
     if "numpy.distutils" in sys.modules or \
             importlib.util.find_spec("numpy.distutils") is not None:
         return
@@ -474,7 +474,7 @@ def check_compiled_backend(probe: bool = True) -> None:
     """ConfigError where Theano would run the network's ops in Python, not compiled C;
     ``probe`` also compiles a convolution and requires ``CorrMM`` (once per process)."""
     import theano
-    works, why = c_backend_available()
+    works, why = c_mode_available()
     if not works:
         raise ConfigError(why)
     cfg = theano.config

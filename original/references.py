@@ -195,9 +195,9 @@ def run_e2e(name: str, mode: str, device: str = "cpu") -> Dict[str, np.ndarray]:
 
 def record(path: Path = REFERENCES) -> Dict[str, np.ndarray]:
     """Compute every reference with the C mode and write them to ``path``."""
-    ok, reason = compat.c_backend_available()
+    ok, reason = compat.c_mode_available()
     if not ok:
-        raise ConfigError(f"the references are recorded with Theano's C backend: {reason}")
+        raise ConfigError(f"the references are recorded with Theano's C mode: {reason}")
     compat.check_compiled_backend()
     arrays: Dict[str, np.ndarray] = {}
     for name in OP_CASES:

@@ -4,7 +4,7 @@
 # costs a hash comparison when nothing changed. Three ways, by environment variable:
 #
 #   (none)                 the pinned environment: .venv, Python 3.11, requirements.txt
-#                          (numpy 1.23.5, torch, Theano's C backend). The default.
+#                          (numpy 1.23.5, torch, Theano's C mode). The default.
 #   CRMN_PROFILE=current   .venv-current, Python 3.12, requirements-current.txt (numpy 2.x,
 #                          jax 0.11, no torch): the Theano backend in JAX mode only.
 #   CRMN_PYTHON=/path/py   that interpreter as it is: no venv, no install; a missing package

@@ -1,10 +1,10 @@
-"""Record the float64 references of the Theano backend from the pinned C backend.
+"""Record the float64 references of the Theano backend from the pinned C mode.
 
     CRMN_VENV=... bash -c 'source scripts/ensure_env.sh && PYTHONPATH=. "$CRMN_PY" scripts/make_references.py'
     # or simply, in the pinned environment:  PYTHONPATH=. .venv/bin/python scripts/make_references.py
 
 Writes tests/references/theano_c_float64.npz (see original/references.py for what it holds);
-refuses in one line where Theano's C backend cannot run (the current environment). Run it
+refuses in one line where Theano's C mode cannot run (the current environment). Run it
 again after a change to the cases or to the networks, then commit the file.
 """
 import sys

@@ -393,18 +393,18 @@ def test_offline_table1_names_the_files_and_the_mirror_variable(tmp_path):
     assert "trainable parameters" not in p.stdout  # failed before building the network
 
 
-def test_without_a_c_backend_theano_runs_in_jax_mode_and_c_is_refused(tmp_path, monkeypatch,
+def test_without_c_mode_theano_runs_in_jax_mode_and_c_is_refused(tmp_path, monkeypatch,
                                                                       run_main):
-    """Where Theano's C backend cannot work (numpy 2, no compiler): --theano-mode c is a
+    """Where Theano's C mode cannot work (numpy 2, no compiler): --theano-mode c is a
     usage error in one line, before anything exists; without the flag the JAX mode runs."""
     from original import compat
 
-    monkeypatch.setattr(compat, "c_backend_available", lambda: (False, "numpy is too new"))
+    monkeypatch.setattr(compat, "c_mode_available", lambda: (False, "numpy is too new"))
     out = tmp_path / "out"
     rc, _, err = run_main(["table1", "--theano-mode", "c", "--out-dir", str(out)])
     assert rc == 2 and not out.exists()
     assert err == "run_experiments.sh table1: --theano-mode c: numpy is too new\n"
     plan = plans.train_plan(parser.parse(["table1", "--rows", "t1-crmn32x1"]))
     assert plan.backend_options.theano_mode == "jax"
-    monkeypatch.setattr(compat, "c_backend_available", lambda: (True, ""))
+    monkeypatch.setattr(compat, "c_mode_available", lambda: (True, ""))
     assert plans.train_plan(parser.parse(["table1"])).backend_options.theano_mode == "c"

@@ -35,7 +35,7 @@ def _constants(var):
 
 def test_python_floats_stay_float64_in_float64_graphs():
     """numpy 2's comparison rules made Theano type 0.9 as a float32 constant (0.89999998)
-    in float64 graphs, silently: a float64 run then drifts by ~1e-8 from the C backend."""
+    in float64 graphs, silently: a float64 run then drifts by ~1e-8 from the C mode."""
     with theano.config.change_flags(floatX="float64"):
         x = T.dvector("x")
         y = x * 0.9 + 0.1
@@ -81,8 +81,8 @@ def test_removed_numpy_names_that_theano_uses():
     assert theano.function([x], x * 3 * 4, mode=PY)(2) == 24
 
 
-def test_c_backend_available_says_why_not_in_one_line():
-    ok, reason = compat.c_backend_available()
+def test_c_mode_available_says_why_not_in_one_line():
+    ok, reason = compat.c_mode_available()
     numpy_new = compat.numpy_too_new_for_c()
     assert numpy_new == (tuple(int(p) for p in np.__version__.split(".")[:2]) >= (1, 24))
     if numpy_new:
@@ -93,7 +93,7 @@ def test_c_backend_available_says_why_not_in_one_line():
         assert reason == "" and theano.config.cxx
 
 
-def test_without_a_c_backend_theano_compiles_no_c():
+def test_without_c_mode_theano_compiles_no_c():
     """Where numpy is too new for Theano's C code, Theano gets cxx= (unless the user set
     it), so that nothing tries to compile; the pinned environment keeps its compiler."""
     env = {"THEANO_FLAGS": "device=cpu"}
@@ -115,10 +115,10 @@ def test_check_compiled_backend_names_numpy_where_it_is_too_new():
     from crmn.errors import ConfigError
 
     if not compat.numpy_too_new_for_c():
-        pytest.skip("numpy < 1.24 here: the C backend's own checks apply")
+        pytest.skip("numpy < 1.24 here: the C mode's own checks apply")
     with pytest.raises(ConfigError) as err:
         compat.check_compiled_backend(probe=False)
-    assert str(err.value) == compat.c_backend_available()[1]
+    assert str(err.value) == compat.c_mode_available()[1]
 
 
 def test_xla_option_name_follows_the_jaxlib_release():

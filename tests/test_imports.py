@@ -63,7 +63,7 @@ print(json.dumps(report))
 def _c_mode_works():
     from original import compat
 
-    return compat.c_backend_available()[0]
+    return compat.c_mode_available()[0]
 
 
 def run_probe(modules, mode="none"):
@@ -103,7 +103,7 @@ def test_importing_crmn_alone_does_not_load_theano():
 @pytest.mark.parametrize("mode", ["c", "jax"])
 def test_building_and_stepping_a_network_puts_everything_back(mode):
     if mode == "c" and not _c_mode_works():
-        pytest.skip("no Theano C backend in this environment (numpy 2)")
+        pytest.skip("no Theano C mode in this environment (numpy 2)")
     report = run_probe(["original.backend"], mode)
     imported, stepped, inside = report["imported"], report["stepped"], report["inside"]
     assert report["ce"] > 0

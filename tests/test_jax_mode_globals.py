@@ -32,7 +32,7 @@ def stock_registry():
 
 report = {"before": snapshot()}
 if sys.argv[1] == "started":
-    jax.devices()  # a JAX backend started before the mode is configured
+    jax.devices()  # jax's platform started before the mode is configured
 import original.jax_mode as jax_mode
 import theano.link.jax.jax_dispatch as stock
 from theano.scalar.basic import Add, Mul

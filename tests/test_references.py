@@ -1,7 +1,7 @@
-"""The JAX mode against the float64 references recorded from the pinned Theano-C backend
+"""The JAX mode against the float64 references recorded from the pinned Theano C mode
 (original/references.py, tests/references/theano_c_float64.npz).
 
-Marked ``current``: these run in both environments. Where Theano's C backend works (the
+Marked ``current``: these run in both environments. Where Theano's C mode works (the
 pinned environment) the references are also proven current: a fresh C run of every case
 equals the stored arrays.
 """
@@ -14,8 +14,8 @@ from original import compat, references
 pytestmark = pytest.mark.current
 
 TOL = references.TOL
-C_OK, C_WHY = compat.c_backend_available()
-needs_c = pytest.mark.skipif(not C_OK, reason=f"no Theano C backend here: {C_WHY}")
+C_OK, C_WHY = compat.c_mode_available()
+needs_c = pytest.mark.skipif(not C_OK, reason=f"no Theano C mode here: {C_WHY}")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
-"""--theano-mode jax: Theano graphs through original.jax_mode equal the C backend.
+"""--theano-mode jax: Theano graphs through original.jax_mode equal the C mode.
 
 Per op: every conversion original.jax_mode adds (or fixes), forward and gradient, against
-Theano's C backend in float64 at 1e-12, over the border modes, strides and pool modes the
+Theano's C mode in float64 at 1e-12, over the border modes, strides and pool modes the
 paper's networks use (and the neighbouring ones the conversions claim). Each test first
 checks that the op really is in the JAX graph, so a rewrite that removes it cannot make the
 comparison vacuous. End to end: ResNet and CRMN (both output gates), three SGD steps with
@@ -60,7 +60,7 @@ def float64_graphs():
 
 
 def compare(inputs, outputs, values, expect_ops, tol=TOL):
-    """Compile ``outputs`` with the C backend and with jax_mode; check that ``expect_ops``
+    """Compile ``outputs`` with the C mode and with jax_mode; check that ``expect_ops``
     are in the JAX graph and that every output agrees within ``tol``; returns the largest
     absolute difference."""
     c_fn = theano.function(inputs, outputs)
@@ -321,7 +321,7 @@ def trained_pair(request):
 
 
 @pytest.mark.slow
-def test_training_steps_equal_the_c_backend(trained_pair):
+def test_training_steps_equal_the_c_mode(trained_pair):
     c, j, _, losses = trained_pair
     for (ce_c, acc_c), (ce_j, acc_j) in losses:
         assert abs(ce_c - ce_j) <= TOL and acc_c == acc_j
@@ -335,7 +335,7 @@ def test_training_steps_equal_the_c_backend(trained_pair):
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.slow
-def test_forward_modes_equal_the_c_backend(trained_pair, training):
+def test_forward_modes_equal_the_c_mode(trained_pair, training):
     c, j, batches, _ = trained_pair
     x = batches[-1][0]
     ref, got = backend_logits(c, x, training), backend_logits(j, x, training)

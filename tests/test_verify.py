@@ -173,13 +173,13 @@ def test_device_checks_run_on_cpu():
     assert results[3].tol("params after step") == verify.UPDATE_TOLERANCE_F32
 
 
-def test_verify_holds_the_jax_mode_to_the_references_where_the_c_backend_is_missing(
+def test_verify_holds_the_jax_mode_to_the_references_where_the_c_mode_is_missing(
         monkeypatch):
-    """Where Theano's C backend cannot run (numpy 2), verify says so in one line, skips its
-    pairs and compares the JAX mode with the C backend's stored figures instead."""
+    """Where Theano's C mode cannot run (numpy 2), verify says so in one line, skips its
+    pairs and compares the JAX mode with the C mode's stored figures instead."""
     from original import compat, references
 
-    monkeypatch.setattr(compat, "c_backend_available", lambda: (False, "no C backend here"))
+    monkeypatch.setattr(compat, "c_mode_available", lambda: (False, "no C mode here"))
     seen = []
     monkeypatch.setattr(references, "check_jax",
                         lambda device="cpu": seen.append(device) or [("op/conv", 2e-14),
@@ -187,7 +187,7 @@ def test_verify_holds_the_jax_mode_to_the_references_where_the_c_backend_is_miss
     lines = []
     results = verify.verify([], out=lines.append)
     assert seen == ["cpu"]
-    assert lines[0] == "theano-c: not built here (--theano-mode c: no C backend here)"
+    assert lines[0] == "theano-c: not built here (--theano-mode c: no C mode here)"
     assert [r.name for r in results] == ["theano-jax on cpu vs stored theano-c float64 "
                                          "references"]
     assert results[0].passed and results[0].diffs == {"op/conv": 2e-14, "e2e/crmn": 3e-15}
