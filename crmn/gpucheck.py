@@ -36,17 +36,17 @@ NEEDS: Dict[str, Tuple[float, float, Optional[float]]] = {
     "real t1-resnet32x1": (330, 1e6, 240), "real t1-crmn32x1": (360, 1e6, 200),
     "speed ceiling": (15, 15, 15), "verify torch": (40, 50, 30),
     "verify theano-jax vs torch": (130, 160, 50), "verify references": (50, 50, 60),
-    "smoke jax-f32": (100, 130, 70),
+    "smoke theano-jax float32": (100, 130, 70),
     "packing t1-resnet32x1": (150, None, 25), "packing t1-crmn32x1": (150, None, 25),
-    "speed t1-resnet32x1 torch-f32": (20, 100, 15),
-    "speed t1-resnet32x1 jax-f32": (60, 400, 25), "speed t1-resnet32x1 torch-bf16": (50, 200, 15),
-    "speed t1-crmn32x1 torch-f32": (20, 130, 15), "speed t1-crmn32x1 jax-f32": (65, 450, 30),
-    "speed t1-crmn32x1 torch-bf16": (70, 250, 15), "speed t1-crmn32x4 torch-f32": (25, 420, None),
-    "speed t1-crmn32x4 jax-f32": (55, 1200, None), "speed t1-crmn32x4 torch-bf16": (70, 800, None),
-    "speed t1-resnet134x1 torch-f32": (30, 330, None),
-    "speed t1-resnet134x1 torch-bf16": (110, 700, None),
-    "speed t1-resnet134x1 jax-f32": (220, 1500, None),  # the longest compile, last
-    "smoke torch-f32": (40, 50, 45), "smoke torch-bf16": (100, 70, 50)}
+    "speed t1-resnet32x1 torch float32": (20, 100, 15),
+    "speed t1-resnet32x1 theano-jax float32": (60, 400, 25), "speed t1-resnet32x1 torch bfloat16": (50, 200, 15),
+    "speed t1-crmn32x1 torch float32": (20, 130, 15), "speed t1-crmn32x1 theano-jax float32": (65, 450, 30),
+    "speed t1-crmn32x1 torch bfloat16": (70, 250, 15), "speed t1-crmn32x4 torch float32": (25, 420, None),
+    "speed t1-crmn32x4 theano-jax float32": (55, 1200, None), "speed t1-crmn32x4 torch bfloat16": (70, 800, None),
+    "speed t1-resnet134x1 torch float32": (30, 330, None),
+    "speed t1-resnet134x1 torch bfloat16": (110, 700, None),
+    "speed t1-resnet134x1 theano-jax float32": (220, 1500, None),  # the longest compile, last
+    "smoke torch float32": (40, 50, 45), "smoke torch bfloat16": (100, 70, 50)}
 
 
 @dataclass(frozen=True)
@@ -97,10 +97,17 @@ def plan_from_args(args) -> GpucheckPlan:
         raise UsageError(f"run_experiments.sh gpucheck: {exc}") from None
 
 
-def configurations(device: str) -> Dict[str, BackendOptions]:  # torch.compile only on a GPU
-    return {"torch-f32": BackendOptions("torch", device, "float32"),
-            "jax-f32": BackendOptions("theano", device, "float32", theano_mode="jax"),
-            "torch-bf16": BackendOptions("torch", device, "bfloat16", compile=device != "cpu")}
+def configurations(device: str) -> Dict[str, BackendOptions]:
+    """The backend configurations gpucheck times, by name: registry.label and the dtype."""
+    every = (BackendOptions("torch", device, "float32"),
+             BackendOptions("theano", device, "float32", theano_mode="jax"),
+             BackendOptions("torch", device, "bfloat16", compile=device != "cpu"))  # on a GPU
+    return {f"{registry.label(o)} {o.dtype}": o for o in every}
+
+
+#: the configurations' names in gpucheck.jsonl files written before issue 33
+OLD_NAMES = {"torch-f32": "torch float32", "jax-f32": "theano-jax float32",
+             "torch-bf16": "torch bfloat16"}
 
 
 def plan_checks(plan: GpucheckPlan) -> List[str]:  # after the environment, in NEEDS' order
@@ -117,13 +124,21 @@ def child_argv(plan: GpucheckPlan, key: str) -> List[str]:
     if kind not in ("smoke", "real"):
         return [sys.executable, "-m", "crmn.gpucheck", key, plan.device, str(plan.out_dir)] + \
             ["--quick"] * plan.quick
-    options = configurations(plan.device)[rest if kind == "smoke" else "jax-f32" if plan.quick and
-                                    util.find_spec("torch") is None else "torch-bf16"]
-    run_plan = plans.smoke_plan_for(options, plan.out_dir / f"smoke-{rest}", epochs_cap=3,
-                                    schedule=(3, 0, 0)) if kind == "smoke" else plans.row_plan_for(
-        rest, options, plan.out_dir / ("real-quick" if plan.quick else "real"), dataset="cifar10",
-        data_dir=plan.real, subset=500 if plan.quick else None, model=dict(n=1, k=0.5) if
-        plan.quick else {}, train=dict(flip=True, schedule=((82, 41, 41), (1, 0, 0))[plan.quick]))
+    if kind == "smoke":
+        options = configurations(plan.device)[rest]
+        run_plan = plans.smoke_plan_for(options, plan.out_dir / f"smoke-{rest.replace(' ', '-')}",
+                                        epochs_cap=3, schedule=(3, 0, 0))
+    else:  # real: torch bfloat16, or the JAX mode where --quick runs without torch
+        name = "torch bfloat16"
+        if plan.quick and util.find_spec("torch") is None:
+            name = "theano-jax float32"
+        model, subset, schedule = {}, None, (82, 41, 41)  # He et al.'s setting
+        if plan.quick:
+            model, subset, schedule = dict(n=1, k=0.5), 500, (1, 0, 0)
+        folder = plan.out_dir / ("real-quick" if plan.quick else "real")
+        run_plan = plans.row_plan_for(rest, configurations(plan.device)[name], folder,
+                                      dataset="cifar10", data_dir=plan.real, subset=subset,
+                                      model=model, train=dict(flip=True, schedule=schedule))
     return plans.render_argv(run_plan, run_plan.runs[0], [sys.executable, "-m", "crmn.cli"],
                              resume=kind == "real")  # --resume: a real run cut short goes on
 
@@ -195,7 +210,7 @@ def packing_rows(plan: GpucheckPlan, row_id: str) -> List[Dict]:
     memory; K stops rising when the speed-up stops growing, memory or the budget would not
     allow the next. On a GPU the table is kept for the cost estimate (crmn/cost.py)."""
     from crmn import cost
-    options = configurations(plan.device)["torch-bf16"]
+    options = configurations(plan.device)["torch bfloat16"]
     registry.probe(options)
     budget, t0 = NEEDS[f"packing {row_id}"][2 if plan.quick else 0], time.monotonic()
     memory = None
@@ -243,10 +258,14 @@ def check_rows(plan: GpucheckPlan, key: str) -> List[Dict]:
         return packing_rows(plan, rest)
     t64 = BackendOptions("torch", plan.device, "float64")
     j64 = BackendOptions("theano", plan.device, "float64", theano_mode="jax")
-    for options in ([t64] * (rest != "references") + [j64] * (rest != "torch") if kind ==
-                    "verify" else [BackendOptions("torch", plan.device)] * (plan.device != "cpu")
-                    if rest == "ceiling" else [configurations(plan.device)[eid]]):
-        registry.probe(options)  # a ConfigError: the row says MISSING
+    if kind == "verify":  # what the check builds must be there (else the row says MISSING)
+        needed = {"torch": [t64], "references": [j64]}.get(rest, [t64, j64])
+    elif rest == "ceiling":  # torch must see the GPU; on the CPU there is nothing to probe
+        needed = [BackendOptions("torch", plan.device)] if plan.device != "cpu" else []
+    else:
+        needed = [configurations(plan.device)[eid]]
+    for options in needed:
+        registry.probe(options)
     if rest == "ceiling":
         c = roofline.measure_ceiling(plan.device)
         return [_row("ok", f"fp32 {c['fp32_tflops']:.3g} TFLOP/s", bench.describe_ceiling(c),
@@ -259,12 +278,17 @@ def check_rows(plan: GpucheckPlan, key: str) -> List[Dict]:
             model=ModelConfig(classes=row.classes, memory=row.memory, n=1, k=0.5)
             if plan.quick else None, ceiling=done.get("speed ceiling"))
         return [_row("ok", f"{r['sec_per_epoch']:.2f} s/epoch", bench.describe(
-            r, done.get(f"speed {row_id} torch-f32")), data=r)]
-    results = [verify.verify_references(plan.device)] if rest == "references" else [
-        r for name, cfg, train in verify.DEFAULT_CONFIGS[:1 if plan.quick else 2] for r in (
-            verify.verify_device(cfg, train, name, plan.device) if rest == "torch" else
-            verify.verify_backends(cfg, train, f"{name} on {plan.device}",
-                                 backends=(("torch", t64), ("theano-jax", j64))))]
+            r, done.get(f"speed {row_id} torch float32")), data=r)]
+    results = []
+    if rest == "references":
+        results.append(verify.verify_references(plan.device))
+    for name, cfg, train in [] if rest == "references" else \
+            verify.DEFAULT_CONFIGS[:1 if plan.quick else 2]:
+        if rest == "torch":  # the GPU against the CPU
+            results += verify.verify_device(cfg, train, name, plan.device)
+        else:  # the JAX mode against torch, both on the device
+            results += verify.verify_backends(cfg, train, f"{name} on {plan.device}",
+                                              backends=(("torch", t64), ("theano-jax", j64)))
     worst = [max(r.diffs, key=lambda k: r.diffs[k] / r.tol(k)) for r in results]
     return [_row("PASS" if r.passed else "FAIL", f"{r.diffs[w]:.3e}",
                  f"worst: {w} (<= {r.tol(w):g})", check=r.name) for r, w in zip(results, worst)]
@@ -276,7 +300,11 @@ def read_lines(out_dir: Path, line: Optional[Dict] = None) -> List[Dict]:
         with open(out_dir / JSONL_NAME, "ab", buffering=0) as f:
             f.write((json.dumps(line, allow_nan=False, default=str) + "\n").encode())
             os.fsync(f.fileno())
-    return runlog.read_log(Path(out_dir) / JSONL_NAME, events=True)
+    lines = runlog.read_log(Path(out_dir) / JSONL_NAME, events=True)
+    for x in lines:  # a file of an earlier gpucheck may name the configurations otherwise
+        if "key" in x:
+            x["key"] = " ".join(OLD_NAMES.get(w, w) for w in x["key"].split(" "))
+    return lines
 
 
 def run_check(plan: GpucheckPlan, key: str, limit: float, cut: List[int]) -> List[Dict]:
@@ -299,9 +327,10 @@ def run_check(plan: GpucheckPlan, key: str, limit: float, cut: List[int]) -> Lis
     if kind == "smoke":  # the training loss must fall over the three epochs
         losses = [e["train_loss"] for log in runs.glob(f"smoke/*/seed0/{runlog.LOG}")
                   for e in runlog.read_log(log) if e["phase"] == "final" and not p.returncode]
-        falls = len(losses) == 3 and losses[-1] < losses[0]
-        return [_row("PASS" if falls else "MISSING" if p.returncode == 2 else "FAIL",
-                     " > ".join(f"{v:.3f}" for v in losses), "" if falls else tail)]
+        figure = " > ".join(f"{v:.3f}" for v in losses)
+        if len(losses) == 3 and losses[-1] < losses[0]:
+            return [_row("PASS", figure)]
+        return [_row("MISSING" if p.returncode == 2 else "FAIL", figure, tail)]
     if kind == "real":
         return [real_row(runs / "table1" / row / "seed0", p.returncode, tail)]
     try:

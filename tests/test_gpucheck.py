@@ -49,8 +49,8 @@ def test_quick_cpu_run_fits_the_default_budget_and_writes_its_files(tmp_path):
     assert keys == {"environment"} | set(gpucheck.plan_checks(
         gpucheck.GpucheckPlan("cpu", True, tmp_path)))
     statuses = _statuses(report)
-    assert statuses["smoke jax-f32"] == "PASS"
-    for key in ("smoke torch-f32", "smoke torch-bf16"):  # trained where torch is
+    assert statuses["smoke theano-jax float32"] == "PASS"
+    for key in ("smoke torch float32", "smoke torch bfloat16"):  # trained where torch is
         assert statuses[key] == ("PASS" if _torch_here() else "MISSING"), statuses
     assert any("references" in c and s == "PASS" for c, s in statuses.items())
     speed = [r for r in report["checks"] if r["key"].startswith("speed t1-")]
@@ -150,18 +150,18 @@ def test_the_checks_run_in_priority_order(tmp_path):
         assert set(keys) <= set(gpucheck.NEEDS) and len(keys) == len(set(keys))
         # the device's ceiling first, then verify per backend pair, the faithful graph's smoke
         assert keys[:5] == ["speed ceiling", "verify torch", "verify theano-jax vs torch",
-                            "verify references", "smoke jax-f32"]
-        assert keys[-2:] == ["smoke torch-f32", "smoke torch-bf16"]
+                            "verify references", "smoke theano-jax float32"]
+        assert keys[-2:] == ["smoke torch float32", "smoke torch bfloat16"]
         # the packing of runs sharing the device, on a GPU and in --quick (K = 1, 2)
         packing = ["packing t1-resnet32x1", "packing t1-crmn32x1"] * (device == "cuda" or quick)
         assert keys[5:5 + len(packing)] == packing
         speed = keys[5 + len(packing):-2]
-        assert speed[:3] == ["speed t1-resnet32x1 torch-f32", "speed t1-resnet32x1 jax-f32",
-                             "speed t1-resnet32x1 torch-bf16"]
+        assert speed[:3] == ["speed t1-resnet32x1 torch float32", "speed t1-resnet32x1 theano-jax float32",
+                             "speed t1-resnet32x1 torch bfloat16"]
         if quick:  # the two small rows only
             assert len(speed) == 6 and all("x1 " in k and "134" not in k for k in speed)
         else:  # the small rows first, ResNet-134's JAX compile the last speed check
-            assert len(speed) == 12 and speed[-1] == "speed t1-resnet134x1 jax-f32"
+            assert len(speed) == 12 and speed[-1] == "speed t1-resnet134x1 theano-jax float32"
             assert all("crmn32x4" not in k and "134" not in k for k in speed[:6])
     only = gpucheck.GpucheckPlan("cpu", True, tmp_path, parts=("speed",))
     assert only.parts == ("environment", "speed")
@@ -169,7 +169,7 @@ def test_the_checks_run_in_priority_order(tmp_path):
     # --real puts He et al.'s ResNet-32, then CRMN-32, right after the environment
     real = gpucheck.GpucheckPlan("cuda", False, tmp_path, parts=("smoke",), real=tmp_path)
     assert gpucheck.plan_checks(real)[:3] == ["real t1-resnet32x1", "real t1-crmn32x1",
-                                              "smoke jax-f32"]
+                                              "smoke theano-jax float32"]
 
 
 @pytest.mark.current
@@ -254,7 +254,7 @@ def test_nothing_buildable_is_a_failure(tmp_path, monkeypatch):
                r"'MISSING', 'figure': '', 'detail': 'no such backend here'}]))")
     monkeypatch.setattr(gpucheck, "child_argv", lambda plan, key: [
         sys.executable, "-c", missing, key, str(plan.out_dir)])
-    monkeypatch.setattr(gpucheck, "plan_checks", lambda plan: ["verify torch", "speed t1-crmn32x1 jax-f32"])
+    monkeypatch.setattr(gpucheck, "plan_checks", lambda plan: ["verify torch", "speed t1-crmn32x1 theano-jax float32"])
     assert gpucheck.run(gpucheck.GpucheckPlan("cpu", True, tmp_path)) == 1
     report = _report(tmp_path)
     assert [r["status"] for r in report["checks"]] == ["ok", "MISSING", "MISSING"]
@@ -334,7 +334,7 @@ def test_a_run_cut_short_keeps_every_finished_check_and_says_where(tmp_path, how
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
-        _wait_for(lambda: (_report(tmp_path) or {}).get("running") == "smoke jax-f32")
+        _wait_for(lambda: (_report(tmp_path) or {}).get("running") == "smoke theano-jax float32")
         child = _wait_for(lambda: _children(p.pid, "smoke"))[0]
         if how == "SIGKILL to the group":
             os.killpg(p.pid, signal.SIGKILL)
@@ -351,16 +351,16 @@ def test_a_run_cut_short_keeps_every_finished_check_and_says_where(tmp_path, how
     keys = [x.get("key") for x in gpucheck.read_lines(tmp_path)]
     if how == "SIGKILL to the group":
         assert p.returncode == -signal.SIGKILL and keys == ["environment"]
-        assert report["running"] == "smoke jax-f32" and report["cut_short"] is None
-        assert "**Running** `smoke jax-f32`" in md
+        assert report["running"] == "smoke theano-jax float32" and report["cut_short"] is None
+        assert "**Running** `smoke theano-jax float32`" in md
     else:
         assert p.returncode == (EXIT_STOPPED if how == "SIGTERM" else EXIT_INTERRUPTED), err
         assert keys == ["environment", None]  # the cut is the last line
         assert report["cut_short"]["signal"] == how
-        assert report["cut_short"]["check"] == "smoke jax-f32"
+        assert report["cut_short"]["check"] == "smoke theano-jax float32"
         assert report["running"] is None
-        assert f"**Cut short** by {how}" in md and "`smoke jax-f32`" in md
-        assert f"cut short by {how} in check smoke jax-f32" in err
+        assert f"**Cut short** by {how}" in md and "`smoke theano-jax float32`" in md
+        assert f"cut short by {how} in check smoke theano-jax float32" in err
         assert out.rstrip().endswith(md.rstrip())  # the table is still printed, last
 
 
