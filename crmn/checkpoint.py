@@ -1,7 +1,7 @@
 """The one HDF5 checkpoint format both backends read and write (docs/spec.md §6, §7): one
 dataset per array under its canonical name (:mod:`crmn.naming`), with a Fletcher-32 checksum
 so that flipped bytes are detected, not trained on; the root attribute ``meta`` is one JSON
-object (crmn.rundir.CheckpointMeta) with ``format_version``; ``digest`` (crmn.weights.digest
+object (crmn.runstate.CheckpointMeta) with ``format_version``; ``digest`` (crmn.weights.digest
 of the arrays and meta) also covers what Fletcher-32 cannot: scalars, empty arrays, the meta.
 A checkpoint written before the digest existed reads without that check.
 """

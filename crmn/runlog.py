@@ -1,6 +1,7 @@
-"""The files of a run directory (docs/spec.md §7, crmn/LOGS.md), written so that a kill or a
-full disk never loses what was there: ``log.jsonl`` is appended and fsynced line by line,
-every other file replaced atomically. Also the directory's lock, and what the report reads.
+"""The bytes of a run directory's files (docs/spec.md §7, crmn/LOGS.md), written so that a
+kill or a full disk never loses what was there: ``log.jsonl`` is appended and fsynced line
+by line, every other file replaced atomically. Also the directory's lock, and what the
+report reads. What the files mean to a training run: crmn.runstate.
 """
 from __future__ import annotations
 

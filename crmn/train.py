@@ -18,7 +18,7 @@ import numpy as np
 from crmn import data, display, registry, runlog
 from crmn.errors import ConfigError, DivergedError
 from crmn.plan import RunSpec
-from crmn.rundir import (CapWatch, CheckpointMeta, LogLine, ResumePoint, RunFolder, Summary,
+from crmn.runstate import (CapWatch, CheckpointMeta, LogLine, ResumePoint, RunFolder, Summary,
                          given_schedule, say, warn)
 from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 

@@ -171,7 +171,7 @@ def test_the_checker_sees_a_private_attribute():
 def test_train_is_the_protocol_alone():
     """crmn/train.py holds the protocol: no signals, threads or progress bar (crmn.display,
     crmn.cli), and an epoch touches the run folder only to log, checkpoint, and keep and
-    reload the best model; the --epochs-cap bookkeeping is crmn.rundir.CapWatch's."""
+    reload the best model; the --epochs-cap bookkeeping is crmn.runstate.CapWatch's."""
     tree = ast.parse((ROOT / "crmn" / "train.py").read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
                 for a in n.names} | {n.module for n in ast.walk(tree)

@@ -9,7 +9,7 @@ import pytest
 
 from crmn import checkpoint, cost, plan as plans, registry, runlog
 from crmn.cli import parser
-from crmn.rundir import CheckpointMeta, LogLine
+from crmn.runstate import CheckpointMeta, LogLine
 
 OLD = Path(__file__).resolve().parent / "fixtures" / "c2c55ed"
 RUN = ["smoke", "--backend", "torch", "--epochs-cap", "1", "--k", "0.125", "--no-progress"]

@@ -17,7 +17,7 @@ from crmn import plan as plans
 from crmn.config import ModelConfig, TrainConfig
 from crmn.errors import CheckpointError, ConfigError
 from crmn.registry import BackendOptions
-from crmn.rundir import RunFolder
+from crmn.runstate import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 

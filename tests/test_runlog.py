@@ -96,8 +96,8 @@ def test_write_json_is_atomic_under_a_full_disk(tmp_path, monkeypatch):
 
 
 def test_the_records_become_the_files_keys_and_back(tmp_path):
-    """crmn.rundir's records turn into crmn/LOGS.md's JSON at the file boundary, and back."""
-    from crmn.rundir import CapCut, CheckpointMeta, LogLine
+    """crmn.runstate's records turn into crmn/LOGS.md's JSON at the file boundary, and back."""
+    from crmn.runstate import CapCut, CheckpointMeta, LogLine
 
     line = LogLine.from_dict(dict(entry(2), compile_seconds=0.0, cache_outcome=None))
     runlog.append_entry(tmp_path / "log.jsonl", dataclasses.asdict(line))

@@ -32,7 +32,7 @@ _ACTIONS = re.compile(
 
 #: sites whose way on is given by the code that catches them, or by a helper whose text the
 #: template shows as a value: site id, or the start of ids, -> what the user reads there
-_PREV = "crmn/rundir.py falls back to checkpoint.prev.h5 on --resume"
+_PREV = "crmn/runstate.py falls back to checkpoint.prev.h5 on --resume"
 _OWN = "it ends with how to write one's own batch (_OWN_BATCH), or use the official file"
 _KEPT = "delete the archive to download it again, or supply the folder by hand (helper _kept)"
 _SLURM = "check the cluster (sinfo), or use --launcher local"
@@ -42,7 +42,7 @@ WAY_ON_FROM: Dict[str, str] = {
     "crmn/checkpoint.py:_meta:CheckpointError": f"as for load ({_PREV})",
     "crmn/checkpoint.py:_meta:CheckpointError#3": f"as for load ({_PREV})",
     "crmn/checkpoint.py:save:CheckpointError": "a bug (array names come from crmn.naming)",
-    "crmn/checkpoint.py:check_compatible:": "crmn/rundir.py adds: resume with the run's "
+    "crmn/checkpoint.py:check_compatible:": "crmn/runstate.py adds: resume with the run's "
     "settings, or delete the run folder (a finished run: choose another --out-dir)",
     "crmn/cli/parser.py:_Parser.error:": "argparse names the option; --help lists them all",
     "crmn/plan.py:_usage:": "correct the option the message names (--help gives its range)",

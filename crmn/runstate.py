@@ -1,6 +1,8 @@
-"""The life of a run folder (crmn/LOGS.md): lock, config.json, log, checkpoints, where a run
-resumes, and extending a run that ``--epochs-cap`` cut short. Files are replaced in an order
-that a kill at any moment leaves resumable; the typed records below become JSON only here.
+"""A training run's state in its folder (crmn/LOGS.md): the typed records of its config,
+log lines, checkpoints and summary, where a run resumes, and extending a run that
+``--epochs-cap`` cut short. The bytes themselves are crmn.runlog's; this module says what
+they mean to a run, and replaces files in an order that a kill at any moment leaves
+resumable; the records become JSON only here.
 """
 from __future__ import annotations
 
