@@ -243,8 +243,17 @@ def cmd_test(argv: Sequence[str]) -> int:
     return subprocess.call(["bash", str(ROOT / "tests" / "run.sh"), *argv])
 
 
+def cmd_lasagne(args) -> int:
+    # Theano reads floatX once, at its import, which ``import original`` makes
+    flags = os.environ.get("THEANO_FLAGS")
+    os.environ["THEANO_FLAGS"] = f"{flags},floatX={args.dtype}" if flags else f"floatX={args.dtype}"
+    from original import run
+    return run.run(args)
+
+
 COMMANDS = {**{name: cmd_train for name in paper.EXPERIMENTS}, "params": cmd_params,
             "compare": cmd_compare, "status": lambda args: status.show(Path(args.dir)),
             "smoke": cmd_smoke, "verify": cmd_verify, "bench": cmd_bench, "profile": cmd_profile,
             "gpucheck": lambda args: gpucheck.run(gpucheck.plan_from_args(args)),
-            "export": cmd_export, "evaluate": cmd_evaluate}
+            "export": cmd_export, "evaluate": cmd_evaluate,
+            "lasagne": cmd_lasagne}

@@ -1,6 +1,7 @@
 """Op conversions of the JAX mode, on a dispatcher of our own whose fallback is Theano's
 stock one (Theano's registry stays as it is). Added: ``CorrMM`` and its gradients,
-pooling, softmax cross-entropy, ``Argmax``, ``Split``; replaced: ``Add``, ``Mul``,
+pooling and its gradients, softmax cross-entropy, ``Argmax``, ``Split``, ``mrg_uniform``
+(Theano's MRG31k3p random numbers, bit for bit); replaced: ``Add``, ``Mul``,
 ``IncSubtensor`` (stock ones call functions JAX removed), ``CAReduceDtype``.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ from theano.tensor.elemwise import CAReduceDtype, Elemwise
 from theano.tensor.nnet.corr import CorrMM, CorrMM_gradInputs, CorrMM_gradWeights
 from theano.tensor.nnet.nnet import (CrossentropySoftmax1HotWithBiasDx,
                                      CrossentropySoftmaxArgmax1HotWithBias)
-from theano.tensor.signal.pool import AveragePoolGrad, Pool
+from theano.sandbox.rng_mrg import mrg_uniform
+from theano.tensor.signal.pool import AveragePoolGrad, MaxPoolGrad, Pool
 from theano.tensor.subtensor import AdvancedIncSubtensor, AdvancedIncSubtensor1, IncSubtensor
 
 from original.jax_mode.graph import Unsupported, convert_graph, evaluate
@@ -263,6 +265,84 @@ def jax_funcify_AveragePoolGrad(op):
                               f"Theano's C code refuses it too")
         return transpose(lambda v: _pool_linear(op, v, ws, stride, pad), x.shape, gz)
     return average_pool_grad
+
+
+@jax_funcify.register(MaxPoolGrad)
+def jax_funcify_MaxPoolGrad(op):
+    """Gradient of max pooling as Theano's: every input equal to its window's maximum gets
+    the window's gradient (ties all get it; jax's own gradient picks one)."""
+    def max_pool_grad(x, maxout, gz, ws, stride, pad):
+        _check_pool(op, pad)
+        nd = len(ws)
+        _, _, padding, _ = _pool_geometry(x.shape, ws, stride, pad, op.ignore_border, op.mode)
+        lowest = np.array(-np.inf, dtype=x.dtype)  # a partial window's padding never wins
+        padded = jnp.pad(x, padding, constant_values=lowest)
+        grad = jnp.zeros(padded.shape, dtype=gz.dtype)
+        out = maxout.shape[-nd:]
+        lead = (slice(None),) * (x.ndim - nd)
+        for offset in np.ndindex(*(int(w) for w in ws)):  # one strided view per window cell
+            at = lead + tuple(slice(o, o + (n - 1) * int(s) + 1, int(s))
+                              for o, n, s in zip(offset, out, stride))
+            grad = grad.at[at].add(jnp.where(padded[at] == maxout, gz, 0))
+        return grad[lead + tuple(slice(lo, lo + n) for (lo, _), n in
+                                 zip(padding[-nd:], x.shape[-nd:]))]
+    return max_pool_grad
+
+
+#: MRG31k3p's constants as ``mrg_uniform``'s C code has them
+_M1, _M2 = np.int32(2147483647), np.int32(2147462579)
+_MRG_NORM = {"float32": np.float32(4.6566126e-10),
+             "float64": np.float64(4.656612873077392578125e-10)}
+
+
+def _mrg_wrap(y, modulus):
+    return jnp.where((y < 0) | (y >= modulus), y - modulus, y)
+
+
+def mrg_next(state):
+    """(streams, 6) int32 states -> (next states, the integer each draws), in int32
+    arithmetic that wraps on overflow as the C code's does."""
+    x11, x12, x13, x21, x22, x23 = (state[:, k] for k in range(6))
+    i32 = np.int32
+    y1 = (((x12 & i32(511)) << i32(22)) + (x12 >> i32(9)) + ((x13 & i32(16777215)) << i32(7))
+          + (x13 >> i32(24)))
+    y1 = _mrg_wrap(_mrg_wrap(y1, _M1) + x13, _M1)
+    x13, x12, x11 = x12, x11, y1
+    y1 = _mrg_wrap(((x21 & i32(65535)) << i32(15)) + i32(21069) * (x21 >> i32(16)), _M2)
+    y2 = _mrg_wrap(((x23 & i32(65535)) << i32(15)) + i32(21069) * (x23 >> i32(16)), _M2)
+    y2 = _mrg_wrap(_mrg_wrap(y2 + x23, _M2) + y1, _M2)
+    x23, x22, x21 = x22, x21, y2
+    drawn = jnp.where(x11 <= x21, x11 - x21 + _M1, x11 - x21)
+    return jnp.stack([x11, x12, x13, x21, x22, x23], axis=1), drawn
+
+
+@jax_funcify.register(mrg_uniform)
+def jax_funcify_mrg_uniform(op):
+    """(rstate (streams, 6), size) -> (next rstate, uniform samples of ``size``): sample i
+    from stream i mod streams, each stream stepped in turn, as ``mrg_uniform``'s C code."""
+    dtype = op.output_type.dtype
+    if dtype not in _MRG_NORM:
+        raise Unsupported(f"no JAX conversion for {op} in {dtype}")
+    norm = _MRG_NORM[dtype]
+
+    def mrg_uniform_sample(rstate, size):
+        if isinstance(size, jax.core.Tracer):
+            raise Unsupported(f"no JAX conversion for {op} of a size known only at run time")
+        shape = tuple(int(s) for s in np.asarray(size))
+        n, streams = int(np.prod(shape, dtype=np.int64)), rstate.shape[0]
+        index = jnp.arange(streams)
+
+        def step(state, first):  # first: the sample index of stream 0 in this round
+            new, drawn = mrg_next(state)
+            live = (first + index < n)[:, None]  # the last round may leave streams idle
+            return jnp.where(live, new, state), drawn
+
+        rounds = -(-n // streams)
+        state, drawn = lax.scan(step, rstate, jnp.arange(rounds) * streams)
+        # the int-to-float conversion, then one multiply, in the output's dtype
+        sample = drawn.reshape(-1)[:n].astype(dtype) * norm
+        return state, sample.reshape(shape)
+    return mrg_uniform_sample
 
 
 @jax_funcify.register(CrossentropySoftmaxArgmax1HotWithBias)

@@ -66,7 +66,9 @@ def convert_graph(fgraph, funcify: Callable) -> Dict:
         name, (node, err) = next(iter(missing.items()))
         others = sorted(set(missing) - {name})
         more = f"; {len(others)} more op type(s) lack one: {', '.join(others)}" if others else ""
-        raise ConfigError(f"--theano-mode jax: {err} {_origin(node)}{more}")
+        error = ConfigError(f"--theano-mode jax: {err} {_origin(node)}{more}")
+        error.node = node  # for the script's line that made it (original.run)
+        raise error
     return conversions
 
 
