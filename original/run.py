@@ -123,9 +123,6 @@ def run(args) -> int:
     """``run_experiments.sh lasagne``: the options of :mod:`crmn.cli.parser`."""
     from crmn.registry import StackOptions, AUTO, auto_device, probe
     script = Path(args.script)
-    if not script.is_file():
-        raise UsageError(f"run_experiments.sh lasagne: no script {args.script!r}: give the path "
-                         f"of a Python file")
     if args.record is not None and not Path(args.record).parent.is_dir():
         raise UsageError(f"run_experiments.sh lasagne: --record {args.record}: no folder "
                          f"{Path(args.record).parent}")

@@ -244,6 +244,9 @@ def cmd_test(argv: Sequence[str]) -> int:
 
 
 def cmd_lasagne(args) -> int:
+    if not Path(args.script).is_file():
+        raise UsageError(f"run_experiments.sh lasagne: no script {args.script!r}: give the "
+                         f"path of a Python file")
     # Theano reads floatX once, at its import, which ``import original`` makes
     flags = os.environ.get("THEANO_FLAGS")
     os.environ["THEANO_FLAGS"] = f"{flags},floatX={args.dtype}" if flags else f"floatX={args.dtype}"
