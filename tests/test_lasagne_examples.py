@@ -52,7 +52,8 @@ def examples(tmp_path_factory) -> Path:
     return folder
 
 
-def run_example(folder: Path, name: str, mode: str, dtype: str = "float64", steps=STEPS):
+def run_example(folder: Path, name: str, mode: str, dtype: str = "float64", steps=STEPS,
+                say=print):
     """(training losses, stdout) of example ``name`` in ``mode``; the run must succeed."""
     script, args = RUNS[name]
     record = folder / f"{name}-{mode}-{dtype}.json"
@@ -62,9 +63,17 @@ def run_example(folder: Path, name: str, mode: str, dtype: str = "float64", step
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     recorded = json.loads(record.read_text())
     losses = np.array(recorded["calls"], dtype=np.float64)
-    print(f"{name} {mode} {dtype}: {len(losses)} steps, last loss {losses[-1]:.6f}, "
-          f"{recorded['seconds']:.1f} s")
+    say(f"lasagne example {name}, {mode} mode, {dtype}, numpy {np.__version__}: "
+        f"{len(losses)} steps, last loss {losses[-1]:.6f}, {recorded['seconds']:.1f} s")
     return losses, result.stdout
+
+
+def shown(capsys):
+    """``print`` past pytest's capture: the CI log lists every run."""
+    def say(line):
+        with capsys.disabled():
+            print(f"\n{line}", flush=True)
+    return say
 
 
 def final_loss(stdout: str, name: str) -> float:
@@ -77,13 +86,15 @@ def final_loss(stdout: str, name: str) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
-def test_example_jax_equals_c(examples, name):
+def test_example_jax_equals_c(examples, name, capsys):
     """The pinned environment: C mode and JAX mode, the first 20 losses at 1e-10."""
-    c, c_out = run_example(examples, name, "c")
-    jax, jax_out = run_example(examples, name, "jax")
+    say = shown(capsys)
+    c, c_out = run_example(examples, name, "c", say=say)
+    jax, jax_out = run_example(examples, name, "jax", say=say)
     assert len(c) == len(jax) == STEPS
     worst = float(np.max(np.abs(jax - c) / np.abs(c)))
-    print(f"{name}: JAX vs C, {STEPS} float64 losses, max relative difference {worst:.3g}")
+    say(f"lasagne example {name}: JAX vs C, {STEPS} float64 losses, max relative "
+        f"difference {worst:.3g}")
     assert worst <= TOL
     for out in (c_out, jax_out):
         assert math.isfinite(final_loss(out, name))
@@ -92,10 +103,10 @@ def test_example_jax_equals_c(examples, name):
 @pytest.mark.slow
 @pytest.mark.current
 @pytest.mark.parametrize("name", list(RUNS))
-def test_example_jax_mode(examples, name):
-    """JAX mode where this environment has it (the current one: numpy 2, Python 3.12): the
-    example runs to its end, finite losses that fall (mnist: one epoch)."""
-    losses, out = run_example(examples, name, "jax")
+def test_example_jax_mode(examples, name, capsys):
+    """JAX mode in float32 in either environment (CI runs it in the current one: numpy 2,
+    Python 3.12): the example runs to its end (mnist: one epoch), finite losses."""
+    losses, out = run_example(examples, name, "jax", "float32", say=shown(capsys))
     assert len(losses) == STEPS and np.isfinite(losses).all()
     assert math.isfinite(final_loss(out, name))
 

@@ -18,6 +18,7 @@ from jax import lax
 from theano.scalar.basic import Add, Composite, Mul
 from theano.tensor.basic import Argmax, Split
 from theano.tensor.elemwise import CAReduceDtype, Elemwise
+from theano.tensor.opt import Assert
 from theano.tensor.nnet.corr import CorrMM, CorrMM_gradInputs, CorrMM_gradWeights
 from theano.tensor.nnet.nnet import (CrossentropySoftmax1HotWithBiasDx,
                                      CrossentropySoftmaxArgmax1HotWithBias)
@@ -146,9 +147,26 @@ def correlate(op, img, kern, padding=None):
     defaults to :func:`corr_padding` of ``op``."""
     if padding is None:
         padding = corr_padding(op, kern.shape[-2:])
+    if img.dtype == np.float64 and op.num_groups == 1:
+        return _correlate_im2col(img, kern, op.subsample, padding, op.filter_dilation)
     return lax.conv_general_dilated(
         img, kern, window_strides=op.subsample, padding=padding, rhs_dilation=op.filter_dilation,
         dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=op.num_groups)
+
+
+def _correlate_im2col(img, kern, stride, padding, dilation):
+    """:func:`correlate` as ``CorrMM``'s C code computes it, patches then one product: XLA's
+    own float64 convolution on the CPU is a slow path (its gradient 10-20 times float32's)."""
+    img = jnp.pad(img, ((0, 0), (0, 0)) + tuple(padding))
+    kh, kw = kern.shape[-2:]
+    out = [(size - (k - 1) * d - 1) // s + 1 for size, k, d, s in
+           zip(img.shape[-2:], (kh, kw), dilation, stride)]
+    patches = jnp.stack([
+        img[:, :, i * dilation[0]: i * dilation[0] + (out[0] - 1) * stride[0] + 1: stride[0],
+            j * dilation[1]: j * dilation[1] + (out[1] - 1) * stride[1] + 1: stride[1]]
+        for i in range(kh) for j in range(kw)], axis=2)  # (B, C, kh·kw, H', W')
+    return jnp.einsum("bckhw,fck->bfhw", patches, kern.reshape(kern.shape[:2] + (-1,)),
+                      precision=lax.Precision.HIGHEST)
 
 
 @jax_funcify.register(CorrMM)
@@ -382,6 +400,18 @@ def jax_funcify_Argmax(op):
         flat = jnp.reshape(moved, moved.shape[:len(keep)] + (-1,))
         return jnp.argmax(flat, axis=-1).astype("int64")
     return argmax
+
+
+@jax_funcify.register(Assert)
+def jax_funcify_Assert(op):
+    """The value, its conditions checked where they are known when traced (shapes, which
+    Theano's scan gradient asserts); a traced condition cannot stop a jitted function."""
+    def assert_(value, *conditions):
+        for condition in conditions:
+            if not isinstance(condition, jax.core.Tracer) and not np.all(condition):
+                raise ValueError(f"{op.msg} (Theano's Assert, while tracing)")
+        return value
+    return assert_
 
 
 @jax_funcify.register(Split)

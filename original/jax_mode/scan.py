@@ -96,5 +96,6 @@ def jax_funcify_Scan(op):
                 buffers[j] = jnp.concatenate([buffers[j][pos:], buffers[j][:pos]])
             elif store[j] > filled:
                 buffers[j] = buffers[j].at[filled:].set(0)
-        return tuple(buffers) + tuple(shared)
+        outs = tuple(buffers) + tuple(shared)
+        return outs[0] if len(outs) == 1 else outs
     return scan
