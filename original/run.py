@@ -125,7 +125,7 @@ def run(args) -> int:
     script = Path(args.script)
     if args.record is not None and not Path(args.record).parent.is_dir():
         raise UsageError(f"run_experiments.sh lasagne: --record {args.record}: no folder "
-                         f"{Path(args.record).parent}")
+                         f"{Path(args.record).parent}; give a path in an existing folder")
     check_float_type(args.dtype)
     mode, device, why = args.theano_mode, args.device, "--device " + args.device
     if device == AUTO:

@@ -193,3 +193,33 @@ def test_max_pool_grad_ties(ws, stride, ignore_border):
     expected = c_fn(data)
     assert (expected != 0).sum() > (expected.size // 4)  # ties: many inputs get a share
     np.testing.assert_array_equal(jax_fn(data), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backwards", [False, True])
+def test_scan_with_taps_and_its_gradient(backwards):
+    """``Scan`` with two output taps, a sequence, a non-sequence and a nit_sot output; its
+    gradient (a scan with many-taps outputs, ``mit_mot``) in float64 against the C backend."""
+    import original  # noqa: F401
+    import theano
+    import theano.tensor as T
+    from original import jax_mode
+    x, w, h0 = T.matrix("x", "float64"), T.matrix("w", "float64"), T.matrix("h0", "float64")
+
+    def step(x_t, h_2, h_1, w):
+        h = T.tanh(T.dot(h_1, w) + 0.5 * h_2 + x_t)
+        return h, (h ** 2).sum()
+
+    (h, sq), _ = theano.scan(step, sequences=x, outputs_info=[dict(initial=h0, taps=[-2, -1]),
+                                                              None],
+                             non_sequences=w, go_backwards=backwards)
+    cost = h[-1].sum() + sq.sum()
+    outputs = [cost] + T.grad(cost, [w, h0, x])
+    c_fn = theano.function([x, w, h0], outputs)
+    jax_fn = jax_mode.function([x, w, h0], outputs)
+    scans = [n.op for n in jax_fn.maker.fgraph.toposort() if type(n.op).__name__ == "Scan"]
+    assert any(op.n_mit_mot for op in scans) and any(op.n_mit_sot for op in scans)
+    rng = np.random.RandomState(0)
+    values = [rng.randn(7, 4), rng.randn(4, 4) * 0.5, rng.randn(2, 4)]
+    for c, j in zip(c_fn(*values), jax_fn(*values)):
+        np.testing.assert_allclose(j, c, rtol=1e-12, atol=1e-12)
