@@ -24,10 +24,13 @@ from crmn import gpucheck
 TOL = 1e-10
 STEPS = 20
 EXAMPLES = ("mnist.py", "recurrent.py")
-#: (script, arguments): the issue's examples
+#: (script, arguments) of each example
 RUNS = {"mlp": ("mnist.py", ["mlp", "1"]), "cnn": ("mnist.py", ["cnn", "1"]),
         "custom_mlp": ("mnist.py", ["custom_mlp:2,300,0.2,0.5", "1"]),
         "recurrent": ("recurrent.py", [])}
+#: steps compared in float64 where not STEPS: XLA's float64 arithmetic on the CPU makes cnn's
+#: 20 JAX steps cost 4 minutes on two cores (REPRODUCING.md §9 gives the 20-step figure)
+COMPARED = {"cnn": 5}
 
 
 def lasagne_sdist() -> Path:
@@ -88,24 +91,24 @@ def final_loss(stdout: str, name: str) -> float:
 @pytest.mark.parametrize("name", list(RUNS))
 def test_example_jax_equals_c(examples, name, capsys):
     """The pinned environment: C mode and JAX mode, the first 20 losses at 1e-10."""
-    say = shown(capsys)
-    c, c_out = run_example(examples, name, "c", say=say)
-    jax, jax_out = run_example(examples, name, "jax", say=say)
-    assert len(c) == len(jax) == STEPS
+    say, steps = shown(capsys), COMPARED.get(name, STEPS)
+    c, _ = run_example(examples, name, "c", steps=steps, say=say)
+    jax, _ = run_example(examples, name, "jax", steps=steps, say=say)
+    assert len(c) == len(jax) == steps and np.isfinite(c).all()
     worst = float(np.max(np.abs(jax - c) / np.abs(c)))
-    say(f"lasagne example {name}: JAX vs C, {STEPS} float64 losses, max relative "
+    say(f"lasagne example {name}: JAX vs C, {steps} float64 losses, max relative "
         f"difference {worst:.3g}")
     assert worst <= TOL
-    for out in (c_out, jax_out):
-        assert math.isfinite(final_loss(out, name))
 
 
 @pytest.mark.slow
 @pytest.mark.current
+@pytest.mark.skipif(int(np.__version__.split(".")[0]) < 2, reason="the pinned environment runs the examples "
+                    "in both modes in float64 (test_example_jax_equals_c)")
 @pytest.mark.parametrize("name", list(RUNS))
 def test_example_jax_mode(examples, name, capsys):
-    """JAX mode in float32 in either environment (CI runs it in the current one: numpy 2,
-    Python 3.12): the example runs to its end (mnist: one epoch), finite losses."""
+    """The current environment (numpy 2, Python 3.12), JAX mode, float32: the example runs
+    to its end (mnist.py: one epoch, its test loss printed), finite losses."""
     losses, out = run_example(examples, name, "jax", "float32", say=shown(capsys))
     assert len(losses) == STEPS and np.isfinite(losses).all()
     assert math.isfinite(final_loss(out, name))
@@ -203,7 +206,7 @@ def test_scan_with_taps_and_its_gradient(backwards):
     import original  # noqa: F401
     import theano
     import theano.tensor as T
-    from original import jax_mode
+    from original import compat, jax_mode
     x, w, h0 = T.matrix("x", "float64"), T.matrix("w", "float64"), T.matrix("h0", "float64")
 
     def step(x_t, h_2, h_1, w):
@@ -215,7 +218,8 @@ def test_scan_with_taps_and_its_gradient(backwards):
                              non_sequences=w, go_backwards=backwards)
     cost = h[-1].sum() + sq.sum()
     outputs = [cost] + T.grad(cost, [w, h0, x])
-    c_fn = theano.function([x, w, h0], outputs)
+    with compat.graph_settings():  # scan's Python loop (its Cython module fails to build)
+        c_fn = theano.function([x, w, h0], outputs)
     jax_fn = jax_mode.function([x, w, h0], outputs)
     scans = [n.op for n in jax_fn.maker.fgraph.toposort() if type(n.op).__name__ == "Scan"]
     assert any(op.n_mit_mot for op in scans) and any(op.n_mit_sot for op in scans)

@@ -45,8 +45,11 @@ def _conform(value, var):
 def _perform_static(node, args):
     """Run ``node``'s own numpy ``perform`` on static inputs; None where it has none."""
     storage = [[None] for _ in node.outputs]
+    if len(node.inputs) > 31:  # numpy's ufuncs take 31 operands: Elemwise's perform fails
+        return None
     params = node.run_params()
     try:
+        node.op.prepare_node(node, None, None, "py")  # a Composite's scalar functions
         node.op.perform(node, args, storage, *(() if params is NoParams else (params,)))
     except (MethodNotDefined, NotImplementedError):
         return None
