@@ -78,15 +78,61 @@ def jax_funcify_Add(op):
     return lambda *args: functools.reduce(binary, args)
 
 
+def _forward_slices(x, idx, y):
+    """``(idx, y)`` with each static slice of negative step turned forward and ``y``
+    flipped to match: jaxlib 0.11's XLA:CPU aborts compiling the gradient of a reversed
+    slice (``scan(go_backwards=True)``) written as a scatter into a reversed slice."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    backward = [isinstance(i, slice) and i.step is not None and not _is_tracer(i.step)
+                and i.step < 0 and not any(map(_is_tracer, (i.start, i.stop)))
+                for i in idx]
+    if not any(backward):
+        return idx, y
+    y = jnp.broadcast_to(y, jnp.asarray(x)[idx].shape)
+    out, flips, axis = [], [], 0
+    for dim, (i, back) in enumerate(zip(idx, backward)):
+        if back and len(range(x.shape[dim])[i]):
+            kept = range(x.shape[dim])[i]
+            out.append(slice(kept[-1], kept[0] + 1, -i.step))
+            flips.append(axis)
+        else:
+            out.append(i)
+        axis += isinstance(i, slice)
+    return tuple(out), jnp.flip(y, flips)
+
+
+def _is_tracer(value):
+    return isinstance(value, jax.core.Tracer)
+
+
 def _inc_subtensor(op, indices_of):
     """``x[idx] = y`` or ``x[idx] += y`` through ``x.at[idx]``; ``indices_of(ilist)``
     builds ``idx``."""
     setting = getattr(op, "set_instead_of_inc", False)
 
     def incsubtensor(x, y, *ilist):
-        ref = jnp.asarray(x).at[indices_of(list(ilist))]
+        idx, y = _forward_slices(x, indices_of(list(ilist)), y)
+        x = jnp.asarray(x)
+        starts = _window(x, idx)
+        if starts is not None:  # a block: an update of the slice, no scatter
+            part = x[idx]
+            new = jnp.broadcast_to(y, part.shape) if setting else part + y
+            return lax.dynamic_update_slice(x, new.astype(x.dtype), starts)
+        ref = x.at[idx]
         return ref.set(y) if setting else ref.add(y)
     return incsubtensor
+
+
+def _window(x, idx):
+    """The start of each axis where ``idx`` is static slices of step 1, else None (the same
+    jaxlib aborts on some scatters into such blocks, which scan's gradient makes)."""
+    starts = []
+    for size, i in zip(x.shape, idx):
+        if not isinstance(i, slice) or i.step not in (None, 1) or \
+                any(map(_is_tracer, (i.start, i.stop))):
+            return None
+        starts.append(min(range(size)[i].start, size))
+    return starts + [0] * (x.ndim - len(starts))
 
 
 @jax_funcify.register(IncSubtensor)
