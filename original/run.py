@@ -138,6 +138,9 @@ def run(args) -> int:
     probe(options)
     print(f"lasagne: {script.name} with Theano {mode} mode on {device} ({why}), floatX "
           f"{args.dtype}", flush=True)
+    if mode == "jax":  # importing and starting jax 0.11 draws from numpy's global generator:
+        from original import jax_mode  # before --seed, or the script's shuffles change
+        jax_mode.jax_device(device)
     if args.seed is not None:
         np.random.seed(args.seed)
     runner = Runner(script, mode, device, args.steps)
