@@ -6,8 +6,8 @@ Theano-PyMC's own conversion leaves those out.
 """
 from __future__ import annotations
 
-import numpy as np
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -50,7 +50,9 @@ def jax_funcify_Scan(op):
         return evaluate(fgraph, conversions, args)
 
     def scan(n_steps, *outer):
-        n_steps = int(n_steps)  # static: shapes are
+        if isinstance(n_steps, jax.core.Tracer):
+            raise Unsupported(f"no JAX conversion for {op} of a length known only at run time")
+        n_steps = int(n_steps)
         seqs = list(outer[:n_seqs])
         buffers = list(outer[n_seqs:n_seqs + n_outs])
         shared = list(outer[n_seqs + n_outs:n_seqs + n_outs + n_shared])
@@ -68,7 +70,6 @@ def jax_funcify_Scan(op):
             return args + list(shared) + others, pos
 
         if n_nit_sot:  # their buffers: the shapes of a first step's outputs
-            import jax
             args, _ = inputs(0, buffers, shared)
             shapes = jax.eval_shape(lambda a: inner(a), args)
             first = sum(len(t) for t in mit_mot_outs) + n_outs - n_mit_mot
@@ -89,13 +90,19 @@ def jax_funcify_Scan(op):
             return tuple(buffers), tuple(shared)
 
         buffers, shared = lax.fori_loop(0, n_steps, step, (tuple(buffers), tuple(shared)))
-        buffers = list(buffers)
-        for j in range(n_mit_mot, n_outs + n_nit_sot):  # as perform's step 6
-            pos, filled = (start[j] + n_steps) % store[j], n_steps - mintaps[j]
-            if store[j] < filled and pos:
-                buffers[j] = jnp.concatenate([buffers[j][pos:], buffers[j][:pos]])
-            elif store[j] > filled:
-                buffers[j] = buffers[j].at[filled:].set(0)
-        outs = tuple(buffers) + tuple(shared)
+        outs = tuple(buffers[:n_mit_mot]) + tuple(
+            _in_order(b, (p + n_steps) % s, n_steps - m) for b, p, s, m in
+            zip(buffers[n_mit_mot:], start[n_mit_mot:], store[n_mit_mot:], mintaps[n_mit_mot:])
+        ) + tuple(shared)
         return outs[0] if len(outs) == 1 else outs
     return scan
+
+
+def _in_order(buffer, pos, filled):
+    """A buffer after the loop as ``Scan.perform``'s step 6 leaves it: a circular one turned
+    to start at its oldest entry, the rows past ``filled`` of a longer one zero."""
+    if buffer.shape[0] < filled and pos:
+        return jnp.concatenate([buffer[pos:], buffer[:pos]])
+    if buffer.shape[0] > filled:
+        return buffer.at[filled:].set(0)
+    return buffer
