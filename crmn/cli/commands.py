@@ -247,6 +247,9 @@ def cmd_lasagne(args) -> int:
     if not Path(args.script).is_file():
         raise UsageError(f"run_experiments.sh lasagne: no script {args.script!r}: give the "
                          f"path of a Python file")
+    if args.dtype not in registry.STACK_DTYPES["theano"]:
+        raise UsageError(f"run_experiments.sh lasagne: --dtype {args.dtype} is torch only; "
+                         f"choose float32 or float64 (Theano's floatX)")
     # Theano reads floatX once, at its import, which ``import original`` makes
     flags = os.environ.get("THEANO_FLAGS")
     os.environ["THEANO_FLAGS"] = f"{flags},floatX={args.dtype}" if flags else f"floatX={args.dtype}"

@@ -216,8 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "Ctrl-C would (default: no limit)")
     sp.add_argument("--record", type=Path, default=None, metavar="PATH",
                     help="write each training call's outputs as JSON to PATH")
-    sp.add_argument("script", metavar="SCRIPT")
-    sp.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS")
+    sp.add_argument("script", metavar="SCRIPT", help="the script, run as `python SCRIPT ARGS` "
+                    "would run it")
+    sp.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                    help="the script's own arguments")
     sp = sub.add_parser("test", add_help=False, help="run the test suite (extra args: pytest)")
     sp.add_argument("args", nargs=argparse.REMAINDER)
     return parser
