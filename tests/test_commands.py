@@ -110,6 +110,7 @@ QUICK = {
     "export": (["{tmp}/no-run"], 1),
     "evaluate": (["{tmp}/none.pt"], 1),
     "replay": (["{tmp}/no-run"], 1),
+    "lasagne": (["{tmp}/no-script.py"], 2),  # its examples run in tests/test_lasagne_examples.py
 }
 CPU_WAYS = {"profile": (["--count-ops", "--variants", "fp32", "--batch-size", "2"], 0),
             "gpucheck": (["--device", "cpu", "--quick", "--budget", "1", "--out-dir",

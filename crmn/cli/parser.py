@@ -238,6 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tools(sub)
     _add_gpucheck(sub)
     _add_use(sub)
+    sp = sub.add_parser("lasagne", help="run a Lasagne 0.1 script unmodified, in C mode or "
+                                        "through JAX (REPRODUCING.md, 'Your own Lasagne code')")
+    schema.add_options(sp, StackOptions, only=("device", "dtype", "theano_mode"),
+                       defaults=dict(device=registry.AUTO, theano_mode=None),
+                       helps=dict(dtype="%(default)s; Theano's floatX"))
+    sp.add_argument("--seed", type=int, default=None, help="seed numpy's global generator "
+                    "first (default: unseeded)")
+    sp.add_argument("--steps", type=positive, default=None, metavar="N",
+                    help="stop after N calls of a training function (one with updates), as "
+                         "Ctrl-C would (default: no limit)")
+    sp.add_argument("--record", type=Path, default=None, metavar="PATH",
+                    help="write each training call's outputs as JSON to PATH")
+    sp.add_argument("script", metavar="SCRIPT", help="the script, run as `python SCRIPT ARGS` "
+                    "would run it")
+    sp.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                    help="the script's own arguments")
     sp = sub.add_parser("test", add_help=False, help="run the test suite (extra args: pytest)")
     sp.add_argument("args", nargs=argparse.REMAINDER)
     return parser
