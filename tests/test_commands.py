@@ -136,7 +136,7 @@ def test_every_command_runs_quick_with_its_exit_code(command, here, run_main):
         assert rc == want, (argv, err[-2000:])
         if rc:
             _one_line(err)
-        if rc == 2:  # the GPU tools on a machine without one: they say why
+        if rc == 2 and command in ("verify", "profile", "gpucheck"):  # no GPU: they say why
             assert "GPU" in err, err
         assert time.monotonic() - t0 < 60, argv
     if command == "params":

@@ -243,11 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_options(sp, StackOptions, only=("device", "dtype", "theano_mode"),
                        defaults=dict(device=registry.AUTO, theano_mode=None),
                        helps=dict(dtype="%(default)s; Theano's floatX"))
-    sp.add_argument("--seed", type=int, default=None, help="seed numpy's global generator "
-                    "first (default: unseeded)")
-    sp.add_argument("--steps", type=positive, default=None, metavar="N",
-                    help="stop after N calls of a training function (one with updates), as "
-                         "Ctrl-C would (default: no limit)")
+    _common(sp, ("seed", "steps"), groups={}, defaults=dict(steps=None),
+            helps=dict(seed="unseeded", steps="no limit"),
+            texts=dict(seed="seed numpy's global generator first",
+                       steps="stop after N calls of a training function (one with updates), "
+                             "as Ctrl-C would"))
     sp.add_argument("--record", type=Path, default=None, metavar="PATH",
                     help="write each training call's outputs as JSON to PATH")
     sp.add_argument("script", metavar="SCRIPT", help="the script, run as `python SCRIPT ARGS` "
