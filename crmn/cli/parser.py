@@ -177,18 +177,16 @@ def _add_gpucheck(sub) -> None:
 
 
 def _add_use(sub) -> None:
-    sp = sub.add_parser("export", help="a finished run as <row>-<sha8>.pt (torch), .npz "
-                                       "(Lasagne) and a model card MODEL.md")
-    sp.add_argument("run_dir", type=Path, metavar="RUN_DIR",
-                    help="a finished run folder, runs/<experiment>/<row>/seed<k>")
-    _common(sp, ("out_dir",), helps=dict(out_dir="RUN_DIR/export"),
-            texts=dict(out_dir="where the files go"))
-    sp = sub.add_parser("replay", help="train a finished run again from its config.json "
-                                       "alone and say whether the results are the same")
-    sp.add_argument("run_dir", type=Path, metavar="RUN_DIR",
-                    help="a finished run folder, runs/<experiment>/<row>/seed<k>")
-    _common(sp, ("out_dir",), helps=dict(out_dir="replay-seed<k> beside RUN_DIR"),
-            texts=dict(out_dir="where the new run trains (never inside RUN_DIR)"))
+    for name, words, out_default, out_text in (
+            ("export", "a finished run as <row>-<sha8>.pt (torch), .npz (Lasagne) and a model "
+             "card MODEL.md", "RUN_DIR/export", "where the files go"),
+            ("replay", "train a finished run again from its config.json alone and say whether "
+             "the results are the same", "replay-seed<k> beside RUN_DIR",
+             "where the new run trains (never inside RUN_DIR)")):
+        sp = sub.add_parser(name, help=words)
+        sp.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                        help="a finished run folder, runs/<experiment>/<row>/seed<k>")
+        _common(sp, ("out_dir",), helps=dict(out_dir=out_default), texts=dict(out_dir=out_text))
     sp = sub.add_parser("evaluate", help="test accuracy and loss of a .pt, .npz or "
                                          "checkpoint .h5 on a dataset's test split")
     sp.add_argument("weights", type=Path, metavar="WEIGHTS")
