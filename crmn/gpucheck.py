@@ -46,7 +46,11 @@ NEEDS: Dict[str, Tuple[float, float, Optional[float]]] = {
     "speed t1-resnet134x1 torch float32": (30, 330, None),
     "speed t1-resnet134x1 torch bfloat16": (110, 700, None),
     "speed t1-resnet134x1 theano-jax float32": (220, 1500, None),  # the longest compile, last
-    "smoke torch float32": (40, 50, 45), "smoke torch bfloat16": (100, 70, 50)}
+    "smoke torch float32": (40, 50, 45), "smoke torch bfloat16": (100, 70, 50),
+    "speed lasagne-mnist-cnn": (240, 300, None)}
+LASAGNE_CHECK = "speed lasagne-mnist-cnn"  # Lasagne's own examples/mnist.py, unmodified
+LASAGNE_SDIST = "Lasagne-0.1.tar.gz"  # in $CRMN_WHEELS (scripts/lasagne_tests.sh fetches it)
+
 
 
 @dataclass(frozen=True)
@@ -248,10 +252,68 @@ def packing_rows(plan: GpucheckPlan, row_id: str) -> List[Dict]:
     return rows
 
 
+def lasagne_example(name: str, folder: Path) -> Path:
+    """Lasagne 0.1's ``examples/<name>``, byte for byte from its source archive, into
+    ``folder``; ConfigError where the archive is not in $CRMN_WHEELS."""
+    import tarfile
+    sdist = Path(os.environ.get("CRMN_WHEELS", ROOT / ".whl")) / LASAGNE_SDIST
+    if not sdist.is_file():
+        raise ConfigError(f"no {sdist}: run `bash scripts/lasagne_tests.sh` once where PyPI "
+                          f"is reachable (it fetches Lasagne 0.1's source archive there)")
+    with tarfile.open(sdist) as tar:  # one named member, read as bytes: nothing extracted
+        data = tar.extractfile(f"Lasagne-0.1/examples/{name}").read()
+    (folder / name).write_bytes(data)
+    return folder / name
+
+
+def write_mnist(path: Path, train: int = 10000, seed: int = 0) -> None:
+    """A file in the layout examples/mnist.py reads (pickled ((x, y) train, val, test),
+    x (n, 784) float32): a bright pixel at the label's place over noise (500 val/test)."""
+    import gzip
+    import pickle
+    import numpy as np
+    rng = np.random.RandomState(seed)
+
+    def split(n):
+        y = rng.randint(0, 10, n)
+        x = (rng.rand(n, 784) * 0.3).astype(np.float32)
+        x[np.arange(n), y * 70 + 35] += 1.0
+        return x, y.astype(np.int64)
+
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        pickle.dump((split(train), split(500), split(500)), f, protocol=2)
+
+
+def lasagne_cnn_row(plan: GpucheckPlan) -> Dict:
+    """examples/mnist.py cnn, unmodified, one epoch of 10,000 synthetic images through JAX
+    mode on the device and on the CPU: the seconds of each."""
+    folder = plan.out_dir / "lasagne"
+    folder.mkdir(parents=True, exist_ok=True)
+    script = lasagne_example("mnist.py", folder)
+    write_mnist(folder / "mnist.pkl.gz")
+    seconds = {}
+    for device in dict.fromkeys((plan.device, "cpu")):
+        record = folder / f"cnn-{device}.json"
+        rc = subprocess.run([sys.executable, "-m", "crmn.cli", "lasagne", "--theano-mode",
+                             "jax", "--device", device, "--record", str(record), script.name,
+                             "cnn", "1"], cwd=folder,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode
+        if rc:
+            raise RunError(f"examples/mnist.py cnn on {device} exited {rc}: see its output in "
+                           f"{plan.out_dir / 'logs'}")
+        seconds[device] = runlog.read_json(record)["seconds"]
+    figure = ", ".join(f"{d} {s:.1f} s" for d, s in seconds.items())
+    return _row("ok", figure, "examples/mnist.py cnn through JAX mode, one epoch of 10,000 "
+                "synthetic images, float32, compile included",
+                data=seconds)
+
+
 def check_rows(plan: GpucheckPlan, key: str) -> List[Dict]:
     """In the child: the rows of the ceiling, a verify pair, the packing or a speed row."""
     from crmn import bench, paper, roofline, verify
     from crmn.config import ModelConfig
+    if key == LASAGNE_CHECK:
+        return [lasagne_cnn_row(plan)]
     kind, _, rest = key.partition(" ")
     row_id, _, eid = rest.partition(" ")
     if kind == "packing":

@@ -150,9 +150,10 @@ def bridge_pkg_resources() -> None:
             return
         except ImportError:
             pass
-    _stand_in("pkg_resources", "get_distribution(name).version only.",
+    _stand_in("pkg_resources", "get_distribution(name).version and the error it raises.",
               get_distribution=lambda name: types.SimpleNamespace(
-                  project_name=name, version=metadata.version(name)))
+                  project_name=name, version=metadata.version(name)),
+              DistributionNotFound=metadata.PackageNotFoundError)  # theano.gpuarray catches it
 
 
 def _python_inc(plat_specific=False, prefix=None):
@@ -425,6 +426,11 @@ def _apply_graph_settings() -> None:
         # a None entry fails the import at once and scan takes its Python loop
         sys.modules["theano.scan.scan_perform_ext"] = None
         _undo.append(lambda: sys.modules.pop("theano.scan.scan_perform_ext", None))
+    if importlib.util.find_spec("numpy.linalg.linalg") is None:
+        # numpy 2.5 removed the module; theano.gpuarray, which theano.scan imports, reads
+        # LinAlgError from it
+        sys.modules["numpy.linalg.linalg"] = numpy.linalg
+        _undo.append(lambda: sys.modules.pop("numpy.linalg.linalg", None))
     for name, value in missing_numpy_names().items():
         setattr(numpy, name, value)
         _undo.append(lambda name=name: delattr(numpy, name))
@@ -444,8 +450,8 @@ def _apply_graph_settings() -> None:
 
 @contextlib.contextmanager
 def graph_settings():
-    """Recursion limit, numpy 1.x's names, exact autocasting, an announced compile lock,
-    ``scan``'s Python loop; re-entrant, the outermost exit puts back all it changed."""
+    """Recursion limit, numpy 1.x's names and ``numpy.linalg.linalg``, exact autocasting, an
+    announced compile lock, ``scan``'s Python loop; re-entrant, the outermost exit puts back all it changed."""
     global _depth
     with _depth_lock:
         if _depth == 0:

@@ -38,7 +38,7 @@ def test_the_pins_the_spec_names():
 
 # --- the current environment and CRMN_PYTHON (scripts/ensure_env.sh) ----------------------
 
-def test_current_requirements_pin_todays_stack_without_torch():
+def test_current_requirements_pin_todays_backend_without_torch():
     cur = _pins((ROOT / "requirements-current.txt").read_text().splitlines())
     assert cur["numpy"].startswith("2.")
     assert cur["jax"].startswith("0.11.") and cur["jaxlib"] == cur["jax"]

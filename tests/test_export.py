@@ -186,28 +186,27 @@ class _System:
         return os.system, (self.command,)
 
 
-def _flipped_pt(files, tmp_path):
-    bad = tmp_path / files["pt"].name
-    bad.write_bytes(files["pt"].read_bytes())
-    _flip(bad, _data_offset(bad, "data/0") + 2)
+def _flipped(files, tmp_path, ext, member, offset):
+    bad = tmp_path / files[ext].name
+    bad.write_bytes(files[ext].read_bytes())
+    _flip(bad, _data_offset(bad, member) + offset)
     return bad, "the name says sha256"
+
+
+def _flipped_pt(files, tmp_path):
+    return _flipped(files, tmp_path, "pt", "data/0", 2)
 
 
 def _renamed_pt(files, tmp_path):
-    bad, _ = _flipped_pt(files, tmp_path)
-    return _named(bad), "do not match the digest it carries"
+    return _named(_flipped_pt(files, tmp_path)[0]), "do not match the digest it carries"
 
 
 def _flipped_npz(files, tmp_path):
-    bad = tmp_path / files["npz"].name
-    bad.write_bytes(files["npz"].read_bytes())
-    _flip(bad, _data_offset(bad, "conv0.W.npy") + 200)
-    return bad, "the name says sha256"
+    return _flipped(files, tmp_path, "npz", "conv0.W.npy", 200)
 
 
 def _renamed_npz(files, tmp_path):
-    bad, _ = _flipped_npz(files, tmp_path)
-    return _named(bad), "a damaged zip archive"
+    return _named(_flipped_npz(files, tmp_path)[0]), "a damaged zip archive"
 
 
 def _system_pt(files, tmp_path):
@@ -286,7 +285,7 @@ def smoke_export(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_evaluate_gives_the_logged_accuracy_on_both_stacks(smoke_export):
+def test_evaluate_gives_the_logged_accuracy_on_both_backends(smoke_export):
     run_dir, data_dir, files = smoke_export
     summary = runlog.read_json(run_dir / "summary.json")
     for weights, backend in ((files[".pt"], "torch"), (files[".npz"], "theano"),

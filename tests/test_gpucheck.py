@@ -148,6 +148,9 @@ def test_the_checks_run_in_priority_order(tmp_path):
     for device, quick in (("cuda", False), ("cpu", False), ("cpu", True), ("cuda", True)):
         keys = gpucheck.plan_checks(gpucheck.GpucheckPlan(device, quick, tmp_path))
         assert set(keys) <= set(gpucheck.NEEDS) and len(keys) == len(set(keys))
+        # Lasagne's mnist.py cnn, GPU beside CPU: not with --quick
+        assert (gpucheck.LASAGNE_CHECK in keys) != quick
+        keys = [k for k in keys if k != gpucheck.LASAGNE_CHECK]
         # the device's ceiling first, then verify per backend pair, the faithful graph's smoke
         assert keys[:5] == ["speed ceiling", "verify torch", "verify theano-jax vs torch",
                             "verify references", "smoke theano-jax float32"]

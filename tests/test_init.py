@@ -47,7 +47,7 @@ def _random_names(model):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_both_stacks_hold_the_same_initial_state(name, dtype):
+def test_both_backends_hold_the_same_initial_state(name, dtype):
     model, train = TINY[name], TrainConfig(batch_size=10, seed=5)
     theano_be = registry.build(BackendOptions("theano", dtype=dtype), model, train)
     torch_be = registry.build(BackendOptions("torch", dtype=dtype), model, train)
@@ -253,7 +253,7 @@ def _first_log_line(out_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_smoke_runs_of_both_stacks_have_the_same_first_epoch_loss(tmp_path):
+def test_smoke_runs_of_both_backends_have_the_same_first_epoch_loss(tmp_path):
     """``run_experiments.sh smoke --backend theano`` and ``--backend torch`` (default seed,
     float32): the first epoch's training loss agrees to 1e-5 (it differed by 0.7 % when
     each backend drew its own weights: 4.6134 vs 4.5811)."""

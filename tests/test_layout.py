@@ -108,7 +108,7 @@ def test_only_the_command_line_imports_the_command_line():
     assert up == []
 
 
-def test_stack_names_only_a_software_stack_or_an_array_function():
+def test_backend_names_only_a_software_backend_or_an_array_function():
     """What --backend selects is a backend: "stack" is left for numpy's, torch's and jax's
     stack functions, prose about a software stack, and the JAX mode's depth-first walk."""
     files = subprocess.run(["git", "ls-files", "crmn/*.py", "original/*.py", "modern/*.py"],

@@ -294,7 +294,7 @@ def test_compiled_bfloat16_step_trains_like_the_eager_one(cfg):
     assert off("bf16-compiled") < max(1.5 * off("bf16"), 1e-3)
 
 
-def test_checkpoint_round_trip_across_stacks(tmp_path):
+def test_checkpoint_round_trip_across_backends(tmp_path):
     """original -> HDF5 -> modern -> HDF5 -> original gives identical arrays (STYLE 5)."""
     pytest.importorskip("original.backend")  # compat bridges before theano
     from crmn import checkpoint

@@ -82,7 +82,7 @@ def test_one_epoch_on_real_cifar10_learns(tmp_path, run_main, figures, row, back
     assert summary["test_acc"] >= MIN_ACC
 
 
-def test_both_stacks_give_the_same_losses_on_real_batches(figures):
+def test_both_backends_give_the_same_losses_on_real_batches(figures):
     """ResNet-8 from one seed, float64, torch and Theano (JAX mode): the mean cross-entropy
     over the first BATCHES real training batches (of BATCH images) agrees to RTOL."""
     pytest.importorskip("modern.backend")

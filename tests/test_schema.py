@@ -86,6 +86,8 @@ def test_every_schema_field_round_trips(tmp_path):
 #: the positional arguments a command needs before its options parse
 POSITIONAL = {"compare": ["d"], "status": ["d"], "export": ["d"], "evaluate": ["w.pt"],
               "replay": ["d"]}
+#: ... and after them (lasagne: whatever follows SCRIPT is the script's own)
+TRAILING = {"lasagne": ["s.py"]}
 
 
 def test_every_commands_options_come_from_the_schema_and_parse_back(tmp_path):
@@ -105,7 +107,8 @@ def test_every_commands_options_come_from_the_schema_and_parse_back(tmp_path):
                 continue
             m = f.metadata
             words = _off_default(f, tmp_path)
-            args = parser.parse([name, *POSITIONAL.get(name, []), *words])
+            args = parser.parse([name, *POSITIONAL.get(name, []), *words,
+                                 *TRAILING.get(name, [])])
             want = ((m["kind"] == "true") if m["kind"] != "value" else
                     words[1] if m["choices"] or not m["type"] else m["type"](words[1]))
             assert getattr(args, schema.dest(f)) == want, (name, flag)

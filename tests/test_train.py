@@ -147,7 +147,7 @@ def test_epochs_cap_bounds_a_given_schedule(tmp_path):
     assert summary["schedule_used"] == [1, 1] and summary["final_epochs"] == 2
 
 
-def test_non_finite_epoch_loss_from_a_stack_is_caught(tmp_path):
+def test_non_finite_epoch_loss_from_a_backend_is_caught(tmp_path):
     """A backend's infinite loss in epoch 3, without raising itself: the loop stops the run."""
 
     def inf_in_epoch_3(backend, epoch, stats):

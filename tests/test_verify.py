@@ -136,13 +136,13 @@ def _backends_result(cfg, name):
 
 
 @pytest.mark.slow
-def test_stacks_agree_resnet():
+def test_backends_agree_resnet():
     r = _backends_result(TINY_RESNET, "resnet")
     assert r.passed, r.diffs
 
 
 @pytest.mark.slow
-def test_stacks_agree_crmn():
+def test_backends_agree_crmn():
     r = _backends_result(TINY_CRMN, "crmn")
     assert r.passed, r.diffs
 

@@ -295,8 +295,23 @@ def cmd_test(argv: Sequence[str]) -> int:
     return subprocess.call(["bash", str(ROOT / "tests" / "run.sh"), *argv])
 
 
+def cmd_lasagne(args) -> int:
+    if not Path(args.script).is_file():
+        raise UsageError(f"run_experiments.sh lasagne: no script {args.script!r}: give the "
+                         f"path of a Python file")
+    if args.dtype not in registry.BACKEND_DTYPES["theano"]:
+        raise UsageError(f"run_experiments.sh lasagne: --dtype {args.dtype} is torch only; "
+                         f"choose float32 or float64 (Theano's floatX)")
+    # Theano reads floatX once, at its import, which ``import original`` makes
+    flags = os.environ.get("THEANO_FLAGS")
+    os.environ["THEANO_FLAGS"] = f"{flags},floatX={args.dtype}" if flags else f"floatX={args.dtype}"
+    from original import run
+    return run.run(args)
+
+
 COMMANDS = {**{name: cmd_train for name in paper.EXPERIMENTS}, "params": cmd_params,
             "compare": cmd_compare, "status": lambda args: status.show(Path(args.dir)),
             "smoke": cmd_smoke, "verify": cmd_verify, "bench": cmd_bench, "profile": cmd_profile,
             "gpucheck": lambda args: gpucheck.run(gpucheck.plan_from_args(args)),
-            "export": cmd_export, "evaluate": cmd_evaluate, "replay": cmd_replay}
+            "export": cmd_export, "evaluate": cmd_evaluate, "replay": cmd_replay,
+            "lasagne": cmd_lasagne}

@@ -177,18 +177,16 @@ def _add_gpucheck(sub) -> None:
 
 
 def _add_use(sub) -> None:
-    sp = sub.add_parser("export", help="a finished run as <row>-<sha8>.pt (torch), .npz "
-                                       "(Lasagne) and a model card MODEL.md")
-    sp.add_argument("run_dir", type=Path, metavar="RUN_DIR",
-                    help="a finished run folder, runs/<experiment>/<row>/seed<k>")
-    _common(sp, ("out_dir",), helps=dict(out_dir="RUN_DIR/export"),
-            texts=dict(out_dir="where the files go"))
-    sp = sub.add_parser("replay", help="train a finished run again from its config.json "
-                                       "alone and say whether the results are the same")
-    sp.add_argument("run_dir", type=Path, metavar="RUN_DIR",
-                    help="a finished run folder, runs/<experiment>/<row>/seed<k>")
-    _common(sp, ("out_dir",), helps=dict(out_dir="replay-seed<k> beside RUN_DIR"),
-            texts=dict(out_dir="where the new run trains (never inside RUN_DIR)"))
+    for name, words, out_default, out_text in (
+            ("export", "a finished run as <row>-<sha8>.pt (torch), .npz (Lasagne) and a model "
+             "card MODEL.md", "RUN_DIR/export", "where the files go"),
+            ("replay", "train a finished run again from its config.json alone and say whether "
+             "the results are the same", "replay-seed<k> beside RUN_DIR",
+             "where the new run trains (never inside RUN_DIR)")):
+        sp = sub.add_parser(name, help=words)
+        sp.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                        help="a finished run folder, runs/<experiment>/<row>/seed<k>")
+        _common(sp, ("out_dir",), helps=dict(out_dir=out_default), texts=dict(out_dir=out_text))
     sp = sub.add_parser("evaluate", help="test accuracy and loss of a .pt, .npz or "
                                          "checkpoint .h5 on a dataset's test split")
     sp.add_argument("weights", type=Path, metavar="WEIGHTS")
@@ -238,6 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tools(sub)
     _add_gpucheck(sub)
     _add_use(sub)
+    sp = sub.add_parser("lasagne", help="run a Lasagne 0.1 script unmodified, in C mode or "
+                                        "through JAX (REPRODUCING.md, 'Your own Lasagne code')")
+    schema.add_options(sp, BackendOptions, only=("device", "dtype", "theano_mode"),
+                       defaults=dict(device=registry.AUTO, theano_mode=None),
+                       helps=dict(dtype="%(default)s; Theano's floatX"))
+    _common(sp, ("seed", "steps"), groups={}, defaults=dict(steps=None),
+            helps=dict(seed="unseeded", steps="no limit"),
+            texts=dict(seed="seed numpy's global generator first",
+                       steps="stop after N calls of a training function (one with updates), "
+                             "as Ctrl-C would"))
+    sp.add_argument("--record", type=Path, default=None, metavar="PATH",
+                    help="write each training call's outputs as JSON to PATH")
+    sp.add_argument("script", metavar="SCRIPT", help="the script, run as `python SCRIPT ARGS` "
+                    "would run it")
+    sp.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                    help="the script's own arguments")
     sp = sub.add_parser("test", add_help=False, help="run the test suite (extra args: pytest)")
     sp.add_argument("args", nargs=argparse.REMAINDER)
     return parser

@@ -18,7 +18,7 @@ from theano.compile.mode import Mode, get_mode
 from crmn.errors import ConfigError
 from original import compat
 # conversion modules: importing one registers its conversions on dispatch.jax_funcify
-from original.jax_mode import conv, dispatch  # noqa: F401
+from original.jax_mode import conv, dispatch, scan  # noqa: F401
 from original.jax_mode.linker import PRECISIONS, FusedJAXLinker, _Call
 
 GPU_INSTALL = "pip install -r requirements-gpu.txt"  # where "cuda" finds no CUDA jaxlib

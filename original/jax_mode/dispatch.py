@@ -1,6 +1,7 @@
 """Op conversions of the JAX mode, on a dispatcher of our own whose fallback is Theano's
 stock one (Theano's registry stays as it is). Added: ``CorrMM`` and its gradients,
-pooling, softmax cross-entropy, ``Argmax``, ``Split``; replaced: ``Add``, ``Mul``,
+pooling and its gradients, softmax cross-entropy, ``Argmax``, ``Split``, ``mrg_uniform``
+(Theano's MRG31k3p random numbers, bit for bit); replaced: ``Add``, ``Mul``,
 ``IncSubtensor`` (stock ones call functions JAX removed), ``CAReduceDtype``.
 """
 from __future__ import annotations
@@ -17,10 +18,12 @@ from jax import lax
 from theano.scalar.basic import Add, Composite, Mul
 from theano.tensor.basic import Argmax, Split
 from theano.tensor.elemwise import CAReduceDtype, Elemwise
+from theano.tensor.opt import Assert
 from theano.tensor.nnet.corr import CorrMM, CorrMM_gradInputs, CorrMM_gradWeights
 from theano.tensor.nnet.nnet import (CrossentropySoftmax1HotWithBiasDx,
                                      CrossentropySoftmaxArgmax1HotWithBias)
-from theano.tensor.signal.pool import AveragePoolGrad, Pool
+from theano.sandbox.rng_mrg import mrg_uniform
+from theano.tensor.signal.pool import AveragePoolGrad, MaxPoolGrad, Pool
 from theano.tensor.subtensor import AdvancedIncSubtensor, AdvancedIncSubtensor1, IncSubtensor
 
 from original.jax_mode.graph import Unsupported, convert_graph, evaluate
@@ -75,15 +78,61 @@ def jax_funcify_Add(op):
     return lambda *args: functools.reduce(binary, args)
 
 
+def _forward_slices(x, idx, y):
+    """``(idx, y)`` with each static slice of negative step turned forward and ``y``
+    flipped to match: jaxlib 0.11's XLA:CPU aborts compiling the gradient of a reversed
+    slice (``scan(go_backwards=True)``) written as a scatter into a reversed slice."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    backward = [isinstance(i, slice) and i.step is not None and not _is_tracer(i.step)
+                and i.step < 0 and not any(map(_is_tracer, (i.start, i.stop)))
+                for i in idx]
+    if not any(backward):
+        return idx, y
+    y = jnp.broadcast_to(y, jnp.asarray(x)[idx].shape)
+    out, flips, axis = [], [], 0
+    for dim, (i, back) in enumerate(zip(idx, backward)):
+        if back and len(range(x.shape[dim])[i]):
+            kept = range(x.shape[dim])[i]
+            out.append(slice(kept[-1], kept[0] + 1, -i.step))
+            flips.append(axis)
+        else:
+            out.append(i)
+        axis += isinstance(i, slice)
+    return tuple(out), jnp.flip(y, flips)
+
+
+def _is_tracer(value):
+    return isinstance(value, jax.core.Tracer)
+
+
 def _inc_subtensor(op, indices_of):
     """``x[idx] = y`` or ``x[idx] += y`` through ``x.at[idx]``; ``indices_of(ilist)``
     builds ``idx``."""
     setting = getattr(op, "set_instead_of_inc", False)
 
     def incsubtensor(x, y, *ilist):
-        ref = jnp.asarray(x).at[indices_of(list(ilist))]
+        idx, y = _forward_slices(x, indices_of(list(ilist)), y)
+        x = jnp.asarray(x)
+        starts = _window(x, idx)
+        if starts is not None:  # a block: an update of the slice, no scatter
+            part = x[idx]
+            new = jnp.broadcast_to(y, part.shape) if setting else part + y
+            return lax.dynamic_update_slice(x, new.astype(x.dtype), starts)
+        ref = x.at[idx]
         return ref.set(y) if setting else ref.add(y)
     return incsubtensor
+
+
+def _window(x, idx):
+    """The start of each axis where ``idx`` is static slices of step 1, else None (the same
+    jaxlib aborts on some scatters into such blocks, which scan's gradient makes)."""
+    starts = []
+    for size, i in zip(x.shape, idx):
+        if not isinstance(i, slice) or i.step not in (None, 1) or \
+                any(map(_is_tracer, (i.start, i.stop))):
+            return None
+        starts.append(min(range(size)[i].start, size))
+    return starts + [0] * (x.ndim - len(starts))
 
 
 @jax_funcify.register(IncSubtensor)
@@ -144,9 +193,26 @@ def correlate(op, img, kern, padding=None):
     defaults to :func:`corr_padding` of ``op``."""
     if padding is None:
         padding = corr_padding(op, kern.shape[-2:])
+    if img.dtype == np.float64 and op.num_groups == 1:
+        return _correlate_im2col(img, kern, op.subsample, padding, op.filter_dilation)
     return lax.conv_general_dilated(
         img, kern, window_strides=op.subsample, padding=padding, rhs_dilation=op.filter_dilation,
         dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=op.num_groups)
+
+
+def _correlate_im2col(img, kern, stride, padding, dilation):
+    """:func:`correlate` as ``CorrMM``'s C code computes it, patches then one product: XLA's
+    own float64 convolution on the CPU is a slow path (its gradient 10-20 times float32's)."""
+    img = jnp.pad(img, ((0, 0), (0, 0)) + tuple(padding))
+    kh, kw = kern.shape[-2:]
+    out = [(size - (k - 1) * d - 1) // s + 1 for size, k, d, s in
+           zip(img.shape[-2:], (kh, kw), dilation, stride)]
+    patches = jnp.stack([
+        img[:, :, i * dilation[0]: i * dilation[0] + (out[0] - 1) * stride[0] + 1: stride[0],
+            j * dilation[1]: j * dilation[1] + (out[1] - 1) * stride[1] + 1: stride[1]]
+        for i in range(kh) for j in range(kw)], axis=2)  # (B, C, kh·kw, H', W')
+    return jnp.einsum("bckhw,fck->bfhw", patches, kern.reshape(kern.shape[:2] + (-1,)),
+                      precision=lax.Precision.HIGHEST)
 
 
 @jax_funcify.register(CorrMM)
@@ -265,6 +331,84 @@ def jax_funcify_AveragePoolGrad(op):
     return average_pool_grad
 
 
+@jax_funcify.register(MaxPoolGrad)
+def jax_funcify_MaxPoolGrad(op):
+    """Gradient of max pooling as Theano's: every input equal to its window's maximum gets
+    the window's gradient (ties all get it; jax's own gradient picks one)."""
+    def max_pool_grad(x, maxout, gz, ws, stride, pad):
+        _check_pool(op, pad)
+        nd = len(ws)
+        _, _, padding, _ = _pool_geometry(x.shape, ws, stride, pad, op.ignore_border, op.mode)
+        lowest = np.array(-np.inf, dtype=x.dtype)  # a partial window's padding never wins
+        padded = jnp.pad(x, padding, constant_values=lowest)
+        grad = jnp.zeros(padded.shape, dtype=gz.dtype)
+        out = maxout.shape[-nd:]
+        lead = (slice(None),) * (x.ndim - nd)
+        for offset in np.ndindex(*(int(w) for w in ws)):  # one strided view per window cell
+            at = lead + tuple(slice(o, o + (n - 1) * int(s) + 1, int(s))
+                              for o, n, s in zip(offset, out, stride))
+            grad = grad.at[at].add(jnp.where(padded[at] == maxout, gz, 0))
+        return grad[lead + tuple(slice(lo, lo + n) for (lo, _), n in
+                                 zip(padding[-nd:], x.shape[-nd:]))]
+    return max_pool_grad
+
+
+#: MRG31k3p's constants as ``mrg_uniform``'s C code has them
+_M1, _M2 = np.int32(2147483647), np.int32(2147462579)
+_MRG_NORM = {"float32": np.float32(4.6566126e-10),
+             "float64": np.float64(4.656612873077392578125e-10)}
+
+
+def _mrg_wrap(y, modulus):
+    return jnp.where((y < 0) | (y >= modulus), y - modulus, y)
+
+
+def mrg_next(state):
+    """(streams, 6) int32 states -> (next states, the integer each draws), in int32
+    arithmetic that wraps on overflow as the C code's does."""
+    x11, x12, x13, x21, x22, x23 = (state[:, k] for k in range(6))
+    i32 = np.int32
+    y1 = (((x12 & i32(511)) << i32(22)) + (x12 >> i32(9)) + ((x13 & i32(16777215)) << i32(7))
+          + (x13 >> i32(24)))
+    y1 = _mrg_wrap(_mrg_wrap(y1, _M1) + x13, _M1)
+    x13, x12, x11 = x12, x11, y1
+    y1 = _mrg_wrap(((x21 & i32(65535)) << i32(15)) + i32(21069) * (x21 >> i32(16)), _M2)
+    y2 = _mrg_wrap(((x23 & i32(65535)) << i32(15)) + i32(21069) * (x23 >> i32(16)), _M2)
+    y2 = _mrg_wrap(_mrg_wrap(y2 + x23, _M2) + y1, _M2)
+    x23, x22, x21 = x22, x21, y2
+    drawn = jnp.where(x11 <= x21, x11 - x21 + _M1, x11 - x21)
+    return jnp.stack([x11, x12, x13, x21, x22, x23], axis=1), drawn
+
+
+@jax_funcify.register(mrg_uniform)
+def jax_funcify_mrg_uniform(op):
+    """(rstate (streams, 6), size) -> (next rstate, uniform samples of ``size``): sample i
+    from stream i mod streams, each stream stepped in turn, as ``mrg_uniform``'s C code."""
+    dtype = op.output_type.dtype
+    if dtype not in _MRG_NORM:
+        raise Unsupported(f"no JAX conversion for {op} in {dtype}")
+    norm = _MRG_NORM[dtype]
+
+    def mrg_uniform_sample(rstate, size):
+        if isinstance(size, jax.core.Tracer):
+            raise Unsupported(f"no JAX conversion for {op} of a size known only at run time")
+        shape = tuple(int(s) for s in np.asarray(size))
+        n, streams = int(np.prod(shape, dtype=np.int64)), rstate.shape[0]
+        index = jnp.arange(streams)
+
+        def step(state, first):  # first: the sample index of stream 0 in this round
+            new, drawn = mrg_next(state)
+            live = (first + index < n)[:, None]  # the last round may leave streams idle
+            return jnp.where(live, new, state), drawn
+
+        rounds = -(-n // streams)
+        state, drawn = lax.scan(step, rstate, jnp.arange(rounds) * streams)
+        # the int-to-float conversion, then one multiply, in the output's dtype
+        sample = drawn.reshape(-1)[:n].astype(dtype) * norm
+        return state, sample.reshape(shape)
+    return mrg_uniform_sample
+
+
 @jax_funcify.register(CrossentropySoftmaxArgmax1HotWithBias)
 def jax_funcify_CrossentropySoftmaxArgmax1HotWithBias(op):
     """(x (B, K), b (K,), y (B,)) -> (nll, softmax, argmax), with the arithmetic of the
@@ -302,6 +446,18 @@ def jax_funcify_Argmax(op):
         flat = jnp.reshape(moved, moved.shape[:len(keep)] + (-1,))
         return jnp.argmax(flat, axis=-1).astype("int64")
     return argmax
+
+
+@jax_funcify.register(Assert)
+def jax_funcify_Assert(op):
+    """The value, its conditions checked where they are known when traced (shapes, which
+    Theano's scan gradient asserts); a traced condition cannot stop a jitted function."""
+    def assert_(value, *conditions):
+        for condition in conditions:
+            if not isinstance(condition, jax.core.Tracer) and not np.all(condition):
+                raise ValueError(f"{op.msg} (Theano's Assert, while tracing)")
+        return value
+    return assert_
 
 
 @jax_funcify.register(Split)

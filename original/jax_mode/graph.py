@@ -45,8 +45,11 @@ def _conform(value, var):
 def _perform_static(node, args):
     """Run ``node``'s own numpy ``perform`` on static inputs; None where it has none."""
     storage = [[None] for _ in node.outputs]
+    if len(node.inputs) > 31:  # numpy's ufuncs take 31 operands: Elemwise's perform fails
+        return None
     params = node.run_params()
     try:
+        node.op.prepare_node(node, None, None, "py")  # a Composite's scalar functions
         node.op.perform(node, args, storage, *(() if params is NoParams else (params,)))
     except (MethodNotDefined, NotImplementedError):
         return None
@@ -66,7 +69,9 @@ def convert_graph(fgraph, funcify: Callable) -> Dict:
         name, (node, err) = next(iter(missing.items()))
         others = sorted(set(missing) - {name})
         more = f"; {len(others)} more op type(s) lack one: {', '.join(others)}" if others else ""
-        raise ConfigError(f"--theano-mode jax: {err} {_origin(node)}{more}")
+        error = ConfigError(f"--theano-mode jax: {err} {_origin(node)}{more}")
+        error.node = node  # for the script's line that made it (original.run)
+        raise error
     return conversions
 
 
