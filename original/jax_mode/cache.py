@@ -111,9 +111,9 @@ def graph_text(inputs: Sequence, outputs: Sequence, updates: Sequence[Tuple]
         raise Uncacheable(f"free variable {var}")
 
     def visit(root) -> None:
-        stack = [(root, False)]
-        while stack:  # iterative: a ResNet-134 gradient is deeper than Python's recursion
-            var, ready = stack.pop()
+        todo = [(root, False)]
+        while todo:  # iterative: a ResNet-134 gradient is deeper than Python's recursion
+            var, ready = todo.pop()
             if id(var) in number:
                 continue
             node = var.owner
@@ -122,8 +122,8 @@ def graph_text(inputs: Sequence, outputs: Sequence, updates: Sequence[Tuple]
                 lines.append(f"v{number[id(var)]} = {leaf(var)}")
                 continue
             if not ready:
-                stack.append((var, True))
-                stack.extend((v, False) for v in reversed(node.inputs))
+                todo.append((var, True))
+                todo.extend((v, False) for v in reversed(node.inputs))
                 continue
             args = " ".join(f"v{number[id(v)]}" for v in node.inputs)
             outs = []
