@@ -104,11 +104,11 @@ def test_both_backends_give_the_same_losses_on_real_batches(figures):
             sampler = data.BatchSampler(split.train_x, split.train_y, train.batch_size,
                                         sampler_seed(train.seed, "final"), pad=train.pad,
                                         flip=train.flip)
-        backend = registry.build(spec.backend_options, spec.model, train)
+        built = registry.build(spec.backend_options, spec.model, train)
         t0 = time.perf_counter()
         total = 0.0
         for done, (xb, yb) in enumerate(sampler.epoch(0), 1):
-            total += float(backend.step(xb, yb, train.lr_stages[0])[0])
+            total += float(built.step(xb, yb, train.lr_stages[0])[0])
             if done == BATCHES:
                 break
         means[backend] = total / (BATCHES * train.batch_size)
