@@ -111,13 +111,18 @@ def test_other_changes_and_a_smaller_cap_are_still_refused(tmp_path):
         run_toy(run_dir, resume=True, train=SEARCH_CAPPED)
 
 
-def test_a_corrupt_checkpoint_falls_back_to_the_previous_epoch(tmp_path, capsys):
+def crashed_after_epoch_4(tmp_path):
+    """A whole reference run, and a run killed after its fourth epoch: (ref, run, checkpoint)."""
     ref = tmp_path / "ref"
     run_toy(ref)
     run_dir = tmp_path / "r"
     with pytest.raises(SimulatedCrash):
         run_toy(run_dir, crash_after=4)
-    ckpt = run_dir / runlog.CHECKPOINT
+    return ref, run_dir, run_dir / runlog.CHECKPOINT
+
+
+def test_a_corrupt_checkpoint_falls_back_to_the_previous_epoch(tmp_path, capsys):
+    ref, run_dir, ckpt = crashed_after_epoch_4(tmp_path)
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[:len(data) // 2])  # the disk, not the archive, cut it
     capsys.readouterr()
@@ -135,12 +140,7 @@ def test_an_edited_checkpoint_fails_its_digest_and_falls_back_too(tmp_path, caps
     checksums; the digest of the arrays and meta refuses it."""
     import h5py
 
-    ref = tmp_path / "ref"
-    run_toy(ref)
-    run_dir = tmp_path / "r"
-    with pytest.raises(SimulatedCrash):
-        run_toy(run_dir, crash_after=4)
-    ckpt = run_dir / runlog.CHECKPOINT
+    ref, run_dir, ckpt = crashed_after_epoch_4(tmp_path)
     with h5py.File(ckpt, "r+") as f:
         name = next(n for n in f if f[n].ndim > 0 and f[n].dtype.kind == "f")
         f[name][...] = f[name][()] + 1
