@@ -1,6 +1,6 @@
 """The shape of the code: no import cycle between the archive's modules, a framework-free
 ``crmn/`` (no module imports torch or theano when it is imported), no function over 60
-lines."""
+lines, and the line budgets of the code and of gpucheck."""
 import ast
 import re
 import subprocess
@@ -14,6 +14,8 @@ pytestmark = pytest.mark.current  # framework-free: runs in the current environm
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("crmn", "original", "modern")
 MAX_FUNCTION_LINES = 60
+CODE_LINES = 11_000  # crmn/ + original/ + modern/, the budget issue "Plain words" set
+GPUCHECK_LINES = 360  # a list of plain checks, the same issue's budget for it
 
 
 def _modules():
@@ -148,6 +150,13 @@ def test_no_function_over_60_lines():
 
 ARGPARSE_PRIVATE = {"_actions", "_subparsers", "_group_actions", "_option_string_actions",
                     "_positionals", "_optionals", "_defaults", "_registries"}
+
+
+def test_the_code_keeps_within_its_line_budgets():
+    sizes = {path.relative_to(ROOT).as_posix(): len(path.read_text().splitlines())
+             for path in _modules().values()}
+    assert sum(sizes.values()) <= CODE_LINES, sum(sizes.values())
+    assert sizes["crmn/gpucheck.py"] <= GPUCHECK_LINES, sizes["crmn/gpucheck.py"]
 
 
 def test_nothing_reads_argparse_private_attributes():
