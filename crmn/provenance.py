@@ -40,8 +40,7 @@ def _git(root: Path, *args: str) -> str:
 
 
 def revision(root: Path = ROOT) -> Dict:
-    """``{"commit", "dirty"}`` of the git checkout at ``root``; without one, the sha256 of
-    the sources (every file under :data:`SOURCES` but compiled ones, by path)."""
+    """``{"commit", "dirty"}`` of the git checkout at ``root``, else its sources' sha256."""
     root = Path(root).resolve()
     try:
         if Path(_git(root, "rev-parse", "--show-toplevel")).resolve() == root:

@@ -1,9 +1,6 @@
-"""A training run's state in its folder (crmn/LOGS.md): the typed records of its config,
-log lines, checkpoints and summary, where a run resumes, and extending a run that
-``--epochs-cap`` cut short. The bytes themselves are crmn.runlog's; this module says what
-they mean to a run, and replaces files in an order that a kill at any moment leaves
-resumable; the records become JSON only here.
-"""
+"""A run's folder as a run reads it (crmn/LOGS.md; the bytes are crmn.runlog's): the typed
+records of its files, where it resumes, and extending a run ``--epochs-cap`` cut short, each
+file replaced in an order that a kill at any moment leaves resumable."""
 from __future__ import annotations
 
 import contextlib
@@ -181,8 +178,7 @@ class RunFolder:
             yield
 
     def finished(self, resume: bool) -> Optional[Dict]:
-        """summary.json of a finished run of this configuration (to skip); None for a run
-        to train (also a finished one resumed under a larger ``--epochs-cap``)."""
+        """summary.json of a finished run to skip; None to train (a larger cap: to extend)."""
         summary = runlog.read_summary(self.dir)
         if not runlog.is_done(summary):
             # config.json alone (e.g. from a failed download) means nothing was trained
@@ -211,8 +207,7 @@ class RunFolder:
         return None
 
     def _cap_raised(self, recorded: Dict, path: Path, source: str) -> Optional[int]:
-        """Check ``recorded`` (a checkpoint's meta or config.json) against this run: the cap
-        it was trained under when this run raises it, else None; a smaller one is refused."""
+        """The cap ``recorded`` (checkpoint meta, config.json) had if this run raises it."""
         spec = self.spec
         checkpoint.check_compatible(recorded, spec.model, spec.train, dataset=spec.dataset,
                                     path=path, source=source, may_change=resume_may_change)
@@ -226,8 +221,7 @@ class RunFolder:
         return old
 
     def start(self, resume: bool) -> Optional[ResumePoint]:
-        """Where the run starts: None from its seed, else the last good checkpoint; the log
-        keeps the epochs it covers (one logged, not checkpointed before a kill is redone)."""
+        """None (from the seed) or the last good checkpoint; the log is cut back to it."""
         for tmp in self.dir.glob(".*.tmp"):  # writes a kill interrupted: the real files stay
             tmp.unlink()
         log = self.path(runlog.LOG)
@@ -273,8 +267,7 @@ class RunFolder:
                 if _point(e["phase"], e["epoch"]) <= point]
 
     def _record_resume(self, meta: CheckpointMeta) -> None:
-        """Note in config.json who continued the run, with every field ``--resume`` may
-        change (the cap: caps_lifted); say so when the backend or dtype changed."""
+        """config.json's ``resumes``: when, with every field ``--resume`` may change."""
         options = self.spec.backend_options
         if (meta.backend, meta.dtype) != (options.backend, options.dtype):
             say(f"{self.dir}: checkpoint written by {meta.backend} ({meta.dtype}), "
@@ -294,8 +287,7 @@ class RunFolder:
             runlog.write_json(path, config)
 
     def _lift_cap(self, point: ResumePoint, old: int) -> ResumePoint:
-        """Continue a run capped at ``old`` under a larger cap: back at the first epoch the cap
-        cut short (capped.h5), its schedule steps again uncut; else on from ``point``."""
+        """Go on from capped.h5 (the first epoch cut short, stepped again), or from ``point``."""
         cut = self.path(runlog.CAPPED)
         held = None
         if cut.exists():
@@ -329,8 +321,7 @@ class RunFolder:
 
     def _rewind(self, arrays: Arrays, meta: CheckpointMeta, old: int,
                 decision: Optional[str], from_cut: bool) -> None:
-        """The files of :meth:`_lift_cap`, in the order that keeps every kill resumable:
-        the log, summary.json, config.json, best.h5, checkpoint.h5, capped.h5 last."""
+        """:meth:`_lift_cap`'s files, in an order that keeps every kill resumable."""
         kept = self._log_until(meta.point)
         for e in kept:
             if decision is not None and "event" not in e and \
@@ -362,9 +353,7 @@ class RunFolder:
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
     def check_same_run(self, fingerprint: Optional[str]) -> None:
-        """``--resume`` continues only the run config.json records: every schema field but
-        those its ``resume=`` lets change, and the data by their fingerprint, not their path;
-        a difference is refused before anything changes."""
+        """Refuse a ``--resume`` whose options (but ``resume=`` ones) or data differ."""
         path = self.path(runlog.CONFIG)
         if not path.exists():
             return
@@ -400,8 +389,7 @@ class RunFolder:
         checkpoint.save(self.path(runlog.BEST), arrays, meta.to_dict())
 
     def best_model(self, epoch: int, exact: bool = True) -> Arrays:
-        """best.h5's arrays, checked to be search epoch ``epoch``'s (``exact=False``, on
-        resume: or a later one's, saved just before a kill; it is written again)."""
+        """best.h5's arrays, of search epoch ``epoch`` (``exact=False``: or a later one's)."""
         path = self.path(runlog.BEST)
         try:
             arrays, meta = checkpoint.load(path)
@@ -420,9 +408,8 @@ class RunFolder:
 
 
 class CapWatch:
-    """The schedule ``sched`` of one phase, keeping capped.h5 (and capped.best.h5) at the
-    first epoch where ``--epochs-cap`` ended a stage: where a later, larger cap goes on
-    (RunFolder.start). ``meta(sched)``: the checkpoint record of the epoch just stepped."""
+    """``sched``, keeping capped.h5 (and capped.best.h5) where ``--epochs-cap`` first ended a
+    stage, for a larger cap to go on from; ``meta(sched)``: the epoch's checkpoint record."""
 
     def __init__(self, sched, folder: RunFolder, backend, meta):
         self.sched, self.folder, self.backend, self.meta = sched, folder, backend, meta
