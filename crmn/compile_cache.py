@@ -1,7 +1,6 @@
 """The compile cache's folder (``$CRMN_CACHE`` or ``~/.cache/crmn``) and entries: a JSON
 header line and payload bytes, never a pickle, checked on load (a bad one is a warning line
-and a miss) and replaced atomically. A folder others could plant entries in is not used.
-"""
+and a miss) and replaced atomically. A folder others could plant entries in is not used."""
 from __future__ import annotations
 
 import hashlib
@@ -136,8 +135,7 @@ def fingerprint(*parts: str) -> str:
     h = hashlib.sha256()
     for part in parts:
         data = part.encode()
-        h.update(f"{len(data)}:".encode())
-        h.update(data)
+        h.update(f"{len(data)}:".encode() + data)
     return h.hexdigest()
 
 

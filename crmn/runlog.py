@@ -1,7 +1,6 @@
 """The bytes of a run folder's files (docs/spec.md §7, crmn/LOGS.md; what they mean to a run:
 crmn.runstate), its lock, and what the report reads. A kill or a full disk never loses what was
-there: ``log.jsonl`` is appended and fsynced line by line, every other file replaced atomically.
-"""
+there: ``log.jsonl`` is appended and fsynced line by line, every other file replaced atomically."""
 from __future__ import annotations
 
 import contextlib

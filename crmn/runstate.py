@@ -140,8 +140,7 @@ class ResumePoint:
 
 def given_schedule(train: TrainConfig) -> List[int]:
     """``--schedule``, each stage bounded by ``--epochs-cap``."""
-    cap = train.epochs_cap
-    return [e if cap is None else min(e, cap) for e in train.schedule]
+    return [e if train.epochs_cap is None else min(e, train.epochs_cap) for e in train.schedule]
 
 
 def say(text: str) -> None:
@@ -288,8 +287,7 @@ class RunFolder:
 
     def _lift_cap(self, point: ResumePoint, old: int) -> ResumePoint:
         """Go on from capped.h5 (the first epoch cut short, stepped again), or from ``point``."""
-        cut = self.path(runlog.CAPPED)
-        held = None
+        cut, info = self.path(runlog.CAPPED), None
         if cut.exists():
             try:
                 arrays, recorded = checkpoint.load(cut)
@@ -297,15 +295,14 @@ class RunFolder:
                 raise CheckpointError(f"{e}: the run cannot be extended; run it with "
                                       f"--epochs-cap {old} as it is, or delete {self.dir} "
                                       "and start over") from None
-            held = ResumePoint(arrays, CheckpointMeta.from_dict(recorded))
-            info = held.meta.capped
-            if info is None or info.cap != old or held.meta.point > point.meta.point:
-                held = None  # left by an earlier extension
+            held = CheckpointMeta.from_dict(recorded)
+            cap = held.capped  # None, or another cap's: left by an earlier extension
+            if cap is not None and cap.cap == old and held.point <= point.meta.point:
+                info, point = cap, ResumePoint(arrays, dataclasses.replace(held, capped=None))
         train = self.spec.train
-        if held is not None:
+        if info is not None:
             sched = _with_cap(info.schedule_before, train)
             decision = sched.step(info.eval_loss, info.eval_acc).value
-            point = ResumePoint(held.arrays, dataclasses.replace(held.meta, capped=None))
             where = "where the cap first cut a stage short"
         else:
             sched, decision = _with_cap(point.meta.schedule, train), None
@@ -316,7 +313,7 @@ class RunFolder:
             f"raised from {old} to {train.epochs_cap}"
         say(f"{self.dir}: --epochs-cap {lifted}: continuing the {meta.phase} run after "
             f"epoch {meta.epoch} ({where})")
-        self._rewind(point.arrays, meta, old, decision, from_cut=held is not None)
+        self._rewind(point.arrays, meta, old, decision, from_cut=info is not None)
         return ResumePoint(point.arrays, meta)
 
     def _rewind(self, arrays: Arrays, meta: CheckpointMeta, old: int,

@@ -1,7 +1,6 @@
 """The learning-rate schedules of the training protocol (section 4, docs/spec.md §5): pure
 state machines fed each epoch's evaluation metrics, answering what :mod:`crmn.train` does
-next. :class:`PlateauSchedule` searches; :class:`FixedSchedule` replays a schedule.
-"""
+next. :class:`PlateauSchedule` searches; :class:`FixedSchedule` replays a schedule."""
 from __future__ import annotations
 
 import copy
