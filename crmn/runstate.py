@@ -13,10 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
-
 from crmn import checkpoint, provenance, runlog
-from crmn.checkpoint import show
+from crmn.checkpoint import Arrays, show
 from crmn.config import TrainConfig
 from crmn.errors import CheckpointError, RunError
 from crmn.plan import (RECORD_FORMAT, RunSpec, disk_key, legacy_record, recorded,
@@ -25,7 +23,6 @@ from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
 PHASES = ("search", "final")
 PREVIOUS = checkpoint.previous_path(runlog.CHECKPOINT).name  # the last good checkpoint
-Arrays = Dict[str, np.ndarray]
 
 
 def _point(phase: str, epoch: int) -> Tuple[int, int]:
