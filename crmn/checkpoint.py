@@ -1,10 +1,7 @@
-"""The one HDF5 checkpoint format both backends read and write (docs/spec.md §6, §7): one
-dataset per array under its canonical name (:mod:`crmn.naming`), with a Fletcher-32 checksum
-so that flipped bytes are detected, not trained on; the root attribute ``meta`` is one JSON
-object (crmn.runstate.CheckpointMeta) with ``format_version``; ``digest`` (crmn.weights.digest
-of the arrays and meta) also covers what Fletcher-32 cannot: scalars, empty arrays, the meta.
-A checkpoint written before the digest existed reads without that check.
-"""
+"""The HDF5 checkpoint both backends read and write (docs/spec.md §6, §7): a Fletcher-32
+checked dataset per array by canonical name (:mod:`crmn.naming`), the JSON attribute ``meta``
+(crmn.runstate.CheckpointMeta) and ``digest`` (crmn.weights.digest), which also covers
+scalars, empty arrays and the meta; a checkpoint older than the digest reads without it."""
 from __future__ import annotations
 
 import json
@@ -25,7 +22,6 @@ _IMAGE_BLOCK = 1 << 22  # growth step of the in-memory file image (bytes)
 
 Arrays = Dict[str, np.ndarray]
 
-
 #: what to do when a checkpoint cannot be written (a full disk, most often)
 WAY_ON = ("; free disk space, then run the same command with --resume (it goes on from the "
           "last checkpoint written)")
@@ -38,8 +34,7 @@ def previous_path(path) -> Path:
 
 
 def save(path, arrays: Arrays, meta: Dict, *, keep_previous: bool = False) -> None:
-    """Write ``path`` atomically, read back before it is current (a crash leaves it readable);
-    ``keep_previous`` keeps the replaced file, if it reads, as :func:`previous_path`."""
+    """Write ``path`` atomically, read back first; ``keep_previous``: see :func:`previous_path`."""
     path = Path(path)
     bad = [n for n in arrays if "/" in n or not n]
     if bad:
@@ -162,8 +157,7 @@ def check_compatible(recorded: Dict, model: ModelConfig, train: Optional[TrainCo
                      dataset: Optional[str] = None, path="checkpoint.h5",
                      source: str = "the checkpoint",
                      may_change: Callable[[str], bool] = lambda name: False) -> None:
-    """Refuse ``recorded`` (a checkpoint's meta or config.json) of another configuration:
-    fields given must be equal, but those ``may_change`` accepts, which must be present."""
+    """Refuse ``recorded`` (checkpoint meta, config.json) unless equal but for ``may_change``."""
     sections = [("model", model.to_dict(), recorded.get("model"))]
     if train is not None:
         sections.append(("train", train.to_dict(), recorded.get("train")))

@@ -1,7 +1,6 @@
 """The compile cache's folder (``$CRMN_CACHE`` or ``~/.cache/crmn``) and entries: a JSON
 header line and payload bytes, never a pickle, checked on load (a bad one is a warning line
-and a miss) and replaced atomically. A folder others could plant entries in is not used.
-"""
+and a miss) and replaced atomically. A folder others could plant entries in is not used."""
 from __future__ import annotations
 
 import hashlib
@@ -29,9 +28,7 @@ def warn(message: str) -> None:
 def folder() -> Tuple[Path, bool]:
     """(the cache folder, whether the user chose it through ``$CRMN_CACHE``)."""
     chosen = os.environ.get(CACHE_ENV)
-    if chosen:
-        return Path(chosen).expanduser(), True
-    return DEFAULT_FOLDER.expanduser(), False
+    return Path(chosen or DEFAULT_FOLDER).expanduser(), bool(chosen)
 
 
 def folder_problem(path: Path, chosen: bool) -> Optional[str]:
@@ -45,8 +42,7 @@ def folder_problem(path: Path, chosen: bool) -> Optional[str]:
         return f"{path}: cannot read it ({exc.strerror or exc})"
     if not stat.S_ISDIR(st.st_mode):
         return f"{path} is not a folder"
-    own = st.st_uid == os.getuid()
-    mode = st.st_mode
+    own, mode = st.st_uid == os.getuid(), st.st_mode
     if not chosen:
         if not own:
             return f"{path} belongs to another user (uid {st.st_uid})"
@@ -69,11 +65,6 @@ class CompileCache:
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / f"{key}.entry"
 
-    def subfolder(self, kind: str) -> Path:
-        sub = self.root / kind
-        sub.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return sub
-
     def load(self, kind: str, key: str,
              check: Callable[[Dict], Optional[str]] = lambda header: None
              ) -> Optional[Tuple[Dict, bytes]]:
@@ -81,15 +72,13 @@ class CompileCache:
         line); ``check(header)`` says why the entry is foreign, or None."""
         path = self.path(kind, key)
         try:
-            with open(path, "rb") as f:
-                blob = f.read()
+            blob = path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
             warn(f"{path}: unreadable ({exc.strerror or exc}); compiling afresh")
             return None
         head, sep, payload = blob.partition(b"\n")
-        problem = None
         try:
             header = json.loads(head.decode()) if sep else None
         except (ValueError, UnicodeDecodeError):
@@ -116,7 +105,7 @@ class CompileCache:
         head = json.dumps(full, sort_keys=True, allow_nan=False).encode()
         path = self.path(kind, key)
         try:
-            self.subfolder(kind)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             replace_file(path, head + b"\n" + payload)
         except OSError as exc:
             warn(f"{path}: could not write ({exc.strerror or exc}); the run goes on uncached")
@@ -146,8 +135,7 @@ def fingerprint(*parts: str) -> str:
     h = hashlib.sha256()
     for part in parts:
         data = part.encode()
-        h.update(f"{len(data)}:".encode())
-        h.update(data)
+        h.update(f"{len(data)}:".encode() + data)
     return h.hexdigest()
 
 

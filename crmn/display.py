@@ -15,8 +15,7 @@ def duration(seconds: float) -> str:
 
 
 def epoch_line(e, total: Optional[int], done: int, walls: List[float], best: bool) -> str:
-    """``[search] epoch 12 stage 0 lr 0.1 | train loss 1.2 acc 45.6% | val ... | 30.2 s`` for
-    log line ``e``, with an ETA from this process's epoch seconds ``walls``."""
+    """``[search] epoch 12 stage 0 lr 0.1 | train loss 1.2 acc 45.6% | val ... | 30.2 s``."""
     eta = "" if total is None or not walls else \
         f" | ETA {duration((total - done) * sum(walls) / len(walls))}"
     ips = f"{e.images_per_s:.0f} img/s" if e.images_per_s else "- img/s"
@@ -32,8 +31,7 @@ def epoch_line(e, total: Optional[int], done: int, walls: List[float], best: boo
 
 
 class Progress:
-    """A one-line progress bar on a terminal: batches, images/s, ETA, loss; until the first
-    step returns (the backends compile there) it counts ``compiling… N s`` each second."""
+    """A one-line progress bar: batches, images/s, ETA, loss; ``compiling… N s`` before."""
 
     def __init__(self, label: str, total: int, backend):
         self.label, self.total, self.backend = label, total, backend

@@ -40,8 +40,7 @@ def _git(root: Path, *args: str) -> str:
 
 
 def revision(root: Path = ROOT) -> Dict:
-    """``{"commit", "dirty"}`` of the git checkout at ``root``; without one, the sha256 of
-    the sources (every file under :data:`SOURCES` but compiled ones, by path)."""
+    """``{"commit", "dirty"}`` of the git checkout at ``root``, else its sources' sha256."""
     root = Path(root).resolve()
     try:
         if Path(_git(root, "rev-parse", "--show-toplevel")).resolve() == root:
@@ -52,8 +51,7 @@ def revision(root: Path = ROOT) -> Dict:
     h = hashlib.sha256()
     for path in sorted(p for d in SOURCES for p in (root / d).rglob("*")
                        if p.is_file() and "__pycache__" not in p.parts):
-        h.update(f"{path.relative_to(root).as_posix()}\0".encode())
-        h.update(path.read_bytes())
+        h.update(f"{path.relative_to(root).as_posix()}\0".encode() + path.read_bytes())
     return {"sources_sha256": h.hexdigest()}
 
 

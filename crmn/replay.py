@@ -11,22 +11,19 @@ from crmn import plan as plans, runlog
 from crmn.errors import RunError, UsageError
 
 VOLATILE = ("time", "seconds", "images_per_s", "compile_seconds", "cache_outcome",
-            "compile_cache",
-            "sec_per_epoch", "device")
+            "compile_cache", "sec_per_epoch", "device")
 #: what a resume may have changed that changes the numbers: the backend, not the data's path
 BACKEND_FIELDS = tuple(plans.disk_key(n)[-1] for n, _ in plans.spec_fields() if n.startswith("backend_options."))
 MACHINE = ("versions", "threads", "ran_on", "cuda", "flags")  # provenance.record's
 
 
 def default_out(run_dir: Path) -> Path:
-    """``<row>/replay-seed<k>``: beside the run, and no ``seed*`` folder that compare or
-    export would count as another seed."""
+    """``<row>/replay-seed<k>``: beside the run, not a ``seed*`` that compare would count."""
     return run_dir.parent / f"replay-{run_dir.name}"
 
 
 def plan(run_dir, out_dir: Optional[Path] = None) -> plans.TrainPlan:
-    """The one run config.json records, into ``out_dir`` (default: beside the run), checked:
-    a finished run of the current format whose history replays, a folder not the run's."""
+    """The run config.json records, into ``out_dir``, once checked to replay."""
     run_dir = Path(run_dir).resolve()
     path = run_dir / runlog.CONFIG
     config = runlog.read_json(path)

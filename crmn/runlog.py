@@ -1,8 +1,6 @@
-"""The bytes of a run directory's files (docs/spec.md §7, crmn/LOGS.md), written so that a
-kill or a full disk never loses what was there: ``log.jsonl`` is appended and fsynced line
-by line, every other file replaced atomically. Also the directory's lock, and what the
-report reads. What the files mean to a training run: crmn.runstate.
-"""
+"""The bytes of a run folder's files (docs/spec.md §7, crmn/LOGS.md; what they mean to a run:
+crmn.runstate), its lock, and what the report reads. A kill or a full disk never loses what was
+there: ``log.jsonl`` is appended and fsynced line by line, every other file replaced atomically."""
 from __future__ import annotations
 
 import contextlib
@@ -57,8 +55,7 @@ def replace_file(path, data: bytes) -> None:
 
 
 def write_temp(path, data: bytes) -> Path:
-    """``data`` fsynced in ``.NAME.XXXX.tmp`` beside ``path``, to be checked before
-    :func:`commit_temp` makes it ``path`` (a resumed run removes such leftovers)."""
+    """``data`` fsynced in ``.NAME.XXXX.tmp`` beside ``path``, for :func:`commit_temp`."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -111,8 +108,8 @@ def _remove_quietly(path) -> None:
 
 @contextlib.contextmanager
 def hold(run_dir) -> Iterator[None]:
-    """Hold ``run_dir`` for this process (docs/spec.md §8): an exclusive ``flock`` on
-    ``.lock``, holding our PID, which the kernel drops when the process dies (kill -9 too)."""
+    """Hold ``run_dir`` (docs/spec.md §8): a ``flock`` on ``.lock``, which holds our PID; the
+    kernel drops it when the process dies (kill -9 too)."""
     path = Path(run_dir) / LOCK
     while True:
         try:
@@ -150,8 +147,7 @@ def read_json(path) -> dict:
     """Load a JSON file; a missing or malformed file is a :class:`DataError` naming it."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read().decode())
+        return json.loads(path.read_bytes().decode())
     except FileNotFoundError as e:
         raise DataError(f"{path}: missing; a run folder holds it from its first epoch: run the "
                         "command again (--resume continues a run)") from e
@@ -165,11 +161,9 @@ def append_entry(path, entry: Dict) -> None:
     missing = [k for k in LOG_FIELDS if k not in entry]
     if missing:
         raise ValueError(f"log entry lacks {missing}")
-    line = json.dumps(entry, allow_nan=False) + "\n"
-    path = Path(path)
     try:
         with open(path, "ab") as f:
-            f.write(line.encode())
+            f.write((json.dumps(entry, allow_nan=False) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
@@ -179,8 +173,7 @@ def append_entry(path, entry: Dict) -> None:
 
 
 def read_log(path, events: bool = False) -> List[Dict]:
-    """Every epoch line of ``log.jsonl`` in order, with ``events`` the ``{"event": ...}``
-    lines too. A killed write's incomplete last line is dropped, never trusted."""
+    """``log.jsonl``'s epoch lines (``events``: and event lines); a cut-off last one dropped."""
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8", errors="replace")

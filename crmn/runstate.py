@@ -1,9 +1,6 @@
-"""A training run's state in its folder (crmn/LOGS.md): the typed records of its config,
-log lines, checkpoints and summary, where a run resumes, and extending a run that
-``--epochs-cap`` cut short. The bytes themselves are crmn.runlog's; this module says what
-they mean to a run, and replaces files in an order that a kill at any moment leaves
-resumable; the records become JSON only here.
-"""
+"""A run's folder as a run reads it (crmn/LOGS.md; the bytes are crmn.runlog's): the typed
+records of its files, where it resumes, and extending a run ``--epochs-cap`` cut short, each
+file replaced in an order that a kill at any moment leaves resumable."""
 from __future__ import annotations
 
 import contextlib
@@ -16,10 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
-
 from crmn import checkpoint, provenance, runlog
-from crmn.checkpoint import show
+from crmn.checkpoint import Arrays, show
 from crmn.config import TrainConfig
 from crmn.errors import CheckpointError, RunError
 from crmn.plan import (RECORD_FORMAT, RunSpec, disk_key, legacy_record, recorded,
@@ -28,7 +23,6 @@ from crmn.schedule import Decision, FixedSchedule, PlateauSchedule
 
 PHASES = ("search", "final")
 PREVIOUS = checkpoint.previous_path(runlog.CHECKPOINT).name  # the last good checkpoint
-Arrays = Dict[str, np.ndarray]
 
 
 def _point(phase: str, epoch: int) -> Tuple[int, int]:
@@ -143,8 +137,7 @@ class ResumePoint:
 
 def given_schedule(train: TrainConfig) -> List[int]:
     """``--schedule``, each stage bounded by ``--epochs-cap``."""
-    cap = train.epochs_cap
-    return [e if cap is None else min(e, cap) for e in train.schedule]
+    return [e if train.epochs_cap is None else min(e, train.epochs_cap) for e in train.schedule]
 
 
 def say(text: str) -> None:
@@ -181,8 +174,7 @@ class RunFolder:
             yield
 
     def finished(self, resume: bool) -> Optional[Dict]:
-        """summary.json of a finished run of this configuration (to skip); None for a run
-        to train (also a finished one resumed under a larger ``--epochs-cap``)."""
+        """summary.json of a finished run to skip; None to train (a larger cap: to extend)."""
         summary = runlog.read_summary(self.dir)
         if not runlog.is_done(summary):
             # config.json alone (e.g. from a failed download) means nothing was trained
@@ -211,8 +203,7 @@ class RunFolder:
         return None
 
     def _cap_raised(self, recorded: Dict, path: Path, source: str) -> Optional[int]:
-        """Check ``recorded`` (a checkpoint's meta or config.json) against this run: the cap
-        it was trained under when this run raises it, else None; a smaller one is refused."""
+        """The cap ``recorded`` (checkpoint meta, config.json) had if this run raises it."""
         spec = self.spec
         checkpoint.check_compatible(recorded, spec.model, spec.train, dataset=spec.dataset,
                                     path=path, source=source, may_change=resume_may_change)
@@ -226,8 +217,7 @@ class RunFolder:
         return old
 
     def start(self, resume: bool) -> Optional[ResumePoint]:
-        """Where the run starts: None from its seed, else the last good checkpoint; the log
-        keeps the epochs it covers (one logged, not checkpointed before a kill is redone)."""
+        """None (from the seed) or the last good checkpoint; the log is cut back to it."""
         for tmp in self.dir.glob(".*.tmp"):  # writes a kill interrupted: the real files stay
             tmp.unlink()
         log = self.path(runlog.LOG)
@@ -273,8 +263,7 @@ class RunFolder:
                 if _point(e["phase"], e["epoch"]) <= point]
 
     def _record_resume(self, meta: CheckpointMeta) -> None:
-        """Note in config.json who continued the run, with every field ``--resume`` may
-        change (the cap: caps_lifted); say so when the backend or dtype changed."""
+        """config.json's ``resumes``: when, with every field ``--resume`` may change."""
         options = self.spec.backend_options
         if (meta.backend, meta.dtype) != (options.backend, options.dtype):
             say(f"{self.dir}: checkpoint written by {meta.backend} ({meta.dtype}), "
@@ -294,10 +283,8 @@ class RunFolder:
             runlog.write_json(path, config)
 
     def _lift_cap(self, point: ResumePoint, old: int) -> ResumePoint:
-        """Continue a run capped at ``old`` under a larger cap: back at the first epoch the cap
-        cut short (capped.h5), its schedule steps again uncut; else on from ``point``."""
-        cut = self.path(runlog.CAPPED)
-        held = None
+        """Go on from capped.h5 (the first epoch cut short, stepped again), or from ``point``."""
+        cut, info = self.path(runlog.CAPPED), None
         if cut.exists():
             try:
                 arrays, recorded = checkpoint.load(cut)
@@ -305,15 +292,14 @@ class RunFolder:
                 raise CheckpointError(f"{e}: the run cannot be extended; run it with "
                                       f"--epochs-cap {old} as it is, or delete {self.dir} "
                                       "and start over") from None
-            held = ResumePoint(arrays, CheckpointMeta.from_dict(recorded))
-            info = held.meta.capped
-            if info is None or info.cap != old or held.meta.point > point.meta.point:
-                held = None  # left by an earlier extension
+            held = CheckpointMeta.from_dict(recorded)
+            cap = held.capped  # None, or another cap's: left by an earlier extension
+            if cap is not None and cap.cap == old and held.point <= point.meta.point:
+                info, point = cap, ResumePoint(arrays, dataclasses.replace(held, capped=None))
         train = self.spec.train
-        if held is not None:
+        if info is not None:
             sched = _with_cap(info.schedule_before, train)
             decision = sched.step(info.eval_loss, info.eval_acc).value
-            point = ResumePoint(held.arrays, dataclasses.replace(held.meta, capped=None))
             where = "where the cap first cut a stage short"
         else:
             sched, decision = _with_cap(point.meta.schedule, train), None
@@ -324,13 +310,12 @@ class RunFolder:
             f"raised from {old} to {train.epochs_cap}"
         say(f"{self.dir}: --epochs-cap {lifted}: continuing the {meta.phase} run after "
             f"epoch {meta.epoch} ({where})")
-        self._rewind(point.arrays, meta, old, decision, from_cut=held is not None)
+        self._rewind(point.arrays, meta, old, decision, from_cut=info is not None)
         return ResumePoint(point.arrays, meta)
 
     def _rewind(self, arrays: Arrays, meta: CheckpointMeta, old: int,
                 decision: Optional[str], from_cut: bool) -> None:
-        """The files of :meth:`_lift_cap`, in the order that keeps every kill resumable:
-        the log, summary.json, config.json, best.h5, checkpoint.h5, capped.h5 last."""
+        """:meth:`_lift_cap`'s files, in an order that keeps every kill resumable."""
         kept = self._log_until(meta.point)
         for e in kept:
             if decision is not None and "event" not in e and \
@@ -362,9 +347,7 @@ class RunFolder:
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
     def check_same_run(self, fingerprint: Optional[str]) -> None:
-        """``--resume`` continues only the run config.json records: every schema field but
-        those its ``resume=`` lets change, and the data by their fingerprint, not their path;
-        a difference is refused before anything changes."""
+        """Refuse a ``--resume`` whose options (but ``resume=`` ones) or data differ."""
         path = self.path(runlog.CONFIG)
         if not path.exists():
             return
@@ -400,8 +383,7 @@ class RunFolder:
         checkpoint.save(self.path(runlog.BEST), arrays, meta.to_dict())
 
     def best_model(self, epoch: int, exact: bool = True) -> Arrays:
-        """best.h5's arrays, checked to be search epoch ``epoch``'s (``exact=False``, on
-        resume: or a later one's, saved just before a kill; it is written again)."""
+        """best.h5's arrays, of search epoch ``epoch`` (``exact=False``: or a later one's)."""
         path = self.path(runlog.BEST)
         try:
             arrays, meta = checkpoint.load(path)
@@ -420,9 +402,8 @@ class RunFolder:
 
 
 class CapWatch:
-    """The schedule ``sched`` of one phase, keeping capped.h5 (and capped.best.h5) at the
-    first epoch where ``--epochs-cap`` ended a stage: where a later, larger cap goes on
-    (RunFolder.start). ``meta(sched)``: the checkpoint record of the epoch just stepped."""
+    """``sched``, keeping capped.h5 (and capped.best.h5) where ``--epochs-cap`` first ended a
+    stage, for a larger cap to go on from; ``meta(sched)``: the epoch's checkpoint record."""
 
     def __init__(self, sched, folder: RunFolder, backend, meta):
         self.sched, self.folder, self.backend, self.meta = sched, folder, backend, meta

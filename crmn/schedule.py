@@ -1,7 +1,6 @@
 """The learning-rate schedules of the training protocol (section 4, docs/spec.md §5): pure
 state machines fed each epoch's evaluation metrics, answering what :mod:`crmn.train` does
-next. :class:`PlateauSchedule` searches; :class:`FixedSchedule` replays a schedule.
-"""
+next. :class:`PlateauSchedule` searches; :class:`FixedSchedule` replays a schedule."""
 from __future__ import annotations
 
 import copy
@@ -18,15 +17,6 @@ class Decision(str, enum.Enum):
     CONTINUE = "continue"  # keep training at the current learning rate
     RELOAD = "reload"  # stage plateaued: reload the best model, go on with the next rate
     STOP = "stop"  # last stage finished: the phase is over
-
-
-def _check_stages(lr_stages: Sequence[float]) -> List[float]:
-    stages = [float(lr) for lr in lr_stages]
-    if not stages:
-        raise ValueError("lr_stages must name at least one learning rate")
-    if any(not (lr > 0 and math.isfinite(lr)) for lr in stages):
-        raise ValueError(f"learning rates must be positive and finite, got {stages}")
-    return stages
 
 
 def _check_metric(name: str, value: float) -> float:
@@ -46,7 +36,11 @@ class _Schedule:
     stage: int
 
     def __init__(self, lr_stages: Sequence[float]):
-        self.lr_stages = _check_stages(lr_stages)
+        self.lr_stages = stages = [float(lr) for lr in lr_stages]
+        if not stages:
+            raise ValueError("lr_stages must name at least one learning rate")
+        if any(not (lr > 0 and math.isfinite(lr)) for lr in stages):
+            raise ValueError(f"learning rates must be positive and finite, got {stages}")
         self.epoch = 0  # epochs finished in this phase
         self.best: Optional[Dict] = None  # the best epoch: epoch, stage, stage_epoch, loss, acc
         self.improved = False  # the last step produced a new best
@@ -117,8 +111,7 @@ class PlateauSchedule(_Schedule):
         self.done = False
 
     def step(self, val_loss: float, val_acc: float) -> Decision:
-        """Record one epoch's validation cross-entropy and accuracy (in [0, 1]); RELOAD when
-        the stage plateaued, STOP after the last stage."""
+        """Record an epoch's validation loss and accuracy (in [0, 1]); RELOAD ends a stage."""
         loss, acc = _check_metric("val_loss", val_loss), _check_metric("val_acc", val_acc)
         self._record(loss, acc, self.stage, self.stage_epoch + 1)
         self.stage_epoch += 1

@@ -3,8 +3,7 @@ search -> reset -> final. The search trains on 90 % of the training set and find
 stage, when the validation accuracy stops improving; the final run starts again from the same
 seeded weights on the whole training set and replays the epochs per stage the search found.
 Nothing depends on global random state, so a resumed run ends with exactly the parameters of
-an uninterrupted one.
-"""
+an uninterrupted one."""
 from __future__ import annotations
 
 import dataclasses
