@@ -66,8 +66,7 @@ def _jax_gpu() -> Tuple[bool, str]:
 
 
 def no_gpu(device: str) -> Optional[str]:
-    """Where ``device`` names a GPU and neither torch nor jax sees one here: the line saying so
-    (the caller adds the way on), else None."""
+    """The line saying that ``device`` names a GPU neither torch nor jax sees here, else None."""
     if not device.startswith("cuda"):
         return None
     seen = []
@@ -136,9 +135,6 @@ class BackendOptions:
             raise ConfigError("--no-compile-cache is an option of the theano backend (the "
                               "torch backend keeps no compile cache)")
 
-    def replace(self, **changes) -> "BackendOptions":
-        return dataclasses.replace(self, **changes)
-
     def describe(self) -> str:
         """The options in words, e.g. ``theano-jax, cpu, float32``."""
         return (f"{label(self)}, {self.device}, {self.dtype}{' + compile' if self.compile else ''}"
@@ -146,8 +142,7 @@ class BackendOptions:
 
 
 def label(options: BackendOptions) -> str:
-    """The one name of a backend configuration in tables and files: ``theano-c``,
-    ``theano-jax`` or ``torch``."""
+    """The one name of a backend configuration in tables and files: ``theano-c``, ``torch``..."""
     return f"theano-{options.theano_mode}" if options.backend == "theano" else options.backend
 
 

@@ -2,6 +2,7 @@
 it), hands it on and returns the exit code."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -106,12 +107,10 @@ def param_rows(options: BackendOptions, overrides: Optional[Dict] = None,
 
 
 def params_table(rows: Sequence[Dict], backend: str) -> str:
-    body = []
-    for r in rows:
-        pm = f"{r['paper_params_m']:.2f}" if r["paper_params_m"] is not None else ""
-        flag = "" if r["params"] == r["canonical_params"] else \
-            f"canonical layout says {r['canonical_params']:,}"
-        body.append([r["row"], r["label"], f"{r['params']:,}", f"{r['params_m']:.2f}", pm, flag])
+    body = [[r["row"], r["label"], f"{r['params']:,}", f"{r['params_m']:.2f}",
+             "" if r["paper_params_m"] is None else f"{r['paper_params_m']:.2f}",
+             "" if r["params"] == r["canonical_params"]
+             else f"canonical layout says {r['canonical_params']:,}"] for r in rows]
     return (f"trainable parameters, {backend} backend (paper: Table 1; blank where the paper "
             "gives none)\n" + tables.markdown(["row", "model", "ours", "ours M", "paper M",
                                                "note"], body, align="llrrrl"))
@@ -173,9 +172,8 @@ def cmd_smoke(args) -> int:
 
 def cmd_verify(args) -> int:
     configs = [r.id for r in paper.select(args.rows)] if args.rows else None
-    device = args.device
-    if device != "cpu":  # a GPU run compares torch on it with torch on the CPU
-        device = plans.backend_options(args, backend="torch").device
+    # a GPU run compares torch on it with torch on the CPU
+    device = args.device if args.device == "cpu" else plans.backend_options(args, "torch").device
     results = verify.verify(configs, device=device, tol=args.tol, lr=args.lr,
                             seed=args.seed, batch_size=args.batch_size)
     return 0 if all(r.passed for r in results) else 1
@@ -199,9 +197,9 @@ def cmd_bench(args) -> int:
               flush=True)
     timed = [options]  # the JAX mode is timed beside the C mode and the torch backend
     if options.backend == "theano" and options.theano_mode == "jax":
-        timed += [options.replace(theano_mode="c"),
-                  options.replace(backend="torch", theano_mode=registry.DEFAULT_THEANO_MODE,
-                                  compile_cache=True)]
+        timed += [dataclasses.replace(options, theano_mode="c"),
+                  dataclasses.replace(options, backend="torch", compile_cache=True,
+                                      theano_mode=registry.DEFAULT_THEANO_MODE)]
     results, backends = [], []
     for row in rows:
         for opts in timed:
