@@ -123,15 +123,6 @@ def recorded(record: Dict, name: str, missing=KeyError):
     return value
 
 
-def _typed(hint, value):
-    """A JSON value back in the field's type: lists are tuples, a path is a Path."""
-    if isinstance(value, list):
-        return tuple(value)
-    if isinstance(value, str) and Path in (hint, *typing.get_args(hint)):
-        return Path(value)
-    return value
-
-
 def spec_from_record(record: Dict, path="config.json") -> RunSpec:
     """The spec config.json records; a record of an earlier format or incomplete is refused."""
     if record.get("config_format") != RECORD_FORMAT:
@@ -146,7 +137,11 @@ def spec_from_record(record: Dict, path="config.json") -> RunSpec:
             raise ConfigError(f"{path}: records no {name}; it is not a complete record of a "
                               "run (train the run again with its command)")
         hint = typing.get_type_hints(SECTIONS[section])[field]
-        values.setdefault(section, {})[field] = _typed(hint, value)
+        if isinstance(value, list):  # JSON's list is the field's tuple, its string a path
+            value = tuple(value)
+        elif isinstance(value, str) and Path in (hint, *typing.get_args(hint)):
+            value = Path(value)
+        values.setdefault(section, {})[field] = value
     try:
         top = values.pop("")
         return SECTIONS[""](**top, **{k: SECTIONS[k](**v) for k, v in values.items()})
