@@ -158,13 +158,11 @@ def select(ids: Optional[str], experiment: Optional[str] = None, *,
         if unknown:
             raise UsageError(f"run_experiments.sh: --rows: {_unknown(unknown[0])}")
         rows = tuple(_BY_ID[i] for i in wanted)
-    elif experiment is None:
-        rows = ROWS
-    elif experiment not in EXPERIMENTS:
+    elif experiment is not None and experiment not in EXPERIMENTS:
         raise UsageError(f"run_experiments.sh: unknown experiment {experiment!r}; known: "
                          f"{', '.join(EXPERIMENTS)}")
     else:
-        rows = EXPERIMENTS[experiment]
+        rows = EXPERIMENTS.get(experiment, ROWS)  # None: every row
     foreign = [r.id for r in rows if strict and r.table != experiment]
     if foreign:
         raise UsageError(f"run_experiments.sh: --rows: row(s) {', '.join(foreign)} belong to "
