@@ -93,27 +93,16 @@ def cmd_train(args) -> int:
     return 0
 
 
-def param_rows(options: BackendOptions, overrides: Optional[Dict] = None,
-               rows: Sequence[paper.Row] = paper.ROWS) -> List[Dict]:
-    """Per row: its parameter count in ``options``' backend, the canonical layout's, the paper's."""
+def param_rows(options: BackendOptions, overrides: Dict, rows: Sequence[paper.Row]) -> List:
+    """Per row: its parameter count in the backend, in the canonical layout, in the paper."""
     out = []
     for row in rows:
-        model = ModelConfig.for_row(row, **(overrides or {}))
+        model = ModelConfig.for_row(row, **overrides)
         params = int(registry.build(options, model, TrainConfig.for_row(row)).param_count())
         out.append(dict(row=row.id, label=row.label, table=row.table, params=params,
                         canonical_params=count_trainable(model),
                         params_m=round(params / 1e6, 2), paper_params_m=row.paper_params_m))
     return out
-
-
-def params_table(rows: Sequence[Dict], backend: str) -> str:
-    body = [[r["row"], r["label"], f"{r['params']:,}", f"{r['params_m']:.2f}",
-             "" if r["paper_params_m"] is None else f"{r['paper_params_m']:.2f}",
-             "" if r["params"] == r["canonical_params"]
-             else f"canonical layout says {r['canonical_params']:,}"] for r in rows]
-    return (f"trainable parameters, {backend} backend (paper: Table 1; blank where the paper "
-            "gives none)\n" + tables.markdown(["row", "model", "ours", "ours M", "paper M",
-                                               "note"], body, align="llrrrl"))
 
 
 def cmd_params(args) -> int:
@@ -124,9 +113,15 @@ def cmd_params(args) -> int:
         registry.probe(options)
     except ConfigError as exc:
         raise UsageError(f"{plans.PROG} params: {exc}") from None
-    rows = param_rows(options, overrides, rows=paper.select(args.rows))
+    rows = param_rows(options, overrides, paper.select(args.rows))
     if args.json != "-":
-        print(params_table(rows, args.backend))
+        body = [[r["row"], r["label"], f"{r['params']:,}", f"{r['params_m']:.2f}",
+                 "" if r["paper_params_m"] is None else f"{r['paper_params_m']:.2f}",
+                 "" if r["params"] == r["canonical_params"]
+                 else f"canonical layout says {r['canonical_params']:,}"] for r in rows]
+        print(f"trainable parameters, {args.backend} backend (paper: Table 1; blank where the "
+              "paper gives none)\n" + tables.markdown(["row", "model", "ours", "ours M",
+                                                        "paper M", "note"], body, align="llrrrl"))
     _write_json(rows, args.json)
     return 0
 

@@ -84,7 +84,7 @@ def _grid_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
 
 def _train_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
     """The run schema's options (smoke: its own defaults, no data or launcher options)."""
-    schema.add_options(p, BackendOptions, defaults=dict(device=registry.AUTO, theano_mode=None))
+    _backend_options(p, device=registry.AUTO)
     if not smoke:
         _rows_option(p, "every row of the experiment", groups={})
     _grid_options(p, smoke)
@@ -238,9 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_use(sub)
     sp = sub.add_parser("lasagne", help="run a Lasagne 0.1 script unmodified, in C mode or "
                                         "through JAX (REPRODUCING.md, 'Your own Lasagne code')")
-    schema.add_options(sp, BackendOptions, only=("device", "dtype", "theano_mode"),
-                       defaults=dict(device=registry.AUTO, theano_mode=None),
-                       helps=dict(dtype="%(default)s; Theano's floatX"))
+    _backend_options(sp, ("device", "dtype", "theano_mode"), device=registry.AUTO,
+                     helps=dict(dtype="%(default)s; Theano's floatX"))
     _common(sp, ("seed", "steps"), groups={}, defaults=dict(steps=None),
             helps=dict(seed="unseeded", steps="no limit"),
             texts=dict(seed="seed numpy's global generator first",
