@@ -7,7 +7,6 @@ import signal
 
 class CRMNError(Exception):
     """A user-facing failure: bad input, a fault on disk, a diverged run."""
-
     exit_code = 1
 
 
@@ -17,7 +16,6 @@ class ConfigError(CRMNError):
 
 class UsageError(ConfigError):
     """A bad command line, found before anything is created."""
-
     exit_code = 2
 
 
@@ -39,7 +37,6 @@ class DivergedError(RunError):
 
 class StopRequested(CRMNError):
     """A signal (a scheduler's SIGUSR1, SIGINT) stopped the run after a checkpoint: resumable."""
-
     exit_code = 3
 
     def __init__(self, message: str, signum: int = signal.SIGUSR1):

@@ -1,7 +1,6 @@
-"""Every configuration and every number that Moniz & Pal (2016) publish, declared once:
-Tables 1-3 with their comparison methods and section 4.2 (five repetitions, SVHN). Nothing
-else in the archive writes down a number from the paper. ``python -m crmn.paper`` prints the
-rows."""
+"""Every configuration and number Moniz & Pal (2016) publish, declared once: Tables 1-3 with
+their comparison methods and section 4.2 (five repetitions, SVHN). Nothing else in the archive
+writes down a number from the paper. ``python -m crmn.paper`` prints the rows."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 @dataclass(frozen=True)
 class Row:
     """One trainable configuration of the paper, with what the paper reports for it."""
-
     id: str  # stable id accepted by --rows, e.g. "t1-crmn32x4"
     table: str  # "table1" | "table2" | "table3" | "svhn": the experiment it belongs to
     model: str  # "ResNet" | "CRMN", as printed in the paper
@@ -150,8 +148,7 @@ def row(row_id: str) -> Row:
 
 def select(ids: Optional[str], experiment: Optional[str] = None, *,
            strict: bool = False) -> Tuple[Row, ...]:
-    """Rows named by a comma-separated ``--rows`` value, else every row of ``experiment``
-    (of all when None): the one row selection of every command."""
+    """Rows named by ``--rows`` (comma-separated), else every row of ``experiment`` (None: all)."""
     if ids is not None:
         wanted = [i.strip() for i in ids.split(",") if i.strip()]
         unknown = [i for i in wanted if i not in _BY_ID]

@@ -85,7 +85,7 @@ RECORD_FORMAT = 2  # config.json's "config_format": the whole spec is recorded (
 
 
 def resume_may_change(name: str) -> bool:
-    """Whether ``--resume`` may change field ``name`` (e.g. ``"backend_options.backend"``, ``"data_dir"``)."""
+    """Whether ``--resume`` may change field ``name``, e.g. ``"backend_options.backend"``."""
     section, _, field = name.rpartition(".")
     cls = SECTIONS.get(section)
     return cls is not None and field in schema.names(cls, "resume")

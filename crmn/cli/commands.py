@@ -1,5 +1,4 @@
-"""The command handlers: each turns its parsed options into a plan (:mod:`crmn.plan` checks
-it), hands it on and returns the exit code."""
+"""The command handlers: each makes its plan (:mod:`crmn.plan`), runs it, returns the exit code."""
 from __future__ import annotations
 
 import dataclasses

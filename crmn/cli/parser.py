@@ -1,6 +1,5 @@
-"""The archive's one argument parser: every command's options, their spelling and defaults.
-The training commands' options come from the run schema (:mod:`crmn.schema`); a command is
-one ``sub.add_parser`` here and one handler in :data:`crmn.cli.commands.COMMANDS`."""
+"""The archive's one argument parser; the training options come from :mod:`crmn.schema`. A
+command is one ``sub.add_parser`` here and one handler in :data:`crmn.cli.commands.COMMANDS`."""
 from __future__ import annotations
 
 import argparse
@@ -18,8 +17,7 @@ from crmn.schema import above_zero, finite, option, positive
 
 @dataclasses.dataclass(frozen=True)
 class CommandOptions:
-    """The options several commands share that are no field of a run, each declared once; a
-    command takes those it uses, with its own default and words where they differ."""
+    """Options several commands share that are no field of a run (each its own default, words)."""
     rows: Optional[str] = option(None, flag="--rows", metavar="ID[,ID]",
                                  help="comma-separated row ids of crmn/paper.py")
     seed: Optional[int] = option(None, flag="--seed", type=int, metavar="K",
