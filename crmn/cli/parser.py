@@ -50,10 +50,6 @@ def _backend_options(p: argparse.ArgumentParser, only=None, device: str = "cpu",
                        defaults=dict(device=device, theano_mode=None), **kw)
 
 
-def _rows_option(p: argparse.ArgumentParser, default_help: str, **kw) -> None:
-    _common(p, ("rows",), helps=dict(rows=default_help), **kw)
-
-
 def _batch_option(p, default_help: str = "the row's") -> None:
     schema.add_options(p, TrainConfig, only=("batch_size",), defaults=dict(batch_size=None),
                        helps=dict(batch_size=default_help), groups=TOP)
@@ -84,7 +80,7 @@ def _train_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
     """The run schema's options (smoke: its own defaults, no data or launcher options)."""
     _backend_options(p, device=registry.AUTO)
     if not smoke:
-        _rows_option(p, "every row of the experiment", groups={})
+        _common(p, ("rows",), groups={}, helps=dict(rows="every row of the experiment"))
     _grid_options(p, smoke)
     if smoke:
         small = {k: SMOKE[k] for k in ("n", "k", "batch_size", "patience", "epochs_cap")}
@@ -104,7 +100,7 @@ def _train_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
 def _add_tools(sub) -> None:
     sp = sub.add_parser("verify", help="the two backends agree (float64), or the GPU agrees "
                                        "with the CPU (--device cuda)")
-    _rows_option(sp, "three small configurations")
+    _common(sp, ("rows",), helps=dict(rows="three small configurations"))
     _backend_options(sp, ("device",), groups=TOP, texts=dict(
         device="cpu: compare the backends in float64; cuda, cuda:N or auto (cuda where torch "
         "sees a GPU): the torch backend on the GPU against the CPU"))
@@ -117,7 +113,7 @@ def _add_tools(sub) -> None:
     _common(sp, ("seed",), defaults=dict(seed=0), helps=dict(seed="%(default)s"))
     sp = sub.add_parser("bench", help="seconds per epoch of paper rows beside the paper's")
     _backend_options(sp, groups=TOP)
-    _rows_option(sp, "every Table 1 row")
+    _common(sp, ("rows",), helps=dict(rows="every Table 1 row"))
     _batch_option(sp)
     _common(sp, ("steps", "json"), helps=dict(steps="%(default)s", json="none"),
             texts=dict(steps="timed SGD steps per row"))
@@ -136,7 +132,7 @@ def _add_tools(sub) -> None:
     _backend_options(sp, ("device",), device=registry.AUTO, groups=TOP, texts=dict(
         device="cuda or cuda:N: time the step there (a GPU is needed: CUDA graphs); cpu: "
         "with --count-ops only; auto: cuda where torch sees a GPU, else cpu"))
-    _rows_option(sp, "t1-resnet32x1")
+    _common(sp, ("rows",), helps=dict(rows="t1-resnet32x1"))
     _batch_option(sp, "the row's; with --count-ops only")
     sp.add_argument("--variants", default="fp32,bf16",
                     help="comma-separated variants, e.g. fp32,bf16-cl,bf16-percast "
@@ -217,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("params", help="parameter count of every row beside the paper's "
                                        "(no data)")
     _backend_options(sp, ("backend",), groups=TOP)
-    _rows_option(sp, "every row")
+    _common(sp, ("rows",), helps=dict(rows="every row"))
     schema.add_options(sp, ModelConfig, skip=("n", "k"))
     _common(sp, ("json",), helps=dict(json="none"))
     sp = sub.add_parser("compare", help="re-print the comparison from run directories and "
