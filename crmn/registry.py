@@ -23,14 +23,13 @@ BACKEND_DTYPES: Dict[str, Tuple[str, ...]] = {"theano": ("float32", "float64"),
                                             "torch": ("float32", "float64", "bfloat16")}
 DTYPES = ("float32", "float64", "bfloat16")
 DEFAULT_DTYPE = "float32"
-DEVICE_PATTERN = re.compile(r"(cpu|cuda)(:\d+)?")
 DEVICE_HELP = "cpu, cuda or cuda:N"
 AUTO = "auto"  # --device auto: cuda where the backend can use a GPU here, else cpu
 
 
 def check_device(name: str) -> str:
     """``name`` if it is ``cpu``, ``cuda`` or ``cuda:N`` (whether it is there: :func:`probe`)."""
-    if not isinstance(name, str) or not DEVICE_PATTERN.fullmatch(name):
+    if not isinstance(name, str) or not re.fullmatch(r"(cpu|cuda)(:\d+)?", name):
         raise ConfigError(f"unknown device {name!r}: choose {DEVICE_HELP}")
     return name
 

@@ -63,8 +63,7 @@ def add_options(parser, cls, *, defaults: Optional[Dict[str, Any]] = None,
             kw.update(type=m["type"], choices=m["choices"], metavar=m["metavar"])
         else:
             kw["action"] = "store_true" if m["kind"] == "true" else "store_false"
-        title = groups.get(m["group"], ...)
-        group(parser, m["group"], title).add_argument(m["flag"], **kw)
+        group(parser, m["group"], groups.get(m["group"], ...)).add_argument(m["flag"], **kw)
 
 
 def group(parser, key: str, title=...):
