@@ -1,8 +1,6 @@
-"""The contract between the training loop and a backend (docs/spec.md §2): ``original/``
-(Theano + Lasagne) and ``modern/`` (PyTorch) each build the network and take one SGD step;
-the rest is :mod:`crmn.train`'s. State travels as numpy arrays under :mod:`crmn.naming`'s
-names, velocities as ``velocity.<name>`` (``v <- mu v - lr g``; ``p <- p + v``).
-"""
+"""The contract between the training loop and a backend (docs/spec.md §2): each builds the
+network and takes one SGD step (``v <- mu v - lr g``; ``p <- p + v``); state travels as numpy
+arrays under :mod:`crmn.naming`'s names, velocities as ``velocity.<name>``."""
 from __future__ import annotations
 
 from typing import Any, Dict, Iterable, Protocol, Tuple, runtime_checkable
@@ -12,10 +10,9 @@ import numpy as np
 
 @runtime_checkable
 class Backend(Protocol):
-    """A network built in one framework from ``train.seed``; images ``(B, 3, 32, 32)``,
-    labels ``(B,)`` int64. Optional ``compile_seconds``: seconds spent compiling so far,
-    which the loop keeps out of an epoch's seconds. The class's static ``problem(options)``
-    (why it cannot run them here, or None) is asked by crmn.registry before any data is read."""
+    """A network built in one framework from ``train.seed``; images ``(B, 3, 32, 32)``, labels
+    ``(B,)`` int64. Optional ``compile_seconds`` (kept out of an epoch's seconds); the static
+    ``problem(options)`` says why it cannot run them here (None: it can)."""
     name: str  # "theano" | "torch" (the registry's name)
     device: str  # where it actually runs, in words, e.g. "cuda:0 (NVIDIA H100)"
 
@@ -40,10 +37,8 @@ class Backend(Protocol):
 
 
 class FastEpoch(Protocol):
-    """The optional fast path: ``epoch_batches`` yields ``sampler.epoch(epoch)``'s batches,
-    in order, already on the device; ``fast_epoch``: :func:`crmn.train.train_epoch` takes it
-    by default."""
-    fast_epoch: bool
+    """The optional fast path: ``sampler.epoch(epoch)``'s batches, in order, on the device."""
+    fast_epoch: bool  # True: crmn.train.train_epoch takes this path by default
 
     def epoch_batches(self, sampler, epoch: int) -> Iterable[Tuple[Any, Any]]:
         ...

@@ -1,6 +1,5 @@
 """The archive's one exception family (docs/spec.md §8): the command line prints a
-:class:`CRMNError` as one line and exits with its ``exit_code``; anything else is a bug and
-keeps its traceback."""
+:class:`CRMNError` as one line and exits with its ``exit_code``; anything else is a bug."""
 from __future__ import annotations
 
 import signal
@@ -8,7 +7,6 @@ import signal
 
 class CRMNError(Exception):
     """A user-facing failure: bad input, a fault on disk, a diverged run."""
-
     exit_code = 1
 
 
@@ -18,7 +16,6 @@ class ConfigError(CRMNError):
 
 class UsageError(ConfigError):
     """A bad command line, found before anything is created."""
-
     exit_code = 2
 
 
@@ -39,9 +36,7 @@ class DivergedError(RunError):
 
 
 class StopRequested(CRMNError):
-    """A signal (SIGUSR1 from a scheduler, SIGINT) asked the run to stop after checkpointing;
-    its exit code tells a job script it is resumable."""
-
+    """A signal (a scheduler's SIGUSR1, SIGINT) stopped the run after a checkpoint: resumable."""
     exit_code = 3
 
     def __init__(self, message: str, signum: int = signal.SIGUSR1):

@@ -61,26 +61,24 @@ def param_specs(cfg: ModelConfig) -> List[ParamSpec]:
     for stage, c_out in zip((1, 2, 3), (w1, w2, w3)):
         for b in range(cfg.n):
             p = f"s{stage}b{b}"
-            specs.append(ParamSpec(f"{p}.conv1.W", (c_out, c_in, 3, 3), "conv"))
-            specs += _bn(f"{p}.bn1", c_out)
-            specs.append(ParamSpec(f"{p}.conv2.W", (c_out, c_out, 3, 3), "conv"))
-            specs += _bn(f"{p}.bn2", c_out)
+            specs += [ParamSpec(f"{p}.conv1.W", (c_out, c_in, 3, 3), "conv"),
+                      *_bn(f"{p}.bn1", c_out),
+                      ParamSpec(f"{p}.conv2.W", (c_out, c_out, 3, 3), "conv"),
+                      *_bn(f"{p}.bn2", c_out)]
             c_in = c_out
     fc_in = w3
     if cfg.memory:
         i, h = cfg.lstm_input, cfg.lstm_units
         for g in LSTM_GATES:
-            specs.append(ParamSpec(f"lstm.W_x{g}", (i, h), "lstm_Wx"))
-            specs.append(ParamSpec(f"lstm.W_h{g}", (h, h), "lstm_Wh"))
-            specs.append(ParamSpec(f"lstm.b_{g}", (h,), "lstm_b"))
-        if cfg.peepholes:
-            for g in PEEPHOLES:
-                specs.append(ParamSpec(f"lstm.w_c{g}", (h,), "lstm_peephole"))
+            specs += [ParamSpec(f"lstm.W_x{g}", (i, h), "lstm_Wx"),
+                      ParamSpec(f"lstm.W_h{g}", (h, h), "lstm_Wh"),
+                      ParamSpec(f"lstm.b_{g}", (h,), "lstm_b")]
+        specs += [ParamSpec(f"lstm.w_c{g}", (h,), "lstm_peephole")
+                  for g in (PEEPHOLES if cfg.peepholes else ())]
         specs += [ParamSpec(f"lstm.{s}", (h,), "lstm_init") for s in ("h0", "c0")]
         fc_in += h
-    specs.append(ParamSpec("fc.W", (fc_in, cfg.classes), "dense_W"))
-    specs.append(ParamSpec("fc.b", (cfg.classes,), "dense_b"))
-    return specs
+    return specs + [ParamSpec("fc.W", (fc_in, cfg.classes), "dense_W"),
+                    ParamSpec("fc.b", (cfg.classes,), "dense_b")]
 
 
 def spec_dict(cfg: ModelConfig) -> Dict[str, ParamSpec]:

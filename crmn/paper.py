@@ -1,7 +1,6 @@
-"""Every configuration and every number that Moniz & Pal (2016) publish, declared once:
-Tables 1-3 with their comparison methods and section 4.2 (five repetitions, SVHN). Nothing
-else in the archive writes down a number from the paper. ``python -m crmn.paper`` prints the
-rows."""
+"""Every configuration and number Moniz & Pal (2016) publish, declared once: Tables 1-3 with
+their comparison methods and section 4.2 (five repetitions, SVHN). Nothing else in the archive
+writes down a number from the paper. ``python -m crmn.paper`` prints the rows."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 @dataclass(frozen=True)
 class Row:
     """One trainable configuration of the paper, with what the paper reports for it."""
-
     id: str  # stable id accepted by --rows, e.g. "t1-crmn32x4"
     table: str  # "table1" | "table2" | "table3" | "svhn": the experiment it belongs to
     model: str  # "ResNet" | "CRMN", as printed in the paper
@@ -150,21 +148,18 @@ def row(row_id: str) -> Row:
 
 def select(ids: Optional[str], experiment: Optional[str] = None, *,
            strict: bool = False) -> Tuple[Row, ...]:
-    """Rows named by a comma-separated ``--rows`` value, else every row of ``experiment``
-    (of all when None): the one row selection of every command."""
+    """Rows named by ``--rows`` (comma-separated), else every row of ``experiment`` (None: all)."""
     if ids is not None:
         wanted = [i.strip() for i in ids.split(",") if i.strip()]
         unknown = [i for i in wanted if i not in _BY_ID]
         if unknown:
             raise UsageError(f"run_experiments.sh: --rows: {_unknown(unknown[0])}")
         rows = tuple(_BY_ID[i] for i in wanted)
-    elif experiment is None:
-        rows = ROWS
-    elif experiment not in EXPERIMENTS:
+    elif experiment is not None and experiment not in EXPERIMENTS:
         raise UsageError(f"run_experiments.sh: unknown experiment {experiment!r}; known: "
                          f"{', '.join(EXPERIMENTS)}")
     else:
-        rows = EXPERIMENTS[experiment]
+        rows = EXPERIMENTS.get(experiment, ROWS)  # None: every row
     foreign = [r.id for r in rows if strict and r.table != experiment]
     if foreign:
         raise UsageError(f"run_experiments.sh: --rows: row(s) {', '.join(foreign)} belong to "

@@ -1,6 +1,5 @@
-"""The plan: what a command will run, typed and checked once, before anything is created.
-These dataclasses (with the configs and backend options inside) are the run schema; a parsed
-command line becomes a :class:`TrainPlan`, and :func:`render_argv` turns a run back into one."""
+"""The plan: what a command will run, typed and checked once, before anything is created. Its
+dataclasses are the run schema; :func:`render_argv` turns a run back into a command line."""
 from __future__ import annotations
 
 import dataclasses
@@ -71,8 +70,7 @@ class RunSpec:
 
 
 def smallest_subset(train: TrainConfig) -> int:
-    """The least ``--subset`` that trains a whole batch in every phase: the search run (no
-    ``--schedule``) holds ``val_fraction`` out, at least one image (crmn/data/prepare.py)."""
+    """The least ``--subset`` that trains a batch in every phase (crmn/data/prepare.py's split)."""
     n, b = train.batch_size, train.batch_size
     while train.schedule is None and not 1 <= round(train.val_fraction * n) <= n - b:
         n += 1
@@ -81,15 +79,13 @@ def smallest_subset(train: TrainConfig) -> int:
 
 #: the schema's classes by their place in a run (a test may derive one with one more field)
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "backend_options": BackendOptions, "": RunSpec}
-
-
 #: sections written at config.json's top level, as every run folder has held them
 FLAT = ("backend_options",)
 RECORD_FORMAT = 2  # config.json's "config_format": the whole spec is recorded (crmn/LOGS.md)
 
 
 def resume_may_change(name: str) -> bool:
-    """Whether ``--resume`` may change field ``name`` (e.g. ``"backend_options.backend"``, ``"data_dir"``)."""
+    """Whether ``--resume`` may change field ``name``, e.g. ``"backend_options.backend"``."""
     section, _, field = name.rpartition(".")
     cls = SECTIONS.get(section)
     return cls is not None and field in schema.names(cls, "resume")
@@ -112,13 +108,8 @@ def disk_key(name: str) -> Tuple[str, ...]:
 
 def spec_record(spec: RunSpec) -> Dict[str, Any]:
     """The spec as config.json holds it: every schema field, as JSON gives it back."""
-    out: Dict[str, Any] = {}
-    for name, _ in spec_fields():
-        obj = spec
-        for part in name.split("."):
-            obj = getattr(obj, part)
-        *section, key = disk_key(name)
-        (out.setdefault(section[0], {}) if section else out)[key] = obj
+    out = {key: value for section, fields in dataclasses.asdict(spec).items()
+           for key, value in (fields.items() if section in FLAT else [(section, fields)])}
     return json.loads(json.dumps(out, default=str))
 
 
@@ -132,18 +123,8 @@ def recorded(record: Dict, name: str, missing=KeyError):
     return value
 
 
-def _typed(hint, value):
-    """A JSON value back in the field's type: lists are tuples, a path is a Path."""
-    if isinstance(value, list):
-        return tuple(value)
-    if isinstance(value, str) and Path in (hint, *typing.get_args(hint)):
-        return Path(value)
-    return value
-
-
 def spec_from_record(record: Dict, path="config.json") -> RunSpec:
-    """The spec config.json records (``load(config.json) == spec``); a record without one of
-    the schema's fields, or of an earlier format, is refused in one line."""
+    """The spec config.json records; a record of an earlier format or incomplete is refused."""
     if record.get("config_format") != RECORD_FORMAT:
         raise ConfigError(f"{path}: written before config.json held the whole run (no "
                           f"config_format {RECORD_FORMAT}); train the run again with its "
@@ -156,7 +137,11 @@ def spec_from_record(record: Dict, path="config.json") -> RunSpec:
             raise ConfigError(f"{path}: records no {name}; it is not a complete record of a "
                               "run (train the run again with its command)")
         hint = typing.get_type_hints(SECTIONS[section])[field]
-        values.setdefault(section, {})[field] = _typed(hint, value)
+        if isinstance(value, list):  # JSON's list is the field's tuple, its string a path
+            value = tuple(value)
+        elif isinstance(value, str) and Path in (hint, *typing.get_args(hint)):
+            value = Path(value)
+        values.setdefault(section, {})[field] = value
     try:
         top = values.pop("")
         return SECTIONS[""](**top, **{k: SECTIONS[k](**v) for k, v in values.items()})
@@ -166,8 +151,7 @@ def spec_from_record(record: Dict, path="config.json") -> RunSpec:
 
 
 def legacy_record(record: Dict) -> Dict:
-    """config.json of a run started before ``config_format`` 2, with what it says of the
-    fields it did not record (the subset was prose; the device requested another key)."""
+    """A config.json from before ``config_format`` 2, with the fields it held in other words."""
     if record.get("config_format") == RECORD_FORMAT:
         return record
     out = dict(record, unverified_data=record.get("data") == "unverified")
@@ -316,8 +300,7 @@ def reproduce_argv(spec: RunSpec, out_dir: str, program: Sequence[str]) -> List[
 
 
 def evaluate_argv(spec: RunSpec, weights: Path, program: Sequence[str]) -> List[str]:
-    """The ``evaluate`` command that measures ``spec``'s exported ``weights`` as the run was
-    tested: its dataset, data folder, subset and backend."""
+    """The ``evaluate`` command that tests ``spec``'s exported ``weights`` as its run did."""
     options = SimpleNamespace(**dataclasses.asdict(spec.backend_options))
     options.backend = options.device = None  # always named
     if spec.backend_options.backend == "theano":
@@ -333,8 +316,7 @@ def _usage(args, exc: Exception, where: str = "") -> UsageError:
 
 
 def resolve_backend(args, backend: Optional[str] = None) -> Tuple[BackendOptions, str]:
-    """The checked, probed :class:`BackendOptions` of ``args`` and the line saying which device
-    and why (``--device auto`` decided here)."""
+    """The checked, probed :class:`BackendOptions` of ``args`` and the line saying which device."""
     backend = backend or getattr(args, "backend", registry.DEFAULT_BACKEND)
     mode, device = getattr(args, "theano_mode", None), args.device
     note = f"device: {device} (--device {device})"

@@ -23,14 +23,13 @@ BACKEND_DTYPES: Dict[str, Tuple[str, ...]] = {"theano": ("float32", "float64"),
                                             "torch": ("float32", "float64", "bfloat16")}
 DTYPES = ("float32", "float64", "bfloat16")
 DEFAULT_DTYPE = "float32"
-DEVICE_PATTERN = re.compile(r"(cpu|cuda)(:\d+)?")
 DEVICE_HELP = "cpu, cuda or cuda:N"
 AUTO = "auto"  # --device auto: cuda where the backend can use a GPU here, else cpu
 
 
 def check_device(name: str) -> str:
     """``name`` if it is ``cpu``, ``cuda`` or ``cuda:N`` (whether it is there: :func:`probe`)."""
-    if not isinstance(name, str) or not DEVICE_PATTERN.fullmatch(name):
+    if not isinstance(name, str) or not re.fullmatch(r"(cpu|cuda)(:\d+)?", name):
         raise ConfigError(f"unknown device {name!r}: choose {DEVICE_HELP}")
     return name
 
@@ -66,8 +65,7 @@ def _jax_gpu() -> Tuple[bool, str]:
 
 
 def no_gpu(device: str) -> Optional[str]:
-    """Where ``device`` names a GPU and neither torch nor jax sees one here: the line saying so
-    (the caller adds the way on), else None."""
+    """The line saying that ``device`` names a GPU neither torch nor jax sees here, else None."""
     if not device.startswith("cuda"):
         return None
     seen = []
@@ -136,9 +134,6 @@ class BackendOptions:
             raise ConfigError("--no-compile-cache is an option of the theano backend (the "
                               "torch backend keeps no compile cache)")
 
-    def replace(self, **changes) -> "BackendOptions":
-        return dataclasses.replace(self, **changes)
-
     def describe(self) -> str:
         """The options in words, e.g. ``theano-jax, cpu, float32``."""
         return (f"{label(self)}, {self.device}, {self.dtype}{' + compile' if self.compile else ''}"
@@ -146,8 +141,7 @@ class BackendOptions:
 
 
 def label(options: BackendOptions) -> str:
-    """The one name of a backend configuration in tables and files: ``theano-c``,
-    ``theano-jax`` or ``torch``."""
+    """The one name of a backend configuration in tables and files: ``theano-c``, ``torch``..."""
     return f"theano-{options.theano_mode}" if options.backend == "theano" else options.backend
 
 

@@ -1,11 +1,10 @@
 """The run schema: every option of a run declared once, as a dataclass field with metadata,
-from which the parser, the command line rendered back, the report's interpretations and the
-resume check are derived. To add an option, add ``name: T = option(default, flag="--name",
-help=..., group=...)`` to its dataclass."""
+from which the parser, the line rendered back, the report and the resume check are derived."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 #: argparse group titles by key; a command may rename one (smoke's "expert" group)
@@ -64,8 +63,7 @@ def add_options(parser, cls, *, defaults: Optional[Dict[str, Any]] = None,
             kw.update(type=m["type"], choices=m["choices"], metavar=m["metavar"])
         else:
             kw["action"] = "store_true" if m["kind"] == "true" else "store_false"
-        title = groups.get(m["group"], ...)
-        group(parser, m["group"], title).add_argument(m["flag"], **kw)
+        group(parser, m["group"], groups.get(m["group"], ...)).add_argument(m["flag"], **kw)
 
 
 def group(parser, key: str, title=...):
@@ -82,11 +80,9 @@ def values(cls, args: argparse.Namespace, base) -> Dict[str, Any]:
     """The values ``args`` gives ``cls``'s flagged fields (None keeps ``base``'s)."""
     out = {}
     for f in flagged(cls):
-        given = getattr(args, dest(f), None)
-        if given is None:
-            continue
-        convert = f.metadata["from_cli"]
-        out[f.name] = convert(given, getattr(base, f.name)) if convert else given
+        given, convert = getattr(args, dest(f), None), f.metadata["from_cli"]
+        if given is not None:
+            out[f.name] = convert(given, getattr(base, f.name)) if convert else given
     return out
 
 
@@ -107,32 +103,28 @@ def render(obj, base) -> List[str]:
 
 
 # value types: each refuses a bad value in one line (argparse adds the option's name)
-def _number(text: str, kind=float, what: str = "a number"):
+def _number(text: str, ok, wanted: str, kind=float, what: str = "a number"):
+    """``text`` as ``kind`` if ``ok`` of it, else "expected ``wanted``" ({v}: the value)."""
     try:
-        return kind(text)
+        v = kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(v):
+        raise argparse.ArgumentTypeError("expected " + wanted.format(v=v, text=repr(text)))
+    return v
 
 
 def positive(text: str) -> int:
-    v = _number(text, int, "a whole number")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {v}")
-    return v
+    return _number(text, lambda v: v >= 1, "a number >= 1, got {v}", int, "a whole number")
 
 
 def finite(text: str) -> float:
-    v = _number(text)
-    if v != v or v in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return v
+    return _number(text, math.isfinite, "a finite number, got {text}")
 
 
 def above_zero(text: str) -> float:
-    v = finite(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return v
+    finite(text)  # NaN and infinity are refused as such first
+    return _number(text, lambda v: v > 0, "a number > 0, got {text}")
 
 
 def width(text: str) -> float:

@@ -1,6 +1,5 @@
-"""The archive's one command line: ``bash run_experiments.sh <command> [options]``
-(docs/spec.md §1). :mod:`crmn.cli.parser` builds the options, :mod:`crmn.plan` turns them
-into a checked plan before anything is created, :mod:`crmn.cli.commands` runs it."""
+"""The archive's one command line (docs/spec.md §1): :mod:`crmn.cli.parser` reads it,
+:mod:`crmn.plan` checks it before anything is created, :mod:`crmn.cli.commands` runs it."""
 from __future__ import annotations
 
 import sys

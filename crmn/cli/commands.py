@@ -1,7 +1,7 @@
-"""The command handlers: each turns its parsed options into a plan (:mod:`crmn.plan` checks
-it), hands it on and returns the exit code."""
+"""The command handlers: each makes its plan (:mod:`crmn.plan`), runs it, returns the exit code."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -92,29 +92,16 @@ def cmd_train(args) -> int:
     return 0
 
 
-def param_rows(options: BackendOptions, overrides: Optional[Dict] = None,
-               rows: Sequence[paper.Row] = paper.ROWS) -> List[Dict]:
-    """Per row: its parameter count in ``options``' backend, the canonical layout's, the paper's."""
+def param_rows(options: BackendOptions, overrides: Dict, rows: Sequence[paper.Row]) -> List:
+    """Per row: its parameter count in the backend, in the canonical layout, in the paper."""
     out = []
     for row in rows:
-        model = ModelConfig.for_row(row, **(overrides or {}))
+        model = ModelConfig.for_row(row, **overrides)
         params = int(registry.build(options, model, TrainConfig.for_row(row)).param_count())
         out.append(dict(row=row.id, label=row.label, table=row.table, params=params,
                         canonical_params=count_trainable(model),
                         params_m=round(params / 1e6, 2), paper_params_m=row.paper_params_m))
     return out
-
-
-def params_table(rows: Sequence[Dict], backend: str) -> str:
-    body = []
-    for r in rows:
-        pm = f"{r['paper_params_m']:.2f}" if r["paper_params_m"] is not None else ""
-        flag = "" if r["params"] == r["canonical_params"] else \
-            f"canonical layout says {r['canonical_params']:,}"
-        body.append([r["row"], r["label"], f"{r['params']:,}", f"{r['params_m']:.2f}", pm, flag])
-    return (f"trainable parameters, {backend} backend (paper: Table 1; blank where the paper "
-            "gives none)\n" + tables.markdown(["row", "model", "ours", "ours M", "paper M",
-                                               "note"], body, align="llrrrl"))
 
 
 def cmd_params(args) -> int:
@@ -125,9 +112,15 @@ def cmd_params(args) -> int:
         registry.probe(options)
     except ConfigError as exc:
         raise UsageError(f"{plans.PROG} params: {exc}") from None
-    rows = param_rows(options, overrides, rows=paper.select(args.rows))
+    rows = param_rows(options, overrides, paper.select(args.rows))
     if args.json != "-":
-        print(params_table(rows, args.backend))
+        body = [[r["row"], r["label"], f"{r['params']:,}", f"{r['params_m']:.2f}",
+                 "" if r["paper_params_m"] is None else f"{r['paper_params_m']:.2f}",
+                 "" if r["params"] == r["canonical_params"]
+                 else f"canonical layout says {r['canonical_params']:,}"] for r in rows]
+        print(f"trainable parameters, {args.backend} backend (paper: Table 1; blank where the "
+              "paper gives none)\n" + tables.markdown(["row", "model", "ours", "ours M",
+                                                        "paper M", "note"], body, align="llrrrl"))
     _write_json(rows, args.json)
     return 0
 
@@ -173,9 +166,8 @@ def cmd_smoke(args) -> int:
 
 def cmd_verify(args) -> int:
     configs = [r.id for r in paper.select(args.rows)] if args.rows else None
-    device = args.device
-    if device != "cpu":  # a GPU run compares torch on it with torch on the CPU
-        device = plans.backend_options(args, backend="torch").device
+    # a GPU run compares torch on it with torch on the CPU
+    device = args.device if args.device == "cpu" else plans.backend_options(args, "torch").device
     results = verify.verify(configs, device=device, tol=args.tol, lr=args.lr,
                             seed=args.seed, batch_size=args.batch_size)
     return 0 if all(r.passed for r in results) else 1
@@ -199,9 +191,9 @@ def cmd_bench(args) -> int:
               flush=True)
     timed = [options]  # the JAX mode is timed beside the C mode and the torch backend
     if options.backend == "theano" and options.theano_mode == "jax":
-        timed += [options.replace(theano_mode="c"),
-                  options.replace(backend="torch", theano_mode=registry.DEFAULT_THEANO_MODE,
-                                  compile_cache=True)]
+        timed += [dataclasses.replace(options, theano_mode="c"),
+                  dataclasses.replace(options, backend="torch", compile_cache=True,
+                                      theano_mode=registry.DEFAULT_THEANO_MODE)]
     results, backends = [], []
     for row in rows:
         for opts in timed:

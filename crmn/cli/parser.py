@@ -1,6 +1,5 @@
-"""The archive's one argument parser: every command's options, their spelling and defaults.
-The training commands' options come from the run schema (:mod:`crmn.schema`); a command is
-one ``sub.add_parser`` here and one handler in :data:`crmn.cli.commands.COMMANDS`."""
+"""The archive's one argument parser; the training options come from :mod:`crmn.schema`. A
+command is one ``sub.add_parser`` here and one handler in :data:`crmn.cli.commands.COMMANDS`."""
 from __future__ import annotations
 
 import argparse
@@ -18,8 +17,7 @@ from crmn.schema import above_zero, finite, option, positive
 
 @dataclasses.dataclass(frozen=True)
 class CommandOptions:
-    """The options several commands share that are no field of a run, each declared once; a
-    command takes those it uses, with its own default and words where they differ."""
+    """Options several commands share that are no field of a run (each its own default, words)."""
     rows: Optional[str] = option(None, flag="--rows", metavar="ID[,ID]",
                                  help="comma-separated row ids of crmn/paper.py")
     seed: Optional[int] = option(None, flag="--seed", type=int, metavar="K",
@@ -52,10 +50,6 @@ def _backend_options(p: argparse.ArgumentParser, only=None, device: str = "cpu",
                        defaults=dict(device=device, theano_mode=None), **kw)
 
 
-def _rows_option(p: argparse.ArgumentParser, default_help: str, **kw) -> None:
-    _common(p, ("rows",), helps=dict(rows=default_help), **kw)
-
-
 def _batch_option(p, default_help: str = "the row's") -> None:
     schema.add_options(p, TrainConfig, only=("batch_size",), defaults=dict(batch_size=None),
                        helps=dict(batch_size=default_help), groups=TOP)
@@ -84,9 +78,9 @@ def _grid_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
 
 def _train_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
     """The run schema's options (smoke: its own defaults, no data or launcher options)."""
-    schema.add_options(p, BackendOptions, defaults=dict(device=registry.AUTO, theano_mode=None))
+    _backend_options(p, device=registry.AUTO)
     if not smoke:
-        _rows_option(p, "every row of the experiment", groups={})
+        _common(p, ("rows",), groups={}, helps=dict(rows="every row of the experiment"))
     _grid_options(p, smoke)
     if smoke:
         small = {k: SMOKE[k] for k in ("n", "k", "batch_size", "patience", "epochs_cap")}
@@ -106,7 +100,7 @@ def _train_options(p: argparse.ArgumentParser, smoke: bool = False) -> None:
 def _add_tools(sub) -> None:
     sp = sub.add_parser("verify", help="the two backends agree (float64), or the GPU agrees "
                                        "with the CPU (--device cuda)")
-    _rows_option(sp, "three small configurations")
+    _common(sp, ("rows",), helps=dict(rows="three small configurations"))
     _backend_options(sp, ("device",), groups=TOP, texts=dict(
         device="cpu: compare the backends in float64; cuda, cuda:N or auto (cuda where torch "
         "sees a GPU): the torch backend on the GPU against the CPU"))
@@ -119,7 +113,7 @@ def _add_tools(sub) -> None:
     _common(sp, ("seed",), defaults=dict(seed=0), helps=dict(seed="%(default)s"))
     sp = sub.add_parser("bench", help="seconds per epoch of paper rows beside the paper's")
     _backend_options(sp, groups=TOP)
-    _rows_option(sp, "every Table 1 row")
+    _common(sp, ("rows",), helps=dict(rows="every Table 1 row"))
     _batch_option(sp)
     _common(sp, ("steps", "json"), helps=dict(steps="%(default)s", json="none"),
             texts=dict(steps="timed SGD steps per row"))
@@ -138,7 +132,7 @@ def _add_tools(sub) -> None:
     _backend_options(sp, ("device",), device=registry.AUTO, groups=TOP, texts=dict(
         device="cuda or cuda:N: time the step there (a GPU is needed: CUDA graphs); cpu: "
         "with --count-ops only; auto: cuda where torch sees a GPU, else cpu"))
-    _rows_option(sp, "t1-resnet32x1")
+    _common(sp, ("rows",), helps=dict(rows="t1-resnet32x1"))
     _batch_option(sp, "the row's; with --count-ops only")
     sp.add_argument("--variants", default="fp32,bf16",
                     help="comma-separated variants, e.g. fp32,bf16-cl,bf16-percast "
@@ -219,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("params", help="parameter count of every row beside the paper's "
                                        "(no data)")
     _backend_options(sp, ("backend",), groups=TOP)
-    _rows_option(sp, "every row")
+    _common(sp, ("rows",), helps=dict(rows="every row"))
     schema.add_options(sp, ModelConfig, skip=("n", "k"))
     _common(sp, ("json",), helps=dict(json="none"))
     sp = sub.add_parser("compare", help="re-print the comparison from run directories and "
@@ -238,9 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_use(sub)
     sp = sub.add_parser("lasagne", help="run a Lasagne 0.1 script unmodified, in C mode or "
                                         "through JAX (REPRODUCING.md, 'Your own Lasagne code')")
-    schema.add_options(sp, BackendOptions, only=("device", "dtype", "theano_mode"),
-                       defaults=dict(device=registry.AUTO, theano_mode=None),
-                       helps=dict(dtype="%(default)s; Theano's floatX"))
+    _backend_options(sp, ("device", "dtype", "theano_mode"), device=registry.AUTO,
+                     helps=dict(dtype="%(default)s; Theano's floatX"))
     _common(sp, ("seed", "steps"), groups={}, defaults=dict(steps=None),
             helps=dict(seed="unseeded", steps="no limit"),
             texts=dict(seed="seed numpy's global generator first",
