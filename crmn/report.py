@@ -25,10 +25,6 @@ class SeedRun:
     run: runlog.RunRecord
     seed: int
 
-    @property
-    def device(self) -> str:
-        return str((self.run.summary or {}).get("device") or self.run.config.get("device") or "?")
-
     def best_val_acc(self) -> Optional[float]:
         """Highest validation accuracy of the search run (fraction), None without one."""
         vals = [r["eval_acc"] for r in self.run.log if r.get("eval_split") == "val"]
@@ -115,16 +111,11 @@ class RowRuns:
 
     def not_comparable(self) -> str:
         """Why the finished seeds are no test of the paper ('' when they all are)."""
-        out: List[str] = []
-        for r in self.finished:
-            out += [w for w in comparable(r, self.row)[1].split("; ") if w and w not in out]
-        return "; ".join(out)
+        why = (w for r in self.finished for w in comparable(r, self.row)[1].split("; ") if w)
+        return "; ".join(dict.fromkeys(why))  # each reason once, in order
 
     def notes(self) -> List[str]:
-        out = []
-        for r in self.runs:
-            out += [n for n, _ in r.departures(self.row) if n not in out]
-        return out
+        return list(dict.fromkeys(n for r in self.runs for n, _ in r.departures(self.row)))
 
     def status(self) -> str:
         if not self.runs:
@@ -195,7 +186,8 @@ def row_line(rr: RowRuns) -> Dict[str, str]:
     params = next((p for p in ((r.run.summary or {}).get("params") or r.run.config.get("params")
                                for r in rr.runs) if p is not None), None)
     secs = [s for s in (r.sec_per_epoch() for r in rr.runs) if s is not None]
-    devices = sorted({r.device for r in rr.runs})
+    devices = sorted({str((r.run.summary or {}).get("device") or r.run.config.get("device")
+                          or "?") for r in rr.runs})
     m, sd, n = mean_std(rr.test_accs())
     acc = (f"{m:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") + f" (n={n})" if n
            else _last_logged(rr))
