@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
 from crmn import paper, runlog, tables
 from crmn.config import ModelConfig, TrainConfig, json_view
-from crmn.errors import ConfigError, DataError, RunError
+from crmn.errors import DataError, RunError
 from crmn.schema import names
 
 FIGURE3_ROWS = tuple(r.id for r in paper.TABLE1[3::4])  # the models of the paper's Figure 3
@@ -97,10 +97,7 @@ class RowRuns:
 
     @property
     def row(self) -> Optional[paper.Row]:
-        try:
-            return paper.row(self.row_id)
-        except ConfigError:
-            return None
+        return next((r for r in paper.ROWS if r.id == self.row_id), None)
 
     @property
     def finished(self) -> List[SeedRun]:

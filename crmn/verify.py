@@ -160,11 +160,10 @@ def verify_device(cfg: ModelConfig, train: TrainConfig, name: str, device: str =
                   tol_f32: float = TOLERANCE_F32) -> List[Result]:
     """``modern/`` on ``device`` against the CPU, and its CUDA graph against eager steps: float64
     array by array within ``tol``, float32 (TF32 off) within ``tol_f32``, and a GPU epoch."""
-    on_gpu = device.startswith("cuda")
 
     def built(where, dtype, graph=False):
         return registry.build(BackendOptions("torch", where, dtype), cfg, train,
-                              graph=graph and on_gpu, tf32=False)
+                              graph=graph and device.startswith("cuda"), tf32=False)
 
     B, results = train.batch_size, []
     f32 = dict(global_norm=True, update_tol=UPDATE_TOLERANCE_F32)  # the change as one vector
