@@ -174,8 +174,8 @@ def mean_std(values: Sequence[float]):
     return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else None), n
 
 
-def _fmt(v, spec=".2f", blank=""):
-    return blank if v is None else format(v, spec)
+def _fmt(v, spec=".2f"):
+    return "" if v is None else format(v, spec)
 
 
 def row_line(rr: RowRuns) -> Dict[str, str]:
@@ -196,7 +196,7 @@ def row_line(rr: RowRuns) -> Dict[str, str]:
         ref = row.paper_accuracy_mean
     return {
         "row": rr.row_id, "model": row.label if row else _model_label(rr),
-        "params": _fmt(params / 1e6 if params is not None else None, ".2f"),
+        "params": _fmt(params / 1e6 if params is not None else None),
         "paper_params": _fmt(row.paper_params_m if row else None),
         "sec": (f"{statistics.median(secs):.1f} ({', '.join(devices)})" if secs else ""),
         "paper_sec": _fmt(row.paper_sec_per_epoch if row else None, "g"),

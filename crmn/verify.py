@@ -135,15 +135,13 @@ VERIFIED_BACKENDS = (("torch", BackendOptions("torch", dtype="float64")),
 
 def buildable(backends=VERIFIED_BACKENDS) -> Tuple[list, Dict[str, str]]:
     """The entries of ``backends`` this environment can build, and why each other one cannot."""
-    ok, missing = [], {}
+    missing = {}
     for label, options in backends:
         try:
             registry.probe(options)
         except ConfigError as exc:
             missing[label] = str(exc)
-        else:
-            ok.append((label, options))
-    return ok, missing
+    return [b for b in backends if b[0] not in missing], missing
 
 
 def verify_backends(cfg: ModelConfig, train: TrainConfig, name: str, lr: float = 0.1,
