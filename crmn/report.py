@@ -268,10 +268,8 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
         if exp in paper.METHODS:
             out += [f"### {exp}: against the methods the paper compares with", ""]
             table = [[m.name, f"{m.accuracy:.2f}", ""] for m in paper.METHODS[exp]]
-            for rr, ln in zip(rows, lines):
-                if rr.row is not None:
-                    table.append([f"{rr.row.label} ({rr.row.id})", ln["paper_acc"],
-                                  ln["acc"] or rr.status()])
+            table += [[f"{rr.row.label} ({rr.row.id})", ln["paper_acc"], ln["acc"] or rr.status()]
+                      for rr, ln in zip(rows, lines) if rr.row is not None]
             out += [*tables.markdown_lines(["method", "paper acc %", "ours acc %"], table), ""]
         for rr in rows:
             row = rr.row
@@ -349,8 +347,6 @@ def _plot(series, title: str, path: Path) -> None:
 def write_plots(groups: Dict[str, List[RowRuns]], directory: Path) -> List[Path]:
     written = []
     present = [rr for rows in groups.values() for rr in rows if any(r.run.log for r in rr.runs)]
-    if not present:
-        return written
     fig3 = [rr for rr in present if rr.row_id in FIGURE3_ROWS]
     name = lambda rr: rr.row.label if rr.row else rr.row_id
     # figure3.png: a curve per row (its first seed with a log); a lone row has curves_<row>

@@ -109,10 +109,8 @@ def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float
     x, y = _batch(cfg, batch_size, seed)
     for training, label in ((True, "logits (training)"), (False, "logits (inference)")):
         res.put(label, rel_diff(other.logits(x, training), ref.logits(x, training)), "logits")
-    losses = []
-    for s in range(steps):
-        xs, ys = _batch(cfg, batch_size, seed + 1 + s)
-        losses.append((_step_loss(other, xs, ys, lr), _step_loss(ref, xs, ys, lr)))
+    batches = [_batch(cfg, batch_size, seed + 1 + s) for s in range(steps)]
+    losses = [(_step_loss(other, x, y, lr), _step_loss(ref, x, y, lr)) for x, y in batches]
     res.put("loss", max(abs(a - b) / abs(b) for a, b in losses), "cross-entropy")
     sa, sb = other.get_state(), ref.get_state()
     specs = spec_dict(cfg)
