@@ -39,7 +39,6 @@ def bench_row(row: paper.Row, options: BackendOptions, steps: int, warmup: int =
     if batch_size is not None:
         train = TrainConfig(batch_size=batch_size, lr_stages=row.lr_stages, seed=seed)
     expert = {} if channels_last is None else {"channels_last": channels_last}
-    theano = options.backend == "theano"
     name = registry.label(options)
     precision = options.dtype + ("+compile" if options.compile else "")
     roofline.reset_peak_memory(name, options.device)
@@ -58,7 +57,7 @@ def bench_row(row: paper.Row, options: BackendOptions, steps: int, warmup: int =
     stats = train_epoch(backend, s, 1, 0.01)  # ends with a host sync: device work is finished
     seconds = time.perf_counter() - t0
     rebuilt = None  # the warm column: a second build's first step, finding the cache filled
-    if theano and options.compile_cache:
+    if options.backend == "theano" and options.compile_cache:
         again = registry.build(options, model, train, **expert)
         rebuilt = train_epoch(again, _sampler(rng, 1, model.classes, train), 0, 0.01)
     ips = stats.images / seconds

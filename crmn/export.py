@@ -101,13 +101,6 @@ def export(run_dir, out_dir=None) -> Dict[str, Path]:
     return paths
 
 
-def _not_a_test(run_dir: Path, row: Optional[paper.Row], config: Dict) -> List[str]:
-    """Why the run is no test of the paper (empty: it is one), in report.comparable's words."""
-    why = [] if row is not None else ["not a row of the paper"]  # a subset: comparable's
-    ok, reasons = report.comparable(report.load_seed_run(run_dir), row)
-    return why + ([] if ok else reasons.split("; "))
-
-
 def _commands(config: Dict, files: Dict[str, Path]) -> Tuple[str, str]:
     """The card's "reproduce" and "measure" lines, rendered by the schema from config.json."""
     try:
@@ -125,7 +118,10 @@ def model_card(run_dir: Path, summary: Dict, config: Dict, cfg: ModelConfig,
     """MODEL.md: what the files are and what made them, from the run folder's files."""
     row = paper.row(config["row"]) if config.get("row") else None
     name = config.get("row") or run_dir.parent.name
-    why = _not_a_test(run_dir, row, config)
+    # why the run is no test of the paper (empty: it is one), in report.comparable's words
+    ok, reasons = report.comparable(report.load_seed_run(run_dir), row)
+    why = [] if row is not None else ["not a row of the paper"]
+    why += [] if ok else reasons.split("; ")
     head = (f"# {name}, seed {config.get('seed', 0)}: NOT A TEST OF THE PAPER ({'; '.join(why)})"
             if why else f"# {name}, seed {config.get('seed', 0)}: a test of the paper's "
                         f"{row.label} ({row.table})")

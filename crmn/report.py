@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
 from crmn import paper, runlog, tables
 from crmn.config import ModelConfig, TrainConfig, json_view
-from crmn.errors import ConfigError, DataError, RunError
+from crmn.errors import DataError, RunError
 from crmn.schema import names
 
 FIGURE3_ROWS = tuple(r.id for r in paper.TABLE1[3::4])  # the models of the paper's Figure 3
@@ -24,10 +24,6 @@ class SeedRun:
     """One run directory ``<row>/seed<k>/`` as :func:`crmn.runlog.load_run` reads it."""
     run: runlog.RunRecord
     seed: int
-
-    @property
-    def device(self) -> str:
-        return str((self.run.summary or {}).get("device") or self.run.config.get("device") or "?")
 
     def best_val_acc(self) -> Optional[float]:
         """Highest validation accuracy of the search run (fraction), None without one."""
@@ -101,10 +97,7 @@ class RowRuns:
 
     @property
     def row(self) -> Optional[paper.Row]:
-        try:
-            return paper.row(self.row_id)
-        except ConfigError:
-            return None
+        return next((r for r in paper.ROWS if r.id == self.row_id), None)
 
     @property
     def finished(self) -> List[SeedRun]:
@@ -115,16 +108,11 @@ class RowRuns:
 
     def not_comparable(self) -> str:
         """Why the finished seeds are no test of the paper ('' when they all are)."""
-        out: List[str] = []
-        for r in self.finished:
-            out += [w for w in comparable(r, self.row)[1].split("; ") if w and w not in out]
-        return "; ".join(out)
+        why = (w for r in self.finished for w in comparable(r, self.row)[1].split("; ") if w)
+        return "; ".join(dict.fromkeys(why))  # each reason once, in order
 
     def notes(self) -> List[str]:
-        out = []
-        for r in self.runs:
-            out += [n for n, _ in r.departures(self.row) if n not in out]
-        return out
+        return list(dict.fromkeys(n for r in self.runs for n, _ in r.departures(self.row)))
 
     def status(self) -> str:
         if not self.runs:
@@ -186,8 +174,8 @@ def mean_std(values: Sequence[float]):
     return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else None), n
 
 
-def _fmt(v, spec=".2f", blank=""):
-    return blank if v is None else format(v, spec)
+def _fmt(v, spec=".2f"):
+    return "" if v is None else format(v, spec)
 
 
 def row_line(rr: RowRuns) -> Dict[str, str]:
@@ -195,7 +183,8 @@ def row_line(rr: RowRuns) -> Dict[str, str]:
     params = next((p for p in ((r.run.summary or {}).get("params") or r.run.config.get("params")
                                for r in rr.runs) if p is not None), None)
     secs = [s for s in (r.sec_per_epoch() for r in rr.runs) if s is not None]
-    devices = sorted({r.device for r in rr.runs})
+    devices = sorted({str((r.run.summary or {}).get("device") or r.run.config.get("device")
+                          or "?") for r in rr.runs})
     m, sd, n = mean_std(rr.test_accs())
     acc = (f"{m:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") + f" (n={n})" if n
            else _last_logged(rr))
@@ -207,7 +196,7 @@ def row_line(rr: RowRuns) -> Dict[str, str]:
         ref = row.paper_accuracy_mean
     return {
         "row": rr.row_id, "model": row.label if row else _model_label(rr),
-        "params": _fmt(params / 1e6 if params is not None else None, ".2f"),
+        "params": _fmt(params / 1e6 if params is not None else None),
         "paper_params": _fmt(row.paper_params_m if row else None),
         "sec": (f"{statistics.median(secs):.1f} ({', '.join(devices)})" if secs else ""),
         "paper_sec": _fmt(row.paper_sec_per_epoch if row else None, "g"),
@@ -279,10 +268,8 @@ def render(groups: Dict[str, List[RowRuns]], plots: Sequence[str] = ()) -> str:
         if exp in paper.METHODS:
             out += [f"### {exp}: against the methods the paper compares with", ""]
             table = [[m.name, f"{m.accuracy:.2f}", ""] for m in paper.METHODS[exp]]
-            for rr, ln in zip(rows, lines):
-                if rr.row is not None:
-                    table.append([f"{rr.row.label} ({rr.row.id})", ln["paper_acc"],
-                                  ln["acc"] or rr.status()])
+            table += [[f"{rr.row.label} ({rr.row.id})", ln["paper_acc"], ln["acc"] or rr.status()]
+                      for rr, ln in zip(rows, lines) if rr.row is not None]
             out += [*tables.markdown_lines(["method", "paper acc %", "ours acc %"], table), ""]
         for rr in rows:
             row = rr.row
@@ -360,8 +347,6 @@ def _plot(series, title: str, path: Path) -> None:
 def write_plots(groups: Dict[str, List[RowRuns]], directory: Path) -> List[Path]:
     written = []
     present = [rr for rows in groups.values() for rr in rows if any(r.run.log for r in rr.runs)]
-    if not present:
-        return written
     fig3 = [rr for rr in present if rr.row_id in FIGURE3_ROWS]
     name = lambda rr: rr.row.label if rr.row else rr.row_id
     # figure3.png: a curve per row (its first seed with a log); a lone row has curves_<row>

@@ -129,11 +129,9 @@ def best_ceiling(a: Optional[Dict], b: Dict) -> Dict:
     on a busy machine is low, never high."""
     if not a or a.get("device") != b["device"]:
         return b
-    out = dict(b)
-    for k, v in a.items():
-        if k.endswith(("_tflops", "_gb_s")) and isinstance(v, (int, float)) and v > (b.get(k) or 0):
-            out[k] = v
-    return out
+    higher = {k: v for k, v in a.items() if k.endswith(("_tflops", "_gb_s"))
+              and isinstance(v, (int, float)) and v > (b.get(k) or 0)}
+    return {**b, **higher}
 
 
 def measure_ceiling(device: str = "cpu", seconds: float = 0.5) -> Dict:
