@@ -85,13 +85,13 @@ def describe(name: str, data_dir: PathLike, subset: Optional[int] = None) -> Opt
 _handed: Dict[Tuple, Dict[str, np.ndarray]] = {}
 
 
-def check(name: str, data_dir: PathLike, subset: Optional[int] = None) -> None:
-    """Load an image source before a run folder exists, handing the arrays to the next load."""
+def check(name: str, data_dir: PathLike, subset: Optional[int] = None) -> bool:
+    """Whether ``data_dir`` is an image source; one is loaded now, before any run folder exists."""
     src = source(data_dir, name)
     if src is not None:
         _handed.clear()
-        arrays = load(name, src, subset is None)
-        _handed[_held_key(name, src, subset is None)] = arrays
+        _handed[_held_key(name, src, subset is None)] = load(name, src, subset is None)
+    return src is not None
 
 
 def _held_key(name: str, src: Path, exact: bool) -> Tuple:
@@ -134,13 +134,12 @@ def _members(src: Path) -> Iterator[Tuple[str, bytes]]:
     """Every regular file of ``src`` with its ``/``-separated path, each entry checked."""
     try:
         for name, kind, size, read in _entries(src):
-            if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts \
-                    or "\\" in name:
+            parts = PurePosixPath(name).parts
+            if PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
                 raise _refuse(src, name, "leaves the folder")
             if kind in ("link", "other"):
                 raise _refuse(src, name, "is a link" if kind == "link" else "is no file")
-            if kind == "file" and not any(p.startswith(".") or p.lower() in JUNK
-                                          for p in PurePosixPath(name).parts):
+            if kind == "file" and not any(p.startswith(".") or p.lower() in JUNK for p in parts):
                 if size > MAX_FILE:
                     raise _refuse(src, name, f"has {size:,} bytes, too many for an image")
                 yield name, read()
@@ -156,11 +155,10 @@ def _entries(src: Path) -> Iterator[Tuple[str, str, int, Callable[[], bytes]]]:
             dirs.sort()
             for entry in sorted(dirs + files):
                 path = Path(top, entry)
-                mode = path.lstat().st_mode
-                kind = ("link" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode)
-                        else "file" if stat.S_ISREG(mode) else "other")
-                yield path.relative_to(src).as_posix(), kind, path.lstat().st_size, \
-                    path.read_bytes
+                st = path.lstat()
+                kind = ("link" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode)
+                        else "file" if stat.S_ISREG(st.st_mode) else "other")
+                yield path.relative_to(src).as_posix(), kind, st.st_size, path.read_bytes
     elif src.name.lower().endswith(".zip"):
         with zipfile.ZipFile(src) as z:
             for info in z.infolist():
@@ -300,16 +298,11 @@ def _cache_path(key: str) -> Optional[Path]:
     if problem:
         _warn(f"{problem}; decoding the images without keeping them")
         return None
-    _clean_stale(root / "data")
-    return root / "data" / f"{key}.npz"
-
-
-def _clean_stale(folder: Path) -> None:
-    """Remove the temporaries of writes killed long ago (a live write's is minutes old)."""
-    for tmp in folder.glob(".*.tmp"):
+    for tmp in (root / "data").glob(".*.tmp"):  # writes killed long ago left them
         with contextlib.suppress(OSError):  # another process removed it, or a read-only cache
             if time.time() - tmp.lstat().st_mtime > STALE_S:
                 tmp.unlink()
+    return root / "data" / f"{key}.npz"
 
 
 def _read_cache(path: Path) -> Optional[Dict[str, np.ndarray]]:

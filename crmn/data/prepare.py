@@ -64,9 +64,7 @@ def ready(name: str, data_dir: PathLike, subset: Optional[int] = None,
           unverified: bool = False, progress: bool = True) -> None:
     """A run's data, there and checked before its folder exists: an image source loaded (and
     handed to the run's :func:`prepare`), the official files downloaded or verified."""
-    if images.source(data_dir, name) is not None:
-        images.check(name, data_dir, subset)
-    else:
+    if not images.check(name, data_dir, subset):
         ensure_downloaded(name, data_dir, progress=progress, unverified=unverified)
 
 
