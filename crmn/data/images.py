@@ -55,10 +55,8 @@ def source(data_dir: PathLike, name: Optional[str] = None) -> Optional[Path]:
     """The archive, or folder holding ``train/`` and ``test/`` (or one level down), else None;
     ``name``: a folder with one of them and not the official files is refused (no download)."""
     path = Path(data_dir)
-    if path.name.lower().endswith(ARCHIVES) and not path.is_dir():
-        return path
     if not path.is_dir():
-        return None
+        return path if path.name.lower().endswith(ARCHIVES) else None
     roots = (path, *sorted(p for p in path.iterdir() if p.is_dir()))
     for root in roots:
         if all((root / s).is_dir() and not (root / s).is_symlink() for s in SPLITS):
@@ -242,11 +240,10 @@ def _pixels(image, blob: bytes, src: Path, member: str) -> np.ndarray:
     """(32, 32, 3) uint8 of one PNG or JPEG; its header's size and mode checked first."""
     try:
         with image.open(io.BytesIO(blob), formats=("PNG", "JPEG")) as im:
-            if im.size != (32, 32) or im.mode != "RGB":
-                why = f"{im.size[0]}x{im.size[1]} {im.mode}"
-            else:
+            if im.size == (32, 32) and im.mode == "RGB":
                 im.load()
                 return np.asarray(im)
+            why = f"{im.size[0]}x{im.size[1]} {im.mode}"
     except image.UnidentifiedImageError:  # its words show a Python object's repr
         why = "not a PNG or JPEG file"
     except (OSError, SyntaxError, ValueError, EOFError, image.DecompressionBombError) as e:

@@ -191,16 +191,14 @@ def _fetch(url: str, part: Path, progress: bool, timeout: float) -> None:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         total = resp.headers.get("Content-Length")
         total = int(total) if total and total.isdigit() else None
-        got = 0
         with open(part, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
                                          unit_divisor=1024, desc=part.name[:-5],
                                          disable=not progress, file=sys.stderr) as bar:
             for chunk in iter(lambda: resp.read(1 << 20), b""):
                 f.write(chunk)
-                got += len(chunk)
                 bar.update(len(chunk))
-        if total is not None and got != total:
-            raise http.client.IncompleteRead(b"", total - got)
+            if total is not None and f.tell() != total:
+                raise http.client.IncompleteRead(b"", total - f.tell())
 
 
 @contextlib.contextmanager
