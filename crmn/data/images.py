@@ -112,13 +112,12 @@ def load(name: str, src: Path, exact: bool = True) -> Dict[str, np.ndarray]:
     t0 = time.perf_counter()
     path = _cache_path(key(name, src))
     arrays = _read_cache(path) if path else None
-    hit, kept = arrays is not None, False
+    how = "cache hit"
     if arrays is None:
         arrays = _decode(name, src, exact)
-        kept = bool(path) and _write_cache(path, arrays)
+        how = "decoded, now cached" if path and _write_cache(path, arrays) else "decoded"
     _check_counts(name, src, {s: len(arrays[f"y_{s}"]) for s in SPLITS}, exact)
-    print(f"data: {LABEL[name]} from image folders "
-          f"({'cache hit' if hit else 'decoded, now cached' if kept else 'decoded'}), "
+    print(f"data: {LABEL[name]} from image folders ({how}), "
           f"loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     return arrays
 
