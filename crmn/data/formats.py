@@ -141,10 +141,6 @@ def _cifar_batch(path: Path, label_key: bytes, classes: int) -> Tuple[np.ndarray
     return x.reshape(-1, 3, 32, 32), y
 
 
-_MAT_ERRORS = (ValueError, TypeError, OSError, EOFError, KeyError, IndexError,
-               NotImplementedError, zlib.error)
-
-
 def _read_mat(path: Path, read: str):
     """``scipy.io.<read>`` of an SVHN file (``loadmat`` of X and y, or ``whosmat``)."""
     import scipy.io  # imported here: only SVHN needs scipy
@@ -153,7 +149,8 @@ def _read_mat(path: Path, read: str):
         if read == "whosmat":
             return scipy.io.whosmat(str(path))
         return scipy.io.loadmat(str(path), variable_names=["X", "y"])
-    except _MAT_ERRORS as e:
+    except (ValueError, TypeError, OSError, EOFError, KeyError, IndexError,
+            NotImplementedError, zlib.error) as e:
         raise DataError(f"corrupt SVHN file {path}: not a complete MATLAB file ({e}); replace "
                         "it with the official file") from None
 

@@ -55,10 +55,8 @@ def source(data_dir: PathLike, name: Optional[str] = None) -> Optional[Path]:
     """The archive, or folder holding ``train/`` and ``test/`` (or one level down), else None;
     ``name``: a folder with one of them and not the official files is refused (no download)."""
     path = Path(data_dir)
-    if path.name.lower().endswith(ARCHIVES) and not path.is_dir():
-        return path
     if not path.is_dir():
-        return None
+        return path if path.name.lower().endswith(ARCHIVES) else None
     roots = (path, *sorted(p for p in path.iterdir() if p.is_dir()))
     for root in roots:
         if all((root / s).is_dir() and not (root / s).is_symlink() for s in SPLITS):
@@ -85,13 +83,13 @@ def describe(name: str, data_dir: PathLike, subset: Optional[int] = None) -> Opt
 _handed: Dict[Tuple, Dict[str, np.ndarray]] = {}
 
 
-def check(name: str, data_dir: PathLike, subset: Optional[int] = None) -> None:
-    """Load an image source before a run folder exists, handing the arrays to the next load."""
+def check(name: str, data_dir: PathLike, subset: Optional[int] = None) -> bool:
+    """Whether ``data_dir`` is an image source; one is loaded now, before any run folder exists."""
     src = source(data_dir, name)
     if src is not None:
         _handed.clear()
-        arrays = load(name, src, subset is None)
-        _handed[_held_key(name, src, subset is None)] = arrays
+        _handed[_held_key(name, src, subset is None)] = load(name, src, subset is None)
+    return src is not None
 
 
 def _held_key(name: str, src: Path, exact: bool) -> Tuple:
@@ -114,13 +112,12 @@ def load(name: str, src: Path, exact: bool = True) -> Dict[str, np.ndarray]:
     t0 = time.perf_counter()
     path = _cache_path(key(name, src))
     arrays = _read_cache(path) if path else None
-    hit, kept = arrays is not None, False
+    how = "cache hit"
     if arrays is None:
         arrays = _decode(name, src, exact)
-        kept = bool(path) and _write_cache(path, arrays)
+        how = "decoded, now cached" if path and _write_cache(path, arrays) else "decoded"
     _check_counts(name, src, {s: len(arrays[f"y_{s}"]) for s in SPLITS}, exact)
-    print(f"data: {LABEL[name]} from image folders "
-          f"({'cache hit' if hit else 'decoded, now cached' if kept else 'decoded'}), "
+    print(f"data: {LABEL[name]} from image folders ({how}), "
           f"loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     return arrays
 
@@ -134,13 +131,12 @@ def _members(src: Path) -> Iterator[Tuple[str, bytes]]:
     """Every regular file of ``src`` with its ``/``-separated path, each entry checked."""
     try:
         for name, kind, size, read in _entries(src):
-            if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts \
-                    or "\\" in name:
+            parts = PurePosixPath(name).parts
+            if PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
                 raise _refuse(src, name, "leaves the folder")
             if kind in ("link", "other"):
                 raise _refuse(src, name, "is a link" if kind == "link" else "is no file")
-            if kind == "file" and not any(p.startswith(".") or p.lower() in JUNK
-                                          for p in PurePosixPath(name).parts):
+            if kind == "file" and not any(p.startswith(".") or p.lower() in JUNK for p in parts):
                 if size > MAX_FILE:
                     raise _refuse(src, name, f"has {size:,} bytes, too many for an image")
                 yield name, read()
@@ -156,11 +152,10 @@ def _entries(src: Path) -> Iterator[Tuple[str, str, int, Callable[[], bytes]]]:
             dirs.sort()
             for entry in sorted(dirs + files):
                 path = Path(top, entry)
-                mode = path.lstat().st_mode
-                kind = ("link" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode)
-                        else "file" if stat.S_ISREG(mode) else "other")
-                yield path.relative_to(src).as_posix(), kind, path.lstat().st_size, \
-                    path.read_bytes
+                st = path.lstat()
+                kind = ("link" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode)
+                        else "file" if stat.S_ISREG(st.st_mode) else "other")
+                yield path.relative_to(src).as_posix(), kind, st.st_size, path.read_bytes
     elif src.name.lower().endswith(".zip"):
         with zipfile.ZipFile(src) as z:
             for info in z.infolist():
@@ -244,11 +239,10 @@ def _pixels(image, blob: bytes, src: Path, member: str) -> np.ndarray:
     """(32, 32, 3) uint8 of one PNG or JPEG; its header's size and mode checked first."""
     try:
         with image.open(io.BytesIO(blob), formats=("PNG", "JPEG")) as im:
-            if im.size != (32, 32) or im.mode != "RGB":
-                why = f"{im.size[0]}x{im.size[1]} {im.mode}"
-            else:
+            if im.size == (32, 32) and im.mode == "RGB":
                 im.load()
                 return np.asarray(im)
+            why = f"{im.size[0]}x{im.size[1]} {im.mode}"
     except image.UnidentifiedImageError:  # its words show a Python object's repr
         why = "not a PNG or JPEG file"
     except (OSError, SyntaxError, ValueError, EOFError, image.DecompressionBombError) as e:
@@ -300,16 +294,11 @@ def _cache_path(key: str) -> Optional[Path]:
     if problem:
         _warn(f"{problem}; decoding the images without keeping them")
         return None
-    _clean_stale(root / "data")
-    return root / "data" / f"{key}.npz"
-
-
-def _clean_stale(folder: Path) -> None:
-    """Remove the temporaries of writes killed long ago (a live write's is minutes old)."""
-    for tmp in folder.glob(".*.tmp"):
+    for tmp in (root / "data").glob(".*.tmp"):  # writes killed long ago left them
         with contextlib.suppress(OSError):  # another process removed it, or a read-only cache
             if time.time() - tmp.lstat().st_mtime > STALE_S:
                 tmp.unlink()
+    return root / "data" / f"{key}.npz"
 
 
 def _read_cache(path: Path) -> Optional[Dict[str, np.ndarray]]:

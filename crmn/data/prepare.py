@@ -62,11 +62,8 @@ def split_indices(n: int, n_val: int, seed: int) -> Tuple[np.ndarray, np.ndarray
 
 def ready(name: str, data_dir: PathLike, subset: Optional[int] = None,
           unverified: bool = False, progress: bool = True) -> None:
-    """A run's data, there and checked before its folder exists: an image source loaded (and
-    handed to the run's :func:`prepare`), the official files downloaded or verified."""
-    if images.source(data_dir, name) is not None:
-        images.check(name, data_dir, subset)
-    else:
+    """A run's data checked before its folder exists: images loaded, else fetched or verified."""
+    if not images.check(name, data_dir, subset):
         ensure_downloaded(name, data_dir, progress=progress, unverified=unverified)
 
 

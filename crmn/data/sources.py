@@ -191,19 +191,14 @@ def _fetch(url: str, part: Path, progress: bool, timeout: float) -> None:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         total = resp.headers.get("Content-Length")
         total = int(total) if total and total.isdigit() else None
-        got = 0
         with open(part, "wb") as f, tqdm(total=total, unit="B", unit_scale=True,
                                          unit_divisor=1024, desc=part.name[:-5],
                                          disable=not progress, file=sys.stderr) as bar:
-            while True:
-                chunk = resp.read(1 << 20)
-                if not chunk:
-                    break
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
                 f.write(chunk)
-                got += len(chunk)
                 bar.update(len(chunk))
-        if total is not None and got != total:
-            raise http.client.IncompleteRead(b"", total - got)
+            if total is not None and f.tell() != total:
+                raise http.client.IncompleteRead(b"", total - f.tell())
 
 
 @contextlib.contextmanager
@@ -237,8 +232,7 @@ def _safe_extractall(tar: tarfile.TarFile, dest: Path, archive: Path, tail: str)
 
 
 def _extract(archive: Path, data_dir: Path, info: DatasetInfo) -> None:
-    """Unpack into a scratch folder, then move the files into ``info.folder``: a failed
-    extraction leaves no half-filled folder that looks complete."""
+    """Unpack into a scratch folder, then move to ``info.folder``: a failure leaves it unfilled."""
     tail = _kept(info, data_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".extract-{info.folder}-", dir=data_dir))
     try:
