@@ -1,8 +1,7 @@
 """The PyTorch backend behind :class:`crmn.backend.Backend`: Lasagne's SGD (section 4), with
-``g = ∂L/∂p + wd·p`` on the decayed arrays; ``v <- μ v - lr g``, then ``p <- p + v`` (or
-Nesterov's ``p <- p + μ v - lr g``). On CUDA the step is captured once as a CUDA graph (a few
-hundred tiny kernels otherwise) and the training set stays on the device (:mod:`modern.gpu`).
-"""
+``g = ∂L/∂p + wd·p`` on the decayed arrays; ``v <- μ v - lr g``, ``p <- p + v`` (Nesterov:
+``p <- p + μ v - lr g``). On CUDA the step is one CUDA graph (else a few hundred tiny kernels)
+and the training set stays on the device (:mod:`modern.gpu`)."""
 from __future__ import annotations
 
 import contextlib
@@ -60,13 +59,12 @@ class TorchBackend:
         self.cfg, self.train_cfg, self.dev = model, train, dev
         self.amp = dtype == "bfloat16"
         self.dtype = torch.float64 if dtype == "float64" else torch.float32  # of the weights
+        self.device = "cpu"
         if dev.type == "cuda":
             self.device = f"{dev} ({torch.cuda.get_device_name(dev)})"
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convs once
-        else:
-            self.device = "cpu"
         self.use_graph = (dev.type == "cuda") if graph is None else bool(graph)
         if self.use_graph and dev.type != "cuda":
             raise ConfigError("graph=True needs a CUDA device")
@@ -74,10 +72,9 @@ class TorchBackend:
         self.cast_once = self.amp if cast_once is None else bool(cast_once)
         if self.cast_once and not self.amp:
             raise ConfigError(f"cast_once is a bfloat16 option; dtype is {dtype}")
-        net = build(model, seed=train.seed).to(device=dev, dtype=self.dtype)
+        net = self.net = build(model, seed=train.seed).to(device=dev, dtype=self.dtype)
         if self.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        self.net = net
+            net.to(memory_format=torch.channels_last)  # in place, as Module.to is
 
         def train_forward(weights: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             return torch.func.functional_call(net, weights, (x,),
@@ -85,13 +82,12 @@ class TorchBackend:
 
         self._train_forward = torch.compile(train_forward, dynamic=False) if compile \
             else train_forward
-        roles = convert.torch_roles(model)
-        self.names: List[str] = [n for n, _ in net.named_parameters()]
-        self.params: List[torch.Tensor] = [p for _, p in net.named_parameters()]
+        roles, named = convert.torch_roles(model), dict(net.named_parameters())
+        self.names: List[str] = list(named)
+        self.params: List[torch.Tensor] = list(named.values())
         self.velocity: List[torch.Tensor] = [torch.zeros_like(p) for p in self.params]
         self.decayed = [i for i, n in enumerate(self.names) if roles[n] in DECAYED_ROLES]
         self.buffers: Dict[str, torch.Tensor] = dict(net.named_buffers())
-        named = dict(zip(self.names, self.params))
         self._cast: List[Tuple[str, torch.Tensor]] = (
             [(n, named[n]) for n in net.single_product_weights()] if self.cast_once else [])
         self._graph = None  # (CUDAGraph, x, y, lr, sums), made on first use
@@ -197,7 +193,7 @@ class TorchBackend:
         self._graph_lr = None  # the learning rate tensor holds no rate yet
 
     def step(self, x, y, lr: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`crmn.backend.Backend.step` on numpy or device tensors (graph: its output buffers)."""
+        """:meth:`crmn.backend.Backend.step` on numpy or device tensors."""
         xb, yb = self._input(x), self._labels(y)
         if self.use_graph and xb.shape[0] == self.train_cfg.batch_size:
             if self._graph is None:
