@@ -68,6 +68,7 @@ class TorchBackend:
         self.use_graph = (dev.type == "cuda") if graph is None else bool(graph)
         if self.use_graph and dev.type != "cuda":
             raise ConfigError("graph=True needs a CUDA device")
+        self.fast_epoch = self.use_graph  # epochs on the device's resident training set
         self.channels_last = self.amp if channels_last is None else bool(channels_last)
         self.cast_once = self.amp if cast_once is None else bool(cast_once)
         if self.cast_once and not self.amp:
@@ -141,8 +142,7 @@ class TorchBackend:
         return {n: self._unflat(c, p) for (n, p), c in zip(self._cast, chunks)}
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor):
-        """Forward, backward, SGD update; (loss sum, correct) as device scalars (no host sync:
-        the same code is captured)."""
+        """Forward, backward, SGD update; (loss sum, correct) as device scalars (capturable)."""
         with self._autocast():
             logits = self._train_forward(self._cast_weights(), x)
         loss = F.cross_entropy(logits.float() if self.amp else logits, y)  # bf16: in float32
@@ -208,11 +208,6 @@ class TorchBackend:
             graph.replay()
             return sums
         return self._step(xb, yb, torch.tensor(lr, device=self.dev, dtype=self.dtype))
-
-    @property
-    def fast_epoch(self) -> bool:
-        """Epochs on the device's resident copy of the training set (on CUDA)."""
-        return self.use_graph
 
     def resident(self, sampler) -> gpu.ResidentData:
         """The sampler's training set on this device, copied once."""

@@ -192,8 +192,7 @@ class PeepholeLSTM(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.zeros(units)))
 
     def forward(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Hidden states (B, T, H) of inputs ``x`` (B, T, I); only the last (B, H), what
-        CRMN's softmax reads, with ``last_only``."""
+        """Hidden states (B, T, H) of ``x`` (B, T, I); the last (B, H) with ``last_only``."""
         B, T, I = x.shape
         H = self.units
         # one product for all steps (Lasagne's precompute_input); its dtype is the recurrence's

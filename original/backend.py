@@ -158,7 +158,6 @@ class TheanoBackend:
         if theano_mode not in THEANO_MODES:
             raise ConfigError(f"unknown --theano-mode {theano_mode!r}: choose "
                               f"{' or '.join(THEANO_MODES)}")
-        self.theano_mode = theano_mode
         cache = open_cache(compile_cache) if theano_mode == "jax" else None
         context = {"model": model.to_dict(), "dtype": dtype, "mode": theano_mode,
                    "momentum": train.momentum, "nesterov": train.nesterov,
@@ -258,8 +257,7 @@ class TheanoBackend:
         return fn(self._images(x))
 
     def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> Tuple[float, float]:
-        """One SGD step; (summed cross-entropy, correct images) of the batch before it (JAX
-        device scalars in JAX mode: no host sync)."""
+        """One SGD step; (summed cross-entropy, correct images) before it (JAX: device scalars)."""
         fn = self._compile("train")
         if lr != self._lr_now:  # a shared scalar: a new stage needs no recompilation
             self._mode.set_value(self._lr, np.asarray(lr, dtype=self.dtype))
@@ -269,17 +267,14 @@ class TheanoBackend:
 
     def get_state(self) -> Dict[str, np.ndarray]:
         """Parameters, BN running statistics and velocities, canonical names and layouts."""
-        native = {name: self._mode.get_value(p) for name, p in self._params.items()}
-        for name, v in self._velocities().items():
-            native[v.name] = self._mode.get_value(v)
+        shared = {**self._params, **{v.name: v for v in self._velocities().values()}}
+        native = {name: self._mode.get_value(p) for name, p in shared.items()}
         return lasagne_to_canonical(self.model, native, with_velocity=True)
 
     def set_state(self, state: Dict[str, np.ndarray]) -> None:
         """Load canonical arrays, cast to this dtype (crmn.convert checks names and shapes)."""
         native = canonical_to_lasagne(self.model, state, with_velocity=True)
-        velocities = self._velocities()
-        targets = dict(self._params)
-        targets.update({v.name: v for v in velocities.values()})
+        targets = {**self._params, **{v.name: v for v in self._velocities().values()}}
         unknown = set(native) - set(targets)
         if unknown:  # pragma: no cover - crmn.convert and the builder share one naming
             raise CheckpointError(f"state has arrays this network lacks: {sorted(unknown)}")

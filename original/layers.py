@@ -113,13 +113,12 @@ class PadFeaturesLayer(Layer):
         return T.concatenate([input, zeros], axis=1)  # (B, num_units)
 
 
-def crmn_tap(incoming, num_units, name=None):
+def crmn_tap(incoming, num_units, name):
     """One block output -> one LSTM input vector (paper section 3.2, docs/spec.md §4):
     (B, C, S, S) -> 2x2 mean pool -> flatten -> zero-pad at the end -> (B, num_units)."""
     pooled = Pool2DLayer(incoming, pool_size=(2, 2), stride=(2, 2), ignore_border=True,
-                         mode="average_inc_pad",  # no padding here, so inc = exc
-                         name=None if name is None else name + ".pool")
-    flat = FlattenLayer(pooled, outdim=2, name=None if name is None else name + ".flat")
+                         mode="average_inc_pad", name=name + ".pool")  # no padding: inc = exc
+    flat = FlattenLayer(pooled, outdim=2, name=name + ".flat")
     return PadFeaturesLayer(flat, num_units, name=name)
 
 
@@ -136,10 +135,7 @@ class PeepholeLSTMLayer(LSTMLayer):
         super(PeepholeLSTMLayer, self).__init__(incoming, num_units, **kwargs)
 
     def get_output_for(self, inputs, **kwargs):
-        x = inputs[0]
-        if x.ndim > 3:
-            x = T.flatten(x, 3)
-        x = x.dimshuffle(1, 0, 2)  # (T, B, I): scan runs over the leading axis
+        x = inputs[0].dimshuffle(1, 0, 2)  # (T, B, I): scan runs over the leading axis
         H = self.num_units
         gates = ("ingate", "forgetgate", "cell", "outgate")
         W_x = T.concatenate([getattr(self, "W_in_to_" + g) for g in gates], axis=1)  # (I, 4H)

@@ -31,8 +31,7 @@ def _conv_bn(incoming, num_filters, stride, name, relu):
 
 
 def basic_block(incoming, num_filters, stride, name):
-    """Post-activation basic block (He et al. 2015): conv-BN-ReLU-conv-BN, + shortcut
-    (identity, or option A where the shape changes), ReLU."""
+    """Post-activation basic block (He et al. 2015): conv-BN-ReLU-conv-BN + shortcut, ReLU."""
     residual = _conv_bn(incoming, num_filters, stride, f"{name}.conv1", relu=True)
     residual = _conv_bn(residual, num_filters, 1, f"{name}.conv2", relu=False)
     shortcut = incoming
@@ -63,10 +62,9 @@ def _lstm(incoming, cfg: ModelConfig, unroll_scan: bool = True):
         peepholes=cfg.peepholes, unroll_scan=unroll_scan, name="lstm")
 
 
-def build(cfg: ModelConfig, seed: int = 0, input_var=None, unroll_scan: bool = True):
-    """The softmax output layer of ``cfg``'s network (its ``input_layer`` is the logits layer
-    "fc"), with the initial arrays :func:`crmn.init.initial_state` of ``(cfg, seed)``: one seed,
-    one starting point for both backends."""
+def build(cfg: ModelConfig, seed: int = 0, input_var=None):
+    """The softmax output layer of ``cfg``'s network (its ``input_layer``: the logits, "fc"),
+    holding :func:`crmn.init.initial_state` of ``(cfg, seed)`` as ``modern/``'s does."""
     with graph_settings():
         lasagne.random.set_rng(np.random.RandomState(seed))
         w1, w2, w3 = cfg.widths
@@ -85,7 +83,7 @@ def build(cfg: ModelConfig, seed: int = 0, input_var=None, unroll_scan: bool = T
         if cfg.memory:
             seq = ConcatLayer(taps, axis=1, name="taps")  # (B, 3n·I), shallow first
             seq = ReshapeLayer(seq, ([0], cfg.taps, cfg.lstm_input), name="seq")  # (B, 3n, I)
-            hid = _lstm(seq, cfg, unroll_scan)  # (B, 3n, H)
+            hid = _lstm(seq, cfg)  # (B, 3n, H)
             h_last = SliceLayer(hid, indices=-1, axis=1, name="h_last")  # (B, H)
             features = ConcatLayer([features, h_last], axis=1, name="features")  # (B, 64k + H)
         dense_w = init.HeNormal(gain=1.0) if cfg.dense_init == "he" else init.GlorotUniform()

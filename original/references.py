@@ -143,8 +143,7 @@ def _compile(inputs, outputs, mode: str, device: str = "cpu"):
 
 def run_op(name: str, mode: str, refs: Dict[str, np.ndarray],
            device: str = "cpu") -> List[np.ndarray]:
-    """Outputs of case ``name`` compiled in ``mode`` on the inputs in ``refs``; ConfigError
-    where the compiled graph lacks the ops the case exists for."""
+    """Case ``name``'s outputs compiled in ``mode``; ConfigError where the graph lacks its ops."""
     with theano.config.change_flags(floatX="float64"), compat.graph_settings():
         inputs, outputs, _, shared, expect = OP_CASES[name]()
         values = [refs[f"op/{name}/in/{i}"] for i in range(len(inputs))]
@@ -236,8 +235,7 @@ def e2e_outputs(refs, name: str) -> Dict[str, np.ndarray]:
 
 
 def worst_difference(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray]) -> Tuple[float, str]:
-    """(largest absolute difference, its key); ConfigError where keys, shapes or dtypes
-    differ."""
+    """(largest absolute difference, its key); ConfigError where keys, shapes or dtypes differ."""
     if set(got) != set(want):
         raise ConfigError(f"results differ in their arrays: only computed "
                           f"{sorted(set(got) - set(want))}, only stored "
@@ -254,8 +252,7 @@ def worst_difference(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray]) ->
 
 
 def check_jax(device: str = "cpu", refs: Dict[str, np.ndarray] = None) -> List[Tuple[str, float]]:
-    """``[(case, largest absolute difference)]`` of the JAX mode on ``device`` for every
-    ``op/<name>`` and ``e2e/<name>``; a case passes at ``<= TOL``."""
+    """``[(case, largest difference)]`` of the JAX mode on every case; a pass is ``<= TOL``."""
     refs = load() if refs is None else refs
     rows = []
     for name in OP_CASES:

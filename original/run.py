@@ -23,8 +23,7 @@ class StepLimit(KeyboardInterrupt):
 
 
 def check_float_type(dtype: str) -> None:
-    """ConfigError unless Theano's ``floatX`` is ``dtype`` (Theano reads its flags once, at
-    import: ``run_experiments.sh lasagne`` sets it first)."""
+    """ConfigError unless Theano's ``floatX`` (read once, at import) is ``dtype``."""
     import theano
     if theano.config.floatX != dtype:
         raise ConfigError(f"Theano was imported with floatX={theano.config.floatX}, not "
@@ -57,8 +56,7 @@ class _Training:
 
 
 class Runner:
-    """Runs one script: ``theano_mode`` "c" or "jax" on ``device``; ``steps``: training calls
-    allowed; ``calls``: each training call's outputs."""
+    """One script in ``theano_mode`` on ``device``; ``calls``: the training calls' outputs."""
 
     def __init__(self, script: Path, theano_mode: str, device: str = "cpu",
                  steps: Optional[int] = None):
