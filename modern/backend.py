@@ -88,7 +88,6 @@ class TorchBackend:
         self.params: List[torch.Tensor] = list(named.values())
         self.velocity: List[torch.Tensor] = [torch.zeros_like(p) for p in self.params]
         self.decayed = [i for i, n in enumerate(self.names) if roles[n] in DECAYED_ROLES]
-        self.buffers: Dict[str, torch.Tensor] = dict(net.named_buffers())
         self._cast: List[Tuple[str, torch.Tensor]] = (
             [(n, named[n]) for n in net.single_product_weights()] if self.cast_once else [])
         self._graph = None  # (CUDAGraph, x, y, lr, sums), made on first use
@@ -164,8 +163,10 @@ class TorchBackend:
             correct = (logits.argmax(dim=1) == y).sum()
         return loss.detach().double() * y.shape[0], correct
 
-    def _state_tensors(self) -> List[torch.Tensor]:
-        return self.params + self.velocity + list(self.buffers.values())
+    def _tensors(self) -> Dict[str, torch.Tensor]:
+        """Every state tensor by native name: parameters, BN buffers, velocities."""
+        return {**self.net.state_dict(keep_vars=True),
+                **{velocity_name(n): v for n, v in zip(self.names, self.velocity)}}
 
     def _capture(self) -> None:
         """Record the step as one CUDA graph; the state is restored after the warm-up steps."""
@@ -175,7 +176,7 @@ class TorchBackend:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, self.cfg.classes, (B,), device=self.dev)
         lr = torch.zeros((), device=self.dev, dtype=self.dtype)
-        saved = [t.detach().clone() for t in self._state_tensors()]
+        saved = [t.detach().clone() for t in self._tensors().values()]
         side = torch.cuda.Stream(self.dev)
         side.wait_stream(torch.cuda.current_stream(self.dev))
         with torch.cuda.stream(side):
@@ -186,7 +187,7 @@ class TorchBackend:
         with torch.cuda.graph(graph):
             sums = self._step(x, y, lr)
         with torch.no_grad():
-            for t, s in zip(self._state_tensors(), saved):
+            for t, s in zip(self._tensors().values(), saved):
                 t.copy_(s)
         self._sync()
         self._graph = (graph, x, y, lr, sums)
@@ -240,19 +241,14 @@ class TorchBackend:
     def get_state(self) -> Dict[str, np.ndarray]:
         """Params, BN running stats and velocities under canonical names (crmn.convert)."""
         # copies: on the CPU .numpy() would share memory with the live tensors
-        native = {k: v.detach().cpu().numpy().copy() for k, v in self.net.state_dict().items()}
-        for n, v in zip(self.names, self.velocity):
-            native[velocity_name(n)] = v.detach().cpu().numpy().copy()
+        native = {k: v.detach().cpu().numpy().copy() for k, v in self._tensors().items()}
         return convert.torch_to_canonical(self.cfg, native)
 
     def set_state(self, state: Dict[str, np.ndarray]) -> None:
         """Copy canonical arrays in place (a captured graph keeps pointing at them)."""
         native = convert.canonical_to_torch(self.cfg, state)  # checks every name and shape
-        targets = dict(self.net.state_dict(keep_vars=True))
-        for n, v in zip(self.names, self.velocity):
-            targets[velocity_name(n)] = v
         with torch.no_grad():
-            for k, t in targets.items():
+            for k, t in self._tensors().items():
                 src = torch.as_tensor(np.ascontiguousarray(native[k]))
                 t.copy_(src.to(dtype=t.dtype).reshape(t.shape))
         self._sync()

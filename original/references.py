@@ -157,15 +157,6 @@ def run_op(name: str, mode: str, refs: Dict[str, np.ndarray],
         return [np.asarray(out) for out in fn(*values)]
 
 
-def _op_inputs(name: str) -> Dict[str, np.ndarray]:
-    with theano.config.change_flags(floatX="float64"), compat.graph_settings():
-        inputs, _, values, shared, _ = OP_CASES[name]()
-    out = {f"op/{name}/in/{i}": np.asarray(v) for i, v in enumerate(values)}
-    out.update({f"op/{name}/param/{i}": _randn(*var.get_value().shape, seed=100 + i)
-                for i, var in enumerate(shared)})
-    return out
-
-
 def run_e2e(name: str, mode: str, device: str = "cpu") -> Dict[str, np.ndarray]:
     """Three float64 SGD steps of model ``name`` in ``mode``: ``{"final/<state name>",
     "losses" (steps, 2): mean cross-entropy and accuracy, "logits/train", "logits/eval"}``.
@@ -193,7 +184,11 @@ def record(path: Path = REFERENCES) -> Dict[str, np.ndarray]:
     compat.check_compiled_backend()
     arrays: Dict[str, np.ndarray] = {}
     for name in OP_CASES:
-        arrays.update(_op_inputs(name))
+        with theano.config.change_flags(floatX="float64"), compat.graph_settings():
+            _, _, values, shared, _ = OP_CASES[name]()
+        arrays.update({f"op/{name}/in/{i}": np.asarray(v) for i, v in enumerate(values)})
+        arrays.update({f"op/{name}/param/{i}": _randn(*var.get_value().shape, seed=100 + i)
+                       for i, var in enumerate(shared)})
         for i, out in enumerate(run_op(name, "c", arrays)):
             arrays[f"op/{name}/out/{i}"] = out
     for name in E2E_MODELS:
