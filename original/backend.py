@@ -44,7 +44,7 @@ def _check_device(device: str) -> str:
 
 
 class _CMode:
-    """``theano.function`` with Theano's C mode, shared variables on the host."""
+    """C mode: ``theano.function`` (``_compile`` holds the graph settings), host variables."""
 
     def __init__(self, device: str, dtype: str, cache=None, context=None):
         compat.check_compiled_backend(probe=False)  # the compile probe waits for one
@@ -52,8 +52,7 @@ class _CMode:
 
     def function(self, inputs, outputs, updates, name: str, device_outputs: bool = False):
         compat.check_compiled_backend()  # once per process: a convolution is CorrMM
-        with compat.graph_settings():
-            return theano.function(inputs, outputs, updates=updates, name=name)
+        return theano.function(inputs, outputs, updates=updates, name=name)
 
     def compile_seconds(self, fns) -> float:
         return 0.0  # all of it inside theano.function, which the backend times
