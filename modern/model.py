@@ -267,10 +267,7 @@ class CIFARNet(nn.Module):
         """Parameters entering exactly one product, which ``cast_once`` may cast before the
         forward (not ``lstm.W_h``: autocast sums its 3n casts' gradients in float32)."""
         names = [f"{m}.weight" for m, mod in self.named_modules() if isinstance(mod, nn.Conv2d)]
-        names += ["fc.weight", "fc.bias"]
-        if self.cfg.memory:
-            names.append("lstm.W_x")
-        return names
+        return names + ["fc.weight", "fc.bias"] + (["lstm.W_x"] if self.cfg.memory else [])
 
     def param_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
