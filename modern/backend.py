@@ -1,8 +1,7 @@
 """The PyTorch backend behind :class:`crmn.backend.Backend`: Lasagne's SGD (section 4), with
-``g = ∂L/∂p + wd·p`` on the decayed arrays; ``v <- μ v - lr g``, then ``p <- p + v`` (or
-Nesterov's ``p <- p + μ v - lr g``). On CUDA the step is captured once as a CUDA graph (a few
-hundred tiny kernels otherwise) and the training set stays on the device (:mod:`modern.gpu`).
-"""
+``g = ∂L/∂p + wd·p`` on the decayed arrays; ``v <- μ v - lr g``, ``p <- p + v`` (Nesterov:
+``p <- p + μ v - lr g``). On CUDA the step is one CUDA graph (else a few hundred tiny kernels)
+and the training set stays on the device (:mod:`modern.gpu`)."""
 from __future__ import annotations
 
 import contextlib
@@ -60,24 +59,23 @@ class TorchBackend:
         self.cfg, self.train_cfg, self.dev = model, train, dev
         self.amp = dtype == "bfloat16"
         self.dtype = torch.float64 if dtype == "float64" else torch.float32  # of the weights
+        self.device = "cpu"
         if dev.type == "cuda":
             self.device = f"{dev} ({torch.cuda.get_device_name(dev)})"
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convs once
-        else:
-            self.device = "cpu"
         self.use_graph = (dev.type == "cuda") if graph is None else bool(graph)
         if self.use_graph and dev.type != "cuda":
             raise ConfigError("graph=True needs a CUDA device")
+        self.fast_epoch = self.use_graph  # epochs on the device's resident training set
         self.channels_last = self.amp if channels_last is None else bool(channels_last)
         self.cast_once = self.amp if cast_once is None else bool(cast_once)
         if self.cast_once and not self.amp:
             raise ConfigError(f"cast_once is a bfloat16 option; dtype is {dtype}")
-        net = build(model, seed=train.seed).to(device=dev, dtype=self.dtype)
+        net = self.net = build(model, seed=train.seed).to(device=dev, dtype=self.dtype)
         if self.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        self.net = net
+            net.to(memory_format=torch.channels_last)  # in place, as Module.to is
 
         def train_forward(weights: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             return torch.func.functional_call(net, weights, (x,),
@@ -85,13 +83,11 @@ class TorchBackend:
 
         self._train_forward = torch.compile(train_forward, dynamic=False) if compile \
             else train_forward
-        roles = convert.torch_roles(model)
-        self.names: List[str] = [n for n, _ in net.named_parameters()]
-        self.params: List[torch.Tensor] = [p for _, p in net.named_parameters()]
+        roles, named = convert.torch_roles(model), dict(net.named_parameters())
+        self.names: List[str] = list(named)
+        self.params: List[torch.Tensor] = list(named.values())
         self.velocity: List[torch.Tensor] = [torch.zeros_like(p) for p in self.params]
         self.decayed = [i for i, n in enumerate(self.names) if roles[n] in DECAYED_ROLES]
-        self.buffers: Dict[str, torch.Tensor] = dict(net.named_buffers())
-        named = dict(zip(self.names, self.params))
         self._cast: List[Tuple[str, torch.Tensor]] = (
             [(n, named[n]) for n in net.single_product_weights()] if self.cast_once else [])
         self._graph = None  # (CUDAGraph, x, y, lr, sums), made on first use
@@ -145,8 +141,7 @@ class TorchBackend:
         return {n: self._unflat(c, p) for (n, p), c in zip(self._cast, chunks)}
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor):
-        """Forward, backward, SGD update; (loss sum, correct) as device scalars (no host sync:
-        the same code is captured)."""
+        """Forward, backward, SGD update; (loss sum, correct) as device scalars (capturable)."""
         with self._autocast():
             logits = self._train_forward(self._cast_weights(), x)
         loss = F.cross_entropy(logits.float() if self.amp else logits, y)  # bf16: in float32
@@ -168,8 +163,10 @@ class TorchBackend:
             correct = (logits.argmax(dim=1) == y).sum()
         return loss.detach().double() * y.shape[0], correct
 
-    def _state_tensors(self) -> List[torch.Tensor]:
-        return self.params + self.velocity + list(self.buffers.values())
+    def _tensors(self) -> Dict[str, torch.Tensor]:
+        """Every state tensor by native name: parameters, BN buffers, velocities."""
+        return {**self.net.state_dict(keep_vars=True),
+                **{velocity_name(n): v for n, v in zip(self.names, self.velocity)}}
 
     def _capture(self) -> None:
         """Record the step as one CUDA graph; the state is restored after the warm-up steps."""
@@ -179,7 +176,7 @@ class TorchBackend:
             x = x.contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, self.cfg.classes, (B,), device=self.dev)
         lr = torch.zeros((), device=self.dev, dtype=self.dtype)
-        saved = [t.detach().clone() for t in self._state_tensors()]
+        saved = [t.detach().clone() for t in self._tensors().values()]
         side = torch.cuda.Stream(self.dev)
         side.wait_stream(torch.cuda.current_stream(self.dev))
         with torch.cuda.stream(side):
@@ -190,14 +187,14 @@ class TorchBackend:
         with torch.cuda.graph(graph):
             sums = self._step(x, y, lr)
         with torch.no_grad():
-            for t, s in zip(self._state_tensors(), saved):
+            for t, s in zip(self._tensors().values(), saved):
                 t.copy_(s)
         self._sync()
         self._graph = (graph, x, y, lr, sums)
         self._graph_lr = None  # the learning rate tensor holds no rate yet
 
     def step(self, x, y, lr: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`crmn.backend.Backend.step` on numpy or device tensors (graph: its output buffers)."""
+        """:meth:`crmn.backend.Backend.step` on numpy or device tensors."""
         xb, yb = self._input(x), self._labels(y)
         if self.use_graph and xb.shape[0] == self.train_cfg.batch_size:
             if self._graph is None:
@@ -212,11 +209,6 @@ class TorchBackend:
             graph.replay()
             return sums
         return self._step(xb, yb, torch.tensor(lr, device=self.dev, dtype=self.dtype))
-
-    @property
-    def fast_epoch(self) -> bool:
-        """Epochs on the device's resident copy of the training set (on CUDA)."""
-        return self.use_graph
 
     def resident(self, sampler) -> gpu.ResidentData:
         """The sampler's training set on this device, copied once."""
@@ -249,19 +241,14 @@ class TorchBackend:
     def get_state(self) -> Dict[str, np.ndarray]:
         """Params, BN running stats and velocities under canonical names (crmn.convert)."""
         # copies: on the CPU .numpy() would share memory with the live tensors
-        native = {k: v.detach().cpu().numpy().copy() for k, v in self.net.state_dict().items()}
-        for n, v in zip(self.names, self.velocity):
-            native[velocity_name(n)] = v.detach().cpu().numpy().copy()
+        native = {k: v.detach().cpu().numpy().copy() for k, v in self._tensors().items()}
         return convert.torch_to_canonical(self.cfg, native)
 
     def set_state(self, state: Dict[str, np.ndarray]) -> None:
         """Copy canonical arrays in place (a captured graph keeps pointing at them)."""
         native = convert.canonical_to_torch(self.cfg, state)  # checks every name and shape
-        targets = dict(self.net.state_dict(keep_vars=True))
-        for n, v in zip(self.names, self.velocity):
-            targets[velocity_name(n)] = v
         with torch.no_grad():
-            for k, t in targets.items():
+            for k, t in self._tensors().items():
                 src = torch.as_tensor(np.ascontiguousarray(native[k]))
                 t.copy_(src.to(dtype=t.dtype).reshape(t.shape))
         self._sync()

@@ -1,6 +1,5 @@
 """A whole epoch's augmented batches in a few gather kernels from the padded training set
-kept on the device (airbench's recipe); bit for bit ``BatchSampler.epoch``'s (docs/spec.md §6).
-"""
+kept on the device (airbench's recipe); bit for bit ``BatchSampler.epoch``'s (docs/spec.md §6)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,7 +1,6 @@
-"""The CRMN network and its plain-ResNet baseline in PyTorch (docs/spec.md §4), equal to
-``original/`` by construction: the same initial arrays, Lasagne's batch norm, option-A
-shortcuts, and the peephole LSTM of eqs. 2-7 (gates packed i, f, c, o). ``python -m
-modern.model`` prints each Table 1 row's parameter count beside the paper's."""
+"""CRMN and its ResNet baseline in PyTorch (docs/spec.md §4), equal to ``original/`` by
+construction: its initial arrays, batch norm, option-A shortcuts and peephole LSTM (eqs. 2-7).
+``python -m modern.model`` prints each Table 1 row's parameter count beside the paper's."""
 from __future__ import annotations
 
 from typing import List, Union
@@ -188,16 +187,12 @@ class PeepholeLSTM(nn.Module):
         self.W_x = nn.Parameter(torch.empty(inputs, 4 * units))
         self.W_h = nn.Parameter(torch.empty(units, 4 * units))
         self.b = nn.Parameter(torch.zeros(4 * units))
-        if peepholes:
-            self.w_ci = nn.Parameter(torch.zeros(units))
-            self.w_cf = nn.Parameter(torch.zeros(units))
-            self.w_co = nn.Parameter(torch.zeros(units))
-        self.h0 = nn.Parameter(torch.zeros(units))
-        self.c0 = nn.Parameter(torch.zeros(units))
+        peep = ("w_ci", "w_cf", "w_co") if peepholes else ()
+        for name in peep + ("h0", "c0"):  # (H,) each
+            self.register_parameter(name, nn.Parameter(torch.zeros(units)))
 
     def forward(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """Hidden states (B, T, H) of inputs ``x`` (B, T, I); only the last (B, H), what
-        CRMN's softmax reads, with ``last_only``."""
+        """Hidden states (B, T, H) of ``x`` (B, T, I); the last (B, H) with ``last_only``."""
         B, T, I = x.shape
         H = self.units
         # one product for all steps (Lasagne's precompute_input); its dtype is the recurrence's
@@ -272,18 +267,14 @@ class CIFARNet(nn.Module):
         """Parameters entering exactly one product, which ``cast_once`` may cast before the
         forward (not ``lstm.W_h``: autocast sums its 3n casts' gradients in float32)."""
         names = [f"{m}.weight" for m, mod in self.named_modules() if isinstance(mod, nn.Conv2d)]
-        names += ["fc.weight", "fc.bias"]
-        if self.cfg.memory:
-            names.append("lstm.W_x")
-        return names
+        return names + ["fc.weight", "fc.bias"] + (["lstm.W_x"] if self.cfg.memory else [])
 
     def param_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
 def build(cfg: ModelConfig, seed: int = 0, cls=None) -> CIFARNet:
-    """The network of ``cfg`` (a ``cls``, default CIFARNet), initialised from ``seed``
-    (float32, CPU): crmn.init's arrays, the same as the Theano backend's."""
+    """The network of ``cfg`` (a ``cls``, default CIFARNet), float32 on the CPU, crmn.init's."""
     net = (cls or CIFARNet)(cfg)
     net.reset_parameters(seed)
     return net

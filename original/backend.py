@@ -1,8 +1,6 @@
-"""The Theano + Lasagne backend behind :class:`crmn.backend.Backend` (docs/spec.md §5-6): the
-paper's section 4 as Lasagne ran it, (weight_decay / 2) · Σ w² over the arrays
-:mod:`crmn.naming` decays (Lasagne's tags would decay the peepholes too); compiled by
-Theano's C mode (``_CMode``) or through JAX (``_JaxMode``, :mod:`original.jax_mode`).
-"""
+"""The Theano + Lasagne backend behind :class:`crmn.backend.Backend` (docs/spec.md §5-6):
+section 4's SGD, (weight_decay / 2) · Σ w² over the arrays :mod:`crmn.naming` decays (Lasagne's
+tags would decay the peepholes too); C mode (``_CMode``) or JAX mode (``_JaxMode``)."""
 from __future__ import annotations
 
 import time
@@ -26,8 +24,7 @@ DTYPES = BACKEND_DTYPES["theano"]
 
 
 def native_names(cfg: ModelConfig) -> Dict[str, str]:
-    """``{canonical name: Lasagne name}`` for every array of ``cfg``, from
-    :func:`crmn.convert.canonical_to_lasagne` itself (the naming lives there alone)."""
+    """``{canonical name: Lasagne name}`` of ``cfg``, as :mod:`crmn.convert` names them."""
     specs = param_specs(cfg)
     zeros = {s.name: np.zeros(s.shape, dtype=np.float32) for s in specs}
     native = canonical_to_lasagne(cfg, zeros, with_velocity=False)
@@ -47,7 +44,7 @@ def _check_device(device: str) -> str:
 
 
 class _CMode:
-    """``theano.function`` with Theano's C mode, shared variables on the host."""
+    """C mode: ``theano.function`` (``_compile`` holds the graph settings), host variables."""
 
     def __init__(self, device: str, dtype: str, cache=None, context=None):
         compat.check_compiled_backend(probe=False)  # the compile probe waits for one
@@ -55,8 +52,7 @@ class _CMode:
 
     def function(self, inputs, outputs, updates, name: str, device_outputs: bool = False):
         compat.check_compiled_backend()  # once per process: a convolution is CorrMM
-        with compat.graph_settings():
-            return theano.function(inputs, outputs, updates=updates, name=name)
+        return theano.function(inputs, outputs, updates=updates, name=name)
 
     def compile_seconds(self, fns) -> float:
         return 0.0  # all of it inside theano.function, which the backend times
@@ -161,7 +157,6 @@ class TheanoBackend:
         if theano_mode not in THEANO_MODES:
             raise ConfigError(f"unknown --theano-mode {theano_mode!r}: choose "
                               f"{' or '.join(THEANO_MODES)}")
-        self.theano_mode = theano_mode
         cache = open_cache(compile_cache) if theano_mode == "jax" else None
         context = {"model": model.to_dict(), "dtype": dtype, "mode": theano_mode,
                    "momentum": train.momentum, "nesterov": train.nesterov,
@@ -180,26 +175,23 @@ class TheanoBackend:
         self._lr = theano.shared(np.asarray(train.lr_stages[0], dtype=dtype), name="lr")
         self._lr_now = float(train.lr_stages[0])
         self._velocity: Dict[str, "theano.compile.SharedVariable"] = {}
-        self._updates = self._train_outputs = None
+        self._train_graph = None  # ([loss, accuracy], updates), built once
         self._fns: Dict[str, Callable] = {}
         self._function_seconds = 0.0  # wall-clock seconds spent in theano.function so far
 
-    def _decayed(self):
-        names = native_names(self.model)
-        return [self._params[names[s.name]] for s in param_specs(self.model) if s.decayed]
-
     def _build_updates(self):
-        """Loss, accuracy and momentum updates (built once, with the velocities)."""
-        if self._updates is not None:
-            return self._train_outputs
+        """([loss, accuracy], momentum updates), built once with the velocities."""
+        if self._train_graph is not None:
+            return self._train_graph
         with theano.config.change_flags(floatX=self.dtype), compat.graph_settings():
             logits, probs = lasagne.layers.get_output(
                 [self._logits_layer, self._out], deterministic=False,
                 batch_norm_update_averages=True)
             ce = lasagne.objectives.categorical_crossentropy(probs, self._y).mean()
             acc = T.mean(T.eq(T.argmax(logits, axis=1), self._y))
-            penalty = lasagne.regularization.apply_penalty(self._decayed(),
-                                                           lasagne.regularization.l2)
+            names = native_names(self.model)
+            decayed = [self._params[names[s.name]] for s in param_specs(self.model) if s.decayed]
+            penalty = lasagne.regularization.apply_penalty(decayed, lasagne.regularization.l2)
             loss = ce + (self.train.weight_decay / 2.0) * penalty
             rule = (lasagne.updates.nesterov_momentum if self.train.nesterov
                     else lasagne.updates.momentum)
@@ -213,9 +205,8 @@ class TheanoBackend:
             assert v.get_value(borrow=True).shape == p.get_value(borrow=True).shape
             v.name = velocity_name(p.name)
             self._velocity[p.name] = v
-        self._updates = updates
-        self._train_outputs = [ce, acc]
-        return self._train_outputs
+        self._train_graph = [ce, acc], updates
+        return self._train_graph
 
     def _compile(self, which: str) -> Callable:
         """Compile one of "train", "forward_train", "forward_eval" on first use."""
@@ -223,8 +214,7 @@ class TheanoBackend:
             return self._fns[which]
         with theano.config.change_flags(floatX=self.dtype), compat.graph_settings():
             if which == "train":
-                outputs = self._build_updates()
-                inputs, updates = [self._x, self._y], self._updates
+                inputs, (outputs, updates) = [self._x, self._y], self._build_updates()
             else:
                 logits = lasagne.layers.get_output(
                     self._logits_layer, deterministic=(which == "forward_eval"))
@@ -239,14 +229,12 @@ class TheanoBackend:
 
     @property
     def compile_seconds(self) -> float:
-        """Seconds spent compiling so far, compile-lock waits and XLA's first calls
-        included."""
+        """Seconds spent compiling so far, compile-lock waits and XLA's first calls included."""
         return self._function_seconds + self._mode.compile_seconds(self._fns.values())
 
     @property
     def cache_outcome(self) -> Optional[str]:
-        """``"hit"`` (every graph so far came from the compile cache), ``"miss"``, ``"off"``;
-        None before the first compilation and in C mode."""
+        """``"hit"`` (every graph from the compile cache), ``"miss"``, ``"off"``; else None."""
         return self._mode.cache_state(self._fns.values())
 
     def _velocities(self):
@@ -268,8 +256,7 @@ class TheanoBackend:
         return fn(self._images(x))
 
     def step(self, x: np.ndarray, y: np.ndarray, lr: float) -> Tuple[float, float]:
-        """One SGD step; (summed cross-entropy, correct images) of the batch before it (JAX
-        device scalars in JAX mode: no host sync)."""
+        """One SGD step; (summed cross-entropy, correct images) before it (JAX: device scalars)."""
         fn = self._compile("train")
         if lr != self._lr_now:  # a shared scalar: a new stage needs no recompilation
             self._mode.set_value(self._lr, np.asarray(lr, dtype=self.dtype))
@@ -279,18 +266,14 @@ class TheanoBackend:
 
     def get_state(self) -> Dict[str, np.ndarray]:
         """Parameters, BN running statistics and velocities, canonical names and layouts."""
-        native = {name: self._mode.get_value(p) for name, p in self._params.items()}
-        for name, v in self._velocities().items():
-            native[v.name] = self._mode.get_value(v)
+        shared = {**self._params, **{v.name: v for v in self._velocities().values()}}
+        native = {name: self._mode.get_value(p) for name, p in shared.items()}
         return lasagne_to_canonical(self.model, native, with_velocity=True)
 
     def set_state(self, state: Dict[str, np.ndarray]) -> None:
-        """Load canonical arrays, cast to this dtype; CheckpointError if one is missing or
-        mis-shaped."""
+        """Load canonical arrays, cast to this dtype (crmn.convert checks names and shapes)."""
         native = canonical_to_lasagne(self.model, state, with_velocity=True)
-        velocities = self._velocities()
-        targets = dict(self._params)
-        targets.update({v.name: v for v in velocities.values()})
+        targets = {**self._params, **{v.name: v for v in self._velocities().values()}}
         unknown = set(native) - set(targets)
         if unknown:  # pragma: no cover - crmn.convert and the builder share one naming
             raise CheckpointError(f"state has arrays this network lacks: {sorted(unknown)}")

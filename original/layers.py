@@ -1,14 +1,11 @@
-"""The layers Lasagne 0.1 lacks for a CIFAR ResNet and the CRMN memory, Lasagne style:
-batch normalisation, He et al.'s option-A shortcut, the CRMN tap (paper section 3.2), and
-Lasagne 0.1's ``LSTMLayer`` with its output-gate peephole inside the nonlinearity (eq. 4).
-"""
+"""The layers Lasagne 0.1 lacks: batch normalisation, He et al.'s option-A shortcut, the CRMN
+tap (section 3.2), and ``LSTMLayer`` with the output-gate peephole inside σ_o (eq. 4)."""
 from __future__ import annotations
 
 import theano
 import theano.tensor as T
-from lasagne import init, nonlinearities
-from lasagne.layers import (FlattenLayer, Layer, LSTMLayer,
-                            NonlinearityLayer, Pool2DLayer)
+from lasagne import init
+from lasagne.layers import FlattenLayer, Layer, LSTMLayer, Pool2DLayer
 from lasagne.utils import unroll_scan
 
 from crmn.naming import BN_ALPHA, BN_EPS
@@ -31,13 +28,10 @@ class BatchNormLayer(Layer):
                              f"alpha={alpha}, epsilon={epsilon}")
         self.epsilon, self.alpha = epsilon, alpha
         self.axes = (0,) + tuple(range(2, len(self.input_shape)))
-        shape = (self.input_shape[1],)
-        self.beta = self.add_param(beta, shape, "beta", trainable=True, regularizable=False)
-        self.gamma = self.add_param(gamma, shape, "gamma", trainable=True,
-                                    regularizable=False)
-        self.mean = self.add_param(mean, shape, "mean", trainable=False, regularizable=False)
-        self.inv_std = self.add_param(inv_std, shape, "inv_std", trainable=False,
-                                      regularizable=False)
+        for name, spec, trainable in (("beta", beta, True), ("gamma", gamma, True),
+                                      ("mean", mean, False), ("inv_std", inv_std, False)):
+            setattr(self, name, self.add_param(spec, (self.input_shape[1],), name,
+                                               trainable=trainable, regularizable=False))
 
     def get_output_shape_for(self, input_shape):
         return input_shape
@@ -60,32 +54,12 @@ class BatchNormLayer(Layer):
     def _with_running_updates(self, batch_mean, batch_inv_std):
         """The batch statistics with the running-average updates attached: a clone shares
         the storage, and ``0 * clone`` puts its update in the functions using this output."""
-        a = self.alpha
-        running_mean = theano.clone(self.mean, share_inputs=False)
-        running_inv_std = theano.clone(self.inv_std, share_inputs=False)
-        running_mean.default_update = T.cast(
-            (1 - a) * running_mean + a * batch_mean, self.mean.dtype)
-        running_inv_std.default_update = T.cast(
-            (1 - a) * running_inv_std + a * batch_inv_std, self.inv_std.dtype)
-        return batch_mean + 0 * running_mean, batch_inv_std + 0 * running_inv_std
-
-
-def batch_norm(layer, **kwargs):
-    """Insert a :class:`BatchNormLayer` (``s1b0.conv1`` -> ``s1b0.bn1``) after ``layer``,
-    moving its nonlinearity behind it and dropping its bias (docs/spec.md §4)."""
-    nonlinearity = getattr(layer, "nonlinearity", None)
-    if nonlinearity is not None:
-        layer.nonlinearity = nonlinearities.identity
-    if getattr(layer, "b", None) is not None:
-        del layer.params[layer.b]
-        layer.b = None
-    if "name" not in kwargs and layer.name is not None:
-        kwargs["name"] = layer.name.replace("conv", "bn")
-    layer = BatchNormLayer(layer, **kwargs)
-    if nonlinearity is not None and nonlinearity is not nonlinearities.identity:
-        name = kwargs["name"] + "_nonlin" if kwargs.get("name") else None
-        layer = NonlinearityLayer(layer, nonlinearity, name=name)
-    return layer
+        a, out = self.alpha, []
+        for running, batch in ((self.mean, batch_mean), (self.inv_std, batch_inv_std)):
+            clone = theano.clone(running, share_inputs=False)
+            clone.default_update = T.cast((1 - a) * clone + a * batch, running.dtype)
+            out.append(batch + 0 * clone)
+        return out
 
 
 class ShortcutALayer(Layer):
@@ -99,7 +73,6 @@ class ShortcutALayer(Layer):
             raise ValueError(f"ShortcutALayer cannot go from {c} to {num_filters} channels "
                              f"with stride {stride}")
         self.num_filters, self.stride = num_filters, stride
-
 
     def get_output_shape_for(self, input_shape):
         b, _, h, w = input_shape
@@ -140,13 +113,12 @@ class PadFeaturesLayer(Layer):
         return T.concatenate([input, zeros], axis=1)  # (B, num_units)
 
 
-def crmn_tap(incoming, num_units, name=None):
+def crmn_tap(incoming, num_units, name):
     """One block output -> one LSTM input vector (paper section 3.2, docs/spec.md §4):
     (B, C, S, S) -> 2x2 mean pool -> flatten -> zero-pad at the end -> (B, num_units)."""
     pooled = Pool2DLayer(incoming, pool_size=(2, 2), stride=(2, 2), ignore_border=True,
-                         mode="average_inc_pad",  # no padding here, so inc = exc
-                         name=None if name is None else name + ".pool")
-    flat = FlattenLayer(pooled, outdim=2, name=None if name is None else name + ".flat")
+                         mode="average_inc_pad", name=name + ".pool")  # no padding: inc = exc
+    flat = FlattenLayer(pooled, outdim=2, name=name + ".flat")
     return PadFeaturesLayer(flat, num_units, name=name)
 
 
@@ -163,10 +135,7 @@ class PeepholeLSTMLayer(LSTMLayer):
         super(PeepholeLSTMLayer, self).__init__(incoming, num_units, **kwargs)
 
     def get_output_for(self, inputs, **kwargs):
-        x = inputs[0]
-        if x.ndim > 3:
-            x = T.flatten(x, 3)
-        x = x.dimshuffle(1, 0, 2)  # (T, B, I): scan runs over the leading axis
+        x = inputs[0].dimshuffle(1, 0, 2)  # (T, B, I): scan runs over the leading axis
         H = self.num_units
         gates = ("ingate", "forgetgate", "cell", "outgate")
         W_x = T.concatenate([getattr(self, "W_in_to_" + g) for g in gates], axis=1)  # (I, 4H)

@@ -1,8 +1,6 @@
-"""CRMN and its ResNet baseline as Lasagne 0.1 networks (paper section 3.2, docs/spec.md §4).
-
-Layer names give the native names :mod:`crmn.convert` expects (``s1b0.bn2.inv_std``).
-``python -m original.model`` prints the parameter counts of every paper row.
-"""
+"""CRMN and its ResNet baseline as Lasagne 0.1 networks (paper section 3.2, docs/spec.md §4);
+layer names give :mod:`crmn.convert`'s native names (``s1b0.bn2.inv_std``). ``python -m
+original.model`` prints the parameter counts of every paper row."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,24 +16,22 @@ from crmn.convert import canonical_to_lasagne
 from crmn.init import initial_state
 from crmn.naming import block_names
 from original.compat import graph_settings
-from original.layers import (PeepholeLSTMLayer, ShortcutALayer, batch_norm,
-                             crmn_tap)
+from original.layers import BatchNormLayer, PeepholeLSTMLayer, ShortcutALayer, crmn_tap
 
 #: He-normal with gain √2 for the ReLU convolutions (He et al. 2015, docs/spec.md §4)
 CONV_INIT = init.HeNormal(gain="relu")
 
 
 def _conv_bn(incoming, num_filters, stride, name, relu):
-    """3×3 conv (pad 1, no bias) → BN [→ ReLU]."""
+    """3×3 conv (pad 1, no bias) → BN [→ ReLU] (docs/spec.md §4): ``conv1`` -> ``bn1``."""
     conv = Conv2DLayer(incoming, num_filters, (3, 3), stride=(stride, stride), pad=1,
-                       W=CONV_INIT, b=None,
-                       nonlinearity=nonlinearities.rectify if relu else None, name=name)
-    return batch_norm(conv)
+                       W=CONV_INIT, b=None, nonlinearity=None, name=name)
+    bn = BatchNormLayer(conv, name=name.replace("conv", "bn"))
+    return NonlinearityLayer(bn, nonlinearities.rectify, name=bn.name + "_nonlin") if relu else bn
 
 
 def basic_block(incoming, num_filters, stride, name):
-    """Post-activation basic block (He et al. 2015): conv-BN-ReLU-conv-BN, + shortcut
-    (identity, or option A where the shape changes), ReLU."""
+    """Post-activation basic block (He et al. 2015): conv-BN-ReLU-conv-BN + shortcut, ReLU."""
     residual = _conv_bn(incoming, num_filters, stride, f"{name}.conv1", relu=True)
     residual = _conv_bn(residual, num_filters, 1, f"{name}.conv2", relu=False)
     shortcut = incoming
@@ -66,53 +62,43 @@ def _lstm(incoming, cfg: ModelConfig, unroll_scan: bool = True):
         peepholes=cfg.peepholes, unroll_scan=unroll_scan, name="lstm")
 
 
-def build(cfg: ModelConfig, seed: int = 0, input_var=None, unroll_scan: bool = True):
-    """The softmax output layer of ``cfg``'s network (its ``input_layer`` is the logits layer
-    "fc"), initial weights :func:`crmn.init.initial_state` of ``(cfg, seed)`` as ``modern/``'s.
-    """
+def build(cfg: ModelConfig, seed: int = 0, input_var=None):
+    """The softmax output layer of ``cfg``'s network (its ``input_layer``: the logits, "fc"),
+    holding :func:`crmn.init.initial_state` of ``(cfg, seed)`` as ``modern/``'s does."""
     with graph_settings():
-        return _build(cfg, seed, input_var, unroll_scan)
-
-
-def _build(cfg: ModelConfig, seed: int, input_var, unroll_scan: bool):
-    lasagne.random.set_rng(np.random.RandomState(seed))
-    w1, w2, w3 = cfg.widths
-    net = InputLayer((None, 3, 32, 32), input_var=input_var, name="input")
-    net = _conv_bn(net, w1, 1, "conv0", relu=True)  # (B, 16k, 32, 32)
-    names = iter(block_names(cfg))
-    taps = []
-    for stage, width in zip((1, 2, 3), (w1, w2, w3)):
-        for b in range(cfg.n):
-            stride = 2 if stage > 1 and b == 0 else 1
-            name = next(names)
-            net = basic_block(net, width, stride, name)  # (B, width, 32/2^(stage-1), ...)
-            if cfg.memory:
-                taps.append(crmn_tap(net, cfg.lstm_input, name=f"{name}.tap"))  # (B, I)
-    features = GlobalPoolLayer(net, name="gap")  # (B, 64k)
-    if cfg.memory:
-        seq = ConcatLayer(taps, axis=1, name="taps")  # (B, 3n·I), shallow first
-        seq = ReshapeLayer(seq, ([0], cfg.taps, cfg.lstm_input), name="seq")  # (B, 3n, I)
-        hid = _lstm(seq, cfg, unroll_scan)  # (B, 3n, H)
-        h_last = SliceLayer(hid, indices=-1, axis=1, name="h_last")  # (B, H)
-        features = ConcatLayer([features, h_last], axis=1, name="features")  # (B, 64k + H)
-    dense_w = init.HeNormal(gain=1.0) if cfg.dense_init == "he" else init.GlorotUniform()
-    logits = DenseLayer(features, cfg.classes, W=dense_w, b=init.Constant(0.),
-                        nonlinearity=None, name="fc")  # (B, classes)
-    out = NonlinearityLayer(logits, nonlinearities.softmax, name="softmax")
-    load_initial_state(out, cfg, seed)
+        lasagne.random.set_rng(np.random.RandomState(seed))
+        w1, w2, w3 = cfg.widths
+        net = InputLayer((None, 3, 32, 32), input_var=input_var, name="input")
+        net = _conv_bn(net, w1, 1, "conv0", relu=True)  # (B, 16k, 32, 32)
+        names = iter(block_names(cfg))
+        taps = []
+        for stage, width in zip((1, 2, 3), (w1, w2, w3)):
+            for b in range(cfg.n):
+                stride = 2 if stage > 1 and b == 0 else 1
+                name = next(names)
+                net = basic_block(net, width, stride, name)  # (B, width, 32/2^(stage-1), ...)
+                if cfg.memory:
+                    taps.append(crmn_tap(net, cfg.lstm_input, name=f"{name}.tap"))  # (B, I)
+        features = GlobalPoolLayer(net, name="gap")  # (B, 64k)
+        if cfg.memory:
+            seq = ConcatLayer(taps, axis=1, name="taps")  # (B, 3n·I), shallow first
+            seq = ReshapeLayer(seq, ([0], cfg.taps, cfg.lstm_input), name="seq")  # (B, 3n, I)
+            hid = _lstm(seq, cfg)  # (B, 3n, H)
+            h_last = SliceLayer(hid, indices=-1, axis=1, name="h_last")  # (B, H)
+            features = ConcatLayer([features, h_last], axis=1, name="features")  # (B, 64k + H)
+        dense_w = init.HeNormal(gain=1.0) if cfg.dense_init == "he" else init.GlorotUniform()
+        logits = DenseLayer(features, cfg.classes, W=dense_w, b=init.Constant(0.),
+                            nonlinearity=None, name="fc")  # (B, classes)
+        out = NonlinearityLayer(logits, nonlinearities.softmax, name="softmax")
+        native = canonical_to_lasagne(cfg, initial_state(cfg, seed), with_velocity=False,
+                                      where="crmn.init")
+        params = native_params(out)
+        if set(native) != set(params):  # pragma: no cover - one naming for builder, convert
+            raise AssertionError(f"initial state and network differ: "
+                                 f"{set(native) ^ set(params)}")
+        for name, value in native.items():
+            params[name].set_value(np.asarray(value, dtype=params[name].dtype))
     return out
-
-
-def load_initial_state(output_layer, cfg: ModelConfig, seed: int) -> None:
-    """Set every array below ``output_layer`` to :func:`crmn.init.initial_state` of
-    ``(cfg, seed)``: one seed, one starting point for both backends."""
-    native = canonical_to_lasagne(cfg, initial_state(cfg, seed), with_velocity=False,
-                                  where="crmn.init")
-    params = native_params(output_layer)
-    if set(native) != set(params):  # pragma: no cover - one naming for builder and convert
-        raise AssertionError(f"initial state and network differ: {set(native) ^ set(params)}")
-    for name, value in native.items():
-        params[name].set_value(np.asarray(value, dtype=params[name].dtype))
 
 
 def native_params(output_layer):
@@ -124,14 +110,11 @@ def native_params(output_layer):
     return out
 
 
-def _print_counts() -> None:
+if __name__ == "__main__":  # pragma: no cover - a printout for checking the counts by eye
     from crmn import paper
+
     for row in paper.ROWS:
         cfg = ModelConfig.for_row(row)
         count = lasagne.layers.count_params(build(cfg), trainable=True)
         published = "" if row.paper_params_m is None else f"  paper {row.paper_params_m} M"
         print(f"{row.id:24s} {row.label:18s} {count / 1e6:7.2f} M{published}")
-
-
-if __name__ == "__main__":
-    _print_counts()

@@ -1,8 +1,6 @@
-"""Float64 reference outputs of the Theano backend, recorded from the pinned C mode, to
-which the JAX mode is held where the C mode cannot run (numpy 2): per op (:data:`OP_CASES`,
-outputs and gradients) and end to end (:data:`E2E_MODELS`: three SGD steps of tiny
-networks). ``scripts/make_references.py`` records them (:func:`record`).
-"""
+"""Float64 outputs of the pinned C mode, to which the JAX mode is held (numpy 2): per op
+(:data:`OP_CASES`, outputs and gradients) and end to end (:data:`E2E_MODELS`, three SGD steps);
+``scripts/make_references.py`` records them (:func:`record`)."""
 from __future__ import annotations
 
 import json
@@ -143,33 +141,20 @@ def _compile(inputs, outputs, mode: str, device: str = "cpu"):
     raise ConfigError(f"unknown Theano mode {mode!r} for the references: choose c or jax")
 
 
-def run_op(name: str, mode: str, refs: Dict[str, np.ndarray] = None,
+def run_op(name: str, mode: str, refs: Dict[str, np.ndarray],
            device: str = "cpu") -> List[np.ndarray]:
-    """Outputs of case ``name`` compiled in ``mode``, inputs from ``refs`` where given;
-    ConfigError where the compiled graph lacks the ops the case exists for."""
+    """Case ``name``'s outputs compiled in ``mode``; ConfigError where the graph lacks its ops."""
     with theano.config.change_flags(floatX="float64"), compat.graph_settings():
-        inputs, outputs, values, shared, expect = OP_CASES[name]()
-        if refs is not None:
-            values = [refs[f"op/{name}/in/{i}"] for i in range(len(inputs))]
+        inputs, outputs, _, shared, expect = OP_CASES[name]()
+        values = [refs[f"op/{name}/in/{i}"] for i in range(len(inputs))]
         for i, var in enumerate(shared):
-            value = (refs[f"op/{name}/param/{i}"] if refs is not None else
-                     _randn(*var.get_value().shape, seed=100 + i))
-            var.set_value(np.asarray(value, dtype="float64"))
+            var.set_value(np.asarray(refs[f"op/{name}/param/{i}"], dtype="float64"))
         fn = _compile(inputs, outputs, mode, device)
         present = op_names(fn)
         if not any(ops <= present for ops in expect):
             raise ConfigError(f"reference case {name}: none of the op sets {expect} is in "
                               f"the compiled {mode} graph ({sorted(present)})")
         return [np.asarray(out) for out in fn(*values)]
-
-
-def _op_inputs(name: str) -> Dict[str, np.ndarray]:
-    with theano.config.change_flags(floatX="float64"), compat.graph_settings():
-        inputs, _, values, shared, _ = OP_CASES[name]()
-    out = {f"op/{name}/in/{i}": np.asarray(v) for i, v in enumerate(values)}
-    out.update({f"op/{name}/param/{i}": _randn(*var.get_value().shape, seed=100 + i)
-                for i, var in enumerate(shared)})
-    return out
 
 
 def run_e2e(name: str, mode: str, device: str = "cpu") -> Dict[str, np.ndarray]:
@@ -185,12 +170,10 @@ def run_e2e(name: str, mode: str, device: str = "cpu") -> Dict[str, np.ndarray]:
         x, y = r.randn(E2E_BATCH, 3, 32, 32), r.randint(0, 10, E2E_BATCH).astype(np.int64)
         loss_sum, correct = backend.step(x, y, E2E_LR)  # sums over the batch
         losses.append((float(loss_sum) / len(y), float(correct) / len(y)))
-    out = {"losses": np.array(losses)}
-    out.update({f"final/{k}": np.asarray(v) for k, v in backend.get_state().items()})
-    out["logits/train"] = np.asarray(backend.logits(x, training=True))
-    out["logits/eval"] = np.asarray(backend.logits(x, training=False))
-    return out
-
+    return {"losses": np.array(losses),
+            **{f"final/{k}": np.asarray(v) for k, v in backend.get_state().items()},
+            "logits/train": np.asarray(backend.logits(x, training=True)),
+            "logits/eval": np.asarray(backend.logits(x, training=False))}
 
 
 def record(path: Path = REFERENCES) -> Dict[str, np.ndarray]:
@@ -201,7 +184,11 @@ def record(path: Path = REFERENCES) -> Dict[str, np.ndarray]:
     compat.check_compiled_backend()
     arrays: Dict[str, np.ndarray] = {}
     for name in OP_CASES:
-        arrays.update(_op_inputs(name))
+        with theano.config.change_flags(floatX="float64"), compat.graph_settings():
+            _, _, values, shared, _ = OP_CASES[name]()
+        arrays.update({f"op/{name}/in/{i}": np.asarray(v) for i, v in enumerate(values)})
+        arrays.update({f"op/{name}/param/{i}": _randn(*var.get_value().shape, seed=100 + i)
+                       for i, var in enumerate(shared)})
         for i, out in enumerate(run_op(name, "c", arrays)):
             arrays[f"op/{name}/out/{i}"] = out
     for name in E2E_MODELS:
@@ -243,8 +230,7 @@ def e2e_outputs(refs, name: str) -> Dict[str, np.ndarray]:
 
 
 def worst_difference(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray]) -> Tuple[float, str]:
-    """(largest absolute difference, its key); ConfigError where keys, shapes or dtypes
-    differ."""
+    """(largest absolute difference, its key); ConfigError where keys, shapes or dtypes differ."""
     if set(got) != set(want):
         raise ConfigError(f"results differ in their arrays: only computed "
                           f"{sorted(set(got) - set(want))}, only stored "
@@ -261,8 +247,7 @@ def worst_difference(got: Dict[str, np.ndarray], want: Dict[str, np.ndarray]) ->
 
 
 def check_jax(device: str = "cpu", refs: Dict[str, np.ndarray] = None) -> List[Tuple[str, float]]:
-    """``[(case, largest absolute difference)]`` of the JAX mode on ``device`` against the
-    references, for every ``op/<name>`` and ``e2e/<name>``; a case passes at ``<= TOL``."""
+    """``[(case, largest difference)]`` of the JAX mode on every case; a pass is ``<= TOL``."""
     refs = load() if refs is None else refs
     rows = []
     for name in OP_CASES:

@@ -1,8 +1,6 @@
-"""A Lasagne 0.1 script run unmodified (``bash run_experiments.sh lasagne SCRIPT [ARGS]``):
-the archive's bridges and :func:`~original.compat.graph_settings` for the whole script, every
-``theano.function`` it makes compiled in Theano's C mode or through the JAX linker; for
-tests, numpy's global generator seeded, a limit on the training calls and their outputs kept.
-"""
+"""A Lasagne 0.1 script run unmodified (``bash run_experiments.sh lasagne SCRIPT [ARGS]``)
+under the archive's bridges and :func:`~original.compat.graph_settings`, its functions compiled
+in C or JAX mode; for tests, a seed, a limit on the training calls and their outputs kept."""
 from __future__ import annotations
 
 import inspect
@@ -25,8 +23,7 @@ class StepLimit(KeyboardInterrupt):
 
 
 def check_float_type(dtype: str) -> None:
-    """ConfigError unless Theano's ``floatX`` is ``dtype`` (Theano reads its flags once, at
-    import: ``run_experiments.sh lasagne`` sets it first)."""
+    """ConfigError unless Theano's ``floatX`` (read once, at import) is ``dtype``."""
     import theano
     if theano.config.floatX != dtype:
         raise ConfigError(f"Theano was imported with floatX={theano.config.floatX}, not "
@@ -59,14 +56,12 @@ class _Training:
 
 
 class Runner:
-    """Runs one script: ``theano_mode`` "c" or "jax" on ``device``; ``steps``: training calls
-    allowed; ``calls``: each training call's outputs."""
+    """One script in ``theano_mode`` on ``device``; ``calls``: the training calls' outputs."""
 
     def __init__(self, script: Path, theano_mode: str, device: str = "cpu",
                  steps: Optional[int] = None):
         self.script, self.theano_mode, self.device, self.steps = script, theano_mode, device, steps
         self.calls: List = []
-        self.functions = 0
 
     def _function(self, stock):
         signature = inspect.signature(stock)
@@ -80,14 +75,12 @@ class Runner:
                 fn = stock(*bound.args, **bound.kwargs)
             except ConfigError as err:
                 raise ConfigError(f"{err}{self._made_at(getattr(err, 'node', None))}") from None
-            self.functions += 1
             return _Training(fn, self) if bound.arguments.get("updates") else fn
         function.__doc__ = stock.__doc__
         return function
 
     def _made_at(self, node) -> str:
-        """``"; made at mnist.py:170: ..."``: the script's line that made ``node``, where
-        Theano kept it (its ``tag.trace``), else ``""``."""
+        """``"; made at mnist.py:170: ..."`` from ``node``'s ``tag.trace``, else ``""``."""
         if node is None:
             return ""
         script = os.path.realpath(self.script)
