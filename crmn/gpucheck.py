@@ -84,18 +84,21 @@ class GpucheckPlan:
                                                 if p in self.parts or p == "environment"))
 
 
-def plan_from_args(args) -> GpucheckPlan:
-    """gpucheck's options checked; ``--device auto``: cuda where torch or jax sees a GPU."""
-    device = args.device
+def _gpu_device(device: str) -> str:
+    """``device``, auto resolved (cuda where torch or jax sees a GPU); no such GPU: ConfigError."""
     if device == registry.AUTO:
-        device = "cpu" if registry.no_gpu("cuda") else "cuda"
+        return "cpu" if registry.no_gpu("cuda") else "cuda"
     missing = registry.no_gpu(device)
     if missing:
         raise ConfigError(f"{missing}: run it on a GPU machine (scripts/gpu_call.sh), or "
                           "check the command itself on this CPU with --device cpu --quick")
-    try:  # a bad value: one line, exit 2, nothing created
-        return GpucheckPlan(device, args.quick, Path(args.out_dir), args.budget, args.only,
-                            args.real)
+    return device
+
+
+def plan_from_args(args) -> GpucheckPlan:
+    try:  # a bad value, or a GPU not here: one line, exit 2, nothing created
+        return GpucheckPlan(_gpu_device(args.device), args.quick, Path(args.out_dir),
+                            args.budget, args.only, args.real)
     except ConfigError as exc:
         raise UsageError(f"run_experiments.sh gpucheck: {exc}") from None
 
