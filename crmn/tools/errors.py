@@ -18,9 +18,8 @@ PY_DIRS = ("crmn", "original", "modern")
 SH_FILES = ("run_experiments.sh", "tests/run.sh", "scripts/*.sh", "crmn/launch/*.sh")
 DOC = "docs/errors.md"
 
-KINDS: Dict[str, int] = {
-    name: obj.exit_code for name, obj in vars(errors).items()
-    if isinstance(obj, type) and issubclass(obj, errors.CRMNError)}
+KINDS: Dict[str, int] = {name: obj.exit_code for name, obj in vars(errors).items()
+                         if isinstance(obj, type) and issubclass(obj, errors.CRMNError)}
 
 _ACTIONS = re.compile(
     r"--[a-z]|\b(delete|remove|pass|run|rerun|replace|choose|install|add|use|set|check|"
