@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli
-from crmn import gpucheck
+from crmn import gpucheck_child
 
 TOL = 1e-10
 STEPS = 20
@@ -33,12 +33,12 @@ RUNS = {"mlp": ("mnist.py", ["mlp", "1"]), "cnn": ("mnist.py", ["cnn", "1"]),
 def lasagne_sdist() -> Path:
     """Lasagne 0.1's source archive in $CRMN_WHEELS, fetched with pip where missing."""
     wheels = Path(os.environ.get("CRMN_WHEELS", ROOT / ".whl"))
-    if not (wheels / gpucheck.LASAGNE_SDIST).is_file():
+    if not (wheels / gpucheck_child.LASAGNE_SDIST).is_file():
         wheels.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "-q",
                         "--disable-pip-version-check", "--no-deps", "--no-binary", ":all:",
                         "-d", str(wheels), "Lasagne==0.1"], check=True)
-    return wheels / gpucheck.LASAGNE_SDIST
+    return wheels / gpucheck_child.LASAGNE_SDIST
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,8 @@ def examples(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("lasagne-examples")
     lasagne_sdist()
     for name in EXAMPLES:
-        gpucheck.lasagne_example(name, folder)
-    gpucheck.write_mnist(folder / "mnist.pkl.gz")
+        gpucheck_child.lasagne_example(name, folder)
+    gpucheck_child.write_mnist(folder / "mnist.pkl.gz")
     return folder
 
 

@@ -1,9 +1,7 @@
-"""The audit of every fault message the archive prints: ``docs/errors.md``.
-
-A *site* builds a :class:`crmn.errors.CRMNError` in Python, or writes to stderr in a shell
-script; its id (``file:function:Kind[#k]`` or ``file:text``) survives moving code. What to do
-next is the message's last clause naming an action, or the catcher's words in WAY_ON_FROM.
-"""
+"""The audit of every fault message the archive prints: ``docs/errors.md``. A *site* builds a
+:class:`crmn.errors.CRMNError` in Python, or writes to stderr in a shell script; its id
+(``file:function:Kind[#k]`` or ``file:text``) survives moving code. What to do next is the
+message's last clause naming an action, or the catcher's words in WAY_ON_FROM."""
 from __future__ import annotations
 
 import ast
@@ -11,7 +9,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from crmn import errors
 
@@ -20,9 +18,8 @@ PY_DIRS = ("crmn", "original", "modern")
 SH_FILES = ("run_experiments.sh", "tests/run.sh", "scripts/*.sh", "crmn/launch/*.sh")
 DOC = "docs/errors.md"
 
-KINDS: Dict[str, int] = {
-    name: obj.exit_code for name, obj in vars(errors).items()
-    if isinstance(obj, type) and issubclass(obj, errors.CRMNError)}
+KINDS: Dict[str, int] = {name: obj.exit_code for name, obj in vars(errors).items()
+                         if isinstance(obj, type) and issubclass(obj, errors.CRMNError)}
 
 _ACTIONS = re.compile(
     r"--[a-z]|\b(delete|remove|pass|run|rerun|replace|choose|install|add|use|set|check|"
@@ -39,8 +36,8 @@ _SLURM = "check the cluster (sinfo), or use --launcher local"
 WAY_ON_FROM: Dict[str, str] = {
     "crmn/checkpoint.py:load:": f"{_PREV} (one warning line); if that is bad too: delete the "
     "run folder and run again without --resume",
-    "crmn/checkpoint.py:_meta:CheckpointError": f"as for load ({_PREV})",
-    "crmn/checkpoint.py:_meta:CheckpointError#3": f"as for load ({_PREV})",
+    **{f"crmn/checkpoint.py:_meta:CheckpointError{k}": f"as for load ({_PREV})"
+       for k in ("", "#3")},
     "crmn/checkpoint.py:save:CheckpointError": "a bug (array names come from crmn.naming)",
     "crmn/checkpoint.py:check_compatible:": "crmn/runstate.py adds: resume with the run's "
     "settings, or delete the run folder (a finished run: choose another --out-dir)",
@@ -49,8 +46,7 @@ WAY_ON_FROM: Dict[str, str] = {
     "crmn/gpucheck.py:plan_from_args:": "correct the gpucheck option the message names",
     "crmn/gpucheck.py:GpucheckPlan.__post_init__:": "plan_from_args reports it as a usage "
     "error: correct the option it names",
-    "crmn/data/formats.py:_cifar_batch:DataError#3": _OWN,
-    "crmn/data/formats.py:_cifar_batch:DataError#4": _OWN,
+    **{f"crmn/data/formats.py:_cifar_batch:DataError#{k}": _OWN for k in (3, 4)},
     "crmn/config.py:": "crmn/plan.py reports it as a usage error before anything exists: "
     "correct the option of that name (--n, --k, --batch-size, --lr, ...)",
     **{f"crmn/plan.py:RunSpec.__post_init__:ConfigError{k}": "choose a --dataset with that "
@@ -137,26 +133,18 @@ def _template(node: ast.AST) -> str:
     return "{" + ast.unparse(node) + "}"
 
 
-class _Finder(ast.NodeVisitor):
-    """Every call of a CRMNError kind, with the function (qualified name) it is in."""
-
-    def __init__(self):
-        self.scope, self.found = [], []  # found: (function, kind, message)
-
-    def _enter(self, node) -> None:
-        self.scope.append(node.name)
-        self.generic_visit(node)
-        self.scope.pop()
-
-    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _enter
-
-    def visit_Call(self, node: ast.Call) -> None:
-        name = node.func.id if isinstance(node.func, ast.Name) else (
-            node.func.attr if isinstance(node.func, ast.Attribute) else None)
-        if name in KINDS and name != "CRMNError" or (name == "CRMNError" and node.args):
-            message = _template(node.args[0]) if node.args else ""
-            self.found.append((".".join(self.scope) or "<module>", name, message))
-        self.generic_visit(node)
+def _calls(node: ast.AST, scope: Tuple[str, ...] = ()) -> Iterator[Tuple[str, str, str]]:
+    """(function (qualified name), kind, message) of every call of a CRMNError kind, in order."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.Call):
+            name = getattr(child.func, "id", getattr(child.func, "attr", None))  # f(), m.f()
+            if name in KINDS and (name != "CRMNError" or child.args):
+                message = _template(child.args[0]) if child.args else ""
+                yield ".".join(scope) or "<module>", name, message
+        inner = scope
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            inner = scope + (child.name,)
+        yield from _calls(child, inner)
 
 
 def python_sites(root: Path = ROOT) -> List[Site]:
@@ -166,10 +154,8 @@ def python_sites(root: Path = ROOT) -> List[Site]:
             rel = path.relative_to(root).as_posix()
             if rel == "crmn/errors.py":
                 continue  # the kinds themselves
-            finder = _Finder()
-            finder.visit(ast.parse(path.read_text(), filename=rel))
             seen: Dict[str, int] = {}
-            for function, kind, message in finder.found:
+            for function, kind, message in _calls(ast.parse(path.read_text(), filename=rel)):
                 key = f"{rel}:{function}:{kind}"
                 seen[key] = seen.get(key, 0) + 1
                 sid = key if seen[key] == 1 else f"{key}#{seen[key]}"
@@ -200,19 +186,18 @@ def shell_sites(root: Path = ROOT) -> List[Site]:
                 code = line.split(" #", 1)[0] if not line.lstrip().startswith("#") else ""
                 if _DIE_DEF.match(code):
                     continue  # the helper itself: its callers are the sites
-                text = None
-                joined = pending + code
+                text, joined = None, pending + code
                 m = _ECHO.search(joined)
                 if m:
                     text = _shell_text(m.group("msg"))
                 elif die_call is not None and die_call.search(code):
                     text = _shell_text(die_call.search(code).group(2))
-                pending = joined.rstrip("\\") + " " if code.rstrip().endswith("\\") or (
-                    '"' in code and code.count('"') % 2) else ""
-                if text is None:
-                    continue
                 pending = ""
-                sites.append(Site(f"{rel}:{text}", f"{rel}:{no}", "stderr", "1 or as shown", text))
+                if text is not None:
+                    sites.append(Site(f"{rel}:{text}", f"{rel}:{no}", "stderr", "1 or as shown",
+                                      text))
+                elif code.rstrip().endswith("\\") or code.count('"') % 2:  # the line goes on
+                    pending = joined.rstrip("\\") + " "
     return sites
 
 
@@ -240,9 +225,8 @@ def render(sites: List[Site]) -> str:
     for s in sites:
         out.append(f"| `{_cell(s.id)}` | {_cell(s.where)} | {s.kind} ({s.exit}) | "
                    f"{_cell(s.message)} | {_cell(s.way_on or '')} |")
-    lacking = [s for s in sites if not s.way_on]
     out += ["", "## Messages without a way on", ""]
-    out += [f"- `{_cell(s.id)}`" for s in lacking] or ["(none)"]
+    out += [f"- `{_cell(s.id)}`" for s in sites if not s.way_on] or ["(none)"]
     return "\n".join(out) + "\n"
 
 

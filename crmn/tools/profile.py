@@ -1,7 +1,7 @@
 """Time the torch backend's train step of paper rows under variants such as ``bf16-cl-compile``
 (a GPU tool); ``--kernels`` lists the costliest kernels of one eager step, ``--count-ops``
-counts the aten operators torch.profiler records (on the CPU too). ``-percast``: autocast casts each
-weight at its use instead of once per step."""
+counts the aten operators torch.profiler records (on the CPU too). ``-percast``: autocast
+casts each weight at its use instead of once per step."""
 from __future__ import annotations
 
 import collections
@@ -30,9 +30,7 @@ def variant_options(variant: str) -> dict:
     if head not in _DTYPES or any(s not in _SUFFIXES for s in suffixes):
         raise ConfigError(f"unknown variant {variant!r}: a dtype ({', '.join(_DTYPES)}) "
                           f"and suffixes from {', '.join(_SUFFIXES)}")
-    opts = {"dtype": _DTYPES[head]}
-    opts.update(_SUFFIXES[s] for s in suffixes)
-    return opts
+    return {"dtype": _DTYPES[head], **dict(_SUFFIXES[s] for s in suffixes)}
 
 
 def _backend(row, variant: str, device: str, graph: bool, batch_size: Optional[int] = None):
@@ -44,7 +42,7 @@ def _backend(row, variant: str, device: str, graph: bool, batch_size: Optional[i
         train = dataclasses.replace(train, batch_size=batch_size)
     expert = variant_options(variant)
     options = BackendOptions("torch", device, expert.pop("dtype"),
-                           compile=expert.pop("compile", False))
+                             compile=expert.pop("compile", False))
     backend = registry.build(options, ModelConfig.for_row(row), train, graph=graph, **expert)
     rng, B = np.random.default_rng(0), train.batch_size
     x = torch.as_tensor(rng.standard_normal((B, 3, 32, 32), dtype=np.float32))
@@ -56,6 +54,7 @@ def time_variant(row, variant: str, steps: int, kernels: bool, device: str = "cu
                  out: Callable[[str], None] = print) -> float:
     """Milliseconds per ``step`` (CUDA graph, batch on the device) of one variant."""
     import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
 
     backend, x, y = _backend(row, variant, device, graph=True)
     t0 = time.perf_counter()
@@ -74,31 +73,23 @@ def time_variant(row, variant: str, steps: int, kernels: bool, device: str = "cu
     out(f"{row.id:16s} {variant:18s} {ms:7.3f} ms/step  {epoch:6.2f} s/epoch  "
         f"paper {row.paper_sec_per_epoch} s  x{row.paper_sec_per_epoch / epoch:6.1f}  "
         f"(setup {setup:.1f} s)")
-    if kernels:
-        _kernel_table(row, variant, device, out)
-    return ms
-
-
-def _kernel_table(row, variant: str, device: str, out: Callable[[str], None]) -> None:
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    eager, x, y = _backend(row, variant, device, graph=False)
-    for _ in range(3):
-        eager.step(x, y, 0.01)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        eager.step(x, y, 0.01)
+    if kernels:  # one eager step after three, under the profiler
+        eager, x, y = _backend(row, variant, device, graph=False)
+        for _ in range(3):
+            eager.step(x, y, 0.01)
         torch.cuda.synchronize()
-    out(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15,
-                                  max_name_column_width=70))
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eager.step(x, y, 0.01)
+            torch.cuda.synchronize()
+        out(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15,
+                                      max_name_column_width=70))
+    return ms
 
 
 @contextlib.contextmanager
 def op_counter():
-    """A context manager counting the aten operators run under it (``.counts``, by name
-    without ``aten::``), through torch.profiler: composite operators and views count too,
-    each beside the operators it calls."""
+    """Counts (``.counts``, without ``aten::``) of the aten operators torch.profiler records
+    under it: composite operators and views count too, beside the operators they call."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     found = types.SimpleNamespace(counts=collections.Counter())
@@ -125,9 +116,7 @@ def count_variant(row, variant: str, device: str, batch_size: Optional[int] = No
 def profile(rows, variants, *, steps: int = 100, kernels: bool = False,
             count_ops: bool = False, device: str = "cuda", batch_size: Optional[int] = None,
             out: Callable[[str], None] = print) -> int:
-    """Every variant of every row; returns the number that failed (the others go on)."""
-    for v in variants:
-        variant_options(v)  # a misspelt variant is refused before anything runs
+    """Every variant (cmd_profile checks the names) of every row; the number that failed."""
     failed = 0
     for row in rows:
         for v in variants:

@@ -24,10 +24,7 @@ def time_sampler(n: int = 10000, batch_size: int = 100, epochs: int = 2,
     for key, flip in (("flip_off", False), ("flip_on", True)):
         sampler = BatchSampler(x, y, batch_size, seed, pad=PAD, flip=flip)
         t0 = time.perf_counter()
-        images = 0
-        for e in range(epochs):
-            for xb, _ in sampler.epoch(e):
-                images += len(xb)
+        images = sum(len(xb) for e in range(epochs) for xb, _ in sampler.epoch(e))
         dt = time.perf_counter() - t0
         out[key] = {"images": images, "seconds": dt, "images_per_s": images / dt,
                     "ms_per_batch": 1e3 * dt / (epochs * len(sampler))}
