@@ -41,12 +41,8 @@ _probed = False  # check_compiled_backend's probe passed in this process
 
 def _parse_flags(text: str) -> Dict[str, str]:
     """``"a=1,b.c=2"`` -> ``{"a": "1", "b__c": "2"}`` (Theano accepts both spellings)."""
-    out = {}
-    for item in text.split(","):
-        if "=" in item:
-            key, value = item.split("=", 1)
-            out[key.strip().replace(".", "__")] = value.strip()
-    return out
+    pairs = (item.split("=", 1) for item in text.split(",") if "=" in item)
+    return {key.strip().replace(".", "__"): value.strip() for key, value in pairs}
 
 
 def _theanorc_keys() -> set:
@@ -87,9 +83,8 @@ def theano_flag_defaults(environ=None) -> Dict[str, str]:
         wanted["base_compiledir"] = shared
     added = {k: v for k, v in wanted.items() if k not in user}
     if added:
-        extra = ",".join(f"{k}={v}" for k, v in added.items())
-        current = environ.get("THEANO_FLAGS", "")
-        environ["THEANO_FLAGS"] = f"{current},{extra}" if current else extra
+        flags = [environ.get("THEANO_FLAGS", "")] + [f"{k}={v}" for k, v in added.items()]
+        environ["THEANO_FLAGS"] = ",".join(flag for flag in flags if flag)
     return added
 
 
@@ -143,13 +138,10 @@ def bridge_pkg_resources() -> None:
     with importlib.metadata where setuptools has none."""
     if "pkg_resources" in sys.modules:
         return
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.suppress(ImportError):
         warnings.simplefilter("ignore")
-        try:
-            import pkg_resources  # noqa: F401  (cached in sys.modules for Lasagne)
-            return
-        except ImportError:
-            pass
+        import pkg_resources  # noqa: F401  (cached in sys.modules for Lasagne)
+        return
     _stand_in("pkg_resources", "get_distribution(name).version and the error it raises.",
               get_distribution=lambda name: types.SimpleNamespace(
                   project_name=name, version=metadata.version(name)),
@@ -183,10 +175,6 @@ def bridge_stdlib_distutils() -> None:
               spawn=spawn, sysconfig=config, __path__=[])
 
 
-class _SystemInfo:
-    verbosity = 0
-
-
 def bridge_numpy_distutils() -> None:
     """numpy 2 has no ``numpy.distutils``, which Theano imports: a stand-in that finds no
     BLAS (no C mode there) and gives numpy's headers."""
@@ -196,7 +184,7 @@ def bridge_numpy_distutils() -> None:
     misc = _stand_in("numpy.distutils.misc_util", "get_numpy_include_dirs only.",
                      get_numpy_include_dirs=lambda: [numpy.get_include()])
     info = _stand_in("numpy.distutils.system_info", "finds nothing.",
-                     system_info=_SystemInfo, get_info=lambda name, notfound_action=0: {})
+                     system_info=type("system_info", (), {"verbosity": 0}), get_info=lambda name, notfound_action=0: {})
     numpy.distutils = _stand_in("numpy.distutils", "what Theano imports.",
                                 misc_util=misc, system_info=info, __path__=[])
 
@@ -216,9 +204,8 @@ def bridge_mrg_random_streams() -> None:
 def _max_pool_2d(input, ds, ignore_border=None, st=None, padding=(0, 0), mode="max"):
     """Theano 0.7's ``downsample.max_pool_2d`` over Theano-PyMC's ``pool_2d``."""
     from theano.tensor.signal.pool import pool_2d
-    if ignore_border is None:  # Theano 0.7's default, explicit to silence a warning
-        ignore_border = False
-    return pool_2d(input, ws=ds, ignore_border=ignore_border, stride=st, pad=padding,
+    # None: Theano 0.7's default False, given explicitly to silence a warning
+    return pool_2d(input, ws=ds, ignore_border=bool(ignore_border), stride=st, pad=padding,
                    mode=mode)
 
 
@@ -252,11 +239,9 @@ def bridge_conv2d_image_shape() -> None:
         return
     stock = nnet.conv2d
 
-    def conv2d(input, filters, input_shape=None, filter_shape=None, border_mode="valid",
-               subsample=(1, 1), filter_flip=True, image_shape=None, **kwargs):
-        return stock(input, filters, input_shape=input_shape if input_shape is not None
-                     else image_shape, filter_shape=filter_shape, border_mode=border_mode,
-                     subsample=subsample, filter_flip=filter_flip, **kwargs)
+    def conv2d(input, filters, input_shape=None, *args, image_shape=None, **kwargs):
+        return stock(input, filters, image_shape if input_shape is None else input_shape,
+                     *args, **kwargs)
 
     conv2d.__doc__ = stock.__doc__
     conv2d._crmn_bridge = True
@@ -292,7 +277,6 @@ def install() -> None:
 
 def bridge_lasagne_tests() -> None:
     """Theano 0.7 names only Lasagne's own test suite uses (scripts/lasagne_tests.sh)."""
-
     import theano
     import theano.graph.basic
     if not hasattr(theano, "Variable"):
@@ -391,7 +375,6 @@ def _wait_announced(lock_dir: str) -> None:
                   file=sys.stderr, flush=True)
             timeout = LOCK_REPORT_EVERY
     lock.release()
-
 
 
 def _announcing(stock, compilelock, config):

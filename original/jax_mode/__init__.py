@@ -121,9 +121,7 @@ def linker_call(fn) -> _Call:
 def compile_seconds(fn) -> float:
     """Seconds ``fn`` (from :func:`function`, or a ``CachedFunction``) spent compiling."""
     from original.jax_mode.cache import CachedFunction
-    if isinstance(fn, CachedFunction):
-        return fn.compile_seconds
-    return linker_call(fn).compile_seconds
+    return (fn if isinstance(fn, CachedFunction) else linker_call(fn)).compile_seconds
 
 
 def get_value(shared) -> np.ndarray:
@@ -145,7 +143,6 @@ def describe(device, dtype: str, allow_tf32: bool = False) -> str:
     """``"JAX 0.4.30 cpu, float32 HIGHEST"``: the version, backend and precision in use."""
     if isinstance(device, str):
         device = jax_device(device)
-    precision = PRECISIONS[allow_tf32][1] if dtype == "float32" else dtype
-    label = f"{dtype} {precision}" if dtype == "float32" else dtype
+    label = f"{dtype} {PRECISIONS[allow_tf32][1]}" if dtype == "float32" else dtype
     return f"JAX {jax.__version__} {device.platform}, {label}"
 

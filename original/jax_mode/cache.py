@@ -6,7 +6,6 @@ bytes it stored, as a hit does: one computation either way.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -16,7 +15,7 @@ import time
 import types
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -156,8 +155,7 @@ def settings_text(device, precision: str, context: Dict) -> str:
                        "sources": _SOURCE_HASH}, sort_keys=True)
 
 
-@dataclasses.dataclass
-class _Runner:
+class _Runner(NamedTuple):
     """One compiled signature: the executable, its arguments' sources (``("input", k)``,
     ``("shared", n)``) and results' targets (``("output", k)``, ``("update", n)``)."""
     compiled: object
@@ -218,17 +216,15 @@ class CachedFunction:
         call = fn.maker.linker.call  # the FusedJAXLinker's _Call
         shared = self._graph[1]
         by_id = {id(v): n for n, v in enumerate(shared)}
-        inputs = {id(v): k for k, v in enumerate(self.inputs)}
+        sources = {**{id(v): ("shared", n) for n, v in enumerate(shared)},
+                   **{id(v): ("input", k) for k, v in enumerate(self.inputs)}}
         origin = [i.variable for i in fn.maker.inputs]  # the variables behind the cells
         args = []
         for k in range(len(call._cells)):
             var = origin[call._arg_of_input.index(k)]
-            if id(var) in inputs:
-                args.append(("input", inputs[id(var)]))
-            elif id(var) in by_id:
-                args.append(("shared", by_id[id(var)]))
-            else:
+            if id(var) not in sources:
                 raise Uncacheable(f"argument {var} is not in the graph")
+            args.append(sources[id(var)])
         results = [("update", by_id[id(origin[call.updates[k]])]) if k in call.updates
                    else ("output", k) for k in range(len(fn.maker.fgraph.outputs))]
         # shapes and dtypes only: the entry must not depend on where the arguments live
@@ -243,20 +239,19 @@ class CachedFunction:
     def _prepare(self, values) -> _Runner:
         key = self._key(values)
         entry = self.cache.load(KIND, key, self._check)
-        state = HIT
         if entry is not None:
             try:
                 runner = self._runner(*entry)
             except Exception as exc:  # whatever jax raises on bytes it cannot read
                 compile_cache.warn(f"{self.cache.path(KIND, key)}: does not fit this jax "
                                    f"({type(exc).__name__}: {exc}); compiling afresh")
-                entry = None
-        if entry is None:
-            state = MISS
-            header, payload = self._export(values)
-            self.cache.store(KIND, key, header, payload)
-            runner = self._runner(header, payload)  # the stored bytes, as a hit runs them
-        self.states.append(state)
+            else:
+                self.states.append(HIT)
+                return runner
+        header, payload = self._export(values)
+        self.cache.store(KIND, key, header, payload)
+        runner = self._runner(header, payload)  # the stored bytes, as a hit runs them
+        self.states.append(MISS)
         return runner
 
     def _runner(self, header: Dict, payload: bytes) -> _Runner:

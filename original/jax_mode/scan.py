@@ -6,6 +6,8 @@ Theano-PyMC's own conversion leaves those out.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -46,19 +48,16 @@ def jax_funcify_Scan(op):
     mit_mot_outs = [list(t) for t in op.mit_mot_out_slices]
     mintaps = [min(t) for t in taps] + [0] * n_nit_sot
 
-    def inner(args):
-        return evaluate(fgraph, conversions, args)
+    inner = functools.partial(evaluate, fgraph, conversions)
 
     def scan(n_steps, *outer):
         if isinstance(n_steps, jax.core.Tracer):
             raise Unsupported(f"no JAX conversion for {op} of a length known only at run time")
         n_steps = int(n_steps)
-        seqs = list(outer[:n_seqs])
-        buffers = list(outer[n_seqs:n_seqs + n_outs])
-        shared = list(outer[n_seqs + n_outs:n_seqs + n_outs + n_shared])
-        sizes = [int(s) for s in outer[n_seqs + n_outs + n_shared:
-                                       n_seqs + n_outs + n_shared + n_nit_sot]]
-        others = list(outer[n_seqs + n_outs + n_shared + n_nit_sot:])
+        rest = iter(outer)  # the outer inputs, in Scan's order
+        seqs, buffers, shared, sizes = (list(itertools.islice(rest, n)) for n in
+                                        (n_seqs, n_outs, n_shared, n_nit_sot))
+        sizes, others = [int(s) for s in sizes], list(rest)
         store = [b.shape[0] for b in buffers] + sizes
         start = [(-m) % s for m, s in zip(mintaps, store)]
 
@@ -71,7 +70,7 @@ def jax_funcify_Scan(op):
 
         if n_nit_sot:  # their buffers: the shapes of a first step's outputs
             args, _ = inputs(0, buffers, shared)
-            shapes = jax.eval_shape(lambda a: inner(a), args)
+            shapes = jax.eval_shape(inner, args)
             first = sum(len(t) for t in mit_mot_outs) + n_outs - n_mit_mot
             for k in range(n_nit_sot):
                 out = shapes[first + k]
