@@ -362,19 +362,17 @@ def _wait_announced(lock_dir: str) -> None:
     it (Theano waits in silence, for minutes when another process compiles)."""
     import filelock
     path = os.path.join(lock_dir, ".lock")
-    start = time.perf_counter()
-    lock = filelock.FileLock(path)
+    start, lock = time.perf_counter(), filelock.FileLock(path)
     timeout = LOCK_QUIET_WAIT  # free soon: nothing to say
     while True:
         try:
-            lock.acquire(timeout=timeout)
-            break
+            with lock.acquire(timeout=timeout):
+                return
         except filelock.Timeout:
             print(f"theano: waiting for the compile lock {path}, held by process "
                   f"{lock_holder(path) or '?'} ({time.perf_counter() - start:.0f} s so far)",
                   file=sys.stderr, flush=True)
             timeout = LOCK_REPORT_EVERY
-    lock.release()
 
 
 def _announcing(stock, compilelock, config):

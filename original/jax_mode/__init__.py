@@ -64,9 +64,11 @@ def configure() -> Dict[str, str]:
     return changed
 
 
-def jax_device(device: str):
+def jax_device(device):
     """The JAX device for ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (after :func:`configure`:
-    asking for devices starts JAX); ConfigError where jax has none such."""
+    asking for devices starts JAX), a JAX device as it is; ConfigError where jax has none."""
+    if not isinstance(device, str):
+        return device
     configure()
     if device == "cpu":
         return jax.devices("cpu")[0]
@@ -93,10 +95,8 @@ def jax_mode(device="cpu", allow_tf32: bool = False) -> Mode:
     """Theano's "JAX" optimiser query without in-place rewrites (JAX arrays are immutable),
     linked by :class:`FusedJAXLinker` on ``device``."""
     configure()
-    if isinstance(device, str):
-        device = jax_device(device)
     query = get_mode("JAX").excluding("inplace", *conv.EXCLUDED_REWRITES).provided_optimizer
-    return Mode(FusedJAXLinker(device, allow_tf32), query)
+    return Mode(FusedJAXLinker(jax_device(device), allow_tf32), query)
 
 
 def function(inputs, outputs=None, updates=None, name=None, device="cpu",
@@ -133,16 +133,12 @@ def set_value(shared, value, device=None) -> None:
     (None: the next call moves it)."""
     shared.set_value(value)
     if device is not None:
-        if isinstance(device, str):
-            device = jax_device(device)
         cell = shared.container.storage
-        cell[0] = jax.device_put(cell[0], device)
+        cell[0] = jax.device_put(cell[0], jax_device(device))
 
 
 def describe(device, dtype: str, allow_tf32: bool = False) -> str:
     """``"JAX 0.4.30 cpu, float32 HIGHEST"``: the version, backend and precision in use."""
-    if isinstance(device, str):
-        device = jax_device(device)
     label = f"{dtype} {PRECISIONS[allow_tf32][1]}" if dtype == "float32" else dtype
-    return f"JAX {jax.__version__} {device.platform}, {label}"
+    return f"JAX {jax.__version__} {jax_device(device).platform}, {label}"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 from theano.tensor.nnet.abstract_conv import (AbstractConv2d, AbstractConv2d_gradInputs,
-                                              AbstractConv2d_gradWeights, border_mode_to_pad)
+                                              AbstractConv2d_gradWeights)
 
 from original.jax_mode.dispatch import (check_shared, correlate, image_grad, jax_funcify,
                                         kernel_grad)
@@ -13,12 +13,8 @@ from original.jax_mode.dispatch import (check_shared, correlate, image_grad, jax
 
 def convolve(op, img, kern):
     """(B, C, H, W), (F, C/groups, kH, kW) -> (B, F, H', W'): a correlation with the kernel
-    flipped where ``op.filter_flip``, padded as Theano pads the abstract op."""
-    kern = kern[..., ::-1, ::-1] if op.filter_flip else kern
-    dilated = [(k - 1) * d + 1 for k, d in zip(kern.shape[-2:], op.filter_dilation)]
-    padding = [tuple(int(p) for p in pair)
-               for pair in border_mode_to_pad(op.border_mode, 2, dilated)]
-    return correlate(op, img, kern, padding)
+    flipped where ``op.filter_flip``."""
+    return correlate(op, img, kern[..., ::-1, ::-1] if op.filter_flip else kern)
 
 
 @jax_funcify.register(AbstractConv2d)

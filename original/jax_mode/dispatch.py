@@ -19,6 +19,7 @@ from theano.scalar.basic import Add, Composite, Mul
 from theano.tensor.basic import Argmax, Split
 from theano.tensor.elemwise import CAReduceDtype, Elemwise
 from theano.tensor.opt import Assert
+from theano.tensor.nnet.abstract_conv import border_mode_to_pad
 from theano.tensor.nnet.corr import CorrMM, CorrMM_gradInputs, CorrMM_gradWeights
 from theano.tensor.nnet.nnet import (CrossentropySoftmax1HotWithBiasDx,
                                      CrossentropySoftmaxArgmax1HotWithBias)
@@ -81,9 +82,8 @@ def _forward_slices(x, idx, y):
     """``(idx, y)`` with each static slice of negative step turned forward and ``y``
     flipped to match: jaxlib 0.11's XLA:CPU aborts compiling the gradient of a reversed
     slice (``scan(go_backwards=True)``) written as a scatter into a reversed slice."""
-    backward = [isinstance(i, slice) and i.step is not None and not _is_tracer(i.step)
-                and i.step < 0 and not any(map(_is_tracer, (i.start, i.stop)))
-                for i in idx]
+    backward = [isinstance(i, slice) and not any(map(_is_tracer, (i.start, i.stop, i.step)))
+                and (i.step or 0) < 0 for i in idx]
     if not any(backward):
         return idx, y
     y = jnp.broadcast_to(y, jnp.asarray(x)[idx].shape)
@@ -151,16 +151,11 @@ def jax_funcify_CAReduceDtype(op):
 
 
 def corr_padding(op, kshape) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """((top, bottom), (left, right)) padding of ``op`` for a (kH, kW) kernel, as
-    ``BaseCorrMM``'s C code computes it."""
+    """((top, bottom), (left, right)) padding of ``op`` (``CorrMM`` or an abstract
+    convolution) for a (kH, kW) kernel, as Theano pads it."""
     dilated = [(k - 1) * d + 1 for k, d in zip(kshape, op.filter_dilation)]
-    if op.border_mode == "valid":
-        return ((0, 0), (0, 0))
-    if op.border_mode == "full":
-        return tuple((k - 1, k - 1) for k in dilated)
-    if op.border_mode == "half":
-        return tuple((k // 2, k // 2) for k in dilated)
-    return tuple((int(lo), int(hi)) for lo, hi in op.border_mode)  # normalised pairs
+    return tuple(tuple(int(p) for p in pair)
+                 for pair in border_mode_to_pad(op.border_mode, 2, dilated))
 
 
 def transpose(linear, shape, cotangent):
@@ -188,11 +183,10 @@ def image_grad(forward, op, kern, topgrad, hw):
     return transpose(lambda x: forward(op, x, kern), ishape, topgrad)
 
 
-def correlate(op, img, kern, padding=None):
-    """(B, C, H, W) ⋆ (F, C/groups, kH, kW) -> (B, F, H', W'), no kernel flip; ``padding``
-    defaults to :func:`corr_padding` of ``op``."""
-    if padding is None:
-        padding = corr_padding(op, kern.shape[-2:])
+def correlate(op, img, kern):
+    """(B, C, H, W) ⋆ (F, C/groups, kH, kW) -> (B, F, H', W'), no kernel flip, padded by
+    :func:`corr_padding`."""
+    padding = corr_padding(op, kern.shape[-2:])
     if img.dtype == np.float64 and op.num_groups == 1:
         return _correlate_im2col(img, kern, op.subsample, padding, op.filter_dilation)
     return lax.conv_general_dilated(
@@ -367,10 +361,9 @@ def jax_funcify_mrg_uniform(op):
     dtype = op.output_type.dtype
     if dtype not in _MRG_NORM:
         raise Unsupported(f"no JAX conversion for {op} in {dtype}")
-    norm = _MRG_NORM[dtype]
 
     def mrg_uniform_sample(rstate, size):
-        if isinstance(size, jax.core.Tracer):
+        if _is_tracer(size):
             raise Unsupported(f"no JAX conversion for {op} of a size known only at run time")
         shape = tuple(int(s) for s in np.asarray(size))
         n, streams = int(np.prod(shape, dtype=np.int64)), rstate.shape[0]
@@ -384,7 +377,7 @@ def jax_funcify_mrg_uniform(op):
         rounds = -(-n // streams)
         state, drawn = lax.scan(step, rstate, jnp.arange(rounds) * streams)
         # the int-to-float conversion, then one multiply, in the output's dtype
-        sample = drawn.reshape(-1)[:n].astype(dtype) * norm
+        sample = drawn.reshape(-1)[:n].astype(dtype) * _MRG_NORM[dtype]
         return state, sample.reshape(shape)
     return mrg_uniform_sample
 
@@ -433,9 +426,8 @@ def jax_funcify_Assert(op):
     """The value, its conditions checked where they are known when traced (shapes, which
     Theano's scan gradient asserts); a traced condition cannot stop a jitted function."""
     def assert_(value, *conditions):
-        for condition in conditions:
-            if not isinstance(condition, jax.core.Tracer) and not np.all(condition):
-                raise ValueError(f"{op.msg} (Theano's Assert, while tracing)")
+        if any(not _is_tracer(c) and not np.all(c) for c in conditions):
+            raise ValueError(f"{op.msg} (Theano's Assert, while tracing)")
         return value
     return assert_
 
@@ -443,7 +435,6 @@ def jax_funcify_Assert(op):
 @jax_funcify.register(Split)
 def jax_funcify_Split(op):
     """x -> ``op.len_splits`` pieces along a static axis at static sizes."""
-
     def split(x, axis, splits):
         bounds = np.cumsum(np.asarray(splits))[:-1]
         return tuple(jnp.split(x, bounds, axis=int(axis)))

@@ -22,13 +22,6 @@ from original.jax_mode.dispatch import Unsupported, jax_funcify
 from original.jax_mode.graph import convert_graph, evaluate
 
 
-def _inner(op):
-    """The inner graph, optimised as the JAX mode's outer graph is, and its conversions."""
-    fgraph = FunctionGraph(op.inputs, op.outputs, clone=True)
-    get_mode("JAX").excluding("inplace", *conv.EXCLUDED_REWRITES).optimizer.optimize(fgraph)
-    return fgraph, convert_graph(fgraph, jax_funcify)
-
-
 def _at(buffer, index):
     return lax.dynamic_index_in_dim(buffer, index, keepdims=False)
 
@@ -41,14 +34,14 @@ def _put(buffer, index, value):
 def jax_funcify_Scan(op):
     if op.as_while:
         raise Unsupported(f"no JAX conversion for a scan with a stopping condition ({op})")
-    fgraph, conversions = _inner(op)
+    fgraph = FunctionGraph(op.inputs, op.outputs, clone=True)  # optimised as the outer one
+    get_mode("JAX").excluding("inplace", *conv.EXCLUDED_REWRITES).optimizer.optimize(fgraph)
+    inner = functools.partial(evaluate, fgraph, convert_graph(fgraph, jax_funcify))
     n_seqs, n_mit_mot, n_outs = op.n_seqs, op.n_mit_mot, op.n_outs
     n_nit_sot, n_shared = op.n_nit_sot, op.n_shared_outs
     taps = [list(t) for t in op.tap_array]
     mit_mot_outs = [list(t) for t in op.mit_mot_out_slices]
     mintaps = [min(t) for t in taps] + [0] * n_nit_sot
-
-    inner = functools.partial(evaluate, fgraph, conversions)
 
     def scan(n_steps, *outer):
         if isinstance(n_steps, jax.core.Tracer):
@@ -72,9 +65,8 @@ def jax_funcify_Scan(op):
             args, _ = inputs(0, buffers, shared)
             shapes = jax.eval_shape(inner, args)
             first = sum(len(t) for t in mit_mot_outs) + n_outs - n_mit_mot
-            for k in range(n_nit_sot):
-                out = shapes[first + k]
-                buffers.append(jnp.zeros((sizes[k],) + out.shape, out.dtype))
+            buffers += [jnp.zeros((size,) + out.shape, out.dtype)
+                        for size, out in zip(sizes, shapes[first:first + n_nit_sot])]
 
         def step(i, carry):
             buffers, shared = list(carry[0]), list(carry[1])
