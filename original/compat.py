@@ -184,7 +184,8 @@ def bridge_numpy_distutils() -> None:
     misc = _stand_in("numpy.distutils.misc_util", "get_numpy_include_dirs only.",
                      get_numpy_include_dirs=lambda: [numpy.get_include()])
     info = _stand_in("numpy.distutils.system_info", "finds nothing.",
-                     system_info=type("system_info", (), {"verbosity": 0}), get_info=lambda name, notfound_action=0: {})
+                     system_info=type("system_info", (), {"verbosity": 0}),
+                     get_info=lambda name, notfound_action=0: {})
     numpy.distutils = _stand_in("numpy.distutils", "what Theano imports.",
                                 misc_util=misc, system_info=info, __path__=[])
 
@@ -390,7 +391,7 @@ def _announcing(stock, compilelock, config):
 
 _depth = 0
 _depth_lock = threading.RLock()
-_undo = []  # what the outermost graph_settings puts back, in reverse order
+_undo = contextlib.ExitStack()  # what the outermost graph_settings puts back
 
 
 def _apply_graph_settings() -> None:
@@ -401,24 +402,24 @@ def _apply_graph_settings() -> None:
     if limit < RECURSION_LIMIT:
         # the gradient of a deep CRMN is walked recursively (RecursionError at 1000)
         sys.setrecursionlimit(RECURSION_LIMIT)
-        _undo.append(lambda: sys.setrecursionlimit(limit))
+        _undo.callback(sys.setrecursionlimit, limit)
     if "theano.scan.scan_perform_ext" not in sys.modules:
         # Theano-PyMC's Cython scan fails to build on Python 3.11 after a full g++ run;
         # a None entry fails the import at once and scan takes its Python loop
         sys.modules["theano.scan.scan_perform_ext"] = None
-        _undo.append(lambda: sys.modules.pop("theano.scan.scan_perform_ext", None))
+        _undo.callback(sys.modules.pop, "theano.scan.scan_perform_ext", None)
     if importlib.util.find_spec("numpy.linalg.linalg") is None:
         # numpy 2.5 removed the module; theano.gpuarray, which theano.scan imports, reads
         # LinAlgError from it
         sys.modules["numpy.linalg.linalg"] = numpy.linalg
-        _undo.append(lambda: sys.modules.pop("numpy.linalg.linalg", None))
+        _undo.callback(sys.modules.pop, "numpy.linalg.linalg", None)
     for name, value in missing_numpy_names().items():
         setattr(numpy, name, value)
-        _undo.append(lambda name=name: delattr(numpy, name))
+        _undo.callback(delattr, numpy, name)
     stock_call = NumpyAutocaster.__call__
     if _numpy_version() >= (2, 0) and not getattr(stock_call, "exact", False):
         NumpyAutocaster.__call__ = _exact_autocast(stock_call)
-        _undo.append(lambda: setattr(NumpyAutocaster, "__call__", stock_call))
+        _undo.callback(setattr, NumpyAutocaster, "__call__", stock_call)
     stock_lock = compilelock.lock_ctx
     if not getattr(stock_lock, "announces", False):
         announcing = _announcing(stock_lock, compilelock, config)
@@ -426,13 +427,13 @@ def _apply_graph_settings() -> None:
                    if n.startswith("theano") and getattr(m, "lock_ctx", None) is stock_lock]
         for module in patched:  # the modules that imported lock_ctx by name
             module.lock_ctx = announcing
-        _undo.append(lambda: [setattr(m, "lock_ctx", stock_lock) for m in patched])
+            _undo.callback(setattr, module, "lock_ctx", stock_lock)
 
 
 @contextlib.contextmanager
 def graph_settings():
     """Recursion limit, numpy 1.x's names and ``numpy.linalg.linalg``, exact autocasting, an
-    announced compile lock, ``scan``'s Python loop; re-entrant, the outermost exit puts back all it changed."""
+    announced compile lock, ``scan``'s Python loop; re-entrant: the outermost exit undoes all."""
     global _depth
     with _depth_lock:
         if _depth == 0:
@@ -440,7 +441,7 @@ def graph_settings():
             try:
                 _apply_graph_settings()
             except BaseException:
-                _restore()
+                _undo.close()
                 raise
         _depth += 1
     try:
@@ -449,12 +450,7 @@ def graph_settings():
         with _depth_lock:
             _depth -= 1
             if _depth == 0:
-                _restore()
-
-
-def _restore() -> None:
-    while _undo:
-        _undo.pop()()
+                _undo.close()
 
 
 def check_compiled_backend(probe: bool = True) -> None:

@@ -60,6 +60,7 @@ def _canon(obj, depth: int = 0) -> str:
     """A text that two processes give the same object (no ids, no addresses)."""
     if depth > 12:
         raise Uncacheable("nested too deeply")
+    sub = functools.partial(_canon, depth=depth + 1)
     if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
         return repr(obj)
     if isinstance(obj, (np.generic, np.dtype)):
@@ -68,20 +69,18 @@ def _canon(obj, depth: int = 0) -> str:
         data = np.ascontiguousarray(obj)
         return f"array({data.dtype},{data.shape},{hashlib.sha256(data.tobytes()).hexdigest()})"
     if isinstance(obj, (tuple, list, frozenset, set)):
-        items = [_canon(o, depth + 1) for o in obj]
+        items = [sub(o) for o in obj]
         return "(" + ",".join(sorted(items) if isinstance(obj, (set, frozenset)) else items) + ")"
     if isinstance(obj, dict):
-        return "{" + ",".join(sorted(f"{_canon(k, depth + 1)}:{_canon(v, depth + 1)}"
-                                     for k, v in obj.items())) + "}"
+        return "{" + ",".join(sorted(f"{sub(k)}:{sub(v)}" for k, v in obj.items())) + "}"
     if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
         return f"{obj.__module__}.{obj.__qualname__}"
     if isinstance(obj, functools.partial):
-        return f"partial({_canon(obj.func, depth + 1)},{_canon(obj.args, depth + 1)})"
+        return f"partial({sub(obj.func)},{sub(obj.args)})"
     name = f"{type(obj).__module__}.{type(obj).__qualname__}"
     props = getattr(obj, "__props__", None)
     if props is not None:
-        return name + "{" + ",".join(f"{p}={_canon(getattr(obj, p), depth + 1)}"
-                                     for p in props) + "}"
+        return name + "{" + ",".join(f"{p}={sub(getattr(obj, p))}" for p in props) + "}"
     text = str(obj)
     if " at 0x" in text:
         raise Uncacheable(f"{name} has no stable description")
@@ -125,11 +124,10 @@ def graph_text(inputs: Sequence, outputs: Sequence, updates: Sequence[Tuple]
                 todo.extend((v, False) for v in reversed(node.inputs))
                 continue
             args = " ".join(f"v{number[id(v)]}" for v in node.inputs)
-            outs = []
             for out in node.outputs:
                 number[id(out)] = len(number)
-                outs.append(f"v{number[id(out)]}:{_canon(out.type)}")
-            lines.append(f"{' '.join(outs)} = {_canon(node.op)}({args})")
+            outs = " ".join(f"v{number[id(o)]}:{_canon(o.type)}" for o in node.outputs)
+            lines.append(f"{outs} = {_canon(node.op)}({args})")
 
     for var in list(inputs) + list(outputs):
         visit(var)
