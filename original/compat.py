@@ -78,8 +78,7 @@ def theano_flag_defaults(environ=None) -> Dict[str, str]:
     if blas is not None:
         wanted["blas__ldflags"] = blas
     shared = shared_compiledir(environ)
-    if shared is not None and not user & {"base_compiledir", "compiledir",
-                                          "compiledir_format"}:
+    if shared is not None and not user & {"base_compiledir", "compiledir", "compiledir_format"}:
         wanted["base_compiledir"] = shared
     added = {k: v for k, v in wanted.items() if k not in user}
     if added:
@@ -89,8 +88,7 @@ def theano_flag_defaults(environ=None) -> Dict[str, str]:
 
 
 def shared_compiledir(environ=None) -> Optional[str]:
-    """``$CRMN_CACHE/theano`` where that folder passes :mod:`crmn.compile_cache`'s ownership
-    rule, else None (Theano keeps ``~/.theano``)."""
+    """``$CRMN_CACHE/theano`` where it passes compile_cache's ownership rule, else None."""
     from crmn import compile_cache
     environ = os.environ if environ is None else environ
     chosen = environ.get(compile_cache.CACHE_ENV)
@@ -127,8 +125,7 @@ def c_mode_available() -> tuple:
 
 def _stand_in(name: str, doc: str, **attrs) -> types.ModuleType:
     module = types.ModuleType(name, f"Stand-in (original.compat): {doc}")
-    for key, value in attrs.items():
-        setattr(module, key, value)
+    vars(module).update(attrs)
     sys.modules[name] = module
     return module
 
@@ -159,8 +156,7 @@ def _python_lib(plat_specific=False, standard_lib=False, prefix=None):
 
 
 def bridge_stdlib_distutils() -> None:
-    """Python 3.12 has no ``distutils``, which Theano imports: stand-ins over shutil and
-    sysconfig."""
+    """Python 3.12 has no ``distutils``, which Theano imports: stand-ins over shutil, sysconfig."""
     if "distutils" in sys.modules or importlib.util.find_spec("distutils") is not None:
         return
     spawn = _stand_in("distutils.spawn", "find_executable only.",
@@ -176,10 +172,8 @@ def bridge_stdlib_distutils() -> None:
 
 
 def bridge_numpy_distutils() -> None:
-    """numpy 2 has no ``numpy.distutils``, which Theano imports: a stand-in that finds no
-    BLAS (no C mode there) and gives numpy's headers."""
-    if "numpy.distutils" in sys.modules or \
-            importlib.util.find_spec("numpy.distutils") is not None:
+    """numpy 2 has no ``numpy.distutils`` (Theano imports it): finds no BLAS, gives headers."""
+    if "numpy.distutils" in sys.modules or importlib.util.find_spec("numpy.distutils") is not None:
         return
     misc = _stand_in("numpy.distutils.misc_util", "get_numpy_include_dirs only.",
                      get_numpy_include_dirs=lambda: [numpy.get_include()])
@@ -218,8 +212,7 @@ def bridge_downsample() -> None:
 
 
 def bridge_gof() -> None:
-    """``theano.gof`` (now ``theano.graph``), and ``theano.gof.graph.is_same_graph`` for
-    Lasagne's own tests."""
+    """``theano.gof`` (now ``theano.graph``), with ``graph.is_same_graph`` for Lasagne's tests."""
     import theano
     import theano.graph.basic
     import theano.graph.toolbox
@@ -233,8 +226,7 @@ def bridge_gof() -> None:
 
 
 def bridge_conv2d_image_shape() -> None:
-    """``conv2d(..., image_shape=)`` (now ``input_shape=``), which Lasagne's ``Conv2DLayer``
-    passes."""
+    """``conv2d(..., image_shape=)``, now ``input_shape=``, as Lasagne's ``Conv2DLayer`` passes."""
     import theano.tensor.nnet as nnet
     if getattr(nnet.conv2d, "_crmn_bridge", False):
         return
@@ -305,10 +297,9 @@ def missing_numpy_names() -> Dict[str, object]:
     gave them; only those this numpy lacks."""
     wanted = {"product": numpy.prod, "cast": _Cast(), "complex": complex, "int": int,
               "sctype2char": lambda sctype: numpy.dtype(sctype).char}
-    exceptions = getattr(numpy, "exceptions", None)
-    if exceptions is not None:
-        wanted["AxisError"] = exceptions.AxisError
-        wanted["ComplexWarning"] = exceptions.ComplexWarning
+    if hasattr(numpy, "exceptions"):  # numpy 1.25 moved them there
+        wanted.update(AxisError=numpy.exceptions.AxisError,
+                      ComplexWarning=numpy.exceptions.ComplexWarning)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numpy warns on some removed names
         return {name: value for name, value in wanted.items() if not hasattr(numpy, name)}
@@ -317,7 +308,6 @@ def missing_numpy_names() -> Dict[str, object]:
 def _exact_autocast(stock):
     """``NumpyAutocaster.__call__`` choosing, as numpy 1.x did, the first dtype that holds a
     Python number exactly (under NEP 50 the stock one typed 0.9 as float32 in float64)."""
-
     def __call__(self, x):
         from theano.configdefaults import config
         if config.cast_policy != "custom" or not isinstance(x, (int, float)) or \

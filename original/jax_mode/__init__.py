@@ -129,8 +129,7 @@ def get_value(shared) -> np.ndarray:
 
 
 def set_value(shared, value, device=None) -> None:
-    """Set ``shared`` through Theano's checks (dtype, ndim), then place it on ``device``
-    (None: the next call moves it)."""
+    """Set ``shared`` through Theano's checks, then put it on ``device`` (None: the next call)."""
     shared.set_value(value)
     if device is not None:
         cell = shared.container.storage

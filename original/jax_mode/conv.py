@@ -12,8 +12,7 @@ from original.jax_mode.dispatch import (check_shared, correlate, image_grad, jax
 
 
 def convolve(op, img, kern):
-    """(B, C, H, W), (F, C/groups, kH, kW) -> (B, F, H', W'): a correlation with the kernel
-    flipped where ``op.filter_flip``."""
+    """(B, C, H, W), (F, C/groups, kH, kW) -> (B, F, H', W'), kernel flipped if filter_flip."""
     return correlate(op, img, kern[..., ::-1, ::-1] if op.filter_flip else kern)
 
 

@@ -107,8 +107,7 @@ def _is_tracer(value):
 @jax_funcify.register(AdvancedIncSubtensor1)
 @jax_funcify.register(AdvancedIncSubtensor)
 def jax_funcify_IncSubtensor(op):
-    """``x[idx] = y`` or ``x[idx] += y`` through ``x.at[idx]``, a block through an update of
-    the slice (no scatter)."""
+    """``x[idx] = y`` or ``x[idx] += y``: a block by an update of the slice, else ``x.at``."""
     setting = getattr(op, "set_instead_of_inc", False)
 
     def incsubtensor(x, y, *ilist):
@@ -142,8 +141,7 @@ def _window(x, idx):
 
 @jax_funcify.register(CAReduceDtype)
 def jax_funcify_CAReduceDtype(op):
-    """``Sum`` / ``Prod`` accumulated in ``op.acc_dtype`` as Theano's C code (the stock
-    conversion uses the input's dtype)."""
+    """``Sum`` / ``Prod`` accumulated in ``op.acc_dtype`` as Theano's C code (not x's dtype)."""
     reducer = {Add: jnp.sum, Mul: jnp.prod}.get(type(op.scalar_op))
     if reducer is None:
         raise Unsupported(f"no JAX conversion for the reduction {op}")
@@ -151,8 +149,7 @@ def jax_funcify_CAReduceDtype(op):
 
 
 def corr_padding(op, kshape) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """((top, bottom), (left, right)) padding of ``op`` (``CorrMM`` or an abstract
-    convolution) for a (kH, kW) kernel, as Theano pads it."""
+    """((top, bottom), (left, right)) padding of ``op`` for a (kH, kW) kernel, as Theano's."""
     dilated = [(k - 1) * d + 1 for k, d in zip(kshape, op.filter_dilation)]
     return tuple(tuple(int(p) for p in pair)
                  for pair in border_mode_to_pad(op.border_mode, 2, dilated))
@@ -170,22 +167,19 @@ def check_shared(op, what: str):
 
 
 def kernel_grad(forward, op, img, topgrad, hw):
-    """d(loss)/d(kernel) of ``forward(op, img, kernel)`` at ``topgrad``, for an (F, C/groups)
-    + ``hw`` kernel."""
+    """d(loss)/d(kernel) of ``forward(op, img, kernel)`` at ``topgrad``, for a ``hw`` kernel."""
     kshape = (topgrad.shape[1], img.shape[1] // op.num_groups) + tuple(hw)
     return transpose(functools.partial(forward, op, img), kshape, topgrad)
 
 
 def image_grad(forward, op, kern, topgrad, hw):
-    """d(loss)/d(image) of ``forward(op, image, kern)`` at ``topgrad``, for a (B, C) + ``hw``
-    image."""
+    """d(loss)/d(image) of ``forward(op, image, kern)`` at ``topgrad``, for a ``hw`` image."""
     ishape = (topgrad.shape[0], kern.shape[1] * op.num_groups) + tuple(hw)
     return transpose(lambda x: forward(op, x, kern), ishape, topgrad)
 
 
 def correlate(op, img, kern):
-    """(B, C, H, W) ⋆ (F, C/groups, kH, kW) -> (B, F, H', W'), no kernel flip, padded by
-    :func:`corr_padding`."""
+    """(B, C, H, W) ⋆ (F, C/groups, kH, kW) -> (B, F, H', W'), no kernel flip."""
     padding = corr_padding(op, kern.shape[-2:])
     if img.dtype == np.float64 and op.num_groups == 1:
         return _correlate_im2col(img, kern, op.subsample, padding, op.filter_dilation)

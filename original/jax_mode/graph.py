@@ -32,8 +32,7 @@ def _integral(var) -> bool:
 
 
 def _conform(value, var):
-    """``value`` as the dtype ``var`` declares: a cast for JAX values, numpy for static ones
-    (never traced)."""
+    """``value`` in ``var``'s dtype: a cast for JAX values, numpy for static ones."""
     dtype = getattr(var.type, "dtype", None)
     if dtype is None:
         return value  # slices, None
