@@ -6,6 +6,7 @@ changes nothing; :func:`configure` sets what JAX needs before it starts.
 from __future__ import annotations
 
 import os
+from importlib import metadata
 from typing import Dict
 
 import numpy as np
@@ -30,10 +31,8 @@ XLA_CPU_OPTIONS = {(0, 4): "xla_cpu_use_mkl_dnn", (0, 11): "xla_cpu_use_onednn"}
 
 def xla_cpu_option(jaxlib_version: str = None):
     """XLA's oneDNN option in ``jaxlib_version`` (default installed), or None: unknown."""
-    if jaxlib_version is None:
-        from importlib import metadata
-        jaxlib_version = metadata.version("jaxlib")
-    release = tuple(int(part) for part in jaxlib_version.split(".")[:2])
+    version = jaxlib_version or metadata.version("jaxlib")
+    release = tuple(int(part) for part in version.split(".")[:2])
     return XLA_CPU_OPTIONS.get(release)
 
 
