@@ -23,24 +23,16 @@ def jax_funcify_AbstractConv2d(op):
 
 
 @jax_funcify.register(AbstractConv2d_gradWeights)
-def jax_funcify_AbstractConv2d_gradWeights(op):
-    """d(loss)/d(kernel), the kernel's spatial size the op's static ``shape`` input."""
-    check_shared(op, "convolution")
-
-    def abstract_conv2d_gradweights(img, topgrad, shape):
-        return kernel_grad(convolve, op, img, topgrad, [int(s) for s in shape])
-    return abstract_conv2d_gradweights
-
-
 @jax_funcify.register(AbstractConv2d_gradInputs)
-def jax_funcify_AbstractConv2d_gradInputs(op):
-    """d(loss)/d(image), the image's spatial size the op's ``shape`` input (a stride drops
-    rows the forward pass never read)."""
+def jax_funcify_AbstractConv2d_grad(op):
+    """d(loss)/d(kernel) or d(loss)/d(image), its spatial size the op's static ``shape``
+    input (for the image: a stride drops rows the forward pass never read)."""
     check_shared(op, "convolution")
+    grad = kernel_grad if isinstance(op, AbstractConv2d_gradWeights) else image_grad
 
-    def abstract_conv2d_gradinputs(kern, topgrad, shape):
-        return image_grad(convolve, op, kern, topgrad, [int(s) for s in shape])
-    return abstract_conv2d_gradinputs
+    def abstract_conv2d_grad(other, topgrad, shape):  # other: the image, or the kernel
+        return grad(convolve, op, other, topgrad, [int(s) for s in shape])
+    return abstract_conv2d_grad
 
 
 #: rewrites the JAX mode leaves out: the legacy ``ConvOp`` lowering (no conversion) and the
