@@ -41,12 +41,8 @@ _probed = False  # check_compiled_backend's probe passed in this process
 
 def _parse_flags(text: str) -> Dict[str, str]:
     """``"a=1,b.c=2"`` -> ``{"a": "1", "b__c": "2"}`` (Theano accepts both spellings)."""
-    out = {}
-    for item in text.split(","):
-        if "=" in item:
-            key, value = item.split("=", 1)
-            out[key.strip().replace(".", "__")] = value.strip()
-    return out
+    pairs = (item.split("=", 1) for item in text.split(",") if "=" in item)
+    return {key.strip().replace(".", "__"): value.strip() for key, value in pairs}
 
 
 def _theanorc_keys() -> set:
@@ -82,20 +78,17 @@ def theano_flag_defaults(environ=None) -> Dict[str, str]:
     if blas is not None:
         wanted["blas__ldflags"] = blas
     shared = shared_compiledir(environ)
-    if shared is not None and not user & {"base_compiledir", "compiledir",
-                                          "compiledir_format"}:
+    if shared is not None and not user & {"base_compiledir", "compiledir", "compiledir_format"}:
         wanted["base_compiledir"] = shared
     added = {k: v for k, v in wanted.items() if k not in user}
     if added:
-        extra = ",".join(f"{k}={v}" for k, v in added.items())
-        current = environ.get("THEANO_FLAGS", "")
-        environ["THEANO_FLAGS"] = f"{current},{extra}" if current else extra
+        flags = [environ.get("THEANO_FLAGS", "")] + [f"{k}={v}" for k, v in added.items()]
+        environ["THEANO_FLAGS"] = ",".join(flag for flag in flags if flag)
     return added
 
 
 def shared_compiledir(environ=None) -> Optional[str]:
-    """``$CRMN_CACHE/theano`` where that folder passes :mod:`crmn.compile_cache`'s ownership
-    rule, else None (Theano keeps ``~/.theano``)."""
+    """``$CRMN_CACHE/theano`` where it passes compile_cache's ownership rule, else None."""
     from crmn import compile_cache
     environ = os.environ if environ is None else environ
     chosen = environ.get(compile_cache.CACHE_ENV)
@@ -132,8 +125,7 @@ def c_mode_available() -> tuple:
 
 def _stand_in(name: str, doc: str, **attrs) -> types.ModuleType:
     module = types.ModuleType(name, f"Stand-in (original.compat): {doc}")
-    for key, value in attrs.items():
-        setattr(module, key, value)
+    vars(module).update(attrs)
     sys.modules[name] = module
     return module
 
@@ -143,13 +135,10 @@ def bridge_pkg_resources() -> None:
     with importlib.metadata where setuptools has none."""
     if "pkg_resources" in sys.modules:
         return
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.suppress(ImportError):
         warnings.simplefilter("ignore")
-        try:
-            import pkg_resources  # noqa: F401  (cached in sys.modules for Lasagne)
-            return
-        except ImportError:
-            pass
+        import pkg_resources  # noqa: F401  (cached in sys.modules for Lasagne)
+        return
     _stand_in("pkg_resources", "get_distribution(name).version and the error it raises.",
               get_distribution=lambda name: types.SimpleNamespace(
                   project_name=name, version=metadata.version(name)),
@@ -167,8 +156,7 @@ def _python_lib(plat_specific=False, standard_lib=False, prefix=None):
 
 
 def bridge_stdlib_distutils() -> None:
-    """Python 3.12 has no ``distutils``, which Theano imports: stand-ins over shutil and
-    sysconfig."""
+    """Python 3.12 has no ``distutils``, which Theano imports: stand-ins over shutil, sysconfig."""
     if "distutils" in sys.modules or importlib.util.find_spec("distutils") is not None:
         return
     spawn = _stand_in("distutils.spawn", "find_executable only.",
@@ -183,20 +171,15 @@ def bridge_stdlib_distutils() -> None:
               spawn=spawn, sysconfig=config, __path__=[])
 
 
-class _SystemInfo:
-    verbosity = 0
-
-
 def bridge_numpy_distutils() -> None:
-    """numpy 2 has no ``numpy.distutils``, which Theano imports: a stand-in that finds no
-    BLAS (no C mode there) and gives numpy's headers."""
-    if "numpy.distutils" in sys.modules or \
-            importlib.util.find_spec("numpy.distutils") is not None:
+    """numpy 2 has no ``numpy.distutils`` (Theano imports it): finds no BLAS, gives headers."""
+    if "numpy.distutils" in sys.modules or importlib.util.find_spec("numpy.distutils") is not None:
         return
     misc = _stand_in("numpy.distutils.misc_util", "get_numpy_include_dirs only.",
                      get_numpy_include_dirs=lambda: [numpy.get_include()])
     info = _stand_in("numpy.distutils.system_info", "finds nothing.",
-                     system_info=_SystemInfo, get_info=lambda name, notfound_action=0: {})
+                     system_info=type("system_info", (), {"verbosity": 0}),
+                     get_info=lambda name, notfound_action=0: {})
     numpy.distutils = _stand_in("numpy.distutils", "what Theano imports.",
                                 misc_util=misc, system_info=info, __path__=[])
 
@@ -216,9 +199,8 @@ def bridge_mrg_random_streams() -> None:
 def _max_pool_2d(input, ds, ignore_border=None, st=None, padding=(0, 0), mode="max"):
     """Theano 0.7's ``downsample.max_pool_2d`` over Theano-PyMC's ``pool_2d``."""
     from theano.tensor.signal.pool import pool_2d
-    if ignore_border is None:  # Theano 0.7's default, explicit to silence a warning
-        ignore_border = False
-    return pool_2d(input, ws=ds, ignore_border=ignore_border, stride=st, pad=padding,
+    # None: Theano 0.7's default False, given explicitly to silence a warning
+    return pool_2d(input, ws=ds, ignore_border=bool(ignore_border), stride=st, pad=padding,
                    mode=mode)
 
 
@@ -230,8 +212,7 @@ def bridge_downsample() -> None:
 
 
 def bridge_gof() -> None:
-    """``theano.gof`` (now ``theano.graph``), and ``theano.gof.graph.is_same_graph`` for
-    Lasagne's own tests."""
+    """``theano.gof`` (now ``theano.graph``), with ``graph.is_same_graph`` for Lasagne's tests."""
     import theano
     import theano.graph.basic
     import theano.graph.toolbox
@@ -245,18 +226,15 @@ def bridge_gof() -> None:
 
 
 def bridge_conv2d_image_shape() -> None:
-    """``conv2d(..., image_shape=)`` (now ``input_shape=``), which Lasagne's ``Conv2DLayer``
-    passes."""
+    """``conv2d(..., image_shape=)``, now ``input_shape=``, as Lasagne's ``Conv2DLayer`` passes."""
     import theano.tensor.nnet as nnet
     if getattr(nnet.conv2d, "_crmn_bridge", False):
         return
     stock = nnet.conv2d
 
-    def conv2d(input, filters, input_shape=None, filter_shape=None, border_mode="valid",
-               subsample=(1, 1), filter_flip=True, image_shape=None, **kwargs):
-        return stock(input, filters, input_shape=input_shape if input_shape is not None
-                     else image_shape, filter_shape=filter_shape, border_mode=border_mode,
-                     subsample=subsample, filter_flip=filter_flip, **kwargs)
+    def conv2d(input, filters, input_shape=None, *args, image_shape=None, **kwargs):
+        return stock(input, filters, image_shape if input_shape is None else input_shape,
+                     *args, **kwargs)
 
     conv2d.__doc__ = stock.__doc__
     conv2d._crmn_bridge = True
@@ -292,7 +270,6 @@ def install() -> None:
 
 def bridge_lasagne_tests() -> None:
     """Theano 0.7 names only Lasagne's own test suite uses (scripts/lasagne_tests.sh)."""
-
     import theano
     import theano.graph.basic
     if not hasattr(theano, "Variable"):
@@ -320,10 +297,9 @@ def missing_numpy_names() -> Dict[str, object]:
     gave them; only those this numpy lacks."""
     wanted = {"product": numpy.prod, "cast": _Cast(), "complex": complex, "int": int,
               "sctype2char": lambda sctype: numpy.dtype(sctype).char}
-    exceptions = getattr(numpy, "exceptions", None)
-    if exceptions is not None:
-        wanted["AxisError"] = exceptions.AxisError
-        wanted["ComplexWarning"] = exceptions.ComplexWarning
+    if hasattr(numpy, "exceptions"):  # numpy 1.25 moved them there
+        wanted.update(AxisError=numpy.exceptions.AxisError,
+                      ComplexWarning=numpy.exceptions.ComplexWarning)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numpy warns on some removed names
         return {name: value for name, value in wanted.items() if not hasattr(numpy, name)}
@@ -332,7 +308,6 @@ def missing_numpy_names() -> Dict[str, object]:
 def _exact_autocast(stock):
     """``NumpyAutocaster.__call__`` choosing, as numpy 1.x did, the first dtype that holds a
     Python number exactly (under NEP 50 the stock one typed 0.9 as float32 in float64)."""
-
     def __call__(self, x):
         from theano.configdefaults import config
         if config.cast_policy != "custom" or not isinstance(x, (int, float)) or \
@@ -378,20 +353,17 @@ def _wait_announced(lock_dir: str) -> None:
     it (Theano waits in silence, for minutes when another process compiles)."""
     import filelock
     path = os.path.join(lock_dir, ".lock")
-    start = time.perf_counter()
-    lock = filelock.FileLock(path)
+    start, lock = time.perf_counter(), filelock.FileLock(path)
     timeout = LOCK_QUIET_WAIT  # free soon: nothing to say
     while True:
         try:
-            lock.acquire(timeout=timeout)
-            break
+            with lock.acquire(timeout=timeout):
+                return
         except filelock.Timeout:
             print(f"theano: waiting for the compile lock {path}, held by process "
                   f"{lock_holder(path) or '?'} ({time.perf_counter() - start:.0f} s so far)",
                   file=sys.stderr, flush=True)
             timeout = LOCK_REPORT_EVERY
-    lock.release()
-
 
 
 def _announcing(stock, compilelock, config):
@@ -409,7 +381,7 @@ def _announcing(stock, compilelock, config):
 
 _depth = 0
 _depth_lock = threading.RLock()
-_undo = []  # what the outermost graph_settings puts back, in reverse order
+_undo = contextlib.ExitStack()  # what the outermost graph_settings puts back
 
 
 def _apply_graph_settings() -> None:
@@ -420,24 +392,24 @@ def _apply_graph_settings() -> None:
     if limit < RECURSION_LIMIT:
         # the gradient of a deep CRMN is walked recursively (RecursionError at 1000)
         sys.setrecursionlimit(RECURSION_LIMIT)
-        _undo.append(lambda: sys.setrecursionlimit(limit))
+        _undo.callback(sys.setrecursionlimit, limit)
     if "theano.scan.scan_perform_ext" not in sys.modules:
         # Theano-PyMC's Cython scan fails to build on Python 3.11 after a full g++ run;
         # a None entry fails the import at once and scan takes its Python loop
         sys.modules["theano.scan.scan_perform_ext"] = None
-        _undo.append(lambda: sys.modules.pop("theano.scan.scan_perform_ext", None))
+        _undo.callback(sys.modules.pop, "theano.scan.scan_perform_ext", None)
     if importlib.util.find_spec("numpy.linalg.linalg") is None:
         # numpy 2.5 removed the module; theano.gpuarray, which theano.scan imports, reads
         # LinAlgError from it
         sys.modules["numpy.linalg.linalg"] = numpy.linalg
-        _undo.append(lambda: sys.modules.pop("numpy.linalg.linalg", None))
+        _undo.callback(sys.modules.pop, "numpy.linalg.linalg", None)
     for name, value in missing_numpy_names().items():
         setattr(numpy, name, value)
-        _undo.append(lambda name=name: delattr(numpy, name))
+        _undo.callback(delattr, numpy, name)
     stock_call = NumpyAutocaster.__call__
     if _numpy_version() >= (2, 0) and not getattr(stock_call, "exact", False):
         NumpyAutocaster.__call__ = _exact_autocast(stock_call)
-        _undo.append(lambda: setattr(NumpyAutocaster, "__call__", stock_call))
+        _undo.callback(setattr, NumpyAutocaster, "__call__", stock_call)
     stock_lock = compilelock.lock_ctx
     if not getattr(stock_lock, "announces", False):
         announcing = _announcing(stock_lock, compilelock, config)
@@ -445,13 +417,13 @@ def _apply_graph_settings() -> None:
                    if n.startswith("theano") and getattr(m, "lock_ctx", None) is stock_lock]
         for module in patched:  # the modules that imported lock_ctx by name
             module.lock_ctx = announcing
-        _undo.append(lambda: [setattr(m, "lock_ctx", stock_lock) for m in patched])
+            _undo.callback(setattr, module, "lock_ctx", stock_lock)
 
 
 @contextlib.contextmanager
 def graph_settings():
     """Recursion limit, numpy 1.x's names and ``numpy.linalg.linalg``, exact autocasting, an
-    announced compile lock, ``scan``'s Python loop; re-entrant, the outermost exit puts back all it changed."""
+    announced compile lock, ``scan``'s Python loop; re-entrant: the outermost exit undoes all."""
     global _depth
     with _depth_lock:
         if _depth == 0:
@@ -459,7 +431,7 @@ def graph_settings():
             try:
                 _apply_graph_settings()
             except BaseException:
-                _restore()
+                _undo.close()
                 raise
         _depth += 1
     try:
@@ -468,12 +440,7 @@ def graph_settings():
         with _depth_lock:
             _depth -= 1
             if _depth == 0:
-                _restore()
-
-
-def _restore() -> None:
-    while _undo:
-        _undo.pop()()
+                _undo.close()
 
 
 def check_compiled_backend(probe: bool = True) -> None:

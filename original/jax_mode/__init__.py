@@ -6,6 +6,7 @@ changes nothing; :func:`configure` sets what JAX needs before it starts.
 from __future__ import annotations
 
 import os
+from importlib import metadata
 from typing import Dict
 
 import numpy as np
@@ -30,10 +31,8 @@ XLA_CPU_OPTIONS = {(0, 4): "xla_cpu_use_mkl_dnn", (0, 11): "xla_cpu_use_onednn"}
 
 def xla_cpu_option(jaxlib_version: str = None):
     """XLA's oneDNN option in ``jaxlib_version`` (default installed), or None: unknown."""
-    if jaxlib_version is None:
-        from importlib import metadata
-        jaxlib_version = metadata.version("jaxlib")
-    release = tuple(int(part) for part in jaxlib_version.split(".")[:2])
+    version = jaxlib_version or metadata.version("jaxlib")
+    release = tuple(int(part) for part in version.split(".")[:2])
     return XLA_CPU_OPTIONS.get(release)
 
 
@@ -64,9 +63,11 @@ def configure() -> Dict[str, str]:
     return changed
 
 
-def jax_device(device: str):
+def jax_device(device):
     """The JAX device for ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (after :func:`configure`:
-    asking for devices starts JAX); ConfigError where jax has none such."""
+    asking for devices starts JAX), a JAX device as it is; ConfigError where jax has none."""
+    if not isinstance(device, str):
+        return device
     configure()
     if device == "cpu":
         return jax.devices("cpu")[0]
@@ -93,10 +94,8 @@ def jax_mode(device="cpu", allow_tf32: bool = False) -> Mode:
     """Theano's "JAX" optimiser query without in-place rewrites (JAX arrays are immutable),
     linked by :class:`FusedJAXLinker` on ``device``."""
     configure()
-    if isinstance(device, str):
-        device = jax_device(device)
     query = get_mode("JAX").excluding("inplace", *conv.EXCLUDED_REWRITES).provided_optimizer
-    return Mode(FusedJAXLinker(device, allow_tf32), query)
+    return Mode(FusedJAXLinker(jax_device(device), allow_tf32), query)
 
 
 def function(inputs, outputs=None, updates=None, name=None, device="cpu",
@@ -121,9 +120,7 @@ def linker_call(fn) -> _Call:
 def compile_seconds(fn) -> float:
     """Seconds ``fn`` (from :func:`function`, or a ``CachedFunction``) spent compiling."""
     from original.jax_mode.cache import CachedFunction
-    if isinstance(fn, CachedFunction):
-        return fn.compile_seconds
-    return linker_call(fn).compile_seconds
+    return (fn if isinstance(fn, CachedFunction) else linker_call(fn)).compile_seconds
 
 
 def get_value(shared) -> np.ndarray:
@@ -131,21 +128,15 @@ def get_value(shared) -> np.ndarray:
 
 
 def set_value(shared, value, device=None) -> None:
-    """Set ``shared`` through Theano's checks (dtype, ndim), then place it on ``device``
-    (None: the next call moves it)."""
+    """Set ``shared`` through Theano's checks, then put it on ``device`` (None: the next call)."""
     shared.set_value(value)
     if device is not None:
-        if isinstance(device, str):
-            device = jax_device(device)
         cell = shared.container.storage
-        cell[0] = jax.device_put(cell[0], device)
+        cell[0] = jax.device_put(cell[0], jax_device(device))
 
 
 def describe(device, dtype: str, allow_tf32: bool = False) -> str:
     """``"JAX 0.4.30 cpu, float32 HIGHEST"``: the version, backend and precision in use."""
-    if isinstance(device, str):
-        device = jax_device(device)
-    precision = PRECISIONS[allow_tf32][1] if dtype == "float32" else dtype
-    label = f"{dtype} {precision}" if dtype == "float32" else dtype
-    return f"JAX {jax.__version__} {device.platform}, {label}"
+    label = f"{dtype} {PRECISIONS[allow_tf32][1]}" if dtype == "float32" else dtype
+    return f"JAX {jax.__version__} {jax_device(device).platform}, {label}"
 

@@ -6,7 +6,6 @@ bytes it stored, as a hit does: one computation either way.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -16,7 +15,7 @@ import time
 import types
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -61,6 +60,7 @@ def _canon(obj, depth: int = 0) -> str:
     """A text that two processes give the same object (no ids, no addresses)."""
     if depth > 12:
         raise Uncacheable("nested too deeply")
+    sub = functools.partial(_canon, depth=depth + 1)
     if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
         return repr(obj)
     if isinstance(obj, (np.generic, np.dtype)):
@@ -69,20 +69,18 @@ def _canon(obj, depth: int = 0) -> str:
         data = np.ascontiguousarray(obj)
         return f"array({data.dtype},{data.shape},{hashlib.sha256(data.tobytes()).hexdigest()})"
     if isinstance(obj, (tuple, list, frozenset, set)):
-        items = [_canon(o, depth + 1) for o in obj]
+        items = [sub(o) for o in obj]
         return "(" + ",".join(sorted(items) if isinstance(obj, (set, frozenset)) else items) + ")"
     if isinstance(obj, dict):
-        return "{" + ",".join(sorted(f"{_canon(k, depth + 1)}:{_canon(v, depth + 1)}"
-                                     for k, v in obj.items())) + "}"
+        return "{" + ",".join(sorted(f"{sub(k)}:{sub(v)}" for k, v in obj.items())) + "}"
     if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
         return f"{obj.__module__}.{obj.__qualname__}"
     if isinstance(obj, functools.partial):
-        return f"partial({_canon(obj.func, depth + 1)},{_canon(obj.args, depth + 1)})"
+        return f"partial({sub(obj.func)},{sub(obj.args)})"
     name = f"{type(obj).__module__}.{type(obj).__qualname__}"
     props = getattr(obj, "__props__", None)
     if props is not None:
-        return name + "{" + ",".join(f"{p}={_canon(getattr(obj, p), depth + 1)}"
-                                     for p in props) + "}"
+        return name + "{" + ",".join(f"{p}={sub(getattr(obj, p))}" for p in props) + "}"
     text = str(obj)
     if " at 0x" in text:
         raise Uncacheable(f"{name} has no stable description")
@@ -126,11 +124,10 @@ def graph_text(inputs: Sequence, outputs: Sequence, updates: Sequence[Tuple]
                 todo.extend((v, False) for v in reversed(node.inputs))
                 continue
             args = " ".join(f"v{number[id(v)]}" for v in node.inputs)
-            outs = []
             for out in node.outputs:
                 number[id(out)] = len(number)
-                outs.append(f"v{number[id(out)]}:{_canon(out.type)}")
-            lines.append(f"{' '.join(outs)} = {_canon(node.op)}({args})")
+            outs = " ".join(f"v{number[id(o)]}:{_canon(o.type)}" for o in node.outputs)
+            lines.append(f"{outs} = {_canon(node.op)}({args})")
 
     for var in list(inputs) + list(outputs):
         visit(var)
@@ -156,8 +153,7 @@ def settings_text(device, precision: str, context: Dict) -> str:
                        "sources": _SOURCE_HASH}, sort_keys=True)
 
 
-@dataclasses.dataclass
-class _Runner:
+class _Runner(NamedTuple):
     """One compiled signature: the executable, its arguments' sources (``("input", k)``,
     ``("shared", n)``) and results' targets (``("output", k)``, ``("update", n)``)."""
     compiled: object
@@ -218,17 +214,15 @@ class CachedFunction:
         call = fn.maker.linker.call  # the FusedJAXLinker's _Call
         shared = self._graph[1]
         by_id = {id(v): n for n, v in enumerate(shared)}
-        inputs = {id(v): k for k, v in enumerate(self.inputs)}
+        sources = {**{id(v): ("shared", n) for n, v in enumerate(shared)},
+                   **{id(v): ("input", k) for k, v in enumerate(self.inputs)}}
         origin = [i.variable for i in fn.maker.inputs]  # the variables behind the cells
         args = []
         for k in range(len(call._cells)):
             var = origin[call._arg_of_input.index(k)]
-            if id(var) in inputs:
-                args.append(("input", inputs[id(var)]))
-            elif id(var) in by_id:
-                args.append(("shared", by_id[id(var)]))
-            else:
+            if id(var) not in sources:
                 raise Uncacheable(f"argument {var} is not in the graph")
+            args.append(sources[id(var)])
         results = [("update", by_id[id(origin[call.updates[k]])]) if k in call.updates
                    else ("output", k) for k in range(len(fn.maker.fgraph.outputs))]
         # shapes and dtypes only: the entry must not depend on where the arguments live
@@ -243,20 +237,19 @@ class CachedFunction:
     def _prepare(self, values) -> _Runner:
         key = self._key(values)
         entry = self.cache.load(KIND, key, self._check)
-        state = HIT
         if entry is not None:
             try:
                 runner = self._runner(*entry)
             except Exception as exc:  # whatever jax raises on bytes it cannot read
                 compile_cache.warn(f"{self.cache.path(KIND, key)}: does not fit this jax "
                                    f"({type(exc).__name__}: {exc}); compiling afresh")
-                entry = None
-        if entry is None:
-            state = MISS
-            header, payload = self._export(values)
-            self.cache.store(KIND, key, header, payload)
-            runner = self._runner(header, payload)  # the stored bytes, as a hit runs them
-        self.states.append(state)
+            else:
+                self.states.append(HIT)
+                return runner
+        header, payload = self._export(values)
+        self.cache.store(KIND, key, header, payload)
+        runner = self._runner(header, payload)  # the stored bytes, as a hit runs them
+        self.states.append(MISS)
         return runner
 
     def _runner(self, header: Dict, payload: bytes) -> _Runner:

@@ -19,6 +19,7 @@ from theano.scalar.basic import Add, Composite, Mul
 from theano.tensor.basic import Argmax, Split
 from theano.tensor.elemwise import CAReduceDtype, Elemwise
 from theano.tensor.opt import Assert
+from theano.tensor.nnet.abstract_conv import border_mode_to_pad
 from theano.tensor.nnet.corr import CorrMM, CorrMM_gradInputs, CorrMM_gradWeights
 from theano.tensor.nnet.nnet import (CrossentropySoftmax1HotWithBiasDx,
                                      CrossentropySoftmaxArgmax1HotWithBias)
@@ -38,7 +39,6 @@ def _import_stock_dispatch():
 
 
 _stock = _import_stock_dispatch()
-convert_indices = _stock.convert_indices
 
 
 @functools.singledispatch
@@ -82,10 +82,8 @@ def _forward_slices(x, idx, y):
     """``(idx, y)`` with each static slice of negative step turned forward and ``y``
     flipped to match: jaxlib 0.11's XLA:CPU aborts compiling the gradient of a reversed
     slice (``scan(go_backwards=True)``) written as a scatter into a reversed slice."""
-    idx = idx if isinstance(idx, tuple) else (idx,)
-    backward = [isinstance(i, slice) and i.step is not None and not _is_tracer(i.step)
-                and i.step < 0 and not any(map(_is_tracer, (i.start, i.stop)))
-                for i in idx]
+    backward = [isinstance(i, slice) and not any(map(_is_tracer, (i.start, i.stop, i.step)))
+                and (i.step or 0) < 0 for i in idx]
     if not any(backward):
         return idx, y
     y = jnp.broadcast_to(y, jnp.asarray(x)[idx].shape)
@@ -105,16 +103,22 @@ def _is_tracer(value):
     return isinstance(value, jax.core.Tracer)
 
 
-def _inc_subtensor(op, indices_of):
-    """``x[idx] = y`` or ``x[idx] += y`` through ``x.at[idx]``; ``indices_of(ilist)``
-    builds ``idx``."""
+@jax_funcify.register(IncSubtensor)
+@jax_funcify.register(AdvancedIncSubtensor1)
+@jax_funcify.register(AdvancedIncSubtensor)
+def jax_funcify_IncSubtensor(op):
+    """``x[idx] = y`` or ``x[idx] += y``: a block by an update of the slice, else ``x.at``."""
     setting = getattr(op, "set_instead_of_inc", False)
 
     def incsubtensor(x, y, *ilist):
-        idx, y = _forward_slices(x, indices_of(list(ilist)), y)
+        idx = tuple(ilist)  # the advanced ops: the index arrays themselves
+        if isinstance(op, IncSubtensor):  # static slices and integers, indices popped in turn
+            ilist = list(ilist)
+            idx = tuple(_stock.convert_indices(ilist, entry) for entry in op.idx_list)
+        idx, y = _forward_slices(x, idx, y)
         x = jnp.asarray(x)
         starts = _window(x, idx)
-        if starts is not None:  # a block: an update of the slice, no scatter
+        if starts is not None:
             part = x[idx]
             new = jnp.broadcast_to(y, part.shape) if setting else part + y
             return lax.dynamic_update_slice(x, new.astype(x.dtype), starts)
@@ -135,29 +139,9 @@ def _window(x, idx):
     return starts + [0] * (x.ndim - len(starts))
 
 
-@jax_funcify.register(IncSubtensor)
-def jax_funcify_IncSubtensor(op):
-    def indices(ilist):
-        idx = tuple(convert_indices(ilist, entry) for entry in op.idx_list)
-        return idx[0] if len(idx) == 1 else idx
-
-    return _inc_subtensor(op, indices)
-
-
-@jax_funcify.register(AdvancedIncSubtensor1)
-def jax_funcify_AdvancedIncSubtensor1(op):
-    return _inc_subtensor(op, lambda ilist: ilist[0])
-
-
-@jax_funcify.register(AdvancedIncSubtensor)
-def jax_funcify_AdvancedIncSubtensor(op):
-    return _inc_subtensor(op, tuple)
-
-
 @jax_funcify.register(CAReduceDtype)
 def jax_funcify_CAReduceDtype(op):
-    """``Sum`` / ``Prod`` accumulated in ``op.acc_dtype`` as Theano's C code (the stock
-    conversion uses the input's dtype)."""
+    """``Sum`` / ``Prod`` accumulated in ``op.acc_dtype`` as Theano's C code (not x's dtype)."""
     reducer = {Add: jnp.sum, Mul: jnp.prod}.get(type(op.scalar_op))
     if reducer is None:
         raise Unsupported(f"no JAX conversion for the reduction {op}")
@@ -165,16 +149,10 @@ def jax_funcify_CAReduceDtype(op):
 
 
 def corr_padding(op, kshape) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """((top, bottom), (left, right)) padding of ``op`` for a (kH, kW) kernel, as
-    ``BaseCorrMM``'s C code computes it."""
+    """((top, bottom), (left, right)) padding of ``op`` for a (kH, kW) kernel, as Theano's."""
     dilated = [(k - 1) * d + 1 for k, d in zip(kshape, op.filter_dilation)]
-    if op.border_mode == "valid":
-        return ((0, 0), (0, 0))
-    if op.border_mode == "full":
-        return tuple((k - 1, k - 1) for k in dilated)
-    if op.border_mode == "half":
-        return tuple((k // 2, k // 2) for k in dilated)
-    return tuple((int(lo), int(hi)) for lo, hi in op.border_mode)  # normalised pairs
+    return tuple(tuple(int(p) for p in pair)
+                 for pair in border_mode_to_pad(op.border_mode, 2, dilated))
 
 
 def transpose(linear, shape, cotangent):
@@ -183,16 +161,26 @@ def transpose(linear, shape, cotangent):
         cotangent)[0]
 
 
-def _check_corr(op):
+def check_shared(op, what: str):
     if op.unshared:
-        raise Unsupported(f"no JAX conversion for unshared correlation {op}")
+        raise Unsupported(f"no JAX conversion for unshared {what} {op}")
 
 
-def correlate(op, img, kern, padding=None):
-    """(B, C, H, W) ⋆ (F, C/groups, kH, kW) -> (B, F, H', W'), no kernel flip; ``padding``
-    defaults to :func:`corr_padding` of ``op``."""
-    if padding is None:
-        padding = corr_padding(op, kern.shape[-2:])
+def kernel_grad(forward, op, img, topgrad, hw):
+    """d(loss)/d(kernel) of ``forward(op, img, kernel)`` at ``topgrad``, for a ``hw`` kernel."""
+    kshape = (topgrad.shape[1], img.shape[1] // op.num_groups) + tuple(hw)
+    return transpose(functools.partial(forward, op, img), kshape, topgrad)
+
+
+def image_grad(forward, op, kern, topgrad, hw):
+    """d(loss)/d(image) of ``forward(op, image, kern)`` at ``topgrad``, for a ``hw`` image."""
+    ishape = (topgrad.shape[0], kern.shape[1] * op.num_groups) + tuple(hw)
+    return transpose(lambda x: forward(op, x, kern), ishape, topgrad)
+
+
+def correlate(op, img, kern):
+    """(B, C, H, W) ⋆ (F, C/groups, kH, kW) -> (B, F, H', W'), no kernel flip."""
+    padding = corr_padding(op, kern.shape[-2:])
     if img.dtype == np.float64 and op.num_groups == 1:
         return _correlate_im2col(img, kern, op.subsample, padding, op.filter_dilation)
     return lax.conv_general_dilated(
@@ -217,7 +205,7 @@ def _correlate_im2col(img, kern, stride, padding, dilation):
 
 @jax_funcify.register(CorrMM)
 def jax_funcify_CorrMM(op):
-    _check_corr(op)
+    check_shared(op, "correlation")
     return functools.partial(correlate, op)
 
 
@@ -225,51 +213,41 @@ def jax_funcify_CorrMM(op):
 def jax_funcify_CorrMM_gradWeights(op):
     """d(loss)/d(kernel), its spatial size the op's ``shape`` input or inferred as Theano
     does."""
-    _check_corr(op)
+    check_shared(op, "correlation")
 
-    def kernel_size(img_hw, top_hw, shape):
-        if shape:
-            return tuple(int(s) for s in shape)
-        pads = corr_padding(op, (1, 1)) if op.border_mode != "full" else None
-        sizes = []
-        for axis, (h, t, d) in enumerate(zip(img_hw, top_hw, op.filter_dilation)):
-            if pads is None:  # full: out = h + dilated - 1
-                dilated = t - h + 1
-            else:  # explicit or valid: out = h + pads - dilated + 1
-                dilated = h + sum(pads[axis]) - (t - 1) * op.subsample[axis]
-            sizes.append((dilated - 1) // d + 1)
-        return tuple(sizes)
+    def kernel_size(img_hw, top_hw):
+        if op.border_mode == "full":  # out = h + dilated - 1
+            dilated = [t - h + 1 for h, t in zip(img_hw, top_hw)]
+        else:  # explicit or valid: out = h + pads - dilated + 1
+            dilated = [h + sum(p) - (t - 1) * s for h, t, p, s in
+                       zip(img_hw, top_hw, corr_padding(op, (1, 1)), op.subsample)]
+        return [(n - 1) // d + 1 for n, d in zip(dilated, op.filter_dilation)]
 
     def corrmm_gradweights(img, topgrad, *shape):
-        kh, kw = kernel_size(img.shape[-2:], topgrad.shape[-2:], shape)
-        kshape = (topgrad.shape[1], img.shape[1] // op.num_groups, kh, kw)
-        return transpose(functools.partial(correlate, op, img), kshape, topgrad)
+        hw = [int(s) for s in shape] or kernel_size(img.shape[-2:], topgrad.shape[-2:])
+        return kernel_grad(correlate, op, img, topgrad, hw)
     return corrmm_gradweights
 
 
 @jax_funcify.register(CorrMM_gradInputs)
 def jax_funcify_CorrMM_gradInputs(op):
     """d(loss)/d(image), its spatial size the op's ``shape`` input or inferred."""
-    _check_corr(op)
+    check_shared(op, "correlation")
 
     def corrmm_gradinputs(kern, topgrad, *shape):
         pads = corr_padding(op, kern.shape[-2:])
-        if shape:
-            hw = tuple(int(s) for s in shape)
-        else:
-            dilated = [(k - 1) * d + 1 for k, d in zip(kern.shape[-2:], op.filter_dilation)]
-            hw = tuple((t - 1) * s + k - sum(p) for t, s, k, p in
-                       zip(topgrad.shape[-2:], op.subsample, dilated, pads))
-        ishape = (topgrad.shape[0], kern.shape[1] * op.num_groups) + hw
-        return transpose(lambda x: correlate(op, x, kern), ishape, topgrad)
+        dilated = [(k - 1) * d + 1 for k, d in zip(kern.shape[-2:], op.filter_dilation)]
+        hw = [int(s) for s in shape] or [(t - 1) * s + k - sum(p) for t, s, k, p in
+                                         zip(topgrad.shape[-2:], op.subsample, dilated, pads)]
+        return image_grad(correlate, op, kern, topgrad, hw)
     return corrmm_gradinputs
 
 
-def _pool_geometry(shape, ws, stride, pad, ignore_border, mode):
-    """(window, strides, padding, element counts) of ``Pool`` over the last ``len(ws)``
-    axes, as ``Pool.out_shape`` sizes and ``Pool.perform`` averages them."""
+def _pool_geometry(op, shape, ws, stride, pad):
+    """(window, strides, padding, element counts) of ``op`` over the last ``len(ws)`` axes,
+    as ``Pool.out_shape`` sizes and ``Pool.perform`` averages them."""
     nd = len(ws)
-    out = Pool.out_shape(shape, ws, ignore_border, stride, pad, nd)[-nd:]
+    out = Pool.out_shape(shape, ws, op.ignore_border, stride, pad, nd)[-nd:]
     lead = len(shape) - nd
     padding = [(0, 0)] * lead
     counts = np.ones((), dtype=np.float64)
@@ -280,11 +258,8 @@ def _pool_geometry(shape, ws, stride, pad, ignore_border, mode):
         padding.append((p, p + extra))
         start = np.arange(out[axis]) * s
         end = np.minimum(start + w, padded)
-        if mode == "average_exc_pad":
-            n = np.minimum(end, size + p) - np.maximum(start, p)
-        else:
-            n = end - start
-        counts = np.multiply.outer(counts, n)
+        low, high = (p, size + p) if op.mode == "average_exc_pad" else (0, padded)  # counted
+        counts = np.multiply.outer(counts, np.minimum(end, high) - np.maximum(start, low))
     window = (1,) * lead + tuple(int(w) for w in ws)
     strides = (1,) * lead + tuple(int(s) for s in stride)
     return window, strides, padding, counts
@@ -295,29 +270,22 @@ def _check_pool(op, pad):
         raise Unsupported(f"no JAX conversion for {op} with padding {tuple(pad)}")
 
 
-def _pool_linear(op, x, ws, stride, pad):
-    """Sum or average pooling of ``x`` (linear in ``x``)."""
-    window, strides, padding, counts = _pool_geometry(
-        x.shape, ws, stride, pad, op.ignore_border, op.mode)
-    zero = np.zeros((), dtype=x.dtype)
-    summed = lax.reduce_window(x, zero, lax.add, window, strides, padding)
-    if op.mode == "sum":
-        return summed
-    return summed / counts.astype(x.dtype)
+def _pool(op, x, ws, stride, pad):
+    """(..., H, W) -> (..., H', W') pooling of ``x`` over the last ``len(ws)`` axes."""
+    _check_pool(op, pad)
+    window, strides, padding, counts = _pool_geometry(op, x.shape, ws, stride, pad)
+    if op.mode == "max":
+        lowest = np.array(-np.inf, dtype=x.dtype)
+        return lax.reduce_window(x, lowest, lax.max, window, strides, padding)
+    summed = lax.reduce_window(x, np.zeros((), dtype=x.dtype), lax.add, window, strides,
+                               padding)
+    return summed if op.mode == "sum" else summed / counts.astype(x.dtype)
 
 
 @jax_funcify.register(Pool)
 def jax_funcify_Pool(op):
-    """(..., H, W) -> (..., H', W') pooling over the last ``op.ndim`` axes."""
-    def pool(x, ws, stride, pad):
-        _check_pool(op, pad)
-        if op.mode != "max":
-            return _pool_linear(op, x, ws, stride, pad)
-        window, strides, padding, _ = _pool_geometry(
-            x.shape, ws, stride, pad, op.ignore_border, op.mode)
-        lowest = np.array(-np.inf, dtype=x.dtype)
-        return lax.reduce_window(x, lowest, lax.max, window, strides, padding)
-    return pool
+    """Pooling over the last ``op.ndim`` axes (:func:`_pool`)."""
+    return functools.partial(_pool, op)
 
 
 @jax_funcify.register(AveragePoolGrad)
@@ -327,7 +295,7 @@ def jax_funcify_AveragePoolGrad(op):
         if op.mode == "average_exc_pad" and max(pad, default=0):
             raise Unsupported(f"no JAX conversion for {op} with padding {tuple(pad)}: "
                               f"Theano's C code refuses it too")
-        return transpose(lambda v: _pool_linear(op, v, ws, stride, pad), x.shape, gz)
+        return transpose(lambda v: _pool(op, v, ws, stride, pad), x.shape, gz)
     return average_pool_grad
 
 
@@ -338,7 +306,7 @@ def jax_funcify_MaxPoolGrad(op):
     def max_pool_grad(x, maxout, gz, ws, stride, pad):
         _check_pool(op, pad)
         nd = len(ws)
-        _, _, padding, _ = _pool_geometry(x.shape, ws, stride, pad, op.ignore_border, op.mode)
+        _, _, padding, _ = _pool_geometry(op, x.shape, ws, stride, pad)
         lowest = np.array(-np.inf, dtype=x.dtype)  # a partial window's padding never wins
         padded = jnp.pad(x, padding, constant_values=lowest)
         grad = jnp.zeros(padded.shape, dtype=gz.dtype)
@@ -387,10 +355,9 @@ def jax_funcify_mrg_uniform(op):
     dtype = op.output_type.dtype
     if dtype not in _MRG_NORM:
         raise Unsupported(f"no JAX conversion for {op} in {dtype}")
-    norm = _MRG_NORM[dtype]
 
     def mrg_uniform_sample(rstate, size):
-        if isinstance(size, jax.core.Tracer):
+        if _is_tracer(size):
             raise Unsupported(f"no JAX conversion for {op} of a size known only at run time")
         shape = tuple(int(s) for s in np.asarray(size))
         n, streams = int(np.prod(shape, dtype=np.int64)), rstate.shape[0]
@@ -404,7 +371,7 @@ def jax_funcify_mrg_uniform(op):
         rounds = -(-n // streams)
         state, drawn = lax.scan(step, rstate, jnp.arange(rounds) * streams)
         # the int-to-float conversion, then one multiply, in the output's dtype
-        sample = drawn.reshape(-1)[:n].astype(dtype) * norm
+        sample = drawn.reshape(-1)[:n].astype(dtype) * _MRG_NORM[dtype]
         return state, sample.reshape(shape)
     return mrg_uniform_sample
 
@@ -453,9 +420,8 @@ def jax_funcify_Assert(op):
     """The value, its conditions checked where they are known when traced (shapes, which
     Theano's scan gradient asserts); a traced condition cannot stop a jitted function."""
     def assert_(value, *conditions):
-        for condition in conditions:
-            if not isinstance(condition, jax.core.Tracer) and not np.all(condition):
-                raise ValueError(f"{op.msg} (Theano's Assert, while tracing)")
+        if any(not _is_tracer(c) and not np.all(c) for c in conditions):
+            raise ValueError(f"{op.msg} (Theano's Assert, while tracing)")
         return value
     return assert_
 
@@ -463,7 +429,6 @@ def jax_funcify_Assert(op):
 @jax_funcify.register(Split)
 def jax_funcify_Split(op):
     """x -> ``op.len_splits`` pieces along a static axis at static sizes."""
-
     def split(x, axis, splits):
         bounds = np.cumsum(np.asarray(splits))[:-1]
         return tuple(jnp.split(x, bounds, axis=int(axis)))

@@ -12,7 +12,7 @@ import numpy as np
 import jax
 
 from theano.compile.sharedvalue import SharedVariable
-from theano.graph.basic import Constant, NoParams
+from theano.graph.basic import NoParams
 from theano.graph.utils import MethodNotDefined
 
 from crmn.errors import ConfigError
@@ -32,8 +32,7 @@ def _integral(var) -> bool:
 
 
 def _conform(value, var):
-    """``value`` as the dtype ``var`` declares: a cast for JAX values, numpy for static ones
-    (never traced)."""
+    """``value`` in ``var``'s dtype: a cast for JAX values, numpy for static ones."""
     dtype = getattr(var.type, "dtype", None)
     if dtype is None:
         return value  # slices, None
@@ -112,12 +111,8 @@ def evaluate(fgraph, conversions: Dict, inputs: Sequence) -> List:
     arithmetic) run their numpy ``perform`` at trace time, so shapes stay static."""
     values = {var: _conform(value, var) for var, value in zip(fgraph.inputs, inputs)}
 
-    def value_of(var):
-        if var in values:
-            return values[var]
-        if isinstance(var, Constant):
-            return var.data
-        raise KeyError(f"no value for {var}")  # pragma: no cover - toposort guarantees it
+    def value_of(var):  # the toposort gives every non-constant its value first
+        return values[var] if var in values else var.data
 
     for node in fgraph.toposort():
         args = [value_of(var) for var in node.inputs]

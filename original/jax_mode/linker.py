@@ -38,16 +38,12 @@ class _Call:
         self.inputs, self.outputs = input_storage, output_storage
         self.updates = dict(getattr(fgraph, "update_mapping", None) or {})  # out -> in
         # one argument per distinct storage cell (a shared variable and its clone share one)
-        self._cells, self._arg_of_input = [], []
-        for cell in input_storage:
-            match = next((k for k, c in enumerate(self._cells) if c is cell), None)
-            if match is None:
-                self._cells.append(cell)
-                match = len(self._cells) - 1
-            self._arg_of_input.append(match)
-        self._shared = [False] * len(self._cells)
-        for var, arg in zip(fgraph.inputs, self._arg_of_input):
-            self._shared[arg] = self._shared[arg] or isinstance(var, SharedVariable)
+        self._cells = list({id(cell): cell for cell in input_storage}.values())
+        arg_of = {id(cell): k for k, cell in enumerate(self._cells)}
+        self._arg_of_input = [arg_of[id(cell)] for cell in input_storage]
+        shared = {arg for var, arg in zip(fgraph.inputs, self._arg_of_input)
+                  if isinstance(var, SharedVariable)}
+        self._shared = [k in shared for k in range(len(self._cells))]
         donated = sorted({self._arg_of_input[i] for i in self.updates.values()})
 
         def run(*args):
@@ -97,7 +93,6 @@ class _Call:
 class FusedJAXLinker(PerformLinker):
     """A Theano linker compiling the whole ``FunctionGraph`` into one ``jax.jit`` on
     ``device``; ``allow_tf32`` lets float32 products use TensorFloat-32."""
-
 
     def __init__(self, device=None, allow_tf32: bool = False, allow_gc=None, schedule=None):
         super().__init__(allow_gc=allow_gc, schedule=schedule)

@@ -6,6 +6,8 @@ Theano-PyMC's own conversion leaves those out.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +22,6 @@ from original.jax_mode.dispatch import Unsupported, jax_funcify
 from original.jax_mode.graph import convert_graph, evaluate
 
 
-def _inner(op):
-    """The inner graph, optimised as the JAX mode's outer graph is, and its conversions."""
-    fgraph = FunctionGraph(op.inputs, op.outputs, clone=True)
-    get_mode("JAX").excluding("inplace", *conv.EXCLUDED_REWRITES).optimizer.optimize(fgraph)
-    return fgraph, convert_graph(fgraph, jax_funcify)
-
-
 def _at(buffer, index):
     return lax.dynamic_index_in_dim(buffer, index, keepdims=False)
 
@@ -39,26 +34,23 @@ def _put(buffer, index, value):
 def jax_funcify_Scan(op):
     if op.as_while:
         raise Unsupported(f"no JAX conversion for a scan with a stopping condition ({op})")
-    fgraph, conversions = _inner(op)
+    fgraph = FunctionGraph(op.inputs, op.outputs, clone=True)  # optimised as the outer one
+    get_mode("JAX").excluding("inplace", *conv.EXCLUDED_REWRITES).optimizer.optimize(fgraph)
+    inner = functools.partial(evaluate, fgraph, convert_graph(fgraph, jax_funcify))
     n_seqs, n_mit_mot, n_outs = op.n_seqs, op.n_mit_mot, op.n_outs
     n_nit_sot, n_shared = op.n_nit_sot, op.n_shared_outs
     taps = [list(t) for t in op.tap_array]
     mit_mot_outs = [list(t) for t in op.mit_mot_out_slices]
     mintaps = [min(t) for t in taps] + [0] * n_nit_sot
 
-    def inner(args):
-        return evaluate(fgraph, conversions, args)
-
     def scan(n_steps, *outer):
         if isinstance(n_steps, jax.core.Tracer):
             raise Unsupported(f"no JAX conversion for {op} of a length known only at run time")
         n_steps = int(n_steps)
-        seqs = list(outer[:n_seqs])
-        buffers = list(outer[n_seqs:n_seqs + n_outs])
-        shared = list(outer[n_seqs + n_outs:n_seqs + n_outs + n_shared])
-        sizes = [int(s) for s in outer[n_seqs + n_outs + n_shared:
-                                       n_seqs + n_outs + n_shared + n_nit_sot]]
-        others = list(outer[n_seqs + n_outs + n_shared + n_nit_sot:])
+        rest = iter(outer)  # the outer inputs, in Scan's order
+        seqs, buffers, shared, sizes = (list(itertools.islice(rest, n)) for n in
+                                        (n_seqs, n_outs, n_shared, n_nit_sot))
+        sizes, others = [int(s) for s in sizes], list(rest)
         store = [b.shape[0] for b in buffers] + sizes
         start = [(-m) % s for m, s in zip(mintaps, store)]
 
@@ -71,11 +63,10 @@ def jax_funcify_Scan(op):
 
         if n_nit_sot:  # their buffers: the shapes of a first step's outputs
             args, _ = inputs(0, buffers, shared)
-            shapes = jax.eval_shape(lambda a: inner(a), args)
+            shapes = jax.eval_shape(inner, args)
             first = sum(len(t) for t in mit_mot_outs) + n_outs - n_mit_mot
-            for k in range(n_nit_sot):
-                out = shapes[first + k]
-                buffers.append(jnp.zeros((sizes[k],) + out.shape, out.dtype))
+            buffers += [jnp.zeros((size,) + out.shape, out.dtype)
+                        for size, out in zip(sizes, shapes[first:first + n_nit_sot])]
 
         def step(i, carry):
             buffers, shared = list(carry[0]), list(carry[1])
