@@ -19,10 +19,6 @@ CONTROL = "nvidia-cuda-mps-control"
 OWNER = "launcher.pid"  # the PID of the launcher that started the daemon
 
 
-def folder() -> Path:
-    return Path(tempfile.gettempdir()) / f"crmn-mps-{os.getuid()}"
-
-
 def _control(env: Dict[str, str], *args: str, command: str = "") -> int:
     """``nvidia-cuda-mps-control ARGS`` (``command`` on its stdin, as the daemon reads it)."""
     try:
@@ -34,12 +30,11 @@ def _control(env: Dict[str, str], *args: str, command: str = "") -> int:
 
 @contextlib.contextmanager
 def daemon() -> Iterator[Tuple[Dict[str, str], str]]:
-    """An MPS control daemon while the block runs: the runs' environment and a note for the
-    launcher's first line (no daemon where ``nvidia-cuda-mps-control`` is not installed)."""
+    """An MPS control daemon while the block runs: the runs' environment and a note."""
     if shutil.which(CONTROL) is None:
         yield {}, f"no MPS ({CONTROL} not found): the runs share each GPU plainly"
         return
-    root = folder()
+    root = Path(tempfile.gettempdir()) / f"crmn-mps-{os.getuid()}"
     env = {"CUDA_MPS_PIPE_DIRECTORY": str(root / "pipe"),
            "CUDA_MPS_LOG_DIRECTORY": str(root / "log")}
     owner, note = root / OWNER, "MPS daemon "
