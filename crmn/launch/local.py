@@ -1,7 +1,6 @@
 """The local launcher: the manifest's lines as N subprocesses at once (``--jobs N``), each
 logging to ``<exp>/tasks/<i>.out``, on its own GPU with ``--device cuda``, with ``cores // N``
-threads, dying with the launcher. A first signal asks every run to checkpoint and stop
-(exit 3), a second interrupts them (130); launching again resumes."""
+threads, dying with the launcher; launching again resumes what a stop request left."""
 from __future__ import annotations
 
 import contextlib
@@ -47,12 +46,9 @@ def visible_gpus() -> List[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    try:
-        p = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    n = sum(1 for ln in p.stdout.splitlines() if ln.startswith("GPU ")) if p.returncode == 0 else 0
-    return [str(i) for i in range(n)]
+    p = status.run_quiet(["nvidia-smi", "-L"], timeout=30)
+    lines = p.stdout.splitlines() if p and p.returncode == 0 else []
+    return [str(i) for i in range(sum(ln.startswith("GPU ") for ln in lines))]
 
 
 def memory_fit(runs_per_gpu: int) -> str:

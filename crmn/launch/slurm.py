@@ -93,11 +93,8 @@ def submit(exp_dir: Path, tasks: Sequence[Task], entry: Path, *, max_parallel: O
                            f"--output={logs}/compare_%j.out", *user, str(COMPARE_SH),
                            str(entry), str(exp_dir)])
     except ConfigError as exc:
-        cancelled = False
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            cancelled = subprocess.run(["scancel", array], capture_output=True,
-                                       timeout=60).returncode == 0
-        if cancelled:
+        scancel = status.run_quiet(["scancel", array], timeout=60)
+        if scancel and scancel.returncode == 0:
             _unlaunched(exp_dir)
             raise ConfigError(f"{exc} (the compare job); array job {array} cancelled, "
                               f"nothing left queued ({exp_dir / MANIFEST} removed)") from None

@@ -114,15 +114,19 @@ def slurm_jobs(exp_dir: Path) -> Optional[dict]:
     return runlog.read_json(path) if path.exists() else None
 
 
-def squeue_tasks(job_id: str) -> Optional[Dict[int, tuple]]:
-    """``{array index: (state, reason)}`` of the array's queued tasks (None: squeue failed)."""
+def run_quiet(argv: Sequence[str], timeout: float, **kw) -> Optional[subprocess.CompletedProcess]:
+    """``argv`` run with its output captured as text; None where it could not run."""
     try:
-        p = subprocess.run(["squeue", "-h", "-r", "-j", str(job_id), "-o", "%i|%T|%r"],
-                           capture_output=True, text=True, timeout=30)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
     except (OSError, subprocess.SubprocessError):
         return None
-    if p.returncode != 0:  # a job id purged from the queue is an error: nothing queued
-        return {} if "Invalid job id" in p.stderr else None
+
+
+def squeue_tasks(job_id: str) -> Optional[Dict[int, tuple]]:
+    """``{array index: (state, reason)}`` of the array's queued tasks (None: squeue failed)."""
+    p = run_quiet(["squeue", "-h", "-r", "-j", str(job_id), "-o", "%i|%T|%r"], timeout=30)
+    if p is None or p.returncode != 0:  # a job id purged from the queue is an error: none queued
+        return {} if p and "Invalid job id" in p.stderr else None
     rows = [(line.split("|") + ["", ""])[:3] for line in p.stdout.splitlines()]
     return {int(jid.rsplit("_", 1)[1]): (state, reason) for jid, state, reason in rows
             if "_" in jid and jid.rsplit("_", 1)[1].isdigit()}
