@@ -24,6 +24,8 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _STOPS = ((signal.SIGUSR1, "each run ends its epoch, checkpoints it and exits (Ctrl-C again "
                            "to interrupt at once)"),
           (signal.SIGINT, "interrupting the runs (each keeps its last checkpoint)"))
+_ENDS = {0: "done", EXIT_STOPPED: "stopped (resumable: checkpointed its epoch)",
+         EXIT_INTERRUPTED: "stopped (resumable: interrupted, its last checkpoint kept)"}
 
 
 def die_with_parent():
@@ -125,10 +127,7 @@ class LocalLauncher:
             del self.running[slot]
             self.results[task.index] = rc
             status.mark_end(self.exp_dir, task.index, rc)
-            what = {0: "done", EXIT_STOPPED: "stopped (resumable: checkpointed its epoch)",
-                    EXIT_INTERRUPTED: "stopped (resumable: interrupted, its last checkpoint "
-                                      "kept)"}.get(
-                rc, f"FAILED (exit {rc}): {status.last_line(self.log_path(task))}")
+            what = _ENDS.get(rc) or f"FAILED (exit {rc}): {status.last_line(self.log_path(task))}"
             self._say("end", task, f": {what} after {time.monotonic() - t0:.0f} s")
 
     def _next_free(self) -> Optional[Task]:

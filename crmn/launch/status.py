@@ -77,7 +77,6 @@ def mark_end(exp_dir: Path, index: int, rc: int) -> None:
 
 def clear_markers(exp_dir: Path) -> None:
     folder = Path(exp_dir) / manifest.TASKS
-    folder.mkdir(parents=True, exist_ok=True)
     for p in [*folder.glob("*.start"), *folder.glob("*.rc")]:
         p.unlink()
 
