@@ -45,20 +45,16 @@ def lock_holder(run_dir: Path) -> Optional[int]:
 
 def _probe_lock(path: Path) -> Optional[int]:
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = f.read(32).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:  # gone, or a file system without flock: no run could hold it either
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    except BlockingIOError:
-        text = os.read(fd, 32).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else -1
-    except OSError:
-        return None  # a file system without flock: no run could hold it either
-    finally:
-        os.close(fd)
+    return None
 
 
 def marker(exp_dir: Path, index: int, suffix: str) -> Path:
