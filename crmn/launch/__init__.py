@@ -38,11 +38,11 @@ def main(plan: TrainPlan, entry: Path) -> int:
     ``run_experiments.sh``); the exit code."""
     exp_dir = Path(plan.out_dir).resolve() / plan.command
     tasks = manifest.build(plan, ["bash", str(entry)])
-    options = plan.launch
+    options, device = plan.launch, plan.backend_options.device
     if options.launcher == "slurm":
         slurm.require_sbatch()
     # K runs that would not fit the GPU: refused before anything is written
-    fit = local.memory_fit(options.per_gpu) if plan.backend_options.device.startswith("cuda") else ""
+    fit = local.memory_fit(options.per_gpu) if device.startswith("cuda") else ""
     lock = _claim(exp_dir)
     try:
         if status.slurm_jobs(exp_dir):
@@ -58,7 +58,7 @@ def main(plan: TrainPlan, entry: Path) -> int:
                                 max_requeues=options.requeues, runs_per_gpu=options.per_gpu)
             lock.close()  # the jobs own the grid now (refuse_if_queued guards it)
             return slurm.wait(exp_dir, jobs) if options.wait else 0
-        rc = local.run(exp_dir, tasks, _jobs(plan), plan.backend_options.device, options.per_gpu, fit)
+        rc = local.run(exp_dir, tasks, _jobs(plan), device, options.per_gpu, fit)
     finally:
         lock.close()
     if rc == local.EXIT_INTERRUPTED:

@@ -1,7 +1,6 @@
 """The local launcher: the manifest's lines as N subprocesses at once (``--jobs N``), each
 logging to ``<exp>/tasks/<i>.out``, on its own GPU with ``--device cuda``, with ``cores // N``
-threads, dying with the launcher. A first signal asks every run to checkpoint and stop
-(exit 3), a second interrupts them (130); launching again resumes."""
+threads, dying with the launcher; launching again resumes what a stop request left."""
 from __future__ import annotations
 
 import contextlib
@@ -22,15 +21,18 @@ from crmn.launch.manifest import Task
 
 POLL_S = 0.2
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_STOPS = ((signal.SIGUSR1, "each run ends its epoch, checkpoints it and exits (Ctrl-C again "
+                           "to interrupt at once)"),
+          (signal.SIGINT, "interrupting the runs (each keeps its last checkpoint)"))
+_ENDS = {0: "done", EXIT_STOPPED: "stopped (resumable: checkpointed its epoch)",
+         EXIT_INTERRUPTED: "stopped (resumable: interrupted, its last checkpoint kept)"}
 
 
 def die_with_parent():
     """A ``preexec_fn`` killing the child when this process dies (None where the kernel cannot)."""
-    if not sys.platform.startswith("linux"):
-        return None
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):  # no prctl: not Linux
         return None
     parent = os.getpid()
 
@@ -46,17 +48,13 @@ def visible_gpus() -> List[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    try:
-        p = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    n = sum(1 for ln in p.stdout.splitlines() if ln.startswith("GPU ")) if p.returncode == 0 else 0
-    return [str(i) for i in range(n)]
+    p = status.run_quiet(["nvidia-smi", "-L"], timeout=30)
+    lines = p.stdout.splitlines() if p and p.returncode == 0 else []
+    return [str(i) for i in range(sum(ln.startswith("GPU ") for ln in lines))]
 
 
 def memory_fit(runs_per_gpu: int) -> str:
-    """Whether ``runs_per_gpu`` runs fit this machine's GPU model by the largest peak memory
-    gpucheck's packing measured on it (a note for the first line); ConfigError if not."""
+    """A note that ``runs_per_gpu`` runs fit the GPU by gpucheck's packing; ConfigError if not."""
     from crmn import cost
     gpu = cost.gpu_model()
     table = (cost.read_packing(gpu) if gpu else None) or {}
@@ -129,14 +127,11 @@ class LocalLauncher:
             del self.running[slot]
             self.results[task.index] = rc
             status.mark_end(self.exp_dir, task.index, rc)
-            what = {0: "done", EXIT_STOPPED: "stopped (resumable: checkpointed its epoch)",
-                    EXIT_INTERRUPTED: "stopped (resumable: interrupted, its last checkpoint "
-                                      "kept)"}.get(
-                rc, f"FAILED (exit {rc}): {status.last_line(self.log_path(task))}")
+            what = _ENDS.get(rc) or f"FAILED (exit {rc}): {status.last_line(self.log_path(task))}"
             self._say("end", task, f": {what} after {time.monotonic() - t0:.0f} s")
 
     def _next_free(self) -> Optional[Task]:
-        """The first pending task whose run directory no live process holds, taken off the queue."""
+        """The first pending task whose run directory no live process holds, off the queue."""
         for task in list(self.pending):
             holder = status.lock_holder(task.run_dir(self.exp_dir))
             if holder is None:
@@ -156,20 +151,14 @@ class LocalLauncher:
         """First request: SIGUSR1 (checkpoint the epoch, exit 3); second: SIGINT (at once)."""
         while self._forwarded < min(self.stops, 2):
             self._forwarded += 1
-            if self._forwarded == 1:
-                sig, how = signal.SIGUSR1, ("each run ends its epoch, checkpoints it and "
-                                            "exits (Ctrl-C again to interrupt at once)")
-            else:
-                sig, how = signal.SIGINT, "interrupting the runs (each keeps its last checkpoint)"
+            sig, how = _STOPS[self._forwarded - 1]
             print(f"[local] stopping: {how}; {len(self.pending)} line(s) not started", flush=True)
             for task, proc, _ in self.running.values():
-                try:
+                with contextlib.suppress(ProcessLookupError):  # just ended: _reap records it
                     if sig == signal.SIGINT:
                         os.killpg(proc.pid, sig)  # the whole run, whatever it started
                     else:
                         proc.send_signal(sig)  # the run itself: its handler checkpoints
-                except ProcessLookupError:
-                    pass  # it has just ended; _reap records it
 
     def _stop(self, signum, frame=None) -> None:
         self.stops += 1
@@ -208,8 +197,7 @@ class LocalLauncher:
 
 def run(exp_dir: Path, tasks: Sequence[Task], jobs: int, device: str,
         runs_per_gpu: int = 1, fit: str = "") -> int:
-    """Run the manifest's ``tasks``, ``jobs`` at once; 0 all done, 1 some failed, 130 stopped.
-    Where runs share a GPU, an MPS daemon (crmn/launch/mps.py) serves them while they run."""
+    """Run ``tasks``, ``jobs`` at once; 0 all done, 1 some failed, 130 stopped."""
     gpus = visible_gpus() if device == "cuda" else []
     # unless set, each run gets cores // jobs threads: N all-core pools slow each other down
     threads = (None if "OMP_NUM_THREADS" in os.environ

@@ -1,14 +1,12 @@
 """CUDA MPS for runs that share a GPU (``--runs-per-gpu K``): one control daemon per user and
-machine, its pipe and log folders under ``/tmp/crmn-mps-<uid>`` (short: the pipes' socket
-paths are limited to about 100 bytes). The launcher that started the daemon stops it when it
-ends; one left behind by a launcher killed with SIGKILL is stopped at the next launch; one
-another live launcher (or the machine's owner) runs is used as it is, never a second."""
+machine, pipes and logs under ``/tmp/crmn-mps-<uid>`` (short: socket paths hold about 100
+bytes). Its launcher stops it at the end; one a SIGKILLed launcher left is stopped at the next
+launch; one a live launcher (or the machine's owner) runs is used as it is, never a second."""
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, Tuple
@@ -19,27 +17,19 @@ CONTROL = "nvidia-cuda-mps-control"
 OWNER = "launcher.pid"  # the PID of the launcher that started the daemon
 
 
-def folder() -> Path:
-    return Path(tempfile.gettempdir()) / f"crmn-mps-{os.getuid()}"
-
-
 def _control(env: Dict[str, str], *args: str, command: str = "") -> int:
     """``nvidia-cuda-mps-control ARGS`` (``command`` on its stdin, as the daemon reads it)."""
-    try:
-        return subprocess.run([CONTROL, *args], input=command, text=True, capture_output=True,
-                              env={**os.environ, **env}, timeout=60).returncode
-    except (OSError, subprocess.SubprocessError):
-        return -1
+    p = status.run_quiet([CONTROL, *args], timeout=60, input=command, env={**os.environ, **env})
+    return p.returncode if p else -1
 
 
 @contextlib.contextmanager
 def daemon() -> Iterator[Tuple[Dict[str, str], str]]:
-    """An MPS control daemon while the block runs: the runs' environment and a note for the
-    launcher's first line (no daemon where ``nvidia-cuda-mps-control`` is not installed)."""
+    """An MPS control daemon while the block runs: the runs' environment and a note."""
     if shutil.which(CONTROL) is None:
         yield {}, f"no MPS ({CONTROL} not found): the runs share each GPU plainly"
         return
-    root = folder()
+    root = Path(tempfile.gettempdir()) / f"crmn-mps-{os.getuid()}"
     env = {"CUDA_MPS_PIPE_DIRECTORY": str(root / "pipe"),
            "CUDA_MPS_LOG_DIRECTORY": str(root / "log")}
     owner, note = root / OWNER, "MPS daemon "

@@ -4,6 +4,7 @@ A failed submission removes the manifest, so ``status`` never reads an unlaunche
 Cluster settings: ``SBATCH_*`` variables and ``--slurm-args`` (last, so they win)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -70,7 +71,6 @@ def refuse_if_queued(exp_dir: Path) -> None:
 
 def submit(exp_dir: Path, tasks: Sequence[Task], entry: Path, *, max_parallel: Optional[int],
            slurm_args: str, max_requeues: int, experiment: str, runs_per_gpu: int = 1) -> Dict:
-    exp_dir = Path(exp_dir)
     logs = exp_dir / "slurm"
     logs.mkdir(parents=True, exist_ok=True)
     (logs / "compare.rc").unlink(missing_ok=True)
@@ -93,7 +93,8 @@ def submit(exp_dir: Path, tasks: Sequence[Task], entry: Path, *, max_parallel: O
                            f"--output={logs}/compare_%j.out", *user, str(COMPARE_SH),
                            str(entry), str(exp_dir)])
     except ConfigError as exc:
-        if _scancel(array):
+        scancel = status.run_quiet(["scancel", array], timeout=60)
+        if scancel and scancel.returncode == 0:
             _unlaunched(exp_dir)
             raise ConfigError(f"{exc} (the compare job); array job {array} cancelled, "
                               f"nothing left queued ({exp_dir / MANIFEST} removed)") from None
@@ -103,8 +104,7 @@ def submit(exp_dir: Path, tasks: Sequence[Task], entry: Path, *, max_parallel: O
               f"could not be cancelled; it runs without a comparison: run compare "
               f"{exp_dir} after it", file=sys.stderr, flush=True)
     jobs = dict(array=array, compare=compare, tasks=len(tasks), runs_per_gpu=runs_per_gpu,
-                max_parallel=max_parallel,
-                slurm_args=slurm_args or "", submitted=time.time(),
+                max_parallel=max_parallel, slurm_args=slurm_args or "", submitted=time.time(),
                 submit_seconds=round(time.monotonic() - t0, 3),
                 task_log=str(logs / f"{array}_<i>.out"),
                 compare_log=str(logs / f"compare_{compare}.out") if compare else None)
@@ -123,18 +123,8 @@ def _unlaunched(exp_dir: Path) -> None:
     """Undo what a failed submission left: the manifest and the empty log folder."""
     (exp_dir / MANIFEST).unlink(missing_ok=True)
     runlog.fsync_dir(exp_dir)
-    try:
+    with contextlib.suppress(OSError):
         (exp_dir / "slurm").rmdir()  # only when empty: an earlier submission's logs stay
-    except OSError:
-        pass
-
-
-def _scancel(job: str) -> bool:
-    try:
-        p = subprocess.run(["scancel", str(job)], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return p.returncode == 0
 
 
 def _poll_s() -> float:
@@ -147,7 +137,6 @@ def _poll_s() -> float:
 
 def wait(exp_dir: Path, jobs: Dict) -> int:
     """Poll ``squeue`` until the compare job has ended, print its output; its exit code."""
-    exp_dir = Path(exp_dir)
     poll, last = _poll_s(), None
     while queued([jobs.get("compare") or jobs["array"]]):
         counts = status.counts(status.grid_states(exp_dir))

@@ -5,13 +5,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, TextIO
+from typing import Dict, List, Optional, Sequence
 
 from crmn import report, runlog, tables
 from crmn.errors import DataError, EXIT_INTERRUPTED, EXIT_STOPPED
@@ -25,17 +24,15 @@ PROC_LOCKS = "/proc/locks"
 
 
 def lock_holder(run_dir: Path) -> Optional[int]:
-    """The PID of the process on this machine holding ``run_dir``'s lock (-1: not named), or
-    None; read from ``/proc/locks`` (else a shared lock is tried and released at once)."""
+    """The PID holding ``run_dir``'s lock on this machine (-1: not named), or None."""
     path = Path(run_dir) / runlog.LOCK
     try:
         st = os.stat(path)
     except OSError:
         return None  # no lock file: released (hold() removes it) or never taken
     try:
-        with open(PROC_LOCKS, "r") as f:
-            table = f.read()
-    except OSError:
+        table = Path(PROC_LOCKS).read_text()
+    except OSError:  # no /proc: a shared lock is tried and released at once
         return _probe_lock(path)
     want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     for line in table.splitlines():
@@ -48,20 +45,16 @@ def lock_holder(run_dir: Path) -> Optional[int]:
 
 def _probe_lock(path: Path) -> Optional[int]:
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = f.read(32).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:  # gone, or a file system without flock: no run could hold it either
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    except BlockingIOError:
-        text = os.read(fd, 32).decode(errors="replace").strip()
-        return int(text) if text.isdigit() else -1
-    except OSError:
-        return None  # a file system without flock: no run could hold it either
-    finally:
-        os.close(fd)
+    return None
 
 
 def marker(exp_dir: Path, index: int, suffix: str) -> Path:
@@ -80,7 +73,6 @@ def mark_end(exp_dir: Path, index: int, rc: int) -> None:
 
 def clear_markers(exp_dir: Path) -> None:
     folder = Path(exp_dir) / manifest.TASKS
-    folder.mkdir(parents=True, exist_ok=True)
     for p in [*folder.glob("*.start"), *folder.glob("*.rc")]:
         p.unlink()
 
@@ -117,23 +109,22 @@ def slurm_jobs(exp_dir: Path) -> Optional[dict]:
     return runlog.read_json(path) if path.exists() else None
 
 
-def squeue_tasks(job_id: str) -> Optional[Dict[int, tuple]]:
-    """``{array index: (state, reason)}`` of the array's queued tasks (None: squeue failed)."""
-    if shutil.which("squeue") is None:
-        return None
+def run_quiet(argv: Sequence[str], timeout: float, **kw) -> Optional[subprocess.CompletedProcess]:
+    """``argv`` run with its output captured as text; None where it could not run."""
     try:
-        p = subprocess.run(["squeue", "-h", "-r", "-j", str(job_id), "-o", "%i|%T|%r"],
-                           capture_output=True, text=True, timeout=30)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
     except (OSError, subprocess.SubprocessError):
         return None
-    if p.returncode != 0:  # a job id purged from the queue is an error: nothing queued
-        return {} if "Invalid job id" in p.stderr else None
-    out = {}
-    for line in p.stdout.splitlines():
-        jid, state, reason = (line.split("|") + ["", ""])[:3]
-        if "_" in jid and jid.rsplit("_", 1)[1].isdigit():
-            out[int(jid.rsplit("_", 1)[1])] = (state, reason)
-    return out
+
+
+def squeue_tasks(job_id: str) -> Optional[Dict[int, tuple]]:
+    """``{array index: (state, reason)}`` of the array's queued tasks (None: squeue failed)."""
+    p = run_quiet(["squeue", "-h", "-r", "-j", str(job_id), "-o", "%i|%T|%r"], timeout=30)
+    if p is None or p.returncode != 0:  # a job id purged from the queue is an error: none queued
+        return {} if p and "Invalid job id" in p.stderr else None
+    rows = [(line.split("|") + ["", ""])[:3] for line in p.stdout.splitlines()]
+    return {int(jid.rsplit("_", 1)[1]): (state, reason) for jid, state, reason in rows
+            if "_" in jid and jid.rsplit("_", 1)[1].isdigit()}
 
 
 @dataclass
@@ -141,17 +132,6 @@ class TaskState:
     task: Task
     state: str  # one of STATES
     detail: str
-
-
-def _progress(run_dir: Path) -> str:
-    log = runlog.read_log(run_dir / runlog.LOG)
-    return (f"{log[-1].get('phase')} epoch {log[-1].get('epoch')} done" if log
-            else "no epoch finished yet")
-
-
-def _pid_alive(start: dict) -> bool:
-    return (start.get("host") == socket.gethostname() and bool(start.get("pid"))
-            and pid_alive(int(start["pid"])))
 
 
 def pid_alive(pid: int) -> bool:
@@ -162,10 +142,8 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            # "pid (comm) S ...": the state letter follows the last ")"
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    try:  # "pid (comm) S ...": the state letter follows the last ")"
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return True  # no /proc: kill(0) is all there is
 
@@ -180,7 +158,11 @@ def task_state(exp_dir: Path, task: Task, queue: Optional[Dict[int, tuple]]) -> 
             return TaskState(task, "finished", f"test acc {100 * acc:.2f} %"
                              if isinstance(acc, (int, float)) else "done")
     rc, start = _read_rc(exp_dir, task.index), _read_start(exp_dir, task.index)
-    progress = _progress(run_dir) if (run_dir / runlog.CONFIG).exists() else "not started"
+    progress = "not started"
+    if (run_dir / runlog.CONFIG).exists():
+        epochs = runlog.read_log(run_dir / runlog.LOG)
+        progress = (f"{epochs[-1].get('phase')} epoch {epochs[-1].get('epoch')} done"
+                    if epochs else "no epoch finished yet")
     started = "starting" if progress == "not started" else progress
     launcher, log = (start or {}).get("launcher"), (start or {}).get("log", "")
     job = f" (job {start.get('job', '?')})" if start else ""
@@ -205,7 +187,8 @@ def task_state(exp_dir: Path, task: Task, queue: Optional[Dict[int, tuple]]) -> 
     if rc is not None:
         return TaskState(task, "failed", f"exit {rc}: {last_line(log) or 'no log'} [{log}]")
     if start is not None:
-        if launcher == "local" and not _pid_alive(start):
+        here = start.get("host") == socket.gethostname() and start.get("pid")
+        if launcher == "local" and not (here and pid_alive(int(start["pid"]))):
             # no exit code recorded: the launcher died first, and its runs with it
             return TaskState(task, "stopped", f"resumable: process {start.get('pid')} ended "
                                               f"without an exit code (its launcher was "
@@ -255,34 +238,29 @@ def counts(states: Sequence[TaskState]) -> str:
                      if any(s.state == k for s in states))
 
 
-def render(exp_dir: Path, states: Sequence[TaskState]) -> str:
+def show(directory: Path) -> int:
+    """Print each experiment's runs as a table under a line of counts and its launcher."""
     head = ("#", "row", "seed", "state", "detail", "compiled (s, cache)")
-    rows = [(str(s.task.index), s.task.row, str(s.task.seed), s.state, s.detail,
-             _compiled(s.task.run_dir(exp_dir))) for s in states]
-    jobs = slurm_jobs(exp_dir)
-    where = ("local launcher" if not jobs else f"Slurm array {jobs['array']}, "
-             + (f"compare job {jobs['compare']}" if jobs.get("compare") else "no compare job"))
-    return "\n".join([f"{exp_dir}: {len(states)} run(s): {counts(states)} ({where})",
-                      *tables.markdown_lines(head, rows)])
-
-
-def show(directory: Path, out: Optional[TextIO] = None) -> int:
-    stream = out or sys.stdout
     for exp_dir in experiment_dirs(directory):
-        stream.write(render(exp_dir, grid_states(exp_dir)) + "\n")
+        states, jobs = grid_states(exp_dir), slurm_jobs(exp_dir)
+        rows = [(str(s.task.index), s.task.row, str(s.task.seed), s.state, s.detail,
+                 _compiled(s.task.run_dir(exp_dir))) for s in states]
+        where = ("local launcher" if not jobs else f"Slurm array {jobs['array']}, "
+                 + (f"compare job {jobs['compare']}" if jobs.get("compare") else "no compare job"))
+        print(f"{exp_dir}: {len(states)} run(s): {counts(states)} ({where})",
+              *tables.markdown_lines(head, rows), sep="\n")
     return 0
 
 
-def check_complete(directory: Path, out: Optional[TextIO] = None) -> int:
-    """After ``compare``: list the manifest's unfinished runs on ``out`` (stderr); 1 if any."""
+def check_complete(directory: Path) -> int:
+    """After ``compare``: list the manifest's unfinished runs on stderr; 1 if any."""
     try:
         dirs = experiment_dirs(directory)
     except DataError:
         return 0  # runs trained in-process: no grid to check against
     bad = [s for d in dirs for s in grid_states(d) if s.state != "finished"]
-    stream = out or sys.stderr
     for s in bad:
-        stream.write(f"incomplete: {s.task.name}: {s.state}: {s.detail}\n")
+        sys.stderr.write(f"incomplete: {s.task.name}: {s.state}: {s.detail}\n")
     if bad:
-        stream.write(f"incomplete: {len(bad)} run(s) of the manifest not finished\n")
+        sys.stderr.write(f"incomplete: {len(bad)} run(s) of the manifest not finished\n")
     return 1 if bad else 0
