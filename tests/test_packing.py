@@ -17,7 +17,7 @@ import launch_grid as grid
 from crmn.launch import manifest, status
 
 #: one run: records what the launcher gave it in <exp>/seen/<row>.<pid>.json, then trains the
-#: toy backend (toy), sleeps (slow), ends (quick) or fails (fail)
+#: toy backend (toy, or toy-slow: slower steps), sleeps (slow), ends (quick) or fails (fail)
 RUN = """
 import json, os, sys, time
 from pathlib import Path
@@ -29,9 +29,10 @@ record = {k: os.environ.get(k) for k in keys}
 record.update(pid=os.getpid(), start=time.time())
 path = seen / f"{run_dir.parent.name}.{os.getpid()}.json"
 path.write_text(json.dumps(record))
-if mode == "toy":
+if mode.startswith("toy"):
     import toy_backend
-    toy_backend.run_toy(run_dir, resume=True, sleep_s=0.04)
+    # toy-slow steps slowly: still training when it is killed, however busy the machine
+    toy_backend.run_toy(run_dir, resume=True, sleep_s=0.5 if mode == "toy-slow" else 0.04)
 elif mode == "slow":
     time.sleep(120)
 elif mode == "fail":
@@ -122,7 +123,7 @@ def test_runs_per_gpu_2_runs_four_toy_runs_two_per_gpu_a_killed_one_resumes(tmp_
     time; one killed with SIGKILL leaves the others to finish; launching again resumes it."""
     env = _bin(tmp_path, mps=False)
     exp = tmp_path / "exp"
-    p = _launch(tmp_path, ["toy"] * 4, env)
+    p = _launch(tmp_path, ["toy", "toy", "toy-slow", "toy"], env)
     runs = [exp / f"row{i}" / "seed0" for i in range(4)]
     grid.wait_for(lambda: all(grid.epochs_logged(r) >= 1 for r in runs), "an epoch of all four",
                   timeout=120)
