@@ -40,28 +40,25 @@ def save(path, arrays: Arrays, meta: Dict, *, keep_previous: bool = False) -> No
     if bad:
         raise CheckpointError(f"{path}: array names may not be empty or contain '/': {bad}")
     text = json.dumps(dict(meta, format_version=FORMAT_VERSION), allow_nan=False)
+    tmp = None
     try:
         tmp = write_temp(path, _h5_image(arrays, text))
-    except (OSError, RuntimeError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: could not write checkpoint ({_reason(e)}){WAY_ON}") from e
-    try:
         try:
-            _, back = load(tmp)
+            same = load(tmp)[1].get("epoch") == meta.get("epoch")
+            problem = None if same else "reads back another epoch"
         except CheckpointError:
-            raise CheckpointError(f"{path}: the checkpoint just written does not read back "
-                                  "(a failing disk?); the previous one is kept; check the "
-                                  "disk and run again with --resume") from None
-        if back.get("epoch") != meta.get("epoch"):
-            raise CheckpointError(f"{path}: the checkpoint just written reads back another "
-                                  "epoch; the previous one is kept; check the disk and run "
-                                  "again with --resume")
+            problem = "does not read back (a failing disk?)"
+        if problem:
+            raise CheckpointError(f"{path}: the checkpoint just written {problem}; the previous "
+                                  "one is kept; check the disk and run again with --resume")
         if keep_previous and readable(path):
             link_over(path, previous_path(path))
         commit_temp(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: could not write checkpoint ({_reason(e)}){WAY_ON}") from e
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def readable(path) -> bool:
@@ -166,15 +163,12 @@ def check_compatible(recorded: Dict, model: ModelConfig, train: Optional[TrainCo
             raise CheckpointError(f"{path}: {source} records no {label} configuration")
         here, there = json_view(here), json_view(there)
         for key in sorted(set(here) | set(there)):
-            if key not in there:
-                raise CheckpointError(f"{path}: {label}.{key} is {show(here[key])} here, "
-                                      f"absent in {source}")
-            if key not in here:
-                raise CheckpointError(f"{path}: {label}.{key} is unknown here, "
-                                      f"{show(there[key])} in {source}")
-            if here[key] != there[key] and not may_change(f"{label}.{key}"):
-                raise CheckpointError(f"{path}: {label}.{key} is {show(here[key])} here, "
-                                      f"{show(there[key])} in {source}")
+            if key not in here or key not in there or (
+                    here[key] != there[key] and not may_change(f"{label}.{key}")):
+                mine = show(here[key]) if key in here else "unknown"
+                theirs = show(there[key]) if key in there else "absent"
+                raise CheckpointError(f"{path}: {label}.{key} is {mine} here, "
+                                      f"{theirs} in {source}")
     for key, here in (("backend", backend), ("dtype", dtype), ("dataset", dataset)):
         if here is not None and recorded.get(key) != here:
             raise CheckpointError(f"{path}: {key} is {here} here, "

@@ -175,8 +175,8 @@ class RunFolder:
 
     def finished(self, resume: bool) -> Optional[Dict]:
         """summary.json of a finished run to skip; None to train (a larger cap: to extend)."""
-        summary = runlog.read_summary(self.dir)
-        if not runlog.is_done(summary):
+        summary = runlog.finished_summary(self.dir)
+        if summary is None:
             # config.json alone (e.g. from a failed download) means nothing was trained
             for name in (runlog.CHECKPOINT, runlog.LOG, runlog.BEST, PREVIOUS):
                 if not resume and self.path(name).exists():

@@ -52,7 +52,7 @@ WAY_ON_FROM: Dict[str, str] = {
     **{f"crmn/plan.py:RunSpec.__post_init__:ConfigError{k}": "choose a --dataset with that "
        "many classes, or another row" for k in ("", "#2")},
     **{f"crmn/checkpoint.py:save:CheckpointError{k}": "free disk space, then run the same "
-       "command with --resume (checkpoint.WAY_ON)" for k in ("#2", "#5")},
+       "command with --resume (checkpoint.WAY_ON)" for k in ("#3",)},
     "crmn/cli/commands.py:cmd_params:": "the backend's line names the missing package and its "
     "pip command",
     "crmn/init.py:": "a bug in the caller: the CLI always passes a ModelConfig and seed",
