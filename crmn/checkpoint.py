@@ -107,10 +107,20 @@ def load(path) -> Tuple[Arrays, Dict]:
                               "as a complete HDF5 file)") from e
     with f:
         try:
-            meta = _meta(f, path)
+            if "meta" not in f.attrs:
+                raise CheckpointError(f"{path}: no 'meta' attribute; not a CRMN checkpoint")
+            version = int(f.attrs.get("format_version", -1))
+            if version != FORMAT_VERSION:
+                raise CheckpointError(f"{path}: checkpoint format version {version}, this code "
+                                      f"reads version {FORMAT_VERSION}; use the archive that "
+                                      "wrote it, or delete it and start the run over")
+            meta = json.loads(f.attrs["meta"])  # str, or bytes from another writer
         except (OSError, RuntimeError, KeyError) as e:
             raise CheckpointError(f"{path}: truncated or corrupt checkpoint (its metadata "
                                   "does not read)") from e
+        except ValueError as e:
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint (its 'meta' "
+                                  "attribute is not valid JSON)") from e
         arrays = {}
         for name, item in f.items():
             if not isinstance(item, h5py.Dataset):
@@ -126,21 +136,6 @@ def load(path) -> Tuple[Arrays, Dict]:
         raise CheckpointError(f"{path}: corrupt checkpoint (its arrays or meta do not match "
                               "the digest written with them)")
     return arrays, meta
-
-
-def _meta(f: "h5py.File", path: Path) -> Dict:
-    if "meta" not in f.attrs:
-        raise CheckpointError(f"{path}: no 'meta' attribute; not a CRMN checkpoint")
-    version = int(f.attrs.get("format_version", -1))
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {version}, this code reads "
-                              f"version {FORMAT_VERSION}; use the archive that wrote it, or "
-                              "delete it and start the run over")
-    try:
-        return json.loads(f.attrs["meta"])  # str, or bytes from another writer
-    except ValueError as e:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint (its 'meta' "
-                              "attribute is not valid JSON)") from e
 
 
 def show(value) -> str:

@@ -43,14 +43,12 @@ def folder_problem(path: Path, chosen: bool) -> Optional[str]:
     if not stat.S_ISDIR(st.st_mode):
         return f"{path} is not a folder"
     own, mode = st.st_uid == os.getuid(), st.st_mode
-    if not chosen:
-        if not own:
-            return f"{path} belongs to another user (uid {st.st_uid})"
-        if mode & (stat.S_IWGRP | stat.S_IWOTH):
-            return (f"{path} is writable by others (mode {stat.filemode(mode)}); "
-                    f"chmod go-w it, or choose a shared folder with ${CACHE_ENV}")
-        return None
-    if mode & stat.S_IWOTH and not (own and mode & stat.S_ISVTX):
+    if not chosen and not own:
+        return f"{path} belongs to another user (uid {st.st_uid})"
+    if not chosen and mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (f"{path} is writable by others (mode {stat.filemode(mode)}); "
+                f"chmod go-w it, or choose a shared folder with ${CACHE_ENV}")
+    if chosen and mode & stat.S_IWOTH and not (own and mode & stat.S_ISVTX):
         return (f"{path} (${CACHE_ENV}) is writable by every user (mode "
                 f"{stat.filemode(mode)}); use a folder of your own or of your group")
     return None
@@ -132,11 +130,8 @@ def open_cache(enabled: bool = True) -> Optional[CompileCache]:
 
 def fingerprint(*parts: str) -> str:
     """sha256 (hex) of the parts, each length-prefixed so that no two splits collide."""
-    h = hashlib.sha256()
-    for part in parts:
-        data = part.encode()
-        h.update(f"{len(data)}:".encode() + data)
-    return h.hexdigest()
+    data = [part.encode() for part in parts]
+    return hashlib.sha256(b"".join(b"%d:" % len(d) + d for d in data)).hexdigest()
 
 
 def source_hash(files) -> str:

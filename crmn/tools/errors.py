@@ -36,8 +36,8 @@ _SLURM = "check the cluster (sinfo), or use --launcher local"
 WAY_ON_FROM: Dict[str, str] = {
     "crmn/checkpoint.py:load:": f"{_PREV} (one warning line); if that is bad too: delete the "
     "run folder and run again without --resume",
-    **{f"crmn/checkpoint.py:_meta:CheckpointError{k}": f"as for load ({_PREV})"
-       for k in ("", "#3")},
+    "crmn/checkpoint.py:load:CheckpointError#4": "use the archive that wrote it, or delete it "
+    "and start the run over",
     "crmn/checkpoint.py:save:CheckpointError": "a bug (array names come from crmn.naming)",
     "crmn/checkpoint.py:check_compatible:": "crmn/runstate.py adds: resume with the run's "
     "settings, or delete the run folder (a finished run: choose another --out-dir)",
