@@ -29,10 +29,6 @@ def _check_finite(config) -> None:
                 raise ConfigError(f"{f.name} must be a finite number, got {shown}")
 
 
-def _scale_lr(lr: float, stages: Tuple[float, ...]) -> Tuple[float, ...]:
-    return tuple(lr * (r / stages[0]) for r in stages)
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     """The network: a 6n+2 post-activation CIFAR ResNet, optionally with the CRMN memory."""
@@ -91,8 +87,7 @@ class ModelConfig:
         return cls(**{**dict(n=row.n, k=row.k, classes=row.classes, memory=row.memory),
                       **overrides})
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    to_dict = dataclasses.asdict  # the fields as config.json's "model" holds them
 
 
 @dataclass(frozen=True)
@@ -102,7 +97,8 @@ class TrainConfig:
                              group="expert", help="images per batch")  # 4.2: 50 if wide
     lr_stages: Tuple[float, ...] = option(
         paper.LR_TABLE1, flag="--lr", dest="lr", type=above_zero, metavar="LR", group="protocol",
-        interpretation=True, show=lambda stages: repr(stages[0]), from_cli=_scale_lr,
+        interpretation=True, show=lambda stages: repr(stages[0]),
+        from_cli=lambda lr, stages: tuple(lr * (r / stages[0]) for r in stages),
         default_help="the row's, 0.1", help="learning rate of the first stage; the later "
         "stages keep the row's ratios")  # learning rates, one plateau stage each
     momentum: float = 0.9  # section 4: "momentum of 0.9"
@@ -144,6 +140,5 @@ class TrainConfig:
     def for_row(cls, row: "paper.Row", **overrides) -> "TrainConfig":
         return cls(**{**dict(batch_size=row.batch_size, lr_stages=row.lr_stages), **overrides})
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    to_dict = dataclasses.asdict  # the fields as a dict
 

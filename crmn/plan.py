@@ -60,21 +60,16 @@ class RunSpec:
         if self.model.classes != paper.DATASET_CLASSES[self.dataset]:
             raise ConfigError(f"a {self.model.classes}-class network cannot train on "
                               f"{self.dataset} ({paper.DATASET_CLASSES[self.dataset]} classes)")
-        least = smallest_subset(self.train)
+        # the least --subset that trains a batch in every phase (crmn/data/prepare.py's split)
+        least, b, share = self.train.batch_size, self.train.batch_size, self.train.val_fraction
+        while self.train.schedule is None and not 1 <= round(share * least) <= least - b:
+            least += 1
         if self.subset is not None and self.subset < least:
             search = "" if self.train.schedule else (
                 f", after {self.train.val_fraction:g} of them are held out for validation")
             raise ConfigError(f"--subset {self.subset} leaves no whole batch of "
                               f"{self.train.batch_size} images to train on{search}: give "
                               f"--subset {least} or more, or a smaller --batch-size")
-
-
-def smallest_subset(train: TrainConfig) -> int:
-    """The least ``--subset`` that trains a batch in every phase (crmn/data/prepare.py's split)."""
-    n, b = train.batch_size, train.batch_size
-    while train.schedule is None and not 1 <= round(train.val_fraction * n) <= n - b:
-        n += 1
-    return n
 
 
 #: the schema's classes by their place in a run (a test may derive one with one more field)
@@ -331,10 +326,6 @@ def resolve_backend(args, backend: Optional[str] = None) -> Tuple[BackendOptions
     except ConfigError as exc:
         raise _usage(args, exc) from None
     return options, note
-
-
-def backend_options(args, backend: Optional[str] = None) -> BackendOptions:
-    return resolve_backend(args, backend)[0]
 
 
 def configs_for(row: paper.Row, args, seed: int, dataset: Optional[str] = None):

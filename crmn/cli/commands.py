@@ -167,7 +167,8 @@ def cmd_smoke(args) -> int:
 def cmd_verify(args) -> int:
     configs = [r.id for r in paper.select(args.rows)] if args.rows else None
     # a GPU run compares torch on it with torch on the CPU
-    device = args.device if args.device == "cpu" else plans.backend_options(args, "torch").device
+    device = args.device if args.device == "cpu" else plans.resolve_backend(
+        args, "torch")[0].device
     results = verify.verify(configs, device=device, tol=args.tol, lr=args.lr,
                             seed=args.seed, batch_size=args.batch_size)
     return 0 if all(r.passed for r in results) else 1
@@ -176,7 +177,7 @@ def cmd_verify(args) -> int:
 def cmd_bench(args) -> int:
     if args.sampler:
         return _bench_sampler(args)
-    options = plans.backend_options(args)
+    options = plans.resolve_backend(args)[0]
     if args.channels_last is not None and options.backend != "torch":
         raise UsageError("run_experiments.sh bench: --channels-last/--channels-first need "
                          "--backend torch")
@@ -242,7 +243,7 @@ def cmd_profile(args) -> int:
     variants = args.variants.split(",")
     for variant in variants:  # an unknown one: refused before anything runs
         profile.variant_options(variant)
-    device = plans.backend_options(args, backend="torch").device
+    device = plans.resolve_backend(args, "torch")[0].device
     if device == "cpu" and not args.count_ops:
         raise UsageError(f"{plans.PROG} profile: timing the step needs a CUDA GPU (it times "
                          f"CUDA graphs) and {registry._torch_gpu()[1]} here; --count-ops "
@@ -263,7 +264,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    options = plans.backend_options(args)  # --device auto: decided as for training
+    options = plans.resolve_backend(args)[0]  # --device auto: decided as for training
     r = export.evaluate(args.weights, options.backend, options.device, args.dataset, args.data_dir,
                         dtype=args.dtype, theano_mode=options.theano_mode, subset=args.subset,
                         unverified=args.unverified_data)
