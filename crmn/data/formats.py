@@ -197,10 +197,8 @@ def load_raw(name: str, data_dir: PathLike) -> Dict[str, np.ndarray]:
     info = dataset_info(name)
     folder = locate(name, data_dir) or Path(data_dir) / info.folder
     if name == "svhn":
-        out = {}
-        for part in ("train", "extra", "test"):
-            out[f"x_{part}"], out[f"y_{part}"] = _svhn_mat(folder / f"{part}_32x32.mat")
-        return out
+        mats = {p: _svhn_mat(folder / f"{p}_32x32.mat") for p in ("train", "extra", "test")}
+        return {f"{k}_{p}": a for p, xy in mats.items() for k, a in zip("xy", xy)}
     meta = folder / ("batches.meta" if name == "cifar10" else "meta")  # unused, but data too
     if meta.is_file() and not isinstance(load_data_pickle(meta), dict):
         raise DataError(f"CIFAR label file {meta} does not hold a dict; replace it with the "

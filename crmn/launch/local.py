@@ -188,9 +188,8 @@ class LocalLauncher:
         if self.stops:
             left = [s for s in status.grid_states(self.exp_dir) if s.state != "finished"]
             print(f"[local] stopped; {len(left)} run(s) left (launch again to resume them):",
+                  *(f"  {s.task.name}: {s.state}: {s.detail}" for s in left), sep="\n",
                   file=sys.stderr, flush=True)
-            for s in left:
-                print(f"  {s.task.name}: {s.state}: {s.detail}", file=sys.stderr, flush=True)
             return EXIT_INTERRUPTED
         return 1 if any(rc not in (0, *status.RESUMABLE) for rc in self.results.values()) else 0
 

@@ -21,6 +21,9 @@ JOBS = "jobs.json"  # in <exp>/slurm/
 STATES = ("finished", "running", "waiting", "stopped", "failed")
 RESUMABLE = (EXIT_STOPPED, EXIT_INTERRUPTED)  # stopped with its checkpoints: --resume goes on
 PROC_LOCKS = "/proc/locks"
+_STOPPED = {EXIT_STOPPED: f"checkpointed its epoch and stopped (exit {EXIT_STOPPED})",
+            EXIT_INTERRUPTED: f"interrupted by Ctrl-C (exit {EXIT_INTERRUPTED}), its last "
+                              "checkpoint kept"}
 
 
 def lock_holder(run_dir: Path) -> Optional[int]:
@@ -178,12 +181,8 @@ def task_state(exp_dir: Path, task: Task, queue: Optional[Dict[int, tuple]]) -> 
         again = ", requeued after a checkpointed stop" if rc == EXIT_STOPPED else ""
         why = f" ({reason})" if reason and reason != "None" else ""
         return TaskState(task, "waiting", f"{state.lower()}{why}{again}; {progress}")
-    if rc == EXIT_STOPPED:
-        return TaskState(task, "stopped", f"resumable: checkpointed its epoch and stopped "
-                                          f"(exit {rc}); {progress}; launch again")
-    if rc == EXIT_INTERRUPTED:
-        return TaskState(task, "stopped", f"resumable: interrupted by Ctrl-C (exit {rc}), "
-                                          f"its last checkpoint kept; {progress}; launch again")
+    if rc in _STOPPED:
+        return TaskState(task, "stopped", f"resumable: {_STOPPED[rc]}; {progress}; launch again")
     if rc is not None:
         return TaskState(task, "failed", f"exit {rc}: {last_line(log) or 'no log'} [{log}]")
     if start is not None:
