@@ -39,8 +39,7 @@ def _read(path: Optional[Path] = None) -> Dict:
 
 
 def read_speeds(path: Optional[Path] = None) -> Dict[str, float]:
-    """The recorded seconds per epoch; any other value (a ceiling, a packing table, a value a
-    hand broke) is skipped alone."""
+    """The recorded seconds per epoch; any other value (ceiling, packing, broken) is skipped."""
     return {str(k): float(v) for k, v in _read(path).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0}
 

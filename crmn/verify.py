@@ -234,8 +234,7 @@ def verify(configs: Optional[Sequence[Union[str, Config]]] = None,
            device: str = "cpu", tol: Optional[float] = None, lr: float = 0.1, seed: int = 0,
            batch_size: Optional[int] = None,
            out: Callable[[str], None] = print) -> List[Result]:
-    """Run the comparisons (the backends on the CPU, else :func:`verify_device`) and print one
-    block per configuration; returns the results."""
+    """The comparisons (the backends on the CPU, else :func:`verify_device`), printed."""
     check_device(device)
     items = select_configs(configs, batch_size)
     missing = {}  # on the CPU: the backends this environment cannot build, and why
