@@ -68,8 +68,7 @@ def _check(arr: np.ndarray, shape, what: str, where: str) -> None:
 
 
 def _pairs(cfg: ModelConfig, entry: Callable, with_velocity: bool):
-    """Yield (spec, canonical name, native name, gate chunk or None, canonical -> native,
-    native -> canonical)."""
+    """(spec, canonical name, native name, gate chunk or None, to native, to canonical)."""
     for spec in param_specs(cfg):
         native, *mapping = entry(cfg, spec)
         yield (spec, spec.name, native, *mapping)
@@ -128,8 +127,7 @@ def canonical_to_lasagne(cfg: ModelConfig, canonical: Arrays, with_velocity: boo
 
 def torch_to_canonical(cfg: ModelConfig, native: Arrays, with_velocity: bool = True,
                        where: str = "modern/ state") -> Arrays:
-    """PyTorch-named arrays (state_dict, ``velocity.*``) -> canonical; packed LSTM arrays cut
-    into the per-gate arrays of eqs. 2-7."""
+    """PyTorch-named arrays -> canonical; packed LSTM arrays cut per gate (eqs. 2-7)."""
     return _to_canonical(cfg, native, _torch_entry, with_velocity, where)
 
 
@@ -140,6 +138,5 @@ def canonical_to_torch(cfg: ModelConfig, canonical: Arrays, with_velocity: bool 
 
 
 def torch_roles(cfg: ModelConfig) -> Dict[str, str]:
-    """PyTorch native name -> :class:`crmn.naming.ParamSpec` role (the packed LSTM arrays
-    once): where the PyTorch backend reads which arrays get weight decay."""
+    """PyTorch name -> ParamSpec role (packed LSTM arrays once): which get weight decay."""
     return {_torch_entry(cfg, s)[0]: s.role for s in param_specs(cfg)}

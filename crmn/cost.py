@@ -39,8 +39,7 @@ def _read(path: Optional[Path] = None) -> Dict:
 
 
 def read_speeds(path: Optional[Path] = None) -> Dict[str, float]:
-    """The recorded seconds per epoch; any other value (a ceiling, a packing table, a value a
-    hand broke) is skipped alone."""
+    """The recorded seconds per epoch; any other value (ceiling, packing, broken) is skipped."""
     return {str(k): float(v) for k, v in _read(path).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0}
 
@@ -135,8 +134,14 @@ def estimate(plan, speeds: Optional[Dict[str, float]] = None,
            f"{','.join(missing)} {_backend_flags(options)}` measures" if missing
            else "bench's s/epoch")
     line = f"{head}; about {_time(total)} ({how} x expected epochs, REPRODUCING.md §2)"
-    if options.device.startswith("cuda"):
-        line += _packed(total, packing)
+    best = best_packing(packing)
+    if options.device.startswith("cuda") and best is None:
+        line += ("; runs sharing a GPU unmeasured here: `bash run_experiments.sh gpucheck "
+                 "--only packing` measures which --runs-per-gpu pays")
+    elif options.device.startswith("cuda"):
+        line += (f"; with --runs-per-gpu {best[0]}, the fastest measured ({best[1]:.2f}x the "
+                 f"throughput of one run per GPU, gpucheck on {packing.get('gpu') or 'this GPU'})"
+                 f": about {_time(total / best[1])} per GPU")
     if total > DAY:
         line += ("; faster: a GPU (--device cuda), --backend torch, or --launcher slurm "
                  "(runs side by side)")
@@ -152,17 +157,6 @@ def gpu_model() -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
     return (p.stdout.strip().splitlines() or [""])[0].strip() if p.returncode == 0 else ""
-
-
-def _packed(total: float, packing: Optional[Dict]) -> str:
-    best = best_packing(packing)
-    if best is None:
-        return ("; runs sharing a GPU unmeasured here: `bash run_experiments.sh gpucheck "
-                "--only packing` measures which --runs-per-gpu pays")
-    k, x = best
-    return (f"; with --runs-per-gpu {k}, the fastest measured ({x:.2f}x the throughput of one "
-            f"run per GPU, gpucheck on {packing.get('gpu') or 'this GPU'}): about "
-            f"{_time(total / x)} per GPU")
 
 
 def _backend_flags(options: BackendOptions) -> str:

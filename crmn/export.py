@@ -25,15 +25,6 @@ from crmn.naming import count_trainable, param_specs, velocity_name
 FORMAT = 2  # 2: the record holds preprocessing and digest
 
 
-def _torch(what: str):
-    try:
-        import torch
-    except ImportError:
-        raise ConfigError(f"{what} needs torch, which this environment lacks: use the pinned "
-                          "environment (no CRMN_PROFILE) or pip install torch") from None
-    return torch
-
-
 def sha256(path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -74,7 +65,12 @@ def _final_state(run_dir: Path) -> Tuple[Dict, Dict, Dict, ModelConfig]:
 
 def export(run_dir, out_dir=None) -> Dict[str, Path]:
     """Write the .pt, .npz and MODEL.md of a finished run (default: RUN_DIR/export) by kind."""
-    torch = _torch("export (it writes a .pt)")
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError("export (it writes a .pt) needs torch, which this environment "
+                          "lacks: use the pinned environment (no CRMN_PROFILE) or pip install "
+                          "torch") from None
     run_dir = Path(run_dir)
     summary, config, canonical, cfg = _final_state(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "export"

@@ -152,9 +152,8 @@ def environment(device: str) -> Dict[str, str]:
     """Versions (nothing imported), where Theano comes from, the GPU and its driver."""
     have = {(d.metadata["Name"] or "").lower(): d.version  # the first on the path wins
             for d in reversed(list(metadata.distributions()))}
-    env = {"python": platform.python_version()}
-    for name in ("numpy", "jax", "jaxlib", "torch", "theano-pymc"):
-        env[name] = have.get(name, "missing")
+    names = ("numpy", "jax", "jaxlib", "torch", "theano-pymc")
+    env = {"python": platform.python_version(), **{n: have.get(n, "missing") for n in names}}
     spec = util.find_spec("theano")
     env["theano-pymc from"] = "missing"
     if spec and spec.origin:

@@ -131,17 +131,6 @@ VERIFIED_BACKENDS = (("torch", BackendOptions("torch", dtype="float64")),
           ("theano-jax", BackendOptions("theano", dtype="float64", theano_mode="jax")))
 
 
-def buildable(backends=VERIFIED_BACKENDS) -> Tuple[list, Dict[str, str]]:
-    """The entries of ``backends`` this environment can build, and why each other one cannot."""
-    missing = {}
-    for label, options in backends:
-        try:
-            registry.probe(options)
-        except ConfigError as exc:
-            missing[label] = str(exc)
-    return [b for b in backends if b[0] not in missing], missing
-
-
 def verify_backends(cfg: ModelConfig, train: TrainConfig, name: str, lr: float = 0.1,
                   seed: int = 0, tol: float = TOLERANCE, backends=VERIFIED_BACKENDS) -> List[Result]:
     """Every pair of ``backends``; the first of each pair gives the state."""
@@ -245,13 +234,17 @@ def verify(configs: Optional[Sequence[Union[str, Config]]] = None,
            device: str = "cpu", tol: Optional[float] = None, lr: float = 0.1, seed: int = 0,
            batch_size: Optional[int] = None,
            out: Callable[[str], None] = print) -> List[Result]:
-    """Run the comparisons (the backends on the CPU, else :func:`verify_device`) and print one
-    block per configuration; returns the results."""
+    """The comparisons (the backends on the CPU, else :func:`verify_device`), printed."""
     check_device(device)
     items = select_configs(configs, batch_size)
-    backends, missing = buildable() if device == "cpu" else (VERIFIED_BACKENDS, {})
-    for label, why in missing.items():
-        out(f"{label}: not built here ({why})")
+    missing = {}  # on the CPU: the backends this environment cannot build, and why
+    for label, options in VERIFIED_BACKENDS if device == "cpu" else ():
+        try:
+            registry.probe(options)
+        except ConfigError as exc:
+            missing[label] = str(exc)
+            out(f"{label}: not built here ({exc})")
+    backends = tuple(b for b in VERIFIED_BACKENDS if b[0] not in missing)
     results = []
 
     def show(batch: List[Result]) -> None:

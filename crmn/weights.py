@@ -1,11 +1,7 @@
 """Weights files as untrusted bytes, and what a weights file records to feed the network.
-
-A ``<row>-<sha8>.pt`` or ``.npz`` (crmn/export.py) is checked three ways before its arrays are
-used: the name's sha8 against the bytes' SHA-256, a reader that cannot run code
-(``torch.load(weights_only=True)``, ``numpy.load(allow_pickle=False)``), and the
-:func:`digest` the file carries of its own arrays and record (renaming cannot bypass it).
-Imports numpy only (torch when a .pt is read): torch.hub's entries use it.
-"""
+A ``<row>-<sha8>.pt`` or ``.npz`` (crmn/export.py) is checked three ways: the name's sha8 against
+the bytes' SHA-256, a reader that cannot run code, and the :func:`digest` the file carries of its
+own arrays and record. Imports numpy only (torch for a .pt): torch.hub's entries use it."""
 from __future__ import annotations
 
 import dataclasses
