@@ -76,9 +76,8 @@ class ShortcutALayer(Layer):
 
     def get_output_shape_for(self, input_shape):
         b, _, h, w = input_shape
-        s = self.stride
-        return (b, self.num_filters, None if h is None else -(-h // s),
-                None if w is None else -(-w // s))
+        return (b, self.num_filters) + tuple(None if n is None else -(-n // self.stride)
+                                             for n in (h, w))
 
     def get_output_for(self, input, **kwargs):
         s = self.stride
@@ -86,10 +85,9 @@ class ShortcutALayer(Layer):
         extra = self.num_filters - self.input_shape[1]
         if not extra:
             return x
-        before, after = extra // 2, extra - extra // 2
-        zeros = lambda c: T.zeros((x.shape[0], c, x.shape[2], x.shape[3]),  # noqa: E731
-                                  dtype=x.dtype)
-        return T.concatenate([zeros(before), x, zeros(after)], axis=1)  # (B, F, H/s, W/s)
+        before, after = (T.zeros((x.shape[0], c, x.shape[2], x.shape[3]), dtype=x.dtype)
+                         for c in (extra // 2, extra - extra // 2))
+        return T.concatenate([before, x, after], axis=1)  # (B, F, H/s, W/s)
 
 
 class PadFeaturesLayer(Layer):
@@ -160,8 +158,7 @@ class PeepholeLSTMLayer(LSTMLayer):
             return [c, h]
 
         ones = T.ones((x.shape[1], 1), dtype=x.dtype)  # (B, 1): broadcast learned inits
-        c0 = T.dot(ones, self.cell_init)  # (B, H)
-        h0 = T.dot(ones, self.hid_init)  # (B, H)
+        c0, h0 = T.dot(ones, self.cell_init), T.dot(ones, self.hid_init)  # (B, H) each
         if self.unroll_scan:
             _, h_all = unroll_scan(fn=step, sequences=[x_proj], outputs_info=[c0, h0],
                                    go_backwards=False, non_sequences=[],

@@ -251,8 +251,7 @@ def check_jax(device: str = "cpu", refs: Dict[str, np.ndarray] = None) -> List[T
     refs = load() if refs is None else refs
     rows = []
     for name in OP_CASES:
-        got = run_op(name, "jax", refs, device)
-        want = op_outputs(refs, name)
+        got, want = run_op(name, "jax", refs, device), op_outputs(refs, name)
         rows.append((f"op/{name}", worst_difference(dict(enumerate(got)),
                                                     dict(enumerate(want)))[0]))
     for name in E2E_MODELS:

@@ -254,9 +254,8 @@ class CachedFunction:
 
     def _runner(self, header: Dict, payload: bytes) -> _Runner:
         exp = jax.export.deserialize(bytearray(payload))
-        layout = header["layout"]
-        args = [tuple(a) for a in layout["args"]]
-        results = [tuple(r) for r in layout["results"]]
+        args, results = ([tuple(ref) for ref in header["layout"][part]]
+                         for part in ("args", "results"))
         values = self._arguments(args, None, exp)
         # no donated buffers: jaxlib 0.4.30's XLA:CPU executables read back from the
         # persistent cache aliased donated arguments wrongly (garbage state)

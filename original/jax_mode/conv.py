@@ -7,8 +7,7 @@ import functools
 from theano.tensor.nnet.abstract_conv import (AbstractConv2d, AbstractConv2d_gradInputs,
                                               AbstractConv2d_gradWeights)
 
-from original.jax_mode.dispatch import (check_shared, correlate, image_grad, jax_funcify,
-                                        kernel_grad)
+from original.jax_mode.dispatch import check_shared, conv_grad, correlate, jax_funcify
 
 
 def convolve(op, img, kern):
@@ -28,10 +27,10 @@ def jax_funcify_AbstractConv2d_grad(op):
     """d(loss)/d(kernel) or d(loss)/d(image), its spatial size the op's static ``shape``
     input (for the image: a stride drops rows the forward pass never read)."""
     check_shared(op, "convolution")
-    grad = kernel_grad if isinstance(op, AbstractConv2d_gradWeights) else image_grad
+    of_kernel = isinstance(op, AbstractConv2d_gradWeights)
 
     def abstract_conv2d_grad(other, topgrad, shape):  # other: the image, or the kernel
-        return grad(convolve, op, other, topgrad, [int(s) for s in shape])
+        return conv_grad(convolve, op, other, topgrad, [int(s) for s in shape], of_kernel)
     return abstract_conv2d_grad
 
 

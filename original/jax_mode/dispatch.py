@@ -166,16 +166,14 @@ def check_shared(op, what: str):
         raise Unsupported(f"no JAX conversion for unshared {what} {op}")
 
 
-def kernel_grad(forward, op, img, topgrad, hw):
-    """d(loss)/d(kernel) of ``forward(op, img, kernel)`` at ``topgrad``, for a ``hw`` kernel."""
-    kshape = (topgrad.shape[1], img.shape[1] // op.num_groups) + tuple(hw)
-    return transpose(functools.partial(forward, op, img), kshape, topgrad)
-
-
-def image_grad(forward, op, kern, topgrad, hw):
-    """d(loss)/d(image) of ``forward(op, image, kern)`` at ``topgrad``, for a ``hw`` image."""
-    ishape = (topgrad.shape[0], kern.shape[1] * op.num_groups) + tuple(hw)
-    return transpose(lambda x: forward(op, x, kern), ishape, topgrad)
+def conv_grad(forward, op, other, topgrad, hw, of_kernel: bool):
+    """d(loss)/d(kernel) (``other`` the image) or d(loss)/d(image) (``other`` the kernel) of
+    ``forward(op, image, kernel)`` at ``topgrad``, for a ``hw`` kernel or image."""
+    if of_kernel:
+        kshape = (topgrad.shape[1], other.shape[1] // op.num_groups) + tuple(hw)
+        return transpose(functools.partial(forward, op, other), kshape, topgrad)
+    ishape = (topgrad.shape[0], other.shape[1] * op.num_groups) + tuple(hw)
+    return transpose(lambda x: forward(op, x, other), ishape, topgrad)
 
 
 def correlate(op, img, kern):
@@ -225,7 +223,7 @@ def jax_funcify_CorrMM_gradWeights(op):
 
     def corrmm_gradweights(img, topgrad, *shape):
         hw = [int(s) for s in shape] or kernel_size(img.shape[-2:], topgrad.shape[-2:])
-        return kernel_grad(correlate, op, img, topgrad, hw)
+        return conv_grad(correlate, op, img, topgrad, hw, of_kernel=True)
     return corrmm_gradweights
 
 
@@ -239,7 +237,7 @@ def jax_funcify_CorrMM_gradInputs(op):
         dilated = [(k - 1) * d + 1 for k, d in zip(kern.shape[-2:], op.filter_dilation)]
         hw = [int(s) for s in shape] or [(t - 1) * s + k - sum(p) for t, s, k, p in
                                          zip(topgrad.shape[-2:], op.subsample, dilated, pads)]
-        return image_grad(correlate, op, kern, topgrad, hw)
+        return conv_grad(correlate, op, kern, topgrad, hw, of_kernel=False)
     return corrmm_gradinputs
 
 
