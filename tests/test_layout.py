@@ -14,7 +14,7 @@ pytestmark = pytest.mark.current  # framework-free: runs in the current environm
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("crmn", "original", "modern")
 MAX_FUNCTION_LINES = 60
-CODE_LINES = 11_920  # crmn/ + original/ + modern/: may come down (the goal is 11,000), not grow
+CODE_LINES = 11_860  # crmn/ + original/ + modern/: may come down (the goal is 11,000), not grow
 GPUCHECK_LINES = 360  # the runner, a list of plain checks (what a child measures: gpucheck_child)
 
 
