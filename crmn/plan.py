@@ -103,8 +103,13 @@ def disk_key(name: str) -> Tuple[str, ...]:
 
 def spec_record(spec: RunSpec) -> Dict[str, Any]:
     """The spec as config.json holds it: every schema field, as JSON gives it back."""
-    out = {key: value for section, fields in dataclasses.asdict(spec).items()
-           for key, value in (fields.items() if section in FLAT else [(section, fields)])}
+    out: Dict[str, Any] = {}
+    for name, _ in spec_fields():  # the layout is disk_key's, the one rule of config.json
+        obj = spec
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        *section, key = disk_key(name)
+        (out.setdefault(section[0], {}) if section else out)[key] = obj
     return json.loads(json.dumps(out, default=str))
 
 
