@@ -109,8 +109,7 @@ def numpy_too_new_for_c() -> bool:
 
 
 def c_mode_available() -> tuple:
-    """``(True, "")`` where Theano's C mode can work here, else ``(False, one line)``;
-    compiles nothing."""
+    """(True, "") where Theano's C mode can work here, else (False, why); compiles nothing."""
     if numpy_too_new_for_c():
         return False, (f"Theano-PyMC 1.1.2's C mode needs numpy < "
                        f"{'.'.join(map(str, NUMPY_C_LIMIT))} and this Python has numpy "
@@ -133,8 +132,6 @@ def _stand_in(name: str, doc: str, **attrs) -> types.ModuleType:
 def bridge_pkg_resources() -> None:
     """Lasagne reads its version through ``pkg_resources``: import it quietly, or stand in
     with importlib.metadata where setuptools has none."""
-    if "pkg_resources" in sys.modules:
-        return
     with warnings.catch_warnings(), contextlib.suppress(ImportError):
         warnings.simplefilter("ignore")
         import pkg_resources  # noqa: F401  (cached in sys.modules for Lasagne)
