@@ -85,9 +85,8 @@ class _JaxMode:
 
     def function(self, inputs, outputs, updates, name: str, device_outputs: bool = False):
         def build():
-            with compat.graph_settings():
-                fn = self._jax_mode.function(inputs, outputs, updates=updates, name=name,
-                                             device=self._device)
+            fn = self._jax_mode.function(inputs, outputs, updates=updates, name=name,
+                                         device=self._device)
             self._jax_mode.linker_call(fn).host_outputs = not device_outputs
             return fn
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -35,7 +36,6 @@ RECURSION_LIMIT = 20000
 LOCK_QUIET_WAIT = 3.0
 LOCK_REPORT_EVERY = 15.0
 
-_installed = False
 _probed = False  # check_compiled_backend's probe passed in this process
 
 
@@ -109,8 +109,7 @@ def numpy_too_new_for_c() -> bool:
 
 
 def c_mode_available() -> tuple:
-    """``(True, "")`` where Theano's C mode can work here, else ``(False, one line)``;
-    compiles nothing."""
+    """(True, "") where Theano's C mode can work here, else (False, why); compiles nothing."""
     if numpy_too_new_for_c():
         return False, (f"Theano-PyMC 1.1.2's C mode needs numpy < "
                        f"{'.'.join(map(str, NUMPY_C_LIMIT))} and this Python has numpy "
@@ -133,8 +132,6 @@ def _stand_in(name: str, doc: str, **attrs) -> types.ModuleType:
 def bridge_pkg_resources() -> None:
     """Lasagne reads its version through ``pkg_resources``: import it quietly, or stand in
     with importlib.metadata where setuptools has none."""
-    if "pkg_resources" in sys.modules:
-        return
     with warnings.catch_warnings(), contextlib.suppress(ImportError):
         warnings.simplefilter("ignore")
         import pkg_resources  # noqa: F401  (cached in sys.modules for Lasagne)
@@ -260,12 +257,10 @@ IMPORT_BRIDGES = (
 )
 
 
+@functools.cache  # once per process; a bridge that raised is tried again
 def install() -> None:
-    global _installed
-    if not _installed:
-        for bridge in IMPORT_BRIDGES:
-            bridge()
-        _installed = True
+    for bridge in IMPORT_BRIDGES:
+        bridge()
 
 
 def bridge_lasagne_tests() -> None:
@@ -348,35 +343,28 @@ def lock_holder(path: str) -> Optional[int]:
     return None
 
 
-def _wait_announced(lock_dir: str) -> None:
-    """Wait until Theano's compile lock in ``lock_dir`` is free, saying on stderr who holds
-    it (Theano waits in silence, for minutes when another process compiles)."""
+@contextlib.contextmanager
+def _announced_lock(stock, lock_dir=None, *, timeout=-1):
+    """Theano's compile lock (``stock``, its ``lock_ctx``), saying on stderr who holds it
+    while it waits (Theano waits in silence, for minutes when another process compiles)."""
     import filelock
+    import theano.compile.compilelock as compilelock
+    from theano.configdefaults import config
+    lock_dir = lock_dir or config.compiledir
     path = os.path.join(lock_dir, ".lock")
-    start, lock = time.perf_counter(), filelock.FileLock(path)
-    timeout = LOCK_QUIET_WAIT  # free soon: nothing to say
-    while True:
+    start, wait = time.perf_counter(), LOCK_QUIET_WAIT  # free soon: nothing to say
+    # no wait where this thread holds it already (re-entry)
+    while f"{lock_dir}-{os.getpid()}" not in compilelock.local_mem._locks:
         try:
-            with lock.acquire(timeout=timeout):
-                return
+            with filelock.FileLock(path).acquire(timeout=wait):
+                break
         except filelock.Timeout:
             print(f"theano: waiting for the compile lock {path}, held by process "
                   f"{lock_holder(path) or '?'} ({time.perf_counter() - start:.0f} s so far)",
                   file=sys.stderr, flush=True)
-            timeout = LOCK_REPORT_EVERY
-
-
-def _announcing(stock, compilelock, config):
-    @contextlib.contextmanager
-    def lock_ctx(lock_dir=None, *, timeout=-1):
-        lock_dir = lock_dir or config.compiledir
-        if f"{lock_dir}-{os.getpid()}" not in compilelock.local_mem._locks:
-            _wait_announced(lock_dir)  # held already by this thread: re-entry, no wait
-        with stock(lock_dir, timeout=timeout):
-            yield
-
-    lock_ctx.announces = True
-    return lock_ctx
+            wait = LOCK_REPORT_EVERY
+    with stock(lock_dir, timeout=timeout):
+        yield
 
 
 _depth = 0
@@ -386,7 +374,6 @@ _undo = contextlib.ExitStack()  # what the outermost graph_settings puts back
 
 def _apply_graph_settings() -> None:
     import theano.compile.compilelock as compilelock
-    from theano.configdefaults import config
     from theano.scalar.basic import NumpyAutocaster
     limit = sys.getrecursionlimit()
     if limit < RECURSION_LIMIT:
@@ -412,7 +399,8 @@ def _apply_graph_settings() -> None:
         _undo.callback(setattr, NumpyAutocaster, "__call__", stock_call)
     stock_lock = compilelock.lock_ctx
     if not getattr(stock_lock, "announces", False):
-        announcing = _announcing(stock_lock, compilelock, config)
+        announcing = functools.partial(_announced_lock, stock_lock)
+        announcing.announces = True
         patched = [m for n, m in list(sys.modules.items())
                    if n.startswith("theano") and getattr(m, "lock_ctx", None) is stock_lock]
         for module in patched:  # the modules that imported lock_ctx by name

@@ -177,7 +177,6 @@ class CachedFunction:
         self.compile_seconds = 0.0  # key, lookup, and on a miss optimisation + export + XLA
         self.states: List[str] = []  # HIT or MISS per signature compiled
         self._theano_fn = None
-        self._graph = None  # (text, shared variables), computed once
         self._runners: Dict[Tuple, _Runner] = {}
 
     def theano_function(self):
@@ -185,13 +184,9 @@ class CachedFunction:
             self._theano_fn = self._build()
         return self._theano_fn
 
-    def _key(self, values) -> str:
-        if self._graph is None:
-            self._graph = graph_text(self.inputs, self.outputs, self.updates)
-        signature = _canon([(np.shape(v), str(np.asarray(v).dtype)) for v in values])
-        return compile_cache.fingerprint(
-            self._graph[0], signature,
-            settings_text(self.device, self.precision, dict(self.context, name=self.name)))
+    @functools.cached_property
+    def _graph(self) -> Tuple[str, List]:
+        return graph_text(self.inputs, self.outputs, self.updates)
 
     def _check(self, header: Dict) -> Optional[str]:
         """Why a stored header does not fit this function, or None."""
@@ -234,23 +229,20 @@ class CachedFunction:
                   "theano": theano.__version__, "jax": jax.__version__}
         return header, bytes(exp.serialize())
 
-    def _prepare(self, values) -> _Runner:
-        key = self._key(values)
+    def _prepare(self, values, signature) -> Tuple[_Runner, str]:
+        """(the runner of ``values``' input signature, HIT or MISS)."""
+        settings = settings_text(self.device, self.precision, dict(self.context, name=self.name))
+        key = compile_cache.fingerprint(self._graph[0], _canon(signature), settings)
         entry = self.cache.load(KIND, key, self._check)
         if entry is not None:
             try:
-                runner = self._runner(*entry)
+                return self._runner(*entry), HIT
             except Exception as exc:  # whatever jax raises on bytes it cannot read
                 compile_cache.warn(f"{self.cache.path(KIND, key)}: does not fit this jax "
                                    f"({type(exc).__name__}: {exc}); compiling afresh")
-            else:
-                self.states.append(HIT)
-                return runner
         header, payload = self._export(values)
         self.cache.store(KIND, key, header, payload)
-        runner = self._runner(header, payload)  # the stored bytes, as a hit runs them
-        self.states.append(MISS)
-        return runner
+        return self._runner(header, payload), MISS  # the stored bytes, as a hit runs them
 
     def _runner(self, header: Dict, payload: bytes) -> _Runner:
         exp = jax.export.deserialize(bytearray(payload))
@@ -290,14 +282,14 @@ class CachedFunction:
             start = time.perf_counter()
             try:
                 with compat.graph_settings():
-                    runner = self._prepare(values)
+                    runner, state = self._prepare(values, signature)
             except Uncacheable as exc:  # the graph runs, just not from the cache
                 compile_cache.warn(f"{self.name}: cannot cache this graph ({exc}); "
                                    f"compiling it uncached")
-                runner = self.theano_function()
-                self.states.append(MISS)
+                runner, state = self.theano_function(), MISS
             finally:
                 self.compile_seconds += time.perf_counter() - start
+            self.states.append(state)
             self._runners[signature] = runner
         if not isinstance(runner, _Runner):
             return self._call_uncached(runner, values)

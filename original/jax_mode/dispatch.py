@@ -207,38 +207,34 @@ def jax_funcify_CorrMM(op):
     return functools.partial(correlate, op)
 
 
+def _grad_hw(op, other_hw, top_hw, of_kernel: bool):
+    """The kernel's (``other`` the image) or the image's (``other`` the kernel) spatial size,
+    inferred as Theano does where the op has no ``shape`` input."""
+    if not of_kernel:
+        dilated = [(k - 1) * d + 1 for k, d in zip(other_hw, op.filter_dilation)]
+        return [(t - 1) * s + k - sum(p) for t, s, k, p in
+                zip(top_hw, op.subsample, dilated, corr_padding(op, other_hw))]
+    if op.border_mode == "full":  # out = h + dilated - 1
+        dilated = [t - h + 1 for h, t in zip(other_hw, top_hw)]
+    else:  # explicit or valid: out = h + pads - dilated + 1
+        dilated = [h + sum(p) - (t - 1) * s for h, t, p, s in
+                   zip(other_hw, top_hw, corr_padding(op, (1, 1)), op.subsample)]
+    return [(n - 1) // d + 1 for n, d in zip(dilated, op.filter_dilation)]
+
+
 @jax_funcify.register(CorrMM_gradWeights)
-def jax_funcify_CorrMM_gradWeights(op):
-    """d(loss)/d(kernel), its spatial size the op's ``shape`` input or inferred as Theano
-    does."""
-    check_shared(op, "correlation")
-
-    def kernel_size(img_hw, top_hw):
-        if op.border_mode == "full":  # out = h + dilated - 1
-            dilated = [t - h + 1 for h, t in zip(img_hw, top_hw)]
-        else:  # explicit or valid: out = h + pads - dilated + 1
-            dilated = [h + sum(p) - (t - 1) * s for h, t, p, s in
-                       zip(img_hw, top_hw, corr_padding(op, (1, 1)), op.subsample)]
-        return [(n - 1) // d + 1 for n, d in zip(dilated, op.filter_dilation)]
-
-    def corrmm_gradweights(img, topgrad, *shape):
-        hw = [int(s) for s in shape] or kernel_size(img.shape[-2:], topgrad.shape[-2:])
-        return conv_grad(correlate, op, img, topgrad, hw, of_kernel=True)
-    return corrmm_gradweights
-
-
 @jax_funcify.register(CorrMM_gradInputs)
-def jax_funcify_CorrMM_gradInputs(op):
-    """d(loss)/d(image), its spatial size the op's ``shape`` input or inferred."""
+def jax_funcify_CorrMM_grad(op):
+    """d(loss)/d(kernel) or d(loss)/d(image), its spatial size the op's ``shape`` input or
+    inferred (:func:`_grad_hw`)."""
     check_shared(op, "correlation")
+    of_kernel = isinstance(op, CorrMM_gradWeights)
 
-    def corrmm_gradinputs(kern, topgrad, *shape):
-        pads = corr_padding(op, kern.shape[-2:])
-        dilated = [(k - 1) * d + 1 for k, d in zip(kern.shape[-2:], op.filter_dilation)]
-        hw = [int(s) for s in shape] or [(t - 1) * s + k - sum(p) for t, s, k, p in
-                                         zip(topgrad.shape[-2:], op.subsample, dilated, pads)]
-        return conv_grad(correlate, op, kern, topgrad, hw, of_kernel=False)
-    return corrmm_gradinputs
+    def corrmm_grad(other, topgrad, *shape):  # other: the image, or the kernel
+        hw = [int(s) for s in shape] or _grad_hw(op, other.shape[-2:], topgrad.shape[-2:],
+                                                 of_kernel)
+        return conv_grad(correlate, op, other, topgrad, hw, of_kernel)
+    return corrmm_grad
 
 
 def _pool_geometry(op, shape, ws, stride, pad):
