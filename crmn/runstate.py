@@ -30,11 +30,9 @@ def _point(phase: str, epoch: int) -> Tuple[int, int]:
     return PHASES.index(phase), int(epoch)
 
 
-class _Record:
-    @classmethod
-    def from_dict(cls, d: Dict):
-        """The record of a JSON object (a key it lacks: None)."""
-        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+def _from_dict(cls, d: Dict):
+    """The ``cls`` record of a JSON object (a key it lacks: None)."""
+    return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass
@@ -47,7 +45,7 @@ class CapCut:
 
 
 @dataclasses.dataclass
-class CheckpointMeta(_Record):
+class CheckpointMeta:
     """A checkpoint's ``meta`` (crmn/checkpoint.py): what the arrays are the state of."""
     model: Dict  # ModelConfig.to_dict()
     train: Dict  # TrainConfig.to_dict()
@@ -73,14 +71,14 @@ class CheckpointMeta(_Record):
 
     @classmethod
     def from_dict(cls, d: Dict) -> "CheckpointMeta":
-        meta = super().from_dict(d)
+        meta = _from_dict(cls, d)
         if isinstance(meta.capped, dict):
             meta.capped = CapCut(**meta.capped)
         return meta
 
 
 @dataclasses.dataclass
-class LogLine(_Record):
+class LogLine:
     """One finished epoch: a line of log.jsonl."""
     phase: str
     epoch: int  # 1-based within the phase
@@ -101,8 +99,8 @@ class LogLine(_Record):
     @classmethod
     def from_dict(cls, d: Dict) -> "LogLine":
         """A log line, also one written before its cache outcome had its own name."""
-        return super().from_dict(dict(d, cache_outcome=d.get("cache_outcome",
-                                                             d.get("compile_cache"))))
+        old = d.get("compile_cache")
+        return _from_dict(cls, dict(d, cache_outcome=d.get("cache_outcome", old)))
 
 
 @dataclasses.dataclass
