@@ -336,8 +336,7 @@ def configs_for(row: paper.Row, args, seed: int, dataset: Optional[str] = None):
     """(model, train) of one run of ``row``: the row's, changed by every option given."""
     model_cls, train_cls = SECTIONS["model"], SECTIONS["train"]
     try:
-        model = dataclasses.replace(model_cls.for_row(row),
-                                    classes=paper.DATASET_CLASSES[dataset or row.dataset])
+        model = model_cls.for_row(row, classes=paper.DATASET_CLASSES[dataset or row.dataset])
         train = train_cls.for_row(row, seed=seed)
         return (dataclasses.replace(model, **schema.values(model_cls, args, model)),
                 dataclasses.replace(train, **schema.values(train_cls, args, train)))
