@@ -308,12 +308,13 @@ class RunFolder:
             f"raised from {old} to {train.epochs_cap}"
         say(f"{self.dir}: --epochs-cap {lifted}: continuing the {meta.phase} run after "
             f"epoch {meta.epoch} ({where})")
-        self._rewind(point.arrays, meta, old, decision, from_cut=info is not None)
+        self._rewind(point.arrays, meta, old, decision)
         return ResumePoint(point.arrays, meta)
 
     def _rewind(self, arrays: Arrays, meta: CheckpointMeta, old: int,
-                decision: Optional[str], from_cut: bool) -> None:
-        """:meth:`_lift_cap`'s files, in an order that keeps every kill resumable."""
+                decision: Optional[str]) -> None:
+        """:meth:`_lift_cap`'s files, in an order that keeps every kill resumable; ``decision``:
+        the cut epoch's, stepped again (None: the cap had cut no stage short)."""
         kept = self._log_until(meta.point)
         for e in kept:
             if decision is not None and "event" not in e and \
@@ -325,7 +326,7 @@ class RunFolder:
                            kept + [dict(event="cap_lifted", **lifted, time=time.time())])
         self.path(runlog.SUMMARY).unlink(missing_ok=True)  # the run is not finished any more
         self._add_to_config("caps_lifted", lifted, train=self.spec.train.to_dict())
-        if from_cut and meta.phase == "search":
+        if decision is not None and meta.phase == "search":
             runlog.link_over(self.path(runlog.CAPPED_BEST), self.path(runlog.BEST))
         self.path(PREVIOUS).unlink(missing_ok=True)  # an epoch of the course cut short
         checkpoint.save(self.path(runlog.CHECKPOINT), arrays, meta.to_dict())
