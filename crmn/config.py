@@ -63,10 +63,6 @@ class ModelConfig:
             raise ConfigError(f"lstm_units must be >= 1, got {self.lstm_units}")
 
     @property
-    def depth(self) -> int:
-        return 6 * self.n + 2
-
-    @property
     def widths(self) -> Tuple[int, int, int]:
         """Feature maps of the three stages (16k, 32k, 64k)."""
         base = int(round(16 * self.k))
@@ -119,7 +115,8 @@ class TrainConfig:
     schedule: Optional[Tuple[int, ...]] = option(
         None, flag="--schedule", type=epochs_list, metavar="E1,E2,...", group="protocol",
         departure="fixed schedule {}", show=lambda s: ",".join(str(e) for e in s),
-        default_help="%(default)s = search", help="fixed epochs per lr stage, skips the search run")
+        default_help="%(default)s = search",
+        help="fixed epochs per lr stage, skips the search run")
     seed: int = option(0, per_run=True)  # data split, batch order, crops and weight init
 
     def __post_init__(self):

@@ -3,6 +3,7 @@ dataclasses are the run schema; :func:`render_argv` turns a run back into a comm
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import typing
@@ -73,7 +74,8 @@ class RunSpec:
 
 
 #: the schema's classes by their place in a run (a test may derive one with one more field)
-SECTIONS = {"model": ModelConfig, "train": TrainConfig, "backend_options": BackendOptions, "": RunSpec}
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "backend_options": BackendOptions,
+            "": RunSpec}
 #: sections written at config.json's top level, as every run folder has held them
 FLAT = ("backend_options",)
 RECORD_FORMAT = 2  # config.json's "config_format": the whole spec is recorded (crmn/LOGS.md)
@@ -105,20 +107,18 @@ def spec_record(spec: RunSpec) -> Dict[str, Any]:
     """The spec as config.json holds it: every schema field, as JSON gives it back."""
     out: Dict[str, Any] = {}
     for name, _ in spec_fields():  # the layout is disk_key's, the one rule of config.json
-        obj = spec
-        for part in name.split("."):
-            obj = getattr(obj, part)
         *section, key = disk_key(name)
-        (out.setdefault(section[0], {}) if section else out)[key] = obj
+        value = functools.reduce(getattr, name.split("."), spec)
+        (out.setdefault(section[0], {}) if section else out)[key] = value
     return json.loads(json.dumps(out, default=str))
 
 
-def recorded(record: Dict, name: str, missing=KeyError):
-    """Schema field ``name``'s value in ``record`` (a config.json), ``missing`` if absent."""
+def recorded(record: Dict, name: str):
+    """Schema field ``name``'s value in ``record`` (a config.json), KeyError if absent."""
     value = record
     for key in disk_key(name):
         if not isinstance(value, dict) or key not in value:
-            return missing
+            return KeyError
         value = value[key]
     return value
 
@@ -259,19 +259,19 @@ class TrainPlan:
 
 
 def _bases(run: PlannedRun):
-    """What the command line of ``run`` gives without options, section by section."""
+    """What the command line of ``run`` gives without options: top, backend, model, train."""
     spec = run.spec
     options = SimpleNamespace(**dataclasses.asdict(BackendOptions()))
     options.device = None  # always named: auto may resolve otherwise where the line runs
     if spec.backend_options.backend == "theano":
         options.theano_mode = None  # likewise the Theano mode auto or the machine picks
     if spec.row is None:  # smoke: its own network and schedule, its own data
-        return (*_smoke_configs(seed=run.seed), options, spec)
+        return (spec, options, *_smoke_configs(seed=run.seed))
     row = paper.row(spec.row)
     here = SimpleNamespace(**{f.name: f.default for f in schema.flagged(spec)})
     here.dataset, here.data_dir = row.dataset, None  # the path: always named, absolute
-    return (type(spec.model).for_row(row), type(spec.train).for_row(row, seed=run.seed), options,
-            here)
+    return (here, options, type(spec.model).for_row(row),
+            type(spec.train).for_row(row, seed=run.seed))
 
 
 def render_argv(plan: TrainPlan, run: PlannedRun, program: Sequence[str],
@@ -284,8 +284,7 @@ def render_argv(plan: TrainPlan, run: PlannedRun, program: Sequence[str],
         argv += ["--rows", spec.row]
     argv += ["--seed", str(run.seed), *(["--resume"] if resume else []), "--no-progress",
              "--out-dir", str(Path(plan.out_dir).resolve())]
-    model, train, options, here = _bases(run)
-    for obj, base in ((spec, here), (spec.backend_options, options), (spec.model, model), (spec.train, train)):
+    for obj, base in zip((spec, spec.backend_options, spec.model, spec.train), _bases(run)):
         argv += schema.render(obj, base)
     return argv
 
@@ -337,8 +336,7 @@ def configs_for(row: paper.Row, args, seed: int, dataset: Optional[str] = None):
     """(model, train) of one run of ``row``: the row's, changed by every option given."""
     model_cls, train_cls = SECTIONS["model"], SECTIONS["train"]
     try:
-        model = dataclasses.replace(model_cls.for_row(row),
-                                    classes=paper.DATASET_CLASSES[dataset or row.dataset])
+        model = model_cls.for_row(row, classes=paper.DATASET_CLASSES[dataset or row.dataset])
         train = train_cls.for_row(row, seed=seed)
         return (dataclasses.replace(model, **schema.values(model_cls, args, model)),
                 dataclasses.replace(train, **schema.values(train_cls, args, train)))
@@ -354,11 +352,11 @@ def train_plan(args) -> TrainPlan:
     rows = paper.select(args.rows, args.command, strict=True)
     options, note = resolve_backend(args)
     exp_dir = Path(args.out_dir) / args.command
+    given = schema.values(SECTIONS[""], args, None)  # dataset, data_dir, ...
     runs = []
     for row in rows:
         for k in [args.seed] if args.seed is not None else range(args.seeds or row.seeds):
             model, train = configs_for(row, args, k, args.dataset)
-            given = schema.values(SECTIONS[""], args, None)  # dataset, data_dir, ...
             spec = SECTIONS[""](**{"dataset": row.dataset, **given}, model=model, train=train,
                                 backend_options=options, row=row.id, experiment=args.command)
             runs.append(PlannedRun(spec, row.id, exp_dir / row.id / f"seed{k}"))

@@ -30,11 +30,9 @@ def _point(phase: str, epoch: int) -> Tuple[int, int]:
     return PHASES.index(phase), int(epoch)
 
 
-class _Record:
-    @classmethod
-    def from_dict(cls, d: Dict):
-        """The record of a JSON object (a key it lacks: None)."""
-        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+def _from_dict(cls, d: Dict):
+    """The ``cls`` record of a JSON object (a key it lacks: None)."""
+    return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass
@@ -47,7 +45,7 @@ class CapCut:
 
 
 @dataclasses.dataclass
-class CheckpointMeta(_Record):
+class CheckpointMeta:
     """A checkpoint's ``meta`` (crmn/checkpoint.py): what the arrays are the state of."""
     model: Dict  # ModelConfig.to_dict()
     train: Dict  # TrainConfig.to_dict()
@@ -73,14 +71,14 @@ class CheckpointMeta(_Record):
 
     @classmethod
     def from_dict(cls, d: Dict) -> "CheckpointMeta":
-        meta = super().from_dict(d)
+        meta = _from_dict(cls, d)
         if isinstance(meta.capped, dict):
             meta.capped = CapCut(**meta.capped)
         return meta
 
 
 @dataclasses.dataclass
-class LogLine(_Record):
+class LogLine:
     """One finished epoch: a line of log.jsonl."""
     phase: str
     epoch: int  # 1-based within the phase
@@ -101,8 +99,8 @@ class LogLine(_Record):
     @classmethod
     def from_dict(cls, d: Dict) -> "LogLine":
         """A log line, also one written before its cache outcome had its own name."""
-        return super().from_dict(dict(d, cache_outcome=d.get("cache_outcome",
-                                                             d.get("compile_cache"))))
+        old = d.get("compile_cache")
+        return _from_dict(cls, dict(d, cache_outcome=d.get("cache_outcome", old)))
 
 
 @dataclasses.dataclass
@@ -310,12 +308,13 @@ class RunFolder:
             f"raised from {old} to {train.epochs_cap}"
         say(f"{self.dir}: --epochs-cap {lifted}: continuing the {meta.phase} run after "
             f"epoch {meta.epoch} ({where})")
-        self._rewind(point.arrays, meta, old, decision, from_cut=info is not None)
+        self._rewind(point.arrays, meta, old, decision)
         return ResumePoint(point.arrays, meta)
 
     def _rewind(self, arrays: Arrays, meta: CheckpointMeta, old: int,
-                decision: Optional[str], from_cut: bool) -> None:
-        """:meth:`_lift_cap`'s files, in an order that keeps every kill resumable."""
+                decision: Optional[str]) -> None:
+        """:meth:`_lift_cap`'s files, in an order that keeps every kill resumable; ``decision``:
+        the cut epoch's, stepped again (None: the cap had cut no stage short)."""
         kept = self._log_until(meta.point)
         for e in kept:
             if decision is not None and "event" not in e and \
@@ -327,7 +326,7 @@ class RunFolder:
                            kept + [dict(event="cap_lifted", **lifted, time=time.time())])
         self.path(runlog.SUMMARY).unlink(missing_ok=True)  # the run is not finished any more
         self._add_to_config("caps_lifted", lifted, train=self.spec.train.to_dict())
-        if from_cut and meta.phase == "search":
+        if decision is not None and meta.phase == "search":
             runlog.link_over(self.path(runlog.CAPPED_BEST), self.path(runlog.BEST))
         self.path(PREVIOUS).unlink(missing_ok=True)  # an epoch of the course cut short
         checkpoint.save(self.path(runlog.CHECKPOINT), arrays, meta.to_dict())
