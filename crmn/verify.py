@@ -4,8 +4,7 @@ the state after one ``step`` as ``max|a - b| / max|b|`` per array, from one stat
 cuda`` holds ``modern/`` on the GPU to the CPU."""
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -127,12 +126,13 @@ def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float
 
 #: the three ways to run the network that ``verify`` holds equal, pair by pair
 VERIFIED_BACKENDS = (("torch", BackendOptions("torch", dtype="float64")),
-          ("theano-c", BackendOptions("theano", dtype="float64", theano_mode="c")),
-          ("theano-jax", BackendOptions("theano", dtype="float64", theano_mode="jax")))
+                     ("theano-c", BackendOptions("theano", dtype="float64", theano_mode="c")),
+                     ("theano-jax", BackendOptions("theano", dtype="float64", theano_mode="jax")))
 
 
 def verify_backends(cfg: ModelConfig, train: TrainConfig, name: str, lr: float = 0.1,
-                  seed: int = 0, tol: float = TOLERANCE, backends=VERIFIED_BACKENDS) -> List[Result]:
+                    seed: int = 0, tol: float = TOLERANCE,
+                    backends=VERIFIED_BACKENDS) -> List[Result]:
     """Every pair of ``backends``; the first of each pair gives the state."""
     built = {label: registry.build(options, cfg, train) for label, options in backends}
     pairs = [(a, b) for i, (a, _) in enumerate(backends) for b, _ in backends[i + 1:]]
@@ -220,14 +220,13 @@ def select_configs(configs: Optional[Sequence[Union[str, Config]]] = None,
     items = []
     for c in (DEFAULT_CONFIGS if configs is None else configs):
         if isinstance(c, str):
-            train = TrainConfig(batch_size=batch_size or BATCH_SIZE)
-            items += [(row.id, ModelConfig.for_row(row), train) for row in paper.select(c)]
-        elif batch_size is not None:
-            name, cfg, train = c
-            items.append((name, cfg, dataclasses.replace(train, batch_size=batch_size)))
+            items += [(row.id, ModelConfig.for_row(row), _SMALL_BATCH) for row in paper.select(c)]
         else:
             items.append(c)
-    return items
+    if batch_size is None:
+        return items
+    return [(name, cfg, replace(train, batch_size=batch_size))
+            for name, cfg, train in items]
 
 
 def verify(configs: Optional[Sequence[Union[str, Config]]] = None,
