@@ -42,11 +42,11 @@ class SeedRun:
         ``test`` is False unless it is another reading of the paper (an ``interpretation``)."""
         config, summary = self.run.config, self.run.summary or {}
         out: List[Tuple[str, bool]] = []
+        data = (config.get("data"), summary.get("data"))
         # "fake_data": the flag of files written before issue 33
-        if config.get("fake_data") or summary.get("fake_data") \
-                or "fake" in (config.get("data"), summary.get("data")):
+        if config.get("fake_data") or summary.get("fake_data") or "fake" in data:
             out.append(("FAKE DATA", False))
-        elif "unverified" in (config.get("data"), summary.get("data")):
+        elif "unverified" in data:
             out.append(("UNVERIFIED DATA (" + (config.get("data_description")
                                                or "--unverified-data") + ")", False))
         elif config.get("data_description"):  # --subset on the official data

@@ -141,10 +141,9 @@ def verify_backends(cfg: ModelConfig, train: TrainConfig, name: str, lr: float =
 
 
 def verify_device(cfg: ModelConfig, train: TrainConfig, name: str, device: str = "cuda",
-                  lr: float = 0.1, seed: int = 0, tol: float = TOLERANCE,
-                  tol_f32: float = TOLERANCE_F32) -> List[Result]:
+                  lr: float = 0.1, seed: int = 0, tol: float = TOLERANCE) -> List[Result]:
     """``modern/`` on ``device`` against the CPU, and its CUDA graph against eager steps: float64
-    array by array within ``tol``, float32 (TF32 off) within ``tol_f32``, and a GPU epoch."""
+    array by array within ``tol``, float32 (TF32 off) within TOLERANCE_F32, and a GPU epoch."""
 
     def built(where, dtype, graph=False):
         return registry.build(BackendOptions("torch", where, dtype), cfg, train,
@@ -152,7 +151,7 @@ def verify_device(cfg: ModelConfig, train: TrainConfig, name: str, device: str =
 
     B, results = train.batch_size, []
     f32 = dict(global_norm=True, update_tol=UPDATE_TOLERANCE_F32)  # the change as one vector
-    for dtype, t, opts in (("float64", tol, {}), ("float32", tol_f32, f32)):
+    for dtype, t, opts in (("float64", tol, {}), ("float32", TOLERANCE_F32, f32)):
         results += [
             _compare(f"{name} [{device} {dtype} vs cpu float64]", built("cpu", "float64"),
                      built(device, dtype), cfg, B, lr, seed, t, **opts),
