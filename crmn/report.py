@@ -3,11 +3,10 @@
 Figure-3-style learning curves; a row without runs is *missing*: nothing is dropped silently."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
@@ -43,11 +42,11 @@ class SeedRun:
         ``test`` is False unless it is another reading of the paper (an ``interpretation``)."""
         config, summary = self.run.config, self.run.summary or {}
         out: List[Tuple[str, bool]] = []
+        data = (config.get("data"), summary.get("data"))
         # "fake_data": the flag of files written before issue 33
-        if config.get("fake_data") or summary.get("fake_data") \
-                or "fake" in (config.get("data"), summary.get("data")):
+        if config.get("fake_data") or summary.get("fake_data") or "fake" in data:
             out.append(("FAKE DATA", False))
-        elif "unverified" in (config.get("data"), summary.get("data")):
+        elif "unverified" in data:
             out.append(("UNVERIFIED DATA (" + (config.get("data_description")
                                                or "--unverified-data") + ")", False))
         elif config.get("data_description"):  # --subset on the official data
@@ -58,7 +57,7 @@ class SeedRun:
         for section, cls in (("model", ModelConfig), ("train", TrainConfig)):
             have = config.get(section) or {}
             want = cls.for_row(row) if row is not None else None
-            for f in dataclasses.fields(cls):
+            for f in fields(cls):
                 m = f.metadata
                 if f.name not in have or m.get("per_run"):
                     continue
@@ -149,8 +148,7 @@ def collect(directory: Path) -> Dict[str, List[RowRuns]]:
     grouped: Dict[str, Dict[str, RowRuns]] = {}
     for sd in seed_dirs:
         run, row_dir = load_seed_run(sd), sd.parent
-        exp = run.run.config.get("experiment") or (
-            directory.name if row_dir.parent == directory else row_dir.parent.name)
+        exp = run.run.config.get("experiment") or row_dir.parent.name
         rows = grouped.setdefault(exp, {})
         rows.setdefault(row_dir.name, RowRuns(exp, row_dir.name)).runs.append(run)
     if directory.name in paper.EXPERIMENTS:
@@ -158,10 +156,9 @@ def collect(directory: Path) -> Dict[str, List[RowRuns]]:
     out: Dict[str, List[RowRuns]] = {}
     for exp, rows in grouped.items():
         ordered = [rows.pop(r.id, RowRuns(exp, r.id)) for r in paper.EXPERIMENTS.get(exp, ())]
-        ordered += [rows[k] for k in sorted(rows)]
-        for rr in ordered:
+        out[exp] = ordered + [rows[k] for k in sorted(rows)]
+        for rr in out[exp]:
             rr.runs.sort(key=lambda s: s.seed)
-        out[exp] = ordered
     return out
 
 

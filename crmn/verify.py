@@ -4,8 +4,7 @@ the state after one ``step`` as ``max|a - b| / max|b|`` per array, from one stat
 cuda`` holds ``modern/`` on the GPU to the CPU."""
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -127,12 +126,13 @@ def _compare(name: str, ref, other, cfg: ModelConfig, batch_size: int, lr: float
 
 #: the three ways to run the network that ``verify`` holds equal, pair by pair
 VERIFIED_BACKENDS = (("torch", BackendOptions("torch", dtype="float64")),
-          ("theano-c", BackendOptions("theano", dtype="float64", theano_mode="c")),
-          ("theano-jax", BackendOptions("theano", dtype="float64", theano_mode="jax")))
+                     ("theano-c", BackendOptions("theano", dtype="float64", theano_mode="c")),
+                     ("theano-jax", BackendOptions("theano", dtype="float64", theano_mode="jax")))
 
 
 def verify_backends(cfg: ModelConfig, train: TrainConfig, name: str, lr: float = 0.1,
-                  seed: int = 0, tol: float = TOLERANCE, backends=VERIFIED_BACKENDS) -> List[Result]:
+                    seed: int = 0, tol: float = TOLERANCE,
+                    backends=VERIFIED_BACKENDS) -> List[Result]:
     """Every pair of ``backends``; the first of each pair gives the state."""
     built = {label: registry.build(options, cfg, train) for label, options in backends}
     pairs = [(a, b) for i, (a, _) in enumerate(backends) for b, _ in backends[i + 1:]]
@@ -141,10 +141,9 @@ def verify_backends(cfg: ModelConfig, train: TrainConfig, name: str, lr: float =
 
 
 def verify_device(cfg: ModelConfig, train: TrainConfig, name: str, device: str = "cuda",
-                  lr: float = 0.1, seed: int = 0, tol: float = TOLERANCE,
-                  tol_f32: float = TOLERANCE_F32) -> List[Result]:
+                  lr: float = 0.1, seed: int = 0, tol: float = TOLERANCE) -> List[Result]:
     """``modern/`` on ``device`` against the CPU, and its CUDA graph against eager steps: float64
-    array by array within ``tol``, float32 (TF32 off) within ``tol_f32``, and a GPU epoch."""
+    array by array within ``tol``, float32 (TF32 off) within TOLERANCE_F32, and a GPU epoch."""
 
     def built(where, dtype, graph=False):
         return registry.build(BackendOptions("torch", where, dtype), cfg, train,
@@ -152,7 +151,7 @@ def verify_device(cfg: ModelConfig, train: TrainConfig, name: str, device: str =
 
     B, results = train.batch_size, []
     f32 = dict(global_norm=True, update_tol=UPDATE_TOLERANCE_F32)  # the change as one vector
-    for dtype, t, opts in (("float64", tol, {}), ("float32", tol_f32, f32)):
+    for dtype, t, opts in (("float64", tol, {}), ("float32", TOLERANCE_F32, f32)):
         results += [
             _compare(f"{name} [{device} {dtype} vs cpu float64]", built("cpu", "float64"),
                      built(device, dtype), cfg, B, lr, seed, t, **opts),
@@ -220,14 +219,13 @@ def select_configs(configs: Optional[Sequence[Union[str, Config]]] = None,
     items = []
     for c in (DEFAULT_CONFIGS if configs is None else configs):
         if isinstance(c, str):
-            train = TrainConfig(batch_size=batch_size or BATCH_SIZE)
-            items += [(row.id, ModelConfig.for_row(row), train) for row in paper.select(c)]
-        elif batch_size is not None:
-            name, cfg, train = c
-            items.append((name, cfg, dataclasses.replace(train, batch_size=batch_size)))
+            items += [(row.id, ModelConfig.for_row(row), _SMALL_BATCH) for row in paper.select(c)]
         else:
             items.append(c)
-    return items
+    if batch_size is None:
+        return items
+    return [(name, cfg, replace(train, batch_size=batch_size))
+            for name, cfg, train in items]
 
 
 def verify(configs: Optional[Sequence[Union[str, Config]]] = None,

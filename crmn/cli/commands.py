@@ -11,7 +11,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -92,19 +92,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-def param_rows(options: BackendOptions, overrides: Dict, rows: Sequence[paper.Row]) -> List:
-    """Per row: its parameter count in the backend, in the canonical layout, in the paper."""
-    out = []
-    for row in rows:
-        model = ModelConfig.for_row(row, **overrides)
-        params = int(registry.build(options, model, TrainConfig.for_row(row)).param_count())
-        out.append(dict(row=row.id, label=row.label, table=row.table, params=params,
-                        canonical_params=count_trainable(model),
-                        params_m=round(params / 1e6, 2), paper_params_m=row.paper_params_m))
-    return out
-
-
 def cmd_params(args) -> int:
+    """Per row: its parameter count in the backend, in the canonical layout, in the paper."""
     overrides = schema.values(plans.SECTIONS["model"], args, None)  # the interpretations
     try:  # a count depends on the backend only: built on the CPU in its default mode
         options = BackendOptions(args.backend, theano_mode=registry.default_theano_mode(
@@ -112,7 +101,13 @@ def cmd_params(args) -> int:
         registry.probe(options)
     except ConfigError as exc:
         raise UsageError(f"{plans.PROG} params: {exc}") from None
-    rows = param_rows(options, overrides, paper.select(args.rows))
+    rows = []
+    for row in paper.select(args.rows):
+        model = ModelConfig.for_row(row, **overrides)
+        params = int(registry.build(options, model, TrainConfig.for_row(row)).param_count())
+        rows.append(dict(row=row.id, label=row.label, table=row.table, params=params,
+                         canonical_params=count_trainable(model),
+                         params_m=round(params / 1e6, 2), paper_params_m=row.paper_params_m))
     if args.json != "-":
         body = [[r["row"], r["label"], f"{r['params']:,}", f"{r['params_m']:.2f}",
                  "" if r["paper_params_m"] is None else f"{r['paper_params_m']:.2f}",
@@ -195,7 +190,7 @@ def cmd_bench(args) -> int:
         timed += [dataclasses.replace(options, theano_mode="c"),
                   dataclasses.replace(options, backend="torch", compile_cache=True,
                                       theano_mode=registry.DEFAULT_THEANO_MODE)]
-    results, backends = [], []
+    results = []
     for row in rows:
         for opts in timed:
             r = bench.bench_row(row, opts, args.steps, warmup=args.warmup,
@@ -209,11 +204,10 @@ def cmd_bench(args) -> int:
                   f"{warm}; {r['tflops']:.3g} TFLOP/s = "
                   f"{roofline.share(r['ceiling_fraction'])} of the ceiling", flush=True)
             results.append(r)
-            backends.append(opts)
     if args.json != "-":
         print(bench.format_table(results))
-    print(f"# s/epoch and the ceiling recorded in {cost.record(results, backends, ceiling=ceiling)}"
-          " (the training commands' estimates)")
+    where = cost.record(results, timed * len(rows), ceiling=ceiling)
+    print(f"# s/epoch and the ceiling recorded in {where} (the training commands' estimates)")
     ratios = bench.mode_ratios(results)
     if ratios:
         print(ratios)
