@@ -25,18 +25,17 @@ def _numpy(module: str, name: str):
         return getattr(importlib.import_module(f"numpy.core.{module}"), name)
 
 
-def _plain_only(module: str, name: str, what: str):
-    """numpy's scalar or protocol-5 array constructor, refusing a dtype that is not a plain
-    number (objects could hold anything)."""
-    make, at = _numpy(module, name), 0 if what == "scalar" else 1  # where the dtype is
+def _plain(dtype, what: str) -> None:
+    """Refuse a dtype that is not a plain number (objects could hold anything)."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or (
+            what == "scalar" and (dtype.kind not in "biufc" or dtype.fields is not None)):
+        raise RefusedGlobal(f"a numpy {what} of dtype {dtype!r}")
 
-    def checked(*args):
-        dtype = args[at]
-        if not isinstance(dtype, np.dtype) or dtype.hasobject or (
-                what == "scalar" and (dtype.kind not in "biufc" or dtype.fields is not None)):
-            raise RefusedGlobal(f"a numpy {what} of dtype {dtype!r}")
-        return make(*args)
-    return checked
+
+def _plain_only(module: str, name: str, what: str):
+    """numpy's scalar or protocol-5 array constructor, refusing dtypes that are not plain."""
+    make, at = _numpy(module, name), 0 if what == "scalar" else 1  # where the dtype is
+    return lambda *args: _plain(args[at], what) or make(*args)
 
 
 def _latin1_encode(text, encoding):
