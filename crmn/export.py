@@ -86,10 +86,9 @@ def export(run_dir, out_dir=None) -> Dict[str, Path]:
                     state_dict={k: torch.from_numpy(v) for k, v in state.items()}), buf)
     paths = {"pt": _write_named(out, stem, ".pt", buf.getvalue())}
     native = convert.canonical_to_lasagne(cfg, canonical, with_velocity=False)
-    names = lasagne_order(list(native))
     buf = io.BytesIO()
     meta = json.dumps(dict(info, digest=weights.digest(native, info)))
-    np.savez(buf, names=np.array(names), meta=np.array(meta), **native)
+    np.savez(buf, names=np.array(lasagne_order(list(native))), meta=np.array(meta), **native)
     paths["npz"] = _write_named(out, stem, ".npz", buf.getvalue())
     card = model_card(run_dir, summary, config, cfg, paths)
     runlog.write_bytes_atomic(out / "MODEL.md", card.encode())

@@ -170,30 +170,22 @@ def _entries(src: Path) -> Iterator[Tuple[str, str, int, Callable[[], bytes]]]:
                 yield m.name, kind, m.size, lambda m=m: tar.extractfile(m).read()
 
 
-def _place(src: Path, name: str, prefixes: set) -> Optional[Tuple[str, str]]:
-    """``(split, class)`` of an image at ``[folder/]split/class/file``; None outside the splits."""
-    parts = PurePosixPath(name).parts
-    i = 0 if parts[0] in SPLITS else 1
-    if len(parts) <= i or parts[i] not in SPLITS:
-        return None
-    if len(parts) != i + 3:
-        raise _refuse(src, name, f"is not at {parts[i]}/<class>/<image>")
-    prefixes.add(parts[:i])
-    if len(prefixes) > 1:
-        raise _refuse(src, name, "is in a second folder holding train/ or test/")
-    return parts[i], parts[i + 1]
-
-
 def _decode(name: str, src: Path, exact: bool) -> Dict[str, np.ndarray]:
     """All images of ``src``, checked, in (split, label, path) order (folder = its archive)."""
     classes = {c: i for i, c in enumerate(CLASSES[name])}
     found: Dict[str, List[Tuple[int, str, bytes]]] = {s: [] for s in SPLITS}
     prefixes: set = set()
     for member, blob in _members(src):
-        place = _place(src, member, prefixes)
-        if place is None:
+        parts = PurePosixPath(member).parts  # [folder/]split/class/file
+        i = 0 if parts[0] in SPLITS else 1
+        if len(parts) <= i or parts[i] not in SPLITS:
             continue
-        split, cls = place
+        if len(parts) != i + 3:
+            raise _refuse(src, member, f"is not at {parts[i]}/<class>/<image>")
+        prefixes.add(parts[:i])
+        if len(prefixes) > 1:
+            raise _refuse(src, member, "is in a second folder holding train/ or test/")
+        split, cls = parts[i], parts[i + 1]
         if cls not in classes:
             shown = ", ".join(CLASSES[name][:10]) + (", ..." if len(classes) > 10 else "")
             raise DataError(f"{src}: unknown class folder {split}/{cls}/ for {name}; the "
@@ -268,12 +260,10 @@ def key(name: str, src: Path) -> str:
         return h.hexdigest()
     try:
         with open(src, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
+            return hashlib.file_digest(f, lambda: h).hexdigest()
     except OSError as e:
         raise DataError(f"cannot read {src}: {e.strerror or e}; give an existing archive "
                         "or folder as --data-dir") from None
-    return h.hexdigest()
 
 
 def _warn(message: str) -> None:

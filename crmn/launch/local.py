@@ -78,10 +78,9 @@ def default_jobs(device: str, runs_per_gpu: int = 1) -> int:
 
 class LocalLauncher:
     def __init__(self, exp_dir: Path, tasks: Sequence[Task], jobs: int, gpus: Sequence[str],
-                 threads: Optional[int] = None, env: Optional[Dict[str, str]] = None):
+                 env: Dict[str, str]):
         self.exp_dir = Path(exp_dir)
-        self.threads = threads  # OMP_NUM_THREADS of each run; None: the environment's
-        self.env = env or {}  # more for every run (--runs-per-gpu, the MPS pipes)
+        self.env = env  # more for every run (--runs-per-gpu, threads, the MPS pipes)
         self.pending, self.total = deque(tasks), len(tasks)
         self.jobs, self.gpus = jobs, list(gpus)
         self.running: Dict[int, Tuple[Task, subprocess.Popen, float]] = {}  # slot -> ...
@@ -98,8 +97,6 @@ class LocalLauncher:
 
     def _start(self, slot: int, task: Task) -> None:
         env = {**os.environ, **self.env}
-        if self.threads is not None:
-            env["OMP_NUM_THREADS"] = str(self.threads)
         gpu = ""
         if self.gpus:  # slot s always on GPU s mod G: with --jobs G x K, K runs on each
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
@@ -211,5 +208,6 @@ def run(exp_dir: Path, tasks: Sequence[Task], jobs: int, device: str,
               + (f", OMP_NUM_THREADS={threads} each" if threads else "") + f"; manifest "
               f"{Path(exp_dir) / 'manifest.txt'}; follow with: bash run_experiments.sh status "
               f"{exp_dir}", flush=True)
-        env = {**env, runlog.PACKING_ENV: str(runs_per_gpu)}
-        return LocalLauncher(exp_dir, tasks, jobs, gpus, threads, env).run()
+        env = {**env, runlog.PACKING_ENV: str(runs_per_gpu),
+               **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        return LocalLauncher(exp_dir, tasks, jobs, gpus, env).run()

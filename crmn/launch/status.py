@@ -154,12 +154,11 @@ def pid_alive(pid: int) -> bool:
 def task_state(exp_dir: Path, task: Task, queue: Optional[Dict[int, tuple]]) -> TaskState:
     """The state of one task; ``queue`` is :func:`squeue_tasks`' answer (None: unknown)."""
     run_dir = task.run_dir(exp_dir)
-    if (run_dir / runlog.SUMMARY).exists():
-        summary = runlog.read_json(run_dir / runlog.SUMMARY)
-        if summary.get("status") == "done":
-            acc = summary.get("test_acc")
-            return TaskState(task, "finished", f"test acc {100 * acc:.2f} %"
-                             if isinstance(acc, (int, float)) else "done")
+    summary = runlog.finished_summary(run_dir)
+    if summary is not None:
+        acc = summary.get("test_acc")
+        return TaskState(task, "finished", f"test acc {100 * acc:.2f} %"
+                         if isinstance(acc, (int, float)) else "done")
     rc, start = _read_rc(exp_dir, task.index), _read_start(exp_dir, task.index)
     progress = "not started"
     if (run_dir / runlog.CONFIG).exists():
