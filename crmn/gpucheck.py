@@ -84,21 +84,17 @@ class GpucheckPlan:
                                                 if p in self.parts or p == "environment"))
 
 
-def _gpu_device(device: str) -> str:
-    """``device``, auto resolved (cuda where torch or jax sees a GPU); no such GPU: ConfigError."""
-    if device == registry.AUTO:
-        return "cpu" if registry.no_gpu("cuda") else "cuda"
-    missing = registry.no_gpu(device)
-    if missing:
-        raise ConfigError(f"{missing}: run it on a GPU machine (scripts/gpu_call.sh), or "
-                          "check the command itself on this CPU with --device cpu --quick")
-    return device
-
-
 def plan_from_args(args) -> GpucheckPlan:
+    """The checked plan of ``args``; ``--device auto``: cuda where torch or jax sees a GPU."""
+    device = args.device
     try:  # a bad value, or a GPU not here: one line, exit 2, nothing created
-        return GpucheckPlan(_gpu_device(args.device), args.quick, Path(args.out_dir),
-                            args.budget, args.only, args.real)
+        if device == registry.AUTO:
+            device = "cpu" if registry.no_gpu("cuda") else "cuda"
+        elif missing := registry.no_gpu(device):
+            raise ConfigError(f"{missing}: run it on a GPU machine (scripts/gpu_call.sh), or "
+                              "check the command itself on this CPU with --device cpu --quick")
+        return GpucheckPlan(device, args.quick, Path(args.out_dir), args.budget, args.only,
+                            args.real)
     except ConfigError as exc:
         raise UsageError(f"run_experiments.sh gpucheck: {exc}") from None
 
@@ -155,9 +151,8 @@ def environment(device: str) -> Dict[str, str]:
     names = ("numpy", "jax", "jaxlib", "torch", "theano-pymc")
     env = {"python": platform.python_version(), **{n: have.get(n, "missing") for n in names}}
     spec = util.find_spec("theano")
-    env["theano-pymc from"] = "missing"
-    if spec and spec.origin:
-        env["theano-pymc from"] = str(Path(spec.origin).parents[1])
+    env["theano-pymc from"] = str(Path(spec.origin).parents[1]) if spec and spec.origin \
+        else "missing"
     env.update(lasagne=have.get("lasagne", "missing"), device=device, host=platform.node())
     smi = subprocess.run("timeout 30 nvidia-smi --query-gpu=name,driver_version --format=csv,"
                          "noheader 2>/dev/null", shell=True, capture_output=True, text=True).stdout

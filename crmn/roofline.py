@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from crmn.config import ModelConfig
+from crmn.errors import ConfigError
 
 STAGE_SIZES = (32, 16, 8)  # each stage's feature-map side on a 32x32 input
 
@@ -142,7 +143,6 @@ def measure_ceiling(device: str = "cpu", seconds: float = 0.5) -> Dict:
         got = _torch_ceiling(device, seconds)
     except ImportError:
         if device != "cpu":
-            from crmn.errors import ConfigError
             raise ConfigError(f"measuring the ceiling of --device {device} needs torch (not "
                               f"installed in {sys.executable}): install torch there, or time "
                               "the CPU with --device cpu")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -45,47 +46,39 @@ _CONV_OPS = ({"CorrMM", "CorrMM_gradWeights", "CorrMM_gradInputs"},
 
 
 def _conv_case(border, stride):
-    def build():
-        x, w, r = T.tensor4("x"), T.tensor4("w"), T.tensor4("r")
-        conv = T.nnet.conv2d(x, w, border_mode=border, subsample=(stride, stride))
-        gx, gw = T.grad((conv * r).sum(), [x, w])
-        xv, wv = _randn(2, 3, 9, 9, seed=1), _randn(4, 3, 3, 3, seed=2)
-        size = {"valid": 7, "half": 9, "full": 11}.get(border, 9)
-        out = (size - 1) // stride + 1
-        return [x, w, r], [conv, gx, gw], [xv, wv, _randn(2, 4, out, out, seed=3)], [], \
-            _CONV_OPS
-    return build
+    x, w, r = T.tensor4("x"), T.tensor4("w"), T.tensor4("r")
+    conv = T.nnet.conv2d(x, w, border_mode=border, subsample=(stride, stride))
+    gx, gw = T.grad((conv * r).sum(), [x, w])
+    xv, wv = _randn(2, 3, 9, 9, seed=1), _randn(4, 3, 3, 3, seed=2)
+    size = {"valid": 7, "half": 9, "full": 11}.get(border, 9)
+    out = (size - 1) // stride + 1
+    return [x, w, r], [conv, gx, gw], [xv, wv, _randn(2, 4, out, out, seed=3)], [], _CONV_OPS
 
 
 def _pool_case(mode, ignore_border, size, grad):
-    def build():
-        x = T.tensor4("x")
-        pooled = pool_2d(x, (2, 2), ignore_border=ignore_border, stride=(2, 2), mode=mode)
-        xv = _randn(2, 3, size, size, seed=4)
-        if not grad:
-            return [x], [pooled], [xv], [], ({"Pool"},)
-        r = T.tensor4("r")
-        gx = T.grad((pooled * r).sum(), x)
-        out = size // 2 if ignore_border else (size + 1) // 2
-        return [x, r], [pooled, gx], [xv, _randn(2, 3, out, out, seed=5)], [], \
-            ({"Pool", "AveragePoolGrad"},)
-    return build
+    x = T.tensor4("x")
+    pooled = pool_2d(x, (2, 2), ignore_border=ignore_border, stride=(2, 2), mode=mode)
+    xv = _randn(2, 3, size, size, seed=4)
+    if not grad:
+        return [x], [pooled], [xv], [], ({"Pool"},)
+    r = T.tensor4("r")
+    gx = T.grad((pooled * r).sum(), x)
+    out = size // 2 if ignore_border else (size + 1) // 2
+    return [x, r], [pooled, gx], [xv, _randn(2, 3, out, out, seed=5)], [], \
+        ({"Pool", "AveragePoolGrad"},)
 
 
 def _lstm_case(outgate):
-    def build():
-        from original.model import _lstm
-        cfg = ModelConfig(n=1, k=0.5, classes=10, memory=True, outgate=outgate,
-                          lstm_units=7)
-        x = T.tensor3("x")  # (B, steps, inputs)
-        layer = _lstm(lasagne.layers.InputLayer((None, 3, 6), input_var=x), cfg)
-        h = lasagne.layers.get_output(layer)  # (B, 3, 7)
-        params = lasagne.layers.get_all_params(layer)
-        r = T.tensor3("r")
-        grads = T.grad((h * r).sum(), [x] + params)
-        return [x, r], [h] + grads, [_randn(2, 3, 6, seed=20), _randn(2, 3, 7, seed=21)], \
-            params, ({"Split", "Join"}, {"Join"})
-    return build
+    from original.model import _lstm
+    cfg = ModelConfig(n=1, k=0.5, classes=10, memory=True, outgate=outgate, lstm_units=7)
+    x = T.tensor3("x")  # (B, steps, inputs)
+    layer = _lstm(lasagne.layers.InputLayer((None, 3, 6), input_var=x), cfg)
+    h = lasagne.layers.get_output(layer)  # (B, 3, 7)
+    params = lasagne.layers.get_all_params(layer)
+    r = T.tensor3("r")
+    grads = T.grad((h * r).sum(), [x] + params)
+    return [x, r], [h] + grads, [_randn(2, 3, 6, seed=20), _randn(2, 3, 7, seed=21)], \
+        params, ({"Split", "Join"}, {"Join"})
 
 
 def _softmax_case():
@@ -101,55 +94,47 @@ def _softmax_case():
 
 
 OP_CASES: Dict[str, Callable] = {
-    **{f"conv-{name}-s{stride}": _conv_case(border, stride)
+    **{f"conv-{name}-s{stride}": partial(_conv_case, border, stride)
        for name, border in (("valid", "valid"), ("half", "half"), ("full", "full"),
                             ("pad1", (1, 1)))
        for stride in (1, 2)},
-    "pool-average-tap": _pool_case("average_inc_pad", True, 8, grad=True),
-    "pool-average-border": _pool_case("average_inc_pad", False, 7, grad=True),
-    "pool-max": _pool_case("max", True, 8, grad=False),
-    "lstm-logistic": _lstm_case("logistic"),
-    "lstm-tanh": _lstm_case("tanh"),
+    "pool-average-tap": partial(_pool_case, "average_inc_pad", True, 8, grad=True),
+    "pool-average-border": partial(_pool_case, "average_inc_pad", False, 7, grad=True),
+    "pool-max": partial(_pool_case, "max", True, 8, grad=False),
+    "lstm-logistic": partial(_lstm_case, "logistic"),
+    "lstm-tanh": partial(_lstm_case, "tanh"),
     "softmax-crossentropy": _softmax_case,
 }
 
 
 def op_names(fn) -> set:
     """Op class names of a compiled function's graph, Elemwise's and Composite's included."""
-    names = set()
-
-    def visit(nodes):
-        for node in nodes:
-            names.add(type(node.op).__name__)
-            scalar = getattr(node.op, "scalar_op", None)
-            if scalar is not None:
-                names.add(type(scalar).__name__)
-                inner = getattr(scalar, "fgraph", None)
-                if inner is not None:
-                    visit(inner.apply_nodes)
-
-    visit(fn.maker.fgraph.apply_nodes)
+    names, nodes = set(), list(fn.maker.fgraph.apply_nodes)
+    while nodes:
+        op = nodes.pop().op
+        names.add(type(op).__name__)
+        scalar = getattr(op, "scalar_op", None)
+        if scalar is not None:
+            names.add(type(scalar).__name__)
+            nodes += getattr(getattr(scalar, "fgraph", None), "apply_nodes", [])
     return names
-
-
-def _compile(inputs, outputs, mode: str, device: str = "cpu"):
-    if mode == "jax":
-        from original import jax_mode
-        return jax_mode.function(inputs, outputs, device=device)
-    if mode == "c":
-        return theano.function(inputs, outputs)
-    raise ConfigError(f"unknown Theano mode {mode!r} for the references: choose c or jax")
 
 
 def run_op(name: str, mode: str, refs: Dict[str, np.ndarray],
            device: str = "cpu") -> List[np.ndarray]:
     """Case ``name``'s outputs compiled in ``mode``; ConfigError where the graph lacks its ops."""
+    if mode not in ("c", "jax"):
+        raise ConfigError(f"unknown Theano mode {mode!r} for the references: choose c or jax")
     with theano.config.change_flags(floatX="float64"), compat.graph_settings():
         inputs, outputs, _, shared, expect = OP_CASES[name]()
         values = [refs[f"op/{name}/in/{i}"] for i in range(len(inputs))]
         for i, var in enumerate(shared):
             var.set_value(np.asarray(refs[f"op/{name}/param/{i}"], dtype="float64"))
-        fn = _compile(inputs, outputs, mode, device)
+        if mode == "jax":
+            from original import jax_mode
+            fn = jax_mode.function(inputs, outputs, device=device)
+        else:
+            fn = theano.function(inputs, outputs)
         present = op_names(fn)
         if not any(ops <= present for ops in expect):
             raise ConfigError(f"reference case {name}: none of the op sets {expect} is in "

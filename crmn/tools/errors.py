@@ -43,7 +43,7 @@ WAY_ON_FROM: Dict[str, str] = {
     "settings, or delete the run folder (a finished run: choose another --out-dir)",
     "crmn/cli/parser.py:_Parser.error:": "argparse names the option; --help lists them all",
     "crmn/plan.py:_usage:": "correct the option the message names (--help gives its range)",
-    "crmn/gpucheck.py:plan_from_args:": "correct the gpucheck option the message names",
+    "crmn/gpucheck.py:plan_from_args:UsageError": "correct the gpucheck option the message names",
     "crmn/gpucheck.py:GpucheckPlan.__post_init__:": "plan_from_args reports it as a usage "
     "error: correct the option it names",
     **{f"crmn/data/formats.py:_cifar_batch:DataError#{k}": _OWN for k in (3, 4)},
