@@ -151,8 +151,8 @@ def environment(device: str) -> Dict[str, str]:
     names = ("numpy", "jax", "jaxlib", "torch", "theano-pymc")
     env = {"python": platform.python_version(), **{n: have.get(n, "missing") for n in names}}
     spec = util.find_spec("theano")
-    env["theano-pymc from"] = str(Path(spec.origin).parents[1]) if spec and spec.origin \
-        else "missing"
+    origin = spec.origin if spec else None
+    env["theano-pymc from"] = str(Path(origin).parents[1]) if origin else "missing"
     env.update(lasagne=have.get("lasagne", "missing"), device=device, host=platform.node())
     smi = subprocess.run("timeout 30 nvidia-smi --query-gpu=name,driver_version --format=csv,"
                          "noheader 2>/dev/null", shell=True, capture_output=True, text=True).stdout
