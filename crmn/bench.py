@@ -93,7 +93,8 @@ def format_table(results: Sequence[Dict]) -> str:
              f"{r.get('compile_s', 0.0):.1f}", r.get("cache_outcome") or "-",
              "-" if r.get("warm_compile_s") is None else f"{r['warm_compile_s']:.1f}",
              _figure(r, "flops_per_image", 1e9, ".3g"), _figure(r, "tflops", 1, ".3g"),
-             roofline.share(r.get("ceiling_fraction")), _figure(r, "peak_mem_bytes", 2 ** 20, ".0f")]
+             roofline.share(r.get("ceiling_fraction")),
+             _figure(r, "peak_mem_bytes", 2 ** 20, ".0f")]
             for r in results]
     return tables.markdown(["row", "model", "backend", "batch", "img/s", "s/epoch", "paper s",
                             "speedup", "warm-up s", "cold compile s", "cache",
@@ -112,8 +113,8 @@ def describe(r: Dict, torch_f32: Optional[Dict] = None) -> str:
         out.append(f"{x:.2f}x torch float32's time (goal <= 1.5x: "
                    f"{'met' if x <= 1.5 else 'not met'})")
     out += [f"compile {r['compile_s']:.1f} s", f"{r['tflops']:.3g} TFLOP/s "
-            f"({r['flops_per_image'] / 1e9:.3g} GFLOP/image) = {roofline.share(r['ceiling_fraction'])}"
-            " of the ceiling"]
+            f"({r['flops_per_image'] / 1e9:.3g} GFLOP/image) = "
+            f"{roofline.share(r['ceiling_fraction'])} of the ceiling"]
     if r["peak_mem_bytes"] is not None:
         out.append(f"peak {r['peak_mem_bytes'] / 2 ** 20:.0f} MiB ({r['peak_mem_kind']})")
     return "; ".join(out + [f"{r['precision']} on {r['device']}"])

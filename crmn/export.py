@@ -215,4 +215,5 @@ def evaluate(path, backend: str = registry.DEFAULT_BACKEND, device: str = "cpu",
     backend.set_state(canonical)
     loss, acc = trainer.evaluate(backend, split.eval_x, split.eval_y)
     return {"weights": str(path), "dataset": dataset, "images": len(split.eval_y),
-            "test_loss": loss, "test_acc": acc, "backend": options.describe(), "device": backend.device}
+            "test_loss": loss, "test_acc": acc, "backend": options.describe(),
+            "device": backend.device}

@@ -13,7 +13,8 @@ from crmn.errors import RunError, UsageError
 VOLATILE = ("time", "seconds", "images_per_s", "compile_seconds", "cache_outcome",
             "compile_cache", "sec_per_epoch", "device")
 #: what a resume may have changed that changes the numbers: the backend, not the data's path
-BACKEND_FIELDS = tuple(plans.disk_key(n)[-1] for n, _ in plans.spec_fields() if n.startswith("backend_options."))
+BACKEND_FIELDS = tuple(plans.disk_key(n)[-1] for n, _ in plans.spec_fields()
+                       if n.startswith("backend_options."))
 MACHINE = ("versions", "threads", "ran_on", "cuda", "flags")  # provenance.record's
 
 

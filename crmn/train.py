@@ -54,7 +54,8 @@ def run(run_dir, spec: RunSpec, new_backend: Optional[Callable[[], Any]] = None,
         done = folder.finished(resume)
         if done is not None:
             return done
-        build = new_backend or (lambda: registry.build(spec.backend_options, spec.model, spec.train))
+        build = new_backend or (lambda: registry.build(spec.backend_options, spec.model,
+                                                       spec.train))
         return Training(folder, progress, stop).run(build, folder.start(resume))
 
 
@@ -175,7 +176,8 @@ class Training:
         spec = self.spec
         return CheckpointMeta(
             model=spec.model.to_dict(), train=self.train.to_dict(),
-            backend=spec.backend_options.backend, dtype=spec.backend_options.dtype, dataset=spec.dataset,
+            backend=spec.backend_options.backend, dtype=spec.backend_options.dtype,
+            dataset=spec.dataset,
             phase=phase, epoch=sched.epoch, schedule=sched.state_dict(), sampler_seed=seed,
             best=sched.best, schedule_found=self.schedule_found, search_best=self.search_best)
 
@@ -233,7 +235,8 @@ class Training:
             # medians: the first epoch of each process also pays the backend's compilation
             sec_per_epoch=float(np.median([e.seconds for e in final])) if final else None,
             images_per_s=float(np.median(rates)) if rates else None,
-            search_best=self.search_best, data=self.data_source, preprocessing=split.preprocessing.to_dict())
+            search_best=self.search_best, data=self.data_source,
+            preprocessing=split.preprocessing.to_dict())
 
 
 def train_epoch(backend, sampler, epoch: int, lr: float, *, progress: Optional[str] = None,

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.current  # framework-free: runs in the current environm
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("crmn", "original", "modern")
 MAX_FUNCTION_LINES = 60
-CODE_LINES = 11_860  # crmn/ + original/ + modern/: may come down (the goal is 11,000), not grow
+CODE_LINES = 11_790  # crmn/ + original/ + modern/: may come down (the goal is 11,000), not grow
+MAX_LINE_WIDTH = 100
 GPUCHECK_LINES = 360  # the runner, a list of plain checks (what a child measures: gpucheck_child)
 
 
@@ -153,10 +154,15 @@ ARGPARSE_PRIVATE = {"_actions", "_subparsers", "_group_actions", "_option_string
 
 
 def test_the_code_keeps_within_its_line_budgets():
-    sizes = {path.relative_to(ROOT).as_posix(): len(path.read_text().splitlines())
+    """The budgets count lines, so a line may not grow past the width the code is kept at."""
+    texts = {path.relative_to(ROOT).as_posix(): path.read_text().splitlines()
              for path in _modules().values()}
+    sizes = {name: len(lines) for name, lines in texts.items()}
     assert sum(sizes.values()) <= CODE_LINES, sum(sizes.values())
     assert sizes["crmn/gpucheck.py"] <= GPUCHECK_LINES, sizes["crmn/gpucheck.py"]
+    wide = [f"{name}:{i}" for name, lines in texts.items()
+            for i, line in enumerate(lines, 1) if len(line) > MAX_LINE_WIDTH]
+    assert wide == []
 
 
 def test_nothing_reads_argparse_private_attributes():
