@@ -22,6 +22,7 @@ BEST = "best.h5"
 CAPPED = "capped.h5"  # the state where --epochs-cap first cut a stage short
 CAPPED_BEST = "capped.best.h5"  # and the best model then
 LOCK = ".lock"  # held by the process that trains in the folder, removed at its end
+PROC_LOCKS = "/proc/locks"  # the kernel's table of the locks held on this machine
 #: set by a launcher for each run: how many runs share its GPU (--runs-per-gpu), for config.json
 PACKING_ENV = "CRMN_RUNS_PER_GPU"
 #: fields every log line carries (crmn/LOGS.md)
@@ -136,6 +137,39 @@ def hold(run_dir) -> Iterator[None]:
     finally:
         _remove_quietly(path)
         os.close(fd)
+
+
+def flock_holder(path) -> Optional[int]:
+    """The PID holding a ``flock`` on ``path`` on this machine (-1: not named), or None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # no lock file: released (hold() removes it) or never taken
+    try:
+        table = Path(PROC_LOCKS).read_text()
+    except OSError:  # no /proc: a shared lock is tried and released at once
+        return _probe_lock(path)
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():
+        words = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 5537 fe:00:2146481 0 EOF"; waiters carry a "->"
+        if len(words) >= 6 and words[1] == "FLOCK" and words[5] == want:
+            return int(words[4]) if words[4].isdigit() and words[4] != "0" else -1
+    return None
+
+
+def _probe_lock(path) -> Optional[int]:
+    try:
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = f.read(32).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:  # gone, or a file system without flock: no run could hold it either
+        return None
+    return None
 
 
 def write_json(path, obj) -> None:

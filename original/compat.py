@@ -25,6 +25,7 @@ from typing import Dict, Optional
 
 import numpy
 
+from crmn import runlog
 from crmn.errors import ConfigError
 
 DEBIAN_OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so"
@@ -328,21 +329,6 @@ def _exact_autocast(stock):
     return __call__
 
 
-def lock_holder(path: str) -> Optional[int]:
-    """PID of the process holding a ``flock`` on ``path`` (``/proc/locks``), or None."""
-    try:
-        inode = os.stat(path).st_ino
-        with open("/proc/locks") as f:
-            for line in f:  # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
-                parts = line.split()
-                if len(parts) > 5 and parts[1] == "FLOCK" and \
-                        parts[5].rsplit(":", 1)[-1] == str(inode):
-                    return int(parts[4])
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 @contextlib.contextmanager
 def _announced_lock(stock, lock_dir=None, *, timeout=-1):
     """Theano's compile lock (``stock``, its ``lock_ctx``), saying on stderr who holds it
@@ -359,8 +345,9 @@ def _announced_lock(stock, lock_dir=None, *, timeout=-1):
             with filelock.FileLock(path).acquire(timeout=wait):
                 break
         except filelock.Timeout:
+            holder = runlog.flock_holder(path) or -1
             print(f"theano: waiting for the compile lock {path}, held by process "
-                  f"{lock_holder(path) or '?'} ({time.perf_counter() - start:.0f} s so far)",
+                  f"{holder if holder > 0 else '?'} ({time.perf_counter() - start:.0f} s so far)",
                   file=sys.stderr, flush=True)
             wait = LOCK_REPORT_EVERY
     with stock(lock_dir, timeout=timeout):

@@ -239,7 +239,7 @@ def test_lock_holder_reads_the_lock_without_taking_it(tmp_path, monkeypatch):
     holder = _hold_lock(run_dir, 60)
     try:
         assert status.lock_holder(run_dir) == holder.pid
-        monkeypatch.setattr(status, "PROC_LOCKS", str(tmp_path / "no-such-table"))
+        monkeypatch.setattr(runlog, "PROC_LOCKS", str(tmp_path / "no-such-table"))
         assert status.lock_holder(run_dir) == holder.pid
         monkeypatch.undo()
     finally:
@@ -247,7 +247,7 @@ def test_lock_holder_reads_the_lock_without_taking_it(tmp_path, monkeypatch):
         holder.wait()
     assert (run_dir / runlog.LOCK).exists()  # killed: the file stays, the lock does not
     assert status.lock_holder(run_dir) is None
-    monkeypatch.setattr(status, "PROC_LOCKS", str(tmp_path / "no-such-table"))
+    monkeypatch.setattr(runlog, "PROC_LOCKS", str(tmp_path / "no-such-table"))
     assert status.lock_holder(run_dir) is None
     with runlog.hold(run_dir):  # nothing above left a lock behind
         pass

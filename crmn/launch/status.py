@@ -2,7 +2,6 @@
 the launchers' markers ``<exp>/tasks/<i>.start`` and ``<i>.rc``, its log, and ``squeue``."""
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -20,7 +19,6 @@ from crmn.launch.manifest import Task
 JOBS = "jobs.json"  # in <exp>/slurm/
 STATES = ("finished", "running", "waiting", "stopped", "failed")
 RESUMABLE = (EXIT_STOPPED, EXIT_INTERRUPTED)  # stopped with its checkpoints: --resume goes on
-PROC_LOCKS = "/proc/locks"
 _STOPPED = {EXIT_STOPPED: f"checkpointed its epoch and stopped (exit {EXIT_STOPPED})",
             EXIT_INTERRUPTED: f"interrupted by Ctrl-C (exit {EXIT_INTERRUPTED}), its last "
                               "checkpoint kept"}
@@ -28,36 +26,7 @@ _STOPPED = {EXIT_STOPPED: f"checkpointed its epoch and stopped (exit {EXIT_STOPP
 
 def lock_holder(run_dir: Path) -> Optional[int]:
     """The PID holding ``run_dir``'s lock on this machine (-1: not named), or None."""
-    path = Path(run_dir) / runlog.LOCK
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None  # no lock file: released (hold() removes it) or never taken
-    try:
-        table = Path(PROC_LOCKS).read_text()
-    except OSError:  # no /proc: a shared lock is tried and released at once
-        return _probe_lock(path)
-    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    for line in table.splitlines():
-        words = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 5537 fe:00:2146481 0 EOF"; waiters carry a "->"
-        if len(words) >= 6 and words[1] == "FLOCK" and words[5] == want:
-            return int(words[4]) if words[4].isdigit() and words[4] != "0" else -1
-    return None
-
-
-def _probe_lock(path: Path) -> Optional[int]:
-    try:
-        with open(path, "rb") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = f.read(32).decode(errors="replace").strip()
-                return int(text) if text.isdigit() else -1
-            fcntl.flock(f, fcntl.LOCK_UN)
-    except OSError:  # gone, or a file system without flock: no run could hold it either
-        return None
-    return None
+    return runlog.flock_holder(Path(run_dir) / runlog.LOCK)
 
 
 def marker(exp_dir: Path, index: int, suffix: str) -> Path:
