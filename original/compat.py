@@ -329,18 +329,21 @@ def _exact_autocast(stock):
     return __call__
 
 
+_held_locks = threading.local()  # the compile-lock folders this thread holds through ours
+
+
 @contextlib.contextmanager
 def _announced_lock(stock, lock_dir=None, *, timeout=-1):
     """Theano's compile lock (``stock``, its ``lock_ctx``), saying on stderr who holds it
     while it waits (Theano waits in silence, for minutes when another process compiles)."""
     import filelock
-    import theano.compile.compilelock as compilelock
     from theano.configdefaults import config
     lock_dir = lock_dir or config.compiledir
     path = os.path.join(lock_dir, ".lock")
     start, wait = time.perf_counter(), LOCK_QUIET_WAIT  # free soon: nothing to say
-    # no wait where this thread holds it already (re-entry)
-    while f"{lock_dir}-{os.getpid()}" not in compilelock.local_mem._locks:
+    held = _held_locks.__dict__.setdefault("dirs", set())
+    outer = lock_dir not in held  # a re-entry: this thread holds it already, no wait
+    while outer:
         try:
             with filelock.FileLock(path).acquire(timeout=wait):
                 break
@@ -350,8 +353,13 @@ def _announced_lock(stock, lock_dir=None, *, timeout=-1):
                   f"{holder if holder > 0 else '?'} ({time.perf_counter() - start:.0f} s so far)",
                   file=sys.stderr, flush=True)
             wait = LOCK_REPORT_EVERY
-    with stock(lock_dir, timeout=timeout):
-        yield
+    held.add(lock_dir)
+    try:
+        with stock(lock_dir, timeout=timeout):
+            yield
+    finally:
+        if outer:
+            held.discard(lock_dir)
 
 
 _depth = 0

@@ -181,6 +181,27 @@ def test_a_wait_for_the_compile_lock_is_announced_with_its_holder(tmp_path, caps
     assert not getattr(cmodule.lock_ctx, "announces", False)
 
 
+def test_the_announcing_compile_lock_is_reentrant(tmp_path, capsys):
+    """Theano takes its compile lock again inside a compilation: the inner take neither
+    waits for the outer one nor announces it, and the lock is free after."""
+    import threading
+
+    import theano.link.c.cmodule as cmodule
+
+    def nested():
+        with compat.graph_settings():
+            with cmodule.lock_ctx(str(tmp_path)), cmodule.lock_ctx(str(tmp_path)):
+                pass
+            with cmodule.lock_ctx(str(tmp_path)):  # released by the outer exit: free again
+                pass
+
+    worker = threading.Thread(target=nested, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the inner take waits for the outer one"
+    assert "waiting for the compile lock" not in capsys.readouterr().err
+
+
 def _wait_for_a_held_lock(tmp_path, capsys, cmodule):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, sys, time\n"

@@ -213,8 +213,8 @@ class CachedFunction:
                    **{id(v): ("input", k) for k, v in enumerate(self.inputs)}}
         origin = [i.variable for i in fn.maker.inputs]  # the variables behind the cells
         args = []
-        for k in range(len(call._cells)):
-            var = origin[call._arg_of_input.index(k)]
+        for k in range(len(call.cells)):
+            var = origin[call.arg_of_input.index(k)]
             if id(var) not in sources:
                 raise Uncacheable(f"argument {var} is not in the graph")
             args.append(sources[id(var)])
@@ -224,7 +224,7 @@ class CachedFunction:
         specs = [jax.ShapeDtypeStruct(np.shape(v), v.dtype) for v in
                  self._arguments(args, values)]
         with jax.default_matmul_precision(self.precision):
-            exp = jax.export.export(call._jitted, platforms=[self.device.platform])(*specs)
+            exp = jax.export.export(call.jitted, platforms=[self.device.platform])(*specs)
         header = {"layout": {"args": args, "results": results}, "name": self.name,
                   "theano": theano.__version__, "jax": jax.__version__}
         return header, bytes(exp.serialize())

@@ -38,27 +38,27 @@ class _Call:
         self.inputs, self.outputs = input_storage, output_storage
         self.updates = dict(getattr(fgraph, "update_mapping", None) or {})  # out -> in
         # one argument per distinct storage cell (a shared variable and its clone share one)
-        self._cells = list({id(cell): cell for cell in input_storage}.values())
-        arg_of = {id(cell): k for k, cell in enumerate(self._cells)}
-        self._arg_of_input = [arg_of[id(cell)] for cell in input_storage]
-        shared = {arg for var, arg in zip(fgraph.inputs, self._arg_of_input)
+        self.cells = list({id(cell): cell for cell in input_storage}.values())
+        arg_of = {id(cell): k for k, cell in enumerate(self.cells)}
+        self.arg_of_input = [arg_of[id(cell)] for cell in input_storage]
+        shared = {arg for var, arg in zip(fgraph.inputs, self.arg_of_input)
                   if isinstance(var, SharedVariable)}
-        self._shared = [k in shared for k in range(len(self._cells))]
-        donated = sorted({self._arg_of_input[i] for i in self.updates.values()})
+        self._shared = [k in shared for k in range(len(self.cells))]
+        donated = sorted({self.arg_of_input[i] for i in self.updates.values()})
 
         def run(*args):
-            return evaluate(fgraph, conversions, [args[a] for a in self._arg_of_input])
+            return evaluate(fgraph, conversions, [args[a] for a in self.arg_of_input])
 
-        self._jitted = jax.jit(run, donate_argnums=tuple(donated))
+        self.jitted = jax.jit(run, donate_argnums=tuple(donated))
         self._compiled = {}
 
     def _argument(self, k):
-        value = self._cells[k][0]
+        value = self.cells[k][0]
         if isinstance(value, jax.Array):
             return value
         value = jax.device_put(np.asarray(value), self.device)
         if self._shared[k]:
-            self._cells[k][0] = value  # stays on the device for the next calls
+            self.cells[k][0] = value  # stays on the device for the next calls
         return value
 
     def lower(self, *values):
@@ -67,18 +67,18 @@ class _Call:
         values = iter(values)
         args = [self._argument(k) if self._shared[k]
                 else jax.device_put(np.asarray(next(values)), self.device)
-                for k in range(len(self._cells))]
+                for k in range(len(self.cells))]
         with jax.default_matmul_precision(self.precision), compat.graph_settings():
-            return self._jitted.lower(*args)
+            return self.jitted.lower(*args)
 
     def __call__(self):
-        args = [self._argument(k) for k in range(len(self._cells))]
+        args = [self._argument(k) for k in range(len(self.cells))]
         key = tuple((a.shape, a.dtype) for a in args)
         compiled = self._compiled.get(key)
         if compiled is None:
             start = time.perf_counter()
             with jax.default_matmul_precision(self.precision), compat.graph_settings():
-                compiled = self._jitted.lower(*args).compile()
+                compiled = self.jitted.lower(*args).compile()
             self.compile_seconds += time.perf_counter() - start
             self._compiled[key] = compiled
         results = compiled(*args)
